@@ -1,0 +1,197 @@
+"""The shared gated-delta module: every Qwen3.5 model (text and vision-language) calls this.
+
+Recurrence per step t, per value head h (key head h // (Hv // Hk)):
+    S *= g_t;  kv = S k_t;  delta = (v_t - kv) * beta_t;  S += delta k_t^T;  y_t = S q_t
+
+Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; a, b, beta [B, T, Hv];
+g [B, T, Hv] (scalar per head) or [B, T, Hv, Dk] (per key); state [B, Hv, Dv, Dk], always fp32
+(None = zeros); mask [B, T] bool, False = padding (state unchanged, y = 0).
+The caller has l2-normalised q and k and scaled q; nothing here applies a scale.
+
+Backends (`backend=`, or `auto`, overridable with env QWEN35_MLX_GDN_BACKEND):
+    ref      plain mx ops, token by token (oracle, fallback, differentiable)   -> ref.py
+    chunked  chunked WY/UT form, matmuls over chunks of 64 (prefill)           -> chunked.py
+    metal    fused kernels through mx.fast.metal_kernel                        -> metal.py
+    cuda     the same kernel bodies through mx.fast.cuda_kernel                -> cuda.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from .ref import gated_delta_ref
+
+__all__ = ["gated_delta_update", "gated_delta", "compute_gates", "BACKENDS"]
+
+BACKENDS = ("auto", "ref", "chunked", "metal", "cuda")
+_ENV = "QWEN35_MLX_GDN_BACKEND"
+
+
+def compute_gates(
+    a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array
+) -> tuple[mx.array, mx.array]:
+    """fp32 gates: decay g = exp(-exp(A_log) * softplus(a + dt_bias)) and beta = sigmoid(b)."""
+    f32 = mx.float32
+    x = a.astype(f32) + dt_bias.astype(f32)
+    # softplus(x) = logaddexp(x, 0): stable for large |x|.
+    g = mx.exp(-mx.exp(A_log.astype(f32)) * mx.logaddexp(x, mx.zeros_like(x)))
+    return g, mx.sigmoid(b.astype(f32))
+
+
+def _shape_error(name: str, got, expected: str) -> ValueError:
+    return ValueError(f"gated_delta: {name} has shape {tuple(got)}, expected {expected}")
+
+
+def _validate(q, k, v, g, beta, state, mask) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise ValueError(f"gated_delta: {name} must be a floating dtype, got {x.dtype}")
+    if q.ndim != 4:
+        raise _shape_error("q", q.shape, "[B, T, Hk, Dk]")
+    B, T, Hk, Dk = q.shape
+    if k.shape != q.shape:
+        raise _shape_error("k", k.shape, f"q's shape {tuple(q.shape)} [B, T, Hk, Dk]")
+    if v.ndim != 4 or v.shape[:2] != (B, T):
+        raise _shape_error("v", v.shape, f"[B={B}, T={T}, Hv, Dv]")
+    Hv = v.shape[2]
+    if Hv % Hk != 0:
+        raise ValueError(
+            f"gated_delta: value heads Hv={Hv} (v {tuple(v.shape)}) must be a multiple of "
+            f"key heads Hk={Hk} (q {tuple(q.shape)})"
+        )
+    if g.shape not in ((B, T, Hv), (B, T, Hv, Dk)):
+        raise _shape_error("g", g.shape, f"[{B}, {T}, {Hv}] or [{B}, {T}, {Hv}, {Dk}]")
+    if beta.shape != (B, T, Hv):
+        raise _shape_error("beta", beta.shape, f"[{B}, {T}, {Hv}]")
+    if state is not None:
+        if state.shape != (B, Hv, v.shape[3], Dk):
+            raise _shape_error("state", state.shape, f"[B, Hv, Dv, Dk] = [{B}, {Hv}, {v.shape[3]}, {Dk}]")
+        if not mx.issubdtype(state.dtype, mx.floating):
+            raise ValueError(f"gated_delta: state must be a floating dtype, got {state.dtype}")
+    if mask is not None and mask.shape != (B, T):
+        raise _shape_error("mask", mask.shape, f"[B, T] = [{B}, {T}]")
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        backend = os.environ.get(_ENV, "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"gated_delta: unknown backend {backend!r}; choose one of {BACKENDS}")
+    return backend
+
+
+# Below this many steps the token-by-token path beats the chunked one on the CPU (measured:
+# benchmarks/NOTES.md).
+_CPU_CHUNKED_MIN_T = 2
+
+
+def _auto_cpu(T: int) -> str:
+    return "chunked" if T >= _CPU_CHUNKED_MIN_T else "ref"
+
+
+def _auto_gpu(q: mx.array, v: mx.array, g: mx.array) -> str:
+    """The fused kernel where it supports the shape, else chunked/ref as on the CPU."""
+    if mx.metal.is_available():
+        from . import metal
+
+        if metal.supports(q, v, g):
+            return "metal"
+    elif mx.cuda.is_available():
+        from . import cuda
+
+        if cuda.supports(q, v, g):
+            return "cuda"
+    return _auto_cpu(q.shape[1])
+
+
+def _pick(backend: str, q, v, g) -> str:
+    backend = _resolve_backend(backend)
+    if backend != "auto":
+        return backend
+    if mx.default_device() == mx.cpu:
+        return _auto_cpu(q.shape[1])
+    return _auto_gpu(q, v, g)
+
+
+def _zeros_state(q: mx.array, v: mx.array) -> mx.array:
+    B, _, _, Dk = q.shape
+    return mx.zeros((B, v.shape[2], v.shape[3], Dk), dtype=mx.float32)
+
+
+def gated_delta(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: mx.array | None = None,
+    mask: mx.array | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[mx.array, mx.array]:
+    """Gated delta rule with precomputed gates (g is the decay factor, not its log).
+
+    Returns (y [B, T, Hv, Dv] in v's dtype, state [B, Hv, Dv, Dk] fp32).
+    """
+    _validate(q, k, v, g, beta, state, mask)
+    state = _zeros_state(q, v) if state is None else state.astype(mx.float32)
+    name = _pick(backend, q, v, g)
+    if name == "ref":
+        return gated_delta_ref(q, k, v, g, beta, state, mask)
+    if name == "chunked":
+        from .chunked import gated_delta_chunked
+
+        return gated_delta_chunked(q, k, v, g, beta, state, mask)
+    impl = _gpu_module(name)
+    if not impl.supports(q, v, g):
+        return gated_delta(q, k, v, g, beta, state, mask, backend=_auto_cpu(q.shape[1]))
+    return impl.gated_delta_kernel(q, k, v, g, beta, state, mask)
+
+
+def gated_delta_update(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: mx.array | None = None,
+    mask: mx.array | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[mx.array, mx.array]:
+    """Gated delta rule from the layer's raw gate inputs (mlx-lm compatible signature).
+
+    a, b: [B, T, Hv]; A_log, dt_bias: [Hv]. beta = sigmoid(b) and
+    g = exp(-exp(A_log) * softplus(a + dt_bias)) in fp32; the fused GPU kernels compute them
+    inside the kernel. Returns (y [B, T, Hv, Dv], state [B, Hv, Dv, Dk] fp32).
+    """
+    B, T = q.shape[:2]
+    Hv = v.shape[2] if v.ndim == 4 else -1
+    for name, x in (("a", a), ("b", b)):
+        if x.shape != (B, T, Hv):
+            raise _shape_error(name, x.shape, f"[B, T, Hv] = [{B}, {T}, {Hv}]")
+    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if x.shape != (Hv,):
+            raise _shape_error(name, x.shape, f"[Hv] = [{Hv}]")
+    name = _pick(backend, q, v, a)
+    if name in ("metal", "cuda"):
+        impl = _gpu_module(name)
+        if impl.supports(q, v, a):
+            _validate(q, k, v, a, b, state, mask)
+            state = _zeros_state(q, v) if state is None else state.astype(mx.float32)
+            return impl.gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
+        name = "auto"
+    g, beta = compute_gates(a, b, A_log, dt_bias)
+    return gated_delta(q, k, v, g, beta, state, mask, backend=name if name != "auto" else "auto")
+
+
+def _gpu_module(name: str):
+    if name == "metal":
+        from . import metal as impl
+    else:
+        from . import cuda as impl
+    return impl
