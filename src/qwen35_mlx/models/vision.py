@@ -58,8 +58,9 @@ def patch_coords(grid, merge: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _axis_taps(index: np.ndarray, size: np.ndarray, side: int):
     """Bilinear taps (floor, floor + 1), clamped, and weights, align_corners=True."""
-    scale = np.float32(side - 1) / np.maximum(size - 1, 1).astype(np.float32)
-    src = index.astype(np.float32) * scale
+    # Same operation order as transformers, so exact-integer sources floor identically.
+    src = index.astype(np.float32) * np.float32(side - 1)
+    src = src / np.maximum(size - 1, 1).astype(np.float32)
     lo = np.floor(src)
     taps = np.clip(lo[:, None].astype(np.int64) + np.arange(2), 0, side - 1)
     weights = np.clip(1.0 - np.abs(src[:, None] - lo[:, None] - np.arange(2)), 0.0, None)
