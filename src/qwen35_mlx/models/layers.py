@@ -1,0 +1,341 @@
+"""Qwen3.5 decoder layers: Gated DeltaNet, gated attention, SwiGLU MLP, sparse MoE.
+
+Gated DeltaNet (linear attention), per value head h with key head h // (Hv / Hk):
+    S_t = g_t S_{t-1} + beta_t (v_t - g_t S_{t-1} k_t) k_t^T,   y_t = S_t q_t
+after a causal depthwise conv1d + SiLU over [q | k | v], with q, k l2-normalised over Dk and q
+scaled by Dk^-1/2; the output passes a gated RMSNorm with silu(z) and out_proj.
+Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; a, b [B, T, Hv]; recurrent state
+[B, Hv, Dv, Dk] fp32; conv state [B, K-1, C] holds the last K-1 pre-conv inputs.
+
+Full attention: q_proj gives per head [query | gate]; q_norm/k_norm over head_dim; partial rotary
+(rotate-half) on the first rotary_dim dims; GQA; output * sigmoid(gate) before o_proj.
+
+Norms: every Qwen3_5RMSNorm keeps its weight as the full multiplier (1 + w, shifted once by
+`sanitize`), the gated norm applies its weight as stored. conv1d.weight is MLX layout [C, K, 1].
+
+References: transformers models/qwen3_5/modeling_qwen3_5.py, qwen3_5_moe/modeling_qwen3_5_moe.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from ..kernels.gated_delta import gated_delta_update
+from .config import TextConfig
+
+_L2_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose weight is the full multiplier (Qwen3_5RMSNorm's 1 + w, already shifted)."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class RMSNormGated(nn.Module):
+    """weight * rmsnorm(x) * silu(gate), the gate in fp32 (linear_attn.norm)."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dims,))
+
+    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        y = mx.fast.rms_norm(x, self.weight, self.eps).astype(mx.float32)
+        return (y * nn.silu(gate.astype(mx.float32))).astype(x.dtype)
+
+
+def _l2norm(x: mx.array) -> mx.array:
+    x32 = x.astype(mx.float32)
+    return (x32 * mx.rsqrt((x32 * x32).sum(-1, keepdims=True) + _L2_EPS)).astype(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_kernel_size = config.linear_conv_kernel_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+
+        H = config.hidden_size
+        self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(H, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
+        # Holds the depthwise weight [C, K, 1]; the taps are applied by hand in _conv.
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.conv_kernel_size, groups=self.conv_dim, bias=False
+        )
+        self.dt_bias = mx.ones((self.num_v_heads,))
+        self.A_log = mx.log(mx.random.uniform(1.0, 16.0, (self.num_v_heads,)))
+        self.norm = RMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+
+    def _conv(self, x: mx.array, T: int) -> mx.array:
+        """Causal depthwise conv: x [B, K-1+T, C] -> [B, T, C]; tap K-1 meets the current token."""
+        w = self.conv1d.weight[:, :, 0].astype(x.dtype)  # [C, K]
+        out = x[:, 0:T] * w[:, 0]
+        for j in range(1, self.conv_kernel_size):
+            out = out + x[:, j : j + T] * w[:, j]
+        return out
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
+        B, T, _ = x.shape
+        Hk, Hv, Dk, Dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        n_keep = self.conv_kernel_size - 1
+        if mask is not None:
+            # As transformers does: padded positions contribute nothing to any projection, so
+            # they never reach the conv state or the recurrent state.
+            x = mx.where(mask[..., None], x, mx.zeros((), x.dtype))
+        qkv = self.in_proj_qkv(x)
+        z = self.in_proj_z(x).reshape(B, T, Hv, Dv)
+        b = self.in_proj_b(x)
+        a = self.in_proj_a(x)
+
+        conv_state = cache[0] if cache is not None else None
+        if conv_state is None:
+            conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
+        conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv], axis=1)  # [B, K-1+T, C]
+        if cache is not None:
+            lengths = getattr(cache, "lengths", None)
+            if lengths is not None:
+                # Right-padded rows (mlx-lm's BatchGenerator): keep the K-1 inputs that end at
+                # each row's last real token.
+                ends = mx.clip(lengths, 0, T)
+                idx = ends[:, None] + mx.arange(n_keep)[None]
+                cache[0] = mx.take_along_axis(conv_in, idx[..., None], axis=1)
+            else:
+                cache[0] = mx.contiguous(conv_in[:, conv_in.shape[1] - n_keep :])
+        h = nn.silu(self._conv(conv_in, T))
+
+        q = _l2norm(h[..., : self.key_dim].reshape(B, T, Hk, Dk)) * (Dk**-0.5)
+        k = _l2norm(h[..., self.key_dim : 2 * self.key_dim].reshape(B, T, Hk, Dk))
+        v = h[..., 2 * self.key_dim :].reshape(B, T, Hv, Dv)
+
+        state = cache[1] if cache is not None else None
+        y, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
+        if cache is not None:
+            cache[1] = state
+            if hasattr(cache, "advance"):
+                cache.advance(T)
+        y = self.norm(y, z)  # [B, T, Hv, Dv]
+        return self.out_proj(y.reshape(B, T, self.value_dim))
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
+    """inv_freq[i] = theta^(-2i / rotary_dim), fp32 as transformers computes it."""
+    exps = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    return (1.0 / (np.float32(theta) ** exps)).astype(np.float32)
+
+
+def mrope_axis_index(rotary_dim: int, mrope_section: list[int]) -> np.ndarray:
+    """For each frequency i < rotary_dim/2: 0 (t), 1 (h) or 2 (w), interleaved sections."""
+    half = rotary_dim // 2
+    axis = np.zeros(half, dtype=np.int32)
+    for i in range(half):
+        if i % 3 == 1 and i < 3 * mrope_section[1]:
+            axis[i] = 1
+        elif i % 3 == 2 and i < 3 * mrope_section[2]:
+            axis[i] = 2
+    return axis
+
+
+class Rotary(nn.Module):
+    """Partial rotate-half rotary. Plain positions go through mx.fast.rope (per-row offsets
+    allowed); explicit [3, B, T] (t, h, w) positions go through interleaved M-RoPE."""
+
+    def __init__(self, head_dim: int, rotary_dim: int, theta: float, mrope_section: list[int]):
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        inv = rope_inv_freq(rotary_dim, theta)
+        self._inv_freq = mx.array(inv)
+        # mx.fast.rope takes periods (1 / inv_freq); same frequencies on both paths.
+        self._periods = mx.array((1.0 / inv.astype(np.float64)).astype(np.float32))
+        axis = mrope_axis_index(rotary_dim, mrope_section)
+        self._axis_onehot = mx.array((axis[None, :] == np.arange(3)[:, None]).astype(np.float32))
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        """x [B, H, T, D]; offset int or [B]."""
+        return mx.fast.rope(
+            x,
+            self.rotary_dim,
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self._periods,
+        )
+
+    def cos_sin(self, position_ids: mx.array) -> tuple[mx.array, mx.array]:
+        """position_ids [3, B, T] -> cos, sin [B, 1, T, rotary_dim] fp32."""
+        freqs = position_ids.astype(mx.float32)[..., None] * self._inv_freq  # [3, B, T, R/2]
+        angles = (freqs * self._axis_onehot[:, None, None, :]).sum(0)  # [B, T, R/2]
+        angles = mx.concatenate([angles, angles], axis=-1)[:, None]
+        return mx.cos(angles), mx.sin(angles)
+
+    def apply(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        """Rotate-half on the first rotary_dim dims of x [B, H, T, D]."""
+        R = self.rotary_dim
+        xr = x[..., :R].astype(mx.float32)
+        rot = mx.concatenate([-xr[..., R // 2 :], xr[..., : R // 2]], axis=-1)
+        out = (xr * cos + rot * sin).astype(x.dtype)
+        if R == x.shape[-1]:
+            return out
+        return mx.concatenate([out, x[..., R:]], axis=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.output_gate = config.attn_output_gate
+        bias = config.attention_bias
+        q_out = self.num_heads * self.head_dim * (2 if self.output_gate else 1)
+        self.q_proj = nn.Linear(H, q_out, bias=bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.rope = Rotary(
+            self.head_dim, config.rotary_dim, config.rope_theta, config.mrope_section
+        )
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: mx.array | str | None = None,
+        cache: Any = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_proj(x)
+        if self.output_gate:
+            q = q.reshape(B, T, self.num_heads, 2 * D)
+            q, gate = q[..., :D], q[..., D:]
+            gate = gate.reshape(B, T, self.num_heads * D)
+        else:
+            q, gate = q.reshape(B, T, self.num_heads, D), None
+        q = self.q_norm(q).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, D).transpose(0, 2, 1, 3)
+
+        if position_ids is not None:
+            cos, sin = self.rope.cos_sin(position_ids)
+            q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        else:
+            offset = cache.offset if cache is not None else 0
+            q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        o = o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * D)
+        if gate is not None:
+            o = o * mx.sigmoid(gate)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(logits: mx.array, top_k: int, normalize: bool) -> tuple[mx.array, mx.array]:
+    """Softmax over all experts in fp32, then top-k: (indices [..., k], weights [..., k] fp32)."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    inds = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k]
+    weights = mx.take_along_axis(probs, inds, axis=-1)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return inds, weights
+
+
+class SparseMoeBlock(nn.Module):
+    """Top-k routed SwiGLU experts (stacked, mlx-lm's SwitchGLU) plus a sigmoid-gated shared expert.
+
+    Expert weights: experts.{gate,up}_proj.weight [E, I, H], experts.down_proj.weight [E, H, I].
+    """
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(H, config.num_experts, bias=False)
+        self.experts = SwitchGLU(H, config.moe_intermediate_size, config.num_experts)
+        if config.shared_expert_intermediate_size > 0:
+            self.shared_expert = MLP(H, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        inds, weights = route(self.gate(x), self.top_k, self.norm_topk_prob)
+        y = self.experts(x, inds)  # [..., k, H]
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if "shared_expert" in self:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.is_linear = self.layer_type == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = Attention(config)
+        if config.layer_is_moe(layer_idx):
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Any = None,
+        cache: Any = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            h = self.linear_attn(h, mask, cache)
+        else:
+            h = self.self_attn(h, mask, cache, position_ids)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,224 @@
+"""Qwen3.5 text models (dense and MoE): embeddings, a hybrid stack built from layer_types, norm,
+lm_head. model_type qwen3_5_text / qwen3_5_moe_text.
+
+Call: logits [B, T, vocab] = model(inputs [B, T] int, cache=None, input_embeddings=None,
+position_ids=None). position_ids [3, B, T] (t, h, w) selects M-RoPE (the VLM passes them); without
+them positions continue from the cache offset (per row for a batch cache).
+
+`sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
+[C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once), stacked MoE experts, mtp.* and tied lm_head
+dropped. Whether the weights are in Hugging Face's layout is read from the weights themselves, so
+calling it twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+
+from . import cache as cache_lib
+from .config import TextConfig
+from .layers import DecoderLayer, RMSNorm
+
+
+class Qwen35TextBackbone(nn.Module):
+    """embed_tokens -> decoder layers -> norm; returns normed hidden states [B, T, H]."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        types = config.layer_types
+        self._fa_idx = types.index("full_attention") if "full_attention" in types else None
+        self._ssm_idx = types.index("linear_attention") if "linear_attention" in types else None
+
+    def __call__(
+        self,
+        inputs: mx.array | None,
+        cache: list | None = None,
+        input_embeddings: mx.array | None = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        fa_mask = ssm_mask = None
+        if self._fa_idx is not None:
+            fa_mask = create_attention_mask(h, cache[self._fa_idx])
+        if self._ssm_idx is not None:
+            ssm_mask = create_ssm_mask(h, cache[self._ssm_idx])
+        for layer, c in zip(self.layers, cache, strict=True):
+            if layer.is_linear:
+                h = layer(h, ssm_mask, c)
+            else:
+                h = layer(h, fa_mask, c, position_ids)
+        return self.norm(h)
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.args = config
+        self.model_type = config.model_type
+        self.model = Qwen35TextBackbone(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def logits(self, h: mx.array) -> mx.array:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(
+        self,
+        inputs: mx.array | None,
+        cache: list | None = None,
+        input_embeddings: mx.array | None = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        h = self.model(inputs, cache, input_embeddings=input_embeddings, position_ids=position_ids)
+        return self.logits(h)
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+    def make_cache(self, left_padding: list[int] | None = None) -> list:
+        return cache_lib.make_cache(self.config.layer_types, left_padding=left_padding)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return sanitize_text_weights(weights, self.config)
+
+    @property
+    def cast_predicate(self):
+        # A_log stays fp32 whatever dtype the rest is cast to.
+        return lambda path: not path.endswith("A_log")
+
+    @property
+    def quant_predicate(self):
+        if not self.config.is_moe:
+            return None
+
+        def predicate(path, module):
+            # Routers and the shared-expert gate are tiny and sensitive: 8 bits.
+            if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
+                return {"group_size": 64, "bits": 8}
+            return True
+
+        return predicate
+
+
+_NORM_SUFFIXES = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "q_norm.weight",
+    "k_norm.weight",
+)
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
+
+
+def is_hf_layout(weights: dict[str, mx.array]) -> bool:
+    """True when the weights are in Hugging Face's layout (conv1d stored [C, 1, K], K > 1).
+
+    Decide once for all of a checkpoint's weights (all shards together): a shard without any
+    conv1d weight gives no evidence and reads as already sanitized.
+    """
+    for k, v in weights.items():
+        if k.endswith("conv1d.weight") and v.ndim == 3:
+            return v.shape[1] == 1 and v.shape[2] > 1
+    return False
+
+
+def _strip_prefix(key: str) -> str | None:
+    """Map a checkpoint key to this TextModel's name; None to drop it."""
+    if key.startswith("mtp.") or key.startswith("model.mtp."):
+        return None
+    if key.startswith(("model.visual.", "visual.", "vision_tower.")):
+        return None
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model.") :]
+    if key.startswith("language_model.model."):
+        return "model." + key[len("language_model.model.") :]
+    if key.startswith("language_model.lm_head."):
+        return key[len("language_model.") :]
+    return key
+
+
+def sanitize_text_weights(
+    weights: dict[str, mx.array], config: TextConfig, *, hf: bool | None = None
+) -> dict[str, mx.array]:
+    """Hugging Face names/layouts -> TextModel's. Idempotent.
+
+    hf: whether norms still need the +1 shift and conv1d its transpose; None reads it from the
+    weights (`is_hf_layout`). A VLM deciding once for its whole checkpoint passes it explicitly.
+    """
+    if hf is None:
+        hf = is_hf_layout(weights)
+    out: dict[str, mx.array] = {}
+    per_expert: dict[tuple[str, str, str], dict[int, mx.array]] = {}
+    for key, v in weights.items():
+        key = _strip_prefix(key)
+        if key is None:
+            continue
+        if config.tie_word_embeddings and key.startswith("lm_head."):
+            continue
+        key = key.replace(".mlp.switch_mlp.", ".mlp.experts.")
+        m = _PER_EXPERT.match(key)
+        if m:
+            prefix, idx, proj, suffix = m.groups()
+            per_expert.setdefault((prefix, proj, suffix), {})[int(idx)] = v
+            continue
+        if key.endswith("conv1d.weight") and v.ndim == 3 and v.shape[1] == 1 and v.shape[2] > 1:
+            v = v.swapaxes(1, 2)
+        elif hf and v.ndim == 1 and (key == "model.norm.weight" or key.endswith(_NORM_SUFFIXES)):
+            v = (v.astype(mx.float32) + 1.0).astype(v.dtype)
+        elif key.endswith("A_log"):
+            v = v.astype(mx.float32)
+        elif key.endswith(".mlp.experts.gate_up_proj"):
+            gate, up = _split_gate_up(key, v, config)
+            base = key[: -len("gate_up_proj")]
+            out[base + "gate_proj.weight"] = gate
+            out[base + "up_proj.weight"] = up
+            continue
+        elif key.endswith(".mlp.experts.down_proj"):
+            out[key + ".weight"] = _down_layout(key, v, config)
+            continue
+        out[key] = v
+    for (prefix, proj, suffix), experts in per_expert.items():
+        n = len(experts)
+        if sorted(experts) != list(range(n)):
+            raise ValueError(
+                f"{prefix}.N.{proj}.{suffix}: expert indices {sorted(experts)} are not 0..{n - 1}"
+            )
+        out[f"{prefix}.{proj}.{suffix}"] = mx.stack([experts[i] for i in range(n)])
+    return out
+
+
+def _split_gate_up(key: str, v: mx.array, config: TextConfig) -> tuple[mx.array, mx.array]:
+    """Fused experts.gate_up_proj -> gate, up [E, I, H] (transformers: [E, 2I, H], gate first)."""
+    I, H = config.moe_intermediate_size, config.hidden_size
+    if v.ndim == 3 and v.shape[1:] == (2 * I, H):
+        return v[:, :I], v[:, I:]
+    if v.ndim == 3 and v.shape[1:] == (H, 2 * I):
+        # The transposed variant ([E, H, 2I], used by some exporters).
+        v = v.swapaxes(1, 2)
+        return v[:, :I], v[:, I:]
+    raise ValueError(
+        f"{key}: shape {tuple(v.shape)}, expected [E, {2 * I}, {H}] or [E, {H}, {2 * I}]"
+    )
+
+
+def _down_layout(key: str, v: mx.array, config: TextConfig) -> mx.array:
+    """Fused experts.down_proj -> [E, H, I]."""
+    I, H = config.moe_intermediate_size, config.hidden_size
+    if v.ndim == 3 and v.shape[1:] == (H, I):
+        return v
+    if v.ndim == 3 and v.shape[1:] == (I, H):
+        return v.swapaxes(1, 2)
+    raise ValueError(f"{key}: shape {tuple(v.shape)}, expected [E, {H}, {I}] or [E, {I}, {H}]")
