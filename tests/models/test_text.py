@@ -1,0 +1,261 @@
+"""TextModel: stack from layer_types, cache consistency, padding, sanitize, rotary, MoE routing."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import BatchGenerator
+
+from qwen35_mlx.models.cache import copy_cache
+from qwen35_mlx.models.layers import (
+    MLP,
+    Attention,
+    GatedDeltaNet,
+    Rotary,
+    SparseMoeBlock,
+    route,
+)
+from qwen35_mlx.models.text import TextModel
+from tests.conftest import RTOL, rel_err
+from tests.models.factory import make_moe_config, make_text_config, make_text_model
+
+TOL = RTOL[mx.float32]
+# Two attention layers, so that pad positions written by one attention layer reach another.
+TWO_ATTN = ["full_attention", "linear_attention", "full_attention", "linear_attention"]
+TOKENS = [3, 17, 5, 99, 42, 7, 8, 120, 1, 64, 33]
+
+
+def _np(x):
+    return np.array(x.astype(mx.float32))
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return make_text_model(make_text_config(layer_types=TWO_ATTN), seed=1)
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return make_text_model(make_moe_config(), seed=2)
+
+
+def test_layers_follow_layer_types():
+    types = ["full_attention", "linear_attention", "linear_attention", "full_attention"]
+    m = TextModel(make_text_config(layer_types=types))
+    for layer, t in zip(m.layers, types, strict=True):
+        assert layer.is_linear == (t == "linear_attention")
+        mixer = layer.linear_attn if layer.is_linear else layer.self_attn
+        assert isinstance(mixer, GatedDeltaNet if layer.is_linear else Attention)
+        assert isinstance(layer.mlp, MLP)
+    assert all(
+        isinstance(layer.mlp, SparseMoeBlock) for layer in TextModel(make_moe_config()).layers
+    )
+    mixed = TextModel(make_moe_config(mlp_only_layers=[2]))
+    assert [type(layer.mlp) for layer in mixed.layers] == [SparseMoeBlock] * 2 + [
+        MLP,
+        SparseMoeBlock,
+    ]
+    cache = m.make_cache()
+    assert [type(c).__name__ for c in cache] == ["KVCache", "ArraysCache", "ArraysCache", "KVCache"]
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_prefill_then_decode_matches_full_forward(which, request):
+    m = request.getfixturevalue(which)
+    x = mx.array([TOKENS])
+    full = m(x)
+    cache = m.make_cache()
+    # A 2-token prefill is shorter than the conv window (K - 1 = 3): the conv state must pad.
+    steps = [m(x[:, :2], cache=cache)]
+    steps += [m(x[:, t : t + 1], cache=cache) for t in range(2, x.shape[1])]
+    assert rel_err(_np(mx.concatenate(steps, axis=1)), _np(full)) < TOL
+
+
+def test_chunked_prefill_matches_one_prefill(dense):
+    x = mx.array([TOKENS])
+    one = dense(x)
+    cache = dense.make_cache()
+    chunks = [dense(x[:, :5], cache=cache), dense(x[:, 5:], cache=cache)]
+    assert rel_err(_np(mx.concatenate(chunks, axis=1)), _np(one)) < TOL
+
+
+def test_left_padded_batch_matches_rows(dense):
+    rows = [TOKENS, TOKENS[3:7], TOKENS[1:9]]
+    T = max(map(len, rows))
+    pads = [T - len(r) for r in rows]
+    batch = mx.array([[0] * p + r for p, r in zip(pads, rows, strict=True)])
+    cache = dense.make_cache(left_padding=pads)
+    out = dense(batch, cache=cache)
+    nxt = dense(mx.array([[11], [12], [13]]), cache=cache)
+    for i, (p, r) in enumerate(zip(pads, rows, strict=True)):
+        c = dense.make_cache()
+        alone = dense(mx.array([r]), cache=c)
+        assert rel_err(_np(out[i, p:]), _np(alone[0])) < TOL
+        alone_next = dense(mx.array([[11 + i]]), cache=c)
+        assert rel_err(_np(nxt[i]), _np(alone_next[0])) < TOL
+
+
+def _batch_generator_tokens(model, prompts, step):
+    gen = BatchGenerator(model, max_tokens=4, prefill_step_size=step)
+    uids = gen.insert(prompts)
+    toks = {u: [] for u in uids}
+    logprobs = {u: [] for u in uids}
+    while responses := gen.next_generated():
+        for r in responses:
+            toks[r.uid].append(r.token)
+            logprobs[r.uid].append(_np(r.logprobs))
+    gen.close()
+    return [(toks[u], np.stack(logprobs[u])) for u in uids]
+
+
+def test_mlx_lm_batch_generator_matches_rows(dense):
+    # mlx-lm right-pads the prompts (cache.prepare(lengths=...), then finalize) and prefills
+    # in steps of 3 here, so the linear layers see the `lengths` path across chunks.
+    prompts = [TOKENS, TOKENS[2:6], TOKENS[4:10]]
+    batched = _batch_generator_tokens(dense, prompts, step=3)
+    for p, (toks, lp) in zip(prompts, batched, strict=True):
+        alone_toks, alone_lp = _batch_generator_tokens(dense, [p], step=64)[0]
+        assert toks == alone_toks
+        assert rel_err(lp, alone_lp) < 1e-4  # log-softmax of logits that agree to 1e-5
+
+
+def _to_hf(weights: dict, config, fused: bool) -> dict:
+    """Undo sanitize: zero-centred norms, conv1d [C,1,K], HF expert forms, VLM prefix, mtp."""
+    hf = {}
+    norms = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight")
+    for k, v in weights.items():
+        if k.endswith(norms + ("k_norm.weight",)) or k == "model.norm.weight":
+            v = v - 1.0
+        if k.endswith("conv1d.weight"):
+            v = v.swapaxes(1, 2)
+        if ".mlp.experts." in k:
+            base, proj = k.rsplit(".mlp.experts.", 1)
+            proj = proj.split(".")[0]
+            if fused:
+                if proj == "gate_proj":
+                    up = weights[k.replace("gate_proj", "up_proj")]
+                    hf[base + ".mlp.experts.gate_up_proj"] = mx.concatenate([v, up], axis=1)
+                elif proj == "down_proj":
+                    hf[base + ".mlp.experts.down_proj"] = v
+            else:
+                for e in range(v.shape[0]):
+                    hf[f"{base}.mlp.experts.{e}.{proj}.weight"] = v[e]
+            continue
+        hf[k.replace("model.", "model.language_model.", 1)] = v
+    hf["mtp.fc.weight"] = mx.zeros((4, 4))
+    hf["mtp.layers.0.input_layernorm.weight"] = mx.zeros((config.hidden_size,))
+    return hf
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sanitize_idempotent_shifts_norms_once(fused, moe):
+    ours = dict(tree_flatten(moe.parameters()))
+    hf = _to_hf(ours, moe.config, fused)
+    once = moe.sanitize(dict(hf))
+    assert set(once) == set(ours)
+    for k, v in ours.items():
+        assert once[k].shape == v.shape, k
+        assert rel_err(_np(once[k]), _np(v)) < TOL, k
+    twice = moe.sanitize(dict(once))
+    assert set(twice) == set(once)
+    assert all(mx.array_equal(twice[k], once[k]).item() for k in once)
+    # The gated norm is not a Qwen3_5RMSNorm: never shifted.
+    k = "model.layers.0.linear_attn.norm.weight"
+    assert mx.array_equal(once[k], ours[k]).item()
+
+
+def test_sanitize_drops_tied_lm_head():
+    m = TextModel(make_text_config(tie_word_embeddings=True))
+    w = dict(tree_flatten(m.parameters()))
+    w["lm_head.weight"] = mx.zeros((128, 64))
+    assert "lm_head.weight" not in m.sanitize(w)
+    m.load_weights(list(m.sanitize(w).items()), strict=True)
+
+
+def test_mrope_identical_axes_matches_plain_rope(dense):
+    x = mx.array([TOKENS[:7], TOKENS[3:10]])
+    B, T = x.shape
+    pos = mx.broadcast_to(mx.arange(T)[None, None], (3, B, T))
+    assert rel_err(_np(dense(x, position_ids=pos)), _np(dense(x))) < TOL
+    # With a cache offset too: positions continue from 5 on both paths.
+    rope = Rotary(16, 8, 10000.0, [2, 1, 1])
+    q = mx.random.normal((B, 4, T, 16))
+    pos5 = mx.broadcast_to((mx.arange(T) + 5)[None, None], (3, B, T))
+    cos, sin = rope.cos_sin(pos5)
+    assert rel_err(_np(rope.apply(q, cos, sin)), _np(rope(q, 5))) < TOL
+
+
+def _rope_numpy(x, pos, theta, R, section):
+    """transformers' recomposition: t everywhere, then h at 1::3 and w at 2::3 within sections."""
+    inv = 1.0 / theta ** (np.arange(0, R, 2, dtype=np.float64) / R)
+    freqs = pos[..., None].astype(np.float64) * inv  # [3, B, T, R/2]
+    f = freqs[0].copy()
+    for dim, off in ((1, 1), (2, 2)):
+        f[..., off : section[dim] * 3 : 3] = freqs[dim, ..., off : section[dim] * 3 : 3]
+    emb = np.concatenate([f, f], -1)[:, None]  # [B, 1, T, R]
+    xr, rest = x[..., :R], x[..., R:]
+    rot = np.concatenate([-xr[..., R // 2 :], xr[..., : R // 2]], -1)
+    return np.concatenate([xr * np.cos(emb) + rot * np.sin(emb), rest], -1)
+
+
+def test_mrope_sections_match_numpy():
+    R, section = 16, [4, 2, 2]  # 8 frequencies: t h w t h w t t (sections end at 6)
+    rope = Rotary(20, R, 100.0, section)
+    B, T = 2, 5
+    pos = np.stack([np.arange(T) + 3, np.arange(T) * 2, 7 - np.arange(T)])
+    pos = np.broadcast_to(pos[:, None], (3, B, T)).copy()
+    pos[:, 1] += 4
+    x = np.random.randn(B, 3, T, 20).astype(np.float32)
+    cos, sin = rope.cos_sin(mx.array(pos))
+    got = rope.apply(mx.array(x), cos, sin)
+    assert rel_err(_np(got), _rope_numpy(x, pos, 100.0, R, section)) < TOL
+
+
+def test_router_renormalises_top_k():
+    logits = np.random.randn(2, 3, 6).astype(np.float32)
+    inds, w = route(mx.array(logits), 2, normalize=True)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top = np.sort(np.argsort(-p, -1)[..., :2], -1)
+    assert (np.sort(np.array(inds), -1) == top).all()
+    ref = np.take_along_axis(p, np.array(inds), -1)
+    assert rel_err(np.array(w), ref / ref.sum(-1, keepdims=True)) < TOL
+    _, raw = route(mx.array(logits), 2, normalize=False)
+    assert rel_err(np.array(raw), ref) < TOL
+
+
+def test_moe_block_matches_numpy(moe):
+    block = moe.layers[0].mlp
+    x = np.random.randn(1, 3, 64).astype(np.float32)
+    P = {k: _np(v).astype(np.float64) for k, v in tree_flatten(block.parameters())}
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    xs = x.reshape(-1, 64).astype(np.float64)
+    ref = np.zeros_like(xs)
+    for t, h in enumerate(xs):
+        logits = P["gate.weight"] @ h
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        top = np.argsort(-p)[:2]
+        w = p[top] / p[top].sum()
+        for e, we in zip(top, w, strict=True):
+            g = P["experts.gate_proj.weight"][e] @ h
+            u = P["experts.up_proj.weight"][e] @ h
+            ref[t] += we * (P["experts.down_proj.weight"][e] @ (silu(g) * u))
+        s = P["shared_expert.down_proj.weight"] @ (
+            silu(P["shared_expert.gate_proj.weight"] @ h) * (P["shared_expert.up_proj.weight"] @ h)
+        )
+        ref[t] += s / (1 + np.exp(-(P["shared_expert_gate.weight"] @ h)))
+    got = _np(block(mx.array(x))).reshape(-1, 64)
+    assert rel_err(got, ref) < TOL
+
+
+def test_copy_cache_restores_prefix_state(dense):
+    prefix, a, b = TOKENS[:5], TOKENS[5:8], TOKENS[8:]
+    cache = dense.make_cache()
+    dense(mx.array([prefix]), cache=cache)
+    snap = copy_cache(cache)
+    dense(mx.array([a]), cache=cache)
+    restored = copy_cache(snap)
+    got = dense(mx.array([b]), cache=restored)
+    ref = dense(mx.array([prefix + b]))[:, len(prefix) :]
+    assert rel_err(_np(got), _np(ref)) < TOL
