@@ -1,0 +1,258 @@
+"""Gated delta rule in chunked (WY / UT transform) form: matmuls over chunks, for prefill.
+
+Recurrence per step t, per value head (key head h // (Hv // Hk)), S the [Dv, Dk] state:
+    S_t = S_{t-1} diag(g_t) + delta_t k_t^T,   delta_t = beta_t (v_t - S_{t-1} diag(g_t) k_t)
+    y_t = S_t q_t
+(g_t is a scalar per head, or one factor per key dimension.)
+
+Within a chunk of C steps starting from state S0, with gc_i = sum_{l<=i} log g_l, the decays are
+gamma_i = exp(gc_i) and, for j <= i, D_ij = exp(sum_{j<l<=i} log g_l). Then
+    (I + A) delta = beta (v - S0 diag(gamma) k),   A_ij = beta_i <k_i, D_ij k_j>  (j < i)
+so with T = (I + A)^-1 (unit lower triangular): delta = U - W S0^T, U = T beta v,
+W = T beta gamma k; y = (gamma q - P W) S0^T + P U with P_ij = <q_i, D_ij k_j> (j <= i), and
+S_C = S0 diag(gamma_C) + delta^T diag(w) k with w_j = exp(sum_{l>j} log g_l).
+Everything inside a chunk is computed for all chunks at once; only the short state hand-off
+(two matmuls per chunk) runs sequentially.
+
+Numerics: no cumulative decay is ever divided by. D, gamma and w are exponentials of segment
+sums of log g (each a plain sum over its own steps, never a difference of two prefix sums),
+so g = 0 gives exact zeros and no inf/nan. T is a triangular inverse (LAPACK on the CPU, a
+recursive 2x2 block inversion elsewhere), stable for strongly correlated keys. All math is fp32.
+
+Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk] (decay factor);
+beta [B, T, Hv]; state [B, Hv, Dv, Dk] fp32; mask [B, T] bool (False = padding: g = 1, beta = 0
+and y = 0 there). Internally heads are laid out [B, Hk, R, ...] with R = Hv // Hk so that q and
+k are broadcast over R instead of repeated. Differentiable (plain mx ops only).
+
+References: Yang et al., "Gated Delta Networks" (2024); flash-linear-attention
+fla/ops/gated_delta_rule (chunk form).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# Per-key gates build a [C, C, Dk] decay tensor per chunk; chunks are processed in groups whose
+# tensor stays below this many elements.
+_PER_KEY_GROUP_ELEMS = 1 << 24
+_SCALAR_GROUP = 1 << 30
+
+
+def _lower(C: int, strict: bool) -> mx.array:
+    """[C, C] bool: j < i (strict) or j <= i."""
+    i = mx.arange(C)[:, None]
+    j = mx.arange(C)[None, :]
+    return (j < i) if strict else (j <= i)
+
+
+def _inv_unit_lower_blocks(A: mx.array) -> mx.array:
+    """(I + A)^-1 for strictly lower triangular A [..., C, C], C a power of two, in plain ops.
+
+    Bottom-up recursive block inversion: diagonal blocks of size b are merged in pairs,
+    [[T11, 0], [-T22 L21 T11, T22]], until one block covers the chunk; each level is one
+    batched op over all blocks. Used where LAPACK is not (GPU streams).
+    """
+    C = A.shape[-1]
+    batch = A.shape[:-2]
+    Tb = mx.ones((*batch, C, 1, 1), dtype=A.dtype)
+    b = 1
+    while b < C:
+        M = C // (2 * b)
+        # Diagonal 2b-blocks of A: [..., M, 2b, 2b]; their lower-left b x b quarter is L21.
+        blocks = A.reshape(*batch, M, 2 * b, M, 2 * b)
+        blocks = mx.moveaxis(mx.diagonal(blocks, 0, -4, -2), -1, -3)
+        L21 = blocks[..., b:, :b]
+        T11 = Tb[..., 0::2, :, :]
+        T22 = Tb[..., 1::2, :, :]
+        if b < 8:
+            # Tiny blocks: a broadcast product beats thousands of b x b matmul calls.
+            X = (T22[..., :, :, None] * L21[..., None, :, :]).sum(-2)
+            T21 = -(X[..., :, :, None] * T11[..., None, :, :]).sum(-2)
+        else:
+            T21 = -((T22 @ L21) @ T11)
+        top = mx.concatenate([T11, mx.zeros_like(T11)], axis=-1)
+        bottom = mx.concatenate([T21, T22], axis=-1)
+        Tb = mx.concatenate([top, bottom], axis=-2)
+        b *= 2
+    return Tb[..., 0, :, :]
+
+
+@mx.custom_function
+def _inv_unit_lower_lapack(A: mx.array) -> mx.array:
+    """(I + A)^-1 through LAPACK's triangular inverse (CPU only): a few times faster than the
+    block recursion in MLX ops on the CPU. MLX has no vjp for it, hence the custom one."""
+    eye = mx.eye(A.shape[-1], dtype=A.dtype)
+    return mx.linalg.tri_inv(A + eye, upper=False, stream=mx.cpu)
+
+
+@_inv_unit_lower_lapack.vjp
+def _inv_unit_lower_lapack_vjp(primals, cotangents, outputs):
+    # T = M^-1 gives dT = -T dM T, so dL/dM = -T^T G T^T; A only lives below the diagonal.
+    G = cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
+    T = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    Tt = mx.swapaxes(T, -1, -2)
+    gA = -(Tt @ G @ Tt)
+    return (mx.where(_lower(T.shape[-1], strict=True), gA, 0.0),)
+
+
+def _inv_unit_lower(A: mx.array) -> mx.array:
+    """(I + A)^-1, unit lower triangular, for strictly lower triangular A [..., C, C]."""
+    if mx.default_device() == mx.cpu:
+        return _inv_unit_lower_lapack(A)
+    return _inv_unit_lower_blocks(A)
+
+
+def _decays(g: mx.array, axis: int):
+    """Decay products along the chunk axis of g (decay factors, per step).
+
+    Returns D [.., C, C(, Dk)] with D_ij = prod_{j<l<=i} g_l for j <= i and 0 above the diagonal,
+    gamma_i = prod_{l<=i} g_l, w_j = prod_{l>j} g_l, and the whole chunk's product. Products,
+    not exp(cumsum(log g)): exact zeros when g underflows to 0, no division, and MLX's CPU exp
+    is slow on large tensors.
+    """
+    C = g.shape[axis]
+    strict = _lower(C, strict=True)
+    lower = _lower(C, strict=False)
+    if axis == -2:  # per-key gates [.., C, Dk]
+        strict, lower = strict[..., None], lower[..., None]
+        # x[l, j, d] = g[l, d] for l > j, else 1; cumulative product over l.
+        x = mx.where(strict, g[..., :, None, :], 1.0)
+        D = mx.where(lower, mx.cumprod(x, axis=-3), 0.0)
+    else:
+        x = mx.where(strict, g[..., :, None], 1.0)
+        D = mx.where(lower, mx.cumprod(x, axis=-2), 0.0)
+    gamma = mx.cumprod(g, axis=axis)
+    w = mx.cumprod(g, axis=axis, reverse=True, inclusive=False)
+    return D, gamma, w
+
+
+def _prep_scalar(q, k, v, g, beta):
+    """Intra-chunk pieces for scalar gates.
+
+    q, k: [B, Hk, 1, N, C, Dk]; v: [B, Hk, R, N, C, Dv]; g, beta: [B, Hk, R, N, C].
+    Returns WQ [.., N, 2C, Dk] (W stacked over Q'), U, Y0 [.., N, C, Dv], kw [.., N, Dk, C]
+    (k^T diag w) and the whole chunk's decay [.., N, 1, 1].
+    """
+    C = g.shape[-1]
+    D, gamma, w = _decays(g, axis=-1)
+    kt = mx.swapaxes(k, -1, -2)
+    A = mx.where(_lower(C, strict=True), (k @ kt) * D, 0.0) * beta[..., :, None]
+    Tm = _inv_unit_lower(A)
+    U = Tm @ (beta[..., None] * v)
+    W = (Tm * (beta * gamma)[..., None, :]) @ k
+    P = (q @ kt) * D
+    Y0 = P @ U
+    Qp = gamma[..., None] * q - P @ W
+    WQ = mx.concatenate([W, Qp], axis=-2)
+    kw = kt * w[..., None, :]
+    return WQ, U, Y0, kw, gamma[..., -1:, None]
+
+
+def _prep_per_key(q, k, v, g, beta):
+    """Intra-chunk pieces for per-key gates; g is [B, Hk, R, N, C, Dk]. Same outputs as
+    _prep_scalar, with the whole chunk's decay [.., N, Dk, 1]."""
+    C = g.shape[-2]
+    D, gamma, w = _decays(g, axis=-2)  # D: [.., N, C, C, Dk]
+    kD = k[..., None, :, :] * D  # [.., N, C(i), C(j), Dk]: D_ij * k_j
+    A = mx.where(_lower(C, strict=True), (k[..., :, None, :] * kD).sum(-1), 0.0)
+    A = A * beta[..., :, None]
+    Tm = _inv_unit_lower(A)
+    U = Tm @ (beta[..., None] * v)
+    W = Tm @ (beta[..., None] * gamma * k)
+    P = (q[..., :, None, :] * kD).sum(-1)
+    Y0 = P @ U
+    Qp = gamma * q - P @ W
+    WQ = mx.concatenate([W, Qp], axis=-2)
+    kw = mx.swapaxes(k * w, -1, -2)
+    return WQ, U, Y0, kw, mx.swapaxes(gamma[..., -1:, :], -1, -2)
+
+
+def _to_chunks(x: mx.array, N: int, C: int) -> mx.array:
+    """[B, N*C, H, ...] -> [B, H, N, C, ...]."""
+    B, _, H = x.shape[:3]
+    x = x.reshape(B, N, C, H, *x.shape[3:])
+    return mx.moveaxis(x, 3, 1)
+
+
+def gated_delta_chunked(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: mx.array,
+    mask: mx.array | None = None,
+    chunk_size: int = 64,
+) -> tuple[mx.array, mx.array]:
+    """Chunked gated delta rule. `state` is [B, Hv, Dv, Dk] fp32; returns (y, new state).
+
+    chunk_size must be a power of two; the tail chunk is padded with steps that change nothing.
+    """
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"gated_delta_chunked: chunk_size must be a power of two, got {chunk_size}"
+        )
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2:]
+    R = Hv // Hk
+    f32 = mx.float32
+    out_dtype = v.dtype
+    per_key = g.ndim == 4
+    if T == 0:
+        return mx.zeros(v.shape, out_dtype), state.astype(f32)
+
+    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+    g = g.astype(f32)
+    beta = beta.astype(f32)
+    if mask is not None:
+        # A padded step must not touch the state: decay 1, beta 0. Zeroing q also makes its
+        # y exactly 0, and zeroing k/v keeps garbage (even inf/nan) in padded slots out of sums.
+        m3 = mask[:, :, None]
+        g = mx.where(m3[..., None] if per_key else m3, g, 1.0)
+        beta = mx.where(m3, beta, 0.0)
+        q = mx.where(m3[..., None], q, 0.0)
+        k = mx.where(m3[..., None], k, 0.0)
+        v = mx.where(m3[..., None], v, 0.0)
+
+    C = min(chunk_size, 1 << (T - 1).bit_length())
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        widths = [(0, 0), (0, pad)]
+        q = mx.pad(q, widths + [(0, 0), (0, 0)])
+        k = mx.pad(k, widths + [(0, 0), (0, 0)])
+        v = mx.pad(v, widths + [(0, 0), (0, 0)])
+        beta = mx.pad(beta, widths + [(0, 0)])
+        g = mx.pad(g, widths + [(0, 0)] * (g.ndim - 2), constant_values=1.0)
+
+    qc = _to_chunks(q, N, C)[:, :, None]  # [B, Hk, 1, N, C, Dk]
+    kc = _to_chunks(k, N, C)[:, :, None]
+    vc = _to_chunks(v, N, C).reshape(B, Hk, R, N, C, Dv)
+    bc = _to_chunks(beta, N, C).reshape(B, Hk, R, N, C)
+    gc = _to_chunks(g, N, C).reshape(B, Hk, R, N, C, *g.shape[3:])
+
+    if per_key:
+        step = max(1, _PER_KEY_GROUP_ELEMS // (B * Hv * C * C * Dk))
+        groups = [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+        prep = _prep_per_key
+    else:
+        step = _SCALAR_GROUP
+        groups = [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+        prep = _prep_scalar
+
+    # State kept transposed, [B, Hk, R, Dk, Dv], so both hand-off matmuls read it as is.
+    St = mx.swapaxes(state.astype(f32), -1, -2).reshape(B, Hk, R, Dk, Dv)
+    ys = []
+    for n0, n1 in groups:
+        sl = (slice(None),) * 3 + (slice(n0, n1),)
+        WQ, U, Y0, kw, decay = prep(qc[sl], kc[sl], vc[sl], gc[sl], bc[sl])
+        for n in range(n1 - n0):
+            WQS = WQ[..., n, :, :] @ St  # [.., 2C, Dv]
+            delta = U[..., n, :, :] - WQS[..., :C, :]
+            ys.append(Y0[..., n, :, :] + WQS[..., C:, :])
+            St = decay[..., n, :, :] * St + kw[..., n, :, :] @ delta
+
+    y = mx.stack(ys, axis=3)  # [B, Hk, R, N, C, Dv]
+    y = mx.moveaxis(y.reshape(B, Hv, N * C, Dv), 1, 2)[:, :T]
+    new_state = mx.swapaxes(St.reshape(B, Hv, Dk, Dv), -1, -2)
+    return y.astype(out_dtype), new_state

@@ -1,0 +1,65 @@
+"""Kernel test helpers: seeded inputs and a float64 NumPy loop of the gated delta rule (the
+true oracle).
+
+Per step t, value head h (key head h // (Hv // Hk)), state S [Dv, Dk]:
+    S = S * g_t (per row for scalar g, per column for per-key g); delta = (v_t - S k_t) beta_t
+    S += delta k_t^T;  y_t = S q_t.   mask False: state unchanged, y = 0.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+
+def make_inputs(
+    B, T, Hk, Hv, Dk, Dv, *, per_key=False, dtype=mx.float32, g_range=(0.7, 1.0), seed=0
+):
+    """Realistic inputs: l2-normalised q (scaled by Dk^-0.5) and k, v ~ N(0, 1), g in g_range,
+    beta in (0, 1), a random nonzero initial state. Returns (q, k, v, g, beta, state)."""
+    key = mx.random.key(seed)
+    kq, kk, kv, kg, kb, ks = mx.random.split(key, 6)
+    q = mx.random.normal((B, T, Hk, Dk), key=kq)
+    k = mx.random.normal((B, T, Hk, Dk), key=kk)
+    q = q * mx.rsqrt((q * q).sum(-1, keepdims=True) + 1e-6) * Dk**-0.5
+    k = k * mx.rsqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    v = mx.random.normal((B, T, Hv, Dv), key=kv)
+    g_shape = (B, T, Hv, Dk) if per_key else (B, T, Hv)
+    g = mx.random.uniform(*g_range, g_shape, key=kg)
+    beta = mx.random.uniform(0.0, 1.0, (B, T, Hv), key=kb)
+    state = 0.1 * mx.random.normal((B, Hv, Dv, Dk), key=ks)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta, state
+
+
+def left_pad_mask(B, T, pads):
+    """[B, T] bool, row b False for its first pads[b] steps."""
+    return mx.arange(T)[None, :] >= mx.array(pads)[:, None]
+
+
+def np64(x) -> np.ndarray:
+    """float64 NumPy copy of an mx array of any float dtype (NumPy cannot read bfloat16)."""
+    if isinstance(x, mx.array):
+        x = x.astype(mx.float32)
+    return np.asarray(x, dtype=np.float64)
+
+
+def gated_delta_np(q, k, v, g, beta, state=None, mask=None):
+    """All arguments array-likes (mx arrays are fine); returns (y, state) as float64 arrays."""
+    q, k, v, g, beta = (np64(x) for x in (q, k, v, g, beta))
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2:]
+    rep = Hv // Hk
+    S = np.zeros((B, Hv, Dv, Dk)) if state is None else np64(state).copy()
+    m = np.ones((B, T), bool) if mask is None else np.asarray(mask, dtype=bool)
+    y = np.zeros((B, T, Hv, Dv))
+    for b in range(B):
+        for t in range(T):
+            if not m[b, t]:
+                continue
+            for h in range(Hv):
+                hk = h // rep
+                decay = g[b, t, h][None, :] if g.ndim == 4 else g[b, t, h]
+                s = S[b, h] * decay
+                delta = (v[b, t, h] - s @ k[b, t, hk]) * beta[b, t, h]
+                s = s + np.outer(delta, k[b, t, hk])
+                y[b, t, h] = s @ q[b, t, hk]
+                S[b, h] = s
+    return y, S
