@@ -1,0 +1,287 @@
+"""Qwen3.5 vision-language model (model_type qwen3_5 / qwen3_5_moe): the text model of
+`models.text` (imported, never copied) plus the vision tower of `models.vision`.
+
+On the call that carries `pixel_values` (or `pixel_values_videos`), the tower's merged rows
+replace the image-pad (video-pad) token embeddings in order, and M-RoPE positions [3, B, T]
+(t, h, w) are computed as transformers' `get_rope_index` does: text counts up; an image with
+merged grid (t, H, W) takes `cur + t_idx`, `cur + row`, `cur + col`; after it `cur` advances by
+max(H, W); with left padding only real tokens count. The per-row `rope_delta = max_pos + 1 -
+n_real` is kept, so later calls (decode steps, no pixels) continue at real-token offset + delta.
+Text-only prompts use the text model's plain positions.
+
+Shape letters: B batch, T tokens, N patch rows, M merged rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import BatchKVCache, KVCache, cache_length
+from .config import ModelConfig
+from .text import TextModel
+from .vision import VisionModel, grid_list
+
+_VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.")
+
+
+def rope_index(
+    input_ids: np.ndarray,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE positions `[3, B, T]` (0 at padding) and per-row `rope_delta` `[B]`.
+
+    Grids are consumed in order across the batch (images and videos separately); a video grid
+    (t, h, w) counts as t frames of grid (1, h, w), each wrapped in its own vision start/end.
+    """
+    input_ids = np.asarray(input_ids)
+    B, T = input_ids.shape
+    mask = np.ones((B, T), dtype=bool) if mask is None else np.asarray(mask).astype(bool)
+    images = iter(grid_list(image_grid_thw) if image_grid_thw is not None else [])
+    videos = grid_list(video_grid_thw) if video_grid_thw is not None else []
+    frames = [(1, h, w) for t, h, w in videos for _ in range(t)]
+    videos = iter(frames)
+    m = spatial_merge_size
+    positions = np.zeros((3, B, T), dtype=np.int64)
+    deltas = np.zeros(B, dtype=np.int64)
+    for b in range(B):
+        ids = input_ids[b][mask[b]]
+        pos = np.zeros((3, len(ids)), dtype=np.int64)
+        cur, i = 0, 0
+        while i < len(ids):
+            tok = ids[i]
+            if tok == image_token_id or tok == video_token_id:
+                kind = "image" if tok == image_token_id else "video"
+                grid = next(images if tok == image_token_id else videos, None)
+                if grid is None:
+                    raise ValueError(f"more {kind} tokens in input_ids than {kind} grids given")
+                t, h, w = grid[0], grid[1] // m, grid[2] // m
+                n = t * h * w
+                if i + n > len(ids) or (ids[i : i + n] != tok).any():
+                    raise ValueError(f"row {b}: a {kind} of grid {grid} needs {n} pad tokens")
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+                pos[:, i : i + n] = np.stack([tt, hh, ww]).reshape(3, -1) + cur
+                cur += max(h, w)
+                i += n
+            else:
+                pos[:, i] = cur
+                cur += 1
+                i += 1
+        positions[:, b, mask[b]] = pos
+        deltas[b] = (pos.max() + 1 if len(ids) else 0) - len(ids)
+    return positions, deltas
+
+
+def _scatter_rows(embeds: mx.array, is_slot: np.ndarray, feats: mx.array, what: str) -> mx.array:
+    """Replace embeds[b, t] where is_slot[b, t], in row-major order, by the rows of feats."""
+    B, T, H = embeds.shape
+    slots = np.flatnonzero(is_slot.reshape(-1))
+    if len(slots) != feats.shape[0]:
+        raise ValueError(
+            f"{what}: {len(slots)} pad tokens in input_ids but {feats.shape[0]} vision rows"
+        )
+    src = np.arange(B * T)
+    src[slots] = B * T + np.arange(len(slots))
+    flat = mx.concatenate([embeds.reshape(B * T, H), feats.astype(embeds.dtype)])
+    return flat[mx.array(src)].reshape(B, T, H)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.args = config
+        self.model_type = config.model_type
+        self.language_model = TextModel(config.text_config)
+        if config.vision_config is not None:
+            self.vision_tower = VisionModel(config.vision_config)
+        # Per-row rope delta (and pad count) of the last multimodal prompt; None: plain positions.
+        self._rope_deltas: np.ndarray | None = None
+        self._pads: np.ndarray | None = None
+
+    @property
+    def visual(self) -> VisionModel:
+        return self.vision_tower
+
+    @property
+    def layers(self) -> list:
+        return self.language_model.layers
+
+    def make_cache(self, left_padding: list[int] | None = None) -> list:
+        return self.language_model.make_cache(left_padding=left_padding)
+
+    def _features(self, pixel_values: mx.array, grid) -> mx.array:
+        if "vision_tower" not in self:
+            raise ValueError("this checkpoint has no vision tower: it takes no images")
+        dtype = self.vision_tower.patch_embed.proj.weight.dtype
+        return self.vision_tower(pixel_values.astype(dtype), grid)
+
+    def get_input_embeddings(
+        self,
+        input_ids: mx.array,
+        pixel_values: mx.array | None = None,
+        image_grid_thw=None,
+        pixel_values_videos: mx.array | None = None,
+        video_grid_thw=None,
+        mask: mx.array | np.ndarray | None = None,
+        cache: list | None = None,
+    ) -> tuple[mx.array, mx.array | None]:
+        """Embeddings with vision rows scattered in, and M-RoPE positions `[3, B, T]` (None:
+        plain positions will do).
+
+        Records the per-row rope deltas that later calls continue from. With a filled `cache`
+        (a later turn bringing a new image) positions continue from the cache. Callers that
+        prefill in steps call this once and feed slices through `__call__`.
+        """
+        B, T = input_ids.shape
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if pixel_values is None and pixel_values_videos is None:
+            return embeds, self._decode_positions(cache, B, T)
+        ids = np.array(input_ids)
+        if pixel_values is not None:
+            feats = self._features(pixel_values, image_grid_thw)
+            embeds = _scatter_rows(embeds, ids == self.config.image_token_id, feats, "images")
+        if pixel_values_videos is not None:
+            feats = self._features(pixel_values_videos, video_grid_thw)
+            embeds = _scatter_rows(embeds, ids == self.config.video_token_id, feats, "videos")
+        seen = self._real_offset(cache, B)
+        if seen is None:  # a fresh prompt: it may be left-padded
+            if mask is None:
+                mask = _mask_from_cache(cache, (B, T))
+            real = None if mask is None else np.array(mask).astype(bool)
+            start, prev_delta = np.zeros(B, np.int64), np.zeros(B, np.int64)
+            self._pads = np.zeros(B, np.int64) if real is None else (~real).sum(1)
+        else:
+            real = None
+            prev_delta = np.zeros(B, np.int64) if self._rope_deltas is None else self._rope_deltas
+            start = seen + prev_delta
+        positions, deltas = rope_index(
+            ids,
+            image_grid_thw if pixel_values is not None else None,
+            video_grid_thw if pixel_values_videos is not None else None,
+            image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id,
+            spatial_merge_size=self.config.vision_config.spatial_merge_size,
+            mask=real,
+        )
+        positions = positions + start[None, :, None]
+        self._rope_deltas = prev_delta + deltas
+        return embeds, mx.array(positions.astype(np.int32))
+
+    def _real_offset(self, cache: list | None, B: int) -> np.ndarray | None:
+        """Real (non-pad) tokens each row has in the cache; None for no cache or a fresh one."""
+        offset = None if cache is None else _attention_offset(cache)
+        if offset is None or cache_length(cache) == 0:
+            return None
+        if isinstance(offset, int):
+            # A plain KV cache counts pads too; a batch cache's per-row offsets do not.
+            pads = self._pads if self._pads is not None else np.zeros(B, np.int64)
+            return offset - pads
+        return np.array(offset).reshape(-1)
+
+    def _decode_positions(self, cache: list | None, B: int, T: int) -> mx.array | None:
+        """Positions for a call without pixels: real offset + rope delta, or None (plain rope)."""
+        seen = self._real_offset(cache, B)
+        if seen is None:
+            self._rope_deltas = self._pads = None  # a fresh text-only prompt
+            return None
+        if self._rope_deltas is None or len(seen) != B:
+            return None
+        base = (seen + self._rope_deltas)[:, None] + np.arange(T)[None]
+        return mx.broadcast_to(mx.array(base.astype(np.int32))[None], (3, B, T))
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: list | None = None,
+        pixel_values: mx.array | None = None,
+        image_grid_thw=None,
+        pixel_values_videos: mx.array | None = None,
+        video_grid_thw=None,
+        mask: mx.array | np.ndarray | None = None,
+        input_embeddings: mx.array | None = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        """logits [B, T, vocab]. `mask` [B, T] (1 real, 0 left pad) for a padded image batch;
+        `input_embeddings` / `position_ids` feed slices of `get_input_embeddings` output."""
+        if pixel_values is not None or pixel_values_videos is not None:
+            input_embeddings, position_ids = self.get_input_embeddings(
+                input_ids,
+                pixel_values,
+                image_grid_thw,
+                pixel_values_videos,
+                video_grid_thw,
+                mask=mask,
+                cache=cache,
+            )
+        elif position_ids is None:
+            B, T = input_ids.shape if input_embeddings is None else input_embeddings.shape[:2]
+            position_ids = self._decode_positions(cache, B, T)
+        return self.language_model(
+            input_ids, cache, input_embeddings=input_embeddings, position_ids=position_ids
+        )
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """HF keys (`model.language_model.*`, `model.visual.*`, `lm_head.*`, `mtp.*`) -> ours
+        (`language_model.*`, `vision_tower.*`); the text part goes through the text sanitize.
+        Idempotent."""
+        vision, text = {}, {}
+        for k, v in weights.items():
+            if k.startswith(("mtp.", "model.mtp.")):
+                continue
+            prefix = next((p for p in _VISION_PREFIXES if k.startswith(p)), None)
+            if prefix is not None:
+                vision[k[len(prefix) :]] = v
+            else:
+                text[k] = v
+        out = {f"language_model.{k}": v for k, v in self.language_model.sanitize(text).items()}
+        if vision and "vision_tower" in self:
+            out.update(
+                {f"vision_tower.{k}": v for k, v in self.vision_tower.sanitize(vision).items()}
+            )
+        return out
+
+    @property
+    def cast_predicate(self):
+        return self.language_model.cast_predicate
+
+    @property
+    def quant_predicate(self):
+        # The tower is small and its widths need not divide a group size: leave it unquantized.
+        text_predicate = self.language_model.quant_predicate
+
+        def predicate(path: str, module: nn.Module):
+            if path.startswith("vision_tower"):
+                return False
+            return True if text_predicate is None else text_predicate(path, module)
+
+        return predicate
+
+
+def _attention_offset(cache: list) -> Any:
+    """The first attention cache's offset: an int (KVCache) or per-row [B] array (batch)."""
+    for c in cache:
+        if isinstance(c, KVCache | BatchKVCache):
+            return c.offset
+    return None
+
+
+def _mask_from_cache(cache: list | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """A [B, T] real-token mask from a left-padded batch cache, if the cache carries one."""
+    if cache is None:
+        return None
+    for c in cache:
+        pad = getattr(c, "left_padding", None)
+        if pad is not None:
+            pad = np.array(pad).reshape(-1)
+            return np.arange(shape[1])[None, :] >= pad[:, None]
+    return None
