@@ -89,3 +89,10 @@ def test_model_config_flat():
 def test_model_config_wrong_model_type():
     with pytest.raises(ValueError, match="'qwen3_next'"):
         ModelConfig.from_dict({"model_type": "qwen3_next", "hidden_size": 64})
+
+
+def test_to_dict_round_trip():
+    c = make_text_config(num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])
+    assert TextConfig.from_dict(c.to_dict()) == c
+    v = VisionConfig(depth=3, deepstack_visual_indexes=[1])
+    assert VisionConfig.from_dict(v.to_dict()) == v
