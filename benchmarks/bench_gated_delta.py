@@ -1,0 +1,449 @@
+"""Benchmark the gated delta rule: every backend of ours against the peers, side by side.
+
+Contenders (whichever run here):
+  ours   qwen35_mlx.kernels.gated_delta.gated_delta_update with backend auto / ref / chunked /
+         metal / cuda (the GPU ones only where their supports() says yes)
+  peers  mlx-lm's mlx_lm.models.gated_delta.gated_delta_update (ops path; its Metal kernel
+         where Metal is present), MLX core's mx.fast.gated_delta_update, and on a CUDA machine
+         flash-linear-attention's Triton chunk_gated_delta_rule / fused_recurrent_gated_delta_rule.
+
+Shape: Hk=16, Hv=32, Dk=Dv=128, bf16 q/k/v, fp32 state [B, Hv, Dv, Dk]; decode B in
+{1, 8, 32, 128} with T=1; prefill B=1, T in {128, 512, 2048, 8192}. Every contender starts from
+the same raw gate inputs (a, b, A_log, dt_bias) and computes its gates inside the timed region.
+
+Timing: N calls chained through the state, built and evaluated as one graph (MLX) or queued
+and synchronised once (torch), so host overhead is amortised the same way for everyone; one
+warm-up first; the median over repeats of (time / N) is reported in ms per call.
+
+    python benchmarks/bench_gated_delta.py [--quick] [--out DIR]
+
+Prints a table (contender x shape: ms, and for ours the speedup over the fastest peer), writes
+JSON (device, versions, BLAS in use, date) and a PNG plot into --out (default benchmarks/out).
+Set QWEN35_MLX_BLAS=reference to measure with MLX's bundled reference BLAS on Linux.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# qwen35_mlx first: on Linux it swaps in OpenBLAS, which only works before mlx is loaded.
+import qwen35_mlx  # noqa: F401  isort: skip
+import mlx.core as mx  # noqa: E402
+
+from qwen35_mlx.kernels.gated_delta import gated_delta_update  # noqa: E402
+
+HK, HV, DK, DV = 16, 32, 128, 128
+DECODE_B = (1, 8, 32, 128)
+PREFILL_T = (128, 512, 2048, 8192)
+QUICK_DECODE_B = (1, 8, 32)
+QUICK_PREFILL_T = (128, 512, 2048)
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    T: int
+
+    @property
+    def kind(self) -> str:
+        return "decode" if self.T == 1 else "prefill"
+
+    @property
+    def label(self) -> str:
+        return f"decode B={self.B}" if self.T == 1 else f"prefill T={self.T}"
+
+
+@dataclass
+class Contender:
+    name: str
+    group: str  # "ours" or "peer"
+    make: object  # Shape -> timer(n) -> seconds for n chained calls
+    note: str = ""
+    results: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLX contenders
+
+
+def _mlx_inputs(shape: Shape, seed: int = 0):
+    B, T = shape.B, shape.T
+    key = mx.random.key(seed)
+    kq, kk, kv, ka, kb, kA, kd = mx.random.split(key, 7)
+
+    def l2(x):
+        return x * mx.rsqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+    q = (l2(mx.random.normal((B, T, HK, DK), key=kq)) * DK**-0.5).astype(mx.bfloat16)
+    k = l2(mx.random.normal((B, T, HK, DK), key=kk)).astype(mx.bfloat16)
+    v = mx.random.normal((B, T, HV, DV), key=kv).astype(mx.bfloat16)
+    a = mx.random.normal((B, T, HV), key=ka).astype(mx.bfloat16)
+    b = mx.random.normal((B, T, HV), key=kb).astype(mx.bfloat16)
+    A_log = mx.log(mx.random.uniform(1.0, 16.0, (HV,), key=kA))
+    dt_bias = mx.random.uniform(-1.0, 1.0, (HV,), key=kd)
+    state = mx.zeros((B, HV, DV, DK), dtype=mx.float32)
+    mx.eval(q, k, v, a, b, A_log, dt_bias, state)
+    return q, k, v, a, b, A_log, dt_bias, state
+
+
+def _mlx_timer(step):
+    """step(q, k, v, a, b, A_log, dt_bias, state) -> (y, state); returns make(shape)."""
+
+    def make(shape: Shape):
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
+
+        def run(n: int) -> float:
+            t0 = time.perf_counter()
+            state, ys = state0, []
+            for _ in range(n):
+                y, state = step(q, k, v, a, b, A_log, dt_bias, state)
+                ys.append(y)
+            mx.eval(ys, state)
+            return time.perf_counter() - t0
+
+        return run
+
+    return make
+
+
+def _ours(backend: str):
+    def step(q, k, v, a, b, A_log, dt_bias, state):
+        return gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, backend=backend)
+
+    return _mlx_timer(step)
+
+
+def _mlx_lm(use_kernel: bool):
+    from mlx_lm.models.gated_delta import gated_delta_update as peer
+
+    def step(q, k, v, a, b, A_log, dt_bias, state):
+        return peer(q, k, v, a, b, A_log, dt_bias, state, use_kernel=use_kernel)
+
+    return _mlx_timer(step)
+
+
+def _mx_fast():
+    # MLX core's op takes decay factor + beta; its state layout is [B, Hv, Dv, Dk] like ours
+    # (checked against our ref with Dk != Dv, whatever its docstring says).
+    from qwen35_mlx.kernels.gated_delta import compute_gates
+
+    def step(q, k, v, a, b, A_log, dt_bias, state):
+        g, beta = compute_gates(a, b, A_log, dt_bias)
+        y, state = mx.fast.gated_delta_update(q, k, v, g, beta, state)
+        return y, state
+
+    return _mlx_timer(step)
+
+
+def _our_gpu_backend(name: str) -> bool:
+    try:
+        if name == "metal":
+            from qwen35_mlx.kernels.gated_delta import metal as impl
+        else:
+            from qwen35_mlx.kernels.gated_delta import cuda as impl
+    except ImportError:
+        return False
+    q = mx.zeros((1, 1, HK, DK), mx.bfloat16)
+    v = mx.zeros((1, 1, HV, DV), mx.bfloat16)
+    g = mx.zeros((1, 1, HV), mx.float32)
+    try:
+        return bool(impl.supports(q, v, g))
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-linear-attention (torch + Triton), CUDA only
+
+
+def _fla_contenders() -> list[Contender]:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        import fla  # noqa: F401
+        from fla.ops.gated_delta_rule import (
+            chunk_gated_delta_rule,
+            fused_recurrent_gated_delta_rule,
+        )
+    except Exception:
+        return []
+    import torch.nn.functional as F
+
+    def make_for(fn):
+        def make(shape: Shape):
+            B, T, dev = shape.B, shape.T, "cuda"
+            torch.manual_seed(0)
+            q = F.normalize(torch.randn(B, T, HK, DK, device=dev), dim=-1) * DK**-0.5
+            k = F.normalize(torch.randn(B, T, HK, DK, device=dev), dim=-1)
+            q, k = q.bfloat16(), k.bfloat16()
+            v = torch.randn(B, T, HV, DV, device=dev, dtype=torch.bfloat16)
+            a = torch.randn(B, T, HV, device=dev, dtype=torch.bfloat16)
+            b = torch.randn(B, T, HV, device=dev, dtype=torch.bfloat16)
+            A_log = torch.log(torch.empty(HV, device=dev).uniform_(1.0, 16.0))
+            dt_bias = torch.empty(HV, device=dev).uniform_(-1.0, 1.0)
+            # FLA's state is [B, H, Dk, Dv] (transposed against ours); it stays in its layout.
+            state0 = torch.zeros(B, HV, DK, DV, device=dev, dtype=torch.float32)
+
+            def call(q, k, state):
+                # FLA wants the log-decay; it scales q itself unless told scale=1.
+                g = -A_log.exp() * F.softplus(a.float() + dt_bias)
+                beta = b.float().sigmoid()
+                return fn(q, k, v, g, beta, scale=1.0, initial_state=state, output_final_state=True)
+
+            # Grouped value heads: pass q/k with Hk heads if this FLA takes them, else repeat.
+            qq, kk = q, k
+            try:
+                call(q, k, state0)
+            except Exception:
+                qq = q.repeat_interleave(HV // HK, dim=2)
+                kk = k.repeat_interleave(HV // HK, dim=2)
+                call(qq, kk, state0)
+
+            def run(n: int) -> float:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                state, ys = state0, []
+                for _ in range(n):
+                    y, state = call(qq, kk, state)
+                    ys.append(y)
+                torch.cuda.synchronize()
+                return time.perf_counter() - t0
+
+            return run
+
+        return make
+
+    import fla as _fla
+
+    ver = getattr(_fla, "__version__", "?")
+    return [
+        Contender(f"fla chunk ({ver})", "peer", make_for(chunk_gated_delta_rule)),
+        Contender(
+            f"fla fused_recurrent ({ver})", "peer", make_for(fused_recurrent_gated_delta_rule)
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def contenders() -> list[Contender]:
+    out = [
+        Contender("ours auto", "ours", _ours("auto")),
+        Contender("ours ref", "ours", _ours("ref")),
+        Contender("ours chunked", "ours", _ours("chunked")),
+    ]
+    for name in ("metal", "cuda"):
+        if _our_gpu_backend(name):
+            out.append(Contender(f"ours {name}", "ours", _ours(name)))
+    out.append(Contender("mlx-lm ops", "peer", _mlx_lm(use_kernel=False)))
+    if mx.metal.is_available():
+        out.append(Contender("mlx-lm kernel", "peer", _mlx_lm(use_kernel=True)))
+    if hasattr(mx.fast, "gated_delta_update"):
+        out.append(Contender("mx.fast", "peer", _mx_fast()))
+    out.extend(_fla_contenders())
+    return out
+
+
+def bench_one(make, shape: Shape, target_s: float, repeats: int, budget_s: float):
+    """Returns (ms per call, status). Skips when one warm-up call exceeds budget_s."""
+    run = make(shape)
+    t1 = run(1)  # warm-up: compile, caches, allocator
+    if t1 > budget_s:
+        return None, f"skipped: one call took {t1:.1f} s > budget {budget_s:g} s"
+    t1 = min(t1, run(1))
+    n = max(1, min(64, int(target_s / max(t1, 1e-6))))
+    per_call = [run(n) / n for _ in range(repeats)]
+    return statistics.median(per_call) * 1e3, f"n={n} x {repeats}"
+
+
+def environment() -> dict:
+    import mlx_lm
+
+    env = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "default_device": str(mx.default_device()),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        env["device_info"] = {k: str(v) for k, v in mx.device_info().items()}
+    except Exception:
+        pass
+    try:
+        from qwen35_mlx import _blas
+
+        env["blas"] = _blas.blas_status()
+    except Exception as e:  # _blas predates blas_status on some checkouts
+        env["blas"] = f"unknown ({e})"
+    for var in ("OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "QWEN35_MLX_BLAS"):
+        if var in os.environ:
+            env[var] = os.environ[var]
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            env["cuda_device"] = torch.cuda.get_device_name()
+        import fla
+
+        env["fla"] = getattr(fla, "__version__", "?")
+    except Exception:
+        pass
+    return env
+
+
+def print_table(cands: list[Contender], shapes: list[Shape]) -> str:
+    best_peer = {}
+    for s in shapes:
+        times = [c.results[s][0] for c in cands if c.group == "peer" and c.results[s][0]]
+        best_peer[s] = min(times) if times else None
+    w = max(len(c.name) for c in cands) + 2
+    head = f"{'':{w}}" + "".join(f"{s.label:>22}" for s in shapes)
+    lines = [head, "-" * len(head)]
+    for c in cands:
+        cells = []
+        for s in shapes:
+            ms, status = c.results[s]
+            if ms is None:
+                cells.append(f"{'skipped':>22}")
+            elif best_peer[s]:
+                cells.append(f"{ms:>11.3f} ms {best_peer[s] / ms:>6.2f}x")
+            else:
+                cells.append(f"{ms:>14.3f} ms")
+        lines.append(f"{c.name:{w}}" + "".join(cells))
+    lines.append(
+        "(x = fastest peer's time / this contender's time: above 1 is faster than every peer)"
+    )
+    skipped = [
+        (c.name, s.label, c.results[s][1]) for c in cands for s in shapes if c.results[s][0] is None
+    ]
+    for name, label, status in skipped:
+        lines.append(f"  {name} @ {label}: {status}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(cands: list[Contender], shapes: list[Shape], env: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, kind in zip(axes, ("decode", "prefill"), strict=True):
+        sub = [s for s in shapes if s.kind == kind]
+        for c in cands:
+            pts = [(s.B if kind == "decode" else s.T, c.results[s][0]) for s in sub]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            style = "-o" if c.group == "ours" else "--s"
+            ax.plot(xs, ys, style, label=c.name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch B (T=1)" if kind == "decode" else "sequence length T (B=1)")
+        ax.set_ylabel("ms per call (median)")
+        ax.set_title(f"{kind}: Hk={HK}, Hv={HV}, Dk=Dv={DK}, bf16")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    dev = env.get("cuda_device") or env.get("device_info", {}).get("device_name", env["platform"])
+    blas = env.get("blas", "")
+    blas = blas.get("blas", "") if isinstance(blas, dict) else str(blas)
+    fig.suptitle(
+        f"gated delta rule on {dev} ({env['default_device']}), BLAS: {blas}, {env['date']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU-friendly subset with a time budget")
+    p.add_argument("--out", default="benchmarks/out", help="output folder for JSON and PNG")
+    p.add_argument("--only", default="", help="comma-separated contender names to run")
+    p.add_argument("--target-s", type=float, default=None, help="seconds per timed repeat")
+    p.add_argument("--budget-s", type=float, default=None, help="skip calls slower than this")
+    args = p.parse_args(argv)
+
+    decode_b = QUICK_DECODE_B if args.quick else DECODE_B
+    prefill_t = QUICK_PREFILL_T if args.quick else PREFILL_T
+    shapes = [Shape(b, 1) for b in decode_b] + [Shape(1, t) for t in prefill_t]
+    target_s = args.target_s or (0.3 if args.quick else 1.0)
+    budget_s = args.budget_s or (4.0 if args.quick else 60.0)
+    repeats = 3 if args.quick else 5
+
+    cands = contenders()
+    if args.only:
+        keep = {x.strip() for x in args.only.split(",")}
+        cands = [c for c in cands if c.name in keep]
+    env = environment()
+    print(
+        f"# {env['date']}  mlx {env['mlx']}  mlx-lm {env['mlx_lm']}  device {env['default_device']}"
+    )
+    print(f"# BLAS: {env['blas']}")
+    for c in cands:
+        too_slow = {}
+        for s in shapes:
+            if too_slow.get(s.kind):
+                c.results[s] = (None, f"skipped: slower than budget at a smaller {s.kind} shape")
+                continue
+            try:
+                c.results[s] = bench_one(c.make, s, target_s, repeats, budget_s)
+            except Exception as e:  # a peer that cannot run this shape: say so, go on
+                c.results[s] = (None, f"error: {type(e).__name__}: {e}"[:200])
+            if c.results[s][0] is None and c.results[s][1].startswith("skipped"):
+                too_slow[s.kind] = True
+            ms, status = c.results[s]
+            shown = f"{ms:.3f} ms" if ms is not None else status
+            print(f"  {c.name:28s} {s.label:18s} {shown}", flush=True)
+
+    table = print_table(cands, shapes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+    dev = "cuda" if env.get("cuda_device") else str(mx.default_device()).split("(")[1].split(",")[0]
+    base = out / f"gated_delta_{dev}_{stamp}"
+    record = {
+        "env": env,
+        "shape": {"Hk": HK, "Hv": HV, "Dk": DK, "Dv": DV, "dtype": "bfloat16", "state": "float32"},
+        "table": table,
+        "results": [
+            {
+                "contender": c.name,
+                "group": c.group,
+                "B": s.B,
+                "T": s.T,
+                "ms": c.results[s][0],
+                "status": c.results[s][1],
+            }
+            for c in cands
+            for s in shapes
+        ],
+    }
+    base.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    plot(cands, shapes, env, base.with_suffix(".png"))
+    print(f"wrote {base}.json and {base}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
