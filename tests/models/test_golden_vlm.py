@@ -113,7 +113,7 @@ def test_fresh_text_prompt_after_an_image_uses_plain_positions(model, ref):
     cache = model.make_cache()
     out = mx.concatenate([model(ids[:, :4], cache), model(ids[:, 4:], cache)], axis=1)
     # Stale deltas would shift the decode step's positions away from the text model's.
-    np.testing.assert_array_equal(np.array(out), np.array(model.language_model(ids)))
+    assert_logits_close(out, np.array(model.language_model(ids)))
 
 
 def test_sanitize_is_idempotent(model):
@@ -126,3 +126,36 @@ def test_sanitize_is_idempotent(model):
     assert once["vision_tower.patch_embed.proj.weight"].shape == (32, 2, 16, 16, 3)
     for k in once:
         assert mx.array_equal(once[k], twice[k]).item(), k
+
+
+def test_prefill_in_steps_from_input_embeddings(model, ref):
+    # As mlx-lm's generate_step feeds a long prompt: embedding slices, no position_ids.
+    ids = mx.array(ref["input_ids"])
+    P = int(ref["prefill_len"])
+    cache = model.make_cache()
+    embeds, _ = model.get_input_embeddings(ids[:, :P], cache=cache, **image_inputs(ref))
+    outs = [
+        model(ids[:, a : a + 8], cache, input_embeddings=embeds[:, a : a + 8]) for a in (0, 8, 16)
+    ]
+    outs.append(model(ids[:, 24:P], cache, input_embeddings=embeds[:, 24:P]))
+    outs += [model(ids[:, i : i + 1], cache) for i in range(P, P + 3)]
+    assert_logits_close(mx.concatenate(outs, axis=1), ref["logits"][:, : P + 3])
+
+
+def test_processor_batch_through_model_without_cache(model):
+    from qwen35_mlx.loader import load
+
+    model2, processor = load(GOLDEN)
+    texts = ["<|vision_start|><|image_pad|><|vision_end|>hi", "a longer prompt <|image_pad|> here"]
+    images = [GOLDEN / "image1.png", GOLDEN / "image0.png"]
+    inputs = processor(texts, images=images)
+    out = np.array(model2(**inputs))  # left-padded rows, no cache: pads must be masked
+    mask = np.array(inputs["attention_mask"]).astype(bool)
+    pix, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    rows = [slice(0, 8), slice(8, 32)]
+    for b in range(2):
+        alone = processor(texts[b], images=[images[b]])
+        assert np.array_equal(np.array(alone["pixel_values"]), np.array(pix[rows[b]]))
+        expected = np.array(model2(alone["input_ids"], **image_inputs(alone)))
+        assert_logits_close(out[b][mask[b]][None], expected)
+    assert np.array(grid).tolist() == [[1, 2, 4], [1, 4, 6]]

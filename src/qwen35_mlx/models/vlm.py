@@ -107,6 +107,8 @@ class Model(nn.Module):
         # Per-row rope delta (and pad count) of the last multimodal prompt; None: plain positions.
         self._rope_deltas: np.ndarray | None = None
         self._pads: np.ndarray | None = None
+        # (cache length at its start, positions [3, B, T]) of the last multimodal prompt.
+        self._prompt: tuple[int, mx.array] | None = None
 
     @property
     def visual(self) -> VisionModel:
@@ -175,12 +177,15 @@ class Model(nn.Module):
         )
         positions = positions + start[None, :, None]
         self._rope_deltas = prev_delta + deltas
-        return embeds, mx.array(positions.astype(np.int32))
+        positions = mx.array(positions.astype(np.int32))
+        # Kept so that a prefill fed in slices of `embeds` (no position_ids) finds its positions.
+        self._prompt = (_cache_len(cache), positions)
+        return embeds, positions
 
     def _real_offset(self, cache: list | None, B: int) -> np.ndarray | None:
         """Real (non-pad) tokens each row has in the cache; None for no cache or a fresh one."""
         offset = None if cache is None else _attention_offset(cache)
-        if offset is None or cache_length(cache) == 0:
+        if offset is None or _cache_len(cache) == 0:
             return None
         if isinstance(offset, int):
             # A plain KV cache counts pads too; a batch cache's per-row offsets do not.
@@ -188,11 +193,20 @@ class Model(nn.Module):
             return offset - pads
         return np.array(offset).reshape(-1)
 
-    def _decode_positions(self, cache: list | None, B: int, T: int) -> mx.array | None:
-        """Positions for a call without pixels: real offset + rope delta, or None (plain rope)."""
+    def _decode_positions(
+        self, cache: list | None, B: int, T: int, embedded: bool = False
+    ) -> mx.array | None:
+        """Positions for a call without pixels: a slice of the last multimodal prompt's positions
+        (a step of its prefill, fed as embeddings), real offset + rope delta, or None (plain)."""
+        if embedded and self._prompt is not None:
+            start, positions = self._prompt
+            o = _cache_len(cache)
+            if start <= o and o + T <= start + positions.shape[-1] and positions.shape[1] == B:
+                return positions[..., o - start : o - start + T]
         seen = self._real_offset(cache, B)
         if seen is None:
-            self._rope_deltas = self._pads = None  # a fresh text-only prompt
+            # A fresh prompt without pixels: plain positions from here on.
+            self._rope_deltas = self._pads = self._prompt = None
             return None
         if self._rope_deltas is None or len(seen) != B:
             return None
@@ -210,9 +224,17 @@ class Model(nn.Module):
         mask: mx.array | np.ndarray | None = None,
         input_embeddings: mx.array | None = None,
         position_ids: mx.array | None = None,
+        attention_mask: mx.array | np.ndarray | None = None,
     ) -> mx.array:
-        """logits [B, T, vocab]. `mask` [B, T] (1 real, 0 left pad) for a padded image batch;
-        `input_embeddings` / `position_ids` feed slices of `get_input_embeddings` output."""
+        """logits [B, T, vocab].
+
+        `mask` (or `attention_mask`, the processor's name) [B, T]: 1 real, 0 left pad. Without a
+        cache a padded batch gets a fresh left-padded one, so pads are masked. Prefilling in
+        steps: `get_input_embeddings` once, then slices as `input_embeddings` (positions follow).
+        """
+        mask = attention_mask if mask is None else mask
+        if cache is None and mask is not None and not np.array(mask).all():
+            cache = self.make_cache(left_padding=(np.array(mask) == 0).sum(1).tolist())
         if pixel_values is not None or pixel_values_videos is not None:
             input_embeddings, position_ids = self.get_input_embeddings(
                 input_ids,
@@ -225,7 +247,7 @@ class Model(nn.Module):
             )
         elif position_ids is None:
             B, T = input_ids.shape if input_embeddings is None else input_embeddings.shape[:2]
-            position_ids = self._decode_positions(cache, B, T)
+            position_ids = self._decode_positions(cache, B, T, input_embeddings is not None)
         return self.language_model(
             input_ids, cache, input_embeddings=input_embeddings, position_ids=position_ids
         )
@@ -273,6 +295,12 @@ def _attention_offset(cache: list) -> Any:
         if isinstance(c, KVCache | BatchKVCache):
             return c.offset
     return None
+
+
+def _cache_len(cache: list | None) -> int:
+    if cache is None or _attention_offset(cache) is None:
+        return 0
+    return cache_length(cache)
 
 
 def _mask_from_cache(cache: list | None, shape: tuple[int, int]) -> np.ndarray | None:
