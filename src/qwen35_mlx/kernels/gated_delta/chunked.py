@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..._blas import warn_if_reference_blas
+
 # Per-key gates build a [C, C, Dk] decay tensor per chunk; chunks are processed in groups whose
 # tensor stays below this many elements.
 _PER_KEY_GROUP_ELEMS = 1 << 24
@@ -192,6 +194,8 @@ def gated_delta_chunked(
         raise ValueError(
             f"gated_delta_chunked: chunk_size must be a power of two, got {chunk_size}"
         )
+    if mx.default_device() == mx.cpu:
+        warn_if_reference_blas()
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     R = Hv // Hk
