@@ -86,3 +86,69 @@ def test_vision_sanitize_is_idempotent():
     for k in once:
         assert once[k].shape == twice[k].shape
         assert mx.array_equal(once[k], twice[k]).item()
+
+
+def test_moe_vlm_matches_transformers(tmp_path):
+    """qwen3_5_moe: a tiny random HF checkpoint (experts as transformers saves them) through our
+    loader, logits with an image vs transformers'."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    from qwen35_mlx.loader import load_model
+
+    text = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+        },
+    )
+    vision = dict(TINY, out_hidden_size=32)
+    config = Qwen3_5MoeConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=60,
+        video_token_id=61,
+        vision_start_token_id=58,
+        vision_end_token_id=59,
+    )
+    torch.manual_seed(1)
+    ref_model = Qwen3_5MoeForConditionalGeneration(config).float().eval()
+    ref_model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if name.endswith("A_log") or p.ndim == 1:
+                p.copy_(0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    ref_model.save_pretrained(tmp_path)
+
+    grid = [[1, 4, 6]]
+    ids = [5, 7, 58] + [60] * 6 + [59, 9, 11, 13]
+    pixels = np.random.default_rng(1).standard_normal((24, 3 * 2 * 4 * 4)).astype(np.float32)
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        ref = ref_model(
+            input_ids=ids_t,
+            pixel_values=torch.from_numpy(pixels),
+            image_grid_thw=torch.tensor(grid),
+            mm_token_type_ids=(ids_t == 60).long(),
+        ).logits.numpy()
+    model = load_model(tmp_path)
+    out = model(mx.array([ids]), pixel_values=mx.array(pixels), image_grid_thw=mx.array(grid))
+    assert np.abs(np.array(out) - ref).max() < 1e-4 * np.abs(ref).max()
