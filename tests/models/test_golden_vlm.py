@@ -159,3 +159,23 @@ def test_processor_batch_through_model_without_cache(model):
         expected = np.array(model2(alone["input_ids"], **image_inputs(alone)))
         assert_logits_close(out[b][mask[b]][None], expected)
     assert np.array(grid).tolist() == [[1, 2, 4], [1, 4, 6]]
+
+
+def test_left_padded_batch_decode_continues_each_row(model, ref):
+    # Prefill all but the last two columns, then decode them: per-row offsets + rope deltas.
+    mask = ref["batch_attention_mask"].astype(bool)
+    ids = mx.array(ref["batch_input_ids"])
+    cache = model.make_cache(left_padding=(~mask).sum(1).tolist())
+    outs = [model(ids[:, :-2], cache, **image_inputs(ref, "batch_"))]
+    T = ids.shape[1]
+    outs += [model(ids[:, i : i + 1], cache) for i in (T - 2, T - 1)]
+    out = np.array(mx.concatenate(outs, axis=1))
+    assert_logits_close(out[mask], ref["batch_logits"][mask])
+
+
+def test_mlx_format_round_trip(model, ref, tmp_path):
+    from qwen35_mlx.loader import read_config, save_mlx
+
+    save_mlx(model, read_config(GOLDEN), tmp_path / "mlx")
+    again = load_model(tmp_path / "mlx")
+    assert_logits_close(again(mx.array(ref["input_ids"]), **image_inputs(ref)), ref["logits"])
