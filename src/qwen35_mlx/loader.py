@@ -179,6 +179,13 @@ def build_model(config: ModelConfig) -> nn.Module:
     return cls(config.text_config) if config.model_type in TEXT_MODEL_TYPES else cls(config)
 
 
+def _names_match(model: nn.Module, weights: dict[str, mx.array]) -> bool:
+    """Whether the checkpoint names are the model's own (quantization's scales/biases aside)."""
+    expected = {k for k, _ in tree_flatten(model.parameters())}
+    given = {k for k in weights if not k.endswith((".scales", ".biases"))}
+    return given == expected
+
+
 def _short(names) -> str:
     names = sorted(names)
     shown = ", ".join(names[:_LIST_LIMIT])
@@ -219,9 +226,20 @@ def apply_quantization(
             return False
         if isinstance(override, dict):
             return {**default, **override}
-        return True
+        # No entry for this path (or one keyed by another naming): read group size, bits and
+        # mode off the stored shapes, as mlx-lm does, rather than trusting the default.
+        try:
+            return _infer_quant_params(path, module, weights)
+        except (KeyError, ValueError):
+            return True
 
     nn.quantize(model, class_predicate=predicate, **default)
+
+
+def _infer_quant_params(path: str, module: nn.Module, weights: dict[str, mx.array]) -> dict:
+    from mlx_lm.utils import infer_quant_config
+
+    return infer_quant_config(path, module, weights)
 
 
 def _keep_fp32(name: str) -> bool:
@@ -280,7 +298,10 @@ def load_model(
     weights, is_mlx = read_weights(path)
 
     model = build_model(config)
-    if not is_mlx:
+    # MLX checkpoints are already sanitized. One written under another MLX port's names
+    # (mlx-lm's `switch_mlp`, say) still goes through sanitize, which then only renames: the
+    # layout (conv [C, K, 1], shifted norms) is read from the weights, so nothing shifts twice.
+    if not is_mlx or not _names_match(model, weights):
         weights = model.sanitize(weights)
     if (quantization := _quantization(config_dict)) is not None:
         apply_quantization(model, quantization, weights)
@@ -294,8 +315,12 @@ def load_model(
 
 
 def load_tokenizer(path: Path, config_dict: dict[str, Any], model_type: str):
-    """mlx-lm's TokenizerWrapper for text models; the image-aware processor for the VLM."""
-    if model_type not in TEXT_MODEL_TYPES:
+    """mlx-lm's TokenizerWrapper for text models; the image-aware processor for the VLM.
+
+    A qwen3_5 / qwen3_5_moe checkpoint without a vision_config (mlx-lm's text-only conversions)
+    gets the plain tokenizer.
+    """
+    if model_type not in TEXT_MODEL_TYPES and config_dict.get("vision_config") is not None:
         from .processor import load_processor
 
         return load_processor(path)
