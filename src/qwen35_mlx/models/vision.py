@@ -16,6 +16,7 @@ embedding weight is stored in MLX's Conv3d layout `[O, Tp, P, P, C]`.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import mlx.core as mx
@@ -154,19 +155,17 @@ class VisionAttention(nn.Module):
         q = (qf * cos + rotate_half(qf) * sin).astype(dtype)
         k = (kf * cos + rotate_half(kf) * sin).astype(dtype)
         q, k, v = (a.transpose(1, 0, 2) for a in (q, k, v))  # [H, N, D]
-        if len(set(segments)) == 1:
-            # Equal segments (one image, or same-size frames): batch them, no mask needed.
-            S, L = len(segments), segments[0]
-            q, k, v = (a.reshape(H, S, L, D).transpose(1, 0, 2, 3) for a in (q, k, v))
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            out = out.transpose(0, 2, 1, 3).reshape(N, H * D)
-        else:
-            seg = np.repeat(np.arange(len(segments)), segments)
-            mask = mx.array(seg[:, None] == seg[None, :])
-            out = mx.fast.scaled_dot_product_attention(
-                q[None], k[None], v[None], scale=self.scale, mask=mask
-            )
-            out = out[0].transpose(1, 0, 2).reshape(N, H * D)
+        # Runs of equal-length segments (an image, a video's frames) attend as one batch each:
+        # cost sum(L^2), no [N, N] mask.
+        outs, start = [], 0
+        for L, group in itertools.groupby(segments):
+            S = len(list(group))
+            sl = slice(start, start + S * L)
+            qs, ks, vs = (a[:, sl].reshape(H, S, L, D).transpose(1, 0, 2, 3) for a in (q, k, v))
+            o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)
+            outs.append(o.transpose(0, 2, 1, 3).reshape(S * L, H * D))
+            start += S * L
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         return self.proj(out)
 
 

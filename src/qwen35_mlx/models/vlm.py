@@ -56,6 +56,7 @@ def rope_index(
     for b in range(B):
         ids = input_ids[b][mask[b]]
         pos = np.zeros((3, len(ids)), dtype=np.int64)
+        is_vision = (ids == image_token_id) | (ids == video_token_id)
         cur, i = 0, 0
         while i < len(ids):
             tok = ids[i]
@@ -73,9 +74,11 @@ def rope_index(
                 cur += max(h, w)
                 i += n
             else:
-                pos[:, i] = cur
-                cur += 1
-                i += 1
+                nxt = np.flatnonzero(is_vision[i:])
+                j = i + int(nxt[0]) if len(nxt) else len(ids)
+                pos[:, i:j] = cur + np.arange(j - i)
+                cur += j - i
+                i = j
         positions[:, b, mask[b]] = pos
         deltas[b] = (pos.max() + 1 if len(ids) else 0) - len(ids)
     return positions, deltas
