@@ -78,3 +78,14 @@ def test_placeholder_count_mismatch(processor):
         processor("no placeholder here", images=[GOLDEN / "image0.png"])
     with pytest.raises(ValueError, match="no images"):
         processor("<|image_pad|>")
+
+
+def test_mlx_lm_inputs_carry_the_grid_in_the_shape(processor):
+    text, pixel_values = processor.mlx_lm_inputs(
+        "x <|image_pad|> y <|image_pad|>", images=[GOLDEN / "image0.png", GOLDEN / "image1.png"]
+    )
+    assert [tuple(p.shape) for p in pixel_values] == [(1, 4, 6, 1536), (1, 2, 4, 1536)]
+    assert text.count("<|image_pad|>") == 8
+    ref = np.load(GOLDEN / "reference.npz")["pixel_values"]
+    rows = np.concatenate([np.array(p).reshape(-1, 1536) for p in pixel_values])
+    np.testing.assert_array_equal(rows, ref)

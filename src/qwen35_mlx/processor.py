@@ -101,6 +101,23 @@ class Processor:
         result["attention_mask"] = mx.array(mask)
         return result
 
+    def mlx_lm_inputs(self, text: str, images) -> tuple[str, list[mx.array]]:
+        """mlx-lm's processor protocol: (text with placeholders expanded, one pixel array per
+        image shaped `[t, h, w, C*Tp*P*P]`, the grid in the shape) for `Model.embed_inputs`."""
+        pixel_values, grid = self.preprocess_images(images)
+        counts = [int(np.prod(g)) // self.merge_size**2 for g in grid]
+        if text.count(self.image_token) != len(counts):
+            raise ValueError(
+                f"{len(counts)} image(s) given but the text has "
+                f"{text.count(self.image_token)} {self.image_token} placeholder(s)"
+            )
+        splits = np.cumsum([int(np.prod(g)) for g in grid])[:-1]
+        per_image = [
+            mx.array(p.reshape(*[int(x) for x in g], -1))
+            for p, g in zip(np.split(pixel_values, splits), grid, strict=True)
+        ]
+        return self._expand([text], counts)[0], per_image
+
     def _expand(self, texts: list[str], counts: list[int]) -> list[str]:
         it = iter(counts)
         out = []

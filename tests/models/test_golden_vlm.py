@@ -179,3 +179,28 @@ def test_mlx_format_round_trip(model, ref, tmp_path):
     save_mlx(model, read_config(GOLDEN), tmp_path / "mlx")
     again = load_model(tmp_path / "mlx")
     assert_logits_close(again(mx.array(ref["input_ids"]), **image_inputs(ref)), ref["logits"])
+
+
+def test_mlx_lm_generate_step_with_embed_inputs(model, ref):
+    # mlx-lm's multimodal path: embed_inputs once, generate_step prefills the embeddings in
+    # steps (no position_ids), then decodes from token ids.
+    from mlx_lm.generate import generate_step
+
+    P = int(ref["prefill_len"])
+    ids = mx.array(ref["input_ids"][0, :P])
+    pix = ref["pixel_values"]
+    per_image = [mx.array(pix[:24].reshape(1, 4, 6, -1)), mx.array(pix[24:].reshape(1, 2, 4, -1))]
+    emb = model.embed_inputs(ids, pixel_values=per_image)
+    steps = generate_step(ids, model, input_embeddings=emb, max_tokens=3, prefill_step_size=8)
+    tokens, logprobs = zip(*[(int(t), lp) for t, lp in steps], strict=True)
+    expected = ref["logits"][0, P - 1]
+    expected = expected - np.log(np.exp(expected - expected.max()).sum()) - expected.max()
+    assert_logits_close(np.array(logprobs[0]), expected)
+    # Greedy continuation equals our own prefill-with-pixels + decode.
+    cache = model.make_cache()
+    out = model(ids[None], cache, **image_inputs(ref))
+    mine = []
+    for _ in range(3):
+        mine.append(int(out[0, -1].argmax()))
+        out = model(mx.array([[mine[-1]]]), cache)
+    assert list(tokens) == mine

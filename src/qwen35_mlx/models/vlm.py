@@ -112,6 +112,8 @@ class Model(nn.Module):
         self._pads: np.ndarray | None = None
         # (cache length at its start, positions [3, B, T]) of the last multimodal prompt.
         self._prompt: tuple[int, mx.array] | None = None
+        # Local (positions, deltas) from `embed_inputs`, bound to the cache on first use.
+        self._pending: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def visual(self) -> VisionModel:
@@ -148,42 +150,71 @@ class Model(nn.Module):
         prefill in steps call this once and feed slices through `__call__`.
         """
         B, T = input_ids.shape
-        embeds = self.language_model.model.embed_tokens(input_ids)
         if pixel_values is None and pixel_values_videos is None:
+            embeds = self.language_model.model.embed_tokens(input_ids)
             return embeds, self._decode_positions(cache, B, T)
+        if mask is None and self._real_offset(cache, B) is None:
+            mask = _mask_from_cache(cache, (B, T))
+        real = None if mask is None else np.array(mask).astype(bool)
+        embeds, local = self._embed(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, real
+        )
+        return embeds, self._bind(cache, local, real)
+
+    def embed_inputs(self, inputs: mx.array, *, pixel_values=None) -> mx.array:
+        """mlx-lm's multimodal hook: `inputs` [T] -> embeddings [T, H] for `generate_step`.
+
+        `pixel_values`: a list with one `[t, h, w, C*Tp*P*P]` array per image (the grid is the
+        shape; `Processor.mlx_lm_inputs` makes them). The M-RoPE positions are bound to the cache
+        on the first call fed these embeddings, so a prompt-cache prefix is honoured.
+        """
+        ids = inputs.reshape(1, -1)
+        if pixel_values is None or len(pixel_values) == 0:
+            return self.language_model.model.embed_tokens(ids)[0]
+        grid = [tuple(p.shape[:3]) for p in pixel_values]
+        rows = mx.concatenate([p.reshape(-1, p.shape[-1]) for p in pixel_values])
+        embeds, local = self._embed(ids, rows, grid, None, None, None)
+        self._pending = local
+        return embeds[0]
+
+    def _embed(self, input_ids, pixel_values, image_grid, pixel_values_videos, video_grid, real):
+        """Scatter vision rows into the embeddings; local M-RoPE positions and deltas."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
         ids = np.array(input_ids)
         if pixel_values is not None:
-            feats = self._features(pixel_values, image_grid_thw)
+            feats = self._features(pixel_values, image_grid)
             embeds = _scatter_rows(embeds, ids == self.config.image_token_id, feats, "images")
         if pixel_values_videos is not None:
-            feats = self._features(pixel_values_videos, video_grid_thw)
+            feats = self._features(pixel_values_videos, video_grid)
             embeds = _scatter_rows(embeds, ids == self.config.video_token_id, feats, "videos")
-        seen = self._real_offset(cache, B)
-        if seen is None:  # a fresh prompt: it may be left-padded
-            if mask is None:
-                mask = _mask_from_cache(cache, (B, T))
-            real = None if mask is None else np.array(mask).astype(bool)
-            start, prev_delta = np.zeros(B, np.int64), np.zeros(B, np.int64)
-            self._pads = np.zeros(B, np.int64) if real is None else (~real).sum(1)
-        else:
-            real = None
-            prev_delta = np.zeros(B, np.int64) if self._rope_deltas is None else self._rope_deltas
-            start = seen + prev_delta
-        positions, deltas = rope_index(
+        local = rope_index(
             ids,
-            image_grid_thw if pixel_values is not None else None,
-            video_grid_thw if pixel_values_videos is not None else None,
+            image_grid if pixel_values is not None else None,
+            video_grid if pixel_values_videos is not None else None,
             image_token_id=self.config.image_token_id,
             video_token_id=self.config.video_token_id,
             spatial_merge_size=self.config.vision_config.spatial_merge_size,
             mask=real,
         )
-        positions = positions + start[None, :, None]
+        return embeds, local
+
+    def _bind(self, cache, local, real) -> mx.array:
+        """Place a prompt's local positions after what the cache holds; record rope deltas."""
+        positions, deltas = local
+        B = positions.shape[1]
+        seen = self._real_offset(cache, B)
+        if seen is None:  # a fresh prompt: it may be left-padded
+            start = prev_delta = np.zeros(B, np.int64)
+            self._pads = np.zeros(B, np.int64) if real is None else (~real).sum(1)
+        else:
+            prev_delta = np.zeros(B, np.int64) if self._rope_deltas is None else self._rope_deltas
+            start = seen + prev_delta
         self._rope_deltas = prev_delta + deltas
-        positions = mx.array(positions.astype(np.int32))
-        # Kept so that a prefill fed in slices of `embeds` (no position_ids) finds its positions.
+        positions = mx.array((positions + start[None, :, None]).astype(np.int32))
+        # Kept so that a prefill fed in slices of the embeddings finds its positions.
         self._prompt = (_cache_len(cache), positions)
-        return embeds, positions
+        self._pending = None
+        return positions
 
     def _real_offset(self, cache: list | None, B: int) -> np.ndarray | None:
         """Real (non-pad) tokens each row has in the cache; None for no cache or a fresh one."""
@@ -201,6 +232,8 @@ class Model(nn.Module):
     ) -> mx.array | None:
         """Positions for a call without pixels: a slice of the last multimodal prompt's positions
         (a step of its prefill, fed as embeddings), real offset + rope delta, or None (plain)."""
+        if embedded and self._pending is not None:
+            self._bind(cache, self._pending, None)
         if embedded and self._prompt is not None:
             start, positions = self._prompt
             o = _cache_len(cache)
@@ -209,7 +242,7 @@ class Model(nn.Module):
         seen = self._real_offset(cache, B)
         if seen is None:
             # A fresh prompt without pixels: plain positions from here on.
-            self._rope_deltas = self._pads = self._prompt = None
+            self._rope_deltas = self._pads = self._prompt = self._pending = None
             return None
         if self._rope_deltas is None or len(seen) != B:
             return None
