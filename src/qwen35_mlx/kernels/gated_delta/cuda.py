@@ -1,0 +1,89 @@
+"""CUDA build of the fused gated-delta kernels (`mx.fast.cuda_kernel`, compiled by NVRTC).
+
+The kernel bodies live in `source.py`; this file adds only the CUDA helpers they use. State
+layout [B, Hv, Dv, Dk] fp32. Every builder returns None, and `supports()` False, without CUDA.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import mlx.core as mx
+
+from . import source
+
+HEADER = """
+template <int W>
+__device__ __forceinline__ float gd_group_sum(float x) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o /= 2) {
+    x += __shfl_xor_sync(0xffffffffu, x, o);
+  }
+  return x;
+}
+
+__device__ __forceinline__ float4 gd_load_f4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+
+__device__ __forceinline__ void gd_store_f4(float* p, float x, float y, float z, float w) {
+  *reinterpret_cast<float4*>(p) = make_float4(x, y, z, w);
+}
+
+__device__ __forceinline__ float gd_exp(float x) {
+  return expf(x);
+}
+
+__device__ __forceinline__ float gd_log(float x) {
+  return logf(x);
+}
+
+// Asks L2 for the 128-byte line holding p (generic address), so a later load hits L2.
+template <typename T>
+__device__ __forceinline__ void gd_prefetch(const T* p) {
+  asm volatile("prefetch.L2 [%0];" ::"l"(p));
+}
+"""
+
+PROLOGUE = """
+  const unsigned gd_lane = threadIdx.x;
+  const unsigned gd_row_group = blockIdx.y * blockDim.y + threadIdx.y;
+  const unsigned gd_head = blockIdx.x;
+"""
+
+
+def is_available() -> bool:
+    return mx.cuda.is_available()
+
+
+def kernel_source(gate: str, mask: bool) -> str:
+    """The full `source=` for one variant: prologue + body."""
+    return PROLOGUE + source.recurrent_body(gate, mask)
+
+
+@cache
+def build(gate: str, mask: bool):
+    """The `mx.fast.cuda_kernel` of one variant, or None without CUDA."""
+    if not is_available():
+        return None
+    return mx.fast.cuda_kernel(
+        name=source.kernel_name(gate, mask),
+        input_names=source.input_names(gate, mask),
+        output_names=source.OUTPUT_NAMES,
+        source=kernel_source(gate, mask),
+        header=HEADER,
+    )
+
+
+def supports(q: mx.array, v: mx.array, g: mx.array) -> bool:
+    return is_available() and source.shape_supported(q, v, g)
+
+
+def gated_delta_kernel(q, k, v, g, beta, state, mask=None, **launch_kw):
+    """Fused recurrence with precomputed gates; returns (y, state [B, Hv, Dv, Dk] fp32)."""
+    return source.run_gates(build, q, k, v, g, beta, state, mask, **launch_kw)
+
+
+def gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, state, mask=None, **launch_kw):
+    """Fused gating + recurrence; returns (y, state [B, Hv, Dv, Dk] fp32)."""
+    return source.run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask, **launch_kw)

@@ -1,0 +1,51 @@
+// Host C++ stand-ins for the Metal builtins the gated-delta Metal prologue and helpers use, so
+// `g++ -fsyntax-only -std=c++17` can type-check the Metal kernel sources (tests/kernels/
+// test_metal_source.py). Declarations only: nothing here is meant to run.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+// Address spaces and kernel attributes carry no meaning for a syntax check.
+#define device
+#define constant
+#define thread
+#define threadgroup
+
+using uint = unsigned int;
+using ushort = unsigned short;
+
+struct uint3 {
+  uint x, y, z;
+};
+
+struct float4 {
+  float x, y, z, w;
+  float4() = default;
+  float4(float x_, float y_, float z_, float w_) : x(x_), y(y_), z(z_), w(w_) {}
+};
+
+// 16-bit float types: explicit from float (as static_cast uses them), implicit to float.
+struct bfloat16_t {
+  uint16_t bits;
+  bfloat16_t() = default;
+  explicit bfloat16_t(float);
+  operator float() const;
+};
+
+struct half {
+  uint16_t bits;
+  half() = default;
+  explicit half(float);
+  operator float() const;
+};
+using float16_t = half;
+
+// SIMD-group shuffle: only the overloads the helpers need, so a wrong argument type fails.
+float simd_shuffle_xor(float data, ushort mask);
+float simd_sum(float data);
+
+namespace metal {
+float exp(float x);
+float log(float x);
+}  // namespace metal

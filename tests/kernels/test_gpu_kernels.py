@@ -1,0 +1,289 @@
+"""Fused GPU kernels (Metal or CUDA build of source.py) against the token-by-token reference.
+
+Runs only where MLX has a GPU backend (the lent NVIDIA machine, or a Mac). The reference runs on
+the CPU stream in fp32, so it is exact whatever the GPU's matmul precision. Every kernel output is
+poisoned with NaN before the run, so an element the kernel fails to write fails the comparison.
+State layout everywhere: [B, Hv, Dv, Dk] fp32.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.kernels.gated_delta import _pick as pick_backend
+from qwen35_mlx.kernels.gated_delta import compute_gates, gated_delta, gated_delta_update
+from qwen35_mlx.kernels.gated_delta.ref import gated_delta_ref
+from tests.conftest import RTOL, rel_err
+
+if mx.metal.is_available():
+    BACKEND = "metal"
+elif mx.cuda.is_available():
+    BACKEND = "cuda"
+else:
+    BACKEND = None
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(BACKEND is None, reason="needs MLX with a Metal or CUDA GPU"),
+]
+
+NAN = float("nan")
+
+
+def _impl():
+    if BACKEND == "metal":
+        from qwen35_mlx.kernels.gated_delta import metal as impl
+    else:
+        from qwen35_mlx.kernels.gated_delta import cuda as impl
+    return impl
+
+
+def make_inputs(B, T, Hk, Hv, Dk, Dv, *, dtype=mx.float32, per_key=False, seed=0, pad=None):
+    """Normalised q, k (q scaled by Dk^-0.5), gates in (0.7, 1), a random fp32 state.
+
+    pad: list of left-padding lengths per batch row, or None for no mask.
+    """
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, Hk, Dk))
+    k = rng.standard_normal((B, T, Hk, Dk))
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True) / math.sqrt(Dk)
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    g_shape = (B, T, Hv, Dk) if per_key else (B, T, Hv)
+    x = {
+        "q": mx.array(q.astype(np.float32)).astype(dtype),
+        "k": mx.array(k.astype(np.float32)).astype(dtype),
+        "v": mx.array(rng.standard_normal((B, T, Hv, Dv)).astype(np.float32)).astype(dtype),
+        "g": mx.array(rng.uniform(0.7, 1.0, g_shape).astype(np.float32)),
+        "beta": mx.array(rng.uniform(0.1, 0.9, (B, T, Hv)).astype(np.float32)),
+        "a": mx.array(rng.standard_normal((B, T, Hv)).astype(np.float32)).astype(dtype),
+        "b": mx.array(rng.standard_normal((B, T, Hv)).astype(np.float32)).astype(dtype),
+        "A_log": mx.array(rng.uniform(-2.0, 1.0, (Hv,)).astype(np.float32)),
+        "dt_bias": mx.array(rng.uniform(-1.0, 1.0, (Hv,)).astype(np.float32)),
+        "state": mx.array(0.1 * rng.standard_normal((B, Hv, Dv, Dk)).astype(np.float32)),
+        "mask": None,
+    }
+    if pad is not None:
+        m = np.ones((B, T), dtype=bool)
+        for i, p in enumerate(pad):
+            m[i, :p] = False
+        x["mask"] = mx.array(m)
+    return x
+
+
+def ref(x, g=None, beta=None, state=None):
+    """gated_delta_ref on the CPU stream (exact fp32)."""
+    g = x["g"] if g is None else g
+    beta = x["beta"] if beta is None else beta
+    state = x["state"] if state is None else state
+    with mx.stream(mx.cpu):
+        y, s = gated_delta_ref(x["q"], x["k"], x["v"], g, beta, state, x["mask"])
+        mx.eval(y, s)
+    return y, s
+
+
+def ref_fused(x):
+    with mx.stream(mx.cpu):
+        g, beta = compute_gates(x["a"], x["b"], x["A_log"], x["dt_bias"])
+    return ref(x, g, beta)
+
+
+def kern(x, **kw):
+    y, s = _impl().gated_delta_kernel(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], init_value=NAN, **kw
+    )
+    mx.eval(y, s)
+    return y, s
+
+
+def kern_fused(x, fused=True, **kw):
+    """The fused-gating kernel (fused=False: compiled compute_gates + the scalar kernel)."""
+    y, s = _impl().gated_delta_update_kernel(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["a"],
+        x["b"],
+        x["A_log"],
+        x["dt_bias"],
+        x["state"],
+        x["mask"],
+        init_value=NAN,
+        fused=fused,
+        **kw,
+    )
+    mx.eval(y, s)
+    return y, s
+
+
+def check(got, want, dtype):
+    (y, s), (y_ref, s_ref) = got, want
+    assert y.dtype == y_ref.dtype and s.dtype == mx.float32
+    assert y.shape == y_ref.shape and s.shape == s_ref.shape
+    y32, s32 = np.array(y.astype(mx.float32)), np.array(s)
+    assert np.isfinite(y32).all() and np.isfinite(s32).all()
+    assert rel_err(y32, np.array(y_ref.astype(mx.float32))) <= RTOL[dtype]
+    assert rel_err(s32, np.array(s_ref)) <= RTOL[mx.float32 if dtype == mx.float32 else dtype]
+
+
+# (B, T, Hk, Hv, Dk, Dv): every Hv/Hk in {1, 2, 4}, Dk in {32, 64, 128, 192, 256},
+# Dv in {32, 64, 128} and odd Dv, Dk != Dv both ways, T in {1, 2, 63, 64, 65, 300}, B in {1, 3}.
+SHAPES = [
+    (1, 1, 1, 1, 32, 32),
+    (3, 1, 2, 4, 128, 128),
+    (3, 2, 2, 4, 64, 32),
+    (1, 63, 1, 4, 128, 64),
+    (3, 64, 2, 2, 192, 128),
+    (1, 65, 1, 2, 256, 64),
+    (1, 65, 2, 2, 32, 128),
+    (3, 300, 2, 4, 128, 128),
+    (2, 7, 4, 4, 256, 32),
+    (2, 5, 1, 2, 64, 20),
+    (1, 3, 1, 1, 96, 1),
+    (2, 9, 16, 32, 128, 128),
+]
+
+
+def _pads(B, T):
+    return [(T // 3, 0, T)[i % 3] for i in range(B)]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*s))
+def test_gated_delta_kernel_matches_ref(shape, per_key, masked):
+    B, T = shape[:2]
+    x = make_inputs(*shape, per_key=per_key, pad=_pads(B, T) if masked else None)
+    check(kern(x), ref(x), mx.float32)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize(
+    "shape", [SHAPES[1], SHAPES[3], SHAPES[7], SHAPES[9], SHAPES[11]], ids=lambda s: str(s)
+)
+def test_gated_delta_update_kernel_matches_compute_gates_ref(shape, masked, fused):
+    B, T = shape[:2]
+    x = make_inputs(*shape, pad=_pads(B, T) if masked else None)
+    check(kern_fused(x, fused=fused), ref_fused(x), mx.float32)
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16, 32])
+@pytest.mark.parametrize("warps", [1, 4, 8])
+@pytest.mark.parametrize("prefetch", [0, 3])
+@pytest.mark.parametrize("gate", ["scalar", "perkey", "fused"])
+def test_every_layout_matches_ref(lanes, warps, prefetch, gate):
+    # Dk = 128 admits every lane count; Dv = 72 leaves a partial warp and a partial threadgroup.
+    x = make_inputs(2, 33, 2, 4, 128, 72, per_key=gate == "perkey", pad=[5, 0])
+    kw = dict(lanes=lanes, warps=warps, prefetch=prefetch)
+    if gate == "fused":
+        check(kern_fused(x, **kw), ref_fused(x), mx.float32)
+    else:
+        check(kern(x, **kw), ref(x), mx.float32)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+def test_input_dtypes(dtype):
+    x = make_inputs(3, 65, 2, 4, 128, 64, dtype=dtype, pad=_pads(3, 65))
+    check(kern(x), ref(x), dtype)
+    check(kern_fused(x), ref_fused(x), dtype)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+def test_state_carried_across_two_calls(fused):
+    x = make_inputs(3, 130, 2, 4, 128, 64, pad=[0, 40, 100])
+    run = kern_fused if fused else kern
+    y_full, s_full = run(x)
+    split = 77
+    first = {
+        n: (a[:, :split] if a is not None and a.ndim >= 2 and a.shape[1] == 130 else a)
+        for n, a in x.items()
+    }
+    second = {
+        n: (a[:, split:] if a is not None and a.ndim >= 2 and a.shape[1] == 130 else a)
+        for n, a in x.items()
+    }
+    y1, s1 = run(first)
+    second["state"] = s1
+    y2, s2 = run(second)
+    check((mx.concatenate([y1, y2], axis=1), s2), (y_full, s_full), mx.float32)
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+def test_g_zero(per_key):
+    """g == 0 resets the state at that step; the kernels must match ref exactly there."""
+    x = make_inputs(2, 40, 1, 2, 64, 32, per_key=per_key)
+    g = np.array(x["g"])
+    g[:, ::7] = 0.0
+    x["g"] = mx.array(g)
+    check(kern(x), ref(x), mx.float32)
+
+
+def test_fused_gate_underflow_to_zero():
+    x = make_inputs(2, 40, 1, 2, 64, 32)
+    a = np.array(x["a"])
+    a[:, ::5] = 80.0  # softplus(80) * exp(A_log) >> 104: exp underflows to exactly 0
+    x["a"] = mx.array(a)
+    x["A_log"] = mx.full(x["A_log"].shape, 2.0)
+    with mx.stream(mx.cpu):
+        g, _ = compute_gates(x["a"], x["b"], x["A_log"], x["dt_bias"])
+    assert (np.array(g)[:, ::5] == 0.0).all()
+    check(kern_fused(x), ref_fused(x), mx.float32)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+def test_low_precision_inputs_4096_steps(dtype):
+    """bf16 / fp16 inputs over 4096 steps: finite, and within the dtype's tolerance of ref."""
+    x = make_inputs(1, 4096, 1, 2, 64, 32, dtype=dtype)
+    x["state"] = mx.zeros_like(x["state"])
+    check(kern(x), ref(x), dtype)
+    check(kern_fused(x), ref_fused(x), dtype)
+
+
+def test_public_api_runs_the_kernel():
+    x = make_inputs(2, 17, 2, 4, 128, 64, pad=[3, 0])
+    assert pick_backend("auto", x["q"], x["v"], x["g"]) in (BACKEND, "chunked")
+    decode = make_inputs(4, 1, 2, 4, 128, 64)
+    assert pick_backend("auto", decode["q"], decode["v"], decode["g"]) == BACKEND
+    y, s = gated_delta(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend=BACKEND
+    )
+    check((y, s), ref(x), mx.float32)
+    y, s = gated_delta_update(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["a"],
+        x["b"],
+        x["A_log"],
+        x["dt_bias"],
+        x["state"],
+        x["mask"],
+        backend=BACKEND,
+    )
+    check((y, s), ref_fused(x), mx.float32)
+
+
+@pytest.mark.parametrize("Dk", [48, 16, 320])
+def test_unsupported_shape_falls_back(Dk):
+    x = make_inputs(2, 9, 1, 2, Dk, 32, pad=[2, 0])
+    assert not _impl().supports(x["q"], x["v"], x["g"])
+    for backend in (BACKEND, "auto"):
+        y, s = gated_delta(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend=backend
+        )
+        check((y, s), ref(x), mx.float32)
+        y, s = gated_delta_update(
+            x["q"],
+            x["k"],
+            x["v"],
+            x["a"],
+            x["b"],
+            x["A_log"],
+            x["dt_bias"],
+            x["state"],
+            x["mask"],
+            backend=backend,
+        )
+        check((y, s), ref_fused(x), mx.float32)

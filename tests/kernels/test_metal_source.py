@@ -1,0 +1,136 @@
+"""Type-check the Metal kernel sources with the host C++ compiler (no Apple GPU needed).
+
+Each structural variant's Metal `header` + `source` is wrapped into a function with the
+signature MLX's `mx.fast.metal_kernel` generates (same parameter names, types, template
+parameters and Metal attributes, address spaces stubbed out), explicitly instantiated for a few
+template arguments, and compiled with `g++ -fsyntax-only -std=c++17` against metal_stub.h.
+A syntax or type error in the body or the Metal prologue fails here.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qwen35_mlx.kernels.gated_delta import metal, source
+
+GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
+STUB = Path(__file__).with_name("metal_stub.h")
+
+# The Metal attributes MLX scans `source` for, with their types (mlx/fast.cpp).
+METAL_ATTRIBUTES = {
+    "dispatch_quadgroups_per_threadgroup": "uint",
+    "dispatch_simdgroups_per_threadgroup": "uint",
+    "dispatch_threads_per_threadgroup": "uint3",
+    "grid_origin": "uint3",
+    "grid_size": "uint3",
+    "quadgroup_index_in_threadgroup": "uint",
+    "quadgroups_per_threadgroup": "uint",
+    "simdgroup_index_in_threadgroup": "uint",
+    "simdgroups_per_threadgroup": "uint",
+    "thread_execution_width": "uint",
+    "thread_index_in_quadgroup": "uint",
+    "thread_index_in_simdgroup": "uint",
+    "thread_index_in_threadgroup": "uint",
+    "thread_position_in_grid": "uint3",
+    "thread_position_in_threadgroup": "uint3",
+    "threadgroup_position_in_grid": "uint3",
+    "threadgroups_per_grid": "uint3",
+    "threads_per_grid": "uint3",
+    "threads_per_simdgroup": "uint",
+    "threads_per_threadgroup": "uint3",
+}
+
+# Metal type names of the input dtypes (MLX's get_type_string).
+IN_TYPES = {
+    "q": "bfloat16_t",
+    "k": "bfloat16_t",
+    "v": "bfloat16_t",
+    "g": "float",
+    "beta": "float",
+    "a": "bfloat16_t",
+    "b": "bfloat16_t",
+    "A_log": "float",
+    "dt_bias": "float",
+    "state_in": "float",
+    "mask": "bool",
+}
+# (Dk, L, P, YT) instantiations: smallest and largest Dk, every lane count the host may pick,
+# with and without prefetching.
+INSTANTIATIONS = [
+    (32, 4, 0, "bfloat16_t"),
+    (128, 4, 8, "float16_t"),
+    (128, 8, 0, "float"),
+    (128, 16, 8, "bfloat16_t"),
+    (128, 32, 8, "bfloat16_t"),
+    (256, 8, 4, "bfloat16_t"),
+    (96, 8, 8, "float"),
+]
+
+
+def wrap(name: str, input_names: list[str], body: str, header: str) -> str:
+    """A translation unit shaped like MLX's generated Metal kernel for `body`."""
+    params = []
+    for i, n in enumerate(input_names):
+        space = "device" if n not in ("A_log", "dt_bias") else "constant"  # size < 8 -> constant
+        params.append(f"  const {space} {IN_TYPES[n]}* {n} /* buffer({i}) */")
+        if f"{n}_shape" in body:
+            params.append(f"  const constant int* {n}_shape")
+        if f"{n}_strides" in body:
+            params.append(f"  const constant size_t* {n}_strides")
+        if f"{n}_ndim" in body:
+            params.append(f"  const constant int& {n}_ndim")
+    params.append("  device YT* y")
+    params.append("  device float* state_out")
+    params += [f"  {t} {a}" for a, t in METAL_ATTRIBUTES.items() if a in body]
+    fn = f"custom_kernel_{name}"
+    inst = "\n".join(
+        f"template decltype({fn}<{dk}, {lanes}, {p}, {yt}>) {fn}<{dk}, {lanes}, {p}, {yt}>;"
+        for dk, lanes, p, yt in INSTANTIATIONS
+    )
+    return (
+        f'#include "{STUB}"\n{header}\n'
+        f"template <int Dk, int L, int P, typename YT>\nvoid {fn}(\n" + ",\n".join(params) + ") {\n"
+        f"{body}\n}}\n\n{inst}\n"
+    )
+
+
+def compile_errors(tu: str, tmp_path: Path) -> str:
+    path = tmp_path / "kernel.cpp"
+    path.write_text(tu)
+    res = subprocess.run(
+        [
+            GXX,
+            "-fsyntax-only",
+            "-std=c++17",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-Werror=return-type",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return "" if res.returncode == 0 else res.stderr + f"\n--- source ---\n{tu}"
+
+
+@pytest.mark.parametrize("gate,mask", source.variants())
+def test_metal_source_compiles(gate, mask, tmp_path):
+    body = metal.kernel_source(gate, mask)
+    # The attributes the prologue reads must be named in `source` for MLX to declare them.
+    for attr in ("thread_position_in_grid", "threadgroup_position_in_grid"):
+        assert attr in body
+    tu = wrap(source.kernel_name(gate, mask), source.input_names(gate, mask), body, metal.HEADER)
+    err = compile_errors(tu, tmp_path)
+    assert not err, err
+
+
+def test_metal_source_check_can_fail(tmp_path):
+    """The harness catches a type error in a body (a Metal builtin the stub does not declare)."""
+    body = metal.kernel_source("scalar", False).replace("gd_exp(", "metal::exp2(", 1)
+    body += "\n  float4 bad = simd_shuffle_xor(s[0], 1u, 2u);\n"
+    tu = wrap("broken", source.input_names("scalar", False), body, metal.HEADER)
+    assert compile_errors(tu, tmp_path)
