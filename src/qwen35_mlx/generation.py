@@ -1,0 +1,437 @@
+"""Text generation: streaming, one-shot and batched, over Qwen3.5's hybrid cache.
+
+The model consumes token ids `[B, T]` and returns logits `[B, T, V]`; its cache (`make_cache()`)
+holds, per layer in `layer_types` order, a KV cache (full attention, trimmable) or an
+`ArraysCache(size=2)` (linear attention: conv state and the fp32 recurrent state `[B, Hv, Dv, Dk]`,
+not trimmable). Batches are left-padded: `BatchKVCache(left_padding)` masks padded keys and
+`ArraysCache(left_padding=...)` gives the linear layers a mask, so a padded position never enters a
+recurrent or conv state and every row decodes as it would alone.
+
+Sampling, logits processors and streaming detokenization are mlx-lm's (`make_sampler`,
+`make_logits_processors`, `TokenizerWrapper.detokenizer`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`.
+
+    `text` is the new piece of decoded text (may be empty while a multi-byte character is
+    incomplete); `token` the sampled id; `logprobs` the log-probabilities over the vocabulary `[V]`.
+    `prompt_tokens` counts the whole prompt, `cached_tokens` the part reused from a prompt cache
+    (not prefilled again); `prompt_tps` is prefilled tokens per second. `peak_memory` is in GB.
+    `finish_reason` is None until the last response: "stop" (an end token) or "length".
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+    from_draft: bool = False
+
+
+@dataclass
+class BatchResponse:
+    """Result of `batch_generate`: per prompt, its text, token ids and why it stopped."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+def _wrap_tokenizer(tokenizer: Any) -> Any:
+    """The text tokenizer: a processor's `.tokenizer`, wrapped for mlx-lm's detokenizer."""
+    tok = getattr(tokenizer, "tokenizer", None)
+    if tok is not None and not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = tok
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    return tokenizer
+
+
+def _make_sampler(sampler, temp, top_p, top_k, min_p) -> Sampler:
+    if sampler is not None:
+        return sampler
+    return make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+def _encode(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[int]:
+    if isinstance(prompt, mx.array):
+        return prompt.reshape(-1).tolist()
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special = bos is None or not prompt.startswith(bos)
+        return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+    return [int(t) for t in prompt]
+
+
+def _cache_state(cache: list) -> list:
+    return [c.state for c in cache]
+
+
+def prefill(
+    model: nn.Module,
+    cache: list,
+    tokens: Sequence[int],
+    *,
+    prefill_step_size: int = 2048,
+    stops: Sequence[int] = (),
+    on_stop: Callable[[int], None] | None = None,
+    first_call_kwargs: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Run `tokens` through `model` into `cache` in steps of at most `prefill_step_size`.
+
+    Only cache states are evaluated, never the logits, so peak memory stays bounded by one step.
+    `stops` are token counts (relative to `tokens`) at which a step must end; `on_stop(n)` runs
+    there with the cache holding exactly the first `n` tokens (prompt-cache snapshots).
+    `first_call_kwargs` go to the first model call only and make it cover all of `tokens`
+    (a vision-language prompt: the image features must arrive with the image tokens).
+    """
+    n_total = len(tokens)
+    if n_total == 0:
+        return
+    ends = sorted({s for s in stops if 0 < s <= n_total} | {n_total})
+    done = 0
+    first = True
+    while done < n_total:
+        if first and first_call_kwargs:
+            step_end = n_total
+        else:
+            step_end = min(done + prefill_step_size, n_total)
+            nxt = next(e for e in ends if e > done)
+            step_end = min(step_end, nxt)
+        chunk = mx.array(tokens[done:step_end])[None]
+        kwargs = first_call_kwargs if (first and first_call_kwargs) else {}
+        model(chunk, cache=cache, **kwargs)
+        mx.eval(_cache_state(cache))
+        first = False
+        done = step_end
+        if on_stop is not None and done in ends:
+            on_stop(done)
+        if progress is not None:
+            progress(done, n_total)
+        mx.clear_cache()
+
+
+def _vlm_inputs(tokenizer: Any, prompt: Any, images: Sequence[Any] | None) -> tuple[list, dict]:
+    """Token ids and image tensors for a vision-language prompt (processor call)."""
+    if not isinstance(prompt, str):
+        raise ValueError("a prompt with images must be text (the processor inserts image tokens)")
+    out = tokenizer(prompt, images=list(images))
+    ids = out["input_ids"]
+    ids = ids.reshape(-1).tolist() if hasattr(ids, "reshape") else list(ids)
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    extra = {}
+    for key in ("pixel_values", "image_grid_thw"):
+        if out.get(key) is not None:
+            extra[key] = mx.array(out[key])
+    return ids, extra
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    *,
+    images: Sequence[Any] | None = None,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    prefill_step_size: int = 2048,
+    prompt_cache: Any = None,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+) -> Generator[GenerationResponse, None, None]:
+    """Generate from `prompt` (text or token ids), yielding a `GenerationResponse` per token.
+
+    `prompt_cache` is either a list of per-layer caches (mlx-lm style: it already holds a prefix,
+    the whole `prompt` is new and the list is updated in place) or a
+    `qwen35_mlx.prompt_cache.PromptCache`, which reuses the longest cached prefix of `prompt` and
+    keeps this prompt + generation for the next call. `images` (VLM only) go through the
+    processor passed as `tokenizer`.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    first_kwargs: dict = {}
+    if images:
+        if not hasattr(tokenizer, "tokenizer") or not callable(tokenizer):
+            raise ValueError("images need a vision-language model and its processor")
+        ids, first_kwargs = _vlm_inputs(tokenizer, prompt, images)
+        if prompt_cache is not None:
+            raise ValueError("prompt_cache is not supported with images")
+    text_tok = _wrap_tokenizer(tokenizer)
+    if not images:
+        ids = _encode(text_tok, prompt)
+    if len(ids) == 0:
+        raise ValueError("the prompt is empty")
+
+    sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
+    processors = list(logits_processors or [])
+    if repetition_penalty:
+        processors += make_logits_processors(repetition_penalty=repetition_penalty)
+
+    # Which tokens must run through the model, and into which cache.
+    managed = None
+    if prompt_cache is None:
+        cache = model.make_cache()
+        todo, n_cached = ids, 0
+    elif isinstance(prompt_cache, list):
+        cache, todo, n_cached = prompt_cache, ids, 0
+    else:
+        managed = prompt_cache
+        cache, todo = managed.fetch(ids)
+        n_cached = len(ids) - len(todo)
+
+    fed: list[int] = list(ids[:n_cached])  # tokens the cache holds, in order
+    history = mx.array(ids) if processors else None
+
+    def step(tok: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        logits = model(tok[None], cache=cache)[:, -1, :]
+        if processors:
+            for proc in processors:
+                logits = proc(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs[0]
+
+    detok = text_tok.detokenizer
+    eos = set(text_tok.eos_token_ids)
+
+    tic = time.perf_counter()
+    stops = managed.snapshot_points(ids, n_cached) if managed is not None else ()
+    on_stop = (lambda n: managed.snapshot(cache, ids[: n_cached + n])) if managed else None
+    prefill(
+        model,
+        cache,
+        todo[:-1],
+        prefill_step_size=prefill_step_size,
+        stops=[s - n_cached for s in stops],
+        on_stop=on_stop,
+        first_call_kwargs=first_kwargs,
+        progress=prompt_progress_callback,
+    )
+    fed.extend(todo[:-1])
+    last = mx.array(todo[-1:])
+    y, logprobs = step(last)
+    fed.append(todo[-1])
+    mx.eval(y, logprobs)
+    prompt_time = time.perf_counter() - tic
+    prompt_tps = len(todo) / max(prompt_time, 1e-9)
+    if managed is not None:
+        # the state after the whole prompt: the prefix the next turn most often shares
+        managed.snapshot(cache, fed)
+
+    tic = time.perf_counter()
+    n = 0
+    finish = None
+    try:
+        while True:
+            token = y.item()
+            cur_logprobs = logprobs
+            n += 1
+            if processors:
+                history = mx.concatenate([history, y.reshape(-1)])
+            if token in eos:
+                finish = "stop"
+            elif n >= max_tokens:
+                finish = "length"
+            else:
+                # queue the next step before handing this token out (overlaps with the caller)
+                y, logprobs = step(y.reshape(-1))
+                fed.append(token)
+                mx.async_eval(y, logprobs)
+                detok.add_token(token)
+            if finish is not None:
+                if finish == "length":
+                    detok.add_token(token)
+                detok.finalize()
+            yield GenerationResponse(
+                text=detok.last_segment,
+                token=token,
+                logprobs=cur_logprobs,
+                prompt_tokens=len(ids),
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+                cached_tokens=n_cached,
+            )
+            if finish is not None:
+                break
+            if n % 256 == 0:
+                mx.clear_cache()
+    finally:
+        if managed is not None:
+            managed.commit(cache, fed)
+
+
+def generate(model: nn.Module, tokenizer: Any, prompt: Any, **kwargs) -> str:
+    """The whole response text of `stream_generate` (same arguments)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def make_batch_cache(model: nn.Module, left_padding: Sequence[int]) -> list:
+    """A batch cache for `model`: BatchKVCache for attention, ArraysCache with left padding for
+    the linear layers (their mask keeps padding out of the conv and recurrent states)."""
+    out = []
+    for c in model.make_cache():
+        if isinstance(c, KVCache):
+            out.append(BatchKVCache(list(left_padding)))
+        elif isinstance(c, ArraysCache):
+            out.append(ArraysCache(len(c.cache), left_padding=list(left_padding)))
+        else:
+            raise ValueError(f"batched generation does not support {type(c).__name__}")
+    return out
+
+
+def batch_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_tokens: int | Sequence[int] = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    prefill_step_size: int = 2048,
+) -> BatchResponse:
+    """Generate for several prompts of different lengths in one left-padded batch.
+
+    Each row stops on its own (end token or its `max_tokens`); finished rows are dropped from
+    the batch. At temperature 0 each row yields exactly the tokens it yields alone.
+    """
+    text_tok = _wrap_tokenizer(tokenizer)
+    rows = [_encode(text_tok, p) for p in prompts]
+    if not rows:
+        return BatchResponse([], [], [])
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("a prompt is empty")
+    limits = [max_tokens] * len(rows) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(limits) != len(rows) or min(limits) < 1:
+        raise ValueError("max_tokens must be >= 1 for every prompt")
+    sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
+    processors = list(logits_processors or [])
+    eos = set(text_tok.eos_token_ids)
+
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+    pad = [width - n for n in lengths]
+    pad_id = getattr(text_tok, "pad_token_id", None) or 0
+    grid = mx.array([[pad_id] * p + r for p, r in zip(pad, rows, strict=True)])  # [B, Tmax]
+    cache = make_batch_cache(model, pad)
+
+    tic = time.perf_counter()
+    done = 0
+    while done < width - 1:
+        end = min(done + prefill_step_size, width - 1)
+        model(grid[:, done:end], cache=cache)
+        mx.eval(_cache_state(cache))
+        mx.clear_cache()
+        done = end
+    history = [list(r) for r in rows]
+
+    def step(tokens: mx.array, active: list[int]) -> tuple[mx.array, mx.array]:
+        logits = model(tokens, cache=cache)[:, -1, :]
+        if processors:
+            logits = mx.concatenate(
+                [
+                    _apply(processors, mx.array(history[i]), logits[j : j + 1])
+                    for j, i in enumerate(active)
+                ]
+            )
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs
+
+    active = list(range(len(rows)))
+    y, _ = step(grid[:, -1:], active)
+    mx.eval(y)
+    prompt_time = time.perf_counter() - tic
+    tic = time.perf_counter()
+
+    out: list[list[int]] = [[] for _ in rows]
+    reasons: list[str | None] = [None] * len(rows)
+    n_gen = 0
+    while active:
+        toks = y.tolist()
+        keep = []
+        for j, i in enumerate(active):
+            t = toks[j]
+            out[i].append(t)
+            history[i].append(t)
+            n_gen += 1
+            if t in eos:
+                reasons[i] = "stop"
+            elif len(out[i]) >= limits[i]:
+                reasons[i] = "length"
+            else:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            idx = mx.array(keep)
+            for c in cache:
+                c.filter(idx)
+            y = y[idx]
+            active = [active[j] for j in keep]
+        y, _ = step(y.reshape(-1, 1), active)
+        mx.eval(y)
+
+    texts = []
+    for i, toks in enumerate(out):
+        body = toks[:-1] if reasons[i] == "stop" else toks
+        texts.append(text_tok.decode(body))
+    gen_time = time.perf_counter() - tic
+    return BatchResponse(
+        texts=texts,
+        tokens=out,
+        finish_reasons=reasons,
+        prompt_tokens=sum(lengths),
+        prompt_tps=sum(lengths) / max(prompt_time, 1e-9),
+        generation_tokens=n_gen,
+        generation_tps=n_gen / max(gen_time, 1e-9),
+        peak_memory=mx.get_peak_memory() / 1e9,
+    )
+
+
+def _apply(processors: list[LogitsProcessor], history: mx.array, logits: mx.array) -> mx.array:
+    for proc in processors:
+        logits = proc(history, logits)
+    return logits
