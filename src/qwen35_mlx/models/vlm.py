@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import BatchKVCache, KVCache, cache_length
+from .cache import ArraysCache
 from .config import ModelConfig
 from .text import TextModel
 from .vision import VisionModel, grid_list
@@ -325,18 +325,29 @@ class Model(nn.Module):
         return predicate
 
 
-def _attention_offset(cache: list) -> Any:
-    """The first attention cache's offset: an int (KVCache) or per-row [B] array (batch)."""
-    for c in cache:
-        if isinstance(c, KVCache | BatchKVCache):
-            return c.offset
+def _attention_cache(cache: list | None) -> Any:
+    """The first attention-layer cache (any mlx-lm KV cache kind: plain, quantized, batch)."""
+    for c in cache or ():
+        if c is not None and not isinstance(c, ArraysCache) and hasattr(c, "offset"):
+            return c
     return None
 
 
+def _attention_offset(cache: list) -> Any:
+    """Its offset: an int (plain caches) or per-row [B] real-token counts (batch caches)."""
+    c = _attention_cache(cache)
+    return None if c is None else c.offset
+
+
 def _cache_len(cache: list | None) -> int:
-    if cache is None or _attention_offset(cache) is None:
+    """Tokens (pads included) the cache has seen; 0 when fresh or absent."""
+    c = _attention_cache(cache)
+    if c is None:
         return 0
-    return cache_length(cache)
+    if isinstance(c.offset, int):
+        return c.offset
+    # Batch caches start their per-row offsets at -left_padding.
+    return int((c.offset + c.left_padding)[0].item())
 
 
 def _mask_from_cache(cache: list | None, shape: tuple[int, int]) -> np.ndarray | None:
