@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from qwen35_mlx.models.cache import copy_cache
 from qwen35_mlx.models.layers import (
@@ -259,3 +260,15 @@ def test_copy_cache_restores_prefix_state(dense):
     got = dense(mx.array([b]), cache=restored)
     ref = dense(mx.array([prefix + b]))[:, len(prefix) :]
     assert rel_err(_np(got), _np(ref)) < TOL
+
+
+def test_mlx_lm_prompt_cache_file_round_trip(dense, tmp_path):
+    x = mx.array([TOKENS])
+    cache = dense.make_cache()
+    dense(x[:, :6], cache=cache)
+    path = str(tmp_path / "cache.safetensors")
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path)
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
+    got = dense(x[:, 6:], cache=loaded)
+    assert rel_err(_np(got), _np(dense(x)[:, 6:])) < TOL
