@@ -1,5 +1,7 @@
 """Shared test settings: the one tolerance table, seeded randomness."""
 
+# qwen35_mlx first: its import sets up the BLAS before mlx loads (see qwen35_mlx/_blas.py).
+import qwen35_mlx  # noqa: F401, I001
 import mlx.core as mx
 import numpy as np
 import pytest
