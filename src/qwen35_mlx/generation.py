@@ -119,7 +119,8 @@ def prefill(
     n_total = len(tokens)
     if n_total == 0:
         return
-    ends = sorted({s for s in stops if 0 < s <= n_total} | {n_total})
+    marks = {s for s in stops if 0 < s <= n_total}
+    ends = sorted(marks | {n_total})
     done = 0
     first = True
     while done < n_total:
@@ -135,7 +136,7 @@ def prefill(
         mx.eval(_cache_state(cache))
         first = False
         done = step_end
-        if on_stop is not None and done in ends:
+        if on_stop is not None and done in marks:
             on_stop(done)
         if progress is not None:
             progress(done, n_total)
@@ -233,7 +234,9 @@ def stream_generate(
 
     tic = time.perf_counter()
     stops = managed.snapshot_points(ids, n_cached) if managed is not None else ()
-    on_stop = (lambda n: managed.snapshot(cache, ids[: n_cached + n])) if managed else None
+    on_stop = None
+    if managed is not None:
+        on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
     prefill(
         model,
         cache,
@@ -308,6 +311,10 @@ def generate(model: nn.Module, tokenizer: Any, prompt: Any, **kwargs) -> str:
 def make_batch_cache(model: nn.Module, left_padding: Sequence[int]) -> list:
     """A batch cache for `model`: BatchKVCache for attention, ArraysCache with left padding for
     the linear layers (their mask keeps padding out of the conv and recurrent states)."""
+    try:
+        return model.make_cache(left_padding=list(left_padding))
+    except TypeError:
+        pass  # a model whose make_cache takes no padding: convert its caches
     out = []
     for c in model.make_cache():
         if isinstance(c, KVCache):

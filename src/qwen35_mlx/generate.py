@@ -1,0 +1,231 @@
+"""Command line: `python -m qwen35_mlx.generate --model PATH|REPO --prompt TEXT`.
+
+Streams the response as it is generated, then prints prompt and generation tokens per second and
+peak memory. Without `--model` it runs the tiny model shipped in the package
+(`qwen35_mlx/assets/tiny`). Errors a user can cause end in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import NoReturn
+
+DEFAULT_PROMPT = "Hello"
+IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def default_model() -> str:
+    """The tiny model shipped inside the package."""
+    return str(resources.files("qwen35_mlx").joinpath("assets", "tiny"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m qwen35_mlx.generate",
+        description="Generate text with a Qwen3.5 model (text or vision-language) on MLX.",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder or Hugging Face repo id (default: the tiny model in the package)",
+    )
+    p.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="the user message; '-' reads it from stdin"
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image for a vision-language model (repeatable)",
+    )
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-tokens", "-m", type=int, default=256, help="tokens to generate at most")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="use the prompt as is, without the model's chat template",
+    )
+    thinking = p.add_mutually_exclusive_group()
+    thinking.add_argument(
+        "--enable-thinking",
+        dest="enable_thinking",
+        action="store_const",
+        const=True,
+        default=None,
+        help="chat template: let the model think first (enable_thinking=True)",
+    )
+    thinking.add_argument(
+        "--disable-thinking",
+        dest="enable_thinking",
+        action="store_const",
+        const=False,
+        help="chat template: answer without thinking (enable_thinking=False)",
+    )
+    p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=2048,
+        help="prompt tokens per prefill step (bounds peak memory)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the generated text")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> str:
+    """Validate what can be checked before loading; returns the prompt text."""
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    if args.prefill_step_size < 1:
+        raise UserError(f"--prefill-step-size must be at least 1 (got {args.prefill_step_size})")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
+    for f in args.image:
+        if not Path(f).is_file():
+            raise UserError(f"cannot read image {f!r}: no such file")
+    return prompt
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _load(model: str):
+    from .loader import load
+
+    try:
+        return load(model)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(_one_line(e)) from e
+
+
+def _open_images(files: list[str]) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                out.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"cannot read image {f!r}: {_one_line(e)}") from e
+    return out
+
+
+def _is_vlm(model, tokenizer) -> bool:
+    return hasattr(tokenizer, "preprocess_images") or hasattr(model, "visual")
+
+
+def build_prompt(tokenizer, prompt: str, args: argparse.Namespace, n_images: int) -> str:
+    """The prompt text to tokenize: the chat template applied unless --no-chat-template."""
+    text_tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if args.no_chat_template or getattr(text_tok, "chat_template", None) is None:
+        return IMAGE_SLOT * n_images + prompt if n_images else prompt
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    if n_images:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    else:
+        content = prompt
+    messages.append({"role": "user", "content": content})
+    kwargs = {}
+    if args.enable_thinking is not None:
+        kwargs["enable_thinking"] = args.enable_thinking
+    text = text_tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, **kwargs
+    )
+    if n_images and "<|image_pad|>" not in text:
+        # a template that does not render image entries: put the placeholders first
+        text = IMAGE_SLOT * n_images + text
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = _check_args(args)
+    model_path = args.model or default_model()
+    if args.model is None and not Path(model_path).is_dir():
+        raise UserError(f"the embedded model is missing from the package ({model_path})")
+    images = _open_images(args.image) if args.image else []
+
+    import mlx.core as mx
+
+    from .generation import stream_generate
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    model, tokenizer = _load(model_path)
+    if images and not _is_vlm(model, tokenizer):
+        raise UserError(
+            f"{model_path} is a text-only model: --image needs a vision-language checkpoint"
+        )
+    text = build_prompt(tokenizer, prompt, args, len(images))
+
+    out = sys.stdout
+    if not args.quiet:
+        print("=" * 10, file=out)
+    last = None
+    try:
+        for last in stream_generate(
+            model,
+            tokenizer,
+            text,
+            images=images or None,
+            max_tokens=args.max_tokens,
+            temp=args.temp,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            prefill_step_size=args.prefill_step_size,
+        ):
+            print(last.text, end="", flush=True, file=out)
+    except ValueError as e:
+        raise UserError(_one_line(e)) from e
+    print(file=out)
+    if not args.quiet and last is not None:
+        print("=" * 10, file=out)
+        print(
+            f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec", file=out
+        )
+        print(
+            f"Generation: {last.generation_tokens} tokens, "
+            f"{last.generation_tps:.3f} tokens-per-sec",
+            file=out,
+        )
+        print(f"Peak memory: {last.peak_memory:.3f} GB", file=out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed on one line
+        return int(e.code or 0)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
