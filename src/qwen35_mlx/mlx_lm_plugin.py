@@ -1,0 +1,78 @@
+"""Make mlx-lm run Qwen3.5 checkpoints on this package's models.
+
+mlx-lm resolves a checkpoint's `model_type` to a module `mlx_lm.models.<type>` that exposes
+`Model` and `ModelArgs` (`mlx_lm.utils._get_classes`, after looking the type up in
+`MODEL_REMAPPING`). 0.32 has no module for `qwen3_5_text` / `qwen3_5_moe_text` ("Model type not
+supported") and its `qwen3_5` builds the layer stack from an interval formula.
+
+`register()` does the least it can: it maps the four Qwen3.5 model types to one extra module name,
+`mlx_lm.models.qwen35_mlx`, in `MODEL_REMAPPING`, and registers this module under that name in
+`sys.modules`. mlx-lm's own `mlx_lm.models.qwen3_5` stays importable and untouched; `unregister()`
+undoes both. After it, mlx-lm's `load`, `generate`, `stream_generate`, `batch_generate`, server
+and chat build `qwen35_mlx` models (the text model, or the vision-language model for a checkpoint
+with a vision tower) from `config.json`, `layer_types` included. mlx-lm then calls the model's
+`sanitize` (Hugging Face and MLX layouts alike), quantizes and loads the weights as usual.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+MODULE_NAME = "qwen35_mlx"  # mlx-lm looks for mlx_lm.models.<this>
+MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+
+_saved: dict[str, str | None] = {}
+
+
+@dataclass
+class ModelArgs:
+    """mlx-lm's model-args protocol: `from_dict(config)`; keeps the whole config.json dict."""
+
+    model_type: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
+        return cls(model_type=params["model_type"], config=dict(params))
+
+
+class Model:
+    """`Model(args)` builds this package's model for the config (mlx-lm's model protocol)."""
+
+    def __new__(cls, args: ModelArgs):
+        from .loader import build_model
+        from .models.config import ModelConfig
+
+        return build_model(ModelConfig.from_dict(args.config))
+
+
+def register() -> None:
+    """Route mlx-lm's Qwen3.5 model types to this package (idempotent)."""
+    import mlx_lm.utils as utils
+
+    sys.modules[f"mlx_lm.models.{MODULE_NAME}"] = sys.modules[__name__]
+    for t in MODEL_TYPES:
+        if utils.MODEL_REMAPPING.get(t) != MODULE_NAME:
+            _saved.setdefault(t, utils.MODEL_REMAPPING.get(t))
+            utils.MODEL_REMAPPING[t] = MODULE_NAME
+
+
+def unregister() -> None:
+    """Give mlx-lm its own resolution back."""
+    import mlx_lm.utils as utils
+
+    for t, old in _saved.items():
+        if old is None:
+            utils.MODEL_REMAPPING.pop(t, None)
+        else:
+            utils.MODEL_REMAPPING[t] = old
+    _saved.clear()
+    sys.modules.pop(f"mlx_lm.models.{MODULE_NAME}", None)
+
+
+def is_registered() -> bool:
+    import mlx_lm.utils as utils
+
+    return all(utils.MODEL_REMAPPING.get(t) == MODULE_NAME for t in MODEL_TYPES)

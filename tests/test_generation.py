@@ -1,0 +1,195 @@
+"""stream_generate / generate / batch_generate / PromptCache on the golden generation checkpoint
+(tests/data/golden/generate, written by scripts/make_golden_generate.py with transformers)."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx import batch_generate, generate, load, stream_generate
+from qwen35_mlx.prompt_cache import PromptCache
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "generate"
+
+
+class Counting:
+    """The model, counting the tokens each call runs (to check prefill sizes)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.calls: list[int] = []
+
+    def __call__(self, inputs, cache=None, **kwargs):
+        self.calls.append(inputs.shape[1])
+        return self.model(inputs, cache=cache, **kwargs)
+
+    def make_cache(self, **kwargs):
+        return self.model.make_cache(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads((GOLDEN / "golden.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load(GOLDEN)
+
+
+def tokens_of(model, tok, prompt, **kw):
+    return [r.token for r in stream_generate(model, tok, prompt, **kw)]
+
+
+@pytest.mark.parametrize("case", ["chat", "raw"])
+def test_stream_generate_matches_transformers(loaded, golden, case):
+    model, tok = loaded
+    ref = golden[case]
+    responses = list(stream_generate(model, tok, ref["prompt_ids"], max_tokens=len(ref["tokens"])))
+    assert [r.token for r in responses] == ref["tokens"]
+    assert "".join(r.text for r in responses) == ref["text"]
+    assert responses[-1].finish_reason == "length"
+    assert all(r.finish_reason is None for r in responses[:-1])
+    assert responses[-1].prompt_tokens == len(ref["prompt_ids"])
+    assert responses[-1].generation_tokens == len(ref["tokens"])
+    # A string prompt tokenizes to the same ids.
+    assert tokens_of(model, tok, ref["prompt"], max_tokens=6) == ref["tokens"][:6]
+
+
+def test_generate_equals_stream_text(loaded, golden):
+    model, tok = loaded
+    prompt = golden["raw"]["prompt"]
+    text = generate(model, tok, prompt, max_tokens=10)
+    assert text == "".join(r.text for r in stream_generate(model, tok, prompt, max_tokens=10))
+    assert text == tok.decode(golden["raw"]["tokens"][:10])
+
+
+def test_logprobs_are_normalised_and_greedy_picks_argmax(loaded, golden):
+    model, tok = loaded
+    for r in stream_generate(model, tok, golden["chat"]["prompt_ids"], max_tokens=4):
+        assert r.logprobs.shape == (model.config.vocab_size,)
+        assert abs(mx.logsumexp(r.logprobs).item()) < 1e-4
+        assert r.token == mx.argmax(r.logprobs).item()
+
+
+def test_prefill_step_size_same_tokens_bounded_steps(loaded, golden):
+    model, tok = loaded
+    ids = golden["chat"]["prompt_ids"]
+    one_shot = tokens_of(model, tok, ids, max_tokens=8)
+    counting = Counting(model)
+    stepped = tokens_of(counting, tok, ids, max_tokens=8, prefill_step_size=7)
+    assert stepped == one_shot == golden["chat"]["tokens"][:8]
+    prefill_calls = counting.calls[: -(8 - 1) - 1]  # minus the last prompt token and 7 decode steps
+    assert max(prefill_calls) == 7 and sum(prefill_calls) == len(ids) - 1
+
+
+def test_sampling_is_seeded(loaded, golden):
+    model, tok = loaded
+    ids = golden["raw"]["prompt_ids"]
+    runs = []
+    for _ in range(2):
+        mx.random.seed(7)
+        runs.append(tokens_of(model, tok, ids, max_tokens=12, temp=1.5, top_p=0.95))
+    assert runs[0] == runs[1]
+    assert runs[0] != golden["raw"]["tokens"][:12]  # temperature 1.5 departs from greedy
+
+
+def test_batch_generate_rows_equal_solo(loaded, golden):
+    model, tok = loaded
+    rng = np.random.default_rng(0)
+    long_ids = rng.integers(10, 300, size=150).tolist()
+    prompts = [golden["chat"]["prompt_ids"], [42], golden["raw"]["prompt"], long_ids]
+    limits = [10, 3, 8, 6]
+    solo = [tokens_of(model, tok, p, max_tokens=m) for p, m in zip(prompts, limits, strict=True)]
+    res = batch_generate(model, tok, prompts, max_tokens=limits, prefill_step_size=16)
+    assert res.tokens == solo
+    assert res.finish_reasons == ["length"] * 4
+    assert res.texts[2] == tok.decode(solo[2])
+
+
+def test_batch_generate_rows_stop_independently(loaded, golden):
+    model, tok = loaded
+    prompts = [golden["chat"]["prompt_ids"], golden["raw"]["prompt_ids"]]
+    stop_token = golden["chat"]["tokens"][3]  # row 0 ends on it at step 4
+    old = set(tok.eos_token_ids)
+    tok.eos_token_ids = old | {stop_token}
+    try:
+        solo = [tokens_of(model, tok, p, max_tokens=12) for p in prompts]
+        res = batch_generate(model, tok, prompts, max_tokens=12)
+    finally:
+        tok.eos_token_ids = old
+    assert res.tokens == solo
+    assert res.tokens[0] == golden["chat"]["tokens"][:4]
+    assert res.finish_reasons[0] == "stop"
+    assert len(res.tokens[1]) > 4
+
+
+def test_errors(loaded):
+    model, tok = loaded
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, tok, [], max_tokens=3)
+    with pytest.raises(ValueError, match="max_tokens"):
+        generate(model, tok, "hi", max_tokens=0)
+
+
+def chat(tok, turns):
+    msgs = [{"role": "system", "content": "You are a helpful assistant."}]
+    for user, answer in turns:
+        msgs.append({"role": "user", "content": user})
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": answer})
+    return tok.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+def test_prompt_cache_second_turn_prefills_only_new_suffix(loaded):
+    model, tok = loaded
+    counting = Counting(model)
+    pc = PromptCache.for_tokenizer(counting, tok)
+    p1 = chat(tok, [("Write a line about the sea.", None)])
+    answer = generate(counting, tok, p1, max_tokens=6, prompt_cache=pc)
+    assert pc.last_reused == 0 and pc.last_prefilled == len(p1)
+
+    # Turn 2: the re-rendered history drops "<think>\n" from the answer, so the reusable prefix
+    # ends where the assistant turn starts (a snapshot before its <|im_start|>).
+    p2 = chat(tok, [("Write a line about the sea.", answer), ("And the sky?", None)])
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    turn_start = max(i for i, t in enumerate(p1) if t == im_start)
+    shared = next(i for i, (a, b) in enumerate(zip(p1, p2, strict=False)) if a != b)
+    assert turn_start < shared < len(p1)  # the prompts part inside the assistant turn
+    counting.calls.clear()
+    warm = tokens_of(counting, tok, p2, max_tokens=8, prompt_cache=pc)
+    assert pc.last_reused == turn_start
+    assert sum(counting.calls) == len(p2) - turn_start + 8 - 1  # suffix + decode steps
+    assert warm == tokens_of(model, tok, p2, max_tokens=8)
+
+    # Turn 3 continues the live cache token for token: only the new tokens run.
+    p3 = pc.tokens + tok.encode(" Tell me more.", add_special_tokens=False)
+    n_new = len(p3) - len(pc.tokens)
+    counting.calls.clear()
+    warm = tokens_of(counting, tok, p3, max_tokens=5, prompt_cache=pc)
+    assert pc.last_prefilled == n_new and sum(counting.calls) == n_new + 5 - 1
+    assert warm == tokens_of(model, tok, p3, max_tokens=5)
+
+    # A prompt sharing only the system turn restores the snapshot taken at its end.
+    p4 = chat(tok, [("Something else entirely.", None)])
+    system_end = p1.index(im_start, 1)
+    warm = tokens_of(model, tok, p4, max_tokens=5, prompt_cache=pc)
+    assert pc.last_reused == system_end
+    assert warm == tokens_of(model, tok, p4, max_tokens=5)
+
+
+def test_prompt_cache_save_load(loaded, golden, tmp_path):
+    model, tok = loaded
+    pc = PromptCache.for_tokenizer(model, tok)
+    ids = golden["raw"]["prompt_ids"]
+    first = tokens_of(model, tok, ids, max_tokens=5, prompt_cache=pc)
+    file = tmp_path / "cache.safetensors"
+    pc.save(file)
+    restored = PromptCache.load(file, model)
+    assert restored.tokens == pc.tokens == ids + first[:-1]
+    nxt = restored.tokens + [first[-1]] + tok.encode(" again", add_special_tokens=False)
+    warm = tokens_of(model, tok, nxt, max_tokens=6, prompt_cache=restored)
+    assert restored.last_reused == len(pc.tokens)
+    assert warm == tokens_of(model, tok, nxt, max_tokens=6)
