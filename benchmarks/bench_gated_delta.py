@@ -380,12 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="CPU-friendly subset with a time budget")
     p.add_argument("--out", default="benchmarks/out", help="output folder for JSON and PNG")
     p.add_argument("--only", default="", help="comma-separated contender names to run")
+    p.add_argument("--decode-b", default="", help="comma-separated decode batch sizes")
+    p.add_argument("--prefill-t", default="", help="comma-separated prefill lengths")
     p.add_argument("--target-s", type=float, default=None, help="seconds per timed repeat")
     p.add_argument("--budget-s", type=float, default=None, help="skip calls slower than this")
     args = p.parse_args(argv)
 
     decode_b = QUICK_DECODE_B if args.quick else DECODE_B
     prefill_t = QUICK_PREFILL_T if args.quick else PREFILL_T
+    if args.decode_b or args.prefill_t:
+        decode_b = [int(x) for x in args.decode_b.split(",") if x]
+        prefill_t = [int(x) for x in args.prefill_t.split(",") if x]
     shapes = [Shape(b, 1) for b in decode_b] + [Shape(1, t) for t in prefill_t]
     target_s = args.target_s or (0.3 if args.quick else 1.0)
     budget_s = args.budget_s or (4.0 if args.quick else 60.0)

@@ -5,17 +5,17 @@ Recurrence per step t, per value head (key head h // (Hv // Hk)), S the [Dv, Dk]
     y_t = S_t q_t
 (g_t is a scalar per head, or one factor per key dimension.)
 
-Within a chunk of C steps starting from state S0, with gc_i = sum_{l<=i} log g_l, the decays are
-gamma_i = exp(gc_i) and, for j <= i, D_ij = exp(sum_{j<l<=i} log g_l). Then
+Within a chunk of C steps starting from state S0, the decays are gamma_i = prod_{l<=i} g_l and,
+for j <= i, D_ij = prod_{j<l<=i} g_l. Then
     (I + A) delta = beta (v - S0 diag(gamma) k),   A_ij = beta_i <k_i, D_ij k_j>  (j < i)
-so with T = (I + A)^-1 (unit lower triangular): delta = U - W S0^T, U = T beta v,
-W = T beta gamma k; y = (gamma q - P W) S0^T + P U with P_ij = <q_i, D_ij k_j> (j <= i), and
-S_C = S0 diag(gamma_C) + delta^T diag(w) k with w_j = exp(sum_{l>j} log g_l).
-Everything inside a chunk is computed for all chunks at once; only the short state hand-off
-(two matmuls per chunk) runs sequentially.
+so with T = (I + A)^-1 (unit lower triangular): delta = U - W S0^T, U = T diag(beta) v,
+W = T diag(beta gamma) k; y = gamma (q S0^T) + P delta with P_ij = <q_i, D_ij k_j> (j <= i),
+and S_C = S0 diag(gamma_C) + delta^T diag(w) k with w_j = prod_{l>j} g_l.
+U, W, P are computed for many chunks at once; only the state hand-off (four matmuls per
+chunk) runs sequentially.
 
-Numerics: no cumulative decay is ever divided by. D, gamma and w are exponentials of segment
-sums of log g (each a plain sum over its own steps, never a difference of two prefix sums),
+Numerics: no cumulative decay is ever divided by. D, gamma and w are products over their own
+steps (cumulative products of g masked to the segment, never a ratio of two prefix products),
 so g = 0 gives exact zeros and no inf/nan. T is a triangular inverse (LAPACK on the CPU, a
 recursive 2x2 block inversion elsewhere), stable for strongly correlated keys. All math is fp32.
 
@@ -129,51 +129,46 @@ def _decays(g: mx.array, axis: int):
 
 
 def _prep_scalar(q, k, v, g, beta):
-    """Intra-chunk pieces for scalar gates.
+    """Intra-chunk pieces for scalar gates, for a group of chunks at once.
 
     q, k: [B, Hk, 1, N, C, Dk]; v: [B, Hk, R, N, C, Dv]; g, beta: [B, Hk, R, N, C].
-    Returns WQ [.., N, 2C, Dk] (W stacked over Q'), U, Y0 [.., N, C, Dv], kw [.., N, Dk, C]
-    (k^T diag w) and the whole chunk's decay [.., N, 1, 1].
+    Returns U [.., N, C, Dv], W [.., N, C, Dk], P [.., N, C, C], kw [.., N, Dk, C] (k^T diag w),
+    the query side (q, and gamma [.., N, C, 1] to scale q S0 by) and the whole chunk's decay
+    [.., N, 1, 1].
     """
     C = g.shape[-1]
     D, gamma, w = _decays(g, axis=-1)
     kt = mx.swapaxes(k, -1, -2)
     A = mx.where(_lower(C, strict=True), (k @ kt) * D, 0.0) * beta[..., :, None]
-    Tm = _inv_unit_lower(A)
-    U = Tm @ (beta[..., None] * v)
-    W = (Tm * (beta * gamma)[..., None, :]) @ k
+    # T diag(beta): folding beta into T's columns is cheaper than scaling v and k.
+    Tb = _inv_unit_lower(A) * beta[..., None, :]
+    U = Tb @ v
+    W = (Tb * gamma[..., None, :]) @ k
     P = (q @ kt) * D
-    Y0 = P @ U
-    Qp = gamma[..., None] * q - P @ W
-    WQ = mx.concatenate([W, Qp], axis=-2)
     kw = kt * w[..., None, :]
-    return WQ, U, Y0, kw, gamma[..., -1:, None]
+    return U, W, P, kw, q, gamma[..., None], gamma[..., -1:, None]
 
 
 def _prep_per_key(q, k, v, g, beta):
     """Intra-chunk pieces for per-key gates; g is [B, Hk, R, N, C, Dk]. Same outputs as
-    _prep_scalar, with the whole chunk's decay [.., N, Dk, 1]."""
+    _prep_scalar, with q already scaled by gamma, and the whole chunk's decay [.., N, Dk, 1]."""
     C = g.shape[-2]
     D, gamma, w = _decays(g, axis=-2)  # D: [.., N, C, C, Dk]
     kD = k[..., None, :, :] * D  # [.., N, C(i), C(j), Dk]: D_ij * k_j
     A = mx.where(_lower(C, strict=True), (k[..., :, None, :] * kD).sum(-1), 0.0)
-    A = A * beta[..., :, None]
-    Tm = _inv_unit_lower(A)
-    U = Tm @ (beta[..., None] * v)
-    W = Tm @ (beta[..., None] * gamma * k)
+    Tb = _inv_unit_lower(A * beta[..., :, None]) * beta[..., None, :]
+    U = Tb @ v
+    W = Tb @ (gamma * k)
     P = (q[..., :, None, :] * kD).sum(-1)
-    Y0 = P @ U
-    Qp = gamma * q - P @ W
-    WQ = mx.concatenate([W, Qp], axis=-2)
     kw = mx.swapaxes(k * w, -1, -2)
-    return WQ, U, Y0, kw, mx.swapaxes(gamma[..., -1:, :], -1, -2)
+    return U, W, P, kw, gamma * q, None, mx.swapaxes(gamma[..., -1:, :], -1, -2)
 
 
 def _to_chunks(x: mx.array, N: int, C: int) -> mx.array:
-    """[B, N*C, H, ...] -> [B, H, N, C, ...]."""
+    """[B, N*C, H, ...] -> [B, H, N, C, ...] in fp32 (one strided copy)."""
     B, _, H = x.shape[:3]
     x = x.reshape(B, N, C, H, *x.shape[3:])
-    return mx.moveaxis(x, 3, 1)
+    return mx.moveaxis(x, 3, 1).astype(mx.float32)
 
 
 def gated_delta_chunked(
@@ -205,7 +200,6 @@ def gated_delta_chunked(
     if T == 0:
         return mx.zeros(v.shape, out_dtype), state.astype(f32)
 
-    q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
     g = g.astype(f32)
     beta = beta.astype(f32)
     if mask is not None:
@@ -237,26 +231,27 @@ def gated_delta_chunked(
 
     if per_key:
         step = max(1, _PER_KEY_GROUP_ELEMS // (B * Hv * C * C * Dk))
-        groups = [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
         prep = _prep_per_key
     else:
         step = _SCALAR_GROUP
-        groups = [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
         prep = _prep_scalar
 
-    # State kept transposed, [B, Hk, R, Dk, Dv], so both hand-off matmuls read it as is.
+    # State kept transposed, [B, Hk, R, Dk, Dv], so every hand-off matmul reads it as is.
     St = mx.swapaxes(state.astype(f32), -1, -2).reshape(B, Hk, R, Dk, Dv)
     ys = []
-    for n0, n1 in groups:
-        sl = (slice(None),) * 3 + (slice(n0, n1),)
-        WQ, U, Y0, kw, decay = prep(qc[sl], kc[sl], vc[sl], gc[sl], bc[sl])
-        for n in range(n1 - n0):
-            WQS = WQ[..., n, :, :] @ St  # [.., 2C, Dv]
-            delta = U[..., n, :, :] - WQS[..., :C, :]
-            ys.append(Y0[..., n, :, :] + WQS[..., C:, :])
+    for n0 in range(0, N, step):
+        sl = (slice(None),) * 3 + (slice(n0, min(N, n0 + step)),)
+        U, W, P, kw, qs, ys_scale, decay = prep(qc[sl], kc[sl], vc[sl], gc[sl], bc[sl])
+        for n in range(U.shape[3]):
+            delta = U[..., n, :, :] - W[..., n, :, :] @ St  # [B, Hk, R, C, Dv]
+            y0 = qs[..., n, :, :] @ St
+            if ys_scale is not None:
+                y0 = ys_scale[..., n, :, :] * y0
+            y = y0 + P[..., n, :, :] @ delta
+            # [B, Hk, R, C, Dv] -> [B, C, Hv, Dv], in the output dtype.
+            ys.append(mx.swapaxes(y.reshape(B, Hv, C, Dv), 1, 2).astype(out_dtype))
             St = decay[..., n, :, :] * St + kw[..., n, :, :] @ delta
 
-    y = mx.stack(ys, axis=3)  # [B, Hk, R, N, C, Dv]
-    y = mx.moveaxis(y.reshape(B, Hv, N * C, Dv), 1, 2)[:, :T]
-    new_state = mx.swapaxes(St.reshape(B, Hv, Dk, Dv), -1, -2)
-    return y.astype(out_dtype), new_state
+    y = mx.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
+    # The state goes back as a transposed view; nothing downstream needs it contiguous.
+    return y[:, :T], mx.swapaxes(St.reshape(B, Hv, Dk, Dv), -1, -2)

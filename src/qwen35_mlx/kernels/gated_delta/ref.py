@@ -7,6 +7,11 @@ Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk]
 beta [B, T, Hv]; state [B, Hv, Dv, Dk], fp32; mask [B, T] bool (False = padding:
 the step leaves the state unchanged and writes y = 0). Everything is computed in fp32;
 y is returned in v's dtype. Differentiable (plain ops only).
+
+Each step is one compiled function written to touch the state as few times as possible (this is
+the CPU decode path): one batched matmul reads S once for both S k and S q, and one fused
+elementwise pass writes g S + delta k^T. Since y_t = (g S) q + delta (k . q), the updated state
+is never read back.
 """
 
 from __future__ import annotations
@@ -14,9 +19,42 @@ from __future__ import annotations
 import mlx.core as mx
 
 
-def _repeat_heads(x: mx.array, rep: int) -> mx.array:
-    # [B, T, Hk, Dk] -> [B, T, Hv, Dk]; value head h reads key head h // rep.
-    return x if rep == 1 else mx.repeat(x, rep, axis=2)
+def _step(q, k, v, g, beta, S, m):
+    """One step. q, k [B, Hk, Dk]; v [B, Hv, Dv]; g [B, Hv] or [B, Hv, Dk]; beta [B, Hv];
+    S [B, Hv, Dv, Dk] fp32; m [B] bool or None. Returns (y [B, Hv, Dv] fp32, S)."""
+    f32 = mx.float32
+    B, Hk, Dk = q.shape
+    Hv, Dv = v.shape[1:]
+    R = Hv // Hk
+    N = B * Hv
+    # Flat [B*Hv, ...] operands: MLX's fused CPU kernels and batched matmuls run fastest on
+    # plain 3-D layouts. Repeating q/k over the R value heads copies only [B, Hv, Dk].
+    q = mx.repeat(q.astype(f32), R, axis=1).reshape(N, Dk)
+    k = mx.repeat(k.astype(f32), R, axis=1).reshape(N, Dk)
+    v = v.astype(f32).reshape(N, Dv, 1)
+    beta = beta.astype(f32).reshape(N, 1, 1)
+    S3 = S.reshape(N, Dv, Dk)
+    kq = mx.stack([k, q], axis=-1)  # [N, Dk, 2]
+    if g.ndim == 3:
+        # Per-key decay scales the state's columns: fold it into k and q before the matmul.
+        g3 = g.astype(f32).reshape(N, 1, Dk)
+        SKQ = S3 @ (kq * mx.swapaxes(g3, -1, -2))  # [N, Dv, 2] = (S diag(g)) [k, q]
+    else:
+        g3 = g.astype(f32).reshape(N, 1, 1)
+        SKQ = g3 * (S3 @ kq)
+    delta = (v - SKQ[..., :1]) * beta  # [N, Dv, 1]
+    kdotq = (k * q).sum(-1)[:, None, None]  # [N, 1, 1]
+    y = SKQ[..., 1:] + delta * kdotq
+    S_new = g3 * S3 + delta * k[:, None, :]
+    if m is not None:
+        m3 = mx.repeat(m, Hv).reshape(N, 1, 1)
+        S_new = mx.where(m3, S_new, S3)
+        y = mx.where(m3, y, 0.0)
+    return y.reshape(B, Hv, Dv), S_new.reshape(B, Hv, Dv, Dk)
+
+
+_step_compiled = mx.compile(lambda q, k, v, g, beta, S: _step(q, k, v, g, beta, S, None))
+_step_masked_compiled = mx.compile(_step)
 
 
 def gated_delta_ref(
@@ -30,31 +68,14 @@ def gated_delta_ref(
 ) -> tuple[mx.array, mx.array]:
     """Token-by-token recurrence. `state` is [B, Hv, Dv, Dk] fp32; returns (y, new state)."""
     T = q.shape[1]
-    Hv = v.shape[2]
-    rep = Hv // q.shape[2]
-    f32 = mx.float32
-    out_dtype = v.dtype
-    q = _repeat_heads(q.astype(f32), rep)
-    k = _repeat_heads(k.astype(f32), rep)
-    v = v.astype(f32)
-    g = g.astype(f32)
-    beta = beta.astype(f32)
-    per_key = g.ndim == 4
-    S = state.astype(f32)
+    S = state.astype(mx.float32)
     ys = []
     for t in range(T):
-        decay = g[:, t, :, None, :] if per_key else g[:, t, :, None, None]  # [B, Hv, 1, Dk|1]
-        k_t = k[:, t]  # [B, Hv, Dk]
-        S_t = S * decay
-        kv = (S_t @ k_t[..., None])[..., 0]  # [B, Hv, Dv]
-        delta = (v[:, t] - kv) * beta[:, t, :, None]
-        S_t = S_t + delta[..., None] * k_t[:, :, None, :]
-        y_t = (S_t @ q[:, t, :, :, None])[..., 0]  # [B, Hv, Dv]
-        if mask is not None:
-            m = mask[:, t]
-            S_t = mx.where(m[:, None, None, None], S_t, S)
-            y_t = mx.where(m[:, None, None], y_t, 0.0)
-        S = S_t
+        args = (q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
+        if mask is None:
+            y_t, S = _step_compiled(*args)
+        else:
+            y_t, S = _step_masked_compiled(*args, mask[:, t])
         ys.append(y_t)
-    y = mx.stack(ys, axis=1) if ys else mx.zeros(v.shape, f32)
-    return y.astype(out_dtype), S
+    y = mx.stack(ys, axis=1) if ys else mx.zeros(v.shape, mx.float32)
+    return y.astype(v.dtype), S
