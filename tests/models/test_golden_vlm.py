@@ -204,3 +204,16 @@ def test_mlx_lm_generate_step_with_embed_inputs(model, ref):
         mine.append(int(out[0, -1].argmax()))
         out = model(mx.array([[mine[-1]]]), cache)
     assert list(tokens) == mine
+
+
+def test_text_only_conversion_loads_without_the_tower(model, ref):
+    # mlx-lm converts qwen3_5 checkpoints without the vision tower but keeps vision_config.
+    raw = {k: mx.array(v) for k, v in load_file(GOLDEN / "model.safetensors").items()}
+    text_only = {k: v for k, v in raw.items() if not k.startswith("model.visual.")}
+    bare = Model(model.config)
+    bare.load_weights(list(bare.sanitize(text_only).items()), strict=True)
+    assert "vision_tower" not in bare
+    ids = mx.array(ref["input_ids"][:, :9])
+    np.testing.assert_array_equal(np.array(bare(ids)), np.array(model(ids)))
+    with pytest.raises(ValueError, match="no vision tower"):
+        bare(mx.array(ref["input_ids"]), **image_inputs(ref))

@@ -291,7 +291,8 @@ class Model(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """HF keys (`model.language_model.*`, `model.visual.*`, `lm_head.*`, `mtp.*`) -> ours
         (`language_model.*`, `vision_tower.*`); the text part goes through the text sanitize.
-        Idempotent."""
+        Idempotent. Pass all of a checkpoint's weights at once: without any vision weight the
+        tower is removed from the model."""
         vision, text = {}, {}
         for k, v in weights.items():
             if k.startswith(("mtp.", "model.mtp.")):
@@ -302,6 +303,10 @@ class Model(nn.Module):
             else:
                 text[k] = v
         out = {f"language_model.{k}": v for k, v in self.language_model.sanitize(text).items()}
+        if not vision and "vision_tower" in self:
+            # A text-only conversion that kept vision_config (mlx-lm writes these): load it as
+            # the language model alone; images then raise a clear error.
+            self.pop("vision_tower")
         if vision and "vision_tower" in self:
             out.update(
                 {f"vision_tower.{k}": v for k, v in self.vision_tower.sanitize(vision).items()}
