@@ -56,7 +56,7 @@ def _validate(q, k, v, g, beta, state, mask) -> None:
     if v.ndim != 4 or v.shape[:2] != (B, T):
         raise _shape_error("v", v.shape, f"[B={B}, T={T}, Hv, Dv]")
     Hv = v.shape[2]
-    if Hv % Hk != 0:
+    if Hk == 0 or Hv % Hk != 0:
         raise ValueError(
             f"gated_delta: value heads Hv={Hv} (v {tuple(v.shape)}) must be a multiple of "
             f"key heads Hk={Hk} (q {tuple(q.shape)})"
@@ -67,7 +67,9 @@ def _validate(q, k, v, g, beta, state, mask) -> None:
         raise _shape_error("beta", beta.shape, f"[{B}, {T}, {Hv}]")
     if state is not None:
         if state.shape != (B, Hv, v.shape[3], Dk):
-            raise _shape_error("state", state.shape, f"[B, Hv, Dv, Dk] = [{B}, {Hv}, {v.shape[3]}, {Dk}]")
+            raise _shape_error(
+                "state", state.shape, f"[B, Hv, Dv, Dk] = [{B}, {Hv}, {v.shape[3]}, {Dk}]"
+            )
         if not mx.issubdtype(state.dtype, mx.floating):
             raise ValueError(f"gated_delta: state must be a floating dtype, got {state.dtype}")
     if mask is not None and mask.shape != (B, T):
@@ -169,8 +171,13 @@ def gated_delta_update(
     g = exp(-exp(A_log) * softplus(a + dt_bias)) in fp32; the fused GPU kernels compute them
     inside the kernel. Returns (y [B, T, Hv, Dv], state [B, Hv, Dv, Dk] fp32).
     """
+    # Ranks first, so a malformed q or v is named as such rather than through a or b.
+    if q.ndim != 4:
+        raise _shape_error("q", q.shape, "[B, T, Hk, Dk]")
+    if v.ndim != 4:
+        raise _shape_error("v", v.shape, "[B, T, Hv, Dv]")
     B, T = q.shape[:2]
-    Hv = v.shape[2] if v.ndim == 4 else -1
+    Hv = v.shape[2]
     for name, x in (("a", a), ("b", b)):
         if x.shape != (B, T, Hv):
             raise _shape_error(name, x.shape, f"[B, T, Hv] = [{B}, {T}, {Hv}]")
