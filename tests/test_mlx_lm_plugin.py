@@ -1,0 +1,155 @@
+"""mlx-lm's own tools on qwen35_mlx models through `qwen35_mlx.mlx_lm_plugin`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.generate import batch_generate as mlx_lm_batch_generate
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from qwen35_mlx import mlx_lm_plugin, stream_generate
+from qwen35_mlx.models.text import TextModel
+
+DATA = Path(__file__).parent / "data" / "golden"
+GOLDEN = DATA / "generate"
+G = json.loads((GOLDEN / "golden.json").read_text())
+SERVER_TIMEOUT = 90  # seconds for the whole server test, start included
+
+
+@pytest.fixture(scope="module")
+def registered():
+    mlx_lm_plugin.register()
+    yield
+    mlx_lm_plugin.unregister()
+
+
+@pytest.fixture(scope="module")
+def loaded(registered):
+    return mlx_lm.load(str(GOLDEN))
+
+
+def test_register_makes_mlx_lm_load_qwen3_5_text(registered):
+    mlx_lm_plugin.unregister()
+    try:
+        with pytest.raises(ValueError, match="not supported"):
+            mlx_lm_load_model(GOLDEN)
+    finally:
+        mlx_lm_plugin.register()
+    assert mlx_lm_plugin.is_registered()
+    model, config = mlx_lm_load_model(GOLDEN)
+    assert isinstance(model, TextModel) and config["model_type"] == "qwen3_5_text"
+    # mlx-lm's own qwen3_5 module is untouched
+    import mlx_lm.models.qwen3_5 as theirs
+
+    assert theirs.Model is not mlx_lm_plugin.Model
+
+
+def test_mlx_lm_stream_generate_same_tokens_as_ours(loaded):
+    model, tok = loaded
+    ids = G["chat"]["prompt_ids"]
+    n = len(G["chat"]["tokens"])
+    theirs = [r.token for r in mlx_lm.stream_generate(model, tok, ids, max_tokens=n)]
+    ours = [r.token for r in stream_generate(model, tok, ids, max_tokens=n)]
+    assert theirs == ours == G["chat"]["tokens"]
+
+
+def test_mlx_lm_batch_generate_rows_equal_ours(loaded):
+    model, tok = loaded
+    prompts = [G["chat"]["prompt_ids"], G["raw"]["prompt_ids"], [5, 6]]
+    res = mlx_lm_batch_generate(model, tok, prompts, max_tokens=8)
+    ours = ["".join(r.text for r in stream_generate(model, tok, p, max_tokens=8)) for p in prompts]
+    assert res.texts == ours
+
+
+def test_mlx_lm_builds_the_stack_from_layer_types(registered):
+    # dense_tied has layer_types L F L L, which no interval formula gives.
+    config = json.loads((DATA / "dense_tied" / "config.json").read_text())
+    model, _ = mlx_lm_load_model(DATA / "dense_tied")
+    assert [layer.is_linear for layer in model.layers] == [
+        t == "linear_attention" for t in config["layer_types"]
+    ]
+    ref = np.load(DATA / "dense_tied" / "reference.npz")
+    logits = model(mx.array(ref["input_ids"]))
+    scale = np.abs(ref["logits"]).max()
+    assert np.abs(np.array(logits) - ref["logits"]).max() < 1e-4 * scale
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> bytes:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read()
+
+
+def test_mlx_lm_server_chat_completions(tmp_path):
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen35_mlx.mlx_lm", "server", "--model", str(GOLDEN),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + SERVER_TIMEOUT
+    try:
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "server did not start in time"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+
+        n = len(G["chat"]["tokens"])
+        body = {
+            "messages": [
+                {"role": "system", "content": G["system"]},
+                {"role": "user", "content": G["user"]},
+            ],
+            "max_tokens": n,
+            "temperature": 0.0,
+        }
+        left = max(deadline - time.monotonic(), 1)
+        reply = json.loads(_post(f"{base}/v1/chat/completions", body, timeout=left))
+        msg = reply["choices"][0]["message"]
+        # The template opens a <think> block, so mlx-lm reports the text as reasoning.
+        text = (msg.get("reasoning") or "") + (msg.get("content") or "")
+        assert text == G["chat"]["text"]
+        assert reply["usage"]["completion_tokens"] == n
+        assert reply["usage"]["prompt_tokens"] == len(G["chat"]["prompt_ids"])
+
+        left = max(deadline - time.monotonic(), 1)
+        raw = _post(f"{base}/v1/chat/completions", {**body, "stream": True}, timeout=left)
+        pieces = []
+        for line in raw.decode().splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[6:]).get("choices", []):
+                    delta = choice.get("delta", {})
+                    pieces.append((delta.get("reasoning") or "") + (delta.get("content") or ""))
+        assert len(pieces) > 1 and "".join(pieces) == G["chat"]["text"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
