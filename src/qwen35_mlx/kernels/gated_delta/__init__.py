@@ -84,9 +84,10 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-# Below this many steps the token-by-token path beats the chunked one on the CPU (measured:
-# benchmarks/NOTES.md).
-_CPU_CHUNKED_MIN_T = 2
+# Below this many steps the token-by-token path beats the chunked one on the CPU. Measured at
+# Hk=16, Hv=32, Dk=Dv=128 on 2 x86 cores with OpenBLAS: even at T=2 (B=1 and B=8), chunked
+# ahead from T=3, 3-4x ahead by T=16 (benchmarks/NOTES.md).
+_CPU_CHUNKED_MIN_T = 3
 
 
 def _auto_cpu(T: int) -> str:
