@@ -274,6 +274,11 @@ def test_dtype_cast_keeps_A_log_fp32(tmp_path, ref):
     fp32 = dict(tree_flatten(load_model(GOLDEN / "dense_tied").parameters()))
     assert all(v.dtype == mx.float32 for v in fp32.values())
 
+    by_name = dict(tree_flatten(load_model(GOLDEN / "dense_tied", dtype="float16").parameters()))
+    assert {v.dtype for k, v in by_name.items() if not k.endswith("A_log")} == {mx.float16}
+    with pytest.raises(ValueError, match="int8"):
+        load_model(GOLDEN / "dense_tied", dtype="int8")
+
 
 # -- quantized ------------------------------------------------------------------------------------
 

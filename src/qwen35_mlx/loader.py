@@ -246,6 +246,14 @@ def _keep_fp32(name: str) -> bool:
     return name.endswith("A_log")
 
 
+def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype in ("float16", "bfloat16", "float32"):
+        return getattr(mx, dtype)
+    raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+
+
 def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
     out = {}
     for k, v in weights.items():
@@ -283,11 +291,12 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 
 def load_model(
-    path: str | os.PathLike, *, lazy: bool = False, dtype: mx.Dtype | None = None
+    path: str | os.PathLike, *, lazy: bool = False, dtype: mx.Dtype | str | None = None
 ) -> nn.Module:
     """Build the model a local checkpoint folder describes and load its weights.
 
-    `dtype` casts floating weights (A_log stays float32); None keeps the checkpoint's dtypes.
+    `dtype` (an mx dtype or its name) casts floating weights (A_log stays float32); None keeps
+    the checkpoint's dtypes.
     `lazy=True` leaves the weights mapped and unevaluated until first use.
     """
     path = Path(path).expanduser()
@@ -305,7 +314,7 @@ def load_model(
         weights = model.sanitize(weights)
     if (quantization := _quantization(config_dict)) is not None:
         apply_quantization(model, quantization, weights)
-    weights = _cast(weights, dtype)
+    weights = _cast(weights, _as_dtype(dtype))
     check_weights(model, weights)
     model.eval()
     model.load_weights(list(weights.items()), strict=True)
@@ -333,7 +342,7 @@ def load_tokenizer(path: Path, config_dict: dict[str, Any], model_type: str):
 
 
 def load(
-    path_or_repo: str | os.PathLike, *, lazy: bool = False, dtype: mx.Dtype | None = None
+    path_or_repo: str | os.PathLike, *, lazy: bool = False, dtype: mx.Dtype | str | None = None
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a local folder or a Hugging Face repo id.
 
