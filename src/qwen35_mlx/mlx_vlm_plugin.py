@@ -1,0 +1,178 @@
+"""Make mlx-vlm run Qwen3.5 checkpoints on this package's models (mlx-vlm is an optional extra).
+
+mlx-vlm resolves `model_type` like mlx-lm: `MODEL_REMAPPING`, then the module
+`mlx_vlm.models.<type>`, whose `ModelConfig.from_dict(config)` and `Model(config)` it uses.
+`register()` maps `qwen3_5`, `qwen3_5_text`, `qwen3_5_moe`, `qwen3_5_moe_text` to one extra module
+name, `mlx_vlm.models.qwen35_mlx` (this module, put in `sys.modules`); mlx-vlm's own Qwen3.5
+modules stay importable and untouched, `unregister()` undoes it.
+
+mlx-vlm drives a model through its own protocol, which this module's `Model` adapts to
+qwen35_mlx's vision-language (or text) model, held as the child `model`:
+
+- `get_input_embeddings(input_ids, pixel_values, mask, image_grid_thw=...)` -> embeddings with the
+  vision rows scattered in (the M-RoPE positions are kept by our model for the calls that follow);
+- `language_model(inputs, inputs_embeds=..., cache=...)` -> an object with `.logits`: prefill
+  steps fed as embeddings, then decode steps whose positions continue from the cache;
+- `sanitize` (our model's, under the `model.` prefix), `make_cache`, `layers`.
+
+mlx-vlm's own processor (transformers' Qwen3-VL processor) prepares text and images.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+MODULE_NAME = "qwen35_mlx"  # mlx-vlm looks for mlx_vlm.models.<this>
+MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+
+_saved: dict[str, str | None] = {}
+
+
+@dataclass
+class ModelConfig:
+    """mlx-vlm's config protocol: `from_dict(config)`; keeps config.json as `raw`.
+
+    It has no `text_config` / `vision_config` attributes on purpose: mlx-vlm would rebuild them
+    with its own classes; our model reads them from `raw`.
+    """
+
+    model_type: str
+    raw: dict[str, Any] = field(default_factory=dict)
+    eos_token_id: Any = None
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ModelConfig:
+        return cls(
+            model_type=params["model_type"],
+            raw=dict(params),
+            eos_token_id=params.get("eos_token_id"),
+        )
+
+
+@dataclass
+class _Output:
+    logits: mx.array
+    cross_attention_states: Any = None
+    encoder_outputs: Any = None
+    hidden_states: Any = None
+
+
+class _LanguageModel:
+    """What mlx-vlm calls `model.language_model`: token ids or embeddings + cache -> logits.
+
+    Not an nn.Module, so it adds no parameters; the weights live in `Model.model`.
+    """
+
+    def __init__(self, owner: Model):
+        self._owner = owner
+
+    @property
+    def model(self) -> nn.Module:
+        return self._owner.model
+
+    def __call__(self, inputs=None, inputs_embeds=None, cache=None, **kwargs) -> _Output:
+        if inputs is not None and inputs.ndim == 1:
+            inputs = inputs[None]
+        logits = self.model(inputs, cache=cache, input_embeddings=inputs_embeds)
+        return _Output(logits=logits)
+
+    def make_cache(self, *args, **kwargs) -> list:
+        return self.model.make_cache(*args, **kwargs)
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+
+class Model(nn.Module):
+    """qwen35_mlx's model (vision-language or text) behind mlx-vlm's model protocol."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        from .loader import build_model
+        from .models.config import ModelConfig as OurConfig
+
+        self.config = config
+        self.model_type = config.model_type
+        self.model = build_model(OurConfig.from_dict(config.raw))
+        self._lm = _LanguageModel(self)
+
+    @property
+    def language_model(self) -> _LanguageModel:
+        return self._lm
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+    def make_cache(self, *args, **kwargs) -> list:
+        return self.model.make_cache(*args, **kwargs)
+
+    def get_input_embeddings(self, input_ids=None, pixel_values=None, mask=None, **kwargs):
+        from mlx_vlm.models.base import InputEmbeddingsFeatures
+
+        if pixel_values is None or not hasattr(self.model, "get_input_embeddings"):
+            inner = getattr(self.model, "language_model", self.model)
+            return InputEmbeddingsFeatures(inputs_embeds=inner.model.embed_tokens(input_ids))
+        embeds, _ = self.model.get_input_embeddings(
+            input_ids, pixel_values, kwargs.get("image_grid_thw"), mask=mask
+        )
+        return InputEmbeddingsFeatures(inputs_embeds=embeds)
+
+    def __call__(self, input_ids, pixel_values=None, mask=None, cache=None, **kwargs) -> _Output:
+        extra = {}
+        if pixel_values is not None:
+            extra = {"pixel_values": pixel_values, "image_grid_thw": kwargs.get("image_grid_thw")}
+        return _Output(logits=self.model(input_ids, cache=cache, **extra))
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        from mlx.utils import tree_flatten
+
+        ours = {f"model.{k}" for k, _ in tree_flatten(self.model.parameters())}
+        if set(weights) <= ours:
+            return weights  # already sanitized by this adapter
+        return {f"model.{k}": v for k, v in self.model.sanitize(weights).items()}
+
+    def quantization_path_aliases(self, path: str) -> tuple[str, ...]:
+        # Quantization overrides in config.json name our model's paths, without the prefix.
+        return (path[len("model.") :],) if path.startswith("model.") else ()
+
+    @property
+    def cast_predicate(self):
+        return self.model.cast_predicate
+
+
+def register() -> None:
+    """Route mlx-vlm's Qwen3.5 model types to this package (idempotent)."""
+    import mlx_vlm.models.qwen3_5  # noqa: F401  (registers the Qwen3.5 processor with transformers)
+    import mlx_vlm.utils as utils
+
+    sys.modules[f"mlx_vlm.models.{MODULE_NAME}"] = sys.modules[__name__]
+    for t in MODEL_TYPES:
+        if utils.MODEL_REMAPPING.get(t) != MODULE_NAME:
+            _saved.setdefault(t, utils.MODEL_REMAPPING.get(t))
+            utils.MODEL_REMAPPING[t] = MODULE_NAME
+
+
+def unregister() -> None:
+    """Give mlx-vlm its own resolution back."""
+    import mlx_vlm.utils as utils
+
+    for t, old in _saved.items():
+        if old is None:
+            utils.MODEL_REMAPPING.pop(t, None)
+        else:
+            utils.MODEL_REMAPPING[t] = old
+    _saved.clear()
+    sys.modules.pop(f"mlx_vlm.models.{MODULE_NAME}", None)
+
+
+def is_registered() -> bool:
+    import mlx_vlm.utils as utils
+
+    return all(utils.MODEL_REMAPPING.get(t) == MODULE_NAME for t in MODEL_TYPES)

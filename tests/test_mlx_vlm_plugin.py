@@ -1,0 +1,64 @@
+"""mlx-vlm's generation on qwen35_mlx's vision-language model via `qwen35_mlx.mlx_vlm_plugin`
+(skipped when mlx-vlm, an optional extra, is not installed)."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlx_vlm")
+
+from mlx_vlm import load as vlm_load  # noqa: E402
+from mlx_vlm.generate import generate_step  # noqa: E402
+from mlx_vlm.prompt_utils import apply_chat_template  # noqa: E402
+from mlx_vlm.utils import prepare_inputs  # noqa: E402
+
+from qwen35_mlx import load, mlx_vlm_plugin, stream_generate  # noqa: E402
+from qwen35_mlx.models.vlm import Model as OurVLM  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "vlm"
+N = 10
+
+
+@pytest.fixture(scope="module")
+def registered():
+    mlx_vlm_plugin.register()
+    yield
+    mlx_vlm_plugin.unregister()
+
+
+def test_mlx_vlm_generate_step_same_tokens_as_ours(registered):
+    model, processor = vlm_load(str(GOLDEN))
+    assert isinstance(model, mlx_vlm_plugin.Model) and isinstance(model.model, OurVLM)
+    prompt = apply_chat_template(processor, model.config, "Describe this.", num_images=1)
+    image = str(GOLDEN / "image0.png")
+    inputs = prepare_inputs(processor, images=[image], prompts=prompt)
+    extra = {
+        k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")
+    }
+    steps = generate_step(
+        inputs["input_ids"], model, inputs["pixel_values"], inputs["attention_mask"],
+        max_tokens=N, temperature=0.0, **extra,
+    )  # fmt: skip
+    theirs = [tok for tok, _ in itertools.islice(steps, N)]
+
+    ours_model, ours_processor = load(GOLDEN)
+    ours_inputs = ours_processor(prompt, images=[image])
+    assert ours_inputs["input_ids"].tolist() == inputs["input_ids"].tolist()
+    ours = [
+        r.token
+        for r in stream_generate(ours_model, ours_processor, prompt, images=[image], max_tokens=N)
+    ]
+    assert len(ours) >= 4 and theirs[: len(ours)] == ours
+
+
+def test_unregister_restores_mlx_vlm(registered):
+    import mlx_vlm.utils as utils
+
+    mlx_vlm_plugin.unregister()
+    try:
+        assert not mlx_vlm_plugin.is_registered()
+        assert utils.get_model_and_args({"model_type": "qwen3_5"})[1] == "qwen3_5"
+    finally:
+        mlx_vlm_plugin.register()
+    assert utils.get_model_and_args({"model_type": "qwen3_5_text"})[1] == "qwen35_mlx"
