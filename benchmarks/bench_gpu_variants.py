@@ -90,8 +90,8 @@ def main(argv=None):
     bw = copy_bandwidth()
     res["copy_bw_GBs"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
-    decode_layouts = [(L, W, 0) for L in (8, 16) for W in (2, 4, 8)]
-    prefill_layouts = [(L, W, P) for L in (8, 16) for W in (1, 2, 4) for P in (0, 8)]
+    decode_layouts = [(4, 4, 0), (8, 2, 0), (8, 4, 0), (8, 8, 0), (16, 2, 0), (16, 4, 0)]
+    prefill_layouts = [(8, 1, 0), (8, 2, 0), (16, 1, 0), (16, 2, 0), (16, 1, 8), (32, 1, 0)]
     if args.quick:
         decode_layouts = [(8, 8, 0)]
         prefill_layouts = [(16, 1, 8)]

@@ -44,6 +44,7 @@ using float16_t = half;
 // SIMD-group shuffle: only the overloads the helpers need, so a wrong argument type fails.
 float simd_shuffle_xor(float data, ushort mask);
 float simd_sum(float data);
+float simd_shuffle(float data, ushort lane);
 
 namespace metal {
 float exp(float x);

@@ -183,6 +183,19 @@ def test_every_layout_matches_ref(lanes, warps, prefetch, gate):
         check(kern(x, **kw), ref(x), mx.float32)
 
 
+@pytest.mark.parametrize("lanes", [4, 8, 16, 32])
+@pytest.mark.parametrize("warps", [1, 8])
+@pytest.mark.parametrize("gate", ["scalar", "perkey", "fused"])
+def test_every_decode_layout_matches_ref(lanes, warps, gate):
+    # T = 1 runs the straight-line decode kernel; batch row 2 is padding.
+    x = make_inputs(3, 1, 2, 4, 128, 72, per_key=gate == "perkey", pad=[0, 0, 1])
+    kw = dict(lanes=lanes, warps=warps)
+    if gate == "fused":
+        check(kern_fused(x, **kw), ref_fused(x), mx.float32)
+    else:
+        check(kern(x, **kw), ref(x), mx.float32)
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 def test_input_dtypes(dtype):
     x = make_inputs(3, 65, 2, 4, 128, 64, dtype=dtype, pad=_pads(3, 65))

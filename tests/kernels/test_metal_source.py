@@ -117,13 +117,14 @@ def compile_errors(tu: str, tmp_path: Path) -> str:
     return "" if res.returncode == 0 else res.stderr + f"\n--- source ---\n{tu}"
 
 
-@pytest.mark.parametrize("gate,mask", source.variants())
-def test_metal_source_compiles(gate, mask, tmp_path):
-    body = metal.kernel_source(gate, mask)
+@pytest.mark.parametrize("gate,mask,decode", source.variants())
+def test_metal_source_compiles(gate, mask, decode, tmp_path):
+    body = metal.kernel_source(gate, mask, decode)
     # The attributes the prologue reads must be named in `source` for MLX to declare them.
     for attr in ("thread_position_in_grid", "threadgroup_position_in_grid"):
         assert attr in body
-    tu = wrap(source.kernel_name(gate, mask), source.input_names(gate, mask), body, metal.HEADER)
+    name = source.kernel_name(gate, mask, decode)
+    tu = wrap(name, source.input_names(gate, mask), body, metal.HEADER)
     err = compile_errors(tu, tmp_path)
     assert not err, err
 

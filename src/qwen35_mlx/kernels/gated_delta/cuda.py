@@ -22,6 +22,10 @@ __device__ __forceinline__ float gd_group_sum(float x) {
   return x;
 }
 
+__device__ __forceinline__ float gd_shuffle(float x, int lane) {
+  return __shfl_sync(0xffffffffu, x, lane);
+}
+
 __device__ __forceinline__ float4 gd_load_f4(const float* p) {
   return *reinterpret_cast<const float4*>(p);
 }
@@ -56,21 +60,21 @@ def is_available() -> bool:
     return mx.cuda.is_available()
 
 
-def kernel_source(gate: str, mask: bool) -> str:
+def kernel_source(gate: str, mask: bool, decode: bool = False) -> str:
     """The full `source=` for one variant: prologue + body."""
-    return PROLOGUE + source.recurrent_body(gate, mask)
+    return PROLOGUE + source.kernel_body(gate, mask, decode)
 
 
 @cache
-def build(gate: str, mask: bool):
+def build(gate: str, mask: bool, decode: bool = False):
     """The `mx.fast.cuda_kernel` of one variant, or None without CUDA."""
     if not is_available():
         return None
     return mx.fast.cuda_kernel(
-        name=source.kernel_name(gate, mask),
+        name=source.kernel_name(gate, mask, decode),
         input_names=source.input_names(gate, mask),
         output_names=source.OUTPUT_NAMES,
-        source=kernel_source(gate, mask),
+        source=kernel_source(gate, mask, decode),
         header=HEADER,
     )
 

@@ -23,6 +23,10 @@ inline float gd_group_sum(float x) {
   return x;
 }
 
+inline float gd_shuffle(float x, int lane) {
+  return simd_shuffle(x, ushort(lane));
+}
+
 inline float4 gd_load_f4(const device float* p) {
   return *reinterpret_cast<const device float4*>(p);
 }
@@ -54,21 +58,21 @@ def is_available() -> bool:
     return mx.metal.is_available()
 
 
-def kernel_source(gate: str, mask: bool) -> str:
+def kernel_source(gate: str, mask: bool, decode: bool = False) -> str:
     """The full `source=` for one variant: prologue + body."""
-    return PROLOGUE + source.recurrent_body(gate, mask)
+    return PROLOGUE + source.kernel_body(gate, mask, decode)
 
 
 @cache
-def build(gate: str, mask: bool):
+def build(gate: str, mask: bool, decode: bool = False):
     """The `mx.fast.metal_kernel` of one variant, or None without Metal."""
     if not is_available():
         return None
     return mx.fast.metal_kernel(
-        name=source.kernel_name(gate, mask),
+        name=source.kernel_name(gate, mask, decode),
         input_names=source.input_names(gate, mask),
         output_names=source.OUTPUT_NAMES,
-        source=kernel_source(gate, mask),
+        source=kernel_source(gate, mask, decode),
         header=HEADER,
     )
 

@@ -14,18 +14,22 @@ are reduced over the L lanes with xor shuffles. Rows past Dv are clamped for loa
 stored, but still take part in the shuffles. q and k are read from their key head in place.
 The next step's inputs are loaded before the current step is computed (software pipelining),
 and the step loop has no branch (the last load is clamped), so the compiler can interleave it.
+Scalar gates (g, beta, or a, b with the fused gating math, and the mask) are read, and
+transformed, once per chunk of 32 steps, one step per lane, then broadcast by shuffles: every
+warp of a head needs them, so per-step loads and transcendentals would be repeated 10-100x.
 
 The bodies are plain C++ over these helpers, which `metal.py` / `cuda.py` define:
     gd_lane        lane in the SIMD-group / warp (0..31)     (source prologue)
     gd_row_group   warp index along the value rows           (source prologue)
     gd_head        b * Hv + h                                (source prologue)
     gd_group_sum<W>(x)     sum over W adjacent lanes (W a power of two <= 32)
+    gd_shuffle(x, j)       lane j's x (fp32), to every lane
     gd_load_f4(p) / gd_store_f4(p, x, y, z, w)   16-byte fp32 load / store
     gd_exp(x), gd_log(x)   fp32 exp / natural log
     gd_prefetch(p)         hint: bring the line at p towards the cache (may be a no-op)
 Compile-time template arguments: Dk, L (lanes per value row), P (prefetch distance), YT (y's
-dtype). Hk, Hv, Dv and T
-are read from the input shapes, so one compiled kernel serves every head count and length.
+dtype). Hk, Hv, Dv and T are read from the input shapes, so one compiled kernel serves every
+head count and length. Decode (T == 1) has its own straight-line variant without the loop.
 
 References: mlx-lm `models/gated_delta.py` (the one-warp-per-row Metal kernel);
 flash-linear-attention `fla/ops/gated_delta_rule/fused_recurrent.py`.
@@ -38,9 +42,10 @@ from functools import cache
 GATES = ("scalar", "per_key", "fused")
 
 
-def kernel_name(gate: str, mask: bool) -> str:
+def kernel_name(gate: str, mask: bool, decode: bool = False) -> str:
     """Kernel `name=` with its structural variant, e.g. `gated_delta_step_fused_mask`."""
-    return "gated_delta_step" + ("" if gate == "scalar" else f"_{gate}") + ("_mask" if mask else "")
+    kind = "gated_delta_decode" if decode else "gated_delta_step"
+    return kind + ("" if gate == "scalar" else f"_{gate}") + ("_mask" if mask else "")
 
 
 def input_names(gate: str, mask: bool) -> list[str]:
@@ -56,82 +61,81 @@ OUTPUT_NAMES = ["y", "state_out"]
 def _gate_parts(gate: str) -> dict[str, str]:
     """Snippets for one gate variant.
 
-    decl: the *_nx registers; load: read step t_ld's raw gate inputs into them; finish: turn
-    raw inputs into the decay g and beta (fused gating only); cur: copy to the step being
-    computed; decay: the factor of state element i.
+    lane: lane j computes step (t0 + j)'s scalar gates gl, bl once per chunk of 32 steps;
+    cur: the gates of step t = t0 + j, broadcast from lane j; load (per-key only): step t_ld's
+    per-key decay into g_nx; decay: the factor of state element i.
     """
     if gate == "per_key":
         return {
-            "decl": "float g_nx[N];\n  float b_nx;",
+            "decl": "float g_nx[N];",
             "load": """#pragma unroll
     for (int c = 0; c < C; ++c) {
       #pragma unroll
       for (int e = 0; e < 4; ++e) {
         g_nx[4 * c + e] = static_cast<float>(g[(h_ld * Dk) + col0 + c * 4 * L + e]);
       }
-    }
-    b_nx = static_cast<float>(beta[h_ld]);""",
-            "finish": "",
-            "cur": "float g_cu[N];\n    #pragma unroll\n"
-            "    for (int i = 0; i < N; ++i) g_cu[i] = g_nx[i];\n    const float b_cu = b_nx;",
+    }""",
+            "lane": "bl = static_cast<float>(beta[h_l]);",
+            "cur": """float g_cu[N];
+      #pragma unroll
+      for (int i = 0; i < N; ++i) g_cu[i] = g_nx[i];
+      const float b_cu = gd_shuffle(bl, j);""",
             "decay": "g_cu[i]",
             "setup": "",
         }
+    cur = "const float g_cu = gd_shuffle(gl, j);\n      const float b_cu = gd_shuffle(bl, j);"
     if gate == "scalar":
         return {
-            "decl": "float g_nx;\n  float b_nx;",
-            "load": "g_nx = static_cast<float>(g[h_ld]);\n"
-            "    b_nx = static_cast<float>(beta[h_ld]);",
-            "finish": "",
-            "cur": "const float g_cu = g_nx;\n    const float b_cu = b_nx;",
+            "decl": "",
+            "load": "",
+            "lane": "gl = static_cast<float>(g[h_l]);\n      bl = static_cast<float>(beta[h_l]);",
+            "cur": cur,
             "decay": "g_cu",
             "setup": "",
         }
     # Fused gating: beta = sigmoid(b), g = exp(-exp(A_log) * softplus(a + dt_bias)) in fp32,
-    # softplus(x) = max(x, 0) + log(1 + exp(-|x|)). The raw inputs of step t + 1 are loaded
-    # before step t is computed and transformed after it, off the state's dependency chain.
+    # softplus(x) = max(x, 0) + log(1 + exp(-|x|)); each lane transforms one step of the chunk.
     return {
-        "decl": "float g_nx;\n  float b_nx;",
-        "load": "g_nx = static_cast<float>(a[h_ld]) + dt_bias_h;\n"
-        "    b_nx = static_cast<float>(b[h_ld]);",
-        "finish": """{
-      const float sp = (g_nx > 0.0f ? g_nx : 0.0f) +
-          gd_log(1.0f + gd_exp(g_nx > 0.0f ? -g_nx : g_nx));
-      g_nx = gd_exp(-A_h * sp);
-      b_nx = 1.0f / (1.0f + gd_exp(-b_nx));
-    }""",
-        "cur": "const float g_cu = g_nx;\n    const float b_cu = b_nx;",
+        "decl": "",
+        "load": "",
+        "lane": """const float x = static_cast<float>(a[h_l]) + dt_bias_h;
+      const float sp = (x > 0.0f ? x : 0.0f) + gd_log(1.0f + gd_exp(x > 0.0f ? -x : x));
+      gl = gd_exp(-A_h * sp);
+      bl = 1.0f / (1.0f + gd_exp(-static_cast<float>(b[h_l])));""",
+        "cur": cur,
         "decay": "g_cu",
         "setup": """const float A_h = gd_exp(static_cast<float>(A_log[hv]));
   const float dt_bias_h = static_cast<float>(dt_bias[hv]);""",
     }
 
 
-def recurrent_body(gate: str, mask: bool) -> str:
-    """The recurrent kernel body (decode T=1 and prefill) for one structural variant."""
+def kernel_body(gate: str, mask: bool, decode: bool = False) -> str:
+    """The kernel body of one structural variant: the recurrent loop over T steps, or the
+    single step of decode (T == 1) without the loop's pipelining."""
     input_names(gate, mask)  # validates gate
     p = _gate_parts(gate)
-    load = _load(p["load"], "m_nx = mask[size_t(b_idx) * T + t_ld];" if mask else "")
+    load = _load(p["load"])
     step = f"""float kv[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-      #pragma unroll
-      for (int i = 0; i < N; ++i) {{
-        s[i] *= {p["decay"]};
-        kv[i % 4] += s[i] * k_cu[i];
-      }}
-      const float kv_row = gd_group_sum<L>((kv[0] + kv[1]) + (kv[2] + kv[3]));
-      const float delta = (v_cu - kv_row) * b_cu;
-      float o[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-      #pragma unroll
-      for (int i = 0; i < N; ++i) {{
-        s[i] += k_cu[i] * delta;
-        o[i % 4] += s[i] * q_cu[i];
-      }}
-      out = gd_group_sum<L>((o[0] + o[1]) + (o[2] + o[3]));"""
+        #pragma unroll
+        for (int i = 0; i < N; ++i) {{
+          s[i] *= {p["decay"]};
+          kv[i % 4] += s[i] * k_cu[i];
+        }}
+        const float kv_row = gd_group_sum<L>((kv[0] + kv[1]) + (kv[2] + kv[3]));
+        const float delta = (v_cu - kv_row) * b_cu;
+        float o[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+        #pragma unroll
+        for (int i = 0; i < N; ++i) {{
+          s[i] += k_cu[i] * delta;
+          o[i % 4] += s[i] * q_cu[i];
+        }}
+        out = gd_group_sum<L>((o[0] + o[1]) + (o[2] + o[3]));"""
     if mask:
         # Padding (mask False) skips the step: state unchanged, y = 0. The branch is uniform
         # over the threadgroup (one batch row), so the shuffles inside stay converged.
-        step = f"if (m_cu) {{\n      {step}\n    }}"
-    return f"""
+        step = f"if (gd_shuffle(ml, j) != 0.0f) {{\n        {step}\n      }}"
+    mask_lane = "ml = mask[size_t(b_idx) * T + tl] ? 1.0f : 0.0f;" if mask else ""
+    head = f"""
   // Template: Dk (multiple of 4 * L), L (lanes per value row), P (prefetch distance in steps,
   // 0 = none), YT (y dtype). Hk, Hv, Dv and T come from the input shapes.
   constexpr int R = 32 / L;        // value rows per SIMD-group / warp
@@ -172,18 +176,40 @@ def recurrent_body(gate: str, mask: bool) -> str:
   const size_t vy0 = (size_t(b_idx) * T * Hv + hv) * Dv + dv;
   const size_t h0 = size_t(b_idx) * T * Hv + hv;
 
-  // Registers for the step after the one being computed (software pipelining).
+"""
+    tail = """  if (row_ok) {
+    #pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int j = 4 * c;
+      gd_store_f4(state_out + s_off + c * 4 * L, s[j], s[j + 1], s[j + 2], s[j + 3]);
+    }
+  }
+"""
+    if decode:
+        cur = p["cur"].replace("gd_shuffle(gl, j)", "gl").replace("gd_shuffle(bl, j)", "bl")
+        step = step.replace("gd_shuffle(ml, j)", "ml")
+        return (
+            head
+            + f"""
+  // Decode: one step, straight-line (the state traffic dominates).
   float k_nx[N];
   float q_nx[N];
   float v_nx;
   {p["decl"]}
-  {"bool m_nx;" if mask else ""}
+  {"float gl;" if gate != "per_key" else ""}
+  float bl;
+  {"float ml;" if mask else ""}
   {{
     const int t_ld = 0;
     {load}
-    {p["finish"]}
   }}
-  for (int t = 0; t < T; ++t) {{
+  {{
+    const int tl = 0;
+    const size_t h_l = h0;
+    {p["lane"]}
+    {mask_lane}
+  }}
+  {{
     float k_cu[N];
     float q_cu[N];
     #pragma unroll
@@ -192,61 +218,98 @@ def recurrent_body(gate: str, mask: bool) -> str:
       q_cu[i] = q_nx[i];
     }}
     const float v_cu = v_nx;
-    {p["cur"]}
-    {"const bool m_cu = m_nx;" if mask else ""}
-    // Load step t + 1 (clamped: the last iteration reloads step t, so the body needs no branch).
-    const int t_ld = t + 1 < T ? t + 1 : t;
-    {load}
-    if (P > 0 && t + P < T) {{
-      // Pull step t + P's k, q and v towards the cache (a no-op where unsupported).
-      #pragma unroll
-      for (int c = 0; c < C; ++c) {{
-        gd_prefetch(k + qk0 + size_t(t + P) * qk_step + c * 4 * L);
-        gd_prefetch(q + qk0 + size_t(t + P) * qk_step + c * 4 * L);
-      }}
-      gd_prefetch(v + vy0 + size_t(t + P) * vy_step);
-    }}
-
+    {cur}
     float out = 0.0f;
     {step}
     if (sub == 0 && row_ok) {{
-      y[vy0 + size_t(t) * vy_step] = static_cast<YT>(out);
-    }}
-    {p["finish"]}
-  }}
-
-  if (row_ok) {{
-    #pragma unroll
-    for (int c = 0; c < C; ++c) {{
-      const int j = 4 * c;
-      gd_store_f4(state_out + s_off + c * 4 * L, s[j], s[j + 1], s[j + 2], s[j + 3]);
+      y[vy0] = static_cast<YT>(out);
     }}
   }}
 """
-
-
-def _load(gate_load: str, mask_load: str) -> str:
-    # Reads step t_ld's inputs into the *_nx registers.
-    return f"""{{
-    const size_t qk_ld = qk0 + size_t(t_ld) * qk_step;
-    const size_t h_ld = h0 + size_t(t_ld) * Hv;
-    #pragma unroll
-    for (int c = 0; c < C; ++c) {{
+            + tail
+        )
+    return (
+        head
+        + f"""  // Registers for the step after the one being computed (software pipelining).
+  float k_nx[N];
+  float q_nx[N];
+  float v_nx;
+  {p["decl"]}
+  {{
+    const int t_ld = 0;
+    {load}
+  }}
+  // The scalar gates of a chunk of 32 steps: lane j holds step t0 + j's, broadcast by shuffles.
+  {"float gl = 1.0f;" if gate != "per_key" else ""}
+  float bl = 0.0f;
+  {"float ml = 1.0f;" if mask else ""}
+  for (int t0 = 0; t0 < T; t0 += 32) {{
+    {{
+      const int tl = t0 + int(gd_lane) < T ? t0 + int(gd_lane) : T - 1;
+      const size_t h_l = h0 + size_t(tl) * Hv;
+      {p["lane"]}
+      {mask_lane}
+    }}
+    const int n = T - t0 < 32 ? T - t0 : 32;
+    for (int j = 0; j < n; ++j) {{
+      const int t = t0 + j;
+      float k_cu[N];
+      float q_cu[N];
       #pragma unroll
-      for (int e = 0; e < 4; ++e) {{
-        k_nx[4 * c + e] = static_cast<float>(k[qk_ld + c * 4 * L + e]);
-        q_nx[4 * c + e] = static_cast<float>(q[qk_ld + c * 4 * L + e]);
+      for (int i = 0; i < N; ++i) {{
+        k_cu[i] = k_nx[i];
+        q_cu[i] = q_nx[i];
+      }}
+      const float v_cu = v_nx;
+      {p["cur"]}
+      // Load step t + 1 (clamped: the last step reloads itself, so the loop has no branch).
+      const int t_ld = t + 1 < T ? t + 1 : t;
+      {load}
+      if (P > 0 && t + P < T) {{
+        // Pull step t + P's k, q and v towards the cache (a no-op where unsupported).
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {{
+          gd_prefetch(k + qk0 + size_t(t + P) * qk_step + c * 4 * L);
+          gd_prefetch(q + qk0 + size_t(t + P) * qk_step + c * 4 * L);
+        }}
+        gd_prefetch(v + vy0 + size_t(t + P) * vy_step);
+      }}
+
+      float out = 0.0f;
+      {step}
+      if (sub == 0 && row_ok) {{
+        y[vy0 + size_t(t) * vy_step] = static_cast<YT>(out);
       }}
     }}
-    v_nx = static_cast<float>(v[vy0 + size_t(t_ld) * vy_step]);
-    {gate_load}
-    {mask_load}
+  }}
+
+"""
+        + tail
+    )
+
+
+def _load(gate_load: str) -> str:
+    # Reads step t_ld's k, q, v (and per-key decay) into the *_nx registers.
+    return f"""{{
+      const size_t qk_ld = qk0 + size_t(t_ld) * qk_step;
+      const size_t h_ld = h0 + size_t(t_ld) * Hv;
+      #pragma unroll
+      for (int c = 0; c < C; ++c) {{
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {{
+          k_nx[4 * c + e] = static_cast<float>(k[qk_ld + c * 4 * L + e]);
+          q_nx[4 * c + e] = static_cast<float>(q[qk_ld + c * 4 * L + e]);
+        }}
+      }}
+      v_nx = static_cast<float>(v[vy0 + size_t(t_ld) * vy_step]);
+      (void)h_ld;
+      {gate_load}
     }}"""
 
 
-def variants() -> list[tuple[str, bool]]:
-    """Every structural variant (gate kind, has mask)."""
-    return [(gate, mask) for gate in GATES for mask in (False, True)]
+def variants() -> list[tuple[str, bool, bool]]:
+    """Every structural variant (gate kind, has mask, decode)."""
+    return [(gate, mask, dec) for gate in GATES for mask in (False, True) for dec in (False, True)]
 
 
 # Host side: shapes the kernels take and the launch geometry the bodies assume.
@@ -267,19 +330,13 @@ def shape_supported(q, v, g) -> bool:
 
 
 def default_layout(Dk: int, T: int, heads: int) -> tuple[int, int, int]:
-    """(lanes per value row, warps per threadgroup, prefetch distance) for Dk and T, with
-    heads = B * Hv: the fastest measured on an H100 at Dk = 128 (benchmarks/NOTES.md).
-    Lanes always divide Dk / 4, since Dk is a multiple of 32."""
-    wide = Dk % 64 == 0
+    """(lanes per value row, warps per threadgroup, prefetch distance) for Dk, T and
+    heads = B * Hv: the fastest measured on an H100 at Dk = 128 (benchmarks/NOTES.md); a
+    prefetch distance > 0 measured no faster there. Lanes always divide Dk / 4, since Dk is
+    a multiple of 32."""
     if T == 1:
-        return (8 if heads > 256 or not wide else 16), 4, 0
-    return (16 if wide else 8), 1, 0
-
-
-# Above this T, gated_delta_update computes the gates with one fused elementwise kernel and runs
-# the scalar-gate kernel: the in-kernel gate math, repeated by every warp of a head, costs more
-# than that extra dispatch (benchmarks/NOTES.md).
-FUSED_GATES_MAX_T = 64
+        return 8, 8, 0
+    return (16, 1, 0) if Dk % 64 == 0 else (8, 2, 0)
 
 
 def launch(kernel, inputs, q, v, *, lanes=None, warps=None, prefetch=None, init_value=None):
@@ -310,31 +367,29 @@ def launch(kernel, inputs, q, v, *, lanes=None, warps=None, prefetch=None, init_
 
 
 def run_gates(build, q, k, v, g, beta, state, mask=None, **launch_kw):
-    """Recurrence with precomputed gates through `build(gate, has_mask)` (a backend's builder)."""
+    """Recurrence with precomputed gates through a backend's `build(gate, mask, decode)`."""
     import mlx.core as mx
 
     inputs = [q, k, v, g, beta, state.astype(mx.float32)]
     if mask is not None:
         inputs.append(mask.astype(mx.bool_))
-    kernel = build("per_key" if g.ndim == 4 else "scalar", mask is not None)
+    kernel = build("per_key" if g.ndim == 4 else "scalar", mask is not None, q.shape[1] == 1)
     return launch(kernel, inputs, q, v, **launch_kw)
 
 
-def run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask=None, *, fused=None, **launch_kw):
-    """Recurrence from raw gate inputs. fused=True computes g and beta in fp32 inside the kernel;
-    False computes them first (one compiled elementwise kernel) and runs the scalar-gate kernel;
-    None picks by T (FUSED_GATES_MAX_T)."""
+def run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask=None, *, fused=True, **launch_kw):
+    """Recurrence from raw gate inputs. fused=True (measured as fast as precomputed gates)
+    computes g and beta in fp32 inside the kernel; False computes them first with one compiled
+    elementwise kernel and runs the scalar-gate kernel."""
     import mlx.core as mx
 
-    if fused is None:
-        fused = q.shape[1] <= FUSED_GATES_MAX_T
     if not fused:
         g, beta = _compiled_gates()(a, b, A_log, dt_bias)
         return run_gates(build, q, k, v, g, beta, state, mask, **launch_kw)
     inputs = [q, k, v, a, b, A_log, dt_bias, state.astype(mx.float32)]
     if mask is not None:
         inputs.append(mask.astype(mx.bool_))
-    return launch(build("fused", mask is not None), inputs, q, v, **launch_kw)
+    return launch(build("fused", mask is not None, q.shape[1] == 1), inputs, q, v, **launch_kw)
 
 
 @cache
