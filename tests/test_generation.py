@@ -193,3 +193,27 @@ def test_prompt_cache_save_load(loaded, golden, tmp_path):
     warm = tokens_of(model, tok, nxt, max_tokens=6, prompt_cache=restored)
     assert restored.last_reused == len(pc.tokens)
     assert warm == tokens_of(model, tok, nxt, max_tokens=6)
+
+
+def test_stream_generate_with_image_equals_full_recompute():
+    # Greedy decoding that recomputes the whole sequence (no cache) each step is the reference
+    # for prefill in steps + cached decode with M-RoPE positions continuing after the image.
+    vlm_dir = GOLDEN.parent / "vlm"
+    model, processor = load(vlm_dir)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    image = vlm_dir / "image0.png"
+    inputs = processor(prompt, images=[image])
+    ids = inputs["input_ids"]
+    ref = []
+    for _ in range(6):
+        logits = model(
+            ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+        )
+        ref.append(mx.argmax(logits[0, -1]).item())
+        ids = mx.concatenate([ids, mx.array([[ref[-1]]])], axis=1)
+    for step in (2048, 5):
+        got = tokens_of(
+            model, processor, prompt, images=[image], max_tokens=6, prefill_step_size=step
+        )
+        assert got == ref[: len(got)] and len(got) >= 3
