@@ -217,3 +217,27 @@ def test_stream_generate_with_image_equals_full_recompute():
             model, processor, prompt, images=[image], max_tokens=6, prefill_step_size=step
         )
         assert got == ref[: len(got)] and len(got) >= 3
+
+
+def test_prefill_in_steps_bounds_peak_memory():
+    from qwen35_mlx.loader import build_model
+    from qwen35_mlx.models.config import ModelConfig
+
+    cfg = json.loads((GOLDEN / "config.json").read_text())
+    cfg.update(vocab_size=8192, hidden_size=128, intermediate_size=256)
+    model = build_model(ModelConfig.from_dict(cfg))
+    mx.eval(model.parameters())
+    _, tok = load(GOLDEN)
+    ids = np.random.default_rng(0).integers(0, 300, 2048).tolist()
+
+    def peak(step):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = tokens_of(model, tok, ids, max_tokens=2, prefill_step_size=step)
+        return mx.get_peak_memory() - base, out
+
+    one_shot, a = peak(2048)
+    stepped, b = peak(128)
+    assert a == b
+    assert stepped * 3 < one_shot, (stepped, one_shot)
