@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
