@@ -9,7 +9,8 @@ Contenders (whichever run here):
 
 Shape: Hk=16, Hv=32, Dk=Dv=128, bf16 q/k/v, fp32 state [B, Hv, Dv, Dk]; decode B in
 {1, 8, 32, 128} with T=1; prefill B=1, T in {128, 512, 2048, 8192}. Every contender starts from
-the same raw gate inputs (a, b, A_log, dt_bias) and computes its gates inside the timed region.
+the same raw gate inputs (a, b, A_log, dt_bias; Mamba-style init) and computes its gates inside
+the timed region.
 
 Timing: N calls chained through the state, built and evaluated as one graph (MLX) or queued
 and synchronised once (torch), so host overhead is amortised the same way for everyone; one
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -88,8 +90,10 @@ def _mlx_inputs(shape: Shape, seed: int = 0):
     v = mx.random.normal((B, T, HV, DV), key=kv).astype(mx.bfloat16)
     a = mx.random.normal((B, T, HV), key=ka).astype(mx.bfloat16)
     b = mx.random.normal((B, T, HV), key=kb).astype(mx.bfloat16)
+    # Mamba-style gate init: A in [1, 16], softplus(dt_bias) log-uniform in [1e-3, 1e-1].
     A_log = mx.log(mx.random.uniform(1.0, 16.0, (HV,), key=kA))
-    dt_bias = mx.random.uniform(-1.0, 1.0, (HV,), key=kd)
+    dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), (HV,), key=kd))
+    dt_bias = dt + mx.log(-mx.expm1(-dt))
     state = mx.zeros((B, HV, DV, DK), dtype=mx.float32)
     mx.eval(q, k, v, a, b, A_log, dt_bias, state)
     return q, k, v, a, b, A_log, dt_bias, state
@@ -191,7 +195,8 @@ def _fla_contenders() -> list[Contender]:
             a = torch.randn(B, T, HV, device=dev, dtype=torch.bfloat16)
             b = torch.randn(B, T, HV, device=dev, dtype=torch.bfloat16)
             A_log = torch.log(torch.empty(HV, device=dev).uniform_(1.0, 16.0))
-            dt_bias = torch.empty(HV, device=dev).uniform_(-1.0, 1.0)
+            dt = torch.empty(HV, device=dev).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+            dt_bias = dt + torch.log(-torch.expm1(-dt))
             # FLA's state is [B, H, Dk, Dv] (transposed against ours); it stays in its layout.
             state0 = torch.zeros(B, HV, DK, DV, device=dev, dtype=torch.float32)
 

@@ -8,7 +8,8 @@ Recurrence per step t, per value head (key head h // (Hv // Hk)), S the [Dv, Dk]
 Within a chunk of C steps starting from state S0, the decays are gamma_i = prod_{l<=i} g_l and,
 for j <= i, D_ij = prod_{j<l<=i} g_l. Then
     (I + A) delta = beta (v - S0 diag(gamma) k),   A_ij = beta_i <k_i, D_ij k_j>  (j < i)
-so with T = (I + A)^-1 (unit lower triangular): delta = U - W S0^T, U = T diag(beta) v,
+so with T = (I + A)^-1 (unit lower triangular; for scalar gates T = D * (I + A')^-1 with the
+undecayed A'): delta = U - W S0^T, U = T diag(beta) v,
 W = T diag(beta gamma) k; y = gamma (q S0^T) + P delta with P_ij = <q_i, D_ij k_j> (j <= i),
 and S_C = S0 diag(gamma_C) + delta^T diag(w) k with w_j = prod_{l>j} g_l.
 U, W, P are computed for many chunks at once; only the state hand-off (four matmuls per
@@ -38,6 +39,8 @@ from ..._blas import warn_if_reference_blas
 # tensor stays below this many elements.
 _PER_KEY_GROUP_ELEMS = 1 << 24
 _SCALAR_GROUP = 1 << 30
+# Decay products below e^-40 (4e-18) are set to exactly 0 (see _decays).
+_LOG_TINY = -40.0
 
 
 def _lower(C: int, strict: bool) -> mx.array:
@@ -108,23 +111,35 @@ def _decays(g: mx.array, axis: int):
     """Decay products along the chunk axis of g (decay factors, per step).
 
     Returns D [.., C, C(, Dk)] with D_ij = prod_{j<l<=i} g_l for j <= i and 0 above the diagonal,
-    gamma_i = prod_{l<=i} g_l, w_j = prod_{l>j} g_l, and the whole chunk's product. Products,
-    not exp(cumsum(log g)): exact zeros when g underflows to 0, no division, and MLX's CPU exp
-    is slow on large tensors.
+    gamma_i = prod_{l<=i} g_l and w_j = prod_{l>j} g_l. Cumulative products, not
+    exp(cumsum(log g)): exact zeros when g underflows to 0, no division, and MLX's CPU exp is slow
+    on large tensors.
+
+    A product is cut to exactly 0 once it falls below e^_LOG_TINY: strongly decaying heads would
+    otherwise run the products through the subnormal range, where x86 arithmetic (cumprod and
+    every BLAS call downstream) is dozens of times slower. The cut is decided on sums of
+    log(max(g, 1e-30)); its rounding only moves the cut, and a dropped term is 1e-17 of the
+    surviving ones, far below fp32 resolution.
     """
     C = g.shape[axis]
     strict = _lower(C, strict=True)
     lower = _lower(C, strict=False)
+    lg = mx.log(mx.maximum(g, 1e-30))
+    lc = mx.cumsum(lg, axis=axis)  # sum_{l<=i} log g_l
     if axis == -2:  # per-key gates [.., C, Dk]
         strict, lower = strict[..., None], lower[..., None]
-        # x[l, j, d] = g[l, d] for l > j, else 1; cumulative product over l.
-        x = mx.where(strict, g[..., :, None, :], 1.0)
+        # seg[l, j] = sum_{j<m<=l} log g_m; x[l, j] = g_l for l > j while the product from
+        # j + 1 to l is still above the cut, 0 once it is not, 1 on and above the diagonal.
+        seg = lc[..., :, None, :] - lc[..., None, :, :]
+        x = mx.where(strict, mx.where(seg > _LOG_TINY, g[..., :, None, :], 0.0), 1.0)
         D = mx.where(lower, mx.cumprod(x, axis=-3), 0.0)
     else:
-        x = mx.where(strict, g[..., :, None], 1.0)
+        seg = lc[..., :, None] - lc[..., None, :]
+        x = mx.where(strict, mx.where(seg > _LOG_TINY, g[..., :, None], 0.0), 1.0)
         D = mx.where(lower, mx.cumprod(x, axis=-2), 0.0)
-    gamma = mx.cumprod(g, axis=axis)
-    w = mx.cumprod(g, axis=axis, reverse=True, inclusive=False)
+    gamma = mx.cumprod(mx.where(lc > _LOG_TINY, g, 0.0), axis=axis)
+    suffix = mx.cumsum(lg, axis=axis, reverse=True)  # sum_{l>=j} log g_l
+    w = mx.cumprod(mx.where(suffix > _LOG_TINY, g, 0.0), axis=axis, reverse=True, inclusive=False)
     return D, gamma, w
 
 
@@ -139,11 +154,16 @@ def _prep_scalar(q, k, v, g, beta):
     C = g.shape[-1]
     D, gamma, w = _decays(g, axis=-1)
     kt = mx.swapaxes(k, -1, -2)
-    A = mx.where(_lower(C, strict=True), (k @ kt) * D, 0.0) * beta[..., :, None]
-    # T diag(beta): folding beta into T's columns is cheaper than scaling v and k.
+    # With one decay per step, every path j -> m -> i through A picks up D_im D_mj = D_ij, so
+    # (I + A)^-1 = D * (I + A')^-1 with the undecayed A'_ij = beta_i <k_i, k_j>. Inverting A'
+    # keeps strongly decaying heads from filling T with subnormal products (slow on x86).
+    A = mx.where(_lower(C, strict=True), k @ kt, 0.0) * beta[..., :, None]
+    # T' diag(beta): folding beta into the columns is cheaper than scaling v and k.
     Tb = _inv_unit_lower(A) * beta[..., None, :]
-    U = Tb @ v
-    W = (Tb * gamma[..., None, :]) @ k
+    U = (Tb * D) @ v
+    # W = T diag(beta gamma) k, and T_ij gamma_j = T'_ij gamma_i: scaling rows by gamma_i
+    # never multiplies two small decays together (their product could be subnormal).
+    W = gamma[..., None] * (Tb @ k)
     P = (q @ kt) * D
     kw = kt * w[..., None, :]
     return U, W, P, kw, q, gamma[..., None], gamma[..., -1:, None]
