@@ -241,3 +241,22 @@ def test_prefill_in_steps_bounds_peak_memory():
     stepped, b = peak(128)
     assert a == b
     assert stepped * 3 < one_shot, (stepped, one_shot)
+
+
+def test_prompt_cache_starts_cold_after_a_failed_prefill(loaded, golden):
+    model, tok = loaded
+
+    class Failing(Counting):
+        def __call__(self, inputs, cache=None, **kwargs):
+            super().__call__(inputs, cache=cache, **kwargs)  # the cache advances, then it fails
+            raise RuntimeError("interrupted")
+
+    pc = PromptCache.for_tokenizer(model, tok)
+    ids = golden["raw"]["prompt_ids"]
+    generate(model, tok, ids, max_tokens=3, prompt_cache=pc)
+    longer = pc.tokens + [5, 6, 7, 8]
+    with pytest.raises(RuntimeError):
+        generate(Failing(model), tok, longer, max_tokens=3, prompt_cache=pc, prefill_step_size=1)
+    assert len(pc) == 0
+    warm = tokens_of(model, tok, longer, max_tokens=5, prompt_cache=pc)
+    assert pc.last_reused == 0 and warm == tokens_of(model, tok, longer, max_tokens=5)

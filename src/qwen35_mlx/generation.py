@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -64,7 +64,6 @@ class BatchResponse:
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory: float = 0.0
-    stats: dict = field(default_factory=dict)
 
 
 def _wrap_tokenizer(tokenizer: Any) -> Any:
@@ -237,21 +236,25 @@ def stream_generate(
     on_stop = None
     if managed is not None:
         on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
-    prefill(
-        model,
-        cache,
-        todo[:-1],
-        prefill_step_size=prefill_step_size,
-        stops=[s - n_cached for s in stops],
-        on_stop=on_stop,
-        first_call_kwargs=first_kwargs,
-        progress=prompt_progress_callback,
-    )
-    fed.extend(todo[:-1])
-    last = mx.array(todo[-1:])
-    y, logprobs = step(last)
-    fed.append(todo[-1])
-    mx.eval(y, logprobs)
+    try:
+        prefill(
+            model,
+            cache,
+            todo[:-1],
+            prefill_step_size=prefill_step_size,
+            stops=[s - n_cached for s in stops],
+            on_stop=on_stop,
+            first_call_kwargs=first_kwargs,
+            progress=prompt_progress_callback,
+        )
+        fed.extend(todo[:-1])
+        y, logprobs = step(mx.array(todo[-1:]))
+        fed.append(todo[-1])
+        mx.eval(y, logprobs)
+    except BaseException:
+        if managed is not None:
+            managed.reset()  # the cache may hold part of the prompt: start cold next time
+        raise
     prompt_time = time.perf_counter() - tic
     prompt_tps = len(todo) / max(prompt_time, 1e-9)
     if managed is not None:

@@ -101,6 +101,10 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def reset(self) -> None:
+        """Forget everything: the next request prefills cold."""
+        self.cache, self.tokens, self.snapshots = None, [], []
+
     # The three calls stream_generate makes: fetch -> snapshot_points/snapshot -> commit.
 
     def fetch(self, prompt: Sequence[int]) -> tuple[list, list[int]]:
