@@ -153,3 +153,14 @@ def test_mlx_lm_server_chat_completions(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_python_m_qwen35_mlx_mlx_lm_generate(registered, capsys, monkeypatch):
+    from qwen35_mlx.mlx_lm import main
+
+    monkeypatch.setattr("sys.argv", ["qwen35_mlx.mlx_lm"])
+    n = len(G["chat"]["tokens"])
+    main(["generate", "--model", str(GOLDEN), "--prompt", G["user"],
+          "--system-prompt", G["system"], "--max-tokens", str(n)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert G["chat"]["text"] in out and f"Generation: {n} tokens" in out
