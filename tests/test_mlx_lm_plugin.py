@@ -164,3 +164,25 @@ def test_python_m_qwen35_mlx_mlx_lm_generate(registered, capsys, monkeypatch):
           "--system-prompt", G["system"], "--max-tokens", str(n)])  # fmt: skip
     out = capsys.readouterr().out
     assert G["chat"]["text"] in out and f"Generation: {n} tokens" in out
+
+
+def test_mlx_lm_loads_a_4bit_mlx_checkpoint(registered, tmp_path):
+    import mlx.nn as nn
+
+    from qwen35_mlx import load
+    from qwen35_mlx.loader import read_config, save_mlx
+
+    model, _ = load(GOLDEN)
+    nn.quantize(model, group_size=32, bits=4)
+    extra = [GOLDEN / f for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")]
+    save_mlx(model, read_config(GOLDEN), tmp_path / "q4", extra_files=extra)
+
+    ours_model, ours_tok = load(tmp_path / "q4")
+    theirs_model, theirs_tok = mlx_lm.load(str(tmp_path / "q4"))
+    assert isinstance(theirs_model, TextModel)
+    n_quantized = sum(isinstance(m, nn.QuantizedLinear) for _, m in theirs_model.named_modules())
+    assert n_quantized == sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    ids = G["chat"]["prompt_ids"]
+    ours = [r.token for r in stream_generate(ours_model, ours_tok, ids, max_tokens=12)]
+    theirs = [r.token for r in mlx_lm.stream_generate(theirs_model, theirs_tok, ids, max_tokens=12)]
+    assert ours == theirs
