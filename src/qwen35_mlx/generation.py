@@ -13,6 +13,7 @@ Sampling, logits processors and streaming detokenization are mlx-lm's (`make_sam
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -90,6 +92,19 @@ def _encode(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[int]
         add_special = bos is None or not prompt.startswith(bos)
         return list(tokenizer.encode(prompt, add_special_tokens=add_special))
     return [int(t) for t in prompt]
+
+
+@contextlib.contextmanager
+def wired_limit():
+    """On Metal, wire the recommended working set while generating (as mlx-lm does); no-op
+    elsewhere. Prints nothing."""
+    old = maybe_set_recommended_wired_limit()
+    try:
+        yield
+    finally:
+        if old is not None:
+            mx.synchronize()
+            mx.set_wired_limit(old)
 
 
 def _cache_state(cache: list) -> list:
@@ -178,12 +193,52 @@ def stream_generate(
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt` (text or token ids), yielding a `GenerationResponse` per token.
 
+    `images` (VLM only) go through the processor passed as `tokenizer`. `sampler` defaults to
+    mlx-lm's `make_sampler(temp, top_p, min_p, top_k)` (temp 0: greedy).
+
     `prompt_cache` is either a list of per-layer caches (mlx-lm style: it already holds a prefix,
     the whole `prompt` is new and the list is updated in place) or a
     `qwen35_mlx.prompt_cache.PromptCache`, which reuses the longest cached prefix of `prompt` and
-    keeps this prompt + generation for the next call. `images` (VLM only) go through the
-    processor passed as `tokenizer`.
+    keeps this prompt + generation for the next call.
     """
+    with wired_limit():
+        yield from _stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            images=images,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            prefill_step_size=prefill_step_size,
+            prompt_cache=prompt_cache,
+            prompt_progress_callback=prompt_progress_callback,
+        )
+
+
+def _stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | mx.array,
+    *,
+    images: Sequence[Any] | None = None,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    prefill_step_size: int = 2048,
+    prompt_cache: Any = None,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+) -> Generator[GenerationResponse, None, None]:
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     first_kwargs: dict = {}
@@ -345,9 +400,40 @@ def batch_generate(
 ) -> BatchResponse:
     """Generate for several prompts of different lengths in one left-padded batch.
 
-    Each row stops on its own (end token or its `max_tokens`); finished rows are dropped from
-    the batch. At temperature 0 each row yields exactly the tokens it yields alone.
+    `max_tokens` is one limit for all rows or one per prompt. Each row stops on its own (end
+    token or its limit); finished rows leave the batch. At temperature 0 each row yields exactly
+    the tokens it yields alone.
     """
+    with wired_limit():
+        return _batch_generate(
+            model,
+            tokenizer,
+            prompts,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            prefill_step_size=prefill_step_size,
+        )
+
+
+def _batch_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_tokens: int | Sequence[int] = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    prefill_step_size: int = 2048,
+) -> BatchResponse:
     text_tok = _wrap_tokenizer(tokenizer)
     rows = [_encode(text_tok, p) for p in prompts]
     if not rows:
