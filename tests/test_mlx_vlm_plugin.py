@@ -62,3 +62,31 @@ def test_unregister_restores_mlx_vlm(registered):
     finally:
         mlx_vlm_plugin.register()
     assert utils.get_model_and_args({"model_type": "qwen3_5_text"})[1] == "qwen35_mlx"
+
+
+def test_mlx_vlm_stream_generate_with_image(registered):
+    from mlx_lm.sample_utils import make_logits_processors
+    from mlx_vlm import stream_generate as vlm_stream_generate
+
+    model, processor = vlm_load(str(GOLDEN))
+    prompt = apply_chat_template(processor, model.config, "Describe this.", num_images=1)
+    image = str(GOLDEN / "image0.png")
+    # The golden model's vocabulary is wider than its tokenizer: keep sampling to real tokens,
+    # so mlx-vlm's detokenizer can follow.
+    vocab = model.model.config.text_config.vocab_size
+    bias = {i: -1e9 for i in range(len(processor.tokenizer), vocab)}
+    theirs = [
+        r.token
+        for r in vlm_stream_generate(
+            model, processor, prompt, image=[image], max_tokens=N, temperature=0.0, logit_bias=bias
+        )
+    ]
+    ours_model, ours_processor = load(GOLDEN)
+    ours = [
+        r.token
+        for r in stream_generate(
+            ours_model, ours_processor, prompt, images=[image], max_tokens=N,
+            logits_processors=make_logits_processors(logit_bias=bias),
+        )
+    ]  # fmt: skip
+    assert len(ours) >= 4 and theirs[: len(ours)] == ours
