@@ -14,7 +14,9 @@ the timed region.
 
 Timing: N calls chained through the state, built and evaluated as one graph (MLX) or queued
 and synchronised once (torch), so host overhead is amortised the same way for everyone; one
-warm-up first; the median over repeats of (time / N) is reported in ms per call.
+warm-up first; then, shape by shape, the repeats run all contenders in turn (so load from other
+processes falls on everyone alike); the median over repeats of (time / N) is reported in ms
+per call (the JSON also keeps the minimum).
 
     python benchmarks/bench_gated_delta.py [--quick] [--out DIR]
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -71,12 +74,14 @@ class Contender:
     make: object  # Shape -> timer(n) -> seconds for n chained calls
     note: str = ""
     results: dict = field(default_factory=dict)
+    skip_kind: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
 # MLX contenders
 
 
+@functools.lru_cache(maxsize=1)  # shared by every MLX contender of one shape
 def _mlx_inputs(shape: Shape, seed: int = 0):
     B, T = shape.B, shape.T
     key = mx.random.key(seed)
@@ -261,16 +266,40 @@ def contenders() -> list[Contender]:
     return out
 
 
-def bench_one(make, shape: Shape, target_s: float, repeats: int, budget_s: float):
-    """Returns (ms per call, status). Skips when one warm-up call exceeds budget_s."""
-    run = make(shape)
-    t1 = run(1)  # warm-up: compile, caches, allocator
-    if t1 > budget_s:
-        return None, f"skipped: one call took {t1:.1f} s > budget {budget_s:g} s"
-    t1 = min(t1, run(1))
-    n = max(1, min(64, int(target_s / max(t1, 1e-6))))
-    per_call = [run(n) / n for _ in range(repeats)]
-    return statistics.median(per_call) * 1e3, f"n={n} x {repeats}"
+def bench_shape(cands, shape: Shape, target_s: float, repeats: int, budget_s: float) -> None:
+    """Time every contender on one shape, interleaved: each repeat runs all of them in turn, so
+    load from other processes on a shared machine falls on everyone alike. Skips a contender
+    whose warm-up call exceeds budget_s (and, by the caller, its larger shapes)."""
+    runs = {}
+    for c in cands:
+        if c.skip_kind.get(shape.kind):
+            c.results[shape] = (None, f"skipped: over budget at a smaller {shape.kind} shape")
+            continue
+        try:
+            run = c.make(shape)
+            t1 = run(1)  # warm-up: compile, caches, allocator
+            if t1 > budget_s:
+                c.skip_kind[shape.kind] = True
+                c.results[shape] = (None, f"skipped: one call took {t1:.1f} s > {budget_s:g} s")
+                continue
+            t1 = min(t1, run(1))
+            runs[c.name] = (c, run, max(1, min(64, int(target_s / max(t1, 1e-6)))))
+        except Exception as e:  # a peer that cannot run this shape: say so, go on
+            c.results[shape] = (None, f"error: {type(e).__name__}: {e}"[:200])
+    per_call = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (_, run, n) in runs.items():
+            # A short pause first, so that work left behind by the previous contender (BLAS
+            # threads still spinning, GPU queues) does not fall on this one.
+            time.sleep(0.2)
+            per_call[name].append(run(n) / n)
+    for name, (c, _, n) in runs.items():
+        ms = statistics.median(per_call[name]) * 1e3
+        c.results[shape] = (ms, f"n={n} x {repeats}, min {min(per_call[name]) * 1e3:.3f} ms")
+    for c in cands:
+        ms, status = c.results[shape]
+        shown = f"{ms:.3f} ms ({status})" if ms is not None else status
+        print(f"  {c.name:28s} {shape.label:18s} {shown}", flush=True)
 
 
 def environment() -> dict:
@@ -410,21 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# {env['date']}  mlx {env['mlx']}  mlx-lm {env['mlx_lm']}  device {env['default_device']}"
     )
     print(f"# BLAS: {env['blas']}")
-    for c in cands:
-        too_slow = {}
-        for s in shapes:
-            if too_slow.get(s.kind):
-                c.results[s] = (None, f"skipped: slower than budget at a smaller {s.kind} shape")
-                continue
-            try:
-                c.results[s] = bench_one(c.make, s, target_s, repeats, budget_s)
-            except Exception as e:  # a peer that cannot run this shape: say so, go on
-                c.results[s] = (None, f"error: {type(e).__name__}: {e}"[:200])
-            if c.results[s][0] is None and c.results[s][1].startswith("skipped"):
-                too_slow[s.kind] = True
-            ms, status = c.results[s]
-            shown = f"{ms:.3f} ms" if ms is not None else status
-            print(f"  {c.name:28s} {s.label:18s} {shown}", flush=True)
+    for s in shapes:
+        bench_shape(cands, s, target_s, repeats, budget_s)
 
     table = print_table(cands, shapes)
     out = Path(args.out)
