@@ -260,3 +260,17 @@ def test_prompt_cache_starts_cold_after_a_failed_prefill(loaded, golden):
     assert len(pc) == 0
     warm = tokens_of(model, tok, longer, max_tokens=5, prompt_cache=pc)
     assert pc.last_reused == 0 and warm == tokens_of(model, tok, longer, max_tokens=5)
+
+
+@pytest.mark.parametrize("case", ["dense_tied", "moe_fused"])
+def test_batch_generate_rows_equal_solo_other_stacks(loaded, case):
+    # dense_tied: irregular stack L F L L; moe_fused: sparse MoE layers (token ids < 256 decode
+    # with the generation checkpoint's tokenizer).
+    from qwen35_mlx.loader import load_model
+
+    _, tok = loaded
+    model = load_model(GOLDEN.parent / case)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 250, n).tolist() for n in (70, 1, 9, 33)]
+    solo = [tokens_of(model, tok, p, max_tokens=8) for p in prompts]
+    assert batch_generate(model, tok, prompts, max_tokens=8, prefill_step_size=16).tokens == solo
