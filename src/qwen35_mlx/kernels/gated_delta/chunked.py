@@ -38,7 +38,9 @@ from ..._blas import warn_if_reference_blas
 # Per-key gates build a [C, C, Dk] decay tensor per chunk; chunks are processed in groups whose
 # tensor stays below this many elements.
 _PER_KEY_GROUP_ELEMS = 1 << 24
-_SCALAR_GROUP = 1 << 30
+# Scalar gates: chunks per group. Small groups keep each op's operands in cache; measured on
+# 2 x86 cores at T=512 and 2048, groups of 1-2 chunks ran 1.2-1.4x faster than all at once.
+_SCALAR_GROUP = 2
 # Decay products below e^-40 (4e-18) are set to exactly 0 (see _decays).
 _LOG_TINY = -40.0
 
