@@ -271,10 +271,20 @@ def bench_shape(cands, shape: Shape, target_s: float, repeats: int, budget_s: fl
     load from other processes on a shared machine falls on everyone alike. Skips a contender
     whose warm-up call exceeds budget_s (and, by the caller, its larger shapes)."""
     runs = {}
+    size = shape.B * shape.T
     for c in cands:
         if c.skip_kind.get(shape.kind):
             c.results[shape] = (None, f"skipped: over budget at a smaller {shape.kind} shape")
             continue
+        # Work grows about linearly with B * T: skip what would surely blow the budget.
+        done = [(s.B * s.T, r[0]) for s, r in c.results.items() if s.kind == shape.kind and r[0]]
+        if done:
+            prev_size, prev_ms = max(done)
+            guess_s = prev_ms / 1e3 * size / prev_size
+            if guess_s > budget_s:
+                c.skip_kind[shape.kind] = True
+                c.results[shape] = (None, f"skipped: about {guess_s:.0f} s a call > {budget_s:g} s")
+                continue
         try:
             run = c.make(shape)
             t1 = run(1)  # warm-up: compile, caches, allocator
