@@ -43,6 +43,18 @@ def tokens_of(model, tok, prompt, **kw):
     return [r.token for r in stream_generate(model, tok, prompt, **kw)]
 
 
+def run(model, tok, prompt, **kw):
+    """Tokens and their log-probabilities [n, V] (a stale state shows in these even when the
+    greedy choices survive it)."""
+    rs = list(stream_generate(model, tok, prompt, **kw))
+    return [r.token for r in rs], np.stack([np.array(r.logprobs) for r in rs])
+
+
+def assert_same_run(a, b):
+    assert a[0] == b[0]
+    np.testing.assert_allclose(a[1], b[1], atol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["chat", "raw"])
 def test_stream_generate_matches_transformers(loaded, golden, case):
     model, tok = loaded
@@ -77,10 +89,11 @@ def test_logprobs_are_normalised_and_greedy_picks_argmax(loaded, golden):
 def test_prefill_step_size_same_tokens_bounded_steps(loaded, golden):
     model, tok = loaded
     ids = golden["chat"]["prompt_ids"]
-    one_shot = tokens_of(model, tok, ids, max_tokens=8)
+    one_shot = run(model, tok, ids, max_tokens=8)
     counting = Counting(model)
-    stepped = tokens_of(counting, tok, ids, max_tokens=8, prefill_step_size=7)
-    assert stepped == one_shot == golden["chat"]["tokens"][:8]
+    stepped = run(counting, tok, ids, max_tokens=8, prefill_step_size=7)
+    assert_same_run(stepped, one_shot)
+    assert one_shot[0] == golden["chat"]["tokens"][:8]
     prefill_calls = counting.calls[: -(8 - 1) - 1]  # minus the last prompt token and 7 decode steps
     assert max(prefill_calls) == 7 and sum(prefill_calls) == len(ids) - 1
 
@@ -159,25 +172,25 @@ def test_prompt_cache_second_turn_prefills_only_new_suffix(loaded):
     shared = next(i for i, (a, b) in enumerate(zip(p1, p2, strict=False)) if a != b)
     assert turn_start < shared < len(p1)  # the prompts part inside the assistant turn
     counting.calls.clear()
-    warm = tokens_of(counting, tok, p2, max_tokens=8, prompt_cache=pc)
+    warm = run(counting, tok, p2, max_tokens=8, prompt_cache=pc)
     assert pc.last_reused == turn_start
     assert sum(counting.calls) == len(p2) - turn_start + 8 - 1  # suffix + decode steps
-    assert warm == tokens_of(model, tok, p2, max_tokens=8)
+    assert_same_run(warm, run(model, tok, p2, max_tokens=8))
 
     # Turn 3 continues the live cache token for token: only the new tokens run.
     p3 = pc.tokens + tok.encode(" Tell me more.", add_special_tokens=False)
     n_new = len(p3) - len(pc.tokens)
     counting.calls.clear()
-    warm = tokens_of(counting, tok, p3, max_tokens=5, prompt_cache=pc)
+    warm = run(counting, tok, p3, max_tokens=5, prompt_cache=pc)
     assert pc.last_prefilled == n_new and sum(counting.calls) == n_new + 5 - 1
-    assert warm == tokens_of(model, tok, p3, max_tokens=5)
+    assert_same_run(warm, run(model, tok, p3, max_tokens=5))
 
     # A prompt sharing only the system turn restores the snapshot taken at its end.
     p4 = chat(tok, [("Something else entirely.", None)])
     system_end = p1.index(im_start, 1)
-    warm = tokens_of(model, tok, p4, max_tokens=5, prompt_cache=pc)
+    warm = run(model, tok, p4, max_tokens=5, prompt_cache=pc)
     assert pc.last_reused == system_end
-    assert warm == tokens_of(model, tok, p4, max_tokens=5)
+    assert_same_run(warm, run(model, tok, p4, max_tokens=5))
 
 
 def test_prompt_cache_save_load(loaded, golden, tmp_path):
@@ -190,9 +203,9 @@ def test_prompt_cache_save_load(loaded, golden, tmp_path):
     restored = PromptCache.load(file, model)
     assert restored.tokens == pc.tokens == ids + first[:-1]
     nxt = restored.tokens + [first[-1]] + tok.encode(" again", add_special_tokens=False)
-    warm = tokens_of(model, tok, nxt, max_tokens=6, prompt_cache=restored)
+    warm = run(model, tok, nxt, max_tokens=6, prompt_cache=restored)
     assert restored.last_reused == len(pc.tokens)
-    assert warm == tokens_of(model, tok, nxt, max_tokens=6)
+    assert_same_run(warm, run(model, tok, nxt, max_tokens=6))
 
 
 def test_stream_generate_with_image_equals_full_recompute():
@@ -258,8 +271,9 @@ def test_prompt_cache_starts_cold_after_a_failed_prefill(loaded, golden):
     with pytest.raises(RuntimeError):
         generate(Failing(model), tok, longer, max_tokens=3, prompt_cache=pc, prefill_step_size=1)
     assert len(pc) == 0
-    warm = tokens_of(model, tok, longer, max_tokens=5, prompt_cache=pc)
-    assert pc.last_reused == 0 and warm == tokens_of(model, tok, longer, max_tokens=5)
+    warm = run(model, tok, longer, max_tokens=5, prompt_cache=pc)
+    assert pc.last_reused == 0
+    assert_same_run(warm, run(model, tok, longer, max_tokens=5))
 
 
 @pytest.mark.parametrize("case", ["dense_tied", "moe_fused"])
