@@ -288,3 +288,24 @@ def test_batch_generate_rows_equal_solo_other_stacks(loaded, case):
     prompts = [rng.integers(3, 250, n).tolist() for n in (70, 1, 9, 33)]
     solo = [tokens_of(model, tok, p, max_tokens=8) for p in prompts]
     assert batch_generate(model, tok, prompts, max_tokens=8, prefill_step_size=16).tokens == solo
+
+
+def test_prompt_cache_warmed_with_a_system_prompt_and_saved(loaded, tmp_path):
+    model, tok = loaded
+    system = tok.apply_chat_template(
+        [{"role": "system", "content": "You are a helpful assistant."}], tokenize=True
+    )
+    pc = PromptCache.for_tokenizer(model, tok)
+    pc.extend(system, prefill_step_size=5)
+    assert pc.tokens == system and pc.last_prefilled == len(system)
+    pc.save(tmp_path / "system.safetensors")
+
+    for question in ("Write a line about the sea.", "Name a colour."):
+        restored = PromptCache.load(tmp_path / "system.safetensors", model)
+        prompt = chat(tok, [(question, None)])
+        assert prompt[: len(system)] == system
+        counting = Counting(model)
+        warm = run(counting, tok, prompt, max_tokens=5, prompt_cache=restored)
+        assert restored.last_reused == len(system)
+        assert sum(counting.calls) == len(prompt) - len(system) + 5 - 1
+        assert_same_run(warm, run(model, tok, prompt, max_tokens=5))

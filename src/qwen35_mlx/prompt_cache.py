@@ -9,8 +9,7 @@ conv state `[B, K-1, C]` and fp32 recurrent state `[B, Hv, Dv, Dk]` fold every t
 cache keeps snapshots of those two states at prefix boundaries: the end of every prompt, and the
 position just before each boundary token (`<|im_start|>` for chat models: where a turn begins),
 since a re-rendered chat history usually departs from the generated tokens inside the last
-assistant turn.
-A request reuses
+assistant turn. A request reuses
 
 - the whole live cache, when the live tokens are a prefix of the new prompt; else
 - the longest snapshot whose tokens are a prefix of the new prompt: linear states restored from
@@ -107,13 +106,14 @@ class PromptCache:
 
     # The three calls stream_generate makes: fetch -> snapshot_points/snapshot -> commit.
 
-    def fetch(self, prompt: Sequence[int]) -> tuple[list, list[int]]:
+    def fetch(self, prompt: Sequence[int], *, keep_last: bool = True) -> tuple[list, list[int]]:
         """A cache holding the longest reusable prefix of `prompt`, and the tokens still to run.
 
-        At least the last prompt token is always left to run (its logits start generation).
+        With `keep_last` at least the last prompt token is left to run (its logits start
+        generation).
         """
         prompt = list(prompt)
-        limit = len(prompt) - 1
+        limit = len(prompt) - 1 if keep_last else len(prompt)
         n_live = min(_common_prefix(self.tokens, prompt), limit)
         cache, k = None, 0
         if self.cache is not None and n_live > 0:
@@ -134,6 +134,29 @@ class PromptCache:
         self.cache, self.tokens = cache, prompt[:k]
         self.last_reused, self.last_prefilled = k, len(prompt) - k
         return cache, prompt[k:]
+
+    def extend(self, tokens: Sequence[int], *, prefill_step_size: int = 2048) -> None:
+        """Run `tokens` into the cache without generating (reusing what it can), e.g. to warm it
+        with a system prompt before `save`; a later prompt that starts with `tokens` reuses them
+        all, in this process or after `load`."""
+        from .generation import prefill
+
+        tokens = list(tokens)
+        cache, todo = self.fetch(tokens, keep_last=False)
+        start = len(tokens) - len(todo)
+        try:
+            prefill(
+                self.model,
+                cache,
+                todo,
+                prefill_step_size=prefill_step_size,
+                stops=[p - start for p in self.snapshot_points(tokens, start)],
+                on_stop=lambda n: self.snapshot(cache, tokens[: start + n]),
+            )
+        except BaseException:
+            self.reset()
+            raise
+        self.commit(cache, tokens)
 
     def snapshot_points(self, prompt: Sequence[int], start: int) -> list[int]:
         """Prefix lengths in `(start, len(prompt))` where a snapshot is wanted: just before each
