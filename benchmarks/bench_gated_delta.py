@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-t", default="", help="comma-separated prefill lengths")
     p.add_argument("--target-s", type=float, default=None, help="seconds per timed repeat")
     p.add_argument("--budget-s", type=float, default=None, help="skip calls slower than this")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per shape")
     args = p.parse_args(argv)
 
     decode_b = QUICK_DECODE_B if args.quick else DECODE_B
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [Shape(b, 1) for b in decode_b] + [Shape(1, t) for t in prefill_t]
     target_s = args.target_s or (0.3 if args.quick else 1.0)
     budget_s = args.budget_s or (4.0 if args.quick else 60.0)
-    repeats = 3 if args.quick else 5
+    repeats = args.repeats or (3 if args.quick else 5)
 
     cands = contenders()
     if args.only:
