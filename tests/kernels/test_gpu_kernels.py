@@ -203,6 +203,25 @@ def test_input_dtypes(dtype):
     check(kern_fused(x), ref_fused(x), dtype)
 
 
+def _offset_view(x, offset):
+    """x's values in a row-contiguous view that starts `offset` elements into its buffer."""
+    flat = mx.concatenate([mx.zeros((offset,), x.dtype), x.reshape(-1)])
+    mx.eval(flat)
+    return flat[offset:].reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32], ids=str)
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+def test_inputs_at_unaligned_offsets(dtype, per_key):
+    """q, k (and per-key g) may start at any element offset (no vector loads assume more)."""
+    x = make_inputs(2, 9, 1, 2, 64, 32, dtype=dtype, per_key=per_key)
+    want = ref(x)
+    x["q"], x["k"] = _offset_view(x["q"], 1), _offset_view(x["k"], 3)
+    if per_key:
+        x["g"] = _offset_view(x["g"], 1)
+    check(kern(x), want, dtype)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
 def test_state_carried_across_two_calls(fused):
     x = make_inputs(3, 130, 2, 4, 128, 64, pad=[0, 40, 100])

@@ -9,9 +9,10 @@ Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk]
 Layout: a group of L lanes of one 32-lane SIMD-group / warp owns one value row of the state and
 keeps it in registers for all T steps; a warp holds 32 / L rows, a threadgroup W warps of one
 head. Lane `sub` of a row group holds the float4 column chunks sub, sub + L, sub + 2L, ... so each
-float4 load of the warp reads whole 32-byte sectors (coalesced); the row sums S_i . k and S_i . q
-are reduced over the L lanes with xor shuffles. Rows past Dv are clamped for loads and never
-stored, but still take part in the shuffles. q and k are read from their key head in place.
+float4 load of the warp reads whole 32-byte sectors (coalesced); the row sums (g S_i) . k,
+(g S_i) . q and k . q are reduced over the L lanes with xor shuffles, all three at once, since
+y_ti = (g S_i) . q + delta_i (k . q). Rows past Dv are clamped for loads and never stored, but
+still take part in the shuffles. q and k are read from their key head in place.
 The next step's inputs are loaded before the current step is computed (software pipelining),
 and the step loop has no branch (the last load is clamped), so the compiler can interleave it.
 Scalar gates (g, beta, or a, b with the fused gating math, and the mask) are read, and
@@ -115,21 +116,28 @@ def kernel_body(gate: str, mask: bool, decode: bool = False) -> str:
     input_names(gate, mask)  # validates gate
     p = _gate_parts(gate)
     load = _load(p["load"])
+    # y = S_new q = (g S) q + delta (k . q): the three row sums (g S) k, (g S) q and k . q are
+    # independent, so their shuffle reductions overlap and each step waits on one reduction
+    # instead of two in sequence.
     step = f"""float kv[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+        float sq[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+        float kq[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
         #pragma unroll
         for (int i = 0; i < N; ++i) {{
           s[i] *= {p["decay"]};
           kv[i % 4] += s[i] * k_cu[i];
+          sq[i % 4] += s[i] * q_cu[i];
+          kq[i % 4] += k_cu[i] * q_cu[i];
         }}
         const float kv_row = gd_group_sum<L>((kv[0] + kv[1]) + (kv[2] + kv[3]));
+        const float sq_row = gd_group_sum<L>((sq[0] + sq[1]) + (sq[2] + sq[3]));
+        const float kq_row = gd_group_sum<L>((kq[0] + kq[1]) + (kq[2] + kq[3]));
         const float delta = (v_cu - kv_row) * b_cu;
-        float o[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+        out = sq_row + delta * kq_row;
         #pragma unroll
         for (int i = 0; i < N; ++i) {{
           s[i] += k_cu[i] * delta;
-          o[i % 4] += s[i] * q_cu[i];
-        }}
-        out = gd_group_sum<L>((o[0] + o[1]) + (o[2] + o[3]));"""
+        }}"""
     if mask:
         # Padding (mask False) skips the step: state unchanged, y = 0. The branch is uniform
         # over the threadgroup (one batch row), so the shuffles inside stay converged.
@@ -334,9 +342,12 @@ def default_layout(Dk: int, T: int, heads: int) -> tuple[int, int, int]:
     heads = B * Hv: the fastest measured on an H100 at Dk = 128 (benchmarks/NOTES.md); a
     prefetch distance > 0 measured no faster there. Lanes always divide Dk / 4, since Dk is
     a multiple of 32."""
+    wide = Dk % 64 == 0  # 16 lanes need Dk / 4 divisible by 16
     if T == 1:
-        return 8, 8, 0
-    return (16, 1, 0) if Dk % 64 == 0 else (8, 2, 0)
+        # Decode is bound by the state's memory traffic; this layout was the steadiest near
+        # the floor over four runs (others varied by up to 25% between runs).
+        return (16, 2, 0) if wide else (8, 4, 0)
+    return (16, 1, 0) if wide else (8, 2, 0)
 
 
 def launch(kernel, inputs, q, v, *, lanes=None, warps=None, prefetch=None, init_value=None):
