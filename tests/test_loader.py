@@ -116,6 +116,15 @@ def test_invalid_config_json(tmp_path):
         load_model(folder)
 
 
+def test_unsupported_quantization_config(tmp_path):
+    folder = _copy_golden(tmp_path)
+    config = _config(folder)
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="fp8"):
+        load_model(folder)
+
+
 def test_missing_and_unexpected_weights_listed(tmp_path):
     folder = _copy_golden(tmp_path)
 

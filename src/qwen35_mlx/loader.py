@@ -304,6 +304,7 @@ def load_model(
         raise FileNotFoundError(f"no such checkpoint folder: {path}")
     config_dict = read_config(path)
     config = ModelConfig.from_dict(config_dict)
+    quantization = _quantization(config_dict)  # an unsupported scheme fails before any I/O
     weights, is_mlx = read_weights(path)
 
     model = build_model(config)
@@ -312,7 +313,7 @@ def load_model(
     # layout (conv [C, K, 1], shifted norms) is read from the weights, so nothing shifts twice.
     if not is_mlx or not _names_match(model, weights):
         weights = model.sanitize(weights)
-    if (quantization := _quantization(config_dict)) is not None:
+    if quantization is not None:
         apply_quantization(model, quantization, weights)
     weights = _cast(weights, _as_dtype(dtype))
     check_weights(model, weights)
