@@ -202,163 +202,126 @@ def stream_generate(
     keeps this prompt + generation for the next call.
     """
     with wired_limit():
-        yield from _stream_generate(
-            model,
-            tokenizer,
-            prompt,
-            images=images,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=logits_processors,
-            temp=temp,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            prefill_step_size=prefill_step_size,
-            prompt_cache=prompt_cache,
-            prompt_progress_callback=prompt_progress_callback,
-        )
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        first_kwargs: dict = {}
+        if images:
+            if not hasattr(tokenizer, "tokenizer") or not callable(tokenizer):
+                raise ValueError("images need a vision-language model and its processor")
+            ids, first_kwargs = _vlm_inputs(tokenizer, prompt, images)
+            if prompt_cache is not None:
+                raise ValueError("prompt_cache is not supported with images")
+        text_tok = _wrap_tokenizer(tokenizer)
+        if not images:
+            ids = _encode(text_tok, prompt)
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty")
 
+        sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
+        processors = list(logits_processors or [])
+        if repetition_penalty:
+            processors += make_logits_processors(repetition_penalty=repetition_penalty)
 
-def _stream_generate(
-    model: nn.Module,
-    tokenizer: Any,
-    prompt: str | Sequence[int] | mx.array,
-    *,
-    images: Sequence[Any] | None = None,
-    max_tokens: int = 256,
-    sampler: Sampler | None = None,
-    logits_processors: list[LogitsProcessor] | None = None,
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    prefill_step_size: int = 2048,
-    prompt_cache: Any = None,
-    prompt_progress_callback: Callable[[int, int], None] | None = None,
-) -> Generator[GenerationResponse, None, None]:
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    first_kwargs: dict = {}
-    if images:
-        if not hasattr(tokenizer, "tokenizer") or not callable(tokenizer):
-            raise ValueError("images need a vision-language model and its processor")
-        ids, first_kwargs = _vlm_inputs(tokenizer, prompt, images)
-        if prompt_cache is not None:
-            raise ValueError("prompt_cache is not supported with images")
-    text_tok = _wrap_tokenizer(tokenizer)
-    if not images:
-        ids = _encode(text_tok, prompt)
-    if len(ids) == 0:
-        raise ValueError("the prompt is empty")
+        # Which tokens must run through the model, and into which cache.
+        managed = None
+        if prompt_cache is None:
+            cache = model.make_cache()
+            todo, n_cached = ids, 0
+        elif isinstance(prompt_cache, list):
+            cache, todo, n_cached = prompt_cache, ids, 0
+        else:
+            managed = prompt_cache
+            cache, todo = managed.fetch(ids)
+            n_cached = len(ids) - len(todo)
 
-    sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
-    processors = list(logits_processors or [])
-    if repetition_penalty:
-        processors += make_logits_processors(repetition_penalty=repetition_penalty)
+        fed: list[int] = list(ids[:n_cached])  # tokens the cache holds, in order
+        history = mx.array(ids) if processors else None
 
-    # Which tokens must run through the model, and into which cache.
-    managed = None
-    if prompt_cache is None:
-        cache = model.make_cache()
-        todo, n_cached = ids, 0
-    elif isinstance(prompt_cache, list):
-        cache, todo, n_cached = prompt_cache, ids, 0
-    else:
-        managed = prompt_cache
-        cache, todo = managed.fetch(ids)
-        n_cached = len(ids) - len(todo)
-
-    fed: list[int] = list(ids[:n_cached])  # tokens the cache holds, in order
-    history = mx.array(ids) if processors else None
-
-    def step(tok: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal history
-        logits = model(tok[None], cache=cache)[:, -1, :]
-        if processors:
-            for proc in processors:
-                logits = proc(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs[0]
-
-    detok = text_tok.detokenizer
-    eos = set(text_tok.eos_token_ids)
-
-    tic = time.perf_counter()
-    stops = managed.snapshot_points(ids, n_cached) if managed is not None else ()
-    on_stop = None
-    if managed is not None:
-        on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
-    try:
-        prefill(
-            model,
-            cache,
-            todo[:-1],
-            prefill_step_size=prefill_step_size,
-            stops=[s - n_cached for s in stops],
-            on_stop=on_stop,
-            first_call_kwargs=first_kwargs,
-            progress=prompt_progress_callback,
-        )
-        fed.extend(todo[:-1])
-        y, logprobs = step(mx.array(todo[-1:]))
-        fed.append(todo[-1])
-        mx.eval(y, logprobs)
-    except BaseException:
-        if managed is not None:
-            managed.reset()  # the cache may hold part of the prompt: start cold next time
-        raise
-    prompt_time = time.perf_counter() - tic
-    prompt_tps = len(todo) / max(prompt_time, 1e-9)
-    if managed is not None:
-        # the state after the whole prompt: the prefix the next turn most often shares
-        managed.snapshot(cache, fed)
-
-    tic = time.perf_counter()
-    n = 0
-    finish = None
-    try:
-        while True:
-            token = y.item()
-            cur_logprobs = logprobs
-            n += 1
+        def step(tok: mx.array) -> tuple[mx.array, mx.array]:
+            nonlocal history
+            logits = model(tok[None], cache=cache)[:, -1, :]
             if processors:
-                history = mx.concatenate([history, y.reshape(-1)])
-            if token in eos:
-                finish = "stop"
-            elif n >= max_tokens:
-                finish = "length"
-            else:
-                # queue the next step before handing this token out (overlaps with the caller)
-                y, logprobs = step(y.reshape(-1))
-                fed.append(token)
-                mx.async_eval(y, logprobs)
-                detok.add_token(token)
-            if finish is not None:
-                if finish == "length":
-                    detok.add_token(token)
-                detok.finalize()
-            yield GenerationResponse(
-                text=detok.last_segment,
-                token=token,
-                logprobs=cur_logprobs,
-                prompt_tokens=len(ids),
-                prompt_tps=prompt_tps,
-                generation_tokens=n,
-                generation_tps=n / max(time.perf_counter() - tic, 1e-9),
-                peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=finish,
-                cached_tokens=n_cached,
-            )
-            if finish is not None:
-                break
-            if n % 256 == 0:
-                mx.clear_cache()
-    finally:
+                for proc in processors:
+                    logits = proc(history, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return sampler(logprobs), logprobs[0]
+
+        detok = text_tok.detokenizer
+        eos = set(text_tok.eos_token_ids)
+
+        tic = time.perf_counter()
+        stops = managed.snapshot_points(ids, n_cached) if managed is not None else ()
+        on_stop = None
         if managed is not None:
-            managed.commit(cache, fed)
+            on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
+        try:
+            prefill(
+                model,
+                cache,
+                todo[:-1],
+                prefill_step_size=prefill_step_size,
+                stops=[s - n_cached for s in stops],
+                on_stop=on_stop,
+                first_call_kwargs=first_kwargs,
+                progress=prompt_progress_callback,
+            )
+            fed.extend(todo[:-1])
+            y, logprobs = step(mx.array(todo[-1:]))
+            fed.append(todo[-1])
+            mx.eval(y, logprobs)
+        except BaseException:
+            if managed is not None:
+                managed.reset()  # the cache may hold part of the prompt: start cold next time
+            raise
+        prompt_time = time.perf_counter() - tic
+        prompt_tps = len(todo) / max(prompt_time, 1e-9)
+        if managed is not None:
+            # the state after the whole prompt: the prefix the next turn most often shares
+            managed.snapshot(cache, fed)
+
+        tic = time.perf_counter()
+        n = 0
+        finish = None
+        try:
+            while True:
+                token = y.item()
+                cur_logprobs = logprobs
+                n += 1
+                if processors:
+                    history = mx.concatenate([history, y.reshape(-1)])
+                if token in eos:
+                    finish = "stop"
+                elif n >= max_tokens:
+                    finish = "length"
+                else:
+                    # queue the next step before handing this token out (overlaps with the caller)
+                    y, logprobs = step(y.reshape(-1))
+                    fed.append(token)
+                    mx.async_eval(y, logprobs)
+                    detok.add_token(token)
+                if finish is not None:
+                    if finish == "length":
+                        detok.add_token(token)
+                    detok.finalize()
+                yield GenerationResponse(
+                    text=detok.last_segment,
+                    token=token,
+                    logprobs=cur_logprobs,
+                    prompt_tokens=len(ids),
+                    prompt_tps=prompt_tps,
+                    generation_tokens=n,
+                    generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+                    peak_memory=mx.get_peak_memory() / 1e9,
+                    finish_reason=finish,
+                    cached_tokens=n_cached,
+                )
+                if finish is not None:
+                    break
+                if n % 256 == 0:
+                    mx.clear_cache()
+        finally:
+            if managed is not None:
+                managed.commit(cache, fed)
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt: Any, **kwargs) -> str:
@@ -405,126 +368,97 @@ def batch_generate(
     the tokens it yields alone.
     """
     with wired_limit():
-        return _batch_generate(
-            model,
-            tokenizer,
-            prompts,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=logits_processors,
-            temp=temp,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            prefill_step_size=prefill_step_size,
-        )
+        text_tok = _wrap_tokenizer(tokenizer)
+        rows = [_encode(text_tok, p) for p in prompts]
+        if not rows:
+            return BatchResponse([], [], [])
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("a prompt is empty")
+        limits = [max_tokens] * len(rows) if isinstance(max_tokens, int) else list(max_tokens)
+        if len(limits) != len(rows) or min(limits) < 1:
+            raise ValueError("max_tokens must be >= 1 for every prompt")
+        sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
+        processors = list(logits_processors or [])
+        eos = set(text_tok.eos_token_ids)
 
+        lengths = [len(r) for r in rows]
+        width = max(lengths)
+        pad = [width - n for n in lengths]
+        pad_id = getattr(text_tok, "pad_token_id", None) or 0
+        grid = mx.array([[pad_id] * p + r for p, r in zip(pad, rows, strict=True)])  # [B, Tmax]
+        cache = make_batch_cache(model, pad)
 
-def _batch_generate(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str | Sequence[int]],
-    *,
-    max_tokens: int | Sequence[int] = 256,
-    sampler: Sampler | None = None,
-    logits_processors: list[LogitsProcessor] | None = None,
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    prefill_step_size: int = 2048,
-) -> BatchResponse:
-    text_tok = _wrap_tokenizer(tokenizer)
-    rows = [_encode(text_tok, p) for p in prompts]
-    if not rows:
-        return BatchResponse([], [], [])
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("a prompt is empty")
-    limits = [max_tokens] * len(rows) if isinstance(max_tokens, int) else list(max_tokens)
-    if len(limits) != len(rows) or min(limits) < 1:
-        raise ValueError("max_tokens must be >= 1 for every prompt")
-    sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
-    processors = list(logits_processors or [])
-    eos = set(text_tok.eos_token_ids)
+        tic = time.perf_counter()
+        done = 0
+        while done < width - 1:
+            end = min(done + prefill_step_size, width - 1)
+            model(grid[:, done:end], cache=cache)
+            mx.eval(_cache_state(cache))
+            mx.clear_cache()
+            done = end
+        history = [list(r) for r in rows]
 
-    lengths = [len(r) for r in rows]
-    width = max(lengths)
-    pad = [width - n for n in lengths]
-    pad_id = getattr(text_tok, "pad_token_id", None) or 0
-    grid = mx.array([[pad_id] * p + r for p, r in zip(pad, rows, strict=True)])  # [B, Tmax]
-    cache = make_batch_cache(model, pad)
+        def step(tokens: mx.array, active: list[int]) -> tuple[mx.array, mx.array]:
+            logits = model(tokens, cache=cache)[:, -1, :]
+            if processors:
+                logits = mx.concatenate(
+                    [
+                        _apply(processors, mx.array(history[i]), logits[j : j + 1])
+                        for j, i in enumerate(active)
+                    ]
+                )
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return sampler(logprobs), logprobs
 
-    tic = time.perf_counter()
-    done = 0
-    while done < width - 1:
-        end = min(done + prefill_step_size, width - 1)
-        model(grid[:, done:end], cache=cache)
-        mx.eval(_cache_state(cache))
-        mx.clear_cache()
-        done = end
-    history = [list(r) for r in rows]
-
-    def step(tokens: mx.array, active: list[int]) -> tuple[mx.array, mx.array]:
-        logits = model(tokens, cache=cache)[:, -1, :]
-        if processors:
-            logits = mx.concatenate(
-                [
-                    _apply(processors, mx.array(history[i]), logits[j : j + 1])
-                    for j, i in enumerate(active)
-                ]
-            )
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs
-
-    active = list(range(len(rows)))
-    y, _ = step(grid[:, -1:], active)
-    mx.eval(y)
-    prompt_time = time.perf_counter() - tic
-    tic = time.perf_counter()
-
-    out: list[list[int]] = [[] for _ in rows]
-    reasons: list[str | None] = [None] * len(rows)
-    n_gen = 0
-    while active:
-        toks = y.tolist()
-        keep = []
-        for j, i in enumerate(active):
-            t = toks[j]
-            out[i].append(t)
-            history[i].append(t)
-            n_gen += 1
-            if t in eos:
-                reasons[i] = "stop"
-            elif len(out[i]) >= limits[i]:
-                reasons[i] = "length"
-            else:
-                keep.append(j)
-        if not keep:
-            break
-        if len(keep) < len(active):
-            idx = mx.array(keep)
-            for c in cache:
-                c.filter(idx)
-            y = y[idx]
-            active = [active[j] for j in keep]
-        y, _ = step(y.reshape(-1, 1), active)
+        active = list(range(len(rows)))
+        y, _ = step(grid[:, -1:], active)
         mx.eval(y)
+        prompt_time = time.perf_counter() - tic
+        tic = time.perf_counter()
 
-    texts = []
-    for i, toks in enumerate(out):
-        body = toks[:-1] if reasons[i] == "stop" else toks
-        texts.append(text_tok.decode(body))
-    gen_time = time.perf_counter() - tic
-    return BatchResponse(
-        texts=texts,
-        tokens=out,
-        finish_reasons=reasons,
-        prompt_tokens=sum(lengths),
-        prompt_tps=sum(lengths) / max(prompt_time, 1e-9),
-        generation_tokens=n_gen,
-        generation_tps=n_gen / max(gen_time, 1e-9),
-        peak_memory=mx.get_peak_memory() / 1e9,
-    )
+        out: list[list[int]] = [[] for _ in rows]
+        reasons: list[str | None] = [None] * len(rows)
+        n_gen = 0
+        while active:
+            toks = y.tolist()
+            keep = []
+            for j, i in enumerate(active):
+                t = toks[j]
+                out[i].append(t)
+                history[i].append(t)
+                n_gen += 1
+                if t in eos:
+                    reasons[i] = "stop"
+                elif len(out[i]) >= limits[i]:
+                    reasons[i] = "length"
+                else:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                idx = mx.array(keep)
+                for c in cache:
+                    c.filter(idx)
+                y = y[idx]
+                active = [active[j] for j in keep]
+            y, _ = step(y.reshape(-1, 1), active)
+            mx.eval(y)
+
+        texts = []
+        for i, toks in enumerate(out):
+            body = toks[:-1] if reasons[i] == "stop" else toks
+            texts.append(text_tok.decode(body))
+        gen_time = time.perf_counter() - tic
+        return BatchResponse(
+            texts=texts,
+            tokens=out,
+            finish_reasons=reasons,
+            prompt_tokens=sum(lengths),
+            prompt_tps=sum(lengths) / max(prompt_time, 1e-9),
+            generation_tokens=n_gen,
+            generation_tps=n_gen / max(gen_time, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+        )
 
 
 def _apply(processors: list[LogitsProcessor], history: mx.array, logits: mx.array) -> mx.array:
