@@ -135,20 +135,16 @@ def prefill(
         return
     marks = {s for s in stops if 0 < s <= n_total}
     ends = sorted(marks | {n_total})
+    kwargs = first_call_kwargs or {}
     done = 0
-    first = True
     while done < n_total:
-        if first and first_call_kwargs:
+        if kwargs:
             step_end = n_total
         else:
-            step_end = min(done + prefill_step_size, n_total)
-            nxt = next(e for e in ends if e > done)
-            step_end = min(step_end, nxt)
-        chunk = mx.array(tokens[done:step_end])[None]
-        kwargs = first_call_kwargs if (first and first_call_kwargs) else {}
-        model(chunk, cache=cache, **kwargs)
+            step_end = min(done + prefill_step_size, next(e for e in ends if e > done))
+        model(mx.array(tokens[done:step_end])[None], cache=cache, **kwargs)
         mx.eval(_cache_state(cache))
-        first = False
+        kwargs = {}
         done = step_end
         if on_stop is not None and done in marks:
             on_stop(done)
@@ -234,15 +230,10 @@ def stream_generate(
             cache, todo = managed.fetch(ids)
             n_cached = len(ids) - len(todo)
 
-        fed: list[int] = list(ids[:n_cached])  # tokens the cache holds, in order
         history = mx.array(ids) if processors else None
 
         def step(tok: mx.array) -> tuple[mx.array, mx.array]:
-            nonlocal history
-            logits = model(tok[None], cache=cache)[:, -1, :]
-            if processors:
-                for proc in processors:
-                    logits = proc(history, logits)
+            logits = _apply(processors, history, model(tok[None], cache=cache)[:, -1, :])
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             return sampler(logprobs), logprobs[0]
 
@@ -250,9 +241,9 @@ def stream_generate(
         eos = set(text_tok.eos_token_ids)
 
         tic = time.perf_counter()
-        stops = managed.snapshot_points(ids, n_cached) if managed is not None else ()
-        on_stop = None
+        stops, on_stop = [], None
         if managed is not None:
+            stops = [s - n_cached for s in managed.snapshot_points(ids, n_cached)]
             on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
         try:
             prefill(
@@ -260,14 +251,12 @@ def stream_generate(
                 cache,
                 todo[:-1],
                 prefill_step_size=prefill_step_size,
-                stops=[s - n_cached for s in stops],
+                stops=stops,
                 on_stop=on_stop,
                 first_call_kwargs=first_kwargs,
                 progress=prompt_progress_callback,
             )
-            fed.extend(todo[:-1])
             y, logprobs = step(mx.array(todo[-1:]))
-            fed.append(todo[-1])
             mx.eval(y, logprobs)
         except BaseException:
             if managed is not None:
@@ -275,6 +264,7 @@ def stream_generate(
             raise
         prompt_time = time.perf_counter() - tic
         prompt_tps = len(todo) / max(prompt_time, 1e-9)
+        fed = list(ids)  # tokens the cache holds, in order
         if managed is not None:
             # the state after the whole prompt: the prefix the next turn most often shares
             managed.snapshot(cache, fed)
