@@ -77,5 +77,8 @@ def gated_delta_ref(
         else:
             y_t, S = _step_masked_compiled(*args, mask[:, t])
         ys.append(y_t)
-    y = mx.stack(ys, axis=1) if ys else mx.zeros(v.shape, mx.float32)
+    if len(ys) == 1:  # decode: a view, not a copy
+        y = mx.expand_dims(ys[0], 1)
+    else:
+        y = mx.stack(ys, axis=1) if ys else mx.zeros(v.shape, mx.float32)
     return y.astype(v.dtype), S
