@@ -16,6 +16,7 @@ with a vision tower) from `config.json`, `layer_types` included. mlx-lm then cal
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,45 @@ from typing import Any
 MODULE_NAME = "qwen35_mlx"  # mlx-lm looks for mlx_lm.models.<this>
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
 
-_saved: dict[str, str | None] = {}
+
+class Remapping:
+    """Route `host`'s Qwen3.5 model types to the module `plugin`: `MODEL_REMAPPING` entries to
+    `MODULE_NAME`, and `<host>.models.<MODULE_NAME>` in `sys.modules`. `unregister` restores the
+    entries it replaced. mlx-vlm resolves `model_type` the same way, so its plugin uses this too.
+    """
+
+    def __init__(self, host: str, plugin: str):
+        self.host = host  # "mlx_lm" or "mlx_vlm"
+        self.plugin = plugin  # the plugin module's __name__
+        self._saved: dict[str, str | None] = {}
+
+    def _table(self) -> dict[str, str]:
+        return importlib.import_module(f"{self.host}.utils").MODEL_REMAPPING
+
+    def register(self) -> None:
+        table = self._table()
+        sys.modules[f"{self.host}.models.{MODULE_NAME}"] = sys.modules[self.plugin]
+        for t in MODEL_TYPES:
+            if table.get(t) != MODULE_NAME:
+                self._saved.setdefault(t, table.get(t))
+                table[t] = MODULE_NAME
+
+    def unregister(self) -> None:
+        table = self._table()
+        for t, old in self._saved.items():
+            if old is None:
+                table.pop(t, None)
+            else:
+                table[t] = old
+        self._saved.clear()
+        sys.modules.pop(f"{self.host}.models.{MODULE_NAME}", None)
+
+    def is_registered(self) -> bool:
+        table = self._table()
+        return all(table.get(t) == MODULE_NAME for t in MODEL_TYPES)
+
+
+_remapping = Remapping("mlx_lm", __name__)
 
 
 @dataclass
@@ -50,29 +89,13 @@ class Model:
 
 def register() -> None:
     """Route mlx-lm's Qwen3.5 model types to this package (idempotent)."""
-    import mlx_lm.utils as utils
-
-    sys.modules[f"mlx_lm.models.{MODULE_NAME}"] = sys.modules[__name__]
-    for t in MODEL_TYPES:
-        if utils.MODEL_REMAPPING.get(t) != MODULE_NAME:
-            _saved.setdefault(t, utils.MODEL_REMAPPING.get(t))
-            utils.MODEL_REMAPPING[t] = MODULE_NAME
+    _remapping.register()
 
 
 def unregister() -> None:
     """Give mlx-lm its own resolution back."""
-    import mlx_lm.utils as utils
-
-    for t, old in _saved.items():
-        if old is None:
-            utils.MODEL_REMAPPING.pop(t, None)
-        else:
-            utils.MODEL_REMAPPING[t] = old
-    _saved.clear()
-    sys.modules.pop(f"mlx_lm.models.{MODULE_NAME}", None)
+    _remapping.unregister()
 
 
 def is_registered() -> bool:
-    import mlx_lm.utils as utils
-
-    return all(utils.MODEL_REMAPPING.get(t) == MODULE_NAME for t in MODEL_TYPES)
+    return _remapping.is_registered()

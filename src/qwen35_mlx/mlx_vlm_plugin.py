@@ -20,17 +20,17 @@ mlx-vlm's own processor (transformers' Qwen3-VL processor) prepares text and ima
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-MODULE_NAME = "qwen35_mlx"  # mlx-vlm looks for mlx_vlm.models.<this>
-MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+from .mlx_lm_plugin import MODEL_TYPES as MODEL_TYPES
+from .mlx_lm_plugin import MODULE_NAME as MODULE_NAME  # mlx-vlm looks for mlx_vlm.models.<this>
+from .mlx_lm_plugin import Remapping
 
-_saved: dict[str, str | None] = {}
+_remapping = Remapping("mlx_vlm", __name__)
 
 
 @dataclass
@@ -150,29 +150,14 @@ class Model(nn.Module):
 def register() -> None:
     """Route mlx-vlm's Qwen3.5 model types to this package (idempotent)."""
     import mlx_vlm.models.qwen3_5  # noqa: F401  (registers the Qwen3.5 processor with transformers)
-    import mlx_vlm.utils as utils
 
-    sys.modules[f"mlx_vlm.models.{MODULE_NAME}"] = sys.modules[__name__]
-    for t in MODEL_TYPES:
-        if utils.MODEL_REMAPPING.get(t) != MODULE_NAME:
-            _saved.setdefault(t, utils.MODEL_REMAPPING.get(t))
-            utils.MODEL_REMAPPING[t] = MODULE_NAME
+    _remapping.register()
 
 
 def unregister() -> None:
     """Give mlx-vlm its own resolution back."""
-    import mlx_vlm.utils as utils
-
-    for t, old in _saved.items():
-        if old is None:
-            utils.MODEL_REMAPPING.pop(t, None)
-        else:
-            utils.MODEL_REMAPPING[t] = old
-    _saved.clear()
-    sys.modules.pop(f"mlx_vlm.models.{MODULE_NAME}", None)
+    _remapping.unregister()
 
 
 def is_registered() -> bool:
-    import mlx_vlm.utils as utils
-
-    return all(utils.MODEL_REMAPPING.get(t) == MODULE_NAME for t in MODEL_TYPES)
+    return _remapping.is_registered()
