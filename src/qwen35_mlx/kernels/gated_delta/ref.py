@@ -21,8 +21,9 @@ import mlx.core as mx
 
 def _step(q, k, v, g, beta, S, m):
     """One step. q, k [B, Hk, Dk]; v [B, Hv, Dv]; g [B, Hv] or [B, Hv, Dk]; beta [B, Hv];
-    S [B, Hv, Dv, Dk] fp32; m [B] bool or None. Returns (y [B, Hv, Dv] fp32, S)."""
+    S [B, Hv, Dv, Dk] fp32; m [B] bool or None. Returns (y [B, Hv, Dv] in v's dtype, S)."""
     f32 = mx.float32
+    out_dtype = v.dtype
     B, Hk, Dk = q.shape
     Hv, Dv = v.shape[1:]
     R = Hv // Hk
@@ -50,7 +51,7 @@ def _step(q, k, v, g, beta, S, m):
         m3 = mx.repeat(m, Hv).reshape(N, 1, 1)
         S_new = mx.where(m3, S_new, S3)
         y = mx.where(m3, y, 0.0)
-    return y.reshape(B, Hv, Dv), S_new.reshape(B, Hv, Dv, Dk)
+    return y.reshape(B, Hv, Dv).astype(out_dtype), S_new.reshape(B, Hv, Dv, Dk)
 
 
 _step_compiled = mx.compile(lambda q, k, v, g, beta, S: _step(q, k, v, g, beta, S, None))
@@ -80,5 +81,5 @@ def gated_delta_ref(
     if len(ys) == 1:  # decode: a view, not a copy
         y = mx.expand_dims(ys[0], 1)
     else:
-        y = mx.stack(ys, axis=1) if ys else mx.zeros(v.shape, mx.float32)
-    return y.astype(v.dtype), S
+        y = mx.stack(ys, axis=1) if ys else mx.zeros(v.shape, v.dtype)
+    return y, S
