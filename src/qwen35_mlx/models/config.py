@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")
@@ -25,8 +25,19 @@ def _known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k in names}
 
 
+class _DictConfig:
+    """`from_dict` keeps the keys the dataclass has fields for (config.json carries more)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls(**_known_fields(cls, d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class TextConfig:
+class TextConfig(_DictConfig):
     model_type: str = "qwen3_5_text"
     vocab_size: int = 248320
     hidden_size: int = 4096
@@ -143,16 +154,9 @@ class TextConfig:
             and (i + 1) % self.decoder_sparse_step == 0
         )
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TextConfig:
-        return cls(**_known_fields(cls, d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class VisionConfig:
+class VisionConfig(_DictConfig):
     model_type: str = "qwen3_5_vision"
     depth: int = 27
     hidden_size: int = 1152
@@ -167,13 +171,6 @@ class VisionConfig:
     num_position_embeddings: int = 2304
     deepstack_visual_indexes: list[int] = field(default_factory=list)
     initializer_range: float = 0.02
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        return cls(**_known_fields(cls, d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
