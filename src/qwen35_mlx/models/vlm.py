@@ -218,14 +218,14 @@ class Model(nn.Module):
 
     def _real_offset(self, cache: list | None, B: int) -> np.ndarray | None:
         """Real (non-pad) tokens each row has in the cache; None for no cache or a fresh one."""
-        offset = None if cache is None else _attention_offset(cache)
-        if offset is None or _cache_len(cache) == 0:
+        c = _attention_cache(cache)
+        if c is None or _seen(c) == 0:
             return None
-        if isinstance(offset, int):
+        if isinstance(c.offset, int):
             # A plain KV cache counts pads too; a batch cache's per-row offsets do not.
             pads = self._pads if self._pads is not None else np.zeros(B, np.int64)
-            return offset - pads
-        return np.array(offset).reshape(-1)
+            return c.offset - pads
+        return np.array(c.offset).reshape(-1)
 
     def _decode_positions(
         self, cache: list | None, B: int, T: int, embedded: bool = False
@@ -269,8 +269,10 @@ class Model(nn.Module):
         steps: `get_input_embeddings` once, then slices as `input_embeddings` (positions follow).
         """
         mask = attention_mask if mask is None else mask
-        if cache is None and mask is not None and not np.array(mask).all():
-            cache = self.make_cache(left_padding=(np.array(mask) == 0).sum(1).tolist())
+        if cache is None and mask is not None:
+            real = np.array(mask)
+            if not real.all():
+                cache = self.make_cache(left_padding=(real == 0).sum(1).tolist())
         if pixel_values is not None or pixel_values_videos is not None:
             input_embeddings, position_ids = self.get_input_embeddings(
                 input_ids,
@@ -338,21 +340,18 @@ def _attention_cache(cache: list | None) -> Any:
     return None
 
 
-def _attention_offset(cache: list) -> Any:
-    """Its offset: an int (plain caches) or per-row [B] real-token counts (batch caches)."""
-    c = _attention_cache(cache)
-    return None if c is None else c.offset
+def _seen(c: Any) -> int:
+    """Tokens (pads included) an attention cache has seen. Its offset is an int (plain caches)
+    or per-row [B] real-token counts (batch caches, which start them at -left_padding)."""
+    if isinstance(c.offset, int):
+        return c.offset
+    return int((c.offset + c.left_padding)[0].item())
 
 
 def _cache_len(cache: list | None) -> int:
     """Tokens (pads included) the cache has seen; 0 when fresh or absent."""
     c = _attention_cache(cache)
-    if c is None:
-        return 0
-    if isinstance(c.offset, int):
-        return c.offset
-    # Batch caches start their per-row offsets at -left_padding.
-    return int((c.offset + c.left_padding)[0].item())
+    return 0 if c is None else _seen(c)
 
 
 def _mask_from_cache(cache: list | None, shape: tuple[int, int]) -> np.ndarray | None:
