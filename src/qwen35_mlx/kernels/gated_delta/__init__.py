@@ -85,8 +85,8 @@ def _resolve_backend(backend: str) -> str:
 
 
 # Below this many steps the token-by-token path beats the chunked one on the CPU. Measured at
-# Hk=16, Hv=32, Dk=Dv=128 on 2 x86 cores with OpenBLAS: even at T=2 (B=1 and B=8), chunked
-# ahead from T=3, 3-4x ahead by T=16 (benchmarks/NOTES.md).
+# Hk=16, Hv=32, Dk=Dv=128 on 2 x86 cores with OpenBLAS: the two are even at T=2 (B=1 and B=8),
+# chunked leads from T=3 and is 3-4x ahead by T=16 (benchmarks/NOTES.md).
 _CPU_CHUNKED_MIN_T = 3
 
 
