@@ -75,13 +75,7 @@ class Processor:
             pixel_values, grid = self.preprocess_images(images)
             result["pixel_values"] = mx.array(pixel_values)
             result["image_grid_thw"] = mx.array(grid)
-            counts = [int(np.prod(g)) // self.merge_size**2 for g in grid]
-            n_slots = sum(t.count(self.image_token) for t in texts)
-            if n_slots != len(counts):
-                raise ValueError(
-                    f"{len(counts)} image(s) given but the text has {n_slots} "
-                    f"{self.image_token} placeholder(s)"
-                )
+            counts = self._slot_counts(grid, sum(t.count(self.image_token) for t in texts))
             texts = self._expand(texts, counts)
         elif any(self.image_token in t for t in texts):
             raise ValueError(f"the text has {self.image_token} placeholders but no images")
@@ -105,18 +99,24 @@ class Processor:
         """mlx-lm's processor protocol: (text with placeholders expanded, one pixel array per
         image shaped `[t, h, w, C*Tp*P*P]`, the grid in the shape) for `Model.embed_inputs`."""
         pixel_values, grid = self.preprocess_images(images)
-        counts = [int(np.prod(g)) // self.merge_size**2 for g in grid]
-        if text.count(self.image_token) != len(counts):
-            raise ValueError(
-                f"{len(counts)} image(s) given but the text has "
-                f"{text.count(self.image_token)} {self.image_token} placeholder(s)"
-            )
+        counts = self._slot_counts(grid, text.count(self.image_token))
         splits = np.cumsum([int(np.prod(g)) for g in grid])[:-1]
         per_image = [
             mx.array(p.reshape(*[int(x) for x in g], -1))
             for p, g in zip(np.split(pixel_values, splits), grid, strict=True)
         ]
         return self._expand([text], counts)[0], per_image
+
+    def _slot_counts(self, grid, n_slots: int) -> list[int]:
+        """Image tokens each image expands to (one per merged row); the text must hold one
+        placeholder per image."""
+        counts = [int(np.prod(g)) // self.merge_size**2 for g in grid]
+        if n_slots != len(counts):
+            raise ValueError(
+                f"{len(counts)} image(s) given but the text has {n_slots} "
+                f"{self.image_token} placeholder(s)"
+            )
+        return counts
 
     def _expand(self, texts: list[str], counts: list[int]) -> list[str]:
         it = iter(counts)
