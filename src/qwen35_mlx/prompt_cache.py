@@ -56,10 +56,11 @@ def _saved_state(state: Any) -> Any:
     return state
 
 
-def _layer_len(c: Any) -> int:
-    if hasattr(c, "offset") and isinstance(c.offset, int):
-        return c.offset
-    return c.size()
+def _trim_to(c: Any, n: int) -> None:
+    """Trim a trimmable layer cache back to its first `n` tokens."""
+    size = c.offset if hasattr(c, "offset") and isinstance(c.offset, int) else c.size()
+    if size > n:
+        c.trim(size - n)
 
 
 class PromptCache:
@@ -122,11 +123,9 @@ class PromptCache:
             elif all(_trimmable(c) for c in self.cache):
                 cache, k = self._trim(n_live), n_live
             else:
-                best = None
-                for toks, saved in self.snapshots:
-                    if len(toks) <= n_live and (best is None or len(toks) > len(best[0])):
-                        best = (toks, saved)
-                if best is not None and len(best[0]) > 0:
+                fits = [s for s in self.snapshots if 0 < len(s[0]) <= n_live]
+                if fits:
+                    best = max(fits, key=lambda s: len(s[0]))  # the first longest
                     cache, k = self._restore(*best), len(best[0])
         if cache is None:
             cache, k = self.model.make_cache(), 0
@@ -181,18 +180,13 @@ class PromptCache:
 
     def _trim(self, n: int) -> list:
         for c in self.cache:
-            excess = _layer_len(c) - n
-            if excess > 0:
-                c.trim(excess)
+            _trim_to(c, n)
         return self.cache
 
     def _restore(self, tokens: list[int], saved: list[Any]) -> list:
-        n = len(tokens)
         for c, s in zip(self.cache, saved, strict=True):
             if s is None:
-                excess = _layer_len(c) - n
-                if excess > 0:
-                    c.trim(excess)
+                _trim_to(c, len(tokens))
             else:
                 c.state = _saved_state(s)
         return self.cache
