@@ -288,10 +288,9 @@ def stream_generate(
                     y, logprobs = step(y.reshape(-1))
                     fed.append(token)
                     mx.async_eval(y, logprobs)
+                if finish != "stop":
                     detok.add_token(token)
                 if finish is not None:
-                    if finish == "length":
-                        detok.add_token(token)
                     detok.finalize()
                 yield GenerationResponse(
                     text=detok.last_segment,
