@@ -138,7 +138,7 @@ def build_prompt(tokenizer, prompt: str, args: argparse.Namespace, n_images: int
     """The prompt text to tokenize: the chat template applied unless --no-chat-template."""
     text_tok = getattr(tokenizer, "tokenizer", tokenizer)
     if args.no_chat_template or getattr(text_tok, "chat_template", None) is None:
-        return IMAGE_SLOT * n_images + prompt if n_images else prompt
+        return IMAGE_SLOT * n_images + prompt
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
