@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qwen35_mlx.loader import load_model
-from tests.conftest import RTOL, rel_err
+from tests.conftest import MODEL_LOGIT_BAR, RTOL, rel_err
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 MLX_LM_TYPE = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
@@ -89,4 +89,7 @@ def test_reads_mlx_lm_quantized_checkpoint(case, tmp_path):
 
     ids = mx.array(np.load(GOLDEN / case / "reference.npz")["input_ids"])
     a, b = ours(ids), theirs(ids)
-    assert rel_err(a, b) < RTOL[mx.float32], rel_err(a, b)
+    # Issue 3's bar for model logits (1e-4 of the logit scale), not the kernel table: through
+    # 4-bit weights two implementations differ by ~2e-5 relative (measured with both our ref
+    # and chunked backends, with either BLAS); unquantized they agree within RTOL above.
+    assert rel_err(a, b) < MODEL_LOGIT_BAR, rel_err(a, b)
