@@ -196,7 +196,7 @@ def gated_delta_update(
             return impl.gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
         name = "auto"
     g, beta = compute_gates(a, b, A_log, dt_bias)
-    return gated_delta(q, k, v, g, beta, state, mask, backend=name if name != "auto" else "auto")
+    return gated_delta(q, k, v, g, beta, state, mask, backend=name)
 
 
 def _gpu_module(name: str):
