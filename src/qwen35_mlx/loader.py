@@ -242,10 +242,6 @@ def _infer_quant_params(path: str, module: nn.Module, weights: dict[str, mx.arra
     return infer_quant_config(path, module, weights)
 
 
-def _keep_fp32(name: str) -> bool:
-    return name.endswith("A_log")
-
-
 def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
     if dtype is None or isinstance(dtype, mx.Dtype):
         return dtype
@@ -254,12 +250,15 @@ def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
     raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
 
 
-def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+def _cast(
+    weights: dict[str, mx.array], dtype: mx.Dtype | None, cast_predicate
+) -> dict[str, mx.array]:
+    """Floating weights to `dtype`; those the model's cast_predicate refuses go to fp32."""
     out = {}
     for k, v in weights.items():
         if not mx.issubdtype(v.dtype, mx.floating):
             out[k] = v  # packed quantized weights, integer buffers
-        elif _keep_fp32(k):
+        elif not cast_predicate(k):
             out[k] = v.astype(mx.float32)
         elif dtype is not None:
             out[k] = v.astype(dtype)
@@ -315,7 +314,7 @@ def load_model(
         weights = model.sanitize(weights)
     if quantization is not None:
         apply_quantization(model, quantization, weights)
-    weights = _cast(weights, _as_dtype(dtype))
+    weights = _cast(weights, _as_dtype(dtype), model.cast_predicate)
     check_weights(model, weights)
     model.eval()
     model.load_weights(list(weights.items()), strict=True)
