@@ -117,20 +117,21 @@ def preload_openblas() -> None:
     _status = {"blas": "reference", "reason": "no OpenBLAS found"}
 
 
-def _libmlx_loaded() -> bool:
+def _proc_maps() -> str:
+    """This process's mapped files ("" where /proc is unreadable)."""
     try:
-        return "libmlx" in Path("/proc/self/maps").read_text()
+        return Path("/proc/self/maps").read_text()
     except OSError:
-        return False
+        return ""
+
+
+def _libmlx_loaded() -> bool:
+    return "libmlx" in _proc_maps()
 
 
 def _already_loaded() -> dict:
     """An OpenBLAS that the user put in LD_PRELOAD is in use even when mlx came first."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return {}
-    if "libopenblas" in maps and "LD_PRELOAD" in os.environ:
+    if "libopenblas" in _proc_maps() and "LD_PRELOAD" in os.environ:
         return {"blas": "openblas", "reason": "LD_PRELOAD"}
     return {}
 
