@@ -131,8 +131,13 @@ def is_hf_layout(weights: dict[str, mx.array]) -> bool:
     """
     for k, v in weights.items():
         if k.endswith("conv1d.weight") and v.ndim == 3:
-            return v.shape[1] == 1 and v.shape[2] > 1
+            return _is_hf_conv(v)
     return False
+
+
+def _is_hf_conv(v: mx.array) -> bool:
+    """A 3-D conv1d weight in Hugging Face's [C, 1, K] layout (K > 1), not MLX's [C, K, 1]."""
+    return v.shape[1] == 1 and v.shape[2] > 1
 
 
 def _strip_prefix(key: str) -> str | None:
@@ -174,7 +179,7 @@ def sanitize_text_weights(
             prefix, idx, proj, suffix = m.groups()
             per_expert.setdefault((prefix, proj, suffix), {})[int(idx)] = v
             continue
-        if key.endswith("conv1d.weight") and v.ndim == 3 and v.shape[1] == 1 and v.shape[2] > 1:
+        if key.endswith("conv1d.weight") and v.ndim == 3 and _is_hf_conv(v):
             v = v.swapaxes(1, 2)
         elif hf and v.ndim == 1 and (key == "model.norm.weight" or key.endswith(_NORM_SUFFIXES)):
             v = (v.astype(mx.float32) + 1.0).astype(v.dtype)
