@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _golden import noise_text_param, save_hf
 from safetensors.torch import load_file, save_file
 from transformers import (
     Qwen3_5ForCausalLM,
@@ -124,29 +125,8 @@ def build(case: dict) -> torch.nn.Module:
 @torch.no_grad()
 def add_noise(model: torch.nn.Module, gen: torch.Generator) -> None:
     """Replace every parameter with non-trivial random values of a sensible scale."""
-
-    def randn(shape):
-        return torch.randn(shape, generator=gen, dtype=torch.float32)
-
     for name, p in model.named_parameters():
-        if name.endswith("A_log"):
-            # decay rates exp(A_log) in [0.3, 3]: some heads forget fast, some slowly
-            p.copy_(torch.empty(p.shape).uniform_(-1.2, 1.1, generator=gen))
-        elif name.endswith("dt_bias"):
-            p.copy_(0.5 * randn(p.shape))
-        elif name.endswith("linear_attn.norm.weight"):
-            # the gated norm applies w itself (centred on 1)
-            p.copy_(1.0 + 0.2 * randn(p.shape))
-        elif p.ndim == 1:
-            # zero-centred Qwen3_5RMSNorm weights: applied as (1 + w)
-            p.copy_(0.2 * randn(p.shape))
-        elif name.endswith("conv1d.weight"):
-            p.copy_(0.5 * randn(p.shape))  # [C, 1, K]
-        elif name.endswith("embed_tokens.weight"):
-            p.copy_(randn(p.shape))
-        else:
-            # Linear / expert weights: in-features are the last axis everywhere
-            p.copy_(randn(p.shape) / np.sqrt(p.shape[-1]))
+        noise_text_param(name, p, gen)
 
 
 @torch.no_grad()
@@ -239,9 +219,7 @@ def write_case(name: str, case: dict, seed: int) -> list[Path]:
 
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    for extra in ("generation_config.json",):
-        (folder / extra).unlink(missing_ok=True)
+    save_hf(model, folder)
     np.savez_compressed(folder / "reference.npz", **ref)
     written = [folder]
 

@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from _golden import noise_text_param, save_hf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
@@ -99,24 +100,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 @torch.no_grad()
 def add_noise(model: torch.nn.Module, gen: torch.Generator) -> None:
-    def randn(shape):
-        return torch.randn(shape, generator=gen, dtype=torch.float32)
-
     for name, p in model.named_parameters():
-        if name.endswith("A_log"):
-            p.copy_(torch.empty(p.shape).uniform_(-1.2, 1.1, generator=gen))
-        elif name.endswith("dt_bias"):
-            p.copy_(0.5 * randn(p.shape))
-        elif name.endswith("linear_attn.norm.weight"):
-            p.copy_(1.0 + 0.2 * randn(p.shape))
-        elif p.ndim == 1:
-            p.copy_(0.2 * randn(p.shape))  # zero-centred RMSNorm weights, applied as (1 + w)
-        elif name.endswith("conv1d.weight"):
-            p.copy_(0.5 * randn(p.shape))
-        elif name.endswith("embed_tokens.weight"):
-            p.copy_(randn(p.shape))
-        else:
-            p.copy_(randn(p.shape) / p.shape[-1] ** 0.5)
+        noise_text_param(name, p, gen)
 
 
 def build_model(
@@ -231,8 +216,7 @@ def main() -> None:
 
     golden.update(user=PROMPT, system=SYSTEM, max_new_tokens=MAX_NEW, seed=seed)
     shutil.rmtree(OUT, ignore_errors=True)
-    model.save_pretrained(OUT, safe_serialization=True)
-    (OUT / "generation_config.json").unlink(missing_ok=True)
+    save_hf(model, OUT)
     tokenizer.save_pretrained(OUT)
     (OUT / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     size = sum(f.stat().st_size for f in OUT.iterdir())

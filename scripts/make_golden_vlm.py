@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _golden import noise_text_param, save_hf
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -174,20 +175,8 @@ def add_noise(model: torch.nn.Module, gen: torch.Generator) -> None:
             else:
                 fan_in = int(np.prod(p.shape[1:]))
                 p.copy_(randn(p.shape) / np.sqrt(fan_in))
-        elif name.endswith("A_log"):
-            p.copy_(torch.empty(p.shape).uniform_(-1.2, 1.1, generator=gen))
-        elif name.endswith("dt_bias"):
-            p.copy_(0.5 * randn(p.shape))
-        elif name.endswith("linear_attn.norm.weight"):
-            p.copy_(1.0 + 0.2 * randn(p.shape))  # gated norm: applied as w
-        elif p.ndim == 1:
-            p.copy_(0.2 * randn(p.shape))  # Qwen3_5RMSNorm: applied as (1 + w)
-        elif name.endswith("conv1d.weight"):
-            p.copy_(0.5 * randn(p.shape))
-        elif name.endswith("embed_tokens.weight"):
-            p.copy_(randn(p.shape))
         else:
-            p.copy_(randn(p.shape) / np.sqrt(p.shape[-1]))
+            noise_text_param(name, p, gen)
 
 
 def text_ids(gen: torch.Generator, n: int) -> list[int]:
@@ -244,8 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
-    model.save_pretrained(OUT, safe_serialization=True)
-    (OUT / "generation_config.json").unlink(missing_ok=True)
+    save_hf(model, OUT)
     tensors = load_file(OUT / "model.safetensors")
     h = TEXT["hidden_size"]
     tensors["mtp.fc.weight"] = torch.randn((h, 2 * h), generator=gen)
