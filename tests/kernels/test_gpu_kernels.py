@@ -273,28 +273,25 @@ def test_low_precision_inputs_4096_steps(dtype):
     check(kern_fused(x), ref_fused(x), dtype)
 
 
+def _check_public_api(x, backend):
+    """Both public entry points, with `backend`, against the reference."""
+    y, s = gated_delta(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend=backend
+    )
+    check((y, s), ref(x), mx.float32)
+    gates = (x["a"], x["b"], x["A_log"], x["dt_bias"])
+    y, s = gated_delta_update(
+        x["q"], x["k"], x["v"], *gates, x["state"], x["mask"], backend=backend
+    )
+    check((y, s), ref_fused(x), mx.float32)
+
+
 def test_public_api_runs_the_kernel():
     x = make_inputs(2, 17, 2, 4, 128, 64, pad=[3, 0])
     assert pick_backend("auto", x["q"], x["v"], x["g"]) in (BACKEND, "chunked")
     decode = make_inputs(4, 1, 2, 4, 128, 64)
     assert pick_backend("auto", decode["q"], decode["v"], decode["g"]) == BACKEND
-    y, s = gated_delta(
-        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend=BACKEND
-    )
-    check((y, s), ref(x), mx.float32)
-    y, s = gated_delta_update(
-        x["q"],
-        x["k"],
-        x["v"],
-        x["a"],
-        x["b"],
-        x["A_log"],
-        x["dt_bias"],
-        x["state"],
-        x["mask"],
-        backend=BACKEND,
-    )
-    check((y, s), ref_fused(x), mx.float32)
+    _check_public_api(x, BACKEND)
 
 
 @pytest.mark.parametrize("Dk", [48, 16, 320])
@@ -302,20 +299,4 @@ def test_unsupported_shape_falls_back(Dk):
     x = make_inputs(2, 9, 1, 2, Dk, 32, pad=[2, 0])
     assert not _impl().supports(x["q"], x["v"], x["g"])
     for backend in (BACKEND, "auto"):
-        y, s = gated_delta(
-            x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend=backend
-        )
-        check((y, s), ref(x), mx.float32)
-        y, s = gated_delta_update(
-            x["q"],
-            x["k"],
-            x["v"],
-            x["a"],
-            x["b"],
-            x["A_log"],
-            x["dt_bias"],
-            x["state"],
-            x["mask"],
-            backend=backend,
-        )
-        check((y, s), ref_fused(x), mx.float32)
+        _check_public_api(x, backend)
