@@ -407,7 +407,8 @@ def plot(cands: list[Contender], shapes: list[Shape], env: dict, path: Path) -> 
         ax.set_ylabel("ms per call (median)")
         ax.set_title(f"{kind}: Hk={HK}, Hv={HV}, Dk=Dv={DK}, bf16")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     dev = env.get("cuda_device") or env.get("device_info", {}).get("device_name", env["platform"])
     blas = env.get("blas", "")
     blas = blas.get("blas", "") if isinstance(blas, dict) else str(blas)
@@ -417,6 +418,64 @@ def plot(cands: list[Contender], shapes: list[Shape], env: dict, path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_outputs(cands: list[Contender], shapes: list[Shape], env: dict, out: Path) -> None:
+    """Print the table; write gated_delta_<device>_<stamp>.json and .png into out."""
+    table = print_table(cands, shapes)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+    dev = "cuda" if env.get("cuda_device") else env["default_device"].split("(")[1].split(",")[0]
+    base = out / f"gated_delta_{dev}_{stamp}"
+    record = {
+        "env": env,
+        "shape": {"Hk": HK, "Hv": HV, "Dk": DK, "Dv": DV, "dtype": "bfloat16", "state": "float32"},
+        "table": table,
+        "results": [
+            {
+                "contender": c.name,
+                "group": c.group,
+                "B": s.B,
+                "T": s.T,
+                "ms": c.results[s][0],
+                "status": c.results[s][1],
+            }
+            for c in cands
+            for s in shapes
+        ],
+    }
+    base.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    plot(cands, shapes, env, base.with_suffix(".png"))
+    print(f"wrote {base}.json and {base}.png")
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """One table, JSON and plot from several runs of this script on one machine (e.g. decode
+    and prefill run as two commands to stay under a time limit). A contender missing from a
+    run is shown as not run there; the first run's environment is kept, with every date."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    cands: dict[str, Contender] = {}
+    shapes: set[Shape] = set()
+    for rec in records:
+        for r in rec["results"]:
+            c = cands.setdefault(r["contender"], Contender(r["contender"], r["group"], None))
+            shape = Shape(r["B"], r["T"])
+            shapes.add(shape)
+            c.results[shape] = (r["ms"], r["status"])
+    ordered = sorted(shapes, key=lambda s: (s.kind != "decode", s.B * s.T))
+    for c in cands.values():
+        for shape in ordered:
+            c.results.setdefault(shape, (None, "not run in the merged files"))
+    env = dict(records[0]["env"])
+    env["merged_from"] = [
+        {"file": Path(p).name, "date": r["env"]["date"]}
+        for p, r in zip(paths, records, strict=True)
+    ]
+    devices = {r["env"].get("cuda_device") or r["env"]["default_device"] for r in records}
+    if len(devices) > 1:
+        raise SystemExit(f"--merge: the runs come from different devices: {sorted(devices)}")
+    write_outputs(list(cands.values()), ordered, env, out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,7 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-s", type=float, default=None, help="seconds per timed repeat")
     p.add_argument("--budget-s", type=float, default=None, help="skip calls slower than this")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per shape")
+    p.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="combine earlier runs' JSON files; run nothing"
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
 
     decode_b = QUICK_DECODE_B if args.quick else DECODE_B
     prefill_t = QUICK_PREFILL_T if args.quick else PREFILL_T
@@ -453,32 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in shapes:
         bench_shape(cands, s, target_s, repeats, budget_s)
 
-    table = print_table(cands, shapes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-    dev = "cuda" if env.get("cuda_device") else str(mx.default_device()).split("(")[1].split(",")[0]
-    base = out / f"gated_delta_{dev}_{stamp}"
-    record = {
-        "env": env,
-        "shape": {"Hk": HK, "Hv": HV, "Dk": DK, "Dv": DV, "dtype": "bfloat16", "state": "float32"},
-        "table": table,
-        "results": [
-            {
-                "contender": c.name,
-                "group": c.group,
-                "B": s.B,
-                "T": s.T,
-                "ms": c.results[s][0],
-                "status": c.results[s][1],
-            }
-            for c in cands
-            for s in shapes
-        ],
-    }
-    base.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    plot(cands, shapes, env, base.with_suffix(".png"))
-    print(f"wrote {base}.json and {base}.png")
+    write_outputs(cands, shapes, env, Path(args.out))
     return 0
 
 

@@ -6,8 +6,6 @@ layout [B, Hv, Dv, Dk] fp32. Every builder returns None, and `supports()` False,
 
 from __future__ import annotations
 
-from functools import cache
-
 import mlx.core as mx
 
 from . import source
@@ -56,38 +54,12 @@ PROLOGUE = """
 """
 
 
-def is_available() -> bool:
-    return mx.cuda.is_available()
-
-
-def kernel_source(gate: str, mask: bool, decode: bool = False) -> str:
-    """The full `source=` for one variant: prologue + body."""
-    return PROLOGUE + source.kernel_body(gate, mask, decode)
-
-
-@cache
-def build(gate: str, mask: bool, decode: bool = False):
-    """The `mx.fast.cuda_kernel` of one variant, or None without CUDA."""
-    if not is_available():
-        return None
-    return mx.fast.cuda_kernel(
-        name=source.kernel_name(gate, mask, decode),
-        input_names=source.input_names(gate, mask),
-        output_names=source.OUTPUT_NAMES,
-        source=kernel_source(gate, mask, decode),
-        header=HEADER,
-    )
-
-
-def supports(q: mx.array, v: mx.array, g: mx.array) -> bool:
-    return is_available() and source.shape_supported(q, v, g)
-
-
-def gated_delta_kernel(q, k, v, g, beta, state, mask=None, **launch_kw):
-    """Fused recurrence with precomputed gates; returns (y, state [B, Hv, Dv, Dk] fp32)."""
-    return source.run_gates(build, q, k, v, g, beta, state, mask, **launch_kw)
-
-
-def gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, state, mask=None, **launch_kw):
-    """Fused gating + recurrence; returns (y, state [B, Hv, Dv, Dk] fp32)."""
-    return source.run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask, **launch_kw)
+_backend = source.GpuBackend(
+    header=HEADER, prologue=PROLOGUE, factory="cuda_kernel", available=mx.cuda.is_available
+)
+is_available = _backend.is_available
+kernel_source = _backend.kernel_source
+build = _backend.build
+supports = _backend.supports
+gated_delta_kernel = _backend.gated_delta_kernel
+gated_delta_update_kernel = _backend.gated_delta_update_kernel

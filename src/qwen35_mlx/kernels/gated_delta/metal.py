@@ -8,8 +8,6 @@ name appears in `source`, so the prologue that reads them is part of `source`, n
 
 from __future__ import annotations
 
-from functools import cache
-
 import mlx.core as mx
 
 from . import source
@@ -54,38 +52,12 @@ PROLOGUE = """
 """
 
 
-def is_available() -> bool:
-    return mx.metal.is_available()
-
-
-def kernel_source(gate: str, mask: bool, decode: bool = False) -> str:
-    """The full `source=` for one variant: prologue + body."""
-    return PROLOGUE + source.kernel_body(gate, mask, decode)
-
-
-@cache
-def build(gate: str, mask: bool, decode: bool = False):
-    """The `mx.fast.metal_kernel` of one variant, or None without Metal."""
-    if not is_available():
-        return None
-    return mx.fast.metal_kernel(
-        name=source.kernel_name(gate, mask, decode),
-        input_names=source.input_names(gate, mask),
-        output_names=source.OUTPUT_NAMES,
-        source=kernel_source(gate, mask, decode),
-        header=HEADER,
-    )
-
-
-def supports(q: mx.array, v: mx.array, g: mx.array) -> bool:
-    return is_available() and source.shape_supported(q, v, g)
-
-
-def gated_delta_kernel(q, k, v, g, beta, state, mask=None, **launch_kw):
-    """Fused recurrence with precomputed gates; returns (y, state [B, Hv, Dv, Dk] fp32)."""
-    return source.run_gates(build, q, k, v, g, beta, state, mask, **launch_kw)
-
-
-def gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, state, mask=None, **launch_kw):
-    """Fused gating + recurrence; returns (y, state [B, Hv, Dv, Dk] fp32)."""
-    return source.run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask, **launch_kw)
+_backend = source.GpuBackend(
+    header=HEADER, prologue=PROLOGUE, factory="metal_kernel", available=mx.metal.is_available
+)
+is_available = _backend.is_available
+kernel_source = _backend.kernel_source
+build = _backend.build
+supports = _backend.supports
+gated_delta_kernel = _backend.gated_delta_kernel
+gated_delta_update_kernel = _backend.gated_delta_update_kernel

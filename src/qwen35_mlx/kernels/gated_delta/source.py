@@ -403,6 +403,55 @@ def run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask=None, *, fused=T
     return launch(build("fused", mask is not None, q.shape[1] == 1), inputs, q, v, **launch_kw)
 
 
+class GpuBackend:
+    """One GPU build of the bodies above: a backend's helpers (`header`), its prologue (the
+    gd_lane / gd_row_group / gd_head lines) and the name of MLX's kernel factory in `mx.fast`
+    (`metal_kernel` or `cuda_kernel`). `metal.py` and `cuda.py` each make one and export its
+    methods; everything else about building and launching is shared here."""
+
+    def __init__(self, *, header: str, prologue: str, factory: str, available):
+        self.header = header
+        self.prologue = prologue
+        self._factory = factory
+        self._available = available
+        self._kernels: dict[tuple[str, bool, bool], object] = {}
+
+    def is_available(self) -> bool:
+        return self._available()
+
+    def kernel_source(self, gate: str, mask: bool, decode: bool = False) -> str:
+        """The full `source=` for one variant: prologue + body."""
+        return self.prologue + kernel_body(gate, mask, decode)
+
+    def build(self, gate: str, mask: bool, decode: bool = False):
+        """The MLX kernel object of one variant (built once), or None without the backend."""
+        if not self.is_available():
+            return None
+        key = (gate, mask, decode)
+        if key not in self._kernels:
+            import mlx.core as mx
+
+            self._kernels[key] = getattr(mx.fast, self._factory)(
+                name=kernel_name(gate, mask, decode),
+                input_names=input_names(gate, mask),
+                output_names=OUTPUT_NAMES,
+                source=self.kernel_source(gate, mask, decode),
+                header=self.header,
+            )
+        return self._kernels[key]
+
+    def supports(self, q, v, g) -> bool:
+        return self.is_available() and shape_supported(q, v, g)
+
+    def gated_delta_kernel(self, q, k, v, g, beta, state, mask=None, **launch_kw):
+        """Fused recurrence with precomputed gates; returns (y, state [B, Hv, Dv, Dk] fp32)."""
+        return run_gates(self.build, q, k, v, g, beta, state, mask, **launch_kw)
+
+    def gated_delta_update_kernel(self, q, k, v, a, b, A_log, dt_bias, state, mask=None, **kw):
+        """Fused gating + recurrence; returns (y, state [B, Hv, Dv, Dk] fp32)."""
+        return run_fused(self.build, q, k, v, a, b, A_log, dt_bias, state, mask, **kw)
+
+
 @cache
 def _compiled_gates():
     import mlx.core as mx
