@@ -70,9 +70,10 @@ class Shape:
 @dataclass
 class Contender:
     name: str
-    group: str  # "ours" or "peer"
+    group: str  # "ours", "peer", or "floor" (the memory floor: no contender, a yardstick)
     make: object  # Shape -> timer(n) -> seconds for n chained calls
     note: str = ""
+    kinds: tuple = ("decode", "prefill")  # shape kinds it runs
     results: dict = field(default_factory=dict)
     skip_kind: dict = field(default_factory=dict)
 
@@ -149,6 +150,16 @@ def _mx_fast():
         g, beta = compute_gates(a, b, A_log, dt_bias)
         y, state = mx.fast.gated_delta_update(q, k, v, g, beta, state)
         return y, state
+
+    return _mlx_timer(step)
+
+
+def _memory_floor():
+    """Decode's memory floor, measured: one elementwise pass over the state, which reads and
+    writes it once, as a decode step must at the least. Chained like the contenders."""
+
+    def step(q, k, v, a, b, A_log, dt_bias, state):
+        return v, state * 1.0001
 
     return _mlx_timer(step)
 
@@ -263,6 +274,8 @@ def contenders() -> list[Contender]:
     if hasattr(mx.fast, "gated_delta_update"):
         out.append(Contender("mx.fast", "peer", _mx_fast()))
     out.extend(_fla_contenders())
+    if mx.default_device() != mx.cpu:
+        out.append(Contender("memory floor", "floor", _memory_floor(), kinds=("decode",)))
     return out
 
 
@@ -273,6 +286,9 @@ def bench_shape(cands, shape: Shape, target_s: float, repeats: int, budget_s: fl
     runs = {}
     size = shape.B * shape.T
     for c in cands:
+        if shape.kind not in c.kinds:
+            c.results[shape] = (None, f"not a {shape.kind} contender")
+            continue
         if c.skip_kind.get(shape.kind):
             c.results[shape] = (None, f"skipped: over budget at a smaller {shape.kind} shape")
             continue
@@ -365,8 +381,8 @@ def print_table(cands: list[Contender], shapes: list[Shape]) -> str:
         for s in shapes:
             ms, status = c.results[s]
             if ms is None:
-                cells.append(f"{'skipped':>22}")
-            elif best_peer[s]:
+                cells.append(f"{'skipped' if s.kind in c.kinds else '-':>22}")
+            elif best_peer[s] and c.group != "floor":
                 cells.append(f"{ms:>11.3f} ms {best_peer[s] / ms:>6.2f}x")
             else:
                 cells.append(f"{ms:>14.3f} ms")
@@ -374,8 +390,23 @@ def print_table(cands: list[Contender], shapes: list[Shape]) -> str:
     lines.append(
         "(x = fastest peer's time / this contender's time: above 1 is faster than every peer)"
     )
+    floors = [c for c in cands if c.group == "floor"]
+    for s in shapes:
+        floor_ms = floors and floors[0].results[s][0]
+        for c in cands:
+            ms = c.results[s][0]
+            if (
+                floor_ms
+                and ms
+                and (c.group == "ours" or (c.group == "peer" and ms == best_peer[s]))
+            ):
+                ratio = c.results[s][0] / floor_ms
+                lines.append(f"  {c.name} @ {s.label}: {ratio:.2f}x the memory floor")
     skipped = [
-        (c.name, s.label, c.results[s][1]) for c in cands for s in shapes if c.results[s][0] is None
+        (c.name, s.label, c.results[s][1])
+        for c in cands
+        for s in shapes
+        if c.results[s][0] is None and s.kind in c.kinds
     ]
     for name, label, status in skipped:
         lines.append(f"  {name} @ {label}: {status}")
@@ -399,7 +430,7 @@ def plot(cands: list[Contender], shapes: list[Shape], env: dict, path: Path) -> 
             if not pts:
                 continue
             xs, ys = zip(*pts, strict=True)
-            style = "-o" if c.group == "ours" else "--s"
+            style = {"ours": "-o", "peer": "--s"}.get(c.group, ":k")
             ax.plot(xs, ys, style, label=c.name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -458,10 +489,14 @@ def merge(paths: list[str], out: Path) -> int:
     shapes: set[Shape] = set()
     for rec in records:
         for r in rec["results"]:
-            c = cands.setdefault(r["contender"], Contender(r["contender"], r["group"], None))
+            c = cands.setdefault(
+                r["contender"], Contender(r["contender"], r["group"], None, kinds=())
+            )
             shape = Shape(r["B"], r["T"])
             shapes.add(shape)
             c.results[shape] = (r["ms"], r["status"])
+            if not r["status"].startswith("not a ") and shape.kind not in c.kinds:
+                c.kinds += (shape.kind,)
     ordered = sorted(shapes, key=lambda s: (s.kind != "decode", s.B * s.T))
     for c in cands.values():
         for shape in ordered:
