@@ -133,6 +133,12 @@ def run_once(model, prompt: mx.array, gen: int, prefill_step: int) -> dict:
     }
 
 
+def _device_name() -> str:
+    if mx.default_device() == mx.cpu:
+        return f"{platform.machine()} CPU ({platform.processor() or 'unknown'})"
+    return mx.device_info().get("device_name", str(mx.default_device()))
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -206,9 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "bench_model",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"{platform.machine()} CPU ({platform.processor() or 'unknown'})"
-        if not mx.metal.is_available()
-        else "Apple GPU",
+        "device": _device_name(),
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "dtype": args.dtype,

@@ -18,6 +18,7 @@ References: transformers models/qwen3_5/modeling_qwen3_5.py, qwen3_5_moe/modelin
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -53,13 +54,43 @@ class RMSNormGated(nn.Module):
         self.weight = mx.ones((dims,))
 
     def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
-        y = mx.fast.rms_norm(x, self.weight, self.eps).astype(mx.float32)
-        return (y * nn.silu(gate.astype(mx.float32))).astype(x.dtype)
+        return _gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+# The linear-attention layer's elementwise work around the gated-delta call, compiled: at
+# decode every op is a kernel launch, and these are ~30 of them per layer, which made batch-1
+# generation on an H100 slower than mlx-lm's despite the faster recurrence (benchmarks/NOTES.md).
+
+
+@mx.compile
+def _gated_rms_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
+    y = mx.fast.rms_norm(x, weight, eps).astype(mx.float32)
+    return (y * nn.silu(gate.astype(mx.float32))).astype(x.dtype)
 
 
 def _l2norm(x: mx.array) -> mx.array:
     x32 = x.astype(mx.float32)
     return (x32 * mx.rsqrt((x32 * x32).sum(-1, keepdims=True) + _L2_EPS)).astype(x.dtype)
+
+
+@mx.compile
+def _conv_qkv(conv_in: mx.array, w: mx.array, T: int, Hk: int, Dk: int, Hv: int, Dv: int):
+    """Causal depthwise conv + silu, split into l2-normalised q (scaled by Dk^-0.5), k and v.
+
+    conv_in [B, K-1+T, C] (tap K-1 meets the current token), w [C, K] -> q, k [B, T, Hk, Dk],
+    v [B, T, Hv, Dv].
+    """
+    B, K = conv_in.shape[0], w.shape[1]
+    w = w.astype(conv_in.dtype)
+    h = conv_in[:, 0:T] * w[:, 0]
+    for j in range(1, K):
+        h = h + conv_in[:, j : j + T] * w[:, j]
+    h = nn.silu(h)
+    key_dim = Hk * Dk
+    q = _l2norm(h[..., :key_dim].reshape(B, T, Hk, Dk)) * (Dk**-0.5)
+    k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
+    v = h[..., 2 * key_dim :].reshape(B, T, Hv, Dv)
+    return q, k, v
 
 
 class GatedDeltaNet(nn.Module):
@@ -80,7 +111,7 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
         self.in_proj_b = nn.Linear(H, self.num_v_heads, bias=False)
         self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
-        # Holds the depthwise weight [C, K, 1]; the taps are applied by hand in _conv.
+        # Holds the depthwise weight [C, K, 1]; the taps are applied by hand in _conv_qkv.
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, self.conv_kernel_size, groups=self.conv_dim, bias=False
         )
@@ -88,14 +119,6 @@ class GatedDeltaNet(nn.Module):
         self.A_log = mx.log(mx.random.uniform(1.0, 16.0, (self.num_v_heads,)))
         self.norm = RMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
-
-    def _conv(self, x: mx.array, T: int) -> mx.array:
-        """Causal depthwise conv: x [B, K-1+T, C] -> [B, T, C]; tap K-1 meets the current token."""
-        w = self.conv1d.weight[:, :, 0].astype(x.dtype)  # [C, K]
-        out = x[:, 0:T] * w[:, 0]
-        for j in range(1, self.conv_kernel_size):
-            out = out + x[:, j : j + T] * w[:, j]
-        return out
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
         B, T, _ = x.shape
@@ -124,11 +147,7 @@ class GatedDeltaNet(nn.Module):
                 cache[0] = mx.take_along_axis(conv_in, idx[..., None], axis=1)
             else:
                 cache[0] = mx.contiguous(conv_in[:, conv_in.shape[1] - n_keep :])
-        h = nn.silu(self._conv(conv_in, T))
-
-        q = _l2norm(h[..., : self.key_dim].reshape(B, T, Hk, Dk)) * (Dk**-0.5)
-        k = _l2norm(h[..., self.key_dim : 2 * self.key_dim].reshape(B, T, Hk, Dk))
-        v = h[..., 2 * self.key_dim :].reshape(B, T, Hv, Dv)
+        q, k, v = _conv_qkv(conv_in, self.conv1d.weight[:, :, 0], T, Hk, Dk, Hv, Dv)
 
         state = cache[1] if cache is not None else None
         y, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
@@ -256,7 +275,7 @@ class Attention(nn.Module):
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * D)
         if gate is not None:
-            o = o * mx.sigmoid(gate)
+            o = _sigmoid_gate(o, gate)
         return self.o_proj(o)
 
 
@@ -270,7 +289,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def _sigmoid_gate(x: mx.array, gate: mx.array) -> mx.array:
+    return x * mx.sigmoid(gate)
 
 
 def route(logits: mx.array, top_k: int, normalize: bool) -> tuple[mx.array, mx.array]:

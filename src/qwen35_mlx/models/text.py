@@ -186,13 +186,16 @@ def sanitize_text_weights(
         elif key.endswith("A_log"):
             v = v.astype(mx.float32)
         elif key.endswith(".mlp.experts.gate_up_proj"):
-            gate, up = _split_gate_up(key, v, config)
+            # Slices and transposes are views; MLX CUDA's gather_mm (SwitchGLU) reads its expert
+            # weights as if dense: with a strided view it returned garbage on an H100 (scaled
+            # error 1.0 on the moe_fused golden case), so the stacked experts are made dense.
+            gate, up = (mx.contiguous(w) for w in _split_gate_up(key, v, config))
             base = key[: -len("gate_up_proj")]
             out[base + "gate_proj.weight"] = gate
             out[base + "up_proj.weight"] = up
             continue
         elif key.endswith(".mlp.experts.down_proj"):
-            out[key + ".weight"] = _down_layout(key, v, config)
+            out[key + ".weight"] = mx.contiguous(_down_layout(key, v, config))
             continue
         out[key] = v
     for (prefix, proj, suffix), experts in per_expert.items():
