@@ -1,10 +1,17 @@
 """Shared test settings: the one tolerance table, seeded randomness."""
 
 import os
+import sys
 
 # MLX's CUDA backend runs fp32 matmuls as TF32 by default (about 3e-4 relative); the fp32 checks
 # below compare real fp32 arithmetic, so tests turn that off before mlx loads (no effect on CPU).
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+# Tests that build a transformers reference at run time need its pure-torch gated-delta path on
+# CPU tensors. Where flash-linear-attention is installed (the GPU machine), transformers picks
+# FLA's Triton kernels when its Qwen3.5 modules are imported, and those reject CPU tensors.
+# A None entry makes `import fla` fail, so transformers falls back to torch. No test uses FLA.
+sys.modules.setdefault("fla", None)
 
 # qwen35_mlx first: its import sets up the BLAS before mlx loads (see qwen35_mlx/_blas.py).
 import qwen35_mlx  # noqa: E402, F401, I001

@@ -142,7 +142,9 @@ def load_processor(path: str | Path, eos_token_ids=None) -> Processor:
     if (path / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        image_processor = AutoImageProcessor.from_pretrained(str(path))
+        # The PIL backend, so that pixels do not depend on whether torchvision is installed:
+        # transformers' torchvision processor differs from it at about 1e-5.
+        image_processor = AutoImageProcessor.from_pretrained(str(path), backend="pil")
     config = _read_json(path / "config.json")
     image_token = IMAGE_TOKEN
     if "image_token_id" in config:
