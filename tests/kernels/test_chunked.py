@@ -205,3 +205,16 @@ def test_chunked_block_inverse_path_matches_ref(monkeypatch):
     y, s = gated_delta_chunked(*x)
     y_ref, s_ref = gated_delta_ref(*x)
     assert rel_err(y, y_ref) < TOL and rel_err(s, s_ref) < TOL
+
+
+@pytest.mark.parametrize("group", [1, 3, 1 << 30])
+def test_chunked_chunk_groups_match_ref(monkeypatch, group):
+    """Scalar-gate chunks are prepared in groups (2 on the CPU, all at once on a GPU): uneven
+    groups and one group for all 5 chunks give the same result."""
+    from qwen35_mlx.kernels.gated_delta import chunked as ch
+
+    monkeypatch.setattr(ch, "_SCALAR_GROUP", group)
+    x = make_inputs(1, 300, 1, 2, 32, 32)
+    y, s = gated_delta_chunked(*x)
+    y_ref, s_ref = gated_delta_ref(*x)
+    assert rel_err(y, y_ref) < TOL and rel_err(s, s_ref) < TOL

@@ -41,8 +41,9 @@ from ..._blas import warn_if_reference_blas
 # Per-key gates build a [C, C, Dk] decay tensor per chunk; chunks are processed in groups whose
 # tensor stays below this many elements.
 _PER_KEY_GROUP_ELEMS = 1 << 24
-# Scalar gates: chunks per group. Small groups keep each op's operands in cache; measured on
-# 2 x86 cores at T=512 and 2048, groups of 1-2 chunks ran 1.2-1.4x faster than all at once.
+# Scalar gates: chunks per group on the CPU. Small groups keep each op's operands in cache;
+# measured on 2 x86 cores at T=512 and 2048, groups of 1-2 chunks ran 1.2-1.4x faster than all
+# at once. On a GPU every op is a launch, so all chunks go in one group there.
 _SCALAR_GROUP = 2
 # Decay products below e^-40 (4e-18) are set to exactly 0 (see _decays).
 _LOG_TINY = -40.0
@@ -258,7 +259,7 @@ def gated_delta_chunked(
         step = max(1, _PER_KEY_GROUP_ELEMS // (B * Hv * C * C * Dk))
         prep = _prep_per_key
     else:
-        step = _SCALAR_GROUP
+        step = _SCALAR_GROUP if mx.default_device() == mx.cpu else N
         prep = _prep_scalar
 
     # State kept transposed, [B, Hk, R, Dk, Dv], so every hand-off matmul reads it as is.
