@@ -62,7 +62,7 @@ class RMSNormGated(nn.Module):
 # generation on an H100 slower than mlx-lm's despite the faster recurrence (benchmarks/NOTES.md).
 
 
-@mx.compile
+@partial(mx.compile, shapeless=True)
 def _gated_rms_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
     y = mx.fast.rms_norm(x, weight, eps).astype(mx.float32)
     return (y * nn.silu(gate.astype(mx.float32))).astype(x.dtype)
@@ -73,7 +73,6 @@ def _l2norm(x: mx.array) -> mx.array:
     return (x32 * mx.rsqrt((x32 * x32).sum(-1, keepdims=True) + _L2_EPS)).astype(x.dtype)
 
 
-@mx.compile
 def _conv_qkv(conv_in: mx.array, w: mx.array, T: int, Hk: int, Dk: int, Hv: int, Dv: int):
     """Causal depthwise conv + silu, split into l2-normalised q (scaled by Dk^-0.5), k and v.
 
@@ -91,6 +90,11 @@ def _conv_qkv(conv_in: mx.array, w: mx.array, T: int, Hk: int, Dk: int, Hv: int,
     k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
     v = h[..., 2 * key_dim :].reshape(B, T, Hv, Dv)
     return q, k, v
+
+
+# Compiled for decode only: its slices depend on T, so a compiled version is traced per shape,
+# and prompts of every length would each add one; prefill's launches are few against its work.
+_conv_qkv_decode = mx.compile(_conv_qkv)
 
 
 class GatedDeltaNet(nn.Module):
@@ -147,7 +151,8 @@ class GatedDeltaNet(nn.Module):
                 cache[0] = mx.take_along_axis(conv_in, idx[..., None], axis=1)
             else:
                 cache[0] = mx.contiguous(conv_in[:, conv_in.shape[1] - n_keep :])
-        q, k, v = _conv_qkv(conv_in, self.conv1d.weight[:, :, 0], T, Hk, Dk, Hv, Dv)
+        conv_qkv = _conv_qkv_decode if T == 1 else _conv_qkv
+        q, k, v = conv_qkv(conv_in, self.conv1d.weight[:, :, 0], T, Hk, Dk, Hv, Dv)
 
         state = cache[1] if cache is not None else None
         y, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
