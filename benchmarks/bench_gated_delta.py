@@ -165,13 +165,9 @@ def _memory_floor():
 
 
 def _our_gpu_backend(name: str) -> bool:
-    try:
-        if name == "metal":
-            from qwen35_mlx.kernels.gated_delta import metal as impl
-        else:
-            from qwen35_mlx.kernels.gated_delta import cuda as impl
-    except ImportError:
-        return False
+    from qwen35_mlx.kernels.gated_delta import _gpu_backend
+
+    impl = _gpu_backend(name)
     q = mx.zeros((1, 1, HK, DK), mx.bfloat16)
     v = mx.zeros((1, 1, HV, DV), mx.bfloat16)
     g = mx.zeros((1, 1, HV), mx.float32)

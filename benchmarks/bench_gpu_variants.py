@@ -23,11 +23,9 @@ HK, HV, DK, DV = 16, 32, 128, 128
 
 
 def impl():
-    if mx.metal.is_available():
-        from qwen35_mlx.kernels.gated_delta import metal as m
-    else:
-        from qwen35_mlx.kernels.gated_delta import cuda as m
-    return m
+    from qwen35_mlx.kernels.gated_delta import _gpu_backend
+
+    return _gpu_backend("metal" if mx.metal.is_available() else "cuda")
 
 
 def inputs(B, T, dtype=mx.bfloat16):

@@ -119,7 +119,7 @@ def test_env_override_and_explicit_backend(monkeypatch):
 @pytest.mark.parametrize("backend", ["metal", "cuda"])
 def test_gpu_backend_falls_back_without_gpu(backend, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    impl = gd._gpu_module(backend)
+    impl = gd._gpu_backend(backend)
     x = _inputs(T=5)
     if impl.supports(x[0], x[2], x[3]):
         pytest.skip(f"{backend} is available here: the GPU kernel tests cover it")

@@ -33,11 +33,9 @@ NAN = float("nan")
 
 
 def _impl():
-    if BACKEND == "metal":
-        from qwen35_mlx.kernels.gated_delta import metal as impl
-    else:
-        from qwen35_mlx.kernels.gated_delta import cuda as impl
-    return impl
+    from qwen35_mlx.kernels.gated_delta import _gpu_backend
+
+    return _gpu_backend(BACKEND)
 
 
 def make_inputs(B, T, Hk, Hv, Dk, Dv, *, dtype=mx.float32, per_key=False, seed=0, pad=None):

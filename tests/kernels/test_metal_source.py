@@ -119,7 +119,7 @@ def compile_errors(tu: str, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("gate,mask,decode", source.variants())
 def test_metal_source_compiles(gate, mask, decode, tmp_path):
-    body = metal.kernel_source(gate, mask, decode)
+    body = metal.BACKEND.kernel_source(gate, mask, decode)
     # The attributes the prologue reads must be named in `source` for MLX to declare them.
     for attr in ("thread_position_in_grid", "threadgroup_position_in_grid"):
         assert attr in body
@@ -131,7 +131,7 @@ def test_metal_source_compiles(gate, mask, decode, tmp_path):
 
 def test_metal_source_check_can_fail(tmp_path):
     """The harness catches a type error in a body (a Metal builtin the stub does not declare)."""
-    body = metal.kernel_source("scalar", False).replace("gd_exp(", "metal::exp2(", 1)
+    body = metal.BACKEND.kernel_source("scalar", False).replace("gd_exp(", "metal::exp2(", 1)
     body += "\n  float4 bad = simd_shuffle_xor(s[0], 1u, 2u);\n"
     tu = wrap("broken", source.input_names("scalar", False), body, metal.HEADER)
     assert compile_errors(tu, tmp_path)

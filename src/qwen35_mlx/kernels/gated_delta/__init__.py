@@ -98,16 +98,9 @@ def _auto_gpu(q: mx.array, v: mx.array, g: mx.array) -> str:
     """The fused kernel where it supports the shape, at every T: on an H100 the recurrent kernel
     beat `chunked` at every measured length (4.3 ms against 20 ms at T=8192, benchmarks/NOTES.md),
     so there is no crossover to chunked. Unsupported shapes take chunked/ref as on the CPU."""
-    if mx.metal.is_available():
-        from . import metal
-
-        if metal.supports(q, v, g):
-            return "metal"
-    elif mx.cuda.is_available():
-        from . import cuda
-
-        if cuda.supports(q, v, g):
-            return "cuda"
+    for name in ("metal", "cuda"):
+        if _gpu_backend(name).supports(q, v, g):
+            return name
     return _auto_cpu(q.shape[1])
 
 
@@ -149,7 +142,7 @@ def gated_delta(
         from .chunked import gated_delta_chunked
 
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
-    impl = _gpu_module(name)
+    impl = _gpu_backend(name)
     if not impl.supports(q, v, g):
         return gated_delta(q, k, v, g, beta, state, mask, backend=_auto_cpu(q.shape[1]))
     return impl.gated_delta_kernel(q, k, v, g, beta, state, mask)
@@ -189,7 +182,7 @@ def gated_delta_update(
             raise _shape_error(name, x.shape, f"[Hv] = [{Hv}]")
     name = _pick(backend, q, v, a)
     if name in ("metal", "cuda"):
-        impl = _gpu_module(name)
+        impl = _gpu_backend(name)
         if impl.supports(q, v, a):
             _validate(q, k, v, a, b, state, mask)
             state = _zeros_state(q, v) if state is None else state.astype(mx.float32)
@@ -199,9 +192,10 @@ def gated_delta_update(
     return gated_delta(q, k, v, g, beta, state, mask, backend=name)
 
 
-def _gpu_module(name: str):
+def _gpu_backend(name: str):
+    """The `source.GpuBackend` of "metal" or "cuda" (its kernels, built on first use)."""
     if name == "metal":
-        from . import metal as impl
+        from .metal import BACKEND
     else:
-        from . import cuda as impl
-    return impl
+        from .cuda import BACKEND
+    return BACKEND

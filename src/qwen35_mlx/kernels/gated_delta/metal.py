@@ -52,12 +52,8 @@ PROLOGUE = """
 """
 
 
-_backend = source.GpuBackend(
+# The kernels of this backend: BACKEND.build / supports / gated_delta_kernel /
+# gated_delta_update_kernel (source.GpuBackend).
+BACKEND = source.GpuBackend(
     header=HEADER, prologue=PROLOGUE, factory="metal_kernel", available=mx.metal.is_available
 )
-is_available = _backend.is_available
-kernel_source = _backend.kernel_source
-build = _backend.build
-supports = _backend.supports
-gated_delta_kernel = _backend.gated_delta_kernel
-gated_delta_update_kernel = _backend.gated_delta_update_kernel
