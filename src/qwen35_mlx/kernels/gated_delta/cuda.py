@@ -1,7 +1,8 @@
 """CUDA build of the fused gated-delta kernels (`mx.fast.cuda_kernel`, compiled by NVRTC).
 
 The kernel bodies live in `source.py`; this file adds only the CUDA helpers they use. State
-layout [B, Hv, Dv, Dk] fp32. Every builder returns None, and `supports()` False, without CUDA.
+layout [B, Hv, Dv, Dk] fp32. Without CUDA, `BACKEND.build` returns None and `BACKEND.supports`
+False.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Metal build of the fused gated-delta kernels (`mx.fast.metal_kernel`).
 
 The kernel bodies live in `source.py`; this file adds only the Metal helpers they use. State
-layout [B, Hv, Dv, Dk] fp32. Every builder returns None, and `supports()` False, without Metal.
+layout [B, Hv, Dv, Dk] fp32. Without Metal, `BACKEND.build` returns None and `BACKEND.supports`
+False.
 MLX adds a Metal attribute (thread_position_in_grid, ...) to the kernel signature only when its
 name appears in `source`, so the prologue that reads them is part of `source`, not `header`.
 """

@@ -406,8 +406,8 @@ def run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask=None, *, fused=T
 class GpuBackend:
     """One GPU build of the bodies above: a backend's helpers (`header`), its prologue (the
     gd_lane / gd_row_group / gd_head lines) and the name of MLX's kernel factory in `mx.fast`
-    (`metal_kernel` or `cuda_kernel`). `metal.py` and `cuda.py` each make one and export its
-    methods; everything else about building and launching is shared here."""
+    (`metal_kernel` or `cuda_kernel`). `metal.py` and `cuda.py` each make one, their `BACKEND`;
+    everything else about building and launching is shared here."""
 
     def __init__(self, *, header: str, prologue: str, factory: str, available):
         self.header = header
