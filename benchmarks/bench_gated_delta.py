@@ -6,6 +6,8 @@ Contenders (whichever run here):
   peers  mlx-lm's mlx_lm.models.gated_delta.gated_delta_update (ops path; its Metal kernel
          where Metal is present), MLX core's mx.fast.gated_delta_update, and on a CUDA machine
          flash-linear-attention's Triton chunk_gated_delta_rule / fused_recurrent_gated_delta_rule.
+  floor  on a GPU, decode's memory floor measured in the same repeats: one elementwise pass
+         over the state (read + write once); ours are also printed as multiples of it.
 
 Shape: Hk=16, Hv=32, Dk=Dv=128, bf16 q/k/v, fp32 state [B, Hv, Dv, Dk]; decode B in
 {1, 8, 32, 128} with T=1; prefill B=1, T in {128, 512, 2048, 8192}. Every contender starts from
@@ -19,6 +21,8 @@ processes falls on everyone alike); the median over repeats of (time / N) is rep
 per call (the JSON also keeps the minimum).
 
     python benchmarks/bench_gated_delta.py [--quick] [--out DIR]
+    python benchmarks/bench_gated_delta.py --merge A.json B.json --out DIR   # one table and plot
+                                       # from runs split to fit a time limit (same device only)
 
 Prints a table (contender x shape: ms, and for ours the speedup over the fastest peer), writes
 JSON (device, versions, BLAS in use, date) and a PNG plot into --out (default benchmarks/out).
