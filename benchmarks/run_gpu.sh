@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# The GPU checks of the gated-delta module, as run on the lent NVIDIA machine (MLX CUDA build
-# made importable by ../shared/device: `source .dev/pb/bootstrap.sh` first). One step per call,
-# so that each stays under the machine's 10-minute limit per command:
+# The GPU checks (gated-delta module, models, the rest of the suite) and benchmarks, as run on
+# the lent NVIDIA machine (MLX CUDA build made importable by ../shared/device:
+# `source .dev/pb/bootstrap.sh` first). One step per call, so that each stays under the
+# machine's 10-minute limit per command:
 #   benchmarks/run_gpu.sh tests     # tests/kernels on the GPU (NVRTC compiles: about 5 min)
+#   benchmarks/run_gpu.sh models    # tests/models on the GPU (about 4 min)
+#   benchmarks/run_gpu.sh rest      # every other test file on the GPU (about 4 min)
 #   benchmarks/run_gpu.sh decode    # bench_gated_delta.py, decode B = 1, 8, 32, 128
 #   benchmarks/run_gpu.sh prefill   # bench_gated_delta.py, prefill T = 128 ... 8192
 # Logs and JSON/PNG go to $OUT (the device tool brings them back), or benchmarks/out.
 # Merge the two benchmark halves afterwards:
 #   python benchmarks/bench_gated_delta.py --merge <decode>.json <prefill>.json --out benchmarks/results
 set -euo pipefail
+step=${1:-}
+case "$step" in
+  tests | models | rest | decode | prefill) ;;
+  *)
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill" >&2
+    exit 2
+    ;;
+esac
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-case "${1:-}" in
-  tests)
-    python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/gpu_tests.log"
+pytest=(python3 -m pytest -q -p no:cacheprovider -rfs)
+case "$step" in
+  tests) "${pytest[@]}" tests/kernels 2>&1 | tee "$out/gpu_tests.log" ;;
+  models) "${pytest[@]}" tests/models 2>&1 | tee "$out/gpu_models.log" ;;
+  rest)
+    "${pytest[@]}" tests --ignore=tests/kernels --ignore=tests/models 2>&1 |
+      tee "$out/gpu_rest.log"
     ;;
   decode)
     python3 benchmarks/bench_gated_delta.py --decode-b 1,8,32,128 --prefill-t "" \
@@ -24,9 +39,5 @@ case "${1:-}" in
   prefill)
     python3 benchmarks/bench_gated_delta.py --decode-b "" --prefill-t 128,512,2048,8192 \
       --target-s 0.5 --out "$out" 2>&1 | tee "$out/bench_prefill.log"
-    ;;
-  *)
-    echo "usage: benchmarks/run_gpu.sh tests|decode|prefill" >&2
-    exit 2
     ;;
 esac
