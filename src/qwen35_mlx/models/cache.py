@@ -7,8 +7,9 @@ One cache per layer in `layer_types` order:
 Batches follow mlx-lm's protocol: ArraysCache.left_padding / .lengths give the linear layers their
 mask, BatchKVCache carries left padding and per-row offsets for the attention layers.
 
-The recurrent state cannot be trimmed, so prompt-cache reuse keeps copies taken at prefix
-boundaries (`copy_cache`) and restores from them instead of trimming.
+The recurrent state cannot be trimmed: `PromptCache` (prompt_cache.py) keeps references to the
+linear states at prefix boundaries instead. `copy_cache` is an independent copy of a whole
+cache, for apps that branch a conversation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
-__all__ = ["make_cache", "copy_cache", "cache_length", "ArraysCache", "KVCache", "BatchKVCache"]
+__all__ = ["make_cache", "copy_cache", "ArraysCache", "KVCache", "BatchKVCache"]
 
 
 def _layer_types(model_or_types: Any) -> list[str]:
@@ -91,13 +92,3 @@ def copy_cache(cache: list) -> list:
     copying it again.
     """
     return [_copy_layer_cache(c) for c in cache]
-
-
-def cache_length(cache: list) -> int:
-    """Tokens seen so far (from the first attention cache; 0 for a fresh cache)."""
-    for c in cache:
-        if isinstance(c, KVCache):
-            return c.offset
-        if isinstance(c, BatchKVCache):
-            return c._idx
-    raise ValueError("cache_length: no attention cache in this list")

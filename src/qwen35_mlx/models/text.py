@@ -140,11 +140,15 @@ def _is_hf_conv(v: mx.array) -> bool:
     return v.shape[1] == 1 and v.shape[2] > 1
 
 
+# Checkpoint prefixes of the vision tower's weights (HF, mlx-vlm, ours): not the text model's.
+VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.")
+
+
 def _strip_prefix(key: str) -> str | None:
     """Map a checkpoint key to this TextModel's name; None to drop it."""
     if key.startswith("mtp.") or key.startswith("model.mtp."):
         return None
-    if key.startswith(("model.visual.", "visual.", "vision_tower.")):
+    if key.startswith(VISION_PREFIXES):
         return None
     if key.startswith("model.language_model."):
         return "model." + key[len("model.language_model.") :]
@@ -155,16 +159,13 @@ def _strip_prefix(key: str) -> str | None:
     return key
 
 
-def sanitize_text_weights(
-    weights: dict[str, mx.array], config: TextConfig, *, hf: bool | None = None
-) -> dict[str, mx.array]:
+def sanitize_text_weights(weights: dict[str, mx.array], config: TextConfig) -> dict[str, mx.array]:
     """Hugging Face names/layouts -> TextModel's. Idempotent.
 
-    hf: whether norms still need the +1 shift and conv1d its transpose; None reads it from the
-    weights (`is_hf_layout`). A VLM deciding once for its whole checkpoint passes it explicitly.
+    Whether norms still need the +1 shift and conv1d its transpose is read from the weights
+    (`is_hf_layout`), so pass all of a checkpoint's weights at once.
     """
-    if hf is None:
-        hf = is_hf_layout(weights)
+    hf = is_hf_layout(weights)
     out: dict[str, mx.array] = {}
     per_expert: dict[tuple[str, str, str], dict[int, mx.array]] = {}
     for key, v in weights.items():

@@ -22,10 +22,8 @@ import numpy as np
 
 from .cache import ArraysCache
 from .config import ModelConfig
-from .text import TextModel
+from .text import VISION_PREFIXES, TextModel
 from .vision import VisionModel, grid_list
-
-_VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.")
 
 
 def rope_index(
@@ -292,14 +290,13 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """HF keys (`model.language_model.*`, `model.visual.*`, `lm_head.*`, `mtp.*`) -> ours
-        (`language_model.*`, `vision_tower.*`); the text part goes through the text sanitize.
+        (`language_model.*`, `vision_tower.*`); the text part, `mtp.*` included (dropped there),
+        goes through the text sanitize.
         Idempotent. Pass all of a checkpoint's weights at once: without any vision weight the
         tower is removed from the model."""
         vision, text = {}, {}
         for k, v in weights.items():
-            if k.startswith(("mtp.", "model.mtp.")):
-                continue
-            prefix = next((p for p in _VISION_PREFIXES if k.startswith(p)), None)
+            prefix = next((p for p in VISION_PREFIXES if k.startswith(p)), None)
             if prefix is not None:
                 vision[k[len(prefix) :]] = v
             else:
