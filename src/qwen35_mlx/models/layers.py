@@ -218,13 +218,19 @@ class Rotary(nn.Module):
 
     def apply(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         """Rotate-half on the first rotary_dim dims of x [B, H, T, D]."""
-        R = self.rotary_dim
-        xr = x[..., :R].astype(mx.float32)
-        rot = mx.concatenate([-xr[..., R // 2 :], xr[..., : R // 2]], axis=-1)
-        out = (xr * cos + rot * sin).astype(x.dtype)
-        if R == x.shape[-1]:
-            return out
-        return mx.concatenate([out, x[..., R:]], axis=-1)
+        return apply_rotate_half(x, cos, sin)
+
+
+def apply_rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate-half rotary on the first R = cos.shape[-1] dims of x, in fp32 (the rest pass
+    through); cos and sin broadcast against x[..., :R]. Text M-RoPE and the vision tower."""
+    R = cos.shape[-1]
+    xr = x[..., :R].astype(mx.float32)
+    rot = mx.concatenate([-xr[..., R // 2 :], xr[..., : R // 2]], axis=-1)
+    out = (xr * cos + rot * sin).astype(x.dtype)
+    if R == x.shape[-1]:
+        return out
+    return mx.concatenate([out, x[..., R:]], axis=-1)
 
 
 class Attention(nn.Module):

@@ -23,6 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .layers import apply_rotate_half
+
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": nn.gelu_approx,
     "gelu_new": nn.gelu_approx,
@@ -32,9 +34,8 @@ _ACTIVATIONS = {
 }
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", 10000.0))
+# The tower's rotary base: fixed, as in transformers (its vision config carries none).
+_ROPE_THETA = 10000.0
 
 
 def grid_list(grid_thw) -> list[tuple[int, int, int]]:
@@ -83,11 +84,6 @@ def interpolation_taps(grid, merge: int, side: int) -> tuple[np.ndarray, np.ndar
 def segment_lengths(grid) -> list[int]:
     """Attention segments: each frame of each image attends only within itself."""
     return [h * w for t, h, w in grid for _ in range(t)]
-
-
-def rotate_half(x: mx.array) -> mx.array:
-    x1, x2 = mx.split(x, 2, axis=-1)
-    return mx.concatenate([-x2, x1], axis=-1)
 
 
 class VisionRotaryEmbedding(nn.Module):
@@ -150,10 +146,7 @@ class VisionAttention(nn.Module):
         qkv = self.qkv(x).reshape(N, 3, H, D)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, D]
         cos, sin = rope[0][:, None, :], rope[1][:, None, :]
-        dtype = q.dtype
-        qf, kf = q.astype(mx.float32), k.astype(mx.float32)
-        q = (qf * cos + rotate_half(qf) * sin).astype(dtype)
-        k = (kf * cos + rotate_half(kf) * sin).astype(dtype)
+        q, k = apply_rotate_half(q, cos, sin), apply_rotate_half(k, cos, sin)
         q, k, v = (a.transpose(1, 0, 2) for a in (q, k, v))  # [H, N, D]
         # Runs of equal-length segments (an image, a video's frames) attend as one batch each:
         # cost sum(L^2), no [N, N] mask.
@@ -208,7 +201,7 @@ class VisionModel(nn.Module):
         self.patch_embed = VisionPatchEmbed(config)
         self.pos_embed = nn.Embedding(config.num_position_embeddings, config.hidden_size)
         head_dim = config.hidden_size // config.num_heads
-        self.rotary_pos_emb = VisionRotaryEmbedding(head_dim, _rope_theta(config))
+        self.rotary_pos_emb = VisionRotaryEmbedding(head_dim, _ROPE_THETA)
         self.blocks = [VisionBlock(config) for _ in range(config.depth)]
         self.merger = VisionPatchMerger(config)
 
