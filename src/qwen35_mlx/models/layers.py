@@ -184,7 +184,8 @@ def mrope_axis_index(rotary_dim: int, mrope_section: list[int]) -> np.ndarray:
 
 class Rotary(nn.Module):
     """Partial rotate-half rotary. Plain positions go through mx.fast.rope (per-row offsets
-    allowed); explicit [3, B, T] (t, h, w) positions go through interleaved M-RoPE."""
+    allowed); explicit [3, B, T] (t, h, w) positions give interleaved M-RoPE's cos and sin
+    (`cos_sin`), applied by `apply_rotate_half`."""
 
     def __init__(self, head_dim: int, rotary_dim: int, theta: float, mrope_section: list[int]):
         super().__init__()
@@ -215,10 +216,6 @@ class Rotary(nn.Module):
         angles = (freqs * self._axis_onehot[:, None, None, :]).sum(0)  # [B, T, R/2]
         angles = mx.concatenate([angles, angles], axis=-1)[:, None]
         return mx.cos(angles), mx.sin(angles)
-
-    def apply(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-        """Rotate-half on the first rotary_dim dims of x [B, H, T, D]."""
-        return apply_rotate_half(x, cos, sin)
 
 
 def apply_rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -259,8 +256,10 @@ class Attention(nn.Module):
         x: mx.array,
         mask: mx.array | str | None = None,
         cache: Any = None,
-        position_ids: mx.array | None = None,
+        rope: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
+        """rope: M-RoPE (cos, sin) from `Rotary.cos_sin`, the same for every layer, so the
+        backbone computes it once per call; None uses plain positions from the cache offset."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x)
@@ -274,9 +273,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, D).transpose(0, 2, 1, 3)
 
-        if position_ids is not None:
-            cos, sin = self.rope.cos_sin(position_ids)
-            q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rotate_half(q, *rope), apply_rotate_half(k, *rope)
         else:
             offset = cache.offset if cache is not None else 0
             q, k = self.rope(q, offset), self.rope(k, offset)
@@ -370,12 +368,12 @@ class DecoderLayer(nn.Module):
         x: mx.array,
         mask: Any = None,
         cache: Any = None,
-        position_ids: mx.array | None = None,
+        rope: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
         h = self.input_layernorm(x)
         if self.is_linear:
             h = self.linear_attn(h, mask, cache)
         else:
-            h = self.self_attn(h, mask, cache, position_ids)
+            h = self.self_attn(h, mask, cache, rope)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))

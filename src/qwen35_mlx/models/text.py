@@ -47,16 +47,19 @@ class Qwen35TextBackbone(nn.Module):
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
-        fa_mask = ssm_mask = None
+        fa_mask = ssm_mask = rope = None
         if self._fa_idx is not None:
             fa_mask = create_attention_mask(h, cache[self._fa_idx])
+            if position_ids is not None:
+                # Every attention layer's Rotary is the same: M-RoPE's cos/sin once per call.
+                rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
         if self._ssm_idx is not None:
             ssm_mask = create_ssm_mask(h, cache[self._ssm_idx])
         for layer, c in zip(self.layers, cache, strict=True):
             if layer.is_linear:
                 h = layer(h, ssm_mask, c)
             else:
-                h = layer(h, fa_mask, c, position_ids)
+                h = layer(h, fa_mask, c, rope)
         return self.norm(h)
 
 
