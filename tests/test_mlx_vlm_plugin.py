@@ -90,3 +90,37 @@ def test_mlx_vlm_stream_generate_with_image(registered):
         )
     ]  # fmt: skip
     assert len(ours) >= 4 and theirs[: len(ours)] == ours
+
+
+def _greedy(model, inputs):
+    extra = {
+        k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")
+    }
+    steps = generate_step(
+        inputs["input_ids"], model, inputs.get("pixel_values"), inputs.get("attention_mask"),
+        max_tokens=N, temperature=0.0, **extra,
+    )  # fmt: skip
+    return [tok for tok, _ in itertools.islice(steps, N)]
+
+
+def test_text_prompt_after_image_prompt_equals_fresh(registered):
+    """A text-only prompt must not inherit the M-RoPE positions of an earlier image prompt."""
+    model, processor = vlm_load(str(GOLDEN))
+    text = apply_chat_template(processor, model.config, "Say something.", num_images=0)
+    fresh = _greedy(model, prepare_inputs(processor, prompts=text))
+    image_prompt = apply_chat_template(processor, model.config, "Describe this.", num_images=1)
+    _greedy(
+        model, prepare_inputs(processor, images=[str(GOLDEN / "image0.png")], prompts=image_prompt)
+    )
+    assert _greedy(model, prepare_inputs(processor, prompts=text)) == fresh
+
+
+def test_sanitize_skips_own_quantized_names(registered):
+    """Names this adapter wrote, plus quantization's scales/biases, are not sanitized again."""
+    model, _ = vlm_load(str(GOLDEN))
+    from mlx.utils import tree_flatten
+
+    own = {f"model.{k}": v for k, v in tree_flatten(model.model.parameters())}
+    name = next(k for k in own if k.endswith("mlp.down_proj.weight"))
+    quantized = dict(own, **{name[: -len("weight")] + "scales": own[name]})
+    assert model.sanitize(quantized) is quantized

@@ -116,9 +116,10 @@ class Model(nn.Module):
     def get_input_embeddings(self, input_ids=None, pixel_values=None, mask=None, **kwargs):
         from mlx_vlm.models.base import InputEmbeddingsFeatures
 
-        if pixel_values is None or not hasattr(self.model, "get_input_embeddings"):
-            inner = getattr(self.model, "language_model", self.model)
-            return InputEmbeddingsFeatures(inputs_embeds=inner.model.embed_tokens(input_ids))
+        if not hasattr(self.model, "get_input_embeddings"):  # a text-only model
+            return InputEmbeddingsFeatures(inputs_embeds=self.model.model.embed_tokens(input_ids))
+        # Text-only prompts go through the VLM too: it resets the M-RoPE positions an earlier
+        # image prompt left behind.
         embeds, _ = self.model.get_input_embeddings(
             input_ids, pixel_values, kwargs.get("image_grid_thw"), mask=mask
         )
@@ -134,7 +135,8 @@ class Model(nn.Module):
         from mlx.utils import tree_flatten
 
         ours = {f"model.{k}" for k, _ in tree_flatten(self.model.parameters())}
-        if set(weights) <= ours:
+        # mlx-vlm sanitizes before quantizing, so a quantized checkpoint of ours adds these.
+        if {k for k in weights if not k.endswith((".scales", ".biases"))} <= ours:
             return weights  # already sanitized by this adapter
         return {f"model.{k}": v for k, v in self.model.sanitize(weights).items()}
 
