@@ -32,21 +32,25 @@ def _step(q, k, v, g, beta, S, m):
     # plain 3-D layouts. Repeating q/k over the R value heads copies only [B, Hv, Dk].
     q = mx.repeat(q.astype(f32), R, axis=1).reshape(N, Dk)
     k = mx.repeat(k.astype(f32), R, axis=1).reshape(N, Dk)
-    v = v.astype(f32).reshape(N, Dv, 1)
+    v = v.astype(f32).reshape(N, 1, Dv)
     beta = beta.astype(f32).reshape(N, 1, 1)
     S3 = S.reshape(N, Dv, Dk)
-    kq = mx.stack([k, q], axis=-1)  # [N, Dk, 2]
+    # [k; q] @ S^T rather than S @ [k, q]: the same products, but BLAS then runs two long dot
+    # products per state row instead of a loop of length 2 per element, which matters where
+    # MLX's bundled reference BLAS is in use (1.4x faster for the whole step; same result).
+    kq = mx.stack([k, q], axis=1)  # [N, 2, Dk]
+    St = mx.swapaxes(S3, -1, -2)  # [N, Dk, Dv], a view
     if g.ndim == 3:
         # Per-key decay scales the state's columns: fold it into k and q before the matmul.
         g3 = g.astype(f32).reshape(N, 1, Dk)
-        SKQ = S3 @ (kq * mx.swapaxes(g3, -1, -2))  # [N, Dv, 2] = (S diag(g)) [k, q]
+        KQS = (kq * g3) @ St  # [N, 2, Dv] = [k; q] diag(g) S^T
     else:
         g3 = g.astype(f32).reshape(N, 1, 1)
-        SKQ = g3 * (S3 @ kq)
-    delta = (v - SKQ[..., :1]) * beta  # [N, Dv, 1]
+        KQS = g3 * (kq @ St)
+    delta = (v - KQS[:, :1]) * beta  # [N, 1, Dv]
     kdotq = (k * q).sum(-1)[:, None, None]  # [N, 1, 1]
-    y = SKQ[..., 1:] + delta * kdotq
-    S_new = g3 * S3 + delta * k[:, None, :]
+    y = KQS[:, 1:] + delta * kdotq  # [N, 1, Dv]
+    S_new = g3 * S3 + mx.swapaxes(delta, -1, -2) * k[:, None, :]
     if m is not None:
         m3 = mx.repeat(m, Hv).reshape(N, 1, 1)
         S_new = mx.where(m3, S_new, S3)
