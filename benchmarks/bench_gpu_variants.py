@@ -1,9 +1,10 @@
 """Time the fused GPU kernel's launch layouts (lanes per value row, warps per threadgroup,
-prefetch distance) to pick `source.default_layout`, and `chunked` beside them to see whether
-`auto` should hand long prefill to it. Shape of the issue's benchmark: Hk=16, Hv=32,
-Dk=Dv=128, bf16 q/k/v, fp32 state [B, Hv, Dv, Dk]; decode B in {1, 8, 32, 128}, prefill B=1,
-T in {128, 512, 2048, 8192}. Each timing chains N calls through the state in one evaluated
-graph. Also measures the device-to-device copy bandwidth that defines the decode memory floor.
+prefetch distance) to pick `launch.default_layout`, and `chunked` beside them to see whether
+`auto` should hand long prefill to it. Shape, inputs and timer are bench_gated_delta.py's:
+Hk=16, Hv=32, Dk=Dv=128, bf16 q/k/v, fp32 state [B, Hv, Dv, Dk]; decode B in {1, 8, 32, 128},
+prefill B=1, T in {128, 512, 2048, 8192}; N calls chained through the state in one evaluated
+graph (best of 3 here). Decode rows also time the memory floor (one elementwise pass over the
+state) in the same way.
 
     python benchmarks/bench_gpu_variants.py [--out variants.json] [--quick]
 """
@@ -12,70 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
+
+# bench_gated_delta first: it imports qwen35_mlx before mlx (OpenBLAS on Linux).
+from bench_gated_delta import Shape, _mlx_inputs, _mlx_timer, memory_floor_step  # isort: skip
 
 import mlx.core as mx
 
-from qwen35_mlx.kernels.gated_delta import compute_gates, gated_delta
-
-HK, HV, DK, DV = 16, 32, 128, 128
+from qwen35_mlx.kernels.gated_delta import _gpu_backend, compute_gates, gated_delta
 
 
-def impl():
-    from qwen35_mlx.kernels.gated_delta import _gpu_backend
-
-    return _gpu_backend("metal" if mx.metal.is_available() else "cuda")
-
-
-def inputs(B, T, dtype=mx.bfloat16):
-    mx.random.seed(0)
-    q = mx.random.normal((B, T, HK, DK))
-    k = mx.random.normal((B, T, HK, DK))
-    q = (q / mx.linalg.norm(q, axis=-1, keepdims=True) / math.sqrt(DK)).astype(dtype)
-    k = (k / mx.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
-    v = mx.random.normal((B, T, HV, DV)).astype(dtype)
-    a = mx.random.normal((B, T, HV)).astype(dtype)
-    b = mx.random.normal((B, T, HV)).astype(dtype)
-    A_log = mx.random.uniform(-2, 1, (HV,))
-    dt_bias = mx.random.uniform(-1, 1, (HV,))
-    g, beta = compute_gates(a, b, A_log, dt_bias)
-    state = 0.1 * mx.random.normal((B, HV, DV, DK))
-    x = dict(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state)
-    mx.eval(x)
-    return x
-
-
-def timed(step, state, n, reps=3):
-    """Seconds per call: n calls chained through the state, one eval, best of reps."""
-
-    def run():
-        s = state
-        for _ in range(n):
-            _, s = step(s)
-        return s
-
-    mx.eval(run())  # warm-up (and compile)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval(run())
-        mx.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best / n
-
-
-def copy_bandwidth(nbytes=1 << 30):
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    x = mx.random.uniform(shape=(nbytes // 4,))
-    mx.eval(x)
-
-    def step(s):
-        y = s + 0.0  # one read and one write of every element
-        return y, y
-
-    t = timed(step, x, 20)
-    return 2 * nbytes / t
+def timed(step, shape: Shape, n: int, reps: int = 3) -> float:
+    """Seconds per call of step(q, k, v, a, b, A_log, dt_bias, state) -> (y, state): n calls
+    chained through the state, one eval, after a warm-up; best of reps."""
+    run = _mlx_timer(step)(shape)
+    run(n)
+    return min(run(n) for _ in range(reps)) / n
 
 
 def main(argv=None):
@@ -83,87 +35,66 @@ def main(argv=None):
     p.add_argument("--out", default="variants.json")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    m = impl()
+    m = _gpu_backend("metal" if mx.metal.is_available() else "cuda")
     res = {"device": str(mx.default_device()), "mlx": mx.__version__, "rows": []}
-    bw = copy_bandwidth()
-    res["copy_bw_GBs"] = bw / 1e9
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     decode_layouts = [(4, 4, 0), (8, 2, 0), (8, 4, 0), (8, 8, 0), (16, 2, 0), (16, 4, 0)]
     prefill_layouts = [(8, 1, 0), (8, 2, 0), (16, 1, 0), (16, 2, 0), (16, 1, 8), (32, 1, 0)]
     if args.quick:
         decode_layouts = [(8, 8, 0)]
         prefill_layouts = [(16, 1, 8)]
-    cases = [("decode", B, 1) for B in (1, 8, 32, 128)]
-    cases += [("prefill", 1, T) for T in (128, 512, 2048, 8192)]
-    for kind, B, T in cases:
-        x = inputs(B, T)
-        n = 50 if T == 1 else max(3, 2048 // T * 4)
-        floor = 2 * B * HV * DV * DK * 4 / bw
-        row = {"kind": kind, "B": B, "T": T, "floor_us": floor * 1e6, "times_us": {}}
-        for gate in ("scalar", "fused"):
-            for L, W, P in decode_layouts if T == 1 else prefill_layouts:
+    for shape in [Shape(B, 1) for B in (1, 8, 32, 128)] + [
+        Shape(1, T) for T in (128, 512, 2048, 8192)
+    ]:
+        q, k, v, a, b, A_log, dt_bias, _ = _mlx_inputs(shape)
+        g, beta = compute_gates(a, b, A_log, dt_bias)
+        mx.eval(g, beta)
+        n = 50 if shape.T == 1 else max(3, 2048 // shape.T * 4)
+        row = {"kind": shape.kind, "B": shape.B, "T": shape.T, "times_us": {}}
+        times = row["times_us"]
+        for L, W, P in decode_layouts if shape.T == 1 else prefill_layouts:
+            kw = dict(lanes=L, warps=W, prefetch=P)
 
-                def step(s, L=L, W=W, P=P, gate=gate, x=x):
-                    if gate == "fused":
-                        return m.gated_delta_update_kernel(
-                            x["q"],
-                            x["k"],
-                            x["v"],
-                            x["a"],
-                            x["b"],
-                            x["A_log"],
-                            x["dt_bias"],
-                            s,
-                            lanes=L,
-                            warps=W,
-                            prefetch=P,
-                            fused=True,
-                        )
-                    return m.gated_delta_kernel(
-                        x["q"], x["k"], x["v"], x["g"], x["beta"], s, lanes=L, warps=W, prefetch=P
-                    )
+            def fused(q, k, v, a, b, A_log, dt_bias, s, kw=kw):
+                return m.gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, s, **kw)
 
-                row["times_us"][f"{gate}_L{L}_W{W}_P{P}"] = timed(step, x["state"], n) * 1e6
+            def scalar(q, k, v, a, b, A_log, dt_bias, s, kw=kw, g=g, beta=beta):
+                return m.gated_delta_kernel(q, k, v, g, beta, s, **kw)
 
-        def split(s, x=x):
-            return m.gated_delta_update_kernel(
-                x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], s, fused=False
-            )
+            times[f"fused_L{L}_W{W}_P{P}"] = timed(fused, shape, n) * 1e6
+            times[f"scalar_L{L}_W{W}_P{P}"] = timed(scalar, shape, n) * 1e6
 
-        def default(s, x=x):
-            return m.gated_delta_update_kernel(
-                x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], s
-            )
+        def default(q, k, v, a, b, A_log, dt_bias, s):
+            return m.gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, s)
 
-        row["times_us"]["split_gates"] = timed(split, x["state"], n) * 1e6
-        row["times_us"]["update_default"] = timed(default, x["state"], n) * 1e6
-        if T > 1:
+        times["update_default"] = timed(default, shape, n) * 1e6
+        if shape.T > 1:
 
-            def chunked(s, x=x):
-                return gated_delta(x["q"], x["k"], x["v"], x["g"], x["beta"], s, backend="chunked")
+            def chunked(q, k, v, a, b, A_log, dt_bias, s, g=g, beta=beta):
+                return gated_delta(q, k, v, g, beta, s, backend="chunked")
 
-            row["times_us"]["chunked"] = timed(chunked, x["state"], max(2, n // 4), reps=2) * 1e6
+            times["chunked"] = timed(chunked, shape, max(2, n // 4), reps=2) * 1e6
         else:
+            row["floor_us"] = timed(memory_floor_step, shape, n) * 1e6
             try:
 
-                def fast(s, x=x):
-                    y, s2 = mx.fast.gated_delta_update(x["q"], x["k"], x["v"], x["g"], x["beta"], s)
-                    return y, s2
+                def fast(q, k, v, a, b, A_log, dt_bias, s, g=g, beta=beta):
+                    return mx.fast.gated_delta_update(q, k, v, g, beta, s)
 
-                row["times_us"]["mx.fast"] = timed(fast, x["state"], n) * 1e6
+                times["mx.fast"] = timed(fast, shape, n) * 1e6
             except Exception as e:  # noqa: BLE001 - a peer's failure is a result, not a crash
-                row["times_us"]["mx.fast"] = f"error: {e}"
+                times["mx.fast"] = f"error: {e}"
         best = min(
-            (v, k)
-            for k, v in row["times_us"].items()
-            if isinstance(v, float) and k.startswith(("scalar", "fused"))
+            (t, name)
+            for name, t in times.items()
+            if isinstance(t, float) and name.startswith(("scalar", "fused"))
         )
+        floor = row.get("floor_us")
+        vs_floor = f" ({best[0] / floor:.2f}x floor {floor:.1f} us)" if floor else ""
         print(
-            f"{kind:8s} B={B:4d} T={T:5d} floor {floor * 1e6:9.1f} us | best {best[1]:16s} "
-            f"{best[0]:9.1f} us ({best[0] / (floor * 1e6):.2f}x floor) | "
+            f"{shape.label:18s} | best {best[1]:16s} {best[0]:9.1f} us{vs_floor} | "
             + " ".join(
-                f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in row["times_us"].items()
+                f"{name}={t:.1f}" if isinstance(t, float) else f"{name}={t}"
+                for name, t in times.items()
             ),
             flush=True,
         )

@@ -63,3 +63,14 @@ def gated_delta_np(q, k, v, g, beta, state=None, mask=None):
                 y[b, t, h] = s @ q[b, t, hk]
                 S[b, h] = s
     return y, S
+
+
+def make_gate_inputs(B, T, Hv, *, dtype=mx.float32, seed=0):
+    """Raw gate inputs of gated_delta_update: a, b ~ N(0, 1) [B, T, Hv] in dtype; A_log in
+    (-2, 1) and dt_bias in (-1, 1) [Hv], fp32. Returns (a, b, A_log, dt_bias)."""
+    ka, kb, kA, kd = mx.random.split(mx.random.key(seed + 1), 4)
+    a = mx.random.normal((B, T, Hv), key=ka).astype(dtype)
+    b = mx.random.normal((B, T, Hv), key=kb).astype(dtype)
+    A_log = mx.random.uniform(-2.0, 1.0, (Hv,), key=kA)
+    dt_bias = mx.random.uniform(-1.0, 1.0, (Hv,), key=kd)
+    return a, b, A_log, dt_bias

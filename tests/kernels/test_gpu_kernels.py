@@ -6,8 +6,6 @@ poisoned with NaN before the run, so an element the kernel fails to write fails 
 State layout everywhere: [B, Hv, Dv, Dk] fp32.
 """
 
-import math
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from qwen35_mlx.kernels.gated_delta import _pick as pick_backend
 from qwen35_mlx.kernels.gated_delta import compute_gates, gated_delta, gated_delta_update
 from qwen35_mlx.kernels.gated_delta.ref import gated_delta_ref
 from tests.conftest import RTOL, rel_err
+from tests.kernels.helpers import left_pad_mask, make_gate_inputs, make_inputs
 
 if mx.metal.is_available():
     BACKEND = "metal"
@@ -38,35 +37,15 @@ def _impl():
     return _gpu_backend(BACKEND)
 
 
-def make_inputs(B, T, Hk, Hv, Dk, Dv, *, dtype=mx.float32, per_key=False, seed=0, pad=None):
-    """Normalised q, k (q scaled by Dk^-0.5), gates in (0.7, 1), a random fp32 state.
-
-    pad: list of left-padding lengths per batch row, or None for no mask.
-    """
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((B, T, Hk, Dk))
-    k = rng.standard_normal((B, T, Hk, Dk))
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True) / math.sqrt(Dk)
-    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
-    g_shape = (B, T, Hv, Dk) if per_key else (B, T, Hv)
-    x = {
-        "q": mx.array(q.astype(np.float32)).astype(dtype),
-        "k": mx.array(k.astype(np.float32)).astype(dtype),
-        "v": mx.array(rng.standard_normal((B, T, Hv, Dv)).astype(np.float32)).astype(dtype),
-        "g": mx.array(rng.uniform(0.7, 1.0, g_shape).astype(np.float32)),
-        "beta": mx.array(rng.uniform(0.1, 0.9, (B, T, Hv)).astype(np.float32)),
-        "a": mx.array(rng.standard_normal((B, T, Hv)).astype(np.float32)).astype(dtype),
-        "b": mx.array(rng.standard_normal((B, T, Hv)).astype(np.float32)).astype(dtype),
-        "A_log": mx.array(rng.uniform(-2.0, 1.0, (Hv,)).astype(np.float32)),
-        "dt_bias": mx.array(rng.uniform(-1.0, 1.0, (Hv,)).astype(np.float32)),
-        "state": mx.array(0.1 * rng.standard_normal((B, Hv, Dv, Dk)).astype(np.float32)),
-        "mask": None,
-    }
-    if pad is not None:
-        m = np.ones((B, T), dtype=bool)
-        for i, p in enumerate(pad):
-            m[i, :p] = False
-        x["mask"] = mx.array(m)
+def kernel_inputs(B, T, Hk, Hv, Dk, Dv, *, dtype=mx.float32, per_key=False, seed=0, pad=None):
+    """The shared helpers' inputs as one dict: q, k, v, g, beta, state (make_inputs), the raw
+    gates a, b, A_log, dt_bias (make_gate_inputs) and mask (pad: left padding per batch row, or
+    None for no mask)."""
+    x = make_inputs(B, T, Hk, Hv, Dk, Dv, per_key=per_key, dtype=dtype, seed=seed)
+    x = dict(zip(("q", "k", "v", "g", "beta", "state"), x, strict=True))
+    gates = make_gate_inputs(B, T, Hv, dtype=dtype, seed=seed)
+    x.update(zip(("a", "b", "A_log", "dt_bias"), gates, strict=True))
+    x["mask"] = None if pad is None else left_pad_mask(B, T, pad)
     return x
 
 
@@ -95,8 +74,8 @@ def kern(x, **kw):
     return y, s
 
 
-def kern_fused(x, fused=True, **kw):
-    """The fused-gating kernel (fused=False: compiled compute_gates + the scalar kernel)."""
+def kern_fused(x, **kw):
+    """The fused-gating kernel (gates computed inside it)."""
     y, s = _impl().gated_delta_update_kernel(
         x["q"],
         x["k"],
@@ -108,7 +87,6 @@ def kern_fused(x, fused=True, **kw):
         x["state"],
         x["mask"],
         init_value=NAN,
-        fused=fused,
         **kw,
     )
     mx.eval(y, s)
@@ -152,19 +130,18 @@ def _pads(B, T):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*s))
 def test_gated_delta_kernel_matches_ref(shape, per_key, masked):
     B, T = shape[:2]
-    x = make_inputs(*shape, per_key=per_key, pad=_pads(B, T) if masked else None)
+    x = kernel_inputs(*shape, per_key=per_key, pad=_pads(B, T) if masked else None)
     check(kern(x), ref(x), mx.float32)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize(
     "shape", [SHAPES[1], SHAPES[3], SHAPES[7], SHAPES[9], SHAPES[11]], ids=lambda s: str(s)
 )
-def test_gated_delta_update_kernel_matches_compute_gates_ref(shape, masked, fused):
+def test_gated_delta_update_kernel_matches_compute_gates_ref(shape, masked):
     B, T = shape[:2]
-    x = make_inputs(*shape, pad=_pads(B, T) if masked else None)
-    check(kern_fused(x, fused=fused), ref_fused(x), mx.float32)
+    x = kernel_inputs(*shape, pad=_pads(B, T) if masked else None)
+    check(kern_fused(x), ref_fused(x), mx.float32)
 
 
 @pytest.mark.parametrize("lanes", [4, 8, 16, 32])
@@ -173,7 +150,7 @@ def test_gated_delta_update_kernel_matches_compute_gates_ref(shape, masked, fuse
 @pytest.mark.parametrize("gate", ["scalar", "perkey", "fused"])
 def test_every_layout_matches_ref(lanes, warps, prefetch, gate):
     # Dk = 128 admits every lane count; Dv = 72 leaves a partial warp and a partial threadgroup.
-    x = make_inputs(2, 33, 2, 4, 128, 72, per_key=gate == "perkey", pad=[5, 0])
+    x = kernel_inputs(2, 33, 2, 4, 128, 72, per_key=gate == "perkey", pad=[5, 0])
     kw = dict(lanes=lanes, warps=warps, prefetch=prefetch)
     if gate == "fused":
         check(kern_fused(x, **kw), ref_fused(x), mx.float32)
@@ -186,7 +163,7 @@ def test_every_layout_matches_ref(lanes, warps, prefetch, gate):
 @pytest.mark.parametrize("gate", ["scalar", "perkey", "fused"])
 def test_every_decode_layout_matches_ref(lanes, warps, gate):
     # T = 1 runs the straight-line decode kernel; batch row 2 is padding.
-    x = make_inputs(3, 1, 2, 4, 128, 72, per_key=gate == "perkey", pad=[0, 0, 1])
+    x = kernel_inputs(3, 1, 2, 4, 128, 72, per_key=gate == "perkey", pad=[0, 0, 1])
     kw = dict(lanes=lanes, warps=warps)
     if gate == "fused":
         check(kern_fused(x, **kw), ref_fused(x), mx.float32)
@@ -196,7 +173,7 @@ def test_every_decode_layout_matches_ref(lanes, warps, gate):
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 def test_input_dtypes(dtype):
-    x = make_inputs(3, 65, 2, 4, 128, 64, dtype=dtype, pad=_pads(3, 65))
+    x = kernel_inputs(3, 65, 2, 4, 128, 64, dtype=dtype, pad=_pads(3, 65))
     check(kern(x), ref(x), dtype)
     check(kern_fused(x), ref_fused(x), dtype)
 
@@ -212,7 +189,7 @@ def _offset_view(x, offset):
 @pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
 def test_inputs_at_unaligned_offsets(dtype, per_key):
     """q, k (and per-key g) may start at any element offset (no vector loads assume more)."""
-    x = make_inputs(2, 9, 1, 2, 64, 32, dtype=dtype, per_key=per_key)
+    x = kernel_inputs(2, 9, 1, 2, 64, 32, dtype=dtype, per_key=per_key)
     want = ref(x)
     x["q"], x["k"] = _offset_view(x["q"], 1), _offset_view(x["k"], 3)
     if per_key:
@@ -222,7 +199,7 @@ def test_inputs_at_unaligned_offsets(dtype, per_key):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
 def test_state_carried_across_two_calls(fused):
-    x = make_inputs(3, 130, 2, 4, 128, 64, pad=[0, 40, 100])
+    x = kernel_inputs(3, 130, 2, 4, 128, 64, pad=[0, 40, 100])
     run = kern_fused if fused else kern
     y_full, s_full = run(x)
     split = 77
@@ -243,7 +220,7 @@ def test_state_carried_across_two_calls(fused):
 @pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
 def test_g_zero(per_key):
     """g == 0 resets the state at that step; the kernels must match ref exactly there."""
-    x = make_inputs(2, 40, 1, 2, 64, 32, per_key=per_key)
+    x = kernel_inputs(2, 40, 1, 2, 64, 32, per_key=per_key)
     g = np.array(x["g"])
     g[:, ::7] = 0.0
     x["g"] = mx.array(g)
@@ -251,7 +228,7 @@ def test_g_zero(per_key):
 
 
 def test_fused_gate_underflow_to_zero():
-    x = make_inputs(2, 40, 1, 2, 64, 32)
+    x = kernel_inputs(2, 40, 1, 2, 64, 32)
     a = np.array(x["a"])
     a[:, ::5] = 80.0  # softplus(80) * exp(A_log) >> 104: exp underflows to exactly 0
     x["a"] = mx.array(a)
@@ -265,7 +242,7 @@ def test_fused_gate_underflow_to_zero():
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 def test_low_precision_inputs_4096_steps(dtype):
     """bf16 / fp16 inputs over 4096 steps: finite, and within the dtype's tolerance of ref."""
-    x = make_inputs(1, 4096, 1, 2, 64, 32, dtype=dtype)
+    x = kernel_inputs(1, 4096, 1, 2, 64, 32, dtype=dtype)
     x["state"] = mx.zeros_like(x["state"])
     check(kern(x), ref(x), dtype)
     check(kern_fused(x), ref_fused(x), dtype)
@@ -285,16 +262,16 @@ def _check_public_api(x, backend):
 
 
 def test_public_api_runs_the_kernel():
-    x = make_inputs(2, 17, 2, 4, 128, 64, pad=[3, 0])
+    x = kernel_inputs(2, 17, 2, 4, 128, 64, pad=[3, 0])
     assert pick_backend("auto", x["q"], x["v"], x["g"]) in (BACKEND, "chunked")
-    decode = make_inputs(4, 1, 2, 4, 128, 64)
+    decode = kernel_inputs(4, 1, 2, 4, 128, 64)
     assert pick_backend("auto", decode["q"], decode["v"], decode["g"]) == BACKEND
     _check_public_api(x, BACKEND)
 
 
 @pytest.mark.parametrize("Dk", [48, 16, 320])
 def test_unsupported_shape_falls_back(Dk):
-    x = make_inputs(2, 9, 1, 2, Dk, 32, pad=[2, 0])
+    x = kernel_inputs(2, 9, 1, 2, Dk, 32, pad=[2, 0])
     assert not _impl().supports(x["q"], x["v"], x["g"])
     for backend in (BACKEND, "auto"):
         _check_public_api(x, backend)

@@ -193,7 +193,7 @@ def gated_delta_update(
 
 
 def _gpu_backend(name: str):
-    """The `source.GpuBackend` of "metal" or "cuda" (its kernels, built on first use)."""
+    """The `launch.GpuBackend` of "metal" or "cuda" (its kernels, built on first use)."""
     if name == "metal":
         from .metal import BACKEND
     else:

@@ -1,15 +1,15 @@
 """CUDA build of the fused gated-delta kernels (`mx.fast.cuda_kernel`, compiled by NVRTC).
 
-The kernel bodies live in `source.py`; this file adds only the CUDA helpers they use. State
-layout [B, Hv, Dv, Dk] fp32. Without CUDA, `BACKEND.build` returns None and `BACKEND.supports`
-False.
+The kernel bodies live in `source.py`, the host side in `launch.py`; this file adds only the
+CUDA helpers the bodies use. State layout [B, Hv, Dv, Dk] fp32. Without CUDA, `BACKEND.build`
+returns None and `BACKEND.supports` False.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from . import source
+from .launch import GpuBackend
 
 HEADER = """
 template <int W>
@@ -56,7 +56,7 @@ PROLOGUE = """
 
 
 # The kernels of this backend: BACKEND.build / supports / gated_delta_kernel /
-# gated_delta_update_kernel (source.GpuBackend).
-BACKEND = source.GpuBackend(
+# gated_delta_update_kernel (launch.GpuBackend).
+BACKEND = GpuBackend(
     header=HEADER, prologue=PROLOGUE, factory="cuda_kernel", available=mx.cuda.is_available
 )

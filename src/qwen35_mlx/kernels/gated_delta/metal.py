@@ -1,8 +1,8 @@
 """Metal build of the fused gated-delta kernels (`mx.fast.metal_kernel`).
 
-The kernel bodies live in `source.py`; this file adds only the Metal helpers they use. State
-layout [B, Hv, Dv, Dk] fp32. Without Metal, `BACKEND.build` returns None and `BACKEND.supports`
-False.
+The kernel bodies live in `source.py`, the host side in `launch.py`; this file adds only the
+Metal helpers the bodies use. State layout [B, Hv, Dv, Dk] fp32. Without Metal, `BACKEND.build`
+returns None and `BACKEND.supports` False.
 MLX adds a Metal attribute (thread_position_in_grid, ...) to the kernel signature only when its
 name appears in `source`, so the prologue that reads them is part of `source`, not `header`.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import source
+from .launch import GpuBackend
 
 HEADER = """
 template <int W>
@@ -54,7 +54,7 @@ PROLOGUE = """
 
 
 # The kernels of this backend: BACKEND.build / supports / gated_delta_kernel /
-# gated_delta_update_kernel (source.GpuBackend).
-BACKEND = source.GpuBackend(
+# gated_delta_update_kernel (launch.GpuBackend).
+BACKEND = GpuBackend(
     header=HEADER, prologue=PROLOGUE, factory="metal_kernel", available=mx.metal.is_available
 )

@@ -1,0 +1,128 @@
+"""Host side of the fused gated-delta GPU kernels: which shapes they take, the launch geometry
+the bodies in `source.py` assume, and `GpuBackend`, one build of those bodies for Metal or CUDA
+(`metal.py` and `cuda.py` each make one, their `BACKEND`).
+
+Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk]; beta, a, b
+[B, T, Hv]; A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B, T] bool.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .source import OUTPUT_NAMES, input_names, kernel_body, kernel_name
+
+MAX_DK = 256
+
+
+def shape_supported(q, v, g) -> bool:
+    """Valid shapes the kernels run: Dk a multiple of 32 up to 256, T >= 1, float inputs."""
+    if q.ndim != 4 or v.ndim != 4:
+        return False
+    B, T, _, Dk = q.shape
+    if T < 1 or B < 1 or v.shape[3] < 1 or Dk % 32 or not 32 <= Dk <= MAX_DK:
+        return False
+    return all(mx.issubdtype(x.dtype, mx.floating) for x in (q, v, g))
+
+
+def default_layout(Dk: int, T: int, heads: int) -> tuple[int, int, int]:
+    """(lanes per value row, warps per threadgroup, prefetch distance) for Dk, T and
+    heads = B * Hv: the fastest measured on an H100 at Dk = 128 (benchmarks/NOTES.md); a
+    prefetch distance > 0 measured no faster there. Lanes always divide Dk / 4, since Dk is
+    a multiple of 32."""
+    wide = Dk % 64 == 0  # 16 lanes need Dk / 4 divisible by 16
+    if T == 1:
+        # Decode is bound by the state's memory traffic; this layout was the steadiest near
+        # the floor over four runs (others varied by up to 25% between runs).
+        return (16, 2, 0) if wide else (8, 4, 0)
+    return (16, 1, 0) if wide else (8, 2, 0)
+
+
+def launch(kernel, inputs, q, v, *, lanes=None, warps=None, prefetch=None, init_value=None):
+    """Run one built kernel; returns (y [B, T, Hv, Dv] in v's dtype, state [B, Hv, Dv, Dk] fp32)."""
+    B, T, _, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    L0, W0, P0 = default_layout(Dk, T, B * Hv)
+    L = lanes or L0
+    P = P0 if prefetch is None else prefetch
+    if 32 % L or Dk % (4 * L):
+        raise ValueError(f"gated_delta kernel: lanes={L} does not divide Dk={Dk} into float4s")
+    rows_per_warp = 32 // L
+    groups = -(-Dv // rows_per_warp)
+    W = min(warps or W0, groups)
+    groups = -(-groups // W) * W
+    return kernel(
+        inputs=inputs,
+        template=[("Dk", Dk), ("L", L), ("P", P), ("YT", v.dtype)],
+        # x: one 32-lane threadgroup column per (b, hv); y: warps along the value rows.
+        grid=(32 * B * Hv, groups, 1),
+        threadgroup=(32, W, 1),
+        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
+        output_dtypes=[v.dtype, mx.float32],
+        init_value=init_value,
+    )
+
+
+def run_gates(build, q, k, v, g, beta, state, mask=None, **launch_kw):
+    """Recurrence with precomputed gates through a backend's `build(gate, mask, decode)`."""
+    inputs = [q, k, v, g, beta, state.astype(mx.float32)]
+    if mask is not None:
+        inputs.append(mask.astype(mx.bool_))
+    kernel = build("per_key" if g.ndim == 4 else "scalar", mask is not None, q.shape[1] == 1)
+    return launch(kernel, inputs, q, v, **launch_kw)
+
+
+def run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask=None, **launch_kw):
+    """Recurrence from raw gate inputs: g and beta are computed in fp32 inside the kernel
+    (measured as fast as precomputed gates)."""
+    inputs = [q, k, v, a, b, A_log, dt_bias, state.astype(mx.float32)]
+    if mask is not None:
+        inputs.append(mask.astype(mx.bool_))
+    return launch(build("fused", mask is not None, q.shape[1] == 1), inputs, q, v, **launch_kw)
+
+
+class GpuBackend:
+    """One GPU build of the bodies in `source.py`: a backend's helpers (`header`), its prologue
+    (the gd_lane / gd_row_group / gd_head lines) and the name of MLX's kernel factory in
+    `mx.fast` (`metal_kernel` or `cuda_kernel`). Everything else about building and launching
+    is shared here."""
+
+    def __init__(self, *, header: str, prologue: str, factory: str, available):
+        self.header = header
+        self.prologue = prologue
+        self._factory = factory
+        self._available = available
+        self._kernels: dict[tuple[str, bool, bool], object] = {}
+
+    def is_available(self) -> bool:
+        return self._available()
+
+    def kernel_source(self, gate: str, mask: bool, decode: bool = False) -> str:
+        """The full `source=` for one variant: prologue + body."""
+        return self.prologue + kernel_body(gate, mask, decode)
+
+    def build(self, gate: str, mask: bool, decode: bool = False):
+        """The MLX kernel object of one variant (built once), or None without the backend."""
+        if not self.is_available():
+            return None
+        key = (gate, mask, decode)
+        if key not in self._kernels:
+            self._kernels[key] = getattr(mx.fast, self._factory)(
+                name=kernel_name(gate, mask, decode),
+                input_names=input_names(gate, mask),
+                output_names=OUTPUT_NAMES,
+                source=self.kernel_source(gate, mask, decode),
+                header=self.header,
+            )
+        return self._kernels[key]
+
+    def supports(self, q, v, g) -> bool:
+        return self.is_available() and shape_supported(q, v, g)
+
+    def gated_delta_kernel(self, q, k, v, g, beta, state, mask=None, **launch_kw):
+        """Fused recurrence with precomputed gates; returns (y, state [B, Hv, Dv, Dk] fp32)."""
+        return run_gates(self.build, q, k, v, g, beta, state, mask, **launch_kw)
+
+    def gated_delta_update_kernel(self, q, k, v, a, b, A_log, dt_bias, state, mask=None, **kw):
+        """Fused gating + recurrence; returns (y, state [B, Hv, Dv, Dk] fp32)."""
+        return run_fused(self.build, q, k, v, a, b, A_log, dt_bias, state, mask, **kw)
