@@ -7,6 +7,7 @@ template arguments, and compiled with `g++ -fsyntax-only -std=c++17` against met
 A syntax or type error in the body or the Metal prologue fails here.
 """
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -135,3 +136,33 @@ def test_metal_source_check_can_fail(tmp_path):
     body += "\n  float4 bad = simd_shuffle_xor(s[0], 1u, 2u);\n"
     tu = wrap("broken", source.input_names("scalar", False), body, metal.HEADER)
     assert compile_errors(tu, tmp_path)
+
+
+def preprocessed(text: str, tmp_path: Path) -> str:
+    """text after the C preprocessor (the variant switches resolved), whitespace collapsed."""
+    path = tmp_path / "body.cpp"
+    path.write_text(text)
+    res = subprocess.run(
+        [GXX, "-E", "-P", "-x", "c++", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    return " ".join(res.stdout.split())
+
+
+@pytest.mark.parametrize("gate,mask,decode", source.variants())
+def test_variant_switches_select_the_variant(gate, mask, decode, tmp_path):
+    """Each variant's body, once its #defines are applied, reads only its own inputs and keeps
+    the step loop's pipelined load and the gate broadcast only outside decode."""
+    code = preprocessed(source.kernel_body(gate, mask, decode), tmp_path)
+    reads = {
+        name: re.search(rf"\b{name}\[", code) is not None
+        for name in ("g", "beta", "a", "b", "A_log", "mask")
+    }
+    assert reads["mask"] == mask
+    assert reads["g"] == (gate != "fused") and reads["beta"] == (gate != "fused")
+    assert reads["a"] == reads["b"] == reads["A_log"] == (gate == "fused")
+    assert ("g_nx" in code) == (gate == "per_key")
+    assert ("constexpr int T = 1;" in code) == decode
+    assert ("const int t_ld = t + 1 < T ? t + 1 : t;" in code) == (not decode)
+    assert ("gd_shuffle(bl, j)" in code) == (not decode)
+    assert "GD_" not in code and "gd_step_gate" not in code
