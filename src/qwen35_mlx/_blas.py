@@ -27,6 +27,9 @@ import sys
 import warnings
 from pathlib import Path
 
+# Plain Python (imports nothing, mlx included): the kernels' hook for matmul-heavy CPU paths.
+from .kernels import on_cpu_matmul
+
 _ENV = "QWEN35_MLX_BLAS"
 _SEARCH = (
     "libopenblas.so.0",
@@ -151,5 +154,9 @@ def warn_if_reference_blas() -> None:
         f"qwen35_mlx: MLX's CPU backend uses its slow reference BLAS ({_status.get('reason')}), "
         f"so chunked prefill runs several times slower; {_INSTALL_HINT}.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
+
+
+# The chunked gated-delta path runs its CPU hooks first; kernels import nothing above kernels/.
+on_cpu_matmul(warn_if_reference_blas)

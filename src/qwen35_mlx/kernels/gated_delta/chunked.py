@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..._blas import warn_if_reference_blas
+from .. import run_cpu_matmul_hooks
 
 # Per-key gates build a [C, C, Dk] decay tensor per chunk; chunks are processed in groups whose
 # tensor stays below this many elements.
@@ -216,7 +216,7 @@ def gated_delta_chunked(
             f"gated_delta_chunked: chunk_size must be a power of two, got {chunk_size}"
         )
     if mx.default_device() == mx.cpu:
-        warn_if_reference_blas()
+        run_cpu_matmul_hooks()  # e.g. the package's slow-BLAS warning
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     R = Hv // Hk
