@@ -50,3 +50,26 @@ def test_ref_bf16_inputs_fp32_state():
     y_np, s_np = gated_delta_np(q, k, v, g, beta, state)
     assert rel_err(np64(y), y_np) < RTOL[mx.bfloat16]
     assert rel_err(s, s_np) < RTOL[mx.float32]
+
+
+# The compiled single step (CPU decode): odd sizes, Hv = 2 Hk and 4 Hk, Dk != Dv both ways.
+DECODE_SHAPES = [(3, 1, 2, 24, 40), (2, 2, 8, 64, 16), (1, 3, 3, 7, 5), (5, 2, 4, 33, 33)]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}".format(*s))
+def test_ref_decode_step_matches_numpy(shape, per_key, masked):
+    B, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, 1, Hk, Hv, Dk, Dv, per_key=per_key, seed=3)
+    # g == 0 for some heads (the state is wiped there before the update).
+    g = mx.where(mx.arange(Hv).reshape((1, 1, Hv) + (1,) * (g.ndim - 3)) % 3 == 0, 0.0, g)
+    mask = mx.array([[b % 2 == 0] for b in range(B)]) if masked else None
+    y, s = gated_delta_ref(q, k, v, g, beta, state, mask)
+    y_np, s_np = gated_delta_np(q, k, v, g, beta, state, mask)
+    assert y.shape == (B, 1, Hv, Dv) and s.shape == (B, Hv, Dv, Dk)
+    assert rel_err(y, y_np) < RTOL[mx.float32]
+    assert rel_err(s, s_np) < RTOL[mx.float32]
+    if masked:
+        assert not np.any(np.asarray(y)[1::2])
+        assert np.array_equal(np.asarray(s)[1::2], np.asarray(state)[1::2])
