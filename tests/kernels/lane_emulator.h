@@ -1,0 +1,72 @@
+// Runs a CUDA-style kernel body on the CPU: one std::thread per lane, the 32 lanes of a warp in
+// lockstep at every shuffle (std::barrier), warps one after another. Enough for the gated-delta
+// bodies, whose shuffles are reached by all 32 lanes of a warp (uniform control flow).
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+thread_local dim3 threadIdx, blockIdx;
+dim3 blockDim;
+
+struct float4 {
+  float x, y, z, w;
+};
+
+struct Warp {
+  std::barrier<> bar{32};
+  float slots[32];
+};
+thread_local Warp* tl_warp = nullptr;
+
+inline float gd_shuffle(float x, int lane) {
+  Warp& w = *tl_warp;
+  w.slots[threadIdx.x] = x;
+  w.bar.arrive_and_wait();
+  const float r = w.slots[lane];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+template <int W>
+inline float gd_group_sum(float x) {
+  for (int o = W / 2; o > 0; o /= 2) {
+    x += gd_shuffle(x, int(threadIdx.x ^ unsigned(o)));
+  }
+  return x;
+}
+
+inline float4 gd_load_f4(const float* p) { return {p[0], p[1], p[2], p[3]}; }
+inline void gd_store_f4(float* p, float x, float y, float z, float w) {
+  p[0] = x;
+  p[1] = y;
+  p[2] = z;
+  p[3] = w;
+}
+inline float gd_exp(float x) { return std::exp(x); }
+inline float gd_log(float x) { return std::log(x); }
+#define gd_prefetch(p) ((void)0)
+
+// Every (block, warp) of a grid of `blocks` x `warps` warps, 32 lanes each.
+inline void run_grid(dim3 blocks, unsigned warps, const std::function<void()>& lane_fn) {
+  blockDim = {32, warps, 1};
+  for (unsigned bx = 0; bx < blocks.x; ++bx)
+    for (unsigned by = 0; by < blocks.y; ++by)
+      for (unsigned wy = 0; wy < warps; ++wy) {
+        Warp warp;
+        std::vector<std::thread> lanes;
+        for (unsigned lane = 0; lane < 32; ++lane)
+          lanes.emplace_back([&, lane] {
+            threadIdx = {lane, wy, 0};
+            blockIdx = {bx, by, 0};
+            tl_warp = &warp;
+            lane_fn();
+          });
+        for (auto& t : lanes) t.join();
+      }
+}
