@@ -90,6 +90,13 @@ int main(int argc, char** argv) {{
 }}
 """
     tmp = tmp_path_factory.mktemp("kernel_body")
+    probe = tmp / "probe.cpp"
+    probe.write_text(
+        "#include <barrier>\nint main() { std::barrier<> b{1}; b.arrive_and_wait(); }\n"
+    )
+    cmd = [GXX, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")]
+    if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
+        pytest.skip("needs a g++ with C++20 <barrier>")
     cpp, exe = tmp / "k.cpp", tmp / "k"
     cpp.write_text(text)
     cc = subprocess.run(
