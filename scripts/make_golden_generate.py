@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from _golden import noise_text_param, save_hf
+from _golden import noise_text_param, save_hf, text_config_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
@@ -108,31 +108,27 @@ def build_model(
     vocab: int, eos_id: int, pad_id: int, seed: int, muted: list[int]
 ) -> Qwen3_5ForCausalLM:
     config = Qwen3_5TextConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=64,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=16,
-        linear_conv_kernel_dim=4,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-        eos_token_id=eos_id,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.25,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-        },
+        **text_config_dict(
+            model_type=None,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            layer_types=None,
+            head_dim=32,
+            linear_key_head_dim=8,
+            linear_value_head_dim=16,
+            max_position_embeddings=4096,
+            pad_token_id=pad_id,
+            bos_token_id=None,
+            eos_token_id=eos_id,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+            },
+        )
     )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

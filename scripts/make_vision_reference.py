@@ -3,8 +3,8 @@
 Dev-only: needs torch and transformers (the `dev` extra). Tests never import this file; they read
 what it writes under `tests/data/vision/`:
 
-- `tower.safetensors`: a tiny random `Qwen3_5VisionModel` (config `TOWER` below, the test's
-  copy must match) as transformers names and lays out its weights (5-D Conv3d patch weight);
+- `tower_config.json` + `tower.safetensors`: a tiny random `Qwen3_5VisionModel` (`TOWER`
+  below) as transformers names and lays out its weights (5-D Conv3d patch weight);
 - `tower_reference.npz`: `grid` [N, 3] (two images of different shapes and a 2-frame video:
   unequal attention segments, a non-square grid, a grid larger than the 6x6 learned table),
   `pixels` [sum(t*h*w), 3*2*4*4], `pooler_output` (the tower's merged float32 output), and
@@ -18,12 +18,13 @@ Run: `python scripts/make_vision_reference.py` (a few seconds on CPU).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from _golden import save_hf
+from _golden import save_hf, text_config_dict
 from safetensors.torch import save_file
 from transformers import (
     Qwen3_5MoeConfig,
@@ -50,7 +51,8 @@ TOWER = dict(
 )
 GRID = [[1, 4, 6], [1, 2, 2], [2, 8, 4]]
 
-MOE_TEXT = dict(
+MOE_TEXT = text_config_dict(
+    model_type=None,
     vocab_size=64,
     hidden_size=32,
     num_hidden_layers=2,
@@ -58,8 +60,6 @@ MOE_TEXT = dict(
     num_attention_heads=2,
     num_key_value_heads=1,
     head_dim=32,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
     linear_key_head_dim=8,
     linear_value_head_dim=8,
     num_experts=4,
@@ -73,6 +73,8 @@ MOE_TEXT = dict(
         "mrope_section": [2, 1, 1],
     },
 )
+del MOE_TEXT["intermediate_size"]  # no dense MLP
+
 IMAGE = 60
 MOE_GRID = [[1, 4, 6]]
 MOE_IDS = [5, 7, 58] + [IMAGE] * 6 + [59, 9, 11, 13]
@@ -90,6 +92,7 @@ def tower() -> None:
         torch.tensor(GRID), num_grid_per_side=6, mode="bilinear", align_corners=True,
         spatial_merge_size=2,
     )  # fmt: skip
+    (OUT / "tower_config.json").write_text(json.dumps(TOWER, indent=2) + "\n")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, OUT / "tower.safetensors", metadata={"format": "pt"})
     np.savez_compressed(

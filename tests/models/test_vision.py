@@ -5,6 +5,7 @@ The references (weights, inputs and transformers' outputs) are committed under
 run without torch. The golden VLM test carries the main proof.
 """
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,20 +19,7 @@ from ..conftest import RTOL, rel_err
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vision"
 
-# As in scripts/make_vision_reference.py.
-TINY = dict(
-    depth=2,
-    hidden_size=32,
-    hidden_act="gelu_pytorch_tanh",
-    intermediate_size=48,
-    num_heads=2,
-    in_channels=3,
-    patch_size=4,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    out_hidden_size=24,
-    num_position_embeddings=36,
-)
+TINY = json.loads((DATA / "tower_config.json").read_text())
 
 # Two images of different shapes and a 2-frame video: unequal attention segments, a
 # non-square grid and a grid larger than the 6x6 learned table.
