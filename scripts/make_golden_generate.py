@@ -6,8 +6,8 @@ writes under `tests/data/golden/generate/`:
 
 - `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`: a byte-level BPE trained here,
   offline, on docstrings of a few standard-library modules, with Qwen's special tokens
-  (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<think>`, `</think>`) and a small Qwen3.5-style
-  chat template that honours `enable_thinking`;
+  (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<think>`, `</think>`) and the tiny model's
+  Qwen3.5-style chat template (`examples/chat_template.jinja`) that honours `enable_thinking`;
 - `config.json` + `model.safetensors` as `save_pretrained` writes them (`model_type: qwen3_5_text`,
   regular stack L L L F, untied embeddings (tied ones make a random model repeat its input token),
   noise on every parameter, zero lm_head rows for tokens that are not printable on their own);
@@ -26,14 +26,13 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
-from pathlib import Path
 
 import torch
-from _golden import noise_text_param, save_hf, text_config_dict
+from _golden import ROOT, noise_text_param, save_hf, text_config_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden" / "generate"
+OUT = ROOT / "tests" / "data" / "golden" / "generate"
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 VOCAB = 384
@@ -41,19 +40,8 @@ MAX_NEW = 24
 MIN_MARGIN = 1e-3  # smallest allowed top-1 minus top-2 logit gap on the golden paths
 MIN_DISTINCT = 6  # a path that repeats one token tests little
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}"
-    "{{- '<think>\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+# The tiny model's template (examples/), one copy.
+CHAT_TEMPLATE = (ROOT / "examples" / "chat_template.jinja").read_text()
 
 PROMPT = "Write a short line about the sea."
 SYSTEM = "You are a helpful assistant."
