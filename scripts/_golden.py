@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.models.factory import noise, text_config_dict  # noqa: E402
+from tests.models.factory import noise, rope_parameters, text_config_dict  # noqa: E402
 
-__all__ = ["ROOT", "noise_text_param", "save_hf", "text_config_dict"]
+__all__ = ["ROOT", "noise_text_param", "rope_parameters", "save_hf", "text_config_dict"]
 
 
 @torch.no_grad()

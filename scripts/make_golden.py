@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _golden import noise_text_param, save_hf, text_config_dict
+from _golden import noise_text_param, rope_parameters, save_hf, text_config_dict
 from safetensors.torch import load_file, save_file
 from transformers import (
     Qwen3_5ForCausalLM,
@@ -53,13 +53,7 @@ COMMON = text_config_dict(
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
-    rope_parameters={
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "partial_rotary_factor": 0.25,
-        "mrope_section": [2, 1, 1],
-        "mrope_interleaved": True,
-    },
+    rope_parameters=rope_parameters(0.25, [2, 1, 1]),
 )
 
 CASES = {

@@ -28,7 +28,7 @@ import json
 import shutil
 
 import torch
-from _golden import ROOT, noise_text_param, save_hf, text_config_dict
+from _golden import ROOT, noise_text_param, rope_parameters, save_hf, text_config_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
@@ -109,13 +109,7 @@ def build_model(
             pad_token_id=pad_id,
             bos_token_id=None,
             eos_token_id=eos_id,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "partial_rotary_factor": 0.25,
-                "mrope_section": [2, 1, 1],
-                "mrope_interleaved": True,
-            },
+            rope_parameters=rope_parameters(0.25, [2, 1, 1]),
         )
     )
     config._attn_implementation = "eager"

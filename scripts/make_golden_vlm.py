@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _golden import noise_text_param, save_hf, text_config_dict
+from _golden import noise_text_param, rope_parameters, save_hf, text_config_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -82,13 +82,7 @@ TEXT = text_config_dict(
     max_position_embeddings=4096,
     pad_token_id=PAD,
     eos_token_id=258,
-    rope_parameters={
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "partial_rotary_factor": 0.25,
-        "mrope_section": [3, 3, 2],
-        "mrope_interleaved": True,
-    },
+    rope_parameters=rope_parameters(0.25, [3, 3, 2]),
 )
 
 VISION = dict(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _golden import save_hf, text_config_dict
+from _golden import rope_parameters, save_hf, text_config_dict
 from safetensors.torch import save_file
 from transformers import (
     Qwen3_5MoeConfig,
@@ -66,12 +66,7 @@ MOE_TEXT = text_config_dict(
     num_experts_per_tok=2,
     moe_intermediate_size=16,
     shared_expert_intermediate_size=24,
-    rope_parameters={
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "partial_rotary_factor": 0.25,
-        "mrope_section": [2, 1, 1],
-    },
+    rope_parameters=rope_parameters(0.25, [2, 1, 1], None),
 )
 del MOE_TEXT["intermediate_size"]  # no dense MLP
 

@@ -31,6 +31,20 @@ IRREGULAR_LAYER_TYPES = [
 ]
 
 
+def rope_parameters(
+    partial_rotary_factor: float, mrope_section: list[int], mrope_interleaved: bool | None = True
+) -> dict:
+    """Qwen3.5's M-RoPE settings (theta 10000); `mrope_interleaved=None` leaves the key out."""
+    d = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": partial_rotary_factor,
+        "mrope_section": mrope_section,
+        "mrope_interleaved": mrope_interleaved,
+    }
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def text_config_dict(**overrides) -> dict:
     """A tiny `qwen3_5_text` config as a plain dict, for TextConfig or transformers'
     Qwen3_5TextConfig (pass `model_type=None` to leave it out)."""
@@ -53,13 +67,7 @@ def text_config_dict(**overrides) -> dict:
         tie_word_embeddings=False,
         max_position_embeddings=512,
         # rotary_dim 8 -> 4 frequencies: t, h, w, t under mrope_section [2, 1, 1].
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.5,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-        },
+        rope_parameters=rope_parameters(0.5, [2, 1, 1]),
     )
     d.update(overrides)
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
