@@ -22,19 +22,22 @@ import datetime
 import gc
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 # isort: off
 import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from qwen35_mlx.models.config import TextConfig
 from qwen35_mlx.models.text import TextModel
 
 # isort: on
+
+# The random-weight rules shared with the tests and the golden scripts (tests/models/factory.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.models.factory import random_weights  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -64,29 +67,6 @@ SHAPE_0_8B = dict(
         "mrope_interleaved": True,
     },
 )
-
-
-def random_weights(model: nn.Module, dtype: mx.Dtype, seed: int = 0) -> dict[str, mx.array]:
-    """Plausible random weights in MLX layout for every parameter of `model` (evaluated)."""
-    mx.random.seed(seed)
-    out = {}
-    for name, p in tree_flatten(model.parameters()):
-        shape = p.shape
-        if name.endswith("A_log"):
-            w = mx.log(mx.random.uniform(1.0, 16.0, shape)).astype(mx.float32)
-        elif name.endswith("dt_bias"):
-            w = mx.ones(shape, dtype)
-        elif name.endswith("norm.weight"):
-            # MLX layout: norms applied as stored (already shifted)
-            w = (1.0 + 0.05 * mx.random.normal(shape)).astype(dtype)
-        elif name.endswith("embed_tokens.weight"):
-            w = (0.02 * mx.random.normal(shape)).astype(dtype)
-        else:
-            fan_in = shape[-1] if len(shape) > 1 else 1
-            w = (mx.random.normal(shape) * fan_in**-0.5).astype(dtype)
-        mx.eval(w)
-        out[name] = w
-    return out
 
 
 def build_models(dtype: mx.Dtype):

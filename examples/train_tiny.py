@@ -63,29 +63,8 @@ STDLIB_MODULES = (
     "uuid warnings weakref zipfile zlib"
 ).split()
 
-# Qwen3.5's chat format: ChatML turns; the generation prompt opens a think block, or with
-# enable_thinking=false writes it already closed and empty.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message.role == 'assistant' %}"
-    "{%- set content = message.content %}"
-    "{%- if '</think>' in content %}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
-    "{%- endif %}"
-    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}"
-    "{{- '<think>\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+# Qwen3.5's chat format (one copy, shared with scripts/make_golden_generate.py).
+CHAT_TEMPLATE = (Path(__file__).resolve().parent / "chat_template.jinja").read_text()
 
 QA_FORMS = {
     "topic": (

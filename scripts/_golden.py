@@ -1,44 +1,39 @@
-"""Helpers shared by the dev-only golden-file generators `scripts/make_golden*.py`.
+"""Helpers shared by the dev-only reference writers `scripts/make_*.py`.
 
-Imported as `_golden` when a script runs as `python scripts/make_golden*.py` (the script's folder
-is first on `sys.path`). Needs torch and transformers, like the scripts.
+Imported as `_golden` when a script runs as `python scripts/make_*.py` (the script's folder is
+first on `sys.path`). Needs torch and transformers, like the scripts. Puts the repository root on
+`sys.path`, so the scripts share `tests.models.factory` (tiny configs, the random-weight rules)
+with the tests.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.models.factory import noise, rope_parameters, text_config_dict  # noqa: E402
+
+__all__ = ["ROOT", "noise_text_param", "rope_parameters", "save_hf", "text_config_dict"]
 
 
 @torch.no_grad()
 def noise_text_param(name: str, p: torch.nn.Parameter, gen: torch.Generator) -> None:
-    """Replace one Qwen3.5 text parameter with non-trivial random values of a sensible scale.
+    """Replace one Qwen3.5 text parameter (Hugging Face layout) with `factory.noise` drawn from
+    `gen`, in the caller's parameter order, so the golden files depend on it."""
 
-    Draws from `gen` in the caller's parameter order, so the golden files depend on it."""
-
-    def randn(shape):
+    def normal(shape):
         return torch.randn(shape, generator=gen, dtype=torch.float32)
 
-    if name.endswith("A_log"):
-        # decay rates exp(A_log) in [0.3, 3]: some heads forget fast, some slowly
-        p.copy_(torch.empty(p.shape).uniform_(-1.2, 1.1, generator=gen))
-    elif name.endswith("dt_bias"):
-        p.copy_(0.5 * randn(p.shape))
-    elif name.endswith("linear_attn.norm.weight"):
-        # the gated norm applies w itself (centred on 1)
-        p.copy_(1.0 + 0.2 * randn(p.shape))
-    elif p.ndim == 1:
-        # zero-centred Qwen3_5RMSNorm weights: applied as (1 + w)
-        p.copy_(0.2 * randn(p.shape))
-    elif name.endswith("conv1d.weight"):
-        p.copy_(0.5 * randn(p.shape))  # [C, 1, K]
-    elif name.endswith("embed_tokens.weight"):
-        p.copy_(randn(p.shape))
-    else:
-        # Linear / expert weights: in-features are the last axis everywhere
-        p.copy_(randn(p.shape) / np.sqrt(p.shape[-1]))
+    def uniform(low, high, shape):
+        return torch.empty(shape).uniform_(low, high, generator=gen)
+
+    p.copy_(noise(name, tuple(p.shape), normal, uniform))
 
 
 def save_hf(model, folder: Path) -> None:

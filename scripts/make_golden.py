@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _golden import noise_text_param, save_hf
+from _golden import noise_text_param, rope_parameters, save_hf, text_config_dict
 from safetensors.torch import load_file, save_file
 from transformers import (
     Qwen3_5ForCausalLM,
@@ -44,28 +44,16 @@ OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden"
 
 # Shared tiny shapes. head_dim 32 with partial rotary 0.25 rotates 8 dims (4 frequencies), so
 # mrope_section must sum to 4. Linear attention: Hv = 2 * Hk and Dk != Dv in every case.
-COMMON = dict(
+COMMON = text_config_dict(
+    model_type=None,
     vocab_size=256,
     hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     head_dim=32,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_conv_kernel_dim=4,
-    rms_norm_eps=1e-6,
     max_position_embeddings=4096,
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
-    rope_parameters={
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "partial_rotary_factor": 0.25,
-        "mrope_section": [2, 1, 1],
-        "mrope_interleaved": True,
-    },
+    rope_parameters=rope_parameters(0.25, [2, 1, 1]),
 )
 
 CASES = {
@@ -109,9 +97,9 @@ BATCH_LENGTHS = (37, 20, 5)  # left-padded to 37
 
 def build(case: dict) -> torch.nn.Module:
     params = dict(COMMON)
-    params.update(
-        {k: v for k, v in case.items() if k not in ("kind", "extra_mtp") and v is not None}
-    )
+    params.update({k: v for k, v in case.items() if k not in ("kind", "extra_mtp")})
+    if case["kind"] == "moe":
+        del params["intermediate_size"]  # no dense MLP: keep transformers' default
     if case["kind"] == "dense":
         config = Qwen3_5TextConfig(**params)
         model = Qwen3_5ForCausalLM(config)

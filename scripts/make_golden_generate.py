@@ -6,8 +6,8 @@ writes under `tests/data/golden/generate/`:
 
 - `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`: a byte-level BPE trained here,
   offline, on docstrings of a few standard-library modules, with Qwen's special tokens
-  (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<think>`, `</think>`) and a small Qwen3.5-style
-  chat template that honours `enable_thinking`;
+  (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<think>`, `</think>`) and the tiny model's
+  Qwen3.5-style chat template (`examples/chat_template.jinja`) that honours `enable_thinking`;
 - `config.json` + `model.safetensors` as `save_pretrained` writes them (`model_type: qwen3_5_text`,
   regular stack L L L F, untied embeddings (tied ones make a random model repeat its input token),
   noise on every parameter, zero lm_head rows for tokens that are not printable on their own);
@@ -26,14 +26,13 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
-from pathlib import Path
 
 import torch
-from _golden import noise_text_param, save_hf
+from _golden import ROOT, noise_text_param, rope_parameters, save_hf, text_config_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden" / "generate"
+OUT = ROOT / "tests" / "data" / "golden" / "generate"
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 VOCAB = 384
@@ -41,19 +40,8 @@ MAX_NEW = 24
 MIN_MARGIN = 1e-3  # smallest allowed top-1 minus top-2 logit gap on the golden paths
 MIN_DISTINCT = 6  # a path that repeats one token tests little
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}"
-    "{{- '<think>\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+# The tiny model's template (examples/), one copy.
+CHAT_TEMPLATE = (ROOT / "examples" / "chat_template.jinja").read_text()
 
 PROMPT = "Write a short line about the sea."
 SYSTEM = "You are a helpful assistant."
@@ -108,31 +96,21 @@ def build_model(
     vocab: int, eos_id: int, pad_id: int, seed: int, muted: list[int]
 ) -> Qwen3_5ForCausalLM:
     config = Qwen3_5TextConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=64,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=16,
-        linear_conv_kernel_dim=4,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        pad_token_id=pad_id,
-        bos_token_id=None,
-        eos_token_id=eos_id,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.25,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-        },
+        **text_config_dict(
+            model_type=None,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            layer_types=None,
+            head_dim=32,
+            linear_key_head_dim=8,
+            linear_value_head_dim=16,
+            max_position_embeddings=4096,
+            pad_token_id=pad_id,
+            bos_token_id=None,
+            eos_token_id=eos_id,
+            rope_parameters=rope_parameters(0.25, [2, 1, 1]),
+        )
     )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _golden import noise_text_param, save_hf
+from _golden import noise_text_param, rope_parameters, save_hf, text_config_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -67,34 +67,22 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-TEXT = dict(
+TEXT = text_config_dict(
+    model_type=None,
     vocab_size=VOCAB,
     hidden_size=32,
     intermediate_size=64,
-    num_hidden_layers=4,
     # Irregular: no interval formula gives F L L F.
     layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"],
-    num_attention_heads=4,
-    num_key_value_heads=2,
     # head_dim 64 * 0.25 rotates 16 dims = 8 frequencies: interleaved sections [3, 3, 2] give
     # t at 0, 3, 6; h at 1, 4, 7; w at 2, 5 (every axis used more than once).
     head_dim=64,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
     linear_key_head_dim=8,
     linear_value_head_dim=16,
-    linear_conv_kernel_dim=4,
-    rms_norm_eps=1e-6,
     max_position_embeddings=4096,
     pad_token_id=PAD,
     eos_token_id=258,
-    rope_parameters={
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "partial_rotary_factor": 0.25,
-        "mrope_section": [3, 3, 2],
-        "mrope_interleaved": True,
-    },
+    rope_parameters=rope_parameters(0.25, [3, 3, 2]),
 )
 
 VISION = dict(

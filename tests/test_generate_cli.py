@@ -4,6 +4,7 @@ continuation; every error a user can cause is one line on stderr and exit code 2
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,11 +76,21 @@ def test_thinking_flags_reach_the_chat_template():
 
 
 def test_default_model_is_the_embedded_one(capsys):
+    import qwen35_mlx
+
+    embedded = Path(qwen35_mlx.__file__).parent / "assets" / "tiny"
+    assert Path(default_model()) == embedded and (embedded / "model.safetensors").is_file()
     code, out, err = run(capsys, "--prompt", "Hello", "-m", 3, "-q")
-    if Path(default_model()).is_dir():
-        assert code == 0, err
-    else:
-        assert_user_error(code, out, err, "embedded model is missing")
+    assert code == 0, err
+    assert out.strip(), out
+
+
+def test_missing_embedded_model(capsys, monkeypatch, tmp_path):
+    # The CLI module, not the package's generate() function that shares its name.
+    cli = sys.modules[main.__module__]
+    monkeypatch.setattr(cli, "default_model", lambda: str(tmp_path / "tiny"))
+    code, out, err = run(capsys, "--prompt", "Hello", "-m", 3, "-q")
+    assert_user_error(code, out, err, "embedded model is missing")
 
 
 def test_missing_path(capsys, tmp_path):

@@ -14,8 +14,12 @@ import qwen35_mlx
 from qwen35_mlx.loader import load
 from qwen35_mlx.models.config import ModelConfig
 
+from .conftest import MODEL_LOGIT_BAR, RTOL, rel_err
+
 TINY = Path(qwen35_mlx.__file__).parent / "assets" / "tiny"
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_tiny.py"
+# transformers' float32 logits on the shipped weights (scripts/make_tiny_reference.py).
+REFERENCE = Path(__file__).parent / "data" / "tiny_reference.npz"
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,35 @@ def test_tiny_chat_template(loaded):
     assert off == head + "<think>\n\n</think>\n\n"
     for s in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"):
         assert len(tokenizer.encode(s, add_special_tokens=False)) == 1, s
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ref = np.load(REFERENCE)
+    return mx.array(ref["input_ids"]), ref["logits"]
+
+
+def test_tiny_logits_match_transformers(loaded, reference):
+    """As shipped (float16 weights and activations) against transformers' float32 forward."""
+    model, _ = loaded
+    ids, ref = reference
+    dtype = model.model.embed_tokens.weight.dtype
+    logits = model(ids)
+    assert logits.shape == ref.shape
+    assert rel_err(logits.astype(mx.float32), ref) < RTOL[dtype]
+
+
+def test_tiny_logits_in_float32_match_transformers(reference):
+    """The same weights cast to float32: full forward, then prefill + token-by-token decode."""
+    model, _ = load(TINY)
+    model.set_dtype(mx.float32)
+    ids, ref = reference
+    assert rel_err(model(ids), ref) < MODEL_LOGIT_BAR
+    cache = model.make_cache()
+    n = 40
+    steps = [model(ids[:, :n], cache=cache)]
+    steps += [model(ids[:, t : t + 1], cache=cache) for t in range(n, ids.shape[1])]
+    assert rel_err(mx.concatenate(steps, axis=1), ref) < MODEL_LOGIT_BAR
 
 
 def test_tiny_greedy_generation_is_printable(loaded):

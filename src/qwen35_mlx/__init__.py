@@ -5,7 +5,6 @@ Public API: load, generate, stream_generate, batch_generate (imported on first u
 """
 
 import sys as _sys
-import types as _types
 
 # Must run before anything imports mlx: on Linux it swaps MLX's reference BLAS for OpenBLAS.
 from ._blas import preload_openblas
@@ -15,6 +14,17 @@ preload_openblas()
 __version__ = "0.1.0"
 
 __all__ = ["load", "generate", "stream_generate", "batch_generate", "PromptCache"]
+
+# The command-line module `generate` shares its name with the generate() function. Import order
+# settles it, as in mlx-lm: the module is imported here (it imports only argparse at load time)
+# and its name dropped, so `qwen35_mlx.generate` is the function, found below on first use; a
+# later `import qwen35_mlx.generate` finds the module in sys.modules and leaves the name alone.
+# Under `python -m qwen35_mlx.generate` runpy imports this package first (sys.argv[0] is "-m"
+# meanwhile) and then runs the module as __main__; importing it here as well would run it twice.
+if not (_sys.argv[:1] == ["-m"] and f"{__name__}.generate" in getattr(_sys, "orig_argv", ())):
+    from . import generate
+
+    del generate
 
 _LAZY = {
     "load": ("loader", "load"),
@@ -38,15 +48,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
-
-
-class _Package(_types.ModuleType):
-    def __setattr__(self, name, value):
-        # Importing the CLI module `qwen35_mlx.generate` would bind it over the generate()
-        # function; the module stays reachable through sys.modules (`python -m`, `from ... import`).
-        if name == "generate" and isinstance(value, _types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package

@@ -14,8 +14,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    import qwen35_mlx  # noqa: F401  (preloads the BLAS before mlx)
-
+    # The package's __init__ (which preloads the BLAS before mlx) has run: this module is only
+    # ever loaded as qwen35_mlx.mlx_lm. Its name matches the dependency's, but every import of
+    # `mlx_lm` here is absolute, so it reaches the dependency, never this module.
     from .mlx_lm_plugin import register
 
     register()

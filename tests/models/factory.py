@@ -1,16 +1,27 @@
-"""Tiny seeded Qwen3.5 configs and models for tests (never downloads).
+"""Tiny seeded Qwen3.5 configs and random weights: the one copy for tests, scripts, benchmarks.
 
 Shapes chosen to catch layout bugs: Dk != Dv, Hv = 2 Hk, GQA 4/2, an irregular layer_types that
 no full_attention_interval produces, partial rotary with M-RoPE sections that use all three axes.
+
+Dev-only, never imported by `src/`. `scripts/` and `benchmarks/` import it as
+`tests.models.factory` after putting the repository root on `sys.path`: it lives with the tests,
+which use it most, and `src/` stays free of test helpers.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
+# isort: off
+import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from qwen35_mlx.models.config import TextConfig
+
+# isort: on
 
 IRREGULAR_LAYER_TYPES = [
     "linear_attention",
@@ -20,7 +31,23 @@ IRREGULAR_LAYER_TYPES = [
 ]
 
 
-def make_text_config(**overrides) -> TextConfig:
+def rope_parameters(
+    partial_rotary_factor: float, mrope_section: list[int], mrope_interleaved: bool | None = True
+) -> dict:
+    """Qwen3.5's M-RoPE settings (theta 10000); `mrope_interleaved=None` leaves the key out."""
+    d = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": partial_rotary_factor,
+        "mrope_section": mrope_section,
+        "mrope_interleaved": mrope_interleaved,
+    }
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def text_config_dict(**overrides) -> dict:
+    """A tiny `qwen3_5_text` config as a plain dict, for TextConfig or transformers'
+    Qwen3_5TextConfig (pass `model_type=None` to leave it out)."""
     d = dict(
         model_type="qwen3_5_text",
         vocab_size=128,
@@ -40,18 +67,18 @@ def make_text_config(**overrides) -> TextConfig:
         tie_word_embeddings=False,
         max_position_embeddings=512,
         # rotary_dim 8 -> 4 frequencies: t, h, w, t under mrope_section [2, 1, 1].
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.5,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-        },
+        rope_parameters=rope_parameters(0.5, [2, 1, 1]),
     )
     d.update(overrides)
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         d["layer_types"] = None
-    return TextConfig(**d)
+    if d["model_type"] is None:
+        del d["model_type"]
+    return d
+
+
+def make_text_config(**overrides) -> TextConfig:
+    return TextConfig(**text_config_dict(**overrides))
 
 
 def make_moe_config(**overrides) -> TextConfig:
@@ -67,27 +94,58 @@ def make_moe_config(**overrides) -> TextConfig:
     return make_text_config(**d)
 
 
-def randomize(model: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module:
-    """Noise on every parameter (norms, A_log and dt_bias included), reproducibly."""
-    key = mx.random.key(seed)
+def noise(name: str, shape, normal: Callable, uniform: Callable):
+    """Random values of a sensible scale for one Qwen3.5 text parameter, in Hugging Face's
+    layout (zero-centred RMSNorm weights, applied as 1 + w).
+
+    `normal(shape)` and `uniform(low, high, shape)` draw the randomness (mlx or torch), one call
+    per parameter, so the golden files written with torch depend only on the parameter order.
+    """
+    if name.endswith("A_log"):
+        # decay rates exp(A_log) in [0.3, 3]: some heads forget fast, some slowly
+        return uniform(-1.2, 1.1, shape)
+    if name.endswith("dt_bias"):
+        return 0.5 * normal(shape)
+    if name.endswith("linear_attn.norm.weight"):
+        # the gated norm applies w itself (centred on 1)
+        return 1.0 + 0.2 * normal(shape)
+    if len(shape) == 1:
+        # zero-centred RMSNorm weights: applied as (1 + w)
+        return 0.2 * normal(shape)
+    if name.endswith("conv1d.weight"):
+        return 0.5 * normal(shape)
+    if name.endswith("embed_tokens.weight"):
+        return normal(shape)
+    # Linear and expert weights: in-features are the last axis everywhere
+    return normal(shape) / math.sqrt(shape[-1])
+
+
+def random_weights(model: nn.Module, dtype: mx.Dtype | None = None, seed: int = 0) -> dict:
+    """`noise` for every parameter of an MLX text model, in MLX layout (norms stored as applied),
+    cast to `dtype` (default: each parameter's own; A_log stays float32). Each is evaluated as it
+    is made, so a large model never holds its float32 draws all at once."""
     params = tree_flatten(model.parameters())
-    keys = mx.random.split(key, len(params))
-    new = []
-    for (name, p), k in zip(params, keys, strict=True):
-        noise = mx.random.normal(p.shape, key=k).astype(mx.float32)
-        if name.endswith("A_log"):
-            v = mx.log(mx.random.uniform(0.5, 8.0, p.shape, key=k))
-        elif name.endswith("dt_bias"):
-            v = noise
-        elif name.endswith("norm.weight"):
-            v = 1.0 + 0.1 * noise
-        elif name.endswith("embed_tokens.weight"):
-            v = noise
-        else:
-            fan_in = p.shape[-1] if p.ndim >= 2 else 1
-            v = noise * (fan_in**-0.5) * (scale / 0.2)
-        new.append((name, v.astype(p.dtype)))
-    model.update(tree_unflatten(new))
+    keys = iter(mx.random.split(mx.random.key(seed), len(params)))
+    out = {}
+    for name, p in params:
+        key = next(keys)
+        v = noise(
+            name,
+            p.shape,
+            lambda shape, k=key: mx.random.normal(shape, key=k),
+            lambda lo, hi, shape, k=key: mx.random.uniform(lo, hi, shape, key=k),
+        )
+        if p.ndim == 1 and name.endswith("norm.weight") and "linear_attn" not in name:
+            v = 1.0 + v
+        v = v.astype(mx.float32 if name.endswith("A_log") else dtype or p.dtype)
+        mx.eval(v)
+        out[name] = v
+    return out
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Noise on every parameter (norms, A_log and dt_bias included), reproducibly."""
+    model.load_weights(list(random_weights(model, seed=seed).items()), strict=True)
     mx.eval(model.parameters())
     return model
 

@@ -275,16 +275,48 @@ def test_mlx_lm_prompt_cache_file_round_trip(dense, tmp_path):
     assert rel_err(_np(got), _np(dense(x)[:, 6:])) < TOL
 
 
+def _np64(x):
+    return np.array(x.astype(mx.float32)).astype(np.float64)
+
+
+def _conv_qkv_numpy(conv_in, w, T, Hk, Dk, Hv, Dv):
+    """Float64 NumPy: causal depthwise conv (tap K-1 on the current token), silu, split into q
+    (l2-normalised, times Dk^-0.5), k (l2-normalised) and v, as transformers computes them."""
+    B, K = conv_in.shape[0], w.shape[1]
+    h = sum(conv_in[:, j : j + T] * w[:, j] for j in range(K))
+    h = h / (1.0 + np.exp(-h))
+
+    def l2(a):
+        return a / np.sqrt((a * a).sum(-1, keepdims=True) + 1e-6)
+
+    q = l2(h[..., : Hk * Dk].reshape(B, T, Hk, Dk)) * Dk**-0.5
+    k = l2(h[..., Hk * Dk : 2 * Hk * Dk].reshape(B, T, Hk, Dk))
+    return q, k, h[..., 2 * Hk * Dk :].reshape(B, T, Hv, Dv)
+
+
+def _gated_rms_norm_numpy(x, gate, weight, eps):
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+    return y * gate / (1.0 + np.exp(-gate))
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_compiled_decode_pieces_match_plain_ops(dtype):
-    """The decode-only compiled conv/q/k/v split and the compiled gated norm equal the same
-    functions run op by op."""
+    """The decode-only compiled conv/q/k/v split and the compiled gated norm against a float64
+    NumPy reference (written apart from the model code), and equal to the same functions run
+    op by op."""
     from qwen35_mlx.models import layers
 
     B, K, Hk, Dk, Hv, Dv = 3, 4, 2, 32, 4, 16
     C = 2 * Hk * Dk + Hv * Dv
     conv_in = mx.random.normal((B, K, C)).astype(dtype)
     w = mx.random.normal((C, K))
+    # The layer casts the taps to the activation dtype; the reference starts from those values.
+    ref = _conv_qkv_numpy(_np64(conv_in), _np64(w.astype(dtype)), 1, Hk, Dk, Hv, Dv)
+    for compiled in (True, False):
+        conv_qkv = layers._conv_qkv_decode if compiled else layers._conv_qkv
+        for got, want in zip(conv_qkv(conv_in, w, 1, Hk, Dk, Hv, Dv), ref, strict=True):
+            assert got.dtype == dtype and got.shape == want.shape
+            assert rel_err(_np(got), want) < RTOL[dtype], compiled
     for got, want in zip(
         layers._conv_qkv_decode(conv_in, w, 1, Hk, Dk, Hv, Dv),
         layers._conv_qkv(conv_in, w, 1, Hk, Dk, Hv, Dv),
@@ -294,12 +326,16 @@ def test_compiled_decode_pieces_match_plain_ops(dtype):
         assert rel_err(_np(got), _np(want)) < RTOL[dtype]
     x, gate, weight = mx.random.normal((2, 5, Hv, Dv)), mx.random.normal((2, 5, Hv, Dv)), w[:Dv, 0]
     x, gate = x.astype(dtype), gate.astype(dtype)
+    got = layers._gated_rms_norm(x, gate, weight, 1e-6)
+    assert got.dtype == dtype
+    want = _gated_rms_norm_numpy(_np64(x), _np64(gate), _np64(weight), 1e-6)
+    assert rel_err(_np(got), want) < RTOL[dtype]
     plain = (
         mx.fast.rms_norm(x, weight, 1e-6).astype(mx.float32)
         * mx.sigmoid(gate.astype(mx.float32))
         * gate.astype(mx.float32)
     ).astype(dtype)
-    assert rel_err(_np(layers._gated_rms_norm(x, gate, weight, 1e-6)), _np(plain)) < RTOL[dtype]
+    assert rel_err(_np(got), _np(plain)) < RTOL[dtype]
 
 
 def test_gradients_flow_through_compiled_layers(dense):

@@ -1,0 +1,49 @@
+"""The package namespace: `qwen35_mlx.generate` is the function, whatever imported the CLI module
+of the same name first; `import qwen35_mlx` stays light; the CLI modules run with `python -m`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def python(*args: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter on this checkout's package (nothing imported by this test process)."""
+    path = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, QWEN35_MLX_BLAS="reference")
+    return subprocess.run(
+        [sys.executable, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_generate_is_the_function_after_importing_the_cli_module():
+    code = (
+        "import sys\n"
+        "import qwen35_mlx.generate\n"
+        "from qwen35_mlx import generate\n"
+        "import qwen35_mlx\n"
+        "assert callable(generate) and generate.__module__ == 'qwen35_mlx.generation', generate\n"
+        "assert qwen35_mlx.generate is generate\n"
+        "assert callable(sys.modules['qwen35_mlx.generate'].main)\n"
+        "print('ok')\n"
+    )
+    r = python("-c", code)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+
+
+def test_import_is_light():
+    code = "import sys, qwen35_mlx\nprint(sorted(m for m in sys.modules if m.startswith('mlx')))"
+    r = python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[]\n"
+
+
+def test_cli_modules_run_with_python_m():
+    r = python("-m", "qwen35_mlx.generate", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m qwen35_mlx.generate")
+    # runpy warns when the package has already imported the module it is about to run.
+    assert "found in sys.modules" not in r.stderr, r.stderr
+    r = python("-m", "qwen35_mlx.mlx_lm")
+    assert r.returncode == 2 and "usage: python -m qwen35_mlx.mlx_lm" in r.stderr
