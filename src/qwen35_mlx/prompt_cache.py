@@ -366,7 +366,10 @@ class PromptCache:
                     f"layer {i} holds a {classes[i]} state; the model's {type(c).__name__} "
                     "keeps another layout"
                 )
-            c.state = _copy_tree(state)
+            try:
+                c.state = _copy_tree(state)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise bad(f"layer {i}'s saved state does not fit the model's cache: {e}") from None
             if _trimmable(c) and _size(c) != len(tokens):
                 raise bad(f"layer {i} holds {_size(c)} tokens, the file lists {len(tokens)} ids")
         metas = settings.get("meta_state")
@@ -559,6 +562,11 @@ def _config_dict(cfg: Any) -> dict:
     return dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg))
 
 
+def _field(cfg: Any, name: str) -> Any:
+    # mlx-lm's own model configs keep text_config as a plain dict
+    return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+
+
 def _short_hash(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
 
@@ -572,17 +580,17 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     only the parameters, never runs the model.
     """
     module, cfg = _model_and_config(model)
-    text = getattr(cfg, "text_config", None) or cfg
-    layer_types = getattr(text, "layer_types", None)
+    text = _field(cfg, "text_config") or cfg
+    layer_types = _field(text, "layer_types")
     if layer_types is None:
         layer_types = [type(c).__name__ for c in model.make_cache()]
     fp: dict[str, Any] = {
-        "model_type": getattr(cfg, "model_type", type(module).__name__),
+        "model_type": _field(cfg, "model_type") or type(module).__name__,
         "layer_types": list(layer_types),
     }
     for name in _SHAPE_FIELDS:
-        if getattr(text, name, None) is not None:
-            fp[name] = getattr(text, name)
+        if _field(text, name) is not None:
+            fp[name] = _field(text, name)
     fp["config_hash"] = _short_hash(json.dumps(_config_dict(cfg), sort_keys=True, default=str))
 
     params = sorted(tree_flatten(module.parameters()), key=lambda kv: kv[0])
