@@ -493,8 +493,8 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _state_dtypes(arrays: dict[str, Any], n_layers: int) -> list[list[str]]:
-    """Per layer of the live cache, the dtypes of its state arrays in key order (zero-size
-    arrays, which stand for None and scalars, left out)."""
+    """Per layer of the live cache, the dtypes of its state arrays of rank 2 or more, in key
+    order (rank 0 and 1 entries stand for scalars, None and strings)."""
     out: list[list[str]] = [[] for _ in range(n_layers)]
     for k in sorted(arrays):
         layer = int(k.split(".", 1)[0])
