@@ -17,20 +17,43 @@ assistant turn. A request reuses
 - nothing (cold prefill).
 
 Snapshots hold references to the state arrays, not copies: the model replaces those arrays on
-every call instead of writing into them, so a snapshot stays valid. Save / load use mlx-lm's
-prompt-cache file (`save_prompt_cache` / `load_prompt_cache`: one safetensors file) for the live
-cache, with the token ids in its metadata; snapshots are not saved.
+every call instead of writing into them, so a snapshot stays valid.
+
+Files (`save` / `load`) are mlx-lm's prompt-cache file (one safetensors file, the layout of
+`save_prompt_cache`: arrays `"<layer>.<path in .state>"`, metadata `[metadata, classes, scalars]`),
+so mlx-lm's `load_prompt_cache` reads the live cache of ours and ours reads mlx-lm's (given the
+token ids under `TOKENS_KEY`). On top of that layout a file of ours holds
+
+- the snapshots, as extra list entries after the layers (entry `n_layers + s` holds snapshot `s`'s
+  states of the non-trimmable layers). mlx-lm lists one class per layer and pairs classes with
+  entries, so it ignores them;
+- the model's fingerprint (`model_fingerprint`): model type, layer types, head counts and dims,
+  weight dtypes, the dtypes of the saved states, a hash of the config and a digest of the
+  weights (name, dtype, shape and first values of every parameter: it tells apart two
+  checkpoints with one config, e.g. a base and an instruct model). `load` refuses another model;
+- a SHA-256 checksum over every array and metadata entry; `load` refuses a file that does not
+  match it. The file is written to a temporary file in the same folder and renamed into place.
+
+Files without a fingerprint or checksum (written by mlx-lm) load after a structural check only:
+one cache per layer, each layer's state laid out as the model's cache expects, the attention
+caches holding as many tokens as the token ids list.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 TOKENS_KEY = "qwen35_mlx_tokens"  # no dots: mlx-lm unflattens metadata keys on "."
 
@@ -50,15 +73,17 @@ def _trimmable(c: Any) -> bool:
 
 def _saved_state(state: Any) -> Any:
     # ArraysCache.state is (list of arrays, left_padding, lengths); the model assigns new arrays
-    # into that list, so keep a copy of the list (the arrays themselves are never written to).
-    if isinstance(state, tuple) and state and isinstance(state[0], list):
-        return (list(state[0]), *state[1:])
-    return state
+    # into that list, so keep a copy of the containers (the arrays are never written to).
+    return _copy_tree(state)
+
+
+def _size(c: Any) -> int:
+    return c.offset if hasattr(c, "offset") and isinstance(c.offset, int) else c.size()
 
 
 def _trim_to(c: Any, n: int) -> None:
     """Trim a trimmable layer cache back to its first `n` tokens."""
-    size = c.offset if hasattr(c, "offset") and isinstance(c.offset, int) else c.size()
+    size = _size(c)
     if size > n:
         c.trim(size - n)
 
@@ -87,6 +112,7 @@ class PromptCache:
         self.snapshots: list[tuple[list[int], list[Any]]] = []
         self.last_reused = 0
         self.last_prefilled = 0
+        self.metadata: dict[str, str] = {}  # what `save(metadata=...)` stored, after `load`
 
     @classmethod
     def for_tokenizer(cls, model: nn.Module, tokenizer: Any, **kwargs) -> PromptCache:
@@ -191,25 +217,417 @@ class PromptCache:
                 c.state = _saved_state(s)
         return self.cache
 
-    # Files: mlx-lm's prompt-cache format plus the token ids.
+    # Files: mlx-lm's prompt-cache layout plus token ids, snapshots, fingerprint and checksum.
 
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-        """Write the live cache and its token ids to one `.safetensors` file."""
+        """Write the live cache, its token ids and the snapshots to one `.safetensors` file.
+
+        The file is written whole to a temporary file next to `path`, then renamed over it: a
+        failed save leaves any earlier file at `path` as it was. `metadata` (str -> str, keys
+        without dots) is stored with the file.
+        """
         if self.cache is None:
             raise ValueError("nothing to save: the prompt cache is empty")
-        meta = dict(metadata or {})
-        meta[TOKENS_KEY] = json.dumps(self.tokens)
-        save_prompt_cache(str(path), self.cache, meta)
+        path = Path(path)
+        folder = path.parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder (saving the prompt cache {path})")
+        meta = _user_metadata(metadata)
+
+        keep = [i for i, c in enumerate(self.cache) if not _trimmable(c)]
+        snaps, lengths = [], []
+        for tokens, saved in self.snapshots:
+            if [i for i, s in enumerate(saved) if s is not None] != keep:
+                raise ValueError("a snapshot does not match the cache's layers; call reset()")
+            snaps.append([saved[i] for i in keep])
+            # a prefix of the live tokens is stored as its length
+            n = len(tokens)
+            lengths.append(n if self.tokens[:n] == tokens else tokens)
+
+        live = [c.state for c in self.cache]
+        flat, scalars = _to_arrays(tree_flatten(live + snaps))
+        fingerprint = model_fingerprint(self.model)
+        fingerprint["state_dtypes"] = _state_dtypes(flat, len(live))
+        settings = {
+            "format": FORMAT,
+            "boundary_tokens": sorted(self.boundary_tokens),
+            "max_snapshots": self.max_snapshots,
+            "snapshot_layers": keep,
+        }
+        metas = [_meta_state(c) for c in self.cache]
+        if any(metas):
+            settings["meta_state"] = metas
+        meta.update(
+            {
+                TOKENS_KEY: json.dumps(self.tokens),
+                SNAPSHOTS_KEY: json.dumps(lengths),
+                SETTINGS_KEY: json.dumps(settings),
+                FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True),
+            }
+        )
+        classes = [type(c).__name__ for c in self.cache]
+        flat_meta = dict(tree_flatten([meta, classes, scalars]))
+        flat_meta[_CHECKSUM_FLAT] = _checksum(flat, flat_meta)
+
+        # mx.save_safetensors appends ".safetensors" to other names: give the temporary file one.
+        tmp = folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.safetensors"
+        try:
+            mx.save_safetensors(str(tmp), flat, flat_meta)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (RuntimeError, OSError) as e:
+            raise OSError(f"{path}: could not write the prompt cache: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, **kwargs) -> PromptCache:
-        """A PromptCache from a file written by `save` (or by mlx-lm with our metadata key)."""
-        cache, meta = load_prompt_cache(str(path), return_metadata=True)
+        """A PromptCache from a file written by `save` (or by mlx-lm's `save_prompt_cache` with
+        the token ids under `TOKENS_KEY` in its metadata), snapshots included.
+
+        Raises `FileNotFoundError` for a missing file and `ValueError`, naming the file, for a
+        damaged one (unreadable, truncated, checksum mismatch, inconsistent contents) or one
+        saved from another model. `boundary_tokens` / `max_snapshots` default to the saved ones.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such prompt-cache file")
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, not a prompt-cache file")
+        try:
+            arrays, flat_meta = mx.load(str(path), format="safetensors", return_metadata=True)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ValueError(f"{path}: not a readable prompt-cache file (damaged?): {e}") from None
+        return cls._from_file(path, arrays, flat_meta, model, kwargs)
+
+    @classmethod
+    def _from_file(cls, path, arrays, flat_meta, model, kwargs) -> PromptCache:
+        def bad(what: str) -> ValueError:
+            return ValueError(f"{path}: {what}")
+
+        try:
+            meta, classes, scalars = tree_unflatten(list(flat_meta.items()))
+            assert isinstance(meta, dict) and isinstance(classes, list)
+            assert isinstance(scalars, list) and all(isinstance(c, str) for c in classes)
+        except (AssertionError, ValueError, TypeError):
+            raise bad("not a prompt-cache file (no mlx-lm prompt-cache metadata)") from None
         if TOKENS_KEY not in meta:
-            raise ValueError(f"{path}: no token ids in this prompt-cache file ({TOKENS_KEY})")
-        n_layers = len(model.make_cache())
-        if len(cache) != n_layers:
-            raise ValueError(f"{path}: {len(cache)} layer caches, the model has {n_layers}")
+            raise bad(f"no token ids in this prompt-cache file ({TOKENS_KEY})")
+
+        checksum = flat_meta.get(_CHECKSUM_FLAT)
+        if checksum is not None:
+            try:
+                actual = _checksum(arrays, flat_meta)
+            except (RuntimeError, ValueError) as e:
+                raise bad(f"the data cannot be read (damaged?): {e}") from None
+            if actual != checksum:
+                raise bad("checksum mismatch: the file is damaged")
+
+        settings = _json(meta, SETTINGS_KEY, dict, bad) or {}
+        version = settings.get("format", FORMAT)
+        if not isinstance(version, int) or version > FORMAT:
+            raise bad(f"written in another prompt-cache format ({version!r}; this reads {FORMAT})")
+        saved_fp = _json(meta, FINGERPRINT_KEY, dict, bad)
+        if saved_fp is not None:
+            _check_fingerprint(saved_fp, model_fingerprint(model), bad)
+
+        try:
+            for key, kind in scalars[1:]:
+                a = arrays[key]
+                if kind == "scalar":
+                    arrays[key] = a.item()
+                elif kind == "string":
+                    arrays[key] = "".join(chr(i) for i in a.tolist())
+                elif kind == "none":
+                    arrays[key] = None
+                else:
+                    raise ValueError(kind)
+            tree = tree_unflatten(list(arrays.items())) if arrays else []
+            assert isinstance(tree, list)
+        except (AssertionError, KeyError, ValueError, TypeError):
+            raise bad("the stored arrays do not follow the prompt-cache layout") from None
+        if saved_fp is not None and "state_dtypes" in saved_fp:
+            if _state_dtypes(arrays, len(classes)) != saved_fp["state_dtypes"]:
+                raise bad("the stored state dtypes differ from the ones its fingerprint lists")
+
+        tokens = _json(meta, TOKENS_KEY, list, bad)
+        if not all(isinstance(t, int) and t >= 0 for t in tokens):
+            raise bad("the token ids are not a list of non-negative integers")
+
+        cache = model.make_cache()
+        if len(classes) != len(cache):
+            raise bad(f"{len(classes)} layer caches, the model has {len(cache)}")
+        layouts = [_layout(c.state) for c in cache]
+        for i, c in enumerate(cache):
+            state = tree[i] if i < len(tree) else None
+            if _layout(state) != layouts[i]:
+                raise bad(
+                    f"layer {i} holds a {classes[i]} state; the model's {type(c).__name__} "
+                    "keeps another layout"
+                )
+            try:
+                c.state = _copy_tree(state)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise bad(f"layer {i}'s saved state does not fit the model's cache: {e}") from None
+            if _trimmable(c) and _size(c) != len(tokens):
+                raise bad(f"layer {i} holds {_size(c)} tokens, the file lists {len(tokens)} ids")
+        metas = settings.get("meta_state")
+        if metas is not None:
+            if not isinstance(metas, list) or len(metas) != len(cache):
+                raise bad("meta_state does not list one entry per layer")
+            for c, m in zip(cache, metas, strict=True):
+                if m:
+                    c.meta_state = m
+
+        keep = [i for i, c in enumerate(cache) if not _trimmable(c)]
+        lengths = _json(meta, SNAPSHOTS_KEY, list, bad) or []
+        if settings.get("snapshot_layers", keep) != keep:
+            raise bad("the snapshots were taken of other layers than the model's")
+        snapshots = []
+        for s, entry in enumerate(lengths):
+            if isinstance(entry, int) and 0 < entry <= len(tokens):
+                snap_tokens = tokens[:entry]
+            elif isinstance(entry, list) and entry and all(isinstance(t, int) for t in entry):
+                snap_tokens = entry
+            else:
+                raise bad(f"snapshot {s} has no valid token ids")
+            states = tree[len(cache) + s] if len(cache) + s < len(tree) else []
+            if not isinstance(states, list) or len(states) != len(keep):
+                raise bad(f"snapshot {s} does not hold one state per linear-attention layer")
+            saved: list[Any] = [None] * len(cache)
+            for j, st in zip(keep, states, strict=True):
+                if _layout(st) != layouts[j]:
+                    raise bad(
+                        f"snapshot {s}, layer {j}: the state's layout differs from the model's"
+                    )
+                saved[j] = _copy_tree(st)
+            snapshots.append((snap_tokens, saved))
+
+        kwargs.setdefault("boundary_tokens", settings.get("boundary_tokens", ()))
+        kwargs.setdefault("max_snapshots", settings.get("max_snapshots", 8))
         out = cls(model, **kwargs)
-        out.cache, out.tokens = cache, json.loads(meta[TOKENS_KEY])
+        out.cache, out.tokens, out.snapshots = cache, tokens, snapshots
+        out.metadata = {k: v for k, v in meta.items() if k not in _OURS and isinstance(v, str)}
         return out
+
+
+# Prompt-cache files
+
+FORMAT = 1
+SNAPSHOTS_KEY = "qwen35_mlx_snapshots"  # per snapshot: length (a prefix of the tokens) or ids
+SETTINGS_KEY = "qwen35_mlx_prompt_cache"  # format, boundary tokens, snapshot layers, meta_state
+FINGERPRINT_KEY = "qwen35_mlx_fingerprint"
+CHECKSUM_KEY = "qwen35_mlx_checksum"
+_CHECKSUM_FLAT = f"0.{CHECKSUM_KEY}"  # its place in the flat safetensors metadata
+_OURS = (TOKENS_KEY, SNAPSHOTS_KEY, SETTINGS_KEY, FINGERPRINT_KEY, CHECKSUM_KEY)
+# The configuration fields that shape the caches, shown by name when two models differ.
+_SHAPE_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+    "vocab_size",
+)
+_SAMPLE = 256  # values per parameter in the weights digest
+
+
+def _user_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"prompt-cache metadata must map str to str, got {k!r}: {v!r}")
+        if "." in k or k in _OURS:
+            raise ValueError(f"prompt-cache metadata key {k!r} is reserved or has a dot")
+    return meta
+
+
+def _to_arrays(items: list[tuple[str, Any]]) -> tuple[dict[str, mx.array], list]:
+    """Flat state leaves as arrays, with mlx-lm's record of the non-array leaves."""
+    scalars: list = [""]  # mlx-lm's layout: a first empty entry keeps the list in the metadata
+    out = {}
+    for key, v in items:
+        if isinstance(v, mx.array):
+            out[key] = v
+        elif isinstance(v, (bool, int, float)):
+            scalars.append((key, "scalar"))
+            out[key] = mx.array(v)
+        elif isinstance(v, str):
+            scalars.append((key, "string"))
+            out[key] = mx.array([ord(ch) for ch in v])
+        elif v is None:
+            scalars.append((key, "none"))
+            out[key] = mx.array([])
+        else:
+            raise ValueError(f"cannot save a cache state leaf of type {type(v).__name__}")
+    return out, scalars
+
+
+def _bytes(a: mx.array) -> memoryview:
+    if a.dtype == mx.bfloat16:  # numpy has no bfloat16: hash the same bits as uint16
+        a = a.view(mx.uint16)
+    return memoryview(np.ascontiguousarray(np.asarray(a)))
+
+
+def _checksum(arrays: dict[str, mx.array], flat_meta: dict[str, str]) -> str:
+    """SHA-256 over every metadata entry (but the checksum) and every array's name, dtype,
+    shape and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(flat_meta):
+        if k != _CHECKSUM_FLAT:
+            h.update(f"{k}={flat_meta[k]}\0".encode())
+    for k in sorted(arrays):
+        a = arrays[k]
+        h.update(f"{k}:{_dtype_name(a.dtype)}:{tuple(a.shape)}\0".encode())
+        h.update(_bytes(a))
+    return h.hexdigest()
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def _state_dtypes(arrays: dict[str, Any], n_layers: int) -> list[list[str]]:
+    """Per layer of the live cache, the dtypes of its state arrays of rank 2 or more, in key
+    order (rank 0 and 1 entries stand for scalars, None and strings)."""
+    out: list[list[str]] = [[] for _ in range(n_layers)]
+    for k in sorted(arrays):
+        layer = int(k.split(".", 1)[0])
+        a = arrays[k]
+        if layer < n_layers and isinstance(a, mx.array) and a.ndim >= 2:
+            out[layer].append(_dtype_name(a.dtype))
+    return out
+
+
+def _layout(state: Any) -> list[str]:
+    """The tree paths of a cache state: which containers hold its leaves, not their values."""
+    if state is None:
+        return []
+    return [k for k, _ in tree_flatten(state)]
+
+
+def _copy_tree(state: Any) -> Any:
+    # New lists and tuples around the same arrays: a layer cache that assigns into its state
+    # list (ArraysCache) then leaves the saved one alone.
+    if isinstance(state, list):
+        return [_copy_tree(x) for x in state]
+    if isinstance(state, tuple):
+        return tuple(_copy_tree(x) for x in state)
+    if isinstance(state, dict):
+        return {k: _copy_tree(v) for k, v in state.items()}
+    return state
+
+
+def _meta_state(c: Any) -> Any:
+    m = getattr(c, "meta_state", None)
+    return list(m) if isinstance(m, tuple) else m
+
+
+def _json(meta: dict, key: str, kind: type, bad: Any) -> Any:
+    """The JSON value stored under `key`, checked to be a `kind`; None when absent."""
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except (TypeError, ValueError):
+        raise bad(f"the {key} entry is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise bad(f"the {key} entry is not a JSON {kind.__name__}")
+    return value
+
+
+def _model_and_config(model: Any) -> tuple[Any, Any]:
+    # Wrappers (e.g. a counting proxy) that are not modules themselves hold the model as .model.
+    while not isinstance(model, nn.Module) and hasattr(model, "model"):
+        model = model.model
+    for attr in ("config", "args"):
+        cfg = getattr(model, attr, None)
+        if cfg is not None:
+            return model, cfg
+    return model, None
+
+
+def _config_dict(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg))
+
+
+def _field(cfg: Any, name: str) -> Any:
+    # mlx-lm's own model configs keep text_config as a plain dict
+    return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+
+
+def _short_hash(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What a prompt cache depends on: model type, layer types, head counts and dims, weight
+    dtypes, a hash of the config and a digest of the weights.
+
+    The digest covers every parameter's name, dtype and shape and its first values, so it
+    tells apart checkpoints that share a config (fine-tunes, another quantization). It reads
+    only the parameters, never runs the model.
+    """
+    module, cfg = _model_and_config(model)
+    text = _field(cfg, "text_config") or cfg
+    layer_types = _field(text, "layer_types")
+    if layer_types is None:
+        layer_types = [type(c).__name__ for c in model.make_cache()]
+    fp: dict[str, Any] = {
+        "model_type": _field(cfg, "model_type") or type(module).__name__,
+        "layer_types": list(layer_types),
+    }
+    for name in _SHAPE_FIELDS:
+        if _field(text, name) is not None:
+            fp[name] = _field(text, name)
+    fp["config_hash"] = _short_hash(json.dumps(_config_dict(cfg), sort_keys=True, default=str))
+
+    params = sorted(tree_flatten(module.parameters()), key=lambda kv: kv[0])
+    samples = [p.reshape(-1)[:_SAMPLE] for _, p in params]
+    mx.eval(samples)
+    h = hashlib.sha256()
+    for (name, p), s in zip(params, samples, strict=True):
+        h.update(f"{name}:{_dtype_name(p.dtype)}:{tuple(p.shape)}\0".encode())
+        h.update(_bytes(s))
+    fp["weight_dtypes"] = sorted({_dtype_name(p.dtype) for _, p in params})
+    fp["weights_digest"] = h.hexdigest()[:16]
+    return fp
+
+
+def _check_fingerprint(saved: dict, current: dict, bad: Any) -> None:
+    diffs = []
+    for key, value in current.items():
+        if key in ("config_hash", "weights_digest") or saved.get(key) == value:
+            continue
+        if key == "layer_types":
+            old = saved.get(key) if isinstance(saved.get(key), list) else []
+            diffs.append(
+                f"layer_types (file: {len(old)} layers {_types_summary(old)}, "
+                f"model: {len(value)} layers {_types_summary(value)})"
+            )
+        else:
+            diffs.append(f"{key} (file: {saved.get(key)}, model: {value})")
+    # The hashes name no field: report them only when nothing more specific differs.
+    if not diffs and saved.get("config_hash") != current["config_hash"]:
+        diffs.append("the config (same shapes, other settings)")
+    if not diffs and saved.get("weights_digest") != current["weights_digest"]:
+        diffs.append("the weights (same config: another checkpoint or quantization)")
+    if diffs:
+        raise bad("this prompt cache was saved from another model; differs: " + "; ".join(diffs))
+
+
+def _types_summary(types: list) -> str:
+    return "".join(
+        "F" if t == "full_attention" else "L" if t == "linear_attention" else "?" for t in types
+    )
