@@ -16,6 +16,8 @@ weights, shape mismatches) raise `ValueError` with a message that names what is 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -94,6 +96,24 @@ def read_config(path: Path) -> dict[str, Any]:
         if eos is not None:
             config["eos_token_id"] = eos
     return config
+
+
+def read_model_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """config.json as a dict and as a checked `ModelConfig` (errors name the file)."""
+    config_dict = read_config(path)
+    try:
+        return config_dict, ModelConfig.from_dict(config_dict)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from e
+
+
+def is_vision_language(config_dict: dict[str, Any]) -> bool:
+    """Whether a config.json describes a vision-language model (a qwen3_5 / qwen3_5_moe
+    checkpoint without a vision_config, as mlx-lm's text-only conversions write, is text)."""
+    return (
+        config_dict.get("model_type") not in TEXT_MODEL_TYPES
+        and config_dict.get("vision_config") is not None
+    )
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -287,6 +307,22 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
     if bad:
         more = f"; ... and {len(bad) - _LIST_LIMIT} more" if len(bad) > _LIST_LIMIT else ""
         raise ValueError("shape mismatch: " + "; ".join(bad[:_LIST_LIMIT]) + more)
+    # A floating parameter takes a floating weight (cast on load); the packed weight of a
+    # quantized module is uint32 in the model and must be uint32 in the checkpoint.
+    bad = [
+        f"{k}: checkpoint {weights[k].dtype} vs model {v.dtype}"
+        for k, v in sorted(expected.items())
+        if not _dtype_fits(weights[k].dtype, v.dtype)
+    ]
+    if bad:
+        more = f"; ... and {len(bad) - _LIST_LIMIT} more" if len(bad) > _LIST_LIMIT else ""
+        raise ValueError("wrong weight dtype: " + "; ".join(bad[:_LIST_LIMIT]) + more)
+
+
+def _dtype_fits(given: mx.Dtype, wanted: mx.Dtype) -> bool:
+    if mx.issubdtype(wanted, mx.floating):
+        return mx.issubdtype(given, mx.floating)
+    return given == wanted
 
 
 def load_model(
@@ -301,8 +337,7 @@ def load_model(
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"no such checkpoint folder: {path}")
-    config_dict = read_config(path)
-    config = ModelConfig.from_dict(config_dict)
+    config_dict, config = read_model_config(path)
     quantization = _quantization(config_dict)  # an unsupported scheme fails before any I/O
     weights, is_mlx = read_weights(path)
 
@@ -329,16 +364,82 @@ def load_tokenizer(path: Path, config_dict: dict[str, Any], model_type: str):
     A qwen3_5 / qwen3_5_moe checkpoint without a vision_config (mlx-lm's text-only conversions)
     gets the plain tokenizer.
     """
-    if model_type not in TEXT_MODEL_TYPES and config_dict.get("vision_config") is not None:
+    if is_vision_language({**config_dict, "model_type": model_type}):
         from .processor import load_processor
 
-        return load_processor(path)
+        with _tokenizer_errors(path):
+            processor = load_processor(path)
+        check_tokenizer(processor, path)
+        _keep_leading_space(processor.tokenizer)
+        return processor
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{path} has no tokenizer files (use load_model for weights only)")
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
     eos = config_dict.get("eos_token_id")
-    return load_wrapper(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    with _tokenizer_errors(path):
+        tokenizer = load_wrapper(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    check_tokenizer(tokenizer, path)
+    _keep_leading_space(tokenizer)
+    return tokenizer
+
+
+def _keep_leading_space(wrapper: Any) -> None:
+    """Streamed text equal to `tokenizer.decode(tokens)`, as batch_generate's texts are.
+
+    mlx-lm's byte-level BPE streaming detokenizer drops a space that starts the first token
+    (an SPM habit), where the tokenizer's own decode, for Qwen's byte-level BPE, keeps it.
+    """
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+    det = getattr(wrapper, "_detokenizer", None)
+    if type(det) is BPEStreamingDetokenizer:
+        det.__class__ = _plain_bpe_detokenizer()
+
+
+@functools.cache
+def _plain_bpe_detokenizer() -> type:
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+    class PlainBPEDetokenizer(BPEStreamingDetokenizer):
+        def _maybe_trim_space(self, current_text: str) -> str:
+            return current_text
+
+    return PlainBPEDetokenizer
+
+
+@contextlib.contextmanager
+def _tokenizer_errors(path: Path):
+    """transformers' errors for broken tokenizer files name no folder: add it."""
+    try:
+        yield
+    except (ValueError, OSError, TypeError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot load the tokenizer ({' '.join(str(e).split())})") from e
+
+
+TOKENIZER_PROBE = "Hello, world"
+
+
+def check_tokenizer(tokenizer: Any, path: Path) -> None:
+    """Raise ValueError naming `path` unless the tokenizer encodes a known string to a non-empty
+    id list that decodes back to it.
+
+    transformers builds an empty tokenizer from a folder that has tokenizer_config.json but no
+    tokenizer.json (or vocabulary files); every prompt would then encode to [].
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    try:
+        ids = list(tok.encode(TOKENIZER_PROBE, add_special_tokens=False))
+        back = tok.decode(ids) if ids else ""
+    except Exception as e:  # noqa: BLE001  (whatever a broken tokenizer raises)
+        raise ValueError(f"{path}: the tokenizer cannot encode text ({e!r})") from e
+    if not ids or back.strip() != TOKENIZER_PROBE:
+        files = sorted(p.name for p in path.iterdir() if "token" in p.name or p.suffix == ".model")
+        raise ValueError(
+            f"{path}: the tokenizer does not work: {TOKENIZER_PROBE!r} encodes to {ids[:8]} and "
+            f"decodes to {back!r} (tokenizer.json or vocabulary files missing or broken? "
+            f"tokenizer files present: {', '.join(files) or 'none'})"
+        )
 
 
 def load(
