@@ -331,7 +331,9 @@ def test_generate_text_equals_decode_and_batch(case):
 
 
 def test_image_directory_named(capsys, tmp_path, no_load):
-    assert_user_error(*run(capsys, "--model", GOLDEN / "vlm", "--image", tmp_path), "it is a directory")
+    assert_user_error(
+        *run(capsys, "--model", GOLDEN / "vlm", "--image", tmp_path), "it is a directory"
+    )
 
 
 def test_image_on_text_model_refused_before_loading(capsys, tmp_path, no_load):

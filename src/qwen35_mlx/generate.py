@@ -224,15 +224,15 @@ def run(args: argparse.Namespace) -> int:
     model_path = args.model or default_model()
     if args.model is None and not Path(model_path).is_dir():
         raise UserError(f"the embedded model is missing from the package ({model_path})")
+    images = _open_images(args.image) if args.image else []
     path, config_dict, config = _read_config(model_path)
-    if args.image:
+    if images:
         from .loader import is_vision_language
 
         if not is_vision_language(config_dict):
             raise UserError(
                 f"{model_path} is a text-only model: --image needs a vision-language checkpoint"
             )
-    images = _open_images(args.image) if args.image else []
 
     import mlx.core as mx
 
