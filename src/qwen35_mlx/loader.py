@@ -10,8 +10,11 @@ Two checkpoint kinds, told apart by the safetensors metadata, never by guessing 
   overrides keyed by module path).
 
 The loader only does I/O, quantization and `load_weights`. Path problems raise
-`FileNotFoundError`; content problems (wrong model_type, corrupt file, missing or unexpected
-weights, shape mismatches) raise `ValueError` with a message that names what is wrong.
+`FileNotFoundError`; content problems (wrong model_type, a required config field missing,
+truncated or corrupt safetensors, missing or unexpected weights, shape or dtype mismatches, a
+tokenizer that cannot encode text) raise `ValueError` with a message that names what is wrong.
+A weight's dtype must fit its parameter: floating for a floating parameter (then cast), uint32
+for the packed weight of a quantized module.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -135,34 +137,21 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _check_safetensors(file: Path) -> None:
-    """Raise ValueError naming the file if its header is unreadable or its data is cut short.
+def _safetensors_metadata(file: Path) -> dict[str, str]:
+    """The file's safetensors metadata; ValueError naming the file if it is truncated or corrupt.
 
-    mx.load maps tensors lazily, so a truncated file would otherwise fail much later, inside an
-    unrelated eval, with an error that does not name the file.
+    safetensors checks the header and that the data it describes is all there. mx.load maps
+    tensors lazily, so a truncated file would otherwise fail much later, inside an unrelated
+    eval, with an error that does not name the file.
     """
-    size = file.stat().st_size
+    from safetensors import safe_open
+
     try:
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        end = max(
-            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-            default=0,
-        )
-    except ValueError as e:
-        raise ValueError(f"{file}: corrupt safetensors file ({e})") from e
-    except (KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: corrupt safetensors header ({e!r})") from e
-    if 8 + n + end > size:
-        raise ValueError(
-            f"{file}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})"
-        )
+        with safe_open(str(file), framework="numpy") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001  (SafetensorError, OSError)
+        msg = " ".join(str(e).split())
+        raise ValueError(f"{file}: truncated or corrupt safetensors file ({msg})") from e
 
 
 def read_weights(path: Path) -> tuple[dict[str, mx.array], bool]:
@@ -170,12 +159,12 @@ def read_weights(path: Path) -> tuple[dict[str, mx.array], bool]:
     weights: dict[str, mx.array] = {}
     formats = []
     for file in weight_files(path):
-        _check_safetensors(file)
+        metadata = _safetensors_metadata(file)
         try:
-            arrays, metadata = mx.load(str(file), return_metadata=True)
+            arrays = mx.load(str(file))
         except Exception as e:  # mlx raises RuntimeError / ValueError with no file name
             raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
-        formats.append((metadata or {}).get("format"))
+        formats.append(metadata.get("format"))
         weights.update(arrays)
     is_mlx = all(f == "mlx" for f in formats)
     if not is_mlx and any(f == "mlx" for f in formats):
@@ -337,7 +326,12 @@ def load_model(
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"no such checkpoint folder: {path}")
-    config_dict, config = read_model_config(path)
+    return _load_model(path, *read_model_config(path), lazy=lazy, dtype=dtype)
+
+
+def _load_model(
+    path: Path, config_dict: dict[str, Any], config: ModelConfig, *, lazy: bool, dtype
+) -> nn.Module:
     quantization = _quantization(config_dict)  # an unsupported scheme fails before any I/O
     weights, is_mlx = read_weights(path)
 
@@ -464,9 +458,9 @@ def load(
     it is the processor (tokenizer plus image preprocessing, `.tokenizer` for the text part).
     """
     path = resolve_path(path_or_repo)
-    model = load_model(path, lazy=lazy, dtype=dtype)
-    config_dict = read_config(path)
-    return model, load_tokenizer(path, config_dict, config_dict["model_type"])
+    config_dict, config = read_model_config(path)  # read once, for the model and the tokenizer
+    model = _load_model(path, config_dict, config, lazy=lazy, dtype=dtype)
+    return model, load_tokenizer(path, config_dict, config.model_type)
 
 
 def quantization_block(model: nn.Module) -> dict[str, Any] | None:
