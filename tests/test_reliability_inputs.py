@@ -399,3 +399,12 @@ def test_mlx_vlm_module_without_mlx_vlm(capsys, monkeypatch):
     assert mlx_vlm.main(["generate", "--help"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "mlx-vlm is not installed" in err
+
+
+def test_error_inside_generation_leaves_stdout_empty(capsys):
+    # The prompt's own placeholder makes two for one image: the processor refuses it during
+    # generation, after the model loaded; the "==========" header must not be out yet.
+    vlm = GOLDEN / "vlm"
+    argv = ("--model", vlm, "--image", vlm / "image0.png", "--no-chat-template")
+    code, out, err = run(capsys, *argv, "--prompt", "<|image_pad|> twice")
+    assert_user_error(code, out, err, "placeholder")
