@@ -183,7 +183,7 @@ BAD_SAMPLING = [
 ]
 
 
-@pytest.mark.parametrize("flag, value", BAD_SAMPLING)
+@pytest.mark.parametrize("flag, value", [*BAD_SAMPLING, ("--seed", "-1"), ("--seed", str(2**64))])
 def test_cli_refuses_bad_sampling_before_loading(capsys, no_load, flag, value):
     assert_user_error(*run(capsys, "--model", GEN, flag, value), flag, value)
 

@@ -138,6 +138,8 @@ def _check_args(args: argparse.Namespace) -> str:
         check_sampling(args.temp, args.top_p, args.top_k, args.min_p, cli=True)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UserError(f"--seed must be an integer in [0, 2**64 - 1] (got {args.seed})")
     if args.system is not None:
         if args.no_chat_template:
             raise UserError(
