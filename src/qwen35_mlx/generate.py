@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("bfloat16", "float16", "float32"),
         default=None,
-        help="cast the floating weights on load (default: as stored; float32 is the fast and "
-        "exact choice on a CPU)",
+        help="cast the floating weights on load (default: as stored; float32 is the fast choice "
+        "on a CPU)",
     )
     p.add_argument(
         "--no-chat-template",
