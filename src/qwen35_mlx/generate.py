@@ -2,7 +2,15 @@
 
 Streams the response as it is generated, then prints prompt and generation tokens per second and
 peak memory. Without `--model` it runs the tiny model shipped in the package
-(`qwen35_mlx/assets/tiny`). Errors a user can cause end in one line on stderr and exit code 2.
+(`qwen35_mlx/assets/tiny`). Errors a user can cause end in one line on stderr and exit code 2,
+with nothing printed on stdout before it.
+
+Everything that can be checked without the model is checked first, before the heavy imports
+(mlx-lm, transformers): the options (sampling through `qwen35_mlx.sampling`), the prompt (valid
+UTF-8; from stdin without its trailing line break, as `--prompt TEXT` would be), the images, and
+config.json (`--image` needs a vision-language checkpoint). `--system` needs the chat template,
+so `--system` with `--no-chat-template` (or a model without a template) is an error, not a
+silent drop. A prompt longer than the model's `max_position_embeddings` gets a warning on stderr.
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint folder or Hugging Face repo id (default: the tiny model in the package)",
     )
     p.add_argument(
-        "--prompt", default=DEFAULT_PROMPT, help="the user message; '-' reads it from stdin"
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help="the user message; '-' reads it from stdin (without its trailing line break)",
     )
     p.add_argument(
         "--image",
@@ -51,13 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="an image for a vision-language model (repeatable)",
     )
-    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--system", default=None, help="a system message (needs the chat template)")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="tokens to generate at most")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="cast the floating weights on load (default: as stored; float32 is the fast choice "
+        "on a CPU)",
+    )
     p.add_argument(
         "--no-chat-template",
         action="store_true",
@@ -89,16 +106,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_text(text: str, source: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise UserError(f"{source} is not valid UTF-8 text (at character {e.start})") from None
+    return text
+
+
+def _read_prompt(arg: str) -> str:
+    if arg != "-":
+        return _check_text(arg, "--prompt")
+    buffer = getattr(sys.stdin, "buffer", None)
+    try:
+        text = buffer.read().decode("utf-8") if buffer is not None else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"stdin is not valid UTF-8 text (at byte {e.start})") from None
+    # `echo Hello | ...` must prompt what `--prompt Hello` does: drop the final line break(s)
+    return _check_text(text.rstrip("\r\n"), "stdin")
+
+
 def _check_args(args: argparse.Namespace) -> str:
     """Validate what can be checked before loading; returns the prompt text."""
+    from .sampling import check_sampling
+
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
     if args.prefill_step_size < 1:
         raise UserError(f"--prefill-step-size must be at least 1 (got {args.prefill_step_size})")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        check_sampling(args.temp, args.top_p, args.top_k, args.min_p, cli=True)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UserError(f"--seed must be an integer in [0, 2**64 - 1] (got {args.seed})")
+    if args.system is not None:
+        if args.no_chat_template:
+            raise UserError(
+                "--system needs the chat template; it cannot go with --no-chat-template"
+            )
+        _check_text(args.system, "--system")
+    prompt = _read_prompt(args.prompt)
     if not prompt.strip():
         raise UserError("the prompt is empty")
     for f in args.image:
+        if Path(f).is_dir():
+            raise UserError(f"cannot read image {f!r}: it is a directory")
         if not Path(f).is_file():
             raise UserError(f"cannot read image {f!r}: no such file")
     return prompt
@@ -108,26 +161,33 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _load(model: str):
+def _read_config(model: str):
+    """(checkpoint folder, config.json dict, ModelConfig), before any weight is read."""
+    from .loader import read_model_config, resolve_path
+
+    try:
+        path = resolve_path(model)
+        return (path, *read_model_config(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(_one_line(e)) from e
+
+
+def _load(path, dtype: str | None):
     from .loader import load
 
     try:
-        return load(model)
+        return load(path, dtype=dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UserError(_one_line(e)) from e
 
 
 def _open_images(files: list[str]) -> list:
-    from PIL import Image, UnidentifiedImageError
+    from .processor import _open_image
 
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                out.append(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise UserError(f"cannot read image {f!r}: {_one_line(e)}") from e
-    return out
+    try:
+        return [_open_image(f) for f in files]
+    except ValueError as e:
+        raise UserError(_one_line(e)) from e
 
 
 def _is_vlm(model, tokenizer) -> bool:
@@ -138,6 +198,8 @@ def build_prompt(tokenizer, prompt: str, args: argparse.Namespace, n_images: int
     """The prompt text to tokenize: the chat template applied unless --no-chat-template."""
     text_tok = getattr(tokenizer, "tokenizer", tokenizer)
     if args.no_chat_template or getattr(text_tok, "chat_template", None) is None:
+        if args.system is not None:
+            raise UserError("--system needs a chat template, and this model has none")
         return IMAGE_SLOT * n_images + prompt
     messages = []
     if args.system:
@@ -165,6 +227,14 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None and not Path(model_path).is_dir():
         raise UserError(f"the embedded model is missing from the package ({model_path})")
     images = _open_images(args.image) if args.image else []
+    path, config_dict, config = _read_config(model_path)
+    if images:
+        from .loader import is_vision_language
+
+        if not is_vision_language(config_dict):
+            raise UserError(
+                f"{model_path} is a text-only model: --image needs a vision-language checkpoint"
+            )
 
     import mlx.core as mx
 
@@ -172,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer = _load(model_path)
+    model, tokenizer = _load(path, args.dtype)
     if images and not _is_vlm(model, tokenizer):
         raise UserError(
             f"{model_path} is a text-only model: --image needs a vision-language checkpoint"
@@ -180,8 +250,7 @@ def run(args: argparse.Namespace) -> int:
     text = build_prompt(tokenizer, prompt, args, len(images))
 
     out = sys.stdout
-    if not args.quiet:
-        print("=" * 10, file=out)
+    max_positions = config.text_config.max_position_embeddings
     last = None
     try:
         for last in stream_generate(
@@ -196,6 +265,16 @@ def run(args: argparse.Namespace) -> int:
             min_p=args.min_p,
             prefill_step_size=args.prefill_step_size,
         ):
+            if last.generation_tokens == 1:
+                # only now, so that an error in the prompt leaves stdout empty
+                if last.prompt_tokens > max_positions:
+                    print(
+                        f"warning: the prompt has {last.prompt_tokens} tokens, more than the "
+                        f"model's max_position_embeddings ({max_positions}); expect poor output",
+                        file=sys.stderr,
+                    )
+                if not args.quiet:
+                    print("=" * 10, file=out)
             print(last.text, end="", flush=True, file=out)
     except ValueError as e:
         raise UserError(_one_line(e)) from e

@@ -26,6 +26,8 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from .sampling import check_sampling
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -79,6 +81,7 @@ def _wrap_tokenizer(tokenizer: Any) -> Any:
 
 
 def _make_sampler(sampler, temp, top_p, top_k, min_p) -> Sampler:
+    check_sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if sampler is not None:
         return sampler
     return make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)

@@ -10,17 +10,21 @@ Two checkpoint kinds, told apart by the safetensors metadata, never by guessing 
   overrides keyed by module path).
 
 The loader only does I/O, quantization and `load_weights`. Path problems raise
-`FileNotFoundError`; content problems (wrong model_type, corrupt file, missing or unexpected
-weights, shape mismatches) raise `ValueError` with a message that names what is wrong.
+`FileNotFoundError`; content problems (wrong model_type, a required config field missing,
+truncated or corrupt safetensors, missing or unexpected weights, shape or dtype mismatches, a
+tokenizer that cannot encode text) raise `ValueError` with a message that names what is wrong.
+A weight's dtype must fit its parameter: floating for a floating parameter (then cast), uint32
+for the packed weight of a quantized module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -96,6 +100,24 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def read_model_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """config.json as a dict and as a checked `ModelConfig` (errors name the file)."""
+    config_dict = read_config(path)
+    try:
+        return config_dict, ModelConfig.from_dict(config_dict)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from e
+
+
+def is_vision_language(config_dict: dict[str, Any]) -> bool:
+    """Whether a config.json describes a vision-language model (a qwen3_5 / qwen3_5_moe
+    checkpoint without a vision_config, as mlx-lm's text-only conversions write, is text)."""
+    return (
+        config_dict.get("model_type") not in TEXT_MODEL_TYPES
+        and config_dict.get("vision_config") is not None
+    )
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors shards of a checkpoint: the index's files when there is an index."""
     index = path / "model.safetensors.index.json"
@@ -115,34 +137,21 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _check_safetensors(file: Path) -> None:
-    """Raise ValueError naming the file if its header is unreadable or its data is cut short.
+def _safetensors_metadata(file: Path) -> dict[str, str]:
+    """The file's safetensors metadata; ValueError naming the file if it is truncated or corrupt.
 
-    mx.load maps tensors lazily, so a truncated file would otherwise fail much later, inside an
-    unrelated eval, with an error that does not name the file.
+    safetensors checks the header and that the data it describes is all there. mx.load maps
+    tensors lazily, so a truncated file would otherwise fail much later, inside an unrelated
+    eval, with an error that does not name the file.
     """
-    size = file.stat().st_size
+    from safetensors import safe_open
+
     try:
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        end = max(
-            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-            default=0,
-        )
-    except ValueError as e:
-        raise ValueError(f"{file}: corrupt safetensors file ({e})") from e
-    except (KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: corrupt safetensors header ({e!r})") from e
-    if 8 + n + end > size:
-        raise ValueError(
-            f"{file}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})"
-        )
+        with safe_open(str(file), framework="numpy") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001  (SafetensorError, OSError)
+        msg = " ".join(str(e).split())
+        raise ValueError(f"{file}: truncated or corrupt safetensors file ({msg})") from e
 
 
 def read_weights(path: Path) -> tuple[dict[str, mx.array], bool]:
@@ -150,12 +159,12 @@ def read_weights(path: Path) -> tuple[dict[str, mx.array], bool]:
     weights: dict[str, mx.array] = {}
     formats = []
     for file in weight_files(path):
-        _check_safetensors(file)
+        metadata = _safetensors_metadata(file)
         try:
-            arrays, metadata = mx.load(str(file), return_metadata=True)
+            arrays = mx.load(str(file))
         except Exception as e:  # mlx raises RuntimeError / ValueError with no file name
             raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
-        formats.append((metadata or {}).get("format"))
+        formats.append(metadata.get("format"))
         weights.update(arrays)
     is_mlx = all(f == "mlx" for f in formats)
     if not is_mlx and any(f == "mlx" for f in formats):
@@ -287,6 +296,22 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
     if bad:
         more = f"; ... and {len(bad) - _LIST_LIMIT} more" if len(bad) > _LIST_LIMIT else ""
         raise ValueError("shape mismatch: " + "; ".join(bad[:_LIST_LIMIT]) + more)
+    # A floating parameter takes a floating weight (cast on load); the packed weight of a
+    # quantized module is uint32 in the model and must be uint32 in the checkpoint.
+    bad = [
+        f"{k}: checkpoint {weights[k].dtype} vs model {v.dtype}"
+        for k, v in sorted(expected.items())
+        if not _dtype_fits(weights[k].dtype, v.dtype)
+    ]
+    if bad:
+        more = f"; ... and {len(bad) - _LIST_LIMIT} more" if len(bad) > _LIST_LIMIT else ""
+        raise ValueError("wrong weight dtype: " + "; ".join(bad[:_LIST_LIMIT]) + more)
+
+
+def _dtype_fits(given: mx.Dtype, wanted: mx.Dtype) -> bool:
+    if mx.issubdtype(wanted, mx.floating):
+        return mx.issubdtype(given, mx.floating)
+    return given == wanted
 
 
 def load_model(
@@ -301,8 +326,12 @@ def load_model(
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"no such checkpoint folder: {path}")
-    config_dict = read_config(path)
-    config = ModelConfig.from_dict(config_dict)
+    return _load_model(path, *read_model_config(path), lazy=lazy, dtype=dtype)
+
+
+def _load_model(
+    path: Path, config_dict: dict[str, Any], config: ModelConfig, *, lazy: bool, dtype
+) -> nn.Module:
     quantization = _quantization(config_dict)  # an unsupported scheme fails before any I/O
     weights, is_mlx = read_weights(path)
 
@@ -329,16 +358,95 @@ def load_tokenizer(path: Path, config_dict: dict[str, Any], model_type: str):
     A qwen3_5 / qwen3_5_moe checkpoint without a vision_config (mlx-lm's text-only conversions)
     gets the plain tokenizer.
     """
-    if model_type not in TEXT_MODEL_TYPES and config_dict.get("vision_config") is not None:
+    if is_vision_language({**config_dict, "model_type": model_type}):
         from .processor import load_processor
 
-        return load_processor(path)
+        with _tokenizer_errors(path):
+            processor = load_processor(path)
+        check_tokenizer(processor, path)
+        _keep_leading_space(processor.tokenizer)
+        return processor
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{path} has no tokenizer files (use load_model for weights only)")
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
     eos = config_dict.get("eos_token_id")
-    return load_wrapper(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    with _tokenizer_errors(path):
+        tokenizer = load_wrapper(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    check_tokenizer(tokenizer, path)
+    _keep_leading_space(tokenizer)
+    return tokenizer
+
+
+def _keep_leading_space(wrapper: Any) -> None:
+    """Streamed text equal to `tokenizer.decode(tokens)`, as batch_generate's texts are.
+
+    mlx-lm's byte-level BPE streaming detokenizer drops a space that starts the first token
+    (an SPM habit), where the tokenizer's own decode, for Qwen's byte-level BPE, keeps it.
+    """
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+    det = getattr(wrapper, "_detokenizer", None)
+    if type(det) is BPEStreamingDetokenizer:
+        det.__class__ = _plain_bpe_detokenizer()
+
+
+@functools.cache
+def _plain_bpe_detokenizer() -> type:
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+    class PlainBPEDetokenizer(BPEStreamingDetokenizer):
+        def _maybe_trim_space(self, current_text: str) -> str:
+            return current_text
+
+    return PlainBPEDetokenizer
+
+
+@contextlib.contextmanager
+def _tokenizer_errors(path: Path):
+    """transformers' errors for broken tokenizer files name no folder: add it."""
+    try:
+        yield
+    except (ValueError, OSError, TypeError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot load the tokenizer ({' '.join(str(e).split())})") from e
+
+
+TOKENIZER_PROBE = "Hello, world"
+
+
+def check_tokenizer(tokenizer: Any, path: Path) -> None:
+    """Raise ValueError naming `path` unless the tokenizer encodes a known string to a non-empty
+    id list that decodes back to it.
+
+    transformers builds an empty tokenizer from a folder that has tokenizer_config.json but no
+    tokenizer.json (or vocabulary files); every prompt would then encode to []. The known string
+    is "Hello, world"; a vocabulary that cannot spell it (a word-level test tokenizer mapping it
+    to <unk>) gets a second string, decoded from three of its own ordinary tokens.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+
+    def round_trip(text: str) -> tuple[list[int], str]:
+        ids = list(tok.encode(text, add_special_tokens=False))
+        return ids, (tok.decode(ids) if ids else "")
+
+    try:
+        ids, back = round_trip(TOKENIZER_PROBE)
+        ok = bool(ids) and back.strip() == TOKENIZER_PROBE
+        if ids and not ok:
+            special = set(getattr(tok, "all_special_ids", None) or [])
+            plain = [i for i in range(len(tok)) if i not in special]
+            mid = len(plain) // 2
+            text = tok.decode(plain[mid : mid + 3])
+            ok = bool(text.strip()) and round_trip(text)[1] == text
+    except Exception as e:  # noqa: BLE001  (whatever a broken tokenizer raises)
+        raise ValueError(f"{path}: the tokenizer cannot encode text ({e!r})") from e
+    if not ok:
+        files = sorted(p.name for p in path.iterdir() if "token" in p.name or p.suffix == ".model")
+        raise ValueError(
+            f"{path}: the tokenizer does not work: {TOKENIZER_PROBE!r} encodes to {ids[:8]} and "
+            f"decodes to {back!r} (tokenizer.json or vocabulary files missing or broken? "
+            f"tokenizer files present: {', '.join(files) or 'none'})"
+        )
 
 
 def load(
@@ -350,9 +458,9 @@ def load(
     it is the processor (tokenizer plus image preprocessing, `.tokenizer` for the text part).
     """
     path = resolve_path(path_or_repo)
-    model = load_model(path, lazy=lazy, dtype=dtype)
-    config_dict = read_config(path)
-    return model, load_tokenizer(path, config_dict, config_dict["model_type"])
+    config_dict, config = read_model_config(path)  # read once, for the model and the tokenizer
+    model = _load_model(path, config_dict, config, lazy=lazy, dtype=dtype)
+    return model, load_tokenizer(path, config_dict, config.model_type)
 
 
 def quantization_block(model: nn.Module) -> dict[str, Any] | None:

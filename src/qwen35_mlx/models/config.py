@@ -5,6 +5,18 @@
 `full_attention_interval` (layer i is full attention iff (i + 1) % interval == 0), as
 transformers does. Rotary settings are read from `rope_parameters` (transformers >= 5) or from the
 older `rope_theta` / `rope_scaling` / `partial_rotary_factor` fields.
+
+Required fields. transformers gives every field a default, but for the fields that decide weight
+shapes the default is the size of one particular model (`hidden_size=4096`, `head_dim=256`, ...):
+a config.json without them describes some other model, and loading it would only end in a list
+of shape mismatches. `ModelConfig.from_dict` (reading a config.json) therefore refuses a config
+that lacks any of `TEXT_REQUIRED`, plus `layer_types` or `full_attention_interval` (one of them
+decides which layers are linear), `intermediate_size` when any layer is a dense MLP, `MOE_REQUIRED`
+for the MoE model types, and `vision_config.out_hidden_size` (it must match the text model).
+The error names every missing field. The other fields keep transformers' defaults
+(`rms_norm_eps`, `max_position_embeddings`, `linear_conv_kernel_dim=4`, rotary settings, ...) and
+so do the vision tower's sizes, which are the same for every Qwen3.5 release. Building a
+`TextConfig` / `VisionConfig` directly (tests, scripts) checks nothing of this.
 """
 
 from __future__ import annotations
@@ -18,6 +30,43 @@ TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")
 MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", *TEXT_MODEL_TYPES)
 # Rotary variants this port implements; others (yarn, dynamic, ...) are refused, not ignored.
 ROPE_TYPES = ("default", "mrope")
+# Fields of a config.json without which the model's weight shapes are unknown (see above).
+TEXT_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+)
+MOE_REQUIRED = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
+VISION_REQUIRED = ("out_hidden_size",)
+
+
+def missing_fields(d: dict[str, Any], moe: bool) -> list[str]:
+    """The required fields (module docstring) a text config dict lacks (None counts as absent)."""
+
+    def has(k):
+        return d.get(k) is not None
+
+    missing = [k for k in TEXT_REQUIRED if not has(k)]
+    if not has("layer_types") and not has("full_attention_interval"):
+        missing.append("layer_types (or full_attention_interval)")
+    if moe:
+        missing += [k for k in MOE_REQUIRED if not has(k)]
+    dense_layers = not moe or d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1
+    if dense_layers and not has("intermediate_size"):
+        missing.append("intermediate_size")
+    return missing
 
 
 def _known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -193,15 +242,30 @@ class ModelConfig:
                 f"not a Qwen3.5 config: model_type is {model_type!r}; expected one of {MODEL_TYPES}"
             )
         top = {k: d[k] for k in _known_fields(cls, d) if k not in ("text_config", "vision_config")}
-        if "text_config" in d:
+        moe = model_type in ("qwen3_5_moe", "qwen3_5_moe_text")
+        nested = "text_config" in d
+        text_dict = d["text_config"] if nested else d
+        if not isinstance(text_dict, dict):
+            raise ValueError(
+                f"config text_config must be an object, got {type(text_dict).__name__}"
+            )
+        missing = missing_fields(text_dict, moe)
+        if nested:
+            missing = [f"text_config.{k}" for k in missing]
+        vc = d.get("vision_config")
+        if vc is not None:
+            if not isinstance(vc, dict):
+                raise ValueError(f"config vision_config must be an object, got {type(vc).__name__}")
+            missing += [f"vision_config.{k}" for k in VISION_REQUIRED if vc.get(k) is None]
+        if missing:
+            raise ValueError(f"config ({model_type}) lacks required field(s): {', '.join(missing)}")
+        if nested:
             text = dict(d["text_config"])
-            moe = model_type in ("qwen3_5_moe", "qwen3_5_moe_text")
             text["model_type"] = "qwen3_5_moe_text" if moe else "qwen3_5_text"
             # The top-level flag decides tying for the conditional-generation model.
             if "tie_word_embeddings" in d:
                 text["tie_word_embeddings"] = d["tie_word_embeddings"]
             text_config = TextConfig.from_dict(text)
-            vc = d.get("vision_config")
             vision_config = VisionConfig.from_dict(vc) if vc is not None else None
         else:
             flat = dict(d)

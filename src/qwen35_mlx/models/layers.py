@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels.gated_delta import gated_delta_update
 from .config import TextConfig
@@ -321,6 +321,41 @@ def route(logits: mx.array, top_k: int, normalize: bool) -> tuple[mx.array, mx.a
     return inds, weights
 
 
+def _cpu_needs_fp32(experts: SwitchGLU) -> bool:
+    """MLX's CPU GatherMM takes float32 only (`gather_qmm`, for quantized experts, is fine)."""
+    w = experts.gate_proj
+    return (
+        isinstance(w, SwitchLinear)
+        and w.weight.dtype != mx.float32
+        and mx.default_device() == mx.cpu
+    )
+
+
+def _switch_glu_fp32(experts: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
+    """What `experts(x, inds)` computes, in float32, with the weights kept in their dtype.
+
+    Per projection it converts min(N * k, E) expert matrices: for a few tokens (decode) only the
+    selected ones, gathered into a stack of N * k; for many (prefill) all E, once per call.
+    x [..., H], inds [..., k] -> [..., k, H] float32.
+    """
+    n_sel = inds.size
+    few = n_sel < experts.gate_proj.weight.shape[0]
+    idx = mx.arange(n_sel).reshape(inds.shape) if few else inds
+    flat = inds.reshape(-1)
+
+    def project(lin: SwitchLinear, h: mx.array) -> mx.array:
+        w = lin.weight[flat] if few else lin.weight  # [E or N*k, O, I]
+        out = mx.gather_mm(h, w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=idx)
+        if "bias" in lin:
+            out = out + mx.expand_dims(lin.bias[inds].astype(mx.float32), -2)
+        return out  # [..., k, 1, O]
+
+    h = mx.expand_dims(x.astype(mx.float32), (-2, -3))  # [..., 1, 1, H]
+    up = project(experts.up_proj, h)
+    gate = project(experts.gate_proj, h)
+    return project(experts.down_proj, experts.activation(up, gate)).squeeze(-2)
+
+
 class SparseMoeBlock(nn.Module):
     """Top-k routed SwiGLU experts (stacked, mlx-lm's SwitchGLU) plus a sigmoid-gated shared expert.
 
@@ -340,7 +375,10 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = route(self.gate(x), self.top_k, self.norm_topk_prob)
-        y = self.experts(x, inds)  # [..., k, H]
+        if _cpu_needs_fp32(self.experts):
+            y = _switch_glu_fp32(self.experts, x, inds).astype(x.dtype)
+        else:
+            y = self.experts(x, inds)  # [..., k, H]
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if "shared_expert" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
