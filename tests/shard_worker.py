@@ -55,13 +55,13 @@ def _tokens(model, tok, prompt, **kw) -> list[int]:
     return [r.token for r in stream_generate(model, tok, prompt, **kw)]
 
 
-def _text_case(path: str, mode: str, group, arrays: dict, out: dict, name: str) -> None:
+def _text_case(path: str, mode: str, group, arrays: dict, out: dict, name: str, full=True):
     model, tok, mem = _load(path, mode, group)
     out[f"{name}/mem"] = mem
     ids = tok.encode(PROMPT)
     arrays[f"{name}/logits"] = np.array(model(mx.array(ids)[None]).astype(mx.float32))
     out[f"{name}/greedy"] = _tokens(model, tok, ids, max_tokens=8)
-    if mode == "pipeline":
+    if not full:
         return
     # Prompt-cache resume: the second turn reuses the first turn's cache.
     pc = PromptCache(model)
@@ -131,9 +131,11 @@ def run_cases(workdir: Path, group=None) -> tuple[dict, dict]:
     for mode in modes:
         for name in ("dense", "moe"):
             key = name if mode != "pipeline" else f"{name}_pp"
-            _text_case(cases[name], mode, group, arrays, out, key)
-    _vlm_case(cases["vlm"], "tensor" if group is not None else "single", group, arrays, out)
-    _, _, out["wide/mem"] = _load(cases["wide"], "tensor" if group else "single", group)
+            _text_case(cases[name], mode, group, arrays, out, key, full=mode != "pipeline")
+    tensor = "tensor" if group is not None else "single"
+    _text_case(cases["quantized"], tensor, group, arrays, out, "quantized", full=False)
+    _vlm_case(cases["vlm"], tensor, group, arrays, out)
+    _, _, out["wide/mem"] = _load(cases["wide"], tensor, group)
     out["cli"] = _cli_case(cases["dense"], sharded=group is not None)
     if group is not None:
         _mlx_lm_sharded_load(cases["dense"], arrays, out)

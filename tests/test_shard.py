@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -33,6 +34,7 @@ GOLDEN = HERE / "data" / "golden"
 N = 2
 LAUNCH_TIMEOUT_S = 240
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+WIDE = {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 1024}
 
 
 def _save(model, config: dict, path: Path) -> str:
@@ -41,10 +43,12 @@ def _save(model, config: dict, path: Path) -> str:
     return str(path)
 
 
-def _text_checkpoint(path: Path, **overrides) -> str:
+def _text_checkpoint(path: Path, quantize: int | None = None, **overrides) -> str:
     config = json.loads((GOLDEN / "generate" / "config.json").read_text())
     config.update(overrides)
     model = randomize(build_model(ModelConfig.from_dict(config)), seed=1)
+    if quantize is not None:
+        nn.quantize(model, group_size=quantize, bits=4)
     return _save(model, config, path)
 
 
@@ -110,9 +114,9 @@ def results(tmp_path_factory):
         "moe": _text_checkpoint(workdir / "moe", **{**moe, "vocab_size": 384}),
         "vlm": str(GOLDEN / "vlm"),
         # Layers much larger than the embeddings: the 1/N resident-weight check.
-        "wide": _text_checkpoint(
-            workdir / "wide", vocab_size=384, hidden_size=64, intermediate_size=1024
-        ),
+        "wide": _text_checkpoint(workdir / "wide", **WIDE),
+        # 4-bit, groups of 32: every split keeps whole groups.
+        "quantized": _text_checkpoint(workdir / "quantized", quantize=32, **WIDE),
     }
     (workdir / "cases.json").write_text(json.dumps(cases))
     proc = _launch(workdir)
@@ -128,7 +132,7 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize(
     "key",
     ["dense/logits", "moe/logits", "vlm/logits", "dense/batch_logits", "moe/batch_logits",
-     "dense_pp/logits", "moe_pp/logits", "mlx_lm/logits"],
+     "dense_pp/logits", "moe_pp/logits", "mlx_lm/logits", "quantized/logits"],
 )  # fmt: skip
 def test_sharded_logits_equal_single_process(results, key):
     (ref_arrays, _), ranks = results
@@ -141,6 +145,7 @@ def test_sharded_logits_equal_single_process(results, key):
 @pytest.mark.parametrize(
     "key",
     ["dense/greedy", "moe/greedy", "dense_pp/greedy", "moe_pp/greedy", "vlm/greedy",
+     "quantized/greedy",
      "vlm/text_greedy", "dense/resume", "moe/resume", "dense/batch", "moe/batch"],
 )  # fmt: skip
 def test_sharded_generation_same_tokens(results, key):
@@ -201,9 +206,32 @@ def test_heads_not_divisible_raise_naming_the_counts():
         moe.shard(Group())
 
 
+def test_quantized_groups_cut_by_the_split_raise():
+    class Group:
+        def size(self):
+            return 2
+
+        def rank(self):
+            return 0
+
+    # o_proj has 4 heads x 16 = 64 inputs: two halves of 32 are not whole groups of 64.
+    model = make_text_model(make_text_config(hidden_size=64))
+    nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: p.endswith("o_proj"))
+    with pytest.raises(ValueError, match="o_proj has 64 quantized inputs in groups of 64"):
+        model.shard(Group())
+
+
 def test_shard_on_one_process_changes_nothing():
     model = make_text_model(make_text_config())
     ids = mx.array([[3, 5, 7, 9]])
     before = model(ids)
     model.shard(mx.distributed.init())
     assert mx.array_equal(model(ids), before)
+
+
+def test_cli_sharded_needs_several_processes(capsys):
+    from qwen35_mlx.generate import main
+
+    assert main(["--sharded", "--max-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mlx.launch" in err

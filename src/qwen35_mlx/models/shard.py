@@ -47,10 +47,6 @@ __all__ = ["shard_text_model", "check_shardable"]
 _ROW_PARAMS = ("weight", "bias", "scales", "biases")
 
 
-def _group(group: Any) -> Any:
-    return group if group is not None else mx.distributed.init()
-
-
 def _heads_of(rank: int, n: int, total: int) -> np.ndarray:
     """The contiguous block of `total` heads that rank `rank` of `n` holds."""
     per = total // n
@@ -59,8 +55,7 @@ def _heads_of(rank: int, n: int, total: int) -> np.ndarray:
 
 def _kv_heads_of(rank: int, n: int, q_heads: int, kv_heads: int) -> np.ndarray:
     """The key/value heads rank `rank`'s query (value) heads use: head h uses h // (Q / KV)."""
-    used = np.unique(_heads_of(rank, n, q_heads) // (q_heads // kv_heads))
-    return used
+    return np.unique(_heads_of(rank, n, q_heads) // (q_heads // kv_heads))
 
 
 def _rows(heads: np.ndarray, dim: int, offset: int = 0) -> np.ndarray:
@@ -82,8 +77,23 @@ def _splits(what: str, total: int, n: int, divisor_ok: bool = False) -> str | No
     return f"{what} = {total} is not divisible by the group size {n}{also}"
 
 
-def check_shardable(config: Any, n: int) -> None:
-    """Raise ValueError naming every head count (or width) that does not split across `n`."""
+def _quantized_column_problems(model: nn.Module, n: int) -> list[str]:
+    """Quantized layers whose inputs are split must keep whole quantization groups per rank."""
+    out = []
+    for path, m in model.named_modules():
+        if path.endswith(("o_proj", "out_proj", "down_proj")) and hasattr(m, "group_size"):
+            cols = m.weight.shape[-1] * 32 // m.bits
+            if cols % (n * m.group_size):
+                out.append(
+                    f"{path} has {cols} quantized inputs in groups of {m.group_size}, which do "
+                    f"not split into {n} parts of whole groups"
+                )
+    return out
+
+
+def check_shardable(config: Any, n: int, model: nn.Module | None = None) -> None:
+    """Raise ValueError naming every head count (or width) that does not split across `n`,
+    and, given the model, every quantized layer whose groups would be cut."""
     problems = []
     types = set(config.layer_types)
     if "full_attention" in types:
@@ -100,6 +110,8 @@ def check_shardable(config: Any, n: int) -> None:
                 problems.append(_splits("shared_expert_intermediate_size", size, n))
         else:
             problems.append(_splits("intermediate_size", config.intermediate_size, n))
+    if model is not None:
+        problems += _quantized_column_problems(model, n)
     found = list(dict.fromkeys(p for p in problems if p is not None))
     if found:
         raise ValueError(f"cannot shard this model across {n} processes: " + "; ".join(found))
@@ -172,12 +184,12 @@ def shard_text_model(model: nn.Module, group: Any = None) -> nn.Module:
     A group of size 1 changes nothing. Call it on a lazily loaded model, then evaluate the
     parameters: each rank then reads and keeps only its share.
     """
-    group = _group(group)
+    group = group if group is not None else mx.distributed.init()
     n, rank = group.size(), group.rank()
     if n == 1:
         return model
     config = model.config
-    check_shardable(config, n)
+    check_shardable(config, n, model)
     for layer in model.model.layers:
         if layer is None:  # a layer another pipeline stage runs
             continue
