@@ -75,7 +75,8 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no free consecutive ports on 127.0.0.1")
 
 
-def _launch(workdir: Path) -> subprocess.CompletedProcess:
+def _launch(workdir: Path) -> subprocess.Popen:
+    """Start both ranks; they run while this process computes the reference."""
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.skip("mlx.launch is not installed")
@@ -91,17 +92,20 @@ def _launch(workdir: Path) -> subprocess.CompletedProcess:
         "--starting-port", str(_free_ports(N)),
         "--", sys.executable, str(HERE / "shard_worker.py"), str(workdir),
     ]  # fmt: skip
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
     )  # fmt: skip
+
+
+def _wait(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     try:
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
         out, _ = proc.communicate()
         pytest.fail(f"mlx.launch did not finish in {LAUNCH_TIMEOUT_S} s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +123,19 @@ def results(tmp_path_factory):
         "quantized": _text_checkpoint(workdir / "quantized", quantize=32, **WIDE),
     }
     (workdir / "cases.json").write_text(json.dumps(cases))
-    proc = _launch(workdir)
+    launched = _launch(workdir)
+    try:
+        ref = run_cases(workdir, None)
+    except BaseException:
+        os.killpg(launched.pid, signal.SIGKILL)
+        launched.communicate()
+        raise
+    proc = _wait(launched)
     assert proc.returncode == 0, proc.stdout[-6000:]
     ranks = []
     for r in range(N):
         arrays = dict(np.load(workdir / f"rank{r}.npz"))
         ranks.append((arrays, json.loads((workdir / f"rank{r}.json").read_text())))
-    ref = run_cases(workdir, None)
     return ref, ranks
 
 
