@@ -126,6 +126,8 @@ def _load(model: str, group=None):
             return load(model)
         m, tokenizer = load(model, lazy=True)
         m.shard(group)
+        for layer in m.layers:  # one layer's whole tensors in memory at a time, not all
+            mx.eval(layer.parameters())
         mx.eval(m.parameters())
         return m, tokenizer
     except (FileNotFoundError, ValueError, OSError) as e:
