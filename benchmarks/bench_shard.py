@@ -1,13 +1,14 @@
 """Tensor parallel on the CPU: tokens/s of one process against two ring processes, same model.
 
-A small Qwen3.5-shaped random model (hidden 1024, 8 layers in 3 linear + 1 full blocks, heads as
-Qwen3.5-0.8B, FFN 3584, vocab 32768, untied head, fp32) is built from the same seed on every
+A small Qwen3.5-shaped random model (hidden 512, 4 layers: 3 linear + 1 full attention,
+attention 8 / 2 heads of 64, linear attention 8 / 8 heads of 64, FFN 1536, vocab 16384, untied
+head, fp32; 31M parameters) is built from the same seed on every
 rank, then sharded with `model.shard()` when there are several processes. Each run prefills a
 prompt and generates greedily (mlx-lm's `generate_step`); the best of `--repeats` is kept. The
 greedy tokens of the two runs must be identical: this is a correctness-of-scaling figure (two
 processes sharing one 2-core machine do not get faster), not a speed claim.
 
-    python benchmarks/bench_shard.py [--prompt 128] [--gen 32] [--repeats 3]
+    python benchmarks/bench_shard.py [--prompt 64] [--gen 32] [--repeats 3]
 
 runs the one-process case here, then itself under `mlx.launch --backend ring -n 2` on
 127.0.0.1, prints a table and writes benchmarks/out/bench_shard.json.
@@ -40,17 +41,17 @@ OUT = Path(__file__).resolve().parent / "out"
 
 SHAPE = dict(
     model_type="qwen3_5_text",
-    vocab_size=32768,
-    hidden_size=1024,
-    intermediate_size=3584,
-    num_hidden_layers=8,
+    vocab_size=16384,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
     num_attention_heads=8,
     num_key_value_heads=2,
-    head_dim=256,
-    linear_num_key_heads=16,
-    linear_num_value_heads=16,
-    linear_key_head_dim=128,
-    linear_value_head_dim=128,
+    head_dim=64,
+    linear_num_key_heads=8,
+    linear_num_value_heads=8,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
     linear_conv_kernel_dim=4,
     full_attention_interval=4,
     tie_word_embeddings=False,
@@ -60,7 +61,7 @@ SHAPE = dict(
         "rope_type": "default",
         "rope_theta": 10_000_000.0,
         "partial_rotary_factor": 0.25,
-        "mrope_section": [11, 11, 10],
+        "mrope_section": [3, 3, 2],
         "mrope_interleaved": True,
     },
 )
@@ -141,7 +142,7 @@ def _free_port_pair() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--gen", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -69,6 +69,10 @@ def _text_case(path: str, mode: str, group, arrays: dict, out: dict, name: str, 
     second = pc.tokens + [first[-1]] + tok.encode(SECOND, add_special_tokens=False)
     out[f"{name}/resume"] = _tokens(model, tok, second, max_tokens=6, prompt_cache=pc)
     out[f"{name}/resume_reused"] = pc.last_reused
+    # Heads each rank's cache holds: recurrent state [B, Hv, Dv, Dk], attention keys [B, KV, T, D].
+    out[f"{name}/cache_heads"] = [
+        int(c[1].shape[1]) if hasattr(c, "cache") else int(c.keys.shape[1]) for c in pc.cache
+    ]
     # A left-padded batch: per-row tokens, and the padded forward's last logits.
     rows = [ids, tok.encode("Lists", add_special_tokens=False), second]
     out[f"{name}/batch"] = batch_generate(model, tok, rows, max_tokens=5).tokens

@@ -172,6 +172,8 @@ def test_prompt_cache_resumes_on_every_rank(results):
         assert ref[f"{name}/resume_reused"] > 0
         for _, values in ranks:
             assert values[f"{name}/resume_reused"] == ref[f"{name}/resume_reused"]
+            # Each rank's caches hold only its heads: recurrent states and KV alike.
+            assert values[f"{name}/cache_heads"] == [h // N for h in ref[f"{name}/cache_heads"]]
 
 
 @pytest.mark.parametrize("name", ["wide", "dense", "moe"])

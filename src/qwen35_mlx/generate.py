@@ -135,8 +135,7 @@ def _load(model: str, group=None):
 
 
 def _group(sharded: bool):
-    """The distributed group to shard over (None: one process), and the seed every rank uses:
-    the ranks must sample the same tokens."""
+    """The distributed group to shard over; None for a single process."""
     import mlx.core as mx
 
     group = mx.distributed.init() if mx.distributed.is_available() else None

@@ -40,6 +40,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._pipeline_group = None
         self._find_first_layers()
 
     def _find_first_layers(self) -> None:
@@ -47,8 +48,16 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         self._fa_idx = types.index("full_attention") if "full_attention" in types else None
         self._ssm_idx = types.index("linear_attention") if "linear_attention" in types else None
 
+    @property
+    def pipeline_layers(self) -> list:
+        """The layers this rank runs: `layers` itself unless pipelined."""
+        if self.start_idx == 0 and self.end_idx is None:
+            return self.layers
+        return self.layers[self.start_idx : self.end_idx]
+
     def pipeline(self, group, split: list[int] | None = None) -> None:
         super().pipeline(group, split=split)
+        self._pipeline_group = group
         self._find_first_layers()
 
     def __call__(
@@ -70,16 +79,16 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 rope = layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
         if self._ssm_idx is not None:
             ssm_mask = create_ssm_mask(h, cache[self._ssm_idx])
-        rank, size = self.pipeline_rank, self.pipeline_size
+        rank, size, group = self.pipeline_rank, self.pipeline_size, self._pipeline_group
         if rank < size - 1:
-            h = mx.distributed.recv_like(h, rank + 1)
+            h = mx.distributed.recv_like(h, rank + 1, group=group)
         for layer, c in zip(layers, cache, strict=True):
             if layer.is_linear:
                 h = layer(h, ssm_mask, c)
             else:
                 h = layer(h, fa_mask, c, rope)
         if rank != 0:
-            h = mx.distributed.send(h, (rank - 1) % size)
+            h = mx.distributed.send(h, (rank - 1) % size, group=group)
             # Evaluating the cache (as prefill does) must run the send too.
             if cache[-1] is not None:
                 if hasattr(cache[-1], "keys"):
@@ -88,7 +97,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                     cache[-1][0] = mx.depends(cache[-1][0], h)
         if size > 1:
             # Rank 0 ran the last layers: every rank continues with its hidden states.
-            h = mx.distributed.all_gather(h)[: h.shape[0]]
+            h = mx.distributed.all_gather(h, group=group)[: h.shape[0]]
         return self.norm(h)
 
 
