@@ -198,39 +198,49 @@ def test_cli_prints_once(results):
     assert ranks[1][1]["cli"] == ""
 
 
+class FakeGroup:
+    """A stand-in for a group of `n` processes: sharding talks to none before the forward."""
+
+    def __init__(self, n: int, rank: int = 0):
+        self.n, self.r = n, rank
+
+    def size(self):
+        return self.n
+
+    def rank(self):
+        return self.r
+
+
+def test_shard_keeps_each_ranks_heads_and_refuses_twice():
+    model = make_text_model(make_text_config())  # Hk 2, Hv 4, H 4, KV 2
+    model.shard(FakeGroup(2, 1))
+    gdn, attn = model.layers[0].linear_attn, model.layers[1].self_attn
+    assert (gdn.num_k_heads, gdn.num_v_heads, attn.num_heads, attn.num_kv_heads) == (1, 2, 2, 1)
+    assert gdn.in_proj_qkv.weight.shape[0] == gdn.conv_dim == 2 * 16 + 2 * 8
+    assert attn.q_proj.weight.shape[0] == 2 * 2 * 16  # two heads of [query | gate]
+    with pytest.raises(ValueError, match="already sharded across 2 processes"):
+        model.shard(FakeGroup(2, 1))
+
+
 def test_heads_not_divisible_raise_naming_the_counts():
-    class Group:  # a stand-in for a 3-process group: the check runs before any communication
-        def size(self):
-            return 3
-
-        def rank(self):
-            return 0
-
     model = make_text_model(make_text_config())
     with pytest.raises(ValueError) as e:
-        model.shard(Group())
+        model.shard(FakeGroup(3))
     msg = str(e.value)
     assert "3 processes" in msg
     assert "num_attention_heads = 4" in msg and "linear_num_value_heads = 4" in msg
     assert "num_key_value_heads" in msg and "linear_num_key_heads" in msg
     moe = make_text_model(make_moe_config(moe_intermediate_size=32))
     with pytest.raises(ValueError, match="moe_intermediate_size = 32"):
-        moe.shard(Group())
+        moe.shard(FakeGroup(3))
 
 
 def test_quantized_groups_cut_by_the_split_raise():
-    class Group:
-        def size(self):
-            return 2
-
-        def rank(self):
-            return 0
-
     # o_proj has 4 heads x 16 = 64 inputs: two halves of 32 are not whole groups of 64.
     model = make_text_model(make_text_config(hidden_size=64))
     nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: p.endswith("o_proj"))
     with pytest.raises(ValueError, match="o_proj has 64 quantized inputs in groups of 64"):
-        model.shard(Group())
+        model.shard(FakeGroup(2))
 
 
 def test_shard_on_one_process_changes_nothing():

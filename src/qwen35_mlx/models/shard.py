@@ -188,6 +188,8 @@ def shard_text_model(model: nn.Module, group: Any = None) -> nn.Module:
     n, rank = group.size(), group.rank()
     if n == 1:
         return model
+    if getattr(model, "_shard_size", 1) > 1:
+        raise ValueError(f"this model is already sharded across {model._shard_size} processes")
     config = model.config
     check_shardable(config, n, model)
     for layer in model.model.layers:
@@ -204,4 +206,5 @@ def shard_text_model(model: nn.Module, group: Any = None) -> nn.Module:
     if "lm_head" in model and config.vocab_size % n == 0:
         shard_inplace(model.lm_head, "all-to-sharded", group=group)
         model.sharding_group = group
+    model._shard_size = n
     return model
