@@ -16,6 +16,7 @@ silent drop. A prompt longer than the model's `max_position_embeddings` gets a w
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from importlib import resources
 from pathlib import Path
@@ -103,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt tokens per prefill step (bounds peak memory)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the generated text")
+    p.add_argument(
+        "--sharded",
+        action="store_true",
+        help="tensor parallel across the processes mlx.launch started (on by itself when a "
+        "distributed group of more than one process is found); rank 0 prints",
+    )
     return p
 
 
@@ -172,13 +179,35 @@ def _read_config(model: str):
         raise UserError(_one_line(e)) from e
 
 
-def _load(path, dtype: str | None):
+def _load(path, dtype: str | None, group=None):
+    """Load; with a distributed group, lazily, so each rank reads and keeps only its share."""
+    import mlx.core as mx
+
     from .loader import load
 
     try:
-        return load(path, dtype=dtype)
+        if group is None:
+            return load(path, dtype=dtype)
+        m, tokenizer = load(path, dtype=dtype, lazy=True)
+        m.shard(group)
+        for layer in m.layers:  # one layer's whole tensors in memory at a time, not all
+            mx.eval(layer.parameters())
+        mx.eval(m.parameters())
+        return m, tokenizer
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UserError(_one_line(e)) from e
+
+
+def _group(sharded: bool):
+    """The distributed group to shard over; None for a single process."""
+    import mlx.core as mx
+
+    group = mx.distributed.init() if mx.distributed.is_available() else None
+    if group is None or group.size() == 1:
+        if sharded:
+            raise UserError("--sharded needs several processes: start them with mlx.launch")
+        return None
+    return group
 
 
 def _open_images(files: list[str]) -> list:
@@ -237,19 +266,26 @@ def run(args: argparse.Namespace) -> int:
             )
 
     import mlx.core as mx
+    import numpy as np
 
     from .generation import stream_generate
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    model, tokenizer = _load(path, args.dtype)
+    group = _group(args.sharded)
+    seed = args.seed
+    if group is not None and seed is None:
+        # Rank 0 draws the seed; all_sum hands it to the others (they add zeros).
+        mine = int(np.random.randint(0, 2**31 - 1)) if group.rank() == 0 else 0
+        seed = int(mx.distributed.all_sum(mx.array(mine), group=group).item())
+    if seed is not None:
+        mx.random.seed(seed)
+    model, tokenizer = _load(path, args.dtype, group)
     if images and not _is_vlm(model, tokenizer):
         raise UserError(
             f"{model_path} is a text-only model: --image needs a vision-language checkpoint"
         )
     text = build_prompt(tokenizer, prompt, args, len(images))
 
-    out = sys.stdout
+    out = sys.stdout if group is None or group.rank() == 0 else io.StringIO()
     max_positions = config.text_config.max_position_embeddings
     last = None
     try:

@@ -372,6 +372,8 @@ class SparseMoeBlock(nn.Module):
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = MLP(H, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+        # Set by models.shard: the experts hold a slice of every expert, summed across ranks.
+        self.sharding_group = None
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = route(self.gate(x), self.top_k, self.norm_topk_prob)
@@ -382,6 +384,8 @@ class SparseMoeBlock(nn.Module):
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if "shared_expert" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.sharding_group is not None:
+            y = mx.distributed.all_sum(y, group=self.sharding_group)
         return y
 
 

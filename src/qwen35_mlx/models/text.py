@@ -17,15 +17,22 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_last_axis
+from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
 from .config import TextConfig
 from .layers import DecoderLayer, RMSNorm
+from .shard import shard_text_model
 
 
-class Qwen35TextBackbone(nn.Module):
-    """embed_tokens -> decoder layers -> norm; returns normed hidden states [B, T, H]."""
+class Qwen35TextBackbone(PipelineMixin, nn.Module):
+    """embed_tokens -> decoder layers -> norm; returns normed hidden states [B, T, H].
+
+    `pipeline(group)` (mlx-lm's PipelineMixin, which `mlx_lm.utils.sharded_load` calls) keeps
+    layers [start_idx, end_idx) on this rank: the last rank runs the first layers, rank 0 the
+    last; hidden states go down the ranks by send/recv and rank 0's result is shared with all.
+    """
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -33,9 +40,25 @@ class Qwen35TextBackbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        types = config.layer_types
+        self._pipeline_group = None
+        self._find_first_layers()
+
+    def _find_first_layers(self) -> None:
+        types = [layer.layer_type for layer in self.pipeline_layers]
         self._fa_idx = types.index("full_attention") if "full_attention" in types else None
         self._ssm_idx = types.index("linear_attention") if "linear_attention" in types else None
+
+    @property
+    def pipeline_layers(self) -> list:
+        """The layers this rank runs: `layers` itself unless pipelined."""
+        if self.start_idx == 0 and self.end_idx is None:
+            return self.layers
+        return self.layers[self.start_idx : self.end_idx]
+
+    def pipeline(self, group, split: list[int] | None = None) -> None:
+        super().pipeline(group, split=split)
+        self._pipeline_group = group
+        self._find_first_layers()
 
     def __call__(
         self,
@@ -45,21 +68,36 @@ class Qwen35TextBackbone(nn.Module):
         position_ids: mx.array | None = None,
     ) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        layers = self.pipeline_layers
         if cache is None:
-            cache = [None] * len(self.layers)
+            cache = [None] * len(layers)
         fa_mask = ssm_mask = rope = None
         if self._fa_idx is not None:
             fa_mask = create_attention_mask(h, cache[self._fa_idx])
             if position_ids is not None:
                 # Every attention layer's Rotary is the same: M-RoPE's cos/sin once per call.
-                rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
+                rope = layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
         if self._ssm_idx is not None:
             ssm_mask = create_ssm_mask(h, cache[self._ssm_idx])
-        for layer, c in zip(self.layers, cache, strict=True):
+        rank, size, group = self.pipeline_rank, self.pipeline_size, self._pipeline_group
+        if rank < size - 1:
+            h = mx.distributed.recv_like(h, rank + 1, group=group)
+        for layer, c in zip(layers, cache, strict=True):
             if layer.is_linear:
                 h = layer(h, ssm_mask, c)
             else:
                 h = layer(h, fa_mask, c, rope)
+        if rank != 0:
+            h = mx.distributed.send(h, (rank - 1) % size, group=group)
+            # Evaluating the cache (as prefill does) must run the send too.
+            if cache[-1] is not None:
+                if hasattr(cache[-1], "keys"):
+                    cache[-1].keys = mx.depends(cache[-1].keys, h)
+                else:
+                    cache[-1][0] = mx.depends(cache[-1][0], h)
+        if size > 1:
+            # Rank 0 ran the last layers: every rank continues with its hidden states.
+            h = mx.distributed.all_gather(h, group=group)[: h.shape[0]]
         return self.norm(h)
 
 
@@ -72,11 +110,16 @@ class TextModel(nn.Module):
         self.model = Qwen35TextBackbone(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Set by `shard` when lm_head holds a slice of the vocabulary: its logits are gathered.
+        self.sharding_group = None
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        out = self.lm_head(h)
+        if self.sharding_group is not None:
+            out = gather_last_axis(out, self.sharding_group)
+        return out
 
     def __call__(
         self,
@@ -90,10 +133,16 @@ class TextModel(nn.Module):
 
     @property
     def layers(self) -> list:
-        return self.model.layers
+        """The decoder layers this process runs (all of them unless pipelined)."""
+        return self.model.pipeline_layers
 
     def make_cache(self, left_padding: list[int] | None = None) -> list:
-        return cache_lib.make_cache(self.config.layer_types, left_padding=left_padding)
+        types = [layer.layer_type for layer in self.layers]
+        return cache_lib.make_cache(types, left_padding=left_padding)
+
+    def shard(self, group=None) -> None:
+        """Tensor parallel: keep this rank's share of every layer (see `models.shard`)."""
+        shard_text_model(self, group)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         return sanitize_text_weights(weights, self.config)

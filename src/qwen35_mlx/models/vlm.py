@@ -118,8 +118,19 @@ class Model(nn.Module):
         return self.vision_tower
 
     @property
+    def model(self) -> nn.Module:
+        """The language model's backbone (embed_tokens, layers, norm, `pipeline`), where mlx-lm
+        looks for it (`Model.model`)."""
+        return self.language_model.model
+
+    @property
     def layers(self) -> list:
         return self.language_model.layers
+
+    def shard(self, group=None) -> None:
+        """Tensor parallel over the language model (see `models.shard`); the vision tower is
+        small and stays whole on every rank."""
+        self.language_model.shard(group)
 
     def make_cache(self, left_padding: list[int] | None = None) -> list:
         return self.language_model.make_cache(left_padding=left_padding)
