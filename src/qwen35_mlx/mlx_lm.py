@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     if len(sys.argv) < 2:
         print("usage: python -m qwen35_mlx.mlx_lm <mlx-lm command> [args]", file=sys.stderr)
         raise SystemExit(2)
+    if sys.argv[1] == "server":
+        # mlx-lm's server is a stdlib ThreadingHTTPServer, whose listen backlog is 5: a burst of
+        # concurrent requests (32 in tests/test_server_load.py) had some connections reset
+        # before the server saw them. This process only serves, so raise the backlog here.
+        from http.server import ThreadingHTTPServer
+
+        ThreadingHTTPServer.request_queue_size = 128
     cli.main()
 
 
