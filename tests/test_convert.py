@@ -398,3 +398,182 @@ def test_convert_round_trip_in_stock_mlx_vlm(converted, mode):
     assert type(theirs).__module__.startswith("mlx_vlm.models.qwen3_5")
     ours, _ = load(out)
     assert _vlm_greedy(theirs) == greedy(ours)
+
+
+# -- mlx-swift-lm (tests/data/mlx_swift_lm/qwen35.json: what it reads, at a noted commit) ----------
+
+SWIFT = json.loads((Path(__file__).parent / "data" / "mlx_swift_lm" / "qwen35.json").read_text())
+
+
+def _swift_env(text: dict, vision: dict | None) -> dict:
+    env = {k: text.get(k, default) for k, default in SWIFT["config_keys"]["text"].items()}
+    env["head_dim"] = env["head_dim"] or env["hidden_size"] // env["num_attention_heads"]
+    env["key_dim"] = env["linear_key_head_dim"] * env["linear_num_key_heads"]
+    env["value_dim"] = env["linear_value_head_dim"] * env["linear_num_value_heads"]
+    env["conv_dim"] = 2 * env["key_dim"] + env["value_dim"]
+    if vision is not None:
+        v = {k: vision.get(k, default) for k, default in SWIFT["config_keys"]["vision"].items()}
+        v["merge_hidden"] = v["hidden_size"] * v["spatial_merge_size"] ** 2
+        env["vision"] = v
+    return env
+
+
+def _shape(exprs: list, env: dict) -> tuple:
+    return tuple(e if isinstance(e, int) else int(eval(e, {}, dict(env))) for e in exprs)  # noqa: S307
+
+
+def swift_expected(config: dict, runtime: str) -> dict[str, tuple]:
+    """{name: shape} of every parameter mlx-swift-lm's model for this config holds."""
+    kind, model_type = runtime.split(":")
+    tree = SWIFT["trees"][runtime]
+    text = config.get("text_config") or config
+    env = _swift_env(text, config.get("vision_config"))
+    p = SWIFT["text_params"]
+    out = {}
+    groups = [p["model"]] + ([] if env["tie_word_embeddings"] else [p["untied"]])
+    for g in groups:
+        out.update({tree["text"] + k: _shape(s, env) for k, s in g.items()})
+    for i in range(env["num_hidden_layers"]):
+        linear = (i + 1) % env["full_attention_interval"] != 0
+        mlp = p["moe_mlp"] if env["num_experts"] > 0 else p["dense_mlp"]
+        for g in (p["layer"], p["linear_attention" if linear else "full_attention"], mlp):
+            prefix = f"{tree['text']}model.layers.{i}."
+            out.update({prefix + k: _shape(s, env) for k, s in g.items()})
+    if tree.get("vision", "dropped") != "dropped":
+        v, vp, pre = env["vision"], SWIFT["vision_params"], tree["vision"]
+        out.update({pre + k: _shape(s, v) for k, s in vp["tower"].items()})
+        for j in range(v["depth"]):
+            out.update({f"{pre}blocks.{j}.{k}": _shape(s, v) for k, s in vp["block"].items()})
+        for j in range(len(v["deepstack_visual_indexes"])):
+            d = f"{pre}deepstack_merger_list.{j}."
+            out.update({d + k: _shape(s, v) for k, s in vp["deepstack"].items()})
+    return out
+
+
+def swift_llm_sanitize(weights: dict, config: dict, model_type: str) -> tuple[dict, bool]:
+    """mlx-swift-lm's LLM sanitize, from the fixture's rules; returns (weights, norms shifted)."""
+    rules = SWIFT["sanitize"]["llm"]
+    assert not any("experts.gate_up_proj" in k for k in weights)  # no MoE split needed
+    if model_type != "qwen3_5_text":
+        pre = rules["prefixes"]
+        out = {}
+        for k, v in weights.items():
+            if k.startswith(tuple(pre["drop_key_prefixes"])):
+                continue
+            for old, new in pre["replace"].items():
+                if k.startswith(old):
+                    k = k.replace(old, new, 1)
+            if not k.startswith(pre["prepend_unless_prefixed"]):
+                k = pre["prepend_unless_prefixed"] + k
+            out[k] = v
+        weights = out
+    shift = any("mtp." in k for k in weights) or any(
+        "conv1d.weight" in k and v.shape[-1] != 1 for k, v in weights.items()
+    )
+    weights = {k: v for k, v in weights.items() if "mtp." not in k}
+    text = config.get("text_config") or config
+    if text.get("tie_word_embeddings", False):
+        weights = {k: v for k, v in weights.items() if "lm_head" not in k.split(".")}
+    suffixes = tuple(rules["text"]["norm_shift"]["suffixes"])
+    out = {}
+    for k, v in weights.items():
+        if "conv1d.weight" in k and v.shape[-1] != 1:
+            v = mx.moveaxis(v, 2, 1)
+        elif shift and k.endswith(suffixes) and v.ndim == 1:
+            v = v + 1
+        out[k] = v
+    return out, shift
+
+
+def _check_against_swift(weights: dict, expected: dict, quantization: dict | None, where: str):
+    """Every name Swift expects is there with its shape (packed as the config's quantization
+    says for the modules stored quantized), and nothing else is."""
+    q = quantization or {}
+    seen = set()
+    for name, shape in expected.items():
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and f"{module}.scales" in weights:
+            params = q.get(module) or q  # Swift: the exact path's entry, else the default
+            assert isinstance(params, dict) and "bits" in params, f"{where}: {module} has no params"
+            gs, bits = params["group_size"], params["bits"]
+            assert weights[name].shape == (*shape[:-1], shape[-1] * bits // 32), (where, name)
+            assert weights[f"{module}.scales"].shape == (*shape[:-1], shape[-1] // gs), name
+            assert weights[f"{module}.biases"].shape == (*shape[:-1], shape[-1] // gs), name
+            seen |= {f"{module}.scales", f"{module}.biases"}
+        else:
+            assert name in weights, f"{where}: Swift expects {name}, missing"
+            assert tuple(weights[name].shape) == shape, (where, name, weights[name].shape, shape)
+        seen.add(name)
+    assert set(weights) == seen, f"{where}: keys Swift does not know: {sorted(set(weights) - seen)}"
+
+
+SWIFT_CASES = {
+    "dense": ["llm:qwen3_5_text"],
+    "dense_qwen3_5": ["llm:qwen3_5"],
+    "moe_qwen3_5_moe": ["llm:qwen3_5_moe"],
+    "vlm_regular": ["llm:qwen3_5", "vlm:qwen3_5"],
+}
+
+
+@pytest.mark.parametrize("mode", ["fp32", "q4"])
+@pytest.mark.parametrize("kind", list(SWIFT_CASES))
+def test_converted_checkpoint_matches_mlx_swift_lm(converted, sources, kind, mode):
+    """What we write loads in mlx-swift-lm as its sources (the fixture) read it: every key it
+    expects with its shape, none it does not know, per-module quantization under its paths,
+    norms shifted once (its shift trigger stays off: no mtp.*, conv1d already [C, K, 1]), and
+    the config keys it reads carried over."""
+    out = converted(kind, mode)
+    config = json.loads((out / "config.json").read_text())
+    weights, metadata = {}, {}
+    for f in sorted(out.glob("*.safetensors")):
+        w, m = mx.load(str(f), return_metadata=True)
+        weights.update(w)
+        metadata = metadata or m
+    ours = dict(tree_flatten(load_model(out).parameters()))
+    for runtime in SWIFT_CASES[kind]:
+        model_type = runtime.split(":")[1]
+        assert config["model_type"] == model_type
+        if runtime.startswith("vlm:"):
+            assert metadata.get("format", "").lower() == "mlx"  # Swift then keeps names as-is
+            seen = weights
+        else:
+            seen, shifted = swift_llm_sanitize(weights, config, model_type)
+            assert not shifted, "mlx-swift-lm would shift our norms a second time"
+            prefix = SWIFT["trees"][runtime]["text"]
+            norms = [k for k in seen if k.endswith("model.norm.weight")]
+            assert norms
+            for k in norms:  # the values Swift ends with are the ones our model runs
+                np.testing.assert_array_equal(np.array(seen[k]), np.array(ours[k]))
+            assert prefix in ("", "language_model.")
+        _check_against_swift(seen, swift_expected(config, runtime), config.get("quantization"),
+                             f"{kind}/{mode}/{runtime}")  # fmt: skip
+
+    source = json.loads((sources[kind] / "config.json").read_text())
+    for part in ("text_config", None):
+        src = source.get(part) if part else source
+        dst = config.get(part) if part else config
+        for key in SWIFT["config_keys"]["text"]:
+            if src and key in src:
+                assert dst[key] == src[key], (part, key)
+
+
+def test_swift_fixture_records_its_source():
+    assert len(SWIFT["source"]["commit"]) == 40
+    assert "qwen3_5_moe_text" in SWIFT["model_types"]["not_registered"]
+    names = [a["name"] for a in SWIFT["gated_delta"]["arguments"]]
+    assert names == ["q", "k", "v", "a", "b", "aLog", "dtBias", "state", "mask"]
+
+
+def test_swift_check_catches_mtp_and_double_shift(converted):
+    """The Swift check fails on a checkpoint that keeps mtp.* (Swift would shift twice) or
+    misses a key."""
+    out = converted("dense", "fp32")
+    weights = dict(mx.load(str(out / "model.safetensors")))
+    config = json.loads((out / "config.json").read_text())
+    _, shifted = swift_llm_sanitize(
+        {**weights, "mtp.fc.weight": mx.zeros((2, 2))}, config, "qwen3_5_text"
+    )
+    assert shifted
+    missing = {k: v for k, v in weights.items() if not k.endswith("q_norm.weight")}
+    with pytest.raises(AssertionError, match="q_norm"):
+        _check_against_swift(missing, swift_expected(config, "llm:qwen3_5_text"), None, "x")
