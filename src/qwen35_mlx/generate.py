@@ -15,6 +15,7 @@ from typing import NoReturn
 
 DEFAULT_PROMPT = "Hello"
 IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 class UserError(Exception):
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE",
         help="an image for a vision-language model (repeatable)",
+    )
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a video for a vision-language model (repeatable; needs PyAV, the `video` extra)",
     )
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="tokens to generate at most")
@@ -101,6 +109,9 @@ def _check_args(args: argparse.Namespace) -> str:
     for f in args.image:
         if not Path(f).is_file():
             raise UserError(f"cannot read image {f!r}: no such file")
+    for f in args.video:
+        if not Path(f).is_file():
+            raise UserError(f"cannot read video {f!r}: no such file")
     return prompt
 
 
@@ -134,16 +145,19 @@ def _is_vlm(model, tokenizer) -> bool:
     return hasattr(tokenizer, "preprocess_images") or hasattr(model, "visual")
 
 
-def build_prompt(tokenizer, prompt: str, args: argparse.Namespace, n_images: int) -> str:
+def build_prompt(
+    tokenizer, prompt: str, args: argparse.Namespace, n_images: int, n_videos: int = 0
+) -> str:
     """The prompt text to tokenize: the chat template applied unless --no-chat-template."""
     text_tok = getattr(tokenizer, "tokenizer", tokenizer)
     if args.no_chat_template or getattr(text_tok, "chat_template", None) is None:
-        return IMAGE_SLOT * n_images + prompt
+        return IMAGE_SLOT * n_images + VIDEO_SLOT * n_videos + prompt
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    if n_images:
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    if n_images or n_videos:
+        content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+        content += [{"type": "text", "text": prompt}]
     else:
         content = prompt
     messages.append({"role": "user", "content": content})
@@ -156,6 +170,8 @@ def build_prompt(tokenizer, prompt: str, args: argparse.Namespace, n_images: int
     if n_images and "<|image_pad|>" not in text:
         # a template that does not render image entries: put the placeholders first
         text = IMAGE_SLOT * n_images + text
+    if n_videos and "<|video_pad|>" not in text:
+        text = VIDEO_SLOT * n_videos + text
     return text
 
 
@@ -173,11 +189,12 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     model, tokenizer = _load(model_path)
-    if images and not _is_vlm(model, tokenizer):
+    if (images or args.video) and not _is_vlm(model, tokenizer):
+        flag = "--image" if images else "--video"
         raise UserError(
-            f"{model_path} is a text-only model: --image needs a vision-language checkpoint"
+            f"{model_path} is a text-only model: {flag} needs a vision-language checkpoint"
         )
-    text = build_prompt(tokenizer, prompt, args, len(images))
+    text = build_prompt(tokenizer, prompt, args, len(images), len(args.video))
 
     out = sys.stdout
     if not args.quiet:
@@ -189,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer,
             text,
             images=images or None,
+            videos=args.video or None,
             max_tokens=args.max_tokens,
             temp=args.temp,
             top_p=args.top_p,
@@ -197,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             prefill_step_size=args.prefill_step_size,
         ):
             print(last.text, end="", flush=True, file=out)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise UserError(_one_line(e)) from e
     print(file=out)
     if not args.quiet and last is not None:
