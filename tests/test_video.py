@@ -201,3 +201,77 @@ def test_cli_video(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err, err
+
+
+def _transformers_functions() -> dict:
+    """transformers' own Qwen3-VL video code (`smart_resize`, `sample_frames`, `patchify`), read
+    from the installed package and run over NumPy: its module cannot be imported without torch,
+    so the functions are taken from its source and `torch` ops get a small NumPy stand-in."""
+    import ast
+    import importlib.util
+    import math
+    import textwrap
+
+    spec = importlib.util.find_spec("transformers")
+    path = Path(spec.origin).parent / "models" / "qwen3_vl" / "video_processing_qwen3_vl.py"
+    tree = ast.parse(path.read_text())
+    wanted = {"smart_resize", "sample_frames", "patchify"}
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name in wanted:
+            found[node.name] = textwrap.dedent(ast.get_source_segment(path.read_text(), node))
+    assert set(found) == wanted, f"transformers changed: {sorted(wanted - set(found))}"
+
+    class Arr(np.ndarray):
+        def expand(self, *sizes):
+            shape = [s if n == -1 else n for s, n in zip(self.shape, sizes, strict=True)]
+            return np.broadcast_to(self, shape).view(Arr)
+
+        def view(self, *shape):
+            if shape and isinstance(shape[0], int):
+                return np.reshape(self, shape).view(Arr)
+            return np.ndarray.view(self, *shape)
+
+        def permute(self, *axes):
+            return np.transpose(self, axes).view(Arr)
+
+    class Torch:
+        @staticmethod
+        def cat(arrays, dim=0):
+            return np.concatenate(arrays, axis=dim).view(Arr)
+
+    from transformers.video_utils import VideoMetadata
+
+    ns = {"math": math, "np": np, "torch": Torch, "logger": None, "VideoMetadata": VideoMetadata}
+    for src in found.values():
+        exec(compile(src, str(path), "exec"), ns)  # noqa: S102
+    ns["Arr"] = Arr
+    return ns
+
+
+def test_matches_transformers_own_video_code():
+    """Frame sampling, resize targets and patch layout as transformers' source computes them
+    (run here without torch), on frames this test decodes."""
+    from transformers.video_utils import VideoMetadata
+
+    t = _transformers_functions()
+    s = VideoSettings()
+    owner = type("P", (), {"fps": s.fps, "min_frames": s.min_frames, "max_frames": s.max_frames})()
+    for total, fps in [(20, 10.0), (5, 10.0), (3, 25.0), (18000, 30.0), (301, 29.97), (7, 1.0)]:
+        theirs = t["sample_frames"](owner, VideoMetadata(total_num_frames=total, fps=fps))
+        assert sample_frame_indices(total, fps, s).tolist() == list(theirs), (total, fps)
+    factor = s.patch_size * s.merge_size
+    cases = [(4, 64, 96), (8, 720, 1280), (2, 31, 500), (6, 480, 640), (16, 1080, 1920)]
+    for n, h, w in cases + [(2, 500, 700), (2, 250, 620)]:
+        theirs = t["smart_resize"](n, h, w, temporal_factor=2, factor=factor,
+                                   min_pixels=s.min_pixels, max_pixels=s.max_pixels)  # fmt: skip
+        assert smart_resize_video(n, h, w, s) == tuple(theirs), (n, h, w)
+
+    s = VideoSettings(min_pixels=1024)
+    frames = _frames(5, 64, 96, seed=4)
+    x = (frames.astype(np.float32) * np.float32(1 / 255) - 0.5) / 0.5
+    x = x.transpose(0, 3, 1, 2)[None].view(t["Arr"])  # [1, T, C, H, W], as torch holds it
+    theirs, gt, gh, gw = t["patchify"](None, x, patch_size=16, merge_size=2, temporal_patch_size=2)
+    pixels, grid = preprocess_video(frames, s)
+    assert grid == (gt, gh, gw)
+    np.testing.assert_allclose(pixels, np.asarray(theirs)[0], rtol=0, atol=1e-6)
