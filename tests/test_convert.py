@@ -54,17 +54,23 @@ def _hf_wrapped(tmp: Path, golden: str, model_type: str) -> Path:
     return out
 
 
-def _regular_vlm(tmp: Path) -> Path:
+def _regular_vlm(tmp: Path, moe: bool = False) -> Path:
     """A VLM whose layer_types follow full_attention_interval (stock mlx-lm, mlx-vlm and Swift
     build layers from the interval): the golden VLM's vision tower (Hugging Face layout) and a
-    random text model of its shapes."""
+    random text model of its shapes (with `moe`, a `qwen3_5_moe` one)."""
     from qwen35_mlx.models.text import TextModel
 
-    out = tmp / "vlm_regular"
+    out = tmp / ("vlm_moe" if moe else "vlm_regular")
     shutil.copytree(GOLDEN / "vlm", out, ignore=shutil.ignore_patterns("*.npz", "*.safetensors"))
     config = json.loads((GOLDEN / "vlm" / "config.json").read_text())
     config["text_config"]["layer_types"] = REGULAR
     config["text_config"]["full_attention_interval"] = 4
+    if moe:
+        config["model_type"] = "qwen3_5_moe"
+        config["text_config"].update(
+            model_type="qwen3_5_moe_text", num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True,
+        )  # fmt: skip
     (out / "config.json").write_text(json.dumps(config))
     text = {k: v for k, v in config["text_config"].items() if k not in ("dtype",)}
     fields = set(make_text_config().__dataclass_fields__)
@@ -86,6 +92,7 @@ def sources(tmp_path_factory):
         "moe": _hf_text(tmp, "moe_per_expert"),  # per-expert Hugging Face layout
         "vlm": GOLDEN / "vlm",
         "vlm_regular": _regular_vlm(tmp),
+        "vlm_moe": _regular_vlm(tmp, moe=True),
         "dense_qwen3_5": _hf_wrapped(tmp, "dense_untied", "qwen3_5"),
         "moe_qwen3_5_moe": _hf_wrapped(tmp, "moe_per_expert", "qwen3_5_moe"),
     }
@@ -147,7 +154,7 @@ def _skip_cpu_bf16_moe(kind: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("kind", ["dense", "moe", "vlm"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "vlm", "vlm_moe"])
 def test_convert_round_trip_in_qwen35_mlx(converted, sources, kind, mode):
     """The converted folder gives the logits of the source brought to the same dtype or
     quantization in memory (exactly), hence the same greedy tokens. A quantized one drifts from
@@ -329,7 +336,7 @@ def test_convert_round_trip_in_mlx_lm_with_plugin(converted, plugin, kind, mode)
 
 
 @pytest.mark.parametrize("mode", ["fp32", "q8", "q4"])
-@pytest.mark.parametrize("kind", ["dense_qwen3_5", "moe_qwen3_5_moe", "vlm_regular"])
+@pytest.mark.parametrize("kind", ["dense_qwen3_5", "moe_qwen3_5_moe", "vlm_regular", "vlm_moe"])
 def test_convert_round_trip_in_stock_mlx_lm(converted, kind, mode):
     """mlx-lm's own qwen3_5 / qwen3_5_moe models (no plugin) load what we write."""
     import mlx_lm
@@ -389,11 +396,12 @@ def test_convert_round_trip_in_mlx_vlm_with_plugin(converted, mode):
 
 
 @pytest.mark.parametrize("mode", ["fp32", "q4"])
-def test_convert_round_trip_in_stock_mlx_vlm(converted, mode):
+@pytest.mark.parametrize("kind", ["vlm_regular", "vlm_moe"])
+def test_convert_round_trip_in_stock_mlx_vlm(converted, kind, mode):
     pytest.importorskip("mlx_vlm", reason="mlx-vlm (the `vlm` extra) is not installed")
     from mlx_vlm import load as vlm_load
 
-    out = converted("vlm_regular", mode)
+    out = converted(kind, mode)
     theirs, _ = vlm_load(str(out))
     assert type(theirs).__module__.startswith("mlx_vlm.models.qwen3_5")
     ours, _ = load(out)
@@ -512,6 +520,7 @@ SWIFT_CASES = {
     "dense_qwen3_5": ["llm:qwen3_5"],
     "moe_qwen3_5_moe": ["llm:qwen3_5_moe"],
     "vlm_regular": ["llm:qwen3_5", "vlm:qwen3_5"],
+    "vlm_moe": ["llm:qwen3_5_moe", "vlm:qwen3_5_moe"],
 }
 
 
