@@ -531,7 +531,7 @@ def train(model: nn.Module, stream: Stream, args, held_text: str, tok) -> dict:
 
 def save_assets(model: nn.Module, config: dict, tok, out: Path, log: dict) -> None:
     """config.json, model.safetensors (float16, A_log fp32, metadata format=mlx), tokenizer."""
-    from qwen35_mlx.loader import save_mlx
+    from qwen35_mlx.convert import save_mlx
 
     dtype = getattr(mx, config["dtype"])
     model.update(

@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
 from qwen35_mlx import loader
-from qwen35_mlx.loader import load, load_model, read_weights, resolve_path, save_mlx
+from qwen35_mlx.convert import save_mlx
+from qwen35_mlx.loader import load, load_model, read_weights, resolve_path
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 

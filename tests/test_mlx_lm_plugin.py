@@ -170,7 +170,8 @@ def test_mlx_lm_loads_a_4bit_mlx_checkpoint(registered, tmp_path):
     import mlx.nn as nn
 
     from qwen35_mlx import load
-    from qwen35_mlx.loader import read_config, save_mlx
+    from qwen35_mlx.convert import save_mlx
+    from qwen35_mlx.loader import read_config
 
     model, _ = load(GOLDEN)
     nn.quantize(model, group_size=32, bits=4)

@@ -2,8 +2,11 @@
 (skipped when mlx-vlm, an optional extra, is not installed)."""
 
 import itertools
+import json
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 pytest.importorskip("mlx_vlm")
@@ -124,3 +127,42 @@ def test_sanitize_skips_own_quantized_names(registered):
     name = next(k for k in own if k.endswith("mlp.down_proj.weight"))
     quantized = dict(own, **{name[: -len("weight")] + "scales": own[name]})
     assert model.sanitize(quantized) is quantized
+
+
+def test_outputs_are_mlx_vlm_language_model_output(registered):
+    """mlx-vlm's own output class, so the fields its speculative decoding reads exist."""
+    from mlx_vlm.models.base import LanguageModelOutput
+
+    model, _ = vlm_load(str(GOLDEN))
+    ids = mx.array([[1, 5, 9]])
+    for out in (model(ids), model.language_model(ids)):
+        assert isinstance(out, LanguageModelOutput)
+        assert out.logits.shape == (1, 3, model.model.config.text_config.vocab_size)
+        assert out.gdn_states is None and out.shared_kv_states is None
+
+
+def test_mlx_vlm_quantize_model_uses_our_quant_predicate(registered):
+    """mlx-vlm's converter quantizes with the model's predicate: routers and the shared-expert
+    gate at 8 bits (groups of 32 where 64 does not divide), the vision tower left alone."""
+    from mlx.utils import tree_flatten
+    from mlx_vlm.quant_utils import quantize_model
+
+    moe = json.loads((GOLDEN.parent / "moe_per_expert" / "config.json").read_text())
+    model = mlx_vlm_plugin.Model(mlx_vlm_plugin.ModelConfig.from_dict(moe))
+    _, config = quantize_model(model, {}, 32, 4)
+    gates = {k: v for k, v in config["quantization"].items() if k.endswith("gate")}
+    assert len(gates) == 8 and {v["bits"] for v in gates.values()} == {8}
+    layer = model.model.layers[0].mlp
+    assert layer.gate.bits == 8 and layer.shared_expert_gate.bits == 8
+    assert layer.experts.gate_proj.bits == 4
+
+    vlm_config = json.loads((GOLDEN / "config.json").read_text())
+    vlm = mlx_vlm_plugin.Model(mlx_vlm_plugin.ModelConfig.from_dict(vlm_config))
+    predicate = vlm.quant_predicate
+    names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear)]
+    vision = [n for n in names if n.startswith("model.vision_tower.")]
+    assert vision and not any(predicate(n, vlm) for n in vision)
+    quantize_model(vlm, {}, 32, 4)
+    params = dict(tree_flatten(vlm.parameters()))
+    assert not any(k.startswith("model.vision_tower") and k.endswith("scales") for k in params)
+    assert any(k.startswith("model.language_model") and k.endswith("scales") for k in params)

@@ -16,9 +16,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from qwen35_mlx import loader
+from qwen35_mlx.convert import save_mlx
 from qwen35_mlx.generate import main
 from qwen35_mlx.generation import batch_generate, generate, stream_generate
-from qwen35_mlx.loader import load, load_model, save_mlx
+from qwen35_mlx.loader import load, load_model
 from qwen35_mlx.models.config import ModelConfig
 from qwen35_mlx.models.layers import SparseMoeBlock
 from qwen35_mlx.sampling import check_sampling

@@ -22,7 +22,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from qwen35_mlx.loader import build_model, save_mlx
+from qwen35_mlx.convert import save_mlx
+from qwen35_mlx.loader import build_model
 from qwen35_mlx.models.config import ModelConfig
 
 from .conftest import RTOL, rel_err

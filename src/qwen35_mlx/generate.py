@@ -24,6 +24,7 @@ from typing import NoReturn
 
 DEFAULT_PROMPT = "Hello"
 IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 class UserError(Exception):
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE",
         help="an image for a vision-language model (repeatable)",
+    )
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a video for a vision-language model (repeatable; needs PyAV, the `video` extra)",
     )
     p.add_argument("--system", default=None, help="a system message (needs the chat template)")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="tokens to generate at most")
@@ -161,6 +169,9 @@ def _check_args(args: argparse.Namespace) -> str:
             raise UserError(f"cannot read image {f!r}: it is a directory")
         if not Path(f).is_file():
             raise UserError(f"cannot read image {f!r}: no such file")
+    for f in args.video:
+        if not Path(f).is_file():
+            raise UserError(f"cannot read video {f!r}: no such file")
     return prompt
 
 
@@ -223,18 +234,21 @@ def _is_vlm(model, tokenizer) -> bool:
     return hasattr(tokenizer, "preprocess_images") or hasattr(model, "visual")
 
 
-def build_prompt(tokenizer, prompt: str, args: argparse.Namespace, n_images: int) -> str:
+def build_prompt(
+    tokenizer, prompt: str, args: argparse.Namespace, n_images: int, n_videos: int = 0
+) -> str:
     """The prompt text to tokenize: the chat template applied unless --no-chat-template."""
     text_tok = getattr(tokenizer, "tokenizer", tokenizer)
     if args.no_chat_template or getattr(text_tok, "chat_template", None) is None:
         if args.system is not None:
             raise UserError("--system needs a chat template, and this model has none")
-        return IMAGE_SLOT * n_images + prompt
+        return IMAGE_SLOT * n_images + VIDEO_SLOT * n_videos + prompt
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    if n_images:
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    if n_images or n_videos:
+        content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+        content += [{"type": "text", "text": prompt}]
     else:
         content = prompt
     messages.append({"role": "user", "content": content})
@@ -247,6 +261,8 @@ def build_prompt(tokenizer, prompt: str, args: argparse.Namespace, n_images: int
     if n_images and "<|image_pad|>" not in text:
         # a template that does not render image entries: put the placeholders first
         text = IMAGE_SLOT * n_images + text
+    if n_videos and "<|video_pad|>" not in text:
+        text = VIDEO_SLOT * n_videos + text
     return text
 
 
@@ -257,12 +273,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the embedded model is missing from the package ({model_path})")
     images = _open_images(args.image) if args.image else []
     path, config_dict, config = _read_config(model_path)
-    if images:
+    if images or args.video:
         from .loader import is_vision_language
 
         if not is_vision_language(config_dict):
+            flag = "--image" if images else "--video"
             raise UserError(
-                f"{model_path} is a text-only model: --image needs a vision-language checkpoint"
+                f"{model_path} is a text-only model: {flag} needs a vision-language checkpoint"
             )
 
     import mlx.core as mx
@@ -279,11 +296,12 @@ def run(args: argparse.Namespace) -> int:
     if seed is not None:
         mx.random.seed(seed)
     model, tokenizer = _load(path, args.dtype, group)
-    if images and not _is_vlm(model, tokenizer):
+    if (images or args.video) and not _is_vlm(model, tokenizer):
+        flag = "--image" if images else "--video"
         raise UserError(
-            f"{model_path} is a text-only model: --image needs a vision-language checkpoint"
+            f"{model_path} is a text-only model: {flag} needs a vision-language checkpoint"
         )
-    text = build_prompt(tokenizer, prompt, args, len(images))
+    text = build_prompt(tokenizer, prompt, args, len(images), len(args.video))
 
     out = sys.stdout if group is None or group.rank() == 0 else io.StringIO()
     max_positions = config.text_config.max_position_embeddings
@@ -294,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer,
             text,
             images=images or None,
+            videos=args.video or None,
             max_tokens=args.max_tokens,
             temp=args.temp,
             top_p=args.top_p,
@@ -312,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.quiet:
                     print("=" * 10, file=out)
             print(last.text, end="", flush=True, file=out)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise UserError(_one_line(e)) from e
     print(file=out)
     if not args.quiet and last is not None:

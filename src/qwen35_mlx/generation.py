@@ -156,17 +156,22 @@ def prefill(
         mx.clear_cache()
 
 
-def _vlm_inputs(tokenizer: Any, prompt: Any, images: Sequence[Any] | None) -> tuple[list, dict]:
-    """Token ids and image tensors for a vision-language prompt (processor call)."""
+def _vlm_inputs(
+    tokenizer: Any, prompt: Any, images: Sequence[Any] | None, videos: Sequence[Any] | None = None
+) -> tuple[list, dict]:
+    """Token ids and image/video tensors for a vision-language prompt (processor call)."""
     if not isinstance(prompt, str):
         raise ValueError("a prompt with images must be text (the processor inserts image tokens)")
-    out = tokenizer(prompt, images=list(images))
+    if videos:
+        out = tokenizer(prompt, images=list(images or []), videos=list(videos))
+    else:
+        out = tokenizer(prompt, images=list(images))
     ids = out["input_ids"]
     ids = ids.reshape(-1).tolist() if hasattr(ids, "reshape") else list(ids)
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     extra = {}
-    for key in ("pixel_values", "image_grid_thw"):
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if out.get(key) is not None:
             extra[key] = mx.array(out[key])
     return ids, extra
@@ -178,6 +183,7 @@ def stream_generate(
     prompt: str | Sequence[int] | mx.array,
     *,
     images: Sequence[Any] | None = None,
+    videos: Sequence[Any] | None = None,
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     logits_processors: list[LogitsProcessor] | None = None,
@@ -192,8 +198,8 @@ def stream_generate(
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt` (text or token ids), yielding a `GenerationResponse` per token.
 
-    `images` (VLM only) go through the processor passed as `tokenizer`. `sampler` defaults to
-    mlx-lm's `make_sampler(temp, top_p, min_p, top_k)` (temp 0: greedy).
+    `images` and `videos` (VLM only) go through the processor passed as `tokenizer`. `sampler`
+    defaults to mlx-lm's `make_sampler(temp, top_p, min_p, top_k)` (temp 0: greedy).
 
     `prompt_cache` is either a list of per-layer caches (mlx-lm style: it already holds a prefix,
     the whole `prompt` is new and the list is updated in place) or a
@@ -204,14 +210,14 @@ def stream_generate(
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         first_kwargs: dict = {}
-        if images:
+        if images or videos:
             if not hasattr(tokenizer, "tokenizer") or not callable(tokenizer):
                 raise ValueError("images need a vision-language model and its processor")
-            ids, first_kwargs = _vlm_inputs(tokenizer, prompt, images)
+            ids, first_kwargs = _vlm_inputs(tokenizer, prompt, images, videos)
             if prompt_cache is not None:
                 raise ValueError("prompt_cache is not supported with images")
         text_tok = _wrap_tokenizer(tokenizer)
-        if not images:
+        if not images and not videos:
             ids = _encode(text_tok, prompt)
         if len(ids) == 0:
             raise ValueError("the prompt is empty")

@@ -24,9 +24,6 @@ import functools
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -462,87 +459,3 @@ def load(
     model = _load_model(path, config_dict, config, lazy=lazy, dtype=dtype)
     return model, load_tokenizer(path, config_dict, config.model_type)
 
-
-def quantization_block(model: nn.Module) -> dict[str, Any] | None:
-    """mlx-lm style `quantization` block describing the model's quantized modules, or None.
-
-    The most common (group_size, bits, mode) is the default; modules that differ get a
-    per-module entry keyed by module path.
-    """
-    found = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "scales") and hasattr(module, "bits"):
-            found[name] = (module.group_size, module.bits, getattr(module, "mode", "affine"))
-    if not found:
-        return None
-    (gs, bits, mode), _ = Counter(found.values()).most_common(1)[0]
-    block: dict[str, Any] = {"group_size": gs, "bits": bits, "mode": mode}
-    for name, params in sorted(found.items()):
-        if params != (gs, bits, mode):
-            block[name] = dict(zip(("group_size", "bits", "mode"), params, strict=True))
-    return block
-
-
-def save_mlx(
-    model: nn.Module,
-    config_dict: dict[str, Any],
-    path: str | os.PathLike,
-    *,
-    extra_files: list[str | os.PathLike] = (),
-    overwrite: bool = False,
-) -> Path:
-    """Write an MLX-format checkpoint (already sanitized): safetensors + config.json.
-
-    Safetensors carry `format: mlx`; config.json gets a `quantization` block when the model has
-    quantized modules (and loses a stale one when it has none). `extra_files` (tokenizer,
-    processor settings) are copied alongside. Everything is written to a temporary folder next
-    to `path` and renamed into place, so an error leaves no half-written checkpoint.
-    """
-    from mlx_lm.utils import make_shards
-
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    config = {k: v for k, v in config_dict.items() if k not in ("quantization_config",)}
-    config.pop("quantization", None)
-    if (block := quantization_block(model)) is not None:
-        config["quantization"] = block
-        config["quantization_config"] = block
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
-        weights = dict(tree_flatten(model.parameters()))
-        shards = make_shards(weights)
-        names = (
-            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            if len(shards) > 1
-            else ["model.safetensors"]
-        )
-        weight_map = {}
-        for name, shard in zip(names, shards, strict=True):
-            mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx"})
-            weight_map.update(dict.fromkeys(shard, name))
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in extra_files:
-            shutil.copy(f, tmp / Path(f).name)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path

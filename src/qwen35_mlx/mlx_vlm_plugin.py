@@ -11,7 +11,7 @@ qwen35_mlx's vision-language (or text) model, held as the child `model`:
 
 - `get_input_embeddings(input_ids, pixel_values, mask, image_grid_thw=...)` -> embeddings with the
   vision rows scattered in (the M-RoPE positions are kept by our model for the calls that follow);
-- `language_model(inputs, inputs_embeds=..., cache=...)` -> an object with `.logits`: prefill
+- `language_model(inputs, inputs_embeds=..., cache=...)` -> mlx-vlm's `LanguageModelOutput`: prefill
   steps fed as embeddings, then decode steps whose positions continue from the cache;
 - `sanitize` (our model's, under the `model.` prefix), `make_cache`, `layers`.
 
@@ -54,12 +54,11 @@ class ModelConfig:
         )
 
 
-@dataclass
-class _Output:
-    logits: mx.array
-    cross_attention_states: Any = None
-    encoder_outputs: Any = None
-    hidden_states: Any = None
+def _output(logits: mx.array):
+    """mlx-vlm's own `LanguageModelOutput` (its speculative decoding reads the optional fields)."""
+    from mlx_vlm.models.base import LanguageModelOutput
+
+    return LanguageModelOutput(logits=logits)
 
 
 class _LanguageModel:
@@ -75,11 +74,10 @@ class _LanguageModel:
     def model(self) -> nn.Module:
         return self._owner.model
 
-    def __call__(self, inputs=None, inputs_embeds=None, cache=None, **kwargs) -> _Output:
+    def __call__(self, inputs=None, inputs_embeds=None, cache=None, **kwargs):
         if inputs is not None and inputs.ndim == 1:
             inputs = inputs[None]
-        logits = self.model(inputs, cache=cache, input_embeddings=inputs_embeds)
-        return _Output(logits=logits)
+        return _output(self.model(inputs, cache=cache, input_embeddings=inputs_embeds))
 
     def make_cache(self, *args, **kwargs) -> list:
         return self.model.make_cache(*args, **kwargs)
@@ -125,11 +123,11 @@ class Model(nn.Module):
         )
         return InputEmbeddingsFeatures(inputs_embeds=embeds)
 
-    def __call__(self, input_ids, pixel_values=None, mask=None, cache=None, **kwargs) -> _Output:
+    def __call__(self, input_ids, pixel_values=None, mask=None, cache=None, **kwargs):
         extra = {}
         if pixel_values is not None:
             extra = {"pixel_values": pixel_values, "image_grid_thw": kwargs.get("image_grid_thw")}
-        return _Output(logits=self.model(input_ids, cache=cache, **extra))
+        return _output(self.model(input_ids, cache=cache, **extra))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         from mlx.utils import tree_flatten
@@ -147,6 +145,24 @@ class Model(nn.Module):
     @property
     def cast_predicate(self):
         return self.model.cast_predicate
+
+    @property
+    def quant_predicate(self):
+        """Our model's predicate (8-bit routers and shared-expert gate, no vision tower) under
+        the `model.` prefix, for mlx-vlm's converter. A router whose width the model's group size
+        does not divide (tiny models) falls back to groups of 32, through mlx-vlm's own
+        `fallback_group_size`."""
+        inner = getattr(self.model, "quant_predicate", None)
+        if inner is None:
+            return None
+
+        def predicate(path: str, module: nn.Module):
+            decision = inner(path[len("model.") :] if path.startswith("model.") else path, module)
+            if isinstance(decision, dict):
+                return {**decision, "fallback_group_size": 32}
+            return decision
+
+        return predicate
 
 
 def register() -> None:

@@ -174,7 +174,8 @@ def test_left_padded_batch_decode_continues_each_row(model, ref):
 
 
 def test_mlx_format_round_trip(model, ref, tmp_path):
-    from qwen35_mlx.loader import read_config, save_mlx
+    from qwen35_mlx.convert import save_mlx
+    from qwen35_mlx.loader import read_config
 
     save_mlx(model, read_config(GOLDEN), tmp_path / "mlx")
     again = load_model(tmp_path / "mlx")
