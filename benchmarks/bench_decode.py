@@ -88,6 +88,33 @@ def build_models(shape: dict, dtype: mx.Dtype, which=("qwen35_mlx", "mlx-lm")) -
     return models
 
 
+class Plain:
+    """Our model with the compiled decode step off (the plain path: the A/B of issue #8)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def make_cache(self):
+        return self.model.make_cache()
+
+    def __call__(self, *args, **kwargs):
+        self.model.compiled_decode = False
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.model.compiled_decode = True
+
+
+def greedy_tokens(model, prompts: mx.array, gen: int) -> list:
+    cache = model.make_cache()
+    y = mx.argmax(model(prompts, cache=cache)[:, -1, :], axis=-1)
+    out = [y.tolist()]
+    for _ in range(gen - 1):
+        y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+        out.append(y.tolist())
+    return out
+
+
 def decode_run(model, prompts: mx.array, gen: int) -> float:
     """Prefill `prompts` [B, P], decode `gen` greedy tokens; decode tokens/s (all rows)."""
     cache = model.make_cache()
@@ -110,23 +137,45 @@ def decode_run(model, prompts: mx.array, gen: int) -> float:
 
 def bench_shape(name, shape, dtype, batches, gen, prompt_len, repeats, deadline, log) -> list:
     rows = []
+    if time.perf_counter() > deadline:
+        log(f"{name}: skipped (time budget)")
+        return [{"shape": name, "batch": B, "skipped": "time budget"} for B in batches]
     t0 = time.perf_counter()
     models = build_models(shape, dtype)
+    models = {"qwen35_mlx": models["qwen35_mlx"], "plain": Plain(models["qwen35_mlx"]),
+              "mlx-lm": models["mlx-lm"]}  # fmt: skip
     log(f"{name}: built in {time.perf_counter() - t0:.1f} s")
+    # The compiled step and the plain path on this device: greedy tokens of 3 rows, 12 steps.
+    try:
+        probe = mx.random.randint(0, shape["vocab_size"], (3, 20), key=mx.random.key(5))
+        a = greedy_tokens(models["qwen35_mlx"], probe, 12)
+        b = greedy_tokens(models["plain"], probe, 12)
+        rows.append({"shape": name, "check": "compiled == plain greedy tokens", "equal": a == b})
+        log(f"{name}: compiled step == plain path, greedy tokens (3 rows x 12): {a == b}")
+    except Exception as e:  # noqa: BLE001  (report and go on: the timing still tells)
+        rows.append({"shape": name, "check": "compiled == plain", "error": repr(e)})
+        log(f"{name}: compiled-vs-plain check failed: {e!r}")
     for B in batches:
         if time.perf_counter() > deadline:
             rows.append({"shape": name, "batch": B, "skipped": "time budget"})
             log(f"{name} batch {B}: skipped (time budget)")
             continue
         prompts = mx.random.randint(0, shape["vocab_size"], (B, prompt_len), key=mx.random.key(B))
-        for m in models.values():  # warm-up at this batch shape
-            decode_run(m, prompts, 4)
-        runs = {k: [] for k in models}
-        for r in range(repeats):
-            order = list(models) if r % 2 == 0 else list(models)[::-1]
-            for k in order:
-                runs[k].append(decode_run(models[k], prompts, gen))
+        try:
+            for m in models.values():  # warm-up at this batch shape
+                decode_run(m, prompts, 4)
+            runs = {k: [] for k in models}
+            for r in range(repeats):
+                order = list(models) if r % 2 == 0 else list(models)[::-1]
+                for k in order:
+                    runs[k].append(decode_run(models[k], prompts, gen))
+        except Exception as e:  # noqa: BLE001  (one failing case must not lose the others)
+            rows.append({"shape": name, "batch": B, "error": repr(e)})
+            log(f"{name} batch {B}: failed: {e!r}")
+            mx.clear_cache()
+            continue
         ratios = [a / b for a, b in zip(runs["qwen35_mlx"], runs["mlx-lm"], strict=True)]
+        plain = [a / b for a, b in zip(runs["qwen35_mlx"], runs["plain"], strict=True)]
         row = {
             "shape": name,
             "batch": B,
@@ -136,12 +185,14 @@ def bench_shape(name, shape, dtype, batches, gen, prompt_len, repeats, deadline,
             "tps_runs": runs,
             "ratio": statistics.median(ratios),
             "ratio_runs": ratios,
+            "compiled_over_plain": statistics.median(plain),
         }
         rows.append(row)
         log(
             f"{name} batch {B:>3}: ours {row['tps']['qwen35_mlx']:9.1f} tok/s, mlx-lm "
             f"{row['tps']['mlx-lm']:9.1f} tok/s, ratio {row['ratio']:.2f}x "
-            f"(runs {', '.join(f'{x:.2f}' for x in ratios)})"
+            f"(runs {', '.join(f'{x:.2f}' for x in ratios)}); plain path "
+            f"{row['tps']['plain']:9.1f} tok/s"
         )
     del models
     mx.clear_cache()
@@ -202,15 +253,17 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["decode"] if "tps" in r]
+    names = ("qwen35_mlx", "plain", "mlx-lm")
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 3.4))
     labels = [f"{r['shape']}\nB={r['batch']}" for r in rows]
     xs = range(len(rows))
-    ours = [r["tps"]["qwen35_mlx"] for r in rows]
-    theirs = [r["tps"]["mlx-lm"] for r in rows]
-    ax.bar([x - 0.2 for x in xs], ours, 0.4, label="qwen35_mlx", color="tab:blue")
-    ax.bar([x + 0.2 for x in xs], theirs, 0.4, label="mlx-lm", color="tab:gray")
+    colors = ("tab:blue", "tab:cyan", "tab:gray")
+    labels_ = ("qwen35_mlx (compiled step)", "qwen35_mlx (plain path)", "mlx-lm")
+    for i, (n, c, lab) in enumerate(zip(names, colors, labels_, strict=True)):
+        vals = [r["tps"][n] for r in rows]
+        ax.bar([x + (i - 1) * 0.27 for x in xs], vals, 0.27, label=lab, color=c)
     for x, r in zip(xs, rows, strict=True):
         top = max(r["tps"].values())
         ax.text(x, top, f"{r['ratio']:.2f}x", ha="center", va="bottom", fontsize=8)
@@ -251,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         d.update(budget_s=600.0, cold_shape="small", cold_prompt=512, cold_dtype="float32")
     else:
         d = dict(shapes="0.8b,9b", batches="1,32,128", dtype="bfloat16", prompt=128, gen=32)
-        d.update(repeats=3, budget_s=270.0, cold_shape="0.8b", cold_prompt=512)
+        d.update(repeats=3, budget_s=240.0, cold_shape="0.8b", cold_prompt=512)
         d.update(cold_dtype="bfloat16")
     shapes = (a.shapes or d["shapes"]).split(",")
     batches = [int(x) for x in (a.batches or d["batches"]).split(",")]
@@ -304,16 +357,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         "wall_s": time.perf_counter() - start,
     }
     log("")
-    log(f"{'shape':>6} | {'B':>4} | {'ours tok/s':>10} | {'mlx-lm tok/s':>12} | ratio")
+    head = f"{'shape':>6} | {'B':>4} | {'ours tok/s':>10} | {'plain tok/s':>11} | "
+    log(head + f"{'mlx-lm tok/s':>12} | ours/mlx-lm | ours/plain")
     for r in rows:
         if "tps" in r:
             t = r["tps"]
             log(
                 f"{r['shape']:>6} | {r['batch']:>4} | {t['qwen35_mlx']:10.1f} | "
-                f"{t['mlx-lm']:12.1f} | {r['ratio']:.2f}x"
+                f"{t['plain']:11.1f} | {t['mlx-lm']:12.1f} | {r['ratio']:10.2f}x | "
+                f"{r['compiled_over_plain']:9.2f}x"
             )
-        else:
-            log(f"{r['shape']:>6} | {r['batch']:>4} | skipped ({r['skipped']})")
+        elif "batch" in r:
+            log(f"{r['shape']:>6} | {r['batch']:>4} | {r.get('skipped') or r.get('error')}")
     tag = "cpu" if mx.default_device() == mx.cpu else "gpu"
     stem = a.out / f"bench_decode_{tag}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
