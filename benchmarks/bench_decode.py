@@ -218,9 +218,10 @@ def cold_child(which: str, shape_name: str, dtype_name: str, prompt_len: int, ge
     print(json.dumps({"model": which, "prompt_s": t_first - t0, "gen_s": t1 - t_first, "n": n}))
 
 
-def cold_start(shape_name, dtype_name, prompt_len, gen, timeout, log) -> list:
+def cold_start(shape_name, dtype_name, prompt_len, gen, timeout, log, reps=1) -> list:
     rows = []
-    for which in ("qwen35_mlx", "mlx-lm"):
+    order = ["qwen35_mlx", "mlx-lm"]
+    for which in [w for r in range(reps) for w in (order if r % 2 == 0 else order[::-1])]:
         cmd = [sys.executable, __file__, "--cold-child", which, "--shapes", shape_name]
         cmd += ["--dtype", dtype_name, "--prompt", str(prompt_len), "--gen", str(gen)]
         if mx.default_device() == mx.cpu:
@@ -302,10 +303,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.cpu:
         d = dict(shapes="small", batches="1", dtype="float32", prompt=64, gen=64, repeats=5)
         d.update(budget_s=600.0, cold_shape="small", cold_prompt=512, cold_dtype="float32")
+        d.update(cold_reps=2)
     else:
         d = dict(shapes="0.8b,9b", batches="1,32,128", dtype="bfloat16", prompt=128, gen=32)
         d.update(repeats=3, budget_s=240.0, cold_shape="0.8b", cold_prompt=512)
-        d.update(cold_dtype="bfloat16")
+        d.update(cold_dtype="bfloat16", cold_reps=1)
     shapes = (a.shapes or d["shapes"]).split(",")
     batches = [int(x) for x in (a.batches or d["batches"]).split(",")]
     dtype_name = a.dtype or d["dtype"]
@@ -337,7 +339,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         )  # fmt: skip
     cold = []
     if not a.no_cold:
-        cold = cold_start(d["cold_shape"], d["cold_dtype"], d["cold_prompt"], 16, 150, log)
+        cold = cold_start(
+            d["cold_shape"], d["cold_dtype"], d["cold_prompt"], 16, 150, log, d["cold_reps"]
+        )
     result = {
         "benchmark": "bench_decode",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
