@@ -84,7 +84,7 @@ def assert_same(model, prompts, n, pads=None):
     return t1
 
 
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 5])
 @pytest.mark.parametrize("P", [1, 2, 5, 11])
 def test_compiled_decode_equals_plain(dense, small_blocks, monkeypatch, B, P):
     traces = Traces(dense, monkeypatch)
