@@ -69,7 +69,7 @@ def greedy(model, prompts, n, compiled, pads=None):
         for _ in range(n):
             y = mx.argmax(logits, axis=-1)
             toks.append(y.tolist())
-            outs.append(np.array(logits))
+            outs.append(np.array(logits.astype(mx.float32)))
             logits = model(y[:, None], cache=cache)[:, -1]
         return np.array(toks).T, np.stack(outs, 1)
     finally:
@@ -193,7 +193,7 @@ def test_vlm_compiled_decode_after_an_image_equals_plain():
         for _ in range(10):
             y = mx.argmax(logits, axis=-1)
             toks.append(y.item())
-            outs.append(np.array(logits))
+            outs.append(np.array(logits.astype(mx.float32)))
             logits = model(y[:, None], cache=cache)[:, -1]
         runs.append((toks, np.stack(outs)))
     model.language_model.compiled_decode = True
@@ -247,3 +247,20 @@ def test_mlx_lm_kv_quantization_on_the_hybrid_cache(monkeypatch):
     # 4-bit keys and values move the logits a little; the greedy choices of this model stay.
     assert quant[:4] == plain[:4]
     assert np.abs(quant_lp - plain_lp).max() < 0.5
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "quantized"])
+def test_compiled_decode_bf16_and_quantized_weights(small_blocks, kind):
+    # The weights are the compiled step's implicit inputs: a cast or nn.quantize after the
+    # model was built (and its step created) must show in the step.
+    import mlx.nn as nn
+
+    model = make_text_model(make_text_config(), seed=4)
+    greedy(model, [TOKENS[:7]], 3, True)  # traced with the fp32 weights first
+    if kind == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    else:
+        nn.quantize(
+            model, group_size=32, bits=4, class_predicate=lambda _p, m: isinstance(m, nn.Linear)
+        )
+    assert_same(model, [TOKENS[:7], TOKENS[2:9]], 10)
