@@ -21,7 +21,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import maybe_set_recommended_wired_limit
@@ -330,19 +329,7 @@ def generate(model: nn.Module, tokenizer: Any, prompt: Any, **kwargs) -> str:
 def make_batch_cache(model: nn.Module, left_padding: Sequence[int]) -> list:
     """A batch cache for `model`: BatchKVCache for attention, ArraysCache with left padding for
     the linear layers (their mask keeps padding out of the conv and recurrent states)."""
-    try:
-        return model.make_cache(left_padding=list(left_padding))
-    except TypeError:
-        pass  # a model whose make_cache takes no padding: convert its caches
-    out = []
-    for c in model.make_cache():
-        if isinstance(c, KVCache):
-            out.append(BatchKVCache(list(left_padding)))
-        elif isinstance(c, ArraysCache):
-            out.append(ArraysCache(len(c.cache), left_padding=list(left_padding)))
-        else:
-            raise ValueError(f"batched generation does not support {type(c).__name__}")
-    return out
+    return model.make_cache(left_padding=list(left_padding))
 
 
 def batch_generate(

@@ -7,7 +7,6 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from qwen35_mlx.models.cache import copy_cache
 from qwen35_mlx.models.layers import (
     MLP,
     Attention,
@@ -249,18 +248,6 @@ def test_moe_block_matches_numpy(moe):
         ref[t] += s / (1 + np.exp(-(P["shared_expert_gate.weight"] @ h)))
     got = _np(block(mx.array(x))).reshape(-1, 64)
     assert rel_err(got, ref) < TOL
-
-
-def test_copy_cache_restores_prefix_state(dense):
-    prefix, a, b = TOKENS[:5], TOKENS[5:8], TOKENS[8:]
-    cache = dense.make_cache()
-    dense(mx.array([prefix]), cache=cache)
-    snap = copy_cache(cache)
-    dense(mx.array([a]), cache=cache)
-    restored = copy_cache(snap)
-    got = dense(mx.array([b]), cache=restored)
-    ref = dense(mx.array([prefix + b]))[:, len(prefix) :]
-    assert rel_err(_np(got), _np(ref)) < TOL
 
 
 def test_mlx_lm_prompt_cache_file_round_trip(dense, tmp_path):

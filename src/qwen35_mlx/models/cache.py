@@ -1,54 +1,51 @@
-"""Per-layer caches for the hybrid stack, built on mlx-lm's cache classes.
+"""Per-layer caches for the hybrid stack: mlx-lm's cache classes, plus what the compiled decode
+step needs to run over them with fixed shapes.
 
 One cache per layer in `layer_types` order:
     linear_attention -> mlx-lm ArraysCache(size=2): [conv state [B, K-1, C] (last K-1 pre-conv
                         inputs), recurrent state [B, Hv, Dv, Dk] fp32]
     full_attention   -> mlx-lm KVCache (or BatchKVCache for a left-padded batch)
 Batches follow mlx-lm's protocol: ArraysCache.left_padding / .lengths give the linear layers their
-mask, BatchKVCache carries left padding and per-row offsets for the attention layers.
+mask, BatchKVCache carries left padding and per-row offsets for the attention layers. Keeping
+mlx-lm's own classes keeps its `save_prompt_cache` / `load_prompt_cache`, `BatchGenerator`
+(merge, extend, filter, extract, prepare/finalize) and `maybe_quantize_kv_cache` (KVCache ->
+QuantizedKVCache; the ArraysCache has no `to_quantized` and passes through unchanged) working.
+
+Decode (one token a row) runs one compiled function over these caches (`TextModel`): mlx-lm's KV
+caches already preallocate their buffers in blocks of `step` (256) positions; the step writes the
+new key and value at an array index (`mx.slice_update`) and attends over the whole block with a
+mask, so its shapes change only when `reserve` grows a buffer by a block. The Python-int
+`offset` / `_idx` that mlx-lm reads are advanced after the step, as `update_and_fetch` would.
+
+A VLM conversation's M-RoPE state lives on its first attention cache (`MROPE_SHIFT`,
+`MROPE_PROMPT`), not on the model: two conversations on one model object do not mix.
 
 The recurrent state cannot be trimmed: `PromptCache` (prompt_cache.py) keeps references to the
-linear states at prefix boundaries instead. `copy_cache` is an independent copy of a whole
-cache, for apps that branch a conversation.
+linear states at prefix boundaries instead.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
-__all__ = ["make_cache", "copy_cache", "ArraysCache", "KVCache", "BatchKVCache"]
+__all__ = ["make_cache", "ArraysCache", "KVCache", "BatchKVCache"]
+
+# Attribute names of the VLM's per-conversation M-RoPE state on an attention cache object:
+# MROPE_SHIFT [B] int32: the next position of a row is (cache offset + shift); MROPE_PROMPT:
+# (cache length at the prompt's start, positions [3, B, T]) of the last multimodal prompt.
+MROPE_SHIFT = "mrope_shift"
+MROPE_PROMPT = "mrope_prompt"
 
 
-def _layer_types(model_or_types: Any) -> list[str]:
-    if isinstance(model_or_types, (list, tuple)):
-        return list(model_or_types)
-    for attr in ("config", "args"):
-        cfg = getattr(model_or_types, attr, None)
-        types = getattr(cfg, "layer_types", None)
-        if types is not None:
-            return list(types)
-        text = getattr(cfg, "text_config", None)
-        if getattr(text, "layer_types", None) is not None:
-            return list(text.layer_types)
-    return [
-        "linear_attention" if layer.is_linear else "full_attention"
-        for layer in model_or_types.layers
-    ]
-
-
-def make_cache(model_or_types: Any, left_padding: list[int] | None = None) -> list:
+def make_cache(layer_types: list[str], left_padding: list[int] | None = None) -> list:
     """One cache per layer, in layer_types order.
 
-    model_or_types: a model (with .config / .args carrying layer_types, or .layers with
-    is_linear) or the layer_types list itself. left_padding: per-row pad counts of a left-padded
-    batch; gives ArraysCache(left_padding) and BatchKVCache(left_padding) so that the masks and
-    rotary positions count real tokens only.
+    left_padding: per-row pad counts of a left-padded batch; gives ArraysCache(left_padding) and
+    BatchKVCache(left_padding) so that the masks and rotary positions count real tokens only.
     """
     caches = []
-    for t in _layer_types(model_or_types):
+    for t in layer_types:
         if t == "linear_attention":
             caches.append(ArraysCache(size=2, left_padding=left_padding))
         elif left_padding is not None:
@@ -58,37 +55,53 @@ def make_cache(model_or_types: Any, left_padding: list[int] | None = None) -> li
     return caches
 
 
-def _copy_layer_cache(c: Any) -> Any:
-    if isinstance(c, ArraysCache):
-        new = ArraysCache(size=len(c.cache))
-        new.cache = list(c.cache)
-        new.left_padding = c.left_padding
-        new.lengths = c.lengths
-        return new
-    if isinstance(c, KVCache):
-        new = KVCache()
-        if c.keys is not None:
-            # Slices are new arrays: later in-place writes into c.keys do not reach them.
-            new.keys = mx.contiguous(c.keys[..., : c.offset, :])
-            new.values = mx.contiguous(c.values[..., : c.offset, :])
-            new.offset = c.offset
-        return new
+def kv_index(c: KVCache | BatchKVCache) -> int:
+    """Where the next token's key goes in the buffer (pads included)."""
+    return c._idx if isinstance(c, BatchKVCache) else c.offset
+
+
+def reserve(c: KVCache | BatchKVCache) -> None:
+    """Make room in the preallocated KV buffer for one more token, a block (`c.step`) at a time,
+    as `update_and_fetch` would; a step traced for one buffer size replays until the next block."""
+    idx = kv_index(c)
+    if idx + 1 <= c.keys.shape[2]:
+        return
+    B, H, _, Dk = c.keys.shape
+    keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
+    c.keys = mx.concatenate([keys, mx.zeros((B, H, c.step, Dk), keys.dtype)], axis=2)
+    Dv = values.shape[3]
+    c.values = mx.concatenate([values, mx.zeros((B, H, c.step, Dv), values.dtype)], axis=2)
+
+
+def advance(c: KVCache | BatchKVCache, keys: mx.array, values: mx.array) -> None:
+    """After a decode step wrote one token into (keys, values): adopt them, count the token."""
+    c.keys, c.values = keys, values
     if isinstance(c, BatchKVCache):
-        new = BatchKVCache([0] * int(c.left_padding.shape[0]))
-        if c.keys is not None:
-            new.keys = mx.contiguous(c.keys[..., : c._idx, :])
-            new.values = mx.contiguous(c.values[..., : c._idx, :])
-        new.offset = c.offset
-        new.left_padding = c.left_padding
-        new._idx = c._idx
-        return new
-    raise TypeError(f"copy_cache: unsupported cache type {type(c).__name__}")
+        c._idx += 1
+        c.offset = c.offset + 1
+    else:
+        c.offset += 1
 
 
-def copy_cache(cache: list) -> list:
-    """An independent copy of every layer's cache (snapshot at a prefix boundary).
+class StaticKV:
+    """Inside the compiled step, an attention layer's cache: a whole preallocated buffer written
+    at an array index. `offset` (scalar or [B]) is the rotary position of the new token."""
 
-    Feeding more tokens through either copy leaves the other unchanged; restoring a snapshot is
-    copying it again.
-    """
-    return [_copy_layer_cache(c) for c in cache]
+    def __init__(self, keys: mx.array, values: mx.array, idx: mx.array, offset: mx.array):
+        self.keys, self.values, self.idx, self.offset = keys, values, idx, offset
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, k.astype(self.keys.dtype), self.idx, axes=(2,))
+        self.values = mx.slice_update(self.values, v.astype(self.values.dtype), self.idx, axes=(2,))
+        return self.keys, self.values
+
+
+def static_mask(capacity: int, idx: mx.array, left_padding: mx.array | None) -> mx.array:
+    """Keys a one-token query may see in a buffer of `capacity`: positions up to `idx` (the new
+    token), and from each row's left padding on. [1 or B, 1, 1, capacity] bool."""
+    pos = mx.arange(capacity)
+    mask = pos <= idx
+    if left_padding is not None:
+        mask = mask & (pos[None] >= left_padding[:, None])
+        return mask[:, None, None, :]
+    return mask[None, None, None, :]

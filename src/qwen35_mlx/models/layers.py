@@ -10,8 +10,9 @@ Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; a, b [B, T, Hv]; recurrent sta
 Full attention: q_proj gives per head [query | gate]; q_norm/k_norm over head_dim; partial rotary
 (rotate-half) on the first rotary_dim dims; GQA; output * sigmoid(gate) before o_proj.
 
-Norms: every Qwen3_5RMSNorm keeps its weight as the full multiplier (1 + w, shifted once by
-`sanitize`), the gated norm applies its weight as stored. conv1d.weight is MLX layout [C, K, 1].
+Norms: every Qwen3_5RMSNorm is mlx's nn.RMSNorm (mx.fast.rms_norm) with its weight the full
+multiplier (1 + w, shifted once by `sanitize`); the gated norm applies its weight as stored.
+conv1d.weight is MLX layout [C, K, 1].
 
 References: transformers models/qwen3_5/modeling_qwen3_5.py, qwen3_5_moe/modeling_qwen3_5_moe.py.
 """
@@ -31,18 +32,6 @@ from ..kernels.gated_delta import gated_delta_update
 from .config import TextConfig
 
 _L2_EPS = 1e-6
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm whose weight is the full multiplier (Qwen3_5RMSNorm's 1 + w, already shifted)."""
-
-    def __init__(self, dims: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = mx.ones((dims,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
 class RMSNormGated(nn.Module):
@@ -245,8 +234,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rope = Rotary(
             self.head_dim, config.rotary_dim, config.rope_theta, config.mrope_section
         )
@@ -402,8 +391,8 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoeBlock(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(
         self,

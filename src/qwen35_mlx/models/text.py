@@ -5,6 +5,13 @@ Call: logits [B, T, vocab] = model(inputs [B, T] int, cache=None, input_embeddin
 position_ids=None). position_ids [3, B, T] (t, h, w) selects M-RoPE (the VLM passes them); without
 them positions continue from the cache offset (per row for a batch cache).
 
+Decode (T == 1 token ids over a filled cache of mlx-lm's KVCache / BatchKVCache / ArraysCache) runs
+one `mx.compile`d function: embedding, every layer, final norm and lm_head, with the whole KV
+buffers, the conv and recurrent states and the write index (an array) as inputs and outputs (see
+cache.py). It is traced once per buffer size and batch shape and replayed for every token after;
+everything else (prefill, quantized KV caches, right-padded prefill) takes the plain path.
+`model.compiled_decode = False` turns it off.
+
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
 [C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once), stacked MoE experts, mtp.* and tied lm_head
 dropped. Whether the weights are in Hugging Face's layout is read from the weights themselves, so
@@ -21,8 +28,9 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_la
 from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
+from .cache import ArraysCache, BatchKVCache, KVCache, StaticKV, static_mask
 from .config import TextConfig
-from .layers import DecoderLayer, RMSNorm
+from .layers import DecoderLayer
 from .shard import shard_text_model
 
 
@@ -39,7 +47,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._pipeline_group = None
         self._find_first_layers()
 
@@ -100,6 +108,35 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
             h = mx.distributed.all_gather(h, group=group)[: h.shape[0]]
         return self.norm(h)
 
+    def decode(self, tokens, kv, lin, idx, offset, left_padding, ssm_mask, position_ids):
+        """One token a row over fixed-size buffers (traced by `TextModel`'s compiled step).
+
+        tokens [B, 1]; kv: per attention layer (keys, values) [B, Hkv, capacity, D]; lin: per
+        linear layer (conv state, recurrent state); idx: write index (array); offset: rotary
+        position (scalar or [B]); left_padding [B] or None; ssm_mask [B, 1] or None;
+        position_ids [3, B, 1] or None. Returns (normed hidden [B, 1, H], new kv, new lin).
+        """
+        h = self.embed_tokens(tokens)
+        rope = None
+        if position_ids is not None and self._fa_idx is not None:
+            rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
+        kv, lin, masks = iter(kv), iter(lin), {}
+        new_kv, new_lin = [], []
+        for layer in self.layers:
+            if layer.is_linear:
+                c = list(next(lin))
+                h = layer(h, ssm_mask, c)
+                new_lin.append(tuple(c))
+            else:
+                keys, values = next(kv)
+                C = keys.shape[2]
+                if C not in masks:
+                    masks[C] = static_mask(C, idx, left_padding)
+                c = StaticKV(keys, values, idx, offset)
+                h = layer(h, masks[C], c, rope)
+                new_kv.append((c.keys, c.values))
+        return self.norm(h), new_kv, new_lin
+
 
 class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
@@ -112,6 +149,55 @@ class TextModel(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Set by `shard` when lm_head holds a slice of the vocabulary: its logits are gathered.
         self.sharding_group = None
+        self.compiled_decode = True
+        # The weights are the compiled step's implicit inputs: updates and quantization show.
+        self._decode_step = mx.compile(self._decode_impl, inputs=self)
+
+    def _decode_impl(self, *args):
+        h, kv, lin = self.model.decode(*args)
+        return self.logits(h), kv, lin
+
+    def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
+        """The compiled decode step over `cache`, updated in place; None when the cache is not
+        one it takes (empty, quantized, right-padded prefill, mixed kinds)."""
+        kv_caches, lin_caches = [], []
+        for layer, c in zip(self.model.layers, cache, strict=True):
+            (lin_caches if layer.is_linear else kv_caches).append(c)
+        if any(type(c) is not ArraysCache or c.lengths is not None for c in lin_caches):
+            return None
+        if any(c[0] is None or c[1] is None for c in lin_caches):
+            return None
+        kinds = {type(c) for c in kv_caches}
+        if not kinds <= {KVCache, BatchKVCache} or len(kinds) > 1:
+            return None
+        if any(c.keys is None for c in kv_caches):
+            return None
+        idxs = {cache_lib.kv_index(c) for c in kv_caches}
+        if len(idxs) > 1:
+            return None
+        for c in kv_caches:
+            cache_lib.reserve(c)
+        idx = mx.array(idxs.pop() if idxs else 0)
+        offset, left_padding = idx, None
+        if kinds == {BatchKVCache}:
+            offset, left_padding = kv_caches[0].offset, kv_caches[0].left_padding
+        ssm_mask = lin_caches[0].make_mask(1) if lin_caches else None
+        logits, kv, lin = self._decode_step(
+            inputs,
+            [(c.keys, c.values) for c in kv_caches],
+            [(c[0], c[1]) for c in lin_caches],
+            idx,
+            offset,
+            left_padding,
+            ssm_mask,
+            position_ids,
+        )
+        for c, (keys, values) in zip(kv_caches, kv, strict=True):
+            cache_lib.advance(c, keys, values)
+        for c, (conv, state) in zip(lin_caches, lin, strict=True):
+            c[0], c[1] = conv, state
+            c.advance(1)
+        return logits
 
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
@@ -128,6 +214,16 @@ class TextModel(nn.Module):
         input_embeddings: mx.array | None = None,
         position_ids: mx.array | None = None,
     ) -> mx.array:
+        if (
+            self.compiled_decode
+            and self.model.pipeline_size == 1  # the step runs every layer: not pipelined
+            and cache is not None
+            and input_embeddings is None
+            and inputs.shape[1] == 1
+        ):
+            logits = self._decode(inputs, cache, position_ids)
+            if logits is not None:
+                return logits
         h = self.model(inputs, cache, input_embeddings=input_embeddings, position_ids=position_ids)
         return self.logits(h)
 

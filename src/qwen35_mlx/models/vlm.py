@@ -9,6 +9,12 @@ max(H, W); with left padding only real tokens count. The per-row `rope_delta = m
 n_real` is kept, so later calls (decode steps, no pixels) continue at real-token offset + delta.
 Text-only prompts use the text model's plain positions.
 
+That per-conversation state lives in the conversation's cache (on its first attention-layer
+cache, `cache.MROPE_SHIFT` / `cache.MROPE_PROMPT`), never on the model: one model object serves
+interleaved conversations (a server) and each continues from its own cache. The one thing kept
+on the model is what mlx-lm's `embed_inputs` hook returns no cache for: the positions of the
+embeddings it just made, bound to the cache of the first call fed embeddings after it.
+
 Shape letters: B batch, T tokens, N patch rows, M merged rows.
 """
 
@@ -20,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import ArraysCache
+from .cache import MROPE_PROMPT, MROPE_SHIFT, ArraysCache, BatchKVCache
 from .config import ModelConfig
 from .text import VISION_PREFIXES, TextModel
 from .vision import VisionModel, grid_list
@@ -105,12 +111,8 @@ class Model(nn.Module):
         self.language_model = TextModel(config.text_config)
         if config.vision_config is not None:
             self.vision_tower = VisionModel(config.vision_config)
-        # Per-row rope delta (and pad count) of the last multimodal prompt; None: plain positions.
-        self._rope_deltas: np.ndarray | None = None
-        self._pads: np.ndarray | None = None
-        # (cache length at its start, positions [3, B, T]) of the last multimodal prompt.
-        self._prompt: tuple[int, mx.array] | None = None
-        # Local (positions, deltas) from `embed_inputs`, bound to the cache on first use.
+        # Local (positions, deltas) from `embed_inputs`, bound to the cache of the next call fed
+        # embeddings (mlx-lm calls the hook without a cache).
         self._pending: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -162,7 +164,7 @@ class Model(nn.Module):
         if pixel_values is None and pixel_values_videos is None:
             embeds = self.language_model.model.embed_tokens(input_ids)
             return embeds, self._decode_positions(cache, B, T)
-        if mask is None and self._real_offset(cache, B) is None:
+        if mask is None and _fresh(_attention_cache(cache)):
             mask = _mask_from_cache(cache, (B, T))
         real = None if mask is None else np.array(mask).astype(bool)
         embeds, local = self._embed(
@@ -208,55 +210,55 @@ class Model(nn.Module):
         return embeds, local
 
     def _bind(self, cache, local, real) -> mx.array:
-        """Place a prompt's local positions after what the cache holds; record rope deltas."""
+        """Place a prompt's local positions after what the cache holds; record in the cache the
+        per-row shift from its offset to the next position."""
         positions, deltas = local
         B = positions.shape[1]
-        seen = self._real_offset(cache, B)
-        if seen is None:  # a fresh prompt: it may be left-padded
-            start = prev_delta = np.zeros(B, np.int64)
-            self._pads = np.zeros(B, np.int64) if real is None else (~real).sum(1)
+        c = _attention_cache(cache)
+        if _fresh(c):  # a fresh prompt: it may be left-padded
+            start = np.zeros(B, np.int64)
+            pads = np.zeros(B, np.int64) if real is None else (~real).sum(1)
+            # A plain cache's offset counts pads; a batch cache's per-row offsets do not.
+            shift = deltas - (0 if c is None or isinstance(c, BatchKVCache) else pads)
         else:
-            prev_delta = np.zeros(B, np.int64) if self._rope_deltas is None else self._rope_deltas
-            start = seen + prev_delta
-        self._rope_deltas = prev_delta + deltas
+            old = getattr(c, MROPE_SHIFT, None)
+            old = np.zeros(B, np.int64) if old is None or len(old) != B else old
+            start = _offsets(c) + old
+            shift = old + deltas
         positions = mx.array((positions + start[None, :, None]).astype(np.int32))
-        # Kept so that a prefill fed in slices of the embeddings finds its positions.
-        self._prompt = (_cache_len(cache), positions)
+        if c is not None:
+            setattr(c, MROPE_SHIFT, shift)
+            # Kept so that a prefill fed in slices of the embeddings finds its positions.
+            setattr(c, MROPE_PROMPT, (_cache_len(cache), positions))
         self._pending = None
         return positions
-
-    def _real_offset(self, cache: list | None, B: int) -> np.ndarray | None:
-        """Real (non-pad) tokens each row has in the cache; None for no cache or a fresh one."""
-        c = _attention_cache(cache)
-        if c is None or _seen(c) == 0:
-            return None
-        if isinstance(c.offset, int):
-            # A plain KV cache counts pads too; a batch cache's per-row offsets do not.
-            pads = self._pads if self._pads is not None else np.zeros(B, np.int64)
-            return c.offset - pads
-        return np.array(c.offset).reshape(-1)
 
     def _decode_positions(
         self, cache: list | None, B: int, T: int, embedded: bool = False
     ) -> mx.array | None:
         """Positions for a call without pixels: a slice of the last multimodal prompt's positions
-        (a step of its prefill, fed as embeddings), real offset + rope delta, or None (plain)."""
+        (a step of its prefill, fed as embeddings), offset + the cache's shift, or None (plain)."""
         if embedded and self._pending is not None:
             self._bind(cache, self._pending, None)
-        if embedded and self._prompt is not None:
-            start, positions = self._prompt
-            o = _cache_len(cache)
+        c = _attention_cache(cache)
+        if c is None or _seen(c) == 0:
+            return None  # a fresh cache: plain positions (an image prompt binds its own)
+        prompt = getattr(c, MROPE_PROMPT, None)
+        if embedded and prompt is not None:
+            start, positions = prompt
+            o = _seen(c)
             if start <= o and o + T <= start + positions.shape[-1] and positions.shape[1] == B:
                 return positions[..., o - start : o - start + T]
-        seen = self._real_offset(cache, B)
-        if seen is None:
-            # A fresh prompt without pixels: plain positions from here on.
-            self._rope_deltas = self._pads = self._prompt = self._pending = None
+        shift = getattr(c, MROPE_SHIFT, None)
+        if shift is None or len(shift) != B:
             return None
-        if self._rope_deltas is None or len(seen) != B:
-            return None
-        base = (seen + self._rope_deltas)[:, None] + np.arange(T)[None]
-        return mx.broadcast_to(mx.array(base.astype(np.int32))[None], (3, B, T))
+        # As arrays: a batch cache's offsets stay lazy (no sync in the decode loop).
+        if isinstance(c.offset, int):
+            base = mx.array((c.offset + shift).astype(np.int32))
+        else:
+            base = c.offset.astype(mx.int32) + mx.array(shift.astype(np.int32))
+        base = base[:, None] + mx.arange(T, dtype=mx.int32)[None]
+        return mx.broadcast_to(base[None], (3, B, T))
 
     def __call__(
         self,
@@ -350,10 +352,22 @@ def _attention_cache(cache: list | None) -> Any:
 
 def _seen(c: Any) -> int:
     """Tokens (pads included) an attention cache has seen. Its offset is an int (plain caches)
-    or per-row [B] real-token counts (batch caches, which start them at -left_padding)."""
+    or per-row [B] real-token counts (batch caches, whose `_idx` counts pads too)."""
     if isinstance(c.offset, int):
         return c.offset
-    return int((c.offset + c.left_padding)[0].item())
+    return c._idx
+
+
+def _offsets(c: Any) -> np.ndarray:
+    """The cache's offset per row, as it stands (pads included for a plain cache)."""
+    if isinstance(c.offset, int):
+        return np.full(1, c.offset, np.int64)
+    return np.array(c.offset).reshape(-1).astype(np.int64)
+
+
+def _fresh(c: Any) -> bool:
+    """No attention cache, or one that has seen nothing yet."""
+    return c is None or _seen(c) == 0
 
 
 def _cache_len(cache: list | None) -> int:

@@ -1,0 +1,69 @@
+"""CPU A/B of one decode step: ours compiled, ours plain path, mlx-lm, on the small model.
+
+The three are set up once (prefill + 3 steps each), then interleaved in blocks of 8 steps (who
+goes first alternates), 6 blocks each; prints ms a step in wall time and in process CPU time
+(steadier when other jobs share the cores).
+
+    python benchmarks/ab_decode_cpu.py B P      # batch B, prompt P
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+# isort: off
+import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
+import mlx.core as mx
+
+# isort: on
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import SHAPE_SMALL, build_models  # noqa: E402
+
+
+def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
+    mx.set_default_device(mx.cpu)
+    models = build_models(SHAPE_SMALL, mx.float32)
+    ours, theirs = models["qwen35_mlx"], models["mlx-lm"]
+    prompts = mx.random.randint(0, SHAPE_SMALL["vocab_size"], (B, P))
+    model_of = {"compiled": ours, "plain": ours, "mlx-lm": theirs}
+
+    def step(name, cache, y):
+        ours.compiled_decode = name == "compiled"
+        y = mx.argmax(model_of[name](y[:, None], cache=cache)[:, -1], -1)
+        mx.eval(y)
+        return y
+
+    state = {}
+    for name, m in model_of.items():
+        ours.compiled_decode = name == "compiled"
+        cache = m.make_cache()
+        y = mx.argmax(m(prompts, cache=cache)[:, -1], -1)
+        for _ in range(3):
+            y = step(name, cache, y)
+        state[name] = (cache, y)
+    wall = dict.fromkeys(state, 0.0)
+    cpu = dict.fromkeys(state, 0.0)
+    for r in range(blocks):
+        for name in list(state) if r % 2 == 0 else list(state)[::-1]:
+            cache, y = state[name]
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                y = step(name, cache, y)
+            wall[name] += time.perf_counter() - t
+            cpu[name] += time.process_time() - c
+            state[name] = (cache, y)
+    ours.compiled_decode = True
+    n = blocks * steps
+    out = {k: (wall[k] / n * 1e3, cpu[k] / n * 1e3) for k in state}
+    print(
+        f"B={B} P={P} ms/step wall (CPU): "
+        + ", ".join(f"{k} {w:.1f} ({c:.1f})" for k, (w, c) in out.items())
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -1,0 +1,266 @@
+"""The compiled decode step (TextModel._decode) against the plain path, token for token.
+
+Every case runs twice on the same backend: `model.compiled_decode = False` (the plain path:
+mlx-lm's cache update, attention over the filled slice) and True (the compiled step over the
+whole preallocated block). Greedy tokens must be equal and the logits close. `traces` checks the
+compiled step really ran (and was traced once a block, not once a token).
+"""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import BatchGenerator, generate_step, maybe_quantize_kv_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
+
+from qwen35_mlx import batch_generate, load, stream_generate
+from qwen35_mlx.prompt_cache import PromptCache
+
+from .models.factory import make_moe_config, make_text_config, make_text_model
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+TOKENS = [5, 17, 99, 3, 64, 23, 7, 120, 41, 8, 77, 2, 90, 31, 12, 55, 6, 101, 44, 19]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return make_text_model(make_text_config(), seed=1)
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return make_text_model(make_moe_config(), seed=2)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """KV buffers grow 4 positions at a time: decode crosses block boundaries every 4 tokens."""
+    monkeypatch.setattr(KVCache, "step", 4)
+    monkeypatch.setattr(BatchKVCache, "step", 4)
+
+
+class Traces:
+    """Counts how often the compiled step's function is traced (it runs only when tracing)."""
+
+    def __init__(self, model, monkeypatch):
+        self.n = 0
+        backbone = model.language_model.model if hasattr(model, "language_model") else model.model
+        orig = backbone.decode
+
+        def counting(*args):
+            self.n += 1
+            return orig(*args)
+
+        monkeypatch.setattr(backbone, "decode", counting)
+        text = model.language_model if hasattr(model, "language_model") else model
+        # A fresh compiled function, so earlier tests' traces do not hide this one's.
+        monkeypatch.setattr(text, "_decode_step", mx.compile(text._decode_impl, inputs=text))
+
+
+def greedy(model, prompts, n, compiled, pads=None):
+    """Prefill `prompts` [B, P] (left-padded by `pads`), decode n greedy tokens a row."""
+    text = model.language_model if hasattr(model, "language_model") else model
+    text.compiled_decode = compiled
+    try:
+        cache = model.make_cache(left_padding=pads) if pads else model.make_cache()
+        logits = model(mx.array(prompts), cache=cache)[:, -1]
+        toks, outs = [], []
+        for _ in range(n):
+            y = mx.argmax(logits, axis=-1)
+            toks.append(y.tolist())
+            outs.append(np.array(logits.astype(mx.float32)))
+            logits = model(y[:, None], cache=cache)[:, -1]
+        return np.array(toks).T, np.stack(outs, 1)
+    finally:
+        text.compiled_decode = True
+
+
+def assert_same(model, prompts, n, pads=None):
+    t0, l0 = greedy(model, prompts, n, False, pads)
+    t1, l1 = greedy(model, prompts, n, True, pads)
+    np.testing.assert_array_equal(t1, t0)
+    np.testing.assert_allclose(l1, l0, atol=2e-5, rtol=1e-4)
+    return t1
+
+
+@pytest.mark.parametrize("B", [1, 3, 5])
+@pytest.mark.parametrize("P", [1, 2, 5, 11])
+def test_compiled_decode_equals_plain(dense, small_blocks, monkeypatch, B, P):
+    traces = Traces(dense, monkeypatch)
+    prompts = [TOKENS[i : i + P] for i in range(B)]
+    assert_same(dense, prompts, 14)
+    # 14 steps over blocks of 4 positions: a trace per buffer size, never one per token.
+    assert 1 <= traces.n <= 6
+
+
+def test_compiled_decode_traces_once_within_a_block(dense, monkeypatch):
+    traces = Traces(dense, monkeypatch)
+    greedy(dense, [TOKENS[:6]], 30, True)
+    assert traces.n == 1
+
+
+def test_compiled_decode_left_padded_batch(dense, small_blocks):
+    prompts = [[0, 0, 0] + TOKENS[:5], TOKENS[3:11], [0] + TOKENS[9:16]]
+    assert_same(dense, prompts, 12, pads=[3, 0, 1])
+
+
+def test_compiled_decode_moe(moe, small_blocks):
+    assert_same(moe, [TOKENS[:7], TOKENS[5:12]], 10)
+
+
+def test_batch_generate_and_stream_generate_compiled_equal_plain(small_blocks):
+    model, tok = load(GOLDEN / "generate")
+    prompts = ["Hello there", "The quick brown fox jumps", "1 2 3"]
+    runs = []
+    for compiled in (False, True):
+        model.compiled_decode = compiled
+        b = batch_generate(model, tok, prompts, max_tokens=10)
+        s = [r.token for r in stream_generate(model, tok, prompts[1], max_tokens=10)]
+        runs.append((b.tokens, s))
+    model.compiled_decode = True
+    assert runs[0] == runs[1]
+
+
+def test_resumed_prompt_cache_compiled_equals_plain(small_blocks):
+    model, tok = load(GOLDEN / "generate")
+    first = tok.encode("Hello, how are you today?")
+    runs = []
+    for compiled in (False, True):
+        model.compiled_decode = compiled
+        pc = PromptCache(model)
+        a = list(stream_generate(model, tok, first, max_tokens=7, prompt_cache=pc))
+        nxt = pc.tokens + tok.encode(" And then?", add_special_tokens=False)
+        b = list(stream_generate(model, tok, nxt, max_tokens=7, prompt_cache=pc))
+        assert pc.last_reused > 0
+        runs.append([(r.token, np.array(r.logprobs)) for r in a + b])
+    model.compiled_decode = True
+    assert [t for t, _ in runs[0]] == [t for t, _ in runs[1]]
+    np.testing.assert_allclose(
+        np.stack([lp for _, lp in runs[1]]), np.stack([lp for _, lp in runs[0]]), atol=1e-4
+    )
+
+
+def test_mlx_lm_batch_generator_compiled_equals_plain(small_blocks):
+    model, tok = load(GOLDEN / "generate")
+    prompts = [tok.encode(p) for p in ("Hi", "Tell me a story about", "One two three four five")]
+    runs = []
+    for compiled in (False, True):
+        model.compiled_decode = compiled
+        gen = BatchGenerator(model, max_tokens=9)
+        uids = gen.insert(prompts[:2])
+        out = {u: [] for u in uids}
+        steps = 0
+        while responses := gen.next_generated():
+            steps += 1
+            if steps == 3:  # a late arrival: extend the running batch
+                out.update({u: [] for u in gen.insert(prompts[2:])})
+            for r in responses:
+                out[r.uid].append(r.token)
+        gen.close()
+        runs.append(out)
+    model.compiled_decode = True
+    assert runs[0] == runs[1] and all(len(v) == 9 for v in runs[1].values())
+
+
+def _vlm_prompt(processor, text, image):
+    content = [{"type": "text", "text": text}]
+    if image:
+        content.insert(0, {"type": "image"})
+    msgs = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def _vlm_start(model, processor, text, image):
+    """A conversation's cache and first logits after its prompt."""
+    img = GOLDEN / "vlm" / "image0.png"
+    inputs = processor(_vlm_prompt(processor, text, image), images=[img] if image else None)
+    cache = model.make_cache()
+    kw = {}
+    if image:
+        kw = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    logits = model(mx.array(inputs["input_ids"]), cache=cache, **kw)[:, -1]
+    return cache, logits
+
+
+def test_vlm_compiled_decode_after_an_image_equals_plain():
+    model, processor = load(GOLDEN / "vlm")
+    runs = []
+    for compiled in (False, True):
+        model.language_model.compiled_decode = compiled
+        cache, logits = _vlm_start(model, processor, "What?", True)
+        toks, outs = [], []
+        for _ in range(10):
+            y = mx.argmax(logits, axis=-1)
+            toks.append(y.item())
+            outs.append(np.array(logits.astype(mx.float32)))
+            logits = model(y[:, None], cache=cache)[:, -1]
+        runs.append((toks, np.stack(outs)))
+    model.language_model.compiled_decode = True
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_allclose(runs[1][1], runs[0][1], atol=1e-4)
+
+
+def test_vlm_interleaved_conversations_equal_solo():
+    # Issue #15 item 9: the M-RoPE state is the conversation's (its cache's), not the model's.
+    model, processor = load(GOLDEN / "vlm")
+
+    def solo(text, image):
+        cache, logits = _vlm_start(model, processor, text, image)
+        toks = []
+        for _ in range(12):
+            y = mx.argmax(logits, axis=-1)
+            toks.append(y.item())
+            logits = model(y[:, None], cache=cache)[:, -1]
+        return toks
+
+    ref_img, ref_txt = solo("What?", True), solo("Say something long.", False)
+    a = _vlm_start(model, processor, "What?", True)
+    b = _vlm_start(model, processor, "Say something long.", False)
+    convs = [list(a), list(b)]
+    got = [[], []]
+    for _ in range(12):
+        for i, conv in enumerate(convs):  # stepped in turn, as a server does
+            y = mx.argmax(conv[1], axis=-1)
+            got[i].append(y.item())
+            conv[1] = model(y[:, None], cache=conv[0])[:, -1]
+    assert got == [ref_img, ref_txt]
+
+
+def test_mlx_lm_kv_quantization_on_the_hybrid_cache(monkeypatch):
+    # Issue #15 item 10: the attention layers' caches quantize, the linear states pass through.
+    model = make_text_model(make_text_config(head_dim=32), seed=3)
+    prompt = mx.array(TOKENS * 2)
+    cache = model.make_cache()
+    model(prompt[None], cache=cache)
+    linear = [c for c in cache if not isinstance(c, KVCache)]
+    maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=32, kv_bits=4)
+    assert sum(isinstance(c, QuantizedKVCache) for c in cache) == 1
+    assert [c for c in cache if not isinstance(c, QuantizedKVCache)] == linear
+
+    def run(**kw):
+        out = list(generate_step(prompt, model, max_tokens=8, **kw))
+        return [t for t, _ in out], np.stack([np.array(lp) for _, lp in out])
+
+    plain, plain_lp = run()
+    quant, quant_lp = run(kv_bits=4, kv_group_size=32, quantized_kv_start=0)
+    # 4-bit keys and values move the logits a little; the greedy choices of this model stay.
+    assert quant[:4] == plain[:4]
+    assert np.abs(quant_lp - plain_lp).max() < 0.5
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "quantized"])
+def test_compiled_decode_bf16_and_quantized_weights(small_blocks, kind):
+    # The weights are the compiled step's implicit inputs: a cast or nn.quantize after the
+    # model was built (and its step created) must show in the step.
+    import mlx.nn as nn
+
+    model = make_text_model(make_text_config(), seed=4)
+    greedy(model, [TOKENS[:7]], 3, True)  # traced with the fp32 weights first
+    if kind == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    else:
+        nn.quantize(
+            model, group_size=32, bits=4, class_predicate=lambda _p, m: isinstance(m, nn.Linear)
+        )
+    assert_same(model, [TOKENS[:7], TOKENS[2:9]], 10)
