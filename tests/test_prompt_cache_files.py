@@ -15,6 +15,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 import qwen35_mlx
 from qwen35_mlx import generate, load, stream_generate
 from qwen35_mlx.prompt_cache import TOKENS_KEY, PromptCache
+from tests.conftest import RTOL, rel_err
 from tests.models.factory import make_text_config, make_text_model
 
 TINY = Path(qwen35_mlx.__file__).parent / "assets" / "tiny"
@@ -41,8 +42,19 @@ def run(model, tok, prompt, **kw):
 
 
 def assert_same_run(a, b):
+    """The same computation (a cache restored from a file against the live one): equal up to
+    rounding noise."""
     assert a[0] == b[0]
     np.testing.assert_allclose(a[1], b[1], atol=1e-4)
+
+
+def assert_same_as_cold(warm, cold, dtype):
+    """A warm run (prefix from the cache) against a cold prefill of the whole prompt: other
+    shapes, so on a GPU other kernels and summation orders; the tiny model is fp16 and its
+    logprobs differed by one fp16 ulp (0.016 at 19) on an H200. Same tokens, logprobs within
+    the dtype's tolerance from the conftest table."""
+    assert warm[0] == cold[0]
+    assert rel_err(warm[1], cold[1]) < RTOL[dtype]
 
 
 def test_reloaded_prompt_cache_reuses_the_next_chat_turn_like_the_live_one(tiny, tmp_path):
@@ -64,7 +76,8 @@ def test_reloaded_prompt_cache_reuses_the_next_chat_turn_like_the_live_one(tiny,
         warm_loaded = run(model, tok, prompt, max_tokens=12, prompt_cache=loaded)
         assert loaded.last_reused == live.last_reused > len(p1) // 2
         assert_same_run(warm_loaded, warm_live)
-        assert_same_run(warm_loaded, run(model, tok, prompt, max_tokens=12))
+        cold = run(model, tok, prompt, max_tokens=12)
+        assert_same_as_cold(warm_loaded, cold, model.model.embed_tokens.weight.dtype)
         turns.append((question, tok.decode(warm_live[0])))
         loaded.save(file)  # the next turn starts from the file again
         loaded = PromptCache.load(file, model)
@@ -114,7 +127,9 @@ def test_mlx_lm_reads_our_file_and_we_read_mlx_lms(tiny, tmp_path):
     nxt = pc.tokens + tok.encode(" More, please.", add_special_tokens=False)
     warm = run(model, tok, nxt, max_tokens=6, prompt_cache=back)
     assert back.last_reused == len(pc.tokens)
-    assert_same_run(warm, run(model, tok, nxt, max_tokens=6))
+    assert_same_as_cold(
+        warm, run(model, tok, nxt, max_tokens=6), model.model.embed_tokens.weight.dtype
+    )
 
 
 # Another model: same layer count, each differing in one thing the cache depends on.

@@ -409,3 +409,40 @@ def test_error_inside_generation_leaves_stdout_empty(capsys):
     argv = ("--model", vlm, "--image", vlm / "image0.png", "--no-chat-template")
     code, out, err = run(capsys, *argv, "--prompt", "<|image_pad|> twice")
     assert_user_error(code, out, err, "placeholder")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(monkeypatch):
+    # MLX's embedding lookup does not bounds-check: an id past the table crashed the process
+    # (exit 139) in stream_generate, and in batch_generate through a pad id past the table.
+    from qwen35_mlx.generate import default_model
+
+    model, tok = load(default_model())
+    n = model.config.vocab_size
+    for bad in (n, n + 10**8, -1):
+        with pytest.raises(ValueError, match=f"token id {bad}.*vocabulary"):
+            generate(model, tok, [5, bad, 7], max_tokens=2)
+        with pytest.raises(ValueError, match=f"prompt 1 has token id {bad}"):
+            batch_generate(model, tok, [[5, 6], [5, bad]], max_tokens=2)
+    # A pad id past the table never reaches the embedding; rows still decode as alone.
+    monkeypatch.setattr(type(tok._tokenizer), "pad_token_id", n + 5, raising=False)
+    assert tok.pad_token_id == n + 5
+    seen = []
+    table = model.model.embed_tokens
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = table
+
+        def __call__(self, ids):
+            seen.append(int(ids.max()))
+            return self.table(ids)
+
+        def as_linear(self, h):
+            return self.table.as_linear(h)
+
+    model.compiled_decode = False  # the spy evaluates: keep it out of a compiled trace
+    model.model.embed_tokens = Spy()
+    got = batch_generate(model, tok, [[5, 6, 7], [8]], max_tokens=3).tokens
+    assert seen and max(seen) < n
+    assert got[1] == batch_generate(model, tok, [[8]], max_tokens=3).tokens[0]

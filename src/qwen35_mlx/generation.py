@@ -96,6 +96,21 @@ def _encode(tokenizer: Any, prompt: str | Sequence[int] | mx.array) -> list[int]
     return [int(t) for t in prompt]
 
 
+def _vocab_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", config)
+    return getattr(config, "vocab_size", None)
+
+
+def _check_ids(model: nn.Module, ids: Sequence[int], what: str = "the prompt") -> None:
+    """Token ids outside the embedding table: MLX's embedding lookup does not check its indices
+    (an id past the table crashed the process), so refuse them here, naming the first."""
+    n = _vocab_size(model)
+    bad = [t for t in ids if t < 0 or (n is not None and t >= n)]
+    if bad:
+        raise ValueError(f"{what} has token id {bad[0]}, outside the model's vocabulary [0, {n})")
+
+
 @contextlib.contextmanager
 def wired_limit():
     """On Metal, wire the recommended working set while generating (as mlx-lm does); no-op
@@ -220,6 +235,7 @@ def stream_generate(
             ids = _encode(text_tok, prompt)
         if len(ids) == 0:
             raise ValueError("the prompt is empty")
+        _check_ids(model, ids)
 
         sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
         processors = list(logits_processors or [])
@@ -369,7 +385,12 @@ def batch_generate(
         lengths = [len(r) for r in rows]
         width = max(lengths)
         pad = [width - n for n in lengths]
+        for i, r in enumerate(rows):
+            _check_ids(model, r, f"prompt {i}")
         pad_id = getattr(text_tok, "pad_token_id", None) or 0
+        n_vocab = _vocab_size(model)
+        if n_vocab is not None and not 0 <= pad_id < n_vocab:
+            pad_id = 0  # padded positions are masked out: any id in the table will do
         grid = mx.array([[pad_id] * p + r for p, r in zip(pad, rows, strict=True)])  # [B, Tmax]
         cache = make_batch_cache(model, pad)
 
