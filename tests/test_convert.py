@@ -298,6 +298,17 @@ def test_convert_cli(sources, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
+def test_convert_cli_refuses_a_config_that_is_not_an_object(tmp_path, capsys):
+    src = _hf_text(tmp_path, "dense_untied")
+    (src / "config.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit) as e:
+        main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "o"), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.json" in err and "JSON object" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_convert_warns_when_swift_would_misbuild_layers(tmp_path):
     with pytest.warns(UserWarning, match="full_attention_interval"):
         convert(GOLDEN / "vlm", tmp_path / "v", progress=False)

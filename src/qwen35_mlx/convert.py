@@ -41,8 +41,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .loader import load_model, resolve_path
-from .models.config import TEXT_MODEL_TYPES
+from .loader import is_vision_language, load_model, read_config, resolve_path
 
 DTYPES = ("bfloat16", "float16", "float32")
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -317,16 +316,10 @@ def convert(
         raise FileExistsError(f"{mlx_path} exists (--overwrite / overwrite=True replaces it)")
 
     src = resolve_path(hf_path)
-    config_file = src / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{src} has no config.json: not a model checkpoint folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+    config = read_config(src)
     if config.get("quantization") or config.get("quantization_config"):
         raise ValueError(f"{src} is already quantized; convert from the unquantized checkpoint")
-    is_vlm = config.get("model_type") not in TEXT_MODEL_TYPES and bool(config.get("vision_config"))
+    is_vlm = is_vision_language(config)
     extra = [src / name for name in EXTRA_FILES if (src / name).is_file()]
     if is_vlm and not (src / "preprocessor_config.json").is_file():
         raise FileNotFoundError(
