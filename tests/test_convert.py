@@ -298,6 +298,15 @@ def test_convert_cli(sources, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
+def test_overwrite_replaces_a_file_and_leaves_nothing_else(tmp_path):
+    (tmp_path / "out").write_text("not a checkpoint")
+    convert_mod.atomic_folder(
+        tmp_path / "out", lambda tmp: (tmp / "a").write_text("x"), overwrite=True
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out" / "a").read_text() == "x"
+
+
 def test_convert_cli_refuses_a_config_that_is_not_an_object(tmp_path, capsys):
     src = _hf_text(tmp_path, "dense_untied")
     (src / "config.json").write_text("[1, 2]")

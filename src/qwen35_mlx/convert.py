@@ -215,7 +215,10 @@ def atomic_folder(path: Path, write: Callable[[Path], None], *, overwrite: bool 
             old.rmdir()
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
             tmp.rename(path)
     except BaseException:
