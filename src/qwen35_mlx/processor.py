@@ -185,7 +185,8 @@ def _open_image(image):
 
 
 class Processor:
-    """Tokenizer + image processor. `__call__(text, images)` -> model inputs as mx arrays."""
+    """Tokenizer + image and video processing. `__call__(text, images, videos)` -> model
+    inputs as mx arrays."""
 
     def __init__(
         self,
