@@ -160,6 +160,8 @@ def test_processor_expands_video_placeholders(tmp_path):
     assert "<0.3 seconds>" in decoded and "<1.6 seconds>" in decoded
     with pytest.raises(ValueError, match="placeholder"):
         processor("no slot", videos=[path])
+    with pytest.raises(ValueError, match="placeholder"):  # counted before any decoding
+        processor("no slot", videos=[tmp_path / "absent.mp4"])
     with pytest.raises(ValueError, match="no videos"):
         processor(text)
 

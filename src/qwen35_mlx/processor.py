@@ -252,15 +252,16 @@ class Processor:
         videos = list(videos or [])
         result: dict[str, mx.array] = {}
         if videos:
-            pixel_values, grid, stamps = self.preprocess_videos(videos)
-            result["pixel_values_videos"] = mx.array(pixel_values)
-            result["video_grid_thw"] = mx.array(grid)
+            # Counted before decoding: a mismatch is refused without reading any video.
             slots = sum(t.count(self.video_token) for t in texts)
             if slots != len(videos):
                 raise ValueError(
                     f"{len(videos)} video(s) given but the text has {slots} "
                     f"{self.video_token} placeholder(s)"
                 )
+            pixel_values, grid, stamps = self.preprocess_videos(videos)
+            result["pixel_values_videos"] = mx.array(pixel_values)
+            result["video_grid_thw"] = mx.array(grid)
             it = iter(self._video_text(g, st) for g, st in zip(grid, stamps, strict=True))
             texts = ["".join(p + next(it) for p in t.split(self.video_token)[:-1])
                      + t.split(self.video_token)[-1] for t in texts]  # fmt: skip
