@@ -98,3 +98,9 @@ def test_export_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         export.main([])
     assert e.value.code == 2
+
+
+def test_exported_file_is_readable_by_others(tmp_path):
+    path = export.write_swift(tmp_path)
+    assert path.stat().st_mode & 0o044 == 0o044  # group and others read it, as a written file
+    assert [p.name for p in tmp_path.iterdir()] == [export.SWIFT_FILE]

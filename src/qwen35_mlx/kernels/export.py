@@ -178,6 +178,7 @@ def write_swift(out_dir: Path) -> Path:
     path = out_dir / SWIFT_FILE
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{SWIFT_FILE}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(swift_source())
         os.replace(tmp, path)
