@@ -325,6 +325,13 @@ def test_convert_warns_when_swift_would_misbuild_layers(tmp_path):
     assert convert_mod.swift_layout_warning(regular) is None
 
 
+def test_convert_cli_prints_a_warning_as_one_line(tmp_path, capsys):
+    main(["--hf-path", str(GOLDEN / "vlm"), "--mlx-path", str(tmp_path / "v"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m qwen35_mlx.convert: warning: layer_types"), err
+    assert err.count("\n") == 0, err
+
+
 # -- mlx-lm ---------------------------------------------------------------------------------------
 
 

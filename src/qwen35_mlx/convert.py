@@ -390,19 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    prog = "python -m qwen35_mlx.convert"
     try:
-        out = convert(
-            args.hf_path,
-            args.mlx_path,
-            quantize=args.quantize,
-            q_bits=args.q_bits,
-            q_group_size=args.q_group_size,
-            dtype=args.dtype,
-            mixed=args.mixed,
-            quantize_vision=args.quantize_vision,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+        with warnings.catch_warnings():
+            # A warning (mlx-swift-lm layout, slow BLAS) is one line, like the errors.
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"{prog}: warning: {message}", file=sys.stderr
+            )
+            out = convert(
+                args.hf_path,
+                args.mlx_path,
+                quantize=args.quantize,
+                q_bits=args.q_bits,
+                q_group_size=args.q_group_size,
+                dtype=args.dtype,
+                mixed=args.mixed,
+                quantize_vision=args.quantize_vision,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
     except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"python -m qwen35_mlx.convert: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
