@@ -132,7 +132,9 @@ def results(tmp_path_factory):
         launched.communicate()
         raise
     proc = _wait(launched)
-    assert proc.returncode == 0, proc.stdout[-6000:]
+    # mlx.launch exits 0 even when a rank fails: a rank's missing result file is the failure.
+    missing = [r for r in range(N) if not (workdir / f"rank{r}.json").is_file()]
+    assert proc.returncode == 0 and not missing, f"ranks {missing} failed:\n{proc.stdout[-6000:]}"
     ranks = []
     for r in range(N):
         arrays = dict(np.load(workdir / f"rank{r}.npz"))
