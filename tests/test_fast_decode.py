@@ -183,8 +183,9 @@ def _vlm_start(model, processor, text, image):
     return cache, logits
 
 
-def test_vlm_compiled_decode_after_an_image_equals_plain():
+def test_vlm_compiled_decode_after_an_image_equals_plain(monkeypatch):
     model, processor = load(GOLDEN / "vlm")
+    traces = Traces(model, monkeypatch)
     runs = []
     for compiled in (False, True):
         model.language_model.compiled_decode = compiled
@@ -197,6 +198,7 @@ def test_vlm_compiled_decode_after_an_image_equals_plain():
             logits = model(y[:, None], cache=cache)[:, -1]
         runs.append((toks, np.stack(outs)))
     model.language_model.compiled_decode = True
+    assert traces.n >= 1  # the M-RoPE positions went through the compiled step
     assert runs[0][0] == runs[1][0]
     np.testing.assert_allclose(runs[1][1], runs[0][1], atol=1e-4)
 
