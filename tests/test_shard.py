@@ -169,6 +169,14 @@ def test_sharded_generation_same_tokens(results, key):
         assert values[key] == ref[ref_key]
 
 
+def test_tensor_parallel_decode_runs_the_compiled_step(results):
+    # Tensor-parallel layers run inside the compiled decode step; a pipelined backbone (each
+    # rank runs some layers) takes the plain path.
+    for _, out in results[1]:
+        assert out["dense/decode_traces"] > 0 and out["moe/decode_traces"] > 0
+        assert out["dense_pp/decode_traces"] == 0 and out["moe_pp/decode_traces"] == 0
+
+
 def test_prompt_cache_resumes_on_every_rank(results):
     (_, ref), ranks = results
     for name in ("dense", "moe"):
