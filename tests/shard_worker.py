@@ -55,12 +55,26 @@ def _tokens(model, tok, prompt, **kw) -> list[int]:
     return [r.token for r in stream_generate(model, tok, prompt, **kw)]
 
 
+def _count_decode_traces(model) -> list[int]:
+    """[n]: how often the compiled decode step is traced (its function runs only then)."""
+    n, orig = [0], model.model.decode
+
+    def counting(*args):
+        n[0] += 1
+        return orig(*args)
+
+    model.model.decode = counting
+    return n
+
+
 def _text_case(path: str, mode: str, group, arrays: dict, out: dict, name: str, full=True):
     model, tok, mem = _load(path, mode, group)
     out[f"{name}/mem"] = mem
+    traces = _count_decode_traces(model)
     ids = tok.encode(PROMPT)
     arrays[f"{name}/logits"] = np.array(model(mx.array(ids)[None]).astype(mx.float32))
     out[f"{name}/greedy"] = _tokens(model, tok, ids, max_tokens=8)
+    out[f"{name}/decode_traces"] = traces[0]
     if not full:
         return
     # Prompt-cache resume: the second turn reuses the first turn's cache.

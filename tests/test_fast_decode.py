@@ -183,8 +183,9 @@ def _vlm_start(model, processor, text, image):
     return cache, logits
 
 
-def test_vlm_compiled_decode_after_an_image_equals_plain():
+def test_vlm_compiled_decode_after_an_image_equals_plain(monkeypatch):
     model, processor = load(GOLDEN / "vlm")
+    traces = Traces(model, monkeypatch)
     runs = []
     for compiled in (False, True):
         model.language_model.compiled_decode = compiled
@@ -197,6 +198,7 @@ def test_vlm_compiled_decode_after_an_image_equals_plain():
             logits = model(y[:, None], cache=cache)[:, -1]
         runs.append((toks, np.stack(outs)))
     model.language_model.compiled_decode = True
+    assert traces.n >= 1  # the M-RoPE positions went through the compiled step
     assert runs[0][0] == runs[1][0]
     np.testing.assert_allclose(runs[1][1], runs[0][1], atol=1e-4)
 
@@ -266,3 +268,14 @@ def test_compiled_decode_bf16_and_quantized_weights(small_blocks, kind):
             model, group_size=32, bits=4, class_predicate=lambda _p, m: isinstance(m, nn.Linear)
         )
     assert_same(model, [TOKENS[:7], TOKENS[2:9]], 10)
+
+
+def test_vlm_positions_survive_kv_quantization():
+    # mlx-lm's `maybe_quantize_kv_cache` (--kv-bits) replaces each KVCache with a new
+    # QuantizedKVCache: the M-RoPE state must not be lost with the replaced object.
+    model, processor = load(GOLDEN / "vlm")
+    cache, _ = _vlm_start(model, processor, "What?", True)
+    before = np.array(model._decode_positions(cache, 1, 1))
+    maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=32, kv_bits=8)
+    assert any(isinstance(c, QuantizedKVCache) for c in cache)
+    np.testing.assert_array_equal(np.array(model._decode_positions(cache, 1, 1)), before)

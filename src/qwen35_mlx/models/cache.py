@@ -17,8 +17,9 @@ new key and value at an array index (`mx.slice_update`) and attends over the who
 mask, so its shapes change only when `reserve` grows a buffer by a block. The Python-int
 `offset` / `_idx` that mlx-lm reads are advanced after the step, as `update_and_fetch` would.
 
-A VLM conversation's M-RoPE state lives on its first attention cache (`MROPE_SHIFT`,
-`MROPE_PROMPT`), not on the model: two conversations on one model object do not mix.
+A VLM conversation's M-RoPE state lives on its first linear-attention cache (`MROPE_SHIFT`,
+`MROPE_PROMPT`; KV quantization replaces the attention caches but keeps that one), not on the
+model: two conversations on one model object do not mix.
 
 The recurrent state cannot be trimmed: `PromptCache` (prompt_cache.py) keeps references to the
 linear states at prefix boundaries instead.
@@ -31,7 +32,7 @@ from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
 __all__ = ["make_cache", "ArraysCache", "KVCache", "BatchKVCache"]
 
-# Attribute names of the VLM's per-conversation M-RoPE state on an attention cache object:
+# Attribute names of the VLM's per-conversation M-RoPE state on a cache object (vlm.py):
 # MROPE_SHIFT [B] int32: the next position of a row is (cache offset + shift); MROPE_PROMPT:
 # (cache length at the prompt's start, positions [3, B, T]) of the last multimodal prompt.
 MROPE_SHIFT = "mrope_shift"

@@ -9,7 +9,8 @@ Decode (T == 1 token ids over a filled cache of mlx-lm's KVCache / BatchKVCache 
 one `mx.compile`d function: embedding, every layer, final norm and lm_head, with the whole KV
 buffers, the conv and recurrent states and the write index (an array) as inputs and outputs (see
 cache.py). It is traced once per buffer size and batch shape and replayed for every token after;
-everything else (prefill, quantized KV caches, right-padded prefill) takes the plain path.
+everything else (prefill, quantized or rotating KV caches, right-padded prefill, a pipelined
+backbone) takes the plain path.
 `model.compiled_decode = False` turns it off.
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
@@ -159,7 +160,7 @@ class TextModel(nn.Module):
 
     def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
         """The compiled decode step over `cache`, updated in place; None when the cache is not
-        one it takes (empty, quantized, right-padded prefill, mixed kinds)."""
+        one it takes (empty, quantized, rotating, right-padded prefill, mixed kinds)."""
         kv_caches, lin_caches = [], []
         for layer, c in zip(self.model.layers, cache, strict=True):
             (lin_caches if layer.is_linear else kv_caches).append(c)

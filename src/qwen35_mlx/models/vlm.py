@@ -9,11 +9,12 @@ max(H, W); with left padding only real tokens count. The per-row `rope_delta = m
 n_real` is kept, so later calls (decode steps, no pixels) continue at real-token offset + delta.
 Text-only prompts use the text model's plain positions.
 
-That per-conversation state lives in the conversation's cache (on its first attention-layer
-cache, `cache.MROPE_SHIFT` / `cache.MROPE_PROMPT`), never on the model: one model object serves
-interleaved conversations (a server) and each continues from its own cache. The one thing kept
-on the model is what mlx-lm's `embed_inputs` hook returns no cache for: the positions of the
-embeddings it just made, bound to the cache of the first call fed embeddings after it.
+That per-conversation state lives in the conversation's cache (on its first linear-attention
+layer's cache, which KV quantization keeps: `cache.MROPE_SHIFT` / `cache.MROPE_PROMPT`), never on
+the model: one model object serves interleaved conversations (a server) and each continues
+from its own cache. The one thing kept on the model is what mlx-lm's `embed_inputs` hook
+returns no cache for: the positions of the embeddings it just made, bound to the cache of the
+first call fed embeddings after it.
 
 Shape letters: B batch, T tokens, N patch rows, M merged rows.
 """
@@ -221,15 +222,16 @@ class Model(nn.Module):
             # A plain cache's offset counts pads; a batch cache's per-row offsets do not.
             shift = deltas - (0 if c is None or isinstance(c, BatchKVCache) else pads)
         else:
-            old = getattr(c, MROPE_SHIFT, None)
+            old = getattr(_state_cache(cache), MROPE_SHIFT, None)
             old = np.zeros(B, np.int64) if old is None or len(old) != B else old
             start = _offsets(c) + old
             shift = old + deltas
         positions = mx.array((positions + start[None, :, None]).astype(np.int32))
         if c is not None:
-            setattr(c, MROPE_SHIFT, shift)
+            s = _state_cache(cache)
+            setattr(s, MROPE_SHIFT, shift)
             # Kept so that a prefill fed in slices of the embeddings finds its positions.
-            setattr(c, MROPE_PROMPT, (_cache_len(cache), positions))
+            setattr(s, MROPE_PROMPT, (_cache_len(cache), positions))
         self._pending = None
         return positions
 
@@ -243,13 +245,13 @@ class Model(nn.Module):
         c = _attention_cache(cache)
         if c is None or _seen(c) == 0:
             return None  # a fresh cache: plain positions (an image prompt binds its own)
-        prompt = getattr(c, MROPE_PROMPT, None)
+        prompt = getattr(_state_cache(cache), MROPE_PROMPT, None)
         if embedded and prompt is not None:
             start, positions = prompt
             o = _seen(c)
             if start <= o and o + T <= start + positions.shape[-1] and positions.shape[1] == B:
                 return positions[..., o - start : o - start + T]
-        shift = getattr(c, MROPE_SHIFT, None)
+        shift = getattr(_state_cache(cache), MROPE_SHIFT, None)
         if shift is None or len(shift) != B:
             return None
         # As arrays: a batch cache's offsets stay lazy (no sync in the decode loop).
@@ -348,6 +350,16 @@ def _attention_cache(cache: list | None) -> Any:
         if c is not None and not isinstance(c, ArraysCache) and hasattr(c, "offset"):
             return c
     return None
+
+
+def _state_cache(cache: list) -> Any:
+    """The cache object that holds the M-RoPE state: the first linear-attention cache, which
+    mlx-lm's `maybe_quantize_kv_cache` keeps (it replaces every KVCache with a new object),
+    else the first attention cache."""
+    for c in cache:
+        if isinstance(c, ArraysCache):
+            return c
+    return _attention_cache(cache)
 
 
 def _seen(c: Any) -> int:
