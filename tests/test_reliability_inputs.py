@@ -337,6 +337,12 @@ def test_image_directory_named(capsys, tmp_path, no_load):
     )
 
 
+def test_video_directory_named(capsys, tmp_path, no_load):
+    assert_user_error(
+        *run(capsys, "--model", GOLDEN / "vlm", "--video", tmp_path), "it is a directory"
+    )
+
+
 def test_image_on_text_model_refused_before_loading(capsys, tmp_path, no_load):
     from PIL import Image
 

@@ -170,6 +170,8 @@ def _check_args(args: argparse.Namespace) -> str:
         if not Path(f).is_file():
             raise UserError(f"cannot read image {f!r}: no such file")
     for f in args.video:
+        if Path(f).is_dir():
+            raise UserError(f"cannot read video {f!r}: it is a directory")
         if not Path(f).is_file():
             raise UserError(f"cannot read video {f!r}: no such file")
     return prompt
