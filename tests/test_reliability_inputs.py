@@ -417,6 +417,17 @@ def test_error_inside_generation_leaves_stdout_empty(capsys):
     assert_user_error(code, out, err, "placeholder")
 
 
+def test_closed_stdout_ends_quietly(capsys, monkeypatch):
+    # `python -m qwen35_mlx.generate | head -c 5`: the reader goes away mid-stream
+    class Closed(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    code = main(["--prompt", "hi", "-m", "3"])
+    assert code == 1 and capsys.readouterr().err == ""
+
+
 def test_token_ids_outside_the_vocabulary_are_refused(monkeypatch):
     # MLX's embedding lookup does not bounds-check: an id past the table crashed the process
     # (exit 139) in stream_generate, and in batch_generate through a pad id past the table.
