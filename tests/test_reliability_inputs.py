@@ -208,6 +208,14 @@ def test_library_refuses_bad_sampling(gen_loaded, flag, value):
             call()
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
+def test_library_refuses_bad_repetition_penalty(gen_loaded, value):
+    # nan went through to mlx-lm's processor and generated "!!!!"
+    model, tok = gen_loaded
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate(model, tok, "Hello", max_tokens=1, repetition_penalty=value)
+
+
 def test_check_sampling_bounds():
     check_sampling(0.0, 0.0, 0, 0.0)  # all off: greedy
     check_sampling(0.7, 1.0, 50, 1.0, repetition_penalty=1.1)

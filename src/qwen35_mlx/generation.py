@@ -239,7 +239,8 @@ def stream_generate(
 
         sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
         processors = list(logits_processors or [])
-        if repetition_penalty:
+        if repetition_penalty:  # None or 0: off
+            check_sampling(repetition_penalty=repetition_penalty)
             processors += make_logits_processors(repetition_penalty=repetition_penalty)
 
         # Which tokens must run through the model, and into which cache.
