@@ -233,10 +233,6 @@ def _open_images(files: list[str]) -> list:
         raise UserError(_one_line(e)) from e
 
 
-def _is_vlm(model, tokenizer) -> bool:
-    return hasattr(tokenizer, "preprocess_images") or hasattr(model, "visual")
-
-
 def build_prompt(
     tokenizer, prompt: str, args: argparse.Namespace, n_images: int, n_videos: int = 0
 ) -> str:
@@ -299,11 +295,6 @@ def run(args: argparse.Namespace) -> int:
     if seed is not None:
         mx.random.seed(seed)
     model, tokenizer = _load(path, args.dtype, group)
-    if (images or args.video) and not _is_vlm(model, tokenizer):
-        flag = "--image" if images else "--video"
-        raise UserError(
-            f"{model_path} is a text-only model: {flag} needs a vision-language checkpoint"
-        )
     text = build_prompt(tokenizer, prompt, args, len(images), len(args.video))
 
     out = sys.stdout if group is None or group.rank() == 0 else io.StringIO()
