@@ -216,6 +216,16 @@ def test_library_refuses_bad_repetition_penalty(gen_loaded, value):
         generate(model, tok, "Hello", max_tokens=1, repetition_penalty=value)
 
 
+@pytest.mark.parametrize("step", [0, -3])
+def test_library_refuses_bad_prefill_step_size(gen_loaded, step):
+    # 0 hung batch_generate (no progress) and failed inside MLX's gather in generate
+    model, tok = gen_loaded
+    with pytest.raises(ValueError, match="prefill_step_size"):
+        generate(model, tok, "Hello there", max_tokens=1, prefill_step_size=step)
+    with pytest.raises(ValueError, match="prefill_step_size"):
+        batch_generate(model, tok, ["Hello there"], max_tokens=1, prefill_step_size=step)
+
+
 def test_check_sampling_bounds():
     check_sampling(0.0, 0.0, 0, 0.0)  # all off: greedy
     check_sampling(0.7, 1.0, 50, 1.0, repetition_penalty=1.1)

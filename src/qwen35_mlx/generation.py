@@ -111,6 +111,12 @@ def _check_ids(model: nn.Module, ids: Sequence[int], what: str = "the prompt") -
         raise ValueError(f"{what} has token id {bad[0]}, outside the model's vocabulary [0, {n})")
 
 
+def _check_step(prefill_step_size: int) -> None:
+    # 0 hung batch_generate (no progress) and broke stream_generate inside MLX
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
+
+
 @contextlib.contextmanager
 def wired_limit():
     """On Metal, wire the recommended working set while generating (as mlx-lm does); no-op
@@ -223,6 +229,7 @@ def stream_generate(
     with wired_limit():
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        _check_step(prefill_step_size)
         first_kwargs: dict = {}
         if images or videos:
             if not hasattr(tokenizer, "tokenizer") or not callable(tokenizer):
@@ -379,6 +386,7 @@ def batch_generate(
         limits = [max_tokens] * len(rows) if isinstance(max_tokens, int) else list(max_tokens)
         if len(limits) != len(rows) or min(limits) < 1:
             raise ValueError("max_tokens must be >= 1 for every prompt")
+        _check_step(prefill_step_size)
         sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
         processors = list(logits_processors or [])
         eos = set(text_tok.eos_token_ids)
