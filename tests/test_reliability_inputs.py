@@ -163,6 +163,18 @@ def test_non_utf8_stdin(capsys, monkeypatch, no_load):
     assert_user_error(*run(capsys, "--model", GEN, "--prompt", "-"), "stdin", "UTF-8")
 
 
+def test_closed_or_unreadable_stdin(capsys, monkeypatch, no_load):
+    monkeypatch.setattr(sys, "stdin", None)  # `--prompt - <&-`
+    assert_user_error(*run(capsys, "--prompt", "-"), "stdin is closed")
+
+    class Failing(io.BytesIO):  # a read that fails (EIO from a hung-up terminal, ...)
+        def read(self, *a):
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(Failing()))
+    assert_user_error(*run(capsys, "--prompt", "-"), "cannot read stdin", "Input/output error")
+
+
 def test_non_utf8_prompt_argument(capsys, no_load):
     # Python hands argv bytes that are not UTF-8 over as lone surrogates (surrogateescape).
     bad = b"caf\xe9".decode("utf-8", "surrogateescape")

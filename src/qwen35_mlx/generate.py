@@ -133,11 +133,15 @@ def _check_text(text: str, source: str) -> str:
 def _read_prompt(arg: str) -> str:
     if arg != "-":
         return _check_text(arg, "--prompt")
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UserError("--prompt - reads stdin, but stdin is closed")
     buffer = getattr(sys.stdin, "buffer", None)
     try:
         text = buffer.read().decode("utf-8") if buffer is not None else sys.stdin.read()
     except UnicodeDecodeError as e:
         raise UserError(f"stdin is not valid UTF-8 text (at byte {e.start})") from None
+    except OSError as e:  # a failing read (EIO from a hung-up terminal, ...)
+        raise UserError(f"cannot read stdin: {_one_line(e)}") from None
     # `echo Hello | ...` must prompt what `--prompt Hello` does: drop the final line break(s)
     return _check_text(text.rstrip("\r\n"), "stdin")
 
