@@ -181,7 +181,7 @@ def _vlm_inputs(
 ) -> tuple[list, dict]:
     """Token ids and image/video tensors for a vision-language prompt (processor call)."""
     if not isinstance(prompt, str):
-        raise ValueError("a prompt with images must be text (the processor inserts image tokens)")
+        raise ValueError("a prompt with images or videos must be text (the processor adds tokens)")
     if videos:
         out = tokenizer(prompt, images=list(images or []), videos=list(videos))
     else:
@@ -233,10 +233,10 @@ def stream_generate(
         first_kwargs: dict = {}
         if images or videos:
             if not hasattr(tokenizer, "tokenizer") or not callable(tokenizer):
-                raise ValueError("images need a vision-language model and its processor")
+                raise ValueError("images and videos need a vision-language model and its processor")
             ids, first_kwargs = _vlm_inputs(tokenizer, prompt, images, videos)
             if prompt_cache is not None:
-                raise ValueError("prompt_cache is not supported with images")
+                raise ValueError("prompt_cache is not supported with images or videos")
         text_tok = _wrap_tokenizer(tokenizer)
         if not images and not videos:
             ids = _encode(text_tok, prompt)
