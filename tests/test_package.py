@@ -45,5 +45,7 @@ def test_cli_modules_run_with_python_m():
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m qwen35_mlx.generate")
     # runpy warns when the package has already imported the module it is about to run.
     assert "found in sys.modules" not in r.stderr, r.stderr
+    r = python("-mqwen35_mlx.generate", "--help")  # the module name glued to -m
+    assert r.returncode == 0 and "found in sys.modules" not in r.stderr, r.stderr
     r = python("-m", "qwen35_mlx.mlx_lm")
     assert r.returncode == 2 and "usage: python -m qwen35_mlx.mlx_lm" in r.stderr

@@ -163,6 +163,18 @@ def test_non_utf8_stdin(capsys, monkeypatch, no_load):
     assert_user_error(*run(capsys, "--model", GEN, "--prompt", "-"), "stdin", "UTF-8")
 
 
+def test_closed_or_unreadable_stdin(capsys, monkeypatch, no_load):
+    monkeypatch.setattr(sys, "stdin", None)  # `--prompt - <&-`
+    assert_user_error(*run(capsys, "--prompt", "-"), "stdin is closed")
+
+    class Failing(io.BytesIO):  # a read that fails (EIO from a hung-up terminal, ...)
+        def read(self, *a):
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(Failing()))
+    assert_user_error(*run(capsys, "--prompt", "-"), "cannot read stdin", "Input/output error")
+
+
 def test_non_utf8_prompt_argument(capsys, no_load):
     # Python hands argv bytes that are not UTF-8 over as lone surrogates (surrogateescape).
     bad = b"caf\xe9".decode("utf-8", "surrogateescape")
@@ -206,6 +218,24 @@ def test_library_refuses_bad_sampling(gen_loaded, flag, value):
     ):
         with pytest.raises(ValueError, match=name):
             call()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
+def test_library_refuses_bad_repetition_penalty(gen_loaded, value):
+    # nan went through to mlx-lm's processor and generated "!!!!"
+    model, tok = gen_loaded
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate(model, tok, "Hello", max_tokens=1, repetition_penalty=value)
+
+
+@pytest.mark.parametrize("step", [0, -3])
+def test_library_refuses_bad_prefill_step_size(gen_loaded, step):
+    # 0 hung batch_generate (no progress) and failed inside MLX's gather in generate
+    model, tok = gen_loaded
+    with pytest.raises(ValueError, match="prefill_step_size"):
+        generate(model, tok, "Hello there", max_tokens=1, prefill_step_size=step)
+    with pytest.raises(ValueError, match="prefill_step_size"):
+        batch_generate(model, tok, ["Hello there"], max_tokens=1, prefill_step_size=step)
 
 
 def test_check_sampling_bounds():
@@ -337,6 +367,12 @@ def test_image_directory_named(capsys, tmp_path, no_load):
     )
 
 
+def test_video_directory_named(capsys, tmp_path, no_load):
+    assert_user_error(
+        *run(capsys, "--model", GOLDEN / "vlm", "--video", tmp_path), "it is a directory"
+    )
+
+
 def test_image_on_text_model_refused_before_loading(capsys, tmp_path, no_load):
     from PIL import Image
 
@@ -409,6 +445,17 @@ def test_error_inside_generation_leaves_stdout_empty(capsys):
     argv = ("--model", vlm, "--image", vlm / "image0.png", "--no-chat-template")
     code, out, err = run(capsys, *argv, "--prompt", "<|image_pad|> twice")
     assert_user_error(code, out, err, "placeholder")
+
+
+def test_closed_stdout_ends_quietly(capsys, monkeypatch):
+    # `python -m qwen35_mlx.generate | head -c 5`: the reader goes away mid-stream
+    class Closed(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    code = main(["--prompt", "hi", "-m", "3"])
+    assert code == 1 and capsys.readouterr().err == ""
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(monkeypatch):

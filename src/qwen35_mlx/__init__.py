@@ -21,7 +21,11 @@ __all__ = ["load", "generate", "stream_generate", "batch_generate", "PromptCache
 # later `import qwen35_mlx.generate` finds the module in sys.modules and leaves the name alone.
 # Under `python -m qwen35_mlx.generate` runpy imports this package first (sys.argv[0] is "-m"
 # meanwhile) and then runs the module as __main__; importing it here as well would run it twice.
-if not (_sys.argv[:1] == ["-m"] and f"{__name__}.generate" in getattr(_sys, "orig_argv", ())):
+# The module name may be glued to its option (`python -mqwen35_mlx.generate`, `-Im...`).
+if not (
+    _sys.argv[:1] == ["-m"]
+    and any(a.endswith(f"{__name__}.generate") for a in getattr(_sys, "orig_argv", ()))
+):
     from . import generate
 
     del generate

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -132,11 +133,15 @@ def _check_text(text: str, source: str) -> str:
 def _read_prompt(arg: str) -> str:
     if arg != "-":
         return _check_text(arg, "--prompt")
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UserError("--prompt - reads stdin, but stdin is closed")
     buffer = getattr(sys.stdin, "buffer", None)
     try:
         text = buffer.read().decode("utf-8") if buffer is not None else sys.stdin.read()
     except UnicodeDecodeError as e:
         raise UserError(f"stdin is not valid UTF-8 text (at byte {e.start})") from None
+    except OSError as e:  # a failing read (EIO from a hung-up terminal, ...)
+        raise UserError(f"cannot read stdin: {_one_line(e)}") from None
     # `echo Hello | ...` must prompt what `--prompt Hello` does: drop the final line break(s)
     return _check_text(text.rstrip("\r\n"), "stdin")
 
@@ -170,6 +175,8 @@ def _check_args(args: argparse.Namespace) -> str:
         if not Path(f).is_file():
             raise UserError(f"cannot read image {f!r}: no such file")
     for f in args.video:
+        if Path(f).is_dir():
+            raise UserError(f"cannot read video {f!r}: it is a directory")
         if not Path(f).is_file():
             raise UserError(f"cannot read video {f!r}: no such file")
     return prompt
@@ -228,10 +235,6 @@ def _open_images(files: list[str]) -> list:
         return [_open_image(f) for f in files]
     except ValueError as e:
         raise UserError(_one_line(e)) from e
-
-
-def _is_vlm(model, tokenizer) -> bool:
-    return hasattr(tokenizer, "preprocess_images") or hasattr(model, "visual")
 
 
 def build_prompt(
@@ -296,11 +299,6 @@ def run(args: argparse.Namespace) -> int:
     if seed is not None:
         mx.random.seed(seed)
     model, tokenizer = _load(path, args.dtype, group)
-    if (images or args.video) and not _is_vlm(model, tokenizer):
-        flag = "--image" if images else "--video"
-        raise UserError(
-            f"{model_path} is a text-only model: {flag} needs a vision-language checkpoint"
-        )
     text = build_prompt(tokenizer, prompt, args, len(images), len(args.video))
 
     out = sys.stdout if group is None or group.rank() == 0 else io.StringIO()
@@ -362,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout closed early (`... | head`): stop quietly, no traceback; point stdout at
+        # /dev/null so the flush at exit does not raise again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
 
 
 if __name__ == "__main__":

@@ -111,6 +111,12 @@ def _check_ids(model: nn.Module, ids: Sequence[int], what: str = "the prompt") -
         raise ValueError(f"{what} has token id {bad[0]}, outside the model's vocabulary [0, {n})")
 
 
+def _check_step(prefill_step_size: int) -> None:
+    # 0 hung batch_generate (no progress) and broke stream_generate inside MLX
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
+
+
 @contextlib.contextmanager
 def wired_limit():
     """On Metal, wire the recommended working set while generating (as mlx-lm does); no-op
@@ -175,7 +181,7 @@ def _vlm_inputs(
 ) -> tuple[list, dict]:
     """Token ids and image/video tensors for a vision-language prompt (processor call)."""
     if not isinstance(prompt, str):
-        raise ValueError("a prompt with images must be text (the processor inserts image tokens)")
+        raise ValueError("a prompt with images or videos must be text (the processor adds tokens)")
     if videos:
         out = tokenizer(prompt, images=list(images or []), videos=list(videos))
     else:
@@ -223,13 +229,14 @@ def stream_generate(
     with wired_limit():
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        _check_step(prefill_step_size)
         first_kwargs: dict = {}
         if images or videos:
             if not hasattr(tokenizer, "tokenizer") or not callable(tokenizer):
-                raise ValueError("images need a vision-language model and its processor")
+                raise ValueError("images and videos need a vision-language model and its processor")
             ids, first_kwargs = _vlm_inputs(tokenizer, prompt, images, videos)
             if prompt_cache is not None:
-                raise ValueError("prompt_cache is not supported with images")
+                raise ValueError("prompt_cache is not supported with images or videos")
         text_tok = _wrap_tokenizer(tokenizer)
         if not images and not videos:
             ids = _encode(text_tok, prompt)
@@ -239,7 +246,8 @@ def stream_generate(
 
         sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
         processors = list(logits_processors or [])
-        if repetition_penalty:
+        if repetition_penalty:  # None or 0: off
+            check_sampling(repetition_penalty=repetition_penalty)
             processors += make_logits_processors(repetition_penalty=repetition_penalty)
 
         # Which tokens must run through the model, and into which cache.
@@ -378,6 +386,7 @@ def batch_generate(
         limits = [max_tokens] * len(rows) if isinstance(max_tokens, int) else list(max_tokens)
         if len(limits) != len(rows) or min(limits) < 1:
             raise ValueError("max_tokens must be >= 1 for every prompt")
+        _check_step(prefill_step_size)
         sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
         processors = list(logits_processors or [])
         eos = set(text_tok.eos_token_ids)
