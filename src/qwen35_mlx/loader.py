@@ -458,4 +458,3 @@ def load(
     config_dict, config = read_model_config(path)  # read once, for the model and the tokenizer
     model = _load_model(path, config_dict, config, lazy=lazy, dtype=dtype)
     return model, load_tokenizer(path, config_dict, config.model_type)
-
