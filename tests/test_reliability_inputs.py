@@ -493,3 +493,20 @@ def test_token_ids_outside_the_vocabulary_are_refused(monkeypatch):
     got = batch_generate(model, tok, [[5, 6, 7], [8]], max_tokens=3).tokens
     assert seen and max(seen) < n
     assert got[1] == batch_generate(model, tok, [[8]], max_tokens=3).tokens[0]
+
+
+def test_vision_pad_tokens_without_pixels_are_refused(capsys):
+    # A VLM given <|image_pad|> / <|video_pad|> text but no image embedded the pad tokens
+    # themselves and generated nonsense with no error.
+    model, processor = load(GOLDEN / "vlm")
+    for pad, kind in (("<|image_pad|>", "image"), ("<|video_pad|>", "video")):
+        with pytest.raises(ValueError, match=f"1 {kind}-pad tokens .* no {kind} was given"):
+            generate(model, processor, f"Look: {pad} what is it?", max_tokens=2)
+        with pytest.raises(ValueError, match=f"prompt 1 has 1 {kind}-pad"):
+            batch_generate(model, processor, ["Hello", f"Look: {pad}"], max_tokens=2)
+    assert generate(model, processor, "Look: what is it?", max_tokens=2) is not None
+    code = main(
+        ["--model", str(GOLDEN / "vlm"), "--prompt", "<|image_pad|> hi", "--max-tokens", "2"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "image-pad" in err and len(err.strip().splitlines()) == 1

@@ -117,6 +117,21 @@ def _check_step(prefill_step_size: int) -> None:
         raise ValueError(f"prefill_step_size must be at least 1, got {prefill_step_size}")
 
 
+def _check_no_vision_slots(model: nn.Module, ids: Sequence[int], what: str = "the prompt") -> None:
+    """A vision-language model given image/video pad tokens but no pixels would embed the pad
+    tokens themselves and generate nonsense without a word: refuse it."""
+    if getattr(model, "vision_tower", None) is None:
+        return
+    config = model.config
+    for kind, tok in (("image", config.image_token_id), ("video", config.video_token_id)):
+        n = sum(1 for t in ids if t == tok)
+        if n:
+            raise ValueError(
+                f"{what} has {n} {kind}-pad tokens ({tok}) but no {kind} was given: pass "
+                f"{kind}s= (the processor inserts these tokens itself)"
+            )
+
+
 @contextlib.contextmanager
 def wired_limit():
     """On Metal, wire the recommended working set while generating (as mlx-lm does); no-op
@@ -240,6 +255,7 @@ def stream_generate(
         text_tok = _wrap_tokenizer(tokenizer)
         if not images and not videos:
             ids = _encode(text_tok, prompt)
+            _check_no_vision_slots(model, ids)
         if len(ids) == 0:
             raise ValueError("the prompt is empty")
         _check_ids(model, ids)
@@ -396,6 +412,7 @@ def batch_generate(
         pad = [width - n for n in lengths]
         for i, r in enumerate(rows):
             _check_ids(model, r, f"prompt {i}")
+            _check_no_vision_slots(model, r, f"prompt {i}")
         pad_id = getattr(text_tok, "pad_token_id", None) or 0
         n_vocab = _vocab_size(model)
         if n_vocab is not None and not 0 <= pad_id < n_vocab:
