@@ -253,3 +253,74 @@ def test_a_failed_save_leaves_the_earlier_file_as_it_was(tmp_path, monkeypatch):
         pc.save(tmp_path / "missing" / "c.safetensors")
     with pytest.raises(ValueError, match="empty"):
         PromptCache(model).save(tmp_path / "empty.safetensors")
+
+
+GOLDEN_VLM = Path(__file__).parent / "data" / "golden" / "vlm"
+IMAGE = 261  # the golden VLM's image pad token
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return load(GOLDEN_VLM)[0], dict(np.load(GOLDEN_VLM / "reference.npz"))
+
+
+def assert_vlm_logits(out, expected):
+    # The golden tolerance of tests/models/test_golden_vlm.py: 1e-4 of the logit scale.
+    out = np.asarray(out, dtype=np.float64)
+    assert out.shape == expected.shape
+    assert np.abs(out - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+def test_reloaded_vlm_cache_decodes_at_the_image_prompts_positions(vlm, tmp_path):
+    # The M-RoPE shift an image leaves in the cache goes into the file: decoding from the
+    # loaded cache gives the logits of the live conversation (transformers' reference).
+    model, ref = vlm
+    ids, P = ref["input_ids"], int(ref["prefill_len"])
+    pc = PromptCache(model)
+    pc.cache, pc.tokens = model.make_cache(), ids[0, :P].tolist()
+    pix = dict(pixel_values=mx.array(ref["pixel_values"]), image_grid_thw=ref["image_grid_thw"])
+    model(mx.array(ids[:, :P]), pc.cache, **pix)
+    pc.save(tmp_path / "vlm.safetensors")
+    back = PromptCache.load(tmp_path / "vlm.safetensors", model)
+    assert back.tokens == pc.tokens
+    for cache in (back.cache, pc.cache):
+        outs = [model(mx.array(ids[:, i : i + 1]), cache) for i in range(P, P + 3)]
+        assert_vlm_logits(mx.concatenate(outs, axis=1), ref["logits"][:, P : P + 3])
+
+
+def test_vlm_snapshots_keep_the_shift_of_their_own_prefix(vlm, tmp_path):
+    # Snapshot A before image 0, B after it (turn 2 brings image 1). Going back to A must drop
+    # the images' M-RoPE shift, going back to B must keep image 0's: in this process and
+    # after save and load.
+    model, ref = vlm
+    ids, P = ref["input_ids"], int(ref["prefill_len"])
+    a = int(np.flatnonzero(ids[0] == IMAGE)[0]) - 2  # text only before it
+    split = int(np.flatnonzero(ids[0] == IMAGE)[6]) - 3  # between the images
+    pix, grid = ref["pixel_values"], ref["image_grid_thw"]
+    images = {
+        a: dict(pixel_values=mx.array(pix), image_grid_thw=grid),
+        split: dict(pixel_values=mx.array(pix[24:]), image_grid_thw=grid[1:]),
+    }
+    pc = PromptCache(model)
+    cache, _ = pc.fetch(ids[0, :a].tolist(), keep_last=False)
+    model(mx.array(ids[:, :a]), cache)
+    pc.snapshot(cache, ids[0, :a].tolist())
+    model(
+        mx.array(ids[:, a:split]), cache, pixel_values=mx.array(pix[:24]), image_grid_thw=grid[:1]
+    )
+    pc.snapshot(cache, ids[0, :split].tolist())
+    model(mx.array(ids[:, split:P]), cache, **images[split])
+    pc.commit(cache, ids[0, :P].tolist())
+    pc.save(tmp_path / "vlm.safetensors")
+    back = PromptCache.load(tmp_path / "vlm.safetensors", model)
+    for p in (pc, back):
+        for n in (a, split):
+            # A prompt that departs from the live tokens right after the snapshot.
+            cache, _ = p.fetch(ids[0, :n].tolist() + [0, 0])
+            assert p.last_reused == n
+            outs = [
+                model(mx.array(ids[:, n:P]), cache, **images[n]),
+                model(mx.array(ids[:, P : P + 2]), cache),
+            ]
+            assert_vlm_logits(mx.concatenate(outs, axis=1), ref["logits"][:, n : P + 2])
+            p.commit(cache, ids[0, : P + 2].tolist())

@@ -31,6 +31,10 @@ token ids under `TOKENS_KEY`). On top of that layout a file of ours holds
   weight dtypes, the dtypes of the saved states, a hash of the config and a digest of the
   weights (name, dtype, shape and first values of every parameter: it tells apart two
   checkpoints with one config, e.g. a base and an instruct model). `load` refuses another model;
+- a vision-language model's M-RoPE shift (the per-row step from the cache offset to the next
+  position, which the model keeps on the cache object, not in its state) of the live cache and
+  of each snapshot: without it a conversation with an image would go on at plain positions.
+  Restoring a snapshot puts back its own shift (none for one taken before the first image);
 - a SHA-256 checksum over every array and metadata entry; `load` refuses a file that does not
   match it. The file is written to a temporary file in the same folder and renamed into place.
 
@@ -54,6 +58,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+
+from .models.cache import MROPE_PROMPT, MROPE_SHIFT, mrope_holder
 
 TOKENS_KEY = "qwen35_mlx_tokens"  # no dots: mlx-lm unflattens metadata keys on "."
 
@@ -79,6 +85,37 @@ def _saved_state(state: Any) -> Any:
 
 def _size(c: Any) -> int:
     return c.offset if hasattr(c, "offset") and isinstance(c.offset, int) else c.size()
+
+
+def _mrope_shift(cache: list, n: int) -> np.ndarray | None:
+    """The VLM's M-RoPE shift [B] of `cache`, which holds `n` tokens (None: plain positions).
+
+    Inside a multimodal prompt (prefilled in steps, a snapshot point between them) the shift
+    recorded for the whole prompt does not hold yet: the next text position is one past the
+    highest position so far."""
+    holder = mrope_holder(cache)
+    shift = getattr(holder, MROPE_SHIFT, None)
+    prompt = getattr(holder, MROPE_PROMPT, None)
+    if shift is None:
+        return None
+    if prompt is not None:
+        start, positions = prompt
+        if start < n < start + positions.shape[-1]:
+            done = np.array(positions[..., : n - start])  # [3, B, n - start]
+            return done.max(axis=(0, 2)).astype(np.int64) + 1 - n
+    return np.array(shift, np.int64)
+
+
+def _set_mrope_shift(cache: list, shift: Any) -> None:
+    """Give `cache` the M-RoPE shift `shift` (None: plain positions) and no multimodal prompt."""
+    holder = mrope_holder(cache)
+    if holder is None:
+        return
+    for name in (MROPE_SHIFT, MROPE_PROMPT):
+        if hasattr(holder, name):
+            delattr(holder, name)
+    if shift is not None:
+        setattr(holder, MROPE_SHIFT, np.array(shift, np.int64))
 
 
 def _trim_to(c: Any, n: int) -> None:
@@ -110,6 +147,8 @@ class PromptCache:
         self.tokens: list[int] = []
         # (tokens, per-layer saved state or None for trimmable layers), oldest first
         self.snapshots: list[tuple[list[int], list[Any]]] = []
+        # A VLM's M-RoPE shift at each snapshot (by its tokens), None for plain positions.
+        self.snapshot_shifts: dict[tuple[int, ...], np.ndarray | None] = {}
         self.last_reused = 0
         self.last_prefilled = 0
         self.metadata: dict[str, str] = {}  # what `save(metadata=...)` stored, after `load`
@@ -130,6 +169,7 @@ class PromptCache:
     def reset(self) -> None:
         """Forget everything: the next request prefills cold."""
         self.cache, self.tokens, self.snapshots = None, [], []
+        self.snapshot_shifts = {}
 
     # The three calls stream_generate makes: fetch -> snapshot_points/snapshot -> commit.
 
@@ -194,8 +234,10 @@ class PromptCache:
         self.snapshots = [s for s in self.snapshots if s[0] != tokens]
         saved = [None if _trimmable(c) else _saved_state(c.state) for c in cache]
         self.snapshots.append((tokens, saved))
+        self.snapshot_shifts[tuple(tokens)] = _mrope_shift(cache, len(tokens))
         if len(self.snapshots) > self.max_snapshots:
             self.snapshots.pop(0)
+        self._drop_stale_shifts()
 
     def commit(self, cache: list, tokens: Sequence[int]) -> None:
         """After a request: `cache` holds exactly `tokens`; drop snapshots it no longer extends."""
@@ -203,6 +245,11 @@ class PromptCache:
         self.snapshots = [
             s for s in self.snapshots if self.tokens[: len(s[0])] == s[0] and len(s[0]) > 0
         ]
+        self._drop_stale_shifts()
+
+    def _drop_stale_shifts(self) -> None:
+        kept = {tuple(s[0]) for s in self.snapshots}
+        self.snapshot_shifts = {k: v for k, v in self.snapshot_shifts.items() if k in kept}
 
     def _trim(self, n: int) -> list:
         for c in self.cache:
@@ -215,6 +262,8 @@ class PromptCache:
                 _trim_to(c, len(tokens))
             else:
                 c.state = _saved_state(s)
+        # The live cache's M-RoPE shift belongs to its last prompt: put back the snapshot's.
+        _set_mrope_shift(self.cache, self.snapshot_shifts.get(tuple(tokens)))
         return self.cache
 
     # Files: mlx-lm's prompt-cache layout plus token ids, snapshots, fingerprint and checksum.
@@ -257,6 +306,10 @@ class PromptCache:
         metas = [_meta_state(c) for c in self.cache]
         if any(metas):
             settings["meta_state"] = metas
+        shifts = [_mrope_shift(self.cache, len(self.tokens))]
+        shifts += [self.snapshot_shifts.get(tuple(t)) for t, _ in self.snapshots]
+        if any(x is not None for x in shifts):
+            settings["mrope_shift"] = [None if x is None else x.tolist() for x in shifts]
         meta.update(
             {
                 TOKENS_KEY: json.dumps(self.tokens),
@@ -404,10 +457,22 @@ class PromptCache:
                 saved[j] = _copy_tree(st)
             snapshots.append((snap_tokens, saved))
 
+        shifts = settings.get("mrope_shift", [None] * (1 + len(snapshots)))
+        if not isinstance(shifts, list) or len(shifts) != 1 + len(snapshots):
+            raise bad("mrope_shift does not list one entry for the cache and each snapshot")
+        for x in shifts:
+            if x is not None and not (isinstance(x, list) and all(type(v) is int for v in x)):
+                raise bad("mrope_shift holds an entry that is not a list of integers")
+        _set_mrope_shift(cache, shifts[0])
+
         kwargs.setdefault("boundary_tokens", settings.get("boundary_tokens", ()))
         kwargs.setdefault("max_snapshots", settings.get("max_snapshots", 8))
         out = cls(model, **kwargs)
         out.cache, out.tokens, out.snapshots = cache, tokens, snapshots
+        out.snapshot_shifts = {
+            tuple(t): None if x is None else np.array(x, np.int64)
+            for (t, _), x in zip(snapshots, shifts[1:], strict=True)
+        }
         out.metadata = {k: v for k, v in meta.items() if k not in _OURS and isinstance(v, str)}
         return out
 
@@ -416,7 +481,8 @@ class PromptCache:
 
 FORMAT = 1
 SNAPSHOTS_KEY = "qwen35_mlx_snapshots"  # per snapshot: length (a prefix of the tokens) or ids
-SETTINGS_KEY = "qwen35_mlx_prompt_cache"  # format, boundary tokens, snapshot layers, meta_state
+SETTINGS_KEY = "qwen35_mlx_prompt_cache"  # format, boundary tokens, snapshot layers, meta_state,
+# and a VLM's M-RoPE shifts (the live cache's, then each snapshot's)
 FINGERPRINT_KEY = "qwen35_mlx_fingerprint"
 CHECKSUM_KEY = "qwen35_mlx_checksum"
 _CHECKSUM_FLAT = f"0.{CHECKSUM_KEY}"  # its place in the flat safetensors metadata

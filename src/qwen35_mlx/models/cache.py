@@ -27,16 +27,31 @@ linear states at prefix boundaries instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
-__all__ = ["make_cache", "ArraysCache", "KVCache", "BatchKVCache"]
+__all__ = ["make_cache", "mrope_holder", "ArraysCache", "KVCache", "BatchKVCache"]
 
 # Attribute names of the VLM's per-conversation M-RoPE state on a cache object (vlm.py):
 # MROPE_SHIFT [B] int32: the next position of a row is (cache offset + shift); MROPE_PROMPT:
 # (cache length at the prompt's start, positions [3, B, T]) of the last multimodal prompt.
 MROPE_SHIFT = "mrope_shift"
 MROPE_PROMPT = "mrope_prompt"
+
+
+def mrope_holder(cache: list) -> Any:
+    """The layer cache that holds the M-RoPE state: the first linear-attention cache (mlx-lm's
+    `maybe_quantize_kv_cache` replaces every KVCache with a new object but keeps it), else the
+    first attention cache; None when there is neither."""
+    for c in cache:
+        if isinstance(c, ArraysCache):
+            return c
+    for c in cache:
+        if c is not None and hasattr(c, "offset"):
+            return c
+    return None
 
 
 def make_cache(layer_types: list[str], left_padding: list[int] | None = None) -> list:

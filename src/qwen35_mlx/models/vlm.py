@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import MROPE_PROMPT, MROPE_SHIFT, ArraysCache, BatchKVCache
+from .cache import MROPE_PROMPT, MROPE_SHIFT, ArraysCache, BatchKVCache, mrope_holder
 from .config import ModelConfig
 from .text import VISION_PREFIXES, TextModel
 from .vision import VisionModel, grid_list
@@ -356,10 +356,7 @@ def _state_cache(cache: list) -> Any:
     """The cache object that holds the M-RoPE state: the first linear-attention cache, which
     mlx-lm's `maybe_quantize_kv_cache` keeps (it replaces every KVCache with a new object),
     else the first attention cache."""
-    for c in cache:
-        if isinstance(c, ArraysCache):
-            return c
-    return _attention_cache(cache)
+    return mrope_holder(cache)
 
 
 def _seen(c: Any) -> int:
