@@ -324,3 +324,31 @@ def test_vlm_snapshots_keep_the_shift_of_their_own_prefix(vlm, tmp_path):
             ]
             assert_vlm_logits(mx.concatenate(outs, axis=1), ref["logits"][:, n : P + 2])
             p.commit(cache, ids[0, : P + 2].tolist())
+
+
+def test_vlm_snapshot_inside_a_prompt_prefilled_in_steps(vlm, tmp_path):
+    # An image prompt prefilled in embedding slices (as mlx-lm's generate_step does) with a
+    # snapshot between slices, before the image: the snapshot's shift is that of its own prefix
+    # (none yet), not the whole prompt's.
+    model, ref = vlm
+    ids, P = ref["input_ids"], int(ref["prefill_len"])
+    a = int(np.flatnonzero(ids[0] == IMAGE)[0]) - 2
+    pix = dict(pixel_values=mx.array(ref["pixel_values"]), image_grid_thw=ref["image_grid_thw"])
+    pc = PromptCache(model)
+    cache, _ = pc.fetch(ids[0, :P].tolist(), keep_last=False)
+    embeds, _ = model.get_input_embeddings(mx.array(ids[:, :P]), cache=cache, **pix)
+    model(mx.array(ids[:, :a]), cache, input_embeddings=embeds[:, :a])
+    pc.snapshot(cache, ids[0, :a].tolist())
+    model(mx.array(ids[:, a:P]), cache, input_embeddings=embeds[:, a:P])
+    pc.commit(cache, ids[0, :P].tolist())
+    pc.save(tmp_path / "vlm.safetensors")
+    back = PromptCache.load(tmp_path / "vlm.safetensors", model)
+    for p in (pc, back):
+        cache, _ = p.fetch(ids[0, :a].tolist() + [0, 0])
+        assert p.last_reused == a
+        outs = [
+            model(mx.array(ids[:, a:P]), cache, **pix),
+            model(mx.array(ids[:, P : P + 2]), cache),
+        ]
+        assert_vlm_logits(mx.concatenate(outs, axis=1), ref["logits"][:, a : P + 2])
+        p.commit(cache, ids[0, : P + 2].tolist())
