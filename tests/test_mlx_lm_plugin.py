@@ -1,10 +1,6 @@
 """mlx-lm's own tools on qwen35_mlx models through `qwen35_mlx.mlx_lm_plugin`."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +14,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from qwen35_mlx import mlx_lm_plugin, stream_generate
 from qwen35_mlx.models.text import TextModel
+from tests.server import mlx_lm_server
 
 DATA = Path(__file__).parent / "data" / "golden"
 GOLDEN = DATA / "generate"
@@ -83,12 +80,6 @@ def test_mlx_lm_builds_the_stack_from_layer_types(registered):
     assert np.abs(np.array(logits) - ref["logits"]).max() < 1e-4 * scale
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float) -> bytes:
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -98,26 +89,8 @@ def _post(url: str, body: dict, timeout: float) -> bytes:
 
 
 def test_mlx_lm_server_chat_completions(tmp_path):
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen35_mlx.mlx_lm", "server", "--model", str(GOLDEN),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
     deadline = time.monotonic() + SERVER_TIMEOUT
-    try:
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "server did not start in time"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-
+    with mlx_lm_server(GOLDEN, tmp_path / "server.log", deadline) as (base, _):
         n = len(G["chat"]["tokens"])
         body = {
             "messages": [
@@ -145,14 +118,6 @@ def test_mlx_lm_server_chat_completions(tmp_path):
                     delta = choice.get("delta", {})
                     pieces.append((delta.get("reasoning") or "") + (delta.get("content") or ""))
         assert len(pieces) > 1 and "".join(pieces) == G["chat"]["text"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_python_m_qwen35_mlx_mlx_lm_generate(registered, capsys, monkeypatch):

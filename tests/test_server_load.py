@@ -9,30 +9,19 @@ Every wait has a timeout and the server is killed at the end whatever happens.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
 import qwen35_mlx
+from tests.server import mlx_lm_server
 
 TINY = Path(qwen35_mlx.__file__).parent / "assets" / "tiny"
 N_REQUESTS = 32
 START_TIMEOUT = 90  # seconds for the server to come up
 TEST_TIMEOUT = 300  # seconds for everything after that
 TOPICS = ["lists", "tuples", "dicts", "sets", "generators", "decorators", "classes", "modules"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _requests() -> list[dict]:
@@ -96,27 +85,8 @@ def _post(url: str, body: dict, timeout: float) -> dict:
 # 24 s on the 2-core CPU machine when quiet, about 70 s under the load of eight sessions
 # (2026-12-01, ~22 s of CPU either way); every wait below is bounded.
 def test_server_answers_32_concurrent_requests_like_sequential_ones(tmp_path):
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen35_mlx.mlx_lm", "server", "--model", str(TINY),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "server did not start in time"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-
+    start_by = time.monotonic() + START_TIMEOUT
+    with mlx_lm_server(TINY, tmp_path / "server.log", start_by) as (base, proc):
         deadline = time.monotonic() + TEST_TIMEOUT
         url = f"{base}/v1/chat/completions"
         bodies = _requests()
@@ -146,10 +116,3 @@ def test_server_answers_32_concurrent_requests_like_sequential_ones(tmp_path):
         again = _post(url, bodies[5], left())
         assert again == sequential[5]
         assert proc.poll() is None
-    finally:
-        proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the server did not exit after kill")
-        log.close()
