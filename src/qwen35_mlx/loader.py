@@ -28,8 +28,7 @@ it loads our models itself):
   checks no dtype: `check_weights` gives the one-line errors the CLI prints; catching load_weights'
   error would lose them, and our `sanitize` runs before quantization, so it cannot check shapes;
 - reading the weights ourselves lets safetensors name a truncated or corrupt file before mx.load
-  maps it (mlx-lm's `mx.load` errors name no file), and lets `dtype` cast the weights before
-  they are loaded (a cast after load_model would touch a quantized model's scales the same way).
+  maps it (mlx-lm's `mx.load` errors name no file).
 """
 
 from __future__ import annotations
