@@ -111,3 +111,17 @@ def test_batch_generator_rows_with_images_equal_solo(vlm):
         cache = extracted[u]
         logits = model(mx.array([[ref[n]]]), cache=cache)[:, -1]
         assert _greedy(model, cache, logits, n_more - 1)[0] == ref[n + 1 :], f"row {u}"
+
+
+def test_mlx_lm_prompt_cache_file_reads_a_vlm_cache_back(vlm, tmp_path):
+    # mlx-lm's load_prompt_cache looks the saved class names up in its own module: the cache
+    # that carries the M-RoPE shift must save under a name it knows.
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    model, _ = vlm
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    back = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert [type(c).__name__ for c in back] == [type(c).__name__ for c in cache]
+    assert all(c.state is not None for c in back)
