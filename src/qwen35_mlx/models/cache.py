@@ -19,7 +19,10 @@ mask, so its shapes change only when `reserve` grows a buffer by a block. The Py
 
 A VLM conversation's M-RoPE state lives on its first linear-attention cache (`MROPE_SHIFT`,
 `MROPE_PROMPT`; KV quantization replaces the attention caches but keeps that one), not on the
-model: two conversations on one model object do not mix.
+model: two conversations on one model object do not mix. A VLM's first linear cache is an
+`MRopeArraysCache`, an ArraysCache whose batch operations (filter, extend, merge, extract) carry
+each row's shift along (0 for a row without one), so BatchGenerator's batches of conversations
+with images keep their positions.
 
 The recurrent state cannot be trimmed: `PromptCache` (prompt_cache.py) keeps references to the
 linear states at prefix boundaries instead.
@@ -30,9 +33,17 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
-__all__ = ["make_cache", "mrope_holder", "ArraysCache", "KVCache", "BatchKVCache"]
+__all__ = [
+    "make_cache",
+    "mrope_holder",
+    "ArraysCache",
+    "MRopeArraysCache",
+    "KVCache",
+    "BatchKVCache",
+]
 
 # Attribute names of the VLM's per-conversation M-RoPE state on a cache object (vlm.py):
 # MROPE_SHIFT [B] int32: the next position of a row is (cache offset + shift); MROPE_PROMPT:
@@ -54,16 +65,73 @@ def mrope_holder(cache: list) -> Any:
     return None
 
 
-def make_cache(layer_types: list[str], left_padding: list[int] | None = None) -> list:
+class MRopeArraysCache(ArraysCache):
+    """mlx-lm's ArraysCache whose batch operations keep the per-row M-RoPE state of the rows
+    they keep (`MROPE_SHIFT` [B]; `MROPE_PROMPT`'s positions [3, B, T] where the rows stay in
+    place). Without any state it is ArraysCache. Named ArraysCache, so that mlx-lm's
+    `save_prompt_cache` / `load_prompt_cache` (which look classes up by name in their module)
+    read it back."""
+
+    def filter(self, batch_indices) -> None:
+        rows = np.array(batch_indices).reshape(-1)
+        super().filter(batch_indices)
+        if hasattr(self, MROPE_SHIFT):
+            setattr(self, MROPE_SHIFT, np.asarray(getattr(self, MROPE_SHIFT))[rows])
+        prompt = getattr(self, MROPE_PROMPT, None)
+        if prompt is not None:
+            setattr(self, MROPE_PROMPT, (prompt[0], prompt[1][:, mx.array(rows)]))
+
+    def extend(self, other: ArraysCache) -> None:
+        a, b = self.batch_size, other.batch_size
+        has = hasattr(self, MROPE_SHIFT) or hasattr(other, MROPE_SHIFT)
+        shift = np.concatenate([_row_shift(self, a), _row_shift(other, b)])
+        super().extend(other)
+        if has:
+            setattr(self, MROPE_SHIFT, shift)
+        if hasattr(self, MROPE_PROMPT):  # its rows and start no longer fit the batch
+            delattr(self, MROPE_PROMPT)
+
+    def extract(self, idx: int) -> MRopeArraysCache:
+        out = MRopeArraysCache(len(self.cache))
+        out.cache = [c[idx : idx + 1] for c in self.cache]
+        if hasattr(self, MROPE_SHIFT):
+            setattr(out, MROPE_SHIFT, np.asarray(getattr(self, MROPE_SHIFT))[idx : idx + 1])
+        return out
+
+    @classmethod
+    def merge(cls, caches: list) -> MRopeArraysCache:
+        out = super().merge(caches)
+        if any(hasattr(c, MROPE_SHIFT) for c in caches):
+            setattr(out, MROPE_SHIFT, np.concatenate([_row_shift(c, c.batch_size) for c in caches]))
+        return out
+
+
+MRopeArraysCache.__name__ = MRopeArraysCache.__qualname__ = "ArraysCache"
+LINEAR_CACHES = (ArraysCache, MRopeArraysCache)  # the linear-attention cache kinds we make
+
+
+def _row_shift(c: Any, batch: int) -> np.ndarray:
+    """The M-RoPE shift of each of a cache's `batch` rows, 0 for rows without one."""
+    shift = getattr(c, MROPE_SHIFT, None)
+    return np.zeros(batch, np.int64) if shift is None else np.asarray(shift, np.int64)
+
+
+def make_cache(
+    layer_types: list[str], left_padding: list[int] | None = None, mrope: bool = False
+) -> list:
     """One cache per layer, in layer_types order.
 
     left_padding: per-row pad counts of a left-padded batch; gives ArraysCache(left_padding) and
     BatchKVCache(left_padding) so that the masks and rotary positions count real tokens only.
+    mrope: a VLM's cache; its first linear-attention cache (`mrope_holder`) is an
+    MRopeArraysCache.
     """
     caches = []
     for t in layer_types:
         if t == "linear_attention":
-            caches.append(ArraysCache(size=2, left_padding=left_padding))
+            holder = mrope and not any(isinstance(c, ArraysCache) for c in caches)
+            kind = MRopeArraysCache if holder else ArraysCache
+            caches.append(kind(size=2, left_padding=left_padding))
         elif left_padding is not None:
             caches.append(BatchKVCache(left_padding))
         else:

@@ -29,7 +29,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_la
 from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
-from .cache import ArraysCache, BatchKVCache, KVCache, StaticKV, static_mask
+from .cache import BatchKVCache, KVCache, StaticKV, static_mask
 from .config import TextConfig
 from .layers import DecoderLayer
 from .shard import shard_text_model
@@ -164,7 +164,7 @@ class TextModel(nn.Module):
         kv_caches, lin_caches = [], []
         for layer, c in zip(self.model.layers, cache, strict=True):
             (lin_caches if layer.is_linear else kv_caches).append(c)
-        if any(type(c) is not ArraysCache or c.lengths is not None for c in lin_caches):
+        if any(type(c) not in cache_lib.LINEAR_CACHES or c.lengths is not None for c in lin_caches):
             return None
         if any(c[0] is None or c[1] is None for c in lin_caches):
             return None
