@@ -135,7 +135,11 @@ _LOAD = """{
 # GD_CONV's replacement of the first step's load: q, k and v from the raw in-projection (see
 # "Conv decode" in the docstring). gd_conv_silu(ch, out, store) computes channel ch's conv and
 # silu into the float `out` (a value of YT) and, if `store`, writes the channel's new conv state.
-_CONV_LOAD = """  {
+_CONV_LOAD = """
+  // Key head hk's post-silu q (first Dk) and k channels, once per threadgroup (declared
+  // at kernel scope, as Metal wants threadgroup variables).
+  gd_threadgroup float qk_tg[2 * Dk];
+  {
     // qkv: [B, n_ch]; conv_state, conv_state_out: [B, K-1, n_ch]; conv_w: [n_ch, K]
     const size_t x0 = size_t(b_idx) * n_ch;
     const size_t cs0 = size_t(b_idx) * (K - 1) * n_ch;
@@ -159,8 +163,6 @@ _CONV_LOAD = """  {
           h < 0.0f ? 1.0f / (1.0f + e) : 1.0f - 1.0f / (1.0f + e)));                      \\
       out = static_cast<float>(static_cast<YT>(h * sig));                                 \\
     }
-    // Key head hk's post-silu q (first Dk) and k channels, once per threadgroup.
-    gd_threadgroup float qk_tg[2 * Dk];
     const bool first_tg = gd_row_group / W == 0 && hv % unsigned(Hv / Hk) == 0;
     for (unsigned i = (gd_row_group % W) * 32 + gd_lane; i < unsigned(2 * Dk); i += 32 * W) {
       const unsigned ch = hk * Dk + (i < unsigned(Dk) ? i : i - Dk + Hk * Dk);
