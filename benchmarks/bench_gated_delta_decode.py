@@ -15,7 +15,7 @@ Two timings, each the median over --repeats of (time / --steps), contenders alte
 and the primitive count of one step's graph (mx.export_to_dot).
 
     python benchmarks/bench_gated_delta_decode.py [--batches 1,32,128] [--steps 50]
-        [--repeats 5] [--out DIR]
+        [--repeats 5] [--layouts 16x4,8x4] [--out DIR]
 
 Prints a table; writes JSON (device, versions, date) into --out (default benchmarks/out).
 """
@@ -83,6 +83,20 @@ def fused(Hk, Hv, Dk, Dv):
     return mx.compile(step)
 
 
+def fused_layout(Hk, Hv, Dk, Dv, lanes, warps):
+    """The GPU kernel at a given layout (lanes per value row, warps per threadgroup)."""
+    from qwen35_mlx.kernels.gated_delta import _gpu_backend
+
+    impl = next(_gpu_backend(n) for n in ("metal", "cuda") if _gpu_backend(n).is_available())
+
+    def step(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state):
+        return impl.gated_delta_decode_kernel(
+            qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, lanes=lanes, warps=warps
+        )
+
+    return mx.compile(step)
+
+
 def _call(fn, x, state, conv):
     return fn(x["qkv"], conv, x["conv_w"], x["a"], x["b"], x["A_log"], x["dt_bias"], state)
 
@@ -124,11 +138,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="benchmarks/out")
+    p.add_argument(
+        "--layouts",
+        default="",
+        help="GPU only: extra kernel layouts LANESxWARPS, e.g. 16x4,8x4 (default layout: 16x2)",
+    )
     args = p.parse_args(argv)
     rows = []
     for shape in args.shapes.split(","):
         Hk, Hv, Dk, Dv = SHAPES[shape]
         cands = {"today": today(Hk, Hv, Dk, Dv), "fused": fused(Hk, Hv, Dk, Dv)}
+        for lay in filter(None, args.layouts.split(",")):
+            lanes, warps = map(int, lay.split("x"))
+            cands[f"fused {lay}"] = fused_layout(Hk, Hv, Dk, Dv, lanes, warps)
         for B in (int(b) for b in args.batches.split(",")):
             x = inputs(B, Hk, Hv, Dk, Dv)
             res = {n: {"step": [], "graph": []} for n in cands}
@@ -145,14 +167,16 @@ def main(argv=None) -> int:
                 row[n]["min_ms"] = {m: min(v) * 1e3 for m, v in res[n].items()}
                 row[n]["primitives"] = primitives(fn, x)
             rows.append(row)
-            t, f = row["today"], row["fused"]
-            print(
-                f"{shape:>4} B={B:<4} step ms: today {t['step']:.3f} fused {f['step']:.3f} "
-                f"({t['step'] / f['step']:.2f}x) | graph ms: today {t['graph']:.3f} fused "
-                f"{f['graph']:.3f} ({t['graph'] / f['graph']:.2f}x) | primitives "
-                f"{t['primitives']} -> {f['primitives']}",
-                flush=True,
-            )
+            t = row["today"]
+            for n in list(cands)[1:]:
+                f = row[n]
+                print(
+                    f"{shape:>4} B={B:<4} {n:>11} step ms: today {t['step']:.3f} ours "
+                    f"{f['step']:.3f} ({t['step'] / f['step']:.2f}x) | graph ms: today "
+                    f"{t['graph']:.3f} ours {f['graph']:.3f} ({t['graph'] / f['graph']:.2f}x) | "
+                    f"primitives {t['primitives']} -> {f['primitives']}",
+                    flush=True,
+                )
     env = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),

@@ -43,7 +43,7 @@ case "$step" in
       --target-s 0.5 --out "$out" 2>&1 | tee "$out/bench_prefill.log"
     ;;
   convdecode)
-    python3 benchmarks/bench_gated_delta_decode.py --out "$out" 2>&1 |
+    python3 benchmarks/bench_gated_delta_decode.py --layouts 16x4,8x4 --out "$out" 2>&1 |
       tee "$out/bench_conv_decode.log"
     ;;
 esac
