@@ -122,6 +122,20 @@ def test_decode_ref_chained_steps_match_numpy():
     assert rel_err(x["conv_state"], want["conv_state"]) == 0.0
 
 
+def test_decode_none_states_are_zeros():
+    """A fresh cache (conv_state and state None) is the same as zeros."""
+    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 32, 16, 4
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, dtype=mx.bfloat16)
+    args = _args(x)
+    got = gated_delta_decode(*args[:1], None, *args[2:7], None, **_kw(Hk, Dk, Hv, Dv))
+    x["conv_state"] = mx.zeros_like(x["conv_state"])
+    x["state"] = mx.zeros_like(x["state"])
+    want = gated_delta_decode(*_args(x), **_kw(Hk, Dk, Hv, Dv))
+    assert got[0].dtype == mx.bfloat16 and got[2].dtype == mx.bfloat16
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(g.astype(mx.float32)), np.asarray(w.astype(mx.float32)))
+
+
 def _raises(match, **changes):
     B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 32, 16, 4
     x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K)

@@ -239,13 +239,13 @@ def _validate_decode(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask,
 
 def gated_delta_decode(
     qkv: mx.array,
-    conv_state: mx.array,
+    conv_state: mx.array | None,
     conv_w: mx.array,
     a: mx.array,
     b: mx.array,
     A_log: mx.array,
     dt_bias: mx.array,
-    state: mx.array,
+    state: mx.array | None,
     *,
     num_k_heads: int,
     head_k_dim: int,
@@ -260,7 +260,8 @@ def gated_delta_decode(
     activation dtype; conv_state [B, K-1, C] the last K-1 pre-conv inputs; conv_w [C, K] the
     depthwise weight (tap K-1 meets the current token); a, b [B, Hv] raw gate inputs; A_log,
     dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B] bool or None (False: that row's
-    recurrent state is unchanged and y = 0; its conv state still shifts in qkv).
+    recurrent state is unchanged and y = 0; its conv state still shifts in qkv). A conv_state
+    or state of None means zeros (a fresh cache), as in the layer.
 
     Computes conv over [conv_state | qkv], silu, q = l2norm(q) * Dk^-0.5, k = l2norm(k) (eps
     1e-6 inside the rsqrt), g = exp(-exp(A_log) * softplus(a + dt_bias)), beta = sigmoid(b), and
@@ -277,6 +278,11 @@ def gated_delta_decode(
     applies as for gated_delta; "chunked" (a prefill backend) means ref here.
     """
     dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
+    if qkv.ndim == 2 and conv_w.ndim == 2:
+        if conv_state is None:
+            conv_state = mx.zeros((qkv.shape[0], conv_w.shape[1] - 1, qkv.shape[1]), qkv.dtype)
+        if state is None:
+            state = mx.zeros((qkv.shape[0], num_v_heads, head_v_dim, head_k_dim), mx.float32)
     _validate_decode(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)
     name = _resolve_backend(backend)
     if name == "auto" and mx.default_device() != mx.cpu:
