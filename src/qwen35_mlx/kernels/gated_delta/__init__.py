@@ -268,7 +268,9 @@ def gated_delta_decode(
     the gated delta step, with the precision of the layer's ops path: conv (products and sums),
     silu and q's scale in qkv's dtype, each op rounded to it (conv_state and conv_w are cast to
     it); the l2 norms' sums in fp32, the normalised q and k rounded to qkv's dtype; gates and
-    recurrence in fp32.
+    recurrence in fp32. `ref` is that path's ops (bit for bit on the CPU); the GPU kernel rounds
+    sigmoid's intermediates as MLX's CPU op does (source.py), so with bf16/fp16 activations it
+    may differ from the ops path run on a GPU by an ulp of an activation.
 
     Returns (y [B, Hv, Dv] in qkv's dtype, state [B, Hv, Dv, Dk] fp32, new conv state
     [B, K-1, C] in qkv's dtype = the last K-1 rows of [conv_state | qkv]).

@@ -48,8 +48,10 @@ Conv decode (GD_CONV): qkv [B, C] (C = 2 Hk Dk + Hv Dv, channels [q | k | v]) in
 dtype YT; conv_state [B, K-1, C] (the last K-1 inputs); conv_w [C, K] (tap K-1 meets the current
 token); a, b [B, Hv]; mask [B]. Outputs y [B, Hv, Dv] (YT), state_out and conv_state_out
 [B, K-1, C] (YT, the last K-1 rows of [conv_state | qkv]). The conv and silu run in YT as the
-ops path does: every product, sum, sigmoid and silu product rounded to YT; the l2 norms sum in
-fp32 and round the normalised q and k to YT, then q is multiplied by YT(Dk^-0.5) in YT. Each
+ops path does on MLX's CPU: every product and sum rounded to YT; sigmoid as MLX's CPU op computes
+it (e = YT(exp|h|), then YT(1 / (1 + e)) or YT(1 - 1 / (1 + e)) in fp32: MLX's GPU ops round
+these intermediates differently, by up to an ulp of YT); silu's product rounded to YT; the l2
+norms sum in fp32 and round the normalised q and k to YT, then q times YT(Dk^-0.5) in YT. Each
 threadgroup computes the post-silu q and k channels of its key head once (2 Dk of them, staged in
 threadgroup memory, 2 KB at Dk = 256); each lane then normalises its own columns, reducing the
 sums of squares over its row's L lanes as the recurrence does. Each row computes its own v channel.
