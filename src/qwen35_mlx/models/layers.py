@@ -86,6 +86,42 @@ def _conv_qkv(conv_in: mx.array, w: mx.array, T: int, Hk: int, Dk: int, Hv: int,
 _conv_qkv_decode = mx.compile(_conv_qkv)
 
 
+def gated_delta_decode(
+    qkv: mx.array,
+    conv_state: mx.array,
+    conv_w: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: mx.array,
+    *,
+    num_k_heads: int,
+    head_k_dim: int,
+    num_v_heads: int,
+    head_v_dim: int,
+    mask: mx.array | None = None,
+    backend: str = "auto",
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One token a row of the linear-attention mixer after its in-projections: causal conv +
+    SiLU, l2-norms, gates and the recurrence (the compiled decode step's `GatedDeltaNet.step`).
+
+    qkv [B, C] (C = 2 Hk Dk + Hv Dv), conv_state [B, K-1, C], conv_w [C, K, 1] (conv1d.weight as
+    stored), a, b [B, Hv], A_log, dt_bias [Hv], state [B, Hv, Dv, Dk] fp32, mask [B, 1] bool or
+    None (rows where it is False keep their recurrent state). Returns (y [B, Hv, Dv], new conv
+    state [B, K-1, C], new state). Written with the prefill path's ops (`_conv_qkv`,
+    `gated_delta_update`), so it computes what `GatedDeltaNet.__call__` computes at T = 1; a
+    fused kernel of the same signature can take its place.
+    """
+    conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv[:, None]], axis=1)  # [B, K, C]
+    Hk, Dk, Hv, Dv = num_k_heads, head_k_dim, num_v_heads, head_v_dim
+    q, k, v = _conv_qkv(conv_in, conv_w[..., 0], 1, Hk, Dk, Hv, Dv)
+    y, state = gated_delta_update(
+        q, k, v, a[:, None], b[:, None], A_log, dt_bias, state, mask, backend=backend
+    )
+    return y[:, 0], conv_in[:, 1:], state
+
+
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -151,6 +187,31 @@ class GatedDeltaNet(nn.Module):
                 cache.advance(T)
         y = self.norm(y, z)  # [B, T, Hv, Dv]
         return self.out_proj(y.reshape(B, T, self.value_dim))
+
+    def step(self, x: mx.array, mask: mx.array | None, cache: list) -> mx.array:
+        """One token a row at decode (the compiled step): x [B, H] -> [B, H]; cache is
+        [conv state, recurrent state], replaced by the new ones. Same arithmetic as `__call__`
+        at T = 1, without its [B, 1, ...] reshapes."""
+        B = x.shape[0]
+        if mask is not None:
+            x = mx.where(mask, x, mx.zeros((), x.dtype))  # mask [B, 1], as in __call__
+        y, cache[0], cache[1] = gated_delta_decode(
+            self.in_proj_qkv(x),
+            cache[0],
+            self.conv1d.weight,
+            self.in_proj_a(x),
+            self.in_proj_b(x),
+            self.A_log,
+            self.dt_bias,
+            cache[1],
+            num_k_heads=self.num_k_heads,
+            head_k_dim=self.head_k_dim,
+            num_v_heads=self.num_v_heads,
+            head_v_dim=self.head_v_dim,
+            mask=mask,
+        )
+        y = self.norm(y, self.in_proj_z(x).reshape(y.shape))  # [B, Hv, Dv]
+        return self.out_proj(y.reshape(B, self.value_dim))
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
@@ -262,11 +323,7 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, D).transpose(0, 2, 1, 3)
 
-        if rope is not None:
-            q, k = apply_rotate_half(q, *rope), apply_rotate_half(k, *rope)
-        else:
-            offset = cache.offset if cache is not None else 0
-            q, k = self.rope(q, offset), self.rope(k, offset)
+        q, k = self._rotate(q, k, cache, rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
@@ -275,6 +332,36 @@ class Attention(nn.Module):
         if gate is not None:
             o = _sigmoid_gate(o, gate)
         return self.o_proj(o)
+
+    def step(
+        self,
+        x: mx.array,
+        mask: mx.array,
+        cache: Any,
+        rope: tuple[mx.array, mx.array] | None = None,
+    ) -> mx.array:
+        """One token a row at decode (the compiled step): x [B, H] -> [B, H]; cache a
+        `cache.StaticKV`, mask [1 or B, 1, 1, capacity] bool. Same arithmetic as `__call__` at
+        T = 1: with one token, [B, heads, 1, D] is a reshape of the projection, no transposes."""
+        B, D = x.shape[0], self.head_dim
+        q = self.q_proj(x).reshape(B, self.num_heads, 1, -1)
+        q, gate = (q[..., :D], q[..., D:]) if self.output_gate else (q, None)
+        k = self.k_proj(x).reshape(B, self.num_kv_heads, 1, D)
+        v = self.v_proj(x).reshape(B, self.num_kv_heads, 1, D)
+        q, k = self._rotate(self.q_norm(q), self.k_norm(k), cache, rope)
+        k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if gate is not None:
+            o = _sigmoid_gate(o, gate)
+        return self.o_proj(o.reshape(B, self.num_heads * D))
+
+    def _rotate(self, q, k, cache, rope):
+        """q, k [B, heads, T, D] rotated: M-RoPE (cos, sin) when given, else plain positions
+        from the cache offset (0 without a cache)."""
+        if rope is not None:
+            return apply_rotate_half(q, *rope), apply_rotate_half(k, *rope)
+        offset = cache.offset if cache is not None else 0
+        return self.rope(q, offset), self.rope(k, offset)
 
 
 class MLP(nn.Module):
@@ -401,10 +488,16 @@ class DecoderLayer(nn.Module):
         cache: Any = None,
         rope: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        return self._block(mixer, x, mask, cache, rope)
+
+    def step(self, x: mx.array, mask: Any, cache: Any, rope=None) -> mx.array:
+        """One token a row at decode (the compiled step): x [B, H]; the mixers' `step`."""
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        return self._block(mixer.step, x, mask, cache, rope)
+
+    def _block(self, mix, x, mask, cache, rope):
         h = self.input_layernorm(x)
-        if self.is_linear:
-            h = self.linear_attn(h, mask, cache)
-        else:
-            h = self.self_attn(h, mask, cache, rope)
+        h = mix(h, mask, cache) if self.is_linear else mix(h, mask, cache, rope)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))

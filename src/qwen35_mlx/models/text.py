@@ -115,9 +115,11 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         tokens [B, 1]; kv: per attention layer (keys, values) [B, Hkv, capacity, D]; lin: per
         linear layer (conv state, recurrent state); idx: write index (array); offset: rotary
         position (scalar or [B]); left_padding [B] or None; ssm_mask [B, 1] or None;
-        position_ids [3, B, 1] or None. Returns (normed hidden [B, 1, H], new kv, new lin).
+        position_ids [3, B, 1] or None. Returns (normed hidden [B, H], new kv, new lin).
+        Activations are [B, H] throughout (the layers' `step`): on [B, 1, H] every Linear
+        is a flatten, matmul and unflatten, and every primitive costs host time per token.
         """
-        h = self.embed_tokens(tokens)
+        h = self.embed_tokens(tokens.reshape(-1))
         rope = None
         if position_ids is not None and self._fa_idx is not None:
             rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
@@ -126,7 +128,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         for layer in self.layers:
             if layer.is_linear:
                 c = list(next(lin))
-                h = layer(h, ssm_mask, c)
+                h = layer.step(h, ssm_mask, c)
                 new_lin.append(tuple(c))
             else:
                 keys, values = next(kv)
@@ -134,7 +136,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 if C not in masks:
                     masks[C] = static_mask(C, idx, left_padding)
                 c = StaticKV(keys, values, idx, offset)
-                h = layer(h, masks[C], c, rope)
+                h = layer.step(h, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
         return self.norm(h), new_kv, new_lin
 
@@ -156,7 +158,7 @@ class TextModel(nn.Module):
 
     def _decode_impl(self, *args):
         h, kv, lin = self.model.decode(*args)
-        return self.logits(h), kv, lin
+        return self.logits(h)[:, None], kv, lin
 
     def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
         """The compiled decode step over `cache`, updated in place; None when the cache is not
