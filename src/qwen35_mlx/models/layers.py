@@ -68,17 +68,20 @@ def _conv_qkv(conv_in: mx.array, w: mx.array, T: int, Hk: int, Dk: int, Hv: int,
     conv_in [B, K-1+T, C] (tap K-1 meets the current token), w [C, K] -> q, k [B, T, Hk, Dk],
     v [B, T, Hv, Dv].
     """
-    B, K = conv_in.shape[0], w.shape[1]
+    K = w.shape[1]
     w = w.astype(conv_in.dtype)
     h = conv_in[:, 0:T] * w[:, 0]
     for j in range(1, K):
         h = h + conv_in[:, j : j + T] * w[:, j]
-    h = nn.silu(h)
-    key_dim = Hk * Dk
-    q = _l2norm(h[..., :key_dim].reshape(B, T, Hk, Dk)) * (Dk**-0.5)
-    k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
-    v = h[..., 2 * key_dim :].reshape(B, T, Hv, Dv)
-    return q, k, v
+    return _split_qkv(nn.silu(h), Hk, Dk, Hv, Dv)
+
+
+def _split_qkv(h: mx.array, Hk: int, Dk: int, Hv: int, Dv: int):
+    """The conv's output h [B, T, C] -> l2-normalised q (scaled by Dk^-0.5), k, and v."""
+    B, T = h.shape[:2]
+    q, k, v = mx.split(h, [Hk * Dk, 2 * Hk * Dk], axis=-1)
+    q = _l2norm(q.reshape(B, T, Hk, Dk)) * (Dk**-0.5)
+    return q, _l2norm(k.reshape(B, T, Hk, Dk)), v.reshape(B, T, Hv, Dv)
 
 
 # Compiled for decode only: its slices depend on T, so a compiled version is traced per shape,
@@ -113,13 +116,19 @@ def gated_delta_decode(
     `gated_delta_update`), so it computes what `GatedDeltaNet.__call__` computes at T = 1; a
     fused kernel of the same signature can take its place.
     """
+    B, K = qkv.shape[0], conv_w.shape[1]
     conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv[:, None]], axis=1)  # [B, K, C]
-    Hk, Dk, Hv, Dv = num_k_heads, head_k_dim, num_v_heads, head_v_dim
-    q, k, v = _conv_qkv(conv_in, conv_w[..., 0], 1, Hk, Dk, Hv, Dv)
+    # The taps of `_conv_qkv` at T = 1, in its order: split views, not K slices of each.
+    taps = mx.split(conv_in, K, axis=1)
+    w = mx.split(conv_w.T.astype(qkv.dtype), K, axis=1)  # K x [1, 1, C]
+    h = taps[0] * w[0]
+    for j in range(1, K):
+        h = h + taps[j] * w[j]
+    q, k, v = _split_qkv(nn.silu(h), num_k_heads, head_k_dim, num_v_heads, head_v_dim)
     y, state = gated_delta_update(
         q, k, v, a[:, None], b[:, None], A_log, dt_bias, state, mask, backend=backend
     )
-    return y[:, 0], conv_in[:, 1:], state
+    return y.reshape(B, num_v_heads, head_v_dim), conv_in[:, 1:], state
 
 
 class GatedDeltaNet(nn.Module):
