@@ -34,6 +34,112 @@ from .config import TextConfig
 _L2_EPS = 1e-6
 
 
+# Decode projections. In the compiled decode step every primitive costs host time per token
+# (benchmarks/NOTES.md, "Fast decode"), and nn.Linear is two: a Transpose of its weight and the
+# Matmul. `prepare_projections` gives a module's Linear layers that read the same input (e.g.
+# in_proj_qkv/z/b/a) one matrix, stored transposed, and `project` applies them as one Matmul
+# and one Split. The fused matrix is a new buffer and the layers' own weights become row views
+# of it, so memory does not grow, and the parameters keep their names, shapes and values
+# (saving, quantizing, sharding and loading see nothing else). It is rebuilt whenever a
+# layer's weight is no longer the view it made (new weights, a cast, quantization), and skipped
+# for layers that do not fit (biases, LoRA or sharded wrappers, mixed dtypes or quantization).
+
+
+class _Fused:
+    """What `prepare_projections` made for one group: the weights it took (to see a change),
+    the output sizes, and the quantization arguments (None for a dense matrix)."""
+
+    def __init__(self, weights: list, sizes: list[int], quant: dict | None):
+        self.weights, self.sizes, self.quant = weights, sizes, quant
+
+
+def _key(names: tuple[str, ...]) -> str:
+    # An underscore key: not a parameter (not saved or loaded), but the compiled step, which
+    # takes its model's whole tree as implicit inputs (`inputs=`), reads it at every call.
+    return "_decode_" + names[0]
+
+
+def _fusable(mods: list) -> dict | None | bool:
+    """False when `mods` cannot share one matrix; None when they are dense (same dtype, no
+    bias); their common quantization arguments when they are quantized alike."""
+    if any("bias" in m for m in mods):
+        return False
+    if all(type(m) in (nn.Linear, nn.Embedding) for m in mods):
+        return None if len({m.weight.dtype for m in mods}) == 1 else False
+    if len(mods) > 1 and all(type(m) is nn.QuantizedLinear for m in mods):
+        args = [(m.group_size, m.bits, m.mode, m.scales.dtype, "biases" in m) for m in mods]
+        if len(set(args)) == 1:
+            return dict(group_size=mods[0].group_size, bits=mods[0].bits, mode=mods[0].mode)
+    return False
+
+
+def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
+    """Make (or keep, or drop) the decode form of owner's Linear layers `names`, which all read
+    the same input (see `project`). One identity check per layer when nothing changed."""
+    key = _key(names)
+    if _made(owner, names) is not None:
+        return
+    mods = [owner[n] for n in names]
+    if key in owner:
+        del owner[key]
+    object.__setattr__(owner, key + "_made", None)
+    quant = _fusable(mods)
+    if quant is False:
+        return
+    sizes = [m.weight.shape[0] for m in mods]
+    arrays = ("weight", "scales", "biases") if quant else ("weight",)
+    arrays = [a for a in arrays if a in mods[0]]
+    if len(mods) == 1:
+        fused = {"weight": mods[0].weight}
+    else:
+        fused = {a: mx.concatenate([m[a] for m in mods]) for a in arrays}
+        mx.eval(fused)
+        starts = np.cumsum([0] + sizes)
+        for m, lo, hi in zip(mods, starts[:-1], starts[1:], strict=True):
+            for a in arrays:  # views of the fused buffer: the old arrays can go
+                m[a] = fused[a][int(lo) : int(hi)]
+        mx.eval([m[a] for m in mods for a in arrays])
+    if quant is None:
+        owner[key] = fused["weight"].T  # a transposed view: no Transpose in the step
+        mx.eval(owner[key])
+    else:
+        owner[key] = tuple(fused.get(a) for a in ("weight", "scales", "biases"))
+    object.__setattr__(owner, key + "_made", _Fused([m.weight for m in mods], sizes, quant))
+
+
+def prepare_decode(module: nn.Module) -> None:
+    """`prepare_projections` for each of the module's `DECODE_GROUPS`."""
+    for names in module.DECODE_GROUPS:
+        prepare_projections(module, names)
+
+
+def _made(owner: nn.Module, names: tuple[str, ...]) -> _Fused | None:
+    """The group's `_Fused` if its layers still hold the weights it was made from."""
+    made = getattr(owner, _key(names) + "_made", None)
+    if made is None:
+        return None
+    current = (owner[n].get("weight") for n in names)
+    return made if all(w is m for w, m in zip(current, made.weights, strict=True)) else None
+
+
+def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.array]:
+    """x through owner's Linear layers `names` (an Embedding: as its tied output layer), as one
+    matmul when `prepare_projections` made one for them (and they have not changed since),
+    else each layer's own call."""
+    made = _made(owner, names)
+    if made is None:
+        mods = [owner[n] for n in names]
+        return [m.as_linear(x) if hasattr(m, "as_linear") else m(x) for m in mods]
+    w = owner[_key(names)]
+    if made.quant is None:
+        y = x @ w
+    else:
+        y = mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
+    if len(names) == 1:
+        return [y]
+    return mx.split(y, np.cumsum(made.sizes[:-1]).tolist(), axis=-1)
+
+
 class RMSNormGated(nn.Module):
     """weight * rmsnorm(x) * silu(gate), the gate in fp32 (linear_attn.norm)."""
 
@@ -132,6 +238,9 @@ def gated_delta_decode(
 
 
 class GatedDeltaNet(nn.Module):
+    IN_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+    DECODE_GROUPS = (IN_PROJ, ("out_proj",))
+
     def __init__(self, config: TextConfig):
         super().__init__()
         self.hidden_size = config.hidden_size
@@ -204,12 +313,13 @@ class GatedDeltaNet(nn.Module):
         B = x.shape[0]
         if mask is not None:
             x = mx.where(mask, x, mx.zeros((), x.dtype))  # mask [B, 1], as in __call__
+        qkv, z, b, a = project(self, self.IN_PROJ, x)
         y, cache[0], cache[1] = gated_delta_decode(
-            self.in_proj_qkv(x),
+            qkv,
             cache[0],
             self.conv1d.weight,
-            self.in_proj_a(x),
-            self.in_proj_b(x),
+            a,
+            b,
             self.A_log,
             self.dt_bias,
             cache[1],
@@ -219,8 +329,8 @@ class GatedDeltaNet(nn.Module):
             head_v_dim=self.head_v_dim,
             mask=mask,
         )
-        y = self.norm(y, self.in_proj_z(x).reshape(y.shape))  # [B, Hv, Dv]
-        return self.out_proj(y.reshape(B, self.value_dim))
+        y = self.norm(y, z.reshape(y.shape))  # [B, Hv, Dv]
+        return project(self, ("out_proj",), y.reshape(B, self.value_dim))[0]
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
@@ -290,6 +400,8 @@ def apply_rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 class Attention(nn.Module):
+    DECODE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
+
     def __init__(self, config: TextConfig):
         super().__init__()
         H = config.hidden_size
@@ -353,16 +465,17 @@ class Attention(nn.Module):
         `cache.StaticKV`, mask [1 or B, 1, 1, capacity] bool. Same arithmetic as `__call__` at
         T = 1: with one token, [B, heads, 1, D] is a reshape of the projection, no transposes."""
         B, D = x.shape[0], self.head_dim
-        q = self.q_proj(x).reshape(B, self.num_heads, 1, -1)
+        q, k, v = project(self, self.DECODE_GROUPS[0], x)
+        q = q.reshape(B, self.num_heads, 1, -1)
         q, gate = (q[..., :D], q[..., D:]) if self.output_gate else (q, None)
-        k = self.k_proj(x).reshape(B, self.num_kv_heads, 1, D)
-        v = self.v_proj(x).reshape(B, self.num_kv_heads, 1, D)
+        k = k.reshape(B, self.num_kv_heads, 1, D)
+        v = v.reshape(B, self.num_kv_heads, 1, D)
         q, k = self._rotate(self.q_norm(q), self.k_norm(k), cache, rope)
         k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         if gate is not None:
             o = _sigmoid_gate(o, gate)
-        return self.o_proj(o.reshape(B, self.num_heads * D))
+        return project(self, ("o_proj",), o.reshape(B, self.num_heads * D))[0]
 
     def _rotate(self, q, k, cache, rope):
         """q, k [B, heads, T, D] rotated: M-RoPE (cos, sin) when given, else plain positions
@@ -382,8 +495,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    DECODE_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
+
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    def step(self, x: mx.array) -> mx.array:
+        """`__call__` through `project` (the compiled decode step)."""
+        gate, up = project(self, self.DECODE_GROUPS[0], x)
+        return project(self, ("down_proj",), _swiglu(gate, up))[0]
 
 
 @partial(mx.compile, shapeless=True)
@@ -503,10 +623,18 @@ class DecoderLayer(nn.Module):
     def step(self, x: mx.array, mask: Any, cache: Any, rope=None) -> mx.array:
         """One token a row at decode (the compiled step): x [B, H]; the mixers' `step`."""
         mixer = self.linear_attn if self.is_linear else self.self_attn
-        return self._block(mixer.step, x, mask, cache, rope)
+        return self._block(mixer.step, x, mask, cache, rope, getattr(self.mlp, "step", None))
 
-    def _block(self, mix, x, mask, cache, rope):
+    def _block(self, mix, x, mask, cache, rope, mlp=None):
         h = self.input_layernorm(x)
         h = mix(h, mask, cache) if self.is_linear else mix(h, mask, cache, rope)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + (mlp or self.mlp)(self.post_attention_layernorm(x))
+
+    def prepare_decode(self) -> None:
+        """The decode projections of this layer's modules (`prepare_projections`)."""
+        prepare_decode(self.linear_attn if self.is_linear else self.self_attn)
+        if isinstance(self.mlp, MLP):
+            prepare_decode(self.mlp)
+        elif "shared_expert" in self.mlp:
+            prepare_decode(self.mlp.shared_expert)

@@ -31,7 +31,7 @@ from mlx_lm.models.pipeline import PipelineMixin
 from . import cache as cache_lib
 from .cache import ArraysCache, BatchKVCache, KVCache, StaticKV, static_mask
 from .config import TextConfig
-from .layers import DecoderLayer
+from .layers import DecoderLayer, prepare_projections, project
 from .shard import shard_text_model
 
 
@@ -180,6 +180,7 @@ class TextModel(nn.Module):
             return None
         for c in kv_caches:
             cache_lib.reserve(c)
+        self._prepare_decode()
         idx = mx.array(idxs.pop() if idxs else 0)
         offset, left_padding = idx, None
         if kinds == {BatchKVCache}:
@@ -202,10 +203,19 @@ class TextModel(nn.Module):
             c.advance(1)
         return logits
 
+    def _prepare_decode(self) -> None:
+        """The decode projections (`layers.prepare_projections`): fused, transposed weights."""
+        for layer in self.model.layers:
+            layer.prepare_decode()
+        if self.config.tie_word_embeddings:
+            prepare_projections(self.model, ("embed_tokens",))
+        else:
+            prepare_projections(self, ("lm_head",))
+
     def logits(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        out = self.lm_head(h)
+            return project(self.model, ("embed_tokens",), h)[0]
+        out = project(self, ("lm_head",), h)[0]
         if self.sharding_group is not None:
             out = gather_last_axis(out, self.sharding_group)
         return out
