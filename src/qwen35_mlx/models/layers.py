@@ -107,8 +107,12 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
     object.__setattr__(owner, key + "_made", _Fused([m.weight for m in mods], sizes, quant))
 
 
-def prepare_decode(module: nn.Module) -> None:
-    """`prepare_projections` for each of the module's `DECODE_GROUPS`."""
+def prepare_decode(module: nn.Module, retake: bool = False) -> None:
+    """`prepare_projections` (or with `retake`, `retake_projections`) for each of the module's
+    `DECODE_GROUPS`."""
+    if retake:
+        retake_projections(module)
+        return
     for names in module.DECODE_GROUPS:
         prepare_projections(module, names)
 
@@ -122,11 +126,23 @@ def _made(owner: nn.Module, names: tuple[str, ...]) -> _Fused | None:
     return made if all(w is m for w, m in zip(current, made.weights, strict=True)) else None
 
 
+def retake_projections(owner: nn.Module, groups=None) -> None:
+    """After `mx.compile` traced a function that takes `owner`'s tree as implicit inputs: it
+    put back the same arrays as new Python objects, so record those as the weights the groups
+    (default: `owner.DECODE_GROUPS`) were made from (nothing can have changed them between
+    `prepare_projections` and the end of the trace)."""
+    for names in groups or owner.DECODE_GROUPS:
+        made = getattr(owner, _key(names) + "_made", None)
+        if made is not None:
+            made.weights = [owner[n].get("weight") for n in names]
+
+
 def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.array]:
     """x through owner's Linear layers `names` (an Embedding: as its tied output layer), as one
-    matmul when `prepare_projections` made one for them (and they have not changed since),
-    else each layer's own call."""
-    made = _made(owner, names)
+    matmul when `prepare_projections` made one for them, else each layer's own call. For the
+    compiled decode step only, right after `prepare_projections` checked the weights: while
+    `mx.compile` traces, the layers hold tracers, so no identity check can be made here."""
+    made = getattr(owner, _key(names) + "_made", None)
     if made is None:
         mods = [owner[n] for n in names]
         return [m.as_linear(x) if hasattr(m, "as_linear") else m(x) for m in mods]
@@ -631,10 +647,10 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + (mlp or self.mlp)(self.post_attention_layernorm(x))
 
-    def prepare_decode(self) -> None:
-        """The decode projections of this layer's modules (`prepare_projections`)."""
-        prepare_decode(self.linear_attn if self.is_linear else self.self_attn)
+    def prepare_decode(self, retake: bool = False) -> None:
+        """The decode projections of this layer's modules (`prepare_decode`)."""
+        prepare_decode(self.linear_attn if self.is_linear else self.self_attn, retake)
         if isinstance(self.mlp, MLP):
-            prepare_decode(self.mlp)
+            prepare_decode(self.mlp, retake)
         elif "shared_expert" in self.mlp:
-            prepare_decode(self.mlp.shared_expert)
+            prepare_decode(self.mlp.shared_expert, retake)

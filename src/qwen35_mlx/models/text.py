@@ -31,7 +31,7 @@ from mlx_lm.models.pipeline import PipelineMixin
 from . import cache as cache_lib
 from .cache import ArraysCache, BatchKVCache, KVCache, StaticKV, static_mask
 from .config import TextConfig
-from .layers import DecoderLayer, prepare_projections, project
+from .layers import DecoderLayer, prepare_projections, project, retake_projections
 from .shard import shard_text_model
 
 
@@ -153,12 +153,14 @@ class TextModel(nn.Module):
         # Set by `shard` when lm_head holds a slice of the vocabulary: its logits are gathered.
         self.sharding_group = None
         self.compiled_decode = True
+        self._traced = False
         # The weights are the compiled step's implicit inputs: updates and quantization show.
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
 
     def _decode_impl(self, *args):
+        self._traced = True  # runs only while mx.compile traces
         h, kv, lin = self.model.decode(*args)
-        return self.logits(h)[:, None], kv, lin
+        return self.logits(h, step=True)[:, None], kv, lin
 
     def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
         """The compiled decode step over `cache`, updated in place; None when the cache is not
@@ -196,6 +198,9 @@ class TextModel(nn.Module):
             ssm_mask,
             position_ids,
         )
+        if self._traced:
+            self._traced = False
+            self._prepare_decode(retake=True)
         for c, (keys, values) in zip(kv_caches, kv, strict=True):
             cache_lib.advance(c, keys, values)
         for c, (conv, state) in zip(lin_caches, lin, strict=True):
@@ -203,19 +208,25 @@ class TextModel(nn.Module):
             c.advance(1)
         return logits
 
-    def _prepare_decode(self) -> None:
-        """The decode projections (`layers.prepare_projections`): fused, transposed weights."""
+    def _prepare_decode(self, retake: bool = False) -> None:
+        """The decode projections (`layers.prepare_projections`): fused, transposed weights.
+        `retake` after a trace (`layers.retake_projections`)."""
         for layer in self.model.layers:
-            layer.prepare_decode()
-        if self.config.tie_word_embeddings:
-            prepare_projections(self.model, ("embed_tokens",))
+            layer.prepare_decode(retake)
+        head = (self.model, ("embed_tokens",)) if self.config.tie_word_embeddings else None
+        owner, names = head or (self, ("lm_head",))
+        if retake:
+            retake_projections(owner, [names])
         else:
-            prepare_projections(self, ("lm_head",))
+            prepare_projections(owner, names)
 
-    def logits(self, h: mx.array) -> mx.array:
+    def logits(self, h: mx.array, step: bool = False) -> mx.array:
+        """step: in the compiled decode step (`layers.project`)."""
         if self.config.tie_word_embeddings:
-            return project(self.model, ("embed_tokens",), h)[0]
-        out = project(self, ("lm_head",), h)[0]
+            if step:
+                return project(self.model, ("embed_tokens",), h)[0]
+            return self.model.embed_tokens.as_linear(h)
+        out = project(self, ("lm_head",), h)[0] if step else self.lm_head(h)
         if self.sharding_group is not None:
             out = gather_last_axis(out, self.sharding_group)
         return out
