@@ -596,15 +596,31 @@ class SparseMoeBlock(nn.Module):
         # Set by models.shard: the experts hold a slice of every expert, summed across ranks.
         self.sharding_group = None
 
+    @property
+    def DECODE_GROUPS(self) -> tuple:
+        # The router and the shared expert's gate read the same input.
+        return (("gate", "shared_expert_gate"),) if "shared_expert" in self else (("gate",),)
+
     def __call__(self, x: mx.array) -> mx.array:
-        inds, weights = route(self.gate(x), self.top_k, self.norm_topk_prob)
+        gates = [self.gate(x)]
+        if "shared_expert" in self:
+            return self._mix(x, gates + [self.shared_expert_gate(x)], self.shared_expert)
+        return self._mix(x, gates, None)
+
+    def step(self, x: mx.array) -> mx.array:
+        """`__call__` through `project` (the compiled decode step)."""
+        shared = self.shared_expert.step if "shared_expert" in self else None
+        return self._mix(x, project(self, self.DECODE_GROUPS[0], x), shared)
+
+    def _mix(self, x: mx.array, gates: list, shared) -> mx.array:
+        inds, weights = route(gates[0], self.top_k, self.norm_topk_prob)
         if _cpu_needs_fp32(self.experts):
             y = _switch_glu_fp32(self.experts, x, inds).astype(x.dtype)
         else:
             y = self.experts(x, inds)  # [..., k, H]
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
-        if "shared_expert" in self:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if shared is not None:
+            y = y + mx.sigmoid(gates[1]) * shared(x)
         if self.sharding_group is not None:
             y = mx.distributed.all_sum(y, group=self.sharding_group)
         return y
@@ -639,7 +655,7 @@ class DecoderLayer(nn.Module):
     def step(self, x: mx.array, mask: Any, cache: Any, rope=None) -> mx.array:
         """One token a row at decode (the compiled step): x [B, H]; the mixers' `step`."""
         mixer = self.linear_attn if self.is_linear else self.self_attn
-        return self._block(mixer.step, x, mask, cache, rope, getattr(self.mlp, "step", None))
+        return self._block(mixer.step, x, mask, cache, rope, self.mlp.step)
 
     def _block(self, mix, x, mask, cache, rope, mlp=None):
         h = self.input_layernorm(x)
@@ -650,7 +666,6 @@ class DecoderLayer(nn.Module):
     def prepare_decode(self, retake: bool = False) -> None:
         """The decode projections of this layer's modules (`prepare_decode`)."""
         prepare_decode(self.linear_attn if self.is_linear else self.self_attn, retake)
-        if isinstance(self.mlp, MLP):
-            prepare_decode(self.mlp, retake)
-        elif "shared_expert" in self.mlp:
+        prepare_decode(self.mlp, retake)
+        if "shared_expert" in self.mlp:
             prepare_decode(self.mlp.shared_expert, retake)
