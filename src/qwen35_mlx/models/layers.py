@@ -483,7 +483,7 @@ class Attention(nn.Module):
         B, D = x.shape[0], self.head_dim
         q, k, v = project(self, self.DECODE_GROUPS[0], x)
         q = q.reshape(B, self.num_heads, 1, -1)
-        q, gate = (q[..., :D], q[..., D:]) if self.output_gate else (q, None)
+        q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
         k = k.reshape(B, self.num_kv_heads, 1, D)
         v = v.reshape(B, self.num_kv_heads, 1, D)
         q, k = self._rotate(self.q_norm(q), self.k_norm(k), cache, rope)
