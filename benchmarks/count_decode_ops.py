@@ -35,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from qwen35_mlx.models.cache import make_cache
 from qwen35_mlx.models.config import TextConfig
 from qwen35_mlx.models.text import TextModel
 
@@ -112,8 +113,9 @@ def filled_cache(model: nn.Module, batch: int, offset: int, dtype: mx.Dtype) -> 
     """The model's own cache, as after a prefill of `offset` tokens a row (left-padded by one
     on all rows but the first when batch > 1)."""
     pads = [0] + [1] * (batch - 1) if batch > 1 else None
-    cache = model.make_cache(left_padding=pads) if pads else model.make_cache()
     layers = model.layers
+    kinds = ["linear_attention" if hasattr(x, "linear_attn") else "full_attention" for x in layers]
+    cache = make_cache(kinds, left_padding=pads)  # mlx-lm's classes, for both models
     for layer, c in zip(layers, cache, strict=True):
         if hasattr(c, "keys"):  # KVCache / BatchKVCache: one block of `step` positions
             attn = layer.self_attn
@@ -133,6 +135,7 @@ def filled_cache(model: nn.Module, batch: int, offset: int, dtype: mx.Dtype) -> 
             hv, dv, dk = la.num_v_heads, la.head_v_dim, la.head_k_dim
             c[0] = mx.zeros((batch, k - 1, conv_dim), dtype)
             c[1] = mx.zeros((batch, hv, dv, dk), mx.float32)
+            c.advance(offset)  # as the prefill did
     mx.eval([x for c in cache for x in _cache_arrays(c)])
     return cache
 
@@ -143,7 +146,7 @@ def _cache_arrays(c) -> list:
         if isinstance(getattr(c, "offset", None), mx.array):
             out.append(c.offset)
         return out
-    return [x for x in c.cache if x is not None]
+    return [x for x in c.cache + [c.left_padding] if x is not None]
 
 
 def count_step(model, batch: int = 1, offset: int = 10, dtype=mx.bfloat16) -> collections.Counter:

@@ -107,16 +107,6 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
     object.__setattr__(owner, key + "_made", _Fused([m.weight for m in mods], sizes, quant))
 
 
-def prepare_decode(module: nn.Module, retake: bool = False) -> None:
-    """`prepare_projections` (or with `retake`, `retake_projections`) for each of the module's
-    `DECODE_GROUPS`."""
-    if retake:
-        retake_projections(module)
-        return
-    for names in module.DECODE_GROUPS:
-        prepare_projections(module, names)
-
-
 def _made(owner: nn.Module, names: tuple[str, ...]) -> _Fused | None:
     """The group's `_Fused` if its layers still hold the weights it was made from."""
     made = getattr(owner, _key(names) + "_made", None)
@@ -126,15 +116,14 @@ def _made(owner: nn.Module, names: tuple[str, ...]) -> _Fused | None:
     return made if all(w is m for w, m in zip(current, made.weights, strict=True)) else None
 
 
-def retake_projections(owner: nn.Module, groups=None) -> None:
+def retake_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
     """After `mx.compile` traced a function that takes `owner`'s tree as implicit inputs: it
-    put back the same arrays as new Python objects, so record those as the weights the groups
-    (default: `owner.DECODE_GROUPS`) were made from (nothing can have changed them between
-    `prepare_projections` and the end of the trace)."""
-    for names in groups or owner.DECODE_GROUPS:
-        made = getattr(owner, _key(names) + "_made", None)
-        if made is not None:
-            made.weights = [owner[n].get("weight") for n in names]
+    put back the same arrays as new Python objects, so record those as the weights the group
+    was made from (nothing can have changed them between `prepare_projections` and the end of
+    the trace)."""
+    made = getattr(owner, _key(names) + "_made", None)
+    if made is not None:
+        made.weights = [owner[n].get("weight") for n in names]
 
 
 def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.array]:
@@ -663,9 +652,10 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + (mlp or self.mlp)(self.post_attention_layernorm(x))
 
-    def prepare_decode(self, retake: bool = False) -> None:
-        """The decode projections of this layer's modules (`prepare_decode`)."""
-        prepare_decode(self.linear_attn if self.is_linear else self.self_attn, retake)
-        prepare_decode(self.mlp, retake)
+    def decode_groups(self):
+        """(owner, names) of each group of this layer's projections that `step` applies
+        through `project`."""
+        owners = [self.linear_attn if self.is_linear else self.self_attn, self.mlp]
         if "shared_expert" in self.mlp:
-            prepare_decode(self.mlp.shared_expert, retake)
+            owners.append(self.mlp.shared_expert)
+        return [(owner, names) for owner in owners for names in owner.DECODE_GROUPS]

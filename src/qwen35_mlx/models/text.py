@@ -154,6 +154,7 @@ class TextModel(nn.Module):
         self.sharding_group = None
         self.compiled_decode = True
         self._traced = False
+        object.__setattr__(self, "_decode_checks", [])  # see _retake_decode
         # The weights are the compiled step's implicit inputs: updates and quantization show.
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
 
@@ -200,7 +201,7 @@ class TextModel(nn.Module):
         )
         if self._traced:
             self._traced = False
-            self._prepare_decode(retake=True)
+            self._retake_decode()
         for c, (keys, values) in zip(kv_caches, kv, strict=True):
             cache_lib.advance(c, keys, values)
         for c, (conv, state) in zip(lin_caches, lin, strict=True):
@@ -208,17 +209,32 @@ class TextModel(nn.Module):
             c.advance(1)
         return logits
 
-    def _prepare_decode(self, retake: bool = False) -> None:
-        """The decode projections (`layers.prepare_projections`): fused, transposed weights.
-        `retake` after a trace (`layers.retake_projections`)."""
-        for layer in self.model.layers:
-            layer.prepare_decode(retake)
-        head = (self.model, ("embed_tokens",)) if self.config.tie_word_embeddings else None
-        owner, names = head or (self, ("lm_head",))
-        if retake:
-            retake_projections(owner, [names])
-        else:
+    def _decode_groups(self) -> list:
+        """(owner, names) of every group of projections the compiled step applies."""
+        groups = [g for layer in self.model.layers for g in layer.decode_groups()]
+        if self.config.tie_word_embeddings:
+            return groups + [(self.model, ("embed_tokens",))]
+        return groups + [(self, ("lm_head",))]
+
+    def _prepare_decode(self) -> None:
+        """The decode projections (`layers.prepare_projections`: fused, transposed weights),
+        after one identity check per layer weight when nothing changed."""
+        checks = self._decode_checks
+        if checks and all(owner[n].get("weight") is w for owner, n, w in checks):
+            return
+        for owner, names in self._decode_groups():
             prepare_projections(owner, names)
+        self._retake_decode()
+
+    def _retake_decode(self) -> None:
+        """Record the layers' weights as the decode projections' (after they were made, or
+        after a trace put them back as new Python objects: `layers.retake_projections`)."""
+        groups = self._decode_groups()
+        for owner, names in groups:
+            retake_projections(owner, names)
+        checks = [(owner, n, owner[n].get("weight")) for owner, names in groups for n in names]
+        # A plain attribute: in the module's dict it would be part of the step's inputs tree.
+        object.__setattr__(self, "_decode_checks", checks)
 
     def logits(self, h: mx.array, step: bool = False) -> mx.array:
         """step: in the compiled decode step (`layers.project`)."""
