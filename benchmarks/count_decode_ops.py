@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import io
 import re
 import sys
 from pathlib import Path
 
 # isort: off
-import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
+import qwen35_mlx  # (first: its BLAS preload must precede mlx's first use)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+import qwen35_mlx.models.layers
 from qwen35_mlx.models.cache import make_cache
 from qwen35_mlx.models.config import TextConfig
 from qwen35_mlx.models.text import TextModel
@@ -268,6 +270,36 @@ def count_all(
     return relabel(kinds, s.calls)
 
 
+def linear_decode_ops(shape: dict, batch: int = 1, dtype=mx.bfloat16, stand_ins=None) -> int:
+    """Primitives of `layers.gated_delta_decode` alone (compiled, GPU stand-ins on the CPU): what
+    a fused kernel of its signature would replace by one, per linear-attention layer."""
+    import qwen35_mlx.models.layers as layers
+
+    la = layers.GatedDeltaNet(TextConfig(**shape))
+    C, K = la.conv_dim, la.conv_kernel_size
+    Hv, Dv, Dk = la.num_v_heads, la.head_v_dim, la.head_k_dim
+    args = [
+        mx.zeros((batch, C), dtype),
+        mx.zeros((batch, K - 1, C), dtype),
+        mx.zeros((C, K, 1), dtype),
+        mx.zeros((batch, Hv), dtype),
+        mx.zeros((batch, Hv), dtype),
+        mx.zeros((Hv,), mx.float32),
+        mx.zeros((Hv,), dtype),
+        mx.zeros((batch, Hv, Dv, Dk), mx.float32),
+    ]
+    mx.eval(args)
+    heads = dict(num_k_heads=la.num_k_heads, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
+    step = mx.compile(lambda *a: layers.gated_delta_decode(*a, **heads))
+    if stand_ins is None:
+        stand_ins = mx.default_device() == mx.cpu
+    with GpuStandIns() if stand_ins else contextlib.nullcontext():
+        outs = step(*args)
+    buf = io.StringIO()
+    mx.export_to_dot(buf, *outs)
+    return len(_NODE.findall(buf.getvalue()))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="primitives of one decode step, by kind")
     p.add_argument("--shapes", default="0.8b,9b,moe")
@@ -301,6 +333,14 @@ def main(argv=None) -> dict:
         print(f"{name} (layers {n_layers}, batch {a.batch}, {a.dtype}, {how}):", flush=True)
         for which, k in counts.items():
             print(f"  {which:>9}: {sum(k.values()):5d} primitives")
+        if "compiled" in counts and hasattr(qwen35_mlx.models.layers, "gated_delta_decode"):
+            n_lin = sum(t == "linear_attention" for t in TextConfig(**shape).layer_types)
+            per = linear_decode_ops(shape, a.batch, dtype, on_cpu and not a.raw)
+            fused = sum(counts["compiled"].values()) - n_lin * (per - 1)
+            print(
+                f"  compiled, with a one-launch gated_delta_decode kernel (its {per} primitives "
+                f"now, x {n_lin} linear layers): {fused}"
+            )
         if a.by_kind:
             kinds = sorted(
                 set().union(*counts.values()), key=lambda x: -max(c[x] for c in counts.values())

@@ -11,7 +11,11 @@ buffers, the conv and recurrent states and the write index (an array) as inputs 
 cache.py). It is traced once per buffer size and batch shape and replayed for every token after;
 everything else (prefill, quantized or rotating KV caches, right-padded prefill, a pipelined
 backbone) takes the plain path.
-`model.compiled_decode = False` turns it off.
+`model.compiled_decode = False` turns it off. Every primitive of the step costs host time per
+token on a GPU, so the step is written for few: [B, H] activations through the layers' `step`
+methods, and fused, pre-transposed projection weights (`layers.prepare_projections`, checked
+before every step and rebuilt when a layer's weight changed). One token a row only: the
+speculative verify pass (a few tokens a row) takes the plain path.
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
 [C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once), stacked MoE experts, mtp.* and tied lm_head
