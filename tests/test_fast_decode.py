@@ -342,7 +342,7 @@ def _fused_groups(model):
         for owner in (layer.linear_attn if layer.is_linear else layer.self_attn, layer.mlp):
             for names in owner.DECODE_GROUPS:
                 made = getattr(owner, "_decode_" + names[0] + "_made", None)
-                if made is not None and len(names) > 1:
+                if made is not None and made.fused and len(names) > 1:
                     out.append((owner, names, made))
     return out
 
@@ -375,6 +375,23 @@ def test_fused_projections_share_memory_and_keep_the_parameters(tmp_path):
     made = [m for _, _, m in _fused_groups(model)]
     greedy(model, [TOKENS[:4]], 6, True)
     assert [m for _, _, m in _fused_groups(model)] == made
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_decode_projections_bf16_equal_plain(small_blocks, monkeypatch, fuse):
+    # layers.FUSE_DECODE_PROJECTIONS = False: one transposed view per layer, no fused matrix.
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "FUSE_DECODE_PROJECTIONS", fuse)
+    model = make_text_model(make_text_config(), seed=11)
+    model.set_dtype(mx.bfloat16)
+    assert_same(model, [TOKENS[:7], TOKENS[2:9], TOKENS[5:12]], 10)
+    assert bool(_fused_groups(model)) == fuse
+    la = model.model.layers[0].linear_attn
+    made = la._decode_in_proj_qkv_made
+    entry = la["_decode_in_proj_qkv"]
+    assert made.fused == fuse
+    assert isinstance(entry, mx.array) if fuse else len(entry) == 4
 
 
 def test_fused_projections_follow_new_weights(small_blocks):

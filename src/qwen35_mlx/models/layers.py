@@ -45,12 +45,19 @@ _L2_EPS = 1e-6
 # for layers that do not fit (biases, LoRA or sharded wrappers, mixed dtypes or quantization).
 
 
+# False: each Linear keeps its own matmul at decode (its weight still a transposed view), for a
+# backend whose GEMM would round a fused matrix's outputs differently from the separate ones
+# (the compiled step must match the plain path token for token).
+FUSE_DECODE_PROJECTIONS = True
+
+
 class _Fused:
     """What `prepare_projections` made for one group: the weights it took (to see a change),
-    the output sizes, and the quantization arguments (None for a dense matrix)."""
+    the output sizes, the quantization arguments (None for a dense matrix), and whether the
+    group is one matrix (else one transposed view per layer)."""
 
-    def __init__(self, weights: list, sizes: list[int], quant: dict | None):
-        self.weights, self.sizes, self.quant = weights, sizes, quant
+    def __init__(self, weights: list, sizes: list[int], quant: dict | None, fused: bool = True):
+        self.weights, self.sizes, self.quant, self.fused = weights, sizes, quant, fused
 
 
 def _key(names: tuple[str, ...]) -> str:
@@ -87,6 +94,13 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
     if quant is False:
         return
     sizes = [m.weight.shape[0] for m in mods]
+    if len(mods) > 1 and not FUSE_DECODE_PROJECTIONS:
+        if quant is None:  # (a quantized layer is one primitive already)
+            owner[key] = tuple(m.weight.T for m in mods)
+            mx.eval(owner[key])
+            made = _Fused([m.weight for m in mods], sizes, None, fused=False)
+            object.__setattr__(owner, key + "_made", made)
+        return
     arrays = ("weight", "scales", "biases") if quant else ("weight",)
     arrays = [a for a in arrays if a in mods[0]]
     if len(mods) == 1:
@@ -136,6 +150,8 @@ def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.ar
         mods = [owner[n] for n in names]
         return [m.as_linear(x) if hasattr(m, "as_linear") else m(x) for m in mods]
     w = owner[_key(names)]
+    if not made.fused:
+        return [x @ wi for wi in w]
     if made.quant is None:
         y = x @ w
     else:
