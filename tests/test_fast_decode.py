@@ -108,6 +108,20 @@ def test_compiled_decode_traces_once_within_a_block(dense, monkeypatch):
 def test_compiled_decode_left_padded_batch(dense, small_blocks):
     prompts = [[0, 0, 0] + TOKENS[:5], TOKENS[3:11], [0] + TOKENS[9:16]]
     assert_same(dense, prompts, 12, pads=[3, 0, 1])
+    # The step advances the caches' per-row offsets and left padding itself: as the plain
+    # path (mlx-lm's update_and_fetch / ArraysCache.advance) does, into one array per cache.
+    books = []
+    for compiled in (False, True):
+        dense.compiled_decode = compiled
+        cache = dense.make_cache(left_padding=[3, 0, 1])
+        y = mx.argmax(dense(mx.array(prompts), cache=cache)[:, -1], axis=-1)
+        for _ in range(5):
+            y = mx.argmax(dense(y[:, None], cache=cache)[:, -1], axis=-1)
+        arrays = [c.offset if isinstance(c, BatchKVCache) else c.left_padding for c in cache]
+        assert len({id(a) for a in arrays}) == len(arrays)
+        books.append([np.array(a).tolist() for a in arrays])
+    dense.compiled_decode = True
+    assert books[1] == books[0]
 
 
 def test_compiled_decode_moe(moe, small_blocks):

@@ -162,10 +162,18 @@ class TextModel(nn.Module):
         # The weights are the compiled step's implicit inputs: updates and quantization show.
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
 
-    def _decode_impl(self, *args):
+    def _decode_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
+        """The compiled step. A batch's bookkeeping is in it too: the linear layers' mask from
+        lin_padding (ArraysCache.make_mask(1)) and the advanced per-row offset and left padding,
+        returned once per cache (as distinct arrays: mlx-lm updates them in place)."""
         self._traced = True  # runs only while mx.compile traces
-        h, kv, lin = self.model.decode(*args)
-        return self.logits(h, step=True)[:, None], kv, lin
+        ssm_mask = None if lin_padding is None else mx.arange(1) >= lin_padding[:, None]
+        h, kv, lin = self.model.decode(
+            tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
+        )
+        offsets = [offset + 1] * len(kv) if left_padding is not None else []
+        paddings = [lin_padding - 1] * len(lin) if lin_padding is not None else []
+        return self.logits(h, step=True)[:, None], kv, lin, offsets, paddings
 
     def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
         """The compiled decode step over `cache`, updated in place; None when the cache is not
@@ -192,25 +200,27 @@ class TextModel(nn.Module):
         offset, left_padding = idx, None
         if kinds == {BatchKVCache}:
             offset, left_padding = kv_caches[0].offset, kv_caches[0].left_padding
-        ssm_mask = lin_caches[0].make_mask(1) if lin_caches else None
-        logits, kv, lin = self._decode_step(
+        # As the plain path, every layer of a kind reads the first cache's positions and mask.
+        lin_padding = lin_caches[0].left_padding if lin_caches else None
+        logits, kv, lin, offsets, paddings = self._decode_step(
             inputs,
             [(c.keys, c.values) for c in kv_caches],
             [(c[0], c[1]) for c in lin_caches],
             idx,
             offset,
             left_padding,
-            ssm_mask,
+            lin_padding,
             position_ids,
         )
         if self._traced:
             self._traced = False
             self._retake_decode()
-        for c, (keys, values) in zip(kv_caches, kv, strict=True):
-            cache_lib.advance(c, keys, values)
-        for c, (conv, state) in zip(lin_caches, lin, strict=True):
+        for i, (c, (keys, values)) in enumerate(zip(kv_caches, kv, strict=True)):
+            cache_lib.advance(c, keys, values, offsets[i] if offsets else None)
+        for i, (c, (conv, state)) in enumerate(zip(lin_caches, lin, strict=True)):
             c[0], c[1] = conv, state
-            c.advance(1)
+            if paddings:  # ArraysCache.advance(1), computed in the step (lengths is None)
+                c.left_padding = paddings[i]
         return logits
 
     def _decode_groups(self) -> list:
