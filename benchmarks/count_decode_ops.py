@@ -281,7 +281,7 @@ def linear_decode_ops(shape: dict, batch: int = 1, dtype=mx.bfloat16, stand_ins=
     args = [
         mx.zeros((batch, C), dtype),
         mx.zeros((batch, K - 1, C), dtype),
-        mx.zeros((C, K, 1), dtype),
+        mx.zeros((C, K), dtype),
         mx.zeros((batch, Hv), dtype),
         mx.zeros((batch, Hv), dtype),
         mx.zeros((Hv,), mx.float32),

@@ -71,6 +71,8 @@ def _fusable(mods: list) -> dict | None | bool:
     bias); their common quantization arguments when they are quantized alike."""
     if any("bias" in m for m in mods):
         return False
+    if len(mods) == 1 and type(mods[0]) is nn.Conv1d:
+        return None
     if all(type(m) in (nn.Linear, nn.Embedding) for m in mods):
         return None if len({m.weight.dtype for m in mods}) == 1 else False
     if len(mods) > 1 and all(type(m) is nn.QuantizedLinear for m in mods):
@@ -114,11 +116,25 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
                 m[a] = fused[a][int(lo) : int(hi)]
         mx.eval([m[a] for m in mods for a in arrays])
     if quant is None:
-        owner[key] = fused["weight"].T  # a transposed view: no Transpose in the step
+        owner[key] = _view(mods[0], fused["weight"])  # no Transpose (Reshape) in the step
         mx.eval(owner[key])
     else:
         owner[key] = tuple(fused.get(a) for a in ("weight", "scales", "biases"))
     object.__setattr__(owner, key + "_made", _Fused([m.weight for m in mods], sizes, quant))
+
+
+def _view(mod: nn.Module, w: mx.array) -> mx.array:
+    """The layout the step uses: a Linear's (or tied Embedding's) weight transposed, a depthwise
+    Conv1d's [C, K, 1] as [C, K]. Made from an evaluated array, a view of its buffer."""
+    return w.reshape(w.shape[0], -1) if isinstance(mod, nn.Conv1d) else w.T
+
+
+def decode_weight(owner: nn.Module, name: str) -> mx.array:
+    """owner's layer `name`'s weight as the compiled step uses it (`_view`): the one
+    `prepare_projections` made, else made now."""
+    if getattr(owner, _key((name,)) + "_made", None) is not None:
+        return owner[_key((name,))]
+    return _view(owner[name], owner[name].weight)
 
 
 def _made(owner: nn.Module, names: tuple[str, ...]) -> _Fused | None:
@@ -236,10 +252,10 @@ def gated_delta_decode(
     """One token a row of the linear-attention mixer after its in-projections: causal conv +
     SiLU, l2-norms, gates and the recurrence (the compiled decode step's `GatedDeltaNet.step`).
 
-    qkv [B, C] (C = 2 Hk Dk + Hv Dv), conv_state [B, K-1, C], conv_w [C, K, 1] (conv1d.weight as
-    stored), a, b [B, Hv], A_log, dt_bias [Hv], state [B, Hv, Dv, Dk] fp32, mask [B, 1] bool or
-    None (rows where it is False keep their recurrent state). Returns (y [B, Hv, Dv], new conv
-    state [B, K-1, C], new state). Written with the prefill path's ops (`_conv_qkv`,
+    qkv [B, C] (C = 2 Hk Dk + Hv Dv), conv_state [B, K-1, C], conv_w [C, K] (tap K-1 meets the
+    current token), a, b [B, Hv], A_log, dt_bias [Hv], state [B, Hv, Dv, Dk] fp32, mask [B] bool
+    or None (rows where it is False keep their recurrent state). Returns (y [B, Hv, Dv], new
+    conv state [B, K-1, C], new state). Written with the prefill path's ops (`_conv_qkv`,
     `gated_delta_update`), so it computes what `GatedDeltaNet.__call__` computes at T = 1; a
     fused kernel of the same signature can take its place.
     """
@@ -247,11 +263,12 @@ def gated_delta_decode(
     conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv[:, None]], axis=1)  # [B, K, C]
     # The taps of `_conv_qkv` at T = 1, in its order: split views, not K slices of each.
     taps = mx.split(conv_in, K, axis=1)
-    w = mx.split(conv_w.T.astype(qkv.dtype), K, axis=1)  # K x [1, 1, C]
+    w = mx.split(conv_w.T.astype(qkv.dtype), K, axis=0)  # K x [1, C]
     h = taps[0] * w[0]
     for j in range(1, K):
         h = h + taps[j] * w[j]
     q, k, v = _split_qkv(nn.silu(h), num_k_heads, head_k_dim, num_v_heads, head_v_dim)
+    mask = None if mask is None else mask[:, None]
     y, state = gated_delta_update(
         q, k, v, a[:, None], b[:, None], A_log, dt_bias, state, mask, backend=backend
     )
@@ -260,7 +277,7 @@ def gated_delta_decode(
 
 class GatedDeltaNet(nn.Module):
     IN_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
-    DECODE_GROUPS = (IN_PROJ, ("out_proj",))
+    DECODE_GROUPS = (IN_PROJ, ("out_proj",), ("conv1d",))
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -332,13 +349,13 @@ class GatedDeltaNet(nn.Module):
         [conv state, recurrent state], replaced by the new ones. Same arithmetic as `__call__`
         at T = 1, without its [B, 1, ...] reshapes."""
         B = x.shape[0]
-        if mask is not None:
-            x = mx.where(mask, x, mx.zeros((), x.dtype))  # mask [B, 1], as in __call__
+        if mask is not None:  # mask [B]
+            x = mx.where(mask[:, None], x, mx.zeros((), x.dtype))  # as in __call__
         qkv, z, b, a = project(self, self.IN_PROJ, x)
         y, cache[0], cache[1] = gated_delta_decode(
             qkv,
             cache[0],
-            self.conv1d.weight,
+            decode_weight(self, "conv1d"),
             a,
             b,
             self.A_log,

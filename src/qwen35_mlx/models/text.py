@@ -118,7 +118,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
 
         tokens [B, 1]; kv: per attention layer (keys, values) [B, Hkv, capacity, D]; lin: per
         linear layer (conv state, recurrent state); idx: write index (array); offset: rotary
-        position (scalar or [B]); left_padding [B] or None; ssm_mask [B, 1] or None;
+        position (scalar or [B]); left_padding [B] or None; ssm_mask [B] bool or None;
         position_ids [3, B, 1] or None. Returns (normed hidden [B, H], new kv, new lin).
         Activations are [B, H] throughout (the layers' `step`): on [B, 1, H] every Linear
         is a flatten, matmul and unflatten, and every primitive costs host time per token.
@@ -167,7 +167,8 @@ class TextModel(nn.Module):
         lin_padding (ArraysCache.make_mask(1)) and the advanced per-row offset and left padding,
         returned once per cache (as distinct arrays: mlx-lm updates them in place)."""
         self._traced = True  # runs only while mx.compile traces
-        ssm_mask = None if lin_padding is None else mx.arange(1) >= lin_padding[:, None]
+        # ArraysCache.make_mask(1) ([B, 1]: 0 >= left padding), as [B]
+        ssm_mask = None if lin_padding is None else lin_padding <= 0
         h, kv, lin = self.model.decode(
             tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
         )
