@@ -157,12 +157,15 @@ def reserve(c: KVCache | BatchKVCache) -> None:
     c.values = mx.concatenate([values, mx.zeros((B, H, c.step, Dv), values.dtype)], axis=2)
 
 
-def advance(c: KVCache | BatchKVCache, keys: mx.array, values: mx.array) -> None:
-    """After a decode step wrote one token into (keys, values): adopt them, count the token."""
+def advance(
+    c: KVCache | BatchKVCache, keys: mx.array, values: mx.array, offset: mx.array | None = None
+) -> None:
+    """After a decode step wrote one token into (keys, values): adopt them, count the token.
+    offset: a batch cache's per-row offsets after the token, when the step computed them."""
     c.keys, c.values = keys, values
     if isinstance(c, BatchKVCache):
         c._idx += 1
-        c.offset = c.offset + 1
+        c.offset = c.offset + 1 if offset is None else offset
     else:
         c.offset += 1
 
