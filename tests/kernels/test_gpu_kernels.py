@@ -419,6 +419,26 @@ def test_gated_delta_decode_auto_runs_the_kernel(monkeypatch):
     assert rel_err(np.array(got[1]), np.array(want[1])) <= RTOL[mx.bfloat16]
 
 
+def test_gated_delta_decode_auto_large_batch_takes_conv_ops_and_recurrent_kernel(monkeypatch):
+    # Above _CONV_KERNEL_MAX_B rows, auto runs the conv in ops and the recurrent kernel (faster
+    # there); the result is the same step.
+    monkeypatch.delenv("QWEN35_MLX_GDN_BACKEND", raising=False)
+    import qwen35_mlx.kernels.gated_delta as gd
+
+    calls = []
+    real = gd._conv_ops_then_kernel
+    monkeypatch.setattr(gd, "_conv_ops_then_kernel", lambda *a: calls.append(1) or real(*a))
+    dims = (16, 128, 16, 128)
+    B = gd._CONV_KERNEL_MAX_B + 3
+    x = make_decode_inputs(B, 16, 16, 128, 128, dtype=mx.bfloat16)
+    want = decode_ref(x, None, dims)
+    got = gated_delta_decode(*[x[n] for n in DECODE_NAMES], **_decode_kw(*dims))
+    mx.eval(got)
+    assert calls == [1]
+    for i in range(3):
+        assert rel_err(np.array(got[i]), np.array(want[i])) <= RTOL[mx.bfloat16]
+
+
 def test_gated_delta_decode_unsupported_shape_falls_back_to_ref():
     dims = (1, 48, 2, 16)  # Dk = 48: not a multiple of 32
     x = make_decode_inputs(2, 1, 2, 48, 16, seed=4)

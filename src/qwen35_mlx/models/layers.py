@@ -28,7 +28,7 @@ import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
-from ..kernels.gated_delta import gated_delta_update
+from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
 from .config import TextConfig
 
 _L2_EPS = 1e-6
@@ -232,49 +232,6 @@ def _split_qkv(h: mx.array, Hk: int, Dk: int, Hv: int, Dv: int):
 _conv_qkv_decode = mx.compile(_conv_qkv)
 
 
-def gated_delta_decode(
-    qkv: mx.array,
-    conv_state: mx.array,
-    conv_w: mx.array,
-    a: mx.array,
-    b: mx.array,
-    A_log: mx.array,
-    dt_bias: mx.array,
-    state: mx.array,
-    *,
-    num_k_heads: int,
-    head_k_dim: int,
-    num_v_heads: int,
-    head_v_dim: int,
-    mask: mx.array | None = None,
-    backend: str = "auto",
-) -> tuple[mx.array, mx.array, mx.array]:
-    """One token a row of the linear-attention mixer after its in-projections: causal conv +
-    SiLU, l2-norms, gates and the recurrence (the compiled decode step's `GatedDeltaNet.step`).
-
-    qkv [B, C] (C = 2 Hk Dk + Hv Dv), conv_state [B, K-1, C], conv_w [C, K] (tap K-1 meets the
-    current token), a, b [B, Hv], A_log, dt_bias [Hv], state [B, Hv, Dv, Dk] fp32, mask [B] bool
-    or None (rows where it is False keep their recurrent state). Returns (y [B, Hv, Dv], new
-    conv state [B, K-1, C], new state). Written with the prefill path's ops (`_conv_qkv`,
-    `gated_delta_update`), so it computes what `GatedDeltaNet.__call__` computes at T = 1; a
-    fused kernel of the same signature can take its place.
-    """
-    B, K = qkv.shape[0], conv_w.shape[1]
-    conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv[:, None]], axis=1)  # [B, K, C]
-    # The taps of `_conv_qkv` at T = 1, in its order: split views, not K slices of each.
-    taps = mx.split(conv_in, K, axis=1)
-    w = mx.split(conv_w.T.astype(qkv.dtype), K, axis=0)  # K x [1, C]
-    h = taps[0] * w[0]
-    for j in range(1, K):
-        h = h + taps[j] * w[j]
-    q, k, v = _split_qkv(nn.silu(h), num_k_heads, head_k_dim, num_v_heads, head_v_dim)
-    mask = None if mask is None else mask[:, None]
-    y, state = gated_delta_update(
-        q, k, v, a[:, None], b[:, None], A_log, dt_bias, state, mask, backend=backend
-    )
-    return y.reshape(B, num_v_heads, head_v_dim), conv_in[:, 1:], state
-
-
 class GatedDeltaNet(nn.Module):
     IN_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
     DECODE_GROUPS = (IN_PROJ, ("out_proj",), ("conv1d",))
@@ -352,7 +309,7 @@ class GatedDeltaNet(nn.Module):
         if mask is not None:  # mask [B]
             x = mx.where(mask[:, None], x, mx.zeros((), x.dtype))  # as in __call__
         qkv, z, b, a = project(self, self.IN_PROJ, x)
-        y, cache[0], cache[1] = gated_delta_decode(
+        y, cache[1], cache[0] = gated_delta_decode(
             qkv,
             cache[0],
             decode_weight(self, "conv1d"),

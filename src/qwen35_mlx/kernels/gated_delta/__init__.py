@@ -288,6 +288,10 @@ def gated_delta_decode(
     _validate_decode(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)
     name = _resolve_backend(backend)
     if name == "auto" and mx.default_device() != mx.cpu:
+        if qkv.shape[0] > _CONV_KERNEL_MAX_B:
+            return _conv_ops_then_kernel(
+                qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims
+            )
         name = next(
             (n for n in ("metal", "cuda") if _gpu_backend(n).supports_conv(qkv, conv_w, state)),
             "ref",
@@ -303,6 +307,32 @@ def gated_delta_decode(
     return gated_delta_decode_ref(
         qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims=dims
     )
+
+
+# Above this batch the one-launch conv kernel loses to the conv in ops + the recurrent kernel on
+# an H200 (per step, bench_gated_delta_decode.py, 2026-12-01: 3.2x / 2.5x faster at B=1 for the
+# 0.8B / 9B layer, 1.55x / 1.27x at B=32, 0.87x / 0.72x at B=128): at large batch the state's
+# traffic dominates and the conv kernel's layout, tuned for B=1, reads it less well.
+_CONV_KERNEL_MAX_B = 64
+
+
+def _conv_ops_then_kernel(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims):
+    """The decode step as conv ops + `gated_delta_update` (the recurrent GPU kernel)."""
+    from .decode import conv_qkv_step
+
+    q, k, v, new_conv = conv_qkv_step(qkv, conv_state, conv_w, *dims)
+    y, state = gated_delta_update(
+        q[:, None],
+        k[:, None],
+        v[:, None],
+        a[:, None],
+        b[:, None],
+        A_log,
+        dt_bias,
+        state,
+        None if mask is None else mask[:, None],
+    )
+    return y[:, 0], state, new_conv
 
 
 def _gpu_backend(name: str):
