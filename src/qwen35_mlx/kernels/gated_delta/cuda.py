@@ -41,6 +41,16 @@ __device__ __forceinline__ float gd_log(float x) {
   return logf(x);
 }
 
+__device__ __forceinline__ float gd_rsqrt(float x) {
+  return rsqrtf(x);
+}
+
+// Threadgroup (block) memory and barrier (the conv decode variant).
+#define gd_threadgroup __shared__
+__device__ __forceinline__ void gd_threadgroup_barrier() {
+  __syncthreads();
+}
+
 // Asks L2 for the 128-byte line holding p (generic address), so a later load hits L2.
 template <typename T>
 __device__ __forceinline__ void gd_prefetch(const T* p) {
