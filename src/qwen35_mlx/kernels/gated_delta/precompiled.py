@@ -42,9 +42,10 @@ ENV = "QWEN35_MLX_CUDA_PRECOMPILED"
 # Bumped when the generated source's conventions change (it is part of every cache key).
 FORMAT = "1"
 
-# Minimal bf16 / fp16 storage types. The conversions are those of cuda_bf16.hpp / cuda_fp16.hpp
-# (cvt.rn.* from float, cvt.f32.* to float; before sm_90 bf16 widens by a shift, before sm_80, bf16 rounds in integer
-# arithmetic, NaN to the canonical 0x7fff), so values match the cuda_kernel path bit for bit.
+# Minimal bf16 / fp16 storage types with the conversions of cuda_bf16.hpp / cuda_fp16.hpp:
+# cvt.rn.* from float and cvt.f32.* to float (bf16 before sm_90: widened by a shift; before
+# sm_80: rounded in integer arithmetic, NaN to the canonical 0x7fff), so values match the
+# cuda_kernel path bit for bit.
 TYPES = r"""
 struct qm_bfloat16 {
   unsigned short bits;
