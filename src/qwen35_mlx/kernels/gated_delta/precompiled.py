@@ -105,7 +105,10 @@ _warned = False
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    """The switch (QWEN35_MLX_CUDA_PRECOMPILED, on by default), and an MLX that has
+    `mx.fast.precompiled_cuda_kernel` (0.30 and later)."""
+    off = os.environ.get(ENV, "1").strip().lower() in ("0", "false", "off", "no")
+    return not off and hasattr(mx.fast, "precompiled_cuda_kernel")
 
 
 def _dtype_name(dt) -> str:
