@@ -389,6 +389,12 @@ def test_env_switch_off_uses_cuda_kernel(monkeypatch):
     assert made[0]["header"] == cuda.HEADER
 
 
+def test_mlx_without_precompiled_kernels_uses_cuda_kernel(monkeypatch):
+    made = _fallback_recorder(monkeypatch)
+    monkeypatch.delattr(mx.fast, "precompiled_cuda_kernel")
+    assert isinstance(_backend().build("scalar", False, True), Recorder) and len(made) == 1
+
+
 def test_nvrtc_library_env_override_error(monkeypatch):
     monkeypatch.setenv(nvrtc.LIB_ENV, "/nonexistent/libnvrtc.so")
     monkeypatch.setattr(nvrtc, "_lib", None)

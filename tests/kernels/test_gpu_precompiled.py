@@ -44,7 +44,7 @@ def _same_bits(a, b):
 def _recurrence(backend, gate, mask, decode, dt):
     t = 1 if decode else T
     q, k, v, g, beta, state = make_inputs(B, t, HK, HV, DK, DV, per_key=gate == "per_key", dtype=dt)
-    m = left_pad_mask(B, t, [0, 1 if t > 1 else 0]) if mask else None
+    m = left_pad_mask(B, t, [0, 1]) if mask else None  # at T = 1: row 1 is all padding
     if gate == "fused":
         a, b, A_log, dt_bias = make_gate_inputs(B, t, HV, dtype=dt)
         out = backend.gated_delta_update_kernel(
