@@ -16,7 +16,8 @@ Backends (`backend=`, or `auto`, overridable with env QWEN35_MLX_GDN_BACKEND):
     ref      plain mx ops, token by token (oracle, fallback, differentiable)   -> ref.py
     chunked  chunked WY/UT form, matmuls over chunks of 64 (prefill)           -> chunked.py
     metal    fused kernels through mx.fast.metal_kernel                        -> metal.py
-    cuda     the same kernel bodies through mx.fast.cuda_kernel                -> cuda.py
+    cuda     the same kernel bodies, compiled once per machine by NVRTC       -> cuda.py
+             (disk cache ~/.cache/qwen35_mlx/cuda, precompiled.py; else mx.fast.cuda_kernel)
 """
 
 from __future__ import annotations

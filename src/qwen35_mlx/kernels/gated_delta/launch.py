@@ -136,11 +136,12 @@ def run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask=None, **launch_k
 
 class GpuBackend:
     """One GPU build of the bodies in `source.py`: a backend's helpers (`header`), its prologue
-    (the gd_lane / gd_row_group / gd_head lines) and the name of MLX's kernel factory in
-    `mx.fast` (`metal_kernel` or `cuda_kernel`). Everything else about building and launching
-    is shared here."""
+    (the gd_lane / gd_row_group / gd_head lines) and its kernel factory: the name of MLX's in
+    `mx.fast` (`metal_kernel`, `cuda_kernel`) or a callable with the same keyword arguments
+    (CUDA: `precompiled.cuda_kernel`, which caches compiled kernels on disk). Everything else
+    about building and launching is shared here; every kernel is made by `make_kernel`."""
 
-    def __init__(self, *, header: str, prologue: str, factory: str, available):
+    def __init__(self, *, header: str, prologue: str, factory, available):
         self.header = header
         self.prologue = prologue
         self._factory = factory
@@ -160,14 +161,21 @@ class GpuBackend:
             return None
         key = (gate, mask, decode, conv)
         if key not in self._kernels:
-            self._kernels[key] = getattr(mx.fast, self._factory)(
-                name=kernel_name(gate, mask, decode, conv),
-                input_names=input_names(gate, mask, conv),
-                output_names=output_names(conv),
-                source=self.kernel_source(gate, mask, decode, conv),
-                header=self.header,
+            self._kernels[key] = self.make_kernel(
+                kernel_name(gate, mask, decode, conv),
+                input_names(gate, mask, conv),
+                output_names(conv),
+                self.kernel_source(gate, mask, decode, conv),
             )
         return self._kernels[key]
+
+    def make_kernel(self, name: str, inputs: list[str], outputs: list[str], source: str):
+        """One kernel object from this backend's factory, with its `header` (any kernel of
+        this backend, e.g. the chunked ones, should be made here)."""
+        factory = self._factory if callable(self._factory) else getattr(mx.fast, self._factory)
+        return factory(
+            name=name, input_names=inputs, output_names=outputs, source=source, header=self.header
+        )
 
     def supports(self, q, v, g) -> bool:
         return self.is_available() and shape_supported(q, v, g)
