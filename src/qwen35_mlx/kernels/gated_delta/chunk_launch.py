@@ -1,0 +1,235 @@
+"""Host side of the chunked gated-delta GPU kernels (`chunk_source.py`): the helpers they need
+beyond `metal.py` / `cuda.py`, their builds, and `gated_delta_chunk_kernel`.
+
+Work split (benchmarks/NOTES.md "Chunked GPU kernel"):
+  prep    parallel over every chunk and head: the decays, k k^T and q k^T, the unit-lower-
+          triangular solve for U and W, Qg, Kw (PREP_BODY, scalar gates). Per-key gates use the
+          MLX-ops pieces of `chunked.py` instead (not the Qwen3.5 path; correctness only).
+  state   one threadgroup per (batch x value head, BV value rows) loops over the chunks with
+          its state tile on chip and writes y and the final state (STATE_BODY).
+Shapes as everywhere in the module: q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g [B, T, Hv] or
+[B, T, Hv, Dk]; beta [B, T, Hv]; state [B, Hv, Dv, Dk] fp32; mask [B, T] bool.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import chunk_source as src
+from . import cuda, metal
+from .launch import shape_supported
+
+CHUNK = 64  # steps per chunk (PREP_BODY needs a multiple of 16)
+BV = 16  # value rows per state-pass threadgroup: B * Hv * Dv / 16 threadgroups
+STATE_THREADS = 256
+PREP_THREADS = 256  # PREP_BODY's 16 x 16 tile grid
+KEY_SLICE = 32  # key columns staged at a time in PREP_BODY
+
+# Helpers of the chunk kernels on each backend (added to that backend's header).
+_EXTRA_HEADER = {
+    "metal": """
+#define GD_TG threadgroup
+#define GD_TG_PTR threadgroup
+inline void gd_barrier() {
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+inline float4 gd_f4(float x, float y, float z, float w) {
+  return float4(x, y, z, w);
+}
+""",
+    "cuda": """
+#define GD_TG __shared__
+#define GD_TG_PTR
+__device__ __forceinline__ void gd_barrier() {
+  __syncthreads();
+}
+__device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
+  return make_float4(x, y, z, w);
+}
+""",
+}
+PROLOGUE = {
+    "metal": """
+  const unsigned gd_tid = thread_position_in_threadgroup.x;
+  const unsigned gd_tg_x = threadgroup_position_in_grid.x;
+  const unsigned gd_tg_y = threadgroup_position_in_grid.y;
+""",
+    "cuda": """
+  const unsigned gd_tid = threadIdx.x;
+  const unsigned gd_tg_x = blockIdx.x;
+  const unsigned gd_tg_y = blockIdx.y;
+""",
+}
+_BASE = {"metal": metal, "cuda": cuda}
+_FACTORY = {"metal": "metal_kernel", "cuda": "cuda_kernel"}
+_AVAILABLE = {"metal": lambda: mx.metal.is_available(), "cuda": lambda: mx.cuda.is_available()}
+
+
+def header(backend: str) -> str:
+    return _BASE[backend].HEADER + _EXTRA_HEADER[backend]
+
+
+def state_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.STATE_BODY
+
+
+def prep_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.PREP_BODY
+
+
+_kernels: dict[tuple[str, str], object] = {}
+
+
+def _build(backend: str, which: str):
+    key = (backend, which)
+    if key not in _kernels:
+        if which == "state":
+            name, ins, outs, body = src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, None
+            body = state_source(backend)
+        else:
+            name, ins, outs = src.PREP_NAME, src.PREP_INPUTS, src.PREP_OUTPUTS
+            body = prep_source(backend)
+        _kernels[key] = getattr(mx.fast, _FACTORY[backend])(
+            name=name, input_names=ins, output_names=outs, source=body, header=header(backend)
+        )
+    return _kernels[key]
+
+
+def available_backend() -> str | None:
+    """ "metal" or "cuda" where MLX has that GPU backend, else None."""
+    for name in ("metal", "cuda"):
+        if _AVAILABLE[name]():
+            return name
+    return None
+
+
+def supports(q, v, g) -> bool:
+    """Shapes the chunk kernels take: those of the fused kernels (Dk a multiple of 32 up to
+    256), on a machine with a GPU backend."""
+    return available_backend() is not None and shape_supported(q, v, g)
+
+
+def prep_ops(q, k, v, g, beta, mask, C: int = CHUNK):
+    """The state pass's inputs from MLX ops (chunked.py's intra-chunk pieces): W, U, Qg, P, Kw
+    [B*Hv, N*C, .] and decay [B*Hv, N, Dk], fp32, rows padded to N*C."""
+    from . import chunked as ch
+
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2:]
+    R = Hv // Hk
+    f32 = mx.float32
+    per_key = g.ndim == 4
+    g = g.astype(f32)
+    beta = beta.astype(f32)
+    if mask is not None:
+        m3 = mask[:, :, None]
+        g = mx.where(m3[..., None] if per_key else m3, g, 1.0)
+        beta = mx.where(m3, beta, 0.0)
+        q = mx.where(m3[..., None], q, 0.0)
+        k = mx.where(m3[..., None], k, 0.0)
+        v = mx.where(m3[..., None], v, 0.0)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        widths = [(0, 0), (0, pad)]
+        q = mx.pad(q, widths + [(0, 0), (0, 0)])
+        k = mx.pad(k, widths + [(0, 0), (0, 0)])
+        v = mx.pad(v, widths + [(0, 0), (0, 0)])
+        beta = mx.pad(beta, widths + [(0, 0)])
+        g = mx.pad(g, widths + [(0, 0)] * (g.ndim - 2), constant_values=1.0)
+    qc = ch._to_chunks(q, N, C)[:, :, None]
+    kc = ch._to_chunks(k, N, C)[:, :, None]
+    vc = ch._to_chunks(v, N, C).reshape(B, Hk, R, N, C, Dv)
+    bc = ch._to_chunks(beta, N, C).reshape(B, Hk, R, N, C)
+    gc = ch._to_chunks(g, N, C).reshape(B, Hk, R, N, C, *g.shape[3:])
+    prep = ch._prep_per_key if per_key else ch._prep_scalar
+    U, W, P, kw, qs, ys_scale, decay = prep(qc, kc, vc, gc, bc)
+    shape = (B, Hk, R, N, C)
+    if ys_scale is not None:
+        qs = ys_scale * qs
+    BH = B * Hv
+
+    def rows(x, width):
+        return mx.contiguous(mx.broadcast_to(x, (*shape, width)).reshape(BH, N * C, width))
+
+    decay = mx.broadcast_to(decay, (B, Hk, R, N, Dk, 1)).reshape(BH, N, Dk)
+    return (
+        rows(W, Dk),
+        rows(U, Dv),
+        rows(qs, Dk),
+        rows(P, C),
+        rows(mx.swapaxes(kw, -1, -2), Dk),
+        mx.contiguous(decay),
+    )
+
+
+def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK):
+    """The state pass's inputs from PREP_BODY (scalar gates only); same layout as prep_ops."""
+    B, T, _, Dk = q.shape
+    Hv, Dv = v.shape[2:]
+    N = -(-T // C)
+    BH = B * Hv
+    if mask is None:
+        mask = mx.ones((B, T), dtype=mx.bool_)
+    f32 = mx.float32
+    return _build(backend, "prep")(
+        inputs=[q, k, v, g.astype(f32), beta.astype(f32), mask.astype(mx.bool_)],
+        template=[("Dk", Dk), ("C", C), ("NT", PREP_THREADS), ("DS", KEY_SLICE)],
+        grid=(PREP_THREADS * N, BH, 1),
+        threadgroup=(PREP_THREADS, 1, 1),
+        output_shapes=[
+            (BH, N * C, Dk),
+            (BH, N * C, Dv),
+            (BH, N * C, Dk),
+            (BH, N * C, C),
+            (BH, N * C, Dk),
+            (BH, N, Dk),
+        ],
+        output_dtypes=[f32] * 6,
+    )
+
+
+def state_pass(backend: str, pieces, state, T: int, y_dtype, C: int = CHUNK, init_value=None):
+    """The sequential pass over the chunks: returns (y [B, T, Hv, Dv] in y_dtype, state)."""
+    W, U, Qg, P, Kw, decay = pieces
+    B, Hv, Dv, Dk = state.shape
+    return _build(backend, "state")(
+        inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
+        template=[("Dk", Dk), ("BV", BV), ("C", C), ("NT", STATE_THREADS), ("YT", y_dtype)],
+        grid=(STATE_THREADS * B * Hv, -(-Dv // BV), 1),
+        threadgroup=(STATE_THREADS, 1, 1),
+        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
+        output_dtypes=[y_dtype, mx.float32],
+        init_value=init_value,
+    )
+
+
+def gated_delta_chunk_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    state,
+    mask=None,
+    *,
+    backend: str | None = None,
+    prep: str = "auto",
+    init_value=None,
+):
+    """Chunked gated delta rule on the GPU. `prep`: "kernel" (PREP_BODY, scalar gates),
+    "ops" (MLX ops) or "auto" (the kernel for scalar gates). Returns (y, state fp32)."""
+    backend = backend or available_backend()
+    if backend is None:
+        raise RuntimeError("gated_delta chunk kernel: no Metal or CUDA backend in this MLX")
+    T = q.shape[1]
+    state = state.astype(mx.float32)
+    if prep == "auto":
+        prep = "ops" if g.ndim == 4 else "kernel"
+    if prep == "kernel":
+        if g.ndim == 4:
+            raise ValueError("gated_delta chunk kernel: the prep kernel takes scalar gates only")
+        pieces = prep_kernel(backend, q, k, v, g, beta, mask)
+    else:
+        pieces = prep_ops(q, k, v, g, beta, mask)
+    return state_pass(backend, pieces, state, T, v.dtype, init_value=init_value)

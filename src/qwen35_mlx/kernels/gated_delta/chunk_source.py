@@ -1,0 +1,392 @@
+"""Chunked gated-delta GPU kernel text, written once for Metal and CUDA (text only: building and
+launching is `chunk_launch.py`).
+
+The chunked (WY / UT) form of the recurrence (see `chunked.py` for the derivation): per chunk n
+of C steps, per value head, with S the [Dv, Dk] state at the chunk's start,
+    delta = U - W S^T                  [C, Dv]   (U, W: the intra-chunk UT products)
+    y     = Qg S^T + P delta           [C, Dv]   (Qg = gamma * q, P = decayed q k^T, j <= i)
+    S     = decay * S + delta^T Kw     [Dv, Dk]  (Kw = w * k, decay = the chunk's whole decay)
+The intra-chunk pieces (W, U, Qg, P, Kw, decay) of every chunk and head are computed in parallel
+beforehand (`PREP_BODY`, or MLX ops for per-key gates); `STATE_BODY` is the sequential part:
+ONE threadgroup per (batch x value head, tile of BV value rows) loops over all chunks and keeps
+its [BV, Dk] tile of the state on chip the whole time (registers, mirrored in threadgroup memory
+for the products that need every key column).
+
+STATE_BODY layout (NT threads, all of one threadgroup; no SIMD-group shuffles):
+  phase 1  X = [W; Qg] S^T over the 2C rows: items (row i, quad of 4 value rows), rows fastest
+           so a SIMD-group reads one S quad (broadcast) while its rows' W / Qg come from memory;
+           delta = U - X for the W rows goes to threadgroup memory, X for the Qg rows too.
+  barrier
+  phase 2  y = Qg S^T + P delta, items (row i, value quad); y is written in YT.
+  phase 3  S = decay * S + delta^T Kw, items (value row, key quad), key quads fastest (whole
+           rows of Kw per SIMD-group); the new values stay in registers and are mirrored into
+           threadgroup memory for the next chunk's phase 1.
+  barrier
+Threadgroup memory: S (BV x Dk) + delta and Qg S^T (C x BV each) fp32: 16 KB at BV=16, Dk=128,
+C=64; 24 KB at Dk=256 (Apple GPUs allow 32 KB).
+
+Helpers beyond those of `metal.py` / `cuda.py` (`gd_load_f4`), from `chunk_launch.py`:
+    gd_tid            thread index in the threadgroup (0..NT-1)          (source prologue)
+    gd_tg_x, gd_tg_y  threadgroup index in the grid                      (source prologue)
+    GD_TG             threadgroup-memory qualifier of a variable (`threadgroup` / `__shared__`)
+    GD_TG_PTR         address space of a pointer into it (`threadgroup` / nothing)
+    gd_barrier()      threadgroup-wide barrier (threadgroup memory visible afterwards)
+    gd_f4(x, y, z, w) a float4 value
+Template arguments: Dk, BV (value rows per threadgroup, multiple of 4), C (chunk), NT (threads),
+YT (y's dtype). Hv, Dv, the padded length N*C and T come from the inputs' shapes and `dims`.
+
+Inputs ([BH] = B * Hv, rows padded to N * C; padded and masked steps have zero rows, so they
+change nothing and give y = 0):
+    W, Qg, Kw [BH, N*C, Dk] fp32; U [BH, N*C, Dv] fp32; P [BH, N*C, C] fp32 (0 above the
+    diagonal); decay [BH, N, Dk] fp32; state_in [B, Hv, Dv, Dk] fp32; dims int32 [1] = (T,).
+Outputs: y [B, T, Hv, Dv] (YT), state_out [B, Hv, Dv, Dk] fp32.
+
+References: flash-linear-attention fla/ops/common/chunk_delta_h.py and chunk_o.py (the same
+split of the work between a parallel part and a state pass; their kernels are Triton).
+"""
+
+from __future__ import annotations
+
+STATE_INPUTS = ["W", "U", "Qg", "P", "Kw", "decay", "state_in", "dims"]
+STATE_OUTPUTS = ["y", "state_out"]
+STATE_NAME = "gated_delta_chunk_state"
+
+STATE_BODY = """
+  constexpr int DQ = Dk / 4;       // key quads
+  constexpr int VQ = BV / 4;       // value quads of the tile
+  constexpr int E1 = 2 * C * VQ;   // phase-1 items
+  constexpr int I1 = (E1 + NT - 1) / NT;
+  constexpr int E2 = C * VQ;       // phase-2 items
+  constexpr int I2 = (E2 + NT - 1) / NT;
+  constexpr int E3 = BV * DQ;      // phase-3 items (state elements / 4)
+  constexpr int I3 = (E3 + NT - 1) / NT;
+  const int Hv = U_shape[1];
+  const int NC = U_shape[2];
+  const int Dv = U_shape[3];
+  const int N = NC / C;
+  const int T = dims[0];
+
+  const unsigned tid = gd_tid;
+  const unsigned head = gd_tg_x;  // b * Hv + hv
+  const int v0 = int(gd_tg_y) * BV;
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+
+  GD_TG float4 S4[BV * DQ];   // the state tile, row v at S4[v * DQ]
+  GD_TG float4 d4[C * VQ];    // delta, row i at d4[i * VQ]
+  GD_TG float4 y4[C * VQ];    // Qg S^T, row i at y4[i * VQ]
+  GD_TG_PTR float* d_f = reinterpret_cast<GD_TG_PTR float*>(d4);
+
+  // Phase-3 items own their state elements for the whole run (registers).
+  float s[I3][4];
+  #pragma unroll
+  for (int it = 0; it < I3; ++it) {
+    const int e = int(tid) + it * NT;
+    const int v = e / DQ;
+    const int dq = e % DQ;
+    float4 x = gd_f4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (e < E3 && v0 + v < Dv) {
+      x = gd_load_f4(state_in + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq);
+    }
+    s[it][0] = x.x;
+    s[it][1] = x.y;
+    s[it][2] = x.z;
+    s[it][3] = x.w;
+    if (e < E3) S4[v * DQ + dq] = x;
+  }
+  gd_barrier();
+
+  const size_t row0 = size_t(head) * NC;  // first row of this head in W, U, Qg, P, Kw
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    // Phase 1: X = [W; Qg] S^T.
+    float acc[I1][4];
+    #pragma unroll
+    for (int it = 0; it < I1; ++it) {
+      #pragma unroll
+      for (int u = 0; u < 4; ++u) acc[it][u] = 0.0f;
+    }
+    for (int dq = 0; dq < DQ; ++dq) {
+      #pragma unroll
+      for (int it = 0; it < I1; ++it) {
+        const int e = int(tid) + it * NT;
+        if (E1 % NT == 0 || e < E1) {
+          const int i = e % (2 * C);
+          const int vq = e / (2 * C);
+          const float4 a = i < C ? gd_load_f4(W + (rn + i) * Dk + 4 * dq)
+                                 : gd_load_f4(Qg + (rn + (i - C)) * Dk + 4 * dq);
+          #pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const float4 sv = S4[(4 * vq + u) * DQ + dq];
+            acc[it][u] += a.x * sv.x + a.y * sv.y + a.z * sv.z + a.w * sv.w;
+          }
+        }
+      }
+    }
+    #pragma unroll
+    for (int it = 0; it < I1; ++it) {
+      const int e = int(tid) + it * NT;
+      if (E1 % NT == 0 || e < E1) {
+        const int i = e % (2 * C);
+        const int vq = e / (2 * C);
+        if (i < C) {
+          float uu[4];
+          #pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int v = v0 + 4 * vq + u;
+            uu[u] = v < Dv ? U[(rn + i) * Dv + v] - acc[it][u] : 0.0f;
+          }
+          d4[i * VQ + vq] = gd_f4(uu[0], uu[1], uu[2], uu[3]);
+        } else {
+          y4[(i - C) * VQ + vq] = gd_f4(acc[it][0], acc[it][1], acc[it][2], acc[it][3]);
+        }
+      }
+    }
+    gd_barrier();
+
+    // Phase 2: y = Qg S^T + P delta (P is 0 above the diagonal).
+    #pragma unroll
+    for (int it = 0; it < I2; ++it) {
+      const int e = int(tid) + it * NT;
+      if (E2 % NT == 0 || e < E2) {
+        const int i = e % C;
+        const int vq = e / C;
+        const float4 y0 = y4[i * VQ + vq];
+        float o[4] = {y0.x, y0.y, y0.z, y0.w};
+        const size_t p0 = (rn + i) * C;
+        for (int j = 0; j <= i; ++j) {
+          const float p = P[p0 + j];
+          const float4 dl = d4[j * VQ + vq];
+          o[0] += p * dl.x;
+          o[1] += p * dl.y;
+          o[2] += p * dl.z;
+          o[3] += p * dl.w;
+        }
+        const int t = n * C + i;
+        if (t < T) {
+          const size_t y0i = ((size_t(b_idx) * T + t) * Hv + hv) * Dv;
+          #pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int v = v0 + 4 * vq + u;
+            if (v < Dv) y[y0i + v] = static_cast<YT>(o[u]);
+          }
+        }
+      }
+    }
+
+    // Phase 3: S = decay * S + delta^T Kw.
+    #pragma unroll
+    for (int it = 0; it < I3; ++it) {
+      const int e = int(tid) + it * NT;
+      if (E3 % NT == 0 || e < E3) {
+        const int v = e / DQ;
+        const int dq = e % DQ;
+        float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int j = 0; j < C; ++j) {
+          const float dl = d_f[j * BV + v];
+          const float4 kw = gd_load_f4(Kw + (rn + j) * Dk + 4 * dq);
+          a4[0] += dl * kw.x;
+          a4[1] += dl * kw.y;
+          a4[2] += dl * kw.z;
+          a4[3] += dl * kw.w;
+        }
+        const float4 dc = gd_load_f4(decay + (size_t(head) * N + n) * Dk + 4 * dq);
+        s[it][0] = dc.x * s[it][0] + a4[0];
+        s[it][1] = dc.y * s[it][1] + a4[1];
+        s[it][2] = dc.z * s[it][2] + a4[2];
+        s[it][3] = dc.w * s[it][3] + a4[3];
+        S4[v * DQ + dq] = gd_f4(s[it][0], s[it][1], s[it][2], s[it][3]);
+      }
+    }
+    gd_barrier();
+  }
+
+  #pragma unroll
+  for (int it = 0; it < I3; ++it) {
+    const int e = int(tid) + it * NT;
+    const int v = e / DQ;
+    const int dq = e % DQ;
+    if ((E3 % NT == 0 || e < E3) && v0 + v < Dv) {
+      gd_store_f4(state_out + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq, s[it][0], s[it][1],
+                  s[it][2], s[it][3]);
+    }
+  }
+"""
+
+PREP_INPUTS = ["q", "k", "v", "g", "beta", "mask"]
+PREP_OUTPUTS = ["W", "U", "Qg", "P", "Kw", "decay"]
+PREP_NAME = "gated_delta_chunk_prep"
+
+# The intra-chunk pieces for scalar gates, one threadgroup per (chunk, batch x value head), in
+# four steps (NT = 256 threads, C a multiple of 16):
+#  1. the chunk's gates: padded / masked steps get g = 1, beta = 0 and zero q, k, v (selected,
+#     never multiplied, so garbage there cannot leak); gamma_i = prod_{l<=i} g_l and
+#     w_j = prod_{l>j} g_l as running products, cut to exactly 0 below e^-40 (as chunked.py:
+#     no subnormal products, no division, g = 0 gives exact zeros).
+#  2. k k^T and q k^T for the chunk, each thread a (C/16) x (C/16) tile (rows ti + 16 r, columns
+#     tj + 16 c), k and q staged in threadgroup memory DS key columns at a time; then
+#     A_ij = beta_i D_ij k_i.k_j (j < i) into threadgroup memory and P_ij = D_ij q_i.k_j
+#     (j <= i) to memory, D_ij = prod_{j<l<=i} g_l (running product, same cut).
+#  3. forward substitution (I + A) X = [beta v | beta gamma k], one thread per column of X:
+#     U = X[:, :Dv], W = X[:, Dv:] (the unit-lower-triangular solve; no inverse is formed).
+#  4. Qg = gamma q, Kw = w k, decay = gamma_{C-1} (broadcast over Dk).
+# Threadgroup memory: max(2 C (DS+1), C (C+1)) + 5 C floats: 18 KB at C=64, DS=32.
+PREP_BODY = """
+  constexpr int R = C / 16;        // tile rows / columns per thread in step 2
+  constexpr int SP = DS + 1;       // staged row stride (odd: no bank conflicts)
+  constexpr int CP = C + 1;        // A row stride
+  constexpr int BUF = 2 * C * SP > C * CP ? 2 * C * SP : C * CP;
+  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = q_shape[1];
+  const int Hk = q_shape[2];
+  const int Hv = v_shape[2];
+  const int Dv = v_shape[3];
+  const int N = (T + C - 1) / C;
+  const size_t NC = size_t(N) * C;
+
+  const int tid = int(gd_tid);
+  const int n = int(gd_tg_x);
+  const unsigned head = gd_tg_y;  // b * Hv + hv
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+  const unsigned hk = hv / unsigned(Hv / Hk);
+  const int t0 = n * C;
+  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row in W, U, Qg, P, Kw
+
+  GD_TG float buf[BUF];  // step 2: staged k | q; steps 2-3: A
+  GD_TG float gs[C];
+  GD_TG float bs[C];
+  GD_TG float ok[C];
+  GD_TG float gam[C];
+  GD_TG float wts[C];
+
+  // 1. gates
+  for (int i = tid; i < C; i += NT) {
+    const int t = t0 + i;
+    const bool valid = t < T && mask[size_t(b_idx) * T + (t < T ? t : 0)];
+    const size_t h = (size_t(b_idx) * T + (t < T ? t : 0)) * Hv + hv;
+    gs[i] = valid ? static_cast<float>(g[h]) : 1.0f;
+    bs[i] = valid ? static_cast<float>(beta[h]) : 0.0f;
+    ok[i] = valid ? 1.0f : 0.0f;
+  }
+  gd_barrier();
+  if (tid == 0) {
+    float p = 1.0f;
+    for (int i = 0; i < C; ++i) {
+      p *= gs[i];
+      p = p < tiny ? 0.0f : p;
+      gam[i] = p;
+    }
+  } else if (tid == 32) {
+    float p = 1.0f;
+    for (int i = C - 1; i >= 0; --i) {
+      wts[i] = p;
+      p *= gs[i];
+      p = p < tiny ? 0.0f : p;
+    }
+  }
+
+  // 2. k k^T and q k^T (the barrier at the top of the slice loop also publishes gam / wts)
+  const int ti = tid % 16;
+  const int tj = tid / 16;
+  float kk[R][R];
+  float qk[R][R];
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    #pragma unroll
+    for (int c = 0; c < R; ++c) {
+      kk[r][c] = 0.0f;
+      qk[r][c] = 0.0f;
+    }
+  }
+  for (int d0 = 0; d0 < Dk; d0 += DS) {
+    gd_barrier();
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int d = e % DS;
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d;
+      const bool valid = ok[i] != 0.0f;
+      buf[i * SP + d] = valid ? static_cast<float>(k[off]) : 0.0f;
+      buf[(C + i) * SP + d] = valid ? static_cast<float>(q[off]) : 0.0f;
+    }
+    gd_barrier();
+    for (int d = 0; d < DS; ++d) {
+      float ki[R];
+      float qi[R];
+      float kj[R];
+      #pragma unroll
+      for (int r = 0; r < R; ++r) {
+        ki[r] = buf[(ti + 16 * r) * SP + d];
+        qi[r] = buf[(C + ti + 16 * r) * SP + d];
+        kj[r] = buf[(tj + 16 * r) * SP + d];
+      }
+      #pragma unroll
+      for (int r = 0; r < R; ++r) {
+        #pragma unroll
+        for (int c = 0; c < R; ++c) {
+          kk[r][c] += ki[r] * kj[c];
+          qk[r][c] += qi[r] * kj[c];
+        }
+      }
+    }
+  }
+  gd_barrier();  // every thread is done with the staged slices: buf becomes A
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    #pragma unroll
+    for (int c = 0; c < R; ++c) {
+      const int i = ti + 16 * r;
+      const int j = tj + 16 * c;
+      float dij = j <= i ? 1.0f : 0.0f;
+      for (int l = j + 1; l <= i; ++l) {
+        dij *= gs[l];
+        dij = dij < tiny ? 0.0f : dij;
+      }
+      buf[i * CP + j] = j < i ? bs[i] * dij * kk[r][c] : 0.0f;
+      P[(rn + i) * C + j] = dij * qk[r][c];
+    }
+  }
+  gd_barrier();
+
+  // 3. (I + A) X = [beta v | beta gamma k], column by column
+  for (int col = tid; col < Dv + Dk; col += NT) {
+    const bool is_v = col < Dv;
+    float x[C];
+    #pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      const float src = is_v
+          ? static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col])
+          : static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + (col - Dv)]);
+      float r = ok[i] != 0.0f ? bs[i] * (is_v ? 1.0f : gam[i]) * src : 0.0f;
+      #pragma unroll
+      for (int j = 0; j < i; ++j) {
+        r -= buf[i * CP + j] * x[j];
+      }
+      x[i] = r;
+    }
+    #pragma unroll
+    for (int i = 0; i < C; ++i) {
+      if (is_v) {
+        U[(rn + i) * Dv + col] = x[i];
+      } else {
+        W[(rn + i) * Dk + (col - Dv)] = x[i];
+      }
+    }
+  }
+
+  // 4. Qg = gamma q, Kw = w k, decay
+  for (int e = tid; e < C * Dk; e += NT) {
+    const int i = e / Dk;
+    const int d = e % Dk;
+    const int t = t0 + i < T ? t0 + i : T - 1;
+    const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d;
+    const bool valid = ok[i] != 0.0f;
+    Qg[(rn + i) * Dk + d] = valid ? gam[i] * static_cast<float>(q[off]) : 0.0f;
+    Kw[(rn + i) * Dk + d] = valid ? wts[i] * static_cast<float>(k[off]) : 0.0f;
+  }
+  for (int d = tid; d < Dk; d += NT) {
+    decay[(size_t(head) * N + n) * Dk + d] = gam[C - 1];
+  }
+"""
