@@ -50,3 +50,7 @@ namespace metal {
 float exp(float x);
 float log(float x);
 }  // namespace metal
+
+// Threadgroup barrier (the chunk kernels).
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+void threadgroup_barrier(mem_flags flags);

@@ -249,3 +249,65 @@ def test_kernels_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path):
     bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
     pieces = run_prep(program, tmp_path, *bad, mask)
     _check(run_state(program, tmp_path, pieces, state, T), want)
+
+
+class EmulatedKernel:
+    """Stands in for an `mx.fast.cuda_kernel` object: checks the launch (template arguments,
+    grid, threadgroup, output shapes) against what the emulated program assumes, then runs the
+    program on the inputs, which it takes by the kernel's input names."""
+
+    def __init__(self, program, tmp, name, input_names, output_names, **_):
+        self.program, self.tmp, self.name = program, tmp, name
+        self.input_names, self.output_names = input_names, output_names
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+        x = dict(zip(self.input_names, inputs, strict=True))
+        for n, a in x.items():
+            dt = {"mask": np.bool_, "dims": np.int32}.get(n, np.float32)
+            arr = np.asarray(a.astype(mx.float32) if dt is np.float32 else a, dt)
+            (self.tmp / n).write_bytes(arr.tobytes())
+        tpl = dict(template)
+        if self.name == cs.PREP_NAME:
+            B, T, Hk, Dk = x["q"].shape
+            Hv, Dv = x["v"].shape[2:]
+            N = -(-T // C)
+            assert tpl == {"Dk": DK, "C": C, "NT": cl.PREP_THREADS, "DS": cl.KEY_SLICE}
+            assert grid == (cl.PREP_THREADS * N, B * Hv, 1)
+            assert threadgroup == (cl.PREP_THREADS, 1, 1)
+            args = ["prep", B, T, Hk, Hv, Dv]
+        else:
+            B, Hv, Dv, Dk = x["state_in"].shape
+            T = int(np.asarray(x["dims"])[0])
+            N = x["U"].shape[2] // C
+            assert x["U"].shape == (B, Hv, N * C, Dv)
+            assert tpl["Dk"] == DK and tpl["BV"] == cl.BV and tpl["C"] == C
+            assert tpl["NT"] == cl.STATE_THREADS and tpl["YT"] == mx.float32
+            assert grid == (cl.STATE_THREADS * B * Hv, -(-Dv // cl.BV), 1)
+            assert threadgroup == (cl.STATE_THREADS, 1, 1)
+            args = ["state", B, T, Hv, Dv, N]
+        subprocess.run([str(self.program), args[0], str(self.tmp), *map(str, args[1:])], check=True)
+        outs = []
+        for n, shape, dt in zip(self.output_names, output_shapes, output_dtypes, strict=True):
+            assert dt == mx.float32
+            outs.append(mx.array(np.fromfile(self.tmp / n, np.float32).reshape(shape)))
+        return outs
+
+
+@pytest.mark.parametrize("prep", ["kernel", "ops"])
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+def test_host_launch_through_emulator(program, tmp_path, monkeypatch, prep, per_key):
+    """gated_delta_chunk_kernel's host side (input order, shapes, grids, template arguments)
+    with the kernels run by the emulator."""
+    if per_key and prep == "kernel":
+        pytest.skip("the prep kernel takes scalar gates only")
+    monkeypatch.setattr(cl, "_kernels", {})
+    monkeypatch.setattr(
+        cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)
+    )
+    B, T, Hk, Hv, Dv = 3, 100, 1, 2, 20
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv, per_key=per_key)
+    mask = _mask(B, T, "pad")
+    with mx.stream(mx.cpu):
+        y, s = cl.gated_delta_chunk_kernel(q, k, v, g, beta, state, mask, backend="cuda", prep=prep)
+    assert y.shape == (B, T, Hv, Dv) and s.shape == (B, Hv, Dv, DK)
+    _check((np.asarray(y), np.asarray(s)), gated_delta_np(q, k, v, g, beta, state, mask))
