@@ -8,15 +8,19 @@
 #   benchmarks/run_gpu.sh rest      # every other test file on the GPU (about 4 min)
 #   benchmarks/run_gpu.sh decode    # bench_gated_delta.py, decode B = 1, 8, 32, 128
 #   benchmarks/run_gpu.sh prefill   # bench_gated_delta.py, prefill T = 128 ... 8192
+#   benchmarks/run_gpu.sh chunk-tests  # the chunk kernels' GPU tests only (about 2 min)
+#   benchmarks/run_gpu.sh chunk     # prefill T = 512 ... 32768 x Hv = 16 ... 64: ours fused and
+#                                   # chunked kernels, FLA chunk / fused_recurrent, mlx-lm ops
+#                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
 # Logs and JSON/PNG go to $OUT (the device tool brings them back), or benchmarks/out.
 # Merge the two benchmark halves afterwards:
 #   python benchmarks/bench_gated_delta.py --merge <decode>.json <prefill>.json --out benchmarks/results
 set -euo pipefail
 step=${1:-}
 case "$step" in
-  tests | models | rest | decode | prefill) ;;
+  tests | models | rest | decode | prefill | chunk | chunk-tests) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill" >&2
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|chunk|chunk-tests" >&2
     exit 2
     ;;
 esac
@@ -39,5 +43,16 @@ case "$step" in
   prefill)
     python3 benchmarks/bench_gated_delta.py --decode-b "" --prefill-t 128,512,2048,8192 \
       --target-s 0.5 --out "$out" 2>&1 | tee "$out/bench_prefill.log"
+    ;;
+  chunk-tests)
+    "${pytest[@]}" tests/kernels/test_gpu_chunk_kernel.py 2>&1 | tee "$out/gpu_chunk_tests.log"
+    ;;
+  chunk)
+    # The slow token-by-token peers stop early (and say so in the table): mlx-lm's ops path
+    # costs about a second a call at T=2048, mx.fast's recurrence grows linearly with T.
+    python3 benchmarks/bench_gated_delta.py --decode-b "" --prefill-t 512,2048,8192,32768 \
+      --hv 16,32,48,64 --max-t "mlx-lm ops=2048,mx.fast=8192" --target-s 0.1 --repeats 3 \
+      --budget-s 2 --only "ours cuda,ours metal,ours chunked,fla chunk,fla fused_recurrent,mlx-lm ops,mx.fast" \
+      --out "$out" 2>&1 | tee "$out/bench_chunk.log"
     ;;
 esac
