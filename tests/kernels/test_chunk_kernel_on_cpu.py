@@ -63,10 +63,12 @@ void kernel(const float* W, const float* U, const float* Qg, const float* P, con
 }}
 }}  // namespace state
 
-// prep DIR B T Hk Hv Dv | state DIR B T Hv Dv N
-int main(int argc, char** argv) {{
+// prep DIR Dk B T Hk Hv Dv | state DIR Dk B T Hv Dv N
+template <int Dk>
+void run(char** argv) {{
   const std::string what = argv[1], d = std::string(argv[2]) + "/";
-  constexpr int Dk = {Dk}, C = {C};
+  constexpr int C = {C};
+  argv += 1;
   if (what == "prep") {{
     const int B = std::stoi(argv[3]), T = std::stoi(argv[4]), Hk = std::stoi(argv[5]);
     const int Hv = std::stoi(argv[6]), Dv = std::stoi(argv[7]);
@@ -100,9 +102,16 @@ int main(int argc, char** argv) {{
     write(d + "y", y); write(d + "state_out", s);
   }}
 }}
+
+int main(int argc, char** argv) {{
+  const int Dk = std::stoi(argv[3]);
+  if (Dk == 32) run<32>(argv);
+  else if (Dk == 128) run<128>(argv);
+  else return 1;
+}}
 """
 
-DK = 32  # one key width for the compiled program (the bodies take Dk as a template argument)
+DK = 32  # key width of most cases (the program is compiled for Dk = 32 and 128)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +120,6 @@ def program(tmp_path_factory) -> Path:
         emulator=EMULATOR,
         prep=cl.prep_source("cuda"),
         state=cl.state_source("cuda"),
-        Dk=DK,
         C=C,
         prep_threads=cl.PREP_THREADS,
         state_threads=cl.STATE_THREADS,
@@ -138,37 +146,37 @@ def _f32(x) -> np.ndarray:
 
 
 def run_prep(program, tmp, q, k, v, g, beta, mask):
-    B, T, Hk, _ = q.shape
+    B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     if mask is None:
         mask = mx.ones((B, T), dtype=mx.bool_)
     for name, x in zip(("q", "k", "v", "g", "beta"), (q, k, v, g, beta), strict=True):
         (tmp / name).write_bytes(_f32(x).tobytes())
     (tmp / "mask").write_bytes(np.asarray(mask, dtype=bool).tobytes())
-    dims = [B, T, Hk, Hv, Dv]
+    dims = [Dk, B, T, Hk, Hv, Dv]
     subprocess.run([str(program), "prep", str(tmp), *map(str, dims)], check=True, timeout=300)
     N = -(-T // C)
     shapes = {
-        "W": (B * Hv, N * C, DK),
+        "W": (B * Hv, N * C, Dk),
         "U": (B * Hv, N * C, Dv),
-        "Qg": (B * Hv, N * C, DK),
+        "Qg": (B * Hv, N * C, Dk),
         "P": (B * Hv, N * C, C),
-        "Kw": (B * Hv, N * C, DK),
-        "decay": (B * Hv, N, DK),
+        "Kw": (B * Hv, N * C, Dk),
+        "decay": (B * Hv, N, Dk),
     }
     return tuple(np.fromfile(tmp / n, np.float32).reshape(s) for n, s in shapes.items())
 
 
 def run_state(program, tmp, pieces, state, T):
-    B, Hv, Dv, _ = state.shape
+    B, Hv, Dv, Dk = state.shape
     for name, x in zip(cs.PREP_OUTPUTS, pieces, strict=True):
         (tmp / name).write_bytes(_f32(x).tobytes())
     (tmp / "state_in").write_bytes(_f32(state).tobytes())
     N = pieces[0].shape[1] // C
-    dims = [B, T, Hv, Dv, N]
+    dims = [Dk, B, T, Hv, Dv, N]
     subprocess.run([str(program), "state", str(tmp), *map(str, dims)], check=True, timeout=300)
     y = np.fromfile(tmp / "y", np.float32).reshape(B, T, Hv, Dv)
-    s = np.fromfile(tmp / "state_out", np.float32).reshape(B, Hv, Dv, DK)
+    s = np.fromfile(tmp / "state_out", np.float32).reshape(B, Hv, Dv, Dk)
     return y, s
 
 
@@ -185,14 +193,16 @@ def _mask(B, T, kind):
     return None
 
 
-# (B, T, Hk, Hv, Dv): T around the chunk (1, 63, 64, 65) and several chunks (200), Hv = 2 Hk,
-# Dv not a multiple of the state tile (20) and smaller than it.
+# (B, T, Hk, Hv, Dk, Dv): T around the chunk (1, 63, 64, 65) and several chunks (200),
+# Hv = 2 Hk, Dv not a multiple of the state tile (20) and smaller than it, Dk = 128 (every
+# thread of the state pass busy, two items each).
 SHAPES = [
-    (1, 1, 1, 1, 16),
-    (2, 63, 1, 2, 20),
-    (1, 64, 1, 1, 32),
-    (3, 65, 1, 2, 16),
-    (3, 200, 1, 2, 20),
+    (1, 1, 1, 1, 32, 16),
+    (2, 63, 1, 2, 32, 20),
+    (1, 64, 1, 1, 32, 32),
+    (3, 65, 1, 2, 32, 16),
+    (3, 200, 1, 2, 32, 20),
+    (2, 130, 2, 4, 128, 36),
 ]
 
 
@@ -204,10 +214,10 @@ def _check(got, want):
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hk{}Hv{}Dv{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*s))
 def test_prep_and_state_kernels_match_numpy(program, tmp_path, shape, masked):
-    B, T, Hk, Hv, Dv = shape
-    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv)
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad" if masked else None)
     pieces = run_prep(program, tmp_path, q, k, v, g, beta, mask)
     with mx.stream(mx.cpu):
@@ -221,11 +231,13 @@ def test_prep_and_state_kernels_match_numpy(program, tmp_path, shape, masked):
         assert not np.any(got[0][~np.asarray(mask)])
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4]], ids=lambda s: "B{}T{}".format(*s[:2]))
+@pytest.mark.parametrize(
+    "shape", [SHAPES[1], SHAPES[5]], ids=lambda s: "B{}T{}Dk{}".format(*s[:2], s[4])
+)
 def test_state_kernel_per_key_gates_matches_numpy(program, tmp_path, shape):
     """Per-key gates: MLX-ops prep (on the CPU), then the state kernel."""
-    B, T, Hk, Hv, Dv = shape
-    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv, per_key=True)
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv, per_key=True)
     mask = _mask(B, T, "pad")
     with mx.stream(mx.cpu):
         pieces = [np.asarray(x) for x in cl.prep_ops(q, k, v, g, beta, mask)]
@@ -271,20 +283,20 @@ class EmulatedKernel:
             B, T, Hk, Dk = x["q"].shape
             Hv, Dv = x["v"].shape[2:]
             N = -(-T // C)
-            assert tpl == {"Dk": DK, "C": C, "NT": cl.PREP_THREADS, "DS": cl.KEY_SLICE}
+            assert tpl == {"Dk": Dk, "C": C, "NT": cl.PREP_THREADS, "DS": cl.KEY_SLICE}
             assert grid == (cl.PREP_THREADS * N, B * Hv, 1)
             assert threadgroup == (cl.PREP_THREADS, 1, 1)
-            args = ["prep", B, T, Hk, Hv, Dv]
+            args = ["prep", Dk, B, T, Hk, Hv, Dv]
         else:
             B, Hv, Dv, Dk = x["state_in"].shape
             T = int(np.asarray(x["dims"])[0])
             N = x["U"].shape[2] // C
             assert x["U"].shape == (B, Hv, N * C, Dv)
-            assert tpl["Dk"] == DK and tpl["BV"] == cl.BV and tpl["C"] == C
+            assert tpl["Dk"] == Dk and tpl["BV"] == cl.BV and tpl["C"] == C
             assert tpl["NT"] == cl.STATE_THREADS and tpl["YT"] == mx.float32
             assert grid == (cl.STATE_THREADS * B * Hv, -(-Dv // cl.BV), 1)
             assert threadgroup == (cl.STATE_THREADS, 1, 1)
-            args = ["state", B, T, Hv, Dv, N]
+            args = ["state", Dk, B, T, Hv, Dv, N]
         subprocess.run([str(self.program), args[0], str(self.tmp), *map(str, args[1:])], check=True)
         outs = []
         for n, shape, dt in zip(self.output_names, output_shapes, output_dtypes, strict=True):
