@@ -12,15 +12,16 @@ ONE threadgroup per (batch x value head, tile of BV value rows) loops over all c
 its [BV, Dk] tile of the state on chip the whole time (registers, mirrored in threadgroup memory
 for the products that need every key column).
 
-STATE_BODY layout (NT threads, all of one threadgroup; no SIMD-group shuffles):
-  phase 1  X = [W; Qg] S^T over the 2C rows: items (row i, quad of 4 value rows), rows fastest
-           so a SIMD-group reads one S quad (broadcast) while its rows' W / Qg come from memory;
-           delta = U - X for the W rows goes to threadgroup memory, X for the Qg rows too.
+STATE_BODY layout (NT = 4 C threads, all of one threadgroup):
+  phase 1  X = [W; Qg] S^T: LR = NT / C adjacent lanes share row j of W and of Qg, split its
+           key quads and keep all BV value rows (2 BV accumulators; S read from threadgroup
+           memory, 4 lanes reading 4 consecutive quads); gd_group_sum<LR> adds the partials;
+           delta = U - W S^T and Qg S^T go to threadgroup memory.
   barrier
   phase 2  y = Qg S^T + P delta, items (row i, value quad); y is written in YT.
-  phase 3  S = decay * S + delta^T Kw, items (value row, key quad), key quads fastest (whole
-           rows of Kw per SIMD-group); the new values stay in registers and are mirrored into
-           threadgroup memory for the next chunk's phase 1.
+  phase 3  S = decay * S + delta^T Kw, items (pair of value rows, key quad), key quads fastest
+           (a SIMD-group reads whole rows of Kw); the new values stay in registers and are
+           mirrored into threadgroup memory for the next chunk's phase 1.
   barrier
 Threadgroup memory: S (BV x Dk) + delta and Qg S^T (C x BV each) fp32: 16 KB at BV=16, Dk=128,
 C=64; 24 KB at Dk=256 (Apple GPUs allow 32 KB).
@@ -54,12 +55,13 @@ STATE_NAME = "gated_delta_chunk_state"
 STATE_BODY = """
   constexpr int DQ = Dk / 4;       // key quads
   constexpr int VQ = BV / 4;       // value quads of the tile
-  constexpr int E1 = 2 * C * VQ;   // phase-1 items
-  constexpr int I1 = (E1 + NT - 1) / NT;
+  constexpr int LR = NT / C;       // phase 1: lanes per row (adjacent lanes of a SIMD-group)
   constexpr int E2 = C * VQ;       // phase-2 items
   constexpr int I2 = (E2 + NT - 1) / NT;
-  constexpr int E3 = BV * DQ;      // phase-3 items (state elements / 4)
+  constexpr int E3 = (BV / 2) * DQ;  // phase-3 items: (pair of value rows, key quad)
   constexpr int I3 = (E3 + NT - 1) / NT;
+  static_assert(NT == LR * C && LR <= 32 && (LR & (LR - 1)) == 0 && DQ % LR == 0, "layout");
+  static_assert(BV % 4 == 0, "BV");
   const int Hv = U_shape[1];
   const int NC = U_shape[2];
   const int Dv = U_shape[3];
@@ -77,68 +79,73 @@ STATE_BODY = """
   GD_TG float4 y4[C * VQ];    // Qg S^T, row i at y4[i * VQ]
   GD_TG_PTR float* d_f = reinterpret_cast<GD_TG_PTR float*>(d4);
 
-  // Phase-3 items own their state elements for the whole run (registers).
-  float s[I3][4];
+  // Phase-3 items own their state elements for the whole run (registers): rows 2 vp, 2 vp + 1.
+  float s[I3][2][4];
   #pragma unroll
   for (int it = 0; it < I3; ++it) {
     const int e = int(tid) + it * NT;
-    const int v = e / DQ;
+    const int vp = e / DQ;
     const int dq = e % DQ;
-    float4 x = gd_f4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (e < E3 && v0 + v < Dv) {
-      x = gd_load_f4(state_in + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq);
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int v = 2 * vp + h;
+      float4 x = gd_f4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (e < E3 && v0 + v < Dv) {
+        x = gd_load_f4(state_in + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq);
+      }
+      s[it][h][0] = x.x;
+      s[it][h][1] = x.y;
+      s[it][h][2] = x.z;
+      s[it][h][3] = x.w;
+      if (e < E3) S4[v * DQ + dq] = x;
     }
-    s[it][0] = x.x;
-    s[it][1] = x.y;
-    s[it][2] = x.z;
-    s[it][3] = x.w;
-    if (e < E3) S4[v * DQ + dq] = x;
   }
   gd_barrier();
 
   const size_t row0 = size_t(head) * NC;  // first row of this head in W, U, Qg, P, Kw
+  // Phase 1 layout: LR adjacent lanes share row j of W and of Qg and split its key quads
+  // (dq = l, l + LR, ...), so a SIMD-group reads whole 16 * LR-byte pieces of 32 / LR rows;
+  // each lane keeps all BV value rows, and the partial sums are added with gd_group_sum<LR>.
+  const int j1 = int(tid) / LR;
+  const int l1 = int(tid) % LR;
   for (int n = 0; n < N; ++n) {
     const size_t rn = row0 + size_t(n) * C;
-    // Phase 1: X = [W; Qg] S^T.
-    float acc[I1][4];
-    #pragma unroll
-    for (int it = 0; it < I1; ++it) {
+    // Phase 1: X = [W; Qg] S^T; delta = U - W S^T.
+    {
+      float aw[BV];
+      float aq[BV];
       #pragma unroll
-      for (int u = 0; u < 4; ++u) acc[it][u] = 0.0f;
-    }
-    for (int dq = 0; dq < DQ; ++dq) {
-      #pragma unroll
-      for (int it = 0; it < I1; ++it) {
-        const int e = int(tid) + it * NT;
-        if (E1 % NT == 0 || e < E1) {
-          const int i = e % (2 * C);
-          const int vq = e / (2 * C);
-          const float4 a = i < C ? gd_load_f4(W + (rn + i) * Dk + 4 * dq)
-                                 : gd_load_f4(Qg + (rn + (i - C)) * Dk + 4 * dq);
-          #pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const float4 sv = S4[(4 * vq + u) * DQ + dq];
-            acc[it][u] += a.x * sv.x + a.y * sv.y + a.z * sv.z + a.w * sv.w;
-          }
+      for (int v = 0; v < BV; ++v) {
+        aw[v] = 0.0f;
+        aq[v] = 0.0f;
+      }
+      const size_t r1 = (rn + j1) * Dk;
+      for (int dq = l1; dq < DQ; dq += LR) {
+        const float4 w = gd_load_f4(W + r1 + 4 * dq);
+        const float4 qg = gd_load_f4(Qg + r1 + 4 * dq);
+        #pragma unroll
+        for (int v = 0; v < BV; ++v) {
+          const float4 sv = S4[v * DQ + dq];
+          aw[v] += w.x * sv.x + w.y * sv.y + w.z * sv.z + w.w * sv.w;
+          aq[v] += qg.x * sv.x + qg.y * sv.y + qg.z * sv.z + qg.w * sv.w;
         }
       }
-    }
-    #pragma unroll
-    for (int it = 0; it < I1; ++it) {
-      const int e = int(tid) + it * NT;
-      if (E1 % NT == 0 || e < E1) {
-        const int i = e % (2 * C);
-        const int vq = e / (2 * C);
-        if (i < C) {
+      #pragma unroll
+      for (int v = 0; v < BV; ++v) {
+        aw[v] = gd_group_sum<LR>(aw[v]);
+        aq[v] = gd_group_sum<LR>(aq[v]);
+      }
+      #pragma unroll
+      for (int vq = 0; vq < VQ; ++vq) {
+        if (vq % LR == l1) {
           float uu[4];
           #pragma unroll
           for (int u = 0; u < 4; ++u) {
             const int v = v0 + 4 * vq + u;
-            uu[u] = v < Dv ? U[(rn + i) * Dv + v] - acc[it][u] : 0.0f;
+            uu[u] = v < Dv ? U[(rn + j1) * Dv + v] - aw[4 * vq + u] : 0.0f;
           }
-          d4[i * VQ + vq] = gd_f4(uu[0], uu[1], uu[2], uu[3]);
-        } else {
-          y4[(i - C) * VQ + vq] = gd_f4(acc[it][0], acc[it][1], acc[it][2], acc[it][3]);
+          d4[j1 * VQ + vq] = gd_f4(uu[0], uu[1], uu[2], uu[3]);
+          y4[j1 * VQ + vq] = gd_f4(aq[4 * vq], aq[4 * vq + 1], aq[4 * vq + 2], aq[4 * vq + 3]);
         }
       }
     }
@@ -174,28 +181,37 @@ STATE_BODY = """
       }
     }
 
-    // Phase 3: S = decay * S + delta^T Kw.
+    // Phase 3: S = decay * S + delta^T Kw; a SIMD-group reads whole rows of Kw.
     #pragma unroll
     for (int it = 0; it < I3; ++it) {
       const int e = int(tid) + it * NT;
       if (E3 % NT == 0 || e < E3) {
-        const int v = e / DQ;
+        const int vp = e / DQ;
         const int dq = e % DQ;
-        float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int j = 0; j < C; ++j) {
-          const float dl = d_f[j * BV + v];
+          const float dl0 = d_f[j * BV + 2 * vp];
+          const float dl1 = d_f[j * BV + 2 * vp + 1];
           const float4 kw = gd_load_f4(Kw + (rn + j) * Dk + 4 * dq);
-          a4[0] += dl * kw.x;
-          a4[1] += dl * kw.y;
-          a4[2] += dl * kw.z;
-          a4[3] += dl * kw.w;
+          a0[0] += dl0 * kw.x;
+          a0[1] += dl0 * kw.y;
+          a0[2] += dl0 * kw.z;
+          a0[3] += dl0 * kw.w;
+          a1[0] += dl1 * kw.x;
+          a1[1] += dl1 * kw.y;
+          a1[2] += dl1 * kw.z;
+          a1[3] += dl1 * kw.w;
         }
         const float4 dc = gd_load_f4(decay + (size_t(head) * N + n) * Dk + 4 * dq);
-        s[it][0] = dc.x * s[it][0] + a4[0];
-        s[it][1] = dc.y * s[it][1] + a4[1];
-        s[it][2] = dc.z * s[it][2] + a4[2];
-        s[it][3] = dc.w * s[it][3] + a4[3];
-        S4[v * DQ + dq] = gd_f4(s[it][0], s[it][1], s[it][2], s[it][3]);
+        const float dcs[4] = {dc.x, dc.y, dc.z, dc.w};
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          s[it][0][c] = dcs[c] * s[it][0][c] + a0[c];
+          s[it][1][c] = dcs[c] * s[it][1][c] + a1[c];
+        }
+        S4[(2 * vp) * DQ + dq] = gd_f4(s[it][0][0], s[it][0][1], s[it][0][2], s[it][0][3]);
+        S4[(2 * vp + 1) * DQ + dq] = gd_f4(s[it][1][0], s[it][1][1], s[it][1][2], s[it][1][3]);
       }
     }
     gd_barrier();
@@ -204,11 +220,15 @@ STATE_BODY = """
   #pragma unroll
   for (int it = 0; it < I3; ++it) {
     const int e = int(tid) + it * NT;
-    const int v = e / DQ;
+    const int vp = e / DQ;
     const int dq = e % DQ;
-    if ((E3 % NT == 0 || e < E3) && v0 + v < Dv) {
-      gd_store_f4(state_out + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq, s[it][0], s[it][1],
-                  s[it][2], s[it][3]);
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int v = 2 * vp + h;
+      if ((E3 % NT == 0 || e < E3) && v0 + v < Dv) {
+        gd_store_f4(state_out + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq, s[it][h][0],
+                    s[it][h][1], s[it][h][2], s[it][h][3]);
+      }
     }
   }
 """
