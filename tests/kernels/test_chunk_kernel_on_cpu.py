@@ -213,8 +213,17 @@ def _check(got, want):
     assert rel_err(s, s_np) < TOL
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*s))
+# Masked where T allows a hole (the emulator is slow: one thread per GPU thread).
+CASES = [(shape, shape[1] > 1) for shape in SHAPES] + [(SHAPES[3], False)]
+
+
+@pytest.mark.parametrize(
+    "shape,masked",
+    CASES,
+    ids=lambda c: (
+        "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*c) if isinstance(c, tuple) else ("mask" if c else "nomask")
+    ),
+)
 def test_prep_and_state_kernels_match_numpy(program, tmp_path, shape, masked):
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)

@@ -250,12 +250,13 @@ PREP_NAME = "gated_delta_chunk_prep"
 #  3. forward substitution (I + A) X = [beta v | beta gamma k], one thread per column of X:
 #     U = X[:, :Dv], W = X[:, Dv:] (the unit-lower-triangular solve; no inverse is formed).
 #  4. Qg = gamma q, Kw = w k, decay = gamma_{C-1} (broadcast over Dk).
-# Threadgroup memory: max(2 C (DS+1), C (C+1)) + 5 C floats: 18 KB at C=64, DS=32.
+# Threadgroup memory: max(2 C (DS+1), C (C+4)) + 5 C floats: 18.3 KB at C=64, DS=32.
 PREP_BODY = """
   constexpr int R = C / 16;        // tile rows / columns per thread in step 2
   constexpr int SP = DS + 1;       // staged row stride (odd: no bank conflicts)
-  constexpr int CP = C + 1;        // A row stride
+  constexpr int CP = C + 4;        // A row stride (rows 16-byte aligned: read as float4)
   constexpr int BUF = 2 * C * SP > C * CP ? 2 * C * SP : C * CP;
+  static_assert(C % 16 == 0 && NT == 256, "PREP_BODY: 16 x 16 threads, C / 16 rows each");
   const float tiny = 4.2483542e-18f;  // e^-40
   const int T = q_shape[1];
   const int Hk = q_shape[2];
@@ -273,7 +274,8 @@ PREP_BODY = """
   const int t0 = n * C;
   const size_t rn = size_t(head) * NC + t0;  // this chunk's first row in W, U, Qg, P, Kw
 
-  GD_TG float buf[BUF];  // step 2: staged k | q; steps 2-3: A
+  GD_TG float4 buf4[(BUF + 3) / 4];  // step 2: staged k | q; steps 2-3: A
+  GD_TG_PTR float* buf = reinterpret_cast<GD_TG_PTR float*>(buf4);
   GD_TG float gs[C];
   GD_TG float bs[C];
   GD_TG float ok[C];
@@ -380,9 +382,14 @@ PREP_BODY = """
           ? static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col])
           : static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + (col - Dv)]);
       float r = ok[i] != 0.0f ? bs[i] * (is_v ? 1.0f : gam[i]) * src : 0.0f;
+      // r -= A[i, :i] x[:i], four entries of A per (broadcast) threadgroup-memory read.
       #pragma unroll
-      for (int j = 0; j < i; ++j) {
-        r -= buf[i * CP + j] * x[j];
+      for (int jq = 0; 4 * jq < i; ++jq) {
+        const float4 a = buf4[(i * CP) / 4 + jq];
+        r -= a.x * x[4 * jq];
+        if (4 * jq + 1 < i) r -= a.y * x[4 * jq + 1];
+        if (4 * jq + 2 < i) r -= a.z * x[4 * jq + 2];
+        if (4 * jq + 3 < i) r -= a.w * x[4 * jq + 3];
       }
       x[i] = r;
     }
