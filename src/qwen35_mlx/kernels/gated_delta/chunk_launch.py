@@ -194,14 +194,19 @@ def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK):
     )
 
 
-def state_pass(backend: str, pieces, state, T: int, y_dtype, C: int = CHUNK, init_value=None):
-    """The sequential pass over the chunks: returns (y [B, T, Hv, Dv] in y_dtype, state)."""
+def state_pass(
+    backend: str, pieces, state, T: int, y_dtype, C: int = CHUNK, init_value=None, bv=None
+):
+    """The sequential pass over the chunks: returns (y [B, T, Hv, Dv] in y_dtype, state).
+    bv: value rows per threadgroup (default BV; a multiple of 4; 32 needs more than Apple's
+    32 KB of threadgroup memory at Dk = 128)."""
     W, U, Qg, P, Kw, decay = pieces
     B, Hv, Dv, Dk = state.shape
+    BV_ = bv or BV
     return _build(backend, "state")(
         inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
-        template=[("Dk", Dk), ("BV", BV), ("C", C), ("NT", STATE_THREADS), ("YT", y_dtype)],
-        grid=(STATE_THREADS * B * Hv, -(-Dv // BV), 1),
+        template=[("Dk", Dk), ("BV", BV_), ("C", C), ("NT", STATE_THREADS), ("YT", y_dtype)],
+        grid=(STATE_THREADS * B * Hv, -(-Dv // BV_), 1),
         threadgroup=(STATE_THREADS, 1, 1),
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[y_dtype, mx.float32],
@@ -221,9 +226,11 @@ def gated_delta_chunk_kernel(
     backend: str | None = None,
     prep: str = "auto",
     init_value=None,
+    bv=None,
 ):
     """Chunked gated delta rule on the GPU. `prep`: "kernel" (PREP_BODY, scalar gates),
-    "ops" (MLX ops) or "auto" (the kernel for scalar gates). Returns (y, state fp32)."""
+    "ops" (MLX ops) or "auto" (the kernel for scalar gates); `bv`: see state_pass.
+    Returns (y, state fp32)."""
     backend = backend or available_backend()
     if backend is None:
         raise RuntimeError("gated_delta chunk kernel: no Metal or CUDA backend in this MLX")
@@ -237,4 +244,4 @@ def gated_delta_chunk_kernel(
         pieces = prep_kernel(backend, q, k, v, g, beta, mask)
     else:
         pieces = prep_ops(q, k, v, g, beta, mask)
-    return state_pass(backend, pieces, state, T, v.dtype, init_value=init_value)
+    return state_pass(backend, pieces, state, T, v.dtype, init_value=init_value, bv=bv)
