@@ -243,20 +243,21 @@ PREP_NAME = "gated_delta_chunk_prep"
 #     never multiplied, so garbage there cannot leak); gamma_i = prod_{l<=i} g_l and
 #     w_j = prod_{l>j} g_l as running products, cut to exactly 0 below e^-40 (as chunked.py:
 #     no subnormal products, no division, g = 0 gives exact zeros).
-#  2. k k^T and q k^T for the chunk, each thread a (C/16) x (C/16) tile (rows ti + 16 r, columns
-#     tj + 16 c), k and q staged in threadgroup memory DS key columns at a time; then
-#     A_ij = beta_i D_ij k_i.k_j (j < i) into threadgroup memory and P_ij = D_ij q_i.k_j
-#     (j <= i) to memory, D_ij = prod_{j<l<=i} g_l (running product, same cut).
+#  2. k k^T and q k^T for the chunk, each thread an R x R tile (R = C / 16: rows R ti + r,
+#     columns R tj + c), k and q staged transposed in threadgroup memory DS key columns at a
+#     time and read R rows per float4; then A_ij = beta_i D_ij k_i.k_j (j < i) into threadgroup
+#     memory and P_ij = D_ij q_i.k_j (j <= i) to memory, D_ij = prod_{j<l<=i} g_l as
+#     gamma_i / gamma_j while neither prefix was cut, else as a running product (same cut).
 #  3. forward substitution (I + A) X = [beta v | beta gamma k], one thread per column of X:
 #     U = X[:, :Dv], W = X[:, Dv:] (the unit-lower-triangular solve; no inverse is formed).
 #  4. Qg = gamma q, Kw = w k, decay = gamma_{C-1} (broadcast over Dk).
-# Threadgroup memory: max(2 C (DS+1), C (C+4)) + 5 C floats: 18.3 KB at C=64, DS=32.
+# Threadgroup memory: max(2 DS, C) (C + 4) + 5 C floats: 18.7 KB at C=64, DS=32.
 PREP_BODY = """
   constexpr int R = C / 16;        // tile rows / columns per thread in step 2
-  constexpr int SP = DS + 1;       // staged row stride (odd: no bank conflicts)
+  constexpr int CS = C + 4;        // staged k / q: stride of a key column (16-byte aligned)
   constexpr int CP = C + 4;        // A row stride (rows 16-byte aligned: read as float4)
-  constexpr int BUF = 2 * C * SP > C * CP ? 2 * C * SP : C * CP;
-  static_assert(C % 16 == 0 && NT == 256, "PREP_BODY: 16 x 16 threads, C / 16 rows each");
+  constexpr int BUF = 2 * DS * CS > C * CP ? 2 * DS * CS : C * CP;
+  static_assert(C % 64 == 0 && NT == 256, "PREP_BODY: 16 x 16 threads, C / 16 rows each");
   const float tiny = 4.2483542e-18f;  // e^-40
   const int T = q_shape[1];
   const int Hk = q_shape[2];
@@ -308,7 +309,9 @@ PREP_BODY = """
     }
   }
 
-  // 2. k k^T and q k^T (the barrier at the top of the slice loop also publishes gam / wts)
+  // 2. k k^T and q k^T (the barrier at the top of the slice loop also publishes gam / wts).
+  // Thread (ti, tj) computes rows 4 ti .. 4 ti + 3 against columns 4 tj .. 4 tj + 3, reading
+  // k and q staged transposed ([d][row], rows contiguous) four rows at a time.
   const int ti = tid % 16;
   const int tj = tid / 16;
   float kk[R][R];
@@ -329,8 +332,8 @@ PREP_BODY = """
       const int t = t0 + i < T ? t0 + i : T - 1;
       const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d;
       const bool valid = ok[i] != 0.0f;
-      buf[i * SP + d] = valid ? static_cast<float>(k[off]) : 0.0f;
-      buf[(C + i) * SP + d] = valid ? static_cast<float>(q[off]) : 0.0f;
+      buf[d * CS + i] = valid ? static_cast<float>(k[off]) : 0.0f;
+      buf[(DS + d) * CS + i] = valid ? static_cast<float>(q[off]) : 0.0f;
     }
     gd_barrier();
     for (int d = 0; d < DS; ++d) {
@@ -338,10 +341,22 @@ PREP_BODY = """
       float qi[R];
       float kj[R];
       #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        ki[r] = buf[(ti + 16 * r) * SP + d];
-        qi[r] = buf[(C + ti + 16 * r) * SP + d];
-        kj[r] = buf[(tj + 16 * r) * SP + d];
+      for (int r4 = 0; r4 < R / 4; ++r4) {
+        const float4 a = buf4[(d * CS + R * ti) / 4 + r4];
+        const float4 b = buf4[((DS + d) * CS + R * ti) / 4 + r4];
+        const float4 c = buf4[(d * CS + R * tj) / 4 + r4];
+        ki[4 * r4] = a.x;
+        ki[4 * r4 + 1] = a.y;
+        ki[4 * r4 + 2] = a.z;
+        ki[4 * r4 + 3] = a.w;
+        qi[4 * r4] = b.x;
+        qi[4 * r4 + 1] = b.y;
+        qi[4 * r4 + 2] = b.z;
+        qi[4 * r4 + 3] = b.w;
+        kj[4 * r4] = c.x;
+        kj[4 * r4 + 1] = c.y;
+        kj[4 * r4 + 2] = c.z;
+        kj[4 * r4 + 3] = c.w;
       }
       #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -358,11 +373,21 @@ PREP_BODY = """
   for (int r = 0; r < R; ++r) {
     #pragma unroll
     for (int c = 0; c < R; ++c) {
-      const int i = ti + 16 * r;
-      const int j = tj + 16 * c;
-      float dij = j <= i ? 1.0f : 0.0f;
-      for (int l = j + 1; l <= i; ++l) {
-        dij *= gs[l];
+      const int i = R * ti + r;
+      const int j = R * tj + c;
+      // D_ij = prod_{j<l<=i} g_l: the ratio of the two prefix products while neither was cut,
+      // else the running product (a cut prefix does not imply a cut D_ij).
+      float dij = 0.0f;
+      if (j <= i) {
+        if (gam[i] > 0.0f && gam[j] > 0.0f) {
+          dij = gam[i] / gam[j];
+        } else {
+          dij = 1.0f;
+          for (int l = j + 1; l <= i; ++l) {
+            dij *= gs[l];
+            dij = dij < tiny ? 0.0f : dij;
+          }
+        }
         dij = dij < tiny ? 0.0f : dij;
       }
       buf[i * CP + j] = j < i ? bs[i] * dij * kk[r][c] : 0.0f;
