@@ -120,7 +120,10 @@ STATE_BODY = """
         aq[v] = 0.0f;
       }
       const size_t r1 = (rn + j1) * Dk;
-      for (int dq = l1; dq < DQ; dq += LR) {
+      // Unrolled (DQ / LR trips), so every load of the row can be issued up front.
+      #pragma unroll
+      for (int m = 0; m < DQ / LR; ++m) {
+        const int dq = l1 + m * LR;
         const float4 w = gd_load_f4(W + r1 + 4 * dq);
         const float4 qg = gd_load_f4(Qg + r1 + 4 * dq);
         #pragma unroll
@@ -190,6 +193,7 @@ STATE_BODY = """
         const int dq = e % DQ;
         float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         float a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        #pragma unroll 4
         for (int j = 0; j < C; ++j) {
           const float dl0 = d_f[j * BV + 2 * vp];
           const float dl1 = d_f[j * BV + 2 * vp + 1];
