@@ -1,8 +1,9 @@
 """Where the chunked GPU path spends its time, and the crossover against the fused kernel.
 
 For Hk=16, Dk=Dv=128, bf16, B=1 and each (T, Hv): the fused recurrent kernel (gates inside),
-the whole chunked path as `auto` would run it (compute_gates + prep kernel + state pass), and
-its parts alone: compute_gates, the prep kernel, the MLX-ops prep, the state pass with 8, 16
+the whole chunked path as `auto` would run it (prep kernel with the gates inside + state pass),
+and its parts alone: compute_gates, the prep kernel with precomputed gates and with its own
+gating, the MLX-ops prep, the state pass with 8, 16
 and 32 value rows per threadgroup (BV; 32 exceeds Apple's 32 KB of threadgroup memory, CUDA
 only). Same timer as bench_gated_delta.py: n calls in one evaluated graph, best of 3, ms/call.
 
@@ -51,14 +52,21 @@ def measure(backend: str, bvs, T: int, hv: int) -> dict:
         return fused_impl.gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, state)
 
     def chunked():
-        g, beta = compute_gates(a, b, A_log, dt_bias)
-        return cl.gated_delta_chunk_kernel(q, k, v, g, beta, state, backend=backend)
+        return cl.gated_delta_update_chunk_kernel(
+            q, k, v, a, b, A_log, dt_bias, state, backend=backend
+        )
 
     t = {
         "fused": best_ms(fused, n),
         "chunked": best_ms(chunked, n),
         "gates": best_ms(lambda: compute_gates(a, b, A_log, dt_bias), n),
         "prep kernel": best_ms(lambda: cl.prep_kernel(backend, q, k, v, g, beta, None), n),
+        "prep fused": best_ms(
+            lambda: cl.prep_kernel(
+                backend, q, k, v, g, beta, None, raw_gates=(a, b, A_log, dt_bias)
+            ),
+            n,
+        ),
         "prep ops": best_ms(lambda: cl.prep_ops(q, k, v, g, beta, None), max(2, n // 4)),
     }
     for bv in bvs:

@@ -20,8 +20,9 @@ import pytest
 
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+from qwen35_mlx.kernels.gated_delta import compute_gates
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import gated_delta_np, make_inputs
+from tests.kernels.helpers import gated_delta_np, make_gate_inputs, make_inputs
 
 GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
@@ -54,6 +55,16 @@ void kernel(const float* q, const float* k, const float* v, const float* g, cons
 }}
 }}  // namespace prep
 
+namespace prep_fused {{
+template <int Dk, int C, int NT, int DS>
+void kernel(const float* q, const float* k, const float* v, const float* a, const float* b,
+            const float* A_log, const float* dt_bias, const bool* mask, const int* q_shape,
+            const int* v_shape, float* W, float* U, float* Qg, float* P, float* Kw,
+            float* decay) {{
+{prep_fused}
+}}
+}}  // namespace prep_fused
+
 namespace state {{
 template <int Dk, int BV, int C, int NT, typename YT>
 void kernel(const float* W, const float* U, const float* Qg, const float* P, const float* Kw,
@@ -63,26 +74,35 @@ void kernel(const float* W, const float* U, const float* Qg, const float* P, con
 }}
 }}  // namespace state
 
-// prep DIR Dk B T Hk Hv Dv | state DIR Dk B T Hv Dv N
+// prep|prep_fused DIR Dk B T Hk Hv Dv | state DIR Dk B T Hv Dv N
 template <int Dk>
 void run(char** argv) {{
   const std::string what = argv[1], d = std::string(argv[2]) + "/";
   constexpr int C = {C};
   argv += 1;
-  if (what == "prep") {{
+  if (what == "prep" || what == "prep_fused") {{
     const int B = std::stoi(argv[3]), T = std::stoi(argv[4]), Hk = std::stoi(argv[5]);
     const int Hv = std::stoi(argv[6]), Dv = std::stoi(argv[7]);
     const int N = (T + C - 1) / C, BH = B * Hv;
     const int q_shape[4] = {{B, T, Hk, Dk}}, v_shape[4] = {{B, T, Hv, Dv}};
-    auto q = read(d + "q"), k = read(d + "k"), v = read(d + "v"), g = read(d + "g");
-    auto beta = read(d + "beta"), mask = read(d + "mask");
+    auto q = read(d + "q"), k = read(d + "k"), v = read(d + "v"), mask = read(d + "mask");
+    const bool fused = what == "prep_fused";
+    auto g = read(d + (fused ? "a" : "g")), beta = read(d + (fused ? "b" : "beta"));
+    auto A_log = fused ? read(d + "A_log") : g, dt_bias = fused ? read(d + "dt_bias") : g;
     const size_t rows = size_t(BH) * N * C;
     std::vector<float> W(rows * Dk, NAN), U(rows * Dv, NAN), Qg(rows * Dk, NAN);
     std::vector<float> P(rows * C, NAN), Kw(rows * Dk, NAN), dec(size_t(BH) * N * Dk, NAN);
     run_blocks({{unsigned(N), unsigned(BH), 1}}, {prep_threads}, [&] {{
-      prep::kernel<Dk, C, {prep_threads}, {slice}>(as<float>(q), as<float>(k), as<float>(v),
-          as<float>(g), as<float>(beta), as<bool>(mask), q_shape, v_shape, W.data(), U.data(),
-          Qg.data(), P.data(), Kw.data(), dec.data());
+      if (fused) {{
+        prep_fused::kernel<Dk, C, {prep_threads}, {slice}>(as<float>(q), as<float>(k),
+            as<float>(v), as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias),
+            as<bool>(mask), q_shape, v_shape, W.data(), U.data(), Qg.data(), P.data(),
+            Kw.data(), dec.data());
+      }} else {{
+        prep::kernel<Dk, C, {prep_threads}, {slice}>(as<float>(q), as<float>(k), as<float>(v),
+            as<float>(g), as<float>(beta), as<bool>(mask), q_shape, v_shape, W.data(),
+            U.data(), Qg.data(), P.data(), Kw.data(), dec.data());
+      }}
     }});
     write(d + "W", W); write(d + "U", U); write(d + "Qg", Qg); write(d + "P", P);
     write(d + "Kw", Kw); write(d + "decay", dec);
@@ -119,6 +139,7 @@ def program(tmp_path_factory) -> Path:
     text = PROGRAM.format(
         emulator=EMULATOR,
         prep=cl.prep_source("cuda"),
+        prep_fused=cl.prep_source("cuda", fused=True),
         state=cl.state_source("cuda"),
         C=C,
         prep_threads=cl.PREP_THREADS,
@@ -288,14 +309,15 @@ class EmulatedKernel:
             arr = np.asarray(a.astype(mx.float32) if dt is np.float32 else a, dt)
             (self.tmp / n).write_bytes(arr.tobytes())
         tpl = dict(template)
-        if self.name == cs.PREP_NAME:
+        if self.name in (cs.prep_name(False), cs.prep_name(True)):
             B, T, Hk, Dk = x["q"].shape
             Hv, Dv = x["v"].shape[2:]
             N = -(-T // C)
             assert tpl == {"Dk": Dk, "C": C, "NT": cl.PREP_THREADS, "DS": cl.KEY_SLICE}
             assert grid == (cl.PREP_THREADS * N, B * Hv, 1)
             assert threadgroup == (cl.PREP_THREADS, 1, 1)
-            args = ["prep", Dk, B, T, Hk, Hv, Dv]
+            which = "prep_fused" if self.name == cs.prep_name(True) else "prep"
+            args = [which, Dk, B, T, Hk, Hv, Dv]
         else:
             B, Hv, Dv, Dk = x["state_in"].shape
             T = int(np.asarray(x["dims"])[0])
@@ -331,4 +353,28 @@ def test_host_launch_through_emulator(program, tmp_path, monkeypatch, prep, per_
     with mx.stream(mx.cpu):
         y, s = cl.gated_delta_chunk_kernel(q, k, v, g, beta, state, mask, backend="cuda", prep=prep)
     assert y.shape == (B, T, Hv, Dv) and s.shape == (B, Hv, Dv, DK)
+    _check((np.asarray(y), np.asarray(s)), gated_delta_np(q, k, v, g, beta, state, mask))
+
+
+def test_fused_gating_prep_through_emulator(program, tmp_path, monkeypatch):
+    """gated_delta_update_chunk_kernel: the gates computed in the prep kernel (fused variant)
+    match compute_gates + the float64 loop, including gates that underflow to exactly 0."""
+    monkeypatch.setattr(cl, "_kernels", {})
+    monkeypatch.setattr(
+        cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)
+    )
+    B, T, Hk, Hv, Dv = 2, 70, 1, 2, 20
+    q, k, v, _, _, state = make_inputs(B, T, Hk, Hv, DK, Dv)
+    a, b, A_log, dt_bias = make_gate_inputs(B, T, Hv)
+    a = np.array(a)
+    a[:, ::9] = 80.0  # softplus(80) * exp(A_log) >> 104: g underflows to exactly 0
+    a = mx.array(a)
+    A_log = mx.full(A_log.shape, 2.0)
+    mask = _mask(B, T, "pad")
+    with mx.stream(mx.cpu):
+        g, beta = compute_gates(a, b, A_log, dt_bias)
+        y, s = cl.gated_delta_update_chunk_kernel(
+            q, k, v, a, b, A_log, dt_bias, state, mask, backend="cuda"
+        )
+    assert (np.array(g)[:, ::9] == 0.0).all()
     _check((np.asarray(y), np.asarray(s)), gated_delta_np(q, k, v, g, beta, state, mask))

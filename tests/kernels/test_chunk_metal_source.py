@@ -16,7 +16,8 @@ GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
 STUB = Path(__file__).with_name("metal_stub.h")
 
-IN_TYPES = {"q": "bfloat16_t", "k": "bfloat16_t", "v": "bfloat16_t", "mask": "bool", "dims": "int"}
+IN_TYPES = {"q": "bfloat16_t", "k": "bfloat16_t", "v": "bfloat16_t", "a": "bfloat16_t"}
+IN_TYPES |= {"b": "bfloat16_t", "mask": "bool", "dims": "int"}
 CONSTANT = {"dims"}  # inputs under 8 bytes go to the constant address space
 
 
@@ -58,11 +59,17 @@ def test_chunk_state_metal_source_compiles(tmp_path):
     assert not err, err
 
 
-def test_chunk_prep_metal_source_compiles(tmp_path):
-    body = cl.prep_source("metal")
+@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+def test_chunk_prep_metal_source_compiles(tmp_path, fused):
+    body = cl.prep_source("metal", fused)
     inst = [f"{dk}, {cl.CHUNK}, {cl.PREP_THREADS}, {cl.KEY_SLICE}" for dk in (32, 128, 256)]
     tu = wrap(
-        cs.PREP_NAME, cs.PREP_INPUTS, cs.PREP_OUTPUTS, body, "int Dk, int C, int NT, int DS", inst
+        cs.prep_name(fused),
+        cs.prep_inputs(fused),
+        cs.PREP_OUTPUTS,
+        body,
+        "int Dk, int C, int NT, int DS",
+        inst,
     )
     err = compile_errors(tu, tmp_path)
     assert not err, err

@@ -160,6 +160,45 @@ def test_chunk_kernel_state_carried_across_calls():
     check((mx.concatenate([y1, y2], axis=1), s2), (y_full, s_full), mx.float32)
 
 
+def chunk_fused(x):
+    y, s = cl.gated_delta_update_chunk_kernel(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["a"],
+        x["b"],
+        x["A_log"],
+        x["dt_bias"],
+        x["state"],
+        x["mask"],
+        backend=BACKEND,
+        init_value=NAN,
+    )
+    mx.eval(y, s)
+    return y, s
+
+
+@pytest.mark.parametrize("masked", ["nomask", "pad", "holes"])
+@pytest.mark.parametrize(
+    "shape", CHUNK_SHAPES[::2], ids=lambda s: "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*s)
+)
+def test_chunk_kernel_fused_gates_match_compute_gates_ref(shape, masked):
+    B, T = shape[:2]
+    x = kernel_inputs(*shape, pad=_pads(B, T) if masked == "pad" else None)
+    if masked == "holes":
+        x["mask"] = _holes(B, T)
+    check(chunk_fused(x), ref_fused(x), mx.float32)
+
+
+def test_chunk_kernel_fused_gate_underflow_to_zero():
+    x = kernel_inputs(2, 140, 1, 2, 64, 32)
+    a = np.array(x["a"])
+    a[:, ::5] = 80.0  # softplus(80) * exp(A_log) >> 104: exp underflows to exactly 0
+    x["a"] = mx.array(a)
+    x["A_log"] = mx.full(x["A_log"].shape, 2.0)
+    check(chunk_fused(x), ref_fused(x), mx.float32)
+
+
 def test_public_api_chunked_and_auto_crossover(monkeypatch):
     """backend="chunked" runs the kernels on a GPU (both entry points); auto picks them from
     _GPU_CHUNKED_MIN_T on, the fused kernel below."""
@@ -167,10 +206,11 @@ def test_public_api_chunked_and_auto_crossover(monkeypatch):
 
     x = kernel_inputs(2, 130, 2, 4, 128, 64, pad=[3, 0])
     calls = []
-    real = cl.gated_delta_chunk_kernel
-    monkeypatch.setattr(
-        cl, "gated_delta_chunk_kernel", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    for name in ("gated_delta_chunk_kernel", "gated_delta_update_chunk_kernel"):
+        real = getattr(cl, name)
+        monkeypatch.setattr(
+            cl, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
+        )
     y, s = gated_delta(
         x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend="chunked"
     )
@@ -180,10 +220,10 @@ def test_public_api_chunked_and_auto_crossover(monkeypatch):
         x["q"], x["k"], x["v"], *gates, x["state"], x["mask"], backend="chunked"
     )
     check((y, s), ref_fused(x), mx.float32)
-    assert len(calls) == 2
+    assert calls == ["gated_delta_chunk_kernel", "gated_delta_update_chunk_kernel"]
     monkeypatch.setattr(gd, "_GPU_CHUNKED_MIN_T", 100)
     assert pick_backend("auto", x["q"], x["v"], x["g"]) == "chunked"
     assert pick_backend("auto", x["q"][:, :99], x["v"][:, :99], x["g"][:, :99]) == BACKEND
     y, s = gated_delta_update(x["q"], x["k"], x["v"], *gates, x["state"], x["mask"])
     check((y, s), ref_fused(x), mx.float32)
-    assert len(calls) == 3
+    assert calls[-1] == "gated_delta_update_chunk_kernel" and len(calls) == 3

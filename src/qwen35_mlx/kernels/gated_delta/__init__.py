@@ -202,6 +202,12 @@ def gated_delta_update(
         if x.shape != (Hv,):
             raise _shape_error(name, x.shape, f"[Hv] = [{Hv}]")
     name = _pick(backend, q, v, a)
+    if name == "chunked" and mx.default_device() != mx.cpu and _chunk_kernel_supports(q, v, a):
+        from .chunk_launch import gated_delta_update_chunk_kernel
+
+        _validate(q, k, v, a, b, state, mask)
+        state = _zeros_state(q, v) if state is None else state.astype(mx.float32)
+        return gated_delta_update_chunk_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
     if name in ("metal", "cuda"):
         impl = _gpu_backend(name)
         if impl.supports(q, v, a):

@@ -73,22 +73,24 @@ def state_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_BODY
 
 
-def prep_source(backend: str) -> str:
-    return PROLOGUE[backend] + src.PREP_BODY
+def prep_source(backend: str, fused: bool = False) -> str:
+    return PROLOGUE[backend] + src.prep_body(fused)
 
 
 _kernels: dict[tuple[str, str], object] = {}
 
 
 def _build(backend: str, which: str):
+    """which: "state", "prep" or "prep_fused"."""
     key = (backend, which)
     if key not in _kernels:
         if which == "state":
             name, ins, outs = src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
             body = state_source(backend)
         else:
-            name, ins, outs = src.PREP_NAME, src.PREP_INPUTS, src.PREP_OUTPUTS
-            body = prep_source(backend)
+            fused = which == "prep_fused"
+            name, ins, outs = src.prep_name(fused), src.prep_inputs(fused), src.PREP_OUTPUTS
+            body = prep_source(backend, fused)
         _kernels[key] = _factory(backend)(
             name=name, input_names=ins, output_names=outs, source=body, header=header(backend)
         )
@@ -168,8 +170,9 @@ def prep_ops(q, k, v, g, beta, mask, C: int = CHUNK):
     )
 
 
-def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK):
-    """The state pass's inputs from PREP_BODY (scalar gates only); same layout as prep_ops."""
+def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None):
+    """The state pass's inputs from PREP_BODY (scalar gates only); same layout as prep_ops.
+    raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel (g, beta unused)."""
     B, T, _, Dk = q.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -177,8 +180,13 @@ def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK):
     if mask is None:
         mask = mx.ones((B, T), dtype=mx.bool_)
     f32 = mx.float32
-    return _build(backend, "prep")(
-        inputs=[q, k, v, g.astype(f32), beta.astype(f32), mask.astype(mx.bool_)],
+    if raw_gates is None:
+        gates, which = [g.astype(f32), beta.astype(f32)], "prep"
+    else:
+        a, b, A_log, dt_bias = raw_gates
+        gates, which = [a, b, A_log.astype(f32), dt_bias.astype(f32)], "prep_fused"
+    return _build(backend, which)(
+        inputs=[q, k, v, *gates, mask.astype(mx.bool_)],
         template=[("Dk", Dk), ("C", C), ("NT", PREP_THREADS), ("DS", KEY_SLICE)],
         grid=(PREP_THREADS * N, BH, 1),
         threadgroup=(PREP_THREADS, 1, 1),
@@ -245,3 +253,23 @@ def gated_delta_chunk_kernel(
     else:
         pieces = prep_ops(q, k, v, g, beta, mask)
     return state_pass(backend, pieces, state, T, v.dtype, init_value=init_value, bv=bv)
+
+
+def gated_delta_update_chunk_kernel(
+    q, k, v, a, b, A_log, dt_bias, state, mask=None, *, backend=None, init_value=None, bv=None
+):
+    """Chunked gated delta rule on the GPU from the raw gate inputs (a, b [B, T, Hv]; A_log,
+    dt_bias [Hv]), computed in fp32 inside the prep kernel. Returns (y, state fp32)."""
+    backend = backend or available_backend()
+    if backend is None:
+        raise RuntimeError("gated_delta chunk kernel: no Metal or CUDA backend in this MLX")
+    pieces = prep_kernel(backend, q, k, v, None, None, mask, raw_gates=(a, b, A_log, dt_bias))
+    return state_pass(
+        backend,
+        pieces,
+        state.astype(mx.float32),
+        q.shape[1],
+        v.dtype,
+        init_value=init_value,
+        bv=bv,
+    )

@@ -237,9 +237,24 @@ STATE_BODY = """
   }
 """
 
-PREP_INPUTS = ["q", "k", "v", "g", "beta", "mask"]
 PREP_OUTPUTS = ["W", "U", "Qg", "P", "Kw", "decay"]
-PREP_NAME = "gated_delta_chunk_prep"
+
+
+def prep_inputs(fused: bool) -> list[str]:
+    """PREP_BODY's inputs: precomputed gates g, beta, or (fused) the raw a, b, A_log, dt_bias."""
+    gates = ["a", "b", "A_log", "dt_bias"] if fused else ["g", "beta"]
+    return ["q", "k", "v", *gates, "mask"]
+
+
+def prep_name(fused: bool) -> str:
+    return "gated_delta_chunk_prep" + ("_fused" if fused else "")
+
+
+def prep_body(fused: bool) -> str:
+    """PREP_BODY behind its one switch: GD_FUSED 1 computes the gates in the kernel, as the fused
+    recurrent kernel does: beta = sigmoid(b), g = exp(-exp(A_log) softplus(a + dt_bias)), fp32."""
+    return f"\n#define GD_FUSED {int(fused)}\n" + PREP_BODY + "#undef GD_FUSED\n"
+
 
 # The intra-chunk pieces for scalar gates, one threadgroup per (chunk, batch x value head), in
 # four steps (NT = 256 threads, C a multiple of 16):
@@ -292,8 +307,18 @@ PREP_BODY = """
     const int t = t0 + i;
     const bool valid = t < T && mask[size_t(b_idx) * T + (t < T ? t : 0)];
     const size_t h = (size_t(b_idx) * T + (t < T ? t : 0)) * Hv + hv;
+#if GD_FUSED
+    // softplus(x) = max(x, 0) + log(1 + exp(-|x|)); g underflows to exactly 0 for large x.
+    const float x = static_cast<float>(a[h]) + static_cast<float>(dt_bias[hv]);
+    const float sp = (x > 0.0f ? x : 0.0f) + gd_log(1.0f + gd_exp(x > 0.0f ? -x : x));
+    const float g_t = gd_exp(-gd_exp(static_cast<float>(A_log[hv])) * sp);
+    const float beta_t = 1.0f / (1.0f + gd_exp(-static_cast<float>(b[h])));
+    gs[i] = valid ? g_t : 1.0f;
+    bs[i] = valid ? beta_t : 0.0f;
+#else
     gs[i] = valid ? static_cast<float>(g[h]) : 1.0f;
     bs[i] = valid ? static_cast<float>(beta[h]) : 0.0f;
+#endif
     ok[i] = valid ? 1.0f : 0.0f;
   }
   gd_barrier();
