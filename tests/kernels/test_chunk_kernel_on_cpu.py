@@ -378,3 +378,16 @@ def test_fused_gating_prep_through_emulator(program, tmp_path, monkeypatch):
         )
     assert (np.array(g)[:, ::9] == 0.0).all()
     _check((np.asarray(y), np.asarray(s)), gated_delta_np(q, k, v, g, beta, state, mask))
+
+
+def test_prep_ops_per_key_groups_equal_one_group(monkeypatch):
+    """Per-key pieces are built a few chunks at a time (memory): one chunk per group gives the
+    same pieces as all at once."""
+    from qwen35_mlx.kernels.gated_delta import chunked as ch
+
+    x = make_inputs(2, 200, 1, 2, 32, 16, per_key=True)
+    mask = _mask(2, 200, "pad")
+    whole = cl.prep_ops(*x[:5], mask)
+    monkeypatch.setattr(ch, "_PER_KEY_GROUP_ELEMS", 2 * 2 * C * C * 32)
+    for a, b in zip(whole, cl.prep_ops(*x[:5], mask), strict=True):
+        assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))

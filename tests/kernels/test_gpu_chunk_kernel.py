@@ -224,6 +224,8 @@ def test_public_api_chunked_and_auto_crossover(monkeypatch):
     monkeypatch.setattr(gd, "_GPU_CHUNKED_MIN_T", 100)
     assert pick_backend("auto", x["q"], x["v"], x["g"]) == "chunked"
     assert pick_backend("auto", x["q"][:, :99], x["v"][:, :99], x["g"][:, :99]) == BACKEND
+    g_per_key = mx.ones((*x["g"].shape, x["q"].shape[-1]))
+    assert pick_backend("auto", x["q"], x["v"], g_per_key) == BACKEND  # per-key: fused kernel
     y, s = gated_delta_update(x["q"], x["k"], x["v"], *gates, x["state"], x["mask"])
     check((y, s), ref_fused(x), mx.float32)
     assert calls[-1] == "gated_delta_update_chunk_kernel" and len(calls) == 3

@@ -111,9 +111,10 @@ def _chunk_kernel_supports(q: mx.array, v: mx.array, g: mx.array) -> bool:
 
 
 def _auto_gpu(q: mx.array, v: mx.array, g: mx.array) -> str:
-    """The chunk kernels from _GPU_CHUNKED_MIN_T steps on, the fused recurrent kernel below
-    (where they support the shape). Unsupported shapes take chunked/ref as on the CPU."""
-    if q.shape[1] >= _GPU_CHUNKED_MIN_T and _chunk_kernel_supports(q, v, g):
+    """The chunk kernels from _GPU_CHUNKED_MIN_T steps on for scalar gates, the fused recurrent
+    kernel below and for per-key gates (whose chunk prep is mx ops), where they support the
+    shape. Unsupported shapes take chunked/ref as on the CPU."""
+    if q.shape[1] >= _GPU_CHUNKED_MIN_T and g.ndim == 3 and _chunk_kernel_supports(q, v, g):
         return "chunked"
     for name in ("metal", "cuda"):
         if _gpu_backend(name).supports(q, v, g):

@@ -149,8 +149,19 @@ def prep_ops(q, k, v, g, beta, mask, C: int = CHUNK):
     vc = ch._to_chunks(v, N, C).reshape(B, Hk, R, N, C, Dv)
     bc = ch._to_chunks(beta, N, C).reshape(B, Hk, R, N, C)
     gc = ch._to_chunks(g, N, C).reshape(B, Hk, R, N, C, *g.shape[3:])
-    prep = ch._prep_per_key if per_key else ch._prep_scalar
-    U, W, P, kw, qs, ys_scale, decay = prep(qc, kc, vc, gc, bc)
+    if per_key:
+        # Per-key decays build a [C, C, Dk] tensor per chunk: chunks go in groups, as chunked.py.
+        step = max(1, ch._PER_KEY_GROUP_ELEMS // (B * Hv * C * C * Dk))
+        parts = []
+        for n0 in range(0, N, step):
+            sl = (slice(None),) * 3 + (slice(n0, min(N, n0 + step)),)
+            parts.append(ch._prep_per_key(qc[sl], kc[sl], vc[sl], gc[sl], bc[sl]))
+        U, W, P, kw, qs, decay = (
+            mx.concatenate([p[i] for p in parts], axis=3) for i in (0, 1, 2, 3, 4, 6)
+        )
+        ys_scale = None
+    else:
+        U, W, P, kw, qs, ys_scale, decay = ch._prep_scalar(qc, kc, vc, gc, bc)
     shape = (B, Hk, R, N, C)
     if ys_scale is not None:
         qs = ys_scale * qs
