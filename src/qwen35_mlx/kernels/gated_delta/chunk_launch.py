@@ -234,20 +234,21 @@ def state_pass(
 
 
 def gated_delta_chunk_kernel(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    state,
-    mask=None,
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: mx.array,
+    mask: mx.array | None = None,
     *,
     backend: str | None = None,
     prep: str = "auto",
-    init_value=None,
-    bv=None,
-):
-    """Chunked gated delta rule on the GPU. `prep`: "kernel" (PREP_BODY, scalar gates),
+    init_value: float | None = None,
+    bv: int | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Chunked gated delta rule on the GPU; state [B, Hv, Dv, Dk] fp32 (the other shapes as in
+    the module docstring). `prep`: "kernel" (PREP_BODY, scalar gates),
     "ops" (MLX ops) or "auto" (the kernel for scalar gates); `bv`: see state_pass.
     Returns (y, state fp32)."""
     backend = backend or available_backend()
@@ -267,8 +268,20 @@ def gated_delta_chunk_kernel(
 
 
 def gated_delta_update_chunk_kernel(
-    q, k, v, a, b, A_log, dt_bias, state, mask=None, *, backend=None, init_value=None, bv=None
-):
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: mx.array,
+    mask: mx.array | None = None,
+    *,
+    backend: str | None = None,
+    init_value: float | None = None,
+    bv: int | None = None,
+) -> tuple[mx.array, mx.array]:
     """Chunked gated delta rule on the GPU from the raw gate inputs (a, b [B, T, Hv]; A_log,
     dt_bias [Hv]), computed in fp32 inside the prep kernel. Returns (y, state fp32)."""
     backend = backend or available_backend()

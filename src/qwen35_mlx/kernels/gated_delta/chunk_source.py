@@ -102,6 +102,8 @@ STATE_BODY = """
   }
   gd_barrier();
 
+  // W, Qg, Kw: [B * Hv, N * C, Dk]; U: [B, Hv, N * C, Dv]; P: [B * Hv, N * C, C];
+  // decay: [B * Hv, N, Dk]; state_in, state_out: [B, Hv, Dv, Dk]; y: [B, T, Hv, Dv]
   const size_t row0 = size_t(head) * NC;  // first row of this head in W, U, Qg, P, Kw
   // Phase 1 layout: LR adjacent lanes share row j of W and of Qg and split its key quads
   // (dq = l, l + LR, ...), so a SIMD-group reads whole 16 * LR-byte pieces of 32 / LR rows;
@@ -292,6 +294,8 @@ PREP_BODY = """
   const unsigned hv = head % unsigned(Hv);
   const unsigned hk = hv / unsigned(Hv / Hk);
   const int t0 = n * C;
+  // q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
+  // mask: [B, T]; W, Qg, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; P: [.., C]; decay: [B * Hv, N, Dk]
   const size_t rn = size_t(head) * NC + t0;  // this chunk's first row in W, U, Qg, P, Kw
 
   GD_TG float4 buf4[(BUF + 3) / 4];  // step 2: staged k | q; steps 2-3: A
