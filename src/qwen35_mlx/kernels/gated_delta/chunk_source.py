@@ -439,17 +439,22 @@ PREP_BODY = """
       const float src = is_v
           ? static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col])
           : static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + (col - Dv)]);
-      float r = ok[i] != 0.0f ? bs[i] * (is_v ? 1.0f : gam[i]) * src : 0.0f;
-      // r -= A[i, :i] x[:i], four entries of A per (broadcast) threadgroup-memory read.
+      // x_i = r_i - A[i, :i] x[:i]: four entries of A per (broadcast) threadgroup-memory read,
+      // summed in four independent chains (the solve is a dependency chain per thread).
+      float r0 = 0.0f;
+      float r1 = 0.0f;
+      float r2 = 0.0f;
+      float r3 = 0.0f;
       #pragma unroll
       for (int jq = 0; 4 * jq < i; ++jq) {
         const float4 a = buf4[(i * CP) / 4 + jq];
-        r -= a.x * x[4 * jq];
-        if (4 * jq + 1 < i) r -= a.y * x[4 * jq + 1];
-        if (4 * jq + 2 < i) r -= a.z * x[4 * jq + 2];
-        if (4 * jq + 3 < i) r -= a.w * x[4 * jq + 3];
+        r0 += a.x * x[4 * jq];
+        if (4 * jq + 1 < i) r1 += a.y * x[4 * jq + 1];
+        if (4 * jq + 2 < i) r2 += a.z * x[4 * jq + 2];
+        if (4 * jq + 3 < i) r3 += a.w * x[4 * jq + 3];
       }
-      x[i] = r;
+      const float rhs = ok[i] != 0.0f ? bs[i] * (is_v ? 1.0f : gam[i]) * src : 0.0f;
+      x[i] = rhs - ((r0 + r1) + (r2 + r3));
     }
     #pragma unroll
     for (int i = 0; i < C; ++i) {
