@@ -5,7 +5,8 @@ the whole chunked path as `auto` would run it (prep kernel with the gates inside
 and its parts alone: compute_gates, the prep kernel with precomputed gates and with its own
 gating, the MLX-ops prep, the state pass with 8, 16
 and 32 value rows per threadgroup (BV; 32 exceeds Apple's 32 KB of threadgroup memory, CUDA
-only). Same timer as bench_gated_delta.py: n calls in one evaluated graph, best of 3, ms/call.
+only), and at the default BV without the L2 prefetch of the next chunk. Same timer as
+bench_gated_delta.py: n calls in one evaluated graph, best of 3, ms/call.
 
     python benchmarks/bench_chunk_parts.py [--t 2048,8192] [--hv 16,32,64] [--out parts.json]
 
@@ -73,6 +74,9 @@ def measure(backend: str, bvs, T: int, hv: int) -> dict:
         t[f"state BV={bv}"] = best_ms(
             lambda bv=bv: cl.state_pass(backend, pieces, state, T, v.dtype, bv=bv), n
         )
+    t[f"state BV={cl.BV} no prefetch"] = best_ms(
+        lambda: cl.state_pass(backend, pieces, state, T, v.dtype, prefetch=0), n
+    )
     return t
 
 

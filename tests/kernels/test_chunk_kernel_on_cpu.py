@@ -66,7 +66,7 @@ void kernel(const float* q, const float* k, const float* v, const float* a, cons
 }}  // namespace prep_fused
 
 namespace state {{
-template <int Dk, int BV, int C, int NT, typename YT>
+template <int Dk, int BV, int C, int NT, int PF, typename YT>
 void kernel(const float* W, const float* U, const float* Qg, const float* P, const float* Kw,
             const float* decay, const float* state_in, const int* dims, const int* U_shape,
             YT* y, float* state_out) {{
@@ -115,7 +115,7 @@ void run(char** argv) {{
     std::vector<float> y(size_t(B) * T * Hv * Dv, NAN), s(size_t(B) * Hv * Dv * Dk, NAN);
     const unsigned tiles = (Dv + {bv} - 1) / {bv};
     run_blocks({{unsigned(B * Hv), tiles, 1}}, {state_threads}, [&] {{
-      state::kernel<Dk, {bv}, C, {state_threads}, float>(as<float>(W), as<float>(U),
+      state::kernel<Dk, {bv}, C, {state_threads}, 1, float>(as<float>(W), as<float>(U),
           as<float>(Qg), as<float>(P), as<float>(Kw), as<float>(dec), as<float>(s0), dims,
           U_shape, y.data(), s.data());
     }});
@@ -325,6 +325,7 @@ class EmulatedKernel:
             assert x["U"].shape == (B, Hv, N * C, Dv)
             assert tpl["Dk"] == Dk and tpl["BV"] == cl.BV and tpl["C"] == C
             assert tpl["NT"] == cl.STATE_THREADS and tpl["YT"] == mx.float32
+            assert tpl["PF"] == cl.PREFETCH == 1
             assert grid == (cl.STATE_THREADS * B * Hv, -(-Dv // cl.BV), 1)
             assert threadgroup == (cl.STATE_THREADS, 1, 1)
             args = ["state", Dk, B, T, Hv, Dv, N]

@@ -44,15 +44,15 @@ def test_chunk_state_metal_source_compiles(tmp_path):
     for attr in ("thread_position_in_threadgroup", "threadgroup_position_in_grid"):
         assert attr in body
     inst = [
-        f"{dk}, {cl.BV}, {cl.CHUNK}, {cl.STATE_THREADS}, {yt}"
-        for dk, yt in ((32, "float"), (128, "bfloat16_t"), (256, "float16_t"))
+        f"{dk}, {cl.BV}, {cl.CHUNK}, {cl.STATE_THREADS}, {pf}, {yt}"
+        for dk, yt, pf in ((32, "float", 0), (128, "bfloat16_t", 1), (256, "float16_t", 1))
     ]
     tu = wrap(
         cs.STATE_NAME,
         cs.STATE_INPUTS,
         cs.STATE_OUTPUTS,
         body,
-        "int Dk, int BV, int C, int NT, typename YT",
+        "int Dk, int BV, int C, int NT, int PF, typename YT",
         inst,
     )
     err = compile_errors(tu, tmp_path)
@@ -83,7 +83,7 @@ def test_chunk_metal_check_can_fail(tmp_path):
         cs.STATE_INPUTS,
         cs.STATE_OUTPUTS,
         body,
-        "int Dk, int BV, int C, int NT, typename YT",
-        [f"128, {cl.BV}, {cl.CHUNK}, {cl.STATE_THREADS}, float"],
+        "int Dk, int BV, int C, int NT, int PF, typename YT",
+        [f"128, {cl.BV}, {cl.CHUNK}, {cl.STATE_THREADS}, 1, float"],
     )
     assert compile_errors(tu, tmp_path)

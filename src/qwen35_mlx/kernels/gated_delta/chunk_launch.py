@@ -24,6 +24,9 @@ BV = 16  # value rows per state-pass threadgroup: B * Hv * Dv / 16 threadgroups
 STATE_THREADS = 256
 PREP_THREADS = 256  # PREP_BODY's 16 x 16 tile grid
 KEY_SLICE = 32  # key columns staged at a time in PREP_BODY
+# The state pass prefetches the next chunk's rows into L2 (CUDA; a no-op on Metal). Not yet
+# measured against 0: `benchmarks/run_gpu.sh chunk-parts` times both.
+PREFETCH = 1
 
 # Helpers of the chunk kernels on each backend (added to that backend's header).
 _EXTRA_HEADER = {
@@ -214,7 +217,15 @@ def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=
 
 
 def state_pass(
-    backend: str, pieces, state, T: int, y_dtype, C: int = CHUNK, init_value=None, bv=None
+    backend: str,
+    pieces,
+    state,
+    T: int,
+    y_dtype,
+    C: int = CHUNK,
+    init_value=None,
+    bv=None,
+    prefetch=None,
 ):
     """The sequential pass over the chunks: returns (y [B, T, Hv, Dv] in y_dtype, state).
     bv: value rows per threadgroup (default BV; a multiple of 4; 32 needs more than Apple's
@@ -224,7 +235,14 @@ def state_pass(
     BV_ = bv or BV
     return _build(backend, "state")(
         inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
-        template=[("Dk", Dk), ("BV", BV_), ("C", C), ("NT", STATE_THREADS), ("YT", y_dtype)],
+        template=[
+            ("Dk", Dk),
+            ("BV", BV_),
+            ("C", C),
+            ("NT", STATE_THREADS),
+            ("PF", PREFETCH if prefetch is None else int(prefetch)),
+            ("YT", y_dtype),
+        ],
         grid=(STATE_THREADS * B * Hv, -(-Dv // BV_), 1),
         threadgroup=(STATE_THREADS, 1, 1),
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],

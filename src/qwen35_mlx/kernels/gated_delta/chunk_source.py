@@ -26,7 +26,8 @@ STATE_BODY layout (NT = 4 C threads, all of one threadgroup):
 Threadgroup memory: S (BV x Dk) + delta and Qg S^T (C x BV each) fp32: 16 KB at BV=16, Dk=128,
 C=64; 24 KB at Dk=256 (Apple GPUs allow 32 KB).
 
-Helpers beyond those of `metal.py` / `cuda.py` (`gd_load_f4`), from `chunk_launch.py`:
+Helpers: those of `metal.py` / `cuda.py` (gd_load_f4, gd_store_f4, gd_group_sum, gd_exp, gd_log,
+gd_prefetch), and from `chunk_launch.py`:
     gd_tid            thread index in the threadgroup (0..NT-1)          (source prologue)
     gd_tg_x, gd_tg_y  threadgroup index in the grid                      (source prologue)
     GD_TG             threadgroup-memory qualifier of a variable (`threadgroup` / `__shared__`)
@@ -34,7 +35,8 @@ Helpers beyond those of `metal.py` / `cuda.py` (`gd_load_f4`), from `chunk_launc
     gd_barrier()      threadgroup-wide barrier (threadgroup memory visible afterwards)
     gd_f4(x, y, z, w) a float4 value
 Template arguments: Dk, BV (value rows per threadgroup, multiple of 4), C (chunk), NT (threads),
-YT (y's dtype). Hv, Dv, the padded length N*C and T come from the inputs' shapes and `dims`.
+PF (1: prefetch the next chunk's rows into L2, `gd_prefetch`), YT (y's dtype). Hv, Dv, the
+padded length N*C and T come from the inputs' shapes and `dims`.
 
 Inputs ([BH] = B * Hv, rows padded to N * C; padded and masked steps have zero rows, so they
 change nothing and give y = 0):
@@ -112,6 +114,18 @@ STATE_BODY = """
   const int l1 = int(tid) % LR;
   for (int n = 0; n < N; ++n) {
     const size_t rn = row0 + size_t(n) * C;
+    if (PF && n + 1 < N) {
+      // Ask L2 for the next chunk's rows (128-byte lines) while this one is computed: the
+      // pieces are far larger than L2, so each chunk would otherwise start on memory latency.
+      const size_t rx = rn + C;
+      for (int c = l1; c < Dk / 32; c += LR) {
+        gd_prefetch(W + (rx + j1) * Dk + 32 * c);
+        gd_prefetch(Qg + (rx + j1) * Dk + 32 * c);
+      }
+      for (int c = int(tid); c < C * Dk / 32; c += NT) gd_prefetch(Kw + rx * Dk + 32 * c);
+      for (int c = int(tid); c < C * C / 32; c += NT) gd_prefetch(P + rx * C + 32 * c);
+      if (int(tid) < C) gd_prefetch(U + (rx + tid) * Dv + v0);
+    }
     // Phase 1: X = [W; Qg] S^T; delta = U - W S^T.
     {
       float aw[BV];
