@@ -3,10 +3,10 @@
 For Hk=16, Dk=Dv=128, bf16, B=1 and each (T, Hv): the fused recurrent kernel (gates inside),
 the whole chunked path as `auto` would run it (prep kernel with the gates inside + state pass),
 and its parts alone: compute_gates, the prep kernel with precomputed gates and with its own
-gating, the MLX-ops prep, the state pass with 8, 16
-and 32 value rows per threadgroup (BV; 32 exceeds Apple's 32 KB of threadgroup memory, CUDA
-only), and at the default BV without the L2 prefetch of the next chunk. Same timer as
-bench_gated_delta.py: n calls in one evaluated graph, best of 3, ms/call.
+gating, the MLX-ops prep, the state pass with 8, 16 and 32 value rows per threadgroup (BV; 32
+exceeds Apple's 32 KB of threadgroup memory, CUDA only), and at the default BV without the L2
+prefetch of the next chunk. Same timer as bench_gated_delta.py: n calls in one evaluated
+graph, best of 3, ms per call.
 
     python benchmarks/bench_chunk_parts.py [--t 2048,8192] [--hv 16,32,64] [--out parts.json]
 
