@@ -8,7 +8,9 @@
 #   benchmarks/run_gpu.sh rest      # every other test file on the GPU (about 4 min)
 #   benchmarks/run_gpu.sh decode    # bench_gated_delta.py, decode B = 1, 8, 32, 128
 #   benchmarks/run_gpu.sh prefill   # bench_gated_delta.py, prefill T = 128 ... 8192
-#   benchmarks/run_gpu.sh chunk-tests  # the chunk kernels' GPU tests only (about 2 min)
+#   benchmarks/run_gpu.sh chunk-tests  # the chunk kernels' GPU tests only (about 2-4 min)
+#   benchmarks/run_gpu.sh chunk-parts  # the chunk path's parts (prep, state pass per BV) and
+#                                      # the fused/chunked crossover, Hv 16/32/64 (about 2 min)
 #   benchmarks/run_gpu.sh chunk     # prefill T = 512 ... 32768 x Hv = 16 ... 64: ours fused and
 #                                   # chunked kernels, FLA chunk / fused_recurrent, mlx-lm ops
 #                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
@@ -18,9 +20,9 @@
 set -euo pipefail
 step=${1:-}
 case "$step" in
-  tests | models | rest | decode | prefill | chunk | chunk-tests) ;;
+  tests | models | rest | decode | prefill | chunk | chunk-tests | chunk-parts) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|chunk|chunk-tests" >&2
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|chunk|chunk-tests|chunk-parts" >&2
     exit 2
     ;;
 esac
@@ -46,6 +48,10 @@ case "$step" in
     ;;
   chunk-tests)
     "${pytest[@]}" tests/kernels/test_gpu_chunk_kernel.py 2>&1 | tee "$out/gpu_chunk_tests.log"
+    ;;
+  chunk-parts)
+    python3 benchmarks/bench_chunk_parts.py --out "$out/chunk_parts.json" 2>&1 |
+      tee "$out/chunk_parts.log"
     ;;
   chunk)
     # The slow token-by-token peers stop early (and say so in the table): mlx-lm's ops path
