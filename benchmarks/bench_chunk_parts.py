@@ -82,7 +82,7 @@ def measure(backend: str, bvs, T: int, hv: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--t", default="512,1024,2048,4096,8192,32768")
+    p.add_argument("--t", default="64,128,256,512,1024,2048,4096,8192,32768")
     p.add_argument("--hv", default="16,32,64")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
