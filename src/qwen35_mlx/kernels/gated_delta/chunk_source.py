@@ -18,7 +18,9 @@ STATE_BODY layout (NT = 4 C threads, all of one threadgroup):
            memory, 4 lanes reading 4 consecutive quads); gd_group_sum<LR> adds the partials;
            delta = U - W S^T and Qg S^T go to threadgroup memory.
   barrier
-  phase 2  y = Qg S^T + P delta, items (row i, value quad); y is written in YT.
+  phase 2  y = Qg S^T + P delta: the same LR lanes per row split the row of P in quads of steps
+           (quads above the diagonal skipped), all BV value rows each, gd_group_sum; y is
+           written in YT.
   phase 3  S = decay * S + delta^T Kw, items (pair of value rows, key quad), key quads fastest
            (a SIMD-group reads whole rows of Kw); the new values stay in registers and are
            mirrored into threadgroup memory for the next chunk's phase 1.
@@ -58,11 +60,10 @@ STATE_BODY = """
   constexpr int DQ = Dk / 4;       // key quads
   constexpr int VQ = BV / 4;       // value quads of the tile
   constexpr int LR = NT / C;       // phase 1: lanes per row (adjacent lanes of a SIMD-group)
-  constexpr int E2 = C * VQ;       // phase-2 items
-  constexpr int I2 = (E2 + NT - 1) / NT;
   constexpr int E3 = (BV / 2) * DQ;  // phase-3 items: (pair of value rows, key quad)
   constexpr int I3 = (E3 + NT - 1) / NT;
-  static_assert(NT == LR * C && LR <= 32 && (LR & (LR - 1)) == 0 && DQ % LR == 0, "layout");
+  static_assert(NT == LR * C && LR <= 32 && (LR & (LR - 1)) == 0, "layout: LR lanes a row");
+  static_assert(DQ % LR == 0 && C % (4 * LR) == 0, "layout: whole quads per lane");
   static_assert(BV % 4 == 0, "BV");
   const int Hv = U_shape[1];
   const int NC = U_shape[2];
@@ -170,31 +171,48 @@ STATE_BODY = """
     }
     gd_barrier();
 
-    // Phase 2: y = Qg S^T + P delta (P is 0 above the diagonal).
-    #pragma unroll
-    for (int it = 0; it < I2; ++it) {
-      const int e = int(tid) + it * NT;
-      if (E2 % NT == 0 || e < E2) {
-        const int i = e % C;
-        const int vq = e / C;
-        const float4 y0 = y4[i * VQ + vq];
-        float o[4] = {y0.x, y0.y, y0.z, y0.w};
-        const size_t p0 = (rn + i) * C;
-        for (int j = 0; j <= i; ++j) {
-          const float p = P[p0 + j];
-          const float4 dl = d4[j * VQ + vq];
-          o[0] += p * dl.x;
-          o[1] += p * dl.y;
-          o[2] += p * dl.z;
-          o[3] += p * dl.w;
-        }
-        const int t = n * C + i;
-        if (t < T) {
-          const size_t y0i = ((size_t(b_idx) * T + t) * Hv + hv) * Dv;
+    // Phase 2: y = Qg S^T + P delta. Row i = j1 again: its LR lanes split the row of P in
+    // quads of steps (float4 reads, whole 16 * LR-byte pieces per row), keep all BV value rows,
+    // skip the quads above the diagonal (P is 0 there) and add their sums with gd_group_sum.
+    {
+      float o[BV];
+      #pragma unroll
+      for (int v = 0; v < BV; ++v) o[v] = 0.0f;
+      const size_t p0 = (rn + j1) * C;
+      #pragma unroll
+      for (int m = 0; m < C / (4 * LR); ++m) {
+        const int jq = l1 + m * LR;
+        if (4 * jq <= j1) {
+          const float4 p = gd_load_f4(P + p0 + 4 * jq);
+          const float pj[4] = {p.x, p.y, p.z, p.w};
           #pragma unroll
           for (int u = 0; u < 4; ++u) {
-            const int v = v0 + 4 * vq + u;
-            if (v < Dv) y[y0i + v] = static_cast<YT>(o[u]);
+            #pragma unroll
+            for (int vq = 0; vq < VQ; ++vq) {
+              const float4 dl = d4[(4 * jq + u) * VQ + vq];
+              o[4 * vq] += pj[u] * dl.x;
+              o[4 * vq + 1] += pj[u] * dl.y;
+              o[4 * vq + 2] += pj[u] * dl.z;
+              o[4 * vq + 3] += pj[u] * dl.w;
+            }
+          }
+        }
+      }
+      #pragma unroll
+      for (int v = 0; v < BV; ++v) o[v] = gd_group_sum<LR>(o[v]);
+      const int t = n * C + j1;
+      if (t < T) {
+        const size_t yrow = ((size_t(b_idx) * T + t) * Hv + hv) * Dv;
+        #pragma unroll
+        for (int vq = 0; vq < VQ; ++vq) {
+          if (vq % LR == l1) {
+            const float4 y0 = y4[j1 * VQ + vq];
+            const float yq[4] = {y0.x, y0.y, y0.z, y0.w};
+            #pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int v = v0 + 4 * vq + u;
+              if (v < Dv) y[yrow + v] = static_cast<YT>(yq[u] + o[4 * vq + u]);
+            }
           }
         }
       }
