@@ -21,6 +21,7 @@ from tests.models.factory import randomize, text_config_dict
 def small_blocks(monkeypatch):
     """Blocks of a few KiB, so that small shapes cross several query and key blocks."""
     monkeypatch.setattr(attn_lib, "BLOCK_BYTES", 8 << 10)
+    monkeypatch.setattr(attn_lib, "PLAIN_BYTES", 8 << 10)
     monkeypatch.setattr(attn_lib, "QUERY_BLOCK", 24)
     monkeypatch.setattr(attn_lib, "KEY_ALIGN", 16)
 
@@ -86,7 +87,8 @@ def _prefill_sdpa_keys(model, ids, step):
 
 
 def _model_08b_attention(**overrides):
-    """The 0.8B's attention shape (Hq 8, Hkv 2, head_dim 256), small elsewhere. A linear layer
+    """The 0.8B's attention heads (Hq 8, Hkv 2; head_dim 32, not 256, to keep the matmuls cheap:
+    the scores' size does not depend on it), small elsewhere. A linear layer
     follows the attention layer: a prefill evaluates only the caches, and an attention layer's
     output reaches a cache only through a later layer."""
     d = text_config_dict(
@@ -96,7 +98,7 @@ def _model_08b_attention(**overrides):
         layer_types=["linear_attention", "full_attention", "linear_attention"],
         num_attention_heads=8,
         num_key_value_heads=2,
-        head_dim=256,
+        head_dim=32,
         vocab_size=64,
         max_position_embeddings=1 << 20,
     )
@@ -104,15 +106,17 @@ def _model_08b_attention(**overrides):
     return randomize(TextModel(TextConfig(**d)))
 
 
-def test_prefill_never_hands_mlx_the_whole_history():
+def test_prefill_never_hands_mlx_the_whole_history(monkeypatch):
     # Each step's scores against the whole history grow with the prompt; past one block the
     # model attends in blocks, and what reaches mx.fast stays within the block budget.
+    monkeypatch.setattr(attn_lib, "BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(attn_lib, "PLAIN_BYTES", 1 << 20)
     model = _model_08b_attention()
-    T = 512
+    T = 128
     ids = mx.arange(8 * T)[None] % 64
     largest = _prefill_sdpa_keys(model, ids, T)
     itemsize = mx.float32.size
-    assert largest * itemsize <= attn_lib.BLOCK_BYTES, largest * itemsize
+    assert largest * itemsize <= attn_lib.PLAIN_BYTES, largest * itemsize
 
 
 def _step_peaks(model, ids, step):
@@ -132,10 +136,11 @@ def _step_peaks(model, ids, step):
 
 def test_prefill_step_memory_does_not_grow_with_history(monkeypatch):
     # Issue 9: a step's peak may grow with the steps before it only by the KV cache's own
-    # growth (mlx-lm's KVCache reallocates as it grows). A 2 MiB block budget makes the shapes
+    # growth (mlx-lm's KVCache reallocates as it grows). Budgets of 1-2 MiB make the shapes
     # small; the old code's last step held 8 heads x 256 x 4096 x 4 bytes = 32 MiB of scores
     # (and their softmax), 3 MiB more at every step against 1 MiB more of cache.
-    monkeypatch.setattr(attn_lib, "BLOCK_BYTES", 2 << 20)
+    monkeypatch.setattr(attn_lib, "BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(attn_lib, "PLAIN_BYTES", 2 << 20)
     model = _model_08b_attention()
     T = 256
     ids = mx.arange(16 * T)[None] % 64
@@ -151,6 +156,7 @@ def test_model_prefill_in_blocks_matches_one_call(monkeypatch):
     ids = mx.arange(300)[None] % 64
     full = model(ids)
     monkeypatch.setattr(attn_lib, "BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(attn_lib, "PLAIN_BYTES", 64 << 10)
     monkeypatch.setattr(attn_lib, "KEY_ALIGN", 16)
     cache = model.make_cache()
     parts = [model(ids[:, s : s + 70], cache=cache) for s in range(0, 300, 70)]
