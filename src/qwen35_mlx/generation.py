@@ -25,6 +25,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from .models.cache import reserve_kv
 from .sampling import check_sampling
 
 Sampler = Callable[[mx.array], mx.array]
@@ -181,6 +182,9 @@ def prefill(
         else:
             step_end = min(done + prefill_step_size, next(e for e in ends if e > done))
         model(mx.array(tokens[done:step_end])[None], cache=cache, **kwargs)
+        if done == 0 and step_end < n_total:
+            # Room for the whole prompt at once: later steps write the KV cache in place.
+            reserve_kv(cache, n_total - step_end)
         mx.eval(_cache_state(cache))
         kwargs = {}
         done = step_end

@@ -25,10 +25,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
+from .attention import attention
 from .config import TextConfig
 
 _L2_EPS = 1e-6
@@ -469,7 +469,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
-        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        o = attention(q, k, v, cache, self.scale, mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * D)
         if gate is not None:
             o = _sigmoid_gate(o, gate)
