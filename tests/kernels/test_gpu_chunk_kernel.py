@@ -221,6 +221,8 @@ def test_public_api_chunked_and_auto_crossover(monkeypatch):
     )
     check((y, s), ref_fused(x), mx.float32)
     assert calls == ["gated_delta_chunk_kernel", "gated_delta_update_chunk_kernel"]
+    assert gd._GPU_CHUNKED_MIN_T is None  # measured slower than the fused kernel at every T
+    assert pick_backend("auto", x["q"], x["v"], x["g"]) == BACKEND
     monkeypatch.setattr(gd, "_GPU_CHUNKED_MIN_T", 100)
     assert pick_backend("auto", x["q"], x["v"], x["g"]) == "chunked"
     assert pick_backend("auto", x["q"][:, :99], x["v"][:, :99], x["g"][:, :99]) == BACKEND

@@ -102,11 +102,12 @@ def _auto_cpu(T: int) -> str:
 
 
 # From this many steps on, `auto` on a GPU runs the chunk kernels instead of the fused
-# recurrent kernel. Set conservatively before any GPU measurement (on an H200 the fused kernel
-# takes 1.10 ms at T=2048 and 4.22 ms at T=8192, FLA's chunk kernel ~1 ms at both). Measure it
-# with `benchmarks/run_gpu.sh chunk` (ours cuda vs ours chunked, T = 128 ... 32768, Hv = 16 ... 64)
-# and set it to the smallest T from which `ours chunked` wins at every head count.
-_GPU_CHUNKED_MIN_T = 4096
+# recurrent kernel. Measured on an H200 (2026-12-02, bf16, Hk16 Hv32 Dk=Dv=128,
+# benchmarks/RESULTS.md): the chunk kernels took 1.48 / 5.64 / 23.0 ms at T = 2048 / 8192 / 32768
+# against the fused kernel's 1.10 / 4.22 / 16.7 ms, slower at every length, so `auto` never picks
+# them (None); `backend="chunked"` still runs them. Re-measure with `benchmarks/run_gpu.sh chunk`
+# and set this to the smallest T from which `ours chunked` wins at every head count.
+_GPU_CHUNKED_MIN_T: int | None = None
 
 
 def _chunk_kernel_supports(q: mx.array, v: mx.array, g: mx.array) -> bool:
@@ -119,7 +120,13 @@ def _auto_gpu(q: mx.array, v: mx.array, g: mx.array) -> str:
     """The chunk kernels from _GPU_CHUNKED_MIN_T steps on for scalar gates, the fused recurrent
     kernel below and for per-key gates (whose chunk prep is mx ops), where they support the
     shape. Unsupported shapes take chunked/ref as on the CPU."""
-    if q.shape[1] >= _GPU_CHUNKED_MIN_T and g.ndim == 3 and _chunk_kernel_supports(q, v, g):
+    min_t = _GPU_CHUNKED_MIN_T
+    if (
+        min_t is not None
+        and q.shape[1] >= min_t
+        and g.ndim == 3
+        and _chunk_kernel_supports(q, v, g)
+    ):
         return "chunked"
     for name in ("metal", "cuda"):
         if _gpu_backend(name).supports(q, v, g):
