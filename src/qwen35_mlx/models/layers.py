@@ -147,6 +147,9 @@ class GatedDeltaNet(nn.Module):
         y, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
         if cache is not None:
             cache[1] = state
+            if hasattr(cache, "record_inputs"):
+                # A LinearCache keeps a short call's inputs to roll back into it (cache.py).
+                cache.record_inputs(T, (conv_in, q, k, v, a, b, self.A_log, self.dt_bias, mask))
             if hasattr(cache, "advance"):
                 cache.advance(T)
         y = self.norm(y, z)  # [B, T, Hv, Dv]

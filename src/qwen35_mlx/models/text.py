@@ -172,7 +172,7 @@ class TextModel(nn.Module):
         kv_caches, lin_caches = [], []
         for layer, c in zip(self.model.layers, cache, strict=True):
             (lin_caches if layer.is_linear else kv_caches).append(c)
-        if any(type(c) is not ArraysCache or c.lengths is not None for c in lin_caches):
+        if any(not isinstance(c, ArraysCache) or c.lengths is not None for c in lin_caches):
             return None
         if any(c[0] is None or c[1] is None for c in lin_caches):
             return None
