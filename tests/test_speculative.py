@@ -171,3 +171,52 @@ def test_sampling_distribution_is_the_models(opts):
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)
     assert spec.stats.accepted < spec.stats.drafted  # the rejection path ran
+
+
+def _batch_oracle(wants: list[list[int]], p_right: float, seed: int = 0):
+    """A batch MTPSpeculator drafting each row's plain tokens, each right with p_right, so that
+    rows accept different counts."""
+    rng = random.Random(seed)
+
+    class Oracle(MTPSpeculator):
+        emitted = 0
+        rows = None
+
+        def _draft(self, hidden, tokens):
+            super()._draft(hidden, tokens)
+            self.rows = self.rows or list(range(len(wants)))
+            self.emitted += tokens.shape[1]
+            drafts = []
+            for r in self.rows:
+                row = []
+                for j in range(self.k):
+                    i = self.emitted + j
+                    t = wants[r][i] if i < len(wants[r]) else 0
+                    row.append(t if rng.random() < p_right else (t + 1) % 384)
+                drafts.append(row)
+            self._drafts = mx.array(drafts)
+
+        def filter(self, rows):
+            super().filter(rows)
+            self.rows = [self.rows[j] for j in rows.tolist()]
+
+    return Oracle
+
+
+BATCH = [PROMPT, PROMPT[3:7], [9, 8, 7, 6, 5, 4, 3, 2, 200, 201, 202, 203, 204, 205, 206]]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("draft", ["random", "oracle"])
+def test_batch_same_tokens_as_greedy(model, tok, k, draft, monkeypatch):
+    """Left-padded rows of different lengths and limits, rows accepting different counts (the
+    smallest wins), rows leaving the batch: each row's tokens are plain greedy's."""
+    limits = [N, 9, 17]
+    want = generation.batch_generate(model, tok, BATCH, max_tokens=limits, mtp=False).tokens
+    if draft == "oracle":
+        monkeypatch.setattr(generation, "MTPSpeculator", _batch_oracle(want, 0.7))
+    got = generation.batch_generate(model, tok, BATCH, max_tokens=limits, mtp_k=k)
+    assert got.tokens == want
+    assert got.mtp_acceptance is not None
+    if draft == "oracle":
+        assert got.mtp_acceptance > 0

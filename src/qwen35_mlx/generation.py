@@ -78,6 +78,7 @@ class BatchResponse:
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory: float = 0.0
+    mtp_acceptance: float | None = None
 
 
 def _wrap_tokenizer(tokenizer: Any) -> Any:
@@ -525,12 +526,15 @@ def batch_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     prefill_step_size: int = 2048,
+    mtp: bool = True,
+    mtp_k: int = 1,
 ) -> BatchResponse:
     """Generate for several prompts of different lengths in one left-padded batch.
 
     `max_tokens` is one limit for all rows or one per prompt. Each row stops on its own (end
     token or its limit); finished rows leave the batch. At temperature 0 each row yields exactly
-    the tokens it yields alone.
+    the tokens it yields alone. `mtp` / `mtp_k` as in `stream_generate`: every row of a step
+    takes as many drafts as the row that accepted fewest (speculative.py).
     """
     with wired_limit():
         text_tok = _wrap_tokenizer(tokenizer)
@@ -543,6 +547,10 @@ def batch_generate(
         if len(limits) != len(rows) or min(limits) < 1:
             raise ValueError("max_tokens must be >= 1 for every prompt")
         _check_step(prefill_step_size)
+        check_mtp_k(mtp_k)
+        spec_sampling = None
+        if mtp and not logits_processors and has_mtp(model):
+            spec_sampling = greedy_or_sampling(sampler, temp, top_p, top_k, min_p)
         sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
         processors = list(logits_processors or [])
         eos = set(text_tok.eos_token_ids)
@@ -559,6 +567,11 @@ def batch_generate(
             pad_id = 0  # padded positions are masked out: any id in the table will do
         grid = mx.array([[pad_id] * p + r for p, r in zip(pad, rows, strict=True)])  # [B, Tmax]
         cache = make_batch_cache(model, pad)
+        if spec_sampling is not None:
+            spec = MTPSpeculator(model, cache, mtp_k, spec_sampling, left_padding=pad)
+            return _batch_speculative(
+                model, text_tok, spec, grid, limits, eos, lengths, prefill_step_size
+            )
 
         tic = time.perf_counter()
         done = 0
@@ -631,6 +644,79 @@ def batch_generate(
             generation_tps=n_gen / max(gen_time, 1e-9),
             peak_memory=mx.get_peak_memory() / 1e9,
         )
+
+
+def _batch_speculative(
+    model: nn.Module,
+    text_tok: Any,
+    spec: MTPSpeculator,
+    grid: mx.array,
+    limits: list[int],
+    eos: set[int],
+    lengths: list[int],
+    prefill_step_size: int,
+) -> BatchResponse:
+    """batch_generate's loop with MTP drafts: each round gives every active row m + 1 tokens;
+    a row that finishes inside a round drops the rest and leaves the batch."""
+    cache = spec.cache
+    width = grid.shape[1]
+    tic = time.perf_counter()
+    done = 0
+    while done < width - 1:
+        end = min(done + prefill_step_size, width - 1)
+        _, hidden = model(grid[:, done:end], cache=cache, return_hidden=True)
+        spec.on_prefill(grid[:, done:end], hidden)
+        mx.eval(_cache_state(cache), spec.mtp_state())
+        mx.clear_cache()
+        done = end
+    y, _ = spec.start(grid[:, -1:])
+    mx.eval(y)
+    prompt_time = time.perf_counter() - tic
+    tic = time.perf_counter()
+
+    B = grid.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons: list[str | None] = [None] * B
+    active = list(range(B))
+    step_tokens = [[t] for t in y.tolist()]
+    n_gen = 0
+    while True:
+        keep = []
+        for j, i in enumerate(active):
+            for t in step_tokens[j]:
+                out[i].append(t)
+                n_gen += 1
+                if t in eos:
+                    reasons[i] = "stop"
+                elif len(out[i]) >= limits[i]:
+                    reasons[i] = "length"
+                if reasons[i] is not None:
+                    break
+            if reasons[i] is None:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            spec.filter(mx.array(keep))
+            active = [active[j] for j in keep]
+        step_tokens, _ = spec.round()
+
+    texts = []
+    for i, toks in enumerate(out):
+        body = toks[:-1] if reasons[i] == "stop" else toks
+        texts.append(text_tok.decode(body))
+    gen_time = time.perf_counter() - tic
+    return BatchResponse(
+        texts=texts,
+        tokens=out,
+        finish_reasons=reasons,
+        prompt_tokens=sum(lengths),
+        prompt_tps=sum(lengths) / max(prompt_time, 1e-9),
+        generation_tokens=n_gen,
+        generation_tps=n_gen / max(gen_time, 1e-9),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        mtp_acceptance=spec.stats.acceptance,
+    )
 
 
 def _apply(processors: list[LogitsProcessor], history: mx.array, logits: mx.array) -> mx.array:

@@ -248,6 +248,15 @@ class MTPSpeculator:
         self._y = emitted[:, -1]
         return rows, logprobs[:, : m + 1]
 
+    def filter(self, rows: mx.array) -> None:
+        """Keep only `rows` (indices) of the batch, in the main and MTP caches alike."""
+        for c in self.cache + self.mtp_cache:
+            c.filter(rows)
+        self._y = self._y[rows]
+        self._drafts = self._drafts[rows]
+        if self._q is not None:
+            self._q = self._q[rows]
+
     def unfeed(self, n: int) -> None:
         """Take the last `n` tokens back out of the main cache (the caller stopped early)."""
         if n > 0:
