@@ -41,7 +41,7 @@ def _tokens(model, tok, prompt=PROMPT, **kw):
     return [r.token for r in stream_generate(model, tok, prompt, max_tokens=N, **kw)]
 
 
-def _oracle(want: list[int], p_right: float, seed: int = 0):
+def _oracle(want: list[int], p_right: float, seed: int = 0, V: int = 384):
     """An MTPSpeculator whose drafts are the plain greedy tokens, each right with p_right (the
     MTP layer still runs, so its cache bookkeeping is exercised)."""
     rng = random.Random(seed)
@@ -56,7 +56,7 @@ def _oracle(want: list[int], p_right: float, seed: int = 0):
             for j in range(self.k):
                 i = self.emitted + j
                 t = want[i] if i < len(want) else 0
-                row.append(t if rng.random() < p_right else (t + 1) % 384)
+                row.append(t if rng.random() < p_right else (t + 1) % V)
             self._drafts = mx.array([row])
 
     return Oracle
@@ -220,3 +220,32 @@ def test_batch_same_tokens_as_greedy(model, tok, k, draft, monkeypatch):
     assert got.mtp_acceptance is not None
     if draft == "oracle":
         assert got.mtp_acceptance > 0
+
+
+def test_vlm_after_an_image_same_tokens_as_greedy(monkeypatch):
+    """The VLM with an MTP head (random weights on the golden VLM): after an image, M-RoPE
+    positions continue through verify passes and rollbacks; the tokens are plain greedy's."""
+    from qwen35_mlx import load
+    from qwen35_mlx.models.mtp import MTP
+    from tests.models.factory import random_weights
+
+    vlm_dir = GOLDEN.parent / "vlm"
+    model, processor = load(vlm_dir)
+    text = model.language_model
+    text.mtp = MTP(text.config)
+    text.mtp.load_weights(list(random_weights(text.mtp, seed=3).items()))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    image = vlm_dir / "image0.png"
+
+    def tokens(**kw):
+        return [
+            r.token
+            for r in stream_generate(model, processor, prompt, images=[image], max_tokens=16, **kw)
+        ]
+
+    want = tokens(mtp=False)
+    assert len(want) >= 8
+    assert tokens(mtp_k=2) == want
+    monkeypatch.setattr(generation, "MTPSpeculator", _oracle(want, 0.7, V=text.config.vocab_size))
+    assert tokens(mtp_k=3) == want

@@ -122,7 +122,7 @@ def noise(name: str, shape, normal: Callable, uniform: Callable):
 
 def _is_shifted_norm(name: str) -> bool:
     """A Qwen3_5RMSNorm weight (applied as 1 + w; the MTP head's pre-fc norms included)."""
-    return (name.endswith("norm.weight") or ".pre_fc_norm_" in name) and "linear_attn" not in name
+    return (name.endswith("norm.weight") or "pre_fc_norm_" in name) and "linear_attn" not in name
 
 
 def random_weights(model: nn.Module, dtype: mx.Dtype | None = None, seed: int = 0) -> dict:
