@@ -14,9 +14,11 @@ Multi-token prediction (speculative.py) is on by default (`mtp=True`) when the c
 MTP head: the head drafts `mtp_k` tokens (default 1) per step and one call of the model verifies
 them, with the same tokens as without it at temperature 0 and the same distribution when sampling.
 It stays off, silently, for a checkpoint without the head, a custom `sampler` callable or logits
-processors (repetition penalty), which give no distribution to verify against. `mtp_k` is checked
-(an integer >= 1) either way. With a prompt cache, the MTP layer sees only this call's new tokens
-(its own KV cache is not kept between calls): that lowers acceptance, never changes the tokens.
+processors (repetition penalty), which give no distribution to verify against, and a
+`prompt_cache` list whose linear layers cannot roll back (mlx-lm's plain ArraysCache).
+`mtp_k` is checked (an integer >= 1) either way. With a prompt cache, the MTP layer sees only
+this call's new tokens (its own KV cache is not kept between calls): that lowers acceptance,
+never changes the tokens.
 `GenerationResponse.mtp_acceptance` is the share of drafts accepted so far (None without MTP).
 """
 
@@ -35,7 +37,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .sampling import check_sampling
-from .speculative import MTPSpeculator, greedy_or_sampling, has_mtp
+from .speculative import MTPSpeculator, can_roll_back, greedy_or_sampling, has_mtp
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -306,7 +308,7 @@ def stream_generate(
 
         history = mx.array(ids) if processors else None
         spec_sampling = None
-        if mtp and not processors and has_mtp(model):
+        if mtp and not processors and has_mtp(model) and can_roll_back(cache):
             spec_sampling = greedy_or_sampling(user_sampler, temp, top_p, top_k, min_p)
         if spec_sampling is not None:
             yield from _stream_speculative(

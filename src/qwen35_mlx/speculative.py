@@ -38,7 +38,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from .models.cache import MROPE_PROMPT, MROPE_SHIFT, mrope_holder, set_history
+from .models.cache import MROPE_PROMPT, MROPE_SHIFT, LinearCache, mrope_holder, set_history
 
 
 def text_model(model: nn.Module) -> nn.Module:
@@ -48,6 +48,15 @@ def text_model(model: nn.Module) -> nn.Module:
 
 def has_mtp(model: nn.Module) -> bool:
     return bool(getattr(text_model(model), "has_mtp", False))
+
+
+def can_roll_back(cache: list) -> bool:
+    """Whether every layer cache can take back a verify pass's rejected tokens: our
+    LinearCache, or a trimmable KV cache (a plain ArraysCache, e.g. from mlx-lm's
+    `load_prompt_cache`, cannot)."""
+    return all(
+        isinstance(c, LinearCache) or (hasattr(c, "trim") and c.is_trimmable()) for c in cache
+    )
 
 
 @dataclass

@@ -253,15 +253,15 @@ class TextModel(nn.Module):
         self,
         hidden: mx.array,
         next_tokens: mx.array,
-        cache: list,
+        cache: list | None = None,
         position_ids: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
         """The MTP head (models/mtp.py): hidden [B, T, H] at positions i, next_tokens [B, T]
         (x_{i+1}) -> (logits [B, T, vocab] predicting x_{i+2}, MTP hidden [B, T, H]).
 
-        `cache` is `make_mtp_cache()`'s list; `position_ids` [3, B, T] (M-RoPE) or None (the
-        cache offset gives the positions)."""
-        c = cache[0]
+        `cache` is `make_mtp_cache()`'s list (None: positions from 0, no cache, as in training);
+        `position_ids` [3, B, T] (M-RoPE) or None (the cache offset gives the positions)."""
+        c = cache[0] if cache is not None else None
         emb = self.model.embed_tokens(next_tokens)
         mask = create_attention_mask(emb, c)
         rope = None
