@@ -157,9 +157,9 @@ class MTPSpeculator:
         return mx.broadcast_to(base[None], (3, B, T))
 
     def _mtp(self, hidden: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
-        return self.text.mtp_forward(
-            hidden, tokens, self.mtp_cache, self._positions(T=tokens.shape[1])
-        )
+        """(logits [B, 1, V] at the last position, MTP hidden [B, T, H])."""
+        positions = self._positions(T=tokens.shape[1])
+        return self.text.mtp_forward(hidden, tokens, self.mtp_cache, positions, last_only=True)
 
     def on_prefill(self, tokens: mx.array, hidden: mx.array) -> None:
         """A prefill chunk's tokens [B, T] and the main model's hidden states [B, T, H]: the MTP
@@ -176,11 +176,11 @@ class MTPSpeculator:
     def mtp_state(self) -> list:
         return [c.state for c in self.mtp_cache]
 
-    def _draw(self, logprobs: mx.array) -> tuple[mx.array, mx.array | None]:
-        """Tokens [...] from logprobs [..., V], and the distribution drawn from (sampling)."""
+    def _draw(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """Tokens [...] from logits [..., V], and the distribution drawn from (sampling)."""
         if self.sampling.greedy:
-            return logprobs.argmax(-1), None
-        p = self.sampling.probs(logprobs)
+            return logits.argmax(-1), None
+        p = self.sampling.probs(_logprobs(logits))
         return mx.random.categorical(mx.log(p)), p
 
     def start(self, last: mx.array) -> tuple[mx.array, mx.array]:
@@ -188,7 +188,7 @@ class MTPSpeculator:
         states given to `on_prefill`); returns (first tokens [B], logprobs [B, V]) and drafts."""
         logits, h = self.model(last, cache=self.cache, return_hidden=True)
         logprobs = _logprobs(logits[:, -1, :])
-        y, _ = self._draw(logprobs)
+        y, _ = self._draw(logits[:, -1, :])
         self.on_prefill(last, h)
         self._draft(self._pending_h, y[:, None])
         self._y = y
@@ -200,7 +200,7 @@ class MTPSpeculator:
         logits, o = self._mtp(hidden, tokens)
         drafts, qs = [], []
         for j in range(self.k):
-            d, q = self._draw(_logprobs(logits[:, -1, :]))
+            d, q = self._draw(logits[:, -1, :])
             drafts.append(d)
             qs.append(q)
             if j + 1 < self.k:
@@ -218,7 +218,7 @@ class MTPSpeculator:
         logprobs = _logprobs(logits)  # [B, K+1, V]
         drafts = self._drafts
         if self.sampling.greedy:
-            target = logprobs.argmax(-1)  # [B, K+1]
+            target = logits.argmax(-1)  # [B, K+1]
             ok = drafts == target[:, :K]
             fix = target
         else:
@@ -236,7 +236,7 @@ class MTPSpeculator:
             fix = mx.concatenate([fixes, bonus[:, None]], axis=1)  # [B, K+1]
         # accepted per row: leading run of ok; m: the smallest over rows
         run = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)  # [B]
-        mx.eval(run, fix, drafts, logprobs)
+        mx.eval(run, fix, drafts)
         m = int(run.min().item())
         run_l, fix_l, drafts_l = run.tolist(), fix.tolist(), drafts.tolist()
         rows = []

@@ -255,12 +255,14 @@ class TextModel(nn.Module):
         next_tokens: mx.array,
         cache: list | None = None,
         position_ids: mx.array | None = None,
+        last_only: bool = False,
     ) -> tuple[mx.array, mx.array]:
         """The MTP head (models/mtp.py): hidden [B, T, H] at positions i, next_tokens [B, T]
         (x_{i+1}) -> (logits [B, T, vocab] predicting x_{i+2}, MTP hidden [B, T, H]).
 
         `cache` is `make_mtp_cache()`'s list (None: positions from 0, no cache, as in training);
-        `position_ids` [3, B, T] (M-RoPE) or None (the cache offset gives the positions)."""
+        `position_ids` [3, B, T] (M-RoPE) or None (the cache offset gives the positions).
+        `last_only`: logits for the last position only ([B, 1, vocab]), all a draft needs."""
         c = cache[0] if cache is not None else None
         emb = self.model.embed_tokens(next_tokens)
         mask = create_attention_mask(emb, c)
@@ -268,7 +270,7 @@ class TextModel(nn.Module):
         if position_ids is not None:
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(position_ids)
         o = self.mtp(hidden, emb, mask, c, rope)
-        return self.logits(o), o
+        return self.logits(o[:, -1:] if last_only else o), o
 
     @property
     def layers(self) -> list:
