@@ -162,6 +162,8 @@ class LinearCache(ArraysCache):
     tokens (module docstring). Its class name reads "ArraysCache" so that prompt-cache files
     name a class mlx-lm's `load_prompt_cache` knows (it gives back a plain ArraysCache)."""
 
+    history = DEFAULT_HISTORY  # (a class default too: mlx-lm's from_state skips __init__)
+
     def __init__(self, size: int = 2, left_padding: list[int] | None = None, history: int = -1):
         super().__init__(size, left_padding=left_padding)
         self.history = DEFAULT_HISTORY if history < 0 else history
