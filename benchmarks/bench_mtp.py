@@ -126,7 +126,7 @@ def device_run(args) -> dict:
         r["V_over_S"] = {T: v / S for T, v in r["V_ms"].items()}
         r["break_even_acceptance"] = {k: break_even(S, R, k) for k, R in r["R_ms"].items()}
         r["predicted_speedup"] = {
-            k: {a: round(predicted(S, R, k, a), 3) for a in (0.5, 0.6, 0.73, 0.8, 0.9)}
+            k: {a: round(predicted(S, R, k, a), 3) for a in (0.41, 0.5, 0.63, 0.73, 0.8, 0.9)}
             for k, R in r["R_ms"].items()
         }
         result["shapes"][name] = r
