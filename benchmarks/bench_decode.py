@@ -136,11 +136,22 @@ def decode_run(model, prompts: mx.array, gen: int) -> float:
     return prompts.shape[0] * gen / dt
 
 
+COUNTED = ("compiled", "plain", "mlx-lm")
+
+
 def bench_shape(name, shape, dtype, batches, gen, prompt_len, repeats, deadline, log) -> list:
     rows = []
     if time.perf_counter() > deadline:
         log(f"{name}: skipped (time budget)")
         return [{"shape": name, "batch": B, "skipped": "time budget"} for B in batches]
+    try:  # the primitives of one decode step (count_decode_ops.py): the host cost per token
+        from count_decode_ops import count_all, narrow
+
+        counts = {w: sum(count_all(narrow(shape), w, dtype=dtype).values()) for w in COUNTED}
+        rows.append({"shape": name, "primitives_per_step": counts})
+        log(f"{name}: primitives per decode step (batch 1): {counts}")
+    except Exception as e:  # noqa: BLE001  (the timing still tells)
+        log(f"{name}: primitive count failed: {e!r}")
     t0 = time.perf_counter()
     models = build_models(shape, dtype)
     models = {"qwen35_mlx": models["qwen35_mlx"], "plain": Plain(models["qwen35_mlx"]),

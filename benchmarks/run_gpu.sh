@@ -8,15 +8,17 @@
 #   benchmarks/run_gpu.sh rest      # every other test file on the GPU (about 4 min)
 #   benchmarks/run_gpu.sh decode    # bench_gated_delta.py, decode B = 1, 8, 32, 128
 #   benchmarks/run_gpu.sh prefill   # bench_gated_delta.py, prefill T = 128 ... 8192
+#   benchmarks/run_gpu.sh convdecode  # bench_gated_delta_decode.py: gated_delta_decode against
+#                                     # today's conv ops + kernel, 0.8B / 9B shapes, B = 1, 32, 128
 # Logs and JSON/PNG go to $OUT (the device tool brings them back), or benchmarks/out.
 # Merge the two benchmark halves afterwards:
 #   python benchmarks/bench_gated_delta.py --merge <decode>.json <prefill>.json --out benchmarks/results
 set -euo pipefail
 step=${1:-}
 case "$step" in
-  tests | models | rest | decode | prefill) ;;
+  tests | models | rest | decode | prefill | convdecode) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill" >&2
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode" >&2
     exit 2
     ;;
 esac
@@ -39,5 +41,9 @@ case "$step" in
   prefill)
     python3 benchmarks/bench_gated_delta.py --decode-b "" --prefill-t 128,512,2048,8192 \
       --target-s 0.5 --out "$out" 2>&1 | tee "$out/bench_prefill.log"
+    ;;
+  convdecode)
+    python3 benchmarks/bench_gated_delta_decode.py --layouts 16x4,8x4 --out "$out" 2>&1 |
+      tee "$out/bench_conv_decode.log"
     ;;
 esac

@@ -49,3 +49,27 @@ def test_cli_modules_run_with_python_m():
     assert r.returncode == 0 and "found in sys.modules" not in r.stderr, r.stderr
     r = python("-m", "qwen35_mlx.mlx_lm")
     assert r.returncode == 2 and "usage: python -m qwen35_mlx.mlx_lm" in r.stderr
+
+
+def test_unknown_command_is_one_line_exit_2():
+    for module, lib in (("qwen35_mlx.mlx_lm", "mlx-lm"), ("qwen35_mlx.mlx_vlm", "mlx-vlm")):
+        r = python("-m", module, "nosuchcmd")
+        assert r.returncode == 2, (module, r.stderr)
+        assert r.stdout == "" and r.stderr.count("\n") == 1, (module, r.stderr)
+        assert f"python -m {module}: error: unknown command 'nosuchcmd'" in r.stderr, r.stderr
+        assert "generate" in r.stderr and "server" in r.stderr, (lib, r.stderr)
+
+
+def test_unknown_command_leaves_other_value_errors_alone():
+    # Only the dispatcher's own refusal is reworded; a ValueError raised anywhere else (inside a
+    # subcommand) goes on as it was.
+    import pytest
+    from mlx_lm import cli
+
+    from qwen35_mlx.mlx_lm import refuse_unknown_command
+
+    try:
+        raise ValueError("CLI requires a subcommand in ('generate',)")
+    except ValueError as e:
+        with pytest.raises(ValueError, match="CLI requires"):
+            refuse_unknown_command(e, "prog", cli.__file__, "generate")

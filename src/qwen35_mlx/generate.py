@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import NoReturn
 
 DEFAULT_PROMPT = "Hello"
-IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 class UserError(Exception):
@@ -259,11 +257,15 @@ def build_prompt(
     tokenizer, prompt: str, args: argparse.Namespace, n_images: int, n_videos: int = 0
 ) -> str:
     """The prompt text to tokenize: the chat template applied unless --no-chat-template."""
+    from .processor import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START
+
+    image_slot = VISION_START + IMAGE_TOKEN + VISION_END
+    video_slot = VISION_START + VIDEO_TOKEN + VISION_END
     text_tok = getattr(tokenizer, "tokenizer", tokenizer)
     if args.no_chat_template or getattr(text_tok, "chat_template", None) is None:
         if args.system is not None:
             raise UserError("--system needs a chat template, and this model has none")
-        return IMAGE_SLOT * n_images + VIDEO_SLOT * n_videos + prompt
+        return image_slot * n_images + video_slot * n_videos + prompt
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -279,11 +281,11 @@ def build_prompt(
     text = text_tok.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False, **kwargs
     )
-    if n_images and "<|image_pad|>" not in text:
+    if n_images and IMAGE_TOKEN not in text:
         # a template that does not render image entries: put the placeholders first
-        text = IMAGE_SLOT * n_images + text
-    if n_videos and "<|video_pad|>" not in text:
-        text = VIDEO_SLOT * n_videos + text
+        text = image_slot * n_images + text
+    if n_videos and VIDEO_TOKEN not in text:
+        text = video_slot * n_videos + text
     return text
 
 

@@ -15,6 +15,20 @@ truncated or corrupt safetensors, missing or unexpected weights, shape or dtype 
 tokenizer that cannot encode text) raise `ValueError` with a message that names what is wrong.
 A weight's dtype must fit its parameter: floating for a floating parameter (then cast), uint32
 for the packed weight of a quantized module.
+
+Why this is not a thin layer over `mlx_lm.utils.load_model` (re-examined against mlx-lm 0.32.2;
+what it does provide, we use: `infer_quant_config`, its tokenizer wrapper, and through the plugin
+it loads our models itself):
+- it globs `model*.safetensors` and ignores `model.safetensors.index.json`: a stray shard left in
+  the folder is loaded with the others, an absent one is not named;
+- it calls `sanitize` on every checkpoint, where an MLX checkpoint is loaded as saved;
+- `mlx_lm.utils` imports transformers (~1.5 s here): the CLI reads config.json through
+  `read_config` to refuse bad arguments (an image for a text model) before any heavy import;
+- `load_weights(strict=True)` lists every name on its own line, uncounted and untruncated, and
+  checks no dtype: `check_weights` gives the one-line errors the CLI prints; catching load_weights'
+  error would lose them, and our `sanitize` runs before quantization, so it cannot check shapes;
+- reading the weights ourselves lets safetensors name a truncated or corrupt file before mx.load
+  maps it (mlx-lm's `mx.load` errors name no file).
 """
 
 from __future__ import annotations

@@ -10,7 +10,32 @@ qwen35_mlx's models. Example:
 
 from __future__ import annotations
 
+import ast
 import sys
+from pathlib import Path
+
+PROG = "python -m qwen35_mlx.mlx_lm"
+
+
+def refuse_unknown_command(error: ValueError, prog: str, dispatcher: str, command: str) -> None:
+    """Turn the `ValueError` a library's subcommand dispatcher (the file `dispatcher`: mlx-lm's
+    `cli.py`, mlx-vlm's `__main__.py`) raises for an unknown `command` into one line and exit 2;
+    re-raise anything else (an error from inside a subcommand is not ours to rename).
+
+    The dispatchers keep their command lists in local variables, and name them only in the
+    message ("CLI requires a subcommand in (...)"), so the valid ones are read from there."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or Path(tb.tb_frame.f_code.co_filename).resolve() != Path(dispatcher).resolve():
+        raise error
+    _, _, listed = str(error).partition(" in ")
+    try:
+        valid = ", ".join(sorted(ast.literal_eval(listed)))
+    except (ValueError, SyntaxError, TypeError):
+        valid = listed or str(error)
+    print(f"{prog}: error: unknown command {command!r} (valid: {valid})", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     if len(sys.argv) < 2:
-        print("usage: python -m qwen35_mlx.mlx_lm <mlx-lm command> [args]", file=sys.stderr)
+        print(f"usage: {PROG} <mlx-lm command> [args]", file=sys.stderr)
         raise SystemExit(2)
     if sys.argv[1] == "server":
         # mlx-lm's server is a stdlib ThreadingHTTPServer, whose listen backlog is 5: a burst of
@@ -34,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         from http.server import ThreadingHTTPServer
 
         ThreadingHTTPServer.request_queue_size = 128
-    cli.main()
+    command = sys.argv[1]
+    try:
+        cli.main()
+    except ValueError as e:
+        refuse_unknown_command(e, PROG, cli.__file__, command)
 
 
 if __name__ == "__main__":

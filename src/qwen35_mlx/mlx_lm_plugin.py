@@ -12,6 +12,12 @@ undoes both. After it, mlx-lm's `load`, `generate`, `stream_generate`, `batch_ge
 and chat build `qwen35_mlx` models (the text model, or the vision-language model for a checkpoint
 with a vision tower) from `config.json`, `layer_types` included. mlx-lm then calls the model's
 `sanitize` (Hugging Face and MLX layouts alike), quantizes and loads the weights as usual.
+
+Both plugins (this one and `mlx_vlm_plugin`) adapt our models one way: the host resolves the
+model type through `Remapping` to the plugin module, hands `HostConfig.from_dict(config.json)` to
+the module's `Model`, and `HostConfig.build()` makes our model. Where the host's model protocol is
+ours (mlx-lm), `Model` returns that model itself; where it differs (mlx-vlm: its output class,
+`get_input_embeddings` features, `language_model` entry point), `Model` wraps it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
 
 MODULE_NAME = "qwen35_mlx"  # mlx-lm looks for mlx_lm.models.<this>
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
@@ -29,17 +38,23 @@ class Remapping:
     """Route `host`'s Qwen3.5 model types to the module `plugin`: `MODEL_REMAPPING` entries to
     `MODULE_NAME`, and `<host>.models.<MODULE_NAME>` in `sys.modules`. `unregister` restores the
     entries it replaced. mlx-vlm resolves `model_type` the same way, so its plugin uses this too.
+    `preload`: modules to import before registering (their import has side effects the host
+    needs).
     """
 
-    def __init__(self, host: str, plugin: str):
+    def __init__(self, host: str, plugin: str, preload: tuple[str, ...] = ()):
         self.host = host  # "mlx_lm" or "mlx_vlm"
         self.plugin = plugin  # the plugin module's __name__
+        self.preload = preload
         self._saved: dict[str, str | None] = {}
 
     def _table(self) -> dict[str, str]:
         return importlib.import_module(f"{self.host}.utils").MODEL_REMAPPING
 
     def register(self) -> None:
+        """Route the host's Qwen3.5 model types to the plugin (idempotent)."""
+        for name in self.preload:
+            importlib.import_module(name)
         table = self._table()
         sys.modules[f"{self.host}.models.{MODULE_NAME}"] = sys.modules[self.plugin]
         for t in MODEL_TYPES:
@@ -48,6 +63,7 @@ class Remapping:
                 table[t] = MODULE_NAME
 
     def unregister(self) -> None:
+        """Give the host its own resolution back."""
         table = self._table()
         for t, old in self._saved.items():
             if old is None:
@@ -62,40 +78,43 @@ class Remapping:
         return all(table.get(t) == MODULE_NAME for t in MODEL_TYPES)
 
 
-_remapping = Remapping("mlx_lm", __name__)
-
-
 @dataclass
-class ModelArgs:
-    """mlx-lm's model-args protocol: `from_dict(config)`; keeps the whole config.json dict."""
+class HostConfig:
+    """What a host's `ModelArgs.from_dict` / `ModelConfig.from_dict` returns: config.json as
+    `raw` (checked and parsed by `build`).
+
+    It has no `text_config` / `vision_config` attributes on purpose: mlx-vlm would rebuild them
+    with its own classes."""
 
     model_type: str
-    config: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+    eos_token_id: Any = None
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
-        return cls(model_type=params["model_type"], config=dict(params))
+    def from_dict(cls, params: dict[str, Any]) -> HostConfig:
+        return cls(
+            model_type=params["model_type"],
+            raw=dict(params),
+            eos_token_id=params.get("eos_token_id"),
+        )
 
-
-class Model:
-    """`Model(args)` builds this package's model for the config (mlx-lm's model protocol)."""
-
-    def __new__(cls, args: ModelArgs):
+    def build(self) -> nn.Module:
+        """Our model (text or vision-language) for this config."""
         from .loader import build_model
         from .models.config import ModelConfig
 
-        return build_model(ModelConfig.from_dict(args.config))
+        return build_model(ModelConfig.from_dict(self.raw))
 
 
-def register() -> None:
-    """Route mlx-lm's Qwen3.5 model types to this package (idempotent)."""
-    _remapping.register()
+ModelArgs = HostConfig  # mlx-lm's name
 
 
-def unregister() -> None:
-    """Give mlx-lm its own resolution back."""
-    _remapping.unregister()
+def Model(args: HostConfig) -> nn.Module:  # noqa: N802  (mlx-lm calls `arch.Model(args)`)
+    """mlx-lm's model constructor: our model itself, which speaks mlx-lm's model protocol."""
+    return args.build()
 
 
-def is_registered() -> bool:
-    return _remapping.is_registered()
+_remapping = Remapping("mlx_lm", __name__)
+register = _remapping.register
+unregister = _remapping.unregister
+is_registered = _remapping.is_registered

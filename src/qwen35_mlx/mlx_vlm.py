@@ -14,6 +14,8 @@ import importlib.util
 import runpy
 import sys
 
+from .mlx_lm import refuse_unknown_command
+
 PROG = "python -m qwen35_mlx.mlx_vlm"
 
 
@@ -42,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
     register()
     # mlx-vlm's own `python -m mlx_vlm` dispatch: it picks the subcommand from sys.argv[1].
-    runpy.run_module("mlx_vlm", run_name="__main__", alter_sys=True)
+    command = sys.argv[1]
+    try:
+        runpy.run_module("mlx_vlm", run_name="__main__", alter_sys=True)
+    except ValueError as e:
+        dispatcher = importlib.util.find_spec("mlx_vlm.__main__").origin
+        refuse_unknown_command(e, PROG, dispatcher, command)
     return 0
 
 

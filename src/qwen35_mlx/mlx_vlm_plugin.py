@@ -6,8 +6,9 @@ mlx-vlm resolves `model_type` like mlx-lm: `MODEL_REMAPPING`, then the module
 name, `mlx_vlm.models.qwen35_mlx` (this module, put in `sys.modules`); mlx-vlm's own Qwen3.5
 modules stay importable and untouched, `unregister()` undoes it.
 
-mlx-vlm drives a model through its own protocol, which this module's `Model` adapts to
-qwen35_mlx's vision-language (or text) model, held as the child `model`:
+The two plugins adapt models one way (see `mlx_lm_plugin`: `Remapping`, `HostConfig`). mlx-vlm
+drives a model through its own protocol, which this module's `Model` adapts to qwen35_mlx's
+vision-language (or text) model, held as the child `model`:
 
 - `get_input_embeddings(input_ids, pixel_values, mask, image_grid_thw=...)` -> embeddings with the
   vision rows scattered in (the M-RoPE positions are kept by our model for the calls that follow);
@@ -20,38 +21,14 @@ mlx-vlm's own processor (transformers' Qwen3-VL processor) prepares text and ima
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from .mlx_lm_plugin import MODEL_TYPES as MODEL_TYPES
 from .mlx_lm_plugin import MODULE_NAME as MODULE_NAME  # mlx-vlm looks for mlx_vlm.models.<this>
-from .mlx_lm_plugin import Remapping
+from .mlx_lm_plugin import HostConfig, Remapping
 
-_remapping = Remapping("mlx_vlm", __name__)
-
-
-@dataclass
-class ModelConfig:
-    """mlx-vlm's config protocol: `from_dict(config)`; keeps config.json as `raw`.
-
-    It has no `text_config` / `vision_config` attributes on purpose: mlx-vlm would rebuild them
-    with its own classes; our model reads them from `raw`.
-    """
-
-    model_type: str
-    raw: dict[str, Any] = field(default_factory=dict)
-    eos_token_id: Any = None
-
-    @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> ModelConfig:
-        return cls(
-            model_type=params["model_type"],
-            raw=dict(params),
-            eos_token_id=params.get("eos_token_id"),
-        )
+ModelConfig = HostConfig  # mlx-vlm's name
 
 
 def _output(logits: mx.array):
@@ -90,14 +67,11 @@ class _LanguageModel:
 class Model(nn.Module):
     """qwen35_mlx's model (vision-language or text) behind mlx-vlm's model protocol."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: HostConfig):
         super().__init__()
-        from .loader import build_model
-        from .models.config import ModelConfig as OurConfig
-
         self.config = config
         self.model_type = config.model_type
-        self.model = build_model(OurConfig.from_dict(config.raw))
+        self.model = config.build()
         self._lm = _LanguageModel(self)
 
     @property
@@ -165,17 +139,8 @@ class Model(nn.Module):
         return predicate
 
 
-def register() -> None:
-    """Route mlx-vlm's Qwen3.5 model types to this package (idempotent)."""
-    import mlx_vlm.models.qwen3_5  # noqa: F401  (registers the Qwen3.5 processor with transformers)
-
-    _remapping.register()
-
-
-def unregister() -> None:
-    """Give mlx-vlm its own resolution back."""
-    _remapping.unregister()
-
-
-def is_registered() -> bool:
-    return _remapping.is_registered()
+# Importing mlx-vlm's own qwen3_5 registers the Qwen3.5 processor with transformers.
+_remapping = Remapping("mlx_vlm", __name__, preload=("mlx_vlm.models.qwen3_5",))
+register = _remapping.register
+unregister = _remapping.unregister
+is_registered = _remapping.is_registered

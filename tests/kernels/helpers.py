@@ -74,3 +74,47 @@ def make_gate_inputs(B, T, Hv, *, dtype=mx.float32, seed=0):
     A_log = mx.random.uniform(-2.0, 1.0, (Hv,), key=kA)
     dt_bias = mx.random.uniform(-1.0, 1.0, (Hv,), key=kd)
     return a, b, A_log, dt_bias
+
+
+def make_decode_inputs(B, Hk, Hv, Dk, Dv, K=4, *, dtype=mx.float32, seed=0):
+    """Inputs of gated_delta_decode as a dict: qkv [B, C] and conv_state [B, K-1, C] ~ N(0, 1),
+    conv_w [C, K] ~ N(0, 0.5) (all in dtype), the raw gates of make_gate_inputs ([B, Hv]) and a
+    random nonzero state [B, Hv, Dv, Dk] fp32."""
+    C = 2 * Hk * Dk + Hv * Dv
+    kx, kc, kw, ks = mx.random.split(mx.random.key(seed + 7), 4)
+    a, b, A_log, dt_bias = make_gate_inputs(B, 1, Hv, dtype=dtype, seed=seed)
+    return {
+        "qkv": mx.random.normal((B, C), key=kx).astype(dtype),
+        "conv_state": mx.random.normal((B, K - 1, C), key=kc).astype(dtype),
+        "conv_w": (0.5 * mx.random.normal((C, K), key=kw)).astype(dtype),
+        "a": a[:, 0],
+        "b": b[:, 0],
+        "A_log": A_log,
+        "dt_bias": dt_bias,
+        "state": 0.1 * mx.random.normal((B, Hv, Dv, Dk), key=ks),
+    }
+
+
+def gated_delta_decode_np(
+    qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=None, *, Hk, Dk, Hv, Dv
+):
+    """float64 decode step from the raw in-projection: causal depthwise conv over
+    [conv_state | qkv], silu, l2-normalised q (times Dk^-0.5) and k (eps 1e-6 inside the sqrt),
+    g = exp(-exp(A_log) softplus(a + dt_bias)), beta = sigmoid(b), one gated delta step.
+    Returns (y [B, Hv, Dv], state [B, Hv, Dv, Dk], new conv state [B, K-1, C])."""
+    x = np.concatenate([np64(conv_state), np64(qkv)[:, None]], axis=1)  # [B, K, C]
+    h = np.einsum("bkc,ck->bc", x, np64(conv_w))
+    h = h / (1.0 + np.exp(-h))
+    B, kd = h.shape[0], Hk * Dk
+
+    def l2(u):
+        return u / np.sqrt((u * u).sum(-1, keepdims=True) + 1e-6)
+
+    q = l2(h[:, :kd].reshape(B, 1, Hk, Dk)) * Dk**-0.5
+    k = l2(h[:, kd : 2 * kd].reshape(B, 1, Hk, Dk))
+    v = h[:, 2 * kd :].reshape(B, 1, Hv, Dv)
+    g = np.exp(-np.exp(np64(A_log)) * np.logaddexp(0.0, np64(a) + np64(dt_bias)))
+    beta = 1.0 / (1.0 + np.exp(-np64(b)))
+    m = None if mask is None else np.asarray(mask, dtype=bool)[:, None]
+    y, S = gated_delta_np(q, k, v, g[:, None], beta[:, None], state, m)
+    return y[:, 0], S, x[:, 1:]

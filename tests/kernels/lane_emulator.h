@@ -1,10 +1,15 @@
 // Runs a CUDA-style kernel body on the CPU: one std::thread per lane, the 32 lanes of a warp in
-// lockstep at every shuffle (std::barrier), warps one after another. Enough for the gated-delta
-// bodies, whose shuffles are reached by all 32 lanes of a warp (uniform control flow).
+// lockstep at every shuffle (std::barrier), the warps of a block together (a block barrier for
+// gd_threadgroup_barrier, `static` arrays for threadgroup memory), blocks one after another.
+// Enough for the gated-delta bodies, whose shuffles are reached by all 32 lanes of a warp and
+// whose barriers by every thread of a block (uniform control flow).
 #include <barrier>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -18,11 +23,33 @@ struct float4 {
   float x, y, z, w;
 };
 
+// bfloat16 storage: round to nearest even from float, exact widening to float (as MLX's).
+struct bf16 {
+  uint16_t bits;
+  bf16() = default;
+  explicit bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if (std::isnan(f)) {
+      bits = 0x7fc0;
+    } else {
+      bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+  operator float() const {
+    const uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
 struct Warp {
   std::barrier<> bar{32};
   float slots[32];
 };
 thread_local Warp* tl_warp = nullptr;
+thread_local std::barrier<>* tl_block = nullptr;
 
 inline float gd_shuffle(float x, int lane) {
   Warp& w = *tl_warp;
@@ -50,23 +77,30 @@ inline void gd_store_f4(float* p, float x, float y, float z, float w) {
 }
 inline float gd_exp(float x) { return std::exp(x); }
 inline float gd_log(float x) { return std::log(x); }
+inline float gd_rsqrt(float x) { return 1.0f / std::sqrt(x); }
 #define gd_prefetch(p) ((void)0)
+// One block runs at a time, so a function-scope static array is that block's shared memory.
+#define gd_threadgroup static
+inline void gd_threadgroup_barrier() { tl_block->arrive_and_wait(); }
 
-// Every (block, warp) of a grid of `blocks` x `warps` warps, 32 lanes each.
+// Every block of a grid of `blocks` blocks of `warps` warps, 32 lanes each; the threads of one
+// block run together.
 inline void run_grid(dim3 blocks, unsigned warps, const std::function<void()>& lane_fn) {
   blockDim = {32, warps, 1};
   for (unsigned bx = 0; bx < blocks.x; ++bx)
-    for (unsigned by = 0; by < blocks.y; ++by)
-      for (unsigned wy = 0; wy < warps; ++wy) {
-        Warp warp;
-        std::vector<std::thread> lanes;
+    for (unsigned by = 0; by < blocks.y; ++by) {
+      std::unique_ptr<Warp[]> warp(new Warp[warps]);
+      std::barrier<> block(32 * warps);
+      std::vector<std::thread> lanes;
+      for (unsigned wy = 0; wy < warps; ++wy)
         for (unsigned lane = 0; lane < 32; ++lane)
-          lanes.emplace_back([&, lane] {
+          lanes.emplace_back([&, lane, wy] {
             threadIdx = {lane, wy, 0};
             blockIdx = {bx, by, 0};
-            tl_warp = &warp;
+            tl_warp = &warp[wy];
+            tl_block = &block;
             lane_fn();
           });
-        for (auto& t : lanes) t.join();
-      }
+      for (auto& t : lanes) t.join();
+    }
 }

@@ -49,4 +49,7 @@ float simd_shuffle(float data, ushort lane);
 namespace metal {
 float exp(float x);
 float log(float x);
+float rsqrt(float x);
+enum class mem_flags { mem_none, mem_device, mem_threadgroup };
+void threadgroup_barrier(mem_flags flags);
 }  // namespace metal

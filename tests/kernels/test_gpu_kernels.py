@@ -11,10 +11,21 @@ import numpy as np
 import pytest
 
 from qwen35_mlx.kernels.gated_delta import _pick as pick_backend
-from qwen35_mlx.kernels.gated_delta import compute_gates, gated_delta, gated_delta_update
+from qwen35_mlx.kernels.gated_delta import (
+    compute_gates,
+    gated_delta,
+    gated_delta_decode,
+    gated_delta_update,
+)
 from qwen35_mlx.kernels.gated_delta.ref import gated_delta_ref
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import left_pad_mask, make_gate_inputs, make_inputs
+from tests.kernels.helpers import (
+    gated_delta_decode_np,
+    left_pad_mask,
+    make_decode_inputs,
+    make_gate_inputs,
+    make_inputs,
+)
 
 if mx.metal.is_available():
     BACKEND = "metal"
@@ -275,3 +286,167 @@ def test_unsupported_shape_falls_back(Dk):
     assert not _impl().supports(x["q"], x["v"], x["g"])
     for backend in (BACKEND, "auto"):
         _check_public_api(x, backend)
+
+
+# gated_delta_decode: the conv decode kernel (conv + silu + norms + gates + recurrence, T = 1).
+DECODE_NAMES = ("qkv", "conv_state", "conv_w", "a", "b", "A_log", "dt_bias", "state")
+# (B, Hk, Hv, Dk, Dv, K): the 0.8B and 9B shapes at B = 1, 3, 32; Hv/Hk in {1, 2, 4}; Dk in
+# {32, 64, 96, 128, 256}; odd and tiny Dv; K in {2, 4}.
+DECODE_SHAPES = [
+    (1, 16, 16, 128, 128, 4),
+    (3, 16, 32, 128, 128, 4),
+    (32, 16, 16, 128, 128, 4),
+    (2, 2, 4, 64, 32, 4),
+    (5, 1, 2, 32, 20, 4),
+    (3, 2, 2, 256, 64, 4),
+    (2, 1, 1, 96, 1, 2),
+]
+
+
+def _decode_kw(Hk, Dk, Hv, Dv):
+    return dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
+
+
+def _decode_mask(B):
+    return mx.array([b % 3 != 1 for b in range(B)])
+
+
+def decode_kern(x, mask, dims, **kw):
+    """The conv decode kernel with NaN-poisoned outputs."""
+    args = [x[n] for n in DECODE_NAMES]
+    out = _impl().gated_delta_decode_kernel(*args, mask, init_value=NAN, **kw)
+    mx.eval(out)
+    return out
+
+
+def decode_ref(x, mask, dims):
+    """The ref backend on the CPU stream (exact fp32)."""
+    with mx.stream(mx.cpu):
+        out = gated_delta_decode(
+            *[x[n] for n in DECODE_NAMES], mask=mask, backend="ref", **_decode_kw(*dims)
+        )
+        mx.eval(out)
+    return out
+
+
+def check_decode(got, x, mask, dims, dtype):
+    """got against ref (the same roundings) and the float64 step, within dtype's tolerance;
+    the conv state exactly."""
+    Hk, Dk, Hv, Dv = dims
+    y, s, cs = got
+    y_ref, s_ref, cs_ref = decode_ref(x, mask, dims)
+    y_np, s_np, _ = gated_delta_decode_np(
+        *[x[n] for n in DECODE_NAMES], mask, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv
+    )
+    assert y.dtype == cs.dtype == x["qkv"].dtype and s.dtype == mx.float32
+    assert y.shape == y_ref.shape and s.shape == s_ref.shape and cs.shape == cs_ref.shape
+    y32, s32 = np.array(y.astype(mx.float32)), np.array(s)
+    assert np.isfinite(y32).all() and np.isfinite(s32).all()
+    assert np.array_equal(np.array(cs.astype(mx.float32)), np.array(cs_ref.astype(mx.float32)))
+    assert rel_err(y32, np.array(y_ref.astype(mx.float32))) <= RTOL[dtype]
+    assert rel_err(s32, np.array(s_ref)) <= RTOL[dtype]
+    assert rel_err(y32, y_np) <= RTOL[dtype]
+    assert rel_err(s32, s_np) <= RTOL[dtype]
+    if mask is not None:
+        off = ~np.array(mask)
+        assert not np.any(y32[off])
+        assert np.array_equal(s32[off], np.array(x["state"])[off])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
+def test_gated_delta_decode_kernel_matches_ref(shape, masked, dtype):
+    B, Hk, Hv, Dk, Dv, K = shape
+    dims = (Hk, Dk, Hv, Dv)
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, dtype=dtype, seed=B)
+    mask = _decode_mask(B) if masked else None
+    check_decode(decode_kern(x, mask, dims), x, mask, dims, dtype)
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16, 32])
+@pytest.mark.parametrize("warps", [1, 2, 4, 8])
+def test_every_conv_decode_layout_matches_ref(lanes, warps):
+    # Dv = 72 leaves a partial warp and a partial threadgroup; row 1 is padding.
+    dims = (2, 128, 4, 72)
+    x = make_decode_inputs(3, 2, 4, 128, 72, dtype=mx.bfloat16, seed=1)
+    mask = _decode_mask(3)
+    out = decode_kern(x, mask, dims, lanes=lanes, warps=warps)
+    check_decode(out, x, mask, dims, mx.bfloat16)
+
+
+def test_conv_decode_mixed_dtypes_and_views():
+    """fp32 conv state and weight with bf16 activations; the weight as the layer passes it (a
+    [C, K] view of the [C, K, 1] conv1d weight); q, k, v values match ref."""
+    dims = (2, 64, 4, 32)
+    x = make_decode_inputs(3, 2, 4, 64, 32, dtype=mx.bfloat16, seed=2)
+    x["conv_state"] = x["conv_state"].astype(mx.float32) * 1.001
+    x["conv_w"] = x["conv_w"].astype(mx.float32)[:, :, None][:, :, 0]
+    check_decode(decode_kern(x, None, dims), x, None, dims, mx.bfloat16)
+
+
+def test_conv_decode_chained_steps_match_ref():
+    """Sixteen steps, each feeding back its conv state and recurrent state."""
+    dims = (2, 128, 4, 128)
+    x = make_decode_inputs(4, 2, 4, 128, 128, dtype=mx.bfloat16, seed=3)
+    r = dict(x)
+    mask = _decode_mask(4)
+    tokens = mx.random.normal((16, 4, x["qkv"].shape[1]), key=mx.random.key(9))
+    for t in range(16):
+        x["qkv"] = r["qkv"] = tokens[t].astype(mx.bfloat16)
+        y, x["state"], x["conv_state"] = decode_kern(x, mask, dims)
+        y_r, r["state"], r["conv_state"] = decode_ref(r, mask, dims)
+    assert rel_err(np.array(x["state"]), np.array(r["state"])) <= RTOL[mx.bfloat16]
+    assert (
+        rel_err(np.array(y.astype(mx.float32)), np.array(y_r.astype(mx.float32)))
+        <= RTOL[mx.bfloat16]
+    )
+
+
+def test_gated_delta_decode_auto_runs_the_kernel(monkeypatch):
+    monkeypatch.delenv("QWEN35_MLX_GDN_BACKEND", raising=False)
+    import qwen35_mlx.kernels.gated_delta.decode as decode_mod
+
+    def no_ref(*a, **kw):
+        raise AssertionError("auto took the ref path on the GPU")
+
+    dims = (16, 128, 32, 128)
+    x = make_decode_inputs(2, 16, 32, 128, 128, dtype=mx.bfloat16)
+    want = decode_ref(x, None, dims)
+    monkeypatch.setattr(decode_mod, "gated_delta_decode_ref", no_ref)
+    got = gated_delta_decode(*[x[n] for n in DECODE_NAMES], **_decode_kw(*dims))
+    mx.eval(got)
+    assert rel_err(np.array(got[1]), np.array(want[1])) <= RTOL[mx.bfloat16]
+
+
+def test_gated_delta_decode_auto_large_batch_takes_conv_ops_and_recurrent_kernel(monkeypatch):
+    # Above _CONV_KERNEL_MAX_B rows, auto runs the conv in ops and the recurrent kernel (faster
+    # there); the result is the same step.
+    monkeypatch.delenv("QWEN35_MLX_GDN_BACKEND", raising=False)
+    import qwen35_mlx.kernels.gated_delta as gd
+
+    calls = []
+    real = gd._conv_ops_then_kernel
+    monkeypatch.setattr(gd, "_conv_ops_then_kernel", lambda *a: calls.append(1) or real(*a))
+    dims = (16, 128, 16, 128)
+    B = gd._CONV_KERNEL_MAX_B + 3
+    x = make_decode_inputs(B, 16, 16, 128, 128, dtype=mx.bfloat16)
+    want = decode_ref(x, None, dims)
+    got = gated_delta_decode(*[x[n] for n in DECODE_NAMES], **_decode_kw(*dims))
+    mx.eval(got)
+    assert calls == [1]
+    for i in range(3):
+        assert rel_err(np.array(got[i]), np.array(want[i])) <= RTOL[mx.bfloat16]
+
+
+def test_gated_delta_decode_unsupported_shape_falls_back_to_ref():
+    dims = (1, 48, 2, 16)  # Dk = 48: not a multiple of 32
+    x = make_decode_inputs(2, 1, 2, 48, 16, seed=4)
+    assert not _impl().supports_conv(x["qkv"], x["conv_w"], x["state"])
+    for backend in (BACKEND, "auto"):
+        got = gated_delta_decode(
+            *[x[n] for n in DECODE_NAMES], backend=backend, **_decode_kw(*dims)
+        )
+        mx.eval(got)
+        want = decode_ref(x, None, dims)
+        assert rel_err(np.array(got[1]), np.array(want[1])) <= RTOL[mx.float32]

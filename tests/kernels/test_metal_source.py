@@ -57,6 +57,9 @@ IN_TYPES = {
     "dt_bias": "float",
     "state_in": "float",
     "mask": "bool",
+    "qkv": "bfloat16_t",
+    "conv_state": "float",
+    "conv_w": "bfloat16_t",
 }
 # (Dk, L, P, YT) instantiations: smallest and largest Dk, every lane count the host may pick,
 # with and without prefetching.
@@ -69,9 +72,16 @@ INSTANTIATIONS = [
     (256, 8, 4, "bfloat16_t"),
     (96, 8, 8, "float"),
 ]
+# The conv variant's (Dk, L, P, YT, K, W) instantiations.
+CONV_INSTANTIATIONS = [
+    (32, 4, 0, "bfloat16_t", 4, 1),
+    (128, 16, 0, "bfloat16_t", 4, 2),
+    (128, 8, 0, "float", 2, 8),
+    (256, 32, 0, "float16_t", 8, 4),
+]
 
 
-def wrap(name: str, input_names: list[str], body: str, header: str) -> str:
+def wrap(name: str, input_names: list[str], body: str, header: str, conv: bool = False) -> str:
     """A translation unit shaped like MLX's generated Metal kernel for `body`."""
     params = []
     for i, n in enumerate(input_names):
@@ -85,15 +95,16 @@ def wrap(name: str, input_names: list[str], body: str, header: str) -> str:
             params.append(f"  const constant int& {n}_ndim")
     params.append("  device YT* y")
     params.append("  device float* state_out")
+    if conv:
+        params.append("  device YT* conv_state_out")
     params += [f"  {t} {a}" for a, t in METAL_ATTRIBUTES.items() if a in body]
     fn = f"custom_kernel_{name}"
-    inst = "\n".join(
-        f"template decltype({fn}<{dk}, {lanes}, {p}, {yt}>) {fn}<{dk}, {lanes}, {p}, {yt}>;"
-        for dk, lanes, p, yt in INSTANTIATIONS
-    )
+    args = [", ".join(map(str, i)) for i in (CONV_INSTANTIATIONS if conv else INSTANTIATIONS)]
+    inst = "\n".join(f"template decltype({fn}<{a}>) {fn}<{a}>;" for a in args)
+    template = "int Dk, int L, int P, typename YT" + (", int K, int W" if conv else "")
     return (
         f'#include "{STUB}"\n{header}\n'
-        f"template <int Dk, int L, int P, typename YT>\nvoid {fn}(\n" + ",\n".join(params) + ") {\n"
+        f"template <{template}>\nvoid {fn}(\n" + ",\n".join(params) + ") {\n"
         f"{body}\n}}\n\n{inst}\n"
     )
 
@@ -126,6 +137,18 @@ def test_metal_source_compiles(gate, mask, decode, tmp_path):
         assert attr in body
     name = source.kernel_name(gate, mask, decode)
     tu = wrap(name, source.input_names(gate, mask), body, metal.HEADER)
+    err = compile_errors(tu, tmp_path)
+    assert not err, err
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+def test_metal_conv_decode_source_compiles(mask, tmp_path):
+    """The conv decode variant (threadgroup memory, barrier, three outputs)."""
+    body = metal.BACKEND.kernel_source("fused", mask, True, True)
+    for attr in ("thread_position_in_grid", "threadgroup_position_in_grid"):
+        assert attr in body
+    name = source.kernel_name("fused", mask, True, True)
+    tu = wrap(name, source.input_names("fused", mask, conv=True), body, metal.HEADER, conv=True)
     err = compile_errors(tu, tmp_path)
     assert not err, err
 
@@ -166,3 +189,23 @@ def test_variant_switches_select_the_variant(gate, mask, decode, tmp_path):
     assert ("const int t_ld = t + 1 < T ? t + 1 : t;" in code) == (not decode)
     assert ("gd_shuffle(bl, j)" in code) == (not decode)
     assert "GD_" not in code and "gd_step_gate" not in code
+    assert "qkv" not in code and "conv_state" not in code and "qk_tg" not in code
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+def test_conv_switch_selects_the_conv_variant(mask, tmp_path):
+    """The conv variant reads qkv, the conv state and weight instead of q, k, v, stages q and
+    k behind one barrier and writes the conv state; its recurrence is the fused decode one."""
+    code = preprocessed(source.kernel_body("fused", mask, True, True), tmp_path)
+    for name in ("qkv", "conv_state", "conv_w", "a", "b", "A_log"):
+        assert re.search(rf"\b{name}\[", code), name
+    for name in ("q", "k", "v"):
+        assert not re.search(rf"\b{name}\[", code), name
+    assert (re.search(r"\bmask\[", code) is not None) == mask
+    assert code.count("gd_threadgroup_barrier()") == 1
+    assert "conv_state_out[" in code and "constexpr int T = 1;" in code
+    assert "GD_" not in code and "gd_conv_silu" not in code
+    with pytest.raises(ValueError, match="conv variant"):
+        source.kernel_body("scalar", mask, True, True)
+    with pytest.raises(ValueError, match="conv variant"):
+        source.kernel_body("fused", mask, False, True)

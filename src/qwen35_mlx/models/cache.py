@@ -19,7 +19,10 @@ mask, so its shapes change only when `reserve` grows a buffer by a block. The Py
 
 A VLM conversation's M-RoPE state lives on its first linear-attention cache (`MROPE_SHIFT`,
 `MROPE_PROMPT`; KV quantization replaces the attention caches but keeps that one), not on the
-model: two conversations on one model object do not mix.
+model: two conversations on one model object do not mix. A VLM's first linear cache is an
+`MRopeArraysCache`, an ArraysCache whose batch operations (filter, extend, merge, extract) carry
+each row's shift along (0 for a row without one), so BatchGenerator's batches of conversations
+with images keep their positions.
 
 Rollback (speculative decoding). The linear-attention caches `make_cache` builds are
 `LinearCache`s: mlx-lm's ArraysCache that can also be trimmed by up to `history` tokens, so that a
@@ -55,11 +58,20 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
 from ..kernels.gated_delta import gated_delta_update
 
-__all__ = ["make_cache", "mrope_holder", "ArraysCache", "LinearCache", "KVCache", "BatchKVCache"]
+__all__ = [
+    "make_cache",
+    "mrope_holder",
+    "ArraysCache",
+    "LinearCache",
+    "MRopeArraysCache",
+    "KVCache",
+    "BatchKVCache",
+]
 
 # Tokens a LinearCache can roll back by default: mlx-lm's `--num-draft-tokens` default (3) needs
 # 3 after its 4-token verify call; the MTP loop raises it to its k (`set_history`).
@@ -86,75 +98,6 @@ def mrope_holder(cache: list) -> Any:
         if c is not None and hasattr(c, "offset"):
             return c
     return None
-
-
-def make_cache(layer_types: list[str], left_padding: list[int] | None = None) -> list:
-    """One cache per layer, in layer_types order.
-
-    left_padding: per-row pad counts of a left-padded batch; gives LinearCache(left_padding) and
-    BatchKVCache(left_padding) so that the masks and rotary positions count real tokens only.
-    """
-    caches = []
-    for t in layer_types:
-        if t == "linear_attention":
-            caches.append(LinearCache(size=2, left_padding=left_padding))
-        elif left_padding is not None:
-            caches.append(BatchKVCache(left_padding))
-        else:
-            caches.append(KVCache())
-    return caches
-
-
-def kv_index(c: KVCache | BatchKVCache) -> int:
-    """Where the next token's key goes in the buffer (pads included)."""
-    return c._idx if isinstance(c, BatchKVCache) else c.offset
-
-
-def reserve(c: KVCache | BatchKVCache) -> None:
-    """Make room in the preallocated KV buffer for one more token, a block (`c.step`) at a time,
-    as `update_and_fetch` would; a step traced for one buffer size replays until the next block."""
-    idx = kv_index(c)
-    if idx + 1 <= c.keys.shape[2]:
-        return
-    B, H, _, Dk = c.keys.shape
-    keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
-    c.keys = mx.concatenate([keys, mx.zeros((B, H, c.step, Dk), keys.dtype)], axis=2)
-    Dv = values.shape[3]
-    c.values = mx.concatenate([values, mx.zeros((B, H, c.step, Dv), values.dtype)], axis=2)
-
-
-def advance(c: KVCache | BatchKVCache, keys: mx.array, values: mx.array) -> None:
-    """After a decode step wrote one token into (keys, values): adopt them, count the token."""
-    c.keys, c.values = keys, values
-    if isinstance(c, BatchKVCache):
-        c._idx += 1
-        c.offset = c.offset + 1
-    else:
-        c.offset += 1
-
-
-class StaticKV:
-    """Inside the compiled step, an attention layer's cache: a whole preallocated buffer written
-    at an array index. `offset` (scalar or [B]) is the rotary position of the new token."""
-
-    def __init__(self, keys: mx.array, values: mx.array, idx: mx.array, offset: mx.array):
-        self.keys, self.values, self.idx, self.offset = keys, values, idx, offset
-
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.slice_update(self.keys, k.astype(self.keys.dtype), self.idx, axes=(2,))
-        self.values = mx.slice_update(self.values, v.astype(self.values.dtype), self.idx, axes=(2,))
-        return self.keys, self.values
-
-
-def static_mask(capacity: int, idx: mx.array, left_padding: mx.array | None) -> mx.array:
-    """Keys a one-token query may see in a buffer of `capacity`: positions up to `idx` (the new
-    token), and from each row's left padding on. [1 or B, 1, 1, capacity] bool."""
-    pos = mx.arange(capacity)
-    mask = pos <= idx
-    if left_padding is not None:
-        mask = mask & (pos[None] >= left_padding[:, None])
-        return mask[:, None, None, :]
-    return mask[None, None, None, :]
 
 
 class LinearCache(ArraysCache):
@@ -189,6 +132,11 @@ class LinearCache(ArraysCache):
 
     def advance(self, N: int) -> None:
         super().advance(N)
+        self.note_advance(N)
+
+    def note_advance(self, N: int) -> None:
+        """The states moved on by N tokens: by `advance`, or by the compiled decode step, which
+        updates the left padding itself (text.py)."""
         pending, self._pending = self._pending, None
         self._armed = pending is not None
         if self.history <= 0 or self.lengths is not None:
@@ -300,6 +248,138 @@ class LinearCache(ArraysCache):
 
 
 LinearCache.__name__ = LinearCache.__qualname__ = "ArraysCache"
+
+
+class MRopeArraysCache(LinearCache):
+    """mlx-lm's ArraysCache whose batch operations keep the per-row M-RoPE state of the rows
+    they keep (`MROPE_SHIFT` [B]; `MROPE_PROMPT`'s positions [3, B, T] where the rows stay in
+    place). Without any state it is ArraysCache. Named ArraysCache, so that mlx-lm's
+    `save_prompt_cache` / `load_prompt_cache` (which look classes up by name in their module)
+    read it back."""
+
+    def filter(self, batch_indices) -> None:
+        rows = np.array(batch_indices).reshape(-1)
+        super().filter(batch_indices)
+        if hasattr(self, MROPE_SHIFT):
+            setattr(self, MROPE_SHIFT, np.asarray(getattr(self, MROPE_SHIFT))[rows])
+        prompt = getattr(self, MROPE_PROMPT, None)
+        if prompt is not None:
+            setattr(self, MROPE_PROMPT, (prompt[0], prompt[1][:, mx.array(rows)]))
+
+    def extend(self, other: ArraysCache) -> None:
+        a, b = self.batch_size, other.batch_size
+        has = hasattr(self, MROPE_SHIFT) or hasattr(other, MROPE_SHIFT)
+        shift = np.concatenate([_row_shift(self, a), _row_shift(other, b)])
+        super().extend(other)
+        if has:
+            setattr(self, MROPE_SHIFT, shift)
+        if hasattr(self, MROPE_PROMPT):  # its rows and start no longer fit the batch
+            delattr(self, MROPE_PROMPT)
+
+    def extract(self, idx: int) -> MRopeArraysCache:
+        out = MRopeArraysCache(len(self.cache), history=self.history)
+        out.cache = [c[idx : idx + 1] for c in self.cache]
+        out._reset_history()
+        if hasattr(self, MROPE_SHIFT):
+            setattr(out, MROPE_SHIFT, np.asarray(getattr(self, MROPE_SHIFT))[idx : idx + 1])
+        return out
+
+    @classmethod
+    def merge(cls, caches: list) -> MRopeArraysCache:
+        out = super().merge(caches)
+        if any(hasattr(c, MROPE_SHIFT) for c in caches):
+            setattr(out, MROPE_SHIFT, np.concatenate([_row_shift(c, c.batch_size) for c in caches]))
+        return out
+
+
+MRopeArraysCache.__name__ = MRopeArraysCache.__qualname__ = "ArraysCache"
+LINEAR_CACHES = (ArraysCache, LinearCache, MRopeArraysCache)  # linear-attention cache kinds
+
+
+def _row_shift(c: Any, batch: int) -> np.ndarray:
+    """The M-RoPE shift of each of a cache's `batch` rows, 0 for rows without one."""
+    shift = getattr(c, MROPE_SHIFT, None)
+    return np.zeros(batch, np.int64) if shift is None else np.asarray(shift, np.int64)
+
+
+def make_cache(
+    layer_types: list[str], left_padding: list[int] | None = None, mrope: bool = False
+) -> list:
+    """One cache per layer, in layer_types order.
+
+    left_padding: per-row pad counts of a left-padded batch; gives LinearCache(left_padding) and
+    BatchKVCache(left_padding) so that the masks and rotary positions count real tokens only.
+    mrope: a VLM's cache; its first linear-attention cache (`mrope_holder`) is an
+    MRopeArraysCache.
+    """
+    caches = []
+    for t in layer_types:
+        if t == "linear_attention":
+            holder = mrope and not any(isinstance(c, ArraysCache) for c in caches)
+            kind = MRopeArraysCache if holder else LinearCache
+            caches.append(kind(size=2, left_padding=left_padding))
+        elif left_padding is not None:
+            caches.append(BatchKVCache(left_padding))
+        else:
+            caches.append(KVCache())
+    return caches
+
+
+def kv_index(c: KVCache | BatchKVCache) -> int:
+    """Where the next token's key goes in the buffer (pads included)."""
+    return c._idx if isinstance(c, BatchKVCache) else c.offset
+
+
+def reserve(c: KVCache | BatchKVCache) -> None:
+    """Make room in the preallocated KV buffer for one more token, a block (`c.step`) at a time,
+    as `update_and_fetch` would; a step traced for one buffer size replays until the next block."""
+    idx = kv_index(c)
+    if idx + 1 <= c.keys.shape[2]:
+        return
+    B, H, _, Dk = c.keys.shape
+    keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
+    c.keys = mx.concatenate([keys, mx.zeros((B, H, c.step, Dk), keys.dtype)], axis=2)
+    Dv = values.shape[3]
+    c.values = mx.concatenate([values, mx.zeros((B, H, c.step, Dv), values.dtype)], axis=2)
+
+
+def advance(
+    c: KVCache | BatchKVCache, keys: mx.array, values: mx.array, offset: mx.array | None = None
+) -> None:
+    """After a decode step wrote one token into (keys, values): adopt them, count the token.
+    offset: a batch cache's per-row offsets after the token, when the step computed them."""
+    c.keys, c.values = keys, values
+    if isinstance(c, BatchKVCache):
+        c._idx += 1
+        c.offset = c.offset + 1 if offset is None else offset
+    else:
+        c.offset += 1
+
+
+class StaticKV:
+    """Inside the compiled step, an attention layer's cache: a whole preallocated buffer written
+    at an array index. `offset` (scalar or [B]) is the rotary position of the new token."""
+
+    def __init__(self, keys: mx.array, values: mx.array, idx: mx.array, offset: mx.array):
+        self.keys, self.values, self.idx, self.offset = keys, values, idx, offset
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, k.astype(self.keys.dtype), self.idx, axes=(2,))
+        self.values = mx.slice_update(self.values, v.astype(self.values.dtype), self.idx, axes=(2,))
+        return self.keys, self.values
+
+
+def static_mask(capacity: int, idx: mx.array, left_padding: mx.array | None) -> mx.array:
+    """Keys a one-token query may see in a buffer of `capacity`: positions up to `idx` (the new
+    token), and from each row's left padding on. [1 or B, 1, 1, capacity] bool."""
+    pos = mx.arange(capacity)
+    mask = pos <= idx
+    if left_padding is not None:
+        mask = mask & (pos[None] >= left_padding[:, None])
+        return mask[:, None, None, :]
+    return mask[None, None, None, :]
+
+
 
 
 def set_history(cache: list, n: int) -> None:

@@ -28,10 +28,153 @@ import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
-from ..kernels.gated_delta import gated_delta_update
+from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
 from .config import TextConfig
 
 _L2_EPS = 1e-6
+
+
+# Decode projections. In the compiled decode step every primitive costs host time per token
+# (benchmarks/NOTES.md, "Fast decode"), and nn.Linear is two: a Transpose of its weight and the
+# Matmul. `prepare_projections` gives a module's Linear layers that read the same input (e.g.
+# in_proj_qkv/z/b/a) one matrix, stored transposed, and `project` applies them as one Matmul
+# and one Split. The fused matrix is a new buffer and the layers' own weights become row views
+# of it, so memory does not grow, and the parameters keep their names, shapes and values
+# (saving, quantizing, sharding and loading see nothing else). It is rebuilt whenever a
+# layer's weight is no longer the view it made (new weights, a cast, quantization), and skipped
+# for layers that do not fit (biases, LoRA or sharded wrappers, mixed dtypes or quantization).
+
+
+# False: each Linear keeps its own matmul at decode (its weight still a transposed view), for a
+# backend whose GEMM would round a fused matrix's outputs differently from the separate ones
+# (the compiled step must match the plain path token for token).
+FUSE_DECODE_PROJECTIONS = True
+
+
+class _Fused:
+    """What `prepare_projections` made for one group: the weights it took (to see a change),
+    the output sizes, the quantization arguments (None for a dense matrix), and whether the
+    group is one matrix (else one transposed view per layer)."""
+
+    def __init__(self, weights: list, sizes: list[int], quant: dict | None, fused: bool = True):
+        self.weights, self.sizes, self.quant, self.fused = weights, sizes, quant, fused
+
+
+def _key(names: tuple[str, ...]) -> str:
+    # An underscore key: not a parameter (not saved or loaded), but the compiled step, which
+    # takes its model's whole tree as implicit inputs (`inputs=`), reads it at every call.
+    return "_decode_" + names[0]
+
+
+def _fusable(mods: list) -> dict | None | bool:
+    """False when `mods` cannot share one matrix; None when they are dense (same dtype, no
+    bias); their common quantization arguments when they are quantized alike."""
+    if any("bias" in m for m in mods):
+        return False
+    if len(mods) == 1 and type(mods[0]) is nn.Conv1d:
+        return None
+    if all(type(m) in (nn.Linear, nn.Embedding) for m in mods):
+        return None if len({m.weight.dtype for m in mods}) == 1 else False
+    if len(mods) > 1 and all(type(m) is nn.QuantizedLinear for m in mods):
+        args = [(m.group_size, m.bits, m.mode, m.scales.dtype, "biases" in m) for m in mods]
+        if len(set(args)) == 1:
+            return dict(group_size=mods[0].group_size, bits=mods[0].bits, mode=mods[0].mode)
+    return False
+
+
+def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
+    """Make (or keep, or drop) the decode form of owner's Linear layers `names`, which all read
+    the same input (see `project`). One identity check per layer when nothing changed."""
+    key = _key(names)
+    if _made(owner, names) is not None:
+        return
+    mods = [owner[n] for n in names]
+    if key in owner:
+        del owner[key]
+    object.__setattr__(owner, key + "_made", None)
+    quant = _fusable(mods)
+    if quant is False:
+        return
+    sizes = [m.weight.shape[0] for m in mods]
+    if len(mods) > 1 and not FUSE_DECODE_PROJECTIONS:
+        if quant is None:  # (a quantized layer is one primitive already)
+            owner[key] = tuple(m.weight.T for m in mods)
+            mx.eval(owner[key])
+            made = _Fused([m.weight for m in mods], sizes, None, fused=False)
+            object.__setattr__(owner, key + "_made", made)
+        return
+    arrays = ("weight", "scales", "biases") if quant else ("weight",)
+    arrays = [a for a in arrays if a in mods[0]]
+    if len(mods) == 1:
+        fused = {"weight": mods[0].weight}
+    else:
+        fused = {a: mx.concatenate([m[a] for m in mods]) for a in arrays}
+        mx.eval(fused)
+        starts = np.cumsum([0] + sizes)
+        for m, lo, hi in zip(mods, starts[:-1], starts[1:], strict=True):
+            for a in arrays:  # views of the fused buffer: the old arrays can go
+                m[a] = fused[a][int(lo) : int(hi)]
+        mx.eval([m[a] for m in mods for a in arrays])
+    if quant is None:
+        owner[key] = _view(mods[0], fused["weight"])  # no Transpose (Reshape) in the step
+        mx.eval(owner[key])
+    else:
+        owner[key] = tuple(fused.get(a) for a in ("weight", "scales", "biases"))
+    object.__setattr__(owner, key + "_made", _Fused([m.weight for m in mods], sizes, quant))
+
+
+def _view(mod: nn.Module, w: mx.array) -> mx.array:
+    """The layout the step uses: a Linear's (or tied Embedding's) weight transposed, a depthwise
+    Conv1d's [C, K, 1] as [C, K]. Made from an evaluated array, a view of its buffer."""
+    return w.reshape(w.shape[0], -1) if isinstance(mod, nn.Conv1d) else w.T
+
+
+def decode_weight(owner: nn.Module, name: str) -> mx.array:
+    """owner's layer `name`'s weight as the compiled step uses it (`_view`): the one
+    `prepare_projections` made, else made now."""
+    if getattr(owner, _key((name,)) + "_made", None) is not None:
+        return owner[_key((name,))]
+    return _view(owner[name], owner[name].weight)
+
+
+def _made(owner: nn.Module, names: tuple[str, ...]) -> _Fused | None:
+    """The group's `_Fused` if its layers still hold the weights it was made from."""
+    made = getattr(owner, _key(names) + "_made", None)
+    if made is None:
+        return None
+    current = (owner[n].get("weight") for n in names)
+    return made if all(w is m for w, m in zip(current, made.weights, strict=True)) else None
+
+
+def retake_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
+    """After `mx.compile` traced a function that takes `owner`'s tree as implicit inputs: it
+    put back the same arrays as new Python objects, so record those as the weights the group
+    was made from (nothing can have changed them between `prepare_projections` and the end of
+    the trace)."""
+    made = getattr(owner, _key(names) + "_made", None)
+    if made is not None:
+        made.weights = [owner[n].get("weight") for n in names]
+
+
+def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.array]:
+    """x through owner's Linear layers `names` (an Embedding: as its tied output layer), as one
+    matmul when `prepare_projections` made one for them, else each layer's own call. For the
+    compiled decode step only, right after `prepare_projections` checked the weights: while
+    `mx.compile` traces, the layers hold tracers, so no identity check can be made here."""
+    made = getattr(owner, _key(names) + "_made", None)
+    if made is None:
+        mods = [owner[n] for n in names]
+        return [m.as_linear(x) if hasattr(m, "as_linear") else m(x) for m in mods]
+    w = owner[_key(names)]
+    if not made.fused:
+        return [x @ wi for wi in w]
+    if made.quant is None:
+        y = x @ w
+    else:
+        y = mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
+    if len(names) == 1:
+        return [y]
+    return mx.split(y, np.cumsum(made.sizes[:-1]).tolist(), axis=-1)
 
 
 class RMSNormGated(nn.Module):
@@ -68,17 +211,20 @@ def _conv_qkv(conv_in: mx.array, w: mx.array, T: int, Hk: int, Dk: int, Hv: int,
     conv_in [B, K-1+T, C] (tap K-1 meets the current token), w [C, K] -> q, k [B, T, Hk, Dk],
     v [B, T, Hv, Dv].
     """
-    B, K = conv_in.shape[0], w.shape[1]
+    K = w.shape[1]
     w = w.astype(conv_in.dtype)
     h = conv_in[:, 0:T] * w[:, 0]
     for j in range(1, K):
         h = h + conv_in[:, j : j + T] * w[:, j]
-    h = nn.silu(h)
-    key_dim = Hk * Dk
-    q = _l2norm(h[..., :key_dim].reshape(B, T, Hk, Dk)) * (Dk**-0.5)
-    k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
-    v = h[..., 2 * key_dim :].reshape(B, T, Hv, Dv)
-    return q, k, v
+    return _split_qkv(nn.silu(h), Hk, Dk, Hv, Dv)
+
+
+def _split_qkv(h: mx.array, Hk: int, Dk: int, Hv: int, Dv: int):
+    """The conv's output h [B, T, C] -> l2-normalised q (scaled by Dk^-0.5), k, and v."""
+    B, T = h.shape[:2]
+    q, k, v = mx.split(h, [Hk * Dk, 2 * Hk * Dk], axis=-1)
+    q = _l2norm(q.reshape(B, T, Hk, Dk)) * (Dk**-0.5)
+    return q, _l2norm(k.reshape(B, T, Hk, Dk)), v.reshape(B, T, Hv, Dv)
 
 
 # Compiled for decode only: its slices depend on T, so a compiled version is traced per shape,
@@ -87,6 +233,9 @@ _conv_qkv_decode = mx.compile(_conv_qkv)
 
 
 class GatedDeltaNet(nn.Module):
+    IN_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+    DECODE_GROUPS = (IN_PROJ, ("out_proj",), ("conv1d",))
+
     def __init__(self, config: TextConfig):
         super().__init__()
         self.hidden_size = config.hidden_size
@@ -154,6 +303,32 @@ class GatedDeltaNet(nn.Module):
                 cache.advance(T)
         y = self.norm(y, z)  # [B, T, Hv, Dv]
         return self.out_proj(y.reshape(B, T, self.value_dim))
+
+    def step(self, x: mx.array, mask: mx.array | None, cache: list) -> mx.array:
+        """One token a row at decode (the compiled step): x [B, H] -> [B, H]; cache is
+        [conv state, recurrent state], replaced by the new ones. Same arithmetic as `__call__`
+        at T = 1, without its [B, 1, ...] reshapes."""
+        B = x.shape[0]
+        if mask is not None:  # mask [B]
+            x = mx.where(mask[:, None], x, mx.zeros((), x.dtype))  # as in __call__
+        qkv, z, b, a = project(self, self.IN_PROJ, x)
+        y, cache[1], cache[0] = gated_delta_decode(
+            qkv,
+            cache[0],
+            decode_weight(self, "conv1d"),
+            a,
+            b,
+            self.A_log,
+            self.dt_bias,
+            cache[1],
+            num_k_heads=self.num_k_heads,
+            head_k_dim=self.head_k_dim,
+            num_v_heads=self.num_v_heads,
+            head_v_dim=self.head_v_dim,
+            mask=mask,
+        )
+        y = self.norm(y, z.reshape(y.shape))  # [B, Hv, Dv]
+        return project(self, ("out_proj",), y.reshape(B, self.value_dim))[0]
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
@@ -223,6 +398,8 @@ def apply_rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 class Attention(nn.Module):
+    DECODE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
+
     def __init__(self, config: TextConfig):
         super().__init__()
         H = config.hidden_size
@@ -265,11 +442,7 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, D).transpose(0, 2, 1, 3)
 
-        if rope is not None:
-            q, k = apply_rotate_half(q, *rope), apply_rotate_half(k, *rope)
-        else:
-            offset = cache.offset if cache is not None else 0
-            q, k = self.rope(q, offset), self.rope(k, offset)
+        q, k = self._rotate(q, k, cache, rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
@@ -278,6 +451,37 @@ class Attention(nn.Module):
         if gate is not None:
             o = _sigmoid_gate(o, gate)
         return self.o_proj(o)
+
+    def step(
+        self,
+        x: mx.array,
+        mask: mx.array,
+        cache: Any,
+        rope: tuple[mx.array, mx.array] | None = None,
+    ) -> mx.array:
+        """One token a row at decode (the compiled step): x [B, H] -> [B, H]; cache a
+        `cache.StaticKV`, mask [1 or B, 1, 1, capacity] bool. Same arithmetic as `__call__` at
+        T = 1: with one token, [B, heads, 1, D] is a reshape of the projection, no transposes."""
+        B, D = x.shape[0], self.head_dim
+        q, k, v = project(self, self.DECODE_GROUPS[0], x)
+        q = q.reshape(B, self.num_heads, 1, -1)
+        q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
+        k = k.reshape(B, self.num_kv_heads, 1, D)
+        v = v.reshape(B, self.num_kv_heads, 1, D)
+        q, k = self._rotate(self.q_norm(q), self.k_norm(k), cache, rope)
+        k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if gate is not None:
+            o = _sigmoid_gate(o, gate)
+        return project(self, ("o_proj",), o.reshape(B, self.num_heads * D))[0]
+
+    def _rotate(self, q, k, cache, rope):
+        """q, k [B, heads, T, D] rotated: M-RoPE (cos, sin) when given, else plain positions
+        from the cache offset (0 without a cache)."""
+        if rope is not None:
+            return apply_rotate_half(q, *rope), apply_rotate_half(k, *rope)
+        offset = cache.offset if cache is not None else 0
+        return self.rope(q, offset), self.rope(k, offset)
 
 
 class MLP(nn.Module):
@@ -289,8 +493,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    DECODE_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
+
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    def step(self, x: mx.array) -> mx.array:
+        """`__call__` through `project` (the compiled decode step)."""
+        gate, up = project(self, self.DECODE_GROUPS[0], x)
+        return project(self, ("down_proj",), _swiglu(gate, up))[0]
 
 
 @partial(mx.compile, shapeless=True)
@@ -367,15 +578,31 @@ class SparseMoeBlock(nn.Module):
         # Set by models.shard: the experts hold a slice of every expert, summed across ranks.
         self.sharding_group = None
 
+    @property
+    def DECODE_GROUPS(self) -> tuple:
+        # The router and the shared expert's gate read the same input.
+        return (("gate", "shared_expert_gate"),) if "shared_expert" in self else (("gate",),)
+
     def __call__(self, x: mx.array) -> mx.array:
-        inds, weights = route(self.gate(x), self.top_k, self.norm_topk_prob)
+        gates = [self.gate(x)]
+        if "shared_expert" in self:
+            return self._mix(x, gates + [self.shared_expert_gate(x)], self.shared_expert)
+        return self._mix(x, gates, None)
+
+    def step(self, x: mx.array) -> mx.array:
+        """`__call__` through `project` (the compiled decode step)."""
+        shared = self.shared_expert.step if "shared_expert" in self else None
+        return self._mix(x, project(self, self.DECODE_GROUPS[0], x), shared)
+
+    def _mix(self, x: mx.array, gates: list, shared) -> mx.array:
+        inds, weights = route(gates[0], self.top_k, self.norm_topk_prob)
         if _cpu_needs_fp32(self.experts):
             y = _switch_glu_fp32(self.experts, x, inds).astype(x.dtype)
         else:
             y = self.experts(x, inds)  # [..., k, H]
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
-        if "shared_expert" in self:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if shared is not None:
+            y = y + mx.sigmoid(gates[1]) * shared(x)
         if self.sharding_group is not None:
             y = mx.distributed.all_sum(y, group=self.sharding_group)
         return y
@@ -404,10 +631,24 @@ class DecoderLayer(nn.Module):
         cache: Any = None,
         rope: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        return self._block(mixer, x, mask, cache, rope)
+
+    def step(self, x: mx.array, mask: Any, cache: Any, rope=None) -> mx.array:
+        """One token a row at decode (the compiled step): x [B, H]; the mixers' `step`."""
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        return self._block(mixer.step, x, mask, cache, rope, self.mlp.step)
+
+    def _block(self, mix, x, mask, cache, rope, mlp=None):
         h = self.input_layernorm(x)
-        if self.is_linear:
-            h = self.linear_attn(h, mask, cache)
-        else:
-            h = self.self_attn(h, mask, cache, rope)
+        h = mix(h, mask, cache) if self.is_linear else mix(h, mask, cache, rope)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + (mlp or self.mlp)(self.post_attention_layernorm(x))
+
+    def decode_groups(self):
+        """(owner, names) of each group of this layer's projections that `step` applies
+        through `project`."""
+        owners = [self.linear_attn if self.is_linear else self.self_attn, self.mlp]
+        if "shared_expert" in self.mlp:
+            owners.append(self.mlp.shared_expert)
+        return [(owner, names) for owner in owners for names in owner.DECODE_GROUPS]

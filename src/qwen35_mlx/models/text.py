@@ -11,7 +11,11 @@ buffers, the conv and recurrent states and the write index (an array) as inputs 
 cache.py). It is traced once per buffer size and batch shape and replayed for every token after;
 everything else (prefill, quantized or rotating KV caches, right-padded prefill, a pipelined
 backbone) takes the plain path.
-`model.compiled_decode = False` turns it off.
+`model.compiled_decode = False` turns it off. Every primitive of the step costs host time per
+token on a GPU, so the step is written for few: [B, H] activations through the layers' `step`
+methods, and fused, pre-transposed projection weights (`layers.prepare_projections`, checked
+before every step and rebuilt when a layer's weight changed). One token a row only: the
+speculative verify pass (a few tokens a row) takes the plain path.
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
 [C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once, the MTP head's norms included), stacked MoE
@@ -34,9 +38,9 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_la
 from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
-from .cache import ArraysCache, BatchKVCache, KVCache, StaticKV, static_mask
+from .cache import BatchKVCache, KVCache, StaticKV, static_mask
 from .config import TextConfig
-from .layers import DecoderLayer
+from .layers import DecoderLayer, prepare_projections, project, retake_projections
 from .mtp import MTP, MTP_NORMS
 from .shard import shard_text_model
 
@@ -120,10 +124,12 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
 
         tokens [B, 1]; kv: per attention layer (keys, values) [B, Hkv, capacity, D]; lin: per
         linear layer (conv state, recurrent state); idx: write index (array); offset: rotary
-        position (scalar or [B]); left_padding [B] or None; ssm_mask [B, 1] or None;
-        position_ids [3, B, 1] or None. Returns (normed hidden [B, 1, H], new kv, new lin).
+        position (scalar or [B]); left_padding [B] or None; ssm_mask [B] bool or None;
+        position_ids [3, B, 1] or None. Returns (normed hidden [B, H], new kv, new lin).
+        Activations are [B, H] throughout (the layers' `step`): on [B, 1, H] every Linear
+        is a flatten, matmul and unflatten, and every primitive costs host time per token.
         """
-        h = self.embed_tokens(tokens)
+        h = self.embed_tokens(tokens.reshape(-1))
         rope = None
         if position_ids is not None and self._fa_idx is not None:
             rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
@@ -132,7 +138,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         for layer in self.layers:
             if layer.is_linear:
                 c = list(next(lin))
-                h = layer(h, ssm_mask, c)
+                h = layer.step(h, ssm_mask, c)
                 new_lin.append(tuple(c))
             else:
                 keys, values = next(kv)
@@ -140,7 +146,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 if C not in masks:
                     masks[C] = static_mask(C, idx, left_padding)
                 c = StaticKV(keys, values, idx, offset)
-                h = layer(h, masks[C], c, rope)
+                h = layer.step(h, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
         return self.norm(h), new_kv, new_lin
 
@@ -159,12 +165,24 @@ class TextModel(nn.Module):
         # Set by `shard` when lm_head holds a slice of the vocabulary: its logits are gathered.
         self.sharding_group = None
         self.compiled_decode = True
+        self._traced = False
+        object.__setattr__(self, "_decode_checks", [])  # see _retake_decode
         # The weights are the compiled step's implicit inputs: updates and quantization show.
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
 
-    def _decode_impl(self, *args):
-        h, kv, lin = self.model.decode(*args)
-        return self.logits(h), kv, lin
+    def _decode_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
+        """The compiled step. A batch's bookkeeping is in it too: the linear layers' mask from
+        lin_padding (ArraysCache.make_mask(1)) and the advanced per-row offset and left padding,
+        returned once per cache (as distinct arrays: mlx-lm updates them in place)."""
+        self._traced = True  # runs only while mx.compile traces
+        # ArraysCache.make_mask(1) ([B, 1]: 0 >= left padding), as [B]
+        ssm_mask = None if lin_padding is None else lin_padding <= 0
+        h, kv, lin = self.model.decode(
+            tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
+        )
+        offsets = [offset + 1] * len(kv) if left_padding is not None else []
+        paddings = [lin_padding - 1] * len(lin) if lin_padding is not None else []
+        return self.logits(h, step=True)[:, None], kv, lin, offsets, paddings
 
     def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
         """The compiled decode step over `cache`, updated in place; None when the cache is not
@@ -172,7 +190,7 @@ class TextModel(nn.Module):
         kv_caches, lin_caches = [], []
         for layer, c in zip(self.model.layers, cache, strict=True):
             (lin_caches if layer.is_linear else kv_caches).append(c)
-        if any(not isinstance(c, ArraysCache) or c.lengths is not None for c in lin_caches):
+        if any(type(c) not in cache_lib.LINEAR_CACHES or c.lengths is not None for c in lin_caches):
             return None
         if any(c[0] is None or c[1] is None for c in lin_caches):
             return None
@@ -186,32 +204,70 @@ class TextModel(nn.Module):
             return None
         for c in kv_caches:
             cache_lib.reserve(c)
+        self._prepare_decode()
         idx = mx.array(idxs.pop() if idxs else 0)
         offset, left_padding = idx, None
         if kinds == {BatchKVCache}:
             offset, left_padding = kv_caches[0].offset, kv_caches[0].left_padding
-        ssm_mask = lin_caches[0].make_mask(1) if lin_caches else None
-        logits, kv, lin = self._decode_step(
+        # As the plain path, every layer of a kind reads the first cache's positions and mask.
+        lin_padding = lin_caches[0].left_padding if lin_caches else None
+        logits, kv, lin, offsets, paddings = self._decode_step(
             inputs,
             [(c.keys, c.values) for c in kv_caches],
             [(c[0], c[1]) for c in lin_caches],
             idx,
             offset,
             left_padding,
-            ssm_mask,
+            lin_padding,
             position_ids,
         )
-        for c, (keys, values) in zip(kv_caches, kv, strict=True):
-            cache_lib.advance(c, keys, values)
-        for c, (conv, state) in zip(lin_caches, lin, strict=True):
+        if self._traced:
+            self._traced = False
+            self._retake_decode()
+        for i, (c, (keys, values)) in enumerate(zip(kv_caches, kv, strict=True)):
+            cache_lib.advance(c, keys, values, offsets[i] if offsets else None)
+        for i, (c, (conv, state)) in enumerate(zip(lin_caches, lin, strict=True)):
             c[0], c[1] = conv, state
-            c.advance(1)
+            if paddings:  # ArraysCache.advance(1), computed in the step (lengths is None)
+                c.left_padding = paddings[i]
+            if hasattr(c, "note_advance"):  # a LinearCache's rollback history (cache.py)
+                c.note_advance(1)
         return logits
 
-    def logits(self, h: mx.array) -> mx.array:
+    def _decode_groups(self) -> list:
+        """(owner, names) of every group of projections the compiled step applies."""
+        groups = [g for layer in self.model.layers for g in layer.decode_groups()]
         if self.config.tie_word_embeddings:
+            return groups + [(self.model, ("embed_tokens",))]
+        return groups + [(self, ("lm_head",))]
+
+    def _prepare_decode(self) -> None:
+        """The decode projections (`layers.prepare_projections`: fused, transposed weights),
+        after one identity check per layer weight when nothing changed."""
+        checks = self._decode_checks
+        if checks and all(owner[n].get("weight") is w for owner, n, w in checks):
+            return
+        for owner, names in self._decode_groups():
+            prepare_projections(owner, names)
+        self._retake_decode()
+
+    def _retake_decode(self) -> None:
+        """Record the layers' weights as the decode projections' (after they were made, or
+        after a trace put them back as new Python objects: `layers.retake_projections`)."""
+        groups = self._decode_groups()
+        for owner, names in groups:
+            retake_projections(owner, names)
+        checks = [(owner, n, owner[n].get("weight")) for owner, names in groups for n in names]
+        # A plain attribute: in the module's dict it would be part of the step's inputs tree.
+        object.__setattr__(self, "_decode_checks", checks)
+
+    def logits(self, h: mx.array, step: bool = False) -> mx.array:
+        """step: in the compiled decode step (`layers.project`)."""
+        if self.config.tie_word_embeddings:
+            if step:
+                return project(self.model, ("embed_tokens",), h)[0]
             return self.model.embed_tokens.as_linear(h)
-        out = self.lm_head(h)
+        out = project(self, ("lm_head",), h)[0] if step else self.lm_head(h)
         if self.sharding_group is not None:
             out = gather_last_axis(out, self.sharding_group)
         return out

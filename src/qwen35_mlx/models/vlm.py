@@ -27,7 +27,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import MROPE_PROMPT, MROPE_SHIFT, ArraysCache, BatchKVCache, mrope_holder
+from .cache import (
+    MROPE_PROMPT,
+    MROPE_SHIFT,
+    ArraysCache,
+    BatchKVCache,
+    make_cache,
+    mrope_holder,
+)
 from .config import ModelConfig
 from .text import VISION_PREFIXES, TextModel
 from .vision import VisionModel, grid_list
@@ -136,7 +143,8 @@ class Model(nn.Module):
         self.language_model.shard(group)
 
     def make_cache(self, left_padding: list[int] | None = None) -> list:
-        return self.language_model.make_cache(left_padding=left_padding)
+        types = [layer.layer_type for layer in self.layers]
+        return make_cache(types, left_padding=left_padding, mrope=True)
 
     def _features(self, pixel_values: mx.array, grid) -> mx.array:
         if "vision_tower" not in self:
@@ -222,8 +230,8 @@ class Model(nn.Module):
             # A plain cache's offset counts pads; a batch cache's per-row offsets do not.
             shift = deltas - (0 if c is None or isinstance(c, BatchKVCache) else pads)
         else:
-            old = getattr(_state_cache(cache), MROPE_SHIFT, None)
-            old = np.zeros(B, np.int64) if old is None or len(old) != B else old
+            old = _shift(cache, B)
+            old = np.zeros(B, np.int64) if old is None else old
             start = _offsets(c) + old
             shift = old + deltas
         positions = mx.array((positions + start[None, :, None]).astype(np.int32))
@@ -251,8 +259,8 @@ class Model(nn.Module):
             o = _seen(c)
             if start <= o and o + T <= start + positions.shape[-1] and positions.shape[1] == B:
                 return positions[..., o - start : o - start + T]
-        shift = getattr(_state_cache(cache), MROPE_SHIFT, None)
-        if shift is None or len(shift) != B:
+        shift = _shift(cache, B)
+        if shift is None:
             return None
         # As arrays: a batch cache's offsets stay lazy (no sync in the decode loop).
         if isinstance(c.offset, int):
@@ -363,6 +371,16 @@ def _state_cache(cache: list) -> Any:
     mlx-lm's `maybe_quantize_kv_cache` keeps (it replaces every KVCache with a new object),
     else the first attention cache."""
     return mrope_holder(cache)
+
+
+def _shift(cache: list, B: int) -> np.ndarray | None:
+    """The cache's per-row M-RoPE shift [B], or None (plain positions). The cache's batch
+    operations keep one entry per row (`cache.LinearCache`); a count that differs from the rows
+    fed is refused rather than guessed."""
+    shift = getattr(_state_cache(cache), MROPE_SHIFT, None)
+    if shift is not None and len(shift) != B:
+        raise ValueError(f"the cache holds M-RoPE positions for {len(shift)} rows, not {B}")
+    return shift
 
 
 def _seen(c: Any) -> int:

@@ -8,11 +8,16 @@ g [B, T, Hv] (scalar per head) or [B, T, Hv, Dk] (per key); state [B, Hv, Dv, Dk
 (None = zeros); mask [B, T] bool, False = padding (state unchanged, y = 0).
 The caller has l2-normalised q and k and scaled q; nothing here applies a scale.
 
+`gated_delta_decode` is the whole linear-attention decode step (T = 1) from the raw in-projection:
+causal depthwise conv over [conv_state | qkv], silu, l2 norms, gates and one recurrence step, in
+one kernel launch on a GPU (decode.py holds its `ref` form).
+
 Backends (`backend=`, or `auto`, overridable with env QWEN35_MLX_GDN_BACKEND):
     ref      plain mx ops, token by token (oracle, fallback, differentiable)   -> ref.py
     chunked  chunked WY/UT form, matmuls over chunks of 64 (prefill)           -> chunked.py
     metal    fused kernels through mx.fast.metal_kernel                        -> metal.py
-    cuda     the same kernel bodies through mx.fast.cuda_kernel                -> cuda.py
+    cuda     the same kernel bodies, compiled once per machine by NVRTC       -> cuda.py
+             (disk cache ~/.cache/qwen35_mlx/cuda, precompiled.py; else mx.fast.cuda_kernel)
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import mlx.core as mx
 
 from .ref import gated_delta_ref
 
-__all__ = ["gated_delta_update", "gated_delta", "compute_gates", "BACKENDS"]
+__all__ = ["gated_delta_update", "gated_delta", "gated_delta_decode", "compute_gates", "BACKENDS"]
 
 BACKENDS = ("auto", "ref", "chunked", "metal", "cuda")
 _ENV = "QWEN35_MLX_GDN_BACKEND"
@@ -190,6 +195,145 @@ def gated_delta_update(
         name = "auto"
     g, beta = compute_gates(a, b, A_log, dt_bias)
     return gated_delta(q, k, v, g, beta, state, mask, backend=name)
+
+
+DECODE_BACKENDS = ("auto", "ref", "metal", "cuda")
+
+
+def _validate_decode(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims) -> None:
+    Hk, Dk, Hv, Dv = dims
+    for name, n in (("num_k_heads", Hk), ("head_k_dim", Dk), ("num_v_heads", Hv)):
+        if n < 1:
+            raise ValueError(f"gated_delta_decode: {name} must be >= 1, got {n}")
+    if Dv < 1 or Hv % Hk:
+        raise ValueError(
+            f"gated_delta_decode: num_v_heads={Hv} must be a multiple of num_k_heads={Hk} "
+            f"and head_v_dim={Dv} >= 1"
+        )
+    C = 2 * Hk * Dk + Hv * Dv
+    if qkv.ndim != 2 or qkv.shape[1] != C:
+        raise _shape_error(
+            "qkv", qkv.shape, f"[B, 2*Hk*Dk + Hv*Dv] = [B, {C}] (Hk={Hk} Dk={Dk} Hv={Hv} Dv={Dv})"
+        )
+    B = qkv.shape[0]
+    if conv_w.ndim != 2 or conv_w.shape[0] != C or conv_w.shape[1] < 1:
+        raise _shape_error("conv_w", conv_w.shape, f"[C, K] = [{C}, K], K >= 1")
+    K = conv_w.shape[1]
+    if conv_state.shape != (B, K - 1, C):
+        raise _shape_error("conv_state", conv_state.shape, f"[B, K-1, C] = [{B}, {K - 1}, {C}]")
+    for name, x in (("a", a), ("b", b)):
+        if x.shape != (B, Hv):
+            raise _shape_error(name, x.shape, f"[B, Hv] = [{B}, {Hv}]")
+    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if x.shape != (Hv,):
+            raise _shape_error(name, x.shape, f"[Hv] = [{Hv}]")
+    if state.shape != (B, Hv, Dv, Dk):
+        raise _shape_error("state", state.shape, f"[B, Hv, Dv, Dk] = [{B}, {Hv}, {Dv}, {Dk}]")
+    if mask is not None and mask.shape != (B,):
+        raise _shape_error("mask", mask.shape, f"[B] = [{B}]")
+    named = (("qkv", qkv), ("conv_state", conv_state), ("conv_w", conv_w), ("a", a), ("b", b))
+    named += (("A_log", A_log), ("dt_bias", dt_bias), ("state", state))
+    for name, x in named:
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise ValueError(f"gated_delta_decode: {name} must be a floating dtype, got {x.dtype}")
+
+
+def gated_delta_decode(
+    qkv: mx.array,
+    conv_state: mx.array | None,
+    conv_w: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: mx.array | None,
+    *,
+    num_k_heads: int,
+    head_k_dim: int,
+    num_v_heads: int,
+    head_v_dim: int,
+    mask: mx.array | None = None,
+    backend: str = "auto",
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One decode step (T = 1) of the linear-attention layer from its raw in-projections.
+
+    qkv [B, C] is in_proj_qkv's output, C = 2*Hk*Dk + Hv*Dv, channels [q | k | v], in the
+    activation dtype; conv_state [B, K-1, C] the last K-1 pre-conv inputs; conv_w [C, K] the
+    depthwise weight (tap K-1 meets the current token); a, b [B, Hv] raw gate inputs; A_log,
+    dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B] bool or None (False: that row's
+    recurrent state is unchanged and y = 0; its conv state still shifts in qkv). A conv_state
+    or state of None means zeros (a fresh cache), as in the layer.
+
+    Computes conv over [conv_state | qkv], silu, q = l2norm(q) * Dk^-0.5, k = l2norm(k) (eps
+    1e-6 inside the rsqrt), g = exp(-exp(A_log) * softplus(a + dt_bias)), beta = sigmoid(b), and
+    the gated delta step, with the precision of the layer's ops path: conv (products and sums),
+    silu and q's scale in qkv's dtype, each op rounded to it (conv_state and conv_w are cast to
+    it); the l2 norms' sums in fp32, the normalised q and k rounded to qkv's dtype; gates and
+    recurrence in fp32. `ref` is that path's ops (bit for bit on the CPU); the GPU kernel rounds
+    sigmoid's intermediates as MLX's CPU op does (source.py), so with bf16/fp16 activations it
+    may differ from the ops path run on a GPU by an ulp of an activation.
+
+    Returns (y [B, Hv, Dv] in qkv's dtype, state [B, Hv, Dv, Dk] fp32, new conv state
+    [B, K-1, C] in qkv's dtype = the last K-1 rows of [conv_state | qkv]).
+
+    backend: "ref" (mx ops, decode.py), "metal" / "cuda" (one fused kernel), or "auto" (the
+    GPU kernel where it supports the shape, else ref). The env override QWEN35_MLX_GDN_BACKEND
+    applies as for gated_delta; "chunked" (a prefill backend) means ref here.
+    """
+    dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
+    if qkv.ndim == 2 and conv_w.ndim == 2:
+        if conv_state is None:
+            conv_state = mx.zeros((qkv.shape[0], conv_w.shape[1] - 1, qkv.shape[1]), qkv.dtype)
+        if state is None:
+            state = mx.zeros((qkv.shape[0], num_v_heads, head_v_dim, head_k_dim), mx.float32)
+    _validate_decode(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)
+    name = _resolve_backend(backend)
+    if name == "auto" and mx.default_device() != mx.cpu:
+        if qkv.shape[0] > _CONV_KERNEL_MAX_B:
+            return _conv_ops_then_kernel(
+                qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims
+            )
+        name = next(
+            (n for n in ("metal", "cuda") if _gpu_backend(n).supports_conv(qkv, conv_w, state)),
+            "ref",
+        )
+    if name in ("metal", "cuda"):
+        impl = _gpu_backend(name)
+        if impl.supports_conv(qkv, conv_w, state):
+            return impl.gated_delta_decode_kernel(
+                qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask
+            )
+    from .decode import gated_delta_decode_ref
+
+    return gated_delta_decode_ref(
+        qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims=dims
+    )
+
+
+# Above this batch the one-launch conv kernel loses to the conv in ops + the recurrent kernel on
+# an H200 (per step, bench_gated_delta_decode.py, 2026-12-01: 3.2x / 2.5x faster at B=1 for the
+# 0.8B / 9B layer, 1.55x / 1.27x at B=32, 0.87x / 0.72x at B=128): at large batch the state's
+# traffic dominates and the conv kernel's layout, tuned for B=1, reads it less well.
+_CONV_KERNEL_MAX_B = 64
+
+
+def _conv_ops_then_kernel(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims):
+    """The decode step as conv ops + `gated_delta_update` (the recurrent GPU kernel)."""
+    from .decode import conv_qkv_step
+
+    q, k, v, new_conv = conv_qkv_step(qkv, conv_state, conv_w, *dims)
+    y, state = gated_delta_update(
+        q[:, None],
+        k[:, None],
+        v[:, None],
+        a[:, None],
+        b[:, None],
+        A_log,
+        dt_bias,
+        state,
+        None if mask is None else mask[:, None],
+    )
+    return y[:, 0], state, new_conv
 
 
 def _gpu_backend(name: str):

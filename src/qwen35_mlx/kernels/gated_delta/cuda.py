@@ -1,14 +1,19 @@
-"""CUDA build of the fused gated-delta kernels (`mx.fast.cuda_kernel`, compiled by NVRTC).
+"""CUDA build of the fused gated-delta kernels (compiled by NVRTC).
 
 The kernel bodies live in `source.py`, the host side in `launch.py`; this file adds only the
-CUDA helpers the bodies use. State layout [B, Hv, Dv, Dk] fp32. Without CUDA, `BACKEND.build`
-returns None and `BACKEND.supports` False.
+CUDA helpers the bodies use. The kernels are made by `precompiled.cuda_kernel`: compiled once per
+machine into a disk cache (`nvrtc.py`: ~/.cache/qwen35_mlx/cuda) and run through
+`mx.fast.precompiled_cuda_kernel`; QWEN35_MLX_CUDA_PRECOMPILED=0 (or no NVRTC) makes them with
+`mx.fast.cuda_kernel`, compiled in every process. The helpers below need no header (the
+precompiled source includes none). State layout [B, Hv, Dv, Dk] fp32. Without CUDA,
+`BACKEND.build` returns None and `BACKEND.supports` False.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from . import precompiled
 from .launch import GpuBackend
 
 HEADER = """
@@ -41,6 +46,16 @@ __device__ __forceinline__ float gd_log(float x) {
   return logf(x);
 }
 
+__device__ __forceinline__ float gd_rsqrt(float x) {
+  return rsqrtf(x);
+}
+
+// Threadgroup (block) memory and barrier (the conv decode variant).
+#define gd_threadgroup __shared__
+__device__ __forceinline__ void gd_threadgroup_barrier() {
+  __syncthreads();
+}
+
 // Asks L2 for the 128-byte line holding p (generic address), so a later load hits L2.
 template <typename T>
 __device__ __forceinline__ void gd_prefetch(const T* p) {
@@ -58,5 +73,8 @@ PROLOGUE = """
 # The kernels of this backend: BACKEND.build / supports / gated_delta_kernel /
 # gated_delta_update_kernel (launch.GpuBackend).
 BACKEND = GpuBackend(
-    header=HEADER, prologue=PROLOGUE, factory="cuda_kernel", available=mx.cuda.is_available
+    header=HEADER,
+    prologue=PROLOGUE,
+    factory=precompiled.cuda_kernel,
+    available=mx.cuda.is_available,
 )

@@ -4,15 +4,18 @@ the bodies in `source.py` assume, and `GpuBackend`, one build of those bodies fo
 
 Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk]; beta, a, b
 [B, T, Hv]; A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B, T] bool.
+Conv decode (`run_conv_decode`): qkv [B, C], conv_state [B, K-1, C], conv_w [C, K], a, b [B, Hv],
+mask [B]; y [B, Hv, Dv].
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .source import OUTPUT_NAMES, input_names, kernel_body, kernel_name
+from .source import input_names, kernel_body, kernel_name, output_names
 
 MAX_DK = 256
+MAX_CONV_K = 8
 
 
 def shape_supported(q, v, g) -> bool:
@@ -38,10 +41,8 @@ def default_layout(Dk: int, T: int, heads: int) -> tuple[int, int, int]:
     return (16, 1, 0) if wide else (8, 2, 0)
 
 
-def launch(kernel, inputs, q, v, *, lanes=None, warps=None, prefetch=None, init_value=None):
-    """Run one built kernel; returns (y [B, T, Hv, Dv] in v's dtype, state [B, Hv, Dv, Dk] fp32)."""
-    B, T, _, Dk = q.shape
-    Hv, Dv = v.shape[2], v.shape[3]
+def _geometry(B, T, Hv, Dk, Dv, lanes, warps, prefetch) -> tuple[int, int, int, int]:
+    """(L, W, P, row groups rounded up to whole threadgroups) of a launch."""
     L0, W0, P0 = default_layout(Dk, T, B * Hv)
     L = lanes or L0
     P = P0 if prefetch is None else prefetch
@@ -50,7 +51,14 @@ def launch(kernel, inputs, q, v, *, lanes=None, warps=None, prefetch=None, init_
     rows_per_warp = 32 // L
     groups = -(-Dv // rows_per_warp)
     W = min(warps or W0, groups)
-    groups = -(-groups // W) * W
+    return L, W, P, -(-groups // W) * W
+
+
+def launch(kernel, inputs, q, v, *, lanes=None, warps=None, prefetch=None, init_value=None):
+    """Run one built kernel; returns (y [B, T, Hv, Dv] in v's dtype, state [B, Hv, Dv, Dk] fp32)."""
+    B, T, _, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    L, W, P, groups = _geometry(B, T, Hv, Dk, Dv, lanes, warps, prefetch)
     return kernel(
         inputs=inputs,
         template=[("Dk", Dk), ("L", L), ("P", P), ("YT", v.dtype)],
@@ -59,6 +67,51 @@ def launch(kernel, inputs, q, v, *, lanes=None, warps=None, prefetch=None, init_
         threadgroup=(32, W, 1),
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[v.dtype, mx.float32],
+        init_value=init_value,
+    )
+
+
+def conv_shape_supported(qkv, conv_w, state) -> bool:
+    """Valid conv-decode shapes the kernel runs: Dk as `shape_supported`, 2 <= K <= 8, float
+    activations."""
+    Dk, K = state.shape[3], conv_w.shape[1]
+    if Dk % 32 or not 32 <= Dk <= MAX_DK or not 2 <= K <= MAX_CONV_K or state.shape[2] < 1:
+        return False
+    return mx.issubdtype(qkv.dtype, mx.floating)
+
+
+def run_conv_decode(
+    build,
+    qkv,
+    conv_state,
+    conv_w,
+    a,
+    b,
+    A_log,
+    dt_bias,
+    state,
+    mask=None,
+    *,
+    lanes=None,
+    warps=None,
+    init_value=None,
+):
+    """The conv decode kernel (shapes validated by the caller); returns (y [B, Hv, Dv] in
+    qkv's dtype, state [B, Hv, Dv, Dk] fp32, conv state [B, K-1, C] in qkv's dtype)."""
+    B, Hv, Dv, Dk = state.shape
+    C, K = conv_w.shape
+    L, W, _, groups = _geometry(B, 1, Hv, Dk, Dv, lanes, warps, 0)
+    inputs = [qkv, conv_state, conv_w, a, b, A_log, dt_bias, state.astype(mx.float32)]
+    if mask is not None:
+        inputs.append(mask.astype(mx.bool_))
+    kernel = build("fused", mask is not None, True, True)
+    return kernel(
+        inputs=inputs,
+        template=[("Dk", Dk), ("L", L), ("P", 0), ("YT", qkv.dtype), ("K", K), ("W", W)],
+        grid=(32 * B * Hv, groups, 1),
+        threadgroup=(32, W, 1),
+        output_shapes=[(B, Hv, Dv), (B, Hv, Dv, Dk), (B, K - 1, C)],
+        output_dtypes=[qkv.dtype, mx.float32, qkv.dtype],
         init_value=init_value,
     )
 
@@ -83,38 +136,46 @@ def run_fused(build, q, k, v, a, b, A_log, dt_bias, state, mask=None, **launch_k
 
 class GpuBackend:
     """One GPU build of the bodies in `source.py`: a backend's helpers (`header`), its prologue
-    (the gd_lane / gd_row_group / gd_head lines) and the name of MLX's kernel factory in
-    `mx.fast` (`metal_kernel` or `cuda_kernel`). Everything else about building and launching
-    is shared here."""
+    (the gd_lane / gd_row_group / gd_head lines) and its kernel factory: the name of MLX's in
+    `mx.fast` (`metal_kernel`, `cuda_kernel`) or a callable with the same keyword arguments
+    (CUDA: `precompiled.cuda_kernel`, which caches compiled kernels on disk). Everything else
+    about building and launching is shared here; every kernel is made by `make_kernel`."""
 
-    def __init__(self, *, header: str, prologue: str, factory: str, available):
+    def __init__(self, *, header: str, prologue: str, factory, available):
         self.header = header
         self.prologue = prologue
         self._factory = factory
         self._available = available
-        self._kernels: dict[tuple[str, bool, bool], object] = {}
+        self._kernels: dict[tuple[str, bool, bool, bool], object] = {}
 
     def is_available(self) -> bool:
         return self._available()
 
-    def kernel_source(self, gate: str, mask: bool, decode: bool = False) -> str:
+    def kernel_source(self, gate: str, mask: bool, decode: bool = False, conv=False) -> str:
         """The full `source=` for one variant: prologue + body."""
-        return self.prologue + kernel_body(gate, mask, decode)
+        return self.prologue + kernel_body(gate, mask, decode, conv)
 
-    def build(self, gate: str, mask: bool, decode: bool = False):
+    def build(self, gate: str, mask: bool, decode: bool = False, conv: bool = False):
         """The MLX kernel object of one variant (built once), or None without the backend."""
         if not self.is_available():
             return None
-        key = (gate, mask, decode)
+        key = (gate, mask, decode, conv)
         if key not in self._kernels:
-            self._kernels[key] = getattr(mx.fast, self._factory)(
-                name=kernel_name(gate, mask, decode),
-                input_names=input_names(gate, mask),
-                output_names=OUTPUT_NAMES,
-                source=self.kernel_source(gate, mask, decode),
-                header=self.header,
+            self._kernels[key] = self.make_kernel(
+                kernel_name(gate, mask, decode, conv),
+                input_names(gate, mask, conv),
+                output_names(conv),
+                self.kernel_source(gate, mask, decode, conv),
             )
         return self._kernels[key]
+
+    def make_kernel(self, name: str, inputs: list[str], outputs: list[str], source: str):
+        """One kernel object from this backend's factory, with its `header` (any kernel of
+        this backend, e.g. the chunked ones, should be made here)."""
+        factory = self._factory if callable(self._factory) else getattr(mx.fast, self._factory)
+        return factory(
+            name=name, input_names=inputs, output_names=outputs, source=source, header=self.header
+        )
 
     def supports(self, q, v, g) -> bool:
         return self.is_available() and shape_supported(q, v, g)
@@ -126,3 +187,15 @@ class GpuBackend:
     def gated_delta_update_kernel(self, q, k, v, a, b, A_log, dt_bias, state, mask=None, **kw):
         """Fused gating + recurrence; returns (y, state [B, Hv, Dv, Dk] fp32)."""
         return run_fused(self.build, q, k, v, a, b, A_log, dt_bias, state, mask, **kw)
+
+    def supports_conv(self, qkv, conv_w, state) -> bool:
+        return self.is_available() and conv_shape_supported(qkv, conv_w, state)
+
+    def gated_delta_decode_kernel(
+        self, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=None, **kw
+    ):
+        """Conv + silu + norms + gating + recurrence for T = 1 in one launch; returns
+        (y [B, Hv, Dv], state [B, Hv, Dv, Dk] fp32, conv state [B, K-1, C])."""
+        return run_conv_decode(
+            self.build, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, **kw
+        )

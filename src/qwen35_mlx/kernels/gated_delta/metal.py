@@ -42,6 +42,16 @@ inline float gd_log(float x) {
   return metal::log(x);
 }
 
+inline float gd_rsqrt(float x) {
+  return metal::rsqrt(x);
+}
+
+// Threadgroup memory and barrier (the conv decode variant).
+#define gd_threadgroup threadgroup
+inline void gd_threadgroup_barrier() {
+  metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+}
+
 // Metal has no cache-prefetch instruction: the hint compiles to nothing.
 #define gd_prefetch(p) ((void)0)
 """

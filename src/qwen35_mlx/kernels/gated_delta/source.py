@@ -27,6 +27,10 @@ compile-time switches in front of it (preprocessor `#define`s, `#undef`ed at the
     GD_MASK    1: a mask input; padded steps leave the state alone and write y = 0
     GD_DECODE  1: T == 1 at compile time, so the step loops run once and fold away, the
                pipelined next-step load is left out and the gates need no broadcast
+    GD_CONV    1 (decode with fused gates only): the whole linear-attention decode step from the
+               raw in-projection: q, k and v come from `qkv` [B, C] through the causal depthwise
+               conv over [conv_state | qkv], silu, the l2 norms and q's scale, all in the kernel
+               (see "Conv decode" below), and the shifted conv state is a third output
 The bodies are plain C++ over these helpers, which `metal.py` / `cuda.py` define:
     gd_lane        lane in the SIMD-group / warp (0..31)     (source prologue)
     gd_row_group   warp index along the value rows           (source prologue)
@@ -37,8 +41,24 @@ The bodies are plain C++ over these helpers, which `metal.py` / `cuda.py` define
     gd_exp(x), gd_log(x)   fp32 exp / natural log
     gd_prefetch(p)         hint: bring the line at p towards the cache (may be a no-op)
 Compile-time template arguments: Dk, L (lanes per value row), P (prefetch distance), YT (y's
-dtype). Hk, Hv, Dv and T are read from the input shapes, so one compiled kernel serves every
-head count and length.
+dtype); with GD_CONV also K (conv taps) and W (warps per threadgroup). Hk, Hv, Dv and T are read
+from the input shapes, so one compiled kernel serves every head count and length.
+
+Conv decode (GD_CONV): qkv [B, C] (C = 2 Hk Dk + Hv Dv, channels [q | k | v]) in the activation
+dtype YT; conv_state [B, K-1, C] (the last K-1 inputs); conv_w [C, K] (tap K-1 meets the current
+token); a, b [B, Hv]; mask [B]. Outputs y [B, Hv, Dv] (YT), state_out and conv_state_out
+[B, K-1, C] (YT, the last K-1 rows of [conv_state | qkv]). The conv and silu run in YT as the
+ops path does on MLX's CPU: every product and sum rounded to YT; sigmoid as MLX's CPU op computes
+it (e = YT(exp|h|), then YT(1 / (1 + e)) or YT(1 - 1 / (1 + e)) in fp32: MLX's GPU ops round
+these intermediates differently, by up to an ulp of YT); silu's product rounded to YT; the l2
+norms sum in fp32 and round the normalised q and k to YT, then q times YT(Dk^-0.5) in YT. Each
+threadgroup computes the post-silu q and k channels of its key head once (2 Dk of them, staged in
+threadgroup memory, 2 KB at Dk = 256); each lane then normalises its own columns, reducing the
+sums of squares over its row's L lanes as the recurrence does. Each row computes its own v channel.
+Every channel of conv_state_out is written exactly once: the q and k channels of key head hk by
+the first threadgroup of value head hk * (Hv / Hk), a v channel by lane 0 of its row.
+Extra helpers: gd_threadgroup (the threadgroup-memory qualifier), gd_threadgroup_barrier(),
+gd_rsqrt(x).
 
 References: mlx-lm `models/gated_delta.py` (the one-warp-per-row Metal kernel);
 flash-linear-attention `fla/ops/gated_delta_rule/fused_recurrent.py`.
@@ -48,24 +68,44 @@ from __future__ import annotations
 
 GATES = ("scalar", "per_key", "fused")
 OUTPUT_NAMES = ["y", "state_out"]
+CONV_OUTPUT_NAMES = ["y", "state_out", "conv_state_out"]
 
 
-def kernel_name(gate: str, mask: bool, decode: bool = False) -> str:
-    """Kernel `name=` with its structural variant, e.g. `gated_delta_step_fused_mask`."""
+def _check_conv(gate: str, decode: bool, conv: bool) -> None:
+    if conv and (gate != "fused" or not decode):
+        raise ValueError(f"the conv variant is decode with fused gates, got {gate=}, {decode=}")
+
+
+def kernel_name(gate: str, mask: bool, decode: bool = False, conv: bool = False) -> str:
+    """Kernel `name=` with its structural variant, e.g. `gated_delta_step_fused_mask`; the
+    conv variant is `gated_delta_decode_conv(_mask)`."""
+    _check_conv(gate, decode, conv)
+    if conv:
+        return "gated_delta_decode_conv" + ("_mask" if mask else "")
     kind = "gated_delta_decode" if decode else "gated_delta_step"
     return kind + ("" if gate == "scalar" else f"_{gate}") + ("_mask" if mask else "")
 
 
-def input_names(gate: str, mask: bool) -> list[str]:
+def input_names(gate: str, mask: bool, conv: bool = False) -> list[str]:
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     gates = ["a", "b", "A_log", "dt_bias"] if gate == "fused" else ["g", "beta"]
-    return ["q", "k", "v", *gates, "state_in"] + (["mask"] if mask else [])
+    qkv = ["qkv", "conv_state", "conv_w"] if conv else ["q", "k", "v"]
+    return [*qkv, *gates, "state_in"] + (["mask"] if mask else [])
+
+
+def output_names(conv: bool = False) -> list[str]:
+    return list(CONV_OUTPUT_NAMES if conv else OUTPUT_NAMES)
 
 
 def variants() -> list[tuple[str, bool, bool]]:
-    """Every structural variant (gate kind, has mask, decode)."""
+    """Every structural variant of the recurrence (gate kind, has mask, decode)."""
     return [(gate, mask, dec) for gate in GATES for mask in (False, True) for dec in (False, True)]
+
+
+def conv_variants() -> list[tuple[str, bool, bool, bool]]:
+    """The conv decode variants as (gate, mask, decode, conv) arguments."""
+    return [("fused", mask, True, True) for mask in (False, True)]
 
 
 # Reads step t_ld's k, q, v (and per-key decay) into the *_nx registers. Used twice in BODY:
@@ -94,6 +134,76 @@ _LOAD = """{
 #endif
     }"""
 
+# GD_CONV's replacement of the first step's load: q, k and v from the raw in-projection (see
+# "Conv decode" in the docstring). gd_conv_silu(ch, out, store) computes channel ch's conv and
+# silu into the float `out` (a value of YT) and, if `store`, writes the channel's new conv state.
+_CONV_LOAD = """
+  // Key head hk's post-silu q (first Dk) and k channels, once per threadgroup (declared
+  // at kernel scope, as Metal wants threadgroup variables).
+  gd_threadgroup float qk_tg[2 * Dk];
+  {
+    // qkv: [B, n_ch]; conv_state, conv_state_out: [B, K-1, n_ch]; conv_w: [n_ch, K]
+    const size_t x0 = size_t(b_idx) * n_ch;
+    const size_t cs0 = size_t(b_idx) * (K - 1) * n_ch;
+#define gd_conv_silu(ch, out, store)                                                      \\
+    {                                                                                     \\
+      float h = 0.0f;                                                                     \\
+      for (int j = 0; j < K; ++j) {                                                       \\
+        const YT x = j < K - 1                                                            \\
+            ? static_cast<YT>(static_cast<float>(conv_state[cs0 + size_t(j) * n_ch + (ch)])) \\
+            : static_cast<YT>(static_cast<float>(qkv[x0 + (ch)]));                        \\
+        const YT w = static_cast<YT>(static_cast<float>(conv_w[size_t(ch) * K + j]));     \\
+        const float p = static_cast<float>(static_cast<YT>(                               \\
+            static_cast<float>(x) * static_cast<float>(w)));                              \\
+        h = j == 0 ? p : static_cast<float>(static_cast<YT>(h + p));                      \\
+        if ((store) && j > 0) {                                                           \\
+          conv_state_out[cs0 + size_t(j - 1) * n_ch + (ch)] = x;                          \\
+        }                                                                                 \\
+      }                                                                                   \\
+      const float e = static_cast<float>(static_cast<YT>(gd_exp(h < 0.0f ? -h : h)));     \\
+      const float sig = static_cast<float>(static_cast<YT>(                               \\
+          h < 0.0f ? 1.0f / (1.0f + e) : 1.0f - 1.0f / (1.0f + e)));                      \\
+      out = static_cast<float>(static_cast<YT>(h * sig));                                 \\
+    }
+    const bool first_tg = gd_row_group / W == 0 && hv % unsigned(Hv / Hk) == 0;
+    for (unsigned i = (gd_row_group % W) * 32 + gd_lane; i < unsigned(2 * Dk); i += 32 * W) {
+      const unsigned ch = hk * Dk + (i < unsigned(Dk) ? i : i - Dk + Hk * Dk);
+      float out;
+      gd_conv_silu(ch, out, first_tg);
+      qk_tg[i] = out;
+    }
+    // This row's v channel (every lane of the row computes it; lane 0 stores the conv state).
+    {
+      const unsigned ch = 2 * Hk * Dk + hv * Dv + dv;
+      gd_conv_silu(ch, v_nx, row_ok && sub == 0);
+    }
+#undef gd_conv_silu
+    gd_threadgroup_barrier();
+    // l2 norms over Dk in fp32 (this lane's columns, then the row's L lanes), eps inside rsqrt.
+    float qq = 0.0f;
+    float kk = 0.0f;
+    #pragma unroll
+    for (int c = 0; c < C; ++c) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const unsigned col = col0 + c * 4 * L + e;
+        q_nx[4 * c + e] = qk_tg[col];
+        k_nx[4 * c + e] = qk_tg[Dk + col];
+        qq += q_nx[4 * c + e] * q_nx[4 * c + e];
+        kk += k_nx[4 * c + e] * k_nx[4 * c + e];
+      }
+    }
+    const float rq = gd_rsqrt(gd_group_sum<L>(qq) + 1e-6f);
+    const float rk = gd_rsqrt(gd_group_sum<L>(kk) + 1e-6f);
+    const float q_scale = static_cast<float>(static_cast<YT>(gd_rsqrt(float(Dk))));
+    #pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float qn = static_cast<float>(static_cast<YT>(q_nx[i] * rq));
+      q_nx[i] = static_cast<float>(static_cast<YT>(qn * q_scale));
+      k_nx[i] = static_cast<float>(static_cast<YT>(k_nx[i] * rk));
+    }
+  }"""
+
 BODY = (
     """
   // Template: Dk (multiple of 4 * L), L (lanes per value row), P (prefetch distance in steps,
@@ -106,9 +216,17 @@ BODY = (
 #else
   const int T = q_shape[1];
 #endif
+#if GD_CONV
+  // qkv: [B, n_ch], n_ch = 2 Hk Dk + Hv Dv; a: [B, Hv]; state_in: [B, Hv, Dv, Dk]
+  const int n_ch = qkv_shape[1];
+  const int Hv = a_shape[1];
+  const int Dv = state_in_shape[2];
+  const int Hk = (n_ch - Hv * Dv) / (2 * Dk);
+#else
   const int Hk = q_shape[2];
   const int Hv = v_shape[2];
   const int Dv = v_shape[3];
+#endif
 
   const unsigned head = gd_head;  // b * Hv + hv
   const unsigned b_idx = head / Hv;
@@ -150,12 +268,18 @@ BODY = (
 #if GD_GATE == GD_PER_KEY
   float g_nx[N];
 #endif
+#if GD_CONV
+"""
+    + _CONV_LOAD
+    + """
+#else
   {
     const int t_ld = 0;
     """
     + _LOAD
     + """
   }
+#endif
   // The scalar gates of a chunk of 32 steps: lane j holds step t0 + j's, broadcast by shuffles
   // (decode: every lane computes step 0's gates itself, so no broadcast is needed).
 #if GD_DECODE
@@ -279,6 +403,7 @@ BODY = (
 #undef GD_GATE
 #undef GD_MASK
 #undef GD_DECODE
+#undef GD_CONV
 #undef GD_SCALAR
 #undef GD_PER_KEY
 #undef GD_FUSED
@@ -286,17 +411,19 @@ BODY = (
 )
 
 
-def variant_defines(gate: str, mask: bool, decode: bool = False) -> str:
+def variant_defines(gate: str, mask: bool, decode: bool = False, conv: bool = False) -> str:
     """The compile-time switches of one variant, as preprocessor lines (see the docstring)."""
     input_names(gate, mask)  # validates gate
+    name = kernel_name(gate, mask, decode, conv)  # validates conv
     return (
-        f"\n// Variant {kernel_name(gate, mask, decode)}: the switches BODY is compiled with.\n"
+        f"\n// Variant {name}: the switches BODY is compiled with.\n"
         "#define GD_SCALAR 0\n#define GD_PER_KEY 1\n#define GD_FUSED 2\n"
         f"#define GD_GATE GD_{gate.upper()}\n"
         f"#define GD_MASK {int(mask)}\n#define GD_DECODE {int(decode)}\n"
+        f"#define GD_CONV {int(conv)}\n"
     )
 
 
-def kernel_body(gate: str, mask: bool, decode: bool = False) -> str:
+def kernel_body(gate: str, mask: bool, decode: bool = False, conv: bool = False) -> str:
     """The kernel body of one structural variant: its switches, then the one template."""
-    return variant_defines(gate, mask, decode) + BODY
+    return variant_defines(gate, mask, decode, conv) + BODY

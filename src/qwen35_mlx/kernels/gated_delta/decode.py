@@ -1,0 +1,76 @@
+"""The linear-attention decode step from the raw in-projection, in plain mx ops (the `ref` backend
+of `gated_delta_decode`: the CPU path and the oracle of the fused GPU kernel).
+
+For T = 1 and batch row b, with x = [conv_state | qkv] [K, C] (tap K-1 meets the current token):
+    h = silu(sum_j x[j] * conv_w[:, j]);  [q | k | v] = h;  q = l2norm(q) Dk^-1/2;  k = l2norm(k)
+    g = exp(-exp(A_log) softplus(a + dt_bias));  beta = sigmoid(b);  then one gated delta step.
+
+Shapes: qkv [B, C], C = 2 Hk Dk + Hv Dv, channels [q | k | v]; conv_state [B, K-1, C]; conv_w
+[C, K]; a, b [B, Hv]; A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B] bool or None.
+Returns y [B, Hv, Dv] (qkv's dtype), state [B, Hv, Dv, Dk] fp32 and the new conv state
+[B, K-1, C] (qkv's dtype, the last K-1 rows of [conv_state | qkv]).
+
+Precision, as the layer's ops path (`models/layers.py` `_conv_qkv` then `gated_delta_update`):
+conv_state and conv_w are cast to qkv's dtype, and the conv's products and sums, the silu and q's
+scale run in that dtype; the l2 norms in fp32 (eps 1e-6 inside the rsqrt), rounded back to it;
+gates and recurrence in fp32.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import compute_gates
+from .ref import _step
+
+L2_EPS = 1e-6
+
+
+def _l2norm(x: mx.array) -> mx.array:
+    x32 = x.astype(mx.float32)
+    return (x32 * mx.rsqrt((x32 * x32).sum(-1, keepdims=True) + L2_EPS)).astype(x.dtype)
+
+
+def conv_qkv_step(qkv, conv_state, conv_w, Hk: int, Dk: int, Hv: int, Dv: int):
+    """Conv + silu + split + norms for one token. Returns (q, k [B, Hk, Dk], v [B, Hv, Dv],
+    new conv state [B, K-1, C])."""
+    B = qkv.shape[0]
+    dtype = qkv.dtype
+    x = mx.concatenate([conv_state.astype(dtype), qkv[:, None]], axis=1)  # [B, K, C]
+    w = conv_w.astype(dtype)
+    K = w.shape[1]
+    h = x[:, 0] * w[:, 0]
+    for j in range(1, K):
+        h = h + x[:, j] * w[:, j]
+    h = h * mx.sigmoid(h)  # silu
+    key_dim = Hk * Dk
+    q = _l2norm(h[:, :key_dim].reshape(B, Hk, Dk)) * (Dk**-0.5)
+    k = _l2norm(h[:, key_dim : 2 * key_dim].reshape(B, Hk, Dk))
+    v = h[:, 2 * key_dim :].reshape(B, Hv, Dv)
+    return q, k, v, x[:, 1:]
+
+
+def _decode(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims):
+    q, k, v, new_conv = conv_qkv_step(qkv, conv_state, conv_w, *dims)
+    g, beta = compute_gates(a, b, A_log, dt_bias)
+    y, state = _step(q, k, v, g, beta, state.astype(mx.float32), mask)
+    return y, state, new_conv
+
+
+# One compiled function per structure (mask or not); the head counts and sizes are constants of
+# a model, so each model traces it once per batch shape.
+_decode_compiled = mx.compile(
+    lambda qkv, cs, w, a, b, A_log, dt_bias, state, dims: _decode(
+        qkv, cs, w, a, b, A_log, dt_bias, state, None, dims
+    )
+)
+_decode_masked_compiled = mx.compile(_decode)
+
+
+def gated_delta_decode_ref(
+    qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, *, dims
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The decode step in mx ops; dims = (Hk, Dk, Hv, Dv). Inputs validated by the caller."""
+    if mask is None:
+        return _decode_compiled(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, dims)
+    return _decode_masked_compiled(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)

@@ -1,0 +1,81 @@
+"""Compile the CUDA kernel sources with nvcc (no GPU needed), where nvcc is installed.
+
+Each variant's CUDA `header` + `source` is wrapped the way MLX's `mx.fast.cuda_kernel` wraps it
+(mlx/backend/cuda/custom_kernel.cpp `build_kernel`: a `__global__` function with the inputs,
+`<name>_shape` parameters of type `Shape` where the source names them, the outputs, and the
+template arguments as `constexpr` / `using` lines in front of the body), for fp32, bf16 and fp16
+activations, and compiled for sm_90. A CUDA-only error (a type, a qualifier, shared memory) that
+the CPU emulator cannot see fails here instead of on the GPU machine.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qwen35_mlx.kernels.gated_delta import cuda, source
+
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+
+PRELUDE = """#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda/std/array>
+using Shape = cuda::std::array<int, 8>;  // as MLX's device/utils.cuh (MAX_NDIM = 8)
+"""
+CTYPES = {"fp32": "float", "bf16": "__nv_bfloat16", "fp16": "__half"}
+# Inputs in the activation dtype; the rest are fp32 (mask: bool).
+ACT = {"q", "k", "v", "a", "b", "qkv", "conv_w"}
+
+
+def kernel(index: int, gate, mask, decode, conv, act: str, Dk: int, L: int, W: int) -> str:
+    body = cuda.BACKEND.kernel_source(gate, mask, decode, conv)
+    params = []
+    for n in source.input_names(gate, mask, conv):
+        t = "bool" if n == "mask" else (CTYPES[act] if n in ACT else "float")
+        params.append(f"    const {t}* {n}")
+        if f"{n}_shape" in body:
+            params.append(f"    const __grid_constant__ Shape {n}_shape")
+    out_types = {"y": CTYPES[act], "state_out": "float", "conv_state_out": CTYPES[act]}
+    params += [f"    {out_types[n]}* {n}" for n in source.output_names(conv)]
+    consts = f"  constexpr int Dk = {Dk};\n  constexpr int L = {L};\n  constexpr int P = 0;\n"
+    consts += f"  using YT = {CTYPES[act]};\n"
+    if conv:
+        consts += f"  constexpr int K = 4;\n  constexpr int W = {W};\n"
+    return f"__global__ void k{index}(\n" + ",\n".join(params) + ") {\n" + consts + body + "\n}\n"
+
+
+def translation_unit() -> str:
+    kernels = []
+    for gate, mask, decode in source.variants():
+        kernels.append((gate, mask, decode, False, "bf16", 128, 16, 1))
+    for act in CTYPES:
+        for Dk, L, W in ((128, 16, 2), (32, 4, 1), (256, 32, 8)):
+            for _, mask, _, _ in source.conv_variants():
+                kernels.append(("fused", mask, True, True, act, Dk, L, W))
+    return PRELUDE + cuda.HEADER + "".join(kernel(i, *k) for i, k in enumerate(kernels))
+
+
+def nvcc_errors(text: str, tmp_path: Path) -> str:
+    path = tmp_path / "kernels.cu"
+    path.write_text(text)
+    res = subprocess.run(
+        [NVCC, "-arch=sm_90", "-std=c++17", "-c", str(path), "-o", str(tmp_path / "k.o")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return "" if res.returncode == 0 else res.stderr[-5000:]
+
+
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    err = nvcc_errors(translation_unit(), tmp_path)
+    assert not err, err
+
+
+def test_cuda_source_check_can_fail(tmp_path):
+    """A conv body that reads an undeclared name must not compile."""
+    text = translation_unit().replace("qk_tg[i] = out;", "qk_tg[i] = out_missing;")
+    assert "out_missing" in text
+    assert nvcc_errors(text, tmp_path)

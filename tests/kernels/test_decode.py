@@ -1,0 +1,192 @@
+"""gated_delta_decode (the linear-attention decode step from the raw in-projection): its `ref`
+backend against the float64 NumPy step and against today's layer path (the model's `_conv_qkv`
+then `gated_delta_update`), validation, and backend choice without a GPU."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import qwen35_mlx.kernels.gated_delta as gd
+from qwen35_mlx.kernels.gated_delta import gated_delta_decode, gated_delta_update
+from qwen35_mlx.models.layers import _conv_qkv_decode
+from tests.conftest import RTOL, rel_err
+from tests.kernels.helpers import gated_delta_decode_np, make_decode_inputs
+
+NAMES = ("qkv", "conv_state", "conv_w", "a", "b", "A_log", "dt_bias", "state")
+
+# (B, Hk, Hv, Dk, Dv, K): Hv / Hk = 1, 2, 4; Dk != Dv both ways; K = 4 (Qwen3.5), 2 and 3.
+SHAPES = [
+    (1, 1, 1, 32, 32, 4),
+    (3, 2, 4, 16, 24, 4),
+    (2, 1, 4, 24, 8, 2),
+    (4, 2, 2, 128, 128, 4),
+    (2, 3, 6, 8, 5, 3),
+]
+
+
+def _kw(Hk, Dk, Hv, Dv):
+    return dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
+
+
+def _args(x):
+    return [x[n] for n in NAMES]
+
+
+def _mask(B):
+    return mx.array([b % 2 == 1 or B == 1 for b in range(B)])
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
+def test_decode_ref_matches_numpy(shape, masked):
+    B, Hk, Hv, Dk, Dv, K = shape
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, seed=B * K)
+    mask = _mask(B) if masked else None
+    y, s, cs = gated_delta_decode(*_args(x), mask=mask, backend="ref", **_kw(Hk, Dk, Hv, Dv))
+    y_np, s_np, cs_np = gated_delta_decode_np(*_args(x), mask, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv)
+    assert (
+        y.shape == (B, Hv, Dv)
+        and s.shape == (B, Hv, Dv, Dk)
+        and cs.shape == (B, K - 1, 2 * Hk * Dk + Hv * Dv)
+    )
+    assert y.dtype == mx.float32 and s.dtype == mx.float32 and cs.dtype == mx.float32
+    assert rel_err(y, y_np) < RTOL[mx.float32]
+    assert rel_err(s, s_np) < RTOL[mx.float32]
+    assert np.array_equal(np.asarray(cs), cs_np.astype(np.float32))
+    if masked:
+        off = ~np.asarray(mask)
+        assert not np.any(np.asarray(y)[off])
+        assert np.array_equal(np.asarray(s)[off], np.asarray(x["state"])[off])
+
+
+def _layer_path(x, mask, Hk, Dk, Hv, Dv):
+    """What GatedDeltaNet does at T = 1 today: concatenate, the compiled _conv_qkv, then
+    gated_delta_update (ref backend); the new conv state is the last K-1 rows."""
+    qkv = x["qkv"]
+    conv_in = mx.concatenate([x["conv_state"].astype(qkv.dtype), qkv[:, None]], axis=1)
+    q, k, v = _conv_qkv_decode(conv_in, x["conv_w"], 1, Hk, Dk, Hv, Dv)
+    y, s = gated_delta_update(
+        q,
+        k,
+        v,
+        x["a"][:, None],
+        x["b"][:, None],
+        x["A_log"],
+        x["dt_bias"],
+        x["state"],
+        None if mask is None else mask[:, None],
+        backend="ref",
+    )
+    return y[:, 0], s, conv_in[:, 1:]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
+def test_decode_ref_equals_the_layer_path(shape, masked, dtype):
+    B, Hk, Hv, Dk, Dv, K = shape
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, dtype=dtype, seed=5)
+    mask = _mask(B) if masked else None
+    y, s, cs = gated_delta_decode(*_args(x), mask=mask, backend="ref", **_kw(Hk, Dk, Hv, Dv))
+    y_l, s_l, cs_l = _layer_path(x, mask, Hk, Dk, Hv, Dv)
+    assert y.dtype == y_l.dtype == dtype and cs.dtype == cs_l.dtype == dtype
+    assert np.array_equal(np.asarray(cs.astype(mx.float32)), np.asarray(cs_l.astype(mx.float32)))
+    if mx.default_device() == mx.cpu:
+        # Same ops in the same dtypes: bit for bit on the CPU (checked 2026-12-01, MLX 0.32.4).
+        assert np.array_equal(np.asarray(s), np.asarray(s_l))
+        assert np.array_equal(np.asarray(y.astype(mx.float32)), np.asarray(y_l.astype(mx.float32)))
+    # Elsewhere to fp32 rounding: here the gates and the step are compiled into one function
+    # with the conv, and a GPU's fused kernels may contract or reorder fp32 arithmetic.
+    assert rel_err(s, s_l) < RTOL[mx.float32]
+    assert rel_err(y.astype(mx.float32), y_l.astype(mx.float32)) < RTOL[mx.float32] * (
+        1 if dtype == mx.float32 else 1e3  # one ulp of the low-precision y
+    )
+
+
+def test_decode_ref_chained_steps_match_numpy():
+    """Eight steps in a row, each feeding its conv state and recurrent state to the next."""
+    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 32, 16, 4
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, seed=11)
+    want = dict(x)
+    tokens = mx.random.normal((8, B, x["qkv"].shape[1]), key=mx.random.key(3))
+    for t in range(8):
+        x["qkv"] = want["qkv"] = tokens[t]
+        y, x["state"], x["conv_state"] = gated_delta_decode(
+            *_args(x), backend="ref", **_kw(Hk, Dk, Hv, Dv)
+        )
+        y_np, want["state"], want["conv_state"] = gated_delta_decode_np(
+            *_args(want), Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv
+        )
+    assert rel_err(y, y_np) < RTOL[mx.float32]
+    assert rel_err(x["state"], want["state"]) < RTOL[mx.float32]
+    assert rel_err(x["conv_state"], want["conv_state"]) == 0.0
+
+
+def test_decode_none_states_are_zeros():
+    """A fresh cache (conv_state and state None) is the same as zeros."""
+    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 32, 16, 4
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, dtype=mx.bfloat16)
+    args = _args(x)
+    got = gated_delta_decode(*args[:1], None, *args[2:7], None, **_kw(Hk, Dk, Hv, Dv))
+    x["conv_state"] = mx.zeros_like(x["conv_state"])
+    x["state"] = mx.zeros_like(x["state"])
+    want = gated_delta_decode(*_args(x), **_kw(Hk, Dk, Hv, Dv))
+    assert got[0].dtype == mx.bfloat16 and got[2].dtype == mx.bfloat16
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(g.astype(mx.float32)), np.asarray(w.astype(mx.float32)))
+
+
+def _raises(match, **changes):
+    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 32, 16, 4
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K)
+    kw = _kw(Hk, Dk, Hv, Dv) | {"mask": None}
+    for name, value in changes.items():
+        (x if name in NAMES else kw)[name] = value
+    with pytest.raises(ValueError, match=match):
+        gated_delta_decode(*_args(x), **kw)
+
+
+def test_decode_validation_names_the_argument():
+    _raises(r"\bqkv\b.*\(2, 1, 96\)", qkv=mx.zeros((2, 1, 96)))
+    _raises(r"\bqkv\b.*\(2, 95\).*\[B, 96\]", qkv=mx.zeros((2, 95)))
+    _raises(r"\bconv_state\b.*\(2, 4, 96\)", conv_state=mx.zeros((2, 4, 96)))
+    _raises(r"\bconv_state\b.*\(3, 3, 96\)", conv_state=mx.zeros((3, 3, 96)))
+    _raises(r"\bconv_w\b.*\(96, 4, 1\)", conv_w=mx.zeros((96, 4, 1)))
+    _raises(r"\bconv_w\b.*\(4, 96\)", conv_w=mx.zeros((4, 96)))
+    _raises(r"\ba\b.*\(2, 1, 2\)", a=mx.zeros((2, 1, 2)))
+    _raises(r"\bb\b.*\(2, 3\)", b=mx.zeros((2, 3)))
+    _raises(r"\bA_log\b.*\(3,\)", A_log=mx.zeros((3,)))
+    _raises(r"\bdt_bias\b", dt_bias=mx.zeros((2, 1)))
+    _raises(r"\bstate\b.*\(2, 2, 32, 16\)", state=mx.zeros((2, 2, 32, 16)))
+    _raises(r"\bmask\b.*\(2, 1\)", mask=mx.ones((2, 1), mx.bool_))
+    _raises(r"\bqkv\b.*int32", qkv=mx.zeros((2, 96), mx.int32))
+    _raises(r"\bstate\b.*int32", state=mx.zeros((2, 2, 16, 32), mx.int32))
+    _raises(r"num_v_heads=3.*num_k_heads=2", num_k_heads=2, num_v_heads=3)
+    _raises(r"head_k_dim must be >= 1", head_k_dim=0)
+    _raises(r"unknown backend 'triton'", backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["auto", "metal", "cuda"])
+def test_decode_without_gpu_runs_ref(backend, monkeypatch):
+    """On the CPU (or for a GPU backend that is absent) the result is ref's."""
+    monkeypatch.delenv("QWEN35_MLX_GDN_BACKEND", raising=False)
+    if backend != "auto" and gd._gpu_backend(backend).is_available():
+        pytest.skip(f"{backend} is available here: the GPU kernel tests cover it")
+    if backend == "auto" and mx.default_device() != mx.cpu:
+        pytest.skip("auto picks the GPU kernel here")
+    calls = []
+    import qwen35_mlx.kernels.gated_delta.decode as decode_mod
+
+    real = decode_mod.gated_delta_decode_ref
+
+    def spy(*a, **kw):
+        calls.append("ref")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decode_mod, "gated_delta_decode_ref", spy)
+    x = make_decode_inputs(2, 1, 2, 32, 16)
+    got = gated_delta_decode(*_args(x), backend=backend, **_kw(1, 32, 2, 16))
+    want = real(*_args(x), None, dims=(1, 32, 2, 16))
+    assert calls == ["ref"]
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(g), np.asarray(w))

@@ -1,0 +1,210 @@
+"""The conv decode kernel (`gated_delta_decode`'s GPU body), run on the CPU by the lane emulator.
+
+The CUDA source of the conv variants (`cuda.BACKEND.kernel_source(..., conv=True)`: prologue +
+the one template with GD_CONV) is wrapped in a C++ function with the parameters MLX generates
+and run by tests/kernels/lane_emulator.h, every thread of a block together (the variant stages q
+and k in threadgroup memory behind a barrier). Outputs start as NaN, so an element the body fails
+to write fails the comparison. Checked against the float64 NumPy step and, tighter, against the
+`ref` backend (mx ops with the same roundings): fp32 and bfloat16 activations, masks, Hv/Hk 1
+and 2, Dk = Dv = 128 and a small shape with a partial warp, B = 1..3, several layouts.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.kernels.gated_delta import cuda, gated_delta_decode, source
+from tests.conftest import RTOL, rel_err
+from tests.kernels.helpers import gated_delta_decode_np, make_decode_inputs
+
+GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
+EMULATOR = Path(__file__).with_name("lane_emulator.h")
+
+CTYPES = {mx.float32: "float", mx.bfloat16: "bf16"}
+# Inputs in the activation dtype (the others are fp32, the mask bool).
+ACT = ("qkv", "conv_state", "conv_w", "a", "b")
+
+# Compiled instantiations: (mask, Dk, L, activation dtype, K, W).
+INSTANCES = [
+    (mask, Dk, L, dt, 4, W)
+    for mask in (False, True)
+    for dt in (mx.float32, mx.bfloat16)
+    for Dk, L, W in ((128, 16, 2), (32, 8, 2), (128, 8, 4))
+]
+
+# (B, Hk, Hv, Dk, Dv, L, W): Dk = Dv = 128 at the default layout and at 8 lanes x 4 warps;
+# Dk = 32 with Dv = 12 (a partial warp and a partial threadgroup); Hv / Hk = 1 and 2.
+SHAPES = [
+    (1, 1, 1, 128, 128, 16, 2),
+    (2, 1, 2, 128, 128, 16, 2),
+    (3, 2, 4, 32, 12, 8, 2),
+    (2, 2, 2, 128, 128, 8, 4),
+]
+
+
+def _runner(i: int, mask: bool, Dk: int, L: int, dtype, K: int, W: int) -> str:
+    names = source.input_names("fused", mask, conv=True)
+    yt = CTYPES[dtype]
+
+    def ctype(n):
+        return "bool" if n == "mask" else (yt if n in ACT else "float")
+
+    params = [f"const {ctype(n)}* {n}" for n in names]
+    params += ["const int* qkv_shape", "const int* a_shape", "const int* state_in_shape"]
+    params += ["YT* y", "float* state_out", "YT* conv_state_out"]
+    reads = "\n".join(
+        f"  const std::vector<char> {n}_v = read(argv[{j}]);" for j, n in enumerate(names)
+    )
+    args = ", ".join(f"reinterpret_cast<const {ctype(n)}*>({n}_v.data())" for n in names)
+    j = len(names)
+    return f"""
+namespace v{i} {{
+template <int Dk, int L, int P, typename YT, int K, int W>
+void kernel({", ".join(params)}) {{
+{cuda.BACKEND.kernel_source("fused", mask, True, True)}
+}}
+}}  // namespace v{i}
+
+void run_{i}(char** argv) {{
+{reads}
+  const int B = std::stoi(argv[{j}]), n_ch = std::stoi(argv[{j + 1}]);
+  const int Hv = std::stoi(argv[{j + 2}]), Dv = std::stoi(argv[{j + 3}]);
+  const unsigned groups = std::stoi(argv[{j + 4}]);
+  const int qkv_shape[2] = {{B, n_ch}}, a_shape[2] = {{B, Hv}};
+  const int state_in_shape[4] = {{B, Hv, Dv, {Dk}}};
+  std::vector<{yt}> y(size_t(B) * Hv * Dv, {yt}(NAN));
+  std::vector<float> s(size_t(B) * Hv * Dv * {Dk}, NAN);
+  std::vector<{yt}> cs(size_t(B) * {K - 1} * n_ch, {yt}(NAN));
+  run_grid({{unsigned(B * Hv), groups / {W}, 1}}, {W}, [&] {{
+    v{i}::kernel<{Dk}, {L}, 0, {yt}, {K}, {W}>({args}, qkv_shape, a_shape, state_in_shape,
+        y.data(), s.data(), cs.data());
+  }});
+  std::ofstream(argv[{j + 5}], std::ios::binary).write((char*)y.data(), y.size() * sizeof(y[0]));
+  std::ofstream(argv[{j + 6}], std::ios::binary).write((char*)s.data(), s.size() * 4);
+  std::ofstream(argv[{j + 7}], std::ios::binary).write((char*)cs.data(), cs.size() * sizeof(cs[0]));
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory) -> Path:
+    """One executable holding every instantiation (one compile): `program I FILES... DIMS...`."""
+    runners = "".join(_runner(i, *inst) for i, inst in enumerate(INSTANCES))
+    calls = "\n".join(f"  if (i == {i}) run_{i}(argv + 2);" for i in range(len(INSTANCES)))
+    text = f"""#include "{EMULATOR}"
+#include <fstream>
+#include <iterator>
+#include <string>
+
+std::vector<char> read(const char* path) {{
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}}
+{runners}
+int main(int argc, char** argv) {{
+  const int i = std::stoi(argv[1]);
+{calls}
+}}
+"""
+    tmp = tmp_path_factory.mktemp("decode_kernel_body")
+    probe = tmp / "probe.cpp"
+    probe.write_text(
+        "#include <barrier>\nint main() { std::barrier<> b{1}; b.arrive_and_wait(); }\n"
+    )
+    cmd = [GXX, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")]
+    if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
+        pytest.skip("needs a g++ with C++20 <barrier>")
+    cpp, exe = tmp / "k.cpp", tmp / "k"
+    cpp.write_text(text)
+    cc = subprocess.run(
+        [GXX, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", str(cpp), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert cc.returncode == 0, cc.stderr
+    return exe
+
+
+def _to_file(x: mx.array, path: Path, as_bf16: bool) -> str:
+    if x.dtype == mx.bool_:
+        path.write_bytes(np.asarray(x).astype(bool).tobytes())
+    elif as_bf16:
+        path.write_bytes(np.asarray(x.astype(mx.bfloat16).view(mx.uint16)).tobytes())
+    else:
+        path.write_bytes(np.asarray(x.astype(mx.float32)).tobytes())
+    return str(path)
+
+
+def _from_file(path: Path, shape, bf16: bool) -> np.ndarray:
+    if not bf16:
+        return np.fromfile(path, np.float32).reshape(shape)
+    bits = np.fromfile(path, np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32).reshape(shape)
+
+
+def run_emulated(program, tmp_path, x, mask, dims, L, W, dtype):
+    """The conv decode body on the emulator; returns (y, state, conv state) as fp32 arrays."""
+    Hk, Dk, Hv, Dv = dims
+    B, C = x["qkv"].shape
+    K = x["conv_w"].shape[1]
+    inst = INSTANCES.index((mask is not None, Dk, L, dtype, K, W))
+    inputs = dict(x, state_in=x["state"], mask=mask)
+    bf16 = dtype == mx.bfloat16
+    paths = [
+        _to_file(inputs[n], tmp_path / f"{n}.bin", bf16 and n in ACT)
+        for n in source.input_names("fused", mask is not None, conv=True)
+    ]
+    groups = -(-Dv // (32 // L))  # row groups, rounded up to whole threadgroups as launch.py
+    groups = -(-groups // min(W, groups)) * min(W, groups)
+    out = [tmp_path / f"{n}.bin" for n in ("y", "s", "cs")]
+    subprocess.run(
+        [str(program), str(inst), *paths, *map(str, (B, C, Hv, Dv, groups)), *map(str, out)],
+        check=True,
+        timeout=600,
+    )
+    y = _from_file(out[0], (B, Hv, Dv), bf16)
+    s = _from_file(out[1], (B, Hv, Dv, Dk), False)
+    cs = _from_file(out[2], (B, K - 1, C), bf16)
+    return y, s, cs
+
+
+def _kw(dims):
+    Hk, Dk, Hv, Dv = dims
+    return dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}L{}W{}".format(*s))
+def test_conv_decode_body_on_cpu_matches_numpy_and_ref(shape, masked, dtype, program, tmp_path):
+    B, Hk, Hv, Dk, Dv, L, W = shape
+    dims = (Hk, Dk, Hv, Dv)
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, dtype=dtype, seed=B + Hv)
+    mask = mx.array([b % 2 == 0 for b in range(B)]) if masked else None
+    y, s, cs = run_emulated(program, tmp_path, x, mask, dims, L, W, dtype)
+    assert np.isfinite(y).all() and np.isfinite(s).all() and np.isfinite(cs).all()
+
+    args = [x[n] for n in ("qkv", "conv_state", "conv_w", "a", "b", "A_log", "dt_bias", "state")]
+    y_np, s_np, cs_np = gated_delta_decode_np(*args, mask, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv)
+    y_ref, s_ref, cs_ref = gated_delta_decode(*args, mask=mask, backend="ref", **_kw(dims))
+    # The conv state is a copy: exact.
+    assert np.array_equal(cs, np.asarray(cs_ref.astype(mx.float32)))
+    assert np.array_equal(cs, cs_np.astype(np.float32)) or dtype == mx.bfloat16
+    # Against float64: the dtype's tolerance; against ref (same roundings): fp32's, times 10 for
+    # bf16 where one rounding step of q or k may differ.
+    assert rel_err(y, y_np) < RTOL[dtype]
+    assert rel_err(s, s_np) < RTOL[dtype]
+    tight = RTOL[mx.float32] * (1 if dtype == mx.float32 else 10)
+    assert rel_err(s, np.asarray(s_ref)) < tight
+    assert rel_err(y, np.asarray(y_ref.astype(mx.float32))) < (
+        tight if dtype == mx.float32 else RTOL[dtype] / 4
+    )
+    if masked:
+        assert not np.any(y[1::2])
+        assert np.array_equal(s[1::2], np.asarray(x["state"])[1::2])
