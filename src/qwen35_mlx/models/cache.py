@@ -380,8 +380,6 @@ def static_mask(capacity: int, idx: mx.array, left_padding: mx.array | None) -> 
     return mask[None, None, None, :]
 
 
-
-
 def set_history(cache: list, n: int) -> None:
     """Let every LinearCache of `cache` roll back up to `n` tokens (at least its current)."""
     for c in cache:
