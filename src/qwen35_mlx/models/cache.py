@@ -20,7 +20,7 @@ mask, so its shapes change only when `reserve` grows a buffer by a block. The Py
 A VLM conversation's M-RoPE state lives on its first linear-attention cache (`MROPE_SHIFT`,
 `MROPE_PROMPT`; KV quantization replaces the attention caches but keeps that one), not on the
 model: two conversations on one model object do not mix. A VLM's first linear cache is an
-`MRopeArraysCache`, an ArraysCache whose batch operations (filter, extend, merge, extract) carry
+`MRopeArraysCache`, a LinearCache whose batch operations (filter, extend, merge, extract) carry
 each row's shift along (0 for a row without one), so BatchGenerator's batches of conversations
 with images keep their positions.
 
