@@ -61,6 +61,7 @@ QUICK_PREFILL_T = (128, 512, 2048)
 class Shape:
     B: int
     T: int
+    Hv: int = HV  # value heads (Hk stays HK)
 
     @property
     def kind(self) -> str:
@@ -68,7 +69,8 @@ class Shape:
 
     @property
     def label(self) -> str:
-        return f"decode B={self.B}" if self.T == 1 else f"prefill T={self.T}"
+        hv = "" if self.Hv == HV else f" Hv={self.Hv}"
+        return (f"decode B={self.B}" if self.T == 1 else f"prefill T={self.T}") + hv
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Contender:
     kinds: tuple = ("decode", "prefill")  # shape kinds it runs
     results: dict = field(default_factory=dict)
     skip_kind: dict = field(default_factory=dict)
+    max_t: dict = field(default_factory=dict)  # kind -> largest T to run (--max-t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +91,7 @@ class Contender:
 
 @functools.lru_cache(maxsize=1)  # shared by every MLX contender of one shape
 def _mlx_inputs(shape: Shape, seed: int = 0):
-    B, T = shape.B, shape.T
+    B, T, HV = shape.B, shape.T, shape.Hv
     key = mx.random.key(seed)
     kq, kk, kv, ka, kb, kA, kd = mx.random.split(key, 7)
 
@@ -203,7 +206,7 @@ def _fla_contenders() -> list[Contender]:
 
     def make_for(fn):
         def make(shape: Shape):
-            B, T, dev = shape.B, shape.T, "cuda"
+            B, T, HV, dev = shape.B, shape.T, shape.Hv, "cuda"
             torch.manual_seed(0)
             q = F.normalize(torch.randn(B, T, HK, DK, device=dev), dim=-1) * DK**-0.5
             k = F.normalize(torch.randn(B, T, HK, DK, device=dev), dim=-1)
@@ -285,28 +288,38 @@ def bench_shape(cands, shape: Shape, target_s: float, repeats: int, budget_s: fl
     load from other processes on a shared machine falls on everyone alike. Skips a contender
     whose warm-up call exceeds budget_s (and, by the caller, its larger shapes)."""
     runs = {}
-    size = shape.B * shape.T
+    size = shape.B * shape.T * shape.Hv
     for c in cands:
         if shape.kind not in c.kinds:
             c.results[shape] = (None, f"not a {shape.kind} contender")
             continue
-        if c.skip_kind.get(shape.kind):
+        if size >= c.skip_kind.get(shape.kind, math.inf):
             c.results[shape] = (None, f"skipped: over budget at a smaller {shape.kind} shape")
             continue
-        # Work grows about linearly with B * T: skip what would surely blow the budget.
-        done = [(s.B * s.T, r[0]) for s, r in c.results.items() if s.kind == shape.kind and r[0]]
+        # Work grows about linearly with B * T * Hv: skip what would surely blow the budget.
+        done = [
+            (s.B * s.T * s.Hv, r[0])
+            for s, r in c.results.items()
+            if s.kind == shape.kind and r[0] and s.B * s.T * s.Hv <= size
+        ]
         if done:
             prev_size, prev_ms = max(done)
             guess_s = prev_ms / 1e3 * size / prev_size
             if guess_s > budget_s:
-                c.skip_kind[shape.kind] = True
+                c.skip_kind[shape.kind] = size
                 c.results[shape] = (None, f"skipped: about {guess_s:.0f} s a call > {budget_s:g} s")
                 continue
         try:
+            limit = c.max_t.get(shape.kind)
+            if limit is not None and shape.T > limit:
+                c.results[shape] = (None, f"skipped: T > {limit} for this contender (time limit)")
+                continue
             run = c.make(shape)
             t1 = run(1)  # warm-up: compile, caches, allocator
+            if t1 > budget_s:  # compilation or autotuning may be most of it: once more
+                t1 = run(1)
             if t1 > budget_s:
-                c.skip_kind[shape.kind] = True
+                c.skip_kind[shape.kind] = size
                 c.results[shape] = (None, f"skipped: one call took {t1:.1f} s > {budget_s:g} s")
                 continue
             t1 = min(t1, run(1))
@@ -426,9 +439,10 @@ def plot(cands: list[Contender], shapes: list[Shape], env: dict, path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, kind in zip(axes, ("decode", "prefill"), strict=True):
-        sub = [s for s in shapes if s.kind == kind]
+    panels = sorted({(s.kind, s.Hv) for s in shapes}, key=lambda p: (p[0] != "decode", p[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    for ax, (kind, hv) in zip(axes[0], panels, strict=True):
+        sub = [s for s in shapes if s.kind == kind and s.Hv == hv]
         for c in cands:
             pts = [(s.B if kind == "decode" else s.T, c.results[s][0]) for s in sub]
             pts = [(x, y) for x, y in pts if y is not None]
@@ -441,7 +455,7 @@ def plot(cands: list[Contender], shapes: list[Shape], env: dict, path: Path) -> 
         ax.set_yscale("log")
         ax.set_xlabel("batch B (T=1)" if kind == "decode" else "sequence length T (B=1)")
         ax.set_ylabel("ms per call (median)")
-        ax.set_title(f"{kind}: Hk={HK}, Hv={HV}, Dk=Dv={DK}, bf16")
+        ax.set_title(f"{kind}: Hk={HK}, Hv={hv}, Dk=Dv={DK}, bf16")
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -473,6 +487,7 @@ def write_outputs(cands: list[Contender], shapes: list[Shape], env: dict, out: P
                 "group": c.group,
                 "B": s.B,
                 "T": s.T,
+                "Hv": s.Hv,
                 "ms": c.results[s][0],
                 "status": c.results[s][1],
             }
@@ -497,12 +512,12 @@ def merge(paths: list[str], out: Path) -> int:
             c = cands.setdefault(
                 r["contender"], Contender(r["contender"], r["group"], None, kinds=())
             )
-            shape = Shape(r["B"], r["T"])
+            shape = Shape(r["B"], r["T"], r.get("Hv", HV))
             shapes.add(shape)
             c.results[shape] = (r["ms"], r["status"])
             if not r["status"].startswith("not a ") and shape.kind not in c.kinds:
                 c.kinds += (shape.kind,)
-    ordered = sorted(shapes, key=lambda s: (s.kind != "decode", s.B * s.T))
+    ordered = sorted(shapes, key=lambda s: (s.kind != "decode", s.Hv, s.B * s.T))
     for c in cands.values():
         for shape in ordered:
             c.results.setdefault(shape, (None, "not run in the merged files"))
@@ -525,6 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated contender names to run")
     p.add_argument("--decode-b", default="", help="comma-separated decode batch sizes")
     p.add_argument("--prefill-t", default="", help="comma-separated prefill lengths")
+    p.add_argument(
+        "--hv", default="", help=f"comma-separated value-head counts (Hk={HK}; default {HV})"
+    )
+    p.add_argument(
+        "--max-t",
+        default="",
+        help='per-contender prefill length limits, e.g. "mx.fast=8192,mlx-lm ops=8192"',
+    )
     p.add_argument("--target-s", type=float, default=None, help="seconds per timed repeat")
     p.add_argument("--budget-s", type=float, default=None, help="skip calls slower than this")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per shape")
@@ -540,15 +563,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_b or args.prefill_t:
         decode_b = [int(x) for x in args.decode_b.split(",") if x]
         prefill_t = [int(x) for x in args.prefill_t.split(",") if x]
-    shapes = [Shape(b, 1) for b in decode_b] + [Shape(1, t) for t in prefill_t]
+    hvs = [int(x) for x in args.hv.split(",") if x] or [HV]
+    shapes = [Shape(b, 1, hv) for hv in hvs for b in decode_b]
+    shapes += [Shape(1, t, hv) for hv in hvs for t in prefill_t]
     target_s = args.target_s or (0.3 if args.quick else 1.0)
     budget_s = args.budget_s or (4.0 if args.quick else 60.0)
     repeats = args.repeats or (3 if args.quick else 5)
 
     cands = contenders()
     if args.only:
+        # A name, or a name's start before " (" (e.g. "fla chunk" for "fla chunk (0.4.1)").
         keep = {x.strip() for x in args.only.split(",")}
-        cands = [c for c in cands if c.name in keep]
+        cands = [c for c in cands if c.name in keep or c.name.split(" (")[0] in keep]
+    for item in filter(None, args.max_t.split(",")):
+        name, _, limit = item.rpartition("=")
+        for c in cands:
+            if c.name == name or c.name.split(" (")[0] == name:
+                c.max_t["prefill"] = int(limit)
     env = environment()
     print(
         f"# {env['date']}  mlx {env['mlx']}  mlx-lm {env['mlx_lm']}  device {env['default_device']}"

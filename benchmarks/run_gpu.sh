@@ -3,22 +3,28 @@
 # the lent NVIDIA machine (MLX CUDA build made importable by ../shared/device:
 # `source .dev/pb/bootstrap.sh` first). One step per call, so that each stays under the
 # machine's 10-minute limit per command:
-#   benchmarks/run_gpu.sh tests     # tests/kernels on the GPU (NVRTC compiles: about 5 min)
+#   benchmarks/run_gpu.sh tests     # tests/kernels on the GPU but the chunk kernels' (about 5 min)
 #   benchmarks/run_gpu.sh models    # tests/models on the GPU (about 4 min)
 #   benchmarks/run_gpu.sh rest      # every other test file on the GPU (about 4 min)
 #   benchmarks/run_gpu.sh decode    # bench_gated_delta.py, decode B = 1, 8, 32, 128
 #   benchmarks/run_gpu.sh prefill   # bench_gated_delta.py, prefill T = 128 ... 8192
 #   benchmarks/run_gpu.sh convdecode  # bench_gated_delta_decode.py: gated_delta_decode against
 #                                     # today's conv ops + kernel, 0.8B / 9B shapes, B = 1, 32, 128
+#   benchmarks/run_gpu.sh chunk-tests  # the chunk kernels' GPU tests only (about 2-4 min)
+#   benchmarks/run_gpu.sh chunk-parts  # the chunk path's parts (prep, state pass per BV) and
+#                                      # the fused/chunked crossover, Hv 16/32/64 (about 2 min)
+#   benchmarks/run_gpu.sh chunk     # prefill T = 512 ... 32768 x Hv = 16 ... 64: ours fused and
+#                                   # chunked kernels, FLA chunk / fused_recurrent, mlx-lm ops
+#                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
 # Logs and JSON/PNG go to $OUT (the device tool brings them back), or benchmarks/out.
 # Merge the two benchmark halves afterwards:
 #   python benchmarks/bench_gated_delta.py --merge <decode>.json <prefill>.json --out benchmarks/results
 set -euo pipefail
 step=${1:-}
 case "$step" in
-  tests | models | rest | decode | prefill | convdecode) ;;
+  tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode" >&2
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts" >&2
     exit 2
     ;;
 esac
@@ -28,7 +34,11 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 pytest=(python3 -m pytest -q -p no:cacheprovider -rfs)
 case "$step" in
-  tests) "${pytest[@]}" tests/kernels 2>&1 | tee "$out/gpu_tests.log" ;;
+  tests)
+    # The chunk kernels' GPU tests run as their own step (chunk-tests), to stay under 10 min.
+    "${pytest[@]}" tests/kernels --ignore=tests/kernels/test_gpu_chunk_kernel.py 2>&1 |
+      tee "$out/gpu_tests.log"
+    ;;
   models) "${pytest[@]}" tests/models 2>&1 | tee "$out/gpu_models.log" ;;
   rest)
     "${pytest[@]}" tests --ignore=tests/kernels --ignore=tests/models 2>&1 |
@@ -45,5 +55,20 @@ case "$step" in
   convdecode)
     python3 benchmarks/bench_gated_delta_decode.py --layouts 16x4,8x4 --out "$out" 2>&1 |
       tee "$out/bench_conv_decode.log"
+    ;;
+  chunk-tests)
+    "${pytest[@]}" tests/kernels/test_gpu_chunk_kernel.py 2>&1 | tee "$out/gpu_chunk_tests.log"
+    ;;
+  chunk-parts)
+    python3 benchmarks/bench_chunk_parts.py --out "$out/chunk_parts.json" 2>&1 |
+      tee "$out/chunk_parts.log"
+    ;;
+  chunk)
+    # The slow token-by-token peers stop early (and say so in the table): mlx-lm's ops path
+    # costs about a second a call at T=2048, mx.fast's recurrence grows linearly with T.
+    python3 benchmarks/bench_gated_delta.py --decode-b "" --prefill-t 512,2048,8192,32768 \
+      --hv 16,32,48,64 --max-t "mlx-lm ops=2048,mx.fast=8192" --target-s 0.1 --repeats 3 \
+      --budget-s 2 --only "ours cuda,ours metal,ours chunked,fla chunk,fla fused_recurrent,mlx-lm ops,mx.fast" \
+      --out "$out" 2>&1 | tee "$out/bench_chunk.log"
     ;;
 esac

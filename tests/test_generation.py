@@ -10,6 +10,7 @@ import pytest
 
 from qwen35_mlx import batch_generate, generate, load, stream_generate
 from qwen35_mlx.prompt_cache import PromptCache
+from tests.conftest import rel_err
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "generate"
 
@@ -254,6 +255,33 @@ def test_prefill_in_steps_bounds_peak_memory():
     stepped, b = peak(128)
     assert a == b
     assert stepped * 3 < one_shot, (stepped, one_shot)
+
+
+def test_prefill_reserves_the_kv_cache_once(loaded):
+    # Issue 9: mlx-lm's KVCache grows by each step, copying the whole cache while the old copy
+    # is alive. prefill() reserves room for the whole prompt after its first step: the later
+    # steps write in place (same buffer size throughout) and the result is unchanged.
+    from qwen35_mlx.generation import prefill
+    from qwen35_mlx.models.cache import KVCache
+
+    model, _ = loaded
+    ids = np.random.default_rng(1).integers(0, 300, 700).tolist()
+    cache = model.make_cache()
+    sizes = []
+
+    def seen(done, total):
+        sizes.append({c.keys.shape[2] for c in cache if isinstance(c, KVCache)})
+
+    prefill(model, cache, ids, prefill_step_size=128, progress=seen)
+    assert sizes[0] == sizes[-1] and len(sizes[0]) == 1 and min(sizes[0]) >= 700, sizes
+    ref = model.make_cache()
+    model(mx.array(ids)[None], cache=ref)
+    for c, r in zip(cache, ref, strict=True):
+        if isinstance(c, KVCache):
+            assert c.offset == r.offset == 700
+            assert rel_err(c.state[0], r.state[0]) < 1e-5
+    x = mx.array([[5]])
+    assert rel_err(model(x, cache=cache), model(x, cache=ref)) < 1e-5
 
 
 def test_prompt_cache_starts_cold_after_a_failed_prefill(loaded, golden):

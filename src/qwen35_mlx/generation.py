@@ -36,6 +36,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from .models.cache import reserve_kv
 from .sampling import check_sampling
 from .speculative import MTPSpeculator, can_roll_back, greedy_or_sampling, has_mtp
 
@@ -198,12 +199,16 @@ def prefill(
         else:
             step_end = min(done + prefill_step_size, next(e for e in ends if e > done))
         chunk = mx.array(tokens[done:step_end])[None]
+        extra = []
         if on_hidden is None:
             model(chunk, cache=cache, **kwargs)
-            mx.eval(_cache_state(cache))
         else:
             _, hidden = model(chunk, cache=cache, return_hidden=True, **kwargs)
-            mx.eval(_cache_state(cache), on_hidden(chunk, hidden))
+            extra = on_hidden(chunk, hidden)
+        if done == 0 and step_end < n_total:
+            # Room for the whole prompt at once: later steps write the KV cache in place.
+            reserve_kv(cache, n_total - step_end)
+        mx.eval(_cache_state(cache), extra)
         kwargs = {}
         done = step_end
         if on_stop is not None and done in marks:

@@ -53,9 +53,9 @@ thread_local std::barrier<>* tl_block = nullptr;
 
 inline float gd_shuffle(float x, int lane) {
   Warp& w = *tl_warp;
-  w.slots[threadIdx.x] = x;
+  w.slots[threadIdx.x % 32] = x;  // block mode: thread t is lane t % 32 of warp t / 32
   w.bar.arrive_and_wait();
-  const float r = w.slots[lane];
+  const float r = w.slots[lane % 32];
   w.bar.arrive_and_wait();
   return r;
 }
@@ -102,5 +102,38 @@ inline void run_grid(dim3 blocks, unsigned warps, const std::function<void()>& l
             lane_fn();
           });
       for (auto& t : lanes) t.join();
+    }
+}
+
+// Block mode, for kernels with threadgroup memory and threadgroup barriers (the chunk kernels):
+// all threads of one block run at once and meet at gd_barrier(); blocks run one after another,
+// so a function-local `static` array serves as the block's threadgroup memory. Threads
+// 32 w .. 32 w + 31 form warp w for the shuffles (threads a multiple of 32).
+#define GD_TG static
+#define GD_TG_PTR
+struct Block {
+  std::barrier<> bar;
+  explicit Block(std::ptrdiff_t n) : bar(n) {}
+};
+thread_local Block* tl_block = nullptr;
+inline void gd_barrier() { tl_block->bar.arrive_and_wait(); }
+inline float4 gd_f4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+inline void run_blocks(dim3 blocks, unsigned threads, const std::function<void()>& thread_fn) {
+  blockDim = {threads, 1, 1};
+  for (unsigned by = 0; by < blocks.y; ++by)
+    for (unsigned bx = 0; bx < blocks.x; ++bx) {
+      Block block(threads);
+      std::vector<Warp> warps(threads / 32);
+      std::vector<std::thread> pool;
+      for (unsigned t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+          threadIdx = {t, 0, 0};
+          blockIdx = {bx, by, 0};
+          tl_block = &block;
+          tl_warp = &warps[t / 32];
+          thread_fn();
+        });
+      for (auto& th : pool) th.join();
     }
 }

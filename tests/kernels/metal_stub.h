@@ -53,3 +53,7 @@ float rsqrt(float x);
 enum class mem_flags { mem_none, mem_device, mem_threadgroup };
 void threadgroup_barrier(mem_flags flags);
 }  // namespace metal
+
+// Threadgroup barrier (the chunk kernels).
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+void threadgroup_barrier(mem_flags flags);

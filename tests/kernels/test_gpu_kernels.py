@@ -436,7 +436,11 @@ def test_gated_delta_decode_auto_large_batch_takes_conv_ops_and_recurrent_kernel
     mx.eval(got)
     assert calls == [1]
     for i in range(3):
-        assert rel_err(np.array(got[i]), np.array(want[i])) <= RTOL[mx.bfloat16]
+        f32 = mx.float32
+        assert (
+            rel_err(np.array(got[i].astype(f32)), np.array(want[i].astype(f32)))
+            <= RTOL[mx.bfloat16]
+        )
 
 
 def test_gated_delta_decode_unsupported_shape_falls_back_to_ref():

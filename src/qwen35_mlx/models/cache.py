@@ -380,6 +380,29 @@ def static_mask(capacity: int, idx: mx.array, left_padding: mx.array | None) -> 
     return mask[None, None, None, :]
 
 
+def reserve_kv(cache: list, n: int) -> None:
+    """Grow every filled KVCache / BatchKVCache of `cache` so that `n` more positions fit.
+
+    mlx-lm's caches grow by just what a step needs, so a prompt fed in steps copies the whole
+    cache at every step, and the old and the new buffers are alive together: the peak holds the
+    cache twice. A prefill that knows its length reserves once (after its first step, when the
+    buffers' shapes are known) and its later steps write in place. Capacity is rounded up to
+    the cache's `step` as mlx-lm does; the buffers are not evaluated here.
+    """
+    for c in cache:
+        if type(c) not in (KVCache, BatchKVCache) or c.keys is None:
+            continue
+        idx = kv_index(c)
+        cap = -(-(idx + n) // c.step) * c.step
+        if cap <= c.keys.shape[2]:
+            continue
+        B, H, _, Dk = c.keys.shape
+        Dv = c.values.shape[3]
+        keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
+        c.keys = mx.concatenate([keys, mx.zeros((B, H, cap - idx, Dk), keys.dtype)], axis=2)
+        c.values = mx.concatenate([values, mx.zeros((B, H, cap - idx, Dv), values.dtype)], axis=2)
+
+
 def set_history(cache: list, n: int) -> None:
     """Let every LinearCache of `cache` roll back up to `n` tokens (at least its current)."""
     for c in cache:

@@ -25,10 +25,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
+from .attention import attention
 from .config import TextConfig
 
 _L2_EPS = 1e-6
@@ -276,11 +276,31 @@ class GatedDeltaNet(nn.Module):
         a = self.in_proj_a(x)
 
         conv_state = cache[0] if cache is not None else None
+        state = cache[1] if cache is not None else None
+        lengths = getattr(cache, "lengths", None) if cache is not None else None
+        if T == 1 and lengths is None:
+            # One token a row: the compiled decode step's own call (one kernel launch on a
+            # GPU), so the plain path and the compiled step compute the same thing.
+            y, state, conv_state = gated_delta_decode(
+                qkv[:, 0],
+                conv_state,
+                self.conv1d.weight[:, :, 0],
+                a[:, 0],
+                b[:, 0],
+                self.A_log,
+                self.dt_bias,
+                state,
+                num_k_heads=Hk,
+                head_k_dim=Dk,
+                num_v_heads=Hv,
+                head_v_dim=Dv,
+                mask=None if mask is None else mask[:, 0],
+            )
+            return self._finish(y[:, None], z, state, conv_state, cache)
         if conv_state is None:
             conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
         conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv], axis=1)  # [B, K-1+T, C]
         if cache is not None:
-            lengths = getattr(cache, "lengths", None)
             if lengths is not None:
                 # Right-padded rows (mlx-lm's BatchGenerator): keep the K-1 inputs that end at
                 # each row's last real token.
@@ -291,14 +311,20 @@ class GatedDeltaNet(nn.Module):
                 cache[0] = mx.contiguous(conv_in[:, conv_in.shape[1] - n_keep :])
         conv_qkv = _conv_qkv_decode if T == 1 else _conv_qkv
         q, k, v = conv_qkv(conv_in, self.conv1d.weight[:, :, 0], T, Hk, Dk, Hv, Dv)
-
-        state = cache[1] if cache is not None else None
         y, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
+        if hasattr(cache, "record_inputs"):
+            # A LinearCache keeps a short call's inputs to roll back into it (cache.py).
+            cache.record_inputs(T, (conv_in, q, k, v, a, b, self.A_log, self.dt_bias, mask))
+        return self._finish(y, z, state, None, cache)
+
+    def _finish(self, y, z, state, conv_state, cache) -> mx.array:
+        """Store the new states (conv_state None: already stored), then the gated norm and
+        out_proj. y, z [B, T, Hv, Dv]."""
+        B, T = y.shape[:2]
         if cache is not None:
             cache[1] = state
-            if hasattr(cache, "record_inputs"):
-                # A LinearCache keeps a short call's inputs to roll back into it (cache.py).
-                cache.record_inputs(T, (conv_in, q, k, v, a, b, self.A_log, self.dt_bias, mask))
+            if conv_state is not None:
+                cache[0] = conv_state
             if hasattr(cache, "advance"):
                 cache.advance(T)
         y = self.norm(y, z)  # [B, T, Hv, Dv]
@@ -446,7 +472,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
-        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        o = attention(q, k, v, cache, self.scale, mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * D)
         if gate is not None:
             o = _sigmoid_gate(o, gate)

@@ -14,7 +14,9 @@ one kernel launch on a GPU (decode.py holds its `ref` form).
 
 Backends (`backend=`, or `auto`, overridable with env QWEN35_MLX_GDN_BACKEND):
     ref      plain mx ops, token by token (oracle, fallback, differentiable)   -> ref.py
-    chunked  chunked WY/UT form, matmuls over chunks of 64 (prefill)           -> chunked.py
+    chunked  chunked WY/UT form over chunks of 64 (prefill): on a GPU the chunk kernels
+             (chunk_source.py / chunk_launch.py) where they take the shape, else MLX ops
+                                                                                -> chunked.py
     metal    fused kernels through mx.fast.metal_kernel                        -> metal.py
     cuda     the same kernel bodies, compiled once per machine by NVRTC       -> cuda.py
              (disk cache ~/.cache/qwen35_mlx/cuda, precompiled.py; else mx.fast.cuda_kernel)
@@ -99,10 +101,26 @@ def _auto_cpu(T: int) -> str:
     return "chunked" if T >= _CPU_CHUNKED_MIN_T else "ref"
 
 
+# From this many steps on, `auto` on a GPU runs the chunk kernels instead of the fused
+# recurrent kernel. Set conservatively before any GPU measurement (on an H200 the fused kernel
+# takes 1.10 ms at T=2048 and 4.22 ms at T=8192, FLA's chunk kernel ~1 ms at both). Measure it
+# with `benchmarks/run_gpu.sh chunk` (ours cuda vs ours chunked, T = 128 ... 32768, Hv = 16 ... 64)
+# and set it to the smallest T from which `ours chunked` wins at every head count.
+_GPU_CHUNKED_MIN_T = 4096
+
+
+def _chunk_kernel_supports(q: mx.array, v: mx.array, g: mx.array) -> bool:
+    from . import chunk_launch
+
+    return chunk_launch.supports(q, v, g)
+
+
 def _auto_gpu(q: mx.array, v: mx.array, g: mx.array) -> str:
-    """The fused kernel where it supports the shape, at every T: on an H100 the recurrent kernel
-    beat `chunked` at every measured length (4.3 ms against 20 ms at T=8192, benchmarks/NOTES.md),
-    so there is no crossover to chunked. Unsupported shapes take chunked/ref as on the CPU."""
+    """The chunk kernels from _GPU_CHUNKED_MIN_T steps on for scalar gates, the fused recurrent
+    kernel below and for per-key gates (whose chunk prep is mx ops), where they support the
+    shape. Unsupported shapes take chunked/ref as on the CPU."""
+    if q.shape[1] >= _GPU_CHUNKED_MIN_T and g.ndim == 3 and _chunk_kernel_supports(q, v, g):
+        return "chunked"
     for name in ("metal", "cuda"):
         if _gpu_backend(name).supports(q, v, g):
             return name
@@ -144,6 +162,10 @@ def gated_delta(
     if name == "ref":
         return gated_delta_ref(q, k, v, g, beta, state, mask)
     if name == "chunked":
+        if mx.default_device() != mx.cpu and _chunk_kernel_supports(q, v, g):
+            from .chunk_launch import gated_delta_chunk_kernel
+
+            return gated_delta_chunk_kernel(q, k, v, g, beta, state, mask)
         from .chunked import gated_delta_chunked
 
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
@@ -186,6 +208,12 @@ def gated_delta_update(
         if x.shape != (Hv,):
             raise _shape_error(name, x.shape, f"[Hv] = [{Hv}]")
     name = _pick(backend, q, v, a)
+    if name == "chunked" and mx.default_device() != mx.cpu and _chunk_kernel_supports(q, v, a):
+        from .chunk_launch import gated_delta_update_chunk_kernel
+
+        _validate(q, k, v, a, b, state, mask)
+        state = _zeros_state(q, v) if state is None else state.astype(mx.float32)
+        return gated_delta_update_chunk_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
     if name in ("metal", "cuda"):
         impl = _gpu_backend(name)
         if impl.supports(q, v, a):

@@ -1,0 +1,514 @@
+"""Chunked gated-delta GPU kernel text, written once for Metal and CUDA (text only: building and
+launching is `chunk_launch.py`).
+
+The chunked (WY / UT) form of the recurrence (see `chunked.py` for the derivation): per chunk n
+of C steps, per value head, with S the [Dv, Dk] state at the chunk's start,
+    delta = U - W S^T                  [C, Dv]   (U, W: the intra-chunk UT products)
+    y     = Qg S^T + P delta           [C, Dv]   (Qg = gamma * q, P = decayed q k^T, j <= i)
+    S     = decay * S + delta^T Kw     [Dv, Dk]  (Kw = w * k, decay = the chunk's whole decay)
+The intra-chunk pieces (W, U, Qg, P, Kw, decay) of every chunk and head are computed in parallel
+beforehand (`PREP_BODY`, or MLX ops for per-key gates); `STATE_BODY` is the sequential part:
+ONE threadgroup per (batch x value head, tile of BV value rows) loops over all chunks and keeps
+its [BV, Dk] tile of the state on chip the whole time (registers, mirrored in threadgroup memory
+for the products that need every key column).
+
+STATE_BODY layout (NT = 4 C threads, all of one threadgroup):
+  phase 1  X = [W; Qg] S^T: LR = NT / C adjacent lanes share row j of W and of Qg, split its
+           key quads and keep all BV value rows (2 BV accumulators; S read from threadgroup
+           memory, 4 lanes reading 4 consecutive quads); gd_group_sum<LR> adds the partials;
+           delta = U - W S^T and Qg S^T go to threadgroup memory.
+  barrier
+  phase 2  y = Qg S^T + P delta: the same LR lanes per row split the row of P in quads of steps
+           (quads above the diagonal skipped), all BV value rows each, gd_group_sum; y is
+           written in YT.
+  phase 3  S = decay * S + delta^T Kw, items (pair of value rows, key quad), key quads fastest
+           (a SIMD-group reads whole rows of Kw); the new values stay in registers and are
+           mirrored into threadgroup memory for the next chunk's phase 1.
+  barrier
+Threadgroup memory: S (BV x Dk) + delta and Qg S^T (C x BV each) fp32: 16 KB at BV=16, Dk=128,
+C=64; 24 KB at Dk=256 (Apple GPUs allow 32 KB).
+
+Helpers: those of `metal.py` / `cuda.py` (gd_load_f4, gd_store_f4, gd_group_sum, gd_exp, gd_log,
+gd_prefetch), and from `chunk_launch.py`:
+    gd_tid            thread index in the threadgroup (0..NT-1)          (source prologue)
+    gd_tg_x, gd_tg_y  threadgroup index in the grid                      (source prologue)
+    GD_TG             threadgroup-memory qualifier of a variable (`threadgroup` / `__shared__`)
+    GD_TG_PTR         address space of a pointer into it (`threadgroup` / nothing)
+    gd_barrier()      threadgroup-wide barrier (threadgroup memory visible afterwards)
+    gd_f4(x, y, z, w) a float4 value
+Template arguments: Dk, BV (value rows per threadgroup, multiple of 4), C (chunk), NT (threads),
+PF (1: prefetch the next chunk's rows into L2, `gd_prefetch`), YT (y's dtype). Hv, Dv, the
+padded length N*C and T come from the inputs' shapes and `dims`.
+
+Inputs ([BH] = B * Hv, rows padded to N * C; padded and masked steps have zero rows, so they
+change nothing and give y = 0):
+    W, Qg, Kw [BH, N*C, Dk] fp32; U [BH, N*C, Dv] fp32; P [BH, N*C, C] fp32 (0 above the
+    diagonal); decay [BH, N, Dk] fp32; state_in [B, Hv, Dv, Dk] fp32; dims int32 [1] = (T,).
+Outputs: y [B, T, Hv, Dv] (YT), state_out [B, Hv, Dv, Dk] fp32.
+
+References: flash-linear-attention fla/ops/common/chunk_delta_h.py and chunk_o.py (the same
+split of the work between a parallel part and a state pass; their kernels are Triton).
+"""
+
+from __future__ import annotations
+
+STATE_INPUTS = ["W", "U", "Qg", "P", "Kw", "decay", "state_in", "dims"]
+STATE_OUTPUTS = ["y", "state_out"]
+STATE_NAME = "gated_delta_chunk_state"
+
+STATE_BODY = """
+  constexpr int DQ = Dk / 4;       // key quads
+  constexpr int VQ = BV / 4;       // value quads of the tile
+  constexpr int LR = NT / C;       // phase 1: lanes per row (adjacent lanes of a SIMD-group)
+  constexpr int E3 = (BV / 2) * DQ;  // phase-3 items: (pair of value rows, key quad)
+  constexpr int I3 = (E3 + NT - 1) / NT;
+  static_assert(NT == LR * C && LR <= 32 && (LR & (LR - 1)) == 0, "layout: LR lanes a row");
+  static_assert(DQ % LR == 0 && C % (4 * LR) == 0, "layout: whole quads per lane");
+  static_assert(BV % 4 == 0, "BV");
+  const int Hv = U_shape[1];
+  const int NC = U_shape[2];
+  const int Dv = U_shape[3];
+  const int N = NC / C;
+  const int T = dims[0];
+
+  const unsigned tid = gd_tid;
+  const unsigned head = gd_tg_x;  // b * Hv + hv
+  const int v0 = int(gd_tg_y) * BV;
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+
+  GD_TG float4 S4[BV * DQ];   // the state tile, row v at S4[v * DQ]
+  GD_TG float4 d4[C * VQ];    // delta, row i at d4[i * VQ]
+  GD_TG float4 y4[C * VQ];    // Qg S^T, row i at y4[i * VQ]
+  GD_TG_PTR float* d_f = reinterpret_cast<GD_TG_PTR float*>(d4);
+
+  // Phase-3 items own their state elements for the whole run (registers): rows 2 vp, 2 vp + 1.
+  float s[I3][2][4];
+  #pragma unroll
+  for (int it = 0; it < I3; ++it) {
+    const int e = int(tid) + it * NT;
+    const int vp = e / DQ;
+    const int dq = e % DQ;
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int v = 2 * vp + h;
+      float4 x = gd_f4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (e < E3 && v0 + v < Dv) {
+        x = gd_load_f4(state_in + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq);
+      }
+      s[it][h][0] = x.x;
+      s[it][h][1] = x.y;
+      s[it][h][2] = x.z;
+      s[it][h][3] = x.w;
+      if (e < E3) S4[v * DQ + dq] = x;
+    }
+  }
+  gd_barrier();
+
+  // W, Qg, Kw: [B * Hv, N * C, Dk]; U: [B, Hv, N * C, Dv]; P: [B * Hv, N * C, C];
+  // decay: [B * Hv, N, Dk]; state_in, state_out: [B, Hv, Dv, Dk]; y: [B, T, Hv, Dv]
+  const size_t row0 = size_t(head) * NC;  // first row of this head in W, U, Qg, P, Kw
+  // Phase 1 layout: LR adjacent lanes share row j of W and of Qg and split its key quads
+  // (dq = l, l + LR, ...), so a SIMD-group reads whole 16 * LR-byte pieces of 32 / LR rows;
+  // each lane keeps all BV value rows, and the partial sums are added with gd_group_sum<LR>.
+  const int j1 = int(tid) / LR;
+  const int l1 = int(tid) % LR;
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    if (PF && n + 1 < N) {
+      // Ask L2 for the next chunk's rows (128-byte lines) while this one is computed: the
+      // pieces are far larger than L2, so each chunk would otherwise start on memory latency.
+      const size_t rx = rn + C;
+      for (int c = l1; c < Dk / 32; c += LR) {
+        gd_prefetch(W + (rx + j1) * Dk + 32 * c);
+        gd_prefetch(Qg + (rx + j1) * Dk + 32 * c);
+      }
+      for (int c = int(tid); c < C * Dk / 32; c += NT) gd_prefetch(Kw + rx * Dk + 32 * c);
+      for (int c = int(tid); c < C * C / 32; c += NT) gd_prefetch(P + rx * C + 32 * c);
+      if (int(tid) < C) gd_prefetch(U + (rx + tid) * Dv + v0);
+    }
+    // Phase 1: X = [W; Qg] S^T; delta = U - W S^T.
+    {
+      float aw[BV];
+      float aq[BV];
+      #pragma unroll
+      for (int v = 0; v < BV; ++v) {
+        aw[v] = 0.0f;
+        aq[v] = 0.0f;
+      }
+      const size_t r1 = (rn + j1) * Dk;
+      // Unrolled (DQ / LR trips), so every load of the row can be issued up front.
+      #pragma unroll
+      for (int m = 0; m < DQ / LR; ++m) {
+        const int dq = l1 + m * LR;
+        const float4 w = gd_load_f4(W + r1 + 4 * dq);
+        const float4 qg = gd_load_f4(Qg + r1 + 4 * dq);
+        #pragma unroll
+        for (int v = 0; v < BV; ++v) {
+          const float4 sv = S4[v * DQ + dq];
+          aw[v] += w.x * sv.x + w.y * sv.y + w.z * sv.z + w.w * sv.w;
+          aq[v] += qg.x * sv.x + qg.y * sv.y + qg.z * sv.z + qg.w * sv.w;
+        }
+      }
+      #pragma unroll
+      for (int v = 0; v < BV; ++v) {
+        aw[v] = gd_group_sum<LR>(aw[v]);
+        aq[v] = gd_group_sum<LR>(aq[v]);
+      }
+      #pragma unroll
+      for (int vq = 0; vq < VQ; ++vq) {
+        if (vq % LR == l1) {
+          float uu[4];
+          #pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int v = v0 + 4 * vq + u;
+            uu[u] = v < Dv ? U[(rn + j1) * Dv + v] - aw[4 * vq + u] : 0.0f;
+          }
+          d4[j1 * VQ + vq] = gd_f4(uu[0], uu[1], uu[2], uu[3]);
+          y4[j1 * VQ + vq] = gd_f4(aq[4 * vq], aq[4 * vq + 1], aq[4 * vq + 2], aq[4 * vq + 3]);
+        }
+      }
+    }
+    gd_barrier();
+
+    // Phase 2: y = Qg S^T + P delta. Row i = j1 again: its LR lanes split the row of P in
+    // quads of steps (float4 reads, whole 16 * LR-byte pieces per row), keep all BV value rows,
+    // skip the quads above the diagonal (P is 0 there) and add their sums with gd_group_sum.
+    {
+      float o[BV];
+      #pragma unroll
+      for (int v = 0; v < BV; ++v) o[v] = 0.0f;
+      const size_t p0 = (rn + j1) * C;
+      #pragma unroll
+      for (int m = 0; m < C / (4 * LR); ++m) {
+        const int jq = l1 + m * LR;
+        if (4 * jq <= j1) {
+          const float4 p = gd_load_f4(P + p0 + 4 * jq);
+          const float pj[4] = {p.x, p.y, p.z, p.w};
+          #pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            #pragma unroll
+            for (int vq = 0; vq < VQ; ++vq) {
+              const float4 dl = d4[(4 * jq + u) * VQ + vq];
+              o[4 * vq] += pj[u] * dl.x;
+              o[4 * vq + 1] += pj[u] * dl.y;
+              o[4 * vq + 2] += pj[u] * dl.z;
+              o[4 * vq + 3] += pj[u] * dl.w;
+            }
+          }
+        }
+      }
+      #pragma unroll
+      for (int v = 0; v < BV; ++v) o[v] = gd_group_sum<LR>(o[v]);
+      const int t = n * C + j1;
+      if (t < T) {
+        const size_t yrow = ((size_t(b_idx) * T + t) * Hv + hv) * Dv;
+        #pragma unroll
+        for (int vq = 0; vq < VQ; ++vq) {
+          if (vq % LR == l1) {
+            const float4 y0 = y4[j1 * VQ + vq];
+            const float yq[4] = {y0.x, y0.y, y0.z, y0.w};
+            #pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int v = v0 + 4 * vq + u;
+              if (v < Dv) y[yrow + v] = static_cast<YT>(yq[u] + o[4 * vq + u]);
+            }
+          }
+        }
+      }
+    }
+
+    // Phase 3: S = decay * S + delta^T Kw; a SIMD-group reads whole rows of Kw.
+    #pragma unroll
+    for (int it = 0; it < I3; ++it) {
+      const int e = int(tid) + it * NT;
+      if (E3 % NT == 0 || e < E3) {
+        const int vp = e / DQ;
+        const int dq = e % DQ;
+        float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        #pragma unroll 4
+        for (int j = 0; j < C; ++j) {
+          const float dl0 = d_f[j * BV + 2 * vp];
+          const float dl1 = d_f[j * BV + 2 * vp + 1];
+          const float4 kw = gd_load_f4(Kw + (rn + j) * Dk + 4 * dq);
+          a0[0] += dl0 * kw.x;
+          a0[1] += dl0 * kw.y;
+          a0[2] += dl0 * kw.z;
+          a0[3] += dl0 * kw.w;
+          a1[0] += dl1 * kw.x;
+          a1[1] += dl1 * kw.y;
+          a1[2] += dl1 * kw.z;
+          a1[3] += dl1 * kw.w;
+        }
+        const float4 dc = gd_load_f4(decay + (size_t(head) * N + n) * Dk + 4 * dq);
+        const float dcs[4] = {dc.x, dc.y, dc.z, dc.w};
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          s[it][0][c] = dcs[c] * s[it][0][c] + a0[c];
+          s[it][1][c] = dcs[c] * s[it][1][c] + a1[c];
+        }
+        S4[(2 * vp) * DQ + dq] = gd_f4(s[it][0][0], s[it][0][1], s[it][0][2], s[it][0][3]);
+        S4[(2 * vp + 1) * DQ + dq] = gd_f4(s[it][1][0], s[it][1][1], s[it][1][2], s[it][1][3]);
+      }
+    }
+    gd_barrier();
+  }
+
+  #pragma unroll
+  for (int it = 0; it < I3; ++it) {
+    const int e = int(tid) + it * NT;
+    const int vp = e / DQ;
+    const int dq = e % DQ;
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int v = 2 * vp + h;
+      if ((E3 % NT == 0 || e < E3) && v0 + v < Dv) {
+        gd_store_f4(state_out + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq, s[it][h][0],
+                    s[it][h][1], s[it][h][2], s[it][h][3]);
+      }
+    }
+  }
+"""
+
+PREP_OUTPUTS = ["W", "U", "Qg", "P", "Kw", "decay"]
+
+
+def prep_inputs(fused: bool) -> list[str]:
+    """PREP_BODY's inputs: precomputed gates g, beta, or (fused) the raw a, b, A_log, dt_bias."""
+    gates = ["a", "b", "A_log", "dt_bias"] if fused else ["g", "beta"]
+    return ["q", "k", "v", *gates, "mask"]
+
+
+def prep_name(fused: bool) -> str:
+    return "gated_delta_chunk_prep" + ("_fused" if fused else "")
+
+
+def prep_body(fused: bool) -> str:
+    """PREP_BODY behind its one switch: GD_FUSED 1 computes the gates in the kernel, as the fused
+    recurrent kernel does: beta = sigmoid(b), g = exp(-exp(A_log) softplus(a + dt_bias)), fp32."""
+    return f"\n#define GD_FUSED {int(fused)}\n" + PREP_BODY + "#undef GD_FUSED\n"
+
+
+# The intra-chunk pieces for scalar gates, one threadgroup per (chunk, batch x value head), in
+# four steps (NT = 256 threads, C a multiple of 16):
+#  1. the chunk's gates: padded / masked steps get g = 1, beta = 0 and zero q, k, v (selected,
+#     never multiplied, so garbage there cannot leak); gamma_i = prod_{l<=i} g_l and
+#     w_j = prod_{l>j} g_l as running products, cut to exactly 0 below e^-40 (as chunked.py:
+#     no subnormal products, no division, g = 0 gives exact zeros).
+#  2. k k^T and q k^T for the chunk, each thread an R x R tile (R = C / 16: rows R ti + r,
+#     columns R tj + c), k and q staged transposed in threadgroup memory DS key columns at a
+#     time and read R rows per float4; then A_ij = beta_i D_ij k_i.k_j (j < i) into threadgroup
+#     memory and P_ij = D_ij q_i.k_j (j <= i) to memory, D_ij = prod_{j<l<=i} g_l as
+#     gamma_i / gamma_j while neither prefix was cut, else as a running product (same cut).
+#  3. forward substitution (I + A) X = [beta v | beta gamma k], one thread per column of X:
+#     U = X[:, :Dv], W = X[:, Dv:] (the unit-lower-triangular solve; no inverse is formed).
+#  4. Qg = gamma q, Kw = w k, decay = gamma_{C-1} (broadcast over Dk).
+# Threadgroup memory: max(2 DS, C) (C + 4) + 5 C floats: 18.7 KB at C=64, DS=32.
+PREP_BODY = """
+  constexpr int R = C / 16;        // tile rows / columns per thread in step 2
+  constexpr int CS = C + 4;        // staged k / q: stride of a key column (16-byte aligned)
+  constexpr int CP = C + 4;        // A row stride (rows 16-byte aligned: read as float4)
+  constexpr int BUF = 2 * DS * CS > C * CP ? 2 * DS * CS : C * CP;
+  static_assert(C % 64 == 0 && NT == 256, "PREP_BODY: 16 x 16 threads, C / 16 rows each");
+  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = q_shape[1];
+  const int Hk = q_shape[2];
+  const int Hv = v_shape[2];
+  const int Dv = v_shape[3];
+  const int N = (T + C - 1) / C;
+  const size_t NC = size_t(N) * C;
+
+  const int tid = int(gd_tid);
+  const int n = int(gd_tg_x);
+  const unsigned head = gd_tg_y;  // b * Hv + hv
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+  const unsigned hk = hv / unsigned(Hv / Hk);
+  const int t0 = n * C;
+  // q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
+  // mask: [B, T]; W, Qg, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; P: [.., C]; decay: [B * Hv, N, Dk]
+  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row in W, U, Qg, P, Kw
+
+  GD_TG float4 buf4[(BUF + 3) / 4];  // step 2: staged k | q; steps 2-3: A
+  GD_TG_PTR float* buf = reinterpret_cast<GD_TG_PTR float*>(buf4);
+  GD_TG float gs[C];
+  GD_TG float bs[C];
+  GD_TG float ok[C];
+  GD_TG float gam[C];
+  GD_TG float wts[C];
+
+  // 1. gates
+  for (int i = tid; i < C; i += NT) {
+    const int t = t0 + i;
+    const bool valid = t < T && mask[size_t(b_idx) * T + (t < T ? t : 0)];
+    const size_t h = (size_t(b_idx) * T + (t < T ? t : 0)) * Hv + hv;
+#if GD_FUSED
+    // softplus(x) = max(x, 0) + log(1 + exp(-|x|)); g underflows to exactly 0 for large x.
+    const float x = static_cast<float>(a[h]) + static_cast<float>(dt_bias[hv]);
+    const float sp = (x > 0.0f ? x : 0.0f) + gd_log(1.0f + gd_exp(x > 0.0f ? -x : x));
+    const float g_t = gd_exp(-gd_exp(static_cast<float>(A_log[hv])) * sp);
+    const float beta_t = 1.0f / (1.0f + gd_exp(-static_cast<float>(b[h])));
+    gs[i] = valid ? g_t : 1.0f;
+    bs[i] = valid ? beta_t : 0.0f;
+#else
+    gs[i] = valid ? static_cast<float>(g[h]) : 1.0f;
+    bs[i] = valid ? static_cast<float>(beta[h]) : 0.0f;
+#endif
+    ok[i] = valid ? 1.0f : 0.0f;
+  }
+  gd_barrier();
+  if (tid == 0) {
+    float p = 1.0f;
+    for (int i = 0; i < C; ++i) {
+      p *= gs[i];
+      p = p < tiny ? 0.0f : p;
+      gam[i] = p;
+    }
+  } else if (tid == 32) {
+    float p = 1.0f;
+    for (int i = C - 1; i >= 0; --i) {
+      wts[i] = p;
+      p *= gs[i];
+      p = p < tiny ? 0.0f : p;
+    }
+  }
+
+  // 2. k k^T and q k^T (the barrier at the top of the slice loop also publishes gam / wts).
+  // Thread (ti, tj) computes rows 4 ti .. 4 ti + 3 against columns 4 tj .. 4 tj + 3, reading
+  // k and q staged transposed ([d][row], rows contiguous) four rows at a time.
+  const int ti = tid % 16;
+  const int tj = tid / 16;
+  float kk[R][R];
+  float qk[R][R];
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    #pragma unroll
+    for (int c = 0; c < R; ++c) {
+      kk[r][c] = 0.0f;
+      qk[r][c] = 0.0f;
+    }
+  }
+  for (int d0 = 0; d0 < Dk; d0 += DS) {
+    gd_barrier();
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int d = e % DS;
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d;
+      const bool valid = ok[i] != 0.0f;
+      buf[d * CS + i] = valid ? static_cast<float>(k[off]) : 0.0f;
+      buf[(DS + d) * CS + i] = valid ? static_cast<float>(q[off]) : 0.0f;
+    }
+    gd_barrier();
+    for (int d = 0; d < DS; ++d) {
+      float ki[R];
+      float qi[R];
+      float kj[R];
+      #pragma unroll
+      for (int r4 = 0; r4 < R / 4; ++r4) {
+        const float4 a = buf4[(d * CS + R * ti) / 4 + r4];
+        const float4 b = buf4[((DS + d) * CS + R * ti) / 4 + r4];
+        const float4 c = buf4[(d * CS + R * tj) / 4 + r4];
+        ki[4 * r4] = a.x;
+        ki[4 * r4 + 1] = a.y;
+        ki[4 * r4 + 2] = a.z;
+        ki[4 * r4 + 3] = a.w;
+        qi[4 * r4] = b.x;
+        qi[4 * r4 + 1] = b.y;
+        qi[4 * r4 + 2] = b.z;
+        qi[4 * r4 + 3] = b.w;
+        kj[4 * r4] = c.x;
+        kj[4 * r4 + 1] = c.y;
+        kj[4 * r4 + 2] = c.z;
+        kj[4 * r4 + 3] = c.w;
+      }
+      #pragma unroll
+      for (int r = 0; r < R; ++r) {
+        #pragma unroll
+        for (int c = 0; c < R; ++c) {
+          kk[r][c] += ki[r] * kj[c];
+          qk[r][c] += qi[r] * kj[c];
+        }
+      }
+    }
+  }
+  gd_barrier();  // every thread is done with the staged slices: buf becomes A
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    #pragma unroll
+    for (int c = 0; c < R; ++c) {
+      const int i = R * ti + r;
+      const int j = R * tj + c;
+      // D_ij = prod_{j<l<=i} g_l: the ratio of the two prefix products while neither was cut,
+      // else the running product (a cut prefix does not imply a cut D_ij).
+      float dij = 0.0f;
+      if (j <= i) {
+        if (gam[i] > 0.0f && gam[j] > 0.0f) {
+          dij = gam[i] / gam[j];
+        } else {
+          dij = 1.0f;
+          for (int l = j + 1; l <= i; ++l) {
+            dij *= gs[l];
+            dij = dij < tiny ? 0.0f : dij;
+          }
+        }
+        dij = dij < tiny ? 0.0f : dij;
+      }
+      buf[i * CP + j] = j < i ? bs[i] * dij * kk[r][c] : 0.0f;
+      P[(rn + i) * C + j] = dij * qk[r][c];
+    }
+  }
+  gd_barrier();
+
+  // 3. (I + A) X = [beta v | beta gamma k], column by column
+  for (int col = tid; col < Dv + Dk; col += NT) {
+    const bool is_v = col < Dv;
+    float x[C];
+    #pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      const float src = is_v
+          ? static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col])
+          : static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + (col - Dv)]);
+      // x_i = r_i - A[i, :i] x[:i]: four entries of A per (broadcast) threadgroup-memory read,
+      // summed in four independent chains (the solve is a dependency chain per thread).
+      float r0 = 0.0f;
+      float r1 = 0.0f;
+      float r2 = 0.0f;
+      float r3 = 0.0f;
+      #pragma unroll
+      for (int jq = 0; 4 * jq < i; ++jq) {
+        const float4 a = buf4[(i * CP) / 4 + jq];
+        r0 += a.x * x[4 * jq];
+        if (4 * jq + 1 < i) r1 += a.y * x[4 * jq + 1];
+        if (4 * jq + 2 < i) r2 += a.z * x[4 * jq + 2];
+        if (4 * jq + 3 < i) r3 += a.w * x[4 * jq + 3];
+      }
+      const float rhs = ok[i] != 0.0f ? bs[i] * (is_v ? 1.0f : gam[i]) * src : 0.0f;
+      x[i] = rhs - ((r0 + r1) + (r2 + r3));
+    }
+    #pragma unroll
+    for (int i = 0; i < C; ++i) {
+      if (is_v) {
+        U[(rn + i) * Dv + col] = x[i];
+      } else {
+        W[(rn + i) * Dk + (col - Dv)] = x[i];
+      }
+    }
+  }
+
+  // 4. Qg = gamma q, Kw = w k, decay
+  for (int e = tid; e < C * Dk; e += NT) {
+    const int i = e / Dk;
+    const int d = e % Dk;
+    const int t = t0 + i < T ? t0 + i : T - 1;
+    const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d;
+    const bool valid = ok[i] != 0.0f;
+    Qg[(rn + i) * Dk + d] = valid ? gam[i] * static_cast<float>(q[off]) : 0.0f;
+    Kw[(rn + i) * Dk + d] = valid ? wts[i] * static_cast<float>(k[off]) : 0.0f;
+  }
+  for (int d = tid; d < Dk; d += NT) {
+    decay[(size_t(head) * N + n) * Dk + d] = gam[C - 1];
+  }
+"""

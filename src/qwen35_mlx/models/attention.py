@@ -1,0 +1,132 @@
+"""Prefill attention in bounded memory: softmax(q k^T * scale + mask) v over key blocks.
+
+Qwen3.5's attention heads are 256 wide. MLX's fused attention kernels do not take that width
+for a multi-token query (CUDA's cuDNN path stops at head_dim 128, Metal's full-attention kernel
+takes 64, 80 and 128; MLX 0.32), so `mx.fast.scaled_dot_product_attention` falls back to plain
+ops: the scores [B, Hq, T, S] of a whole prefill step against the whole history S. In a prompt
+fed in steps of 2048 those scores grow with every step (1 GiB in bf16 per layer at 32k for the
+0.8B shape), and on a GPU the buffers of ops already queued stay alive until the GPU has run
+them, so several layers' scores were alive at once (issue 9: 9.2 GiB above the weights at 32k
+against mlx-lm's 3.1 GiB, 22 GiB at 128k).
+
+Here, where no fused kernel takes the shape and the scores would exceed `PLAIN_BYTES`, queries
+are taken in blocks of at most `QUERY_BLOCK` and keys in blocks sized so that one block's scores
+fit in `BLOCK_BYTES`, merged with a running maximum and sum (the online softmax of
+FlashAttention, Dao et al. 2022) in fp32. Key blocks wholly after a causal query block are
+skipped; only blocks that reach past the query block's first position get a causal mask. What
+one step holds is then one block of scores, independent of how long the history is.
+Numerics follow MLX's fallback: q is scaled in its dtype, scores come out of the matmul in the
+input dtype, the softmax runs in fp32 and its weights meet v in v's dtype. Masked positions get
+the dtype's lowest value (not -inf), as in the fallback, so fully masked rows (left padding)
+stay finite.
+
+Shapes: q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (the cache's layout); the last T
+keys are the queries' own positions; mask None, "causal", or an array broadcastable to
+[B, Hq, T, S] (bool: True = attend; else additive).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.base import scaled_dot_product_attention as _mlx_lm_sdpa
+
+# One block of scores (all query heads of one query block against one key block), in the
+# input's dtype; its softmax weights are as large. Small enough that the blocks queued on a GPU
+# ahead of it stay small; large enough for matmuls that keep the GPU busy.
+BLOCK_BYTES = 16 << 20
+# A step whose whole scores fit in this goes to MLX's attention in one call (faster when short).
+PLAIN_BYTES = 256 << 20
+QUERY_BLOCK = 2048
+# Key blocks are a multiple of this many keys (matmul-friendly) and never shorter.
+KEY_ALIGN = 128
+
+
+def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
+    """Whether MLX (0.32) runs attention for this multi-token query in one fused kernel."""
+    if mx.default_device() == mx.cpu:
+        return False
+    D, Dv = q.shape[-1], v.shape[-1]
+    if mx.metal.is_available():
+        return D == Dv and D in (64, 80, 128)
+    # CUDA: cuDNN, compute capability 8+, fp16/bf16, both head dims multiples of 8 up to 128.
+    return q.dtype in (mx.float16, mx.bfloat16) and D <= 128 and Dv <= 128 and D % 8 == Dv % 8 == 0
+
+
+# The elementwise work of one key block, compiled (shapeless: one trace serves every block):
+# the softmax weights come out in the scores' dtype, so a block holds two arrays of its size.
+@partial(mx.compile, shapeless=True)
+def _block_softmax(s: mx.array, m: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """s [..., n, kb] scores; m [..., n, 1] fp32 running max -> (weights exp(s - m_new) in s's
+    dtype, m_new, exp(m - m_new) the factor that rescales what was summed before)."""
+    m_new = mx.maximum(m, s.max(-1, keepdims=True).astype(mx.float32))
+    p = mx.exp(s.astype(mx.float32) - m_new).astype(s.dtype)
+    return p, m_new, mx.exp(m - m_new)
+
+
+@partial(mx.compile, shapeless=True)
+def _block_merge(acc, l, alpha, pv, psum):
+    return acc * alpha + pv.astype(mx.float32), l * alpha + psum.astype(mx.float32)
+
+
+def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx.array:
+    B, Hq, T, D = q.shape
+    _, Hkv, S, Dv = v.shape
+    rep = Hq // Hkv
+    offset = S - T  # position of the first query
+    causal = isinstance(mask, str)
+    arr = None
+    if mask is not None and not causal:
+        # [Bm, Hm, T, S] -> [Bm, Hkv or 1, rep or 1, T, S], matching the scores' 5-D view.
+        arr = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        Hm = arr.shape[1]
+        arr = arr[:, :, None] if Hm == 1 else arr.reshape(arr.shape[0], Hkv, rep, *arr.shape[2:])
+    low = mx.array(mx.finfo(q.dtype).min, q.dtype)
+    q = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, rep, T, D)
+
+    qb = min(T, QUERY_BLOCK)
+    per_key = B * Hq * qb * q.dtype.size
+    kb = max(KEY_ALIGN, BLOCK_BYTES // per_key // KEY_ALIGN * KEY_ALIGN)
+    outs = []
+    for q0 in range(0, T, qb):
+        q1 = min(q0 + qb, T)
+        n = q1 - q0
+        qs = q[:, :, :, q0:q1].reshape(B, Hkv, rep * n, D)
+        m = mx.full((B, Hkv, rep * n, 1), -mx.inf, mx.float32)
+        l = mx.zeros((B, Hkv, rep * n, 1), mx.float32)
+        acc = mx.zeros((B, Hkv, rep * n, Dv), mx.float32)
+        # Keys this query block can see: all of them, or up to its last position if causal.
+        k_end = offset + q1 if causal else S
+        for k0 in range(0, k_end, kb):
+            k1 = min(k0 + kb, k_end)
+            s = qs @ k[:, :, k0:k1].swapaxes(-1, -2)  # [B, Hkv, rep * n, k1 - k0]
+            if causal and k1 - 1 > offset + q0:
+                qpos = mx.arange(offset + q0, offset + q1)[:, None]
+                allow = qpos >= mx.arange(k0, k1)[None]  # [n, k1 - k0]
+                s = mx.where(allow[None, None, None], s.reshape(B, Hkv, rep, n, -1), low)
+                s = s.reshape(B, Hkv, rep * n, -1)
+            elif arr is not None:
+                blk = arr[..., k0:k1] if arr.shape[-2] == 1 else arr[..., q0:q1, k0:k1]
+                s = s.reshape(B, Hkv, rep, n, -1)
+                s = mx.where(blk, s, low) if blk.dtype == mx.bool_ else s + blk.astype(s.dtype)
+                s = s.reshape(B, Hkv, rep * n, -1)
+            p, m, alpha = _block_softmax(s, m)
+            pv = p.astype(v.dtype) @ v[:, :, k0:k1]
+            acc, l = _block_merge(acc, l, alpha, pv, p.sum(-1, keepdims=True))
+        outs.append((acc / l).astype(v.dtype).reshape(B, Hq, n, Dv))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, mask: Any
+) -> mx.array:
+    """Scaled dot-product attention for the model's layers: mlx-lm's (fused kernel, quantized
+    cache) where that keeps the scores small or fused, else in key blocks (module docstring)."""
+    if hasattr(cache, "bits") or q.shape[2] == 1 or has_fused_kernel(q, k, v):
+        return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)
+    B, Hq, T, _ = q.shape
+    if B * Hq * T * k.shape[2] * q.dtype.size <= PLAIN_BYTES:
+        return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)
+    return _blocked(q, k, v, scale, mask)

@@ -1,0 +1,231 @@
+"""The chunked GPU kernels (chunk_launch: prep kernel or MLX-ops prep, then the state pass)
+against the token-by-token reference and the float64 NumPy loop, over the shape / mask / gate
+grid of test_gpu_kernels.py plus T in {1, 63, 64, 65, 200, 1000}, fp32 and bf16.
+
+Runs only where MLX has a GPU backend. Outputs are poisoned with NaN before the run, so an element
+the kernels fail to write fails the comparison.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.kernels.gated_delta import _pick as pick_backend
+from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
+from qwen35_mlx.kernels.gated_delta import gated_delta, gated_delta_update
+from tests.conftest import RTOL, rel_err
+from tests.kernels.helpers import gated_delta_np
+from tests.kernels.test_gpu_kernels import (
+    BACKEND,
+    SHAPES,
+    _pads,
+    check,
+    kernel_inputs,
+    ref,
+    ref_fused,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(BACKEND is None, reason="needs MLX with a Metal or CUDA GPU"),
+]
+
+NAN = float("nan")
+
+
+def chunk(x, prep="auto"):
+    y, s = cl.gated_delta_chunk_kernel(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["g"],
+        x["beta"],
+        x["state"],
+        x["mask"],
+        backend=BACKEND,
+        prep=prep,
+        init_value=NAN,
+    )
+    mx.eval(y, s)
+    return y, s
+
+
+def _holes(B, T):
+    """[B, T] mask: left padding, a hole in the middle, right padding, none, by batch row."""
+    m = np.ones((B, T), bool)
+    for b in range(B):
+        kind = b % 4
+        if kind == 0:
+            m[b, : T // 3] = False
+        elif kind == 1:
+            m[b, T // 4 : T // 2 + 1] = False
+        elif kind == 2:
+            m[b, T - T // 5 - 1 :] = False
+    return mx.array(m)
+
+
+# test_gpu_kernels' grid (Hv/Hk in {1, 2, 4}, Dk 32..256, Dv 1..128, B in {1, 3}), and
+# T in {1, 63, 64, 65, 200, 1000} at the Qwen3.5 head shape.
+CHUNK_SHAPES = SHAPES + [
+    (1, 1, 16, 32, 128, 128),
+    (2, 63, 16, 32, 128, 128),
+    (1, 64, 2, 4, 128, 128),
+    (3, 65, 2, 4, 128, 64),
+    (2, 200, 4, 8, 128, 128),
+    (1, 1000, 2, 4, 128, 128),
+    (3, 1000, 1, 2, 64, 96),
+]
+
+
+@pytest.mark.parametrize("masked", ["nomask", "pad", "holes"])
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+@pytest.mark.parametrize("shape", CHUNK_SHAPES, ids=lambda s: "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*s))
+def test_chunk_kernel_matches_ref(shape, per_key, masked):
+    B, T = shape[:2]
+    x = kernel_inputs(*shape, per_key=per_key, pad=_pads(B, T) if masked == "pad" else None)
+    if masked == "holes":
+        x["mask"] = _holes(B, T)
+    check(chunk(x), ref(x), mx.float32)
+
+
+@pytest.mark.parametrize("prep", ["kernel", "ops"])
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200, 1000])
+def test_chunk_kernel_matches_numpy(T, prep):
+    """Against the float64 loop (not only ref), both preps, with holes in the mask."""
+    x = kernel_inputs(3, T, 2, 4, 64, 32)
+    x["mask"] = _holes(3, T)
+    y, s = chunk(x, prep=prep)
+    y_np, s_np = gated_delta_np(x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"])
+    assert rel_err(np.array(y), y_np) < RTOL[mx.float32]
+    assert rel_err(np.array(s), s_np) < RTOL[mx.float32]
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32], ids=str)
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200, 1000])
+def test_chunk_kernel_dtypes(T, dtype):
+    x = kernel_inputs(2, T, 16, 32, 128, 128, dtype=dtype, pad=[0, T // 3])
+    check(chunk(x), ref(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+def test_chunk_kernel_low_precision_4096_steps(dtype):
+    x = kernel_inputs(1, 4096, 1, 2, 64, 32, dtype=dtype)
+    x["state"] = mx.zeros_like(x["state"])
+    check(chunk(x), ref(x), dtype)
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+def test_chunk_kernel_g_zero_and_strong_decay(per_key):
+    x = kernel_inputs(2, 150, 1, 2, 64, 32, per_key=per_key, pad=[0, 7])
+    g = np.array(x["g"])
+    g[:, ::7] = 0.0
+    g[:, 64] = 0.0  # a chunk's first step
+    x["g"] = mx.array(g)
+    check(chunk(x), ref(x), mx.float32)
+    strong = np.random.default_rng(0).uniform(1e-4, 0.05, g.shape).astype(np.float32)
+    x["g"] = mx.array(strong)
+    check(chunk(x), ref(x), mx.float32)
+
+
+def test_chunk_kernel_garbage_in_padding_does_not_leak():
+    x = kernel_inputs(3, 130, 1, 2, 64, 32)
+    x["mask"] = _holes(3, 130)
+    want = chunk(x)
+    pad = ~x["mask"]
+    nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
+    for n in ("q", "k", "v"):
+        x[n] = x[n] + nan4
+    x["g"] = mx.where(pad[:, :, None], mx.inf, x["g"])
+    x["beta"] = mx.where(pad[:, :, None], mx.nan, x["beta"])
+    got = chunk(x)
+    assert np.array_equal(np.array(got[0]), np.array(want[0]))
+    assert np.array_equal(np.array(got[1]), np.array(want[1]))
+
+
+def test_chunk_kernel_state_carried_across_calls():
+    x = kernel_inputs(3, 300, 2, 4, 128, 64, pad=[0, 40, 100])
+    y_full, s_full = chunk(x)
+    split = 77
+    first = {
+        n: (a[:, :split] if a is not None and a.ndim >= 2 and a.shape[1] == 300 else a)
+        for n, a in x.items()
+    }
+    second = {
+        n: (a[:, split:] if a is not None and a.ndim >= 2 and a.shape[1] == 300 else a)
+        for n, a in x.items()
+    }
+    y1, s1 = chunk(first)
+    second["state"] = s1
+    y2, s2 = chunk(second)
+    check((mx.concatenate([y1, y2], axis=1), s2), (y_full, s_full), mx.float32)
+
+
+def chunk_fused(x):
+    y, s = cl.gated_delta_update_chunk_kernel(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["a"],
+        x["b"],
+        x["A_log"],
+        x["dt_bias"],
+        x["state"],
+        x["mask"],
+        backend=BACKEND,
+        init_value=NAN,
+    )
+    mx.eval(y, s)
+    return y, s
+
+
+@pytest.mark.parametrize("masked", ["nomask", "pad", "holes"])
+@pytest.mark.parametrize(
+    "shape", CHUNK_SHAPES[::2], ids=lambda s: "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*s)
+)
+def test_chunk_kernel_fused_gates_match_compute_gates_ref(shape, masked):
+    B, T = shape[:2]
+    x = kernel_inputs(*shape, pad=_pads(B, T) if masked == "pad" else None)
+    if masked == "holes":
+        x["mask"] = _holes(B, T)
+    check(chunk_fused(x), ref_fused(x), mx.float32)
+
+
+def test_chunk_kernel_fused_gate_underflow_to_zero():
+    x = kernel_inputs(2, 140, 1, 2, 64, 32)
+    a = np.array(x["a"])
+    a[:, ::5] = 80.0  # softplus(80) * exp(A_log) >> 104: exp underflows to exactly 0
+    x["a"] = mx.array(a)
+    x["A_log"] = mx.full(x["A_log"].shape, 2.0)
+    check(chunk_fused(x), ref_fused(x), mx.float32)
+
+
+def test_public_api_chunked_and_auto_crossover(monkeypatch):
+    """backend="chunked" runs the kernels on a GPU (both entry points); auto picks them from
+    _GPU_CHUNKED_MIN_T on, the fused kernel below."""
+    import qwen35_mlx.kernels.gated_delta as gd
+
+    x = kernel_inputs(2, 130, 2, 4, 128, 64, pad=[3, 0])
+    calls = []
+    for name in ("gated_delta_chunk_kernel", "gated_delta_update_chunk_kernel"):
+        real = getattr(cl, name)
+        monkeypatch.setattr(
+            cl, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
+        )
+    y, s = gated_delta(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend="chunked"
+    )
+    check((y, s), ref(x), mx.float32)
+    gates = (x["a"], x["b"], x["A_log"], x["dt_bias"])
+    y, s = gated_delta_update(
+        x["q"], x["k"], x["v"], *gates, x["state"], x["mask"], backend="chunked"
+    )
+    check((y, s), ref_fused(x), mx.float32)
+    assert calls == ["gated_delta_chunk_kernel", "gated_delta_update_chunk_kernel"]
+    monkeypatch.setattr(gd, "_GPU_CHUNKED_MIN_T", 100)
+    assert pick_backend("auto", x["q"], x["v"], x["g"]) == "chunked"
+    assert pick_backend("auto", x["q"][:, :99], x["v"][:, :99], x["g"][:, :99]) == BACKEND
+    g_per_key = mx.ones((*x["g"].shape, x["q"].shape[-1]))
+    assert pick_backend("auto", x["q"], x["v"], g_per_key) == BACKEND  # per-key: fused kernel
+    y, s = gated_delta_update(x["q"], x["k"], x["v"], *gates, x["state"], x["mask"])
+    check((y, s), ref_fused(x), mx.float32)
+    assert calls[-1] == "gated_delta_update_chunk_kernel" and len(calls) == 3
