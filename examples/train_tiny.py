@@ -11,6 +11,11 @@ Steps, all seeded: build the corpus, train a byte-level BPE tokenizer, train the
 
     nice -n 5 python examples/train_tiny.py --minutes 10
 
+`--mtp` trains only a multi-token-prediction head (`mtp.*`, the draft model of speculative
+decoding) on top of the model already at `--out`, whose weights it keeps bit for bit: the head
+reads the frozen model's final hidden state at t and the token at t + 1 and learns the token at
+t + 2, on the same corpus (the shipped head: `--mtp --minutes 6`).
+
 The corpus depends on the Python version's documentation (the shipped model was trained
 on CPython 3.11). `held_out_text()` gives the validation documents, which training never sees.
 """
@@ -529,6 +534,92 @@ def train(model: nn.Module, stream: Stream, args, held_text: str, tok) -> dict:
     return log
 
 
+def mtp_loss_fn(model, batch):
+    """Cross-entropy of the MTP head's prediction of token t + 2 from the (frozen) model's
+    hidden state at t and the token at t + 1."""
+    _, h = model(batch[:, :-1], return_hidden=True)
+    logits, _ = model.mtp_forward(mx.stop_gradient(h[:, :-1]), batch[:, 1:-1])
+    return nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 2:], reduction="mean")
+
+
+def train_mtp(args) -> None:
+    """Add an MTP head to the model at `args.out` and train only the head (module docstring)."""
+    from tokenizers import Tokenizer
+
+    from qwen35_mlx.loader import load_model
+
+    config = json.loads((args.out / "config.json").read_text())
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    config["mtp_num_hidden_layers"] = 1
+    base = load_model(args.out)
+    model = build_model(config)
+    mx.random.seed(args.seed)
+    for path, p in tree_flatten(model.mtp.parameters()):
+        if p.ndim == 2:
+            model.mtp.update(tree_unflatten([(path, mx.random.normal(p.shape, scale=0.02))]))
+    weights = dict(tree_flatten(base.parameters()))
+    model.load_weights(list(weights.items()), strict=False)
+    model.set_dtype(mx.float32)
+    model.freeze()
+    model.mtp.unfreeze()
+    tok = Tokenizer.from_file(str(args.out / "tokenizer.json"))
+    train_docs, _ = build_corpus(args.seed)
+    stream = Stream(train_docs, tok, args.seed + 1)
+
+    optimizer = optim.AdamW(learning_rate=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    value_and_grad = nn.value_and_grad(model, mtp_loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch):
+        loss, grads = value_and_grad(model, batch)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
+        return loss
+
+    t0, i, total, losses, log = time.time(), 0, args.steps, [], {"mtp_loss": []}
+    while total is None or i < total:
+        optimizer.learning_rate = lr_at(i, total or 10**9, args.lr, args.warmup)
+        loss = step(stream.batch(args.batch, args.context))
+        mx.eval(state, loss)
+        losses.append(loss.item())
+        i += 1
+        if total is None and i == 8:
+            per_step = (time.time() - t0) / 8
+            total = max(args.warmup + 1, int(args.minutes * 60 / per_step))
+            print(f"{per_step:.2f} s/step -> {total} steps")
+        if i % 25 == 0 or i == total:
+            mean = sum(losses[-25:]) / len(losses[-25:])
+            print(f"mtp step {i}/{total}  loss {mean:.3f}  {time.time() - t0:.0f}s", flush=True)
+            log["mtp_loss"].append([i, round(mean, 4)])
+    # The main weights go back exactly as loaded (float16 -> float32 -> float16 is exact).
+    dtype = getattr(mx, config.get("dtype", "float16"))
+    model.update(
+        tree_unflatten(
+            [
+                (k, weights[k] if k in weights else v.astype(dtype))
+                for k, v in tree_flatten(model.parameters())
+            ]
+        )
+    )
+    from qwen35_mlx.convert import save_mlx
+
+    old = json.loads((args.out / "training_log.json").read_text())
+    old["mtp"] = log | {"steps": total, "seconds": round(time.time() - t0, 1), "args": {
+        k: v for k, v in vars(args).items() if k != "out"}}  # fmt: skip
+    extra = [args.out / n for n in ("tokenizer.json", "tokenizer_config.json",
+                                     "generation_config.json")]  # fmt: skip
+    tmp = args.out.parent / (args.out.name + ".mtp")
+    save_mlx(model, config, tmp, extra_files=extra, overwrite=True)
+    (tmp / "training_log.json").write_text(json.dumps(old, indent=2) + "\n")
+    import shutil
+
+    shutil.rmtree(args.out)
+    tmp.rename(args.out)
+    print(f"wrote {args.out}")
+
+
 def save_assets(model: nn.Module, config: dict, tok, out: Path, log: dict) -> None:
     """config.json, model.safetensors (float16, A_log fp32, metadata format=mlx), tokenizer."""
     from qwen35_mlx.convert import save_mlx
@@ -583,12 +674,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--out", type=Path, default=ASSETS)
+    p.add_argument(
+        "--mtp", action="store_true", help="train only an MTP head on the model at --out"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     random.seed(args.seed)
+    if args.mtp:
+        train_mtp(args)
+        return
     train_docs, held_docs = build_corpus(args.seed)
     tok = train_tokenizer(
         [d if isinstance(d, str) else "".join(d) for d in train_docs], args.vocab_size

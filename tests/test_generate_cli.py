@@ -144,3 +144,36 @@ def test_bad_arguments(capsys, argv, needle):
 def test_empty_stdin_prompt(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert_user_error(*run(capsys, "--model", GOLDEN, "--prompt", "-"), "empty")
+
+
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tmp_path_factory):
+    """A random model with an MTP head, the golden checkpoint's tokenizer and vocabulary."""
+    from qwen35_mlx.convert import save_mlx
+    from tests.models.factory import make_text_config, make_text_model
+
+    model = make_text_model(make_text_config(vocab_size=384, mtp_num_hidden_layers=1), seed=4)
+    config = {**model.config.to_dict(), "eos_token_id": 2}
+    files = [GOLDEN / f for f in ("tokenizer.json", "tokenizer_config.json")]
+    return save_mlx(model, config, tmp_path_factory.mktemp("mtp") / "m", extra_files=files)
+
+
+def test_mtp_on_by_default_same_text_and_acceptance_stats(capsys, mtp_checkpoint):
+    args = ("--model", mtp_checkpoint, "--prompt", "hello there", "--no-chat-template", "-m", 12)
+    code, plain, err = run(capsys, *args, "--no-mtp")
+    assert code == 0, err
+    assert "MTP:" not in plain
+    for k in (None, 1, 3):
+        code, out, err = run(capsys, *args, *(("--mtp-k", k) if k else ()))
+        assert code == 0, err
+        assert out.split("=" * 10)[1] == plain.split("=" * 10)[1]  # the same text
+        assert "MTP: " in out and "of drafted tokens accepted" in out
+
+
+def test_mtp_option_errors(capsys, mtp_checkpoint):
+    base = ("--model", mtp_checkpoint, "--prompt", "hi", "--no-chat-template", "-m", 2)
+    assert_user_error(*run(capsys, *base, "--mtp-k", 0), "--mtp-k must be at least 1")
+    assert_user_error(*run(capsys, *base, "--mtp-k", 2, "--no-mtp"), "cannot go with --no-mtp")
+    # a checkpoint without the head: --mtp-k is ignored with a note
+    code, out, err = run(capsys, "--model", GOLDEN, "--prompt", "hi", "-m", 2, "--mtp-k", 2)
+    assert code == 0 and "no multi-token-prediction head" in err and "--mtp-k ignored" in err

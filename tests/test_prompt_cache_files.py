@@ -115,7 +115,8 @@ def test_mlx_lm_reads_our_file_and_we_read_mlx_lms(tiny, tmp_path):
     theirs_cache, meta = load_prompt_cache(str(ours), return_metadata=True)
     assert len(theirs_cache) == len(pc.cache) and json.loads(meta[TOKENS_KEY]) == pc.tokens
     for a, b in zip(theirs_cache, pc.cache, strict=True):
-        assert type(a) is type(b)
+        # mlx-lm rebuilds classes by name: our LinearCache comes back as its plain ArraysCache.
+        assert type(a).__name__ == type(b).__name__ and isinstance(b, type(a))
         for (_, u), (_, v) in zip(tree_flatten(a.state), tree_flatten(b.state), strict=True):
             assert (u is None and v is None) or np.array_equal(np.array(u), np.array(v))
 

@@ -5,8 +5,8 @@
 
 Works for text dense, text MoE and vision-language checkpoints. The steps reuse what exists:
 our loader reads and sanitizes (conv1d [C, 1, K] -> [C, K, 1], norm weights w -> 1 + w once,
-MoE experts stacked under `switch_mlp`, `mtp.*` dropped), mlx-lm quantizes (`quantize_model`,
-its mixed recipes, `make_shards`, `save_config`). What this module adds:
+MoE experts stacked under `switch_mlp`, `mtp.*` dropped unless `keep_mtp`), mlx-lm quantizes
+(`quantize_model`, its mixed recipes, `make_shards`, `save_config`). What this module adds:
 
 - the models' `quant_predicate` (routers and the shared-expert gate at 8 bits, the vision tower
   unquantized unless `quantize_vision`) combined with a mixed recipe;
@@ -17,9 +17,11 @@ its mixed recipes, `make_shards`, `save_config`). What this module adds:
 - a progress bar over the bytes written, and no half-written output: everything goes to a
   temporary folder next to DST that is renamed into place at the end.
 
-`mtp.*` (multi-token prediction) weights are dropped: mlx-swift-lm shifts every norm by one
-whenever a checkpoint holds any `mtp.` weight, so keeping them would shift our already shifted
-norms twice in Swift apps (see tests/data/mlx_swift_lm/qwen35.json).
+`mtp.*` (multi-token prediction) weights are dropped by default: mlx-swift-lm shifts every norm
+by one whenever a checkpoint holds any `mtp.` weight, so keeping them would shift our already
+shifted norms twice in Swift apps (see tests/data/mlx_swift_lm/qwen35.json). `keep_mtp=True`
+(`--keep-mtp`) keeps them (sanitized, norms shifted once, quantized with the rest) for this
+package's speculative decoding; such a checkpoint is not for Swift apps, and says so in a warning.
 """
 
 from __future__ import annotations
@@ -296,6 +298,7 @@ def convert(
     quantize_vision: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    keep_mtp: bool = False,
 ) -> Path:
     """Convert a Hugging Face Qwen3.5 checkpoint (folder or repo id) into an MLX one at
     `mlx_path`; returns the path.
@@ -337,6 +340,20 @@ def convert(
     model = load_model(src, lazy=True, dtype=dtype)
     if is_vlm and "vision_tower" not in model:
         raise ValueError(f"{src} has a vision_config but no vision weights")
+    text_model = model.language_model if "language_model" in model else model
+    if text_model.has_mtp and not keep_mtp:
+        text_model.pop("mtp")
+    elif keep_mtp and not text_model.has_mtp:
+        raise ValueError(
+            f"{src} has no multi-token-prediction weights (mtp.*, with mtp_num_hidden_layers "
+            "in config.json) to keep"
+        )
+    elif keep_mtp:
+        warnings.warn(
+            "keeping mtp.* weights: mlx-swift-lm would shift every norm a second time, so this "
+            "checkpoint is not for Swift apps",
+            stacklevel=2,
+        )
     config.pop("quantization_config", None)
     if quantize:
         from mlx_lm.utils import quantize_model
@@ -383,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed", choices=mixed_recipes(), help="mlx-lm mixed-precision recipe (implies -q)"
     )
     p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower too")
+    p.add_argument(
+        "--keep-mtp",
+        action="store_true",
+        help="keep the multi-token-prediction head (speculative decoding here; not for Swift)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --mlx-path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -408,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
                 quantize_vision=args.quantize_vision,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
+                keep_mtp=args.keep_mtp,
             )
     except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"python -m qwen35_mlx.convert: error: {e}", file=sys.stderr)

@@ -110,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=2048,
         help="prompt tokens per prefill step (bounds peak memory)",
     )
+    p.add_argument(
+        "--no-mtp",
+        action="store_true",
+        help="no speculative decoding with the checkpoint's multi-token-prediction head "
+        "(on by default when the checkpoint has one)",
+    )
+    p.add_argument(
+        "--mtp-k",
+        type=int,
+        default=None,
+        help="tokens the MTP head drafts per step (default 1); ignored, with a note, for a "
+        "checkpoint without the head",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the generated text")
     p.add_argument(
         "--sharded",
@@ -156,6 +169,11 @@ def _check_args(args: argparse.Namespace) -> str:
         check_sampling(args.temp, args.top_p, args.top_k, args.min_p, cli=True)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if args.mtp_k is not None:
+        if args.no_mtp:
+            raise UserError("--mtp-k sets the MTP drafts; it cannot go with --no-mtp")
+        if args.mtp_k < 1:
+            raise UserError(f"--mtp-k must be at least 1 (got {args.mtp_k})")
     if args.seed is not None and not 0 <= args.seed < 2**64:
         raise UserError(f"--seed must be an integer in [0, 2**64 - 1] (got {args.seed})")
     if args.system is not None:
@@ -302,6 +320,13 @@ def run(args: argparse.Namespace) -> int:
         mx.random.seed(seed)
     model, tokenizer = _load(path, args.dtype, group)
     text = build_prompt(tokenizer, prompt, args, len(images), len(args.video))
+    from .speculative import has_mtp
+
+    if args.mtp_k is not None and not has_mtp(model):
+        print(
+            f"note: {model_path} has no multi-token-prediction head (mtp.*): --mtp-k ignored",
+            file=sys.stderr,
+        )
 
     out = sys.stdout if group is None or group.rank() == 0 else io.StringIO()
     max_positions = config.text_config.max_position_embeddings
@@ -319,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             min_p=args.min_p,
             prefill_step_size=args.prefill_step_size,
+            mtp=not args.no_mtp,
+            mtp_k=args.mtp_k or 1,
         ):
             if last.generation_tokens == 1:
                 # only now, so that an error in the prompt leaves stdout empty
@@ -344,6 +371,8 @@ def run(args: argparse.Namespace) -> int:
             f"{last.generation_tps:.3f} tokens-per-sec",
             file=out,
         )
+        if last.mtp_acceptance is not None:
+            print(f"MTP: {last.mtp_acceptance:.1%} of drafted tokens accepted", file=out)
         print(f"Peak memory: {last.peak_memory:.3f} GB", file=out)
     return 0
 

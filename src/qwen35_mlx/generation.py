@@ -9,6 +9,17 @@ recurrent or conv state and every row decodes as it would alone.
 
 Sampling, logits processors and streaming detokenization are mlx-lm's (`make_sampler`,
 `make_logits_processors`, `TokenizerWrapper.detokenizer`).
+
+Multi-token prediction (speculative.py) is on by default (`mtp=True`) when the checkpoint has an
+MTP head: the head drafts `mtp_k` tokens (default 1) per step and one call of the model verifies
+them, with the same tokens as without it at temperature 0 and the same distribution when sampling.
+It stays off, silently, for a checkpoint without the head, a custom `sampler` callable or logits
+processors (repetition penalty), which give no distribution to verify against, and a
+`prompt_cache` list whose linear layers cannot roll back (mlx-lm's plain ArraysCache).
+`mtp_k` is checked (an integer >= 1) either way. With a prompt cache, the MTP layer sees only
+this call's new tokens (its own KV cache is not kept between calls): that lowers acceptance,
+never changes the tokens.
+`GenerationResponse.mtp_acceptance` is the share of drafts accepted so far (None without MTP).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .models.cache import reserve_kv
 from .sampling import check_sampling
+from .speculative import MTPSpeculator, can_roll_back, greedy_or_sampling, has_mtp
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -54,6 +66,7 @@ class GenerationResponse:
     finish_reason: str | None = None
     cached_tokens: int = 0
     from_draft: bool = False
+    mtp_acceptance: float | None = None
 
 
 @dataclass
@@ -68,6 +81,7 @@ class BatchResponse:
     generation_tokens: int = 0
     generation_tps: float = 0.0
     peak_memory: float = 0.0
+    mtp_acceptance: float | None = None
 
 
 def _wrap_tokenizer(tokenizer: Any) -> Any:
@@ -160,6 +174,7 @@ def prefill(
     on_stop: Callable[[int], None] | None = None,
     first_call_kwargs: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_hidden: Callable[[mx.array, mx.array], list] | None = None,
 ) -> None:
     """Run `tokens` through `model` into `cache` in steps of at most `prefill_step_size`.
 
@@ -168,6 +183,8 @@ def prefill(
     there with the cache holding exactly the first `n` tokens (prompt-cache snapshots).
     `first_call_kwargs` go to the first model call only and make it cover all of `tokens`
     (a vision-language prompt: the image features must arrive with the image tokens).
+    `on_hidden(tokens [1, T], hidden [1, T, H])`, when given, receives every step's normed
+    hidden states (the MTP head's input, speculative.py) and returns arrays to evaluate too.
     """
     n_total = len(tokens)
     if n_total == 0:
@@ -181,11 +198,17 @@ def prefill(
             step_end = n_total
         else:
             step_end = min(done + prefill_step_size, next(e for e in ends if e > done))
-        model(mx.array(tokens[done:step_end])[None], cache=cache, **kwargs)
+        chunk = mx.array(tokens[done:step_end])[None]
+        extra = []
+        if on_hidden is None:
+            model(chunk, cache=cache, **kwargs)
+        else:
+            _, hidden = model(chunk, cache=cache, return_hidden=True, **kwargs)
+            extra = on_hidden(chunk, hidden)
         if done == 0 and step_end < n_total:
             # Room for the whole prompt at once: later steps write the KV cache in place.
             reserve_kv(cache, n_total - step_end)
-        mx.eval(_cache_state(cache))
+        mx.eval(_cache_state(cache), extra)
         kwargs = {}
         done = step_end
         if on_stop is not None and done in marks:
@@ -234,6 +257,8 @@ def stream_generate(
     prefill_step_size: int = 2048,
     prompt_cache: Any = None,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
+    mtp: bool = True,
+    mtp_k: int = 1,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt` (text or token ids), yielding a `GenerationResponse` per token.
 
@@ -244,10 +269,14 @@ def stream_generate(
     the whole `prompt` is new and the list is updated in place) or a
     `qwen35_mlx.prompt_cache.PromptCache`, which reuses the longest cached prefix of `prompt` and
     keeps this prompt + generation for the next call.
+
+    `mtp` / `mtp_k`: speculative decoding with the checkpoint's MTP head (module docstring).
     """
     with wired_limit():
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        check_mtp_k(mtp_k)
+        user_sampler = sampler
         _check_step(prefill_step_size)
         first_kwargs: dict = {}
         if images or videos:
@@ -283,6 +312,17 @@ def stream_generate(
             n_cached = len(ids) - len(todo)
 
         history = mx.array(ids) if processors else None
+        spec_sampling = None
+        if mtp and not processors and has_mtp(model) and can_roll_back(cache):
+            spec_sampling = greedy_or_sampling(user_sampler, temp, top_p, top_k, min_p)
+        if spec_sampling is not None:
+            yield from _stream_speculative(
+                model, text_tok, ids, todo, cache, managed, n_cached, first_kwargs,
+                MTPSpeculator(model, cache, mtp_k, spec_sampling),
+                max_tokens=max_tokens, prefill_step_size=prefill_step_size,
+                progress=prompt_progress_callback,
+            )  # fmt: skip
+            return
 
         def step(tok: mx.array) -> tuple[mx.array, mx.array]:
             logits = _apply(processors, history, model(tok[None], cache=cache)[:, -1, :])
@@ -365,6 +405,110 @@ def stream_generate(
                 managed.commit(cache, fed)
 
 
+def check_mtp_k(mtp_k: Any, flag: str = "mtp_k") -> None:
+    if not isinstance(mtp_k, int) or isinstance(mtp_k, bool) or mtp_k < 1:
+        raise ValueError(f"{flag} (tokens drafted per step) must be an integer >= 1, got {mtp_k!r}")
+
+
+def _stream_speculative(
+    model: nn.Module,
+    text_tok: Any,
+    ids: list[int],
+    todo: list[int],
+    cache: list,
+    managed: Any,
+    n_cached: int,
+    first_kwargs: dict,
+    spec: MTPSpeculator,
+    *,
+    max_tokens: int,
+    prefill_step_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> Generator[GenerationResponse, None, None]:
+    """stream_generate's loop with MTP drafts (speculative.py): the same responses, a round's
+    tokens handed out one by one; the cache ends holding exactly `fed`, as without MTP."""
+    detok = text_tok.detokenizer
+    eos = set(text_tok.eos_token_ids)
+    tic = time.perf_counter()
+    stops, on_stop = [], None
+    if managed is not None:
+        stops = [s - n_cached for s in managed.snapshot_points(ids, n_cached)]
+        on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
+
+    def on_hidden(chunk: mx.array, hidden: mx.array) -> list:
+        spec.on_prefill(chunk, hidden)
+        return spec.mtp_state()
+
+    try:
+        prefill(
+            model, cache, todo[:-1], prefill_step_size=prefill_step_size, stops=stops,
+            on_stop=on_stop, first_call_kwargs=first_kwargs, progress=progress,
+            on_hidden=on_hidden,
+        )  # fmt: skip
+        y, logprobs = spec.start(mx.array(todo[-1:])[None])
+        mx.eval(y, logprobs)
+    except BaseException:
+        if managed is not None:
+            managed.reset()
+        raise
+    prompt_time = time.perf_counter() - tic
+    prompt_tps = len(todo) / max(prompt_time, 1e-9)
+    fed = list(ids)
+    if managed is not None:
+        managed.snapshot(cache, fed)
+
+    tic = time.perf_counter()
+    token = y.item()
+    queue = [(token, logprobs[0], False)]  # this round's tokens not yet handed out
+    n, finish = 0, None
+    try:
+        while True:
+            if not queue:
+                rows, lps = spec.round()
+                toks = rows[0]
+                # the cache now holds the last round's final token and this round's drafts
+                fed.append(token)  # the previous round's last token
+                fed.extend(toks[:-1])
+                queue = [(t, lps[0, j], j < len(toks) - 1) for j, t in enumerate(toks)]
+            token, cur_logprobs, from_draft = queue.pop(0)
+            n += 1
+            if token in eos:
+                finish = "stop"
+            elif n >= max_tokens:
+                finish = "length"
+            if finish is not None and queue:
+                # stopped inside a round: the cache holds tokens past this one; take them back
+                k = len(queue)
+                spec.unfeed(k)
+                del fed[len(fed) - k :]
+                queue = []
+            if finish != "stop":
+                detok.add_token(token)
+            if finish is not None:
+                detok.finalize()
+            yield GenerationResponse(
+                text=detok.last_segment,
+                token=token,
+                logprobs=cur_logprobs,
+                prompt_tokens=len(ids),
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+                cached_tokens=n_cached,
+                from_draft=from_draft,
+                mtp_acceptance=spec.stats.acceptance,
+            )
+            if finish is not None:
+                break
+            if n % 256 == 0:
+                mx.clear_cache()
+    finally:
+        if managed is not None:
+            managed.commit(cache, fed)
+
+
 def generate(model: nn.Module, tokenizer: Any, prompt: Any, **kwargs) -> str:
     """The whole response text of `stream_generate` (same arguments)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
@@ -389,12 +533,15 @@ def batch_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     prefill_step_size: int = 2048,
+    mtp: bool = True,
+    mtp_k: int = 1,
 ) -> BatchResponse:
     """Generate for several prompts of different lengths in one left-padded batch.
 
     `max_tokens` is one limit for all rows or one per prompt. Each row stops on its own (end
     token or its limit); finished rows leave the batch. At temperature 0 each row yields exactly
-    the tokens it yields alone.
+    the tokens it yields alone. `mtp` / `mtp_k` as in `stream_generate`: every row of a step
+    takes as many drafts as the row that accepted fewest (speculative.py).
     """
     with wired_limit():
         text_tok = _wrap_tokenizer(tokenizer)
@@ -407,6 +554,10 @@ def batch_generate(
         if len(limits) != len(rows) or min(limits) < 1:
             raise ValueError("max_tokens must be >= 1 for every prompt")
         _check_step(prefill_step_size)
+        check_mtp_k(mtp_k)
+        spec_sampling = None
+        if mtp and not logits_processors and has_mtp(model):
+            spec_sampling = greedy_or_sampling(sampler, temp, top_p, top_k, min_p)
         sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
         processors = list(logits_processors or [])
         eos = set(text_tok.eos_token_ids)
@@ -423,6 +574,11 @@ def batch_generate(
             pad_id = 0  # padded positions are masked out: any id in the table will do
         grid = mx.array([[pad_id] * p + r for p, r in zip(pad, rows, strict=True)])  # [B, Tmax]
         cache = make_batch_cache(model, pad)
+        if spec_sampling is not None:
+            spec = MTPSpeculator(model, cache, mtp_k, spec_sampling, left_padding=pad)
+            return _batch_speculative(
+                model, text_tok, spec, grid, limits, eos, lengths, prefill_step_size
+            )
 
         tic = time.perf_counter()
         done = 0
@@ -495,6 +651,79 @@ def batch_generate(
             generation_tps=n_gen / max(gen_time, 1e-9),
             peak_memory=mx.get_peak_memory() / 1e9,
         )
+
+
+def _batch_speculative(
+    model: nn.Module,
+    text_tok: Any,
+    spec: MTPSpeculator,
+    grid: mx.array,
+    limits: list[int],
+    eos: set[int],
+    lengths: list[int],
+    prefill_step_size: int,
+) -> BatchResponse:
+    """batch_generate's loop with MTP drafts: each round gives every active row m + 1 tokens;
+    a row that finishes inside a round drops the rest and leaves the batch."""
+    cache = spec.cache
+    width = grid.shape[1]
+    tic = time.perf_counter()
+    done = 0
+    while done < width - 1:
+        end = min(done + prefill_step_size, width - 1)
+        _, hidden = model(grid[:, done:end], cache=cache, return_hidden=True)
+        spec.on_prefill(grid[:, done:end], hidden)
+        mx.eval(_cache_state(cache), spec.mtp_state())
+        mx.clear_cache()
+        done = end
+    y, _ = spec.start(grid[:, -1:])
+    mx.eval(y)
+    prompt_time = time.perf_counter() - tic
+    tic = time.perf_counter()
+
+    B = grid.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons: list[str | None] = [None] * B
+    active = list(range(B))
+    step_tokens = [[t] for t in y.tolist()]
+    n_gen = 0
+    while True:
+        keep = []
+        for j, i in enumerate(active):
+            for t in step_tokens[j]:
+                out[i].append(t)
+                n_gen += 1
+                if t in eos:
+                    reasons[i] = "stop"
+                elif len(out[i]) >= limits[i]:
+                    reasons[i] = "length"
+                if reasons[i] is not None:
+                    break
+            if reasons[i] is None:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            spec.filter(mx.array(keep))
+            active = [active[j] for j in keep]
+        step_tokens, _ = spec.round()
+
+    texts = []
+    for i, toks in enumerate(out):
+        body = toks[:-1] if reasons[i] == "stop" else toks
+        texts.append(text_tok.decode(body))
+    gen_time = time.perf_counter() - tic
+    return BatchResponse(
+        texts=texts,
+        tokens=out,
+        finish_reasons=reasons,
+        prompt_tokens=sum(lengths),
+        prompt_tps=sum(lengths) / max(prompt_time, 1e-9),
+        generation_tokens=n_gen,
+        generation_tps=n_gen / max(gen_time, 1e-9),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        mtp_acceptance=spec.stats.acceptance,
+    )
 
 
 def _apply(processors: list[LogitsProcessor], history: mx.array, logits: mx.array) -> mx.array:

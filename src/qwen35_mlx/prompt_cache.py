@@ -59,7 +59,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .models.cache import MROPE_PROMPT, MROPE_SHIFT, mrope_holder
+from .models.cache import MROPE_PROMPT, MROPE_SHIFT, LinearCache, mrope_holder
 
 TOKENS_KEY = "qwen35_mlx_tokens"  # no dots: mlx-lm unflattens metadata keys on "."
 
@@ -74,7 +74,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def _trimmable(c: Any) -> bool:
-    return hasattr(c, "is_trimmable") and c.is_trimmable()
+    """Trimmable by any number of tokens (a LinearCache rolls back only a few: not that)."""
+    return hasattr(c, "is_trimmable") and c.is_trimmable() and not isinstance(c, LinearCache)
 
 
 def _saved_state(state: Any) -> Any:

@@ -120,6 +120,11 @@ def noise(name: str, shape, normal: Callable, uniform: Callable):
     return normal(shape) / math.sqrt(shape[-1])
 
 
+def _is_shifted_norm(name: str) -> bool:
+    """A Qwen3_5RMSNorm weight (applied as 1 + w; the MTP head's pre-fc norms included)."""
+    return (name.endswith("norm.weight") or "pre_fc_norm_" in name) and "linear_attn" not in name
+
+
 def random_weights(model: nn.Module, dtype: mx.Dtype | None = None, seed: int = 0) -> dict:
     """`noise` for every parameter of an MLX text model, in MLX layout (norms stored as applied),
     cast to `dtype` (default: each parameter's own; A_log stays float32). Each is evaluated as it
@@ -135,7 +140,7 @@ def random_weights(model: nn.Module, dtype: mx.Dtype | None = None, seed: int = 
             lambda shape, k=key: mx.random.normal(shape, key=k),
             lambda lo, hi, shape, k=key: mx.random.uniform(lo, hi, shape, key=k),
         )
-        if p.ndim == 1 and name.endswith("norm.weight") and "linear_attn" not in name:
+        if p.ndim == 1 and _is_shifted_norm(name):
             v = 1.0 + v
         v = v.astype(mx.float32 if name.endswith("A_log") else dtype or p.dtype)
         mx.eval(v)

@@ -20,12 +20,37 @@ mask, so its shapes change only when `reserve` grows a buffer by a block. The Py
 A VLM conversation's M-RoPE state lives on its first linear-attention cache (`MROPE_SHIFT`,
 `MROPE_PROMPT`; KV quantization replaces the attention caches but keeps that one), not on the
 model: two conversations on one model object do not mix. A VLM's first linear cache is an
-`MRopeArraysCache`, an ArraysCache whose batch operations (filter, extend, merge, extract) carry
+`MRopeArraysCache`, a LinearCache whose batch operations (filter, extend, merge, extract) carry
 each row's shift along (0 for a row without one), so BatchGenerator's batches of conversations
 with images keep their positions.
 
-The recurrent state cannot be trimmed: `PromptCache` (prompt_cache.py) keeps references to the
-linear states at prefix boundaries instead.
+Rollback (speculative decoding). The linear-attention caches `make_cache` builds are
+`LinearCache`s: mlx-lm's ArraysCache that can also be trimmed by up to `history` tokens, so that a
+verify pass of k + 1 tokens can be undone to its last accepted token without running the model
+again (our MTP loop in speculative.py, and mlx-lm's `speculative_generate_step` with a draft
+model, which trims through `trim_prompt_cache`). A LinearCache keeps references to its states at
+the boundaries of its last calls (free: the arrays exist anyway; the cost is that the last
+`history` states stay alive) and, for a multi-token call of at most `RECORD_LIMIT` tokens, that
+call's recurrence inputs (post-conv q, k, v, the gate inputs a, b, the mask, the conv input).
+`trim(n)` goes back to the newest boundary at or before the target and, inside a multi-token
+call, recomputes only the recurrence over the kept tokens (`gated_delta_update`, the same function
+the layer calls) and takes the conv state from the saved conv input. It raises ValueError when
+asked for more than it kept.
+
+mlx-lm reads `is_trimmable()` as "trimmable by any number of tokens": its server's prompt-cache
+store trims stored caches back to a shared prefix. So a LinearCache says True only when it is
+fresh or right after a short multi-token call (a verify pass) that no trim has followed yet:
+`speculative_generate_step` checks a fresh cache and trims once after each verify pass, while a
+cache handed to the server's store after plain decoding (or after that last trim) says False and
+is never trimmed there. One consequence: mlx-lm does not roll back a draft model's cache of ours
+(its last call is one token), which keeps the rejected draft tokens in the draft's context: that
+costs acceptance, never correctness (the main model verifies every token).
+
+Anything that replaces the states from outside (`state =`, filter, extend, merge,
+prepare/finalize for mlx-lm's right-padded batches) starts the history afresh.
+Beyond `history` tokens the recurrent state still cannot be trimmed: `PromptCache`
+(prompt_cache.py) keeps references to the linear states at prefix boundaries instead, and treats
+a LinearCache as not trimmable.
 """
 
 from __future__ import annotations
@@ -36,14 +61,24 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
+from ..kernels.gated_delta import gated_delta_update
+
 __all__ = [
     "make_cache",
     "mrope_holder",
     "ArraysCache",
+    "LinearCache",
     "MRopeArraysCache",
     "KVCache",
     "BatchKVCache",
 ]
+
+# Tokens a LinearCache can roll back by default: mlx-lm's `--num-draft-tokens` default (3) needs
+# 3 after its 4-token verify call; the MTP loop raises it to its k (`set_history`).
+DEFAULT_HISTORY = 3
+# Multi-token calls up to this long keep their recurrence inputs, so that the last one can be
+# trimmed into (a verify pass of up to RECORD_LIMIT - 1 drafts); longer ones (prefill) do not.
+RECORD_LIMIT = 64
 
 # Attribute names of the VLM's per-conversation M-RoPE state on a cache object (vlm.py):
 # MROPE_SHIFT [B] int32: the next position of a row is (cache offset + shift); MROPE_PROMPT:
@@ -65,7 +100,157 @@ def mrope_holder(cache: list) -> Any:
     return None
 
 
-class MRopeArraysCache(ArraysCache):
+class LinearCache(ArraysCache):
+    """mlx-lm's ArraysCache [conv state, recurrent state] that can be trimmed by up to `history`
+    tokens (module docstring). Its class name reads "ArraysCache" so that prompt-cache files
+    name a class mlx-lm's `load_prompt_cache` knows (it gives back a plain ArraysCache)."""
+
+    history = DEFAULT_HISTORY  # (a class default too: mlx-lm's from_state skips __init__)
+
+    def __init__(self, size: int = 2, left_padding: list[int] | None = None, history: int = -1):
+        super().__init__(size, left_padding=left_padding)
+        self.history = DEFAULT_HISTORY if history < 0 else history
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        # _states[i] is the state before _calls[i]; _states[-1] the current one.
+        self._states = [tuple(self.cache)]
+        self._calls: list[tuple[int, tuple | None]] = []
+        self._pending = None
+        self._armed = False
+
+    def is_trimmable(self) -> bool:
+        """Fresh, or just after a short multi-token call not yet trimmed (module docstring)."""
+        fresh = all(c is None for c in self.cache)
+        return fresh or self._armed
+
+    def record_inputs(self, T: int, inputs: tuple) -> None:
+        """Called by the linear-attention layer before `advance(T)`: (conv_in [B, K-1+T, C],
+        q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], a, b [B, T, Hv], A_log, dt_bias, mask [B, T] or
+        None). Kept only for a call short enough to be trimmed into."""
+        self._pending = inputs if 1 < T <= RECORD_LIMIT else None
+
+    def advance(self, N: int) -> None:
+        super().advance(N)
+        self.note_advance(N)
+
+    def note_advance(self, N: int) -> None:
+        """The states moved on by N tokens: by `advance`, or by the compiled decode step, which
+        updates the left padding itself (text.py)."""
+        pending, self._pending = self._pending, None
+        self._armed = pending is not None
+        if self.history <= 0 or self.lengths is not None:
+            self._reset_history()
+            return
+        self._calls.append((N, pending))
+        self._states.append(tuple(self.cache))
+        covered = sum(t for t, _ in self._calls)
+        while len(self._calls) > 1 and covered - self._calls[0][0] >= self.history:
+            covered -= self._calls.pop(0)[0]
+            self._states.pop(0)
+
+    def trimmable_tokens(self) -> int:
+        """How many tokens `trim` can take back now."""
+        n = 0
+        for t, inputs in reversed(self._calls):
+            if inputs is None and t > 1:
+                return n  # only as a whole: counted once reached
+            n += t
+        return n
+
+    def trim(self, n: int) -> int:
+        self._armed = False
+        if n <= 0:
+            return 0
+        # Check first, then change: an impossible trim leaves the cache as it was.
+        remaining, i = n, len(self._calls)
+        while remaining > 0 and i > 0:
+            t, inputs = self._calls[i - 1]
+            if t <= remaining:
+                remaining -= t
+                i -= 1
+            elif inputs is None:
+                break
+            else:
+                remaining = 0
+        if remaining > 0:
+            raise ValueError(
+                f"a linear-attention cache can roll back {self._reachable(n)} of the {n} tokens "
+                f"asked (it keeps the states of its last {self.history} tokens, and trims into "
+                f"a multi-token call only if it was at most {RECORD_LIMIT} tokens long)"
+            )
+        remaining = n
+        while remaining > 0:
+            t, inputs = self._calls[-1]
+            if t <= remaining:
+                self._calls.pop()
+                self._states.pop()
+                remaining -= t
+                self.cache = list(self._states[-1])
+            else:
+                keep = t - remaining
+                state = _rewind(inputs, keep, self._states[-2])
+                self._calls[-1] = (keep, _head(inputs, keep))
+                self._states[-1] = state
+                self.cache = list(state)
+                remaining = 0
+        if self.left_padding is not None:
+            self.left_padding = self.left_padding + n
+        return n
+
+    def _reachable(self, n: int) -> int:
+        got = 0
+        for t, inputs in reversed(self._calls):
+            if got + t <= n:
+                got += t
+            elif inputs is not None:
+                return n
+            else:
+                break
+        return got
+
+    @property
+    def state(self):
+        return self.cache, self.left_padding, self.lengths
+
+    @state.setter
+    def state(self, v):
+        self.cache, self.left_padding, self.lengths = v
+        self._reset_history()
+
+    def filter(self, batch_indices):
+        super().filter(batch_indices)
+        self._reset_history()
+
+    def extend(self, other):
+        super().extend(other)
+        self._reset_history()
+
+    def prepare(self, lengths=None, **kwargs):
+        super().prepare(lengths=lengths, **kwargs)
+        self._reset_history()
+
+    def finalize(self):
+        super().finalize()
+        self._reset_history()
+
+    def extract(self, idx):
+        out = LinearCache(len(self.cache), history=self.history)
+        out.cache = [c[idx : idx + 1] for c in self.cache]
+        out._reset_history()
+        return out
+
+    @classmethod
+    def merge(cls, caches):
+        out = super().merge(caches)
+        out._reset_history()
+        return out
+
+
+LinearCache.__name__ = LinearCache.__qualname__ = "ArraysCache"
+
+
+class MRopeArraysCache(LinearCache):
     """mlx-lm's ArraysCache whose batch operations keep the per-row M-RoPE state of the rows
     they keep (`MROPE_SHIFT` [B]; `MROPE_PROMPT`'s positions [3, B, T] where the rows stay in
     place). Without any state it is ArraysCache. Named ArraysCache, so that mlx-lm's
@@ -92,8 +277,9 @@ class MRopeArraysCache(ArraysCache):
             delattr(self, MROPE_PROMPT)
 
     def extract(self, idx: int) -> MRopeArraysCache:
-        out = MRopeArraysCache(len(self.cache))
+        out = MRopeArraysCache(len(self.cache), history=self.history)
         out.cache = [c[idx : idx + 1] for c in self.cache]
+        out._reset_history()
         if hasattr(self, MROPE_SHIFT):
             setattr(out, MROPE_SHIFT, np.asarray(getattr(self, MROPE_SHIFT))[idx : idx + 1])
         return out
@@ -107,7 +293,7 @@ class MRopeArraysCache(ArraysCache):
 
 
 MRopeArraysCache.__name__ = MRopeArraysCache.__qualname__ = "ArraysCache"
-LINEAR_CACHES = (ArraysCache, MRopeArraysCache)  # the linear-attention cache kinds we make
+LINEAR_CACHES = (ArraysCache, LinearCache, MRopeArraysCache)  # linear-attention cache kinds
 
 
 def _row_shift(c: Any, batch: int) -> np.ndarray:
@@ -121,7 +307,7 @@ def make_cache(
 ) -> list:
     """One cache per layer, in layer_types order.
 
-    left_padding: per-row pad counts of a left-padded batch; gives ArraysCache(left_padding) and
+    left_padding: per-row pad counts of a left-padded batch; gives LinearCache(left_padding) and
     BatchKVCache(left_padding) so that the masks and rotary positions count real tokens only.
     mrope: a VLM's cache; its first linear-attention cache (`mrope_holder`) is an
     MRopeArraysCache.
@@ -130,7 +316,7 @@ def make_cache(
     for t in layer_types:
         if t == "linear_attention":
             holder = mrope and not any(isinstance(c, ArraysCache) for c in caches)
-            kind = MRopeArraysCache if holder else ArraysCache
+            kind = MRopeArraysCache if holder else LinearCache
             caches.append(kind(size=2, left_padding=left_padding))
         elif left_padding is not None:
             caches.append(BatchKVCache(left_padding))
@@ -215,3 +401,34 @@ def reserve_kv(cache: list, n: int) -> None:
         keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
         c.keys = mx.concatenate([keys, mx.zeros((B, H, cap - idx, Dk), keys.dtype)], axis=2)
         c.values = mx.concatenate([values, mx.zeros((B, H, cap - idx, Dv), values.dtype)], axis=2)
+
+
+def set_history(cache: list, n: int) -> None:
+    """Let every LinearCache of `cache` roll back up to `n` tokens (at least its current)."""
+    for c in cache:
+        if isinstance(c, LinearCache) and c.history < n:
+            c.history = n
+
+
+def _head(inputs: tuple, keep: int) -> tuple:
+    """A recorded call's inputs cut to its first `keep` tokens."""
+    conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
+    n_keep = conv_in.shape[1] - q.shape[1]
+    cut = (x[:, :keep] for x in (q, k, v, a, b))
+    m = None if mask is None else mask[:, :keep]
+    return (conv_in[:, : n_keep + keep], *cut, A_log, dt_bias, m)
+
+
+def _rewind(inputs: tuple, keep: int, before: tuple) -> tuple:
+    """(conv state, recurrent state) after the first `keep` tokens of a recorded call that
+    started from `before`."""
+    conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
+    T = q.shape[1]
+    n_keep = conv_in.shape[1] - T  # K - 1
+    conv = mx.contiguous(conv_in[:, keep : keep + n_keep])
+    m = None if mask is None else mask[:, :keep]
+    _, state = gated_delta_update(
+        q[:, :keep], k[:, :keep], v[:, :keep], a[:, :keep], b[:, :keep], A_log, dt_bias,
+        before[1], m,
+    )  # fmt: skip
+    return conv, state

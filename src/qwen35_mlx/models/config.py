@@ -123,6 +123,8 @@ class TextConfig(_DictConfig):
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    # Multi-token prediction head (`mtp.*`, models/mtp.py): 0 = none, 1 = one layer (released).
+    mtp_num_hidden_layers: int = 0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -153,6 +155,10 @@ class TextConfig(_DictConfig):
             raise ValueError(
                 f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
                 f"linear_num_key_heads ({self.linear_num_key_heads})"
+            )
+        if self.mtp_num_hidden_layers not in (0, 1):
+            raise ValueError(
+                f"mtp_num_hidden_layers is {self.mtp_num_hidden_layers}; only 0 or 1 is supported"
             )
         self._normalise_rope()
         self.mlp_only_layers = list(self.mlp_only_layers or [])

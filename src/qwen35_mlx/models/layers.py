@@ -312,6 +312,9 @@ class GatedDeltaNet(nn.Module):
         conv_qkv = _conv_qkv_decode if T == 1 else _conv_qkv
         q, k, v = conv_qkv(conv_in, self.conv1d.weight[:, :, 0], T, Hk, Dk, Hv, Dv)
         y, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
+        if hasattr(cache, "record_inputs"):
+            # A LinearCache keeps a short call's inputs to roll back into it (cache.py).
+            cache.record_inputs(T, (conv_in, q, k, v, a, b, self.A_log, self.dt_bias, mask))
         return self._finish(y, z, state, None, cache)
 
     def _finish(self, y, z, state, conv_state, cache) -> mx.array:

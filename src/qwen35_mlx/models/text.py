@@ -18,9 +18,14 @@ before every step and rebuilt when a layer's weight changed). One token a row on
 speculative verify pass (a few tokens a row) takes the plain path.
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
-[C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once), stacked MoE experts, mtp.* and tied lm_head
-dropped. Whether the weights are in Hugging Face's layout is read from the weights themselves, so
-calling it twice changes nothing.
+[C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once, the MTP head's norms included), stacked MoE
+experts, tied lm_head dropped. Whether the weights are in Hugging Face's layout is read from the
+weights themselves, so calling it twice changes nothing.
+
+MTP: with `mtp_num_hidden_layers: 1` the model has an `mtp` module (models/mtp.py) and keeps the
+checkpoint's `mtp.*` weights; a checkpoint without them (mlx-lm's and mlx-community's conversions
+drop them) loads with the module removed (`sanitize` pops it), and so does a config without the
+field. `model(..., return_hidden=True)` also returns the normed hidden states the MTP head reads.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from . import cache as cache_lib
 from .cache import BatchKVCache, KVCache, StaticKV, static_mask
 from .config import TextConfig
 from .layers import DecoderLayer, prepare_projections, project, retake_projections
+from .mtp import MTP, MTP_NORMS
 from .shard import shard_text_model
 
 
@@ -154,6 +160,8 @@ class TextModel(nn.Module):
         self.model = Qwen35TextBackbone(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.mtp_num_hidden_layers:
+            self.mtp = MTP(config)
         # Set by `shard` when lm_head holds a slice of the vocabulary: its logits are gathered.
         self.sharding_group = None
         self.compiled_decode = True
@@ -222,6 +230,8 @@ class TextModel(nn.Module):
             c[0], c[1] = conv, state
             if paddings:  # ArraysCache.advance(1), computed in the step (lengths is None)
                 c.left_padding = paddings[i]
+            if hasattr(c, "note_advance"):  # a LinearCache's rollback history (cache.py)
+                c.note_advance(1)
         return logits
 
     def _decode_groups(self) -> list:
@@ -268,9 +278,12 @@ class TextModel(nn.Module):
         cache: list | None = None,
         input_embeddings: mx.array | None = None,
         position_ids: mx.array | None = None,
-    ) -> mx.array:
+        return_hidden: bool = False,
+    ) -> mx.array | tuple[mx.array, mx.array]:
+        """logits [B, T, vocab]; with `return_hidden`, (logits, normed hidden [B, T, H])."""
         if (
             self.compiled_decode
+            and not return_hidden
             and self.model.pipeline_size == 1  # the step runs every layer: not pipelined
             and cache is not None
             and input_embeddings is None
@@ -280,7 +293,40 @@ class TextModel(nn.Module):
             if logits is not None:
                 return logits
         h = self.model(inputs, cache, input_embeddings=input_embeddings, position_ids=position_ids)
+        if return_hidden:
+            return self.logits(h), h
         return self.logits(h)
+
+    @property
+    def has_mtp(self) -> bool:
+        return "mtp" in self
+
+    def make_mtp_cache(self, left_padding: list[int] | None = None) -> list:
+        """The MTP layer's KV cache (one layer), left-padded like the main cache's."""
+        return cache_lib.make_cache(["full_attention"], left_padding=left_padding)
+
+    def mtp_forward(
+        self,
+        hidden: mx.array,
+        next_tokens: mx.array,
+        cache: list | None = None,
+        position_ids: mx.array | None = None,
+        last_only: bool = False,
+    ) -> tuple[mx.array, mx.array]:
+        """The MTP head (models/mtp.py): hidden [B, T, H] at positions i, next_tokens [B, T]
+        (x_{i+1}) -> (logits [B, T, vocab] predicting x_{i+2}, MTP hidden [B, T, H]).
+
+        `cache` is `make_mtp_cache()`'s list (None: positions from 0, no cache, as in training);
+        `position_ids` [3, B, T] (M-RoPE) or None (the cache offset gives the positions).
+        `last_only`: logits for the last position only ([B, 1, vocab]), all a draft needs."""
+        c = cache[0] if cache is not None else None
+        emb = self.model.embed_tokens(next_tokens)
+        mask = create_attention_mask(emb, c)
+        rope = None
+        if position_ids is not None:
+            rope = self.mtp.layers[0].self_attn.rope.cos_sin(position_ids)
+        o = self.mtp(hidden, emb, mask, c, rope)
+        return self.logits(o[:, -1:] if last_only else o), o
 
     @property
     def layers(self) -> list:
@@ -296,7 +342,11 @@ class TextModel(nn.Module):
         shard_text_model(self, group)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return sanitize_text_weights(weights, self.config)
+        """Hugging Face names/layouts -> ours (idempotent). Without any `mtp.*` weight the MTP
+        module is removed from the model; pass all of a checkpoint's weights at once."""
+        if self.has_mtp and not any(_is_mtp_key(k) for k in weights):
+            self.pop("mtp")
+        return sanitize_text_weights(weights, self.config, keep_mtp=self.has_mtp)
 
     @property
     def cast_predicate(self):
@@ -323,6 +373,7 @@ _NORM_SUFFIXES = (
     "q_norm.weight",
     "k_norm.weight",
 )
+_FULL_NORMS = ("model.norm.weight", *MTP_NORMS)
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
 
 
@@ -347,10 +398,14 @@ def _is_hf_conv(v: mx.array) -> bool:
 VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.")
 
 
-def _strip_prefix(key: str) -> str | None:
+def _is_mtp_key(key: str) -> bool:
+    return key.startswith(("mtp.", "model.mtp.", "language_model.mtp."))
+
+
+def _strip_prefix(key: str, keep_mtp: bool = False) -> str | None:
     """Map a checkpoint key to this TextModel's name; None to drop it."""
-    if key.startswith("mtp.") or key.startswith("model.mtp."):
-        return None
+    if _is_mtp_key(key):
+        return "mtp." + key.split("mtp.", 1)[1] if keep_mtp else None
     if key.startswith(VISION_PREFIXES):
         return None
     if key.startswith("model.language_model."):
@@ -362,17 +417,20 @@ def _strip_prefix(key: str) -> str | None:
     return key
 
 
-def sanitize_text_weights(weights: dict[str, mx.array], config: TextConfig) -> dict[str, mx.array]:
+def sanitize_text_weights(
+    weights: dict[str, mx.array], config: TextConfig, keep_mtp: bool = False
+) -> dict[str, mx.array]:
     """Hugging Face names/layouts -> TextModel's. Idempotent.
 
     Whether norms still need the +1 shift and conv1d its transpose is read from the weights
-    (`is_hf_layout`), so pass all of a checkpoint's weights at once.
+    (`is_hf_layout`), so pass all of a checkpoint's weights at once. `mtp.*` weights are kept
+    (their norms shifted like the others) when `keep_mtp`, else dropped.
     """
     hf = is_hf_layout(weights)
     out: dict[str, mx.array] = {}
     per_expert: dict[tuple[str, str, str], dict[int, mx.array]] = {}
     for key, v in weights.items():
-        key = _strip_prefix(key)
+        key = _strip_prefix(key, keep_mtp)
         if key is None:
             continue
         if config.tie_word_embeddings and key.startswith("lm_head."):
@@ -385,7 +443,7 @@ def sanitize_text_weights(weights: dict[str, mx.array], config: TextConfig) -> d
             continue
         if key.endswith("conv1d.weight") and v.ndim == 3 and _is_hf_conv(v):
             v = v.swapaxes(1, 2)
-        elif hf and v.ndim == 1 and (key == "model.norm.weight" or key.endswith(_NORM_SUFFIXES)):
+        elif hf and v.ndim == 1 and (key in _FULL_NORMS or key.endswith(_NORM_SUFFIXES)):
             v = (v.astype(mx.float32) + 1.0).astype(v.dtype)
         elif key.endswith("A_log"):
             v = v.astype(mx.float32)

@@ -282,8 +282,9 @@ class Model(nn.Module):
         input_embeddings: mx.array | None = None,
         position_ids: mx.array | None = None,
         attention_mask: mx.array | np.ndarray | None = None,
-    ) -> mx.array:
-        """logits [B, T, vocab].
+        return_hidden: bool = False,
+    ) -> mx.array | tuple[mx.array, mx.array]:
+        """logits [B, T, vocab] (with `return_hidden`: and the normed hidden states [B, T, H]).
 
         `mask` (or `attention_mask`, the processor's name) [B, T]: 1 real, 0 left pad. Without a
         cache a padded batch gets a fresh left-padded one, so pads are masked. Prefilling in
@@ -308,12 +309,17 @@ class Model(nn.Module):
             B, T = input_ids.shape if input_embeddings is None else input_embeddings.shape[:2]
             position_ids = self._decode_positions(cache, B, T, input_embeddings is not None)
         return self.language_model(
-            input_ids, cache, input_embeddings=input_embeddings, position_ids=position_ids
+            input_ids,
+            cache,
+            input_embeddings=input_embeddings,
+            position_ids=position_ids,
+            return_hidden=return_hidden,
         )
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """HF keys (`model.language_model.*`, `model.visual.*`, `lm_head.*`, `mtp.*`) -> ours
-        (`language_model.*`, `vision_tower.*`); the text part, `mtp.*` included (dropped there),
+        (`language_model.*`, `vision_tower.*`); the text part, `mtp.*` included (kept when the text
+        model has an MTP head, else dropped),
         goes through the text sanitize.
         Idempotent. Pass all of a checkpoint's weights at once: without any vision weight the
         tower is removed from the model."""

@@ -1,0 +1,213 @@
+"""The MTP head (models/mtp.py): against a float64 NumPy reference written from vLLM's
+`qwen3_5_mtp.py` definition, and its weights through Hugging Face layout -> load -> save_mlx /
+convert -> load."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from qwen35_mlx.convert import convert, save_mlx
+from qwen35_mlx.loader import load_model
+from qwen35_mlx.models.text import TextModel
+from tests.conftest import RTOL, rel_err
+from tests.models.factory import make_moe_config, make_text_config, make_text_model
+
+TOL = RTOL[mx.float32]
+GOLDEN = Path(__file__).parent.parent / "data" / "golden"
+TOKENS = [3, 17, 5, 99, 42, 7, 8, 120, 1, 64, 33]
+
+
+def _w(weights, name):
+    return np.asarray(weights[name], dtype=np.float64)
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _layer_ref(x, W, p, cfg, positions):
+    """One full-attention decoder layer (dense MLP), float64. x [T, H]."""
+    T = x.shape[0]
+    nh, nkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    h = _rms(x, _w(W, p + "input_layernorm.weight"), eps)
+    q = (h @ _w(W, p + "self_attn.q_proj.weight").T).reshape(T, nh, 2 * D)
+    q, gate = q[..., :D], q[..., D:].reshape(T, nh * D)
+    q = _rms(q, _w(W, p + "self_attn.q_norm.weight"), eps)
+    k = (h @ _w(W, p + "self_attn.k_proj.weight").T).reshape(T, nkv, D)
+    k = _rms(k, _w(W, p + "self_attn.k_norm.weight"), eps)
+    v = (h @ _w(W, p + "self_attn.v_proj.weight").T).reshape(T, nkv, D)
+    R = cfg.rotary_dim
+    inv = cfg.rope_theta ** (-np.arange(0, R, 2) / R)
+    ang = positions[:, None] * inv[None]
+    cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None]
+    sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None]
+
+    def rot(t):
+        r = t[..., :R]
+        half = np.concatenate([-r[..., R // 2 :], r[..., : R // 2]], -1)
+        return np.concatenate([r * cos + half * sin, t[..., R:]], -1)
+
+    q, k = rot(q), rot(k)
+    out = np.zeros((T, nh, D))
+    for head in range(nh):
+        kh = head // (nh // nkv)
+        s = q[:, head] @ k[:, kh].T * D**-0.5
+        s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        out[:, head] = a @ v[:, kh]
+    o = out.reshape(T, nh * D) * (1 / (1 + np.exp(-gate)))
+    x = x + o @ _w(W, p + "self_attn.o_proj.weight").T
+    h = _rms(x, _w(W, p + "post_attention_layernorm.weight"), eps)
+    m = _silu(h @ _w(W, p + "mlp.gate_proj.weight").T) * (h @ _w(W, p + "mlp.up_proj.weight").T)
+    return x + m @ _w(W, p + "mlp.down_proj.weight").T
+
+
+def mtp_reference(weights, cfg, hidden, next_tokens):
+    """logits [T, V] of the MTP head from its definition: fc([norm(embed(x_{i+1})) | norm(h_i)]),
+    a full-attention layer at positions 0..T-1, norm, lm_head. Norm weights as applied."""
+    eps = cfg.rms_norm_eps
+    emb = _w(weights, "model.embed_tokens.weight")[next_tokens]
+    e = _rms(emb, _w(weights, "mtp.pre_fc_norm_embedding.weight"), eps)
+    h = _rms(np.asarray(hidden, np.float64), _w(weights, "mtp.pre_fc_norm_hidden.weight"), eps)
+    u = np.concatenate([e, h], -1) @ _w(weights, "mtp.fc.weight").T
+    u = _layer_ref(u, weights, "mtp.layers.0.", cfg, np.arange(len(next_tokens), dtype=np.float64))
+    o = _rms(u, _w(weights, "mtp.norm.weight"), eps)
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    return o @ _w(weights, head).T
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=4)
+
+
+def _mtp_logits(model, tokens=TOKENS):
+    """MTP logits over a prompt: hidden h_i of the backbone, next tokens x_{i+1}."""
+    ids = mx.array(tokens)[None]
+    _, h = model(ids, return_hidden=True)
+    logits, _ = model.mtp_forward(h[:, :-1], ids[:, 1:], model.make_mtp_cache())
+    return np.array(logits[0]), np.array(h[0, :-1])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mtp_forward_matches_numpy_reference(tied):
+    model = make_text_model(
+        make_text_config(mtp_num_hidden_layers=1, tie_word_embeddings=tied), seed=5
+    )
+    assert model.has_mtp
+    logits, hidden = _mtp_logits(model)
+    weights = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    ref = mtp_reference(weights, model.config, hidden, np.array(TOKENS[1:]))
+    assert rel_err(logits, ref) < 10 * TOL
+
+
+def test_mtp_cache_matches_one_call(dense):
+    """The MTP layer over a prompt in one call == over it in pieces (its KV cache, offsets)."""
+    ids = mx.array(TOKENS)[None]
+    _, h = dense(ids, return_hidden=True)
+    whole, _ = dense.mtp_forward(h[:, :-1], ids[:, 1:], dense.make_mtp_cache())
+    cache = dense.make_mtp_cache()
+    parts = [dense.mtp_forward(h[:, a:b], ids[:, a + 1 : b + 1], cache)[0] for a, b in
+             ((0, 4), (4, 5), (5, 10))]  # fmt: skip
+    assert rel_err(np.array(mx.concatenate(parts, 1)), np.array(whole)) < TOL
+
+
+def _to_hf(model: TextModel) -> dict:
+    """Our weights in Hugging Face's layout: zero-centred norms, conv1d [C, 1, K],
+    `model.language_model.` prefix for the backbone, `mtp.*` top level."""
+    hf = {}
+    for k, v in tree_flatten(model.parameters()):
+        shifted = (
+            k.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight"))
+            or k in ("model.norm.weight", "mtp.norm.weight")
+            or ".pre_fc_norm_" in k
+        )
+        if shifted:
+            v = v - 1.0
+        if k.endswith("conv1d.weight"):
+            v = v.swapaxes(1, 2)
+        if ".mlp.experts." in k:
+            base, proj = k.rsplit(".mlp.experts.", 1)
+            proj = proj.split(".")[0]
+            for e in range(v.shape[0]):
+                hf[f"{base}.mlp.experts.{e}.{proj}.weight"] = v[e]
+            continue
+        if k.startswith("model."):
+            k = k.replace("model.", "model.language_model.", 1)
+        hf[k] = v
+    return hf
+
+
+def _write_hf(model: TextModel, path: Path, *, drop_mtp: bool = False) -> Path:
+    path.mkdir(parents=True)
+    cfg = model.config.to_dict()
+    (path / "config.json").write_text(json.dumps(cfg))
+    weights = _to_hf(model)
+    if drop_mtp:
+        weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(GOLDEN / "generate" / f, path / f)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_mtp_round_trip_hf_mlx(kind, tmp_path):
+    cfg = make_text_config if kind == "dense" else make_moe_config
+    model = make_text_model(cfg(mtp_num_hidden_layers=1), seed=6)
+    want, _ = _mtp_logits(model)
+    hf = _write_hf(model, tmp_path / "hf")
+
+    loaded = load_model(hf)
+    assert loaded.has_mtp
+    got, _ = _mtp_logits(loaded)
+    assert rel_err(got, want) < TOL  # norms shifted exactly once
+
+    saved = save_mlx(loaded, json.loads((hf / "config.json").read_text()), tmp_path / "saved")
+    again = load_model(saved)
+    assert again.has_mtp
+    assert rel_err(_mtp_logits(again)[0], want) < TOL
+
+    kept = convert(hf, tmp_path / "kept", keep_mtp=True, progress=False)
+    assert any(k.startswith("mtp.") for k in mx.load(str(kept / "model.safetensors")))
+    assert rel_err(_mtp_logits(load_model(kept))[0], want) < TOL
+
+    # The default conversion drops mtp.* (mlx-swift-lm would shift the norms twice); the
+    # config still says mtp_num_hidden_layers: 1 and the model loads without the head.
+    dropped = convert(hf, tmp_path / "dropped", progress=False)
+    assert not any("mtp" in k for k in mx.load(str(dropped / "model.safetensors")))
+    plain = load_model(dropped)
+    assert not plain.has_mtp
+    ids = mx.array(TOKENS)[None]
+    assert rel_err(np.array(plain(ids)), np.array(model(ids))) < TOL
+
+
+def test_mtp_config_without_weights_loads_without_head(dense, tmp_path):
+    hf = _write_hf(dense, tmp_path / "hf", drop_mtp=True)
+    model = load_model(hf)
+    assert not model.has_mtp
+    with pytest.raises(ValueError, match="no multi-token-prediction weights"):
+        convert(hf, tmp_path / "out", keep_mtp=True, progress=False)
+
+
+def test_sanitize_with_mtp_idempotent(dense):
+    hf = _to_hf(dense)
+    once = dense.sanitize(dict(hf))
+    ours = dict(tree_flatten(dense.parameters()))
+    assert set(once) == set(ours)
+    for k in ("mtp.norm.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.fc.weight"):
+        assert rel_err(np.array(once[k]), np.array(ours[k])) < TOL, k
+    twice = dense.sanitize(dict(once))
+    for k, v in once.items():
+        assert rel_err(np.array(twice[k]), np.array(v)) < TOL, k

@@ -1,0 +1,251 @@
+"""Speculative decoding with the MTP head (speculative.py) through stream_generate: at
+temperature 0 the tokens are plain greedy decoding's, for random MTP weights (drafts mostly
+rejected), a perfect draft (all accepted) and a noisy one (every acceptance count), text dense
+and MoE, with a prompt cache; with sampling the token distribution is the model's."""
+
+import random
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx import generation
+from qwen35_mlx.generation import stream_generate
+from qwen35_mlx.loader import load_tokenizer, read_config
+from qwen35_mlx.prompt_cache import PromptCache
+from qwen35_mlx.speculative import MTPSpeculator
+from tests.models.factory import make_moe_config, make_text_config, make_text_model
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "generate"
+PROMPT = [5, 17, 99, 42, 7, 8, 120, 1, 64, 33, 250, 300]
+N = 24
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(GOLDEN, read_config(GOLDEN), "qwen3_5_text")
+
+
+def _model(kind: str, seed: int = 4):
+    make = make_text_config if kind == "dense" else make_moe_config
+    return make_text_model(make(vocab_size=384, mtp_num_hidden_layers=1), seed=seed)
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def model(request):
+    return _model(request.param)
+
+
+def _tokens(model, tok, prompt=PROMPT, **kw):
+    return [r.token for r in stream_generate(model, tok, prompt, max_tokens=N, **kw)]
+
+
+def _oracle(want: list[int], p_right: float, seed: int = 0, V: int = 384):
+    """An MTPSpeculator whose drafts are the plain greedy tokens, each right with p_right (the
+    MTP layer still runs, so its cache bookkeeping is exercised)."""
+    rng = random.Random(seed)
+
+    class Oracle(MTPSpeculator):
+        emitted = 0
+
+        def _draft(self, hidden, tokens):
+            super()._draft(hidden, tokens)
+            self.emitted += tokens.shape[1]
+            row = []
+            for j in range(self.k):
+                i = self.emitted + j
+                t = want[i] if i < len(want) else 0
+                row.append(t if rng.random() < p_right else (t + 1) % V)
+            self._drafts = mx.array([row])
+
+    return Oracle
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_random_mtp_same_tokens_as_greedy(model, tok, k):
+    want = _tokens(model, tok, mtp=False)
+    responses = list(stream_generate(model, tok, PROMPT, max_tokens=N, mtp_k=k))
+    assert [r.token for r in responses] == want
+    assert responses[-1].mtp_acceptance is not None
+    assert all(r.mtp_acceptance is None for r in stream_generate(model, tok, PROMPT, mtp=False))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("p_right", [1.0, 0.6])
+def test_oracle_draft_same_tokens_as_greedy(model, tok, k, p_right, monkeypatch):
+    want = _tokens(model, tok, mtp=False)
+    monkeypatch.setattr(generation, "MTPSpeculator", _oracle(want, p_right))
+    responses = list(stream_generate(model, tok, PROMPT, max_tokens=N, mtp_k=k))
+    assert [r.token for r in responses] == want
+    if p_right == 1.0:
+        assert responses[-1].mtp_acceptance == 1.0
+        assert sum(r.from_draft for r in responses) >= (N - 1) * k // (k + 1) - 1
+    else:
+        assert 0 < responses[-1].mtp_acceptance < 1
+
+
+def test_mtp_with_prompt_cache_same_tokens(model, tok, monkeypatch):
+    """A managed prompt cache: the second turn reuses the first's cache (trimmed at the end of a
+    round that stopped early) and gives the tokens it gives without MTP."""
+    want1 = _tokens(model, tok, mtp=False)
+    turn2 = PROMPT + want1 + [11, 12, 13]
+    want2 = _tokens(model, tok, turn2, mtp=False)
+    plain1 = _tokens(model, tok, mtp=False)
+    assert plain1 == want1
+    monkeypatch.setattr(generation, "MTPSpeculator", _oracle(want1, 1.0))
+    pc = PromptCache(model)
+    got1 = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=N, mtp_k=3,
+                                             prompt_cache=pc)]  # fmt: skip
+    assert got1 == want1
+    assert pc.tokens == PROMPT + want1[:-1]
+    monkeypatch.undo()
+    got2 = [r.token for r in stream_generate(model, tok, turn2, max_tokens=N, prompt_cache=pc)]
+    assert pc.last_reused > len(PROMPT)
+    assert got2 == want2
+
+
+def test_mtp_k_checked(model, tok):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="mtp_k"):
+            list(stream_generate(model, tok, PROMPT, max_tokens=2, mtp_k=bad))
+    plain = make_text_model(make_text_config(vocab_size=384), seed=1)
+    # No MTP head: mtp and mtp_k are accepted and ignored.
+    out = list(stream_generate(plain, tok, PROMPT, max_tokens=3, mtp_k=2))
+    assert out[-1].mtp_acceptance is None
+
+
+def _tile(cache, B):
+    """Copy a one-row cache's states to B rows."""
+    for c in cache:
+        if hasattr(c, "keys"):
+            c.keys, c.values = (mx.repeat(x, B, axis=0) for x in (c.keys, c.values))
+        else:
+            c.state = ([mx.repeat(x, B, axis=0) for x in c.cache], None, None)
+
+
+def _joint(first, second, V):
+    h = np.zeros((V, V))
+    np.add.at(h, (np.array(first), np.array(second)), 1)
+    return h.reshape(-1)
+
+
+@pytest.mark.parametrize("opts", [dict(temp=1.0, top_k=4), dict(temp=0.7, top_p=0.9)])
+def test_sampling_distribution_is_the_models(opts):
+    """With sampling, the speculative tokens follow the main model's distribution: over B rows
+    of one prompt (one batch), the joint histogram of the first two generated tokens (the second
+    one drafted, then accepted or resampled by the rejection rule) matches plain sampling's."""
+    from mlx_lm.sample_utils import make_sampler
+
+    from qwen35_mlx.speculative import Sampling
+
+    V = 384
+    m = make_text_model(make_text_config(vocab_size=V, mtp_num_hidden_layers=1), seed=7)
+    B = 2000
+    one = mx.array([PROMPT])
+    mx.random.seed(1)
+    # The prompt once, its caches then copied to B rows (prefilling B rows is slow on the CPU).
+    cache = m.make_cache()
+    spec = MTPSpeculator(m, cache, 2, Sampling(**opts))
+    _, h = m(one[:, :-1], cache=cache, return_hidden=True)
+    spec.on_prefill(one[:, :-1], h)
+    _tile(cache + spec.mtp_cache, B)
+    spec._pending_h = mx.repeat(spec._pending_h, B, axis=0)
+    y, _ = spec.start(mx.repeat(one[:, -1:], B, axis=0))
+    rows, _ = spec.round()
+    got = _joint(y.tolist(), [r[0] for r in rows], V)
+
+    sampler = make_sampler(**opts)
+    cache = m.make_cache()
+    m(one[:, :-1], cache=cache)
+    _tile(cache, B)
+    lp = m(mx.repeat(one[:, -1:], B, axis=0), cache=cache)[:, -1]
+    y = sampler(lp - mx.logsumexp(lp, -1, keepdims=True))
+    lp = m(y[:, None], cache=cache)[:, -1]
+    y2 = sampler(lp - mx.logsumexp(lp, -1, keepdims=True))
+    want = _joint(y.tolist(), y2.tolist(), V)
+
+    keep = (got + want) >= 10
+    assert keep.sum() >= 5  # enough cells to compare
+    chi2 = (((got - want)[keep] ** 2) / (got + want)[keep]).sum()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)
+    assert spec.stats.accepted < spec.stats.drafted  # the rejection path ran
+
+
+def _batch_oracle(wants: list[list[int]], p_right: float, seed: int = 0):
+    """A batch MTPSpeculator drafting each row's plain tokens, each right with p_right, so that
+    rows accept different counts."""
+    rng = random.Random(seed)
+
+    class Oracle(MTPSpeculator):
+        emitted = 0
+        rows = None
+
+        def _draft(self, hidden, tokens):
+            super()._draft(hidden, tokens)
+            self.rows = self.rows or list(range(len(wants)))
+            self.emitted += tokens.shape[1]
+            drafts = []
+            for r in self.rows:
+                row = []
+                for j in range(self.k):
+                    i = self.emitted + j
+                    t = wants[r][i] if i < len(wants[r]) else 0
+                    row.append(t if rng.random() < p_right else (t + 1) % 384)
+                drafts.append(row)
+            self._drafts = mx.array(drafts)
+
+        def filter(self, rows):
+            super().filter(rows)
+            self.rows = [self.rows[j] for j in rows.tolist()]
+
+    return Oracle
+
+
+BATCH = [PROMPT, PROMPT[3:7], [9, 8, 7, 6, 5, 4, 3, 2, 200, 201, 202, 203, 204, 205, 206]]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("draft", ["random", "oracle"])
+def test_batch_same_tokens_as_greedy(model, tok, k, draft, monkeypatch):
+    """Left-padded rows of different lengths and limits, rows accepting different counts (the
+    smallest wins), rows leaving the batch: each row's tokens are plain greedy's."""
+    limits = [N, 9, 17]
+    want = generation.batch_generate(model, tok, BATCH, max_tokens=limits, mtp=False).tokens
+    if draft == "oracle":
+        monkeypatch.setattr(generation, "MTPSpeculator", _batch_oracle(want, 0.7))
+    got = generation.batch_generate(model, tok, BATCH, max_tokens=limits, mtp_k=k)
+    assert got.tokens == want
+    assert got.mtp_acceptance is not None
+    if draft == "oracle":
+        assert got.mtp_acceptance > 0
+
+
+def test_vlm_after_an_image_same_tokens_as_greedy(monkeypatch):
+    """The VLM with an MTP head (random weights on the golden VLM): after an image, M-RoPE
+    positions continue through verify passes and rollbacks; the tokens are plain greedy's."""
+    from qwen35_mlx import load
+    from qwen35_mlx.models.mtp import MTP
+    from tests.models.factory import random_weights
+
+    vlm_dir = GOLDEN.parent / "vlm"
+    model, processor = load(vlm_dir)
+    text = model.language_model
+    text.mtp = MTP(text.config)
+    text.mtp.load_weights(list(random_weights(text.mtp, seed=3).items()))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    image = vlm_dir / "image0.png"
+
+    def tokens(**kw):
+        return [
+            r.token
+            for r in stream_generate(model, processor, prompt, images=[image], max_tokens=16, **kw)
+        ]
+
+    want = tokens(mtp=False)
+    assert len(want) >= 8
+    assert tokens(mtp_k=2) == want
+    monkeypatch.setattr(generation, "MTPSpeculator", _oracle(want, 0.7, V=text.config.vocab_size))
+    assert tokens(mtp_k=3) == want
