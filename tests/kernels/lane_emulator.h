@@ -115,8 +115,8 @@ struct Block {
   std::barrier<> bar;
   explicit Block(std::ptrdiff_t n) : bar(n) {}
 };
-thread_local Block* tl_block = nullptr;
-inline void gd_barrier() { tl_block->bar.arrive_and_wait(); }
+thread_local Block* tl_blk = nullptr;
+inline void gd_barrier() { tl_blk->bar.arrive_and_wait(); }
 inline float4 gd_f4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 inline void run_blocks(dim3 blocks, unsigned threads, const std::function<void()>& thread_fn) {
@@ -130,7 +130,7 @@ inline void run_blocks(dim3 blocks, unsigned threads, const std::function<void()
         pool.emplace_back([&, t] {
           threadIdx = {t, 0, 0};
           blockIdx = {bx, by, 0};
-          tl_block = &block;
+          tl_blk = &block;
           tl_warp = &warps[t / 32];
           thread_fn();
         });
