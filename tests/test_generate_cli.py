@@ -158,13 +158,14 @@ def mtp_checkpoint(tmp_path_factory):
     return save_mlx(model, config, tmp_path_factory.mktemp("mtp") / "m", extra_files=files)
 
 
-def test_mtp_on_by_default_same_text_and_acceptance_stats(capsys, mtp_checkpoint):
+def test_mtp_off_by_default_same_text_and_acceptance_stats(capsys, mtp_checkpoint):
     args = ("--model", mtp_checkpoint, "--prompt", "hello there", "--no-chat-template", "-m", 12)
-    code, plain, err = run(capsys, *args, "--no-mtp")
-    assert code == 0, err
-    assert "MTP:" not in plain
+    for flags in ((), ("--no-mtp",)):
+        code, plain, err = run(capsys, *args, *flags)
+        assert code == 0, err
+        assert "MTP:" not in plain
     for k in (None, 1, 3):
-        code, out, err = run(capsys, *args, *(("--mtp-k", k) if k else ()))
+        code, out, err = run(capsys, *args, *(("--mtp-k", k) if k else ("--mtp",)))
         assert code == 0, err
         assert out.split("=" * 10)[1] == plain.split("=" * 10)[1]  # the same text
         assert "MTP: " in out and "of drafted tokens accepted" in out

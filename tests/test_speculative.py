@@ -65,7 +65,7 @@ def _oracle(want: list[int], p_right: float, seed: int = 0, V: int = 384):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_random_mtp_same_tokens_as_greedy(model, tok, k):
     want = _tokens(model, tok, mtp=False)
-    responses = list(stream_generate(model, tok, PROMPT, max_tokens=N, mtp_k=k))
+    responses = list(stream_generate(model, tok, PROMPT, max_tokens=N, mtp=True, mtp_k=k))
     assert [r.token for r in responses] == want
     assert responses[-1].mtp_acceptance is not None
     assert all(r.mtp_acceptance is None for r in stream_generate(model, tok, PROMPT, mtp=False))
@@ -76,7 +76,7 @@ def test_random_mtp_same_tokens_as_greedy(model, tok, k):
 def test_oracle_draft_same_tokens_as_greedy(model, tok, k, p_right, monkeypatch):
     want = _tokens(model, tok, mtp=False)
     monkeypatch.setattr(generation, "MTPSpeculator", _oracle(want, p_right))
-    responses = list(stream_generate(model, tok, PROMPT, max_tokens=N, mtp_k=k))
+    responses = list(stream_generate(model, tok, PROMPT, max_tokens=N, mtp=True, mtp_k=k))
     assert [r.token for r in responses] == want
     if p_right == 1.0:
         assert responses[-1].mtp_acceptance == 1.0
@@ -95,7 +95,7 @@ def test_mtp_with_prompt_cache_same_tokens(model, tok, monkeypatch):
     assert plain1 == want1
     monkeypatch.setattr(generation, "MTPSpeculator", _oracle(want1, 1.0))
     pc = PromptCache(model)
-    got1 = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=N, mtp_k=3,
+    got1 = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=N, mtp=True, mtp_k=3,
                                              prompt_cache=pc)]  # fmt: skip
     assert got1 == want1
     assert pc.tokens == PROMPT + want1[:-1]
@@ -108,10 +108,10 @@ def test_mtp_with_prompt_cache_same_tokens(model, tok, monkeypatch):
 def test_mtp_k_checked(model, tok):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="mtp_k"):
-            list(stream_generate(model, tok, PROMPT, max_tokens=2, mtp_k=bad))
+            list(stream_generate(model, tok, PROMPT, max_tokens=2, mtp=True, mtp_k=bad))
     plain = make_text_model(make_text_config(vocab_size=384), seed=1)
     # No MTP head: mtp and mtp_k are accepted and ignored.
-    out = list(stream_generate(plain, tok, PROMPT, max_tokens=3, mtp_k=2))
+    out = list(stream_generate(plain, tok, PROMPT, max_tokens=3, mtp=True, mtp_k=2))
     assert out[-1].mtp_acceptance is None
 
 
@@ -215,7 +215,7 @@ def test_batch_same_tokens_as_greedy(model, tok, k, draft, monkeypatch):
     want = generation.batch_generate(model, tok, BATCH, max_tokens=limits, mtp=False).tokens
     if draft == "oracle":
         monkeypatch.setattr(generation, "MTPSpeculator", _batch_oracle(want, 0.7))
-    got = generation.batch_generate(model, tok, BATCH, max_tokens=limits, mtp_k=k)
+    got = generation.batch_generate(model, tok, BATCH, max_tokens=limits, mtp=True, mtp_k=k)
     assert got.tokens == want
     assert got.mtp_acceptance is not None
     if draft == "oracle":
@@ -246,6 +246,6 @@ def test_vlm_after_an_image_same_tokens_as_greedy(monkeypatch):
 
     want = tokens(mtp=False)
     assert len(want) >= 8
-    assert tokens(mtp_k=2) == want
+    assert tokens(mtp=True, mtp_k=2) == want
     monkeypatch.setattr(generation, "MTPSpeculator", _oracle(want, 0.7, V=text.config.vocab_size))
-    assert tokens(mtp_k=3) == want
+    assert tokens(mtp=True, mtp_k=3) == want

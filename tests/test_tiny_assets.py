@@ -166,6 +166,6 @@ def test_tiny_has_a_trained_mtp_head(loaded):
         tokenize=False,
     )  # fmt: skip
     plain = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=48, mtp=False)]
-    spec = list(stream_generate(model, tokenizer, prompt, max_tokens=48, mtp_k=2))
+    spec = list(stream_generate(model, tokenizer, prompt, max_tokens=48, mtp=True, mtp_k=2))
     assert [r.token for r in spec] == plain
     assert spec[-1].mtp_acceptance > 0.25, spec[-1].mtp_acceptance

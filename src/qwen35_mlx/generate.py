@@ -110,18 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=2048,
         help="prompt tokens per prefill step (bounds peak memory)",
     )
-    p.add_argument(
-        "--no-mtp",
+    mtp = p.add_mutually_exclusive_group()
+    mtp.add_argument(
+        "--mtp",
         action="store_true",
-        help="no speculative decoding with the checkpoint's multi-token-prediction head "
-        "(on by default when the checkpoint has one)",
+        help="speculative decoding with the checkpoint's multi-token-prediction head (off by "
+        "default: it does not pay yet, see README)",
     )
+    mtp.add_argument("--no-mtp", action="store_true", help="no MTP speculative decoding (default)")
     p.add_argument(
         "--mtp-k",
         type=int,
         default=None,
-        help="tokens the MTP head drafts per step (default 1); ignored, with a note, for a "
-        "checkpoint without the head",
+        help="tokens the MTP head drafts per step (default 1; implies --mtp); ignored, with a "
+        "note, for a checkpoint without the head",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the generated text")
     p.add_argument(
@@ -344,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             min_p=args.min_p,
             prefill_step_size=args.prefill_step_size,
-            mtp=not args.no_mtp,
+            mtp=args.mtp or args.mtp_k is not None,
             mtp_k=args.mtp_k or 1,
         ):
             if last.generation_tokens == 1:

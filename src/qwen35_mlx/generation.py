@@ -10,9 +10,12 @@ recurrent or conv state and every row decodes as it would alone.
 Sampling, logits processors and streaming detokenization are mlx-lm's (`make_sampler`,
 `make_logits_processors`, `TokenizerWrapper.detokenizer`).
 
-Multi-token prediction (speculative.py) is on by default (`mtp=True`) when the checkpoint has an
-MTP head: the head drafts `mtp_k` tokens (default 1) per step and one call of the model verifies
-them, with the same tokens as without it at temperature 0 and the same distribution when sampling.
+Multi-token prediction (speculative.py) is off by default and turned on with `mtp=True` (for a
+checkpoint with an MTP head): the verify pass runs uncompiled today, and on the shipped tiny model
+a round costs more than the tokens it saves (0.66x plain decoding at k=1, 63% accepted, CPU,
+benchmarks/RESULTS.md), so it does not pay yet. The head drafts `mtp_k` tokens (default 1) per
+step and one call of the model verifies them, with the same tokens as without it at temperature
+0 and the same distribution when sampling.
 It stays off, silently, for a checkpoint without the head, a custom `sampler` callable or logits
 processors (repetition penalty), which give no distribution to verify against, and a
 `prompt_cache` list whose linear layers cannot roll back (mlx-lm's plain ArraysCache).
@@ -257,7 +260,7 @@ def stream_generate(
     prefill_step_size: int = 2048,
     prompt_cache: Any = None,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
-    mtp: bool = True,
+    mtp: bool = False,
     mtp_k: int = 1,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt` (text or token ids), yielding a `GenerationResponse` per token.
@@ -533,7 +536,7 @@ def batch_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     prefill_step_size: int = 2048,
-    mtp: bool = True,
+    mtp: bool = False,
     mtp_k: int = 1,
 ) -> BatchResponse:
     """Generate for several prompts of different lengths in one left-padded batch.
