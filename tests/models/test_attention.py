@@ -163,3 +163,22 @@ def test_model_prefill_in_blocks_matches_one_call(monkeypatch):
     parts = [model(ids[:, s : s + 70], cache=cache) for s in range(0, 300, 70)]
     stepped = mx.concatenate(parts, axis=1)
     assert rel_err(np.array(stepped), np.array(full)) < 1e-4
+
+
+def test_blocked_peak_does_not_depend_on_history(monkeypatch):
+    # The blocks must not outlive their turn: with 4x the keys, the same peak. (Compiling the
+    # running updates once kept every block's weights alive: the peak grew with the keys.)
+    monkeypatch.setattr(attn_lib, "BLOCK_BYTES", 256 << 10)
+    monkeypatch.setattr(attn_lib, "KEY_ALIGN", 16)
+
+    def peak(S):
+        q, k, v = _qkv(1, 8, 2, 256, S, 32, 32, mx.float32)
+        mx.eval(q, k, v)
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(attn_lib._blocked(q, k, v, 0.2, "causal"))
+        return mx.get_peak_memory() - base
+
+    short, long = peak(1024), peak(4096)
+    assert long <= 1.1 * short, (short, long)

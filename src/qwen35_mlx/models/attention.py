@@ -55,20 +55,14 @@ def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
     return q.dtype in (mx.float16, mx.bfloat16) and D <= 128 and Dv <= 128 and D % 8 == Dv % 8 == 0
 
 
-# The elementwise work of one key block, compiled (shapeless: one trace serves every block):
-# the softmax weights come out in the scores' dtype, so a block holds two arrays of its size.
+# The weights of a key block, compiled (shapeless: one trace serves every block) into one kernel
+# that writes them in the scores' dtype. The small running updates stay plain ops: compiled, the
+# accumulator's update kept every block's weights alive until the step ended (seen on the CPU:
+# the peak grew with the history again).
 @partial(mx.compile, shapeless=True)
-def _block_softmax(s: mx.array, m: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """s [..., n, kb] scores; m [..., n, 1] fp32 running max -> (weights exp(s - m_new) in s's
-    dtype, m_new, exp(m - m_new) the factor that rescales what was summed before)."""
-    m_new = mx.maximum(m, s.max(-1, keepdims=True).astype(mx.float32))
-    p = mx.exp(s.astype(mx.float32) - m_new).astype(s.dtype)
-    return p, m_new, mx.exp(m - m_new)
-
-
-@partial(mx.compile, shapeless=True)
-def _block_merge(acc, l, alpha, pv, psum):
-    return acc * alpha + pv.astype(mx.float32), l * alpha + psum.astype(mx.float32)
+def _weights(s: mx.array, m: mx.array) -> mx.array:
+    """exp(s - m) in s's dtype; s [..., n, kb] scores, m [..., n, 1] fp32 running max."""
+    return mx.exp(s.astype(mx.float32) - m).astype(s.dtype)
 
 
 def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx.array:
@@ -112,9 +106,12 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
                 s = s.reshape(B, Hkv, rep, n, -1)
                 s = mx.where(blk, s, low) if blk.dtype == mx.bool_ else s + blk.astype(s.dtype)
                 s = s.reshape(B, Hkv, rep * n, -1)
-            p, m, alpha = _block_softmax(s, m)
-            pv = p.astype(v.dtype) @ v[:, :, k0:k1]
-            acc, l = _block_merge(acc, l, alpha, pv, p.sum(-1, keepdims=True))
+            m_new = mx.maximum(m, s.max(-1, keepdims=True).astype(mx.float32))
+            p = _weights(s, m_new)
+            alpha = mx.exp(m - m_new)
+            acc = acc * alpha + (p.astype(v.dtype) @ v[:, :, k0:k1]).astype(mx.float32)
+            l = l * alpha + p.sum(-1, keepdims=True).astype(mx.float32)
+            m = m_new
         outs.append((acc / l).astype(v.dtype).reshape(B, Hq, n, Dv))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
