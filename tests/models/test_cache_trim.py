@@ -51,7 +51,7 @@ def _assert_same_state(a, b):
     "calls, n",
     [
         ([4], 1), ([4], 3), ([5], 2),  # inside one verify-sized call
-        ([1, 1, 1], 2), ([2, 1, 1], 3), ([1, 3], 2),  # across calls (compiled decode included)
+        ([2, 2], 3), ([1, 3], 2), ([1, 1, 4], 3),  # across calls, after one-token steps
     ],
 )  # fmt: skip
 def test_trim_matches_feeding_only_the_kept_tokens(model, calls, n):
@@ -88,11 +88,22 @@ def test_trim_batch_left_padded(model):
 
 def test_trim_beyond_history_raises_and_changes_nothing(model):
     cache = model.make_cache()
-    _feed(model, cache, PROMPT + MORE, [len(PROMPT), 1, 1, 1, 1])
+    _feed(model, cache, PROMPT + MORE, [len(PROMPT), 2, 2, 2])
     lin = next(c for c in cache if isinstance(c, LinearCache))
     before = [np.array(x) for x in lin.cache]
-    with pytest.raises(ValueError, match="can roll back 3 of the 5 tokens"):
+    with pytest.raises(ValueError, match="can roll back 4 of the 5 tokens"):
         lin.trim(5)
+    for x, y in zip(before, lin.cache, strict=True):
+        assert np.array_equal(x, np.array(y))
+    # One-token steps (plain decoding) keep no history: a whole recurrent state per layer and
+    # step would stay alive for a rollback nothing asks for.
+    cache = model.make_cache()
+    _feed(model, cache, PROMPT + MORE, [len(PROMPT), 3, 1, 1])
+    lin = next(c for c in cache if isinstance(c, LinearCache))
+    assert len(lin._states) == 1
+    before = [np.array(x) for x in lin.cache]
+    with pytest.raises(ValueError, match="can roll back 0 of the 1 tokens"):
+        lin.trim(1)
     for x, y in zip(before, lin.cache, strict=True):
         assert np.array_equal(x, np.array(y))
     prefill = model.make_cache()

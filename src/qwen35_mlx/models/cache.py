@@ -29,8 +29,8 @@ Rollback (speculative decoding). The linear-attention caches `make_cache` builds
 verify pass of k + 1 tokens can be undone to its last accepted token without running the model
 again (our MTP loop in speculative.py, and mlx-lm's `speculative_generate_step` with a draft
 model, which trims through `trim_prompt_cache`). A LinearCache keeps references to its states at
-the boundaries of its last calls (free: the arrays exist anyway; the cost is that the last
-`history` states stay alive) and, for a multi-token call of at most `RECORD_LIMIT` tokens, that
+the boundaries of its last multi-token calls (free: the arrays exist anyway; the cost is that the
+last `history` states stay alive; a one-token step, i.e. plain decoding, drops them all) and, for a multi-token call of at most `RECORD_LIMIT` tokens, that
 call's recurrence inputs (post-conv q, k, v, the gate inputs a, b, the mask, the conv input).
 `trim(n)` goes back to the newest boundary at or before the target and, inside a multi-token
 call, recomputes only the recurrence over the kept tokens (`gated_delta_update`, the same function
@@ -139,7 +139,10 @@ class LinearCache(ArraysCache):
         updates the left padding itself (text.py)."""
         pending, self._pending = self._pending, None
         self._armed = pending is not None
-        if self.history <= 0 or self.lengths is not None:
+        if self.history <= 0 or self.lengths is not None or (N == 1 and pending is None):
+            # A one-token step (plain decoding) keeps no history: no rollback goes back across
+            # one (`is_trimmable` is False after it), and each kept state is a whole recurrent
+            # state alive per layer (2.4 GB for the 0.8B shape at batch 128).
             self._reset_history()
             return
         self._calls.append((N, pending))
