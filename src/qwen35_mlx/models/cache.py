@@ -30,7 +30,8 @@ verify pass of k + 1 tokens can be undone to its last accepted token without run
 again (our MTP loop in speculative.py, and mlx-lm's `speculative_generate_step` with a draft
 model, which trims through `trim_prompt_cache`). A LinearCache keeps references to its states at
 the boundaries of its last multi-token calls (free: the arrays exist anyway; the cost is that the
-last `history` states stay alive; a one-token step, i.e. plain decoding, drops them all) and, for a multi-token call of at most `RECORD_LIMIT` tokens, that
+last `history` states stay alive; a one-token step, i.e. plain decoding, drops them all) and,
+for a multi-token call of at most `RECORD_LIMIT` tokens, that
 call's recurrence inputs (post-conv q, k, v, the gate inputs a, b, the mask, the conv input).
 `trim(n)` goes back to the newest boundary at or before the target and, inside a multi-token
 call, recomputes only the recurrence over the kept tokens (`gated_delta_update`, the same function
