@@ -127,31 +127,8 @@ def prep_ops(q, k, v, g, beta, mask, C: int = CHUNK):
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     R = Hv // Hk
-    f32 = mx.float32
     per_key = g.ndim == 4
-    g = g.astype(f32)
-    beta = beta.astype(f32)
-    if mask is not None:
-        m3 = mask[:, :, None]
-        g = mx.where(m3[..., None] if per_key else m3, g, 1.0)
-        beta = mx.where(m3, beta, 0.0)
-        q = mx.where(m3[..., None], q, 0.0)
-        k = mx.where(m3[..., None], k, 0.0)
-        v = mx.where(m3[..., None], v, 0.0)
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:
-        widths = [(0, 0), (0, pad)]
-        q = mx.pad(q, widths + [(0, 0), (0, 0)])
-        k = mx.pad(k, widths + [(0, 0), (0, 0)])
-        v = mx.pad(v, widths + [(0, 0), (0, 0)])
-        beta = mx.pad(beta, widths + [(0, 0)])
-        g = mx.pad(g, widths + [(0, 0)] * (g.ndim - 2), constant_values=1.0)
-    qc = ch._to_chunks(q, N, C)[:, :, None]
-    kc = ch._to_chunks(k, N, C)[:, :, None]
-    vc = ch._to_chunks(v, N, C).reshape(B, Hk, R, N, C, Dv)
-    bc = ch._to_chunks(beta, N, C).reshape(B, Hk, R, N, C)
-    gc = ch._to_chunks(g, N, C).reshape(B, Hk, R, N, C, *g.shape[3:])
+    qc, kc, vc, bc, gc, N = ch._chunked_inputs(q, k, v, g, beta, mask, C)
     if per_key:
         # Per-key decays build a [C, C, Dk] tensor per chunk: chunks go in groups, as chunked.py.
         step = max(1, ch._PER_KEY_GROUP_ELEMS // (B * Hv * C * C * Dk))

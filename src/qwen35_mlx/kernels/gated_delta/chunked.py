@@ -197,6 +197,41 @@ def _to_chunks(x: mx.array, N: int, C: int) -> mx.array:
     return mx.moveaxis(x, 3, 1).astype(mx.float32)
 
 
+def _chunked_inputs(q, k, v, g, beta, mask, C: int):
+    """The inputs in chunks of C steps, fp32 gates, padded steps neutral: (qc, kc [B, Hk, 1, N,
+    C, Dk], vc [B, Hk, R, N, C, Dv], bc [B, Hk, R, N, C], gc [B, Hk, R, N, C(, Dk)], N)."""
+    B, T, Hk, _ = q.shape
+    Hv, Dv = v.shape[2:]
+    R = Hv // Hk
+    per_key = g.ndim == 4
+    g = g.astype(mx.float32)
+    beta = beta.astype(mx.float32)
+    if mask is not None:
+        # A padded step must not touch the state: decay 1, beta 0. Zeroing q also makes its
+        # y exactly 0, and zeroing k/v keeps garbage (even inf/nan) in padded slots out of sums.
+        m3 = mask[:, :, None]
+        g = mx.where(m3[..., None] if per_key else m3, g, 1.0)
+        beta = mx.where(m3, beta, 0.0)
+        q = mx.where(m3[..., None], q, 0.0)
+        k = mx.where(m3[..., None], k, 0.0)
+        v = mx.where(m3[..., None], v, 0.0)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        widths = [(0, 0), (0, pad)]
+        q = mx.pad(q, widths + [(0, 0), (0, 0)])
+        k = mx.pad(k, widths + [(0, 0), (0, 0)])
+        v = mx.pad(v, widths + [(0, 0), (0, 0)])
+        beta = mx.pad(beta, widths + [(0, 0)])
+        g = mx.pad(g, widths + [(0, 0)] * (g.ndim - 2), constant_values=1.0)
+    qc = _to_chunks(q, N, C)[:, :, None]  # [B, Hk, 1, N, C, Dk]
+    kc = _to_chunks(k, N, C)[:, :, None]
+    vc = _to_chunks(v, N, C).reshape(B, Hk, R, N, C, Dv)
+    bc = _to_chunks(beta, N, C).reshape(B, Hk, R, N, C)
+    gc = _to_chunks(g, N, C).reshape(B, Hk, R, N, C, *g.shape[3:])
+    return qc, kc, vc, bc, gc, N
+
+
 def gated_delta_chunked(
     q: mx.array,
     k: mx.array,
@@ -226,34 +261,8 @@ def gated_delta_chunked(
     if T == 0:
         return mx.zeros(v.shape, out_dtype), state.astype(f32)
 
-    g = g.astype(f32)
-    beta = beta.astype(f32)
-    if mask is not None:
-        # A padded step must not touch the state: decay 1, beta 0. Zeroing q also makes its
-        # y exactly 0, and zeroing k/v keeps garbage (even inf/nan) in padded slots out of sums.
-        m3 = mask[:, :, None]
-        g = mx.where(m3[..., None] if per_key else m3, g, 1.0)
-        beta = mx.where(m3, beta, 0.0)
-        q = mx.where(m3[..., None], q, 0.0)
-        k = mx.where(m3[..., None], k, 0.0)
-        v = mx.where(m3[..., None], v, 0.0)
-
     C = min(chunk_size, 1 << (T - 1).bit_length())
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:
-        widths = [(0, 0), (0, pad)]
-        q = mx.pad(q, widths + [(0, 0), (0, 0)])
-        k = mx.pad(k, widths + [(0, 0), (0, 0)])
-        v = mx.pad(v, widths + [(0, 0), (0, 0)])
-        beta = mx.pad(beta, widths + [(0, 0)])
-        g = mx.pad(g, widths + [(0, 0)] * (g.ndim - 2), constant_values=1.0)
-
-    qc = _to_chunks(q, N, C)[:, :, None]  # [B, Hk, 1, N, C, Dk]
-    kc = _to_chunks(k, N, C)[:, :, None]
-    vc = _to_chunks(v, N, C).reshape(B, Hk, R, N, C, Dv)
-    bc = _to_chunks(beta, N, C).reshape(B, Hk, R, N, C)
-    gc = _to_chunks(g, N, C).reshape(B, Hk, R, N, C, *g.shape[3:])
+    qc, kc, vc, bc, gc, N = _chunked_inputs(q, k, v, g, beta, mask, C)
 
     if per_key:
         step = max(1, _PER_KEY_GROUP_ELEMS // (B * Hv * C * C * Dk))
