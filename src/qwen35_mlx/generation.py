@@ -334,35 +334,11 @@ def stream_generate(
 
         detok = text_tok.detokenizer
         eos = set(text_tok.eos_token_ids)
-
-        tic = time.perf_counter()
-        stops, on_stop = [], None
-        if managed is not None:
-            stops = [s - n_cached for s in managed.snapshot_points(ids, n_cached)]
-            on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
-        try:
-            prefill(
-                model,
-                cache,
-                todo[:-1],
-                prefill_step_size=prefill_step_size,
-                stops=stops,
-                on_stop=on_stop,
-                first_call_kwargs=first_kwargs,
-                progress=prompt_progress_callback,
-            )
-            y, logprobs = step(mx.array(todo[-1:]))
-            mx.eval(y, logprobs)
-        except BaseException:
-            if managed is not None:
-                managed.reset()  # the cache may hold part of the prompt: start cold next time
-            raise
-        prompt_time = time.perf_counter() - tic
-        prompt_tps = len(todo) / max(prompt_time, 1e-9)
+        y, logprobs, prompt_tps = _run_prompt(
+            model, cache, ids, todo, managed, n_cached, first_kwargs, step,
+            prefill_step_size=prefill_step_size, progress=prompt_progress_callback,
+        )  # fmt: skip
         fed = list(ids)  # tokens the cache holds, in order
-        if managed is not None:
-            # the state after the whole prompt: the prefix the next turn most often shares
-            managed.snapshot(cache, fed)
 
         tic = time.perf_counter()
         n = 0
@@ -408,6 +384,48 @@ def stream_generate(
                 managed.commit(cache, fed)
 
 
+def _run_prompt(
+    model: nn.Module,
+    cache: list,
+    ids: list[int],
+    todo: list[int],
+    managed: Any,
+    n_cached: int,
+    first_kwargs: dict,
+    first_step: Callable[[mx.array], tuple[mx.array, mx.array]],
+    *,
+    prefill_step_size: int,
+    progress: Callable[[int, int], None] | None,
+    on_hidden: Callable[[mx.array, mx.array], list] | None = None,
+) -> tuple[mx.array, mx.array, float]:
+    """The prompt phase of `stream_generate` (with or without MTP): prefill `todo[:-1]` with the
+    prompt cache's snapshots, then `first_step(last token [1])` -> (token, logprobs), evaluated.
+    Returns (token, logprobs, prompt tokens/s); the managed cache is snapshotted after the whole
+    prompt, or reset when this fails part-way."""
+    tic = time.perf_counter()
+    stops, on_stop = [], None
+    if managed is not None:
+        stops = [s - n_cached for s in managed.snapshot_points(ids, n_cached)]
+        on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
+    try:
+        prefill(
+            model, cache, todo[:-1], prefill_step_size=prefill_step_size, stops=stops,
+            on_stop=on_stop, first_call_kwargs=first_kwargs, progress=progress,
+            on_hidden=on_hidden,
+        )  # fmt: skip
+        y, logprobs = first_step(mx.array(todo[-1:]))
+        mx.eval(y, logprobs)
+    except BaseException:
+        if managed is not None:
+            managed.reset()  # the cache may hold part of the prompt: start cold next time
+        raise
+    prompt_tps = len(todo) / max(time.perf_counter() - tic, 1e-9)
+    if managed is not None:
+        # the state after the whole prompt: the prefix the next turn most often shares
+        managed.snapshot(cache, ids)
+    return y, logprobs, prompt_tps
+
+
 def check_mtp_k(mtp_k: Any, flag: str = "mtp_k") -> None:
     if not isinstance(mtp_k, int) or isinstance(mtp_k, bool) or mtp_k < 1:
         raise ValueError(f"{flag} (tokens drafted per step) must be an integer >= 1, got {mtp_k!r}")
@@ -432,33 +450,16 @@ def _stream_speculative(
     tokens handed out one by one; the cache ends holding exactly `fed`, as without MTP."""
     detok = text_tok.detokenizer
     eos = set(text_tok.eos_token_ids)
-    tic = time.perf_counter()
-    stops, on_stop = [], None
-    if managed is not None:
-        stops = [s - n_cached for s in managed.snapshot_points(ids, n_cached)]
-        on_stop = lambda n: managed.snapshot(cache, ids[: n_cached + n])  # noqa: E731
 
     def on_hidden(chunk: mx.array, hidden: mx.array) -> list:
         spec.on_prefill(chunk, hidden)
         return spec.mtp_state()
 
-    try:
-        prefill(
-            model, cache, todo[:-1], prefill_step_size=prefill_step_size, stops=stops,
-            on_stop=on_stop, first_call_kwargs=first_kwargs, progress=progress,
-            on_hidden=on_hidden,
-        )  # fmt: skip
-        y, logprobs = spec.start(mx.array(todo[-1:])[None])
-        mx.eval(y, logprobs)
-    except BaseException:
-        if managed is not None:
-            managed.reset()
-        raise
-    prompt_time = time.perf_counter() - tic
-    prompt_tps = len(todo) / max(prompt_time, 1e-9)
+    y, logprobs, prompt_tps = _run_prompt(
+        model, cache, ids, todo, managed, n_cached, first_kwargs, lambda t: spec.start(t[None]),
+        prefill_step_size=prefill_step_size, progress=progress, on_hidden=on_hidden,
+    )  # fmt: skip
     fed = list(ids)
-    if managed is not None:
-        managed.snapshot(cache, fed)
 
     tic = time.perf_counter()
     token = y.item()
