@@ -6,8 +6,16 @@ Per step t, value head h (key head h // (Hv // Hk)), state S [Dv, Dk]:
     S += delta k_t^T;  y_t = S q_t.   mask False: state unchanged, y = 0.
 """
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
+import pytest
+
+GXX = shutil.which("g++")
+EMULATOR = Path(__file__).with_name("lane_emulator.h")  # runs CUDA-style bodies on the CPU
 
 
 def make_inputs(
@@ -118,3 +126,46 @@ def gated_delta_decode_np(
     m = None if mask is None else np.asarray(mask, dtype=bool)[:, None]
     y, S = gated_delta_np(q, k, v, g[:, None], beta[:, None], state, m)
     return y[:, 0], S, x[:, 1:]
+
+
+def runner_program(runners: str, n: int) -> str:
+    """C++ text of one executable, `program I ARGS...`, that calls `run_I(ARGS)` of `runners`
+    (n of them), with the lane emulator and a `read(path)` helper in scope."""
+    calls = "\n".join(f"  if (i == {i}) run_{i}(argv + 2);" for i in range(n))
+    return f"""#include "{EMULATOR}"
+#include <fstream>
+#include <iterator>
+#include <string>
+
+std::vector<char> read(const char* path) {{
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}}
+{runners}
+int main(int argc, char** argv) {{
+  const int i = std::stoi(argv[1]);
+{calls}
+}}
+"""
+
+
+def compile_emulated(text: str, tmp: Path, timeout: int) -> Path:
+    """Compile C++20 `text` (lane-emulated kernel bodies) into an executable in `tmp`; skips the
+    test where g++ lacks C++20's <barrier>, which the emulator needs."""
+    probe = tmp / "probe.cpp"
+    probe.write_text(
+        "#include <barrier>\nint main() { std::barrier<> b{1}; b.arrive_and_wait(); }\n"
+    )
+    cmd = [GXX, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")]
+    if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
+        pytest.skip("needs a g++ with C++20 <barrier>")
+    cpp, exe = tmp / "k.cpp", tmp / "k"
+    cpp.write_text(text)
+    cc = subprocess.run(
+        [GXX, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", str(cpp), "-o", str(exe)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert cc.returncode == 0, cc.stderr
+    return exe

@@ -10,7 +10,6 @@ Dv not a multiple of the state tile, g = 0, strong decay. Outputs start as NaN, 
 kernels fail to write fails the comparison.
 """
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,11 +21,16 @@ from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from qwen35_mlx.kernels.gated_delta import compute_gates
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import gated_delta_np, make_gate_inputs, make_inputs
+from tests.kernels.helpers import (
+    EMULATOR,
+    GXX,
+    compile_emulated,
+    gated_delta_np,
+    make_gate_inputs,
+    make_inputs,
+)
 
-GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
-EMULATOR = Path(__file__).with_name("lane_emulator.h")
 C = cl.CHUNK
 TOL = RTOL[mx.float32]
 
@@ -147,19 +151,7 @@ def program(tmp_path_factory) -> Path:
         slice=cl.KEY_SLICE,
         bv=cl.BV,
     )
-    tmp = tmp_path_factory.mktemp("chunk_kernel")
-    cpp, exe = tmp / "k.cpp", tmp / "k"
-    cpp.write_text(text)
-    cc = subprocess.run(
-        [GXX, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", str(cpp), "-o", str(exe)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if cc.returncode != 0 and "barrier" in cc.stderr and "No such file" in cc.stderr:
-        pytest.skip("needs a g++ with C++20 <barrier>")
-    assert cc.returncode == 0, cc.stderr
-    return exe
+    return compile_emulated(text, tmp_path_factory.mktemp("chunk_kernel"), timeout=600)
 
 
 def _f32(x) -> np.ndarray:

@@ -9,7 +9,6 @@ to write fails the comparison. Checked against the float64 NumPy step and, tight
 and 2, Dk = Dv = 128 and a small shape with a partial warp, B = 1..3, several layouts.
 """
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,11 +18,15 @@ import pytest
 
 from qwen35_mlx.kernels.gated_delta import cuda, gated_delta_decode, source
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import gated_delta_decode_np, make_decode_inputs
+from tests.kernels.helpers import (
+    GXX,
+    compile_emulated,
+    gated_delta_decode_np,
+    make_decode_inputs,
+    runner_program,
+)
 
-GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
-EMULATOR = Path(__file__).with_name("lane_emulator.h")
 
 CTYPES = {mx.float32: "float", mx.bfloat16: "bf16"}
 # Inputs in the activation dtype (the others are fp32, the mask bool).
@@ -95,40 +98,8 @@ void run_{i}(char** argv) {{
 def program(tmp_path_factory) -> Path:
     """One executable holding every instantiation (one compile): `program I FILES... DIMS...`."""
     runners = "".join(_runner(i, *inst) for i, inst in enumerate(INSTANCES))
-    calls = "\n".join(f"  if (i == {i}) run_{i}(argv + 2);" for i in range(len(INSTANCES)))
-    text = f"""#include "{EMULATOR}"
-#include <fstream>
-#include <iterator>
-#include <string>
-
-std::vector<char> read(const char* path) {{
-  std::ifstream f(path, std::ios::binary);
-  return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}}
-{runners}
-int main(int argc, char** argv) {{
-  const int i = std::stoi(argv[1]);
-{calls}
-}}
-"""
-    tmp = tmp_path_factory.mktemp("decode_kernel_body")
-    probe = tmp / "probe.cpp"
-    probe.write_text(
-        "#include <barrier>\nint main() { std::barrier<> b{1}; b.arrive_and_wait(); }\n"
-    )
-    cmd = [GXX, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")]
-    if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
-        pytest.skip("needs a g++ with C++20 <barrier>")
-    cpp, exe = tmp / "k.cpp", tmp / "k"
-    cpp.write_text(text)
-    cc = subprocess.run(
-        [GXX, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", str(cpp), "-o", str(exe)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert cc.returncode == 0, cc.stderr
-    return exe
+    text = runner_program(runners, len(INSTANCES))
+    return compile_emulated(text, tmp_path_factory.mktemp("decode_kernel_body"), timeout=900)
 
 
 def _to_file(x: mx.array, path: Path, as_bf16: bool) -> str:

@@ -8,7 +8,6 @@ warp in lockstep at each shuffle. Outputs start as NaN, so an element the body f
 fails the comparison. The GPU tests run the same text on the device; this one runs in CI.
 """
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,11 +17,17 @@ import pytest
 
 from qwen35_mlx.kernels.gated_delta import compute_gates, cuda, source
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import gated_delta_np, left_pad_mask, make_gate_inputs, make_inputs
+from tests.kernels.helpers import (
+    GXX,
+    compile_emulated,
+    gated_delta_np,
+    left_pad_mask,
+    make_gate_inputs,
+    make_inputs,
+    runner_program,
+)
 
-GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
-EMULATOR = Path(__file__).with_name("lane_emulator.h")
 
 # (B, T, Hk, Hv, Dk, Dv, lanes, warps): Hv = 2 Hk, Dv not a multiple of the rows per warp
 # (a partial warp and a partial threadgroup), T over one chunk of 32 steps.
@@ -73,40 +78,8 @@ def program(tmp_path_factory) -> Path:
     Dk, L = SHAPE[4], SHAPE[6]
     variants = source.variants()
     runners = "".join(_runner(i, *v, Dk, L) for i, v in enumerate(variants))
-    calls = "\n".join(f"  if (i == {i}) run_{i}(argv + 2);" for i in range(len(variants)))
-    text = f"""#include "{EMULATOR}"
-#include <fstream>
-#include <iterator>
-#include <string>
-
-std::vector<char> read(const char* path) {{
-  std::ifstream f(path, std::ios::binary);
-  return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}}
-{runners}
-int main(int argc, char** argv) {{
-  const int i = std::stoi(argv[1]);
-{calls}
-}}
-"""
-    tmp = tmp_path_factory.mktemp("kernel_body")
-    probe = tmp / "probe.cpp"
-    probe.write_text(
-        "#include <barrier>\nint main() { std::barrier<> b{1}; b.arrive_and_wait(); }\n"
-    )
-    cmd = [GXX, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")]
-    if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
-        pytest.skip("needs a g++ with C++20 <barrier>")
-    cpp, exe = tmp / "k.cpp", tmp / "k"
-    cpp.write_text(text)
-    cc = subprocess.run(
-        [GXX, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", str(cpp), "-o", str(exe)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert cc.returncode == 0, cc.stderr
-    return exe
+    text = runner_program(runners, len(variants))
+    return compile_emulated(text, tmp_path_factory.mktemp("kernel_body"), timeout=600)
 
 
 @pytest.mark.parametrize("gate,mask,decode", source.variants())
