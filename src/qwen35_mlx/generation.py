@@ -359,21 +359,8 @@ def stream_generate(
                     y, logprobs = step(y.reshape(-1))
                     fed.append(token)
                     mx.async_eval(y, logprobs)
-                if finish != "stop":
-                    detok.add_token(token)
-                if finish is not None:
-                    detok.finalize()
-                yield GenerationResponse(
-                    text=detok.last_segment,
-                    token=token,
-                    logprobs=cur_logprobs,
-                    prompt_tokens=len(ids),
-                    prompt_tps=prompt_tps,
-                    generation_tokens=n,
-                    generation_tps=n / max(time.perf_counter() - tic, 1e-9),
-                    peak_memory=mx.get_peak_memory() / 1e9,
-                    finish_reason=finish,
-                    cached_tokens=n_cached,
+                yield _response(
+                    detok, token, cur_logprobs, finish, n, tic, len(ids), prompt_tps, n_cached
                 )
                 if finish is not None:
                     break
@@ -382,6 +369,39 @@ def stream_generate(
         finally:
             if managed is not None:
                 managed.commit(cache, fed)
+
+
+def _response(
+    detok: Any,
+    token: int,
+    logprobs: mx.array,
+    finish: str | None,
+    n: int,
+    tic: float,
+    prompt_tokens: int,
+    prompt_tps: float,
+    n_cached: int,
+    **extra: Any,
+) -> GenerationResponse:
+    """The response for generated token number `n` (decoding since `tic`); `finish` "stop" keeps
+    the token out of the text, any finish flushes the detokenizer."""
+    if finish != "stop":
+        detok.add_token(token)
+    if finish is not None:
+        detok.finalize()
+    return GenerationResponse(
+        text=detok.last_segment,
+        token=token,
+        logprobs=logprobs,
+        prompt_tokens=prompt_tokens,
+        prompt_tps=prompt_tps,
+        generation_tokens=n,
+        generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason=finish,
+        cached_tokens=n_cached,
+        **extra,
+    )
 
 
 def _run_prompt(
@@ -486,24 +506,10 @@ def _stream_speculative(
                 spec.unfeed(k)
                 del fed[len(fed) - k :]
                 queue = []
-            if finish != "stop":
-                detok.add_token(token)
-            if finish is not None:
-                detok.finalize()
-            yield GenerationResponse(
-                text=detok.last_segment,
-                token=token,
-                logprobs=cur_logprobs,
-                prompt_tokens=len(ids),
-                prompt_tps=prompt_tps,
-                generation_tokens=n,
-                generation_tps=n / max(time.perf_counter() - tic, 1e-9),
-                peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=finish,
-                cached_tokens=n_cached,
-                from_draft=from_draft,
-                mtp_acceptance=spec.stats.acceptance,
-            )
+            yield _response(
+                detok, token, cur_logprobs, finish, n, tic, len(ids), prompt_tps, n_cached,
+                from_draft=from_draft, mtp_acceptance=spec.stats.acceptance,
+            )  # fmt: skip
             if finish is not None:
                 break
             if n % 256 == 0:
