@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget-s", type=float, default=300.0, help="no new case after this")
     p.add_argument("--no-reserve", action="store_true", help="KV caches grow step by step")
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--plain-mb", type=float, default=None, help="one MLX call below this")
     p.add_argument("--block-mb", type=float, default=None, help="attention key-block budget")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
         mx.set_default_device(mx.cpu)
     if args.block_mb is not None:
         attention.BLOCK_BYTES = int(args.block_mb * (1 << 20))
+    if args.plain_mb is not None:
+        attention.PLAIN_BYTES = int(args.plain_mb * (1 << 20))
 
     import mlx_lm
 

@@ -248,11 +248,14 @@ def test_vlm_interleaved_conversations_equal_solo():
     assert got == [ref_img, ref_txt]
 
 
-def test_mlx_lm_kv_quantization_on_the_hybrid_cache(monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mlx_lm_kv_quantization_on_the_hybrid_cache(dtype):
     # Issue #15 item 10: the attention layers' caches quantize, the linear states pass through.
     # head_dim 64 and groups of 64 (mlx-lm's default kv_group_size): MLX CUDA's quantized_matmul
-    # has no kernel for a 32-wide head in groups of 32 (seen on an H200, 2026-12-01).
+    # has no kernel for a 32-wide head in groups of 32 (seen on an H200, 2026-12-01), nor for
+    # float32 activations (attention.dequantize_kv, 2026-12-02).
     model = make_text_model(make_text_config(head_dim=64), seed=3)
+    model.set_dtype(getattr(mx, dtype))
     prompt = mx.array(TOKENS * 2)
     cache = model.make_cache()
     model(prompt[None], cache=cache)
@@ -263,13 +266,35 @@ def test_mlx_lm_kv_quantization_on_the_hybrid_cache(monkeypatch):
 
     def run(**kw):
         out = list(generate_step(prompt, model, max_tokens=8, **kw))
-        return [t for t, _ in out], np.stack([np.array(lp) for _, lp in out])
+        return [t for t, _ in out], np.stack([np.array(lp.astype(mx.float32)) for _, lp in out])
 
     plain, plain_lp = run()
     quant, quant_lp = run(kv_bits=8, kv_group_size=64, quantized_kv_start=0)
     # 8-bit keys and values move the logits a little; the greedy choices of this model stay.
     assert quant[:4] == plain[:4]
-    assert np.abs(quant_lp - plain_lp).max() < 0.5
+    assert np.abs(quant_lp - plain_lp).max() < (0.5 if dtype == "float32" else 1.0)
+
+
+def test_kv_quantization_dequantized_fallback_equals_quantized_attention(monkeypatch):
+    # Where MLX has no quantized matmul (CUDA, float32), attention dequantizes the cache's keys
+    # and values: the same attention as the quantized kernels compute where they exist.
+    from qwen35_mlx.models import attention as attention_mod
+
+    model = make_text_model(make_text_config(head_dim=64), seed=3)
+    prompt = mx.array(TOKENS * 2)
+
+    def run():
+        kw = dict(max_tokens=6, kv_bits=8, kv_group_size=64, quantized_kv_start=0)
+        out = list(generate_step(prompt, model, **kw))
+        return [t for t, _ in out], np.stack([np.array(lp) for _, lp in out])
+
+    quant, quant_lp = run()
+    calls = []
+    monkeypatch.setattr(attention_mod, "dequantize_kv", lambda q: calls.append(1) or True)
+    deq, deq_lp = run()
+    assert calls  # the fallback ran
+    assert deq == quant
+    np.testing.assert_allclose(deq_lp, quant_lp, atol=2e-4)
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "quantized"])

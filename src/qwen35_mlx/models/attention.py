@@ -116,11 +116,25 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
+def dequantize_kv(q: mx.array) -> bool:
+    """Whether a quantized KV cache must be dequantized before attention: MLX's CUDA backend
+    (0.32) has no quantized matmul for float32 activations ("[quantized_matmul] No
+    implementation for problem shape", seen on an H200 with a float32 model and --kv-bits 8),
+    where Metal and the CPU have one. The cache stays quantized; only this step's keys and values
+    are expanded, so memory grows by one layer's keys and values for the step."""
+    return q.dtype == mx.float32 and mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
 def attention(
     q: mx.array, k: mx.array, v: mx.array, cache: Any, scale: float, mask: Any
 ) -> mx.array:
     """Scaled dot-product attention for the model's layers: mlx-lm's (fused kernel, quantized
     cache) where that keeps the scores small or fused, else in key blocks (module docstring)."""
+    if hasattr(cache, "bits") and dequantize_kv(q):
+        # k, v: (packed, scales, biases) from a QuantizedKVCache (mlx-lm's --kv-bits).
+        k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits).astype(q.dtype)
+        v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits).astype(q.dtype)
+        cache = None
     if hasattr(cache, "bits") or q.shape[2] == 1 or has_fused_kernel(q, k, v):
         return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)
     B, Hq, T, _ = q.shape
