@@ -257,6 +257,36 @@ def test_prefill_in_steps_bounds_peak_memory():
     assert stepped * 3 < one_shot, (stepped, one_shot)
 
 
+def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch):
+    # Issue 9: on a GPU a long call queues its layers one ahead (text.queue_layers: the host
+    # waits for layer i after submitting i + 1) so that not every layer's intermediates are
+    # alive at once. Here (CPU) it is forced on: it must submit each layer and change nothing.
+    from qwen35_mlx.models import text
+
+    model, _ = loaded
+    ids = mx.array(np.random.default_rng(2).integers(0, 300, (2, 300)))
+
+    def run():
+        cache = model.make_cache()
+        logits = model(ids, cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+        return logits, cache
+
+    plain, plain_cache = run()
+    submitted = []
+    async_eval = mx.async_eval
+    monkeypatch.setattr(text, "queue_layers", lambda T: T >= 256)
+    monkeypatch.setattr(mx, "async_eval", lambda *a: submitted.append(1) or async_eval(*a))
+    queued, queued_cache = run()
+    assert len(submitted) == len(model.layers)
+    assert mx.array_equal(plain, queued).item()
+    from mlx.utils import tree_flatten
+
+    for a, b in zip(plain_cache, queued_cache, strict=True):
+        for (_, x), (_, y) in zip(tree_flatten(a.state), tree_flatten(b.state), strict=True):
+            assert (x is None and y is None) or mx.array_equal(x, y).item()
+
+
 def test_prefill_reserves_the_kv_cache_once(loaded):
     # Issue 9: mlx-lm's KVCache grows by each step, copying the whole cache while the old copy
     # is alive. prefill() reserves room for the whole prompt after its first step: the later

@@ -117,12 +117,12 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
 
 
 def dequantize_kv(q: mx.array) -> bool:
-    """Whether a quantized KV cache must be dequantized before attention: MLX's CUDA backend
-    (0.32) has no quantized matmul for float32 activations ("[quantized_matmul] No
-    implementation for problem shape", seen on an H200 with a float32 model and --kv-bits 8),
-    where Metal and the CPU have one. The cache stays quantized; only this step's keys and values
-    are expanded, so memory grows by one layer's keys and values for the step."""
-    return q.dtype == mx.float32 and mx.default_device() == mx.gpu and mx.cuda.is_available()
+    """Whether a quantized KV cache is dequantized before attention: on MLX's CUDA backend
+    (0.32), whose quantized matmul lacks kernels for attention's shapes ("[quantized_matmul] No
+    implementation for problem shape", seen on an H200 with --kv-bits 8: float32 activations, and
+    32-wide heads in groups of 32). Metal and the CPU have them. The cache stays quantized; only
+    this step's keys and values are expanded, one layer at a time."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
 def attention(

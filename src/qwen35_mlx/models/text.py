@@ -44,6 +44,20 @@ from .layers import DecoderLayer, prepare_projections, project, retake_projectio
 from .mtp import MTP, MTP_NORMS
 from .shard import shard_text_model
 
+# Prefill on a GPU: a buffer is freed only once the work that reads it has run, and the host
+# queues a whole step (every layer) far ahead of the GPU, so all layers' intermediates were
+# alive at once (issue 9: 5.2 GiB above the weights in a 32k prompt, 0.8B shape, against 2.9
+# GiB for mlx-lm's model, whose many small ops keep the host behind the GPU). From this many
+# tokens a call, the layers are queued one ahead: the host submits layer i + 1, then waits for
+# layer i (`mx.async_eval`), so at most two layers' intermediates are alive and the GPU never
+# waits for the host. The arithmetic is unchanged.
+LOOKAHEAD_MIN_T = 256
+
+
+def queue_layers(T: int) -> bool:
+    """Whether a call of T tokens a row queues its layers one ahead (LOOKAHEAD_MIN_T)."""
+    return T >= LOOKAHEAD_MIN_T and mx.default_device() == mx.gpu
+
 
 class Qwen35TextBackbone(PipelineMixin, nn.Module):
     """embed_tokens -> decoder layers -> norm; returns normed hidden states [B, T, H].
@@ -101,11 +115,18 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         rank, size, group = self.pipeline_rank, self.pipeline_size, self._pipeline_group
         if rank < size - 1:
             h = mx.distributed.recv_like(h, rank + 1, group=group)
+        bounded = size == 1 and cache[0] is not None and queue_layers(h.shape[1])
+        queued = None
         for layer, c in zip(layers, cache, strict=True):
             if layer.is_linear:
                 h = layer(h, ssm_mask, c)
             else:
                 h = layer(h, fa_mask, c, rope)
+            if bounded:
+                mx.async_eval(h, c.state)
+                if queued is not None:
+                    mx.eval(queued)
+                queued = h
         if rank != 0:
             h = mx.distributed.send(h, (rank - 1) % size, group=group)
             # Evaluating the cache (as prefill does) must run the send too.
