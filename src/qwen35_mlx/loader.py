@@ -150,20 +150,16 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def model_class(model_type: str):
-    """The class for a model_type, imported only when needed."""
-    if model_type in TEXT_MODEL_TYPES:
-        from .models.text import TextModel
-
-        return TextModel
-    from .models.vlm import Model
-
-    return Model
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    cls = model_class(config.model_type)
-    return cls(config.text_config) if config.model_type in TEXT_MODEL_TYPES else cls(config)
+def build_model(config: ModelConfig, text_model: type | None = None, vlm_model: type | None = None):
+    """Our model for `config`: `text_model(config.text_config)` for a text checkpoint, else
+    `vlm_model(config)`; TextModel and models.vlm.Model unless a host plugin passes subclasses."""
+    if config.model_type in TEXT_MODEL_TYPES:
+        if text_model is None:
+            from .models.text import TextModel as text_model
+        return text_model(config.text_config)
+    if vlm_model is None:
+        from .models.vlm import Model as vlm_model
+    return vlm_model(config)
 
 
 def _short(items, sep: str = ", ") -> str:

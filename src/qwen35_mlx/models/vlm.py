@@ -111,12 +111,14 @@ def _scatter_rows(embeds: mx.array, is_slot: np.ndarray, feats: mx.array, what: 
 
 
 class Model(nn.Module):
+    text_model = TextModel  # the language model's class (a host plugin may subclass it)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.args = config
         self.model_type = config.model_type
-        self.language_model = TextModel(config.text_config)
+        self.language_model = self.text_model(config.text_config)
         if config.vision_config is not None:
             self.vision_tower = VisionModel(config.vision_config)
         # Local (positions, deltas) from `embed_inputs`, bound to the cache of the next call fed
