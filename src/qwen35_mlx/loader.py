@@ -222,21 +222,15 @@ def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
     raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
 
 
-def _cast(
-    weights: dict[str, mx.array], dtype: mx.Dtype | None, cast_predicate
-) -> dict[str, mx.array]:
-    """Floating weights to `dtype`; those the model's cast_predicate refuses go to fp32."""
-    out = {}
-    for k, v in weights.items():
-        if not mx.issubdtype(v.dtype, mx.floating):
-            out[k] = v  # packed quantized weights, integer buffers
-        elif not cast_predicate(k):
-            out[k] = v.astype(mx.float32)
-        elif dtype is not None:
-            out[k] = v.astype(dtype)
-        else:
-            out[k] = v
-    return out
+def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None, keep) -> dict[str, mx.array]:
+    """Floating weights to `dtype`, but those the model's cast_predicate `keep` refuses (A_log,
+    which sanitize already made fp32); packed quantized weights stay as they are."""
+    if dtype is None:
+        return weights
+    return {
+        k: v.astype(dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
