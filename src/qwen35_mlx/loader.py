@@ -150,7 +150,9 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def build_model(config: ModelConfig, text_model: type | None = None, vlm_model: type | None = None):
+def build_model(
+    config: ModelConfig, text_model: type | None = None, vlm_model: type | None = None
+) -> nn.Module:
     """Our model for `config`: `text_model(config.text_config)` for a text checkpoint, else
     `vlm_model(config)`; TextModel and models.vlm.Model unless a host plugin passes subclasses."""
     if config.model_type in TEXT_MODEL_TYPES:
