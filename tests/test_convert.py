@@ -408,7 +408,7 @@ def test_convert_round_trip_in_mlx_vlm_with_plugin(converted, mode):
     mlx_vlm_plugin.register()
     try:
         theirs, _ = vlm_load(str(out))
-        assert isinstance(theirs, mlx_vlm_plugin.Model)
+        assert isinstance(theirs, mlx_vlm_plugin.VisionLanguageModel)
         ours, _ = load(out)
         assert _vlm_greedy(theirs) == greedy(ours)
     finally:

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from qwen35_mlx import loader
 from qwen35_mlx.convert import save_mlx
-from qwen35_mlx.loader import load, load_model, read_weights, resolve_path
+from qwen35_mlx.loader import load, load_model, resolve_path
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 
@@ -216,33 +216,62 @@ def test_sharded_checkpoint_through_index(tmp_path, ref):
 # -- HF vs MLX, save_mlx round trip ---------------------------------------------------------------
 
 
-def test_format_detection(tmp_path, golden_model):
-    _, is_mlx = read_weights(GOLDEN / "dense_tied")
-    assert not is_mlx
+def test_save_mlx_writes_mlx_format(tmp_path, golden_model):
     out = save_mlx(golden_model, _config(GOLDEN / "dense_tied"), tmp_path / "mlx")
-    _, is_mlx = read_weights(out)
-    assert is_mlx
     _, metadata = mx.load(str(out / "model.safetensors"), return_metadata=True)
     assert metadata["format"] == "mlx"
 
 
-def test_save_mlx_round_trip(tmp_path, monkeypatch, golden_model, ref):
-    """An MLX checkpoint is not sanitized again: identical logits, sanitize never called."""
+def test_save_mlx_round_trip(tmp_path, golden_model, ref):
+    """An MLX checkpoint loads to the model it was saved from: identical logits (sanitize runs
+    on it as on every checkpoint, and leaves it as it is: test_sanitize_is_idempotent)."""
     out = save_mlx(golden_model, _config(GOLDEN / "dense_tied"), tmp_path / "mlx")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-
-    from qwen35_mlx.models.text import TextModel
-
-    calls = []
-    original = TextModel.sanitize
-    monkeypatch.setattr(TextModel, "sanitize", lambda self, w: calls.append(1) or original(self, w))
     loaded = load_model(out)
-    assert calls == []
     ids = mx.array(ref["input_ids"])
     np.testing.assert_array_equal(np.array(loaded(ids)), np.array(golden_model(ids)))
 
-    load_model(GOLDEN / "dense_tied")
-    assert calls == [1]
+
+def _checkpoint(kind: str, case: str, tmp_path: Path) -> Path:
+    """A checkpoint folder: the golden case as Hugging Face wrote it, saved by `save_mlx`, or
+    quantized to 4 bits and saved; `mtp`: a tiny model with an MTP head."""
+    if case == "mtp":
+        from tests.models.factory import make_text_config, make_text_model
+        from tests.models.test_mtp import _write_hf
+
+        model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=4)
+        hf = _write_hf(model, tmp_path / "hf")
+    else:
+        hf = GOLDEN / case
+    if kind == "hf":
+        return hf
+    model = load_model(hf)
+    if kind == "q4":
+        _quantize_like_mlx_lm(model)
+    return save_mlx(model, _config(hf), tmp_path / kind)
+
+
+CASES = ["dense_tied", "dense_untied", "moe_fused", "moe_per_expert", "vlm", "mtp"]
+
+
+@pytest.mark.parametrize("kind", ["hf", "mlx", "q4"])
+@pytest.mark.parametrize("case", CASES)
+def test_sanitize_is_idempotent(tmp_path, case, kind):
+    """Every checkpoint is sanitized on load, so sanitize must leave sanitized weights as they
+    are: sanitize(sanitize(w)) == sanitize(w), name for name, bit for bit."""
+    folder = _checkpoint(kind, case, tmp_path)
+    config = loader.ModelConfig.from_dict(_config(folder))
+    once = loader.build_model(config).sanitize(loader.read_weights(folder))
+    twice = loader.build_model(config).sanitize(dict(once))
+    assert sorted(twice) == sorted(once)
+    for k, v in once.items():
+        assert twice[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(np.array(twice[k]), np.array(v), err_msg=k)
+    if kind != "hf":  # a saved checkpoint's names and layouts are the model's already
+        weights = loader.read_weights(folder)
+        assert sorted(once) == sorted(weights)
+        for k, v in weights.items():
+            np.testing.assert_array_equal(np.array(once[k]), np.array(v), err_msg=k)
 
 
 def test_save_mlx_is_atomic(tmp_path, golden_model):

@@ -17,6 +17,7 @@ from mlx_vlm.prompt_utils import apply_chat_template  # noqa: E402
 from mlx_vlm.utils import prepare_inputs  # noqa: E402
 
 from qwen35_mlx import load, mlx_vlm_plugin, stream_generate  # noqa: E402
+from qwen35_mlx.loader import load_model  # noqa: E402
 from qwen35_mlx.models.vlm import Model as OurVLM  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "vlm"
@@ -32,7 +33,7 @@ def registered():
 
 def test_mlx_vlm_generate_step_same_tokens_as_ours(registered):
     model, processor = vlm_load(str(GOLDEN))
-    assert isinstance(model, mlx_vlm_plugin.Model) and isinstance(model.model, OurVLM)
+    assert isinstance(model, mlx_vlm_plugin.VisionLanguageModel) and isinstance(model, OurVLM)
     prompt = apply_chat_template(processor, model.config, "Describe this.", num_images=1)
     image = str(GOLDEN / "image0.png")
     inputs = prepare_inputs(processor, images=[image], prompts=prompt)
@@ -76,7 +77,7 @@ def test_mlx_vlm_stream_generate_with_image(registered):
     image = str(GOLDEN / "image0.png")
     # The golden model's vocabulary is wider than its tokenizer: keep sampling to real tokens,
     # so mlx-vlm's detokenizer can follow.
-    vocab = model.model.config.text_config.vocab_size
+    vocab = model.config.text_config.vocab_size
     bias = {i: -1e9 for i in range(len(processor.tokenizer), vocab)}
     theirs = [
         r.token
@@ -119,14 +120,16 @@ def test_text_prompt_after_image_prompt_equals_fresh(registered):
 
 
 def test_sanitize_skips_own_quantized_names(registered):
-    """Names this adapter wrote, plus quantization's scales/biases, are not sanitized again."""
+    """Our own names, plus quantization's scales/biases, are not sanitized again."""
     model, _ = vlm_load(str(GOLDEN))
     from mlx.utils import tree_flatten
 
-    own = {f"model.{k}": v for k, v in tree_flatten(model.model.parameters())}
+    own = dict(tree_flatten(model.parameters()))
     name = next(k for k in own if k.endswith("mlp.down_proj.weight"))
     quantized = dict(own, **{name[: -len("weight")] + "scales": own[name]})
-    assert model.sanitize(quantized) is quantized
+    again = model.sanitize(quantized)
+    assert sorted(again) == sorted(quantized)
+    assert all(again[k] is v or mx.array_equal(again[k], v).item() for k, v in quantized.items())
 
 
 def test_outputs_are_mlx_vlm_language_model_output(registered):
@@ -137,7 +140,7 @@ def test_outputs_are_mlx_vlm_language_model_output(registered):
     ids = mx.array([[1, 5, 9]])
     for out in (model(ids), model.language_model(ids)):
         assert isinstance(out, LanguageModelOutput)
-        assert out.logits.shape == (1, 3, model.model.config.text_config.vocab_size)
+        assert out.logits.shape == (1, 3, model.config.text_config.vocab_size)
         assert out.gdn_states is None and out.shared_kv_states is None
 
 
@@ -160,9 +163,64 @@ def test_mlx_vlm_quantize_model_uses_our_quant_predicate(registered):
     vlm = mlx_vlm_plugin.Model(mlx_vlm_plugin.ModelConfig.from_dict(vlm_config))
     predicate = vlm.quant_predicate
     names = [n for n, m in vlm.named_modules() if isinstance(m, nn.Linear)]
-    vision = [n for n in names if n.startswith("model.vision_tower.")]
+    vision = [n for n in names if n.startswith("vision_tower.")]
     assert vision and not any(predicate(n, vlm) for n in vision)
     quantize_model(vlm, {}, 32, 4)
     params = dict(tree_flatten(vlm.parameters()))
-    assert not any(k.startswith("model.vision_tower") and k.endswith("scales") for k in params)
-    assert any(k.startswith("model.language_model") and k.endswith("scales") for k in params)
+    assert not any(k.startswith("vision_tower") and k.endswith("scales") for k in params)
+    assert any(k.startswith("language_model") and k.endswith("scales") for k in params)
+
+
+def _image_prompt_inputs(processor, config):
+    prompt = apply_chat_template(processor, config, "Describe this.", num_images=1)
+    return prepare_inputs(processor, images=[str(GOLDEN / "image0.png")], prompts=prompt)
+
+
+def _mlx_vlm_prefill(model, inputs) -> mx.array:
+    """Logits of an image prompt fed as mlx-vlm feeds it: get_input_embeddings, then
+    language_model on the embeddings with a fresh cache."""
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values")}
+    extra["mask"] = extra.pop("attention_mask")
+    emb = model.get_input_embeddings(inputs["input_ids"], inputs["pixel_values"], **extra)
+    cache = model.language_model.make_cache()
+    out = model.language_model(inputs["input_ids"], inputs_embeds=emb.inputs_embeds, cache=cache)
+    return out.logits
+
+
+def test_mlx_vlm_image_prefill_equals_ours(registered):
+    """mlx-vlm's protocol gives the image prompt its M-RoPE positions: the logits are ours."""
+    model, processor = vlm_load(str(GOLDEN))
+    inputs = _image_prompt_inputs(processor, model.config)
+    theirs = _mlx_vlm_prefill(model, inputs)
+    ours_model, _ = load(GOLDEN)
+    ours = ours_model(
+        inputs["input_ids"],
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+    )
+    assert mx.array_equal(theirs, ours).item(), mx.abs(theirs - ours).max().item()
+
+
+def test_checkpoint_saved_by_mlx_vlm_loads_in_both(registered, tmp_path):
+    """mlx-vlm's converter, through the plugin, writes our names (4-bit language model, vision
+    tower left alone): mlx-vlm and our loader load it back to the same logits."""
+    from mlx.utils import tree_flatten
+    from mlx_vlm.convert import convert
+
+    out = tmp_path / "q4"
+    convert(str(GOLDEN), str(out), quantize=True, q_group_size=32, q_bits=4)
+    saved = mx.load(str(out / "model.safetensors"))
+    theirs, processor = vlm_load(str(out))
+    names = {k for k, _ in tree_flatten(theirs.parameters())}
+    assert set(saved) == names
+    assert not any(k.startswith("model.") for k in names)
+    assert any(k.startswith("language_model.") and k.endswith(".scales") for k in names)
+    ours = load_model(out)  # weights: the processor files are mlx-vlm's
+    assert {k for k, _ in tree_flatten(ours.parameters())} == names
+    inputs = _image_prompt_inputs(processor, theirs.config)
+    ours_logits = ours(
+        inputs["input_ids"],
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+    )
+    assert mx.array_equal(_mlx_vlm_prefill(theirs, inputs), ours_logits).item()

@@ -1,34 +1,23 @@
 """Load Qwen3.5 checkpoints: find the files, read safetensors, sanitize, quantize, update.
 
-Two checkpoint kinds, told apart by the safetensors metadata, never by guessing from names:
-
-- Hugging Face (metadata `format: pt`, or none): conv1d `[C, 1, K]`, zero-centred RMSNorm weights,
-  `model.language_model.*` / `model.*` prefixes, MoE experts per expert or fused, `mtp.*`. The
-  model's own `sanitize` rewrites these (it lives next to the names it rewrites, on the model).
-- MLX (metadata `format: mlx`, as mlx-lm and `save_mlx` write it): already sanitized, maybe
-  quantized by a `quantization` block in config.json (`group_size`, `bits`, `mode`, and per-module
-  overrides keyed by module path).
+Every checkpoint, Hugging Face or MLX (mlx-lm's, mlx-vlm's, `save_mlx`'s, maybe quantized by a
+`quantization` block in config.json), goes through the model's `sanitize`, which reads from the
+weights themselves what still needs rewriting (names, conv1d layout, the norm shift, expert
+layout) and is idempotent; nothing here tells the two kinds apart.
 
 The loader only does I/O, quantization and `load_weights`. Path problems raise
 `FileNotFoundError`; content problems (wrong model_type, a required config field missing,
 truncated or corrupt safetensors, missing or unexpected weights, shape or dtype mismatches, a
-tokenizer that cannot encode text) raise `ValueError` with a message that names what is wrong.
+tokenizer that cannot encode text) raise `ValueError` with one line that names what is wrong.
 A weight's dtype must fit its parameter: floating for a floating parameter (then cast), uint32
 for the packed weight of a quantized module.
 
-Why this is not a thin layer over `mlx_lm.utils.load_model` (re-examined against mlx-lm 0.32.2;
-what it does provide, we use: `infer_quant_config`, its tokenizer wrapper, and through the plugin
-it loads our models itself):
-- it globs `model*.safetensors` and ignores `model.safetensors.index.json`: a stray shard left in
-  the folder is loaded with the others, an absent one is not named;
-- it calls `sanitize` on every checkpoint, where an MLX checkpoint is loaded as saved;
-- `mlx_lm.utils` imports transformers (~1.5 s here): the CLI reads config.json through
-  `read_config` to refuse bad arguments (an image for a text model) before any heavy import;
-- `load_weights(strict=True)` lists every name on its own line, uncounted and untruncated, and
-  checks no dtype: `check_weights` gives the one-line errors the CLI prints; catching load_weights'
-  error would lose them, and our `sanitize` runs before quantization, so it cannot check shapes;
-- reading the weights ourselves lets safetensors name a truncated or corrupt file before mx.load
-  maps it (mlx-lm's `mx.load` errors name no file).
+From mlx-lm we take `infer_quant_config` and the tokenizer wrapper (and through the plugin
+mlx-lm loads our models itself), not `mlx_lm.utils.load_model` (0.32.2): it globs
+`model*.safetensors` past `model.safetensors.index.json` (a stray shard is loaded, an absent one
+is not named), its `mx.load` errors name no file, its strict `load_weights` lists names one a
+line, uncounted, with no dtype check, and `mlx_lm.utils` imports transformers (~2 s), which the
+CLI must not pay before it has read config.json (`read_config`) and refused bad arguments.
 """
 
 from __future__ import annotations
@@ -148,69 +137,38 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _safetensors_metadata(file: Path) -> dict[str, str]:
-    """The file's safetensors metadata; ValueError naming the file if it is truncated or corrupt.
-
-    safetensors checks the header and that the data it describes is all there. mx.load maps
-    tensors lazily, so a truncated file would otherwise fail much later, inside an unrelated
-    eval, with an error that does not name the file.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            return f.metadata() or {}
-    except Exception as e:  # noqa: BLE001  (SafetensorError, OSError)
-        msg = " ".join(str(e).split())
-        raise ValueError(f"{file}: truncated or corrupt safetensors file ({msg})") from e
-
-
-def read_weights(path: Path) -> tuple[dict[str, mx.array], bool]:
-    """All tensors of the checkpoint (lazy, mapped by mx.load) and whether it is MLX format."""
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """All tensors of the checkpoint, mapped lazily by mx.load (which checks each file's header
+    and data offsets); ValueError naming a truncated or corrupt file."""
     weights: dict[str, mx.array] = {}
-    formats = []
     for file in weight_files(path):
-        metadata = _safetensors_metadata(file)
         try:
-            arrays = mx.load(str(file))
-        except Exception as e:  # mlx raises RuntimeError / ValueError with no file name
-            raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
-        formats.append(metadata.get("format"))
-        weights.update(arrays)
-    is_mlx = all(f == "mlx" for f in formats)
-    if not is_mlx and any(f == "mlx" for f in formats):
-        raise ValueError(f"{path}: some shards are MLX format and some are not ({formats})")
-    return weights, is_mlx
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError, OSError) as e:  # mlx's messages name no file
+            msg = " ".join(str(e).split())
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({msg})") from e
+    return weights
 
 
-def model_class(model_type: str):
-    """The class for a model_type, imported only when needed."""
-    if model_type in TEXT_MODEL_TYPES:
-        from .models.text import TextModel
-
-        return TextModel
-    from .models.vlm import Model
-
-    return Model
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    cls = model_class(config.model_type)
-    return cls(config.text_config) if config.model_type in TEXT_MODEL_TYPES else cls(config)
+def build_model(
+    config: ModelConfig, text_model: type | None = None, vlm_model: type | None = None
+) -> nn.Module:
+    """Our model for `config`: `text_model(config.text_config)` for a text checkpoint, else
+    `vlm_model(config)`; TextModel and models.vlm.Model unless a host plugin passes subclasses."""
+    if config.model_type in TEXT_MODEL_TYPES:
+        if text_model is None:
+            from .models.text import TextModel as text_model
+        return text_model(config.text_config)
+    if vlm_model is None:
+        from .models.vlm import Model as vlm_model
+    return vlm_model(config)
 
 
-def _names_match(model: nn.Module, weights: dict[str, mx.array]) -> bool:
-    """Whether the checkpoint names are the model's own (quantization's scales/biases aside)."""
-    expected = {k for k, _ in tree_flatten(model.parameters())}
-    given = {k for k in weights if not k.endswith((".scales", ".biases"))}
-    return given == expected
-
-
-def _short(names) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:_LIST_LIMIT])
-    more = len(names) - _LIST_LIMIT
-    return shown + (f", ... and {more} more" if more > 0 else "")
+def _short(items, sep: str = ", ") -> str:
+    """Sorted, at most `_LIST_LIMIT` shown, the rest counted."""
+    items = sorted(items)
+    more = len(items) - _LIST_LIMIT
+    return sep.join(items[:_LIST_LIMIT]) + (f"{sep}... and {more} more" if more > 0 else "")
 
 
 def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -231,7 +189,11 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
 def apply_quantization(
     model: nn.Module, quantization: dict[str, Any], weights: dict[str, mx.array]
 ) -> None:
-    """Quantize the modules the checkpoint stores quantized (those with `<path>.scales`)."""
+    """Quantize the modules the checkpoint stores quantized (those with `<path>.scales`): as the
+    block's entry for that path says (a bool, or parameters over the defaults), else with the
+    group size, bits and mode mlx-lm's `infer_quant_config` reads off the stored shapes."""
+    from mlx_lm.utils import infer_quant_config
+
     default = {
         "group_size": quantization["group_size"],
         "bits": quantization["bits"],
@@ -246,20 +208,12 @@ def apply_quantization(
             return False
         if isinstance(override, dict):
             return {**default, **override}
-        # No entry for this path (or one keyed by another naming): read group size, bits and
-        # mode off the stored shapes, as mlx-lm does, rather than trusting the default.
         try:
-            return _infer_quant_params(path, module, weights)
-        except (KeyError, ValueError):
+            return infer_quant_config(path, module, weights)
+        except KeyError:  # no packed weight: check_weights names it
             return True
 
     nn.quantize(model, class_predicate=predicate, **default)
-
-
-def _infer_quant_params(path: str, module: nn.Module, weights: dict[str, mx.array]) -> dict:
-    from mlx_lm.utils import infer_quant_config
-
-    return infer_quant_config(path, module, weights)
 
 
 def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
@@ -270,53 +224,46 @@ def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
     raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
 
 
-def _cast(
-    weights: dict[str, mx.array], dtype: mx.Dtype | None, cast_predicate
-) -> dict[str, mx.array]:
-    """Floating weights to `dtype`; those the model's cast_predicate refuses go to fp32."""
-    out = {}
-    for k, v in weights.items():
-        if not mx.issubdtype(v.dtype, mx.floating):
-            out[k] = v  # packed quantized weights, integer buffers
-        elif not cast_predicate(k):
-            out[k] = v.astype(mx.float32)
-        elif dtype is not None:
-            out[k] = v.astype(dtype)
-        else:
-            out[k] = v
-    return out
+def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None, keep) -> dict[str, mx.array]:
+    """Floating weights to `dtype`, but those the model's cast_predicate `keep` refuses (A_log,
+    which sanitize already made fp32); packed quantized weights stay as they are."""
+    if dtype is None:
+        return weights
+    return {
+        k: v.astype(dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
-    """Raise one ValueError listing missing and unexpected names, or naming shape mismatches."""
+    """One ValueError line for missing and unexpected names (counted, the list truncated), then
+    for shape mismatches, then for dtypes that do not fit (a floating parameter takes a floating
+    weight, cast on load; the packed weight of a quantized module must be uint32)."""
     expected = dict(tree_flatten(model.parameters()))
     missing = expected.keys() - weights.keys()
     unexpected = weights.keys() - expected.keys()
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {_short(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_short(unexpected)}")
+    parts = [
+        f"{len(n)} {what}: {_short(n)}"
+        for what, n in [("missing", missing), ("unexpected", unexpected)]
+        if n
+    ]
+    if parts:
         raise ValueError("checkpoint weights do not match the model; " + "; ".join(parts))
+    params = sorted(expected.items())
     bad = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in sorted(expected.items())
-        if tuple(weights[k].shape) != tuple(v.shape)
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(p.shape)}"
+        for k, p in params
+        if weights[k].shape != p.shape
     ]
     if bad:
-        more = f"; ... and {len(bad) - _LIST_LIMIT} more" if len(bad) > _LIST_LIMIT else ""
-        raise ValueError("shape mismatch: " + "; ".join(bad[:_LIST_LIMIT]) + more)
-    # A floating parameter takes a floating weight (cast on load); the packed weight of a
-    # quantized module is uint32 in the model and must be uint32 in the checkpoint.
+        raise ValueError("shape mismatch: " + _short(bad, sep="; "))
     bad = [
-        f"{k}: checkpoint {weights[k].dtype} vs model {v.dtype}"
-        for k, v in sorted(expected.items())
-        if not _dtype_fits(weights[k].dtype, v.dtype)
+        f"{k}: checkpoint {weights[k].dtype} vs model {p.dtype}"
+        for k, p in params
+        if not _dtype_fits(weights[k].dtype, p.dtype)
     ]
     if bad:
-        more = f"; ... and {len(bad) - _LIST_LIMIT} more" if len(bad) > _LIST_LIMIT else ""
-        raise ValueError("wrong weight dtype: " + "; ".join(bad[:_LIST_LIMIT]) + more)
+        raise ValueError("wrong weight dtype: " + _short(bad, sep="; "))
 
 
 def _dtype_fits(given: mx.Dtype, wanted: mx.Dtype) -> bool:
@@ -344,20 +291,16 @@ def _load_model(
     path: Path, config_dict: dict[str, Any], config: ModelConfig, *, lazy: bool, dtype
 ) -> nn.Module:
     quantization = _quantization(config_dict)  # an unsupported scheme fails before any I/O
-    weights, is_mlx = read_weights(path)
-
+    weights = read_weights(path)
     model = build_model(config)
-    # MLX checkpoints are already sanitized. One written under another MLX port's names
-    # (mlx-lm's `switch_mlp`, say) still goes through sanitize, which then only renames: the
-    # layout (conv [C, K, 1], shifted norms) is read from the weights, so nothing shifts twice.
-    if not is_mlx or not _names_match(model, weights):
-        weights = model.sanitize(weights)
+    weights = model.sanitize(weights)  # idempotent: Hugging Face and MLX checkpoints alike
     if quantization is not None:
         apply_quantization(model, quantization, weights)
     weights = _cast(weights, _as_dtype(dtype), model.cast_predicate)
     check_weights(model, weights)
     model.eval()
-    model.load_weights(list(weights.items()), strict=True)
+    # Names, shapes and dtypes are checked above, each in one line (strict would repeat it).
+    model.load_weights(list(weights.items()), strict=False)
     if not lazy:
         mx.eval(model.parameters())
     return model

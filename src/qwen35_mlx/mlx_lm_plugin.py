@@ -15,9 +15,11 @@ with a vision tower) from `config.json`, `layer_types` included. mlx-lm then cal
 
 Both plugins (this one and `mlx_vlm_plugin`) adapt our models one way: the host resolves the
 model type through `Remapping` to the plugin module, hands `HostConfig.from_dict(config.json)` to
-the module's `Model`, and `HostConfig.build()` makes our model. Where the host's model protocol is
+the module's `Model`, and `HostConfig.build()` makes our model, with our parameter names, so a
+checkpoint either host saves loads in the other and in ours. Where the host's model protocol is
 ours (mlx-lm), `Model` returns that model itself; where it differs (mlx-vlm: its output class,
-`get_input_embeddings` features, `language_model` entry point), `Model` wraps it.
+`get_input_embeddings` features, `language_model` entry point), it returns our model's
+subclass that speaks the host's protocol, never a wrapper.
 """
 
 from __future__ import annotations
@@ -98,12 +100,13 @@ class HostConfig:
             eos_token_id=params.get("eos_token_id"),
         )
 
-    def build(self) -> nn.Module:
-        """Our model (text or vision-language) for this config."""
+    def build(self, text_model: type | None = None, vlm_model: type | None = None) -> nn.Module:
+        """Our model (text or vision-language) for this config; a host whose model protocol
+        differs from ours passes subclasses of our classes that speak it."""
         from .loader import build_model
         from .models.config import ModelConfig
 
-        return build_model(ModelConfig.from_dict(self.raw))
+        return build_model(ModelConfig.from_dict(self.raw), text_model, vlm_model)
 
 
 ModelArgs = HostConfig  # mlx-lm's name

@@ -6,27 +6,35 @@ mlx-vlm resolves `model_type` like mlx-lm: `MODEL_REMAPPING`, then the module
 name, `mlx_vlm.models.qwen35_mlx` (this module, put in `sys.modules`); mlx-vlm's own Qwen3.5
 modules stay importable and untouched, `unregister()` undoes it.
 
-The two plugins adapt models one way (see `mlx_lm_plugin`: `Remapping`, `HostConfig`). mlx-vlm
-drives a model through its own protocol, which this module's `Model` adapts to qwen35_mlx's
-vision-language (or text) model, held as the child `model`:
+The two plugins adapt models one way (see `mlx_lm_plugin`: `Remapping`, `HostConfig`): `Model`
+builds our model, with our parameter names (a checkpoint mlx-vlm saves through this plugin loads
+in our loader, and ours in mlx-vlm), as subclasses that speak mlx-vlm's model protocol:
 
-- `get_input_embeddings(input_ids, pixel_values, mask, image_grid_thw=...)` -> embeddings with the
-  vision rows scattered in (the M-RoPE positions are kept by our model for the calls that follow);
-- `language_model(inputs, inputs_embeds=..., cache=...)` -> mlx-vlm's `LanguageModelOutput`: prefill
-  steps fed as embeddings, then decode steps whose positions continue from the cache;
-- `sanitize` (our model's, under the `model.` prefix), `make_cache`, `layers`.
+- `language_model(inputs, inputs_embeds=..., cache=...)` -> mlx-vlm's `LanguageModelOutput`:
+  prefill steps fed as embeddings, then decode steps whose M-RoPE positions continue from the
+  cache. A text checkpoint's model is its own `language_model`; the vision-language model's is
+  its text model (`language_model`, as in ours), which asks the model for the positions;
+- `get_input_embeddings(input_ids, pixel_values, mask, image_grid_thw=...)` -> embeddings with
+  the vision rows scattered in; their positions are bound to the cache of the first call fed
+  them (as for mlx-lm's `embed_inputs`);
+- `config.model_type` / `config.eos_token_id`, `sanitize`, `make_cache`, `layers` are ours.
 
 mlx-vlm's own processor (transformers' Qwen3-VL processor) prepares text and images.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .mlx_lm_plugin import MODEL_TYPES as MODEL_TYPES
 from .mlx_lm_plugin import MODULE_NAME as MODULE_NAME  # mlx-vlm looks for mlx_vlm.models.<this>
 from .mlx_lm_plugin import HostConfig, Remapping
+from .models import vlm
+from .models.text import TextModel
 
 ModelConfig = HostConfig  # mlx-vlm's name
 
@@ -38,105 +46,93 @@ def _output(logits: mx.array):
     return LanguageModelOutput(logits=logits)
 
 
-class _LanguageModel:
-    """What mlx-vlm calls `model.language_model`: token ids or embeddings + cache -> logits.
+def _features(embeds: mx.array):
+    from mlx_vlm.models.base import InputEmbeddingsFeatures
 
-    Not an nn.Module, so it adds no parameters; the weights live in `Model.model`.
-    """
+    return InputEmbeddingsFeatures(inputs_embeds=embeds)
 
-    def __init__(self, owner: Model):
-        self._owner = owner
+
+def _with_fallback_group(predicate):
+    """The model's quantization predicate for mlx-vlm's converter: a module whose width the
+    group size does not divide (a tiny model's router) falls back to groups of 32, through
+    mlx-vlm's own `fallback_group_size`."""
+    if predicate is None:
+        return None
+
+    def with_fallback(path: str, module: nn.Module):
+        decision = predicate(path, module)
+        return {**decision, "fallback_group_size": 32} if isinstance(decision, dict) else decision
+
+    return with_fallback
+
+
+class LanguageModel(TextModel):
+    """Our text model behind mlx-vlm's `language_model` protocol (ids or embeddings + cache ->
+    `LanguageModelOutput`); inside a vision-language model, its positions come from that model."""
+
+    _owner = None  # weakref to the VisionLanguageModel holding this text model, if any
 
     @property
-    def model(self) -> nn.Module:
-        return self._owner.model
+    def language_model(self) -> LanguageModel:
+        return self
 
     def __call__(self, inputs=None, inputs_embeds=None, cache=None, **kwargs):
         if inputs is not None and inputs.ndim == 1:
             inputs = inputs[None]
-        return _output(self.model(inputs, cache=cache, input_embeddings=inputs_embeds))
+        owner = self._owner() if self._owner is not None else None
+        positions = None
+        if owner is not None:
+            B, T = (inputs if inputs_embeds is None else inputs_embeds).shape[:2]
+            positions = owner._decode_positions(cache, B, T, inputs_embeds is not None)
+        logits = super().__call__(
+            inputs, cache, input_embeddings=inputs_embeds, position_ids=positions
+        )
+        return _output(logits)
 
     def make_cache(self, *args, **kwargs) -> list:
-        return self.model.make_cache(*args, **kwargs)
-
-    @property
-    def layers(self) -> list:
-        return self.model.layers
-
-
-class Model(nn.Module):
-    """qwen35_mlx's model (vision-language or text) behind mlx-vlm's model protocol."""
-
-    def __init__(self, config: HostConfig):
-        super().__init__()
-        self.config = config
-        self.model_type = config.model_type
-        self.model = config.build()
-        self._lm = _LanguageModel(self)
-
-    @property
-    def language_model(self) -> _LanguageModel:
-        return self._lm
-
-    @property
-    def layers(self) -> list:
-        return self.model.layers
-
-    def make_cache(self, *args, **kwargs) -> list:
-        return self.model.make_cache(*args, **kwargs)
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:  # the M-RoPE holder goes in the vision-language model's cache
+            return owner.make_cache(*args, **kwargs)
+        return super().make_cache(*args, **kwargs)
 
     def get_input_embeddings(self, input_ids=None, pixel_values=None, mask=None, **kwargs):
-        from mlx_vlm.models.base import InputEmbeddingsFeatures
-
-        if not hasattr(self.model, "get_input_embeddings"):  # a text-only model
-            return InputEmbeddingsFeatures(inputs_embeds=self.model.model.embed_tokens(input_ids))
-        # Text-only prompts go through the VLM too: it resets the M-RoPE positions an earlier
-        # image prompt left behind.
-        embeds, _ = self.model.get_input_embeddings(
-            input_ids, pixel_values, kwargs.get("image_grid_thw"), mask=mask
-        )
-        return InputEmbeddingsFeatures(inputs_embeds=embeds)
-
-    def __call__(self, input_ids, pixel_values=None, mask=None, cache=None, **kwargs):
-        extra = {}
-        if pixel_values is not None:
-            extra = {"pixel_values": pixel_values, "image_grid_thw": kwargs.get("image_grid_thw")}
-        return _output(self.model(input_ids, cache=cache, **extra))
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        from mlx.utils import tree_flatten
-
-        ours = {f"model.{k}" for k, _ in tree_flatten(self.model.parameters())}
-        # mlx-vlm sanitizes before quantizing, so a quantized checkpoint of ours adds these.
-        if {k for k in weights if not k.endswith((".scales", ".biases"))} <= ours:
-            return weights  # already sanitized by this adapter
-        return {f"model.{k}": v for k, v in self.model.sanitize(weights).items()}
-
-    def quantization_path_aliases(self, path: str) -> tuple[str, ...]:
-        # Quantization overrides in config.json name our model's paths, without the prefix.
-        return (path[len("model.") :],) if path.startswith("model.") else ()
-
-    @property
-    def cast_predicate(self):
-        return self.model.cast_predicate
+        return _features(self.model.embed_tokens(input_ids))
 
     @property
     def quant_predicate(self):
-        """Our model's predicate (8-bit routers and shared-expert gate, no vision tower) under
-        the `model.` prefix, for mlx-vlm's converter. A router whose width the model's group size
-        does not divide (tiny models) falls back to groups of 32, through mlx-vlm's own
-        `fallback_group_size`."""
-        inner = getattr(self.model, "quant_predicate", None)
-        if inner is None:
-            return None
+        # The vision-language model's predicate asks this one for the text part.
+        return _with_fallback_group(super().quant_predicate)
 
-        def predicate(path: str, module: nn.Module):
-            decision = inner(path[len("model.") :] if path.startswith("model.") else path, module)
-            if isinstance(decision, dict):
-                return {**decision, "fallback_group_size": 32}
-            return decision
 
-        return predicate
+class VisionLanguageModel(vlm.Model):
+    """Our vision-language model behind mlx-vlm's model protocol."""
+
+    text_model = LanguageModel
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.language_model._owner = weakref.ref(self)
+
+    def get_input_embeddings(self, input_ids=None, pixel_values=None, mask=None, **kwargs):
+        """Embeddings with the vision rows scattered in; their M-RoPE positions wait for the
+        cache of the next call fed embeddings. Text-only prompts drop what an earlier image
+        prompt left waiting."""
+        self._pending = None
+        if pixel_values is None:
+            return _features(self.language_model.model.embed_tokens(input_ids))
+        real = None if mask is None else np.array(mask).astype(bool)
+        grid = kwargs.get("image_grid_thw")
+        embeds, self._pending = self._embed(input_ids, pixel_values, grid, None, None, real)
+        return _features(embeds)
+
+    def __call__(self, input_ids, pixel_values=None, mask=None, cache=None, **kwargs):
+        embeds = self.get_input_embeddings(input_ids, pixel_values, mask, **kwargs)
+        return self.language_model(input_ids, inputs_embeds=embeds.inputs_embeds, cache=cache)
+
+
+def Model(config: HostConfig) -> nn.Module:  # noqa: N802  (mlx-vlm calls `arch.Model(config)`)
+    """mlx-vlm's model constructor: our model, as the subclass that speaks mlx-vlm's protocol."""
+    return config.build(LanguageModel, VisionLanguageModel)
 
 
 # Importing mlx-vlm's own qwen3_5 registers the Qwen3.5 processor with transformers.

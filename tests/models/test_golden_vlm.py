@@ -182,9 +182,11 @@ def test_mlx_format_round_trip(model, ref, tmp_path):
     assert_logits_close(again(mx.array(ref["input_ids"]), **image_inputs(ref)), ref["logits"])
 
 
-def test_mlx_lm_generate_step_with_embed_inputs(model, ref):
+@pytest.mark.parametrize("step", [8, 2048])
+def test_mlx_lm_generate_step_with_embed_inputs(model, ref, step):
     # mlx-lm's multimodal path: embed_inputs once, generate_step prefills the embeddings in
-    # steps (no position_ids), then decodes from token ids.
+    # steps (no position_ids), then decodes from token ids. Step 2048 (mlx-lm's default): the
+    # images fall in the first step, which meets a fresh cache.
     from mlx_lm.generate import generate_step
 
     P = int(ref["prefill_len"])
@@ -192,7 +194,7 @@ def test_mlx_lm_generate_step_with_embed_inputs(model, ref):
     pix = ref["pixel_values"]
     per_image = [mx.array(pix[:24].reshape(1, 4, 6, -1)), mx.array(pix[24:].reshape(1, 2, 4, -1))]
     emb = model.embed_inputs(ids, pixel_values=per_image)
-    steps = generate_step(ids, model, input_embeddings=emb, max_tokens=3, prefill_step_size=8)
+    steps = generate_step(ids, model, input_embeddings=emb, max_tokens=3, prefill_step_size=step)
     tokens, logprobs = zip(*[(int(t), lp) for t, lp in steps], strict=True)
     expected = ref["logits"][0, P - 1]
     expected = expected - np.log(np.exp(expected - expected.max()).sum()) - expected.max()

@@ -238,6 +238,7 @@ class ModelConfig:
     vision_start_token_id: int = 248053
     vision_end_token_id: int = 248054
     tie_word_embeddings: bool = False
+    eos_token_id: int | list[int] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

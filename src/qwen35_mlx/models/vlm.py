@@ -111,12 +111,14 @@ def _scatter_rows(embeds: mx.array, is_slot: np.ndarray, feats: mx.array, what: 
 
 
 class Model(nn.Module):
+    text_model = TextModel  # the language model's class (a host plugin may subclass it)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.args = config
         self.model_type = config.model_type
-        self.language_model = TextModel(config.text_config)
+        self.language_model = self.text_model(config.text_config)
         if config.vision_config is not None:
             self.vision_tower = VisionModel(config.vision_config)
         # Local (positions, deltas) from `embed_inputs`, bound to the cache of the next call fed
@@ -251,14 +253,17 @@ class Model(nn.Module):
         if embedded and self._pending is not None:
             self._bind(cache, self._pending, None)
         c = _attention_cache(cache)
-        if c is None or _seen(c) == 0:
-            return None  # a fresh cache: plain positions (an image prompt binds its own)
+        if c is None:
+            return None
+        # The bound prompt's positions first: its first step meets a fresh cache too.
         prompt = getattr(_state_cache(cache), MROPE_PROMPT, None)
         if embedded and prompt is not None:
             start, positions = prompt
             o = _seen(c)
             if start <= o and o + T <= start + positions.shape[-1] and positions.shape[1] == B:
                 return positions[..., o - start : o - start + T]
+        if _seen(c) == 0:
+            return None  # a fresh cache: plain positions (an image prompt binds its own)
         shift = _shift(cache, B)
         if shift is None:
             return None
