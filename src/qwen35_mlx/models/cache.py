@@ -334,30 +334,36 @@ def kv_index(c: KVCache | BatchKVCache) -> int:
     return c._idx if isinstance(c, BatchKVCache) else c.offset
 
 
-def reserve(c: KVCache | BatchKVCache) -> None:
-    """Make room in the preallocated KV buffer for one more token, a block (`c.step`) at a time,
-    as `update_and_fetch` would; a step traced for one buffer size replays until the next block."""
+def reserve(c: KVCache | BatchKVCache, n: int = 1) -> None:
+    """Make room in the preallocated KV buffer for `n` more tokens, a block (`c.step`) at a
+    time, as `update_and_fetch` would; a step traced for one buffer size replays until the next
+    block."""
     idx = kv_index(c)
-    if idx + 1 <= c.keys.shape[2]:
+    if idx + n <= c.keys.shape[2]:
         return
+    grow = -(-n // c.step) * c.step
     B, H, _, Dk = c.keys.shape
     keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
-    c.keys = mx.concatenate([keys, mx.zeros((B, H, c.step, Dk), keys.dtype)], axis=2)
+    c.keys = mx.concatenate([keys, mx.zeros((B, H, grow, Dk), keys.dtype)], axis=2)
     Dv = values.shape[3]
-    c.values = mx.concatenate([values, mx.zeros((B, H, c.step, Dv), values.dtype)], axis=2)
+    c.values = mx.concatenate([values, mx.zeros((B, H, grow, Dv), values.dtype)], axis=2)
 
 
 def advance(
-    c: KVCache | BatchKVCache, keys: mx.array, values: mx.array, offset: mx.array | None = None
+    c: KVCache | BatchKVCache,
+    keys: mx.array,
+    values: mx.array,
+    offset: mx.array | None = None,
+    n: int = 1,
 ) -> None:
-    """After a decode step wrote one token into (keys, values): adopt them, count the token.
-    offset: a batch cache's per-row offsets after the token, when the step computed them."""
+    """After a compiled step wrote `n` tokens into (keys, values): adopt them, count the tokens.
+    offset: a batch cache's per-row offsets after them, when the step computed them."""
     c.keys, c.values = keys, values
     if isinstance(c, BatchKVCache):
-        c._idx += 1
-        c.offset = c.offset + 1 if offset is None else offset
+        c._idx += n
+        c.offset = c.offset + n if offset is None else offset
     else:
-        c.offset += 1
+        c.offset += n
 
 
 class StaticKV:
@@ -382,6 +388,37 @@ def static_mask(capacity: int, idx: mx.array, left_padding: mx.array | None) -> 
         mask = mask & (pos[None] >= left_padding[:, None])
         return mask[:, None, None, :]
     return mask[None, None, None, :]
+
+
+def static_causal_mask(
+    capacity: int, idx: mx.array, T: int, left_padding: mx.array | None
+) -> mx.array:
+    """Keys each of T new tokens (written at idx .. idx + T - 1) may see in a buffer of
+    `capacity`: positions up to its own (`pos <= idx + t`, causal inside the new tokens), and
+    from each row's left padding on. [1 or B, 1, T, capacity] bool."""
+    pos = mx.arange(capacity)
+    mask = pos[None] <= idx + mx.arange(T)[:, None]  # [T, capacity]
+    if left_padding is not None:
+        mask = mask[None] & (pos[None, None] >= left_padding[:, None, None])
+        return mask[:, None]
+    return mask[None, None]
+
+
+class StaticLinear(list):
+    """Inside the compiled multi-token step, a linear-attention layer's cache: [conv state,
+    recurrent state], replaced by the layer's call (`GatedDeltaNet.__call__`); what the layer
+    hands to `record_inputs` is kept in `recorded`, so that the step can return it and the
+    LinearCache outside can roll back into the call (it has no `advance`: the step's caller
+    counts the tokens)."""
+
+    lengths = None
+
+    def __init__(self, states):
+        super().__init__(states)
+        self.recorded: tuple | None = None
+
+    def record_inputs(self, T: int, inputs: tuple) -> None:
+        self.recorded = inputs
 
 
 def reserve_kv(cache: list, n: int) -> None:

@@ -38,11 +38,23 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_la
 from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
-from .cache import BatchKVCache, KVCache, StaticKV, static_mask
+from .cache import (
+    BatchKVCache,
+    KVCache,
+    StaticKV,
+    StaticLinear,
+    static_causal_mask,
+    static_mask,
+)
 from .config import TextConfig
 from .layers import DecoderLayer, prepare_projections, project, retake_projections
 from .mtp import MTP, MTP_NORMS
 from .shard import shard_text_model
+
+# Calls of up to this many tokens a row over a filled cache (speculative verify passes, the MTP
+# head's) run a compiled step, traced once per token count, buffer size and batch shape; longer
+# ones (prefill) take the plain path, whose shapes change with every prompt.
+MAX_STEP_TOKENS = 8
 
 
 class Qwen35TextBackbone(PipelineMixin, nn.Module):
@@ -150,6 +162,39 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 new_kv.append((c.keys, c.values))
         return self.norm(h), new_kv, new_lin
 
+    def verify(self, tokens, kv, lin, idx, offset, left_padding, ssm_mask, position_ids):
+        """T tokens a row over the same fixed-size buffers as `decode` (traced by `TextModel`'s
+        compiled multi-token step, for a speculative verify pass): tokens [B, T]; kv, lin, idx,
+        offset, left_padding as in `decode` (idx, offset: the first new token's); ssm_mask
+        [B, T] bool or None; position_ids [3, B, T] or None. The layers' own `__call__` (the
+        plain path's arithmetic), with an attention mask causal inside the new tokens
+        (`static_causal_mask`) and each linear layer's cache a `StaticLinear`. Returns (normed
+        hidden [B, T, H], new kv, new lin, per linear layer what it recorded for a rollback:
+        (conv input [B, K-1+T, C], q, k, v, a, b))."""
+        h = self.embed_tokens(tokens)
+        T = tokens.shape[1]
+        rope = None
+        if position_ids is not None and self._fa_idx is not None:
+            rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
+        kv, lin, masks = iter(kv), iter(lin), {}
+        new_kv, new_lin, records = [], [], []
+        for layer in self.layers:
+            if layer.is_linear:
+                c = StaticLinear(next(lin))
+                h = layer(h, ssm_mask, c)
+                new_lin.append((c[0], c[1]))
+                # (one token a row records nothing: the layer's decode call, as plain decoding)
+                records.append(() if c.recorded is None else tuple(c.recorded[:6]))
+            else:
+                keys, values = next(kv)
+                C = keys.shape[2]
+                if C not in masks:
+                    masks[C] = static_causal_mask(C, idx, T, left_padding)
+                c = StaticKV(keys, values, idx, offset)
+                h = layer(h, masks[C], c, rope)
+                new_kv.append((c.keys, c.values))
+        return self.norm(h), new_kv, new_lin, records
+
 
 class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
@@ -169,6 +214,8 @@ class TextModel(nn.Module):
         object.__setattr__(self, "_decode_checks", [])  # see _retake_decode
         # The weights are the compiled step's implicit inputs: updates and quantization show.
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
+        self._verify_step = mx.compile(self._verify_impl, inputs=self)
+        self._mtp_step = mx.compile(self._mtp_impl, inputs=self)
 
     def _decode_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
         """The compiled step. A batch's bookkeeping is in it too: the linear layers' mask from
@@ -184,9 +231,11 @@ class TextModel(nn.Module):
         paddings = [lin_padding - 1] * len(lin) if lin_padding is not None else []
         return self.logits(h, step=True)[:, None], kv, lin, offsets, paddings
 
-    def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
-        """The compiled decode step over `cache`, updated in place; None when the cache is not
-        one it takes (empty, quantized, rotating, right-padded prefill, mixed kinds)."""
+    def _static_caches(self, cache: list, T: int) -> tuple | None:
+        """For a compiled step of T tokens a row over `cache`: (attention caches, linear caches,
+        idx, offset, left_padding, lin_padding), their KV buffers reserved for T more tokens;
+        None when the cache is not one it takes (empty, quantized, rotating, right-padded
+        prefill, mixed kinds)."""
         kv_caches, lin_caches = [], []
         for layer, c in zip(self.model.layers, cache, strict=True):
             (lin_caches if layer.is_linear else kv_caches).append(c)
@@ -203,7 +252,7 @@ class TextModel(nn.Module):
         if len(idxs) > 1:
             return None
         for c in kv_caches:
-            cache_lib.reserve(c)
+            cache_lib.reserve(c, T)
         self._prepare_decode()
         idx = mx.array(idxs.pop() if idxs else 0)
         offset, left_padding = idx, None
@@ -211,6 +260,15 @@ class TextModel(nn.Module):
             offset, left_padding = kv_caches[0].offset, kv_caches[0].left_padding
         # As the plain path, every layer of a kind reads the first cache's positions and mask.
         lin_padding = lin_caches[0].left_padding if lin_caches else None
+        return kv_caches, lin_caches, idx, offset, left_padding, lin_padding
+
+    def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
+        """The compiled decode step over `cache`, updated in place; None when the cache is not
+        one it takes (`_static_caches`)."""
+        got = self._static_caches(cache, 1)
+        if got is None:
+            return None
+        kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
         logits, kv, lin, offsets, paddings = self._decode_step(
             inputs,
             [(c.keys, c.values) for c in kv_caches],
@@ -233,6 +291,62 @@ class TextModel(nn.Module):
             if hasattr(c, "note_advance"):  # a LinearCache's rollback history (cache.py)
                 c.note_advance(1)
         return logits
+
+    def _verify_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
+        """The compiled multi-token step (`Qwen35TextBackbone.verify`): logits [B, T, vocab],
+        normed hidden [B, T, H], the new buffers and states, each linear layer's recorded
+        inputs, the linear layers' mask (ArraysCache.make_mask(T), as a list of 0 or 1), and as
+        in `_decode_impl` the advanced per-row offsets and left paddings."""
+        self._traced = True  # runs only while mx.compile traces
+        T = tokens.shape[1]
+        ssm_mask = None
+        if lin_padding is not None:
+            ssm_mask = mx.arange(T)[None] >= lin_padding[:, None]
+        h, kv, lin, records = self.model.verify(
+            tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
+        )
+        offsets = [offset + T] * len(kv) if left_padding is not None else []
+        paddings = [lin_padding - T] * len(lin) if lin_padding is not None else []
+        masks = [] if ssm_mask is None else [ssm_mask]
+        return self.logits(h), h, kv, lin, records, masks, offsets, paddings
+
+    def _verify(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
+        """The compiled multi-token step over `cache`, updated in place as the plain path would
+        (a LinearCache records the call, so it can be trimmed into): (logits, hidden), or None
+        when the cache is not one it takes."""
+        T = inputs.shape[1]
+        got = self._static_caches(cache, T)
+        if got is None:
+            return None
+        kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
+        logits, h, kv, lin, records, masks, offsets, paddings = self._verify_step(
+            inputs,
+            [(c.keys, c.values) for c in kv_caches],
+            [(c[0], c[1]) for c in lin_caches],
+            idx,
+            offset,
+            left_padding,
+            lin_padding,
+            position_ids,
+        )
+        if self._traced:
+            self._traced = False
+            self._retake_decode()
+        for i, (c, (keys, values)) in enumerate(zip(kv_caches, kv, strict=True)):
+            cache_lib.advance(c, keys, values, offsets[i] if offsets else None, n=T)
+        mask = masks[0] if masks else None
+        linear = [layer.linear_attn for layer in self.model.layers if layer.is_linear]
+        for i, (c, (conv, state), rec, mod) in enumerate(
+            zip(lin_caches, lin, records, linear, strict=True)
+        ):
+            c[0], c[1] = conv, state
+            if paddings:
+                c.left_padding = paddings[i]
+            if rec and hasattr(c, "record_inputs"):  # as GatedDeltaNet.__call__ does
+                c.record_inputs(T, (*rec, mod.A_log, mod.dt_bias, mask))
+            if hasattr(c, "note_advance"):
+                c.note_advance(T)
+        return logits, h
 
     def _decode_groups(self) -> list:
         """(owner, names) of every group of projections the compiled step applies."""
@@ -283,15 +397,19 @@ class TextModel(nn.Module):
         """logits [B, T, vocab]; with `return_hidden`, (logits, normed hidden [B, T, H])."""
         if (
             self.compiled_decode
-            and not return_hidden
             and self.model.pipeline_size == 1  # the step runs every layer: not pipelined
             and cache is not None
             and input_embeddings is None
-            and inputs.shape[1] == 1
+            and inputs.shape[1] <= MAX_STEP_TOKENS
         ):
-            logits = self._decode(inputs, cache, position_ids)
-            if logits is not None:
-                return logits
+            if inputs.shape[1] == 1 and not return_hidden:
+                logits = self._decode(inputs, cache, position_ids)
+                if logits is not None:
+                    return logits
+            else:
+                out = self._verify(inputs, cache, position_ids)
+                if out is not None:
+                    return out if return_hidden else out[0]
         h = self.model(inputs, cache, input_embeddings=input_embeddings, position_ids=position_ids)
         if return_hidden:
             return self.logits(h), h
@@ -320,6 +438,14 @@ class TextModel(nn.Module):
         `position_ids` [3, B, T] (M-RoPE) or None (the cache offset gives the positions).
         `last_only`: logits for the last position only ([B, 1, vocab]), all a draft needs."""
         c = cache[0] if cache is not None else None
+        if (
+            self.compiled_decode
+            and last_only
+            and type(c) in (KVCache, BatchKVCache)
+            and c.keys is not None
+            and next_tokens.shape[1] <= MAX_STEP_TOKENS
+        ):
+            return self._mtp_compiled(hidden, next_tokens, c, position_ids)
         emb = self.model.embed_tokens(next_tokens)
         mask = create_attention_mask(emb, c)
         rope = None
@@ -327,6 +453,37 @@ class TextModel(nn.Module):
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(position_ids)
         o = self.mtp(hidden, emb, mask, c, rope)
         return self.logits(o[:, -1:] if last_only else o), o
+
+    def _mtp_impl(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
+        """The MTP head compiled over its static KV buffer, T tokens a row (the `verify`
+        pattern): (logits [B, 1, vocab] at the last position, MTP hidden [B, T, H], new buffers,
+        the advanced per-row offset of a batch cache as a list of 0 or 1)."""
+        self._traced = True  # runs only while mx.compile traces
+        T = tokens.shape[1]
+        mask = static_causal_mask(keys.shape[2], idx, T, left_padding)
+        rope = None
+        if positions is not None:
+            rope = self.mtp.layers[0].self_attn.rope.cos_sin(positions)
+        c = StaticKV(keys, values, idx, offset)
+        o = self.mtp(hidden, self.model.embed_tokens(tokens), mask, c, rope)
+        offsets = [offset + T] if left_padding is not None else []
+        return self.logits(o[:, -1:]), o, c.keys, c.values, offsets
+
+    def _mtp_compiled(self, hidden, next_tokens, c, position_ids):
+        T = next_tokens.shape[1]
+        cache_lib.reserve(c, T)
+        idx = mx.array(cache_lib.kv_index(c))
+        offset, left_padding = idx, None
+        if isinstance(c, BatchKVCache):
+            offset, left_padding = c.offset, c.left_padding
+        logits, o, keys, values, offsets = self._mtp_step(
+            hidden, next_tokens, c.keys, c.values, idx, offset, left_padding, position_ids
+        )
+        if self._traced:
+            self._traced = False
+            self._retake_decode()
+        cache_lib.advance(c, keys, values, offsets[0] if offsets else None, n=T)
+        return logits, o
 
     @property
     def layers(self) -> list:
