@@ -131,6 +131,12 @@ class LinearCache(ArraysCache):
         None). Kept only for a call short enough to be trimmed into."""
         self._pending = inputs if 1 < T <= RECORD_LIMIT else None
 
+    def record_states(self, T: int, states: list) -> None:
+        """Called by the compiled verify step (text.py) before `note_advance(T)`: the (conv
+        state, recurrent state) after each of its T tokens, which the one-token kernel it runs
+        token by token gives for free; a trim into the call takes one, with no recompute."""
+        self._pending = _TokenStates(states) if 1 < T <= RECORD_LIMIT else None
+
     def advance(self, N: int) -> None:
         super().advance(N)
         self.note_advance(N)
@@ -404,23 +410,6 @@ def static_causal_mask(
     return mask[None, None]
 
 
-class StaticLinear(list):
-    """Inside the compiled multi-token step, a linear-attention layer's cache: [conv state,
-    recurrent state], replaced by the layer's call (`GatedDeltaNet.__call__`); what the layer
-    hands to `record_inputs` is kept in `recorded`, so that the step can return it and the
-    LinearCache outside can roll back into the call (it has no `advance`: the step's caller
-    counts the tokens)."""
-
-    lengths = None
-
-    def __init__(self, states):
-        super().__init__(states)
-        self.recorded: tuple | None = None
-
-    def record_inputs(self, T: int, inputs: tuple) -> None:
-        self.recorded = inputs
-
-
 def reserve_kv(cache: list, n: int) -> None:
     """Grow every filled KVCache / BatchKVCache of `cache` so that `n` more positions fit.
 
@@ -451,8 +440,17 @@ def set_history(cache: list, n: int) -> None:
             c.history = n
 
 
-def _head(inputs: tuple, keep: int) -> tuple:
+class _TokenStates:
+    """A recorded call as the states after each of its tokens (`LinearCache.record_states`)."""
+
+    def __init__(self, states: list):
+        self.states = states
+
+
+def _head(inputs: tuple | _TokenStates, keep: int) -> tuple | _TokenStates:
     """A recorded call's inputs cut to its first `keep` tokens."""
+    if isinstance(inputs, _TokenStates):
+        return _TokenStates(inputs.states[:keep])
     conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
     n_keep = conv_in.shape[1] - q.shape[1]
     cut = (x[:, :keep] for x in (q, k, v, a, b))
@@ -460,9 +458,11 @@ def _head(inputs: tuple, keep: int) -> tuple:
     return (conv_in[:, : n_keep + keep], *cut, A_log, dt_bias, m)
 
 
-def _rewind(inputs: tuple, keep: int, before: tuple) -> tuple:
+def _rewind(inputs: tuple | _TokenStates, keep: int, before: tuple) -> tuple:
     """(conv state, recurrent state) after the first `keep` tokens of a recorded call that
     started from `before`."""
+    if isinstance(inputs, _TokenStates):
+        return tuple(inputs.states[keep - 1])
     conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
     T = q.shape[1]
     n_keep = conv_in.shape[1] - T  # K - 1

@@ -42,7 +42,6 @@ from .cache import (
     BatchKVCache,
     KVCache,
     StaticKV,
-    StaticLinear,
     static_causal_mask,
     static_mask,
 )
@@ -166,11 +165,11 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         """T tokens a row over the same fixed-size buffers as `decode` (traced by `TextModel`'s
         compiled multi-token step, for a speculative verify pass): tokens [B, T]; kv, lin, idx,
         offset, left_padding as in `decode` (idx, offset: the first new token's); ssm_mask
-        [B, T] bool or None; position_ids [3, B, T] or None. The layers' own `__call__` (the
-        plain path's arithmetic), with an attention mask causal inside the new tokens
-        (`static_causal_mask`) and each linear layer's cache a `StaticLinear`. Returns (normed
-        hidden [B, T, H], new kv, new lin, per linear layer what it recorded for a rollback:
-        (conv input [B, K-1+T, C], q, k, v, a, b))."""
+        [B, T] bool or None; position_ids [3, B, T] or None. The layers' `steps`: projections
+        over all T tokens, attention with a mask causal inside the new tokens
+        (`static_causal_mask`), the linear layers' conv and recurrence token by token through
+        the one-token kernel. Returns (normed hidden [B, T, H], new kv, new lin, per linear
+        layer the (conv, recurrent) states after each token, for a rollback)."""
         h = self.embed_tokens(tokens)
         T = tokens.shape[1]
         rope = None
@@ -180,18 +179,17 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         new_kv, new_lin, records = [], [], []
         for layer in self.layers:
             if layer.is_linear:
-                c = StaticLinear(next(lin))
-                h = layer(h, ssm_mask, c)
-                new_lin.append((c[0], c[1]))
-                # (one token a row records nothing: the layer's decode call, as plain decoding)
-                records.append(() if c.recorded is None else tuple(c.recorded[:6]))
+                c = list(next(lin))
+                h, states = layer.steps(h, ssm_mask, c)
+                new_lin.append(tuple(c))
+                records.append(states)
             else:
                 keys, values = next(kv)
                 C = keys.shape[2]
                 if C not in masks:
                     masks[C] = static_causal_mask(C, idx, T, left_padding)
                 c = StaticKV(keys, values, idx, offset)
-                h = layer(h, masks[C], c, rope)
+                h, _ = layer.steps(h, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
         return self.norm(h), new_kv, new_lin, records
 
@@ -294,9 +292,9 @@ class TextModel(nn.Module):
 
     def _verify_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
         """The compiled multi-token step (`Qwen35TextBackbone.verify`): logits [B, T, vocab],
-        normed hidden [B, T, H], the new buffers and states, each linear layer's recorded
-        inputs, the linear layers' mask (ArraysCache.make_mask(T), as a list of 0 or 1), and as
-        in `_decode_impl` the advanced per-row offsets and left paddings."""
+        normed hidden [B, T, H], the new buffers and states, each linear layer's
+        per-token states, and as in `_decode_impl` the advanced per-row offsets and left
+        paddings."""
         self._traced = True  # runs only while mx.compile traces
         T = tokens.shape[1]
         ssm_mask = None
@@ -307,8 +305,7 @@ class TextModel(nn.Module):
         )
         offsets = [offset + T] * len(kv) if left_padding is not None else []
         paddings = [lin_padding - T] * len(lin) if lin_padding is not None else []
-        masks = [] if ssm_mask is None else [ssm_mask]
-        return self.logits(h), h, kv, lin, records, masks, offsets, paddings
+        return self.logits(h, step=True), h, kv, lin, records, offsets, paddings
 
     def _verify(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
         """The compiled multi-token step over `cache`, updated in place as the plain path would
@@ -319,7 +316,7 @@ class TextModel(nn.Module):
         if got is None:
             return None
         kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
-        logits, h, kv, lin, records, masks, offsets, paddings = self._verify_step(
+        logits, h, kv, lin, records, offsets, paddings = self._verify_step(
             inputs,
             [(c.keys, c.values) for c in kv_caches],
             [(c[0], c[1]) for c in lin_caches],
@@ -334,16 +331,12 @@ class TextModel(nn.Module):
             self._retake_decode()
         for i, (c, (keys, values)) in enumerate(zip(kv_caches, kv, strict=True)):
             cache_lib.advance(c, keys, values, offsets[i] if offsets else None, n=T)
-        mask = masks[0] if masks else None
-        linear = [layer.linear_attn for layer in self.model.layers if layer.is_linear]
-        for i, (c, (conv, state), rec, mod) in enumerate(
-            zip(lin_caches, lin, records, linear, strict=True)
-        ):
+        for i, (c, (conv, state), states) in enumerate(zip(lin_caches, lin, records, strict=True)):
             c[0], c[1] = conv, state
             if paddings:
                 c.left_padding = paddings[i]
-            if rec and hasattr(c, "record_inputs"):  # as GatedDeltaNet.__call__ does
-                c.record_inputs(T, (*rec, mod.A_log, mod.dt_bias, mask))
+            if hasattr(c, "record_states"):  # a LinearCache can roll back into the call
+                c.record_states(T, states)
             if hasattr(c, "note_advance"):
                 c.note_advance(T)
         return logits, h
@@ -467,11 +460,12 @@ class TextModel(nn.Module):
         c = StaticKV(keys, values, idx, offset)
         o = self.mtp(hidden, self.model.embed_tokens(tokens), mask, c, rope)
         offsets = [offset + T] if left_padding is not None else []
-        return self.logits(o[:, -1:]), o, c.keys, c.values, offsets
+        return self.logits(o[:, -1:], step=True), o, c.keys, c.values, offsets
 
     def _mtp_compiled(self, hidden, next_tokens, c, position_ids):
         T = next_tokens.shape[1]
         cache_lib.reserve(c, T)
+        self._prepare_decode()  # (the lm_head's decode form)
         idx = mx.array(cache_lib.kv_index(c))
         offset, left_padding = idx, None
         if isinstance(c, BatchKVCache):
