@@ -214,6 +214,7 @@ class TextModel(nn.Module):
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
         self._verify_step = mx.compile(self._verify_impl, inputs=self)
         self._mtp_step = mx.compile(self._mtp_impl, inputs=self)
+        self._round_step = mx.compile(self._round_impl, inputs=self)
 
     def _decode_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
         """The compiled step. A batch's bookkeeping is in it too: the linear layers' mask from
@@ -326,20 +327,97 @@ class TextModel(nn.Module):
             lin_padding,
             position_ids,
         )
+        self._adopt_verify(got, kv, lin, records, offsets, paddings, T)
+        return logits, h
+
+    def _adopt_verify(self, got, kv, lin, records, offsets, paddings, T: int) -> None:
+        """After a compiled multi-token step: the caches take its buffers and states and count
+        its T tokens, as the plain path would (a LinearCache records the per-token states, so
+        it can be trimmed into the call)."""
         if self._traced:
             self._traced = False
             self._retake_decode()
+        kv_caches, lin_caches = got[:2]
         for i, (c, (keys, values)) in enumerate(zip(kv_caches, kv, strict=True)):
             cache_lib.advance(c, keys, values, offsets[i] if offsets else None, n=T)
         for i, (c, (conv, state), states) in enumerate(zip(lin_caches, lin, records, strict=True)):
             c[0], c[1] = conv, state
             if paddings:
                 c.left_padding = paddings[i]
-            if hasattr(c, "record_states"):  # a LinearCache can roll back into the call
+            if hasattr(c, "record_states"):
                 c.record_states(T, states)
             if hasattr(c, "note_advance"):
                 c.note_advance(T)
-        return logits, h
+
+    def _round_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, mtp_kv):
+        """`_verify_impl`, then the MTP head over every verified position with the main
+        model's greedy token there as the next token (`verify_and_draft`): one compiled call."""
+        logits, h, kv, lin, records, offsets, paddings = self._verify_impl(
+            tokens, kv, lin, idx, offset, left_padding, lin_padding, None
+        )
+        target = logits.argmax(-1)
+        o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
+        drafts = self.logits(o, step=True).argmax(-1)
+        return (
+            logits,
+            h,
+            kv,
+            lin,
+            records,
+            offsets,
+            paddings,
+            target,
+            o,
+            drafts,
+            mkeys,
+            mvalues,
+            moffsets,
+        )
+
+    def verify_and_draft(self, tokens: mx.array, cache: list, mtp_cache: list) -> tuple | None:
+        """A greedy speculative round's model work in one compiled call: the verify pass of
+        tokens [B, T] over `cache` (as `model(tokens, cache, return_hidden=True)`), then the MTP
+        head over all T positions with next token argmax(logits) at each, which is the token a
+        greedy round emits at every position it accepts, whatever that count turns out to be.
+        Returns (logits [B, T, V], hidden [B, T, H], target [B, T] = argmax, MTP hidden
+        [B, T, H], MTP drafts [B, T] = the head's argmax at each position), both caches
+        advanced by T; the caller trims both by the positions it rejects. None when a cache is
+        not one the compiled steps take (the caller then runs the separate calls). Text
+        positions only (no M-RoPE)."""
+        T = tokens.shape[1]
+        c = mtp_cache[0]
+        if (
+            not self.compiled_decode
+            or self.model.pipeline_size != 1
+            or T > MAX_STEP_TOKENS
+            or type(c) not in (KVCache, BatchKVCache)
+            or c.keys is None
+        ):
+            return None
+        got = self._static_caches(cache, T)
+        if got is None:
+            return None
+        kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
+        cache_lib.reserve(c, T)
+        midx = mx.array(cache_lib.kv_index(c))
+        moffset, mleft = midx, None
+        if isinstance(c, BatchKVCache):
+            moffset, mleft = c.offset, c.left_padding
+        out = self._round_step(
+            tokens,
+            [(x.keys, x.values) for x in kv_caches],
+            [(x[0], x[1]) for x in lin_caches],
+            idx,
+            offset,
+            left_padding,
+            lin_padding,
+            (c.keys, c.values, midx, moffset, mleft),
+        )
+        logits, h, kv, lin, records, offsets, paddings = out[:7]
+        target, o, drafts, mkeys, mvalues, moffsets = out[7:]
+        self._adopt_verify(got, kv, lin, records, offsets, paddings, T)
+        cache_lib.advance(c, mkeys, mvalues, moffsets[0] if moffsets else None, n=T)
+        return logits, h, target, o, drafts
 
     def _decode_groups(self) -> list:
         """(owner, names) of every group of projections the compiled step applies."""
@@ -452,6 +530,12 @@ class TextModel(nn.Module):
         pattern): (logits [B, 1, vocab] at the last position, MTP hidden [B, T, H], new buffers,
         the advanced per-row offset of a batch cache as a list of 0 or 1)."""
         self._traced = True  # runs only while mx.compile traces
+        o, keys, values, offsets = self._mtp_body(
+            hidden, tokens, keys, values, idx, offset, left_padding, positions
+        )
+        return self.logits(o[:, -1:], step=True), o, keys, values, offsets
+
+    def _mtp_body(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
         T = tokens.shape[1]
         mask = static_causal_mask(keys.shape[2], idx, T, left_padding)
         rope = None
@@ -460,7 +544,7 @@ class TextModel(nn.Module):
         c = StaticKV(keys, values, idx, offset)
         o = self.mtp(hidden, self.model.embed_tokens(tokens), mask, c, rope)
         offsets = [offset + T] if left_padding is not None else []
-        return self.logits(o[:, -1:], step=True), o, c.keys, c.values, offsets
+        return o, c.keys, c.values, offsets
 
     def _mtp_compiled(self, hidden, next_tokens, c, position_ids):
         T = next_tokens.shape[1]
