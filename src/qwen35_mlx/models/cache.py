@@ -11,10 +11,11 @@ mlx-lm's own classes keeps its `save_prompt_cache` / `load_prompt_cache`, `Batch
 (merge, extend, filter, extract, prepare/finalize) and `maybe_quantize_kv_cache` (KVCache ->
 QuantizedKVCache; the ArraysCache has no `to_quantized` and passes through unchanged) working.
 
-Decode (one token a row) runs one compiled function over these caches (`TextModel`): mlx-lm's KV
-caches already preallocate their buffers in blocks of `step` (256) positions; the step writes the
-new key and value at an array index (`mx.slice_update`) and attends over the whole block with a
-mask, so its shapes change only when `reserve` grows a buffer by a block. The Python-int
+Decode (one token a row; a few for a verify pass) runs a compiled function over these caches
+(`TextModel`): mlx-lm's KV caches already preallocate their buffers in blocks of `step` (256)
+positions; the step writes the new keys and values at an array index (`mx.slice_update`) and
+attends over the whole block with a mask, so its shapes change only when `reserve` grows a
+buffer by a block. The Python-int
 `offset` / `_idx` that mlx-lm reads are advanced after the step, as `update_and_fetch` would.
 
 A VLM conversation's M-RoPE state lives on its first linear-attention cache (`MROPE_SHIFT`,
@@ -31,11 +32,13 @@ again (our MTP loop in speculative.py, and mlx-lm's `speculative_generate_step` 
 model, which trims through `trim_prompt_cache`). A LinearCache keeps references to its states at
 the boundaries of its last multi-token calls (free: the arrays exist anyway; the cost is that the
 last `history` states stay alive; a one-token step, i.e. plain decoding, drops them all) and,
-for a multi-token call of at most `RECORD_LIMIT` tokens, that
-call's recurrence inputs (post-conv q, k, v, the gate inputs a, b, the mask, the conv input).
+for a multi-token call of at most `RECORD_LIMIT` tokens, either the states after each of its
+tokens (the compiled verify step's outputs, text.py: `record_states`) or that plain call's
+recurrence inputs (post-conv q, k, v, the gate inputs a, b, the mask, the conv input).
 `trim(n)` goes back to the newest boundary at or before the target and, inside a multi-token
-call, recomputes only the recurrence over the kept tokens (`gated_delta_update`, the same function
-the layer calls) and takes the conv state from the saved conv input. It raises ValueError when
+call, takes the recorded state after the last kept token, or recomputes only the recurrence over
+the kept tokens (`gated_delta_update`, the same function the layer calls) and takes the conv
+state from the saved conv input. It raises ValueError when
 asked for more than it kept.
 
 mlx-lm reads `is_trimmable()` as "trimmable by any number of tokens": its server's prompt-cache

@@ -14,8 +14,17 @@ backbone) takes the plain path.
 `model.compiled_decode = False` turns it off. Every primitive of the step costs host time per
 token on a GPU, so the step is written for few: [B, H] activations through the layers' `step`
 methods, and fused, pre-transposed projection weights (`layers.prepare_projections`, checked
-before every step and rebuilt when a layer's weight changed). One token a row only: the
-speculative verify pass (a few tokens a row) takes the plain path.
+before every step and rebuilt when a layer's weight changed).
+
+A few tokens a row (2 to `MAX_STEP_TOKENS`, e.g. a speculative verify pass, also with
+`return_hidden`) over such a cache run a second compiled function over the same buffers
+(`Qwen35TextBackbone.verify`, the layers' `steps`): keys and values written at the array index,
+a mask causal inside the new tokens, the linear layers' conv and recurrence token by token
+through the one-token kernel, whose per-token states come out of the step so that a
+`LinearCache` rolls back into the call with no recompute. Traced once per token count, buffer
+size and batch shape. The MTP head has its own compiled step over its static KV buffer
+(`mtp_forward(..., last_only=True)`), and `verify_and_draft` puts a greedy speculative round's
+verify pass and MTP pass into one compiled call.
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
 [C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once, the MTP head's norms included), stacked MoE
