@@ -356,26 +356,26 @@ class GatedDeltaNet(nn.Module):
         y = self.norm(y, z.reshape(y.shape))  # [B, Hv, Dv]
         return project(self, ("out_proj",), y.reshape(B, self.value_dim))[0]
 
-    def steps(self, x: mx.array, mask: mx.array | None, cache: list) -> tuple[mx.array, list]:
-        """A few tokens a row (the compiled verify step): x [B, T, H] -> [B, T, H]. The
-        projections run once over the T tokens; the conv and recurrence go token by token
+    def steps(self, x: mx.array, T: int, mask: mx.array | None, cache: list) -> tuple:
+        """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t: row b's
+        token t; 2-D, so the projections are one matmul each, no flatten) -> [B*T, H]. The
+        projections run once over all tokens; the conv and recurrence go token by token
         through the one-token decode kernel (`step`'s arithmetic, one launch a token on a GPU).
         cache [conv state, recurrent state] is replaced by the states after the last token;
         also returns the (conv state, recurrent state) after each token, so that a rollback to
         any of them needs no recompute. mask [B, T] bool or None, as in `__call__`."""
-        B, T, _ = x.shape
-        if mask is not None:
-            x = mx.where(mask[..., None], x, mx.zeros((), x.dtype))  # as in __call__
+        if mask is not None:  # as in __call__
+            x = mx.where(mask.reshape(-1, 1), x, mx.zeros((), x.dtype))
         qkv, z, b, a = project(self, self.IN_PROJ, x)
         w = decode_weight(self, "conv1d")
         ys, states = [], []
         for t in range(T):
             y, cache[1], cache[0] = gated_delta_decode(
-                qkv[:, t],
+                qkv[t::T],
                 cache[0],
                 w,
-                a[:, t],
-                b[:, t],
+                a[t::T],
+                b[t::T],
                 self.A_log,
                 self.dt_bias,
                 cache[1],
@@ -389,7 +389,7 @@ class GatedDeltaNet(nn.Module):
             states.append((cache[0], cache[1]))
         y = mx.stack(ys, axis=1)  # [B, T, Hv, Dv]
         y = self.norm(y, z.reshape(y.shape))
-        return project(self, ("out_proj",), y.reshape(B, T, self.value_dim))[0], states
+        return project(self, ("out_proj",), y.reshape(-1, self.value_dim))[0], states
 
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
@@ -539,15 +539,15 @@ class Attention(nn.Module):
     def steps(
         self,
         x: mx.array,
+        T: int,
         mask: mx.array,
         cache: Any,
         rope: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
-        """A few tokens a row (the compiled verify step): x [B, T, H] -> [B, T, H]; cache a
-        `cache.StaticKV`, mask [1 or B, 1, T, capacity] bool (causal inside the new tokens).
-        `__call__`'s arithmetic through `project`."""
-        B, T, _ = x.shape
-        D = self.head_dim
+        """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t) -> [B*T, H];
+        cache a `cache.StaticKV`, mask [1 or B, 1, T, capacity] bool (causal inside the new
+        tokens). `__call__`'s arithmetic through `project`."""
+        B, D = x.shape[0] // T, self.head_dim
         q, k, v = project(self, self.DECODE_GROUPS[0], x)
         q = q.reshape(B, T, self.num_heads, -1)
         q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
@@ -557,9 +557,9 @@ class Attention(nn.Module):
         q, k = self._rotate(q, k, cache, rope)
         k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        o = o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * D)
+        o = o.transpose(0, 2, 1, 3).reshape(B * T, self.num_heads * D)
         if gate is not None:
-            o = _sigmoid_gate(o, gate.reshape(B, T, self.num_heads * D))
+            o = _sigmoid_gate(o, gate.reshape(B * T, self.num_heads * D))
         return project(self, ("o_proj",), o)[0]
 
     def _rotate(self, q, k, cache, rope):
@@ -726,16 +726,16 @@ class DecoderLayer(nn.Module):
         mixer = self.linear_attn if self.is_linear else self.self_attn
         return self._block(mixer.step, x, mask, cache, rope, self.mlp.step)
 
-    def steps(self, x: mx.array, mask: Any, cache: Any, rope=None) -> tuple[mx.array, Any]:
-        """A few tokens a row (the compiled verify step): x [B, T, H]; the mixers' `steps`
-        and the MLP's `step` (shape-agnostic). Returns (x, a linear layer's per-token states or
-        None)."""
+    def steps(self, x: mx.array, T: int, mask: Any, cache: Any, rope=None) -> tuple:
+        """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t); the
+        mixers' `steps` and the MLP's `step` (which takes any rows). Returns (x, a linear
+        layer's per-token states or None)."""
         h = self.input_layernorm(x)
         states = None
         if self.is_linear:
-            h, states = self.linear_attn.steps(h, mask, cache)
+            h, states = self.linear_attn.steps(h, T, mask, cache)
         else:
-            h = self.self_attn.steps(h, mask, cache, rope)
+            h = self.self_attn.steps(h, T, mask, cache, rope)
         x = x + h
         return x + self.mlp.step(self.post_attention_layernorm(x)), states
 

@@ -177,10 +177,11 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         [B, T] bool or None; position_ids [3, B, T] or None. The layers' `steps`: projections
         over all T tokens, attention with a mask causal inside the new tokens
         (`static_causal_mask`), the linear layers' conv and recurrence token by token through
-        the one-token kernel. Returns (normed hidden [B, T, H], new kv, new lin, per linear
+        the one-token kernel. Activations are [B*T, H] (row b*T + t) throughout: 2-D, every
+        projection is one matmul. Returns (normed hidden [B*T, H], new kv, new lin, per linear
         layer the (conv, recurrent) states after each token, for a rollback)."""
-        h = self.embed_tokens(tokens)
-        T = tokens.shape[1]
+        B, T = tokens.shape
+        h = self.embed_tokens(tokens.reshape(-1))  # [B*T, H]: row b*T + t (see `steps`)
         rope = None
         if position_ids is not None and self._fa_idx is not None:
             rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
@@ -189,7 +190,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         for layer in self.layers:
             if layer.is_linear:
                 c = list(next(lin))
-                h, states = layer.steps(h, ssm_mask, c)
+                h, states = layer.steps(h, T, ssm_mask, c)
                 new_lin.append(tuple(c))
                 records.append(states)
             else:
@@ -198,7 +199,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 if C not in masks:
                     masks[C] = static_causal_mask(C, idx, T, left_padding)
                 c = StaticKV(keys, values, idx, offset)
-                h, _ = layer.steps(h, masks[C], c, rope)
+                h, _ = layer.steps(h, T, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
         return self.norm(h), new_kv, new_lin, records
 
@@ -313,9 +314,11 @@ class TextModel(nn.Module):
         h, kv, lin, records = self.model.verify(
             tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
         )
+        logits = self.logits(h, step=True).reshape(*tokens.shape, -1)
+        h = h.reshape(*tokens.shape, -1)
         offsets = [offset + T] * len(kv) if left_padding is not None else []
         paddings = [lin_padding - T] * len(lin) if lin_padding is not None else []
-        return self.logits(h, step=True), h, kv, lin, records, offsets, paddings
+        return logits, h, kv, lin, records, offsets, paddings
 
     def _verify(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
         """The compiled multi-token step over `cache`, updated in place as the plain path would
