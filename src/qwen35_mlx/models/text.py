@@ -47,13 +47,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_la
 from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
-from .cache import (
-    BatchKVCache,
-    KVCache,
-    StaticKV,
-    static_causal_mask,
-    static_mask,
-)
+from .cache import BatchKVCache, KVCache, StaticKV, static_causal_mask, static_mask
 from .config import TextConfig
 from .layers import DecoderLayer, prepare_projections, project, retake_projections
 from .mtp import MTP, MTP_NORMS
