@@ -12,8 +12,12 @@ One round, with y the last emitted token (not yet run through the model) and k d
             exactly as plain sampling from the main model (Leviathan et al. 2023, Chen et al. 2023).
     rollback the main cache is trimmed by the k - m rejected tokens without running the model
             again (attention: mlx-lm's KV trim; linear attention: `LinearCache.trim`, which
-            recomputes only the recurrence over the kept tokens); the MTP layer's KV cache drops
-            its k - 1 draft-chain entries and takes the m + 1 verified positions instead.
+            takes the state it recorded after the last kept token); the MTP layer's KV cache
+            drops its k - 1 draft-chain entries and takes the m + 1 verified positions instead.
+The verify pass and the MTP head run compiled (models/text.py). At temperature 0 a round is one
+compiled call (`TextModel.verify_and_draft`): the token a greedy round emits at any position it
+accepts is the main model's argmax there, so the head runs over all k + 1 positions before the
+acceptance is known, and loses the entries past it in the same trim as the main cache.
 At temperature 0 the tokens are plain greedy decoding's whatever the drafts are (tests hold this
 for random MTP weights, for a perfect draft, in batches and after an image).
 
