@@ -1,20 +1,26 @@
 """Speculative decoding with the MTP head (issue 13): what a verify pass costs, and what it pays.
 
-GPU (`--device-run`): Qwen3.5-0.8B and 9B shapes, random weights with an MTP head, bf16, batch
-1, a 512-token context. Per shape it times, synchronously (mx.eval after each call):
-  S        one normal decode step (`model(y [1, 1], cache)`, the compiled step), then trimmed
-           back, so the context stays 512;
-  V(T)     one verify pass `model(tokens [1, T], cache)` for T = 2..5, trimmed back the same way;
-  R(k)     one whole speculative round of `speculative.MTPSpeculator` with k drafts (MTP drafts,
-           verify, rollback of the rejected drafts, MTP update); its random head is rejected,
-           so this is the round cost at acceptance 0, the rollback's recompute included.
-and derives, for a per-draft acceptance rate a (independent drafts), the tokens a round gives,
-(1 - a^(k+1)) / (1 - a), the predicted speedup tokens * S / R(k), and the break-even a.
+GPU (`--device-run`): Qwen3.5-0.8B and 9B shapes, random bf16 weights of the real shapes with an
+MTP head (as bench_model.py builds them), batch 1, a 512-token context. Per shape:
+  S, V(T)  one compiled one-token decode step, and one compiled verify pass of T = 2, 3, 4
+           tokens (`model(tokens [1, T], cache, return_hidden=True)`, trimmed back after), each
+           synchronised (mx.eval), alternating block by block, median over blocks of the mean
+           per call, after warm-up (traces, kernels). Target: V(2) <= 1.15 S at 0.8B.
+  tok/s    greedy decoding of `--gen` tokens without MTP (mlx-lm's pipelined loop: the next
+           step queued before the current token is read), and with MTP at k = 1, 2, 3 drafts at
+           forced acceptance rates (0.63: the tiny model's head; 0.73: the published Qwen3.5-4B
+           figure): the MTP head runs as usual (its cost is real), then each draft is replaced
+           by the plain run's token with that probability, else by a wrong one. Alternating
+           plain and MTP runs, `--repeats` times; the median. The MTP runs' tokens are checked
+           against the plain run's (greedy exactness on the device).
+Prints a table; writes JSON (`--out`, default benchmarks/results).
 
-    python benchmarks/bench_mtp.py --device-run --out "$OUT"     # GPU, about 3-5 minutes
+    python benchmarks/bench_mtp.py --device-run                # GPU, about 3-6 minutes
+    python benchmarks/bench_mtp.py --device-run --tiny         # CPU: the same code on a tiny shape
 
 CPU (`--cpu-tiny`): the shipped tiny model (trained head) generates from a few chat prompts with
-MTP off and with k = 1, 2, alternating, `--repeats` times: tokens/s and the acceptance rate.
+MTP off and with k = 1, 2, 3, alternating, `--repeats` times: tokens/s by wall time and by the
+process's CPU time (the machine is shared), and the acceptance rate.
 
     python benchmarks/bench_mtp.py --cpu-tiny --out benchmarks/results
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import random
 import statistics
 import sys
 import time
@@ -33,6 +40,7 @@ from pathlib import Path
 import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
 import mlx.core as mx
 
+from qwen35_mlx.models.cache import set_history
 from qwen35_mlx.models.config import TextConfig
 from qwen35_mlx.models.text import TextModel
 from qwen35_mlx.speculative import MTPSpeculator, Sampling
@@ -40,42 +48,53 @@ from qwen35_mlx.speculative import MTPSpeculator, Sampling
 # isort: on
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import SHAPE_9B, SHAPE_SMALL  # noqa: E402
+from bench_decode import SHAPE_9B  # noqa: E402
 from bench_model import SHAPE_0_8B, _device_name, random_weights  # noqa: E402
 
-SHAPES = {"0.8b": SHAPE_0_8B, "9b": SHAPE_9B, "small": SHAPE_SMALL}  # small: a CPU smoke run
-CONTEXT = 512
+# A CPU smoke shape (`--tiny`): every code path of the device run, in seconds.
+SHAPE_TINY = dict(
+    SHAPE_0_8B,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+)
+SHAPES = {"0.8b": SHAPE_0_8B, "9b": SHAPE_9B, "tiny": SHAPE_TINY}
+RATES = (0.63, 0.73)
+KS = (1, 2, 3)
+TS = (2, 3, 4)
 
 
 def build(shape: dict, dtype: mx.Dtype) -> TextModel:
     model = TextModel(TextConfig(**shape, mtp_num_hidden_layers=1))
     model.load_weights(list(random_weights(model, dtype).items()), strict=True)
+    mx.eval(model.parameters())
     return model.eval()
 
 
-def _median_time(fn, iters: int, repeats: int) -> float:
-    """Median over `repeats` of the mean seconds per call of `fn` over `iters` calls."""
-    fn()  # warm: trace, compile, kernel JIT
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        runs.append((time.perf_counter() - t0) / iters)
-    return statistics.median(runs)
-
-
-def time_shape(model: TextModel, ks=(1, 2, 3, 4), iters: int = 20, repeats: int = 5) -> dict:
-    prompt = mx.random.randint(0, model.config.vocab_size, (1, CONTEXT))
+def _prefill(model: TextModel, prompt: mx.array, hidden: bool = False):
     cache = model.make_cache()
-    model(prompt[:, :-1], cache=cache)
-    mx.eval([c.state for c in cache])
+    set_history(cache, max(TS))
+    out = model(prompt, cache=cache, return_hidden=hidden)
+    mx.eval(out, [c.state for c in cache])
+    return cache, out
+
+
+def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dict:
+    """S (one compiled one-token step) and V(T) (one compiled verify pass), ms, alternating."""
+    prompt = mx.random.randint(0, model.config.vocab_size, (1, context))
+    cache, _ = _prefill(model, prompt[:, :-1])
     y = prompt[:, -1:]
 
-    def step():
+    def step():  # the context grows by one a call (a few hundred tokens in all)
         mx.eval(model(y, cache=cache))
-        for c in cache:
-            c.trim(1)
 
     def verify(T):
         toks = mx.concatenate([y] * T, axis=1)
@@ -87,56 +106,130 @@ def time_shape(model: TextModel, ks=(1, 2, 3, 4), iters: int = 20, repeats: int 
 
         return run
 
-    out = {"S_ms": 1e3 * _median_time(step, iters, repeats), "V_ms": {}, "R_ms": {}}
-    for T in (2, 3, 4, 5):
-        out["V_ms"][T] = 1e3 * _median_time(verify(T), iters, repeats)
-    for k in ks:
-        spec_cache = model.make_cache()
-        spec = MTPSpeculator(model, spec_cache, k, Sampling())
-        _, h = model(prompt[:, :-1], cache=spec_cache, return_hidden=True)
-        spec.on_prefill(prompt[:, :-1], h)
-        mx.eval([c.state for c in spec_cache], spec.mtp_state())
-        spec.start(prompt[:, -1:])
-        out["R_ms"][k] = 1e3 * _median_time(spec.round, iters, repeats)
-        out.setdefault("acceptance", {})[k] = spec.stats.acceptance
+    fns = {"S": step, **{f"V{T}": verify(T) for T in TS}}
+    for fn in fns.values():  # warm: trace, compile, kernel JIT
+        for _ in range(3):
+            fn()
+    runs = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            runs[name].append(1e3 * (time.perf_counter() - t0) / iters)
+    return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def plain_decode(model: TextModel, prompt: mx.array, n: int) -> tuple[list[int], float]:
+    """Greedy tokens (the first from the prompt, then n - 1 more) and the seconds the n - 1 took,
+    in mlx-lm's pipelined loop (the next step queued before the current token is read)."""
+    cache, logits = _prefill(model, prompt)
+    y = logits[:, -1].argmax(-1)
+    toks = [y.item()]
+    t0 = time.perf_counter()
+    nxt = model(y[:, None], cache=cache)[:, -1].argmax(-1)
+    mx.async_eval(nxt)
+    for i in range(n - 1):
+        cur = nxt
+        if i < n - 2:
+            nxt = model(cur[:, None], cache=cache)[:, -1].argmax(-1)
+            mx.async_eval(nxt)
+        toks.append(cur.item())
+    return toks, time.perf_counter() - t0
+
+
+def forced(want: list[int], rate: float, vocab: int, seed: int = 0) -> type:
+    """An MTPSpeculator whose head runs as usual but whose drafts are then replaced: each is
+    the plain run's token with probability `rate`, else a wrong one."""
+    rng = random.Random(seed)
+
+    class Forced(MTPSpeculator):
+        emitted = 0
+
+        def _draft(self, hidden, tokens):
+            super()._draft(hidden, tokens)
+            self.emitted += tokens.shape[1]
+            row = []
+            for j in range(self.k):
+                i = self.emitted + j
+                t = want[i] if i < len(want) else 0
+                row.append(t if rng.random() < rate else (t + 1) % vocab)
+            self._drafts = mx.array([row])
+
+    return Forced
+
+
+def mtp_decode(model, prompt, n, k, spec_cls) -> tuple[list[int], float, float]:
+    """Greedy tokens with MTP (the first from the prompt, then at least n - 1 more), the seconds
+    the rounds took, and the acceptance."""
+    cache = model.make_cache()
+    spec = spec_cls(model, cache, k, Sampling())
+    _, h = model(prompt[:, :-1], cache=cache, return_hidden=True)
+    spec.on_prefill(prompt[:, :-1], h)
+    mx.eval([c.state for c in cache], spec.mtp_state())
+    y, _ = spec.start(prompt[:, -1:])
+    toks = [y.item()]
+    t0 = time.perf_counter()
+    while len(toks) < n:
+        rows, _ = spec.round()
+        toks.extend(rows[0])
+    return toks[:n], time.perf_counter() - t0, spec.stats.acceptance
+
+
+def time_generation(model: TextModel, context: int, n: int, repeats: int) -> dict:
+    prompt = mx.random.randint(0, model.config.vocab_size, (1, context), key=mx.random.key(1))
+    want, _ = plain_decode(model, prompt, n)  # warm, and the tokens to force
+    modes = {"plain": None}
+    for k in KS:
+        for a in RATES:
+            modes[f"k={k} a={a}"] = (k, forced(want, a, model.config.vocab_size, seed=k))
+    for mode in modes.values():  # warm every trace (T = k + 1, the MTP's T = 1..k + 1)
+        if mode is not None:
+            mtp_decode(model, prompt, min(n, 16), mode[0], mode[1])
+    tps = {m: [] for m in modes}
+    out = {m: {} for m in modes}
+    for rep in range(repeats):
+        order = list(modes) if rep % 2 == 0 else list(reversed(modes))
+        for m in order:
+            if modes[m] is None:
+                toks, sec = plain_decode(model, prompt, n)
+            else:
+                toks, sec, acc = mtp_decode(model, prompt, n, *modes[m])
+                out[m].setdefault("acceptances", []).append(round(acc, 3))
+            tps[m].append((len(toks) - 1) / sec)
+            out[m]["same_tokens"] = out[m].get("same_tokens", True) and toks == want
+    for m in modes:
+        out[m]["tokens_per_s"] = round(statistics.median(tps[m]), 2)
+        out[m]["all"] = [round(x, 2) for x in tps[m]]
+        if m != "plain":
+            out[m]["acceptance"] = round(statistics.mean(out[m]["acceptances"]), 3)
+            ratios = [a / b for a, b in zip(tps[m], tps["plain"], strict=True)]
+            out[m]["speedup"] = round(statistics.median(ratios), 3)
     return out
 
 
-def predicted(S: float, R: float, k: int, a: float) -> float:
-    tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-    return tokens * S / R
-
-
-def break_even(S: float, R: float, k: int) -> float | None:
-    lo, hi = 0.0, 1.0
-    if predicted(S, R, k, 1.0) < 1:
-        return None
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if predicted(S, R, k, mid) < 1 else (lo, mid)
-    return hi
-
-
 def device_run(args) -> dict:
-    result = {"device": _device_name(), "mlx": mx.__version__, "date": _now(), "shapes": {}}
-    for name in args.shapes:
-        model = build(SHAPES[name], mx.bfloat16)
-        r = time_shape(model, iters=args.iters, repeats=args.repeats)
-        S = r["S_ms"]
-        r["V_over_S"] = {T: v / S for T, v in r["V_ms"].items()}
-        r["break_even_acceptance"] = {k: break_even(S, R, k) for k, R in r["R_ms"].items()}
-        r["predicted_speedup"] = {
-            k: {a: round(predicted(S, R, k, a), 3) for a in (0.41, 0.5, 0.63, 0.73, 0.8, 0.9)}
-            for k, R in r["R_ms"].items()
-        }
+    dtype = mx.float32 if args.tiny else mx.bfloat16
+    shapes = ["tiny"] if args.tiny else args.shapes
+    result = dict(device=_device_name(), mlx=mx.__version__, date=_now(), batch=1,
+                  context=args.context, dtype=str(dtype), gen=args.gen, shapes={})  # fmt: skip
+    for name in shapes:
+        model = build(SHAPES[name], dtype)
+        r = {"ms": time_passes(model, args.context, args.iters, args.repeats)}
+        S = r["ms"]["S"]
+        r["V_over_S"] = {T: round(r["ms"][f"V{T}"] / S, 3) for T in TS}
+        r["generation"] = time_generation(model, args.context, args.gen, args.repeats)
         result["shapes"][name] = r
-        print(f"{name}: step {S:.2f} ms; verify/step " + ", ".join(
-            f"T={T}: {x:.2f}x" for T, x in r["V_over_S"].items()))  # fmt: skip
-        for k, R in r["R_ms"].items():
-            be = r["break_even_acceptance"][k]
-            print(f"  k={k}: round {R:.2f} ms = {R / S:.2f} steps; break-even acceptance "
-                  f"{'none' if be is None else f'{be:.2f}'}; at 0.73: "
-                  f"{r['predicted_speedup'][k][0.73]:.2f}x")  # fmt: skip
+        print(f"\n{name} ({dtype}, batch 1, context {args.context}): one-token step {S:.2f} ms")
+        print("| T | verify ms | verify / step |")
+        print("|---|---|---|")
+        for T in TS:
+            print(f"| {T} | {r['ms'][f'V{T}']:.2f} | {r['V_over_S'][T]:.2f}x |")
+        print("| mode | tok/s | speedup | acceptance | same tokens |")
+        print("|---|---|---|---|---|")
+        for m, g in r["generation"].items():
+            print(f"| {m} | {g['tokens_per_s']:.1f} | {g.get('speedup', 1.0):.2f}x | "
+                  f"{g.get('acceptance', '')} | {g['same_tokens']} |")  # fmt: skip
         del model
         mx.clear_cache()
     return result
@@ -152,35 +245,44 @@ def cpu_tiny(args) -> dict:
         )  # fmt: skip
         for q in ("What is a list?", "Explain the with statement.", "Tell me about dict.")
     ]
-    modes = {"off": dict(mtp=False), "k=1": dict(mtp_k=1), "k=2": dict(mtp_k=2)}
+    modes = {"off": dict(mtp=False), **{f"k={k}": dict(mtp=True, mtp_k=k) for k in KS}}
+    for m in modes.values():  # warm: every trace of every mode
+        list(stream_generate(model, tok, prompts[0], max_tokens=16, **m))
     runs = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}
     acc = {m: [] for m in modes}
+    tokens = {}
     for rep in range(args.repeats):
         order = list(modes) if rep % 2 == 0 else list(reversed(modes))
         for m in order:
-            n, t = 0, 0.0
-            tokens = []
+            n, t, c, toks = 0, 0.0, 0.0, []
             for p in prompts:
                 last = None
+                c0 = time.process_time()
                 for last in stream_generate(model, tok, p, max_tokens=args.gen, **modes[m]):
-                    tokens.append(last.token)
+                    toks.append(last.token)
+                c += time.process_time() - c0  # (the prompt's share included: a few %)
                 n += last.generation_tokens
                 t += last.generation_tokens / last.generation_tps
                 if last.mtp_acceptance is not None:
                     acc[m].append(last.mtp_acceptance)
             runs[m].append(n / t)
-            runs.setdefault(m + "_tokens", tokens)
-    result = {"device": "cpu", "date": _now(), "gen": args.gen, "repeats": args.repeats}
+            cpu[m].append(n / c)
+            tokens.setdefault(m, toks)
+    result = {"device": _device_name(), "date": _now(), "gen": args.gen, "repeats": args.repeats}
     for m in modes:
         result[m] = {
-            "tokens_per_s": statistics.median(runs[m]),
+            "tokens_per_s": round(statistics.median(runs[m]), 2),
             "all": [round(x, 1) for x in runs[m]],
-            "acceptance": statistics.mean(acc[m]) if acc[m] else None,
+            "tokens_per_cpu_s": round(statistics.median(cpu[m]), 2),
+            "all_cpu": [round(x, 1) for x in cpu[m]],
+            "acceptance": round(statistics.mean(acc[m]), 3) if acc[m] else None,
         }
         if m != "off":
-            ratios = [a / b for a, b in zip(runs[m], runs["off"], strict=True)]
-            result[m]["speedup_median"] = statistics.median(ratios)
-            result[m]["same_tokens"] = runs[m + "_tokens"] == runs["off_tokens"]
+            for key, r in (("speedup", runs), ("speedup_cpu", cpu)):
+                ratios = [a / b for a, b in zip(r[m], r["off"], strict=True)]
+                result[m][key] = round(statistics.median(ratios), 3)
+            result[m]["same_tokens"] = tokens[m] == tokens["off"]
         print(m, json.dumps(result[m]))
     return result
 
@@ -194,15 +296,19 @@ def main(argv=None) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--device-run", action="store_true", help="GPU: 0.8B and 9B shapes")
     g.add_argument("--cpu-tiny", action="store_true", help="CPU: the shipped tiny model")
+    p.add_argument("--tiny", action="store_true", help="--device-run on a tiny fp32 shape")
     p.add_argument("--shapes", nargs="+", default=["0.8b", "9b"], choices=list(SHAPES))
+    p.add_argument("--context", type=int, default=512, help="prompt tokens (--device-run)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--gen", type=int, default=96, help="tokens per prompt (--cpu-tiny)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    p.add_argument("--gen", type=int, default=128, help="tokens per run (per prompt: --cpu-tiny)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     result = device_run(args) if args.device_run else cpu_tiny(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "bench_mtp_gpu.json" if args.device_run else "bench_mtp_cpu_tiny.json"
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M")
+    kind = ("tiny" if args.tiny else "gpu") if args.device_run else "cpu_tiny"
+    name = f"bench_mtp_{kind}_{stamp}.json"
     (args.out / name).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {args.out / name}")
 

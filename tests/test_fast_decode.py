@@ -505,3 +505,152 @@ def test_compiled_decode_quantized_moe(small_blocks):
     assert isinstance(moe.gate, nn.QuantizedLinear) and moe.gate.bits == 8
     assert_same(model, [TOKENS[:5], TOKENS[7:12]], 8)
     assert moe._decode_gate_made.quant["bits"] == 8
+
+
+# The compiled multi-token step (TextModel._verify: a speculative verify pass, T = 2..8 tokens a
+# row) and the MTP head's compiled step (TextModel._mtp_compiled), against the plain path.
+
+
+class VerifyTraces:
+    """Counts how often the compiled multi-token step (and the MTP head's) is traced."""
+
+    def __init__(self, model, monkeypatch):
+        self.n = 0
+        self.mtp = 0
+        orig = model.model.verify
+
+        def counting(*args):
+            self.n += 1
+            return orig(*args)
+
+        monkeypatch.setattr(model.model, "verify", counting)
+        monkeypatch.setattr(model, "_verify_step", mx.compile(model._verify_impl, inputs=model))
+        if model.has_mtp:
+            cls = type(model.mtp)
+            orig_mtp = cls.__call__
+
+            def counting_mtp(*args):
+                self.mtp += 1
+                return orig_mtp(*args)
+
+            monkeypatch.setattr(cls, "__call__", counting_mtp)
+            monkeypatch.setattr(model, "_mtp_step", mx.compile(model._mtp_impl, inputs=model))
+
+
+# (tokens fed, tokens trimmed back after): multi-token passes with partial and full
+# acceptance, a whole rejection, and one-token steps between them.
+ROUNDS = [(2, 1), (3, 0), (1, 0), (4, 2), (2, 0), (3, 2), (1, 0), (2, 1), (4, 0), (3, 1)]
+
+
+def verify_rounds(model, prompts, compiled, pads=None, rounds=ROUNDS):
+    """Prefill, then feed `rounds` of T tokens a row (return_hidden) and trim back as a
+    speculative round does; the logits and hidden states of every pass and the final states."""
+    model.compiled_decode = compiled
+    try:
+        cache = model.make_cache(left_padding=pads) if pads else model.make_cache()
+        model(mx.array(prompts), cache=cache)
+        B, outs, j = len(prompts), [], 0
+        for T, back in rounds:
+            toks = mx.array([[TOKENS[(j + 3 * b + t) % len(TOKENS)] for t in range(T)]
+                             for b in range(B)])  # fmt: skip
+            j += T - back
+            logits, h = model(toks, cache=cache, return_hidden=True)
+            outs.append((np.array(logits), np.array(h)))
+            for c in cache:
+                assert c.trim(back) == back
+        last = model(mx.array([[TOKENS[0]]] * B), cache=cache)
+        outs.append((np.array(last), None))
+        states = [np.array(c[1]) for c in cache if not hasattr(c, "keys")]
+        return outs, states, cache
+    finally:
+        model.compiled_decode = True
+
+
+def assert_verify_same(model, prompts, pads=None):
+    plain, s0, _ = verify_rounds(model, prompts, False, pads)
+    comp, s1, cache = verify_rounds(model, prompts, True, pads)
+    for (l0, h0), (l1, h1) in zip(plain, comp, strict=True):
+        np.testing.assert_allclose(l1, l0, atol=2e-5, rtol=1e-4)
+        if h0 is not None:
+            np.testing.assert_allclose(h1, h0, atol=2e-5, rtol=1e-4)
+    for a, b in zip(s0, s1, strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4)
+    return cache
+
+
+def test_compiled_verify_equals_plain_across_blocks(dense, small_blocks, monkeypatch):
+    """Blocks of 4 positions: passes of 2-4 tokens start and end on both sides of a block
+    boundary; rollbacks after partial acceptance trim into the last pass."""
+    traces = VerifyTraces(dense, monkeypatch)
+    assert_verify_same(dense, [TOKENS[:5]])
+    assert traces.n >= 3  # T = 2, 3, 4 went through the compiled step
+
+
+@pytest.mark.parametrize("P", [1, 6])
+def test_compiled_verify_left_padded_batch(dense, small_blocks, P):
+    prompts = [[0, 0, 0] + TOKENS[:P], TOKENS[3 : 6 + P], [0, 0] + TOKENS[9 : 10 + P]]
+    cache = assert_verify_same(dense, prompts, pads=[3, 0, 2])
+    # Per-row offsets and left padding advanced into one array per cache, as the plain path.
+    arrays = [c.offset if isinstance(c, BatchKVCache) else c.left_padding for c in cache]
+    assert len({id(a) for a in arrays}) == len(arrays)
+
+
+def test_compiled_verify_moe(moe, small_blocks):
+    assert_verify_same(moe, [TOKENS[:7], TOKENS[5:12]])
+
+
+def test_compiled_verify_traces_once_per_T_within_a_block(dense, monkeypatch):
+    traces = VerifyTraces(dense, monkeypatch)
+    rounds = [(2, 1), (2, 0), (2, 1), (2, 1), (2, 0), (2, 1)] * 4
+    verify_rounds(dense, [TOKENS[:6]], True, rounds=rounds)
+    assert traces.n == 1
+    verify_rounds(dense, [TOKENS[:6]], True, rounds=rounds + [(3, 2), (3, 1), (3, 0)])
+    assert traces.n == 2
+
+
+@pytest.fixture(scope="module")
+def with_mtp():
+    return make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=3)
+
+
+def mtp_rounds(model, compiled, pads=None):
+    """The MTP head over its own cache as the speculator drives it: a prefill, then calls of
+    1-3 positions (last position's logits) with trims of the draft chain between them."""
+    model.compiled_decode = compiled
+    try:
+        B = 1 if pads is None else len(pads)
+        H = model.config.hidden_size
+        hidden = mx.random.normal((B, 40, H), key=mx.random.key(7))
+        toks = mx.array([[TOKENS[(i + b) % len(TOKENS)] for i in range(40)] for b in range(B)])
+        cache = model.make_mtp_cache(left_padding=pads)
+        model.mtp_forward(hidden[:, :5], toks[:, :5], cache)
+        outs, i = [], 5
+        for T, back in [(1, 0), (1, 1), (2, 0), (1, 0), (3, 1), (1, 0), (2, 1), (2, 0)] * 2:
+            logits, o = model.mtp_forward(hidden[:, i : i + T], toks[:, i : i + T], cache,
+                                          last_only=True)  # fmt: skip
+            outs.append((np.array(logits), np.array(o)))
+            i += T - back
+            cache[0].trim(back)
+        return outs
+    finally:
+        model.compiled_decode = True
+
+
+@pytest.mark.parametrize("pads", [None, [2, 0, 1]])
+def test_compiled_mtp_equals_plain(with_mtp, small_blocks, monkeypatch, pads):
+    traces = VerifyTraces(with_mtp, monkeypatch)
+    plain = mtp_rounds(with_mtp, False, pads)
+    assert traces.mtp > 0 and traces.n == 0
+    n_plain = traces.mtp
+    comp = mtp_rounds(with_mtp, True, pads)
+    for (l0, h0), (l1, h1) in zip(plain, comp, strict=True):
+        np.testing.assert_allclose(l1, l0, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(h1, h0, atol=2e-5, rtol=1e-4)
+    # The compiled run traced (T = 1, 2, 3 per buffer size), it did not run the head per call.
+    assert 3 <= traces.mtp - n_plain - 1 < len(comp)
+
+
+def test_compiled_mtp_traces_once_per_T_within_a_block(with_mtp, monkeypatch):
+    traces = VerifyTraces(with_mtp, monkeypatch)
+    mtp_rounds(with_mtp, True)
+    assert traces.mtp == 1 + 3  # the plain prefill, then one trace for each of T = 1, 2, 3

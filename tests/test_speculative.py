@@ -249,3 +249,47 @@ def test_vlm_after_an_image_same_tokens_as_greedy(monkeypatch):
     assert tokens(mtp=True, mtp_k=2) == want
     monkeypatch.setattr(generation, "MTPSpeculator", _oracle(want, 0.7, V=text.config.vocab_size))
     assert tokens(mtp=True, mtp_k=3) == want
+
+
+def test_fused_greedy_round_equals_separate_calls(monkeypatch):
+    """At temperature 0 a round is one compiled call (`TextModel.verify_and_draft`: verify, then
+    the MTP head over every position). The shipped tiny model (trained head, so drafts are often
+    right): the same drafts, round by round, and tokens as with the verify pass and the MTP
+    calls run separately."""
+    from qwen35_mlx import load
+    from qwen35_mlx.models.text import TextModel
+
+    model, tok = load(Path(generation.__file__).parent / "assets" / "tiny")
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is a list?"}], add_generation_prompt=True, tokenize=False
+    )
+    fused_calls = []
+    orig = TextModel.verify_and_draft
+
+    def counting(self, *args):
+        out = orig(self, *args)
+        fused_calls.append(out is not None)
+        return out
+
+    def run(k, fused):
+        seen = []
+
+        class Recording(MTPSpeculator):
+            def _draft(self, hidden, tokens):
+                super()._draft(hidden, tokens)
+                seen.append(np.array(self._drafts).tolist())
+
+        with monkeypatch.context() as m:
+            m.setattr(generation, "MTPSpeculator", Recording)
+            m.setattr(TextModel, "verify_and_draft", counting if fused else lambda *a: None)
+            rs = list(stream_generate(model, tok, prompt, max_tokens=40, mtp=True, mtp_k=k))
+        return [r.token for r in rs], seen, rs[-1].mtp_acceptance
+
+    want = [r.token for r in stream_generate(model, tok, prompt, max_tokens=40)]
+    for k in (1, 2):
+        fused = run(k, True)
+        assert fused_calls and all(fused_calls)
+        fused_calls.clear()
+        assert fused == run(k, False)
+        assert fused[0] == want
+        assert fused[2] > 0.3  # the trained head's drafts are often accepted

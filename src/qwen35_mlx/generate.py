@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mtp",
         action="store_true",
         help="speculative decoding with the checkpoint's multi-token-prediction head (off by "
-        "default: it does not pay yet, see README)",
+        "default: it does not pay on the CPU, see README)",
     )
     mtp.add_argument("--no-mtp", action="store_true", help="no MTP speculative decoding (default)")
     p.add_argument(

@@ -11,11 +11,13 @@ Sampling, logits processors and streaming detokenization are mlx-lm's (`make_sam
 `make_logits_processors`, `TokenizerWrapper.detokenizer`).
 
 Multi-token prediction (speculative.py) is off by default and turned on with `mtp=True` (for a
-checkpoint with an MTP head): the verify pass runs uncompiled today, and on the shipped tiny model
-a round costs more than the tokens it saves (0.66x plain decoding at k=1, 63% accepted, CPU,
-benchmarks/RESULTS.md), so it does not pay yet. The head drafts `mtp_k` tokens (default 1) per
-step and one call of the model verifies them, with the same tokens as without it at temperature
-0 and the same distribution when sampling.
+checkpoint with an MTP head). The verify pass and the MTP head run compiled (models/text.py; at
+temperature 0 a round is one compiled call), but on the CPU the shipped tiny model's round still
+costs ~1.85 decode steps for ~1.6 tokens (0.86x plain decoding at k=1, 63% accepted,
+benchmarks/RESULTS.md, 2026-12-02), so it does not pay there; whether it pays on a GPU
+(`benchmarks/bench_mtp.py --device-run`) decides a default. The head drafts `mtp_k` tokens
+(default 1) per step and one call of the model verifies them, with the same tokens as without
+it at temperature 0 and the same distribution when sampling.
 It stays off, silently, for a checkpoint without the head, a custom `sampler` callable or logits
 processors (repetition penalty), which give no distribution to verify against, and a
 `prompt_cache` list whose linear layers cannot roll back (mlx-lm's plain ArraysCache).

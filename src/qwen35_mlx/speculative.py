@@ -12,8 +12,12 @@ One round, with y the last emitted token (not yet run through the model) and k d
             exactly as plain sampling from the main model (Leviathan et al. 2023, Chen et al. 2023).
     rollback the main cache is trimmed by the k - m rejected tokens without running the model
             again (attention: mlx-lm's KV trim; linear attention: `LinearCache.trim`, which
-            recomputes only the recurrence over the kept tokens); the MTP layer's KV cache drops
-            its k - 1 draft-chain entries and takes the m + 1 verified positions instead.
+            takes the state it recorded after the last kept token); the MTP layer's KV cache
+            drops its k - 1 draft-chain entries and takes the m + 1 verified positions instead.
+The verify pass and the MTP head run compiled (models/text.py). At temperature 0 a round is one
+compiled call (`TextModel.verify_and_draft`): the token a greedy round emits at any position it
+accepts is the main model's argmax there, so the head runs over all k + 1 positions before the
+acceptance is known, and loses the entries past it in the same trim as the main cache.
 At temperature 0 the tokens are plain greedy decoding's whatever the drafts are (tests hold this
 for random MTP weights, for a perfect draft, in batches and after an image).
 
@@ -133,6 +137,7 @@ class MTPSpeculator:
         self._y: mx.array | None = None  # [B] last emitted token, not yet fed
         self._drafts: mx.array | None = None  # [B, K]
         self._q: mx.array | None = None  # [B, K, V] draft distributions (sampling)
+        self._ready: tuple | None = None  # (first drafts [B], MTP hidden [B, 1, H]) for _draft
 
     # MTP positions: for the VLM, those the main model used (M-RoPE); otherwise None, and the
     # MTP cache offset (one entry per position) gives them.
@@ -196,15 +201,26 @@ class MTPSpeculator:
 
     def _draft(self, hidden: mx.array, tokens: mx.array) -> None:
         """MTP over the verified positions (hidden [B, T, H], next tokens [B, T]), then the
-        chain of k drafts."""
-        logits, o = self._mtp(hidden, tokens)
+        chain of k drafts; the chain's own k - 1 entries leave the MTP cache again (the next
+        round's verified positions take their place). After a fused greedy round the head has
+        already run over the verified positions (`_ready`: its first draft and hidden)."""
+        ready, self._ready = self._ready, None
+        if ready is None:
+            logits, o = self._mtp(hidden, tokens)
+        else:
+            first, o = ready
         drafts, qs = [], []
         for j in range(self.k):
-            d, q = self._draw(logits[:, -1, :])
+            if j == 0 and ready is not None:
+                d, q = first, None
+            else:
+                d, q = self._draw(logits[:, -1, :])
             drafts.append(d)
             qs.append(q)
             if j + 1 < self.k:
                 logits, o = self._mtp(o[:, -1:], d[:, None])
+        if self.k > 1:
+            self.mtp_cache[0].trim(self.k - 1)
         self._drafts = mx.stack(drafts, axis=1)  # [B, K]
         self._q = None if self.sampling.greedy else mx.stack(qs, axis=1)  # [B, K, V]
         self._pending_h = None
@@ -214,6 +230,10 @@ class MTPSpeculator:
         [B, m + 1, V]. The main cache then holds y and the m accepted drafts."""
         B, K = self._drafts.shape
         inp = mx.concatenate([self._y[:, None], self._drafts], axis=1)  # [B, K+1]
+        if self.sampling.greedy and self.model is self.text:
+            fused = self.text.verify_and_draft(inp, self.cache, self.mtp_cache)
+            if fused is not None:
+                return self._greedy_round(*fused)
         logits, g = self.model(inp, cache=self.cache, return_hidden=True)
         logprobs = _logprobs(logits)  # [B, K+1, V]
         drafts = self._drafts
@@ -250,12 +270,33 @@ class MTPSpeculator:
         if n_back:
             for c in self.cache:
                 c.trim(n_back)
-        if K > 1:
-            self.mtp_cache[0].trim(K - 1)
         emitted = mx.array([r for r in rows])  # [B, m+1]
         self._draft(g[:, : m + 1], emitted)
         self._y = emitted[:, -1]
         return rows, logprobs[:, : m + 1]
+
+    def _greedy_round(self, logits, g, target, o, mtp_drafts):
+        """`round` at temperature 0 from `TextModel.verify_and_draft`'s one compiled call: the
+        MTP head already ran over all k + 1 positions with the greedy tokens (those a greedy
+        round emits wherever it accepts), so its entries past the accepted ones are trimmed
+        like the main cache's, and its draft at the last accepted position starts the chain."""
+        B, K = self._drafts.shape
+        ok = self._drafts == target[:, :K]
+        run = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)  # [B]
+        mx.eval(run, target, mtp_drafts)
+        m = int(run.min().item())
+        # A row that accepted more emits its draft at m, which is its greedy token there.
+        rows = [r[: m + 1] for r in target.tolist()]
+        self.stats.drafted += K * B
+        self.stats.accepted += m * B
+        n_back = K - m
+        if n_back:
+            for c in self.cache + self.mtp_cache:
+                c.trim(n_back)
+        self._ready = (mtp_drafts[:, m], o[:, m : m + 1])
+        self._draft(g[:, : m + 1], target[:, : m + 1])
+        self._y = target[:, m]
+        return rows, _logprobs(logits[:, : m + 1])
 
     def filter(self, rows: mx.array) -> None:
         """Keep only `rows` (indices) of the batch, in the main and MTP caches alike."""

@@ -11,10 +11,11 @@ mlx-lm's own classes keeps its `save_prompt_cache` / `load_prompt_cache`, `Batch
 (merge, extend, filter, extract, prepare/finalize) and `maybe_quantize_kv_cache` (KVCache ->
 QuantizedKVCache; the ArraysCache has no `to_quantized` and passes through unchanged) working.
 
-Decode (one token a row) runs one compiled function over these caches (`TextModel`): mlx-lm's KV
-caches already preallocate their buffers in blocks of `step` (256) positions; the step writes the
-new key and value at an array index (`mx.slice_update`) and attends over the whole block with a
-mask, so its shapes change only when `reserve` grows a buffer by a block. The Python-int
+Decode (one token a row; a few for a verify pass) runs a compiled function over these caches
+(`TextModel`): mlx-lm's KV caches already preallocate their buffers in blocks of `step` (256)
+positions; the step writes the new keys and values at an array index (`mx.slice_update`) and
+attends over the whole block with a mask, so its shapes change only when `reserve` grows a
+buffer by a block. The Python-int
 `offset` / `_idx` that mlx-lm reads are advanced after the step, as `update_and_fetch` would.
 
 A VLM conversation's M-RoPE state lives on its first linear-attention cache (`MROPE_SHIFT`,
@@ -31,11 +32,13 @@ again (our MTP loop in speculative.py, and mlx-lm's `speculative_generate_step` 
 model, which trims through `trim_prompt_cache`). A LinearCache keeps references to its states at
 the boundaries of its last multi-token calls (free: the arrays exist anyway; the cost is that the
 last `history` states stay alive; a one-token step, i.e. plain decoding, drops them all) and,
-for a multi-token call of at most `RECORD_LIMIT` tokens, that
-call's recurrence inputs (post-conv q, k, v, the gate inputs a, b, the mask, the conv input).
+for a multi-token call of at most `RECORD_LIMIT` tokens, either the states after each of its
+tokens (the compiled verify step's outputs, text.py: `record_states`) or that plain call's
+recurrence inputs (post-conv q, k, v, the gate inputs a, b, the mask, the conv input).
 `trim(n)` goes back to the newest boundary at or before the target and, inside a multi-token
-call, recomputes only the recurrence over the kept tokens (`gated_delta_update`, the same function
-the layer calls) and takes the conv state from the saved conv input. It raises ValueError when
+call, takes the recorded state after the last kept token, or recomputes only the recurrence over
+the kept tokens (`gated_delta_update`, the same function the layer calls) and takes the conv
+state from the saved conv input. It raises ValueError when
 asked for more than it kept.
 
 mlx-lm reads `is_trimmable()` as "trimmable by any number of tokens": its server's prompt-cache
@@ -130,6 +133,12 @@ class LinearCache(ArraysCache):
         q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], a, b [B, T, Hv], A_log, dt_bias, mask [B, T] or
         None). Kept only for a call short enough to be trimmed into."""
         self._pending = inputs if 1 < T <= RECORD_LIMIT else None
+
+    def record_states(self, T: int, states: list) -> None:
+        """Called by the compiled verify step (text.py) before `note_advance(T)`: the (conv
+        state, recurrent state) after each of its T tokens, which the one-token kernel it runs
+        token by token gives for free; a trim into the call takes one, with no recompute."""
+        self._pending = _TokenStates(states) if 1 < T <= RECORD_LIMIT else None
 
     def advance(self, N: int) -> None:
         super().advance(N)
@@ -334,30 +343,36 @@ def kv_index(c: KVCache | BatchKVCache) -> int:
     return c._idx if isinstance(c, BatchKVCache) else c.offset
 
 
-def reserve(c: KVCache | BatchKVCache) -> None:
-    """Make room in the preallocated KV buffer for one more token, a block (`c.step`) at a time,
-    as `update_and_fetch` would; a step traced for one buffer size replays until the next block."""
+def reserve(c: KVCache | BatchKVCache, n: int = 1) -> None:
+    """Make room in the preallocated KV buffer for `n` more tokens, a block (`c.step`) at a
+    time, as `update_and_fetch` would; a step traced for one buffer size replays until the next
+    block."""
     idx = kv_index(c)
-    if idx + 1 <= c.keys.shape[2]:
+    if idx + n <= c.keys.shape[2]:
         return
+    grow = -(-n // c.step) * c.step
     B, H, _, Dk = c.keys.shape
     keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
-    c.keys = mx.concatenate([keys, mx.zeros((B, H, c.step, Dk), keys.dtype)], axis=2)
+    c.keys = mx.concatenate([keys, mx.zeros((B, H, grow, Dk), keys.dtype)], axis=2)
     Dv = values.shape[3]
-    c.values = mx.concatenate([values, mx.zeros((B, H, c.step, Dv), values.dtype)], axis=2)
+    c.values = mx.concatenate([values, mx.zeros((B, H, grow, Dv), values.dtype)], axis=2)
 
 
 def advance(
-    c: KVCache | BatchKVCache, keys: mx.array, values: mx.array, offset: mx.array | None = None
+    c: KVCache | BatchKVCache,
+    keys: mx.array,
+    values: mx.array,
+    offset: mx.array | None = None,
+    n: int = 1,
 ) -> None:
-    """After a decode step wrote one token into (keys, values): adopt them, count the token.
-    offset: a batch cache's per-row offsets after the token, when the step computed them."""
+    """After a compiled step wrote `n` tokens into (keys, values): adopt them, count the tokens.
+    offset: a batch cache's per-row offsets after them, when the step computed them."""
     c.keys, c.values = keys, values
     if isinstance(c, BatchKVCache):
-        c._idx += 1
-        c.offset = c.offset + 1 if offset is None else offset
+        c._idx += n
+        c.offset = c.offset + n if offset is None else offset
     else:
-        c.offset += 1
+        c.offset += n
 
 
 class StaticKV:
@@ -382,6 +397,20 @@ def static_mask(capacity: int, idx: mx.array, left_padding: mx.array | None) -> 
         mask = mask & (pos[None] >= left_padding[:, None])
         return mask[:, None, None, :]
     return mask[None, None, None, :]
+
+
+def static_causal_mask(
+    capacity: int, idx: mx.array, T: int, left_padding: mx.array | None
+) -> mx.array:
+    """Keys each of T new tokens (written at idx .. idx + T - 1) may see in a buffer of
+    `capacity`: positions up to its own (`pos <= idx + t`, causal inside the new tokens), and
+    from each row's left padding on. [1 or B, 1, T, capacity] bool."""
+    pos = mx.arange(capacity)
+    mask = pos[None] <= idx + mx.arange(T)[:, None]  # [T, capacity]
+    if left_padding is not None:
+        mask = mask[None] & (pos[None, None] >= left_padding[:, None, None])
+        return mask[:, None]
+    return mask[None, None]
 
 
 def reserve_kv(cache: list, n: int) -> None:
@@ -414,8 +443,17 @@ def set_history(cache: list, n: int) -> None:
             c.history = n
 
 
-def _head(inputs: tuple, keep: int) -> tuple:
+class _TokenStates:
+    """A recorded call as the states after each of its tokens (`LinearCache.record_states`)."""
+
+    def __init__(self, states: list):
+        self.states = states
+
+
+def _head(inputs: tuple | _TokenStates, keep: int) -> tuple | _TokenStates:
     """A recorded call's inputs cut to its first `keep` tokens."""
+    if isinstance(inputs, _TokenStates):
+        return _TokenStates(inputs.states[:keep])
     conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
     n_keep = conv_in.shape[1] - q.shape[1]
     cut = (x[:, :keep] for x in (q, k, v, a, b))
@@ -423,9 +461,11 @@ def _head(inputs: tuple, keep: int) -> tuple:
     return (conv_in[:, : n_keep + keep], *cut, A_log, dt_bias, m)
 
 
-def _rewind(inputs: tuple, keep: int, before: tuple) -> tuple:
+def _rewind(inputs: tuple | _TokenStates, keep: int, before: tuple) -> tuple:
     """(conv state, recurrent state) after the first `keep` tokens of a recorded call that
     started from `before`."""
+    if isinstance(inputs, _TokenStates):
+        return tuple(inputs.states[keep - 1])
     conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
     T = q.shape[1]
     n_keep = conv_in.shape[1] - T  # K - 1

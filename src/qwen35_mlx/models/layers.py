@@ -356,6 +356,41 @@ class GatedDeltaNet(nn.Module):
         y = self.norm(y, z.reshape(y.shape))  # [B, Hv, Dv]
         return project(self, ("out_proj",), y.reshape(B, self.value_dim))[0]
 
+    def steps(self, x: mx.array, T: int, mask: mx.array | None, cache: list) -> tuple:
+        """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t: row b's
+        token t; 2-D, so the projections are one matmul each, no flatten) -> [B*T, H]. The
+        projections run once over all tokens; the conv and recurrence go token by token
+        through the one-token decode kernel (`step`'s arithmetic, one launch a token on a GPU).
+        cache [conv state, recurrent state] is replaced by the states after the last token;
+        also returns the (conv state, recurrent state) after each token, so that a rollback to
+        any of them needs no recompute. mask [B, T] bool or None, as in `__call__`."""
+        if mask is not None:  # as in __call__
+            x = mx.where(mask.reshape(-1, 1), x, mx.zeros((), x.dtype))
+        qkv, z, b, a = project(self, self.IN_PROJ, x)
+        w = decode_weight(self, "conv1d")
+        ys, states = [], []
+        for t in range(T):
+            y, cache[1], cache[0] = gated_delta_decode(
+                qkv[t::T],
+                cache[0],
+                w,
+                a[t::T],
+                b[t::T],
+                self.A_log,
+                self.dt_bias,
+                cache[1],
+                num_k_heads=self.num_k_heads,
+                head_k_dim=self.head_k_dim,
+                num_v_heads=self.num_v_heads,
+                head_v_dim=self.head_v_dim,
+                mask=None if mask is None else mask[:, t],
+            )
+            ys.append(y)
+            states.append((cache[0], cache[1]))
+        y = mx.stack(ys, axis=1)  # [B, T, Hv, Dv]
+        y = self.norm(y, z.reshape(y.shape))
+        return project(self, ("out_proj",), y.reshape(-1, self.value_dim))[0], states
+
 
 def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
     """inv_freq[i] = theta^(-2i / rotary_dim), fp32 as transformers computes it."""
@@ -500,6 +535,32 @@ class Attention(nn.Module):
         if gate is not None:
             o = _sigmoid_gate(o, gate)
         return project(self, ("o_proj",), o.reshape(B, self.num_heads * D))[0]
+
+    def steps(
+        self,
+        x: mx.array,
+        T: int,
+        mask: mx.array,
+        cache: Any,
+        rope: tuple[mx.array, mx.array] | None = None,
+    ) -> mx.array:
+        """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t) -> [B*T, H];
+        cache a `cache.StaticKV`, mask [1 or B, 1, T, capacity] bool (causal inside the new
+        tokens). `__call__`'s arithmetic through `project`."""
+        B, D = x.shape[0] // T, self.head_dim
+        q, k, v = project(self, self.DECODE_GROUPS[0], x)
+        q = q.reshape(B, T, self.num_heads, -1)
+        q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
+        q = self.q_norm(q).transpose(0, 2, 1, 3)
+        k = self.k_norm(k.reshape(B, T, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
+        v = v.reshape(B, T, self.num_kv_heads, D).transpose(0, 2, 1, 3)
+        q, k = self._rotate(q, k, cache, rope)
+        k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        o = o.transpose(0, 2, 1, 3).reshape(B * T, self.num_heads * D)
+        if gate is not None:
+            o = _sigmoid_gate(o, gate.reshape(B * T, self.num_heads * D))
+        return project(self, ("o_proj",), o)[0]
 
     def _rotate(self, q, k, cache, rope):
         """q, k [B, heads, T, D] rotated: M-RoPE (cos, sin) when given, else plain positions
@@ -664,6 +725,19 @@ class DecoderLayer(nn.Module):
         """One token a row at decode (the compiled step): x [B, H]; the mixers' `step`."""
         mixer = self.linear_attn if self.is_linear else self.self_attn
         return self._block(mixer.step, x, mask, cache, rope, self.mlp.step)
+
+    def steps(self, x: mx.array, T: int, mask: Any, cache: Any, rope=None) -> tuple:
+        """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t); the
+        mixers' `steps` and the MLP's `step` (which takes any rows). Returns (x, a linear
+        layer's per-token states or None)."""
+        h = self.input_layernorm(x)
+        states = None
+        if self.is_linear:
+            h, states = self.linear_attn.steps(h, T, mask, cache)
+        else:
+            h = self.self_attn.steps(h, T, mask, cache, rope)
+        x = x + h
+        return x + self.mlp.step(self.post_attention_layernorm(x)), states
 
     def _block(self, mix, x, mask, cache, rope, mlp=None):
         h = self.input_layernorm(x)

@@ -14,8 +14,17 @@ backbone) takes the plain path.
 `model.compiled_decode = False` turns it off. Every primitive of the step costs host time per
 token on a GPU, so the step is written for few: [B, H] activations through the layers' `step`
 methods, and fused, pre-transposed projection weights (`layers.prepare_projections`, checked
-before every step and rebuilt when a layer's weight changed). One token a row only: the
-speculative verify pass (a few tokens a row) takes the plain path.
+before every step and rebuilt when a layer's weight changed).
+
+A few tokens a row (2 to `MAX_STEP_TOKENS`, e.g. a speculative verify pass, also with
+`return_hidden`) over such a cache run a second compiled function over the same buffers
+(`Qwen35TextBackbone.verify`, the layers' `steps`): keys and values written at the array index,
+a mask causal inside the new tokens, the linear layers' conv and recurrence token by token
+through the one-token kernel, whose per-token states come out of the step so that a
+`LinearCache` rolls back into the call with no recompute. Traced once per token count, buffer
+size and batch shape. The MTP head has its own compiled step over its static KV buffer
+(`mtp_forward(..., last_only=True)`), and `verify_and_draft` puts a greedy speculative round's
+verify pass and MTP pass into one compiled call.
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
 [C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once, the MTP head's norms included), stacked MoE
@@ -38,7 +47,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_la
 from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
-from .cache import BatchKVCache, KVCache, StaticKV, static_mask
+from .cache import BatchKVCache, KVCache, StaticKV, static_causal_mask, static_mask
 from .config import TextConfig
 from .layers import DecoderLayer, prepare_projections, project, retake_projections
 from .mtp import MTP, MTP_NORMS
@@ -57,6 +66,12 @@ LOOKAHEAD_MIN_T = 256
 def queue_layers(T: int) -> bool:
     """Whether a call of T tokens a row queues its layers one ahead (LOOKAHEAD_MIN_T)."""
     return T >= LOOKAHEAD_MIN_T and mx.default_device() == mx.gpu
+
+
+# Calls of up to this many tokens a row over a filled cache (speculative verify passes, the MTP
+# head's) run a compiled step, traced once per token count, buffer size and batch shape; longer
+# ones (prefill) take the plain path, whose shapes change with every prompt.
+MAX_STEP_TOKENS = 8
 
 
 class Qwen35TextBackbone(PipelineMixin, nn.Module):
@@ -171,6 +186,39 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 new_kv.append((c.keys, c.values))
         return self.norm(h), new_kv, new_lin
 
+    def verify(self, tokens, kv, lin, idx, offset, left_padding, ssm_mask, position_ids):
+        """T tokens a row over the same fixed-size buffers as `decode` (traced by `TextModel`'s
+        compiled multi-token step, for a speculative verify pass): tokens [B, T]; kv, lin, idx,
+        offset, left_padding as in `decode` (idx, offset: the first new token's); ssm_mask
+        [B, T] bool or None; position_ids [3, B, T] or None. The layers' `steps`: projections
+        over all T tokens, attention with a mask causal inside the new tokens
+        (`static_causal_mask`), the linear layers' conv and recurrence token by token through
+        the one-token kernel. Activations are [B*T, H] (row b*T + t) throughout: 2-D, every
+        projection is one matmul. Returns (normed hidden [B*T, H], new kv, new lin, per linear
+        layer the (conv, recurrent) states after each token, for a rollback)."""
+        B, T = tokens.shape
+        h = self.embed_tokens(tokens.reshape(-1))  # [B*T, H]: row b*T + t (see `steps`)
+        rope = None
+        if position_ids is not None and self._fa_idx is not None:
+            rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
+        kv, lin, masks = iter(kv), iter(lin), {}
+        new_kv, new_lin, records = [], [], []
+        for layer in self.layers:
+            if layer.is_linear:
+                c = list(next(lin))
+                h, states = layer.steps(h, T, ssm_mask, c)
+                new_lin.append(tuple(c))
+                records.append(states)
+            else:
+                keys, values = next(kv)
+                C = keys.shape[2]
+                if C not in masks:
+                    masks[C] = static_causal_mask(C, idx, T, left_padding)
+                c = StaticKV(keys, values, idx, offset)
+                h, _ = layer.steps(h, T, masks[C], c, rope)
+                new_kv.append((c.keys, c.values))
+        return self.norm(h), new_kv, new_lin, records
+
 
 class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
@@ -190,6 +238,9 @@ class TextModel(nn.Module):
         object.__setattr__(self, "_decode_checks", [])  # see _retake_decode
         # The weights are the compiled step's implicit inputs: updates and quantization show.
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
+        self._verify_step = mx.compile(self._verify_impl, inputs=self)
+        self._mtp_step = mx.compile(self._mtp_impl, inputs=self)
+        self._round_step = mx.compile(self._round_impl, inputs=self)
 
     def _decode_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
         """The compiled step. A batch's bookkeeping is in it too: the linear layers' mask from
@@ -205,9 +256,11 @@ class TextModel(nn.Module):
         paddings = [lin_padding - 1] * len(lin) if lin_padding is not None else []
         return self.logits(h, step=True)[:, None], kv, lin, offsets, paddings
 
-    def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
-        """The compiled decode step over `cache`, updated in place; None when the cache is not
-        one it takes (empty, quantized, rotating, right-padded prefill, mixed kinds)."""
+    def _static_caches(self, cache: list, T: int) -> tuple | None:
+        """For a compiled step of T tokens a row over `cache`: (attention caches, linear caches,
+        idx, offset, left_padding, lin_padding), their KV buffers reserved for T more tokens;
+        None when the cache is not one it takes (empty, quantized, rotating, right-padded
+        prefill, mixed kinds)."""
         kv_caches, lin_caches = [], []
         for layer, c in zip(self.model.layers, cache, strict=True):
             (lin_caches if layer.is_linear else kv_caches).append(c)
@@ -224,7 +277,7 @@ class TextModel(nn.Module):
         if len(idxs) > 1:
             return None
         for c in kv_caches:
-            cache_lib.reserve(c)
+            cache_lib.reserve(c, T)
         self._prepare_decode()
         idx = mx.array(idxs.pop() if idxs else 0)
         offset, left_padding = idx, None
@@ -232,6 +285,15 @@ class TextModel(nn.Module):
             offset, left_padding = kv_caches[0].offset, kv_caches[0].left_padding
         # As the plain path, every layer of a kind reads the first cache's positions and mask.
         lin_padding = lin_caches[0].left_padding if lin_caches else None
+        return kv_caches, lin_caches, idx, offset, left_padding, lin_padding
+
+    def _decode(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
+        """The compiled decode step over `cache`, updated in place; None when the cache is not
+        one it takes (`_static_caches`)."""
+        got = self._static_caches(cache, 1)
+        if got is None:
+            return None
+        kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
         logits, kv, lin, offsets, paddings = self._decode_step(
             inputs,
             [(c.keys, c.values) for c in kv_caches],
@@ -254,6 +316,136 @@ class TextModel(nn.Module):
             if hasattr(c, "note_advance"):  # a LinearCache's rollback history (cache.py)
                 c.note_advance(1)
         return logits
+
+    def _verify_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
+        """The compiled multi-token step (`Qwen35TextBackbone.verify`): logits [B, T, vocab],
+        normed hidden [B, T, H], the new buffers and states, each linear layer's
+        per-token states, and as in `_decode_impl` the advanced per-row offsets and left
+        paddings."""
+        self._traced = True  # runs only while mx.compile traces
+        T = tokens.shape[1]
+        ssm_mask = None
+        if lin_padding is not None:
+            ssm_mask = mx.arange(T)[None] >= lin_padding[:, None]
+        h, kv, lin, records = self.model.verify(
+            tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
+        )
+        logits = self.logits(h, step=True).reshape(*tokens.shape, -1)
+        h = h.reshape(*tokens.shape, -1)
+        offsets = [offset + T] * len(kv) if left_padding is not None else []
+        paddings = [lin_padding - T] * len(lin) if lin_padding is not None else []
+        return logits, h, kv, lin, records, offsets, paddings
+
+    def _verify(self, inputs: mx.array, cache: list, position_ids: mx.array | None):
+        """The compiled multi-token step over `cache`, updated in place as the plain path would
+        (a LinearCache records the call, so it can be trimmed into): (logits, hidden), or None
+        when the cache is not one it takes."""
+        T = inputs.shape[1]
+        got = self._static_caches(cache, T)
+        if got is None:
+            return None
+        kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
+        logits, h, kv, lin, records, offsets, paddings = self._verify_step(
+            inputs,
+            [(c.keys, c.values) for c in kv_caches],
+            [(c[0], c[1]) for c in lin_caches],
+            idx,
+            offset,
+            left_padding,
+            lin_padding,
+            position_ids,
+        )
+        self._adopt_verify(got, kv, lin, records, offsets, paddings, T)
+        return logits, h
+
+    def _adopt_verify(self, got, kv, lin, records, offsets, paddings, T: int) -> None:
+        """After a compiled multi-token step: the caches take its buffers and states and count
+        its T tokens, as the plain path would (a LinearCache records the per-token states, so
+        it can be trimmed into the call)."""
+        if self._traced:
+            self._traced = False
+            self._retake_decode()
+        kv_caches, lin_caches = got[:2]
+        for i, (c, (keys, values)) in enumerate(zip(kv_caches, kv, strict=True)):
+            cache_lib.advance(c, keys, values, offsets[i] if offsets else None, n=T)
+        for i, (c, (conv, state), states) in enumerate(zip(lin_caches, lin, records, strict=True)):
+            c[0], c[1] = conv, state
+            if paddings:
+                c.left_padding = paddings[i]
+            if hasattr(c, "record_states"):
+                c.record_states(T, states)
+            if hasattr(c, "note_advance"):
+                c.note_advance(T)
+
+    def _round_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, mtp_kv):
+        """`_verify_impl`, then the MTP head over every verified position with the main
+        model's greedy token there as the next token (`verify_and_draft`): one compiled call."""
+        logits, h, kv, lin, records, offsets, paddings = self._verify_impl(
+            tokens, kv, lin, idx, offset, left_padding, lin_padding, None
+        )
+        target = logits.argmax(-1)
+        o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
+        drafts = self.logits(o, step=True).argmax(-1)
+        return (
+            logits,
+            h,
+            kv,
+            lin,
+            records,
+            offsets,
+            paddings,
+            target,
+            o,
+            drafts,
+            mkeys,
+            mvalues,
+            moffsets,
+        )
+
+    def verify_and_draft(self, tokens: mx.array, cache: list, mtp_cache: list) -> tuple | None:
+        """A greedy speculative round's model work in one compiled call: the verify pass of
+        tokens [B, T] over `cache` (as `model(tokens, cache, return_hidden=True)`), then the MTP
+        head over all T positions with next token argmax(logits) at each, which is the token a
+        greedy round emits at every position it accepts, whatever that count turns out to be.
+        Returns (logits [B, T, V], hidden [B, T, H], target [B, T] = argmax, MTP hidden
+        [B, T, H], MTP drafts [B, T] = the head's argmax at each position), both caches
+        advanced by T; the caller trims both by the positions it rejects. None when a cache is
+        not one the compiled steps take (the caller then runs the separate calls). Text
+        positions only (no M-RoPE)."""
+        T = tokens.shape[1]
+        c = mtp_cache[0]
+        if (
+            not self.compiled_decode
+            or self.model.pipeline_size != 1
+            or T > MAX_STEP_TOKENS
+            or type(c) not in (KVCache, BatchKVCache)
+            or c.keys is None
+        ):
+            return None
+        got = self._static_caches(cache, T)
+        if got is None:
+            return None
+        kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
+        cache_lib.reserve(c, T)
+        midx = mx.array(cache_lib.kv_index(c))
+        moffset, mleft = midx, None
+        if isinstance(c, BatchKVCache):
+            moffset, mleft = c.offset, c.left_padding
+        out = self._round_step(
+            tokens,
+            [(x.keys, x.values) for x in kv_caches],
+            [(x[0], x[1]) for x in lin_caches],
+            idx,
+            offset,
+            left_padding,
+            lin_padding,
+            (c.keys, c.values, midx, moffset, mleft),
+        )
+        logits, h, kv, lin, records, offsets, paddings = out[:7]
+        target, o, drafts, mkeys, mvalues, moffsets = out[7:]
+        self._adopt_verify(got, kv, lin, records, offsets, paddings, T)
+        cache_lib.advance(c, mkeys, mvalues, moffsets[0] if moffsets else None, n=T)
+        return logits, h, target, o, drafts
 
     def _decode_groups(self) -> list:
         """(owner, names) of every group of projections the compiled step applies."""
@@ -304,15 +496,19 @@ class TextModel(nn.Module):
         """logits [B, T, vocab]; with `return_hidden`, (logits, normed hidden [B, T, H])."""
         if (
             self.compiled_decode
-            and not return_hidden
             and self.model.pipeline_size == 1  # the step runs every layer: not pipelined
             and cache is not None
             and input_embeddings is None
-            and inputs.shape[1] == 1
+            and inputs.shape[1] <= MAX_STEP_TOKENS
         ):
-            logits = self._decode(inputs, cache, position_ids)
-            if logits is not None:
-                return logits
+            if inputs.shape[1] == 1 and not return_hidden:
+                logits = self._decode(inputs, cache, position_ids)
+                if logits is not None:
+                    return logits
+            else:
+                out = self._verify(inputs, cache, position_ids)
+                if out is not None:
+                    return out if return_hidden else out[0]
         h = self.model(inputs, cache, input_embeddings=input_embeddings, position_ids=position_ids)
         if return_hidden:
             return self.logits(h), h
@@ -341,6 +537,14 @@ class TextModel(nn.Module):
         `position_ids` [3, B, T] (M-RoPE) or None (the cache offset gives the positions).
         `last_only`: logits for the last position only ([B, 1, vocab]), all a draft needs."""
         c = cache[0] if cache is not None else None
+        if (
+            self.compiled_decode
+            and last_only
+            and type(c) in (KVCache, BatchKVCache)
+            and c.keys is not None
+            and next_tokens.shape[1] <= MAX_STEP_TOKENS
+        ):
+            return self._mtp_compiled(hidden, next_tokens, c, position_ids)
         emb = self.model.embed_tokens(next_tokens)
         mask = create_attention_mask(emb, c)
         rope = None
@@ -348,6 +552,44 @@ class TextModel(nn.Module):
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(position_ids)
         o = self.mtp(hidden, emb, mask, c, rope)
         return self.logits(o[:, -1:] if last_only else o), o
+
+    def _mtp_impl(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
+        """The MTP head compiled over its static KV buffer, T tokens a row (the `verify`
+        pattern): (logits [B, 1, vocab] at the last position, MTP hidden [B, T, H], new buffers,
+        the advanced per-row offset of a batch cache as a list of 0 or 1)."""
+        self._traced = True  # runs only while mx.compile traces
+        o, keys, values, offsets = self._mtp_body(
+            hidden, tokens, keys, values, idx, offset, left_padding, positions
+        )
+        return self.logits(o[:, -1:], step=True), o, keys, values, offsets
+
+    def _mtp_body(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
+        T = tokens.shape[1]
+        mask = static_causal_mask(keys.shape[2], idx, T, left_padding)
+        rope = None
+        if positions is not None:
+            rope = self.mtp.layers[0].self_attn.rope.cos_sin(positions)
+        c = StaticKV(keys, values, idx, offset)
+        o = self.mtp(hidden, self.model.embed_tokens(tokens), mask, c, rope)
+        offsets = [offset + T] if left_padding is not None else []
+        return o, c.keys, c.values, offsets
+
+    def _mtp_compiled(self, hidden, next_tokens, c, position_ids):
+        T = next_tokens.shape[1]
+        cache_lib.reserve(c, T)
+        self._prepare_decode()  # (the lm_head's decode form)
+        idx = mx.array(cache_lib.kv_index(c))
+        offset, left_padding = idx, None
+        if isinstance(c, BatchKVCache):
+            offset, left_padding = c.offset, c.left_padding
+        logits, o, keys, values, offsets = self._mtp_step(
+            hidden, next_tokens, c.keys, c.values, idx, offset, left_padding, position_ids
+        )
+        if self._traced:
+            self._traced = False
+            self._retake_decode()
+        cache_lib.advance(c, keys, values, offsets[0] if offsets else None, n=T)
+        return logits, o
 
     @property
     def layers(self) -> list:
