@@ -238,7 +238,7 @@ def device_run(args) -> dict:
 def cpu_tiny(args) -> dict:
     from qwen35_mlx import load, stream_generate
 
-    model, tok = load(Path(qwen35_mlx.__file__).parent / "assets" / "tiny")
+    model, tok = load(Path(qwen35_mlx.__file__).parent / "assets" / "tiny", dtype=args.dtype)
     prompts = [
         tok.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
@@ -270,6 +270,7 @@ def cpu_tiny(args) -> dict:
             cpu[m].append(n / c)
             tokens.setdefault(m, toks)
     result = {"device": _device_name(), "date": _now(), "gen": args.gen, "repeats": args.repeats}
+    result["dtype"] = args.dtype or "as shipped"
     for m in modes:
         result[m] = {
             "tokens_per_s": round(statistics.median(runs[m]), 2),
@@ -297,6 +298,7 @@ def main(argv=None) -> None:
     g.add_argument("--device-run", action="store_true", help="GPU: 0.8B and 9B shapes")
     g.add_argument("--cpu-tiny", action="store_true", help="CPU: the shipped tiny model")
     p.add_argument("--tiny", action="store_true", help="--device-run on a tiny fp32 shape")
+    p.add_argument("--dtype", default=None, help="--cpu-tiny: load the weights in this dtype")
     p.add_argument("--shapes", nargs="+", default=["0.8b", "9b"], choices=list(SHAPES))
     p.add_argument("--context", type=int, default=512, help="prompt tokens (--device-run)")
     p.add_argument("--iters", type=int, default=20)
