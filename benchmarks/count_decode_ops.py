@@ -282,9 +282,12 @@ class GpuStandIns:
             (layers, "gated_delta_decode", gdd),
             # MoE experts: the GPU runs SwitchGLU's gather_mm in the weights' dtype.
             (layers, "_cpu_needs_fp32", lambda experts: False),
+            # Residual adds folded into AddMM as on the target (layers.FOLD_RESIDUAL "auto").
+            (layers, "_fold_auto", lambda rows: rows > 1 or self.target != "cuda"),
         ):
-            self._saved.append((obj, attr, getattr(obj, attr)))
-            setattr(obj, attr, fn)
+            if hasattr(obj, attr):  # (an older tree may lack one: counted as it is)
+                self._saved.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, fn)
         return self
 
     def __exit__(self, *exc):
