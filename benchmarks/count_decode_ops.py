@@ -252,7 +252,8 @@ class GpuStandIns:
             if conv_state is None:
                 conv_state = mx.zeros((B, conv_w.shape[1] - 1, qkv.shape[1]), qkv.dtype)
             y = mx.zeros((B, Hv, Dv), qkv.dtype)
-            deps = [qkv, conv_w, a, b, A_log, dt_bias, kw.get("mask")]
+            deps = [qkv, conv_w, a, b, A_log, dt_bias, kw.get("mask"), kw.get("z")]
+            deps.append(kw.get("norm_weight"))
             return tuple(si("gated_delta_decode (kernel)", [y, state, conv_state], deps))
 
         def gdu(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, **kw):

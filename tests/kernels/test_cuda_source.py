@@ -26,13 +26,15 @@ using Shape = cuda::std::array<int, 8>;  // as MLX's device/utils.cuh (MAX_NDIM 
 """
 CTYPES = {"fp32": "float", "bf16": "__nv_bfloat16", "fp16": "__half"}
 # Inputs in the activation dtype; the rest are fp32 (mask: bool).
-ACT = {"q", "k", "v", "a", "b", "qkv", "conv_w"}
+ACT = {"q", "k", "v", "a", "b", "qkv", "conv_w", "z", "norm_w"}
 
 
-def kernel(index: int, gate, mask, decode, conv, act: str, Dk: int, L: int, W: int) -> str:
-    body = cuda.BACKEND.kernel_source(gate, mask, decode, conv)
+def kernel(
+    index: int, gate, mask, decode, conv, act: str, Dk: int, L: int, W: int, norm=False
+) -> str:
+    body = cuda.BACKEND.kernel_source(gate, mask, decode, conv, norm)
     params = []
-    for n in source.input_names(gate, mask, conv):
+    for n in source.input_names(gate, mask, conv, norm):
         t = "bool" if n == "mask" else (CTYPES[act] if n in ACT else "float")
         params.append(f"    const {t}* {n}")
         if f"{n}_shape" in body:
@@ -54,6 +56,10 @@ def translation_unit() -> str:
         for Dk, L, W in ((128, 16, 2), (32, 4, 1), (256, 32, 8)):
             for _, mask, _, _ in source.conv_variants():
                 kernels.append(("fused", mask, True, True, act, Dk, L, W))
+        # The gated-norm variants at their layouts (launch.norm_layout: one head a block).
+        for Dk, L, W in ((128, 8, 32), (32, 8, 3), (256, 8, 32)):
+            for _, mask, _, _, norm in source.norm_variants():
+                kernels.append(("fused", mask, True, True, act, Dk, L, W, norm))
     return PRELUDE + cuda.HEADER + "".join(kernel(i, *k) for i, k in enumerate(kernels))
 
 
@@ -72,6 +78,14 @@ def nvcc_errors(text: str, tmp_path: Path) -> str:
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     err = nvcc_errors(translation_unit(), tmp_path)
     assert not err, err
+
+
+def test_cuda_norm_source_check_can_fail(tmp_path):
+    """The gated-norm body reading an undeclared name must not compile (the variant is in the
+    translation unit)."""
+    text = translation_unit().replace("ssq += norm_tg[w];", "ssq += norm_missing[w];")
+    assert "norm_missing" in text
+    assert nvcc_errors(text, tmp_path)
 
 
 def test_cuda_source_check_can_fail(tmp_path):

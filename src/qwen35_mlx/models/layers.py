@@ -28,6 +28,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
+from ..kernels.gated_delta.decode import gated_rms_norm
 from .attention import attention
 from .config import TextConfig
 
@@ -244,10 +245,9 @@ class RMSNormGated(nn.Module):
 # generation on an H100 slower than mlx-lm's despite the faster recurrence (benchmarks/NOTES.md).
 
 
-@partial(mx.compile, shapeless=True)
-def _gated_rms_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
-    y = mx.fast.rms_norm(x, weight, eps).astype(mx.float32)
-    return (y * nn.silu(gate.astype(mx.float32))).astype(x.dtype)
+# The same function as the decode step's own (`gated_delta_decode(..., z=...)`, which runs it in
+# its kernel on a GPU): prefill and decode share its arithmetic.
+_gated_rms_norm = gated_rms_norm
 
 
 def _l2norm(x: mx.array) -> mx.array:
@@ -333,7 +333,8 @@ class GatedDeltaNet(nn.Module):
         lengths = getattr(cache, "lengths", None) if cache is not None else None
         if T == 1 and lengths is None:
             # One token a row: the compiled decode step's own call (one kernel launch on a
-            # GPU), so the plain path and the compiled step compute the same thing.
+            # GPU, the gated norm included), so the plain path and the compiled step compute
+            # the same thing.
             y, state, conv_state = gated_delta_decode(
                 qkv[:, 0],
                 conv_state,
@@ -348,8 +349,11 @@ class GatedDeltaNet(nn.Module):
                 num_v_heads=Hv,
                 head_v_dim=Dv,
                 mask=None if mask is None else mask[:, 0],
+                z=z.reshape(B, -1),
+                norm_weight=self.norm.weight,
+                norm_eps=self.norm.eps,
             )
-            return self._finish(y[:, None], z, state, conv_state, cache, residual)
+            return self._finish(y[:, None], None, state, conv_state, cache, residual)
         if conv_state is None:
             conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
         conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv], axis=1)  # [B, K-1+T, C]
@@ -371,8 +375,8 @@ class GatedDeltaNet(nn.Module):
         return self._finish(y, z, state, None, cache, residual)
 
     def _finish(self, y, z, state, conv_state, cache, residual=None) -> mx.array:
-        """Store the new states (conv_state None: already stored), then the gated norm and
-        out_proj. y, z [B, T, Hv, Dv]."""
+        """Store the new states (conv_state None: already stored), then the gated norm (z None:
+        y is normed already) and out_proj. y, z [B, T, Hv, Dv]."""
         B, T = y.shape[:2]
         if cache is not None:
             cache[1] = state
@@ -380,7 +384,8 @@ class GatedDeltaNet(nn.Module):
                 cache[0] = conv_state
             if hasattr(cache, "advance"):
                 cache.advance(T)
-        y = self.norm(y, z)  # [B, T, Hv, Dv]
+        if z is not None:
+            y = self.norm(y, z)  # [B, T, Hv, Dv]
         return linear_add(self.out_proj, y.reshape(B, T, self.value_dim), residual)
 
     def step(self, x: mx.array, mask: mx.array | None, cache: list, residual=None) -> mx.array:
@@ -405,8 +410,10 @@ class GatedDeltaNet(nn.Module):
             num_v_heads=self.num_v_heads,
             head_v_dim=self.head_v_dim,
             mask=mask,
+            z=z,  # [B, Hv * Dv]: the gated norm, in the same call
+            norm_weight=self.norm.weight,
+            norm_eps=self.norm.eps,
         )
-        y = self.norm(y, z.reshape(y.shape))  # [B, Hv, Dv]
         return project_add(self, "out_proj", y.reshape(B, self.value_dim), residual)
 
 
