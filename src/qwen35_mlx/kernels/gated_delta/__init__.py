@@ -362,7 +362,11 @@ def gated_delta_decode(
     if name in ("metal", "cuda"):
         impl = _gpu_backend(name)
         if impl.supports_conv(qkv, conv_w, state):
-            if norm is not None and impl.supports_conv(qkv, conv_w, state, norm_weight):
+            if (
+                norm is not None
+                and NORM_IN_KERNEL
+                and impl.supports_conv(qkv, conv_w, state, norm_weight)
+            ):
                 return impl.gated_delta_decode_kernel(
                     *args, z=z, norm_w=norm_weight, norm_eps=norm_eps
                 )
@@ -370,6 +374,12 @@ def gated_delta_decode(
             return apply_norm(y, norm), state, conv_state
     return gated_delta_decode_ref(*args, dims=dims, norm=norm)
 
+
+# False: `gated_delta_decode(..., z=...)` runs the conv decode kernel without the gated norm and
+# the norm as mx ops after it (two more primitives a layer), e.g. to measure the in-kernel norm's
+# layout (one threadgroup a head, `launch.norm_layout`) against the default one. Read at each
+# call (the compiled decode step: when it is traced).
+NORM_IN_KERNEL = True
 
 # Above this batch the one-launch conv kernel loses to the conv in ops + the recurrent kernel on
 # an H200 (per step, bench_gated_delta_decode.py, 2026-12-01: 3.2x / 2.5x faster at B=1 for the
