@@ -18,6 +18,9 @@
 #                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
 #   benchmarks/run_gpu.sh diet-tests  # the decode kernel's GPU tests (gated norm included), the
 #                                     # compiled step against the plain path (about 4 min)
+#   benchmarks/run_gpu.sh diet-kernel # bench_gated_delta_decode.py --norm: the conv decode kernel
+#                                     # with the gated norm as ops after it and inside it,
+#                                     # 0.8B / 9B layers, B = 1, 32, 64 (about 2 min)
 #   benchmarks/run_gpu.sh diet-bench  # probe_host_cost.py (host cost by kind, the step's build /
 #                                     # async_eval / token split), then bench_decode.py at MLX's
 #                                     # default CUDA graph size and with larger graphs, in two
@@ -29,9 +32,9 @@ set -euo pipefail
 step=${1:-}
 case "$step" in
   tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts) ;;
-  diet-tests | diet-bench) ;;
+  diet-tests | diet-kernel | diet-bench) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|diet-tests|diet-bench" >&2
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|diet-tests|diet-kernel|diet-bench" >&2
     exit 2
     ;;
 esac
@@ -70,6 +73,10 @@ case "$step" in
     "${pytest[@]}" tests/kernels/test_gpu_kernels.py -k "decode or norm" tests/test_fast_decode.py \
       tests/test_decode_diet.py tests/kernels/test_gpu_precompiled.py 2>&1 |
       tee "$out/gpu_diet_tests.log"
+    ;;
+  diet-kernel)
+    python3 benchmarks/bench_gated_delta_decode.py --norm --batches 1,32,64 --repeats 3 \
+      --out "$out" 2>&1 | tee "$out/bench_decode_norm.log"
     ;;
   diet-bench)
     OUT="$out" python3 benchmarks/probe_host_cost.py 2>&1 | tee "$out/probe_host_cost.log"
