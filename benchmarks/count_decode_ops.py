@@ -400,7 +400,11 @@ def load_costs(path: Path) -> dict:
     import json
 
     rows = json.loads(Path(path).read_text())["rows"]
-    return {r["class"]: r["us_per_op"] for r in rows if r.get("class") in COSTS_US}
+    by_class = collections.defaultdict(list)
+    for r in rows:
+        if r.get("class") in COSTS_US:
+            by_class[r["class"]].append(r["us_per_op"])
+    return {c: sum(v) / len(v) for c, v in by_class.items()}  # the mean of the class's kinds
 
 
 def cost_lines(counts: dict, batch: int, costs: dict | None = None) -> list[str]:
