@@ -399,7 +399,9 @@ def load_costs(path: Path) -> dict:
     """Per-class costs from a `probe_host_cost.py` JSON (rows with a `class` and `us_per_op`)."""
     import json
 
-    rows = json.loads(Path(path).read_text())["rows"]
+    rows = json.loads(Path(path).read_text()).get("rows")
+    if not rows:
+        raise SystemExit(f"{path}: no per-kind rows (run probe_host_cost.py with --kinds or none)")
     by_class = collections.defaultdict(list)
     for r in rows:
         if r.get("class") in COSTS_US:
