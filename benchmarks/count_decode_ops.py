@@ -415,7 +415,7 @@ def cost_lines(counts: dict, batch: int, costs: dict | None = None) -> list[str]
     c = dict(COSTS_US, **(costs or {}))
     lines = ["  " + f"{'class (us each)':<18}" + "".join(f"{w:>18}" for w in tables)]
     for cls in [*COSTS_US, "total"]:
-        label = f"{cls} ({c[cls]:g})" if cls in c else "total"
+        label = f"{cls} ({c[cls]:.3g})" if cls in c else "total"
         cells = []
         for t in tables.values():
             n, us = t.get(cls, (0, 0.0))
