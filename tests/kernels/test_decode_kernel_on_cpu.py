@@ -42,7 +42,7 @@ INSTANCES = [
     (mask, Dk, L, dt, 4, W, True)
     for mask in (False, True)
     for dt in (mx.float32, mx.bfloat16)
-    for Dk, L, W in ((128, 8, 32), (32, 8, 3))  # launch.norm_layout at Dv = 128 and 12
+    for Dk, L, W in ((128, 4, 16), (32, 4, 2))  # launch.norm_layout at Dv = 128 and 12
 ]
 
 # (B, Hk, Hv, Dk, Dv, L, W): Dk = Dv = 128 at the default layout and at 8 lanes x 4 warps;
@@ -190,8 +190,8 @@ def test_conv_decode_body_on_cpu_matches_numpy_and_ref(shape, masked, dtype, pro
         assert np.array_equal(s[1::2], np.asarray(x["state"])[1::2])
 
 
-# (B, Hk, Hv, Dk, Dv): the gated-norm variant at launch.norm_layout's layout (8 lanes; 32 warps
-# at Dv = 128, 3 at Dv = 12: a partial warp).
+# (B, Hk, Hv, Dk, Dv): the gated-norm variant at launch.norm_layout's layout (4 lanes; 16 warps
+# at Dv = 128, 2 at Dv = 12: a partial warp).
 NORM_SHAPES = [(1, 1, 1, 128, 128), (3, 2, 4, 32, 12)]
 
 

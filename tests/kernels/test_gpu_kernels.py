@@ -450,7 +450,7 @@ def _norm_inputs(B, Hv, Dv, dtype, seed=0):
     return z, w
 
 
-# The gated-norm variant: Dv = 128 (32 warps of 8 lanes), 64 (16), 20 (a partial warp), and a
+# The gated-norm variant: Dv = 128 (16 warps of 4 lanes), 64 (8), 20 (a partial warp), and a
 # batch of 32 rows.
 NORM_SHAPES = [
     (1, 16, 16, 128, 128, 4),

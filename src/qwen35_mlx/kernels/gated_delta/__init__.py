@@ -330,7 +330,7 @@ def gated_delta_decode(
     z [B, Hv, Dv] or [B, Hv * Dv] (in_proj_z's output) with norm_weight [Dv] and norm_eps: y
     then passes the layer's gated norm, norm_weight * rmsnorm(y) * silu(z) (decode.py
     `gated_rms_norm`); in the same launch on a GPU where the kernel takes it (norm_weight in
-    qkv's dtype, Dv <= 1024 / lanes: `launch.norm_layout`), else as ops after it.
+    qkv's dtype, Dk, Dv <= 128: `launch.norm_layout`), else as ops after it.
 
     backend: "ref" (mx ops, decode.py), "metal" / "cuda" (one fused kernel), or "auto" (the
     GPU kernel where it supports the shape, else ref). The env override QWEN35_MLX_GDN_BACKEND

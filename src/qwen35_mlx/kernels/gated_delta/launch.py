@@ -80,15 +80,22 @@ def conv_shape_supported(qkv, conv_w, state) -> bool:
     return mx.issubdtype(qkv.dtype, mx.floating)
 
 
+# The gated-norm variant's layout: 4 lanes a value row, so a head of Dv <= 128 rows fits one
+# threadgroup of at most 16 warps. Registers bound it: a head's state, and each row's copy of q
+# and k, live in registers (3 Dk Dv floats a threadgroup plus overhead): at Dk = Dv = 128, nvcc
+# for sm_90 gives 122-124 registers a thread, 128 x 512 threads = the 64 K a block may use
+# (8 lanes x 32 warps took 64-72 a thread: over the limit; tests/kernels/test_cuda_source.py
+# checks this bound).
+NORM_LANES = 4
+NORM_MAX_DK = NORM_MAX_DV = 128
+
+
 def norm_layout(Dk: int, Dv: int) -> tuple[int, int] | None:
-    """(lanes per value row, warps) that put a head's Dv rows in one threadgroup of at most 32
-    warps (the gated norm's sum), fewest lanes first above 4 (8 at Dk = Dv = 128: 1024
-    threads, 16 state floats a lane); None when no layout fits."""
-    for L in (8, 16, 4):
-        W = -(-Dv // (32 // L))
-        if Dk % (4 * L) == 0 and W <= 32:
-            return L, W
-    return None
+    """(lanes per value row, warps) that put a head's Dv rows in one threadgroup (the gated
+    norm's sum over them); None beyond Dk or Dv = 128 (too many registers for one block)."""
+    if Dk > NORM_MAX_DK or Dv > NORM_MAX_DV or Dk % (4 * NORM_LANES):
+        return None
+    return NORM_LANES, -(-Dv // (32 // NORM_LANES))
 
 
 def run_conv_decode(

@@ -67,9 +67,11 @@ Gated norm (GD_NORM): z [B, Hv, Dv] in YT (the in_proj_z output), norm_w [Dv] in
 y0^2 over the head's Dv rows / Dv + eps): what the ops path does (mx.fast.rms_norm as MLX's CPU
 fallback rounds it: the normalised value to YT, then times w in YT; silu in fp32 on the fp32
 cast; one rounding to YT at the end). The sum needs every row of a head in one threadgroup: the
-launch gives a head ceil(Dv / R) warps (at most 32, so Dv <= 1024 / L), each warp reduces its
-rows with shuffles, and the warps' partial sums meet in threadgroup memory behind one barrier,
-added in warp order (the same order in every thread, so every row sees the same sum).
+launch gives a head ceil(Dv / R) warps (`launch.norm_layout`: 4 lanes a row, Dk, Dv <= 128,
+at most 16 warps: the registers of a head's state and of each row's q and k bound it), each
+warp reduces its rows with shuffles, and the warps' partial sums meet in threadgroup memory
+behind one barrier, added in warp order (the same order in every thread, so every row sees the
+same sum).
 
 References: mlx-lm `models/gated_delta.py` (the one-warp-per-row Metal kernel);
 flash-linear-attention `fla/ops/gated_delta_rule/fused_recurrent.py`.
