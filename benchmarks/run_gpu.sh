@@ -70,9 +70,9 @@ case "$step" in
     "${pytest[@]}" tests/kernels/test_gpu_chunk_kernel.py 2>&1 | tee "$out/gpu_chunk_tests.log"
     ;;
   diet-tests)
-    "${pytest[@]}" tests/kernels/test_gpu_kernels.py -k "decode or norm" tests/test_fast_decode.py \
-      tests/test_decode_diet.py tests/kernels/test_gpu_precompiled.py 2>&1 |
-      tee "$out/gpu_diet_tests.log"
+    { "${pytest[@]}" tests/kernels/test_gpu_kernels.py -k "decode or norm" &&
+      "${pytest[@]}" tests/kernels/test_gpu_precompiled.py tests/test_fast_decode.py \
+        tests/test_decode_diet.py; } 2>&1 | tee "$out/gpu_diet_tests.log"
     ;;
   diet-kernel)
     python3 benchmarks/bench_gated_delta_decode.py --norm --batches 1,32,64 --repeats 3 \
