@@ -70,7 +70,7 @@ case "$step" in
     "${pytest[@]}" tests/kernels/test_gpu_chunk_kernel.py 2>&1 | tee "$out/gpu_chunk_tests.log"
     ;;
   diet-tests)
-    { "${pytest[@]}" tests/kernels/test_gpu_kernels.py -k "decode or norm";
+    { "${pytest[@]}" tests/kernels/test_gpu_kernels.py -k "decode or norm" || echo "FAILED above";
       "${pytest[@]}" tests/kernels/test_gpu_precompiled.py tests/test_fast_decode.py \
         tests/test_decode_diet.py; } 2>&1 | tee "$out/gpu_diet_tests.log"
     ;;
