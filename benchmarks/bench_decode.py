@@ -13,6 +13,10 @@ compile and kernel JIT included).
 
     # GPU (one command, about 6 minutes at most; writes bench_decode.{json,png,log} to OUT):
     python benchmarks/bench_decode.py --device-run --out "$OUT"
+    # the same without cold start, in two processes: MLX's default CUDA graph size and larger
+    # graphs (about 9 minutes; see NOTES.md "Decode step diet, round 2"):
+    python benchmarks/bench_decode.py --device-run --budget-s 200 --out "$OUT" \
+        --env MLX_MAX_OPS_PER_BUFFER=4000,MLX_MAX_MB_PER_BUFFER=1000000
     # CPU: the small model (hidden 256, 8 layers, fp32), batch 1, plus cold start:
     python benchmarks/bench_decode.py --cpu --out benchmarks/results
 
@@ -145,11 +149,20 @@ def bench_shape(name, shape, dtype, batches, gen, prompt_len, repeats, deadline,
         log(f"{name}: skipped (time budget)")
         return [{"shape": name, "batch": B, "skipped": "time budget"} for B in batches]
     try:  # the primitives of one decode step (count_decode_ops.py): the host cost per token
-        from count_decode_ops import count_all, narrow
+        from count_decode_ops import FALLBACKS, cost_lines, count_all, host_cost, narrow
 
-        counts = {w: sum(count_all(narrow(shape), w, dtype=dtype).values()) for w in COUNTED}
-        rows.append({"shape": name, "primitives_per_step": counts})
-        log(f"{name}: primitives per decode step (batch 1): {counts}")
+        for B in sorted({1, *(b for b in batches if b <= 32)}):
+            kinds = {w: count_all(narrow(shape), w, batch=B, dtype=dtype) for w in COUNTED}
+            counts = {w: sum(n for k, n in c.items() if k != FALLBACKS) for w, c in kinds.items()}
+            est = {w: round(host_cost(c, B)["total"][1]) for w, c in kinds.items()}
+            row = {"shape": name, "count_batch": B, "primitives_per_step": counts}
+            rows.append(
+                dict(row, host_us_estimate=est, kinds={w: dict(c) for w, c in kinds.items()})
+            )
+            log(f"{name}: primitives per decode step (batch {B}): {counts}")
+            log(f"{name}: estimated host time a step (batch {B}, count_decode_ops.COSTS_US):")
+            for line in cost_lines(kinds, B):
+                log(line)
     except Exception as e:  # noqa: BLE001  (the timing still tells)
         log(f"{name}: primitive count failed: {e!r}")
     t0 = time.perf_counter()
@@ -290,6 +303,57 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _without_env(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--env":
+            skip = True
+        elif not x.startswith("--env="):
+            out.append(x)
+    return out
+
+
+def env_variants(spec: str, argv: list[str], out: Path) -> dict:
+    """The benchmark in two child processes, the environment as it is and with `spec`'s
+    variables (MLX reads MLX_MAX_OPS_PER_BUFFER / MLX_MAX_MB_PER_BUFFER once, when a device's
+    command encoder is made, so a setting needs its own process); then their tables side by
+    side. Cold start is left out (--no-cold)."""
+    extra = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    base = _without_env(argv)
+    results = {}
+    for tag, env in (("default", {}), ("env", extra)):
+        sub = out / f"env_{tag}"
+        cmd = [sys.executable, __file__, *base, "--no-cold", "--out", str(sub)]
+        print(f"[{tag}] {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}", flush=True)
+        p = subprocess.run(cmd, env={**os.environ, **env})
+        path = sub / ("bench_decode_" + ("cpu" if "--cpu" in base else "gpu") + ".json")
+        if p.returncode != 0 or not path.exists():
+            print(f"[{tag}] failed (exit {p.returncode})", flush=True)
+            continue
+        results[tag] = json.loads(path.read_text())
+    print(f"\nMLX settings compared: default vs {extra}")
+    head = f"{'shape':>6} | {'B':>4} | {'setting':>7} | {'ours tok/s':>10} | "
+    print(head + f"{'mlx-lm tok/s':>12} | ratio")
+    cases = {}
+    for tag, res in results.items():
+        for r in res["decode"]:
+            if "tps" in r:
+                cases.setdefault((r["shape"], r["batch"]), {})[tag] = r
+    for (shape, B), by in cases.items():
+        for tag, r in by.items():
+            print(
+                f"{shape:>6} | {B:>4} | {tag:>7} | {r['tps']['qwen35_mlx']:10.1f} | "
+                f"{r['tps']['mlx-lm']:12.1f} | {r['ratio']:.2f}x"
+            )
+    summary = {"env": extra, "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_decode_env.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out / 'bench_decode_env.json'}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description="decode tok/s and cold start: ours vs mlx-lm")
     p.add_argument("--device-run", action="store_true", help="GPU: 0.8B and 9B, B 1/32/128")
@@ -303,6 +367,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--budget-s", type=float, default=None, help="skip cases after this")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-start subprocesses")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    p.add_argument(
+        "--env",
+        default=None,
+        help="K=V[,K=V...]: run the benchmark twice, in two child processes (the environment as "
+        "it is, then with these variables), e.g. MLX_MAX_OPS_PER_BUFFER=2000,"
+        "MLX_MAX_MB_PER_BUFFER=100000; both contenders of a process share its setting",
+    )
     p.add_argument("--cold-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cpu-device", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -312,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.cold_child:
         cold_child(a.cold_child, a.shapes, a.dtype, a.prompt, a.gen)
         return None
+    if a.env:
+        return env_variants(a.env, argv if argv is not None else sys.argv[1:], a.out)
 
     if a.cpu:
         d = dict(shapes="small", batches="1", dtype="float32", prompt=64, gen=64, repeats=5)

@@ -97,6 +97,28 @@ def fused_layout(Hk, Hv, Dk, Dv, lanes, warps):
     return mx.compile(step)
 
 
+def with_norm(Hk, Hv, Dk, Dv, B, in_kernel: bool):
+    """GPU only: the kernel and the layer's gated norm, inside the kernel (one threadgroup a
+    head, launch.norm_layout) or as mx ops after it (the default layout); z and the norm weight
+    are fixed random arrays."""
+    from qwen35_mlx.kernels.gated_delta import _gpu_backend
+    from qwen35_mlx.kernels.gated_delta.decode import gated_rms_norm
+
+    impl = next(_gpu_backend(n) for n in ("metal", "cuda") if _gpu_backend(n).is_available())
+    z = mx.random.normal((B, Hv * Dv), key=mx.random.key(1)).astype(mx.bfloat16)
+    w = (1 + 0.1 * mx.random.normal((Dv,), key=mx.random.key(2))).astype(mx.bfloat16)
+    mx.eval(z, w)
+
+    def step(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state):
+        args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state)
+        if in_kernel:
+            return impl.gated_delta_decode_kernel(*args, z=z, norm_w=w, norm_eps=1e-6)
+        y, state, conv = impl.gated_delta_decode_kernel(*args)
+        return gated_rms_norm(y, z.reshape(y.shape), w, 1e-6), state, conv
+
+    return mx.compile(step)
+
+
 def _call(fn, x, state, conv):
     return fn(x["qkv"], conv, x["conv_w"], x["a"], x["b"], x["A_log"], x["dt_bias"], state)
 
@@ -143,6 +165,11 @@ def main(argv=None) -> int:
         default="",
         help="GPU only: extra kernel layouts LANESxWARPS, e.g. 16x4,8x4 (default layout: 16x2)",
     )
+    p.add_argument(
+        "--norm",
+        action="store_true",
+        help="GPU only: also the kernel + gated norm as ops, and the norm inside the kernel",
+    )
     args = p.parse_args(argv)
     rows = []
     for shape in args.shapes.split(","):
@@ -153,6 +180,9 @@ def main(argv=None) -> int:
             cands[f"fused {lay}"] = fused_layout(Hk, Hv, Dk, Dv, lanes, warps)
         for B in (int(b) for b in args.batches.split(",")):
             x = inputs(B, Hk, Hv, Dk, Dv)
+            if args.norm:
+                cands["norm ops"] = with_norm(Hk, Hv, Dk, Dv, B, False)
+                cands["norm kernel"] = with_norm(Hk, Hv, Dk, Dv, B, True)
             res = {n: {"step": [], "graph": []} for n in cands}
             for fn in cands.values():  # warm-up: trace, compile kernels
                 time_step(fn, x, 2)

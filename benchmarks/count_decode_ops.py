@@ -1,8 +1,8 @@
 """Count the primitives of one decode step, by kind: ours compiled, ours plain, mlx-lm's qwen3_5.
 
-Each primitive of a step is one entry in MLX's graph, and on MLX's CUDA backend each costs about
-10 us of host time per token whatever it computes (benchmarks/NOTES.md, "H200"), so the count
-is the figure to cut. Nothing is evaluated: every weight is a broadcast view of one scalar
+Each primitive of a step is one entry in MLX's graph, and on MLX's CUDA backend each costs
+1.5-10 us of host time per token whatever it computes (benchmarks/NOTES.md, "H200"), so the
+count is the figure to cut. Nothing is evaluated: every weight is a broadcast view of one scalar
 (shapes and dtypes are all a trace needs), the caches are built filled to `--offset` positions,
 one token a row is run through the model, and `mx.export_to_dot` lists the graph behind the
 logits and every cache array the step wrote. Graph leaves (weights, caches, tokens) are not
@@ -13,8 +13,14 @@ This runs on the CPU, where MLX replaces some `mx.fast` primitives by their fall
 (rms_norm: a Sum and a fused elementwise op or two; scaled_dot_product_attention: matmuls and a
 softmax); on a GPU each of those is one primitive. So on the CPU the count is by default a GPU
 estimate: those ops, our fused gated-delta kernel and the MoE experts are replaced by stand-ins
-of one primitive each (`GpuStandIns`); `--raw` counts the CPU's own graph. On a GPU the count is
-the device's own graph.
+of one primitive each (`GpuStandIns`), following MLX 0.32's rules for CUDA (`--target cuda`, the
+default: its fused attention takes no array mask and head dims 64/96/128 only, so the step's
+attention with head_dim 256 is MLX's fallback graph there) or Metal; `--raw` counts the CPU's own
+graph. On a GPU the count is the device's own graph.
+
+With the counts comes an estimate of the host time a token (`host_cost`): primitives by cost
+class (view, one-kernel, copy, gemv, cuBLAS gemm) x MLX's host time per primitive of that class,
+measured on the H200 by `probe_host_cost.py` (`COSTS_US`; `--costs <probe JSON>` for others).
 
     python benchmarks/count_decode_ops.py                 # 0.8b, 9b, moe; batch 1
     python benchmarks/count_decode_ops.py --shapes small --batch 4 --by-kind
@@ -24,19 +30,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import io
 import re
 import sys
 from pathlib import Path
 
 # isort: off
-import qwen35_mlx  # (first: its BLAS preload must precede mlx's first use)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-import qwen35_mlx.models.layers
 from qwen35_mlx.models.cache import make_cache
 from qwen35_mlx.models.config import TextConfig
 from qwen35_mlx.models.text import TextModel
@@ -65,11 +68,11 @@ SHAPE_MOE = dict(
 )
 SHAPES = {"0.8b": SHAPE_0_8B, "9b": SHAPE_9B, "moe": SHAPE_MOE, "small": SHAPE_SMALL}
 # The graph's primitives depend on the layer structure, not on the widths: a model built with
-# these narrower widths (`narrow`) has the same count, without gigabytes of fused weights.
+# these narrower widths (`narrow`) has the same count, without gigabytes of fused weights. The
+# attention head_dim stays: it decides whether MLX's fused attention takes the shape.
 _NARROW = dict(
     hidden_size=256,
     intermediate_size=384,
-    head_dim=32,
     linear_key_head_dim=32,
     linear_value_head_dim=32,
     moe_intermediate_size=64,
@@ -170,19 +173,41 @@ _UNARY = {"RMSNorm": lambda x: mx.cumsum(x, axis=-1), "RoPE": lambda x: mx.sort(
 _UNARY_LABEL = {"RMSNorm": "CumSum", "RoPE": "Sort"}
 
 
+# head dims of MLX 0.32's fused attention kernels at decode (sdpa_vector): CUDA
+# (backend/cuda/scaled_dot_product_attention.cu `supports_sdpa_vector`) takes no array mask; its
+# cuDNN path takes a one-token query only without an array mask, D <= 128, >= 256 evaluated keys
+# (never inside a compiled step). Metal's vector kernel takes masks and D = 256.
+_SDPA_VECTOR_D = {"cuda": (64, 96, 128), "metal": (64, 96, 128, 256)}
+
+
+def sdpa_fused(target: str, q, k, v, mask) -> bool:
+    """Whether `mx.fast.scaled_dot_product_attention` is one primitive on `target` for these
+    inputs (else MLX builds its fallback graph: scale, matmul, mask, softmax, matmul)."""
+    D = q.shape[-1]
+    if D != v.shape[-1] or D not in _SDPA_VECTOR_D[target]:
+        return False
+    if target == "cuda":
+        return q.shape[2] < 4 and not isinstance(mask, mx.array)
+    return q.shape[2] <= 8
+
+
 class GpuStandIns:
     """On the CPU, stand in for what a GPU runs as one primitive each: mx.fast.rms_norm, rope and
-    scaled_dot_product_attention (the CPU runs their fallback graphs) and our fused gated-delta
-    kernel (the CPU runs the reference ops); MoE experts take the GPU's path (SwitchGLU in the
-    weights' dtype, not the CPU's float32 gather). Each stand-in is one `Depends` primitive on
-    the real op's array inputs with the output's shape, so everything upstream is still counted
-    and no fusion crosses it, as none crosses the GPU's primitive (without array inputs to
-    depend on, a unary op of a kind no decode step has). mlx-lm's gated delta runs ops on CUDA
-    (its kernel is Metal only) and is left alone. Counts the calls by name."""
+    scaled_dot_product_attention where `target` (cuda or metal) runs it fused (`sdpa_fused`; the CPU
+    runs their fallback graphs), our fused gated-delta kernels (the CPU runs the reference ops;
+    `gated_delta_decode` as the GPU's `auto` picks); MoE experts take the GPU's path (SwitchGLU in
+    the weights' dtype, not the CPU's float32 gather). Each stand-in is one `Depends` primitive on
+    the real op's array inputs with the output's shape, so everything upstream is still counted and
+    no fusion crosses it, as none crosses the GPU's primitive (without array inputs to depend on, a
+    unary op of a kind no decode step has). mlx-lm's gated delta runs ops on CUDA (its kernel is
+    Metal only) and is left alone. Counts the calls by name."""
 
-    def __init__(self):
+    def __init__(self, target: str = "cuda", stand_in: bool = True):
         self.calls = collections.Counter()
         self._saved = []
+        self.target = target
+        self.stand_in = stand_in  # False: only count the attention calls MLX runs as fallbacks
+        self.fallbacks = 0
 
     def _stand_in(self, name, outs, deps):
         deps = [d for d in deps if isinstance(d, mx.array)]
@@ -194,6 +219,7 @@ class GpuStandIns:
         return mx.depends(outs, deps)
 
     def __enter__(self):
+        import qwen35_mlx.kernels.gated_delta as gd_kernels
         import qwen35_mlx.models.layers as layers
 
         fast = mx.fast
@@ -208,7 +234,27 @@ class GpuStandIns:
             return si("RoPE", [x], [offset, freqs])[0]
 
         def sdpa(q, k, v, *, scale, mask=None, sinks=None, **kw):
+            if not sdpa_fused(self.target, q, k, v, mask):
+                # MLX runs its fallback graph there; the CPU runs the same one.
+                self.fallbacks += 1
+                return real["sdpa"](q, k, v, scale=scale, mask=mask, sinks=sinks, **kw)
             return si("ScaledDotProductAttention", [q], [k, v, mask])[0]
+
+        def gdd(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, **kw):
+            # The one-launch decode kernel up to _CONV_KERNEL_MAX_B rows; above, the conv in
+            # ops and the recurrent kernel (stood in by `gdu` below).
+            if qkv.shape[0] > gd_kernels._CONV_KERNEL_MAX_B:
+                return real["gdd"](qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, **kw)
+            B, Hv = a.shape
+            Dv, Dk = kw["head_v_dim"], kw["head_k_dim"]
+            if state is None:
+                state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
+            if conv_state is None:
+                conv_state = mx.zeros((B, conv_w.shape[1] - 1, qkv.shape[1]), qkv.dtype)
+            y = mx.zeros((B, Hv, Dv), qkv.dtype)
+            deps = [qkv, conv_w, a, b, A_log, dt_bias, kw.get("mask"), kw.get("z")]
+            deps.append(kw.get("norm_weight"))
+            return tuple(si("gated_delta_decode (kernel)", [y, state, conv_state], deps))
 
         def gdu(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, **kw):
             B, T, _, Dk = q.shape
@@ -218,16 +264,31 @@ class GpuStandIns:
             y, st = si("gated_delta (fused kernel)", [v, state], [q, k, a, b, A_log, dt_bias, mask])
             return y, st
 
+        real = {"sdpa": fast.scaled_dot_product_attention, "gdd": layers.gated_delta_decode}
+        if not self.stand_in:
+
+            def counting_sdpa(q, k, v, *, mask=None, **kw):
+                self.fallbacks += not sdpa_fused(self.target, q, k, v, mask)
+                return real["sdpa"](q, k, v, mask=mask, **kw)
+
+            self._saved.append((fast, "scaled_dot_product_attention", real["sdpa"]))
+            fast.scaled_dot_product_attention = counting_sdpa
+            return self
         for obj, attr, fn in (
             (fast, "rms_norm", rms_norm),
             (fast, "rope", rope),
             (fast, "scaled_dot_product_attention", sdpa),
             (layers, "gated_delta_update", gdu),
+            (gd_kernels, "gated_delta_update", gdu),
+            (layers, "gated_delta_decode", gdd),
             # MoE experts: the GPU runs SwitchGLU's gather_mm in the weights' dtype.
             (layers, "_cpu_needs_fp32", lambda experts: False),
+            # Residual adds folded into AddMM as on the target (layers.FOLD_RESIDUAL "auto").
+            (layers, "_fold_auto", lambda rows: rows > 1 or self.target != "cuda"),
         ):
-            self._saved.append((obj, attr, getattr(obj, attr)))
-            setattr(obj, attr, fn)
+            if hasattr(obj, attr):  # (an older tree may lack one: counted as it is)
+                self._saved.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, fn)
         return self
 
     def __exit__(self, *exc):
@@ -255,49 +316,112 @@ def count_all(
     dtype=mx.bfloat16,
     vocab=1024,
     stand_ins: bool | None = None,
+    target: str = "cuda",
 ) -> collections.Counter:
     """`count_step` of a fresh model: which is "compiled", "plain" (ours) or "mlx-lm".
-    stand_ins (default: on the CPU) counts the GPU's single primitives as one (`GpuStandIns`)."""
+    stand_ins (default: on the CPU) counts the GPU's single primitives as one (`GpuStandIns`,
+    for `target`). With stand-ins the result also holds "(attention fallbacks)": how many
+    attention calls took MLX's fallback graph (not a primitive: `host_cost` reads it)."""
     if stand_ins is None:
         stand_ins = mx.default_device() == mx.cpu
     model = build(shape, "mlx-lm" if which == "mlx-lm" else "ours", dtype, vocab)
     if which == "plain":
         model.compiled_decode = False
-    if not stand_ins:
-        return count_step(model, batch, offset, dtype)
-    with GpuStandIns() as s:
+    if not stand_ins:  # the device's own graph; only the attention fallbacks are counted
+        with GpuStandIns(target, stand_in=False) as s:
+            kinds = count_step(model, batch, offset, dtype)
+        kinds[FALLBACKS] = s.fallbacks
+        return +kinds
+    with GpuStandIns(target) as s:
         kinds = count_step(model, batch, offset, dtype)
-    return relabel(kinds, s.calls)
+    kinds = relabel(kinds, s.calls)
+    kinds[FALLBACKS] = s.fallbacks
+    return +kinds
 
 
-def linear_decode_ops(shape: dict, batch: int = 1, dtype=mx.bfloat16, stand_ins=None) -> int:
-    """Primitives of `layers.gated_delta_decode` alone (compiled, GPU stand-ins on the CPU): what
-    a fused kernel of its signature would replace by one, per linear-attention layer."""
-    import qwen35_mlx.models.layers as layers
+# --- Host cost model: primitives by kind x MLX's host time per primitive of that class ---
+#
+# Classes and their host cost per primitive in us, on the H200 (MLX 0.32.4 CUDA, 2026-12-01,
+# `probe_host_cost.py`, results/probe_host_cost_h200_20261201.json) where measured:
+#   view    1.5  reshape (measured): no kernel, a new array sharing its input's buffer
+#   kernel  2.6  mx.fast.rms_norm (measured): one kernel node in MLX's CUDA graph; assumed the
+#                same for every one-kernel primitive (elementwise, fused `Compiled`, reductions,
+#                softmax, rope, our custom kernels, gather)
+#   copy    6.8  half of slice + concatenate (measured 13.6 a pair): MLX's copy dispatch
+#                (concatenate, contiguous, slice updates, casts)
+#   gemv    2.6  a matmul with one row and a transposed weight (MLX's own gemv kernel, one
+#                kernel node; not measured: assumed `kernel`)
+#   gemm   10.0  a cuBLAS matmul (measured: [1, 256] @ [256, 256], not transposed): cuBLAS is
+#                captured into a child graph per call. Every matmul at batch > 1, an AddMM at
+#                any batch (MLX's CUDA AddMM never takes gemv), the attention fallback's
+#                scores @ values at batch 1 (its values are not transposed).
+# `probe_host_cost.py` measures every class (`--costs` reads its JSON).
+FALLBACKS = "(attention fallbacks)"
+COSTS_US = {"view": 1.5, "kernel": 2.6, "copy": 6.8, "gemv": 2.6, "gemm": 10.0}
+_VIEWS = {
+    "Reshape", "Slice", "Squeeze", "ExpandDims", "Transpose", "Broadcast", "Split",
+    "Unflatten", "Flatten", "AsStrided", "Depends", "StopGradient", "BroadcastAxes",
+}  # fmt: skip
+_COPIES = {"Concatenate", "Contiguous", "SliceUpdate", "DynamicSliceUpdate", "AsType", "Copy"}
+_MATMULS = {"Matmul", "AddMM", "GatherMM", "QuantizedMatmul", "GatherQMM"}
 
-    la = layers.GatedDeltaNet(TextConfig(**shape))
-    C, K = la.conv_dim, la.conv_kernel_size
-    Hv, Dv, Dk = la.num_v_heads, la.head_v_dim, la.head_k_dim
-    args = [
-        mx.zeros((batch, C), dtype),
-        mx.zeros((batch, K - 1, C), dtype),
-        mx.zeros((C, K), dtype),
-        mx.zeros((batch, Hv), dtype),
-        mx.zeros((batch, Hv), dtype),
-        mx.zeros((Hv,), mx.float32),
-        mx.zeros((Hv,), dtype),
-        mx.zeros((batch, Hv, Dv, Dk), mx.float32),
-    ]
-    mx.eval(args)
-    heads = dict(num_k_heads=la.num_k_heads, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
-    step = mx.compile(lambda *a: layers.gated_delta_decode(*a, **heads))
-    if stand_ins is None:
-        stand_ins = mx.default_device() == mx.cpu
-    with GpuStandIns() if stand_ins else contextlib.nullcontext():
-        outs = step(*args)
-    buf = io.StringIO()
-    mx.export_to_dot(buf, *outs)
-    return len(_NODE.findall(buf.getvalue()))
+
+def cost_class(kind: str, batch: int) -> str:
+    if kind in _VIEWS:
+        return "view"
+    if kind in _COPIES:
+        return "copy"
+    if kind == "Matmul" and batch == 1:
+        return "gemv"
+    if kind in _MATMULS:
+        return "gemm"
+    return "kernel"
+
+
+def host_cost(kinds: dict, batch: int, costs: dict | None = None) -> dict:
+    """{class: (primitives, us)} and "total" of one step's `kinds` (from `count_all`). At batch 1
+    one matmul of each attention fallback is cuBLAS (`gemm`), the others gemv."""
+    costs = dict(COSTS_US, **(costs or {}))
+    out = collections.defaultdict(int)
+    for kind, n in kinds.items():
+        if kind != FALLBACKS:
+            out[cost_class(kind, batch)] += n
+    if batch == 1:
+        moved = min(kinds.get(FALLBACKS, 0), out["gemv"])
+        out["gemv"] -= moved
+        out["gemm"] += moved
+    table = {c: (n, n * costs[c]) for c, n in out.items() if n}
+    table["total"] = (sum(n for n, _ in table.values()), sum(u for _, u in table.values()))
+    return table
+
+
+def load_costs(path: Path) -> dict:
+    """Per-class costs from a `probe_host_cost.py` JSON (rows with a `class` and `us_per_op`)."""
+    import json
+
+    rows = json.loads(Path(path).read_text()).get("rows")
+    if not rows:
+        raise SystemExit(f"{path}: no per-kind rows (run probe_host_cost.py with --kinds or none)")
+    by_class = collections.defaultdict(list)
+    for r in rows:
+        if r.get("class") in COSTS_US:
+            by_class[r["class"]].append(r["us_per_op"])
+    return {c: sum(v) / len(v) for c, v in by_class.items()}  # the mean of the class's kinds
+
+
+def cost_lines(counts: dict, batch: int, costs: dict | None = None) -> list[str]:
+    """The cost table of `counts` ({which: kinds}) as text lines."""
+    tables = {w: host_cost(k, batch, costs) for w, k in counts.items()}
+    c = dict(COSTS_US, **(costs or {}))
+    lines = ["  " + f"{'class (us each)':<18}" + "".join(f"{w:>18}" for w in tables)]
+    for cls in [*COSTS_US, "total"]:
+        label = f"{cls} ({c[cls]:.3g})" if cls in c else "total"
+        cells = []
+        for t in tables.values():
+            n, us = t.get(cls, (0, 0.0))
+            cells.append(f"{n:>6} {us:>8.0f} us")
+        lines.append("  " + f"{label:<18}" + "".join(f"{x:>18}" for x in cells))
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -314,33 +438,45 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--raw", action="store_true", help="on the CPU, count the fallbacks as the CPU runs them"
     )
+    p.add_argument(
+        "--target",
+        default="cuda",
+        choices=["cuda", "metal"],
+        help="the GPU whose fused attention rules the CPU estimate follows",
+    )
+    p.add_argument(
+        "--costs",
+        type=Path,
+        default=None,
+        help="per-class host costs from a probe_host_cost.py JSON (default: COSTS_US)",
+    )
     a = p.parse_args(argv)
     if a.cpu:
         mx.set_default_device(mx.cpu)
     dtype = getattr(mx, a.dtype)
     on_cpu = mx.default_device() == mx.cpu
-    how = "CPU graph" if a.raw and on_cpu else ("GPU estimate" if on_cpu else "device graph")
+    how = "device graph" if not on_cpu else ("CPU graph" if a.raw else f"{a.target} estimate")
+    costs = load_costs(a.costs) if a.costs else None
     result = {}
     for name in a.shapes.split(","):
         shape = SHAPES[name] if a.full_width else narrow(SHAPES[name])
         counts = {}
         for which in a.which.split(","):
             counts[which] = count_all(
-                shape, which, a.batch, a.offset, dtype, a.vocab, on_cpu and not a.raw
+                shape, which, a.batch, a.offset, dtype, a.vocab, on_cpu and not a.raw, a.target
             )
-        result[name] = {w: dict(c) for w, c in counts.items()}
+        result[name] = {
+            w: {"kinds": dict(c), "host_us": host_cost(c, a.batch, costs)}
+            for w, c in counts.items()
+        }
         n_layers = shape["num_hidden_layers"]
         print(f"{name} (layers {n_layers}, batch {a.batch}, {a.dtype}, {how}):", flush=True)
         for which, k in counts.items():
-            print(f"  {which:>9}: {sum(k.values()):5d} primitives")
-        if "compiled" in counts and hasattr(qwen35_mlx.models.layers, "gated_delta_decode"):
-            n_lin = sum(t == "linear_attention" for t in TextConfig(**shape).layer_types)
-            per = linear_decode_ops(shape, a.batch, dtype, on_cpu and not a.raw)
-            fused = sum(counts["compiled"].values()) - n_lin * (per - 1)
-            print(
-                f"  compiled, with a one-launch gated_delta_decode kernel (its {per} primitives "
-                f"now, x {n_lin} linear layers): {fused}"
-            )
+            n = sum(v for kind, v in k.items() if kind != FALLBACKS)
+            print(f"  {which:>9}: {n:5d} primitives")
+        print("  estimated host time a token (primitives x cost per class):")
+        for line in cost_lines(counts, a.batch, costs):
+            print(line)
         if a.by_kind:
             kinds = sorted(
                 set().union(*counts.values()), key=lambda x: -max(c[x] for c in counts.values())

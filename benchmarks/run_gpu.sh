@@ -16,6 +16,15 @@
 #   benchmarks/run_gpu.sh chunk     # prefill T = 512 ... 32768 x Hv = 16 ... 64: ours fused and
 #                                   # chunked kernels, FLA chunk / fused_recurrent, mlx-lm ops
 #                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
+#   benchmarks/run_gpu.sh diet-tests  # the decode kernel's GPU tests (gated norm included), the
+#                                     # compiled step against the plain path (about 4 min)
+#   benchmarks/run_gpu.sh diet-kernel # bench_gated_delta_decode.py --norm: the conv decode kernel
+#                                     # with the gated norm as ops after it and inside it,
+#                                     # 0.8B / 9B layers, B = 1, 32, 64 (about 2 min)
+#   benchmarks/run_gpu.sh diet-bench  # probe_host_cost.py (host cost by kind, the step's build /
+#                                     # async_eval / token split), then bench_decode.py at MLX's
+#                                     # default CUDA graph size and with larger graphs, in two
+#                                     # processes (about 8 min)
 # Logs and JSON/PNG go to $OUT (the device tool brings them back), or benchmarks/out.
 # Merge the two benchmark halves afterwards:
 #   python benchmarks/bench_gated_delta.py --merge <decode>.json <prefill>.json --out benchmarks/results
@@ -23,8 +32,9 @@ set -euo pipefail
 step=${1:-}
 case "$step" in
   tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts) ;;
+  diet-tests | diet-kernel | diet-bench) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts" >&2
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|diet-tests|diet-kernel|diet-bench" >&2
     exit 2
     ;;
 esac
@@ -58,6 +68,21 @@ case "$step" in
     ;;
   chunk-tests)
     "${pytest[@]}" tests/kernels/test_gpu_chunk_kernel.py 2>&1 | tee "$out/gpu_chunk_tests.log"
+    ;;
+  diet-tests)
+    { "${pytest[@]}" tests/kernels/test_gpu_kernels.py -k "decode or norm" || echo "FAILED above";
+      "${pytest[@]}" tests/kernels/test_gpu_precompiled.py tests/test_fast_decode.py \
+        tests/test_decode_diet.py; } 2>&1 | tee "$out/gpu_diet_tests.log"
+    ;;
+  diet-kernel)
+    python3 benchmarks/bench_gated_delta_decode.py --norm --batches 1,32,64 --repeats 3 \
+      --out "$out" 2>&1 | tee "$out/bench_decode_norm.log"
+    ;;
+  diet-bench)
+    OUT="$out" python3 benchmarks/probe_host_cost.py 2>&1 | tee "$out/probe_host_cost.log"
+    python3 benchmarks/bench_decode.py --device-run --budget-s 200 --out "$out" \
+      --env MLX_MAX_OPS_PER_BUFFER=4000,MLX_MAX_MB_PER_BUFFER=1000000 2>&1 |
+      tee "$out/bench_decode_env.log"
     ;;
   chunk-parts)
     python3 benchmarks/bench_chunk_parts.py --out "$out/chunk_parts.json" 2>&1 |

@@ -67,7 +67,7 @@ def _backend():
     )
 
 
-def _run_variant(backend, gate, mask, decode, conv, dt):
+def _run_variant(backend, gate, mask, decode, conv, dt, norm=False):
     """Launch one variant through the launch layer (as the model does) with inputs of dtype dt;
     returns the kernel object."""
     t = 1 if decode else T
@@ -76,12 +76,15 @@ def _run_variant(backend, gate, mask, decode, conv, dt):
     if conv:
         C = 2 * HK * DK + HV * DV
         m = mx.array([True, False]) if mask else None
+        extra = {}
+        if norm:  # the gated norm's z [B, Hv * Dv] and weight [Dv], in the activation dtype
+            extra = dict(z=mx.zeros((B, HV * DV), dt), norm_w=mx.ones((DV,), dt), norm_eps=1e-6)
         launch.run_conv_decode(
             backend.build, mx.zeros((B, C), dt), mx.zeros((B, K - 1, C), dt),
             mx.zeros((C, K), dt), mx.zeros((B, HV), dt), mx.zeros((B, HV), dt),
-            mx.zeros((HV,)), mx.zeros((HV,)), state, m,
+            mx.zeros((HV,)), mx.zeros((HV,)), state, m, **extra,
         )  # fmt: skip
-        return backend.build(gate, mask, True, True)
+        return backend.build(gate, mask, True, True, norm)
     q = mx.zeros((B, t, HK, DK), dt)
     v = mx.zeros((B, t, HV, DV), dt)
     m = mx.ones((B, t), mx.bool_) if mask else None
@@ -99,11 +102,12 @@ def _all_variants():
     out += [("scalar", True, False, False, mx.float32), ("fused", False, True, False, mx.float16)]
     for dt in (mx.float32, mx.bfloat16, mx.float16):
         out += [(*v, dt) for v in source.conv_variants()]
+        out += [(*v[:4], dt, True) for v in source.norm_variants()]
     return out
 
 
 def _variant_id(v):
-    return f"{source.kernel_name(*v[:4])}-{v[4]}".replace("mlx.core.", "")
+    return f"{source.kernel_name(*v[:4], *v[5:])}-{v[4]}".replace("mlx.core.", "")
 
 
 def _capture(monkeypatch, variant):

@@ -8,6 +8,7 @@ activations, and compiled for sm_90. A CUDA-only error (a type, a qualifier, sha
 the CPU emulator cannot see fails here instead of on the GPU machine.
 """
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,13 +27,15 @@ using Shape = cuda::std::array<int, 8>;  // as MLX's device/utils.cuh (MAX_NDIM 
 """
 CTYPES = {"fp32": "float", "bf16": "__nv_bfloat16", "fp16": "__half"}
 # Inputs in the activation dtype; the rest are fp32 (mask: bool).
-ACT = {"q", "k", "v", "a", "b", "qkv", "conv_w"}
+ACT = {"q", "k", "v", "a", "b", "qkv", "conv_w", "z", "norm_w"}
 
 
-def kernel(index: int, gate, mask, decode, conv, act: str, Dk: int, L: int, W: int) -> str:
-    body = cuda.BACKEND.kernel_source(gate, mask, decode, conv)
+def kernel(
+    index: int, gate, mask, decode, conv, act: str, Dk: int, L: int, W: int, norm=False
+) -> str:
+    body = cuda.BACKEND.kernel_source(gate, mask, decode, conv, norm)
     params = []
-    for n in source.input_names(gate, mask, conv):
+    for n in source.input_names(gate, mask, conv, norm):
         t = "bool" if n == "mask" else (CTYPES[act] if n in ACT else "float")
         params.append(f"    const {t}* {n}")
         if f"{n}_shape" in body:
@@ -54,6 +57,10 @@ def translation_unit() -> str:
         for Dk, L, W in ((128, 16, 2), (32, 4, 1), (256, 32, 8)):
             for _, mask, _, _ in source.conv_variants():
                 kernels.append(("fused", mask, True, True, act, Dk, L, W))
+        # The gated-norm variants at their layouts (launch.norm_layout: one head a block).
+        for Dk, L, W in ((128, 4, 16), (32, 4, 2), (64, 4, 8)):
+            for _, mask, _, _, norm in source.norm_variants():
+                kernels.append(("fused", mask, True, True, act, Dk, L, W, norm))
     return PRELUDE + cuda.HEADER + "".join(kernel(i, *k) for i, k in enumerate(kernels))
 
 
@@ -72,6 +79,44 @@ def nvcc_errors(text: str, tmp_path: Path) -> str:
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     err = nvcc_errors(translation_unit(), tmp_path)
     assert not err, err
+
+
+def test_norm_layout_fits_the_register_file(tmp_path):
+    """The gated-norm variant runs a head in one block: at the largest shape its layout takes
+    (Dk = Dv = 128), nvcc's registers a thread (allocated in steps of 8) x the block's threads
+    must fit the 64 K registers a block may use on sm_90, or the launch fails on the GPU."""
+    from qwen35_mlx.kernels.gated_delta.launch import NORM_MAX_DK, NORM_MAX_DV, norm_layout
+
+    L, W = norm_layout(NORM_MAX_DK, NORM_MAX_DV)
+    assert norm_layout(NORM_MAX_DK * 2, NORM_MAX_DV) is None
+    ks = [
+        ("fused", mask, True, True, act, NORM_MAX_DK, L, W, True)
+        for mask in (False, True)
+        for act in CTYPES
+    ]
+    text = PRELUDE + cuda.HEADER + "".join(kernel(i, *k) for i, k in enumerate(ks))
+    path = tmp_path / "norm.cu"
+    path.write_text(text)
+    res = subprocess.run(
+        [NVCC, "-arch=sm_90", "-std=c++17", "-c", str(path), "-o", str(tmp_path / "n.o")]
+        + ["-Xptxas", "-v"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", res.stderr)]
+    assert len(regs) == len(ks)
+    for r in regs:
+        assert -(-r // 8) * 8 * 32 * W <= 65536, (regs, L, W)
+
+
+def test_cuda_norm_source_check_can_fail(tmp_path):
+    """The gated-norm body reading an undeclared name must not compile (the variant is in the
+    translation unit)."""
+    text = translation_unit().replace("ssq += norm_tg[w];", "ssq += norm_missing[w];")
+    assert "norm_missing" in text
+    assert nvcc_errors(text, tmp_path)
 
 
 def test_cuda_source_check_can_fail(tmp_path):

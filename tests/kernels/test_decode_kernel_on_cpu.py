@@ -30,14 +30,19 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
 
 CTYPES = {mx.float32: "float", mx.bfloat16: "bf16"}
 # Inputs in the activation dtype (the others are fp32, the mask bool).
-ACT = ("qkv", "conv_state", "conv_w", "a", "b")
+ACT = ("qkv", "conv_state", "conv_w", "a", "b", "z", "norm_w")
 
-# Compiled instantiations: (mask, Dk, L, activation dtype, K, W).
+# Compiled instantiations: (mask, Dk, L, activation dtype, K, W, gated norm).
 INSTANCES = [
-    (mask, Dk, L, dt, 4, W)
+    (mask, Dk, L, dt, 4, W, False)
     for mask in (False, True)
     for dt in (mx.float32, mx.bfloat16)
     for Dk, L, W in ((128, 16, 2), (32, 8, 2), (128, 8, 4))
+] + [
+    (mask, Dk, L, dt, 4, W, True)
+    for mask in (False, True)
+    for dt in (mx.float32, mx.bfloat16)
+    for Dk, L, W in ((128, 4, 16), (32, 4, 2))  # launch.norm_layout at Dv = 128 and 12
 ]
 
 # (B, Hk, Hv, Dk, Dv, L, W): Dk = Dv = 128 at the default layout and at 8 lanes x 4 warps;
@@ -50,8 +55,8 @@ SHAPES = [
 ]
 
 
-def _runner(i: int, mask: bool, Dk: int, L: int, dtype, K: int, W: int) -> str:
-    names = source.input_names("fused", mask, conv=True)
+def _runner(i: int, mask: bool, Dk: int, L: int, dtype, K: int, W: int, norm: bool) -> str:
+    names = source.input_names("fused", mask, conv=True, norm=norm)
     yt = CTYPES[dtype]
 
     def ctype(n):
@@ -69,7 +74,7 @@ def _runner(i: int, mask: bool, Dk: int, L: int, dtype, K: int, W: int) -> str:
 namespace v{i} {{
 template <int Dk, int L, int P, typename YT, int K, int W>
 void kernel({", ".join(params)}) {{
-{cuda.BACKEND.kernel_source("fused", mask, True, True)}
+{cuda.BACKEND.kernel_source("fused", mask, True, True, norm)}
 }}
 }}  // namespace v{i}
 
@@ -119,20 +124,24 @@ def _from_file(path: Path, shape, bf16: bool) -> np.ndarray:
     return bits.view(np.float32).reshape(shape)
 
 
-def run_emulated(program, tmp_path, x, mask, dims, L, W, dtype):
-    """The conv decode body on the emulator; returns (y, state, conv state) as fp32 arrays."""
+def run_emulated(program, tmp_path, x, mask, dims, L, W, dtype, norm=None):
+    """The conv decode body on the emulator; returns (y, state, conv state) as fp32 arrays.
+    norm: (z, norm_w, eps) for the gated-norm variant (L, W then as launch.norm_layout)."""
     Hk, Dk, Hv, Dv = dims
     B, C = x["qkv"].shape
     K = x["conv_w"].shape[1]
-    inst = INSTANCES.index((mask is not None, Dk, L, dtype, K, W))
+    inst = INSTANCES.index((mask is not None, Dk, L, dtype, K, W, norm is not None))
     inputs = dict(x, state_in=x["state"], mask=mask)
+    if norm is not None:
+        inputs.update(z=norm[0], norm_w=norm[1], norm_eps=mx.array([norm[2]]))
     bf16 = dtype == mx.bfloat16
     paths = [
         _to_file(inputs[n], tmp_path / f"{n}.bin", bf16 and n in ACT)
-        for n in source.input_names("fused", mask is not None, conv=True)
+        for n in source.input_names("fused", mask is not None, conv=True, norm=norm is not None)
     ]
     groups = -(-Dv // (32 // L))  # row groups, rounded up to whole threadgroups as launch.py
     groups = -(-groups // min(W, groups)) * min(W, groups)
+    assert norm is None or groups == W  # the gated norm: one threadgroup a head
     out = [tmp_path / f"{n}.bin" for n in ("y", "s", "cs")]
     subprocess.run(
         [str(program), str(inst), *paths, *map(str, (B, C, Hv, Dv, groups)), *map(str, out)],
@@ -179,3 +188,50 @@ def test_conv_decode_body_on_cpu_matches_numpy_and_ref(shape, masked, dtype, pro
     if masked:
         assert not np.any(y[1::2])
         assert np.array_equal(s[1::2], np.asarray(x["state"])[1::2])
+
+
+# (B, Hk, Hv, Dk, Dv): the gated-norm variant at launch.norm_layout's layout (4 lanes; 16 warps
+# at Dv = 128, 2 at Dv = 12: a partial warp).
+NORM_SHAPES = [(1, 1, 1, 128, 128), (3, 2, 4, 32, 12)]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}".format(*s))
+def test_conv_decode_norm_body_on_cpu_matches_ref(shape, masked, dtype, program, tmp_path):
+    """With the gated norm in the kernel: y against `ref` (the same step, then the layer's gated
+    norm as mx ops) and float64; the states as without the norm."""
+    from qwen35_mlx.kernels.gated_delta.launch import norm_layout
+
+    B, Hk, Hv, Dk, Dv = shape
+    dims = (Hk, Dk, Hv, Dv)
+    L, W = norm_layout(Dk, Dv)
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, dtype=dtype, seed=3 * B + Hv)
+    kz, kw = mx.random.split(mx.random.key(B + 11))
+    z = (2 * mx.random.normal((B, Hv * Dv), key=kz)).astype(dtype)
+    w = (1 + 0.3 * mx.random.normal((Dv,), key=kw)).astype(dtype)
+    eps = 1e-6
+    mask = mx.array([b % 2 == 0 for b in range(B)]) if masked else None
+    y, s, cs = run_emulated(program, tmp_path, x, mask, dims, L, W, dtype, (z, w, eps))
+    assert np.isfinite(y).all() and np.isfinite(s).all() and np.isfinite(cs).all()
+
+    args = [x[n] for n in ("qkv", "conv_state", "conv_w", "a", "b", "A_log", "dt_bias", "state")]
+    kw_ = dict(_kw(dims), mask=mask, backend="ref")
+    y_ref, s_ref, cs_ref = gated_delta_decode(*args, z=z, norm_weight=w, norm_eps=eps, **kw_)
+    y0, _, _ = gated_delta_decode(*args, **kw_)  # without the norm
+    assert not np.allclose(np.asarray(y_ref.astype(mx.float32)), np.asarray(y0.astype(mx.float32)))
+    assert np.array_equal(cs, np.asarray(cs_ref.astype(mx.float32)))
+    tight = RTOL[mx.float32] * (1 if dtype == mx.float32 else 10)
+    assert rel_err(s, np.asarray(s_ref)) < tight
+    assert rel_err(y, np.asarray(y_ref.astype(mx.float32))) < (
+        tight if dtype == mx.float32 else RTOL[dtype] / 4
+    )
+    # float64: the step, then norm(y) * w * silu(z).
+    y_np, _, _ = gated_delta_decode_np(*args, mask, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv)
+    zz = np.asarray(z.astype(mx.float32), np.float64).reshape(B, Hv, Dv)
+    ww = np.asarray(w.astype(mx.float32), np.float64)
+    r = 1 / np.sqrt((y_np**2).mean(-1, keepdims=True) + eps)
+    want = y_np * r * ww * zz / (1 + np.exp(-zz))
+    assert rel_err(y, want) < RTOL[dtype]
+    if masked:
+        assert not np.any(y[1::2])

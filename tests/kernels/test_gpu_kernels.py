@@ -443,6 +443,76 @@ def test_gated_delta_decode_auto_large_batch_takes_conv_ops_and_recurrent_kernel
         )
 
 
+def _norm_inputs(B, Hv, Dv, dtype, seed=0):
+    kz, kw = mx.random.split(mx.random.key(seed + 31))
+    z = (2 * mx.random.normal((B, Hv * Dv), key=kz)).astype(dtype)
+    w = (1 + 0.3 * mx.random.normal((Dv,), key=kw)).astype(dtype)
+    return z, w
+
+
+# The gated-norm variant: Dv = 128 (16 warps of 4 lanes), 64 (8), 20 (a partial warp), and a
+# batch of 32 rows.
+NORM_SHAPES = [
+    (1, 16, 16, 128, 128, 4),
+    (3, 16, 32, 128, 128, 4),
+    (32, 16, 16, 128, 128, 4),
+    (2, 2, 4, 64, 64, 4),
+    (5, 1, 2, 32, 20, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
+def test_gated_delta_decode_norm_kernel_matches_ref(shape, masked, dtype):
+    """The conv decode kernel with the layer's gated norm inside, against ref (the step, then
+    the norm as mx ops, on the CPU stream); the states as without the norm."""
+    B, Hk, Hv, Dk, Dv, K = shape
+    dims = (Hk, Dk, Hv, Dv)
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, dtype=dtype, seed=B + 1)
+    z, w = _norm_inputs(B, Hv, Dv, dtype, seed=B)
+    mask = _decode_mask(B) if masked else None
+    assert _impl().supports_conv(x["qkv"], x["conv_w"], x["state"], w)
+    got = decode_kern(x, mask, dims, z=z, norm_w=w, norm_eps=1e-6)
+    with mx.stream(mx.cpu):
+        want = gated_delta_decode(
+            *[x[n] for n in DECODE_NAMES], mask=mask, z=z, norm_weight=w, norm_eps=1e-6,
+            backend="ref", **_decode_kw(*dims),
+        )  # fmt: skip
+        mx.eval(want)
+    y, s, cs = got
+    assert y.dtype == dtype and y.shape == want[0].shape
+    y32 = np.array(y.astype(mx.float32))
+    assert np.isfinite(y32).all()
+    assert rel_err(y32, np.array(want[0].astype(mx.float32))) <= RTOL[dtype]
+    assert rel_err(np.array(s), np.array(want[1])) <= RTOL[dtype]
+    assert np.array_equal(np.array(cs.astype(mx.float32)), np.array(want[2].astype(mx.float32)))
+    if mask is not None:
+        assert not np.any(y32[~np.array(mask)])
+
+
+def test_gated_delta_decode_norm_auto_takes_the_kernel(monkeypatch):
+    """auto with z runs the norm inside the kernel (no ops norm after it) at the 0.8B layer."""
+    monkeypatch.delenv("QWEN35_MLX_GDN_BACKEND", raising=False)
+    import qwen35_mlx.kernels.gated_delta.decode as decode_mod
+
+    calls = []
+    real = decode_mod.gated_rms_norm
+    monkeypatch.setattr(decode_mod, "gated_rms_norm", lambda *a: calls.append(1) or real(*a))
+    dims = (16, 128, 16, 128)
+    x = make_decode_inputs(1, 16, 16, 128, 128, dtype=mx.bfloat16)
+    z, w = _norm_inputs(1, 16, 128, mx.bfloat16)
+    args = [x[n] for n in DECODE_NAMES]
+    got = gated_delta_decode(*args, z=z, norm_weight=w, **_decode_kw(*dims))
+    mx.eval(got)
+    assert calls == []
+    # A norm weight in another dtype than the activations: the kernel without the norm, then
+    # the ops norm.
+    got = gated_delta_decode(*args, z=z, norm_weight=w.astype(mx.float32), **_decode_kw(*dims))
+    mx.eval(got)
+    assert calls == [1]
+
+
 def test_gated_delta_decode_unsupported_shape_falls_back_to_ref():
     dims = (1, 48, 2, 16)  # Dk = 48: not a multiple of 32
     x = make_decode_inputs(2, 1, 2, 48, 16, seed=4)

@@ -56,18 +56,23 @@ def _recurrence(backend, gate, mask, decode, dt):
     return out, backend.build(gate, mask, decode)
 
 
-def _conv(backend, mask, dt):
+def _conv(backend, mask, dt, norm=False):
     x = make_decode_inputs(B, HK, HV, DK, DV, dtype=dt)
     m = mx.array([True, False]) if mask else None
     args = [x[n] for n in ("qkv", "conv_state", "conv_w", "a", "b", "A_log", "dt_bias", "state")]
-    out = backend.gated_delta_decode_kernel(*args, m, init_value=NAN)
+    kw = {}
+    if norm:  # the gated norm inside the kernel
+        z = mx.random.normal((B, HV * DV), key=mx.random.key(3)).astype(dt)
+        kw = dict(z=z, norm_w=(1 + 0.1 * mx.arange(DV) / DV).astype(dt), norm_eps=1e-6)
+    out = backend.gated_delta_decode_kernel(*args, m, init_value=NAN, **kw)
     mx.eval(out)
-    return out, backend.build("fused", mask, True, True)
+    return out, backend.build("fused", mask, True, True, norm)
 
 
 CASES = [("rec", *v, dt) for v in source.variants() for dt in (mx.float32, mx.bfloat16)]
 CASES += [("conv", "fused", m, True, dt) for m in (False, True) for dt in (mx.float32, mx.bfloat16)]
 CASES += [("conv", "fused", True, True, mx.float16)]
+CASES += [("norm", "fused", m, True, mx.bfloat16) for m in (False, True)]
 
 
 @pytest.mark.parametrize(
@@ -77,8 +82,8 @@ def test_precompiled_cuda_kernels_equal_cuda_kernel(case):
     kind, gate, mask, decode, dt = case
 
     def run(backend):
-        if kind == "conv":
-            return _conv(backend, mask, dt)
+        if kind in ("conv", "norm"):
+            return _conv(backend, mask, dt, kind == "norm")
         return _recurrence(backend, gate, mask, decode, dt)
 
     want, _ = run(_backend("cuda_kernel"))

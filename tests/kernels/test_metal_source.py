@@ -60,6 +60,9 @@ IN_TYPES = {
     "qkv": "bfloat16_t",
     "conv_state": "float",
     "conv_w": "bfloat16_t",
+    "z": "bfloat16_t",
+    "norm_w": "bfloat16_t",
+    "norm_eps": "float",
 }
 # (Dk, L, P, YT) instantiations: smallest and largest Dk, every lane count the host may pick,
 # with and without prefetching.
@@ -85,7 +88,7 @@ def wrap(name: str, input_names: list[str], body: str, header: str, conv: bool =
     """A translation unit shaped like MLX's generated Metal kernel for `body`."""
     params = []
     for i, n in enumerate(input_names):
-        space = "device" if n not in ("A_log", "dt_bias") else "constant"  # size < 8 -> constant
+        space = "device" if n not in ("A_log", "dt_bias", "norm_eps") else "constant"  # size < 8
         params.append(f"  const {space} {IN_TYPES[n]}* {n} /* buffer({i}) */")
         if f"{n}_shape" in body:
             params.append(f"  const constant int* {n}_shape")
@@ -141,14 +144,17 @@ def test_metal_source_compiles(gate, mask, decode, tmp_path):
     assert not err, err
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["", "norm"])
 @pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
-def test_metal_conv_decode_source_compiles(mask, tmp_path):
-    """The conv decode variant (threadgroup memory, barrier, three outputs)."""
-    body = metal.BACKEND.kernel_source("fused", mask, True, True)
+def test_metal_conv_decode_source_compiles(mask, norm, tmp_path):
+    """The conv decode variant (threadgroup memory, barrier, three outputs), with and without
+    the gated norm (a second threadgroup array and barrier)."""
+    body = metal.BACKEND.kernel_source("fused", mask, True, True, norm)
     for attr in ("thread_position_in_grid", "threadgroup_position_in_grid"):
         assert attr in body
-    name = source.kernel_name("fused", mask, True, True)
-    tu = wrap(name, source.input_names("fused", mask, conv=True), body, metal.HEADER, conv=True)
+    name = source.kernel_name("fused", mask, True, True, norm)
+    names = source.input_names("fused", mask, conv=True, norm=norm)
+    tu = wrap(name, names, body, metal.HEADER, conv=True)
     err = compile_errors(tu, tmp_path)
     assert not err, err
 
@@ -205,6 +211,14 @@ def test_conv_switch_selects_the_conv_variant(mask, tmp_path):
     assert code.count("gd_threadgroup_barrier()") == 1
     assert "conv_state_out[" in code and "constexpr int T = 1;" in code
     assert "GD_" not in code and "gd_conv_silu" not in code
+    assert "norm_tg" not in code and not re.search(r"\bz\[", code)
+    # The gated norm: reads z, norm_w and norm_eps, a second barrier for the head's sum.
+    normed = preprocessed(source.kernel_body("fused", mask, True, True, True), tmp_path)
+    for name in ("z", "norm_w", "norm_eps", "norm_tg"):
+        assert re.search(rf"\b{name}\[", normed), name
+    assert normed.count("gd_threadgroup_barrier()") == 2
+    with pytest.raises(ValueError, match="gated norm"):
+        source.kernel_body("fused", mask, True, False, True)
     with pytest.raises(ValueError, match="conv variant"):
         source.kernel_body("scalar", mask, True, True)
     with pytest.raises(ValueError, match="conv variant"):

@@ -28,6 +28,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
+from ..kernels.gated_delta.decode import gated_rms_norm
 from .attention import attention
 from .config import TextConfig
 
@@ -177,6 +178,56 @@ def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.ar
     return mx.split(y, np.cumsum(made.sizes[:-1]).tolist(), axis=-1)
 
 
+# Residual adds folded into the projection before them: `x + out_proj(y)` as one
+# `mx.addmm(x, y, W.T)` (one primitive instead of a matmul and an add), in the plain path and
+# the compiled step alike, so the two stay equal. The sum then rounds once, where matmul + add
+# round the product first. Where it pays (MLX 0.32): on MLX's CUDA backend an AddMM never takes
+# the gemv kernel that a one-row matmul with a transposed weight gets (it runs cuBLAS with a bias
+# epilogue: about 10 us of host time against 2.6 for gemv + add), so one-row calls there keep
+# the matmul and the add; from two rows both forms are cuBLAS and the fold saves the add. On the
+# CPU the step is bound by the matmuls, not by primitives (benchmarks/NOTES.md), so it is left
+# as it was. FOLD_RESIDUAL: "auto" (that rule), True or False (always / never: tests); the
+# compiled step reads it when it is traced.
+FOLD_RESIDUAL: str | bool = "auto"
+
+
+def _fold(y: mx.array, w: mx.array, residual: mx.array) -> bool:
+    if not residual.dtype == y.dtype == w.dtype or not mx.issubdtype(y.dtype, mx.floating):
+        return False
+    if FOLD_RESIDUAL != "auto":
+        return bool(FOLD_RESIDUAL)
+    return _fold_auto(y.size // y.shape[-1])
+
+
+def _fold_auto(rows: int) -> bool:
+    """FOLD_RESIDUAL "auto" for a matmul of `rows` rows on the default device."""
+    if mx.default_device() == mx.cpu:
+        return False
+    return rows > 1 or not mx.cuda.is_available()
+
+
+def linear_add(layer: nn.Module, y: mx.array, residual: mx.array | None) -> mx.array:
+    """residual + layer(y) (just layer(y) without a residual), as one AddMM where `_fold`
+    allows and `layer` is a plain bias-free nn.Linear; otherwise the layer's call and an add."""
+    if residual is None:
+        return layer(y)
+    if type(layer) is nn.Linear and "bias" not in layer and _fold(y, layer.weight, residual):
+        return mx.addmm(residual, y, layer.weight.T)
+    return residual + layer(y)
+
+
+def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | None):
+    """`linear_add` for the compiled step: owner's layer `name` through `project`, with its
+    decode weight (the transposed view `prepare_projections` made) when the fold applies."""
+    made = getattr(owner, _key((name,)) + "_made", None)
+    if residual is not None and made is not None and made.quant is None:
+        w = owner[_key((name,))]
+        if _fold(y, w, residual):
+            return mx.addmm(residual, y, w)
+    out = project(owner, (name,), y)[0]
+    return out if residual is None else residual + out
+
+
 class RMSNormGated(nn.Module):
     """weight * rmsnorm(x) * silu(gate), the gate in fp32 (linear_attn.norm)."""
 
@@ -194,10 +245,9 @@ class RMSNormGated(nn.Module):
 # generation on an H100 slower than mlx-lm's despite the faster recurrence (benchmarks/NOTES.md).
 
 
-@partial(mx.compile, shapeless=True)
-def _gated_rms_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
-    y = mx.fast.rms_norm(x, weight, eps).astype(mx.float32)
-    return (y * nn.silu(gate.astype(mx.float32))).astype(x.dtype)
+# The same function as the decode step's own (`gated_delta_decode(..., z=...)`, which runs it in
+# its kernel on a GPU): prefill and decode share its arithmetic.
+_gated_rms_norm = gated_rms_norm
 
 
 def _l2norm(x: mx.array) -> mx.array:
@@ -262,7 +312,10 @@ class GatedDeltaNet(nn.Module):
         self.norm = RMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
 
-    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: mx.array | None = None, cache: Any = None, residual=None
+    ) -> mx.array:
+        """x [B, T, H] -> out_proj's output, plus `residual` when given (`linear_add`)."""
         B, T, _ = x.shape
         Hk, Hv, Dk, Dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         n_keep = self.conv_kernel_size - 1
@@ -280,7 +333,8 @@ class GatedDeltaNet(nn.Module):
         lengths = getattr(cache, "lengths", None) if cache is not None else None
         if T == 1 and lengths is None:
             # One token a row: the compiled decode step's own call (one kernel launch on a
-            # GPU), so the plain path and the compiled step compute the same thing.
+            # GPU, the gated norm included), so the plain path and the compiled step compute
+            # the same thing.
             y, state, conv_state = gated_delta_decode(
                 qkv[:, 0],
                 conv_state,
@@ -295,8 +349,11 @@ class GatedDeltaNet(nn.Module):
                 num_v_heads=Hv,
                 head_v_dim=Dv,
                 mask=None if mask is None else mask[:, 0],
+                z=z.reshape(B, -1),
+                norm_weight=self.norm.weight,
+                norm_eps=self.norm.eps,
             )
-            return self._finish(y[:, None], z, state, conv_state, cache)
+            return self._finish(y[:, None], None, state, conv_state, cache, residual)
         if conv_state is None:
             conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
         conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv], axis=1)  # [B, K-1+T, C]
@@ -315,11 +372,11 @@ class GatedDeltaNet(nn.Module):
         if hasattr(cache, "record_inputs"):
             # A LinearCache keeps a short call's inputs to roll back into it (cache.py).
             cache.record_inputs(T, (conv_in, q, k, v, a, b, self.A_log, self.dt_bias, mask))
-        return self._finish(y, z, state, None, cache)
+        return self._finish(y, z, state, None, cache, residual)
 
-    def _finish(self, y, z, state, conv_state, cache) -> mx.array:
-        """Store the new states (conv_state None: already stored), then the gated norm and
-        out_proj. y, z [B, T, Hv, Dv]."""
+    def _finish(self, y, z, state, conv_state, cache, residual=None) -> mx.array:
+        """Store the new states (conv_state None: already stored), then the gated norm (z None:
+        y is normed already) and out_proj. y, z [B, T, Hv, Dv]."""
         B, T = y.shape[:2]
         if cache is not None:
             cache[1] = state
@@ -327,10 +384,11 @@ class GatedDeltaNet(nn.Module):
                 cache[0] = conv_state
             if hasattr(cache, "advance"):
                 cache.advance(T)
-        y = self.norm(y, z)  # [B, T, Hv, Dv]
-        return self.out_proj(y.reshape(B, T, self.value_dim))
+        if z is not None:
+            y = self.norm(y, z)  # [B, T, Hv, Dv]
+        return linear_add(self.out_proj, y.reshape(B, T, self.value_dim), residual)
 
-    def step(self, x: mx.array, mask: mx.array | None, cache: list) -> mx.array:
+    def step(self, x: mx.array, mask: mx.array | None, cache: list, residual=None) -> mx.array:
         """One token a row at decode (the compiled step): x [B, H] -> [B, H]; cache is
         [conv state, recurrent state], replaced by the new ones. Same arithmetic as `__call__`
         at T = 1, without its [B, 1, ...] reshapes."""
@@ -352,9 +410,11 @@ class GatedDeltaNet(nn.Module):
             num_v_heads=self.num_v_heads,
             head_v_dim=self.head_v_dim,
             mask=mask,
+            z=z,  # [B, Hv * Dv]: the gated norm, in the same call
+            norm_weight=self.norm.weight,
+            norm_eps=self.norm.eps,
         )
-        y = self.norm(y, z.reshape(y.shape))  # [B, Hv, Dv]
-        return project(self, ("out_proj",), y.reshape(B, self.value_dim))[0]
+        return project_add(self, "out_proj", y.reshape(B, self.value_dim), residual)
 
     def steps(self, x: mx.array, T: int, mask: mx.array | None, cache: list) -> tuple:
         """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t: row b's
@@ -487,9 +547,11 @@ class Attention(nn.Module):
         mask: mx.array | str | None = None,
         cache: Any = None,
         rope: tuple[mx.array, mx.array] | None = None,
+        residual: mx.array | None = None,
     ) -> mx.array:
         """rope: M-RoPE (cos, sin) from `Rotary.cos_sin`, the same for every layer, so the
-        backbone computes it once per call; None uses plain positions from the cache offset."""
+        backbone computes it once per call; None uses plain positions from the cache offset.
+        residual: added to o_proj's output (`linear_add`)."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x)
@@ -511,7 +573,7 @@ class Attention(nn.Module):
         o = o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * D)
         if gate is not None:
             o = _sigmoid_gate(o, gate)
-        return self.o_proj(o)
+        return linear_add(self.o_proj, o, residual)
 
     def step(
         self,
@@ -519,6 +581,7 @@ class Attention(nn.Module):
         mask: mx.array,
         cache: Any,
         rope: tuple[mx.array, mx.array] | None = None,
+        residual: mx.array | None = None,
     ) -> mx.array:
         """One token a row at decode (the compiled step): x [B, H] -> [B, H]; cache a
         `cache.StaticKV`, mask [1 or B, 1, 1, capacity] bool. Same arithmetic as `__call__` at
@@ -534,7 +597,7 @@ class Attention(nn.Module):
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         if gate is not None:
             o = _sigmoid_gate(o, gate)
-        return project(self, ("o_proj",), o.reshape(B, self.num_heads * D))[0]
+        return project_add(self, "o_proj", o.reshape(B, self.num_heads * D), residual)
 
     def steps(
         self,
@@ -582,13 +645,14 @@ class MLP(nn.Module):
 
     DECODE_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """down_proj's output, plus `residual` when given (`linear_add`)."""
+        return linear_add(self.down_proj, _swiglu(self.gate_proj(x), self.up_proj(x)), residual)
 
-    def step(self, x: mx.array) -> mx.array:
+    def step(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """`__call__` through `project` (the compiled decode step)."""
         gate, up = project(self, self.DECODE_GROUPS[0], x)
-        return project(self, ("down_proj",), _swiglu(gate, up))[0]
+        return project_add(self, "down_proj", _swiglu(gate, up), residual)
 
 
 @partial(mx.compile, shapeless=True)
@@ -670,16 +734,20 @@ class SparseMoeBlock(nn.Module):
         # The router and the shared expert's gate read the same input.
         return (("gate", "shared_expert_gate"),) if "shared_expert" in self else (("gate",),)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """The block's output, plus `residual` when given (an add: no single projection)."""
         gates = [self.gate(x)]
         if "shared_expert" in self:
-            return self._mix(x, gates + [self.shared_expert_gate(x)], self.shared_expert)
-        return self._mix(x, gates, None)
+            y = self._mix(x, gates + [self.shared_expert_gate(x)], self.shared_expert)
+        else:
+            y = self._mix(x, gates, None)
+        return y if residual is None else residual + y
 
-    def step(self, x: mx.array) -> mx.array:
+    def step(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """`__call__` through `project` (the compiled decode step)."""
         shared = self.shared_expert.step if "shared_expert" in self else None
-        return self._mix(x, project(self, self.DECODE_GROUPS[0], x), shared)
+        y = self._mix(x, project(self, self.DECODE_GROUPS[0], x), shared)
+        return y if residual is None else residual + y
 
     def _mix(self, x: mx.array, gates: list, shared) -> mx.array:
         inds, weights = route(gates[0], self.top_k, self.norm_topk_prob)
@@ -740,10 +808,14 @@ class DecoderLayer(nn.Module):
         return x + self.mlp.step(self.post_attention_layernorm(x)), states
 
     def _block(self, mix, x, mask, cache, rope, mlp=None):
+        # Each residual add is folded into the projection before it where that pays
+        # (`linear_add`), in the plain path and the compiled step alike.
         h = self.input_layernorm(x)
-        h = mix(h, mask, cache) if self.is_linear else mix(h, mask, cache, rope)
-        x = x + h
-        return x + (mlp or self.mlp)(self.post_attention_layernorm(x))
+        if self.is_linear:
+            x = mix(h, mask, cache, residual=x)
+        else:
+            x = mix(h, mask, cache, rope, residual=x)
+        return (mlp or self.mlp)(self.post_attention_layernorm(x), residual=x)
 
     def decode_groups(self):
         """(owner, names) of each group of this layer's projections that `step` applies

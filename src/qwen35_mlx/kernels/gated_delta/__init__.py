@@ -235,6 +235,19 @@ def gated_delta_update(
 DECODE_BACKENDS = ("auto", "ref", "metal", "cuda")
 
 
+def _validate_norm(z, norm_weight, B: int, dims) -> None:
+    _, _, Hv, Dv = dims
+    if norm_weight is None:
+        raise ValueError("gated_delta_decode: z (the gated norm's gate) needs norm_weight")
+    if z.shape not in ((B, Hv, Dv), (B, Hv * Dv)):
+        raise _shape_error("z", z.shape, f"[B, Hv, Dv] = [{B}, {Hv}, {Dv}] or [B, Hv * Dv]")
+    if norm_weight.shape != (Dv,):
+        raise _shape_error("norm_weight", norm_weight.shape, f"[Dv] = [{Dv}]")
+    for name, x in (("z", z), ("norm_weight", norm_weight)):
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise ValueError(f"gated_delta_decode: {name} must be a floating dtype, got {x.dtype}")
+
+
 def _validate_decode(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims) -> None:
     Hk, Dk, Hv, Dv = dims
     for name, n in (("num_k_heads", Hk), ("head_k_dim", Dk), ("num_v_heads", Hv)):
@@ -288,6 +301,9 @@ def gated_delta_decode(
     num_v_heads: int,
     head_v_dim: int,
     mask: mx.array | None = None,
+    z: mx.array | None = None,
+    norm_weight: mx.array | None = None,
+    norm_eps: float = 1e-6,
     backend: str = "auto",
 ) -> tuple[mx.array, mx.array, mx.array]:
     """One decode step (T = 1) of the linear-attention layer from its raw in-projections.
@@ -311,6 +327,11 @@ def gated_delta_decode(
     Returns (y [B, Hv, Dv] in qkv's dtype, state [B, Hv, Dv, Dk] fp32, new conv state
     [B, K-1, C] in qkv's dtype = the last K-1 rows of [conv_state | qkv]).
 
+    z [B, Hv, Dv] or [B, Hv * Dv] (in_proj_z's output) with norm_weight [Dv] and norm_eps: y
+    then passes the layer's gated norm, norm_weight * rmsnorm(y) * silu(z) (decode.py
+    `gated_rms_norm`); in the same launch on a GPU where the kernel takes it (norm_weight in
+    qkv's dtype, Dk, Dv <= 128: `launch.norm_layout`), else as ops after it.
+
     backend: "ref" (mx ops, decode.py), "metal" / "cuda" (one fused kernel), or "auto" (the
     GPU kernel where it supports the shape, else ref). The env override QWEN35_MLX_GDN_BACKEND
     applies as for gated_delta; "chunked" (a prefill backend) means ref here.
@@ -322,12 +343,18 @@ def gated_delta_decode(
         if state is None:
             state = mx.zeros((qkv.shape[0], num_v_heads, head_v_dim, head_k_dim), mx.float32)
     _validate_decode(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)
+    norm = None
+    if z is not None:
+        _validate_norm(z, norm_weight, qkv.shape[0], dims)
+        norm = (z, norm_weight, norm_eps)
+    from .decode import apply_norm, gated_delta_decode_ref
+
+    args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask)
     name = _resolve_backend(backend)
     if name == "auto" and mx.default_device() != mx.cpu:
         if qkv.shape[0] > _CONV_KERNEL_MAX_B:
-            return _conv_ops_then_kernel(
-                qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims
-            )
+            y, state, conv_state = _conv_ops_then_kernel(*args, dims)
+            return apply_norm(y, norm), state, conv_state
         name = next(
             (n for n in ("metal", "cuda") if _gpu_backend(n).supports_conv(qkv, conv_w, state)),
             "ref",
@@ -335,15 +362,24 @@ def gated_delta_decode(
     if name in ("metal", "cuda"):
         impl = _gpu_backend(name)
         if impl.supports_conv(qkv, conv_w, state):
-            return impl.gated_delta_decode_kernel(
-                qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask
-            )
-    from .decode import gated_delta_decode_ref
+            if (
+                norm is not None
+                and NORM_IN_KERNEL
+                and impl.supports_conv(qkv, conv_w, state, norm_weight)
+            ):
+                return impl.gated_delta_decode_kernel(
+                    *args, z=z, norm_w=norm_weight, norm_eps=norm_eps
+                )
+            y, state, conv_state = impl.gated_delta_decode_kernel(*args)
+            return apply_norm(y, norm), state, conv_state
+    return gated_delta_decode_ref(*args, dims=dims, norm=norm)
 
-    return gated_delta_decode_ref(
-        qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims=dims
-    )
 
+# False: `gated_delta_decode(..., z=...)` runs the conv decode kernel without the gated norm and
+# the norm as mx ops after it (two more primitives a layer), e.g. to measure the in-kernel norm's
+# layout (one threadgroup a head, `launch.norm_layout`) against the default one. Read at each
+# call (the compiled decode step: when it is traced).
+NORM_IN_KERNEL = True
 
 # Above this batch the one-launch conv kernel loses to the conv in ops + the recurrent kernel on
 # an H200 (per step, bench_gated_delta_decode.py, 2026-12-01: 3.2x / 2.5x faster at B=1 for the

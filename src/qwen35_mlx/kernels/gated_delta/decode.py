@@ -8,7 +8,8 @@ For T = 1 and batch row b, with x = [conv_state | qkv] [K, C] (tap K-1 meets the
 Shapes: qkv [B, C], C = 2 Hk Dk + Hv Dv, channels [q | k | v]; conv_state [B, K-1, C]; conv_w
 [C, K]; a, b [B, Hv]; A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B] bool or None.
 Returns y [B, Hv, Dv] (qkv's dtype), state [B, Hv, Dv, Dk] fp32 and the new conv state
-[B, K-1, C] (qkv's dtype, the last K-1 rows of [conv_state | qkv]).
+[B, K-1, C] (qkv's dtype, the last K-1 rows of [conv_state | qkv]). With `norm` = (z, weight,
+eps), y then passes the layer's gated RMSNorm (`gated_rms_norm`).
 
 Precision, as the layer's ops path (`models/layers.py` `_conv_qkv` then `gated_delta_update`):
 conv_state and conv_w are cast to qkv's dtype, and the conv's products and sums, the silu and q's
@@ -17,6 +18,8 @@ gates and recurrence in fp32.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import mlx.core as mx
 
@@ -29,6 +32,24 @@ L2_EPS = 1e-6
 def _l2norm(x: mx.array) -> mx.array:
     x32 = x.astype(mx.float32)
     return (x32 * mx.rsqrt((x32 * x32).sum(-1, keepdims=True) + L2_EPS)).astype(x.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def gated_rms_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """The linear-attention layer's gated norm: weight * rmsnorm(x) * silu(gate), the product
+    in fp32, rounded to x's dtype (x, gate [..., Dv]; weight [Dv])."""
+    y = mx.fast.rms_norm(x, weight, eps).astype(mx.float32)
+    g = gate.astype(mx.float32)
+    return (y * (g * mx.sigmoid(g))).astype(x.dtype)
+
+
+def apply_norm(y: mx.array, norm) -> mx.array:
+    """y [B, Hv, Dv] through `gated_rms_norm` when norm = (z [B, Hv, Dv] or [B, Hv * Dv],
+    weight, eps) is given."""
+    if norm is None:
+        return y
+    z, weight, eps = norm
+    return gated_rms_norm(y, z.reshape(y.shape), weight, eps)
 
 
 def conv_qkv_step(qkv, conv_state, conv_w, Hk: int, Dk: int, Hv: int, Dv: int):
@@ -68,9 +89,13 @@ _decode_masked_compiled = mx.compile(_decode)
 
 
 def gated_delta_decode_ref(
-    qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, *, dims
+    qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, *, dims, norm=None
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """The decode step in mx ops; dims = (Hk, Dk, Hv, Dv). Inputs validated by the caller."""
+    """The decode step in mx ops; dims = (Hk, Dk, Hv, Dv); norm (z, weight, eps) or None.
+    Inputs validated by the caller."""
     if mask is None:
-        return _decode_compiled(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, dims)
-    return _decode_masked_compiled(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)
+        y, s, c = _decode_compiled(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, dims)
+    else:
+        args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)
+        y, s, c = _decode_masked_compiled(*args)
+    return apply_norm(y, norm), s, c

@@ -5,7 +5,7 @@ the bodies in `source.py` assume, and `GpuBackend`, one build of those bodies fo
 Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk]; beta, a, b
 [B, T, Hv]; A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B, T] bool.
 Conv decode (`run_conv_decode`): qkv [B, C], conv_state [B, K-1, C], conv_w [C, K], a, b [B, Hv],
-mask [B]; y [B, Hv, Dv].
+mask [B]; y [B, Hv, Dv]; with the gated norm also z [B, Hv, Dv] (or [B, Hv * Dv]), norm_w [Dv].
 """
 
 from __future__ import annotations
@@ -80,6 +80,24 @@ def conv_shape_supported(qkv, conv_w, state) -> bool:
     return mx.issubdtype(qkv.dtype, mx.floating)
 
 
+# The gated-norm variant's layout: 4 lanes a value row, so a head of Dv <= 128 rows fits one
+# threadgroup of at most 16 warps. Registers bound it: a head's state, and each row's copy of q
+# and k, live in registers (3 Dk Dv floats a threadgroup plus overhead): at Dk = Dv = 128, nvcc
+# for sm_90 gives 122-124 registers a thread, 128 x 512 threads = the 64 K a block may use
+# (8 lanes x 32 warps took 64-72 a thread: over the limit; tests/kernels/test_cuda_source.py
+# checks this bound).
+NORM_LANES = 4
+NORM_MAX_DK = NORM_MAX_DV = 128
+
+
+def norm_layout(Dk: int, Dv: int) -> tuple[int, int] | None:
+    """(lanes per value row, warps) that put a head's Dv rows in one threadgroup (the gated
+    norm's sum over them); None beyond Dk or Dv = 128 (too many registers for one block)."""
+    if Dk > NORM_MAX_DK or Dv > NORM_MAX_DV or Dk % (4 * NORM_LANES):
+        return None
+    return NORM_LANES, -(-Dv // (32 // NORM_LANES))
+
+
 def run_conv_decode(
     build,
     qkv,
@@ -92,19 +110,30 @@ def run_conv_decode(
     state,
     mask=None,
     *,
+    z=None,
+    norm_w=None,
+    norm_eps=None,
     lanes=None,
     warps=None,
     init_value=None,
 ):
     """The conv decode kernel (shapes validated by the caller); returns (y [B, Hv, Dv] in
-    qkv's dtype, state [B, Hv, Dv, Dk] fp32, conv state [B, K-1, C] in qkv's dtype)."""
+    qkv's dtype, state [B, Hv, Dv, Dk] fp32, conv state [B, K-1, C] in qkv's dtype). With z
+    (and norm_w, norm_eps: a float or a [1] fp32 array), y has passed the gated norm; the
+    layout is then `norm_layout`'s (lanes, warps: ignored)."""
     B, Hv, Dv, Dk = state.shape
     C, K = conv_w.shape
+    norm = z is not None
+    if norm:
+        lanes, warps = norm_layout(Dk, Dv)
     L, W, _, groups = _geometry(B, 1, Hv, Dk, Dv, lanes, warps, 0)
     inputs = [qkv, conv_state, conv_w, a, b, A_log, dt_bias, state.astype(mx.float32)]
+    if norm:
+        eps = norm_eps if isinstance(norm_eps, mx.array) else mx.array([norm_eps], mx.float32)
+        inputs += [z, norm_w, eps.reshape(1).astype(mx.float32)]
     if mask is not None:
         inputs.append(mask.astype(mx.bool_))
-    kernel = build("fused", mask is not None, True, True)
+    kernel = build("fused", mask is not None, True, True, norm)
     return kernel(
         inputs=inputs,
         template=[("Dk", Dk), ("L", L), ("P", 0), ("YT", qkv.dtype), ("K", K), ("W", W)],
@@ -146,26 +175,30 @@ class GpuBackend:
         self.prologue = prologue
         self._factory = factory
         self._available = available
-        self._kernels: dict[tuple[str, bool, bool, bool], object] = {}
+        self._kernels: dict[tuple[str, bool, bool, bool, bool], object] = {}
 
     def is_available(self) -> bool:
         return self._available()
 
-    def kernel_source(self, gate: str, mask: bool, decode: bool = False, conv=False) -> str:
+    def kernel_source(
+        self, gate: str, mask: bool, decode: bool = False, conv=False, norm=False
+    ) -> str:
         """The full `source=` for one variant: prologue + body."""
-        return self.prologue + kernel_body(gate, mask, decode, conv)
+        return self.prologue + kernel_body(gate, mask, decode, conv, norm)
 
-    def build(self, gate: str, mask: bool, decode: bool = False, conv: bool = False):
+    def build(
+        self, gate: str, mask: bool, decode: bool = False, conv: bool = False, norm: bool = False
+    ):
         """The MLX kernel object of one variant (built once), or None without the backend."""
         if not self.is_available():
             return None
-        key = (gate, mask, decode, conv)
+        key = (gate, mask, decode, conv, norm)
         if key not in self._kernels:
             self._kernels[key] = self.make_kernel(
-                kernel_name(gate, mask, decode, conv),
-                input_names(gate, mask, conv),
+                kernel_name(gate, mask, decode, conv, norm),
+                input_names(gate, mask, conv, norm),
                 output_names(conv),
-                self.kernel_source(gate, mask, decode, conv),
+                self.kernel_source(gate, mask, decode, conv, norm),
             )
         return self._kernels[key]
 
@@ -188,14 +221,21 @@ class GpuBackend:
         """Fused gating + recurrence; returns (y, state [B, Hv, Dv, Dk] fp32)."""
         return run_fused(self.build, q, k, v, a, b, A_log, dt_bias, state, mask, **kw)
 
-    def supports_conv(self, qkv, conv_w, state) -> bool:
-        return self.is_available() and conv_shape_supported(qkv, conv_w, state)
+    def supports_conv(self, qkv, conv_w, state, norm_w=None) -> bool:
+        """The conv decode kernel takes these shapes (with norm_w: the gated-norm variant,
+        which needs `norm_layout` and norm_w in qkv's dtype)."""
+        if not (self.is_available() and conv_shape_supported(qkv, conv_w, state)):
+            return False
+        if norm_w is None:
+            return True
+        return norm_w.dtype == qkv.dtype and norm_layout(state.shape[3], state.shape[2]) is not None
 
     def gated_delta_decode_kernel(
         self, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=None, **kw
     ):
-        """Conv + silu + norms + gating + recurrence for T = 1 in one launch; returns
-        (y [B, Hv, Dv], state [B, Hv, Dv, Dk] fp32, conv state [B, K-1, C])."""
+        """Conv + silu + norms + gating + recurrence for T = 1 in one launch (with z, norm_w,
+        norm_eps: and the gated norm); returns (y [B, Hv, Dv], state [B, Hv, Dv, Dk] fp32,
+        conv state [B, K-1, C])."""
         return run_conv_decode(
             self.build, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, **kw
         )

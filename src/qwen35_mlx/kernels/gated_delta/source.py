@@ -31,6 +31,8 @@ compile-time switches in front of it (preprocessor `#define`s, `#undef`ed at the
                raw in-projection: q, k and v come from `qkv` [B, C] through the causal depthwise
                conv over [conv_state | qkv], silu, the l2 norms and q's scale, all in the kernel
                (see "Conv decode" below), and the shifted conv state is a third output
+    GD_NORM    1 (with GD_CONV only): y leaves through the layer's gated RMSNorm (see "Gated
+               norm" below); inputs z, norm_w, norm_eps
 The bodies are plain C++ over these helpers, which `metal.py` / `cuda.py` define:
     gd_lane        lane in the SIMD-group / warp (0..31)     (source prologue)
     gd_row_group   warp index along the value rows           (source prologue)
@@ -60,6 +62,17 @@ the first threadgroup of value head hk * (Hv / Hk), a v channel by lane 0 of its
 Extra helpers: gd_threadgroup (the threadgroup-memory qualifier), gd_threadgroup_barrier(),
 gd_rsqrt(x).
 
+Gated norm (GD_NORM): z [B, Hv, Dv] in YT (the in_proj_z output), norm_w [Dv] in YT, norm_eps
+[1] fp32. y = YT(YT(YT(y0 r) w) silu(z)), y0 the row's YT-rounded output and r = rsqrt(sum of
+y0^2 over the head's Dv rows / Dv + eps): what the ops path does (mx.fast.rms_norm as MLX's CPU
+fallback rounds it: the normalised value to YT, then times w in YT; silu in fp32 on the fp32
+cast; one rounding to YT at the end). The sum needs every row of a head in one threadgroup: the
+launch gives a head ceil(Dv / R) warps (`launch.norm_layout`: 4 lanes a row, Dk, Dv <= 128,
+at most 16 warps: the registers of a head's state and of each row's q and k bound it), each
+warp reduces its rows with shuffles, and the warps' partial sums meet in threadgroup memory
+behind one barrier, added in warp order (the same order in every thread, so every row sees the
+same sum).
+
 References: mlx-lm `models/gated_delta.py` (the one-warp-per-row Metal kernel);
 flash-linear-attention `fla/ops/gated_delta_rule/fused_recurrent.py`.
 """
@@ -69,29 +82,35 @@ from __future__ import annotations
 GATES = ("scalar", "per_key", "fused")
 OUTPUT_NAMES = ["y", "state_out"]
 CONV_OUTPUT_NAMES = ["y", "state_out", "conv_state_out"]
+NORM_INPUT_NAMES = ["z", "norm_w", "norm_eps"]
 
 
-def _check_conv(gate: str, decode: bool, conv: bool) -> None:
+def _check_conv(gate: str, decode: bool, conv: bool, norm: bool = False) -> None:
     if conv and (gate != "fused" or not decode):
         raise ValueError(f"the conv variant is decode with fused gates, got {gate=}, {decode=}")
+    if norm and not conv:
+        raise ValueError("the gated norm is part of the conv decode variant only")
 
 
-def kernel_name(gate: str, mask: bool, decode: bool = False, conv: bool = False) -> str:
+def kernel_name(
+    gate: str, mask: bool, decode: bool = False, conv: bool = False, norm: bool = False
+) -> str:
     """Kernel `name=` with its structural variant, e.g. `gated_delta_step_fused_mask`; the
-    conv variant is `gated_delta_decode_conv(_mask)`."""
-    _check_conv(gate, decode, conv)
+    conv variant is `gated_delta_decode_conv(_norm)(_mask)`."""
+    _check_conv(gate, decode, conv, norm)
     if conv:
-        return "gated_delta_decode_conv" + ("_mask" if mask else "")
+        return "gated_delta_decode_conv" + ("_norm" if norm else "") + ("_mask" if mask else "")
     kind = "gated_delta_decode" if decode else "gated_delta_step"
     return kind + ("" if gate == "scalar" else f"_{gate}") + ("_mask" if mask else "")
 
 
-def input_names(gate: str, mask: bool, conv: bool = False) -> list[str]:
+def input_names(gate: str, mask: bool, conv: bool = False, norm: bool = False) -> list[str]:
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     gates = ["a", "b", "A_log", "dt_bias"] if gate == "fused" else ["g", "beta"]
     qkv = ["qkv", "conv_state", "conv_w"] if conv else ["q", "k", "v"]
-    return [*qkv, *gates, "state_in"] + (["mask"] if mask else [])
+    extra = NORM_INPUT_NAMES if norm else []
+    return [*qkv, *gates, "state_in", *extra] + (["mask"] if mask else [])
 
 
 def output_names(conv: bool = False) -> list[str]:
@@ -106,6 +125,11 @@ def variants() -> list[tuple[str, bool, bool]]:
 def conv_variants() -> list[tuple[str, bool, bool, bool]]:
     """The conv decode variants as (gate, mask, decode, conv) arguments."""
     return [("fused", mask, True, True) for mask in (False, True)]
+
+
+def norm_variants() -> list[tuple[str, bool, bool, bool, bool]]:
+    """The conv decode variants with the gated norm, as (gate, mask, decode, conv, norm)."""
+    return [("fused", mask, True, True, True) for mask in (False, True)]
 
 
 # Reads step t_ld's k, q, v (and per-key decay) into the *_nx registers. Used twice in BODY:
@@ -204,6 +228,33 @@ _CONV_LOAD = """
     }
   }"""
 
+# GD_NORM (with GD_CONV): the layer's gated RMSNorm on this row's y, `out` replaced by
+# YT(YT(YT(y r) w) silu(z)) with y = YT(out) and r = rsqrt(mean over the head's Dv rows of y^2 +
+# eps) (see "Gated norm" in the docstring). Every thread of the threadgroup reaches the barrier.
+_NORM = """
+      {
+        const float yr = static_cast<float>(static_cast<YT>(out));
+        // The warp's rows (lane sub == 0 of each), then the threadgroup's warps in order.
+        const float sq = gd_group_sum<32>(sub == 0 && row_ok ? yr * yr : 0.0f);
+        if (gd_lane == 0) {
+          norm_tg[gd_row_group % W] = sq;
+        }
+        gd_threadgroup_barrier();
+        float ssq = 0.0f;
+        for (int w = 0; w < W; ++w) {
+          ssq += norm_tg[w];
+        }
+        const float r = gd_rsqrt(ssq * (1.0f / float(Dv)) + static_cast<float>(norm_eps[0]));
+        const float n = static_cast<float>(static_cast<YT>(yr * r));
+        const float nw = static_cast<float>(static_cast<YT>(n * static_cast<float>(norm_w[dv])));
+        // z: [B, Hv, Dv] (or [B, Hv * Dv]). silu(g) = g * sigmoid(g) in fp32, sigmoid as MLX's
+        // CPU op: 1 / (1 + exp(|g|)) for g < 0, else one minus that.
+        const float g = static_cast<float>(z[size_t(head) * Dv + dv]);
+        const float e = 1.0f / (1.0f + gd_exp(g < 0.0f ? -g : g));
+        const float sig = g < 0.0f ? e : 1.0f - e;
+        out = static_cast<float>(static_cast<YT>(nw * (g * sig)));
+      }"""
+
 BODY = (
     """
   // Template: Dk (multiple of 4 * L), L (lanes per value row), P (prefetch distance in steps,
@@ -272,6 +323,10 @@ BODY = (
 """
     + _CONV_LOAD
     + """
+#if GD_NORM
+  // The head's sum of squares of y, one partial sum per warp (kernel scope, as for qk_tg).
+  gd_threadgroup float norm_tg[32];
+#endif
 #else
   {
     const int t_ld = 0;
@@ -386,6 +441,11 @@ BODY = (
 #if GD_MASK
       }
 #endif
+#if GD_NORM
+"""
+    + _NORM
+    + """
+#endif
       if (sub == 0 && row_ok) {
         y[vy0 + size_t(t) * vy_step] = static_cast<YT>(out);
       }
@@ -404,6 +464,7 @@ BODY = (
 #undef GD_MASK
 #undef GD_DECODE
 #undef GD_CONV
+#undef GD_NORM
 #undef GD_SCALAR
 #undef GD_PER_KEY
 #undef GD_FUSED
@@ -411,19 +472,23 @@ BODY = (
 )
 
 
-def variant_defines(gate: str, mask: bool, decode: bool = False, conv: bool = False) -> str:
+def variant_defines(
+    gate: str, mask: bool, decode: bool = False, conv: bool = False, norm: bool = False
+) -> str:
     """The compile-time switches of one variant, as preprocessor lines (see the docstring)."""
     input_names(gate, mask)  # validates gate
-    name = kernel_name(gate, mask, decode, conv)  # validates conv
+    name = kernel_name(gate, mask, decode, conv, norm)  # validates conv and norm
     return (
         f"\n// Variant {name}: the switches BODY is compiled with.\n"
         "#define GD_SCALAR 0\n#define GD_PER_KEY 1\n#define GD_FUSED 2\n"
         f"#define GD_GATE GD_{gate.upper()}\n"
         f"#define GD_MASK {int(mask)}\n#define GD_DECODE {int(decode)}\n"
-        f"#define GD_CONV {int(conv)}\n"
+        f"#define GD_CONV {int(conv)}\n#define GD_NORM {int(norm)}\n"
     )
 
 
-def kernel_body(gate: str, mask: bool, decode: bool = False, conv: bool = False) -> str:
+def kernel_body(
+    gate: str, mask: bool, decode: bool = False, conv: bool = False, norm: bool = False
+) -> str:
     """The kernel body of one structural variant: its switches, then the one template."""
-    return variant_defines(gate, mask, decode, conv) + BODY
+    return variant_defines(gate, mask, decode, conv, norm) + BODY
