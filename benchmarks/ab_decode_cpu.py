@@ -1,8 +1,10 @@
-"""CPU A/B of one decode step: ours compiled, ours plain path, mlx-lm, on the small model.
+"""CPU A/B of one decode step on the small model: ours compiled, ours compiled with the GPU's
+weight layout (`layers.CPU_TRANSPOSED_WEIGHTS = False`: fused transposed views, a second model
+object with the same weights), ours plain path, mlx-lm.
 
-The three are set up once (prefill + 3 steps each), then interleaved in blocks of 8 steps (who
-goes first alternates), 6 blocks each; prints ms a step in wall time and in process CPU time
-(steadier when other jobs share the cores).
+All are set up once (prefill + 3 steps each), then interleaved in blocks of 8 steps (who goes
+first alternates), 6 blocks each; prints ms a step in wall time and in process CPU time
+(steadier when other jobs share the cores), and the BLAS in use.
 
     python benchmarks/ab_decode_cpu.py B P      # batch B, prompt P
 """
@@ -16,6 +18,10 @@ from pathlib import Path
 # isort: off
 import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
 import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from qwen35_mlx._blas import blas_status
+from qwen35_mlx.models import layers
 
 # isort: on
 
@@ -27,18 +33,24 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
     mx.set_default_device(mx.cpu)
     models = build_models(SHAPE_SMALL, mx.float32)
     ours, theirs = models["qwen35_mlx"], models["mlx-lm"]
+    gpu_layout = build_models(SHAPE_SMALL, mx.float32, which=("qwen35_mlx",))["qwen35_mlx"]
+    gpu_layout.load_weights(tree_flatten(ours.parameters()), strict=True)
     prompts = mx.random.randint(0, SHAPE_SMALL["vocab_size"], (B, P))
-    model_of = {"compiled": ours, "plain": ours, "mlx-lm": theirs}
+    model_of = {"compiled": ours, "gpu layout": gpu_layout, "plain": ours, "mlx-lm": theirs}
+    flag = layers.CPU_TRANSPOSED_WEIGHTS
 
     def step(name, cache, y):
         ours.compiled_decode = name == "compiled"
+        layers.CPU_TRANSPOSED_WEIGHTS = flag and name != "gpu layout"
         y = mx.argmax(model_of[name](y[:, None], cache=cache)[:, -1], -1)
         mx.eval(y)
         return y
 
+    print(f"BLAS: {blas_status()}")
     state = {}
     for name, m in model_of.items():
         ours.compiled_decode = name == "compiled"
+        layers.CPU_TRANSPOSED_WEIGHTS = flag and name != "gpu layout"
         cache = m.make_cache()
         y = mx.argmax(m(prompts, cache=cache)[:, -1], -1)
         for _ in range(3):
@@ -56,6 +68,7 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
             cpu[name] += time.process_time() - c
             state[name] = (cache, y)
     ours.compiled_decode = True
+    layers.CPU_TRANSPOSED_WEIGHTS = flag
     n = blocks * steps
     out = {k: (wall[k] / n * 1e3, cpu[k] / n * 1e3) for k in state}
     print(

@@ -417,6 +417,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     deadline = start + budget
     log(f"bench_decode {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
     log(f"device {_device_name()}, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}")
+    from qwen35_mlx._blas import blas_status
+
+    if mx.default_device() == mx.cpu:  # the CPU's float32 matmuls are this library's
+        log(f"BLAS: {blas_status()}")
     rows = []
     for name in shapes:
         rows += bench_shape(
@@ -435,7 +439,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "python": sys.version.split()[0],
-        "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "QWEN35_MLX"))},
+        "blas": blas_status(),
         "dtype": dtype_name,
         "decode": rows,
         "cold_start": {

@@ -327,15 +327,23 @@ def bench_shape(cands, shape: Shape, target_s: float, repeats: int, budget_s: fl
         except Exception as e:  # a peer that cannot run this shape: say so, go on
             c.results[shape] = (None, f"error: {type(e).__name__}: {e}"[:200])
     per_call = {name: [] for name in runs}
+    cpu_per_call = {name: [] for name in runs}  # process CPU time: steadier on a shared machine
     for _ in range(repeats):
         for name, (_, run, n) in runs.items():
             # A short pause first, so that work left behind by the previous contender (BLAS
             # threads still spinning, GPU queues) does not fall on this one.
             time.sleep(0.2)
+            c0 = time.process_time()
             per_call[name].append(run(n) / n)
+            cpu_per_call[name].append((time.process_time() - c0) / n)
     for name, (c, _, n) in runs.items():
         ms = statistics.median(per_call[name]) * 1e3
-        c.results[shape] = (ms, f"n={n} x {repeats}, min {min(per_call[name]) * 1e3:.3f} ms")
+        cpu_ms = statistics.median(cpu_per_call[name]) * 1e3
+        c.results[shape] = (
+            ms,
+            f"n={n} x {repeats}, min {min(per_call[name]) * 1e3:.3f} ms, "
+            f"process CPU time median {cpu_ms:.3f} ms",
+        )
     for c in cands:
         ms, status = c.results[shape]
         shown = f"{ms:.3f} ms ({status})" if ms is not None else status

@@ -39,6 +39,16 @@ def moe():
 
 
 @pytest.fixture
+def gpu_layout(monkeypatch):
+    """The GPU's decode weights (fused, transposed views) on the CPU too: without it, float32
+    Linear layers on the CPU get their own transposed storage (`layers.CPU_TRANSPOSED_WEIGHTS`,
+    tested in tests/test_cpu_decode.py), unfused."""
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+
+
+@pytest.fixture
 def small_blocks(monkeypatch):
     """KV buffers grow 4 positions at a time: decode crosses block boundaries every 4 tokens."""
     monkeypatch.setattr(KVCache, "step", 4)
@@ -380,7 +390,8 @@ def linear_decode_primitives(model) -> int:
 STEP_MAX_PRIMITIVES_BESIDES_LINEAR_DECODE = 136
 
 
-def test_compiled_decode_primitive_count(dense):
+def test_compiled_decode_primitive_count(gpu_layout):
+    dense = make_text_model(make_text_config(), seed=1)  # fresh: prepared in the GPU layout
     kinds = step_primitives(dense, True)
     n_linear = sum(x.is_linear for x in dense.model.layers)
     n = sum(kinds.values()) - n_linear * linear_decode_primitives(dense)
@@ -410,7 +421,7 @@ def _fused_groups(model):
     return out
 
 
-def test_fused_projections_share_memory_and_keep_the_parameters(tmp_path):
+def test_fused_projections_share_memory_and_keep_the_parameters(tmp_path, gpu_layout):
     model = make_text_model(make_text_config(hidden_size=128, intermediate_size=256), seed=5)
     params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     gc.collect()
@@ -457,7 +468,7 @@ def test_decode_projections_bf16_equal_plain(small_blocks, monkeypatch, fuse):
     assert isinstance(entry, mx.array) if fuse else len(entry) == 4
 
 
-def test_fused_projections_follow_new_weights(small_blocks):
+def test_fused_projections_follow_new_weights(small_blocks, gpu_layout):
     model = make_text_model(make_text_config(), seed=7)
     first = greedy(model, [TOKENS[:6]], 8, True)[0]
     assert _fused_groups(model)
@@ -469,7 +480,7 @@ def test_fused_projections_follow_new_weights(small_blocks):
     assert not np.array_equal(toks[:1], first)
 
 
-def test_fused_projections_skip_lora_layers(small_blocks):
+def test_fused_projections_skip_lora_layers(small_blocks, gpu_layout):
     from mlx_lm.tuner.lora import LoRALinear
 
     model = make_text_model(make_text_config(), seed=9)

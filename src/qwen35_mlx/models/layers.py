@@ -51,6 +51,18 @@ _L2_EPS = 1e-6
 # (the compiled step must match the plain path token for token).
 FUSE_DECODE_PROJECTIONS = True
 
+# On the CPU, float32 matmuls run in BLAS (MLX calls cblas_sgemm), and `x @ W.T` with W stored
+# [out, in] is its slow form: MLX's bundled reference BLAS then runs one scalar dot product per
+# output (latency-bound), OpenBLAS packs all of W for a one-row product. With W stored [in, out]
+# (`x @ W_t`, W_t contiguous) the reference BLAS runs axpy loops instead, bit-identical and
+# 1.5-2x faster, and OpenBLAS 1.2-2x (benchmarks/NOTES.md, "CPU decode, 2026-12-02"). So on a CPU
+# stream, float32 Linear layers without bias get their weight stored transposed: the layer's
+# `weight` becomes the transposed view of a contiguous [in, out] buffer (same shape, values and
+# name; no second copy), which the plain path's `x @ weight.T` and the step both read in the fast
+# form. Such groups are not fused (a fused [in, sum(out)] buffer could not back the layers' own
+# weights as views without a copy per plain call). False: the layout above, as on a GPU.
+CPU_TRANSPOSED_WEIGHTS = True
+
 
 class _Fused:
     """What `prepare_projections` made for one group: the weights it took (to see a change),
@@ -97,6 +109,12 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
     if quant is False:
         return
     sizes = [m.weight.shape[0] for m in mods]
+    if quant is None and _cpu_transposed(mods):
+        owner[key] = tuple(_transposed_storage(m) for m in mods)
+        mx.eval(owner[key], [m.weight for m in mods])
+        made = _Fused([m.weight for m in mods], sizes, None, fused=False)
+        object.__setattr__(owner, key + "_made", made)
+        return
     if len(mods) > 1 and not FUSE_DECODE_PROJECTIONS:
         if quant is None:  # (a quantized layer is one primitive already)
             owner[key] = tuple(m.weight.T for m in mods)
@@ -122,6 +140,23 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
     else:
         owner[key] = tuple(fused.get(a) for a in ("weight", "scales", "biases"))
     object.__setattr__(owner, key + "_made", _Fused([m.weight for m in mods], sizes, quant))
+
+
+def _cpu_transposed(mods: list) -> bool:
+    """Whether `mods` take the CPU's transposed storage (`CPU_TRANSPOSED_WEIGHTS`)."""
+    return (
+        CPU_TRANSPOSED_WEIGHTS
+        and mx.default_device() == mx.cpu
+        and all(type(m) is nn.Linear and m.weight.dtype == mx.float32 for m in mods)
+    )
+
+
+def _transposed_storage(mod: nn.Linear) -> mx.array:
+    """mod's weight [out, in] moved to a contiguous [in, out] buffer, returned; the layer keeps
+    the transposed view of it as its weight (the old buffer is freed: no second copy)."""
+    w_t = mx.contiguous(mod.weight.T)
+    mod.weight = w_t.T
+    return w_t
 
 
 def _view(mod: nn.Module, w: mx.array) -> mx.array:

@@ -60,9 +60,14 @@ def conv_qkv_step(qkv, conv_state, conv_w, Hk: int, Dk: int, Hv: int, Dv: int):
     x = mx.concatenate([conv_state.astype(dtype), qkv[:, None]], axis=1)  # [B, K, C]
     w = conv_w.astype(dtype)
     K = w.shape[1]
-    h = x[:, 0] * w[:, 0]
+    # The taps by one split each ([B, 1, C] and [1, C] pieces), not 2K slices and squeezes:
+    # every view is a primitive, i.e. host time, on MLX's CPU stream. Same products and sums.
+    xs = mx.split(x, K, axis=1)
+    ws = mx.split(w.T, K, axis=0)
+    h = xs[0] * ws[0]
     for j in range(1, K):
-        h = h + x[:, j] * w[:, j]
+        h = h + xs[j] * ws[j]
+    h = h.reshape(B, -1)
     h = h * mx.sigmoid(h)  # silu
     key_dim = Hk * Dk
     q = _l2norm(h[:, :key_dim].reshape(B, Hk, Dk)) * (Dk**-0.5)

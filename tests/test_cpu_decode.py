@@ -1,0 +1,112 @@
+"""The CPU's decode weights (`layers.CPU_TRANSPOSED_WEIGHTS`): float32 Linear layers store their
+weight transposed ([in, out] contiguous, the layer's `weight` a transposed view of it), so that
+BLAS runs `x @ W^T` in its fast form. Checked here: the parameters keep their names, shapes and
+values (memory, saving), every decode group gets the layout, and the compiled step still equals
+the plain path token for token, with logits equal to the GPU layout's.
+"""
+
+import gc
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from qwen35_mlx.models import layers
+
+from .models.factory import make_moe_config, make_text_config, make_text_model
+from .test_fast_decode import TOKENS, assert_same, greedy, small_blocks  # noqa: F401
+
+pytestmark = pytest.mark.skipif(
+    mx.default_device() != mx.cpu, reason="the CPU's layout (a GPU keeps the fused views)"
+)
+
+
+def _groups(model):
+    """(owner, names, made, entry) of every decode group of Linear layers (not the conv)."""
+    out = []
+    for layer in model.model.layers:
+        for owner in (layer.linear_attn if layer.is_linear else layer.self_attn, layer.mlp):
+            for names in owner.DECODE_GROUPS:
+                if names == ("conv1d",):
+                    continue
+                made = getattr(owner, "_decode_" + names[0] + "_made", None)
+                out.append((owner, names, made, owner.get("_decode_" + names[0])))
+    return out
+
+
+def test_cpu_transposed_weights_keep_the_parameters_and_memory(tmp_path):
+    model = make_text_model(make_text_config(hidden_size=128, intermediate_size=256), seed=5)
+    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    gc.collect()
+    before = mx.get_active_memory()
+    model._prepare_decode()
+    gc.collect()
+    grown = mx.get_active_memory() - before
+    groups = _groups(model)
+    # in_proj_qkv/z/b/a and out_proj of 3 linear layers, q/k/v and o of 1 attention layer,
+    # gate/up and down of 4 MLPs: every one in the CPU layout, one [in, out] buffer per layer.
+    assert len(groups) == 6 + 2 + 8
+    moved = 0
+    for owner, names, made, entry in groups:
+        assert made is not None and not made.fused, names
+        assert len(entry) == len(names)
+        for n, w_t in zip(names, entry, strict=True):
+            assert w_t.shape == owner[n].weight.shape[::-1]
+            moved += w_t.nbytes
+    # The layers' weights are views of the new buffers: no second copy is kept.
+    assert grown < moved / 10, (grown, moved)
+    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert after.keys() == params.keys()
+    for k, v in params.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+    model.save_weights(str(tmp_path / "w.safetensors"))
+    saved = mx.load(str(tmp_path / "w.safetensors"))
+    assert saved.keys() == params.keys()
+    for k, v in params.items():
+        np.testing.assert_array_equal(np.array(saved[k]), v, err_msg=k)
+    # Made once: later steps keep the same buffers.
+    greedy(model, [TOKENS[:4]], 2, True)
+    first = [e for *_, e in _groups(model)]
+    greedy(model, [TOKENS[:4]], 4, True)
+    assert all(
+        all(a is b for a, b in zip(x, y, strict=True))
+        for x, y in zip(first, [e for *_, e in _groups(model)], strict=True)
+    )
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_cpu_transposed_weights_compiled_equals_plain(small_blocks, B):  # noqa: F811
+    model = make_text_model(make_text_config(), seed=21)
+    prompts = [TOKENS[i : i + 6] for i in range(B)]
+    toks = assert_same(model, prompts, 10)
+    assert all(not made.fused for *_, made, _ in _groups(model))
+    # The GPU layout (fused transposed views) on the same weights: same tokens, logits within
+    # float32 rounding (other BLAS loops, other summation order at most).
+    other = make_text_model(make_text_config(), seed=21)
+    layers_flag = layers.CPU_TRANSPOSED_WEIGHTS
+    try:
+        layers.CPU_TRANSPOSED_WEIGHTS = False
+        t_gpu, l_gpu = greedy(other, prompts, 10, True)
+        assert any(made.fused for *_, made, _ in _groups(other))
+    finally:
+        layers.CPU_TRANSPOSED_WEIGHTS = layers_flag
+    t_cpu, l_cpu = greedy(model, prompts, 10, True)
+    np.testing.assert_array_equal(t_cpu, toks)
+    np.testing.assert_array_equal(t_cpu, t_gpu)
+    np.testing.assert_allclose(l_cpu, l_gpu, atol=2e-5, rtol=1e-4)
+
+
+def test_cpu_transposed_weights_moe_and_bf16(small_blocks):  # noqa: F811
+    moe = make_text_model(make_moe_config(), seed=22)
+    assert_same(moe, [TOKENS[:5], TOKENS[4:9]], 8)
+    # The router and shared-expert gate (float32 Linear layers) take the CPU layout too.
+    mlp = moe.model.layers[0].mlp
+    made = getattr(mlp, "_decode_" + mlp.DECODE_GROUPS[0][0] + "_made")
+    assert made is not None and not made.fused
+    # bf16 weights keep the fused views: MLX's bf16 CPU matmul is not BLAS, and x @ W.T is its
+    # faster form (NOTES).
+    dense = make_text_model(make_text_config(), seed=23)
+    dense.set_dtype(mx.bfloat16)
+    assert_same(dense, [TOKENS[:5]], 6)
+    assert any(made.fused for *_, made, _ in _groups(dense))
