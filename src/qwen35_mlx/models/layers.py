@@ -257,6 +257,7 @@ def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | N
     made = getattr(owner, _key((name,)) + "_made", None)
     if residual is not None and made is not None and made.quant is None:
         w = owner[_key((name,))]
+        w = w if made.fused else w[0]  # one layer: its matrix, or its own transposed view
         if _fold(y, w, residual):
             return mx.addmm(residual, y, w)
     out = project(owner, (name,), y)[0]
