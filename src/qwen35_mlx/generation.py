@@ -648,21 +648,7 @@ def batch_generate(
             y, _ = step(y.reshape(-1, 1), active)
             mx.eval(y)
 
-        texts = []
-        for i, toks in enumerate(out):
-            body = toks[:-1] if reasons[i] == "stop" else toks
-            texts.append(text_tok.decode(body))
-        gen_time = time.perf_counter() - tic
-        return BatchResponse(
-            texts=texts,
-            tokens=out,
-            finish_reasons=reasons,
-            prompt_tokens=sum(lengths),
-            prompt_tps=sum(lengths) / max(prompt_time, 1e-9),
-            generation_tokens=n_gen,
-            generation_tps=n_gen / max(gen_time, 1e-9),
-            peak_memory=mx.get_peak_memory() / 1e9,
-        )
+        return _batch_response(text_tok, out, reasons, lengths, prompt_time, n_gen, tic)
 
 
 def _batch_speculative(
@@ -720,6 +706,23 @@ def _batch_speculative(
             active = [active[j] for j in keep]
         step_tokens, _ = spec.round()
 
+    return _batch_response(
+        text_tok, out, reasons, lengths, prompt_time, n_gen, tic, spec.stats.acceptance
+    )
+
+
+def _batch_response(
+    text_tok: Any,
+    out: list[list[int]],
+    reasons: list[str | None],
+    lengths: list[int],
+    prompt_time: float,
+    n_gen: int,
+    tic: float,
+    acceptance: float | None = None,
+) -> BatchResponse:
+    """batch_generate's result: each row's text (without its stop token), the counts and rates
+    (generation timed from `tic`)."""
     texts = []
     for i, toks in enumerate(out):
         body = toks[:-1] if reasons[i] == "stop" else toks
@@ -734,7 +737,7 @@ def _batch_speculative(
         generation_tokens=n_gen,
         generation_tps=n_gen / max(gen_time, 1e-9),
         peak_memory=mx.get_peak_memory() / 1e9,
-        mtp_acceptance=spec.stats.acceptance,
+        mtp_acceptance=acceptance,
     )
 
 

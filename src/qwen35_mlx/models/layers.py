@@ -432,6 +432,16 @@ class GatedDeltaNet(nn.Module):
         if mask is not None:  # mask [B]
             x = mx.where(mask[:, None], x, mx.zeros((), x.dtype))  # as in __call__
         qkv, z, b, a = project(self, self.IN_PROJ, x)
+        # z [B, Hv * Dv]: the gated norm, in the same call
+        y = self._recur(qkv, a, b, mask, cache, z=z, norm_weight=self.norm.weight)
+        return project_add(self, "out_proj", y.reshape(B, self.value_dim), residual)
+
+    def _recur(self, qkv, a, b, mask, cache: list, **norm) -> mx.array:
+        """One token a row through `gated_delta_decode` (conv, gates, recurrence; with `norm`,
+        the gated norm too) over cache [conv state, recurrent state], replaced by the new ones;
+        returns y."""
+        if norm:
+            norm["norm_eps"] = self.norm.eps
         y, cache[1], cache[0] = gated_delta_decode(
             qkv,
             cache[0],
@@ -446,11 +456,9 @@ class GatedDeltaNet(nn.Module):
             num_v_heads=self.num_v_heads,
             head_v_dim=self.head_v_dim,
             mask=mask,
-            z=z,  # [B, Hv * Dv]: the gated norm, in the same call
-            norm_weight=self.norm.weight,
-            norm_eps=self.norm.eps,
+            **norm,
         )
-        return project_add(self, "out_proj", y.reshape(B, self.value_dim), residual)
+        return y
 
     def steps(self, x: mx.array, T: int, mask: mx.array | None, cache: list) -> tuple:
         """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t: row b's
@@ -463,25 +471,10 @@ class GatedDeltaNet(nn.Module):
         if mask is not None:  # as in __call__
             x = mx.where(mask.reshape(-1, 1), x, mx.zeros((), x.dtype))
         qkv, z, b, a = project(self, self.IN_PROJ, x)
-        w = decode_weight(self, "conv1d")
         ys, states = [], []
         for t in range(T):
-            y, cache[1], cache[0] = gated_delta_decode(
-                qkv[t::T],
-                cache[0],
-                w,
-                a[t::T],
-                b[t::T],
-                self.A_log,
-                self.dt_bias,
-                cache[1],
-                num_k_heads=self.num_k_heads,
-                head_k_dim=self.head_k_dim,
-                num_v_heads=self.num_v_heads,
-                head_v_dim=self.head_v_dim,
-                mask=None if mask is None else mask[:, t],
-            )
-            ys.append(y)
+            m = None if mask is None else mask[:, t]
+            ys.append(self._recur(qkv[t::T], a[t::T], b[t::T], m, cache))
             states.append((cache[0], cache[1]))
         y = mx.stack(ys, axis=1)  # [B, T, Hv, Dv]
         y = self.norm(y, z.reshape(y.shape))

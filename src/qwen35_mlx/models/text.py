@@ -293,16 +293,9 @@ class TextModel(nn.Module):
         got = self._static_caches(cache, 1)
         if got is None:
             return None
-        kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
+        kv_caches, lin_caches = got[:2]
         logits, kv, lin, offsets, paddings = self._decode_step(
-            inputs,
-            [(c.keys, c.values) for c in kv_caches],
-            [(c[0], c[1]) for c in lin_caches],
-            idx,
-            offset,
-            left_padding,
-            lin_padding,
-            position_ids,
+            *_step_args(got, inputs, position_ids)
         )
         if self._traced:
             self._traced = False
@@ -344,16 +337,8 @@ class TextModel(nn.Module):
         got = self._static_caches(cache, T)
         if got is None:
             return None
-        kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
         logits, h, kv, lin, records, offsets, paddings = self._verify_step(
-            inputs,
-            [(c.keys, c.values) for c in kv_caches],
-            [(c[0], c[1]) for c in lin_caches],
-            idx,
-            offset,
-            left_padding,
-            lin_padding,
-            position_ids,
+            *_step_args(got, inputs, position_ids)
         )
         self._adopt_verify(got, kv, lin, records, offsets, paddings, T)
         return logits, h
@@ -638,6 +623,15 @@ _NORM_SUFFIXES = (
 )
 _FULL_NORMS = ("model.norm.weight", *MTP_NORMS)
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
+
+
+def _step_args(got: tuple, inputs: mx.array, position_ids: mx.array | None) -> tuple:
+    """A compiled step's arguments from `TextModel._static_caches`' result: tokens, the KV
+    buffers, the linear states, idx, offset, left_padding, lin_padding, position_ids."""
+    kv_caches, lin_caches, idx, offset, left_padding, lin_padding = got
+    kv = [(c.keys, c.values) for c in kv_caches]
+    lin = [(c[0], c[1]) for c in lin_caches]
+    return inputs, kv, lin, idx, offset, left_padding, lin_padding, position_ids
 
 
 def is_hf_layout(weights: dict[str, mx.array]) -> bool:
