@@ -512,3 +512,127 @@ PREP_BODY = """
     decay[(size_t(head) * N + n) * Dk + d] = gam[C - 1];
   }
 """
+
+
+# The state pass on matrix units (the tile layer of chunk_launch: tensor cores on CUDA,
+# simdgroup matrices on Metal): the same inputs, outputs and grid as STATE_BODY, BV = 16 value
+# rows (one tile) per threadgroup, NT = 2 C threads: one warp (SIMD-group) per 16-row tile of the
+# chunk. Per chunk n, warp w = rows 16 w .. 16 w + 15 of the chunk:
+#   1. Xw = W S^T and Xq = Qg S^T for its rows (K = Dk; S from threadgroup memory) -> D, Y[n % 2]
+#   barrier
+#   2. every thread: delta = U - Xw in D; S *= decay (per key column)
+#   barrier
+#   3. y = Xq + P delta for its rows (K = 16 (w + 1): P is 0 above the diagonal) -> Y[n % 2];
+#      S[:, 16 c ..] += delta^T Kw[:, 16 c ..] for the key tiles c = w, w + NW, ...
+#   barrier
+#   4. every thread: y rows t < T to memory from Y[n % 2] (no barrier after: the next chunk's
+#      step 1 writes D and the other Y buffer, and only reads S).
+# MP (1: tf32 operands, 3: three tf32 products, about fp32) is the CUDA operand precision; the
+# host picks 3 for fp32 activations (the module's fp32 tolerance) and 1 for bf16 / fp16.
+# Threadgroup memory: S (16 x (Dk + 4)) + D (C x 24) + Y (2 x C x 16) floats: 22.5 KB at
+# Dk = 128, 30.7 KB at Dk = 256 (Apple GPUs allow 32 KB). The row strides Dk + 4 and 24 keep the
+# fragment reads of S and D free of bank conflicts.
+STATE_MMA_NAME = "gated_delta_chunk_state_mma"
+
+STATE_MMA_BODY = """
+  constexpr int NW = NT / 32;      // warps (SIMD-groups)
+  constexpr int KT = Dk / 16;      // key tiles of the state
+  constexpr int SD = Dk + 4;       // row stride of S in threadgroup memory
+  constexpr int DL = BV + 8;       // row stride of D (delta)
+  static_assert(BV == 16 && NW * 16 == C && Dk % 16 == 0, "layout: one warp per 16 rows");
+  const int Hv = U_shape[1];
+  const int NC = U_shape[2];
+  const int Dv = U_shape[3];
+  const int N = NC / C;
+  const int T = dims[0];
+
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const unsigned head = gd_tg_x;  // b * Hv + hv
+  const int v0 = int(gd_tg_y) * BV;
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+
+  GD_TG float S_t[BV * SD];     // the state tile, row v at S_t[v * SD]
+  GD_TG float D_t[C * DL];      // Xw, then delta: row i at D_t[i * DL]
+  GD_TG float Y_t[2 * C * BV];  // Xq, then y, by chunk parity: row i at Y_t[p C BV + i BV]
+
+  // W, Qg, Kw: [B * Hv, N * C, Dk]; U: [B, Hv, N * C, Dv]; P: [B * Hv, N * C, C];
+  // decay: [B * Hv, N, Dk]; state_in, state_out: [B, Hv, Dv, Dk]; y: [B, T, Hv, Dv]
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    S_t[v * SD + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
+  }
+  gd_barrier();
+
+  const size_t row0 = size_t(head) * NC;  // first row of this head in W, U, Qg, P, Kw
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    GD_TG_PTR float* Yn = Y_t + (n % 2) * C * BV;
+    if (PF && n + 1 < N) {
+      // Ask L2 for the next chunk's rows (128-byte lines) while this one is computed.
+      const size_t rx = rn + C;
+      for (int c = tid; c < C * Dk / 32; c += NT) {
+        gd_prefetch(W + rx * Dk + 32 * c);
+        gd_prefetch(Qg + rx * Dk + 32 * c);
+        gd_prefetch(Kw + rx * Dk + 32 * c);
+      }
+      for (int c = tid; c < C * C / 32; c += NT) gd_prefetch(P + rx * C + 32 * c);
+      if (tid < C) gd_prefetch(U + (rx + tid) * Dv + v0);
+    }
+    // 1. Xw = W S^T, Xq = Qg S^T (B(d, v) = S_t[v * SD + d]: transposed)
+    {
+      gd_acc xw;
+      gd_acc xq;
+      gd_acc_zero(xw);
+      gd_acc_zero(xq);
+      gd_mma<MP, false, true>(xw, W + (rn + 16 * w) * Dk, Dk, S_t, SD, Dk);
+      gd_mma<MP, false, true>(xq, Qg + (rn + 16 * w) * Dk, Dk, S_t, SD, Dk);
+      gd_acc_store(xw, D_t + 16 * w * DL, DL);
+      gd_acc_store(xq, Yn + 16 * w * BV, BV);
+    }
+    gd_barrier();
+    // 2. delta = U - Xw (rows past Dv: S is 0 there, so Xw = 0 and delta = 0); S *= decay
+    for (int e = tid; e < C * BV; e += NT) {
+      const int i = e / BV;
+      const int v = e % BV;
+      const float u = v0 + v < Dv ? U[(rn + i) * Dv + v0 + v] : 0.0f;
+      D_t[i * DL + v] = u - D_t[i * DL + v];
+    }
+    for (int e = tid; e < BV * Dk; e += NT) {
+      const int d = e % Dk;
+      S_t[(e / Dk) * SD + d] *= decay[(size_t(head) * N + n) * Dk + d];
+    }
+    gd_barrier();
+    // 3. y = Xq + P delta (rows 16 w..: P is 0 past column 16 w + 15); S += delta^T Kw
+    {
+      gd_acc ya;
+      gd_acc_load(ya, Yn + 16 * w * BV, BV);
+      gd_mma<MP, false, false>(ya, P + (rn + 16 * w) * C, C, D_t, DL, 16 * (w + 1));
+      gd_acc_store(ya, Yn + 16 * w * BV, BV);
+    }
+    for (int c = w; c < KT; c += NW) {
+      gd_acc sa;
+      gd_acc_load(sa, S_t + 16 * c, SD);
+      gd_mma<MP, true, false>(sa, D_t, DL, Kw + rn * Dk + 16 * c, Dk, C);
+      gd_acc_store(sa, S_t + 16 * c, SD);
+    }
+    gd_barrier();
+    // 4. y to memory, rows t < T, value rows v < Dv
+    for (int e = tid; e < C * BV; e += NT) {
+      const int i = e / BV;
+      const int v = e % BV;
+      const int t = n * C + i;
+      if (t < T && v0 + v < Dv) {
+        y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(Yn[e]);
+      }
+    }
+  }
+
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
+  }
+"""
