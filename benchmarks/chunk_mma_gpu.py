@@ -13,7 +13,7 @@ against the references, time, print one table.
    T <= 2048, the float64 loop (vectorised over heads) at fp32.
 3. Timing, B = 1, bf16, the benchmarks' gates (bench_gated_delta.py): ours fused recurrent kernel,
    ours chunked with each state pass, the parts (prep kernel with the gates inside; each state
-   pass alone), and flash-linear-attention's chunk_gated_delta_rule (torch; skipped where it
+   pass alone; the matrix one also with 32 value rows per threadgroup on CUDA), and flash-linear-attention's chunk_gated_delta_rule (torch; skipped where it
    does not import), T in {2048, 8192, 32768}, Hv 16 / 32 / 64 (--quick: Hv 32 only). Each
    contender: n calls chained through the state in one evaluated graph (torch: queued, then
    synchronised), contenders interleaved, best of 3 repeats, ms per call.
@@ -205,8 +205,8 @@ def _timers(backend: str, shape: Shape, fla) -> dict:
             q, k, v, *gates, s, backend=backend, matrix=matrix
         )
 
-    def state(matrix):
-        return lambda s: cl.state_pass(backend, pieces, s, shape.T, v.dtype, matrix=matrix)
+    def state(matrix, bv=None):
+        return lambda s: cl.state_pass(backend, pieces, s, shape.T, v.dtype, matrix=matrix, bv=bv)
 
     def prep(s):
         return cl.prep_kernel(backend, q, k, v, None, None, None, raw_gates=gates)[0], s
@@ -219,6 +219,9 @@ def _timers(backend: str, shape: Shape, fla) -> dict:
         "state mma": state(True),
         "state simt": state(False),
     }
+    for bv in cl.MMA_BV_CHOICES[backend]:
+        if bv != cl.MMA_BV:
+            steps[f"state mma bv{bv}"] = state(True, bv)
     timers = {name: (lambda n, f=f: chained(f, state0, n)) for name, f in steps.items()}
     for name, c in fla.items():
         timers[name.split(" (")[0]] = c.make(shape)

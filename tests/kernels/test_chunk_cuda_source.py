@@ -2,8 +2,9 @@
 CUDA header and the tile layer) with nvcc for sm_90 (no GPU needed), wrapped as MLX's
 `mx.fast.cuda_kernel` wraps a body (test_cuda_source.py): every kernel the host builds, for
 fp32, bf16 and fp16 activations and the template arguments the host passes, the matrix state
-pass with both operand precisions. Inline PTX (mma.sync, cvt.rna.tf32) that ptxas rejects
-fails here."""
+pass with both operand precisions and both threadgroup widths (16 and 32 value rows; 32 only
+where its 43.5 KB of threadgroup memory fits: ptxas rejects more than 48 KB). Inline PTX
+(mma.sync, cvt.rna.tf32) that ptxas rejects fails here."""
 
 import pytest
 
@@ -56,9 +57,12 @@ def translation_unit(header=None, cases=CASES, only_mma=False) -> str:
                  consts)
             )  # fmt: skip
         for mp in (1, 3):
-            consts = [("Dk", Dk), ("BV", cl.MMA_BV), ("C", cl.CHUNK), ("NT", cl.MMA_THREADS)]
-            consts += [("MP", mp), ("PF", 1), ("YT", act)]
-            kernels.append((cs.STATE_MMA_NAME, cs.STATE_INPUTS, cs.STATE_OUTPUTS, mma, act, consts))
+            for bv in (16, 32) if Dk <= 128 else (16,):
+                consts = [("Dk", Dk), ("BV", bv), ("C", cl.CHUNK), ("NT", cl.mma_threads(bv))]
+                consts += [("MP", mp), ("PF", 1), ("YT", act)]
+                kernels.append(
+                    (cs.STATE_MMA_NAME, cs.STATE_INPUTS, cs.STATE_OUTPUTS, mma, act, consts)
+                )
     header = cl.header("cuda") if header is None else header
     return PRELUDE + header + "".join(kernel(i, *k) for i, k in enumerate(kernels))
 

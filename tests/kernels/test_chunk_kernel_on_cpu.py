@@ -87,7 +87,8 @@ void kernel(const float* W, const float* U, const float* Qg, const float* P, con
 }}
 }}  // namespace state_mma
 
-// prep|prep_fused DIR Dk B T Hk Hv Dv | state|state_mma1|state_mma3 DIR Dk B T Hv Dv N
+// prep|prep_fused DIR Dk B T Hk Hv Dv | state|state_mma1|state_mma3|state_mma3_bv32 DIR Dk B T
+// Hv Dv N
 template <int Dk>
 void run(char** argv) {{
   const std::string what = argv[1], d = std::string(argv[2]) + "/";
@@ -133,6 +134,13 @@ void run(char** argv) {{
             as<float>(Qg), as<float>(P), as<float>(Kw), as<float>(dec), as<float>(s0), dims,
             U_shape, y.data(), s.data());
       }});
+    }} else if (what == "state_mma3_bv32") {{
+      const unsigned tiles = (Dv + 31) / 32;
+      run_blocks({{unsigned(B * Hv), tiles, 1}}, {mma_threads32}, [&] {{
+        state_mma::kernel<Dk, 32, C, {mma_threads32}, 3, 1, float>(as<float>(W), as<float>(U),
+            as<float>(Qg), as<float>(P), as<float>(Kw), as<float>(dec), as<float>(s0), dims,
+            U_shape, y.data(), s.data());
+      }});
     }} else {{
       const unsigned tiles = (Dv + {mma_bv} - 1) / {mma_bv};
       const bool mp3 = what == "state_mma3";
@@ -173,6 +181,7 @@ def program(tmp_path_factory) -> Path:
         state_mma=cl.state_mma_source("cuda"),
         mma_bv=cl.MMA_BV,
         mma_threads=cl.MMA_THREADS,
+        mma_threads32=cl.mma_threads(32),
         C=C,
         prep_threads=cl.PREP_THREADS,
         state_threads=cl.STATE_THREADS,
@@ -345,14 +354,14 @@ class EmulatedKernel:
             assert x["U"].shape == (B, Hv, N * C, Dv)
             assert tpl == {
                 "Dk": Dk,
-                "BV": cl.MMA_BV,
+                "BV": 16,
                 "C": C,
                 "NT": cl.MMA_THREADS,
                 "MP": 3,  # fp32 activations
                 "PF": cl.PREFETCH,
                 "YT": mx.float32,
             }
-            assert grid == (cl.MMA_THREADS * B * Hv, -(-Dv // cl.MMA_BV), 1)
+            assert grid == (cl.MMA_THREADS * B * Hv, -(-Dv // 16), 1)
             assert threadgroup == (cl.MMA_THREADS, 1, 1)
             args = ["state_mma3", Dk, B, T, Hv, Dv, N]
         else:
@@ -446,14 +455,17 @@ def test_prep_ops_per_key_groups_equal_one_group(monkeypatch):
     ),
 )
 def test_state_mma_kernel_matches_numpy(program, tmp_path, shape, masked):
+    """Both threadgroup widths (16 value rows; 32, CUDA only: Dv below, at and above it)."""
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad" if masked else None)
     pieces = run_prep(program, tmp_path, q, k, v, g, beta, mask)
-    got = run_state(program, tmp_path, pieces, state, T, "state_mma3")
-    _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
-    if mask is not None:
-        assert not np.any(got[0][~np.asarray(mask)])
+    want = gated_delta_np(q, k, v, g, beta, state, mask)
+    for which in ("state_mma3", "state_mma3_bv32"):
+        got = run_state(program, tmp_path, pieces, state, T, which)
+        _check(got, want)
+        if mask is not None:
+            assert not np.any(got[0][~np.asarray(mask)])
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,19 @@ KEY_SLICE = 32  # key columns staged at a time in PREP_BODY
 # (`benchmarks/chunk_mma_gpu.py`) has checked it against the reference there: the CPU lane
 # emulator and the sm_90 / Metal-stub compiles are all this machine can check.
 MATRIX_STATE = False
-MMA_BV = 16  # value rows per threadgroup of STATE_MMA_BODY (one tile)
-MMA_THREADS = 2 * CHUNK  # one warp per 16 rows of a chunk
+MMA_BV = 16  # value rows per threadgroup of STATE_MMA_BODY (a multiple of 16)
+# BV = 32 halves the threadgroups' reads of the pieces (each reads the whole chunk's W, Qg, Kw,
+# P for its value rows) but needs 43.5 KB of threadgroup memory at Dk = 128: CUDA only (48 KB),
+# Dk <= 128.
+MMA_BV_CHOICES = {"metal": (16,), "cuda": (16, 32)}
+
+
+def mma_threads(bv: int = MMA_BV, C: int = CHUNK) -> int:
+    """STATE_MMA_BODY's threads: one warp per (16 rows of the chunk, 16 value rows)."""
+    return 32 * (C // 16) * (bv // 16)
+
+
+MMA_THREADS = mma_threads()
 # The state pass prefetches the next chunk's rows into L2 (CUDA; a no-op on Metal). Not yet
 # measured against 0: `benchmarks/run_gpu.sh chunk-parts` times both.
 PREFETCH = 1
@@ -393,23 +404,32 @@ def state_pass(
     """The sequential pass over the chunks: returns (y [B, T, Hv, Dv] in y_dtype, state).
     bv: value rows per threadgroup (default BV; a multiple of 4; 32 needs more than Apple's
     32 KB of threadgroup memory at Dk = 128). matrix: STATE_MMA_BODY (True) or STATE_BODY
-    (False); None = MATRIX_STATE. The matrix pass has one layout (16 value rows, `bv` unused)."""
+    (False); None = MATRIX_STATE. The matrix pass takes bv in MMA_BV_CHOICES[backend] (default
+    MMA_BV), 32 only for Dk <= 128."""
     W, U, Qg, P, Kw, decay = pieces
     B, Hv, Dv, Dk = state.shape
     if MATRIX_STATE if matrix is None else matrix:
+        bv = bv or MMA_BV
+        if bv not in MMA_BV_CHOICES[backend] or (bv > 16 and Dk > 128):
+            raise ValueError(
+                f"gated_delta chunk kernel: the matrix state pass takes bv in "
+                f"{MMA_BV_CHOICES[backend]} on {backend} (32 only for Dk <= 128), got bv={bv} "
+                f"with Dk={Dk}"
+            )
+        nt = mma_threads(bv, C)
         return _build(backend, "state_mma")(
             inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
             template=[
                 ("Dk", Dk),
-                ("BV", MMA_BV),
+                ("BV", bv),
                 ("C", C),
-                ("NT", MMA_THREADS),
+                ("NT", nt),
                 ("MP", operand_precision(y_dtype)),
                 ("PF", PREFETCH if prefetch is None else int(prefetch)),
                 ("YT", y_dtype),
             ],
-            grid=(MMA_THREADS * B * Hv, -(-Dv // MMA_BV), 1),
-            threadgroup=(MMA_THREADS, 1, 1),
+            grid=(nt * B * Hv, -(-Dv // bv), 1),
+            threadgroup=(nt, 1, 1),
             output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
             output_dtypes=[y_dtype, mx.float32],
             init_value=init_value,

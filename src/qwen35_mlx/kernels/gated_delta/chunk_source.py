@@ -515,31 +515,37 @@ PREP_BODY = """
 
 
 # The state pass on matrix units (the tile layer of chunk_launch: tensor cores on CUDA,
-# simdgroup matrices on Metal): the same inputs, outputs and grid as STATE_BODY, BV = 16 value
-# rows (one tile) per threadgroup, NT = 2 C threads: one warp (SIMD-group) per 16-row tile of the
-# chunk. Per chunk n, warp w = rows 16 w .. 16 w + 15 of the chunk:
-#   1. Xw = W S^T and Xq = Qg S^T for its rows (K = Dk; S from threadgroup memory) -> D, Y[n % 2]
+# simdgroup matrices on Metal): the same inputs, outputs and grid as STATE_BODY, BV value rows
+# (VT = BV / 16 tiles) per threadgroup, NT = 32 (C / 16) VT threads: one warp (SIMD-group) per
+# (16-row tile of the chunk, value tile). Per chunk n, warp w = row tile r = w % (C / 16), value
+# tile vt = w / (C / 16):
+#   1. Xw = W S^T and Xq = Qg S^T for its tile (K = Dk; S from threadgroup memory) -> D, Y[n % 2]
 #   barrier
 #   2. every thread: delta = U - Xw in D; S *= decay (per key column)
 #   barrier
-#   3. y = Xq + P delta for its rows (K = 16 (w + 1): P is 0 above the diagonal) -> Y[n % 2];
-#      S[:, 16 c ..] += delta^T Kw[:, 16 c ..] for the key tiles c = w, w + NW, ...
+#   3. y = Xq + P delta for its tile (K = 16 (r + 1): P is 0 above the diagonal) -> Y[n % 2];
+#      S[16 vt'.., 16 c ..] += delta[:, 16 vt'..]^T Kw[:, 16 c ..] for the tiles (vt', c)
+#      numbered w, w + NW, ...
 #   barrier
 #   4. every thread: y rows t < T to memory from Y[n % 2] (no barrier after: the next chunk's
 #      step 1 writes D and the other Y buffer, and only reads S).
 # MP (1: tf32 operands, 3: three tf32 products, about fp32) is the CUDA operand precision; the
 # host picks 3 for fp32 activations (the module's fp32 tolerance) and 1 for bf16 / fp16.
-# Threadgroup memory: S (16 x (Dk + 4)) + D (C x 24) + Y (2 x C x 16) floats: 22.5 KB at
-# Dk = 128, 30.7 KB at Dk = 256 (Apple GPUs allow 32 KB). The row strides Dk + 4 and 24 keep the
-# fragment reads of S and D free of bank conflicts.
+# Threadgroup memory: S (BV x (Dk + 4)) + D (C x (BV + 8)) + Y (2 x C x BV) floats; BV = 16:
+# 22.5 KB at Dk = 128, 30.7 KB at Dk = 256 (Apple GPUs allow 32 KB); BV = 32 (CUDA, Dk <= 128):
+# 43.5 KB (CUDA's static limit is 48 KB). The row strides Dk + 4 and BV + 8 keep the fragment
+# reads of S and D free of bank conflicts.
 STATE_MMA_NAME = "gated_delta_chunk_state_mma"
 
 STATE_MMA_BODY = """
+  constexpr int RT = C / 16;       // row tiles of a chunk
+  constexpr int VT = BV / 16;      // value tiles of the threadgroup
   constexpr int NW = NT / 32;      // warps (SIMD-groups)
   constexpr int KT = Dk / 16;      // key tiles of the state
   constexpr int SD = Dk + 4;       // row stride of S in threadgroup memory
   constexpr int DL = BV + 8;       // row stride of D (delta)
-  static_assert(BV == 16 && NW * 16 == C && Dk % 16 == 0, "layout: one warp per 16 rows");
+  static_assert(BV % 16 == 0 && C % 16 == 0 && Dk % 16 == 0, "layout: whole tiles");
+  static_assert(NW == RT * VT, "layout: one warp per (row tile, value tile)");
   const int Hv = U_shape[1];
   const int NC = U_shape[2];
   const int Dv = U_shape[3];
@@ -548,6 +554,8 @@ STATE_MMA_BODY = """
 
   const int tid = int(gd_tid);
   const int w = tid / 32;
+  const int rt = w % RT;
+  const int vt = w / RT;
   const unsigned head = gd_tg_x;  // b * Hv + hv
   const int v0 = int(gd_tg_y) * BV;
   const unsigned b_idx = head / unsigned(Hv);
@@ -587,10 +595,10 @@ STATE_MMA_BODY = """
       gd_acc xq;
       gd_acc_zero(xw);
       gd_acc_zero(xq);
-      gd_mma<MP, false, true>(xw, W + (rn + 16 * w) * Dk, Dk, S_t, SD, Dk);
-      gd_mma<MP, false, true>(xq, Qg + (rn + 16 * w) * Dk, Dk, S_t, SD, Dk);
-      gd_acc_store(xw, D_t + 16 * w * DL, DL);
-      gd_acc_store(xq, Yn + 16 * w * BV, BV);
+      gd_mma<MP, false, true>(xw, W + (rn + 16 * rt) * Dk, Dk, S_t + 16 * vt * SD, SD, Dk);
+      gd_mma<MP, false, true>(xq, Qg + (rn + 16 * rt) * Dk, Dk, S_t + 16 * vt * SD, SD, Dk);
+      gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
+      gd_acc_store(xq, Yn + 16 * rt * BV + 16 * vt, BV);
     }
     gd_barrier();
     // 2. delta = U - Xw (rows past Dv: S is 0 there, so Xw = 0 and delta = 0); S *= decay
@@ -605,18 +613,20 @@ STATE_MMA_BODY = """
       S_t[(e / Dk) * SD + d] *= decay[(size_t(head) * N + n) * Dk + d];
     }
     gd_barrier();
-    // 3. y = Xq + P delta (rows 16 w..: P is 0 past column 16 w + 15); S += delta^T Kw
+    // 3. y = Xq + P delta (rows 16 rt..: P is 0 past column 16 rt + 15); S += delta^T Kw
     {
       gd_acc ya;
-      gd_acc_load(ya, Yn + 16 * w * BV, BV);
-      gd_mma<MP, false, false>(ya, P + (rn + 16 * w) * C, C, D_t, DL, 16 * (w + 1));
-      gd_acc_store(ya, Yn + 16 * w * BV, BV);
+      gd_acc_load(ya, Yn + 16 * rt * BV + 16 * vt, BV);
+      gd_mma<MP, false, false>(ya, P + (rn + 16 * rt) * C, C, D_t + 16 * vt, DL, 16 * (rt + 1));
+      gd_acc_store(ya, Yn + 16 * rt * BV + 16 * vt, BV);
     }
-    for (int c = w; c < KT; c += NW) {
+    for (int e = w; e < VT * KT; e += NW) {
+      const int sv = e / KT;
+      const int c = e % KT;
       gd_acc sa;
-      gd_acc_load(sa, S_t + 16 * c, SD);
-      gd_mma<MP, true, false>(sa, D_t, DL, Kw + rn * Dk + 16 * c, Dk, C);
-      gd_acc_store(sa, S_t + 16 * c, SD);
+      gd_acc_load(sa, S_t + 16 * sv * SD + 16 * c, SD);
+      gd_mma<MP, true, false>(sa, D_t + 16 * sv, DL, Kw + rn * Dk + 16 * c, Dk, C);
+      gd_acc_store(sa, S_t + 16 * sv * SD + 16 * c, SD);
     }
     gd_barrier();
     // 4. y to memory, rows t < T, value rows v < Dv
