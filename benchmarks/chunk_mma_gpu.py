@@ -13,8 +13,9 @@ against the references, time, print one table.
    T <= 2048, the float64 loop (vectorised over heads) at fp32.
 3. Timing, B = 1, bf16, the benchmarks' gates (bench_gated_delta.py): ours fused recurrent kernel,
    ours chunked with each state pass, the parts (prep kernel with the gates inside; each state
-   pass alone; the matrix one also with 32 value rows per threadgroup on CUDA), and flash-linear-attention's chunk_gated_delta_rule (torch; skipped where it
-   does not import), T in {2048, 8192, 32768}, Hv 16 / 32 / 64 (--quick: Hv 32 only). Each
+   pass alone; the matrix one also with 32 value rows per threadgroup on CUDA), and
+   flash-linear-attention's chunk_gated_delta_rule (torch; skipped where it does not import),
+   T in {2048, 8192, 32768}, Hv 16 / 32 / 64 (--quick: Hv 32 only). Each
    contender: n calls chained through the state in one evaluated graph (torch: queued, then
    synchronised), contenders interleaved, best of 3 repeats, ms per call.
 
