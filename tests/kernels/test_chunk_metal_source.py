@@ -86,7 +86,7 @@ def test_chunk_state_mma_metal_source_compiles(tmp_path):
 def test_chunk_state_mma_metal_check_can_fail(tmp_path):
     """A tile operation called with a pointer of the wrong type fails the check."""
     body = cl.state_mma_source("metal").replace(
-        "gd_acc_load(sa, S_t + 16 * c, SD);", "gd_acc_load(sa, dims, SD);"
+        "gd_acc_load(sa, S_t + 16 * sv * SD + 16 * c, SD);", "gd_acc_load(sa, dims, SD);"
     )
     assert "gd_acc_load(sa, dims, SD);" in body
     tu = wrap(
@@ -100,16 +100,19 @@ def test_chunk_state_mma_metal_check_can_fail(tmp_path):
     assert compile_errors(tu, tmp_path)
 
 
+@pytest.mark.parametrize("matrix", [False, True], ids=["simt", "mma"])
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
-def test_chunk_prep_metal_source_compiles(tmp_path, fused):
-    body = cl.prep_source("metal", fused)
+def test_chunk_prep_metal_source_compiles(tmp_path, fused, matrix):
+    body = cl.prep_source("metal", fused, matrix)
     inst = [f"{dk}, {cl.CHUNK}, {cl.PREP_THREADS}, {cl.KEY_SLICE}" for dk in (32, 128, 256)]
+    if matrix:
+        inst = [f"{a}, {mp}" for a, mp in zip(inst, (3, 1, 1), strict=True)]
     tu = wrap(
-        cs.prep_name(fused),
+        cs.prep_name(fused, matrix),
         cs.prep_inputs(fused),
         cs.PREP_OUTPUTS,
         body,
-        "int Dk, int C, int NT, int DS",
+        "int Dk, int C, int NT, int DS" + (", int MP" if matrix else ""),
         inst,
     )
     err = compile_errors(tu, tmp_path)

@@ -37,8 +37,8 @@ NAN = float("nan")
 @pytest.fixture(autouse=True, params=[False, True], ids=["simt", "mma"])
 def matrix_state(request, monkeypatch):
     """Every test runs with both state passes: STATE_BODY (fp32 lanes) and STATE_MMA_BODY (the
-    tile layer: tensor cores / simdgroup matrices), whatever MATRIX_STATE's default."""
-    monkeypatch.setattr(cl, "MATRIX_STATE", request.param)
+    tile layer: tensor cores / simdgroup matrices), whatever MATRIX's default."""
+    monkeypatch.setattr(cl, "MATRIX", request.param)
     return request.param
 
 

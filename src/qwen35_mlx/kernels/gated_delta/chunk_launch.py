@@ -24,11 +24,12 @@ BV = 16  # value rows per state-pass threadgroup: B * Hv * Dv / 16 threadgroups
 STATE_THREADS = 256
 PREP_THREADS = 256  # PREP_BODY's 16 x 16 tile grid
 KEY_SLICE = 32  # key columns staged at a time in PREP_BODY
-# The state pass on matrix units (STATE_MMA_BODY: tensor cores on CUDA, simdgroup matrices on
-# Metal) instead of STATE_BODY's fp32 lanes. Off until the lead's H200 run
-# (`benchmarks/chunk_mma_gpu.py`) has checked it against the reference there: the CPU lane
-# emulator and the sm_90 / Metal-stub compiles are all this machine can check.
-MATRIX_STATE = False
+# The chunk kernels on matrix units (tensor cores on CUDA, simdgroup matrices on Metal): the
+# prep kernel's k k^T and q k^T (PREP_BODY with GD_MMA) and the state pass (STATE_MMA_BODY)
+# instead of fp32 lanes. Off until the lead's H200 run (`benchmarks/chunk_mma_gpu.py`) has
+# checked them against the reference there: the CPU lane emulator and the sm_90 / Metal-stub
+# compiles are all this machine can check.
+MATRIX = False
 MMA_BV = 16  # value rows per threadgroup of STATE_MMA_BODY (a multiple of 16)
 # BV = 32 halves the threadgroups' reads of the pieces (each reads the whole chunk's W, Qg, Kw,
 # P for its value rows) but needs 43.5 KB of threadgroup memory at Dk = 128: CUDA only (48 KB),
@@ -259,25 +260,25 @@ def state_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_BODY
 
 
-def prep_source(backend: str, fused: bool = False) -> str:
-    return PROLOGUE[backend] + src.prep_body(fused)
+def prep_source(backend: str, fused: bool = False, matrix: bool = False) -> str:
+    return PROLOGUE[backend] + src.prep_body(fused, matrix)
 
 
 def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
-def operand_precision(y_dtype) -> int:
-    """MP of STATE_MMA_BODY: 3 (three tf32 products, about fp32) for fp32 activations, whose
-    tolerance is fp32's; 1 (tf32 operands) for bf16 / fp16."""
-    return 3 if y_dtype == mx.float32 else 1
+def operand_precision(dtype) -> int:
+    """MP of the matrix kernels: 3 (three tf32 products, about fp32) for fp32 activations,
+    whose tolerance is fp32's; 1 (tf32 operands) for bf16 / fp16."""
+    return 3 if dtype == mx.float32 else 1
 
 
 _kernels: dict[tuple[str, str], object] = {}
 
 
 def _build(backend: str, which: str):
-    """which: "state", "state_mma", "prep" or "prep_fused"."""
+    """which: "state", "state_mma", "prep", "prep_fused", "prep_mma" or "prep_fused_mma"."""
     key = (backend, which)
     if key not in _kernels:
         if which == "state":
@@ -287,9 +288,11 @@ def _build(backend: str, which: str):
             name, ins, outs = src.STATE_MMA_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
             body = state_mma_source(backend)
         else:
-            fused = which == "prep_fused"
-            name, ins, outs = src.prep_name(fused), src.prep_inputs(fused), src.PREP_OUTPUTS
-            body = prep_source(backend, fused)
+            fused = which.startswith("prep_fused")
+            matrix = which.endswith("_mma")
+            name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
+            outs = src.PREP_OUTPUTS
+            body = prep_source(backend, fused, matrix)
         _kernels[key] = _factory(backend)(
             name=name, input_names=ins, output_names=outs, source=body, header=header(backend)
         )
@@ -357,9 +360,10 @@ def prep_ops(q, k, v, g, beta, mask, C: int = CHUNK):
     )
 
 
-def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None):
+def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, matrix=None):
     """The state pass's inputs from PREP_BODY (scalar gates only); same layout as prep_ops.
-    raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel (g, beta unused)."""
+    raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel (g, beta unused).
+    matrix: k k^T and q k^T on the tile layer (None = MATRIX), MP by q's dtype."""
     B, T, _, Dk = q.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -372,9 +376,13 @@ def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=
     else:
         a, b, A_log, dt_bias = raw_gates
         gates, which = [a, b, A_log.astype(f32), dt_bias.astype(f32)], "prep_fused"
+    template = [("Dk", Dk), ("C", C), ("NT", PREP_THREADS), ("DS", KEY_SLICE)]
+    if MATRIX if matrix is None else matrix:
+        which += "_mma"
+        template.append(("MP", operand_precision(q.dtype)))
     return _build(backend, which)(
         inputs=[q, k, v, *gates, mask.astype(mx.bool_)],
-        template=[("Dk", Dk), ("C", C), ("NT", PREP_THREADS), ("DS", KEY_SLICE)],
+        template=template,
         grid=(PREP_THREADS * N, BH, 1),
         threadgroup=(PREP_THREADS, 1, 1),
         output_shapes=[
@@ -404,11 +412,11 @@ def state_pass(
     """The sequential pass over the chunks: returns (y [B, T, Hv, Dv] in y_dtype, state).
     bv: value rows per threadgroup (default BV; a multiple of 4; 32 needs more than Apple's
     32 KB of threadgroup memory at Dk = 128). matrix: STATE_MMA_BODY (True) or STATE_BODY
-    (False); None = MATRIX_STATE. The matrix pass takes bv in MMA_BV_CHOICES[backend] (default
+    (False); None = MATRIX. The matrix pass takes bv in MMA_BV_CHOICES[backend] (default
     MMA_BV), 32 only for Dk <= 128."""
     W, U, Qg, P, Kw, decay = pieces
     B, Hv, Dv, Dk = state.shape
-    if MATRIX_STATE if matrix is None else matrix:
+    if MATRIX if matrix is None else matrix:
         bv = bv or MMA_BV
         if bv not in MMA_BV_CHOICES[backend] or (bv > 16 and Dk > 128):
             raise ValueError(
@@ -482,7 +490,7 @@ def gated_delta_chunk_kernel(
     if prep == "kernel":
         if g.ndim == 4:
             raise ValueError("gated_delta chunk kernel: the prep kernel takes scalar gates only")
-        pieces = prep_kernel(backend, q, k, v, g, beta, mask)
+        pieces = prep_kernel(backend, q, k, v, g, beta, mask, matrix=matrix)
     else:
         pieces = prep_ops(q, k, v, g, beta, mask)
     return state_pass(
@@ -511,7 +519,8 @@ def gated_delta_update_chunk_kernel(
     backend = backend or available_backend()
     if backend is None:
         raise RuntimeError("gated_delta chunk kernel: no Metal or CUDA backend in this MLX")
-    pieces = prep_kernel(backend, q, k, v, None, None, mask, raw_gates=(a, b, A_log, dt_bias))
+    gates = (a, b, A_log, dt_bias)
+    pieces = prep_kernel(backend, q, k, v, None, None, mask, raw_gates=gates, matrix=matrix)
     return state_pass(
         backend,
         pieces,

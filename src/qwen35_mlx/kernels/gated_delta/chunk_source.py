@@ -280,14 +280,17 @@ def prep_inputs(fused: bool) -> list[str]:
     return ["q", "k", "v", *gates, "mask"]
 
 
-def prep_name(fused: bool) -> str:
-    return "gated_delta_chunk_prep" + ("_fused" if fused else "")
+def prep_body(fused: bool, matrix: bool = False) -> str:
+    """PREP_BODY behind its two switches: GD_FUSED 1 computes the gates in the kernel, as the
+    fused recurrent kernel does: beta = sigmoid(b), g = exp(-exp(A_log) softplus(a + dt_bias)),
+    fp32; GD_MMA 1 computes k k^T and q k^T on the tile layer (template argument MP, as
+    STATE_MMA_BODY's)."""
+    defs = f"\n#define GD_FUSED {int(fused)}\n#define GD_MMA {int(matrix)}\n"
+    return defs + PREP_BODY + "#undef GD_FUSED\n#undef GD_MMA\n"
 
 
-def prep_body(fused: bool) -> str:
-    """PREP_BODY behind its one switch: GD_FUSED 1 computes the gates in the kernel, as the fused
-    recurrent kernel does: beta = sigmoid(b), g = exp(-exp(A_log) softplus(a + dt_bias)), fp32."""
-    return f"\n#define GD_FUSED {int(fused)}\n" + PREP_BODY + "#undef GD_FUSED\n"
+def prep_name(fused: bool, matrix: bool = False) -> str:
+    return "gated_delta_chunk_prep" + ("_fused" if fused else "") + ("_mma" if matrix else "")
 
 
 # The intra-chunk pieces for scalar gates, one threadgroup per (chunk, batch x value head), in
@@ -374,6 +377,73 @@ PREP_BODY = """
     }
   }
 
+#if GD_MMA
+  // 2. (matrix units) k k^T and q k^T as 16 x 16 tiles: warp w holds tile row w / 2, tile
+  // columns 2 (w % 2) and 2 (w % 2) + 1 of both (tiles above the diagonal skipped: A and P are
+  // 0 there), k and q staged transposed as below (A(i, d) = k_i[d] = buf[d CS + i]).
+  static_assert(C == 64 && NT == 256, "GD_MMA: 8 warps, 2 x 2 tiles of each product");
+  const int w = tid / 32;
+  const int tr = w / 2;
+  gd_acc kk[2];
+  gd_acc qk[2];
+  for (int c = 0; c < 2; ++c) {
+    gd_acc_zero(kk[c]);
+    gd_acc_zero(qk[c]);
+  }
+  for (int d0 = 0; d0 < Dk; d0 += DS) {
+    gd_barrier();
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int d = e % DS;
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d;
+      const bool valid = ok[i] != 0.0f;
+      buf[d * CS + i] = valid ? static_cast<float>(k[off]) : 0.0f;
+      buf[(DS + d) * CS + i] = valid ? static_cast<float>(q[off]) : 0.0f;
+    }
+    gd_barrier();
+    for (int c = 0; c < 2; ++c) {
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) {
+        gd_mma<MP, true, false>(kk[c], buf + 16 * tr, CS, buf + 16 * tc, CS, DS);
+        gd_mma<MP, true, false>(qk[c], buf + DS * CS + 16 * tr, CS, buf + 16 * tc, CS, DS);
+      }
+    }
+  }
+  // P = D q k^T, then A = beta D k k^T, each product staged in buf (the slices are done with),
+  // D_ij = prod_{j<l<=i} g_l as below; every element written by selection (j > i: 0).
+  for (int pass = 0; pass < 2; ++pass) {
+    gd_barrier();
+    for (int c = 0; c < 2; ++c) {
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) gd_acc_store(pass == 0 ? qk[c] : kk[c], buf + 16 * tr * CP + 16 * tc, CP);
+    }
+    gd_barrier();
+    for (int e = tid; e < C * C; e += NT) {
+      const int i = e / C;
+      const int j = e % C;
+      float dij = 0.0f;
+      if (j <= i) {
+        if (gam[i] > 0.0f && gam[j] > 0.0f) {
+          dij = gam[i] / gam[j];
+        } else {
+          dij = 1.0f;
+          for (int l = j + 1; l <= i; ++l) {
+            dij *= gs[l];
+            dij = dij < tiny ? 0.0f : dij;
+          }
+        }
+        dij = dij < tiny ? 0.0f : dij;
+      }
+      if (pass == 0) {
+        P[(rn + i) * C + j] = j <= i ? dij * buf[i * CP + j] : 0.0f;
+      } else {
+        buf[i * CP + j] = j < i ? bs[i] * dij * buf[i * CP + j] : 0.0f;
+      }
+    }
+  }
+  gd_barrier();
+#else
   // 2. k k^T and q k^T (the barrier at the top of the slice loop also publishes gam / wts).
   // Thread (ti, tj) computes rows 4 ti .. 4 ti + 3 against columns 4 tj .. 4 tj + 3, reading
   // k and q staged transposed ([d][row], rows contiguous) four rows at a time.
@@ -460,6 +530,8 @@ PREP_BODY = """
     }
   }
   gd_barrier();
+
+#endif
 
   // 3. (I + A) X = [beta v | beta gamma k], column by column
   for (int col = tid; col < Dv + Dk; col += NT) {
