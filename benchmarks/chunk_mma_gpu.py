@@ -7,19 +7,23 @@ against the references, time, print one table.
 1. The tile layer alone (chunk_launch._TILES) against float64: every operand layout, MP 1 / 3.
 2. Correctness, B = 2 (row 0 unmasked, row 1 left padding and a hole in the middle), a nonzero
    initial state, the raw gates (gated_delta_update's path, gates computed in the prep kernel),
-   Hv 16 / 32 / 64 x T 512 ... 32768 (Hk 16, Dk = Dv = 128): the chunked path with the matrix
-   state pass ("mma") and with the fp32-lane one ("simt"), fp32 and bf16 activations, against
+   Hv 16 / 32 / 64 x T 512 ... 32768 (Hk 16, Dk = Dv = 128): the chunked path on matrix units
+   ("mma": chunk_launch.MATRIX on) and on fp32 lanes ("simt"), fp32 and bf16 activations, against
    the fused recurrent kernel (same dtype, the module's tolerance for the dtype) and, for
    T <= 2048, the float64 loop (vectorised over heads) at fp32.
 3. Timing, B = 1, bf16, the benchmarks' gates (bench_gated_delta.py): ours fused recurrent kernel,
-   ours chunked with each state pass, the parts (prep kernel with the gates inside; each state
-   pass alone; the matrix one also with 32 value rows per threadgroup on CUDA), and
+   ours chunked on matrix units ("mma": prep products and state pass) and on fp32 lanes
+   ("simt"), the parts (each prep kernel with the gates inside; each state pass alone; the matrix
+   one also with 32 value rows per threadgroup on CUDA), and
    flash-linear-attention's chunk_gated_delta_rule (torch; skipped where it does not import),
    T in {2048, 8192, 32768}, Hv 16 / 32 / 64 (--quick: Hv 32 only). Each
    contender: n calls chained through the state in one evaluated graph (torch: queued, then
    synchronised), contenders interleaved, best of 3 repeats, ms per call.
 
-Exit status 1 if any check fails (the timings still print). JSON of everything to --out.
+Ends with what to set: chunk_launch.MATRIX = True if every check passed, and the smallest T
+from which "chunked mma" beats "ours fused" at every Hv (kernels/gated_delta/__init__.py
+_GPU_CHUNKED_MIN_T; measured T only). Exit status 1 if any check fails (the timings still
+print). JSON of everything to --out.
 """
 
 from __future__ import annotations
@@ -209,14 +213,18 @@ def _timers(backend: str, shape: Shape, fla) -> dict:
     def state(matrix, bv=None):
         return lambda s: cl.state_pass(backend, pieces, s, shape.T, v.dtype, matrix=matrix, bv=bv)
 
-    def prep(s):
-        return cl.prep_kernel(backend, q, k, v, None, None, None, raw_gates=gates)[0], s
+    def prep(matrix):
+        return lambda s: (
+            cl.prep_kernel(backend, q, k, v, None, None, None, raw_gates=gates, matrix=matrix)[0],
+            s,
+        )
 
     steps = {
         "ours fused": lambda s: fused.gated_delta_update_kernel(q, k, v, *gates, s),
         "chunked mma": chunk(True),
         "chunked simt": chunk(False),
-        "prep kernel": prep,
+        "prep mma": prep(True),
+        "prep simt": prep(False),
         "state mma": state(True),
         "state simt": state(False),
     }
@@ -294,6 +302,17 @@ def main(argv=None) -> int:
     print(table(times))
     failed = [r for r in tiles + checks if not r["ok"]]
     print(f"checks: {len(tiles) + len(checks) - len(failed)} ok, {len(failed)} failed")
+    if failed:
+        print("keep chunk_launch.MATRIX = False (a check failed)")
+    else:
+        print("every check passed: chunk_launch.MATRIX = True may be set")
+    wins = {}
+    for r in times:
+        wins.setdefault(r["T"], []).append(r["ms"]["chunked mma"] < r["ms"]["ours fused"])
+    ok = [T for T in sorted(wins) if all(all(wins[u]) for u in wins if u >= T)]
+    print(
+        f"suggested _GPU_CHUNKED_MIN_T: {ok[0] if ok else 'None (the fused kernel wins somewhere)'}"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
