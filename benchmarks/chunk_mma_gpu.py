@@ -13,10 +13,11 @@ against the references, time, print one table.
    T <= 2048, the float64 loop (vectorised over heads) at fp32.
 3. Timing, B = 1, bf16, the benchmarks' gates (bench_gated_delta.py): ours fused recurrent kernel,
    ours chunked on matrix units ("mma": prep products and state pass) and on fp32 lanes
-   ("simt"), the parts (each prep kernel with the gates inside; each state pass alone; the matrix
-   one also with 32 value rows per threadgroup on CUDA), and
-   flash-linear-attention's chunk_gated_delta_rule (torch; skipped where it does not import),
-   T in {2048, 8192, 32768}, Hv 16 / 32 / 64 (--quick: Hv 32 only). Each
+   ("simt"), the matrix path with MP 3 (three tf32 products) instead of bf16's MP 1, the
+   parts (each prep kernel with the gates inside; each state pass alone; the matrix one also
+   with 32 value rows per threadgroup on CUDA), and flash-linear-attention's
+   chunk_gated_delta_rule (torch; skipped where it does not import), T in {2048, 8192, 32768},
+   Hv 16 / 32 / 64 (--quick: Hv 32 only). Each
    contender: n calls chained through the state in one evaluated graph (torch: queued, then
    synchronised), contenders interleaved, best of 3 repeats, ms per call.
 
@@ -219,9 +220,19 @@ def _timers(backend: str, shape: Shape, fla) -> dict:
             s,
         )
 
+    def mp3(s):
+        """The matrix path with three tf32 products (MP 3) although the activations are bf16."""
+        old = cl.MATRIX_PRECISION
+        cl.MATRIX_PRECISION = 3
+        try:
+            return chunk(True)(s)
+        finally:
+            cl.MATRIX_PRECISION = old
+
     steps = {
         "ours fused": lambda s: fused.gated_delta_update_kernel(q, k, v, *gates, s),
         "chunked mma": chunk(True),
+        "chunked mma mp3": mp3,
         "chunked simt": chunk(False),
         "prep mma": prep(True),
         "prep simt": prep(False),

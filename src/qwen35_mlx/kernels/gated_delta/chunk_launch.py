@@ -268,9 +268,17 @@ def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
+# MP of the matrix kernels for every dtype (1 or 3), or None: by the activations' dtype
+# (operand_precision). For measurements (benchmarks/chunk_mma_gpu.py times bf16 with MP 3 too).
+MATRIX_PRECISION: int | None = None
+
+
 def operand_precision(dtype) -> int:
     """MP of the matrix kernels: 3 (three tf32 products, about fp32) for fp32 activations,
-    whose tolerance is fp32's; 1 (tf32 operands) for bf16 / fp16."""
+    whose tolerance is fp32's; 1 (tf32 operands) for bf16 / fp16 (whose q, k are exact in
+    tf32, so the prep's products lose nothing). MATRIX_PRECISION overrides it."""
+    if MATRIX_PRECISION is not None:
+        return MATRIX_PRECISION
     return 3 if dtype == mx.float32 else 1
 
 
