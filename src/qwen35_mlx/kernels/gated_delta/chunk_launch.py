@@ -7,6 +7,9 @@ Work split (benchmarks/NOTES.md "Chunked GPU kernel"):
           MLX-ops pieces of `chunked.py` instead (not the Qwen3.5 path; correctness only).
   state   one threadgroup per (batch x value head, BV value rows) loops over the chunks with
           its state tile on chip and writes y and the final state (STATE_BODY).
+Both have a matrix-unit variant behind MATRIX (the prep's k k^T / q k^T, and STATE_MMA_BODY),
+over the tile layer `_TILES`: tensor cores (mma.sync tf32 by inline PTX) on CUDA, simdgroup
+matrices on Metal, one kernel text for both.
 Shapes as everywhere in the module: q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g [B, T, Hv] or
 [B, T, Hv, Dk]; beta [B, T, Hv]; state [B, Hv, Dv, Dk] fp32; mask [B, T] bool.
 """
