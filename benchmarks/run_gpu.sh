@@ -13,6 +13,10 @@
 #   benchmarks/run_gpu.sh chunk-tests  # the chunk kernels' GPU tests only (about 2-4 min)
 #   benchmarks/run_gpu.sh chunk-parts  # the chunk path's parts (prep, state pass per BV) and
 #                                      # the fused/chunked crossover, Hv 16/32/64 (about 2 min)
+#   benchmarks/run_gpu.sh chunk-mma  # the matrix-unit state pass: tile layer and chunked path
+#                                    # checked against the fused kernel / float64 (Hv 16/32/64,
+#                                    # T 512..32768, masks, initial state), then timed against
+#                                    # the fused kernel and FLA's chunk kernel (about 5 min)
 #   benchmarks/run_gpu.sh chunk     # prefill T = 512 ... 32768 x Hv = 16 ... 64: ours fused and
 #                                   # chunked kernels, FLA chunk / fused_recurrent, mlx-lm ops
 #                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
@@ -31,10 +35,10 @@
 set -euo pipefail
 step=${1:-}
 case "$step" in
-  tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts) ;;
+  tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts | chunk-mma) ;;
   diet-tests | diet-kernel | diet-bench) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|diet-tests|diet-kernel|diet-bench" >&2
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench" >&2
     exit 2
     ;;
 esac
@@ -87,6 +91,9 @@ case "$step" in
   chunk-parts)
     python3 benchmarks/bench_chunk_parts.py --out "$out/chunk_parts.json" 2>&1 |
       tee "$out/chunk_parts.log"
+    ;;
+  chunk-mma)
+    python3 benchmarks/chunk_mma_gpu.py --out "$out" 2>&1 | tee "$out/chunk_mma.log"
     ;;
   chunk)
     # The slow token-by-token peers stop early (and say so in the table): mlx-lm's ops path

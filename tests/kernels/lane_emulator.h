@@ -137,3 +137,62 @@ inline void run_blocks(dim3 blocks, unsigned threads, const std::function<void()
       for (auto& th : pool) th.join();
     }
 }
+
+// The chunk kernels' tile layer (chunk_launch._TILES, STATE_MMA_BODY): a warp's 16 x 16 fp32
+// accumulator with CUDA's mma.m16n8k8 fragment layout (lane 4 g + t holds rows g, g + 8 and
+// columns 2 t, 2 t + 1 of each 8-column half). Each lane computes its own elements from the
+// operands in memory, rounding them to tf32 as the tensor cores see them: MP 1 rounds each
+// operand (cvt.rna: to nearest, ties away from zero, 10-bit mantissa), MP 3 adds the three
+// products of the high and low tf32 parts (hi hi + hi lo + lo hi). Each step of 8 products is
+// summed in float and added to the accumulator.
+struct gd_acc {
+  float c[2][4];
+};
+inline float gd_tf32_round(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+inline void gd_acc_zero(gd_acc& x) {
+  for (auto& h : x.c)
+    for (float& e : h) e = 0.0f;
+}
+template <typename P>
+inline void gd_acc_load(gd_acc& x, P p, int ld) {
+  const int g = int(threadIdx.x % 32) / 4, t = int(threadIdx.x % 4);
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 4; ++e) x.c[h][e] = p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)];
+}
+template <typename P>
+inline void gd_acc_store(gd_acc& x, P p, int ld) {
+  const int g = int(threadIdx.x % 32) / 4, t = int(threadIdx.x % 4);
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 4; ++e) p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)] = x.c[h][e];
+}
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+inline void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  static_assert(MP == 1 || MP == 3, "MP: 1 (tf32) or 3 (3 x tf32)");
+  const int g = int(threadIdx.x % 32) / 4, t = int(threadIdx.x % 4);
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 4; ++e) {
+      const int i = g + 8 * (e >> 1), j = 8 * h + 2 * t + (e & 1);
+      for (int k0 = 0; k0 < K; k0 += 8) {
+        float s = 0.0f;
+        for (int k = k0; k < k0 + 8; ++k) {
+          const float a = TA ? A[k * lda + i] : A[i * lda + k];
+          const float b = TB ? B[j * ldb + k] : B[k * ldb + j];
+          const float ah = gd_tf32_round(a), bh = gd_tf32_round(b);
+          if (MP == 3) {
+            const float al = gd_tf32_round(a - ah), bl = gd_tf32_round(b - bh);
+            s += al * bh + ah * bl + ah * bh;
+          } else {
+            s += ah * bh;
+          }
+        }
+        x.c[h][e] += s;
+      }
+    }
+}

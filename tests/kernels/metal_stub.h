@@ -57,3 +57,30 @@ void threadgroup_barrier(mem_flags flags);
 // Threadgroup barrier (the chunk kernels).
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
 void threadgroup_barrier(mem_flags flags);
+
+// simdgroup matrices (the chunk kernels' tile layer): the declarations it uses.
+using ulong = unsigned long;
+struct ulong2 {
+  ulong x, y;
+  ulong2(ulong x_, ulong y_) : x(x_), y(y_) {}
+};
+template <typename T, int Cols, int Rows>
+struct simdgroup_matrix {
+  simdgroup_matrix() = default;
+};
+using simdgroup_float8x8 = simdgroup_matrix<float, 8, 8>;
+template <typename T, int Cols, int Rows>
+simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value);
+template <typename T, int Cols, int Rows>
+void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const T* src,
+                    ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0, 0),
+                    bool transpose_matrix = false);
+template <typename T, int Cols, int Rows>
+void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& a, T* dst,
+                     ulong elements_per_row = Cols, ulong2 matrix_origin = ulong2(0, 0),
+                     bool transpose_matrix = false);
+template <typename T, int K, int Cols, int Rows>
+void simdgroup_multiply_accumulate(simdgroup_matrix<T, Cols, Rows>& d,
+                                   const simdgroup_matrix<T, K, Rows>& a,
+                                   const simdgroup_matrix<T, Cols, K>& b,
+                                   const simdgroup_matrix<T, Cols, Rows>& c);

@@ -69,6 +69,25 @@ void kernel(const float* q, const float* k, const float* v, const float* a, cons
 }}
 }}  // namespace prep_fused
 
+namespace prep_mma {{
+template <int Dk, int C, int NT, int DS, int MP>
+void kernel(const float* q, const float* k, const float* v, const float* g, const float* beta,
+            const bool* mask, const int* q_shape, const int* v_shape, float* W, float* U,
+            float* Qg, float* P, float* Kw, float* decay) {{
+{prep_mma}
+}}
+}}  // namespace prep_mma
+
+namespace prep_fused_mma {{
+template <int Dk, int C, int NT, int DS, int MP>
+void kernel(const float* q, const float* k, const float* v, const float* a, const float* b,
+            const float* A_log, const float* dt_bias, const bool* mask, const int* q_shape,
+            const int* v_shape, float* W, float* U, float* Qg, float* P, float* Kw,
+            float* decay) {{
+{prep_fused_mma}
+}}
+}}  // namespace prep_fused_mma
+
 namespace state {{
 template <int Dk, int BV, int C, int NT, int PF, typename YT>
 void kernel(const float* W, const float* U, const float* Qg, const float* P, const float* Kw,
@@ -78,26 +97,46 @@ void kernel(const float* W, const float* U, const float* Qg, const float* P, con
 }}
 }}  // namespace state
 
-// prep|prep_fused DIR Dk B T Hk Hv Dv | state DIR Dk B T Hv Dv N
+namespace state_mma {{
+template <int Dk, int BV, int C, int NT, int MP, int PF, typename YT>
+void kernel(const float* W, const float* U, const float* Qg, const float* P, const float* Kw,
+            const float* decay, const float* state_in, const int* dims, const int* U_shape,
+            YT* y, float* state_out) {{
+{state_mma}
+}}
+}}  // namespace state_mma
+
+// prep|prep_fused|prep_mma|prep_fused_mma DIR Dk B T Hk Hv Dv (the _mma ones with MP 3)
+// | state|state_mma1|state_mma3|state_mma3_bv32 DIR Dk B T Hv Dv N
 template <int Dk>
 void run(char** argv) {{
   const std::string what = argv[1], d = std::string(argv[2]) + "/";
   constexpr int C = {C};
   argv += 1;
-  if (what == "prep" || what == "prep_fused") {{
+  if (what.rfind("prep", 0) == 0) {{
     const int B = std::stoi(argv[3]), T = std::stoi(argv[4]), Hk = std::stoi(argv[5]);
     const int Hv = std::stoi(argv[6]), Dv = std::stoi(argv[7]);
     const int N = (T + C - 1) / C, BH = B * Hv;
     const int q_shape[4] = {{B, T, Hk, Dk}}, v_shape[4] = {{B, T, Hv, Dv}};
     auto q = read(d + "q"), k = read(d + "k"), v = read(d + "v"), mask = read(d + "mask");
-    const bool fused = what == "prep_fused";
+    const bool fused = what.rfind("prep_fused", 0) == 0;
+    const bool mma = what.size() > 4 && what.substr(what.size() - 4) == "_mma";
     auto g = read(d + (fused ? "a" : "g")), beta = read(d + (fused ? "b" : "beta"));
     auto A_log = fused ? read(d + "A_log") : g, dt_bias = fused ? read(d + "dt_bias") : g;
     const size_t rows = size_t(BH) * N * C;
     std::vector<float> W(rows * Dk, NAN), U(rows * Dv, NAN), Qg(rows * Dk, NAN);
     std::vector<float> P(rows * C, NAN), Kw(rows * Dk, NAN), dec(size_t(BH) * N * Dk, NAN);
     run_blocks({{unsigned(N), unsigned(BH), 1}}, {prep_threads}, [&] {{
-      if (fused) {{
+      if (fused && mma) {{
+        prep_fused_mma::kernel<Dk, C, {prep_threads}, {slice}, 3>(as<float>(q), as<float>(k),
+            as<float>(v), as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias),
+            as<bool>(mask), q_shape, v_shape, W.data(), U.data(), Qg.data(), P.data(),
+            Kw.data(), dec.data());
+      }} else if (mma) {{
+        prep_mma::kernel<Dk, C, {prep_threads}, {slice}, 3>(as<float>(q), as<float>(k),
+            as<float>(v), as<float>(g), as<float>(beta), as<bool>(mask), q_shape, v_shape,
+            W.data(), U.data(), Qg.data(), P.data(), Kw.data(), dec.data());
+      }} else if (fused) {{
         prep_fused::kernel<Dk, C, {prep_threads}, {slice}>(as<float>(q), as<float>(k),
             as<float>(v), as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias),
             as<bool>(mask), q_shape, v_shape, W.data(), U.data(), Qg.data(), P.data(),
@@ -117,12 +156,35 @@ void run(char** argv) {{
     auto W = read(d + "W"), U = read(d + "U"), Qg = read(d + "Qg"), P = read(d + "P");
     auto Kw = read(d + "Kw"), dec = read(d + "decay"), s0 = read(d + "state_in");
     std::vector<float> y(size_t(B) * T * Hv * Dv, NAN), s(size_t(B) * Hv * Dv * Dk, NAN);
-    const unsigned tiles = (Dv + {bv} - 1) / {bv};
-    run_blocks({{unsigned(B * Hv), tiles, 1}}, {state_threads}, [&] {{
-      state::kernel<Dk, {bv}, C, {state_threads}, 1, float>(as<float>(W), as<float>(U),
-          as<float>(Qg), as<float>(P), as<float>(Kw), as<float>(dec), as<float>(s0), dims,
-          U_shape, y.data(), s.data());
-    }});
+    if (what == "state") {{
+      const unsigned tiles = (Dv + {bv} - 1) / {bv};
+      run_blocks({{unsigned(B * Hv), tiles, 1}}, {state_threads}, [&] {{
+        state::kernel<Dk, {bv}, C, {state_threads}, 1, float>(as<float>(W), as<float>(U),
+            as<float>(Qg), as<float>(P), as<float>(Kw), as<float>(dec), as<float>(s0), dims,
+            U_shape, y.data(), s.data());
+      }});
+    }} else if (what == "state_mma3_bv32") {{
+      const unsigned tiles = (Dv + 31) / 32;
+      run_blocks({{unsigned(B * Hv), tiles, 1}}, {mma_threads32}, [&] {{
+        state_mma::kernel<Dk, 32, C, {mma_threads32}, 3, 1, float>(as<float>(W), as<float>(U),
+            as<float>(Qg), as<float>(P), as<float>(Kw), as<float>(dec), as<float>(s0), dims,
+            U_shape, y.data(), s.data());
+      }});
+    }} else {{
+      const unsigned tiles = (Dv + {mma_bv} - 1) / {mma_bv};
+      const bool mp3 = what == "state_mma3";
+      run_blocks({{unsigned(B * Hv), tiles, 1}}, {mma_threads}, [&] {{
+        if (mp3) {{
+          state_mma::kernel<Dk, {mma_bv}, C, {mma_threads}, 3, 1, float>(as<float>(W),
+              as<float>(U), as<float>(Qg), as<float>(P), as<float>(Kw), as<float>(dec),
+              as<float>(s0), dims, U_shape, y.data(), s.data());
+        }} else {{
+          state_mma::kernel<Dk, {mma_bv}, C, {mma_threads}, 1, 1, float>(as<float>(W),
+              as<float>(U), as<float>(Qg), as<float>(P), as<float>(Kw), as<float>(dec),
+              as<float>(s0), dims, U_shape, y.data(), s.data());
+        }}
+      }});
+    }}
     write(d + "y", y); write(d + "state_out", s);
   }}
 }}
@@ -144,7 +206,13 @@ def program(tmp_path_factory) -> Path:
         emulator=EMULATOR,
         prep=cl.prep_source("cuda"),
         prep_fused=cl.prep_source("cuda", fused=True),
+        prep_mma=cl.prep_source("cuda", matrix=True),
+        prep_fused_mma=cl.prep_source("cuda", fused=True, matrix=True),
         state=cl.state_source("cuda"),
+        state_mma=cl.state_mma_source("cuda"),
+        mma_bv=cl.MMA_BV,
+        mma_threads=cl.MMA_THREADS,
+        mma_threads32=cl.mma_threads(32),
         C=C,
         prep_threads=cl.PREP_THREADS,
         state_threads=cl.STATE_THREADS,
@@ -158,7 +226,7 @@ def _f32(x) -> np.ndarray:
     return np.asarray(x.astype(mx.float32) if isinstance(x, mx.array) else x, np.float32)
 
 
-def run_prep(program, tmp, q, k, v, g, beta, mask):
+def run_prep(program, tmp, q, k, v, g, beta, mask, which="prep"):
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     if mask is None:
@@ -167,7 +235,7 @@ def run_prep(program, tmp, q, k, v, g, beta, mask):
         (tmp / name).write_bytes(_f32(x).tobytes())
     (tmp / "mask").write_bytes(np.asarray(mask, dtype=bool).tobytes())
     dims = [Dk, B, T, Hk, Hv, Dv]
-    subprocess.run([str(program), "prep", str(tmp), *map(str, dims)], check=True, timeout=300)
+    subprocess.run([str(program), which, str(tmp), *map(str, dims)], check=True, timeout=300)
     N = -(-T // C)
     shapes = {
         "W": (B * Hv, N * C, Dk),
@@ -180,14 +248,14 @@ def run_prep(program, tmp, q, k, v, g, beta, mask):
     return tuple(np.fromfile(tmp / n, np.float32).reshape(s) for n, s in shapes.items())
 
 
-def run_state(program, tmp, pieces, state, T):
+def run_state(program, tmp, pieces, state, T, which="state"):
     B, Hv, Dv, Dk = state.shape
     for name, x in zip(cs.PREP_OUTPUTS, pieces, strict=True):
         (tmp / name).write_bytes(_f32(x).tobytes())
     (tmp / "state_in").write_bytes(_f32(state).tobytes())
     N = pieces[0].shape[1] // C
     dims = [Dk, B, T, Hv, Dv, N]
-    subprocess.run([str(program), "state", str(tmp), *map(str, dims)], check=True, timeout=300)
+    subprocess.run([str(program), which, str(tmp), *map(str, dims)], check=True, timeout=300)
     y = np.fromfile(tmp / "y", np.float32).reshape(B, T, Hv, Dv)
     s = np.fromfile(tmp / "state_out", np.float32).reshape(B, Hv, Dv, Dk)
     return y, s
@@ -301,15 +369,35 @@ class EmulatedKernel:
             arr = np.asarray(a.astype(mx.float32) if dt is np.float32 else a, dt)
             (self.tmp / n).write_bytes(arr.tobytes())
         tpl = dict(template)
-        if self.name in (cs.prep_name(False), cs.prep_name(True)):
+        preps = {cs.prep_name(f, m): (f, m) for f in (False, True) for m in (False, True)}
+        if self.name in preps:
+            fused, mma = preps[self.name]
             B, T, Hk, Dk = x["q"].shape
             Hv, Dv = x["v"].shape[2:]
             N = -(-T // C)
-            assert tpl == {"Dk": Dk, "C": C, "NT": cl.PREP_THREADS, "DS": cl.KEY_SLICE}
+            want = {"Dk": Dk, "C": C, "NT": cl.PREP_THREADS, "DS": cl.KEY_SLICE}
+            assert tpl == (want | {"MP": 3} if mma else want)
             assert grid == (cl.PREP_THREADS * N, B * Hv, 1)
             assert threadgroup == (cl.PREP_THREADS, 1, 1)
-            which = "prep_fused" if self.name == cs.prep_name(True) else "prep"
+            which = "prep" + ("_fused" if fused else "") + ("_mma" if mma else "")
             args = [which, Dk, B, T, Hk, Hv, Dv]
+        elif self.name == cs.STATE_MMA_NAME:
+            B, Hv, Dv, Dk = x["state_in"].shape
+            T = int(np.asarray(x["dims"])[0])
+            N = x["U"].shape[2] // C
+            assert x["U"].shape == (B, Hv, N * C, Dv)
+            assert tpl == {
+                "Dk": Dk,
+                "BV": 16,
+                "C": C,
+                "NT": cl.MMA_THREADS,
+                "MP": 3,  # fp32 activations
+                "PF": cl.PREFETCH,
+                "YT": mx.float32,
+            }
+            assert grid == (cl.MMA_THREADS * B * Hv, -(-Dv // 16), 1)
+            assert threadgroup == (cl.MMA_THREADS, 1, 1)
+            args = ["state_mma3", Dk, B, T, Hv, Dv, N]
         else:
             B, Hv, Dv, Dk = x["state_in"].shape
             T = int(np.asarray(x["dims"])[0])
@@ -329,13 +417,15 @@ class EmulatedKernel:
         return outs
 
 
+@pytest.mark.parametrize("matrix", [False, True], ids=["simt", "mma"])
 @pytest.mark.parametrize("prep", ["kernel", "ops"])
 @pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
-def test_host_launch_through_emulator(program, tmp_path, monkeypatch, prep, per_key):
+def test_host_launch_through_emulator(program, tmp_path, monkeypatch, prep, per_key, matrix):
     """gated_delta_chunk_kernel's host side (input order, shapes, grids, template arguments)
-    with the kernels run by the emulator."""
+    with the kernels run by the emulator; both state passes (MATRIX off and on)."""
     if per_key and prep == "kernel":
         pytest.skip("the prep kernel takes scalar gates only")
+    monkeypatch.setattr(cl, "MATRIX", matrix)
     monkeypatch.setattr(cl, "_kernels", {})
     monkeypatch.setattr(
         cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)
@@ -349,9 +439,11 @@ def test_host_launch_through_emulator(program, tmp_path, monkeypatch, prep, per_
     _check((np.asarray(y), np.asarray(s)), gated_delta_np(q, k, v, g, beta, state, mask))
 
 
-def test_fused_gating_prep_through_emulator(program, tmp_path, monkeypatch):
+@pytest.mark.parametrize("matrix", [False, True], ids=["simt", "mma"])
+def test_fused_gating_prep_through_emulator(program, tmp_path, monkeypatch, matrix):
     """gated_delta_update_chunk_kernel: the gates computed in the prep kernel (fused variant)
     match compute_gates + the float64 loop, including gates that underflow to exactly 0."""
+    monkeypatch.setattr(cl, "MATRIX", matrix)
     monkeypatch.setattr(cl, "_kernels", {})
     monkeypatch.setattr(
         cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)
@@ -384,3 +476,114 @@ def test_prep_ops_per_key_groups_equal_one_group(monkeypatch):
     monkeypatch.setattr(ch, "_PER_KEY_GROUP_ELEMS", 2 * 2 * C * C * 32)
     for a, b in zip(whole, cl.prep_ops(*x[:5], mask), strict=True):
         assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# The state pass on matrix units (STATE_MMA_BODY), its tile operations emulated with CUDA's
+# fragment layout and tf32 roundings (lane_emulator.h): MP 3 (three tf32 products) is the fp32
+# activations' variant and must meet fp32's tolerance; MP 1 (tf32 operands) is bf16 / fp16's.
+
+
+@pytest.mark.parametrize(
+    "shape,masked",
+    CASES,
+    ids=lambda c: (
+        "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*c) if isinstance(c, tuple) else ("mask" if c else "nomask")
+    ),
+)
+def test_state_mma_kernel_matches_numpy(program, tmp_path, shape, masked):
+    """Both threadgroup widths (16 value rows; 32, CUDA only: Dv below, at and above it)."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad" if masked else None)
+    pieces = run_prep(program, tmp_path, q, k, v, g, beta, mask)
+    want = gated_delta_np(q, k, v, g, beta, state, mask)
+    for which in ("state_mma3", "state_mma3_bv32"):
+        got = run_state(program, tmp_path, pieces, state, T, which)
+        _check(got, want)
+        if mask is not None:
+            assert not np.any(got[0][~np.asarray(mask)])
+
+
+@pytest.mark.parametrize(
+    "shape,masked",
+    CASES,
+    ids=lambda c: (
+        "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*c) if isinstance(c, tuple) else ("mask" if c else "nomask")
+    ),
+)
+def test_prep_mma_kernel_matches_ops_and_numpy(program, tmp_path, shape, masked):
+    """PREP_BODY with GD_MMA (k k^T, q k^T on the tile layer, MP 3): its pieces against the
+    MLX-ops pieces, then with the matrix state pass against the float64 loop."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad" if masked else None)
+    pieces = run_prep(program, tmp_path, q, k, v, g, beta, mask, "prep_mma")
+    with mx.stream(mx.cpu):
+        want = [np.asarray(x) for x in cl.prep_ops(q, k, v, g, beta, mask)]
+    for name, got, ref in zip(cs.PREP_OUTPUTS, pieces, want, strict=True):
+        assert np.isfinite(got).all(), name
+        assert rel_err(got, ref) < TOL, name
+    got = run_state(program, tmp_path, pieces, state, T, "state_mma3")
+    _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
+
+
+def test_prep_mma_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path):
+    B, T, Hk, Hv, Dv = 2, 130, 1, 2, 16
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv, g_range=(1e-4, 0.05))
+    g = np.array(g)
+    g[0, 5] = g[1, 64] = 0.0
+    g[0, 100:] = np.random.default_rng(0).uniform(0.8, 1.0, g[0, 100:].shape)
+    g = mx.array(g)
+    mask = _mask(B, T, "pad")
+    want = gated_delta_np(q, k, v, g, beta, state, mask)
+    pad = ~mask
+    nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
+    bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
+    pieces = run_prep(program, tmp_path, *bad, mask, "prep_mma")
+    _check(run_state(program, tmp_path, pieces, state, T, "state_mma3"), want)
+
+
+@pytest.mark.parametrize(
+    "shape", [SHAPES[1], SHAPES[5]], ids=lambda s: "B{}T{}Dk{}".format(*s[:2], s[4])
+)
+def test_state_mma_kernel_per_key_gates_matches_numpy(program, tmp_path, shape):
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv, per_key=True)
+    mask = _mask(B, T, "pad")
+    with mx.stream(mx.cpu):
+        pieces = [np.asarray(x) for x in cl.prep_ops(q, k, v, g, beta, mask)]
+    got = run_state(program, tmp_path, pieces, state, T, "state_mma3")
+    _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
+
+
+def test_state_mma_kernel_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path):
+    B, T, Hk, Hv, Dv = 2, 130, 1, 2, 16
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv, g_range=(1e-4, 0.05))
+    g = np.array(g)
+    g[0, 5] = g[1, 64] = 0.0
+    g[0, 100:] = np.random.default_rng(0).uniform(0.8, 1.0, g[0, 100:].shape)
+    g = mx.array(g)
+    mask = _mask(B, T, "pad")
+    want = gated_delta_np(q, k, v, g, beta, state, mask)
+    pad = ~mask
+    nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
+    bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
+    pieces = run_prep(program, tmp_path, *bad, mask)
+    _check(run_state(program, tmp_path, pieces, state, T, "state_mma3"), want)
+
+
+def test_state_mma_tf32_operands_within_bf16_tolerance_not_fp32(program, tmp_path):
+    """MP 1 (what bf16 / fp16 activations run): one tf32 product per term. Its error must fit
+    the bf16 tolerance, and (a check that the emulated rounding is real) miss fp32's, which
+    MP 3 meets on the same inputs. Dk = 128, 200 steps (4 chunks: the state carries the error)."""
+    B, T, Hk, Hv, Dk, Dv = 1, 200, 1, 2, 128, 32
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    y_np, s_np = gated_delta_np(q, k, v, g, beta, state)
+    pieces = run_prep(program, tmp_path, q, k, v, g, beta, None)
+    y1, s1 = run_state(program, tmp_path, pieces, state, T, "state_mma1")
+    y3, s3 = run_state(program, tmp_path, pieces, state, T, "state_mma3")
+    err1 = max(rel_err(y1, y_np), rel_err(s1, s_np))
+    err3 = max(rel_err(y3, y_np), rel_err(s3, s_np))
+    assert err1 < RTOL[mx.bfloat16] / 4, err1
+    assert err1 > TOL, err1
+    assert err3 < TOL, err3

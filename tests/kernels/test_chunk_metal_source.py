@@ -59,16 +59,60 @@ def test_chunk_state_metal_source_compiles(tmp_path):
     assert not err, err
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
-def test_chunk_prep_metal_source_compiles(tmp_path, fused):
-    body = cl.prep_source("metal", fused)
-    inst = [f"{dk}, {cl.CHUNK}, {cl.PREP_THREADS}, {cl.KEY_SLICE}" for dk in (32, 128, 256)]
+def test_chunk_state_mma_metal_source_compiles(tmp_path):
+    """The matrix state pass (simdgroup matrices through the tile layer), for the Dk the host
+    may pass and both operand precisions (MP is a CUDA setting; the Metal text must take it)."""
+    body = cl.state_mma_source("metal")
+    inst = [
+        f"{dk}, {cl.MMA_BV}, {cl.CHUNK}, {cl.MMA_THREADS}, {mp}, {pf}, {yt}"
+        for dk, yt, pf, mp in (
+            (32, "float", 0, 3),
+            (128, "bfloat16_t", 1, 1),
+            (256, "float16_t", 1, 1),
+        )
+    ]
     tu = wrap(
-        cs.prep_name(fused),
+        cs.STATE_MMA_NAME,
+        cs.STATE_INPUTS,
+        cs.STATE_OUTPUTS,
+        body,
+        "int Dk, int BV, int C, int NT, int MP, int PF, typename YT",
+        inst,
+    )
+    err = compile_errors(tu, tmp_path)
+    assert not err, err
+
+
+def test_chunk_state_mma_metal_check_can_fail(tmp_path):
+    """A tile operation called with a pointer of the wrong type fails the check."""
+    body = cl.state_mma_source("metal").replace(
+        "gd_acc_load(sa, S_t + 16 * sv * SD + 16 * c, SD);", "gd_acc_load(sa, dims, SD);"
+    )
+    assert "gd_acc_load(sa, dims, SD);" in body
+    tu = wrap(
+        cs.STATE_MMA_NAME,
+        cs.STATE_INPUTS,
+        cs.STATE_OUTPUTS,
+        body,
+        "int Dk, int BV, int C, int NT, int MP, int PF, typename YT",
+        [f"128, {cl.MMA_BV}, {cl.CHUNK}, {cl.MMA_THREADS}, 1, 1, float"],
+    )
+    assert compile_errors(tu, tmp_path)
+
+
+@pytest.mark.parametrize("matrix", [False, True], ids=["simt", "mma"])
+@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+def test_chunk_prep_metal_source_compiles(tmp_path, fused, matrix):
+    body = cl.prep_source("metal", fused, matrix)
+    inst = [f"{dk}, {cl.CHUNK}, {cl.PREP_THREADS}, {cl.KEY_SLICE}" for dk in (32, 128, 256)]
+    if matrix:
+        inst = [f"{a}, {mp}" for a, mp in zip(inst, (3, 1, 1), strict=True)]
+    tu = wrap(
+        cs.prep_name(fused, matrix),
         cs.prep_inputs(fused),
         cs.PREP_OUTPUTS,
         body,
-        "int Dk, int C, int NT, int DS",
+        "int Dk, int C, int NT, int DS" + (", int MP" if matrix else ""),
         inst,
     )
     err = compile_errors(tu, tmp_path)

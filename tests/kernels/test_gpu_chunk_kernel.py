@@ -1,6 +1,7 @@
 """The chunked GPU kernels (chunk_launch: prep kernel or MLX-ops prep, then the state pass)
 against the token-by-token reference and the float64 NumPy loop, over the shape / mask / gate
-grid of test_gpu_kernels.py plus T in {1, 63, 64, 65, 200, 1000}, fp32 and bf16.
+grid of test_gpu_kernels.py plus T in {1, 63, 64, 65, 200, 1000}, fp32 and bf16; every test with
+both state passes (fp32 lanes and matrix units), and the tile layer alone against NumPy.
 
 Runs only where MLX has a GPU backend. Outputs are poisoned with NaN before the run, so an element
 the kernels fail to write fails the comparison.
@@ -31,6 +32,14 @@ pytestmark = [
 ]
 
 NAN = float("nan")
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["simt", "mma"])
+def matrix_state(request, monkeypatch):
+    """Every test runs with both state passes: STATE_BODY (fp32 lanes) and STATE_MMA_BODY (the
+    tile layer: tensor cores / simdgroup matrices), whatever MATRIX's default."""
+    monkeypatch.setattr(cl, "MATRIX", request.param)
+    return request.param
 
 
 def chunk(x, prep="auto"):
@@ -231,3 +240,48 @@ def test_public_api_chunked_and_auto_crossover(monkeypatch):
     y, s = gated_delta_update(x["q"], x["k"], x["v"], *gates, x["state"], x["mask"])
     check((y, s), ref_fused(x), mx.float32)
     assert calls[-1] == "gated_delta_update_chunk_kernel" and len(calls) == 3
+
+
+# The tile layer alone (chunk_launch._TILES): one warp computes C + A B for a 16 x 16 C and
+# K = 32, every operand layout, both operand precisions, against float64.
+TILE_BODY = """
+  gd_acc acc;
+  gd_acc_load(acc, c_in, 16);
+  gd_mma<MP, TA, TB>(acc, a, TA ? 16 : K, b, TB ? K : 16, K);
+  gd_acc_store(acc, out, 16);
+"""
+
+
+@pytest.mark.parametrize("mp", [1, 3])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_tile_layer_matches_numpy(matrix_state, ta, tb, mp):
+    if matrix_state:
+        pytest.skip("independent of the state pass")
+    K = 32
+    kern = getattr(mx.fast, f"{BACKEND}_kernel")(
+        name="gd_tile_check",
+        input_names=["a", "b", "c_in"],
+        output_names=["out"],
+        source=cl.PROLOGUE[BACKEND] + TILE_BODY,
+        header=cl.header(BACKEND),
+    )
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((16, K)).astype(np.float32)
+    b = rng.standard_normal((K, 16)).astype(np.float32)
+    c = rng.standard_normal((16, 16)).astype(np.float32)
+    (out,) = kern(
+        inputs=[mx.array(a.T.copy() if ta else a), mx.array(b.T.copy() if tb else b), mx.array(c)],
+        template=[("MP", mp), ("TA", ta), ("TB", tb), ("K", K)],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(16, 16)],
+        output_dtypes=[mx.float32],
+        init_value=NAN,
+    )
+    want = c.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+    err = float(np.abs(np.array(out) - want).max() / np.abs(want).max())
+    # tf32 operands: ~2^-11 relative per product; three tf32 products: about fp32 (2^-24 per
+    # rounding, summed over K); Metal multiplies in fp32 whatever MP says.
+    assert err < (1e-2 if mp == 1 else 2e-6), err
+    if BACKEND == "cuda" and mp == 1:
+        assert err > 1e-5, err  # the operands were rounded: tf32 really ran

@@ -7,6 +7,9 @@ Work split (benchmarks/NOTES.md "Chunked GPU kernel"):
           MLX-ops pieces of `chunked.py` instead (not the Qwen3.5 path; correctness only).
   state   one threadgroup per (batch x value head, BV value rows) loops over the chunks with
           its state tile on chip and writes y and the final state (STATE_BODY).
+Both have a matrix-unit variant behind MATRIX (the prep's k k^T / q k^T, and STATE_MMA_BODY),
+over the tile layer `_TILES`: tensor cores (mma.sync tf32 by inline PTX) on CUDA, simdgroup
+matrices on Metal, one kernel text for both.
 Shapes as everywhere in the module: q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g [B, T, Hv] or
 [B, T, Hv, Dk]; beta [B, T, Hv]; state [B, Hv, Dv, Dk] fp32; mask [B, T] bool.
 """
@@ -24,6 +27,25 @@ BV = 16  # value rows per state-pass threadgroup: B * Hv * Dv / 16 threadgroups
 STATE_THREADS = 256
 PREP_THREADS = 256  # PREP_BODY's 16 x 16 tile grid
 KEY_SLICE = 32  # key columns staged at a time in PREP_BODY
+# The chunk kernels on matrix units (tensor cores on CUDA, simdgroup matrices on Metal): the
+# prep kernel's k k^T and q k^T (PREP_BODY with GD_MMA) and the state pass (STATE_MMA_BODY)
+# instead of fp32 lanes. Off until the lead's H200 run (`benchmarks/chunk_mma_gpu.py`) has
+# checked them against the reference there: the CPU lane emulator and the sm_90 / Metal-stub
+# compiles are all this machine can check.
+MATRIX = False
+MMA_BV = 16  # value rows per threadgroup of STATE_MMA_BODY (a multiple of 16)
+# BV = 32 halves the threadgroups' reads of the pieces (each reads the whole chunk's W, Qg, Kw,
+# P for its value rows) but needs 43.5 KB of threadgroup memory at Dk = 128: CUDA only (48 KB),
+# Dk <= 128.
+MMA_BV_CHOICES = {"metal": (16,), "cuda": (16, 32)}
+
+
+def mma_threads(bv: int = MMA_BV, C: int = CHUNK) -> int:
+    """STATE_MMA_BODY's threads: one warp per (16 rows of the chunk, 16 value rows)."""
+    return 32 * (C // 16) * (bv // 16)
+
+
+MMA_THREADS = mma_threads()
 # The state pass prefetches the next chunk's rows into L2 (CUDA; a no-op on Metal). Not yet
 # measured against 0: `benchmarks/run_gpu.sh chunk-parts` times both.
 PREFETCH = 1
@@ -51,6 +73,171 @@ __device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
 }
 """,
 }
+# The tile layer of STATE_MMA_BODY: a warp (SIMD-group) holds a 16 x 16 fp32 accumulator tile
+# (`gd_acc`) and adds A B to it, A [16 x K] and B [K x 16] read from threadgroup or device
+# memory (K a multiple of 8):
+#   gd_acc_zero(acc); gd_acc_load(acc, p, ld); gd_acc_store(acc, p, ld)   C(i, j) = p[i ld + j]
+#   gd_mma<MP, TA, TB>(acc, A, lda, B, ldb, K)   C += A B with
+#       A(i, k) = A[i lda + k] (TA: A[k lda + i]), B(k, j) = B[k ldb + j] (TB: B[j ldb + k])
+# Every lane of the warp calls them together (uniform control flow). MP: operand precision on
+# CUDA's tensor cores (mma.sync m16n8k8, tf32 operands, fp32 accumulation): 1 rounds each
+# operand to tf32 (10-bit mantissa); 3 splits it into tf32 high + low parts and adds three
+# products (hi hi + hi lo + lo hi), about fp32's precision at three times the work. Metal's
+# simdgroup 8 x 8 float matrices multiply in fp32 (MP has no effect). The CPU lane emulator
+# (tests/kernels/lane_emulator.h) implements the same four operations with CUDA's fragment
+# layout and the same tf32 roundings.
+_TILES = {
+    "metal": """
+#if defined(__METAL_VERSION__)
+#include <metal_simdgroup_matrix>
+#endif
+struct gd_acc {
+  simdgroup_float8x8 m[2][2];  // [row half][column half]
+};
+inline void gd_acc_zero(thread gd_acc& x) {
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      x.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+  }
+}
+template <typename P>
+inline void gd_acc_load(thread gd_acc& x, P p, int ld) {
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_load(x.m[i][j], p + 8 * i * ld + 8 * j, ulong(ld));
+    }
+  }
+}
+template <typename P>
+inline void gd_acc_store(thread gd_acc& x, P p, int ld) {
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_store(x.m[i][j], p + 8 * i * ld + 8 * j, ulong(ld));
+    }
+  }
+}
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+inline void gd_mma(thread gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    simdgroup_float8x8 a[2];
+    simdgroup_float8x8 b[2];
+    for (int i = 0; i < 2; ++i) {
+      // transpose_matrix = true: element (r, c) of the 8 x 8 block is p[c * ld + r].
+      simdgroup_load(a[i], TA ? A + k0 * lda + 8 * i : A + 8 * i * lda + k0, ulong(lda),
+                     ulong2(0, 0), TA);
+      simdgroup_load(b[i], TB ? B + 8 * i * ldb + k0 : B + k0 * ldb + 8 * i, ulong(ldb),
+                     ulong2(0, 0), TB);
+    }
+    for (int i = 0; i < 2; ++i) {
+      for (int j = 0; j < 2; ++j) {
+        simdgroup_multiply_accumulate(x.m[i][j], a[i], b[j], x.m[i][j]);
+      }
+    }
+  }
+}
+""",
+    "cuda": """
+// Fragments of mma.m16n8k8 (PTX ISA), lane = 4 g + t: A a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
+// a3 (g + 8, t + 4); B b0 (t, g), b1 (t + 4, g); C c0, c1 (g, 2 t + {0, 1}), c2, c3 (g + 8, ...).
+// Within each step of 8, operand slot t stands for k0 + 2 t and slot t + 4 for k0 + 2 t + 1 in
+// both A and B (a dot product does not depend on the order of its terms), so a lane reads two
+// adjacent k of a row.
+struct gd_acc {
+  float c[2][4];  // [column half][c0..c3]
+};
+__device__ __forceinline__ unsigned gd_tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ void gd_mma_m16n8k8(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void gd_acc_zero(gd_acc& x) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x.c[h][e] = 0.0f;
+  }
+}
+template <typename P>
+__device__ __forceinline__ void gd_acc_load(gd_acc& x, P p, int ld) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x.c[h][e] = p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)];
+  }
+}
+template <typename P>
+__device__ __forceinline__ void gd_acc_store(gd_acc& x, P p, int ld) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)] = x.c[h][e];
+  }
+}
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  static_assert(MP == 1 || MP == 3, "MP: 1 (tf32) or 3 (3 x tf32)");
+  const int g = (threadIdx.x & 31) >> 2;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    float af[4];
+    float bf[2][2];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = g + 8 * (e & 1);
+      const int k = k0 + 2 * t + (e >> 1);
+      af[e] = TA ? A[k * lda + i] : A[i * lda + k];
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = 8 * h + g;
+        const int k = k0 + 2 * t + e;
+        bf[h][e] = TB ? B[j * ldb + k] : B[k * ldb + j];
+      }
+    }
+    unsigned ah[4];
+    unsigned al[4];
+    unsigned bh[2][2];
+    unsigned bl[2][2];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      ah[e] = gd_tf32(af[e]);
+      if (MP == 3) al[e] = gd_tf32(af[e] - __uint_as_float(ah[e]));
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        bh[h][e] = gd_tf32(bf[h][e]);
+        if (MP == 3) bl[h][e] = gd_tf32(bf[h][e] - __uint_as_float(bh[h][e]));
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (MP == 3) {
+        gd_mma_m16n8k8(x.c[h], al, bh[h]);
+        gd_mma_m16n8k8(x.c[h], ah, bl[h]);
+      }
+      gd_mma_m16n8k8(x.c[h], ah, bh[h]);
+    }
+  }
+}
+""",
+}
 PROLOGUE = {
     "metal": """
   const unsigned gd_tid = thread_position_in_threadgroup.x;
@@ -69,31 +256,54 @@ _AVAILABLE = {"metal": lambda: mx.metal.is_available(), "cuda": lambda: mx.cuda.
 
 
 def header(backend: str) -> str:
-    return _BASE[backend].HEADER + _EXTRA_HEADER[backend]
+    return _BASE[backend].HEADER + _EXTRA_HEADER[backend] + _TILES[backend]
 
 
 def state_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_BODY
 
 
-def prep_source(backend: str, fused: bool = False) -> str:
-    return PROLOGUE[backend] + src.prep_body(fused)
+def prep_source(backend: str, fused: bool = False, matrix: bool = False) -> str:
+    return PROLOGUE[backend] + src.prep_body(fused, matrix)
+
+
+def state_mma_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.STATE_MMA_BODY
+
+
+# MP of the matrix kernels for every dtype (1 or 3), or None: by the activations' dtype
+# (operand_precision). For measurements (benchmarks/chunk_mma_gpu.py times bf16 with MP 3 too).
+MATRIX_PRECISION: int | None = None
+
+
+def operand_precision(dtype) -> int:
+    """MP of the matrix kernels: 3 (three tf32 products, about fp32) for fp32 activations,
+    whose tolerance is fp32's; 1 (tf32 operands) for bf16 / fp16 (whose q, k are exact in
+    tf32, so the prep's products lose nothing). MATRIX_PRECISION overrides it."""
+    if MATRIX_PRECISION is not None:
+        return MATRIX_PRECISION
+    return 3 if dtype == mx.float32 else 1
 
 
 _kernels: dict[tuple[str, str], object] = {}
 
 
 def _build(backend: str, which: str):
-    """which: "state", "prep" or "prep_fused"."""
+    """which: "state", "state_mma", "prep", "prep_fused", "prep_mma" or "prep_fused_mma"."""
     key = (backend, which)
     if key not in _kernels:
         if which == "state":
             name, ins, outs = src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
             body = state_source(backend)
+        elif which == "state_mma":
+            name, ins, outs = src.STATE_MMA_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
+            body = state_mma_source(backend)
         else:
-            fused = which == "prep_fused"
-            name, ins, outs = src.prep_name(fused), src.prep_inputs(fused), src.PREP_OUTPUTS
-            body = prep_source(backend, fused)
+            fused = which.startswith("prep_fused")
+            matrix = which.endswith("_mma")
+            name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
+            outs = src.PREP_OUTPUTS
+            body = prep_source(backend, fused, matrix)
         _kernels[key] = _factory(backend)(
             name=name, input_names=ins, output_names=outs, source=body, header=header(backend)
         )
@@ -161,9 +371,10 @@ def prep_ops(q, k, v, g, beta, mask, C: int = CHUNK):
     )
 
 
-def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None):
+def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, matrix=None):
     """The state pass's inputs from PREP_BODY (scalar gates only); same layout as prep_ops.
-    raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel (g, beta unused)."""
+    raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel (g, beta unused).
+    matrix: k k^T and q k^T on the tile layer (None = MATRIX), MP by q's dtype."""
     B, T, _, Dk = q.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -176,9 +387,13 @@ def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=
     else:
         a, b, A_log, dt_bias = raw_gates
         gates, which = [a, b, A_log.astype(f32), dt_bias.astype(f32)], "prep_fused"
+    template = [("Dk", Dk), ("C", C), ("NT", PREP_THREADS), ("DS", KEY_SLICE)]
+    if MATRIX if matrix is None else matrix:
+        which += "_mma"
+        template.append(("MP", operand_precision(q.dtype)))
     return _build(backend, which)(
         inputs=[q, k, v, *gates, mask.astype(mx.bool_)],
-        template=[("Dk", Dk), ("C", C), ("NT", PREP_THREADS), ("DS", KEY_SLICE)],
+        template=template,
         grid=(PREP_THREADS * N, BH, 1),
         threadgroup=(PREP_THREADS, 1, 1),
         output_shapes=[
@@ -203,12 +418,41 @@ def state_pass(
     init_value=None,
     bv=None,
     prefetch=None,
+    matrix=None,
 ):
     """The sequential pass over the chunks: returns (y [B, T, Hv, Dv] in y_dtype, state).
     bv: value rows per threadgroup (default BV; a multiple of 4; 32 needs more than Apple's
-    32 KB of threadgroup memory at Dk = 128)."""
+    32 KB of threadgroup memory at Dk = 128). matrix: STATE_MMA_BODY (True) or STATE_BODY
+    (False); None = MATRIX. The matrix pass takes bv in MMA_BV_CHOICES[backend] (default
+    MMA_BV), 32 only for Dk <= 128."""
     W, U, Qg, P, Kw, decay = pieces
     B, Hv, Dv, Dk = state.shape
+    if MATRIX if matrix is None else matrix:
+        bv = bv or MMA_BV
+        if bv not in MMA_BV_CHOICES[backend] or (bv > 16 and Dk > 128):
+            raise ValueError(
+                f"gated_delta chunk kernel: the matrix state pass takes bv in "
+                f"{MMA_BV_CHOICES[backend]} on {backend} (32 only for Dk <= 128), got bv={bv} "
+                f"with Dk={Dk}"
+            )
+        nt = mma_threads(bv, C)
+        return _build(backend, "state_mma")(
+            inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
+            template=[
+                ("Dk", Dk),
+                ("BV", bv),
+                ("C", C),
+                ("NT", nt),
+                ("MP", operand_precision(y_dtype)),
+                ("PF", PREFETCH if prefetch is None else int(prefetch)),
+                ("YT", y_dtype),
+            ],
+            grid=(nt * B * Hv, -(-Dv // bv), 1),
+            threadgroup=(nt, 1, 1),
+            output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
+            output_dtypes=[y_dtype, mx.float32],
+            init_value=init_value,
+        )
     BV_ = bv or BV
     return _build(backend, "state")(
         inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
@@ -241,10 +485,11 @@ def gated_delta_chunk_kernel(
     prep: str = "auto",
     init_value: float | None = None,
     bv: int | None = None,
+    matrix: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Chunked gated delta rule on the GPU; state [B, Hv, Dv, Dk] fp32 (the other shapes as in
     the module docstring). `prep`: "kernel" (PREP_BODY, scalar gates),
-    "ops" (MLX ops) or "auto" (the kernel for scalar gates); `bv`: see state_pass.
+    "ops" (MLX ops) or "auto" (the kernel for scalar gates); `bv`, `matrix`: see state_pass.
     Returns (y, state fp32)."""
     backend = backend or available_backend()
     if backend is None:
@@ -256,10 +501,12 @@ def gated_delta_chunk_kernel(
     if prep == "kernel":
         if g.ndim == 4:
             raise ValueError("gated_delta chunk kernel: the prep kernel takes scalar gates only")
-        pieces = prep_kernel(backend, q, k, v, g, beta, mask)
+        pieces = prep_kernel(backend, q, k, v, g, beta, mask, matrix=matrix)
     else:
         pieces = prep_ops(q, k, v, g, beta, mask)
-    return state_pass(backend, pieces, state, T, v.dtype, init_value=init_value, bv=bv)
+    return state_pass(
+        backend, pieces, state, T, v.dtype, init_value=init_value, bv=bv, matrix=matrix
+    )
 
 
 def gated_delta_update_chunk_kernel(
@@ -276,13 +523,15 @@ def gated_delta_update_chunk_kernel(
     backend: str | None = None,
     init_value: float | None = None,
     bv: int | None = None,
+    matrix: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Chunked gated delta rule on the GPU from the raw gate inputs (a, b [B, T, Hv]; A_log,
     dt_bias [Hv]), computed in fp32 inside the prep kernel. Returns (y, state fp32)."""
     backend = backend or available_backend()
     if backend is None:
         raise RuntimeError("gated_delta chunk kernel: no Metal or CUDA backend in this MLX")
-    pieces = prep_kernel(backend, q, k, v, None, None, mask, raw_gates=(a, b, A_log, dt_bias))
+    gates = (a, b, A_log, dt_bias)
+    pieces = prep_kernel(backend, q, k, v, None, None, mask, raw_gates=gates, matrix=matrix)
     return state_pass(
         backend,
         pieces,
@@ -291,4 +540,5 @@ def gated_delta_update_chunk_kernel(
         v.dtype,
         init_value=init_value,
         bv=bv,
+        matrix=matrix,
     )

@@ -280,14 +280,17 @@ def prep_inputs(fused: bool) -> list[str]:
     return ["q", "k", "v", *gates, "mask"]
 
 
-def prep_name(fused: bool) -> str:
-    return "gated_delta_chunk_prep" + ("_fused" if fused else "")
+def prep_body(fused: bool, matrix: bool = False) -> str:
+    """PREP_BODY behind its two switches: GD_FUSED 1 computes the gates in the kernel, as the
+    fused recurrent kernel does: beta = sigmoid(b), g = exp(-exp(A_log) softplus(a + dt_bias)),
+    fp32; GD_MMA 1 computes k k^T and q k^T on the tile layer (template argument MP, as
+    STATE_MMA_BODY's)."""
+    defs = f"\n#define GD_FUSED {int(fused)}\n#define GD_MMA {int(matrix)}\n"
+    return defs + PREP_BODY + "#undef GD_FUSED\n#undef GD_MMA\n"
 
 
-def prep_body(fused: bool) -> str:
-    """PREP_BODY behind its one switch: GD_FUSED 1 computes the gates in the kernel, as the fused
-    recurrent kernel does: beta = sigmoid(b), g = exp(-exp(A_log) softplus(a + dt_bias)), fp32."""
-    return f"\n#define GD_FUSED {int(fused)}\n" + PREP_BODY + "#undef GD_FUSED\n"
+def prep_name(fused: bool, matrix: bool = False) -> str:
+    return "gated_delta_chunk_prep" + ("_fused" if fused else "") + ("_mma" if matrix else "")
 
 
 # The intra-chunk pieces for scalar gates, one threadgroup per (chunk, batch x value head), in
@@ -374,6 +377,73 @@ PREP_BODY = """
     }
   }
 
+#if GD_MMA
+  // 2. (matrix units) k k^T and q k^T as 16 x 16 tiles: warp w holds tile row w / 2, tile
+  // columns 2 (w % 2) and 2 (w % 2) + 1 of both (tiles above the diagonal skipped: A and P are
+  // 0 there), k and q staged transposed as below (A(i, d) = k_i[d] = buf[d CS + i]).
+  static_assert(C == 64 && NT == 256, "GD_MMA: 8 warps, 2 x 2 tiles of each product");
+  const int w = tid / 32;
+  const int tr = w / 2;
+  gd_acc kk[2];
+  gd_acc qk[2];
+  for (int c = 0; c < 2; ++c) {
+    gd_acc_zero(kk[c]);
+    gd_acc_zero(qk[c]);
+  }
+  for (int d0 = 0; d0 < Dk; d0 += DS) {
+    gd_barrier();
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int d = e % DS;
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d;
+      const bool valid = ok[i] != 0.0f;
+      buf[d * CS + i] = valid ? static_cast<float>(k[off]) : 0.0f;
+      buf[(DS + d) * CS + i] = valid ? static_cast<float>(q[off]) : 0.0f;
+    }
+    gd_barrier();
+    for (int c = 0; c < 2; ++c) {
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) {
+        gd_mma<MP, true, false>(kk[c], buf + 16 * tr, CS, buf + 16 * tc, CS, DS);
+        gd_mma<MP, true, false>(qk[c], buf + DS * CS + 16 * tr, CS, buf + 16 * tc, CS, DS);
+      }
+    }
+  }
+  // P = D q k^T, then A = beta D k k^T, each product staged in buf (the slices are done with),
+  // D_ij = prod_{j<l<=i} g_l as below; every element written by selection (j > i: 0).
+  for (int pass = 0; pass < 2; ++pass) {
+    gd_barrier();
+    for (int c = 0; c < 2; ++c) {
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) gd_acc_store(pass == 0 ? qk[c] : kk[c], buf + 16 * tr * CP + 16 * tc, CP);
+    }
+    gd_barrier();
+    for (int e = tid; e < C * C; e += NT) {
+      const int i = e / C;
+      const int j = e % C;
+      float dij = 0.0f;
+      if (j <= i) {
+        if (gam[i] > 0.0f && gam[j] > 0.0f) {
+          dij = gam[i] / gam[j];
+        } else {
+          dij = 1.0f;
+          for (int l = j + 1; l <= i; ++l) {
+            dij *= gs[l];
+            dij = dij < tiny ? 0.0f : dij;
+          }
+        }
+        dij = dij < tiny ? 0.0f : dij;
+      }
+      if (pass == 0) {
+        P[(rn + i) * C + j] = j <= i ? dij * buf[i * CP + j] : 0.0f;
+      } else {
+        buf[i * CP + j] = j < i ? bs[i] * dij * buf[i * CP + j] : 0.0f;
+      }
+    }
+  }
+  gd_barrier();
+#else
   // 2. k k^T and q k^T (the barrier at the top of the slice loop also publishes gam / wts).
   // Thread (ti, tj) computes rows 4 ti .. 4 ti + 3 against columns 4 tj .. 4 tj + 3, reading
   // k and q staged transposed ([d][row], rows contiguous) four rows at a time.
@@ -461,6 +531,8 @@ PREP_BODY = """
   }
   gd_barrier();
 
+#endif
+
   // 3. (I + A) X = [beta v | beta gamma k], column by column
   for (int col = tid; col < Dv + Dk; col += NT) {
     const bool is_v = col < Dv;
@@ -510,5 +582,139 @@ PREP_BODY = """
   }
   for (int d = tid; d < Dk; d += NT) {
     decay[(size_t(head) * N + n) * Dk + d] = gam[C - 1];
+  }
+"""
+
+
+# The state pass on matrix units (the tile layer of chunk_launch: tensor cores on CUDA,
+# simdgroup matrices on Metal): the same inputs, outputs and grid as STATE_BODY, BV value rows
+# (VT = BV / 16 tiles) per threadgroup, NT = 32 (C / 16) VT threads: one warp (SIMD-group) per
+# (16-row tile of the chunk, value tile). Per chunk n, warp w = row tile r = w % (C / 16), value
+# tile vt = w / (C / 16):
+#   1. Xw = W S^T and Xq = Qg S^T for its tile (K = Dk; S from threadgroup memory) -> D, Y[n % 2]
+#   barrier
+#   2. every thread: delta = U - Xw in D; S *= decay (per key column)
+#   barrier
+#   3. y = Xq + P delta for its tile (K = 16 (r + 1): P is 0 above the diagonal) -> Y[n % 2];
+#      S[16 vt'.., 16 c ..] += delta[:, 16 vt'..]^T Kw[:, 16 c ..] for the tiles (vt', c)
+#      numbered w, w + NW, ...
+#   barrier
+#   4. every thread: y rows t < T to memory from Y[n % 2] (no barrier after: the next chunk's
+#      step 1 writes D and the other Y buffer, and only reads S).
+# MP (1: tf32 operands, 3: three tf32 products, about fp32) is the CUDA operand precision; the
+# host picks 3 for fp32 activations (the module's fp32 tolerance) and 1 for bf16 / fp16.
+# Threadgroup memory: S (BV x (Dk + 4)) + D (C x (BV + 8)) + Y (2 x C x BV) floats; BV = 16:
+# 22.5 KB at Dk = 128, 30.7 KB at Dk = 256 (Apple GPUs allow 32 KB); BV = 32 (CUDA, Dk <= 128):
+# 43.5 KB (CUDA's static limit is 48 KB). The row strides Dk + 4 and BV + 8 keep the fragment
+# reads of S and D free of bank conflicts.
+STATE_MMA_NAME = "gated_delta_chunk_state_mma"
+
+STATE_MMA_BODY = """
+  constexpr int RT = C / 16;       // row tiles of a chunk
+  constexpr int VT = BV / 16;      // value tiles of the threadgroup
+  constexpr int NW = NT / 32;      // warps (SIMD-groups)
+  constexpr int KT = Dk / 16;      // key tiles of the state
+  constexpr int SD = Dk + 4;       // row stride of S in threadgroup memory
+  constexpr int DL = BV + 8;       // row stride of D (delta)
+  static_assert(BV % 16 == 0 && C % 16 == 0 && Dk % 16 == 0, "layout: whole tiles");
+  static_assert(NW == RT * VT, "layout: one warp per (row tile, value tile)");
+  const int Hv = U_shape[1];
+  const int NC = U_shape[2];
+  const int Dv = U_shape[3];
+  const int N = NC / C;
+  const int T = dims[0];
+
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int rt = w % RT;
+  const int vt = w / RT;
+  const unsigned head = gd_tg_x;  // b * Hv + hv
+  const int v0 = int(gd_tg_y) * BV;
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+
+  GD_TG float S_t[BV * SD];     // the state tile, row v at S_t[v * SD]
+  GD_TG float D_t[C * DL];      // Xw, then delta: row i at D_t[i * DL]
+  GD_TG float Y_t[2 * C * BV];  // Xq, then y, by chunk parity: row i at Y_t[p C BV + i BV]
+
+  // W, Qg, Kw: [B * Hv, N * C, Dk]; U: [B, Hv, N * C, Dv]; P: [B * Hv, N * C, C];
+  // decay: [B * Hv, N, Dk]; state_in, state_out: [B, Hv, Dv, Dk]; y: [B, T, Hv, Dv]
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    S_t[v * SD + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
+  }
+  gd_barrier();
+
+  const size_t row0 = size_t(head) * NC;  // first row of this head in W, U, Qg, P, Kw
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    GD_TG_PTR float* Yn = Y_t + (n % 2) * C * BV;
+    if (PF && n + 1 < N) {
+      // Ask L2 for the next chunk's rows (128-byte lines) while this one is computed.
+      const size_t rx = rn + C;
+      for (int c = tid; c < C * Dk / 32; c += NT) {
+        gd_prefetch(W + rx * Dk + 32 * c);
+        gd_prefetch(Qg + rx * Dk + 32 * c);
+        gd_prefetch(Kw + rx * Dk + 32 * c);
+      }
+      for (int c = tid; c < C * C / 32; c += NT) gd_prefetch(P + rx * C + 32 * c);
+      if (tid < C) gd_prefetch(U + (rx + tid) * Dv + v0);
+    }
+    // 1. Xw = W S^T, Xq = Qg S^T (B(d, v) = S_t[v * SD + d]: transposed)
+    {
+      gd_acc xw;
+      gd_acc xq;
+      gd_acc_zero(xw);
+      gd_acc_zero(xq);
+      gd_mma<MP, false, true>(xw, W + (rn + 16 * rt) * Dk, Dk, S_t + 16 * vt * SD, SD, Dk);
+      gd_mma<MP, false, true>(xq, Qg + (rn + 16 * rt) * Dk, Dk, S_t + 16 * vt * SD, SD, Dk);
+      gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
+      gd_acc_store(xq, Yn + 16 * rt * BV + 16 * vt, BV);
+    }
+    gd_barrier();
+    // 2. delta = U - Xw (rows past Dv: S is 0 there, so Xw = 0 and delta = 0); S *= decay
+    for (int e = tid; e < C * BV; e += NT) {
+      const int i = e / BV;
+      const int v = e % BV;
+      const float u = v0 + v < Dv ? U[(rn + i) * Dv + v0 + v] : 0.0f;
+      D_t[i * DL + v] = u - D_t[i * DL + v];
+    }
+    for (int e = tid; e < BV * Dk; e += NT) {
+      const int d = e % Dk;
+      S_t[(e / Dk) * SD + d] *= decay[(size_t(head) * N + n) * Dk + d];
+    }
+    gd_barrier();
+    // 3. y = Xq + P delta (rows 16 rt..: P is 0 past column 16 rt + 15); S += delta^T Kw
+    {
+      gd_acc ya;
+      gd_acc_load(ya, Yn + 16 * rt * BV + 16 * vt, BV);
+      gd_mma<MP, false, false>(ya, P + (rn + 16 * rt) * C, C, D_t + 16 * vt, DL, 16 * (rt + 1));
+      gd_acc_store(ya, Yn + 16 * rt * BV + 16 * vt, BV);
+    }
+    for (int e = w; e < VT * KT; e += NW) {
+      const int sv = e / KT;
+      const int c = e % KT;
+      gd_acc sa;
+      gd_acc_load(sa, S_t + 16 * sv * SD + 16 * c, SD);
+      gd_mma<MP, true, false>(sa, D_t + 16 * sv, DL, Kw + rn * Dk + 16 * c, Dk, C);
+      gd_acc_store(sa, S_t + 16 * sv * SD + 16 * c, SD);
+    }
+    gd_barrier();
+    // 4. y to memory, rows t < T, value rows v < Dv
+    for (int e = tid; e < C * BV; e += NT) {
+      const int i = e / BV;
+      const int v = e % BV;
+      const int t = n * C + i;
+      if (t < T && v0 + v < Dv) {
+        y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(Yn[e]);
+      }
+    }
+  }
+
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
   }
 """
