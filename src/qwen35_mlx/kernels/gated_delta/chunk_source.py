@@ -390,6 +390,23 @@ PREP_BODY = """
     gd_acc_zero(kk[c]);
     gd_acc_zero(qk[c]);
   }
+#else
+  // 2. k k^T and q k^T (the barrier at the top of the slice loop also publishes gam / wts).
+  // Thread (ti, tj) computes rows 4 ti .. 4 ti + 3 against columns 4 tj .. 4 tj + 3, reading
+  // k and q staged transposed ([d][row], rows contiguous) four rows at a time.
+  const int ti = tid % 16;
+  const int tj = tid / 16;
+  float kk[R][R];
+  float qk[R][R];
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    #pragma unroll
+    for (int c = 0; c < R; ++c) {
+      kk[r][c] = 0.0f;
+      qk[r][c] = 0.0f;
+    }
+  }
+#endif
   for (int d0 = 0; d0 < Dk; d0 += DS) {
     gd_barrier();
     for (int e = tid; e < C * DS; e += NT) {
@@ -402,6 +419,7 @@ PREP_BODY = """
       buf[(DS + d) * CS + i] = valid ? static_cast<float>(q[off]) : 0.0f;
     }
     gd_barrier();
+#if GD_MMA
     for (int c = 0; c < 2; ++c) {
       const int tc = 2 * (w % 2) + c;
       if (tc <= tr) {
@@ -409,7 +427,41 @@ PREP_BODY = """
         gd_mma<MP, true, false>(qk[c], buf + DS * CS + 16 * tr, CS, buf + 16 * tc, CS, DS);
       }
     }
+#else
+    for (int d = 0; d < DS; ++d) {
+      float ki[R];
+      float qi[R];
+      float kj[R];
+      #pragma unroll
+      for (int r4 = 0; r4 < R / 4; ++r4) {
+        const float4 a = buf4[(d * CS + R * ti) / 4 + r4];
+        const float4 b = buf4[((DS + d) * CS + R * ti) / 4 + r4];
+        const float4 c = buf4[(d * CS + R * tj) / 4 + r4];
+        ki[4 * r4] = a.x;
+        ki[4 * r4 + 1] = a.y;
+        ki[4 * r4 + 2] = a.z;
+        ki[4 * r4 + 3] = a.w;
+        qi[4 * r4] = b.x;
+        qi[4 * r4 + 1] = b.y;
+        qi[4 * r4 + 2] = b.z;
+        qi[4 * r4 + 3] = b.w;
+        kj[4 * r4] = c.x;
+        kj[4 * r4 + 1] = c.y;
+        kj[4 * r4 + 2] = c.z;
+        kj[4 * r4 + 3] = c.w;
+      }
+      #pragma unroll
+      for (int r = 0; r < R; ++r) {
+        #pragma unroll
+        for (int c = 0; c < R; ++c) {
+          kk[r][c] += ki[r] * kj[c];
+          qk[r][c] += qi[r] * kj[c];
+        }
+      }
+    }
+#endif
   }
+#if GD_MMA
   // P = D q k^T, then A = beta D k k^T, each product staged in buf (the slices are done with),
   // D_ij = prod_{j<l<=i} g_l as below; every element written by selection (j > i: 0).
   for (int pass = 0; pass < 2; ++pass) {
@@ -444,65 +496,6 @@ PREP_BODY = """
   }
   gd_barrier();
 #else
-  // 2. k k^T and q k^T (the barrier at the top of the slice loop also publishes gam / wts).
-  // Thread (ti, tj) computes rows 4 ti .. 4 ti + 3 against columns 4 tj .. 4 tj + 3, reading
-  // k and q staged transposed ([d][row], rows contiguous) four rows at a time.
-  const int ti = tid % 16;
-  const int tj = tid / 16;
-  float kk[R][R];
-  float qk[R][R];
-  #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    #pragma unroll
-    for (int c = 0; c < R; ++c) {
-      kk[r][c] = 0.0f;
-      qk[r][c] = 0.0f;
-    }
-  }
-  for (int d0 = 0; d0 < Dk; d0 += DS) {
-    gd_barrier();
-    for (int e = tid; e < C * DS; e += NT) {
-      const int i = e / DS;
-      const int d = e % DS;
-      const int t = t0 + i < T ? t0 + i : T - 1;
-      const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d;
-      const bool valid = ok[i] != 0.0f;
-      buf[d * CS + i] = valid ? static_cast<float>(k[off]) : 0.0f;
-      buf[(DS + d) * CS + i] = valid ? static_cast<float>(q[off]) : 0.0f;
-    }
-    gd_barrier();
-    for (int d = 0; d < DS; ++d) {
-      float ki[R];
-      float qi[R];
-      float kj[R];
-      #pragma unroll
-      for (int r4 = 0; r4 < R / 4; ++r4) {
-        const float4 a = buf4[(d * CS + R * ti) / 4 + r4];
-        const float4 b = buf4[((DS + d) * CS + R * ti) / 4 + r4];
-        const float4 c = buf4[(d * CS + R * tj) / 4 + r4];
-        ki[4 * r4] = a.x;
-        ki[4 * r4 + 1] = a.y;
-        ki[4 * r4 + 2] = a.z;
-        ki[4 * r4 + 3] = a.w;
-        qi[4 * r4] = b.x;
-        qi[4 * r4 + 1] = b.y;
-        qi[4 * r4 + 2] = b.z;
-        qi[4 * r4 + 3] = b.w;
-        kj[4 * r4] = c.x;
-        kj[4 * r4 + 1] = c.y;
-        kj[4 * r4 + 2] = c.z;
-        kj[4 * r4 + 3] = c.w;
-      }
-      #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        #pragma unroll
-        for (int c = 0; c < R; ++c) {
-          kk[r][c] += ki[r] * kj[c];
-          qk[r][c] += qi[r] * kj[c];
-        }
-      }
-    }
-  }
   gd_barrier();  // every thread is done with the staged slices: buf becomes A
   #pragma unroll
   for (int r = 0; r < R; ++r) {
