@@ -377,6 +377,23 @@ PREP_BODY = """
     }
   }
 
+  // D_ij = prod_{j<l<=i} g_l (0 for j > i): the ratio of the two prefix products while neither
+  // was cut, else the running product (a cut prefix does not imply a cut D_ij).
+#define GD_DECAY(dij, i, j)                 \\
+  float dij = 0.0f;                         \\
+  if ((j) <= (i)) {                         \\
+    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
+      dij = gam[i] / gam[j];                \\
+    } else {                                \\
+      dij = 1.0f;                           \\
+      for (int l = (j) + 1; l <= (i); ++l) { \\
+        dij *= gs[l];                       \\
+        dij = dij < tiny ? 0.0f : dij;      \\
+      }                                     \\
+    }                                       \\
+    dij = dij < tiny ? 0.0f : dij;          \\
+  }
+
 #if GD_MMA
   // 2. (matrix units) k k^T and q k^T as 16 x 16 tiles: warp w holds tile row w / 2, tile
   // columns 2 (w % 2) and 2 (w % 2) + 1 of both (tiles above the diagonal skipped: A and P are
@@ -474,19 +491,7 @@ PREP_BODY = """
     for (int e = tid; e < C * C; e += NT) {
       const int i = e / C;
       const int j = e % C;
-      float dij = 0.0f;
-      if (j <= i) {
-        if (gam[i] > 0.0f && gam[j] > 0.0f) {
-          dij = gam[i] / gam[j];
-        } else {
-          dij = 1.0f;
-          for (int l = j + 1; l <= i; ++l) {
-            dij *= gs[l];
-            dij = dij < tiny ? 0.0f : dij;
-          }
-        }
-        dij = dij < tiny ? 0.0f : dij;
-      }
+      GD_DECAY(dij, i, j);
       if (pass == 0) {
         P[(rn + i) * C + j] = j <= i ? dij * buf[i * CP + j] : 0.0f;
       } else {
@@ -503,21 +508,7 @@ PREP_BODY = """
     for (int c = 0; c < R; ++c) {
       const int i = R * ti + r;
       const int j = R * tj + c;
-      // D_ij = prod_{j<l<=i} g_l: the ratio of the two prefix products while neither was cut,
-      // else the running product (a cut prefix does not imply a cut D_ij).
-      float dij = 0.0f;
-      if (j <= i) {
-        if (gam[i] > 0.0f && gam[j] > 0.0f) {
-          dij = gam[i] / gam[j];
-        } else {
-          dij = 1.0f;
-          for (int l = j + 1; l <= i; ++l) {
-            dij *= gs[l];
-            dij = dij < tiny ? 0.0f : dij;
-          }
-        }
-        dij = dij < tiny ? 0.0f : dij;
-      }
+      GD_DECAY(dij, i, j);
       buf[i * CP + j] = j < i ? bs[i] * dij * kk[r][c] : 0.0f;
       P[(rn + i) * C + j] = dij * qk[r][c];
     }
@@ -525,6 +516,7 @@ PREP_BODY = """
   gd_barrier();
 
 #endif
+#undef GD_DECAY
 
   // 3. (I + A) X = [beta v | beta gamma k], column by column
   for (int col = tid; col < Dv + Dk; col += NT) {
