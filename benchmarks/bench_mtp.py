@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import random
 import statistics
 import sys
 import time
@@ -43,13 +42,14 @@ import mlx.core as mx
 from qwen35_mlx.models.cache import set_history
 from qwen35_mlx.models.config import TextConfig
 from qwen35_mlx.models.text import TextModel
-from qwen35_mlx.speculative import MTPSpeculator, Sampling
+from qwen35_mlx.speculative import Sampling
 
 # isort: on
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import SHAPE_9B  # noqa: E402
 from bench_model import SHAPE_0_8B, _device_name, random_weights  # noqa: E402
+from tests.drafts import forced_drafts  # noqa: E402  (bench_model put the repo root on the path)
 
 # A CPU smoke shape (`--tiny`): every code path of the device run, in seconds.
 SHAPE_TINY = dict(
@@ -138,27 +138,6 @@ def plain_decode(model: TextModel, prompt: mx.array, n: int) -> tuple[list[int],
     return toks, time.perf_counter() - t0
 
 
-def forced(want: list[int], rate: float, vocab: int, seed: int = 0) -> type:
-    """An MTPSpeculator whose head runs as usual but whose drafts are then replaced: each is
-    the plain run's token with probability `rate`, else a wrong one."""
-    rng = random.Random(seed)
-
-    class Forced(MTPSpeculator):
-        emitted = 0
-
-        def _draft(self, hidden, tokens):
-            super()._draft(hidden, tokens)
-            self.emitted += tokens.shape[1]
-            row = []
-            for j in range(self.k):
-                i = self.emitted + j
-                t = want[i] if i < len(want) else 0
-                row.append(t if rng.random() < rate else (t + 1) % vocab)
-            self._drafts = mx.array([row])
-
-    return Forced
-
-
 def mtp_decode(model, prompt, n, k, spec_cls) -> tuple[list[int], float, float]:
     """Greedy tokens with MTP (the first from the prompt, then at least n - 1 more), the seconds
     the rounds took, and the acceptance."""
@@ -182,7 +161,7 @@ def time_generation(model: TextModel, context: int, n: int, repeats: int) -> dic
     modes = {"plain": None}
     for k in KS:
         for a in RATES:
-            modes[f"k={k} a={a}"] = (k, forced(want, a, model.config.vocab_size, seed=k))
+            modes[f"k={k} a={a}"] = (k, forced_drafts(want, a, model.config.vocab_size, seed=k))
     for mode in modes.values():  # warm every trace (T = k + 1, the MTP's T = 1..k + 1)
         if mode is not None:
             mtp_decode(model, prompt, min(n, 16), mode[0], mode[1])

@@ -15,6 +15,7 @@ from qwen35_mlx.generation import stream_generate
 from qwen35_mlx.loader import load_tokenizer, read_config
 from qwen35_mlx.prompt_cache import PromptCache
 from qwen35_mlx.speculative import MTPSpeculator
+from tests.drafts import forced_drafts
 from tests.models.factory import make_moe_config, make_text_config, make_text_model
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "generate"
@@ -42,24 +43,8 @@ def _tokens(model, tok, prompt=PROMPT, **kw):
 
 
 def _oracle(want: list[int], p_right: float, seed: int = 0, V: int = 384):
-    """An MTPSpeculator whose drafts are the plain greedy tokens, each right with p_right (the
-    MTP layer still runs, so its cache bookkeeping is exercised)."""
-    rng = random.Random(seed)
-
-    class Oracle(MTPSpeculator):
-        emitted = 0
-
-        def _draft(self, hidden, tokens):
-            super()._draft(hidden, tokens)
-            self.emitted += tokens.shape[1]
-            row = []
-            for j in range(self.k):
-                i = self.emitted + j
-                t = want[i] if i < len(want) else 0
-                row.append(t if rng.random() < p_right else (t + 1) % V)
-            self._drafts = mx.array([row])
-
-    return Oracle
+    """Drafts that are the plain greedy tokens, each right with p_right (tests/drafts.py)."""
+    return forced_drafts(want, p_right, V, seed)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
