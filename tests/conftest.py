@@ -40,6 +40,22 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max()) / scale if a.size else 0.0
 
 
+def assert_parameters_kept(model, params: dict, path) -> None:
+    """model's parameters, in memory and as `save_weights` writes them to `path`, have the names
+    and values of `params` ({name: numpy array})."""
+    from mlx.utils import tree_flatten
+
+    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert after.keys() == params.keys()
+    for k, v in params.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+    model.save_weights(str(path))
+    saved = mx.load(str(path))
+    assert saved.keys() == params.keys()
+    for k, v in params.items():
+        np.testing.assert_array_equal(np.array(saved[k]), v, err_msg=k)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     mx.random.seed(0)

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from qwen35_mlx.models import layers
 
+from .conftest import assert_parameters_kept
 from .models.factory import make_moe_config, make_text_config, make_text_model
 from .test_fast_decode import TOKENS, assert_same, greedy, small_blocks  # noqa: F401
 
@@ -56,15 +57,7 @@ def test_cpu_transposed_weights_keep_the_parameters_and_memory(tmp_path):
             moved += w_t.nbytes
     # The layers' weights are views of the new buffers: no second copy is kept.
     assert grown < moved / 10, (grown, moved)
-    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    assert after.keys() == params.keys()
-    for k, v in params.items():
-        np.testing.assert_array_equal(after[k], v, err_msg=k)
-    model.save_weights(str(tmp_path / "w.safetensors"))
-    saved = mx.load(str(tmp_path / "w.safetensors"))
-    assert saved.keys() == params.keys()
-    for k, v in params.items():
-        np.testing.assert_array_equal(np.array(saved[k]), v, err_msg=k)
+    assert_parameters_kept(model, params, tmp_path / "w.safetensors")
     # Made once: later steps keep the same buffers.
     greedy(model, [TOKENS[:4]], 2, True)
     first = [e for *_, e in _groups(model)]

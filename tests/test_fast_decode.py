@@ -22,6 +22,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
 from qwen35_mlx import batch_generate, load, stream_generate
 from qwen35_mlx.prompt_cache import PromptCache
 
+from .conftest import assert_parameters_kept
 from .models.factory import make_moe_config, make_text_config, make_text_model
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -435,15 +436,7 @@ def test_fused_projections_share_memory_and_keep_the_parameters(tmp_path, gpu_la
     fused_bytes = sum(owner[n].weight.nbytes for owner, names, _ in groups for n in names)
     # The layers' weights are now views of the fused buffers: no second copy is kept.
     assert grown < fused_bytes / 10, (grown, fused_bytes)
-    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    assert after.keys() == params.keys()
-    for k, v in params.items():
-        np.testing.assert_array_equal(after[k], v, err_msg=k)
-    model.save_weights(str(tmp_path / "w.safetensors"))
-    saved = mx.load(str(tmp_path / "w.safetensors"))
-    assert saved.keys() == params.keys()
-    for k, v in params.items():
-        np.testing.assert_array_equal(np.array(saved[k]), v, err_msg=k)
+    assert_parameters_kept(model, params, tmp_path / "w.safetensors")
     # Built once: later steps (and the trace) keep the same fused buffers.
     greedy(model, [TOKENS[:4]], 2, True)
     made = [m for _, _, m in _fused_groups(model)]
