@@ -527,22 +527,6 @@ def test_prep_mma_kernel_matches_ops_and_numpy(program, tmp_path, shape, masked)
     _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
 
 
-def test_prep_mma_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path):
-    B, T, Hk, Hv, Dv = 2, 130, 1, 2, 16
-    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv, g_range=(1e-4, 0.05))
-    g = np.array(g)
-    g[0, 5] = g[1, 64] = 0.0
-    g[0, 100:] = np.random.default_rng(0).uniform(0.8, 1.0, g[0, 100:].shape)
-    g = mx.array(g)
-    mask = _mask(B, T, "pad")
-    want = gated_delta_np(q, k, v, g, beta, state, mask)
-    pad = ~mask
-    nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
-    bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
-    pieces = run_prep(program, tmp_path, *bad, mask, "prep_mma")
-    _check(run_state(program, tmp_path, pieces, state, T, "state_mma3"), want)
-
-
 @pytest.mark.parametrize(
     "shape", [SHAPES[1], SHAPES[5]], ids=lambda s: "B{}T{}Dk{}".format(*s[:2], s[4])
 )
@@ -556,7 +540,10 @@ def test_state_mma_kernel_per_key_gates_matches_numpy(program, tmp_path, shape):
     _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
 
 
-def test_state_mma_kernel_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path):
+@pytest.mark.parametrize("prep", ["prep", "prep_mma"])
+def test_state_mma_kernel_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, prep):
+    """The matrix state pass after either prep kernel (k k^T, q k^T on lanes or on the tile
+    layer): g = 0, strong decay, NaN / inf in the padded positions."""
     B, T, Hk, Hv, Dv = 2, 130, 1, 2, 16
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv, g_range=(1e-4, 0.05))
     g = np.array(g)
@@ -568,7 +555,7 @@ def test_state_mma_kernel_g_zero_strong_decay_and_garbage_in_padding(program, tm
     pad = ~mask
     nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
     bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
-    pieces = run_prep(program, tmp_path, *bad, mask)
+    pieces = run_prep(program, tmp_path, *bad, mask, prep)
     _check(run_state(program, tmp_path, pieces, state, T, "state_mma3"), want)
 
 
