@@ -281,7 +281,9 @@ def test_split_kernels_match_numpy(program, tmp_path, shape, masked):
 
 
 @pytest.mark.parametrize("cfg", ["metal", "cuda_bv32"])
-@pytest.mark.parametrize("shape", [SHAPES[4], SHAPES[5]], ids=lambda s: "T{}Dk{}Dv{}".format(*s[1:2], *s[4:]))
+@pytest.mark.parametrize(
+    "shape", [SHAPES[4], SHAPES[5]], ids=lambda s: "T{}Dk{}Dv{}".format(*s[1:2], *s[4:])
+)
 def test_split_tile_configurations(program, tmp_path, cfg, shape):
     """Metal's slices and value tiles, and the state pass at 32 value rows (Dv below, at and
     above a tile), masked."""

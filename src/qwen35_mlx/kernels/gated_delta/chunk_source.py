@@ -870,7 +870,9 @@ WY_BODY = """
     gd_barrier();
     for (int c = 0; c < 2; ++c) {
       const int tc = 2 * (w % 2) + c;
-      if (tc <= tr) gd_mma<MP, false, true>(kk[c], st + 16 * tr * SP, SP, st + 16 * tc * SP, SP, DS);
+      if (tc <= tr) {
+        gd_mma<MP, false, true>(kk[c], st + 16 * tr * SP, SP, st + 16 * tc * SP, SP, DS);
+      }
     }
   }
 
@@ -1168,7 +1170,9 @@ O_BODY = """
     gd_barrier();
     for (int c = 0; c < 2; ++c) {
       const int tc = 2 * (w % 2) + c;
-      if (tc <= tr) gd_mma<MP, false, true>(qk[c], qs + 16 * tr * SP, SP, ks + 16 * tc * SP, SP, DS);
+      if (tc <= tr) {
+        gd_mma<MP, false, true>(qk[c], qs + 16 * tr * SP, SP, ks + 16 * tc * SP, SP, DS);
+      }
     }
     for (int u = 0; u < YTW; ++u) {
       const int e = w + NW * u;
