@@ -335,9 +335,12 @@ def _build(backend: str, which: str):
     return _kernels[key]
 
 
-# The split path (chunk_source "split chunk path": WY kernel, state pass, output pass; scalar
-# gates). Off until the H200 run (`benchmarks/chunk_split_gpu.py`) has checked and timed it.
-SPLIT = False
+# The split path (chunk_source "split chunk path": WY kernel, state pass, output pass) runs
+# scalar gates on the chunk backend; False: the two-kernel path (prep kernel + state pass, MATRIX
+# picks its variant), which per-key gates always take. Whether `auto` uses the chunk backend at
+# all is the one constant _GPU_CHUNKED_MIN_T (kernels/gated_delta/__init__.py), to be set from
+# `benchmarks/chunk_split_gpu.py` on the GPU; checked there and on the CPU's lane emulator.
+SPLIT = True
 WY_THREADS = 256
 WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
 H_BV = 16  # value rows per state-pass threadgroup (16 or 32; 32: CUDA only)
@@ -353,7 +356,7 @@ def h_threads(bv: int = H_BV, C: int = CHUNK) -> int:
     return 32 * (C // 16) * (bv // 16)
 
 
-def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None):
+def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, init_value=None):
     """WY_BODY: W, Kw [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C,
     4] fp32 (gamma, g, valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are
     computed in the kernel (g, beta unused)."""
@@ -384,10 +387,13 @@ def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None):
         threadgroup=(WY_THREADS, 1, 1),
         output_shapes=[(BH, N * C, Dk), (BH, N * C, Dv), (BH, N * C, Dk), (BH, N * C, 4)],
         output_dtypes=[pt, pt, pt, f32],
+        init_value=init_value,
     )
 
 
-def h_pass(backend: str, W, U, Kw, gates, state, C: int = CHUNK, bv=None, prefetch=None):
+def h_pass(
+    backend: str, W, U, Kw, gates, state, C: int = CHUNK, bv=None, prefetch=None, init_value=None
+):
     """H_BODY: (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C, Dv]) in the pieces' dtype, and the final
     state [B, Hv, Dv, Dk] fp32."""
     B, Hv, Dv, Dk = state.shape
@@ -416,10 +422,13 @@ def h_pass(backend: str, W, U, Kw, gates, state, C: int = CHUNK, bv=None, prefet
         threadgroup=(nt, 1, 1),
         output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[pt, pt, mx.float32],
+        init_value=init_value,
     )
 
 
-def o_pass(backend: str, q, k, gates, H, Vn, T: int, Hv: int, y_dtype, C: int = CHUNK):
+def o_pass(
+    backend: str, q, k, gates, H, Vn, T: int, Hv: int, y_dtype, C: int = CHUNK, init_value=None
+):
     """O_BODY: y [B, T, Hv, Dv] in y_dtype."""
     B, _, _, Dk = q.shape
     BH, N, Dv, _ = H.shape
@@ -440,19 +449,34 @@ def o_pass(backend: str, q, k, gates, H, Vn, T: int, Hv: int, y_dtype, C: int = 
         threadgroup=(O_THREADS, 1, 1),
         output_shapes=[(B, T, Hv, Dv)],
         output_dtypes=[y_dtype],
+        init_value=init_value,
     )[0]
 
 
 def split_chunk_kernel(
-    backend: str, q, k, v, g, beta, state, mask, raw_gates=None, bv=None, prefetch=None
+    backend: str,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    state,
+    mask,
+    raw_gates=None,
+    bv=None,
+    prefetch=None,
+    init_value=None,
 ):
     """The split path for scalar gates: WY kernel, state pass, output pass. Returns (y in v's
-    dtype, state fp32)."""
+    dtype, state fp32). init_value: every output of the three kernels starts as it (tests)."""
     T = q.shape[1]
     Hv = v.shape[2]
-    W, U, Kw, gates = wy_pass(backend, k, v, g, beta, mask, raw_gates=raw_gates)
-    H, Vn, state_out = h_pass(backend, W, U, Kw, gates, state, bv=bv, prefetch=prefetch)
-    y = o_pass(backend, q, k, gates, H, Vn, T, Hv, v.dtype)
+    iv = init_value
+    W, U, Kw, gates = wy_pass(backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv)
+    H, Vn, state_out = h_pass(
+        backend, W, U, Kw, gates, state, bv=bv, prefetch=prefetch, init_value=iv
+    )
+    y = o_pass(backend, q, k, gates, H, Vn, T, Hv, v.dtype, init_value=iv)
     return y, state_out
 
 
@@ -645,7 +669,9 @@ def gated_delta_chunk_kernel(
     T = q.shape[1]
     state = state.astype(mx.float32)
     if (SPLIT if split is None else split) and g.ndim == 3:
-        return split_chunk_kernel(backend, q, k, v, g, beta, state, mask, bv=bv)
+        return split_chunk_kernel(
+            backend, q, k, v, g, beta, state, mask, bv=bv, init_value=init_value
+        )
     if prep == "auto":
         prep = "ops" if g.ndim == 4 else "kernel"
     if prep == "kernel":
@@ -684,7 +710,17 @@ def gated_delta_update_chunk_kernel(
     gates = (a, b, A_log, dt_bias)
     if SPLIT if split is None else split:
         return split_chunk_kernel(
-            backend, q, k, v, None, None, state.astype(mx.float32), mask, raw_gates=gates, bv=bv
+            backend,
+            q,
+            k,
+            v,
+            None,
+            None,
+            state.astype(mx.float32),
+            mask,
+            raw_gates=gates,
+            bv=bv,
+            init_value=init_value,
         )
     pieces = prep_kernel(backend, q, k, v, None, None, mask, raw_gates=gates, matrix=matrix)
     return state_pass(
