@@ -858,7 +858,9 @@ WY_BODY = """
   gd_acc_zero(kk[1]);
   for (int d0 = 0; d0 < Dk; d0 += DS) {
     gd_barrier();
-    for (int e = tid; e < C * DS; e += NT) {
+    #pragma unroll
+    for (int it = 0; it < C * DS / NT; ++it) {
+      const int e = tid + it * NT;
       const int i = e / DS;
       const int d = e % DS;
       const int t = t0 + i < T ? t0 + i : T - 1;
@@ -938,7 +940,9 @@ WY_BODY = """
     const bool is_v = s < nvs;
     const int c0 = (is_v ? s : s - nvs) * DS;
     gd_barrier();
-    for (int e = tid; e < C * DS; e += NT) {
+    #pragma unroll
+    for (int it = 0; it < C * DS / NT; ++it) {
+      const int e = tid + it * NT;
       const int i = e / DS;
       const int col = c0 + e % DS;
       const int t = t0 + i < T ? t0 + i : T - 1;
@@ -989,6 +993,7 @@ H_BODY = """
   constexpr int SP = DS + 4;       // row stride of a staged slice
   constexpr int KS = DS / 16;      // key tiles of a slice
   static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H_BODY layout");
+  static_assert((C * DS) % NT == 0 && (C * BV) % NT == 0, "H_BODY: whole staging rounds");
   const int NC = U_shape[1];
   const int Dv = U_shape[2];
   const int N = NC / C;
@@ -1035,7 +1040,10 @@ H_BODY = """
     gd_acc_zero(xw);
     for (int d0 = 0; d0 < Dk; d0 += DS) {
       if (d0 > 0) gd_barrier();
-      for (int e = tid; e < C * DS; e += NT) {
+      // Unrolled, so that every load of the slice is in flight at once.
+      #pragma unroll
+      for (int it = 0; it < C * DS / NT; ++it) {
+        const int e = tid + it * NT;
         st[(e / DS) * SP + e % DS] = static_cast<float>(W[(rn + e / DS) * Dk + d0 + e % DS]);
       }
       gd_barrier();
@@ -1043,7 +1051,9 @@ H_BODY = """
     }
     gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
     gd_barrier();
-    for (int e = tid; e < C * BV; e += NT) {
+    #pragma unroll
+    for (int it = 0; it < C * BV / NT; ++it) {
+      const int e = tid + it * NT;
       const int i = e / BV;
       const int v = e % BV;
       if (v0 + v < Dv) {
@@ -1058,7 +1068,9 @@ H_BODY = """
     for (int e = tid; e < BV * Dk; e += NT) S_t[(e / Dk) * SD + e % Dk] *= dc;
     for (int d0 = 0; d0 < Dk; d0 += DS) {
       gd_barrier();
-      for (int e = tid; e < C * DS; e += NT) {
+      #pragma unroll
+      for (int it = 0; it < C * DS / NT; ++it) {
+        const int e = tid + it * NT;
         st[(e / DS) * SP + e % DS] = static_cast<float>(Kw[(rn + e / DS) * Dk + d0 + e % DS]);
       }
       gd_barrier();
@@ -1108,6 +1120,7 @@ O_BODY = """
   constexpr int PH1 = 3 * C * SP + BVO * SP;
   constexpr int PH2 = C * PP + C * VP;
   static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O_BODY layout");
+  static_assert((C * DS) % NT == 0 && (BVO * DS) % NT == 0, "O_BODY: whole staging rounds");
   const float tiny = 4.2483542e-18f;  // e^-40
   const int T = dims[0];
   const int Hv = dims[1];
@@ -1151,7 +1164,9 @@ O_BODY = """
   const size_t hrow = (size_t(head) * N + n) * Dv;
   for (int d0 = 0; d0 < Dk; d0 += DS) {
     gd_barrier();
-    for (int e = tid; e < C * DS; e += NT) {
+    #pragma unroll
+    for (int it = 0; it < C * DS / NT; ++it) {
+      const int e = tid + it * NT;
       const int i = e / DS;
       const int d = e % DS;
       const int t = t0 + i < T ? t0 + i : T - 1;
@@ -1162,7 +1177,9 @@ O_BODY = """
       gqs[i * SP + d] = gam[i] * xq;
       ks[i * SP + d] = valid ? static_cast<float>(k[off]) : 0.0f;
     }
-    for (int e = tid; e < BVO * DS; e += NT) {
+    #pragma unroll
+    for (int it = 0; it < BVO * DS / NT; ++it) {
+      const int e = tid + it * NT;
       const int v = e / DS;
       const int d = e % DS;
       hs[v * SP + d] = v0 + v < Dv ? static_cast<float>(H[(hrow + v0 + v) * Dk + d0 + d]) : 0.0f;
@@ -1186,7 +1203,9 @@ O_BODY = """
     const int tc = 2 * (w % 2) + c;
     if (tc <= tr) gd_acc_store(qk[c], Pm + 16 * tr * PP + 16 * tc, PP);
   }
-  for (int e = tid; e < C * BVO; e += NT) {
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
     const int j = e / BVO;
     const int v = e % BVO;
     vs[j * VP + v] = v0 + v < Dv ? static_cast<float>(Vn[(rn + j) * Dv + v0 + v]) : 0.0f;
