@@ -43,9 +43,9 @@ from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 
 # benchmarks/NOTES.md "Split chunk kernels": predicted ms per pass, H200, Hv 32, bf16.
 PREDICTED = {
-    2048: {"wy": 0.04, "state": 0.09, "out": 0.035, "split": 0.2},
-    8192: {"wy": 0.12, "state": 0.35, "out": 0.12, "split": 0.6},
-    32768: {"wy": 0.5, "state": 1.4, "out": 0.5, "split": 2.4},
+    2048: {"wy": 0.04, "state": 0.08, "out": 0.035, "split": 0.2},
+    8192: {"wy": 0.12, "state": 0.3, "out": 0.12, "split": 0.55},
+    32768: {"wy": 0.5, "state": 1.2, "out": 0.5, "split": 2.2},
 }
 
 

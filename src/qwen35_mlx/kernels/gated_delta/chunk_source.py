@@ -982,6 +982,8 @@ H_NAME = "gated_delta_chunk_h"
 #   H[n] = S (PT); Xw = W S^T over key slices of DS (W staged); barrier;
 #   delta = U - Xw (fp32 in threadgroup memory; to memory as Vn in PT); S *= decay; barrier;
 #   S += delta^T Kw over key slices (Kw staged; tiles (value tile, key tile) over the warps).
+# Each slice is loaded into registers one slice ahead (the last of a chunk loads the next
+# chunk's first), so only the first slice of the pass waits for memory.
 # Threadgroup memory: BV (Dk + 4) + C (BV + 8) + C (DS + 4) floats: 23.8 KB at
 # BV 16, DS 32, Dk 128 (Metal); 32.0 KB at BV 16, DS 64 and 44.5 KB at BV 32, DS 64 (CUDA).
 H_BODY = """
@@ -1018,9 +1020,37 @@ H_BODY = """
   }
   const size_t row0 = size_t(head) * NC;
   constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
+  constexpr int KSL = Dk / DS;                 // key slices of W (then of Kw) a chunk
+  constexpr int PR = C * DS / NT;              // elements of a slice a thread stages
+  // The slices of a chunk in order: W's KSL, then Kw's KSL. Each is loaded into registers
+  // (pre) one slice ahead, so its loads are in flight while the previous slice's products run;
+  // the last slice of chunk n loads the first of chunk n + 1.
+  float pre[PR];
+#define GD_H_LOAD(n_, s_)                                                              \
+  {                                                                                    \
+    const size_t rl_ = row0 + size_t(n_) * C;                                          \
+    const int dl_ = ((s_) % KSL) * DS;                                                 \
+    if ((s_) < KSL) {                                                                  \
+      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                              \
+        const int e = tid + it * NT;                                                   \
+        pre[it] = static_cast<float>(W[(rl_ + e / DS) * Dk + dl_ + e % DS]);           \
+      }                                                                                \
+    } else {                                                                           \
+      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                              \
+        const int e = tid + it * NT;                                                   \
+        pre[it] = static_cast<float>(Kw[(rl_ + e / DS) * Dk + dl_ + e % DS]);          \
+      }                                                                                \
+    }                                                                                  \
+  }
+#define GD_H_STAGE()                                                                   \
+  _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                  \
+    const int e = tid + it * NT;                                                       \
+    st[(e / DS) * SP + e % DS] = pre[it];                                              \
+  }
+  if (N > 0) GD_H_LOAD(0, 0);
   for (int n = 0; n < N; ++n) {
     const size_t rn = row0 + size_t(n) * C;
-    gd_barrier();  // S of the previous chunk complete
+    gd_barrier();  // S of the previous chunk complete, st free
     if (PF && n + 1 < N) {
       const size_t rx = rn + C;
       for (int c = tid; c < C * Dk / LINE; c += NT) {
@@ -1038,16 +1068,12 @@ H_BODY = """
     }
     gd_acc xw;
     gd_acc_zero(xw);
-    for (int d0 = 0; d0 < Dk; d0 += DS) {
-      if (d0 > 0) gd_barrier();
-      // Unrolled, so that every load of the slice is in flight at once.
-      #pragma unroll
-      for (int it = 0; it < C * DS / NT; ++it) {
-        const int e = tid + it * NT;
-        st[(e / DS) * SP + e % DS] = static_cast<float>(W[(rn + e / DS) * Dk + d0 + e % DS]);
-      }
+    for (int sl = 0; sl < KSL; ++sl) {
+      if (sl > 0) gd_barrier();
+      GD_H_STAGE();
       gd_barrier();
-      gd_mma<MP, false, true>(xw, st + 16 * rt * SP, SP, S_t + 16 * vt * SD + d0, SD, DS);
+      GD_H_LOAD(n, sl + 1);
+      gd_mma<MP, false, true>(xw, st + 16 * rt * SP, SP, S_t + 16 * vt * SD + sl * DS, SD, DS);
     }
     gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
     gd_barrier();
@@ -1066,24 +1092,27 @@ H_BODY = """
     }
     const float dc = gates[(rn + C - 1) * 4];
     for (int e = tid; e < BV * Dk; e += NT) S_t[(e / Dk) * SD + e % Dk] *= dc;
-    for (int d0 = 0; d0 < Dk; d0 += DS) {
+    for (int sl = 0; sl < KSL; ++sl) {
       gd_barrier();
-      #pragma unroll
-      for (int it = 0; it < C * DS / NT; ++it) {
-        const int e = tid + it * NT;
-        st[(e / DS) * SP + e % DS] = static_cast<float>(Kw[(rn + e / DS) * Dk + d0 + e % DS]);
+      GD_H_STAGE();
+      gd_barrier();
+      if (sl + 1 < KSL) {
+        GD_H_LOAD(n, KSL + sl + 1);
+      } else if (n + 1 < N) {
+        GD_H_LOAD(n + 1, 0);
       }
-      gd_barrier();
       for (int e = w; e < VT * KS; e += NW) {
         const int sv = e / KS;
         const int c = e % KS;
         gd_acc sa;
-        gd_acc_load(sa, S_t + 16 * sv * SD + d0 + 16 * c, SD);
+        gd_acc_load(sa, S_t + 16 * sv * SD + sl * DS + 16 * c, SD);
         gd_mma<MP, true, false>(sa, D_t + 16 * sv, DL, st + 16 * c, SP, C);
-        gd_acc_store(sa, S_t + 16 * sv * SD + d0 + 16 * c, SD);
+        gd_acc_store(sa, S_t + 16 * sv * SD + sl * DS + 16 * c, SD);
       }
     }
   }
+#undef GD_H_LOAD
+#undef GD_H_STAGE
   gd_barrier();
   for (int e = tid; e < BV * Dk; e += NT) {
     const int v = e / Dk;
