@@ -7,6 +7,10 @@ Work split (benchmarks/NOTES.md "Chunked GPU kernel"):
           MLX-ops pieces of `chunked.py` instead (not the Qwen3.5 path; correctness only).
   state   one threadgroup per (batch x value head, BV value rows) loops over the chunks with
           its state tile on chip and writes y and the final state (STATE_BODY).
+The split path (SPLIT, scalar gates; split_chunk_kernel) replaces both with three kernels on the
+tile layer: WY (per chunk x head: the blocked (I + A)^-1, W, U, Kw in the activations' dtype),
+the state pass (per head x value tile, state on chip, writing each chunk's start state H and
+delta) and the output pass (per chunk x head x value tile).
 Both have a matrix-unit variant behind MATRIX (the prep's k k^T / q k^T, and STATE_MMA_BODY),
 over the tile layer `_TILES`: tensor cores (mma.sync tf32 by inline PTX) on CUDA, simdgroup
 matrices on Metal, one kernel text for both.
