@@ -347,7 +347,7 @@ def _build(backend: str, which: str):
 SPLIT = True
 WY_THREADS = 256
 WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
-H_BV = 16  # value rows per state-pass threadgroup (16 or 32; 32: CUDA only)
+H_BV = 16  # value rows per state-pass threadgroup (16 or 32; 32: CUDA only, Dk <= 128)
 H_BV_CHOICES = {"metal": (16,), "cuda": (16, 32)}
 H_SLICE = {"metal": 32, "cuda": 64}  # key columns of W / Kw staged at a time (32 KB on Metal)
 O_THREADS = 256
@@ -403,10 +403,10 @@ def h_pass(
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     bv = bv or H_BV
-    if bv not in H_BV_CHOICES[backend]:
+    if bv not in H_BV_CHOICES[backend] or (bv > 16 and Dk > 128):
         raise ValueError(
             f"gated_delta chunk kernel: the state pass takes bv in {H_BV_CHOICES[backend]} on "
-            f"{backend}, got bv={bv}"
+            f"{backend} (32 only for Dk <= 128: threadgroup memory), got bv={bv} with Dk={Dk}"
         )
     nt = h_threads(bv, C)
     pt = U.dtype
