@@ -423,3 +423,13 @@ def test_split_host_launch_through_emulator(program, tmp_path, monkeypatch, fuse
             y, s = cl.gated_delta_chunk_kernel(q, k, v, g, beta, state, mask, backend="cuda")
     assert y.shape == (B, T, Hv, Dv) and s.shape == (B, Hv, Dv, DK)
     _check((np.asarray(y), np.asarray(s)), gated_delta_np(q, k, v, g, beta, state, mask))
+
+
+@pytest.mark.parametrize("backend,bv,Dk", [("metal", 32, 128), ("cuda", 32, 256), ("cuda", 8, 128)])
+def test_split_state_pass_rejects_tiles_that_do_not_fit(backend, bv, Dk):
+    """32 value rows need 44.5 KB of threadgroup memory at Dk 128 (CUDA only) and 61 KB at
+    Dk 256 (nowhere); other widths have no layout: one clear error, before any build."""
+    state = mx.zeros((1, 2, 16, Dk))
+    U = mx.zeros((2, C, 16))
+    with pytest.raises(ValueError, match=f"bv={bv} with Dk={Dk}"):
+        cl.h_pass(backend, None, U, None, None, state, bv=bv)
