@@ -162,7 +162,7 @@ def check_shapes(backend: str, ts, hvs) -> list[dict]:
                 for name, matrix in (("mma", True), ("simt", False)):
                     y, s = cl.gated_delta_update_chunk_kernel(
                         q, k, v, a, b, A_log, dt_bias, state, mask,
-                        backend=backend, init_value=float("nan"), matrix=matrix,
+                        backend=backend, init_value=float("nan"), matrix=matrix, split=False,
                     )  # fmt: skip
                     mx.eval(y, s)
                     y32, s32 = np.array(y.astype(mx.float32)), np.array(s)
@@ -208,7 +208,7 @@ def _timers(backend: str, shape: Shape, fla) -> dict:
 
     def chunk(matrix):
         return lambda s: cl.gated_delta_update_chunk_kernel(
-            q, k, v, *gates, s, backend=backend, matrix=matrix
+            q, k, v, *gates, s, backend=backend, matrix=matrix, split=False
         )
 
     def state(matrix, bv=None):

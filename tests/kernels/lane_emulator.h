@@ -121,6 +121,7 @@ inline float4 gd_f4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 inline void run_blocks(dim3 blocks, unsigned threads, const std::function<void()>& thread_fn) {
   blockDim = {threads, 1, 1};
+  for (unsigned bz = 0; bz < (blocks.z ? blocks.z : 1); ++bz)
   for (unsigned by = 0; by < blocks.y; ++by)
     for (unsigned bx = 0; bx < blocks.x; ++bx) {
       Block block(threads);
@@ -129,7 +130,7 @@ inline void run_blocks(dim3 blocks, unsigned threads, const std::function<void()
       for (unsigned t = 0; t < threads; ++t)
         pool.emplace_back([&, t] {
           threadIdx = {t, 0, 0};
-          blockIdx = {bx, by, 0};
+          blockIdx = {bx, by, bz};
           tl_blk = &block;
           tl_warp = &warps[t / 32];
           thread_fn();

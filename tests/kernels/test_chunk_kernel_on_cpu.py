@@ -426,6 +426,7 @@ def test_host_launch_through_emulator(program, tmp_path, monkeypatch, prep, per_
     if per_key and prep == "kernel":
         pytest.skip("the prep kernel takes scalar gates only")
     monkeypatch.setattr(cl, "MATRIX", matrix)
+    monkeypatch.setattr(cl, "SPLIT", False)  # the two-kernel path (the split one: its own file)
     monkeypatch.setattr(cl, "_kernels", {})
     monkeypatch.setattr(
         cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)
@@ -444,6 +445,7 @@ def test_fused_gating_prep_through_emulator(program, tmp_path, monkeypatch, matr
     """gated_delta_update_chunk_kernel: the gates computed in the prep kernel (fused variant)
     match compute_gates + the float64 loop, including gates that underflow to exactly 0."""
     monkeypatch.setattr(cl, "MATRIX", matrix)
+    monkeypatch.setattr(cl, "SPLIT", False)  # the two-kernel path (the split one: its own file)
     monkeypatch.setattr(cl, "_kernels", {})
     monkeypatch.setattr(
         cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)

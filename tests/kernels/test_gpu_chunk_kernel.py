@@ -1,7 +1,8 @@
 """The chunked GPU kernels (chunk_launch: prep kernel or MLX-ops prep, then the state pass)
 against the token-by-token reference and the float64 NumPy loop, over the shape / mask / gate
 grid of test_gpu_kernels.py plus T in {1, 63, 64, 65, 200, 1000}, fp32 and bf16; every test with
-both state passes (fp32 lanes and matrix units), and the tile layer alone against NumPy.
+each chunk path (two kernels with the state pass on fp32 lanes or matrix units; the split
+path), and the tile layer alone against NumPy.
 
 Runs only where MLX has a GPU backend. Outputs are poisoned with NaN before the run, so an element
 the kernels fail to write fails the comparison.
@@ -34,12 +35,15 @@ pytestmark = [
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["simt", "mma"])
+@pytest.fixture(autouse=True, params=["simt", "mma", "split"])
 def matrix_state(request, monkeypatch):
-    """Every test runs with both state passes: STATE_BODY (fp32 lanes) and STATE_MMA_BODY (the
-    tile layer: tensor cores / simdgroup matrices), whatever MATRIX's default."""
-    monkeypatch.setattr(cl, "MATRIX", request.param)
-    return request.param
+    """Every test runs with each chunk path for scalar gates, whatever the defaults: the
+    two-kernel path with STATE_BODY (fp32 lanes) or STATE_MMA_BODY (the tile layer: tensor cores
+    / simdgroup matrices), and the split path (WY, state and output kernels; per-key gates keep
+    the two-kernel path with fp32 lanes there). Returns whether the tile layer is on."""
+    monkeypatch.setattr(cl, "MATRIX", request.param == "mma")
+    monkeypatch.setattr(cl, "SPLIT", request.param == "split")
+    return request.param != "simt"
 
 
 def chunk(x, prep="auto"):

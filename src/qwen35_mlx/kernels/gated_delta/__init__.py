@@ -106,9 +106,9 @@ def _auto_cpu(T: int) -> str:
 # benchmarks/RESULTS.md): the chunk kernels took 1.48 / 5.64 / 23.0 ms at T = 2048 / 8192 / 32768
 # against the fused kernel's 1.10 / 4.22 / 16.7 ms, slower at every length, so `auto` never picks
 # them (None); `backend="chunked"` still runs them. Re-measure with `benchmarks/run_gpu.sh chunk`
-# and set this to the smallest T from which `ours chunked` wins at every head count. The
-# matrix-unit variants (chunk_launch.MATRIX, off until checked on the GPU) are measured, with
-# the value to set here, by `benchmarks/run_gpu.sh chunk-mma`.
+# and set this to the smallest T from which `ours chunked` wins at every head count. Scalar
+# gates now take the split path (chunk_launch.SPLIT: WY, state and output kernels on the tile
+# layer); `python benchmarks/chunk_split_gpu.py` checks it and prints the value to set here.
 _GPU_CHUNKED_MIN_T: int | None = None
 
 

@@ -7,6 +7,10 @@ Work split (benchmarks/NOTES.md "Chunked GPU kernel"):
           MLX-ops pieces of `chunked.py` instead (not the Qwen3.5 path; correctness only).
   state   one threadgroup per (batch x value head, BV value rows) loops over the chunks with
           its state tile on chip and writes y and the final state (STATE_BODY).
+The split path (SPLIT, scalar gates; split_chunk_kernel) replaces both with three kernels on the
+tile layer: WY (per chunk x head: the blocked (I + A)^-1, W, U, Kw in the activations' dtype),
+the state pass (per head x value tile, state on chip, writing each chunk's start state H and
+delta) and the output pass (per chunk x head x value tile).
 Both have a matrix-unit variant behind MATRIX (the prep's k k^T / q k^T, and STATE_MMA_BODY),
 over the tile layer `_TILES`: tensor cores (mma.sync tf32 by inline PTX) on CUDA, simdgroup
 matrices on Metal, one kernel text for both.
@@ -243,11 +247,13 @@ PROLOGUE = {
   const unsigned gd_tid = thread_position_in_threadgroup.x;
   const unsigned gd_tg_x = threadgroup_position_in_grid.x;
   const unsigned gd_tg_y = threadgroup_position_in_grid.y;
+  const unsigned gd_tg_z = threadgroup_position_in_grid.z;
 """,
     "cuda": """
   const unsigned gd_tid = threadIdx.x;
   const unsigned gd_tg_x = blockIdx.x;
   const unsigned gd_tg_y = blockIdx.y;
+  const unsigned gd_tg_z = blockIdx.z;
 """,
 }
 _BASE = {"metal": metal, "cuda": cuda}
@@ -271,6 +277,18 @@ def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
+def wy_source(backend: str, fused: bool = False) -> str:
+    return PROLOGUE[backend] + src.wy_body(fused)
+
+
+def h_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.H_BODY
+
+
+def o_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.o_body()
+
+
 # MP of the matrix kernels for every dtype (1 or 3), or None: by the activations' dtype
 # (operand_precision). For measurements (benchmarks/chunk_mma_gpu.py times bf16 with MP 3 too).
 MATRIX_PRECISION: int | None = None
@@ -289,10 +307,21 @@ _kernels: dict[tuple[str, str], object] = {}
 
 
 def _build(backend: str, which: str):
-    """which: "state", "state_mma", "prep", "prep_fused", "prep_mma" or "prep_fused_mma"."""
+    """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
+    split path's "wy", "wy_fused", "h", "o"."""
     key = (backend, which)
     if key not in _kernels:
-        if which == "state":
+        if which in ("wy", "wy_fused"):
+            fused = which == "wy_fused"
+            name, ins, outs = src.wy_name(fused), src.wy_inputs(fused), src.WY_OUTPUTS
+            body = wy_source(backend, fused)
+        elif which == "h":
+            name, ins, outs = src.H_NAME, src.H_INPUTS, src.H_OUTPUTS
+            body = h_source(backend)
+        elif which == "o":
+            name, ins, outs = src.O_NAME, src.O_INPUTS, src.O_OUTPUTS
+            body = o_source(backend)
+        elif which == "state":
             name, ins, outs = src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
             body = state_source(backend)
         elif which == "state_mma":
@@ -308,6 +337,151 @@ def _build(backend: str, which: str):
             name=name, input_names=ins, output_names=outs, source=body, header=header(backend)
         )
     return _kernels[key]
+
+
+# The split path (chunk_source "split chunk path": WY kernel, state pass, output pass) runs
+# scalar gates on the chunk backend; False: the two-kernel path (prep kernel + state pass, MATRIX
+# picks its variant), which per-key gates always take. Whether `auto` uses the chunk backend at
+# all is the one constant _GPU_CHUNKED_MIN_T (kernels/gated_delta/__init__.py), to be set from
+# `benchmarks/chunk_split_gpu.py` on the GPU; checked there and on the CPU's lane emulator.
+SPLIT = True
+WY_THREADS = 256
+WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
+H_BV = 16  # value rows per state-pass threadgroup (16 or 32; 32: CUDA only, Dk <= 128)
+H_BV_CHOICES = {"metal": (16,), "cuda": (16, 32)}
+H_SLICE = {"metal": 32, "cuda": 64}  # key columns of W / Kw staged at a time (32 KB on Metal)
+O_THREADS = 256
+O_SLICE = {"metal": 16, "cuda": 32}  # key columns of q, k, H staged at a time
+O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
+
+
+def h_threads(bv: int = H_BV, C: int = CHUNK) -> int:
+    """H_BODY's threads: one warp per 16 x 16 tile of the chunk's W S^T."""
+    return 32 * (C // 16) * (bv // 16)
+
+
+def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, init_value=None):
+    """WY_BODY: W, Kw [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C,
+    4] fp32 (gamma, g, valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are
+    computed in the kernel (g, beta unused)."""
+    B, T, _, Dk = k.shape
+    Hv, Dv = v.shape[2:]
+    N = -(-T // C)
+    BH = B * Hv
+    if mask is None:
+        mask = mx.ones((B, T), dtype=mx.bool_)
+    f32 = mx.float32
+    if raw_gates is None:
+        gates, which = [g.astype(f32), beta.astype(f32)], "wy"
+    else:
+        a, b, A_log, dt_bias = raw_gates
+        gates, which = [a, b, A_log.astype(f32), dt_bias.astype(f32)], "wy_fused"
+    pt = v.dtype
+    return _build(backend, which)(
+        inputs=[k, v, *gates, mask.astype(mx.bool_)],
+        template=[
+            ("Dk", Dk),
+            ("C", C),
+            ("NT", WY_THREADS),
+            ("DS", WY_SLICE),
+            ("MP", operand_precision(pt)),
+            ("PT", pt),
+        ],
+        grid=(WY_THREADS * N, BH, 1),
+        threadgroup=(WY_THREADS, 1, 1),
+        output_shapes=[(BH, N * C, Dk), (BH, N * C, Dv), (BH, N * C, Dk), (BH, N * C, 4)],
+        output_dtypes=[pt, pt, pt, f32],
+        init_value=init_value,
+    )
+
+
+def h_pass(
+    backend: str, W, U, Kw, gates, state, C: int = CHUNK, bv=None, prefetch=None, init_value=None
+):
+    """H_BODY: (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C, Dv]) in the pieces' dtype, and the final
+    state [B, Hv, Dv, Dk] fp32."""
+    B, Hv, Dv, Dk = state.shape
+    NC = U.shape[1]
+    bv = bv or H_BV
+    if bv not in H_BV_CHOICES[backend] or (bv > 16 and Dk > 128):
+        raise ValueError(
+            f"gated_delta chunk kernel: the state pass takes bv in {H_BV_CHOICES[backend]} on "
+            f"{backend} (32 only for Dk <= 128: threadgroup memory), got bv={bv} with Dk={Dk}"
+        )
+    nt = h_threads(bv, C)
+    pt = U.dtype
+    return _build(backend, "h")(
+        inputs=[W, U, Kw, gates, state],
+        template=[
+            ("Dk", Dk),
+            ("BV", bv),
+            ("C", C),
+            ("NT", nt),
+            ("DS", min(H_SLICE[backend], Dk)),
+            ("MP", operand_precision(pt)),
+            ("PF", PREFETCH if prefetch is None else int(prefetch)),
+            ("PT", pt),
+        ],
+        grid=(nt * B * Hv, -(-Dv // bv), 1),
+        threadgroup=(nt, 1, 1),
+        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
+        output_dtypes=[pt, pt, mx.float32],
+        init_value=init_value,
+    )
+
+
+def o_pass(
+    backend: str, q, k, gates, H, Vn, T: int, Hv: int, y_dtype, C: int = CHUNK, init_value=None
+):
+    """O_BODY: y [B, T, Hv, Dv] in y_dtype."""
+    B, _, _, Dk = q.shape
+    BH, N, Dv, _ = H.shape
+    bvo = O_BV[backend]
+    ds = min(O_SLICE[backend], Dk)
+    return _build(backend, "o")(
+        inputs=[q, k, gates, H, Vn, mx.array([T, Hv], mx.int32)],
+        template=[
+            ("Dk", Dk),
+            ("C", C),
+            ("NT", O_THREADS),
+            ("DS", ds),
+            ("BVO", bvo),
+            ("MP", operand_precision(Vn.dtype)),
+            ("YT", y_dtype),
+        ],
+        grid=(O_THREADS * N, BH, -(-Dv // bvo)),
+        threadgroup=(O_THREADS, 1, 1),
+        output_shapes=[(B, T, Hv, Dv)],
+        output_dtypes=[y_dtype],
+        init_value=init_value,
+    )[0]
+
+
+def split_chunk_kernel(
+    backend: str,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    state,
+    mask,
+    raw_gates=None,
+    bv=None,
+    prefetch=None,
+    init_value=None,
+):
+    """The split path for scalar gates: WY kernel, state pass, output pass. Returns (y in v's
+    dtype, state fp32). init_value: every output of the three kernels starts as it (tests)."""
+    T = q.shape[1]
+    Hv = v.shape[2]
+    iv = init_value
+    W, U, Kw, gates = wy_pass(backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv)
+    H, Vn, state_out = h_pass(
+        backend, W, U, Kw, gates, state, bv=bv, prefetch=prefetch, init_value=iv
+    )
+    y = o_pass(backend, q, k, gates, H, Vn, T, Hv, v.dtype, init_value=iv)
+    return y, state_out
 
 
 def _factory(backend: str):
@@ -486,16 +660,22 @@ def gated_delta_chunk_kernel(
     init_value: float | None = None,
     bv: int | None = None,
     matrix: bool | None = None,
+    split: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Chunked gated delta rule on the GPU; state [B, Hv, Dv, Dk] fp32 (the other shapes as in
     the module docstring). `prep`: "kernel" (PREP_BODY, scalar gates),
     "ops" (MLX ops) or "auto" (the kernel for scalar gates); `bv`, `matrix`: see state_pass.
-    Returns (y, state fp32)."""
+    `split` (None = SPLIT): scalar gates take the split path (split_chunk_kernel; `prep` and
+    `matrix` unused, `bv` is the state pass's). Returns (y, state fp32)."""
     backend = backend or available_backend()
     if backend is None:
         raise RuntimeError("gated_delta chunk kernel: no Metal or CUDA backend in this MLX")
     T = q.shape[1]
     state = state.astype(mx.float32)
+    if (SPLIT if split is None else split) and g.ndim == 3:
+        return split_chunk_kernel(
+            backend, q, k, v, g, beta, state, mask, bv=bv, init_value=init_value
+        )
     if prep == "auto":
         prep = "ops" if g.ndim == 4 else "kernel"
     if prep == "kernel":
@@ -524,13 +704,28 @@ def gated_delta_update_chunk_kernel(
     init_value: float | None = None,
     bv: int | None = None,
     matrix: bool | None = None,
+    split: bool | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Chunked gated delta rule on the GPU from the raw gate inputs (a, b [B, T, Hv]; A_log,
-    dt_bias [Hv]), computed in fp32 inside the prep kernel. Returns (y, state fp32)."""
+    dt_bias [Hv]), computed in fp32 inside the prep (or WY) kernel. Returns (y, state fp32)."""
     backend = backend or available_backend()
     if backend is None:
         raise RuntimeError("gated_delta chunk kernel: no Metal or CUDA backend in this MLX")
     gates = (a, b, A_log, dt_bias)
+    if SPLIT if split is None else split:
+        return split_chunk_kernel(
+            backend,
+            q,
+            k,
+            v,
+            None,
+            None,
+            state.astype(mx.float32),
+            mask,
+            raw_gates=gates,
+            bv=bv,
+            init_value=init_value,
+        )
     pieces = prep_kernel(backend, q, k, v, None, None, mask, raw_gates=gates, matrix=matrix)
     return state_pass(
         backend,

@@ -703,3 +703,567 @@ STATE_MMA_BODY = """
     if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
   }
 """
+
+
+# ---------------------------------------------------------------------------------------------
+# The split chunk path (issue 9, session 6): three kernels, the decomposition of the fast
+# chunked implementations (flash-linear-attention's chunk_gated_delta_rule: a WY kernel, a state
+# pass, an output pass), every product on the tile layer, the pieces in the activations' dtype
+# PT (bf16 for bf16 activations: half the bytes of fp32) and every matrix operand staged through
+# threadgroup memory with coalesced loads (the tile layer never reads device memory, so its
+# Metal form is simdgroup_load from threadgroup floats, and no warp waits on a scattered load).
+#
+#   WY     per (chunk, head): gates; A = -beta D k k^T (strictly lower); X = (I - A)^-1 ... see
+#          WY_BODY; W = X diag(beta gamma) k, U = X diag(beta) v, Kw = w k, gates row
+#          (gamma, g, valid, w) fp32.
+#   state  per (head, BV value rows), sequential over the chunks, state on chip: H[n] = S
+#          (the state at chunk n's start, PT), delta = U - W S^T (to memory as Vn, PT),
+#          S = decay S + delta^T Kw.
+#   out    per (chunk, head, BVO value rows): y = diag(gamma) q H[n]^T + (D o q k^T) Vn.
+# Work and bytes per pass: benchmarks/NOTES.md "Split chunk kernels".
+
+# D_ij = prod_{j<l<=i} g_l (0 for j > i) from the arrays gam, gs of the chunk: the ratio of the
+# two prefix products while neither was cut, else the running product.
+_DECAY_MACRO = """
+#define GD_DECAY(dij, i, j)                 \\
+  float dij = 0.0f;                         \\
+  if ((j) <= (i)) {                         \\
+    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
+      dij = gam[i] / gam[j];                \\
+    } else {                                \\
+      dij = 1.0f;                           \\
+      for (int l = (j) + 1; l <= (i); ++l) { \\
+        dij *= gs[l];                       \\
+        dij = dij < tiny ? 0.0f : dij;      \\
+      }                                     \\
+    }                                       \\
+    dij = dij < tiny ? 0.0f : dij;          \\
+  }
+"""
+
+WY_OUTPUTS = ["W", "U", "Kw", "gates"]
+
+
+def wy_inputs(fused: bool) -> list[str]:
+    gates = ["a", "b", "A_log", "dt_bias"] if fused else ["g", "beta"]
+    return ["k", "v", *gates, "mask"]
+
+
+def wy_name(fused: bool) -> str:
+    return "gated_delta_chunk_wy" + ("_fused" if fused else "")
+
+
+def wy_body(fused: bool) -> str:
+    """WY_BODY; GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as PREP_BODY does."""
+    defs = f"\n#define GD_FUSED {int(fused)}\n"
+    return defs + _DECAY_MACRO + WY_BODY + "#undef GD_DECAY\n#undef GD_FUSED\n"
+
+
+# WY_BODY: one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value head), C = 64.
+#  1. gates as PREP_BODY (padded / masked steps: g = 1, beta = 0, k = v = 0 by selection);
+#     the row (gamma_i, g_i, valid_i, w_i) to `gates` for the other two kernels.
+#  2. k k^T on the tile layer over key slices of DS columns staged row-major (warp w: tile row
+#     w / 2, tile columns 2 (w % 2) + {0, 1}, tiles above the diagonal skipped); Kw = w k is
+#     written from the same staged slices.
+#  3. L = -beta_i D_ij k_i.k_j (j < i, else 0) in Ai, so that I + A = I - L.
+#  4. Ai := (I - L)^-1, blocked on 16 x 16 blocks: the diagonal blocks by forward substitution
+#     (one thread per column, 64 threads), then block columns right to left,
+#     X_ij = (sum_{j<k<=i} X_ik L_kj) X_jj, one warp per block of the column (two products on
+#     the tile layer; results stored after a barrier, since the column's L blocks are read by
+#     the other blocks of that column).
+#  5. U = X diag(beta) v and W = X diag(beta gamma) k, in column slices of DS: the scaled rows
+#     staged (selected), one 16 x 16 output tile per warp (K = 16 (row tile + 1): X is lower
+#     triangular), staged back and written in PT.
+# Threadgroup memory: C (C + 4) + C (DS + 4) + 5 C floats: 27.9 KB at C = 64, DS = 32.
+WY_BODY = """
+  constexpr int RT = C / 16;       // row tiles (and 16 x 16 blocks) of a chunk
+  constexpr int CP = C + 4;        // row stride of Ai
+  constexpr int SP = DS + 4;       // row stride of a staged slice
+  static_assert(C == 64 && NT == 256, "WY_BODY: 8 warps, 4 x 4 blocks");
+  static_assert(DS == 32 && Dk % DS == 0, "WY_BODY: one 16 x 16 output tile per warp a slice");
+  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = k_shape[1];
+  const int Hk = k_shape[2];
+  const int Hv = v_shape[2];
+  const int Dv = v_shape[3];
+  const int N = (T + C - 1) / C;
+  const size_t NC = size_t(N) * C;
+
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int n = int(gd_tg_x);
+  const unsigned head = gd_tg_y;  // b * Hv + hv
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+  const unsigned hk = hv / unsigned(Hv / Hk);
+  const int t0 = n * C;
+  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
+  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
+  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
+
+  GD_TG float Ai[C * CP];  // L, then (I - L)^-1
+  GD_TG float st[C * SP];  // a staged slice; a product tile; the inverse's scratch tiles
+  GD_TG float gs[C];
+  GD_TG float bs[C];
+  GD_TG float ok[C];
+  GD_TG float gam[C];
+  GD_TG float wts[C];
+
+  // 1. gates
+  for (int i = tid; i < C; i += NT) {
+    const int t = t0 + i;
+    const bool valid = t < T && mask[size_t(b_idx) * T + (t < T ? t : 0)];
+    const size_t h = (size_t(b_idx) * T + (t < T ? t : 0)) * Hv + hv;
+#if GD_FUSED
+    const float x = static_cast<float>(a[h]) + static_cast<float>(dt_bias[hv]);
+    const float sp = (x > 0.0f ? x : 0.0f) + gd_log(1.0f + gd_exp(x > 0.0f ? -x : x));
+    const float g_t = gd_exp(-gd_exp(static_cast<float>(A_log[hv])) * sp);
+    const float beta_t = 1.0f / (1.0f + gd_exp(-static_cast<float>(b[h])));
+    gs[i] = valid ? g_t : 1.0f;
+    bs[i] = valid ? beta_t : 0.0f;
+#else
+    gs[i] = valid ? static_cast<float>(g[h]) : 1.0f;
+    bs[i] = valid ? static_cast<float>(beta[h]) : 0.0f;
+#endif
+    ok[i] = valid ? 1.0f : 0.0f;
+  }
+  gd_barrier();
+  if (tid == 0) {
+    float p = 1.0f;
+    for (int i = 0; i < C; ++i) {
+      p *= gs[i];
+      p = p < tiny ? 0.0f : p;
+      gam[i] = p;
+    }
+  } else if (tid == 32) {
+    float p = 1.0f;
+    for (int i = C - 1; i >= 0; --i) {
+      wts[i] = p;
+      p *= gs[i];
+      p = p < tiny ? 0.0f : p;
+    }
+  }
+  gd_barrier();
+  for (int i = tid; i < C; i += NT) {
+    gates[(rn + i) * 4] = gam[i];
+    gates[(rn + i) * 4 + 1] = gs[i];
+    gates[(rn + i) * 4 + 2] = ok[i];
+    gates[(rn + i) * 4 + 3] = wts[i];
+  }
+
+  // 2. k k^T; Kw = w k
+  const int tr = w / 2;
+  gd_acc kk[2];
+  gd_acc_zero(kk[0]);
+  gd_acc_zero(kk[1]);
+  for (int d0 = 0; d0 < Dk; d0 += DS) {
+    gd_barrier();
+    #pragma unroll
+    for (int it = 0; it < C * DS / NT; ++it) {
+      const int e = tid + it * NT;
+      const int i = e / DS;
+      const int d = e % DS;
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      const float x = static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d]);
+      const bool valid = ok[i] != 0.0f;
+      st[i * SP + d] = valid ? x : 0.0f;
+      Kw[(rn + i) * Dk + d0 + d] = static_cast<PT>(valid ? wts[i] * x : 0.0f);
+    }
+    gd_barrier();
+    for (int c = 0; c < 2; ++c) {
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) {
+        gd_mma<MP, false, true>(kk[c], st + 16 * tr * SP, SP, st + 16 * tc * SP, SP, DS);
+      }
+    }
+  }
+
+  // 3. L = -beta D k k^T, strictly lower
+  for (int c = 0; c < 2; ++c) {
+    const int tc = 2 * (w % 2) + c;
+    if (tc <= tr) gd_acc_store(kk[c], Ai + 16 * tr * CP + 16 * tc, CP);
+  }
+  gd_barrier();
+  for (int e = tid; e < C * C; e += NT) {
+    const int i = e / C;
+    const int j = e % C;
+    GD_DECAY(dij, i, j);
+    Ai[i * CP + j] = j < i ? -bs[i] * dij * Ai[i * CP + j] : 0.0f;
+  }
+  gd_barrier();
+
+  // 4. (I - L)^-1: diagonal blocks (thread = (block, column c): x_c = 1, x_i = sum_j L_ij x_j)
+  {
+    float x[16];
+    const int o = 16 * (tid / 16);
+    const int c = tid % 16;
+    if (tid < C) {
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        float s = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < i; ++j) s += Ai[(o + i) * CP + o + j] * x[j];
+        x[i] = i < c ? 0.0f : (i == c ? 1.0f : s);
+      }
+    }
+    gd_barrier();
+    if (tid < C) {
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) Ai[(o + i) * CP + o + c] = x[i];
+    }
+  }
+  // block columns jb = RT - 2 .. 0; warp w computes block (jb + 1 + w, jb)
+  for (int jb = RT - 2; jb >= 0; --jb) {
+    const int ib = jb + 1 + w;
+    gd_acc xt;
+    gd_barrier();
+    if (ib < RT) {
+      gd_acc_zero(xt);
+      gd_mma<MP, false, false>(xt, Ai + 16 * ib * CP + 16 * (jb + 1), CP,
+                               Ai + 16 * (jb + 1) * CP + 16 * jb, CP, 16 * (ib - jb));
+      gd_acc_store(xt, st + 256 * w, 16);
+    }
+    gd_barrier();
+    if (ib < RT) {
+      gd_acc_zero(xt);
+      gd_mma<MP, false, false>(xt, st + 256 * w, 16, Ai + 16 * jb * CP + 16 * jb, CP, 16);
+    }
+    gd_barrier();
+    if (ib < RT) gd_acc_store(xt, Ai + 16 * ib * CP + 16 * jb, CP);
+  }
+
+  // 5. U = X diag(beta) v, W = X diag(beta gamma) k, slices of DS columns (v's first)
+  const int nvs = (Dv + DS - 1) / DS;
+  const int ort = w / (DS / 16);
+  const int oct = w % (DS / 16);
+  for (int s = 0; s < nvs + Dk / DS; ++s) {
+    const bool is_v = s < nvs;
+    const int c0 = (is_v ? s : s - nvs) * DS;
+    gd_barrier();
+    #pragma unroll
+    for (int it = 0; it < C * DS / NT; ++it) {
+      const int e = tid + it * NT;
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      float x = 0.0f;
+      if (ok[i] != 0.0f && (!is_v || col < Dv)) {
+        x = is_v ? bs[i] * static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col])
+                 : bs[i] * gam[i] *
+                       static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + col]);
+      }
+      st[i * SP + e % DS] = x;
+    }
+    gd_barrier();
+    gd_acc o;
+    gd_acc_zero(o);
+    gd_mma<MP, false, false>(o, Ai + 16 * ort * CP, CP, st + 16 * oct, SP, 16 * (ort + 1));
+    gd_barrier();
+    gd_acc_store(o, st + 16 * ort * SP + 16 * oct, SP);
+    gd_barrier();
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      if (is_v) {
+        if (col < Dv) U[(rn + i) * Dv + col] = static_cast<PT>(st[i * SP + e % DS]);
+      } else {
+        W[(rn + i) * Dk + col] = static_cast<PT>(st[i * SP + e % DS]);
+      }
+    }
+  }
+"""
+
+H_INPUTS = ["W", "U", "Kw", "gates", "state_in"]
+H_OUTPUTS = ["H", "Vn", "state_out"]
+H_NAME = "gated_delta_chunk_h"
+
+# H_BODY: the state pass, one threadgroup per (batch x value head, BV value rows), NT = 32 (C /
+# 16) (BV / 16) threads: one warp per 16 x 16 tile of W S^T. Per chunk n:
+#   H[n] = S (PT); Xw = W S^T over key slices of DS (W staged); barrier;
+#   delta = U - Xw (fp32 in threadgroup memory; to memory as Vn in PT); S *= decay; barrier;
+#   S += delta^T Kw over key slices (Kw staged; tiles (value tile, key tile) over the warps).
+# Each slice is loaded into registers one slice ahead (the last of a chunk loads the next
+# chunk's first), so only the first slice of the pass waits for memory.
+# Threadgroup memory: BV (Dk + 4) + C (BV + 8) + C (DS + 4) floats: 23.8 KB at
+# BV 16, DS 32, Dk 128 (Metal); 32.0 KB at BV 16, DS 64 and 44.5 KB at BV 32, DS 64 (CUDA).
+H_BODY = """
+  constexpr int RT = C / 16;
+  constexpr int VT = BV / 16;
+  constexpr int NW = NT / 32;
+  constexpr int SD = Dk + 4;       // row stride of S
+  constexpr int DL = BV + 8;       // row stride of delta
+  constexpr int SP = DS + 4;       // row stride of a staged slice
+  constexpr int KS = DS / 16;      // key tiles of a slice
+  static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H_BODY layout");
+  static_assert((C * DS) % NT == 0 && (C * BV) % NT == 0, "H_BODY: whole staging rounds");
+  const int NC = U_shape[1];
+  const int Dv = U_shape[2];
+  const int N = NC / C;
+
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int rt = w % RT;
+  const int vt = w / RT;
+  const unsigned head = gd_tg_x;  // b * Hv + hv
+  const int v0 = int(gd_tg_y) * BV;
+
+  GD_TG float S_t[BV * SD];
+  GD_TG float D_t[C * DL];
+  GD_TG float st[C * SP];
+
+  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
+  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    S_t[v * SD + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
+  }
+  const size_t row0 = size_t(head) * NC;
+  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
+  constexpr int KSL = Dk / DS;                 // key slices of W (then of Kw) a chunk
+  constexpr int PR = C * DS / NT;              // elements of a slice a thread stages
+  // The slices of a chunk in order: W's KSL, then Kw's KSL. Each is loaded into registers
+  // (pre) one slice ahead, so its loads are in flight while the previous slice's products run;
+  // the last slice of chunk n loads the first of chunk n + 1.
+  float pre[PR];
+#define GD_H_LOAD(n_, s_)                                                              \
+  {                                                                                    \
+    const size_t rl_ = row0 + size_t(n_) * C;                                          \
+    const int dl_ = ((s_) % KSL) * DS;                                                 \
+    if ((s_) < KSL) {                                                                  \
+      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                              \
+        const int e = tid + it * NT;                                                   \
+        pre[it] = static_cast<float>(W[(rl_ + e / DS) * Dk + dl_ + e % DS]);           \
+      }                                                                                \
+    } else {                                                                           \
+      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                              \
+        const int e = tid + it * NT;                                                   \
+        pre[it] = static_cast<float>(Kw[(rl_ + e / DS) * Dk + dl_ + e % DS]);          \
+      }                                                                                \
+    }                                                                                  \
+  }
+#define GD_H_STAGE()                                                                   \
+  _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                  \
+    const int e = tid + it * NT;                                                       \
+    st[(e / DS) * SP + e % DS] = pre[it];                                              \
+  }
+  if (N > 0) GD_H_LOAD(0, 0);
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    gd_barrier();  // S of the previous chunk complete, st free
+    if (PF && n + 1 < N) {
+      const size_t rx = rn + C;
+      for (int c = tid; c < C * Dk / LINE; c += NT) {
+        gd_prefetch(W + rx * Dk + LINE * c);
+        gd_prefetch(Kw + rx * Dk + LINE * c);
+      }
+      for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
+    }
+    for (int e = tid; e < BV * Dk; e += NT) {
+      const int v = e / Dk;
+      const int d = e % Dk;
+      if (v0 + v < Dv) {
+        H[((size_t(head) * N + n) * Dv + (v0 + v)) * Dk + d] = static_cast<PT>(S_t[v * SD + d]);
+      }
+    }
+    gd_acc xw;
+    gd_acc_zero(xw);
+    for (int sl = 0; sl < KSL; ++sl) {
+      if (sl > 0) gd_barrier();
+      GD_H_STAGE();
+      gd_barrier();
+      GD_H_LOAD(n, sl + 1);
+      gd_mma<MP, false, true>(xw, st + 16 * rt * SP, SP, S_t + 16 * vt * SD + sl * DS, SD, DS);
+    }
+    gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
+    gd_barrier();
+    #pragma unroll
+    for (int it = 0; it < C * BV / NT; ++it) {
+      const int e = tid + it * NT;
+      const int i = e / BV;
+      const int v = e % BV;
+      if (v0 + v < Dv) {
+        const float dl = static_cast<float>(U[(rn + i) * Dv + v0 + v]) - D_t[i * DL + v];
+        D_t[i * DL + v] = dl;
+        Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+      } else {
+        D_t[i * DL + v] = 0.0f;
+      }
+    }
+    const float dc = gates[(rn + C - 1) * 4];
+    for (int e = tid; e < BV * Dk; e += NT) S_t[(e / Dk) * SD + e % Dk] *= dc;
+    for (int sl = 0; sl < KSL; ++sl) {
+      gd_barrier();
+      GD_H_STAGE();
+      gd_barrier();
+      if (sl + 1 < KSL) {
+        GD_H_LOAD(n, KSL + sl + 1);
+      } else if (n + 1 < N) {
+        GD_H_LOAD(n + 1, 0);
+      }
+      for (int e = w; e < VT * KS; e += NW) {
+        const int sv = e / KS;
+        const int c = e % KS;
+        gd_acc sa;
+        gd_acc_load(sa, S_t + 16 * sv * SD + sl * DS + 16 * c, SD);
+        gd_mma<MP, true, false>(sa, D_t + 16 * sv, DL, st + 16 * c, SP, C);
+        gd_acc_store(sa, S_t + 16 * sv * SD + sl * DS + 16 * c, SD);
+      }
+    }
+  }
+#undef GD_H_LOAD
+#undef GD_H_STAGE
+  gd_barrier();
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
+  }
+"""
+
+O_INPUTS = ["q", "k", "gates", "H", "Vn", "dims"]
+O_OUTPUTS = ["y"]
+O_NAME = "gated_delta_chunk_o"
+
+
+def o_body() -> str:
+    return _DECAY_MACRO + O_BODY + "#undef GD_DECAY\n"
+
+
+# O_BODY: the output pass, one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value
+# head, BVO value rows). Over key slices of DS (q, gamma q, k and H[n]'s rows staged, masked
+# steps' q and k selected to 0): q k^T (warp w: tile row w / 2, tile columns 2 (w % 2) + {0, 1},
+# above the diagonal skipped) and Y = (gamma q) H^T (YTW tiles a warp). Then P = D o q k^T
+# (j <= i) in threadgroup memory, Vn's rows staged, Y += P Vn (K = 16 (row tile + 1)), staged
+# back and written in YT, rows t < T. dims = (T, Hv). Threadgroup memory: max(3 C (DS + 4) +
+# BVO (DS + 4), C (C + 4) + C (BVO + 4)) + 3 C floats: 37.6 KB at DS 32, BVO 64 (CUDA); 27.4 KB
+# at DS 16, BVO 32 (Metal).
+O_BODY = """
+  constexpr int RT = C / 16;
+  constexpr int NW = NT / 32;
+  constexpr int SP = DS + 4;
+  constexpr int YC = BVO / 16;
+  constexpr int YTW = RT * YC / NW;  // y tiles per warp
+  constexpr int PP = C + 4;
+  constexpr int VP = BVO + 4;
+  constexpr int PH1 = 3 * C * SP + BVO * SP;
+  constexpr int PH2 = C * PP + C * VP;
+  static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O_BODY layout");
+  static_assert((C * DS) % NT == 0 && (BVO * DS) % NT == 0, "O_BODY: whole staging rounds");
+  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = dims[0];
+  const int Hv = dims[1];
+  const int Hk = q_shape[2];
+  const int Dv = Vn_shape[2];
+  const int N = (T + C - 1) / C;
+  const size_t NC = size_t(N) * C;
+
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int n = int(gd_tg_x);
+  const unsigned head = gd_tg_y;  // b * Hv + hv
+  const int v0 = int(gd_tg_z) * BVO;
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+  const unsigned hk = hv / unsigned(Hv / Hk);
+  const int t0 = n * C;
+  const size_t rn = size_t(head) * NC + t0;
+  // q, k: [B, T, Hk, Dk]; gates: [B * Hv, N * C, 4]; H: [B * Hv, N, Dv, Dk];
+  // Vn: [B * Hv, N * C, Dv]; y: [B, T, Hv, Dv]
+
+  GD_TG float sm[PH1 > PH2 ? PH1 : PH2];
+  GD_TG float gam[C];
+  GD_TG float gs[C];
+  GD_TG float ok[C];
+  GD_TG_PTR float* qs = sm;
+  GD_TG_PTR float* gqs = sm + C * SP;
+  GD_TG_PTR float* ks = sm + 2 * C * SP;
+  GD_TG_PTR float* hs = sm + 3 * C * SP;
+  for (int i = tid; i < C; i += NT) {
+    gam[i] = gates[(rn + i) * 4];
+    gs[i] = gates[(rn + i) * 4 + 1];
+    ok[i] = gates[(rn + i) * 4 + 2];
+  }
+  const int tr = w / 2;
+  gd_acc qk[2];
+  gd_acc ya[YTW];
+  gd_acc_zero(qk[0]);
+  gd_acc_zero(qk[1]);
+  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);
+  const size_t hrow = (size_t(head) * N + n) * Dv;
+  for (int d0 = 0; d0 < Dk; d0 += DS) {
+    gd_barrier();
+    #pragma unroll
+    for (int it = 0; it < C * DS / NT; ++it) {
+      const int e = tid + it * NT;
+      const int i = e / DS;
+      const int d = e % DS;
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d;
+      const bool valid = ok[i] != 0.0f;
+      const float xq = valid ? static_cast<float>(q[off]) : 0.0f;
+      qs[i * SP + d] = xq;
+      gqs[i * SP + d] = gam[i] * xq;
+      ks[i * SP + d] = valid ? static_cast<float>(k[off]) : 0.0f;
+    }
+    #pragma unroll
+    for (int it = 0; it < BVO * DS / NT; ++it) {
+      const int e = tid + it * NT;
+      const int v = e / DS;
+      const int d = e % DS;
+      hs[v * SP + d] = v0 + v < Dv ? static_cast<float>(H[(hrow + v0 + v) * Dk + d0 + d]) : 0.0f;
+    }
+    gd_barrier();
+    for (int c = 0; c < 2; ++c) {
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) {
+        gd_mma<MP, false, true>(qk[c], qs + 16 * tr * SP, SP, ks + 16 * tc * SP, SP, DS);
+      }
+    }
+    for (int u = 0; u < YTW; ++u) {
+      const int e = w + NW * u;
+      gd_mma<MP, false, true>(ya[u], gqs + 16 * (e / YC) * SP, SP, hs + 16 * (e % YC) * SP, SP, DS);
+    }
+  }
+  gd_barrier();
+  GD_TG_PTR float* Pm = sm;
+  GD_TG_PTR float* vs = sm + C * PP;
+  for (int c = 0; c < 2; ++c) {
+    const int tc = 2 * (w % 2) + c;
+    if (tc <= tr) gd_acc_store(qk[c], Pm + 16 * tr * PP + 16 * tc, PP);
+  }
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int j = e / BVO;
+    const int v = e % BVO;
+    vs[j * VP + v] = v0 + v < Dv ? static_cast<float>(Vn[(rn + j) * Dv + v0 + v]) : 0.0f;
+  }
+  gd_barrier();
+  for (int e = tid; e < C * C; e += NT) {
+    const int i = e / C;
+    const int j = e % C;
+    GD_DECAY(dij, i, j);
+    Pm[i * PP + j] = j <= i ? dij * Pm[i * PP + j] : 0.0f;
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    const int r = e / YC;
+    gd_mma<MP, false, false>(ya[u], Pm + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();
+  for (int e = tid; e < C * BVO; e += NT) {
+    const int i = e / BVO;
+    const int v = e % BVO;
+    const int t = t0 + i;
+    if (t < T && v0 + v < Dv) {
+      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
+    }
+  }
+"""

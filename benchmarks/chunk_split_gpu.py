@@ -1,0 +1,240 @@
+"""The split chunk path (chunk_launch.split_chunk_kernel: WY kernel, state pass, output pass) on
+a GPU, in one go (< 4 minutes on an H200): build, check against the references, time each pass
+and the whole path against our fused recurrent kernel and flash-linear-attention's chunk kernel,
+print one table with the predictions of benchmarks/NOTES.md ("Split chunk kernels") beside it.
+
+    python benchmarks/chunk_split_gpu.py [--out DIR]
+    (on the lent H200: `PYTHONPATH=src python3 benchmarks/chunk_split_gpu.py --out $OUT`)
+
+1. Correctness, B = 2 (row 0 unmasked, row 1 left padding and a hole), a nonzero initial state,
+   Hk 16, Dk = Dv = 128: the raw gates (gated_delta_update's path, gates computed in the WY
+   kernel) at T 200 / 2048 (Hv 32) fp32 against the float64 loop, at fp32's tolerance; fp32 and
+   bf16 at T 2048 / 8192 (Hv 32, 64) against the fused recurrent kernel (the dtype's
+   tolerance); the precomputed-gates entry at T 512; the state pass at 32 value rows once.
+2. Timing, B = 1, bf16, the benchmarks' gates (bench_gated_delta.py), T 2048 / 8192 / 32768,
+   Hv 32: ours fused recurrent ("fused"), the split path ("split": state pass at 16 value rows;
+   "split bv32"), its passes alone ("wy" with the gates inside, "state", "state bv32", "out"),
+   FLA's chunk_gated_delta_rule ("fla chunk", torch; skipped where it does not import). Each:
+   n calls chained through the state in one evaluated graph (torch: queued, then synchronised),
+   contenders interleaved, best of 3, ms per call.
+
+Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
+measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
+_GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+# bench_gated_delta first: it imports qwen35_mlx before mlx (OpenBLAS on Linux).
+from bench_gated_delta import Shape, _fla_contenders, _mlx_inputs  # isort: skip
+from chunk_mma_gpu import RTOL, chained, float64_loop, inputs, rel_err  # isort: skip
+
+import mlx.core as mx
+import numpy as np
+
+from qwen35_mlx.kernels.gated_delta import _gpu_backend, compute_gates
+from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
+
+# benchmarks/NOTES.md "Split chunk kernels": predicted ms per pass, H200, Hv 32, bf16.
+PREDICTED = {
+    2048: {"wy": 0.04, "state": 0.08, "out": 0.035, "split": 0.2},
+    8192: {"wy": 0.12, "state": 0.3, "out": 0.12, "split": 0.55},
+    32768: {"wy": 0.5, "state": 1.2, "out": 0.5, "split": 2.2},
+}
+
+
+def _dt_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _row(name, T, hv, dtype, y, s, refs) -> dict:
+    y32, s32 = np.array(y.astype(mx.float32)), np.array(s)
+    row = {"check": name, "T": T, "Hv": hv, "dtype": _dt_name(dtype)}
+    errs = []
+    for ref_name, (ry, rs) in refs.items():
+        row[f"vs {ref_name} y"] = rel_err(y32, ry)
+        row[f"vs {ref_name} state"] = rel_err(s32, rs)
+        errs += [row[f"vs {ref_name} y"], row[f"vs {ref_name} state"]]
+    finite = bool(np.isfinite(y32).all() and np.isfinite(s32).all())
+    row["ok"] = finite and max(errs) <= RTOL[dtype]
+    print(
+        f"  {name:10s} T={T:6d} Hv={hv:3d} {row['dtype']:8s} "
+        + "  ".join(f"{k} {x:.2e}" for k, x in row.items() if k.startswith("vs"))
+        + ("  ok" if row["ok"] else "  FAILED"),
+        flush=True,
+    )
+    return row
+
+
+def check(backend: str) -> list[dict]:
+    fused = _gpu_backend(backend)
+    rows = []
+    cases = [
+        (200, 32, mx.float32, True),
+        (2048, 32, mx.float32, True),
+        (2048, 32, mx.bfloat16, False),
+        (8192, 32, mx.float32, False),
+        (8192, 32, mx.bfloat16, False),
+        (8192, 64, mx.bfloat16, False),
+    ]
+    for T, hv, dtype, exact in cases:
+        q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, hv, dtype)
+        refs = {}
+        want = fused.gated_delta_update_kernel(q, k, v, a, b, A_log, dt_bias, state, mask)
+        mx.eval(want)
+        refs["fused"] = (np.array(want[0].astype(mx.float32)), np.array(want[1]))
+        if exact:
+            with mx.stream(mx.cpu):
+                g, beta = compute_gates(a, b, A_log, dt_bias)
+                mx.eval(g, beta)
+            refs["f64"] = float64_loop(q, k, v, g, beta, state, mask)
+        y, s = cl.gated_delta_update_chunk_kernel(
+            q, k, v, a, b, A_log, dt_bias, state, mask, backend=backend, split=True
+        )
+        mx.eval(y, s)
+        rows.append(_row("split", T, hv, dtype, y, s, refs))
+        if T == 2048 and dtype == mx.float32 and 32 in cl.H_BV_CHOICES[backend]:
+            y, s = cl.gated_delta_update_chunk_kernel(
+                q, k, v, a, b, A_log, dt_bias, state, mask, backend=backend, split=True, bv=32
+            )
+            rows.append(_row("split bv32", T, hv, dtype, y, s, refs))
+    # The precomputed-gates entry (gated_delta's path: the plain WY kernel).
+    q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, 512, 32, mx.float32)
+    g, beta = compute_gates(a, b, A_log, dt_bias)
+    with mx.stream(mx.cpu):
+        gc, bc = compute_gates(a, b, A_log, dt_bias)
+        mx.eval(gc, bc)
+    y, s = cl.gated_delta_chunk_kernel(q, k, v, g, beta, state, mask, backend=backend, split=True)
+    rows.append(
+        _row(
+            "gates", 512, 32, mx.float32, y, s, {"f64": float64_loop(q, k, v, gc, bc, state, mask)}
+        )
+    )
+    return rows
+
+
+def _timers(backend: str, shape: Shape, fla) -> dict:
+    fused = _gpu_backend(backend)
+    q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
+    gates = (a, b, A_log, dt_bias)
+    W, U, Kw, gts = cl.wy_pass(backend, k, v, None, None, None, raw_gates=gates)
+    H, Vn, _ = cl.h_pass(backend, W, U, Kw, gts, state0)
+    mx.eval(W, U, Kw, gts, H, Vn)
+
+    def split(bv=None):
+        return lambda s: cl.gated_delta_update_chunk_kernel(
+            q, k, v, *gates, s, backend=backend, split=True, bv=bv
+        )
+
+    def state(bv=None):
+        def f(s):
+            H_, Vn_, s2 = cl.h_pass(backend, W, U, Kw, gts, s, bv=bv)
+            return (H_, Vn_), s2
+
+        return f
+
+    steps = {
+        "fused": lambda s: fused.gated_delta_update_kernel(q, k, v, *gates, s),
+        "split": split(),
+        "wy": lambda s: (cl.wy_pass(backend, k, v, None, None, None, raw_gates=gates), s),
+        "state": state(),
+        "out": lambda s: (cl.o_pass(backend, q, k, gts, H, Vn, shape.T, shape.Hv, v.dtype), s),
+    }
+    if 32 in cl.H_BV_CHOICES[backend]:
+        steps["split bv32"] = split(32)
+        steps["state bv32"] = state(32)
+    timers = {name: (lambda n, f=f: chained(f, state0, n)) for name, f in steps.items()}
+    for name, c in fla.items():
+        timers[name.split(" (")[0]] = c.make(shape)
+    return timers
+
+
+def time_shapes(backend: str, ts, hv: int) -> list[dict]:
+    fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
+    rows = []
+    for T in ts:
+        timers = _timers(backend, Shape(1, T, hv), fla)
+        n = max(2, min(50, 65536 // T))
+        for run in timers.values():
+            run(1)  # warm-up: compile, caches, autotune
+        best = {}
+        for _ in range(3):
+            for name, run in timers.items():
+                best[name] = min(best.get(name, float("inf")), run(n) / n * 1e3)
+        rows.append({"T": T, "Hv": hv, "n": n, "ms": best})
+        print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
+    return rows
+
+
+def table(rows) -> str:
+    names = list(rows[0]["ms"])
+    lines = [f"{'ms per call':16s}" + "".join(f"{n:>12s}" for n in names)]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"T={r['T']:<6d} Hv={r['Hv']:<3d} " + "".join(f"{ms[n]:12.3f}" for n in names))
+        pred = PREDICTED.get(r["T"], {}) if r["Hv"] == 32 else {}
+        lines.append(
+            f"{'  predicted':16s}"
+            + "".join(f"{pred[n]:12.3f}" if n in pred else " " * 12 for n in names)
+        )
+        if "fla chunk" in ms:
+            lines.append(
+                f"{'  / fla chunk':16s}"
+                + "".join(
+                    f"{ms[n] / ms['fla chunk']:11.2f}x"
+                    if n in ("fused", "split", "split bv32")
+                    else " " * 12
+                    for n in names
+                )
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--no-check", action="store_true", help="timing only")
+    args = p.parse_args(argv)
+    backend = cl.available_backend()
+    if backend is None:
+        raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
+    print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
+    checks = []
+    if not args.no_check:
+        print("1. split path vs float64 loop / fused kernel", flush=True)
+        checks = check(backend)
+    print("2. timing (bf16, B=1, Hk=16, Dk=Dv=128)", flush=True)
+    times = time_shapes(backend, (2048, 8192, 32768), 32)
+    print(table(times))
+    failed = [r for r in checks if not r["ok"]]
+    print(f"checks: {len(checks) - len(failed)} ok, {len(failed)} failed")
+    print(
+        "keep chunk_launch.SPLIT = False (a check failed)"
+        if failed
+        else "every check passed: chunk_launch.SPLIT = True may be set"
+    )
+    wins = {
+        r["T"]: min(r["ms"].get("split", 1e9), r["ms"].get("split bv32", 1e9)) < r["ms"]["fused"]
+        for r in times
+    }
+    ok = [T for T in sorted(wins) if all(wins[u] for u in wins if u >= T)]
+    print(f"suggested _GPU_CHUNKED_MIN_T: {ok[0] if ok else 'None (the fused kernel wins)'}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+    path = out / f"chunk_split_{backend}_{stamp}.json"
+    info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
+    info |= {"checks": checks, "times": times}
+    path.write_text(json.dumps(info, indent=1))
+    print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""The split chunk path's kernel bodies (chunk_source.WY_BODY, H_BODY, O_BODY with the CUDA
+prologue: the text the CUDA and, with the Metal prologue, the Metal builds compile) run on the
+CPU by tests/kernels/lane_emulator.h in block mode, the tile layer emulated with CUDA's fragment
+layout and tf32 roundings.
+
+Checked against the float64 NumPy loop (y and the final state) and the MLX-ops pieces (W, U,
+Kw): the shapes, masks (left padding, a hole, right padding), g = 0, strong decays and garbage in
+padded slots of test_chunk_kernel_on_cpu.py, for each tile configuration the host picks (Metal's
+and CUDA's slices and value tiles, the state pass at 16 and 32 value rows) with MP 3 and fp32
+pieces (fp32's tolerance), and with bf16 pieces and MP 1 (bf16's tolerance, not fp32's); the
+host launch (input order, template arguments, grids) with the emulator behind the kernel
+factory, gates precomputed and computed in the WY kernel. Outputs start as NaN, so an element
+the kernels fail to write fails the comparison.
+"""
+
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
+from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+from qwen35_mlx.kernels.gated_delta import compute_gates
+from tests.conftest import RTOL, rel_err
+from tests.kernels.helpers import (
+    EMULATOR,
+    GXX,
+    compile_emulated,
+    gated_delta_np,
+    make_gate_inputs,
+    make_inputs,
+)
+from tests.kernels.test_chunk_kernel_on_cpu import CASES, DK, SHAPES, _mask
+
+pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
+C = cl.CHUNK
+TOL = RTOL[mx.float32]
+TOL_BF16 = RTOL[mx.bfloat16]
+
+# Tile configurations: (piece type, MP, state-pass BV, H slice, O slice, O value rows).
+CFGS = {
+    "metal": ("float", 3, 16, cl.H_SLICE["metal"], cl.O_SLICE["metal"], cl.O_BV["metal"]),
+    "cuda": ("float", 3, 16, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+    "cuda_bv32": ("float", 3, 32, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+    "cuda_bf16": ("bf16", 1, 16, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+}
+
+PROGRAM = r"""
+#include "{emulator}"
+#include <fstream>
+#include <iterator>
+#include <string>
+
+std::vector<char> read(const std::string& path) {{
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}}
+template <typename X>
+const X* as(const std::vector<char>& v) {{ return reinterpret_cast<const X*>(v.data()); }}
+template <typename X>
+void write(const std::string& path, const std::vector<X>& x) {{
+  std::vector<float> f(x.begin(), x.end());
+  std::ofstream(path, std::ios::binary).write((const char*)f.data(), f.size() * 4);
+}}
+template <typename X>
+std::vector<X> read_as(const std::string& path) {{
+  auto raw = read(path);
+  const float* f = as<float>(raw);
+  std::vector<X> x;
+  for (size_t i = 0; i < raw.size() / 4; ++i) x.push_back(X(f[i]));
+  return x;
+}}
+
+namespace wy {{
+template <int Dk, int C, int NT, int DS, int MP, typename PT>
+void kernel(const float* k, const float* v, const float* g, const float* beta, const bool* mask,
+            const int* k_shape, const int* v_shape, PT* W, PT* U, PT* Kw, float* gates) {{
+{wy}
+}}
+}}  // namespace wy
+
+namespace wy_fused {{
+template <int Dk, int C, int NT, int DS, int MP, typename PT>
+void kernel(const float* k, const float* v, const float* a, const float* b, const float* A_log,
+            const float* dt_bias, const bool* mask, const int* k_shape, const int* v_shape,
+            PT* W, PT* U, PT* Kw, float* gates) {{
+{wy_fused}
+}}
+}}  // namespace wy_fused
+
+namespace h {{
+template <int Dk, int BV, int C, int NT, int DS, int MP, int PF, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
+{h}
+}}
+}}  // namespace h
+
+namespace o {{
+template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT, typename PT>
+void kernel(const float* q, const float* k, const float* gates, const PT* H, const PT* Vn,
+            const int* dims, const int* q_shape, const int* Vn_shape, YT* y) {{
+{o}
+}}
+}}  // namespace o
+
+template <int Dk, typename PT, int MP, int BV, int HDS, int ODS, int BVO>
+void run(char** argv) {{
+  const std::string what = argv[1], d = std::string(argv[2]) + "/";
+  constexpr int C = {C};
+  const int B = std::stoi(argv[4]), T = std::stoi(argv[5]), Hk = std::stoi(argv[6]);
+  const int Hv = std::stoi(argv[7]), Dv = std::stoi(argv[8]);
+  const int N = (T + C - 1) / C, BH = B * Hv;
+  const size_t rows = size_t(BH) * N * C;
+  const int k_shape[4] = {{B, T, Hk, Dk}}, v_shape[4] = {{B, T, Hv, Dv}};
+  if (what.rfind("wy", 0) == 0) {{
+    const bool fused = what == "wy_fused";
+    auto k = read(d + "k"), v = read(d + "v"), mask = read(d + "mask");
+    auto g = read(d + (fused ? "a" : "g")), beta = read(d + (fused ? "b" : "beta"));
+    auto A_log = fused ? read(d + "A_log") : g, dt_bias = fused ? read(d + "dt_bias") : g;
+    std::vector<PT> W(rows * Dk, PT(NAN)), U(rows * Dv, PT(NAN)), Kw(rows * Dk, PT(NAN));
+    std::vector<float> gates(rows * 4, NAN);
+    run_blocks({{unsigned(N), unsigned(BH), 1}}, {wy_threads}, [&] {{
+      if (fused) {{
+        wy_fused::kernel<Dk, C, {wy_threads}, {wy_slice}, MP, PT>(as<float>(k), as<float>(v),
+            as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias), as<bool>(mask),
+            k_shape, v_shape, W.data(), U.data(), Kw.data(), gates.data());
+      }} else {{
+        wy::kernel<Dk, C, {wy_threads}, {wy_slice}, MP, PT>(as<float>(k), as<float>(v),
+            as<float>(g), as<float>(beta), as<bool>(mask), k_shape, v_shape, W.data(), U.data(),
+            Kw.data(), gates.data());
+      }}
+    }});
+    write(d + "W", W); write(d + "U", U); write(d + "Kw", Kw); write(d + "gates", gates);
+  }} else if (what == "h") {{
+    auto W = read_as<PT>(d + "W"), U = read_as<PT>(d + "U"), Kw = read_as<PT>(d + "Kw");
+    auto gates = read(d + "gates"), s0 = read(d + "state_in");
+    const int U_shape[3] = {{BH, N * C, Dv}};
+    std::vector<PT> H(size_t(BH) * N * Dv * Dk, PT(NAN)), Vn(rows * Dv, PT(NAN));
+    std::vector<float> s(size_t(BH) * Dv * Dk, NAN);
+    constexpr int NT = 32 * (C / 16) * (BV / 16);
+    run_blocks({{unsigned(BH), unsigned((Dv + BV - 1) / BV), 1}}, NT, [&] {{
+      h::kernel<Dk, BV, C, NT, HDS, MP, 1, PT>(W.data(), U.data(), Kw.data(), as<float>(gates),
+          as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+    }});
+    write(d + "H", H); write(d + "Vn", Vn); write(d + "state_out", s);
+  }} else {{
+    auto q = read(d + "q"), k = read(d + "k"), gates = read(d + "gates");
+    auto H = read_as<PT>(d + "H"), Vn = read_as<PT>(d + "Vn");
+    const int dims[2] = {{T, Hv}}, Vn_shape[3] = {{BH, N * C, Dv}};
+    std::vector<float> y(size_t(B) * T * Hv * Dv, NAN);
+    run_blocks({{unsigned(N), unsigned(BH), unsigned((Dv + BVO - 1) / BVO)}}, {o_threads}, [&] {{
+      o::kernel<Dk, C, {o_threads}, ODS, BVO, MP, float, PT>(as<float>(q), as<float>(k),
+          as<float>(gates), H.data(), Vn.data(), dims, k_shape, Vn_shape, y.data());
+    }});
+    write(d + "y", y);
+  }}
+}}
+
+// wy|wy_fused|h|o DIR Dk B T Hk Hv Dv CFG
+template <int Dk>
+void run_dk(char** argv) {{
+  const std::string cfg = argv[9];
+{dispatch}
+}}
+
+int main(int argc, char** argv) {{
+  const int Dk = std::stoi(argv[3]);
+  if (Dk == 32) run_dk<32>(argv);
+  else if (Dk == 128) run_dk<128>(argv);
+  else return 1;
+}}
+"""
+
+
+def _dispatch() -> str:
+    lines = []
+    for name, (pt, mp, bv, hds, ods, bvo) in CFGS.items():
+        t = "float" if pt == "float" else "bf16"
+        lines.append(
+            f'  if (cfg == "{name}") return run<Dk, {t}, {mp}, {bv}, (Dk < {hds} ? Dk : {hds}), '
+            f"(Dk < {ods} ? Dk : {ods}), {bvo}>(argv);"
+        )
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory) -> Path:
+    text = PROGRAM.format(
+        emulator=EMULATOR,
+        wy=cl.wy_source("cuda"),
+        wy_fused=cl.wy_source("cuda", fused=True),
+        h=cl.h_source("cuda"),
+        o=cl.o_source("cuda"),
+        C=C,
+        wy_threads=cl.WY_THREADS,
+        wy_slice=cl.WY_SLICE,
+        o_threads=cl.O_THREADS,
+        dispatch=_dispatch(),
+    )
+    return compile_emulated(text, tmp_path_factory.mktemp("chunk_split"), timeout=900)
+
+
+def _f32(x) -> np.ndarray:
+    return np.asarray(x.astype(mx.float32) if isinstance(x, mx.array) else x, np.float32)
+
+
+def _put(tmp, **arrays):
+    for name, x in arrays.items():
+        if name == "mask":
+            (tmp / name).write_bytes(np.asarray(x, dtype=bool).tobytes())
+        else:
+            (tmp / name).write_bytes(_f32(x).tobytes())
+
+
+def _get(tmp, name, shape):
+    return np.fromfile(tmp / name, np.float32).reshape(shape)
+
+
+def _run(program, tmp, what, dims, cfg):
+    cmd = [str(program), what, str(tmp), *map(str, dims), cfg]
+    subprocess.run(cmd, check=True, timeout=600)
+
+
+def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None):
+    """WY, state and output pass in the emulator: (W, U, Kw), (y, state_out)."""
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2:]
+    N = -(-T // C)
+    if mask is None:
+        mask = mx.ones((B, T), dtype=mx.bool_)
+    dims = [Dk, B, T, Hk, Hv, Dv]
+    if gates is None:
+        _put(tmp, q=q, k=k, v=v, g=g, beta=beta, mask=mask, state_in=state)
+        _run(program, tmp, "wy", dims, cfg)
+    else:
+        a, b, A_log, dt_bias = gates
+        _put(tmp, q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, mask=mask)
+        _put(tmp, state_in=state)
+        _run(program, tmp, "wy_fused", dims, cfg)
+    rows = B * Hv, N * C
+    pieces = _get(tmp, "W", (*rows, Dk)), _get(tmp, "U", (*rows, Dv)), _get(tmp, "Kw", (*rows, Dk))
+    _run(program, tmp, "h", dims, cfg)
+    _run(program, tmp, "o", dims, cfg)
+    y = _get(tmp, "y", (B, T, Hv, Dv))
+    s = _get(tmp, "state_out", (B, Hv, Dv, Dk))
+    return pieces, (y, s)
+
+
+def _check(got, want, tol=TOL):
+    (y, s), (y_np, s_np) = got, want
+    assert np.isfinite(y).all() and np.isfinite(s).all()
+    assert rel_err(y, y_np) < tol
+    assert rel_err(s, s_np) < tol
+
+
+IDS = dict(
+    ids=lambda c: (
+        "B{}T{}Hk{}Hv{}Dk{}Dv{}".format(*c) if isinstance(c, tuple) else ("mask" if c else "nomask")
+    )
+)
+
+
+@pytest.mark.parametrize("shape,masked", CASES, **IDS)
+def test_split_kernels_match_numpy(program, tmp_path, shape, masked):
+    """Every shape with the CUDA tiles; W, U, Kw against the MLX-ops pieces."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad" if masked else None)
+    pieces, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda")
+    with mx.stream(mx.cpu):
+        ops = [np.asarray(x) for x in cl.prep_ops(q, k, v, g, beta, mask)]
+    for name, p, ref in zip(("W", "U", "Kw"), pieces, (ops[0], ops[1], ops[4]), strict=True):
+        assert np.isfinite(p).all(), name
+        assert rel_err(p, ref) < TOL, name
+    _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
+    if mask is not None:
+        assert not np.any(got[0][~np.asarray(mask)])
+
+
+@pytest.mark.parametrize("cfg", ["metal", "cuda_bv32"])
+@pytest.mark.parametrize(
+    "shape", [SHAPES[4], SHAPES[5]], ids=lambda s: "T{}Dk{}Dv{}".format(*s[1:2], *s[4:])
+)
+def test_split_tile_configurations(program, tmp_path, cfg, shape):
+    """Metal's slices and value tiles, and the state pass at 32 value rows (Dv below, at and
+    above a tile), masked."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad")
+    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, cfg)
+    _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
+
+
+def test_split_bf16_pieces_within_bf16_tolerance(program, tmp_path):
+    """bf16 pieces and tf32 operands (what bf16 activations get): within bf16's tolerance, and
+    measurably outside fp32's (the emulated roundings are real)."""
+    B, T, Hk, Hv, Dk, Dv = SHAPES[5]
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad")
+    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda_bf16")
+    want = gated_delta_np(q, k, v, g, beta, state, mask)
+    _check(got, want, TOL_BF16)
+    assert rel_err(got[0], want[0]) > TOL
+
+
+@pytest.mark.parametrize("cfg", ["cuda", "metal"])
+def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg):
+    """g = 0 mid-chunk and at a chunk's first step, decays of 1e-4..0.05 (products far below
+    fp32's normal range), and nan / inf in padded slots, which must not leak."""
+    B, T, Hk, Hv, Dv = 2, 130, 1, 2, 16
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv, g_range=(1e-4, 0.05))
+    g = np.array(g)
+    g[0, 5] = g[1, 64] = 0.0
+    g[0, 100:] = np.random.default_rng(0).uniform(0.8, 1.0, g[0, 100:].shape)
+    g = mx.array(g)
+    mask = _mask(B, T, "pad")
+    want = gated_delta_np(q, k, v, g, beta, state, mask)
+    pad = ~mask
+    nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
+    bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
+    _, got = run_split(program, tmp_path, *bad, state, mask, cfg)
+    _check(got, want)
+
+
+class EmulatedKernel:
+    """Stands in for an `mx.fast.cuda_kernel` object of the split path: checks the launch
+    (template arguments, grid, threadgroup, output shapes and dtypes) against what the emulated
+    program assumes, then runs that kernel of the program on the inputs."""
+
+    def __init__(self, program, tmp, name, input_names, output_names, **_):
+        self.program, self.tmp, self.name = program, tmp, name
+        self.input_names, self.output_names = input_names, output_names
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+        x = dict(zip(self.input_names, inputs, strict=True))
+        for n, a in x.items():
+            if n == "mask":
+                (self.tmp / n).write_bytes(np.asarray(a, np.bool_).tobytes())
+            elif n != "dims":
+                (self.tmp / n).write_bytes(_f32(a).tobytes())
+        tpl = dict(template)
+        assert tpl["C"] == C and tpl["MP"] == 3  # fp32 activations
+        if self.name in (cs.wy_name(False), cs.wy_name(True)):
+            B, T, Hk, Dk = x["k"].shape
+            Hv, Dv = x["v"].shape[2:]
+            N = -(-T // C)
+            assert tpl == {
+                "Dk": Dk,
+                "C": C,
+                "NT": cl.WY_THREADS,
+                "DS": cl.WY_SLICE,
+                "MP": 3,
+                "PT": mx.float32,
+            }
+            assert grid == (cl.WY_THREADS * N, B * Hv, 1)
+            assert threadgroup == (cl.WY_THREADS, 1, 1)
+            assert output_dtypes == [mx.float32] * 4
+            what = "wy_fused" if self.name == cs.wy_name(True) else "wy"
+            self.tmp.joinpath("dims").write_text(" ".join(map(str, [Dk, B, T, Hk, Hv, Dv])))
+        elif self.name == cs.H_NAME:
+            B, Hv, Dv, Dk = x["state_in"].shape
+            nt = cl.h_threads(cl.H_BV)
+            want = {"Dk": Dk, "BV": cl.H_BV, "C": C, "NT": nt, "DS": min(cl.H_SLICE["cuda"], Dk)}
+            assert tpl == want | {"MP": 3, "PF": cl.PREFETCH, "PT": mx.float32}
+            assert grid == (nt * B * Hv, -(-Dv // cl.H_BV), 1)
+            assert threadgroup == (nt, 1, 1)
+            what = "h"
+        else:
+            assert self.name == cs.O_NAME
+            BH, N, Dv, Dk = x["H"].shape
+            T, Hv = (int(i) for i in np.asarray(x["dims"]))
+            bvo = cl.O_BV["cuda"]
+            assert tpl == {
+                "Dk": Dk,
+                "C": C,
+                "NT": cl.O_THREADS,
+                "DS": min(cl.O_SLICE["cuda"], Dk),
+                "BVO": bvo,
+                "MP": 3,
+                "YT": mx.float32,
+            }
+            assert grid == (cl.O_THREADS * N, BH, -(-Dv // bvo))
+            assert threadgroup == (cl.O_THREADS, 1, 1)
+            what = "o"
+        dims = self.tmp.joinpath("dims").read_text().split()
+        _run(self.program, self.tmp, what, dims, "cuda")
+        outs = []
+        for n, shape, dt in zip(self.output_names, output_shapes, output_dtypes, strict=True):
+            assert dt == mx.float32
+            outs.append(mx.array(_get(self.tmp, n, shape)))
+        return outs
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+def test_split_host_launch_through_emulator(program, tmp_path, monkeypatch, fused):
+    """gated_delta_chunk_kernel / gated_delta_update_chunk_kernel with SPLIT on: input order,
+    shapes, grids and template arguments, the kernels run by the emulator; the fused variant's
+    gates computed in the WY kernel, including gates that underflow to exactly 0."""
+    monkeypatch.setattr(cl, "SPLIT", True)
+    monkeypatch.setattr(cl, "_kernels", {})
+    monkeypatch.setattr(
+        cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)
+    )
+    B, T, Hk, Hv, Dv = 3, 100, 1, 2, 20
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv)
+    mask = _mask(B, T, "pad")
+    with mx.stream(mx.cpu):
+        if fused:
+            a, b, A_log, dt_bias = make_gate_inputs(B, T, Hv)
+            a = np.array(a)
+            a[:, ::9] = 80.0  # softplus(80) * exp(A_log) >> 104: g underflows to exactly 0
+            a = mx.array(a)
+            A_log = mx.full(A_log.shape, 2.0)
+            g, beta = compute_gates(a, b, A_log, dt_bias)
+            assert (np.array(g)[:, ::9] == 0.0).all()
+            y, s = cl.gated_delta_update_chunk_kernel(
+                q, k, v, a, b, A_log, dt_bias, state, mask, backend="cuda"
+            )
+        else:
+            y, s = cl.gated_delta_chunk_kernel(q, k, v, g, beta, state, mask, backend="cuda")
+    assert y.shape == (B, T, Hv, Dv) and s.shape == (B, Hv, Dv, DK)
+    _check((np.asarray(y), np.asarray(s)), gated_delta_np(q, k, v, g, beta, state, mask))
+
+
+@pytest.mark.parametrize("backend,bv,Dk", [("metal", 32, 128), ("cuda", 32, 256), ("cuda", 8, 128)])
+def test_split_state_pass_rejects_tiles_that_do_not_fit(backend, bv, Dk):
+    """32 value rows need 44.5 KB of threadgroup memory at Dk 128 (CUDA only) and 61 KB at
+    Dk 256 (nowhere); other widths have no layout: one clear error, before any build."""
+    state = mx.zeros((1, 2, 16, Dk))
+    U = mx.zeros((2, C, 16))
+    with pytest.raises(ValueError, match=f"bv={bv} with Dk={Dk}"):
+        cl.h_pass(backend, None, U, None, None, state, bv=bv)
