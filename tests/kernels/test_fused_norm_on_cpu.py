@@ -60,7 +60,7 @@ void run_{i}(char** argv) {{
   auto x = as_t(xf), d = as_t(df), w = as_t(wf);
   std::vector<{ctype}> s(size_t(rows) * D, {ctype}(NAN)), n(size_t(rows) * D, {ctype}(NAN));
   constexpr int W = 2;
-  run_grid({{1, unsigned(rows), 1}}, W, [&] {{
+  run_grid({{unsigned(rows), 1, 1}}, W, [&] {{
     v{i}::kernel<DCONST, W, {ctype}>(x.data(), d.data(), w.data(),
         reinterpret_cast<const float*>(ef.data()), s.data(), n.data());
   }});
@@ -86,7 +86,7 @@ void run_{i}(char** argv) {{
   std::vector<{ctype}> out(size_t(rows) * (I2 / 2), {ctype}(NAN));
   constexpr int W = 2, I = ICONST;
   const unsigned blocks = (I + 32 * W - 1) / (32 * W);
-  run_grid({{blocks, unsigned(rows), 1}}, W, [&] {{
+  run_grid({{unsigned(rows), blocks, 1}}, W, [&] {{
     v{i}::kernel<I, W, {ctype}>(gu.data(), out.data());
   }});
   std::vector<float> of(out.begin(), out.end());

@@ -15,8 +15,9 @@ functions are the ops above, so callers need no branch. `kernel_available(x)` sa
 The bodies are plain C++ over the gated-delta kernels' helpers (their `HEADER`s: gd_group_sum,
 gd_exp, gd_rsqrt, gd_threadgroup, gd_threadgroup_barrier) and four names the prologue defines:
     fn_lane   lane in the warp / SIMD-group (0..31)      fn_warp   warp in the threadgroup
-    fn_block  threadgroup index along x                   fn_row    threadgroup index along y
-Launch: threadgroups of (32, W) threads, one row a threadgroup column (grid y = rows).
+    fn_row    threadgroup index along x (the row)        fn_block  threadgroup index along y
+Launch: threadgroups of (32, W) threads; rows along the grid's x (CUDA allows 2^31 - 1
+threadgroups there, 65535 along y), swiglu's column blocks along y.
 """
 
 from __future__ import annotations
@@ -75,16 +76,16 @@ SWIGLU_BODY = """
 CUDA_PROLOGUE = """
   const unsigned fn_lane = threadIdx.x;
   const unsigned fn_warp = threadIdx.y;
-  const unsigned fn_block = blockIdx.x;
-  const unsigned fn_row = blockIdx.y;
+  const unsigned fn_row = blockIdx.x;
+  const unsigned fn_block = blockIdx.y;
 """
 
 # MLX declares a Metal attribute only when its name appears in `source`: named here.
 METAL_PROLOGUE = """
   const unsigned fn_lane = thread_position_in_threadgroup.x;
   const unsigned fn_warp = thread_position_in_threadgroup.y;
-  const unsigned fn_block = threadgroup_position_in_grid.x;
-  const unsigned fn_row = threadgroup_position_in_grid.y;
+  const unsigned fn_row = threadgroup_position_in_grid.x;
+  const unsigned fn_block = threadgroup_position_in_grid.y;
 """
 
 # name: (input names, output names, body)
@@ -157,7 +158,7 @@ def run_add_rms_norm(kernel, x, d, w, eps, warps: int = NORM_WARPS):
     s, n = kernel(
         inputs=[x, d, w, _eps(eps)],
         template=[("D", D), ("W", warps), ("T", x.dtype)],
-        grid=(32, warps * rows, 1),
+        grid=(32 * rows, warps, 1),
         threadgroup=(32, warps, 1),
         output_shapes=[x.shape, x.shape],
         output_dtypes=[x.dtype, x.dtype],
@@ -183,7 +184,7 @@ def run_swiglu(kernel, gu, warps: int = SWIGLU_WARPS):
     return kernel(
         inputs=[gu],
         template=[("I", I), ("W", warps), ("T", gu.dtype)],
-        grid=(32 * blocks, warps * rows, 1),
+        grid=(32 * rows, warps * blocks, 1),
         threadgroup=(32, warps, 1),
         output_shapes=[(*gu.shape[:-1], I)],
         output_dtypes=[gu.dtype],

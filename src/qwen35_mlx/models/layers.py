@@ -295,10 +295,13 @@ ADD_NORM: str | bool = "auto"
 
 
 def add_norm_on(x: mx.array) -> bool:
-    """Whether a layer stack over activations like x passes its residual as (x, d) pairs."""
+    """Whether a layer stack over activations x passes its residual as (x, d) pairs. "auto":
+    where the kernel runs, for calls of up to `FUSED_PLAIN_MAX_T` tokens a row (x [B, T, H];
+    the compiled steps' x [rows, H] always): the calls a compiled step replaces, which must
+    round as it does. Prefill keeps MLX's add and rms_norm."""
     if ADD_NORM != "auto":
         return bool(ADD_NORM)
-    return fused_norm.kernel_available(x)
+    return fused_norm.kernel_available(x) and (x.ndim < 3 or x.shape[1] <= FUSED_PLAIN_MAX_T)
 
 
 def add_norm(norm: nn.Module, x: mx.array, d: mx.array | None) -> tuple[mx.array, mx.array]:
@@ -725,9 +728,10 @@ class MLP(nn.Module):
         up_proj (`prepare_projections`) and while they still hold that matrix's views, the
         plain call goes through the same fused matmul and `swiglu` as `step`: a GEMM may round
         a wider matrix's outputs differently, and the compiled step must equal this path."""
-        GU = self.DECODE_GROUPS[0]
-        if x.ndim < 2 or x.shape[-2] > FUSED_PLAIN_MAX_T or _made(self, GU) is None:
+        if x.ndim < 2 or x.shape[-2] > FUSED_PLAIN_MAX_T:
             h = _swiglu(self.gate_proj(x), self.up_proj(x))
+        elif _made(self, self.DECODE_GROUPS[0]) is None:
+            h = _swiglu_pair(self.gate_proj(x), self.up_proj(x))
         else:
             h = self._gate_up(x)
         return linear_add(self.down_proj, h, residual)
@@ -741,8 +745,17 @@ class MLP(nn.Module):
         one `fused_norm.swiglu` (a kernel reading [.., 2I] where it runs), else split + ops."""
         gu = project_joined(self, self.DECODE_GROUPS[0], x)
         if gu is None:
-            return _swiglu(*project(self, self.DECODE_GROUPS[0], x))
+            return _swiglu_pair(*project(self, self.DECODE_GROUPS[0], x))
         return fused_norm.swiglu(gu)
+
+
+def _swiglu_pair(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up with `fused_norm.swiglu`'s arithmetic where its kernel runs (gate and up
+    joined first: the plain call before the compiled step fused them, or a group that does not
+    fuse), so that plain and compiled calls round alike; else the ops."""
+    if fused_norm.kernel_available(gate):
+        return fused_norm.swiglu(mx.concatenate([gate, up], axis=-1))
+    return _swiglu(gate, up)
 
 
 # Plain calls of up to this many tokens a row (text.MAX_STEP_TOKENS: the calls the compiled
