@@ -283,3 +283,27 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     err = nvcc_errors(_cuda_unit(), tmp_path)
     assert not err, err
     assert nvcc_errors(_cuda_unit(broken=True), tmp_path)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.parametrize("name", sorted(fused_norm.KERNELS))
+def test_precompiled_sources_compile_to_ptx(name, tmp_path):
+    """The self-contained source the GPU process compiles with NVRTC (`precompiled.entry_source`:
+    no MLX headers, its own bf16 / fp16 types) compiles to PTX with its entry, every dtype."""
+    from qwen35_mlx.kernels.gated_delta import precompiled
+
+    inputs, outputs, _ = fused_norm.KERNELS[name]
+    for dt in (mx.float32, mx.bfloat16, mx.float16):
+        in_dt = [mx.float32 if n == "eps" else dt for n in inputs]
+        tpl = [("D" if name == "add_rms_norm" else "I", 1024), ("W", 8), ("T", dt)]
+        src = precompiled.entry_source(
+            "qm_" + name, cuda.HEADER, fused_norm.kernel_source(name, "cuda"), inputs, in_dt,
+            [2] * len(inputs), outputs, [dt] * len(outputs), tpl,
+        )  # fmt: skip
+        assert "#include" not in src
+        path, ptx = tmp_path / "k.cu", tmp_path / "k.ptx"
+        path.write_text(src)
+        cmd = [NVCC, "-arch=compute_90", "-std=c++17", "-ptx", str(path), "-o", str(ptx)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert precompiled.entry_name("qm_" + name, tpl) in ptx.read_text()

@@ -32,6 +32,7 @@ SWIGLU_WARPS = 4
 
 ADD_NORM_BODY = """
   // x, d, s, n: [rows, D] in T; w: [D] in T; eps: [1] fp32. One threadgroup a row.
+  (void)fn_block;
   const int fn_tid = int(fn_warp) * 32 + int(fn_lane);
   const size_t fn_base = size_t(fn_row) * size_t(D);
   float fn_ss = 0.0f;
