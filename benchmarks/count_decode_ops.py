@@ -222,6 +222,11 @@ class GpuStandIns:
         import qwen35_mlx.kernels.gated_delta as gd_kernels
         import qwen35_mlx.models.layers as layers
 
+        try:
+            from qwen35_mlx.kernels import fused_norm
+        except ImportError:  # an older tree
+            fused_norm = None
+
         fast = mx.fast
         si = self._stand_in
 
@@ -264,6 +269,16 @@ class GpuStandIns:
             y, st = si("gated_delta (fused kernel)", [v, state], [q, k, a, b, A_log, dt_bias, mask])
             return y, st
 
+        def add_rms_norm(x, d, w, eps):
+            # One kernel (kernels/fused_norm.py) returning the sum and its norm (x and d stand
+            # for both: no placeholder arrays, which would add a Full and a Broadcast).
+            return tuple(si("add_rms_norm (kernel)", [x, d], [x, d, w]))
+
+        def swiglu(gu):
+            # (its placeholder output adds a Full and a Broadcast the device has not: 2 in all)
+            out = mx.zeros((*gu.shape[:-1], gu.shape[-1] // 2), gu.dtype)
+            return si("swiglu (kernel)", [out], [gu])[0]
+
         real = {"sdpa": fast.scaled_dot_product_attention, "gdd": layers.gated_delta_decode}
         if not self.stand_in:
 
@@ -285,6 +300,10 @@ class GpuStandIns:
             (layers, "_cpu_needs_fp32", lambda experts: False),
             # Residual adds folded into AddMM as on the target (layers.FOLD_RESIDUAL "auto").
             (layers, "_fold_auto", lambda rows: rows > 1 or self.target != "cuda"),
+            # The fused add + RMSNorm and swiglu kernels run on both targets.
+            (fused_norm, "kernel_available", lambda x: True),
+            (fused_norm, "add_rms_norm", add_rms_norm),
+            (fused_norm, "swiglu", swiglu),
         ):
             if hasattr(obj, attr):  # (an older tree may lack one: counted as it is)
                 self._saved.append((obj, attr, getattr(obj, attr)))

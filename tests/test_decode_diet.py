@@ -21,6 +21,9 @@ from .test_fast_decode import TOKENS, assert_same, step_primitives
 @pytest.fixture
 def fold(monkeypatch):
     monkeypatch.setattr(layers, "FOLD_RESIDUAL", True)
+    # The fold is the structure without the fused add + norm kernel (`layers.ADD_NORM`), which
+    # a GPU takes by default (tested in tests/test_add_norm.py).
+    monkeypatch.setattr(layers, "ADD_NORM", False)
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -34,6 +37,7 @@ def test_folded_residual_compiled_equals_plain_bf16(fold, moe, B):
 
 def test_folded_residual_is_one_addmm_per_projection(monkeypatch):
     counts = {}
+    monkeypatch.setattr(layers, "ADD_NORM", False)  # (see `fold`)
     for mode in (False, True, "auto"):
         monkeypatch.setattr(layers, "FOLD_RESIDUAL", mode)
         model = make_text_model(make_text_config(), seed=22)  # (a trace keeps its mode)

@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
+from ..kernels import fused_norm
 from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
 from ..kernels.gated_delta.decode import gated_rms_norm
 from .attention import attention
@@ -213,6 +214,19 @@ def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.ar
     return mx.split(y, np.cumsum(made.sizes[:-1]).tolist(), axis=-1)
 
 
+def project_joined(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx.array | None:
+    """x through the one fused matrix `prepare_projections` made for `names`, unsplit
+    ([..., sum of the layers' outputs]); None when the group is not one matrix (then `project`
+    applies it). Same conditions of use as `project`."""
+    made = getattr(owner, _key(names) + "_made", None)
+    if made is None or not made.fused:
+        return None
+    w = owner[_key(names)]
+    if made.quant is None:
+        return x @ w
+    return mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
+
+
 # Residual adds folded into the projection before them: `x + out_proj(y)` as one
 # `mx.addmm(x, y, W.T)` (one primitive instead of a matmul and an add), in the plain path and
 # the compiled step alike, so the two stay equal. The sum then rounds once, where matmul + add
@@ -262,6 +276,40 @@ def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | N
             return mx.addmm(residual, y, w)
     out = project(owner, (name,), y)[0]
     return out if residual is None else residual + out
+
+
+# Residual adds fused with the RMSNorm after them (`kernels.fused_norm.add_rms_norm`: one
+# kernel returns the sum and its norm). Every residual add of a decoder layer is followed by a
+# norm of the sum (post_attention_layernorm after the mixer's, the next layer's input_layernorm
+# or the final norm after the MLP's), so a layer hands the next one its residual stream as a
+# pair (x, d), the stream being x + d, and the add happens inside the next norm's kernel: one
+# primitive instead of two at each of the 2 L boundaries. Then no add is folded into a
+# projection (`FOLD_RESIDUAL`): where a fold applies (from two rows on CUDA) it is also two
+# primitives a boundary (an AddMM and the norm) against two here (the matmul and the fused
+# kernel), and the MoE block, quantized and sharded layers, which never fold, save theirs; so
+# the fused kernel is taken wherever it runs. ADD_NORM: "auto" (where `fused_norm` runs its
+# kernel: a GPU), True (the pair structure everywhere, with the add and the norm as ops where
+# no kernel runs: tests on the CPU), False (the add folded or separate, as before). Read when
+# a step is traced and at every plain call, by the plain path and the compiled step alike.
+ADD_NORM: str | bool = "auto"
+
+
+def add_norm_on(x: mx.array) -> bool:
+    """Whether a layer stack over activations x passes its residual as (x, d) pairs. "auto":
+    where the kernel runs, for calls of up to `FUSED_PLAIN_MAX_T` tokens a row (x [B, T, H];
+    the compiled steps' x [rows, H] always): the calls a compiled step replaces, which must
+    round as it does. Prefill keeps MLX's add and rms_norm."""
+    if ADD_NORM != "auto":
+        return bool(ADD_NORM)
+    return fused_norm.kernel_available(x) and (x.ndim < 3 or x.shape[1] <= FUSED_PLAIN_MAX_T)
+
+
+def add_norm(norm: nn.Module, x: mx.array, d: mx.array | None) -> tuple[mx.array, mx.array]:
+    """(x + d, norm(x + d)) with the RMSNorm `norm`, as one kernel where it runs; d None:
+    (x, norm(x))."""
+    if d is None:
+        return x, norm(x)
+    return fused_norm.add_rms_norm(x, d, norm.weight, norm.eps)
 
 
 class RMSNormGated(nn.Module):
@@ -675,13 +723,44 @@ class MLP(nn.Module):
     DECODE_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """down_proj's output, plus `residual` when given (`linear_add`)."""
-        return linear_add(self.down_proj, _swiglu(self.gate_proj(x), self.up_proj(x)), residual)
+        """down_proj's output, plus `residual` when given (`linear_add`). Up to
+        `FUSED_PLAIN_MAX_T` tokens a row, once the compiled step has fused gate_proj and
+        up_proj (`prepare_projections`) and while they still hold that matrix's views, the
+        plain call goes through the same fused matmul and `swiglu` as `step`: a GEMM may round
+        a wider matrix's outputs differently, and the compiled step must equal this path."""
+        if x.ndim < 2 or x.shape[-2] > FUSED_PLAIN_MAX_T:
+            h = _swiglu(self.gate_proj(x), self.up_proj(x))
+        elif _made(self, self.DECODE_GROUPS[0]) is None:
+            h = _swiglu_pair(self.gate_proj(x), self.up_proj(x))
+        else:
+            h = self._gate_up(x)
+        return linear_add(self.down_proj, h, residual)
 
     def step(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """`__call__` through `project` (the compiled decode step)."""
-        gate, up = project(self, self.DECODE_GROUPS[0], x)
-        return project_add(self, "down_proj", _swiglu(gate, up), residual)
+        return project_add(self, "down_proj", self._gate_up(x), residual)
+
+    def _gate_up(self, x: mx.array) -> mx.array:
+        """silu(gate_proj(x)) * up_proj(x) through `project`: from the fused matrix's output by
+        one `fused_norm.swiglu` (a kernel reading [.., 2I] where it runs), else split + ops."""
+        gu = project_joined(self, self.DECODE_GROUPS[0], x)
+        if gu is None:
+            return _swiglu_pair(*project(self, self.DECODE_GROUPS[0], x))
+        return fused_norm.swiglu(gu)
+
+
+def _swiglu_pair(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up with `fused_norm.swiglu`'s arithmetic where its kernel runs (gate and up
+    joined first: the plain call before the compiled step fused them, or a group that does not
+    fuse), so that plain and compiled calls round alike; else the ops."""
+    if fused_norm.kernel_available(gate):
+        return fused_norm.swiglu(mx.concatenate([gate, up], axis=-1))
+    return _swiglu(gate, up)
+
+
+# Plain calls of up to this many tokens a row (text.MAX_STEP_TOKENS: the calls the compiled
+# steps replace) take the decode projections' fused gate|up matmul once it is made (`MLP`).
+FUSED_PLAIN_MAX_T = 8
 
 
 @partial(mx.compile, shapeless=True)
@@ -815,36 +894,61 @@ class DecoderLayer(nn.Module):
         cache: Any = None,
         rope: tuple[mx.array, mx.array] | None = None,
     ) -> mx.array:
-        mixer = self.linear_attn if self.is_linear else self.self_attn
-        return self._block(mixer, x, mask, cache, rope)
+        """The layer's output: the residual stream after it (one array; see `chain`)."""
+        x, d = self.chain(x, None, mask, cache, rope)
+        return x if d is None else x + d
 
-    def step(self, x: mx.array, mask: Any, cache: Any, rope=None) -> mx.array:
-        """One token a row at decode (the compiled step): x [B, H]; the mixers' `step`."""
-        mixer = self.linear_attn if self.is_linear else self.self_attn
-        return self._block(mixer.step, x, mask, cache, rope, self.mlp.step)
+    # The stack's loops (text.py) pass the residual stream between layers as a pair (x, d),
+    # the stream being x + d (d None: x), when `add_norm_on`: each add then runs inside the
+    # next norm (`add_norm`). Otherwise d stays None and the adds are folded where that pays.
 
-    def steps(self, x: mx.array, T: int, mask: Any, cache: Any, rope=None) -> tuple:
-        """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t); the
-        mixers' `steps` and the MLP's `step` (which takes any rows). Returns (x, a linear
+    def chain(self, x: mx.array, d, mask: Any = None, cache: Any = None, rope=None) -> tuple:
+        """The plain call on the residual stream x + d; returns the next (x, d)."""
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        return self._block(mixer, x, d, mask, cache, rope, self.mlp)
+
+    def step(self, x: mx.array, d, mask: Any, cache: Any, rope=None) -> tuple:
+        """One token a row at decode (the compiled step): x, d [B, H]; the mixers' `step`.
+        Returns the next (x, d), as `chain`."""
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        return self._block(mixer.step, x, d, mask, cache, rope, self.mlp.step)
+
+    def steps(self, x: mx.array, d, T: int, mask: Any, cache: Any, rope=None) -> tuple:
+        """A few tokens a row (the compiled verify step): x, d [B*T, H] (row b*T + t); the
+        mixers' `steps` and the MLP's `step` (which takes any rows). Returns (x, d, a linear
         layer's per-token states or None)."""
-        h = self.input_layernorm(x)
+        x, h = self._norm(self.input_layernorm, x, d)
         states = None
         if self.is_linear:
             h, states = self.linear_attn.steps(h, T, mask, cache)
         else:
             h = self.self_attn.steps(h, T, mask, cache, rope)
-        x = x + h
-        return x + self.mlp.step(self.post_attention_layernorm(x)), states
+        if d is None and not add_norm_on(x):
+            x = x + h
+            return x + self.mlp.step(self.post_attention_layernorm(x)), None, states
+        x, h = add_norm(self.post_attention_layernorm, x, h)
+        return x, self.mlp.step(h), states
 
-    def _block(self, mix, x, mask, cache, rope, mlp=None):
-        # Each residual add is folded into the projection before it where that pays
-        # (`linear_add`), in the plain path and the compiled step alike.
-        h = self.input_layernorm(x)
-        if self.is_linear:
-            x = mix(h, mask, cache, residual=x)
-        else:
-            x = mix(h, mask, cache, rope, residual=x)
-        return (mlp or self.mlp)(self.post_attention_layernorm(x), residual=x)
+    def _norm(self, norm, x, d):
+        """(the stream x + d, its norm): `add_norm` in the pair structure, else an add."""
+        if d is not None and not add_norm_on(x):
+            x, d = x + d, None
+        return add_norm(norm, x, d)
+
+    def _block(self, mix, x, d, mask, cache, rope, mlp):
+        if d is None and not add_norm_on(x):
+            # Each residual add folded into the projection before it where that pays
+            # (`linear_add`), in the plain path and the compiled step alike.
+            h = self.input_layernorm(x)
+            if self.is_linear:
+                x = mix(h, mask, cache, residual=x)
+            else:
+                x = mix(h, mask, cache, rope, residual=x)
+            return mlp(self.post_attention_layernorm(x), residual=x), None
+        x, h = self._norm(self.input_layernorm, x, d)
+        h = mix(h, mask, cache) if self.is_linear else mix(h, mask, cache, rope)
+        x, h = add_norm(self.post_attention_layernorm, x, h)
+        return x, mlp(h)
 
     def decode_groups(self):
         """(owner, names) of each group of this layer's projections that `step` applies

@@ -49,7 +49,7 @@ from mlx_lm.models.pipeline import PipelineMixin
 from . import cache as cache_lib
 from .cache import BatchKVCache, KVCache, StaticKV, static_causal_mask, static_mask
 from .config import TextConfig
-from .layers import DecoderLayer, prepare_projections, project, retake_projections
+from .layers import DecoderLayer, add_norm, prepare_projections, project, retake_projections
 from .mtp import MTP, MTP_NORMS
 from .shard import shard_text_model
 
@@ -132,16 +132,20 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
             h = mx.distributed.recv_like(h, rank + 1, group=group)
         bounded = size == 1 and cache[0] is not None and queue_layers(h.shape[1])
         queued = None
+        d = None  # the residual stream is h + d (`layers.ADD_NORM`)
         for layer, c in zip(layers, cache, strict=True):
             if layer.is_linear:
-                h = layer(h, ssm_mask, c)
+                h, d = layer.chain(h, d, ssm_mask, c)
             else:
-                h = layer(h, fa_mask, c, rope)
+                h, d = layer.chain(h, d, fa_mask, c, rope)
             if bounded:
-                mx.async_eval(h, c.state)
+                mx.async_eval([a for a in (h, d) if a is not None], c.state)
                 if queued is not None:
                     mx.eval(queued)
-                queued = h
+                queued = [a for a in (h, d) if a is not None]
+        if size > 1 and d is not None:
+            # Ranks pass one array: the stream, added here (the next rank starts with d None).
+            h, d = h + d, None
         if rank != 0:
             h = mx.distributed.send(h, (rank - 1) % size, group=group)
             # Evaluating the cache (as prefill does) must run the send too.
@@ -153,7 +157,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         if size > 1:
             # Rank 0 ran the last layers: every rank continues with its hidden states.
             h = mx.distributed.all_gather(h, group=group)[: h.shape[0]]
-        return self.norm(h)
+        return add_norm(self.norm, h, d)[1]
 
     def decode(self, tokens, kv, lin, idx, offset, left_padding, ssm_mask, position_ids):
         """One token a row over fixed-size buffers (traced by `TextModel`'s compiled step).
@@ -171,10 +175,11 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
             rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
         kv, lin, masks = iter(kv), iter(lin), {}
         new_kv, new_lin = [], []
+        d = None  # the residual stream is h + d, as in `__call__`
         for layer in self.layers:
             if layer.is_linear:
                 c = list(next(lin))
-                h = layer.step(h, ssm_mask, c)
+                h, d = layer.step(h, d, ssm_mask, c)
                 new_lin.append(tuple(c))
             else:
                 keys, values = next(kv)
@@ -182,9 +187,9 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 if C not in masks:
                     masks[C] = static_mask(C, idx, left_padding)
                 c = StaticKV(keys, values, idx, offset)
-                h = layer.step(h, masks[C], c, rope)
+                h, d = layer.step(h, d, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
-        return self.norm(h), new_kv, new_lin
+        return add_norm(self.norm, h, d)[1], new_kv, new_lin
 
     def verify(self, tokens, kv, lin, idx, offset, left_padding, ssm_mask, position_ids):
         """T tokens a row over the same fixed-size buffers as `decode` (traced by `TextModel`'s
@@ -203,10 +208,11 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
             rope = self.layers[self._fa_idx].self_attn.rope.cos_sin(position_ids)
         kv, lin, masks = iter(kv), iter(lin), {}
         new_kv, new_lin, records = [], [], []
+        d = None  # the residual stream is h + d, as in `__call__`
         for layer in self.layers:
             if layer.is_linear:
                 c = list(next(lin))
-                h, states = layer.steps(h, T, ssm_mask, c)
+                h, d, states = layer.steps(h, d, T, ssm_mask, c)
                 new_lin.append(tuple(c))
                 records.append(states)
             else:
@@ -215,9 +221,9 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 if C not in masks:
                     masks[C] = static_causal_mask(C, idx, T, left_padding)
                 c = StaticKV(keys, values, idx, offset)
-                h, _ = layer.steps(h, T, masks[C], c, rope)
+                h, d, _ = layer.steps(h, d, T, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
-        return self.norm(h), new_kv, new_lin, records
+        return add_norm(self.norm, h, d)[1], new_kv, new_lin, records
 
 
 class TextModel(nn.Module):
