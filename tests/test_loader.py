@@ -189,7 +189,8 @@ def test_corrupt_safetensors_names_the_file(tmp_path, content):
 
 
 def test_sharded_checkpoint_through_index(tmp_path, ref):
-    """Shards named by model.safetensors.index.json load together; an absent shard is named."""
+    """Shards named by model.safetensors.index.json load together; an absent shard, or a stray
+    one the index does not name, is named."""
     folder = _copy_golden(tmp_path)
     tensors = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
@@ -201,8 +202,12 @@ def test_sharded_checkpoint_through_index(tmp_path, ref):
         save_file({k: tensors[k] for k in keys}, folder / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    # A stray file the index does not name must be ignored.
-    save_file({"junk": np.zeros(3, np.float32)}, folder / "model-old.safetensors")
+    # A stray shard the index does not name is named (mlx-lm's loader would read it too).
+    stray = folder / "model-old.safetensors"
+    save_file({"junk": np.zeros(3, np.float32)}, stray)
+    with pytest.raises(ValueError, match="index does not name.*model-old.safetensors"):
+        load_model(folder)
+    stray.unlink()
 
     ids = mx.array(ref["input_ids"])
     expected = np.array(load_model(GOLDEN / "dense_tied")(ids))
