@@ -8,7 +8,14 @@ not trimmable). Batches are left-padded: `BatchKVCache(left_padding)` masks padd
 recurrent or conv state and every row decodes as it would alone.
 
 Sampling, logits processors and streaming detokenization are mlx-lm's (`make_sampler`,
-`make_logits_processors`, `TokenizerWrapper.detokenizer`).
+`make_logits_processors`, `TokenizerWrapper.detokenizer`). The decode loop is not
+`mlx_lm.generate.generate_step`: that runs one step ahead, feeding each token to the cache
+before yielding it, so its cache always holds the last token (an end token included) and never
+the prompt alone, where a hybrid cache cannot trim its linear layers back: a `PromptCache` here
+keeps the prompt's snapshot and exactly prompt + reply minus its last token (the next turn
+re-feeds that one). Its logits processors also see only the tokens it prefilled itself. mlx-lm's
+own `generate_step`, `BatchGenerator` and server run these models through the plugin
+(mlx_lm_plugin.py); the speed lives in the model and cache objects, which both loops share.
 
 Multi-token prediction (speculative.py) is off by default and turned on with `mtp=True` (for a
 checkpoint with an MTP head). The verify pass and the MTP head run compiled (models/text.py; at
@@ -334,43 +341,65 @@ def stream_generate(
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             return sampler(logprobs), logprobs[0]
 
-        detok = text_tok.detokenizer
-        eos = set(text_tok.eos_token_ids)
         y, logprobs, prompt_tps = _run_prompt(
             model, cache, ids, todo, managed, n_cached, first_kwargs, step,
             prefill_step_size=prefill_step_size, progress=prompt_progress_callback,
         )  # fmt: skip
         fed = list(ids)  # tokens the cache holds, in order
 
-        tic = time.perf_counter()
-        n = 0
-        finish = None
-        try:
+        def tokens() -> Generator[tuple[Any, mx.array, dict]]:
+            nonlocal history, y, logprobs
             while True:
-                token = y.item()
-                cur_logprobs = logprobs
-                n += 1
+                yield y, logprobs, {}
+                # resumed: the token goes on (its response is not out yet: the step overlaps)
                 if processors:
                     history = mx.concatenate([history, y.reshape(-1)])
-                if token in eos:
-                    finish = "stop"
-                elif n >= max_tokens:
-                    finish = "length"
-                else:
-                    # queue the next step before handing this token out (overlaps with the caller)
-                    y, logprobs = step(y.reshape(-1))
-                    fed.append(token)
-                    mx.async_eval(y, logprobs)
-                yield _response(
-                    detok, token, cur_logprobs, finish, n, tic, len(ids), prompt_tps, n_cached
-                )
-                if finish is not None:
-                    break
-                if n % 256 == 0:
-                    mx.clear_cache()
-        finally:
-            if managed is not None:
-                managed.commit(cache, fed)
+                fed.append(y.item())
+                y, logprobs = step(y.reshape(-1))
+                mx.async_eval(y, logprobs)
+
+        yield from _responses(
+            tokens(), text_tok, max_tokens, (len(ids), prompt_tps, n_cached), managed, cache, fed
+        )
+
+
+def _responses(
+    tokens: Generator[tuple[Any, mx.array, dict]],
+    text_tok: Any,
+    max_tokens: int,
+    prompt: tuple[int, float, int],
+    managed: Any,
+    cache: list,
+    fed: list[int],
+) -> Generator[GenerationResponse, None, None]:
+    """stream_generate's loop, with or without MTP: `tokens` yields (token, an int or a lazy
+    [1] array; logprobs [V]; extra response fields) and is resumed only when generation goes
+    on past that token, which is before its response goes out (the next step overlaps with the
+    caller); at a finish it is closed instead. The managed prompt cache gets `fed` (what the
+    cache holds) at the end, however the caller leaves."""
+    detok = text_tok.detokenizer
+    eos = set(text_tok.eos_token_ids)
+    tic = time.perf_counter()
+    n = 0
+    try:
+        y, logprobs, extra = next(tokens)
+        while True:
+            token = y if isinstance(y, int) else y.item()
+            n += 1
+            finish = "stop" if token in eos else "length" if n >= max_tokens else None
+            if finish is None:
+                following = next(tokens)
+            else:
+                tokens.close()
+            yield _response(detok, token, logprobs, finish, n, tic, *prompt, **extra)
+            if finish is not None:
+                break
+            if n % 256 == 0:
+                mx.clear_cache()
+            y, logprobs, extra = following
+    finally:
+        if managed is not None:
+            managed.commit(cache, fed)
 
 
 def _response(
@@ -470,8 +499,6 @@ def _stream_speculative(
 ) -> Generator[GenerationResponse, None, None]:
     """stream_generate's loop with MTP drafts (speculative.py): the same responses, a round's
     tokens handed out one by one; the cache ends holding exactly `fed`, as without MTP."""
-    detok = text_tok.detokenizer
-    eos = set(text_tok.eos_token_ids)
 
     def on_hidden(chunk: mx.array, hidden: mx.array) -> list:
         spec.on_prefill(chunk, hidden)
@@ -483,42 +510,31 @@ def _stream_speculative(
     )  # fmt: skip
     fed = list(ids)
 
-    tic = time.perf_counter()
-    token = y.item()
-    queue = [(token, logprobs[0], False)]  # this round's tokens not yet handed out
-    n, finish = 0, None
-    try:
-        while True:
-            if not queue:
-                rows, lps = spec.round()
-                toks = rows[0]
-                # the cache now holds the last round's final token and this round's drafts
-                fed.append(token)  # the previous round's last token
-                fed.extend(toks[:-1])
-                queue = [(t, lps[0, j], j < len(toks) - 1) for j, t in enumerate(toks)]
-            token, cur_logprobs, from_draft = queue.pop(0)
-            n += 1
-            if token in eos:
-                finish = "stop"
-            elif n >= max_tokens:
-                finish = "length"
-            if finish is not None and queue:
+    def tokens() -> Generator[tuple[Any, mx.array, dict]]:
+        token = y.item()
+        queue = [(token, logprobs[0], False)]  # this round's tokens not yet handed out
+        try:
+            while True:
+                if not queue:
+                    rows, lps = spec.round()
+                    toks = rows[0]
+                    # the cache now holds the last round's final token and this round's drafts
+                    fed.append(token)  # the previous round's last token
+                    fed.extend(toks[:-1])
+                    queue = [(t, lps[0, j], j < len(toks) - 1) for j, t in enumerate(toks)]
+                token, cur_logprobs, from_draft = queue.pop(0)
+                extra = {"from_draft": from_draft, "mtp_acceptance": spec.stats.acceptance}
+                yield token, cur_logprobs, extra
+        except GeneratorExit:
+            if queue:
                 # stopped inside a round: the cache holds tokens past this one; take them back
-                k = len(queue)
-                spec.unfeed(k)
-                del fed[len(fed) - k :]
-                queue = []
-            yield _response(
-                detok, token, cur_logprobs, finish, n, tic, len(ids), prompt_tps, n_cached,
-                from_draft=from_draft, mtp_acceptance=spec.stats.acceptance,
-            )  # fmt: skip
-            if finish is not None:
-                break
-            if n % 256 == 0:
-                mx.clear_cache()
-    finally:
-        if managed is not None:
-            managed.commit(cache, fed)
+                spec.unfeed(len(queue))
+                del fed[len(fed) - len(queue) :]
+            raise
+
+    yield from _responses(
+        tokens(), text_tok, max_tokens, (len(ids), prompt_tps, n_cached), managed, cache, fed
+    )
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt: Any, **kwargs) -> str:
