@@ -383,6 +383,25 @@ def test_quantized_checkpoint_loads_quantized(tmp_path, ref):
     assert corr > 0.8, corr
 
 
+def test_quantized_module_without_its_packed_weight_is_named(tmp_path):
+    """Scales without the packed weight (mlx-lm's quantizer reads the weight's shape): one
+    ValueError line naming it; the packed weight without its scales (the module stays
+    unquantized): one line naming the biases left over."""
+    folder = _checkpoint("q4", "dense_tied", tmp_path)
+    file = folder / "model.safetensors"
+    weights = mx.load(str(file))
+    name = "model.layers.3.mlp.up_proj"
+    assert f"{name}.scales" in weights
+    for drop, match in [
+        (f"{name}.weight", rf"missing: [^;]*{name}\.weight"),
+        (f"{name}.scales", rf"unexpected: [^;]*{name}\.biases"),
+    ]:
+        broken = {k: v for k, v in weights.items() if k != drop}
+        mx.save_safetensors(str(file), broken, metadata={"format": "mlx"})
+        with pytest.raises(ValueError, match=match):
+            load_model(folder)
+
+
 # -- lazy -----------------------------------------------------------------------------------------
 
 

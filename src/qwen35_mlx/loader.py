@@ -1,21 +1,18 @@
 """Load Qwen3.5 checkpoints through mlx-lm's loader, with the checks and errors it lacks.
 
-Weights load through `mlx_lm.utils.load_model`: its `get_model_classes` hook hands it our model,
-and it reads the shards, runs the model's `sanitize` (idempotent: it reads from the weights
-themselves what still needs rewriting, so Hugging Face and MLX checkpoints, mlx-lm's, mlx-vlm's
-or `save_mlx`'s, go the same way), quantizes what the checkpoint stores quantized, and calls
-`load_weights`. Around it we keep what it lacks:
-- before it, the checks that make a broken checkpoint one clear error: config.json read and
-  checked (`read_model_config`, also what the CLI reads before importing mlx-lm and
-  transformers), an unsupported quantization scheme refused, the shards matched against
-  model.safetensors.index.json (mlx-lm globs `model*.safetensors`: a stray shard would be
-  loaded, an absent one not named; here either is an error naming the file), each shard's
-  header opened with `mx.load` (lazy) so that a truncated or corrupt file is named;
-- at its `load_weights` call (for that call only, `model.load_weights` is shadowed on the
-  instance, mlx-lm having no hook between quantizing and loading): the floating weights cast
-  to `dtype` (A_log kept float32) and `check_weights`, which says in one line what is missing,
-  unexpected, mis-shaped or of the wrong dtype, where strict `load_weights` lists names one a
-  line, uncounted, and checks no dtype.
+`mlx_lm.utils.load_model` (its `get_model_classes` hook hands it our model) reads the shards,
+runs the model's `sanitize` (idempotent: it reads from the weights what still needs rewriting,
+so Hugging Face and MLX checkpoints go the same way), quantizes what the checkpoint stores
+quantized and calls `load_weights`. Around it we keep what it lacks:
+- before it: config.json read and checked (`read_model_config`; the CLI reads it before importing
+  mlx-lm and transformers), an unsupported quantization refused, the shards matched against
+  model.safetensors.index.json (mlx-lm globs `model*.safetensors`: a stray shard would be read,
+  an absent one not named; here either is an error naming the file), each shard's header opened
+  with the lazy `mx.load` so that a truncated or corrupt file is named;
+- at its `load_weights` call (shadowed on the instance for that call: mlx-lm has no hook between
+  quantizing and loading): floating weights cast to `dtype` (A_log stays float32), then
+  `check_weights`, one line for what is missing, unexpected, mis-shaped or of the wrong dtype
+  (strict `load_weights` lists names one a line, uncounted, and checks no dtype).
 
 Path problems raise `FileNotFoundError`; content problems (wrong model_type, a required config
 field missing, truncated or corrupt safetensors, missing or unexpected weights, shape or dtype
@@ -297,7 +294,9 @@ def _load_model(
             get_model_classes=lambda config: (lambda _args: model, _Prebuilt),
         )
     except KeyError as e:  # infer_quant_config: a module has scales but no packed weight
-        raise ValueError(f"{path}: checkpoint weights do not match the model; missing: {e}") from e
+        raise ValueError(
+            f"{path}: checkpoint weights do not match the model; missing: {e.args[0]}"
+        ) from e
     finally:
         del model.load_weights
     return model
