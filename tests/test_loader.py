@@ -189,7 +189,8 @@ def test_corrupt_safetensors_names_the_file(tmp_path, content):
 
 
 def test_sharded_checkpoint_through_index(tmp_path, ref):
-    """Shards named by model.safetensors.index.json load together; an absent shard is named."""
+    """Shards named by model.safetensors.index.json load together; an absent shard, or a stray
+    one the index does not name, is named."""
     folder = _copy_golden(tmp_path)
     tensors = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
@@ -201,8 +202,12 @@ def test_sharded_checkpoint_through_index(tmp_path, ref):
         save_file({k: tensors[k] for k in keys}, folder / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    # A stray file the index does not name must be ignored.
-    save_file({"junk": np.zeros(3, np.float32)}, folder / "model-old.safetensors")
+    # A stray shard the index does not name is named (mlx-lm's loader would read it too).
+    stray = folder / "model-old.safetensors"
+    save_file({"junk": np.zeros(3, np.float32)}, stray)
+    with pytest.raises(ValueError, match="index does not name.*model-old.safetensors"):
+        load_model(folder)
+    stray.unlink()
 
     ids = mx.array(ref["input_ids"])
     expected = np.array(load_model(GOLDEN / "dense_tied")(ids))
@@ -376,6 +381,25 @@ def test_quantized_checkpoint_loads_quantized(tmp_path, ref):
     # so this only rules out a garbage load (correlation ~0).
     corr = np.corrcoef(loaded_logits.ravel(), full.ravel())[0, 1]
     assert corr > 0.8, corr
+
+
+def test_quantized_module_without_its_packed_weight_is_named(tmp_path):
+    """Scales without the packed weight (mlx-lm's quantizer reads the weight's shape): one
+    ValueError line naming it; the packed weight without its scales (the module stays
+    unquantized): one line naming the biases left over."""
+    folder = _checkpoint("q4", "dense_tied", tmp_path)
+    file = folder / "model.safetensors"
+    weights = mx.load(str(file))
+    name = "model.layers.3.mlp.up_proj"
+    assert f"{name}.scales" in weights
+    for drop, match in [
+        (f"{name}.weight", rf"missing: [^;]*{name}\.weight"),
+        (f"{name}.scales", rf"unexpected: [^;]*{name}\.biases"),
+    ]:
+        broken = {k: v for k, v in weights.items() if k != drop}
+        mx.save_safetensors(str(file), broken, metadata={"format": "mlx"})
+        with pytest.raises(ValueError, match=match):
+            load_model(folder)
 
 
 # -- lazy -----------------------------------------------------------------------------------------

@@ -338,11 +338,12 @@ def test_stdin_trailing_newline_dropped(capsys, monkeypatch):
 
 
 def _forced_sampler(ids: list[int]):
-    """A sampler that emits `ids` in order (every row the same)."""
+    """A sampler that emits `ids` in order (every row the same), then the last one again
+    (mlx-lm's BatchGenerator samples one step past the last token it hands out)."""
     it = iter(ids)
 
     def sample(logprobs):
-        t = next(it)
+        t = next(it, ids[-1])
         return mx.array([t] * logprobs.shape[0])
 
     return sample

@@ -8,7 +8,16 @@ not trimmable). Batches are left-padded: `BatchKVCache(left_padding)` masks padd
 recurrent or conv state and every row decodes as it would alone.
 
 Sampling, logits processors and streaming detokenization are mlx-lm's (`make_sampler`,
-`make_logits_processors`, `TokenizerWrapper.detokenizer`).
+`make_logits_processors`, `TokenizerWrapper.detokenizer`), and so is `batch_generate`'s loop:
+mlx-lm's `BatchGenerator` with every row in one batch (it prefills right-padded, and the caches'
+`prepare`/`finalize` turn that into left padding). It samples one step past each row's last
+token, so a stateful `sampler` is called once more than there are tokens.
+`stream_generate`'s loop is not `mlx_lm.generate.generate_step`: that runs one step ahead,
+feeding each token to the cache before yielding it, so its cache always holds the last token (an
+end token included) and never the prompt alone, where a hybrid cache cannot trim its linear
+layers back: a `PromptCache` here keeps the prompt's snapshot and exactly prompt + reply minus
+its last token (the next turn re-feeds that one). Its logits processors also see only the
+tokens it prefilled itself. MTP's loops (stream and batch) are ours: mlx-lm has no MTP.
 
 Multi-token prediction (speculative.py) is off by default and turned on with `mtp=True` (for a
 checkpoint with an MTP head). The verify pass and the MTP head run compiled (models/text.py; at
@@ -37,6 +46,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import maybe_set_recommended_wired_limit
@@ -334,43 +344,65 @@ def stream_generate(
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             return sampler(logprobs), logprobs[0]
 
-        detok = text_tok.detokenizer
-        eos = set(text_tok.eos_token_ids)
         y, logprobs, prompt_tps = _run_prompt(
             model, cache, ids, todo, managed, n_cached, first_kwargs, step,
             prefill_step_size=prefill_step_size, progress=prompt_progress_callback,
         )  # fmt: skip
         fed = list(ids)  # tokens the cache holds, in order
 
-        tic = time.perf_counter()
-        n = 0
-        finish = None
-        try:
+        def tokens() -> Generator[tuple[Any, mx.array, dict]]:
+            nonlocal history, y, logprobs
             while True:
-                token = y.item()
-                cur_logprobs = logprobs
-                n += 1
+                yield y, logprobs, {}
+                # resumed: the token goes on (its response is not out yet: the step overlaps)
                 if processors:
                     history = mx.concatenate([history, y.reshape(-1)])
-                if token in eos:
-                    finish = "stop"
-                elif n >= max_tokens:
-                    finish = "length"
-                else:
-                    # queue the next step before handing this token out (overlaps with the caller)
-                    y, logprobs = step(y.reshape(-1))
-                    fed.append(token)
-                    mx.async_eval(y, logprobs)
-                yield _response(
-                    detok, token, cur_logprobs, finish, n, tic, len(ids), prompt_tps, n_cached
-                )
-                if finish is not None:
-                    break
-                if n % 256 == 0:
-                    mx.clear_cache()
-        finally:
-            if managed is not None:
-                managed.commit(cache, fed)
+                fed.append(y.item())
+                y, logprobs = step(y.reshape(-1))
+                mx.async_eval(y, logprobs)
+
+        yield from _responses(
+            tokens(), text_tok, max_tokens, (len(ids), prompt_tps, n_cached), managed, cache, fed
+        )
+
+
+def _responses(
+    tokens: Generator[tuple[Any, mx.array, dict]],
+    text_tok: Any,
+    max_tokens: int,
+    prompt: tuple[int, float, int],
+    managed: Any,
+    cache: list,
+    fed: list[int],
+) -> Generator[GenerationResponse, None, None]:
+    """stream_generate's loop, with or without MTP: `tokens` yields (token, an int or a lazy
+    [1] array; logprobs [V]; extra response fields) and is resumed only when generation goes
+    on past that token, which is before its response goes out (the next step overlaps with the
+    caller); at a finish it is closed instead. The managed prompt cache gets `fed` (what the
+    cache holds) at the end, however the caller leaves."""
+    detok = text_tok.detokenizer
+    eos = set(text_tok.eos_token_ids)
+    tic = time.perf_counter()
+    n = 0
+    try:
+        y, logprobs, extra = next(tokens)
+        while True:
+            token = y if isinstance(y, int) else y.item()
+            n += 1
+            finish = "stop" if token in eos else "length" if n >= max_tokens else None
+            if finish is None:
+                following = next(tokens)
+            else:
+                tokens.close()
+            yield _response(detok, token, logprobs, finish, n, tic, *prompt, **extra)
+            if finish is not None:
+                break
+            if n % 256 == 0:
+                mx.clear_cache()
+            y, logprobs, extra = following
+    finally:
+        if managed is not None:
+            managed.commit(cache, fed)
 
 
 def _response(
@@ -470,8 +502,6 @@ def _stream_speculative(
 ) -> Generator[GenerationResponse, None, None]:
     """stream_generate's loop with MTP drafts (speculative.py): the same responses, a round's
     tokens handed out one by one; the cache ends holding exactly `fed`, as without MTP."""
-    detok = text_tok.detokenizer
-    eos = set(text_tok.eos_token_ids)
 
     def on_hidden(chunk: mx.array, hidden: mx.array) -> list:
         spec.on_prefill(chunk, hidden)
@@ -483,42 +513,31 @@ def _stream_speculative(
     )  # fmt: skip
     fed = list(ids)
 
-    tic = time.perf_counter()
-    token = y.item()
-    queue = [(token, logprobs[0], False)]  # this round's tokens not yet handed out
-    n, finish = 0, None
-    try:
-        while True:
-            if not queue:
-                rows, lps = spec.round()
-                toks = rows[0]
-                # the cache now holds the last round's final token and this round's drafts
-                fed.append(token)  # the previous round's last token
-                fed.extend(toks[:-1])
-                queue = [(t, lps[0, j], j < len(toks) - 1) for j, t in enumerate(toks)]
-            token, cur_logprobs, from_draft = queue.pop(0)
-            n += 1
-            if token in eos:
-                finish = "stop"
-            elif n >= max_tokens:
-                finish = "length"
-            if finish is not None and queue:
+    def tokens() -> Generator[tuple[Any, mx.array, dict]]:
+        token = y.item()
+        queue = [(token, logprobs[0], False)]  # this round's tokens not yet handed out
+        try:
+            while True:
+                if not queue:
+                    rows, lps = spec.round()
+                    toks = rows[0]
+                    # the cache now holds the last round's final token and this round's drafts
+                    fed.append(token)  # the previous round's last token
+                    fed.extend(toks[:-1])
+                    queue = [(t, lps[0, j], j < len(toks) - 1) for j, t in enumerate(toks)]
+                token, cur_logprobs, from_draft = queue.pop(0)
+                extra = {"from_draft": from_draft, "mtp_acceptance": spec.stats.acceptance}
+                yield token, cur_logprobs, extra
+        except GeneratorExit:
+            if queue:
                 # stopped inside a round: the cache holds tokens past this one; take them back
-                k = len(queue)
-                spec.unfeed(k)
-                del fed[len(fed) - k :]
-                queue = []
-            yield _response(
-                detok, token, cur_logprobs, finish, n, tic, len(ids), prompt_tps, n_cached,
-                from_draft=from_draft, mtp_acceptance=spec.stats.acceptance,
-            )  # fmt: skip
-            if finish is not None:
-                break
-            if n % 256 == 0:
-                mx.clear_cache()
-    finally:
-        if managed is not None:
-            managed.commit(cache, fed)
+                spec.unfeed(len(queue))
+                del fed[len(fed) - len(queue) :]
+            raise
+
+    yield from _responses(
+        tokens(), text_tok, max_tokens, (len(ids), prompt_tps, n_cached), managed, cache, fed
+    )
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt: Any, **kwargs) -> str:
@@ -574,81 +593,54 @@ def batch_generate(
         processors = list(logits_processors or [])
         eos = set(text_tok.eos_token_ids)
 
-        lengths = [len(r) for r in rows]
-        width = max(lengths)
-        pad = [width - n for n in lengths]
         for i, r in enumerate(rows):
             _check_ids(model, r, f"prompt {i}")
             _check_no_vision_slots(model, r, f"prompt {i}")
-        pad_id = getattr(text_tok, "pad_token_id", None) or 0
-        n_vocab = _vocab_size(model)
-        if n_vocab is not None and not 0 <= pad_id < n_vocab:
-            pad_id = 0  # padded positions are masked out: any id in the table will do
-        grid = mx.array([[pad_id] * p + r for p, r in zip(pad, rows, strict=True)])  # [B, Tmax]
-        cache = make_batch_cache(model, pad)
+        lengths = [len(r) for r in rows]
         if spec_sampling is not None:
+            width = max(lengths)
+            pad = [width - n for n in lengths]
+            pad_id = getattr(text_tok, "pad_token_id", None) or 0
+            n_vocab = _vocab_size(model)
+            if n_vocab is not None and not 0 <= pad_id < n_vocab:
+                pad_id = 0  # padded positions are masked out: any id in the table will do
+            grid = mx.array([[pad_id] * p + r for p, r in zip(pad, rows, strict=True)])
+            cache = make_batch_cache(model, pad)
             spec = MTPSpeculator(model, cache, mtp_k, spec_sampling, left_padding=pad)
             return _batch_speculative(
                 model, text_tok, spec, grid, limits, eos, lengths, prefill_step_size
             )
 
-        tic = time.perf_counter()
-        done = 0
-        while done < width - 1:
-            end = min(done + prefill_step_size, width - 1)
-            model(grid[:, done:end], cache=cache)
-            mx.eval(_cache_state(cache))
-            mx.clear_cache()
-            done = end
-        history = [list(r) for r in rows]
-
-        def step(tokens: mx.array, active: list[int]) -> tuple[mx.array, mx.array]:
-            logits = model(tokens, cache=cache)[:, -1, :]
-            if processors:
-                logits = mx.concatenate(
-                    [
-                        _apply(processors, mx.array(history[i]), logits[j : j + 1])
-                        for j, i in enumerate(active)
-                    ]
-                )
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return sampler(logprobs), logprobs
-
-        active = list(range(len(rows)))
-        y, _ = step(grid[:, -1:], active)
-        mx.eval(y)
-        prompt_time = time.perf_counter() - tic
-        tic = time.perf_counter()
-
-        out: list[list[int]] = [[] for _ in rows]
-        reasons: list[str | None] = [None] * len(rows)
-        n_gen = 0
-        while active:
-            toks = y.tolist()
-            keep = []
-            for j, i in enumerate(active):
-                t = toks[j]
-                out[i].append(t)
-                history[i].append(t)
-                n_gen += 1
-                if t in eos:
-                    reasons[i] = "stop"
-                elif len(out[i]) >= limits[i]:
-                    reasons[i] = "length"
-                else:
-                    keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                idx = mx.array(keep)
-                for c in cache:
-                    c.filter(idx)
-                y = y[idx]
-                active = [active[j] for j in keep]
-            y, _ = step(y.reshape(-1, 1), active)
-            mx.eval(y)
-
-        return _batch_response(text_tok, out, reasons, lengths, prompt_time, n_gen, tic)
+        # mlx-lm's BatchGenerator, all rows in one batch: it prefills them right-padded (the
+        # caches turn that into left padding) and drops each row as it stops.
+        gen = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in eos],
+            sampler=sampler,
+            logits_processors=processors,
+            prefill_step_size=prefill_step_size,
+            prefill_batch_size=len(rows),
+            completion_batch_size=len(rows),
+        )
+        try:
+            with gen.stats() as stats:
+                uids = gen.insert(rows, limits)
+                out: dict[int, list[int]] = {uid: [] for uid in uids}
+                reasons: dict[int, str] = {}
+                while responses := gen.next_generated():
+                    for r in responses:
+                        out[r.uid].append(r.token)
+                        if r.finish_reason is not None:
+                            reasons[r.uid] = r.finish_reason
+        finally:
+            # It samples one step past the last token, on its own stream: let that finish
+            # before anything else runs (a sharded model's collectives must not interleave).
+            mx.synchronize(gen.stream)
+            gen.close()
+        return _batch_response(
+            text_tok, [out[u] for u in uids], [reasons[u] for u in uids], lengths,
+            stats.prompt_time, stats.generation_tokens, stats.generation_time,
+        )  # fmt: skip
 
 
 def _batch_speculative(
@@ -707,8 +699,9 @@ def _batch_speculative(
         step_tokens, _ = spec.round()
 
     return _batch_response(
-        text_tok, out, reasons, lengths, prompt_time, n_gen, tic, spec.stats.acceptance
-    )
+        text_tok, out, reasons, lengths, prompt_time, n_gen, time.perf_counter() - tic,
+        spec.stats.acceptance,
+    )  # fmt: skip
 
 
 def _batch_response(
@@ -718,16 +711,14 @@ def _batch_response(
     lengths: list[int],
     prompt_time: float,
     n_gen: int,
-    tic: float,
+    gen_time: float,
     acceptance: float | None = None,
 ) -> BatchResponse:
-    """batch_generate's result: each row's text (without its stop token), the counts and rates
-    (generation timed from `tic`)."""
+    """batch_generate's result: each row's text (without its stop token), the counts and rates."""
     texts = []
     for i, toks in enumerate(out):
         body = toks[:-1] if reasons[i] == "stop" else toks
         texts.append(text_tok.decode(body))
-    gen_time = time.perf_counter() - tic
     return BatchResponse(
         texts=texts,
         tokens=out,

@@ -1,23 +1,24 @@
-"""Load Qwen3.5 checkpoints: find the files, read safetensors, sanitize, quantize, update.
+"""Load Qwen3.5 checkpoints through mlx-lm's loader, with the checks and errors it lacks.
 
-Every checkpoint, Hugging Face or MLX (mlx-lm's, mlx-vlm's, `save_mlx`'s, maybe quantized by a
-`quantization` block in config.json), goes through the model's `sanitize`, which reads from the
-weights themselves what still needs rewriting (names, conv1d layout, the norm shift, expert
-layout) and is idempotent; nothing here tells the two kinds apart.
+`mlx_lm.utils.load_model` (its `get_model_classes` hook hands it our model) reads the shards,
+runs the model's `sanitize` (idempotent: it reads from the weights what still needs rewriting,
+so Hugging Face and MLX checkpoints go the same way), quantizes what the checkpoint stores
+quantized and calls `load_weights`. Around it we keep what it lacks:
+- before it: config.json read and checked (`read_model_config`; the CLI reads it before importing
+  mlx-lm and transformers), an unsupported quantization refused, the shards matched against
+  model.safetensors.index.json (mlx-lm globs `model*.safetensors`: a stray shard would be read,
+  an absent one not named; here either is an error naming the file), each shard's header opened
+  with the lazy `mx.load` so that a truncated or corrupt file is named;
+- at its `load_weights` call (shadowed on the instance for that call: mlx-lm has no hook between
+  quantizing and loading): floating weights cast to `dtype` (A_log stays float32), then
+  `check_weights`, one line for what is missing, unexpected, mis-shaped or of the wrong dtype
+  (strict `load_weights` lists names one a line, uncounted, and checks no dtype).
 
-The loader only does I/O, quantization and `load_weights`. Path problems raise
-`FileNotFoundError`; content problems (wrong model_type, a required config field missing,
-truncated or corrupt safetensors, missing or unexpected weights, shape or dtype mismatches, a
-tokenizer that cannot encode text) raise `ValueError` with one line that names what is wrong.
-A weight's dtype must fit its parameter: floating for a floating parameter (then cast), uint32
-for the packed weight of a quantized module.
-
-From mlx-lm we take `infer_quant_config` and the tokenizer wrapper (and through the plugin
-mlx-lm loads our models itself), not `mlx_lm.utils.load_model` (0.32.2): it globs
-`model*.safetensors` past `model.safetensors.index.json` (a stray shard is loaded, an absent one
-is not named), its `mx.load` errors name no file, its strict `load_weights` lists names one a
-line, uncounted, with no dtype check, and `mlx_lm.utils` imports transformers (~2 s), which the
-CLI must not pay before it has read config.json (`read_config`) and refused bad arguments.
+Path problems raise `FileNotFoundError`; content problems (wrong model_type, a required config
+field missing, truncated or corrupt safetensors, missing or unexpected weights, shape or dtype
+mismatches, a tokenizer that cannot encode text) raise `ValueError` with one line that names
+what is wrong. A weight's dtype must fit its parameter: floating for a floating parameter (then
+cast), uint32 for the packed weight of a quantized module.
 """
 
 from __future__ import annotations
@@ -119,21 +120,30 @@ def is_vision_language(config_dict: dict[str, Any]) -> bool:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint: the index's files when there is an index."""
+    """The safetensors shards of a checkpoint, `model*.safetensors` (what mlx-lm's loader reads);
+    with model.safetensors.index.json, exactly the files it names: an absent shard, or a
+    `model*.safetensors` the index does not name, is an error naming the file."""
+    files = sorted(path.glob("model*.safetensors"))
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({e})") from e
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are absent: {_short(missing)}")
+    if not index.is_file():
+        if not files:
+            raise FileNotFoundError(f"no model*.safetensors weights in {path}")
         return files
-    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    try:
+        named = set(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e})") from e
+    missing = [name for name in named if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shards that are absent: {_short(missing)}")
+    stray = [f.name for f in files if f.name not in named]
+    if stray:
+        raise ValueError(
+            f"{path}: shards the index does not name (move them away): {_short(stray)}"
+        )
+    unread = [name for name in named if not re.fullmatch(r"model.*\.safetensors", name)]
+    if unread:
+        raise ValueError(f"{index}: shards not named model*.safetensors: {_short(unread)}")
     return files
 
 
@@ -175,6 +185,8 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     q = config.get("quantization")
     if q is None:
         qc = config.get("quantization_config")
+        if qc is None:  # mlx-lm takes a vision-language config's block from its text_config
+            qc = (config.get("text_config") or {}).get("quantization_config")
         if isinstance(qc, dict) and "bits" in qc and "group_size" in qc:
             q = qc  # mlx-lm writes the same block under both names
         elif qc is not None:
@@ -184,36 +196,6 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
                 "convert the checkpoint to MLX format first"
             )
     return q
-
-
-def apply_quantization(
-    model: nn.Module, quantization: dict[str, Any], weights: dict[str, mx.array]
-) -> None:
-    """Quantize the modules the checkpoint stores quantized (those with `<path>.scales`): as the
-    block's entry for that path says (a bool, or parameters over the defaults), else with the
-    group size, bits and mode mlx-lm's `infer_quant_config` reads off the stored shapes."""
-    from mlx_lm.utils import infer_quant_config
-
-    default = {
-        "group_size": quantization["group_size"],
-        "bits": quantization["bits"],
-        "mode": quantization.get("mode", "affine"),
-    }
-
-    def predicate(path: str, module: nn.Module):
-        override = quantization.get(path)
-        if isinstance(override, bool):
-            return override
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
-            return False
-        if isinstance(override, dict):
-            return {**default, **override}
-        try:
-            return infer_quant_config(path, module, weights)
-        except KeyError:  # no packed weight: check_weights names it
-            return True
-
-    nn.quantize(model, class_predicate=predicate, **default)
 
 
 def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
@@ -291,19 +273,41 @@ def _load_model(
     path: Path, config_dict: dict[str, Any], config: ModelConfig, *, lazy: bool, dtype
 ) -> nn.Module:
     quantization = _quantization(config_dict)  # an unsupported scheme fails before any I/O
-    weights = read_weights(path)
+    dtype = _as_dtype(dtype)
+    read_weights(path)  # shards as the index says, each file readable: errors name the file
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
     model = build_model(config)
-    weights = model.sanitize(weights)  # idempotent: Hugging Face and MLX checkpoints alike
-    if quantization is not None:
-        apply_quantization(model, quantization, weights)
-    weights = _cast(weights, _as_dtype(dtype), model.cast_predicate)
-    check_weights(model, weights)
-    model.eval()
-    # Names, shapes and dtypes are checked above, each in one line (strict would repeat it).
-    model.load_weights(list(weights.items()), strict=False)
-    if not lazy:
-        mx.eval(model.parameters())
+    load_weights = model.load_weights
+
+    def checked_load_weights(weights, strict: bool = True) -> nn.Module:
+        weights = _cast(dict(weights), dtype, model.cast_predicate)
+        check_weights(model, weights)  # one line for what strict would list name by name
+        return load_weights(list(weights.items()), strict=False)
+
+    model.load_weights = checked_load_weights
+    try:
+        mlx_lm_load_model(
+            path,
+            lazy=lazy,
+            model_config=None if quantization is None else {"quantization": quantization},
+            get_model_classes=lambda config: (lambda _args: model, _Prebuilt),
+        )
+    except KeyError as e:  # infer_quant_config: a module has scales but no packed weight
+        raise ValueError(
+            f"{path}: checkpoint weights do not match the model; missing: {e.args[0]}"
+        ) from e
+    finally:
+        del model.load_weights
     return model
+
+
+class _Prebuilt:
+    """The model-args class handed to mlx-lm's loader: the model is built and checked already."""
+
+    @staticmethod
+    def from_dict(_config: dict[str, Any]) -> None:
+        return None
 
 
 def load_tokenizer(path: Path, config_dict: dict[str, Any], model_type: str):

@@ -14,25 +14,25 @@ import pytest
 
 from qwen35_mlx.kernels.gated_delta import _pick as pick_backend
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
-from qwen35_mlx.kernels.gated_delta import gated_delta, gated_delta_update
+from qwen35_mlx.kernels.gated_delta import gated_delta_update
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import gated_delta_np
-from tests.kernels.test_gpu_kernels import (
+from tests.kernels.gpu import (
     BACKEND,
+    GPU_ONLY,
+    NAN,
     SHAPES,
-    _pads,
     check,
+    check_public_api,
     kernel_inputs,
     ref,
     ref_fused,
+    run_kernel,
+    split_at,
 )
+from tests.kernels.gpu import pads as _pads
+from tests.kernels.helpers import gated_delta_np
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(BACKEND is None, reason="needs MLX with a Metal or CUDA GPU"),
-]
-
-NAN = float("nan")
+pytestmark = GPU_ONLY
 
 
 @pytest.fixture(autouse=True, params=["simt", "mma", "split"])
@@ -47,20 +47,7 @@ def matrix_state(request, monkeypatch):
 
 
 def chunk(x, prep="auto"):
-    y, s = cl.gated_delta_chunk_kernel(
-        x["q"],
-        x["k"],
-        x["v"],
-        x["g"],
-        x["beta"],
-        x["state"],
-        x["mask"],
-        backend=BACKEND,
-        prep=prep,
-        init_value=NAN,
-    )
-    mx.eval(y, s)
-    return y, s
+    return run_kernel(cl.gated_delta_chunk_kernel, x, backend=BACKEND, prep=prep)
 
 
 def _holes(B, T):
@@ -158,15 +145,7 @@ def test_chunk_kernel_garbage_in_padding_does_not_leak():
 def test_chunk_kernel_state_carried_across_calls():
     x = kernel_inputs(3, 300, 2, 4, 128, 64, pad=[0, 40, 100])
     y_full, s_full = chunk(x)
-    split = 77
-    first = {
-        n: (a[:, :split] if a is not None and a.ndim >= 2 and a.shape[1] == 300 else a)
-        for n, a in x.items()
-    }
-    second = {
-        n: (a[:, split:] if a is not None and a.ndim >= 2 and a.shape[1] == 300 else a)
-        for n, a in x.items()
-    }
+    first, second = split_at(x, 77)
     y1, s1 = chunk(first)
     second["state"] = s1
     y2, s2 = chunk(second)
@@ -174,21 +153,7 @@ def test_chunk_kernel_state_carried_across_calls():
 
 
 def chunk_fused(x):
-    y, s = cl.gated_delta_update_chunk_kernel(
-        x["q"],
-        x["k"],
-        x["v"],
-        x["a"],
-        x["b"],
-        x["A_log"],
-        x["dt_bias"],
-        x["state"],
-        x["mask"],
-        backend=BACKEND,
-        init_value=NAN,
-    )
-    mx.eval(y, s)
-    return y, s
+    return run_kernel(cl.gated_delta_update_chunk_kernel, x, fused=True, backend=BACKEND)
 
 
 @pytest.mark.parametrize("masked", ["nomask", "pad", "holes"])
@@ -224,15 +189,8 @@ def test_public_api_chunked_and_auto_crossover(monkeypatch):
         monkeypatch.setattr(
             cl, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
         )
-    y, s = gated_delta(
-        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend="chunked"
-    )
-    check((y, s), ref(x), mx.float32)
+    check_public_api(x, "chunked")
     gates = (x["a"], x["b"], x["A_log"], x["dt_bias"])
-    y, s = gated_delta_update(
-        x["q"], x["k"], x["v"], *gates, x["state"], x["mask"], backend="chunked"
-    )
-    check((y, s), ref_fused(x), mx.float32)
     assert calls == ["gated_delta_chunk_kernel", "gated_delta_update_chunk_kernel"]
     assert gd._GPU_CHUNKED_MIN_T is None  # measured slower than the fused kernel at every T
     assert pick_backend("auto", x["q"], x["v"], x["g"]) == BACKEND

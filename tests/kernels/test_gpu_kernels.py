@@ -11,35 +11,25 @@ import numpy as np
 import pytest
 
 from qwen35_mlx.kernels.gated_delta import _pick as pick_backend
-from qwen35_mlx.kernels.gated_delta import (
-    compute_gates,
-    gated_delta,
-    gated_delta_decode,
-    gated_delta_update,
-)
-from qwen35_mlx.kernels.gated_delta.ref import gated_delta_ref
+from qwen35_mlx.kernels.gated_delta import compute_gates, gated_delta_decode
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import (
-    gated_delta_decode_np,
-    left_pad_mask,
-    make_decode_inputs,
-    make_gate_inputs,
-    make_inputs,
+from tests.kernels.gpu import (
+    BACKEND,
+    GPU_ONLY,
+    NAN,
+    SHAPES,
+    check,
+    check_public_api,
+    kernel_inputs,
+    ref,
+    ref_fused,
+    run_kernel,
+    split_at,
 )
+from tests.kernels.gpu import pads as _pads
+from tests.kernels.helpers import gated_delta_decode_np, make_decode_inputs
 
-if mx.metal.is_available():
-    BACKEND = "metal"
-elif mx.cuda.is_available():
-    BACKEND = "cuda"
-else:
-    BACKEND = None
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(BACKEND is None, reason="needs MLX with a Metal or CUDA GPU"),
-]
-
-NAN = float("nan")
+pytestmark = GPU_ONLY
 
 
 def _impl():
@@ -48,92 +38,13 @@ def _impl():
     return _gpu_backend(BACKEND)
 
 
-def kernel_inputs(B, T, Hk, Hv, Dk, Dv, *, dtype=mx.float32, per_key=False, seed=0, pad=None):
-    """The shared helpers' inputs as one dict: q, k, v, g, beta, state (make_inputs), the raw
-    gates a, b, A_log, dt_bias (make_gate_inputs) and mask (pad: left padding per batch row, or
-    None for no mask)."""
-    x = make_inputs(B, T, Hk, Hv, Dk, Dv, per_key=per_key, dtype=dtype, seed=seed)
-    x = dict(zip(("q", "k", "v", "g", "beta", "state"), x, strict=True))
-    gates = make_gate_inputs(B, T, Hv, dtype=dtype, seed=seed)
-    x.update(zip(("a", "b", "A_log", "dt_bias"), gates, strict=True))
-    x["mask"] = None if pad is None else left_pad_mask(B, T, pad)
-    return x
-
-
-def ref(x, g=None, beta=None, state=None):
-    """gated_delta_ref on the CPU stream (exact fp32)."""
-    g = x["g"] if g is None else g
-    beta = x["beta"] if beta is None else beta
-    state = x["state"] if state is None else state
-    with mx.stream(mx.cpu):
-        y, s = gated_delta_ref(x["q"], x["k"], x["v"], g, beta, state, x["mask"])
-        mx.eval(y, s)
-    return y, s
-
-
-def ref_fused(x):
-    with mx.stream(mx.cpu):
-        g, beta = compute_gates(x["a"], x["b"], x["A_log"], x["dt_bias"])
-    return ref(x, g, beta)
-
-
 def kern(x, **kw):
-    y, s = _impl().gated_delta_kernel(
-        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], init_value=NAN, **kw
-    )
-    mx.eval(y, s)
-    return y, s
+    return run_kernel(_impl().gated_delta_kernel, x, **kw)
 
 
 def kern_fused(x, **kw):
     """The fused-gating kernel (gates computed inside it)."""
-    y, s = _impl().gated_delta_update_kernel(
-        x["q"],
-        x["k"],
-        x["v"],
-        x["a"],
-        x["b"],
-        x["A_log"],
-        x["dt_bias"],
-        x["state"],
-        x["mask"],
-        init_value=NAN,
-        **kw,
-    )
-    mx.eval(y, s)
-    return y, s
-
-
-def check(got, want, dtype):
-    (y, s), (y_ref, s_ref) = got, want
-    assert y.dtype == y_ref.dtype and s.dtype == mx.float32
-    assert y.shape == y_ref.shape and s.shape == s_ref.shape
-    y32, s32 = np.array(y.astype(mx.float32)), np.array(s)
-    assert np.isfinite(y32).all() and np.isfinite(s32).all()
-    assert rel_err(y32, np.array(y_ref.astype(mx.float32))) <= RTOL[dtype]
-    assert rel_err(s32, np.array(s_ref)) <= RTOL[dtype]
-
-
-# (B, T, Hk, Hv, Dk, Dv): every Hv/Hk in {1, 2, 4}, Dk in {32, 64, 128, 192, 256},
-# Dv in {32, 64, 128} and odd Dv, Dk != Dv both ways, T in {1, 2, 63, 64, 65, 300}, B in {1, 3}.
-SHAPES = [
-    (1, 1, 1, 1, 32, 32),
-    (3, 1, 2, 4, 128, 128),
-    (3, 2, 2, 4, 64, 32),
-    (1, 63, 1, 4, 128, 64),
-    (3, 64, 2, 2, 192, 128),
-    (1, 65, 1, 2, 256, 64),
-    (1, 65, 2, 2, 32, 128),
-    (3, 300, 2, 4, 128, 128),
-    (2, 7, 4, 4, 256, 32),
-    (2, 5, 1, 2, 64, 20),
-    (1, 3, 1, 1, 96, 1),
-    (2, 9, 16, 32, 128, 128),
-]
-
-
-def _pads(B, T):
-    return [(T // 3, 0, T)[i % 3] for i in range(B)]
+    return run_kernel(_impl().gated_delta_update_kernel, x, fused=True, **kw)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -213,15 +124,7 @@ def test_state_carried_across_two_calls(fused):
     x = kernel_inputs(3, 130, 2, 4, 128, 64, pad=[0, 40, 100])
     run = kern_fused if fused else kern
     y_full, s_full = run(x)
-    split = 77
-    first = {
-        n: (a[:, :split] if a is not None and a.ndim >= 2 and a.shape[1] == 130 else a)
-        for n, a in x.items()
-    }
-    second = {
-        n: (a[:, split:] if a is not None and a.ndim >= 2 and a.shape[1] == 130 else a)
-        for n, a in x.items()
-    }
+    first, second = split_at(x, 77)
     y1, s1 = run(first)
     second["state"] = s1
     y2, s2 = run(second)
@@ -259,25 +162,12 @@ def test_low_precision_inputs_4096_steps(dtype):
     check(kern_fused(x), ref_fused(x), dtype)
 
 
-def _check_public_api(x, backend):
-    """Both public entry points, with `backend`, against the reference."""
-    y, s = gated_delta(
-        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend=backend
-    )
-    check((y, s), ref(x), mx.float32)
-    gates = (x["a"], x["b"], x["A_log"], x["dt_bias"])
-    y, s = gated_delta_update(
-        x["q"], x["k"], x["v"], *gates, x["state"], x["mask"], backend=backend
-    )
-    check((y, s), ref_fused(x), mx.float32)
-
-
 def test_public_api_runs_the_kernel():
     x = kernel_inputs(2, 17, 2, 4, 128, 64, pad=[3, 0])
     assert pick_backend("auto", x["q"], x["v"], x["g"]) in (BACKEND, "chunked")
     decode = kernel_inputs(4, 1, 2, 4, 128, 64)
     assert pick_backend("auto", decode["q"], decode["v"], decode["g"]) == BACKEND
-    _check_public_api(x, BACKEND)
+    check_public_api(x, BACKEND)
 
 
 @pytest.mark.parametrize("Dk", [48, 16, 320])
@@ -285,7 +175,7 @@ def test_unsupported_shape_falls_back(Dk):
     x = kernel_inputs(2, 9, 1, 2, Dk, 32, pad=[2, 0])
     assert not _impl().supports(x["q"], x["v"], x["g"])
     for backend in (BACKEND, "auto"):
-        _check_public_api(x, backend)
+        check_public_api(x, backend)
 
 
 # gated_delta_decode: the conv decode kernel (conv + silu + norms + gates + recurrence, T = 1).

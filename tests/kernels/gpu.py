@@ -1,0 +1,130 @@
+"""What the GPU kernel tests (test_gpu_kernels.py, test_gpu_chunk_kernel.py) share: the backend
+this machine has, the skip mark, the inputs as one dict, the exact reference, the comparison, the
+shape grid, and one way to call a kernel (either gating) with NaN-poisoned outputs.
+
+The reference runs on the CPU stream in fp32, so it is exact whatever the GPU's matmul precision.
+State layout everywhere: [B, Hv, Dv, Dk] fp32.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.kernels.gated_delta import compute_gates, gated_delta, gated_delta_update
+from qwen35_mlx.kernels.gated_delta.ref import gated_delta_ref
+from tests.conftest import RTOL, rel_err
+from tests.kernels.helpers import left_pad_mask, make_gate_inputs, make_inputs
+
+if mx.metal.is_available():
+    BACKEND = "metal"
+elif mx.cuda.is_available():
+    BACKEND = "cuda"
+else:
+    BACKEND = None
+
+GPU_ONLY = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(BACKEND is None, reason="needs MLX with a Metal or CUDA GPU"),
+]
+
+NAN = float("nan")
+
+
+def kernel_inputs(B, T, Hk, Hv, Dk, Dv, *, dtype=mx.float32, per_key=False, seed=0, pad=None):
+    """The shared helpers' inputs as one dict: q, k, v, g, beta, state (make_inputs), the raw
+    gates a, b, A_log, dt_bias (make_gate_inputs) and mask (pad: left padding per batch row, or
+    None for no mask)."""
+    x = make_inputs(B, T, Hk, Hv, Dk, Dv, per_key=per_key, dtype=dtype, seed=seed)
+    x = dict(zip(("q", "k", "v", "g", "beta", "state"), x, strict=True))
+    gates = make_gate_inputs(B, T, Hv, dtype=dtype, seed=seed)
+    x.update(zip(("a", "b", "A_log", "dt_bias"), gates, strict=True))
+    x["mask"] = None if pad is None else left_pad_mask(B, T, pad)
+    return x
+
+
+def split_at(x, t):
+    """`x` cut along time at step `t`: (the first t steps, the rest); state and gate parameters
+    go to both."""
+    T = x["q"].shape[1]
+
+    def part(sl):
+        return {
+            n: (a[:, sl] if a is not None and a.ndim >= 2 and a.shape[1] == T else a)
+            for n, a in x.items()
+        }
+
+    return part(slice(None, t)), part(slice(t, None))
+
+
+def ref(x, g=None, beta=None, state=None):
+    """gated_delta_ref on the CPU stream (exact fp32)."""
+    g = x["g"] if g is None else g
+    beta = x["beta"] if beta is None else beta
+    state = x["state"] if state is None else state
+    with mx.stream(mx.cpu):
+        y, s = gated_delta_ref(x["q"], x["k"], x["v"], g, beta, state, x["mask"])
+        mx.eval(y, s)
+    return y, s
+
+
+def ref_fused(x):
+    with mx.stream(mx.cpu):
+        g, beta = compute_gates(x["a"], x["b"], x["A_log"], x["dt_bias"])
+    return ref(x, g, beta)
+
+
+def run_kernel(kernel, x, *, fused=False, **kw):
+    """`kernel` on `x` with its gates (g, beta) or, `fused`, the raw gates (a, b, A_log,
+    dt_bias), outputs poisoned with NaN (an element it fails to write fails the comparison);
+    evaluated (y, state)."""
+    gates = ("a", "b", "A_log", "dt_bias") if fused else ("g", "beta")
+    names = ("q", "k", "v", *gates, "state", "mask")
+    y, s = kernel(*(x[n] for n in names), init_value=NAN, **kw)
+    mx.eval(y, s)
+    return y, s
+
+
+def check(got, want, dtype):
+    (y, s), (y_ref, s_ref) = got, want
+    assert y.dtype == y_ref.dtype and s.dtype == mx.float32
+    assert y.shape == y_ref.shape and s.shape == s_ref.shape
+    y32, s32 = np.array(y.astype(mx.float32)), np.array(s)
+    assert np.isfinite(y32).all() and np.isfinite(s32).all()
+    assert rel_err(y32, np.array(y_ref.astype(mx.float32))) <= RTOL[dtype]
+    assert rel_err(s32, np.array(s_ref)) <= RTOL[dtype]
+
+
+def check_public_api(x, backend):
+    """Both public entry points, with `backend`, against the reference."""
+    y, s = gated_delta(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], x["state"], x["mask"], backend=backend
+    )
+    check((y, s), ref(x), mx.float32)
+    gates = (x["a"], x["b"], x["A_log"], x["dt_bias"])
+    y, s = gated_delta_update(
+        x["q"], x["k"], x["v"], *gates, x["state"], x["mask"], backend=backend
+    )
+    check((y, s), ref_fused(x), mx.float32)
+
+
+# (B, T, Hk, Hv, Dk, Dv): every Hv/Hk in {1, 2, 4}, Dk in {32, 64, 128, 192, 256},
+# Dv in {32, 64, 128} and odd Dv, Dk != Dv both ways, T in {1, 2, 63, 64, 65, 300}, B in {1, 3}.
+SHAPES = [
+    (1, 1, 1, 1, 32, 32),
+    (3, 1, 2, 4, 128, 128),
+    (3, 2, 2, 4, 64, 32),
+    (1, 63, 1, 4, 128, 64),
+    (3, 64, 2, 2, 192, 128),
+    (1, 65, 1, 2, 256, 64),
+    (1, 65, 2, 2, 32, 128),
+    (3, 300, 2, 4, 128, 128),
+    (2, 7, 4, 4, 256, 32),
+    (2, 5, 1, 2, 64, 20),
+    (1, 3, 1, 1, 96, 1),
+    (2, 9, 16, 32, 128, 128),
+]
+
+
+def pads(B, T):
+    """Left padding per batch row: T // 3, none, all of it, in turn."""
+    return [(T // 3, 0, T)[i % 3] for i in range(B)]
