@@ -301,7 +301,9 @@ def partial_variants() -> list[tuple[bool, bool]]:
 def partial_body(mask: bool, causal: bool) -> str:
     """The split pass of one variant: its switches, then the template."""
     partial_name(mask, causal)
-    switches = f"\n#define AT_MASK {int(mask)}\n#define AT_CAUSAL {int(causal)}\n#define AT_GATE 0\n"
+    switches = (
+        f"\n#define AT_MASK {int(mask)}\n#define AT_CAUSAL {int(causal)}\n#define AT_GATE 0\n"
+    )
     return switches + _DEFINES + PARTIAL + _UNDEFS
 
 
