@@ -75,7 +75,8 @@ def _check(q, k, v, mask, gate, gate_offset):
     elif mask not in (None, "causal"):
         raise ValueError(f"decode_attention: mask must be None, 'causal' or an array: {mask!r}")
     if gate is not None:
-        if gate.ndim != 4 or gate.shape[:3] != (B, T, Hq):
+        # One token: [B, Hq, 1, G] is [B, 1, Hq, G] in memory, taken as it is (no reshape).
+        if gate.ndim != 4 or gate.shape[:3] not in ((B, T, Hq), (B, Hq, 1)[: 3 if T == 1 else 0]):
             raise _shape_error("gate", gate.shape, f"[B, T, Hq, G] = [{B}, {T}, {Hq}, G]")
         if not 0 <= gate_offset <= gate.shape[3] - D:
             raise ValueError(
@@ -103,6 +104,7 @@ def decode_attention_ref(q, k, v, *, scale, mask=None, start=None, gate=None, ga
     o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     o = o.transpose(0, 2, 1, 3)
     if gate is not None:
+        gate = gate.reshape(B, T, Hq, -1)
         o = o * mx.sigmoid(gate[..., gate_offset : gate_offset + D])
     return o.reshape(B, T, Hq * D)
 
@@ -125,8 +127,9 @@ def decode_attention(
     (an int or an int array [] / [1]: the first query's position; None: C - T, every key) lets a
     preallocated buffer be passed whole. mask: None (every key < start + T), "causal" (query t
     sees keys <= start + t) or a bool array [1 or B, 1, T, C'] (True: attend), C' >= start + T.
-    gate [B, T, Hq, G]: query head h's gate is gate[b, t, h, gate_offset : gate_offset + D] (the
-    unsplit q projection of a gated layer can be passed, gate_offset = D). Returns [B, T, Hq * D]
+    gate [B, T, Hq, G] (or [B, Hq, 1, G] when T = 1: the same memory): query head h's gate is
+    gate[b, t, h, gate_offset : gate_offset + D] (the unsplit q projection of a gated layer can
+    be passed, gate_offset = D). Returns [B, T, Hq * D]
     (o_proj's layout) in q's dtype.
 
     On a GPU under `DECODE_KERNEL` with a supported shape (`launch.shape_supported`: D a multiple
