@@ -92,7 +92,7 @@ def _cuda_kernel(i, name_inputs, body, outs, consts) -> str:
 
 def cuda_translation_unit(broken: bool = False) -> str:
     kernels = []
-    for act, t in CUDA_TYPES.items():
+    for t in CUDA_TYPES.values():
         for mask, causal in source.partial_variants():
             body = cuda.BACKEND.partial_source(mask, causal)
             if broken:
