@@ -95,12 +95,21 @@ def _start(start, k: mx.array, T: int) -> mx.array:
 
 def decode_attention_ref(q, k, v, *, scale, mask=None, start=None, gate=None, gate_offset=0):
     """`decode_attention` as MLX ops: `mx.fast.scaled_dot_product_attention` over the first
-    start + T keys, then o * sigmoid(gate) in the output dtype."""
+    start + T keys (an int start: a slice; an array start: a mask, as it can be traced), then
+    o * sigmoid(gate) in the output dtype."""
     B, Hq, T, D = q.shape
-    n = k.shape[2] if start is None else int(start) + T
-    k, v = k[:, :, :n], v[:, :, :n]
-    if isinstance(mask, mx.array):
-        mask = mask[..., :n]
+    if isinstance(mask, mx.array) and mask.shape[-1] < k.shape[2]:
+        k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+    if start is None or isinstance(start, int):
+        n = k.shape[2] if start is None else start + T
+        k, v = k[:, :, :n], v[:, :, :n]
+        if isinstance(mask, mx.array):
+            mask = mask[..., :n]
+    else:  # an array (e.g. traced): the keys from start + T on, masked
+        pos = mx.arange(k.shape[2])
+        last = start.reshape(()) + (mx.arange(T)[:, None] if mask == "causal" else T - 1)
+        keep = (pos <= last)[None, None] if mask == "causal" else (pos <= last)[None, None, None]
+        mask = keep if not isinstance(mask, mx.array) else mask[..., : k.shape[2]] & keep
     o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     o = o.transpose(0, 2, 1, 3)
     if gate is not None:
@@ -140,8 +149,6 @@ def decode_attention(
     _check(q, k, v, mask, gate, gate_offset)
     backend = kernel_backend(q, k, v)
     if backend is None:
-        if start is not None and not isinstance(start, int):
-            start = start.item()
         return decode_attention_ref(
             q, k, v, scale=scale, mask=mask, start=start, gate=gate, gate_offset=gate_offset
         )
