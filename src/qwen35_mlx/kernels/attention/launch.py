@@ -61,9 +61,11 @@ class AttentionBackend:
     helpers' header, the availability check and the kernel factory (`make_kernel`); `prologue`
     names the thread's position (at_lane, at_warp, at_tg_x, at_tg_y)."""
 
-    def __init__(self, base, prologue: str):
+    def __init__(self, base, prologue: str, vector_start: bool = False):
         self.base = base
         self.prologue = prologue
+        # Metal: MLX passes a 0-d input as a reference, not a pointer; `start[0]` needs [1].
+        self.vector_start = vector_start
         self._kernels: dict[tuple, object] = {}
 
     @property
@@ -113,6 +115,8 @@ class AttentionBackend:
         Hkv, Ck = k.shape[1], k.shape[2]
         R, NC, S, W, U = layout(B, Hq, Hkv, T)
         NS = -(-Ck // S)
+        if self.vector_start and start.ndim == 0:
+            start = start.reshape(1)
         inputs = [q, k, v, start, mx.array([scale], mx.float32)]
         if mask is not None:
             inputs.append(mask)

@@ -19,4 +19,4 @@ PROLOGUE = """
   const unsigned at_tg_y = threadgroup_position_in_grid.y;
 """
 
-BACKEND = AttentionBackend(_GATED_DELTA, PROLOGUE)
+BACKEND = AttentionBackend(_GATED_DELTA, PROLOGUE, vector_start=True)
