@@ -225,8 +225,13 @@ PARTIAL = """
     }
     gd_threadgroup_barrier();
   }
-  // Rows r = at_warp, at_warp + W, ... written by warp at_warp.
-  for (int r = int(at_warp); r < rows; r += W) {
+  // Rows r = at_warp, at_warp + W, ... written by warp at_warp (r unrolled: the per-row arrays
+  // stay in registers).
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r % W != int(at_warp) || r >= rows) {
+      continue;
+    }
     const size_t out0 = (row_id[r] * NS + split) * D;
     #pragma unroll
     for (int e = 0; e < E; ++e) {
