@@ -107,8 +107,9 @@ def decode_attention_ref(q, k, v, *, scale, mask=None, start=None, gate=None, ga
             mask = mask[..., :n]
     else:  # an array (e.g. traced): the keys from start + T on, masked
         pos = mx.arange(k.shape[2])
-        last = start.reshape(()) + (mx.arange(T)[:, None] if mask == "causal" else T - 1)
-        keep = (pos <= last)[None, None] if mask == "causal" else (pos <= last)[None, None, None]
+        causal = isinstance(mask, str)
+        last = start.reshape(()) + (mx.arange(T)[:, None] if causal else T - 1)
+        keep = (pos <= last)[None, None] if causal else (pos <= last)[None, None, None]
         mask = keep if not isinstance(mask, mx.array) else mask[..., : k.shape[2]] & keep
     o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     o = o.transpose(0, 2, 1, 3)
