@@ -39,14 +39,14 @@ def decode_attention_np(q, k, v, scale, start=None, mask=None, causal=False, gat
     start = C - T if start is None else start
     vis = visible(B, T, C, start, mask, causal)
     rep = Hq // Hkv
-    kk = np.repeat(k, rep, axis=1)
-    vv = np.repeat(v, rep, axis=1)
-    s = np.einsum("bhtd,bhjd->bhtj", q, kk) * scale
+    # Query heads grouped by kv head: [B, Hkv, rep * T, D] against [B, Hkv, C, D] (BLAS matmuls).
+    qg = q.reshape(B, Hkv, rep * T, D)
+    s = (qg @ k.transpose(0, 1, 3, 2)).reshape(B, Hq, T, C) * scale
     s = np.where(vis[:, None], s, -np.inf)
     mx_ = s.max(-1, keepdims=True)
     p = np.where(vis[:, None], np.exp(s - np.where(np.isfinite(mx_), mx_, 0)), 0.0)
     den = p.sum(-1, keepdims=True)
-    o = np.einsum("bhtj,bhjd->bhtd", p, vv) / np.where(den > 0, den, 1.0)
+    o = (p.reshape(B, Hkv, rep * T, C) @ v).reshape(B, Hq, T, D) / np.where(den > 0, den, 1.0)
     o = o.transpose(0, 2, 1, 3)  # [B, T, Hq, D]
     if gate is not None:
         o = o * (1 / (1 + np.exp(-np64(gate)[..., go : go + D])))
