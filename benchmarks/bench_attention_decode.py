@@ -13,7 +13,7 @@ For each shape (0.8B: Hq 8, Hkv 2; 9B: Hq 16, Hkv 4; D 256), batch, query tokens
 Both contenders are `mx.compile`d functions of the same inputs.
 
     python benchmarks/bench_attention_decode.py [--shapes 0.8b,9b] [--batches 1,32]
-        [--tokens 1,2,4] [--contexts 512,4096,32768] [--repeats 15] [--queue 20] [--out DIR]
+        [--tokens 1,2,4] [--contexts 512,4096,32768] [--repeats 9] [--queue 10] [--out DIR]
 
 Prints a table; writes JSON (device, versions, date) into --out (default benchmarks/out). Exits 1
 when a kernel result is off (err64 > 1e-2, or err_mlx > 5e-2).
@@ -122,8 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--tokens", default="1,2,4")
     p.add_argument("--contexts", default="512,4096,32768")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--queue", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--queue", type=int, default=10)
     p.add_argument("--out", default="benchmarks/out")
     a = p.parse_args(argv)
     if mx.default_device() == mx.cpu:
