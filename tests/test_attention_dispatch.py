@@ -91,7 +91,10 @@ def test_decode_through_the_kernel_call(model, backend, monkeypatch, pads):
     monkeypatch.setattr(BatchKVCache, "step", 4)
     t_ops, l_ops = _off(monkeypatch, lambda: greedy(model, prompts, 10, False, pads))
     np.testing.assert_array_equal(t_plain, t_ops)
-    np.testing.assert_allclose(l_plain, l_ops, atol=1e-4, rtol=1e-3)
+    # On CUDA MLX's fallback multiplies fp32 in its matmuls' precision (TF32 where cuBLAS
+    # allows it: ~1e-3 relative on the scores), the kernel in full fp32 FMAs.
+    rtol = 1e-2 if CUDA else 1e-3
+    np.testing.assert_allclose(l_plain, l_ops, atol=1e-4, rtol=rtol)
 
 
 def test_verify_step_through_the_kernel_call(model, backend):
