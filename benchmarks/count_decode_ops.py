@@ -219,6 +219,8 @@ class GpuStandIns:
         return mx.depends(outs, deps)
 
     def __enter__(self):
+        import qwen35_mlx.kernels.attention as attention_kernel
+        import qwen35_mlx.kernels.attention.launch as attention_launch
         import qwen35_mlx.kernels.gated_delta as gd_kernels
         import qwen35_mlx.models.layers as layers
 
@@ -278,6 +280,23 @@ class GpuStandIns:
             # (its placeholder output adds a Full and a Broadcast the device has not: 2 in all)
             out = mx.zeros((*gu.shape[:-1], gu.shape[-1] // 2), gu.dtype)
             return si("swiglu (kernel)", [out], [gu])[0]
+        class AttentionKernel:
+            """Our decode attention kernel pair (kernels/attention): a split pass and a combine,
+            one primitive each."""
+
+            def run(self, q, k, v, start, scale, mask=None, causal=False, gate=None, gate_offset=0):
+                B, Hq, T, D = q.shape
+                part = mx.zeros((B * Hq * T, 1, D), mx.float32)
+                part = si("attention decode split pass (kernel)", [part], [q, k, v, start, mask])
+                out = mx.zeros((B, T, Hq * D), q.dtype)
+                return si("attention decode combine (kernel)", [out], [part[0], gate])[0]
+
+        def kernel_backend(q, k, v):
+            # As the real rule: the kernel on CUDA (DECODE_KERNEL "auto"/"on"), on Metal only
+            # when switched "on", where the shape is one it takes.
+            on = attention_kernel.DECODE_KERNEL
+            use = on == "on" or (on == "auto" and self.target == "cuda")
+            return AttentionKernel() if use and attention_launch.shape_supported(q, k, v) else None
 
         real = {"sdpa": fast.scaled_dot_product_attention, "gdd": layers.gated_delta_decode}
         if not self.stand_in:
@@ -296,6 +315,8 @@ class GpuStandIns:
             (layers, "gated_delta_update", gdu),
             (gd_kernels, "gated_delta_update", gdu),
             (layers, "gated_delta_decode", gdd),
+            # Decode attention: our kernel pair where the target runs it (else MLX's sdpa above).
+            (attention_kernel, "kernel_backend", kernel_backend),
             # MoE experts: the GPU runs SwitchGLU's gather_mm in the weights' dtype.
             (layers, "_cpu_needs_fp32", lambda experts: False),
             # Residual adds folded into AddMM as on the target (layers.FOLD_RESIDUAL "auto").

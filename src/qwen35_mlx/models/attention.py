@@ -33,6 +33,9 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention as _mlx_lm_sdpa
 
+from ..kernels import attention as attention_kernel
+from .cache import BatchKVCache, KVCache, StaticKV, kv_index
+
 # One block of scores (all query heads of one query block against one key block), in the
 # input's dtype; its softmax weights are as large. Small enough that the blocks queued on a GPU
 # ahead of it stay small; large enough for matmuls that keep the GPU busy.
@@ -160,3 +163,52 @@ def attention(
     if B * Hq * T * k.shape[2] * q.dtype.size <= PLAIN_BYTES:
         return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)
     return _blocked(q, k, v, scale, mask)
+
+
+def decode_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    cache: Any,
+    scale: float,
+    mask: Any,
+    gate: mx.array | None = None,
+    gate_offset: int = 0,
+) -> mx.array | None:
+    """A few query tokens a row (decode, a speculative verify, a short prompt) through the
+    decode attention kernel (`kernels.attention`), gated: [B, T, Hq * D] = o * sigmoid(gate), gate
+    [B, T, Hq, G] read at [gate_offset, gate_offset + D). None where the kernel does not run
+    (the CPU, Metal under the default switch, shapes it lacks, caches other than KVCache,
+    BatchKVCache and the compiled step's StaticKV, masks other than None / "causal" / bool): the
+    caller then takes the ops path.
+
+    q [B, Hq, T, D]; k, v what `cache.update_and_fetch` returned. The kernel is given the cache's
+    whole buffer and the first new token's position, so the filled prefix is read in place (no
+    copy of a sliced view), and the plain path over a KVCache and the compiled step over its
+    preallocated buffer see the same keys in the same splits: their outputs are bit-identical.
+    """
+    T = q.shape[2]
+    if isinstance(cache, StaticKV):
+        keys, values, start = cache.keys, cache.values, cache.idx
+    elif type(cache) in (KVCache, BatchKVCache) and isinstance(k, mx.array):
+        keys, values, start = cache.keys, cache.values, None
+    else:
+        return None
+    if attention_kernel.kernel_backend(q, keys, values) is None:
+        return None
+    if start is None:
+        start = mx.array(kv_index(cache) - T, mx.int32)
+    if isinstance(mask, mx.array):
+        if mask.dtype != mx.bool_:
+            return None
+        if mask.ndim != 4:
+            mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+        if mask.shape[0] not in (1, q.shape[0]) or mask.shape[1] != 1:
+            return None
+        if mask.shape[2] != T:
+            mask = mx.broadcast_to(mask, (mask.shape[0], 1, T, mask.shape[3]))
+    elif mask not in (None, "causal"):
+        return None
+    return attention_kernel.decode_attention(
+        q, keys, values, scale=scale, mask=mask, start=start, gate=gate, gate_offset=gate_offset
+    )

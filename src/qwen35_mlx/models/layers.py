@@ -28,9 +28,10 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels import fused_norm
+from ..kernels.attention import MAX_T as DECODE_MAX_T
 from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
 from ..kernels.gated_delta.decode import gated_rms_norm
-from .attention import attention
+from .attention import attention, decode_attention
 from .config import TextConfig
 
 _L2_EPS = 1e-6
@@ -633,11 +634,11 @@ class Attention(nn.Module):
         D = self.head_dim
         q = self.q_proj(x)
         if self.output_gate:
-            q = q.reshape(B, T, self.num_heads, 2 * D)
+            q = q_gate = q.reshape(B, T, self.num_heads, 2 * D)
             q, gate = q[..., :D], q[..., D:]
             gate = gate.reshape(B, T, self.num_heads * D)
         else:
-            q, gate = q.reshape(B, T, self.num_heads, D), None
+            q, gate, q_gate = q.reshape(B, T, self.num_heads, D), None, None
         q = self.q_norm(q).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, D).transpose(0, 2, 1, 3)
@@ -646,6 +647,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
+        if T <= DECODE_MAX_T:
+            # A few tokens over a cache: one kernel pair, gate included, where it runs (GPU).
+            o = decode_attention(q, k, v, cache, self.scale, mask, q_gate, D)
+            if o is not None:
+                return linear_add(self.o_proj, o, residual)
         o = attention(q, k, v, cache, self.scale, mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * D)
         if gate is not None:
@@ -665,12 +671,17 @@ class Attention(nn.Module):
         T = 1: with one token, [B, heads, 1, D] is a reshape of the projection, no transposes."""
         B, D = x.shape[0], self.head_dim
         q, k, v = project(self, self.DECODE_GROUPS[0], x)
-        q = q.reshape(B, self.num_heads, 1, -1)
+        q = q_gate = q.reshape(B, self.num_heads, 1, -1)
         q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
         k = k.reshape(B, self.num_kv_heads, 1, D)
         v = v.reshape(B, self.num_kv_heads, 1, D)
         q, k = self._rotate(self.q_norm(q), self.k_norm(k), cache, rope)
         k, v = cache.update_and_fetch(k, v)
+        # The gate: offset D of each head of the unsplit [B, Hq, 1, 2D] projection.
+        q_gate = q_gate if gate is not None else None
+        o = decode_attention(q, k, v, cache, self.scale, mask, q_gate, D)
+        if o is not None:
+            return project_add(self, "o_proj", o.reshape(B, self.num_heads * D), residual)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         if gate is not None:
             o = _sigmoid_gate(o, gate)
@@ -689,13 +700,19 @@ class Attention(nn.Module):
         tokens). `__call__`'s arithmetic through `project`."""
         B, D = x.shape[0] // T, self.head_dim
         q, k, v = project(self, self.DECODE_GROUPS[0], x)
-        q = q.reshape(B, T, self.num_heads, -1)
+        q = q_gate = q.reshape(B, T, self.num_heads, -1)
         q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
         q = self.q_norm(q).transpose(0, 2, 1, 3)
         k = self.k_norm(k.reshape(B, T, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
         v = v.reshape(B, T, self.num_kv_heads, D).transpose(0, 2, 1, 3)
         q, k = self._rotate(q, k, cache, rope)
         k, v = cache.update_and_fetch(k, v)
+        if T <= DECODE_MAX_T:
+            o = decode_attention(
+                q, k, v, cache, self.scale, mask, q_gate if self.output_gate else None, D
+            )
+            if o is not None:
+                return project(self, ("o_proj",), o.reshape(B * T, self.num_heads * D))[0]
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B * T, self.num_heads * D)
         if gate is not None:

@@ -1,0 +1,159 @@
+"""Attention of a few query tokens a row over a KV buffer (decode and speculative verify) as
+one kernel pair on a GPU (`source.py`: a split pass and a combine), with the layer's sigmoid
+output gate folded into the combine.
+
+Why: Qwen3.5's full-attention heads are 256 wide, and MLX 0.32's CUDA backend has no attention
+kernel for that width (its `sdpa_vector` takes 64/96/128, cuDNN <= 128), so each decode call ran
+MLX's fallback graph: about a dozen primitives a layer, each costing host time in a host-bound
+step. Metal's own `sdpa_vector` takes D = 256 with a mask in one kernel, so there MLX stays the
+default (`DECODE_KERNEL`).
+
+    decode_attention(q, k, v, scale=..., mask=..., start=..., gate=...) -> [B, T, Hq * D]
+
+The CPU has no custom kernels: `decode_attention_ref` (MLX's ops) is the reference and what
+runs there.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .launch import MAX_D, MAX_T, shape_supported
+
+__all__ = [
+    "DECODE_KERNEL",
+    "MAX_D",
+    "MAX_T",
+    "decode_attention",
+    "decode_attention_ref",
+    "kernel_backend",
+]
+
+# Where the kernel replaces MLX's attention at decode: "auto" (CUDA only: Metal's sdpa_vector
+# already takes D = 256 with a mask as one kernel; switch to "on" once the Metal build is
+# measured faster on a Mac), "on" (any GPU backend) or "off" (MLX everywhere). Read at each call
+# (the compiled decode step: when it is traced).
+DECODE_KERNEL = "auto"
+_CHOICES = ("auto", "on", "off")
+
+
+def _shape_error(name: str, shape, want: str) -> ValueError:
+    return ValueError(f"decode_attention: {name} has shape {tuple(shape)}, expected {want}")
+
+
+def kernel_backend(q: mx.array, k: mx.array, v: mx.array):
+    """The GPU backend (`launch.AttentionBackend`) that runs these inputs under
+    `DECODE_KERNEL`, or None (the CPU, an unsupported shape, or the switch)."""
+    if DECODE_KERNEL not in _CHOICES:
+        raise ValueError(f"DECODE_KERNEL must be one of {_CHOICES}, got {DECODE_KERNEL!r}")
+    if DECODE_KERNEL == "off" or mx.default_device() == mx.cpu:
+        return None
+    if not shape_supported(q, k, v):
+        return None
+    if mx.cuda.is_available():
+        from .cuda import BACKEND
+    elif DECODE_KERNEL == "on" and mx.metal.is_available():
+        from .metal import BACKEND
+    else:
+        return None
+    return BACKEND if BACKEND.is_available() else None
+
+
+def _check(q, k, v, mask, gate, gate_offset):
+    if q.ndim != 4:
+        raise _shape_error("q", q.shape, "[B, Hq, T, D]")
+    B, Hq, T, D = q.shape
+    if k.ndim != 4 or k.shape[0] != B or k.shape[3] != D or Hq % max(k.shape[1], 1):
+        raise _shape_error("k", k.shape, f"[B, Hkv, C, D] = [{B}, Hkv, C, {D}], Hkv | {Hq}")
+    if v.shape != k.shape:
+        raise _shape_error("v", v.shape, f"k's shape {tuple(k.shape)}")
+    if isinstance(mask, mx.array):
+        if mask.dtype != mx.bool_:
+            raise ValueError(f"decode_attention: mask must be bool, got {mask.dtype}")
+        if mask.ndim != 4 or mask.shape[0] not in (1, B) or mask.shape[1:3] != (1, T):
+            raise _shape_error("mask", mask.shape, f"[1 or B, 1, T, C] = [1 or {B}, 1, {T}, C]")
+    elif mask not in (None, "causal"):
+        raise ValueError(f"decode_attention: mask must be None, 'causal' or an array: {mask!r}")
+    if gate is not None:
+        # One token: [B, Hq, 1, G] is [B, 1, Hq, G] in memory, taken as it is (no reshape).
+        if gate.ndim != 4 or gate.shape[:3] not in ((B, T, Hq), (B, Hq, 1)[: 3 if T == 1 else 0]):
+            raise _shape_error("gate", gate.shape, f"[B, T, Hq, G] = [{B}, {T}, {Hq}, G]")
+        if not 0 <= gate_offset <= gate.shape[3] - D:
+            raise ValueError(
+                f"decode_attention: gate_offset={gate_offset} leaves no {D} gate elements in "
+                f"a gate head of {gate.shape[3]}"
+            )
+
+
+def _start(start, k: mx.array, T: int) -> mx.array:
+    if start is None:
+        return mx.array(k.shape[2] - T, mx.int32)
+    if isinstance(start, int):
+        return mx.array(start, mx.int32)
+    return start
+
+
+def decode_attention_ref(q, k, v, *, scale, mask=None, start=None, gate=None, gate_offset=0):
+    """`decode_attention` as MLX ops: `mx.fast.scaled_dot_product_attention` over the first
+    start + T keys (an int start: a slice; an array start: a mask, as it can be traced), then
+    o * sigmoid(gate) in the output dtype."""
+    B, Hq, T, D = q.shape
+    if isinstance(mask, mx.array) and mask.shape[-1] < k.shape[2]:
+        k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+    if start is None or isinstance(start, int):
+        n = k.shape[2] if start is None else start + T
+        k, v = k[:, :, :n], v[:, :, :n]
+        if isinstance(mask, mx.array):
+            mask = mask[..., :n]
+    else:  # an array (e.g. traced): the keys from start + T on, masked
+        pos = mx.arange(k.shape[2])
+        causal = isinstance(mask, str)
+        last = start.reshape(()) + (mx.arange(T)[:, None] if causal else T - 1)
+        keep = (pos <= last)[None, None] if causal else (pos <= last)[None, None, None]
+        mask = keep if not isinstance(mask, mx.array) else mask[..., : k.shape[2]] & keep
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    o = o.transpose(0, 2, 1, 3)
+    if gate is not None:
+        gate = gate.reshape(B, T, Hq, -1)
+        o = o * mx.sigmoid(gate[..., gate_offset : gate_offset + D])
+    return o.reshape(B, T, Hq * D)
+
+
+def decode_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    mask: mx.array | str | None = None,
+    start: mx.array | int | None = None,
+    gate: mx.array | None = None,
+    gate_offset: int = 0,
+) -> mx.array:
+    """softmax(q k^T * scale + mask) v (times sigmoid(gate)) for T <= 8 query tokens a row.
+
+    q [B, Hq, T, D] (normed and rotated); k, v [B, Hkv, C, D], Hq a multiple of Hkv (GQA: query
+    head h reads kv head h // (Hq / Hkv)); the keys used are positions < start + T, where start
+    (an int or an int array [] / [1]: the first query's position; None: C - T, every key) lets a
+    preallocated buffer be passed whole. mask: None (every key < start + T), "causal" (query t
+    sees keys <= start + t) or a bool array [1 or B, 1, T, C'] (True: attend), C' >= start + T.
+    gate [B, T, Hq, G] (or [B, Hq, 1, G] when T = 1: the same memory): query head h's gate is
+    gate[b, t, h, gate_offset : gate_offset + D] (the unsplit q projection of a gated layer can
+    be passed, gate_offset = D). Returns [B, T, Hq * D]
+    (o_proj's layout) in q's dtype.
+
+    On a GPU under `DECODE_KERNEL` with a supported shape (`launch.shape_supported`: D a multiple
+    of 32 up to 256, T <= 8): one kernel pair, fp32 softmax and accumulation, the result rounded
+    once (source.py); a query row with no visible key gives 0 there (MLX's ops give the mean of
+    the values). Elsewhere `decode_attention_ref`.
+    """
+    _check(q, k, v, mask, gate, gate_offset)
+    backend = kernel_backend(q, k, v)
+    if backend is None:
+        return decode_attention_ref(
+            q, k, v, scale=scale, mask=mask, start=start, gate=gate, gate_offset=gate_offset
+        )
+    T = q.shape[2]
+    causal = isinstance(mask, str)
+    arr = mask if isinstance(mask, mx.array) else None
+    return backend.run(q, k, v, _start(start, k, T), scale, arr, causal, gate, gate_offset)

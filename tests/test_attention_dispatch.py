@@ -1,0 +1,114 @@
+"""The layers' attention through `kernels.attention` (the decode attention kernel's wiring):
+the compiled decode and verify steps and the plain path at T <= 8 over a cache.
+
+On the CPU the kernel does not run, so `kernel_backend` is replaced by a stand-in that computes
+the same call with MLX's ops (`decode_attention_ref`: the whole buffer, the array `start`, the
+mask, the gate read at its offset of the unsplit q projection). That checks everything the
+layers hand the kernel: with it, greedy decoding matches the ops path (DECODE_KERNEL "off") and
+the compiled step matches the plain path token for token, and the stand-in is called from every
+place it should be. On a GPU with CUDA the same checks run with the real kernel.
+The tiny test models elsewhere have head_dim 16, which the kernel does not take; these use 32.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+import qwen35_mlx.kernels.attention as attention_kernel
+from qwen35_mlx.kernels.attention import decode_attention_ref, launch
+
+from .models.factory import make_text_config, make_text_model
+from .test_fast_decode import TOKENS, greedy
+
+CUDA = mx.cuda.is_available() and mx.default_device() == mx.gpu
+
+
+class OpsBackend:
+    """Stands in for the kernel pair: the same arguments, MLX's ops. Counts its calls by T."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, q, k, v, start, scale, mask=None, causal=False, gate=None, gate_offset=0):
+        self.calls.append(q.shape[2])
+        assert start.dtype == mx.int32 and start.size == 1
+        assert mask is None or mask.dtype == mx.bool_
+        m = "causal" if causal else mask
+        return decode_attention_ref(
+            q, k, v, scale=scale, mask=m, start=start, gate=gate, gate_offset=gate_offset
+        )
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """The kernel (CUDA) or its ops stand-in (elsewhere), as `kernel_backend` gives it."""
+    monkeypatch.setattr(KVCache, "step", 4)
+    monkeypatch.setattr(BatchKVCache, "step", 4)
+    if CUDA:
+        yield None
+        return
+    ops = OpsBackend()
+
+    def kernel_backend(q, k, v):
+        if attention_kernel.DECODE_KERNEL == "off":
+            return None
+        return ops if launch.shape_supported(q, k, v) else None
+
+    monkeypatch.setattr(attention_kernel, "kernel_backend", kernel_backend)
+    yield ops
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_text_model(make_text_config(head_dim=32, num_attention_heads=8), seed=3)
+
+
+def _off(monkeypatch, run):
+    monkeypatch.setattr(attention_kernel, "DECODE_KERNEL", "off")
+    try:
+        return run()
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("pads", [None, [2, 0, 1]], ids=["plain", "left-padded"])
+def test_decode_through_the_kernel_call(model, backend, monkeypatch, pads):
+    B = 1 if pads is None else 3
+    prompts = [TOKENS[i : i + 6] for i in range(B)]
+    if pads:
+        prompts = [[0] * p + row[p:] for p, row in zip(pads, prompts, strict=True)]
+    t_plain, l_plain = greedy(model, prompts, 10, False, pads)
+    t_comp, l_comp = greedy(model, prompts, 10, True, pads)
+    # The compiled step and the plain path: the same tokens (the kernel: the same bits).
+    np.testing.assert_array_equal(t_comp, t_plain)
+    np.testing.assert_allclose(l_comp, l_plain, atol=2e-5, rtol=1e-4)
+    if backend is not None:
+        assert 1 in backend.calls  # decode steps (T = 1) went through it
+        assert backend.calls.count(6) == 2  # the 6-token prompt's prefill, both runs
+    # Against MLX's attention as the layers ran it before (no kernel anywhere).
+    monkeypatch.setattr(KVCache, "step", 4)
+    monkeypatch.setattr(BatchKVCache, "step", 4)
+    t_ops, l_ops = _off(monkeypatch, lambda: greedy(model, prompts, 10, False, pads))
+    np.testing.assert_array_equal(t_plain, t_ops)
+    # On CUDA MLX's fallback multiplies fp32 in its matmuls' precision (TF32 where cuBLAS
+    # allows it: ~1e-3 relative on the scores), the kernel in full fp32 FMAs.
+    rtol = 1e-2 if CUDA else 1e-3
+    np.testing.assert_allclose(l_plain, l_ops, atol=1e-4, rtol=rtol)
+
+
+def test_verify_step_through_the_kernel_call(model, backend):
+    """A 3-token call over a filled cache is the compiled verify step (the layers' `steps`):
+    equal to the plain path's 3-token call."""
+    outs = []
+    for compiled in (False, True):
+        model.compiled_decode = compiled
+        try:
+            cache = model.make_cache()
+            model(mx.array([TOKENS[:9]]), cache=cache)
+            outs.append(np.array(model(mx.array([TOKENS[9:12]]), cache=cache).astype(mx.float32)))
+        finally:
+            model.compiled_decode = True
+    np.testing.assert_allclose(outs[1], outs[0], atol=2e-5, rtol=1e-4)
+    if backend is not None:
+        assert backend.calls.count(3) >= 2  # the verify step and the plain call
