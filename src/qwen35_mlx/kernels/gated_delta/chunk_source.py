@@ -809,6 +809,25 @@ WY_BODY = """
   GD_TG float gam[C];
   GD_TG float wts[C];
 
+  // 0. The chunk's k and v rows towards L2 (a 128-byte line a thread), so that the staging
+  // loads below, each exposed for part of its latency, find them there.
+  {
+    const int KE = 128 / int(sizeof(k[0]));  // elements of a line
+    const int VE = 128 / int(sizeof(v[0]));
+    const int KL = (Dk + KE - 1) / KE;       // lines of a row
+    const int VL = (Dv + VE - 1) / VE;
+    for (int c = tid; c < C * (KL + VL); c += NT) {
+      const int i = c / (KL + VL);
+      const int l = c % (KL + VL);
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      if (l < KL) {
+        gd_prefetch(k + ((size_t(b_idx) * T + t) * Hk + hk) * Dk + l * KE);
+      } else {
+        gd_prefetch(v + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + (l - KL) * VE);
+      }
+    }
+  }
+
   // 1. gates
   for (int i = tid; i < C; i += NT) {
     const int t = t0 + i;
@@ -890,6 +909,29 @@ WY_BODY = """
     }
   }
 
+  // Slice s_ of v (s_ < nvs) or k into xs, rows and columns clamped (selected below); each
+  // slice is loaded one ahead, before the previous slice's products and stores.
+#define GD_WY_LOAD(s_)                                                                   \
+  {                                                                                      \
+    if ((s_) < nvs) {                                                                    \
+      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                \
+        const int e = tid + it * NT;                                                     \
+        const int t = t0 + e / DS < T ? t0 + e / DS : T - 1;                             \
+        const int col = (s_) * DS + e % DS < Dv ? (s_) * DS + e % DS : Dv - 1;           \
+        xs[it] = static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col]);  \
+      }                                                                                  \
+    } else {                                                                             \
+      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                \
+        const int e = tid + it * NT;                                                     \
+        const int t = t0 + e / DS < T ? t0 + e / DS : T - 1;                             \
+        const int col = ((s_) - nvs) * DS + e % DS;                                      \
+        xs[it] = static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + col]);  \
+      }                                                                                  \
+    }                                                                                    \
+  }
+  const int nvs = (Dv + DS - 1) / DS;
+  GD_WY_LOAD(0);  // step 5's first slice, in flight during steps 3 and 4
+
   // 3. L = -beta D k k^T, strictly lower
   for (int c = 0; c < 2; ++c) {
     const int tc = 2 * (w % 2) + c;
@@ -945,30 +987,8 @@ WY_BODY = """
   }
 
   // 5. U = X diag(beta) v, W = X diag(beta gamma) k, slices of DS columns (v's first)
-  const int nvs = (Dv + DS - 1) / DS;
   const int ort = w / (DS / 16);
   const int oct = w % (DS / 16);
-  // Slice s_ of v (s_ < nvs) or k into xs, rows and columns clamped (selected below); each
-  // slice is loaded one ahead, before the previous slice's products and stores.
-#define GD_WY_LOAD(s_)                                                                   \
-  {                                                                                      \
-    if ((s_) < nvs) {                                                                    \
-      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                \
-        const int e = tid + it * NT;                                                     \
-        const int t = t0 + e / DS < T ? t0 + e / DS : T - 1;                             \
-        const int col = (s_) * DS + e % DS < Dv ? (s_) * DS + e % DS : Dv - 1;           \
-        xs[it] = static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col]);  \
-      }                                                                                  \
-    } else {                                                                             \
-      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                \
-        const int e = tid + it * NT;                                                     \
-        const int t = t0 + e / DS < T ? t0 + e / DS : T - 1;                             \
-        const int col = ((s_) - nvs) * DS + e % DS;                                      \
-        xs[it] = static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + col]);  \
-      }                                                                                  \
-    }                                                                                    \
-  }
-  GD_WY_LOAD(0);
   for (int s = 0; s < nvs + Dk / DS; ++s) {
     const bool is_v = s < nvs;
     const int c0 = (is_v ? s : s - nvs) * DS;
