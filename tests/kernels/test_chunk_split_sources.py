@@ -157,7 +157,7 @@ def _registers(text: str, tmp_path) -> list[int]:
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-@pytest.mark.parametrize("which", [0, 3], ids=["wy", "o"])
+@pytest.mark.parametrize("which", [0, 4], ids=["wy", "o"])
 def test_split_launch_bounds_header_caps_registers(tmp_path, which):
     """chunk_launch.MIN_BLOCKS's header (the __global__ macro redefined with
     __launch_bounds__(256, 2)) reaches the kernel MLX declares after it: ptxas keeps it within
@@ -166,9 +166,9 @@ def test_split_launch_bounds_header_caps_registers(tmp_path, which):
     head = PRELUDE + cl.header("cuda")
     assert unit.startswith(head)
     # one kernel a unit, as MLX compiles them
-    parts = unit[len(head) :].split("\n// gated_delta_chunk_")[1:]
-    assert len(parts) == 5
-    kernel = "\n// gated_delta_chunk_" + parts[which]
+    parts = unit[len(head) :].split("// gated_delta_chunk_")[1:]
+    assert len(parts) == 5  # wy, wy_fused, h (16 and 32 value rows), o
+    kernel = "// gated_delta_chunk_" + parts[which]
     plain = _registers(head + kernel, tmp_path)
     bounded = _registers(head + cl.launch_bounds_header(256, 2) + kernel, tmp_path)
     assert len(plain) == len(bounded) == 1
