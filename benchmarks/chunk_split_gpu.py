@@ -51,12 +51,15 @@ from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 # chunk_launch.MIN_BLOCKS of the "lb2" rows: WY and output kernels bounded to 2 threadgroups an SM.
 LB = {"wy": 2, "o": 2}
 
-# benchmarks/NOTES.md "Split chunk kernels": predicted ms per pass, H200, Hv 32, bf16.
+# benchmarks/NOTES.md "Split chunk kernels, round 2": predicted ms per pass, H200, Hv 32, bf16
+# (midpoints of the ranges there; the 32768 row is round 1's, not re-derived).
 PREDICTED = {
-    2048: {"wy": 0.04, "state": 0.08, "out": 0.035, "split": 0.2},
-    8192: {"wy": 0.12, "state": 0.3, "out": 0.12, "split": 0.55},
+    2048: {"wy": 0.07, "state": 0.11, "out": 0.08, "split": 0.28,
+           "wy lb2": 0.045, "out lb2": 0.05, "split lb2": 0.22},
+    8192: {"wy": 0.26, "state": 0.42, "out": 0.31, "split": 1.0,
+           "wy lb2": 0.16, "out lb2": 0.2, "split lb2": 0.8},
     32768: {"wy": 0.5, "state": 1.2, "out": 0.5, "split": 2.2},
-}
+}  # fmt: skip
 
 
 def _dt_name(dtype) -> str:
@@ -230,7 +233,6 @@ def table(rows) -> str:
         ms = r["ms"]
         lines.append(f"T={r['T']:<6d} Hv={r['Hv']:<3d} " + "".join(f"{ms[n]:12.3f}" for n in names))
         pred = PREDICTED.get(r["T"], {}) if r["Hv"] == 32 else {}
-        pred = {n: pred[n.replace(" lb2", "")] for n in names if n.replace(" lb2", "") in pred}
         lines.append(
             f"{'  predicted':16s}"
             + "".join(f"{pred[n]:12.3f}" if n in pred else " " * 12 for n in names)
