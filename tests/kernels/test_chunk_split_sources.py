@@ -138,3 +138,38 @@ def test_split_cuda_sources_compile_for_sm90(tmp_path):
     cases = [("fp32", 128), ("bf16", 128), ("fp16", 128), ("bf16", 32), ("bf16", 256)]
     err = nvcc_errors(cuda_unit(cases), tmp_path)
     assert not err, err
+
+
+def _registers(text: str, tmp_path) -> list[int]:
+    """Registers a thread of each kernel in `text` (ptxas -v, sm_90)."""
+    import re
+    import subprocess
+
+    path = tmp_path / "lb.cu"
+    path.write_text(text)
+    res = subprocess.run(
+        [NVCC, "-arch=sm_90", "-std=c++17", "-c", str(path), "-o", str(tmp_path / "lb.o"),
+         "-Xptxas", "-v"],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [int(x) for x in re.findall(r"Used (\d+) registers", res.stderr)]
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.parametrize("which", [0, 4], ids=["wy", "o"])
+def test_split_launch_bounds_header_caps_registers(tmp_path, which):
+    """chunk_launch.MIN_BLOCKS's header (the __global__ macro redefined with
+    __launch_bounds__(256, 2)) reaches the kernel MLX declares after it: ptxas keeps it within
+    128 registers (two 256-thread threadgroups an SM); without it the kernel takes more."""
+    unit = cuda_unit([("bf16", 128)])
+    head = PRELUDE + cl.header("cuda")
+    assert unit.startswith(head)
+    # one kernel a unit, as MLX compiles them
+    parts = unit[len(head) :].split("// gated_delta_chunk_")[1:]
+    assert len(parts) == 5  # wy, wy_fused, h (16 and 32 value rows), o
+    kernel = "// gated_delta_chunk_" + parts[which]
+    plain = _registers(head + kernel, tmp_path)
+    bounded = _registers(head + cl.launch_bounds_header(256, 2) + kernel, tmp_path)
+    assert len(plain) == len(bounded) == 1
+    assert bounded[0] <= 128 < plain[0], (plain, bounded)

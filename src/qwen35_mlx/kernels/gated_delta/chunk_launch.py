@@ -303,13 +303,33 @@ def operand_precision(dtype) -> int:
     return 3 if dtype == mx.float32 else 1
 
 
-_kernels: dict[tuple[str, str], object] = {}
+_kernels: dict[tuple, object] = {}
+
+# CUDA only, an experiment for the GPU run (benchmarks/chunk_split_gpu.py times both): threadgroups
+# of the split path's WY / output kernels that must fit on one SM at once ({"wy": 2, "o": 2}),
+# given to ptxas as __launch_bounds__(256, m) (a register cap of 65536 / (256 m): 128 at m = 2).
+# Unset, ptxas takes 160-230 registers a thread there, so one 256-thread threadgroup fills an
+# SM's registers: 8 warps an SM, nothing else to run while they wait on memory or a barrier.
+# MLX writes the kernel's declaration itself, so the bound goes in through the header, by
+# redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
+MIN_BLOCKS: dict[str, int] = {}
+
+
+def launch_bounds_header(threads: int, blocks: int) -> str:
+    """Header text after which the unit's __global__ function carries
+    __launch_bounds__(threads, blocks)."""
+    return (
+        "\n#undef __global__\n"
+        f"#define __global__ __location__(global) __launch_bounds__({threads}, {blocks})\n"
+    )
 
 
 def _build(backend: str, which: str):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
     split path's "wy", "wy_fused", "h", "o"."""
-    key = (backend, which)
+    lb = MIN_BLOCKS.get("wy" if which == "wy_fused" else which) if backend == "cuda" else None
+    lb = lb if which in ("wy", "wy_fused", "o") else None
+    key = (backend, which, lb)
     if key not in _kernels:
         if which in ("wy", "wy_fused"):
             fused = which == "wy_fused"
@@ -333,8 +353,12 @@ def _build(backend: str, which: str):
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
+        head = header(backend)
+        if lb:
+            # a name of its own: MLX caches compiled kernels by name
+            name, head = f"{name}_lb{lb}", head + launch_bounds_header(256, lb)
         _kernels[key] = _factory(backend)(
-            name=name, input_names=ins, output_names=outs, source=body, header=header(backend)
+            name=name, input_names=ins, output_names=outs, source=body, header=head
         )
     return _kernels[key]
 

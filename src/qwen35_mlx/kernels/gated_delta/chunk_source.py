@@ -809,6 +809,25 @@ WY_BODY = """
   GD_TG float gam[C];
   GD_TG float wts[C];
 
+  // 0. The chunk's k and v rows towards L2 (a 128-byte line a thread), so that the staging
+  // loads below, each exposed for part of its latency, find them there.
+  {
+    const int KE = 128 / int(sizeof(k[0]));  // elements of a line
+    const int VE = 128 / int(sizeof(v[0]));
+    const int KL = (Dk + KE - 1) / KE;       // lines of a row
+    const int VL = (Dv + VE - 1) / VE;
+    for (int c = tid; c < C * (KL + VL); c += NT) {
+      const int i = c / (KL + VL);
+      const int l = c % (KL + VL);
+      const int t = t0 + i < T ? t0 + i : T - 1;
+      if (l < KL) {
+        gd_prefetch(k + ((size_t(b_idx) * T + t) * Hk + hk) * Dk + l * KE);
+      } else {
+        gd_prefetch(v + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + (l - KL) * VE);
+      }
+    }
+  }
+
   // 1. gates
   for (int i = tid; i < C; i += NT) {
     const int t = t0 + i;
@@ -856,19 +875,31 @@ WY_BODY = """
   gd_acc kk[2];
   gd_acc_zero(kk[0]);
   gd_acc_zero(kk[1]);
+  // Staging: every load of a slice first (unconditional, clamped rows), then the stores: a
+  // load after a store to Kw / W / U (which may alias k, v for all the compiler knows) or
+  // behind a branch would wait for the previous one, a memory round trip per element.
+  // Each slice is loaded one ahead (before the previous slice's products).
+  constexpr int PR = C * DS / NT;  // elements of a slice a thread stages
+  float xs[PR];
+#define GD_WY_LOAD_K(d0_)                                                                   \
+  _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                       \
+    const int e = tid + it * NT;                                                            \
+    const int t = t0 + e / DS < T ? t0 + e / DS : T - 1;                                    \
+    xs[it] = static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + (d0_) + e % DS]); \
+  }
+  GD_WY_LOAD_K(0);
   for (int d0 = 0; d0 < Dk; d0 += DS) {
     gd_barrier();
     #pragma unroll
-    for (int it = 0; it < C * DS / NT; ++it) {
+    for (int it = 0; it < PR; ++it) {
       const int e = tid + it * NT;
       const int i = e / DS;
       const int d = e % DS;
-      const int t = t0 + i < T ? t0 + i : T - 1;
-      const float x = static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d]);
       const bool valid = ok[i] != 0.0f;
-      st[i * SP + d] = valid ? x : 0.0f;
-      Kw[(rn + i) * Dk + d0 + d] = static_cast<PT>(valid ? wts[i] * x : 0.0f);
+      st[i * SP + d] = valid ? xs[it] : 0.0f;
+      Kw[(rn + i) * Dk + d0 + d] = static_cast<PT>(valid ? wts[i] * xs[it] : 0.0f);
     }
+    if (d0 + DS < Dk) GD_WY_LOAD_K(d0 + DS);
     gd_barrier();
     for (int c = 0; c < 2; ++c) {
       const int tc = 2 * (w % 2) + c;
@@ -877,6 +908,29 @@ WY_BODY = """
       }
     }
   }
+
+  // Slice s_ of v (s_ < nvs) or k into xs, rows and columns clamped (selected below); each
+  // slice is loaded one ahead, before the previous slice's products and stores.
+#define GD_WY_LOAD(s_)                                                                   \
+  {                                                                                      \
+    if ((s_) < nvs) {                                                                    \
+      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                \
+        const int e = tid + it * NT;                                                     \
+        const int t = t0 + e / DS < T ? t0 + e / DS : T - 1;                             \
+        const int col = (s_) * DS + e % DS < Dv ? (s_) * DS + e % DS : Dv - 1;           \
+        xs[it] = static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col]);  \
+      }                                                                                  \
+    } else {                                                                             \
+      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                \
+        const int e = tid + it * NT;                                                     \
+        const int t = t0 + e / DS < T ? t0 + e / DS : T - 1;                             \
+        const int col = ((s_) - nvs) * DS + e % DS;                                      \
+        xs[it] = static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + col]);  \
+      }                                                                                  \
+    }                                                                                    \
+  }
+  const int nvs = (Dv + DS - 1) / DS;
+  GD_WY_LOAD(0);  // step 5's first slice, in flight during steps 3 and 4
 
   // 3. L = -beta D k k^T, strictly lower
   for (int c = 0; c < 2; ++c) {
@@ -933,7 +987,6 @@ WY_BODY = """
   }
 
   // 5. U = X diag(beta) v, W = X diag(beta gamma) k, slices of DS columns (v's first)
-  const int nvs = (Dv + DS - 1) / DS;
   const int ort = w / (DS / 16);
   const int oct = w % (DS / 16);
   for (int s = 0; s < nvs + Dk / DS; ++s) {
@@ -941,19 +994,14 @@ WY_BODY = """
     const int c0 = (is_v ? s : s - nvs) * DS;
     gd_barrier();
     #pragma unroll
-    for (int it = 0; it < C * DS / NT; ++it) {
+    for (int it = 0; it < PR; ++it) {
       const int e = tid + it * NT;
       const int i = e / DS;
       const int col = c0 + e % DS;
-      const int t = t0 + i < T ? t0 + i : T - 1;
-      float x = 0.0f;
-      if (ok[i] != 0.0f && (!is_v || col < Dv)) {
-        x = is_v ? bs[i] * static_cast<float>(v[((size_t(b_idx) * T + t) * Hv + hv) * Dv + col])
-                 : bs[i] * gam[i] *
-                       static_cast<float>(k[((size_t(b_idx) * T + t) * Hk + hk) * Dk + col]);
-      }
-      st[i * SP + e % DS] = x;
+      const bool take = ok[i] != 0.0f && (!is_v || col < Dv);
+      st[i * SP + e % DS] = take ? (is_v ? bs[i] : bs[i] * gam[i]) * xs[it] : 0.0f;
     }
+    if (s + 1 < nvs + Dk / DS) GD_WY_LOAD(s + 1);
     gd_barrier();
     gd_acc o;
     gd_acc_zero(o);
@@ -971,6 +1019,8 @@ WY_BODY = """
       }
     }
   }
+#undef GD_WY_LOAD
+#undef GD_WY_LOAD_K
 """
 
 H_INPUTS = ["W", "U", "Kw", "gates", "state_in"]
@@ -1059,6 +1109,16 @@ H_BODY = """
       }
       for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
     }
+    // This chunk's U rows (columns clamped) and decay, loaded at its start: a load after a
+    // store to H or Vn (which may alias them for all the compiler knows) would wait for it.
+    float xu[C * BV / NT];
+    #pragma unroll
+    for (int it = 0; it < C * BV / NT; ++it) {
+      const int e = tid + it * NT;
+      const int v = v0 + e % BV < Dv ? v0 + e % BV : Dv - 1;
+      xu[it] = static_cast<float>(U[(rn + e / BV) * Dv + v]);
+    }
+    const float dc = gates[(rn + C - 1) * 4];
     for (int e = tid; e < BV * Dk; e += NT) {
       const int v = e / Dk;
       const int d = e % Dk;
@@ -1083,14 +1143,13 @@ H_BODY = """
       const int i = e / BV;
       const int v = e % BV;
       if (v0 + v < Dv) {
-        const float dl = static_cast<float>(U[(rn + i) * Dv + v0 + v]) - D_t[i * DL + v];
+        const float dl = xu[it] - D_t[i * DL + v];
         D_t[i * DL + v] = dl;
         Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
       } else {
         D_t[i * DL + v] = 0.0f;
       }
     }
-    const float dc = gates[(rn + C - 1) * 4];
     for (int e = tid; e < BV * Dk; e += NT) S_t[(e / Dk) * SD + e % Dk] *= dc;
     for (int sl = 0; sl < KSL; ++sl) {
       gd_barrier();
@@ -1191,28 +1250,57 @@ O_BODY = """
   gd_acc_zero(qk[1]);
   for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);
   const size_t hrow = (size_t(head) * N + n) * Dv;
+  // Staging: a slice's loads first (unconditional, rows clamped; selected by the valid flag
+  // when stored), so they are in flight together, not one memory round trip per element.
+  constexpr int PQ = C * DS / NT;
+  constexpr int PH = BVO * DS / NT;
+  // Each slice is loaded one ahead (before the previous slice's products).
+  float xq[PQ];
+  float xk[PQ];
+  float xh[PH];
+#define GD_O_LOAD(d0_)                                                                     \
+  {                                                                                        \
+    _Pragma("unroll") for (int it = 0; it < PQ; ++it) {                                    \
+      const int e = tid + it * NT;                                                         \
+      const int t = t0 + e / DS < T ? t0 + e / DS : T - 1;                                 \
+      const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + (d0_) + e % DS;       \
+      xq[it] = static_cast<float>(q[off]);                                                 \
+      xk[it] = static_cast<float>(k[off]);                                                 \
+    }                                                                                      \
+    _Pragma("unroll") for (int it = 0; it < PH; ++it) {                                    \
+      const int e = tid + it * NT;                                                         \
+      const int v = v0 + e / DS < Dv ? v0 + e / DS : Dv - 1;                               \
+      xh[it] = static_cast<float>(H[(hrow + v) * Dk + (d0_) + e % DS]);                    \
+    }                                                                                      \
+  }
+  GD_O_LOAD(0);
+  // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slice.
+  float xv[C * BVO / NT];
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int v = v0 + e % BVO < Dv ? v0 + e % BVO : Dv - 1;
+    xv[it] = static_cast<float>(Vn[(rn + e / BVO) * Dv + v]);
+  }
   for (int d0 = 0; d0 < Dk; d0 += DS) {
     gd_barrier();
     #pragma unroll
-    for (int it = 0; it < C * DS / NT; ++it) {
+    for (int it = 0; it < PQ; ++it) {
       const int e = tid + it * NT;
       const int i = e / DS;
       const int d = e % DS;
-      const int t = t0 + i < T ? t0 + i : T - 1;
-      const size_t off = ((size_t(b_idx) * T + t) * Hk + hk) * Dk + d0 + d;
       const bool valid = ok[i] != 0.0f;
-      const float xq = valid ? static_cast<float>(q[off]) : 0.0f;
-      qs[i * SP + d] = xq;
-      gqs[i * SP + d] = gam[i] * xq;
-      ks[i * SP + d] = valid ? static_cast<float>(k[off]) : 0.0f;
+      const float x = valid ? xq[it] : 0.0f;
+      qs[i * SP + d] = x;
+      gqs[i * SP + d] = gam[i] * x;
+      ks[i * SP + d] = valid ? xk[it] : 0.0f;
     }
     #pragma unroll
-    for (int it = 0; it < BVO * DS / NT; ++it) {
+    for (int it = 0; it < PH; ++it) {
       const int e = tid + it * NT;
-      const int v = e / DS;
-      const int d = e % DS;
-      hs[v * SP + d] = v0 + v < Dv ? static_cast<float>(H[(hrow + v0 + v) * Dk + d0 + d]) : 0.0f;
+      hs[(e / DS) * SP + e % DS] = v0 + e / DS < Dv ? xh[it] : 0.0f;
     }
+    if (d0 + DS < Dk) GD_O_LOAD(d0 + DS);
     gd_barrier();
     for (int c = 0; c < 2; ++c) {
       const int tc = 2 * (w % 2) + c;
@@ -1225,6 +1313,7 @@ O_BODY = """
       gd_mma<MP, false, true>(ya[u], gqs + 16 * (e / YC) * SP, SP, hs + 16 * (e % YC) * SP, SP, DS);
     }
   }
+#undef GD_O_LOAD
   gd_barrier();
   GD_TG_PTR float* Pm = sm;
   GD_TG_PTR float* vs = sm + C * PP;
@@ -1232,12 +1321,12 @@ O_BODY = """
     const int tc = 2 * (w % 2) + c;
     if (tc <= tr) gd_acc_store(qk[c], Pm + 16 * tr * PP + 16 * tc, PP);
   }
-  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
-    const int e = tid + it * NT;
-    const int j = e / BVO;
-    const int v = e % BVO;
-    vs[j * VP + v] = v0 + v < Dv ? static_cast<float>(Vn[(rn + j) * Dv + v0 + v]) : 0.0f;
+  {
+    #pragma unroll
+    for (int it = 0; it < C * BVO / NT; ++it) {
+      const int e = tid + it * NT;
+      vs[(e / BVO) * VP + e % BVO] = v0 + e % BVO < Dv ? xv[it] : 0.0f;
+    }
   }
   gd_barrier();
   for (int e = tid; e < C * C; e += NT) {
