@@ -27,7 +27,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
-from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
+from ..kernels.gated_delta import (
+    gated_delta_decode,
+    gated_delta_decode_packed,
+    gated_delta_update,
+)
 from ..kernels.gated_delta.decode import gated_rms_norm
 from .attention import attention
 from .config import TextConfig
@@ -264,6 +268,21 @@ def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | N
     return out if residual is None else residual + out
 
 
+def project_packed(owner: nn.Module, names: tuple[str, ...], x: mx.array, checked=False):
+    """x through the group's one fused matmul, its output left whole ([..., sum of the layers'
+    sizes], the layers' outputs side by side in `names` order), or None where
+    `prepare_projections` made no single matrix for the group. For the compiled step, as
+    `project`; `checked`: outside it, only if the layers still hold the weights it was made
+    from (`_made`)."""
+    made = _made(owner, names) if checked else getattr(owner, _key(names) + "_made", None)
+    if made is None or not made.fused or len(names) < 2:
+        return None
+    w = owner[_key(names)]
+    if made.quant is None:
+        return x @ w
+    return mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
+
+
 class RMSNormGated(nn.Module):
     """weight * rmsnorm(x) * silu(gate), the gate in fp32 (linear_attn.norm)."""
 
@@ -359,6 +378,16 @@ class GatedDeltaNet(nn.Module):
             # As transformers does: padded positions contribute nothing to any projection, so
             # they never reach the conv state or the recurrent state.
             x = mx.where(mask[..., None], x, mx.zeros((), x.dtype))
+        lengths = getattr(cache, "lengths", None) if cache is not None else None
+        if T == 1 and cache is not None and lengths is None:
+            # One token a row where the compiled step has fused the in-projections: its own
+            # matmul and kernel (`_decode_packed`), so the two paths compute the same thing.
+            proj = project_packed(self, self.IN_PROJ, x.reshape(B, -1), checked=True)
+            if proj is not None:
+                y, _ = self._decode_packed(proj, 1, mask, cache)
+                state, conv_state = cache[1], cache[0]
+                y = y.reshape(B, 1, Hv, Dv)
+                return self._finish(y, None, state, conv_state, cache, residual)
         qkv = self.in_proj_qkv(x)
         z = self.in_proj_z(x).reshape(B, T, Hv, Dv)
         b = self.in_proj_b(x)
@@ -366,7 +395,6 @@ class GatedDeltaNet(nn.Module):
 
         conv_state = cache[0] if cache is not None else None
         state = cache[1] if cache is not None else None
-        lengths = getattr(cache, "lengths", None) if cache is not None else None
         if T == 1 and lengths is None:
             # One token a row: the compiled decode step's own call (one kernel launch on a
             # GPU, the gated norm included), so the plain path and the compiled step compute
@@ -431,6 +459,11 @@ class GatedDeltaNet(nn.Module):
         B = x.shape[0]
         if mask is not None:  # mask [B]
             x = mx.where(mask[:, None], x, mx.zeros((), x.dtype))  # as in __call__
+        proj = project_packed(self, self.IN_PROJ, x)
+        if proj is not None:
+            # The fused in-projection read in place by the kernel: no split, no copies.
+            y, _ = self._decode_packed(proj, 1, None if mask is None else mask[:, None], cache)
+            return project_add(self, "out_proj", y, residual)
         qkv, z, b, a = project(self, self.IN_PROJ, x)
         # z [B, Hv * Dv]: the gated norm, in the same call
         y = self._recur(qkv, a, b, mask, cache, z=z, norm_weight=self.norm.weight)
@@ -460,16 +493,47 @@ class GatedDeltaNet(nn.Module):
         )
         return y
 
+    def _decode_packed(self, proj, T: int, mask, cache: list) -> tuple:
+        """T tokens a row from the fused in-projection proj [B*T, qkv | z | b | a] through
+        `gated_delta_decode_packed` (conv, gates, recurrence, gated norm) over cache [conv state,
+        recurrent state], replaced by the states after the last token; returns (y
+        [B*T, value_dim], the states after each token: see `LinearCache.record_states`)."""
+        y, cache[1], cache[0], states = gated_delta_decode_packed(
+            proj,
+            cache[0],
+            decode_weight(self, "conv1d"),
+            self.A_log,
+            self.dt_bias,
+            cache[1],
+            self.norm.weight,
+            tokens=T,
+            num_k_heads=self.num_k_heads,
+            head_k_dim=self.head_k_dim,
+            num_v_heads=self.num_v_heads,
+            head_v_dim=self.head_v_dim,
+            mask=mask,
+            norm_eps=self.norm.eps,
+        )
+        return y, states
+
     def steps(self, x: mx.array, T: int, mask: mx.array | None, cache: list) -> tuple:
         """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t: row b's
         token t; 2-D, so the projections are one matmul each, no flatten) -> [B*T, H]. The
         projections run once over all tokens; the conv and recurrence go token by token
-        through the one-token decode kernel (`step`'s arithmetic, one launch a token on a GPU).
+        through the decode kernel (`step`'s arithmetic: where the in-projections are fused, all T
+        tokens in one launch on a GPU, read from the fused projection in place).
         cache [conv state, recurrent state] is replaced by the states after the last token;
-        also returns the (conv state, recurrent state) after each token, so that a rollback to
-        any of them needs no recompute. mask [B, T] bool or None, as in `__call__`."""
+        also returns the states after each token (a list of T (conv state, recurrent state), or
+        the kernel's (state_tok, conv_tok) [T-1, ...] arrays: `LinearCache.record_states`), so
+        that a rollback to any of them needs no recompute. mask [B, T] bool or None, as in
+        `__call__`."""
         if mask is not None:  # as in __call__
             x = mx.where(mask.reshape(-1, 1), x, mx.zeros((), x.dtype))
+        proj = project_packed(self, self.IN_PROJ, x)
+        if proj is not None:
+            # All T tokens in one call (one kernel launch on a GPU), the states after each kept.
+            y, states = self._decode_packed(proj, T, mask, cache)
+            return project(self, ("out_proj",), y)[0], states
         qkv, z, b, a = project(self, self.IN_PROJ, x)
         ys, states = [], []
         for t in range(T):

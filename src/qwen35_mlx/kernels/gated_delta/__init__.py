@@ -466,20 +466,11 @@ def gated_delta_decode_packed(
     kw.update(norm_weight=norm_weight, norm_eps=norm_eps, backend=backend)
     ys, states = [], []
     for t in range(tokens):
-        rows = slice(t, None, tokens) if tokens > 1 else slice(None)
+        # Token t's rows (one token: the pieces themselves, no view).
+        qkv_t, a_t, b_t, z_t = (x[t::tokens] if tokens > 1 else x for x in (qkv, a, b, z))
         m = None if mask is None else mask[:, t]
         y, state, conv_state = gated_delta_decode(
-            qkv[rows],
-            conv_state,
-            conv_w,
-            a[rows],
-            b[rows],
-            A_log,
-            dt_bias,
-            state,
-            mask=m,
-            z=z[rows],
-            **kw,
+            qkv_t, conv_state, conv_w, a_t, b_t, A_log, dt_bias, state, mask=m, z=z_t, **kw
         )
         ys.append(y)
         states.append((conv_state, state))
