@@ -461,21 +461,48 @@ def gated_delta_decode_packed(
                     norm_eps=norm_eps,
                 )
     # Ops (and anything the kernel does not take): the pieces, then one decode a token.
+    from .decode import gated_rms_norm
+
     qkv, z, b, a = mx.split(proj, [C, C + Hv * Dv, C + Hv * Dv + Hv], axis=-1)
     kw = dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
     kw.update(norm_weight=norm_weight, norm_eps=norm_eps, backend=backend)
     ys, states = [], []
+    if tokens == 1:
+        y, state, conv_state = gated_delta_decode(
+            qkv,
+            conv_state,
+            conv_w,
+            a,
+            b,
+            A_log,
+            dt_bias,
+            state,
+            mask=None if mask is None else mask[:, 0],
+            z=z,
+            **kw,
+        )
+        return y.reshape(B, Hv * Dv), state, conv_state, None
+    del kw["norm_weight"], kw["norm_eps"]
     for t in range(tokens):
-        # Token t's rows (one token: the pieces themselves, no view).
-        qkv_t, a_t, b_t, z_t = (x[t::tokens] if tokens > 1 else x for x in (qkv, a, b, z))
         m = None if mask is None else mask[:, t]
         y, state, conv_state = gated_delta_decode(
-            qkv_t, conv_state, conv_w, a_t, b_t, A_log, dt_bias, state, mask=m, z=z_t, **kw
+            qkv[t::tokens],
+            conv_state,
+            conv_w,
+            a[t::tokens],
+            b[t::tokens],
+            A_log,
+            dt_bias,
+            state,
+            mask=m,
+            **kw,
         )
         ys.append(y)
         states.append((conv_state, state))
-    y = ys[0] if tokens == 1 else mx.stack(ys, axis=1)
-    return y.reshape(B * tokens, Hv * Dv), state, conv_state, (states if tokens > 1 else None)
+    # The gated norm once over all tokens (`decode.gated_rms_norm`, elementwise per token).
+    y = mx.stack(ys, axis=1)  # [B, T, Hv, Dv]
+    y = gated_rms_norm(y, z.reshape(y.shape), norm_weight, norm_eps)
+    return y.reshape(B * tokens, Hv * Dv), state, conv_state, states
 
 
 def _validate_packed(_proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight, dims, B):
