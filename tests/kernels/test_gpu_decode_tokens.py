@@ -107,10 +107,17 @@ def reference(x, T, mask, dims):
 SHAPES = [(1, 16, 16, 128, 128), (3, 2, 4, 128, 128), (2, 2, 4, 64, 32)]
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("T", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}".format(*s))
+# bf16 at every shape and T (each (Dk, W, T, mask) is one NVRTC compile, a few seconds); fp32
+# at the 0.8B layer.
+CASES = [(s, T, m, mx.bfloat16) for s in SHAPES for T in (1, 2, 3, 8) for m in (False, True)]
+CASES += [(SHAPES[0], T, True, mx.float32) for T in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    "shape, T, masked, dtype",
+    CASES,
+    ids=lambda v: str(v) if not isinstance(v, tuple) else "B{}Hk{}Hv{}Dk{}Dv{}".format(*v),
+)
 def test_packed_tokens_match_ref(shape, T, masked, dtype):
     B, Hk, Hv, Dk, Dv = shape
     dims = (Hk, Dk, Hv, Dv)
@@ -132,7 +139,7 @@ def test_packed_tokens_match_ref(shape, T, masked, dtype):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("T", [2, 3, 8])
+@pytest.mark.parametrize("T", [2, 8])
 def test_tokens_in_one_launch_equal_one_launch_a_token(T, dtype):
     """The verify step's launch against plain decoding's: bit for bit, every output."""
     B, Hk, Hv, Dk, Dv = 3, 16, 16, 128, 128
