@@ -463,16 +463,7 @@ def gated_delta_decode_packed(
     # Ops (and anything the kernel does not take): the pieces, then one decode a token.
     from .decode import gated_rms_norm
 
-    # The pieces as contiguous arrays: strided views of proj through the compiled ops (decode.py)
-    # gave wrong values on the CPU in some processes (after other tests had traced them; not
-    # pinned down: tests/test_packed_decode.py).
-    # (qkv, b, a token-major [T, B, ...] for T > 1, so token t's rows are one block; z as in proj.)
     qkv, z, b, a = mx.split(proj, [C, C + Hv * Dv, C + Hv * Dv + Hv], axis=-1)
-    if tokens > 1:
-        qkv, b, a = (mx.contiguous(x.reshape(B, tokens, -1).swapaxes(0, 1)) for x in (qkv, b, a))
-    else:
-        qkv, b, a = (mx.contiguous(x) for x in (qkv, b, a))
-    z = mx.contiguous(z)
     kw = dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
     kw.update(norm_weight=norm_weight, norm_eps=norm_eps, backend=backend)
     ys, states = [], []
@@ -495,11 +486,11 @@ def gated_delta_decode_packed(
     for t in range(tokens):
         m = None if mask is None else mask[:, t]
         y, state, conv_state = gated_delta_decode(
-            qkv[t],
+            qkv[t::tokens],
             conv_state,
             conv_w,
-            a[t],
-            b[t],
+            a[t::tokens],
+            b[t::tokens],
             A_log,
             dt_bias,
             state,
