@@ -154,10 +154,13 @@ def _cache_arrays(c) -> list:
     return [x for x in c.cache + [c.left_padding] if x is not None]
 
 
-def count_step(model, batch: int = 1, offset: int = 10, dtype=mx.bfloat16) -> collections.Counter:
-    """Primitives by kind of one decode step (one token a row) of `model` over a filled cache."""
+def count_step(
+    model, batch: int = 1, offset: int = 10, dtype=mx.bfloat16, tokens: int = 1
+) -> collections.Counter:
+    """Primitives by kind of one decode step of `model` over a filled cache: one token a row,
+    or with tokens = T > 1 the multi-token (speculative verify) step of T tokens a row."""
     cache = filled_cache(model, batch, offset, dtype)
-    tokens = mx.zeros((batch, 1), mx.int32)
+    tokens = mx.zeros((batch, tokens), mx.int32)
     mx.eval(tokens)
     logits = model(tokens, cache=cache)
     outs = [logits] + [x for c in cache for x in _cache_arrays(c)]
@@ -263,6 +266,27 @@ class GpuStandIns:
             deps.append(kw.get("norm_weight"))
             return tuple(si("gated_delta_decode (kernel)", [y, state, conv_state], deps))
 
+        def gdp(proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight, *, tokens, **kw):
+            # The packed T-token decode kernel (the fused in-projection read in place): one
+            # launch with its per-token states; the ops path above _CONV_KERNEL_MAX_B rows.
+            B = proj.shape[0] // tokens
+            if B > gd_kernels._CONV_KERNEL_MAX_B:
+                args = (proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight)
+                return real["gdp"](*args, tokens=tokens, **kw)
+            Hv, Dv, Dk = kw["num_v_heads"], kw["head_v_dim"], kw["head_k_dim"]
+            C = proj.shape[1] - Hv * Dv - 2 * Hv
+            if state is None:
+                state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
+            if conv_state is None:
+                conv_state = mx.zeros((B, conv_w.shape[1] - 1, C), proj.dtype)
+            outs = [mx.zeros((B * tokens, Hv * Dv), proj.dtype), state, conv_state]
+            if tokens > 1:
+                outs += [mx.zeros((tokens - 1, *state.shape), mx.float32)]
+                outs += [mx.zeros((tokens - 1, *conv_state.shape), proj.dtype)]
+            deps = [proj, conv_w, A_log, dt_bias, norm_weight, kw.get("mask")]
+            outs = si("gated_delta_decode (kernel)", outs, deps)
+            return outs[0], outs[1], outs[2], (tuple(outs[3:]) if tokens > 1 else None)
+
         def gdu(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, **kw):
             B, T, _, Dk = q.shape
             Hv, Dv = v.shape[2:]
@@ -280,6 +304,7 @@ class GpuStandIns:
             # (its placeholder output adds a Full and a Broadcast the device has not: 2 in all)
             out = mx.zeros((*gu.shape[:-1], gu.shape[-1] // 2), gu.dtype)
             return si("swiglu (kernel)", [out], [gu])[0]
+
         class AttentionKernel:
             """Our decode attention kernel pair (kernels/attention): a split pass and a combine,
             one primitive each."""
@@ -299,6 +324,7 @@ class GpuStandIns:
             return AttentionKernel() if use and attention_launch.shape_supported(q, k, v) else None
 
         real = {"sdpa": fast.scaled_dot_product_attention, "gdd": layers.gated_delta_decode}
+        real["gdp"] = getattr(layers, "gated_delta_decode_packed", None)
         if not self.stand_in:
 
             def counting_sdpa(q, k, v, *, mask=None, **kw):
@@ -317,6 +343,7 @@ class GpuStandIns:
             (layers, "gated_delta_decode", gdd),
             # Decode attention: our kernel pair where the target runs it (else MLX's sdpa above).
             (attention_kernel, "kernel_backend", kernel_backend),
+            (layers, "gated_delta_decode_packed", gdp),
             # MoE experts: the GPU runs SwitchGLU's gather_mm in the weights' dtype.
             (layers, "_cpu_needs_fp32", lambda experts: False),
             # Residual adds folded into AddMM as on the target (layers.FOLD_RESIDUAL "auto").
@@ -357,6 +384,7 @@ def count_all(
     vocab=1024,
     stand_ins: bool | None = None,
     target: str = "cuda",
+    tokens: int = 1,
 ) -> collections.Counter:
     """`count_step` of a fresh model: which is "compiled", "plain" (ours) or "mlx-lm".
     stand_ins (default: on the CPU) counts the GPU's single primitives as one (`GpuStandIns`,
@@ -369,11 +397,11 @@ def count_all(
         model.compiled_decode = False
     if not stand_ins:  # the device's own graph; only the attention fallbacks are counted
         with GpuStandIns(target, stand_in=False) as s:
-            kinds = count_step(model, batch, offset, dtype)
+            kinds = count_step(model, batch, offset, dtype, tokens)
         kinds[FALLBACKS] = s.fallbacks
         return +kinds
     with GpuStandIns(target) as s:
-        kinds = count_step(model, batch, offset, dtype)
+        kinds = count_step(model, batch, offset, dtype, tokens)
     kinds = relabel(kinds, s.calls)
     kinds[FALLBACKS] = s.fallbacks
     return +kinds
@@ -472,6 +500,9 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--vocab", type=int, default=1024, help="vocabulary (the count ignores it)")
     p.add_argument("--which", default="compiled,plain,mlx-lm")
+    p.add_argument(
+        "--tokens", type=int, default=1, help="tokens a row: > 1 counts the verify step (MTP)"
+    )
     p.add_argument("--by-kind", action="store_true", help="print every kind's count")
     p.add_argument("--full-width", action="store_true", help="the real widths (see _NARROW)")
     p.add_argument("--cpu", action="store_true", help="count on the CPU (default: default device)")
@@ -502,15 +533,17 @@ def main(argv=None) -> dict:
         shape = SHAPES[name] if a.full_width else narrow(SHAPES[name])
         counts = {}
         for which in a.which.split(","):
+            stand = on_cpu and not a.raw
             counts[which] = count_all(
-                shape, which, a.batch, a.offset, dtype, a.vocab, on_cpu and not a.raw, a.target
+                shape, which, a.batch, a.offset, dtype, a.vocab, stand, a.target, a.tokens
             )
         result[name] = {
             w: {"kinds": dict(c), "host_us": host_cost(c, a.batch, costs)}
             for w, c in counts.items()
         }
         n_layers = shape["num_hidden_layers"]
-        print(f"{name} (layers {n_layers}, batch {a.batch}, {a.dtype}, {how}):", flush=True)
+        step = f"{a.tokens} tokens a row, " if a.tokens > 1 else ""
+        print(f"{name} (layers {n_layers}, batch {a.batch}, {step}{a.dtype}, {how}):", flush=True)
         for which, k in counts.items():
             n = sum(v for kind, v in k.items() if kind != FALLBACKS)
             print(f"  {which:>9}: {n:5d} primitives")

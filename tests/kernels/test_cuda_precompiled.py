@@ -67,12 +67,21 @@ def _backend():
     )
 
 
-def _run_variant(backend, gate, mask, decode, conv, dt, norm=False):
+def _run_variant(backend, gate, mask, decode, conv, dt, norm=False, tokens=1, packed=False):
     """Launch one variant through the launch layer (as the model does) with inputs of dtype dt;
     returns the kernel object."""
     t = 1 if decode else T
     m = None
     state = mx.zeros((B, HV, DV, DK))
+    if packed:  # proj [B * T, qkv | z | b | a]
+        C = 2 * HK * DK + HV * DV
+        m = mx.array([[True] * tokens, [False] + [True] * (tokens - 1)]) if mask else None
+        launch.run_packed_decode(
+            backend.build, mx.zeros((B * tokens, C + HV * DV + 2 * HV), dt),
+            mx.zeros((B, K - 1, C), dt), mx.zeros((C, K), dt), mx.zeros((HV,)),
+            mx.zeros((HV,)), state, m, tokens=tokens, norm_w=mx.ones((DV,), dt), norm_eps=1e-6,
+        )  # fmt: skip
+        return backend.build(gate, mask, True, True, True, tokens, True)
     if conv:
         C = 2 * HK * DK + HV * DV
         m = mx.array([True, False]) if mask else None
@@ -103,6 +112,7 @@ def _all_variants():
     for dt in (mx.float32, mx.bfloat16, mx.float16):
         out += [(*v, dt) for v in source.conv_variants()]
         out += [(*v[:4], dt, True) for v in source.norm_variants()]
+        out += [(*v[:4], dt, *v[4:]) for v in source.token_variants((1, 3))]
     return out
 
 
@@ -152,6 +162,8 @@ def test_cuda_kernel_sources_compile_to_ptx_with_entry(variant, tmp_path, monkey
     compile) compiles to PTX that has the `extern "C"` entry precompiled_cuda_kernel is told."""
     _, src, call = _capture(monkeypatch, variant)
     assert "#include" not in src
+    # The packed variants' entry is bounded to their block (launch.py: MAX_THREADS).
+    assert ("__launch_bounds__(" in src) == (len(variant) > 7 and variant[7])
     ptx = _ptx(src, tmp_path, call["name"])
     assert re.search(rf"\.entry\s+{re.escape(call['name'])}\s*\(", ptx), ptx[:2000]
 

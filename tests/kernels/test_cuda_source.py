@@ -27,26 +27,47 @@ using Shape = cuda::std::array<int, 8>;  // as MLX's device/utils.cuh (MAX_NDIM 
 """
 CTYPES = {"fp32": "float", "bf16": "__nv_bfloat16", "fp16": "__half"}
 # Inputs in the activation dtype; the rest are fp32 (mask: bool).
-ACT = {"q", "k", "v", "a", "b", "qkv", "conv_w", "z", "norm_w"}
+ACT = {"q", "k", "v", "a", "b", "qkv", "conv_w", "z", "norm_w", "proj"}
 
 
 def kernel(
-    index: int, gate, mask, decode, conv, act: str, Dk: int, L: int, W: int, norm=False
+    index: int,
+    gate,
+    mask,
+    decode,
+    conv,
+    act: str,
+    Dk: int,
+    L: int,
+    W: int,
+    norm=False,
+    tokens=1,
+    packed=False,
 ) -> str:
-    body = cuda.BACKEND.kernel_source(gate, mask, decode, conv, norm)
+    body = cuda.BACKEND.kernel_source(gate, mask, decode, conv, norm, tokens, packed)
     params = []
-    for n in source.input_names(gate, mask, conv, norm):
+    for n in source.input_names(gate, mask, conv, norm, packed):
         t = "bool" if n == "mask" else (CTYPES[act] if n in ACT else "float")
         params.append(f"    const {t}* {n}")
         if f"{n}_shape" in body:
             params.append(f"    const __grid_constant__ Shape {n}_shape")
     out_types = {"y": CTYPES[act], "state_out": "float", "conv_state_out": CTYPES[act]}
-    params += [f"    {out_types[n]}* {n}" for n in source.output_names(conv)]
+    out_types.update(state_tok="float", conv_tok=CTYPES[act])
+    params += [f"    {out_types[n]}* {n}" for n in source.output_names(conv, tokens)]
     consts = f"  constexpr int Dk = {Dk};\n  constexpr int L = {L};\n  constexpr int P = 0;\n"
+    # The packed variants launch with MAX_THREADS: the precompiled entry's __launch_bounds__.
+    bounds = f"__launch_bounds__({32 * W}) " if packed else ""
     consts += f"  using YT = {CTYPES[act]};\n"
     if conv:
         consts += f"  constexpr int K = 4;\n  constexpr int W = {W};\n"
-    return f"__global__ void k{index}(\n" + ",\n".join(params) + ") {\n" + consts + body + "\n}\n"
+    return (
+        f"__global__ void {bounds}k{index}(\n"
+        + ",\n".join(params)
+        + ") {\n"
+        + consts
+        + body
+        + "\n}\n"
+    )
 
 
 def translation_unit() -> str:
@@ -61,6 +82,10 @@ def translation_unit() -> str:
         for Dk, L, W in ((128, 4, 16), (32, 4, 2), (64, 4, 8)):
             for _, mask, _, _, norm in source.norm_variants():
                 kernels.append(("fused", mask, True, True, act, Dk, L, W, norm))
+        # The packed T-token variants (the compiled decode / verify steps' kernel).
+        for Dk, L, W in ((128, 4, 16), (32, 4, 2)):
+            for _, mask, _, _, norm, tokens, packed in source.token_variants((1, 2, 3, 8)):
+                kernels.append(("fused", mask, True, True, act, Dk, L, W, norm, tokens, packed))
     return PRELUDE + cuda.HEADER + "".join(kernel(i, *k) for i, k in enumerate(kernels))
 
 
@@ -94,6 +119,12 @@ def test_norm_layout_fits_the_register_file(tmp_path):
         for mask in (False, True)
         for act in CTYPES
     ]
+    # The packed variants (bounded to the block's threads: launch.py, precompiled.py).
+    ks += [
+        ("fused", mask, True, True, act, NORM_MAX_DK, L, W, True, tokens, True)
+        for _, mask, _, _, _, tokens, _ in source.token_variants((1, 2, 3, 8))
+        for act in CTYPES
+    ]
     text = PRELUDE + cuda.HEADER + "".join(kernel(i, *k) for i, k in enumerate(ks))
     path = tmp_path / "norm.cu"
     path.write_text(text)
@@ -105,10 +136,12 @@ def test_norm_layout_fits_the_register_file(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    regs = [int(x) for x in re.findall(r"Used (\d+) registers", res.stderr)]
+    # ptxas names each entry (k<index>) before its registers, in no set order.
+    found = re.findall(r"entry function '_Z\d+k(\d+)\D.*?Used (\d+) registers", res.stderr, re.S)
+    regs = {ks[int(i)]: int(r) for i, r in found}
     assert len(regs) == len(ks)
-    for r in regs:
-        assert -(-r // 8) * 8 * 32 * W <= 65536, (regs, L, W)
+    for k, r in regs.items():
+        assert -(-r // 8) * 8 * 32 * W <= 65536, (k, r, L, W)
 
 
 def test_cuda_norm_source_check_can_fail(tmp_path):

@@ -235,3 +235,204 @@ def test_conv_decode_norm_body_on_cpu_matches_ref(shape, masked, dtype, program,
     assert rel_err(y, want) < RTOL[dtype]
     if masked:
         assert not np.any(y[1::2])
+
+
+# --- The packed T-token variant (`gated_delta_decode_packed`'s kernel): T = 1..8 tokens a row,
+# read in place from the fused in-projection [B * T, qkv | z | b | a], the gated norm per token
+# and the (conv, recurrent) state after every token.
+
+# (T, mask, dtype, Dk, W): Dk = 32 at W = 2 (Dv = 12: a partial warp) for every T, masked, in
+# bf16; fp32 and no mask at a few T; Dk = Dv = 128 (the 0.8B layer: launch.norm_layout gives 16
+# warps); W = 4 (Dv = 32, Hv = Hk).
+PACKED_INSTANCES = (
+    [(T, True, mx.bfloat16, 32, 2) for T in range(1, 9)]
+    + [(T, False, mx.float32, 32, 2) for T in (2, 5)]
+    + [(2, True, dt, 128, 16) for dt in (mx.float32, mx.bfloat16)]
+    + [(3, False, mx.bfloat16, 32, 4)]
+)
+
+
+def _packed_runner(i: int, T: int, mask: bool, dtype, Dk: int, W: int, K: int = 4) -> str:
+    names = source.input_names("fused", mask, conv=True, norm=True, packed=True)
+    yt = CTYPES[dtype]
+    act = ("proj", "conv_state", "conv_w", "norm_w")
+
+    def ctype(n):
+        return "bool" if n == "mask" else (yt if n in act else "float")
+
+    params = [f"const {ctype(n)}* {n}" for n in names]
+    params += ["const int* proj_shape", "const int* state_in_shape"]
+    params += ["YT* y", "float* state_out", "YT* conv_state_out"]
+    if T > 1:
+        params += ["float* state_tok", "YT* conv_tok"]
+    reads = "\n".join(
+        f"  const std::vector<char> {n}_v = read(argv[{j}]);" for j, n in enumerate(names)
+    )
+    args = ", ".join(f"reinterpret_cast<const {ctype(n)}*>({n}_v.data())" for n in names)
+    j = len(names)
+    outs = "y.data(), s.data(), cs.data()" + (", st.data(), ct.data()" if T > 1 else "")
+    body = cuda.BACKEND.kernel_source("fused", mask, True, True, True, T, True)
+    return f"""
+namespace p{i} {{
+template <int Dk, int L, int P, typename YT, int K, int W>
+void kernel({", ".join(params)}) {{
+{body}
+}}
+}}  // namespace p{i}
+
+void run_{i}(char** argv) {{
+{reads}
+  const int B = std::stoi(argv[{j}]), width = std::stoi(argv[{j + 1}]);
+  const int Hv = std::stoi(argv[{j + 2}]), Dv = std::stoi(argv[{j + 3}]);
+  const int n_ch = std::stoi(argv[{j + 4}]);
+  const unsigned groups = std::stoi(argv[{j + 5}]);
+  const int proj_shape[2] = {{B * {T}, width}};
+  const int state_in_shape[4] = {{B, Hv, Dv, {Dk}}};
+  const size_t S = size_t(B) * Hv * Dv * {Dk}, CS = size_t(B) * {K - 1} * n_ch;
+  std::vector<{yt}> y(size_t(B) * {T} * Hv * Dv, {yt}(NAN)), cs(CS, {yt}(NAN));
+  std::vector<{yt}> ct(CS * {T - 1}, {yt}(NAN));
+  std::vector<float> s(S, NAN), st(S * {T - 1}, NAN);
+  run_grid({{unsigned(B * Hv), groups / {W}, 1}}, {W}, [&] {{
+    p{i}::kernel<{Dk}, 4, 0, {yt}, {K}, {W}>({args}, proj_shape, state_in_shape, {outs});
+  }});
+  dump(argv[{j + 6}], y);
+  dump(argv[{j + 7}], s);
+  dump(argv[{j + 8}], cs);
+  dump(argv[{j + 9}], st);
+  dump(argv[{j + 10}], ct);
+}}
+"""
+
+
+DUMP = """
+template <typename X>
+void dump(const char* path, const std::vector<X>& x) {
+  std::ofstream(path, std::ios::binary).write((const char*)x.data(), x.size() * sizeof(X));
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def packed_program(tmp_path_factory) -> Path:
+    runners = DUMP + "".join(_packed_runner(i, *v) for i, v in enumerate(PACKED_INSTANCES))
+    text = runner_program(runners, len(PACKED_INSTANCES))
+    return compile_emulated(text, tmp_path_factory.mktemp("packed_kernel_body"), timeout=900)
+
+
+def make_packed_inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, K=4):
+    """Inputs of the packed step: proj [B * T, qkv | z | b | a], conv_state, conv_w, A_log,
+    dt_bias, state, norm_w, from `make_decode_inputs` (its qkv, a, b for token 0; more drawn)."""
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, dtype=dtype, seed=seed)
+    C = x["qkv"].shape[1]
+    kq, kz, ka, kw = mx.random.split(mx.random.key(seed + 101), 4)
+    qkv = 2 * mx.random.normal((B * T, C), key=kq)
+    z = 2 * mx.random.normal((B * T, Hv * Dv), key=kz)
+    ab = mx.random.normal((B * T, 2 * Hv), key=ka)
+    ab = ab * mx.array([1.0] * Hv + [3.0] * Hv)  # b, then a spread wider (strong decays too)
+    proj = mx.concatenate([qkv, z, ab], axis=1).astype(dtype)
+    norm_w = (1 + 0.3 * mx.random.normal((Dv,), key=kw)).astype(dtype)
+    return dict(x, proj=proj, norm_w=norm_w)
+
+
+def packed_np(x, mask, T, dims, eps):
+    """float64: T calls of `gated_delta_decode_np` on the tokens, each then through the gated
+    norm; returns (y [B, T, Hv, Dv], [state after token t], [conv state after token t])."""
+    Hk, Dk, Hv, Dv = dims
+    C = 2 * Hk * Dk + Hv * Dv
+    B = x["proj"].shape[0] // T
+    p = np.asarray(x["proj"].astype(mx.float32), np.float64).reshape(B, T, -1)
+    ww = np.asarray(x["norm_w"].astype(mx.float32), np.float64)
+    conv, state, ys, states, convs = x["conv_state"], x["state"], [], [], []
+    for t in range(T):
+        qkv, z = p[:, t, :C], p[:, t, C : C + Hv * Dv].reshape(B, Hv, Dv)
+        b, a = p[:, t, C + Hv * Dv : C + Hv * Dv + Hv], p[:, t, C + Hv * Dv + Hv :]
+        m = None if mask is None else np.asarray(mask)[:, t]
+        args = (qkv, conv, x["conv_w"], a, b, x["A_log"], x["dt_bias"], state)
+        y, state, conv = gated_delta_decode_np(*args, m, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv)
+        r = 1 / np.sqrt((y**2).mean(-1, keepdims=True) + eps)
+        ys.append(y * r * ww * z / (1 + np.exp(-z)))
+        states.append(state)
+        convs.append(conv)
+    return np.stack(ys, 1), states, convs
+
+
+def _token_masks(B: int, T: int) -> mx.array:
+    """Row 0 all real, row 1 left-padded by min(2, T - 1), row 2 a hole in the middle."""
+    m = np.ones((B, T), bool)
+    if B > 1:
+        m[1, : min(2, T - 1)] = False
+    if B > 2 and T > 2:
+        m[2, T // 2] = False
+    return mx.array(m)
+
+
+# (B, Hk, Hv, Dk, Dv) per instance's (Dk, W): W = 2 -> Dv = 12; W = 4 -> Dv = 32; W = 16 ->
+# Dv = 128 (launch.norm_layout's warps).
+PACKED_SHAPES = {2: (3, 2, 4, 32, 12), 4: (2, 2, 2, 32, 32), 16: (1, 1, 2, 128, 128)}
+
+
+@pytest.mark.parametrize(
+    "inst",
+    PACKED_INSTANCES,
+    ids=lambda v: "T{}-{}-{}-Dk{}-W{}".format(
+        v[0], "mask" if v[1] else "nomask", "bf16" if v[2] == mx.bfloat16 else "fp32", *v[3:]
+    ),
+)
+def test_packed_tokens_body_on_cpu_matches_numpy_and_ref(inst, packed_program, tmp_path):
+    """Every output of the T-token kernel: y of every token (normed), the recurrent and conv
+    states after every token, against float64 and against `ref` (one `gated_delta_decode` a
+    token, the ops of the CPU path)."""
+    from qwen35_mlx.kernels.gated_delta import gated_delta_decode_packed
+
+    T, masked, dtype, Dk, W = inst
+    B, Hk, Hv, _, Dv = PACKED_SHAPES[W]
+    dims = (Hk, Dk, Hv, Dv)
+    K, eps = 4, 1e-6
+    x = make_packed_inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed=7 * T + W)
+    mask = _token_masks(B, T) if masked else None
+    C = 2 * Hk * Dk + Hv * Dv
+    inputs = dict(x, state_in=x["state"], mask=mask, norm_eps=mx.array([eps]))
+    bf16 = dtype == mx.bfloat16
+    names = source.input_names("fused", masked, conv=True, norm=True, packed=True)
+    act = ("proj", "conv_state", "conv_w", "norm_w")
+    paths = [_to_file(inputs[n], tmp_path / f"{n}.bin", bf16 and n in act) for n in names]
+    out = [tmp_path / f"{n}.bin" for n in ("y", "s", "cs", "st", "ct")]
+    dimsv = (B, x["proj"].shape[1], Hv, Dv, C, W)
+    subprocess.run(
+        [str(packed_program), str(PACKED_INSTANCES.index(inst)), *paths, *map(str, dimsv)]
+        + [str(o) for o in out],
+        check=True,
+        timeout=600,
+    )
+    y = _from_file(out[0], (B, T, Hv, Dv), bf16)
+    s = _from_file(out[1], (B, Hv, Dv, Dk), False)
+    cs = _from_file(out[2], (B, K - 1, C), bf16)
+    st = _from_file(out[3], (T - 1, B, Hv, Dv, Dk), False)
+    ct = _from_file(out[4], (T - 1, B, K - 1, C), bf16)
+    states, convs = [*st, s], [*ct, cs]
+    for a in (y, *states, *convs):
+        assert np.isfinite(a).all()
+
+    y_np, s_np, c_np = packed_np(x, mask, T, dims, eps)
+    kw = dict(_kw(dims), tokens=T, mask=mask, norm_eps=eps, backend="ref")
+    args = [x[n] for n in ("proj", "conv_state", "conv_w", "A_log", "dt_bias", "state", "norm_w")]
+    y_ref, _, _, per_token = gated_delta_decode_packed(*args, **kw)
+    per_token = per_token or [(None, None)]
+    tight = RTOL[mx.float32] * (1 if dtype == mx.float32 else 10)
+    assert rel_err(y, y_np) < RTOL[dtype]
+    y_ref = np.asarray(y_ref.astype(mx.float32)).reshape(B, T, Hv, Dv)
+    assert rel_err(y, y_ref) < (tight if dtype == mx.float32 else RTOL[dtype] / 4)
+    for t in range(T):
+        assert rel_err(states[t], s_np[t]) < RTOL[dtype], t
+        assert np.array_equal(convs[t], c_np[t].astype(np.float32)) or bf16, t
+        if T > 1:
+            c_ref, s_ref = per_token[t]
+            assert np.array_equal(convs[t], np.asarray(c_ref.astype(mx.float32))), t
+            assert rel_err(states[t], np.asarray(s_ref)) < tight, t
+    if masked:
+        m = np.asarray(mask)
+        assert not np.any(y[~m])
+        # A padded token leaves the recurrent state as it was.
+        before = [np.asarray(x["state"])] + states[:-1]
+        for b, t in zip(*np.nonzero(~m), strict=True):
+            assert np.array_equal(states[t][b], before[t][b]), (b, t)

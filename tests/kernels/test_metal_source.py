@@ -63,6 +63,7 @@ IN_TYPES = {
     "z": "bfloat16_t",
     "norm_w": "bfloat16_t",
     "norm_eps": "float",
+    "proj": "bfloat16_t",
 }
 # (Dk, L, P, YT) instantiations: smallest and largest Dk, every lane count the host may pick,
 # with and without prefetching.
@@ -84,7 +85,9 @@ CONV_INSTANTIATIONS = [
 ]
 
 
-def wrap(name: str, input_names: list[str], body: str, header: str, conv: bool = False) -> str:
+def wrap(
+    name: str, input_names: list[str], body: str, header: str, conv: bool = False, tokens=1
+) -> str:
     """A translation unit shaped like MLX's generated Metal kernel for `body`."""
     params = []
     for i, n in enumerate(input_names):
@@ -100,6 +103,8 @@ def wrap(name: str, input_names: list[str], body: str, header: str, conv: bool =
     params.append("  device float* state_out")
     if conv:
         params.append("  device YT* conv_state_out")
+    if tokens > 1:
+        params += ["  device float* state_tok", "  device YT* conv_tok"]
     params += [f"  {t} {a}" for a, t in METAL_ATTRIBUTES.items() if a in body]
     fn = f"custom_kernel_{name}"
     args = [", ".join(map(str, i)) for i in (CONV_INSTANTIATIONS if conv else INSTANTIATIONS)]
@@ -223,3 +228,42 @@ def test_conv_switch_selects_the_conv_variant(mask, tmp_path):
         source.kernel_body("scalar", mask, True, True)
     with pytest.raises(ValueError, match="conv variant"):
         source.kernel_body("fused", mask, False, True)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 8])
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+def test_packed_switch_reads_the_fused_projection(tokens, mask, tmp_path):
+    """The packed T-token variant reads qkv, z, b and a from `proj` only (no split pieces), T
+    is a constant, and for T > 1 the states after the earlier tokens are written (one more
+    barrier a token: qk_tg is rewritten)."""
+    code = preprocessed(source.kernel_body("fused", mask, True, True, True, tokens, True), tmp_path)
+    assert re.search(r"\bproj\[", code) and re.search(r"\bconv_state\[", code)
+    for name in ("qkv", "z", "a", "b", "q", "k", "v"):
+        assert not re.search(rf"\b{name}\[", code), name
+    assert f"constexpr int T = {tokens};" in code
+    assert ("state_tok" in code) == ("conv_tok[" in code) == (tokens > 1)
+    assert code.count("gd_threadgroup_barrier()") == 2 + (tokens > 1)
+    assert (re.search(r"\bmask\[", code) is not None) == mask
+    assert "GD_" not in code and "gd_in_" not in code and "gd_conv_dst" not in code
+    names = source.input_names("fused", mask, conv=True, norm=True, packed=True)
+    assert names[0] == "proj" and "z" not in names and "qkv" not in names
+    assert source.output_names(True, tokens)[3:] == (
+        ["state_tok", "conv_tok"] if tokens > 1 else []
+    )
+    with pytest.raises(ValueError, match="tokens"):
+        source.kernel_body("fused", mask, True, True, True, 9, True)
+    with pytest.raises(ValueError, match="conv decode variants only"):
+        source.kernel_body("fused", mask, True, False, False, tokens, True)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8])
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+def test_metal_packed_decode_source_compiles(mask, tokens, tmp_path):
+    """The packed T-token variant (the fused projection in place, the gated norm, the states
+    after each token: five outputs for T > 1)."""
+    variant = ("fused", mask, True, True, True, tokens, True)
+    body = metal.BACKEND.kernel_source(*variant)
+    names = source.input_names("fused", mask, conv=True, norm=True, packed=True)
+    tu = wrap(source.kernel_name(*variant), names, body, metal.HEADER, conv=True, tokens=tokens)
+    err = compile_errors(tu, tmp_path)
+    assert not err, err

@@ -135,10 +135,17 @@ class LinearCache(ArraysCache):
         self._pending = inputs if 1 < T <= RECORD_LIMIT else None
 
     def record_states(self, T: int, states: list) -> None:
-        """Called by the compiled verify step (text.py) before `note_advance(T)`: the (conv
-        state, recurrent state) after each of its T tokens, which the one-token kernel it runs
-        token by token gives for free; a trim into the call takes one, with no recompute."""
-        self._pending = _TokenStates(states) if 1 < T <= RECORD_LIMIT else None
+        """Called by the compiled verify step (text.py) after it set the cache's states and
+        before `note_advance(T)`: the states after each of its T tokens, which the decode kernel
+        gives for free, either as a list of T (conv state, recurrent state) or as the T-token
+        kernel's (state_tok, conv_tok) [T-1, ...] arrays (the states after all but the last
+        token, which is the cache's now); a trim into the call takes one, with no recompute."""
+        if not 1 < T <= RECORD_LIMIT:
+            self._pending = None
+        elif isinstance(states[0], mx.array):
+            self._pending = _TokenStates(states, final=tuple(self.cache))
+        else:
+            self._pending = _TokenStates(states)
 
     def advance(self, N: int) -> None:
         super().advance(N)
@@ -444,16 +451,30 @@ def set_history(cache: list, n: int) -> None:
 
 
 class _TokenStates:
-    """A recorded call as the states after each of its tokens (`LinearCache.record_states`)."""
+    """A recorded call as the states after each of its tokens (`LinearCache.record_states`):
+    a list of (conv, recurrent) pairs, or (state_tok, conv_tok) [T-1, ...] arrays and the
+    `final` pair, sliced only when a trim takes one."""
 
-    def __init__(self, states: list):
-        self.states = states
+    def __init__(self, states, final: tuple | None = None):
+        self.states, self.final = states, final
+
+    def at(self, i: int) -> tuple:
+        """(conv state, recurrent state) after token i."""
+        if self.final is None:
+            return tuple(self.states[i])
+        state_tok, conv_tok = self.states
+        return self.final if i == state_tok.shape[0] else (conv_tok[i], state_tok[i])
+
+    def head(self, keep: int) -> _TokenStates:
+        if self.final is None:
+            return _TokenStates(self.states[:keep])
+        return _TokenStates([self.at(i) for i in range(keep)])
 
 
 def _head(inputs: tuple | _TokenStates, keep: int) -> tuple | _TokenStates:
     """A recorded call's inputs cut to its first `keep` tokens."""
     if isinstance(inputs, _TokenStates):
-        return _TokenStates(inputs.states[:keep])
+        return inputs.head(keep)
     conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
     n_keep = conv_in.shape[1] - q.shape[1]
     cut = (x[:, :keep] for x in (q, k, v, a, b))
@@ -465,7 +486,7 @@ def _rewind(inputs: tuple | _TokenStates, keep: int, before: tuple) -> tuple:
     """(conv state, recurrent state) after the first `keep` tokens of a recorded call that
     started from `before`."""
     if isinstance(inputs, _TokenStates):
-        return tuple(inputs.states[keep - 1])
+        return inputs.at(keep - 1)
     conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
     T = q.shape[1]
     n_keep = conv_in.shape[1] - T  # K - 1

@@ -29,7 +29,11 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels import fused_norm
 from ..kernels.attention import MAX_T as DECODE_MAX_T
-from ..kernels.gated_delta import gated_delta_decode, gated_delta_update
+from ..kernels.gated_delta import (
+    gated_delta_decode,
+    gated_delta_decode_packed,
+    gated_delta_update,
+)
 from ..kernels.gated_delta.decode import gated_rms_norm
 from .attention import attention, decode_attention
 from .config import TextConfig
@@ -203,25 +207,16 @@ def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.ar
     if made is None:
         mods = [owner[n] for n in names]
         return [m.as_linear(x) if hasattr(m, "as_linear") else m(x) for m in mods]
-    w = owner[_key(names)]
     if not made.fused:
-        return [x @ wi for wi in w]
-    if made.quant is None:
-        y = x @ w
-    else:
-        y = mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
+        return [x @ wi for wi in owner[_key(names)]]
+    y = _fused_matmul(owner, names, made, x)
     if len(names) == 1:
         return [y]
     return mx.split(y, np.cumsum(made.sizes[:-1]).tolist(), axis=-1)
 
 
-def project_joined(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx.array | None:
-    """x through the one fused matrix `prepare_projections` made for `names`, unsplit
-    ([..., sum of the layers' outputs]); None when the group is not one matrix (then `project`
-    applies it). Same conditions of use as `project`."""
-    made = getattr(owner, _key(names) + "_made", None)
-    if made is None or not made.fused:
-        return None
+def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.array):
+    """x through the one matrix (plain or quantized) `prepare_projections` made for `names`."""
     w = owner[_key(names)]
     if made.quant is None:
         return x @ w
@@ -311,6 +306,18 @@ def add_norm(norm: nn.Module, x: mx.array, d: mx.array | None) -> tuple[mx.array
     if d is None:
         return x, norm(x)
     return fused_norm.add_rms_norm(x, d, norm.weight, norm.eps)
+
+
+def project_packed(owner: nn.Module, names: tuple[str, ...], x: mx.array, checked=False):
+    """x through the group's one fused matmul, its output left whole ([..., sum of the layers'
+    sizes], the layers' outputs side by side in `names` order), or None where
+    `prepare_projections` made no single matrix for the group. For the compiled step, as
+    `project`; `checked`: outside it, only if the layers still hold the weights it was made
+    from (`_made`)."""
+    made = _made(owner, names) if checked else getattr(owner, _key(names) + "_made", None)
+    if made is None or not made.fused or len(names) < 2:
+        return None
+    return _fused_matmul(owner, names, made, x)
 
 
 class RMSNormGated(nn.Module):
@@ -408,6 +415,16 @@ class GatedDeltaNet(nn.Module):
             # As transformers does: padded positions contribute nothing to any projection, so
             # they never reach the conv state or the recurrent state.
             x = mx.where(mask[..., None], x, mx.zeros((), x.dtype))
+        lengths = getattr(cache, "lengths", None) if cache is not None else None
+        if T == 1 and cache is not None and lengths is None:
+            # One token a row where the compiled step has fused the in-projections: its own
+            # matmul and kernel (`_decode_packed`), so the two paths compute the same thing.
+            proj = project_packed(self, self.IN_PROJ, x.reshape(B, -1), checked=True)
+            if proj is not None:
+                y, _ = self._decode_packed(proj, 1, mask, cache)
+                state, conv_state = cache[1], cache[0]
+                y = y.reshape(B, 1, Hv, Dv)
+                return self._finish(y, None, state, conv_state, cache, residual)
         qkv = self.in_proj_qkv(x)
         z = self.in_proj_z(x).reshape(B, T, Hv, Dv)
         b = self.in_proj_b(x)
@@ -415,7 +432,6 @@ class GatedDeltaNet(nn.Module):
 
         conv_state = cache[0] if cache is not None else None
         state = cache[1] if cache is not None else None
-        lengths = getattr(cache, "lengths", None) if cache is not None else None
         if T == 1 and lengths is None:
             # One token a row: the compiled decode step's own call (one kernel launch on a
             # GPU, the gated norm included), so the plain path and the compiled step compute
@@ -480,6 +496,11 @@ class GatedDeltaNet(nn.Module):
         B = x.shape[0]
         if mask is not None:  # mask [B]
             x = mx.where(mask[:, None], x, mx.zeros((), x.dtype))  # as in __call__
+        proj = project_packed(self, self.IN_PROJ, x)
+        if proj is not None:
+            # The fused in-projection read in place by the kernel: no split, no copies.
+            y, _ = self._decode_packed(proj, 1, None if mask is None else mask[:, None], cache)
+            return project_add(self, "out_proj", y, residual)
         qkv, z, b, a = project(self, self.IN_PROJ, x)
         # z [B, Hv * Dv]: the gated norm, in the same call
         y = self._recur(qkv, a, b, mask, cache, z=z, norm_weight=self.norm.weight)
@@ -509,16 +530,47 @@ class GatedDeltaNet(nn.Module):
         )
         return y
 
+    def _decode_packed(self, proj, T: int, mask, cache: list) -> tuple:
+        """T tokens a row from the fused in-projection proj [B*T, qkv | z | b | a] through
+        `gated_delta_decode_packed` (conv, gates, recurrence, gated norm) over cache [conv state,
+        recurrent state], replaced by the states after the last token; returns (y
+        [B*T, value_dim], the states after each token: see `LinearCache.record_states`)."""
+        y, cache[1], cache[0], states = gated_delta_decode_packed(
+            proj,
+            cache[0],
+            decode_weight(self, "conv1d"),
+            self.A_log,
+            self.dt_bias,
+            cache[1],
+            self.norm.weight,
+            tokens=T,
+            num_k_heads=self.num_k_heads,
+            head_k_dim=self.head_k_dim,
+            num_v_heads=self.num_v_heads,
+            head_v_dim=self.head_v_dim,
+            mask=mask,
+            norm_eps=self.norm.eps,
+        )
+        return y, states
+
     def steps(self, x: mx.array, T: int, mask: mx.array | None, cache: list) -> tuple:
         """A few tokens a row (the compiled verify step): x [B*T, H] (row b*T + t: row b's
         token t; 2-D, so the projections are one matmul each, no flatten) -> [B*T, H]. The
         projections run once over all tokens; the conv and recurrence go token by token
-        through the one-token decode kernel (`step`'s arithmetic, one launch a token on a GPU).
+        through the decode kernel (`step`'s arithmetic: where the in-projections are fused, all T
+        tokens in one launch on a GPU, read from the fused projection in place).
         cache [conv state, recurrent state] is replaced by the states after the last token;
-        also returns the (conv state, recurrent state) after each token, so that a rollback to
-        any of them needs no recompute. mask [B, T] bool or None, as in `__call__`."""
+        also returns the states after each token (a list of T (conv state, recurrent state), or
+        the kernel's (state_tok, conv_tok) [T-1, ...] arrays: `LinearCache.record_states`), so
+        that a rollback to any of them needs no recompute. mask [B, T] bool or None, as in
+        `__call__`."""
         if mask is not None:  # as in __call__
             x = mx.where(mask.reshape(-1, 1), x, mx.zeros((), x.dtype))
+        proj = project_packed(self, self.IN_PROJ, x)
+        if proj is not None:
+            # All T tokens in one call (one kernel launch on a GPU), the states after each kept.
+            y, states = self._decode_packed(proj, T, mask, cache)
+            return project(self, ("out_proj",), y)[0], states
         qkv, z, b, a = project(self, self.IN_PROJ, x)
         ys, states = [], []
         for t in range(T):
@@ -760,7 +812,7 @@ class MLP(nn.Module):
     def _gate_up(self, x: mx.array) -> mx.array:
         """silu(gate_proj(x)) * up_proj(x) through `project`: from the fused matrix's output by
         one `fused_norm.swiglu` (a kernel reading [.., 2I] where it runs), else split + ops."""
-        gu = project_joined(self, self.DECODE_GROUPS[0], x)
+        gu = project_packed(self, self.DECODE_GROUPS[0], x)
         if gu is None:
             return _swiglu_pair(*project(self, self.DECODE_GROUPS[0], x))
         return fused_norm.swiglu(gu)

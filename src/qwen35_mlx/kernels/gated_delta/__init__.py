@@ -10,7 +10,9 @@ The caller has l2-normalised q and k and scaled q; nothing here applies a scale.
 
 `gated_delta_decode` is the whole linear-attention decode step (T = 1) from the raw in-projection:
 causal depthwise conv over [conv_state | qkv], silu, l2 norms, gates and one recurrence step, in
-one kernel launch on a GPU (decode.py holds its `ref` form).
+one kernel launch on a GPU (decode.py holds its `ref` form). `gated_delta_decode_packed` is the
+same step for T = 1..8 tokens a row (the compiled decode and verify steps), reading the layer's
+fused in-projection in place and giving the states after each token, in one launch on a GPU.
 
 Backends (`backend=`, or `auto`, overridable with env QWEN35_MLX_GDN_BACKEND):
     ref      plain mx ops, token by token (oracle, fallback, differentiable)   -> ref.py
@@ -29,8 +31,16 @@ import os
 import mlx.core as mx
 
 from .ref import gated_delta_ref
+from .source import MAX_TOKENS
 
-__all__ = ["gated_delta_update", "gated_delta", "gated_delta_decode", "compute_gates", "BACKENDS"]
+__all__ = [
+    "gated_delta_update",
+    "gated_delta",
+    "gated_delta_decode",
+    "gated_delta_decode_packed",
+    "compute_gates",
+    "BACKENDS",
+]
 
 BACKENDS = ("auto", "ref", "chunked", "metal", "cuda")
 _ENV = "QWEN35_MLX_GDN_BACKEND"
@@ -375,6 +385,149 @@ def gated_delta_decode(
             y, state, conv_state = impl.gated_delta_decode_kernel(*args)
             return apply_norm(y, norm), state, conv_state
     return gated_delta_decode_ref(*args, dims=dims, norm=norm)
+
+
+def gated_delta_decode_packed(
+    proj: mx.array,
+    conv_state: mx.array | None,
+    conv_w: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: mx.array | None,
+    norm_weight: mx.array,
+    *,
+    tokens: int,
+    num_k_heads: int,
+    head_k_dim: int,
+    num_v_heads: int,
+    head_v_dim: int,
+    mask: mx.array | None = None,
+    norm_eps: float = 1e-6,
+    backend: str = "auto",
+) -> tuple[mx.array, mx.array, mx.array, tuple | list | None]:
+    """`gated_delta_decode` with the gated norm for T = `tokens` (1..8) tokens a row, from the
+    layer's fused in-projection.
+
+    proj [B * T, C + Hv*Dv + 2*Hv]: row b * T + t is batch row b's token t; columns
+    [qkv (C = 2*Hk*Dk + Hv*Dv) | z (Hv*Dv) | b (Hv) | a (Hv)] (in_proj_qkv, in_proj_z,
+    in_proj_b, in_proj_a, in that order); conv_state, conv_w, A_log, dt_bias, state as in
+    `gated_delta_decode`; norm_weight [Dv]; mask [B, T] bool or None (a False token leaves the
+    recurrent state as it was and gives y = 0; the conv state still shifts in its qkv).
+
+    The tokens go one after the other, each exactly as `gated_delta_decode` would take it (same
+    arithmetic and roundings), so T tokens in one call give what T calls give. Returns (y
+    [B * T, Hv*Dv] in proj's dtype, normed; state and conv state after the last token; the
+    states after the earlier tokens, for a rollback: None for T = 1, else either
+    (state_tok [T-1, B, Hv, Dv, Dk], conv_tok [T-1, B, K-1, C]) (the GPU kernel: one launch,
+    proj read in place, no split) or a list of T (conv state, state) pairs (the `ref` ops, one
+    `gated_delta_decode` a token, as on the CPU)).
+    """
+    Hk, Dk, Hv, Dv = dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
+    C = 2 * Hk * Dk + Hv * Dv
+    width = C + Hv * Dv + 2 * Hv
+    if not 1 <= tokens <= MAX_TOKENS:
+        raise ValueError(f"gated_delta_decode_packed: tokens must be 1..{MAX_TOKENS}, got {tokens}")
+    if proj.ndim != 2 or proj.shape[1] != width or proj.shape[0] % tokens:
+        raise _shape_error(
+            "proj", proj.shape, f"[B * T, C + Hv*Dv + 2*Hv] = [B * {tokens}, {width}]"
+        )
+    B = proj.shape[0] // tokens
+    if conv_state is None:
+        conv_state = mx.zeros((B, conv_w.shape[1] - 1, C), proj.dtype)
+    if state is None:
+        state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
+    if mask is not None and mask.shape != (B, tokens):
+        raise _shape_error("mask", mask.shape, f"[B, T] = [{B}, {tokens}]")
+    name = _resolve_backend(backend)
+    if name in ("auto", "metal", "cuda") and mx.default_device() != mx.cpu:
+        names = ("metal", "cuda") if name == "auto" else (name,)
+        for n in names:
+            impl = _gpu_backend(n)
+            if B <= _CONV_KERNEL_MAX_B and impl.supports_packed(
+                proj, conv_w, state, norm_weight, tokens
+            ):
+                args = (proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight)
+                _validate_packed(*args, dims, B)
+                return impl.gated_delta_decode_packed_kernel(
+                    proj,
+                    conv_state,
+                    conv_w,
+                    A_log,
+                    dt_bias,
+                    state,
+                    mask,
+                    tokens=tokens,
+                    norm_w=norm_weight,
+                    norm_eps=norm_eps,
+                )
+    # Ops (and anything the kernel does not take): the pieces, then one decode a token.
+    from .decode import gated_rms_norm
+
+    qkv, z, b, a = mx.split(proj, [C, C + Hv * Dv, C + Hv * Dv + Hv], axis=-1)
+    kw = dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
+    kw.update(norm_weight=norm_weight, norm_eps=norm_eps, backend=backend)
+    ys, states = [], []
+    if tokens == 1:
+        y, state, conv_state = gated_delta_decode(
+            qkv,
+            conv_state,
+            conv_w,
+            a,
+            b,
+            A_log,
+            dt_bias,
+            state,
+            mask=None if mask is None else mask[:, 0],
+            z=z,
+            **kw,
+        )
+        return y.reshape(B, Hv * Dv), state, conv_state, None
+    del kw["norm_weight"], kw["norm_eps"]
+    for t in range(tokens):
+        m = None if mask is None else mask[:, t]
+        y, state, conv_state = gated_delta_decode(
+            qkv[t::tokens],
+            conv_state,
+            conv_w,
+            a[t::tokens],
+            b[t::tokens],
+            A_log,
+            dt_bias,
+            state,
+            mask=m,
+            **kw,
+        )
+        ys.append(y)
+        states.append((conv_state, state))
+    # The gated norm once over all tokens (`decode.gated_rms_norm`, elementwise per token).
+    y = mx.stack(ys, axis=1)  # [B, T, Hv, Dv]
+    y = gated_rms_norm(y, z.reshape(y.shape), norm_weight, norm_eps)
+    return y.reshape(B * tokens, Hv * Dv), state, conv_state, states
+
+
+def _validate_packed(_proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight, dims, B):
+    """The packed call's other shapes, checked as `gated_delta_decode` checks them (the kernel
+    path; the ops path checks them through `gated_delta_decode`)."""
+    Hk, Dk, Hv, Dv = dims
+    C = 2 * Hk * Dk + Hv * Dv
+    K = conv_w.shape[1] if conv_w.ndim == 2 else 0
+    want = {
+        "conv_w": (conv_w, (C, K), f"[C, K] = [{C}, K]"),
+        "conv_state": (conv_state, (B, K - 1, C), f"[B, K-1, C] = [{B}, {K - 1}, {C}]"),
+        "A_log": (A_log, (Hv,), f"[Hv] = [{Hv}]"),
+        "dt_bias": (dt_bias, (Hv,), f"[Hv] = [{Hv}]"),
+        "state": (state, (B, Hv, Dv, Dk), f"[B, Hv, Dv, Dk] = [{B}, {Hv}, {Dv}, {Dk}]"),
+        "norm_weight": (norm_weight, (Dv,), f"[Dv] = [{Dv}]"),
+    }
+    for name, (x, shape, text) in want.items():
+        if x.shape != shape or K < 1:
+            raise _shape_error(name, x.shape, text)
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise ValueError(f"gated_delta_decode: {name} must be a floating dtype, got {x.dtype}")
+    if Hv % Hk:
+        raise ValueError(
+            f"gated_delta_decode: num_v_heads={Hv} must be a multiple of num_k_heads={Hk}"
+        )
 
 
 # False: `gated_delta_decode(..., z=...)` runs the conv decode kernel without the gated norm and

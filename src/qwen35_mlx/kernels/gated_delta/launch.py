@@ -6,13 +6,16 @@ Shapes: q, k [B, T, Hk, Dk]; v, y [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk]
 [B, T, Hv]; A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B, T] bool.
 Conv decode (`run_conv_decode`): qkv [B, C], conv_state [B, K-1, C], conv_w [C, K], a, b [B, Hv],
 mask [B]; y [B, Hv, Dv]; with the gated norm also z [B, Hv, Dv] (or [B, Hv * Dv]), norm_w [Dv].
+Packed T-token decode (`run_packed_decode`): proj [B * T, C + Hv Dv + 2 Hv] (the fused
+in-projection, columns [qkv | z | b | a]), mask [B, T]; y [B * T, Hv * Dv]; the states after
+each token but the last as [T-1, ...] arrays.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .source import input_names, kernel_body, kernel_name, output_names
+from .source import MAX_TOKENS, input_names, kernel_body, kernel_name, output_names
 
 MAX_DK = 256
 MAX_CONV_K = 8
@@ -122,27 +125,96 @@ def run_conv_decode(
     (and norm_w, norm_eps: a float or a [1] fp32 array), y has passed the gated norm; the
     layout is then `norm_layout`'s (lanes, warps: ignored)."""
     B, Hv, Dv, Dk = state.shape
-    C, K = conv_w.shape
+    inputs = [qkv, conv_state, conv_w, a, b, A_log, dt_bias, state.astype(mx.float32)]
+    if z is not None:
+        inputs += [z, *_norm_inputs(norm_w, norm_eps)]
+    if mask is not None:
+        inputs.append(mask.astype(mx.bool_))
+    kernel = build("fused", mask is not None, True, True, z is not None)
+    y_shape = (B, Hv, Dv)
     norm = z is not None
+    return _launch_conv(
+        kernel, inputs, y_shape, qkv.dtype, conv_w, state, 1, norm, lanes, warps, init_value
+    )
+
+
+def _norm_inputs(norm_w, norm_eps) -> list:
+    eps = norm_eps if isinstance(norm_eps, mx.array) else mx.array([norm_eps], mx.float32)
+    return [norm_w, eps.reshape(1).astype(mx.float32)]
+
+
+def _launch_conv(
+    kernel, inputs, y_shape, dtype, conv_w, state, T, norm, lanes, warps, init_value, bound=False
+):
+    """One conv decode launch of T tokens a row: y (y_shape, laid out as [B, T, Hv, Dv]), state,
+    conv state, and for T > 1 the [T-1, ...] states after each token but the last."""
+    B, Hv, Dv, Dk = state.shape
+    C, K = conv_w.shape
     if norm:
         lanes, warps = norm_layout(Dk, Dv)
     L, W, _, groups = _geometry(B, 1, Hv, Dk, Dv, lanes, warps, 0)
-    inputs = [qkv, conv_state, conv_w, a, b, A_log, dt_bias, state.astype(mx.float32)]
-    if norm:
-        eps = norm_eps if isinstance(norm_eps, mx.array) else mx.array([norm_eps], mx.float32)
-        inputs += [z, norm_w, eps.reshape(1).astype(mx.float32)]
-    if mask is not None:
-        inputs.append(mask.astype(mx.bool_))
-    kernel = build("fused", mask is not None, True, True, norm)
+    shapes = [y_shape, (B, Hv, Dv, Dk), (B, K - 1, C)]
+    dtypes = [dtype, mx.float32, dtype]
+    if T > 1:
+        shapes += [(T - 1, B, Hv, Dv, Dk), (T - 1, B, K - 1, C)]
+        dtypes += [mx.float32, dtype]
+    template = [("Dk", Dk), ("L", L), ("P", 0), ("YT", dtype), ("K", K), ("W", W)]
+    if bound:
+        # The precompiled CUDA entry's __launch_bounds__ (precompiled.py): at the gated norm's
+        # layout a block has up to 512 threads (Dk = Dv = 128), so at most 128 registers a
+        # thread; unbounded, nvcc 12 gave the T > 1 variants 132-165 (the launch would fail).
+        template.append(("MAX_THREADS", 32 * W))
     return kernel(
         inputs=inputs,
-        template=[("Dk", Dk), ("L", L), ("P", 0), ("YT", qkv.dtype), ("K", K), ("W", W)],
+        template=template,
         grid=(32 * B * Hv, groups, 1),
         threadgroup=(32, W, 1),
-        output_shapes=[(B, Hv, Dv), (B, Hv, Dv, Dk), (B, K - 1, C)],
-        output_dtypes=[qkv.dtype, mx.float32, qkv.dtype],
+        output_shapes=shapes,
+        output_dtypes=dtypes,
         init_value=init_value,
     )
+
+
+def packed_shape_supported(proj, conv_w, state, norm_w, tokens: int) -> bool:
+    """The packed T-token kernel takes these shapes: `conv_shape_supported`, 1 <= T <= 8 rows
+    a batch row, and the gated norm's layout (`norm_layout`, norm_w in proj's dtype)."""
+    Dk, Dv = state.shape[3], state.shape[2]
+    if not conv_shape_supported(proj, conv_w, state) or not 1 <= tokens <= MAX_TOKENS:
+        return False
+    return norm_w.dtype == proj.dtype and norm_layout(Dk, Dv) is not None
+
+
+def run_packed_decode(
+    build,
+    proj,
+    conv_state,
+    conv_w,
+    A_log,
+    dt_bias,
+    state,
+    mask=None,
+    *,
+    tokens: int,
+    norm_w,
+    norm_eps,
+    init_value=None,
+):
+    """The conv decode kernel over T = `tokens` tokens a row, reading the fused in-projection
+    proj [B * T, C + Hv Dv + 2 Hv] (row b * T + t, columns [qkv | z | b | a]) in place, with
+    the gated norm; mask [B, T] or None (shapes validated by the caller). Returns (y
+    [B * T, Hv * Dv] in proj's dtype, state, conv state after the last token, and for T > 1
+    (state_tok [T-1, B, Hv, Dv, Dk], conv_tok [T-1, B, K-1, C]), the states after each earlier
+    token; None for T = 1)."""
+    inputs = [proj, conv_state, conv_w, A_log, dt_bias, state.astype(mx.float32)]
+    inputs += _norm_inputs(norm_w, norm_eps)
+    if mask is not None:
+        inputs.append(mask.astype(mx.bool_))
+    kernel = build("fused", mask is not None, True, True, True, tokens, True)
+    B, Hv, Dv, _ = state.shape
+    y_shape = (B * tokens, Hv * Dv)
+    args = (kernel, inputs, y_shape, proj.dtype, conv_w, state, tokens, True, None, None)
+    out = _launch_conv(*args, init_value, bound=True)
+    return out[0], out[1], out[2], (tuple(out[3:]) if tokens > 1 else None)
 
 
 def run_gates(build, q, k, v, g, beta, state, mask=None, **launch_kw):
@@ -175,30 +247,30 @@ class GpuBackend:
         self.prologue = prologue
         self._factory = factory
         self._available = available
-        self._kernels: dict[tuple[str, bool, bool, bool, bool], object] = {}
+        self._kernels: dict[tuple, object] = {}
 
     def is_available(self) -> bool:
         return self._available()
 
     def kernel_source(
-        self, gate: str, mask: bool, decode: bool = False, conv=False, norm=False
+        self, gate: str, mask: bool, decode=False, conv=False, norm=False, tokens=1, packed=False
     ) -> str:
         """The full `source=` for one variant: prologue + body."""
-        return self.prologue + kernel_body(gate, mask, decode, conv, norm)
+        return self.prologue + kernel_body(gate, mask, decode, conv, norm, tokens, packed)
 
     def build(
-        self, gate: str, mask: bool, decode: bool = False, conv: bool = False, norm: bool = False
+        self, gate: str, mask: bool, decode=False, conv=False, norm=False, tokens=1, packed=False
     ):
         """The MLX kernel object of one variant (built once), or None without the backend."""
         if not self.is_available():
             return None
-        key = (gate, mask, decode, conv, norm)
+        key = (gate, mask, decode, conv, norm, tokens, packed)
         if key not in self._kernels:
             self._kernels[key] = self.make_kernel(
-                kernel_name(gate, mask, decode, conv, norm),
-                input_names(gate, mask, conv, norm),
-                output_names(conv),
-                self.kernel_source(gate, mask, decode, conv, norm),
+                kernel_name(gate, mask, decode, conv, norm, tokens, packed),
+                input_names(gate, mask, conv, norm, packed),
+                output_names(conv, tokens),
+                self.kernel_source(gate, mask, decode, conv, norm, tokens, packed),
             )
         return self._kernels[key]
 
@@ -238,4 +310,16 @@ class GpuBackend:
         conv state [B, K-1, C])."""
         return run_conv_decode(
             self.build, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, **kw
+        )
+
+    def supports_packed(self, proj, conv_w, state, norm_w, tokens: int) -> bool:
+        """The packed T-token conv decode kernel (with the gated norm) takes these shapes."""
+        return self.is_available() and packed_shape_supported(proj, conv_w, state, norm_w, tokens)
+
+    def gated_delta_decode_packed_kernel(
+        self, proj, conv_state, conv_w, A_log, dt_bias, state, mask=None, **kw
+    ):
+        """`run_packed_decode`: T tokens a row from the fused in-projection in one launch."""
+        return run_packed_decode(
+            self.build, proj, conv_state, conv_w, A_log, dt_bias, state, mask, **kw
         )

@@ -82,39 +82,71 @@ from __future__ import annotations
 GATES = ("scalar", "per_key", "fused")
 OUTPUT_NAMES = ["y", "state_out"]
 CONV_OUTPUT_NAMES = ["y", "state_out", "conv_state_out"]
+TOKEN_OUTPUT_NAMES = ["state_tok", "conv_tok"]
 NORM_INPUT_NAMES = ["z", "norm_w", "norm_eps"]
+MAX_TOKENS = 8  # the conv decode kernel's tokens a row (GD_TOKENS)
 
 
-def _check_conv(gate: str, decode: bool, conv: bool, norm: bool = False) -> None:
+def _check_conv(
+    gate: str, decode: bool, conv: bool, norm: bool = False, tokens: int = 1, packed=False
+) -> None:
     if conv and (gate != "fused" or not decode):
         raise ValueError(f"the conv variant is decode with fused gates, got {gate=}, {decode=}")
     if norm and not conv:
         raise ValueError("the gated norm is part of the conv decode variant only")
+    if (tokens != 1 or packed) and not conv:
+        raise ValueError("tokens > 1 and the packed projection are conv decode variants only")
+    if not 1 <= tokens <= MAX_TOKENS:
+        raise ValueError(f"the conv decode kernel takes 1..{MAX_TOKENS} tokens a row, got {tokens}")
 
 
 def kernel_name(
-    gate: str, mask: bool, decode: bool = False, conv: bool = False, norm: bool = False
+    gate: str,
+    mask: bool,
+    decode: bool = False,
+    conv: bool = False,
+    norm: bool = False,
+    tokens: int = 1,
+    packed: bool = False,
 ) -> str:
     """Kernel `name=` with its structural variant, e.g. `gated_delta_step_fused_mask`; the
-    conv variant is `gated_delta_decode_conv(_norm)(_mask)`."""
-    _check_conv(gate, decode, conv, norm)
+    conv variant is `gated_delta_decode_conv(_packed)(_tT)(_norm)(_mask)` (T tokens a row when
+    T > 1; `_packed`: reads the fused in-projection)."""
+    _check_conv(gate, decode, conv, norm, tokens, packed)
     if conv:
-        return "gated_delta_decode_conv" + ("_norm" if norm else "") + ("_mask" if mask else "")
+        return (
+            "gated_delta_decode_conv"
+            + ("_packed" if packed else "")
+            + (f"_t{tokens}" if tokens > 1 else "")
+            + ("_norm" if norm else "")
+            + ("_mask" if mask else "")
+        )
     kind = "gated_delta_decode" if decode else "gated_delta_step"
     return kind + ("" if gate == "scalar" else f"_{gate}") + ("_mask" if mask else "")
 
 
-def input_names(gate: str, mask: bool, conv: bool = False, norm: bool = False) -> list[str]:
+def input_names(
+    gate: str, mask: bool, conv: bool = False, norm: bool = False, packed: bool = False
+) -> list[str]:
+    """packed: one input `proj` (the fused in-projection [B * T, C + Hv Dv + 2 Hv], columns
+    [qkv | z | b | a]) in place of qkv, a, b and z."""
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if packed:
+        extra = ["norm_w", "norm_eps"] if norm else []
+        names = ["proj", "conv_state", "conv_w", "A_log", "dt_bias", "state_in", *extra]
+        return names + (["mask"] if mask else [])
     gates = ["a", "b", "A_log", "dt_bias"] if gate == "fused" else ["g", "beta"]
     qkv = ["qkv", "conv_state", "conv_w"] if conv else ["q", "k", "v"]
     extra = NORM_INPUT_NAMES if norm else []
     return [*qkv, *gates, "state_in", *extra] + (["mask"] if mask else [])
 
 
-def output_names(conv: bool = False) -> list[str]:
-    return list(CONV_OUTPUT_NAMES if conv else OUTPUT_NAMES)
+def output_names(conv: bool = False, tokens: int = 1) -> list[str]:
+    """tokens > 1 (conv): also the states after each token but the last (`state_tok`
+    [T-1, B, Hv, Dv, Dk] fp32, `conv_tok` [T-1, B, K-1, C])."""
+    names = list(CONV_OUTPUT_NAMES if conv else OUTPUT_NAMES)
+    return names + (TOKEN_OUTPUT_NAMES if conv and tokens > 1 else [])
 
 
 def variants() -> list[tuple[str, bool, bool]]:
@@ -130,6 +162,12 @@ def conv_variants() -> list[tuple[str, bool, bool, bool]]:
 def norm_variants() -> list[tuple[str, bool, bool, bool, bool]]:
     """The conv decode variants with the gated norm, as (gate, mask, decode, conv, norm)."""
     return [("fused", mask, True, True, True) for mask in (False, True)]
+
+
+def token_variants(tokens=(1, 2, 3)) -> list[tuple[str, bool, bool, bool, bool, int, bool]]:
+    """The packed conv decode variants with the gated norm, T tokens a row, as (gate, mask,
+    decode, conv, norm, tokens, packed): the compiled decode step (T = 1) and verify step."""
+    return [("fused", m, True, True, True, t, True) for t in tokens for m in (False, True)]
 
 
 # Reads step t_ld's k, q, v (and per-key decay) into the *_nx registers. Used twice in BODY:
@@ -162,26 +200,33 @@ _LOAD = """{
 # "Conv decode" in the docstring). gd_conv_silu(ch, out, store) computes channel ch's conv and
 # silu into the float `out` (a value of YT) and, if `store`, writes the channel's new conv state.
 _CONV_LOAD = """
-  // Key head hk's post-silu q (first Dk) and k channels, once per threadgroup (declared
-  // at kernel scope, as Metal wants threadgroup variables).
-  gd_threadgroup float qk_tg[2 * Dk];
   {
-    // qkv: [B, n_ch]; conv_state, conv_state_out: [B, K-1, n_ch]; conv_w: [n_ch, K]
-    const size_t x0 = size_t(b_idx) * n_ch;
+    // Token t_ld of batch row b_idx: input row b_idx * T + t_ld of qkv (or of the packed
+    // projection, whose first n_ch columns are qkv); x_ext = [conv_state | the T tokens' qkv]
+    // ([K-1+T, n_ch] per row), token t_ld's taps read x_ext rows t_ld .. t_ld + K-1 and the conv
+    // state after it is x_ext rows t_ld + 1 .. t_ld + K-1. conv_state: [B, K-1, n_ch];
+    // conv_w: [n_ch, K]. qk_tg is read by every warp for token t_ld - 1: wait before rewriting.
     const size_t cs0 = size_t(b_idx) * (K - 1) * n_ch;
+#if GD_TOKENS > 1
+    if (t_ld > 0) {
+      gd_threadgroup_barrier();
+    }
+#endif
 #define gd_conv_silu(ch, out, store)                                                      \\
     {                                                                                     \\
       float h = 0.0f;                                                                     \\
       for (int j = 0; j < K; ++j) {                                                       \\
-        const YT x = j < K - 1                                                            \\
-            ? static_cast<YT>(static_cast<float>(conv_state[cs0 + size_t(j) * n_ch + (ch)])) \\
-            : static_cast<YT>(static_cast<float>(qkv[x0 + (ch)]));                        \\
+        const int r = t_ld + j;                                                           \\
+        const YT x = r < K - 1                                                            \\
+            ? static_cast<YT>(static_cast<float>(conv_state[cs0 + size_t(r) * n_ch + (ch)])) \\
+            : static_cast<YT>(static_cast<float>(                                         \\
+                  gd_in_qkv[(size_t(b_idx) * T + (r - (K - 1))) * x_stride + (ch)]));     \\
         const YT w = static_cast<YT>(static_cast<float>(conv_w[size_t(ch) * K + j]));     \\
         const float p = static_cast<float>(static_cast<YT>(                               \\
             static_cast<float>(x) * static_cast<float>(w)));                              \\
         h = j == 0 ? p : static_cast<float>(static_cast<YT>(h + p));                      \\
         if ((store) && j > 0) {                                                           \\
-          conv_state_out[cs0 + size_t(j - 1) * n_ch + (ch)] = x;                          \\
+          gd_conv_dst(t_ld, cs0 + size_t(j - 1) * n_ch + (ch)) = x;                       \\
         }                                                                                 \\
       }                                                                                   \\
       const float e = static_cast<float>(static_cast<YT>(gd_exp(h < 0.0f ? -h : h)));     \\
@@ -247,9 +292,11 @@ _NORM = """
         const float r = gd_rsqrt(ssq * (1.0f / float(Dv)) + static_cast<float>(norm_eps[0]));
         const float n = static_cast<float>(static_cast<YT>(yr * r));
         const float nw = static_cast<float>(static_cast<YT>(n * static_cast<float>(norm_w[dv])));
-        // z: [B, Hv, Dv] (or [B, Hv * Dv]). silu(g) = g * sigmoid(g) in fp32, sigmoid as MLX's
-        // CPU op: 1 / (1 + exp(|g|)) for g < 0, else one minus that.
-        const float g = static_cast<float>(z[size_t(head) * Dv + dv]);
+        // z: row b_idx * T + t of [B * T, Hv * Dv] (or columns z_off.. of the packed
+        // projection). silu(g) = g * sigmoid(g) in fp32, sigmoid as MLX's CPU op:
+        // 1 / (1 + exp(|g|)) for g < 0, else one minus that.
+        const float g = static_cast<float>(
+            gd_in_z[(size_t(b_idx) * T + t) * z_stride + z_off + hv * Dv + dv]);
         const float e = 1.0f / (1.0f + gd_exp(g < 0.0f ? -g : g));
         const float sig = g < 0.0f ? e : 1.0f - e;
         out = static_cast<float>(static_cast<YT>(nw * (g * sig)));
@@ -262,21 +309,73 @@ BODY = (
   constexpr int R = 32 / L;        // value rows per SIMD-group / warp
   constexpr int C = Dk / (4 * L);  // float4 column chunks per lane
   constexpr int N = 4 * C;         // state elements per lane
-#if GD_DECODE
+#if GD_CONV
+  constexpr int T = GD_TOKENS;  // tokens a row, a constant of the variant
+#elif GD_DECODE
   constexpr int T = 1;  // decode: the step loops below run once and fold away
 #else
   const int T = q_shape[1];
 #endif
-#if GD_CONV
-  // qkv: [B, n_ch], n_ch = 2 Hk Dk + Hv Dv; a: [B, Hv]; state_in: [B, Hv, Dv, Dk]
+  // Where the fused gates' a and b of row r = b * T + t are: gd_in_a[r * g_stride + a_off + hv]
+  // (and b_off); the gated norm's z: gd_in_z[r * z_stride + z_off + hv * Dv + dv].
+#if GD_CONV && GD_PACKED
+  // proj: [B * T, n_tot], columns [qkv (n_ch) | z (Hv Dv) | b (Hv) | a (Hv)]: the layer's fused
+  // in-projection, read in place; state_in: [B, Hv, Dv, Dk]
+#define gd_in_qkv proj
+#define gd_in_z proj
+#define gd_in_a proj
+#define gd_in_b proj
+  const int x_rows = proj_shape[0];
+  const int x_stride = proj_shape[1];
+  const int Hv = state_in_shape[1];
+  const int Dv = state_in_shape[2];
+  const int n_ch = x_stride - Hv * Dv - 2 * Hv;
+  const int z_stride = x_stride;
+  const int z_off = n_ch;
+  const int g_stride = x_stride;
+  const int b_off = n_ch + Hv * Dv;
+  const int a_off = b_off + Hv;
+#elif GD_CONV
+  // qkv: [B * T, n_ch], n_ch = 2 Hk Dk + Hv Dv; a, b: [B * T, Hv]; z: [B * T, Hv * Dv];
+  // state_in: [B, Hv, Dv, Dk]
+#define gd_in_qkv qkv
+#define gd_in_z z
+#define gd_in_a a
+#define gd_in_b b
+  const int x_rows = qkv_shape[0];
   const int n_ch = qkv_shape[1];
+  const int x_stride = n_ch;
   const int Hv = a_shape[1];
   const int Dv = state_in_shape[2];
-  const int Hk = (n_ch - Hv * Dv) / (2 * Dk);
+  const int z_stride = Hv * Dv;
+  const int z_off = 0;
+  const int g_stride = Hv;
+  const int b_off = 0;
+  const int a_off = 0;
 #else
+#define gd_in_a a
+#define gd_in_b b
   const int Hk = q_shape[2];
   const int Hv = v_shape[2];
   const int Dv = v_shape[3];
+  const int g_stride = Hv;
+  const int b_off = 0;
+  const int a_off = 0;
+#endif
+#if GD_CONV
+  const int Hk = (n_ch - Hv * Dv) / (2 * Dk);
+  const int n_b = x_rows / T;  // batch rows
+  (void)z_stride;
+  (void)z_off;
+  (void)x_stride;
+#endif
+#if GD_CONV && GD_TOKENS > 1
+  // The conv state after token t < T - 1 goes to conv_tok [T-1, B, K-1, n_ch], the last one to
+  // conv_state_out; the recurrent state after token t < T - 1 to state_tok [T-1, B, Hv, Dv, Dk].
+#define gd_conv_dst(t, i) \
+  (*((t) < T - 1 ? &conv_tok[size_t(t) * n_b * (K - 1) * n_ch + (i)] : &conv_state_out[(i)]))
+#else
+#define gd_conv_dst(t, i) conv_state_out[(i)]
 #endif
 
   const unsigned head = gd_head;  // b * Hv + hv
@@ -320,13 +419,24 @@ BODY = (
   float g_nx[N];
 #endif
 #if GD_CONV
-"""
-    + _CONV_LOAD
-    + """
+  // Key head hk's post-silu q (first Dk) and k channels of one token, computed once per
+  // threadgroup (declared at kernel scope, as Metal wants threadgroup variables).
+  gd_threadgroup float qk_tg[2 * Dk];
 #if GD_NORM
   // The head's sum of squares of y, one partial sum per warp (kernel scope, as for qk_tg).
   gd_threadgroup float norm_tg[32];
 #endif
+#if GD_TOKENS == 1
+  {
+    const int t_ld = 0;
+    """
+    + _CONV_LOAD
+    + """
+  }
+#endif
+  // With more tokens, each token's q, k and v come from the conv at the top of its step
+  // (below); one token's is loaded here, before the gates, as the registers allow at the gated
+  // norm's layout (one head a block: loaded in the step, it took up to 153 a thread on sm_90).
 #else
   {
     const int t_ld = 0;
@@ -353,6 +463,8 @@ BODY = (
     {
       const int tl = t0 + int(gd_lane) < T ? t0 + int(gd_lane) : T - 1;
       const size_t h_l = h0 + size_t(tl) * Hv;
+      const size_t g_l = (size_t(b_idx) * T + tl) * g_stride + hv;  // h_l unless GD_CONV
+      (void)g_l;
 #if GD_GATE == GD_SCALAR
       gl = static_cast<float>(g[h_l]);
       bl = static_cast<float>(beta[h_l]);
@@ -361,18 +473,31 @@ BODY = (
 #else
       // Fused gating: beta = sigmoid(b), g = exp(-exp(A_log) * softplus(a + dt_bias)) in fp32,
       // softplus(x) = max(x, 0) + log(1 + exp(-|x|)); each lane transforms one step.
-      const float x = static_cast<float>(a[h_l]) + dt_bias_h;
+      const float x = static_cast<float>(gd_in_a[g_l + a_off]) + dt_bias_h;
       const float sp = (x > 0.0f ? x : 0.0f) + gd_log(1.0f + gd_exp(x > 0.0f ? -x : x));
       gl = gd_exp(-A_h * sp);
-      bl = 1.0f / (1.0f + gd_exp(-static_cast<float>(b[h_l])));
+      bl = 1.0f / (1.0f + gd_exp(-static_cast<float>(gd_in_b[g_l + b_off])));
 #endif
 #if GD_MASK
       ml = mask[size_t(b_idx) * T + tl] ? 1.0f : 0.0f;
 #endif
     }
     const int n = T - t0 < 32 ? T - t0 : 32;
+#if GD_CONV
+    // One token at a time: unrolled, the tokens' conv and norm code would not fit the
+    // registers a thread has at the gated norm's one-head-a-block layout.
+    #pragma unroll 1
+#endif
     for (int j = 0; j < n; ++j) {
       const int t = t0 + j;
+#if GD_CONV && GD_TOKENS > 1
+      {
+        const int t_ld = t;
+        """
+    + _CONV_LOAD
+    + """
+      }
+#endif
       float k_cu[N];
       float q_cu[N];
       #pragma unroll
@@ -389,7 +514,7 @@ BODY = (
       const float g_cu = gd_step_gate(gl, j);
 #endif
       const float b_cu = gd_step_gate(bl, j);
-#if !GD_DECODE
+#if !GD_DECODE && !GD_CONV
       // Load step t + 1 (clamped: the last step reloads itself, so the loop has no branch).
       const int t_ld = t + 1 < T ? t + 1 : t;
       """
@@ -449,6 +574,17 @@ BODY = (
       if (sub == 0 && row_ok) {
         y[vy0 + size_t(t) * vy_step] = static_cast<YT>(out);
       }
+#if GD_CONV && GD_TOKENS > 1
+      // The recurrent state after every token but the last (which is state_out below).
+      if (t < T - 1 && row_ok) {
+        const size_t tok = size_t(t) * n_b * Hv * Dv * Dk;
+        #pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const int i = 4 * c;
+          gd_store_f4(state_tok + tok + s_off + c * 4 * L, s[i], s[i + 1], s[i + 2], s[i + 3]);
+        }
+      }
+#endif
     }
   }
 
@@ -460,6 +596,15 @@ BODY = (
     }
   }
 #undef gd_step_gate
+#undef gd_conv_dst
+#undef gd_in_a
+#undef gd_in_b
+#if GD_CONV
+#undef gd_in_qkv
+#undef gd_in_z
+#endif
+#undef GD_TOKENS
+#undef GD_PACKED
 #undef GD_GATE
 #undef GD_MASK
 #undef GD_DECODE
@@ -473,22 +618,35 @@ BODY = (
 
 
 def variant_defines(
-    gate: str, mask: bool, decode: bool = False, conv: bool = False, norm: bool = False
+    gate: str,
+    mask: bool,
+    decode: bool = False,
+    conv: bool = False,
+    norm: bool = False,
+    tokens: int = 1,
+    packed: bool = False,
 ) -> str:
     """The compile-time switches of one variant, as preprocessor lines (see the docstring)."""
     input_names(gate, mask)  # validates gate
-    name = kernel_name(gate, mask, decode, conv, norm)  # validates conv and norm
+    name = kernel_name(gate, mask, decode, conv, norm, tokens, packed)  # validates the rest
     return (
         f"\n// Variant {name}: the switches BODY is compiled with.\n"
         "#define GD_SCALAR 0\n#define GD_PER_KEY 1\n#define GD_FUSED 2\n"
         f"#define GD_GATE GD_{gate.upper()}\n"
-        f"#define GD_MASK {int(mask)}\n#define GD_DECODE {int(decode)}\n"
+        f"#define GD_MASK {int(mask)}\n#define GD_DECODE {int(decode and tokens == 1)}\n"
         f"#define GD_CONV {int(conv)}\n#define GD_NORM {int(norm)}\n"
+        f"#define GD_TOKENS {tokens}\n#define GD_PACKED {int(packed)}\n"
     )
 
 
 def kernel_body(
-    gate: str, mask: bool, decode: bool = False, conv: bool = False, norm: bool = False
+    gate: str,
+    mask: bool,
+    decode: bool = False,
+    conv: bool = False,
+    norm: bool = False,
+    tokens: int = 1,
+    packed: bool = False,
 ) -> str:
     """The kernel body of one structural variant: its switches, then the one template."""
-    return variant_defines(gate, mask, decode, conv, norm) + BODY
+    return variant_defines(gate, mask, decode, conv, norm, tokens, packed) + BODY
