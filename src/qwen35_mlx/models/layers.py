@@ -912,12 +912,18 @@ class SparseMoeBlock(nn.Module):
         return (("gate", "shared_expert_gate"),) if "shared_expert" in self else (("gate",),)
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """The block's output, plus `residual` when given (an add: no single projection)."""
-        gates = [self.gate(x)]
-        if "shared_expert" in self:
-            y = self._mix(x, gates + [self.shared_expert_gate(x)], self.shared_expert)
+        """The block's output, plus `residual` when given (an add: no single projection). Up
+        to `FUSED_PLAIN_MAX_T` tokens a row, once the compiled step has fused the router with
+        the shared expert's gate (and while they hold that matrix's views), through the same
+        matmul as `step` (as `MLP.__call__`): a routing decision must not hang on how a GEMM
+        rounds a narrower matrix."""
+        names = self.DECODE_GROUPS[0]
+        if x.ndim >= 2 and x.shape[-2] <= FUSED_PLAIN_MAX_T and _made(self, names) is not None:
+            gates = project(self, names, x)
         else:
-            y = self._mix(x, gates, None)
+            gates = [self[n](x) for n in names]
+        shared = self.shared_expert if "shared_expert" in self else None
+        y = self._mix(x, gates, shared)
         return y if residual is None else residual + y
 
     def step(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
