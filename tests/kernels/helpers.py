@@ -169,3 +169,14 @@ def compile_emulated(text: str, tmp: Path, timeout: int) -> Path:
     )
     assert cc.returncode == 0, cc.stderr
     return exe
+
+
+@pytest.fixture
+def cpu_device():
+    """The emulator tests hold the kernel body, built for the CPU, to `ref` and the ops path
+    with the CPU's roundings (which the body follows): on a GPU machine those run on the CPU
+    too (`pytest.mark.usefixtures("cpu_device")`)."""
+    prev = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(prev)

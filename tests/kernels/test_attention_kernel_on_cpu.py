@@ -20,9 +20,17 @@ import pytest
 
 from qwen35_mlx.kernels.attention import cuda, launch
 from tests.kernels.attention_np import decode_attention_np, make_attention_inputs
-from tests.kernels.helpers import GXX, compile_emulated, runner_program
+from tests.kernels.helpers import (
+    GXX,
+    compile_emulated,
+    cpu_device,  # noqa: F401  (fixture)
+    runner_program,
+)
 
-pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
+pytestmark = [
+    pytest.mark.skipif(GXX is None, reason="needs g++"),
+    pytest.mark.usefixtures("cpu_device"),
+]
 
 CTYPES = {mx.float32: "float", mx.bfloat16: "bf16"}
 # (mask, causal, D, R, S, W, U, dtype, gate): every variant, R 4 and 8 (U 4 and 2), splits of

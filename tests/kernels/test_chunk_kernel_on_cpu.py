@@ -25,12 +25,16 @@ from tests.kernels.helpers import (
     EMULATOR,
     GXX,
     compile_emulated,
+    cpu_device,  # noqa: F401  (fixture)
     gated_delta_np,
     make_gate_inputs,
     make_inputs,
 )
 
-pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
+pytestmark = [
+    pytest.mark.skipif(GXX is None, reason="needs g++"),
+    pytest.mark.usefixtures("cpu_device"),
+]
 C = cl.CHUNK
 TOL = RTOL[mx.float32]
 

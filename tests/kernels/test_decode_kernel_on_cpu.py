@@ -21,12 +21,16 @@ from tests.conftest import RTOL, rel_err
 from tests.kernels.helpers import (
     GXX,
     compile_emulated,
+    cpu_device,  # noqa: F401  (fixture)
     gated_delta_decode_np,
     make_decode_inputs,
     runner_program,
 )
 
-pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
+pytestmark = [
+    pytest.mark.skipif(GXX is None, reason="needs g++"),
+    pytest.mark.usefixtures("cpu_device"),
+]
 
 CTYPES = {mx.float32: "float", mx.bfloat16: "bf16"}
 # Inputs in the activation dtype (the others are fp32, the mask bool).

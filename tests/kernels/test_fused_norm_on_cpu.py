@@ -18,7 +18,9 @@ import pytest
 
 from qwen35_mlx.kernels import fused_norm
 from qwen35_mlx.kernels.gated_delta import cuda, metal
-from tests.kernels.helpers import GXX, compile_emulated, np64, runner_program
+from tests.kernels.helpers import GXX, compile_emulated, cpu_device, np64, runner_program  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("cpu_device")
 
 NVCC = shutil.which("nvcc")
 CT = {"fp32": "float", "bf16": "bf16"}

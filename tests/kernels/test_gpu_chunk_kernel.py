@@ -40,7 +40,8 @@ def matrix_state(request, monkeypatch):
     """Every test runs with each chunk path for scalar gates, whatever the defaults: the
     two-kernel path with STATE_BODY (fp32 lanes) or STATE_MMA_BODY (the tile layer: tensor cores
     / simdgroup matrices), and the split path (WY, state and output kernels; per-key gates keep
-    the two-kernel path with fp32 lanes there). Returns whether the tile layer is on."""
+    the two-kernel path with fp32 lanes there, as do head sizes `cl.split_shape_ok` refuses).
+    Returns whether the tile layer is on."""
     monkeypatch.setattr(cl, "MATRIX", request.param == "mma")
     monkeypatch.setattr(cl, "SPLIT", request.param == "split")
     return request.param != "simt"

@@ -20,6 +20,7 @@ from tests.conftest import RTOL, rel_err
 from tests.kernels.helpers import (
     GXX,
     compile_emulated,
+    cpu_device,  # noqa: F401  (fixture)
     gated_delta_np,
     left_pad_mask,
     make_gate_inputs,
@@ -27,7 +28,10 @@ from tests.kernels.helpers import (
     runner_program,
 )
 
-pytestmark = pytest.mark.skipif(GXX is None, reason="needs g++")
+pytestmark = [
+    pytest.mark.skipif(GXX is None, reason="needs g++"),
+    pytest.mark.usefixtures("cpu_device"),
+]
 
 # (B, T, Hk, Hv, Dk, Dv, lanes, warps): Hv = 2 Hk, Dv not a multiple of the rows per warp
 # (a partial warp and a partial threadgroup), T over one chunk of 32 steps.
