@@ -182,24 +182,3 @@ def test_blocked_peak_does_not_depend_on_history(monkeypatch):
 
     short, long = peak(1024), peak(4096)
     assert long <= 1.1 * short, (short, long)
-
-
-def test_blocked_queued_key_blocks_same_result(small_blocks, monkeypatch):
-    # On a GPU the running state is submitted every QUEUE_KEY_BLOCKS key blocks (bounded memory
-    # with a long history); the arithmetic must not change. Forced here on the CPU, and counted.
-    q, k, v = _qkv(1, 8, 2, 40, 400, 32, 32, mx.bfloat16)
-    plain = attn_lib._blocked(q, k, v, 0.2, "causal")
-    calls = []
-
-    def every_second(j, blocks):
-        calls.append(j)
-        return j % 2 == 1
-
-    monkeypatch.setattr(attn_lib, "_queue_here", every_second)
-    waits = []
-    real_eval = mx.eval
-    monkeypatch.setattr(mx, "eval", lambda *a: (waits.append(1), real_eval(*a)))
-    queued = attn_lib._blocked(q, k, v, 0.2, "causal")
-    monkeypatch.setattr(mx, "eval", real_eval)
-    assert len(calls) > 4 and len(waits) >= 2
-    assert mx.array_equal(plain, queued).item()

@@ -45,12 +45,6 @@ PLAIN_BYTES = 256 << 20
 QUERY_BLOCK = 2048
 # Key blocks are a multiple of this many keys (matmul-friendly) and never shorter.
 KEY_ALIGN = 128
-# On a GPU the host queues a layer's key blocks far ahead of the GPU, and a block's buffers live
-# until the GPU has run it: with a long history (500 key blocks a layer at 128k tokens) that
-# grows with the prompt. Every QUEUE_KEY_BLOCKS blocks the running state is submitted and the
-# host waits for the group before it, so at most two groups are in flight (0: never). The
-# arithmetic is unchanged.
-QUEUE_KEY_BLOCKS = 8
 
 
 def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
@@ -102,8 +96,7 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
         acc = mx.zeros((B, Hkv, rep * n, Dv), mx.float32)
         # Keys this query block can see: all of them, or up to its last position if causal.
         k_end = offset + q1 if causal else S
-        queued = None
-        for j, k0 in enumerate(range(0, k_end, kb)):
+        for k0 in range(0, k_end, kb):
             k1 = min(k0 + kb, k_end)
             s = qs @ k[:, :, k0:k1].swapaxes(-1, -2)  # [B, Hkv, rep * n, k1 - k0]
             if causal and k1 - 1 > offset + q0:
@@ -122,20 +115,8 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
             acc = acc * alpha + (p.astype(v.dtype) @ v[:, :, k0:k1]).astype(mx.float32)
             l = l * alpha + p.sum(-1, keepdims=True).astype(mx.float32)
             m = m_new
-            if _queue_here(j, k_end // kb):
-                mx.async_eval(acc, l, m)
-                if queued is not None:
-                    mx.eval(queued)
-                queued = (acc, l, m)
         outs.append((acc / l).astype(v.dtype).reshape(B, Hq, n, Dv))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-
-
-def _queue_here(j: int, blocks: int) -> bool:
-    """Whether the running state is submitted after key block j of a loop of `blocks` blocks
-    (QUEUE_KEY_BLOCKS; GPU only, where buffers outlive their ops until the GPU ran them)."""
-    n = QUEUE_KEY_BLOCKS
-    return n > 0 and blocks > 2 * n and (j + 1) % n == 0 and mx.default_device() == mx.gpu
 
 
 def dequantize_kv(q: mx.array) -> bool:
