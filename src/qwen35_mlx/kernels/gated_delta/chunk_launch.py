@@ -384,6 +384,18 @@ def h_threads(bv: int = H_BV, C: int = CHUNK) -> int:
     return 32 * (C // 16) * (bv // 16)
 
 
+def _gate_inputs(which: str, g, beta, mask, raw_gates, B: int, T: int) -> tuple:
+    """(mask, gate inputs, kernel name) of a pass that takes either precomputed gates (g, beta)
+    or raw_gates = (a, b, A_log, dt_bias), computed in the kernel ("<which>_fused")."""
+    if mask is None:
+        mask = mx.ones((B, T), dtype=mx.bool_)
+    f32 = mx.float32
+    if raw_gates is None:
+        return mask, [g.astype(f32), beta.astype(f32)], which
+    a, b, A_log, dt_bias = raw_gates
+    return mask, [a, b, A_log.astype(f32), dt_bias.astype(f32)], which + "_fused"
+
+
 def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, init_value=None):
     """WY_BODY: W, Kw [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C,
     4] fp32 (gamma, g, valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are
@@ -392,14 +404,7 @@ def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, i
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
     BH = B * Hv
-    if mask is None:
-        mask = mx.ones((B, T), dtype=mx.bool_)
-    f32 = mx.float32
-    if raw_gates is None:
-        gates, which = [g.astype(f32), beta.astype(f32)], "wy"
-    else:
-        a, b, A_log, dt_bias = raw_gates
-        gates, which = [a, b, A_log.astype(f32), dt_bias.astype(f32)], "wy_fused"
+    mask, gates, which = _gate_inputs("wy", g, beta, mask, raw_gates, B, T)
     pt = v.dtype
     return _build(backend, which)(
         inputs=[k, v, *gates, mask.astype(mx.bool_)],
@@ -414,7 +419,7 @@ def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, i
         grid=(WY_THREADS * N, BH, 1),
         threadgroup=(WY_THREADS, 1, 1),
         output_shapes=[(BH, N * C, Dk), (BH, N * C, Dv), (BH, N * C, Dk), (BH, N * C, 4)],
-        output_dtypes=[pt, pt, pt, f32],
+        output_dtypes=[pt, pt, pt, mx.float32],
         init_value=init_value,
     )
 
@@ -586,14 +591,7 @@ def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
     BH = B * Hv
-    if mask is None:
-        mask = mx.ones((B, T), dtype=mx.bool_)
-    f32 = mx.float32
-    if raw_gates is None:
-        gates, which = [g.astype(f32), beta.astype(f32)], "prep"
-    else:
-        a, b, A_log, dt_bias = raw_gates
-        gates, which = [a, b, A_log.astype(f32), dt_bias.astype(f32)], "prep_fused"
+    mask, gates, which = _gate_inputs("prep", g, beta, mask, raw_gates, B, T)
     template = [("Dk", Dk), ("C", C), ("NT", PREP_THREADS), ("DS", KEY_SLICE)]
     if MATRIX if matrix is None else matrix:
         which += "_mma"
@@ -611,7 +609,7 @@ def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=
             (BH, N * C, Dk),
             (BH, N, Dk),
         ],
-        output_dtypes=[f32] * 6,
+        output_dtypes=[mx.float32] * 6,
     )
 
 

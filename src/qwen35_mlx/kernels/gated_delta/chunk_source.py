@@ -308,41 +308,30 @@ def prep_name(fused: bool, matrix: bool = False) -> str:
 #     U = X[:, :Dv], W = X[:, Dv:] (the unit-lower-triangular solve; no inverse is formed).
 #  4. Qg = gamma q, Kw = w k, decay = gamma_{C-1} (broadcast over Dk).
 # Threadgroup memory: max(2 DS, C) (C + 4) + 5 C floats: 18.7 KB at C=64, DS=32.
-PREP_BODY = """
-  constexpr int R = C / 16;        // tile rows / columns per thread in step 2
-  constexpr int CS = C + 4;        // staged k / q: stride of a key column (16-byte aligned)
-  constexpr int CP = C + 4;        // A row stride (rows 16-byte aligned: read as float4)
-  constexpr int BUF = 2 * DS * CS > C * CP ? 2 * DS * CS : C * CP;
-  static_assert(C % 64 == 0 && NT == 256, "PREP_BODY: 16 x 16 threads, C / 16 rows each");
-  const float tiny = 4.2483542e-18f;  // e^-40
-  const int T = q_shape[1];
-  const int Hk = q_shape[2];
-  const int Hv = v_shape[2];
-  const int Dv = v_shape[3];
-  const int N = (T + C - 1) / C;
-  const size_t NC = size_t(N) * C;
+# D_ij = prod_{j<l<=i} g_l (0 for j > i) from the arrays gam, gs of the chunk: the ratio of the
+# two prefix products while neither was cut, else the running product.
+_DECAY_MACRO = """
+#define GD_DECAY(dij, i, j)                 \\
+  float dij = 0.0f;                         \\
+  if ((j) <= (i)) {                         \\
+    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
+      dij = gam[i] / gam[j];                \\
+    } else {                                \\
+      dij = 1.0f;                           \\
+      for (int l = (j) + 1; l <= (i); ++l) { \\
+        dij *= gs[l];                       \\
+        dij = dij < tiny ? 0.0f : dij;      \\
+      }                                     \\
+    }                                       \\
+    dij = dij < tiny ? 0.0f : dij;          \\
+  }
+"""
 
-  const int tid = int(gd_tid);
-  const int n = int(gd_tg_x);
-  const unsigned head = gd_tg_y;  // b * Hv + hv
-  const unsigned b_idx = head / unsigned(Hv);
-  const unsigned hv = head % unsigned(Hv);
-  const unsigned hk = hv / unsigned(Hv / Hk);
-  const int t0 = n * C;
-  // q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
-  // mask: [B, T]; W, Qg, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; P: [.., C]; decay: [B * Hv, N, Dk]
-  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row in W, U, Qg, P, Kw
-
-  GD_TG float4 buf4[(BUF + 3) / 4];  // step 2: staged k | q; steps 2-3: A
-  GD_TG_PTR float* buf = reinterpret_cast<GD_TG_PTR float*>(buf4);
-  GD_TG float gs[C];
-  GD_TG float bs[C];
-  GD_TG float ok[C];
-  GD_TG float gam[C];
-  GD_TG float wts[C];
-
-  // 1. gates
-  for (int i = tid; i < C; i += NT) {
+# Both chunk prep kernels' first stage (PREP_BODY, WY_BODY): step i of the chunk's gates
+# (g, beta: precomputed, or with GD_FUSED from a, b, A_log, dt_bias; 1 and 0 on masked steps)
+# into gs, bs, ok, then the prefix products gam (thread 0) and the suffix products wts
+# (thread 32), flushed to 0 below `tiny`.
+_CHUNK_GATES = """  for (int i = tid; i < C; i += NT) {
     const int t = t0 + i;
     const bool valid = t < T && mask[size_t(b_idx) * T + (t < T ? t : 0)];
     const size_t h = (size_t(b_idx) * T + (t < T ? t : 0)) * Hv + hv;
@@ -376,24 +365,49 @@ PREP_BODY = """
       p = p < tiny ? 0.0f : p;
     }
   }
+"""
 
-  // D_ij = prod_{j<l<=i} g_l (0 for j > i): the ratio of the two prefix products while neither
-  // was cut, else the running product (a cut prefix does not imply a cut D_ij).
-#define GD_DECAY(dij, i, j)                 \\
-  float dij = 0.0f;                         \\
-  if ((j) <= (i)) {                         \\
-    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
-      dij = gam[i] / gam[j];                \\
-    } else {                                \\
-      dij = 1.0f;                           \\
-      for (int l = (j) + 1; l <= (i); ++l) { \\
-        dij *= gs[l];                       \\
-        dij = dij < tiny ? 0.0f : dij;      \\
-      }                                     \\
-    }                                       \\
-    dij = dij < tiny ? 0.0f : dij;          \\
-  }
+PREP_BODY = (
+    """
+  constexpr int R = C / 16;        // tile rows / columns per thread in step 2
+  constexpr int CS = C + 4;        // staged k / q: stride of a key column (16-byte aligned)
+  constexpr int CP = C + 4;        // A row stride (rows 16-byte aligned: read as float4)
+  constexpr int BUF = 2 * DS * CS > C * CP ? 2 * DS * CS : C * CP;
+  static_assert(C % 64 == 0 && NT == 256, "PREP_BODY: 16 x 16 threads, C / 16 rows each");
+  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = q_shape[1];
+  const int Hk = q_shape[2];
+  const int Hv = v_shape[2];
+  const int Dv = v_shape[3];
+  const int N = (T + C - 1) / C;
+  const size_t NC = size_t(N) * C;
 
+  const int tid = int(gd_tid);
+  const int n = int(gd_tg_x);
+  const unsigned head = gd_tg_y;  // b * Hv + hv
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+  const unsigned hk = hv / unsigned(Hv / Hk);
+  const int t0 = n * C;
+  // q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
+  // mask: [B, T]; W, Qg, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; P: [.., C]; decay: [B * Hv, N, Dk]
+  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row in W, U, Qg, P, Kw
+
+  GD_TG float4 buf4[(BUF + 3) / 4];  // step 2: staged k | q; steps 2-3: A
+  GD_TG_PTR float* buf = reinterpret_cast<GD_TG_PTR float*>(buf4);
+  GD_TG float gs[C];
+  GD_TG float bs[C];
+  GD_TG float ok[C];
+  GD_TG float gam[C];
+  GD_TG float wts[C];
+
+  // 1. gates
+"""
+    + _CHUNK_GATES
+    + """
+"""
+    + _DECAY_MACRO
+    + """
 #if GD_MMA
   // 2. (matrix units) k k^T and q k^T as 16 x 16 tiles: warp w holds tile row w / 2, tile
   // columns 2 (w % 2) and 2 (w % 2) + 1 of both (tiles above the diagonal skipped: A and P are
@@ -569,6 +583,7 @@ PREP_BODY = """
     decay[(size_t(head) * N + n) * Dk + d] = gam[C - 1];
   }
 """
+)
 
 
 # The state pass on matrix units (the tile layer of chunk_launch: tensor cores on CUDA,
@@ -722,25 +737,6 @@ STATE_MMA_BODY = """
 #   out    per (chunk, head, BVO value rows): y = diag(gamma) q H[n]^T + (D o q k^T) Vn.
 # Work and bytes per pass: benchmarks/NOTES.md "Split chunk kernels".
 
-# D_ij = prod_{j<l<=i} g_l (0 for j > i) from the arrays gam, gs of the chunk: the ratio of the
-# two prefix products while neither was cut, else the running product.
-_DECAY_MACRO = """
-#define GD_DECAY(dij, i, j)                 \\
-  float dij = 0.0f;                         \\
-  if ((j) <= (i)) {                         \\
-    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
-      dij = gam[i] / gam[j];                \\
-    } else {                                \\
-      dij = 1.0f;                           \\
-      for (int l = (j) + 1; l <= (i); ++l) { \\
-        dij *= gs[l];                       \\
-        dij = dij < tiny ? 0.0f : dij;      \\
-      }                                     \\
-    }                                       \\
-    dij = dij < tiny ? 0.0f : dij;          \\
-  }
-"""
-
 WY_OUTPUTS = ["W", "U", "Kw", "gates"]
 
 
@@ -775,7 +771,8 @@ def wy_body(fused: bool) -> str:
 #     staged (selected), one 16 x 16 output tile per warp (K = 16 (row tile + 1): X is lower
 #     triangular), staged back and written in PT.
 # Threadgroup memory: C (C + 4) + C (DS + 4) + 5 C floats: 27.9 KB at C = 64, DS = 32.
-WY_BODY = """
+WY_BODY = (
+    """
   constexpr int RT = C / 16;       // row tiles (and 16 x 16 blocks) of a chunk
   constexpr int CP = C + 4;        // row stride of Ai
   constexpr int SP = DS + 4;       // row stride of a staged slice
@@ -829,40 +826,9 @@ WY_BODY = """
   }
 
   // 1. gates
-  for (int i = tid; i < C; i += NT) {
-    const int t = t0 + i;
-    const bool valid = t < T && mask[size_t(b_idx) * T + (t < T ? t : 0)];
-    const size_t h = (size_t(b_idx) * T + (t < T ? t : 0)) * Hv + hv;
-#if GD_FUSED
-    const float x = static_cast<float>(a[h]) + static_cast<float>(dt_bias[hv]);
-    const float sp = (x > 0.0f ? x : 0.0f) + gd_log(1.0f + gd_exp(x > 0.0f ? -x : x));
-    const float g_t = gd_exp(-gd_exp(static_cast<float>(A_log[hv])) * sp);
-    const float beta_t = 1.0f / (1.0f + gd_exp(-static_cast<float>(b[h])));
-    gs[i] = valid ? g_t : 1.0f;
-    bs[i] = valid ? beta_t : 0.0f;
-#else
-    gs[i] = valid ? static_cast<float>(g[h]) : 1.0f;
-    bs[i] = valid ? static_cast<float>(beta[h]) : 0.0f;
-#endif
-    ok[i] = valid ? 1.0f : 0.0f;
-  }
-  gd_barrier();
-  if (tid == 0) {
-    float p = 1.0f;
-    for (int i = 0; i < C; ++i) {
-      p *= gs[i];
-      p = p < tiny ? 0.0f : p;
-      gam[i] = p;
-    }
-  } else if (tid == 32) {
-    float p = 1.0f;
-    for (int i = C - 1; i >= 0; --i) {
-      wts[i] = p;
-      p *= gs[i];
-      p = p < tiny ? 0.0f : p;
-    }
-  }
-  gd_barrier();
+"""
+    + _CHUNK_GATES
+    + """  gd_barrier();
   for (int i = tid; i < C; i += NT) {
     gates[(rn + i) * 4] = gam[i];
     gates[(rn + i) * 4 + 1] = gs[i];
@@ -1022,6 +988,7 @@ WY_BODY = """
 #undef GD_WY_LOAD
 #undef GD_WY_LOAD_K
 """
+)
 
 H_INPUTS = ["W", "U", "Kw", "gates", "state_in"]
 H_OUTPUTS = ["H", "Vn", "state_out"]
