@@ -15,9 +15,9 @@ import pytest
 import qwen35_mlx.kernels.attention as attention_kernel
 from qwen35_mlx.kernels.attention import decode_attention
 from tests.kernels.attention_np import decode_attention_np, make_attention_inputs
+from tests.kernels.gpu import GPU_ONLY
 
-GPU = mx.cuda.is_available() or mx.metal.is_available()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs MLX with a GPU")]
+pytestmark = GPU_ONLY
 
 TOL = {mx.float32: 2e-5, mx.bfloat16: 1e-2}
 

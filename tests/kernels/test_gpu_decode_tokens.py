@@ -20,20 +20,10 @@ import pytest
 
 from qwen35_mlx.kernels.gated_delta import gated_delta_decode_packed
 from tests.conftest import RTOL, rel_err
+from tests.kernels.gpu import BACKEND, GPU_ONLY, NAN
 
-if mx.cuda.is_available():
-    BACKEND = "cuda"
-elif mx.metal.is_available():
-    BACKEND = "metal"
-else:
-    BACKEND = None
+pytestmark = GPU_ONLY
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(BACKEND is None, reason="needs MLX with a CUDA or Metal GPU"),
-]
-
-NAN = float("nan")
 NAMES = ("proj", "conv_state", "conv_w", "A_log", "dt_bias", "state", "norm_w")
 
 

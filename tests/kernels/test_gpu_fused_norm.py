@@ -9,13 +9,12 @@ import pytest
 
 from qwen35_mlx.kernels import fused_norm
 from qwen35_mlx.models import layers
+from tests.kernels.gpu import GPU_ONLY
 from tests.kernels.helpers import np64
 from tests.models.factory import make_moe_config, make_text_config, make_text_model
 from tests.test_fast_decode import TOKENS, assert_same
 
-pytestmark = pytest.mark.skipif(
-    not (mx.cuda.is_available() or mx.metal.is_available()), reason="needs a CUDA or Metal GPU"
-)
+pytestmark = GPU_ONLY
 
 
 def _round(a, dtype):
