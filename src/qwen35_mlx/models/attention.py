@@ -43,6 +43,11 @@ BLOCK_BYTES = 16 << 20
 # A step whose whole scores fit in this goes to MLX's attention in one call (faster when short).
 PLAIN_BYTES = 256 << 20
 QUERY_BLOCK = 2048
+# On a GPU the host queues a long history's key blocks far ahead of the GPU, and every queued
+# block's scores stay alive until the GPU has run it: the step's peak grew with the history
+# again (issue 9, H200). There the running sums are evaluated every `SYNC_BLOCKS` key blocks
+# (0: never), so at most about that many blocks' scores are alive at once.
+SYNC_BLOCKS = 8
 # Key blocks are a multiple of this many keys (matmul-friendly) and never shorter.
 KEY_ALIGN = 128
 
@@ -96,7 +101,10 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
         acc = mx.zeros((B, Hkv, rep * n, Dv), mx.float32)
         # Keys this query block can see: all of them, or up to its last position if causal.
         k_end = offset + q1 if causal else S
-        for k0 in range(0, k_end, kb):
+        sync = SYNC_BLOCKS if mx.default_device() != mx.cpu else 0
+        for j, k0 in enumerate(range(0, k_end, kb)):
+            if sync and j and j % sync == 0:
+                mx.eval(acc, l, m)
             k1 = min(k0 + kb, k_end)
             s = qs @ k[:, :, k0:k1].swapaxes(-1, -2)  # [B, Hkv, rep * n, k1 - k0]
             if causal and k1 - 1 > offset + q0:

@@ -355,14 +355,20 @@ def reserve(c: KVCache | BatchKVCache, n: int = 1) -> None:
     time, as `update_and_fetch` would; a step traced for one buffer size replays until the next
     block."""
     idx = kv_index(c)
-    if idx + n <= c.keys.shape[2]:
-        return
-    grow = -(-n // c.step) * c.step
-    B, H, _, Dk = c.keys.shape
-    keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
-    c.keys = mx.concatenate([keys, mx.zeros((B, H, grow, Dk), keys.dtype)], axis=2)
-    Dv = values.shape[3]
-    c.values = mx.concatenate([values, mx.zeros((B, H, grow, Dv), values.dtype)], axis=2)
+    if idx + n > c.keys.shape[2]:
+        _regrow(c, idx, idx + -(-n // c.step) * c.step)
+
+
+def _regrow(c: KVCache | BatchKVCache, idx: int, cap: int) -> None:
+    """Replace c's buffers by ones of `cap` positions holding its first `idx`. The filled prefix
+    is written into a fresh zero buffer (`slice_update` updates its input in place), not
+    concatenated with a block of zeros: that held the zeros and the result at once, the new
+    capacity twice (issue 9: +1.5 GiB at a 128k prompt)."""
+    for name in ("keys", "values"):
+        old = getattr(c, name)
+        B, H, _, D = old.shape
+        new = mx.zeros((B, H, cap, D), old.dtype)
+        setattr(c, name, mx.slice_update(new, old[..., :idx, :], mx.array(0), axes=(2,)))
 
 
 def advance(
@@ -434,13 +440,8 @@ def reserve_kv(cache: list, n: int) -> None:
             continue
         idx = kv_index(c)
         cap = -(-(idx + n) // c.step) * c.step
-        if cap <= c.keys.shape[2]:
-            continue
-        B, H, _, Dk = c.keys.shape
-        Dv = c.values.shape[3]
-        keys, values = c.keys[..., :idx, :], c.values[..., :idx, :]
-        c.keys = mx.concatenate([keys, mx.zeros((B, H, cap - idx, Dk), keys.dtype)], axis=2)
-        c.values = mx.concatenate([values, mx.zeros((B, H, cap - idx, Dv), values.dtype)], axis=2)
+        if cap > c.keys.shape[2]:
+            _regrow(c, idx, cap)
 
 
 def set_history(cache: list, n: int) -> None:

@@ -913,26 +913,32 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """The block's output, plus `residual` when given (an add: no single projection). Up
-        to `FUSED_PLAIN_MAX_T` tokens a row, once the compiled step has fused the router with
-        the shared expert's gate (and while they hold that matrix's views), through the same
-        matmul as `step` (as `MLP.__call__`): a routing decision must not hang on how a GEMM
-        rounds a narrower matrix."""
+        to `FUSED_PLAIN_MAX_T` tokens a row, as `step` computes it: over 2-D rows (the
+        experts' gather_mm picks its kernel by the activations' shape, and kernels round
+        differently), and, once the compiled step has fused the router with the shared
+        expert's gate (and while they hold that matrix's views), through the same matmul: a
+        routing decision must not hang on how a GEMM rounds."""
         names = self.DECODE_GROUPS[0]
-        if x.ndim >= 2 and x.shape[-2] <= FUSED_PLAIN_MAX_T and _made(self, names) is not None:
-            gates = project(self, names, x)
+        shared = self.shared_expert(x) if "shared_expert" in self else None
+        if x.ndim >= 2 and x.shape[-2] <= FUSED_PLAIN_MAX_T:
+            rows = x.reshape(-1, x.shape[-1])
+            made = _made(self, names) is not None
+            gates = project(self, names, rows) if made else [self[n](rows) for n in names]
+            flat = None if shared is None else shared.reshape(rows.shape)
+            y = self._mix(rows, gates, flat).reshape(x.shape)
         else:
-            gates = [self[n](x) for n in names]
-        shared = self.shared_expert if "shared_expert" in self else None
-        y = self._mix(x, gates, shared)
+            y = self._mix(x, [self[n](x) for n in names], shared)
         return y if residual is None else residual + y
 
     def step(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """`__call__` through `project` (the compiled decode step)."""
-        shared = self.shared_expert.step if "shared_expert" in self else None
+        """`__call__` through `project` (the compiled decode step): x [rows, H]."""
+        shared = self.shared_expert.step(x) if "shared_expert" in self else None
         y = self._mix(x, project(self, self.DECODE_GROUPS[0], x), shared)
         return y if residual is None else residual + y
 
-    def _mix(self, x: mx.array, gates: list, shared) -> mx.array:
+    def _mix(self, x: mx.array, gates: list, shared: mx.array | None) -> mx.array:
+        """The routed experts' weighted sum over x, plus the shared expert's output `shared`
+        gated by gates[1]."""
         inds, weights = route(gates[0], self.top_k, self.norm_topk_prob)
         if _cpu_needs_fp32(self.experts):
             y = _switch_glu_fp32(self.experts, x, inds).astype(x.dtype)
@@ -940,7 +946,7 @@ class SparseMoeBlock(nn.Module):
             y = self.experts(x, inds)  # [..., k, H]
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if shared is not None:
-            y = y + mx.sigmoid(gates[1]) * shared(x)
+            y = y + mx.sigmoid(gates[1]) * shared
         if self.sharding_group is not None:
             y = mx.distributed.all_sum(y, group=self.sharding_group)
         return y
