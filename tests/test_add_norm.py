@@ -1,10 +1,11 @@
 """The residual stream passed between layers as (x, d) pairs, each add inside the next norm
 (`layers.ADD_NORM`, `kernels.fused_norm.add_rms_norm`).
 
-On the CPU no kernel runs ("auto" keeps the old structure), so these tests force the pair
-structure: there `add_rms_norm` is the same add and `mx.fast.rms_norm` as before, so the logits
-must be bit-identical to the old structure's, in the plain path, the compiled decode step and
-the compiled verify step; and compiled == plain. The kernel itself is tested in
+The pair structure is opt-in (the default keeps the old one: layers.py says why), so these
+tests force it. On the CPU no kernel runs: `add_rms_norm` is the same add and
+`mx.fast.rms_norm` as before, so the logits must be bit-identical to the old structure's, in
+the plain path, the compiled decode step and the compiled verify step; and compiled == plain.
+The kernel itself is tested in
 tests/kernels/test_fused_norm_on_cpu.py (emulated) and test_gpu_fused_norm.py (on a GPU).
 """
 
@@ -19,10 +20,9 @@ from .models.factory import make_moe_config, make_text_config, make_text_model
 from .test_fast_decode import TOKENS, assert_same, greedy
 
 
-def test_auto_keeps_the_old_structure_on_the_cpu():
+def test_the_default_keeps_the_old_structure():
     x = mx.zeros((1, 1, 8), mx.bfloat16)
-    if mx.default_device() == mx.cpu:
-        assert layers.ADD_NORM == "auto" and not layers.add_norm_on(x)
+    assert layers.ADD_NORM is False and not layers.add_norm_on(x)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])

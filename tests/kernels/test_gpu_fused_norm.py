@@ -1,7 +1,7 @@
 """The fused add + RMSNorm and swiglu kernels on the GPU (skipped without CUDA or Metal): against
 float64 (the kernels' roundings applied in bf16 and fp16), the sum equal to MLX's add, the norm
 within an ulp of MLX's own rms_norm, and compiled == plain for small bf16 models with the
-kernels in the decode step (`layers.ADD_NORM` "auto")."""
+kernels in the decode step (`layers.ADD_NORM` "auto", `layers.SWIGLU_KERNEL`: opt-in)."""
 
 import mlx.core as mx
 import numpy as np
@@ -77,8 +77,9 @@ def test_swiglu_kernel(dtype, rows, I):
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("B", [1, 3])
-def test_compiled_equals_plain_with_the_kernels(moe, B):
-    assert layers.ADD_NORM == "auto"
+def test_compiled_equals_plain_with_the_kernels(monkeypatch, moe, B):
+    monkeypatch.setattr(layers, "ADD_NORM", "auto")
+    monkeypatch.setattr(layers, "SWIGLU_KERNEL", True)
     model = make_text_model(make_moe_config() if moe else make_text_config(), seed=31)
     model.set_dtype(mx.bfloat16)
     x = mx.zeros((1, 8), mx.bfloat16)

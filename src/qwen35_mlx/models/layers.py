@@ -287,7 +287,13 @@ def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | N
 # kernel: a GPU), True (the pair structure everywhere, with the add and the norm as ops where
 # no kernel runs: tests on the CPU), False (the add folded or separate, as before). Read when
 # a step is traced and at every plain call, by the plain path and the compiled step alike.
-ADD_NORM: str | bool = "auto"
+# Default False: measured on the H200 (2026-12-02, 0.8B bf16, fresh model each), the step was
+# faster without this kernel and the swiglu one (`SWIGLU_KERNEL`): batch 1 360 tok/s with
+# neither against 339 with both, batch 128 20,120 against 17,475. One custom-kernel launch
+# costs MLX's host ~8 us against ~2-3 for one of its own primitives (benchmarks/NOTES.md), so
+# replacing two primitives by one kernel loses at batch 1, and at batch 128 the folded adds
+# (`FOLD_RESIDUAL`) that the pair structure gives up were worth more.
+ADD_NORM: str | bool = False
 
 
 def add_norm_on(x: mx.array) -> bool:
@@ -810,19 +816,32 @@ class MLP(nn.Module):
         return project_add(self, "down_proj", self._gate_up(x), residual)
 
     def _gate_up(self, x: mx.array) -> mx.array:
-        """silu(gate_proj(x)) * up_proj(x) through `project`: from the fused matrix's output by
-        one `fused_norm.swiglu` (a kernel reading [.., 2I] where it runs), else split + ops."""
+        """silu(gate_proj(x)) * up_proj(x) through `project`: from the fused matrix's output,
+        by one `fused_norm.swiglu` (a kernel reading [.., 2I]) under `SWIGLU_KERNEL`, else
+        split (views) + the compiled ops."""
         gu = project_packed(self, self.DECODE_GROUPS[0], x)
         if gu is None:
             return _swiglu_pair(*project(self, self.DECODE_GROUPS[0], x))
-        return fused_norm.swiglu(gu)
+        if _swiglu_kernel(gu):
+            return fused_norm.swiglu(gu)
+        return _swiglu(*mx.split(gu, 2, axis=-1))
+
+
+# silu(gate) * up as `fused_norm.swiglu`'s kernel where it runs (True), or as MLX's compiled
+# ops (False, the default: see ADD_NORM for the measurement). Read when a step is traced and
+# at every plain call.
+SWIGLU_KERNEL = False
+
+
+def _swiglu_kernel(x: mx.array) -> bool:
+    return SWIGLU_KERNEL and fused_norm.kernel_available(x)
 
 
 def _swiglu_pair(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up with `fused_norm.swiglu`'s arithmetic where its kernel runs (gate and up
-    joined first: the plain call before the compiled step fused them, or a group that does not
-    fuse), so that plain and compiled calls round alike; else the ops."""
-    if fused_norm.kernel_available(gate):
+    """silu(gate) * up with `fused_norm.swiglu`'s arithmetic where its kernel is taken (gate
+    and up joined first: the plain call before the compiled step fused them, or a group that
+    does not fuse), so that plain and compiled calls round alike; else the ops."""
+    if _swiglu_kernel(gate):
         return fused_norm.swiglu(mx.concatenate([gate, up], axis=-1))
     return _swiglu(gate, up)
 
@@ -848,8 +867,16 @@ def route(logits: mx.array, top_k: int, normalize: bool) -> tuple[mx.array, mx.a
     inds = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k]
     weights = mx.take_along_axis(probs, inds, axis=-1)
     if normalize:
-        weights = weights / weights.sum(-1, keepdims=True)
+        weights = _normalized(weights)
     return inds, weights
+
+
+# Elementwise pieces that a compiled step fuses run compiled in the plain path too (as
+# `_sigmoid_gate`, `_swiglu`): a fused CUDA kernel may compute a sigmoid or a division unlike
+# MLX's separate kernel, and a routing decision flips on the last bit.
+@partial(mx.compile, shapeless=True)
+def _normalized(w: mx.array) -> mx.array:
+    return w / w.sum(-1, keepdims=True)
 
 
 def _cpu_needs_fp32(experts: SwitchGLU) -> bool:
@@ -946,7 +973,7 @@ class SparseMoeBlock(nn.Module):
             y = self.experts(x, inds)  # [..., k, H]
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if shared is not None:
-            y = y + mx.sigmoid(gates[1]) * shared
+            y = y + _sigmoid_gate(shared, gates[1])
         if self.sharding_group is not None:
             y = mx.distributed.all_sum(y, group=self.sharding_group)
         return y
