@@ -211,6 +211,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", default="2,3,4", help="verify token counts")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default="auto", help="layers.ROWS_GEMV: off,auto,all")
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = p.parse_args(argv)
@@ -218,18 +219,24 @@ def main(argv=None) -> dict:
     model = build(args.model, args.dtype)
     result = {"model": args.model, "device": str(mx.default_device()), "mlx": mx.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
-    result["calls"] = probe(model, args.context, Ts, args.iters, args.repeats)
-    print(f"{args.model} on {result['device']}: ms per call (CPU time / wall)")
-    print("| call | build | eval | after | total |")
-    print("|---|---|---|---|---|")
-    for name, parts in result["calls"].items():
-        if name == "retraces_while_timed":
-            continue
-        tc = sum(v["cpu_ms"] for v in parts.values())
-        tw = sum(v["wall_ms"] for v in parts.values())
-        cells = [f"{v['cpu_ms']:.3f} / {v['wall_ms']:.3f}" for v in parts.values()]
-        print(f"| {name} | " + " | ".join(cells) + f" | {tc:.3f} / {tw:.3f} |")
-    print("retraces while timed:", result["calls"]["retraces_while_timed"])
+    from bench_mtp import set_variant
+
+    result["calls"] = {}
+    for variant in args.variants.split(","):
+        set_variant(model, variant)
+        calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
+        print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
+              "(CPU time / wall)")  # fmt: skip
+        print("| call | build | eval | after | total |")
+        print("|---|---|---|---|---|")
+        for name, parts in calls.items():
+            if name == "retraces_while_timed":
+                continue
+            tc = sum(v["cpu_ms"] for v in parts.values())
+            tw = sum(v["wall_ms"] for v in parts.values())
+            cells = [f"{v['cpu_ms']:.3f} / {v['wall_ms']:.3f}" for v in parts.values()]
+            print(f"| {name} | " + " | ".join(cells) + f" | {tc:.3f} / {tw:.3f} |")
+        print("retraces while timed:", calls["retraces_while_timed"])
     if args.matmul:
         dtype = model.model.embed_tokens.weight.dtype
         H = model.config.hidden_size
