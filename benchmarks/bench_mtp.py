@@ -10,6 +10,7 @@ MTP head (as bench_model.py builds them), batch 1, a 512-token context. Per shap
            warm-up (traces, kernels). Target: V(2) <= 1.15 S at 0.8B. Per `--variants` of the
            verify pass's projections (`layers.ROWS_GEMV`: off = MLX's GEMM, auto = the default,
            all = row-wise everywhere), each with freshly compiled steps.
+  R(k)     one whole greedy MTP round at k = 1, 3 (`MTPSpeculator.round`), per call.
   tok/s    greedy decoding of `--gen` tokens without MTP (mlx-lm's pipelined loop: the next
            step queued before the current token is read), and with MTP at k = 1, 2, 3 drafts at
            forced acceptance rates (0.63: the tiny model's head; 0.73: the published Qwen3.5-4B
@@ -47,7 +48,7 @@ from qwen35_mlx.models import layers as layers_lib
 from qwen35_mlx.models.cache import set_history
 from qwen35_mlx.models.config import TextConfig
 from qwen35_mlx.models.text import TextModel
-from qwen35_mlx.speculative import Sampling
+from qwen35_mlx.speculative import MTPSpeculator, Sampling
 
 # isort: on
 
@@ -150,7 +151,26 @@ def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dic
 
         return run
 
+    def mtp_round(k):
+        """Whole greedy MTP rounds (`MTPSpeculator.round`: the fused verify + head call, the
+        host's read, rollback, the next drafts), as generation runs them; with random weights
+        the drafts are mostly rejected, so nearly every round trims into its pass."""
+        c2 = model.make_cache()
+        spec = MTPSpeculator(model, c2, k, Sampling())
+        _, h = model(prompt[:, :-1], cache=c2, return_hidden=True)
+        spec.on_prefill(prompt[:, :-1], h)
+        mx.eval([c.state for c in c2], spec.mtp_state())
+        spec.start(prompt[:, -1:])
+
+        def run():
+            for _ in range(iters):
+                spec.round()
+
+        return run
+
     fns = {"S": step, "S_sync": step_sync, **{f"V{T}": verify(T) for T in TS}}
+    if model.has_mtp:
+        fns.update({f"R{k}": mtp_round(k) for k in (1, 3)})
     for fn in fns.values():  # warm: trace, compile, kernel JIT
         fn()
     runs = {name: [] for name in fns}
@@ -256,6 +276,10 @@ def device_run(args) -> dict:
             for T in TS:
                 print(f"| {T} | {r['ms'][f'V{T}']:.2f} | {r['V_over_S'][T]:.2f}x | "
                       f"{r['V_over_S_sync'][T]:.2f}x |")  # fmt: skip
+            for k in (1, 3):
+                if f"R{k}" in r["ms"]:
+                    print(f"| round k={k} | {r['ms'][f'R{k}']:.2f} | {r['ms'][f'R{k}'] / S:.2f}x "
+                          f"| {r['ms'][f'R{k}'] / r['ms']['S_sync']:.2f}x |")  # fmt: skip
             if args.no_generation:
                 continue
             print("| mode | tok/s | speedup | acceptance | same tokens |")
