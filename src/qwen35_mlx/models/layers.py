@@ -233,7 +233,8 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
 # [K, 1] vector: MLX's batched gemv, one kernel node), which reads W once a row instead of
 # once: it pays while (R - 1) x W's bytes stay small next to the host time it saves, and each
 # row is computed exactly as the one-token step's gemv computes it (the same kernel on the same
-# data), so a verify pass's logits are the decode step's, bit for bit, where it applies.
+# data), so a verify pass's projections round as the decode step's do (a GEMM's rounding
+# depends on the row count): one source less of greedy MTP parting from plain decoding.
 # ROWS_GEMV: "auto" (CUDA, 2 to ROWS_GEMV_MAX_ROWS rows, (R - 1) x bytes of W at most
 # ROWS_GEMV_MAX_BYTES), True / False (always / never: tests and benchmarks).
 ROWS_GEMV: str | bool = "auto"
