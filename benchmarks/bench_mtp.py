@@ -2,10 +2,15 @@
 
 GPU (`--device-run`): Qwen3.5-0.8B and 9B shapes, random bf16 weights of the real shapes with an
 MTP head (as bench_model.py builds them), batch 1, a 512-token context. Per shape:
-  S, V(T)  one compiled one-token decode step, and one compiled verify pass of T = 2, 3, 4
-           tokens (`model(tokens [1, T], cache, return_hidden=True)`, trimmed back after), each
-           synchronised (mx.eval), alternating block by block, median over blocks of the mean
-           per call, after warm-up (traces, kernels). Target: V(2) <= 1.15 S at 0.8B.
+  S, V(T)  one compiled one-token decode step as plain decoding runs it (pipelined; S_sync:
+           each call evaluated before the next), and one compiled verify pass of T = 2, 3, 4
+           tokens as a speculative round runs it (`model(tokens [1, T], cache,
+           return_hidden=True)`, the host's read of the accepted count, the rollback into the
+           pass), alternating block by block, median over blocks of the mean per call, after
+           warm-up (traces, kernels). Target: V(2) <= 1.15 S at 0.8B. Per `--variants` of the
+           verify pass's projections (`layers.ROWS_GEMV`: off = MLX's GEMM, auto = the default,
+           all = row-wise everywhere), each with freshly compiled steps.
+  R(k)     one whole greedy MTP round at k = 1, 3 (`MTPSpeculator.round`), per call.
   tok/s    greedy decoding of `--gen` tokens without MTP (mlx-lm's pipelined loop: the next
            step queued before the current token is read), and with MTP at k = 1, 2, 3 drafts at
            forced acceptance rates (0.63: the tiny model's head; 0.73: the published Qwen3.5-4B
@@ -15,7 +20,7 @@ MTP head (as bench_model.py builds them), batch 1, a 512-token context. Per shap
            against the plain run's (greedy exactness on the device).
 Prints a table; writes JSON (`--out`, default benchmarks/results).
 
-    python benchmarks/bench_mtp.py --device-run                # GPU, about 3-6 minutes
+    python benchmarks/bench_mtp.py --device-run --shapes 0.8b  # GPU, about 2 minutes
     python benchmarks/bench_mtp.py --device-run --tiny         # CPU: the same code on a tiny shape
 
 CPU (`--cpu-tiny`): the shipped tiny model (trained head) generates from a few chat prompts with
@@ -39,10 +44,11 @@ from pathlib import Path
 import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
 import mlx.core as mx
 
+from qwen35_mlx.models import layers as layers_lib
 from qwen35_mlx.models.cache import set_history
 from qwen35_mlx.models.config import TextConfig
 from qwen35_mlx.models.text import TextModel
-from qwen35_mlx.speculative import Sampling
+from qwen35_mlx.speculative import MTPSpeculator, Sampling
 
 # isort: on
 
@@ -87,35 +93,92 @@ def _prefill(model: TextModel, prompt: mx.array, hidden: bool = False):
     return cache, out
 
 
+def recompile(model: TextModel) -> None:
+    """Fresh compiled functions (module settings such as `layers.ROWS_GEMV` are read when a
+    step is traced, and each compiled function keeps its traces)."""
+    for name in ("decode", "verify", "mtp", "round"):
+        impl = getattr(model, f"_{name}_impl")
+        setattr(model, f"_{name}_step", mx.compile(impl, inputs=model))
+
+
+def set_variant(model: TextModel, variant: str) -> None:
+    """`layers.ROWS_GEMV` for the verify pass's projections: off (a GEMM from two rows on,
+    MLX's cuBLAS), auto (the default: the row-wise gemv where (rows - 1) x bytes <=
+    ROWS_GEMV_MAX_BYTES), all (row-wise for every dense projection, the lm_head included)."""
+    layers_lib.ROWS_GEMV = {"off": False, "auto": "auto", "all": True}[variant]
+    recompile(model)
+
+
 def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dict:
-    """S (one compiled one-token step) and V(T) (one compiled verify pass), ms, alternating."""
+    """Per call, ms, alternating block by block, median over blocks:
+    S       one-token steps as plain decoding runs them (mlx-lm's pipelined loop: the next step
+            queued before the current token is read; the context grows by one a call)
+    S_sync  one-token steps each evaluated before the next
+    V(T)    a verify pass of T tokens as a speculative round runs it: the call, the host reads
+            the accepted count (a sync), the caches are trimmed into the pass (T - 1 rejected),
+            then the one kept token is trimmed too, so that every call starts alike (that last
+            trim is a pop: no arithmetic)."""
     prompt = mx.random.randint(0, model.config.vocab_size, (1, context))
     cache, _ = _prefill(model, prompt[:, :-1])
     y = prompt[:, -1:]
 
-    def step():  # the context grows by one a call (a few hundred tokens in all)
-        mx.eval(model(y, cache=cache))
+    def step():
+        nxt = model(y, cache=cache)[:, -1].argmax(-1)
+        mx.async_eval(nxt)
+        for i in range(iters):
+            cur = nxt
+            if i < iters - 1:
+                nxt = model(cur[:, None], cache=cache)[:, -1].argmax(-1)
+                mx.async_eval(nxt)
+            cur.item()
+
+    def step_sync():
+        for _ in range(iters):
+            mx.eval(model(y, cache=cache))
 
     def verify(T):
         toks = mx.concatenate([y] * T, axis=1)
 
         def run():
-            mx.eval(model(toks, cache=cache, return_hidden=True))
-            for c in cache:
-                c.trim(T)
+            for _ in range(iters):
+                logits, _ = model(toks, cache=cache, return_hidden=True)
+                ok = logits[:, :-1].argmax(-1) == toks[:, 1:]
+                int(mx.cumprod(ok.astype(mx.int32), axis=1).sum().item())  # the host's one read
+                for c in cache:
+                    c.trim(T - 1)
+                for c in cache:
+                    c.trim(1)
 
         return run
 
-    fns = {"S": step, **{f"V{T}": verify(T) for T in TS}}
-    for fn in fns.values():  # warm: trace, compile, kernel JIT
-        for _ in range(3):
-            fn()
-    runs = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
+    def mtp_round(k):
+        """Whole greedy MTP rounds (`MTPSpeculator.round`: the fused verify + head call, the
+        host's read, rollback, the next drafts), as generation runs them; with random weights
+        the drafts are mostly rejected, so nearly every round trims into its pass."""
+        c2 = model.make_cache()
+        spec = MTPSpeculator(model, c2, k, Sampling())
+        _, h = model(prompt[:, :-1], cache=c2, return_hidden=True)
+        spec.on_prefill(prompt[:, :-1], h)
+        mx.eval([c.state for c in c2], spec.mtp_state())
+        spec.start(prompt[:, -1:])
+
+        def run():
             for _ in range(iters):
-                fn()
+                spec.round()
+
+        return run
+
+    fns = {"S": step, "S_sync": step_sync, **{f"V{T}": verify(T) for T in TS}}
+    if model.has_mtp:
+        fns.update({f"R{k}": mtp_round(k) for k in (1, 3)})
+    for fn in fns.values():  # warm: trace, compile, kernel JIT
+        fn()
+    runs = {name: [] for name in fns}
+    for rep in range(repeats):
+        order = list(fns) if rep % 2 == 0 else list(reversed(fns))
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
             runs[name].append(1e3 * (time.perf_counter() - t0) / iters)
     return {name: statistics.median(v) for name, v in runs.items()}
 
@@ -190,25 +253,40 @@ def time_generation(model: TextModel, context: int, n: int, repeats: int) -> dic
 def device_run(args) -> dict:
     dtype = mx.float32 if args.tiny else mx.bfloat16
     shapes = ["tiny"] if args.tiny else args.shapes
+    variants = args.variants.split(",")
     result = dict(device=_device_name(), mlx=mx.__version__, date=_now(), batch=1,
                   context=args.context, dtype=str(dtype), gen=args.gen, shapes={})  # fmt: skip
     for name in shapes:
         model = build(SHAPES[name], dtype)
-        r = {"ms": time_passes(model, args.context, args.iters, args.repeats)}
-        S = r["ms"]["S"]
-        r["V_over_S"] = {T: round(r["ms"][f"V{T}"] / S, 3) for T in TS}
-        r["generation"] = time_generation(model, args.context, args.gen, args.repeats)
-        result["shapes"][name] = r
-        print(f"\n{name} ({dtype}, batch 1, context {args.context}): one-token step {S:.2f} ms")
-        print("| T | verify ms | verify / step |")
-        print("|---|---|---|")
-        for T in TS:
-            print(f"| {T} | {r['ms'][f'V{T}']:.2f} | {r['V_over_S'][T]:.2f}x |")
-        print("| mode | tok/s | speedup | acceptance | same tokens |")
-        print("|---|---|---|---|---|")
-        for m, g in r["generation"].items():
-            print(f"| {m} | {g['tokens_per_s']:.1f} | {g.get('speedup', 1.0):.2f}x | "
-                  f"{g.get('acceptance', '')} | {g['same_tokens']} |")  # fmt: skip
+        result["shapes"][name] = {}
+        for variant in variants:
+            set_variant(model, variant)
+            r = {"ms": time_passes(model, args.context, args.iters, args.repeats)}
+            S = r["ms"]["S"]
+            r["V_over_S"] = {T: round(r["ms"][f"V{T}"] / S, 3) for T in TS}
+            r["V_over_S_sync"] = {T: round(r["ms"][f"V{T}"] / r["ms"]["S_sync"], 3) for T in TS}
+            if not args.no_generation:
+                r["generation"] = time_generation(model, args.context, args.gen, args.repeats)
+            result["shapes"][name][variant] = r
+            print(f"\n{name} ({dtype}, batch 1, context {args.context}), verify projections "
+                  f"{variant}: one-token step {S:.2f} ms as plain decoding runs it, "
+                  f"{r['ms']['S_sync']:.2f} ms evaluated one by one")  # fmt: skip
+            print("| T | verify ms (a round's way) | / step | / step synced |")
+            print("|---|---|---|---|")
+            for T in TS:
+                print(f"| {T} | {r['ms'][f'V{T}']:.2f} | {r['V_over_S'][T]:.2f}x | "
+                      f"{r['V_over_S_sync'][T]:.2f}x |")  # fmt: skip
+            for k in (1, 3):
+                if f"R{k}" in r["ms"]:
+                    print(f"| round k={k} | {r['ms'][f'R{k}']:.2f} | {r['ms'][f'R{k}'] / S:.2f}x "
+                          f"| {r['ms'][f'R{k}'] / r['ms']['S_sync']:.2f}x |")  # fmt: skip
+            if args.no_generation:
+                continue
+            print("| mode | tok/s | speedup | acceptance | same tokens |")
+            print("|---|---|---|---|---|")
+            for m, g in r["generation"].items():
+                print(f"| {m} | {g['tokens_per_s']:.1f} | {g.get('speedup', 1.0):.2f}x | "
+                      f"{g.get('acceptance', '')} | {g['same_tokens']} |")  # fmt: skip
         del model
         mx.clear_cache()
     return result
@@ -283,6 +361,12 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gen", type=int, default=128, help="tokens per run (per prompt: --cpu-tiny)")
+    p.add_argument(
+        "--variants",
+        default="off,auto",
+        help="--device-run: verify projections off,auto,all (layers.ROWS_GEMV; see set_variant)",
+    )
+    p.add_argument("--no-generation", action="store_true", help="--device-run: timings only")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     result = device_run(args) if args.device_run else cpu_tiny(args)

@@ -278,3 +278,62 @@ def test_fused_greedy_round_equals_separate_calls(monkeypatch):
         assert fused == run(k, False)
         assert fused[0] == want
         assert fused[2] > 0.3  # the trained head's drafts are often accepted
+
+
+def test_rows_matmul_is_one_matrix_vector_product_a_row():
+    """`layers.rows_matmul` (a verify pass's projections on CUDA): each row's result is the
+    one-row product's, bit for bit (the same gemv on a GPU), in any leading shape."""
+    from qwen35_mlx.models import layers
+
+    for dtype in (mx.float32, mx.bfloat16):
+        W = (mx.random.normal((300, 128), key=mx.random.key(1)) * 0.1).astype(dtype)
+        w = W.T  # the step's decode weight: the transposed view
+        x = mx.random.normal((2, 3, 128), key=mx.random.key(2)).astype(dtype)
+        got = layers.rows_matmul(x, w)
+        assert got.shape == (2, 3, 300)
+        rows = x.reshape(6, 128)
+        want = mx.concatenate([rows[i : i + 1] @ w for i in range(6)]).reshape(2, 3, 300)
+        assert mx.array_equal(got, want).item()
+
+
+def test_rows_gemv_is_off_on_the_cpu_and_for_one_row(monkeypatch):
+    from qwen35_mlx.models import layers
+
+    w = mx.zeros((64, 32)).T
+    assert not layers._rows_gemv(mx.zeros((1, 64)), w)  # one row: MLX's gemv already
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    assert layers._rows_gemv(mx.zeros((3, 64)), w)
+    monkeypatch.setattr(layers, "ROWS_GEMV", "auto")
+    if mx.default_device() == mx.cpu:
+        assert not layers._rows_gemv(mx.zeros((3, 64)), w)
+    else:  # on a GPU: (rows - 1) x W's bytes over the limit keeps the GEMM (never evaluated)
+        assert not layers._rows_gemv(mx.zeros((3, 64)), mx.zeros((1 << 20, 64)).T)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch, k):
+    """The verify pass with every projection as one matrix-vector product a row (`ROWS_GEMV`,
+    as on CUDA; here with the GPU's fused decode weights): its logits at every position are
+    the one-token step's, and greedy MTP gives plain decoding's tokens."""
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    calls = []
+    orig = layers.rows_matmul
+    monkeypatch.setattr(layers, "rows_matmul", lambda x, w: calls.append(x.shape) or orig(x, w))
+    model = _model("dense")  # fresh: its compiled steps trace with the setting above
+    want = _tokens(model, tok, mtp=False)
+    assert not calls  # one-token steps keep MLX's own gemv
+    assert _tokens(model, tok, mtp=True, mtp_k=k) == want
+    assert calls  # the verify pass (and the MTP head's lm_head) took the row-wise form
+
+    # The logits of a verify pass of 3 tokens against three one-token steps.
+    toks = [7, 42, 99]
+    cache = model.make_cache()
+    model(mx.array([PROMPT]), cache=cache)
+    multi = model(mx.array([toks]), cache=cache, return_hidden=True)[0]
+    cache = model.make_cache()
+    model(mx.array([PROMPT]), cache=cache)
+    singles = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in toks], axis=1)
+    np.testing.assert_allclose(np.array(multi), np.array(singles), atol=1e-5, rtol=1e-5)

@@ -211,3 +211,40 @@ def test_sanitize_with_mtp_idempotent(dense):
     twice = dense.sanitize(dict(once))
     for k, v in once.items():
         assert rel_err(np.array(twice[k]), np.array(v)) < TOL, k
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_compiled_mtp_fused_projections_equal_plain(kind, monkeypatch):
+    """The compiled MTP head runs its layer in the verify pass's row form (`MTP(..., tokens=T)`:
+    `DecoderLayer.steps` over the fused decode projections, fc through `layers.project`); with
+    the GPU's fused layout (here on the CPU too), its logits and hidden states over calls of 1
+    to 3 positions equal the plain head's."""
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    make = make_text_config if kind == "dense" else make_moe_config
+    model = make_text_model(make(mtp_num_hidden_layers=1), seed=6)
+    ids = mx.array(TOKENS)[None]
+    _, h = model(ids, return_hidden=True)
+
+    def run(compiled):
+        model.compiled_decode = compiled
+        try:
+            cache = model.make_mtp_cache()
+            model.mtp_forward(h[:, :3], ids[:, 1:4], cache)
+            outs, i = [], 3
+            for T in (1, 2, 3, 1):
+                logits, o = model.mtp_forward(h[:, i : i + T], ids[:, i + 1 : i + 1 + T], cache,
+                                              last_only=True)  # fmt: skip
+                outs.append((np.array(logits), np.array(o)))
+                i += T
+            return outs
+        finally:
+            model.compiled_decode = True
+
+    plain = run(False)
+    comp = run(True)
+    assert layers._made(model.mtp, ("fc",)) is not None  # the compiled head fused its weights
+    for (l0, o0), (l1, o1) in zip(plain, comp, strict=True):
+        np.testing.assert_allclose(l1, l0, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(o1, o0, atol=2e-5, rtol=1e-4)

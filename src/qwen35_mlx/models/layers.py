@@ -219,8 +219,48 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
     """x through the one matrix (plain or quantized) `prepare_projections` made for `names`."""
     w = owner[_key(names)]
     if made.quant is None:
-        return x @ w
+        return rows_matmul(x, w) if _rows_gemv(x, w) else x @ w
     return mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
+
+
+# A few rows (a speculative verify pass: T tokens a row) on CUDA. MLX runs a matmul of one row
+# with a transposed weight (`x @ W.T`) as its own gemv kernel, one kernel node, but from two
+# rows on as a cuBLASLt GEMM, and builds that per call: descriptors, an algorithm heuristic
+# query (not cached) and a stream capture into a child graph, ~20-30 us of host time where the
+# gemv costs ~3 (benchmarks/NOTES.md, "The verify pass's fixed cost"). At batch 1 the 0.8B
+# verify pass has ~97 matmuls: that was its fixed ~3 ms over a step. `rows_matmul` asks MLX
+# for the same product as R matrix-vector products (W [N, K] broadcast over R, each row a
+# [K, 1] vector: MLX's batched gemv, one kernel node), which reads W once a row instead of
+# once: it pays while (R - 1) x W's bytes stay small next to the host time it saves, and each
+# row is computed exactly as the one-token step's gemv computes it (the same kernel on the same
+# data), so a verify pass's projections round as the decode step's do (a GEMM's rounding
+# depends on the row count): one source less of greedy MTP parting from plain decoding.
+# ROWS_GEMV: "auto" (CUDA, 2 to ROWS_GEMV_MAX_ROWS rows, (R - 1) x bytes of W at most
+# ROWS_GEMV_MAX_BYTES), True / False (always / never: tests and benchmarks).
+ROWS_GEMV: str | bool = "auto"
+ROWS_GEMV_MAX_ROWS = 16
+ROWS_GEMV_MAX_BYTES = 64 << 20
+
+
+def _rows_gemv(x: mx.array, w: mx.array) -> bool:
+    rows = x.size // x.shape[-1] if x.ndim else 0
+    if rows < 2 or w.ndim != 2:
+        return False
+    if ROWS_GEMV != "auto":
+        return bool(ROWS_GEMV)
+    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
+        return False
+    return rows <= ROWS_GEMV_MAX_ROWS and (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES
+
+
+def rows_matmul(x: mx.array, w: mx.array) -> mx.array:
+    """x [..., K] @ w [K, N] as one matrix-vector product per row of x (`ROWS_GEMV`): the
+    transposed weight w's matrix W [N, K] broadcast over the rows, each row a [K, 1] vector."""
+    K = x.shape[-1]
+    R = x.size // K
+    W = w.T  # [N, K]: for the step's transposed views, the row-major buffer itself
+    out = mx.matmul(mx.broadcast_to(W, (R, *W.shape)), x.reshape(R, K, 1))
+    return out.reshape(*x.shape[:-1], W.shape[0])
 
 
 # Residual adds folded into the projection before them: `x + out_proj(y)` as one

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
-from .layers import DecoderLayer
+from .layers import DecoderLayer, add_norm, project
 
 # Checkpoint names of the MTP norms that are Qwen3_5RMSNorm ((1 + w) in Hugging Face's layout),
 # besides the decoder layer's own (input/post-attention layernorm, q_norm, k_norm).
@@ -65,14 +65,27 @@ class MTP(nn.Module):
         mask=None,
         cache=None,
         rope: tuple[mx.array, mx.array] | None = None,
+        tokens: int | None = None,
     ) -> mx.array:
         """hidden [B, T, H] (h_i), embeddings [B, T, H] (embed(x_{i+1})) -> o [B, T, H] (normed).
 
         mask: the attention mask for the layer (mlx-lm's create_attention_mask); cache: the
         layer's KV cache; rope: M-RoPE (cos, sin), or None for positions from the cache offset.
+        `tokens` T (the compiled steps, text.py): hidden and embeddings are rows [B*T, H] (row
+        b*T + t) and so is o; cache a `cache.StaticKV`, mask [1 or B, 1, T, capacity]; the layer
+        runs as the verify pass runs the main model's (`DecoderLayer.steps`: the fused decode
+        projections, `layers.project`), with the same arithmetic.
         """
         e = self.pre_fc_norm_embedding(embeddings)
         h = self.pre_fc_norm_hidden(hidden.astype(e.dtype))
-        u = self.fc(mx.concatenate([e, h], axis=-1))
-        u = self.layers[0](u, mask, cache, rope)
-        return self.norm(u)
+        eh = mx.concatenate([e, h], axis=-1)
+        if tokens is None:
+            u = self.layers[0](self.fc(eh), mask, cache, rope)
+            return self.norm(u)
+        u = project(self, ("fc",), eh)[0]
+        x, d, _ = self.layers[0].steps(u, None, tokens, mask, cache, rope)
+        return add_norm(self.norm, x, d)[1]
+
+    def decode_groups(self) -> list:
+        """(owner, names) of the projection groups the compiled steps apply (`layers.project`)."""
+        return [(self, ("fc",)), *self.layers[0].decode_groups()]

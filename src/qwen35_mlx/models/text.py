@@ -23,7 +23,8 @@ a mask causal inside the new tokens, the linear layers' conv and recurrence toke
 through the one-token kernel, whose per-token states come out of the step so that a
 `LinearCache` rolls back into the call with no recompute. Traced once per token count, buffer
 size and batch shape. The MTP head has its own compiled step over its static KV buffer
-(`mtp_forward(..., last_only=True)`), and `verify_and_draft` puts a greedy speculative round's
+(`mtp_forward(..., last_only=True)`; its layer in the verify pass's row form over fused decode
+projections, `MTP(..., tokens=T)`), and `verify_and_draft` puts a greedy speculative round's
 verify pass and MTP pass into one compiled call.
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
@@ -441,6 +442,8 @@ class TextModel(nn.Module):
     def _decode_groups(self) -> list:
         """(owner, names) of every group of projections the compiled step applies."""
         groups = [g for layer in self.model.layers for g in layer.decode_groups()]
+        if self.has_mtp:
+            groups += self.mtp.decode_groups()
         if self.config.tie_word_embeddings:
             return groups + [(self.model, ("embed_tokens",))]
         return groups + [(self, ("lm_head",))]
@@ -561,7 +564,10 @@ class TextModel(nn.Module):
         if positions is not None:
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(positions)
         c = StaticKV(keys, values, idx, offset)
-        o = self.mtp(hidden, self.model.embed_tokens(tokens), mask, c, rope)
+        B, H = tokens.shape[0], hidden.shape[-1]
+        # Rows [B*T, H] through the layer's `steps`, as the verify pass runs the main model.
+        emb = self.model.embed_tokens(tokens.reshape(-1))
+        o = self.mtp(hidden.reshape(B * T, H), emb, mask, c, rope, T).reshape(B, T, H)
         offsets = [offset + T] if left_padding is not None else []
         return o, c.keys, c.values, offsets
 

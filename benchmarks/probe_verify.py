@@ -1,0 +1,258 @@
+"""Where a verify pass's time goes, next to a one-token step's (issue 13: the fixed cost a
+verify call paid on the H200 at batch 1, ~3 ms over a step at any T).
+
+Per call, alternating S / V(T) block by block, median over blocks:
+    build   the Python call that builds the graph: for S `model(y, cache)` (the compiled step's
+            replay and the cache bookkeeping around it), for V(T) `model(tokens [1, T], cache,
+            return_hidden=True)` (the same for the verify step, `_adopt_verify` included)
+    eval    mx.eval of its outputs (on the CPU: the arithmetic; on a GPU: MLX's host work to
+            encode and launch, then the wait)
+    after   the bookkeeping after it: nothing for S; for V(T) the rollback a rejecting round does
+            (every cache trimmed into the call by T - 1, then by the one kept token, so that the
+            next call starts where this one did)
+Times are the process's CPU time (all threads: MLX's CPU stream runs on its own) and wall time.
+Also: how many times each compiled function traced during the timed calls (must be 0: a
+retrace per call would be a fixed cost), and with `--matmul` the matmul microbenchmark behind
+the fix (one [T, K] x [K, N] product as MLX runs it for T = 1 (gemv) and T > 1 (a GEMM:
+cuBLAS on CUDA), and in `layers.project`'s row-wise form).
+
+    python benchmarks/probe_verify.py --model tiny         # the shipped tiny model (CPU)
+    python benchmarks/probe_verify.py --model pattern      # 0.8B's layer pattern, hidden 256
+    python benchmarks/probe_verify.py --model 0.8b         # the real 0.8B shape (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# isort: off
+import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
+import mlx.core as mx
+
+from qwen35_mlx.models import layers as layers_lib
+from qwen35_mlx.models.cache import set_history
+from qwen35_mlx.models.config import TextConfig
+from qwen35_mlx.models.text import TextModel
+
+# isort: on
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import SHAPE_0_8B, random_weights  # noqa: E402
+
+# The 0.8B layer pattern (24 layers, 18 linear + 6 attention, heads as 0.8B's ratios) at small
+# widths: every primitive of the real step, little arithmetic.
+SHAPE_PATTERN = dict(
+    SHAPE_0_8B,
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_num_key_heads=4,
+    linear_num_value_heads=4,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+)
+
+
+def build(name: str, dtype: str | None) -> TextModel:
+    if name == "tiny":
+        from qwen35_mlx import load
+
+        model, _ = load(Path(qwen35_mlx.__file__).parent / "assets" / "tiny", dtype=dtype)
+        return model
+    shape = SHAPE_PATTERN if name == "pattern" else SHAPE_0_8B
+    model = TextModel(TextConfig(**shape, mtp_num_hidden_layers=1))
+    default = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    dt = getattr(mx, dtype) if dtype else default
+    model.load_weights(list(random_weights(model, dt).items()), strict=True)
+    mx.eval(model.parameters())
+    return model.eval()
+
+
+class TraceCounter:
+    """Counts traces of the compiled functions: the backbone's `decode` / `verify` and the MTP
+    body run only while mx.compile traces."""
+
+    def __init__(self, model: TextModel):
+        self.n = {"decode": 0, "verify": 0, "mtp": 0}
+        for obj, attr, key in (
+            (model.model, "decode", "decode"),
+            (model.model, "verify", "verify"),
+            (model, "_mtp_body", "mtp"),
+        ):
+            fn = getattr(obj, attr)
+
+            def wrapped(*a, _fn=fn, _key=key, **kw):
+                self.n[_key] += 1
+                return _fn(*a, **kw)
+
+            object.__setattr__(obj, attr, wrapped) if attr == "_mtp_body" else setattr(
+                obj, attr, wrapped
+            )
+
+
+def _clock():
+    return time.process_time(), time.perf_counter()
+
+
+def _since(t0):
+    c, w = _clock()
+    return 1e3 * (c - t0[0]), 1e3 * (w - t0[1])
+
+
+def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: int) -> dict:
+    vocab = model.config.vocab_size
+    prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0))
+    cache = model.make_cache()
+    set_history(cache, max(Ts))
+    mx.eval(model(prompt[:, :-1], cache=cache), [c.state for c in cache])
+    y = prompt[:, -1:]
+
+    def step():
+        t0 = _clock()
+        out = model(y, cache=cache)
+        b = _since(t0)
+        t0 = _clock()
+        mx.eval(out)
+        return b, _since(t0), (0.0, 0.0)
+
+    def verify(T):
+        toks = mx.concatenate([y] * T, axis=1)
+
+        def run():
+            t0 = _clock()
+            out = model(toks, cache=cache, return_hidden=True)
+            b = _since(t0)
+            t0 = _clock()
+            mx.eval(out)
+            e = _since(t0)
+            t0 = _clock()
+            for c in cache:  # a rejecting round: keep the first token, then the step's
+                c.trim(T - 1)
+            for c in cache:
+                c.trim(1)
+            return b, e, _since(t0)
+
+        return run
+
+    fns = {"S": step, **{f"V{T}": verify(T) for T in Ts}}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    counter = TraceCounter(model)
+    runs = {name: {k: [] for k in ("build", "eval", "after")} for name in fns}
+    for rep in range(repeats):
+        order = list(fns) if rep % 2 == 0 else list(reversed(fns))
+        for name in order:
+            acc = [[0.0, 0.0] for _ in range(3)]
+            for _ in range(iters):
+                for i, part in enumerate(fns[name]()):
+                    acc[i][0] += part[0]
+                    acc[i][1] += part[1]
+            for i, k in enumerate(("build", "eval", "after")):
+                runs[name][k].append((acc[i][0] / iters, acc[i][1] / iters))
+    out = {}
+    for name, parts in runs.items():
+        out[name] = {
+            k: {
+                "cpu_ms": round(statistics.median(x[0] for x in v), 3),
+                "wall_ms": round(statistics.median(x[1] for x in v), 3),
+            }
+            for k, v in parts.items()
+        }
+    out["retraces_while_timed"] = dict(counter.n)
+    return out
+
+
+def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
+    """One product [T, K] x [K, N] (a transposed weight, as the step's projections), per call:
+    plain `x @ w` (gemv at T = 1, a GEMM above) and `layers.rows_matmul` (the verify step's
+    form), each in a compiled function of 24 products (a layer stack's worth), synchronised."""
+    W = mx.random.normal((N, K)).astype(dtype) * 0.02
+    mx.eval(W)
+    w = W.T
+    res = {}
+    for T in [1, *Ts]:
+        x = mx.random.normal((T, K)).astype(dtype)
+        forms = {"x @ w": lambda x: x @ w}
+        if T > 1 and hasattr(layers_lib, "rows_matmul"):
+            forms["rows_matmul"] = lambda x: layers_lib.rows_matmul(x, w)
+        for label, f in forms.items():
+
+            def chain(x, f=f):
+                for _ in range(24):
+                    x = f(x)[:, :K] * 0.5
+                return x
+
+            fn = mx.compile(chain)
+            for _ in range(3):
+                mx.eval(fn(x))
+            t0 = _clock()
+            for _ in range(iters):
+                mx.eval(fn(x))
+            c, wl = _since(t0)
+            res[f"T={T} {label}"] = {"cpu_us": round(1e3 * c / iters / 24, 2),
+                                     "wall_us": round(1e3 * wl / iters / 24, 2)}  # fmt: skip
+    return res
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="pattern", choices=["tiny", "pattern", "0.8b"])
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--tokens", default="2,3,4", help="verify token counts")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default="auto", help="layers.ROWS_GEMV: off,auto,all")
+    p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    args = p.parse_args(argv)
+    Ts = [int(t) for t in args.tokens.split(",")]
+    model = build(args.model, args.dtype)
+    result = {"model": args.model, "device": str(mx.default_device()), "mlx": mx.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    from bench_mtp import set_variant
+
+    result["calls"] = {}
+    for variant in args.variants.split(","):
+        set_variant(model, variant)
+        calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
+        print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
+              "(CPU time / wall)")  # fmt: skip
+        print("| call | build | eval | after | total |")
+        print("|---|---|---|---|---|")
+        for name, parts in calls.items():
+            if name == "retraces_while_timed":
+                continue
+            tc = sum(v["cpu_ms"] for v in parts.values())
+            tw = sum(v["wall_ms"] for v in parts.values())
+            cells = [f"{v['cpu_ms']:.3f} / {v['wall_ms']:.3f}" for v in parts.values()]
+            print(f"| {name} | " + " | ".join(cells) + f" | {tc:.3f} / {tw:.3f} |")
+        print("retraces while timed:", calls["retraces_while_timed"])
+    if args.matmul:
+        dtype = model.model.embed_tokens.weight.dtype
+        H = model.config.hidden_size
+        result["matmul"] = {}
+        for N in (H, 4 * H, model.config.vocab_size):
+            r = matmul_probe(H, N, Ts, args.iters * 5, dtype)
+            result["matmul"][f"K={H} N={N}"] = r
+            print(f"matmul K={H} N={N} ({dtype}), us a product (CPU / wall):",
+                  ", ".join(f"{k} {v['cpu_us']}/{v['wall_us']}" for k, v in r.items()))  # fmt: skip
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"probe_verify_{args.model}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print("wrote", path)
+    return result
+
+
+if __name__ == "__main__":
+    main()
