@@ -238,7 +238,10 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
 # ROWS_GEMV: "auto" (CUDA, 2 to ROWS_GEMV_MAX_ROWS rows, (R - 1) x bytes of W at most
 # ROWS_GEMV_MAX_BYTES), True / False (always / never: tests and benchmarks).
 ROWS_GEMV: str | bool = "auto"
-ROWS_GEMV_MAX_ROWS = 16
+# At most a verify pass's rows at batch 1 (text.MAX_STEP_TOKENS): the same rule also meets a
+# batch of 2-8 rows decoding, where W read once a row (up to 7 x 64 MiB a projection) was not
+# measured against cuBLAS's host cost.
+ROWS_GEMV_MAX_ROWS = 8
 ROWS_GEMV_MAX_BYTES = 64 << 20
 
 
