@@ -4,13 +4,16 @@ object with the same weights), ours plain path, mlx-lm.
 
 All are set up once (prefill + 3 steps each), then interleaved in blocks of 8 steps (who goes
 first alternates), 6 blocks each; prints ms a step in wall time and in process CPU time
-(steadier when other jobs share the cores), and the BLAS in use.
+(steadier when other jobs share the cores), the BLAS in use, and mlx-lm's CPU time over ours
+compiled: over all blocks, and the median of the per-round ratios (a round runs every contender
+once, back to back, so a burst of load from other processes falls on one round).
 
-    python benchmarks/ab_decode_cpu.py B P      # batch B, prompt P
+    python benchmarks/ab_decode_cpu.py B P [BLOCKS]     # batch B, prompt P
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,15 +61,19 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         state[name] = (cache, y)
     wall = dict.fromkeys(state, 0.0)
     cpu = dict.fromkeys(state, 0.0)
+    rounds = []
     for r in range(blocks):
+        block = {}
         for name in list(state) if r % 2 == 0 else list(state)[::-1]:
             cache, y = state[name]
             t, c = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 y = step(name, cache, y)
             wall[name] += time.perf_counter() - t
-            cpu[name] += time.process_time() - c
+            block[name] = time.process_time() - c
+            cpu[name] += block[name]
             state[name] = (cache, y)
+        rounds.append(block["mlx-lm"] / block["compiled"])
     ours.compiled_decode = True
     layers.CPU_TRANSPOSED_WEIGHTS = flag
     n = blocks * steps
@@ -75,8 +82,12 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         f"B={B} P={P} ms/step wall (CPU): "
         + ", ".join(f"{k} {w:.1f} ({c:.1f})" for k, (w, c) in out.items())
     )
+    print(
+        f"mlx-lm / ours compiled, CPU time: {cpu['mlx-lm'] / cpu['compiled']:.2f}x overall, "
+        f"{statistics.median(rounds):.2f}x median of {blocks} rounds"
+    )
     return out
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), *map(int, sys.argv[3:4]))

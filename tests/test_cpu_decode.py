@@ -103,3 +103,33 @@ def test_cpu_transposed_weights_moe_and_bf16(small_blocks):  # noqa: F811
     dense.set_dtype(mx.bfloat16)
     assert_same(dense, [TOKENS[:5]], 6)
     assert any(made.fused for *_, made, _ in _groups(dense))
+
+
+def test_cpu_transposed_tied_output_layer(tmp_path, small_blocks):  # noqa: F811
+    """A tied lm_head (the Embedding as the output layer) takes the CPU layout too: the step's
+    logits are x @ E^T with E^T stored [hidden, vocab] contiguous, the Embedding's weight the
+    transposed view of it (lookups read strided rows); names, values and memory kept."""
+    cfg = make_text_config(hidden_size=128, intermediate_size=256, tie_word_embeddings=True)
+    model = make_text_model(cfg, seed=7)
+    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    gc.collect()
+    before = mx.get_active_memory()
+    model._prepare_decode()
+    gc.collect()
+    grown = mx.get_active_memory() - before
+    owner = model.model
+    made = owner._decode_embed_tokens_made
+    assert made is not None and not made.fused
+    (w_t,) = owner["_decode_embed_tokens"]
+    assert w_t.shape == (cfg.hidden_size, cfg.vocab_size)
+    np.testing.assert_array_equal(np.array(w_t), params["model.embed_tokens.weight"].T)
+    assert grown < w_t.nbytes / 10, (grown, w_t.nbytes)
+    assert_parameters_kept(model, params, tmp_path / "w.safetensors")
+    # Compiled step against the plain path (which looks rows up in the transposed view), and
+    # against an untouched copy of the model on the plain path: same tokens.
+    toks = assert_same(model, [TOKENS[:6], TOKENS[5:11]], 8)
+    fresh = make_text_model(cfg, seed=7)
+    t_ref, l_ref = greedy(fresh, [TOKENS[:6], TOKENS[5:11]], 8, False)
+    np.testing.assert_array_equal(toks, t_ref)
+    t_cpu, l_cpu = greedy(model, [TOKENS[:6], TOKENS[5:11]], 8, True)
+    np.testing.assert_allclose(l_cpu, l_ref, atol=2e-5, rtol=1e-4)

@@ -62,11 +62,12 @@ FUSE_DECODE_PROJECTIONS = True
 # output (latency-bound), OpenBLAS packs all of W for a one-row product. With W stored [in, out]
 # (`x @ W_t`, W_t contiguous) the reference BLAS runs axpy loops instead, bit-identical and
 # 1.5-2x faster, and OpenBLAS 1.2-2x (benchmarks/NOTES.md, "CPU decode, 2026-12-02"). So on a CPU
-# stream, float32 Linear layers without bias get their weight stored transposed: the layer's
-# `weight` becomes the transposed view of a contiguous [in, out] buffer (same shape, values and
-# name; no second copy), which the plain path's `x @ weight.T` and the step both read in the fast
-# form. Such groups are not fused (a fused [in, sum(out)] buffer could not back the layers' own
-# weights as views without a copy per plain call). False: the layout above, as on a GPU.
+# stream, float32 Linear layers without bias (and a tied output layer's Embedding) get their
+# weight stored transposed: the layer's `weight` becomes the transposed view of a contiguous
+# [in, out] buffer (same shape, values and name; no second copy), which the plain path's
+# `x @ weight.T` and the step both read in the fast form. Such groups are not fused (a fused
+# [in, sum(out)] buffer could not back the layers' own weights as views without a copy per plain
+# call). False: the layout above, as on a GPU.
 CPU_TRANSPOSED_WEIGHTS = True
 
 
@@ -150,14 +151,17 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
 
 def _cpu_transposed(mods: list) -> bool:
     """Whether `mods` take the CPU's transposed storage (`CPU_TRANSPOSED_WEIGHTS`)."""
+    # A tied output layer (an Embedding) too: its decode matmul is the step's largest, and the
+    # lookup of a token's row from the transposed view costs only in prefill (strided rows).
     return (
         CPU_TRANSPOSED_WEIGHTS
         and mx.default_device() == mx.cpu
-        and all(type(m) is nn.Linear and m.weight.dtype == mx.float32 for m in mods)
+        and all(type(m) in (nn.Linear, nn.Embedding) for m in mods)
+        and all(m.weight.dtype == mx.float32 for m in mods)
     )
 
 
-def _transposed_storage(mod: nn.Linear) -> mx.array:
+def _transposed_storage(mod: nn.Linear | nn.Embedding) -> mx.array:
     """mod's weight [out, in] moved to a contiguous [in, out] buffer, returned; the layer keeps
     the transposed view of it as its weight (the old buffer is freed: no second copy)."""
     w_t = mx.contiguous(mod.weight.T)

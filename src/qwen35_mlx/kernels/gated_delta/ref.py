@@ -32,25 +32,24 @@ def _step(q, k, v, g, beta, S, m):
     # plain 3-D layouts. Repeating q/k over the R value heads copies only [B, Hv, Dk].
     q = mx.repeat(q.astype(f32), R, axis=1).reshape(N, Dk)
     k = mx.repeat(k.astype(f32), R, axis=1).reshape(N, Dk)
-    v = v.astype(f32).reshape(N, 1, Dv)
+    v = v.astype(f32).reshape(N, Dv, 1)
     beta = beta.astype(f32).reshape(N, 1, 1)
     S3 = S.reshape(N, Dv, Dk)
-    # [k; q] @ S^T rather than S @ [k, q]: the same products, but BLAS then runs two long dot
-    # products per state row instead of a loop of length 2 per element, which matters where
-    # MLX's bundled reference BLAS is in use (1.4x faster for the whole step; same result).
+    # S @ [k, q]: one batched matmul reads S once for both products. (The transposed form
+    # [k; q] @ S^T runs the same dot products in the reference BLAS and is bit-identical, but
+    # OpenBLAS runs this form 6-14% faster for the whole step: benchmarks/NOTES.md.)
     kq = mx.stack([k, q], axis=1)  # [N, 2, Dk]
-    St = mx.swapaxes(S3, -1, -2)  # [N, Dk, Dv], a view
     if g.ndim == 3:
         # Per-key decay scales the state's columns: fold it into k and q before the matmul.
         g3 = g.astype(f32).reshape(N, 1, Dk)
-        KQS = (kq * g3) @ St  # [N, 2, Dv] = [k; q] diag(g) S^T
+        SKQ = S3 @ mx.swapaxes(kq * g3, -1, -2)  # [N, Dv, 2] = S diag(g) [k, q]
     else:
         g3 = g.astype(f32).reshape(N, 1, 1)
-        KQS = g3 * (kq @ St)
-    delta = (v - KQS[:, :1]) * beta  # [N, 1, Dv]
+        SKQ = g3 * (S3 @ mx.swapaxes(kq, -1, -2))
+    delta = (v - SKQ[..., :1]) * beta  # [N, Dv, 1]
     kdotq = (k * q).sum(-1)[:, None, None]  # [N, 1, 1]
-    y = KQS[:, 1:] + delta * kdotq  # [N, 1, Dv]
-    S_new = g3 * S3 + mx.swapaxes(delta, -1, -2) * k[:, None, :]
+    y = SKQ[..., 1:] + delta * kdotq  # [N, Dv, 1]
+    S_new = g3 * S3 + delta * k[:, None, :]
     if m is not None:
         m3 = mx.repeat(m, Hv).reshape(N, 1, 1)
         S_new = mx.where(m3, S_new, S3)
