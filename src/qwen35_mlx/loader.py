@@ -8,7 +8,8 @@ quantized and calls `load_weights`. Around it we keep what it lacks:
   mlx-lm and transformers), an unsupported quantization refused, the shards matched against
   model.safetensors.index.json (mlx-lm globs `model*.safetensors`: a stray shard would be read,
   an absent one not named; here either is an error naming the file), each shard's header opened
-  with the lazy `mx.load` so that a truncated or corrupt file is named;
+  with the lazy `mx.load` that mlx-lm reads it with (it raises on a truncated or corrupt file, as
+  safetensors' `safe_open` does, but neither names the file: we catch and name it);
 - at its `load_weights` call (shadowed on the instance for that call: mlx-lm has no hook between
   quantizing and loading): floating weights cast to `dtype` (A_log stays float32), then
   `check_weights`, one line for what is missing, unexpected, mis-shaped or of the wrong dtype
