@@ -43,17 +43,15 @@ from .models.text import TextModel
 
 @dataclass
 class ModelConfig:
-    """What mlx-vlm's `ModelConfig.from_dict` returns: config.json as `raw`, parsed and checked
-    by `Model`. It has no `text_config` / `vision_config` attributes on purpose: mlx-vlm would
+    """What mlx-vlm's `ModelConfig.from_dict` returns: config.json as `raw`, which `Model` parses
+    and checks. It has no `text_config` / `vision_config` attributes on purpose: mlx-vlm would
     rebuild them with its own classes."""
 
-    model_type: str
     raw: dict[str, Any]
-    eos_token_id: Any = None
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ModelConfig:
-        return cls(params["model_type"], dict(params), params.get("eos_token_id"))
+        return cls(dict(params))
 
 
 def _output(logits: mx.array):
