@@ -83,7 +83,9 @@ CI_KEEP: dict[str, set[str] | None] = {
         "gated_delta_step_fused_mask-bfloat16",
         "gated_delta_decode_per_key-bfloat16",
         "gated_delta_step_mask-float32",
+        "gated_delta_decode_conv-bfloat16",
         "gated_delta_decode_conv_norm_mask-float32",
+        "gated_delta_decode_conv_packed_norm-bfloat16",
         "gated_delta_decode_conv_packed_t3_norm_mask-float16",
     },
     "test_chunk_cuda_source.py::test_chunk_cuda_sources_compile_for_sm90": {
