@@ -8,7 +8,8 @@ quantized and calls `load_weights`. Around it we keep what it lacks:
   mlx-lm and transformers), an unsupported quantization refused, the shards matched against
   model.safetensors.index.json (mlx-lm globs `model*.safetensors`: a stray shard would be read,
   an absent one not named; here either is an error naming the file), each shard's header opened
-  with the lazy `mx.load` so that a truncated or corrupt file is named;
+  with the lazy `mx.load` that mlx-lm reads it with (it raises on a truncated or corrupt file, as
+  safetensors' `safe_open` does, but neither names the file: we catch and name it);
 - at its `load_weights` call (shadowed on the instance for that call: mlx-lm has no hook between
   quantizing and loading): floating weights cast to `dtype` (A_log stays float32), then
   `check_weights`, one line for what is missing, unexpected, mis-shaped or of the wrong dtype
@@ -37,15 +38,6 @@ from mlx.utils import tree_flatten
 
 from .models.config import TEXT_MODEL_TYPES, ModelConfig
 
-# Files a checkpoint needs: config, weights, tokenizer, chat template, image/video processor.
-ALLOW_PATTERNS = [
-    "*.json",
-    "*.safetensors",
-    "*.jinja",
-    "*.txt",
-    "tokenizer.model",
-    "*.tiktoken",
-]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LIST_LIMIT = 12
 
@@ -67,9 +59,10 @@ def resolve_path(path_or_repo: str | os.PathLike) -> Path:
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # what its loader and tokenizer read
 
     try:
-        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(name, allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
             f"{name}: not a local folder, and not in the Hugging Face cache "
@@ -119,39 +112,26 @@ def is_vision_language(config_dict: dict[str, Any]) -> bool:
     )
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint, `model*.safetensors` (what mlx-lm's loader reads);
-    with model.safetensors.index.json, exactly the files it names: an absent shard, or a
-    `model*.safetensors` the index does not name, is an error naming the file."""
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """All tensors of the `model*.safetensors` shards (the files mlx-lm's loader reads), mapped
+    lazily by mx.load, which checks each file's header and data offsets; its errors name no file,
+    so a truncated or corrupt one is named here. With model.safetensors.index.json, an absent
+    shard, or a stray one the index does not name (mlx-lm would read it too), is named as well."""
     files = sorted(path.glob("model*.safetensors"))
     index = path / "model.safetensors.index.json"
-    if not index.is_file():
-        if not files:
-            raise FileNotFoundError(f"no model*.safetensors weights in {path}")
-        return files
-    try:
-        named = set(json.loads(index.read_text())["weight_map"].values())
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index}: not a safetensors index ({e})") from e
-    missing = [name for name in named if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{index} names shards that are absent: {_short(missing)}")
-    stray = [f.name for f in files if f.name not in named]
-    if stray:
-        raise ValueError(
-            f"{path}: shards the index does not name (move them away): {_short(stray)}"
-        )
-    unread = [name for name in named if not re.fullmatch(r"model.*\.safetensors", name)]
-    if unread:
-        raise ValueError(f"{index}: shards not named model*.safetensors: {_short(unread)}")
-    return files
-
-
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """All tensors of the checkpoint, mapped lazily by mx.load (which checks each file's header
-    and data offsets); ValueError naming a truncated or corrupt file."""
+    if index.is_file():
+        try:
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from e
+        if missing := [name for name in named if not (path / name).is_file()]:
+            raise FileNotFoundError(f"{index} names shards that are absent: {_short(missing)}")
+        if stray := [f.name for f in files if f.name not in named]:
+            raise ValueError(f"{path}: shards the index does not name: {_short(stray)}")
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors weights in {path}")
     weights: dict[str, mx.array] = {}
-    for file in weight_files(path):
+    for file in files:
         try:
             weights.update(mx.load(str(file)))
         except (RuntimeError, ValueError, OSError) as e:  # mlx's messages name no file
@@ -182,20 +162,19 @@ def _short(items, sep: str = ", ") -> str:
 
 
 def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
-    q = config.get("quantization")
-    if q is None:
-        qc = config.get("quantization_config")
-        if qc is None:  # mlx-lm takes a vision-language config's block from its text_config
-            qc = (config.get("text_config") or {}).get("quantization_config")
-        if isinstance(qc, dict) and "bits" in qc and "group_size" in qc:
-            q = qc  # mlx-lm writes the same block under both names
-        elif qc is not None:
-            method = qc.get("quant_method") if isinstance(qc, dict) else qc
-            raise ValueError(
-                f"quantization_config with quant_method {method!r} is not supported; "
-                "convert the checkpoint to MLX format first"
-            )
-    return q
+    """The MLX quantization block, None when unquantized. mlx-lm writes it as `quantization` and
+    as `quantization_config` (a vision-language config may hold it in its text_config only, where
+    mlx-lm's loader takes the second for a scheme such as fp8 or AWQ): our sanitize reads no
+    such scheme, so one is refused here, before any I/O."""
+    q = config.get("quantization") or config.get("quantization_config")
+    q = q or (config.get("text_config") or {}).get("quantization_config")
+    if q is None or (isinstance(q, dict) and "bits" in q and "group_size" in q):
+        return q
+    method = q.get("quant_method") if isinstance(q, dict) else q
+    raise ValueError(
+        f"quantization_config with quant_method {method!r} is not supported; "
+        "convert the checkpoint to MLX format first"
+    )
 
 
 def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
@@ -206,21 +185,11 @@ def _as_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
     raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
 
 
-def _cast(weights: dict[str, mx.array], dtype: mx.Dtype | None, keep) -> dict[str, mx.array]:
-    """Floating weights to `dtype`, but those the model's cast_predicate `keep` refuses (A_log,
-    which sanitize already made fp32); packed quantized weights stay as they are."""
-    if dtype is None:
-        return weights
-    return {
-        k: v.astype(dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in weights.items()
-    }
-
-
 def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
-    """One ValueError line for missing and unexpected names (counted, the list truncated), then
-    for shape mismatches, then for dtypes that do not fit (a floating parameter takes a floating
-    weight, cast on load; the packed weight of a quantized module must be uint32)."""
+    """One ValueError line for missing and unexpected names (counted, the list truncated), else
+    for weights whose shape or dtype does not fit (a floating parameter takes a floating weight,
+    cast on load; the packed weight of a quantized module must be uint32). mlx's strict
+    `load_weights` stops at the first kind, lists names one a line and checks no dtype."""
     expected = dict(tree_flatten(model.parameters()))
     missing = expected.keys() - weights.keys()
     unexpected = weights.keys() - expected.keys()
@@ -231,27 +200,18 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
     ]
     if parts:
         raise ValueError("checkpoint weights do not match the model; " + "; ".join(parts))
-    params = sorted(expected.items())
     bad = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(p.shape)}"
-        for k, p in params
-        if weights[k].shape != p.shape
+        f"{k}: checkpoint {tuple(w.shape)} {w.dtype} vs model {tuple(p.shape)} {p.dtype}"
+        for k, p in expected.items()
+        if (w := weights[k]).shape != p.shape or not _dtype_fits(w.dtype, p.dtype)
     ]
     if bad:
-        raise ValueError("shape mismatch: " + _short(bad, sep="; "))
-    bad = [
-        f"{k}: checkpoint {weights[k].dtype} vs model {p.dtype}"
-        for k, p in params
-        if not _dtype_fits(weights[k].dtype, p.dtype)
-    ]
-    if bad:
-        raise ValueError("wrong weight dtype: " + _short(bad, sep="; "))
+        raise ValueError("weights whose shape or dtype do not fit the model: " + _short(bad, "; "))
 
 
 def _dtype_fits(given: mx.Dtype, wanted: mx.Dtype) -> bool:
-    if mx.issubdtype(wanted, mx.floating):
-        return mx.issubdtype(given, mx.floating)
-    return given == wanted
+    floating = mx.issubdtype(wanted, mx.floating)
+    return mx.issubdtype(given, mx.floating) if floating else given == wanted
 
 
 def load_model(
@@ -281,8 +241,12 @@ def _load_model(
     load_weights = model.load_weights
 
     def checked_load_weights(weights, strict: bool = True) -> nn.Module:
-        weights = _cast(dict(weights), dtype, model.cast_predicate)
-        check_weights(model, weights)  # one line for what strict would list name by name
+        weights = dict(weights)
+        if dtype is not None:  # floating weights but A_log (cast_predicate); packed ones stay
+            for k, v in weights.items():
+                if model.cast_predicate(k) and mx.issubdtype(v.dtype, mx.floating):
+                    weights[k] = v.astype(dtype)
+        check_weights(model, weights)
         return load_weights(list(weights.items()), strict=False)
 
     model.load_weights = checked_load_weights
@@ -291,7 +255,8 @@ def _load_model(
             path,
             lazy=lazy,
             model_config=None if quantization is None else {"quantization": quantization},
-            get_model_classes=lambda config: (lambda _args: model, _Prebuilt),
+            # The model is built: its args class (ModelConfig) only parses the config again.
+            get_model_classes=lambda config: (lambda _args: model, ModelConfig),
         )
     except KeyError as e:  # infer_quant_config: a module has scales but no packed weight
         raise ValueError(
@@ -300,14 +265,6 @@ def _load_model(
     finally:
         del model.load_weights
     return model
-
-
-class _Prebuilt:
-    """The model-args class handed to mlx-lm's loader: the model is built and checked already."""
-
-    @staticmethod
-    def from_dict(_config: dict[str, Any]) -> None:
-        return None
 
 
 def load_tokenizer(path: Path, config_dict: dict[str, Any], model_type: str):
@@ -328,9 +285,9 @@ def load_tokenizer(path: Path, config_dict: dict[str, Any], model_type: str):
         raise FileNotFoundError(f"{path} has no tokenizer files (use load_model for weights only)")
     from mlx_lm.tokenizer_utils import load as load_wrapper
 
-    eos = config_dict.get("eos_token_id")
+    eos = config_dict.get("eos_token_id")  # an int or a list, as mlx-lm takes it
     with _tokenizer_errors(path):
-        tokenizer = load_wrapper(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+        tokenizer = load_wrapper(path, eos_token_ids=eos)
     check_tokenizer(tokenizer, path)
     _keep_leading_space(tokenizer)
     return tokenizer

@@ -14,23 +14,22 @@ with a vision tower) from `config.json`, `layer_types` included. mlx-lm then cal
 `sanitize` (Hugging Face and MLX layouts alike), quantizes and loads the weights as usual.
 
 Both plugins (this one and `mlx_vlm_plugin`) adapt our models one way: the host resolves the
-model type through `Remapping` to the plugin module, hands `HostConfig.from_dict(config.json)` to
-the module's `Model`, and `HostConfig.build()` makes our model, with our parameter names, so a
-checkpoint either host saves loads in the other and in ours. Where the host's model protocol is
-ours (mlx-lm), `Model` returns that model itself; where it differs (mlx-vlm: its output class,
-`get_input_embeddings` features, `language_model` entry point), it returns our model's
-subclass that speaks the host's protocol, never a wrapper.
+model type through `Remapping` to the plugin module, whose `Model(<its config>)` is the loader's
+`build_model`, so our model is built with our parameter names and a checkpoint either host saves
+loads in the other and in ours. mlx-lm's model protocol and config handling are ours: its
+`ModelArgs` is our `ModelConfig` and its `Model` our `build_model`. Where they differ (mlx-vlm:
+its output class, `get_input_embeddings` features, `language_model` entry point, config classes
+it rebuilds), `Model` builds our model's subclasses that speak the host's protocol, never a
+wrapper.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import mlx.nn as nn
+from .loader import build_model
+from .models.config import ModelConfig
 
 MODULE_NAME = "qwen35_mlx"  # mlx-lm looks for mlx_lm.models.<this>
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
@@ -80,42 +79,9 @@ class Remapping:
         return all(table.get(t) == MODULE_NAME for t in MODEL_TYPES)
 
 
-@dataclass
-class HostConfig:
-    """What a host's `ModelArgs.from_dict` / `ModelConfig.from_dict` returns: config.json as
-    `raw` (checked and parsed by `build`).
-
-    It has no `text_config` / `vision_config` attributes on purpose: mlx-vlm would rebuild them
-    with its own classes."""
-
-    model_type: str
-    raw: dict[str, Any] = field(default_factory=dict)
-    eos_token_id: Any = None
-
-    @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> HostConfig:
-        return cls(
-            model_type=params["model_type"],
-            raw=dict(params),
-            eos_token_id=params.get("eos_token_id"),
-        )
-
-    def build(self, text_model: type | None = None, vlm_model: type | None = None) -> nn.Module:
-        """Our model (text or vision-language) for this config; a host whose model protocol
-        differs from ours passes subclasses of our classes that speak it."""
-        from .loader import build_model
-        from .models.config import ModelConfig
-
-        return build_model(ModelConfig.from_dict(self.raw), text_model, vlm_model)
-
-
-ModelArgs = HostConfig  # mlx-lm's name
-
-
-def Model(args: HostConfig) -> nn.Module:  # noqa: N802  (mlx-lm calls `arch.Model(args)`)
-    """mlx-lm's model constructor: our model itself, which speaks mlx-lm's model protocol."""
-    return args.build()
-
+# mlx-lm builds a model as `arch.Model(arch.ModelArgs.from_dict(config))`.
+ModelArgs = ModelConfig
+Model = build_model
 
 _remapping = Remapping("mlx_lm", __name__)
 register = _remapping.register

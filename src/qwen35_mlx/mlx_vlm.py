@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(sys.argv) < 2:
         print(f"usage: {PROG} <mlx-vlm command> [args]", file=sys.stderr)
         return 2
-    import qwen35_mlx  # noqa: F401  (preloads the BLAS before mlx)
-
-    from .mlx_vlm_plugin import register
+    from .mlx_vlm_plugin import register  # the package's __init__ (BLAS before mlx) has run
 
     register()
     # mlx-vlm's own `python -m mlx_vlm` dispatch: it picks the subcommand from sys.argv[1].

@@ -6,9 +6,9 @@ mlx-vlm resolves `model_type` like mlx-lm: `MODEL_REMAPPING`, then the module
 name, `mlx_vlm.models.qwen35_mlx` (this module, put in `sys.modules`); mlx-vlm's own Qwen3.5
 modules stay importable and untouched, `unregister()` undoes it.
 
-The two plugins adapt models one way (see `mlx_lm_plugin`: `Remapping`, `HostConfig`): `Model`
-builds our model, with our parameter names (a checkpoint mlx-vlm saves through this plugin loads
-in our loader, and ours in mlx-vlm), as subclasses that speak mlx-vlm's model protocol:
+The two plugins adapt models one way (see `mlx_lm_plugin`): `Model` is the loader's
+`build_model`, with our parameter names (a checkpoint mlx-vlm saves through this plugin loads in
+our loader, and ours in mlx-vlm), building subclasses that speak mlx-vlm's model protocol:
 
 - `language_model(inputs, inputs_embeds=..., cache=...)` -> mlx-vlm's `LanguageModelOutput`:
   prefill steps fed as embeddings, then decode steps whose M-RoPE positions continue from the
@@ -25,18 +25,33 @@ mlx-vlm's own processor (transformers' Qwen3-VL processor) prepares text and ima
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .loader import build_model
 from .mlx_lm_plugin import MODEL_TYPES as MODEL_TYPES
 from .mlx_lm_plugin import MODULE_NAME as MODULE_NAME  # mlx-vlm looks for mlx_vlm.models.<this>
-from .mlx_lm_plugin import HostConfig, Remapping
+from .mlx_lm_plugin import Remapping
+from .models import config as our_config
 from .models import vlm
 from .models.text import TextModel
 
-ModelConfig = HostConfig  # mlx-vlm's name
+
+@dataclass
+class ModelConfig:
+    """What mlx-vlm's `ModelConfig.from_dict` returns: config.json as `raw`, which `Model` parses
+    and checks. It has no `text_config` / `vision_config` attributes on purpose: mlx-vlm would
+    rebuild them with its own classes."""
+
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ModelConfig:
+        return cls(dict(params))
 
 
 def _output(logits: mx.array):
@@ -130,9 +145,10 @@ class VisionLanguageModel(vlm.Model):
         return self.language_model(input_ids, inputs_embeds=embeds.inputs_embeds, cache=cache)
 
 
-def Model(config: HostConfig) -> nn.Module:  # noqa: N802  (mlx-vlm calls `arch.Model(config)`)
+def Model(config: ModelConfig) -> nn.Module:  # noqa: N802  (mlx-vlm calls `arch.Model(config)`)
     """mlx-vlm's model constructor: our model, as the subclass that speaks mlx-vlm's protocol."""
-    return config.build(LanguageModel, VisionLanguageModel)
+    parsed = our_config.ModelConfig.from_dict(config.raw)
+    return build_model(parsed, LanguageModel, VisionLanguageModel)
 
 
 # Importing mlx-vlm's own qwen3_5 registers the Qwen3.5 processor with transformers.
