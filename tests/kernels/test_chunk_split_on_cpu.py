@@ -43,13 +43,19 @@ C = cl.CHUNK
 TOL = RTOL[mx.float32]
 TOL_BF16 = RTOL[mx.bfloat16]
 
-# Tile configurations: (piece type, MP, state-pass BV, H slice, O slice, O value rows).
+# Tile configurations: (piece type, MP, state-pass BV, state-pass (key slice, ring) at Dk 128,
+# O slice, O value rows). The state pass's tiles are those the host picks for that backend and
+# piece type (chunk_launch.h_tiles), and a ring of three (CUDA's pick at Dk 256, bf16).
 CFGS = {
-    "metal": ("float", 3, 16, cl.H_SLICE["metal"], cl.O_SLICE["metal"], cl.O_BV["metal"]),
-    "cuda": ("float", 3, 16, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
-    "cuda_bv32": ("float", 3, 32, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
-    "cuda_bf16": ("bf16", 1, 16, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
-}
+    "metal": ("float", 3, 16, cl.h_tiles("metal", 128, 16, 4), cl.O_SLICE["metal"],
+              cl.O_BV["metal"]),
+    "cuda": ("float", 3, 16, cl.h_tiles("cuda", 128, 16, 4), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+    "cuda_bv32": ("float", 3, 32, cl.h_tiles("cuda", 128, 32, 4), cl.O_SLICE["cuda"],
+                  cl.O_BV["cuda"]),
+    "cuda_bf16": ("bf16", 1, 16, cl.h_tiles("cuda", 128, 16, 2), cl.O_SLICE["cuda"],
+                  cl.O_BV["cuda"]),
+    "cuda_ring3": ("float", 3, 16, (64, 3), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+}  # fmt: skip
 
 PROGRAM = r"""
 #include "{emulator}"
@@ -95,7 +101,7 @@ void kernel(const float* k, const float* v, const float* a, const float* b, cons
 }}  // namespace wy_fused
 
 namespace h {{
-template <int Dk, int BV, int C, int NT, int DS, int MP, int PF, typename PT>
+template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
 void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
             const int* U_shape, PT* H, PT* Vn, float* state_out) {{
 {h}
@@ -110,7 +116,7 @@ void kernel(const float* q, const float* k, const float* gates, const PT* H, con
 }}
 }}  // namespace o
 
-template <int Dk, typename PT, int MP, int BV, int HDS, int ODS, int BVO>
+template <int Dk, typename PT, int MP, int BV, int HDS, int HNB, int ODS, int BVO>
 void run(char** argv) {{
   const std::string what = argv[1], d = std::string(argv[2]) + "/";
   constexpr int C = {C};
@@ -146,7 +152,7 @@ void run(char** argv) {{
     std::vector<float> s(size_t(BH) * Dv * Dk, NAN);
     constexpr int NT = 32 * (C / 16) * (BV / 16);
     run_blocks({{unsigned(BH), unsigned((Dv + BV - 1) / BV), 1}}, NT, [&] {{
-      h::kernel<Dk, BV, C, NT, HDS, MP, 1, PT>(W.data(), U.data(), Kw.data(), as<float>(gates),
+      h::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(), as<float>(gates),
           as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
     }});
     write(d + "H", H); write(d + "Vn", Vn); write(d + "state_out", s);
@@ -181,11 +187,11 @@ int main(int argc, char** argv) {{
 
 def _dispatch() -> str:
     lines = []
-    for name, (pt, mp, bv, hds, ods, bvo) in CFGS.items():
+    for name, (pt, mp, bv, (hds, hnb), ods, bvo) in CFGS.items():
         t = "float" if pt == "float" else "bf16"
         lines.append(
             f'  if (cfg == "{name}") return run<Dk, {t}, {mp}, {bv}, (Dk < {hds} ? Dk : {hds}), '
-            f"(Dk < {ods} ? Dk : {ods}), {bvo}>(argv);"
+            f"{hnb}, (Dk < {ods} ? Dk : {ods}), {bvo}>(argv);"
         )
     return "\n".join(lines)
 
@@ -367,7 +373,8 @@ class EmulatedKernel:
         elif self.name == cs.H_NAME:
             B, Hv, Dv, Dk = x["state_in"].shape
             nt = cl.h_threads(cl.H_BV)
-            want = {"Dk": Dk, "BV": cl.H_BV, "C": C, "NT": nt, "DS": min(cl.H_SLICE["cuda"], Dk)}
+            ds, nb = cl.h_tiles("cuda", Dk, cl.H_BV, 4)
+            want = {"Dk": Dk, "BV": cl.H_BV, "C": C, "NT": nt, "DS": ds, "NB": nb}
             assert tpl == want | {"MP": 3, "PF": cl.PREFETCH, "PT": mx.float32}
             assert grid == (nt * B * Hv, -(-Dv // cl.H_BV), 1)
             assert threadgroup == (nt, 1, 1)

@@ -20,10 +20,9 @@ MTYPES = {"fp32": "float", "bf16": "bfloat16_t", "fp16": "float16_t"}
 C = cl.CHUNK
 
 
-def kernels(backend: str, Dk: int):
+def kernels(backend: str, Dk: int, itemsize: int | None = None):
     """(name, inputs, outputs, body, template args) of the three kernels as the host builds
     them on `backend` (template values as chunk_launch passes them; the types by name)."""
-    hds = min(cl.H_SLICE[backend], Dk)
     ods = min(cl.O_SLICE[backend], Dk)
     out = []
     for fused in (False, True):
@@ -33,7 +32,9 @@ def kernels(backend: str, Dk: int):
              tpl + [("MP", None), ("PT", None)])
         )  # fmt: skip
     for bv in cl.H_BV_CHOICES[backend] if Dk <= 128 else (16,):
-        tpl = [("Dk", Dk), ("BV", bv), ("C", C), ("NT", cl.h_threads(bv)), ("DS", hds)]
+        # the host's tiles for 2-byte pieces (on Metal the staged slices are float either way)
+        ds, nb = cl.h_tiles(backend, Dk, bv, 2 if itemsize is None else itemsize)
+        tpl = [("Dk", Dk), ("BV", bv), ("C", C), ("NT", cl.h_threads(bv)), ("DS", ds), ("NB", nb)]
         out.append(
             (cs.H_NAME, cs.H_INPUTS, cs.H_OUTPUTS, cl.h_source(backend),
              tpl + [("MP", None), ("PF", 1), ("PT", None)])
@@ -59,7 +60,7 @@ def cuda_unit(cases) -> str:
     i = 0
     for act, Dk in cases:
         mp = 3 if act == "fp32" else 1
-        for name, ins, outs, body, tpl in kernels("cuda", Dk):
+        for name, ins, outs, body, tpl in kernels("cuda", Dk, 4 if act == "fp32" else 2):
             params = []
             for n in ins:
                 params.append(f"    const {_type(n, act, CTYPES)}* {n}")

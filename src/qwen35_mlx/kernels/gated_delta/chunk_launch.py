@@ -65,6 +65,20 @@ inline void gd_barrier() {
 inline float4 gd_f4(float x, float y, float z, float w) {
   return float4(x, y, z, w);
 }
+// Staged tile copies (H_BODY): a synchronous copy that widens the pieces to float (the tile
+// layer's simdgroup_load reads threadgroup floats); gd_copy_commit / gd_copy_wait do nothing.
+#define GD_TG16 threadgroup
+template <typename T>
+using gd_staged = float;
+template <int NT, int R, int CL, typename D, typename S>
+inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int tid) {
+  for (int e = tid; e < R * CL; e += NT) {
+    dst[(e / CL) * dld + e % CL] = float(src[(e / CL) * sld + e % CL]);
+  }
+}
+inline void gd_copy_commit() {}
+template <int N>
+inline void gd_copy_wait() {}
 """,
     "cuda": """
 #define GD_TG __shared__
@@ -74,6 +88,37 @@ __device__ __forceinline__ void gd_barrier() {
 }
 __device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
   return make_float4(x, y, z, w);
+}
+// Staged tile copies (H_BODY): cp.async (sm_80+) copies the pieces' bytes as they are, 16 at a
+// time, from device to threadgroup memory without passing through registers; a thread's copies
+// since the last gd_copy_commit() form a group, and gd_copy_wait<N>() waits until at most N of
+// its groups are still in flight (a barrier after it makes every thread's copies visible).
+#define GD_TG16 __shared__ __align__(16)
+template <typename T>
+using gd_staged = T;
+template <int NT, int R, int CL, typename D, typename S>
+__device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, int tid) {
+  constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
+  static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
+  constexpr int U = R * CL / V;  // copies of the tile
+#pragma unroll
+  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
+    const int e = tid + it * NT;
+    if (U % NT != 0 && e >= U) break;
+    const int r = e / (CL / V);
+    const int c = (e % (CL / V)) * V;
+    asm volatile(
+        "{ .reg .u64 s; .reg .u32 a; cvta.to.shared.u64 s, %0; cvt.u32.u64 a, s;"
+        "  cp.async.cg.shared.global [a], [%1], 16; }" ::"l"(dst + r * dld + c),
+        "l"(src + r * sld + c));
+  }
+}
+__device__ __forceinline__ void gd_copy_commit() {
+  asm volatile("cp.async.commit_group;");
+}
+template <int N>
+__device__ __forceinline__ void gd_copy_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 """,
 }
@@ -202,7 +247,7 @@ __device__ __forceinline__ void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, 
     for (int e = 0; e < 4; ++e) {
       const int i = g + 8 * (e & 1);
       const int k = k0 + 2 * t + (e >> 1);
-      af[e] = TA ? A[k * lda + i] : A[i * lda + k];
+      af[e] = static_cast<float>(TA ? A[k * lda + i] : A[i * lda + k]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -210,32 +255,33 @@ __device__ __forceinline__ void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, 
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * h + g;
         const int k = k0 + 2 * t + e;
-        bf[h][e] = TB ? B[j * ldb + k] : B[k * ldb + j];
+        bf[h][e] = static_cast<float>(TB ? B[j * ldb + k] : B[k * ldb + j]);
       }
     }
     unsigned ah[4];
     unsigned al[4];
     unsigned bh[2][2];
     unsigned bl[2][2];
+    // 16-bit operands (bf16 / fp16 staged pieces) are exact in tf32: no rounding, no low part
+    constexpr bool XA = sizeof(A[0]) == 2;
+    constexpr bool XB = sizeof(B[0]) == 2;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      ah[e] = gd_tf32(af[e]);
-      if (MP == 3) al[e] = gd_tf32(af[e] - __uint_as_float(ah[e]));
+      ah[e] = XA ? __float_as_uint(af[e]) : gd_tf32(af[e]);
+      al[e] = MP == 3 && !XA ? gd_tf32(af[e] - __uint_as_float(ah[e])) : 0u;
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        bh[h][e] = gd_tf32(bf[h][e]);
-        if (MP == 3) bl[h][e] = gd_tf32(bf[h][e] - __uint_as_float(bh[h][e]));
+        bh[h][e] = XB ? __float_as_uint(bf[h][e]) : gd_tf32(bf[h][e]);
+        bl[h][e] = MP == 3 && !XB ? gd_tf32(bf[h][e] - __uint_as_float(bh[h][e])) : 0u;
       }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (MP == 3) {
-        gd_mma_m16n8k8(x.c[h], al, bh[h]);
-        gd_mma_m16n8k8(x.c[h], ah, bl[h]);
-      }
+      if (MP == 3 && !XA) gd_mma_m16n8k8(x.c[h], al, bh[h]);
+      if (MP == 3 && !XB) gd_mma_m16n8k8(x.c[h], ah, bl[h]);
       gd_mma_m16n8k8(x.c[h], ah, bh[h]);
     }
   }
@@ -373,10 +419,33 @@ WY_THREADS = 256
 WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
 H_BV = 16  # value rows per state-pass threadgroup (16 or 32; 32: CUDA only, Dk <= 128)
 H_BV_CHOICES = {"metal": (16,), "cuda": (16, 32)}
-H_SLICE = {"metal": 32, "cuda": 64}  # key columns of W / Kw staged at a time (32 KB on Metal)
+# Threadgroup memory a state-pass threadgroup may take (static): Apple GPUs 32 KB, CUDA 48 KB.
+H_SMEM = {"metal": 32768, "cuda": 49152}
+# (key slice DS, ring of NB staged slices) of the state pass, first that fits H_SMEM: a whole
+# key row a slice (fewest barriers: NSL + 1 a chunk), then rings of three (a copy has two
+# slices of products to land behind), then smaller slices.
+H_TILE_ORDER = ((256, 2), (128, 2), (64, 3), (64, 2), (32, 3), (32, 2), (16, 2))
+# (DS, NB) forced for every state pass (timing runs, benchmarks/chunk_split_gpu.py): the caller
+# makes sure it fits (h_smem).
+H_TILES: tuple[int, int] | None = None
 O_THREADS = 256
 O_SLICE = {"metal": 16, "cuda": 32}  # key columns of q, k, H staged at a time
 O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
+
+
+def h_smem(backend: str, Dk: int, bv: int, ds: int, nb: int, itemsize: int, C: int = CHUNK) -> int:
+    """Bytes of threadgroup memory of H_BODY: S and delta fp32, NB staged slices (the pieces'
+    type on CUDA, float on Metal) with rows padded by 16 bytes."""
+    size = itemsize if backend == "cuda" else 4
+    return 4 * (bv * (Dk + 4) + C * (bv + 4)) + nb * C * (ds * size + 16)
+
+
+def h_tiles(backend: str, Dk: int, bv: int, itemsize: int) -> tuple[int, int] | None:
+    """(DS, NB) of the state pass: the first of H_TILE_ORDER that divides Dk and fits."""
+    for ds, nb in H_TILE_ORDER:
+        if Dk % ds == 0 and h_smem(backend, Dk, bv, ds, nb, itemsize) <= H_SMEM[backend]:
+            return ds, nb
+    return None
 
 
 def h_threads(bv: int = H_BV, C: int = CHUNK) -> int:
@@ -425,20 +494,31 @@ def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, i
 
 
 def h_pass(
-    backend: str, W, U, Kw, gates, state, C: int = CHUNK, bv=None, prefetch=None, init_value=None
+    backend: str,
+    W,
+    U,
+    Kw,
+    gates,
+    state,
+    C: int = CHUNK,
+    bv=None,
+    prefetch=None,
+    init_value=None,
 ):
     """H_BODY: (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C, Dv]) in the pieces' dtype, and the final
     state [B, Hv, Dv, Dk] fp32."""
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     bv = bv or H_BV
-    if bv not in H_BV_CHOICES[backend] or (bv > 16 and Dk > 128):
+    pt = U.dtype
+    tiles = h_tiles(backend, Dk, bv, pt.size) if bv in H_BV_CHOICES[backend] else None
+    if tiles is None or (bv > 16 and Dk > 128):
         raise ValueError(
             f"gated_delta chunk kernel: the state pass takes bv in {H_BV_CHOICES[backend]} on "
             f"{backend} (32 only for Dk <= 128: threadgroup memory), got bv={bv} with Dk={Dk}"
         )
+    ds, nb = H_TILES or tiles
     nt = h_threads(bv, C)
-    pt = U.dtype
     return _build(backend, "h")(
         inputs=[W, U, Kw, gates, state],
         template=[
@@ -446,7 +526,8 @@ def h_pass(
             ("BV", bv),
             ("C", C),
             ("NT", nt),
-            ("DS", min(H_SLICE[backend], Dk)),
+            ("DS", ds),
+            ("NB", nb),
             ("MP", operand_precision(pt)),
             ("PF", PREFETCH if prefetch is None else int(prefetch)),
             ("PT", pt),
