@@ -8,8 +8,9 @@ print one table with the predictions of benchmarks/NOTES.md ("Split chunk kernel
 
 --quick (< 90 s): the checks at T 2048 only (fp32 against the float64 loop, bf16 against the
 fused kernel, bf16 also with unbounded WY / output kernels, the state pass's ring of three "r3"
-and its 32 value rows "bv32"), timing at T 2048 and 8192 only (the state pass alone also as
-"state r3" and "state bv32"). On CUDA every run also times the "unb" variants:
+and its 32 value rows "bv32", fp32 and bf16 with the output pass O2_BODY "o2"), timing at T 2048
+and 8192 only (the state pass alone also as "state r3" and "state bv32", the output pass as "out
+o2", the whole path as "split o2"). On CUDA every run also times the "unb" variants:
 chunk_launch.MIN_BLOCKS = {} (WY and output kernels without the default __launch_bounds__(256,
 2): one threadgroup an SM; session 7 measured the bound faster and made it the default).
 
@@ -110,18 +111,25 @@ def bounded(f, blocks: dict = LB):
 R3 = (64, 3)
 
 
-def tiles(f, t=R3):
-    """f with chunk_launch.H_TILES = t while it builds its graph."""
+def patched(f, **attrs):
+    """f with chunk_launch's attributes set to attrs while it builds its graph."""
 
     def g(*args, **kw):
-        old = cl.H_TILES
-        cl.H_TILES = t
+        old = {a: getattr(cl, a) for a in attrs}
+        for a, x in attrs.items():
+            setattr(cl, a, x)
         try:
             return f(*args, **kw)
         finally:
-            cl.H_TILES = old
+            for a, x in old.items():
+                setattr(cl, a, x)
 
     return g
+
+
+def tiles(f, t=R3):
+    """f with chunk_launch.H_TILES = t (the state pass's slice / ring)."""
+    return patched(f, H_TILES=t)
 
 
 def check(backend: str, quick: bool = False) -> list[dict]:
@@ -154,7 +162,10 @@ def check(backend: str, quick: bool = False) -> list[dict]:
                 ("split unb", bounded(cl.gated_delta_update_chunk_kernel), {}),
                 ("split r3", tiles(cl.gated_delta_update_chunk_kernel), {}),
                 ("split bv32", cl.gated_delta_update_chunk_kernel, {"bv": 32}),
+                ("split o2", patched(cl.gated_delta_update_chunk_kernel, O2=True), {}),
             ]
+        if backend == "cuda" and T == 2048 and dtype == mx.float32:
+            variants += [("split o2", patched(cl.gated_delta_update_chunk_kernel, O2=True), {})]
         for name, f, kw in variants:
             try:
                 y, s = f(
@@ -228,6 +239,8 @@ def _timers(backend: str, shape: Shape, fla, quick: bool = False) -> dict:
             steps["split bv32"] = split(32)
     if backend == "cuda":
         steps["state r3"] = tiles(state())
+        steps["out o2"] = patched(steps["out"], O2=True)
+        steps["split o2"] = patched(steps["split"], O2=True)
         steps["split unb"] = bounded(steps["split"])
         steps["wy unb"] = bounded(steps["wy"])
         steps["out unb"] = bounded(steps["out"])
@@ -274,7 +287,7 @@ def table(rows) -> str:
                 f"{'  / fla chunk':16s}"
                 + "".join(
                     f"{ms[n] / ms['fla chunk']:11.2f}x"
-                    if n in ("fused", "split", "split bv32", "split unb")
+                    if n in ("fused", "split", "split bv32", "split unb", "split o2")
                     else " " * 12
                     for n in names
                 )
@@ -318,7 +331,7 @@ def main(argv=None) -> int:
         else "every check passed: chunk_launch.SPLIT = True may be set"
     )
     wins = {
-        r["T"]: min(r["ms"].get(n, 1e9) for n in ("split", "split bv32", "split unb"))
+        r["T"]: min(r["ms"].get(n, 1e9) for n in ("split", "split bv32", "split unb", "split o2"))
         < r["ms"]["fused"]
         for r in times
     }

@@ -125,8 +125,11 @@ inline float4 gd_f4(float x, float y, float z, float w) { return {x, y, z, w}; }
 template <typename T>
 using gd_staged = T;
 template <int NT, int R, int CL, typename D, typename S>
-inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int tid) {
-  for (int e = tid; e < R * CL; e += NT) dst[(e / CL) * dld + e % CL] = src[(e / CL) * sld + e % CL];
+inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  for (int e = tid; e < R * CL; e += NT) {
+    const int r = e / CL < rmax ? e / CL : rmax;
+    dst[(e / CL) * dld + e % CL] = src[r * sld + e % CL];
+  }
 }
 inline void gd_copy_commit() {}
 template <int N>

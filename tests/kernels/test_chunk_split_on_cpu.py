@@ -116,7 +116,16 @@ void kernel(const float* q, const float* k, const float* gates, const PT* H, con
 }}
 }}  // namespace o
 
-template <int Dk, typename PT, int MP, int BV, int HDS, int HNB, int ODS, int BVO>
+namespace o2 {{
+template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
+void kernel(const YT* q, const YT* k, const float* gates, const YT* H, const YT* Vn,
+            const int* dims, const int* q_shape, const int* Vn_shape, YT* y) {{
+{o2}
+}}
+}}  // namespace o2
+
+template <int Dk, typename PT, int MP, int BV, int HDS, int HNB, int ODS, int BVO, int O2DS,
+          int O2BVO>
 void run(char** argv) {{
   const std::string what = argv[1], d = std::string(argv[2]) + "/";
   constexpr int C = {C};
@@ -156,6 +165,17 @@ void run(char** argv) {{
           as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
     }});
     write(d + "H", H); write(d + "Vn", Vn); write(d + "state_out", s);
+  }} else if (what == "o2") {{
+    auto q = read_as<PT>(d + "q"), k = read_as<PT>(d + "k"), gates = read(d + "gates");
+    auto H = read_as<PT>(d + "H"), Vn = read_as<PT>(d + "Vn");
+    const int dims[2] = {{T, Hv}}, Vn_shape[3] = {{BH, N * C, Dv}};
+    std::vector<PT> y(size_t(B) * T * Hv * Dv, PT(NAN));
+    const unsigned VB = unsigned((Dv + O2BVO - 1) / O2BVO);
+    run_blocks({{unsigned(N), unsigned(BH), VB}}, {o_threads}, [&] {{
+      o2::kernel<Dk, C, {o_threads}, O2DS, O2BVO, MP, PT>(q.data(), k.data(), as<float>(gates),
+          H.data(), Vn.data(), dims, k_shape, Vn_shape, y.data());
+    }});
+    write(d + "y", y);
   }} else {{
     auto q = read(d + "q"), k = read(d + "k"), gates = read(d + "gates");
     auto H = read_as<PT>(d + "H"), Vn = read_as<PT>(d + "Vn");
@@ -189,9 +209,11 @@ def _dispatch() -> str:
     lines = []
     for name, (pt, mp, bv, (hds, hnb), ods, bvo) in CFGS.items():
         t = "float" if pt == "float" else "bf16"
+        backend = "metal" if name == "metal" else "cuda"
+        o2ds, o2bvo = cl.O2_TILES[(backend, 4 if t == "float" else 2)]
         lines.append(
             f'  if (cfg == "{name}") return run<Dk, {t}, {mp}, {bv}, (Dk < {hds} ? Dk : {hds}), '
-            f"{hnb}, (Dk < {ods} ? Dk : {ods}), {bvo}>(argv);"
+            f"{hnb}, (Dk < {ods} ? Dk : {ods}), {bvo}, (Dk < {o2ds} ? Dk : {o2ds}), {o2bvo}>(argv);"
         )
     return "\n".join(lines)
 
@@ -204,6 +226,7 @@ def program(tmp_path_factory) -> Path:
         wy_fused=cl.wy_source("cuda", fused=True),
         h=cl.h_source("cuda"),
         o=cl.o_source("cuda"),
+        o2=cl.o2_source("cuda"),
         C=C,
         wy_threads=cl.WY_THREADS,
         wy_slice=cl.WY_SLICE,
@@ -234,8 +257,9 @@ def _run(program, tmp, what, dims, cfg):
     subprocess.run(cmd, check=True, timeout=600)
 
 
-def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None):
-    """WY, state and output pass in the emulator: (W, U, Kw), (y, state_out)."""
+def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None, out="o"):
+    """WY, state and output pass (out: "o" O_BODY, "o2" O2_BODY) in the emulator: (W, U, Kw),
+    (y, state_out)."""
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -253,7 +277,7 @@ def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None):
     rows = B * Hv, N * C
     pieces = _get(tmp, "W", (*rows, Dk)), _get(tmp, "U", (*rows, Dv)), _get(tmp, "Kw", (*rows, Dk))
     _run(program, tmp, "h", dims, cfg)
-    _run(program, tmp, "o", dims, cfg)
+    _run(program, tmp, out, dims, cfg)
     y = _get(tmp, "y", (B, T, Hv, Dv))
     s = _get(tmp, "state_out", (B, Hv, Dv, Dk))
     return pieces, (y, s)
@@ -273,13 +297,15 @@ IDS = dict(
 )
 
 
+@pytest.mark.parametrize("out", ["o", "o2"])
 @pytest.mark.parametrize("shape,masked", CASES, **IDS)
-def test_split_kernels_match_numpy(program, tmp_path, shape, masked):
-    """Every shape with the CUDA tiles; W, U, Kw against the MLX-ops pieces."""
+def test_split_kernels_match_numpy(program, tmp_path, shape, masked, out):
+    """Every shape with the CUDA tiles, both output passes; W, U, Kw against the MLX-ops
+    pieces."""
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad" if masked else None)
-    pieces, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda")
+    pieces, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda", out=out)
     with mx.stream(mx.cpu):
         ops = [np.asarray(x) for x in cl.prep_ops(q, k, v, g, beta, mask)]
     for name, p, ref in zip(("W", "U", "Kw"), pieces, (ops[0], ops[1], ops[4]), strict=True):
@@ -290,34 +316,36 @@ def test_split_kernels_match_numpy(program, tmp_path, shape, masked):
         assert not np.any(got[0][~np.asarray(mask)])
 
 
-@pytest.mark.parametrize("cfg", ["metal", "cuda_bv32"])
+@pytest.mark.parametrize("cfg,out", [("metal", "o"), ("metal", "o2"), ("cuda_bv32", "o")])
 @pytest.mark.parametrize(
     "shape", [SHAPES[4], SHAPES[5]], ids=lambda s: "T{}Dk{}Dv{}".format(*s[1:2], *s[4:])
 )
-def test_split_tile_configurations(program, tmp_path, cfg, shape):
-    """Metal's slices and value tiles, and the state pass at 32 value rows (Dv below, at and
-    above a tile), masked."""
+def test_split_tile_configurations(program, tmp_path, cfg, out, shape):
+    """Metal's slices and value tiles (both output passes), and the state pass at 32 value
+    rows (Dv below, at and above a tile), masked."""
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad")
-    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, cfg)
+    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, cfg, out=out)
     _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
 
 
-def test_split_bf16_pieces_within_bf16_tolerance(program, tmp_path):
-    """bf16 pieces and tf32 operands (what bf16 activations get): within bf16's tolerance, and
-    measurably outside fp32's (the emulated roundings are real)."""
+@pytest.mark.parametrize("out", ["o", "o2"])
+def test_split_bf16_pieces_within_bf16_tolerance(program, tmp_path, out):
+    """bf16 pieces and tf32 operands (what bf16 activations get; O2_BODY also reads q, k and
+    writes y in bf16): within bf16's tolerance, and measurably outside fp32's (the emulated
+    roundings are real)."""
     B, T, Hk, Hv, Dk, Dv = SHAPES[5]
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad")
-    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda_bf16")
+    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda_bf16", out=out)
     want = gated_delta_np(q, k, v, g, beta, state, mask)
     _check(got, want, TOL_BF16)
     assert rel_err(got[0], want[0]) > TOL
 
 
-@pytest.mark.parametrize("cfg", ["cuda", "metal"])
-def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg):
+@pytest.mark.parametrize("cfg,out", [(c, o) for o in ("o", "o2") for c in ("cuda", "metal")])
+def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg, out):
     """g = 0 mid-chunk and at a chunk's first step, decays of 1e-4..0.05 (products far below
     fp32's normal range), and nan / inf in padded slots, which must not leak."""
     B, T, Hk, Hv, Dv = 2, 130, 1, 2, 16
@@ -331,7 +359,7 @@ def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg
     pad = ~mask
     nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
     bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
-    _, got = run_split(program, tmp_path, *bad, state, mask, cfg)
+    _, got = run_split(program, tmp_path, *bad, state, mask, cfg, out=out)
     _check(got, want)
 
 

@@ -44,6 +44,12 @@ def kernels(backend: str, Dk: int, itemsize: int | None = None):
         (cs.O_NAME, cs.O_INPUTS, cs.O_OUTPUTS, cl.o_source(backend),
          tpl + [("MP", None), ("YT", None)])
     )  # fmt: skip
+    o2ds, o2bvo = cl.O2_TILES[(backend, 2 if itemsize is None else itemsize)]
+    tpl = [("Dk", Dk), ("C", C), ("NT", cl.O_THREADS), ("DS", min(o2ds, Dk)), ("BVO", o2bvo)]
+    out.append(
+        (cs.O2_NAME, cs.O_INPUTS, cs.O_OUTPUTS, cl.o2_source(backend),
+         tpl + [("MP", None), ("YT", None)])
+    )  # fmt: skip
     return out
 
 
@@ -107,7 +113,7 @@ METAL_CASES = [("fp32", 32), ("bf16", 128), ("fp16", 128), ("bf16", 256)]
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++")
-@pytest.mark.parametrize("which", range(4), ids=["wy", "wy_fused", "h", "o"])
+@pytest.mark.parametrize("which", range(5), ids=["wy", "wy_fused", "h", "o", "o2"])
 def test_split_metal_sources_compile(tmp_path, which):
     """Each kernel, for fp32 / bf16 / fp16 activations at the Dk the host may pass."""
     for act, Dk in METAL_CASES:
@@ -168,7 +174,7 @@ def test_split_launch_bounds_header_caps_registers(tmp_path, which):
     assert unit.startswith(head)
     # one kernel a unit, as MLX compiles them
     parts = unit[len(head) :].split("// gated_delta_chunk_")[1:]
-    assert len(parts) == 5  # wy, wy_fused, h (16 and 32 value rows), o
+    assert len(parts) == 6  # wy, wy_fused, h (16 and 32 value rows), o, o2
     kernel = "// gated_delta_chunk_" + parts[which]
     plain = _registers(head + kernel, tmp_path)
     bounded = _registers(head + cl.launch_bounds_header(256, 2) + kernel, tmp_path)

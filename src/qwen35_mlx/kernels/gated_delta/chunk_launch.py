@@ -65,15 +65,16 @@ inline void gd_barrier() {
 inline float4 gd_f4(float x, float y, float z, float w) {
   return float4(x, y, z, w);
 }
-// Staged tile copies (H_BODY): a synchronous copy that widens the pieces to float (the tile
+// Staged tile copies (H_BODY, O2_BODY): a synchronous copy that widens to float (the tile
 // layer's simdgroup_load reads threadgroup floats); gd_copy_commit / gd_copy_wait do nothing.
 #define GD_TG16 threadgroup
 template <typename T>
 using gd_staged = float;
 template <int NT, int R, int CL, typename D, typename S>
-inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int tid) {
+inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
   for (int e = tid; e < R * CL; e += NT) {
-    dst[(e / CL) * dld + e % CL] = float(src[(e / CL) * sld + e % CL]);
+    const int r = e / CL < rmax ? e / CL : rmax;
+    dst[(e / CL) * dld + e % CL] = float(src[r * sld + e % CL]);
   }
 }
 inline void gd_copy_commit() {}
@@ -89,15 +90,16 @@ __device__ __forceinline__ void gd_barrier() {
 __device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
   return make_float4(x, y, z, w);
 }
-// Staged tile copies (H_BODY): cp.async (sm_80+) copies the pieces' bytes as they are, 16 at a
-// time, from device to threadgroup memory without passing through registers; a thread's copies
-// since the last gd_copy_commit() form a group, and gd_copy_wait<N>() waits until at most N of
-// its groups are still in flight (a barrier after it makes every thread's copies visible).
+// Staged tile copies (H_BODY, O2_BODY): an R x CL tile, row r read from src + min(r, rmax) sld.
+// cp.async (sm_80+) copies the bytes as they are, 16 at a time, from device to threadgroup
+// memory without passing through registers; a thread's copies since the last gd_copy_commit()
+// form a group, and gd_copy_wait<N>() waits until at most N of its groups are still in flight
+// (a barrier after it makes every thread's copies visible).
 #define GD_TG16 __shared__ __align__(16)
 template <typename T>
 using gd_staged = T;
 template <int NT, int R, int CL, typename D, typename S>
-__device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, int tid) {
+__device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
   constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
   static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
   constexpr int U = R * CL / V;  // copies of the tile
@@ -107,10 +109,11 @@ __device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, 
     if (U % NT != 0 && e >= U) break;
     const int r = e / (CL / V);
     const int c = (e % (CL / V)) * V;
+    const int rs = r < rmax ? r : rmax;
     asm volatile(
         "{ .reg .u64 s; .reg .u32 a; cvta.to.shared.u64 s, %0; cvt.u32.u64 a, s;"
         "  cp.async.cg.shared.global [a], [%1], 16; }" ::"l"(dst + r * dld + c),
-        "l"(src + r * sld + c));
+        "l"(src + rs * sld + c));
   }
 }
 __device__ __forceinline__ void gd_copy_commit() {
@@ -335,6 +338,10 @@ def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
 
+def o2_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.o2_body()
+
+
 # MP of the matrix kernels for every dtype (1 or 3), or None: by the activations' dtype
 # (operand_precision). For measurements (benchmarks/chunk_mma_gpu.py times bf16 with MP 3 too).
 MATRIX_PRECISION: int | None = None
@@ -374,8 +381,8 @@ def launch_bounds_header(threads: int, blocks: int) -> str:
 def _build(backend: str, which: str):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
     split path's "wy", "wy_fused", "h", "o"."""
-    lb = MIN_BLOCKS.get("wy" if which == "wy_fused" else which) if backend == "cuda" else None
-    lb = lb if which in ("wy", "wy_fused", "o") else None
+    lb = MIN_BLOCKS.get("wy" if which == "wy_fused" else which)
+    lb = lb if backend == "cuda" and which in ("wy", "wy_fused", "o", "o2") else None
     key = (backend, which, lb)
     if key not in _kernels:
         if which in ("wy", "wy_fused"):
@@ -388,6 +395,9 @@ def _build(backend: str, which: str):
         elif which == "o":
             name, ins, outs = src.O_NAME, src.O_INPUTS, src.O_OUTPUTS
             body = o_source(backend)
+        elif which == "o2":
+            name, ins, outs = src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS
+            body = o2_source(backend)
         elif which == "state":
             name, ins, outs = src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
             body = state_source(backend)
@@ -432,6 +442,18 @@ H_TILES: tuple[int, int] | None = None
 O_THREADS = 256
 O_SLICE = {"metal": 16, "cuda": 32}  # key columns of q, k, H staged at a time
 O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
+# The output pass as O2_BODY (q, k, H slices copied into a ring by cp.async on CUDA, the
+# selection applied to the results) instead of O_BODY, where q, k and the pieces share one
+# dtype. Off until the H200 has timed it (benchmarks/chunk_split_gpu.py: "out o2", "split o2").
+O2 = False
+# O2_BODY's (key slice, value rows) by backend and staged element size: threadgroup memory
+# 48896 B on CUDA (bf16 32 / 64, fp32 16 / 64), 27.4 KB on Metal (float staged, 8 / 32).
+O2_TILES = {
+    ("cuda", 2): (32, 64),
+    ("cuda", 4): (16, 64),
+    ("metal", 2): (8, 32),
+    ("metal", 4): (8, 32),
+}
 
 
 def h_smem(backend: str, Dk: int, bv: int, ds: int, nb: int, itemsize: int, C: int = CHUNK) -> int:
@@ -544,9 +566,30 @@ def h_pass(
 def o_pass(
     backend: str, q, k, gates, H, Vn, T: int, Hv: int, y_dtype, C: int = CHUNK, init_value=None
 ):
-    """O_BODY: y [B, T, Hv, Dv] in y_dtype."""
+    """O_BODY (O2_BODY where O2 is set and q, k, H and y_dtype agree): y [B, T, Hv, Dv] in
+    y_dtype."""
     B, _, _, Dk = q.shape
     BH, N, Dv, _ = H.shape
+    if O2 and q.dtype == k.dtype == H.dtype == Vn.dtype == y_dtype and y_dtype.size in (2, 4):
+        ds, bvo = O2_TILES[(backend, y_dtype.size)]
+        if Dk % ds == 0:
+            return _build(backend, "o2")(
+                inputs=[q, k, gates, H, Vn, mx.array([T, Hv], mx.int32)],
+                template=[
+                    ("Dk", Dk),
+                    ("C", C),
+                    ("NT", O_THREADS),
+                    ("DS", ds),
+                    ("BVO", bvo),
+                    ("MP", operand_precision(Vn.dtype)),
+                    ("YT", y_dtype),
+                ],
+                grid=(O_THREADS * N, BH, -(-Dv // bvo)),
+                threadgroup=(O_THREADS, 1, 1),
+                output_shapes=[(B, T, Hv, Dv)],
+                output_dtypes=[y_dtype],
+                init_value=init_value,
+            )[0]
     bvo = O_BV[backend]
     ds = min(O_SLICE[backend], Dk)
     return _build(backend, "o")(

@@ -1054,7 +1054,7 @@ H_BODY = """
       const int sq_ = qq_ % NSL;                                                       \
       const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \
       gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \
-                              size_t(Dk), tid);                                        \
+                              size_t(Dk), C, tid);                                     \
     }                                                                                  \
     gd_copy_commit();                                                                  \
   }
@@ -1165,6 +1165,179 @@ O_NAME = "gated_delta_chunk_o"
 def o_body() -> str:
     return _DECAY_MACRO + O_BODY + "#undef GD_DECAY\n"
 
+
+O2_NAME = "gated_delta_chunk_o2"
+
+
+def o2_body() -> str:
+    return _DECAY_MACRO + O2_BODY + "#undef GD_DECAY\n"
+
+
+# O2_BODY: the output pass with its q, k and H slices copied (gd_copy_tile: cp.async on CUDA,
+# the bytes as they are) into a ring of two stages instead of loaded, selected and stored by
+# every thread. Same threadgroups, warps and tiles as O_BODY; q, k, H (and y) share one type
+# YT. Since the staged rows are raw (masked / padded steps may hold anything, NaN included),
+# the selection moves to the results, always by selection, never by multiplication:
+#   per slice of DS keys: q k^T (warp tiles as O_BODY) and Y = q H^T (raw q);
+#   Y to threadgroup memory, Y_i := valid_i ? gamma_i Y_i : 0 (fp32), back into the
+#   accumulators; P_ij := (j <= i, valid_i, valid_j) ? D_ij (q k^T)_ij : 0; Y += P Vn; Vn's
+#   rows (finite: the state pass writes them) staged as in O_BODY.
+# Rows past T read row T - 1 and value rows past Dv read row Dv - 1 (rmax), both selected
+# away. Threadgroup memory: max(2 (2 C + BVO) (DS + 16 / size) staged, C (max(C, BVO) + 4) fp32)
+# + C (BVO + 4) + 3 C floats: 48896 B at DS 32, BVO 64, bf16 (CUDA); DS 16 for fp32; Metal
+# (float staged) DS 8, BVO 32: 27.4 KB.
+O2_BODY = """
+  constexpr int RT = C / 16;
+  constexpr int NW = NT / 32;
+  constexpr int YC = BVO / 16;
+  constexpr int YTW = RT * YC / NW;  // y tiles per warp
+  constexpr int PP = C + 4;
+  constexpr int VP = BVO + 4;
+  constexpr int SQ = DS + 16 / int(sizeof(gd_staged<YT>));  // row stride of a staged slice
+  constexpr int STG = (2 * C + BVO) * SQ;                    // staged elements a stage
+  constexpr int RING = 2 * STG * int(sizeof(gd_staged<YT>)) / 4;
+  constexpr int XS = C * (PP > VP ? PP : VP);
+  constexpr int NS = Dk / DS;
+  static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O2_BODY layout");
+  static_assert(DS % 8 == 0 && (C * BVO) % NT == 0, "O2_BODY: k-steps of 8, whole rounds");
+  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = dims[0];
+  const int Hv = dims[1];
+  const int Hk = q_shape[2];
+  const int Dv = Vn_shape[2];
+  const int N = (T + C - 1) / C;
+  const size_t NC = size_t(N) * C;
+
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int n = int(gd_tg_x);
+  const unsigned head = gd_tg_y;  // b * Hv + hv
+  const int v0 = int(gd_tg_z) * BVO;
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+  const unsigned hk = hv / unsigned(Hv / Hk);
+  const int t0 = n * C;
+  const size_t rn = size_t(head) * NC + t0;
+  // q, k: [B, T, Hk, Dk]; gates: [B * Hv, N * C, 4]; H: [B * Hv, N, Dv, Dk];
+  // Vn: [B * Hv, N * C, Dv]; y: [B, T, Hv, Dv]
+
+  GD_TG16 float sm[RING > XS ? RING : XS];  // the ring of slices; then Y, P
+  GD_TG float vs[C * VP];
+  GD_TG float gam[C];
+  GD_TG float gs[C];
+  GD_TG float ok[C];
+  GD_TG_PTR gd_staged<YT>* ring = (GD_TG_PTR gd_staged<YT>*)sm;
+  const size_t qrow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
+  const size_t hrow = ((size_t(head) * N + n) * Dv + v0) * Dk;
+#define GD_O2_COPY(s_)                                                                      \
+  {                                                                                         \
+    if ((s_) < NS) {                                                                        \
+      GD_TG_PTR gd_staged<YT>* st_ = ring + ((s_) % 2) * STG;                               \
+      const int d0_ = (s_) * DS;                                                            \
+      gd_copy_tile<NT, C, DS>(st_, SQ, q + qrow + d0_, size_t(Hk) * Dk, T - 1 - t0, tid);   \
+      gd_copy_tile<NT, C, DS>(st_ + C * SQ, SQ, k + qrow + d0_, size_t(Hk) * Dk,            \
+                              T - 1 - t0, tid);                                             \
+      gd_copy_tile<NT, BVO, DS>(st_ + 2 * C * SQ, SQ, H + hrow + d0_, size_t(Dk),           \
+                                Dv - 1 - v0, tid);                                          \
+    }                                                                                       \
+    gd_copy_commit();                                                                       \
+  }
+  GD_O2_COPY(0);
+  for (int i = tid; i < C; i += NT) {
+    gam[i] = gates[(rn + i) * 4];
+    gs[i] = gates[(rn + i) * 4 + 1];
+    ok[i] = gates[(rn + i) * 4 + 2];
+  }
+  // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slice.
+  float xv[C * BVO / NT];
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int v = v0 + e % BVO < Dv ? v0 + e % BVO : Dv - 1;
+    xv[it] = static_cast<float>(Vn[(rn + e / BVO) * Dv + v]);
+  }
+  const int tr = w / 2;
+  gd_acc qk[2];
+  gd_acc ya[YTW];
+  gd_acc_zero(qk[0]);
+  gd_acc_zero(qk[1]);
+  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);
+  for (int s = 0; s < NS; ++s) {
+    gd_copy_wait<0>();
+    gd_barrier();  // slice s staged; slice s - 1's stage free
+    GD_O2_COPY(s + 1);
+    GD_TG_PTR gd_staged<YT>* qs = ring + (s % 2) * STG;
+    GD_TG_PTR gd_staged<YT>* ks = qs + C * SQ;
+    GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;
+    for (int c = 0; c < 2; ++c) {
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) {
+        gd_mma<MP, false, true>(qk[c], qs + 16 * tr * SQ, SQ, ks + 16 * tc * SQ, SQ, DS);
+      }
+    }
+    for (int u = 0; u < YTW; ++u) {
+      const int e = w + NW * u;
+      gd_mma<MP, false, true>(ya[u], qs + 16 * (e / YC) * SQ, SQ, hs + 16 * (e % YC) * SQ, SQ, DS);
+    }
+  }
+#undef GD_O2_COPY
+  gd_barrier();  // every warp past the ring
+  GD_TG_PTR float* X = sm;
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    vs[(e / BVO) * VP + e % BVO] = v0 + e % BVO < Dv ? xv[it] : 0.0f;
+  }
+  gd_barrier();
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int i = e / BVO;
+    X[i * VP + e % BVO] = ok[i] != 0.0f ? gam[i] * X[i * VP + e % BVO] : 0.0f;
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();  // X free for P
+  for (int c = 0; c < 2; ++c) {
+    const int tc = 2 * (w % 2) + c;
+    if (tc <= tr) gd_acc_store(qk[c], X + 16 * tr * PP + 16 * tc, PP);
+  }
+  gd_barrier();
+  for (int e = tid; e < C * C; e += NT) {
+    const int i = e / C;
+    const int j = e % C;
+    GD_DECAY(dij, i, j);
+    const bool take = j <= i && ok[i] != 0.0f && ok[j] != 0.0f;
+    X[i * PP + j] = take ? dij * X[i * PP + j] : 0.0f;
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    const int r = e / YC;
+    gd_mma<MP, false, false>(ya[u], X + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();
+  for (int e = tid; e < C * BVO; e += NT) {
+    const int i = e / BVO;
+    const int v = e % BVO;
+    const int t = t0 + i;
+    if (t < T && v0 + v < Dv) {
+      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
+    }
+  }
+"""
 
 # O_BODY: the output pass, one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value
 # head, BVO value rows). Over key slices of DS (q, gamma q, k and H[n]'s rows staged, masked
