@@ -297,11 +297,9 @@ IDS = dict(
 )
 
 
-@pytest.mark.parametrize("out", ["o", "o2"])
 @pytest.mark.parametrize("shape,masked", CASES, **IDS)
-def test_split_kernels_match_numpy(program, tmp_path, shape, masked, out):
-    """Every shape with the CUDA tiles, both output passes; W, U, Kw against the MLX-ops
-    pieces."""
+def test_split_kernels_match_numpy(program, tmp_path, shape, masked, out="o"):
+    """Every shape with the CUDA tiles; W, U, Kw against the MLX-ops pieces."""
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad" if masked else None)
@@ -316,18 +314,35 @@ def test_split_kernels_match_numpy(program, tmp_path, shape, masked, out):
         assert not np.any(got[0][~np.asarray(mask)])
 
 
-@pytest.mark.parametrize("cfg,out", [("metal", "o"), ("metal", "o2"), ("cuda_bv32", "o")])
-@pytest.mark.parametrize(
-    "shape", [SHAPES[4], SHAPES[5]], ids=lambda s: "T{}Dk{}Dv{}".format(*s[1:2], *s[4:])
-)
-def test_split_tile_configurations(program, tmp_path, cfg, out, shape):
-    """Metal's slices and value tiles (both output passes), and the state pass at 32 value
-    rows (Dv below, at and above a tile), masked."""
+@pytest.mark.parametrize("shape,masked", CASES, **IDS)
+def test_split_o2_matches_numpy(program, tmp_path, shape, masked):
+    """The same with the output pass as O2_BODY (the copied ring, selection on the results)."""
+    test_split_kernels_match_numpy(program, tmp_path, shape, masked, out="o2")
+
+
+TILE_SHAPES = [SHAPES[4], SHAPES[5]]
+
+
+def _tile_ids(s):
+    return "T{}Dk{}Dv{}".format(*s[1:2], *s[4:])
+
+
+@pytest.mark.parametrize("cfg", ["metal", "cuda_bv32"])
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=_tile_ids)
+def test_split_tile_configurations(program, tmp_path, cfg, shape, out="o"):
+    """Metal's slices and value tiles, and the state pass at 32 value rows (Dv below, at and
+    above a tile), masked."""
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad")
     _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, cfg, out=out)
     _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
+
+
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=_tile_ids)
+def test_split_o2_metal_tiles(program, tmp_path, shape):
+    """O2_BODY with Metal's tiles (float staged, key slices of 8, 32 value rows)."""
+    test_split_tile_configurations(program, tmp_path, "metal", shape, out="o2")
 
 
 @pytest.mark.parametrize("out", ["o", "o2"])
