@@ -118,6 +118,22 @@ struct Block {
 thread_local Block* tl_blk = nullptr;
 inline void gd_barrier() { tl_blk->bar.arrive_and_wait(); }
 inline float4 gd_f4(float x, float y, float z, float w) { return {x, y, z, w}; }
+// Staged tile copies as CUDA's (the pieces' type kept, cp.async groups): here the copy is done
+// at once, so a missing wait shows only as a missing barrier would (another thread's copy not
+// yet made).
+#define GD_TG16 alignas(16) static
+template <typename T>
+using gd_staged = T;
+template <int NT, int R, int CL, typename D, typename S>
+inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  for (int e = tid; e < R * CL; e += NT) {
+    const int r = e / CL < rmax ? e / CL : rmax;
+    dst[(e / CL) * dld + e % CL] = src[r * sld + e % CL];
+  }
+}
+inline void gd_copy_commit() {}
+template <int N>
+inline void gd_copy_wait() {}
 
 inline void run_blocks(dim3 blocks, unsigned threads, const std::function<void()>& thread_fn) {
   blockDim = {threads, 1, 1};

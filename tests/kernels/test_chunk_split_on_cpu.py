@@ -43,13 +43,19 @@ C = cl.CHUNK
 TOL = RTOL[mx.float32]
 TOL_BF16 = RTOL[mx.bfloat16]
 
-# Tile configurations: (piece type, MP, state-pass BV, H slice, O slice, O value rows).
+# Tile configurations: (piece type, MP, state-pass BV, state-pass (key slice, ring) at Dk 128,
+# O slice, O value rows). The state pass's tiles are those the host picks for that backend and
+# piece type (chunk_launch.h_tiles), and a ring of three (CUDA's pick at Dk 256, bf16).
 CFGS = {
-    "metal": ("float", 3, 16, cl.H_SLICE["metal"], cl.O_SLICE["metal"], cl.O_BV["metal"]),
-    "cuda": ("float", 3, 16, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
-    "cuda_bv32": ("float", 3, 32, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
-    "cuda_bf16": ("bf16", 1, 16, cl.H_SLICE["cuda"], cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
-}
+    "metal": ("float", 3, 16, cl.h_tiles("metal", 128, 16, 4), cl.O_SLICE["metal"],
+              cl.O_BV["metal"]),
+    "cuda": ("float", 3, 16, cl.h_tiles("cuda", 128, 16, 4), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+    "cuda_bv32": ("float", 3, 32, cl.h_tiles("cuda", 128, 32, 4), cl.O_SLICE["cuda"],
+                  cl.O_BV["cuda"]),
+    "cuda_bf16": ("bf16", 1, 16, cl.h_tiles("cuda", 128, 16, 2), cl.O_SLICE["cuda"],
+                  cl.O_BV["cuda"]),
+    "cuda_ring3": ("float", 3, 16, (64, 3), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+}  # fmt: skip
 
 PROGRAM = r"""
 #include "{emulator}"
@@ -95,7 +101,7 @@ void kernel(const float* k, const float* v, const float* a, const float* b, cons
 }}  // namespace wy_fused
 
 namespace h {{
-template <int Dk, int BV, int C, int NT, int DS, int MP, int PF, typename PT>
+template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
 void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
             const int* U_shape, PT* H, PT* Vn, float* state_out) {{
 {h}
@@ -110,7 +116,16 @@ void kernel(const float* q, const float* k, const float* gates, const PT* H, con
 }}
 }}  // namespace o
 
-template <int Dk, typename PT, int MP, int BV, int HDS, int ODS, int BVO>
+namespace o2 {{
+template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
+void kernel(const YT* q, const YT* k, const float* gates, const YT* H, const YT* Vn,
+            const int* dims, const int* q_shape, const int* Vn_shape, YT* y) {{
+{o2}
+}}
+}}  // namespace o2
+
+template <int Dk, typename PT, int MP, int BV, int HDS, int HNB, int ODS, int BVO, int O2DS,
+          int O2BVO>
 void run(char** argv) {{
   const std::string what = argv[1], d = std::string(argv[2]) + "/";
   constexpr int C = {C};
@@ -146,10 +161,21 @@ void run(char** argv) {{
     std::vector<float> s(size_t(BH) * Dv * Dk, NAN);
     constexpr int NT = 32 * (C / 16) * (BV / 16);
     run_blocks({{unsigned(BH), unsigned((Dv + BV - 1) / BV), 1}}, NT, [&] {{
-      h::kernel<Dk, BV, C, NT, HDS, MP, 1, PT>(W.data(), U.data(), Kw.data(), as<float>(gates),
+      h::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(), as<float>(gates),
           as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
     }});
     write(d + "H", H); write(d + "Vn", Vn); write(d + "state_out", s);
+  }} else if (what == "o2") {{
+    auto q = read_as<PT>(d + "q"), k = read_as<PT>(d + "k"), gates = read(d + "gates");
+    auto H = read_as<PT>(d + "H"), Vn = read_as<PT>(d + "Vn");
+    const int dims[2] = {{T, Hv}}, Vn_shape[3] = {{BH, N * C, Dv}};
+    std::vector<PT> y(size_t(B) * T * Hv * Dv, PT(NAN));
+    const unsigned VB = unsigned((Dv + O2BVO - 1) / O2BVO);
+    run_blocks({{unsigned(N), unsigned(BH), VB}}, {o_threads}, [&] {{
+      o2::kernel<Dk, C, {o_threads}, O2DS, O2BVO, MP, PT>(q.data(), k.data(), as<float>(gates),
+          H.data(), Vn.data(), dims, k_shape, Vn_shape, y.data());
+    }});
+    write(d + "y", y);
   }} else {{
     auto q = read(d + "q"), k = read(d + "k"), gates = read(d + "gates");
     auto H = read_as<PT>(d + "H"), Vn = read_as<PT>(d + "Vn");
@@ -181,11 +207,13 @@ int main(int argc, char** argv) {{
 
 def _dispatch() -> str:
     lines = []
-    for name, (pt, mp, bv, hds, ods, bvo) in CFGS.items():
+    for name, (pt, mp, bv, (hds, hnb), ods, bvo) in CFGS.items():
         t = "float" if pt == "float" else "bf16"
+        backend = "metal" if name == "metal" else "cuda"
+        o2ds, o2bvo = cl.O2_TILES[(backend, 4 if t == "float" else 2)]
         lines.append(
             f'  if (cfg == "{name}") return run<Dk, {t}, {mp}, {bv}, (Dk < {hds} ? Dk : {hds}), '
-            f"(Dk < {ods} ? Dk : {ods}), {bvo}>(argv);"
+            f"{hnb}, (Dk < {ods} ? Dk : {ods}), {bvo}, (Dk < {o2ds} ? Dk : {o2ds}), {o2bvo}>(argv);"
         )
     return "\n".join(lines)
 
@@ -198,6 +226,7 @@ def program(tmp_path_factory) -> Path:
         wy_fused=cl.wy_source("cuda", fused=True),
         h=cl.h_source("cuda"),
         o=cl.o_source("cuda"),
+        o2=cl.o2_source("cuda"),
         C=C,
         wy_threads=cl.WY_THREADS,
         wy_slice=cl.WY_SLICE,
@@ -228,8 +257,9 @@ def _run(program, tmp, what, dims, cfg):
     subprocess.run(cmd, check=True, timeout=600)
 
 
-def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None):
-    """WY, state and output pass in the emulator: (W, U, Kw), (y, state_out)."""
+def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None, out="o"):
+    """WY, state and output pass (out: "o" O_BODY, "o2" O2_BODY) in the emulator: (W, U, Kw),
+    (y, state_out)."""
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -247,7 +277,7 @@ def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None):
     rows = B * Hv, N * C
     pieces = _get(tmp, "W", (*rows, Dk)), _get(tmp, "U", (*rows, Dv)), _get(tmp, "Kw", (*rows, Dk))
     _run(program, tmp, "h", dims, cfg)
-    _run(program, tmp, "o", dims, cfg)
+    _run(program, tmp, out, dims, cfg)
     y = _get(tmp, "y", (B, T, Hv, Dv))
     s = _get(tmp, "state_out", (B, Hv, Dv, Dk))
     return pieces, (y, s)
@@ -268,12 +298,12 @@ IDS = dict(
 
 
 @pytest.mark.parametrize("shape,masked", CASES, **IDS)
-def test_split_kernels_match_numpy(program, tmp_path, shape, masked):
+def test_split_kernels_match_numpy(program, tmp_path, shape, masked, out="o"):
     """Every shape with the CUDA tiles; W, U, Kw against the MLX-ops pieces."""
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad" if masked else None)
-    pieces, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda")
+    pieces, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda", out=out)
     with mx.stream(mx.cpu):
         ops = [np.asarray(x) for x in cl.prep_ops(q, k, v, g, beta, mask)]
     for name, p, ref in zip(("W", "U", "Kw"), pieces, (ops[0], ops[1], ops[4]), strict=True):
@@ -284,34 +314,53 @@ def test_split_kernels_match_numpy(program, tmp_path, shape, masked):
         assert not np.any(got[0][~np.asarray(mask)])
 
 
+@pytest.mark.parametrize("shape,masked", CASES, **IDS)
+def test_split_o2_matches_numpy(program, tmp_path, shape, masked):
+    """The same with the output pass as O2_BODY (the copied ring, selection on the results)."""
+    test_split_kernels_match_numpy(program, tmp_path, shape, masked, out="o2")
+
+
+TILE_SHAPES = [SHAPES[4], SHAPES[5]]
+
+
+def _tile_ids(s):
+    return "T{}Dk{}Dv{}".format(*s[1:2], *s[4:])
+
+
 @pytest.mark.parametrize("cfg", ["metal", "cuda_bv32"])
-@pytest.mark.parametrize(
-    "shape", [SHAPES[4], SHAPES[5]], ids=lambda s: "T{}Dk{}Dv{}".format(*s[1:2], *s[4:])
-)
-def test_split_tile_configurations(program, tmp_path, cfg, shape):
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=_tile_ids)
+def test_split_tile_configurations(program, tmp_path, cfg, shape, out="o"):
     """Metal's slices and value tiles, and the state pass at 32 value rows (Dv below, at and
     above a tile), masked."""
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad")
-    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, cfg)
+    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, cfg, out=out)
     _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
 
 
-def test_split_bf16_pieces_within_bf16_tolerance(program, tmp_path):
-    """bf16 pieces and tf32 operands (what bf16 activations get): within bf16's tolerance, and
-    measurably outside fp32's (the emulated roundings are real)."""
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=_tile_ids)
+def test_split_o2_metal_tiles(program, tmp_path, shape):
+    """O2_BODY with Metal's tiles (float staged, key slices of 8, 32 value rows)."""
+    test_split_tile_configurations(program, tmp_path, "metal", shape, out="o2")
+
+
+@pytest.mark.parametrize("out", ["o", "o2"])
+def test_split_bf16_pieces_within_bf16_tolerance(program, tmp_path, out):
+    """bf16 pieces and tf32 operands (what bf16 activations get; O2_BODY also reads q, k and
+    writes y in bf16): within bf16's tolerance, and measurably outside fp32's (the emulated
+    roundings are real)."""
     B, T, Hk, Hv, Dk, Dv = SHAPES[5]
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad")
-    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda_bf16")
+    _, got = run_split(program, tmp_path, q, k, v, g, beta, state, mask, "cuda_bf16", out=out)
     want = gated_delta_np(q, k, v, g, beta, state, mask)
     _check(got, want, TOL_BF16)
     assert rel_err(got[0], want[0]) > TOL
 
 
-@pytest.mark.parametrize("cfg", ["cuda", "metal"])
-def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg):
+@pytest.mark.parametrize("cfg,out", [(c, o) for o in ("o", "o2") for c in ("cuda", "metal")])
+def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg, out):
     """g = 0 mid-chunk and at a chunk's first step, decays of 1e-4..0.05 (products far below
     fp32's normal range), and nan / inf in padded slots, which must not leak."""
     B, T, Hk, Hv, Dv = 2, 130, 1, 2, 16
@@ -325,7 +374,7 @@ def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg
     pad = ~mask
     nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
     bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
-    _, got = run_split(program, tmp_path, *bad, state, mask, cfg)
+    _, got = run_split(program, tmp_path, *bad, state, mask, cfg, out=out)
     _check(got, want)
 
 
@@ -334,7 +383,13 @@ class EmulatedKernel:
     (template arguments, grid, threadgroup, output shapes and dtypes) against what the emulated
     program assumes, then runs that kernel of the program on the inputs."""
 
-    def __init__(self, program, tmp, name, input_names, output_names, **_):
+    def __init__(self, program, tmp, name, input_names, output_names, header="", **_):
+        # a launch-bounded build (chunk_launch.MIN_BLOCKS) has a name of its own and the bound
+        # in its header; the emulator runs the same body
+        base, _, lb = name.rpartition("_lb")
+        if base and lb.isdigit():
+            assert cl.launch_bounds_header(256, int(lb)) in header
+            name = base
         self.program, self.tmp, self.name = program, tmp, name
         self.input_names, self.output_names = input_names, output_names
 
@@ -367,7 +422,8 @@ class EmulatedKernel:
         elif self.name == cs.H_NAME:
             B, Hv, Dv, Dk = x["state_in"].shape
             nt = cl.h_threads(cl.H_BV)
-            want = {"Dk": Dk, "BV": cl.H_BV, "C": C, "NT": nt, "DS": min(cl.H_SLICE["cuda"], Dk)}
+            ds, nb = cl.h_tiles("cuda", Dk, cl.H_BV, 4)
+            want = {"Dk": Dk, "BV": cl.H_BV, "C": C, "NT": nt, "DS": ds, "NB": nb}
             assert tpl == want | {"MP": 3, "PF": cl.PREFETCH, "PT": mx.float32}
             assert grid == (nt * B * Hv, -(-Dv // cl.H_BV), 1)
             assert threadgroup == (nt, 1, 1)

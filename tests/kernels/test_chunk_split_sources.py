@@ -20,10 +20,9 @@ MTYPES = {"fp32": "float", "bf16": "bfloat16_t", "fp16": "float16_t"}
 C = cl.CHUNK
 
 
-def kernels(backend: str, Dk: int):
+def kernels(backend: str, Dk: int, itemsize: int | None = None):
     """(name, inputs, outputs, body, template args) of the three kernels as the host builds
     them on `backend` (template values as chunk_launch passes them; the types by name)."""
-    hds = min(cl.H_SLICE[backend], Dk)
     ods = min(cl.O_SLICE[backend], Dk)
     out = []
     for fused in (False, True):
@@ -33,7 +32,9 @@ def kernels(backend: str, Dk: int):
              tpl + [("MP", None), ("PT", None)])
         )  # fmt: skip
     for bv in cl.H_BV_CHOICES[backend] if Dk <= 128 else (16,):
-        tpl = [("Dk", Dk), ("BV", bv), ("C", C), ("NT", cl.h_threads(bv)), ("DS", hds)]
+        # the host's tiles for 2-byte pieces (on Metal the staged slices are float either way)
+        ds, nb = cl.h_tiles(backend, Dk, bv, 2 if itemsize is None else itemsize)
+        tpl = [("Dk", Dk), ("BV", bv), ("C", C), ("NT", cl.h_threads(bv)), ("DS", ds), ("NB", nb)]
         out.append(
             (cs.H_NAME, cs.H_INPUTS, cs.H_OUTPUTS, cl.h_source(backend),
              tpl + [("MP", None), ("PF", 1), ("PT", None)])
@@ -41,6 +42,12 @@ def kernels(backend: str, Dk: int):
     tpl = [("Dk", Dk), ("C", C), ("NT", cl.O_THREADS), ("DS", ods), ("BVO", cl.O_BV[backend])]
     out.append(
         (cs.O_NAME, cs.O_INPUTS, cs.O_OUTPUTS, cl.o_source(backend),
+         tpl + [("MP", None), ("YT", None)])
+    )  # fmt: skip
+    o2ds, o2bvo = cl.O2_TILES[(backend, 2 if itemsize is None else itemsize)]
+    tpl = [("Dk", Dk), ("C", C), ("NT", cl.O_THREADS), ("DS", min(o2ds, Dk)), ("BVO", o2bvo)]
+    out.append(
+        (cs.O2_NAME, cs.O_INPUTS, cs.O_OUTPUTS, cl.o2_source(backend),
          tpl + [("MP", None), ("YT", None)])
     )  # fmt: skip
     return out
@@ -59,7 +66,7 @@ def cuda_unit(cases) -> str:
     i = 0
     for act, Dk in cases:
         mp = 3 if act == "fp32" else 1
-        for name, ins, outs, body, tpl in kernels("cuda", Dk):
+        for name, ins, outs, body, tpl in kernels("cuda", Dk, 4 if act == "fp32" else 2):
             params = []
             for n in ins:
                 params.append(f"    const {_type(n, act, CTYPES)}* {n}")
@@ -106,7 +113,7 @@ METAL_CASES = [("fp32", 32), ("bf16", 128), ("fp16", 128), ("bf16", 256)]
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++")
-@pytest.mark.parametrize("which", range(4), ids=["wy", "wy_fused", "h", "o"])
+@pytest.mark.parametrize("which", range(5), ids=["wy", "wy_fused", "h", "o", "o2"])
 def test_split_metal_sources_compile(tmp_path, which):
     """Each kernel, for fp32 / bf16 / fp16 activations at the Dk the host may pass."""
     for act, Dk in METAL_CASES:
@@ -167,7 +174,7 @@ def test_split_launch_bounds_header_caps_registers(tmp_path, which):
     assert unit.startswith(head)
     # one kernel a unit, as MLX compiles them
     parts = unit[len(head) :].split("// gated_delta_chunk_")[1:]
-    assert len(parts) == 5  # wy, wy_fused, h (16 and 32 value rows), o
+    assert len(parts) == 6  # wy, wy_fused, h (16 and 32 value rows), o, o2
     kernel = "// gated_delta_chunk_" + parts[which]
     plain = _registers(head + kernel, tmp_path)
     bounded = _registers(head + cl.launch_bounds_header(256, 2) + kernel, tmp_path)

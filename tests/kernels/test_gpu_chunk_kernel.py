@@ -35,15 +35,16 @@ from tests.kernels.helpers import gated_delta_np
 pytestmark = GPU_ONLY
 
 
-@pytest.fixture(autouse=True, params=["simt", "mma", "split"])
+@pytest.fixture(autouse=True, params=["simt", "mma", "split", "split_o2"])
 def matrix_state(request, monkeypatch):
     """Every test runs with each chunk path for scalar gates, whatever the defaults: the
     two-kernel path with STATE_BODY (fp32 lanes) or STATE_MMA_BODY (the tile layer: tensor cores
     / simdgroup matrices), and the split path (WY, state and output kernels; per-key gates keep
-    the two-kernel path with fp32 lanes there, as do head sizes `cl.split_shape_ok` refuses).
-    Returns whether the tile layer is on."""
+    the two-kernel path with fp32 lanes there, as do head sizes `cl.split_shape_ok` refuses),
+    also with the output pass as O2_BODY. Returns whether the tile layer is on."""
     monkeypatch.setattr(cl, "MATRIX", request.param == "mma")
-    monkeypatch.setattr(cl, "SPLIT", request.param == "split")
+    monkeypatch.setattr(cl, "SPLIT", request.param.startswith("split"))
+    monkeypatch.setattr(cl, "O2", request.param == "split_o2")
     return request.param != "simt"
 
 
@@ -248,3 +249,40 @@ def test_tile_layer_matches_numpy(matrix_state, ta, tb, mp):
     assert err < (1e-2 if mp == 1 else 2e-6), err
     if BACKEND == "cuda" and mp == 1:
         assert err > 1e-5, err  # the operands were rounded: tf32 really ran
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mp", [1, 3])
+def test_tile_layer_16bit_operands_are_exact(matrix_state, dtype, mp):
+    """16-bit operands (the staged pieces of the state and output passes) reach the tensor
+    cores unrounded (exact in tf32) and without low parts: the products equal float64's of the
+    same 16-bit values to fp32's precision, at MP 1 too (CUDA: Metal's simdgroup_load has no
+    16-bit form)."""
+    if matrix_state or BACKEND != "cuda":
+        pytest.skip("CUDA tile layer only; independent of the state pass")
+    K = 32
+    kern = mx.fast.cuda_kernel(
+        name="gd_tile_check16",
+        input_names=["a", "b", "c_in"],
+        output_names=["out"],
+        source=cl.PROLOGUE[BACKEND] + TILE_BODY,
+        header=cl.header(BACKEND),
+    )
+    rng = np.random.default_rng(8)
+    a = mx.array(rng.standard_normal((16, K)).astype(np.float32)).astype(dtype)
+    b = mx.array(rng.standard_normal((K, 16)).astype(np.float32)).astype(dtype)
+    c = rng.standard_normal((16, 16)).astype(np.float32)
+    (out,) = kern(
+        inputs=[a, b, mx.array(c)],
+        template=[("MP", mp), ("TA", False), ("TB", False), ("K", K)],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(16, 16)],
+        output_dtypes=[mx.float32],
+        init_value=NAN,
+    )
+    a64 = np.array(a.astype(mx.float32), np.float64)
+    b64 = np.array(b.astype(mx.float32), np.float64)
+    want = c.astype(np.float64) + a64 @ b64
+    err = float(np.abs(np.array(out) - want).max() / np.abs(want).max())
+    assert err < 2e-6, err

@@ -65,6 +65,21 @@ inline void gd_barrier() {
 inline float4 gd_f4(float x, float y, float z, float w) {
   return float4(x, y, z, w);
 }
+// Staged tile copies (H_BODY, O2_BODY): a synchronous copy that widens to float (the tile
+// layer's simdgroup_load reads threadgroup floats); gd_copy_commit / gd_copy_wait do nothing.
+#define GD_TG16 threadgroup
+template <typename T>
+using gd_staged = float;
+template <int NT, int R, int CL, typename D, typename S>
+inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  for (int e = tid; e < R * CL; e += NT) {
+    const int r = e / CL < rmax ? e / CL : rmax;
+    dst[(e / CL) * dld + e % CL] = float(src[r * sld + e % CL]);
+  }
+}
+inline void gd_copy_commit() {}
+template <int N>
+inline void gd_copy_wait() {}
 """,
     "cuda": """
 #define GD_TG __shared__
@@ -74,6 +89,39 @@ __device__ __forceinline__ void gd_barrier() {
 }
 __device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
   return make_float4(x, y, z, w);
+}
+// Staged tile copies (H_BODY, O2_BODY): an R x CL tile, row r read from src + min(r, rmax) sld.
+// cp.async (sm_80+) copies the bytes as they are, 16 at a time, from device to threadgroup
+// memory without passing through registers; a thread's copies since the last gd_copy_commit()
+// form a group, and gd_copy_wait<N>() waits until at most N of its groups are still in flight
+// (a barrier after it makes every thread's copies visible).
+#define GD_TG16 __shared__ __align__(16)
+template <typename T>
+using gd_staged = T;
+template <int NT, int R, int CL, typename D, typename S>
+__device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
+  static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
+  constexpr int U = R * CL / V;  // copies of the tile
+#pragma unroll
+  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
+    const int e = tid + it * NT;
+    if (U % NT != 0 && e >= U) break;
+    const int r = e / (CL / V);
+    const int c = (e % (CL / V)) * V;
+    const int rs = r < rmax ? r : rmax;
+    asm volatile(
+        "{ .reg .u64 s; .reg .u32 a; cvta.to.shared.u64 s, %0; cvt.u32.u64 a, s;"
+        "  cp.async.cg.shared.global [a], [%1], 16; }" ::"l"(dst + r * dld + c),
+        "l"(src + rs * sld + c));
+  }
+}
+__device__ __forceinline__ void gd_copy_commit() {
+  asm volatile("cp.async.commit_group;");
+}
+template <int N>
+__device__ __forceinline__ void gd_copy_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 """,
 }
@@ -202,7 +250,7 @@ __device__ __forceinline__ void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, 
     for (int e = 0; e < 4; ++e) {
       const int i = g + 8 * (e & 1);
       const int k = k0 + 2 * t + (e >> 1);
-      af[e] = TA ? A[k * lda + i] : A[i * lda + k];
+      af[e] = static_cast<float>(TA ? A[k * lda + i] : A[i * lda + k]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -210,32 +258,33 @@ __device__ __forceinline__ void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, 
       for (int e = 0; e < 2; ++e) {
         const int j = 8 * h + g;
         const int k = k0 + 2 * t + e;
-        bf[h][e] = TB ? B[j * ldb + k] : B[k * ldb + j];
+        bf[h][e] = static_cast<float>(TB ? B[j * ldb + k] : B[k * ldb + j]);
       }
     }
     unsigned ah[4];
     unsigned al[4];
     unsigned bh[2][2];
     unsigned bl[2][2];
+    // 16-bit operands (bf16 / fp16 staged pieces) are exact in tf32: no rounding, no low part
+    constexpr bool XA = sizeof(A[0]) == 2;
+    constexpr bool XB = sizeof(B[0]) == 2;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      ah[e] = gd_tf32(af[e]);
-      if (MP == 3) al[e] = gd_tf32(af[e] - __uint_as_float(ah[e]));
+      ah[e] = XA ? __float_as_uint(af[e]) : gd_tf32(af[e]);
+      al[e] = MP == 3 && !XA ? gd_tf32(af[e] - __uint_as_float(ah[e])) : 0u;
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        bh[h][e] = gd_tf32(bf[h][e]);
-        if (MP == 3) bl[h][e] = gd_tf32(bf[h][e] - __uint_as_float(bh[h][e]));
+        bh[h][e] = XB ? __float_as_uint(bf[h][e]) : gd_tf32(bf[h][e]);
+        bl[h][e] = MP == 3 && !XB ? gd_tf32(bf[h][e] - __uint_as_float(bh[h][e])) : 0u;
       }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (MP == 3) {
-        gd_mma_m16n8k8(x.c[h], al, bh[h]);
-        gd_mma_m16n8k8(x.c[h], ah, bl[h]);
-      }
+      if (MP == 3 && !XA) gd_mma_m16n8k8(x.c[h], al, bh[h]);
+      if (MP == 3 && !XB) gd_mma_m16n8k8(x.c[h], ah, bl[h]);
       gd_mma_m16n8k8(x.c[h], ah, bh[h]);
     }
   }
@@ -289,6 +338,10 @@ def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
 
+def o2_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.o2_body()
+
+
 # MP of the matrix kernels for every dtype (1 or 3), or None: by the activations' dtype
 # (operand_precision). For measurements (benchmarks/chunk_mma_gpu.py times bf16 with MP 3 too).
 MATRIX_PRECISION: int | None = None
@@ -305,14 +358,15 @@ def operand_precision(dtype) -> int:
 
 _kernels: dict[tuple, object] = {}
 
-# CUDA only, an experiment for the GPU run (benchmarks/chunk_split_gpu.py times both): threadgroups
-# of the split path's WY / output kernels that must fit on one SM at once ({"wy": 2, "o": 2}),
-# given to ptxas as __launch_bounds__(256, m) (a register cap of 65536 / (256 m): 128 at m = 2).
-# Unset, ptxas takes 160-230 registers a thread there, so one 256-thread threadgroup fills an
-# SM's registers: 8 warps an SM, nothing else to run while they wait on memory or a barrier.
+# CUDA only: threadgroups of the split path's WY / output kernels that must fit on one SM at
+# once, given to ptxas as __launch_bounds__(256, m) (a register cap of 65536 / (256 m): 128 at
+# m = 2). Unbounded, ptxas takes 160-230 registers a thread there, so one 256-thread threadgroup
+# fills an SM's registers: 8 warps an SM, nothing else to run while they wait on memory or a
+# barrier. Measured on the H200 (2026-12-02, T 8192, Hv 32, bf16): wy 1.05 -> 0.73 ms, out
+# 1.29 -> 0.87 ms with m = 2 (both checks passed), so 2 is the default; {} builds them unbounded.
 # MLX writes the kernel's declaration itself, so the bound goes in through the header, by
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
-MIN_BLOCKS: dict[str, int] = {}
+MIN_BLOCKS: dict[str, int] = {"wy": 2, "o": 2}
 
 
 def launch_bounds_header(threads: int, blocks: int) -> str:
@@ -327,8 +381,8 @@ def launch_bounds_header(threads: int, blocks: int) -> str:
 def _build(backend: str, which: str):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
     split path's "wy", "wy_fused", "h", "o"."""
-    lb = MIN_BLOCKS.get("wy" if which == "wy_fused" else which) if backend == "cuda" else None
-    lb = lb if which in ("wy", "wy_fused", "o") else None
+    lb = MIN_BLOCKS.get("wy" if which == "wy_fused" else which)
+    lb = lb if backend == "cuda" and which in ("wy", "wy_fused", "o", "o2") else None
     key = (backend, which, lb)
     if key not in _kernels:
         if which in ("wy", "wy_fused"):
@@ -341,6 +395,9 @@ def _build(backend: str, which: str):
         elif which == "o":
             name, ins, outs = src.O_NAME, src.O_INPUTS, src.O_OUTPUTS
             body = o_source(backend)
+        elif which == "o2":
+            name, ins, outs = src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS
+            body = o2_source(backend)
         elif which == "state":
             name, ins, outs = src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
             body = state_source(backend)
@@ -373,10 +430,45 @@ WY_THREADS = 256
 WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
 H_BV = 16  # value rows per state-pass threadgroup (16 or 32; 32: CUDA only, Dk <= 128)
 H_BV_CHOICES = {"metal": (16,), "cuda": (16, 32)}
-H_SLICE = {"metal": 32, "cuda": 64}  # key columns of W / Kw staged at a time (32 KB on Metal)
+# Threadgroup memory a state-pass threadgroup may take (static): Apple GPUs 32 KB, CUDA 48 KB.
+H_SMEM = {"metal": 32768, "cuda": 49152}
+# (key slice DS, ring of NB staged slices) of the state pass, first that fits H_SMEM: a whole
+# key row a slice (fewest barriers: NSL + 1 a chunk), then rings of three (a copy has two
+# slices of products to land behind), then smaller slices.
+H_TILE_ORDER = ((256, 2), (128, 2), (64, 3), (64, 2), (32, 3), (32, 2), (16, 2))
+# (DS, NB) forced for every state pass (timing runs, benchmarks/chunk_split_gpu.py): the caller
+# makes sure it fits (h_smem).
+H_TILES: tuple[int, int] | None = None
 O_THREADS = 256
 O_SLICE = {"metal": 16, "cuda": 32}  # key columns of q, k, H staged at a time
 O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
+# The output pass as O2_BODY (q, k, H slices copied into a ring by cp.async on CUDA, the
+# selection applied to the results) instead of O_BODY, where q, k and the pieces share one
+# dtype. Off until the H200 has timed it (benchmarks/chunk_split_gpu.py: "out o2", "split o2").
+O2 = False
+# O2_BODY's (key slice, value rows) by backend and staged element size: threadgroup memory
+# 48896 B on CUDA (bf16 32 / 64, fp32 16 / 64), 27.4 KB on Metal (float staged, 8 / 32).
+O2_TILES = {
+    ("cuda", 2): (32, 64),
+    ("cuda", 4): (16, 64),
+    ("metal", 2): (8, 32),
+    ("metal", 4): (8, 32),
+}
+
+
+def h_smem(backend: str, Dk: int, bv: int, ds: int, nb: int, itemsize: int, C: int = CHUNK) -> int:
+    """Bytes of threadgroup memory of H_BODY: S and delta fp32, NB staged slices (the pieces'
+    type on CUDA, float on Metal) with rows padded by 16 bytes."""
+    size = itemsize if backend == "cuda" else 4
+    return 4 * (bv * (Dk + 4) + C * (bv + 4)) + nb * C * (ds * size + 16)
+
+
+def h_tiles(backend: str, Dk: int, bv: int, itemsize: int) -> tuple[int, int] | None:
+    """(DS, NB) of the state pass: the first of H_TILE_ORDER that divides Dk and fits."""
+    for ds, nb in H_TILE_ORDER:
+        if Dk % ds == 0 and h_smem(backend, Dk, bv, ds, nb, itemsize) <= H_SMEM[backend]:
+            return ds, nb
+    return None
 
 
 def h_threads(bv: int = H_BV, C: int = CHUNK) -> int:
@@ -425,20 +517,31 @@ def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, i
 
 
 def h_pass(
-    backend: str, W, U, Kw, gates, state, C: int = CHUNK, bv=None, prefetch=None, init_value=None
+    backend: str,
+    W,
+    U,
+    Kw,
+    gates,
+    state,
+    C: int = CHUNK,
+    bv=None,
+    prefetch=None,
+    init_value=None,
 ):
     """H_BODY: (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C, Dv]) in the pieces' dtype, and the final
     state [B, Hv, Dv, Dk] fp32."""
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     bv = bv or H_BV
-    if bv not in H_BV_CHOICES[backend] or (bv > 16 and Dk > 128):
+    pt = U.dtype
+    tiles = h_tiles(backend, Dk, bv, pt.size) if bv in H_BV_CHOICES[backend] else None
+    if tiles is None or (bv > 16 and Dk > 128):
         raise ValueError(
             f"gated_delta chunk kernel: the state pass takes bv in {H_BV_CHOICES[backend]} on "
             f"{backend} (32 only for Dk <= 128: threadgroup memory), got bv={bv} with Dk={Dk}"
         )
+    ds, nb = H_TILES or tiles
     nt = h_threads(bv, C)
-    pt = U.dtype
     return _build(backend, "h")(
         inputs=[W, U, Kw, gates, state],
         template=[
@@ -446,7 +549,8 @@ def h_pass(
             ("BV", bv),
             ("C", C),
             ("NT", nt),
-            ("DS", min(H_SLICE[backend], Dk)),
+            ("DS", ds),
+            ("NB", nb),
             ("MP", operand_precision(pt)),
             ("PF", PREFETCH if prefetch is None else int(prefetch)),
             ("PT", pt),
@@ -462,9 +566,30 @@ def h_pass(
 def o_pass(
     backend: str, q, k, gates, H, Vn, T: int, Hv: int, y_dtype, C: int = CHUNK, init_value=None
 ):
-    """O_BODY: y [B, T, Hv, Dv] in y_dtype."""
+    """O_BODY (O2_BODY where O2 is set and q, k, H and y_dtype agree): y [B, T, Hv, Dv] in
+    y_dtype."""
     B, _, _, Dk = q.shape
     BH, N, Dv, _ = H.shape
+    if O2 and q.dtype == k.dtype == H.dtype == Vn.dtype == y_dtype and y_dtype.size in (2, 4):
+        ds, bvo = O2_TILES[(backend, y_dtype.size)]
+        if Dk % ds == 0:
+            return _build(backend, "o2")(
+                inputs=[q, k, gates, H, Vn, mx.array([T, Hv], mx.int32)],
+                template=[
+                    ("Dk", Dk),
+                    ("C", C),
+                    ("NT", O_THREADS),
+                    ("DS", ds),
+                    ("BVO", bvo),
+                    ("MP", operand_precision(Vn.dtype)),
+                    ("YT", y_dtype),
+                ],
+                grid=(O_THREADS * N, BH, -(-Dv // bvo)),
+                threadgroup=(O_THREADS, 1, 1),
+                output_shapes=[(B, T, Hv, Dv)],
+                output_dtypes=[y_dtype],
+                init_value=init_value,
+            )[0]
     bvo = O_BV[backend]
     ds = min(O_SLICE[backend], Dk)
     return _build(backend, "o")(

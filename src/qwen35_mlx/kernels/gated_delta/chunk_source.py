@@ -995,24 +995,33 @@ H_OUTPUTS = ["H", "Vn", "state_out"]
 H_NAME = "gated_delta_chunk_h"
 
 # H_BODY: the state pass, one threadgroup per (batch x value head, BV value rows), NT = 32 (C /
-# 16) (BV / 16) threads: one warp per 16 x 16 tile of W S^T. Per chunk n:
-#   H[n] = S (PT); Xw = W S^T over key slices of DS (W staged); barrier;
-#   delta = U - Xw (fp32 in threadgroup memory; to memory as Vn in PT); S *= decay; barrier;
-#   S += delta^T Kw over key slices (Kw staged; tiles (value tile, key tile) over the warps).
-# Each slice is loaded into registers one slice ahead (the last of a chunk loads the next
-# chunk's first), so only the first slice of the pass waits for memory.
-# Threadgroup memory: BV (Dk + 4) + C (BV + 8) + C (DS + 4) floats: 23.8 KB at
-# BV 16, DS 32, Dk 128 (Metal); 32.0 KB at BV 16, DS 64 and 44.5 KB at BV 32, DS 64 (CUDA).
+# 16) (BV / 16) threads: one warp per 16 x 16 tile of W S^T. A chunk's operands are its W rows
+# then its Kw rows in key slices of DS: 2 Dk / DS slices a chunk, slice q of the pass (chunk
+# q / NSL) staged in buffer q % NB of a ring of NB. Per chunk n:
+#   slice s < KSL:   Xw += W[:, slice] S[:, slice]^T            (s = 0 then writes H[n] = S)
+#   slice s = KSL:   delta = U - Xw (fp32 in threadgroup memory, to memory as Vn), S *= decay
+#   slice s >= KSL:  S[:, slice] += delta^T Kw[:, slice]        (tiles over the warps)
+# Before slice q: wait for its copy, one barrier, then start the copy of slice q + NB - 1 into
+# the buffer slice q - 1 used (every warp is past it): each copy has NB - 1 slices of products
+# to land behind, and the chain of a chunk has NSL + 1 barriers (3 at DS = Dk) and no global
+# load but U's rows (loaded at the chunk's start, used after the W S^T products). On CUDA the
+# copies are cp.async of the pieces as they are (bf16 staged as bf16: 48.4 KB at Dk 128, DS 128,
+# NB 2); Metal copies synchronously, widening to float (31.3 KB at DS 32, NB 2).
+# Threadgroup memory: BV (Dk + 4) + C (BV + 4) floats + NB C (DS + 16 / size) staged elements.
 H_BODY = """
   constexpr int RT = C / 16;
   constexpr int VT = BV / 16;
   constexpr int NW = NT / 32;
   constexpr int SD = Dk + 4;       // row stride of S
-  constexpr int DL = BV + 8;       // row stride of delta
-  constexpr int SP = DS + 4;       // row stride of a staged slice
+  constexpr int DL = BV + 4;       // row stride of delta
+  constexpr int SP = DS + 16 / int(sizeof(gd_staged<PT>));  // row stride of a staged slice
   constexpr int KS = DS / 16;      // key tiles of a slice
+  constexpr int KSL = Dk / DS;     // key slices of W (then of Kw) a chunk
+  constexpr int NSL = 2 * KSL;     // slices a chunk
+  constexpr int XT = VT * KS;      // S tiles a Kw slice updates
+  constexpr int XW = (XT + NW - 1) / NW;
   static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H_BODY layout");
-  static_assert((C * DS) % NT == 0 && (C * BV) % NT == 0, "H_BODY: whole staging rounds");
+  static_assert(NB >= 2 && (C * BV) % NT == 0 && (BV * Dk) % NT == 0, "H_BODY: ring, rounds");
   const int NC = U_shape[1];
   const int Dv = U_shape[2];
   const int N = NC / C;
@@ -1026,7 +1035,7 @@ H_BODY = """
 
   GD_TG float S_t[BV * SD];
   GD_TG float D_t[C * DL];
-  GD_TG float st[C * SP];
+  GD_TG16 gd_staged<PT> sb[NB * C * SP];
 
   // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
   // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
@@ -1037,45 +1046,21 @@ H_BODY = """
   }
   const size_t row0 = size_t(head) * NC;
   constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
-  constexpr int KSL = Dk / DS;                 // key slices of W (then of Kw) a chunk
-  constexpr int PR = C * DS / NT;              // elements of a slice a thread stages
-  // The slices of a chunk in order: W's KSL, then Kw's KSL. Each is loaded into registers
-  // (pre) one slice ahead, so its loads are in flight while the previous slice's products run;
-  // the last slice of chunk n loads the first of chunk n + 1.
-  float pre[PR];
-#define GD_H_LOAD(n_, s_)                                                              \
+  const int NQ = N * NSL;
+#define GD_H_COPY(q_)                                                                  \
   {                                                                                    \
-    const size_t rl_ = row0 + size_t(n_) * C;                                          \
-    const int dl_ = ((s_) % KSL) * DS;                                                 \
-    if ((s_) < KSL) {                                                                  \
-      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                              \
-        const int e = tid + it * NT;                                                   \
-        pre[it] = static_cast<float>(W[(rl_ + e / DS) * Dk + dl_ + e % DS]);           \
-      }                                                                                \
-    } else {                                                                           \
-      _Pragma("unroll") for (int it = 0; it < PR; ++it) {                              \
-        const int e = tid + it * NT;                                                   \
-        pre[it] = static_cast<float>(Kw[(rl_ + e / DS) * Dk + dl_ + e % DS]);          \
-      }                                                                                \
+    const int qq_ = (q_);                                                              \
+    if (qq_ < NQ) {                                                                    \
+      const int sq_ = qq_ % NSL;                                                       \
+      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \
+      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \
+                              size_t(Dk), C, tid);                                     \
     }                                                                                  \
+    gd_copy_commit();                                                                  \
   }
-#define GD_H_STAGE()                                                                   \
-  _Pragma("unroll") for (int it = 0; it < PR; ++it) {                                  \
-    const int e = tid + it * NT;                                                       \
-    st[(e / DS) * SP + e % DS] = pre[it];                                              \
-  }
-  if (N > 0) GD_H_LOAD(0, 0);
+  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
   for (int n = 0; n < N; ++n) {
     const size_t rn = row0 + size_t(n) * C;
-    gd_barrier();  // S of the previous chunk complete, st free
-    if (PF && n + 1 < N) {
-      const size_t rx = rn + C;
-      for (int c = tid; c < C * Dk / LINE; c += NT) {
-        gd_prefetch(W + rx * Dk + LINE * c);
-        gd_prefetch(Kw + rx * Dk + LINE * c);
-      }
-      for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
-    }
     // This chunk's U rows (columns clamped) and decay, loaded at its start: a load after a
     // store to H or Vn (which may alias them for all the compiler knows) would wait for it.
     float xu[C * BV / NT];
@@ -1086,59 +1071,84 @@ H_BODY = """
       xu[it] = static_cast<float>(U[(rn + e / BV) * Dv + v]);
     }
     const float dc = gates[(rn + C - 1) * 4];
-    for (int e = tid; e < BV * Dk; e += NT) {
-      const int v = e / Dk;
-      const int d = e % Dk;
-      if (v0 + v < Dv) {
-        H[((size_t(head) * N + n) * Dv + (v0 + v)) * Dk + d] = static_cast<PT>(S_t[v * SD + d]);
-      }
-    }
     gd_acc xw;
     gd_acc_zero(xw);
-    for (int sl = 0; sl < KSL; ++sl) {
-      if (sl > 0) gd_barrier();
-      GD_H_STAGE();
-      gd_barrier();
-      GD_H_LOAD(n, sl + 1);
-      gd_mma<MP, false, true>(xw, st + 16 * rt * SP, SP, S_t + 16 * vt * SD + sl * DS, SD, DS);
-    }
-    gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
-    gd_barrier();
-    #pragma unroll
-    for (int it = 0; it < C * BV / NT; ++it) {
-      const int e = tid + it * NT;
-      const int i = e / BV;
-      const int v = e % BV;
-      if (v0 + v < Dv) {
-        const float dl = xu[it] - D_t[i * DL + v];
-        D_t[i * DL + v] = dl;
-        Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
-      } else {
-        D_t[i * DL + v] = 0.0f;
+    for (int s = 0; s < NSL; ++s) {
+      const int q = n * NSL + s;
+      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
+      gd_copy_wait<NB - 2>();
+      gd_barrier();  // slice q staged; slice q - 1's buffer free; S (s = 0) / delta's Xw complete
+      GD_H_COPY(q + NB - 1);
+      GD_TG_PTR gd_staged<PT>* st = sb + (q % NB) * C * SP;
+      if (s == 0) {
+        if (PF && n + 2 < N) {
+          const size_t rx = rn + 2 * C;
+          for (int c = tid; c < C * Dk / LINE; c += NT) {
+            gd_prefetch(W + rx * Dk + LINE * c);
+            gd_prefetch(Kw + rx * Dk + LINE * c);
+          }
+          for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
+        }
       }
-    }
-    for (int e = tid; e < BV * Dk; e += NT) S_t[(e / Dk) * SD + e % Dk] *= dc;
-    for (int sl = 0; sl < KSL; ++sl) {
-      gd_barrier();
-      GD_H_STAGE();
-      gd_barrier();
-      if (sl + 1 < KSL) {
-        GD_H_LOAD(n, KSL + sl + 1);
-      } else if (n + 1 < N) {
-        GD_H_LOAD(n + 1, 0);
+      if (s < KSL) {
+        gd_mma<MP, false, true>(xw, st + 16 * rt * SP, SP, S_t + 16 * vt * SD + s * DS, SD, DS);
+        if (s == 0) {
+          // H[n] = S, after the products are issued (S stays unchanged until slice KSL's
+          // barrier); one branch for the whole tile, so the stores can fill the MMA chain's gaps.
+          const size_t hb = (size_t(head) * N + n) * Dv + v0;
+          if (v0 + BV <= Dv) {
+            #pragma unroll
+            for (int it = 0; it < BV * Dk / NT; ++it) {
+              const int e = tid + it * NT;
+              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(S_t[(e / Dk) * SD + e % Dk]);
+            }
+          } else {
+            for (int e = tid; e < BV * Dk; e += NT) {
+              if (v0 + e / Dk < Dv) {
+                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(S_t[(e / Dk) * SD + e % Dk]);
+              }
+            }
+          }
+        }
+        continue;
       }
-      for (int e = w; e < VT * KS; e += NW) {
-        const int sv = e / KS;
-        const int c = e % KS;
-        gd_acc sa;
-        gd_acc_load(sa, S_t + 16 * sv * SD + sl * DS + 16 * c, SD);
-        gd_mma<MP, true, false>(sa, D_t + 16 * sv, DL, st + 16 * c, SP, C);
-        gd_acc_store(sa, S_t + 16 * sv * SD + sl * DS + 16 * c, SD);
+      if (s == KSL) {
+        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
+        const bool full = v0 + BV <= Dv;
+        #pragma unroll
+        for (int it = 0; it < C * BV / NT; ++it) {
+          const int e = tid + it * NT;
+          const int i = e / BV;
+          const int v = e % BV;
+          const bool in = full || v0 + v < Dv;
+          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
+          D_t[i * DL + v] = dl;
+          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+        }
+        #pragma unroll
+        for (int it = 0; it < BV * Dk / NT; ++it) {
+          const int e = tid + it * NT;
+          S_t[(e / Dk) * SD + e % Dk] *= dc;
+        }
+        gd_barrier();  // delta and the decayed S complete
+      }
+      const int sl = s - KSL;
+      #pragma unroll
+      for (int u = 0; u < XW; ++u) {
+        const int e = w + NW * u;
+        if (XT % NW == 0 || e < XT) {
+          const int sv = e / KS;
+          const int c = e % KS;
+          gd_acc sa;
+          gd_acc_load(sa, S_t + 16 * sv * SD + sl * DS + 16 * c, SD);
+          gd_mma<MP, true, false>(sa, D_t + 16 * sv, DL, st + 16 * c, SP, C);
+          gd_acc_store(sa, S_t + 16 * sv * SD + sl * DS + 16 * c, SD);
+        }
       }
     }
   }
-#undef GD_H_LOAD
-#undef GD_H_STAGE
+#undef GD_H_COPY
+  gd_copy_wait<0>();
   gd_barrier();
   for (int e = tid; e < BV * Dk; e += NT) {
     const int v = e / Dk;
@@ -1155,6 +1165,179 @@ O_NAME = "gated_delta_chunk_o"
 def o_body() -> str:
     return _DECAY_MACRO + O_BODY + "#undef GD_DECAY\n"
 
+
+O2_NAME = "gated_delta_chunk_o2"
+
+
+def o2_body() -> str:
+    return _DECAY_MACRO + O2_BODY + "#undef GD_DECAY\n"
+
+
+# O2_BODY: the output pass with its q, k and H slices copied (gd_copy_tile: cp.async on CUDA,
+# the bytes as they are) into a ring of two stages instead of loaded, selected and stored by
+# every thread. Same threadgroups, warps and tiles as O_BODY; q, k, H (and y) share one type
+# YT. Since the staged rows are raw (masked / padded steps may hold anything, NaN included),
+# the selection moves to the results, always by selection, never by multiplication:
+#   per slice of DS keys: q k^T (warp tiles as O_BODY) and Y = q H^T (raw q);
+#   Y to threadgroup memory, Y_i := valid_i ? gamma_i Y_i : 0 (fp32), back into the
+#   accumulators; P_ij := (j <= i, valid_i, valid_j) ? D_ij (q k^T)_ij : 0; Y += P Vn; Vn's
+#   rows (finite: the state pass writes them) staged as in O_BODY.
+# Rows past T read row T - 1 and value rows past Dv read row Dv - 1 (rmax), both selected
+# away. Threadgroup memory: max(2 (2 C + BVO) (DS + 16 / size) staged, C (max(C, BVO) + 4) fp32)
+# + C (BVO + 4) + 3 C floats: 48896 B at DS 32, BVO 64, bf16 (CUDA); DS 16 for fp32; Metal
+# (float staged) DS 8, BVO 32: 27.4 KB.
+O2_BODY = """
+  constexpr int RT = C / 16;
+  constexpr int NW = NT / 32;
+  constexpr int YC = BVO / 16;
+  constexpr int YTW = RT * YC / NW;  // y tiles per warp
+  constexpr int PP = C + 4;
+  constexpr int VP = BVO + 4;
+  constexpr int SQ = DS + 16 / int(sizeof(gd_staged<YT>));  // row stride of a staged slice
+  constexpr int STG = (2 * C + BVO) * SQ;                    // staged elements a stage
+  constexpr int RING = 2 * STG * int(sizeof(gd_staged<YT>)) / 4;
+  constexpr int XS = C * (PP > VP ? PP : VP);
+  constexpr int NS = Dk / DS;
+  static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O2_BODY layout");
+  static_assert(DS % 8 == 0 && (C * BVO) % NT == 0, "O2_BODY: k-steps of 8, whole rounds");
+  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = dims[0];
+  const int Hv = dims[1];
+  const int Hk = q_shape[2];
+  const int Dv = Vn_shape[2];
+  const int N = (T + C - 1) / C;
+  const size_t NC = size_t(N) * C;
+
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int n = int(gd_tg_x);
+  const unsigned head = gd_tg_y;  // b * Hv + hv
+  const int v0 = int(gd_tg_z) * BVO;
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+  const unsigned hk = hv / unsigned(Hv / Hk);
+  const int t0 = n * C;
+  const size_t rn = size_t(head) * NC + t0;
+  // q, k: [B, T, Hk, Dk]; gates: [B * Hv, N * C, 4]; H: [B * Hv, N, Dv, Dk];
+  // Vn: [B * Hv, N * C, Dv]; y: [B, T, Hv, Dv]
+
+  GD_TG16 float sm[RING > XS ? RING : XS];  // the ring of slices; then Y, P
+  GD_TG float vs[C * VP];
+  GD_TG float gam[C];
+  GD_TG float gs[C];
+  GD_TG float ok[C];
+  GD_TG_PTR gd_staged<YT>* ring = (GD_TG_PTR gd_staged<YT>*)sm;
+  const size_t qrow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
+  const size_t hrow = ((size_t(head) * N + n) * Dv + v0) * Dk;
+#define GD_O2_COPY(s_)                                                                      \
+  {                                                                                         \
+    if ((s_) < NS) {                                                                        \
+      GD_TG_PTR gd_staged<YT>* st_ = ring + ((s_) % 2) * STG;                               \
+      const int d0_ = (s_) * DS;                                                            \
+      gd_copy_tile<NT, C, DS>(st_, SQ, q + qrow + d0_, size_t(Hk) * Dk, T - 1 - t0, tid);   \
+      gd_copy_tile<NT, C, DS>(st_ + C * SQ, SQ, k + qrow + d0_, size_t(Hk) * Dk,            \
+                              T - 1 - t0, tid);                                             \
+      gd_copy_tile<NT, BVO, DS>(st_ + 2 * C * SQ, SQ, H + hrow + d0_, size_t(Dk),           \
+                                Dv - 1 - v0, tid);                                          \
+    }                                                                                       \
+    gd_copy_commit();                                                                       \
+  }
+  GD_O2_COPY(0);
+  for (int i = tid; i < C; i += NT) {
+    gam[i] = gates[(rn + i) * 4];
+    gs[i] = gates[(rn + i) * 4 + 1];
+    ok[i] = gates[(rn + i) * 4 + 2];
+  }
+  // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slice.
+  float xv[C * BVO / NT];
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int v = v0 + e % BVO < Dv ? v0 + e % BVO : Dv - 1;
+    xv[it] = static_cast<float>(Vn[(rn + e / BVO) * Dv + v]);
+  }
+  const int tr = w / 2;
+  gd_acc qk[2];
+  gd_acc ya[YTW];
+  gd_acc_zero(qk[0]);
+  gd_acc_zero(qk[1]);
+  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);
+  for (int s = 0; s < NS; ++s) {
+    gd_copy_wait<0>();
+    gd_barrier();  // slice s staged; slice s - 1's stage free
+    GD_O2_COPY(s + 1);
+    GD_TG_PTR gd_staged<YT>* qs = ring + (s % 2) * STG;
+    GD_TG_PTR gd_staged<YT>* ks = qs + C * SQ;
+    GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;
+    for (int c = 0; c < 2; ++c) {
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) {
+        gd_mma<MP, false, true>(qk[c], qs + 16 * tr * SQ, SQ, ks + 16 * tc * SQ, SQ, DS);
+      }
+    }
+    for (int u = 0; u < YTW; ++u) {
+      const int e = w + NW * u;
+      gd_mma<MP, false, true>(ya[u], qs + 16 * (e / YC) * SQ, SQ, hs + 16 * (e % YC) * SQ, SQ, DS);
+    }
+  }
+#undef GD_O2_COPY
+  gd_barrier();  // every warp past the ring
+  GD_TG_PTR float* X = sm;
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    vs[(e / BVO) * VP + e % BVO] = v0 + e % BVO < Dv ? xv[it] : 0.0f;
+  }
+  gd_barrier();
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int i = e / BVO;
+    X[i * VP + e % BVO] = ok[i] != 0.0f ? gam[i] * X[i * VP + e % BVO] : 0.0f;
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();  // X free for P
+  for (int c = 0; c < 2; ++c) {
+    const int tc = 2 * (w % 2) + c;
+    if (tc <= tr) gd_acc_store(qk[c], X + 16 * tr * PP + 16 * tc, PP);
+  }
+  gd_barrier();
+  for (int e = tid; e < C * C; e += NT) {
+    const int i = e / C;
+    const int j = e % C;
+    GD_DECAY(dij, i, j);
+    const bool take = j <= i && ok[i] != 0.0f && ok[j] != 0.0f;
+    X[i * PP + j] = take ? dij * X[i * PP + j] : 0.0f;
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    const int r = e / YC;
+    gd_mma<MP, false, false>(ya[u], X + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();
+  for (int e = tid; e < C * BVO; e += NT) {
+    const int i = e / BVO;
+    const int v = e % BVO;
+    const int t = t0 + i;
+    if (t < T && v0 + v < Dv) {
+      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
+    }
+  }
+"""
 
 # O_BODY: the output pass, one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value
 # head, BVO value rows). Over key slices of DS (q, gamma q, k and H[n]'s rows staged, masked
