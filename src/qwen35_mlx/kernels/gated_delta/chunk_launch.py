@@ -570,29 +570,12 @@ def o_pass(
     y_dtype."""
     B, _, _, Dk = q.shape
     BH, N, Dv, _ = H.shape
+    name, bvo, ds = "o", O_BV[backend], min(O_SLICE[backend], Dk)
     if O2 and q.dtype == k.dtype == H.dtype == Vn.dtype == y_dtype and y_dtype.size in (2, 4):
-        ds, bvo = O2_TILES[(backend, y_dtype.size)]
-        if Dk % ds == 0:
-            return _build(backend, "o2")(
-                inputs=[q, k, gates, H, Vn, mx.array([T, Hv], mx.int32)],
-                template=[
-                    ("Dk", Dk),
-                    ("C", C),
-                    ("NT", O_THREADS),
-                    ("DS", ds),
-                    ("BVO", bvo),
-                    ("MP", operand_precision(Vn.dtype)),
-                    ("YT", y_dtype),
-                ],
-                grid=(O_THREADS * N, BH, -(-Dv // bvo)),
-                threadgroup=(O_THREADS, 1, 1),
-                output_shapes=[(B, T, Hv, Dv)],
-                output_dtypes=[y_dtype],
-                init_value=init_value,
-            )[0]
-    bvo = O_BV[backend]
-    ds = min(O_SLICE[backend], Dk)
-    return _build(backend, "o")(
+        o2_ds, o2_bvo = O2_TILES[(backend, y_dtype.size)]
+        if Dk % o2_ds == 0:
+            name, bvo, ds = "o2", o2_bvo, o2_ds
+    return _build(backend, name)(
         inputs=[q, k, gates, H, Vn, mx.array([T, Hv], mx.int32)],
         template=[
             ("Dk", Dk),

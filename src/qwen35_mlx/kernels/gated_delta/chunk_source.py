@@ -1166,6 +1166,30 @@ def o_body() -> str:
     return _DECAY_MACRO + O_BODY + "#undef GD_DECAY\n"
 
 
+# The output passes' common start (O_BODY, O2_BODY): sizes, the threadgroup's chunk, head and
+# value block.
+_O_PROLOGUE = """  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = dims[0];
+  const int Hv = dims[1];
+  const int Hk = q_shape[2];
+  const int Dv = Vn_shape[2];
+  const int N = (T + C - 1) / C;
+  const size_t NC = size_t(N) * C;
+
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int n = int(gd_tg_x);
+  const unsigned head = gd_tg_y;  // b * Hv + hv
+  const int v0 = int(gd_tg_z) * BVO;
+  const unsigned b_idx = head / unsigned(Hv);
+  const unsigned hv = head % unsigned(Hv);
+  const unsigned hk = hv / unsigned(Hv / Hk);
+  const int t0 = n * C;
+  const size_t rn = size_t(head) * NC + t0;
+  // q, k: [B, T, Hk, Dk]; gates: [B * Hv, N * C, 4]; H: [B * Hv, N, Dv, Dk];
+  // Vn: [B * Hv, N * C, Dv]; y: [B, T, Hv, Dv]
+"""
+
 O2_NAME = "gated_delta_chunk_o2"
 
 
@@ -1186,7 +1210,8 @@ def o2_body() -> str:
 # away. Threadgroup memory: max(2 (2 C + BVO) (DS + 16 / size) staged, C (max(C, BVO) + 4) fp32)
 # + C (BVO + 4) + 3 C floats: 48896 B at DS 32, BVO 64, bf16 (CUDA); DS 16 for fp32; Metal
 # (float staged) DS 8, BVO 32: 27.4 KB.
-O2_BODY = """
+O2_BODY = (
+    """
   constexpr int RT = C / 16;
   constexpr int NW = NT / 32;
   constexpr int YC = BVO / 16;
@@ -1200,27 +1225,9 @@ O2_BODY = """
   constexpr int NS = Dk / DS;
   static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O2_BODY layout");
   static_assert(DS % 8 == 0 && (C * BVO) % NT == 0, "O2_BODY: k-steps of 8, whole rounds");
-  const float tiny = 4.2483542e-18f;  // e^-40
-  const int T = dims[0];
-  const int Hv = dims[1];
-  const int Hk = q_shape[2];
-  const int Dv = Vn_shape[2];
-  const int N = (T + C - 1) / C;
-  const size_t NC = size_t(N) * C;
-
-  const int tid = int(gd_tid);
-  const int w = tid / 32;
-  const int n = int(gd_tg_x);
-  const unsigned head = gd_tg_y;  // b * Hv + hv
-  const int v0 = int(gd_tg_z) * BVO;
-  const unsigned b_idx = head / unsigned(Hv);
-  const unsigned hv = head % unsigned(Hv);
-  const unsigned hk = hv / unsigned(Hv / Hk);
-  const int t0 = n * C;
-  const size_t rn = size_t(head) * NC + t0;
-  // q, k: [B, T, Hk, Dk]; gates: [B * Hv, N * C, 4]; H: [B * Hv, N, Dv, Dk];
-  // Vn: [B * Hv, N * C, Dv]; y: [B, T, Hv, Dv]
-
+"""
+    + _O_PROLOGUE
+    + """
   GD_TG16 float sm[RING > XS ? RING : XS];  // the ring of slices; then Y, P
   GD_TG float vs[C * VP];
   GD_TG float gam[C];
@@ -1338,6 +1345,7 @@ O2_BODY = """
     }
   }
 """
+)
 
 # O_BODY: the output pass, one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value
 # head, BVO value rows). Over key slices of DS (q, gamma q, k and H[n]'s rows staged, masked
@@ -1347,7 +1355,8 @@ O2_BODY = """
 # back and written in YT, rows t < T. dims = (T, Hv). Threadgroup memory: max(3 C (DS + 4) +
 # BVO (DS + 4), C (C + 4) + C (BVO + 4)) + 3 C floats: 37.6 KB at DS 32, BVO 64 (CUDA); 27.4 KB
 # at DS 16, BVO 32 (Metal).
-O_BODY = """
+O_BODY = (
+    """
   constexpr int RT = C / 16;
   constexpr int NW = NT / 32;
   constexpr int SP = DS + 4;
@@ -1359,27 +1368,9 @@ O_BODY = """
   constexpr int PH2 = C * PP + C * VP;
   static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O_BODY layout");
   static_assert((C * DS) % NT == 0 && (BVO * DS) % NT == 0, "O_BODY: whole staging rounds");
-  const float tiny = 4.2483542e-18f;  // e^-40
-  const int T = dims[0];
-  const int Hv = dims[1];
-  const int Hk = q_shape[2];
-  const int Dv = Vn_shape[2];
-  const int N = (T + C - 1) / C;
-  const size_t NC = size_t(N) * C;
-
-  const int tid = int(gd_tid);
-  const int w = tid / 32;
-  const int n = int(gd_tg_x);
-  const unsigned head = gd_tg_y;  // b * Hv + hv
-  const int v0 = int(gd_tg_z) * BVO;
-  const unsigned b_idx = head / unsigned(Hv);
-  const unsigned hv = head % unsigned(Hv);
-  const unsigned hk = hv / unsigned(Hv / Hk);
-  const int t0 = n * C;
-  const size_t rn = size_t(head) * NC + t0;
-  // q, k: [B, T, Hk, Dk]; gates: [B * Hv, N * C, 4]; H: [B * Hv, N, Dv, Dk];
-  // Vn: [B * Hv, N * C, Dv]; y: [B, T, Hv, Dv]
-
+"""
+    + _O_PROLOGUE
+    + """
   GD_TG float sm[PH1 > PH2 ? PH1 : PH2];
   GD_TG float gam[C];
   GD_TG float gs[C];
@@ -1506,3 +1497,4 @@ O_BODY = """
     }
   }
 """
+)
