@@ -987,11 +987,10 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """The block's output, plus `residual` when given (an add: no single projection). Up
-        to `FUSED_PLAIN_MAX_T` tokens a row, as `step` computes it: over 2-D rows (the
-        experts' gather_mm picks its kernel by the activations' shape, and kernels round
-        differently), and, once the compiled step has fused the router with the shared
-        expert's gate (and while they hold that matrix's views), through the same matmul: a
-        routing decision must not hang on how a GEMM rounds."""
+        to `FUSED_PLAIN_MAX_T` tokens a row, as `step` computes it: over the step's 2-D rows
+        and, once the compiled step has fused the router with the shared expert's gate (and
+        while they hold that matrix's views), through the same matmul: a routing decision must
+        not hang on how a GEMM rounds."""
         names = self.DECODE_GROUPS[0]
         shared = self.shared_expert(x) if "shared_expert" in self else None
         if x.ndim >= 2 and x.shape[-2] <= FUSED_PLAIN_MAX_T:
