@@ -1190,6 +1190,23 @@ _O_PROLOGUE = """  const float tiny = 4.2483542e-18f;  // e^-40
   // Vn: [B * Hv, N * C, Dv]; y: [B, T, Hv, Dv]
 """
 
+# Their common end: Y's tiles staged through threadgroup memory, then written to y in YT, rows
+# t < T and value columns < Dv.
+_O_EPILOGUE = """  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();
+  for (int e = tid; e < C * BVO; e += NT) {
+    const int i = e / BVO;
+    const int v = e % BVO;
+    const int t = t0 + i;
+    if (t < T && v0 + v < Dv) {
+      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
+    }
+  }
+"""
+
 O2_NAME = "gated_delta_chunk_o2"
 
 
@@ -1331,20 +1348,8 @@ O2_BODY = (
     gd_mma<MP, false, false>(ya[u], X + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
   }
   gd_barrier();
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
-  gd_barrier();
-  for (int e = tid; e < C * BVO; e += NT) {
-    const int i = e / BVO;
-    const int v = e % BVO;
-    const int t = t0 + i;
-    if (t < T && v0 + v < Dv) {
-      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
-    }
-  }
 """
+    + _O_EPILOGUE
 )
 
 # O_BODY: the output pass, one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value
@@ -1483,18 +1488,6 @@ O_BODY = (
     gd_mma<MP, false, false>(ya[u], Pm + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
   }
   gd_barrier();
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
-  gd_barrier();
-  for (int e = tid; e < C * BVO; e += NT) {
-    const int i = e / BVO;
-    const int v = e % BVO;
-    const int t = t0 + i;
-    if (t < T && v0 + v < Dv) {
-      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
-    }
-  }
 """
+    + _O_EPILOGUE
 )
