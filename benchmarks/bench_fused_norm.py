@@ -2,9 +2,10 @@
 
 One process, on a GPU: for each shape (random bf16 weights of the real widths) and batch:
   - exactness: greedy tokens of the compiled step equal the plain path's (`--check` tokens);
-  - speed: decode tokens/s with the kernels ("after": `layers.ADD_NORM` "auto", swiglu kernel)
-    against without them ("before": ADD_NORM False, so residual adds folded where
-    FOLD_RESIDUAL says, and swiglu as split + ops), alternating, `--repeats` times each;
+  - speed: decode tokens/s with the kernels ("after": `layers.ADD_NORM` "auto",
+    `layers.SWIGLU_KERNEL` True) against without them ("before", the default since session 7:
+    ADD_NORM False, so residual adds folded where FOLD_RESIDUAL says, and swiglu as split +
+    compiled ops), alternating, `--repeats` times each;
   - the step's primitive count in each mode (the device's own graph).
 Prints one table. Under 4 minutes on an H200 with the defaults.
 
@@ -30,19 +31,13 @@ from bench_model import SHAPE_0_8B  # noqa: E402
 from count_decode_ops import count_step  # noqa: E402
 
 SHAPES = {"0.8b": SHAPE_0_8B, "9b": SHAPE_9B, "small": SHAPE_SMALL}
-_real_swiglu = fused_norm.swiglu
-
-
-def _ops_swiglu(gu):
-    g, u = mx.split(gu, 2, axis=-1)
-    return fused_norm.swiglu_ops(g, u)
 
 
 def set_mode(model, mode: str) -> None:
     """'after' (the kernels) or 'before' (no add+norm kernel, swiglu as ops); the compiled
     steps are made anew so that the next call traces in this mode."""
     layers.ADD_NORM = "auto" if mode == "after" else False
-    fused_norm.swiglu = _real_swiglu if mode == "after" else _ops_swiglu
+    layers.SWIGLU_KERNEL = mode == "after"
     model._decode_step = mx.compile(model._decode_impl, inputs=model)
     model._verify_step = mx.compile(model._verify_impl, inputs=model)
 

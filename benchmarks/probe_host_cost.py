@@ -20,6 +20,8 @@ what the Python code around it costs. Two probes:
        gemm32    gemm    [32, 256] @ W.T (cuBLAS)
        addmm1    -       mx.addmm(c, [1, 256], W.T): cuBLAS with a bias epilogue on CUDA
        addmm32   -       mx.addmm(c, [32, 256], W.T)
+       custom    custom  a one-line elementwise `mx.fast.cuda_kernel` / `metal_kernel` (a GPU
+                         only): what one of our kernels costs the host, against "exp"
 2. The decode step (`--step`): the 0.8B shape with random weights, ours (compiled step) and
    mlx-lm's model, alternating: per token the Python call that builds the step's graph (for ours
    the compiled function's replay and the cache bookkeeping around it), `mx.async_eval` (MLX's
@@ -58,7 +60,27 @@ KINDS = {
     "gemm32": "gemm",
     "addmm1": None,
     "addmm32": None,
+    "custom": "custom",
 }
+
+
+def _custom_kernel():
+    """y = x + 1 as a custom kernel of this machine's GPU backend, or None (the CPU)."""
+    if mx.default_device() == mx.cpu:
+        return None
+    body = "if (i < x_shape[0] * x_shape[1]) y[i] = x[i] + static_cast<T>(1);"
+    if mx.cuda.is_available():
+        src = "unsigned i = blockIdx.x * blockDim.x + threadIdx.x; " + body
+        return mx.fast.cuda_kernel(
+            name="probe_add_one", input_names=["x"], output_names=["y"], source=src
+        )
+    src = "uint i = thread_position_in_grid.x; " + body
+    return mx.fast.metal_kernel(
+        name="probe_add_one", input_names=["x"], output_names=["y"], source=src
+    )
+
+
+CUSTOM = _custom_kernel()
 
 
 def chain(kind: str, n: int, x: mx.array, w: mx.array, nw: mx.array, buf: mx.array):
@@ -84,6 +106,15 @@ def chain(kind: str, n: int, x: mx.array, w: mx.array, nw: mx.array, buf: mx.arr
             x = x @ w
         elif kind in ("addmm1", "addmm32"):
             x = mx.addmm(x, x, w.T)
+        elif kind == "custom":
+            x = CUSTOM(
+                inputs=[x],
+                template=[("T", x.dtype)],
+                grid=(x.size, 1, 1),
+                threadgroup=(256, 1, 1),
+                output_shapes=[x.shape],
+                output_dtypes=[x.dtype],
+            )[0]
     return x
 
 
@@ -111,6 +142,8 @@ def host_time(kind: str, n: int, reps: int) -> float:
 def probe_kinds(reps: int = 15) -> list[dict]:
     rows = []
     for kind, cls in KINDS.items():
+        if kind == "custom" and CUSTOM is None:
+            continue
         ts = {n: host_time(kind, n, reps) for n in (50, 400)}
         per = (ts[400] - ts[50]) / 350
         rows.append(
@@ -128,9 +161,10 @@ def probe_kinds(reps: int = 15) -> list[dict]:
             flush=True,
         )
     # One figure per cost class: the mean of its kinds.
-    for cls in ("view", "kernel", "copy", "gemv", "gemm"):
+    for cls in ("view", "kernel", "copy", "gemv", "gemm", "custom"):
         vals = [r["us_per_op"] for r in rows if r["class"] == cls]
-        print(f"class {cls:6s} {statistics.mean(vals):6.2f} us/op", flush=True)
+        if vals:
+            print(f"class {cls:6s} {statistics.mean(vals):6.2f} us/op", flush=True)
     return rows
 
 
