@@ -29,6 +29,9 @@
 #                                     # async_eval / token split), then bench_decode.py at MLX's
 #                                     # default CUDA graph size and with larger graphs, in two
 #                                     # processes (about 8 min)
+#   benchmarks/run_gpu.sh recheck   # the 17 GPU failures of 2026-12-02 06:33 (benchmarks/NOTES.md,
+#                                   # session 7), one process, a time limit a test, tracebacks:
+#                                   # their names and causes first, before anything else
 # Logs and JSON/PNG go to $OUT (the device tool brings them back), or benchmarks/out.
 # Merge the two benchmark halves afterwards:
 #   python benchmarks/bench_gated_delta.py --merge <decode>.json <prefill>.json --out benchmarks/results
@@ -36,9 +39,9 @@ set -euo pipefail
 step=${1:-}
 case "$step" in
   tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts | chunk-mma) ;;
-  diet-tests | diet-kernel | diet-bench) ;;
+  diet-tests | diet-kernel | diet-bench | recheck) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench" >&2
+    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck" >&2
     exit 2
     ;;
 esac
@@ -69,6 +72,20 @@ case "$step" in
   convdecode)
     python3 benchmarks/bench_gated_delta_decode.py --layouts 16x4,8x4 --out "$out" 2>&1 |
       tee "$out/bench_conv_decode.log"
+    ;;
+  recheck)
+    # pytest-timeout is on the device image; xdist is left out (under it these model tests took
+    # minutes each and the runs were cut before naming anything).
+    "${pytest[@]}" --tb=short --timeout 150 \
+      "tests/kernels/test_gpu_chunk_kernel.py::test_chunk_kernel_matches_ref[mma-B1T3Hk1Hv1Dk96Dv1-perkey-holes]" \
+      "tests/kernels/test_gpu_decode_tokens.py::test_tokens_in_one_launch_equal_one_launch_a_token" \
+      tests/kernels/test_gpu_fused_norm.py::test_compiled_equals_plain_with_the_kernels \
+      tests/models/test_attention.py::test_prefill_step_memory_does_not_grow_with_history \
+      tests/models/test_attention.py::test_blocked_peak_does_not_depend_on_history \
+      tests/test_add_norm.py \
+      tests/test_decode_diet.py::test_folded_residual_compiled_equals_plain_bf16 \
+      tests/test_speculative.py::test_sampling_distribution_is_the_models \
+      tests/test_fast_decode.py::test_compiled_decode_quantized_moe 2>&1 | tee "$out/gpu_recheck.log"
     ;;
   chunk-tests)
     "${pytest[@]}" tests/kernels/test_gpu_chunk_kernel.py 2>&1 | tee "$out/gpu_chunk_tests.log"
