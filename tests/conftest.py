@@ -40,6 +40,21 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max()) / scale if a.size else 0.0
 
 
+def prepare_decode_measured(model) -> tuple[dict, int]:
+    """model's parameters ({name: numpy array}) before `_prepare_decode`, and the bytes of
+    active memory that call added (a new layout that keeps no second copy adds ~nothing)."""
+    import gc
+
+    from mlx.utils import tree_flatten
+
+    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    gc.collect()
+    before = mx.get_active_memory()
+    model._prepare_decode()
+    gc.collect()
+    return params, mx.get_active_memory() - before
+
+
 def assert_parameters_kept(model, params: dict, path) -> None:
     """model's parameters, in memory and as `save_weights` writes them to `path`, have the names
     and values of `params` ({name: numpy array})."""

@@ -5,16 +5,13 @@ values (memory, saving), every decode group gets the layout, and the compiled st
 the plain path token for token, with logits equal to the GPU layout's.
 """
 
-import gc
-
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from qwen35_mlx.models import layers
 
-from .conftest import assert_parameters_kept
+from .conftest import assert_parameters_kept, prepare_decode_measured
 from .models.factory import make_moe_config, make_text_config, make_text_model
 from .test_fast_decode import TOKENS, assert_same, greedy, small_blocks  # noqa: F401
 
@@ -38,12 +35,7 @@ def _groups(model):
 
 def test_cpu_transposed_weights_keep_the_parameters_and_memory(tmp_path):
     model = make_text_model(make_text_config(hidden_size=128, intermediate_size=256), seed=5)
-    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    gc.collect()
-    before = mx.get_active_memory()
-    model._prepare_decode()
-    gc.collect()
-    grown = mx.get_active_memory() - before
+    params, grown = prepare_decode_measured(model)
     groups = _groups(model)
     # in_proj_qkv/z/b/a and out_proj of 3 linear layers, q/k/v and o of 1 attention layer,
     # gate/up and down of 4 MLPs: every one in the CPU layout, one [in, out] buffer per layer.
@@ -111,12 +103,7 @@ def test_cpu_transposed_tied_output_layer(tmp_path, small_blocks):  # noqa: F811
     transposed view of it (lookups read strided rows); names, values and memory kept."""
     cfg = make_text_config(hidden_size=128, intermediate_size=256, tie_word_embeddings=True)
     model = make_text_model(cfg, seed=7)
-    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    gc.collect()
-    before = mx.get_active_memory()
-    model._prepare_decode()
-    gc.collect()
-    grown = mx.get_active_memory() - before
+    params, grown = prepare_decode_measured(model)
     owner = model.model
     made = owner._decode_embed_tokens_made
     assert made is not None and not made.fused

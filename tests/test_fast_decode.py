@@ -7,7 +7,6 @@ compiled step really ran (and was traced once a block, not once a token).
 """
 
 import collections
-import gc
 import io
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
 from qwen35_mlx import batch_generate, load, stream_generate
 from qwen35_mlx.prompt_cache import PromptCache
 
-from .conftest import assert_parameters_kept
+from .conftest import assert_parameters_kept, prepare_decode_measured
 from .models.factory import make_moe_config, make_text_config, make_text_model
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -424,12 +423,7 @@ def _fused_groups(model):
 
 def test_fused_projections_share_memory_and_keep_the_parameters(tmp_path, gpu_layout):
     model = make_text_model(make_text_config(hidden_size=128, intermediate_size=256), seed=5)
-    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    gc.collect()
-    before = mx.get_active_memory()
-    model._prepare_decode()
-    gc.collect()
-    grown = mx.get_active_memory() - before
+    params, grown = prepare_decode_measured(model)
     groups = _fused_groups(model)
     # in_proj_qkv/z/b/a of 3 linear layers, q/k/v of 1 attention layer, gate/up of 4 MLPs
     assert len(groups) == 8
