@@ -91,6 +91,7 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
     qb = min(T, QUERY_BLOCK)
     per_key = B * Hq * qb * q.dtype.size
     kb = max(KEY_ALIGN, BLOCK_BYTES // per_key // KEY_ALIGN * KEY_ALIGN)
+    sync = SYNC_BLOCKS if mx.default_device() != mx.cpu else 0
     outs = []
     for q0 in range(0, T, qb):
         q1 = min(q0 + qb, T)
@@ -101,7 +102,6 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
         acc = mx.zeros((B, Hkv, rep * n, Dv), mx.float32)
         # Keys this query block can see: all of them, or up to its last position if causal.
         k_end = offset + q1 if causal else S
-        sync = SYNC_BLOCKS if mx.default_device() != mx.cpu else 0
         for j, k0 in enumerate(range(0, k_end, kb)):
             if sync and j and j % sync == 0:
                 mx.eval(acc, l, m)
