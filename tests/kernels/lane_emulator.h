@@ -78,6 +78,7 @@ inline void gd_store_f4(float* p, float x, float y, float z, float w) {
 inline float gd_exp(float x) { return std::exp(x); }
 inline float gd_log(float x) { return std::log(x); }
 inline float gd_rsqrt(float x) { return 1.0f / std::sqrt(x); }
+inline float gd_mul(float a, float b) { return a * b; }
 #define gd_prefetch(p) ((void)0)
 // One block runs at a time, so a function-scope static array is that block's shared memory.
 #define gd_threadgroup static

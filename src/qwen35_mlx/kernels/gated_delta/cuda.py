@@ -50,6 +50,12 @@ __device__ __forceinline__ float gd_rsqrt(float x) {
   return rsqrtf(x);
 }
 
+// A product the compiler may not fuse into a following add (no FMA contraction): the conv of
+// the decode kernels rounds x w before the sum, so that every T-token variant sums alike.
+__device__ __forceinline__ float gd_mul(float a, float b) {
+  return __fmul_rn(a, b);
+}
+
 // Threadgroup (block) memory and barrier (the conv decode variant).
 #define gd_threadgroup __shared__
 __device__ __forceinline__ void gd_threadgroup_barrier() {

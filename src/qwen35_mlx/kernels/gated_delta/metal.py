@@ -46,6 +46,10 @@ inline float gd_rsqrt(float x) {
   return metal::rsqrt(x);
 }
 
+inline float gd_mul(float a, float b) {
+  return a * b;
+}
+
 // Threadgroup memory and barrier (the conv decode variant).
 #define gd_threadgroup threadgroup
 inline void gd_threadgroup_barrier() {

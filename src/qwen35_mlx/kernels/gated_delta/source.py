@@ -223,7 +223,7 @@ _CONV_LOAD = """
                   gd_in_qkv[(size_t(b_idx) * T + (r - (K - 1))) * x_stride + (ch)]));     \\
         const YT w = static_cast<YT>(static_cast<float>(conv_w[size_t(ch) * K + j]));     \\
         const float p = static_cast<float>(static_cast<YT>(                               \\
-            static_cast<float>(x) * static_cast<float>(w)));                              \\
+            gd_mul(static_cast<float>(x), static_cast<float>(w))));                       \\
         h = j == 0 ? p : static_cast<float>(static_cast<YT>(h + p));                      \\
         if ((store) && j > 0) {                                                           \\
           gd_conv_dst(t_ld, cs0 + size_t(j - 1) * n_ch + (ch)) = x;                       \\
