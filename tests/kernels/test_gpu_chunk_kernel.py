@@ -194,8 +194,8 @@ def test_public_api_chunked_and_auto_crossover(monkeypatch):
     check_public_api(x, "chunked")
     gates = (x["a"], x["b"], x["A_log"], x["dt_bias"])
     assert calls == ["gated_delta_chunk_kernel", "gated_delta_update_chunk_kernel"]
-    assert gd._GPU_CHUNKED_MIN_T is None  # measured slower than the fused kernel at every T
-    assert pick_backend("auto", x["q"], x["v"], x["g"]) == BACKEND
+    assert gd._GPU_CHUNKED_MIN_T == 2048  # the split path measured faster from there on
+    assert pick_backend("auto", x["q"], x["v"], x["g"]) == BACKEND  # T = 130
     monkeypatch.setattr(gd, "_GPU_CHUNKED_MIN_T", 100)
     assert pick_backend("auto", x["q"], x["v"], x["g"]) == "chunked"
     assert pick_backend("auto", x["q"][:, :99], x["v"][:, :99], x["g"][:, :99]) == BACKEND

@@ -111,15 +111,14 @@ def _auto_cpu(T: int) -> str:
     return "chunked" if T >= _CPU_CHUNKED_MIN_T else "ref"
 
 
-# From this many steps on, `auto` on a GPU runs the chunk kernels instead of the fused
-# recurrent kernel. Measured on an H200 (2026-12-02, bf16, Hk16 Hv32 Dk=Dv=128,
-# benchmarks/RESULTS.md): the chunk kernels took 1.48 / 5.64 / 23.0 ms at T = 2048 / 8192 / 32768
-# against the fused kernel's 1.10 / 4.22 / 16.7 ms, slower at every length, so `auto` never picks
-# them (None); `backend="chunked"` still runs them. Re-measure with `benchmarks/run_gpu.sh chunk`
-# and set this to the smallest T from which `ours chunked` wins at every head count. Scalar
-# gates now take the split path (chunk_launch.SPLIT: WY, state and output kernels on the tile
-# layer); `python benchmarks/chunk_split_gpu.py` checks it and prints the value to set here.
-_GPU_CHUNKED_MIN_T: int | None = None
+# From this many steps on, `auto` on a GPU runs the chunk kernels (the split path for scalar
+# gates: chunk_launch.SPLIT, WY, state and output kernels) instead of the fused recurrent kernel.
+# Measured on an H200 (2026-12-02 10:04 UTC, bf16, B 1, Hk16 Hv32 Dk=Dv=128, chunk_split_gpu.py
+# --quick, benchmarks/RESULTS.md): the split path (output pass O2) 0.518 / 1.852 ms at T = 2048 /
+# 8192 against the fused kernel's 1.130 / 4.337, every check passed (fp32 against the float64
+# loop, bf16 against the fused kernel, masks with left padding and holes, a nonzero state).
+# Shorter prompts were not timed, so 2048 is where it is known to win; `None` turns it off.
+_GPU_CHUNKED_MIN_T: int | None = 2048
 
 
 def _chunk_kernel_supports(q: mx.array, v: mx.array, g: mx.array) -> bool:

@@ -444,8 +444,9 @@ O_SLICE = {"metal": 16, "cuda": 32}  # key columns of q, k, H staged at a time
 O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
 # The output pass as O2_BODY (q, k, H slices copied into a ring by cp.async on CUDA, the
 # selection applied to the results) instead of O_BODY, where q, k and the pieces share one
-# dtype. Off until the H200 has timed it (benchmarks/chunk_split_gpu.py: "out o2", "split o2").
-O2 = False
+# dtype. H200, 2026-12-02 (benchmarks/chunk_split_gpu.py --quick): "out o2" 0.176 / 0.627 ms
+# against O_BODY's 0.230 / 0.870 at T = 2048 / 8192 (Hv 32, bf16), both checks passed.
+O2 = True
 # O2_BODY's (key slice, value rows) by backend and staged element size: threadgroup memory
 # 48896 B on CUDA (bf16 32 / 64, fp32 16 / 64), 27.4 KB on Metal (float staged, 8 / 32).
 O2_TILES = {
