@@ -145,9 +145,9 @@ def diff(base: str, repo: Path) -> int:
             if not same:
                 bad += 1
                 print(f"{key} [{field}] differs:")
-                lines = difflib.unified_diff(
-                    str(a).splitlines(), str(b).splitlines(), "base", "tree", lineterm="", n=2
-                )
+                # lines with their white space folded, so that only real changes show
+                fa, fb = ([_fold(x) for x in str(t).splitlines() if x.strip()] for t in (a, b))
+                lines = difflib.unified_diff(fa, fb, "base", "tree", lineterm="", n=1)
                 print("\n".join(lines))
     exact = sum(old[k] == new.get(k) for k in old)
     print(f"{len(old)} kernels at {base}, {len(new)} in the tree; {exact} identical to the letter;")
