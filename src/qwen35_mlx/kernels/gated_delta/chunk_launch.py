@@ -748,37 +748,18 @@ def state_pass(
                 f"{MMA_BV_CHOICES[backend]} on {backend} (32 only for Dk <= 128), got bv={bv} "
                 f"with Dk={Dk}"
             )
-        nt = mma_threads(bv, C)
-        return _build(backend, "state_mma")(
-            inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
-            template=[
-                ("Dk", Dk),
-                ("BV", bv),
-                ("C", C),
-                ("NT", nt),
-                ("MP", operand_precision(y_dtype)),
-                ("PF", PREFETCH if prefetch is None else int(prefetch)),
-                ("YT", y_dtype),
-            ],
-            grid=(nt * B * Hv, -(-Dv // bv), 1),
-            threadgroup=(nt, 1, 1),
-            output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
-            output_dtypes=[y_dtype, mx.float32],
-            init_value=init_value,
-        )
-    BV_ = bv or BV
-    return _build(backend, "state")(
+        which, nt = "state_mma", mma_threads(bv, C)
+        precision = [("MP", operand_precision(y_dtype))]
+    else:
+        bv = bv or BV
+        which, nt, precision = "state", STATE_THREADS, []
+    template = [("Dk", Dk), ("BV", bv), ("C", C), ("NT", nt), *precision]
+    template += [("PF", PREFETCH if prefetch is None else int(prefetch)), ("YT", y_dtype)]
+    return _build(backend, which)(
         inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
-        template=[
-            ("Dk", Dk),
-            ("BV", BV_),
-            ("C", C),
-            ("NT", STATE_THREADS),
-            ("PF", PREFETCH if prefetch is None else int(prefetch)),
-            ("YT", y_dtype),
-        ],
-        grid=(STATE_THREADS * B * Hv, -(-Dv // BV_), 1),
-        threadgroup=(STATE_THREADS, 1, 1),
+        template=template,
+        grid=(nt * B * Hv, -(-Dv // bv), 1),
+        threadgroup=(nt, 1, 1),
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[y_dtype, mx.float32],
         init_value=init_value,
