@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import json
 import os
 import re
@@ -69,21 +70,17 @@ def dump() -> dict:
         be._kernels.clear()
 
     # Fused gated-delta kernels: every argument tuple kernel_name accepts.
+    flags = (False, True)
+    tokens = range(1, source.MAX_TOKENS + 1)
+    every = list(itertools.product(source.GATES, flags, flags, flags, flags, tokens, flags))
     for backend, be in bases.items():
-        for gate in source.GATES:
-            for mask in (False, True):
-                for decode in (False, True):
-                    for conv in (False, True):
-                        for norm in (False, True):
-                            for tokens in range(1, source.MAX_TOKENS + 1):
-                                for packed in (False, True):
-                                    args = (gate, mask, decode, conv, norm, tokens, packed)
-                                    try:
-                                        source.kernel_name(*args)
-                                    except ValueError:
-                                        continue
-                                    current["key"] = f"gd/{backend}/{args}"
-                                    be.build(*args)
+        for args in every:
+            try:
+                source.kernel_name(*args)
+            except ValueError:
+                continue
+            current["key"] = f"gd/{backend}/{args}"
+            be.build(*args)
 
     # Chunk kernels.
     whichs = ["state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma"]
@@ -109,7 +106,8 @@ def dump() -> dict:
     # Fused norm kernels.
     for backend in BACKENDS:
         for name in fused_norm.KERNELS:
-            out[f"fused_norm/{backend}/{name}"] = {"source": fused_norm.kernel_source(name, backend)}
+            text = fused_norm.kernel_source(name, backend)
+            out[f"fused_norm/{backend}/{name}"] = {"source": text}
     return out
 
 
