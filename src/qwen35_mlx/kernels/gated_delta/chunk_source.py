@@ -370,7 +370,6 @@ _CHUNK_GATES = """  for (int i = tid; i < C; i += NT) {
 """
 
 
-
 def _chunk_head(T: str, Hk: str, Hv: str, Dv: str) -> str:
     """The chunk-parallel kernels' (PREP_BODY, WY_BODY, O_BODY, O2_BODY) common start: the
     sizes (T, Hk, Hv, Dv from the kernel's inputs as given) and the threadgroup's chunk n (x)
@@ -1272,6 +1271,7 @@ def _y_tiles_mma(q: str, h: str, s: str) -> str:
                               {h} + 16 * (e % YC) * {s}, {s}, DS);
     }}
 """
+
 
 O2_NAME = "gated_delta_chunk_o2"
 
