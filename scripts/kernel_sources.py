@@ -1,10 +1,11 @@
-"""Every GPU kernel's text as MLX receives it, to check that a refactor of the kernel source
-left it unchanged (issue #14: one copy of each block, same kernels).
+"""Every GPU kernel's text as MLX receives it, and the chunk passes' launch arguments: to check
+that a refactor of the kernel source left them unchanged (issue #14: one copy of each block).
 
 Records each kernel factory call (name, input and output names, source, header) of every
 structural variant: the fused gated-delta kernels (source.py through metal.py / cuda.py), the
 chunk kernels (chunk_launch._build, every `which`), the decode attention kernels and the fused
-norm kernels, for Metal and CUDA. No GPU is needed: the factories are replaced by a recorder.
+norm kernels, for Metal and CUDA; and the arguments of every chunk pass's kernel call
+(`chunk_launches`). No GPU is needed: the factories and kernels are replaced by recorders.
 
     python scripts/kernel_sources.py dump OUT.json            # this tree's package
     python scripts/kernel_sources.py diff --base f4c58fd      # base commit vs working tree
@@ -108,6 +109,70 @@ def dump() -> dict:
         for name in fused_norm.KERNELS:
             text = fused_norm.kernel_source(name, backend)
             out[f"fused_norm/{backend}/{name}"] = {"source": text}
+    out.update(chunk_launches(chunk_launch))
+    return out
+
+
+def chunk_launches(cl) -> dict:
+    """{launch key: arguments} of the chunk passes (wy_pass, h_pass, o_pass, prep_kernel,
+    state_pass) over backends, dtypes and their options: each kernel call's input shapes and
+    dtypes, template, grid, threadgroup, output shapes and dtypes, init_value (or the error)."""
+    import mlx.core as mx
+
+    out: dict = {}
+    key = {"call": ""}
+
+    def build(backend, which):
+        def kernel(**kw):
+            rec = {"which": which}
+            for k, v in kw.items():
+                shapes = [(tuple(x.shape), str(x.dtype)) for x in v] if k == "inputs" else None
+                rec[k] = shapes if shapes is not None else repr(v)
+            out[key["call"]] = rec
+            return [mx.zeros((1,))] * 6
+
+        return kernel
+
+    cl._build = build
+    B, T, Hk, Hv, Dk, Dv, C = 2, 100, 2, 4, 128, 48, cl.CHUNK
+    N, BH = -(-T // C), B * Hv
+    state = mx.zeros((B, Hv, Dv, Dk))
+    mask = mx.ones((B, T), mx.bool_)
+    raw = (mx.zeros((B, T, Hv)), mx.zeros((B, T, Hv)), mx.zeros((Hv,)), mx.zeros((Hv,)))
+
+    def call(name, fn, *args, **kw):
+        opts = {
+            k: type(x).__name__ if isinstance(x, mx.array | tuple) else x for k, x in kw.items()
+        }
+        key["call"] = f"launch/{name}/{args[0]}/{opts}"
+        try:
+            fn(*args, **kw)
+        except ValueError as e:
+            out[key["call"]] = {"error": str(e)}
+
+    for backend, dt in itertools.product(BACKENDS, (mx.float32, mx.bfloat16)):
+        q = mx.zeros((B, T, Hk, Dk), dt)
+        v = mx.zeros((B, T, Hv, Dv), dt)
+        g = mx.zeros((B, T, Hv))
+        for m, gates in itertools.product((None, mask), (None, raw)):
+            kw = {"raw_gates": gates, "init_value": None if m is None else 0.5}
+            call(f"wy/{dt}/{m is None}", cl.wy_pass, backend, q, v, g, g, m, **kw)
+            for matrix in (None, False, True):
+                kw = {"raw_gates": gates, "matrix": matrix}
+                call(f"prep/{dt}/{m is None}", cl.prep_kernel, backend, q, q, v, g, g, m, **kw)
+        pieces = [mx.zeros((BH, N * C, w), dt) for w in (Dk, Dv, Dk)]
+        gts = mx.zeros((BH, N * C, 4))
+        for bv, pf in itertools.product((None, 16, 32, 64), (None, 0, 1)):
+            call(f"h/{dt}", cl.h_pass, backend, *pieces, gts, state, bv=bv, prefetch=pf)
+        H, Vn = mx.zeros((BH, N, Dv, Dk), dt), mx.zeros((BH, N * C, Dv), dt)
+        o2 = cl.O2
+        for cl.O2, y_dt in itertools.product((False, True), (dt, mx.float16)):
+            call(f"o/{dt}/{y_dt}/{cl.O2}", cl.o_pass, backend, q, q, gts, H, Vn, T, Hv, y_dt)
+        cl.O2 = o2
+        f32 = [mx.zeros((BH, N * C, w)) for w in (Dk, Dv, Dk, C, Dk)] + [mx.zeros((BH, N, Dk))]
+        for matrix, bv, pf in itertools.product((None, False, True), (None, 16, 32), (None, 1)):
+            kw = {"bv": bv, "prefetch": pf, "matrix": matrix, "init_value": pf}
+            call(f"state/{dt}", cl.state_pass, backend, f32, state, T, dt, **kw)
     return out
 
 
@@ -148,7 +213,7 @@ def diff(base: str, repo: Path) -> int:
                 lines = difflib.unified_diff(fa, fb, "base", "tree", lineterm="", n=1)
                 print("\n".join(lines))
     exact = sum(old[k] == new.get(k) for k in old)
-    print(f"{len(old)} kernels at {base}, {len(new)} in the tree; {exact} identical to the letter;")
+    print(f"{len(old)} entries at {base}, {len(new)} in the tree; {exact} identical to the letter;")
     print(f"{bad} differ after folding white space")
     return 1 if bad else 0
 

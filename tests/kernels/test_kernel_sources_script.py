@@ -21,7 +21,10 @@ def test_dump_records_every_variant(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     subprocess.run([sys.executable, str(SCRIPT), "dump", str(out)], check=True, env=env)
     d = json.loads(out.read_text())
-    assert {k.split("/")[0] for k in d} == {"gd", "chunk", "attention", "fused_norm"}
+    assert {k.split("/")[0] for k in d} == {"gd", "chunk", "attention", "fused_norm", "launch"}
+    passes = {k.split("/")[1] for k in d if k.startswith("launch/")}
+    assert passes == {"wy", "prep", "h", "o", "state"}
+    assert all("template" in d[k] or "error" in d[k] for k in d if k.startswith("launch/"))
     for backend in ("metal", "cuda"):
         for which in ("state", "state_mma", "prep_fused_mma", "wy", "wy_fused", "h", "o", "o2"):
             assert d[f"chunk/{backend}/{which}"]["source"].startswith(cl.PROLOGUE[backend])
