@@ -60,6 +60,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .models.cache import MROPE_PROMPT, MROPE_SHIFT, LinearCache, mrope_holder
+from .models.config import TEXT_REQUIRED
 
 TOKENS_KEY = "qwen35_mlx_tokens"  # no dots: mlx-lm unflattens metadata keys on "."
 
@@ -488,16 +489,10 @@ FINGERPRINT_KEY = "qwen35_mlx_fingerprint"
 CHECKSUM_KEY = "qwen35_mlx_checksum"
 _CHECKSUM_FLAT = f"0.{CHECKSUM_KEY}"  # its place in the flat safetensors metadata
 _OURS = (TOKENS_KEY, SNAPSHOTS_KEY, SETTINGS_KEY, FINGERPRINT_KEY, CHECKSUM_KEY)
-# The configuration fields that shape the caches, shown by name when two models differ.
+# The configuration fields that shape the caches, shown by name when two models differ: the
+# required sizes (the layer count is in layer_types) and the conv kernel, vocab_size last.
 _SHAPE_FIELDS = (
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "linear_num_key_heads",
-    "linear_num_value_heads",
-    "linear_key_head_dim",
-    "linear_value_head_dim",
+    *(f for f in TEXT_REQUIRED if f not in ("vocab_size", "num_hidden_layers")),
     "linear_conv_kernel_dim",
     "vocab_size",
 )

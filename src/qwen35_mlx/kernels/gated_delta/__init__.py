@@ -467,34 +467,17 @@ def gated_delta_decode_packed(
     kw.update(norm_weight=norm_weight, norm_eps=norm_eps, backend=backend)
     ys, states = [], []
     if tokens == 1:
+        m = None if mask is None else mask[:, 0]
         y, state, conv_state = gated_delta_decode(
-            qkv,
-            conv_state,
-            conv_w,
-            a,
-            b,
-            A_log,
-            dt_bias,
-            state,
-            mask=None if mask is None else mask[:, 0],
-            z=z,
-            **kw,
+            qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=m, z=z, **kw
         )
         return y.reshape(B, Hv * Dv), state, conv_state, None
     del kw["norm_weight"], kw["norm_eps"]
     for t in range(tokens):
         m = None if mask is None else mask[:, t]
+        qkv_t, a_t, b_t = qkv[t::tokens], a[t::tokens], b[t::tokens]
         y, state, conv_state = gated_delta_decode(
-            qkv[t::tokens],
-            conv_state,
-            conv_w,
-            a[t::tokens],
-            b[t::tokens],
-            A_log,
-            dt_bias,
-            state,
-            mask=m,
-            **kw,
+            qkv_t, conv_state, conv_w, a_t, b_t, A_log, dt_bias, state, mask=m, **kw
         )
         ys.append(y)
         states.append((conv_state, state))

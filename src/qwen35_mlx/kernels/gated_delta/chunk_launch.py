@@ -378,6 +378,16 @@ def launch_bounds_header(threads: int, blocks: int) -> str:
     )
 
 
+# The chunk kernels without switches: which -> (name, input names, output names, source).
+_PLAIN = {
+    "h": (src.H_NAME, src.H_INPUTS, src.H_OUTPUTS, h_source),
+    "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
+    "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
+    "state": (src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_source),
+    "state_mma": (src.STATE_MMA_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_mma_source),
+}
+
+
 def _build(backend: str, which: str):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
     split path's "wy", "wy_fused", "h", "o"."""
@@ -385,25 +395,13 @@ def _build(backend: str, which: str):
     lb = lb if backend == "cuda" and which in ("wy", "wy_fused", "o", "o2") else None
     key = (backend, which, lb)
     if key not in _kernels:
-        if which in ("wy", "wy_fused"):
+        if which in _PLAIN:
+            name, ins, outs, source = _PLAIN[which]
+            body = source(backend)
+        elif which in ("wy", "wy_fused"):
             fused = which == "wy_fused"
             name, ins, outs = src.wy_name(fused), src.wy_inputs(fused), src.WY_OUTPUTS
             body = wy_source(backend, fused)
-        elif which == "h":
-            name, ins, outs = src.H_NAME, src.H_INPUTS, src.H_OUTPUTS
-            body = h_source(backend)
-        elif which == "o":
-            name, ins, outs = src.O_NAME, src.O_INPUTS, src.O_OUTPUTS
-            body = o_source(backend)
-        elif which == "o2":
-            name, ins, outs = src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS
-            body = o2_source(backend)
-        elif which == "state":
-            name, ins, outs = src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
-            body = state_source(backend)
-        elif which == "state_mma":
-            name, ins, outs = src.STATE_MMA_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS
-            body = state_mma_source(backend)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
@@ -749,37 +747,18 @@ def state_pass(
                 f"{MMA_BV_CHOICES[backend]} on {backend} (32 only for Dk <= 128), got bv={bv} "
                 f"with Dk={Dk}"
             )
-        nt = mma_threads(bv, C)
-        return _build(backend, "state_mma")(
-            inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
-            template=[
-                ("Dk", Dk),
-                ("BV", bv),
-                ("C", C),
-                ("NT", nt),
-                ("MP", operand_precision(y_dtype)),
-                ("PF", PREFETCH if prefetch is None else int(prefetch)),
-                ("YT", y_dtype),
-            ],
-            grid=(nt * B * Hv, -(-Dv // bv), 1),
-            threadgroup=(nt, 1, 1),
-            output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
-            output_dtypes=[y_dtype, mx.float32],
-            init_value=init_value,
-        )
-    BV_ = bv or BV
-    return _build(backend, "state")(
+        which, nt = "state_mma", mma_threads(bv, C)
+        precision = [("MP", operand_precision(y_dtype))]
+    else:
+        bv = bv or BV
+        which, nt, precision = "state", STATE_THREADS, []
+    template = [("Dk", Dk), ("BV", bv), ("C", C), ("NT", nt), *precision]
+    template += [("PF", PREFETCH if prefetch is None else int(prefetch)), ("YT", y_dtype)]
+    return _build(backend, which)(
         inputs=[W, U.reshape(B, Hv, -1, Dv), Qg, P, Kw, decay, state, mx.array([T], mx.int32)],
-        template=[
-            ("Dk", Dk),
-            ("BV", BV_),
-            ("C", C),
-            ("NT", STATE_THREADS),
-            ("PF", PREFETCH if prefetch is None else int(prefetch)),
-            ("YT", y_dtype),
-        ],
-        grid=(STATE_THREADS * B * Hv, -(-Dv // BV_), 1),
-        threadgroup=(STATE_THREADS, 1, 1),
+        template=template,
+        grid=(nt * B * Hv, -(-Dv // bv), 1),
+        threadgroup=(nt, 1, 1),
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[y_dtype, mx.float32],
         init_value=init_value,

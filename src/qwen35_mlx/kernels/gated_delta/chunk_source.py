@@ -56,7 +56,20 @@ STATE_INPUTS = ["W", "U", "Qg", "P", "Kw", "decay", "state_in", "dims"]
 STATE_OUTPUTS = ["y", "state_out"]
 STATE_NAME = "gated_delta_chunk_state"
 
-STATE_BODY = """
+# STATE_BODY's phase-3 items: opens the loops over a thread's items it (item e = (pair of value
+# rows vp, key quad dq)) and the two rows v of the pair; the body at each use closes both.
+_STATE_ITEM_ROWS = """  #pragma unroll
+  for (int it = 0; it < I3; ++it) {
+    const int e = int(tid) + it * NT;
+    const int vp = e / DQ;
+    const int dq = e % DQ;
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int v = 2 * vp + h;
+"""
+
+STATE_BODY = (
+    """
   constexpr int DQ = Dk / 4;       // key quads
   constexpr int VQ = BV / 4;       // value quads of the tile
   constexpr int LR = NT / C;       // phase 1: lanes per row (adjacent lanes of a SIMD-group)
@@ -84,15 +97,9 @@ STATE_BODY = """
 
   // Phase-3 items own their state elements for the whole run (registers): rows 2 vp, 2 vp + 1.
   float s[I3][2][4];
-  #pragma unroll
-  for (int it = 0; it < I3; ++it) {
-    const int e = int(tid) + it * NT;
-    const int vp = e / DQ;
-    const int dq = e % DQ;
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int v = 2 * vp + h;
-      float4 x = gd_f4(0.0f, 0.0f, 0.0f, 0.0f);
+"""
+    + _STATE_ITEM_ROWS
+    + """      float4 x = gd_f4(0.0f, 0.0f, 0.0f, 0.0f);
       if (e < E3 && v0 + v < Dv) {
         x = gd_load_f4(state_in + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq);
       }
@@ -255,21 +262,16 @@ STATE_BODY = """
     gd_barrier();
   }
 
-  #pragma unroll
-  for (int it = 0; it < I3; ++it) {
-    const int e = int(tid) + it * NT;
-    const int vp = e / DQ;
-    const int dq = e % DQ;
-    #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int v = 2 * vp + h;
-      if ((E3 % NT == 0 || e < E3) && v0 + v < Dv) {
+"""
+    + _STATE_ITEM_ROWS
+    + """      if ((E3 % NT == 0 || e < E3) && v0 + v < Dv) {
         gd_store_f4(state_out + (size_t(head) * Dv + (v0 + v)) * Dk + 4 * dq, s[it][h][0],
                     s[it][h][1], s[it][h][2], s[it][h][3]);
       }
     }
   }
 """
+)
 
 PREP_OUTPUTS = ["W", "U", "Qg", "P", "Kw", "decay"]
 
@@ -367,18 +369,16 @@ _CHUNK_GATES = """  for (int i = tid; i < C; i += NT) {
   }
 """
 
-PREP_BODY = (
-    """
-  constexpr int R = C / 16;        // tile rows / columns per thread in step 2
-  constexpr int CS = C + 4;        // staged k / q: stride of a key column (16-byte aligned)
-  constexpr int CP = C + 4;        // A row stride (rows 16-byte aligned: read as float4)
-  constexpr int BUF = 2 * DS * CS > C * CP ? 2 * DS * CS : C * CP;
-  static_assert(C % 64 == 0 && NT == 256, "PREP_BODY: 16 x 16 threads, C / 16 rows each");
-  const float tiny = 4.2483542e-18f;  // e^-40
-  const int T = q_shape[1];
-  const int Hk = q_shape[2];
-  const int Hv = v_shape[2];
-  const int Dv = v_shape[3];
+
+def _chunk_head(T: str, Hk: str, Hv: str, Dv: str) -> str:
+    """The chunk-parallel kernels' (PREP_BODY, WY_BODY, O_BODY, O2_BODY) common start: the
+    sizes (T, Hk, Hv, Dv from the kernel's inputs as given) and the threadgroup's chunk n (x)
+    and head (y), its batch row, value head and key head."""
+    return f"""  const float tiny = 4.2483542e-18f;  // e^-40
+  const int T = {T};
+  const int Hk = {Hk};
+  const int Hv = {Hv};
+  const int Dv = {Dv};
   const int N = (T + C - 1) / C;
   const size_t NC = size_t(N) * C;
 
@@ -389,6 +389,19 @@ PREP_BODY = (
   const unsigned hv = head % unsigned(Hv);
   const unsigned hk = hv / unsigned(Hv / Hk);
   const int t0 = n * C;
+"""
+
+
+PREP_BODY = (
+    """
+  constexpr int R = C / 16;        // tile rows / columns per thread in step 2
+  constexpr int CS = C + 4;        // staged k / q: stride of a key column (16-byte aligned)
+  constexpr int CP = C + 4;        // A row stride (rows 16-byte aligned: read as float4)
+  constexpr int BUF = 2 * DS * CS > C * CP ? 2 * DS * CS : C * CP;
+  static_assert(C % 64 == 0 && NT == 256, "PREP_BODY: 16 x 16 threads, C / 16 rows each");
+"""
+    + _chunk_head("q_shape[1]", "q_shape[2]", "v_shape[2]", "v_shape[3]")
+    + """\
   // q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
   // mask: [B, T]; W, Qg, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; P: [.., C]; decay: [B * Hv, N, Dk]
   const size_t rn = size_t(head) * NC + t0;  // this chunk's first row in W, U, Qg, P, Kw
@@ -586,6 +599,17 @@ PREP_BODY = (
 )
 
 
+# The state passes' (STATE_MMA_BODY, H_BODY) threadgroup: one head (x) and BV value rows from
+# v0 (y); warp w takes row tile rt and value tile vt.
+_STATE_PASS_WARP = """
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int rt = w % RT;
+  const int vt = w / RT;
+  const unsigned head = gd_tg_x;  // b * Hv + hv
+  const int v0 = int(gd_tg_y) * BV;
+"""
+
 # The state pass on matrix units (the tile layer of chunk_launch: tensor cores on CUDA,
 # simdgroup matrices on Metal): the same inputs, outputs and grid as STATE_BODY, BV value rows
 # (VT = BV / 16 tiles) per threadgroup, NT = 32 (C / 16) VT threads: one warp (SIMD-group) per
@@ -609,7 +633,8 @@ PREP_BODY = (
 # reads of S and D free of bank conflicts.
 STATE_MMA_NAME = "gated_delta_chunk_state_mma"
 
-STATE_MMA_BODY = """
+STATE_MMA_BODY = (
+    """
   constexpr int RT = C / 16;       // row tiles of a chunk
   constexpr int VT = BV / 16;      // value tiles of the threadgroup
   constexpr int NW = NT / 32;      // warps (SIMD-groups)
@@ -623,14 +648,9 @@ STATE_MMA_BODY = """
   const int Dv = U_shape[3];
   const int N = NC / C;
   const int T = dims[0];
-
-  const int tid = int(gd_tid);
-  const int w = tid / 32;
-  const int rt = w % RT;
-  const int vt = w / RT;
-  const unsigned head = gd_tg_x;  // b * Hv + hv
-  const int v0 = int(gd_tg_y) * BV;
-  const unsigned b_idx = head / unsigned(Hv);
+"""
+    + _STATE_PASS_WARP
+    + """  const unsigned b_idx = head / unsigned(Hv);
   const unsigned hv = head % unsigned(Hv);
 
   GD_TG float S_t[BV * SD];     // the state tile, row v at S_t[v * SD]
@@ -718,6 +738,7 @@ STATE_MMA_BODY = """
     if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
   }
 """
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,6 +776,50 @@ def wy_body(fused: bool) -> str:
     return defs + _DECAY_MACRO + WY_BODY + "#undef GD_DECAY\n#undef GD_FUSED\n"
 
 
+def _lower_tiles_mma(acc: str, a: str, b: str, s: str) -> str:
+    """acc += a b^T over one staged slice of DS columns (rows at `a` and `b`, row stride
+    `s`), on the lower-triangular 16 x 16 tiles of a C = 64 chunk: warp w takes tile row
+    tr = w / 2, tile columns 2 (w % 2) + {0, 1}, tiles above the diagonal skipped."""
+    return f"""    for (int c = 0; c < 2; ++c) {{
+      const int tc = 2 * (w % 2) + c;
+      if (tc <= tr) {{
+        gd_mma<MP, false, true>({acc}[c], {a} + 16 * tr * {s}, {s}, {b} + 16 * tc * {s}, {s}, DS);
+      }}
+    }}
+"""
+
+
+def _decayed_lower_tiles(acc: str, dst: str, s: str, keep: str, scale: str, staged="") -> str:
+    """`_lower_tiles_mma`'s tiles acc[0..1] to threadgroup memory at dst (row stride s); then
+    (after the text `staged` and a barrier) each element (i, j) of the chunk times `scale` where
+    `keep` holds, else 0: scale and keep may use D_ij (dij, GD_DECAY)."""
+    return f"""  for (int c = 0; c < 2; ++c) {{
+    const int tc = 2 * (w % 2) + c;
+    if (tc <= tr) gd_acc_store({acc}[c], {dst} + 16 * tr * {s} + 16 * tc, {s});
+  }}
+{staged}  gd_barrier();
+  for (int e = tid; e < C * C; e += NT) {{
+    const int i = e / C;
+    const int j = e % C;
+    GD_DECAY(dij, i, j);
+    {dst}[i * {s} + j] = {keep} ? {scale} * {dst}[i * {s} + j] : 0.0f;
+  }}
+"""
+
+
+def _rows_to_registers(x: str, src: str, bv: str) -> str:
+    """A thread's share of the chunk's C rows of src [.., Dv] (rows from rn), value columns
+    v0 .. v0 + bv (clamped to Dv - 1, selected away later), into registers x."""
+    return f"""    float {x}[C * {bv} / NT];
+    #pragma unroll
+    for (int it = 0; it < C * {bv} / NT; ++it) {{
+      const int e = tid + it * NT;
+      const int v = v0 + e % {bv} < Dv ? v0 + e % {bv} : Dv - 1;
+      {x}[it] = static_cast<float>({src}[(rn + e / {bv}) * Dv + v]);
+    }}
+"""
+
+
 # WY_BODY: one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value head), C = 64.
 #  1. gates as PREP_BODY (padded / masked steps: g = 1, beta = 0, k = v = 0 by selection);
 #     the row (gamma_i, g_i, valid_i, w_i) to `gates` for the other two kernels.
@@ -778,22 +843,9 @@ WY_BODY = (
   constexpr int SP = DS + 4;       // row stride of a staged slice
   static_assert(C == 64 && NT == 256, "WY_BODY: 8 warps, 4 x 4 blocks");
   static_assert(DS == 32 && Dk % DS == 0, "WY_BODY: one 16 x 16 output tile per warp a slice");
-  const float tiny = 4.2483542e-18f;  // e^-40
-  const int T = k_shape[1];
-  const int Hk = k_shape[2];
-  const int Hv = v_shape[2];
-  const int Dv = v_shape[3];
-  const int N = (T + C - 1) / C;
-  const size_t NC = size_t(N) * C;
-
-  const int tid = int(gd_tid);
-  const int w = tid / 32;
-  const int n = int(gd_tg_x);
-  const unsigned head = gd_tg_y;  // b * Hv + hv
-  const unsigned b_idx = head / unsigned(Hv);
-  const unsigned hv = head % unsigned(Hv);
-  const unsigned hk = hv / unsigned(Hv / Hk);
-  const int t0 = n * C;
+"""
+    + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
+    + """  const int w = tid / 32;
   // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
   // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
   const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
@@ -867,13 +919,9 @@ WY_BODY = (
     }
     if (d0 + DS < Dk) GD_WY_LOAD_K(d0 + DS);
     gd_barrier();
-    for (int c = 0; c < 2; ++c) {
-      const int tc = 2 * (w % 2) + c;
-      if (tc <= tr) {
-        gd_mma<MP, false, true>(kk[c], st + 16 * tr * SP, SP, st + 16 * tc * SP, SP, DS);
-      }
-    }
-  }
+"""
+    + _lower_tiles_mma("kk", "st", "st", "SP")
+    + """  }
 
   // Slice s_ of v (s_ < nvs) or k into xs, rows and columns clamped (selected below); each
   // slice is loaded one ahead, before the previous slice's products and stores.
@@ -899,18 +947,9 @@ WY_BODY = (
   GD_WY_LOAD(0);  // step 5's first slice, in flight during steps 3 and 4
 
   // 3. L = -beta D k k^T, strictly lower
-  for (int c = 0; c < 2; ++c) {
-    const int tc = 2 * (w % 2) + c;
-    if (tc <= tr) gd_acc_store(kk[c], Ai + 16 * tr * CP + 16 * tc, CP);
-  }
-  gd_barrier();
-  for (int e = tid; e < C * C; e += NT) {
-    const int i = e / C;
-    const int j = e % C;
-    GD_DECAY(dij, i, j);
-    Ai[i * CP + j] = j < i ? -bs[i] * dij * Ai[i * CP + j] : 0.0f;
-  }
-  gd_barrier();
+"""
+    + _decayed_lower_tiles("kk", "Ai", "CP", "j < i", "-bs[i] * dij")
+    + """  gd_barrier();
 
   // 4. (I - L)^-1: diagonal blocks (thread = (block, column c): x_c = 1, x_i = sum_j L_ij x_j)
   {
@@ -1008,7 +1047,8 @@ H_NAME = "gated_delta_chunk_h"
 # copies are cp.async of the pieces as they are (bf16 staged as bf16: 48.4 KB at Dk 128, DS 128,
 # NB 2); Metal copies synchronously, widening to float (31.3 KB at DS 32, NB 2).
 # Threadgroup memory: BV (Dk + 4) + C (BV + 4) floats + NB C (DS + 16 / size) staged elements.
-H_BODY = """
+H_BODY = (
+    """
   constexpr int RT = C / 16;
   constexpr int VT = BV / 16;
   constexpr int NW = NT / 32;
@@ -1025,14 +1065,9 @@ H_BODY = """
   const int NC = U_shape[1];
   const int Dv = U_shape[2];
   const int N = NC / C;
-
-  const int tid = int(gd_tid);
-  const int w = tid / 32;
-  const int rt = w % RT;
-  const int vt = w / RT;
-  const unsigned head = gd_tg_x;  // b * Hv + hv
-  const int v0 = int(gd_tg_y) * BV;
-
+"""
+    + _STATE_PASS_WARP
+    + """
   GD_TG float S_t[BV * SD];
   GD_TG float D_t[C * DL];
   GD_TG16 gd_staged<PT> sb[NB * C * SP];
@@ -1063,14 +1098,9 @@ H_BODY = """
     const size_t rn = row0 + size_t(n) * C;
     // This chunk's U rows (columns clamped) and decay, loaded at its start: a load after a
     // store to H or Vn (which may alias them for all the compiler knows) would wait for it.
-    float xu[C * BV / NT];
-    #pragma unroll
-    for (int it = 0; it < C * BV / NT; ++it) {
-      const int e = tid + it * NT;
-      const int v = v0 + e % BV < Dv ? v0 + e % BV : Dv - 1;
-      xu[it] = static_cast<float>(U[(rn + e / BV) * Dv + v]);
-    }
-    const float dc = gates[(rn + C - 1) * 4];
+"""
+    + _rows_to_registers("xu", "U", "BV")
+    + """    const float dc = gates[(rn + C - 1) * 4];
     gd_acc xw;
     gd_acc_zero(xw);
     for (int s = 0; s < NSL; ++s) {
@@ -1156,6 +1186,7 @@ H_BODY = """
     if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
   }
 """
+)
 
 O_INPUTS = ["q", "k", "gates", "H", "Vn", "dims"]
 O_OUTPUTS = ["y"]
@@ -1168,44 +1199,79 @@ def o_body() -> str:
 
 # The output passes' common start (O_BODY, O2_BODY): sizes, the threadgroup's chunk, head and
 # value block.
-_O_PROLOGUE = """  const float tiny = 4.2483542e-18f;  // e^-40
-  const int T = dims[0];
-  const int Hv = dims[1];
-  const int Hk = q_shape[2];
-  const int Dv = Vn_shape[2];
-  const int N = (T + C - 1) / C;
-  const size_t NC = size_t(N) * C;
-
-  const int tid = int(gd_tid);
-  const int w = tid / 32;
-  const int n = int(gd_tg_x);
-  const unsigned head = gd_tg_y;  // b * Hv + hv
+_O_PROLOGUE = _chunk_head("dims[0]", "q_shape[2]", "dims[1]", "Vn_shape[2]") + (
+    """  const int w = tid / 32;
   const int v0 = int(gd_tg_z) * BVO;
-  const unsigned b_idx = head / unsigned(Hv);
-  const unsigned hv = head % unsigned(Hv);
-  const unsigned hk = hv / unsigned(Hv / Hk);
-  const int t0 = n * C;
   const size_t rn = size_t(head) * NC + t0;
   // q, k: [B, T, Hk, Dk]; gates: [B * Hv, N * C, 4]; H: [B * Hv, N, Dv, Dk];
   // Vn: [B * Hv, N * C, Dv]; y: [B, T, Hv, Dv]
 """
+)
 
-# Their common end: Y's tiles staged through threadgroup memory, then written to y in YT, rows
-# t < T and value columns < Dv.
-_O_EPILOGUE = """  for (int u = 0; u < YTW; ++u) {
+
+def _o_epilogue(P: str) -> str:
+    """The output passes' common end: Y += P Vn (P, the decayed q k^T, at `P` in threadgroup
+    memory, row stride PP; Vn's rows staged in vs), Y's tiles staged through threadgroup
+    memory, then written to y in YT, rows t < T and value columns < Dv."""
+    return f"""  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {{
+    const int e = w + NW * u;
+    const int r = e / YC;
+    gd_mma<MP, false, false>(ya[u], {P} + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
+  }}
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {{
     const int e = w + NW * u;
     gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
+  }}
   gd_barrier();
-  for (int e = tid; e < C * BVO; e += NT) {
+  for (int e = tid; e < C * BVO; e += NT) {{
     const int i = e / BVO;
     const int v = e % BVO;
     const int t = t0 + i;
-    if (t < T && v0 + v < Dv) {
+    if (t < T && v0 + v < Dv) {{
       y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
-    }
+    }}
+  }}
+"""
+
+
+# Both output passes read the chunk's gates (gamma, g, valid) from the WY kernel's `gates`.
+_O_GATES = """  for (int i = tid; i < C; i += NT) {
+    gam[i] = gates[(rn + i) * 4];
+    gs[i] = gates[(rn + i) * 4 + 1];
+    ok[i] = gates[(rn + i) * 4 + 2];
   }
 """
+
+# The output passes' Vn rows (registers xv) into threadgroup memory, value rows past Dv as 0.
+_O_STAGE_VN = """  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    vs[(e / BVO) * VP + e % BVO] = v0 + e % BVO < Dv ? xv[it] : 0.0f;
+  }
+"""
+
+# The output passes' accumulators: q k^T's two tiles of tile row tr, and Y's YTW tiles.
+_O_ACCS = """  const int tr = w / 2;
+  gd_acc qk[2];
+  gd_acc ya[YTW];
+  gd_acc_zero(qk[0]);
+  gd_acc_zero(qk[1]);
+  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);
+"""
+
+
+def _y_tiles_mma(q: str, h: str, s: str) -> str:
+    """Y += q H^T over one staged key slice (q at `q`, H's rows at `h`, row stride `s`):
+    warp w's YTW tiles of Y (tile e = w + NW u: row tile e / YC, value tile e % YC)."""
+    return f"""    for (int u = 0; u < YTW; ++u) {{
+      const int e = w + NW * u;
+      gd_mma<MP, false, true>(ya[u], {q} + 16 * (e / YC) * {s}, {s},
+                              {h} + 16 * (e % YC) * {s}, {s}, DS);
+    }}
+"""
+
 
 O2_NAME = "gated_delta_chunk_o2"
 
@@ -1267,43 +1333,25 @@ O2_BODY = (
     gd_copy_commit();                                                                       \
   }
   GD_O2_COPY(0);
-  for (int i = tid; i < C; i += NT) {
-    gam[i] = gates[(rn + i) * 4];
-    gs[i] = gates[(rn + i) * 4 + 1];
-    ok[i] = gates[(rn + i) * 4 + 2];
-  }
+"""
+    + _O_GATES
+    + """\
   // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slice.
-  float xv[C * BVO / NT];
-  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
-    const int e = tid + it * NT;
-    const int v = v0 + e % BVO < Dv ? v0 + e % BVO : Dv - 1;
-    xv[it] = static_cast<float>(Vn[(rn + e / BVO) * Dv + v]);
-  }
-  const int tr = w / 2;
-  gd_acc qk[2];
-  gd_acc ya[YTW];
-  gd_acc_zero(qk[0]);
-  gd_acc_zero(qk[1]);
-  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);
-  for (int s = 0; s < NS; ++s) {
+"""
+    + _rows_to_registers("xv", "Vn", "BVO")
+    + """"""
+    + _O_ACCS
+    + """  for (int s = 0; s < NS; ++s) {
     gd_copy_wait<0>();
     gd_barrier();  // slice s staged; slice s - 1's stage free
     GD_O2_COPY(s + 1);
     GD_TG_PTR gd_staged<YT>* qs = ring + (s % 2) * STG;
     GD_TG_PTR gd_staged<YT>* ks = qs + C * SQ;
     GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;
-    for (int c = 0; c < 2; ++c) {
-      const int tc = 2 * (w % 2) + c;
-      if (tc <= tr) {
-        gd_mma<MP, false, true>(qk[c], qs + 16 * tr * SQ, SQ, ks + 16 * tc * SQ, SQ, DS);
-      }
-    }
-    for (int u = 0; u < YTW; ++u) {
-      const int e = w + NW * u;
-      gd_mma<MP, false, true>(ya[u], qs + 16 * (e / YC) * SQ, SQ, hs + 16 * (e % YC) * SQ, SQ, DS);
-    }
-  }
+"""
+    + _lower_tiles_mma("qk", "qs", "ks", "SQ")
+    + _y_tiles_mma("qs", "hs", "SQ")
+    + """  }
 #undef GD_O2_COPY
   gd_barrier();  // every warp past the ring
   GD_TG_PTR float* X = sm;
@@ -1311,12 +1359,9 @@ O2_BODY = (
     const int e = w + NW * u;
     gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }
-  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
-    const int e = tid + it * NT;
-    vs[(e / BVO) * VP + e % BVO] = v0 + e % BVO < Dv ? xv[it] : 0.0f;
-  }
-  gd_barrier();
+"""
+    + _O_STAGE_VN
+    + """  gd_barrier();
   #pragma unroll
   for (int it = 0; it < C * BVO / NT; ++it) {
     const int e = tid + it * NT;
@@ -1329,27 +1374,10 @@ O2_BODY = (
     gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }
   gd_barrier();  // X free for P
-  for (int c = 0; c < 2; ++c) {
-    const int tc = 2 * (w % 2) + c;
-    if (tc <= tr) gd_acc_store(qk[c], X + 16 * tr * PP + 16 * tc, PP);
-  }
-  gd_barrier();
-  for (int e = tid; e < C * C; e += NT) {
-    const int i = e / C;
-    const int j = e % C;
-    GD_DECAY(dij, i, j);
-    const bool take = j <= i && ok[i] != 0.0f && ok[j] != 0.0f;
-    X[i * PP + j] = take ? dij * X[i * PP + j] : 0.0f;
-  }
-  gd_barrier();
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    const int r = e / YC;
-    gd_mma<MP, false, false>(ya[u], X + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
-  }
-  gd_barrier();
 """
-    + _O_EPILOGUE
+    + _decayed_lower_tiles("qk", "X", "PP", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij")
+    + """"""
+    + _o_epilogue("X")
 )
 
 # O_BODY: the output pass, one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value
@@ -1384,18 +1412,11 @@ O_BODY = (
   GD_TG_PTR float* gqs = sm + C * SP;
   GD_TG_PTR float* ks = sm + 2 * C * SP;
   GD_TG_PTR float* hs = sm + 3 * C * SP;
-  for (int i = tid; i < C; i += NT) {
-    gam[i] = gates[(rn + i) * 4];
-    gs[i] = gates[(rn + i) * 4 + 1];
-    ok[i] = gates[(rn + i) * 4 + 2];
-  }
-  const int tr = w / 2;
-  gd_acc qk[2];
-  gd_acc ya[YTW];
-  gd_acc_zero(qk[0]);
-  gd_acc_zero(qk[1]);
-  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);
-  const size_t hrow = (size_t(head) * N + n) * Dv;
+"""
+    + _O_GATES
+    + """"""
+    + _O_ACCS
+    + """  const size_t hrow = (size_t(head) * N + n) * Dv;
   // Staging: a slice's loads first (unconditional, rows clamped; selected by the valid flag
   // when stored), so they are in flight together, not one memory round trip per element.
   constexpr int PQ = C * DS / NT;
@@ -1421,14 +1442,9 @@ O_BODY = (
   }
   GD_O_LOAD(0);
   // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slice.
-  float xv[C * BVO / NT];
-  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
-    const int e = tid + it * NT;
-    const int v = v0 + e % BVO < Dv ? v0 + e % BVO : Dv - 1;
-    xv[it] = static_cast<float>(Vn[(rn + e / BVO) * Dv + v]);
-  }
-  for (int d0 = 0; d0 < Dk; d0 += DS) {
+"""
+    + _rows_to_registers("xv", "Vn", "BVO")
+    + """  for (int d0 = 0; d0 < Dk; d0 += DS) {
     gd_barrier();
     #pragma unroll
     for (int it = 0; it < PQ; ++it) {
@@ -1448,46 +1464,15 @@ O_BODY = (
     }
     if (d0 + DS < Dk) GD_O_LOAD(d0 + DS);
     gd_barrier();
-    for (int c = 0; c < 2; ++c) {
-      const int tc = 2 * (w % 2) + c;
-      if (tc <= tr) {
-        gd_mma<MP, false, true>(qk[c], qs + 16 * tr * SP, SP, ks + 16 * tc * SP, SP, DS);
-      }
-    }
-    for (int u = 0; u < YTW; ++u) {
-      const int e = w + NW * u;
-      gd_mma<MP, false, true>(ya[u], gqs + 16 * (e / YC) * SP, SP, hs + 16 * (e % YC) * SP, SP, DS);
-    }
-  }
+"""
+    + _lower_tiles_mma("qk", "qs", "ks", "SP")
+    + _y_tiles_mma("gqs", "hs", "SP")
+    + """  }
 #undef GD_O_LOAD
   gd_barrier();
   GD_TG_PTR float* Pm = sm;
   GD_TG_PTR float* vs = sm + C * PP;
-  for (int c = 0; c < 2; ++c) {
-    const int tc = 2 * (w % 2) + c;
-    if (tc <= tr) gd_acc_store(qk[c], Pm + 16 * tr * PP + 16 * tc, PP);
-  }
-  {
-    #pragma unroll
-    for (int it = 0; it < C * BVO / NT; ++it) {
-      const int e = tid + it * NT;
-      vs[(e / BVO) * VP + e % BVO] = v0 + e % BVO < Dv ? xv[it] : 0.0f;
-    }
-  }
-  gd_barrier();
-  for (int e = tid; e < C * C; e += NT) {
-    const int i = e / C;
-    const int j = e % C;
-    GD_DECAY(dij, i, j);
-    Pm[i * PP + j] = j <= i ? dij * Pm[i * PP + j] : 0.0f;
-  }
-  gd_barrier();
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    const int r = e / YC;
-    gd_mma<MP, false, false>(ya[u], Pm + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
-  }
-  gd_barrier();
 """
-    + _O_EPILOGUE
+    + _decayed_lower_tiles("qk", "Pm", "PP", "j <= i", "dij", staged=_O_STAGE_VN)
+    + _o_epilogue("Pm")
 )

@@ -332,12 +332,5 @@ class CachedCudaKernel:
 
 def cuda_kernel(*, name, input_names, output_names, source, header=""):
     """`mx.fast.cuda_kernel`'s factory with the disk cache (or MLX's own, when switched off)."""
-    if not enabled():
-        return mx.fast.cuda_kernel(
-            name=name,
-            input_names=input_names,
-            output_names=output_names,
-            source=source,
-            header=header,
-        )
-    return CachedCudaKernel(name, input_names, output_names, source, header)
+    kernel = CachedCudaKernel(name, input_names, output_names, source, header)
+    return kernel if enabled() else kernel.fallback()

@@ -79,6 +79,8 @@ flash-linear-attention `fla/ops/gated_delta_rule/fused_recurrent.py`.
 
 from __future__ import annotations
 
+import inspect
+
 GATES = ("scalar", "per_key", "fused")
 OUTPUT_NAMES = ["y", "state_out"]
 CONV_OUTPUT_NAMES = ["y", "state_out", "conv_state_out"]
@@ -617,16 +619,18 @@ BODY = (
 )
 
 
-def variant_defines(
-    gate: str,
-    mask: bool,
-    decode: bool = False,
-    conv: bool = False,
-    norm: bool = False,
-    tokens: int = 1,
-    packed: bool = False,
-) -> str:
-    """The compile-time switches of one variant, as preprocessor lines (see the docstring)."""
+def _variant(*args, **kw) -> tuple[str, bool, bool, bool, bool, int, bool]:
+    """`kernel_name`'s arguments with its defaults filled in: (gate, mask, decode, conv, norm,
+    tokens, packed)."""
+    bound = inspect.signature(kernel_name).bind(*args, **kw)
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
+def variant_defines(*variant, **kw) -> str:
+    """The compile-time switches of one variant (`kernel_name`'s arguments), as preprocessor
+    lines (see the docstring)."""
+    gate, mask, decode, conv, norm, tokens, packed = _variant(*variant, **kw)
     input_names(gate, mask)  # validates gate
     name = kernel_name(gate, mask, decode, conv, norm, tokens, packed)  # validates the rest
     return (
@@ -639,14 +643,7 @@ def variant_defines(
     )
 
 
-def kernel_body(
-    gate: str,
-    mask: bool,
-    decode: bool = False,
-    conv: bool = False,
-    norm: bool = False,
-    tokens: int = 1,
-    packed: bool = False,
-) -> str:
-    """The kernel body of one structural variant: its switches, then the one template."""
-    return variant_defines(gate, mask, decode, conv, norm, tokens, packed) + BODY
+def kernel_body(*variant, **kw) -> str:
+    """The kernel body of one structural variant (`kernel_name`'s arguments): its switches,
+    then the one template."""
+    return variant_defines(*variant, **kw) + BODY
