@@ -320,8 +320,8 @@ def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
     calls = []
-    orig = layers.rows_matmul
-    monkeypatch.setattr(layers, "rows_matmul", lambda x, w: calls.append(x.shape) or orig(x, w))
+    orig = layers._rows_product
+    monkeypatch.setattr(layers, "_rows_product", lambda *a: calls.append(a[-1].shape) or orig(*a))
     model = _model("dense")  # fresh: its compiled steps trace with the setting above
     want = _tokens(model, tok, mtp=False)
     assert not calls  # one-token steps keep MLX's own gemv
