@@ -464,12 +464,22 @@ class _TokenStates:
         if self.final is None:
             return tuple(self.states[i])
         state_tok, conv_tok = self.states
-        return self.final if i == state_tok.shape[0] else (conv_tok[i], state_tok[i])
+        if i == state_tok.shape[0]:
+            return self.final
+        return _entry(conv_tok, i), _entry(state_tok, i)
 
     def head(self, keep: int) -> _TokenStates:
         if self.final is None:
             return _TokenStates(self.states[:keep])
         return _TokenStates([self.at(i) for i in range(keep)])
+
+
+def _entry(x: mx.array, i: int) -> mx.array:
+    """x[i] as views (a Reshape, and a Slice when x has more than one entry): `x[i]` is a
+    Gather, a kernel copying the state, and each primitive costs the next step host time."""
+    if x.shape[0] > 1:
+        x = x[i : i + 1]
+    return x.reshape(x.shape[1:])
 
 
 def _head(inputs: tuple | _TokenStates, keep: int) -> tuple | _TokenStates:
