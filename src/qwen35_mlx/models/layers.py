@@ -871,7 +871,7 @@ class Attention(nn.Module):
         k, v = cache.update_and_fetch(k, v)
         # The gate: offset D of each head of the unsplit [B, Hq, 1, 2D] projection.
         q_gate = q_gate if gate is not None else None
-        o = decode_attention(q, k, v, cache, self.scale, mask, q_gate, D)
+        o = decode_attention(q, k, v, cache, self.scale, cache.kernel_mask(mask, 1), q_gate, D)
         if o is not None:
             return project_add(self, "o_proj", o.reshape(B, self.num_heads * D), residual)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -902,9 +902,8 @@ class Attention(nn.Module):
         q, k = self._rotate(q, k, cache, rope)
         k, v = cache.update_and_fetch(k, v)
         if T <= DECODE_MAX_T:
-            o = decode_attention(
-                q, k, v, cache, self.scale, mask, q_gate if self.output_gate else None, D
-            )
+            g = q_gate if self.output_gate else None
+            o = decode_attention(q, k, v, cache, self.scale, cache.kernel_mask(mask, T), g, D)
             if o is not None:
                 K = self.num_heads * D
                 y = project_columns(self, ("o_proj",), o.reshape(B * T, K, 1))

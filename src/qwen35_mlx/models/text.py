@@ -195,7 +195,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 C = keys.shape[2]
                 if C not in masks:
                     masks[C] = static_mask(C, idx, left_padding)
-                c = StaticKV(keys, values, idx, offset)
+                c = StaticKV(keys, values, idx, offset, left_padding is not None)
                 h, d = layer.step(h, d, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
         return add_norm(self.norm, h, d)[1], new_kv, new_lin
@@ -229,7 +229,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 C = keys.shape[2]
                 if C not in masks:
                     masks[C] = static_causal_mask(C, idx, T, left_padding)
-                c = StaticKV(keys, values, idx, offset)
+                c = StaticKV(keys, values, idx, offset, left_padding is not None)
                 h, d, _ = layer.steps(h, d, T, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
         return add_norm(self.norm, h, d)[1], new_kv, new_lin, records
@@ -598,7 +598,7 @@ class TextModel(nn.Module):
         rope = None
         if positions is not None:
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(positions)
-        c = StaticKV(keys, values, idx, offset)
+        c = StaticKV(keys, values, idx, offset, left_padding is not None)
         B, H = tokens.shape[0], hidden.shape[-1]
         # Rows [B*T, H] through the layer's `steps`, as the verify pass runs the main model.
         emb = self.model.embed_tokens(tokens.reshape(-1))
