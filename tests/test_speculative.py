@@ -310,6 +310,40 @@ def test_rows_gemv_is_off_on_the_cpu_and_for_one_row(monkeypatch):
         assert not layers._rows_gemv(mx.zeros((3, 64)), mx.zeros((1 << 20, 64)).T)
 
 
+def _verify_and_steps(model, toks):
+    """Logits of one verify pass of `toks` after PROMPT, and of one-token steps over them."""
+    cache = model.make_cache()
+    model(mx.array([PROMPT]), cache=cache)
+    multi = model(mx.array([toks]), cache=cache, return_hidden=True)[0]
+    cache = model.make_cache()
+    model(mx.array([PROMPT]), cache=cache)
+    singles = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in toks], axis=1)
+    return np.array(multi), np.array(singles)
+
+
+def test_verify_rows_weights_follow_new_weights(monkeypatch):
+    """The verify pass's row-wise projections read broadcast matrices made outside the step
+    (`layers.rows_weights`, passed in as inputs): after new weights are loaded they are made
+    again, so the pass still equals the one-token steps (stale matrices would give the old
+    weights' logits). A new trace is not needed for that (the shapes did not change)."""
+    from mlx.utils import tree_flatten
+
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    model = _model("dense")
+    toks = [7, 42, 99]
+    multi, singles = _verify_and_steps(model, toks)
+    np.testing.assert_allclose(multi, singles, atol=1e-5, rtol=1e-5)
+    before = multi
+    new = [(k, v * 1.5) for k, v in tree_flatten(model.parameters()) if k.endswith("proj.weight")]
+    model.load_weights(new, strict=False)
+    multi, singles = _verify_and_steps(model, toks)
+    np.testing.assert_allclose(multi, singles, atol=1e-5, rtol=1e-5)
+    assert np.abs(multi - before).max() > 1e-2  # the new weights changed the logits
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch, k):
     """The verify pass with every projection as one matrix-vector product a row (`ROWS_GEMV`,
