@@ -371,3 +371,44 @@ def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch
     model(mx.array([PROMPT]), cache=cache)
     singles = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in toks], axis=1)
     np.testing.assert_allclose(np.array(multi), np.array(singles), atol=1e-5, rtol=1e-5)
+
+
+def _verify_primitives(model, T: int = 3):
+    """Primitives by kind of one compiled verify pass of T tokens over a filled cache."""
+    import collections
+    import io
+    import re
+
+    cache = model.make_cache()
+    mx.eval(model(mx.array([PROMPT]), cache=cache), [c.state for c in cache])
+    logits = model(mx.array([PROMPT[:T]]), cache=cache)
+    outs = [logits]
+    for c in cache:
+        outs += [c.keys, c.values] if hasattr(c, "keys") else c.cache
+    buf = io.StringIO()
+    mx.export_to_dot(buf, *outs)
+    labels = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', buf.getvalue())
+    return collections.Counter("Compiled" if x.startswith("Compiled") else x for x in labels)
+
+
+def test_verify_rows_as_gemv_add_only_reshapes(monkeypatch):
+    """The row-wise projections of the compiled verify pass (`ROWS_GEMV`, CUDA's form) cost the
+    graph no view of a weight (its broadcast matrices are inputs: `layers.rows_weights`) and
+    at most two Reshapes a projection group (rows in as columns, out as rows; the MLP's chain
+    and the attention's o_proj fewer): every primitive costs host time per call on a GPU."""
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    counts = {}
+    for rows in (False, True):
+        monkeypatch.setattr(layers, "ROWS_GEMV", rows)
+        counts[rows] = _verify_primitives(_model("dense"))  # fresh: traced with the setting
+    off, on = counts[False], counts[True]
+    assert on["Matmul"] == off["Matmul"]
+    model = _model("dense")
+    groups = sum(len(layer.decode_groups()) for layer in model.model.layers) - len(
+        [1 for layer in model.model.layers if layer.is_linear]  # (conv1d: not a matmul)
+    )
+    extra = on - off
+    assert set(extra) <= {"Reshape"}, dict(extra)  # no Transpose / Broadcast of a weight
+    assert extra["Reshape"] <= 2 * groups, (dict(extra), groups)
