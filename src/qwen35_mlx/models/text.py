@@ -48,6 +48,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_la
 from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
+from . import layers as layers_lib
 from .cache import BatchKVCache, KVCache, StaticKV, static_causal_mask, static_mask
 from .config import TextConfig
 from .layers import (
@@ -493,11 +494,13 @@ class TextModel(nn.Module):
         """The broadcast matrices of the projections a compiled step over `rows` rows runs
         row-wise (`layers.rows_weights`; none on the CPU), passed into the multi-token steps
         (as inputs: when the weights change, so do they). Made after `_prepare_decode`, and
-        again whenever it (or a trace) renewed the decode projections' record."""
+        again whenever it (or a trace) renewed the decode projections' record, or the rule
+        that picks the row-wise projections (`layers.ROWS_GEMV`, the device) changed."""
+        rule = (layers_lib.ROWS_GEMV, mx.default_device())
         got = self._rows_cache.get(rows)
-        if got is None or got[0] is not self._decode_checks:
+        if got is None or got[0] is not self._decode_checks or got[3] != rule:
             keys, mats = rows_weights(self._decode_groups(), rows)
-            got = self._rows_cache[rows] = (self._decode_checks, keys, mats)
+            got = self._rows_cache[rows] = (self._decode_checks, keys, mats, rule)
         return got[2]
 
     def logits(self, h: mx.array, step: bool = False) -> mx.array:
