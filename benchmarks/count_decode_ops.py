@@ -614,6 +614,12 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--by-kind", action="store_true", help="print every kind's count")
     p.add_argument(
+        "--rows-views",
+        action="store_true",
+        help="the verify pass's row-wise products with their views made in the step "
+        "(layers.ROWS_PREBUILT False: as before session 8)",
+    )
+    p.add_argument(
         "--parts",
         action="store_true",
         help="the compiled step and the verify step of --tokens (default 2) by part: linear "
@@ -637,6 +643,10 @@ def main(argv=None) -> dict:
         help="per-class host costs from a probe_host_cost.py JSON (default: COSTS_US)",
     )
     a = p.parse_args(argv)
+    if a.rows_views:
+        import qwen35_mlx.models.layers as layers
+
+        layers.ROWS_PREBUILT = False
     if a.cpu:
         mx.set_default_device(mx.cpu)
     dtype = getattr(mx, a.dtype)

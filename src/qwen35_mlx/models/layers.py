@@ -234,7 +234,7 @@ def project_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx
     down) then reshapes only at its ends. None where the row-wise form does not apply (one row,
     a quantized or unfused group, `ROWS_GEMV` off): then `project`. For the compiled steps."""
     made = getattr(owner, _key(names) + "_made", None)
-    if made is None or not made.fused or made.quant is not None:
+    if made is None or not made.fused or made.quant is not None or not ROWS_PREBUILT:
         return None
     w = owner[_key(names)]
     R, K = x.shape[0], w.shape[0]
@@ -322,6 +322,9 @@ def rows_matmul(x: mx.array, w: mx.array, owner=None, names=None) -> mx.array:
 # in the model's tree: the one-token step, which takes the whole tree as inputs at every call,
 # would flatten them too.
 _ROWS_WEIGHTS: dict | None = None
+# False: the row-wise form as it was first written (each product's Transpose, Broadcast and
+# Reshapes made in the step, no column chains): benchmarks' A/B (probe_verify.py) only.
+ROWS_PREBUILT = True
 
 
 def rows_weights(groups: list, rows: int) -> tuple[list, list]:
@@ -330,7 +333,7 @@ def rows_weights(groups: list, rows: int) -> tuple[list, list]:
     matrix W [N, K] broadcast to [rows, N, K] (an evaluated view). Pass the matrices into the
     step and trace it inside `using_rows_weights(keys, matrices)`."""
     keys, mats = [], []
-    for owner, names in groups:
+    for owner, names in groups if ROWS_PREBUILT else ():
         made = getattr(owner, _key(names) + "_made", None)
         if made is None or not made.fused or made.quant is not None:
             continue
