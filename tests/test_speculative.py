@@ -412,3 +412,25 @@ def test_verify_rows_as_gemv_add_only_reshapes(monkeypatch):
     extra = on - off
     assert set(extra) <= {"Reshape"}, dict(extra)  # no Transpose / Broadcast of a weight
     assert extra["Reshape"] <= 2 * groups, (dict(extra), groups)
+
+
+def test_decode_batch_rows_as_gemv_equals_plain(monkeypatch):
+    """A batch of a few rows decoding one token each takes the row-wise projections too (as on
+    CUDA), with their broadcast matrices passed into the compiled step (`layers.rows_weights`):
+    the same tokens and logits as the plain path."""
+    from qwen35_mlx.models import layers
+    from tests.test_fast_decode import TOKENS, greedy
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    seen = []
+    orig = layers._rows_product
+    monkeypatch.setattr(layers, "_rows_product", lambda *a: seen.append(a[-1].shape) or orig(*a))
+    model = _model("dense")
+    prompts = [[0, 0] + TOKENS[:4], TOKENS[4:10], [0] + TOKENS[10:15]]
+    t_plain, l_plain = greedy(model, prompts, 6, False, [2, 0, 1])
+    t_comp, l_comp = greedy(model, prompts, 6, True, [2, 0, 1])
+    np.testing.assert_array_equal(t_comp, t_plain)
+    np.testing.assert_allclose(l_comp, l_plain, atol=2e-5, rtol=1e-4)
+    assert (3, model.config.hidden_size, 1) in seen  # the batch's rows took the row-wise form
+    assert model._rows_cache[3][2]  # ... with matrices passed in

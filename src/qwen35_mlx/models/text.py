@@ -259,19 +259,25 @@ class TextModel(nn.Module):
         self._mtp_step = mx.compile(self._mtp_impl, inputs=self)
         self._round_step = mx.compile(self._round_impl, inputs=self)
 
-    def _decode_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
+    def _decode_impl(
+        self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions, rows_w=()
+    ):
         """The compiled step. A batch's bookkeeping is in it too: the linear layers' mask from
         lin_padding (ArraysCache.make_mask(1)) and the advanced per-row offset and left padding,
-        returned once per cache (as distinct arrays: mlx-lm updates them in place)."""
+        returned once per cache (as distinct arrays: mlx-lm updates them in place). rows_w: as
+        in `_verify_impl` (a batch of a few rows on CUDA; none at batch 1)."""
         self._traced = True  # runs only while mx.compile traces
         # ArraysCache.make_mask(1) ([B, 1]: 0 >= left padding), as [B]
         ssm_mask = None if lin_padding is None else lin_padding <= 0
-        h, kv, lin = self.model.decode(
-            tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
-        )
+        keys = self._rows_cache[tokens.size][1] if rows_w else []
+        with using_rows_weights(keys, rows_w):
+            h, kv, lin = self.model.decode(
+                tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
+            )
+            logits = self.logits(h, step=True)[:, None]
         offsets = [offset + 1] * len(kv) if left_padding is not None else []
         paddings = [lin_padding - 1] * len(lin) if lin_padding is not None else []
-        return self.logits(h, step=True)[:, None], kv, lin, offsets, paddings
+        return logits, kv, lin, offsets, paddings
 
     def _static_caches(self, cache: list, T: int) -> tuple | None:
         """For a compiled step of T tokens a row over `cache`: (attention caches, linear caches,
@@ -312,7 +318,7 @@ class TextModel(nn.Module):
             return None
         kv_caches, lin_caches = got[:2]
         logits, kv, lin, offsets, paddings = self._decode_step(
-            *_step_args(got, inputs, position_ids)
+            *_step_args(got, inputs, position_ids), self._rows(inputs.size)
         )
         if self._traced:
             self._traced = False
