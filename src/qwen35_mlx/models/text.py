@@ -317,8 +317,9 @@ class TextModel(nn.Module):
         if got is None:
             return None
         kv_caches, lin_caches = got[:2]
+        rows_w = self._rows(inputs.size) if inputs.size > 1 else ()  # (batch 1: never row-wise)
         logits, kv, lin, offsets, paddings = self._decode_step(
-            *_step_args(got, inputs, position_ids), self._rows(inputs.size)
+            *_step_args(got, inputs, position_ids), rows_w
         )
         if self._traced:
             self._traced = False
