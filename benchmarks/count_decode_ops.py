@@ -205,12 +205,15 @@ class GpuStandIns:
     unary op of a kind no decode step has). mlx-lm's gated delta runs ops on CUDA (its kernel is
     Metal only) and is left alone. Counts the calls by name."""
 
-    def __init__(self, target: str = "cuda", stand_in: bool = True):
+    def __init__(self, target: str = "cuda", stand_in: bool = True, vocab: int | None = None):
         self.calls = collections.Counter()
         self._saved = []
         self.target = target
         self.stand_in = stand_in  # False: only count the attention calls MLX runs as fallbacks
         self.fallbacks = 0
+        # The lm_head's decode weight has the vocabulary as a dimension (`_rows_gemv` below).
+        self.vocab = vocab
+        self.gemms = 0  # projections of 2+ rows left to cuBLAS (a GEMM: `host_cost`)
 
     def _stand_in(self, name, outs, deps):
         deps = [d for d in deps if isinstance(d, mx.array)]
@@ -323,6 +326,24 @@ class GpuStandIns:
             use = on == "on" or (on == "auto" and self.target == "cuda")
             return AttentionKernel() if use and attention_launch.shape_supported(q, k, v) else None
 
+        def rows_take(rows, w):
+            # A few rows (a verify pass) as one gemv a row (`layers.ROWS_GEMV` "auto") on CUDA:
+            # the 0.8B rule at these narrow widths, every dense projection but the lm_head
+            # ((R - 1) x its 508 MB is over ROWS_GEMV_MAX_BYTES); the others are cuBLAS GEMMs.
+            if rows < 2 or w.ndim != 2:
+                return False
+            if layers.ROWS_GEMV != "auto":
+                return bool(layers.ROWS_GEMV)
+            take = self.target == "cuda" and rows <= layers.ROWS_GEMV_MAX_ROWS
+            return take and self.vocab not in w.shape
+
+        def rows_gemv(x, w):
+            # (a matmul of the step: the ones of 2+ rows not taken row-wise are counted)
+            rows = x.size // x.shape[-1] if x.ndim else 0
+            take = rows_take(rows, w)
+            self.gemms += rows > 1 and not take
+            return take
+
         real = {"sdpa": fast.scaled_dot_product_attention, "gdd": layers.gated_delta_decode}
         real["gdp"] = getattr(layers, "gated_delta_decode_packed", None)
         if not self.stand_in:
@@ -348,6 +369,9 @@ class GpuStandIns:
             (layers, "_cpu_needs_fp32", lambda experts: False),
             # Residual adds folded into AddMM as on the target (layers.FOLD_RESIDUAL "auto").
             (layers, "_fold_auto", lambda rows: rows > 1 or self.target != "cuda"),
+            # A verify pass's projections as the target runs them (ROWS_GEMV "auto").
+            (layers, "_rows_gemv", rows_gemv),
+            (layers, "_rows_take", rows_take),
             # The fused add + RMSNorm and swiglu kernels run on both targets.
             (fused_norm, "kernel_available", lambda x: True),
             (fused_norm, "add_rms_norm", add_rms_norm),
@@ -400,11 +424,94 @@ def count_all(
             kinds = count_step(model, batch, offset, dtype, tokens)
         kinds[FALLBACKS] = s.fallbacks
         return +kinds
-    with GpuStandIns(target) as s:
+    with GpuStandIns(target, vocab=vocab) as s:
         kinds = count_step(model, batch, offset, dtype, tokens)
     kinds = relabel(kinds, s.calls)
     kinds[FALLBACKS] = s.fallbacks
+    kinds[GEMMS] = s.gemms
     return +kinds
+
+
+def _mlp_as_identity():
+    """A context in which the MLP / MoE blocks of the compiled steps compute nothing (their
+    input, plus the residual where they would add it): the count without them."""
+    import contextlib
+
+    import qwen35_mlx.models.layers as layers
+
+    def identity(self, x, residual=None):
+        return x if residual is None else residual + x
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = [(c, c.step) for c in (layers.MLP, layers.SparseMoeBlock)]
+        try:
+            for c, _ in saved:
+                c.step = identity
+            yield
+        finally:
+            for c, f in saved:
+                c.step = f
+
+    return ctx()
+
+
+def count_parts(shape: dict, tokens: int = 1, **kw) -> dict:
+    """Primitives of the compiled step (one token, or the verify step of `tokens`) by part:
+    "linear layer" (the gated-delta mixer, its norms and residual adds), "attention layer" (the
+    same for full attention), "MLP / MoE" (a layer's), "embedding, head, fixed" (the rest:
+    embedding, the attention mask all layers share, final norm, lm_head, the step's inputs).
+    Counted by differences of small stacks of the shape's layer kinds: [linear], [linear,
+    linear], [linear, attention], [linear, attention, attention], the first two also without
+    the MLP blocks."""
+    def n(types: list[str], mlp: bool = True) -> collections.Counter:
+        s = dict(shape, num_hidden_layers=len(types), layer_types=types)
+        s.pop("full_attention_interval", None)
+        if mlp:
+            return count_all(s, "compiled", tokens=tokens, **kw)
+        with _mlp_as_identity():
+            return count_all(s, "compiled", tokens=tokens, **kw)
+
+    lin, full = "linear_attention", "full_attention"
+    one, two, mixed, mixed2 = n([lin]), n([lin, lin]), n([lin, full]), n([lin, full, full])
+    one_bare, two_bare = n([lin], False), n([lin, lin], False)
+    layer_lin = two - one
+    mlp = layer_lin - (two_bare - one_bare)
+    layer_attn = mixed2 - mixed
+    parts = {
+        "linear layer": layer_lin - mlp,
+        "attention layer": layer_attn - mlp,
+        "MLP / MoE": mlp,
+        "embedding, head, fixed": mixed - layer_lin - layer_attn,
+    }
+    return {k: +collections.Counter({x: y for x, y in v.items() if x not in _PSEUDO})
+            for k, v in parts.items()}  # fmt: skip
+
+
+def parts_lines(shape: dict, by_tokens: dict) -> list[str]:
+    """A table of `count_parts` results ({label: parts}), per part and for the whole stack."""
+    types = shape.get("layer_types") or TextConfig(**dict(shape, vocab_size=8)).layer_types
+    n_lin = sum(t == "linear_attention" for t in types)
+    times = {"linear layer": n_lin, "attention layer": len(types) - n_lin}
+    times.update({"MLP / MoE": len(types), "embedding, head, fixed": 1})
+    lines = ["  " + f"{'part (x count)':<28}" + "".join(f"{w:>12}" for w in by_tokens)]
+    totals = collections.Counter()
+    for part, k in times.items():
+        cells = []
+        for label, parts in by_tokens.items():
+            c = sum(parts[part].values())
+            totals[label] += c * k
+            cells.append(f"{c:>5} x{k:<2} ")
+        lines.append("  " + f"{part:<28}" + "".join(f"{x:>12}" for x in cells))
+    lines.append("  " + f"{'total':<28}" + "".join(f"{totals[w]:>12}" for w in by_tokens))
+    for part in times:
+        kinds = set().union(*(p[part] for p in by_tokens.values()))
+        diff = {x: [p[part].get(x, 0) for p in by_tokens.values()] for x in sorted(kinds)}
+        diff = {x: v for x, v in diff.items() if len(set(v)) > 1}
+        if diff:
+            lines.append(f"    {part}, kinds that differ: " + ", ".join(
+                f"{x} {'/'.join(map(str, v))}" for x, v in diff.items()))  # fmt: skip
+    return lines
 
 
 # --- Host cost model: primitives by kind x MLX's host time per primitive of that class ---
@@ -425,6 +532,8 @@ def count_all(
 #                scores @ values at batch 1 (its values are not transposed).
 # `probe_host_cost.py` measures every class (`--costs` reads its JSON).
 FALLBACKS = "(attention fallbacks)"
+GEMMS = "(cuBLAS matmuls of 2+ rows)"  # at batch 1, a verify pass's matmuls not taken row-wise
+_PSEUDO = (FALLBACKS, GEMMS)  # counts about primitives, not primitives
 COSTS_US = {"view": 1.5, "kernel": 2.6, "copy": 6.8, "gemv": 2.6, "gemm": 10.0}
 _VIEWS = {
     "Reshape", "Slice", "Squeeze", "ExpandDims", "Transpose", "Broadcast", "Split",
@@ -452,10 +561,10 @@ def host_cost(kinds: dict, batch: int, costs: dict | None = None) -> dict:
     costs = dict(COSTS_US, **(costs or {}))
     out = collections.defaultdict(int)
     for kind, n in kinds.items():
-        if kind != FALLBACKS:
+        if kind not in _PSEUDO:
             out[cost_class(kind, batch)] += n
     if batch == 1:
-        moved = min(kinds.get(FALLBACKS, 0), out["gemv"])
+        moved = min(kinds.get(FALLBACKS, 0) + kinds.get(GEMMS, 0), out["gemv"])
         out["gemv"] -= moved
         out["gemm"] += moved
     table = {c: (n, n * costs[c]) for c, n in out.items() if n}
@@ -504,6 +613,18 @@ def main(argv=None) -> dict:
         "--tokens", type=int, default=1, help="tokens a row: > 1 counts the verify step (MTP)"
     )
     p.add_argument("--by-kind", action="store_true", help="print every kind's count")
+    p.add_argument(
+        "--rows-views",
+        action="store_true",
+        help="the verify pass's row-wise products with their views made in the step "
+        "(layers.ROWS_PREBUILT False: as before session 8)",
+    )
+    p.add_argument(
+        "--parts",
+        action="store_true",
+        help="the compiled step and the verify step of --tokens (default 2) by part: linear "
+        "layer, attention layer, MLP / MoE, embedding and head",
+    )
     p.add_argument("--full-width", action="store_true", help="the real widths (see _NARROW)")
     p.add_argument("--cpu", action="store_true", help="count on the CPU (default: default device)")
     p.add_argument(
@@ -522,6 +643,10 @@ def main(argv=None) -> dict:
         help="per-class host costs from a probe_host_cost.py JSON (default: COSTS_US)",
     )
     a = p.parse_args(argv)
+    if a.rows_views:
+        import qwen35_mlx.models.layers as layers
+
+        layers.ROWS_PREBUILT = False
     if a.cpu:
         mx.set_default_device(mx.cpu)
     dtype = getattr(mx, a.dtype)
@@ -529,6 +654,18 @@ def main(argv=None) -> dict:
     how = "device graph" if not on_cpu else ("CPU graph" if a.raw else f"{a.target} estimate")
     costs = load_costs(a.costs) if a.costs else None
     result = {}
+    if a.parts:
+        T = a.tokens if a.tokens > 1 else 2
+        for name in a.shapes.split(","):
+            shape = SHAPES[name] if a.full_width else narrow(SHAPES[name])
+            kw = dict(batch=a.batch, offset=a.offset, dtype=dtype, vocab=a.vocab)
+            kw.update(stand_ins=on_cpu and not a.raw, target=a.target)
+            by = {"step": count_parts(shape, 1, **kw), f"verify T={T}": count_parts(shape, T, **kw)}
+            print(f"{name} (batch {a.batch}, {a.dtype}, {how}), primitives by part:")
+            for line in parts_lines(shape, by):
+                print(line)
+            result[name] = {w: {k: dict(v) for k, v in p.items()} for w, p in by.items()}
+        return result
     for name in a.shapes.split(","):
         shape = SHAPES[name] if a.full_width else narrow(SHAPES[name])
         counts = {}
@@ -545,7 +682,7 @@ def main(argv=None) -> dict:
         step = f"{a.tokens} tokens a row, " if a.tokens > 1 else ""
         print(f"{name} (layers {n_layers}, batch {a.batch}, {step}{a.dtype}, {how}):", flush=True)
         for which, k in counts.items():
-            n = sum(v for kind, v in k.items() if kind != FALLBACKS)
+            n = sum(v for kind, v in k.items() if kind not in _PSEUDO)
             print(f"  {which:>9}: {n:5d} primitives")
         print("  estimated host time a token (primitives x cost per class):")
         for line in cost_lines(counts, a.batch, costs):

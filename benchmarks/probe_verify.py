@@ -211,7 +211,12 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", default="2,3,4", help="verify token counts")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default="auto", help="layers.ROWS_GEMV: off,auto,all")
+    p.add_argument(
+        "--variants",
+        default="auto",
+        help="layers.ROWS_GEMV: off,auto,all; auto-views: auto with each row-wise product's "
+        "views made in the step (layers.ROWS_PREBUILT False: the form before session 8)",
+    )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = p.parse_args(argv)
@@ -223,7 +228,8 @@ def main(argv=None) -> dict:
 
     result["calls"] = {}
     for variant in args.variants.split(","):
-        set_variant(model, variant)
+        layers_lib.ROWS_PREBUILT = variant != "auto-views"
+        set_variant(model, "auto" if variant == "auto-views" else variant)
         calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip

@@ -106,3 +106,28 @@ def test_trim_into_the_stacked_token_states(packed, calls, n):
             for x, y in zip(a.cache, b.cache, strict=True):
                 # (as test_cache_trim: the two feeds' matmuls differ in rows, so in the last bits)
                 assert rel_err(np.array(x), np.array(y)) < RTOL[mx.float32]
+
+
+@pytest.mark.parametrize("T, n", [(2, 1), (4, 1), (4, 3)])
+def test_trim_into_the_stacked_token_states_takes_views(packed, T, n):
+    """The state a trim picks from the stacked per-token states is a view of them (a Slice
+    and a Reshape), not a Gather: no copy, and only views for the next step's host to walk."""
+    import io
+    import re
+
+    from qwen35_mlx.models.cache import LinearCache
+
+    model = make_text_model(make_text_config(layer_types=TWO_ATTN, vocab_size=384), seed=1)
+    cache = model.make_cache()
+    _feed(model, cache, PROMPT + [64, 33, 12, 90], [len(PROMPT), T])
+    assert T in packed
+    linear = [c for c in cache if isinstance(c, LinearCache)]
+    # The recorded states evaluated, as the kernel's outputs are (here they are stacked ops).
+    mx.eval([getattr(rec, "states", []) for c in linear for _, rec in c._calls])
+    for c in cache:
+        c.trim(n)
+    states = [x for c in linear for x in c.cache]
+    buf = io.StringIO()
+    mx.export_to_dot(buf, *states)
+    kinds = set(re.findall(r'\[label ="([^"]+)", shape=rectangle\]', buf.getvalue()))
+    assert kinds == ({"Reshape"} if T == 2 else {"Slice", "Reshape"}), kinds

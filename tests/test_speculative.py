@@ -310,6 +310,40 @@ def test_rows_gemv_is_off_on_the_cpu_and_for_one_row(monkeypatch):
         assert not layers._rows_gemv(mx.zeros((3, 64)), mx.zeros((1 << 20, 64)).T)
 
 
+def _verify_and_steps(model, toks):
+    """Logits of one verify pass of `toks` after PROMPT, and of one-token steps over them."""
+    cache = model.make_cache()
+    model(mx.array([PROMPT]), cache=cache)
+    multi = model(mx.array([toks]), cache=cache, return_hidden=True)[0]
+    cache = model.make_cache()
+    model(mx.array([PROMPT]), cache=cache)
+    singles = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in toks], axis=1)
+    return np.array(multi), np.array(singles)
+
+
+def test_verify_rows_weights_follow_new_weights(monkeypatch):
+    """The verify pass's row-wise projections read broadcast matrices made outside the step
+    (`layers.rows_weights`, passed in as inputs): after new weights are loaded they are made
+    again, so the pass still equals the one-token steps (stale matrices would give the old
+    weights' logits). A new trace is not needed for that (the shapes did not change)."""
+    from mlx.utils import tree_flatten
+
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    model = _model("dense")
+    toks = [7, 42, 99]
+    multi, singles = _verify_and_steps(model, toks)
+    np.testing.assert_allclose(multi, singles, atol=1e-5, rtol=1e-5)
+    before = multi
+    new = [(k, v * 1.5) for k, v in tree_flatten(model.parameters()) if k.endswith("proj.weight")]
+    model.load_weights(new, strict=False)
+    multi, singles = _verify_and_steps(model, toks)
+    np.testing.assert_allclose(multi, singles, atol=1e-5, rtol=1e-5)
+    assert np.abs(multi - before).max() > 1e-2  # the new weights changed the logits
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch, k):
     """The verify pass with every projection as one matrix-vector product a row (`ROWS_GEMV`,
@@ -320,8 +354,8 @@ def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
     calls = []
-    orig = layers.rows_matmul
-    monkeypatch.setattr(layers, "rows_matmul", lambda x, w: calls.append(x.shape) or orig(x, w))
+    orig = layers._rows_product
+    monkeypatch.setattr(layers, "_rows_product", lambda *a: calls.append(a[-1].shape) or orig(*a))
     model = _model("dense")  # fresh: its compiled steps trace with the setting above
     want = _tokens(model, tok, mtp=False)
     assert not calls  # one-token steps keep MLX's own gemv
@@ -337,3 +371,66 @@ def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch
     model(mx.array([PROMPT]), cache=cache)
     singles = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in toks], axis=1)
     np.testing.assert_allclose(np.array(multi), np.array(singles), atol=1e-5, rtol=1e-5)
+
+
+def _verify_primitives(model, T: int = 3):
+    """Primitives by kind of one compiled verify pass of T tokens over a filled cache."""
+    import collections
+    import io
+    import re
+
+    cache = model.make_cache()
+    mx.eval(model(mx.array([PROMPT]), cache=cache), [c.state for c in cache])
+    logits = model(mx.array([PROMPT[:T]]), cache=cache)
+    outs = [logits]
+    for c in cache:
+        outs += [c.keys, c.values] if hasattr(c, "keys") else c.cache
+    buf = io.StringIO()
+    mx.export_to_dot(buf, *outs)
+    labels = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', buf.getvalue())
+    return collections.Counter("Compiled" if x.startswith("Compiled") else x for x in labels)
+
+
+def test_verify_rows_as_gemv_add_only_reshapes(monkeypatch):
+    """The row-wise projections of the compiled verify pass (`ROWS_GEMV`, CUDA's form) cost the
+    graph no view of a weight (its broadcast matrices are inputs: `layers.rows_weights`) and
+    at most two Reshapes a projection group (rows in as columns, out as rows; the MLP's chain
+    and the attention's o_proj fewer): every primitive costs host time per call on a GPU."""
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    counts = {}
+    for rows in (False, True):
+        monkeypatch.setattr(layers, "ROWS_GEMV", rows)
+        counts[rows] = _verify_primitives(_model("dense"))  # fresh: traced with the setting
+    off, on = counts[False], counts[True]
+    assert on["Matmul"] == off["Matmul"]
+    model = _model("dense")
+    groups = sum(len(layer.decode_groups()) for layer in model.model.layers) - len(
+        [1 for layer in model.model.layers if layer.is_linear]  # (conv1d: not a matmul)
+    )
+    extra = on - off
+    assert set(extra) <= {"Reshape"}, dict(extra)  # no Transpose / Broadcast of a weight
+    assert extra["Reshape"] <= 2 * groups, (dict(extra), groups)
+
+
+def test_decode_batch_rows_as_gemv_equals_plain(monkeypatch):
+    """A batch of a few rows decoding one token each takes the row-wise projections too (as on
+    CUDA), with their broadcast matrices passed into the compiled step (`layers.rows_weights`):
+    the same tokens and logits as the plain path."""
+    from qwen35_mlx.models import layers
+    from tests.test_fast_decode import TOKENS, greedy
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    seen = []
+    orig = layers._rows_product
+    monkeypatch.setattr(layers, "_rows_product", lambda *a: seen.append(a[-1].shape) or orig(*a))
+    model = _model("dense")
+    prompts = [[0, 0] + TOKENS[:4], TOKENS[4:10], [0] + TOKENS[10:15]]
+    t_plain, l_plain = greedy(model, prompts, 6, False, [2, 0, 1])
+    t_comp, l_comp = greedy(model, prompts, 6, True, [2, 0, 1])
+    np.testing.assert_array_equal(t_comp, t_plain)
+    np.testing.assert_allclose(l_comp, l_plain, atol=2e-5, rtol=1e-4)
+    assert (3, model.config.hidden_size, 1) in seen  # the batch's rows took the row-wise form
+    assert model._rows_cache[3][2]  # ... with matrices passed in

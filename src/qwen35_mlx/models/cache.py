@@ -392,8 +392,26 @@ class StaticKV:
     """Inside the compiled step, an attention layer's cache: a whole preallocated buffer written
     at an array index. `offset` (scalar or [B]) is the rotary position of the new token."""
 
-    def __init__(self, keys: mx.array, values: mx.array, idx: mx.array, offset: mx.array):
+    def __init__(
+        self,
+        keys: mx.array,
+        values: mx.array,
+        idx: mx.array,
+        offset: mx.array,
+        padded: bool = True,
+    ):
         self.keys, self.values, self.idx, self.offset = keys, values, idx, offset
+        self.padded = padded  # False: no row has left padding
+
+    def kernel_mask(self, mask: mx.array, T: int) -> mx.array | str | None:
+        """The mask to give the decode attention kernel for T new tokens: without left padding
+        the keys each query may see are those up to its own position, which the kernel bounds
+        by itself from `idx` (None at T = 1: every key up to idx; "causal" above), so the mask
+        array (`static_mask` / `static_causal_mask`, the same keys) is not read and its ops
+        drop out of the compiled step; with left padding, the array."""
+        if self.padded:
+            return mask
+        return None if T == 1 else "causal"
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         self.keys = mx.slice_update(self.keys, k.astype(self.keys.dtype), self.idx, axes=(2,))
@@ -464,12 +482,22 @@ class _TokenStates:
         if self.final is None:
             return tuple(self.states[i])
         state_tok, conv_tok = self.states
-        return self.final if i == state_tok.shape[0] else (conv_tok[i], state_tok[i])
+        if i == state_tok.shape[0]:
+            return self.final
+        return _entry(conv_tok, i), _entry(state_tok, i)
 
     def head(self, keep: int) -> _TokenStates:
         if self.final is None:
             return _TokenStates(self.states[:keep])
         return _TokenStates([self.at(i) for i in range(keep)])
+
+
+def _entry(x: mx.array, i: int) -> mx.array:
+    """x[i] as views (a Reshape, and a Slice when x has more than one entry): `x[i]` is a
+    Gather, a kernel copying the state, and each primitive costs the next step host time."""
+    if x.shape[0] > 1:
+        x = x[i : i + 1]
+    return x.reshape(x.shape[1:])
 
 
 def _head(inputs: tuple | _TokenStates, keep: int) -> tuple | _TokenStates:

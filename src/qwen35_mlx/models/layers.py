@@ -223,8 +223,49 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
     """x through the one matrix (plain or quantized) `prepare_projections` made for `names`."""
     w = owner[_key(names)]
     if made.quant is None:
-        return rows_matmul(x, w) if _rows_gemv(x, w) else x @ w
+        return rows_matmul(x, w, owner, names) if _rows_gemv(x, w) else x @ w
     return mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
+
+
+def project_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx.array | None:
+    """x through the group's one dense matrix as one gemv a row (`ROWS_GEMV`), the rows as
+    column vectors in and out: x [R, K] or [R, K, 1] -> [R, N, 1] (the layers' outputs side by
+    side along axis 1, in `names` order). A chain of projections (the MLP's gate|up, swiglu,
+    down) then reshapes only at its ends. None where the row-wise form does not apply (one row,
+    a quantized or unfused group, `ROWS_GEMV` off): then `project`. For the compiled steps."""
+    made = getattr(owner, _key(names) + "_made", None)
+    if made is None or not made.fused or made.quant is not None or not ROWS_PREBUILT:
+        return None
+    w = owner[_key(names)]
+    R, K = x.shape[0], w.shape[0]
+    if x.shape[1:] not in ((K,), (K, 1)) or not _rows_take(R, w):
+        return None
+    return _rows_product(owner, names, w, x.reshape(R, K, 1))
+
+
+def project_split_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list | None:
+    """`project_columns`, split into the layers' outputs [R, n_i, 1] (views); None where it
+    does not apply."""
+    y = project_columns(owner, names, x)
+    if y is None or len(names) == 1:
+        return y if y is None else [y]
+    sizes = getattr(owner, _key(names) + "_made").sizes
+    return mx.split(y, np.cumsum(sizes[:-1]).tolist(), axis=1)
+
+
+def _rows_product(owner: nn.Module | None, names: tuple | None, w: mx.array, x: mx.array):
+    """x [R, K, 1] (R rows as column vectors) through w [K, N] (the transposed view the step
+    uses) as R matrix-vector products -> [R, N, 1]: W [N, K] broadcast over the rows, from
+    `rows_weights` where the compiled step was given owner's group `names` (no view made in the
+    step), else made here (a Transpose and a Broadcast)."""
+    R = x.shape[0]
+    wb = None
+    if _ROWS_WEIGHTS and owner is not None:
+        wb = _ROWS_WEIGHTS.get((id(owner), _key(names)))
+    if wb is None or wb.shape[0] != R:
+        W = w.T  # [N, K]: for the step's transposed views, the row-major buffer itself
+        wb = mx.broadcast_to(W, (R, *W.shape))
+    return mx.matmul(wb, x)
 
 
 # A few rows (a speculative verify pass: T tokens a row) on CUDA. MLX runs a matmul of one row
@@ -250,7 +291,11 @@ ROWS_GEMV_MAX_BYTES = 64 << 20
 
 
 def _rows_gemv(x: mx.array, w: mx.array) -> bool:
-    rows = x.size // x.shape[-1] if x.ndim else 0
+    return _rows_take(x.size // x.shape[-1] if x.ndim else 0, w)
+
+
+def _rows_take(rows: int, w: mx.array) -> bool:
+    """Whether a product of `rows` rows with w [K, N] runs as one gemv a row (`ROWS_GEMV`)."""
     if rows < 2 or w.ndim != 2:
         return False
     if ROWS_GEMV != "auto":
@@ -260,14 +305,59 @@ def _rows_gemv(x: mx.array, w: mx.array) -> bool:
     return rows <= ROWS_GEMV_MAX_ROWS and (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES
 
 
-def rows_matmul(x: mx.array, w: mx.array) -> mx.array:
+def rows_matmul(x: mx.array, w: mx.array, owner=None, names=None) -> mx.array:
     """x [..., K] @ w [K, N] as one matrix-vector product per row of x (`ROWS_GEMV`): the
-    transposed weight w's matrix W [N, K] broadcast over the rows, each row a [K, 1] vector."""
+    transposed weight w's matrix W [N, K] broadcast over the rows, each row a [K, 1] vector
+    (`_rows_product`; owner, names: the decode group w is, for its broadcast matrix)."""
     K = x.shape[-1]
-    R = x.size // K
-    W = w.T  # [N, K]: for the step's transposed views, the row-major buffer itself
-    out = mx.matmul(mx.broadcast_to(W, (R, *W.shape)), x.reshape(R, K, 1))
-    return out.reshape(*x.shape[:-1], W.shape[0])
+    out = _rows_product(owner, names, w, x.reshape(x.size // K, K, 1))
+    return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+# Each row-wise product above costs the step a Transpose and a Broadcast of its weight besides
+# the matmul: views, but every primitive costs MLX's host time per call (~1.5-3 us on the
+# H200), and a 0.8B verify pass has 96 such products. So the compiled multi-token steps take
+# the broadcast matrices as inputs (`rows_weights`, made once outside the step: views of the
+# weights, no memory) and `_rows_product` reads them from here while the step is traced. Not
+# in the model's tree: the one-token step, which takes the whole tree as inputs at every call,
+# would flatten them too.
+_ROWS_WEIGHTS: dict | None = None
+# False: the row-wise form as it was first written (each product's Transpose, Broadcast and
+# Reshapes made in the step, no column chains): benchmarks' A/B (probe_verify.py) only.
+ROWS_PREBUILT = True
+
+
+def rows_weights(groups: list, rows: int) -> tuple[list, list]:
+    """For a compiled step over `rows` rows: (keys, matrices) of the decode projections of
+    `groups` ((owner, names), as `TextModel._decode_groups`) that run row-wise there, each its
+    matrix W [N, K] broadcast to [rows, N, K] (an evaluated view). Pass the matrices into the
+    step and trace it inside `using_rows_weights(keys, matrices)`."""
+    keys, mats = [], []
+    for owner, names in groups if ROWS_PREBUILT else ():
+        made = getattr(owner, _key(names) + "_made", None)
+        if made is None or not made.fused or made.quant is not None:
+            continue
+        w = owner[_key(names)]
+        if _rows_take(rows, w):
+            keys.append((id(owner), _key(names)))
+            mats.append(mx.broadcast_to(w.T, (rows, *w.T.shape)))
+    mx.eval(mats)
+    return keys, mats
+
+
+class using_rows_weights:
+    """Context: `_rows_product` takes the matrices of `rows_weights` (tracers in a trace)."""
+
+    def __init__(self, keys: list, mats: list):
+        self.table = dict(zip(keys, mats, strict=True))
+
+    def __enter__(self):
+        global _ROWS_WEIGHTS
+        self.saved, _ROWS_WEIGHTS = _ROWS_WEIGHTS, self.table
+
+    def __exit__(self, *exc):
+        global _ROWS_WEIGHTS
+        _ROWS_WEIGHTS = self.saved
 
 
 # Residual adds folded into the projection before them: `x + out_proj(y)` as one
@@ -784,7 +874,7 @@ class Attention(nn.Module):
         k, v = cache.update_and_fetch(k, v)
         # The gate: offset D of each head of the unsplit [B, Hq, 1, 2D] projection.
         q_gate = q_gate if gate is not None else None
-        o = decode_attention(q, k, v, cache, self.scale, mask, q_gate, D)
+        o = decode_attention(q, k, v, cache, self.scale, cache.kernel_mask(mask, 1), q_gate, D)
         if o is not None:
             return project_add(self, "o_proj", o.reshape(B, self.num_heads * D), residual)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -804,7 +894,9 @@ class Attention(nn.Module):
         cache a `cache.StaticKV`, mask [1 or B, 1, T, capacity] bool (causal inside the new
         tokens). `__call__`'s arithmetic through `project`."""
         B, D = x.shape[0] // T, self.head_dim
-        q, k, v = project(self, self.DECODE_GROUPS[0], x)
+        # Row-wise (`ROWS_GEMV`): the outputs as columns [B*T, n, 1], reshaped below as rows.
+        qkv = project_split_columns(self, self.DECODE_GROUPS[0], x)
+        q, k, v = qkv if qkv is not None else project(self, self.DECODE_GROUPS[0], x)
         q = q_gate = q.reshape(B, T, self.num_heads, -1)
         q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
         q = self.q_norm(q).transpose(0, 2, 1, 3)
@@ -813,11 +905,14 @@ class Attention(nn.Module):
         q, k = self._rotate(q, k, cache, rope)
         k, v = cache.update_and_fetch(k, v)
         if T <= DECODE_MAX_T:
-            o = decode_attention(
-                q, k, v, cache, self.scale, mask, q_gate if self.output_gate else None, D
-            )
+            g = q_gate if self.output_gate else None
+            o = decode_attention(q, k, v, cache, self.scale, cache.kernel_mask(mask, T), g, D)
             if o is not None:
-                return project(self, ("o_proj",), o.reshape(B * T, self.num_heads * D))[0]
+                K = self.num_heads * D
+                y = project_columns(self, ("o_proj",), o.reshape(B * T, K, 1))
+                if y is not None:  # row-wise: one reshape of the kernel's output each way
+                    return y.reshape(B * T, -1)
+                return project(self, ("o_proj",), o.reshape(B * T, K))[0]
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B * T, self.num_heads * D)
         if gate is not None:
@@ -859,7 +954,18 @@ class MLP(nn.Module):
         return linear_add(self.down_proj, h, residual)
 
     def step(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """`__call__` through `project` (the compiled decode step)."""
+        """`__call__` through `project` (the compiled decode step). A few rows without a
+        residual (the verify pass's MLP) row-wise where that applies: gate|up, swiglu and
+        down_proj over the rows as columns [rows, n, 1] (`project_columns`), reshaped only at
+        the ends, the same products and arithmetic as the row form."""
+        if residual is None and not _swiglu_kernel(x):
+            gu = project_columns(self, self.DECODE_GROUPS[0], x)
+            if gu is not None:
+                h = _swiglu(*mx.split(gu, 2, axis=1))  # [rows, I, 1]
+                y = project_columns(self, ("down_proj",), h)
+                if y is not None:
+                    return y.reshape(x.shape)
+                return project_add(self, "down_proj", h.reshape(h.shape[:2]), None)
         return project_add(self, "down_proj", self._gate_up(x), residual)
 
     def _gate_up(self, x: mx.array) -> mx.array:

@@ -48,9 +48,18 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_la
 from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
+from . import layers as layers_lib
 from .cache import BatchKVCache, KVCache, StaticKV, static_causal_mask, static_mask
 from .config import TextConfig
-from .layers import DecoderLayer, add_norm, prepare_projections, project, retake_projections
+from .layers import (
+    DecoderLayer,
+    add_norm,
+    prepare_projections,
+    project,
+    retake_projections,
+    rows_weights,
+    using_rows_weights,
+)
 from .mtp import MTP, MTP_NORMS
 from .shard import shard_text_model
 
@@ -187,7 +196,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 C = keys.shape[2]
                 if C not in masks:
                     masks[C] = static_mask(C, idx, left_padding)
-                c = StaticKV(keys, values, idx, offset)
+                c = StaticKV(keys, values, idx, offset, left_padding is not None)
                 h, d = layer.step(h, d, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
         return add_norm(self.norm, h, d)[1], new_kv, new_lin
@@ -221,7 +230,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 C = keys.shape[2]
                 if C not in masks:
                     masks[C] = static_causal_mask(C, idx, T, left_padding)
-                c = StaticKV(keys, values, idx, offset)
+                c = StaticKV(keys, values, idx, offset, left_padding is not None)
                 h, d, _ = layer.steps(h, d, T, masks[C], c, rope)
                 new_kv.append((c.keys, c.values))
         return add_norm(self.norm, h, d)[1], new_kv, new_lin, records
@@ -243,25 +252,32 @@ class TextModel(nn.Module):
         self.compiled_decode = True
         self._traced = False
         object.__setattr__(self, "_decode_checks", [])  # see _retake_decode
+        object.__setattr__(self, "_rows_cache", {})  # see _rows
         # The weights are the compiled step's implicit inputs: updates and quantization show.
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
         self._verify_step = mx.compile(self._verify_impl, inputs=self)
         self._mtp_step = mx.compile(self._mtp_impl, inputs=self)
         self._round_step = mx.compile(self._round_impl, inputs=self)
 
-    def _decode_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
+    def _decode_impl(
+        self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions, rows_w=()
+    ):
         """The compiled step. A batch's bookkeeping is in it too: the linear layers' mask from
         lin_padding (ArraysCache.make_mask(1)) and the advanced per-row offset and left padding,
-        returned once per cache (as distinct arrays: mlx-lm updates them in place)."""
+        returned once per cache (as distinct arrays: mlx-lm updates them in place). rows_w: as
+        in `_verify_impl` (a batch of a few rows on CUDA; none at batch 1)."""
         self._traced = True  # runs only while mx.compile traces
         # ArraysCache.make_mask(1) ([B, 1]: 0 >= left padding), as [B]
         ssm_mask = None if lin_padding is None else lin_padding <= 0
-        h, kv, lin = self.model.decode(
-            tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
-        )
+        keys = self._rows_cache[tokens.size][1] if rows_w else []
+        with using_rows_weights(keys, rows_w):
+            h, kv, lin = self.model.decode(
+                tokens, kv, lin, idx, offset, left_padding, ssm_mask, positions
+            )
+            logits = self.logits(h, step=True)[:, None]
         offsets = [offset + 1] * len(kv) if left_padding is not None else []
         paddings = [lin_padding - 1] * len(lin) if lin_padding is not None else []
-        return self.logits(h, step=True)[:, None], kv, lin, offsets, paddings
+        return logits, kv, lin, offsets, paddings
 
     def _static_caches(self, cache: list, T: int) -> tuple | None:
         """For a compiled step of T tokens a row over `cache`: (attention caches, linear caches,
@@ -301,8 +317,9 @@ class TextModel(nn.Module):
         if got is None:
             return None
         kv_caches, lin_caches = got[:2]
+        rows_w = self._rows(inputs.size) if inputs.size > 1 else ()  # (batch 1: never row-wise)
         logits, kv, lin, offsets, paddings = self._decode_step(
-            *_step_args(got, inputs, position_ids)
+            *_step_args(got, inputs, position_ids), rows_w
         )
         if self._traced:
             self._traced = False
@@ -317,12 +334,19 @@ class TextModel(nn.Module):
                 c.note_advance(1)
         return logits
 
-    def _verify_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
+    def _verify_impl(
+        self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions, rows_w
+    ):
         """The compiled multi-token step (`Qwen35TextBackbone.verify`): logits [B, T, vocab],
         normed hidden [B, T, H], the new buffers and states, each linear layer's
         per-token states, and as in `_decode_impl` the advanced per-row offsets and left
-        paddings."""
+        paddings. rows_w: the row-wise projections' broadcast matrices (`_rows`)."""
         self._traced = True  # runs only while mx.compile traces
+        with using_rows_weights(self._rows_cache[tokens.size][1], rows_w):
+            return self._verify_body(tokens, kv, lin, idx, offset, left_padding, lin_padding,
+                                     positions)  # fmt: skip
+
+    def _verify_body(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, positions):
         T = tokens.shape[1]
         ssm_mask = None
         if lin_padding is not None:
@@ -345,7 +369,7 @@ class TextModel(nn.Module):
         if got is None:
             return None
         logits, h, kv, lin, records, offsets, paddings = self._verify_step(
-            *_step_args(got, inputs, position_ids)
+            *_step_args(got, inputs, position_ids), self._rows(inputs.size)
         )
         self._adopt_verify(got, kv, lin, records, offsets, paddings, T)
         return logits, h
@@ -369,15 +393,19 @@ class TextModel(nn.Module):
             if hasattr(c, "note_advance"):
                 c.note_advance(T)
 
-    def _round_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, mtp_kv):
+    def _round_impl(
+        self, tokens, kv, lin, idx, offset, left_padding, lin_padding, mtp_kv, rows_w
+    ):
         """`_verify_impl`, then the MTP head over every verified position with the main
         model's greedy token there as the next token (`verify_and_draft`): one compiled call."""
-        logits, h, kv, lin, records, offsets, paddings = self._verify_impl(
-            tokens, kv, lin, idx, offset, left_padding, lin_padding, None
-        )
-        target = logits.argmax(-1)
-        o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
-        drafts = self.logits(o, step=True).argmax(-1)
+        self._traced = True  # runs only while mx.compile traces
+        with using_rows_weights(self._rows_cache[tokens.size][1], rows_w):
+            logits, h, kv, lin, records, offsets, paddings = self._verify_body(
+                tokens, kv, lin, idx, offset, left_padding, lin_padding, None
+            )
+            target = logits.argmax(-1)
+            o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
+            drafts = self.logits(o, step=True).argmax(-1)
         return (
             logits,
             h,
@@ -432,6 +460,7 @@ class TextModel(nn.Module):
             left_padding,
             lin_padding,
             (c.keys, c.values, midx, moffset, mleft),
+            self._rows(tokens.size),
         )
         logits, h, kv, lin, records, offsets, paddings = out[:7]
         target, o, drafts, mkeys, mvalues, moffsets = out[7:]
@@ -467,6 +496,19 @@ class TextModel(nn.Module):
         checks = [(owner, n, owner[n].get("weight")) for owner, names in groups for n in names]
         # A plain attribute: in the module's dict it would be part of the step's inputs tree.
         object.__setattr__(self, "_decode_checks", checks)
+
+    def _rows(self, rows: int) -> list:
+        """The broadcast matrices of the projections a compiled step over `rows` rows runs
+        row-wise (`layers.rows_weights`; none on the CPU), passed into the multi-token steps
+        (as inputs: when the weights change, so do they). Made after `_prepare_decode`, and
+        again whenever it (or a trace) renewed the decode projections' record, or the rule
+        that picks the row-wise projections (`layers.ROWS_GEMV`, the device) changed."""
+        rule = (layers_lib.ROWS_GEMV, layers_lib.ROWS_PREBUILT, mx.default_device())
+        got = self._rows_cache.get(rows)
+        if got is None or got[0] is not self._decode_checks or got[3] != rule:
+            keys, mats = rows_weights(self._decode_groups(), rows)
+            got = self._rows_cache[rows] = (self._decode_checks, keys, mats, rule)
+        return got[2]
 
     def logits(self, h: mx.array, step: bool = False) -> mx.array:
         """step: in the compiled decode step (`layers.project`)."""
@@ -547,14 +589,17 @@ class TextModel(nn.Module):
         o = self.mtp(hidden, emb, mask, c, rope)
         return self.logits(o[:, -1:] if last_only else o), o
 
-    def _mtp_impl(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
+    def _mtp_impl(
+        self, hidden, tokens, keys, values, idx, offset, left_padding, positions, rows_w
+    ):
         """The MTP head compiled over its static KV buffer, T tokens a row (the `verify`
         pattern): (logits [B, 1, vocab] at the last position, MTP hidden [B, T, H], new buffers,
         the advanced per-row offset of a batch cache as a list of 0 or 1)."""
         self._traced = True  # runs only while mx.compile traces
-        o, keys, values, offsets = self._mtp_body(
-            hidden, tokens, keys, values, idx, offset, left_padding, positions
-        )
+        with using_rows_weights(self._rows_cache[tokens.size][1], rows_w):
+            o, keys, values, offsets = self._mtp_body(
+                hidden, tokens, keys, values, idx, offset, left_padding, positions
+            )
         return self.logits(o[:, -1:], step=True), o, keys, values, offsets
 
     def _mtp_body(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
@@ -563,7 +608,7 @@ class TextModel(nn.Module):
         rope = None
         if positions is not None:
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(positions)
-        c = StaticKV(keys, values, idx, offset)
+        c = StaticKV(keys, values, idx, offset, left_padding is not None)
         B, H = tokens.shape[0], hidden.shape[-1]
         # Rows [B*T, H] through the layer's `steps`, as the verify pass runs the main model.
         emb = self.model.embed_tokens(tokens.reshape(-1))
@@ -580,7 +625,15 @@ class TextModel(nn.Module):
         if isinstance(c, BatchKVCache):
             offset, left_padding = c.offset, c.left_padding
         logits, o, keys, values, offsets = self._mtp_step(
-            hidden, next_tokens, c.keys, c.values, idx, offset, left_padding, position_ids
+            hidden,
+            next_tokens,
+            c.keys,
+            c.values,
+            idx,
+            offset,
+            left_padding,
+            position_ids,
+            self._rows(next_tokens.size),
         )
         if self._traced:
             self._traced = False
