@@ -429,22 +429,23 @@ class EmulatedKernel:
             assert threadgroup == (nt, 1, 1)
             what = "h"
         else:
-            assert self.name == cs.O_NAME
+            # O2_BODY where chunk_launch.O2 is on (fp32 q, k, H and y agree here), else O_BODY.
+            assert self.name == (cs.O2_NAME if cl.O2 else cs.O_NAME)
             BH, N, Dv, Dk = x["H"].shape
             T, Hv = (int(i) for i in np.asarray(x["dims"]))
-            bvo = cl.O_BV["cuda"]
+            ds, bvo = cl.O2_TILES[("cuda", 4)] if cl.O2 else (cl.O_SLICE["cuda"], cl.O_BV["cuda"])
             assert tpl == {
                 "Dk": Dk,
                 "C": C,
                 "NT": cl.O_THREADS,
-                "DS": min(cl.O_SLICE["cuda"], Dk),
+                "DS": min(ds, Dk),
                 "BVO": bvo,
                 "MP": 3,
                 "YT": mx.float32,
             }
             assert grid == (cl.O_THREADS * N, BH, -(-Dv // bvo))
             assert threadgroup == (cl.O_THREADS, 1, 1)
-            what = "o"
+            what = "o2" if cl.O2 else "o"
         dims = self.tmp.joinpath("dims").read_text().split()
         _run(self.program, self.tmp, what, dims, "cuda")
         outs = []
@@ -454,12 +455,15 @@ class EmulatedKernel:
         return outs
 
 
+@pytest.mark.parametrize("o2", [True, False], ids=["o2", "o"])
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
-def test_split_host_launch_through_emulator(program, tmp_path, monkeypatch, fused):
+def test_split_host_launch_through_emulator(program, tmp_path, monkeypatch, fused, o2):
     """gated_delta_chunk_kernel / gated_delta_update_chunk_kernel with SPLIT on: input order,
     shapes, grids and template arguments, the kernels run by the emulator; the fused variant's
-    gates computed in the WY kernel, including gates that underflow to exactly 0."""
+    gates computed in the WY kernel, including gates that underflow to exactly 0; both output
+    passes (chunk_launch.O2, on by default)."""
     monkeypatch.setattr(cl, "SPLIT", True)
+    monkeypatch.setattr(cl, "O2", o2)
     monkeypatch.setattr(cl, "_kernels", {})
     monkeypatch.setattr(
         cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)
