@@ -363,14 +363,8 @@ def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch
     assert calls  # the verify pass (and the MTP head's lm_head) took the row-wise form
 
     # The logits of a verify pass of 3 tokens against three one-token steps.
-    toks = [7, 42, 99]
-    cache = model.make_cache()
-    model(mx.array([PROMPT]), cache=cache)
-    multi = model(mx.array([toks]), cache=cache, return_hidden=True)[0]
-    cache = model.make_cache()
-    model(mx.array([PROMPT]), cache=cache)
-    singles = mx.concatenate([model(mx.array([[t]]), cache=cache) for t in toks], axis=1)
-    np.testing.assert_allclose(np.array(multi), np.array(singles), atol=1e-5, rtol=1e-5)
+    multi, singles = _verify_and_steps(model, [7, 42, 99])
+    np.testing.assert_allclose(multi, singles, atol=1e-5, rtol=1e-5)
 
 
 def _verify_primitives(model, T: int = 3):
