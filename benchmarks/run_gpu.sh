@@ -29,9 +29,9 @@
 #                                     # async_eval / token split), then bench_decode.py at MLX's
 #                                     # default CUDA graph size and with larger graphs, in two
 #                                     # processes (about 8 min)
-#   benchmarks/run_gpu.sh recheck   # the 17 GPU failures of 2026-12-02 06:33 (benchmarks/NOTES.md,
-#                                   # session 7), one process, a time limit a test, tracebacks:
-#                                   # their names and causes first, before anything else
+#   benchmarks/run_gpu.sh recheck   # what session 8 could not confirm on the GPU, groups in
+#                                   # parallel processes, each failure printed as it happens
+#                                   # (benchmarks/pytest_eager.py); about 5 minutes
 # Logs and JSON/PNG go to $OUT (the device tool brings them back), or benchmarks/out.
 # Merge the two benchmark halves afterwards:
 #   python benchmarks/bench_gated_delta.py --merge <decode>.json <prefill>.json --out benchmarks/results
@@ -74,18 +74,25 @@ case "$step" in
       tee "$out/bench_conv_decode.log"
     ;;
   recheck)
-    # pytest-timeout is on the device image; xdist is left out (under it these model tests took
-    # minutes each and the runs were cut before naming anything).
-    "${pytest[@]}" --tb=short --timeout 150 \
-      "tests/kernels/test_gpu_chunk_kernel.py::test_chunk_kernel_matches_ref[mma-B1T3Hk1Hv1Dk96Dv1-perkey-holes]" \
-      "tests/kernels/test_gpu_decode_tokens.py::test_tokens_in_one_launch_equal_one_launch_a_token" \
-      tests/kernels/test_gpu_fused_norm.py::test_compiled_equals_plain_with_the_kernels \
-      tests/models/test_attention.py::test_prefill_step_memory_does_not_grow_with_history \
-      tests/models/test_attention.py::test_blocked_peak_does_not_depend_on_history \
-      tests/test_add_norm.py \
-      tests/test_decode_diet.py::test_folded_residual_compiled_equals_plain_bf16 \
-      tests/test_speculative.py::test_sampling_distribution_is_the_models \
-      tests/test_fast_decode.py::test_compiled_decode_quantized_moe 2>&1 | tee "$out/gpu_recheck.log"
+    # pytest-timeout is on the device image (--timeout). Groups run side by side, one process
+    # each, so that a CUDA error in one (the speculative sampling test's, session 8) cannot
+    # poison the others; the model tests first compile their kernels with NVRTC (minutes).
+    export PYTHONPATH=$PYTHONPATH:benchmarks
+    eager=("${pytest[@]}" -p pytest_eager --tb=short --timeout 280)
+    run() { local name=$1; shift; timeout 300 "${eager[@]}" "$@" >"$out/recheck_$name.log" 2>&1; }
+    run compiled tests/kernels/test_gpu_fused_norm.py::test_compiled_equals_plain_with_the_kernels \
+      tests/test_add_norm.py tests/test_decode_diet.py::test_folded_residual_compiled_equals_plain_bf16 &
+    run qmoe tests/test_fast_decode.py::test_compiled_decode_quantized_moe \
+      tests/test_fast_decode.py::test_compiled_decode_equals_plain &
+    run verify tests/test_attention_dispatch.py tests/test_packed_decode.py tests/models/test_mtp.py \
+      tests/test_speculative.py -k "not sampling_distribution" &
+    run kernels "tests/kernels/test_gpu_kernels.py::test_gated_delta_kernel_matches_ref" &
+    run sampling tests/test_speculative.py::test_sampling_distribution_is_the_models &
+    wait
+    grep -hE "^### FAILED|^E  " "$out"/recheck_*.log | grep -v "^E    +" | cut -c1-200 | head -60 || true
+    for f in "$out"/recheck_*.log; do
+      echo "$(basename "$f"): $(grep -c '^### PASSED' "$f") passed, $(grep -c '^### FAILED' "$f") failed"
+    done
     ;;
   chunk-tests)
     "${pytest[@]}" tests/kernels/test_gpu_chunk_kernel.py 2>&1 | tee "$out/gpu_chunk_tests.log"
