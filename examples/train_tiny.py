@@ -542,6 +542,93 @@ def mtp_loss_fn(model, batch):
     return nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 2:], reduction="mean")
 
 
+# The chat prompts `benchmarks/bench_mtp.py --cpu-tiny` measures with: never distilled on.
+EVAL_QUESTIONS = ("What is a list?", "Explain the with statement.", "Tell me about dict.")
+
+
+def distill_prompts(seed: int, n_chat: int, n_text: int) -> list[str]:
+    """Prompts for the MTP head's self-distillation: chat questions on the training topics (not
+    those of EVAL_QUESTIONS: their subjects are left out) and the openings of training texts."""
+    rng = random.Random(seed + 7)
+    skip = {"list", "with", "dict"}
+    subjects = []
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        for title, body in _topic_sections(name, topics[name]):
+            subject = _subject(title)
+            key = f"topic:{name}:{title}"
+            if _paragraphs(body) and not _is_held_out(key) and not skip & set(re.findall(r"\w+", subject)):
+                subjects.append((subject, QA_FORMS["topic"][1]))
+    for kind, name, _ in _doc_items():
+        if not _is_held_out(f"doc:{name}") and not skip & set(re.findall(r"\w+", name)):
+            subjects.append((name, QA_FORMS[kind][1]))
+    rng.shuffle(subjects)
+    chats = [chat_prompt(rng.choice(forms).format(s)) for s, forms in subjects[:n_chat]]
+    texts = [d for d in build_corpus(seed)[0] if isinstance(d, str) and not d.startswith(IM_START)]
+    rng.shuffle(texts)
+    return chats + [t[: rng.randint(40, 160)] for t in texts[:n_text]]
+
+
+def greedy_sequences(args, prompts: list[str]) -> list[tuple[list[int], int]]:
+    """(prompt + the shipped model's greedy continuation, prompt length) per prompt: the model
+    as it decodes (its stored dtype), so the targets are the tokens speculative decoding must
+    match."""
+    from qwen35_mlx import batch_generate, load
+
+    model, tok = load(args.out)
+    out = []
+    for i in range(0, len(prompts), 64):
+        chunk = [tok.encode(p, add_special_tokens=False) for p in prompts[i : i + 64]]
+        got = batch_generate(model, tok, chunk, max_tokens=args.distill_tokens)
+        for ids, g in zip(chunk, got.tokens, strict=True):
+            out.append((ids + list(g), len(ids)))
+        print(f"distill: {len(out)}/{len(prompts)} continuations", flush=True)
+    return out
+
+
+class DistillStream:
+    """Batches of (sequence, loss mask) from `greedy_sequences`: the mask keeps the positions
+    whose MTP target (token t + 2) is a generated token, right padding masked out."""
+
+    def __init__(self, seqs: list[tuple[list[int], int]], pad: int, seed: int):
+        T = max(len(s) for s, _ in seqs)
+        self.x = np.full((len(seqs), T), pad, dtype=np.int32)
+        self.m = np.zeros((len(seqs), T - 2), dtype=np.float32)
+        for i, (s, n) in enumerate(seqs):
+            self.x[i, : len(s)] = s
+            self.m[i, max(0, n - 2) : len(s) - 2] = 1.0
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, B: int, T: int) -> mx.array:
+        rows = self.rng.choice(len(self.x), size=B)
+        return mx.array(self.x[rows]), mx.array(self.m[rows])
+
+
+def mtp_distill_loss_fn(model, batch, mask):
+    """`mtp_loss_fn` over the positions of the model's own greedy tokens only."""
+    _, h = model(batch[:, :-1], return_hidden=True)
+    logits, _ = model.mtp_forward(mx.stop_gradient(h[:, :-1]), batch[:, 1:-1])
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 2:], reduction="none")
+    return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
+
+
+def mtp_acceptance(model, seqs: list[tuple[list[int], int]]) -> float:
+    """Share of positions of the model's greedy continuations where the MTP head's argmax
+    (from the model's hidden state at t and token t + 1) is token t + 2: k = 1 acceptance."""
+    hit = total = 0
+    for s, n in seqs:
+        x = mx.array([s])
+        _, h = model(x[:, :-1], return_hidden=True)
+        logits, _ = model.mtp_forward(h[:, :-1], x[:, 1:-1])
+        pred = np.array(logits.argmax(-1)[0])
+        tgt = np.array(s[2:])
+        lo = max(0, n - 2)
+        hit += int((pred[lo:] == tgt[lo:]).sum())
+        total += len(tgt) - lo
+    return hit / max(total, 1)
+
+
 def train_mtp(args) -> None:
     """Add an MTP head to the model at `args.out` and train only the head (module docstring)."""
     from tokenizers import Tokenizer
@@ -564,24 +651,39 @@ def train_mtp(args) -> None:
     model.freeze()
     model.mtp.unfreeze()
     tok = Tokenizer.from_file(str(args.out / "tokenizer.json"))
-    train_docs, _ = build_corpus(args.seed)
-    stream = Stream(train_docs, tok, args.seed + 1)
+    log = {"mtp_loss": []}
+    if args.distill:
+        seqs = greedy_sequences(args, distill_prompts(args.seed, args.distill_chats,
+                                                      args.distill_texts))  # fmt: skip
+        rng = random.Random(args.seed)
+        rng.shuffle(seqs)
+        held, seqs = seqs[: len(seqs) // 16], seqs[len(seqs) // 16 :]
+        stream = DistillStream(seqs, tok.token_to_id(EOT), args.seed + 1)
+        loss_fn_ = mtp_distill_loss_fn
+        before = mtp_acceptance(model, held)
+        print(f"distill: k=1 acceptance on {len(held)} held-out continuations {before:.3f}")
+        log["distill"] = {"sequences": len(seqs), "held_out": len(held), "before": before}
+    else:
+        train_docs, _ = build_corpus(args.seed)
+        stream = Stream(train_docs, tok, args.seed + 1)
+        loss_fn_ = mtp_loss_fn
 
     optimizer = optim.AdamW(learning_rate=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
-    value_and_grad = nn.value_and_grad(model, mtp_loss_fn)
+    value_and_grad = nn.value_and_grad(model, loss_fn_)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch):
-        loss, grads = value_and_grad(model, batch)
+    def step(*batch):
+        loss, grads = value_and_grad(model, *batch)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
 
-    t0, i, total, losses, log = time.time(), 0, args.steps, [], {"mtp_loss": []}
+    t0, i, total, losses = time.time(), 0, args.steps, []
     while total is None or i < total:
         optimizer.learning_rate = lr_at(i, total or 10**9, args.lr, args.warmup)
-        loss = step(stream.batch(args.batch, args.context))
+        b = stream.batch(args.batch, args.context)
+        loss = step(*(b if isinstance(b, tuple) else (b,)))
         mx.eval(state, loss)
         losses.append(loss.item())
         i += 1
@@ -593,6 +695,10 @@ def train_mtp(args) -> None:
             mean = sum(losses[-25:]) / len(losses[-25:])
             print(f"mtp step {i}/{total}  loss {mean:.3f}  {time.time() - t0:.0f}s", flush=True)
             log["mtp_loss"].append([i, round(mean, 4)])
+    if args.distill:
+        after = mtp_acceptance(model, held)
+        print(f"distill: k=1 acceptance on the held-out continuations {after:.3f}")
+        log["distill"]["after"] = after
     # The main weights go back exactly as loaded (float16 -> float32 -> float16 is exact).
     dtype = getattr(mx, config.get("dtype", "float16"))
     model.update(
@@ -677,6 +783,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mtp", action="store_true", help="train only an MTP head on the model at --out"
     )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="--mtp: train the head on the model's own greedy continuations (self-distillation)",
+    )
+    p.add_argument("--distill-chats", type=int, default=512, help="--distill: chat prompts")
+    p.add_argument("--distill-texts", type=int, default=256, help="--distill: text prompts")
+    p.add_argument("--distill-tokens", type=int, default=96, help="--distill: tokens each")
     return p
 
 

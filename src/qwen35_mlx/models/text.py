@@ -377,7 +377,7 @@ class TextModel(nn.Module):
         )
         target = logits.argmax(-1)
         o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
-        drafts = self.logits(o, step=True).argmax(-1)
+        drafts = self.mtp.argmax(o, self._step_logits)
         return (
             logits,
             h,
@@ -479,6 +479,9 @@ class TextModel(nn.Module):
             out = gather_last_axis(out, self.sharding_group)
         return out
 
+    def _step_logits(self, h: mx.array) -> mx.array:
+        return self.logits(h, step=True)
+
     def __call__(
         self,
         inputs: mx.array | None,
@@ -545,7 +548,7 @@ class TextModel(nn.Module):
         if position_ids is not None:
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(position_ids)
         o = self.mtp(hidden, emb, mask, c, rope)
-        return self.logits(o[:, -1:] if last_only else o), o
+        return self.mtp.logits(o[:, -1:] if last_only else o, self.logits, self.config.vocab_size), o
 
     def _mtp_impl(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
         """The MTP head compiled over its static KV buffer, T tokens a row (the `verify`
@@ -555,7 +558,8 @@ class TextModel(nn.Module):
         o, keys, values, offsets = self._mtp_body(
             hidden, tokens, keys, values, idx, offset, left_padding, positions
         )
-        return self.logits(o[:, -1:], step=True), o, keys, values, offsets
+        logits = self.mtp.logits(o[:, -1:], self._step_logits, self.config.vocab_size)
+        return logits, o, keys, values, offsets
 
     def _mtp_body(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
         T = tokens.shape[1]
