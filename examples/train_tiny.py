@@ -558,7 +558,8 @@ def distill_prompts(seed: int, n_chat: int, n_text: int) -> list[str]:
         for title, body in _topic_sections(name, topics[name]):
             subject = _subject(title)
             key = f"topic:{name}:{title}"
-            if _paragraphs(body) and not _is_held_out(key) and not skip & set(re.findall(r"\w+", subject)):
+            words = set(re.findall(r"\w+", subject))
+            if _paragraphs(body) and not _is_held_out(key) and not skip & words:
                 subjects.append((subject, QA_FORMS["topic"][1]))
     for kind, name, _ in _doc_items():
         if not _is_held_out(f"doc:{name}") and not skip & set(re.findall(r"\w+", name)):
@@ -726,6 +727,29 @@ def train_mtp(args) -> None:
     print(f"wrote {args.out}")
 
 
+def write_draft_vocab(out: Path, n: int, seed: int = 0) -> list[int]:
+    """`draft_vocab.json` in `out`: the n most frequent tokens of the training corpus (the
+    special tokens first), which the MTP head then drafts over (models/mtp.py)."""
+    from tokenizers import Tokenizer
+
+    from qwen35_mlx.models.mtp import DRAFT_VOCAB_FILE
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    counts = np.bincount(Stream(build_corpus(seed)[0], tok, seed).tokens,
+                         minlength=tok.get_vocab_size())  # fmt: skip
+    special = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    by_count = [int(i) for i in np.argsort(-counts, kind="stable") if i not in special]
+    ids = (special + by_count)[:n]
+    share = counts[ids].sum() / counts.sum()
+    (out / DRAFT_VOCAB_FILE).write_text(json.dumps({
+        "token_ids": ids,
+        "source": f"the {n} most frequent tokens of the training corpus (train_tiny.py "
+                  f"--draft-vocab {n}): {share:.1%} of its tokens",
+    }) + "\n")  # fmt: skip
+    print(f"wrote {out / DRAFT_VOCAB_FILE}: {n} tokens, {share:.1%} of the corpus")
+    return ids
+
+
 def save_assets(model: nn.Module, config: dict, tok, out: Path, log: dict) -> None:
     """config.json, model.safetensors (float16, A_log fp32, metadata format=mlx), tokenizer."""
     from qwen35_mlx.convert import save_mlx
@@ -791,6 +815,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-chats", type=int, default=512, help="--distill: chat prompts")
     p.add_argument("--distill-texts", type=int, default=256, help="--distill: text prompts")
     p.add_argument("--distill-tokens", type=int, default=96, help="--distill: tokens each")
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        help="write draft_vocab.json (this many of the corpus's most frequent tokens) at --out",
+    )
     return p
 
 
@@ -799,6 +829,9 @@ def main(argv: list[str] | None = None) -> None:
     random.seed(args.seed)
     if args.mtp:
         train_mtp(args)
+    if args.draft_vocab:
+        write_draft_vocab(args.out, args.draft_vocab, args.seed)
+    if args.mtp or args.draft_vocab:
         return
     train_docs, held_docs = build_corpus(args.seed)
     tok = train_tokenizer(

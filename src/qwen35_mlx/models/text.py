@@ -548,7 +548,8 @@ class TextModel(nn.Module):
         if position_ids is not None:
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(position_ids)
         o = self.mtp(hidden, emb, mask, c, rope)
-        return self.mtp.logits(o[:, -1:] if last_only else o, self.logits, self.config.vocab_size), o
+        o_out = o[:, -1:] if last_only else o
+        return self.mtp.logits(o_out, self.logits, self.config.vocab_size), o
 
     def _mtp_impl(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
         """The MTP head compiled over its static KV buffer, T tokens a row (the `verify`
