@@ -14,7 +14,16 @@ Steps, all seeded: build the corpus, train a byte-level BPE tokenizer, train the
 `--mtp` trains only a multi-token-prediction head (`mtp.*`, the draft model of speculative
 decoding) on top of the model already at `--out`, whose weights it keeps bit for bit: the head
 reads the frozen model's final hidden state at t and the token at t + 1 and learns the token at
-t + 2, on the same corpus (the shipped head: `--mtp --minutes 6`).
+t + 2, on the same corpus (the first shipped head: `--mtp --minutes 6`).
+
+`--mtp --distill` trains the head (warm-started from the one at `--out`) by self-distillation:
+what speculative decoding needs is agreement with the MAIN model's own next tokens, not with the
+corpus, so the targets are the model's greedy continuations (`batch_generate`, the model as
+shipped) of chat questions on the training topics and of openings of training texts; the bench's
+questions (EVAL_QUESTIONS) and held-out subjects are never used, and 1/16 of the continuations
+is held out to measure the k = 1 acceptance before and after (training_log.json, "distill").
+The shipped head: `--mtp --distill --steps 160 --lr 2e-3`. `--draft-vocab N` writes
+draft_vocab.json (models/mtp.py: the head drafts over the corpus's N most frequent tokens).
 
 The corpus depends on the Python version's documentation (the shipped model was trained
 on CPython 3.11). `held_out_text()` gives the validation documents, which training never sees.
@@ -700,12 +709,13 @@ def train_mtp(args) -> None:
         after = mtp_acceptance(model, held)
         print(f"distill: k=1 acceptance on the held-out continuations {after:.3f}")
         log["distill"]["after"] = after
-    # The main weights go back exactly as loaded (float16 -> float32 -> float16 is exact).
+    # The main weights go back exactly as loaded (float16 -> float32 -> float16 is exact); the
+    # head is the trained one (`weights` holds the old head when the model had one).
     dtype = getattr(mx, config.get("dtype", "float16"))
     model.update(
         tree_unflatten(
             [
-                (k, weights[k] if k in weights else v.astype(dtype))
+                (k, weights[k] if k in weights and not k.startswith("mtp.") else v.astype(dtype))
                 for k, v in tree_flatten(model.parameters())
             ]
         )
