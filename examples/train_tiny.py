@@ -557,7 +557,8 @@ EVAL_QUESTIONS = ("What is a list?", "Explain the with statement.", "Tell me abo
 
 def distill_prompts(seed: int, n_chat: int, n_text: int) -> list[str]:
     """Prompts for the MTP head's self-distillation: chat questions on the training topics (not
-    those of EVAL_QUESTIONS: their subjects are left out) and the openings of training texts."""
+    those of EVAL_QUESTIONS: their subjects are left out), half of them with thinking on, and
+    the openings of training texts."""
     rng = random.Random(seed + 7)
     skip = {"list", "with", "dict"}
     subjects = []
@@ -574,7 +575,9 @@ def distill_prompts(seed: int, n_chat: int, n_text: int) -> list[str]:
         if not _is_held_out(f"doc:{name}") and not skip & set(re.findall(r"\w+", name)):
             subjects.append((name, QA_FORMS[kind][1]))
     rng.shuffle(subjects)
-    chats = [chat_prompt(rng.choice(forms).format(s)) for s, forms in subjects[:n_chat]]
+    # Thinking on and off, as in training (the chat template's default is on).
+    chats = [chat_prompt(rng.choice(forms).format(s), enable_thinking=rng.random() < 0.5)
+             for s, forms in subjects[:n_chat]]  # fmt: skip
     texts = [d for d in build_corpus(seed)[0] if isinstance(d, str) and not d.startswith(IM_START)]
     rng.shuffle(texts)
     return chats + [t[: rng.randint(40, 160)] for t in texts[:n_text]]
