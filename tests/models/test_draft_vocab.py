@@ -161,3 +161,18 @@ def test_loader_reads_draft_vocab(tmp_path):
     (folder / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": [5, 5]}))
     with pytest.raises(ValueError, match="distinct token ids"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_draft_vocab_of_a_quantized_head(tied):
+    """The subset's rows of a quantized lm_head / embedding are its dequantized rows: the
+    subset's logits equal the quantized head's there."""
+    import mlx.nn as nn
+
+    model = _model(tied=tied, seed=8)
+    nn.quantize(model, group_size=32, bits=8)
+    full = _head_logits(model, compiled=False)
+    ids = _subset(4)
+    use_draft_vocab(model, ids)
+    sub = _head_logits(model, compiled=False)
+    assert rel_err(sub[:, ids], full[:, ids]) < 10 * TOL
