@@ -37,7 +37,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .models.config import TEXT_MODEL_TYPES, ModelConfig
-from .models.mtp import read_draft_vocab, use_draft_vocab
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LIST_LIMIT = 12
@@ -265,6 +264,8 @@ def _load_model(
         ) from e
     finally:
         del model.load_weights
+    from .models.mtp import read_draft_vocab, use_draft_vocab  # (models: after the CLI's checks)
+
     draft_vocab = read_draft_vocab(path)
     if draft_vocab is not None and "mtp" in getattr(model, "language_model", model):
         use_draft_vocab(model, draft_vocab)  # the MTP head drafts over these tokens only
