@@ -47,6 +47,7 @@ import mlx.core as mx
 from qwen35_mlx.models import layers as layers_lib
 from qwen35_mlx.models.cache import set_history
 from qwen35_mlx.models.config import TextConfig
+from qwen35_mlx.models.mtp import use_draft_vocab
 from qwen35_mlx.models.text import TextModel
 from qwen35_mlx.speculative import MTPSpeculator, Sampling
 
@@ -109,7 +110,25 @@ def set_variant(model: TextModel, variant: str) -> None:
     recompile(model)
 
 
-def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dict:
+def draft_vocab_switch(model: TextModel):
+    """set(n): the MTP head drafts over the first n token ids (None: the whole vocabulary), its
+    subset matrix made once per n (`mtp.use_draft_vocab`; the ids do not matter for timing)."""
+    made = {}
+
+    def set_vocab(n: int | None) -> None:
+        if n is None or n not in made:
+            use_draft_vocab(model, None if n is None else range(n))
+            if n is not None:
+                made[n] = (model.mtp["_draft_ids"], model.mtp["_draft_rows_t"])
+            return
+        model.mtp["_draft_ids"], model.mtp["_draft_rows_t"] = made[n]
+
+    return set_vocab
+
+
+def time_passes(
+    model: TextModel, context: int, iters: int, repeats: int, draft_vocab: int | None = None
+) -> dict:
     """Per call, ms, alternating block by block, median over blocks:
     S       one-token steps as plain decoding runs them (mlx-lm's pipelined loop: the next step
             queued before the current token is read; the context grows by one a call)
@@ -117,7 +136,8 @@ def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dic
     V(T)    a verify pass of T tokens as a speculative round runs it: the call, the host reads
             the accepted count (a sync), the caches are trimmed into the pass (T - 1 rejected),
             then the one kept token is trimmed too, so that every call starts alike (that last
-            trim is a pop: no arithmetic)."""
+            trim is a pop: no arithmetic).
+    R(k)    a whole greedy MTP round (below); R(k) dv with the head over `draft_vocab` tokens."""
     prompt = mx.random.randint(0, model.config.vocab_size, (1, context))
     cache, _ = _prefill(model, prompt[:, :-1])
     y = prompt[:, -1:]
@@ -151,10 +171,13 @@ def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dic
 
         return run
 
-    def mtp_round(k):
+    set_vocab = draft_vocab_switch(model)
+
+    def mtp_round(k, vocab=None):
         """Whole greedy MTP rounds (`MTPSpeculator.round`: the fused verify + head call, the
         host's read, rollback, the next drafts), as generation runs them; with random weights
         the drafts are mostly rejected, so nearly every round trims into its pass."""
+        set_vocab(vocab)
         c2 = model.make_cache()
         spec = MTPSpeculator(model, c2, k, Sampling())
         _, h = model(prompt[:, :-1], cache=c2, return_hidden=True)
@@ -163,6 +186,7 @@ def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dic
         spec.start(prompt[:, -1:])
 
         def run():
+            set_vocab(vocab)
             for _ in range(iters):
                 spec.round()
 
@@ -171,6 +195,8 @@ def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dic
     fns = {"S": step, "S_sync": step_sync, **{f"V{T}": verify(T) for T in TS}}
     if model.has_mtp:
         fns.update({f"R{k}": mtp_round(k) for k in (1, 3)})
+        if draft_vocab:
+            fns.update({f"R{k} dv": mtp_round(k, draft_vocab) for k in (1, 3)})
     for fn in fns.values():  # warm: trace, compile, kernel JIT
         fn()
     runs = {name: [] for name in fns}
@@ -180,6 +206,8 @@ def time_passes(model: TextModel, context: int, iters: int, repeats: int) -> dic
             t0 = time.perf_counter()
             fns[name]()
             runs[name].append(1e3 * (time.perf_counter() - t0) / iters)
+    if model.has_mtp:
+        set_vocab(None)
     return {name: statistics.median(v) for name, v in runs.items()}
 
 
@@ -261,7 +289,8 @@ def device_run(args) -> dict:
         result["shapes"][name] = {}
         for variant in variants:
             set_variant(model, variant)
-            r = {"ms": time_passes(model, args.context, args.iters, args.repeats)}
+            r = {"ms": time_passes(model, args.context, args.iters, args.repeats,
+                                   args.draft_vocab)}  # fmt: skip
             S = r["ms"]["S"]
             r["V_over_S"] = {T: round(r["ms"][f"V{T}"] / S, 3) for T in TS}
             r["V_over_S_sync"] = {T: round(r["ms"][f"V{T}"] / r["ms"]["S_sync"], 3) for T in TS}
@@ -277,9 +306,11 @@ def device_run(args) -> dict:
                 print(f"| {T} | {r['ms'][f'V{T}']:.2f} | {r['V_over_S'][T]:.2f}x | "
                       f"{r['V_over_S_sync'][T]:.2f}x |")  # fmt: skip
             for k in (1, 3):
-                if f"R{k}" in r["ms"]:
-                    print(f"| round k={k} | {r['ms'][f'R{k}']:.2f} | {r['ms'][f'R{k}'] / S:.2f}x "
-                          f"| {r['ms'][f'R{k}'] / r['ms']['S_sync']:.2f}x |")  # fmt: skip
+                for R in (f"R{k}", f"R{k} dv"):
+                    if R in r["ms"]:
+                        print(f"| round k={k}{' draft vocab' if 'dv' in R else ''} | "
+                              f"{r['ms'][R]:.2f} | {r['ms'][R] / S:.2f}x | "
+                              f"{r['ms'][R] / r['ms']['S_sync']:.2f}x |")  # fmt: skip
             if args.no_generation:
                 continue
             print("| mode | tok/s | speedup | acceptance | same tokens |")
@@ -295,16 +326,31 @@ def device_run(args) -> dict:
 def cpu_tiny(args) -> dict:
     from qwen35_mlx import load, stream_generate
 
-    model, tok = load(Path(qwen35_mlx.__file__).parent / "assets" / "tiny", dtype=args.dtype)
+    path = args.model or Path(qwen35_mlx.__file__).parent / "assets" / "tiny"
+    model, tok = load(path, dtype=args.dtype)
+    subset = model.mtp.draft_vocab  # draft_vocab.json's, or None
     prompts = [
         tok.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
         )  # fmt: skip
         for q in ("What is a list?", "Explain the with statement.", "Tell me about dict.")
     ]
-    modes = {"off": dict(mtp=False), **{f"k={k}": dict(mtp=True, mtp_k=k) for k in KS}}
-    for m in modes.values():  # warm: every trace of every mode
-        list(stream_generate(model, tok, prompts[0], max_tokens=16, **m))
+    ks = [int(k) for k in args.ks.split(",")]
+    modes = {"off": dict(mtp=False), **{f"k={k}": dict(mtp=True, mtp_k=k) for k in ks}}
+    # draft vocabulary per mode: the folder's, and with --compare-full also the whole one
+    vocab = {m: subset for m in modes}
+    if args.compare_full and subset is not None:
+        for k in ks:
+            modes[f"k={k} full"] = dict(mtp=True, mtp_k=k)
+            vocab[f"k={k} full"] = None
+
+    def run(m, prompt, n):
+        if model.has_mtp:
+            use_draft_vocab(model, vocab[m])
+        return stream_generate(model, tok, prompt, max_tokens=n, **modes[m])
+
+    for m in modes:  # warm: every trace of every mode
+        list(run(m, prompts[0], 16))
     runs = {m: [] for m in modes}
     cpu = {m: [] for m in modes}
     acc = {m: [] for m in modes}
@@ -316,7 +362,7 @@ def cpu_tiny(args) -> dict:
             for p in prompts:
                 last = None
                 c0 = time.process_time()
-                for last in stream_generate(model, tok, p, max_tokens=args.gen, **modes[m]):
+                for last in run(m, p, args.gen):
                     toks.append(last.token)
                 c += time.process_time() - c0  # (the prompt's share included: a few %)
                 n += last.generation_tokens
@@ -328,6 +374,8 @@ def cpu_tiny(args) -> dict:
             tokens.setdefault(m, toks)
     result = {"device": _device_name(), "date": _now(), "gen": args.gen, "repeats": args.repeats}
     result["dtype"] = args.dtype or "as shipped"
+    result["model"] = str(path)
+    result["draft_vocab"] = None if subset is None else len(subset)
     for m in modes:
         result[m] = {
             "tokens_per_s": round(statistics.median(runs[m]), 2),
@@ -356,6 +404,13 @@ def main(argv=None) -> None:
     g.add_argument("--cpu-tiny", action="store_true", help="CPU: the shipped tiny model")
     p.add_argument("--tiny", action="store_true", help="--device-run on a tiny fp32 shape")
     p.add_argument("--dtype", default=None, help="--cpu-tiny: load the weights in this dtype")
+    p.add_argument("--model", type=Path, default=None, help="--cpu-tiny: another model folder")
+    p.add_argument("--ks", default="1,2,3", help="--cpu-tiny: drafts per round to run")
+    p.add_argument(
+        "--compare-full",
+        action="store_true",
+        help="--cpu-tiny: also each k with the whole vocabulary (when the model has a subset)",
+    )
     p.add_argument("--shapes", nargs="+", default=["0.8b", "9b"], choices=list(SHAPES))
     p.add_argument("--context", type=int, default=512, help="prompt tokens (--device-run)")
     p.add_argument("--iters", type=int, default=20)
@@ -367,6 +422,12 @@ def main(argv=None) -> None:
         help="--device-run: verify projections off,auto,all (layers.ROWS_GEMV; see set_variant)",
     )
     p.add_argument("--no-generation", action="store_true", help="--device-run: timings only")
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        help="--device-run: also time rounds with the MTP head over this many tokens",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     result = device_run(args) if args.device_run else cpu_tiny(args)

@@ -464,6 +464,7 @@ def count_parts(shape: dict, tokens: int = 1, **kw) -> dict:
     Counted by differences of small stacks of the shape's layer kinds: [linear], [linear,
     linear], [linear, attention], [linear, attention, attention], the first two also without
     the MLP blocks."""
+
     def n(types: list[str], mlp: bool = True) -> collections.Counter:
         s = dict(shape, num_hidden_layers=len(types), layer_types=types)
         s.pop("full_attention_interval", None)

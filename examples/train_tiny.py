@@ -14,7 +14,16 @@ Steps, all seeded: build the corpus, train a byte-level BPE tokenizer, train the
 `--mtp` trains only a multi-token-prediction head (`mtp.*`, the draft model of speculative
 decoding) on top of the model already at `--out`, whose weights it keeps bit for bit: the head
 reads the frozen model's final hidden state at t and the token at t + 1 and learns the token at
-t + 2, on the same corpus (the shipped head: `--mtp --minutes 6`).
+t + 2, on the same corpus (the first shipped head: `--mtp --minutes 6`).
+
+`--mtp --distill` trains the head (warm-started from the one at `--out`) by self-distillation:
+what speculative decoding needs is agreement with the MAIN model's own next tokens, not with the
+corpus, so the targets are the model's greedy continuations (`batch_generate`, the model as
+shipped) of chat questions on the training topics and of openings of training texts; the bench's
+questions (EVAL_QUESTIONS) and held-out subjects are never used, and 1/16 of the continuations
+is held out to measure the k = 1 acceptance before and after (training_log.json, "distill").
+The shipped head: `--mtp --distill --steps 160 --lr 2e-3`. `--draft-vocab N` writes
+draft_vocab.json (models/mtp.py: the head drafts over the corpus's N most frequent tokens).
 
 The corpus depends on the Python version's documentation (the shipped model was trained
 on CPython 3.11). `held_out_text()` gives the validation documents, which training never sees.
@@ -542,6 +551,97 @@ def mtp_loss_fn(model, batch):
     return nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 2:], reduction="mean")
 
 
+# The chat prompts `benchmarks/bench_mtp.py --cpu-tiny` measures with: never distilled on.
+EVAL_QUESTIONS = ("What is a list?", "Explain the with statement.", "Tell me about dict.")
+
+
+def distill_prompts(seed: int, n_chat: int, n_text: int) -> list[str]:
+    """Prompts for the MTP head's self-distillation: chat questions on the training topics (not
+    those of EVAL_QUESTIONS: their subjects are left out), half of them with thinking on, and
+    the openings of training texts."""
+    rng = random.Random(seed + 7)
+    skip = {"list", "with", "dict"}
+    subjects = []
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        for title, body in _topic_sections(name, topics[name]):
+            subject = _subject(title)
+            key = f"topic:{name}:{title}"
+            words = set(re.findall(r"\w+", subject))
+            if _paragraphs(body) and not _is_held_out(key) and not skip & words:
+                subjects.append((subject, QA_FORMS["topic"][1]))
+    for kind, name, _ in _doc_items():
+        if not _is_held_out(f"doc:{name}") and not skip & set(re.findall(r"\w+", name)):
+            subjects.append((name, QA_FORMS[kind][1]))
+    rng.shuffle(subjects)
+    # Thinking on and off, as in training (the chat template's default is on).
+    chats = [chat_prompt(rng.choice(forms).format(s), enable_thinking=rng.random() < 0.5)
+             for s, forms in subjects[:n_chat]]  # fmt: skip
+    texts = [d for d in build_corpus(seed)[0] if isinstance(d, str) and not d.startswith(IM_START)]
+    rng.shuffle(texts)
+    return chats + [t[: rng.randint(40, 160)] for t in texts[:n_text]]
+
+
+def greedy_sequences(args, prompts: list[str]) -> list[tuple[list[int], int]]:
+    """(prompt + the shipped model's greedy continuation, prompt length) per prompt: the model
+    as it decodes (its stored dtype), so the targets are the tokens speculative decoding must
+    match."""
+    from qwen35_mlx import batch_generate, load
+
+    model, tok = load(args.out)
+    out = []
+    for i in range(0, len(prompts), 64):
+        chunk = [tok.encode(p, add_special_tokens=False) for p in prompts[i : i + 64]]
+        got = batch_generate(model, tok, chunk, max_tokens=args.distill_tokens)
+        for ids, g in zip(chunk, got.tokens, strict=True):
+            out.append((ids + list(g), len(ids)))
+        print(f"distill: {len(out)}/{len(prompts)} continuations", flush=True)
+    return out
+
+
+class DistillStream:
+    """Batches of (sequence, loss mask) from `greedy_sequences`: the mask keeps the positions
+    whose MTP target (token t + 2) is a generated token, right padding masked out."""
+
+    def __init__(self, seqs: list[tuple[list[int], int]], pad: int, seed: int):
+        T = max(len(s) for s, _ in seqs)
+        self.x = np.full((len(seqs), T), pad, dtype=np.int32)
+        self.m = np.zeros((len(seqs), T - 2), dtype=np.float32)
+        for i, (s, n) in enumerate(seqs):
+            self.x[i, : len(s)] = s
+            self.m[i, max(0, n - 2) : len(s) - 2] = 1.0
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, B: int, T: int) -> mx.array:
+        rows = self.rng.choice(len(self.x), size=B)
+        return mx.array(self.x[rows]), mx.array(self.m[rows])
+
+
+def mtp_distill_loss_fn(model, batch, mask):
+    """`mtp_loss_fn` over the positions of the model's own greedy tokens only."""
+    _, h = model(batch[:, :-1], return_hidden=True)
+    logits, _ = model.mtp_forward(mx.stop_gradient(h[:, :-1]), batch[:, 1:-1])
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch[:, 2:], reduction="none")
+    return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
+
+
+def mtp_acceptance(model, seqs: list[tuple[list[int], int]]) -> float:
+    """Share of positions of the model's greedy continuations where the MTP head's argmax
+    (from the model's hidden state at t and token t + 1) is token t + 2: k = 1 acceptance."""
+    hit = total = 0
+    for s, n in seqs:
+        x = mx.array([s])
+        _, h = model(x[:, :-1], return_hidden=True)
+        logits, _ = model.mtp_forward(h[:, :-1], x[:, 1:-1])
+        pred = np.array(logits.argmax(-1)[0])
+        tgt = np.array(s[2:])
+        lo = max(0, n - 2)
+        hit += int((pred[lo:] == tgt[lo:]).sum())
+        total += len(tgt) - lo
+    return hit / max(total, 1)
+
+
 def train_mtp(args) -> None:
     """Add an MTP head to the model at `args.out` and train only the head (module docstring)."""
     from tokenizers import Tokenizer
@@ -564,24 +664,39 @@ def train_mtp(args) -> None:
     model.freeze()
     model.mtp.unfreeze()
     tok = Tokenizer.from_file(str(args.out / "tokenizer.json"))
-    train_docs, _ = build_corpus(args.seed)
-    stream = Stream(train_docs, tok, args.seed + 1)
+    log = {"mtp_loss": []}
+    if args.distill:
+        seqs = greedy_sequences(args, distill_prompts(args.seed, args.distill_chats,
+                                                      args.distill_texts))  # fmt: skip
+        rng = random.Random(args.seed)
+        rng.shuffle(seqs)
+        held, seqs = seqs[: len(seqs) // 16], seqs[len(seqs) // 16 :]
+        stream = DistillStream(seqs, tok.token_to_id(EOT), args.seed + 1)
+        loss_fn_ = mtp_distill_loss_fn
+        before = mtp_acceptance(model, held)
+        print(f"distill: k=1 acceptance on {len(held)} held-out continuations {before:.3f}")
+        log["distill"] = {"sequences": len(seqs), "held_out": len(held), "before": before}
+    else:
+        train_docs, _ = build_corpus(args.seed)
+        stream = Stream(train_docs, tok, args.seed + 1)
+        loss_fn_ = mtp_loss_fn
 
     optimizer = optim.AdamW(learning_rate=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
-    value_and_grad = nn.value_and_grad(model, mtp_loss_fn)
+    value_and_grad = nn.value_and_grad(model, loss_fn_)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch):
-        loss, grads = value_and_grad(model, batch)
+    def step(*batch):
+        loss, grads = value_and_grad(model, *batch)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
 
-    t0, i, total, losses, log = time.time(), 0, args.steps, [], {"mtp_loss": []}
+    t0, i, total, losses = time.time(), 0, args.steps, []
     while total is None or i < total:
         optimizer.learning_rate = lr_at(i, total or 10**9, args.lr, args.warmup)
-        loss = step(stream.batch(args.batch, args.context))
+        b = stream.batch(args.batch, args.context)
+        loss = step(*(b if isinstance(b, tuple) else (b,)))
         mx.eval(state, loss)
         losses.append(loss.item())
         i += 1
@@ -593,12 +708,17 @@ def train_mtp(args) -> None:
             mean = sum(losses[-25:]) / len(losses[-25:])
             print(f"mtp step {i}/{total}  loss {mean:.3f}  {time.time() - t0:.0f}s", flush=True)
             log["mtp_loss"].append([i, round(mean, 4)])
-    # The main weights go back exactly as loaded (float16 -> float32 -> float16 is exact).
+    if args.distill:
+        after = mtp_acceptance(model, held)
+        print(f"distill: k=1 acceptance on the held-out continuations {after:.3f}")
+        log["distill"]["after"] = after
+    # The main weights go back exactly as loaded (float16 -> float32 -> float16 is exact); the
+    # head is the trained one (`weights` holds the old head when the model had one).
     dtype = getattr(mx, config.get("dtype", "float16"))
     model.update(
         tree_unflatten(
             [
-                (k, weights[k] if k in weights else v.astype(dtype))
+                (k, weights[k] if k in weights and not k.startswith("mtp.") else v.astype(dtype))
                 for k, v in tree_flatten(model.parameters())
             ]
         )
@@ -618,6 +738,29 @@ def train_mtp(args) -> None:
     shutil.rmtree(args.out)
     tmp.rename(args.out)
     print(f"wrote {args.out}")
+
+
+def write_draft_vocab(out: Path, n: int, seed: int = 0) -> list[int]:
+    """`draft_vocab.json` in `out`: the n most frequent tokens of the training corpus (the
+    special tokens first), which the MTP head then drafts over (models/mtp.py)."""
+    from tokenizers import Tokenizer
+
+    from qwen35_mlx.models.mtp import DRAFT_VOCAB_FILE
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    counts = np.bincount(Stream(build_corpus(seed)[0], tok, seed).tokens,
+                         minlength=tok.get_vocab_size())  # fmt: skip
+    special = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    by_count = [int(i) for i in np.argsort(-counts, kind="stable") if i not in special]
+    ids = (special + by_count)[:n]
+    share = counts[ids].sum() / counts.sum()
+    (out / DRAFT_VOCAB_FILE).write_text(json.dumps({
+        "token_ids": ids,
+        "source": f"the {n} most frequent tokens of the training corpus (train_tiny.py "
+                  f"--draft-vocab {n}): {share:.1%} of its tokens",
+    }) + "\n")  # fmt: skip
+    print(f"wrote {out / DRAFT_VOCAB_FILE}: {n} tokens, {share:.1%} of the corpus")
+    return ids
 
 
 def save_assets(model: nn.Module, config: dict, tok, out: Path, log: dict) -> None:
@@ -677,6 +820,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mtp", action="store_true", help="train only an MTP head on the model at --out"
     )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="--mtp: train the head on the model's own greedy continuations (self-distillation)",
+    )
+    p.add_argument("--distill-chats", type=int, default=512, help="--distill: chat prompts")
+    p.add_argument("--distill-texts", type=int, default=256, help="--distill: text prompts")
+    p.add_argument("--distill-tokens", type=int, default=96, help="--distill: tokens each")
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        help="write draft_vocab.json (this many of the corpus's most frequent tokens) at --out",
+    )
     return p
 
 
@@ -685,6 +842,9 @@ def main(argv: list[str] | None = None) -> None:
     random.seed(args.seed)
     if args.mtp:
         train_mtp(args)
+    if args.draft_vocab:
+        write_draft_vocab(args.out, args.draft_vocab, args.seed)
+    if args.mtp or args.draft_vocab:
         return
     train_docs, held_docs = build_corpus(args.seed)
     tok = train_tokenizer(

@@ -115,17 +115,23 @@ def _joint(first, second, V):
     return h.reshape(-1)
 
 
+@pytest.mark.parametrize("subset", [False, True])
 @pytest.mark.parametrize("opts", [dict(temp=1.0, top_k=4), dict(temp=0.7, top_p=0.9)])
-def test_sampling_distribution_is_the_models(opts):
+def test_sampling_distribution_is_the_models(opts, subset):
     """With sampling, the speculative tokens follow the main model's distribution: over B rows
     of one prompt (one batch), the joint histogram of the first two generated tokens (the second
-    one drafted, then accepted or resampled by the rejection rule) matches plain sampling's."""
+    one drafted, then accepted or resampled by the rejection rule) matches plain sampling's.
+    `subset`: the head drafts over a random half of the vocabulary (models/mtp.py: its
+    distribution is zero elsewhere), the output is still the main model's."""
     from mlx_lm.sample_utils import make_sampler
 
+    from qwen35_mlx.models.mtp import use_draft_vocab
     from qwen35_mlx.speculative import Sampling
 
     V = 384
     m = make_text_model(make_text_config(vocab_size=V, mtp_num_hidden_layers=1), seed=7)
+    if subset:
+        use_draft_vocab(m, np.random.default_rng(3).permutation(V)[: V // 2].tolist())
     B = 2000
     one = mx.array([PROMPT])
     mx.random.seed(1)
@@ -156,6 +162,8 @@ def test_sampling_distribution_is_the_models(opts):
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)
     assert spec.stats.accepted < spec.stats.drafted  # the rejection path ran
+    if subset:  # every draft from the subset
+        assert set(np.array(spec._drafts).ravel().tolist()) <= set(m.mtp.draft_vocab)
 
 
 def _batch_oracle(wants: list[list[int]], p_right: float, seed: int = 0):

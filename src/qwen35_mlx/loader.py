@@ -264,6 +264,11 @@ def _load_model(
         ) from e
     finally:
         del model.load_weights
+    from .models.mtp import read_draft_vocab, use_draft_vocab  # (models: after the CLI's checks)
+
+    draft_vocab = read_draft_vocab(path)
+    if draft_vocab is not None and "mtp" in getattr(model, "language_model", model):
+        use_draft_vocab(model, draft_vocab)  # the MTP head drafts over these tokens only
     return model
 
 

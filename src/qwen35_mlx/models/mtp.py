@@ -12,6 +12,14 @@ backbone's output after its final norm (the hidden state the main lm_head reads)
 no MTP module (it ignores `mtp.*` on load). Drafting a second token feeds o_i itself as the
 next hidden state (vLLM does the same).
 
+Draft vocabulary (optional; FR-Spec, EAGLE-3): with `use_draft_vocab(model, ids)` the head's
+logits are those of the lm_head's rows for the N tokens `ids` only (a [N, H] matrix instead of
+[V, H]: the head's lm_head is most of its cost on a small model), and -inf for every other token.
+A greedy draft is then ids[argmax over the N]; a sampled one comes from a distribution that is
+zero outside the subset, which the rejection rule takes as any other draft distribution: the
+emitted tokens stay the main model's either way, only the acceptance changes. A checkpoint
+folder carries its subset in `draft_vocab.json` ({"token_ids": [...]}, read by the loader).
+
 The layer is a `layers.DecoderLayer` of type full_attention, dense or MoE like the main model's
 MLPs. Its KV cache holds one entry per position i, so its rotary offset is the position of h_i
 (M-RoPE positions, for the VLM, are passed like the main model's). Norms are mlx's RMSNorm with
@@ -22,6 +30,9 @@ zero-centred in Hugging Face checkpoints and shifted once by the text model's `s
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +43,9 @@ from .layers import DecoderLayer, add_norm, project
 # Checkpoint names of the MTP norms that are Qwen3_5RMSNorm ((1 + w) in Hugging Face's layout),
 # besides the decoder layer's own (input/post-attention layernorm, q_norm, k_norm).
 MTP_NORMS = ("mtp.norm.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_norm_embedding.weight")
+
+# The draft vocabulary of a checkpoint folder (module doc).
+DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
 def mtp_layer_config(config: TextConfig) -> TextConfig:
@@ -89,3 +103,81 @@ class MTP(nn.Module):
     def decode_groups(self) -> list:
         """(owner, names) of the projection groups the compiled steps apply (`layers.project`)."""
         return [(self, ("fc",)), *self.layers[0].decode_groups()]
+
+    @property
+    def draft_vocab(self) -> list[int] | None:
+        """The draft vocabulary's token ids (`use_draft_vocab`), or None: the whole vocabulary."""
+        return self["_draft_ids"].tolist() if "_draft_ids" in self else None
+
+    # Logits of the head's output o [..., H]. The arrays live under "_"-names: kept out of
+    # parameters() (not saved, not loaded) but, as entries of the module, inputs of the
+    # compiled steps (`mx.compile(..., inputs=model)`), so setting or clearing them retraces.
+    def logits(self, o: mx.array, lm_head: Callable, vocab: int) -> mx.array:
+        """[..., V]: lm_head(o), or over the draft vocabulary with -inf elsewhere."""
+        if "_draft_ids" not in self:
+            return lm_head(o)
+        sub = o @ self["_draft_rows_t"]  # [..., N]
+        full = mx.full((*sub.shape[:-1], vocab), -mx.inf, dtype=sub.dtype)
+        ids = mx.broadcast_to(self["_draft_ids"], sub.shape)
+        return mx.put_along_axis(full, ids, sub, axis=-1)
+
+    def argmax(self, o: mx.array, lm_head: Callable) -> mx.array:
+        """The greedy draft [...] at each position of o [..., H]."""
+        if "_draft_ids" not in self:
+            return lm_head(o).argmax(-1)
+        return self["_draft_ids"][(o @ self["_draft_rows_t"]).argmax(-1)]
+
+
+def lm_head_rows(text: nn.Module, ids: mx.array) -> mx.array:
+    """The rows [N, H] of a text model's output layer for token ids [N], dequantized."""
+    if text.config.tie_word_embeddings:
+        return text.model.embed_tokens(ids)  # (a QuantizedEmbedding dequantizes its rows)
+    head = text.lm_head
+    if isinstance(head, nn.QuantizedLinear):
+        biases = head.get("biases")
+        return mx.dequantize(
+            head.weight[ids],
+            head.scales[ids],
+            None if biases is None else biases[ids],
+            group_size=head.group_size,
+            bits=head.bits,
+            mode=head.mode,
+        )
+    return head.weight[ids]
+
+
+def use_draft_vocab(model: nn.Module, ids: Sequence[int] | None) -> None:
+    """Draft over the token ids `ids` only (module doc), or over the whole vocabulary (None).
+    Call it after the weights are final (loaded, cast, quantized): it copies the lm_head's
+    rows."""
+    text = getattr(model, "language_model", model)
+    if "mtp" not in text:
+        raise ValueError("this model has no multi-token-prediction head (mtp.*)")
+    mtp = text.mtp
+    if ids is None:
+        for key in ("_draft_ids", "_draft_rows_t"):
+            mtp.pop(key, None)
+        return
+    ids = [int(i) for i in ids]
+    V = text.config.vocab_size
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= i < V for i in ids):
+        raise ValueError(f"a draft vocabulary needs distinct token ids in [0, {V})")
+    if getattr(text, "sharding_group", None) is not None:
+        raise ValueError("a draft vocabulary needs the whole lm_head (this model's is sharded)")
+    idx = mx.array(ids, dtype=mx.int32)
+    mtp["_draft_ids"] = idx
+    mtp["_draft_rows_t"] = mx.contiguous(lm_head_rows(text, idx).T)  # [H, N]
+
+
+def read_draft_vocab(path: str | Path) -> list[int] | None:
+    """The token ids of a checkpoint folder's `draft_vocab.json`, or None without one."""
+    f = Path(path) / DRAFT_VOCAB_FILE
+    if not f.is_file():
+        return None
+    try:
+        ids = json.loads(f.read_text())["token_ids"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{f}: not a draft vocabulary ({{"token_ids": [...]}}): {e}') from e
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"{f}: token_ids must be a list of integers")
+    return ids

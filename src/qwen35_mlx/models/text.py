@@ -393,9 +393,7 @@ class TextModel(nn.Module):
             if hasattr(c, "note_advance"):
                 c.note_advance(T)
 
-    def _round_impl(
-        self, tokens, kv, lin, idx, offset, left_padding, lin_padding, mtp_kv, rows_w
-    ):
+    def _round_impl(self, tokens, kv, lin, idx, offset, left_padding, lin_padding, mtp_kv, rows_w):
         """`_verify_impl`, then the MTP head over every verified position with the main
         model's greedy token there as the next token (`verify_and_draft`): one compiled call."""
         self._traced = True  # runs only while mx.compile traces
@@ -405,7 +403,7 @@ class TextModel(nn.Module):
             )
             target = logits.argmax(-1)
             o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
-            drafts = self.logits(o, step=True).argmax(-1)
+            drafts = self.mtp.argmax(o, self._step_logits)
         return (
             logits,
             h,
@@ -521,6 +519,9 @@ class TextModel(nn.Module):
             out = gather_last_axis(out, self.sharding_group)
         return out
 
+    def _step_logits(self, h: mx.array) -> mx.array:
+        return self.logits(h, step=True)
+
     def __call__(
         self,
         inputs: mx.array | None,
@@ -587,11 +588,10 @@ class TextModel(nn.Module):
         if position_ids is not None:
             rope = self.mtp.layers[0].self_attn.rope.cos_sin(position_ids)
         o = self.mtp(hidden, emb, mask, c, rope)
-        return self.logits(o[:, -1:] if last_only else o), o
+        o_out = o[:, -1:] if last_only else o
+        return self.mtp.logits(o_out, self.logits, self.config.vocab_size), o
 
-    def _mtp_impl(
-        self, hidden, tokens, keys, values, idx, offset, left_padding, positions, rows_w
-    ):
+    def _mtp_impl(self, hidden, tokens, keys, values, idx, offset, left_padding, positions, rows_w):
         """The MTP head compiled over its static KV buffer, T tokens a row (the `verify`
         pattern): (logits [B, 1, vocab] at the last position, MTP hidden [B, T, H], new buffers,
         the advanced per-row offset of a batch cache as a list of 0 or 1)."""
@@ -600,7 +600,8 @@ class TextModel(nn.Module):
             o, keys, values, offsets = self._mtp_body(
                 hidden, tokens, keys, values, idx, offset, left_padding, positions
             )
-        return self.logits(o[:, -1:], step=True), o, keys, values, offsets
+            logits = self.mtp.logits(o[:, -1:], self._step_logits, self.config.vocab_size)
+        return logits, o, keys, values, offsets
 
     def _mtp_body(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):
         T = tokens.shape[1]
