@@ -88,7 +88,10 @@ case "$step" in
       tests/test_speculative.py -k "not sampling_distribution" &
     run kernels "tests/kernels/test_gpu_kernels.py::test_gated_delta_kernel_matches_ref" &
     run sampling tests/test_speculative.py::test_sampling_distribution_is_the_models &
+    PYTHONPATH=$PYTHONPATH:. timeout 300 python3 benchmarks/probe_large_batch.py 256 \
+      >"$out/probe_large_batch.log" 2>&1 &
     wait
+    grep -E " ok| FAIL| TIMEOUT" "$out/probe_large_batch.log" || true
     grep -hE "^### FAILED|^E  " "$out"/recheck_*.log | grep -v "^E    +" | cut -c1-200 | head -60 || true
     for f in "$out"/recheck_*.log; do
       echo "$(basename "$f"): $(grep -c '^### PASSED' "$f") passed, $(grep -c '^### FAILED' "$f") failed"
