@@ -216,32 +216,41 @@ TILE_BODY = """
 """
 
 
-@pytest.mark.parametrize("mp", [1, 3])
-@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
-def test_tile_layer_matches_numpy(matrix_state, ta, tb, mp):
-    if matrix_state:
-        pytest.skip("independent of the state pass")
-    K = 32
+def _tile_product(a, b, c, mp: int, ta: bool, tb: bool) -> mx.array:
+    """TILE_BODY in one warp: C + A B for A [16, K] (given as [K, 16] if ta), B [K, 16] (given
+    as [16, K] if tb), C [16, 16] fp32; the output starts as NaN."""
+    K = a.shape[0] if ta else a.shape[1]
     kern = getattr(mx.fast, f"{BACKEND}_kernel")(
-        name="gd_tile_check",
+        # a name per operand width, as before the two tests shared this
+        name="gd_tile_check16" if a.dtype.size == 2 else "gd_tile_check",
         input_names=["a", "b", "c_in"],
         output_names=["out"],
         source=cl.PROLOGUE[BACKEND] + TILE_BODY,
         header=cl.header(BACKEND),
     )
-    rng = np.random.default_rng(7)
-    a = rng.standard_normal((16, K)).astype(np.float32)
-    b = rng.standard_normal((K, 16)).astype(np.float32)
-    c = rng.standard_normal((16, 16)).astype(np.float32)
-    (out,) = kern(
-        inputs=[mx.array(a.T.copy() if ta else a), mx.array(b.T.copy() if tb else b), mx.array(c)],
+    return kern(
+        inputs=[a, b, c],
         template=[("MP", mp), ("TA", ta), ("TB", tb), ("K", K)],
         grid=(32, 1, 1),
         threadgroup=(32, 1, 1),
         output_shapes=[(16, 16)],
         output_dtypes=[mx.float32],
         init_value=NAN,
-    )
+    )[0]
+
+
+@pytest.mark.parametrize("mp", [1, 3])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_tile_layer_matches_numpy(matrix_state, ta, tb, mp):
+    if matrix_state:
+        pytest.skip("independent of the state pass")
+    K = 32
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((16, K)).astype(np.float32)
+    b = rng.standard_normal((K, 16)).astype(np.float32)
+    c = rng.standard_normal((16, 16)).astype(np.float32)
+    at, bt = mx.array(a.T.copy() if ta else a), mx.array(b.T.copy() if tb else b)
+    out = _tile_product(at, bt, mx.array(c), mp, ta, tb)
     want = c.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
     err = float(np.abs(np.array(out) - want).max() / np.abs(want).max())
     # tf32 operands: ~2^-11 relative per product; three tf32 products: about fp32 (2^-24 per
@@ -261,26 +270,11 @@ def test_tile_layer_16bit_operands_are_exact(matrix_state, dtype, mp):
     if matrix_state or BACKEND != "cuda":
         pytest.skip("CUDA tile layer only; independent of the state pass")
     K = 32
-    kern = mx.fast.cuda_kernel(
-        name="gd_tile_check16",
-        input_names=["a", "b", "c_in"],
-        output_names=["out"],
-        source=cl.PROLOGUE[BACKEND] + TILE_BODY,
-        header=cl.header(BACKEND),
-    )
     rng = np.random.default_rng(8)
     a = mx.array(rng.standard_normal((16, K)).astype(np.float32)).astype(dtype)
     b = mx.array(rng.standard_normal((K, 16)).astype(np.float32)).astype(dtype)
     c = rng.standard_normal((16, 16)).astype(np.float32)
-    (out,) = kern(
-        inputs=[a, b, mx.array(c)],
-        template=[("MP", mp), ("TA", False), ("TB", False), ("K", K)],
-        grid=(32, 1, 1),
-        threadgroup=(32, 1, 1),
-        output_shapes=[(16, 16)],
-        output_dtypes=[mx.float32],
-        init_value=NAN,
-    )
+    out = _tile_product(a, b, mx.array(c), mp, False, False)
     a64 = np.array(a.astype(mx.float32), np.float64)
     b64 = np.array(b.astype(mx.float32), np.float64)
     want = c.astype(np.float64) + a64 @ b64
