@@ -12,13 +12,19 @@ tests/kernels/test_fused_norm_on_cpu.py (emulated) and test_gpu_fused_norm.py (o
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_map
 
 from qwen35_mlx.kernels import fused_norm
 from qwen35_mlx.models import layers
 
 from .models.factory import make_moe_config, make_text_config, make_text_model
-from .test_fast_decode import TOKENS, assert_as_accurate, assert_same, fused_rounding, greedy
+from .test_fast_decode import (
+    TOKENS,
+    assert_as_accurate,
+    assert_same,
+    fp32_copy,
+    fused_rounding,
+    greedy,
+)
 
 
 def test_the_default_keeps_the_old_structure():
@@ -61,9 +67,7 @@ def test_pairs_in_the_verify_step(monkeypatch):
         np.testing.assert_array_equal(outs[1], outs[0])
         return
     # A GPU: compiled and plain round differently (test_fast_decode.fused_rounding).
-    ref = make_text_model(model.config)
-    ref.update(tree_map(lambda x: x.astype(mx.float32), model.parameters()))
-    ref.compiled_decode = False
+    ref = fp32_copy(model)
     cache = ref.make_cache()
     mx.eval(ref(mx.array([TOKENS[:7]]), cache=cache))
     assert_as_accurate(outs[0], outs[1], np.array(ref(mx.array([TOKENS[7:11]]), cache=cache)))

@@ -100,15 +100,21 @@ def fused_rounding(model) -> bool:
     return mx.default_device() == mx.gpu and dtype in (mx.bfloat16, mx.float16)
 
 
-def teacher_forced_fp32(model, prompts, toks, pads=None):
-    """The plain path of a float32 copy of `model` (the same, already rounded weights), fed
-    `toks` [B, n]: the logits before each token, [B, n, V] fp32."""
+def fp32_copy(model):
+    """A float32 text model with `model`'s (already rounded) weights, on the plain path."""
     from mlx.utils import tree_map
 
     text = model.language_model if hasattr(model, "language_model") else model
     ref = make_text_model(text.config)
     ref.update(tree_map(lambda x: x.astype(mx.float32), text.parameters()))
     ref.compiled_decode = False
+    return ref
+
+
+def teacher_forced_fp32(model, prompts, toks, pads=None):
+    """The plain path of a float32 copy of `model` (`fp32_copy`), fed `toks` [B, n]: the
+    logits before each token, [B, n, V] fp32."""
+    ref = fp32_copy(model)
     cache = ref.make_cache(left_padding=pads) if pads else ref.make_cache()
     logits = ref(mx.array(prompts), cache=cache)[:, -1]
     outs = []
