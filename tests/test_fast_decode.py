@@ -750,3 +750,15 @@ def test_compiled_mtp_traces_once_per_T_within_a_block(with_mtp, monkeypatch):
     traces = VerifyTraces(with_mtp, monkeypatch)
     mtp_rounds(with_mtp, True)
     assert traces.mtp == 1 + 3  # the plain prefill, then one trace for each of T = 1, 2, 3
+
+
+def test_large_batch_decodes_as_rows_alone():
+    """160 rows, compiled and plain: on CUDA this is where MLX's rope launch overflowed its
+    threadgroup for small rotary dimensions (`layers.rope_block_z`; the factory model has 4),
+    which failed every step from batch 128 on. Each row's tokens equal the row decoded alone."""
+    model = make_text_model(make_text_config(), seed=12)
+    prompts = [(TOKENS * 2)[i % 14 : i % 14 + 6] for i in range(160)]
+    toks = assert_same(model, prompts, 4)
+    for i in (0, 13, 159):
+        alone, _ = greedy(model, [prompts[i]], 4, True)
+        np.testing.assert_array_equal(alone[0], toks[i])

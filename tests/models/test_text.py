@@ -7,6 +7,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
+from qwen35_mlx.models import layers as layers_lib
 from qwen35_mlx.models.layers import (
     MLP,
     Attention,
@@ -184,6 +185,34 @@ def test_mrope_identical_axes_matches_plain_rope(dense):
     pos5 = mx.broadcast_to((mx.arange(T) + 5)[None, None], (3, B, T))
     cos, sin = rope.cos_sin(pos5)
     assert rel_err(_np(apply_rotate_half(q, cos, sin)), _np(rope(q, 5))) < TOL
+
+
+@pytest.mark.parametrize("offset", [5, "rows"])
+def test_rope_ops_path_equals_fast_rope(monkeypatch, offset):
+    """Where MLX's CUDA rope launch would overflow its threadgroup (`rope_block_z`), Rotary
+    takes the rotate-half ops path: the same rotation, with an int or a per-row offset."""
+    B, T = 3, 2
+    rope = Rotary(32, 16, 10000.0, [3, 3, 2])
+    q = mx.random.normal((B, 4, T, 32), key=mx.random.key(4))
+    off = 5 if offset == 5 else mx.array([0, 7, 30])
+    fast = rope(q, off)
+    monkeypatch.setattr(layers_lib, "_cuda_rope_block_too_deep", lambda *a: True)
+    assert rel_err(_np(rope(q, off)), _np(fast)) < TOL
+
+
+def test_rope_block_rule():
+    """`rope_block_z` follows MLX 0.32's CUDA threadgroup sizing: the shipped tiny model's
+    16 rotary dims (4 heads) overflow z from 128 one-token rows on (found on the H200:
+    `cudaGraphAddKernelNode ... invalid argument` at batch 128); the released models' 64
+    rotary dims never do."""
+    z = layers_lib.rope_block_z
+    assert z(16, (64, 4, 1, 32)) == 64 and z(16, (128, 4, 1, 32)) == 128
+    assert z(4, (128, 4, 1, 16)) == 128  # the test factory's 4 rotary dims
+    assert z(16, (1, 4, 1, 32)) == 1  # one row: a 2-D launch
+    for B in (1, 2, 64, 128, 256, 1024):
+        for heads in (2, 8, 16, 32):  # key / query heads of the released models
+            for T in (1, 2, 8):
+                assert z(64, (B, heads, T, 256)) <= 64
 
 
 def _rope_numpy(x, pos, theta, R, section):

@@ -761,6 +761,11 @@ class Rotary(nn.Module):
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         """x [B, H, T, D]; offset int or [B]."""
+        if _cuda_rope_block_too_deep(self.rotary_dim, x.shape):
+            B, T = x.shape[0], x.shape[-2]
+            pos = mx.array(offset, mx.int32).reshape(-1, 1) + mx.arange(T, dtype=mx.int32)
+            cos, sin = self.cos_sin(mx.broadcast_to(pos, (3, B, T)))
+            return apply_rotate_half(x, cos, sin)
         return mx.fast.rope(
             x,
             self.rotary_dim,
@@ -777,6 +782,41 @@ class Rotary(nn.Module):
         angles = (freqs * self._axis_onehot[:, None, None, :]).sum(0)  # [B, T, R/2]
         angles = mx.concatenate([angles, angles], axis=-1)[:, None]
         return mx.cos(angles), mx.sin(angles)
+
+
+def _cuda_rope_block_too_deep(rotary_dim: int, shape: tuple) -> bool:
+    """Whether MLX's CUDA rope kernel would be launched with more than 64 threads along z,
+    CUDA's limit (`cudaGraphAddKernelNode ... invalid argument`, the process's CUDA graph then
+    unusable): those calls take the rotate-half ops path instead (`rope_block_z`)."""
+    if not mx.cuda.is_available() or mx.default_device() != mx.gpu:
+        return False
+    return rope_block_z(rotary_dim, shape) > 64
+
+
+def rope_block_z(rotary_dim: int, shape: tuple) -> int:
+    """Threads along z of MLX 0.32's CUDA launch of `mx.fast.rope` with frequencies for x of
+    `shape` [B, heads, T, D]. It sizes the threadgroup over (rotary_dim / 2, T, B x ceil(heads
+    / 4)) by doubling each side in turn up to 1024 threads (`get_block_dims_common`) and never
+    caps z at CUDA's 64: a small rotary dimension at a large batch overflows it (the shipped
+    tiny model's 16 rotary dims from batch 128 on; the released models' 64 never). 1 for the
+    one-row kernel (B = T = 1: a 2-D launch)."""
+    B, T = shape[0], shape[-2]
+    if B == 1 and T == 1:
+        return 1
+    heads = int(np.prod(shape[1:-2]))
+    dims = [rotary_dim // 2, T, B * -(-heads // 4)]
+    pows = [0, 0, 0]
+    total = 0
+    while True:
+        before = total
+        for i in range(3):
+            if dims[i] >= 1 << (pows[i] + 1):
+                pows[i] += 1
+                total += 1
+            if total == 10:
+                break
+        if total in (10, before):
+            return 1 << pows[2]
 
 
 def apply_rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
