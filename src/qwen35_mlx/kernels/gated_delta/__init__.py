@@ -472,6 +472,17 @@ def gated_delta_decode_packed(
             qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=m, z=z, **kw
         )
         return y.reshape(B, Hv * Dv), state, conv_state, None
+    if name in ("auto", "ref", "chunked") and (name != "auto" or mx.default_device() == mx.cpu):
+        # Where every token would take the ops: all of them at once (decode.py), the same
+        # arithmetic with the per-token primitives only in the recurrence.
+        from .decode import gated_delta_decode_tokens_ref
+
+        _validate_packed(proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight, dims, B)
+        y, state, conv_state, states = gated_delta_decode_tokens_ref(
+            qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims=dims,
+            tokens=tokens, norm=(z, norm_weight, norm_eps),
+        )  # fmt: skip
+        return y.reshape(B * tokens, Hv * Dv), state, conv_state, states
     del kw["norm_weight"], kw["norm_eps"]
     for t in range(tokens):
         m = None if mask is None else mask[:, t]
