@@ -120,7 +120,7 @@ def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T)
     Hk, Dk, Hv, Dv = dims
     f32 = mx.float32
     BT, C = qkv.shape
-    B, R, N = BT // T, Hv // Hk, BT // T * Hv
+    B, R = BT // T, Hv // Hk
     dtype = qkv.dtype
     x = mx.concatenate([conv_state.astype(dtype), qkv.reshape(B, T, C)], axis=1)  # [B, K-1+T, C]
     w = conv_w.astype(dtype)
@@ -135,37 +135,32 @@ def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T)
     k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
     v = h[..., 2 * key_dim :].reshape(B, T, Hv, Dv)
     g, beta = compute_gates(a, b, A_log, dt_bias)  # [B*T, Hv]
-    # `_step`'s operands for every token, token-major: [T, N, ...] with N = B * Hv.
+    # `_step`'s operands for every token, [B, T, Hv, ...]; each token's is a [B, 1, Hv, ...]
+    # piece of one split a kind (views; `a[:, t]` would be a gather), and the state is kept
+    # [B, 1, Hv, Dv, Dk], so a token's step needs no reshape.
     q = mx.repeat(q.astype(f32), R, axis=2)  # [B, T, Hv, Dk]
     k = mx.repeat(k.astype(f32), R, axis=2)
     kdotq = (k * q).sum(-1)  # [B, T, Hv]
-    kq = mx.stack([k, q], axis=3).swapaxes(0, 1).reshape(T, N, 2, Dk)
-    kqt = mx.swapaxes(mx.contiguous(kq), -1, -2)  # [T, N, Dk, 2]
-    k = k.swapaxes(0, 1).reshape(T, N, 1, Dk)
-    v = v.astype(f32).swapaxes(0, 1).reshape(T, N, Dv, 1)
-
-    def per_token(s):  # [B*T, Hv] (row b*T + t) -> [T, N, 1, 1]
-        return s.reshape(B, T, Hv).swapaxes(0, 1).reshape(T, N, 1, 1)
-
-    g, beta, kdotq = per_token(g.astype(f32)), per_token(beta), per_token(kdotq)
-    m = None if mask is None else mx.repeat(mask.T, Hv, axis=1).reshape(T, N, 1, 1)
-    # Each token's operands as one split a kind ([1, N, ...] views; `a[t]` is a gather).
-    ops = [mx.split(o, T) for o in (kqt, k, v, g, beta, kdotq)]
-    ms = [None] * T if m is None else mx.split(m, T)
-    S = state.astype(f32).reshape(1, N, Dv, Dk)
+    kqt = mx.swapaxes(mx.stack([k, q], axis=3), -1, -2)  # [B, T, Hv, Dk, 2]
+    pieces = (kqt, k[..., None, :], v.astype(f32)[..., None])
+    pieces += tuple(u.reshape(B, T, Hv, 1, 1) for u in (g.astype(f32), beta, kdotq))
+    ops = [mx.split(u, T, axis=1) for u in pieces]
+    ms = [None] * T if mask is None else mx.split(mask.reshape(B, T, 1, 1, 1), T, axis=1)
+    S = state.astype(f32)[:, None]
     ys, states = [], []
     for t in range(T):
-        y, S = _token(S, *(o[t] for o in ops), ms[t])
+        y, S = _token(S, *(u[t] for u in ops), ms[t])
         ys.append(y)
         states.append((x[:, t + 1 : t + K], S.reshape(B, Hv, Dv, Dk)))
-    y = mx.concatenate(ys).reshape(T, B, Hv, Dv).swapaxes(0, 1).astype(dtype)  # [B, T, Hv, Dv]
+    y = mx.concatenate(ys, axis=1).reshape(B, T, Hv, Dv).astype(dtype)
     return y, states
 
 
 def _token(S, kqt, k, v, g, beta, kdotq, m):
-    """One recurrence step from prepared operands, `ref._step`'s arithmetic: S [1, N, Dv, Dk];
-    kqt [1, N, Dk, 2] ([k, q] transposed); k [1, N, 1, Dk]; v [1, N, Dv, 1]; g, beta, kdotq,
-    m [1, N, 1, 1]. Returns (y [1, N, Dv, 1] fp32, the new S)."""
+    """One recurrence step from prepared operands, `ref._step`'s arithmetic: S
+    [B, 1, Hv, Dv, Dk]; kqt [B, 1, Hv, Dk, 2] ([k, q] transposed); k [B, 1, Hv, 1, Dk]; v
+    [B, 1, Hv, Dv, 1]; g, beta, kdotq [B, 1, Hv, 1, 1]; m [B, 1, 1, 1, 1] or None. Returns
+    (y [B, 1, Hv, Dv, 1] fp32, the new S)."""
     SKQ = g * (S @ kqt)
     delta = (v - SKQ[..., :1]) * beta
     y = SKQ[..., 1:] + delta * kdotq
