@@ -253,9 +253,9 @@ def test_compiled_mtp_fused_projections_equal_plain(kind, monkeypatch):
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
 def test_compiled_mtp_head_from_float32_copies_same_numbers(dtype, monkeypatch):
     """On the CPU a half-precision head's compiled steps run their projections and output layer
-    from float32 copies (`text.CPU_FP32_HEAD`); MLX's CPU multiplies half-precision matrices in
-    float32 and rounds, so the logits, hidden states and the fused round's drafts are those
-    of the half-precision weights, bit for bit. "auto" over its byte limit makes no copies."""
+    from float32 copies (`text.CPU_FP32_DECODE` "head"); MLX's CPU multiplies half-precision
+    matrices in float32 and rounds, so the logits, hidden states and the fused round's drafts
+    are those of the half-precision weights, bit for bit. Over the byte limit no copies."""
     from qwen35_mlx.models import layers
     from qwen35_mlx.models import text as text_mod
 
@@ -267,7 +267,7 @@ def test_compiled_mtp_head_from_float32_copies_same_numbers(dtype, monkeypatch):
     _, h = model(ids, return_hidden=True)
 
     def run(mode):
-        monkeypatch.setattr(text_mod, "CPU_FP32_HEAD", mode)
+        monkeypatch.setattr(text_mod, "CPU_FP32_DECODE", mode)
         cache = model.make_mtp_cache()
         model.mtp_forward(h[:, :3], ids[:, 1:4], cache)
         outs, i = [], 3
@@ -284,12 +284,12 @@ def test_compiled_mtp_head_from_float32_copies_same_numbers(dtype, monkeypatch):
         return outs, made.fp32, "_decode_lm_head" in model.mtp
 
     half, f0, l0 = run(False)
-    copies, f1, l1 = run(True)
+    copies, f1, l1 = run("head")
     assert (f0, l0, f1, l1) == (False, False, True, True)
     # the main model's projections are never copied
     assert not layers._made(model.model.layers[0].mlp, ("gate_proj", "up_proj")).fp32
     for a, b in zip(half, copies, strict=True):
         assert a.dtype == b.dtype and mx.array_equal(a, b).item()
-    monkeypatch.setattr(text_mod, "CPU_FP32_HEAD_MAX_BYTES", 0)
-    _, f2, l2 = run("auto")
+    monkeypatch.setattr(text_mod, "CPU_FP32_MAX_BYTES", 0)
+    _, f2, l2 = run("head")
     assert (f2, l2) == (False, False)

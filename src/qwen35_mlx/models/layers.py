@@ -79,7 +79,7 @@ CPU_TRANSPOSED_WEIGHTS = True
 # fp32=True)` makes a float32 copy [in, out] of such a group its decode form, and `project`
 # takes x to float32 and the product back to x's dtype: the same numbers, for twice the group's
 # bytes of memory (the copy is extra; the layers keep their own weights). The text model asks it
-# for the MTP head on the CPU (text.py `CPU_FP32_HEAD`).
+# on the CPU for the MTP head, or for every projection (text.py `CPU_FP32_DECODE`).
 
 
 class _Fused:
@@ -193,10 +193,10 @@ def _cpu_transposed(mods: list) -> bool:
 
 def _cpu_fp32_copy(mods: list) -> bool:
     """Whether `prepare_projections(..., fp32=True)` makes a float32 copy of `mods`: dense
-    float16 / bfloat16 Linear layers on a CPU stream."""
+    float16 / bfloat16 Linear layers (or a tied output layer's Embedding) on a CPU stream."""
     return (
         mx.default_device() == mx.cpu
-        and all(type(m) is nn.Linear for m in mods)
+        and all(type(m) in (nn.Linear, nn.Embedding) for m in mods)
         and all(m.weight.dtype in (mx.float16, mx.bfloat16) for m in mods)
     )
 

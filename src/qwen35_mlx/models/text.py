@@ -79,16 +79,17 @@ def queue_layers(T: int) -> bool:
     return T >= LOOKAHEAD_MIN_T and mx.default_device() == mx.gpu
 
 
-# The MTP head on the CPU, with float16 / bfloat16 weights: its projections and its output
-# layer run from float32 copies made once (`layers.prepare_projections(..., fp32=True)`): MLX's
-# CPU converts a half-precision weight to float32 at every product, and a speculative round runs
-# the head besides the verify pass, while plain decoding never does. Same numbers (the product
-# is rounded back); the cost is memory: the copies take 4 bytes a weight of the head and of
-# the output layer. "auto": on the CPU while that is at most CPU_FP32_HEAD_MAX_BYTES; True /
-# False: always on the CPU / never. Read by `_prepare_decode`.
-CPU_FP32_HEAD: str | bool = "auto"
-CPU_FP32_HEAD_MAX_BYTES = 256 << 20
-HALF = (mx.float16, mx.bfloat16)
+# Half-precision decode projections on the CPU from float32 copies made once
+# (`layers.prepare_projections(..., fp32=True)`): MLX's CPU multiplies a float16 / bfloat16
+# matrix by converting it block by block at every product, which is most of a small model's
+# step. Same numbers (the product is rounded back to the input's dtype); the cost is memory, 4
+# bytes a copied weight besides the model's own. CPU_FP32_DECODE: "head" (the default): the
+# MTP head's projections and its output layer, which only speculative decoding runs; "all":
+# every projection of the compiled steps (plain decoding of the shipped tiny model ~1.8x
+# faster, and MTP then pays less than it costs: benchmarks/NOTES.md, helper mtpcpu); False:
+# none. Either only while the copies take at most CPU_FP32_MAX_BYTES. Read by `_prepare_decode`.
+CPU_FP32_DECODE: str | bool = "head"
+CPU_FP32_MAX_BYTES = 256 << 20
 
 # Calls of up to this many tokens a row over a filled cache (speculative verify passes, the MTP
 # head's) run a compiled step, traced once per token count, buffer size and batch shape; longer
@@ -491,46 +492,51 @@ class TextModel(nn.Module):
     def _prepare_decode(self) -> None:
         """The decode projections (`layers.prepare_projections`: fused, transposed weights),
         after one identity check per layer weight when nothing changed (and the rule of
-        `CPU_FP32_HEAD`, which makes the MTP head's float32 copies, the same)."""
+        `CPU_FP32_DECODE`, which makes float32 copies, the same)."""
         checks = self._decode_checks
-        rule = (CPU_FP32_HEAD, mx.default_device())
+        rule = (CPU_FP32_DECODE, CPU_FP32_MAX_BYTES, mx.default_device())
         if (
             checks
             and self._fp32_rule == rule
             and all(owner[n].get("weight") is w for owner, n, w in checks)
         ):
             return
-        fp32 = self._head_fp32()
+        scope = self._fp32_scope()
         head = {id(owner) for owner, _ in self.mtp.decode_groups()} if self.has_mtp else set()
         for owner, names in self._decode_groups():
-            prepare_projections(owner, names, fp32=fp32 and id(owner) in head)
+            fp32 = scope == "all" or (scope == "head" and id(owner) in head)
+            prepare_projections(owner, names, fp32=fp32)
         if self.has_mtp:
+            # The head's output layer: its own copy where the main model's is not one.
             self.mtp.pop("_decode_lm_head", None)
-            if fp32 and self.sharding_group is None:
+            if scope == "head" and self.sharding_group is None:
                 name = "embed_tokens" if self.config.tie_word_embeddings else "lm_head"
                 owner = self.model if self.config.tie_word_embeddings else self
-                out = owner[name]
-                if type(out) in (nn.Linear, nn.Embedding) and out.weight.dtype in HALF:
+                if layers_lib._cpu_fp32_copy([owner[name]]):
                     w = layers_lib.decode_weight(owner, name)  # [H, V]
                     self.mtp["_decode_lm_head"] = mx.contiguous(w.astype(mx.float32))
                     mx.eval(self.mtp["_decode_lm_head"])
         object.__setattr__(self, "_fp32_rule", rule)
         self._retake_decode()
 
-    def _head_fp32(self) -> bool:
-        """Whether the MTP head's projections and output layer run from float32 copies
-        (`CPU_FP32_HEAD`)."""
-        if not self.has_mtp or CPU_FP32_HEAD is False or mx.default_device() != mx.cpu:
-            return False
-        if CPU_FP32_HEAD is True:
-            return True
-        n = sum(v.size for _, v in tree_flatten(self.mtp.parameters()))
-        n += self.config.vocab_size * self.config.hidden_size
-        return 4 * n <= CPU_FP32_HEAD_MAX_BYTES
+    def _fp32_scope(self) -> str | None:
+        """Which decode projections run from float32 copies (`CPU_FP32_DECODE`): "head",
+        "all" or None."""
+        scope = CPU_FP32_DECODE
+        if scope not in ("head", "all") or mx.default_device() != mx.cpu:
+            return None
+        if scope == "head" and not self.has_mtp:
+            return None
+        if scope == "all":
+            n = sum(v.size for _, v in tree_flatten(self.parameters()))
+        else:
+            n = sum(v.size for _, v in tree_flatten(self.mtp.parameters()))
+            n += self.config.vocab_size * self.config.hidden_size
+        return scope if 4 * n <= CPU_FP32_MAX_BYTES else None
 
     def _head_logits(self, h: mx.array) -> mx.array:
         """The output layer as the MTP head's compiled steps apply it: from the float32 copy
-        (`CPU_FP32_HEAD`; rounded to h's dtype, the numbers of the half-precision product)
+        (`CPU_FP32_DECODE` "head"; rounded to h's dtype, the numbers of the half-precision product)
         where one was made, else as the decode step does."""
         if "_decode_lm_head" in self.mtp:
             w = self.mtp["_decode_lm_head"]
