@@ -9,7 +9,8 @@ Shapes: qkv [B, C], C = 2 Hk Dk + Hv Dv, channels [q | k | v]; conv_state [B, K-
 [C, K]; a, b [B, Hv]; A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B] bool or None.
 Returns y [B, Hv, Dv] (qkv's dtype), state [B, Hv, Dv, Dk] fp32 and the new conv state
 [B, K-1, C] (qkv's dtype, the last K-1 rows of [conv_state | qkv]). With `norm` = (z, weight,
-eps), y then passes the layer's gated RMSNorm (`gated_rms_norm`).
+eps), y then passes the layer's gated RMSNorm (`gated_rms_norm`). `gated_delta_decode_tokens_ref`
+takes T tokens a row at once, bit for bit T calls (the CPU's verify pass).
 
 Precision, as the layer's ops path (`models/layers.py` `_conv_qkv` then `gated_delta_update`):
 conv_state and conv_w are cast to qkv's dtype, and the conv's products and sums, the silu and q's
