@@ -383,18 +383,23 @@ def test_compiled_decode_bf16_and_quantized_weights(small_blocks, kind):
     assert_same(model, [TOKENS[:7], TOKENS[2:9]], 10)
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fold"])
 @pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
-def test_compiled_decode_from_float32_copies_same_numbers(dtype, tied, monkeypatch):
+def test_compiled_decode_from_float32_copies_same_numbers(dtype, tied, fold, monkeypatch):
     """`text.CPU_FP32_DECODE` "all" on the CPU: every half-precision projection of the compiled
     steps (the tied output layer included) from a float32 copy; the one-token steps' and a
     verify pass's logits are bit for bit those without copies (MLX's CPU multiplies
-    half-precision matrices in float32 and rounds), and equal the plain path's."""
+    half-precision matrices in float32 and rounds), and equal the plain path's. `fold`: the
+    residual adds folded into the projections (`layers.FOLD_RESIDUAL`), in float32 too."""
     from qwen35_mlx.models import layers
     from qwen35_mlx.models import text as text_mod
 
     if mx.default_device() != mx.cpu:
         pytest.skip("the float32 copies are made on the CPU only")
+    if fold:
+        monkeypatch.setattr(layers, "FOLD_RESIDUAL", True)
+        monkeypatch.setattr(layers, "ADD_NORM", False)
     model = make_text_model(make_text_config(tie_word_embeddings=tied), seed=4)
     model.set_dtype(dtype)
     prompts = [TOKENS[:7], TOKENS[2:9]]

@@ -127,10 +127,11 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...], fp32: bool = F
     the same input (see `project`). One identity check per layer when nothing changed. `fp32`:
     on the CPU, dense half-precision layers get a float32 copy [in, out] (see `_Fused`)."""
     key = _key(names)
-    made = _made(owner, names)
-    if made is not None and made.fp32 == (fp32 and _cpu_fp32_copy([owner[n] for n in names])):
-        return
     mods = [owner[n] for n in names]
+    fp32 = fp32 and _cpu_fp32_copy(mods) and (len(mods) == 1 or FUSE_DECODE_PROJECTIONS)
+    made = _made(owner, names)
+    if made is not None and made.fp32 == fp32:
+        return
     if key in owner:
         del owner[key]
     object.__setattr__(owner, key + "_made", None)
@@ -138,7 +139,7 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...], fp32: bool = F
     if quant is False:
         return
     sizes = [m.weight.shape[0] for m in mods]
-    if quant is None and fp32 and _cpu_fp32_copy(mods):
+    if quant is None and fp32:
         w = mx.concatenate([_view(m, m.weight) for m in mods], axis=1) if len(mods) > 1 else None
         w = mods[0].weight.T if w is None else w
         owner[key] = mx.contiguous(w.astype(mx.float32))  # [in, sum(out)]
@@ -449,7 +450,12 @@ def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | N
     if residual is not None and made is not None and made.quant is None:
         w = owner[_key((name,))]
         w = w if made.fused else w[0]  # one layer: its matrix, or its own transposed view
-        if _fold(y, w, residual):
+        if made.fp32:
+            # A float32 AddMM does not round as the half-precision one (the product and the
+            # add in another order): fold through the layer's own weight, as the plain path.
+            if _fold(y, y, residual):
+                return mx.addmm(residual, y, owner[name].weight.T)
+        elif _fold(y, w, residual):
             return mx.addmm(residual, y, w)
     out = project(owner, (name,), y)[0]
     return out if residual is None else residual + out
