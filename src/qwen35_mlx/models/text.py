@@ -85,7 +85,7 @@ def queue_layers(T: int) -> bool:
 # step. Same numbers (the product is rounded back to the input's dtype); the cost is memory, 4
 # bytes a copied weight besides the model's own. CPU_FP32_DECODE: "head" (the default): the
 # MTP head's projections and its output layer, which only speculative decoding runs; "all":
-# every projection of the compiled steps (plain decoding of the shipped tiny model ~1.8x
+# every projection of the compiled steps (plain decoding of the shipped tiny model 1.5-1.6x
 # faster, and MTP then pays less than it costs: benchmarks/NOTES.md, helper mtpcpu); False:
 # none. Either only while the copies take at most CPU_FP32_MAX_BYTES. Read by `_prepare_decode`.
 CPU_FP32_DECODE: str | bool = "head"
