@@ -25,7 +25,8 @@ Prints a table; writes JSON (`--out`, default benchmarks/results).
 
 CPU (`--cpu-tiny`): the shipped tiny model (trained head) generates from a few chat prompts with
 MTP off and with k = 1, 2, 3, alternating, `--repeats` times: tokens/s by wall time and by the
-process's CPU time (the machine is shared), and the acceptance rate.
+process's CPU time (the machine is shared), and the acceptance rate. `--fp32-decode` sets
+`text.CPU_FP32_DECODE` (head: the default; all: every decode projection from float32 copies).
 
     python benchmarks/bench_mtp.py --cpu-tiny --out benchmarks/results
 """
@@ -325,7 +326,9 @@ def device_run(args) -> dict:
 
 def cpu_tiny(args) -> dict:
     from qwen35_mlx import load, stream_generate
+    from qwen35_mlx.models import text as text_mod
 
+    text_mod.CPU_FP32_DECODE = False if args.fp32_decode == "off" else args.fp32_decode
     path = args.model or Path(qwen35_mlx.__file__).parent / "assets" / "tiny"
     model, tok = load(path, dtype=args.dtype)
     subset = model.mtp.draft_vocab  # draft_vocab.json's, or None
@@ -374,6 +377,7 @@ def cpu_tiny(args) -> dict:
             tokens.setdefault(m, toks)
     result = {"device": _device_name(), "date": _now(), "gen": args.gen, "repeats": args.repeats}
     result["dtype"] = args.dtype or "as shipped"
+    result["fp32_decode"] = args.fp32_decode
     result["model"] = str(path)
     result["draft_vocab"] = None if subset is None else len(subset)
     for m in modes:
@@ -406,6 +410,12 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, help="--cpu-tiny: load the weights in this dtype")
     p.add_argument("--model", type=Path, default=None, help="--cpu-tiny: another model folder")
     p.add_argument("--ks", default="1,2,3", help="--cpu-tiny: drafts per round to run")
+    p.add_argument(
+        "--fp32-decode",
+        default="head",
+        choices=["head", "all", "off"],
+        help="--cpu-tiny: text.CPU_FP32_DECODE (float32 copies of half-precision decode weights)",
+    )
     p.add_argument(
         "--compare-full",
         action="store_true",

@@ -426,6 +426,48 @@ def test_compiled_decode_bf16_and_quantized_weights(small_blocks, kind):
     assert_same(model, [TOKENS[:7], TOKENS[2:9]], 10)
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["", "fold"])
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+def test_compiled_decode_from_float32_copies_same_numbers(dtype, tied, fold, monkeypatch):
+    """`text.CPU_FP32_DECODE` "all" on the CPU: every half-precision projection of the compiled
+    steps (the tied output layer included) from a float32 copy; the one-token steps' and a
+    verify pass's logits are bit for bit those without copies (MLX's CPU multiplies
+    half-precision matrices in float32 and rounds), and equal the plain path's. `fold`: the
+    residual adds folded into the projections (`layers.FOLD_RESIDUAL`), in float32 too."""
+    from qwen35_mlx.models import layers
+    from qwen35_mlx.models import text as text_mod
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the float32 copies are made on the CPU only")
+    if fold:
+        monkeypatch.setattr(layers, "FOLD_RESIDUAL", True)
+        monkeypatch.setattr(layers, "ADD_NORM", False)
+    model = make_text_model(make_text_config(tie_word_embeddings=tied), seed=4)
+    model.set_dtype(dtype)
+    prompts = [TOKENS[:7], TOKENS[2:9]]
+
+    def run(mode):
+        monkeypatch.setattr(text_mod, "CPU_FP32_DECODE", mode)
+        toks, logits = greedy(model, prompts, 6, True)
+        cache = model.make_cache()
+        model(mx.array([TOKENS[:7]]), cache=cache)
+        verify = model(mx.array([TOKENS[7:10]]), cache=cache)
+        mlp = layers._made(model.model.layers[0].mlp, ("gate_proj", "up_proj"))
+        tied = model.config.tie_word_embeddings
+        head = layers._made(*((model.model, ("embed_tokens",)) if tied else (model, ("lm_head",))))
+        return toks, logits, np.array(verify.astype(mx.float32)), mlp.fp32, head.fp32
+
+    t0, l0, v0, *f0 = run(False)
+    t1, l1, v1, *f1 = run("all")
+    assert f0 == [False, False] and f1 == [True, True]
+    np.testing.assert_array_equal(t1, t0)
+    assert np.array_equal(l1, l0) and np.array_equal(v1, v0)
+    t2, l2 = greedy(model, prompts, 6, False)  # the plain path (its own half weights)
+    np.testing.assert_array_equal(t2, t0)
+    assert np.array_equal(l2, l0)
+
+
 def test_vlm_positions_survive_kv_quantization():
     # mlx-lm's `maybe_quantize_kv_cache` (--kv-bits) replaces each KVCache with a new
     # QuantizedKVCache: the M-RoPE state must not be lost with the replaced object.

@@ -10,7 +10,7 @@ import qwen35_mlx.kernels.gated_delta as gd
 from qwen35_mlx.kernels.gated_delta import gated_delta_decode, gated_delta_update
 from qwen35_mlx.models.layers import _conv_qkv_decode
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import gated_delta_decode_np, make_decode_inputs
+from tests.kernels.helpers import gated_delta_decode_np, make_decode_inputs, np64
 
 NAMES = ("qkv", "conv_state", "conv_w", "a", "b", "A_log", "dt_bias", "state")
 
@@ -190,3 +190,101 @@ def test_decode_without_gpu_runs_ref(backend, monkeypatch):
     assert calls == ["ref"]
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(np.asarray(g), np.asarray(w))
+
+
+# --- T tokens a row through the ops (`gated_delta_decode_packed` on the CPU: the conv, norms and
+# gates once for all tokens, the recurrence token by token; decode.py `_tokens`) ---
+
+
+def _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, dtype, seed):
+    """The packed call's inputs: proj [B*T, qkv | z | b | a] (row b*T + t), the decode step's
+    states and weights (`make_decode_inputs`), a gated norm weight [Dv]."""
+    x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, dtype=dtype, seed=seed)
+    C = 2 * Hk * Dk + Hv * Dv
+    kp, kn = mx.random.split(mx.random.key(seed + 3))
+    proj = mx.random.normal((B * T, C + Hv * Dv + 2 * Hv), key=kp).astype(dtype)
+    norm_w = (1.0 + 0.1 * mx.random.normal((Dv,), key=kn)).astype(dtype)
+    return proj, x, norm_w
+
+
+def _packed(proj, x, norm_w, T, mask, dims):
+    Hk, Dk, Hv, Dv = dims
+    return gd.gated_delta_decode_packed(
+        proj, x["conv_state"], x["conv_w"], x["A_log"], x["dt_bias"], x["state"], norm_w,
+        tokens=T, mask=mask, backend="ref", **_kw(Hk, Dk, Hv, Dv),
+    )  # fmt: skip
+
+
+def _token_masks(B, T):
+    return mx.array([[(b + t) % 3 != 1 for t in range(T)] for b in range(B)])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("T", [2, 3, 5])
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
+def test_packed_tokens_ops_equal_one_call_a_token(shape, T, masked, dtype):
+    """Bit for bit what T calls of `gated_delta_decode` (ref) and the gated norm give: y, the
+    last states and the states after every token (the rollback's)."""
+    from qwen35_mlx.kernels.gated_delta.decode import gated_rms_norm
+
+    B, Hk, Hv, Dk, Dv, K = shape
+    dims = (Hk, Dk, Hv, Dv)
+    proj, x, norm_w = _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, dtype, seed=T + B)
+    mask = _token_masks(B, T) if masked else None
+    y, s, cs, per = _packed(proj, x, norm_w, T, mask, dims)
+    C = 2 * Hk * Dk + Hv * Dv
+    qkv, z, b, a = mx.split(proj, [C, C + Hv * Dv, C + Hv * Dv + Hv], axis=-1)
+    conv, state, ys, want = x["conv_state"], x["state"], [], []
+    for t in range(T):
+        yt, state, conv = gated_delta_decode(
+            qkv[t::T], conv, x["conv_w"], a[t::T], b[t::T], x["A_log"], x["dt_bias"], state,
+            mask=None if mask is None else mask[:, t], backend="ref", **_kw(*dims),
+        )  # fmt: skip
+        ys.append(yt)
+        want.append((conv, state))
+    y_want = mx.stack(ys, axis=1)
+    y_want = gated_rms_norm(y_want, z.reshape(y_want.shape), norm_w, 1e-6).reshape(B * T, -1)
+
+    def same(u, w):
+        return u.dtype == w.dtype and np.array_equal(
+            np.asarray(u.astype(mx.float32)), np.asarray(w.astype(mx.float32))
+        )
+
+    assert y.shape == (B * T, Hv * Dv) and same(y, y_want)
+    assert same(s, state) and same(cs, conv)
+    assert len(per) == T
+    assert all(same(c, wc) and same(st, ws) for (c, st), (wc, ws) in zip(per, want, strict=True))
+
+
+def _gated_norm_np(y, z, w, eps=1e-6):
+    y, z = np64(y), np64(z)
+    y = y / np.sqrt((y * y).mean(-1, keepdims=True) + eps) * np64(w)
+    return y * z / (1.0 + np.exp(-z))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
+def test_packed_tokens_ops_match_numpy(shape, masked):
+    """fp32 against T float64 NumPy steps and the gated norm."""
+    B, Hk, Hv, Dk, Dv, K = shape
+    T = 4
+    proj, x, norm_w = _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, mx.float32, seed=B * K)
+    mask = _token_masks(B, T) if masked else None
+    y, s, cs, per = _packed(proj, x, norm_w, T, mask, (Hk, Dk, Hv, Dv))
+    C = 2 * Hk * Dk + Hv * Dv
+    p = np64(proj).reshape(B, T, -1)
+    conv, state = x["conv_state"], x["state"]
+    for t in range(T):
+        m = None if mask is None else np.asarray(mask)[:, t]
+        y_np, state, conv = gated_delta_decode_np(
+            p[:, t, :C], conv, x["conv_w"], p[:, t, C + Hv * Dv + Hv :],
+            p[:, t, C + Hv * Dv : C + Hv * Dv + Hv], x["A_log"], x["dt_bias"], state, m,
+            Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv,
+        )  # fmt: skip
+        y_np = _gated_norm_np(y_np, p[:, t, C : C + Hv * Dv].reshape(B, Hv, Dv), norm_w)
+        got = np.asarray(y).reshape(B, T, Hv, Dv)[:, t]
+        assert rel_err(got, y_np) < RTOL[mx.float32]
+        assert rel_err(per[t][1], state) < RTOL[mx.float32]
+        assert rel_err(per[t][0], conv) == 0.0
+    assert rel_err(s, state) < RTOL[mx.float32] and rel_err(cs, conv) == 0.0

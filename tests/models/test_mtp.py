@@ -248,3 +248,48 @@ def test_compiled_mtp_fused_projections_equal_plain(kind, monkeypatch):
     for (l0, o0), (l1, o1) in zip(plain, comp, strict=True):
         np.testing.assert_allclose(l1, l0, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(o1, o0, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+def test_compiled_mtp_head_from_float32_copies_same_numbers(dtype, monkeypatch):
+    """On the CPU a half-precision head's compiled steps run their projections and output layer
+    from float32 copies (`text.CPU_FP32_DECODE` "head"); MLX's CPU multiplies half-precision
+    matrices in float32 and rounds, so the logits, hidden states and the fused round's drafts
+    are those of the half-precision weights, bit for bit. Over the byte limit no copies."""
+    from qwen35_mlx.models import layers
+    from qwen35_mlx.models import text as text_mod
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the float32 copies are made on the CPU only")
+    model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=6)
+    model.set_dtype(dtype)
+    ids = mx.array(TOKENS)[None]
+    _, h = model(ids, return_hidden=True)
+
+    def run(mode):
+        monkeypatch.setattr(text_mod, "CPU_FP32_DECODE", mode)
+        cache = model.make_mtp_cache()
+        model.mtp_forward(h[:, :3], ids[:, 1:4], cache)
+        outs, i = [], 3
+        for T in (1, 2, 3):
+            logits, o = model.mtp_forward(h[:, i : i + T], ids[:, i + 1 : i + 1 + T], cache,
+                                          last_only=True)  # fmt: skip
+            outs += [logits, o]
+            i += T
+        main, mtp = model.make_cache(), model.make_mtp_cache()
+        _, g = model(ids[:, :6], cache=main, return_hidden=True)
+        model.mtp_forward(g[:, :-1], ids[:, 1:6], mtp)
+        outs += list(model.verify_and_draft(ids[:, 6:8], main, mtp))
+        made = layers._made(model.mtp, ("fc",))
+        return outs, made.fp32, "_decode_lm_head" in model.mtp
+
+    half, f0, l0 = run(False)
+    copies, f1, l1 = run("head")
+    assert (f0, l0, f1, l1) == (False, False, True, True)
+    # the main model's projections are never copied
+    assert not layers._made(model.model.layers[0].mlp, ("gate_proj", "up_proj")).fp32
+    for a, b in zip(half, copies, strict=True):
+        assert a.dtype == b.dtype and mx.array_equal(a, b).item()
+    monkeypatch.setattr(text_mod, "CPU_FP32_MAX_BYTES", 0)
+    _, f2, l2 = run("head")
+    assert (f2, l2) == (False, False)

@@ -71,13 +71,33 @@ FUSE_DECODE_PROJECTIONS = True
 CPU_TRANSPOSED_WEIGHTS = True
 
 
+# Half-precision projections on the CPU: MLX multiplies a float16 / bfloat16 matrix there by
+# converting both operands to float32, one sgemm and a rounding of the result to the input's
+# dtype (bit for bit: tests/models/test_mtp.py), so each call converts the whole weight again,
+# which at small widths is most of the product's time (the tiny model's 128 x 2048 output
+# layer: 0.46 ms a call, 0.14 ms from a float32 copy [in, out]). `prepare_projections(...,
+# fp32=True)` makes a float32 copy [in, out] of such a group its decode form, and `project`
+# takes x to float32 and the product back to x's dtype: the same numbers, for twice the group's
+# bytes of memory (the copy is extra; the layers keep their own weights). The text model asks it
+# on the CPU for the MTP head, or for every projection (text.py `CPU_FP32_DECODE`).
+
+
 class _Fused:
     """What `prepare_projections` made for one group: the weights it took (to see a change),
-    the output sizes, the quantization arguments (None for a dense matrix), and whether the
-    group is one matrix (else one transposed view per layer)."""
+    the output sizes, the quantization arguments (None for a dense matrix), whether the group
+    is one matrix (else one transposed view per layer), and whether that matrix is a float32
+    copy of half-precision weights (see above)."""
 
-    def __init__(self, weights: list, sizes: list[int], quant: dict | None, fused: bool = True):
+    def __init__(
+        self,
+        weights: list,
+        sizes: list[int],
+        quant: dict | None,
+        fused: bool = True,
+        fp32: bool = False,
+    ):
         self.weights, self.sizes, self.quant, self.fused = weights, sizes, quant, fused
+        self.fp32 = fp32
 
 
 def _key(names: tuple[str, ...]) -> str:
@@ -102,13 +122,16 @@ def _fusable(mods: list) -> dict | None | bool:
     return False
 
 
-def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
+def prepare_projections(owner: nn.Module, names: tuple[str, ...], fp32: bool = False) -> None:
     """Make (or keep, or drop) the decode form of owner's Linear layers `names`, which all read
-    the same input (see `project`). One identity check per layer when nothing changed."""
+    the same input (see `project`). One identity check per layer when nothing changed. `fp32`:
+    on the CPU, dense half-precision layers get a float32 copy [in, out] (see `_Fused`)."""
     key = _key(names)
-    if _made(owner, names) is not None:
-        return
     mods = [owner[n] for n in names]
+    fp32 = fp32 and _cpu_fp32_copy(mods) and (len(mods) == 1 or FUSE_DECODE_PROJECTIONS)
+    made = _made(owner, names)
+    if made is not None and made.fp32 == fp32:
+        return
     if key in owner:
         del owner[key]
     object.__setattr__(owner, key + "_made", None)
@@ -116,6 +139,14 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
     if quant is False:
         return
     sizes = [m.weight.shape[0] for m in mods]
+    if quant is None and fp32:
+        w = mx.concatenate([_view(m, m.weight) for m in mods], axis=1) if len(mods) > 1 else None
+        w = mods[0].weight.T if w is None else w
+        owner[key] = mx.contiguous(w.astype(mx.float32))  # [in, sum(out)]
+        mx.eval(owner[key])
+        made = _Fused([m.weight for m in mods], sizes, None, fused=True, fp32=True)
+        object.__setattr__(owner, key + "_made", made)
+        return
     if quant is None and _cpu_transposed(mods):
         owner[key] = tuple(_transposed_storage(m) for m in mods)
         mx.eval(owner[key], [m.weight for m in mods])
@@ -158,6 +189,16 @@ def _cpu_transposed(mods: list) -> bool:
         and mx.default_device() == mx.cpu
         and all(type(m) in (nn.Linear, nn.Embedding) for m in mods)
         and all(m.weight.dtype == mx.float32 for m in mods)
+    )
+
+
+def _cpu_fp32_copy(mods: list) -> bool:
+    """Whether `prepare_projections(..., fp32=True)` makes a float32 copy of `mods`: dense
+    float16 / bfloat16 Linear layers (or a tied output layer's Embedding) on a CPU stream."""
+    return (
+        mx.default_device() == mx.cpu
+        and all(type(m) in (nn.Linear, nn.Embedding) for m in mods)
+        and all(m.weight.dtype in (mx.float16, mx.bfloat16) for m in mods)
     )
 
 
@@ -222,6 +263,8 @@ def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.ar
 def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.array):
     """x through the one matrix (plain or quantized) `prepare_projections` made for `names`."""
     w = owner[_key(names)]
+    if made.fp32:
+        return (x.astype(mx.float32) @ w).astype(x.dtype)
     if made.quant is None:
         return rows_matmul(x, w, owner, names) if _rows_gemv(x, w) else x @ w
     return mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
@@ -234,7 +277,9 @@ def project_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx
     down) then reshapes only at its ends. None where the row-wise form does not apply (one row,
     a quantized or unfused group, `ROWS_GEMV` off): then `project`. For the compiled steps."""
     made = getattr(owner, _key(names) + "_made", None)
-    if made is None or not made.fused or made.quant is not None or not ROWS_PREBUILT:
+    if made is None or not made.fused or made.quant is not None or made.fp32:
+        return None
+    if not ROWS_PREBUILT:
         return None
     w = owner[_key(names)]
     R, K = x.shape[0], w.shape[0]
@@ -335,7 +380,7 @@ def rows_weights(groups: list, rows: int) -> tuple[list, list]:
     keys, mats = [], []
     for owner, names in groups if ROWS_PREBUILT else ():
         made = getattr(owner, _key(names) + "_made", None)
-        if made is None or not made.fused or made.quant is not None:
+        if made is None or not made.fused or made.quant is not None or made.fp32:
             continue
         w = owner[_key(names)]
         if _rows_take(rows, w):
@@ -405,7 +450,12 @@ def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | N
     if residual is not None and made is not None and made.quant is None:
         w = owner[_key((name,))]
         w = w if made.fused else w[0]  # one layer: its matrix, or its own transposed view
-        if _fold(y, w, residual):
+        if made.fp32:
+            # A float32 AddMM does not round as the half-precision one (the product and the
+            # add in another order): fold through the layer's own weight, as the plain path.
+            if _fold(y, y, residual):
+                return mx.addmm(residual, y, owner[name].weight.T)
+        elif _fold(y, w, residual):
             return mx.addmm(residual, y, w)
     out = project(owner, (name,), y)[0]
     return out if residual is None else residual + out

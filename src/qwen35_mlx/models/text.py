@@ -44,6 +44,7 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask, gather_last_axis
 from mlx_lm.models.pipeline import PipelineMixin
 
@@ -77,6 +78,18 @@ def queue_layers(T: int) -> bool:
     """Whether a call of T tokens a row queues its layers one ahead (LOOKAHEAD_MIN_T)."""
     return T >= LOOKAHEAD_MIN_T and mx.default_device() == mx.gpu
 
+
+# Half-precision decode projections on the CPU from float32 copies made once
+# (`layers.prepare_projections(..., fp32=True)`): MLX's CPU multiplies a float16 / bfloat16
+# matrix by converting it block by block at every product, which is most of a small model's
+# step. Same numbers (the product is rounded back to the input's dtype); the cost is memory, 4
+# bytes a copied weight besides the model's own. CPU_FP32_DECODE: "head" (the default): the
+# MTP head's projections and its output layer, which only speculative decoding runs; "all":
+# every projection of the compiled steps (plain decoding of the shipped tiny model 1.5-1.6x
+# faster, and MTP then pays less than it costs: benchmarks/NOTES.md, helper mtpcpu); False:
+# none. Either only while the copies take at most CPU_FP32_MAX_BYTES. Read by `_prepare_decode`.
+CPU_FP32_DECODE: str | bool = "head"
+CPU_FP32_MAX_BYTES = 256 << 20
 
 # Calls of up to this many tokens a row over a filled cache (speculative verify passes, the MTP
 # head's) run a compiled step, traced once per token count, buffer size and batch shape; longer
@@ -253,6 +266,7 @@ class TextModel(nn.Module):
         self._traced = False
         object.__setattr__(self, "_decode_checks", [])  # see _retake_decode
         object.__setattr__(self, "_rows_cache", {})  # see _rows
+        object.__setattr__(self, "_fp32_rule", None)  # see _prepare_decode
         # The weights are the compiled step's implicit inputs: updates and quantization show.
         self._decode_step = mx.compile(self._decode_impl, inputs=self)
         self._verify_step = mx.compile(self._verify_impl, inputs=self)
@@ -403,7 +417,7 @@ class TextModel(nn.Module):
             )
             target = logits.argmax(-1)
             o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
-            drafts = self.mtp.argmax(o, self._step_logits)
+            drafts = self.mtp.argmax(o, self._head_logits)
         return (
             logits,
             h,
@@ -477,13 +491,57 @@ class TextModel(nn.Module):
 
     def _prepare_decode(self) -> None:
         """The decode projections (`layers.prepare_projections`: fused, transposed weights),
-        after one identity check per layer weight when nothing changed."""
+        after one identity check per layer weight when nothing changed (and the rule of
+        `CPU_FP32_DECODE`, which makes float32 copies, the same)."""
         checks = self._decode_checks
-        if checks and all(owner[n].get("weight") is w for owner, n, w in checks):
+        rule = (CPU_FP32_DECODE, CPU_FP32_MAX_BYTES, mx.default_device())
+        if (
+            checks
+            and self._fp32_rule == rule
+            and all(owner[n].get("weight") is w for owner, n, w in checks)
+        ):
             return
+        scope = self._fp32_scope()
+        head = {id(owner) for owner, _ in self.mtp.decode_groups()} if self.has_mtp else set()
         for owner, names in self._decode_groups():
-            prepare_projections(owner, names)
+            fp32 = scope == "all" or (scope == "head" and id(owner) in head)
+            prepare_projections(owner, names, fp32=fp32)
+        if self.has_mtp:
+            # The head's output layer: its own copy where the main model's is not one.
+            self.mtp.pop("_decode_lm_head", None)
+            if scope == "head" and self.sharding_group is None:
+                name = "embed_tokens" if self.config.tie_word_embeddings else "lm_head"
+                owner = self.model if self.config.tie_word_embeddings else self
+                if layers_lib._cpu_fp32_copy([owner[name]]):
+                    w = layers_lib.decode_weight(owner, name)  # [H, V]
+                    self.mtp["_decode_lm_head"] = mx.contiguous(w.astype(mx.float32))
+                    mx.eval(self.mtp["_decode_lm_head"])
+        object.__setattr__(self, "_fp32_rule", rule)
         self._retake_decode()
+
+    def _fp32_scope(self) -> str | None:
+        """Which decode projections run from float32 copies (`CPU_FP32_DECODE`): "head",
+        "all" or None."""
+        scope = CPU_FP32_DECODE
+        if scope not in ("head", "all") or mx.default_device() != mx.cpu:
+            return None
+        if scope == "head" and not self.has_mtp:
+            return None
+        if scope == "all":
+            n = sum(v.size for _, v in tree_flatten(self.parameters()))
+        else:
+            n = sum(v.size for _, v in tree_flatten(self.mtp.parameters()))
+            n += self.config.vocab_size * self.config.hidden_size
+        return scope if 4 * n <= CPU_FP32_MAX_BYTES else None
+
+    def _head_logits(self, h: mx.array) -> mx.array:
+        """The output layer as the MTP head's compiled steps apply it: from the float32 copy
+        (`CPU_FP32_DECODE` "head"; rounded to h's dtype, the numbers of the half-precision product)
+        where one was made, else as the decode step does."""
+        if "_decode_lm_head" in self.mtp:
+            w = self.mtp["_decode_lm_head"]
+            return (h.astype(w.dtype) @ w).astype(h.dtype)
+        return self._step_logits(h)
 
     def _retake_decode(self) -> None:
         """Record the layers' weights as the decode projections' (after they were made, or
@@ -600,7 +658,7 @@ class TextModel(nn.Module):
             o, keys, values, offsets = self._mtp_body(
                 hidden, tokens, keys, values, idx, offset, left_padding, positions
             )
-            logits = self.mtp.logits(o[:, -1:], self._step_logits, self.config.vocab_size)
+            logits = self.mtp.logits(o[:, -1:], self._head_logits, self.config.vocab_size)
         return logits, o, keys, values, offsets
 
     def _mtp_body(self, hidden, tokens, keys, values, idx, offset, left_padding, positions):

@@ -418,8 +418,9 @@ def gated_delta_decode_packed(
     [B * T, Hv*Dv] in proj's dtype, normed; state and conv state after the last token; the
     states after the earlier tokens, for a rollback: None for T = 1, else either
     (state_tok [T-1, B, Hv, Dv, Dk], conv_tok [T-1, B, K-1, C]) (the GPU kernel: one launch,
-    proj read in place, no split) or a list of T (conv state, state) pairs (the `ref` ops, one
-    `gated_delta_decode` a token, as on the CPU)).
+    proj read in place, no split) or a list of T (conv state, state) pairs (the ops: on the
+    CPU or with backend "ref" all T tokens at once, decode.py `gated_delta_decode_tokens_ref`,
+    bit for bit T `gated_delta_decode` calls; else one call a token)).
     """
     Hk, Dk, Hv, Dv = dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
     C = 2 * Hk * Dk + Hv * Dv
@@ -472,6 +473,17 @@ def gated_delta_decode_packed(
             qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=m, z=z, **kw
         )
         return y.reshape(B, Hv * Dv), state, conv_state, None
+    if name in ("auto", "ref", "chunked") and (name != "auto" or mx.default_device() == mx.cpu):
+        # Where every token would take the ops: all of them at once (decode.py), the same
+        # arithmetic with the per-token primitives only in the recurrence.
+        from .decode import gated_delta_decode_tokens_ref
+
+        _validate_packed(proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight, dims, B)
+        y, state, conv_state, states = gated_delta_decode_tokens_ref(
+            qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims=dims,
+            tokens=tokens, norm=(z, norm_weight, norm_eps),
+        )  # fmt: skip
+        return y.reshape(B * tokens, Hv * Dv), state, conv_state, states
     del kw["norm_weight"], kw["norm_eps"]
     for t in range(tokens):
         m = None if mask is None else mask[:, t]

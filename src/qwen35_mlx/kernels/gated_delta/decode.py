@@ -9,7 +9,8 @@ Shapes: qkv [B, C], C = 2 Hk Dk + Hv Dv, channels [q | k | v]; conv_state [B, K-
 [C, K]; a, b [B, Hv]; A_log, dt_bias [Hv]; state [B, Hv, Dv, Dk] fp32; mask [B] bool or None.
 Returns y [B, Hv, Dv] (qkv's dtype), state [B, Hv, Dv, Dk] fp32 and the new conv state
 [B, K-1, C] (qkv's dtype, the last K-1 rows of [conv_state | qkv]). With `norm` = (z, weight,
-eps), y then passes the layer's gated RMSNorm (`gated_rms_norm`).
+eps), y then passes the layer's gated RMSNorm (`gated_rms_norm`). `gated_delta_decode_tokens_ref`
+takes T tokens a row at once, bit for bit T calls (the CPU's verify pass).
 
 Precision, as the layer's ops path (`models/layers.py` `_conv_qkv` then `gated_delta_update`):
 conv_state and conv_w are cast to qkv's dtype, and the conv's products and sums, the silu and q's
@@ -104,3 +105,86 @@ def gated_delta_decode_ref(
         args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)
         y, s, c = _decode_masked_compiled(*args)
     return apply_norm(y, norm), s, c
+
+
+# T tokens a row (the verify pass's linear layers on the CPU). `gated_delta_decode_ref` once a
+# token runs its ~65 primitives T times, and on MLX's CPU stream every primitive costs a few
+# microseconds whatever its size (at the tiny model's widths a token's conv, norms, gates and
+# step cost ~0.25 ms a layer). Only the recurrence needs the previous token: the conv (each
+# token's K taps are rows of [conv_state | qkv]), silu, l2 norms, gates, the fp32 casts and
+# k . q are elementwise or per-row reductions, so here they run once over all T tokens, and
+# each token then takes the state through `_step`'s arithmetic from those prepared operands:
+# the same products, sums and roundings as T calls (bit for bit: tests/kernels/test_decode.py).
+
+
+def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T):
+    Hk, Dk, Hv, Dv = dims
+    f32 = mx.float32
+    BT, C = qkv.shape
+    B, R = BT // T, Hv // Hk
+    dtype = qkv.dtype
+    x = mx.concatenate([conv_state.astype(dtype), qkv.reshape(B, T, C)], axis=1)  # [B, K-1+T, C]
+    w = conv_w.astype(dtype)
+    K = w.shape[1]
+    ws = mx.split(w.T, K, axis=0)  # [1, C] each, as `conv_qkv_step`
+    h = x[:, 0:T] * ws[0]
+    for j in range(1, K):
+        h = h + x[:, j : j + T] * ws[j]
+    h = h * mx.sigmoid(h)  # [B, T, C]
+    key_dim = Hk * Dk
+    q = _l2norm(h[..., :key_dim].reshape(B, T, Hk, Dk)) * (Dk**-0.5)
+    k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
+    v = h[..., 2 * key_dim :].reshape(B, T, Hv, Dv)
+    g, beta = compute_gates(a, b, A_log, dt_bias)  # [B*T, Hv]
+    # `_step`'s operands for every token, [B, T, Hv, ...]; each token's is a [B, 1, Hv, ...]
+    # piece of one split a kind (views; `a[:, t]` would be a gather), and the state is kept
+    # [B, 1, Hv, Dv, Dk], so a token's step needs no reshape.
+    q = mx.repeat(q.astype(f32), R, axis=2)  # [B, T, Hv, Dk]
+    k = mx.repeat(k.astype(f32), R, axis=2)
+    kdotq = (k * q).sum(-1)  # [B, T, Hv]
+    kqt = mx.swapaxes(mx.stack([k, q], axis=3), -1, -2)  # [B, T, Hv, Dk, 2]
+    pieces = (kqt, k[..., None, :], v.astype(f32)[..., None])
+    pieces += tuple(u.reshape(B, T, Hv, 1, 1) for u in (g.astype(f32), beta, kdotq))
+    ops = [mx.split(u, T, axis=1) for u in pieces]
+    ms = [None] * T if mask is None else mx.split(mask.reshape(B, T, 1, 1, 1), T, axis=1)
+    S = state.astype(f32)[:, None]
+    ys, states = [], []
+    for t in range(T):
+        y, S = _token(S, *(u[t] for u in ops), ms[t])
+        ys.append(y)
+        states.append((x[:, t + 1 : t + K], S.reshape(B, Hv, Dv, Dk)))
+    y = mx.concatenate(ys, axis=1).reshape(B, T, Hv, Dv).astype(dtype)
+    return y, states
+
+
+def _token(S, kqt, k, v, g, beta, kdotq, m):
+    """One recurrence step from prepared operands, `ref._step`'s arithmetic: S
+    [B, 1, Hv, Dv, Dk]; kqt [B, 1, Hv, Dk, 2] ([k, q] transposed); k [B, 1, Hv, 1, Dk]; v
+    [B, 1, Hv, Dv, 1]; g, beta, kdotq [B, 1, Hv, 1, 1]; m [B, 1, 1, 1, 1] or None. Returns
+    (y [B, 1, Hv, Dv, 1] fp32, the new S)."""
+    SKQ = g * (S @ kqt)
+    delta = (v - SKQ[..., :1]) * beta
+    y = SKQ[..., 1:] + delta * kdotq
+    S_new = g * S + delta * k
+    if m is not None:
+        S_new = mx.where(m, S_new, S)
+        y = mx.where(m, y, 0.0)
+    return y, S_new
+
+
+_tokens_compiled = mx.compile(_tokens)
+
+
+def gated_delta_decode_tokens_ref(
+    qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, *, dims, tokens, norm=None
+) -> tuple[mx.array, mx.array, mx.array, list]:
+    """`gated_delta_decode_ref` for T = `tokens` tokens a row at once (see above), bit for bit
+    the T calls. qkv [B*T, C], a, b [B*T, Hv] (row b*T + t); mask [B, T] bool or None; norm
+    (z [B*T, Hv*Dv], weight, eps) or None. Returns (y [B, T, Hv, Dv] in qkv's dtype, state
+    and conv state after the last token, the T (conv state, state) pairs after each token)."""
+    args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, tokens)
+    y, states = _tokens_compiled(*args)
+    if norm is not None:
+        z, weight, eps = norm
+        y = gated_rms_norm(y, z.reshape(y.shape), weight, eps)
+    return y, states[-1][1], states[-1][0], states

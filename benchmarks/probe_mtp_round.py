@@ -1,0 +1,108 @@
+"""What a greedy MTP round costs next to a one-token step, per call (issue 13, the CPU target).
+
+The shipped tiny model (or `--model`), a random prompt of `--context` tokens in the cache, then
+per call, alternating block by block, the process's CPU time (median over blocks):
+    S    one compiled one-token step (`model(y, cache)`, evaluated); the linear layers' states
+         are put back and the KV cache trimmed after it, so every call sees the same cache
+    V2   one compiled verify pass of 2 tokens (`model(tokens, cache, return_hidden=True)`),
+         then every cache trimmed by 2
+    R1   one fused greedy round at k = 1 (`verify_and_draft`: the verify pass and the MTP head
+         over both positions in one compiled call), then both caches trimmed by 2
+    H1   the MTP head over one position (`mtp_forward(..., last_only=True)`), H2 over two
+A k = 1 round gives 1 + a tokens (a: the share of drafts accepted), so MTP pays (1 + a) S / R1
+minus the generation loop's own costs. `--fp32-decode` sets `text.CPU_FP32_DECODE`.
+
+    python benchmarks/probe_mtp_round.py                  # tiny model, CPU
+    python benchmarks/probe_mtp_round.py --fp32-decode all
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+# isort: off
+import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
+import mlx.core as mx
+
+from qwen35_mlx import load
+from qwen35_mlx.models import text as text_mod
+from qwen35_mlx.models.cache import LinearCache, set_history
+
+# isort: on
+
+
+def probe(model, context: int, iters: int, repeats: int) -> dict:
+    vocab = model.config.vocab_size
+    prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0))
+    cache = model.make_cache()
+    set_history(cache, 2)
+    mtp_cache = model.make_mtp_cache()
+    logits, h = model(prompt[:, :-1], cache=cache, return_hidden=True)
+    model.mtp_forward(h[:, :-1], prompt[:, 1:-1], mtp_cache)
+    mx.eval(logits, h, [c.state for c in cache], [c.state for c in mtp_cache])
+    y, hid = prompt[:, -1:], h[:, -1:]
+    y2, hid2 = mx.concatenate([y, y], axis=1), mx.concatenate([hid, hid], axis=1)
+
+    def step():
+        saved = [(c[0], c[1]) if isinstance(c, LinearCache) else None for c in cache]
+        mx.eval(model(y, cache=cache))
+        for c, s in zip(cache, saved, strict=True):
+            if s is None:
+                c.trim(1)
+            else:
+                c[0], c[1] = s
+
+    def verify():
+        mx.eval(model(y2, cache=cache, return_hidden=True))
+        for c in cache:
+            c.trim(2)
+
+    def round_():
+        mx.eval(model.verify_and_draft(y2, cache, mtp_cache))
+        for c in cache + mtp_cache:
+            c.trim(2)
+
+    def head(T):
+        def run():
+            mx.eval(model.mtp_forward(hid2[:, :T], y2[:, :T], mtp_cache, last_only=True))
+            for c in mtp_cache:
+                c.trim(T)
+
+        return run
+
+    fns = {"S": step, "V2": verify, "R1": round_, "H1": head(1), "H2": head(2)}
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    runs = {name: [] for name in fns}
+    for rep in range(repeats):
+        for name in list(fns) if rep % 2 == 0 else list(reversed(fns)):
+            c0 = time.process_time()
+            for _ in range(iters):
+                fns[name]()
+            runs[name].append(1e3 * (time.process_time() - c0) / iters)
+    return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="a model folder (default: tiny)")
+    p.add_argument("--fp32-decode", default="head", choices=["head", "all", "off"])
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=9)
+    args = p.parse_args(argv)
+    text_mod.CPU_FP32_DECODE = False if args.fp32_decode == "off" else args.fp32_decode
+    model, _ = load(args.model or Path(qwen35_mlx.__file__).parent / "assets" / "tiny")
+    ms = probe(model, args.context, args.iters, args.repeats)
+    print(f"{mx.default_device()}, CPU_FP32_DECODE {args.fp32_decode}: CPU ms per call")
+    for name, v in ms.items():
+        print(f"{name:3s} {v:7.3f} ms  {v / ms['S']:.3f} S")
+    return ms
+
+
+if __name__ == "__main__":
+    main()
