@@ -83,12 +83,13 @@ def queue_layers(T: int) -> bool:
 # (`layers.prepare_projections(..., fp32=True)`): MLX's CPU multiplies a float16 / bfloat16
 # matrix by converting it block by block at every product, which is most of a small model's
 # step. Same numbers (the product is rounded back to the input's dtype); the cost is memory, 4
-# bytes a copied weight besides the model's own. CPU_FP32_DECODE: "head" (the default): the
-# MTP head's projections and its output layer, which only speculative decoding runs; "all":
-# every projection of the compiled steps (plain decoding of the shipped tiny model 1.5-1.6x
-# faster, and MTP then pays less than it costs: benchmarks/NOTES.md, helper mtpcpu); False:
-# none. Either only while the copies take at most CPU_FP32_MAX_BYTES. Read by `_prepare_decode`.
-CPU_FP32_DECODE: str | bool = "head"
+# bytes a copied weight besides the model's own. CPU_FP32_DECODE: "all" (the default): every
+# projection of the compiled steps (plain decoding of the shipped tiny model 1.5-1.6x faster;
+# MTP then pays less than it costs there: benchmarks/NOTES.md, helper mtpcpu); "head": only the
+# MTP head's projections and its output layer, which only speculative decoding runs; False:
+# none. Either only while the copies take at most CPU_FP32_MAX_BYTES (a small model: the
+# released ones keep their own weights). Read by `_prepare_decode`.
+CPU_FP32_DECODE: str | bool = "all"
 CPU_FP32_MAX_BYTES = 256 << 20
 
 # Calls of up to this many tokens a row over a filled cache (speculative verify passes, the MTP
