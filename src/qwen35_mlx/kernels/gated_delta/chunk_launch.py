@@ -71,10 +71,11 @@ inline float4 gd_f4(float x, float y, float z, float w) {
 template <typename T>
 using gd_staged = float;
 template <int NT, int R, int CL, typename D, typename S>
-inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid, int cmax = CL) {
   for (int e = tid; e < R * CL; e += NT) {
     const int r = e / CL < rmax ? e / CL : rmax;
-    dst[(e / CL) * dld + e % CL] = float(src[r * sld + e % CL]);
+    const int c = e % CL < cmax ? e % CL : cmax - 1;
+    dst[(e / CL) * dld + e % CL] = float(src[r * sld + c]);
   }
 }
 inline void gd_copy_commit() {}
@@ -90,7 +91,9 @@ __device__ __forceinline__ void gd_barrier() {
 __device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
   return make_float4(x, y, z, w);
 }
-// Staged tile copies (H_BODY, O2_BODY): an R x CL tile, row r read from src + min(r, rmax) sld.
+// Staged tile copies (H_BODY, O2_BODY, WY2_BODY): an R x CL tile, row r read from src + min(r,
+// rmax) sld; columns at or past cmax (a multiple of 8 elements) hold copies of other columns of
+// the row below cmax (callers select them away).
 // cp.async (sm_80+) copies the bytes as they are, 16 at a time, from device to threadgroup
 // memory without passing through registers; a thread's copies since the last gd_copy_commit()
 // form a group, and gd_copy_wait<N>() waits until at most N of its groups are still in flight
@@ -99,7 +102,8 @@ __device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
 template <typename T>
 using gd_staged = T;
 template <int NT, int R, int CL, typename D, typename S>
-__device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+__device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid,
+                                             int cmax = CL) {
   constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
   static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
   constexpr int U = R * CL / V;  // copies of the tile
@@ -110,10 +114,11 @@ __device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, 
     const int r = e / (CL / V);
     const int c = (e % (CL / V)) * V;
     const int rs = r < rmax ? r : rmax;
+    const int cs = c < cmax ? c : cmax - V;
     asm volatile(
         "{ .reg .u64 s; .reg .u32 a; cvta.to.shared.u64 s, %0; cvt.u32.u64 a, s;"
         "  cp.async.cg.shared.global [a], [%1], 16; }" ::"l"(dst + r * dld + c),
-        "l"(src + rs * sld + c));
+        "l"(src + rs * sld + cs));
   }
 }
 __device__ __forceinline__ void gd_copy_commit() {
@@ -188,6 +193,11 @@ inline void gd_mma(thread gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
     }
   }
 }
+// Operands staged in threadgroup memory (floats on Metal): gd_mma.
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+inline void gd_mma_staged(thread gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  gd_mma<MP, TA, TB>(x, A, lda, B, ldb, K);
+}
 """,
     "cuda": """
 // Fragments of mma.m16n8k8 (PTX ISA), lane = 4 g + t: A a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
@@ -227,14 +237,16 @@ __device__ __forceinline__ void gd_acc_load(gd_acc& x, P p, int ld) {
     for (int e = 0; e < 4; ++e) x.c[h][e] = p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)];
   }
 }
-template <typename P>
-__device__ __forceinline__ void gd_acc_store(gd_acc& x, P p, int ld) {
+template <typename E>
+__device__ __forceinline__ void gd_acc_store(gd_acc& x, E* p, int ld) {
   const int g = (threadIdx.x & 31) >> 2;
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)] = x.c[h][e];
+    for (int e = 0; e < 4; ++e) {
+      p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)] = static_cast<E>(x.c[h][e]);
+    }
   }
 }
 template <int MP, bool TA, bool TB, typename PA, typename PB>
@@ -289,6 +301,91 @@ __device__ __forceinline__ void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, 
     }
   }
 }
+// gd_mma_staged: gd_mma with both operands in threadgroup memory. Where they are the same
+// 16-bit type (the staged bf16 / fp16 pieces) and GD_MMA16 is on, the fragments come by ldmatrix
+// (one .x4 a 16 x 16 operand a step of 16; .trans where the stored rows run along k) into
+// mma.m16n8k16 (bf16 / fp16 products, exact in fp32, fp32 accumulation): per 16 of K a warp
+// issues 2 ldmatrix + 2 mma instead of 16 16-bit loads, their widening and 4 mma. Fragments as
+// the PTX ISA's: A a0..a3 = (g, 2t..2t+1), (g + 8, ..), (g, 8 + 2t..), (g + 8, 8 + 2t..); B
+// b0, b1 = (k 2t..2t+1, n g), (k 8 + 2t.., n g); C as m16n8k8's. Needs K a multiple of 16 and
+// every 8-element row segment read 16-byte aligned (row strides and tile offsets multiples of
+// 8 elements). Otherwise (float operands, or GD_MMA16 0) it is gd_mma.
+#ifndef GD_MMA16
+#define GD_MMA16 1
+#endif
+__host__ __device__ constexpr int gd_kind16(const void*) {
+  return 0;
+}
+__host__ __device__ constexpr int gd_kind16(const __nv_bfloat16*) {
+  return 1;
+}
+__host__ __device__ constexpr int gd_kind16(const __half*) {
+  return 2;
+}
+template <bool TR>
+__device__ __forceinline__ void gd_ldmatrix4(unsigned* r, const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(a) : "l"(p));
+  if (TR) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+}
+template <int KIND>
+__device__ __forceinline__ void gd_mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
+  if (KIND == 1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+template <bool F>
+struct gd_flag {};
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_staged_(gd_flag<false>, gd_acc& x, PA A, int lda, PB B,
+                                               int ldb, int K) {
+  gd_mma<MP, TA, TB>(x, A, lda, B, ldb, K);
+}
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_staged_(gd_flag<true>, gd_acc& x, PA A, int lda, PB B,
+                                               int ldb, int K) {
+  // lane L gives the address of row L % 8 of 8 x 8 matrix L / 8 (m): A's m = (row half m & 1,
+  // k half m >> 1), B's m = (k half m & 1, column half m >> 1)
+  const int m = (threadIdx.x & 31) >> 3;
+  const int r = threadIdx.x & 7;
+  const int ao = TA ? (8 * (m >> 1) + r) * lda + 8 * (m & 1)   // rows along k: .trans
+                    : (8 * (m & 1) + r) * lda + 8 * (m >> 1);
+  const int bo = TB ? (8 * (m >> 1) + r) * ldb + 8 * (m & 1)   // B given as [n][k]
+                    : (8 * (m & 1) + r) * ldb + 8 * (m >> 1);  // rows along k: .trans
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    unsigned a[4];
+    unsigned b[4];
+    gd_ldmatrix4<TA>(a, A + ao + (TA ? k0 * lda : k0));
+    gd_ldmatrix4<!TB>(b, B + bo + (TB ? k0 : k0 * ldb));
+    gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x.c[0], a, b);
+    gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x.c[1], a, b + 2);
+  }
+}
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_staged(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  constexpr int KA = gd_kind16(PA(nullptr));
+  constexpr bool F = GD_MMA16 && KA != 0 && KA == gd_kind16(PB(nullptr));
+  gd_mma_staged_<MP, TA, TB>(gd_flag<F>(), x, A, lda, B, ldb, K);
+}
 """,
 }
 PROLOGUE = {
@@ -338,8 +435,9 @@ def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
 
-def o2_source(backend: str) -> str:
-    return PROLOGUE[backend] + src.o2_body()
+def o2_source(backend: str, p16: bool | None = None) -> str:
+    """O2_BODY; p16 (None: O2_P16): P and Vn staged in the pieces' type for Y += P Vn."""
+    return PROLOGUE[backend] + src.o2_body(O2_P16 if p16 is None else p16)
 
 
 # MP of the matrix kernels for every dtype (1 or 3), or None: by the activations' dtype
@@ -366,7 +464,13 @@ _kernels: dict[tuple, object] = {}
 # 1.29 -> 0.87 ms with m = 2 (both checks passed), so 2 is the default; {} builds them unbounded.
 # MLX writes the kernel's declaration itself, so the bound goes in through the header, by
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
-MIN_BLOCKS: dict[str, int] = {"wy": 2, "o": 2}
+MIN_BLOCKS: dict[str, int] = {"wy": 2, "o": 2, "o2": 2}
+
+# CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
+# of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
+# tf32 mma.m16n8k8; the products are the same (exact in fp32). False builds every chunk kernel
+# with the tf32 path ("_t32" names), for A/B timings in one process.
+MMA16 = True
 
 
 def launch_bounds_header(threads: int, blocks: int) -> str:
@@ -393,7 +497,9 @@ def _build(backend: str, which: str):
     split path's "wy", "wy_fused", "h", "o"."""
     lb = MIN_BLOCKS.get("wy" if which == "wy_fused" else which)
     lb = lb if backend == "cuda" and which in ("wy", "wy_fused", "o", "o2") else None
-    key = (backend, which, lb)
+    t32 = backend == "cuda" and not MMA16
+    p32 = which == "o2" and not O2_P16
+    key = (backend, which, lb, t32, p32)
     if key not in _kernels:
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
@@ -409,6 +515,11 @@ def _build(backend: str, which: str):
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
         head = header(backend)
+        if p32:
+            name += "_p32"
+        if t32:
+            # gd_mma_staged as gd_mma (tf32 products), for A/B timings; a name of its own
+            name, head = f"{name}_t32", "#define GD_MMA16 0\n" + head
         if lb:
             # a name of its own: MLX caches compiled kernels by name
             name, head = f"{name}_lb{lb}", head + launch_bounds_header(256, lb)
@@ -445,6 +556,10 @@ O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
 # dtype. H200, 2026-12-02 (benchmarks/chunk_split_gpu.py --quick): "out o2" 0.176 / 0.627 ms
 # against O_BODY's 0.230 / 0.870 at T = 2048 / 8192 (Hv 32, bf16), both checks passed.
 O2 = True
+# O2_BODY's Y += P Vn with P and Vn staged in the pieces' type (bf16 / fp16: P rounded to it, the
+# products on CUDA's mma.m16n8k16; fp32 pieces and Metal: floats as before); False: P fp32 and
+# Vn staged as floats ("_p32" names), for A/B timings.
+O2_P16 = True
 # O2_BODY's (key slice, value rows) by backend and staged element size: threadgroup memory
 # 48896 B on CUDA (bf16 32 / 64, fp32 16 / 64), 27.4 KB on Metal (float staged, 8 / 32).
 O2_TILES = {

@@ -329,6 +329,26 @@ _DECAY_MACRO = """
   }
 """
 
+# The split kernels' D_ij (_decayed_lower_tiles): as GD_DECAY, the ratio as gam[i] times
+# rg[j] = 1 / gam[j] (gj, rj: gam[j], rg[j], read once a thread) instead of a division.
+_DECAY_R_MACRO = """
+#define GD_DECAY_R(dij, i, j, gj, rj)         \\
+  float dij = 0.0f;                         \\
+  if ((j) <= (i)) {                         \\
+    const float gi_ = gam[i];               \\
+    if (gi_ > 0.0f && (gj) > 0.0f) {        \\
+      dij = gi_ * (rj);                     \\
+    } else {                                \\
+      dij = 1.0f;                           \\
+      for (int l = (j) + 1; l <= (i); ++l) { \\
+        dij *= gs[l];                       \\
+        dij = dij < tiny ? 0.0f : dij;      \\
+      }                                     \\
+    }                                       \\
+    dij = dij < tiny ? 0.0f : dij;          \\
+  }
+"""
+
 # Both chunk prep kernels' first stage (PREP_BODY, WY_BODY): step i of the chunk's gates
 # (g, beta: precomputed, or with GD_FUSED from a, b, A_log, dt_bias; 1 and 0 on masked steps)
 # into gs, bs, ok, then the prefix products gam (thread 0) and the suffix products wts
@@ -766,14 +786,16 @@ def wy_inputs(fused: bool) -> list[str]:
     return ["k", "v", *gates, "mask"]
 
 
-def wy_name(fused: bool) -> str:
-    return "gated_delta_chunk_wy" + ("_fused" if fused else "")
+def wy_name(fused: bool, ring: bool = False) -> str:
+    return "gated_delta_chunk_wy" + ("2" if ring else "") + ("_fused" if fused else "")
 
 
-def wy_body(fused: bool) -> str:
-    """WY_BODY; GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as PREP_BODY does."""
+def wy_body(fused: bool, ring: bool = False) -> str:
+    """WY_BODY (ring: WY2_BODY); GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as
+    PREP_BODY does."""
     defs = f"\n#define GD_FUSED {int(fused)}\n"
-    return defs + _DECAY_MACRO + WY_BODY + "#undef GD_DECAY\n#undef GD_FUSED\n"
+    body = WY2_BODY if ring else WY_BODY
+    return defs + _DECAY_R_MACRO + body + "#undef GD_DECAY_R\n#undef GD_FUSED\n"
 
 
 def _lower_tiles_mma(acc: str, a: str, b: str, s: str) -> str:
@@ -783,26 +805,34 @@ def _lower_tiles_mma(acc: str, a: str, b: str, s: str) -> str:
     return f"""    for (int c = 0; c < 2; ++c) {{
       const int tc = 2 * (w % 2) + c;
       if (tc <= tr) {{
-        gd_mma<MP, false, true>({acc}[c], {a} + 16 * tr * {s}, {s}, {b} + 16 * tc * {s}, {s}, DS);
+        gd_mma_staged<MP, false, true>({acc}[c], {a} + 16 * tr * {s}, {s}, {b} + 16 * tc * {s}, {s},
+                                       DS);
       }}
     }}
 """
 
 
-def _decayed_lower_tiles(acc: str, dst: str, s: str, keep: str, scale: str, staged="") -> str:
+def _decayed_lower_tiles(
+    acc: str, dst: str, s: str, keep: str, scale: str, staged="", out=None, so=None, ot="float"
+) -> str:
     """`_lower_tiles_mma`'s tiles acc[0..1] to threadgroup memory at dst (row stride s); then
     (after the text `staged` and a barrier) each element (i, j) of the chunk times `scale` where
-    `keep` holds, else 0: scale and keep may use D_ij (dij, GD_DECAY)."""
+    `keep` holds, else 0, to `out` (row stride so, type ot; default: dst in place): scale and
+    keep may use D_ij (dij, GD_DECAY_R). A thread keeps one column j (NT a multiple of C)."""
+    out, so = out or dst, so or s
     return f"""  for (int c = 0; c < 2; ++c) {{
     const int tc = 2 * (w % 2) + c;
     if (tc <= tr) gd_acc_store({acc}[c], {dst} + 16 * tr * {s} + 16 * tc, {s});
   }}
 {staged}  gd_barrier();
-  for (int e = tid; e < C * C; e += NT) {{
-    const int i = e / C;
-    const int j = e % C;
-    GD_DECAY(dij, i, j);
-    {dst}[i * {s} + j] = {keep} ? {scale} * {dst}[i * {s} + j] : 0.0f;
+  {{
+    const int j = tid % C;
+    const float gj = gam[j];
+    const float rj = rg[j];
+    for (int i = tid / C; i < C; i += NT / C) {{
+      GD_DECAY_R(dij, i, j, gj, rj);
+      {out}[i * {so} + j] = static_cast<{ot}>({keep} ? {scale} * {dst}[i * {s} + j] : 0.0f);
+    }}
   }}
 """
 
@@ -817,6 +847,64 @@ def _rows_to_registers(x: str, src: str, bv: str) -> str:
       const int v = v0 + e % {bv} < Dv ? v0 + e % {bv} : Dv - 1;
       {x}[it] = static_cast<float>({src}[(rn + e / {bv}) * Dv + v]);
     }}
+"""
+
+
+# Both WY kernels: the gates row (gamma, g, valid, w) to `gates` for the other passes, and rg.
+_WY_GATES_OUT = """  gd_barrier();
+  for (int i = tid; i < C; i += NT) {
+    gates[(rn + i) * 4] = gam[i];
+    gates[(rn + i) * 4 + 1] = gs[i];
+    gates[(rn + i) * 4 + 2] = ok[i];
+    gates[(rn + i) * 4 + 3] = wts[i];
+    rg[i] = gam[i] > 0.0f ? 1.0f / gam[i] : 0.0f;
+  }
+"""
+
+
+def _wy_inverse(xs: str) -> str:
+    """Both WY kernels' step 4: Ai := (I - L)^-1 in place (fp32), the block products' scratch
+    tiles at xs (threadgroup floats, 256 a warp, warps 0..RT - 2)."""
+    return f"""  // 4. (I - L)^-1: diagonal blocks (thread = (block, column c): x_c = 1,
+  // x_i = sum_j L_ij x_j)
+  {{
+    float x[16];
+    const int o = 16 * (tid / 16);
+    const int c = tid % 16;
+    if (tid < C) {{
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) {{
+        float s = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < i; ++j) s += Ai[(o + i) * CP + o + j] * x[j];
+        x[i] = i < c ? 0.0f : (i == c ? 1.0f : s);
+      }}
+    }}
+    gd_barrier();
+    if (tid < C) {{
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) Ai[(o + i) * CP + o + c] = x[i];
+    }}
+  }}
+  // block columns jb = RT - 2 .. 0; warp w computes block (jb + 1 + w, jb)
+  for (int jb = RT - 2; jb >= 0; --jb) {{
+    const int ib = jb + 1 + w;
+    gd_acc xt;
+    gd_barrier();
+    if (ib < RT) {{
+      gd_acc_zero(xt);
+      gd_mma<MP, false, false>(xt, Ai + 16 * ib * CP + 16 * (jb + 1), CP,
+                               Ai + 16 * (jb + 1) * CP + 16 * jb, CP, 16 * (ib - jb));
+      gd_acc_store(xt, {xs} + 256 * w, 16);
+    }}
+    gd_barrier();
+    if (ib < RT) {{
+      gd_acc_zero(xt);
+      gd_mma<MP, false, false>(xt, {xs} + 256 * w, 16, Ai + 16 * jb * CP + 16 * jb, CP, 16);
+    }}
+    gd_barrier();
+    if (ib < RT) gd_acc_store(xt, Ai + 16 * ib * CP + 16 * jb, CP);
+  }}
 """
 
 
@@ -857,6 +945,7 @@ WY_BODY = (
   GD_TG float ok[C];
   GD_TG float gam[C];
   GD_TG float wts[C];
+  GD_TG float rg[C];  // 1 / gam (0 where gam is)
 
   // 0. The chunk's k and v rows towards L2 (a 128-byte line a thread), so that the staging
   // loads below, each exposed for part of its latency, find them there.
@@ -880,14 +969,8 @@ WY_BODY = (
   // 1. gates
 """
     + _CHUNK_GATES
-    + """  gd_barrier();
-  for (int i = tid; i < C; i += NT) {
-    gates[(rn + i) * 4] = gam[i];
-    gates[(rn + i) * 4 + 1] = gs[i];
-    gates[(rn + i) * 4 + 2] = ok[i];
-    gates[(rn + i) * 4 + 3] = wts[i];
-  }
-
+    + _WY_GATES_OUT
+    + """
   // 2. k k^T; Kw = w k
   const int tr = w / 2;
   gd_acc kk[2];
@@ -951,46 +1034,9 @@ WY_BODY = (
     + _decayed_lower_tiles("kk", "Ai", "CP", "j < i", "-bs[i] * dij")
     + """  gd_barrier();
 
-  // 4. (I - L)^-1: diagonal blocks (thread = (block, column c): x_c = 1, x_i = sum_j L_ij x_j)
-  {
-    float x[16];
-    const int o = 16 * (tid / 16);
-    const int c = tid % 16;
-    if (tid < C) {
-      #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        float s = 0.0f;
-        #pragma unroll
-        for (int j = 0; j < i; ++j) s += Ai[(o + i) * CP + o + j] * x[j];
-        x[i] = i < c ? 0.0f : (i == c ? 1.0f : s);
-      }
-    }
-    gd_barrier();
-    if (tid < C) {
-      #pragma unroll
-      for (int i = 0; i < 16; ++i) Ai[(o + i) * CP + o + c] = x[i];
-    }
-  }
-  // block columns jb = RT - 2 .. 0; warp w computes block (jb + 1 + w, jb)
-  for (int jb = RT - 2; jb >= 0; --jb) {
-    const int ib = jb + 1 + w;
-    gd_acc xt;
-    gd_barrier();
-    if (ib < RT) {
-      gd_acc_zero(xt);
-      gd_mma<MP, false, false>(xt, Ai + 16 * ib * CP + 16 * (jb + 1), CP,
-                               Ai + 16 * (jb + 1) * CP + 16 * jb, CP, 16 * (ib - jb));
-      gd_acc_store(xt, st + 256 * w, 16);
-    }
-    gd_barrier();
-    if (ib < RT) {
-      gd_acc_zero(xt);
-      gd_mma<MP, false, false>(xt, st + 256 * w, 16, Ai + 16 * jb * CP + 16 * jb, CP, 16);
-    }
-    gd_barrier();
-    if (ib < RT) gd_acc_store(xt, Ai + 16 * ib * CP + 16 * jb, CP);
-  }
-
+"""
+    + _wy_inverse("st")
+    + """
   // 5. U = X diag(beta) v, W = X diag(beta gamma) k, slices of DS columns (v's first)
   const int ort = w / (DS / 16);
   const int oct = w % (DS / 16);
@@ -1026,6 +1072,163 @@ WY_BODY = (
   }
 #undef GD_WY_LOAD
 #undef GD_WY_LOAD_K
+"""
+)
+
+# WY2_BODY: WY_BODY with its k and v slices copied (gd_copy_tile: cp.async on CUDA, the bytes
+# as they are) into a ring of NB staged slices that runs through the whole kernel: the Dk / DS
+# k slices of k k^T, then the v slices of U, then the k slices of W, each copy started NB - 1
+# slices ahead (so the first U slices land during the inverse). Same threadgroups, outputs and
+# steps as WY_BODY; what changes:
+#  - no element is loaded, converted and stored by a thread before a product: k k^T reads the
+#    raw slices (tile layer; on CUDA bf16 / fp16 pieces go to mma.m16n8k16), the selection moves
+#    to L (j < i, valid_i, valid_j) and Kw = w k is written from the staged slice;
+#  - U and W: each staged slice is scaled in place (beta_i v_i, beta_i gamma_i k_i; rows of
+#    masked steps and columns past Dv selected to 0, so garbage there cannot leak), X = (I -
+#    L)^-1 is held in the staged type PS (16-bit pieces: X rounded to it, as flash-linear-
+#    attention's solve_tril output; floats: Ai itself), one output tile a warp (OT of them a
+#    slice), stored into the slice it came from and written in PT.
+# Needs Dv a multiple of 8 (16-byte copies of v's rows; chunk_launch takes WY_BODY otherwise).
+# Threadgroup memory: C (C + 4) floats (Ai) + NB C (DS + 16 / size) PS (ring) + X (C (C + 16 /
+# size) PS, 16-bit only; else the inverse's 768-float scratch) + 6 C floats: CUDA bf16 (DS 32,
+# NB 3) 43520 B, fp32 (32, 2) 40448 B; Metal (float staged, DS 16, NB 2) 32256 B.
+WY2_BODY = (
+    """
+  constexpr int RT = C / 16;       // row tiles (and 16 x 16 blocks) of a chunk
+  constexpr int NW = NT / 32;
+  constexpr int CP = C + 4;        // row stride of Ai
+  using PS = gd_staged<PT>;        // the staged slices, and X for the output products
+  constexpr int PSZ = int(sizeof(PS));
+  constexpr int SQ = DS + 16 / PSZ;           // row stride of a staged slice
+  constexpr int XL = PSZ == 4 ? CP : C + 8;   // row stride of X (Ai itself for floats)
+  constexpr int NSK = Dk / DS;                // k slices
+  constexpr int OT = RT * (DS / 16);          // output tiles a slice
+  static_assert(C == 64 && NT == 256, "WY2_BODY: 8 warps, 4 x 4 blocks");
+  static_assert(DS % 16 == 0 && Dk % DS == 0 && NB >= 2 && OT <= NW, "WY2_BODY tiles");
+"""
+    + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
+    + """  const int w = tid / 32;
+  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
+  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
+  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
+  const int nvs = (Dv + DS - 1) / DS;        // v slices
+  const int NQ = 2 * NSK + nvs;              // slices through the ring
+
+  GD_TG float Ai[C * CP];  // L, then (I - L)^-1
+  GD_TG16 PS ring[NB * C * SQ];
+  GD_TG16 PS aux[PSZ == 4 ? 768 : C * XL];  // the inverse's scratch (floats); then X in PS
+  GD_TG float gs[C];
+  GD_TG float bs[C];
+  GD_TG float ok[C];
+  GD_TG float gam[C];
+  GD_TG float wts[C];
+  GD_TG float rg[C];  // 1 / gam (0 where gam is)
+  const size_t krow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
+  const size_t vrow = ((size_t(b_idx) * T + t0) * Hv + hv) * Dv;
+  // Slice q_ into its ring buffer: rows past T read row T - 1, v's columns past Dv some column
+  // of the row (both selected away).
+#define GD_WY2_COPY(q_)                                                                      \\
+  {                                                                                          \\
+    if ((q_) < NQ) {                                                                         \\
+      GD_TG_PTR PS* st_ = ring + ((q_) % NB) * (C * SQ);                                      \\
+      if ((q_) >= NSK && (q_) < NSK + nvs) {                                                 \\
+        const int c0_ = ((q_) - NSK) * DS;                                                   \\
+        gd_copy_tile<NT, C, DS>(st_, SQ, v + vrow + c0_, size_t(Hv) * Dv, T - 1 - t0, tid,   \\
+                                Dv - c0_);                                                   \\
+      } else {                                                                               \\
+        const int d0_ = ((q_) < NSK ? (q_) : (q_) - NSK - nvs) * DS;                         \\
+        gd_copy_tile<NT, C, DS>(st_, SQ, k + krow + d0_, size_t(Hk) * Dk, T - 1 - t0, tid,   \\
+                                DS);                                                         \\
+      }                                                                                      \\
+    }                                                                                        \\
+    gd_copy_commit();                                                                        \\
+  }
+  for (int q = 0; q < NB - 1; ++q) GD_WY2_COPY(q);
+
+  // 1. gates
+"""
+    + _CHUNK_GATES
+    + _WY_GATES_OUT
+    + """
+  // 2. k k^T over the raw k slices; Kw = w k from them. Before slice q: its copy waited for,
+  // a barrier, then the copy of slice q + NB - 1 into the buffer slice q - 1 used.
+  const int tr = w / 2;
+  gd_acc kk[2];
+  gd_acc_zero(kk[0]);
+  gd_acc_zero(kk[1]);
+  for (int q = 0; q < NSK; ++q) {
+    gd_copy_wait<NB - 2>();
+    gd_barrier();
+    GD_WY2_COPY(q + NB - 1);
+    GD_TG_PTR PS* ks = ring + (q % NB) * (C * SQ);
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int d = e % DS;
+      const float x = static_cast<float>(ks[i * SQ + d]);
+      Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
+    }
+"""
+    + _lower_tiles_mma("kk", "ks", "ks", "SQ")
+    + """  }
+
+  // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0
+"""
+    + _decayed_lower_tiles(
+        "kk", "Ai", "CP", "j < i && ok[i] != 0.0f && ok[j] != 0.0f", "-bs[i] * dij"
+    )
+    + """  gd_barrier();
+
+"""
+    + _wy_inverse("((GD_TG_PTR float*)aux)")
+    + """
+  // X in the staged type (16-bit: rounded copy in aux; floats: Ai)
+  GD_TG_PTR PS* X = PSZ == 4 ? (GD_TG_PTR PS*)Ai : aux;
+  if (PSZ != 4) {
+    gd_barrier();  // the inverse's last blocks stored, its scratch free
+    for (int e = tid; e < C * C; e += NT) {
+      X[(e / C) * XL + e % C] = static_cast<PS>(Ai[(e / C) * CP + e % C]);
+    }
+  }
+
+  // 5. U = X diag(beta) v, W = X diag(beta gamma) k over the v slices, then the k slices
+  const int ort = w / (DS / 16);
+  const int oct = w % (DS / 16);
+  for (int q = NSK; q < NQ; ++q) {
+    const bool is_v = q < NSK + nvs;
+    const int c0 = (is_v ? q - NSK : q - NSK - nvs) * DS;
+    gd_copy_wait<NB - 2>();
+    gd_barrier();
+    GD_WY2_COPY(q + NB - 1);
+    GD_TG_PTR PS* bsl = ring + (q % NB) * (C * SQ);
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int d = e % DS;
+      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
+      const float sc = is_v ? bs[i] : bs[i] * gam[i];
+      bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
+    }
+    gd_barrier();
+    gd_acc o;
+    if (w < OT) {
+      gd_acc_zero(o);
+      gd_mma_staged<MP, false, false>(o, X + 16 * ort * XL, XL, bsl + 16 * oct, SQ,
+                                      16 * (ort + 1));
+    }
+    gd_barrier();
+    if (w < OT) gd_acc_store(o, bsl + 16 * ort * SQ + 16 * oct, SQ);
+    gd_barrier();
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      const PT x = static_cast<PT>(bsl[i * SQ + e % DS]);
+      if (!is_v) {
+        W[(rn + i) * Dk + col] = x;
+      } else if (col < Dv) {
+        U[(rn + i) * Dv + col] = x;
+      }
+    }
+  }
+#undef GD_WY2_COPY
 """
 )
 
@@ -1194,7 +1397,7 @@ O_NAME = "gated_delta_chunk_o"
 
 
 def o_body() -> str:
-    return _DECAY_MACRO + O_BODY + "#undef GD_DECAY\n"
+    return _DECAY_R_MACRO + O_BODY + "#undef GD_DECAY_R\n"
 
 
 # The output passes' common start (O_BODY, O2_BODY): sizes, the threadgroup's chunk, head and
@@ -1209,20 +1412,22 @@ _O_PROLOGUE = _chunk_head("dims[0]", "q_shape[2]", "dims[1]", "Vn_shape[2]") + (
 )
 
 
-def _o_epilogue(P: str) -> str:
+def _o_epilogue(P: str, pp="PP", vp="VP", ys="vs") -> str:
     """The output passes' common end: Y += P Vn (P, the decayed q k^T, at `P` in threadgroup
-    memory, row stride PP; Vn's rows staged in vs), Y's tiles staged through threadgroup
-    memory, then written to y in YT, rows t < T and value columns < Dv."""
+    memory, row stride pp; Vn's rows staged in vs, row stride vp), Y's tiles staged through
+    threadgroup floats at `ys` (row stride VP), then written to y in YT, rows t < T and value
+    columns < Dv."""
     return f"""  gd_barrier();
   for (int u = 0; u < YTW; ++u) {{
     const int e = w + NW * u;
     const int r = e / YC;
-    gd_mma<MP, false, false>(ya[u], {P} + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
+    gd_mma_staged<MP, false, false>(ya[u], {P} + 16 * r * {pp}, {pp}, vs + 16 * (e % YC), {vp},
+                                    16 * (r + 1));
   }}
   gd_barrier();
   for (int u = 0; u < YTW; ++u) {{
     const int e = w + NW * u;
-    gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+    gd_acc_store(ya[u], {ys} + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }}
   gd_barrier();
   for (int e = tid; e < C * BVO; e += NT) {{
@@ -1230,7 +1435,7 @@ def _o_epilogue(P: str) -> str:
     const int v = e % BVO;
     const int t = t0 + i;
     if (t < T && v0 + v < Dv) {{
-      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
+      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>({ys}[i * VP + v]);
     }}
   }}
 """
@@ -1238,19 +1443,25 @@ def _o_epilogue(P: str) -> str:
 
 # Both output passes read the chunk's gates (gamma, g, valid) from the WY kernel's `gates`.
 _O_GATES = """  for (int i = tid; i < C; i += NT) {
-    gam[i] = gates[(rn + i) * 4];
+    const float gi = gates[(rn + i) * 4];
+    gam[i] = gi;
+    rg[i] = gi > 0.0f ? 1.0f / gi : 0.0f;
     gs[i] = gates[(rn + i) * 4 + 1];
     ok[i] = gates[(rn + i) * 4 + 2];
   }
 """
 
-# The output passes' Vn rows (registers xv) into threadgroup memory, value rows past Dv as 0.
-_O_STAGE_VN = """  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
+
+def _o_stage_vn(vp="VP", t="float") -> str:
+    """The output passes' Vn rows (registers xv) into threadgroup memory vs (row stride vp,
+    type t), value rows past Dv as 0."""
+    return f"""  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {{
     const int e = tid + it * NT;
-    vs[(e / BVO) * VP + e % BVO] = v0 + e % BVO < Dv ? xv[it] : 0.0f;
-  }
+    vs[(e / BVO) * {vp} + e % BVO] = static_cast<{t}>(v0 + e % BVO < Dv ? xv[it] : 0.0f);
+  }}
 """
+
 
 # The output passes' accumulators: q k^T's two tiles of tile row tr, and Y's YTW tiles.
 _O_ACCS = """  const int tr = w / 2;
@@ -1267,8 +1478,8 @@ def _y_tiles_mma(q: str, h: str, s: str) -> str:
     warp w's YTW tiles of Y (tile e = w + NW u: row tile e / YC, value tile e % YC)."""
     return f"""    for (int u = 0; u < YTW; ++u) {{
       const int e = w + NW * u;
-      gd_mma<MP, false, true>(ya[u], {q} + 16 * (e / YC) * {s}, {s},
-                              {h} + 16 * (e % YC) * {s}, {s}, DS);
+      gd_mma_staged<MP, false, true>(ya[u], {q} + 16 * (e / YC) * {s}, {s},
+                                     {h} + 16 * (e % YC) * {s}, {s}, DS);
     }}
 """
 
@@ -1276,8 +1487,11 @@ def _y_tiles_mma(q: str, h: str, s: str) -> str:
 O2_NAME = "gated_delta_chunk_o2"
 
 
-def o2_body() -> str:
-    return _DECAY_MACRO + O2_BODY + "#undef GD_DECAY\n"
+def o2_body(p16: bool = True) -> str:
+    """O2_BODY; p16 (GD_O2_P16): P and Vn staged in the pieces' type for Y += P Vn (16-bit
+    operands on CUDA's tile layer), else as floats (P fp32)."""
+    defs = f"\n#define GD_O2_P16 {int(p16)}\n"
+    return defs + _DECAY_R_MACRO + O2_BODY + "#undef GD_DECAY_R\n#undef GD_O2_P16\n"
 
 
 # O2_BODY: the output pass with its q, k and H slices copied (gd_copy_tile: cp.async on CUDA,
@@ -1290,9 +1504,13 @@ def o2_body() -> str:
 #   accumulators; P_ij := (j <= i, valid_i, valid_j) ? D_ij (q k^T)_ij : 0; Y += P Vn; Vn's
 #   rows (finite: the state pass writes them) staged as in O_BODY.
 # Rows past T read row T - 1 and value rows past Dv read row Dv - 1 (rmax), both selected
-# away. Threadgroup memory: max(2 (2 C + BVO) (DS + 16 / size) staged, C (max(C, BVO) + 4) fp32)
-# + C (BVO + 4) + 3 C floats: 48896 B at DS 32, BVO 64, bf16 (CUDA); DS 16 for fp32; Metal
-# (float staged) DS 8, BVO 32: 27.4 KB.
+# away. With GD_O2_P16 (o2_body(p16)) P and Vn are staged in the staged pieces' type PS for
+# Y += P Vn (bf16 / fp16 on CUDA: P rounded to it, as flash-linear-attention's chunk_fwd_o
+# does; the products on mma.m16n8k16; P written next to the fp32 q k^T tiles it is made
+# from), else as floats (P in place). Threadgroup memory: max(2 (2 C + BVO) (DS + 16 / size)
+# staged, C (max(C, BVO) + 4) fp32 + C (C + 8) PS where PS is 16-bit) + C (BVO + 16 / size(PS))
+# PS + 4 C floats: bf16 (CUDA, DS 32, BVO 64) 40960 B with P16, 49152 B without; DS 16 for
+# fp32; Metal (float staged) DS 8, BVO 32: 27.6 KB.
 O2_BODY = (
     """
   constexpr int RT = C / 16;
@@ -1304,18 +1522,28 @@ O2_BODY = (
   constexpr int SQ = DS + 16 / int(sizeof(gd_staged<YT>));  // row stride of a staged slice
   constexpr int STG = (2 * C + BVO) * SQ;                    // staged elements a stage
   constexpr int RING = 2 * STG * int(sizeof(gd_staged<YT>)) / 4;
+#if GD_O2_P16
+  using PS = gd_staged<YT>;  // P and the staged Vn
+#else
+  using PS = float;
+#endif
+  constexpr int PSZ = int(sizeof(PS));
+  constexpr int PB = C + 16 / PSZ;    // row stride of P
+  constexpr int VS = BVO + 16 / PSZ;  // row stride of the staged Vn
   constexpr int XS = C * (PP > VP ? PP : VP);
+  constexpr int XP = XS + (PSZ == 4 ? 0 : C * PB * PSZ / 4);  // fp32 tiles, then a 16-bit P
   constexpr int NS = Dk / DS;
   static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O2_BODY layout");
   static_assert(DS % 8 == 0 && (C * BVO) % NT == 0, "O2_BODY: k-steps of 8, whole rounds");
 """
     + _O_PROLOGUE
     + """
-  GD_TG16 float sm[RING > XS ? RING : XS];  // the ring of slices; then Y, P
-  GD_TG float vs[C * VP];
+  GD_TG16 float sm[RING > XP ? RING : XP];  // the ring of slices; then Y, q k^T and P
+  GD_TG16 PS vs[C * VS];
   GD_TG float gam[C];
   GD_TG float gs[C];
   GD_TG float ok[C];
+  GD_TG float rg[C];
   GD_TG_PTR gd_staged<YT>* ring = (GD_TG_PTR gd_staged<YT>*)sm;
   const size_t qrow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
   const size_t hrow = ((size_t(head) * N + n) * Dv + v0) * Dk;
@@ -1360,7 +1588,7 @@ O2_BODY = (
     gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }
 """
-    + _O_STAGE_VN
+    + _o_stage_vn("VS", "PS")
     + """  gd_barrier();
   #pragma unroll
   for (int it = 0; it < C * BVO / NT; ++it) {
@@ -1374,10 +1602,19 @@ O2_BODY = (
     gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }
   gd_barrier();  // X free for P
+  GD_TG_PTR PS* Pm = (GD_TG_PTR PS*)(X + (PSZ == 4 ? 0 : XS));
 """
-    + _decayed_lower_tiles("qk", "X", "PP", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij")
-    + """"""
-    + _o_epilogue("X")
+    + _decayed_lower_tiles(
+        "qk",
+        "X",
+        "PP",
+        "j <= i && ok[i] != 0.0f && ok[j] != 0.0f",
+        "dij",
+        out="Pm",
+        so="PB",
+        ot="PS",
+    )
+    + _o_epilogue("Pm", "PB", "VS", "X")
 )
 
 # O_BODY: the output pass, one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value
@@ -1408,6 +1645,7 @@ O_BODY = (
   GD_TG float gam[C];
   GD_TG float gs[C];
   GD_TG float ok[C];
+  GD_TG float rg[C];
   GD_TG_PTR float* qs = sm;
   GD_TG_PTR float* gqs = sm + C * SP;
   GD_TG_PTR float* ks = sm + 2 * C * SP;
@@ -1473,6 +1711,6 @@ O_BODY = (
   GD_TG_PTR float* Pm = sm;
   GD_TG_PTR float* vs = sm + C * PP;
 """
-    + _decayed_lower_tiles("qk", "Pm", "PP", "j <= i", "dij", staged=_O_STAGE_VN)
+    + _decayed_lower_tiles("qk", "Pm", "PP", "j <= i", "dij", staged=_o_stage_vn())
     + _o_epilogue("Pm")
 )
