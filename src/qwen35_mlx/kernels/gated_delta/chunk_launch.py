@@ -423,8 +423,8 @@ def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
-def wy_source(backend: str, fused: bool = False) -> str:
-    return PROLOGUE[backend] + src.wy_body(fused)
+def wy_source(backend: str, fused: bool = False, ring: bool = False) -> str:
+    return PROLOGUE[backend] + src.wy_body(fused, ring)
 
 
 def h_source(backend: str) -> str:
@@ -464,7 +464,8 @@ _kernels: dict[tuple, object] = {}
 # 1.29 -> 0.87 ms with m = 2 (both checks passed), so 2 is the default; {} builds them unbounded.
 # MLX writes the kernel's declaration itself, so the bound goes in through the header, by
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
-MIN_BLOCKS: dict[str, int] = {"wy": 2, "o": 2, "o2": 2}
+MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 2}
+_BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "o", "o2")
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -495,8 +496,8 @@ _PLAIN = {
 def _build(backend: str, which: str):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
     split path's "wy", "wy_fused", "h", "o"."""
-    lb = MIN_BLOCKS.get("wy" if which == "wy_fused" else which)
-    lb = lb if backend == "cuda" and which in ("wy", "wy_fused", "o", "o2") else None
+    lb = MIN_BLOCKS.get(which.removesuffix("_fused"))
+    lb = lb if backend == "cuda" and which in _BOUNDED else None
     t32 = backend == "cuda" and not MMA16
     p32 = which == "o2" and not O2_P16
     key = (backend, which, lb, t32, p32)
@@ -504,10 +505,10 @@ def _build(backend: str, which: str):
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
             body = source(backend)
-        elif which in ("wy", "wy_fused"):
-            fused = which == "wy_fused"
-            name, ins, outs = src.wy_name(fused), src.wy_inputs(fused), src.WY_OUTPUTS
-            body = wy_source(backend, fused)
+        elif which in ("wy", "wy_fused", "wy2", "wy2_fused"):
+            fused, ring = which.endswith("_fused"), which.startswith("wy2")
+            name, ins, outs = src.wy_name(fused, ring), src.wy_inputs(fused), src.WY_OUTPUTS
+            body = wy_source(backend, fused, ring)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
@@ -537,6 +538,18 @@ def _build(backend: str, which: str):
 SPLIT = True
 WY_THREADS = 256
 WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
+# The WY pass as WY2_BODY (k and v slices copied into a ring that runs through the kernel, k k^T
+# on the raw slices, X and the scaled slices in the pieces' type for U and W) where Dv is a
+# multiple of 8 and k, v share a dtype; False (or otherwise): WY_BODY.
+WY2 = True
+# WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
+# fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
+WY2_TILES = {
+    ("cuda", 2): (32, 3),
+    ("cuda", 4): (32, 2),
+    ("metal", 2): (16, 2),
+    ("metal", 4): (16, 2),
+}
 H_BV = 16  # value rows per state-pass threadgroup (16 or 32; 32: CUDA only, Dk <= 128)
 H_BV_CHOICES = {"metal": (16,), "cuda": (16, 32)}
 # Threadgroup memory a state-pass threadgroup may take (static): Apple GPUs 32 KB, CUDA 48 KB.
@@ -603,22 +616,25 @@ def _gate_inputs(which: str, g, beta, mask, raw_gates, B: int, T: int) -> tuple:
 
 
 def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, init_value=None):
-    """WY_BODY: W, Kw [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C,
-    4] fp32 (gamma, g, valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are
+    """WY_BODY (WY2_BODY where WY2 is set and Dv is a multiple of 8): W, Kw [B*Hv, N*C, Dk] and
+    U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C, 4] fp32 (gamma, g, valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are
     computed in the kernel (g, beta unused)."""
     B, T, _, Dk = k.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
     BH = B * Hv
-    mask, gates, which = _gate_inputs("wy", g, beta, mask, raw_gates, B, T)
+    ring = WY2 and Dv % 8 == 0 and k.dtype == v.dtype  # k, v copied raw into one ring
+    mask, gates, which = _gate_inputs("wy2" if ring else "wy", g, beta, mask, raw_gates, B, T)
     pt = v.dtype
+    ds, nb = WY2_TILES[(backend, pt.size)] if ring else (WY_SLICE, None)
     return _build(backend, which)(
         inputs=[k, v, *gates, mask.astype(mx.bool_)],
         template=[
             ("Dk", Dk),
             ("C", C),
             ("NT", WY_THREADS),
-            ("DS", WY_SLICE),
+            ("DS", ds),
+            *([("NB", nb)] if ring else []),
             ("MP", operand_precision(pt)),
             ("PT", pt),
         ],
