@@ -616,9 +616,10 @@ def _gate_inputs(which: str, g, beta, mask, raw_gates, B: int, T: int) -> tuple:
 
 
 def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, init_value=None):
-    """WY_BODY (WY2_BODY where WY2 is set and Dv is a multiple of 8): W, Kw [B*Hv, N*C, Dk] and
-    U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C, 4] fp32 (gamma, g, valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are
-    computed in the kernel (g, beta unused)."""
+    """WY_BODY (WY2_BODY where WY2 is set, Dv is a multiple of 8 and k, v share a dtype): W, Kw
+    [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C, 4] fp32 (gamma, g,
+    valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel
+    (g, beta unused)."""
     B, T, _, Dk = k.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
