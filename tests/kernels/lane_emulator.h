@@ -179,6 +179,10 @@ inline void gd_acc_zero(gd_acc& x) {
   for (auto& h : x.c)
     for (float& e : h) e = 0.0f;
 }
+inline void gd_acc_scale(gd_acc& x, float s) {
+  for (auto& h : x.c)
+    for (float& e : h) e *= s;
+}
 template <typename P>
 inline void gd_acc_load(gd_acc& x, P p, int ld) {
   const int g = int(threadIdx.x % 32) / 4, t = int(threadIdx.x % 4);

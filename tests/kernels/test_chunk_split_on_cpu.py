@@ -125,6 +125,14 @@ void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const fl
 }}
 }}  // namespace h
 
+namespace h2 {{
+template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
+{h2}
+}}
+}}  // namespace h2
+
 namespace o {{
 template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT, typename PT>
 void kernel(const float* q, const float* k, const float* gates, const PT* H, const PT* Vn,
@@ -181,7 +189,7 @@ void run(char** argv) {{
       }}
     }});
     write(d + "W", W); write(d + "U", U); write(d + "Kw", Kw); write(d + "gates", gates);
-  }} else if (what == "h") {{
+  }} else if (what == "h" || what == "h2") {{
     auto W = read_as<PT>(d + "W"), U = read_as<PT>(d + "U"), Kw = read_as<PT>(d + "Kw");
     auto gates = read(d + "gates"), s0 = read(d + "state_in");
     const int U_shape[3] = {{BH, N * C, Dv}};
@@ -189,8 +197,13 @@ void run(char** argv) {{
     std::vector<float> s(size_t(BH) * Dv * Dk, NAN);
     constexpr int NT = 32 * (C / 16) * (BV / 16);
     run_blocks({{unsigned(BH), unsigned((Dv + BV - 1) / BV), 1}}, NT, [&] {{
-      h::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(), as<float>(gates),
-          as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      if (what == "h2") {{
+        h2::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
+            as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      }} else {{
+        h::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
+            as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      }}
     }});
     write(d + "H", H); write(d + "Vn", Vn); write(d + "state_out", s);
   }} else if (what == "o2") {{
@@ -257,6 +270,7 @@ def program(tmp_path_factory) -> Path:
         wy2=cl.wy_source("cuda", ring=True),
         wy2_fused=cl.wy_source("cuda", fused=True, ring=True),
         h=cl.h_source("cuda"),
+        h2=cl.h2_source("cuda"),
         o=cl.o_source("cuda"),
         o2=cl.o2_source("cuda"),
         C=C,
@@ -289,9 +303,11 @@ def _run(program, tmp, what, dims, cfg):
     subprocess.run(cmd, check=True, timeout=600)
 
 
-def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None, out="o", wy="wy"):
-    """WY ("wy" WY_BODY, "wy2" WY2_BODY), state and output pass (out: "o" O_BODY, "o2" O2_BODY)
-    in the emulator: (W, U, Kw), (y, state_out)."""
+def run_split(
+    program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None, out="o", wy="wy", h="h"
+):
+    """WY ("wy" WY_BODY, "wy2" WY2_BODY), state ("h" H_BODY, "h2" H2_BODY) and output pass (out:
+    "o" O_BODY, "o2" O2_BODY) in the emulator: (W, U, Kw), (y, state_out)."""
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -308,7 +324,7 @@ def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None, out=
         _run(program, tmp, wy + "_fused", dims, cfg)
     rows = B * Hv, N * C
     pieces = _get(tmp, "W", (*rows, Dk)), _get(tmp, "U", (*rows, Dv)), _get(tmp, "Kw", (*rows, Dk))
-    _run(program, tmp, "h", dims, cfg)
+    _run(program, tmp, h, dims, cfg)
     _run(program, tmp, out, dims, cfg)
     y = _get(tmp, "y", (B, T, Hv, Dv))
     s = _get(tmp, "state_out", (B, Hv, Dv, Dk))
@@ -361,13 +377,13 @@ WY2_CASES = [(shape, shape[1] > 1) for shape in WY2_SHAPES] + [(SHAPES[3], False
 @pytest.mark.parametrize("shape,masked", WY2_CASES, **IDS)
 def test_split_wy2_matches_numpy(program, tmp_path, shape, masked):
     """WY2_BODY (the copied ring, k k^T on raw slices, U and W from scaled slices) with the
-    CUDA tiles, then the state pass and O2_BODY: W, U, Kw against the MLX-ops pieces, y and the
-    state against float64."""
+    CUDA tiles, then H2_BODY (the state in the accumulators) and O2_BODY: W, U, Kw against the
+    MLX-ops pieces, y and the state against float64."""
     B, T, Hk, Hv, Dk, Dv = shape
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad" if masked else None)
     pieces, got = run_split(
-        program, tmp_path, q, k, v, g, beta, state, mask, "cuda", out="o2", wy="wy2"
+        program, tmp_path, q, k, v, g, beta, state, mask, "cuda", out="o2", wy="wy2", h="h2"
     )
     with mx.stream(mx.cpu):
         ops = [np.asarray(x) for x in cl.prep_ops(q, k, v, g, beta, mask)]
@@ -379,12 +395,12 @@ def test_split_wy2_matches_numpy(program, tmp_path, shape, masked):
         assert not np.any(got[0][~np.asarray(mask)])
 
 
-@pytest.mark.parametrize("cfg", ["metal", "cuda_bf16"])
+@pytest.mark.parametrize("cfg", ["metal", "cuda_bf16", "cuda_bv32", "cuda_ring3"])
 def test_split_wy2_tiles_and_bf16(program, tmp_path, cfg):
-    """WY2_BODY with Metal's tiles (floats staged, slices of 16, a ring of two) within fp32's
-    tolerance, and with bf16 pieces (X and the scaled slices rounded to bf16, a ring of three)
-    within bf16's and outside fp32's; masked, Dk 128, a partial v slice; gates computed in the
-    kernel."""
+    """WY2_BODY and H2_BODY with Metal's tiles (floats staged, slices of 16 / 32, rings of two),
+    the state pass at 32 value rows and with a ring of three, within fp32's tolerance; with bf16
+    pieces (X, the scaled slices, S and delta rounded to bf16 for the products) within bf16's
+    and outside fp32's; masked, Dk 128, a partial v slice; gates computed in the kernel."""
     B, T, Hk, Hv, Dk, Dv = WY2_SHAPES[3]
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad")
@@ -393,7 +409,7 @@ def test_split_wy2_tiles_and_bf16(program, tmp_path, cfg):
         g, beta = compute_gates(a, b, A_log, dt_bias)
     gates = (a, b, A_log, dt_bias)
     _, got = run_split(
-        program, tmp_path, q, k, v, None, None, state, mask, cfg, gates, out="o2", wy="wy2"
+        program, tmp_path, q, k, v, None, None, state, mask, cfg, gates, out="o2", wy="wy2", h="h2"
     )
     want = gated_delta_np(q, k, v, g, beta, state, mask)
     _check(got, want, TOL_BF16 if cfg == "cuda_bf16" else TOL)
@@ -459,7 +475,8 @@ def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg
     pad = ~mask
     nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
     bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
-    _, got = run_split(program, tmp_path, *bad, state, mask, cfg, out=out, wy=wy)
+    h = "h2" if wy == "wy2" else "h"
+    _, got = run_split(program, tmp_path, *bad, state, mask, cfg, out=out, wy=wy, h=h)
     _check(got, want, TOL_BF16 if cfg == "cuda_bf16" else TOL)
 
 
@@ -510,15 +527,17 @@ class EmulatedKernel:
             assert output_dtypes == [mx.float32] * 4
             what = ("wy2" if ring else "wy") + ("_fused" if fused else "")
             self.tmp.joinpath("dims").write_text(" ".join(map(str, [Dk, B, T, Hk, Hv, Dv])))
-        elif self.name == cs.H_NAME:
+        elif self.name in (cs.H_NAME, cs.H2_NAME):
             B, Hv, Dv, Dk = x["state_in"].shape
             nt = cl.h_threads(cl.H_BV)
-            ds, nb = cl.h_tiles("cuda", Dk, cl.H_BV, 4)
+            h2 = self.name == cs.H2_NAME
+            assert h2 == cl.H2  # H2_BODY wherever it is on (its tiles fit every case here)
+            ds, nb = cl.h_tiles("cuda", Dk, cl.H_BV, 4, h2)
             want = {"Dk": Dk, "BV": cl.H_BV, "C": C, "NT": nt, "DS": ds, "NB": nb}
             assert tpl == want | {"MP": 3, "PF": cl.PREFETCH, "PT": mx.float32}
             assert grid == (nt * B * Hv, -(-Dv // cl.H_BV), 1)
             assert threadgroup == (nt, 1, 1)
-            what = "h"
+            what = "h2" if h2 else "h"
         else:
             # O2_BODY where chunk_launch.O2 is on (fp32 q, k, H and y agree here), else O_BODY.
             assert self.name == (cs.O2_NAME if cl.O2 else cs.O_NAME)

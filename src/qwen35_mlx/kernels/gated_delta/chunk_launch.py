@@ -134,6 +134,7 @@ __device__ __forceinline__ void gd_copy_wait() {
 # (`gd_acc`) and adds A B to it, A [16 x K] and B [K x 16] read from threadgroup or device
 # memory (K a multiple of 8):
 #   gd_acc_zero(acc); gd_acc_load(acc, p, ld); gd_acc_store(acc, p, ld)   C(i, j) = p[i ld + j]
+#   gd_acc_scale(acc, s)   C *= s
 #   gd_mma<MP, TA, TB>(acc, A, lda, B, ldb, K)   C += A B with
 #       A(i, k) = A[i lda + k] (TA: A[k lda + i]), B(k, j) = B[k ldb + j] (TB: B[j ldb + k])
 # Every lane of the warp calls them together (uniform control flow). MP: operand precision on
@@ -193,6 +194,15 @@ inline void gd_mma(thread gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
     }
   }
 }
+// acc *= s: by the diagonal matrix s I (simdgroup_matrix(T) fills the diagonal).
+inline void gd_acc_scale(thread gd_acc& x, float s) {
+  const simdgroup_float8x8 d(s);
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_multiply(x.m[i][j], x.m[i][j], d);
+    }
+  }
+}
 // Operands staged in threadgroup memory (floats on Metal): gd_mma.
 template <int MP, bool TA, bool TB, typename PA, typename PB>
 inline void gd_mma_staged(thread gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
@@ -225,6 +235,13 @@ __device__ __forceinline__ void gd_acc_zero(gd_acc& x) {
   for (int h = 0; h < 2; ++h) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) x.c[h][e] = 0.0f;
+  }
+}
+__device__ __forceinline__ void gd_acc_scale(gd_acc& x, float s) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x.c[h][e] *= s;
   }
 }
 template <typename P>
@@ -431,6 +448,10 @@ def h_source(backend: str) -> str:
     return PROLOGUE[backend] + src.H_BODY
 
 
+def h2_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.H2_BODY
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -486,6 +507,7 @@ def launch_bounds_header(threads: int, blocks: int) -> str:
 # The chunk kernels without switches: which -> (name, input names, output names, source).
 _PLAIN = {
     "h": (src.H_NAME, src.H_INPUTS, src.H_OUTPUTS, h_source),
+    "h2": (src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "state": (src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_source),
@@ -561,6 +583,9 @@ H_TILE_ORDER = ((256, 2), (128, 2), (64, 3), (64, 2), (32, 3), (32, 2), (16, 2))
 # (DS, NB) forced for every state pass (timing runs, benchmarks/chunk_split_gpu.py): the caller
 # makes sure it fits (h_smem).
 H_TILES: tuple[int, int] | None = None
+# The state pass as H2_BODY (the state in the warps' accumulators, a PS copy in threadgroup
+# memory for the products, 16-bit operands where the pieces are); False: H_BODY.
+H2 = True
 O_THREADS = 256
 O_SLICE = {"metal": 16, "cuda": 32}  # key columns of q, k, H staged at a time
 O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
@@ -590,10 +615,28 @@ def h_smem(backend: str, Dk: int, bv: int, ds: int, nb: int, itemsize: int, C: i
     return 4 * (bv * (Dk + 4) + C * (bv + 4)) + nb * C * (ds * size + 16)
 
 
-def h_tiles(backend: str, Dk: int, bv: int, itemsize: int) -> tuple[int, int] | None:
-    """(DS, NB) of the state pass: the first of H_TILE_ORDER that divides Dk and fits."""
+def h2_smem(
+    backend: str, Dk: int, bv: int, ds: int, nb: int, itemsize: int, C: int = CHUNK
+) -> int | None:
+    """Bytes of threadgroup memory of H2_BODY (Xw / delta fp32, Sb, a 16-bit delta, the ring), or
+    None where the ring is too small to stage the fp32 state through (16-bit pieces)."""
+    size = itemsize if backend == "cuda" else 4
+    pad = 16 // size
+    ring = nb * C * (ds + pad) * size
+    if size == 2 and bv * (Dk + 4) * 4 > ring:
+        return None
+    delta16 = C * (bv + 8) * 2 if size == 2 else 32
+    return 4 * C * (bv + 4) + bv * (Dk + pad) * size + delta16 + ring
+
+
+def h_tiles(
+    backend: str, Dk: int, bv: int, itemsize: int, h2: bool = False
+) -> tuple[int, int] | None:
+    """(DS, NB) of the state pass (h2: H2_BODY's): the first of H_TILE_ORDER that divides Dk
+    and fits."""
     for ds, nb in H_TILE_ORDER:
-        if Dk % ds == 0 and h_smem(backend, Dk, bv, ds, nb, itemsize) <= H_SMEM[backend]:
+        smem = (h2_smem if h2 else h_smem)(backend, Dk, bv, ds, nb, itemsize)
+        if Dk % ds == 0 and smem is not None and smem <= H_SMEM[backend]:
             return ds, nb
     return None
 
@@ -659,13 +702,14 @@ def h_pass(
     prefetch=None,
     init_value=None,
 ):
-    """H_BODY: (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C, Dv]) in the pieces' dtype, and the final
-    state [B, Hv, Dv, Dk] fp32."""
+    """H_BODY (H2_BODY where H2 is set and its tiles fit): (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C,
+    Dv]) in the pieces' dtype, and the final state [B, Hv, Dv, Dk] fp32."""
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     bv = bv or H_BV
     pt = U.dtype
-    tiles = h_tiles(backend, Dk, bv, pt.size) if bv in H_BV_CHOICES[backend] else None
+    h2 = H2 and h_tiles(backend, Dk, bv, pt.size, True) is not None
+    tiles = h_tiles(backend, Dk, bv, pt.size, h2) if bv in H_BV_CHOICES[backend] else None
     if tiles is None or (bv > 16 and Dk > 128):
         raise ValueError(
             f"gated_delta chunk kernel: the state pass takes bv in {H_BV_CHOICES[backend]} on "
@@ -673,7 +717,7 @@ def h_pass(
         )
     ds, nb = H_TILES or tiles
     nt = h_threads(bv, C)
-    return _build(backend, "h")(
+    return _build(backend, "h2" if h2 else "h")(
         inputs=[W, U, Kw, gates, state],
         template=[
             ("Dk", Dk),

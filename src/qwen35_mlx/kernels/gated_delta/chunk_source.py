@@ -1391,6 +1391,184 @@ H_BODY = (
 """
 )
 
+H2_NAME = "gated_delta_chunk_h2"
+
+# H2_BODY: the state pass with the state in the warps' accumulators (as flash-linear-attention's
+# chunk_fwd_h keeps it in registers) instead of threadgroup memory: same inputs, outputs, grid,
+# warps and ring of staged W / Kw slices as H_BODY. Warp w owns state tiles w + NW u (16 x 16,
+# fp32; all BV x Dk of S over the warps), updates them in their Kw slice, and after each update
+# stores them into Sb, the state in the staged type PS: the W S^T operand of the next chunk and
+# H[n] (PT, so H = S rounded as before). delta (fp32 in D_t) is also written in PS (Db) for the
+# update S = decay S + delta^T Kw, where decay S scales the accumulators. With 16-bit pieces
+# both products take 16-bit operands (S and delta rounded to bf16 / fp16 as flash-linear-
+# attention does; mma.m16n8k16 on CUDA); with floats Sb, Db are exact copies (Db = D_t).
+# The slice loop is unrolled (the accumulators are indexed by slice). state_in and state_out go
+# through threadgroup floats: Sb where PS is float, else the ring (before / after its copies).
+# Threadgroup memory: C (BV + 4) floats + BV (Dk + 16 / size) PS + C (BV + 8) PS (16-bit only)
+# + NB C (DS + 16 / size) PS: CUDA bf16 Dk 128 (DS 128, NB 2) 47360 B.
+H2_BODY = (
+    """
+  constexpr int RT = C / 16;
+  constexpr int VT = BV / 16;
+  constexpr int NW = NT / 32;
+  using PS = gd_staged<PT>;
+  constexpr int PSZ = int(sizeof(PS));
+  constexpr int SB = Dk + 16 / PSZ;  // row stride of Sb
+  constexpr int DL = BV + 4;         // row stride of Xw / delta (fp32)
+  constexpr int DBL = PSZ == 4 ? DL : BV + 8;  // row stride of Db
+  constexpr int SP = DS + 16 / PSZ;  // row stride of a staged slice
+  constexpr int SX = Dk + 4;         // row stride of the fp32 state staging
+  constexpr int KS = DS / 16;        // key tiles of a slice
+  constexpr int KSL = Dk / DS;       // key slices of W (then of Kw) a chunk
+  constexpr int NSL = 2 * KSL;       // slices a chunk
+  constexpr int KT = Dk / 16;        // key tiles of the state
+  constexpr int TT = VT * KT;        // state tiles; warp w holds w + NW u, u < TW
+  constexpr int TW = (TT + NW - 1) / NW;
+  static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H2_BODY layout");
+  static_assert(NB >= 2 && (C * BV) % NT == 0 && (BV * Dk) % NT == 0, "H2_BODY: ring, rounds");
+  static_assert(PSZ == 4 || BV * SX * 4 <= NB * C * SP * PSZ, "H2_BODY: state staging");
+  const int NC = U_shape[1];
+  const int Dv = U_shape[2];
+  const int N = NC / C;
+"""
+    + _STATE_PASS_WARP
+    + """
+  GD_TG float D_t[C * DL];
+  GD_TG16 PS Sb[BV * SB];
+  GD_TG16 PS db16[PSZ == 4 ? 8 : C * DBL];
+  GD_TG16 PS sb[NB * C * SP];
+  GD_TG_PTR PS* Db = PSZ == 4 ? (GD_TG_PTR PS*)D_t : db16;
+  GD_TG_PTR float* Sx = PSZ == 4 ? (GD_TG_PTR float*)Sb : (GD_TG_PTR float*)sb;
+
+  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
+  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    Sx[v * SX + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
+  }
+  gd_barrier();
+  // warp w's state tiles: tile g = w + NW u holds value rows 16 (g / KT).., keys 16 (g % KT)..
+  gd_acc sa[TW];
+  #pragma unroll
+  for (int u = 0; u < TW; ++u) {
+    const int g = w + NW * u;
+    if (TT % NW == 0 || g < TT) gd_acc_load(sa[u], Sx + 16 * (g / KT) * SX + 16 * (g % KT), SX);
+  }
+  gd_barrier();  // Sx read (it may be Sb or the ring)
+  #pragma unroll
+  for (int u = 0; u < TW; ++u) {
+    const int g = w + NW * u;
+    if (TT % NW == 0 || g < TT) gd_acc_store(sa[u], Sb + 16 * (g / KT) * SB + 16 * (g % KT), SB);
+  }
+  const size_t row0 = size_t(head) * NC;
+  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
+  const int NQ = N * NSL;
+#define GD_H_COPY(q_)                                                                  \\
+  {                                                                                    \\
+    const int qq_ = (q_);                                                              \\
+    if (qq_ < NQ) {                                                                    \\
+      const int sq_ = qq_ % NSL;                                                       \\
+      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \\
+      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \\
+                              size_t(Dk), C, tid);                                     \\
+    }                                                                                  \\
+    gd_copy_commit();                                                                  \\
+  }
+  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    // This chunk's U rows (columns clamped) and decay, loaded at its start.
+"""
+    + _rows_to_registers("xu", "U", "BV")
+    + """    const float dc = gates[(rn + C - 1) * 4];
+    gd_acc xw;
+    gd_acc_zero(xw);
+    #pragma unroll
+    for (int s = 0; s < NSL; ++s) {
+      const int q = n * NSL + s;
+      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
+      gd_copy_wait<NB - 2>();
+      gd_barrier();  // slice q staged; slice q - 1's buffer free; Sb (s = 0) / Xw complete
+      GD_H_COPY(q + NB - 1);
+      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;
+      if (s == 0 && PF && n + 2 < N) {
+        const size_t rx = rn + 2 * C;
+        for (int c = tid; c < C * Dk / LINE; c += NT) {
+          gd_prefetch(W + rx * Dk + LINE * c);
+          gd_prefetch(Kw + rx * Dk + LINE * c);
+        }
+        for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
+      }
+      if (s < KSL) {
+        gd_mma_staged<MP, false, true>(xw, st + 16 * rt * SP, SP, Sb + 16 * vt * SB + s * DS, SB,
+                                       DS);
+        if (s == 0) {
+          // H[n] = S (Sb is not written before slice KSL's barriers), branch-free when whole
+          const size_t hb = (size_t(head) * N + n) * Dv + v0;
+          if (v0 + BV <= Dv) {
+            #pragma unroll
+            for (int it = 0; it < BV * Dk / NT; ++it) {
+              const int e = tid + it * NT;
+              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
+            }
+          } else {
+            for (int e = tid; e < BV * Dk; e += NT) {
+              if (v0 + e / Dk < Dv) {
+                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
+              }
+            }
+          }
+        }
+        continue;
+      }
+      if (s == KSL) {
+        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
+        const bool full = v0 + BV <= Dv;
+        #pragma unroll
+        for (int it = 0; it < C * BV / NT; ++it) {
+          const int e = tid + it * NT;
+          const int i = e / BV;
+          const int v = e % BV;
+          const bool in = full || v0 + v < Dv;
+          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
+          Db[i * DBL + v] = static_cast<PS>(dl);
+          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+        }
+        #pragma unroll
+        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
+        gd_barrier();  // delta complete
+      }
+      // the tiles of this warp in Kw's key slice s - KSL
+      #pragma unroll
+      for (int u = 0; u < TW; ++u) {
+        const int g = w + NW * u;
+        const int kc = g % KT;
+        if ((TT % NW == 0 || g < TT) && kc / KS == s - KSL) {
+          gd_mma_staged<MP, true, false>(sa[u], Db + 16 * (g / KT), DBL, st + 16 * (kc % KS), SP,
+                                         C);
+          gd_acc_store(sa[u], Sb + 16 * (g / KT) * SB + 16 * kc, SB);
+        }
+      }
+    }
+  }
+#undef GD_H_COPY
+  gd_copy_wait<0>();
+  gd_barrier();  // the ring's copies landed and read; Sb's last reads done
+  #pragma unroll
+  for (int u = 0; u < TW; ++u) {
+    const int g = w + NW * u;
+    if (TT % NW == 0 || g < TT) gd_acc_store(sa[u], Sx + 16 * (g / KT) * SX + 16 * (g % KT), SX);
+  }
+  gd_barrier();
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = Sx[v * SX + d];
+  }
+"""
+)
+
 O_INPUTS = ["q", "k", "gates", "H", "Vn", "dims"]
 O_OUTPUTS = ["y"]
 O_NAME = "gated_delta_chunk_o"
