@@ -27,11 +27,12 @@ chunk_launch.MIN_BLOCKS = {} (WY and output kernels without the default __launch
    contenders interleaved, best of 3, ms per call.
 
 --ab (round 4, helper chunk4; < 4 minutes): old against new in one process. "new" is the
-default build (WY2_BODY, O2_BODY with P16, the 16-bit staged products on ldmatrix +
-mma.m16n8k16); "old" is session 8's (chunk_launch.WY2 = O2_P16 = MMA16 = False); "wy1" only
-WY2 off, "t32" only MMA16 off. Checks at T 200 and 2048 (fp32 against the float64 loop, bf16
-against the fused kernel) for new, old, wy1, t32; timing at T 2048 / 8192 / 32768 (Hv 32, bf16)
-of fused, split, split old, wy, wy old, state, out, out old, FLA's chunk kernel.
+default build (WY2_BODY, H2_BODY, O2_BODY with P16, the 16-bit staged products on ldmatrix +
+mma.m16n8k16); "old" is session 8's (chunk_launch.WY2 = H2 = O2_P16 = MMA16 = False); "wy1"
+only WY2 off, "h1" only H2 off, "t32" only MMA16 off. Checks at T 200 and 2048 (fp32 against
+the float64 loop, bf16 and fp16 against the fused kernel) for new, old, wy1, h1, t32; timing at
+T 2048 / 8192 / 32768 (Hv 32, bf16) of fused, split, split old, wy, wy old, state, state old,
+state r3 (H2_BODY with key slices of 64 in a ring of three), out, out old, FLA's chunk kernel.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
@@ -148,8 +149,8 @@ def patched(f, **attrs):
 
 
 # Round 4's switches (--ab): the session-8 build, and each new part off alone.
-OLD = {"WY2": False, "O2_P16": False, "MMA16": False}
-AB_VARIANTS = {"old": OLD, "wy1": {"WY2": False}, "t32": {"MMA16": False}}
+OLD = {"WY2": False, "H2": False, "O2_P16": False, "MMA16": False}
+AB_VARIANTS = {"old": OLD, "wy1": {"WY2": False}, "h1": {"H2": False}, "t32": {"MMA16": False}}
 
 
 def tiles(f, t=R3):
@@ -267,7 +268,7 @@ def _timers(backend: str, shape: Shape, fla, quick: bool = False, ab: bool = Fal
         "out": lambda s: (cl.o_pass(backend, q, k, gts, H, Vn, shape.T, shape.Hv, v.dtype), s),
     }
     if ab:
-        old = {n: patched(steps[n], **OLD) for n in ("split", "wy", "out")}
+        old = {n: patched(steps[n], **OLD) for n in ("split", "wy", "state", "out")}
         steps = {
             "fused": steps["fused"],
             "split": steps["split"],
@@ -275,6 +276,8 @@ def _timers(backend: str, shape: Shape, fla, quick: bool = False, ab: bool = Fal
             "wy": steps["wy"],
             "wy old": old["wy"],
             "state": steps["state"],
+            "state old": old["state"],
+            "state r3": tiles(steps["state"]),
             "out": steps["out"],
             "out old": old["out"],
         }
