@@ -75,15 +75,15 @@ PREDICTED = {
 
 
 # benchmarks/NOTES.md "Split chunk kernels, round 4": predicted ms (H200, Hv 32, bf16) of the
-# --ab rows; the "old" rows and the state pass are session 8's measurements (10:04 UTC), the
-# 32768 row scales 8192's by 4.
+# --ab rows; the "old" rows are session 8's measurements (10:04 UTC; wy at 2048 session 7's),
+# the 32768 rows scale 8192's by 4 (old) or are estimated alike (new).
 PREDICTED_AB = {
-    2048: {"wy": 0.13, "wy old": 0.204, "state": 0.18, "out": 0.12, "out old": 0.176,
-           "split": 0.43, "split old": 0.518},
-    8192: {"wy": 0.42, "wy old": 0.730, "state": 0.613, "out": 0.40, "out old": 0.627,
-           "split": 1.43, "split old": 1.852},
-    32768: {"wy": 1.7, "wy old": 2.9, "state": 2.45, "out": 1.6, "out old": 2.5,
-            "split": 5.8, "split old": 7.4},
+    2048: {"wy": 0.10, "wy old": 0.204, "state": 0.12, "state old": 0.180, "out": 0.13,
+           "out old": 0.176, "split": 0.36, "split old": 0.518},
+    8192: {"wy": 0.38, "wy old": 0.730, "state": 0.40, "state old": 0.613, "out": 0.45,
+           "out old": 0.627, "split": 1.25, "split old": 1.852},
+    32768: {"wy": 1.5, "wy old": 2.9, "state": 1.6, "state old": 2.45, "out": 1.8,
+            "out old": 2.5, "split": 5.0, "split old": 7.4},
 }  # fmt: skip
 
 

@@ -1087,7 +1087,8 @@ WY_BODY = (
 #    masked steps and columns past Dv selected to 0, so garbage there cannot leak), X = (I -
 #    L)^-1 is held in the staged type PS (16-bit pieces: X rounded to it, as flash-linear-
 #    attention's solve_tril output; floats: Ai itself), one output tile a warp (OT of them a
-#    slice), stored into the slice it came from and written in PT.
+#    slice), staged (16-bit: in Ai's space, free once X is copied out; floats: in the slice it
+#    came from, after a barrier) and written in PT: 3 barriers a slice (floats 4).
 # Needs Dv a multiple of 8 (16-byte copies of v's rows; chunk_launch takes WY_BODY otherwise).
 # Threadgroup memory: C (C + 4) floats (Ai) + NB C (DS + 16 / size) PS (ring) + X (C (C + 16 /
 # size) PS, 16-bit only; else the inverse's 768-float scratch) + 6 C floats: CUDA bf16 (DS 32,
@@ -1105,6 +1106,7 @@ WY2_BODY = (
   constexpr int OT = RT * (DS / 16);          // output tiles a slice
   static_assert(C == 64 && NT == 256, "WY2_BODY: 8 warps, 4 x 4 blocks");
   static_assert(DS % 16 == 0 && Dk % DS == 0 && NB >= 2 && OT <= NW, "WY2_BODY tiles");
+  static_assert(PSZ == 4 || SQ * PSZ <= CP * 4, "WY2_BODY: output tiles staged in Ai's space");
 """
     + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
     + """  const int w = tid / 32;
@@ -1181,7 +1183,8 @@ WY2_BODY = (
 """
     + _wy_inverse("((GD_TG_PTR float*)aux)")
     + """
-  // X in the staged type (16-bit: rounded copy in aux; floats: Ai)
+  // X in the staged type (16-bit: rounded copy in aux; floats: Ai). The output tiles are staged
+  // in Ai's space once X is copied out of it (16-bit), else in the slice they were made from.
   GD_TG_PTR PS* X = PSZ == 4 ? (GD_TG_PTR PS*)Ai : aux;
   if (PSZ != 4) {
     gd_barrier();  // the inverse's last blocks stored, its scratch free
@@ -1214,13 +1217,14 @@ WY2_BODY = (
       gd_mma_staged<MP, false, false>(o, X + 16 * ort * XL, XL, bsl + 16 * oct, SQ,
                                       16 * (ort + 1));
     }
-    gd_barrier();
-    if (w < OT) gd_acc_store(o, bsl + 16 * ort * SQ + 16 * oct, SQ);
+    GD_TG_PTR PS* ot = PSZ == 4 ? bsl : (GD_TG_PTR PS*)Ai;
+    if (PSZ == 4) gd_barrier();  // every warp done with the slice
+    if (w < OT) gd_acc_store(o, ot + 16 * ort * SQ + 16 * oct, SQ);
     gd_barrier();
     for (int e = tid; e < C * DS; e += NT) {
       const int i = e / DS;
       const int col = c0 + e % DS;
-      const PT x = static_cast<PT>(bsl[i * SQ + e % DS]);
+      const PT x = static_cast<PT>(ot[i * SQ + e % DS]);
       if (!is_v) {
         W[(rn + i) * Dk + col] = x;
       } else if (col < Dv) {
