@@ -28,7 +28,8 @@ chunk_launch.MIN_BLOCKS = {} (WY and output kernels without the default __launch
 
 --ab (round 4, helper chunk4; < 4 minutes): old against new in one process. "new" is the
 default build (WY2_BODY, H2_BODY, O2_BODY with P16, the 16-bit staged products on ldmatrix +
-mma.m16n8k16); "old" is session 8's (chunk_launch.WY2 = H2 = O2_P16 = MMA16 = False); "wy1"
+mma.m16n8k16, O2's ring of three); "old" is session 8's (chunk_launch.WY2 = H2 = O2_P16 =
+MMA16 = False, O2_RING = 2; only D_ij's reciprocal is new in it); "wy1"
 only WY2 off, "h1" only H2 off, "t32" only MMA16 off. Checks at T 200 and 2048 (fp32 against
 the float64 loop, bf16 against the fused kernel) for new and old, in bf16 also wy1, h1, t32;
 timing at T 2048 / 8192 / 32768 (Hv 32, bf16) of fused, split, split old, wy, wy old, state,
@@ -152,7 +153,7 @@ def patched(f, **attrs):
 
 
 # Round 4's switches (--ab): the session-8 build, and each new part off alone.
-OLD = {"WY2": False, "H2": False, "O2_P16": False, "MMA16": False}
+OLD = {"WY2": False, "H2": False, "O2_P16": False, "O2_RING": 2, "MMA16": False}
 AB_VARIANTS = {"old": OLD, "wy1": {"WY2": False}, "h1": {"H2": False}, "t32": {"MMA16": False}}
 
 

@@ -456,9 +456,12 @@ def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
 
-def o2_source(backend: str, p16: bool | None = None) -> str:
-    """O2_BODY; p16 (None: O2_P16): P and Vn staged in the pieces' type for Y += P Vn."""
-    return PROLOGUE[backend] + src.o2_body(O2_P16 if p16 is None else p16)
+def o2_source(backend: str, p16: bool | None = None, ring: int | None = None) -> str:
+    """O2_BODY; p16 (None: O2_P16): P and Vn staged in the pieces' type for Y += P Vn; ring
+    (None: O2_RING): stages of its ring."""
+    return PROLOGUE[backend] + src.o2_body(
+        O2_P16 if p16 is None else p16, O2_RING if ring is None else ring
+    )
 
 
 # MP of the matrix kernels for every dtype (1 or 3), or None: by the activations' dtype
@@ -522,7 +525,8 @@ def _build(backend: str, which: str):
     lb = lb if backend == "cuda" and which in _BOUNDED else None
     t32 = backend == "cuda" and not MMA16
     p32 = which == "o2" and not O2_P16
-    key = (backend, which, lb, t32, p32)
+    r2 = which == "o2" and O2_RING != 3
+    key = (backend, which, lb, t32, p32, r2)
     if key not in _kernels:
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
@@ -540,6 +544,8 @@ def _build(backend: str, which: str):
         head = header(backend)
         if p32:
             name += "_p32"
+        if r2:
+            name += f"_r{O2_RING}"
         if t32:
             # gd_mma_staged as gd_mma (tf32 products), for A/B timings; a name of its own
             name, head = f"{name}_t32", "#define GD_MMA16 0\n" + head
@@ -598,8 +604,12 @@ O2 = True
 # products on CUDA's mma.m16n8k16; fp32 pieces and Metal: floats as before); False: P fp32 and
 # Vn staged as floats ("_p32" names), for A/B timings.
 O2_P16 = True
+# Stages of O2_BODY's ring of staged q / k / H slices: 3 (each copy issued two slices ahead; the
+# staged Vn moved into the ring's space after the loop, so it fits 47104 B); 2: session 8's
+# ("_r2" names), for A/B timings.
+O2_RING = 3
 # O2_BODY's (key slice, value rows) by backend and staged element size: threadgroup memory
-# 48896 B on CUDA (bf16 32 / 64, fp32 16 / 64), 27.4 KB on Metal (float staged, 8 / 32).
+# 47104 B on CUDA (bf16 32 / 64, fp32 16 / 64), 27648 B on Metal (float staged, 8 / 32).
 O2_TILES = {
     ("cuda", 2): (32, 64),
     ("cuda", 4): (16, 64),

@@ -1669,18 +1669,21 @@ def _y_tiles_mma(q: str, h: str, s: str) -> str:
 O2_NAME = "gated_delta_chunk_o2"
 
 
-def o2_body(p16: bool = True) -> str:
+def o2_body(p16: bool = True, ring: int = 3) -> str:
     """O2_BODY; p16 (GD_O2_P16): P and Vn staged in the pieces' type for Y += P Vn (16-bit
-    operands on CUDA's tile layer), else as floats (P fp32)."""
-    defs = f"\n#define GD_O2_P16 {int(p16)}\n"
-    return defs + _DECAY_R_MACRO + O2_BODY + "#undef GD_DECAY_R\n#undef GD_O2_P16\n"
+    operands on CUDA's tile layer), else as floats (P fp32); ring (GD_O2_NB): stages of the
+    ring of staged slices (2 or 3)."""
+    defs = f"\n#define GD_O2_P16 {int(p16)}\n#define GD_O2_NB {int(ring)}\n"
+    undef = "#undef GD_DECAY_R\n#undef GD_O2_P16\n#undef GD_O2_NB\n"
+    return defs + _DECAY_R_MACRO + O2_BODY + undef
 
 
 # O2_BODY: the output pass with its q, k and H slices copied (gd_copy_tile: cp.async on CUDA,
-# the bytes as they are) into a ring of two stages instead of loaded, selected and stored by
-# every thread. Same threadgroups, warps and tiles as O_BODY; q, k, H (and y) share one type
-# YT. Since the staged rows are raw (masked / padded steps may hold anything, NaN included),
-# the selection moves to the results, always by selection, never by multiplication:
+# the bytes as they are) into a ring of three stages (each copy issued two slices ahead)
+# instead of loaded, selected and stored by every thread. Same threadgroups, warps and tiles as
+# O_BODY; q, k, H (and y) share one type YT. Since the staged rows are raw (masked / padded
+# steps may hold anything, NaN included), the selection moves to the results, always by
+# selection, never by multiplication:
 #   per slice of DS keys: q k^T (warp tiles as O_BODY) and Y = q H^T (raw q);
 #   Y to threadgroup memory, Y_i := valid_i ? gamma_i Y_i : 0 (fp32), back into the
 #   accumulators; P_ij := (j <= i, valid_i, valid_j) ? D_ij (q k^T)_ij : 0; Y += P Vn; Vn's
@@ -1689,10 +1692,10 @@ def o2_body(p16: bool = True) -> str:
 # away. With GD_O2_P16 (o2_body(p16)) P and Vn are staged in the staged pieces' type PS for
 # Y += P Vn (bf16 / fp16 on CUDA: P rounded to it, as flash-linear-attention's chunk_fwd_o
 # does; the products on mma.m16n8k16; P written next to the fp32 q k^T tiles it is made
-# from), else as floats (P in place). Threadgroup memory: max(2 (2 C + BVO) (DS + 16 / size)
-# staged, C (max(C, BVO) + 4) fp32 + C (C + 8) PS where PS is 16-bit) + C (BVO + 16 / size(PS))
-# PS + 4 C floats: bf16 (CUDA, DS 32, BVO 64) 40960 B with P16, 49152 B without; DS 16 for
-# fp32; Metal (float staged) DS 8, BVO 32: 27.6 KB.
+# from), else as floats (P in place); Vn staged after the loop, in the ring's space too.
+# Threadgroup memory: max(3 (2 C + BVO) (DS + 16 / size) staged, C (max(C, BVO) + 4) fp32 + C (C
+# + 8) PS where PS is 16-bit + C (BVO + 16 / size(PS)) PS) + 4 C floats: 47104 B on CUDA (bf16:
+# DS 32, BVO 64; fp32: DS 16), Metal (float staged, DS 8, BVO 32) 27648 B.
 O2_BODY = (
     """
   constexpr int RT = C / 16;
@@ -1703,7 +1706,8 @@ O2_BODY = (
   constexpr int VP = BVO + 4;
   constexpr int SQ = DS + 16 / int(sizeof(gd_staged<YT>));  // row stride of a staged slice
   constexpr int STG = (2 * C + BVO) * SQ;                    // staged elements a stage
-  constexpr int RING = 2 * STG * int(sizeof(gd_staged<YT>)) / 4;
+  constexpr int NBO = GD_O2_NB;                              // stages of the ring
+  constexpr int RING = NBO * STG * int(sizeof(gd_staged<YT>)) / 4;
 #if GD_O2_P16
   using PS = gd_staged<YT>;  // P and the staged Vn
 #else
@@ -1714,14 +1718,14 @@ O2_BODY = (
   constexpr int VS = BVO + 16 / PSZ;  // row stride of the staged Vn
   constexpr int XS = C * (PP > VP ? PP : VP);
   constexpr int XP = XS + (PSZ == 4 ? 0 : C * PB * PSZ / 4);  // fp32 tiles, then a 16-bit P
+  constexpr int XV = XP + C * VS * PSZ / 4;                    // then the staged Vn
   constexpr int NS = Dk / DS;
   static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O2_BODY layout");
   static_assert(DS % 8 == 0 && (C * BVO) % NT == 0, "O2_BODY: k-steps of 8, whole rounds");
 """
     + _O_PROLOGUE
     + """
-  GD_TG16 float sm[RING > XP ? RING : XP];  // the ring of slices; then Y, q k^T and P
-  GD_TG16 PS vs[C * VS];
+  GD_TG16 float sm[RING > XV ? RING : XV];  // the ring of slices; then Y, q k^T, P and Vn
   GD_TG float gam[C];
   GD_TG float gs[C];
   GD_TG float ok[C];
@@ -1732,7 +1736,7 @@ O2_BODY = (
 #define GD_O2_COPY(s_)                                                                      \
   {                                                                                         \
     if ((s_) < NS) {                                                                        \
-      GD_TG_PTR gd_staged<YT>* st_ = ring + ((s_) % 2) * STG;                               \
+      GD_TG_PTR gd_staged<YT>* st_ = ring + ((s_) % NBO) * STG;                             \
       const int d0_ = (s_) * DS;                                                            \
       gd_copy_tile<NT, C, DS>(st_, SQ, q + qrow + d0_, size_t(Hk) * Dk, T - 1 - t0, tid);   \
       gd_copy_tile<NT, C, DS>(st_ + C * SQ, SQ, k + qrow + d0_, size_t(Hk) * Dk,            \
@@ -1742,20 +1746,20 @@ O2_BODY = (
     }                                                                                       \
     gd_copy_commit();                                                                       \
   }
-  GD_O2_COPY(0);
+  for (int s = 0; s < NBO - 1; ++s) GD_O2_COPY(s);
 """
     + _O_GATES
     + """\
-  // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slice.
+  // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slices.
 """
     + _rows_to_registers("xv", "Vn", "BVO")
     + """"""
     + _O_ACCS
     + """  for (int s = 0; s < NS; ++s) {
-    gd_copy_wait<0>();
+    gd_copy_wait<NBO - 2>();
     gd_barrier();  // slice s staged; slice s - 1's stage free
-    GD_O2_COPY(s + 1);
-    GD_TG_PTR gd_staged<YT>* qs = ring + (s % 2) * STG;
+    GD_O2_COPY(s + NBO - 1);
+    GD_TG_PTR gd_staged<YT>* qs = ring + (s % NBO) * STG;
     GD_TG_PTR gd_staged<YT>* ks = qs + C * SQ;
     GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;
 """
@@ -1763,8 +1767,10 @@ O2_BODY = (
     + _y_tiles_mma("qs", "hs", "SQ")
     + """  }
 #undef GD_O2_COPY
+  gd_copy_wait<0>();
   gd_barrier();  // every warp past the ring
   GD_TG_PTR float* X = sm;
+  GD_TG_PTR PS* vs = (GD_TG_PTR PS*)(sm + XP);
   for (int u = 0; u < YTW; ++u) {
     const int e = w + NW * u;
     gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
