@@ -36,7 +36,7 @@ timing at T 2048 / 8192 / 32768 (Hv 32, bf16) of fused, split, split old, wy, wy
 state old, state r3 (H2_BODY, key slices of 64 in a ring of three), out, out old, FLA's chunk,
 and two launch bounds: "wy lb2" (WY2_BODY at two threadgroups an SM instead of three: 83
 registers, no spill, against 80 and 12 bytes spilled) and "out lb3" (O2_BODY at three instead
-of two: 80 registers, 164 bytes spilled, against 126).
+of two: 80 registers, 144 bytes spilled, against 128).
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
