@@ -30,10 +30,12 @@ chunk_launch.MIN_BLOCKS = {} (WY and output kernels without the default __launch
 default build (WY2_BODY, H2_BODY, O2_BODY with P16, the 16-bit staged products on ldmatrix +
 mma.m16n8k16, O2's ring of three); "old" is session 8's (chunk_launch.WY2 = H2 = O2_P16 =
 MMA16 = False, O2_RING = 2; only D_ij's reciprocal is new in it); "wy1"
-only WY2 off, "h1" only H2 off, "t32" only MMA16 off. Checks at T 200 and 2048 (fp32 against
-the float64 loop, bf16 against the fused kernel) for new and old, in bf16 also wy1, h1, t32;
+only WY2 off, "h1" only H2 off, "t32" only MMA16 off, "r4" the state pass's ring of four.
+Checks at T 200 and 2048 (fp32 against the float64 loop, bf16 against the fused kernel) for new
+and old, in bf16 also wy1, h1, t32, r4;
 timing at T 2048 / 8192 / 32768 (Hv 32, bf16) of fused, split, split old, wy, wy old, state,
-state old, state r3 (H2_BODY, key slices of 64 in a ring of three), out, out old, FLA's chunk,
+state old, state r3 / r4 (H2_BODY, key slices of 64 in a ring of three / four: each copy two /
+three slices ahead instead of one), out, out old, FLA's chunk,
 and two launch bounds: "wy lb2" (WY2_BODY at two threadgroups an SM instead of three: 83
 registers, no spill, against 80 and 12 bytes spilled) and "out lb3" (O2_BODY at three instead
 of two: 80 registers, 144 bytes spilled, against 128).
@@ -154,7 +156,13 @@ def patched(f, **attrs):
 
 # Round 4's switches (--ab): the session-8 build, and each new part off alone.
 OLD = {"WY2": False, "H2": False, "O2_P16": False, "O2_RING": 2, "MMA16": False}
-AB_VARIANTS = {"old": OLD, "wy1": {"WY2": False}, "h1": {"H2": False}, "t32": {"MMA16": False}}
+AB_VARIANTS = {
+    "old": OLD,
+    "wy1": {"WY2": False},
+    "h1": {"H2": False},
+    "t32": {"MMA16": False},
+    "r4": {"H_TILES": (64, 4)},
+}
 
 
 def tiles(f, t=R3):
@@ -284,6 +292,7 @@ def _timers(backend: str, shape: Shape, fla, quick: bool = False, ab: bool = Fal
             "state": steps["state"],
             "state old": old["state"],
             "state r3": tiles(steps["state"]),
+            "state r4": tiles(steps["state"], (64, 4)),
             "wy lb2": bounded(steps["wy"], {**cl.MIN_BLOCKS, "wy2": 2}),
             "out": steps["out"],
             "out old": old["out"],

@@ -636,7 +636,7 @@ def h2_smem(
     if size == 2 and bv * (Dk + 4) * 4 > ring:
         return None
     delta16 = C * (bv + 8) * 2 if size == 2 else 32
-    return 4 * C * (bv + 4) + bv * (Dk + pad) * size + delta16 + ring
+    return 4 * C * bv + bv * (Dk + pad) * size + delta16 + ring
 
 
 def h_tiles(

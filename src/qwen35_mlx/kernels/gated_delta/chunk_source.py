@@ -1408,8 +1408,8 @@ H2_NAME = "gated_delta_chunk_h2"
 # attention does; mma.m16n8k16 on CUDA); with floats Sb, Db are exact copies (Db = D_t).
 # The slice loop is unrolled (the accumulators are indexed by slice). state_in and state_out go
 # through threadgroup floats: Sb where PS is float, else the ring (before / after its copies).
-# Threadgroup memory: C (BV + 4) floats + BV (Dk + 16 / size) PS + C (BV + 8) PS (16-bit only)
-# + NB C (DS + 16 / size) PS: CUDA bf16 Dk 128 (DS 128, NB 2) 47360 B.
+# Threadgroup memory: C BV floats + BV (Dk + 16 / size) PS + C (BV + 8) PS (16-bit only) + NB C
+# (DS + 16 / size) PS: CUDA bf16 Dk 128 (DS 128, NB 2) 46336 B, (64, 4) 48384 B.
 H2_BODY = (
     """
   constexpr int RT = C / 16;
@@ -1418,7 +1418,7 @@ H2_BODY = (
   using PS = gd_staged<PT>;
   constexpr int PSZ = int(sizeof(PS));
   constexpr int SB = Dk + 16 / PSZ;  // row stride of Sb
-  constexpr int DL = BV + 4;         // row stride of Xw / delta (fp32)
+  constexpr int DL = BV;             // row stride of Xw / delta (fp32; 1 KB less than BV + 4)
   constexpr int DBL = PSZ == 4 ? DL : BV + 8;  // row stride of Db
   constexpr int SP = DS + 16 / PSZ;  // row stride of a staged slice
   constexpr int SX = Dk + 4;         // row stride of the fp32 state staging
