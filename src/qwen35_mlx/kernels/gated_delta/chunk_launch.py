@@ -10,7 +10,9 @@ Work split (benchmarks/NOTES.md "Chunked GPU kernel"):
 The split path (SPLIT, scalar gates; split_chunk_kernel) replaces both with three kernels on the
 tile layer: WY (per chunk x head: the blocked (I + A)^-1, W, U, Kw in the activations' dtype),
 the state pass (per head x value tile, state on chip, writing each chunk's start state H and
-delta) and the output pass (per chunk x head x value tile).
+delta) and the output pass (per chunk x head x value tile). Each has a newer body behind a
+switch (WY2, H2, O2 with O2_P16 / O2_RING; MMA16 for the tile layer's 16-bit products), the
+older one kept for A/B timings (benchmarks/chunk_split_gpu.py --ab).
 Both have a matrix-unit variant behind MATRIX (the prep's k k^T / q k^T, and STATE_MMA_BODY),
 over the tile layer `_TILES`: tensor cores (mma.sync tf32 by inline PTX) on CUDA, simdgroup
 matrices on Metal, one kernel text for both.
