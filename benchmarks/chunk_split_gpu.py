@@ -30,16 +30,18 @@ chunk_launch.MIN_BLOCKS = {} (WY and output kernels without the default __launch
 default build (WY2_BODY, H2_BODY, O2_BODY with P16, the 16-bit staged products on ldmatrix +
 mma.m16n8k16, O2's ring of three); "old" is session 8's (chunk_launch.WY2 = H2 = O2_P16 =
 MMA16 = False, O2_RING = 2; only D_ij's reciprocal is new in it); "wy1"
-only WY2 off, "h1" only H2 off, "t32" only MMA16 off, "r4" the state pass's ring of four, "ob32"
-O2_BODY at 32 value rows a threadgroup (77 registers: three an SM). Checks at T 200 and 2048
-(fp32 against the float64 loop, bf16 against the fused kernel) for new and old, in bf16 also
-wy1, h1, t32, r4, ob32;
+only WY2 off, "h1" only H2 off, "t32" only MMA16 off, "r4" the state pass's ring of four, "w64"
+WY2_BODY with slices of 64 (half the output slices and their barriers; 68 B spilled at three
+threadgroups an SM), "ob32" O2_BODY at 32 value rows a threadgroup (77 registers: three an SM).
+Checks at T 200 and 2048 (fp32 against the float64 loop, bf16 against the fused kernel) for new
+and old, in bf16 also wy1, h1, t32, r4, w64, ob32;
 timing at T 2048 / 8192 / 32768 (Hv 32, bf16) of fused, split, split old, wy, wy old, state,
 state old, state r3 / r4 (H2_BODY, key slices of 64 in a ring of three / four: each copy two /
 three slices ahead instead of one), out, out old, FLA's chunk,
 and two launch bounds: "wy lb2" (WY2_BODY at two threadgroups an SM instead of three: 83
 registers, no spill, against 80 and 12 bytes spilled) and "out lb3" (O2_BODY at three instead
-of two: 80 registers, 144 bytes spilled, against 128), and "out bv32" (ob32's output pass).
+of two: 80 registers, 144 bytes spilled, against 128), "wy ds64" and "out bv32" (w64's and
+ob32's passes).
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
@@ -163,6 +165,7 @@ AB_VARIANTS = {
     "h1": {"H2": False},
     "t32": {"MMA16": False},
     "r4": {"H_TILES": (64, 4)},
+    "w64": {"WY2_TILES": {**cl.WY2_TILES, ("cuda", 2): (64, 2)}},
     "ob32": {
         "O2_TILES": {**cl.O2_TILES, ("cuda", 2): (32, 32)},
         "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3},
@@ -299,6 +302,7 @@ def _timers(backend: str, shape: Shape, fla, quick: bool = False, ab: bool = Fal
             "state r3": tiles(steps["state"]),
             "state r4": tiles(steps["state"], (64, 4)),
             "wy lb2": bounded(steps["wy"], {**cl.MIN_BLOCKS, "wy2": 2}),
+            "wy ds64": patched(steps["wy"], **AB_VARIANTS["w64"]),
             "out": steps["out"],
             "out old": old["out"],
             "out lb3": bounded(steps["out"], {**cl.MIN_BLOCKS, "o2": 3}),

@@ -55,7 +55,12 @@ CFGS = {
     "cuda_bf16": ("bf16", 1, 16, cl.h_tiles("cuda", 128, 16, 2), cl.O_SLICE["cuda"],
                   cl.O_BV["cuda"]),
     "cuda_ring3": ("float", 3, 16, (64, 3), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+    "cuda_bf16_w64": ("bf16", 1, 16, cl.h_tiles("cuda", 128, 16, 2), cl.O_SLICE["cuda"],
+                      cl.O_BV["cuda"]),
 }  # fmt: skip
+# WY2_BODY's (slice, ring) where a configuration departs from the host's WY2_TILES: slices of 64
+# (two output tiles a warp), as chunk_split_gpu.py --ab times them.
+WY2_CFG = {"cuda_bf16_w64": (64, 2)}
 
 PROGRAM = r"""
 #include "{emulator}"
@@ -252,11 +257,11 @@ def _dispatch() -> str:
         t = "float" if pt == "float" else "bf16"
         backend = "metal" if name == "metal" else "cuda"
         o2ds, o2bvo = cl.O2_TILES[(backend, 4 if t == "float" else 2)]
-        wds, wnb = cl.WY2_TILES[(backend, 4 if t == "float" else 2)]
+        wds, wnb = WY2_CFG.get(name, cl.WY2_TILES[(backend, 4 if t == "float" else 2)])
         lines.append(
             f'  if (cfg == "{name}") return run<Dk, {t}, {mp}, {bv}, (Dk < {hds} ? Dk : {hds}), '
             f"{hnb}, (Dk < {ods} ? Dk : {ods}), {bvo}, (Dk < {o2ds} ? Dk : {o2ds}), {o2bvo}, "
-            f"{wds}, {wnb}>(argv);"
+            f"(Dk < {wds} ? Dk : {wds}), {wnb}>(argv);"
         )
     return "\n".join(lines)
 
@@ -395,12 +400,13 @@ def test_split_wy2_matches_numpy(program, tmp_path, shape, masked):
         assert not np.any(got[0][~np.asarray(mask)])
 
 
-@pytest.mark.parametrize("cfg", ["metal", "cuda_bf16", "cuda_bv32", "cuda_ring3"])
+@pytest.mark.parametrize("cfg", ["metal", "cuda_bf16", "cuda_bv32", "cuda_ring3", "cuda_bf16_w64"])
 def test_split_wy2_tiles_and_bf16(program, tmp_path, cfg):
     """WY2_BODY and H2_BODY with Metal's tiles (floats staged, slices of 16 / 32, rings of two),
     the state pass at 32 value rows and with a ring of three, within fp32's tolerance; with bf16
     pieces (X, the scaled slices, S and delta rounded to bf16 for the products) within bf16's
-    and outside fp32's; masked, Dk 128, a partial v slice; gates computed in the kernel."""
+    and outside fp32's, also with WY2's slices of 64 (two output tiles a warp); masked, Dk 128,
+    a partial v slice; gates computed in the kernel."""
     B, T, Hk, Hv, Dk, Dv = WY2_SHAPES[3]
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
     mask = _mask(B, T, "pad")
@@ -412,8 +418,9 @@ def test_split_wy2_tiles_and_bf16(program, tmp_path, cfg):
         program, tmp_path, q, k, v, None, None, state, mask, cfg, gates, out="o2", wy="wy2", h="h2"
     )
     want = gated_delta_np(q, k, v, g, beta, state, mask)
-    _check(got, want, TOL_BF16 if cfg == "cuda_bf16" else TOL)
-    if cfg == "cuda_bf16":
+    bf16 = cfg.startswith("cuda_bf16")
+    _check(got, want, TOL_BF16 if bf16 else TOL)
+    if bf16:
         assert rel_err(got[0], want[0]) > TOL
 
 
@@ -513,6 +520,7 @@ class EmulatedKernel:
             # WY2_BODY wherever it applies (WY2 on, Dv a multiple of 8), with CUDA's fp32 tiles
             assert ring == (cl.WY2 and Dv % 8 == 0)
             ds, nb = cl.WY2_TILES[("cuda", 4)] if ring else (cl.WY_SLICE, None)
+            ds = min(ds, Dk)
             assert tpl == {
                 "Dk": Dk,
                 "C": C,

@@ -683,6 +683,7 @@ def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, i
     mask, gates, which = _gate_inputs("wy2" if ring else "wy", g, beta, mask, raw_gates, B, T)
     pt = v.dtype
     ds, nb = WY2_TILES[(backend, pt.size)] if ring else (WY_SLICE, None)
+    ds = min(ds, Dk)  # Dk 32 with slices of 64
     return _build(backend, which)(
         inputs=[k, v, *gates, mask.astype(mx.bool_)],
         template=[

@@ -1086,8 +1086,8 @@ WY_BODY = (
 #  - U and W: each staged slice is scaled in place (beta_i v_i, beta_i gamma_i k_i; rows of
 #    masked steps and columns past Dv selected to 0, so garbage there cannot leak), X = (I -
 #    L)^-1 is held in the staged type PS (16-bit pieces: X rounded to it, as flash-linear-
-#    attention's solve_tril output; floats: Ai itself), one output tile a warp (OT of them a
-#    slice), staged (16-bit: in Ai's space, free once X is copied out; floats: in the slice it
+#    attention's solve_tril output; floats: Ai itself), output tiles w + 8 u a warp (OT of them
+#    a slice), staged (16-bit: in Ai's space, free once X is copied out; floats: in the slice it
 #    came from, after a barrier) and written in PT: 3 barriers a slice (floats 4).
 # Needs Dv a multiple of 8 (16-byte copies of v's rows; chunk_launch takes WY_BODY otherwise).
 # Threadgroup memory: C (C + 4) floats (Ai) + NB C (DS + 16 / size) PS (ring) + X (C (C + 16 /
@@ -1104,8 +1104,9 @@ WY2_BODY = (
   constexpr int XL = PSZ == 4 ? CP : C + 8;   // row stride of X (Ai itself for floats)
   constexpr int NSK = Dk / DS;                // k slices
   constexpr int OT = RT * (DS / 16);          // output tiles a slice
+  constexpr int OTW = (OT + NW - 1) / NW;     // of them a warp (tile w + NW u)
   static_assert(C == 64 && NT == 256, "WY2_BODY: 8 warps, 4 x 4 blocks");
-  static_assert(DS % 16 == 0 && Dk % DS == 0 && NB >= 2 && OT <= NW, "WY2_BODY tiles");
+  static_assert(DS % 16 == 0 && Dk % DS == 0 && NB >= 2, "WY2_BODY tiles");
   static_assert(PSZ == 4 || SQ * PSZ <= CP * 4, "WY2_BODY: output tiles staged in Ai's space");
 """
     + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
@@ -1194,8 +1195,6 @@ WY2_BODY = (
   }
 
   // 5. U = X diag(beta) v, W = X diag(beta gamma) k over the v slices, then the k slices
-  const int ort = w / (DS / 16);
-  const int oct = w % (DS / 16);
   for (int q = NSK; q < NQ; ++q) {
     const bool is_v = q < NSK + nvs;
     const int c0 = (is_v ? q - NSK : q - NSK - nvs) * DS;
@@ -1211,15 +1210,25 @@ WY2_BODY = (
       bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
     }
     gd_barrier();
-    gd_acc o;
-    if (w < OT) {
-      gd_acc_zero(o);
-      gd_mma_staged<MP, false, false>(o, X + 16 * ort * XL, XL, bsl + 16 * oct, SQ,
-                                      16 * (ort + 1));
+    gd_acc o[OTW];
+    #pragma unroll
+    for (int u = 0; u < OTW; ++u) {
+      const int e = w + NW * u;  // output tile: rows 16 (e / (DS / 16)), columns 16 (e % ..)
+      if (OT % NW == 0 || e < OT) {
+        gd_acc_zero(o[u]);
+        gd_mma_staged<MP, false, false>(o[u], X + 16 * (e / (DS / 16)) * XL, XL,
+                                        bsl + 16 * (e % (DS / 16)), SQ, 16 * (e / (DS / 16) + 1));
+      }
     }
     GD_TG_PTR PS* ot = PSZ == 4 ? bsl : (GD_TG_PTR PS*)Ai;
     if (PSZ == 4) gd_barrier();  // every warp done with the slice
-    if (w < OT) gd_acc_store(o, ot + 16 * ort * SQ + 16 * oct, SQ);
+    #pragma unroll
+    for (int u = 0; u < OTW; ++u) {
+      const int e = w + NW * u;
+      if (OT % NW == 0 || e < OT) {
+        gd_acc_store(o[u], ot + 16 * (e / (DS / 16)) * SQ + 16 * (e % (DS / 16)), SQ);
+      }
+    }
     gd_barrier();
     for (int e = tid; e < C * DS; e += NT) {
       const int i = e / DS;
