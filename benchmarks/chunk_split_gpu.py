@@ -26,6 +26,23 @@ chunk_launch.MIN_BLOCKS = {} (WY and output kernels without the default __launch
    n calls chained through the state in one evaluated graph (torch: queued, then synchronised),
    contenders interleaved, best of 3, ms per call.
 
+--ab (round 4, helper chunk4; < 4 minutes): old against new in one process. "new" is the
+default build (WY2_BODY, H2_BODY, O2_BODY with P16, the 16-bit staged products on ldmatrix +
+mma.m16n8k16, O2's ring of three); "old" is session 8's (chunk_launch.WY2 = H2 = O2_P16 =
+MMA16 = False, O2_RING = 2; only D_ij's reciprocal is new in it); "wy1"
+only WY2 off, "h1" only H2 off, "t32" only MMA16 off, "r4" the state pass's ring of four, "w64"
+WY2_BODY with slices of 64 (half the output slices and their barriers; 68 B spilled at three
+threadgroups an SM), "ob32" O2_BODY at 32 value rows a threadgroup (77 registers: three an SM).
+Checks at T 200 and 2048 (fp32 against the float64 loop, bf16 against the fused kernel) for new
+and old, in bf16 also wy1, h1, t32, r4, w64, ob32;
+timing at T 2048 / 8192 / 32768 (Hv 32, bf16) of fused, split, split old, wy, wy old, state,
+state old, state r3 / r4 (H2_BODY, key slices of 64 in a ring of three / four: each copy two /
+three slices ahead instead of one), out, out old, FLA's chunk,
+and two launch bounds: "wy lb2" (WY2_BODY at two threadgroups an SM instead of three: 83
+registers, no spill, against 80 and 12 bytes spilled) and "out lb3" (O2_BODY at three instead
+of two: 80 registers, 144 bytes spilled, against 128), "wy ds64" and "out bv32" (w64's and
+ob32's passes).
+
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
 _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
@@ -63,6 +80,19 @@ PREDICTED = {
     8192: {"wy": 0.729, "state": 0.22, "out": 0.865, "split": 1.81,
            "wy unb": 1.050, "out unb": 1.291, "split unb": 2.56},
     32768: {"wy": 2.9, "state": 0.9, "out": 3.5, "split": 7.3},
+}  # fmt: skip
+
+
+# benchmarks/NOTES.md "Split chunk kernels, round 4": predicted ms (H200, Hv 32, bf16) of the
+# --ab rows; the "old" rows are session 8's measurements (10:04 UTC; wy at 2048 session 7's),
+# the 32768 rows scale 8192's by 4 (old) or are estimated alike (new).
+PREDICTED_AB = {
+    2048: {"wy": 0.10, "wy old": 0.204, "state": 0.12, "state old": 0.180, "out": 0.13,
+           "out old": 0.176, "split": 0.36, "split old": 0.518},
+    8192: {"wy": 0.38, "wy old": 0.730, "state": 0.40, "state old": 0.613, "out": 0.45,
+           "out old": 0.627, "split": 1.25, "split old": 1.852},
+    32768: {"wy": 1.5, "wy old": 2.9, "state": 1.6, "state old": 2.45, "out": 1.8,
+            "out old": 2.5, "split": 5.0, "split old": 7.4},
 }  # fmt: skip
 
 
@@ -127,12 +157,28 @@ def patched(f, **attrs):
     return g
 
 
+# Round 4's switches (--ab): the session-8 build, and each new part off alone.
+OLD = {"WY2": False, "H2": False, "O2_P16": False, "O2_RING": 2, "MMA16": False}
+AB_VARIANTS = {
+    "old": OLD,
+    "wy1": {"WY2": False},
+    "h1": {"H2": False},
+    "t32": {"MMA16": False},
+    "r4": {"H_TILES": (64, 4)},
+    "w64": {"WY2_TILES": {**cl.WY2_TILES, ("cuda", 2): (64, 2)}},
+    "ob32": {
+        "O2_TILES": {**cl.O2_TILES, ("cuda", 2): (32, 32)},
+        "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3},
+    },
+}
+
+
 def tiles(f, t=R3):
     """f with chunk_launch.H_TILES = t (the state pass's slice / ring)."""
     return patched(f, H_TILES=t)
 
 
-def check(backend: str, quick: bool = False) -> list[dict]:
+def check(backend: str, quick: bool = False, ab: bool = False) -> list[dict]:
     fused = _gpu_backend(backend)
     rows = []
     cases = [
@@ -145,6 +191,9 @@ def check(backend: str, quick: bool = False) -> list[dict]:
     ]
     if quick:
         cases = [(2048, 32, mx.float32, True), (2048, 32, mx.bfloat16, False)]
+    if ab:
+        cases = [(200, 32, mx.float32, True), (2048, 32, mx.float32, True)]
+        cases += [(2048, 32, mx.bfloat16, False)]
     for T, hv, dtype, exact in cases:
         q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, hv, dtype)
         refs = {}
@@ -157,14 +206,21 @@ def check(backend: str, quick: bool = False) -> list[dict]:
                 mx.eval(g, beta)
             refs["f64"] = float64_loop(q, k, v, g, beta, state, mask)
         variants = [("split", cl.gated_delta_update_chunk_kernel, {})]
-        if backend == "cuda" and T == 2048 and dtype == mx.bfloat16:
+        if ab:
+            # every part off alone only where it matters: 16-bit pieces
+            variants += [
+                (f"split {n}", patched(cl.gated_delta_update_chunk_kernel, **sw), {})
+                for n, sw in AB_VARIANTS.items()
+                if n == "old" or dtype != mx.float32
+            ]
+        elif backend == "cuda" and T == 2048 and dtype == mx.bfloat16:
             variants += [
                 ("split unb", bounded(cl.gated_delta_update_chunk_kernel), {}),
                 ("split r3", tiles(cl.gated_delta_update_chunk_kernel), {}),
                 ("split bv32", cl.gated_delta_update_chunk_kernel, {"bv": 32}),
                 ("split o2", patched(cl.gated_delta_update_chunk_kernel, O2=True), {}),
             ]
-        if backend == "cuda" and T == 2048 and dtype == mx.float32:
+        if not ab and backend == "cuda" and T == 2048 and dtype == mx.float32:
             variants += [("split o2", patched(cl.gated_delta_update_chunk_kernel, O2=True), {})]
         for name, f, kw in variants:
             try:
@@ -176,14 +232,14 @@ def check(backend: str, quick: bool = False) -> list[dict]:
             except Exception as e:  # a kernel that does not build: say so, go on to the timing
                 print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
                 rows.append({"check": name, "T": T, "ok": None, "error": str(e)[:300]})
-        if quick:
+        if quick or ab:
             continue
         if T == 2048 and dtype == mx.float32 and 32 in cl.H_BV_CHOICES[backend]:
             y, s = cl.gated_delta_update_chunk_kernel(
                 q, k, v, a, b, A_log, dt_bias, state, mask, backend=backend, split=True, bv=32
             )
             rows.append(_row("split bv32", T, hv, dtype, y, s, refs))
-    if quick:
+    if quick or ab:
         return rows
     # The precomputed-gates entry (gated_delta's path: the plain WY kernel).
     q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, 512, 32, mx.float32)
@@ -200,7 +256,7 @@ def check(backend: str, quick: bool = False) -> list[dict]:
     return rows
 
 
-def _timers(backend: str, shape: Shape, fla, quick: bool = False) -> dict:
+def _timers(backend: str, shape: Shape, fla, quick: bool = False, ab: bool = False) -> dict:
     fused = _gpu_backend(backend)
     q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
     gates = (a, b, A_log, dt_bias)
@@ -233,11 +289,30 @@ def _timers(backend: str, shape: Shape, fla, quick: bool = False) -> dict:
         "state": state(),
         "out": lambda s: (cl.o_pass(backend, q, k, gts, H, Vn, shape.T, shape.Hv, v.dtype), s),
     }
-    if 32 in cl.H_BV_CHOICES[backend]:
+    if ab:
+        old = {n: patched(steps[n], **OLD) for n in ("split", "wy", "state", "out")}
+        steps = {
+            "fused": steps["fused"],
+            "split": steps["split"],
+            "split old": old["split"],
+            "wy": steps["wy"],
+            "wy old": old["wy"],
+            "state": steps["state"],
+            "state old": old["state"],
+            "state r3": tiles(steps["state"]),
+            "state r4": tiles(steps["state"], (64, 4)),
+            "wy lb2": bounded(steps["wy"], {**cl.MIN_BLOCKS, "wy2": 2}),
+            "wy ds64": patched(steps["wy"], **AB_VARIANTS["w64"]),
+            "out": steps["out"],
+            "out old": old["out"],
+            "out lb3": bounded(steps["out"], {**cl.MIN_BLOCKS, "o2": 3}),
+            "out bv32": patched(steps["out"], **AB_VARIANTS["ob32"]),
+        }
+    elif 32 in cl.H_BV_CHOICES[backend]:
         steps["state bv32"] = state(32)
         if not quick:
             steps["split bv32"] = split(32)
-    if backend == "cuda":
+    if backend == "cuda" and not ab:
         steps["state r3"] = tiles(state())
         steps["out o2"] = patched(steps["out"], O2=True)
         steps["split o2"] = patched(steps["split"], O2=True)
@@ -250,11 +325,11 @@ def _timers(backend: str, shape: Shape, fla, quick: bool = False) -> dict:
     return timers
 
 
-def time_shapes(backend: str, ts, hv: int, quick: bool = False) -> list[dict]:
+def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
     for T in ts:
-        timers = _timers(backend, Shape(1, T, hv), fla, quick)
+        timers = _timers(backend, Shape(1, T, hv), fla, quick, ab)
         n = max(2, min(50, 65536 // T))
         for name, run in list(timers.items()):
             try:
@@ -271,13 +346,14 @@ def time_shapes(backend: str, ts, hv: int, quick: bool = False) -> list[dict]:
     return rows
 
 
-def table(rows) -> str:
+def table(rows, predicted=None) -> str:
+    predicted = PREDICTED if predicted is None else predicted
     names = list(rows[0]["ms"])
     lines = [f"{'ms per call':16s}" + "".join(f"{n:>12s}" for n in names)]
     for r in rows:
         ms = r["ms"]
         lines.append(f"T={r['T']:<6d} Hv={r['Hv']:<3d} " + "".join(f"{ms[n]:12.3f}" for n in names))
-        pred = PREDICTED.get(r["T"], {}) if r["Hv"] == 32 else {}
+        pred = predicted.get(r["T"], {}) if r["Hv"] == 32 else {}
         lines.append(
             f"{'  predicted':16s}"
             + "".join(f"{pred[n]:12.3f}" if n in pred else " " * 12 for n in names)
@@ -287,7 +363,7 @@ def table(rows) -> str:
                 f"{'  / fla chunk':16s}"
                 + "".join(
                     f"{ms[n] / ms['fla chunk']:11.2f}x"
-                    if n in ("fused", "split", "split bv32", "split unb", "split o2")
+                    if n in ("fused", "split", "split bv32", "split unb", "split o2", "split old")
                     else " " * 12
                     for n in names
                 )
@@ -305,6 +381,12 @@ def main(argv=None) -> int:
         help="< 90 s: checks at T 2048 only (fp32 vs float64, bf16 vs fused, bf16 also "
         "unbounded / r3 / bv32), timing at T 2048 and 8192",
     )
+    p.add_argument(
+        "--ab",
+        action="store_true",
+        help="< 4 min: round 4's new kernels against session 8's (checks at T 200 / 2048, timing "
+        "at T 2048 / 8192 / 32768)",
+    )
     args = p.parse_args(argv)
     backend = cl.available_backend()
     if backend is None:
@@ -313,11 +395,11 @@ def main(argv=None) -> int:
     checks = []
     if not args.no_check:
         print("1. split path vs float64 loop / fused kernel", flush=True)
-        checks = check(backend, args.quick)
+        checks = check(backend, args.quick, args.ab)
     print("2. timing (bf16, B=1, Hk=16, Dk=Dv=128)", flush=True)
     ts = (2048, 8192) if args.quick else (2048, 8192, 32768)
-    times = time_shapes(backend, ts, 32, args.quick)
-    print(table(times))
+    times = time_shapes(backend, ts, 32, args.quick, args.ab)
+    print(table(times, PREDICTED_AB if args.ab else None))
     failed = [r for r in checks if r["ok"] is False]
     missing = [r["check"] for r in checks if r["ok"] is None]
     print(

@@ -85,7 +85,7 @@ def dump() -> dict:
 
     # Chunk kernels.
     whichs = ["state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma"]
-    whichs += ["wy", "wy_fused", "h", "o", "o2"]
+    whichs += ["wy", "wy_fused", "wy2", "wy2_fused", "h", "h2", "o", "o2"]
     for backend in BACKENDS:
         chunk_launch._kernels.clear()
         for which in whichs:

@@ -126,10 +126,11 @@ inline float4 gd_f4(float x, float y, float z, float w) { return {x, y, z, w}; }
 template <typename T>
 using gd_staged = T;
 template <int NT, int R, int CL, typename D, typename S>
-inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid, int cmax = CL) {
   for (int e = tid; e < R * CL; e += NT) {
     const int r = e / CL < rmax ? e / CL : rmax;
-    dst[(e / CL) * dld + e % CL] = src[r * sld + e % CL];
+    const int c = e % CL < cmax ? e % CL : cmax - 1;
+    dst[(e / CL) * dld + e % CL] = src[r * sld + c];
   }
 }
 inline void gd_copy_commit() {}
@@ -178,17 +179,22 @@ inline void gd_acc_zero(gd_acc& x) {
   for (auto& h : x.c)
     for (float& e : h) e = 0.0f;
 }
+inline void gd_acc_scale(gd_acc& x, float s) {
+  for (auto& h : x.c)
+    for (float& e : h) e *= s;
+}
 template <typename P>
 inline void gd_acc_load(gd_acc& x, P p, int ld) {
   const int g = int(threadIdx.x % 32) / 4, t = int(threadIdx.x % 4);
   for (int h = 0; h < 2; ++h)
     for (int e = 0; e < 4; ++e) x.c[h][e] = p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)];
 }
-template <typename P>
-inline void gd_acc_store(gd_acc& x, P p, int ld) {
+template <typename E>
+inline void gd_acc_store(gd_acc& x, E* p, int ld) {
   const int g = int(threadIdx.x % 32) / 4, t = int(threadIdx.x % 4);
   for (int h = 0; h < 2; ++h)
-    for (int e = 0; e < 4; ++e) p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)] = x.c[h][e];
+    for (int e = 0; e < 4; ++e)
+      p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)] = static_cast<E>(x.c[h][e]);
 }
 template <int MP, bool TA, bool TB, typename PA, typename PB>
 inline void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
@@ -213,4 +219,10 @@ inline void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
         x.c[h][e] += s;
       }
     }
+}
+// Operands staged in threadgroup memory: the same products (CUDA takes 16-bit ones through
+// ldmatrix and mma.m16n8k16, whose bf16 / fp16 products are exact in fp32, as here).
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+inline void gd_mma_staged(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  gd_mma<MP, TA, TB>(x, A, lda, B, ldb, K);
 }

@@ -67,6 +67,7 @@ struct ulong2 {
 template <typename T, int Cols, int Rows>
 struct simdgroup_matrix {
   simdgroup_matrix() = default;
+  explicit simdgroup_matrix(T diagonal);  // dval on the diagonal, 0 elsewhere (MSL 6.7)
 };
 using simdgroup_float8x8 = simdgroup_matrix<float, 8, 8>;
 template <typename T, int Cols, int Rows>
@@ -84,3 +85,6 @@ void simdgroup_multiply_accumulate(simdgroup_matrix<T, Cols, Rows>& d,
                                    const simdgroup_matrix<T, K, Rows>& a,
                                    const simdgroup_matrix<T, Cols, K>& b,
                                    const simdgroup_matrix<T, Cols, Rows>& c);
+template <typename T, int K, int Cols, int Rows>
+void simdgroup_multiply(simdgroup_matrix<T, Cols, Rows>& d, const simdgroup_matrix<T, K, Rows>& a,
+                        const simdgroup_matrix<T, Cols, K>& b);

@@ -55,7 +55,12 @@ CFGS = {
     "cuda_bf16": ("bf16", 1, 16, cl.h_tiles("cuda", 128, 16, 2), cl.O_SLICE["cuda"],
                   cl.O_BV["cuda"]),
     "cuda_ring3": ("float", 3, 16, (64, 3), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
+    "cuda_bf16_w64": ("bf16", 1, 16, cl.h_tiles("cuda", 128, 16, 2), cl.O_SLICE["cuda"],
+                      cl.O_BV["cuda"]),
 }  # fmt: skip
+# WY2_BODY's (slice, ring) where a configuration departs from the host's WY2_TILES: slices of 64
+# (two output tiles a warp), as chunk_split_gpu.py --ab times them.
+WY2_CFG = {"cuda_bf16_w64": (64, 2)}
 
 PROGRAM = r"""
 #include "{emulator}"
@@ -100,6 +105,23 @@ void kernel(const float* k, const float* v, const float* a, const float* b, cons
 }}
 }}  // namespace wy_fused
 
+namespace wy2 {{
+template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>
+void kernel(const PT* k, const PT* v, const float* g, const float* beta, const bool* mask,
+            const int* k_shape, const int* v_shape, PT* W, PT* U, PT* Kw, float* gates) {{
+{wy2}
+}}
+}}  // namespace wy2
+
+namespace wy2_fused {{
+template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>
+void kernel(const PT* k, const PT* v, const float* a, const float* b, const float* A_log,
+            const float* dt_bias, const bool* mask, const int* k_shape, const int* v_shape,
+            PT* W, PT* U, PT* Kw, float* gates) {{
+{wy2_fused}
+}}
+}}  // namespace wy2_fused
+
 namespace h {{
 template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
 void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
@@ -107,6 +129,14 @@ void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const fl
 {h}
 }}
 }}  // namespace h
+
+namespace h2 {{
+template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
+{h2}
+}}
+}}  // namespace h2
 
 namespace o {{
 template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT, typename PT>
@@ -125,7 +155,7 @@ void kernel(const YT* q, const YT* k, const float* gates, const YT* H, const YT*
 }}  // namespace o2
 
 template <int Dk, typename PT, int MP, int BV, int HDS, int HNB, int ODS, int BVO, int O2DS,
-          int O2BVO>
+          int O2BVO, int WDS, int WNB>
 void run(char** argv) {{
   const std::string what = argv[1], d = std::string(argv[2]) + "/";
   constexpr int C = {C};
@@ -135,14 +165,25 @@ void run(char** argv) {{
   const size_t rows = size_t(BH) * N * C;
   const int k_shape[4] = {{B, T, Hk, Dk}}, v_shape[4] = {{B, T, Hv, Dv}};
   if (what.rfind("wy", 0) == 0) {{
-    const bool fused = what == "wy_fused";
+    const bool fused = what == "wy_fused" || what == "wy2_fused";
+    const bool ring = what.rfind("wy2", 0) == 0;
     auto k = read(d + "k"), v = read(d + "v"), mask = read(d + "mask");
     auto g = read(d + (fused ? "a" : "g")), beta = read(d + (fused ? "b" : "beta"));
     auto A_log = fused ? read(d + "A_log") : g, dt_bias = fused ? read(d + "dt_bias") : g;
     std::vector<PT> W(rows * Dk, PT(NAN)), U(rows * Dv, PT(NAN)), Kw(rows * Dk, PT(NAN));
     std::vector<float> gates(rows * 4, NAN);
+    // WY2_BODY copies k, v raw into its PT ring: they come in PT (as the host passes them)
+    auto kp = read_as<PT>(d + "k"), vp = read_as<PT>(d + "v");
     run_blocks({{unsigned(N), unsigned(BH), 1}}, {wy_threads}, [&] {{
-      if (fused) {{
+      if (ring && fused) {{
+        wy2_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
+            as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias), as<bool>(mask),
+            k_shape, v_shape, W.data(), U.data(), Kw.data(), gates.data());
+      }} else if (ring) {{
+        wy2::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
+            as<float>(g), as<float>(beta), as<bool>(mask), k_shape, v_shape, W.data(), U.data(),
+            Kw.data(), gates.data());
+      }} else if (fused) {{
         wy_fused::kernel<Dk, C, {wy_threads}, {wy_slice}, MP, PT>(as<float>(k), as<float>(v),
             as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias), as<bool>(mask),
             k_shape, v_shape, W.data(), U.data(), Kw.data(), gates.data());
@@ -153,7 +194,7 @@ void run(char** argv) {{
       }}
     }});
     write(d + "W", W); write(d + "U", U); write(d + "Kw", Kw); write(d + "gates", gates);
-  }} else if (what == "h") {{
+  }} else if (what == "h" || what == "h2") {{
     auto W = read_as<PT>(d + "W"), U = read_as<PT>(d + "U"), Kw = read_as<PT>(d + "Kw");
     auto gates = read(d + "gates"), s0 = read(d + "state_in");
     const int U_shape[3] = {{BH, N * C, Dv}};
@@ -161,8 +202,13 @@ void run(char** argv) {{
     std::vector<float> s(size_t(BH) * Dv * Dk, NAN);
     constexpr int NT = 32 * (C / 16) * (BV / 16);
     run_blocks({{unsigned(BH), unsigned((Dv + BV - 1) / BV), 1}}, NT, [&] {{
-      h::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(), as<float>(gates),
-          as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      if (what == "h2") {{
+        h2::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
+            as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      }} else {{
+        h::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
+            as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      }}
     }});
     write(d + "H", H); write(d + "Vn", Vn); write(d + "state_out", s);
   }} else if (what == "o2") {{
@@ -211,9 +257,11 @@ def _dispatch() -> str:
         t = "float" if pt == "float" else "bf16"
         backend = "metal" if name == "metal" else "cuda"
         o2ds, o2bvo = cl.O2_TILES[(backend, 4 if t == "float" else 2)]
+        wds, wnb = WY2_CFG.get(name, cl.WY2_TILES[(backend, 4 if t == "float" else 2)])
         lines.append(
             f'  if (cfg == "{name}") return run<Dk, {t}, {mp}, {bv}, (Dk < {hds} ? Dk : {hds}), '
-            f"{hnb}, (Dk < {ods} ? Dk : {ods}), {bvo}, (Dk < {o2ds} ? Dk : {o2ds}), {o2bvo}>(argv);"
+            f"{hnb}, (Dk < {ods} ? Dk : {ods}), {bvo}, (Dk < {o2ds} ? Dk : {o2ds}), {o2bvo}, "
+            f"(Dk < {wds} ? Dk : {wds}), {wnb}>(argv);"
         )
     return "\n".join(lines)
 
@@ -224,7 +272,10 @@ def program(tmp_path_factory) -> Path:
         emulator=EMULATOR,
         wy=cl.wy_source("cuda"),
         wy_fused=cl.wy_source("cuda", fused=True),
+        wy2=cl.wy_source("cuda", ring=True),
+        wy2_fused=cl.wy_source("cuda", fused=True, ring=True),
         h=cl.h_source("cuda"),
+        h2=cl.h2_source("cuda"),
         o=cl.o_source("cuda"),
         o2=cl.o2_source("cuda"),
         C=C,
@@ -257,9 +308,11 @@ def _run(program, tmp, what, dims, cfg):
     subprocess.run(cmd, check=True, timeout=600)
 
 
-def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None, out="o"):
-    """WY, state and output pass (out: "o" O_BODY, "o2" O2_BODY) in the emulator: (W, U, Kw),
-    (y, state_out)."""
+def run_split(
+    program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None, out="o", wy="wy", h="h"
+):
+    """WY ("wy" WY_BODY, "wy2" WY2_BODY), state ("h" H_BODY, "h2" H2_BODY) and output pass (out:
+    "o" O_BODY, "o2" O2_BODY) in the emulator: (W, U, Kw), (y, state_out)."""
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -268,15 +321,15 @@ def run_split(program, tmp, q, k, v, g, beta, state, mask, cfg, gates=None, out=
     dims = [Dk, B, T, Hk, Hv, Dv]
     if gates is None:
         _put(tmp, q=q, k=k, v=v, g=g, beta=beta, mask=mask, state_in=state)
-        _run(program, tmp, "wy", dims, cfg)
+        _run(program, tmp, wy, dims, cfg)
     else:
         a, b, A_log, dt_bias = gates
         _put(tmp, q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, mask=mask)
         _put(tmp, state_in=state)
-        _run(program, tmp, "wy_fused", dims, cfg)
+        _run(program, tmp, wy + "_fused", dims, cfg)
     rows = B * Hv, N * C
     pieces = _get(tmp, "W", (*rows, Dk)), _get(tmp, "U", (*rows, Dv)), _get(tmp, "Kw", (*rows, Dk))
-    _run(program, tmp, "h", dims, cfg)
+    _run(program, tmp, h, dims, cfg)
     _run(program, tmp, out, dims, cfg)
     y = _get(tmp, "y", (B, T, Hv, Dv))
     s = _get(tmp, "state_out", (B, Hv, Dv, Dk))
@@ -320,6 +373,57 @@ def test_split_o2_matches_numpy(program, tmp_path, shape, masked):
     test_split_kernels_match_numpy(program, tmp_path, shape, masked, out="o2")
 
 
+# WY2_BODY takes Dv a multiple of 8: the shapes of CASES that have one, and Dk 128 with a
+# partial last v slice (Dv 40: columns 32..39 of the second slice of 32, 8..15 of Metal's 16).
+WY2_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[3], (2, 130, 2, 4, 128, 40)]
+WY2_CASES = [(shape, shape[1] > 1) for shape in WY2_SHAPES] + [(SHAPES[3], False)]
+
+
+@pytest.mark.parametrize("shape,masked", WY2_CASES, **IDS)
+def test_split_wy2_matches_numpy(program, tmp_path, shape, masked):
+    """WY2_BODY (the copied ring, k k^T on raw slices, U and W from scaled slices) with the
+    CUDA tiles, then H2_BODY (the state in the accumulators) and O2_BODY: W, U, Kw against the
+    MLX-ops pieces, y and the state against float64."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad" if masked else None)
+    pieces, got = run_split(
+        program, tmp_path, q, k, v, g, beta, state, mask, "cuda", out="o2", wy="wy2", h="h2"
+    )
+    with mx.stream(mx.cpu):
+        ops = [np.asarray(x) for x in cl.prep_ops(q, k, v, g, beta, mask)]
+    for name, p, ref in zip(("W", "U", "Kw"), pieces, (ops[0], ops[1], ops[4]), strict=True):
+        assert np.isfinite(p).all(), name
+        assert rel_err(p, ref) < TOL, name
+    _check(got, gated_delta_np(q, k, v, g, beta, state, mask))
+    if mask is not None:
+        assert not np.any(got[0][~np.asarray(mask)])
+
+
+@pytest.mark.parametrize("cfg", ["metal", "cuda_bf16", "cuda_bv32", "cuda_ring3", "cuda_bf16_w64"])
+def test_split_wy2_tiles_and_bf16(program, tmp_path, cfg):
+    """WY2_BODY and H2_BODY with Metal's tiles (floats staged, slices of 16 / 32, rings of two),
+    the state pass at 32 value rows and with a ring of three, within fp32's tolerance; with bf16
+    pieces (X, the scaled slices, S and delta rounded to bf16 for the products) within bf16's
+    and outside fp32's, also with WY2's slices of 64 (two output tiles a warp); masked, Dk 128,
+    a partial v slice; gates computed in the kernel."""
+    B, T, Hk, Hv, Dk, Dv = WY2_SHAPES[3]
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad")
+    a, b, A_log, dt_bias = make_gate_inputs(B, T, Hv)
+    with mx.stream(mx.cpu):
+        g, beta = compute_gates(a, b, A_log, dt_bias)
+    gates = (a, b, A_log, dt_bias)
+    _, got = run_split(
+        program, tmp_path, q, k, v, None, None, state, mask, cfg, gates, out="o2", wy="wy2", h="h2"
+    )
+    want = gated_delta_np(q, k, v, g, beta, state, mask)
+    bf16 = cfg.startswith("cuda_bf16")
+    _check(got, want, TOL_BF16 if bf16 else TOL)
+    if bf16:
+        assert rel_err(got[0], want[0]) > TOL
+
+
 TILE_SHAPES = [SHAPES[4], SHAPES[5]]
 
 
@@ -359,8 +463,12 @@ def test_split_bf16_pieces_within_bf16_tolerance(program, tmp_path, out):
     assert rel_err(got[0], want[0]) > TOL
 
 
-@pytest.mark.parametrize("cfg,out", [(c, o) for o in ("o", "o2") for c in ("cuda", "metal")])
-def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg, out):
+@pytest.mark.parametrize(
+    "cfg,out,wy",
+    [(c, o, "wy") for o in ("o", "o2") for c in ("cuda", "metal")]
+    + [(c, "o2", "wy2") for c in ("cuda", "metal", "cuda_bf16")],
+)
+def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg, out, wy):
     """g = 0 mid-chunk and at a chunk's first step, decays of 1e-4..0.05 (products far below
     fp32's normal range), and nan / inf in padded slots, which must not leak."""
     B, T, Hk, Hv, Dv = 2, 130, 1, 2, 16
@@ -374,8 +482,9 @@ def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg
     pad = ~mask
     nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
     bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
-    _, got = run_split(program, tmp_path, *bad, state, mask, cfg, out=out)
-    _check(got, want)
+    h = "h2" if wy == "wy2" else "h"
+    _, got = run_split(program, tmp_path, *bad, state, mask, cfg, out=out, wy=wy, h=h)
+    _check(got, want, TOL_BF16 if cfg == "cuda_bf16" else TOL)
 
 
 class EmulatedKernel:
@@ -402,32 +511,41 @@ class EmulatedKernel:
                 (self.tmp / n).write_bytes(_f32(a).tobytes())
         tpl = dict(template)
         assert tpl["C"] == C and tpl["MP"] == 3  # fp32 activations
-        if self.name in (cs.wy_name(False), cs.wy_name(True)):
+        wy_names = {cs.wy_name(f, r): (f, r) for f in (False, True) for r in (False, True)}
+        if self.name in wy_names:
+            fused, ring = wy_names[self.name]
             B, T, Hk, Dk = x["k"].shape
             Hv, Dv = x["v"].shape[2:]
             N = -(-T // C)
+            # WY2_BODY wherever it applies (WY2 on, Dv a multiple of 8), with CUDA's fp32 tiles
+            assert ring == (cl.WY2 and Dv % 8 == 0)
+            ds, nb = cl.WY2_TILES[("cuda", 4)] if ring else (cl.WY_SLICE, None)
+            ds = min(ds, Dk)
             assert tpl == {
                 "Dk": Dk,
                 "C": C,
                 "NT": cl.WY_THREADS,
-                "DS": cl.WY_SLICE,
+                "DS": ds,
+                **({"NB": nb} if ring else {}),
                 "MP": 3,
                 "PT": mx.float32,
             }
             assert grid == (cl.WY_THREADS * N, B * Hv, 1)
             assert threadgroup == (cl.WY_THREADS, 1, 1)
             assert output_dtypes == [mx.float32] * 4
-            what = "wy_fused" if self.name == cs.wy_name(True) else "wy"
+            what = ("wy2" if ring else "wy") + ("_fused" if fused else "")
             self.tmp.joinpath("dims").write_text(" ".join(map(str, [Dk, B, T, Hk, Hv, Dv])))
-        elif self.name == cs.H_NAME:
+        elif self.name in (cs.H_NAME, cs.H2_NAME):
             B, Hv, Dv, Dk = x["state_in"].shape
             nt = cl.h_threads(cl.H_BV)
-            ds, nb = cl.h_tiles("cuda", Dk, cl.H_BV, 4)
+            h2 = self.name == cs.H2_NAME
+            assert h2 == cl.H2  # H2_BODY wherever it is on (its tiles fit every case here)
+            ds, nb = cl.h_tiles("cuda", Dk, cl.H_BV, 4, h2)
             want = {"Dk": Dk, "BV": cl.H_BV, "C": C, "NT": nt, "DS": ds, "NB": nb}
             assert tpl == want | {"MP": 3, "PF": cl.PREFETCH, "PT": mx.float32}
             assert grid == (nt * B * Hv, -(-Dv // cl.H_BV), 1)
             assert threadgroup == (nt, 1, 1)
-            what = "h"
+            what = "h2" if h2 else "h"
         else:
             # O2_BODY where chunk_launch.O2 is on (fp32 q, k, H and y agree here), else O_BODY.
             assert self.name == (cs.O2_NAME if cl.O2 else cs.O_NAME)
@@ -455,20 +573,21 @@ class EmulatedKernel:
         return outs
 
 
+@pytest.mark.parametrize("Dv", [20, 24])
 @pytest.mark.parametrize("o2", [True, False], ids=["o2", "o"])
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
-def test_split_host_launch_through_emulator(program, tmp_path, monkeypatch, fused, o2):
+def test_split_host_launch_through_emulator(program, tmp_path, monkeypatch, fused, o2, Dv):
     """gated_delta_chunk_kernel / gated_delta_update_chunk_kernel with SPLIT on: input order,
     shapes, grids and template arguments, the kernels run by the emulator; the fused variant's
     gates computed in the WY kernel, including gates that underflow to exactly 0; both output
-    passes (chunk_launch.O2, on by default)."""
+    passes (chunk_launch.O2, on by default); WY_BODY at Dv 20, WY2_BODY at Dv 24."""
     monkeypatch.setattr(cl, "SPLIT", True)
     monkeypatch.setattr(cl, "O2", o2)
     monkeypatch.setattr(cl, "_kernels", {})
     monkeypatch.setattr(
         cl, "_factory", lambda backend: lambda **kw: EmulatedKernel(program, tmp_path, **kw)
     )
-    B, T, Hk, Hv, Dv = 3, 100, 1, 2, 20
+    B, T, Hk, Hv = 3, 100, 1, 2
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, DK, Dv)
     mask = _mask(B, T, "pad")
     with mx.stream(mx.cpu):

@@ -31,14 +31,24 @@ def kernels(backend: str, Dk: int, itemsize: int | None = None):
             (cs.wy_name(fused), cs.wy_inputs(fused), cs.WY_OUTPUTS, cl.wy_source(backend, fused),
              tpl + [("MP", None), ("PT", None)])
         )  # fmt: skip
-    for bv in cl.H_BV_CHOICES[backend] if Dk <= 128 else (16,):
-        # the host's tiles for 2-byte pieces (on Metal the staged slices are float either way)
-        ds, nb = cl.h_tiles(backend, Dk, bv, 2 if itemsize is None else itemsize)
-        tpl = [("Dk", Dk), ("BV", bv), ("C", C), ("NT", cl.h_threads(bv)), ("DS", ds), ("NB", nb)]
+    wds, wnb = cl.WY2_TILES[(backend, 2 if itemsize is None else itemsize)]
+    for fused in (False, True):
+        tpl = [("Dk", Dk), ("C", C), ("NT", cl.WY_THREADS), ("DS", wds), ("NB", wnb)]
         out.append(
-            (cs.H_NAME, cs.H_INPUTS, cs.H_OUTPUTS, cl.h_source(backend),
-             tpl + [("MP", None), ("PF", 1), ("PT", None)])
+            (cs.wy_name(fused, True), cs.wy_inputs(fused), cs.WY_OUTPUTS,
+             cl.wy_source(backend, fused, True), tpl + [("MP", None), ("PT", None)])
         )  # fmt: skip
+    for h2 in (False, True):
+        for bv in cl.H_BV_CHOICES[backend] if Dk <= 128 else (16,):
+            # the host's tiles for 2-byte pieces (on Metal the staged slices are float either way)
+            ds, nb = cl.h_tiles(backend, Dk, bv, 2 if itemsize is None else itemsize, h2)
+            tpl = [("Dk", Dk), ("BV", bv), ("C", C), ("NT", cl.h_threads(bv)), ("DS", ds),
+                   ("NB", nb)]  # fmt: skip
+            out.append(
+                (cs.H2_NAME if h2 else cs.H_NAME, cs.H_INPUTS, cs.H_OUTPUTS,
+                 (cl.h2_source if h2 else cl.h_source)(backend),
+                 tpl + [("MP", None), ("PF", 1), ("PT", None)])
+            )  # fmt: skip
     tpl = [("Dk", Dk), ("C", C), ("NT", cl.O_THREADS), ("DS", ods), ("BVO", cl.O_BV[backend])]
     out.append(
         (cs.O_NAME, cs.O_INPUTS, cs.O_OUTPUTS, cl.o_source(backend),
@@ -113,7 +123,9 @@ METAL_CASES = [("fp32", 32), ("bf16", 128), ("fp16", 128), ("bf16", 256)]
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++")
-@pytest.mark.parametrize("which", range(5), ids=["wy", "wy_fused", "h", "o", "o2"])
+@pytest.mark.parametrize(
+    "which", range(8), ids=["wy", "wy_fused", "wy2", "wy2_fused", "h", "h2", "o", "o2"]
+)
 def test_split_metal_sources_compile(tmp_path, which):
     """Each kernel, for fp32 / bf16 / fp16 activations at the Dk the host may pass."""
     for act, Dk in METAL_CASES:
@@ -130,7 +142,7 @@ def test_split_metal_sources_compile(tmp_path, which):
 def test_split_metal_check_can_fail(tmp_path):
     """A tile operation given the bf16 pieces in device memory instead of the staged floats
     (simdgroup_load has no bf16 -> float form) fails the check."""
-    name, ins, outs, body, tpl = kernels("metal", 128)[2]
+    name, ins, outs, body, tpl = kernels("metal", 128)[4]
     bad = body.replace("gd_acc_load(sa, S_t + 16 * sv * SD", "gd_acc_load(sa, Kw + 16 * sv * SD")
     assert bad != body
     vals = ["1" if k == "MP" else "bfloat16_t" if v is None else str(v) for k, v in tpl]
@@ -164,7 +176,7 @@ def _registers(text: str, tmp_path) -> list[int]:
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-@pytest.mark.parametrize("which", [0, 4], ids=["wy", "o"])
+@pytest.mark.parametrize("which", [0, 8], ids=["wy", "o"])
 def test_split_launch_bounds_header_caps_registers(tmp_path, which):
     """chunk_launch.MIN_BLOCKS's header (the __global__ macro redefined with
     __launch_bounds__(256, 2)) reaches the kernel MLX declares after it: ptxas keeps it within
@@ -174,7 +186,7 @@ def test_split_launch_bounds_header_caps_registers(tmp_path, which):
     assert unit.startswith(head)
     # one kernel a unit, as MLX compiles them
     parts = unit[len(head) :].split("// gated_delta_chunk_")[1:]
-    assert len(parts) == 6  # wy, wy_fused, h (16 and 32 value rows), o, o2
+    assert len(parts) == 10  # wy, wy_fused, wy2, wy2_fused, h, h2 (16 and 32 value rows), o, o2
     kernel = "// gated_delta_chunk_" + parts[which]
     plain = _registers(head + kernel, tmp_path)
     bounded = _registers(head + cl.launch_bounds_header(256, 2) + kernel, tmp_path)

@@ -280,3 +280,62 @@ def test_tile_layer_16bit_operands_are_exact(matrix_state, dtype, mp):
     want = c.astype(np.float64) + a64 @ b64
     err = float(np.abs(np.array(out) - want).max() / np.abs(want).max())
     assert err < 2e-6, err
+
+
+# gd_mma_staged with 16-bit operands in threadgroup memory (CUDA: ldmatrix, .trans where the
+# stored rows run along k, and mma.m16n8k16): A and B copied into threadgroup arrays with rows
+# padded by 8 elements (16 bytes, as the kernels' staged slices), one warp.
+STAGED_BODY = """
+  constexpr int AR = TA ? K : 16;  // stored rows of A
+  constexpr int AC = TA ? 16 : K;
+  constexpr int BR = TB ? 16 : K;
+  constexpr int BC = TB ? K : 16;
+  GD_TG16 gd_staged<T> as_[AR * (AC + 8)];
+  GD_TG16 gd_staged<T> bs_[BR * (BC + 8)];
+  const int tid = int(gd_tid);
+  for (int e = tid; e < AR * AC; e += 32) as_[(e / AC) * (AC + 8) + e % AC] = a[e];
+  for (int e = tid; e < BR * BC; e += 32) bs_[(e / BC) * (BC + 8) + e % BC] = b[e];
+  gd_barrier();
+  gd_acc acc;
+  gd_acc_load(acc, c_in, 16);
+  gd_mma_staged<MP, TA, TB>(acc, as_, AC + 8, bs_, BC + 8, K);
+  gd_acc_store(acc, out, 16);
+"""
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_tile_layer_staged_16bit_operands_are_exact(matrix_state, dtype, ta, tb):
+    """gd_mma_staged (chunk_launch.MMA16: the WY2, H2 and O2 products over staged bf16 / fp16
+    pieces) for every operand layout: C + A B equals float64's product of the same 16-bit values
+    to fp32's precision (K = 48: three steps of 16)."""
+    if matrix_state:
+        pytest.skip("independent of the chunk path")
+    K = 48
+    rng = np.random.default_rng(9)
+    a = mx.array(rng.standard_normal((16, K)).astype(np.float32)).astype(dtype)
+    b = mx.array(rng.standard_normal((K, 16)).astype(np.float32)).astype(dtype)
+    c = rng.standard_normal((16, 16)).astype(np.float32)
+    at = mx.contiguous(a.T) if ta else a
+    bt = mx.contiguous(b.T) if tb else b
+    kern = getattr(mx.fast, f"{BACKEND}_kernel")(
+        name="gd_tile_check_staged",
+        input_names=["a", "b", "c_in"],
+        output_names=["out"],
+        source=cl.PROLOGUE[BACKEND] + STAGED_BODY,
+        header=cl.header(BACKEND),
+    )
+    out = kern(
+        inputs=[at, bt, mx.array(c)],
+        template=[("MP", 1), ("TA", ta), ("TB", tb), ("K", K), ("T", dtype)],
+        grid=(32, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(16, 16)],
+        output_dtypes=[mx.float32],
+        init_value=NAN,
+    )[0]
+    a64 = np.array(a.astype(mx.float32), np.float64)
+    b64 = np.array(b.astype(mx.float32), np.float64)
+    want = c.astype(np.float64) + a64 @ b64
+    err = float(np.abs(np.array(out) - want).max() / np.abs(want).max())
+    assert err < 2e-6, err

@@ -10,7 +10,9 @@ Work split (benchmarks/NOTES.md "Chunked GPU kernel"):
 The split path (SPLIT, scalar gates; split_chunk_kernel) replaces both with three kernels on the
 tile layer: WY (per chunk x head: the blocked (I + A)^-1, W, U, Kw in the activations' dtype),
 the state pass (per head x value tile, state on chip, writing each chunk's start state H and
-delta) and the output pass (per chunk x head x value tile).
+delta) and the output pass (per chunk x head x value tile). Each has a newer body behind a
+switch (WY2, H2, O2 with O2_P16 / O2_RING; MMA16 for the tile layer's 16-bit products), the
+older one kept for A/B timings (benchmarks/chunk_split_gpu.py --ab).
 Both have a matrix-unit variant behind MATRIX (the prep's k k^T / q k^T, and STATE_MMA_BODY),
 over the tile layer `_TILES`: tensor cores (mma.sync tf32 by inline PTX) on CUDA, simdgroup
 matrices on Metal, one kernel text for both.
@@ -71,10 +73,11 @@ inline float4 gd_f4(float x, float y, float z, float w) {
 template <typename T>
 using gd_staged = float;
 template <int NT, int R, int CL, typename D, typename S>
-inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+inline void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid, int cmax = CL) {
   for (int e = tid; e < R * CL; e += NT) {
     const int r = e / CL < rmax ? e / CL : rmax;
-    dst[(e / CL) * dld + e % CL] = float(src[r * sld + e % CL]);
+    const int c = e % CL < cmax ? e % CL : cmax - 1;
+    dst[(e / CL) * dld + e % CL] = float(src[r * sld + c]);
   }
 }
 inline void gd_copy_commit() {}
@@ -90,7 +93,9 @@ __device__ __forceinline__ void gd_barrier() {
 __device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
   return make_float4(x, y, z, w);
 }
-// Staged tile copies (H_BODY, O2_BODY): an R x CL tile, row r read from src + min(r, rmax) sld.
+// Staged tile copies (H_BODY, O2_BODY, WY2_BODY): an R x CL tile, row r read from src + min(r,
+// rmax) sld; columns at or past cmax (a multiple of 8 elements) hold copies of other columns of
+// the row below cmax (callers select them away).
 // cp.async (sm_80+) copies the bytes as they are, 16 at a time, from device to threadgroup
 // memory without passing through registers; a thread's copies since the last gd_copy_commit()
 // form a group, and gd_copy_wait<N>() waits until at most N of its groups are still in flight
@@ -99,7 +104,8 @@ __device__ __forceinline__ float4 gd_f4(float x, float y, float z, float w) {
 template <typename T>
 using gd_staged = T;
 template <int NT, int R, int CL, typename D, typename S>
-__device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+__device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid,
+                                             int cmax = CL) {
   constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
   static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
   constexpr int U = R * CL / V;  // copies of the tile
@@ -110,10 +116,11 @@ __device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, 
     const int r = e / (CL / V);
     const int c = (e % (CL / V)) * V;
     const int rs = r < rmax ? r : rmax;
+    const int cs = c < cmax ? c : cmax - V;
     asm volatile(
         "{ .reg .u64 s; .reg .u32 a; cvta.to.shared.u64 s, %0; cvt.u32.u64 a, s;"
         "  cp.async.cg.shared.global [a], [%1], 16; }" ::"l"(dst + r * dld + c),
-        "l"(src + rs * sld + c));
+        "l"(src + rs * sld + cs));
   }
 }
 __device__ __forceinline__ void gd_copy_commit() {
@@ -129,6 +136,7 @@ __device__ __forceinline__ void gd_copy_wait() {
 # (`gd_acc`) and adds A B to it, A [16 x K] and B [K x 16] read from threadgroup or device
 # memory (K a multiple of 8):
 #   gd_acc_zero(acc); gd_acc_load(acc, p, ld); gd_acc_store(acc, p, ld)   C(i, j) = p[i ld + j]
+#   gd_acc_scale(acc, s)   C *= s
 #   gd_mma<MP, TA, TB>(acc, A, lda, B, ldb, K)   C += A B with
 #       A(i, k) = A[i lda + k] (TA: A[k lda + i]), B(k, j) = B[k ldb + j] (TB: B[j ldb + k])
 # Every lane of the warp calls them together (uniform control flow). MP: operand precision on
@@ -188,6 +196,20 @@ inline void gd_mma(thread gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
     }
   }
 }
+// acc *= s: by the diagonal matrix s I (simdgroup_matrix(T) fills the diagonal).
+inline void gd_acc_scale(thread gd_acc& x, float s) {
+  const simdgroup_float8x8 d(s);
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_multiply(x.m[i][j], x.m[i][j], d);
+    }
+  }
+}
+// Operands staged in threadgroup memory (floats on Metal): gd_mma.
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+inline void gd_mma_staged(thread gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  gd_mma<MP, TA, TB>(x, A, lda, B, ldb, K);
+}
 """,
     "cuda": """
 // Fragments of mma.m16n8k8 (PTX ISA), lane = 4 g + t: A a0 (g, t), a1 (g + 8, t), a2 (g, t + 4),
@@ -217,6 +239,13 @@ __device__ __forceinline__ void gd_acc_zero(gd_acc& x) {
     for (int e = 0; e < 4; ++e) x.c[h][e] = 0.0f;
   }
 }
+__device__ __forceinline__ void gd_acc_scale(gd_acc& x, float s) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) x.c[h][e] *= s;
+  }
+}
 template <typename P>
 __device__ __forceinline__ void gd_acc_load(gd_acc& x, P p, int ld) {
   const int g = (threadIdx.x & 31) >> 2;
@@ -227,14 +256,16 @@ __device__ __forceinline__ void gd_acc_load(gd_acc& x, P p, int ld) {
     for (int e = 0; e < 4; ++e) x.c[h][e] = p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)];
   }
 }
-template <typename P>
-__device__ __forceinline__ void gd_acc_store(gd_acc& x, P p, int ld) {
+template <typename E>
+__device__ __forceinline__ void gd_acc_store(gd_acc& x, E* p, int ld) {
   const int g = (threadIdx.x & 31) >> 2;
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)] = x.c[h][e];
+    for (int e = 0; e < 4; ++e) {
+      p[(g + 8 * (e >> 1)) * ld + 8 * h + 2 * t + (e & 1)] = static_cast<E>(x.c[h][e]);
+    }
   }
 }
 template <int MP, bool TA, bool TB, typename PA, typename PB>
@@ -289,6 +320,91 @@ __device__ __forceinline__ void gd_mma(gd_acc& x, PA A, int lda, PB B, int ldb, 
     }
   }
 }
+// gd_mma_staged: gd_mma with both operands in threadgroup memory. Where they are the same
+// 16-bit type (the staged bf16 / fp16 pieces) and GD_MMA16 is on, the fragments come by ldmatrix
+// (one .x4 a 16 x 16 operand a step of 16; .trans where the stored rows run along k) into
+// mma.m16n8k16 (bf16 / fp16 products, exact in fp32, fp32 accumulation): per 16 of K a warp
+// issues 2 ldmatrix + 2 mma instead of 16 16-bit loads, their widening and 4 mma. Fragments as
+// the PTX ISA's: A a0..a3 = (g, 2t..2t+1), (g + 8, ..), (g, 8 + 2t..), (g + 8, 8 + 2t..); B
+// b0, b1 = (k 2t..2t+1, n g), (k 8 + 2t.., n g); C as m16n8k8's. Needs K a multiple of 16 and
+// every 8-element row segment read 16-byte aligned (row strides and tile offsets multiples of
+// 8 elements). Otherwise (float operands, or GD_MMA16 0) it is gd_mma.
+#ifndef GD_MMA16
+#define GD_MMA16 1
+#endif
+__host__ __device__ constexpr int gd_kind16(const void*) {
+  return 0;
+}
+__host__ __device__ constexpr int gd_kind16(const __nv_bfloat16*) {
+  return 1;
+}
+__host__ __device__ constexpr int gd_kind16(const __half*) {
+  return 2;
+}
+template <bool TR>
+__device__ __forceinline__ void gd_ldmatrix4(unsigned* r, const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(a) : "l"(p));
+  if (TR) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+}
+template <int KIND>
+__device__ __forceinline__ void gd_mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
+  if (KIND == 1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+template <bool F>
+struct gd_flag {};
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_staged_(gd_flag<false>, gd_acc& x, PA A, int lda, PB B,
+                                               int ldb, int K) {
+  gd_mma<MP, TA, TB>(x, A, lda, B, ldb, K);
+}
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_staged_(gd_flag<true>, gd_acc& x, PA A, int lda, PB B,
+                                               int ldb, int K) {
+  // lane L gives the address of row L % 8 of 8 x 8 matrix L / 8 (m): A's m = (row half m & 1,
+  // k half m >> 1), B's m = (k half m & 1, column half m >> 1)
+  const int m = (threadIdx.x & 31) >> 3;
+  const int r = threadIdx.x & 7;
+  const int ao = TA ? (8 * (m >> 1) + r) * lda + 8 * (m & 1)   // rows along k: .trans
+                    : (8 * (m & 1) + r) * lda + 8 * (m >> 1);
+  const int bo = TB ? (8 * (m >> 1) + r) * ldb + 8 * (m & 1)   // B given as [n][k]
+                    : (8 * (m & 1) + r) * ldb + 8 * (m >> 1);  // rows along k: .trans
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    unsigned a[4];
+    unsigned b[4];
+    gd_ldmatrix4<TA>(a, A + ao + (TA ? k0 * lda : k0));
+    gd_ldmatrix4<!TB>(b, B + bo + (TB ? k0 : k0 * ldb));
+    gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x.c[0], a, b);
+    gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x.c[1], a, b + 2);
+  }
+}
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_staged(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  constexpr int KA = gd_kind16(PA(nullptr));
+  constexpr bool F = GD_MMA16 && KA != 0 && KA == gd_kind16(PB(nullptr));
+  gd_mma_staged_<MP, TA, TB>(gd_flag<F>(), x, A, lda, B, ldb, K);
+}
 """,
 }
 PROLOGUE = {
@@ -326,20 +442,28 @@ def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
-def wy_source(backend: str, fused: bool = False) -> str:
-    return PROLOGUE[backend] + src.wy_body(fused)
+def wy_source(backend: str, fused: bool = False, ring: bool = False) -> str:
+    return PROLOGUE[backend] + src.wy_body(fused, ring)
 
 
 def h_source(backend: str) -> str:
     return PROLOGUE[backend] + src.H_BODY
 
 
+def h2_source(backend: str) -> str:
+    return PROLOGUE[backend] + src.H2_BODY
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
 
-def o2_source(backend: str) -> str:
-    return PROLOGUE[backend] + src.o2_body()
+def o2_source(backend: str, p16: bool | None = None, ring: int | None = None) -> str:
+    """O2_BODY; p16 (None: O2_P16): P and Vn staged in the pieces' type for Y += P Vn; ring
+    (None: O2_RING): stages of its ring."""
+    return PROLOGUE[backend] + src.o2_body(
+        O2_P16 if p16 is None else p16, O2_RING if ring is None else ring
+    )
 
 
 # MP of the matrix kernels for every dtype (1 or 3), or None: by the activations' dtype
@@ -366,7 +490,14 @@ _kernels: dict[tuple, object] = {}
 # 1.29 -> 0.87 ms with m = 2 (both checks passed), so 2 is the default; {} builds them unbounded.
 # MLX writes the kernel's declaration itself, so the bound goes in through the header, by
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
-MIN_BLOCKS: dict[str, int] = {"wy": 2, "o": 2}
+MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 2}
+_BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "o", "o2")
+
+# CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
+# of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
+# tf32 mma.m16n8k8; the products are the same (exact in fp32). False builds every chunk kernel
+# with the tf32 path ("_t32" names), for A/B timings in one process.
+MMA16 = True
 
 
 def launch_bounds_header(threads: int, blocks: int) -> str:
@@ -381,6 +512,7 @@ def launch_bounds_header(threads: int, blocks: int) -> str:
 # The chunk kernels without switches: which -> (name, input names, output names, source).
 _PLAIN = {
     "h": (src.H_NAME, src.H_INPUTS, src.H_OUTPUTS, h_source),
+    "h2": (src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "state": (src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_source),
@@ -391,17 +523,20 @@ _PLAIN = {
 def _build(backend: str, which: str):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
     split path's "wy", "wy_fused", "h", "o"."""
-    lb = MIN_BLOCKS.get("wy" if which == "wy_fused" else which)
-    lb = lb if backend == "cuda" and which in ("wy", "wy_fused", "o", "o2") else None
-    key = (backend, which, lb)
+    lb = MIN_BLOCKS.get(which.removesuffix("_fused"))
+    lb = lb if backend == "cuda" and which in _BOUNDED else None
+    t32 = backend == "cuda" and not MMA16
+    p32 = which == "o2" and not O2_P16
+    r2 = which == "o2" and O2_RING != 3
+    key = (backend, which, lb, t32, p32, r2)
     if key not in _kernels:
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
             body = source(backend)
-        elif which in ("wy", "wy_fused"):
-            fused = which == "wy_fused"
-            name, ins, outs = src.wy_name(fused), src.wy_inputs(fused), src.WY_OUTPUTS
-            body = wy_source(backend, fused)
+        elif which in ("wy", "wy_fused", "wy2", "wy2_fused"):
+            fused, ring = which.endswith("_fused"), which.startswith("wy2")
+            name, ins, outs = src.wy_name(fused, ring), src.wy_inputs(fused), src.WY_OUTPUTS
+            body = wy_source(backend, fused, ring)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
@@ -409,6 +544,13 @@ def _build(backend: str, which: str):
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
         head = header(backend)
+        if p32:
+            name += "_p32"
+        if r2:
+            name += f"_r{O2_RING}"
+        if t32:
+            # gd_mma_staged as gd_mma (tf32 products), for A/B timings; a name of its own
+            name, head = f"{name}_t32", "#define GD_MMA16 0\n" + head
         if lb:
             # a name of its own: MLX caches compiled kernels by name
             name, head = f"{name}_lb{lb}", head + launch_bounds_header(256, lb)
@@ -426,6 +568,18 @@ def _build(backend: str, which: str):
 SPLIT = True
 WY_THREADS = 256
 WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
+# The WY pass as WY2_BODY (k and v slices copied into a ring that runs through the kernel, k k^T
+# on the raw slices, X and the scaled slices in the pieces' type for U and W) where Dv is a
+# multiple of 8 and k, v share a dtype; False (or otherwise): WY_BODY.
+WY2 = True
+# WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
+# fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
+WY2_TILES = {
+    ("cuda", 2): (32, 3),
+    ("cuda", 4): (32, 2),
+    ("metal", 2): (16, 2),
+    ("metal", 4): (16, 2),
+}
 H_BV = 16  # value rows per state-pass threadgroup (16 or 32; 32: CUDA only, Dk <= 128)
 H_BV_CHOICES = {"metal": (16,), "cuda": (16, 32)}
 # Threadgroup memory a state-pass threadgroup may take (static): Apple GPUs 32 KB, CUDA 48 KB.
@@ -437,6 +591,9 @@ H_TILE_ORDER = ((256, 2), (128, 2), (64, 3), (64, 2), (32, 3), (32, 2), (16, 2))
 # (DS, NB) forced for every state pass (timing runs, benchmarks/chunk_split_gpu.py): the caller
 # makes sure it fits (h_smem).
 H_TILES: tuple[int, int] | None = None
+# The state pass as H2_BODY (the state in the warps' accumulators, a PS copy in threadgroup
+# memory for the products, 16-bit operands where the pieces are); False: H_BODY.
+H2 = True
 O_THREADS = 256
 O_SLICE = {"metal": 16, "cuda": 32}  # key columns of q, k, H staged at a time
 O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
@@ -445,8 +602,16 @@ O_BV = {"metal": 32, "cuda": 64}  # value rows per output threadgroup
 # dtype. H200, 2026-12-02 (benchmarks/chunk_split_gpu.py --quick): "out o2" 0.176 / 0.627 ms
 # against O_BODY's 0.230 / 0.870 at T = 2048 / 8192 (Hv 32, bf16), both checks passed.
 O2 = True
+# O2_BODY's Y += P Vn with P and Vn staged in the pieces' type (bf16 / fp16: P rounded to it, the
+# products on CUDA's mma.m16n8k16; fp32 pieces and Metal: floats as before); False: P fp32 and
+# Vn staged as floats ("_p32" names), for A/B timings.
+O2_P16 = True
+# Stages of O2_BODY's ring of staged q / k / H slices: 3 (each copy issued two slices ahead; the
+# staged Vn moved into the ring's space after the loop, so it fits 47104 B); 2: session 8's
+# ("_r2" names), for A/B timings.
+O2_RING = 3
 # O2_BODY's (key slice, value rows) by backend and staged element size: threadgroup memory
-# 48896 B on CUDA (bf16 32 / 64, fp32 16 / 64), 27.4 KB on Metal (float staged, 8 / 32).
+# 47104 B on CUDA (bf16 32 / 64, fp32 16 / 64), 27648 B on Metal (float staged, 8 / 32).
 O2_TILES = {
     ("cuda", 2): (32, 64),
     ("cuda", 4): (16, 64),
@@ -462,10 +627,28 @@ def h_smem(backend: str, Dk: int, bv: int, ds: int, nb: int, itemsize: int, C: i
     return 4 * (bv * (Dk + 4) + C * (bv + 4)) + nb * C * (ds * size + 16)
 
 
-def h_tiles(backend: str, Dk: int, bv: int, itemsize: int) -> tuple[int, int] | None:
-    """(DS, NB) of the state pass: the first of H_TILE_ORDER that divides Dk and fits."""
+def h2_smem(
+    backend: str, Dk: int, bv: int, ds: int, nb: int, itemsize: int, C: int = CHUNK
+) -> int | None:
+    """Bytes of threadgroup memory of H2_BODY (Xw / delta fp32, Sb, a 16-bit delta, the ring), or
+    None where the ring is too small to stage the fp32 state through (16-bit pieces)."""
+    size = itemsize if backend == "cuda" else 4
+    pad = 16 // size
+    ring = nb * C * (ds + pad) * size
+    if size == 2 and bv * (Dk + 4) * 4 > ring:
+        return None
+    delta16 = C * (bv + 8) * 2 if size == 2 else 32
+    return 4 * C * bv + bv * (Dk + pad) * size + delta16 + ring
+
+
+def h_tiles(
+    backend: str, Dk: int, bv: int, itemsize: int, h2: bool = False
+) -> tuple[int, int] | None:
+    """(DS, NB) of the state pass (h2: H2_BODY's): the first of H_TILE_ORDER that divides Dk
+    and fits."""
     for ds, nb in H_TILE_ORDER:
-        if Dk % ds == 0 and h_smem(backend, Dk, bv, ds, nb, itemsize) <= H_SMEM[backend]:
+        smem = (h2_smem if h2 else h_smem)(backend, Dk, bv, ds, nb, itemsize)
+        if Dk % ds == 0 and smem is not None and smem <= H_SMEM[backend]:
             return ds, nb
     return None
 
@@ -488,22 +671,27 @@ def _gate_inputs(which: str, g, beta, mask, raw_gates, B: int, T: int) -> tuple:
 
 
 def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, init_value=None):
-    """WY_BODY: W, Kw [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C,
-    4] fp32 (gamma, g, valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are
-    computed in the kernel (g, beta unused)."""
+    """WY_BODY (WY2_BODY where WY2 is set, Dv is a multiple of 8 and k, v share a dtype): W, Kw
+    [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C, 4] fp32 (gamma, g,
+    valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel
+    (g, beta unused)."""
     B, T, _, Dk = k.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
     BH = B * Hv
-    mask, gates, which = _gate_inputs("wy", g, beta, mask, raw_gates, B, T)
+    ring = WY2 and Dv % 8 == 0 and k.dtype == v.dtype  # k, v copied raw into one ring
+    mask, gates, which = _gate_inputs("wy2" if ring else "wy", g, beta, mask, raw_gates, B, T)
     pt = v.dtype
+    ds, nb = WY2_TILES[(backend, pt.size)] if ring else (WY_SLICE, None)
+    ds = min(ds, Dk)  # Dk 32 with slices of 64
     return _build(backend, which)(
         inputs=[k, v, *gates, mask.astype(mx.bool_)],
         template=[
             ("Dk", Dk),
             ("C", C),
             ("NT", WY_THREADS),
-            ("DS", WY_SLICE),
+            ("DS", ds),
+            *([("NB", nb)] if ring else []),
             ("MP", operand_precision(pt)),
             ("PT", pt),
         ],
@@ -527,13 +715,14 @@ def h_pass(
     prefetch=None,
     init_value=None,
 ):
-    """H_BODY: (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C, Dv]) in the pieces' dtype, and the final
-    state [B, Hv, Dv, Dk] fp32."""
+    """H_BODY (H2_BODY where H2 is set and its tiles fit): (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C,
+    Dv]) in the pieces' dtype, and the final state [B, Hv, Dv, Dk] fp32."""
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     bv = bv or H_BV
     pt = U.dtype
-    tiles = h_tiles(backend, Dk, bv, pt.size) if bv in H_BV_CHOICES[backend] else None
+    h2 = H2 and h_tiles(backend, Dk, bv, pt.size, True) is not None
+    tiles = h_tiles(backend, Dk, bv, pt.size, h2) if bv in H_BV_CHOICES[backend] else None
     if tiles is None or (bv > 16 and Dk > 128):
         raise ValueError(
             f"gated_delta chunk kernel: the state pass takes bv in {H_BV_CHOICES[backend]} on "
@@ -541,7 +730,7 @@ def h_pass(
         )
     ds, nb = H_TILES or tiles
     nt = h_threads(bv, C)
-    return _build(backend, "h")(
+    return _build(backend, "h2" if h2 else "h")(
         inputs=[W, U, Kw, gates, state],
         template=[
             ("Dk", Dk),

@@ -329,6 +329,26 @@ _DECAY_MACRO = """
   }
 """
 
+# The split kernels' D_ij (_decayed_lower_tiles): as GD_DECAY, the ratio as gam[i] times
+# rg[j] = 1 / gam[j] (gj, rj: gam[j], rg[j], read once a thread) instead of a division.
+_DECAY_R_MACRO = """
+#define GD_DECAY_R(dij, i, j, gj, rj)         \\
+  float dij = 0.0f;                         \\
+  if ((j) <= (i)) {                         \\
+    const float gi_ = gam[i];               \\
+    if (gi_ > 0.0f && (gj) > 0.0f) {        \\
+      dij = gi_ * (rj);                     \\
+    } else {                                \\
+      dij = 1.0f;                           \\
+      for (int l = (j) + 1; l <= (i); ++l) { \\
+        dij *= gs[l];                       \\
+        dij = dij < tiny ? 0.0f : dij;      \\
+      }                                     \\
+    }                                       \\
+    dij = dij < tiny ? 0.0f : dij;          \\
+  }
+"""
+
 # Both chunk prep kernels' first stage (PREP_BODY, WY_BODY): step i of the chunk's gates
 # (g, beta: precomputed, or with GD_FUSED from a, b, A_log, dt_bias; 1 and 0 on masked steps)
 # into gs, bs, ok, then the prefix products gam (thread 0) and the suffix products wts
@@ -766,14 +786,16 @@ def wy_inputs(fused: bool) -> list[str]:
     return ["k", "v", *gates, "mask"]
 
 
-def wy_name(fused: bool) -> str:
-    return "gated_delta_chunk_wy" + ("_fused" if fused else "")
+def wy_name(fused: bool, ring: bool = False) -> str:
+    return "gated_delta_chunk_wy" + ("2" if ring else "") + ("_fused" if fused else "")
 
 
-def wy_body(fused: bool) -> str:
-    """WY_BODY; GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as PREP_BODY does."""
+def wy_body(fused: bool, ring: bool = False) -> str:
+    """WY_BODY (ring: WY2_BODY); GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as
+    PREP_BODY does."""
     defs = f"\n#define GD_FUSED {int(fused)}\n"
-    return defs + _DECAY_MACRO + WY_BODY + "#undef GD_DECAY\n#undef GD_FUSED\n"
+    body = WY2_BODY if ring else WY_BODY
+    return defs + _DECAY_R_MACRO + body + "#undef GD_DECAY_R\n#undef GD_FUSED\n"
 
 
 def _lower_tiles_mma(acc: str, a: str, b: str, s: str) -> str:
@@ -783,26 +805,34 @@ def _lower_tiles_mma(acc: str, a: str, b: str, s: str) -> str:
     return f"""    for (int c = 0; c < 2; ++c) {{
       const int tc = 2 * (w % 2) + c;
       if (tc <= tr) {{
-        gd_mma<MP, false, true>({acc}[c], {a} + 16 * tr * {s}, {s}, {b} + 16 * tc * {s}, {s}, DS);
+        gd_mma_staged<MP, false, true>({acc}[c], {a} + 16 * tr * {s}, {s}, {b} + 16 * tc * {s}, {s},
+                                       DS);
       }}
     }}
 """
 
 
-def _decayed_lower_tiles(acc: str, dst: str, s: str, keep: str, scale: str, staged="") -> str:
+def _decayed_lower_tiles(
+    acc: str, dst: str, s: str, keep: str, scale: str, staged="", out=None, so=None, ot="float"
+) -> str:
     """`_lower_tiles_mma`'s tiles acc[0..1] to threadgroup memory at dst (row stride s); then
     (after the text `staged` and a barrier) each element (i, j) of the chunk times `scale` where
-    `keep` holds, else 0: scale and keep may use D_ij (dij, GD_DECAY)."""
+    `keep` holds, else 0, to `out` (row stride so, type ot; default: dst in place): scale and
+    keep may use D_ij (dij, GD_DECAY_R). A thread keeps one column j (NT a multiple of C)."""
+    out, so = out or dst, so or s
     return f"""  for (int c = 0; c < 2; ++c) {{
     const int tc = 2 * (w % 2) + c;
     if (tc <= tr) gd_acc_store({acc}[c], {dst} + 16 * tr * {s} + 16 * tc, {s});
   }}
 {staged}  gd_barrier();
-  for (int e = tid; e < C * C; e += NT) {{
-    const int i = e / C;
-    const int j = e % C;
-    GD_DECAY(dij, i, j);
-    {dst}[i * {s} + j] = {keep} ? {scale} * {dst}[i * {s} + j] : 0.0f;
+  {{
+    const int j = tid % C;
+    const float gj = gam[j];
+    const float rj = rg[j];
+    for (int i = tid / C; i < C; i += NT / C) {{
+      GD_DECAY_R(dij, i, j, gj, rj);
+      {out}[i * {so} + j] = static_cast<{ot}>({keep} ? {scale} * {dst}[i * {s} + j] : 0.0f);
+    }}
   }}
 """
 
@@ -817,6 +847,64 @@ def _rows_to_registers(x: str, src: str, bv: str) -> str:
       const int v = v0 + e % {bv} < Dv ? v0 + e % {bv} : Dv - 1;
       {x}[it] = static_cast<float>({src}[(rn + e / {bv}) * Dv + v]);
     }}
+"""
+
+
+# Both WY kernels: the gates row (gamma, g, valid, w) to `gates` for the other passes, and rg.
+_WY_GATES_OUT = """  gd_barrier();
+  for (int i = tid; i < C; i += NT) {
+    gates[(rn + i) * 4] = gam[i];
+    gates[(rn + i) * 4 + 1] = gs[i];
+    gates[(rn + i) * 4 + 2] = ok[i];
+    gates[(rn + i) * 4 + 3] = wts[i];
+    rg[i] = gam[i] > 0.0f ? 1.0f / gam[i] : 0.0f;
+  }
+"""
+
+
+def _wy_inverse(xs: str) -> str:
+    """Both WY kernels' step 4: Ai := (I - L)^-1 in place (fp32), the block products' scratch
+    tiles at xs (threadgroup floats, 256 a warp, warps 0..RT - 2)."""
+    return f"""  // 4. (I - L)^-1: diagonal blocks (thread = (block, column c): x_c = 1,
+  // x_i = sum_j L_ij x_j)
+  {{
+    float x[16];
+    const int o = 16 * (tid / 16);
+    const int c = tid % 16;
+    if (tid < C) {{
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) {{
+        float s = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < i; ++j) s += Ai[(o + i) * CP + o + j] * x[j];
+        x[i] = i < c ? 0.0f : (i == c ? 1.0f : s);
+      }}
+    }}
+    gd_barrier();
+    if (tid < C) {{
+      #pragma unroll
+      for (int i = 0; i < 16; ++i) Ai[(o + i) * CP + o + c] = x[i];
+    }}
+  }}
+  // block columns jb = RT - 2 .. 0; warp w computes block (jb + 1 + w, jb)
+  for (int jb = RT - 2; jb >= 0; --jb) {{
+    const int ib = jb + 1 + w;
+    gd_acc xt;
+    gd_barrier();
+    if (ib < RT) {{
+      gd_acc_zero(xt);
+      gd_mma<MP, false, false>(xt, Ai + 16 * ib * CP + 16 * (jb + 1), CP,
+                               Ai + 16 * (jb + 1) * CP + 16 * jb, CP, 16 * (ib - jb));
+      gd_acc_store(xt, {xs} + 256 * w, 16);
+    }}
+    gd_barrier();
+    if (ib < RT) {{
+      gd_acc_zero(xt);
+      gd_mma<MP, false, false>(xt, {xs} + 256 * w, 16, Ai + 16 * jb * CP + 16 * jb, CP, 16);
+    }}
+    gd_barrier();
+    if (ib < RT) gd_acc_store(xt, Ai + 16 * ib * CP + 16 * jb, CP);
+  }}
 """
 
 
@@ -857,6 +945,7 @@ WY_BODY = (
   GD_TG float ok[C];
   GD_TG float gam[C];
   GD_TG float wts[C];
+  GD_TG float rg[C];  // 1 / gam (0 where gam is)
 
   // 0. The chunk's k and v rows towards L2 (a 128-byte line a thread), so that the staging
   // loads below, each exposed for part of its latency, find them there.
@@ -880,14 +969,8 @@ WY_BODY = (
   // 1. gates
 """
     + _CHUNK_GATES
-    + """  gd_barrier();
-  for (int i = tid; i < C; i += NT) {
-    gates[(rn + i) * 4] = gam[i];
-    gates[(rn + i) * 4 + 1] = gs[i];
-    gates[(rn + i) * 4 + 2] = ok[i];
-    gates[(rn + i) * 4 + 3] = wts[i];
-  }
-
+    + _WY_GATES_OUT
+    + """
   // 2. k k^T; Kw = w k
   const int tr = w / 2;
   gd_acc kk[2];
@@ -951,46 +1034,9 @@ WY_BODY = (
     + _decayed_lower_tiles("kk", "Ai", "CP", "j < i", "-bs[i] * dij")
     + """  gd_barrier();
 
-  // 4. (I - L)^-1: diagonal blocks (thread = (block, column c): x_c = 1, x_i = sum_j L_ij x_j)
-  {
-    float x[16];
-    const int o = 16 * (tid / 16);
-    const int c = tid % 16;
-    if (tid < C) {
-      #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        float s = 0.0f;
-        #pragma unroll
-        for (int j = 0; j < i; ++j) s += Ai[(o + i) * CP + o + j] * x[j];
-        x[i] = i < c ? 0.0f : (i == c ? 1.0f : s);
-      }
-    }
-    gd_barrier();
-    if (tid < C) {
-      #pragma unroll
-      for (int i = 0; i < 16; ++i) Ai[(o + i) * CP + o + c] = x[i];
-    }
-  }
-  // block columns jb = RT - 2 .. 0; warp w computes block (jb + 1 + w, jb)
-  for (int jb = RT - 2; jb >= 0; --jb) {
-    const int ib = jb + 1 + w;
-    gd_acc xt;
-    gd_barrier();
-    if (ib < RT) {
-      gd_acc_zero(xt);
-      gd_mma<MP, false, false>(xt, Ai + 16 * ib * CP + 16 * (jb + 1), CP,
-                               Ai + 16 * (jb + 1) * CP + 16 * jb, CP, 16 * (ib - jb));
-      gd_acc_store(xt, st + 256 * w, 16);
-    }
-    gd_barrier();
-    if (ib < RT) {
-      gd_acc_zero(xt);
-      gd_mma<MP, false, false>(xt, st + 256 * w, 16, Ai + 16 * jb * CP + 16 * jb, CP, 16);
-    }
-    gd_barrier();
-    if (ib < RT) gd_acc_store(xt, Ai + 16 * ib * CP + 16 * jb, CP);
-  }
-
+"""
+    + _wy_inverse("st")
+    + """
   // 5. U = X diag(beta) v, W = X diag(beta gamma) k, slices of DS columns (v's first)
   const int ort = w / (DS / 16);
   const int oct = w % (DS / 16);
@@ -1026,6 +1072,176 @@ WY_BODY = (
   }
 #undef GD_WY_LOAD
 #undef GD_WY_LOAD_K
+"""
+)
+
+# WY2_BODY: WY_BODY with its k and v slices copied (gd_copy_tile: cp.async on CUDA, the bytes
+# as they are) into a ring of NB staged slices that runs through the whole kernel: the Dk / DS
+# k slices of k k^T, then the v slices of U, then the k slices of W, each copy started NB - 1
+# slices ahead (so the first U slices land during the inverse). Same threadgroups, outputs and
+# steps as WY_BODY; what changes:
+#  - no element is loaded, converted and stored by a thread before a product: k k^T reads the
+#    raw slices (tile layer; on CUDA bf16 / fp16 pieces go to mma.m16n8k16), the selection moves
+#    to L (j < i, valid_i, valid_j) and Kw = w k is written from the staged slice;
+#  - U and W: each staged slice is scaled in place (beta_i v_i, beta_i gamma_i k_i; rows of
+#    masked steps and columns past Dv selected to 0, so garbage there cannot leak), X = (I -
+#    L)^-1 is held in the staged type PS (16-bit pieces: X rounded to it, as flash-linear-
+#    attention's solve_tril output; floats: Ai itself), output tiles w + 8 u a warp (OT of them
+#    a slice), staged (16-bit: in Ai's space, free once X is copied out; floats: in the slice it
+#    came from, after a barrier) and written in PT: 3 barriers a slice (floats 4).
+# Needs Dv a multiple of 8 (16-byte copies of v's rows; chunk_launch takes WY_BODY otherwise).
+# Threadgroup memory: C (C + 4) floats (Ai) + NB C (DS + 16 / size) PS (ring) + X (C (C + 16 /
+# size) PS, 16-bit only; else the inverse's 768-float scratch) + 6 C floats: CUDA bf16 (DS 32,
+# NB 3) 43520 B, fp32 (32, 2) 40448 B; Metal (float staged, DS 16, NB 2) 32256 B.
+WY2_BODY = (
+    """
+  constexpr int RT = C / 16;       // row tiles (and 16 x 16 blocks) of a chunk
+  constexpr int NW = NT / 32;
+  constexpr int CP = C + 4;        // row stride of Ai
+  using PS = gd_staged<PT>;        // the staged slices, and X for the output products
+  constexpr int PSZ = int(sizeof(PS));
+  constexpr int SQ = DS + 16 / PSZ;           // row stride of a staged slice
+  constexpr int XL = PSZ == 4 ? CP : C + 8;   // row stride of X (Ai itself for floats)
+  constexpr int NSK = Dk / DS;                // k slices
+  constexpr int OT = RT * (DS / 16);          // output tiles a slice
+  constexpr int OTW = (OT + NW - 1) / NW;     // of them a warp (tile w + NW u)
+  static_assert(C == 64 && NT == 256, "WY2_BODY: 8 warps, 4 x 4 blocks");
+  static_assert(DS % 16 == 0 && Dk % DS == 0 && NB >= 2, "WY2_BODY tiles");
+  static_assert(PSZ == 4 || SQ * PSZ <= CP * 4, "WY2_BODY: output tiles staged in Ai's space");
+"""
+    + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
+    + """  const int w = tid / 32;
+  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
+  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
+  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
+  const int nvs = (Dv + DS - 1) / DS;        // v slices
+  const int NQ = 2 * NSK + nvs;              // slices through the ring
+
+  GD_TG float Ai[C * CP];  // L, then (I - L)^-1
+  GD_TG16 PS ring[NB * C * SQ];
+  GD_TG16 PS aux[PSZ == 4 ? 768 : C * XL];  // the inverse's scratch (floats); then X in PS
+  GD_TG float gs[C];
+  GD_TG float bs[C];
+  GD_TG float ok[C];
+  GD_TG float gam[C];
+  GD_TG float wts[C];
+  GD_TG float rg[C];  // 1 / gam (0 where gam is)
+  const size_t krow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
+  const size_t vrow = ((size_t(b_idx) * T + t0) * Hv + hv) * Dv;
+  // Slice q_ into its ring buffer: rows past T read row T - 1, v's columns past Dv some column
+  // of the row (both selected away).
+#define GD_WY2_COPY(q_)                                                                      \\
+  {                                                                                          \\
+    if ((q_) < NQ) {                                                                         \\
+      GD_TG_PTR PS* st_ = ring + ((q_) % NB) * (C * SQ);                                      \\
+      if ((q_) >= NSK && (q_) < NSK + nvs) {                                                 \\
+        const int c0_ = ((q_) - NSK) * DS;                                                   \\
+        gd_copy_tile<NT, C, DS>(st_, SQ, v + vrow + c0_, size_t(Hv) * Dv, T - 1 - t0, tid,   \\
+                                Dv - c0_);                                                   \\
+      } else {                                                                               \\
+        const int d0_ = ((q_) < NSK ? (q_) : (q_) - NSK - nvs) * DS;                         \\
+        gd_copy_tile<NT, C, DS>(st_, SQ, k + krow + d0_, size_t(Hk) * Dk, T - 1 - t0, tid,   \\
+                                DS);                                                         \\
+      }                                                                                      \\
+    }                                                                                        \\
+    gd_copy_commit();                                                                        \\
+  }
+  for (int q = 0; q < NB - 1; ++q) GD_WY2_COPY(q);
+
+  // 1. gates
+"""
+    + _CHUNK_GATES
+    + _WY_GATES_OUT
+    + """
+  // 2. k k^T over the raw k slices; Kw = w k from them. Before slice q: its copy waited for,
+  // a barrier, then the copy of slice q + NB - 1 into the buffer slice q - 1 used.
+  const int tr = w / 2;
+  gd_acc kk[2];
+  gd_acc_zero(kk[0]);
+  gd_acc_zero(kk[1]);
+  for (int q = 0; q < NSK; ++q) {
+    gd_copy_wait<NB - 2>();
+    gd_barrier();
+    GD_WY2_COPY(q + NB - 1);
+    GD_TG_PTR PS* ks = ring + (q % NB) * (C * SQ);
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int d = e % DS;
+      const float x = static_cast<float>(ks[i * SQ + d]);
+      Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
+    }
+"""
+    + _lower_tiles_mma("kk", "ks", "ks", "SQ")
+    + """  }
+
+  // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0
+"""
+    + _decayed_lower_tiles(
+        "kk", "Ai", "CP", "j < i && ok[i] != 0.0f && ok[j] != 0.0f", "-bs[i] * dij"
+    )
+    + """  gd_barrier();
+
+"""
+    + _wy_inverse("((GD_TG_PTR float*)aux)")
+    + """
+  // X in the staged type (16-bit: rounded copy in aux; floats: Ai). The output tiles are staged
+  // in Ai's space once X is copied out of it (16-bit), else in the slice they were made from.
+  GD_TG_PTR PS* X = PSZ == 4 ? (GD_TG_PTR PS*)Ai : aux;
+  if (PSZ != 4) {
+    gd_barrier();  // the inverse's last blocks stored, its scratch free
+    for (int e = tid; e < C * C; e += NT) {
+      X[(e / C) * XL + e % C] = static_cast<PS>(Ai[(e / C) * CP + e % C]);
+    }
+  }
+
+  // 5. U = X diag(beta) v, W = X diag(beta gamma) k over the v slices, then the k slices
+  for (int q = NSK; q < NQ; ++q) {
+    const bool is_v = q < NSK + nvs;
+    const int c0 = (is_v ? q - NSK : q - NSK - nvs) * DS;
+    gd_copy_wait<NB - 2>();
+    gd_barrier();
+    GD_WY2_COPY(q + NB - 1);
+    GD_TG_PTR PS* bsl = ring + (q % NB) * (C * SQ);
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int d = e % DS;
+      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
+      const float sc = is_v ? bs[i] : bs[i] * gam[i];
+      bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
+    }
+    gd_barrier();
+    gd_acc o[OTW];
+    #pragma unroll
+    for (int u = 0; u < OTW; ++u) {
+      const int e = w + NW * u;  // output tile: rows 16 (e / (DS / 16)), columns 16 (e % ..)
+      if (OT % NW == 0 || e < OT) {
+        gd_acc_zero(o[u]);
+        gd_mma_staged<MP, false, false>(o[u], X + 16 * (e / (DS / 16)) * XL, XL,
+                                        bsl + 16 * (e % (DS / 16)), SQ, 16 * (e / (DS / 16) + 1));
+      }
+    }
+    GD_TG_PTR PS* ot = PSZ == 4 ? bsl : (GD_TG_PTR PS*)Ai;
+    if (PSZ == 4) gd_barrier();  // every warp done with the slice
+    #pragma unroll
+    for (int u = 0; u < OTW; ++u) {
+      const int e = w + NW * u;
+      if (OT % NW == 0 || e < OT) {
+        gd_acc_store(o[u], ot + 16 * (e / (DS / 16)) * SQ + 16 * (e % (DS / 16)), SQ);
+      }
+    }
+    gd_barrier();
+    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      const PT x = static_cast<PT>(ot[i * SQ + e % DS]);
+      if (!is_v) {
+        W[(rn + i) * Dk + col] = x;
+      } else if (col < Dv) {
+        U[(rn + i) * Dv + col] = x;
+      }
+    }
+  }
+#undef GD_WY2_COPY
 """
 )
 
@@ -1188,13 +1404,191 @@ H_BODY = (
 """
 )
 
+H2_NAME = "gated_delta_chunk_h2"
+
+# H2_BODY: the state pass with the state in the warps' accumulators (as flash-linear-attention's
+# chunk_fwd_h keeps it in registers) instead of threadgroup memory: same inputs, outputs, grid,
+# warps and ring of staged W / Kw slices as H_BODY. Warp w owns state tiles w + NW u (16 x 16,
+# fp32; all BV x Dk of S over the warps), updates them in their Kw slice, and after each update
+# stores them into Sb, the state in the staged type PS: the W S^T operand of the next chunk and
+# H[n] (PT, so H = S rounded as before). delta (fp32 in D_t) is also written in PS (Db) for the
+# update S = decay S + delta^T Kw, where decay S scales the accumulators. With 16-bit pieces
+# both products take 16-bit operands (S and delta rounded to bf16 / fp16 as flash-linear-
+# attention does; mma.m16n8k16 on CUDA); with floats Sb, Db are exact copies (Db = D_t).
+# The slice loop is unrolled (the accumulators are indexed by slice). state_in and state_out go
+# through threadgroup floats: Sb where PS is float, else the ring (before / after its copies).
+# Threadgroup memory: C BV floats + BV (Dk + 16 / size) PS + C (BV + 8) PS (16-bit only) + NB C
+# (DS + 16 / size) PS: CUDA bf16 Dk 128 (DS 128, NB 2) 46336 B, (64, 4) 48384 B.
+H2_BODY = (
+    """
+  constexpr int RT = C / 16;
+  constexpr int VT = BV / 16;
+  constexpr int NW = NT / 32;
+  using PS = gd_staged<PT>;
+  constexpr int PSZ = int(sizeof(PS));
+  constexpr int SB = Dk + 16 / PSZ;  // row stride of Sb
+  constexpr int DL = BV;             // row stride of Xw / delta (fp32; 1 KB less than BV + 4)
+  constexpr int DBL = PSZ == 4 ? DL : BV + 8;  // row stride of Db
+  constexpr int SP = DS + 16 / PSZ;  // row stride of a staged slice
+  constexpr int SX = Dk + 4;         // row stride of the fp32 state staging
+  constexpr int KS = DS / 16;        // key tiles of a slice
+  constexpr int KSL = Dk / DS;       // key slices of W (then of Kw) a chunk
+  constexpr int NSL = 2 * KSL;       // slices a chunk
+  constexpr int KT = Dk / 16;        // key tiles of the state
+  constexpr int TT = VT * KT;        // state tiles; warp w holds w + NW u, u < TW
+  constexpr int TW = (TT + NW - 1) / NW;
+  static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H2_BODY layout");
+  static_assert(NB >= 2 && (C * BV) % NT == 0 && (BV * Dk) % NT == 0, "H2_BODY: ring, rounds");
+  static_assert(PSZ == 4 || BV * SX * 4 <= NB * C * SP * PSZ, "H2_BODY: state staging");
+  const int NC = U_shape[1];
+  const int Dv = U_shape[2];
+  const int N = NC / C;
+"""
+    + _STATE_PASS_WARP
+    + """
+  GD_TG float D_t[C * DL];
+  GD_TG16 PS Sb[BV * SB];
+  GD_TG16 PS db16[PSZ == 4 ? 8 : C * DBL];
+  GD_TG16 PS sb[NB * C * SP];
+  GD_TG_PTR PS* Db = PSZ == 4 ? (GD_TG_PTR PS*)D_t : db16;
+  GD_TG_PTR float* Sx = PSZ == 4 ? (GD_TG_PTR float*)Sb : (GD_TG_PTR float*)sb;
+
+  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
+  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    Sx[v * SX + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
+  }
+  gd_barrier();
+  // warp w's state tiles: tile g = w + NW u holds value rows 16 (g / KT).., keys 16 (g % KT)..
+  gd_acc sa[TW];
+  #pragma unroll
+  for (int u = 0; u < TW; ++u) {
+    const int g = w + NW * u;
+    if (TT % NW == 0 || g < TT) gd_acc_load(sa[u], Sx + 16 * (g / KT) * SX + 16 * (g % KT), SX);
+  }
+  gd_barrier();  // Sx read (it may be Sb or the ring)
+  #pragma unroll
+  for (int u = 0; u < TW; ++u) {
+    const int g = w + NW * u;
+    if (TT % NW == 0 || g < TT) gd_acc_store(sa[u], Sb + 16 * (g / KT) * SB + 16 * (g % KT), SB);
+  }
+  const size_t row0 = size_t(head) * NC;
+  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
+  const int NQ = N * NSL;
+#define GD_H_COPY(q_)                                                                  \\
+  {                                                                                    \\
+    const int qq_ = (q_);                                                              \\
+    if (qq_ < NQ) {                                                                    \\
+      const int sq_ = qq_ % NSL;                                                       \\
+      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \\
+      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \\
+                              size_t(Dk), C, tid);                                     \\
+    }                                                                                  \\
+    gd_copy_commit();                                                                  \\
+  }
+  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    // This chunk's U rows (columns clamped) and decay, loaded at its start.
+"""
+    + _rows_to_registers("xu", "U", "BV")
+    + """    const float dc = gates[(rn + C - 1) * 4];
+    gd_acc xw;
+    gd_acc_zero(xw);
+    #pragma unroll
+    for (int s = 0; s < NSL; ++s) {
+      const int q = n * NSL + s;
+      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
+      gd_copy_wait<NB - 2>();
+      gd_barrier();  // slice q staged; slice q - 1's buffer free; Sb (s = 0) / Xw complete
+      GD_H_COPY(q + NB - 1);
+      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;
+      if (s == 0 && PF && n + 2 < N) {
+        const size_t rx = rn + 2 * C;
+        for (int c = tid; c < C * Dk / LINE; c += NT) {
+          gd_prefetch(W + rx * Dk + LINE * c);
+          gd_prefetch(Kw + rx * Dk + LINE * c);
+        }
+        for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
+      }
+      if (s < KSL) {
+        gd_mma_staged<MP, false, true>(xw, st + 16 * rt * SP, SP, Sb + 16 * vt * SB + s * DS, SB,
+                                       DS);
+        if (s == 0) {
+          // H[n] = S (Sb is not written before slice KSL's barriers), branch-free when whole
+          const size_t hb = (size_t(head) * N + n) * Dv + v0;
+          if (v0 + BV <= Dv) {
+            #pragma unroll
+            for (int it = 0; it < BV * Dk / NT; ++it) {
+              const int e = tid + it * NT;
+              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
+            }
+          } else {
+            for (int e = tid; e < BV * Dk; e += NT) {
+              if (v0 + e / Dk < Dv) {
+                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
+              }
+            }
+          }
+        }
+        continue;
+      }
+      if (s == KSL) {
+        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
+        const bool full = v0 + BV <= Dv;
+        #pragma unroll
+        for (int it = 0; it < C * BV / NT; ++it) {
+          const int e = tid + it * NT;
+          const int i = e / BV;
+          const int v = e % BV;
+          const bool in = full || v0 + v < Dv;
+          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
+          Db[i * DBL + v] = static_cast<PS>(dl);
+          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+        }
+        #pragma unroll
+        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
+        gd_barrier();  // delta complete
+      }
+      // the tiles of this warp in Kw's key slice s - KSL
+      #pragma unroll
+      for (int u = 0; u < TW; ++u) {
+        const int g = w + NW * u;
+        const int kc = g % KT;
+        if ((TT % NW == 0 || g < TT) && kc / KS == s - KSL) {
+          gd_mma_staged<MP, true, false>(sa[u], Db + 16 * (g / KT), DBL, st + 16 * (kc % KS), SP,
+                                         C);
+          gd_acc_store(sa[u], Sb + 16 * (g / KT) * SB + 16 * kc, SB);
+        }
+      }
+    }
+  }
+#undef GD_H_COPY
+  gd_copy_wait<0>();
+  gd_barrier();  // the ring's copies landed and read; Sb's last reads done
+  #pragma unroll
+  for (int u = 0; u < TW; ++u) {
+    const int g = w + NW * u;
+    if (TT % NW == 0 || g < TT) gd_acc_store(sa[u], Sx + 16 * (g / KT) * SX + 16 * (g % KT), SX);
+  }
+  gd_barrier();
+  for (int e = tid; e < BV * Dk; e += NT) {
+    const int v = e / Dk;
+    const int d = e % Dk;
+    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = Sx[v * SX + d];
+  }
+"""
+)
+
 O_INPUTS = ["q", "k", "gates", "H", "Vn", "dims"]
 O_OUTPUTS = ["y"]
 O_NAME = "gated_delta_chunk_o"
 
 
 def o_body() -> str:
-    return _DECAY_MACRO + O_BODY + "#undef GD_DECAY\n"
+    return _DECAY_R_MACRO + O_BODY + "#undef GD_DECAY_R\n"
 
 
 # The output passes' common start (O_BODY, O2_BODY): sizes, the threadgroup's chunk, head and
@@ -1209,20 +1603,22 @@ _O_PROLOGUE = _chunk_head("dims[0]", "q_shape[2]", "dims[1]", "Vn_shape[2]") + (
 )
 
 
-def _o_epilogue(P: str) -> str:
+def _o_epilogue(P: str, pp="PP", vp="VP", ys="vs") -> str:
     """The output passes' common end: Y += P Vn (P, the decayed q k^T, at `P` in threadgroup
-    memory, row stride PP; Vn's rows staged in vs), Y's tiles staged through threadgroup
-    memory, then written to y in YT, rows t < T and value columns < Dv."""
+    memory, row stride pp; Vn's rows staged in vs, row stride vp), Y's tiles staged through
+    threadgroup floats at `ys` (row stride VP), then written to y in YT, rows t < T and value
+    columns < Dv."""
     return f"""  gd_barrier();
   for (int u = 0; u < YTW; ++u) {{
     const int e = w + NW * u;
     const int r = e / YC;
-    gd_mma<MP, false, false>(ya[u], {P} + 16 * r * PP, PP, vs + 16 * (e % YC), VP, 16 * (r + 1));
+    gd_mma_staged<MP, false, false>(ya[u], {P} + 16 * r * {pp}, {pp}, vs + 16 * (e % YC), {vp},
+                                    16 * (r + 1));
   }}
   gd_barrier();
   for (int u = 0; u < YTW; ++u) {{
     const int e = w + NW * u;
-    gd_acc_store(ya[u], vs + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+    gd_acc_store(ya[u], {ys} + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }}
   gd_barrier();
   for (int e = tid; e < C * BVO; e += NT) {{
@@ -1230,7 +1626,7 @@ def _o_epilogue(P: str) -> str:
     const int v = e % BVO;
     const int t = t0 + i;
     if (t < T && v0 + v < Dv) {{
-      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(vs[i * VP + v]);
+      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>({ys}[i * VP + v]);
     }}
   }}
 """
@@ -1238,19 +1634,25 @@ def _o_epilogue(P: str) -> str:
 
 # Both output passes read the chunk's gates (gamma, g, valid) from the WY kernel's `gates`.
 _O_GATES = """  for (int i = tid; i < C; i += NT) {
-    gam[i] = gates[(rn + i) * 4];
+    const float gi = gates[(rn + i) * 4];
+    gam[i] = gi;
+    rg[i] = gi > 0.0f ? 1.0f / gi : 0.0f;
     gs[i] = gates[(rn + i) * 4 + 1];
     ok[i] = gates[(rn + i) * 4 + 2];
   }
 """
 
-# The output passes' Vn rows (registers xv) into threadgroup memory, value rows past Dv as 0.
-_O_STAGE_VN = """  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
+
+def _o_stage_vn(vp="VP", t="float") -> str:
+    """The output passes' Vn rows (registers xv) into threadgroup memory vs (row stride vp,
+    type t), value rows past Dv as 0."""
+    return f"""  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {{
     const int e = tid + it * NT;
-    vs[(e / BVO) * VP + e % BVO] = v0 + e % BVO < Dv ? xv[it] : 0.0f;
-  }
+    vs[(e / BVO) * {vp} + e % BVO] = static_cast<{t}>(v0 + e % BVO < Dv ? xv[it] : 0.0f);
+  }}
 """
+
 
 # The output passes' accumulators: q k^T's two tiles of tile row tr, and Y's YTW tiles.
 _O_ACCS = """  const int tr = w / 2;
@@ -1267,8 +1669,8 @@ def _y_tiles_mma(q: str, h: str, s: str) -> str:
     warp w's YTW tiles of Y (tile e = w + NW u: row tile e / YC, value tile e % YC)."""
     return f"""    for (int u = 0; u < YTW; ++u) {{
       const int e = w + NW * u;
-      gd_mma<MP, false, true>(ya[u], {q} + 16 * (e / YC) * {s}, {s},
-                              {h} + 16 * (e % YC) * {s}, {s}, DS);
+      gd_mma_staged<MP, false, true>(ya[u], {q} + 16 * (e / YC) * {s}, {s},
+                                     {h} + 16 * (e % YC) * {s}, {s}, DS);
     }}
 """
 
@@ -1276,23 +1678,33 @@ def _y_tiles_mma(q: str, h: str, s: str) -> str:
 O2_NAME = "gated_delta_chunk_o2"
 
 
-def o2_body() -> str:
-    return _DECAY_MACRO + O2_BODY + "#undef GD_DECAY\n"
+def o2_body(p16: bool = True, ring: int = 3) -> str:
+    """O2_BODY; p16 (GD_O2_P16): P and Vn staged in the pieces' type for Y += P Vn (16-bit
+    operands on CUDA's tile layer), else as floats (P fp32); ring (GD_O2_NB): stages of the
+    ring of staged slices (2 or 3)."""
+    defs = f"\n#define GD_O2_P16 {int(p16)}\n#define GD_O2_NB {int(ring)}\n"
+    undef = "#undef GD_DECAY_R\n#undef GD_O2_P16\n#undef GD_O2_NB\n"
+    return defs + _DECAY_R_MACRO + O2_BODY + undef
 
 
 # O2_BODY: the output pass with its q, k and H slices copied (gd_copy_tile: cp.async on CUDA,
-# the bytes as they are) into a ring of two stages instead of loaded, selected and stored by
-# every thread. Same threadgroups, warps and tiles as O_BODY; q, k, H (and y) share one type
-# YT. Since the staged rows are raw (masked / padded steps may hold anything, NaN included),
-# the selection moves to the results, always by selection, never by multiplication:
+# the bytes as they are) into a ring of three stages (each copy issued two slices ahead)
+# instead of loaded, selected and stored by every thread. Same threadgroups, warps and tiles as
+# O_BODY; q, k, H (and y) share one type YT. Since the staged rows are raw (masked / padded
+# steps may hold anything, NaN included), the selection moves to the results, always by
+# selection, never by multiplication:
 #   per slice of DS keys: q k^T (warp tiles as O_BODY) and Y = q H^T (raw q);
 #   Y to threadgroup memory, Y_i := valid_i ? gamma_i Y_i : 0 (fp32), back into the
 #   accumulators; P_ij := (j <= i, valid_i, valid_j) ? D_ij (q k^T)_ij : 0; Y += P Vn; Vn's
 #   rows (finite: the state pass writes them) staged as in O_BODY.
 # Rows past T read row T - 1 and value rows past Dv read row Dv - 1 (rmax), both selected
-# away. Threadgroup memory: max(2 (2 C + BVO) (DS + 16 / size) staged, C (max(C, BVO) + 4) fp32)
-# + C (BVO + 4) + 3 C floats: 48896 B at DS 32, BVO 64, bf16 (CUDA); DS 16 for fp32; Metal
-# (float staged) DS 8, BVO 32: 27.4 KB.
+# away. With GD_O2_P16 (o2_body(p16)) P and Vn are staged in the staged pieces' type PS for
+# Y += P Vn (bf16 / fp16 on CUDA: P rounded to it, as flash-linear-attention's chunk_fwd_o
+# does; the products on mma.m16n8k16; P written next to the fp32 q k^T tiles it is made
+# from), else as floats (P in place); Vn staged after the loop, in the ring's space too.
+# Threadgroup memory: max(3 (2 C + BVO) (DS + 16 / size) staged, C (max(C, BVO) + 4) fp32 + C (C
+# + 8) PS where PS is 16-bit + C (BVO + 16 / size(PS)) PS) + 4 C floats: 47104 B on CUDA (bf16:
+# DS 32, BVO 64; fp32: DS 16), Metal (float staged, DS 8, BVO 32) 27648 B.
 O2_BODY = (
     """
   constexpr int RT = C / 16;
@@ -1303,26 +1715,37 @@ O2_BODY = (
   constexpr int VP = BVO + 4;
   constexpr int SQ = DS + 16 / int(sizeof(gd_staged<YT>));  // row stride of a staged slice
   constexpr int STG = (2 * C + BVO) * SQ;                    // staged elements a stage
-  constexpr int RING = 2 * STG * int(sizeof(gd_staged<YT>)) / 4;
+  constexpr int NBO = GD_O2_NB;                              // stages of the ring
+  constexpr int RING = NBO * STG * int(sizeof(gd_staged<YT>)) / 4;
+#if GD_O2_P16
+  using PS = gd_staged<YT>;  // P and the staged Vn
+#else
+  using PS = float;
+#endif
+  constexpr int PSZ = int(sizeof(PS));
+  constexpr int PB = C + 16 / PSZ;    // row stride of P
+  constexpr int VS = BVO + 16 / PSZ;  // row stride of the staged Vn
   constexpr int XS = C * (PP > VP ? PP : VP);
+  constexpr int XP = XS + (PSZ == 4 ? 0 : C * PB * PSZ / 4);  // fp32 tiles, then a 16-bit P
+  constexpr int XV = XP + C * VS * PSZ / 4;                    // then the staged Vn
   constexpr int NS = Dk / DS;
   static_assert(C == 64 && NT == 256 && YTW * NW == RT * YC && Dk % DS == 0, "O2_BODY layout");
   static_assert(DS % 8 == 0 && (C * BVO) % NT == 0, "O2_BODY: k-steps of 8, whole rounds");
 """
     + _O_PROLOGUE
     + """
-  GD_TG16 float sm[RING > XS ? RING : XS];  // the ring of slices; then Y, P
-  GD_TG float vs[C * VP];
+  GD_TG16 float sm[RING > XV ? RING : XV];  // the ring of slices; then Y, q k^T, P and Vn
   GD_TG float gam[C];
   GD_TG float gs[C];
   GD_TG float ok[C];
+  GD_TG float rg[C];
   GD_TG_PTR gd_staged<YT>* ring = (GD_TG_PTR gd_staged<YT>*)sm;
   const size_t qrow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
   const size_t hrow = ((size_t(head) * N + n) * Dv + v0) * Dk;
 #define GD_O2_COPY(s_)                                                                      \
   {                                                                                         \
     if ((s_) < NS) {                                                                        \
-      GD_TG_PTR gd_staged<YT>* st_ = ring + ((s_) % 2) * STG;                               \
+      GD_TG_PTR gd_staged<YT>* st_ = ring + ((s_) % NBO) * STG;                             \
       const int d0_ = (s_) * DS;                                                            \
       gd_copy_tile<NT, C, DS>(st_, SQ, q + qrow + d0_, size_t(Hk) * Dk, T - 1 - t0, tid);   \
       gd_copy_tile<NT, C, DS>(st_ + C * SQ, SQ, k + qrow + d0_, size_t(Hk) * Dk,            \
@@ -1332,20 +1755,20 @@ O2_BODY = (
     }                                                                                       \
     gd_copy_commit();                                                                       \
   }
-  GD_O2_COPY(0);
+  for (int s = 0; s < NBO - 1; ++s) GD_O2_COPY(s);
 """
     + _O_GATES
     + """\
-  // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slice.
+  // Vn's rows for this chunk and value tile (columns clamped), in flight with the first slices.
 """
     + _rows_to_registers("xv", "Vn", "BVO")
     + """"""
     + _O_ACCS
     + """  for (int s = 0; s < NS; ++s) {
-    gd_copy_wait<0>();
+    gd_copy_wait<NBO - 2>();
     gd_barrier();  // slice s staged; slice s - 1's stage free
-    GD_O2_COPY(s + 1);
-    GD_TG_PTR gd_staged<YT>* qs = ring + (s % 2) * STG;
+    GD_O2_COPY(s + NBO - 1);
+    GD_TG_PTR gd_staged<YT>* qs = ring + (s % NBO) * STG;
     GD_TG_PTR gd_staged<YT>* ks = qs + C * SQ;
     GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;
 """
@@ -1353,14 +1776,16 @@ O2_BODY = (
     + _y_tiles_mma("qs", "hs", "SQ")
     + """  }
 #undef GD_O2_COPY
+  gd_copy_wait<0>();
   gd_barrier();  // every warp past the ring
   GD_TG_PTR float* X = sm;
+  GD_TG_PTR PS* vs = (GD_TG_PTR PS*)(sm + XP);
   for (int u = 0; u < YTW; ++u) {
     const int e = w + NW * u;
     gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }
 """
-    + _O_STAGE_VN
+    + _o_stage_vn("VS", "PS")
     + """  gd_barrier();
   #pragma unroll
   for (int it = 0; it < C * BVO / NT; ++it) {
@@ -1374,10 +1799,19 @@ O2_BODY = (
     gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }
   gd_barrier();  // X free for P
+  GD_TG_PTR PS* Pm = (GD_TG_PTR PS*)(X + (PSZ == 4 ? 0 : XS));
 """
-    + _decayed_lower_tiles("qk", "X", "PP", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij")
-    + """"""
-    + _o_epilogue("X")
+    + _decayed_lower_tiles(
+        "qk",
+        "X",
+        "PP",
+        "j <= i && ok[i] != 0.0f && ok[j] != 0.0f",
+        "dij",
+        out="Pm",
+        so="PB",
+        ot="PS",
+    )
+    + _o_epilogue("Pm", "PB", "VS", "X")
 )
 
 # O_BODY: the output pass, one threadgroup of NT = 256 (8 warps) per (chunk n, batch x value
@@ -1408,6 +1842,7 @@ O_BODY = (
   GD_TG float gam[C];
   GD_TG float gs[C];
   GD_TG float ok[C];
+  GD_TG float rg[C];
   GD_TG_PTR float* qs = sm;
   GD_TG_PTR float* gqs = sm + C * SP;
   GD_TG_PTR float* ks = sm + 2 * C * SP;
@@ -1473,6 +1908,6 @@ O_BODY = (
   GD_TG_PTR float* Pm = sm;
   GD_TG_PTR float* vs = sm + C * PP;
 """
-    + _decayed_lower_tiles("qk", "Pm", "PP", "j <= i", "dij", staged=_O_STAGE_VN)
+    + _decayed_lower_tiles("qk", "Pm", "PP", "j <= i", "dij", staged=_o_stage_vn())
     + _o_epilogue("Pm")
 )
