@@ -1,0 +1,246 @@
+"""A few rows through a matrix, the matrix read once: y[R, N] = x[R, K] @ W[N, K]^T, R = 1..8.
+
+One GPU kernel, one text for Metal and CUDA. Each warp (SIMD-group) owns C output columns n and
+all R rows: lane l loads W's row n in chunks of NPT elements at k = NPT l + 32 NPT i, and adds
+each chunk times the R rows' matching x elements into R fp32 sums; the warp then sums its lanes
+(a butterfly). Every W element is loaded once, whatever R: where a batched matrix-vector form
+(W broadcast over the rows) reads W R times.
+
+The order of the sums is that of MLX's CUDA gemv (`backend/cuda/gemms/gemv.cu`: one warp a
+output, NPT 4 where K % 128 == 0, 2 where K % 64 == 0, else 1, fp32 sums, a warp butterfly),
+which MLX runs for a one-row `x @ W.T`: so each row's output equals that one-row product's bit
+for bit (16-bit inputs: their products are exact in fp32, so no FMA question either).
+
+Shapes: x [R, K] or [R, K, 1] (the rows as column vectors) in T; W [N, K] row-major in T (the
+same dtype: bf16, fp16 or fp32); y [R, N] or [R, N, 1], as x, in T.
+- `rows_matmul(x, w)`: W given as [N, K] (MLX makes the inputs row-contiguous first).
+- `rows_matmul_t(x, w_t)`: W given as its transposed view [K, N], the layout of a decode weight
+  (`x @ w_t`): the kernel reads the buffer under that view as W [N, K], with no copy and no
+  view made. So w_t must be the transpose of a row-contiguous [N, K] array and x row-contiguous:
+  the caller guarantees it (inputs are passed as they are, `ensure_row_contiguous=False`).
+Both run where a GPU backend is and the default device is the GPU (`kernel_available`); on the
+CPU they are `x @ W.T` (MLX's ops), so callers need no branch.
+The body is plain C++ over the gated-delta kernels' helpers (their `HEADER`s: gd_group_sum)
+and one of its own per backend, `rm_load<NPT>(p, out)` (NPT elements from p into floats: one
+vector load on CUDA), and three names the prologue defines:
+    rm_lane   lane in the warp (0..31)   rm_warp   warp in the threadgroup   rm_block   threadgroup
+Launch: threadgroups of (32, WARPS) threads along the grid's x, ceil(N / (WARPS C)) of them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# At most this many rows (a verify pass's tokens at batch 1, a small decode batch).
+MAX_ROWS = 8
+# Warps a threadgroup, and output columns a warp. C 1 is MLX's gemv layout (a warp an output);
+# C 2 loads each x chunk once for two columns.
+WARPS = 4
+COLUMNS = 2
+
+BODY = """
+  // x: [R, K] in T; w: W [N, K] row-major in T; y: [R, N] in T. A warp: C columns, all R rows.
+  const int rm_n0 = (int(rm_block) * W + int(rm_warp)) * C;
+  if (rm_n0 < N) {
+    float rm_acc[C][R];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        rm_acc[c][r] = 0.0f;
+      }
+    }
+    for (int k = NPT * int(rm_lane); k < K; k += 32 * NPT) {
+      float rm_x[R][NPT];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int j = 0; j < NPT; ++j) {
+          rm_x[r][j] = static_cast<float>(x[size_t(r) * K + k + j]);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        // The last warp's columns past N read row N - 1 again (never stored).
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+        float rm_w[NPT];
+        rm_load<NPT>(w + size_t(n) * K + k, rm_w);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int j = 0; j < NPT; ++j) {
+            rm_acc[c][r] += rm_w[j] * rm_x[r][j];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float s = gd_group_sum<32>(rm_acc[c][r]);
+        if (rm_lane == 0 && rm_n0 + c < N) {
+          y[size_t(r) * N + rm_n0 + c] = static_cast<T>(s);
+        }
+      }
+    }
+  }
+"""
+
+CUDA_HEADER = """
+// NPT consecutive elements of p as floats: one load of NPT * sizeof(T) bytes (p aligned to it).
+template <int NPT, typename T>
+__device__ __forceinline__ void rm_load(const T* p, float* out) {
+  struct alignas(NPT * sizeof(T)) Chunk {
+    T v[NPT];
+  };
+  const Chunk u = *reinterpret_cast<const Chunk*>(p);
+#pragma unroll
+  for (int j = 0; j < NPT; ++j) {
+    out[j] = static_cast<float>(u.v[j]);
+  }
+}
+"""
+
+METAL_HEADER = """
+template <int NPT, typename T>
+inline void rm_load(const device T* p, thread float* out) {
+  for (int j = 0; j < NPT; ++j) {
+    out[j] = static_cast<float>(p[j]);
+  }
+}
+"""
+
+CUDA_PROLOGUE = """
+  const unsigned rm_lane = threadIdx.x;
+  const unsigned rm_warp = threadIdx.y;
+  const unsigned rm_block = blockIdx.x;
+"""
+
+# MLX declares a Metal attribute only when its name appears in `source`: named here.
+METAL_PROLOGUE = """
+  const unsigned rm_lane = thread_position_in_threadgroup.x;
+  const unsigned rm_warp = thread_position_in_threadgroup.y;
+  const unsigned rm_block = threadgroup_position_in_grid.x;
+"""
+
+INPUTS = ["x", "w"]
+OUTPUTS = ["y"]
+
+
+def kernel_source(backend: str) -> str:
+    """The full `source=` for backend "cuda" or "metal": prologue + body."""
+    return {"cuda": CUDA_PROLOGUE, "metal": METAL_PROLOGUE}[backend] + BODY
+
+
+def header(backend: str) -> str:
+    """The `header=` for backend "cuda" or "metal": the gated-delta helpers + `rm_load`."""
+    if backend == "cuda":
+        from .gated_delta.cuda import HEADER
+
+        return HEADER + CUDA_HEADER
+    from .gated_delta.metal import HEADER
+
+    return HEADER + METAL_HEADER
+
+
+def _backend() -> str | None:
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+# (backend, inputs made row-contiguous) -> kernel object.
+_built: dict[tuple, object] = {}
+
+
+def _build(contiguous: bool):
+    kind = _backend()
+    if (kind, contiguous) not in _built:
+        name = "qm_rows_matmul" + ("" if contiguous else "_t")
+        kw = dict(name=name, input_names=INPUTS, output_names=OUTPUTS)
+        kw.update(source=kernel_source(kind), header=header(kind))
+        if kind == "cuda":
+            from .gated_delta import precompiled
+
+            k = precompiled.cuda_kernel(**kw, ensure_row_contiguous=contiguous)
+        else:
+            k = mx.fast.metal_kernel(**kw, ensure_row_contiguous=contiguous)
+        _built[kind, contiguous] = k
+    return _built[kind, contiguous]
+
+
+def kernel_available(x: mx.array) -> bool:
+    """Whether the kernel runs for activations like x: a GPU backend, the default device a GPU,
+    x bf16, fp16 or fp32."""
+    return (
+        mx.default_device() != mx.cpu
+        and x.dtype in (mx.bfloat16, mx.float16, mx.float32)
+        and _backend() is not None
+    )
+
+
+def takes(x: mx.array, w: mx.array, K: int) -> bool:
+    """Whether `rows_matmul` / `_t` run the kernel for x (K its row length) and weight w: a GPU,
+    1..MAX_ROWS rows, w 2-D of x's dtype."""
+    rows = x.size // K if K else 0
+    return (
+        w.ndim == 2
+        and x.dtype == w.dtype
+        and 1 <= rows <= MAX_ROWS
+        and x.shape[-1] in (K, 1)
+        and kernel_available(x)
+    )
+
+
+def elements_a_load(K: int) -> int:
+    """NPT: the elements a lane loads at once, as MLX's gemv picks it for a row of K."""
+    return 4 if K % 128 == 0 else 2 if K % 64 == 0 else 1
+
+
+def _out_shape(x: mx.array, K: int, N: int) -> tuple:
+    """x [..., K] -> [..., N]; x [R, K, 1] (columns) -> [R, N, 1]."""
+    if x.ndim == 3 and x.shape[1:] == (K, 1):
+        return (x.shape[0], N, 1)
+    return (*x.shape[:-1], N)
+
+
+def launch(kernel, x: mx.array, w: mx.array, K: int, N: int, columns: int = COLUMNS):
+    """Run a built kernel: x (R rows of K, any of the accepted shapes), w the weight input as
+    the kernel object takes it; returns y in x's form."""
+    R = x.size // K
+    warps_needed = -(-N // columns)
+    blocks = -(-warps_needed // WARPS)
+    template = [("R", R), ("K", K), ("N", N), ("C", columns), ("NPT", elements_a_load(K))]
+    template += [("W", WARPS), ("T", x.dtype)]
+    return kernel(
+        inputs=[x, w],
+        template=template,
+        grid=(32 * blocks, WARPS, 1),
+        threadgroup=(32, WARPS, 1),
+        output_shapes=[_out_shape(x, K, N)],
+        output_dtypes=[x.dtype],
+    )[0]
+
+
+def rows_matmul(x: mx.array, w: mx.array) -> mx.array:
+    """x [R, K] (or [R, K, 1]) @ W.T with W = w [N, K]: one kernel reading W once on a GPU,
+    else the ops."""
+    N, K = w.shape
+    if not takes(x, w, K):
+        y = x.reshape(-1, K) @ w.T
+        return y.reshape(_out_shape(x, K, N))
+    return launch(_build(True), x, w, K, N)
+
+
+def rows_matmul_t(x: mx.array, w_t: mx.array) -> mx.array:
+    """x [R, K] (or [R, K, 1]) @ w_t, w_t [K, N] the transposed view of a row-contiguous
+    W [N, K], x row-contiguous (not checked: see the module docstring). One kernel reading W's
+    buffer once, with no copy; on the CPU the ops."""
+    K, N = w_t.shape
+    if not takes(x, w_t, K):
+        y = x.reshape(-1, K) @ w_t
+        return y.reshape(_out_shape(x, K, N))
+    return launch(_build(False), x, w_t, K, N)
