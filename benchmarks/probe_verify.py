@@ -184,7 +184,12 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
         forms = {"x @ w": lambda x: x @ w}
         if T > 1 and hasattr(layers_lib, "rows_matmul"):
             forms["rows_matmul"] = lambda x: layers_lib.rows_matmul(x, w)
+            if hasattr(layers_lib, "ROWS_KERNEL"):  # the broadcast gemv, then the kernel
+                forms = {"x @ w": forms["x @ w"], "rows gemv": forms["rows_matmul"],
+                         "rows kernel": forms["rows_matmul"]}  # fmt: skip
         for label, f in forms.items():
+            if hasattr(layers_lib, "ROWS_KERNEL"):  # read when `chain` is traced (below)
+                layers_lib.ROWS_KERNEL = label != "rows gemv"
 
             def chain(x, f=f):
                 for _ in range(24):
@@ -214,8 +219,10 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--variants",
         default="auto",
-        help="layers.ROWS_GEMV: off,auto,all; auto-views: auto with each row-wise product's "
-        "views made in the step (layers.ROWS_PREBUILT False: the form before session 8)",
+        help="layers.ROWS_GEMV: off,auto,all (with the few-rows kernel, layers.ROWS_KERNEL); "
+        "gemv: auto with MLX's batched gemv over broadcast weights (ROWS_KERNEL False, the form "
+        "before session 9); auto-views: gemv with each row-wise product's views made in the "
+        "step (layers.ROWS_PREBUILT False: the form before session 8)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -229,7 +236,8 @@ def main(argv=None) -> dict:
     result["calls"] = {}
     for variant in args.variants.split(","):
         layers_lib.ROWS_PREBUILT = variant != "auto-views"
-        set_variant(model, "auto" if variant == "auto-views" else variant)
+        layers_lib.ROWS_KERNEL = variant not in ("gemv", "auto-views")
+        set_variant(model, "auto" if variant in ("gemv", "auto-views") else variant)
         calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip

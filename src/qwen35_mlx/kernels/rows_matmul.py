@@ -172,12 +172,12 @@ def _build(contiguous: bool):
     return _built[kind, contiguous]
 
 
-def kernel_available(x: mx.array) -> bool:
-    """Whether the kernel runs for activations like x: a GPU backend, the default device a GPU,
-    x bf16, fp16 or fp32."""
+def kernel_available(dtype) -> bool:
+    """Whether the kernel runs for activations of `dtype`: a GPU backend, the default device a
+    GPU, bf16, fp16 or fp32."""
     return (
         mx.default_device() != mx.cpu
-        and x.dtype in (mx.bfloat16, mx.float16, mx.float32)
+        and dtype in (mx.bfloat16, mx.float16, mx.float32)
         and _backend() is not None
     )
 
@@ -191,7 +191,7 @@ def takes(x: mx.array, w: mx.array, K: int) -> bool:
         and x.dtype == w.dtype
         and 1 <= rows <= MAX_ROWS
         and x.shape[-1] in (K, 1)
-        and kernel_available(x)
+        and kernel_available(x.dtype)
     )
 
 
@@ -207,9 +207,10 @@ def _out_shape(x: mx.array, K: int, N: int) -> tuple:
     return (*x.shape[:-1], N)
 
 
-def launch(kernel, x: mx.array, w: mx.array, K: int, N: int, columns: int = COLUMNS):
+def launch(kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None):
     """Run a built kernel: x (R rows of K, any of the accepted shapes), w the weight input as
-    the kernel object takes it; returns y in x's form."""
+    the kernel object takes it; returns y in x's form (init_value: y's value before the kernel,
+    for tests)."""
     R = x.size // K
     warps_needed = -(-N // columns)
     blocks = -(-warps_needed // WARPS)
@@ -222,6 +223,7 @@ def launch(kernel, x: mx.array, w: mx.array, K: int, N: int, columns: int = COLU
         threadgroup=(32, WARPS, 1),
         output_shapes=[_out_shape(x, K, N)],
         output_dtypes=[x.dtype],
+        init_value=init_value,
     )[0]
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels import fused_norm
+from ..kernels import rows_matmul as rows_kernel
 from ..kernels.attention import MAX_T as DECODE_MAX_T
 from ..kernels.gated_delta import (
     gated_delta_decode,
@@ -142,7 +143,12 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...]) -> None:
                 m[a] = fused[a][int(lo) : int(hi)]
         mx.eval([m[a] for m in mods for a in arrays])
     if quant is None:
-        owner[key] = _view(mods[0], fused["weight"])  # no Transpose (Reshape) in the step
+        w = fused["weight"]
+        if len(mods) == 1 and not isinstance(mods[0], nn.Conv1d):
+            # Row-contiguous (a shared buffer when it is already): `rows_kernel.rows_matmul_t`
+            # reads the buffer under the transposed view as W [N, K].
+            w = mx.contiguous(w)
+        owner[key] = _view(mods[0], w)  # no Transpose (Reshape) in the step
         mx.eval(owner[key])
     else:
         owner[key] = tuple(fused.get(a) for a in ("weight", "scales", "biases"))
@@ -255,10 +261,13 @@ def project_split_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array)
 
 def _rows_product(owner: nn.Module | None, names: tuple | None, w: mx.array, x: mx.array):
     """x [R, K, 1] (R rows as column vectors) through w [K, N] (the transposed view the step
-    uses) as R matrix-vector products -> [R, N, 1]: W [N, K] broadcast over the rows, from
-    `rows_weights` where the compiled step was given owner's group `names` (no view made in the
-    step), else made here (a Transpose and a Broadcast)."""
+    uses, of a row-contiguous W [N, K]) -> [R, N, 1]: one `rows_kernel` launch reading W once
+    where it runs (`ROWS_KERNEL`), else R matrix-vector products: W [N, K] broadcast over the
+    rows, from `rows_weights` where the compiled step was given owner's group `names` (no view
+    made in the step), else made here (a Transpose and a Broadcast)."""
     R = x.shape[0]
+    if _rows_kernel(R, w, x.dtype):
+        return rows_kernel.rows_matmul_t(x, w)
     wb = None
     if _ROWS_WEIGHTS and owner is not None:
         wb = _ROWS_WEIGHTS.get((id(owner), _key(names)))
@@ -288,6 +297,20 @@ ROWS_GEMV: str | bool = "auto"
 # measured against cuBLAS's host cost.
 ROWS_GEMV_MAX_ROWS = 8
 ROWS_GEMV_MAX_BYTES = 64 << 20
+# The row-wise products as one launch of `kernels.rows_matmul` (True: W read once whatever the
+# rows, each row summed as MLX's one-row gemv sums it, so the same bits as the broadcast form;
+# no broadcast matrices in the compiled steps; no byte limit: the lm_head and 9B's projections
+# too), or MLX's batched gemv over W broadcast (False: as before; benchmarks' A/B). Where the
+# kernel does not run (the CPU, another dtype) the broadcast form stays. Read when a step is
+# traced and at every plain call.
+ROWS_KERNEL = True
+
+
+def _rows_kernel(rows: int, w: mx.array, dtype) -> bool:
+    """Whether a row-wise product of `rows` rows of `dtype` with w [K, N] runs the kernel."""
+    if not ROWS_KERNEL or w.ndim != 2 or not 1 <= rows <= rows_kernel.MAX_ROWS:
+        return False
+    return w.dtype == dtype and rows_kernel.kernel_available(dtype)
 
 
 def _rows_gemv(x: mx.array, w: mx.array) -> bool:
@@ -300,9 +323,10 @@ def _rows_take(rows: int, w: mx.array) -> bool:
         return False
     if ROWS_GEMV != "auto":
         return bool(ROWS_GEMV)
-    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
+    if mx.default_device() != mx.gpu or not mx.cuda.is_available() or rows > ROWS_GEMV_MAX_ROWS:
         return False
-    return rows <= ROWS_GEMV_MAX_ROWS and (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES
+    # The kernel reads W once: no limit on W's bytes (the activations share W's dtype).
+    return _rows_kernel(rows, w, w.dtype) or (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES
 
 
 def rows_matmul(x: mx.array, w: mx.array, owner=None, names=None) -> mx.array:
@@ -310,7 +334,10 @@ def rows_matmul(x: mx.array, w: mx.array, owner=None, names=None) -> mx.array:
     transposed weight w's matrix W [N, K] broadcast over the rows, each row a [K, 1] vector
     (`_rows_product`; owner, names: the decode group w is, for its broadcast matrix)."""
     K = x.shape[-1]
-    out = _rows_product(owner, names, w, x.reshape(x.size // K, K, 1))
+    R = x.size // K
+    if _rows_kernel(R, w, x.dtype):  # [..., K] in, [..., N] out: no reshape
+        return rows_kernel.rows_matmul_t(x, w)
+    out = _rows_product(owner, names, w, x.reshape(R, K, 1))
     return out.reshape(*x.shape[:-1], w.shape[1])
 
 
@@ -338,7 +365,7 @@ def rows_weights(groups: list, rows: int) -> tuple[list, list]:
         if made is None or not made.fused or made.quant is not None:
             continue
         w = owner[_key(names)]
-        if _rows_take(rows, w):
+        if _rows_take(rows, w) and not _rows_kernel(rows, w, w.dtype):  # (the kernel: none)
             keys.append((id(owner), _key(names)))
             mats.append(mx.broadcast_to(w.T, (rows, *w.T.shape)))
     mx.eval(mats)
