@@ -436,3 +436,36 @@ def test_decode_batch_rows_as_gemv_equals_plain(monkeypatch):
     np.testing.assert_allclose(l_comp, l_plain, atol=2e-5, rtol=1e-4)
     assert (3, model.config.hidden_size, 1) in seen  # the batch's rows took the row-wise form
     assert model._rows_cache[3][2]  # ... with matrices passed in
+
+
+def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
+    """Where the few-rows kernel runs (`layers.ROWS_KERNEL`: a GPU), the verify pass's row-wise
+    products call `rows_matmul.rows_matmul_t` with the decode weights' transposed views [K, N],
+    in the rows' or the columns' form, and the compiled steps get no broadcast matrices; greedy
+    MTP gives plain decoding's tokens. On the CPU no kernel runs: its entry is stood in by
+    MLX's product, so this checks the call sites (the kernel itself: tests/kernels)."""
+    from qwen35_mlx.kernels import rows_matmul as rk
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(rk, "kernel_available", lambda dtype: True)
+    seen = []
+
+    def stand_in(x, w_t):
+        K, N = w_t.shape
+        assert x.shape[-1] == K or x.shape[1:] == (K, 1), (x.shape, w_t.shape)
+        seen.append((x.shape, w_t.shape))
+        y = x.reshape(-1, K) @ w_t
+        return y.reshape(rk._out_shape(x, K, N))
+
+    monkeypatch.setattr(rk, "rows_matmul_t", stand_in)
+    model = _model("dense")
+    want = _tokens(model, tok, mtp=False)
+    assert not seen  # one row: MLX's gemv
+    assert _tokens(model, tok, mtp=True, mtp_k=2) == want
+    assert seen
+    H = model.config.hidden_size
+    assert (3, H, 1) in {s for s, _ in seen}  # the columns' form (k + 1 = 3 rows)
+    assert any(w == (H, model.config.vocab_size) for _, w in seen)  # the lm_head too
+    assert model._rows_cache and not any(got[2] for got in model._rows_cache.values())

@@ -73,6 +73,23 @@ def test_rows_matmul_column_form_compiled_and_tile_widths(dtype):
         assert mx.array_equal(got, y).item(), c
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=str)
+def test_rows_matmul_at_an_odd_offset(dtype):
+    """x and W row-contiguous views one element into their buffers (no vector load may touch
+    them): the same bits as the aligned arrays (the order follows K, not the address)."""
+    K, N, R = 1024, 300, 3
+    x, W = _inputs(R, K, N, dtype, seed=5)
+
+    def shifted(a):
+        flat = mx.concatenate([mx.zeros((1,), dtype), a.reshape(-1)])
+        mx.eval(flat)
+        return flat[1:].reshape(a.shape)
+
+    want = rows_matmul.rows_matmul(x, W)
+    assert mx.array_equal(rows_matmul.rows_matmul(shifted(x), shifted(W)), want).item()
+    assert mx.array_equal(rows_matmul.rows_matmul_t(shifted(x), shifted(W).T), want).item()
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_verify_pass_with_the_kernel_equals_the_gemv_form(monkeypatch, k):
     """The compiled verify pass and MTP rounds with the few-rows kernel (`ROWS_KERNEL` True,

@@ -32,6 +32,10 @@ CASES += [(3, 40, "bf16"), (8, 40, "fp32"), (5, 256, "fp32"), (2, 192, "bf16")]
 
 RM_LOAD = """
 template <int NPT, typename T>
+inline bool rm_aligned(const T* p) {
+  return (reinterpret_cast<size_t>(p) & (NPT * sizeof(T) - 1)) == 0;
+}
+template <int NPT, bool VEC, typename T>
 inline void rm_load(const T* p, float* out) {
   for (int j = 0; j < NPT; ++j) out[j] = static_cast<float>(p[j]);
 }
@@ -223,7 +227,7 @@ def test_metal_source_compiles(tmp_path):
         assert attr in body  # named in `source`, so MLX declares them
     err = compile_errors(_metal_unit(body), tmp_path)
     assert not err, err
-    broken = body.replace("rm_load<NPT>(", "load_missing<NPT>(")
+    broken = body.replace("rm_load<NPT, true>(", "load_missing<NPT, true>(")
     assert compile_errors(_metal_unit(broken), tmp_path)
 
 

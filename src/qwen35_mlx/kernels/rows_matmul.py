@@ -21,8 +21,9 @@ same dtype: bf16, fp16 or fp32); y [R, N] or [R, N, 1], as x, in T.
 Both run where a GPU backend is and the default device is the GPU (`kernel_available`); on the
 CPU they are `x @ W.T` (MLX's ops), so callers need no branch.
 The body is plain C++ over the gated-delta kernels' helpers (their `HEADER`s: gd_group_sum)
-and one of its own per backend, `rm_load<NPT>(p, out)` (NPT elements from p into floats: one
-vector load on CUDA), and three names the prologue defines:
+and two of its own per backend, `rm_aligned<NPT>(p)` and `rm_load<NPT, VEC>(p, out)` (NPT
+elements from p into floats: one vector load on CUDA where x and W are aligned for it), and
+three names the prologue defines:
     rm_lane   lane in the warp (0..31)   rm_warp   warp in the threadgroup   rm_block   threadgroup
 Launch: threadgroups of (32, WARPS) threads along the grid's x, ceil(N / (WARPS C)) of them.
 """
@@ -38,7 +39,34 @@ MAX_ROWS = 8
 WARPS = 4
 COLUMNS = 2
 
-BODY = """
+# The k loop, once with vector loads (x and W aligned for them) and once without: a branch on
+# alignment at each load would keep the compiler from issuing the loads ahead.
+_LOOP = """
+    for (int k = NPT * int(rm_lane); k < K; k += 32 * NPT) {{
+      float rm_x[R][NPT];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {{
+        rm_load<NPT, {vec}>(x + size_t(r) * K + k, rm_x[r]);
+      }}
+#pragma unroll
+      for (int c = 0; c < C; ++c) {{
+        // The last warp's columns past N read row N - 1 again (never stored).
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+        float rm_w[NPT];
+        rm_load<NPT, {vec}>(w + size_t(n) * K + k, rm_w);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {{
+#pragma unroll
+          for (int j = 0; j < NPT; ++j) {{
+            rm_acc[c][r] += rm_w[j] * rm_x[r][j];
+          }}
+        }}
+      }}
+    }}
+"""
+
+BODY = (
+    """
   // x: [R, K] in T; w: W [N, K] row-major in T; y: [R, N] in T. A warp: C columns, all R rows.
   const int rm_n0 = (int(rm_block) * W + int(rm_warp)) * C;
   if (rm_n0 < N) {
@@ -50,30 +78,11 @@ BODY = """
         rm_acc[c][r] = 0.0f;
       }
     }
-    for (int k = NPT * int(rm_lane); k < K; k += 32 * NPT) {
-      float rm_x[R][NPT];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int j = 0; j < NPT; ++j) {
-          rm_x[r][j] = static_cast<float>(x[size_t(r) * K + k + j]);
-        }
-      }
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        // The last warp's columns past N read row N - 1 again (never stored).
-        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
-        float rm_w[NPT];
-        rm_load<NPT>(w + size_t(n) * K + k, rm_w);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-#pragma unroll
-          for (int j = 0; j < NPT; ++j) {
-            rm_acc[c][r] += rm_w[j] * rm_x[r][j];
-          }
-        }
-      }
-    }
+    if (rm_aligned<NPT>(x) && rm_aligned<NPT>(w)) {"""
+    + _LOOP.format(vec="true")
+    + """    } else {"""
+    + _LOOP.format(vec="false")
+    + """    }
 #pragma unroll
     for (int c = 0; c < C; ++c) {
 #pragma unroll
@@ -86,24 +95,44 @@ BODY = """
     }
   }
 """
+)
 
 CUDA_HEADER = """
-// NPT consecutive elements of p as floats: one load of NPT * sizeof(T) bytes (p aligned to it).
+// Whether p (a row start; rows of K elements) is aligned for loads of NPT elements.
 template <int NPT, typename T>
+__device__ __forceinline__ bool rm_aligned(const T* p) {
+  return (reinterpret_cast<size_t>(p) & (NPT * sizeof(T) - 1)) == 0;
+}
+
+// NPT consecutive elements of p as floats: VEC, one load of NPT * sizeof(T) bytes (p aligned
+// to that), else element by element (x or W at an odd offset; the same values).
+template <int NPT, bool VEC, typename T>
 __device__ __forceinline__ void rm_load(const T* p, float* out) {
   struct alignas(NPT * sizeof(T)) Chunk {
     T v[NPT];
   };
-  const Chunk u = *reinterpret_cast<const Chunk*>(p);
+  if (VEC) {
+    const Chunk u = *reinterpret_cast<const Chunk*>(p);
 #pragma unroll
-  for (int j = 0; j < NPT; ++j) {
-    out[j] = static_cast<float>(u.v[j]);
+    for (int j = 0; j < NPT; ++j) {
+      out[j] = static_cast<float>(u.v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NPT; ++j) {
+      out[j] = static_cast<float>(p[j]);
+    }
   }
 }
 """
 
 METAL_HEADER = """
 template <int NPT, typename T>
+inline bool rm_aligned(const device T* p) {
+  return true;  // (loads are element by element)
+}
+
+template <int NPT, bool VEC, typename T>
 inline void rm_load(const device T* p, thread float* out) {
   for (int j = 0; j < NPT; ++j) {
     out[j] = static_cast<float>(p[j]);
