@@ -219,10 +219,12 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--variants",
         default="auto",
-        help="layers.ROWS_GEMV: off,auto,all (with the few-rows kernel, layers.ROWS_KERNEL); "
-        "gemv: auto with MLX's batched gemv over broadcast weights (ROWS_KERNEL False, the form "
-        "before session 9); auto-views: gemv with each row-wise product's views made in the "
-        "step (layers.ROWS_PREBUILT False: the form before session 8)",
+        help="layers.ROWS_GEMV: off,auto,all (with the few-rows kernel, layers.ROWS_KERNEL "
+        "True); kernel: auto with the kernel (= auto); kernel-large: auto with the kernel only "
+        "in place of cuBLAS (ROWS_KERNEL 'large'); gemv: auto with MLX's batched gemv over "
+        "broadcast weights (ROWS_KERNEL False, the form before session 9); auto-views: gemv "
+        "with each row-wise product's views made in the step (layers.ROWS_PREBUILT False: the "
+        "form before session 8)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -236,8 +238,10 @@ def main(argv=None) -> dict:
     result["calls"] = {}
     for variant in args.variants.split(","):
         layers_lib.ROWS_PREBUILT = variant != "auto-views"
-        layers_lib.ROWS_KERNEL = variant not in ("gemv", "auto-views")
-        set_variant(model, "auto" if variant in ("gemv", "auto-views") else variant)
+        kernel = {"gemv": False, "auto-views": False, "kernel-large": "large"}.get(variant, True)
+        layers_lib.ROWS_KERNEL = kernel
+        old_names = ("gemv", "auto-views", "kernel", "kernel-large")
+        set_variant(model, "auto" if variant in old_names else variant)
         calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip

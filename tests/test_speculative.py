@@ -469,3 +469,24 @@ def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
     assert (3, H, 1) in {s for s, _ in seen}  # the columns' form (k + 1 = 3 rows)
     assert any(w == (H, model.config.vocab_size) for _, w in seen)  # the lm_head too
     assert model._rows_cache and not any(got[2] for got in model._rows_cache.values())
+
+
+def test_rows_kernel_rule(monkeypatch):
+    """`layers.ROWS_KERNEL`: True takes the kernel for every row-wise product of 1..8 rows of
+    the weight's dtype, "large" only where the broadcast form would be over
+    ROWS_GEMV_MAX_BYTES (a cuBLAS GEMM otherwise), False never; never where no kernel runs."""
+    from qwen35_mlx.kernels import rows_matmul as rk
+    from qwen35_mlx.models import layers
+
+    small, big = mx.zeros((64, 32)).T, mx.zeros((1 << 20, 64)).T  # (never evaluated)
+    assert not layers._rows_kernel(3, small, mx.float32)  # the CPU: no kernel
+    monkeypatch.setattr(rk, "kernel_available", lambda dtype: True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", True)
+    assert layers._rows_kernel(3, small, mx.float32) and layers._rows_kernel(8, big, mx.float32)
+    assert not layers._rows_kernel(9, small, mx.float32)
+    assert not layers._rows_kernel(3, small, mx.bfloat16)  # activations of another dtype
+    monkeypatch.setattr(layers, "ROWS_KERNEL", "large")
+    assert not layers._rows_kernel(3, small, mx.float32)
+    assert layers._rows_kernel(3, big, mx.float32)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)
+    assert not layers._rows_kernel(3, big, mx.float32)

@@ -188,8 +188,8 @@ _built: dict[tuple, object] = {}
 def _build(contiguous: bool):
     kind = _backend()
     if (kind, contiguous) not in _built:
-        name = "qm_rows_matmul" + ("" if contiguous else "_t")
-        kw = dict(name=name, input_names=INPUTS, output_names=OUTPUTS)
+        # One name for both: the same binary (the disk cache compiles it once).
+        kw = dict(name="qm_rows_matmul", input_names=INPUTS, output_names=OUTPUTS)
         kw.update(source=kernel_source(kind), header=header(kind))
         if kind == "cuda":
             from .gated_delta import precompiled

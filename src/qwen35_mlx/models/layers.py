@@ -297,18 +297,24 @@ ROWS_GEMV: str | bool = "auto"
 # measured against cuBLAS's host cost.
 ROWS_GEMV_MAX_ROWS = 8
 ROWS_GEMV_MAX_BYTES = 64 << 20
-# The row-wise products as one launch of `kernels.rows_matmul` (True: W read once whatever the
-# rows, each row summed as MLX's one-row gemv sums it, so the same bits as the broadcast form;
-# no broadcast matrices in the compiled steps; no byte limit: the lm_head and 9B's projections
-# too), or MLX's batched gemv over W broadcast (False: as before; benchmarks' A/B). Where the
-# kernel does not run (the CPU, another dtype) the broadcast form stays. Read when a step is
-# traced and at every plain call.
-ROWS_KERNEL = True
+# The row-wise products as one launch of `kernels.rows_matmul`: W read once whatever the rows,
+# each row summed as MLX's one-row gemv sums it (so the same bits as the broadcast form), no
+# broadcast matrix passed into the compiled steps, and no byte limit (the lm_head, 9B's
+# projections: cuBLAS GEMMs before). A custom kernel costs MLX's host more than its own gemv
+# (~5 against ~2 us, benchmarks/NOTES.md), so where the broadcast gemv's extra reads stay cheap
+# (small matrices, in L2) it may not pay at batch 1. ROWS_KERNEL: True (every row-wise
+# product), "large" (only where the broadcast form is over ROWS_GEMV_MAX_BYTES, i.e. in place
+# of a cuBLAS GEMM), False (MLX's batched gemv over W broadcast, as before). Where the kernel
+# does not run (the CPU, another dtype) the broadcast form stays. Read when a step is traced
+# and at every plain call.
+ROWS_KERNEL: str | bool = True
 
 
 def _rows_kernel(rows: int, w: mx.array, dtype) -> bool:
     """Whether a row-wise product of `rows` rows of `dtype` with w [K, N] runs the kernel."""
     if not ROWS_KERNEL or w.ndim != 2 or not 1 <= rows <= rows_kernel.MAX_ROWS:
+        return False
+    if ROWS_KERNEL == "large" and (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES:
         return False
     return w.dtype == dtype and rows_kernel.kernel_available(dtype)
 
