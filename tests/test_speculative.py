@@ -315,7 +315,11 @@ def test_rows_gemv_is_off_on_the_cpu_and_for_one_row(monkeypatch):
     if mx.default_device() == mx.cpu:
         assert not layers._rows_gemv(mx.zeros((3, 64)), w)
     else:  # on a GPU: (rows - 1) x W's bytes over the limit keeps the GEMM (never evaluated)
-        assert not layers._rows_gemv(mx.zeros((3, 64)), mx.zeros((1 << 20, 64)).T)
+        big = mx.zeros((1 << 20, 64)).T
+        monkeypatch.setattr(layers, "ROWS_KERNEL", False)
+        assert not layers._rows_gemv(mx.zeros((3, 64)), big)
+        monkeypatch.setattr(layers, "ROWS_KERNEL", True)  # ... unless the kernel reads W once
+        assert layers._rows_gemv(mx.zeros((3, 64)), big)
 
 
 def _verify_and_steps(model, toks):
@@ -401,6 +405,7 @@ def test_verify_rows_as_gemv_add_only_reshapes(monkeypatch):
     from qwen35_mlx.models import layers
 
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)  # the broadcast form (the GPU's kernel: none)
     counts = {}
     for rows in (False, True):
         monkeypatch.setattr(layers, "ROWS_GEMV", rows)
@@ -425,6 +430,7 @@ def test_decode_batch_rows_as_gemv_equals_plain(monkeypatch):
 
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)  # the broadcast form (the kernel: GPU tests)
     seen = []
     orig = layers._rows_product
     monkeypatch.setattr(layers, "_rows_product", lambda *a: seen.append(a[-1].shape) or orig(*a))
@@ -479,7 +485,8 @@ def test_rows_kernel_rule(monkeypatch):
     from qwen35_mlx.models import layers
 
     small, big = mx.zeros((64, 32)).T, mx.zeros((1 << 20, 64)).T  # (never evaluated)
-    assert not layers._rows_kernel(3, small, mx.float32)  # the CPU: no kernel
+    if mx.default_device() == mx.cpu:
+        assert not layers._rows_kernel(3, small, mx.float32)  # no kernel runs
     monkeypatch.setattr(rk, "kernel_available", lambda dtype: True)
     monkeypatch.setattr(layers, "ROWS_KERNEL", True)
     assert layers._rows_kernel(3, small, mx.float32) and layers._rows_kernel(8, big, mx.float32)
