@@ -236,7 +236,7 @@ def _cuda_unit(broken: bool = False) -> str:
 
     body = rows_matmul.kernel_source("cuda")
     if broken:
-        body = body.replace("gd_group_sum<32>(", "group_sum_missing<32>(")
+        body = body.replace("gd_shuffle(", "shuffle_missing(")
     kernels = []
     for i, (t, R, K) in enumerate(
         (CTYPES[a], R, K) for a in CTYPES for R, K in ((1, 1024), (8, 3584), (3, 40))

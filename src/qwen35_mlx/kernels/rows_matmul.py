@@ -20,7 +20,7 @@ same dtype: bf16, fp16 or fp32); y [R, N] or [R, N, 1], as x, in T.
   the caller guarantees it (inputs are passed as they are, `ensure_row_contiguous=False`).
 Both run where a GPU backend is and the default device is the GPU (`kernel_available`); on the
 CPU they are `x @ W.T` (MLX's ops), so callers need no branch.
-The body is plain C++ over the gated-delta kernels' helpers (their `HEADER`s: gd_group_sum)
+The body is plain C++ over the gated-delta kernels' helpers (their `HEADER`s: gd_shuffle)
 and two of its own per backend, `rm_aligned<NPT>(p)` and `rm_load<NPT, VEC>(p, out)` (NPT
 elements from p into floats: one vector load on CUDA where x and W are aligned for it), and
 three names the prologue defines:
@@ -58,40 +58,63 @@ _LOOP = """
         for (int r = 0; r < R; ++r) {{
 #pragma unroll
           for (int j = 0; j < NPT; ++j) {{
-            rm_acc[c][r] += rm_w[j] * rm_x[r][j];
+            rm_acc[c * R + r] += rm_w[j] * rm_x[r][j];
           }}
         }}
       }}
     }}
 """
 
+# The warp's sums: the C R values (padded to P, a power of two) summed over the 32 lanes with
+# the butterfly's tree (offsets 16, 8, .., 1; each partial sum the same two operands as
+# gd_group_sum's), but halving the values at each step while more than one is left: at offset
+# o a lane keeps one of each pair (by its bit o) and adds the partner's, so P - 1 + (5 - log2 P)
+# shuffles instead of 5 P. Then lane l holds value q = sum_j bit(16 >> j of l) << j, as do the
+# lanes that differ from it in the butterfly's bits (below 32 / P); the one with those bits 0
+# stores it.
+# One step of that sum, at offset o (the j-th): halving while the values left (RM_P >> j) are
+# two or more, else the butterfly's step. Written out for each offset (constant bounds: the
+# values stay in registers).
+_STEP = """
+    if (RM_P >= {size}) {{
+      const bool hi = (rm_l & {o}) != 0;
+      rm_q |= int(hi) << {j};
+#pragma unroll
+      for (int i = 0; i < RM_P / {size}; ++i) {{
+        const float keep = hi ? rm_acc[2 * i + 1] : rm_acc[2 * i];
+        const float send = hi ? rm_acc[2 * i] : rm_acc[2 * i + 1];
+        rm_acc[i] = keep + gd_shuffle(send, rm_l ^ {o});
+      }}
+    }} else {{
+      rm_acc[0] += gd_shuffle(rm_acc[0], rm_l ^ {o});
+    }}
+"""
+
 BODY = (
     """
   // x: [R, K] in T; w: W [N, K] row-major in T; y: [R, N] in T. A warp: C columns, all R rows.
+  constexpr int RM_V = R * C;
+  constexpr int RM_P = RM_V <= 1 ? 1 : RM_V <= 2 ? 2 : RM_V <= 4 ? 4 : RM_V <= 8 ? 8
+                     : RM_V <= 16 ? 16 : 32;
   const int rm_n0 = (int(rm_block) * W + int(rm_warp)) * C;
   if (rm_n0 < N) {
-    float rm_acc[C][R];
+    float rm_acc[RM_P];  // [c R + r]; past R C: zeros
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        rm_acc[c][r] = 0.0f;
-      }
+    for (int i = 0; i < RM_P; ++i) {
+      rm_acc[i] = 0.0f;
     }
     if (rm_aligned<NPT>(x) && rm_aligned<NPT>(w)) {"""
     + _LOOP.format(vec="true")
     + """    } else {"""
     + _LOOP.format(vec="false")
     + """    }
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float s = gd_group_sum<32>(rm_acc[c][r]);
-        if (rm_lane == 0 && rm_n0 + c < N) {
-          y[size_t(r) * N + rm_n0 + c] = static_cast<T>(s);
-        }
-      }
+    const int rm_l = int(rm_lane);
+    int rm_q = 0;
+"""
+    + "".join(_STEP.format(o=16 >> j, j=j, size=2 << j) for j in range(5))
+    + """    const int rm_c = rm_q / R, rm_r = rm_q % R;
+    if ((rm_l & (32 / RM_P - 1)) == 0 && rm_q < RM_V && rm_n0 + rm_c < N) {
+      y[size_t(rm_r) * N + rm_n0 + rm_c] = static_cast<T>(rm_acc[0]);
     }
   }
 """
