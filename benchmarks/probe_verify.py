@@ -19,6 +19,7 @@ cuBLAS on CUDA), and in `layers.project`'s row-wise form).
     python benchmarks/probe_verify.py --model tiny         # the shipped tiny model (CPU)
     python benchmarks/probe_verify.py --model pattern      # 0.8B's layer pattern, hidden 256
     python benchmarks/probe_verify.py --model 0.8b         # the real 0.8B shape (GPU)
+    python benchmarks/probe_verify.py --model 9b           # the 9B shape (GPU, ~18 GB)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from qwen35_mlx.models.text import TextModel
 # isort: on
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import SHAPE_9B  # noqa: E402
 from bench_model import SHAPE_0_8B, random_weights  # noqa: E402
 
 # The 0.8B layer pattern (24 layers, 18 linear + 6 attention, heads as 0.8B's ratios) at small
@@ -67,7 +69,7 @@ def build(name: str, dtype: str | None) -> TextModel:
 
         model, _ = load(Path(qwen35_mlx.__file__).parent / "assets" / "tiny", dtype=dtype)
         return model
-    shape = SHAPE_PATTERN if name == "pattern" else SHAPE_0_8B
+    shape = {"pattern": SHAPE_PATTERN, "0.8b": SHAPE_0_8B, "9b": SHAPE_9B}[name]
     model = TextModel(TextConfig(**shape, mtp_num_hidden_layers=1))
     default = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     dt = getattr(mx, dtype) if dtype else default
@@ -210,7 +212,7 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="pattern", choices=["tiny", "pattern", "0.8b"])
+    p.add_argument("--model", default="pattern", choices=["tiny", "pattern", "0.8b", "9b"])
     p.add_argument("--dtype", default=None)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--tokens", default="2,3,4", help="verify token counts")
