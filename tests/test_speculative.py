@@ -365,6 +365,7 @@ def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch
 
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)  # the broadcast form (the kernel: GPU tests)
     calls = []
     orig = layers._rows_product
     monkeypatch.setattr(layers, "_rows_product", lambda *a: calls.append(a[-1].shape) or orig(*a))
@@ -447,7 +448,7 @@ def test_decode_batch_rows_as_gemv_equals_plain(monkeypatch):
 def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
     """Where the few-rows kernel runs (`layers.ROWS_KERNEL`: a GPU), the verify pass's row-wise
     products call `rows_matmul.rows_matmul_t` with the decode weights' transposed views [K, N],
-    in the rows' or the columns' form, and the compiled steps get no broadcast matrices; greedy
+    rows out (no reshape around them), and the compiled steps get no broadcast matrices; greedy
     MTP gives plain decoding's tokens. On the CPU no kernel runs: its entry is stood in by
     MLX's product, so this checks the call sites (the kernel itself: tests/kernels)."""
     from qwen35_mlx.kernels import rows_matmul as rk
@@ -458,12 +459,12 @@ def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
     monkeypatch.setattr(rk, "kernel_available", lambda dtype: True)
     seen = []
 
-    def stand_in(x, w_t):
+    def stand_in(x, w_t, out_shape=None):
         K, N = w_t.shape
         assert x.shape[-1] == K or x.shape[1:] == (K, 1), (x.shape, w_t.shape)
-        seen.append((x.shape, w_t.shape))
+        seen.append((x.shape, w_t.shape, out_shape))
         y = x.reshape(-1, K) @ w_t
-        return y.reshape(rk._out_shape(x, K, N))
+        return y.reshape(out_shape or rk._out_shape(x, K, N))
 
     monkeypatch.setattr(rk, "rows_matmul_t", stand_in)
     model = _model("dense")
@@ -471,9 +472,10 @@ def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
     assert not seen  # one row: MLX's gemv
     assert _tokens(model, tok, mtp=True, mtp_k=2) == want
     assert seen
-    H = model.config.hidden_size
-    assert (3, H, 1) in {s for s, _ in seen}  # the columns' form (k + 1 = 3 rows)
-    assert any(w == (H, model.config.vocab_size) for _, w in seen)  # the lm_head too
+    H, V = model.config.hidden_size, model.config.vocab_size
+    assert any(s == (3, H) and o == (3, w[1]) for s, w, o in seen)  # chains in rows (3 rows)
+    assert all(s[-1] != 1 or o is not None for s, _, o in seen)  # columns in: rows out
+    assert any(w == (H, V) for _, w, _ in seen)  # the lm_head too
     assert model._rows_cache and not any(got[2] for got in model._rows_cache.values())
 
 

@@ -259,10 +259,10 @@ def _out_shape(x: mx.array, K: int, N: int) -> tuple:
     return (*x.shape[:-1], N)
 
 
-def launch(kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None):
+def launch(kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None, out_shape=None):
     """Run a built kernel: x (R rows of K, any of the accepted shapes), w the weight input as
-    the kernel object takes it; returns y in x's form (init_value: y's value before the kernel,
-    for tests)."""
+    the kernel object takes it; returns y in x's form, or out_shape (any shape of R N
+    elements: the kernel writes rows) (init_value: y's value before the kernel, for tests)."""
     R = x.size // K
     warps_needed = -(-N // columns)
     blocks = -(-warps_needed // WARPS)
@@ -273,7 +273,7 @@ def launch(kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None
         template=template,
         grid=(32 * blocks, WARPS, 1),
         threadgroup=(32, WARPS, 1),
-        output_shapes=[_out_shape(x, K, N)],
+        output_shapes=[out_shape or _out_shape(x, K, N)],
         output_dtypes=[x.dtype],
         init_value=init_value,
     )[0]
@@ -289,12 +289,13 @@ def rows_matmul(x: mx.array, w: mx.array) -> mx.array:
     return launch(_build(True), x, w, K, N)
 
 
-def rows_matmul_t(x: mx.array, w_t: mx.array) -> mx.array:
+def rows_matmul_t(x: mx.array, w_t: mx.array, out_shape: tuple | None = None) -> mx.array:
     """x [R, K] (or [R, K, 1]) @ w_t, w_t [K, N] the transposed view of a row-contiguous
     W [N, K], x row-contiguous (not checked: see the module docstring). One kernel reading W's
-    buffer once, with no copy; on the CPU the ops."""
+    buffer once, with no copy; on the CPU the ops. out_shape: y's shape (R N elements, rows in
+    order), else x's form."""
     K, N = w_t.shape
     if not takes(x, w_t, K):
         y = x.reshape(-1, K) @ w_t
-        return y.reshape(_out_shape(x, K, N))
-    return launch(_build(False), x, w_t, K, N)
+        return y.reshape(out_shape or _out_shape(x, K, N))
+    return launch(_build(False), x, w_t, K, N, out_shape=out_shape)

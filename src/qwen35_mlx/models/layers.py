@@ -236,9 +236,12 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
 def project_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx.array | None:
     """x through the group's one dense matrix as one gemv a row (`ROWS_GEMV`), the rows as
     column vectors in and out: x [R, K] or [R, K, 1] -> [R, N, 1] (the layers' outputs side by
-    side along axis 1, in `names` order). A chain of projections (the MLP's gate|up, swiglu,
-    down) then reshapes only at its ends. None where the row-wise form does not apply (one row,
-    a quantized or unfused group, `ROWS_GEMV` off): then `project`. For the compiled steps."""
+    side along axis 1, in `names` order); where the few-rows kernel takes it (`ROWS_KERNEL`),
+    -> [R, N], rows, whatever x's form (the kernel reads either, and writes rows: no reshape).
+    Callers take both forms (a split along axis 1, a reshape to rows: free when the shape is
+    already that). A chain of projections (the MLP's gate|up, swiglu, down) then reshapes only
+    at its ends. None where the row-wise form does not apply (one row, a quantized or unfused
+    group, `ROWS_GEMV` off): then `project`. For the compiled steps."""
     made = getattr(owner, _key(names) + "_made", None)
     if made is None or not made.fused or made.quant is not None or not ROWS_PREBUILT:
         return None
@@ -246,12 +249,14 @@ def project_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx
     R, K = x.shape[0], w.shape[0]
     if x.shape[1:] not in ((K,), (K, 1)) or not _rows_take(R, w):
         return None
+    if _rows_kernel(R, w, x.dtype):
+        return rows_kernel.rows_matmul_t(x, w, out_shape=(R, w.shape[1]))
     return _rows_product(owner, names, w, x.reshape(R, K, 1))
 
 
 def project_split_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list | None:
-    """`project_columns`, split into the layers' outputs [R, n_i, 1] (views); None where it
-    does not apply."""
+    """`project_columns`, split into the layers' outputs [R, n_i, 1] (or [R, n_i]: the
+    kernel's rows) (views); None where it does not apply."""
     y = project_columns(owner, names, x)
     if y is None or len(names) == 1:
         return y if y is None else [y]
@@ -266,7 +271,7 @@ def _rows_product(owner: nn.Module | None, names: tuple | None, w: mx.array, x: 
     rows, from `rows_weights` where the compiled step was given owner's group `names` (no view
     made in the step), else made here (a Transpose and a Broadcast)."""
     R = x.shape[0]
-    if _rows_kernel(R, w, x.dtype):
+    if _rows_kernel(R, w, x.dtype):  # (the callers take the kernel first: rows, no reshape)
         return rows_kernel.rows_matmul_t(x, w)
     wb = None
     if _ROWS_WEIGHTS and owner is not None:
@@ -994,7 +999,7 @@ class MLP(nn.Module):
         if residual is None and not _swiglu_kernel(x):
             gu = project_columns(self, self.DECODE_GROUPS[0], x)
             if gu is not None:
-                h = _swiglu(*mx.split(gu, 2, axis=1))  # [rows, I, 1]
+                h = _swiglu(*mx.split(gu, 2, axis=1))  # [rows, I, 1] (kernel: [rows, I])
                 y = project_columns(self, ("down_proj",), h)
                 if y is not None:
                     return y.reshape(x.shape)
