@@ -341,9 +341,12 @@ def _rows_take(rows: int, w: mx.array) -> bool:
 
 
 def rows_matmul(x: mx.array, w: mx.array, owner=None, names=None) -> mx.array:
-    """x [..., K] @ w [K, N] as one matrix-vector product per row of x (`ROWS_GEMV`): the
-    transposed weight w's matrix W [N, K] broadcast over the rows, each row a [K, 1] vector
-    (`_rows_product`; owner, names: the decode group w is, for its broadcast matrix)."""
+    """x [..., K] @ w [K, N] as one matrix-vector product per row of x (`ROWS_GEMV`): one
+    `rows_kernel` launch where it runs (`ROWS_KERNEL`; then x must be row-contiguous and w the
+    transposed view of a row-contiguous W, as the decode weights and every caller's activations
+    are: the kernel reads both buffers as they lie), else the transposed weight w's matrix
+    W [N, K] broadcast over the rows, each row a [K, 1] vector (`_rows_product`; owner, names:
+    the decode group w is, for its broadcast matrix)."""
     K = x.shape[-1]
     R = x.size // K
     if _rows_kernel(R, w, x.dtype):  # [..., K] in, [..., N] out: no reshape
