@@ -3,8 +3,8 @@
 One GPU kernel, one text for Metal and CUDA. Each warp (SIMD-group) owns C output columns n and
 all R rows: lane l loads W's row n in chunks of NPT elements at k = NPT l + 32 NPT i, and adds
 each chunk times the R rows' matching x elements into R fp32 sums; the warp then sums its lanes
-(the butterfly's tree, halving the values at each level). Every W element is loaded once, whatever R: where a batched matrix-vector form
-(W broadcast over the rows) reads W R times.
+(the butterfly's tree, halving the values at each level). Every W element is loaded once,
+whatever R: where a batched matrix-vector form (W broadcast over the rows) reads W R times.
 
 The order of the sums is that of MLX's CUDA gemv (`backend/cuda/gemms/gemv.cu`: one warp an
 output, NPT 4 where K % 128 == 0, 2 where K % 64 == 0, else 1, fp32 sums, a warp butterfly),
