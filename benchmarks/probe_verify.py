@@ -19,6 +19,7 @@ cuBLAS on CUDA), and in `layers.project`'s row-wise form).
     python benchmarks/probe_verify.py --model tiny         # the shipped tiny model (CPU)
     python benchmarks/probe_verify.py --model pattern      # 0.8B's layer pattern, hidden 256
     python benchmarks/probe_verify.py --model 0.8b         # the real 0.8B shape (GPU)
+    python benchmarks/probe_verify.py --model 9b           # the 9B shape (GPU, ~18 GB)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from qwen35_mlx.models.text import TextModel
 # isort: on
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import SHAPE_9B  # noqa: E402
 from bench_model import SHAPE_0_8B, random_weights  # noqa: E402
 
 # The 0.8B layer pattern (24 layers, 18 linear + 6 attention, heads as 0.8B's ratios) at small
@@ -67,7 +69,7 @@ def build(name: str, dtype: str | None) -> TextModel:
 
         model, _ = load(Path(qwen35_mlx.__file__).parent / "assets" / "tiny", dtype=dtype)
         return model
-    shape = SHAPE_PATTERN if name == "pattern" else SHAPE_0_8B
+    shape = {"pattern": SHAPE_PATTERN, "0.8b": SHAPE_0_8B, "9b": SHAPE_9B}[name]
     model = TextModel(TextConfig(**shape, mtp_num_hidden_layers=1))
     default = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     dt = getattr(mx, dtype) if dtype else default
@@ -184,7 +186,12 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
         forms = {"x @ w": lambda x: x @ w}
         if T > 1 and hasattr(layers_lib, "rows_matmul"):
             forms["rows_matmul"] = lambda x: layers_lib.rows_matmul(x, w)
+            if hasattr(layers_lib, "ROWS_KERNEL"):  # the broadcast gemv, then the kernel
+                forms = {"x @ w": forms["x @ w"], "rows gemv": forms["rows_matmul"],
+                         "rows kernel": forms["rows_matmul"]}  # fmt: skip
         for label, f in forms.items():
+            if hasattr(layers_lib, "ROWS_KERNEL"):  # read when `chain` is traced (below)
+                layers_lib.ROWS_KERNEL = label != "rows gemv"
 
             def chain(x, f=f):
                 for _ in range(24):
@@ -205,7 +212,7 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="pattern", choices=["tiny", "pattern", "0.8b"])
+    p.add_argument("--model", default="pattern", choices=["tiny", "pattern", "0.8b", "9b"])
     p.add_argument("--dtype", default=None)
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--tokens", default="2,3,4", help="verify token counts")
@@ -214,8 +221,12 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--variants",
         default="auto",
-        help="layers.ROWS_GEMV: off,auto,all; auto-views: auto with each row-wise product's "
-        "views made in the step (layers.ROWS_PREBUILT False: the form before session 8)",
+        help="layers.ROWS_GEMV: off,auto,all (with the few-rows kernel, layers.ROWS_KERNEL "
+        "True); kernel: auto with the kernel (= auto); kernel-large: auto with the kernel only "
+        "in place of cuBLAS (ROWS_KERNEL 'large'); gemv: auto with MLX's batched gemv over "
+        "broadcast weights (ROWS_KERNEL False, the form before session 9); auto-views: gemv "
+        "with each row-wise product's views made in the step (layers.ROWS_PREBUILT False: the "
+        "form before session 8)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -229,7 +240,10 @@ def main(argv=None) -> dict:
     result["calls"] = {}
     for variant in args.variants.split(","):
         layers_lib.ROWS_PREBUILT = variant != "auto-views"
-        set_variant(model, "auto" if variant == "auto-views" else variant)
+        kernel = {"gemv": False, "auto-views": False, "kernel-large": "large"}.get(variant, True)
+        layers_lib.ROWS_KERNEL = kernel
+        old_names = ("gemv", "auto-views", "kernel", "kernel-large")
+        set_variant(model, "auto" if variant in old_names else variant)
         calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip

@@ -315,7 +315,11 @@ def test_rows_gemv_is_off_on_the_cpu_and_for_one_row(monkeypatch):
     if mx.default_device() == mx.cpu:
         assert not layers._rows_gemv(mx.zeros((3, 64)), w)
     else:  # on a GPU: (rows - 1) x W's bytes over the limit keeps the GEMM (never evaluated)
-        assert not layers._rows_gemv(mx.zeros((3, 64)), mx.zeros((1 << 20, 64)).T)
+        big = mx.zeros((1 << 20, 64)).T
+        monkeypatch.setattr(layers, "ROWS_KERNEL", False)
+        assert not layers._rows_gemv(mx.zeros((3, 64)), big)
+        monkeypatch.setattr(layers, "ROWS_KERNEL", True)  # ... unless the kernel reads W once
+        assert layers._rows_gemv(mx.zeros((3, 64)), big)
 
 
 def _verify_and_steps(model, toks):
@@ -361,6 +365,7 @@ def test_verify_rows_as_gemv_same_tokens_and_logits_as_the_step(tok, monkeypatch
 
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)  # the broadcast form (the kernel: GPU tests)
     calls = []
     orig = layers._rows_product
     monkeypatch.setattr(layers, "_rows_product", lambda *a: calls.append(a[-1].shape) or orig(*a))
@@ -401,6 +406,7 @@ def test_verify_rows_as_gemv_add_only_reshapes(monkeypatch):
     from qwen35_mlx.models import layers
 
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)  # the broadcast form (the GPU's kernel: none)
     counts = {}
     for rows in (False, True):
         monkeypatch.setattr(layers, "ROWS_GEMV", rows)
@@ -425,6 +431,7 @@ def test_decode_batch_rows_as_gemv_equals_plain(monkeypatch):
 
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)  # the broadcast form (the kernel: GPU tests)
     seen = []
     orig = layers._rows_product
     monkeypatch.setattr(layers, "_rows_product", lambda *a: seen.append(a[-1].shape) or orig(*a))
@@ -436,3 +443,59 @@ def test_decode_batch_rows_as_gemv_equals_plain(monkeypatch):
     np.testing.assert_allclose(l_comp, l_plain, atol=2e-5, rtol=1e-4)
     assert (3, model.config.hidden_size, 1) in seen  # the batch's rows took the row-wise form
     assert model._rows_cache[3][2]  # ... with matrices passed in
+
+
+def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
+    """Where the few-rows kernel runs (`layers.ROWS_KERNEL`: a GPU), the verify pass's row-wise
+    products call `rows_matmul.rows_matmul_t` with the decode weights' transposed views [K, N],
+    rows out (no reshape around them), and the compiled steps get no broadcast matrices; greedy
+    MTP gives plain decoding's tokens. On the CPU no kernel runs: its entry is stood in by
+    MLX's product, so this checks the call sites (the kernel itself: tests/kernels)."""
+    from qwen35_mlx.kernels import rows_matmul as rk
+    from qwen35_mlx.models import layers
+
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(rk, "kernel_available", lambda dtype: True)
+    seen = []
+
+    def stand_in(x, w_t, out_shape=None):
+        K, N = w_t.shape
+        assert x.shape[-1] == K or x.shape[1:] == (K, 1), (x.shape, w_t.shape)
+        seen.append((x.shape, w_t.shape, out_shape))
+        y = x.reshape(-1, K) @ w_t
+        return y.reshape(out_shape or rk._out_shape(x, K, N))
+
+    monkeypatch.setattr(rk, "rows_matmul_t", stand_in)
+    model = _model("dense")
+    want = _tokens(model, tok, mtp=False)
+    assert not seen  # one row: MLX's gemv
+    assert _tokens(model, tok, mtp=True, mtp_k=2) == want
+    assert seen
+    H, V = model.config.hidden_size, model.config.vocab_size
+    assert any(s == (3, H) and o == (3, w[1]) for s, w, o in seen)  # chains in rows (3 rows)
+    assert all(s[-1] != 1 or o is not None for s, _, o in seen)  # columns in: rows out
+    assert any(w == (H, V) for _, w, _ in seen)  # the lm_head too
+    assert model._rows_cache and not any(got[2] for got in model._rows_cache.values())
+
+
+def test_rows_kernel_rule(monkeypatch):
+    """`layers.ROWS_KERNEL`: True takes the kernel for every row-wise product of 1..8 rows of
+    the weight's dtype, "large" only where the broadcast form would be over
+    ROWS_GEMV_MAX_BYTES (a cuBLAS GEMM otherwise), False never; never where no kernel runs."""
+    from qwen35_mlx.kernels import rows_matmul as rk
+    from qwen35_mlx.models import layers
+
+    small, big = mx.zeros((64, 32)).T, mx.zeros((1 << 20, 64)).T  # (never evaluated)
+    if mx.default_device() == mx.cpu:
+        assert not layers._rows_kernel(3, small, mx.float32)  # no kernel runs
+    monkeypatch.setattr(rk, "kernel_available", lambda dtype: True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", True)
+    assert layers._rows_kernel(3, small, mx.float32) and layers._rows_kernel(8, big, mx.float32)
+    assert not layers._rows_kernel(9, small, mx.float32)
+    assert not layers._rows_kernel(3, small, mx.bfloat16)  # activations of another dtype
+    monkeypatch.setattr(layers, "ROWS_KERNEL", "large")
+    assert not layers._rows_kernel(3, small, mx.float32)
+    assert layers._rows_kernel(3, big, mx.float32)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)
+    assert not layers._rows_kernel(3, big, mx.float32)

@@ -28,6 +28,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels import fused_norm
+from ..kernels import rows_matmul as rows_kernel
 from ..kernels.attention import MAX_T as DECODE_MAX_T
 from ..kernels.gated_delta import (
     gated_delta_decode,
@@ -173,7 +174,12 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...], fp32: bool = F
                 m[a] = fused[a][int(lo) : int(hi)]
         mx.eval([m[a] for m in mods for a in arrays])
     if quant is None:
-        owner[key] = _view(mods[0], fused["weight"])  # no Transpose (Reshape) in the step
+        w = fused["weight"]
+        if len(mods) == 1 and not isinstance(mods[0], nn.Conv1d):
+            # Row-contiguous (a shared buffer when it is already): `rows_kernel.rows_matmul_t`
+            # reads the buffer under the transposed view as W [N, K].
+            w = mx.contiguous(w)
+        owner[key] = _view(mods[0], w)  # no Transpose (Reshape) in the step
         mx.eval(owner[key])
     else:
         owner[key] = tuple(fused.get(a) for a in ("weight", "scales", "biases"))
@@ -273,9 +279,12 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
 def project_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx.array | None:
     """x through the group's one dense matrix as one gemv a row (`ROWS_GEMV`), the rows as
     column vectors in and out: x [R, K] or [R, K, 1] -> [R, N, 1] (the layers' outputs side by
-    side along axis 1, in `names` order). A chain of projections (the MLP's gate|up, swiglu,
-    down) then reshapes only at its ends. None where the row-wise form does not apply (one row,
-    a quantized or unfused group, `ROWS_GEMV` off): then `project`. For the compiled steps."""
+    side along axis 1, in `names` order); where the few-rows kernel takes it (`ROWS_KERNEL`),
+    -> [R, N], rows, whatever x's form (the kernel reads either, and writes rows: no reshape).
+    Callers take both forms (a split along axis 1, a reshape to rows: free when the shape is
+    already that). A chain of projections (the MLP's gate|up, swiglu, down) then reshapes only
+    at its ends. None where the row-wise form does not apply (one row, a quantized or unfused
+    group, `ROWS_GEMV` off): then `project`. For the compiled steps."""
     made = getattr(owner, _key(names) + "_made", None)
     if made is None or not made.fused or made.quant is not None or made.fp32:
         return None
@@ -285,12 +294,14 @@ def project_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx
     R, K = x.shape[0], w.shape[0]
     if x.shape[1:] not in ((K,), (K, 1)) or not _rows_take(R, w):
         return None
+    if _rows_kernel(R, w, x.dtype):
+        return rows_kernel.rows_matmul_t(x, w, out_shape=(R, w.shape[1]))
     return _rows_product(owner, names, w, x.reshape(R, K, 1))
 
 
 def project_split_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list | None:
-    """`project_columns`, split into the layers' outputs [R, n_i, 1] (views); None where it
-    does not apply."""
+    """`project_columns`, split into the layers' outputs [R, n_i, 1] (or [R, n_i]: the
+    kernel's rows) (views); None where it does not apply."""
     y = project_columns(owner, names, x)
     if y is None or len(names) == 1:
         return y if y is None else [y]
@@ -300,10 +311,13 @@ def project_split_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array)
 
 def _rows_product(owner: nn.Module | None, names: tuple | None, w: mx.array, x: mx.array):
     """x [R, K, 1] (R rows as column vectors) through w [K, N] (the transposed view the step
-    uses) as R matrix-vector products -> [R, N, 1]: W [N, K] broadcast over the rows, from
-    `rows_weights` where the compiled step was given owner's group `names` (no view made in the
-    step), else made here (a Transpose and a Broadcast)."""
+    uses, of a row-contiguous W [N, K]) -> [R, N, 1]: one `rows_kernel` launch reading W once
+    where it runs (`ROWS_KERNEL`), else R matrix-vector products: W [N, K] broadcast over the
+    rows, from `rows_weights` where the compiled step was given owner's group `names` (no view
+    made in the step), else made here (a Transpose and a Broadcast)."""
     R = x.shape[0]
+    if _rows_kernel(R, w, x.dtype):  # (the callers take the kernel first: rows, no reshape)
+        return rows_kernel.rows_matmul_t(x, w)
     wb = None
     if _ROWS_WEIGHTS and owner is not None:
         wb = _ROWS_WEIGHTS.get((id(owner), _key(names)))
@@ -333,6 +347,26 @@ ROWS_GEMV: str | bool = "auto"
 # measured against cuBLAS's host cost.
 ROWS_GEMV_MAX_ROWS = 8
 ROWS_GEMV_MAX_BYTES = 64 << 20
+# The row-wise products as one launch of `kernels.rows_matmul`: W read once whatever the rows,
+# each row summed as MLX's one-row gemv sums it (so the same bits as the broadcast form), no
+# broadcast matrix passed into the compiled steps, and no byte limit (the lm_head, 9B's
+# projections: cuBLAS GEMMs before). A custom kernel costs MLX's host more than its own gemv
+# (~5 against ~2 us, benchmarks/NOTES.md), so where the broadcast gemv's extra reads stay cheap
+# (small matrices, in L2) it may not pay at batch 1. ROWS_KERNEL: True (every row-wise
+# product), "large" (only where the broadcast form is over ROWS_GEMV_MAX_BYTES, i.e. in place
+# of a cuBLAS GEMM), False (MLX's batched gemv over W broadcast, as before). Where the kernel
+# does not run (the CPU, another dtype) the broadcast form stays. Read when a step is traced
+# and at every plain call.
+ROWS_KERNEL: str | bool = True
+
+
+def _rows_kernel(rows: int, w: mx.array, dtype) -> bool:
+    """Whether a row-wise product of `rows` rows of `dtype` with w [K, N] runs the kernel."""
+    if not ROWS_KERNEL or w.ndim != 2 or not 1 <= rows <= rows_kernel.MAX_ROWS:
+        return False
+    if ROWS_KERNEL == "large" and (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES:
+        return False
+    return w.dtype == dtype and rows_kernel.kernel_available(dtype)
 
 
 def _rows_gemv(x: mx.array, w: mx.array) -> bool:
@@ -345,17 +379,24 @@ def _rows_take(rows: int, w: mx.array) -> bool:
         return False
     if ROWS_GEMV != "auto":
         return bool(ROWS_GEMV)
-    if mx.default_device() != mx.gpu or not mx.cuda.is_available():
+    if mx.default_device() != mx.gpu or not mx.cuda.is_available() or rows > ROWS_GEMV_MAX_ROWS:
         return False
-    return rows <= ROWS_GEMV_MAX_ROWS and (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES
+    # The kernel reads W once: no limit on W's bytes (the activations share W's dtype).
+    return _rows_kernel(rows, w, w.dtype) or (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES
 
 
 def rows_matmul(x: mx.array, w: mx.array, owner=None, names=None) -> mx.array:
-    """x [..., K] @ w [K, N] as one matrix-vector product per row of x (`ROWS_GEMV`): the
-    transposed weight w's matrix W [N, K] broadcast over the rows, each row a [K, 1] vector
-    (`_rows_product`; owner, names: the decode group w is, for its broadcast matrix)."""
+    """x [..., K] @ w [K, N] as one matrix-vector product per row of x (`ROWS_GEMV`): one
+    `rows_kernel` launch where it runs (`ROWS_KERNEL`; then x must be row-contiguous and w the
+    transposed view of a row-contiguous W, as the decode weights and every caller's activations
+    are: the kernel reads both buffers as they lie), else the transposed weight w's matrix
+    W [N, K] broadcast over the rows, each row a [K, 1] vector (`_rows_product`; owner, names:
+    the decode group w is, for its broadcast matrix)."""
     K = x.shape[-1]
-    out = _rows_product(owner, names, w, x.reshape(x.size // K, K, 1))
+    R = x.size // K
+    if _rows_kernel(R, w, x.dtype):  # [..., K] in, [..., N] out: no reshape
+        return rows_kernel.rows_matmul_t(x, w)
+    out = _rows_product(owner, names, w, x.reshape(R, K, 1))
     return out.reshape(*x.shape[:-1], w.shape[1])
 
 
@@ -383,7 +424,7 @@ def rows_weights(groups: list, rows: int) -> tuple[list, list]:
         if made is None or not made.fused or made.quant is not None or made.fp32:
             continue
         w = owner[_key(names)]
-        if _rows_take(rows, w):
+        if _rows_take(rows, w) and not _rows_kernel(rows, w, w.dtype):  # (the kernel: none)
             keys.append((id(owner), _key(names)))
             mats.append(mx.broadcast_to(w.T, (rows, *w.T.shape)))
     mx.eval(mats)
@@ -1051,7 +1092,7 @@ class MLP(nn.Module):
         if residual is None and not _swiglu_kernel(x):
             gu = project_columns(self, self.DECODE_GROUPS[0], x)
             if gu is not None:
-                h = _swiglu(*mx.split(gu, 2, axis=1))  # [rows, I, 1]
+                h = _swiglu(*mx.split(gu, 2, axis=1))  # [rows, I, 1] (kernel: [rows, I])
                 y = project_columns(self, ("down_proj",), h)
                 if y is not None:
                     return y.reshape(x.shape)

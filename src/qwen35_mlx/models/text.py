@@ -559,8 +559,14 @@ class TextModel(nn.Module):
         row-wise (`layers.rows_weights`; none on the CPU), passed into the multi-token steps
         (as inputs: when the weights change, so do they). Made after `_prepare_decode`, and
         again whenever it (or a trace) renewed the decode projections' record, or the rule
-        that picks the row-wise projections (`layers.ROWS_GEMV`, the device) changed."""
-        rule = (layers_lib.ROWS_GEMV, layers_lib.ROWS_PREBUILT, mx.default_device())
+        that picks the row-wise projections (`layers.ROWS_GEMV`, `ROWS_KERNEL`, the device)
+        changed."""
+        rule = (
+            layers_lib.ROWS_GEMV,
+            layers_lib.ROWS_PREBUILT,
+            layers_lib.ROWS_KERNEL,
+            mx.default_device(),
+        )
         got = self._rows_cache.get(rows)
         if got is None or got[0] is not self._decode_checks or got[3] != rule:
             keys, mats = rows_weights(self._decode_groups(), rows)

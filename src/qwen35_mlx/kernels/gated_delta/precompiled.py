@@ -21,7 +21,8 @@ and what this module generates instead, so that the source needs none of MLX's h
   caller under `mx.compile(shapeless=True)` must not use this path.
 - Template arguments become `constexpr int` / `constexpr bool` / `using` lines at the top of the
   body, as in MLX; `grid` is in threads and the block is `threadgroup`, as in MLX.
-- Inputs are made row-contiguous first (`ensure_row_contiguous=True`, `cuda_kernel`'s default).
+- Inputs are made row-contiguous first (`ensure_row_contiguous=True`, `cuda_kernel`'s default;
+  a kernel made with False gets them as they are).
 
 Off switch: QWEN35_MLX_CUDA_PRECOMPILED=0 uses `mx.fast.cuda_kernel` as before. If NVRTC is
 missing, the GPU's architecture cannot be read, or a source does not compile, the kernel falls
@@ -202,8 +203,11 @@ class CachedCudaKernel:
     from the disk cache or compiled with NVRTC and stored there. `last` says how the last new
     signature was obtained: "disk", "compiled" or "fallback"; `compile_s` the NVRTC seconds."""
 
-    def __init__(self, name, input_names, output_names, source, header=""):
+    def __init__(
+        self, name, input_names, output_names, source, header="", ensure_row_contiguous=True
+    ):
         self.name = name
+        self.ensure_row_contiguous = ensure_row_contiguous
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self.source = source
@@ -224,6 +228,7 @@ class CachedCudaKernel:
                 output_names=self.output_names,
                 source=self.source,
                 header=self.header,
+                ensure_row_contiguous=self.ensure_row_contiguous,
             )
         return self._fallback
 
@@ -312,7 +317,7 @@ class CachedCudaKernel:
             grid=grid,
             threadgroup=threadgroup,
             init_value=init_value,
-            ensure_row_contiguous=True,
+            ensure_row_contiguous=self.ensure_row_contiguous,
             stream=stream,
         )
 
@@ -330,7 +335,10 @@ class CachedCudaKernel:
         )
 
 
-def cuda_kernel(*, name, input_names, output_names, source, header=""):
-    """`mx.fast.cuda_kernel`'s factory with the disk cache (or MLX's own, when switched off)."""
-    kernel = CachedCudaKernel(name, input_names, output_names, source, header)
+def cuda_kernel(*, name, input_names, output_names, source, header="", ensure_row_contiguous=True):
+    """`mx.fast.cuda_kernel`'s factory with the disk cache (or MLX's own, when switched off).
+    ensure_row_contiguous False: inputs passed as they are (views included), as MLX's option."""
+    kernel = CachedCudaKernel(
+        name, input_names, output_names, source, header, ensure_row_contiguous
+    )
     return kernel if enabled() else kernel.fallback()

@@ -1,0 +1,301 @@
+"""A few rows through a matrix, the matrix read once: y[R, N] = x[R, K] @ W[N, K]^T, R = 1..8.
+
+One GPU kernel, one text for Metal and CUDA. Each warp (SIMD-group) owns C output columns n and
+all R rows: lane l loads W's row n in chunks of NPT elements at k = NPT l + 32 NPT i, and adds
+each chunk times the R rows' matching x elements into R fp32 sums; the warp then sums its lanes
+(the butterfly's tree, halving the values at each level). Every W element is loaded once,
+whatever R: where a batched matrix-vector form (W broadcast over the rows) reads W R times.
+
+The order of the sums is that of MLX's CUDA gemv (`backend/cuda/gemms/gemv.cu`: one warp an
+output, NPT 4 where K % 128 == 0, 2 where K % 64 == 0, else 1, fp32 sums, a warp butterfly),
+which MLX runs for a one-row `x @ W.T`: so each row's output equals that one-row product's bit
+for bit (16-bit inputs: their products are exact in fp32, so no FMA question either).
+
+Shapes: x [R, K] or [R, K, 1] (the rows as column vectors) in T; W [N, K] row-major in T (the
+same dtype: bf16, fp16 or fp32); y [R, N] or [R, N, 1], as x, in T.
+- `rows_matmul(x, w)`: W given as [N, K] (MLX makes the inputs row-contiguous first).
+- `rows_matmul_t(x, w_t)`: W given as its transposed view [K, N], the layout of a decode weight
+  (`x @ w_t`): the kernel reads the buffer under that view as W [N, K], with no copy and no
+  view made. So w_t must be the transpose of a row-contiguous [N, K] array and x row-contiguous:
+  the caller guarantees it (inputs are passed as they are, `ensure_row_contiguous=False`).
+Both run where a GPU backend is and the default device is the GPU (`kernel_available`); on the
+CPU they are `x @ W.T` (MLX's ops), so callers need no branch.
+The body is plain C++ over the gated-delta kernels' helpers (their `HEADER`s: gd_shuffle)
+and two of its own per backend, `rm_aligned<NPT>(p)` and `rm_load<NPT, VEC>(p, out)` (NPT
+elements from p into floats: one vector load on CUDA where x and W are aligned for it), and
+three names the prologue defines:
+    rm_lane   lane in the warp (0..31)   rm_warp   warp in the threadgroup   rm_block   threadgroup
+Launch: threadgroups of (32, WARPS) threads along the grid's x, ceil(N / (WARPS C)) of them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# At most this many rows (a verify pass's tokens at batch 1, a small decode batch).
+MAX_ROWS = 8
+# Warps a threadgroup, and output columns a warp. C 1 is MLX's gemv layout (a warp an output);
+# C 2 loads each x chunk once for two columns.
+WARPS = 4
+COLUMNS = 2
+
+# The k loop, once with vector loads (x and W aligned for them) and once without: a branch on
+# alignment at each load would keep the compiler from issuing the loads ahead.
+_LOOP = """
+    for (int k = NPT * int(rm_lane); k < K; k += 32 * NPT) {{
+      float rm_x[R][NPT];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {{
+        rm_load<NPT, {vec}>(x + size_t(r) * K + k, rm_x[r]);
+      }}
+#pragma unroll
+      for (int c = 0; c < C; ++c) {{
+        // The last warp's columns past N read row N - 1 again (never stored).
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+        float rm_w[NPT];
+        rm_load<NPT, {vec}>(w + size_t(n) * K + k, rm_w);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {{
+#pragma unroll
+          for (int j = 0; j < NPT; ++j) {{
+            rm_acc[c * R + r] += rm_w[j] * rm_x[r][j];
+          }}
+        }}
+      }}
+    }}
+"""
+
+# The warp's sums: the C R values (padded to P, a power of two) summed over the 32 lanes with
+# the butterfly's tree (offsets 16, 8, .., 1; each partial sum the same two operands as
+# gd_group_sum's), but halving the values at each step while more than one is left: at offset
+# o a lane keeps one of each pair (by its bit o) and adds the partner's, so P - 1 + (5 - log2 P)
+# shuffles instead of 5 P. Then lane l holds value q = sum_j bit(16 >> j of l) << j, as do the
+# lanes that differ from it in the butterfly's bits (below 32 / P); the one with those bits 0
+# stores it.
+# One step of that sum, at offset o (the j-th): halving while the values left (RM_P >> j) are
+# two or more, else the butterfly's step. Written out for each offset (constant bounds: the
+# values stay in registers).
+_STEP = """
+    if (RM_P >= {size}) {{
+      const bool hi = (rm_l & {o}) != 0;
+      rm_q |= int(hi) << {j};
+#pragma unroll
+      for (int i = 0; i < RM_P / {size}; ++i) {{
+        const float keep = hi ? rm_acc[2 * i + 1] : rm_acc[2 * i];
+        const float send = hi ? rm_acc[2 * i] : rm_acc[2 * i + 1];
+        rm_acc[i] = keep + gd_shuffle(send, rm_l ^ {o});
+      }}
+    }} else {{
+      rm_acc[0] += gd_shuffle(rm_acc[0], rm_l ^ {o});
+    }}
+"""
+
+BODY = (
+    """
+  // x: [R, K] in T; w: W [N, K] row-major in T; y: [R, N] in T. A warp: C columns, all R rows.
+  constexpr int RM_V = R * C;
+  constexpr int RM_P = RM_V <= 1 ? 1 : RM_V <= 2 ? 2 : RM_V <= 4 ? 4 : RM_V <= 8 ? 8
+                     : RM_V <= 16 ? 16 : 32;
+  const int rm_n0 = (int(rm_block) * W + int(rm_warp)) * C;
+  if (rm_n0 < N) {
+    float rm_acc[RM_P];  // [c R + r]; past R C: zeros
+#pragma unroll
+    for (int i = 0; i < RM_P; ++i) {
+      rm_acc[i] = 0.0f;
+    }
+    if (rm_aligned<NPT>(x) && rm_aligned<NPT>(w)) {"""
+    + _LOOP.format(vec="true")
+    + """    } else {"""
+    + _LOOP.format(vec="false")
+    + """    }
+    const int rm_l = int(rm_lane);
+    int rm_q = 0;
+"""
+    + "".join(_STEP.format(o=16 >> j, j=j, size=2 << j) for j in range(5))
+    + """    const int rm_c = rm_q / R, rm_r = rm_q % R;
+    if ((rm_l & (32 / RM_P - 1)) == 0 && rm_q < RM_V && rm_n0 + rm_c < N) {
+      y[size_t(rm_r) * N + rm_n0 + rm_c] = static_cast<T>(rm_acc[0]);
+    }
+  }
+"""
+)
+
+CUDA_HEADER = """
+// Whether p (a row start; rows of K elements) is aligned for loads of NPT elements.
+template <int NPT, typename T>
+__device__ __forceinline__ bool rm_aligned(const T* p) {
+  return (reinterpret_cast<size_t>(p) & (NPT * sizeof(T) - 1)) == 0;
+}
+
+// NPT consecutive elements of p as floats: VEC, one load of NPT * sizeof(T) bytes (p aligned
+// to that), else element by element (x or W at an odd offset; the same values).
+template <int NPT, bool VEC, typename T>
+__device__ __forceinline__ void rm_load(const T* p, float* out) {
+  struct alignas(NPT * sizeof(T)) Chunk {
+    T v[NPT];
+  };
+  if (VEC) {
+    const Chunk u = *reinterpret_cast<const Chunk*>(p);
+#pragma unroll
+    for (int j = 0; j < NPT; ++j) {
+      out[j] = static_cast<float>(u.v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NPT; ++j) {
+      out[j] = static_cast<float>(p[j]);
+    }
+  }
+}
+"""
+
+METAL_HEADER = """
+template <int NPT, typename T>
+inline bool rm_aligned(const device T* p) {
+  return true;  // (loads are element by element)
+}
+
+template <int NPT, bool VEC, typename T>
+inline void rm_load(const device T* p, thread float* out) {
+  for (int j = 0; j < NPT; ++j) {
+    out[j] = static_cast<float>(p[j]);
+  }
+}
+"""
+
+CUDA_PROLOGUE = """
+  const unsigned rm_lane = threadIdx.x;
+  const unsigned rm_warp = threadIdx.y;
+  const unsigned rm_block = blockIdx.x;
+"""
+
+# MLX declares a Metal attribute only when its name appears in `source`: named here.
+METAL_PROLOGUE = """
+  const unsigned rm_lane = thread_position_in_threadgroup.x;
+  const unsigned rm_warp = thread_position_in_threadgroup.y;
+  const unsigned rm_block = threadgroup_position_in_grid.x;
+"""
+
+INPUTS = ["x", "w"]
+OUTPUTS = ["y"]
+
+
+def kernel_source(backend: str) -> str:
+    """The full `source=` for backend "cuda" or "metal": prologue + body."""
+    return {"cuda": CUDA_PROLOGUE, "metal": METAL_PROLOGUE}[backend] + BODY
+
+
+def header(backend: str) -> str:
+    """The `header=` for backend "cuda" or "metal": the gated-delta helpers + `rm_load`."""
+    if backend == "cuda":
+        from .gated_delta.cuda import HEADER
+
+        return HEADER + CUDA_HEADER
+    from .gated_delta.metal import HEADER
+
+    return HEADER + METAL_HEADER
+
+
+def _backend() -> str | None:
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+# (backend, inputs made row-contiguous) -> kernel object.
+_built: dict[tuple, object] = {}
+
+
+def _build(contiguous: bool):
+    kind = _backend()
+    if (kind, contiguous) not in _built:
+        # One name for both: the same binary (the disk cache compiles it once).
+        kw = dict(name="qm_rows_matmul", input_names=INPUTS, output_names=OUTPUTS)
+        kw.update(source=kernel_source(kind), header=header(kind))
+        if kind == "cuda":
+            from .gated_delta import precompiled
+
+            k = precompiled.cuda_kernel(**kw, ensure_row_contiguous=contiguous)
+        else:
+            k = mx.fast.metal_kernel(**kw, ensure_row_contiguous=contiguous)
+        _built[kind, contiguous] = k
+    return _built[kind, contiguous]
+
+
+def kernel_available(dtype) -> bool:
+    """Whether the kernel runs for activations of `dtype`: a GPU backend, the default device a
+    GPU, bf16, fp16 or fp32."""
+    return (
+        mx.default_device() != mx.cpu
+        and dtype in (mx.bfloat16, mx.float16, mx.float32)
+        and _backend() is not None
+    )
+
+
+def takes(x: mx.array, w: mx.array, K: int) -> bool:
+    """Whether `rows_matmul` / `_t` run the kernel for x (K its row length) and weight w: a GPU,
+    1..MAX_ROWS rows, w 2-D of x's dtype."""
+    rows = x.size // K if K else 0
+    return (
+        w.ndim == 2
+        and x.dtype == w.dtype
+        and 1 <= rows <= MAX_ROWS
+        and x.shape[-1] in (K, 1)
+        and kernel_available(x.dtype)
+    )
+
+
+def elements_a_load(K: int) -> int:
+    """NPT: the elements a lane loads at once, as MLX's gemv picks it for a row of K."""
+    return 4 if K % 128 == 0 else 2 if K % 64 == 0 else 1
+
+
+def _out_shape(x: mx.array, K: int, N: int) -> tuple:
+    """x [..., K] -> [..., N]; x [R, K, 1] (columns) -> [R, N, 1]."""
+    if x.ndim == 3 and x.shape[1:] == (K, 1):
+        return (x.shape[0], N, 1)
+    return (*x.shape[:-1], N)
+
+
+def launch(kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None, out_shape=None):
+    """Run a built kernel: x (R rows of K, any of the accepted shapes), w the weight input as
+    the kernel object takes it; returns y in x's form, or out_shape (any shape of R N
+    elements: the kernel writes rows) (init_value: y's value before the kernel, for tests)."""
+    R = x.size // K
+    warps_needed = -(-N // columns)
+    blocks = -(-warps_needed // WARPS)
+    template = [("R", R), ("K", K), ("N", N), ("C", columns), ("NPT", elements_a_load(K))]
+    template += [("W", WARPS), ("T", x.dtype)]
+    return kernel(
+        inputs=[x, w],
+        template=template,
+        grid=(32 * blocks, WARPS, 1),
+        threadgroup=(32, WARPS, 1),
+        output_shapes=[out_shape or _out_shape(x, K, N)],
+        output_dtypes=[x.dtype],
+        init_value=init_value,
+    )[0]
+
+
+def rows_matmul(x: mx.array, w: mx.array) -> mx.array:
+    """x [R, K] (or [R, K, 1]) @ W.T with W = w [N, K]: one kernel reading W once on a GPU,
+    else the ops."""
+    N, K = w.shape
+    if not takes(x, w, K):
+        y = x.reshape(-1, K) @ w.T
+        return y.reshape(_out_shape(x, K, N))
+    return launch(_build(True), x, w, K, N)
+
+
+def rows_matmul_t(x: mx.array, w_t: mx.array, out_shape: tuple | None = None) -> mx.array:
+    """x [R, K] (or [R, K, 1]) @ w_t, w_t [K, N] the transposed view of a row-contiguous
+    W [N, K], x row-contiguous (not checked: see the module docstring). One kernel reading W's
+    buffer once, with no copy; on the CPU the ops. out_shape: y's shape (R N elements, rows in
+    order), else x's form."""
+    K, N = w_t.shape
+    if not takes(x, w_t, K):
+        y = x.reshape(-1, K) @ w_t
+        return y.reshape(out_shape or _out_shape(x, K, N))
+    return launch(_build(False), x, w_t, K, N, out_shape=out_shape)

@@ -1,0 +1,144 @@
+"""The few-rows matmul kernel (`kernels/rows_matmul.py`) on the GPU (skipped without CUDA or
+Metal): against float64 for R = 1..8 rows, each row bit for bit MLX's one-row product (`x @ W.T`,
+its gemv: the kernel sums in that order), W given as [N, K] or as the transposed view of a
+buffer at an offset (`rows_matmul_t`, no copy), in the column form, under `mx.compile`; and the
+compiled verify pass with the kernel (`layers.ROWS_KERNEL`) against the broadcast gemv form:
+the same tokens and logits."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.kernels import rows_matmul
+from tests.kernels.gpu import GPU_ONLY
+from tests.kernels.helpers import np64
+
+pytestmark = GPU_ONLY
+
+# (K, N): 0.8B's hidden in and out (NPT 4), N not a multiple of a threadgroup's columns, NPT 2
+# and 1 (K % 64, K odd multiple of 8).
+SHAPES = [(1024, 6144), (3584, 1024), (1024, 1001), (192, 77), (40, 33)]
+DTYPES = [mx.bfloat16, mx.float16, mx.float32]
+
+
+def _inputs(R, K, N, dtype, seed=0):
+    """x [R, K] and a buffer [N + 5, K] whose rows 3 .. N + 2 are W (a view at an offset)."""
+    k = mx.random.split(mx.random.key(seed), 2)
+    x = mx.random.normal((R, K), key=k[0]).astype(dtype)
+    buf = (mx.random.normal((N + 5, K), key=k[1]) / K**0.5).astype(dtype)
+    mx.eval(x, buf)
+    return x, buf[3 : 3 + N]
+
+
+def _one_row_products(x, W):
+    """MLX's own product a row (its gemv), stacked: the bits the kernel must give."""
+    return mx.concatenate([x[r : r + 1] @ W.T for r in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("R", [1, 2, 5, 8])
+def test_rows_matmul_kernel_matches_float64_and_mlx_gemv(dtype, K, N, R):
+    x, W = _inputs(R, K, N, dtype, seed=R)
+    assert rows_matmul.takes(x, W, K)
+    nan = float("nan")
+    y = rows_matmul.launch(rows_matmul._build(True), x, W, K, N, init_value=nan)
+    y_t = rows_matmul.launch(rows_matmul._build(False), x, W.T, K, N, init_value=nan)
+    assert y.shape == (R, N) and y.dtype == dtype
+    want = np64(x) @ np64(W).T
+    scale = np.sqrt((np64(x) ** 2).mean(1, keepdims=True))  # y's typical size
+    err = np.abs(np64(y) - want) / (np.abs(want) + 1e-2 * scale)
+    top = {mx.float32: 2e-5, mx.bfloat16: 8e-3, mx.float16: 1e-3}[dtype]
+    assert np.isfinite(np64(y)).all() and err.max() <= top, err.max()
+    assert mx.array_equal(y_t, y).item()  # the view read in place: the same matrix
+    one = _one_row_products(x, W)
+    diff = float(mx.abs(y.astype(mx.float32) - one.astype(mx.float32)).max())
+    assert mx.array_equal(y, one).item(), diff  # MLX's gemv order, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=str)
+def test_rows_matmul_column_form_compiled_and_tile_widths(dtype):
+    """x [R, K, 1] -> [R, N, 1]; the same bits under mx.compile and for 1, 2 or 4 columns a
+    warp (the sum's order does not depend on the tile)."""
+    K, N, R = 1024, 1001, 4
+    x, W = _inputs(R, K, N, dtype, seed=7)
+    y = rows_matmul.rows_matmul_t(x, W.T)
+    cols = rows_matmul.rows_matmul_t(x.reshape(R, K, 1), W.T)
+    assert cols.shape == (R, N, 1)
+    assert mx.array_equal(cols.reshape(R, N), y).item()
+    f = mx.compile(lambda a, b: rows_matmul.rows_matmul_t(a, b) * 1)
+    assert mx.array_equal(f(x, W.T), y).item()
+    for c in (1, 4):
+        got = rows_matmul.launch(rows_matmul._build(False), x, W.T, K, N, columns=c)
+        assert mx.array_equal(got, y).item(), c
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=str)
+def test_rows_matmul_at_an_odd_offset(dtype):
+    """x and W row-contiguous views one element into their buffers (no vector load may touch
+    them): the same bits as the aligned arrays (the order follows K, not the address)."""
+    K, N, R = 1024, 300, 3
+    x, W = _inputs(R, K, N, dtype, seed=5)
+
+    def shifted(a):
+        flat = mx.concatenate([mx.zeros((1,), dtype), a.reshape(-1)])
+        mx.eval(flat)
+        return flat[1:].reshape(a.shape)
+
+    want = rows_matmul.rows_matmul(x, W)
+    assert mx.array_equal(rows_matmul.rows_matmul(shifted(x), shifted(W)), want).item()
+    assert mx.array_equal(rows_matmul.rows_matmul_t(shifted(x), shifted(W).T), want).item()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_verify_pass_with_the_kernel_equals_the_gemv_form(monkeypatch, k):
+    """The compiled verify pass and MTP rounds with the few-rows kernel (`ROWS_KERNEL` True,
+    the default where it runs) against the broadcast gemv form (False), fresh bf16 models
+    each: the same greedy tokens and the same verify logits, bit for bit; the kernel taken."""
+    from qwen35_mlx.loader import load_tokenizer, read_config
+    from qwen35_mlx.models import layers
+    from tests.test_speculative import GOLDEN, PROMPT, _model, _tokens
+
+    tok = load_tokenizer(GOLDEN, read_config(GOLDEN), "qwen3_5_text")
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    calls = []
+    orig = rows_matmul.rows_matmul_t
+    count = lambda x, w, **kw: calls.append(1) or orig(x, w, **kw)  # noqa: E731
+    monkeypatch.setattr(rows_matmul, "rows_matmul_t", count)
+    out = {}
+    for kernel in (False, True):
+        monkeypatch.setattr(layers, "ROWS_KERNEL", kernel)
+        calls.clear()
+        model = _model("dense")  # fresh: its compiled steps trace with the setting above
+        model.set_dtype(mx.bfloat16)
+        plain = _tokens(model, tok, mtp=False)
+        mtp = _tokens(model, tok, mtp=True, mtp_k=k)
+        cache = model.make_cache()
+        model(mx.array([PROMPT]), cache=cache)
+        multi = model(mx.array([[7, 42, 99]]), cache=cache, return_hidden=True)[0]
+        out[kernel] = (plain, mtp, np.array(multi.astype(mx.float32)))
+        assert bool(calls) == kernel
+    assert out[True][0] == out[False][0]  # plain decoding (one row: MLX's gemv either way)
+    assert out[True][1] == out[False][1]  # MTP rounds: the verify pass row-wise
+    np.testing.assert_array_equal(out[True][2], out[False][2])
+
+
+def test_decode_batch_with_the_kernel_equals_the_gemv_form(monkeypatch):
+    """A batch of 3 rows decoding (issue 8: the one-token step's projections row-wise) with the
+    kernel against the broadcast gemv form, bf16, fresh models: the same tokens and logits,
+    bit for bit, plain and compiled."""
+    from qwen35_mlx.models import layers
+    from tests.test_fast_decode import TOKENS, greedy
+    from tests.test_speculative import _model
+
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    prompts = [[0, 0] + TOKENS[:4], TOKENS[4:10], [0] + TOKENS[10:15]]
+    out = {}
+    for kernel in (False, True):
+        monkeypatch.setattr(layers, "ROWS_KERNEL", kernel)
+        model = _model("dense")
+        model.set_dtype(mx.bfloat16)
+        out[kernel] = [greedy(model, prompts, 6, c, [2, 0, 1]) for c in (False, True)]
+    for (t0, l0), (t1, l1) in zip(out[False], out[True], strict=True):
+        np.testing.assert_array_equal(t1, t0)
+        np.testing.assert_array_equal(l1, l0)

@@ -1,0 +1,284 @@
+"""The few-rows matmul kernel (`kernels/rows_matmul.py`) without a GPU.
+
+- Its CUDA text (prologue + body, the text the GPU compiles) run on the CPU by the lane emulator
+  (tests/kernels/lane_emulator.h) in fp32 and bf16, R = 1..8 rows, N not a multiple of a
+  threadgroup's columns, K at each of MLX's gemv load widths (NPT 4, 2, 1), the weight read at
+  an offset into a larger buffer (a view): against a float64 NumPy product, and bit for bit
+  against a NumPy model of MLX's gemv order (per-lane fp32 sums, a warp butterfly). Outputs
+  start as NaN, so an element the body fails to write fails. A body broken on purpose fails.
+- Its Metal text type-checked against tests/kernels/metal_stub.h, its CUDA text compiled by nvcc
+  (and as the self-contained NVRTC source) where nvcc is installed.
+- The ops path (the CPU's): x @ W.T.
+"""
+
+import shutil
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.kernels import rows_matmul
+from tests.kernels.helpers import GXX, compile_emulated, cpu_device, np64, runner_program  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("cpu_device")
+
+NVCC = shutil.which("nvcc")
+CT = {"fp32": "float", "bf16": "bf16"}
+N, OFFSET, WARPS, COLS = 13, 3, 2, 2  # 13 columns: the last threadgroup's tile of 4 part-full
+# (rows, K, dtype): every R at NPT 4 (K 256) in bf16 and NPT 2 (K 192) in fp32, NPT 1 (K 40).
+CASES = [(R, 256, "bf16") for R in range(1, 9)] + [(R, 192, "fp32") for R in range(1, 9)]
+CASES += [(3, 40, "bf16"), (8, 40, "fp32"), (5, 256, "fp32"), (2, 192, "bf16")]
+
+RM_LOAD = """
+template <int NPT, typename T>
+inline bool rm_aligned(const T* p) {
+  return (reinterpret_cast<size_t>(p) & (NPT * sizeof(T) - 1)) == 0;
+}
+template <int NPT, bool VEC, typename T>
+inline void rm_load(const T* p, float* out) {
+  for (int j = 0; j < NPT; ++j) out[j] = static_cast<float>(p[j]);
+}
+"""
+
+
+def _runner(i: int, R: int, K: int, ctype: str, body: str) -> str:
+    """run_<i>(x file, w file, y file): one variant on float32 files; W read from row OFFSET."""
+    npt = rows_matmul.elements_a_load(K)
+    return f"""
+namespace v{i} {{
+template <int R, int K, int N, int C, int NPT, int W, typename T>
+void kernel(const T* x, const T* w, T* y) {{
+{body}
+}}
+}}  // namespace v{i}
+
+void run_{i}(char** argv) {{
+  auto as_t = [](const std::vector<char>& v) {{
+    const float* f = reinterpret_cast<const float*>(v.data());
+    std::vector<{ctype}> t;
+    for (size_t j = 0; j < v.size() / 4; ++j) t.push_back({ctype}(f[j]));
+    return t;
+  }};
+  auto x = as_t(read(argv[0])), w = as_t(read(argv[1]));
+  std::vector<{ctype}> y(size_t({R}) * {N}, {ctype}(NAN));
+  constexpr int warps = (({N} + {COLS} - 1) / {COLS} + {WARPS} - 1) / {WARPS};
+  run_grid({{unsigned(warps), 1, 1}}, {WARPS}, [&] {{
+    v{i}::kernel<{R}, {K}, {N}, {COLS}, {npt}, {WARPS}, {ctype}>(
+        x.data(), w.data() + size_t({OFFSET}) * {K}, y.data());
+  }});
+  std::vector<float> yf(y.begin(), y.end());
+  std::ofstream(argv[2], std::ios::binary).write((char*)yf.data(), yf.size() * 4);
+}}
+"""
+
+
+def _program(tmp, replace=None):
+    body = rows_matmul.kernel_source("cuda")
+    if replace is not None:
+        assert replace[0] in body
+        body = body.replace(*replace)
+    runners = "".join(_runner(i, R, K, CT[dt], body) for i, (R, K, dt) in enumerate(CASES))
+    runners = RM_LOAD + runners
+    return compile_emulated(runner_program(runners, len(CASES)), tmp, timeout=900)
+
+
+def _as(a, dt):
+    """a as the kernel sees it in dtype dt (bf16: rounded to nearest even), float32."""
+    if dt == "fp32":
+        return a.astype(np.float32)
+    return np.asarray(mx.array(a).astype(mx.bfloat16).astype(mx.float32))
+
+
+def _inputs(R, K, dt, seed):
+    rng = np.random.default_rng(seed)
+    x = _as(rng.normal(size=(R, K)).astype(np.float32), dt)
+    w = _as((rng.normal(size=(N + OFFSET + 2, K)) / np.sqrt(K)).astype(np.float32), dt)
+    return x, w  # the kernel reads W = w[OFFSET : OFFSET + N]
+
+
+def _run(exe, tmp):
+    out = {}
+    for i, (R, K, dt) in enumerate(CASES):
+        x, w = _inputs(R, K, dt, seed=i)
+        files = [str(tmp / f"{n}{i}.bin") for n in ("x", "w", "y")]
+        x.tofile(files[0])
+        w.tofile(files[1])
+        cmd = [str(exe), str(i), *files]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        out[i] = np.fromfile(files[2], np.float32).reshape(R, N)
+    return out
+
+
+def gemv_order_np(x, W):
+    """float32 y = x @ W.T summed as MLX's CUDA gemv sums one row: lane l adds
+    W[n, k] x[k] over k = NPT l + j + 32 NPT i (i, then j, ascending) into an fp32 sum, then
+    the warp's butterfly (offsets 16, 8, .., 1). The products of 16-bit values are exact in
+    fp32; for fp32 inputs this is the unfused order (the emulator's)."""
+    R, K = x.shape
+    npt = rows_matmul.elements_a_load(K)
+    x32, W32 = x.astype(np.float32), W.astype(np.float32)
+    lanes = np.zeros((32, R, W.shape[0]), np.float32)
+    for lane in range(32):
+        for k0 in range(npt * lane, K, 32 * npt):
+            for j in range(npt):
+                prod = x32[:, k0 + j, None] * W32[None, :, k0 + j]
+                lanes[lane] = (lanes[lane] + prod).astype(np.float32)
+    o = 16
+    while o:
+        lanes = (lanes + lanes[np.arange(32) ^ o]).astype(np.float32)
+        o //= 2
+    return lanes[0]
+
+
+def _bf16(a):
+    return np64(mx.array(np.asarray(a, np.float32)).astype(mx.bfloat16))
+
+
+def _check(out):
+    """(case, what) for each failing case: against float64 (fp32: a few ulps; bf16: one
+    rounding of the fp32 sum, two ulps at most where float64 and the fp32 sum straddle a tie)
+    and bit for bit against the gemv-order model."""
+    bad = []
+    for i, (R, K, dt) in enumerate(CASES):
+        x, w = _inputs(R, K, dt, seed=i)
+        W = w[OFFSET : OFFSET + N]
+        got = out[i]
+        want = np64(x) @ np64(W).T
+        scale = np.sqrt((np64(x) ** 2).sum(1, keepdims=True) / K)  # |x| / sqrt(K): y's size
+        err = np.abs(got - want) / (np.abs(want) + 1e-2 * scale)
+        top = 2e-5 if dt == "fp32" else 8e-3
+        if not np.all(np.isfinite(got)) or err.max() > top:
+            bad.append((CASES[i], "float64", float(err.max())))
+        exact = gemv_order_np(x, W)
+        if dt == "bf16":
+            exact = _bf16(exact).astype(np.float32)
+        if not np.array_equal(got, exact):
+            bad.append((CASES[i], "order", float(np.abs(got - exact).max())))
+    return bad
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++")
+def test_rows_matmul_kernel_on_the_lane_emulator(tmp_path):
+    bad = _check(_run(_program(tmp_path), tmp_path))
+    assert not bad, bad
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++")
+def test_lane_emulator_check_can_fail(tmp_path):
+    """The last tile's columns all reading the tile's first row: every case fails."""
+    exe = _program(tmp_path, replace=("rm_n0 + c < N ? rm_n0 + c : N - 1", "rm_n0"))
+    bad = _check(_run(exe, tmp_path))
+    assert {case for case, *_ in bad} == set(CASES)
+
+
+def test_gemv_order_model_is_the_product():
+    """The order model itself against float64 (so the bit-for-bit check tests the kernel)."""
+    x, w = _inputs(3, 192, "fp32", seed=0)
+    got = gemv_order_np(x, w)
+    assert np.allclose(got, np64(x) @ np64(w).T, rtol=1e-5, atol=1e-6)
+
+
+def test_ops_path_is_x_times_w_transposed():
+    """On the CPU both entry points are MLX's product, in x's form ([R, K] or [R, K, 1])."""
+    key = mx.random.split(mx.random.key(0), 2)
+    x = mx.random.normal((3, 64), key=key[0]).astype(mx.bfloat16)
+    w = mx.random.normal((20, 64), key=key[1]).astype(mx.bfloat16)
+    with mx.stream(mx.cpu):
+        want = x @ w.T
+        assert not rows_matmul.kernel_available(x.dtype)
+        assert mx.array_equal(rows_matmul.rows_matmul(x, w), want).item()
+        assert mx.array_equal(rows_matmul.rows_matmul_t(x, w.T), want).item()
+        cols = rows_matmul.rows_matmul_t(x.reshape(3, 64, 1), w.T)
+        assert cols.shape == (3, 20, 1)
+        assert mx.array_equal(cols.reshape(3, 20), want).item()
+
+
+# --- compile checks: Metal against the stub, CUDA with nvcc ---
+
+
+def _metal_unit(body: str) -> str:
+    from tests.kernels.test_metal_source import METAL_ATTRIBUTES, STUB
+
+    params = ["  const device T* x /* buffer(0) */", "  const device T* w /* buffer(1) */"]
+    params += ["  device T* y"]
+    params += [f"  {t} {a}" for a, t in METAL_ATTRIBUTES.items() if a in body]
+    fn = "custom_kernel_rows_matmul"
+    inst = "\n".join(
+        f"template decltype({fn}<{a}>) {fn}<{a}>;"
+        for a in ("2, 1024, 6144, 2, 4, 4, bfloat16_t", "8, 192, 13, 1, 2, 4, float16_t")
+        + ("3, 40, 5, 2, 1, 2, float",)
+    )
+    return (
+        f'#include "{STUB}"\n{rows_matmul.header("metal")}\n'
+        f"template <int R, int K, int N, int C, int NPT, int W, typename T>\nvoid {fn}(\n"
+        + ",\n".join(params)
+        + f") {{\n{body}\n}}\n\n{inst}\n"
+    )
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++")
+def test_metal_source_compiles(tmp_path):
+    from tests.kernels.test_metal_source import compile_errors
+
+    body = rows_matmul.kernel_source("metal")
+    for attr in ("thread_position_in_threadgroup", "threadgroup_position_in_grid"):
+        assert attr in body  # named in `source`, so MLX declares them
+    err = compile_errors(_metal_unit(body), tmp_path)
+    assert not err, err
+    broken = body.replace("rm_load<NPT, true>(", "load_missing<NPT, true>(")
+    assert compile_errors(_metal_unit(broken), tmp_path)
+
+
+def _cuda_unit(broken: bool = False) -> str:
+    from tests.kernels.test_cuda_source import CTYPES, PRELUDE
+
+    body = rows_matmul.kernel_source("cuda")
+    if broken:
+        body = body.replace("gd_shuffle(", "shuffle_missing(")
+    kernels = []
+    for i, (t, R, K) in enumerate(
+        (CTYPES[a], R, K) for a in CTYPES for R, K in ((1, 1024), (8, 3584), (3, 40))
+    ):
+        npt = rows_matmul.elements_a_load(K)
+        consts = f"  constexpr int R = {R}, K = {K}, N = 1000, C = 2, NPT = {npt}, W = 4;\n"
+        kernels.append(
+            f"__global__ void k{i}(const {t}* x, const {t}* w, {t}* y) {{\n"
+            f"{consts}  using T = {t};\n{body}}}\n"
+        )
+    return PRELUDE + rows_matmul.header("cuda") + "".join(kernels)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+def test_cuda_source_compiles_with_nvcc(tmp_path):
+    from tests.kernels.test_cuda_source import nvcc_errors
+
+    err = nvcc_errors(_cuda_unit(), tmp_path)
+    assert not err, err
+    assert nvcc_errors(_cuda_unit(broken=True), tmp_path)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+def test_precompiled_source_compiles_to_ptx(tmp_path):
+    """The self-contained source the GPU process compiles with NVRTC (`precompiled.entry_source`:
+    no MLX headers, its own bf16 / fp16 types) compiles to PTX with its entry, every dtype."""
+    from qwen35_mlx.kernels.gated_delta import precompiled
+
+    for dt in (mx.float32, mx.bfloat16, mx.float16):
+        tpl = [("R", 2), ("K", 1024), ("N", 6144), ("C", 2), ("NPT", 4), ("W", 4), ("T", dt)]
+        src = precompiled.entry_source(
+            "qm_rows_matmul", rows_matmul.header("cuda"), rows_matmul.kernel_source("cuda"),
+            rows_matmul.INPUTS, [dt, dt], [2, 2], rows_matmul.OUTPUTS, [dt], tpl,
+        )  # fmt: skip
+        assert "#include" not in src
+        path, ptx = tmp_path / "k.cu", tmp_path / "k.ptx"
+        path.write_text(src)
+        cmd = [NVCC, "-arch=compute_90", "-std=c++17", "-ptx", str(path), "-o", str(ptx)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        text = ptx.read_text()
+        assert precompiled.entry_name("qm_rows_matmul", tpl) in text
+        if dt != mx.float32:  # W's chunk of 4 16-bit elements: one 8-byte load
+            loads = ("ld.global.v2.u32", "ld.global.u64", "ld.global.v4.u16", "ld.global.v2.b32")
+            assert any(ld in text for ld in loads), text[-2000:]
