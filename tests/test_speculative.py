@@ -456,6 +456,7 @@ def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
 
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", True)  # (off by default)
     monkeypatch.setattr(rk, "kernel_available", lambda dtype: True)
     seen = []
 

@@ -47,11 +47,16 @@ def test_rows_matmul_kernel_matches_float64_and_mlx_gemv(dtype, K, N, R):
     assert y.shape == (R, N) and y.dtype == dtype
     want = np64(x) @ np64(W).T
     scale = np.sqrt((np64(x) ** 2).mean(1, keepdims=True))  # y's typical size
-    err = np.abs(np64(y) - want) / (np.abs(want) + 1e-2 * scale)
-    top = {mx.float32: 2e-5, mx.bfloat16: 8e-3, mx.float16: 1e-3}[dtype]
-    assert np.isfinite(np64(y)).all() and err.max() <= top, err.max()
-    assert mx.array_equal(y_t, y).item()  # the view read in place: the same matrix
     one = _one_row_products(x, W)
+
+    def rel(a):
+        return (np.abs(np64(a) - want) / (np.abs(want) + 1e-2 * scale)).max()
+
+    # As accurate as MLX's own product of a row (its gemv: on the H200, fp32 at K 1024-6144
+    # reached 2.3e-5-3.1e-5 here, above the 2e-5 first guessed on the CPU's emulator).
+    top = {mx.float32: 2e-5, mx.bfloat16: 8e-3, mx.float16: 1e-3}[dtype]
+    assert np.isfinite(np64(y)).all() and rel(y) <= max(top, rel(one)), (rel(y), rel(one))
+    assert mx.array_equal(y_t, y).item()  # the view read in place: the same matrix
     diff = float(mx.abs(y.astype(mx.float32) - one.astype(mx.float32)).max())
     assert mx.array_equal(y, one).item(), diff  # MLX's gemv order, bit for bit
 
@@ -92,9 +97,9 @@ def test_rows_matmul_at_an_odd_offset(dtype):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_verify_pass_with_the_kernel_equals_the_gemv_form(monkeypatch, k):
-    """The compiled verify pass and MTP rounds with the few-rows kernel (`ROWS_KERNEL` True,
-    the default where it runs) against the broadcast gemv form (False), fresh bf16 models
-    each: the same greedy tokens and the same verify logits, bit for bit; the kernel taken."""
+    """The compiled verify pass and MTP rounds with the few-rows kernel (`ROWS_KERNEL` True)
+    against the broadcast gemv form (False), fresh bf16 models each: the same greedy tokens and
+    the same verify logits, bit for bit; the kernel taken."""
     from qwen35_mlx.loader import load_tokenizer, read_config
     from qwen35_mlx.models import layers
     from tests.test_speculative import GOLDEN, PROMPT, _model, _tokens

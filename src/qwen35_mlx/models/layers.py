@@ -356,8 +356,11 @@ ROWS_GEMV_MAX_BYTES = 64 << 20
 # product), "large" (only where the broadcast form is over ROWS_GEMV_MAX_BYTES, i.e. in place
 # of a cuBLAS GEMM), False (MLX's batched gemv over W broadcast, as before). Where the kernel
 # does not run (the CPU, another dtype) the broadcast form stays. Read when a step is traced
-# and at every plain call.
-ROWS_KERNEL: str | bool = True
+# and at every plain call. Off by default: on the H200 (2026-12-02, `probe_verify.py`) the
+# kernel took host time off a 2-token verify pass (0.8B: 1.04x a step in CPU time against the
+# gemv's 1.11x; 9B "large": 1.11x against 1.41x) but its own GPU time put wall time behind the
+# gemv's (0.8B 1.25x against 1.15x, 9B 1.20x against 1.16x): its bandwidth is the next step.
+ROWS_KERNEL: str | bool = False
 
 
 def _rows_kernel(rows: int, w: mx.array, dtype) -> bool:
