@@ -1,0 +1,78 @@
+"""Why is the quantized MoE test model's prefill not repeatable on CUDA? (issue #8's
+`test_compiled_decode_quantized_moe`: the first token, which the prefill gives, differed between
+calls on the H200, 2026-12-02.) Each check runs an operation of that prefill three times on
+fresh inputs against a dequantized float32 reference and prints its errors:
+
+    matmul3d   `mx.quantized_matmul` on [B, T, K] inputs (the prefill's shape; [B, 1, K] and
+               [R, K] were clean on the H200)
+    gather     `mx.gather_qmm` as mlx-lm's SwitchGLU calls it (clean on the H200)
+    model      the test's model, 4-bit experts with 8-bit gates, prefilled three times
+
+    PYTHONPATH=src:. python benchmarks/probe_quantized_prefill.py [matmul3d gather model]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+FORMS = ((4, 32), (4, 64), (8, 32))
+
+
+def _quantized(N: int, K: int, bits: int, gs: int, lead=()):
+    W = mx.random.normal((*lead, N, K)) / K**0.5
+    w, s, b = mx.quantize(W, group_size=gs, bits=bits)
+    return (w, s, b), mx.dequantize(w, s, b, group_size=gs, bits=bits)
+
+
+def matmul3d() -> None:
+    shapes = (((2, 5, 64), 4), ((2, 5, 64), 5), ((2, 5, 64), 32), ((2, 5, 64), 128),
+              ((1, 5, 64), 128), ((2, 5, 1024), 512), ((4, 7, 512), 1024))  # fmt: skip
+    for bits, gs in FORMS:
+        for shape, N in shapes:
+            (w, s, b), Wd = _quantized(N, shape[-1], bits, gs)
+            x = mx.random.normal(shape)
+            ref = x @ Wd.T
+            ys = [mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits)
+                  for _ in range(3)]  # fmt: skip
+            errs = " ".join(f"{mx.abs(y - ref).max().item():.2g}" for y in ys)
+            print(f"matmul3d bits {bits} group {gs} x {shape} N {N}: max errors {errs}")
+
+
+def gather() -> None:
+    for bits, gs in FORMS:
+        for K, N in ((32, 64), (64, 32), (64, 48), (128, 32)):
+            if K % gs:
+                continue
+            (w, s, b), Wd = _quantized(N, K, bits, gs, lead=(4,))
+            x = mx.random.normal((2, 5, 1, 1, K))
+            inds = mx.random.randint(0, 4, (2, 5, 2))
+            ref = np.einsum("btk,btjnk->btjn", np.array(x).reshape(2, 5, K),
+                            np.array(Wd)[np.array(inds)])  # fmt: skip
+            ys = [mx.gather_qmm(x, w, s, b, rhs_indices=inds, transpose=True, group_size=gs,
+                                bits=bits) for _ in range(3)]  # fmt: skip
+            errs = " ".join(f"{np.abs(np.array(y).reshape(ref.shape) - ref).max():.2g}" for y in ys)
+            print(f"gather bits {bits} group {gs} K {K} N {N}: max errors {errs}")
+
+
+def model() -> None:
+    from tests.models.factory import make_moe_config, make_text_model
+    from tests.test_fast_decode import TOKENS
+
+    m = make_text_model(make_moe_config(shared_expert_intermediate_size=64), seed=10)
+    pred = m.quant_predicate
+    nn.quantize(m, group_size=32, bits=4, class_predicate=lambda p, x: (
+        hasattr(x, "to_quantized") and not isinstance(x, nn.Embedding) and pred(p, x)))  # fmt: skip
+    outs = [np.array(m(mx.array([TOKENS[:5], TOKENS[7:12]]), cache=m.make_cache())[:, -1])
+            for _ in range(3)]  # fmt: skip
+    print("model prefill, max difference from the first call:",
+          [float(np.abs(o - outs[0]).max()) for o in outs[1:]])  # fmt: skip
+
+
+if __name__ == "__main__":
+    mx.random.seed(0)
+    for name in sys.argv[1:] or ["matmul3d", "gather", "model"]:
+        {"matmul3d": matmul3d, "gather": gather, "model": model}[name]()
