@@ -310,15 +310,9 @@ def prep_name(fused: bool, matrix: bool = False) -> str:
 #     U = X[:, :Dv], W = X[:, Dv:] (the unit-lower-triangular solve; no inverse is formed).
 #  4. Qg = gamma q, Kw = w k, decay = gamma_{C-1} (broadcast over Dk).
 # Threadgroup memory: max(2 DS, C) (C + 4) + 5 C floats: 18.7 KB at C=64, DS=32.
-# D_ij = prod_{j<l<=i} g_l (0 for j > i) from the arrays gam, gs of the chunk: the ratio of the
-# two prefix products while neither was cut, else the running product.
-_DECAY_MACRO = """
-#define GD_DECAY(dij, i, j)                 \\
-  float dij = 0.0f;                         \\
-  if ((j) <= (i)) {                         \\
-    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
-      dij = gam[i] / gam[j];                \\
-    } else {                                \\
+# The D_ij macros' common end (GD_DECAY, GD_DECAY_R), after their ratio branch: else the running
+# product of g_l over j < l <= i, flushed to 0 below `tiny` at every step and at the end.
+_DECAY_RUN = """    } else {                                \\
       dij = 1.0f;                           \\
       for (int l = (j) + 1; l <= (i); ++l) { \\
         dij *= gs[l];                       \\
@@ -329,24 +323,39 @@ _DECAY_MACRO = """
   }
 """
 
+# D_ij = prod_{j<l<=i} g_l (0 for j > i) from the arrays gam, gs of the chunk: the ratio of the
+# two prefix products while neither was cut, else the running product.
+_DECAY_MACRO = (
+    """
+#define GD_DECAY(dij, i, j)                 \\
+  float dij = 0.0f;                         \\
+  if ((j) <= (i)) {                         \\
+    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
+      dij = gam[i] / gam[j];                \\
+"""
+    + _DECAY_RUN
+)
+
 # The split kernels' D_ij (_decayed_lower_tiles): as GD_DECAY, the ratio as gam[i] times
 # rg[j] = 1 / gam[j] (gj, rj: gam[j], rg[j], read once a thread) instead of a division.
-_DECAY_R_MACRO = """
+_DECAY_R_MACRO = (
+    """
 #define GD_DECAY_R(dij, i, j, gj, rj)         \\
   float dij = 0.0f;                         \\
   if ((j) <= (i)) {                         \\
     const float gi_ = gam[i];               \\
     if (gi_ > 0.0f && (gj) > 0.0f) {        \\
       dij = gi_ * (rj);                     \\
-    } else {                                \\
-      dij = 1.0f;                           \\
-      for (int l = (j) + 1; l <= (i); ++l) { \\
-        dij *= gs[l];                       \\
-        dij = dij < tiny ? 0.0f : dij;      \\
-      }                                     \\
-    }                                       \\
-    dij = dij < tiny ? 0.0f : dij;          \\
-  }
+"""
+    + _DECAY_RUN
+)
+
+# The chunk's gates in threadgroup memory, as _CHUNK_GATES fills them.
+_CHUNK_GATE_ARRAYS = """  GD_TG float gs[C];
+  GD_TG float bs[C];
+  GD_TG float ok[C];
+  GD_TG float gam[C];
+  GD_TG float wts[C];
 """
 
 # Both chunk prep kernels' first stage (PREP_BODY, WY_BODY): step i of the chunk's gates
@@ -428,12 +437,9 @@ PREP_BODY = (
 
   GD_TG float4 buf4[(BUF + 3) / 4];  // step 2: staged k | q; steps 2-3: A
   GD_TG_PTR float* buf = reinterpret_cast<GD_TG_PTR float*>(buf4);
-  GD_TG float gs[C];
-  GD_TG float bs[C];
-  GD_TG float ok[C];
-  GD_TG float gam[C];
-  GD_TG float wts[C];
-
+"""
+    + _CHUNK_GATE_ARRAYS
+    + """
   // 1. gates
 """
     + _CHUNK_GATES
@@ -850,6 +856,23 @@ def _rows_to_registers(x: str, src: str, bv: str) -> str:
 """
 
 
+# Both WY kernels' (WY_BODY, WY2_BODY) start: sizes, chunk, head and warp (_chunk_head), the
+# chunk's first row rn.
+_WY_PROLOGUE = _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]") + (
+    """  const int w = tid / 32;
+  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
+  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
+  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
+"""
+)
+
+# Both WY kernels' gate arrays: _CHUNK_GATE_ARRAYS and rg.
+_WY_GATE_ARRAYS = (
+    _CHUNK_GATE_ARRAYS
+    + """  GD_TG float rg[C];  // 1 / gam (0 where gam is)
+"""
+)
+
 # Both WY kernels: the gates row (gamma, g, valid, w) to `gates` for the other passes, and rg.
 _WY_GATES_OUT = """  gd_barrier();
   for (int i = tid; i < C; i += NT) {
@@ -932,21 +955,13 @@ WY_BODY = (
   static_assert(C == 64 && NT == 256, "WY_BODY: 8 warps, 4 x 4 blocks");
   static_assert(DS == 32 && Dk % DS == 0, "WY_BODY: one 16 x 16 output tile per warp a slice");
 """
-    + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
-    + """  const int w = tid / 32;
-  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
-  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
-  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
-
+    + _WY_PROLOGUE
+    + """
   GD_TG float Ai[C * CP];  // L, then (I - L)^-1
   GD_TG float st[C * SP];  // a staged slice; a product tile; the inverse's scratch tiles
-  GD_TG float gs[C];
-  GD_TG float bs[C];
-  GD_TG float ok[C];
-  GD_TG float gam[C];
-  GD_TG float wts[C];
-  GD_TG float rg[C];  // 1 / gam (0 where gam is)
-
+"""
+    + _WY_GATE_ARRAYS
+    + """
   // 0. The chunk's k and v rows towards L2 (a 128-byte line a thread), so that the staging
   // loads below, each exposed for part of its latency, find them there.
   {
@@ -1075,6 +1090,21 @@ WY_BODY = (
 """
 )
 
+
+def _wy2_slice(x: str) -> str:
+    """WY2_BODY's step over ring slice q: its copy waited for, a barrier, the copy of slice
+    q + NB - 1 started (into the buffer slice q - 1 used), x its buffer; then opens the loop over
+    the slice's elements (row i, column d), which the body closes."""
+    return f"""    gd_copy_wait<NB - 2>();
+    gd_barrier();
+    GD_WY2_COPY(q + NB - 1);
+    GD_TG_PTR PS* {x} = ring + (q % NB) * (C * SQ);
+    for (int e = tid; e < C * DS; e += NT) {{
+      const int i = e / DS;
+      const int d = e % DS;
+"""
+
+
 # WY2_BODY: WY_BODY with its k and v slices copied (gd_copy_tile: cp.async on CUDA, the bytes
 # as they are) into a ring of NB staged slices that runs through the whole kernel: the Dk / DS
 # k slices of k k^T, then the v slices of U, then the k slices of W, each copy started NB - 1
@@ -1109,24 +1139,16 @@ WY2_BODY = (
   static_assert(DS % 16 == 0 && Dk % DS == 0 && NB >= 2, "WY2_BODY tiles");
   static_assert(PSZ == 4 || SQ * PSZ <= CP * 4, "WY2_BODY: output tiles staged in Ai's space");
 """
-    + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
-    + """  const int w = tid / 32;
-  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
-  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
-  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
-  const int nvs = (Dv + DS - 1) / DS;        // v slices
+    + _WY_PROLOGUE
+    + """  const int nvs = (Dv + DS - 1) / DS;        // v slices
   const int NQ = 2 * NSK + nvs;              // slices through the ring
 
   GD_TG float Ai[C * CP];  // L, then (I - L)^-1
   GD_TG16 PS ring[NB * C * SQ];
   GD_TG16 PS aux[PSZ == 4 ? 768 : C * XL];  // the inverse's scratch (floats); then X in PS
-  GD_TG float gs[C];
-  GD_TG float bs[C];
-  GD_TG float ok[C];
-  GD_TG float gam[C];
-  GD_TG float wts[C];
-  GD_TG float rg[C];  // 1 / gam (0 where gam is)
-  const size_t krow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
+"""
+    + _WY_GATE_ARRAYS
+    + """  const size_t krow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
   const size_t vrow = ((size_t(b_idx) * T + t0) * Hv + hv) * Dv;
   // Slice q_ into its ring buffer: rows past T read row T - 1, v's columns past Dv some column
   // of the row (both selected away).
@@ -1160,14 +1182,9 @@ WY2_BODY = (
   gd_acc_zero(kk[0]);
   gd_acc_zero(kk[1]);
   for (int q = 0; q < NSK; ++q) {
-    gd_copy_wait<NB - 2>();
-    gd_barrier();
-    GD_WY2_COPY(q + NB - 1);
-    GD_TG_PTR PS* ks = ring + (q % NB) * (C * SQ);
-    for (int e = tid; e < C * DS; e += NT) {
-      const int i = e / DS;
-      const int d = e % DS;
-      const float x = static_cast<float>(ks[i * SQ + d]);
+"""
+    + _wy2_slice("ks")
+    + """      const float x = static_cast<float>(ks[i * SQ + d]);
       Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
     }
 """
@@ -1198,14 +1215,9 @@ WY2_BODY = (
   for (int q = NSK; q < NQ; ++q) {
     const bool is_v = q < NSK + nvs;
     const int c0 = (is_v ? q - NSK : q - NSK - nvs) * DS;
-    gd_copy_wait<NB - 2>();
-    gd_barrier();
-    GD_WY2_COPY(q + NB - 1);
-    GD_TG_PTR PS* bsl = ring + (q % NB) * (C * SQ);
-    for (int e = tid; e < C * DS; e += NT) {
-      const int i = e / DS;
-      const int d = e % DS;
-      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
+"""
+    + _wy2_slice("bsl")
+    + """      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
       const float sc = is_v ? bs[i] : bs[i] * gam[i];
       bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
     }
