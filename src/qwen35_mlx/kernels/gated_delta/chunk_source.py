@@ -52,6 +52,8 @@ split of the work between a parallel part and a state pass; their kernels are Tr
 
 from __future__ import annotations
 
+import textwrap
+
 STATE_INPUTS = ["W", "U", "Qg", "P", "Kw", "decay", "state_in", "dims"]
 STATE_OUTPUTS = ["y", "state_out"]
 STATE_NAME = "gated_delta_chunk_state"
@@ -636,6 +638,29 @@ _STATE_PASS_WARP = """
   const int v0 = int(gd_tg_y) * BV;
 """
 
+
+def _state_in(x: str, s: str) -> str:
+    """The state passes' (STATE_MMA_BODY, H_BODY, H2_BODY) start: the threadgroup's BV value rows
+    of state_in into threadgroup floats x (row stride s), rows past Dv as 0."""
+    return f"""  for (int e = tid; e < BV * Dk; e += NT) {{
+    const int v = e / Dk;
+    const int d = e % Dk;
+    {x}[v * {s} + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
+  }}
+"""
+
+
+def _state_out(x: str, s: str) -> str:
+    """The state passes' end: the threadgroup's value rows < Dv of the state, threadgroup floats
+    at x (row stride s), to state_out."""
+    return f"""  for (int e = tid; e < BV * Dk; e += NT) {{
+    const int v = e / Dk;
+    const int d = e % Dk;
+    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = {x}[v * {s} + d];
+  }}
+"""
+
+
 # The state pass on matrix units (the tile layer of chunk_launch: tensor cores on CUDA,
 # simdgroup matrices on Metal): the same inputs, outputs and grid as STATE_BODY, BV value rows
 # (VT = BV / 16 tiles) per threadgroup, NT = 32 (C / 16) VT threads: one warp (SIMD-group) per
@@ -685,12 +710,9 @@ STATE_MMA_BODY = (
 
   // W, Qg, Kw: [B * Hv, N * C, Dk]; U: [B, Hv, N * C, Dv]; P: [B * Hv, N * C, C];
   // decay: [B * Hv, N, Dk]; state_in, state_out: [B, Hv, Dv, Dk]; y: [B, T, Hv, Dv]
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    S_t[v * SD + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
-  }
-  gd_barrier();
+"""
+    + _state_in("S_t", "SD")
+    + """  gd_barrier();
 
   const size_t row0 = size_t(head) * NC;  // first row of this head in W, U, Qg, P, Kw
   for (int n = 0; n < N; ++n) {
@@ -758,12 +780,8 @@ STATE_MMA_BODY = (
     }
   }
 
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
-  }
 """
+    + _state_out("S_t", "SD")
 )
 
 
@@ -1261,6 +1279,116 @@ H_INPUTS = ["W", "U", "Kw", "gates", "state_in"]
 H_OUTPUTS = ["H", "Vn", "state_out"]
 H_NAME = "gated_delta_chunk_h"
 
+
+# The split state passes' (H_BODY, H2_BODY) sizes and threadgroup (_STATE_PASS_WARP).
+_H_PROLOGUE = (
+    """  const int NC = U_shape[1];
+  const int Dv = U_shape[2];
+  const int N = NC / C;
+"""
+    + _STATE_PASS_WARP
+)
+
+
+def _h_state_in(x: str, s: str) -> str:
+    """The split state passes' (H_BODY, H2_BODY) operand layout, and _state_in(x, s)."""
+    layout = """\
+  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
+  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
+"""
+    return layout + _state_in(x, s)
+
+
+def _h_ring(one_line: bool = False) -> str:
+    """The split state passes' (H_BODY, H2_BODY) ring of staged slices: GD_H_COPY(q) starts the
+    copy of slice q of the pass (q < NQ: the W, then the Kw key slice q % NSL of chunk q / NSL)
+    into buffer q % NB, the first NB - 1 copies started; then opens the loop over the chunks n
+    (rows from rn), which the body closes. one_line: GD_H_COPY on one line, as H_BODY's text
+    has always had it (its source used Python line continuations)."""
+    text = """  const size_t row0 = size_t(head) * NC;
+  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
+  const int NQ = N * NSL;
+#define GD_H_COPY(q_)                                                                  \\
+  {                                                                                    \\
+    const int qq_ = (q_);                                                              \\
+    if (qq_ < NQ) {                                                                    \\
+      const int sq_ = qq_ % NSL;                                                       \\
+      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \\
+      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \\
+                              size_t(Dk), C, tid);                                     \\
+    }                                                                                  \\
+    gd_copy_commit();                                                                  \\
+  }
+  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+"""
+    return text.replace("\\\n", "") if one_line else text
+
+
+def _h_slice(note: str) -> str:
+    """The split state passes' step over slice s of chunk n (slice q of the pass): opens the loop
+    over the slices, which the body closes; Xw to D_t at s = KSL, slice q's copy waited for, a
+    barrier (note: what else it completes), the copy of slice q + NB - 1 started."""
+    return f"""    for (int s = 0; s < NSL; ++s) {{
+      const int q = n * NSL + s;
+      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
+      gd_copy_wait<NB - 2>();
+      gd_barrier();  // slice q staged; slice q - 1's buffer free; {note}
+      GD_H_COPY(q + NB - 1);
+"""
+
+
+# The split state passes' prefetch (PF) at chunk n's first slice: chunk n + 2's W, Kw and U rows
+# towards L2.
+_H_PREFETCH = """        const size_t rx = rn + 2 * C;
+        for (int c = tid; c < C * Dk / LINE; c += NT) {
+          gd_prefetch(W + rx * Dk + LINE * c);
+          gd_prefetch(Kw + rx * Dk + LINE * c);
+        }
+        for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
+"""
+
+
+def _h_store_and_delta(x: str, s: str, store: str) -> str:
+    """The split state passes' H[n] = S (PT) from threadgroup memory x (row stride s), value rows
+    < Dv, one branch for the whole tile, in slice 0's branch (which it closes, and that of the
+    slices s < KSL); then opens slice KSL's branch, which the body closes: delta = U - Xw (Xw in
+    D_t, U's rows in xu), stored by `store` (of dl at row i, value v) and to Vn; value rows past
+    Dv get delta 0 and no Vn."""
+    return f"""          const size_t hb = (size_t(head) * N + n) * Dv + v0;
+          if (v0 + BV <= Dv) {{
+            #pragma unroll
+            for (int it = 0; it < BV * Dk / NT; ++it) {{
+              const int e = tid + it * NT;
+              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
+            }}
+          }} else {{
+            for (int e = tid; e < BV * Dk; e += NT) {{
+              if (v0 + e / Dk < Dv) {{
+                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
+              }}
+            }}
+          }}
+        }}
+        continue;
+      }}
+      if (s == KSL) {{
+        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
+        const bool full = v0 + BV <= Dv;
+        #pragma unroll
+        for (int it = 0; it < C * BV / NT; ++it) {{
+          const int e = tid + it * NT;
+          const int i = e / BV;
+          const int v = e % BV;
+          const bool in = full || v0 + v < Dv;
+          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
+          {store};
+          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+        }}
+"""
+
+
 # H_BODY: the state pass, one threadgroup per (batch x value head, BV value rows), NT = 32 (C /
 # 16) (BV / 16) threads: one warp per 16 x 16 tile of W S^T. A chunk's operands are its W rows
 # then its Kw rows in key slices of DS: 2 Dk / DS slices a chunk, slice q of the pass (chunk
@@ -1290,100 +1418,40 @@ H_BODY = (
   constexpr int XW = (XT + NW - 1) / NW;
   static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H_BODY layout");
   static_assert(NB >= 2 && (C * BV) % NT == 0 && (BV * Dk) % NT == 0, "H_BODY: ring, rounds");
-  const int NC = U_shape[1];
-  const int Dv = U_shape[2];
-  const int N = NC / C;
 """
-    + _STATE_PASS_WARP
+    + _H_PROLOGUE
     + """
   GD_TG float S_t[BV * SD];
   GD_TG float D_t[C * DL];
   GD_TG16 gd_staged<PT> sb[NB * C * SP];
 
-  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
-  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    S_t[v * SD + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
-  }
-  const size_t row0 = size_t(head) * NC;
-  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
-  const int NQ = N * NSL;
-#define GD_H_COPY(q_)                                                                  \
-  {                                                                                    \
-    const int qq_ = (q_);                                                              \
-    if (qq_ < NQ) {                                                                    \
-      const int sq_ = qq_ % NSL;                                                       \
-      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \
-      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \
-                              size_t(Dk), C, tid);                                     \
-    }                                                                                  \
-    gd_copy_commit();                                                                  \
-  }
-  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
-  for (int n = 0; n < N; ++n) {
-    const size_t rn = row0 + size_t(n) * C;
-    // This chunk's U rows (columns clamped) and decay, loaded at its start: a load after a
+"""
+    + _h_state_in("S_t", "SD")
+    + _h_ring(one_line=True)
+    + """    // This chunk's U rows (columns clamped) and decay, loaded at its start: a load after a
     // store to H or Vn (which may alias them for all the compiler knows) would wait for it.
 """
     + _rows_to_registers("xu", "U", "BV")
     + """    const float dc = gates[(rn + C - 1) * 4];
     gd_acc xw;
     gd_acc_zero(xw);
-    for (int s = 0; s < NSL; ++s) {
-      const int q = n * NSL + s;
-      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
-      gd_copy_wait<NB - 2>();
-      gd_barrier();  // slice q staged; slice q - 1's buffer free; S (s = 0) / delta's Xw complete
-      GD_H_COPY(q + NB - 1);
-      GD_TG_PTR gd_staged<PT>* st = sb + (q % NB) * C * SP;
+"""
+    + _h_slice("S (s = 0) / delta's Xw complete")
+    + """      GD_TG_PTR gd_staged<PT>* st = sb + (q % NB) * C * SP;
       if (s == 0) {
         if (PF && n + 2 < N) {
-          const size_t rx = rn + 2 * C;
-          for (int c = tid; c < C * Dk / LINE; c += NT) {
-            gd_prefetch(W + rx * Dk + LINE * c);
-            gd_prefetch(Kw + rx * Dk + LINE * c);
-          }
-          for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
-        }
+"""
+    + textwrap.indent(_H_PREFETCH, "  ")
+    + """        }
       }
       if (s < KSL) {
         gd_mma<MP, false, true>(xw, st + 16 * rt * SP, SP, S_t + 16 * vt * SD + s * DS, SD, DS);
         if (s == 0) {
           // H[n] = S, after the products are issued (S stays unchanged until slice KSL's
           // barrier); one branch for the whole tile, so the stores can fill the MMA chain's gaps.
-          const size_t hb = (size_t(head) * N + n) * Dv + v0;
-          if (v0 + BV <= Dv) {
-            #pragma unroll
-            for (int it = 0; it < BV * Dk / NT; ++it) {
-              const int e = tid + it * NT;
-              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(S_t[(e / Dk) * SD + e % Dk]);
-            }
-          } else {
-            for (int e = tid; e < BV * Dk; e += NT) {
-              if (v0 + e / Dk < Dv) {
-                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(S_t[(e / Dk) * SD + e % Dk]);
-              }
-            }
-          }
-        }
-        continue;
-      }
-      if (s == KSL) {
-        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
-        const bool full = v0 + BV <= Dv;
-        #pragma unroll
-        for (int it = 0; it < C * BV / NT; ++it) {
-          const int e = tid + it * NT;
-          const int i = e / BV;
-          const int v = e % BV;
-          const bool in = full || v0 + v < Dv;
-          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
-          D_t[i * DL + v] = dl;
-          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
-        }
-        #pragma unroll
+"""
+    + _h_store_and_delta("S_t", "SD", "D_t[i * DL + v] = dl")
+    + """        #pragma unroll
         for (int it = 0; it < BV * Dk / NT; ++it) {
           const int e = tid + it * NT;
           S_t[(e / Dk) * SD + e % Dk] *= dc;
@@ -1408,12 +1476,8 @@ H_BODY = (
 #undef GD_H_COPY
   gd_copy_wait<0>();
   gd_barrier();
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
-  }
 """
+    + _state_out("S_t", "SD")
 )
 
 H2_NAME = "gated_delta_chunk_h2"
@@ -1452,11 +1516,8 @@ H2_BODY = (
   static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H2_BODY layout");
   static_assert(NB >= 2 && (C * BV) % NT == 0 && (BV * Dk) % NT == 0, "H2_BODY: ring, rounds");
   static_assert(PSZ == 4 || BV * SX * 4 <= NB * C * SP * PSZ, "H2_BODY: state staging");
-  const int NC = U_shape[1];
-  const int Dv = U_shape[2];
-  const int N = NC / C;
 """
-    + _STATE_PASS_WARP
+    + _H_PROLOGUE
     + """
   GD_TG float D_t[C * DL];
   GD_TG16 PS Sb[BV * SB];
@@ -1465,14 +1526,9 @@ H2_BODY = (
   GD_TG_PTR PS* Db = PSZ == 4 ? (GD_TG_PTR PS*)D_t : db16;
   GD_TG_PTR float* Sx = PSZ == 4 ? (GD_TG_PTR float*)Sb : (GD_TG_PTR float*)sb;
 
-  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
-  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    Sx[v * SX + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
-  }
-  gd_barrier();
+"""
+    + _h_state_in("Sx", "SX")
+    + """  gd_barrier();
   // warp w's state tiles: tile g = w + NW u holds value rows 16 (g / KT).., keys 16 (g % KT)..
   gd_acc sa[TW];
   #pragma unroll
@@ -1486,81 +1542,30 @@ H2_BODY = (
     const int g = w + NW * u;
     if (TT % NW == 0 || g < TT) gd_acc_store(sa[u], Sb + 16 * (g / KT) * SB + 16 * (g % KT), SB);
   }
-  const size_t row0 = size_t(head) * NC;
-  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
-  const int NQ = N * NSL;
-#define GD_H_COPY(q_)                                                                  \\
-  {                                                                                    \\
-    const int qq_ = (q_);                                                              \\
-    if (qq_ < NQ) {                                                                    \\
-      const int sq_ = qq_ % NSL;                                                       \\
-      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \\
-      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \\
-                              size_t(Dk), C, tid);                                     \\
-    }                                                                                  \\
-    gd_copy_commit();                                                                  \\
-  }
-  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
-  for (int n = 0; n < N; ++n) {
-    const size_t rn = row0 + size_t(n) * C;
-    // This chunk's U rows (columns clamped) and decay, loaded at its start.
+"""
+    + _h_ring()
+    + """    // This chunk's U rows (columns clamped) and decay, loaded at its start.
 """
     + _rows_to_registers("xu", "U", "BV")
     + """    const float dc = gates[(rn + C - 1) * 4];
     gd_acc xw;
     gd_acc_zero(xw);
     #pragma unroll
-    for (int s = 0; s < NSL; ++s) {
-      const int q = n * NSL + s;
-      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
-      gd_copy_wait<NB - 2>();
-      gd_barrier();  // slice q staged; slice q - 1's buffer free; Sb (s = 0) / Xw complete
-      GD_H_COPY(q + NB - 1);
-      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;
+"""
+    + _h_slice("Sb (s = 0) / Xw complete")
+    + """      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;
       if (s == 0 && PF && n + 2 < N) {
-        const size_t rx = rn + 2 * C;
-        for (int c = tid; c < C * Dk / LINE; c += NT) {
-          gd_prefetch(W + rx * Dk + LINE * c);
-          gd_prefetch(Kw + rx * Dk + LINE * c);
-        }
-        for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
-      }
+"""
+    + _H_PREFETCH
+    + """      }
       if (s < KSL) {
         gd_mma_staged<MP, false, true>(xw, st + 16 * rt * SP, SP, Sb + 16 * vt * SB + s * DS, SB,
                                        DS);
         if (s == 0) {
           // H[n] = S (Sb is not written before slice KSL's barriers), branch-free when whole
-          const size_t hb = (size_t(head) * N + n) * Dv + v0;
-          if (v0 + BV <= Dv) {
-            #pragma unroll
-            for (int it = 0; it < BV * Dk / NT; ++it) {
-              const int e = tid + it * NT;
-              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
-            }
-          } else {
-            for (int e = tid; e < BV * Dk; e += NT) {
-              if (v0 + e / Dk < Dv) {
-                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
-              }
-            }
-          }
-        }
-        continue;
-      }
-      if (s == KSL) {
-        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
-        const bool full = v0 + BV <= Dv;
-        #pragma unroll
-        for (int it = 0; it < C * BV / NT; ++it) {
-          const int e = tid + it * NT;
-          const int i = e / BV;
-          const int v = e % BV;
-          const bool in = full || v0 + v < Dv;
-          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
-          Db[i * DBL + v] = static_cast<PS>(dl);
-          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
-        }
-        #pragma unroll
+"""
+    + _h_store_and_delta("Sb", "SB", "Db[i * DBL + v] = static_cast<PS>(dl)")
+    + """        #pragma unroll
         for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
         gd_barrier();  // delta complete
       }
@@ -1586,12 +1591,8 @@ H2_BODY = (
     if (TT % NW == 0 || g < TT) gd_acc_store(sa[u], Sx + 16 * (g / KT) * SX + 16 * (g % KT), SX);
   }
   gd_barrier();
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = Sx[v * SX + d];
-  }
 """
+    + _state_out("Sx", "SX")
 )
 
 O_INPUTS = ["q", "k", "gates", "H", "Vn", "dims"]
