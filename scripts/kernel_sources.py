@@ -3,9 +3,10 @@ that a refactor of the kernel source left them unchanged (issue #14: one copy of
 
 Records each kernel factory call (name, input and output names, source, header) of every
 structural variant: the fused gated-delta kernels (source.py through metal.py / cuda.py), the
-chunk kernels (chunk_launch._build, every `which`), the decode attention kernels and the fused
-norm kernels, for Metal and CUDA; and the arguments of every chunk pass's kernel call
-(`chunk_launches`). No GPU is needed: the factories and kernels are replaced by recorders.
+chunk kernels (chunk_launch._build, every `which`, O2_BODY's and CUDA's switched variants),
+the decode attention kernels, the fused norm kernels and the few-rows matmul kernel, for Metal
+and CUDA; and the arguments of every chunk pass's kernel call (`chunk_launches`). No GPU is
+needed: the factories and kernels are replaced by recorders.
 
     python scripts/kernel_sources.py dump OUT.json            # this tree's package
     python scripts/kernel_sources.py diff --base f4c58fd      # base commit vs working tree
@@ -48,7 +49,7 @@ def _record(store: dict, key: str):
 
 def dump() -> dict:
     """{kernel key: factory arguments} of every kernel variant of this tree's package."""
-    from qwen35_mlx.kernels import fused_norm
+    from qwen35_mlx.kernels import fused_norm, rows_matmul
     from qwen35_mlx.kernels.attention import cuda as at_cuda
     from qwen35_mlx.kernels.attention import metal as at_metal
     from qwen35_mlx.kernels.gated_delta import chunk_launch, launch, source
@@ -92,6 +93,19 @@ def dump() -> dict:
             chunk_launch._factory = lambda b, w=which, be=backend: _record(out, f"chunk/{be}/{w}")
             chunk_launch._build(backend, which)
     chunk_launch._kernels.clear()
+    # ... and their switched variants: O2_BODY's fp32 P and ring of two, CUDA's tf32 products.
+    saved = chunk_launch.O2_P16, chunk_launch.O2_RING, chunk_launch.MMA16
+    for backend, (p16, ring) in itertools.product(BACKENDS, ((False, 3), (True, 2), (False, 2))):
+        chunk_launch.O2_P16, chunk_launch.O2_RING = p16, ring
+        key = f"chunk/{backend}/o2/p16={p16}/ring={ring}"
+        chunk_launch._factory = lambda b, k=key: _record(out, k)
+        chunk_launch._build(backend, "o2")
+    chunk_launch.O2_P16, chunk_launch.O2_RING, chunk_launch.MMA16 = True, 3, False
+    for which in whichs:
+        chunk_launch._factory = lambda b, w=which: _record(out, f"chunk/cuda/{w}/t32")
+        chunk_launch._build("cuda", which)
+    chunk_launch.O2_P16, chunk_launch.O2_RING, chunk_launch.MMA16 = saved
+    chunk_launch._kernels.clear()
 
     # Decode attention kernels.
     for backend, at in (("metal", at_metal.BACKEND), ("cuda", at_cuda.BACKEND)):
@@ -109,6 +123,11 @@ def dump() -> dict:
         for name in fused_norm.KERNELS:
             text = fused_norm.kernel_source(name, backend)
             out[f"fused_norm/{backend}/{name}"] = {"source": text}
+
+    # The few-rows matmul kernel.
+    for backend in BACKENDS:
+        text, head = rows_matmul.kernel_source(backend), rows_matmul.header(backend)
+        out[f"rows_matmul/{backend}"] = {"source": text, "header": head}
     out.update(chunk_launches(chunk_launch))
     return out
 

@@ -171,6 +171,17 @@ def compile_emulated(text: str, tmp: Path, timeout: int) -> Path:
     return exe
 
 
+def nvcc_ptx(src: str, tmp: Path, name: str = "k", timeout: int = 600) -> str:
+    """PTX of CUDA `src` (compute_90, C++17) compiled by nvcc in `tmp`; asserts it compiles."""
+    path, ptx = tmp / f"{name}.cu", tmp / f"{name}.ptx"
+    path.write_text(src)
+    nvcc = shutil.which("nvcc")
+    cmd = [nvcc, "-arch=compute_90", "-std=c++17", "-ptx", str(path), "-o", str(ptx)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return ptx.read_text()
+
+
 @pytest.fixture
 def cpu_device():
     """The emulator tests hold the kernel body, built for the CPU, to `ref` and the ops path

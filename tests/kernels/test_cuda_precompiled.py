@@ -8,7 +8,6 @@ with nvcc; `tests/kernels/test_gpu_precompiled.py` runs them on the GPU machine.
 
 import re
 import shutil
-import subprocess
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -17,6 +16,7 @@ import mlx.core as mx
 import pytest
 
 from qwen35_mlx.kernels.gated_delta import cuda, launch, nvrtc, precompiled, source
+from tests.kernels.helpers import nvcc_ptx
 
 NVCC = shutil.which("nvcc")
 ACT = {"q", "k", "v", "a", "b", "qkv", "conv_state", "conv_w"}
@@ -142,17 +142,7 @@ def _ptx(src: str, tmp_path: Path, name: str) -> str:
     if HAVE_NVRTC:
         opts = [*precompiled.OPTIONS, "--gpu-architecture=compute_90"]
         return COMPILE(src, opts, "ptx").decode()
-    path = tmp_path / f"{name}.cu"
-    path.write_text(src)
-    out = tmp_path / f"{name}.ptx"
-    res = subprocess.run(
-        [NVCC, "-arch=compute_90", "-std=c++17", "-ptx", str(path), "-o", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    return out.read_text()
+    return nvcc_ptx(src, tmp_path, name)
 
 
 @pytest.mark.skipif(not HAVE_NVRTC and NVCC is None, reason="needs libnvrtc or nvcc")

@@ -293,6 +293,7 @@ def test_precompiled_sources_compile_to_ptx(name, tmp_path):
     """The self-contained source the GPU process compiles with NVRTC (`precompiled.entry_source`:
     no MLX headers, its own bf16 / fp16 types) compiles to PTX with its entry, every dtype."""
     from qwen35_mlx.kernels.gated_delta import precompiled
+    from tests.kernels.helpers import nvcc_ptx
 
     inputs, outputs, _ = fused_norm.KERNELS[name]
     for dt in (mx.float32, mx.bfloat16, mx.float16):
@@ -303,9 +304,4 @@ def test_precompiled_sources_compile_to_ptx(name, tmp_path):
             [2] * len(inputs), outputs, [dt] * len(outputs), tpl,
         )  # fmt: skip
         assert "#include" not in src
-        path, ptx = tmp_path / "k.cu", tmp_path / "k.ptx"
-        path.write_text(src)
-        cmd = [NVCC, "-arch=compute_90", "-std=c++17", "-ptx", str(path), "-o", str(ptx)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert precompiled.entry_name("qm_" + name, tpl) in ptx.read_text()
+        assert precompiled.entry_name("qm_" + name, tpl) in nvcc_ptx(src, tmp_path, timeout=300)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qwen35_mlx.kernels import rows_matmul
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import metal, source
 
@@ -21,13 +22,19 @@ def test_dump_records_every_variant(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     subprocess.run([sys.executable, str(SCRIPT), "dump", str(out)], check=True, env=env)
     d = json.loads(out.read_text())
-    assert {k.split("/")[0] for k in d} == {"gd", "chunk", "attention", "fused_norm", "launch"}
+    kinds = {"gd", "chunk", "attention", "fused_norm", "rows_matmul", "launch"}
+    assert {k.split("/")[0] for k in d} == kinds
     passes = {k.split("/")[1] for k in d if k.startswith("launch/")}
     assert passes == {"wy", "prep", "h", "o", "state"}
     assert all("template" in d[k] or "error" in d[k] for k in d if k.startswith("launch/"))
     for backend in ("metal", "cuda"):
         for which in ("state", "state_mma", "prep_fused_mma", "wy", "wy_fused", "h", "o", "o2"):
             assert d[f"chunk/{backend}/{which}"]["source"].startswith(cl.PROLOGUE[backend])
+        assert d[f"chunk/{backend}/o2/p16=False/ring=2"]["name"].startswith(
+            f"{cl.src.O2_NAME}_p32_r2"
+        )
+        assert d[f"rows_matmul/{backend}"]["source"] == rows_matmul.kernel_source(backend)
+    assert d["chunk/cuda/h2/t32"]["header"].startswith("#define GD_MMA16 0\n")
     packed = ("fused", True, True, True, True, 3, True)
     fused = d[f"gd/metal/{packed}"]
     assert fused["name"] == "gated_delta_decode_conv_packed_t3_norm_mask"
@@ -62,4 +69,4 @@ def test_diff_finds_a_changed_kernel(tmp_path):
     changed = subprocess.run(cmd, capture_output=True, text=True)
     assert changed.returncode == 1, changed.stdout + changed.stderr
     named = sorted(ln.split(" ")[0] for ln in changed.stdout.splitlines() if "differs" in ln)
-    assert named == ["chunk/cuda/o", "chunk/metal/o"]
+    assert named == ["chunk/cuda/o", "chunk/cuda/o/t32", "chunk/metal/o"]

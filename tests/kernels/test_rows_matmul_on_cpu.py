@@ -264,6 +264,7 @@ def test_precompiled_source_compiles_to_ptx(tmp_path):
     """The self-contained source the GPU process compiles with NVRTC (`precompiled.entry_source`:
     no MLX headers, its own bf16 / fp16 types) compiles to PTX with its entry, every dtype."""
     from qwen35_mlx.kernels.gated_delta import precompiled
+    from tests.kernels.helpers import nvcc_ptx
 
     for dt in (mx.float32, mx.bfloat16, mx.float16):
         tpl = [("R", 2), ("K", 1024), ("N", 6144), ("C", 2), ("NPT", 4), ("W", 4), ("T", dt)]
@@ -272,12 +273,7 @@ def test_precompiled_source_compiles_to_ptx(tmp_path):
             rows_matmul.INPUTS, [dt, dt], [2, 2], rows_matmul.OUTPUTS, [dt], tpl,
         )  # fmt: skip
         assert "#include" not in src
-        path, ptx = tmp_path / "k.cu", tmp_path / "k.ptx"
-        path.write_text(src)
-        cmd = [NVCC, "-arch=compute_90", "-std=c++17", "-ptx", str(path), "-o", str(ptx)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        text = ptx.read_text()
+        text = nvcc_ptx(src, tmp_path, timeout=300)
         assert precompiled.entry_name("qm_rows_matmul", tpl) in text
         if dt != mx.float32:  # W's chunk of 4 16-bit elements: one 8-byte load
             loads = ("ld.global.v2.u32", "ld.global.u64", "ld.global.v4.u16", "ld.global.v2.b32")

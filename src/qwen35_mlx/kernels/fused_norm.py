@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .positions import prologue
+
 # add_rms_norm: warps a threadgroup (a row each). 8 x 32 = 256 threads: at D = 1024 (0.8B) four
 # elements a thread, at D = 4096 (9B) sixteen.
 NORM_WARPS = 8
@@ -74,20 +76,13 @@ SWIGLU_BODY = """
   }
 """
 
-CUDA_PROLOGUE = """
-  const unsigned fn_lane = threadIdx.x;
-  const unsigned fn_warp = threadIdx.y;
-  const unsigned fn_row = blockIdx.x;
-  const unsigned fn_block = blockIdx.y;
-"""
-
-# MLX declares a Metal attribute only when its name appears in `source`: named here.
-METAL_PROLOGUE = """
-  const unsigned fn_lane = thread_position_in_threadgroup.x;
-  const unsigned fn_warp = thread_position_in_threadgroup.y;
-  const unsigned fn_row = threadgroup_position_in_grid.x;
-  const unsigned fn_block = threadgroup_position_in_grid.y;
-"""
+# The thread's lane and warp, the threadgroup's row (x) and block of the row (y).
+_POSITIONS = {
+    "fn_lane": "thread.x",
+    "fn_warp": "thread.y",
+    "fn_row": "threadgroup.x",
+    "fn_block": "threadgroup.y",
+}
 
 # name: (input names, output names, body)
 KERNELS = {
@@ -98,8 +93,7 @@ KERNELS = {
 
 def kernel_source(name: str, backend: str) -> str:
     """The full `source=` of kernel `name` for backend "cuda" or "metal": prologue + body."""
-    prologue = {"cuda": CUDA_PROLOGUE, "metal": METAL_PROLOGUE}[backend]
-    return prologue + KERNELS[name][2]
+    return prologue(backend, **_POSITIONS) + KERNELS[name][2]
 
 
 _built: dict[str, object] = {}

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .positions import prologue
+
 # At most this many rows (a verify pass's tokens at batch 1, a small decode batch).
 MAX_ROWS = 8
 # Warps a threadgroup, and output columns a warp. C 1 is MLX's gemv layout (a warp an output);
@@ -163,18 +165,8 @@ inline void rm_load(const device T* p, thread float* out) {
 }
 """
 
-CUDA_PROLOGUE = """
-  const unsigned rm_lane = threadIdx.x;
-  const unsigned rm_warp = threadIdx.y;
-  const unsigned rm_block = blockIdx.x;
-"""
-
-# MLX declares a Metal attribute only when its name appears in `source`: named here.
-METAL_PROLOGUE = """
-  const unsigned rm_lane = thread_position_in_threadgroup.x;
-  const unsigned rm_warp = thread_position_in_threadgroup.y;
-  const unsigned rm_block = threadgroup_position_in_grid.x;
-"""
+# The thread's lane and warp, the threadgroup's block of output columns.
+_POSITIONS = {"rm_lane": "thread.x", "rm_warp": "thread.y", "rm_block": "threadgroup.x"}
 
 INPUTS = ["x", "w"]
 OUTPUTS = ["y"]
@@ -182,7 +174,7 @@ OUTPUTS = ["y"]
 
 def kernel_source(backend: str) -> str:
     """The full `source=` for backend "cuda" or "metal": prologue + body."""
-    return {"cuda": CUDA_PROLOGUE, "metal": METAL_PROLOGUE}[backend] + BODY
+    return prologue(backend, **_POSITIONS) + BODY
 
 
 def header(backend: str) -> str:

@@ -10,13 +10,9 @@ thread's position. Without CUDA, `BACKEND.is_available()` is False.
 from __future__ import annotations
 
 from ..gated_delta.cuda import BACKEND as _GATED_DELTA
-from .launch import AttentionBackend
+from ..positions import prologue
+from .launch import POSITIONS, AttentionBackend
 
-PROLOGUE = """
-  const unsigned at_lane = threadIdx.x;
-  const unsigned at_warp = threadIdx.y;
-  const unsigned at_tg_x = blockIdx.x;
-  const unsigned at_tg_y = blockIdx.y;
-"""
+PROLOGUE = prologue("cuda", **POSITIONS)
 
 BACKEND = AttentionBackend(_GATED_DELTA, PROLOGUE)

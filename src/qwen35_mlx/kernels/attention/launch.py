@@ -16,6 +16,14 @@ MAX_T = 8
 MAX_D = 256
 MAX_ROWS = 8  # query rows a threadgroup (registers: 2 R D / 32 floats a lane for q and acc)
 WARPS = 4
+# The thread's position as the bodies read it (`positions.prologue` of each backend): lane and
+# warp in the threadgroup, the threadgroup's x and y.
+POSITIONS = {
+    "at_lane": "thread.x",
+    "at_warp": "thread.y",
+    "at_tg_x": "threadgroup.x",
+    "at_tg_y": "threadgroup.y",
+}
 
 
 def shape_supported(q, k, v) -> bool:

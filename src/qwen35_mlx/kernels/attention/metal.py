@@ -10,13 +10,9 @@ only when its name appears in `source`, so it is part of `source`. Without Metal
 from __future__ import annotations
 
 from ..gated_delta.metal import BACKEND as _GATED_DELTA
-from .launch import AttentionBackend
+from ..positions import prologue
+from .launch import POSITIONS, AttentionBackend
 
-PROLOGUE = """
-  const unsigned at_lane = thread_position_in_threadgroup.x;
-  const unsigned at_warp = thread_position_in_threadgroup.y;
-  const unsigned at_tg_x = threadgroup_position_in_grid.x;
-  const unsigned at_tg_y = threadgroup_position_in_grid.y;
-"""
+PROLOGUE = prologue("metal", **POSITIONS)
 
 BACKEND = AttentionBackend(_GATED_DELTA, PROLOGUE, vector_start=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..positions import prologue
 from . import chunk_source as src
 from . import cuda, metal
 from .launch import shape_supported
@@ -407,20 +408,13 @@ __device__ __forceinline__ void gd_mma_staged(gd_acc& x, PA A, int lda, PB B, in
 }
 """,
 }
-PROLOGUE = {
-    "metal": """
-  const unsigned gd_tid = thread_position_in_threadgroup.x;
-  const unsigned gd_tg_x = threadgroup_position_in_grid.x;
-  const unsigned gd_tg_y = threadgroup_position_in_grid.y;
-  const unsigned gd_tg_z = threadgroup_position_in_grid.z;
-""",
-    "cuda": """
-  const unsigned gd_tid = threadIdx.x;
-  const unsigned gd_tg_x = blockIdx.x;
-  const unsigned gd_tg_y = blockIdx.y;
-  const unsigned gd_tg_z = blockIdx.z;
-""",
+_POSITIONS = {
+    "gd_tid": "thread.x",
+    "gd_tg_x": "threadgroup.x",
+    "gd_tg_y": "threadgroup.y",
+    "gd_tg_z": "threadgroup.z",
 }
+PROLOGUE = {backend: prologue(backend, **_POSITIONS) for backend in ("metal", "cuda")}
 _BASE = {"metal": metal, "cuda": cuda}
 _FACTORY = {"metal": "metal_kernel", "cuda": "cuda_kernel"}
 _AVAILABLE = {"metal": lambda: mx.metal.is_available(), "cuda": lambda: mx.cuda.is_available()}

@@ -52,6 +52,8 @@ split of the work between a parallel part and a state pass; their kernels are Tr
 
 from __future__ import annotations
 
+import textwrap
+
 STATE_INPUTS = ["W", "U", "Qg", "P", "Kw", "decay", "state_in", "dims"]
 STATE_OUTPUTS = ["y", "state_out"]
 STATE_NAME = "gated_delta_chunk_state"
@@ -310,15 +312,9 @@ def prep_name(fused: bool, matrix: bool = False) -> str:
 #     U = X[:, :Dv], W = X[:, Dv:] (the unit-lower-triangular solve; no inverse is formed).
 #  4. Qg = gamma q, Kw = w k, decay = gamma_{C-1} (broadcast over Dk).
 # Threadgroup memory: max(2 DS, C) (C + 4) + 5 C floats: 18.7 KB at C=64, DS=32.
-# D_ij = prod_{j<l<=i} g_l (0 for j > i) from the arrays gam, gs of the chunk: the ratio of the
-# two prefix products while neither was cut, else the running product.
-_DECAY_MACRO = """
-#define GD_DECAY(dij, i, j)                 \\
-  float dij = 0.0f;                         \\
-  if ((j) <= (i)) {                         \\
-    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
-      dij = gam[i] / gam[j];                \\
-    } else {                                \\
+# The D_ij macros' common end (GD_DECAY, GD_DECAY_R), after their ratio branch: else the running
+# product of g_l over j < l <= i, flushed to 0 below `tiny` at every step and at the end.
+_DECAY_RUN = """    } else {                                \\
       dij = 1.0f;                           \\
       for (int l = (j) + 1; l <= (i); ++l) { \\
         dij *= gs[l];                       \\
@@ -329,24 +325,39 @@ _DECAY_MACRO = """
   }
 """
 
+# D_ij = prod_{j<l<=i} g_l (0 for j > i) from the arrays gam, gs of the chunk: the ratio of the
+# two prefix products while neither was cut, else the running product.
+_DECAY_MACRO = (
+    """
+#define GD_DECAY(dij, i, j)                 \\
+  float dij = 0.0f;                         \\
+  if ((j) <= (i)) {                         \\
+    if (gam[i] > 0.0f && gam[j] > 0.0f) {   \\
+      dij = gam[i] / gam[j];                \\
+"""
+    + _DECAY_RUN
+)
+
 # The split kernels' D_ij (_decayed_lower_tiles): as GD_DECAY, the ratio as gam[i] times
 # rg[j] = 1 / gam[j] (gj, rj: gam[j], rg[j], read once a thread) instead of a division.
-_DECAY_R_MACRO = """
+_DECAY_R_MACRO = (
+    """
 #define GD_DECAY_R(dij, i, j, gj, rj)         \\
   float dij = 0.0f;                         \\
   if ((j) <= (i)) {                         \\
     const float gi_ = gam[i];               \\
     if (gi_ > 0.0f && (gj) > 0.0f) {        \\
       dij = gi_ * (rj);                     \\
-    } else {                                \\
-      dij = 1.0f;                           \\
-      for (int l = (j) + 1; l <= (i); ++l) { \\
-        dij *= gs[l];                       \\
-        dij = dij < tiny ? 0.0f : dij;      \\
-      }                                     \\
-    }                                       \\
-    dij = dij < tiny ? 0.0f : dij;          \\
-  }
+"""
+    + _DECAY_RUN
+)
+
+# The chunk's gates in threadgroup memory, as _CHUNK_GATES fills them.
+_CHUNK_GATE_ARRAYS = """  GD_TG float gs[C];
+  GD_TG float bs[C];
+  GD_TG float ok[C];
+  GD_TG float gam[C];
+  GD_TG float wts[C];
 """
 
 # Both chunk prep kernels' first stage (PREP_BODY, WY_BODY): step i of the chunk's gates
@@ -428,12 +439,9 @@ PREP_BODY = (
 
   GD_TG float4 buf4[(BUF + 3) / 4];  // step 2: staged k | q; steps 2-3: A
   GD_TG_PTR float* buf = reinterpret_cast<GD_TG_PTR float*>(buf4);
-  GD_TG float gs[C];
-  GD_TG float bs[C];
-  GD_TG float ok[C];
-  GD_TG float gam[C];
-  GD_TG float wts[C];
-
+"""
+    + _CHUNK_GATE_ARRAYS
+    + """
   // 1. gates
 """
     + _CHUNK_GATES
@@ -630,6 +638,29 @@ _STATE_PASS_WARP = """
   const int v0 = int(gd_tg_y) * BV;
 """
 
+
+def _state_in(x: str, s: str) -> str:
+    """The state passes' (STATE_MMA_BODY, H_BODY, H2_BODY) start: the threadgroup's BV value rows
+    of state_in into threadgroup floats x (row stride s), rows past Dv as 0."""
+    return f"""  for (int e = tid; e < BV * Dk; e += NT) {{
+    const int v = e / Dk;
+    const int d = e % Dk;
+    {x}[v * {s} + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
+  }}
+"""
+
+
+def _state_out(x: str, s: str) -> str:
+    """The state passes' end: the threadgroup's value rows < Dv of the state, threadgroup floats
+    at x (row stride s), to state_out."""
+    return f"""  for (int e = tid; e < BV * Dk; e += NT) {{
+    const int v = e / Dk;
+    const int d = e % Dk;
+    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = {x}[v * {s} + d];
+  }}
+"""
+
+
 # The state pass on matrix units (the tile layer of chunk_launch: tensor cores on CUDA,
 # simdgroup matrices on Metal): the same inputs, outputs and grid as STATE_BODY, BV value rows
 # (VT = BV / 16 tiles) per threadgroup, NT = 32 (C / 16) VT threads: one warp (SIMD-group) per
@@ -679,12 +710,9 @@ STATE_MMA_BODY = (
 
   // W, Qg, Kw: [B * Hv, N * C, Dk]; U: [B, Hv, N * C, Dv]; P: [B * Hv, N * C, C];
   // decay: [B * Hv, N, Dk]; state_in, state_out: [B, Hv, Dv, Dk]; y: [B, T, Hv, Dv]
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    S_t[v * SD + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
-  }
-  gd_barrier();
+"""
+    + _state_in("S_t", "SD")
+    + """  gd_barrier();
 
   const size_t row0 = size_t(head) * NC;  // first row of this head in W, U, Qg, P, Kw
   for (int n = 0; n < N; ++n) {
@@ -752,12 +780,8 @@ STATE_MMA_BODY = (
     }
   }
 
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
-  }
 """
+    + _state_out("S_t", "SD")
 )
 
 
@@ -850,6 +874,23 @@ def _rows_to_registers(x: str, src: str, bv: str) -> str:
 """
 
 
+# Both WY kernels' (WY_BODY, WY2_BODY) start: sizes, chunk, head and warp (_chunk_head), the
+# chunk's first row rn.
+_WY_PROLOGUE = _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]") + (
+    """  const int w = tid / 32;
+  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
+  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
+  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
+"""
+)
+
+# Both WY kernels' gate arrays: _CHUNK_GATE_ARRAYS and rg.
+_WY_GATE_ARRAYS = (
+    _CHUNK_GATE_ARRAYS
+    + """  GD_TG float rg[C];  // 1 / gam (0 where gam is)
+"""
+)
+
 # Both WY kernels: the gates row (gamma, g, valid, w) to `gates` for the other passes, and rg.
 _WY_GATES_OUT = """  gd_barrier();
   for (int i = tid; i < C; i += NT) {
@@ -932,21 +973,13 @@ WY_BODY = (
   static_assert(C == 64 && NT == 256, "WY_BODY: 8 warps, 4 x 4 blocks");
   static_assert(DS == 32 && Dk % DS == 0, "WY_BODY: one 16 x 16 output tile per warp a slice");
 """
-    + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
-    + """  const int w = tid / 32;
-  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
-  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
-  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
-
+    + _WY_PROLOGUE
+    + """
   GD_TG float Ai[C * CP];  // L, then (I - L)^-1
   GD_TG float st[C * SP];  // a staged slice; a product tile; the inverse's scratch tiles
-  GD_TG float gs[C];
-  GD_TG float bs[C];
-  GD_TG float ok[C];
-  GD_TG float gam[C];
-  GD_TG float wts[C];
-  GD_TG float rg[C];  // 1 / gam (0 where gam is)
-
+"""
+    + _WY_GATE_ARRAYS
+    + """
   // 0. The chunk's k and v rows towards L2 (a 128-byte line a thread), so that the staging
   // loads below, each exposed for part of its latency, find them there.
   {
@@ -1075,6 +1108,21 @@ WY_BODY = (
 """
 )
 
+
+def _wy2_slice(x: str) -> str:
+    """WY2_BODY's step over ring slice q: its copy waited for, a barrier, the copy of slice
+    q + NB - 1 started (into the buffer slice q - 1 used), x its buffer; then opens the loop over
+    the slice's elements (row i, column d), which the body closes."""
+    return f"""    gd_copy_wait<NB - 2>();
+    gd_barrier();
+    GD_WY2_COPY(q + NB - 1);
+    GD_TG_PTR PS* {x} = ring + (q % NB) * (C * SQ);
+    for (int e = tid; e < C * DS; e += NT) {{
+      const int i = e / DS;
+      const int d = e % DS;
+"""
+
+
 # WY2_BODY: WY_BODY with its k and v slices copied (gd_copy_tile: cp.async on CUDA, the bytes
 # as they are) into a ring of NB staged slices that runs through the whole kernel: the Dk / DS
 # k slices of k k^T, then the v slices of U, then the k slices of W, each copy started NB - 1
@@ -1109,24 +1157,16 @@ WY2_BODY = (
   static_assert(DS % 16 == 0 && Dk % DS == 0 && NB >= 2, "WY2_BODY tiles");
   static_assert(PSZ == 4 || SQ * PSZ <= CP * 4, "WY2_BODY: output tiles staged in Ai's space");
 """
-    + _chunk_head("k_shape[1]", "k_shape[2]", "v_shape[2]", "v_shape[3]")
-    + """  const int w = tid / 32;
-  // k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; g, beta, a, b: [B, T, Hv]; A_log, dt_bias: [Hv];
-  // mask: [B, T]; W, Kw: [B * Hv, N * C, Dk]; U: [.., Dv]; gates: [B * Hv, N * C, 4] fp32
-  const size_t rn = size_t(head) * NC + t0;  // this chunk's first row
-  const int nvs = (Dv + DS - 1) / DS;        // v slices
+    + _WY_PROLOGUE
+    + """  const int nvs = (Dv + DS - 1) / DS;        // v slices
   const int NQ = 2 * NSK + nvs;              // slices through the ring
 
   GD_TG float Ai[C * CP];  // L, then (I - L)^-1
   GD_TG16 PS ring[NB * C * SQ];
   GD_TG16 PS aux[PSZ == 4 ? 768 : C * XL];  // the inverse's scratch (floats); then X in PS
-  GD_TG float gs[C];
-  GD_TG float bs[C];
-  GD_TG float ok[C];
-  GD_TG float gam[C];
-  GD_TG float wts[C];
-  GD_TG float rg[C];  // 1 / gam (0 where gam is)
-  const size_t krow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
+"""
+    + _WY_GATE_ARRAYS
+    + """  const size_t krow = ((size_t(b_idx) * T + t0) * Hk + hk) * Dk;
   const size_t vrow = ((size_t(b_idx) * T + t0) * Hv + hv) * Dv;
   // Slice q_ into its ring buffer: rows past T read row T - 1, v's columns past Dv some column
   // of the row (both selected away).
@@ -1160,14 +1200,9 @@ WY2_BODY = (
   gd_acc_zero(kk[0]);
   gd_acc_zero(kk[1]);
   for (int q = 0; q < NSK; ++q) {
-    gd_copy_wait<NB - 2>();
-    gd_barrier();
-    GD_WY2_COPY(q + NB - 1);
-    GD_TG_PTR PS* ks = ring + (q % NB) * (C * SQ);
-    for (int e = tid; e < C * DS; e += NT) {
-      const int i = e / DS;
-      const int d = e % DS;
-      const float x = static_cast<float>(ks[i * SQ + d]);
+"""
+    + _wy2_slice("ks")
+    + """      const float x = static_cast<float>(ks[i * SQ + d]);
       Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
     }
 """
@@ -1198,14 +1233,9 @@ WY2_BODY = (
   for (int q = NSK; q < NQ; ++q) {
     const bool is_v = q < NSK + nvs;
     const int c0 = (is_v ? q - NSK : q - NSK - nvs) * DS;
-    gd_copy_wait<NB - 2>();
-    gd_barrier();
-    GD_WY2_COPY(q + NB - 1);
-    GD_TG_PTR PS* bsl = ring + (q % NB) * (C * SQ);
-    for (int e = tid; e < C * DS; e += NT) {
-      const int i = e / DS;
-      const int d = e % DS;
-      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
+"""
+    + _wy2_slice("bsl")
+    + """      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
       const float sc = is_v ? bs[i] : bs[i] * gam[i];
       bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
     }
@@ -1249,6 +1279,116 @@ H_INPUTS = ["W", "U", "Kw", "gates", "state_in"]
 H_OUTPUTS = ["H", "Vn", "state_out"]
 H_NAME = "gated_delta_chunk_h"
 
+
+# The split state passes' (H_BODY, H2_BODY) sizes and threadgroup (_STATE_PASS_WARP).
+_H_PROLOGUE = (
+    """  const int NC = U_shape[1];
+  const int Dv = U_shape[2];
+  const int N = NC / C;
+"""
+    + _STATE_PASS_WARP
+)
+
+
+def _h_state_in(x: str, s: str) -> str:
+    """The split state passes' (H_BODY, H2_BODY) operand layout, and _state_in(x, s)."""
+    layout = """\
+  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
+  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
+"""
+    return layout + _state_in(x, s)
+
+
+def _h_ring(one_line: bool = False) -> str:
+    """The split state passes' (H_BODY, H2_BODY) ring of staged slices: GD_H_COPY(q) starts the
+    copy of slice q of the pass (q < NQ: the W, then the Kw key slice q % NSL of chunk q / NSL)
+    into buffer q % NB, the first NB - 1 copies started; then opens the loop over the chunks n
+    (rows from rn), which the body closes. one_line: GD_H_COPY on one line, as H_BODY's text
+    has always had it (its source used Python line continuations)."""
+    text = """  const size_t row0 = size_t(head) * NC;
+  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
+  const int NQ = N * NSL;
+#define GD_H_COPY(q_)                                                                  \\
+  {                                                                                    \\
+    const int qq_ = (q_);                                                              \\
+    if (qq_ < NQ) {                                                                    \\
+      const int sq_ = qq_ % NSL;                                                       \\
+      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \\
+      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \\
+                              size_t(Dk), C, tid);                                     \\
+    }                                                                                  \\
+    gd_copy_commit();                                                                  \\
+  }
+  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+"""
+    return text.replace("\\\n", "") if one_line else text
+
+
+def _h_slice(note: str) -> str:
+    """The split state passes' step over slice s of chunk n (slice q of the pass): opens the loop
+    over the slices, which the body closes; Xw to D_t at s = KSL, slice q's copy waited for, a
+    barrier (note: what else it completes), the copy of slice q + NB - 1 started."""
+    return f"""    for (int s = 0; s < NSL; ++s) {{
+      const int q = n * NSL + s;
+      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
+      gd_copy_wait<NB - 2>();
+      gd_barrier();  // slice q staged; slice q - 1's buffer free; {note}
+      GD_H_COPY(q + NB - 1);
+"""
+
+
+# The split state passes' prefetch (PF) at chunk n's first slice: chunk n + 2's W, Kw and U rows
+# towards L2.
+_H_PREFETCH = """        const size_t rx = rn + 2 * C;
+        for (int c = tid; c < C * Dk / LINE; c += NT) {
+          gd_prefetch(W + rx * Dk + LINE * c);
+          gd_prefetch(Kw + rx * Dk + LINE * c);
+        }
+        for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
+"""
+
+
+def _h_store_and_delta(x: str, s: str, store: str) -> str:
+    """The split state passes' H[n] = S (PT) from threadgroup memory x (row stride s), value rows
+    < Dv, one branch for the whole tile, in slice 0's branch (which it closes, and that of the
+    slices s < KSL); then opens slice KSL's branch, which the body closes: delta = U - Xw (Xw in
+    D_t, U's rows in xu), stored by `store` (of dl at row i, value v) and to Vn; value rows past
+    Dv get delta 0 and no Vn."""
+    return f"""          const size_t hb = (size_t(head) * N + n) * Dv + v0;
+          if (v0 + BV <= Dv) {{
+            #pragma unroll
+            for (int it = 0; it < BV * Dk / NT; ++it) {{
+              const int e = tid + it * NT;
+              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
+            }}
+          }} else {{
+            for (int e = tid; e < BV * Dk; e += NT) {{
+              if (v0 + e / Dk < Dv) {{
+                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
+              }}
+            }}
+          }}
+        }}
+        continue;
+      }}
+      if (s == KSL) {{
+        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
+        const bool full = v0 + BV <= Dv;
+        #pragma unroll
+        for (int it = 0; it < C * BV / NT; ++it) {{
+          const int e = tid + it * NT;
+          const int i = e / BV;
+          const int v = e % BV;
+          const bool in = full || v0 + v < Dv;
+          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
+          {store};
+          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+        }}
+"""
+
+
 # H_BODY: the state pass, one threadgroup per (batch x value head, BV value rows), NT = 32 (C /
 # 16) (BV / 16) threads: one warp per 16 x 16 tile of W S^T. A chunk's operands are its W rows
 # then its Kw rows in key slices of DS: 2 Dk / DS slices a chunk, slice q of the pass (chunk
@@ -1278,100 +1418,40 @@ H_BODY = (
   constexpr int XW = (XT + NW - 1) / NW;
   static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H_BODY layout");
   static_assert(NB >= 2 && (C * BV) % NT == 0 && (BV * Dk) % NT == 0, "H_BODY: ring, rounds");
-  const int NC = U_shape[1];
-  const int Dv = U_shape[2];
-  const int N = NC / C;
 """
-    + _STATE_PASS_WARP
+    + _H_PROLOGUE
     + """
   GD_TG float S_t[BV * SD];
   GD_TG float D_t[C * DL];
   GD_TG16 gd_staged<PT> sb[NB * C * SP];
 
-  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
-  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    S_t[v * SD + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
-  }
-  const size_t row0 = size_t(head) * NC;
-  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
-  const int NQ = N * NSL;
-#define GD_H_COPY(q_)                                                                  \
-  {                                                                                    \
-    const int qq_ = (q_);                                                              \
-    if (qq_ < NQ) {                                                                    \
-      const int sq_ = qq_ % NSL;                                                       \
-      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \
-      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \
-                              size_t(Dk), C, tid);                                     \
-    }                                                                                  \
-    gd_copy_commit();                                                                  \
-  }
-  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
-  for (int n = 0; n < N; ++n) {
-    const size_t rn = row0 + size_t(n) * C;
-    // This chunk's U rows (columns clamped) and decay, loaded at its start: a load after a
+"""
+    + _h_state_in("S_t", "SD")
+    + _h_ring(one_line=True)
+    + """    // This chunk's U rows (columns clamped) and decay, loaded at its start: a load after a
     // store to H or Vn (which may alias them for all the compiler knows) would wait for it.
 """
     + _rows_to_registers("xu", "U", "BV")
     + """    const float dc = gates[(rn + C - 1) * 4];
     gd_acc xw;
     gd_acc_zero(xw);
-    for (int s = 0; s < NSL; ++s) {
-      const int q = n * NSL + s;
-      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
-      gd_copy_wait<NB - 2>();
-      gd_barrier();  // slice q staged; slice q - 1's buffer free; S (s = 0) / delta's Xw complete
-      GD_H_COPY(q + NB - 1);
-      GD_TG_PTR gd_staged<PT>* st = sb + (q % NB) * C * SP;
+"""
+    + _h_slice("S (s = 0) / delta's Xw complete")
+    + """      GD_TG_PTR gd_staged<PT>* st = sb + (q % NB) * C * SP;
       if (s == 0) {
         if (PF && n + 2 < N) {
-          const size_t rx = rn + 2 * C;
-          for (int c = tid; c < C * Dk / LINE; c += NT) {
-            gd_prefetch(W + rx * Dk + LINE * c);
-            gd_prefetch(Kw + rx * Dk + LINE * c);
-          }
-          for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
-        }
+"""
+    + textwrap.indent(_H_PREFETCH, "  ")
+    + """        }
       }
       if (s < KSL) {
         gd_mma<MP, false, true>(xw, st + 16 * rt * SP, SP, S_t + 16 * vt * SD + s * DS, SD, DS);
         if (s == 0) {
           // H[n] = S, after the products are issued (S stays unchanged until slice KSL's
           // barrier); one branch for the whole tile, so the stores can fill the MMA chain's gaps.
-          const size_t hb = (size_t(head) * N + n) * Dv + v0;
-          if (v0 + BV <= Dv) {
-            #pragma unroll
-            for (int it = 0; it < BV * Dk / NT; ++it) {
-              const int e = tid + it * NT;
-              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(S_t[(e / Dk) * SD + e % Dk]);
-            }
-          } else {
-            for (int e = tid; e < BV * Dk; e += NT) {
-              if (v0 + e / Dk < Dv) {
-                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(S_t[(e / Dk) * SD + e % Dk]);
-              }
-            }
-          }
-        }
-        continue;
-      }
-      if (s == KSL) {
-        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
-        const bool full = v0 + BV <= Dv;
-        #pragma unroll
-        for (int it = 0; it < C * BV / NT; ++it) {
-          const int e = tid + it * NT;
-          const int i = e / BV;
-          const int v = e % BV;
-          const bool in = full || v0 + v < Dv;
-          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
-          D_t[i * DL + v] = dl;
-          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
-        }
-        #pragma unroll
+"""
+    + _h_store_and_delta("S_t", "SD", "D_t[i * DL + v] = dl")
+    + """        #pragma unroll
         for (int it = 0; it < BV * Dk / NT; ++it) {
           const int e = tid + it * NT;
           S_t[(e / Dk) * SD + e % Dk] *= dc;
@@ -1396,12 +1476,8 @@ H_BODY = (
 #undef GD_H_COPY
   gd_copy_wait<0>();
   gd_barrier();
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = S_t[v * SD + d];
-  }
 """
+    + _state_out("S_t", "SD")
 )
 
 H2_NAME = "gated_delta_chunk_h2"
@@ -1440,11 +1516,8 @@ H2_BODY = (
   static_assert(NW == RT * VT && Dk % DS == 0 && DS % 16 == 0, "H2_BODY layout");
   static_assert(NB >= 2 && (C * BV) % NT == 0 && (BV * Dk) % NT == 0, "H2_BODY: ring, rounds");
   static_assert(PSZ == 4 || BV * SX * 4 <= NB * C * SP * PSZ, "H2_BODY: state staging");
-  const int NC = U_shape[1];
-  const int Dv = U_shape[2];
-  const int N = NC / C;
 """
-    + _STATE_PASS_WARP
+    + _H_PROLOGUE
     + """
   GD_TG float D_t[C * DL];
   GD_TG16 PS Sb[BV * SB];
@@ -1453,14 +1526,9 @@ H2_BODY = (
   GD_TG_PTR PS* Db = PSZ == 4 ? (GD_TG_PTR PS*)D_t : db16;
   GD_TG_PTR float* Sx = PSZ == 4 ? (GD_TG_PTR float*)Sb : (GD_TG_PTR float*)sb;
 
-  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
-  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    Sx[v * SX + d] = v0 + v < Dv ? state_in[(size_t(head) * Dv + (v0 + v)) * Dk + d] : 0.0f;
-  }
-  gd_barrier();
+"""
+    + _h_state_in("Sx", "SX")
+    + """  gd_barrier();
   // warp w's state tiles: tile g = w + NW u holds value rows 16 (g / KT).., keys 16 (g % KT)..
   gd_acc sa[TW];
   #pragma unroll
@@ -1474,81 +1542,30 @@ H2_BODY = (
     const int g = w + NW * u;
     if (TT % NW == 0 || g < TT) gd_acc_store(sa[u], Sb + 16 * (g / KT) * SB + 16 * (g % KT), SB);
   }
-  const size_t row0 = size_t(head) * NC;
-  constexpr int LINE = 128 / int(sizeof(PT));  // elements of a 128-byte line
-  const int NQ = N * NSL;
-#define GD_H_COPY(q_)                                                                  \\
-  {                                                                                    \\
-    const int qq_ = (q_);                                                              \\
-    if (qq_ < NQ) {                                                                    \\
-      const int sq_ = qq_ % NSL;                                                       \\
-      const size_t off_ = (row0 + size_t(qq_ / NSL) * C) * Dk + (sq_ % KSL) * DS;      \\
-      gd_copy_tile<NT, C, DS>(sb + (qq_ % NB) * C * SP, SP, (sq_ < KSL ? W : Kw) + off_, \\
-                              size_t(Dk), C, tid);                                     \\
-    }                                                                                  \\
-    gd_copy_commit();                                                                  \\
-  }
-  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);
-  for (int n = 0; n < N; ++n) {
-    const size_t rn = row0 + size_t(n) * C;
-    // This chunk's U rows (columns clamped) and decay, loaded at its start.
+"""
+    + _h_ring()
+    + """    // This chunk's U rows (columns clamped) and decay, loaded at its start.
 """
     + _rows_to_registers("xu", "U", "BV")
     + """    const float dc = gates[(rn + C - 1) * 4];
     gd_acc xw;
     gd_acc_zero(xw);
     #pragma unroll
-    for (int s = 0; s < NSL; ++s) {
-      const int q = n * NSL + s;
-      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);
-      gd_copy_wait<NB - 2>();
-      gd_barrier();  // slice q staged; slice q - 1's buffer free; Sb (s = 0) / Xw complete
-      GD_H_COPY(q + NB - 1);
-      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;
+"""
+    + _h_slice("Sb (s = 0) / Xw complete")
+    + """      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;
       if (s == 0 && PF && n + 2 < N) {
-        const size_t rx = rn + 2 * C;
-        for (int c = tid; c < C * Dk / LINE; c += NT) {
-          gd_prefetch(W + rx * Dk + LINE * c);
-          gd_prefetch(Kw + rx * Dk + LINE * c);
-        }
-        for (int i = tid; i < C; i += NT) gd_prefetch(U + (rx + i) * Dv + v0);
-      }
+"""
+    + _H_PREFETCH
+    + """      }
       if (s < KSL) {
         gd_mma_staged<MP, false, true>(xw, st + 16 * rt * SP, SP, Sb + 16 * vt * SB + s * DS, SB,
                                        DS);
         if (s == 0) {
           // H[n] = S (Sb is not written before slice KSL's barriers), branch-free when whole
-          const size_t hb = (size_t(head) * N + n) * Dv + v0;
-          if (v0 + BV <= Dv) {
-            #pragma unroll
-            for (int it = 0; it < BV * Dk / NT; ++it) {
-              const int e = tid + it * NT;
-              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
-            }
-          } else {
-            for (int e = tid; e < BV * Dk; e += NT) {
-              if (v0 + e / Dk < Dv) {
-                H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
-              }
-            }
-          }
-        }
-        continue;
-      }
-      if (s == KSL) {
-        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
-        const bool full = v0 + BV <= Dv;
-        #pragma unroll
-        for (int it = 0; it < C * BV / NT; ++it) {
-          const int e = tid + it * NT;
-          const int i = e / BV;
-          const int v = e % BV;
-          const bool in = full || v0 + v < Dv;
-          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
-          Db[i * DBL + v] = static_cast<PS>(dl);
-          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
-        }
-        #pragma unroll
+"""
+    + _h_store_and_delta("Sb", "SB", "Db[i * DBL + v] = static_cast<PS>(dl)")
+    + """        #pragma unroll
         for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
         gd_barrier();  // delta complete
       }
@@ -1574,12 +1591,8 @@ H2_BODY = (
     if (TT % NW == 0 || g < TT) gd_acc_store(sa[u], Sx + 16 * (g / KT) * SX + 16 * (g % KT), SX);
   }
   gd_barrier();
-  for (int e = tid; e < BV * Dk; e += NT) {
-    const int v = e / Dk;
-    const int d = e % Dk;
-    if (v0 + v < Dv) state_out[(size_t(head) * Dv + (v0 + v)) * Dk + d] = Sx[v * SX + d];
-  }
 """
+    + _state_out("Sx", "SX")
 )
 
 O_INPUTS = ["q", "k", "gates", "H", "Vn", "dims"]
