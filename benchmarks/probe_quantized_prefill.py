@@ -59,17 +59,28 @@ def gather() -> None:
 
 
 def model() -> None:
+    """The test's model prefilled three times, with every quantizable layer quantized as the
+    test does, then with only one part quantized at a time (a bisect of the failing part)."""
     from tests.models.factory import make_moe_config, make_text_model
     from tests.test_fast_decode import TOKENS
 
-    m = make_text_model(make_moe_config(shared_expert_intermediate_size=64), seed=10)
-    pred = m.quant_predicate
-    nn.quantize(m, group_size=32, bits=4, class_predicate=lambda p, x: (
-        hasattr(x, "to_quantized") and not isinstance(x, nn.Embedding) and pred(p, x)))  # fmt: skip
-    outs = [np.array(m(mx.array([TOKENS[:5], TOKENS[7:12]]), cache=m.make_cache())[:, -1])
-            for _ in range(3)]  # fmt: skip
-    print("model prefill, max difference from the first call:",
-          [float(np.abs(o - outs[0]).max()) for o in outs[1:]])  # fmt: skip
+    parts = {
+        "all": lambda p: True,
+        "experts only": lambda p: ".experts." in p,
+        "router and shared gate only": lambda p: p.endswith((".mlp.gate", "shared_expert_gate")),
+        "shared expert only": lambda p: ".shared_expert." in p,
+        "attention and linear layers only": lambda p: ".mlp." not in p,
+    }
+    for name, part in parts.items():
+        m = make_text_model(make_moe_config(shared_expert_intermediate_size=64), seed=10)
+        pred = m.quant_predicate
+        nn.quantize(m, group_size=32, bits=4, class_predicate=lambda p, x, pred=pred, part=part: (
+            hasattr(x, "to_quantized") and not isinstance(x, nn.Embedding) and pred(p, x)
+            and part(p)))  # fmt: skip
+        prompts = mx.array([TOKENS[:5], TOKENS[7:12]])
+        outs = [np.array(m(prompts, cache=m.make_cache())[:, -1]) for _ in range(3)]
+        diffs = [float(np.abs(o - outs[0]).max()) for o in outs[1:]]
+        print(f"model prefill, {name} quantized: max difference from the first call {diffs}")
 
 
 if __name__ == "__main__":
