@@ -29,9 +29,11 @@
 #                                     # async_eval / token split), then bench_decode.py at MLX's
 #                                     # default CUDA graph size and with larger graphs, in two
 #                                     # processes (about 8 min)
-#   benchmarks/run_gpu.sh recheck   # what session 8 could not confirm on the GPU, groups in
-#                                   # parallel processes, each failure printed as it happens
-#                                   # (benchmarks/pytest_eager.py); about 5 minutes
+#   benchmarks/run_gpu.sh recheck   # what session 9 could not confirm on the GPU (the quantized
+#                                   # MoE prefill probe and test, the rows kernel, speculative,
+#                                   # the whole chunk file), groups in parallel processes, each
+#                                   # failure printed as it happens (benchmarks/pytest_eager.py);
+#                                   # about 7 minutes
 # Logs and JSON/PNG go to $OUT (the device tool brings them back), or benchmarks/out.
 # Merge the two benchmark halves afterwards:
 #   python benchmarks/bench_gated_delta.py --merge <decode>.json <prefill>.json --out benchmarks/results
@@ -74,24 +76,20 @@ case "$step" in
       tee "$out/bench_conv_decode.log"
     ;;
   recheck)
-    # pytest-timeout is on the device image (--timeout). Groups run side by side, one process
-    # each, so that a CUDA error in one (the speculative sampling test's, session 8) cannot
-    # poison the others; the model tests first compile their kernels with NVRTC (minutes).
-    export PYTHONPATH=$PYTHONPATH:benchmarks
+    # What session 9 left unconfirmed on the GPU, groups side by side, one process each (a CUDA
+    # error in one cannot poison the others; the model tests first compile their kernels with
+    # NVRTC, minutes). pytest-timeout must be importable (--timeout).
+    export PYTHONPATH=$PYTHONPATH:benchmarks:.
     eager=("${pytest[@]}" -p pytest_eager --tb=short --timeout 280)
-    run() { local name=$1; shift; timeout 300 "${eager[@]}" "$@" >"$out/recheck_$name.log" 2>&1; }
-    run compiled tests/kernels/test_gpu_fused_norm.py::test_compiled_equals_plain_with_the_kernels \
-      tests/test_add_norm.py tests/test_decode_diet.py::test_folded_residual_compiled_equals_plain_bf16 &
-    run qmoe tests/test_fast_decode.py::test_compiled_decode_quantized_moe \
-      tests/test_fast_decode.py::test_compiled_decode_equals_plain &
-    run verify tests/test_attention_dispatch.py tests/test_packed_decode.py tests/models/test_mtp.py \
-      tests/test_speculative.py -k "not sampling_distribution" &
-    run kernels "tests/kernels/test_gpu_kernels.py::test_gated_delta_kernel_matches_ref" &
-    run sampling tests/test_speculative.py::test_sampling_distribution_is_the_models &
-    PYTHONPATH=$PYTHONPATH:. timeout 300 python3 benchmarks/probe_large_batch.py 256 \
-      >"$out/probe_large_batch.log" 2>&1 &
+    run() { local name=$1; shift; timeout 420 "${eager[@]}" "$@" >"$out/recheck_$name.log" 2>&1; }
+    (timeout 120 python3 benchmarks/probe_quantized_prefill.py >"$out/probe_quantized_prefill.log" 2>&1
+      run qmoe tests/test_fast_decode.py::test_compiled_decode_quantized_moe) &
+    run rows tests/kernels/test_gpu_rows_matmul.py &
+    run speculative tests/test_speculative.py &
+    run chunk_a tests/kernels/test_gpu_chunk_kernel.py -k "test_chunk_kernel_matches_ref" &
+    run chunk_b tests/kernels/test_gpu_chunk_kernel.py -k "not test_chunk_kernel_matches_ref" &
     wait
-    grep -E " ok| FAIL| TIMEOUT" "$out/probe_large_batch.log" || true
+    cat "$out/probe_quantized_prefill.log" || true
     grep -hE "^### FAILED|^E  " "$out"/recheck_*.log | grep -v "^E    +" | cut -c1-200 | head -60 || true
     for f in "$out"/recheck_*.log; do
       echo "$(basename "$f"): $(grep -c '^### PASSED' "$f") passed, $(grep -c '^### FAILED' "$f") failed"
