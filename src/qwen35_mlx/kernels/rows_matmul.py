@@ -40,6 +40,14 @@ MAX_ROWS = 8
 # C 2 loads each x chunk once for two columns.
 WARPS = 4
 COLUMNS = 2
+# The "ahead" variant (`AHEAD_BODY`): 0 off (the kernel above), else the W chunks a lane loads
+# before using the first (U, at most this; see `chunks_ahead`), with AHEAD_WARPS warps a
+# threadgroup (MLX's gemv: 8, one output a warp) and AHEAD_COLUMNS columns a warp (0: one up to
+# 4 rows, as the gemv; two above, so that a warp's x loads, L1 hits, stay under twice its W
+# loads: each x chunk is loaded once a warp a row).
+AHEAD = 0
+AHEAD_WARPS = 8
+AHEAD_COLUMNS = 0
 
 # The k loop, once with vector loads (x and W aligned for them) and once without: a branch on
 # alignment at each load would keep the compiler from issuing the loads ahead.
@@ -122,6 +130,81 @@ BODY = (
 """
 )
 
+# The "ahead" variant (AHEAD > 0): the same sums in the same order, the k loop taken U chunks
+# at a time, each lane issuing its U W loads (U NPT elements a column, U 8-byte loads in bf16 at
+# NPT 4) before the first is used, then the chunks' products in k order. The first kernel's
+# loop issues one W load a column and waits for it (K a template constant, but the compiler
+# does not hoist loads over the adds it feeds), so few bytes of W are in flight a warp: that,
+# and a quarter of the broadcast gemv's warps at R 2 (C 2 against one warp an output and row),
+# is why its reads ran below the gemv's on the H200. The lanes' chunks past the last full group
+# of U (K / (32 NPT) not a multiple of U, or K % (32 NPT) != 0) run one at a time after.
+_AHEAD_GROUP = """
+    for (; k + (U - 1) * RM_STEP < RM_FULL_K; k += U * RM_STEP) {{
+#pragma unroll
+      for (int c = 0; c < C; ++c) {{
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {{
+          rm_load<NPT, {vec}>(w + size_t(n) * K + k + u * RM_STEP, rm_w[c][u]);
+        }}
+      }}
+#pragma unroll
+      for (int u = 0; u < U; ++u) {{
+        float rm_x[R][NPT];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {{
+          rm_load<NPT, {vec}>(x + size_t(r) * K + k + u * RM_STEP, rm_x[r]);
+        }}
+#pragma unroll
+        for (int c = 0; c < C; ++c) {{
+#pragma unroll
+          for (int r = 0; r < R; ++r) {{
+#pragma unroll
+            for (int j = 0; j < NPT; ++j) {{
+              rm_acc[c * R + r] += rm_w[c][u][j] * rm_x[r][j];
+            }}
+          }}
+        }}
+      }}
+    }}
+    for (; k < K; k += RM_STEP) {{
+      float rm_x[R][NPT];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {{
+        rm_load<NPT, {vec}>(x + size_t(r) * K + k, rm_x[r]);
+      }}
+#pragma unroll
+      for (int c = 0; c < C; ++c) {{
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+        rm_load<NPT, {vec}>(w + size_t(n) * K + k, rm_w[c][0]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {{
+#pragma unroll
+          for (int j = 0; j < NPT; ++j) {{
+            rm_acc[c * R + r] += rm_w[c][0][j] * rm_x[r][j];
+          }}
+        }}
+      }}
+    }}
+"""
+
+AHEAD_BODY = (
+    BODY.split("    if (rm_aligned<NPT>(x)")[0]
+    + """    // k: this lane's next chunk; RM_FULL_K: the end of the chunks every lane has.
+    constexpr int RM_STEP = 32 * NPT, RM_FULL_K = K / RM_STEP * RM_STEP;
+    int k = NPT * int(rm_lane);
+    float rm_w[C][U][NPT];
+    if (rm_aligned<NPT>(x) && rm_aligned<NPT>(w)) {"""
+    + _AHEAD_GROUP.format(vec="true")
+    + """    } else {"""
+    + _AHEAD_GROUP.format(vec="false")
+    + """    }
+    const int rm_l = int(rm_lane);
+    int rm_q = 0;
+"""
+    + BODY.split("    int rm_q = 0;\n")[1]
+)
+
 CUDA_HEADER = """
 // Whether p (a row start; rows of K elements) is aligned for loads of NPT elements.
 template <int NPT, typename T>
@@ -172,9 +255,10 @@ INPUTS = ["x", "w"]
 OUTPUTS = ["y"]
 
 
-def kernel_source(backend: str) -> str:
-    """The full `source=` for backend "cuda" or "metal": prologue + body."""
-    return prologue(backend, **_POSITIONS) + BODY
+def kernel_source(backend: str, ahead: bool = False) -> str:
+    """The full `source=` for backend "cuda" or "metal": prologue + body (ahead: the "ahead"
+    variant's body, which takes one more template constant, U)."""
+    return prologue(backend, **_POSITIONS) + (AHEAD_BODY if ahead else BODY)
 
 
 def header(backend: str) -> str:
@@ -200,20 +284,21 @@ def _backend() -> str | None:
 _built: dict[tuple, object] = {}
 
 
-def _build(contiguous: bool):
+def _build(contiguous: bool, ahead: bool = False):
     kind = _backend()
-    if (kind, contiguous) not in _built:
-        # One name for both: the same binary (the disk cache compiles it once).
-        kw = dict(name="qm_rows_matmul", input_names=INPUTS, output_names=OUTPUTS)
-        kw.update(source=kernel_source(kind), header=header(kind))
+    if (kind, contiguous, ahead) not in _built:
+        # One name for both layouts: the same binary (the disk cache compiles it once).
+        name = "qm_rows_matmul_ahead" if ahead else "qm_rows_matmul"
+        kw = dict(name=name, input_names=INPUTS, output_names=OUTPUTS)
+        kw.update(source=kernel_source(kind, ahead), header=header(kind))
         if kind == "cuda":
             from .gated_delta import precompiled
 
             k = precompiled.cuda_kernel(**kw, ensure_row_contiguous=contiguous)
         else:
             k = mx.fast.metal_kernel(**kw, ensure_row_contiguous=contiguous)
-        _built[kind, contiguous] = k
-    return _built[kind, contiguous]
+        _built[kind, contiguous, ahead] = k
+    return _built[kind, contiguous, ahead]
 
 
 def kernel_available(dtype) -> bool:
@@ -244,6 +329,18 @@ def elements_a_load(K: int) -> int:
     return 4 if K % 128 == 0 else 2 if K % 64 == 0 else 1
 
 
+def chunks_ahead(K: int, ahead: int) -> int:
+    """U of the "ahead" variant for a row of K: at most `ahead` and the chunks every lane has
+    (K // (32 NPT)), the largest such that divides them if one above ahead / 2 does (no
+    chunks left for the one-at-a-time loop), else the most."""
+    chunks = max(1, K // (32 * elements_a_load(K)))
+    most = max(1, min(ahead, chunks))
+    for u in range(most, most // 2, -1):
+        if chunks % u == 0:
+            return u
+    return most
+
+
 def _out_shape(x: mx.array, K: int, N: int) -> tuple:
     """x [..., K] -> [..., N]; x [R, K, 1] (columns) -> [R, N, 1]."""
     if x.ndim == 3 and x.shape[1:] == (K, 1):
@@ -251,20 +348,27 @@ def _out_shape(x: mx.array, K: int, N: int) -> tuple:
     return (*x.shape[:-1], N)
 
 
-def launch(kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None, out_shape=None):
+def launch(
+    kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None, out_shape=None,
+    ahead: int = 0, warps: int = WARPS,
+):  # fmt: skip
     """Run a built kernel: x (R rows of K, any of the accepted shapes), w the weight input as
     the kernel object takes it; returns y in x's form, or out_shape (any shape of R N
-    elements: the kernel writes rows) (init_value: y's value before the kernel, for tests)."""
+    elements: the kernel writes rows) (init_value: y's value before the kernel, for tests).
+    ahead: 0 for the first kernel, else the "ahead" variant's kernel, U = chunks_ahead(K,
+    ahead); warps: a threadgroup's."""
     R = x.size // K
     warps_needed = -(-N // columns)
-    blocks = -(-warps_needed // WARPS)
+    blocks = -(-warps_needed // warps)
     template = [("R", R), ("K", K), ("N", N), ("C", columns), ("NPT", elements_a_load(K))]
-    template += [("W", WARPS), ("T", x.dtype)]
+    template += [("W", warps), ("T", x.dtype)]
+    if ahead:
+        template.insert(-1, ("U", chunks_ahead(K, ahead)))
     return kernel(
         inputs=[x, w],
         template=template,
-        grid=(32 * blocks, WARPS, 1),
-        threadgroup=(32, WARPS, 1),
+        grid=(32 * blocks, warps, 1),
+        threadgroup=(32, warps, 1),
         output_shapes=[out_shape or _out_shape(x, K, N)],
         output_dtypes=[x.dtype],
         init_value=init_value,
@@ -278,7 +382,7 @@ def rows_matmul(x: mx.array, w: mx.array) -> mx.array:
     if not takes(x, w, K):
         y = x.reshape(-1, K) @ w.T
         return y.reshape(_out_shape(x, K, N))
-    return launch(_build(True), x, w, K, N)
+    return _launch_as_set(x, w, K, N, contiguous=True)
 
 
 def rows_matmul_t(x: mx.array, w_t: mx.array, out_shape: tuple | None = None) -> mx.array:
@@ -290,4 +394,13 @@ def rows_matmul_t(x: mx.array, w_t: mx.array, out_shape: tuple | None = None) ->
     if not takes(x, w_t, K):
         y = x.reshape(-1, K) @ w_t
         return y.reshape(out_shape or _out_shape(x, K, N))
-    return launch(_build(False), x, w_t, K, N, out_shape=out_shape)
+    return _launch_as_set(x, w_t, K, N, contiguous=False, out_shape=out_shape)
+
+
+def _launch_as_set(x, w, K: int, N: int, contiguous: bool, out_shape=None) -> mx.array:
+    """The kernel AHEAD picks (read at each call: under `mx.compile`, when traced)."""
+    if not AHEAD:
+        return launch(_build(contiguous), x, w, K, N, out_shape=out_shape)
+    kernel = _build(contiguous, ahead=True)
+    columns = AHEAD_COLUMNS or (1 if x.size // K <= 4 else 2)
+    return launch(kernel, x, w, K, N, columns, out_shape=out_shape, ahead=AHEAD, warps=AHEAD_WARPS)
