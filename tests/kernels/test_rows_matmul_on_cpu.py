@@ -241,6 +241,39 @@ def test_ops_path_is_x_times_w_transposed():
         assert mx.array_equal(cols.reshape(3, 20), want).item()
 
 
+def test_ahead_switch_picks_the_variant_and_its_launch(monkeypatch):
+    """AHEAD 0: the first kernel as before (C 2, 4 warps, no U); AHEAD 8: the "ahead" build,
+    U from `chunks_ahead`, one column a warp up to 4 rows and two above, 8 warps a threadgroup,
+    the grid covering N. (The kernel objects stood in by a recorder.)"""
+    seen = []
+
+    def build(contiguous, ahead=False):
+        def kernel(**kw):
+            seen.append((contiguous, ahead, dict(kw["template"]), kw["grid"], kw["threadgroup"]))
+            return [mx.zeros(kw["output_shapes"][0], kw["output_dtypes"][0])]
+
+        return kernel
+
+    monkeypatch.setattr(rows_matmul, "_build", build)
+    monkeypatch.setattr(rows_matmul, "kernel_available", lambda dtype: True)
+    K, N = 1024, 1001
+    w = mx.zeros((N, K), mx.bfloat16)
+    for ahead, R in ((0, 2), (8, 2), (8, 4), (8, 5), (3, 8)):
+        monkeypatch.setattr(rows_matmul, "AHEAD", ahead)
+        y = rows_matmul.rows_matmul_t(mx.zeros((R, K), mx.bfloat16), w.T)
+        assert y.shape == (R, N)
+        contiguous, built_ahead, tpl, grid, group = seen.pop()
+        assert not contiguous and built_ahead == bool(ahead)
+        if not ahead:
+            assert "U" not in tpl and tpl["C"] == 2 and tpl["W"] == 4 and group == (32, 4, 1)
+            continue
+        C = 1 if R <= 4 else 2
+        assert tpl["U"] == rows_matmul.chunks_ahead(K, ahead) and tpl["C"] == C
+        assert tpl["W"] == 8 and group == (32, 8, 1)
+        assert grid == (32 * -(-N // (8 * C)), 8, 1)
+        assert list(tpl)[-1] == "T" and tpl["R"] == R
+
+
 # --- compile checks: Metal against the stub, CUDA with nvcc ---
 
 
@@ -312,7 +345,8 @@ def test_cuda_source_compiles_with_nvcc(tmp_path, ahead):
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-def test_precompiled_source_compiles_to_ptx(tmp_path):
+@pytest.mark.parametrize("ahead", [False, True], ids=["first", "ahead"])
+def test_precompiled_source_compiles_to_ptx(tmp_path, ahead):
     """The self-contained source the GPU process compiles with NVRTC (`precompiled.entry_source`:
     no MLX headers, its own bf16 / fp16 types) compiles to PTX with its entry, every dtype."""
     from qwen35_mlx.kernels.gated_delta import precompiled
@@ -320,13 +354,17 @@ def test_precompiled_source_compiles_to_ptx(tmp_path):
 
     for dt in (mx.float32, mx.bfloat16, mx.float16):
         tpl = [("R", 2), ("K", 1024), ("N", 6144), ("C", 2), ("NPT", 4), ("W", 4), ("T", dt)]
+        name = "qm_rows_matmul_ahead" if ahead else "qm_rows_matmul"
+        if ahead:
+            tpl[3], tpl[5] = ("C", 1), ("W", 8)
+            tpl.insert(-1, ("U", 8))
         src = precompiled.entry_source(
-            "qm_rows_matmul", rows_matmul.header("cuda"), rows_matmul.kernel_source("cuda"),
+            name, rows_matmul.header("cuda"), rows_matmul.kernel_source("cuda", ahead),
             rows_matmul.INPUTS, [dt, dt], [2, 2], rows_matmul.OUTPUTS, [dt], tpl,
         )  # fmt: skip
         assert "#include" not in src
         text = nvcc_ptx(src, tmp_path, timeout=300)
-        assert precompiled.entry_name("qm_rows_matmul", tpl) in text
+        assert precompiled.entry_name(name, tpl) in text
         if dt != mx.float32:  # W's chunk of 4 16-bit elements: one 8-byte load
             loads = ("ld.global.v2.u32", "ld.global.u64", "ld.global.v4.u16", "ld.global.v2.b32")
             assert any(ld in text for ld in loads), text[-2000:]
