@@ -192,13 +192,13 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
             if hasattr(layers_lib, "ROWS_KERNEL"):  # the broadcast gemv, then the kernel
                 forms = {"x @ w": forms["x @ w"], "rows gemv": forms["rows_matmul"],
                          "rows kernel": forms["rows_matmul"]}  # fmt: skip
-                if hasattr(rows_kernel, "AHEAD"):
-                    forms["rows ahead"] = forms["rows kernel"]
+                if hasattr(rows_kernel, "AHEAD"):  # its "ahead" variant, U <= 8 and 16
+                    forms["rows ahead"] = forms["rows ahead16"] = forms["rows kernel"]
         for label, f in forms.items():
             if hasattr(layers_lib, "ROWS_KERNEL"):  # read when `chain` is traced (below)
                 layers_lib.ROWS_KERNEL = label != "rows gemv"
             if hasattr(rows_kernel, "AHEAD"):
-                rows_kernel.AHEAD = 8 if label == "rows ahead" else 0
+                rows_kernel.AHEAD = {"rows ahead": 8, "rows ahead16": 16}.get(label, 0)
 
             def chain(x, f=f):
                 for _ in range(24):

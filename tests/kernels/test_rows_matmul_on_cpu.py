@@ -81,7 +81,16 @@ void run_{i}(char** argv) {{
 """
 
 
-def _program(tmp, replace=None, ahead=False):
+# The ahead header's CUDA helpers (rm_copy_x, the staging's alignment) as plain C++.
+AHEAD_PRELUDE = """
+#define __device__
+#define __forceinline__ inline
+#define __align__(n) alignas(n)
+"""
+
+
+def _program(tmp, replace=None, ahead=False, xs_bytes=None):
+    """xs_bytes: RM_XS_BYTES for the ahead body (0: x never staged)."""
     body = rows_matmul.kernel_source("cuda", ahead=ahead)
     if replace is not None:
         assert replace[0] in body
@@ -95,6 +104,9 @@ def _program(tmp, replace=None, ahead=False):
     else:
         runners = "".join(_runner(i, R, K, CT[dt], body) for i, (R, K, dt) in enumerate(CASES))
         n = len(CASES)
+    if ahead:
+        limit = "" if xs_bytes is None else f"#define RM_XS_BYTES {xs_bytes}\n"
+        runners = AHEAD_PRELUDE + limit + rows_matmul.AHEAD_CUDA_HEADER + runners
     runners = RM_LOAD + runners
     return compile_emulated(runner_program(runners, n), tmp, timeout=900)
 
@@ -190,9 +202,12 @@ def test_lane_emulator_check_can_fail(tmp_path):
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++")
-def test_ahead_variant_on_the_lane_emulator(tmp_path):
-    """The "ahead" body: the same sums in the same order as MLX's gemv, bit for bit."""
-    bad = _check(_run(_program(tmp_path, ahead=True), tmp_path, AHEAD_CASES), AHEAD_CASES)
+@pytest.mark.parametrize("xs_bytes", [None, 0], ids=["x-staged", "x-global"])
+def test_ahead_variant_on_the_lane_emulator(tmp_path, xs_bytes):
+    """The "ahead" body: the same sums in the same order as MLX's gemv, bit for bit; x staged
+    in threadgroup memory (every case fits the default RM_XS_BYTES) and read from global."""
+    exe = _program(tmp_path, ahead=True, xs_bytes=xs_bytes)
+    bad = _check(_run(exe, tmp_path, AHEAD_CASES), AHEAD_CASES)
     assert not bad, bad
 
 
@@ -291,7 +306,7 @@ def _metal_unit(body: str, ahead: bool = False) -> str:
     u = "int U, " if ahead else ""
     inst = "\n".join(f"template decltype({fn}<{a}>) {fn}<{a}>;" for a in args)
     return (
-        f'#include "{STUB}"\n{rows_matmul.header("metal")}\n'
+        f'#include "{STUB}"\n{rows_matmul.header("metal", ahead)}\n'
         f"template <int R, int K, int N, int C, int NPT, int W, {u}typename T>\nvoid {fn}(\n"
         + ",\n".join(params)
         + f") {{\n{body}\n}}\n\n{inst}\n"
@@ -331,7 +346,7 @@ def _cuda_unit(broken: bool = False, ahead: bool = False) -> str:
             f"__global__ void k{i}(const {t}* x, const {t}* w, {t}* y) {{\n"
             f"{consts}  using T = {t};\n{body}}}\n"
         )
-    return PRELUDE + rows_matmul.header("cuda") + "".join(kernels)
+    return PRELUDE + rows_matmul.header("cuda", ahead) + "".join(kernels)
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
@@ -359,7 +374,7 @@ def test_precompiled_source_compiles_to_ptx(tmp_path, ahead):
             tpl[3], tpl[5] = ("C", 1), ("W", 8)
             tpl.insert(-1, ("U", 8))
         src = precompiled.entry_source(
-            name, rows_matmul.header("cuda"), rows_matmul.kernel_source("cuda", ahead),
+            name, rows_matmul.header("cuda", ahead), rows_matmul.kernel_source("cuda", ahead),
             rows_matmul.INPUTS, [dt, dt], [2, 2], rows_matmul.OUTPUTS, [dt], tpl,
         )  # fmt: skip
         assert "#include" not in src

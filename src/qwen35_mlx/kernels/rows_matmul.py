@@ -153,7 +153,11 @@ _AHEAD_GROUP = """
         float rm_x[R][NPT];
 #pragma unroll
         for (int r = 0; r < R; ++r) {{
-          rm_load<NPT, {vec}>(x + size_t(r) * K + k + u * RM_STEP, rm_x[r]);
+          if (RM_XS) {{
+            rm_load_tg<NPT, {vec}>(rm_xs + size_t(r) * K + k + u * RM_STEP, rm_x[r]);
+          }} else {{
+            rm_load<NPT, {vec}>(x + size_t(r) * K + k + u * RM_STEP, rm_x[r]);
+          }}
         }}
 #pragma unroll
         for (int c = 0; c < C; ++c) {{
@@ -171,7 +175,11 @@ _AHEAD_GROUP = """
       float rm_x[R][NPT];
 #pragma unroll
       for (int r = 0; r < R; ++r) {{
-        rm_load<NPT, {vec}>(x + size_t(r) * K + k, rm_x[r]);
+        if (RM_XS) {{
+          rm_load_tg<NPT, {vec}>(rm_xs + size_t(r) * K + k, rm_x[r]);
+        }} else {{
+          rm_load<NPT, {vec}>(x + size_t(r) * K + k, rm_x[r]);
+        }}
       }}
 #pragma unroll
       for (int c = 0; c < C; ++c) {{
@@ -188,13 +196,26 @@ _AHEAD_GROUP = """
     }}
 """
 
+# The ahead variant's staging of x: where its R K elements fit in RM_XS_BYTES, the threadgroup
+# copies x into threadgroup memory first (rm_copy_x: 16-byte pieces where it can) and the k
+# loops read it there: then the only loads from global memory in the loops are W's, and the
+# compiler keeps ~6 of a lane's W chunks in flight (sm_90 SASS, R 2) where with x's loads
+# beside them it kept 2 (MLX's gemv: 4). Before the early exit: every thread meets the barrier.
+_STAGE_X = """  constexpr bool RM_XS = R * K * sizeof(T) <= RM_XS_BYTES;
+  rm_align16 gd_threadgroup T rm_xs[RM_XS ? R * K : 1];
+  if (RM_XS) {
+    rm_copy_x<R * K>(x, rm_xs, int(rm_warp) * 32 + int(rm_lane), 32 * W);
+    gd_threadgroup_barrier();
+  }
+"""
+_PREFIX = BODY.split("    if (rm_aligned<NPT>(x)")[0]
 AHEAD_BODY = (
-    BODY.split("    if (rm_aligned<NPT>(x)")[0]
+    _PREFIX.replace("  if (rm_n0 < N) {", _STAGE_X + "  if (rm_n0 < N) {")
     + """    // k: this lane's next chunk; RM_FULL_K: the end of the chunks every lane has.
     constexpr int RM_STEP = 32 * NPT, RM_FULL_K = K / RM_STEP * RM_STEP;
     int k = NPT * int(rm_lane);
     float rm_w[C][U][NPT];
-    if (rm_aligned<NPT>(x) && rm_aligned<NPT>(w)) {"""
+    if ((RM_XS || rm_aligned<NPT>(x)) && rm_aligned<NPT>(w)) {"""
     + _AHEAD_GROUP.format(vec="true")
     + """    } else {"""
     + _AHEAD_GROUP.format(vec="false")
@@ -248,6 +269,61 @@ inline void rm_load(const device T* p, thread float* out) {
 }
 """
 
+# The ahead variant's helpers (its header only: the first kernel's stays as it was).
+# RM_XS_BYTES: x staged in threadgroup memory where its R K elements take at most this (32 KB:
+# R 8 at K 1024 in fp32, R 2 at K 4096; 7 threadgroups of 8 warps still fit an SM's 228 KB).
+# rm_copy_x<NX>(x, xs, t, threads): the threadgroup's threads (t of threads) copy x's NX
+# elements; 16-byte pieces where x is aligned to 16 and NX fills them, else element by element.
+# rm_load_tg: rm_load from the copy.
+AHEAD_CUDA_HEADER = """
+#define rm_align16 __align__(16)
+#ifndef RM_XS_BYTES
+#define RM_XS_BYTES 32768
+#endif
+struct alignas(16) RmPiece {
+  unsigned int v[4];
+};
+template <int NX, typename T>
+__device__ __forceinline__ void rm_copy_x(const T* x, T* xs, int t, int threads) {
+  constexpr int PER = 16 / sizeof(T);
+  if (NX % PER == 0 && (reinterpret_cast<size_t>(x) & 15) == 0) {
+    const RmPiece* src = reinterpret_cast<const RmPiece*>(x);
+    RmPiece* dst = reinterpret_cast<RmPiece*>(xs);
+    for (int i = t; i < NX / PER; i += threads) {
+      dst[i] = src[i];
+    }
+  } else {
+    for (int i = t; i < NX; i += threads) {
+      xs[i] = x[i];
+    }
+  }
+}
+
+// rm_load from the staged copy (Metal: a threadgroup pointer).
+template <int NPT, bool VEC, typename T>
+__device__ __forceinline__ void rm_load_tg(const T* p, float* out) {
+  rm_load<NPT, VEC>(p, out);
+}
+"""
+
+AHEAD_METAL_HEADER = """
+#define rm_align16
+#define RM_XS_BYTES 32768
+template <int NX, typename T>
+inline void rm_copy_x(const device T* x, threadgroup T* xs, int t, int threads) {
+  for (int i = t; i < NX; i += threads) {
+    xs[i] = x[i];
+  }
+}
+
+template <int NPT, bool VEC, typename T>
+inline void rm_load_tg(const threadgroup T* p, thread float* out) {
+  for (int j = 0; j < NPT; ++j) {
+    out[j] = static_cast<float>(p[j]);
+  }
+}
+"""
+
 # The thread's lane and warp, the threadgroup's block of output columns.
 _POSITIONS = {"rm_lane": "thread.x", "rm_warp": "thread.y", "rm_block": "threadgroup.x"}
 
@@ -261,15 +337,16 @@ def kernel_source(backend: str, ahead: bool = False) -> str:
     return prologue(backend, **_POSITIONS) + (AHEAD_BODY if ahead else BODY)
 
 
-def header(backend: str) -> str:
-    """The `header=` for backend "cuda" or "metal": the gated-delta helpers + `rm_load`."""
+def header(backend: str, ahead: bool = False) -> str:
+    """The `header=` for backend "cuda" or "metal": the gated-delta helpers + `rm_load` (ahead:
+    + the ahead variant's helpers)."""
     if backend == "cuda":
         from .gated_delta.cuda import HEADER
 
-        return HEADER + CUDA_HEADER
+        return HEADER + CUDA_HEADER + (AHEAD_CUDA_HEADER if ahead else "")
     from .gated_delta.metal import HEADER
 
-    return HEADER + METAL_HEADER
+    return HEADER + METAL_HEADER + (AHEAD_METAL_HEADER if ahead else "")
 
 
 def _backend() -> str | None:
@@ -290,7 +367,7 @@ def _build(contiguous: bool, ahead: bool = False):
         # One name for both layouts: the same binary (the disk cache compiles it once).
         name = "qm_rows_matmul_ahead" if ahead else "qm_rows_matmul"
         kw = dict(name=name, input_names=INPUTS, output_names=OUTPUTS)
-        kw.update(source=kernel_source(kind, ahead), header=header(kind))
+        kw.update(source=kernel_source(kind, ahead), header=header(kind, ahead))
         if kind == "cuda":
             from .gated_delta import precompiled
 
