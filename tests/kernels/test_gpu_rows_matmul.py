@@ -61,26 +61,37 @@ def test_rows_matmul_kernel_matches_float64_and_mlx_gemv(dtype, K, N, R):
     assert mx.array_equal(y, one).item(), diff  # MLX's gemv order, bit for bit
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=str)
 @pytest.mark.parametrize("K,N", SHAPES)
-@pytest.mark.parametrize("R", [1, 2, 5, 8])
-def test_ahead_variant_equals_the_first_kernel_and_mlx_gemv(dtype, K, N, R):
-    """The "ahead" variant (`rows_matmul.AHEAD`): U chunks a lane ahead (8: every chunk of a
-    lane at K 1024; 3: a group count with chunks left over), one or two columns a warp, 8 warps
-    a threadgroup, both layouts: bit for bit the first kernel's output and MLX's one-row
-    products (the same order), so the float64 bound above holds for it too."""
+@pytest.mark.parametrize("R", [2, 5])
+def test_ahead_variant_matches_float64_and_mlx_gemv(dtype, K, N, R):
+    """The "ahead" variant (`rows_matmul.AHEAD`, 8: U chunks a lane ahead, x staged in
+    threadgroup memory where it fits; one column a warp at R 2, two at R 5, 8 warps a
+    threadgroup), both layouts: as accurate as MLX's one-row products and bit for bit equal to
+    them (the same order). At R 2, K 1024 also U 3 (a group count with chunks left over) and
+    16, and two columns a warp; at R 5, K 3584 x is read from global memory (over 32 KB).
+    Few instances: each is an NVRTC compile on a fresh machine."""
     x, W = _inputs(R, K, N, dtype, seed=R)
     nan = float("nan")
-    first = rows_matmul.launch(rows_matmul._build(True), x, W, K, N, init_value=nan)
     one = _one_row_products(x, W)
-    assert mx.array_equal(first, one).item()
-    for ahead, columns in ((8, 1), (3, 2), (8, 2)):
+    want = np64(x) @ np64(W).T
+    scale = np.sqrt((np64(x) ** 2).mean(1, keepdims=True))
+    top = {mx.float32: 2e-5, mx.bfloat16: 8e-3}[dtype]
+
+    def rel(a):
+        return (np.abs(np64(a) - want) / (np.abs(want) + 1e-2 * scale)).max()
+
+    combos = [(8, 1 if R <= 4 else 2)]
+    if (R, K, N) == (2, 1024, 1001):
+        combos += [(3, 2), (16, 1)]
+    for ahead, columns in combos:
         for contiguous, w in ((True, W), (False, W.T)):
             kernel = rows_matmul._build(contiguous, ahead=True)
             y = rows_matmul.launch(
                 kernel, x, w, K, N, columns, init_value=nan, ahead=ahead, warps=8
             )
             assert y.shape == (R, N) and y.dtype == dtype
+            assert np.isfinite(np64(y)).all() and rel(y) <= max(top, rel(one))
             diff = float(mx.abs(y.astype(mx.float32) - one.astype(mx.float32)).max())
             assert mx.array_equal(y, one).item(), (ahead, columns, contiguous, diff)
 
