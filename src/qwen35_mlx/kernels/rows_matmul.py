@@ -201,9 +201,24 @@ _AHEAD_GROUP = """
 # loops read it there: then the only loads from global memory in the loops are W's, and the
 # compiler keeps ~6 of a lane's W chunks in flight (sm_90 SASS, R 2) where with x's loads
 # beside them it kept 2 (MLX's gemv: 4). Before the early exit: every thread meets the barrier.
+# While x is copied, each lane asks L2 for the lines of its first U W chunks (gd_prefetch; none
+# on Metal), so that the copy's round trip and the first W loads' overlap.
 _STAGE_X = """  constexpr bool RM_XS = R * K * sizeof(T) <= RM_XS_BYTES;
   rm_align16 gd_threadgroup T rm_xs[RM_XS ? R * K : 1];
   if (RM_XS) {
+    if (rm_n0 < N) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int k = NPT * int(rm_lane) + u * 32 * NPT;
+          if (k < K) {
+            gd_prefetch(w + size_t(n) * K + k);
+          }
+        }
+      }
+    }
     rm_copy_x<R * K>(x, rm_xs, int(rm_warp) * 32 + int(rm_lane), 32 * W);
     gd_threadgroup_barrier();
   }
