@@ -26,6 +26,12 @@ elements from p into floats: one vector load on CUDA where x and W are aligned f
 three names the prologue defines:
     rm_lane   lane in the warp (0..31)   rm_warp   warp in the threadgroup   rm_block   threadgroup
 Launch: threadgroups of (32, WARPS) threads along the grid's x, ceil(N / (WARPS C)) of them.
+
+The "ahead" variant (`AHEAD` > 0, its own body and header; the first kernel's text unchanged):
+the same sums in the same order, built for W's bandwidth: one column a warp up to 4 rows (two
+above), 8 warps a threadgroup, the k loop taken U chunks at a time (`chunks_ahead`), x staged
+in threadgroup memory where it fits (so a lane's global loads in the loop are W's alone, and
+the compiler keeps several in flight) while each lane asks L2 for its first U W chunks.
 """
 
 from __future__ import annotations
