@@ -188,7 +188,7 @@ def test_verify_pass_with_the_kernel_equals_the_gemv_form(monkeypatch, k, ahead)
     np.testing.assert_array_equal(out[True][2], out[False][2])
 
 
-@pytest.mark.parametrize("ahead", [0, 8])
+@pytest.mark.parametrize("ahead", [0, 8], ids=["first", "ahead"])
 def test_decode_batch_with_the_kernel_equals_the_gemv_form(monkeypatch, ahead):
     """A batch of 3 rows decoding (issue 8: the one-token step's projections row-wise) with the
     kernel against the broadcast gemv form, bf16, fresh models: the same tokens and logits,
