@@ -69,7 +69,7 @@ def test_ahead_variant_matches_float64_and_mlx_gemv(dtype, K, N, R):
     threadgroup memory where it fits; one column a warp at R 2, two at R 5, 8 warps a
     threadgroup), both layouts: as accurate as MLX's one-row products and bit for bit equal to
     them (the same order). At R 2, K 1024 also U 3 (a group count with chunks left over) and
-    16, and two columns a warp; at R 5, K 3584 x is read from global memory (over 32 KB).
+    16, and two columns a warp; at R 5, K 3584 in fp32 x is read from global memory (70 KB).
     Few instances: each is an NVRTC compile on a fresh machine."""
     x, W = _inputs(R, K, N, dtype, seed=R)
     nan = float("nan")

@@ -291,15 +291,16 @@ inline void rm_load(const device T* p, thread float* out) {
 """
 
 # The ahead variant's helpers (its header only: the first kernel's stays as it was).
-# RM_XS_BYTES: x staged in threadgroup memory where its R K elements take at most this (32 KB:
-# R 8 at K 1024 in fp32, R 2 at K 4096; 7 threadgroups of 8 warps still fit an SM's 228 KB).
+# RM_XS_BYTES: x staged in threadgroup memory where its R K elements take at most this (CUDA
+# 48 KB, the static limit: R 2 at K 12288 in bf16, 9B's down_proj; 4 threadgroups of 8 warps
+# an SM there. Metal 32 KB, Apple GPUs' threadgroup memory).
 # rm_copy_x<NX>(x, xs, t, threads): the threadgroup's threads (t of threads) copy x's NX
 # elements; 16-byte pieces where x is aligned to 16 and NX fills them, else element by element.
 # rm_load_tg: rm_load from the copy.
 AHEAD_CUDA_HEADER = """
 #define rm_align16 __align__(16)
 #ifndef RM_XS_BYTES
-#define RM_XS_BYTES 32768
+#define RM_XS_BYTES 49152
 #endif
 struct alignas(16) RmPiece {
   unsigned int v[4];
