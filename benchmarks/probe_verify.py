@@ -35,6 +35,7 @@ from pathlib import Path
 import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
 import mlx.core as mx
 
+from qwen35_mlx.kernels import rows_matmul as rows_kernel
 from qwen35_mlx.models import layers as layers_lib
 from qwen35_mlx.models.cache import set_history
 from qwen35_mlx.models.config import TextConfig
@@ -176,7 +177,9 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
 def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
     """One product [T, K] x [K, N] (a transposed weight, as the step's projections), per call:
     plain `x @ w` (gemv at T = 1, a GEMM above) and `layers.rows_matmul` (the verify step's
-    form), each in a compiled function of 24 products (a layer stack's worth), synchronised."""
+    form: the broadcast gemv, the few-rows kernel, its "ahead" variant), each in a compiled
+    function of 24 products (a layer stack's worth), synchronised. GB/s: W's bytes a product
+    over its wall time (the whole call's, launches included)."""
     W = mx.random.normal((N, K)).astype(dtype) * 0.02
     mx.eval(W)
     w = W.T
@@ -189,13 +192,20 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
             if hasattr(layers_lib, "ROWS_KERNEL"):  # the broadcast gemv, then the kernel
                 forms = {"x @ w": forms["x @ w"], "rows gemv": forms["rows_matmul"],
                          "rows kernel": forms["rows_matmul"]}  # fmt: skip
+                if hasattr(rows_kernel, "AHEAD"):  # its "ahead" variant, U <= 8 and 16
+                    forms["rows ahead"] = forms["rows ahead16"] = forms["rows kernel"]
         for label, f in forms.items():
             if hasattr(layers_lib, "ROWS_KERNEL"):  # read when `chain` is traced (below)
                 layers_lib.ROWS_KERNEL = label != "rows gemv"
+            if hasattr(rows_kernel, "AHEAD"):
+                rows_kernel.AHEAD = {"rows ahead": 8, "rows ahead16": 16}.get(label, 0)
 
             def chain(x, f=f):
                 for _ in range(24):
-                    x = f(x)[:, :K] * 0.5
+                    y = f(x)
+                    if N < K:  # the next product's input: y repeated to K
+                        y = mx.tile(y, (1, -(-K // N)))
+                    x = y[:, :K] * 0.5
                 return x
 
             fn = mx.compile(chain)
@@ -205,8 +215,12 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
             for _ in range(iters):
                 mx.eval(fn(x))
             c, wl = _since(t0)
+            wall_us = 1e3 * wl / iters / 24
             res[f"T={T} {label}"] = {"cpu_us": round(1e3 * c / iters / 24, 2),
-                                     "wall_us": round(1e3 * wl / iters / 24, 2)}  # fmt: skip
+                                     "wall_us": round(wall_us, 2),
+                                     "GB/s": round(W.nbytes / wall_us / 1e3, 1)}  # fmt: skip
+    if hasattr(rows_kernel, "AHEAD"):
+        rows_kernel.AHEAD = 0
     return res
 
 
@@ -226,7 +240,8 @@ def main(argv=None) -> dict:
         "in place of cuBLAS (ROWS_KERNEL 'large'); gemv: auto with MLX's batched gemv over "
         "broadcast weights (ROWS_KERNEL False, the form before session 9); auto-views: gemv "
         "with each row-wise product's views made in the step (layers.ROWS_PREBUILT False: the "
-        "form before session 8)",
+        "form before session 8); kernel-ahead, kernel-large-ahead (or -ahead4 etc.): kernel, "
+        "kernel-large with the kernel's 'ahead' variant (rows_matmul.AHEAD 8, or the number)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -239,11 +254,13 @@ def main(argv=None) -> dict:
 
     result["calls"] = {}
     for variant in args.variants.split(","):
+        base, _, ahead = variant.partition("-ahead")
+        rows_kernel.AHEAD = int(ahead or 8) if "-ahead" in variant else 0
         layers_lib.ROWS_PREBUILT = variant != "auto-views"
-        kernel = {"gemv": False, "auto-views": False, "kernel-large": "large"}.get(variant, True)
+        kernel = {"gemv": False, "auto-views": False, "kernel-large": "large"}.get(base, True)
         layers_lib.ROWS_KERNEL = kernel
         old_names = ("gemv", "auto-views", "kernel", "kernel-large")
-        set_variant(model, "auto" if variant in old_names else variant)
+        set_variant(model, "auto" if base in old_names else variant)
         calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip
@@ -261,11 +278,13 @@ def main(argv=None) -> dict:
         dtype = model.model.embed_tokens.weight.dtype
         H = model.config.hidden_size
         result["matmul"] = {}
-        for N in (H, 4 * H, model.config.vocab_size):
-            r = matmul_probe(H, N, Ts, args.iters * 5, dtype)
-            result["matmul"][f"K={H} N={N}"] = r
-            print(f"matmul K={H} N={N} ({dtype}), us a product (CPU / wall):",
-                  ", ".join(f"{k} {v['cpu_us']}/{v['wall_us']}" for k, v in r.items()))  # fmt: skip
+        # (K, N): hidden to hidden, to 4 hidden (an MLP's up), the lm_head, 4 hidden to hidden
+        for K, N in ((H, H), (H, 4 * H), (H, model.config.vocab_size), (4 * H, H)):
+            r = matmul_probe(K, N, Ts, args.iters * 5, dtype)
+            result["matmul"][f"K={K} N={N}"] = r
+            print(f"matmul K={K} N={N} ({dtype}), us a product (CPU / wall):",
+                  ", ".join(f"{k} {v['cpu_us']}/{v['wall_us']} ({v['GB/s']} GB/s)"
+                            for k, v in r.items()))  # fmt: skip
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"probe_verify_{args.model}.json"

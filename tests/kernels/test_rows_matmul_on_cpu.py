@@ -29,6 +29,12 @@ N, OFFSET, WARPS, COLS = 13, 3, 2, 2  # 13 columns: the last threadgroup's tile 
 # (rows, K, dtype): every R at NPT 4 (K 256) in bf16 and NPT 2 (K 192) in fp32, NPT 1 (K 40).
 CASES = [(R, 256, "bf16") for R in range(1, 9)] + [(R, 192, "fp32") for R in range(1, 9)]
 CASES += [(3, 40, "bf16"), (8, 40, "fp32"), (5, 256, "fp32"), (2, 192, "bf16")]
+# The "ahead" variant (AHEAD_BODY): (rows, K, dtype, U, columns a warp). U dividing the chunks
+# a lane has (K 1024: 8), not dividing them (K 1024, U 3; K 192 at NPT 2: 3 chunks, U 2), the
+# lanes' part-full chunk (K 40 at NPT 1), U 1; one and two columns a warp; every R once.
+AHEAD_CASES = [(R, 1024, "bf16", 8, 1) for R in (1, 2, 5, 8)] + [(3, 1024, "fp32", 3, 1)]
+AHEAD_CASES += [(2, 192, "fp32", 2, 1), (7, 192, "bf16", 3, 2), (4, 40, "bf16", 1, 1)]
+AHEAD_CASES += [(6, 40, "fp32", 1, 2), (3, 256, "bf16", 2, 2), (8, 1024, "fp32", 4, 2)]
 
 RM_LOAD = """
 template <int NPT, typename T>
@@ -42,12 +48,14 @@ inline void rm_load(const T* p, float* out) {
 """
 
 
-def _runner(i: int, R: int, K: int, ctype: str, body: str) -> str:
-    """run_<i>(x file, w file, y file): one variant on float32 files; W read from row OFFSET."""
+def _runner(i: int, R: int, K: int, ctype: str, body: str, U=None, cols=COLS) -> str:
+    """run_<i>(x file, w file, y file): one variant on float32 files; W read from row OFFSET.
+    U: the "ahead" body's chunks a lane loads ahead (a template constant before T)."""
     npt = rows_matmul.elements_a_load(K)
+    u_param, u_arg = ("int U, ", f"{U}, ") if U is not None else ("", "")
     return f"""
 namespace v{i} {{
-template <int R, int K, int N, int C, int NPT, int W, typename T>
+template <int R, int K, int N, int C, int NPT, int W, {u_param}typename T>
 void kernel(const T* x, const T* w, T* y) {{
 {body}
 }}
@@ -62,9 +70,9 @@ void run_{i}(char** argv) {{
   }};
   auto x = as_t(read(argv[0])), w = as_t(read(argv[1]));
   std::vector<{ctype}> y(size_t({R}) * {N}, {ctype}(NAN));
-  constexpr int warps = (({N} + {COLS} - 1) / {COLS} + {WARPS} - 1) / {WARPS};
+  constexpr int warps = (({N} + {cols} - 1) / {cols} + {WARPS} - 1) / {WARPS};
   run_grid({{unsigned(warps), 1, 1}}, {WARPS}, [&] {{
-    v{i}::kernel<{R}, {K}, {N}, {COLS}, {npt}, {WARPS}, {ctype}>(
+    v{i}::kernel<{R}, {K}, {N}, {cols}, {npt}, {WARPS}, {u_arg}{ctype}>(
         x.data(), w.data() + size_t({OFFSET}) * {K}, y.data());
   }});
   std::vector<float> yf(y.begin(), y.end());
@@ -73,14 +81,34 @@ void run_{i}(char** argv) {{
 """
 
 
-def _program(tmp, replace=None):
-    body = rows_matmul.kernel_source("cuda")
+# The ahead header's CUDA helpers (rm_copy_x, the staging's alignment) as plain C++.
+AHEAD_PRELUDE = """
+#define __device__
+#define __forceinline__ inline
+#define __align__(n) alignas(n)
+"""
+
+
+def _program(tmp, replace=None, ahead=False, xs_bytes=None):
+    """xs_bytes: RM_XS_BYTES for the ahead body (0: x never staged)."""
+    body = rows_matmul.kernel_source("cuda", ahead=ahead)
     if replace is not None:
         assert replace[0] in body
         body = body.replace(*replace)
-    runners = "".join(_runner(i, R, K, CT[dt], body) for i, (R, K, dt) in enumerate(CASES))
+    if ahead:
+        runners = "".join(
+            _runner(i, R, K, CT[dt], body, U=U, cols=c)
+            for i, (R, K, dt, U, c) in enumerate(AHEAD_CASES)
+        )
+        n = len(AHEAD_CASES)
+    else:
+        runners = "".join(_runner(i, R, K, CT[dt], body) for i, (R, K, dt) in enumerate(CASES))
+        n = len(CASES)
+    if ahead:
+        limit = "" if xs_bytes is None else f"#define RM_XS_BYTES {xs_bytes}\n"
+        runners = AHEAD_PRELUDE + limit + rows_matmul.AHEAD_CUDA_HEADER + runners
     runners = RM_LOAD + runners
-    return compile_emulated(runner_program(runners, len(CASES)), tmp, timeout=900)
+    return compile_emulated(runner_program(runners, n), tmp, timeout=900)
 
 
 def _as(a, dt):
@@ -97,9 +125,9 @@ def _inputs(R, K, dt, seed):
     return x, w  # the kernel reads W = w[OFFSET : OFFSET + N]
 
 
-def _run(exe, tmp):
+def _run(exe, tmp, cases=CASES):
     out = {}
-    for i, (R, K, dt) in enumerate(CASES):
+    for i, (R, K, dt, *_) in enumerate(cases):
         x, w = _inputs(R, K, dt, seed=i)
         files = [str(tmp / f"{n}{i}.bin") for n in ("x", "w", "y")]
         x.tofile(files[0])
@@ -136,12 +164,12 @@ def _bf16(a):
     return np64(mx.array(np.asarray(a, np.float32)).astype(mx.bfloat16))
 
 
-def _check(out):
+def _check(out, cases=CASES):
     """(case, what) for each failing case: against float64 (fp32: a few ulps; bf16: one
     rounding of the fp32 sum, two ulps at most where float64 and the fp32 sum straddle a tie)
     and bit for bit against the gemv-order model."""
     bad = []
-    for i, (R, K, dt) in enumerate(CASES):
+    for i, (R, K, dt, *_) in enumerate(cases):
         x, w = _inputs(R, K, dt, seed=i)
         W = w[OFFSET : OFFSET + N]
         got = out[i]
@@ -150,12 +178,12 @@ def _check(out):
         err = np.abs(got - want) / (np.abs(want) + 1e-2 * scale)
         top = 2e-5 if dt == "fp32" else 8e-3
         if not np.all(np.isfinite(got)) or err.max() > top:
-            bad.append((CASES[i], "float64", float(err.max())))
+            bad.append((cases[i], "float64", float(err.max())))
         exact = gemv_order_np(x, W)
         if dt == "bf16":
             exact = _bf16(exact).astype(np.float32)
         if not np.array_equal(got, exact):
-            bad.append((CASES[i], "order", float(np.abs(got - exact).max())))
+            bad.append((cases[i], "order", float(np.abs(got - exact).max())))
     return bad
 
 
@@ -171,6 +199,39 @@ def test_lane_emulator_check_can_fail(tmp_path):
     exe = _program(tmp_path, replace=("rm_n0 + c < N ? rm_n0 + c : N - 1", "rm_n0"))
     bad = _check(_run(exe, tmp_path))
     assert {case for case, *_ in bad} == set(CASES)
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++")
+@pytest.mark.parametrize("xs_bytes", [None, 0], ids=["x-staged", "x-global"])
+def test_ahead_variant_on_the_lane_emulator(tmp_path, xs_bytes):
+    """The "ahead" body: the same sums in the same order as MLX's gemv, bit for bit; x staged
+    in threadgroup memory (every case fits the default RM_XS_BYTES) and read from global."""
+    exe = _program(tmp_path, ahead=True, xs_bytes=xs_bytes)
+    bad = _check(_run(exe, tmp_path, AHEAD_CASES), AHEAD_CASES)
+    assert not bad, bad
+
+
+@pytest.mark.skipif(GXX is None, reason="needs g++")
+def test_ahead_variant_check_can_fail(tmp_path):
+    """Broken on purpose, the one-at-a-time loop starting a chunk late (the chunks past the last
+    group of U lost): every case with such chunks fails (every lane's, or K 40's lanes 0-7),
+    and only those."""
+    broken = ("for (; k < K; k += RM_STEP) {", "for (k += RM_STEP; k < K; k += RM_STEP) {")
+    bad = _check(_run(_program(tmp_path, broken, ahead=True), tmp_path, AHEAD_CASES), AHEAD_CASES)
+    want = set()
+    for R, K, dt, U, c in AHEAD_CASES:
+        chunks = K // (32 * rows_matmul.elements_a_load(K))
+        if chunks % U or K % (32 * rows_matmul.elements_a_load(K)):
+            want.add((R, K, dt, U, c))
+    assert want and want != set(AHEAD_CASES)
+    assert {case for case, *_ in bad} == want
+
+
+def test_chunks_ahead():
+    """U: at most `ahead` and the chunks a lane has, a divisor of them where one is near."""
+    assert [rows_matmul.chunks_ahead(K, 8) for K in (40, 192, 256, 1024, 3584)] == [1, 3, 2, 8, 7]
+    assert rows_matmul.chunks_ahead(32 * 4 * 11, 8) == 8  # 11 chunks: no divisor in 5..8
+    assert rows_matmul.chunks_ahead(4096, 4) == 4
 
 
 def test_gemv_order_model_is_the_product():
@@ -195,46 +256,81 @@ def test_ops_path_is_x_times_w_transposed():
         assert mx.array_equal(cols.reshape(3, 20), want).item()
 
 
+def test_ahead_switch_picks_the_variant_and_its_launch(monkeypatch):
+    """AHEAD 0: the first kernel as before (C 2, 4 warps, no U); AHEAD 8: the "ahead" build,
+    U from `chunks_ahead`, one column a warp up to 4 rows and two above, 8 warps a threadgroup,
+    the grid covering N. (The kernel objects stood in by a recorder.)"""
+    seen = []
+
+    def build(contiguous, ahead=False):
+        def kernel(**kw):
+            seen.append((contiguous, ahead, dict(kw["template"]), kw["grid"], kw["threadgroup"]))
+            return [mx.zeros(kw["output_shapes"][0], kw["output_dtypes"][0])]
+
+        return kernel
+
+    monkeypatch.setattr(rows_matmul, "_build", build)
+    monkeypatch.setattr(rows_matmul, "kernel_available", lambda dtype: True)
+    K, N = 1024, 1001
+    w = mx.zeros((N, K), mx.bfloat16)
+    for ahead, R in ((0, 2), (8, 2), (8, 4), (8, 5), (3, 8)):
+        monkeypatch.setattr(rows_matmul, "AHEAD", ahead)
+        y = rows_matmul.rows_matmul_t(mx.zeros((R, K), mx.bfloat16), w.T)
+        assert y.shape == (R, N)
+        contiguous, built_ahead, tpl, grid, group = seen.pop()
+        assert not contiguous and built_ahead == bool(ahead)
+        if not ahead:
+            assert "U" not in tpl and tpl["C"] == 2 and tpl["W"] == 4 and group == (32, 4, 1)
+            continue
+        C = 1 if R <= 4 else 2
+        assert tpl["U"] == rows_matmul.chunks_ahead(K, ahead) and tpl["C"] == C
+        assert tpl["W"] == 8 and group == (32, 8, 1)
+        assert grid == (32 * -(-N // (8 * C)), 8, 1)
+        assert list(tpl)[-1] == "T" and tpl["R"] == R
+
+
 # --- compile checks: Metal against the stub, CUDA with nvcc ---
 
 
-def _metal_unit(body: str) -> str:
+def _metal_unit(body: str, ahead: bool = False) -> str:
     from tests.kernels.test_metal_source import METAL_ATTRIBUTES, STUB
 
     params = ["  const device T* x /* buffer(0) */", "  const device T* w /* buffer(1) */"]
     params += ["  device T* y"]
     params += [f"  {t} {a}" for a, t in METAL_ATTRIBUTES.items() if a in body]
     fn = "custom_kernel_rows_matmul"
-    inst = "\n".join(
-        f"template decltype({fn}<{a}>) {fn}<{a}>;"
-        for a in ("2, 1024, 6144, 2, 4, 4, bfloat16_t", "8, 192, 13, 1, 2, 4, float16_t")
-        + ("3, 40, 5, 2, 1, 2, float",)
-    )
+    # R, K, N, C, NPT, W, (the ahead body's U,) T
+    consts = [("2, 1024, 6144, 2, 4, 4", 8, "bfloat16_t"), ("8, 192, 13, 1, 2, 4", 3, "float16_t")]
+    consts += [("3, 40, 5, 2, 1, 2", 1, "float")]
+    args = [f"{c}, {U}, {t}" if ahead else f"{c}, {t}" for c, U, t in consts]
+    u = "int U, " if ahead else ""
+    inst = "\n".join(f"template decltype({fn}<{a}>) {fn}<{a}>;" for a in args)
     return (
-        f'#include "{STUB}"\n{rows_matmul.header("metal")}\n'
-        f"template <int R, int K, int N, int C, int NPT, int W, typename T>\nvoid {fn}(\n"
+        f'#include "{STUB}"\n{rows_matmul.header("metal", ahead)}\n'
+        f"template <int R, int K, int N, int C, int NPT, int W, {u}typename T>\nvoid {fn}(\n"
         + ",\n".join(params)
         + f") {{\n{body}\n}}\n\n{inst}\n"
     )
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++")
-def test_metal_source_compiles(tmp_path):
+@pytest.mark.parametrize("ahead", [False, True], ids=["first", "ahead"])
+def test_metal_source_compiles(tmp_path, ahead):
     from tests.kernels.test_metal_source import compile_errors
 
-    body = rows_matmul.kernel_source("metal")
+    body = rows_matmul.kernel_source("metal", ahead=ahead)
     for attr in ("thread_position_in_threadgroup", "threadgroup_position_in_grid"):
         assert attr in body  # named in `source`, so MLX declares them
-    err = compile_errors(_metal_unit(body), tmp_path)
+    err = compile_errors(_metal_unit(body, ahead), tmp_path)
     assert not err, err
     broken = body.replace("rm_load<NPT, true>(", "load_missing<NPT, true>(")
-    assert compile_errors(_metal_unit(broken), tmp_path)
+    assert compile_errors(_metal_unit(broken, ahead), tmp_path)
 
 
-def _cuda_unit(broken: bool = False) -> str:
+def _cuda_unit(broken: bool = False, ahead: bool = False) -> str:
     from tests.kernels.test_cuda_source import CTYPES, PRELUDE
 
-    body = rows_matmul.kernel_source("cuda")
+    body = rows_matmul.kernel_source("cuda", ahead=ahead)
     if broken:
         body = body.replace("gd_shuffle(", "shuffle_missing(")
     kernels = []
@@ -243,24 +339,29 @@ def _cuda_unit(broken: bool = False) -> str:
     ):
         npt = rows_matmul.elements_a_load(K)
         consts = f"  constexpr int R = {R}, K = {K}, N = 1000, C = 2, NPT = {npt}, W = 4;\n"
+        if ahead:
+            consts = consts.replace("C = 2", "C = 1").replace("W = 4", "W = 8")
+            consts += f"  constexpr int U = {rows_matmul.chunks_ahead(K, 8)};\n"
         kernels.append(
             f"__global__ void k{i}(const {t}* x, const {t}* w, {t}* y) {{\n"
             f"{consts}  using T = {t};\n{body}}}\n"
         )
-    return PRELUDE + rows_matmul.header("cuda") + "".join(kernels)
+    return PRELUDE + rows_matmul.header("cuda", ahead) + "".join(kernels)
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-def test_cuda_source_compiles_with_nvcc(tmp_path):
+@pytest.mark.parametrize("ahead", [False, True], ids=["first", "ahead"])
+def test_cuda_source_compiles_with_nvcc(tmp_path, ahead):
     from tests.kernels.test_cuda_source import nvcc_errors
 
-    err = nvcc_errors(_cuda_unit(), tmp_path)
+    err = nvcc_errors(_cuda_unit(ahead=ahead), tmp_path)
     assert not err, err
-    assert nvcc_errors(_cuda_unit(broken=True), tmp_path)
+    assert nvcc_errors(_cuda_unit(broken=True, ahead=ahead), tmp_path)
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-def test_precompiled_source_compiles_to_ptx(tmp_path):
+@pytest.mark.parametrize("ahead", [False, True], ids=["first", "ahead"])
+def test_precompiled_source_compiles_to_ptx(tmp_path, ahead):
     """The self-contained source the GPU process compiles with NVRTC (`precompiled.entry_source`:
     no MLX headers, its own bf16 / fp16 types) compiles to PTX with its entry, every dtype."""
     from qwen35_mlx.kernels.gated_delta import precompiled
@@ -268,13 +369,17 @@ def test_precompiled_source_compiles_to_ptx(tmp_path):
 
     for dt in (mx.float32, mx.bfloat16, mx.float16):
         tpl = [("R", 2), ("K", 1024), ("N", 6144), ("C", 2), ("NPT", 4), ("W", 4), ("T", dt)]
+        name = "qm_rows_matmul_ahead" if ahead else "qm_rows_matmul"
+        if ahead:
+            tpl[3], tpl[5] = ("C", 1), ("W", 8)
+            tpl.insert(-1, ("U", 8))
         src = precompiled.entry_source(
-            "qm_rows_matmul", rows_matmul.header("cuda"), rows_matmul.kernel_source("cuda"),
+            name, rows_matmul.header("cuda", ahead), rows_matmul.kernel_source("cuda", ahead),
             rows_matmul.INPUTS, [dt, dt], [2, 2], rows_matmul.OUTPUTS, [dt], tpl,
         )  # fmt: skip
         assert "#include" not in src
         text = nvcc_ptx(src, tmp_path, timeout=300)
-        assert precompiled.entry_name("qm_rows_matmul", tpl) in text
+        assert precompiled.entry_name(name, tpl) in text
         if dt != mx.float32:  # W's chunk of 4 16-bit elements: one 8-byte load
             loads = ("ld.global.v2.u32", "ld.global.u64", "ld.global.v4.u16", "ld.global.v2.b32")
             assert any(ld in text for ld in loads), text[-2000:]

@@ -26,6 +26,12 @@ elements from p into floats: one vector load on CUDA where x and W are aligned f
 three names the prologue defines:
     rm_lane   lane in the warp (0..31)   rm_warp   warp in the threadgroup   rm_block   threadgroup
 Launch: threadgroups of (32, WARPS) threads along the grid's x, ceil(N / (WARPS C)) of them.
+
+The "ahead" variant (`AHEAD` > 0, its own body and header; the first kernel's text unchanged):
+the same sums in the same order, built for W's bandwidth: one column a warp up to 4 rows (two
+above), 8 warps a threadgroup, the k loop taken U chunks at a time (`chunks_ahead`), x staged
+in threadgroup memory where it fits (so a lane's global loads in the loop are W's alone, and
+the compiler keeps several in flight) while each lane asks L2 for its first U W chunks.
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ MAX_ROWS = 8
 # C 2 loads each x chunk once for two columns.
 WARPS = 4
 COLUMNS = 2
+# The "ahead" variant (`AHEAD_BODY`): 0 off (the kernel above), else the W chunks a lane loads
+# before using the first (U, at most this; see `chunks_ahead`), with AHEAD_WARPS warps a
+# threadgroup (MLX's gemv: 8, one output a warp) and AHEAD_COLUMNS columns a warp (0: one up to
+# 4 rows, as the gemv; two above, so that a warp's x loads, L1 hits, stay under twice its W
+# loads: each x chunk is loaded once a warp a row).
+AHEAD = 0
+AHEAD_WARPS = 8
+AHEAD_COLUMNS = 0
 
 # The k loop, once with vector loads (x and W aligned for them) and once without: a branch on
 # alignment at each load would keep the compiler from issuing the loads ahead.
@@ -122,6 +136,117 @@ BODY = (
 """
 )
 
+# The "ahead" variant (AHEAD > 0): the same sums in the same order, the k loop taken U chunks
+# at a time, each lane issuing its U W loads (U NPT elements a column, U 8-byte loads in bf16 at
+# NPT 4) before the first is used, then the chunks' products in k order. The first kernel's
+# loop issues one W load a column and waits for it (K a template constant, but the compiler
+# does not hoist loads over the adds it feeds), so few bytes of W are in flight a warp: that,
+# and a quarter of the broadcast gemv's warps at R 2 (C 2 against one warp an output and row),
+# is why its reads ran below the gemv's on the H200. The lanes' chunks past the last full group
+# of U (K / (32 NPT) not a multiple of U, or K % (32 NPT) != 0) run one at a time after.
+_AHEAD_GROUP = """
+    for (; k + (U - 1) * RM_STEP < RM_FULL_K; k += U * RM_STEP) {{
+#pragma unroll
+      for (int c = 0; c < C; ++c) {{
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {{
+          rm_load<NPT, {vec}>(w + size_t(n) * K + k + u * RM_STEP, rm_w[c][u]);
+        }}
+      }}
+#pragma unroll
+      for (int u = 0; u < U; ++u) {{
+        float rm_x[R][NPT];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {{
+          if (RM_XS) {{
+            rm_load_tg<NPT, {vec}>(rm_xs + size_t(r) * K + k + u * RM_STEP, rm_x[r]);
+          }} else {{
+            rm_load<NPT, {vec}>(x + size_t(r) * K + k + u * RM_STEP, rm_x[r]);
+          }}
+        }}
+#pragma unroll
+        for (int c = 0; c < C; ++c) {{
+#pragma unroll
+          for (int r = 0; r < R; ++r) {{
+#pragma unroll
+            for (int j = 0; j < NPT; ++j) {{
+              rm_acc[c * R + r] += rm_w[c][u][j] * rm_x[r][j];
+            }}
+          }}
+        }}
+      }}
+    }}
+    for (; k < K; k += RM_STEP) {{
+      float rm_x[R][NPT];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {{
+        if (RM_XS) {{
+          rm_load_tg<NPT, {vec}>(rm_xs + size_t(r) * K + k, rm_x[r]);
+        }} else {{
+          rm_load<NPT, {vec}>(x + size_t(r) * K + k, rm_x[r]);
+        }}
+      }}
+#pragma unroll
+      for (int c = 0; c < C; ++c) {{
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+        rm_load<NPT, {vec}>(w + size_t(n) * K + k, rm_w[c][0]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {{
+#pragma unroll
+          for (int j = 0; j < NPT; ++j) {{
+            rm_acc[c * R + r] += rm_w[c][0][j] * rm_x[r][j];
+          }}
+        }}
+      }}
+    }}
+"""
+
+# The ahead variant's staging of x: where its R K elements fit in RM_XS_BYTES, the threadgroup
+# copies x into threadgroup memory first (rm_copy_x: 16-byte pieces where it can) and the k
+# loops read it there: then the only loads from global memory in the loops are W's, and the
+# compiler keeps ~6 of a lane's W chunks in flight (sm_90 SASS, R 2) where with x's loads
+# beside them it kept 2 (MLX's gemv: 4). Before the early exit: every thread meets the barrier.
+# While x is copied, each lane asks L2 for the lines of its first U W chunks (gd_prefetch; none
+# on Metal), so that the copy's round trip and the first W loads' overlap.
+_STAGE_X = """  constexpr bool RM_XS = R * K * sizeof(T) <= RM_XS_BYTES;
+  rm_align16 gd_threadgroup T rm_xs[RM_XS ? R * K : 1];
+  if (RM_XS) {
+    if (rm_n0 < N) {
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int n = rm_n0 + c < N ? rm_n0 + c : N - 1;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int k = NPT * int(rm_lane) + u * 32 * NPT;
+          if (k < K) {
+            gd_prefetch(w + size_t(n) * K + k);
+          }
+        }
+      }
+    }
+    rm_copy_x<R * K>(x, rm_xs, int(rm_warp) * 32 + int(rm_lane), 32 * W);
+    gd_threadgroup_barrier();
+  }
+"""
+_PREFIX = BODY.split("    if (rm_aligned<NPT>(x)")[0]
+AHEAD_BODY = (
+    _PREFIX.replace("  if (rm_n0 < N) {", _STAGE_X + "  if (rm_n0 < N) {")
+    + """    // k: this lane's next chunk; RM_FULL_K: the end of the chunks every lane has.
+    constexpr int RM_STEP = 32 * NPT, RM_FULL_K = K / RM_STEP * RM_STEP;
+    int k = NPT * int(rm_lane);
+    float rm_w[C][U][NPT];
+    if ((RM_XS || rm_aligned<NPT>(x)) && rm_aligned<NPT>(w)) {"""
+    + _AHEAD_GROUP.format(vec="true")
+    + """    } else {"""
+    + _AHEAD_GROUP.format(vec="false")
+    + """    }
+    const int rm_l = int(rm_lane);
+    int rm_q = 0;
+"""
+    + BODY.split("    int rm_q = 0;\n")[1]
+)
+
 CUDA_HEADER = """
 // Whether p (a row start; rows of K elements) is aligned for loads of NPT elements.
 template <int NPT, typename T>
@@ -165,6 +290,62 @@ inline void rm_load(const device T* p, thread float* out) {
 }
 """
 
+# The ahead variant's helpers (its header only: the first kernel's stays as it was).
+# RM_XS_BYTES: x staged in threadgroup memory where its R K elements take at most this (CUDA
+# 48 KB, the static limit: R 2 at K 12288 in bf16, 9B's down_proj; 4 threadgroups of 8 warps
+# an SM there. Metal 32 KB, Apple GPUs' threadgroup memory).
+# rm_copy_x<NX>(x, xs, t, threads): the threadgroup's threads (t of threads) copy x's NX
+# elements; 16-byte pieces where x is aligned to 16 and NX fills them, else element by element.
+# rm_load_tg: rm_load from the copy.
+AHEAD_CUDA_HEADER = """
+#define rm_align16 __align__(16)
+#ifndef RM_XS_BYTES
+#define RM_XS_BYTES 49152
+#endif
+struct alignas(16) RmPiece {
+  unsigned int v[4];
+};
+template <int NX, typename T>
+__device__ __forceinline__ void rm_copy_x(const T* x, T* xs, int t, int threads) {
+  constexpr int PER = 16 / sizeof(T);
+  if (NX % PER == 0 && (reinterpret_cast<size_t>(x) & 15) == 0) {
+    const RmPiece* src = reinterpret_cast<const RmPiece*>(x);
+    RmPiece* dst = reinterpret_cast<RmPiece*>(xs);
+    for (int i = t; i < NX / PER; i += threads) {
+      dst[i] = src[i];
+    }
+  } else {
+    for (int i = t; i < NX; i += threads) {
+      xs[i] = x[i];
+    }
+  }
+}
+
+// rm_load from the staged copy (Metal: a threadgroup pointer).
+template <int NPT, bool VEC, typename T>
+__device__ __forceinline__ void rm_load_tg(const T* p, float* out) {
+  rm_load<NPT, VEC>(p, out);
+}
+"""
+
+AHEAD_METAL_HEADER = """
+#define rm_align16
+#define RM_XS_BYTES 32768
+template <int NX, typename T>
+inline void rm_copy_x(const device T* x, threadgroup T* xs, int t, int threads) {
+  for (int i = t; i < NX; i += threads) {
+    xs[i] = x[i];
+  }
+}
+
+template <int NPT, bool VEC, typename T>
+inline void rm_load_tg(const threadgroup T* p, thread float* out) {
+  for (int j = 0; j < NPT; ++j) {
+    out[j] = static_cast<float>(p[j]);
+  }
+}
+"""
+
 # The thread's lane and warp, the threadgroup's block of output columns.
 _POSITIONS = {"rm_lane": "thread.x", "rm_warp": "thread.y", "rm_block": "threadgroup.x"}
 
@@ -172,20 +353,22 @@ INPUTS = ["x", "w"]
 OUTPUTS = ["y"]
 
 
-def kernel_source(backend: str) -> str:
-    """The full `source=` for backend "cuda" or "metal": prologue + body."""
-    return prologue(backend, **_POSITIONS) + BODY
+def kernel_source(backend: str, ahead: bool = False) -> str:
+    """The full `source=` for backend "cuda" or "metal": prologue + body (ahead: the "ahead"
+    variant's body, which takes one more template constant, U)."""
+    return prologue(backend, **_POSITIONS) + (AHEAD_BODY if ahead else BODY)
 
 
-def header(backend: str) -> str:
-    """The `header=` for backend "cuda" or "metal": the gated-delta helpers + `rm_load`."""
+def header(backend: str, ahead: bool = False) -> str:
+    """The `header=` for backend "cuda" or "metal": the gated-delta helpers + `rm_load` (ahead:
+    + the ahead variant's helpers)."""
     if backend == "cuda":
         from .gated_delta.cuda import HEADER
 
-        return HEADER + CUDA_HEADER
+        return HEADER + CUDA_HEADER + (AHEAD_CUDA_HEADER if ahead else "")
     from .gated_delta.metal import HEADER
 
-    return HEADER + METAL_HEADER
+    return HEADER + METAL_HEADER + (AHEAD_METAL_HEADER if ahead else "")
 
 
 def _backend() -> str | None:
@@ -200,20 +383,21 @@ def _backend() -> str | None:
 _built: dict[tuple, object] = {}
 
 
-def _build(contiguous: bool):
+def _build(contiguous: bool, ahead: bool = False):
     kind = _backend()
-    if (kind, contiguous) not in _built:
-        # One name for both: the same binary (the disk cache compiles it once).
-        kw = dict(name="qm_rows_matmul", input_names=INPUTS, output_names=OUTPUTS)
-        kw.update(source=kernel_source(kind), header=header(kind))
+    if (kind, contiguous, ahead) not in _built:
+        # One name for both layouts: the same binary (the disk cache compiles it once).
+        name = "qm_rows_matmul_ahead" if ahead else "qm_rows_matmul"
+        kw = dict(name=name, input_names=INPUTS, output_names=OUTPUTS)
+        kw.update(source=kernel_source(kind, ahead), header=header(kind, ahead))
         if kind == "cuda":
             from .gated_delta import precompiled
 
             k = precompiled.cuda_kernel(**kw, ensure_row_contiguous=contiguous)
         else:
             k = mx.fast.metal_kernel(**kw, ensure_row_contiguous=contiguous)
-        _built[kind, contiguous] = k
-    return _built[kind, contiguous]
+        _built[kind, contiguous, ahead] = k
+    return _built[kind, contiguous, ahead]
 
 
 def kernel_available(dtype) -> bool:
@@ -244,6 +428,18 @@ def elements_a_load(K: int) -> int:
     return 4 if K % 128 == 0 else 2 if K % 64 == 0 else 1
 
 
+def chunks_ahead(K: int, ahead: int) -> int:
+    """U of the "ahead" variant for a row of K: at most `ahead` and the chunks every lane has
+    (K // (32 NPT)), the largest such that divides them if one above ahead / 2 does (no
+    chunks left for the one-at-a-time loop), else the most."""
+    chunks = max(1, K // (32 * elements_a_load(K)))
+    most = max(1, min(ahead, chunks))
+    for u in range(most, most // 2, -1):
+        if chunks % u == 0:
+            return u
+    return most
+
+
 def _out_shape(x: mx.array, K: int, N: int) -> tuple:
     """x [..., K] -> [..., N]; x [R, K, 1] (columns) -> [R, N, 1]."""
     if x.ndim == 3 and x.shape[1:] == (K, 1):
@@ -251,20 +447,27 @@ def _out_shape(x: mx.array, K: int, N: int) -> tuple:
     return (*x.shape[:-1], N)
 
 
-def launch(kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None, out_shape=None):
+def launch(
+    kernel, x, w, K: int, N: int, columns: int = COLUMNS, init_value=None, out_shape=None,
+    ahead: int = 0, warps: int = WARPS,
+):  # fmt: skip
     """Run a built kernel: x (R rows of K, any of the accepted shapes), w the weight input as
     the kernel object takes it; returns y in x's form, or out_shape (any shape of R N
-    elements: the kernel writes rows) (init_value: y's value before the kernel, for tests)."""
+    elements: the kernel writes rows) (init_value: y's value before the kernel, for tests).
+    ahead: 0 for the first kernel, else the "ahead" variant's kernel, U = chunks_ahead(K,
+    ahead); warps: a threadgroup's."""
     R = x.size // K
     warps_needed = -(-N // columns)
-    blocks = -(-warps_needed // WARPS)
+    blocks = -(-warps_needed // warps)
     template = [("R", R), ("K", K), ("N", N), ("C", columns), ("NPT", elements_a_load(K))]
-    template += [("W", WARPS), ("T", x.dtype)]
+    template += [("W", warps), ("T", x.dtype)]
+    if ahead:
+        template.insert(-1, ("U", chunks_ahead(K, ahead)))
     return kernel(
         inputs=[x, w],
         template=template,
-        grid=(32 * blocks, WARPS, 1),
-        threadgroup=(32, WARPS, 1),
+        grid=(32 * blocks, warps, 1),
+        threadgroup=(32, warps, 1),
         output_shapes=[out_shape or _out_shape(x, K, N)],
         output_dtypes=[x.dtype],
         init_value=init_value,
@@ -278,7 +481,7 @@ def rows_matmul(x: mx.array, w: mx.array) -> mx.array:
     if not takes(x, w, K):
         y = x.reshape(-1, K) @ w.T
         return y.reshape(_out_shape(x, K, N))
-    return launch(_build(True), x, w, K, N)
+    return _launch_as_set(x, w, K, N, contiguous=True)
 
 
 def rows_matmul_t(x: mx.array, w_t: mx.array, out_shape: tuple | None = None) -> mx.array:
@@ -290,4 +493,13 @@ def rows_matmul_t(x: mx.array, w_t: mx.array, out_shape: tuple | None = None) ->
     if not takes(x, w_t, K):
         y = x.reshape(-1, K) @ w_t
         return y.reshape(out_shape or _out_shape(x, K, N))
-    return launch(_build(False), x, w_t, K, N, out_shape=out_shape)
+    return _launch_as_set(x, w_t, K, N, contiguous=False, out_shape=out_shape)
+
+
+def _launch_as_set(x, w, K: int, N: int, contiguous: bool, out_shape=None) -> mx.array:
+    """The kernel AHEAD picks (read at each call: under `mx.compile`, when traced)."""
+    if not AHEAD:
+        return launch(_build(contiguous), x, w, K, N, out_shape=out_shape)
+    kernel = _build(contiguous, ahead=True)
+    columns = AHEAD_COLUMNS or (1 if x.size // K <= 4 else 2)
+    return launch(kernel, x, w, K, N, columns, out_shape=out_shape, ahead=AHEAD, warps=AHEAD_WARPS)
