@@ -1924,3 +1924,88 @@ O_BODY = (
     + _decayed_lower_tiles("qk", "Pm", "PP", "j <= i", "dij", staged=_o_stage_vn())
     + _o_epilogue("Pm")
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stamped builds (issue 9, round 5, helper chunk5): where a threadgroup of a parallel pass spends
+# its time on the device. The pass's text with `GD_STAMP(j);` lines inserted before fixed
+# anchors, nothing else changed (removing those lines and _STAMP_DEFS gives the text back, which
+# the CPU tests check); thread 0 of each threadgroup writes one extra output, stamps [number of
+# threadgroups, STAMP_SLOTS] uint32 (x fastest, as CUDA numbers blocks): slot 0 the SM it ran on,
+# 1 and 2 %globaltimer_lo (ns) at its start and end, 3.. clock64's low 32 bits at the anchors
+# (differences modulo 2^32). CUDA only; elsewhere (the lane emulator) the stamps are not written.
+STAMP_OUTPUT = "stamps"
+STAMP_SLOTS = 16
+_STAMP_DEFS = """
+#ifdef __CUDA_ARCH__
+#define GD_STAMP_AT(j, x_)                                                                    \\
+  if (threadIdx.x == 0)                                                                      \\
+  stamps[((size_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * 16 + (j)] = \\
+      (x_)
+#define GD_STAMP(j) GD_STAMP_AT(j, unsigned(clock64()))
+#define GD_STAMP_GT(j)                                                \\
+  {                                                                   \\
+    unsigned gt_;                                                     \\
+    asm volatile("mov.u32 %0, %%globaltimer_lo;" : "=r"(gt_)::"memory"); \\
+    GD_STAMP_AT(j, gt_);                                              \\
+  }
+#define GD_STAMP_SM()                                    \\
+  {                                                      \\
+    unsigned sm_;                                        \\
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_));     \\
+    GD_STAMP_AT(0, sm_);                                 \\
+  }
+#else
+#define GD_STAMP(j) {}
+#define GD_STAMP_GT(j) {}
+#define GD_STAMP_SM() {}
+#endif
+"""
+# (phase name, anchor) of each pass: stamp 3 + i is taken just before anchor i (each occurs
+# once in the pass's text); the first also records the SM and the start time, and the end
+# stamps (clock, then the end time) follow the text.
+WY2_STAMPS = (
+    ("prologue", "  const int nvs = (Dv + DS - 1) / DS;        // v slices\n"),
+    ("first copies", "  // 1. gates\n"),
+    ("gates", "\n  // 2. k k^T over the raw k slices;"),
+    ("k k^T", "  // 3. L = -beta D k k^T"),
+    ("L", "  // 4. (I - L)^-1: diagonal blocks"),
+    ("inverse", "  // X in the staged type"),
+    ("X", "  // 5. U = X diag(beta) v, W = X diag(beta gamma) k"),
+)
+O2_STAMPS = (
+    ("prologue", "  for (int s = 0; s < NBO - 1; ++s) GD_O2_COPY(s);\n"),
+    ("copies, gates, Vn", "  for (int s = 0; s < NS; ++s) {\n"),
+    ("slice loop", "#undef GD_O2_COPY\n"),
+    ("ring drained", "  GD_TG_PTR float* X = sm;\n"),
+    ("Y staged, decayed", "  gd_barrier();  // X free for P\n"),
+    (
+        "P",
+        "  gd_barrier();\n  for (int u = 0; u < YTW; ++u) {\n    const int e = w + NW * u;\n"
+        "    const int r",
+    ),
+    ("P Vn", "  for (int e = tid; e < C * BVO; e += NT) {\n    const int i = e / BVO;\n"),
+)
+
+
+def stamped(body: str, anchors) -> str:
+    """`body` with the stamps of `anchors` ((name, anchor) pairs, STAMPS above) inserted; the
+    last phase (from the last anchor to the end) is named "end" in the readings."""
+    if len(anchors) + 4 > STAMP_SLOTS:
+        raise ValueError("stamped: too many anchors")
+    out = body
+    for j, (_, anchor) in enumerate(anchors):
+        if out.count(anchor) != 1:
+            raise ValueError(f"stamped: anchor {anchor!r} occurs {out.count(anchor)} times")
+        extra = "  GD_STAMP_SM();\n  GD_STAMP_GT(1);\n" if j == 0 else ""
+        lead = "\n" if anchor.startswith("\n") else ""
+        at = out.index(anchor)
+        out = out[:at] + lead + extra + f"  GD_STAMP({3 + j});\n" + out[at + len(lead) :]
+    end = 3 + len(anchors)
+    return _STAMP_DEFS + out + f"  GD_STAMP({end});\n  GD_STAMP_GT(2);\n"
+
+
+def unstamped(text: str) -> str:
+    """stamped's inverse: the text without _STAMP_DEFS and the GD_STAMP lines."""
+    text = text.replace(_STAMP_DEFS, "", 1)
+    return "".join(line for line in text.splitlines(True) if "GD_STAMP" not in line)

@@ -1,0 +1,175 @@
+"""The stamped builds of the split path's parallel passes (chunk_source.stamped, round 5): the
+default WY2 / O2 text with clock stamps and nothing else, compiled for sm_90 with the extra
+`stamps` output, the host's launch of them (through a recording factory: no GPU here), and the
+default builds untouched."""
+
+import re
+import subprocess
+
+import mlx.core as mx
+import pytest
+
+from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
+from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+from tests.kernels.test_chunk_cuda_source import NVCC
+from tests.kernels.test_chunk_split_sources import cuda_unit, kernels
+from tests.kernels.test_cuda_source import PRELUDE
+
+BODIES = {
+    "wy2": lambda: cs.wy_body(False, True),
+    "wy2_fused": lambda: cs.wy_body(True, True),
+    "o2": lambda: cs.o2_body(True, 3),
+    "o2 session 8": lambda: cs.o2_body(False, 2),
+}
+
+
+@pytest.mark.parametrize("which", BODIES)
+def test_stamped_text_is_the_pass_plus_stamps(which):
+    """Removing the stamp lines and their definitions gives the pass's text back, letter for
+    letter; every anchor took one stamp, numbered in order, and the start / end times too."""
+    body = BODIES[which]()
+    anchors = cs.WY2_STAMPS if which.startswith("wy2") else cs.O2_STAMPS
+    text = cs.stamped(body, anchors)
+    assert text != body
+    assert cs.unstamped(text) == body
+    got = [int(j) for j in re.findall(r"GD_STAMP\((\d+)\);", text)]
+    assert got == list(range(3, 4 + len(anchors)))
+    assert text.count("GD_STAMP_GT(1);") == text.count("GD_STAMP_GT(2);") == 1
+    assert text.count("GD_STAMP_SM();") == 1
+
+
+def test_stamped_refuses_a_missing_or_repeated_anchor():
+    body = cs.wy_body(False, True)
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        cs.stamped(body, (("x", "no such line\n"),))
+    with pytest.raises(ValueError, match="times"):
+        cs.stamped(body, (("x", "gd_barrier();"),))
+
+
+def _stamped_cases(itemsize: int):
+    """(name, ins, outs, stamped body, tpl) for WY2 (plain, fused) and O2 as the host builds
+    them for pieces of `itemsize` bytes, from the split-source test's list of the defaults."""
+    out = []
+    for name, ins, outs, body, tpl in kernels("cuda", 128, itemsize):
+        if name in (cs.wy_name(False, True), cs.wy_name(True, True)):
+            out.append((name, ins, outs, cs.stamped(body, cs.WY2_STAMPS), tpl))
+        elif name == cs.O2_NAME:
+            out.append((name, ins, outs, cs.stamped(body, cs.O2_STAMPS), tpl))
+    assert len(out) == 3
+    return out
+
+
+def _ptxas(text, tmp_path):
+    path = tmp_path / "stamped.cu"
+    path.write_text(text)
+    res = subprocess.run(
+        [NVCC, "-arch=sm_90", "-std=c++17", "-c", str(path), "-o", str(tmp_path / "s.o"),
+         "-Xptxas", "-v"],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.parametrize("act", ["bf16", "fp32"])
+def test_stamped_kernels_compile_for_sm90(tmp_path, monkeypatch, act):
+    """The stamped WY2 / O2 kernels (with `unsigned* stamps` after the outputs, the globaltimer
+    and smid reads as inline PTX) compile through ptxas for sm_90 under the default launch
+    bounds."""
+    cases = _stamped_cases(2 if act == "bf16" else 4)
+    monkeypatch.setattr(
+        "tests.kernels.test_chunk_split_sources.kernels",
+        lambda backend, Dk, itemsize=None: [
+            (n, i, [*o, "stamps"], b, t) for n, i, o, b, t in cases
+        ],
+    )
+    unit = cuda_unit([(act, 128)])
+    unit = unit.replace("float* stamps", "unsigned* stamps")
+    assert unit.count("unsigned* stamps") == 3
+    head = PRELUDE + cl.header("cuda")
+    # one kernel a unit with its launch bound, as the host builds them
+    parts = unit[len(head) :].split("// gated_delta_chunk_")[1:]
+    for part in parts:
+        lb = cl.MIN_BLOCKS["o2" if part.startswith("o2") else "wy2"]
+        log = _ptxas(head + cl.launch_bounds_header(256, lb) + "// x" + part, tmp_path)
+        regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+        assert len(regs) == 1 and regs[0] <= 65536 // (256 * lb), log
+
+
+class _Recorder:
+    """A kernel factory that records what the host asks for and returns arrays of the asked
+    shapes (zeros)."""
+
+    def __init__(self):
+        self.built, self.calls = [], []
+
+    def __call__(self, **kw):
+        self.built.append(kw)
+
+        def run(**call):
+            self.calls.append((kw["name"], call))
+            return [
+                mx.zeros(s, d)
+                for s, d in zip(call["output_shapes"], call["output_dtypes"], strict=True)
+            ]
+
+        return run
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(cl, "_factory", lambda backend: rec)
+    monkeypatch.setattr(cl, "_kernels", {})
+    return rec
+
+
+def _inputs(T=130, Hk=2, Hv=4, Dk=128, Dv=128, dtype=mx.bfloat16):
+    k = mx.zeros((1, T, Hk, Dk), dtype)
+    v = mx.zeros((1, T, Hv, Dv), dtype)
+    g = mx.ones((1, T, Hv), mx.float32)
+    return k, v, g, g
+
+
+def test_host_launches_the_stamped_passes(recorder):
+    """stamps=True builds the stamped text under the default kernel's name + "_lb<m>_stamped"
+    and returns stamps [threadgroups, STAMP_SLOTS] uint32; the grid is the default one."""
+    k, v, g, beta = _inputs()
+    N = 3
+    *_, st = cl.wy_pass("cuda", k, v, g, beta, None, stamps=True)
+    assert st.shape == (N * 4, cs.STAMP_SLOTS) and st.dtype == mx.uint32
+    kw = recorder.built[-1]
+    assert kw["name"] == cs.wy_name(False, True) + "_lb3_stamped"
+    assert kw["output_names"] == [*cs.WY_OUTPUTS, "stamps"]
+    assert cs.unstamped(kw["source"]) == cl.wy_source("cuda", False, True)
+    assert "__launch_bounds__(256, 3)" in kw["header"]
+    stamped_grid = recorder.calls[-1][1]["grid"]
+    cl.wy_pass("cuda", k, v, g, beta, None)
+    plain = recorder.built[-1]
+    assert plain["name"] == cs.wy_name(False, True) + "_lb3"
+    assert plain["source"] == cl.wy_source("cuda", False, True)
+    assert plain["output_names"] == cs.WY_OUTPUTS
+    assert recorder.calls[-1][1]["grid"] == stamped_grid
+
+    q = mx.zeros_like(k)
+    gates = mx.zeros((4, N * 64, 4), mx.float32)
+    H = mx.zeros((4, N, 128, 128), mx.bfloat16)
+    Vn = mx.zeros((4, N * 64, 128), mx.bfloat16)
+    y, st = cl.o_pass("cuda", q, k, gates, H, Vn, 130, 4, mx.bfloat16, stamps=True)
+    assert y.shape == (1, 130, 4, 128)
+    assert st.shape == (N * 4 * 2, cs.STAMP_SLOTS)  # two value tiles of 64
+    kw = recorder.built[-1]
+    assert kw["name"] == cs.O2_NAME + "_lb2_stamped"
+    assert cs.unstamped(kw["source"]) == cl.o2_source("cuda")
+    y2 = cl.o_pass("cuda", q, k, gates, H, Vn, 130, 4, mx.bfloat16)
+    assert isinstance(y2, mx.array) and recorder.built[-1]["source"] == cl.o2_source("cuda")
+
+
+def test_stamped_builds_are_cuda_and_wy2_o2_only(recorder, monkeypatch):
+    k, v, g, beta = _inputs()
+    with pytest.raises(ValueError, match="no stamped build"):
+        cl.wy_pass("metal", k, v, g, beta, None, stamps=True)
+    monkeypatch.setattr(cl, "WY2", False)
+    with pytest.raises(ValueError, match="WY2_BODY"):
+        cl.wy_pass("cuda", k, v, g, beta, None, stamps=True)
