@@ -173,3 +173,47 @@ def test_stamped_builds_are_cuda_and_wy2_o2_only(recorder, monkeypatch):
     monkeypatch.setattr(cl, "WY2", False)
     with pytest.raises(ValueError, match="WY2_BODY"):
         cl.wy_pass("cuda", k, v, g, beta, None, stamps=True)
+
+
+def _reading():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "chunk_stamps.py"
+    spec = importlib.util.spec_from_file_location("chunk_stamps", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stamps_reading_on_made_up_stamps():
+    """benchmarks/chunk_stamps.summarize on stamps whose answers are known: 8 threadgroups on 2
+    SMs, two waves of 1000 ns, 2000 cycles each (100 / 200 / 1700 a phase), both counters
+    wrapping past 2^32 within the pass."""
+    import numpy as np
+
+    cs_read = _reading()
+    wrap = 1 << 32
+    rows = []
+    for i in range(8):
+        t0 = (wrap - 1500 + (i // 4) * 1000) % wrap
+        c0 = wrap - 150 + 37 * i
+        clocks = [c0, c0 + 100, c0 + 300, c0 + 2000]
+        rows.append([i % 2, t0, (t0 + 1000) % wrap, *[c % wrap for c in clocks], 0, 0])
+    r = cs_read.summarize(np.array(rows, dtype=np.uint32), ["a", "b", "c"])
+    assert r["threadgroups"] == 8 and r["sms"] == 2
+    assert [r["phases"][p]["median"] for p in "abc"] == [100, 200, 1700]
+    assert abs(r["phases"]["c"]["share"] - 0.85) < 1e-12
+    assert r["tg_cycles"] == 2000 and r["tg_us"] == 1.0 and r["ghz"] == 2.0
+    assert r["span_us"] == 2.0 and r["waves"] == 2.0
+    assert r["in_flight"] == 4.0 and r["in_flight_sm"] == 2.0 and r["max_on_sm"] == 2
+    assert "2 waves" not in cs_read.table("wy", 8192, r)  # formatted with one decimal
+    assert "2.0 waves" in cs_read.table("wy", 8192, r)
+
+
+def test_max_overlap_counts_touching_intervals_once():
+    import numpy as np
+
+    cs_read = _reading()
+    assert cs_read.max_overlap(np.array([0, 10, 20]), np.array([10, 20, 30])) == 1
+    assert cs_read.max_overlap(np.array([0, 5, 6, 20]), np.array([10, 8, 30, 25])) == 3

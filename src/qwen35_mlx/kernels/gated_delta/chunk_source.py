@@ -1961,36 +1961,36 @@ _STAMP_DEFS = """
 #define GD_STAMP_SM() {}
 #endif
 """
-# (phase name, anchor) of each pass: stamp 3 + i is taken just before anchor i (each occurs
-# once in the pass's text); the first also records the SM and the start time, and the end
-# stamps (clock, then the end time) follow the text.
+# (phase, anchor) of each pass: stamp 3 + i is taken just before anchor i (each occurs once in
+# the pass's text), so phase i runs from anchor i to anchor i + 1 (the last to the end stamp);
+# the first also records the SM and the start time, the end the end time. Thread 0's clock: a
+# phase that ends in a barrier includes warp 0's wait there for the slowest warp.
 WY2_STAMPS = (
-    ("prologue", "  const int nvs = (Dv + DS - 1) / DS;        // v slices\n"),
-    ("first copies", "  // 1. gates\n"),
-    ("gates", "\n  // 2. k k^T over the raw k slices;"),
-    ("k k^T", "  // 3. L = -beta D k k^T"),
-    ("L", "  // 4. (I - L)^-1: diagonal blocks"),
-    ("inverse", "  // X in the staged type"),
-    ("X", "  // 5. U = X diag(beta) v, W = X diag(beta gamma) k"),
+    ("first copies", "  const int nvs = (Dv + DS - 1) / DS;        // v slices\n"),
+    ("gates", "  // 1. gates\n"),
+    ("k k^T, Kw", "\n  // 2. k k^T over the raw k slices;"),
+    ("L", "  // 3. L = -beta D k k^T"),
+    ("inverse", "  // 4. (I - L)^-1: diagonal blocks"),
+    ("X to PT", "  // X in the staged type"),
+    ("U, W slices", "  // 5. U = X diag(beta) v, W = X diag(beta gamma) k"),
 )
 O2_STAMPS = (
-    ("prologue", "  for (int s = 0; s < NBO - 1; ++s) GD_O2_COPY(s);\n"),
-    ("copies, gates, Vn", "  for (int s = 0; s < NS; ++s) {\n"),
-    ("slice loop", "#undef GD_O2_COPY\n"),
-    ("ring drained", "  GD_TG_PTR float* X = sm;\n"),
-    ("Y staged, decayed", "  gd_barrier();  // X free for P\n"),
+    ("copies, gates, Vn", "  for (int s = 0; s < NBO - 1; ++s) GD_O2_COPY(s);\n"),
+    ("slice loop", "  for (int s = 0; s < NS; ++s) {\n"),
+    ("ring drained", "#undef GD_O2_COPY\n"),
+    ("Y decayed", "  GD_TG_PTR float* X = sm;\n"),
+    ("P", "  gd_barrier();  // X free for P\n"),
     (
-        "P",
+        "P Vn, Y staged",
         "  gd_barrier();\n  for (int u = 0; u < YTW; ++u) {\n    const int e = w + NW * u;\n"
         "    const int r",
     ),
-    ("P Vn", "  for (int e = tid; e < C * BVO; e += NT) {\n    const int i = e / BVO;\n"),
+    ("y stores", "  for (int e = tid; e < C * BVO; e += NT) {\n    const int i = e / BVO;\n"),
 )
 
 
 def stamped(body: str, anchors) -> str:
-    """`body` with the stamps of `anchors` ((name, anchor) pairs, STAMPS above) inserted; the
-    last phase (from the last anchor to the end) is named "end" in the readings."""
+    """`body` with the stamps of `anchors` ((phase, anchor) pairs, *_STAMPS above) inserted."""
     if len(anchors) + 4 > STAMP_SLOTS:
         raise ValueError("stamped: too many anchors")
     out = body
