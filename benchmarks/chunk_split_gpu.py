@@ -46,8 +46,9 @@ ob32's passes).
 --stamps (round 5, helper chunk5; < 1 minute, CUDA): the WY2 / O2 passes built with clock stamps
 (chunk_source.stamped; their outputs checked equal to the plain builds'), read by
 benchmarks/chunk_stamps.py at T 8192 / 32768 (Hv 32, bf16): cycles a threadgroup spends in each
-phase, threadgroups in flight an SM, waves; then the plain and stamped passes timed, and the
-split path with BEST3 (round 4's three few-percent alternatives together).
+phase, threadgroups in flight an SM, waves; then the plain and stamped passes timed, "wy lb4" /
+"wy ds64 lb4" (the WY pass at four threadgroups an SM), and the split path with BEST3 (round 4's
+three few-percent alternatives together) and BEST_LB4 ("split lb4"), predictions beside.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
@@ -339,6 +340,14 @@ BEST3 = {
     **AB_VARIANTS["w64"],
     "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3},
 }
+# ... and with the WY pass at four threadgroups an SM (ptxas: 64 registers, 56 bytes spilled;
+# 4 x 43.5 KB of threadgroup memory) instead of slices of 64.
+BEST_LB4 = {"H_TILES": (64, 4), "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3, "wy2": 4}}
+# Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 5"), H200, Hv 32, bf16.
+PREDICTED_STAMPS = {
+    8192: {"wy lb4": 0.43, "wy ds64 lb4": 0.43, "split best3": 1.23, "split lb4": 1.22},
+    32768: {"wy lb4": 1.62, "wy ds64 lb4": 1.58, "split best3": 4.91, "split lb4": 4.86},
+}
 
 
 def stamps_run(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
@@ -398,7 +407,12 @@ def _stamps_at(backend: str, T: int, hv: int) -> dict:
         ),
         "split": split,
         "split best3": patched(split, **BEST3),
+        "split lb4": patched(split, **BEST_LB4),
     }
+    steps["wy lb4"] = bounded(steps["wy"], {**cl.MIN_BLOCKS, "wy2": 4})
+    steps["wy ds64 lb4"] = patched(
+        steps["wy"], **AB_VARIANTS["w64"], MIN_BLOCKS={**cl.MIN_BLOCKS, "wy2": 4}
+    )
     n = max(2, min(50, 65536 // T))
     for f in steps.values():
         chained(f, state0, 1)
@@ -407,7 +421,9 @@ def _stamps_at(backend: str, T: int, hv: int) -> dict:
         for name, f in steps.items():
             best[name] = min(best.get(name, float("inf")), chained(f, state0, n) / n * 1e3)
     print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
-    row["ms"] = best
+    pred = PREDICTED_STAMPS.get(T, {})
+    print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    row["ms"], row["predicted"] = best, pred
     return row
 
 
