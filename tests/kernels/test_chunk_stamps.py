@@ -33,7 +33,11 @@ def test_stamped_text_is_the_pass_plus_stamps(which):
     assert text != body
     assert cs.unstamped(text) == body
     got = [int(j) for j in re.findall(r"GD_STAMP\((\d+)\);", text)]
-    assert got == list(range(3, 4 + len(anchors)))
+    assert sorted(got) == list(range(3, 4 + len(anchors)))
+    # the loop's sampled stamps under their condition, once each
+    for j, (_, _, *cond) in enumerate(anchors):
+        if cond:
+            assert text.count(f"    if ({cond[0]}) GD_STAMP({3 + j});\n") == 1
     assert text.count("GD_STAMP_GT(1);") == text.count("GD_STAMP_GT(2);") == 1
     assert text.count("GD_STAMP_SM();") == 1
 

@@ -1961,10 +1961,15 @@ _STAMP_DEFS = """
 #define GD_STAMP_SM() {}
 #endif
 """
-# (phase, anchor) of each pass: stamp 3 + i is taken just before anchor i (each occurs once in
-# the pass's text), so phase i runs from anchor i to anchor i + 1 (the last to the end stamp);
-# the first also records the SM and the start time, the end the end time. Thread 0's clock: a
-# phase that ends in a barrier includes warp 0's wait there for the slowest warp.
+# (phase, anchor[, condition]) of each pass, in the order the stamps are taken: stamp 3 + i just
+# before anchor i (each occurs once in the pass's text; entries may share one), inside a loop only
+# where the condition holds (one sampled iteration), so phase i runs from stamp 3 + i to the next
+# (the last to the end stamp). The first entry also records the SM and the start time, the end
+# the end time. Thread 0's clock: a phase that ends in a barrier includes warp 0's wait there.
+_WY2_SLICE = (
+    "    gd_copy_wait<NB - 2>();\n    gd_barrier();\n    GD_WY2_COPY(q + NB - 1);\n"
+    "    GD_TG_PTR PS* bsl"
+)
 WY2_STAMPS = (
     ("first copies", "  const int nvs = (Dv + DS - 1) / DS;        // v slices\n"),
     ("gates", "  // 1. gates\n"),
@@ -1972,11 +1977,25 @@ WY2_STAMPS = (
     ("L", "  // 3. L = -beta D k k^T"),
     ("inverse", "  // 4. (I - L)^-1: diagonal blocks"),
     ("X to PT", "  // X in the staged type"),
-    ("U, W slices", "  // 5. U = X diag(beta) v, W = X diag(beta gamma) k"),
+    ("U slice 0", "  // 5. U = X diag(beta) v, W = X diag(beta gamma) k"),
+    ("U slice 1: wait", _WY2_SLICE, "q == NSK + 1"),
+    ("U slice 1: scale", "    GD_TG_PTR PS* bsl = ring", "q == NSK + 1"),
+    ("U slice 1: product", "    gd_acc o[OTW];\n", "q == NSK + 1"),
+    (
+        "U slice 1: stores",
+        "    for (int e = tid; e < C * DS; e += NT) {\n      const int i = e / DS;\n"
+        "      const int col",
+        "q == NSK + 1",
+    ),
+    ("slices 2..", _WY2_SLICE, "q == NSK + 2"),
 )
+_O2_SLICE = "    gd_copy_wait<NBO - 2>();\n    gd_barrier();  // slice s staged"
 O2_STAMPS = (
     ("copies, gates, Vn", "  for (int s = 0; s < NBO - 1; ++s) GD_O2_COPY(s);\n"),
-    ("slice loop", "  for (int s = 0; s < NS; ++s) {\n"),
+    ("slice 0", "  for (int s = 0; s < NS; ++s) {\n"),
+    ("slice 1: wait", _O2_SLICE, "s == 1"),
+    ("slice 1: products", "    GD_TG_PTR gd_staged<YT>* qs = ring", "s == 1"),
+    ("slices 2..", _O2_SLICE, "s == 2"),
     ("ring drained", "#undef GD_O2_COPY\n"),
     ("Y decayed", "  GD_TG_PTR float* X = sm;\n"),
     ("P", "  gd_barrier();  // X free for P\n"),
@@ -1990,17 +2009,21 @@ O2_STAMPS = (
 
 
 def stamped(body: str, anchors) -> str:
-    """`body` with the stamps of `anchors` ((phase, anchor) pairs, *_STAMPS above) inserted."""
+    """`body` with the stamps of `anchors` (*_STAMPS above) inserted."""
     if len(anchors) + 4 > STAMP_SLOTS:
         raise ValueError("stamped: too many anchors")
-    out = body
-    for j, (_, anchor) in enumerate(anchors):
-        if out.count(anchor) != 1:
-            raise ValueError(f"stamped: anchor {anchor!r} occurs {out.count(anchor)} times")
-        extra = "  GD_STAMP_SM();\n  GD_STAMP_GT(1);\n" if j == 0 else ""
+    inserts = []
+    for j, (_, anchor, *cond) in enumerate(anchors):
+        if body.count(anchor) != 1:
+            raise ValueError(f"stamped: anchor {anchor!r} occurs {body.count(anchor)} times")
         lead = "\n" if anchor.startswith("\n") else ""
-        at = out.index(anchor)
-        out = out[:at] + lead + extra + f"  GD_STAMP({3 + j});\n" + out[at + len(lead) :]
+        line = f"  GD_STAMP({3 + j});\n" if not cond else f"    if ({cond[0]}) GD_STAMP({3 + j});\n"
+        if j == 0:
+            line = "  GD_STAMP_SM();\n  GD_STAMP_GT(1);\n" + line
+        inserts.append((body.index(anchor) + len(lead), j, line))
+    out = body
+    for at, _, line in sorted(inserts, key=lambda x: (-x[0], -x[1])):
+        out = out[:at] + line + out[at:]
     end = 3 + len(anchors)
     return _STAMP_DEFS + out + f"  GD_STAMP({end});\n  GD_STAMP_GT(2);\n"
 
