@@ -393,7 +393,7 @@ def _stamps_at(backend: str, T: int, hv: int) -> dict:
             ("wy", wy_st[4], cs.WY2_STAMPS),
             ("out", o_st[1], cs.O2_STAMPS),
         ):
-            r = summarize(np.array(st), [p for p, _ in anchors])
+            r = summarize(np.array(st), [a[0] for a in anchors])
             print(stamp_table(name, T, r), flush=True)
             row[name] = r
     except Exception as e:  # the timings below still run

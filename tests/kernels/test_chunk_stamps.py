@@ -221,3 +221,34 @@ def test_max_overlap_counts_touching_intervals_once():
     cs_read = _reading()
     assert cs_read.max_overlap(np.array([0, 10, 20]), np.array([10, 20, 30])) == 1
     assert cs_read.max_overlap(np.array([0, 5, 6, 20]), np.array([10, 8, 30, 25])) == 3
+
+
+def test_stamps_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):
+    """chunk_split_gpu.py --stamps's per-T step end to end with the recording factory (zeros
+    for every output): the stamped and plain builds compared, both passes read with their
+    phase names, every timed variant built, checked and timed."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    sys.modules.pop("chunk_split_gpu", None)
+    import chunk_split_gpu as g
+
+    row = g._stamps_at("cuda", 256, 4)
+    assert row["same"] == {"wy": True, "out": True}
+    assert list(row["wy"]["phases"]) == [a[0] for a in cs.WY2_STAMPS]
+    assert list(row["out"]["phases"]) == [a[0] for a in cs.O2_STAMPS]
+    assert row["out"]["threadgroups"] == 4 * 4 * 2  # chunks (256 / 64) x heads x value tiles
+    assert set(row["variants_ok"]) == {"split best3", "split lb4", "wy lb4", "wy ds64 lb4"}
+    assert all(row["variants_ok"].values())
+    assert set(row["ms"]) == {
+        "wy",
+        "wy stamped",
+        "out",
+        "out stamped",
+        "split",
+        *row["variants_ok"],
+    }
+    names = {kw["name"] for kw in recorder.built}
+    assert cs.wy_name(True, True) + "_lb4" in names and cs.O2_NAME + "_lb3" in names
