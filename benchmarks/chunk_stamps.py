@@ -53,7 +53,7 @@ def summarize(stamps: np.ndarray, phases: list[str]) -> dict:
             name: {
                 "median": float(np.median(cyc[:, j])),
                 "mean": float(mean[j]),
-                "share": float(mean[j] / mean.sum()),
+                "share": float(mean[j] / mean.sum()) if mean.sum() > 0 else 0.0,
             }
             for j, name in enumerate(phases)
         },
