@@ -47,7 +47,8 @@ ob32's passes).
 (chunk_source.stamped; their outputs checked equal to the plain builds'), read by
 benchmarks/chunk_stamps.py at T 8192 / 32768 (Hv 32, bf16): cycles a threadgroup spends in each
 phase, threadgroups in flight an SM, waves; then the plain and stamped passes timed, "wy lb4" /
-"wy ds64 lb4" (the WY pass at four threadgroups an SM), and the split path with BEST3 (round 4's
+"wy ds64 lb4" (the WY pass at four threadgroups an SM), "wy v16" / "split v16" (WY2_V16: W and
+U written by 16-byte copies), and the split path with BEST3 (round 4's
 three few-percent alternatives together) and BEST_LB4 ("split lb4"), predictions beside; each
 variant's outputs first checked against the plain build's (bf16 tolerance). Exit status 1 if a
 stamped output differs from the plain one or a variant is outside the tolerance.
@@ -347,8 +348,22 @@ BEST3 = {
 BEST_LB4 = {"H_TILES": (64, 4), "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3, "wy2": 4}}
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 5"), H200, Hv 32, bf16.
 PREDICTED_STAMPS = {
-    8192: {"wy lb4": 0.43, "wy ds64 lb4": 0.43, "split best3": 1.23, "split lb4": 1.22},
-    32768: {"wy lb4": 1.62, "wy ds64 lb4": 1.58, "split best3": 4.91, "split lb4": 4.86},
+    8192: {
+        "wy lb4": 0.43,
+        "wy ds64 lb4": 0.43,
+        "wy v16": 0.44,
+        "split best3": 1.23,
+        "split lb4": 1.22,
+        "split v16": 1.28,
+    },
+    32768: {
+        "wy lb4": 1.62,
+        "wy ds64 lb4": 1.58,
+        "wy v16": 1.66,
+        "split best3": 4.91,
+        "split lb4": 4.86,
+        "split v16": 4.93,
+    },
 }
 
 
@@ -416,8 +431,10 @@ def _stamps_at(backend: str, T: int, hv: int) -> dict:
         "split": split,
         "split best3": patched(split, **BEST3),
         "split lb4": patched(split, **BEST_LB4),
+        "split v16": patched(split, WY2_V16=True),
     }
     steps["wy lb4"] = bounded(steps["wy"], {**cl.MIN_BLOCKS, "wy2": 4})
+    steps["wy v16"] = patched(steps["wy"], WY2_V16=True)
     steps["wy ds64 lb4"] = patched(
         steps["wy"], **AB_VARIANTS["w64"], MIN_BLOCKS={**cl.MIN_BLOCKS, "wy2": 4}
     )

@@ -240,7 +240,9 @@ def test_stamps_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):
     assert list(row["wy"]["phases"]) == [a[0] for a in cs.WY2_STAMPS]
     assert list(row["out"]["phases"]) == [a[0] for a in cs.O2_STAMPS]
     assert row["out"]["threadgroups"] == 4 * 4 * 2  # chunks (256 / 64) x heads x value tiles
-    assert set(row["variants_ok"]) == {"split best3", "split lb4", "wy lb4", "wy ds64 lb4"}
+    assert set(row["variants_ok"]) == {
+        "split best3", "split lb4", "split v16", "wy lb4", "wy ds64 lb4", "wy v16"
+    }  # fmt: skip
     assert all(row["variants_ok"].values())
     assert set(row["ms"]) == {
         "wy",
@@ -252,3 +254,31 @@ def test_stamps_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):
     }
     names = {kw["name"] for kw in recorder.built}
     assert cs.wy_name(True, True) + "_lb4" in names and cs.O2_NAME + "_lb3" in names
+    assert cs.wy_name(True, True) + "_v16_lb3" in names
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.parametrize("act", ["bf16", "fp32"])
+def test_wy2_v16_compiles_for_sm90_within_its_bound(tmp_path, act):
+    """WY2_BODY with 16-byte stores (chunk_launch.WY2_V16), gates inside and precomputed, through
+    ptxas for sm_90 under the WY pass's launch bound (three threadgroups an SM)."""
+    itemsize = 2 if act == "bf16" else 4
+    wds, wnb = cl.WY2_TILES[("cuda", itemsize)]
+    head = PRELUDE + cl.header("cuda") + cl.launch_bounds_header(256, cl.MIN_BLOCKS["wy2"])
+    for fused in (False, True):
+        tpl = [("Dk", 128), ("C", cl.CHUNK), ("NT", cl.WY_THREADS), ("DS", wds), ("NB", wnb)]
+        body = cl.wy_source("cuda", fused, True, v16=True)
+        tpl += [("MP", None), ("PT", None)]
+        case = (cs.wy_name(fused, True), cs.wy_inputs(fused), cs.WY_OUTPUTS, body, tpl)
+        import tests.kernels.test_chunk_split_sources as srcs
+
+        orig = srcs.kernels
+        srcs.kernels = lambda backend, Dk, itemsize=None, c=case: [c]
+        try:
+            unit = cuda_unit([(act, 128)])
+        finally:
+            srcs.kernels = orig
+        log = _ptxas(head + unit[len(PRELUDE + cl.header("cuda")) :], tmp_path)
+        regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+        assert len(regs) == 1 and regs[0] <= 65536 // (256 * cl.MIN_BLOCKS["wy2"]), log
+        assert "gd_v16" in unit

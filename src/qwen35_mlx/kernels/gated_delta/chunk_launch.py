@@ -436,8 +436,8 @@ def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
-def wy_source(backend: str, fused: bool = False, ring: bool = False) -> str:
-    return PROLOGUE[backend] + src.wy_body(fused, ring)
+def wy_source(backend: str, fused: bool = False, ring: bool = False, v16: bool = False) -> str:
+    return PROLOGUE[backend] + src.wy_body(fused, ring, v16)
 
 
 def h_source(backend: str) -> str:
@@ -485,7 +485,7 @@ _kernels: dict[tuple, object] = {}
 # MLX writes the kernel's declaration itself, so the bound goes in through the header, by
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
 MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 2}
-_BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "o", "o2")
+_BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -537,7 +537,7 @@ def _build(backend: str, which: str):
                 header=_stamped_header(which.split("_")[0]),
             )
         return _kernels[key]
-    lb = MIN_BLOCKS.get(which.removesuffix("_fused"))
+    lb = MIN_BLOCKS.get(which.removesuffix("_fused").replace("wy2v", "wy2"))
     lb = lb if backend == "cuda" and which in _BOUNDED else None
     t32 = backend == "cuda" and not MMA16
     p32 = which == "o2" and not O2_P16
@@ -547,10 +547,11 @@ def _build(backend: str, which: str):
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
             body = source(backend)
-        elif which in ("wy", "wy_fused", "wy2", "wy2_fused"):
-            fused, ring = which.endswith("_fused"), which.startswith("wy2")
+        elif which in ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused"):
+            fused, ring, v16 = which.endswith("_fused"), which.startswith("wy2"), "2v" in which
             name, ins, outs = src.wy_name(fused, ring), src.wy_inputs(fused), src.WY_OUTPUTS
-            body = wy_source(backend, fused, ring)
+            name += "_v16" if v16 else ""
+            body = wy_source(backend, fused, ring, v16)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
@@ -614,6 +615,10 @@ WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
 # on the raw slices, X and the scaled slices in the pieces' type for U and W) where Dv is a
 # multiple of 8 and k, v share a dtype; False (or otherwise): WY_BODY.
 WY2 = True
+# WY2_BODY with 16-byte stores of W and U (chunk_source.wy2_v16_body; round 5, CUDA only where the
+# staged type is the pieces'): off by default until the H200 has checked and timed it
+# (benchmarks/chunk_split_gpu.py --stamps, "wy v16").
+WY2_V16 = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -734,7 +739,9 @@ def wy_pass(
     N = -(-T // C)
     BH = B * Hv
     ring = WY2 and Dv % 8 == 0 and k.dtype == v.dtype  # k, v copied raw into one ring
-    mask, gates, which = _gate_inputs("wy2" if ring else "wy", g, beta, mask, raw_gates, B, T)
+    v16 = ring and WY2_V16 and backend == "cuda" and not stamps
+    base = "wy2v" if v16 else "wy2" if ring else "wy"
+    mask, gates, which = _gate_inputs(base, g, beta, mask, raw_gates, B, T)
     extra_shapes, extra_dtypes = [], []
     if stamps:
         if not ring:

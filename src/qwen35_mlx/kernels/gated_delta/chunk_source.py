@@ -814,11 +814,11 @@ def wy_name(fused: bool, ring: bool = False) -> str:
     return "gated_delta_chunk_wy" + ("2" if ring else "") + ("_fused" if fused else "")
 
 
-def wy_body(fused: bool, ring: bool = False) -> str:
-    """WY_BODY (ring: WY2_BODY); GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as
-    PREP_BODY does."""
+def wy_body(fused: bool, ring: bool = False, v16: bool = False) -> str:
+    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body()); GD_FUSED 1 computes the gates from a, b,
+    A_log, dt_bias as PREP_BODY does."""
     defs = f"\n#define GD_FUSED {int(fused)}\n"
-    body = WY2_BODY if ring else WY_BODY
+    body = wy2_v16_body() if v16 else WY2_BODY if ring else WY_BODY
     return defs + _DECAY_R_MACRO + body + "#undef GD_DECAY_R\n#undef GD_FUSED\n"
 
 
@@ -1924,6 +1924,49 @@ O_BODY = (
     + _decayed_lower_tiles("qk", "Pm", "PP", "j <= i", "dij", staged=_o_stage_vn())
     + _o_epilogue("Pm")
 )
+
+
+# WY2_BODY with 16-byte stores of W and U (round 5, helper chunk5; chunk_launch.WY2_V16, CUDA
+# only, off by default): each output slice, staged in the pieces' type, goes to memory as one
+# 16-byte copy a thread (bf16: 8 elements; the default writes them one 2-byte store at a time,
+# 8 stores a thread a slice with their address arithmetic) read from Ai's space, made 16-byte
+# aligned. Needs the staged type to be the pieces' (CUDA; the emulator) and Dv % 8 == 0 (as
+# WY2_BODY). Same arithmetic, same outputs bit for bit.
+_WY2_STORES = """    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      const PT x = static_cast<PT>(ot[i * SQ + e % DS]);
+      if (!is_v) {
+        W[(rn + i) * Dk + col] = x;
+      } else if (col < Dv) {
+        U[(rn + i) * Dv + col] = x;
+      }
+    }
+"""
+_WY2_STORES_V16 = """    static_assert(sizeof(PS) == sizeof(PT), "WY2_V16: PS must be PT");
+    constexpr int VE = 16 / PSZ;  // elements of a 16-byte copy
+    struct alignas(16) gd_v16 {
+      unsigned int x[4];
+    };
+    for (int e = tid * VE; e < C * DS; e += NT * VE) {
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      const gd_v16 x = *reinterpret_cast<const GD_TG_PTR gd_v16*>(ot + i * SQ + e % DS);
+      if (!is_v) {
+        *reinterpret_cast<gd_v16*>(W + (rn + i) * Dk + col) = x;
+      } else if (col < Dv) {
+        *reinterpret_cast<gd_v16*>(U + (rn + i) * Dv + col) = x;
+      }
+    }
+"""
+_AI = "  GD_TG float Ai[C * CP];  // L, then (I - L)^-1\n"
+_AI16 = "  GD_TG16 float Ai[C * CP];  // L, then (I - L)^-1; 16-byte aligned (WY2_V16's copies)\n"
+
+
+def wy2_v16_body() -> str:
+    """WY2_BODY with the 16-byte stores of W and U (_WY2_STORES_V16)."""
+    assert WY2_BODY.count(_WY2_STORES) == 1 and WY2_BODY.count(_AI) == 1
+    return WY2_BODY.replace(_WY2_STORES, _WY2_STORES_V16).replace(_AI, _AI16)
 
 
 # ---------------------------------------------------------------------------------------------
