@@ -43,6 +43,16 @@ registers, no spill, against 80 and 12 bytes spilled) and "out lb3" (O2_BODY at 
 of two: 80 registers, 144 bytes spilled, against 128), "wy ds64" and "out bv32" (w64's and
 ob32's passes).
 
+--stamps (round 5, helper chunk5; < 2 minutes, CUDA): the WY2 / O2 passes built with clock stamps
+(chunk_source.stamped; their outputs checked equal to the plain builds'), read by
+benchmarks/chunk_stamps.py at T 8192 / 32768 (Hv 32, bf16): cycles a threadgroup spends in each
+phase, threadgroups in flight an SM, waves; then the plain and stamped passes timed, "wy lb4" /
+"wy ds64 lb4" (the WY pass at four threadgroups an SM), "wy v16" / "split v16" (WY2_V16: W and
+U written by 16-byte copies), and the split path with BEST3 (round 4's
+three few-percent alternatives together) and BEST_LB4 ("split lb4"), predictions beside; each
+variant's outputs first checked against the plain build's (bf16 tolerance). Exit status 1 if a
+stamped output differs from the plain one or a variant is outside the tolerance.
+
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
 _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
@@ -325,6 +335,141 @@ def _timers(backend: str, shape: Shape, fla, quick: bool = False, ab: bool = Fal
     return timers
 
 
+# --stamps (round 5, helper chunk5): the three alternatives round 4 measured a few percent
+# faster each, together (state ring of four, WY slices of 64, output at three threadgroups an
+# SM).
+BEST3 = {
+    "H_TILES": (64, 4),
+    **AB_VARIANTS["w64"],
+    "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3},
+}
+# ... and with the WY pass at four threadgroups an SM (ptxas: 64 registers, 56 bytes spilled;
+# 4 x 43.5 KB of threadgroup memory) instead of slices of 64.
+BEST_LB4 = {"H_TILES": (64, 4), "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3, "wy2": 4}}
+# Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 5"), H200, Hv 32, bf16.
+PREDICTED_STAMPS = {
+    8192: {
+        "wy lb4": 0.43,
+        "wy ds64 lb4": 0.43,
+        "wy v16": 0.44,
+        "split best3": 1.23,
+        "split lb4": 1.22,
+        "split v16": 1.28,
+    },
+    32768: {
+        "wy lb4": 1.62,
+        "wy ds64 lb4": 1.58,
+        "wy v16": 1.66,
+        "split best3": 4.91,
+        "split lb4": 4.86,
+        "split v16": 4.93,
+    },
+}
+
+
+def stamps_run(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--stamps: the stamped WY2 / O2 builds (chunk_source.stamped) at each T (B 1, bf16): their
+    outputs against the plain builds' (must be equal: same text but the stamps), the stamps read
+    by chunk_stamps.summarize (the last of three runs), then best-of-3 times of the plain and
+    stamped passes and of the split path plain and with BEST3."""
+    return [_stamps_at(backend, T, hv) for T in ts]
+
+
+def _stamps_at(backend: str, T: int, hv: int) -> dict:
+    """stamps_run at one T."""
+    from chunk_stamps import summarize
+    from chunk_stamps import table as stamp_table
+
+    from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+
+    q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
+    gates = (a, b, A_log, dt_bias)
+    plain = cl.wy_pass(backend, k, v, None, None, None, raw_gates=gates)
+    mx.eval(plain)
+    W, U, Kw, gts = plain
+    H, Vn, _ = cl.h_pass(backend, W, U, Kw, gts, state0)
+    y = cl.o_pass(backend, q, k, gts, H, Vn, T, hv, v.dtype)
+    mx.eval(H, Vn, y)
+    row = {"T": T, "Hv": hv, "same": {"wy": None, "out": None}}
+    try:
+        for _ in range(3):
+            wy_st = cl.wy_pass(backend, k, v, None, None, None, raw_gates=gates, stamps=True)
+            o_st = cl.o_pass(backend, q, k, gts, H, Vn, T, hv, v.dtype, stamps=True)
+            mx.eval(wy_st, o_st)
+        row["same"] = {
+            "wy": all(
+                mx.array_equal(x, z, equal_nan=True).item()
+                for x, z in zip(plain, wy_st[:4], strict=True)
+            ),
+            "out": mx.array_equal(y, o_st[0], equal_nan=True).item(),
+        }
+        print(f"  T={T} stamped outputs equal to the plain builds': {row['same']}", flush=True)
+        for name, st, anchors in (
+            ("wy", wy_st[4], cs.WY2_STAMPS),
+            ("out", o_st[1], cs.O2_STAMPS),
+        ):
+            r = summarize(np.array(st), [a[0] for a in anchors])
+            print(stamp_table(name, T, r), flush=True)
+            row[name] = r
+    except Exception as e:  # the timings below still run
+        print(f"  stamped builds did not build or run: {str(e)[:500]}", flush=True)
+
+    def split(s):
+        return cl.gated_delta_update_chunk_kernel(q, k, v, *gates, s, backend=backend, split=True)
+
+    steps = {
+        "wy": lambda s: (cl.wy_pass(backend, k, v, None, None, None, raw_gates=gates), s),
+        "wy stamped": lambda s: (
+            cl.wy_pass(backend, k, v, None, None, None, raw_gates=gates, stamps=True),
+            s,
+        ),
+        "out": lambda s: (cl.o_pass(backend, q, k, gts, H, Vn, T, hv, v.dtype), s),
+        "out stamped": lambda s: (
+            cl.o_pass(backend, q, k, gts, H, Vn, T, hv, v.dtype, stamps=True),
+            s,
+        ),
+        "split": split,
+        "split best3": patched(split, **BEST3),
+        "split lb4": patched(split, **BEST_LB4),
+        "split v16": patched(split, WY2_V16=True),
+    }
+    steps["wy lb4"] = bounded(steps["wy"], {**cl.MIN_BLOCKS, "wy2": 4})
+    steps["wy v16"] = patched(steps["wy"], WY2_V16=True)
+    steps["wy ds64 lb4"] = patched(
+        steps["wy"], **AB_VARIANTS["w64"], MIN_BLOCKS={**cl.MIN_BLOCKS, "wy2": 4}
+    )
+    # the variants' outputs against the plain builds' (bf16 tolerance; same arithmetic but the
+    # state pass's slicing), then timing
+    ref = {"wy": steps["wy"](state0)[0][:3], "split": split(state0)}
+    mx.eval(ref)
+    row["variants_ok"] = {}
+    for name in list(steps):
+        base = "wy" if name.startswith("wy") else "split" if name.startswith("split") else None
+        try:
+            got = steps[name](state0)
+            mx.eval(got)
+            if base and not name.endswith("stamped") and name != base:
+                got = got[0][:3] if base == "wy" else got
+                pairs = zip(got, ref[base], strict=True)
+                errs = [rel_err(np.array(g.astype(mx.float32)), np.array(r.astype(mx.float32)))
+                        for g, r in pairs]  # fmt: skip
+                row["variants_ok"][name] = bool(max(errs) <= RTOL[mx.bfloat16])
+                print(f"  {name}: rel err vs plain {max(errs):.2e}", flush=True)
+        except Exception as e:  # a variant that does not build: drop it
+            print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
+            del steps[name]
+    n = max(2, min(50, 65536 // T))
+    best = {}
+    for _ in range(3):
+        for name, f in steps.items():
+            best[name] = min(best.get(name, float("inf")), chained(f, state0, n) / n * 1e3)
+    print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
+    pred = PREDICTED_STAMPS.get(T, {})
+    print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    row["ms"], row["predicted"] = best, pred
+    return row
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -387,11 +532,29 @@ def main(argv=None) -> int:
         help="< 4 min: round 4's new kernels against session 8's (checks at T 200 / 2048, timing "
         "at T 2048 / 8192 / 32768)",
     )
+    p.add_argument(
+        "--stamps",
+        action="store_true",
+        help="< 2 min, CUDA: round 5's stamped WY / output passes at T 8192 / 32768 (where a "
+        "threadgroup's cycles go, threadgroups an SM, waves), and the split path with BEST3",
+    )
     args = p.parse_args(argv)
     backend = cl.available_backend()
     if backend is None:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
+    if args.stamps:
+        rows = stamps_run(backend)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+        path = out / f"chunk_stamps_{backend}_{stamp}.json"
+        info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
+        path.write_text(json.dumps(info | {"stamps": rows}, indent=1))
+        print(f"wrote {path}")
+        ok = all(all(r["same"].values()) and all(r["variants_ok"].values()) for r in rows)
+        print("stamps: all outputs as expected" if ok else "stamps: an output differs (see above)")
+        return 0 if ok else 1
     checks = []
     if not args.no_check:
         print("1. split path vs float64 loop / fused kernel", flush=True)

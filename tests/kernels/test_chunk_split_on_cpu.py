@@ -122,6 +122,23 @@ void kernel(const PT* k, const PT* v, const float* a, const float* b, const floa
 }}
 }}  // namespace wy2_fused
 
+namespace wy2v {{
+template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>
+void kernel(const PT* k, const PT* v, const float* g, const float* beta, const bool* mask,
+            const int* k_shape, const int* v_shape, PT* W, PT* U, PT* Kw, float* gates) {{
+{wy2v}
+}}
+}}  // namespace wy2v
+
+namespace wy2v_fused {{
+template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>
+void kernel(const PT* k, const PT* v, const float* a, const float* b, const float* A_log,
+            const float* dt_bias, const bool* mask, const int* k_shape, const int* v_shape,
+            PT* W, PT* U, PT* Kw, float* gates) {{
+{wy2v_fused}
+}}
+}}  // namespace wy2v_fused
+
 namespace h {{
 template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
 void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
@@ -165,8 +182,9 @@ void run(char** argv) {{
   const size_t rows = size_t(BH) * N * C;
   const int k_shape[4] = {{B, T, Hk, Dk}}, v_shape[4] = {{B, T, Hv, Dv}};
   if (what.rfind("wy", 0) == 0) {{
-    const bool fused = what == "wy_fused" || what == "wy2_fused";
+    const bool fused = what == "wy_fused" || what == "wy2_fused" || what == "wy2v_fused";
     const bool ring = what.rfind("wy2", 0) == 0;
+    const bool v16 = what.rfind("wy2v", 0) == 0;
     auto k = read(d + "k"), v = read(d + "v"), mask = read(d + "mask");
     auto g = read(d + (fused ? "a" : "g")), beta = read(d + (fused ? "b" : "beta"));
     auto A_log = fused ? read(d + "A_log") : g, dt_bias = fused ? read(d + "dt_bias") : g;
@@ -175,7 +193,15 @@ void run(char** argv) {{
     // WY2_BODY copies k, v raw into its PT ring: they come in PT (as the host passes them)
     auto kp = read_as<PT>(d + "k"), vp = read_as<PT>(d + "v");
     run_blocks({{unsigned(N), unsigned(BH), 1}}, {wy_threads}, [&] {{
-      if (ring && fused) {{
+      if (v16 && fused) {{
+        wy2v_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
+            as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias), as<bool>(mask),
+            k_shape, v_shape, W.data(), U.data(), Kw.data(), gates.data());
+      }} else if (v16) {{
+        wy2v::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
+            as<float>(g), as<float>(beta), as<bool>(mask), k_shape, v_shape, W.data(), U.data(),
+            Kw.data(), gates.data());
+      }} else if (ring && fused) {{
         wy2_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
             as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias), as<bool>(mask),
             k_shape, v_shape, W.data(), U.data(), Kw.data(), gates.data());
@@ -274,6 +300,8 @@ def program(tmp_path_factory) -> Path:
         wy_fused=cl.wy_source("cuda", fused=True),
         wy2=cl.wy_source("cuda", ring=True),
         wy2_fused=cl.wy_source("cuda", fused=True, ring=True),
+        wy2v=cl.wy_source("cuda", ring=True, v16=True),
+        wy2v_fused=cl.wy_source("cuda", fused=True, ring=True, v16=True),
         h=cl.h_source("cuda"),
         h2=cl.h2_source("cuda"),
         o=cl.o_source("cuda"),
@@ -422,6 +450,32 @@ def test_split_wy2_tiles_and_bf16(program, tmp_path, cfg):
     _check(got, want, TOL_BF16 if bf16 else TOL)
     if bf16:
         assert rel_err(got[0], want[0]) > TOL
+
+
+@pytest.mark.parametrize("cfg", ["cuda", "cuda_bf16", "cuda_bf16_w64"])
+@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+def test_split_wy2_v16_equals_wy2(program, tmp_path, cfg, fused):
+    """WY2_BODY with 16-byte stores of W and U (chunk_launch.WY2_V16) writes the same W, U, Kw
+    and gates as WY2_BODY, bit for bit: fp32 and bf16 pieces, slices of 32 and 64, masked, Dk 128
+    with Dv 40 (the last v slice partial: a copy at column 32 written, at 40 not); y and the
+    state from them within the tolerance of the float64 loop."""
+    B, T, Hk, Hv, Dk, Dv = WY2_SHAPES[3]
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad")
+    gates = make_gate_inputs(B, T, Hv) if fused else None
+    if fused:
+        with mx.stream(mx.cpu):
+            g, beta = compute_gates(*gates)
+    args = (program, tmp_path, q, k, v, None if fused else g, None if fused else beta, state)
+    want_pieces, _ = run_split(*args, mask, cfg, gates, out="o2", wy="wy2", h="h2")
+    want_gates = _get(tmp_path, "gates", (B * Hv, -(-T // C) * C, 4))
+    pieces, got = run_split(*args, mask, cfg, gates, out="o2", wy="wy2v", h="h2")
+    for name, p, ref in zip(("W", "U", "Kw"), pieces, want_pieces, strict=True):
+        assert np.isfinite(p).all(), name
+        assert np.array_equal(p, ref), name
+    assert np.array_equal(_get(tmp_path, "gates", want_gates.shape), want_gates)
+    bf16 = cfg.startswith("cuda_bf16")
+    _check(got, gated_delta_np(q, k, v, g, beta, state, mask), TOL_BF16 if bf16 else TOL)
 
 
 TILE_SHAPES = [SHAPES[4], SHAPES[5]]

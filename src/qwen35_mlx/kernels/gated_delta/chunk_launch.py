@@ -436,8 +436,8 @@ def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
-def wy_source(backend: str, fused: bool = False, ring: bool = False) -> str:
-    return PROLOGUE[backend] + src.wy_body(fused, ring)
+def wy_source(backend: str, fused: bool = False, ring: bool = False, v16: bool = False) -> str:
+    return PROLOGUE[backend] + src.wy_body(fused, ring, v16)
 
 
 def h_source(backend: str) -> str:
@@ -485,7 +485,7 @@ _kernels: dict[tuple, object] = {}
 # MLX writes the kernel's declaration itself, so the bound goes in through the header, by
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
 MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 2}
-_BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "o", "o2")
+_BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -516,8 +516,28 @@ _PLAIN = {
 
 def _build(backend: str, which: str):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
-    split path's "wy", "wy_fused", "h", "o"."""
-    lb = MIN_BLOCKS.get(which.removesuffix("_fused"))
+    split path's "wy", "wy_fused", "h", "o"; a "_stamped" suffix (CUDA, "wy2", "wy2_fused",
+    "o2"): that kernel with clock stamps and the extra output `stamps` (chunk_source.stamped)."""
+    stamp = which.endswith("_stamped")
+    if stamp:
+        if backend != "cuda" or which not in _STAMPED:
+            raise ValueError(f"gated_delta chunk kernel: no stamped build of {which} on {backend}")
+        key = (backend, which, MIN_BLOCKS.get(which.split("_")[0]), not MMA16, O2_P16, O2_RING)
+        if key not in _kernels:
+            name, ins, outs, body, anchors = _STAMPED[which]()
+            if which == "o2_stamped":
+                name += ("" if O2_P16 else "_p32") + ("" if O2_RING == 3 else f"_r{O2_RING}")
+            name += "" if MMA16 else "_t32"
+            lb = MIN_BLOCKS.get(which.split("_")[0])
+            _kernels[key] = _factory(backend)(
+                name=name + (f"_lb{lb}" if lb else "") + "_stamped",
+                input_names=ins,
+                output_names=[*outs, src.STAMP_OUTPUT],
+                source=src.stamped(body, anchors),
+                header=_stamped_header(which.split("_")[0]),
+            )
+        return _kernels[key]
+    lb = MIN_BLOCKS.get(which.removesuffix("_fused").replace("wy2v", "wy2"))
     lb = lb if backend == "cuda" and which in _BOUNDED else None
     t32 = backend == "cuda" and not MMA16
     p32 = which == "o2" and not O2_P16
@@ -527,10 +547,11 @@ def _build(backend: str, which: str):
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
             body = source(backend)
-        elif which in ("wy", "wy_fused", "wy2", "wy2_fused"):
-            fused, ring = which.endswith("_fused"), which.startswith("wy2")
+        elif which in ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused"):
+            fused, ring, v16 = which.endswith("_fused"), which.startswith("wy2"), "2v" in which
             name, ins, outs = src.wy_name(fused, ring), src.wy_inputs(fused), src.WY_OUTPUTS
-            body = wy_source(backend, fused, ring)
+            name += "_v16" if v16 else ""
+            body = wy_source(backend, fused, ring, v16)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
@@ -554,6 +575,34 @@ def _build(backend: str, which: str):
     return _kernels[key]
 
 
+# Stamped builds (round 5, diagnosis only; CUDA): the default WY2 / O2 text with clock stamps
+# (chunk_source.stamped), under the default switches' names and launch bounds, built only when
+# a caller passes stamps=True to wy_pass / o_pass (benchmarks/chunk_split_gpu.py --ab).
+_STAMPED = {
+    "wy2_stamped": lambda: (
+        src.wy_name(False, True), src.wy_inputs(False), src.WY_OUTPUTS,
+        wy_source("cuda", False, True), src.WY2_STAMPS,
+    ),
+    "wy2_fused_stamped": lambda: (
+        src.wy_name(True, True), src.wy_inputs(True), src.WY_OUTPUTS,
+        wy_source("cuda", True, True), src.WY2_STAMPS,
+    ),
+    "o2_stamped": lambda: (
+        src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source("cuda"), src.O2_STAMPS,
+    ),
+}  # fmt: skip
+
+
+def _stamped_header(base: str) -> str:
+    """The CUDA header of a stamped build of `base` ("wy2", "o2"): the default build's switches
+    and launch bounds (names made unique by the caller's suffix)."""
+    head = header("cuda")
+    if not MMA16:
+        head = "#define GD_MMA16 0\n" + head
+    lb = MIN_BLOCKS.get(base)
+    return head + launch_bounds_header(256, lb) if lb else head
+
+
 # The split path (chunk_source "split chunk path": WY kernel, state pass, output pass) runs
 # scalar gates on the chunk backend; False: the two-kernel path (prep kernel + state pass, MATRIX
 # picks its variant), which per-key gates always take. Whether `auto` uses the chunk backend at
@@ -566,6 +615,10 @@ WY_SLICE = 32  # key / value columns staged at a time in WY_BODY
 # on the raw slices, X and the scaled slices in the pieces' type for U and W) where Dv is a
 # multiple of 8 and k, v share a dtype; False (or otherwise): WY_BODY.
 WY2 = True
+# WY2_BODY with 16-byte stores of W and U (chunk_source.wy2_v16_body; round 5, CUDA only where the
+# staged type is the pieces'): off by default until the H200 has checked and timed it
+# (benchmarks/chunk_split_gpu.py --stamps, "wy v16").
+WY2_V16 = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -664,17 +717,37 @@ def _gate_inputs(which: str, g, beta, mask, raw_gates, B: int, T: int) -> tuple:
     return mask, [a, b, A_log.astype(f32), dt_bias.astype(f32)], which + "_fused"
 
 
-def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, init_value=None):
+def wy_pass(
+    backend: str,
+    k,
+    v,
+    g,
+    beta,
+    mask,
+    C: int = CHUNK,
+    raw_gates=None,
+    init_value=None,
+    stamps: bool = False,
+):
     """WY_BODY (WY2_BODY where WY2 is set, Dv is a multiple of 8 and k, v share a dtype): W, Kw
     [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C, 4] fp32 (gamma, g,
     valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel
-    (g, beta unused)."""
+    (g, beta unused). stamps (CUDA, WY2_BODY only): the stamped build, its stamps [N * B*Hv,
+    STAMP_SLOTS] uint32 appended to the outputs."""
     B, T, _, Dk = k.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
     BH = B * Hv
     ring = WY2 and Dv % 8 == 0 and k.dtype == v.dtype  # k, v copied raw into one ring
-    mask, gates, which = _gate_inputs("wy2" if ring else "wy", g, beta, mask, raw_gates, B, T)
+    v16 = ring and WY2_V16 and backend == "cuda" and not stamps
+    base = "wy2v" if v16 else "wy2" if ring else "wy"
+    mask, gates, which = _gate_inputs(base, g, beta, mask, raw_gates, B, T)
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        if not ring:
+            raise ValueError("gated_delta chunk kernel: stamps need the WY2_BODY pass")
+        which += "_stamped"
+        extra_shapes, extra_dtypes = [(N * BH, src.STAMP_SLOTS)], [mx.uint32]
     pt = v.dtype
     ds, nb = WY2_TILES[(backend, pt.size)] if ring else (WY_SLICE, None)
     ds = min(ds, Dk)  # Dk 32 with slices of 64
@@ -691,8 +764,14 @@ def wy_pass(backend: str, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, i
         ],
         grid=(WY_THREADS * N, BH, 1),
         threadgroup=(WY_THREADS, 1, 1),
-        output_shapes=[(BH, N * C, Dk), (BH, N * C, Dv), (BH, N * C, Dk), (BH, N * C, 4)],
-        output_dtypes=[pt, pt, pt, mx.float32],
+        output_shapes=[
+            (BH, N * C, Dk),
+            (BH, N * C, Dv),
+            (BH, N * C, Dk),
+            (BH, N * C, 4),
+            *extra_shapes,
+        ],
+        output_dtypes=[pt, pt, pt, mx.float32, *extra_dtypes],
         init_value=init_value,
     )
 
@@ -746,10 +825,22 @@ def h_pass(
 
 
 def o_pass(
-    backend: str, q, k, gates, H, Vn, T: int, Hv: int, y_dtype, C: int = CHUNK, init_value=None
+    backend: str,
+    q,
+    k,
+    gates,
+    H,
+    Vn,
+    T: int,
+    Hv: int,
+    y_dtype,
+    C: int = CHUNK,
+    init_value=None,
+    stamps: bool = False,
 ):
     """O_BODY (O2_BODY where O2 is set and q, k, H and y_dtype agree): y [B, T, Hv, Dv] in
-    y_dtype."""
+    y_dtype. stamps (CUDA, O2_BODY only): (y, the stamped build's stamps [threadgroups,
+    STAMP_SLOTS] uint32)."""
     B, _, _, Dk = q.shape
     BH, N, Dv, _ = H.shape
     name, bvo, ds = "o", O_BV[backend], min(O_SLICE[backend], Dk)
@@ -757,7 +848,14 @@ def o_pass(
         o2_ds, o2_bvo = O2_TILES[(backend, y_dtype.size)]
         if Dk % o2_ds == 0:
             name, bvo, ds = "o2", o2_bvo, o2_ds
-    return _build(backend, name)(
+    nz = -(-Dv // bvo)
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        if name != "o2":
+            raise ValueError("gated_delta chunk kernel: stamps need the O2_BODY pass")
+        name += "_stamped"
+        extra_shapes, extra_dtypes = [(N * BH * nz, src.STAMP_SLOTS)], [mx.uint32]
+    outs = _build(backend, name)(
         inputs=[q, k, gates, H, Vn, mx.array([T, Hv], mx.int32)],
         template=[
             ("Dk", Dk),
@@ -768,12 +866,13 @@ def o_pass(
             ("MP", operand_precision(Vn.dtype)),
             ("YT", y_dtype),
         ],
-        grid=(O_THREADS * N, BH, -(-Dv // bvo)),
+        grid=(O_THREADS * N, BH, nz),
         threadgroup=(O_THREADS, 1, 1),
-        output_shapes=[(B, T, Hv, Dv)],
-        output_dtypes=[y_dtype],
+        output_shapes=[(B, T, Hv, Dv), *extra_shapes],
+        output_dtypes=[y_dtype, *extra_dtypes],
         init_value=init_value,
-    )[0]
+    )
+    return (outs[0], outs[1]) if stamps else outs[0]
 
 
 def split_shape_ok(k: mx.array, v: mx.array) -> bool:

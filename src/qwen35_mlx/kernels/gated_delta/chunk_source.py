@@ -814,11 +814,11 @@ def wy_name(fused: bool, ring: bool = False) -> str:
     return "gated_delta_chunk_wy" + ("2" if ring else "") + ("_fused" if fused else "")
 
 
-def wy_body(fused: bool, ring: bool = False) -> str:
-    """WY_BODY (ring: WY2_BODY); GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as
-    PREP_BODY does."""
+def wy_body(fused: bool, ring: bool = False, v16: bool = False) -> str:
+    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body()); GD_FUSED 1 computes the gates from a, b,
+    A_log, dt_bias as PREP_BODY does."""
     defs = f"\n#define GD_FUSED {int(fused)}\n"
-    body = WY2_BODY if ring else WY_BODY
+    body = wy2_v16_body() if v16 else WY2_BODY if ring else WY_BODY
     return defs + _DECAY_R_MACRO + body + "#undef GD_DECAY_R\n#undef GD_FUSED\n"
 
 
@@ -1924,3 +1924,154 @@ O_BODY = (
     + _decayed_lower_tiles("qk", "Pm", "PP", "j <= i", "dij", staged=_o_stage_vn())
     + _o_epilogue("Pm")
 )
+
+
+# WY2_BODY with 16-byte stores of W and U (round 5, helper chunk5; chunk_launch.WY2_V16, CUDA
+# only, off by default): each output slice, staged in the pieces' type, goes to memory as one
+# 16-byte copy a thread (bf16: 8 elements; the default writes them one 2-byte store at a time,
+# 8 stores a thread a slice with their address arithmetic) read from Ai's space, made 16-byte
+# aligned. Needs the staged type to be the pieces' (CUDA; the emulator) and Dv % 8 == 0 (as
+# WY2_BODY). Same arithmetic, same outputs bit for bit.
+_WY2_STORES = """    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      const PT x = static_cast<PT>(ot[i * SQ + e % DS]);
+      if (!is_v) {
+        W[(rn + i) * Dk + col] = x;
+      } else if (col < Dv) {
+        U[(rn + i) * Dv + col] = x;
+      }
+    }
+"""
+_WY2_STORES_V16 = """    static_assert(sizeof(PS) == sizeof(PT), "WY2_V16: PS must be PT");
+    constexpr int VE = 16 / PSZ;  // elements of a 16-byte copy
+    struct alignas(16) gd_v16 {
+      unsigned int x[4];
+    };
+    for (int e = tid * VE; e < C * DS; e += NT * VE) {
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      const gd_v16 x = *reinterpret_cast<const GD_TG_PTR gd_v16*>(ot + i * SQ + e % DS);
+      if (!is_v) {
+        *reinterpret_cast<gd_v16*>(W + (rn + i) * Dk + col) = x;
+      } else if (col < Dv) {
+        *reinterpret_cast<gd_v16*>(U + (rn + i) * Dv + col) = x;
+      }
+    }
+"""
+_AI = "  GD_TG float Ai[C * CP];  // L, then (I - L)^-1\n"
+_AI16 = "  GD_TG16 float Ai[C * CP];  // L, then (I - L)^-1; 16-byte aligned (WY2_V16's copies)\n"
+
+
+def wy2_v16_body() -> str:
+    """WY2_BODY with the 16-byte stores of W and U (_WY2_STORES_V16)."""
+    assert WY2_BODY.count(_WY2_STORES) == 1 and WY2_BODY.count(_AI) == 1
+    return WY2_BODY.replace(_WY2_STORES, _WY2_STORES_V16).replace(_AI, _AI16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stamped builds (issue 9, round 5, helper chunk5): where a threadgroup of a parallel pass spends
+# its time on the device. The pass's text with `GD_STAMP(j);` lines inserted before fixed
+# anchors, nothing else changed (removing those lines and _STAMP_DEFS gives the text back, which
+# the CPU tests check); thread 0 of each threadgroup writes one extra output, stamps [number of
+# threadgroups, STAMP_SLOTS] uint32 (x fastest, as CUDA numbers blocks): slot 0 the SM it ran on,
+# 1 and 2 %globaltimer_lo (ns) at its start and end, 3.. clock64's low 32 bits at the anchors
+# (differences modulo 2^32). CUDA only; elsewhere (the lane emulator) the stamps are not written.
+STAMP_OUTPUT = "stamps"
+STAMP_SLOTS = 16
+_STAMP_DEFS = """
+#ifdef __CUDA_ARCH__
+#define GD_STAMP_AT(j, x_)                                                                    \\
+  if (threadIdx.x == 0)                                                                      \\
+  stamps[((size_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * 16 + (j)] = \\
+      (x_)
+#define GD_STAMP(j) GD_STAMP_AT(j, unsigned(clock64()))
+#define GD_STAMP_GT(j)                                                \\
+  {                                                                   \\
+    unsigned gt_;                                                     \\
+    asm volatile("mov.u32 %0, %%globaltimer_lo;" : "=r"(gt_)::"memory"); \\
+    GD_STAMP_AT(j, gt_);                                              \\
+  }
+#define GD_STAMP_SM()                                    \\
+  {                                                      \\
+    unsigned sm_;                                        \\
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_));     \\
+    GD_STAMP_AT(0, sm_);                                 \\
+  }
+#else
+#define GD_STAMP(j) {}
+#define GD_STAMP_GT(j) {}
+#define GD_STAMP_SM() {}
+#endif
+"""
+# (phase, anchor[, condition]) of each pass, in the order the stamps are taken: stamp 3 + i just
+# before anchor i (each occurs once in the pass's text; entries may share one), inside a loop only
+# where the condition holds (one sampled iteration), so phase i runs from stamp 3 + i to the next
+# (the last to the end stamp). The first entry also records the SM and the start time, the end
+# the end time. Thread 0's clock: a phase that ends in a barrier includes warp 0's wait there.
+_WY2_SLICE = (
+    "    gd_copy_wait<NB - 2>();\n    gd_barrier();\n    GD_WY2_COPY(q + NB - 1);\n"
+    "    GD_TG_PTR PS* bsl"
+)
+WY2_STAMPS = (
+    ("first copies", "  const int nvs = (Dv + DS - 1) / DS;        // v slices\n"),
+    ("gates", "  // 1. gates\n"),
+    ("k k^T, Kw", "\n  // 2. k k^T over the raw k slices;"),
+    ("L", "  // 3. L = -beta D k k^T"),
+    ("inverse", "  // 4. (I - L)^-1: diagonal blocks"),
+    ("X to PT", "  // X in the staged type"),
+    ("U slice 0", "  // 5. U = X diag(beta) v, W = X diag(beta gamma) k"),
+    ("U slice 1: wait", _WY2_SLICE, "q == NSK + 1"),
+    ("U slice 1: scale", "    GD_TG_PTR PS* bsl = ring", "q == NSK + 1"),
+    ("U slice 1: product", "    gd_acc o[OTW];\n", "q == NSK + 1"),
+    (
+        "U slice 1: stores",
+        "    for (int e = tid; e < C * DS; e += NT) {\n      const int i = e / DS;\n"
+        "      const int col",
+        "q == NSK + 1",
+    ),
+    ("slices 2..", _WY2_SLICE, "q == NSK + 2"),
+)
+_O2_SLICE = "    gd_copy_wait<NBO - 2>();\n    gd_barrier();  // slice s staged"
+O2_STAMPS = (
+    ("copies, gates, Vn", "  for (int s = 0; s < NBO - 1; ++s) GD_O2_COPY(s);\n"),
+    ("slice 0", "  for (int s = 0; s < NS; ++s) {\n"),
+    ("slice 1: wait", _O2_SLICE, "s == 1"),
+    ("slice 1: products", "    GD_TG_PTR gd_staged<YT>* qs = ring", "s == 1"),
+    ("slices 2..", _O2_SLICE, "s == 2"),
+    ("ring drained", "#undef GD_O2_COPY\n"),
+    ("Y decayed", "  GD_TG_PTR float* X = sm;\n"),
+    ("P", "  gd_barrier();  // X free for P\n"),
+    (
+        "P Vn, Y staged",
+        "  gd_barrier();\n  for (int u = 0; u < YTW; ++u) {\n    const int e = w + NW * u;\n"
+        "    const int r",
+    ),
+    ("y stores", "  for (int e = tid; e < C * BVO; e += NT) {\n    const int i = e / BVO;\n"),
+)
+
+
+def stamped(body: str, anchors) -> str:
+    """`body` with the stamps of `anchors` (*_STAMPS above) inserted."""
+    if len(anchors) + 4 > STAMP_SLOTS:
+        raise ValueError("stamped: too many anchors")
+    inserts = []
+    for j, (_, anchor, *cond) in enumerate(anchors):
+        if body.count(anchor) != 1:
+            raise ValueError(f"stamped: anchor {anchor!r} occurs {body.count(anchor)} times")
+        lead = "\n" if anchor.startswith("\n") else ""
+        line = f"  GD_STAMP({3 + j});\n" if not cond else f"    if ({cond[0]}) GD_STAMP({3 + j});\n"
+        if j == 0:
+            line = "  GD_STAMP_SM();\n  GD_STAMP_GT(1);\n" + line
+        inserts.append((body.index(anchor) + len(lead), j, line))
+    out = body
+    for at, _, line in sorted(inserts, key=lambda x: (-x[0], -x[1])):
+        out = out[:at] + line + out[at:]
+    end = 3 + len(anchors)
+    return _STAMP_DEFS + out + f"  GD_STAMP({end});\n  GD_STAMP_GT(2);\n"
+
+
+def unstamped(text: str) -> str:
+    """stamped's inverse: the text without _STAMP_DEFS and the GD_STAMP lines."""
+    text = text.replace(_STAMP_DEFS, "", 1)
+    return "".join(line for line in text.splitlines(True) if "GD_STAMP" not in line)
