@@ -1141,6 +1141,20 @@ def _wy2_slice(x: str) -> str:
 # Threadgroup memory: C (C + 4) floats (Ai) + NB C (DS + 16 / size) PS (ring) + X (C (C + 16 /
 # size) PS, 16-bit only; else the inverse's 768-float scratch) + 6 C floats: CUDA bf16 (DS 32,
 # NB 3) 43520 B, fp32 (32, 2) 40448 B; Metal (float staged, DS 16, NB 2) 32256 B.
+# W and U from the staged slice to memory, an element a thread (WY2_V16 swaps in its 16-byte form).
+_WY2_STORES = """    for (int e = tid; e < C * DS; e += NT) {
+      const int i = e / DS;
+      const int col = c0 + e % DS;
+      const PT x = static_cast<PT>(ot[i * SQ + e % DS]);
+      if (!is_v) {
+        W[(rn + i) * Dk + col] = x;
+      } else if (col < Dv) {
+        U[(rn + i) * Dv + col] = x;
+      }
+    }
+"""
+
+
 WY2_BODY = (
     """
   constexpr int RT = C / 16;       // row tiles (and 16 x 16 blocks) of a chunk
@@ -1260,17 +1274,9 @@ WY2_BODY = (
       }
     }
     gd_barrier();
-    for (int e = tid; e < C * DS; e += NT) {
-      const int i = e / DS;
-      const int col = c0 + e % DS;
-      const PT x = static_cast<PT>(ot[i * SQ + e % DS]);
-      if (!is_v) {
-        W[(rn + i) * Dk + col] = x;
-      } else if (col < Dv) {
-        U[(rn + i) * Dv + col] = x;
-      }
-    }
-  }
+"""
+    + _WY2_STORES
+    + """  }
 #undef GD_WY2_COPY
 """
 )
@@ -1932,17 +1938,6 @@ O_BODY = (
 # 8 stores a thread a slice with their address arithmetic) read from Ai's space, made 16-byte
 # aligned. Needs the staged type to be the pieces' (CUDA; the emulator) and Dv % 8 == 0 (as
 # WY2_BODY). Same arithmetic, same outputs bit for bit.
-_WY2_STORES = """    for (int e = tid; e < C * DS; e += NT) {
-      const int i = e / DS;
-      const int col = c0 + e % DS;
-      const PT x = static_cast<PT>(ot[i * SQ + e % DS]);
-      if (!is_v) {
-        W[(rn + i) * Dk + col] = x;
-      } else if (col < Dv) {
-        U[(rn + i) * Dv + col] = x;
-      }
-    }
-"""
 _WY2_STORES_V16 = """    static_assert(sizeof(PS) == sizeof(PT), "WY2_V16: PS must be PT");
     constexpr int VE = 16 / PSZ;  // elements of a 16-byte copy
     struct alignas(16) gd_v16 {
