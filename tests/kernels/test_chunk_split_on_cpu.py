@@ -62,7 +62,29 @@ CFGS = {
 # (two output tiles a warp), as chunk_split_gpu.py --ab times them.
 WY2_CFG = {"cuda_bf16_w64": (64, 2)}
 
-PROGRAM = r"""
+# WY2_BODY and its 16-byte-store variant (chunk_source.wy2_v16_body), each with raw and fused
+# gates: one kernel signature a gate form, a namespace a build (PROGRAM's {wy2} ... slots).
+WY2_NAMESPACES = ("wy2", "wy2_fused", "wy2v", "wy2v_fused")
+_WY2_SIGS = (
+    "void kernel(const PT* k, const PT* v, const float* g, const float* beta, const bool* mask,\n"
+    "            const int* k_shape, const int* v_shape, PT* W, PT* U, PT* Kw, float* gates)",
+    "void kernel(const PT* k, const PT* v, const float* a, const float* b, const float* A_log,\n"
+    "            const float* dt_bias, const bool* mask, const int* k_shape, const int* v_shape,\n"
+    "            PT* W, PT* U, PT* Kw, float* gates)",
+)
+
+
+def _namespace(name: str, signature: str) -> str:
+    """A WY2 build's namespace in PROGRAM's format text (braces doubled, its body's slot)."""
+    return (
+        f"namespace {name} {{{{\n"
+        "template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>\n"
+        f"{signature} {{{{\n{{{name}}}\n}}}}\n}}}}  // namespace {name}\n"
+    )
+
+
+PROGRAM = (
+    r"""
 #include "{emulator}"
 #include <fstream>
 #include <iterator>
@@ -105,40 +127,9 @@ void kernel(const float* k, const float* v, const float* a, const float* b, cons
 }}
 }}  // namespace wy_fused
 
-namespace wy2 {{
-template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>
-void kernel(const PT* k, const PT* v, const float* g, const float* beta, const bool* mask,
-            const int* k_shape, const int* v_shape, PT* W, PT* U, PT* Kw, float* gates) {{
-{wy2}
-}}
-}}  // namespace wy2
-
-namespace wy2_fused {{
-template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>
-void kernel(const PT* k, const PT* v, const float* a, const float* b, const float* A_log,
-            const float* dt_bias, const bool* mask, const int* k_shape, const int* v_shape,
-            PT* W, PT* U, PT* Kw, float* gates) {{
-{wy2_fused}
-}}
-}}  // namespace wy2_fused
-
-namespace wy2v {{
-template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>
-void kernel(const PT* k, const PT* v, const float* g, const float* beta, const bool* mask,
-            const int* k_shape, const int* v_shape, PT* W, PT* U, PT* Kw, float* gates) {{
-{wy2v}
-}}
-}}  // namespace wy2v
-
-namespace wy2v_fused {{
-template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>
-void kernel(const PT* k, const PT* v, const float* a, const float* b, const float* A_log,
-            const float* dt_bias, const bool* mask, const int* k_shape, const int* v_shape,
-            PT* W, PT* U, PT* Kw, float* gates) {{
-{wy2v_fused}
-}}
-}}  // namespace wy2v_fused
-
+"""
+    + "\n".join(_namespace(n, _WY2_SIGS[n.endswith("_fused")]) for n in WY2_NAMESPACES)
+    + r"""
 namespace h {{
 template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
 void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
@@ -193,22 +184,23 @@ void run(char** argv) {{
     // WY2_BODY copies k, v raw into its PT ring: they come in PT (as the host passes them)
     auto kp = read_as<PT>(d + "k"), vp = read_as<PT>(d + "v");
     run_blocks({{unsigned(N), unsigned(BH), 1}}, {wy_threads}, [&] {{
-      if (v16 && fused) {{
-        wy2v_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
-            as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias), as<bool>(mask),
-            k_shape, v_shape, W.data(), U.data(), Kw.data(), gates.data());
-      }} else if (v16) {{
-        wy2v::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
-            as<float>(g), as<float>(beta), as<bool>(mask), k_shape, v_shape, W.data(), U.data(),
-            Kw.data(), gates.data());
-      }} else if (ring && fused) {{
-        wy2_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
-            as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias), as<bool>(mask),
-            k_shape, v_shape, W.data(), U.data(), Kw.data(), gates.data());
+      // a WY2 build (plain or 16-byte stores), raw or fused gates: the same arguments
+      auto ring_call = [&](auto plain, auto with_gates) {{
+        if (fused) {{
+          with_gates(kp.data(), vp.data(), as<float>(g), as<float>(beta), as<float>(A_log),
+                     as<float>(dt_bias), as<bool>(mask), k_shape, v_shape, W.data(), U.data(),
+                     Kw.data(), gates.data());
+        }} else {{
+          plain(kp.data(), vp.data(), as<float>(g), as<float>(beta), as<bool>(mask), k_shape,
+                v_shape, W.data(), U.data(), Kw.data(), gates.data());
+        }}
+      }};
+      if (v16) {{
+        ring_call(&wy2v::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>,
+                  &wy2v_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>);
       }} else if (ring) {{
-        wy2::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>(kp.data(), vp.data(),
-            as<float>(g), as<float>(beta), as<bool>(mask), k_shape, v_shape, W.data(), U.data(),
-            Kw.data(), gates.data());
+        ring_call(&wy2::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>,
+                  &wy2_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>);
       }} else if (fused) {{
         wy_fused::kernel<Dk, C, {wy_threads}, {wy_slice}, MP, PT>(as<float>(k), as<float>(v),
             as<float>(g), as<float>(beta), as<float>(A_log), as<float>(dt_bias), as<bool>(mask),
@@ -275,6 +267,7 @@ int main(int argc, char** argv) {{
   else return 1;
 }}
 """
+)
 
 
 def _dispatch() -> str:
