@@ -260,6 +260,23 @@ def test_tile_layer_matches_numpy(matrix_state, ta, tb, mp):
         assert err > 1e-5, err  # the operands were rounded: tf32 really ran
 
 
+def _16bit_operands(seed: int, K: int, dtype: mx.Dtype):
+    """A [16, K] and B [K, 16] rounded to `dtype`, C [16, 16] fp32 (NumPy)."""
+    rng = np.random.default_rng(seed)
+    a = mx.array(rng.standard_normal((16, K)).astype(np.float32)).astype(dtype)
+    b = mx.array(rng.standard_normal((K, 16)).astype(np.float32)).astype(dtype)
+    return a, b, rng.standard_normal((16, 16)).astype(np.float32)
+
+
+def _err_16bit(out: mx.array, a: mx.array, b: mx.array, c: np.ndarray) -> float:
+    """Max error of `out` against float64's C + A B of the same 16-bit values, relative to the
+    largest |C + A B|."""
+    a64 = np.array(a.astype(mx.float32), np.float64)
+    b64 = np.array(b.astype(mx.float32), np.float64)
+    want = c.astype(np.float64) + a64 @ b64
+    return float(np.abs(np.array(out) - want).max() / np.abs(want).max())
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mp", [1, 3])
 def test_tile_layer_16bit_operands_are_exact(matrix_state, dtype, mp):
@@ -269,17 +286,9 @@ def test_tile_layer_16bit_operands_are_exact(matrix_state, dtype, mp):
     16-bit form)."""
     if matrix_state or BACKEND != "cuda":
         pytest.skip("CUDA tile layer only; independent of the state pass")
-    K = 32
-    rng = np.random.default_rng(8)
-    a = mx.array(rng.standard_normal((16, K)).astype(np.float32)).astype(dtype)
-    b = mx.array(rng.standard_normal((K, 16)).astype(np.float32)).astype(dtype)
-    c = rng.standard_normal((16, 16)).astype(np.float32)
+    a, b, c = _16bit_operands(8, 32, dtype)
     out = _tile_product(a, b, mx.array(c), mp, False, False)
-    a64 = np.array(a.astype(mx.float32), np.float64)
-    b64 = np.array(b.astype(mx.float32), np.float64)
-    want = c.astype(np.float64) + a64 @ b64
-    err = float(np.abs(np.array(out) - want).max() / np.abs(want).max())
-    assert err < 2e-6, err
+    assert _err_16bit(out, a, b, c) < 2e-6
 
 
 # gd_mma_staged with 16-bit operands in threadgroup memory (CUDA: ldmatrix, .trans where the
@@ -312,10 +321,7 @@ def test_tile_layer_staged_16bit_operands_are_exact(matrix_state, dtype, ta, tb)
     if matrix_state:
         pytest.skip("independent of the chunk path")
     K = 48
-    rng = np.random.default_rng(9)
-    a = mx.array(rng.standard_normal((16, K)).astype(np.float32)).astype(dtype)
-    b = mx.array(rng.standard_normal((K, 16)).astype(np.float32)).astype(dtype)
-    c = rng.standard_normal((16, 16)).astype(np.float32)
+    a, b, c = _16bit_operands(9, K, dtype)
     at = mx.contiguous(a.T) if ta else a
     bt = mx.contiguous(b.T) if tb else b
     kern = getattr(mx.fast, f"{BACKEND}_kernel")(
@@ -334,8 +340,4 @@ def test_tile_layer_staged_16bit_operands_are_exact(matrix_state, dtype, ta, tb)
         output_dtypes=[mx.float32],
         init_value=NAN,
     )[0]
-    a64 = np.array(a.astype(mx.float32), np.float64)
-    b64 = np.array(b.astype(mx.float32), np.float64)
-    want = c.astype(np.float64) + a64 @ b64
-    err = float(np.abs(np.array(out) - want).max() / np.abs(want).max())
-    assert err < 2e-6, err
+    assert _err_16bit(out, a, b, c) < 2e-6
