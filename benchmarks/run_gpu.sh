@@ -82,7 +82,7 @@ case "$step" in
     export PYTHONPATH=$PYTHONPATH:benchmarks:.
     eager=("${pytest[@]}" -p pytest_eager --tb=short --timeout 280)
     run() { local name=$1; shift; timeout 420 "${eager[@]}" "$@" >"$out/recheck_$name.log" 2>&1; }
-    (timeout 120 python3 benchmarks/probe_quantized_prefill.py >"$out/probe_quantized_prefill.log" 2>&1
+    (timeout 120 python3 benchmarks/probe_quantized_prefill.py sweep >"$out/probe_quantized_prefill.log" 2>&1 || true
       run qmoe tests/test_fast_decode.py::test_compiled_decode_quantized_moe) &
     run rows tests/kernels/test_gpu_rows_matmul.py &
     run speculative tests/test_speculative.py &

@@ -629,10 +629,14 @@ def test_fused_projections_skip_lora_layers(small_blocks, gpu_layout):
 
 def test_compiled_decode_quantized_moe(small_blocks):
     # Router and shared-expert gate at 8 bits (the model's quant_predicate), the rest 4: the
-    # gates fuse with each other, the experts stay mlx-lm's SwitchGLU.
+    # gates fuse with each other, the experts stay mlx-lm's SwitchGLU. Hidden 128, wider than
+    # the gates' group of 64: MLX 0.32's Hopper quantized matmul (taken for several rows where
+    # one group spans the whole input, group_size >= K) gave wrong, changing results on the
+    # H200 (benchmarks/probe_quantized_prefill.py sweep; NOTES, session 10).
     import mlx.nn as nn
 
-    model = make_text_model(make_moe_config(shared_expert_intermediate_size=64), seed=10)
+    config = make_moe_config(shared_expert_intermediate_size=64, hidden_size=128)
+    model = make_text_model(config, seed=10)
     greedy(model, [TOKENS[:5]], 2, True)
     pred = model.quant_predicate
     nn.quantize(
