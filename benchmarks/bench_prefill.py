@@ -263,13 +263,8 @@ def bench_transformers(shape_name, shape, args, deadline, log) -> dict:
         from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
     except ImportError as e:
         return {"skipped": f"{shape_name} transformers: Qwen3.5 not available ({e})"}
-    try:
-        import fla  # noqa: F401
-
-        gdn = "flash-linear-attention"
-    except ImportError:
-        gdn = "torch (fla not installed)"
-    gdn += f" ({_impl_name(tm.torch_chunk_gated_delta_rule)})"
+    gdn = _impl_name(tm.torch_chunk_gated_delta_rule)
+    gdn = f"{'flash-linear-attention' if gdn.startswith('fla.') else 'torch reference'} ({gdn})"
     dev = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = {k: v for k, v in shape.items() if k != "model_type"}
