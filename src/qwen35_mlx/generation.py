@@ -179,6 +179,17 @@ def _cache_state(cache: list) -> list:
     return [c.state for c in cache]
 
 
+# When `prefill` empties MLX's buffer cache (`mx.clear_cache`): "step" (after every step, as
+# mlx-lm's generate_step does; the default) or "end" (once, after the last step). Freed buffers
+# wait in the cache for reuse; its size does not count in `mx.get_peak_memory`. A step's buffers
+# have the same sizes as the last step's (the KV cache reserved once), so with "end" each step
+# reuses them instead of allocating them again, which on CUDA is a cudaMallocAsync per buffer
+# from a pool MLX leaves at its default release threshold (memory handed back at every
+# synchronization). The cache then holds up to one step's activations until the prompt ends.
+# Same results either way; issue 9, `benchmarks/profile_prefill.py --prompt` measures both.
+PREFILL_CLEAR_CACHE = "step"
+
+
 def prefill(
     model: nn.Module,
     cache: list,
@@ -230,6 +241,9 @@ def prefill(
             on_stop(done)
         if progress is not None:
             progress(done, n_total)
+        if PREFILL_CLEAR_CACHE == "step":
+            mx.clear_cache()
+    if PREFILL_CLEAR_CACHE == "end":
         mx.clear_cache()
 
 

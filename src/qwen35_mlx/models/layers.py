@@ -591,12 +591,17 @@ def _conv_qkv(conv_in: mx.array, w: mx.array, T: int, Hk: int, Dk: int, Hv: int,
     conv_in [B, K-1+T, C] (tap K-1 meets the current token), w [C, K] -> q, k [B, T, Hk, Dk],
     v [B, T, Hv, Dv].
     """
+    return _split_qkv(_conv_silu(conv_in, w, T), Hk, Dk, Hv, Dv)
+
+
+def _conv_silu(conv_in: mx.array, w: mx.array, T: int) -> mx.array:
+    """silu of the causal depthwise conv: conv_in [B, K-1+T, C], w [C, K] -> [B, T, C]."""
     K = w.shape[1]
     w = w.astype(conv_in.dtype)
     h = conv_in[:, 0:T] * w[:, 0]
     for j in range(1, K):
         h = h + conv_in[:, j : j + T] * w[:, j]
-    return _split_qkv(nn.silu(h), Hk, Dk, Hv, Dv)
+    return nn.silu(h)
 
 
 def _split_qkv(h: mx.array, Hk: int, Dk: int, Hv: int, Dv: int):
