@@ -12,10 +12,11 @@ which the whole step overlaps: sum above whole means launches and syncs, sum bel
 time the step spends between parts (host work the GPU waits for, the layers' one-ahead queue).
 
 `--prompt N` also times `generation.prefill` of an N-token prompt in each step size of `--steps`
-under each of `VARIANTS` (alternated): the buffer cache cleared after every step (as committed)
-or once at the end (`generation.PREFILL_CLEAR_CACHE`: on CUDA a cleared cache makes every step
-allocate its buffers again), and the layers queued 1, 2 or 4 ahead (`text.QUEUE_AHEAD`). All
-give the same results (tests/test_generation.py); the peak above the start is printed too.
+under each of `VARIANTS` (alternated): the buffer cache cleared once at the end (the default)
+or after every step (before session 10; `generation.PREFILL_CLEAR_CACHE`: on CUDA a cleared
+cache makes every step allocate its buffers again), and the layers queued 1, 2 or 4 ahead
+(`text.QUEUE_AHEAD`). All give the same results (tests/test_generation.py); the peak above the
+start is printed too.
 
     # GPU (0.8B shape, bf16, about a minute):
     PYTHONPATH=src python benchmarks/profile_prefill.py --prompt 8192 --out "$OUT"
@@ -231,11 +232,10 @@ def whole_step(model, all_ids: list[int], H: int, T: int, repeats: int) -> float
 
 # --prompt's variants: (generation.PREFILL_CLEAR_CACHE, text.QUEUE_AHEAD); the first is the default.
 VARIANTS = {
-    "as committed (cache cleared every step, 1 layer ahead)": ("step", 1),
-    "cache kept until the end": ("end", 1),
-    "2 layers ahead": ("step", 2),
-    "4 layers ahead": ("step", 4),
-    "cache kept, 2 layers ahead": ("end", 2),
+    "cache cleared at the end, 1 layer ahead (default)": ("end", 1),
+    "cache cleared every step, 1 layer ahead (before)": ("step", 1),
+    "cache cleared at the end, 2 layers ahead": ("end", 2),
+    "cache cleared at the end, 4 layers ahead": ("end", 4),
 }
 
 

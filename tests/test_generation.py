@@ -312,6 +312,7 @@ def test_prefill_clears_the_buffer_cache_per_step_or_at_the_end(loaded, monkeypa
         mx.eval([c.state for c in cache])
         return cache
 
+    monkeypatch.setattr(generation, "PREFILL_CLEAR_CACHE", "step" if when == "end" else "end")
     ref = run()
     calls = []
     clear = mx.clear_cache

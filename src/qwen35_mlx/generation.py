@@ -179,15 +179,17 @@ def _cache_state(cache: list) -> list:
     return [c.state for c in cache]
 
 
-# When `prefill` empties MLX's buffer cache (`mx.clear_cache`): "step" (after every step, as
-# mlx-lm's generate_step does; the default) or "end" (once, after the last step). Freed buffers
-# wait in the cache for reuse; its size does not count in `mx.get_peak_memory`. A step's buffers
-# have the same sizes as the last step's (the KV cache reserved once), so with "end" each step
-# reuses them instead of allocating them again, which on CUDA is a cudaMallocAsync per buffer
-# from a pool MLX leaves at its default release threshold (memory handed back at every
-# synchronization). The cache then holds up to one step's activations until the prompt ends.
-# Same results either way; issue 9, `benchmarks/profile_prefill.py --prompt` measures both.
-PREFILL_CLEAR_CACHE = "step"
+# When `prefill` empties MLX's buffer cache (`mx.clear_cache`): "end" (once, after the last
+# step; the default) or "step" (after every step, as mlx-lm's generate_step does, and as this
+# loop did before session 10). Freed buffers wait in the cache for reuse and do not count in
+# `mx.get_peak_memory`. A step's buffers have the same sizes as the last step's (the KV cache is
+# reserved once), so with "end" each step reuses them; with "step" every step allocates them
+# again, which on CUDA is a cudaMallocAsync per buffer from a pool MLX leaves at its default
+# release threshold (memory handed back to the driver at every synchronization). The cost of
+# "end": the cache holds up to one step's activations until the prompt is in. Same results
+# either way (tests/test_generation.py); issue 9, `benchmarks/profile_prefill.py --prompt`
+# measures both on the GPU.
+PREFILL_CLEAR_CACHE = "end"
 
 
 def prefill(
