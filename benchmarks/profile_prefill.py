@@ -130,6 +130,13 @@ def part_times(model, cache: list, x: mx.array, ids: mx.array, repeats: int) -> 
     hs = L._conv_silu(conv_in, w, T)
     mx.eval(hs)
     add("lin:   of which split + l2norm", lambda: L._split_qkv(hs, Hk, Dk, Hv, Dv), None)
+
+    def split_ops():  # `_split_qkv` before session 10: the l2 norms op by op
+        hq, hk, hv = mx.split(hs, [Hk * Dk, 2 * Hk * Dk], axis=-1)
+        qq = L._l2norm(hq.reshape(B, T, Hk, Dk)) * (Dk**-0.5)
+        return qq, L._l2norm(hk.reshape(B, T, Hk, Dk)), hv.reshape(B, T, Hv, Dv)
+
+    add("lin:   (split + l2norm as ops, before)", split_ops, None)
     q, k, v = L._split_qkv(hs, Hk, Dk, Hv, Dv)
     mx.eval(q, k, v)
     add(
