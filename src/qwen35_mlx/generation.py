@@ -680,8 +680,11 @@ def _batch_speculative(
         _, hidden = model(grid[:, done:end], cache=cache, return_hidden=True)
         spec.on_prefill(grid[:, done:end], hidden)
         mx.eval(_cache_state(cache), spec.mtp_state())
-        mx.clear_cache()
+        if PREFILL_CLEAR_CACHE == "step":
+            mx.clear_cache()
         done = end
+    if PREFILL_CLEAR_CACHE == "end":
+        mx.clear_cache()
     y, _ = spec.start(grid[:, -1:])
     mx.eval(y)
     prompt_time = time.perf_counter() - tic
