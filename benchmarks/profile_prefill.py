@@ -91,7 +91,11 @@ def part_times(model, cache: list, x: mx.array, ids: mx.array, repeats: int) -> 
     out: dict = {}
 
     def add(name, fn, count):
-        out[name] = (timed(fn, repeats), count)
+        try:
+            out[name] = (timed(fn, repeats), count)
+        except Exception as e:  # one part failing on a device is reported, not fatal
+            print(f"  {name}: failed: {type(e).__name__}: {e}", flush=True)
+            out[name] = (float("nan"), count)
 
     add("embedding", lambda: bb.embed_tokens(ids), 1)
     lay = layers[lin_i]
@@ -216,8 +220,8 @@ def part_times(model, cache: list, x: mx.array, ids: mx.array, repeats: int) -> 
 
         return fn
 
-    out["whole linear layer"] = (timed(whole(lin_i), repeats), n_lin)
-    out["whole full-attention layer"] = (timed(whole(fa_i), repeats), n_fa)
+    add("whole linear layer", whole(lin_i), n_lin)
+    add("whole full-attention layer", whole(fa_i), n_fa)
     return out
 
 
@@ -349,13 +353,18 @@ def main(argv: list[str] | None = None) -> dict:
         "cases": {},
     }
     for T, H in cases:
-        step_s = whole_step(model, all_ids, H, T, repeats)
-        cache = fresh_cache(model, all_ids, H, T)
-        ids = mx.array(all_ids[H : H + T])[None]
-        x = model.model.embed_tokens(ids)
-        mx.eval(x)
-        parts = part_times(model, cache, x, ids, repeats)
-        result["cases"][f"{T}@{H}"] = report(f"step of {T} tokens over {H}", parts, step_s, log)
+        try:
+            step_s = whole_step(model, all_ids, H, T, repeats)
+            cache = fresh_cache(model, all_ids, H, T)
+            ids = mx.array(all_ids[H : H + T])[None]
+            x = model.model.embed_tokens(ids)
+            mx.eval(x)
+            parts = part_times(model, cache, x, ids, repeats)
+            rep = report(f"step of {T} tokens over {H}", parts, step_s, log)
+        except Exception as e:  # reported; the other cases and the A/B still run
+            log(f"step of {T} tokens over {H}: failed: {type(e).__name__}: {e}")
+            rep = {"error": f"{type(e).__name__}: {e}"}
+        result["cases"][f"{T}@{H}"] = rep
     if args.prompt:
         steps = [int(x) for x in args.steps.split(",") if x]
         ab = prompt_ab(model, all_ids, args.prompt, steps, max(2, repeats // 2))
