@@ -196,9 +196,11 @@ def _impl_name(fn) -> str:
     import inspect as _inspect
 
     try:
-        impl = _inspect.getclosurevars(fn).nonlocals.get("implementation", fn)
+        impl = _inspect.getclosurevars(fn).nonlocals.get("implementation")
     except (TypeError, ValueError):
-        impl = fn
+        impl = None
+    if impl is None:  # not the wrapper this was written against (transformers 5.17-5.25)
+        return f"unresolved {type(fn).__name__} {getattr(fn, '__name__', '?')}"
     return f"{getattr(impl, '__module__', '?')}.{getattr(impl, '__name__', '?')}"
 
 
@@ -264,7 +266,16 @@ def bench_transformers(shape_name, shape, args, deadline, log) -> dict:
     except ImportError as e:
         return {"skipped": f"{shape_name} transformers: Qwen3.5 not available ({e})"}
     gdn = _impl_name(tm.torch_chunk_gated_delta_rule)
-    gdn = f"{'flash-linear-attention' if gdn.startswith('fla.') else 'torch reference'} ({gdn})"
+    if gdn.startswith("unresolved"):
+        try:
+            import fla  # noqa: F401
+
+            gdn += ", fla importable"
+        except ImportError:
+            gdn += ", fla not installed"
+    else:
+        kind = "flash-linear-attention" if gdn.startswith("fla.") else "torch reference"
+        gdn = f"{kind} ({gdn})"
     dev = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = {k: v for k, v in shape.items() if k != "model_type"}
