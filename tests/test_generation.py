@@ -257,11 +257,15 @@ def test_prefill_in_steps_bounds_peak_memory():
     assert stepped * 3 < one_shot, (stepped, one_shot)
 
 
-def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch):
+@pytest.mark.parametrize("ahead", [1, 2, 4])
+def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead):
     # Issue 9: on a GPU a long call queues its layers one ahead (text.queue_layers: the host
     # waits for layer i after submitting i + 1) so that not every layer's intermediates are
-    # alive at once. Here (CPU) it is forced on: it must submit each layer and change nothing.
+    # alive at once. Here (CPU) it is forced on: it must submit each layer and change nothing,
+    # at any depth (text.QUEUE_AHEAD: the host waits for layer i - ahead + 1).
     from qwen35_mlx.models import text
+
+    monkeypatch.setattr(text, "QUEUE_AHEAD", ahead)
 
     model, _ = loaded
     ids = mx.array(np.random.default_rng(2).integers(0, 300, (2, 300)))
@@ -276,13 +280,49 @@ def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch):
     submitted = []
     async_eval = mx.async_eval
     monkeypatch.setattr(text, "queue_layers", lambda T: T >= 256)
+    waited = []
+    evaluate = mx.eval
     monkeypatch.setattr(mx, "async_eval", lambda *a: submitted.append(1) or async_eval(*a))
+    monkeypatch.setattr(mx, "eval", lambda *a: waited.append(1) or evaluate(*a))
     queued, queued_cache = run()
+    monkeypatch.setattr(mx, "eval", evaluate)
     assert len(submitted) == len(model.layers)
+    # One wait per layer once `ahead` are queued, plus run()'s own eval.
+    assert len(waited) == len(model.layers) - ahead + 1
     assert mx.array_equal(plain, queued).item()
     from mlx.utils import tree_flatten
 
     for a, b in zip(plain_cache, queued_cache, strict=True):
+        for (_, x), (_, y) in zip(tree_flatten(a.state), tree_flatten(b.state), strict=True):
+            assert (x is None and y is None) or mx.array_equal(x, y).item()
+
+
+@pytest.mark.parametrize("when", ["step", "end"])
+def test_prefill_clears_the_buffer_cache_per_step_or_at_the_end(loaded, monkeypatch, when):
+    # Issue 9: generation.PREFILL_CLEAR_CACHE "end" keeps MLX's buffer cache through the prompt
+    # (a step reuses the last step's buffers) and empties it once: same cache state as "step".
+    from qwen35_mlx import generation
+
+    model, _ = loaded
+    ids = np.random.default_rng(3).integers(0, 300, 700).tolist()
+
+    def run():
+        cache = model.make_cache()
+        generation.prefill(model, cache, ids, prefill_step_size=128)
+        mx.eval([c.state for c in cache])
+        return cache
+
+    monkeypatch.setattr(generation, "PREFILL_CLEAR_CACHE", "step" if when == "end" else "end")
+    ref = run()
+    calls = []
+    clear = mx.clear_cache
+    monkeypatch.setattr(generation, "PREFILL_CLEAR_CACHE", when)
+    monkeypatch.setattr(mx, "clear_cache", lambda: calls.append(1) or clear())
+    got = run()
+    assert len(calls) == (6 if when == "step" else 1)  # 700 tokens in steps of 128
+    from mlx.utils import tree_flatten
+
+    for a, b in zip(ref, got, strict=True):
         for (_, x), (_, y) in zip(tree_flatten(a.state), tree_flatten(b.state), strict=True):
             assert (x is None and y is None) or mx.array_equal(x, y).item()
 

@@ -179,6 +179,19 @@ def _cache_state(cache: list) -> list:
     return [c.state for c in cache]
 
 
+# When `prefill` empties MLX's buffer cache (`mx.clear_cache`): "end" (once, after the last
+# step; the default) or "step" (after every step, as mlx-lm's generate_step does, and as this
+# loop did before session 10). Freed buffers wait in the cache for reuse and do not count in
+# `mx.get_peak_memory`. A step's buffers have the same sizes as the last step's (the KV cache is
+# reserved once), so with "end" each step reuses them; with "step" every step allocates them
+# again, which on CUDA is a cudaMallocAsync per buffer from a pool MLX leaves at its default
+# release threshold (memory handed back to the driver at every synchronization). The cost of
+# "end": the cache holds up to one step's activations until the prompt is in. Same results
+# either way (tests/test_generation.py); issue 9, `benchmarks/profile_prefill.py --prompt`
+# measures both on the GPU.
+PREFILL_CLEAR_CACHE = "end"
+
+
 def prefill(
     model: nn.Module,
     cache: list,
@@ -230,6 +243,9 @@ def prefill(
             on_stop(done)
         if progress is not None:
             progress(done, n_total)
+        if PREFILL_CLEAR_CACHE == "step":
+            mx.clear_cache()
+    if PREFILL_CLEAR_CACHE == "end":
         mx.clear_cache()
 
 
@@ -664,8 +680,11 @@ def _batch_speculative(
         _, hidden = model(grid[:, done:end], cache=cache, return_hidden=True)
         spec.on_prefill(grid[:, done:end], hidden)
         mx.eval(_cache_state(cache), spec.mtp_state())
-        mx.clear_cache()
+        if PREFILL_CLEAR_CACHE == "step":
+            mx.clear_cache()
         done = end
+    if PREFILL_CLEAR_CACHE == "end":
+        mx.clear_cache()
     y, _ = spec.start(grid[:, -1:])
     mx.eval(y)
     prompt_time = time.perf_counter() - tic

@@ -355,6 +355,24 @@ def test_compiled_decode_pieces_match_plain_ops(dtype):
     assert rel_err(_np(got), _np(plain)) < RTOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_split_qkv_compiled_norms_equal_the_ops_bit_for_bit(dtype):
+    """Issue 9: `_split_qkv`'s l2 norms run compiled (fused elementwise around the sum); on
+    strided q / k views of a conv output, at prefill and decode lengths, they equal the ops."""
+    Hk, Dk, Hv, Dv = 2, 64, 4, 32
+    C = 2 * Hk * Dk + Hv * Dv
+    for T in (1, 7, 300):
+        h = (mx.random.normal((2, T, C)) * 3).astype(dtype)
+        q, k, v = layers_lib._split_qkv(h, Hk, Dk, Hv, Dv)
+        hq, hk = h[..., : Hk * Dk], h[..., Hk * Dk : 2 * Hk * Dk]
+        want_q = layers_lib._l2norm(hq.reshape(2, T, Hk, Dk)) * (Dk**-0.5)
+        want_k = layers_lib._l2norm(hk.reshape(2, T, Hk, Dk))
+        for got, want in ((q, want_q), (k, want_k)):
+            assert got.dtype == want.dtype == dtype and got.shape == want.shape
+            assert mx.array_equal(got, want).item(), (dtype, T)
+        assert mx.array_equal(v, h[..., 2 * Hk * Dk :].reshape(2, T, Hv, Dv)).item()
+
+
 def test_gradients_flow_through_compiled_layers(dense):
     """Training (examples/train_tiny.py) differentiates through the compiled pieces."""
     import mlx.nn as nn

@@ -591,20 +591,39 @@ def _conv_qkv(conv_in: mx.array, w: mx.array, T: int, Hk: int, Dk: int, Hv: int,
     conv_in [B, K-1+T, C] (tap K-1 meets the current token), w [C, K] -> q, k [B, T, Hk, Dk],
     v [B, T, Hv, Dv].
     """
+    return _split_qkv(_conv_silu(conv_in, w, T), Hk, Dk, Hv, Dv)
+
+
+def _conv_silu(conv_in: mx.array, w: mx.array, T: int) -> mx.array:
+    """silu of the causal depthwise conv: conv_in [B, K-1+T, C], w [C, K] -> [B, T, C]."""
     K = w.shape[1]
     w = w.astype(conv_in.dtype)
     h = conv_in[:, 0:T] * w[:, 0]
     for j in range(1, K):
         h = h + conv_in[:, j : j + T] * w[:, j]
-    return _split_qkv(nn.silu(h), Hk, Dk, Hv, Dv)
+    return nn.silu(h)
+
+
+def _l2norm_scaled(x: mx.array, scale: float) -> mx.array:
+    """`_l2norm(x) * scale`, the product in x's dtype."""
+    return _l2norm(x) * scale
+
+
+# The l2 norms of q and k as compiled ops: the elementwise ops on either side of the sum fuse
+# (a prefill step's q and k went through 15 kernels, each a pass over [T, Hk * Dk] in fp32;
+# issue 9). The same ops in the same dtypes, and no product meets a sum inside a fused kernel
+# (the sum of squares is its own primitive), so no multiply-add can be contracted: bit for bit
+# the ops' results (tests/models/test_text.py). Shapeless: one trace serves every length.
+_l2norm_fused = mx.compile(_l2norm, shapeless=True)
+_l2norm_scaled_fused = mx.compile(_l2norm_scaled, shapeless=True)
 
 
 def _split_qkv(h: mx.array, Hk: int, Dk: int, Hv: int, Dv: int):
     """The conv's output h [B, T, C] -> l2-normalised q (scaled by Dk^-0.5), k, and v."""
     B, T = h.shape[:2]
     q, k, v = mx.split(h, [Hk * Dk, 2 * Hk * Dk], axis=-1)
-    q = _l2norm(q.reshape(B, T, Hk, Dk)) * (Dk**-0.5)
-    return q, _l2norm(k.reshape(B, T, Hk, Dk)), v.reshape(B, T, Hv, Dv)
+    q = _l2norm_scaled_fused(q.reshape(B, T, Hk, Dk), Dk**-0.5)
+    return q, _l2norm_fused(k.reshape(B, T, Hk, Dk)), v.reshape(B, T, Hv, Dv)
 
 
 # Compiled for decode only: its slices depend on T, so a compiled version is traced per shape,

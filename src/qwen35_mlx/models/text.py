@@ -72,6 +72,11 @@ from .shard import shard_text_model
 # layer i (`mx.async_eval`), so at most two layers' intermediates are alive and the GPU never
 # waits for the host. The arithmetic is unchanged.
 LOOKAHEAD_MIN_T = 256
+# How many layers the host may be ahead of the one it waits for: 1 (the default, as measured
+# in session 5: at most two layers' intermediates alive), or more (more memory alive, fewer
+# GPU idle gaps where the host takes longer to submit a layer than the GPU to run one: issue 9,
+# `benchmarks/profile_prefill.py --prompt` measures both). Same arithmetic at any depth.
+QUEUE_AHEAD = 1
 
 
 def queue_layers(T: int) -> bool:
@@ -155,7 +160,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         if rank < size - 1:
             h = mx.distributed.recv_like(h, rank + 1, group=group)
         bounded = size == 1 and cache[0] is not None and queue_layers(h.shape[1])
-        queued = None
+        queued: list = []  # submitted layers' outputs, oldest first (`QUEUE_AHEAD`)
         d = None  # the residual stream is h + d (`layers.ADD_NORM`)
         for layer, c in zip(layers, cache, strict=True):
             if layer.is_linear:
@@ -164,9 +169,9 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 h, d = layer.chain(h, d, fa_mask, c, rope)
             if bounded:
                 mx.async_eval([a for a in (h, d) if a is not None], c.state)
-                if queued is not None:
-                    mx.eval(queued)
-                queued = [a for a in (h, d) if a is not None]
+                if len(queued) >= QUEUE_AHEAD:
+                    mx.eval(queued.pop(0))
+                queued.append([a for a in (h, d) if a is not None])
         if size > 1 and d is not None:
             # Ranks pass one array: the stream, added here (the next rank starts with d None).
             h, d = h + d, None
