@@ -7,7 +7,9 @@ Checked: the prep kernel's pieces against the MLX-ops pieces (chunk_launch.prep_
 whole pipeline (prep kernel or MLX-ops prep, then the state kernel) against the float64 NumPy
 loop, with masks (left padding, a hole, right padding), T not a multiple of the chunk, Hv > Hk,
 Dv not a multiple of the state tile, g = 0, strong decay. Outputs start as NaN, so an element the
-kernels fail to write fails the comparison.
+kernels fail to write fails the comparison; threadgroup memory too, so does a read of it before
+a write. Under ThreadSanitizer (a missing barrier) and AddressSanitizer (out-of-bounds), the case
+that failed once on the H200.
 """
 
 import subprocess
@@ -374,12 +376,13 @@ def test_kernels_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path):
 
 
 # H200, 2026-12-02 (session 10): simt-B1T63Hk1Hv4Dk128Dv64-scalar-nomask of
-# test_gpu_chunk_kernel.py failed once (y outside fp32's tolerance, every element finite) and
-# passed before and after. That case (one partial chunk, no mask, Dv 64: four state tiles)
-# under the sanitizers: ThreadSanitizer reports any threadgroup memory (or output)
-# written by one thread and read or written by another with no barrier between them, whatever
-# order the threads ran in; AddressSanitizer any read or write past an input or output. Every
-# block's threadgroup memory starts as NaN (compile_emulated), so a read before a write shows.
+# test_gpu_chunk_kernel.py failed once (y outside fp32's tolerance, every element finite); it
+# passed in session 9's run of the same kernel text. That case (one partial chunk, no mask,
+# Dv 64: four state tiles) under the sanitizers: ThreadSanitizer reports any threadgroup
+# memory (or output) written by one thread and read or written by another with no barrier
+# between them, whatever order the threads ran in; AddressSanitizer any read or write past an
+# input or output. Every block's threadgroup memory starts as NaN (compile_emulated), so a read
+# before a write shows.
 SANITIZED_SHAPE = (1, 63, 1, 4, 128, 64)
 
 
