@@ -183,9 +183,13 @@ def compile_emulated(text: str, tmp: Path, timeout: int, sanitize: str | None = 
         pytest.skip("needs a g++ with C++20 <barrier>")
     flags = [*SANITIZE[sanitize], "-g"] if sanitize else []
     if sanitize:
+        # the sanitizer's runtime must also start here (some kernels' address layouts stop it)
         cmd = [GXX, "-std=c++20", "-pthread", *flags, str(probe), "-o", str(tmp / "probe")]
         if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
             pytest.skip(f"needs a g++ with -fsanitize={sanitize}")
+        run = subprocess.run([str(tmp / "probe")], capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            pytest.skip(f"-fsanitize={sanitize} does not run here: {run.stderr.strip()[:200]}")
     cpp, exe = tmp / "k.cpp", tmp / "k"
     cpp.write_text(poison_threadgroup_memory(text))
     cc = subprocess.run(
