@@ -84,14 +84,47 @@ def run_kernel(kernel, x, *, fused=False, **kw):
     return y, s
 
 
+def mismatch(name: str, got: np.ndarray, want: np.ndarray, tol: float) -> str:
+    """What a comparison of `got` with `want` found, for an assertion message: the relative
+    error against `tol`, the non-finite elements of got (how many, NaN among them, the first),
+    the worst element (index, got, want) and how many elements are off by more than
+    tol * max|want|, with their index range per axis."""
+    got64, want64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(float(np.abs(want64).max()) if want64.size else 0.0, 1e-30)
+    lines = [f"{name} {got64.shape}: rel_err {rel_err(got64, want64):.3e} (tol {tol:.0e})"]
+    bad = ~np.isfinite(got64)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        nan = int(np.isnan(got64).sum())
+        lines.append(f"  {int(bad.sum())} non-finite ({nan} NaN), the first at {first}")
+    if got64.size:
+        diff = np.where(bad, np.inf, np.abs(got64 - want64))
+        at = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        where = tuple(int(i) for i in at)
+        lines.append(
+            f"  worst at {where}: got {float(got64[at]):.9g}, want {float(want64[at]):.9g}"
+            f" (max|want| {scale:.6g})"
+        )
+        off = np.argwhere(diff > tol * scale)
+        if len(off):
+            span = ", ".join(f"{a}..{b}" for a, b in zip(off.min(0), off.max(0), strict=True))
+            lines.append(f"  {len(off)} of {diff.size} elements off by more than tol, in [{span}]")
+    return "\n".join(lines)
+
+
 def check(got, want, dtype):
+    """(y, state) against the reference's: dtypes, shapes, every element finite, and the
+    relative errors within RTOL[dtype]; a failure says what it found (`mismatch`)."""
     (y, s), (y_ref, s_ref) = got, want
     assert y.dtype == y_ref.dtype and s.dtype == mx.float32
     assert y.shape == y_ref.shape and s.shape == s_ref.shape
     y32, s32 = np.array(y.astype(mx.float32)), np.array(s)
-    assert np.isfinite(y32).all() and np.isfinite(s32).all()
-    assert rel_err(y32, np.array(y_ref.astype(mx.float32))) <= RTOL[dtype]
-    assert rel_err(s32, np.array(s_ref)) <= RTOL[dtype]
+    y_ref32, s_ref32 = np.array(y_ref.astype(mx.float32)), np.array(s_ref)
+    tol = RTOL[dtype]
+    ok_y = np.isfinite(y32).all() and rel_err(y32, y_ref32) <= tol
+    ok_s = np.isfinite(s32).all() and rel_err(s32, s_ref32) <= tol
+    pairs = (("y", y32, y_ref32), ("state", s32, s_ref32))
+    assert ok_y and ok_s, "\n".join(mismatch(n, a, b, tol) for n, a, b in pairs)
 
 
 def check_public_api(x, backend):

@@ -6,6 +6,7 @@ Per step t, value head h (key head h // (Hv // Hk)), state S [Dv, Dk]:
     S += delta k_t^T;  y_t = S q_t.   mask False: state unchanged, y = 0.
 """
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -149,9 +150,30 @@ int main(int argc, char** argv) {{
 """
 
 
-def compile_emulated(text: str, tmp: Path, timeout: int) -> Path:
-    """Compile C++20 `text` (lane-emulated kernel bodies) into an executable in `tmp`; skips the
-    test where g++ lacks C++20's <barrier>, which the emulator needs."""
+# A threadgroup array's declaration in a kernel body (GD_TG / GD_TG16 TYPE NAME[SIZE];).
+_TG_ARRAY = re.compile(r"^(\s*GD_TG(?:16)? [^;]*?\b(\w+)\[[^;]*\];)", re.MULTILINE)
+
+
+def poison_threadgroup_memory(text: str) -> str:
+    """`text` with gd_tg_poison(x) after each threadgroup array x's declaration (lane_emulator.h:
+    every block's threadgroup memory starts as NaN)."""
+    return _TG_ARRAY.sub(r"\1 gd_tg_poison(\2);", text)
+
+
+# What sanitize= of compile_emulated adds to the compile: ThreadSanitizer (a read and a write,
+# or two writes, of one address by two threads with no barrier between them), or AddressSanitizer
+# with UndefinedBehaviorSanitizer (reads and writes outside the inputs and outputs, overflows).
+SANITIZE = {
+    "thread": ["-fsanitize=thread"],
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+}
+
+
+def compile_emulated(text: str, tmp: Path, timeout: int, sanitize: str | None = None) -> Path:
+    """Compile C++20 `text` (lane-emulated kernel bodies) into an executable in `tmp`, every
+    threadgroup array poisoned (poison_threadgroup_memory); sanitize ("thread", "address"): with
+    that sanitizer (SANITIZE), its reports on stderr and a nonzero exit status. Skips the test
+    where g++ lacks C++20's <barrier>, which the emulator needs, or the sanitizer."""
     probe = tmp / "probe.cpp"
     probe.write_text(
         "#include <barrier>\nint main() { std::barrier<> b{1}; b.arrive_and_wait(); }\n"
@@ -159,10 +181,20 @@ def compile_emulated(text: str, tmp: Path, timeout: int) -> Path:
     cmd = [GXX, "-std=c++20", "-pthread", str(probe), "-o", str(tmp / "probe")]
     if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
         pytest.skip("needs a g++ with C++20 <barrier>")
+    flags = [*SANITIZE[sanitize], "-g"] if sanitize else []
+    if sanitize:
+        # the sanitizer's runtime must also start here (some kernels' address layouts stop it)
+        cmd = [GXX, "-std=c++20", "-pthread", *flags, str(probe), "-o", str(tmp / "probe")]
+        if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
+            pytest.skip(f"needs a g++ with -fsanitize={sanitize}")
+        run = subprocess.run([str(tmp / "probe")], capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            pytest.skip(f"-fsanitize={sanitize} does not run here: {run.stderr.strip()[:200]}")
     cpp, exe = tmp / "k.cpp", tmp / "k"
-    cpp.write_text(text)
+    cpp.write_text(poison_threadgroup_memory(text))
     cc = subprocess.run(
-        [GXX, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", str(cpp), "-o", str(exe)],
+        [GXX, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", *flags, str(cpp)]
+        + ["-o", str(exe)],
         capture_output=True,
         text=True,
         timeout=timeout,

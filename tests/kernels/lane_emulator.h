@@ -3,15 +3,45 @@
 // gd_threadgroup_barrier, `static` arrays for threadgroup memory), blocks one after another.
 // Enough for the gated-delta bodies, whose shuffles are reached by all 32 lanes of a warp and
 // whose barriers by every thread of a block (uniform control flow).
+// Built with -fsanitize=thread (helpers.compile_emulated(sanitize="thread")), ThreadSanitizer
+// reports every pair of accesses to one address, one a write, by two threads with no barrier
+// between them: a missing gd_barrier, whatever order the threads happened to run in. A shuffle
+// exchanges its values but orders no memory there, as on CUDA (__shfl_sync is no fence).
 #include <barrier>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__SANITIZE_THREAD__)
+extern "C" void AnnotateIgnoreSyncBegin(const char* f, int l);
+extern "C" void AnnotateIgnoreSyncEnd(const char* f, int l);
+extern "C" void AnnotateIgnoreReadsBegin(const char* f, int l);
+extern "C" void AnnotateIgnoreReadsEnd(const char* f, int l);
+extern "C" void AnnotateIgnoreWritesBegin(const char* f, int l);
+extern "C" void AnnotateIgnoreWritesEnd(const char* f, int l);
+// A shuffle's own traffic (its slots, its lane barrier) neither races nor orders.
+struct ShuffleUnseen {
+  ShuffleUnseen() {
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~ShuffleUnseen() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+  }
+};
+#else
+struct ShuffleUnseen {};
+#endif
 
 struct dim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -52,6 +82,7 @@ thread_local Warp* tl_warp = nullptr;
 thread_local std::barrier<>* tl_block = nullptr;
 
 inline float gd_shuffle(float x, int lane) {
+  const ShuffleUnseen unseen;
   Warp& w = *tl_warp;
   w.slots[threadIdx.x % 32] = x;  // block mode: thread t is lane t % 32 of warp t / 32
   w.bar.arrive_and_wait();
@@ -117,6 +148,21 @@ struct Block {
   explicit Block(std::ptrdiff_t n) : bar(n) {}
 };
 thread_local Block* tl_blk = nullptr;
+// Threadgroup memory starts every block as NaN (all bits set): helpers.compile_emulated puts
+// gd_tg_poison(x) after each GD_TG / GD_TG16 array x. The first thread of a block to pass the
+// declaration fills it; a read before any write then gives NaN, as stale data might on a GPU.
+inline std::mutex gd_tg_mutex;
+inline unsigned long gd_tg_block = 0;  // the block running (run_blocks counts them)
+inline std::map<const void*, unsigned long> gd_tg_filled;
+template <typename A>
+inline void gd_tg_poison(A& x) {
+  const std::lock_guard<std::mutex> lock(gd_tg_mutex);
+  unsigned long& filled = gd_tg_filled[static_cast<const void*>(&x)];
+  if (filled != gd_tg_block) {
+    std::memset(static_cast<void*>(&x), 0xff, sizeof(x));
+    filled = gd_tg_block;
+  }
+}
 inline void gd_barrier() { tl_blk->bar.arrive_and_wait(); }
 inline float4 gd_f4(float x, float y, float z, float w) { return {x, y, z, w}; }
 // Staged tile copies as CUDA's (the pieces' type kept, cp.async groups): here the copy is done
@@ -142,6 +188,7 @@ inline void run_blocks(dim3 blocks, unsigned threads, const std::function<void()
   for (unsigned bz = 0; bz < (blocks.z ? blocks.z : 1); ++bz)
   for (unsigned by = 0; by < blocks.y; ++by)
     for (unsigned bx = 0; bx < blocks.x; ++bx) {
+      ++gd_tg_block;
       Block block(threads);
       std::vector<Warp> warps(threads / 32);
       std::vector<std::thread> pool;

@@ -972,10 +972,23 @@ def prep_ops(q, k, v, g, beta, mask, C: int = CHUNK):
     )
 
 
-def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=None, matrix=None):
+def prep_kernel(
+    backend: str,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    mask,
+    C: int = CHUNK,
+    raw_gates=None,
+    matrix=None,
+    init_value=None,
+):
     """The state pass's inputs from PREP_BODY (scalar gates only); same layout as prep_ops.
     raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel (g, beta unused).
-    matrix: k k^T and q k^T on the tile layer (None = MATRIX), MP by q's dtype."""
+    matrix: k k^T and q k^T on the tile layer (None = MATRIX), MP by q's dtype. init_value:
+    every output starts as it (tests)."""
     B, T, _, Dk = q.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -999,6 +1012,7 @@ def prep_kernel(backend: str, q, k, v, g, beta, mask, C: int = CHUNK, raw_gates=
             (BH, N, Dk),
         ],
         output_dtypes=[mx.float32] * 6,
+        init_value=init_value,
     )
 
 
@@ -1067,7 +1081,8 @@ def gated_delta_chunk_kernel(
     the module docstring). `prep`: "kernel" (PREP_BODY, scalar gates),
     "ops" (MLX ops) or "auto" (the kernel for scalar gates); `bv`, `matrix`: see state_pass.
     `split` (None = SPLIT): scalar gates take the split path (split_chunk_kernel; `prep` and
-    `matrix` unused, `bv` is the state pass's). Returns (y, state fp32)."""
+    `matrix` unused, `bv` is the state pass's). init_value: every output of the kernels (the
+    prep kernel's pieces too) starts as it (tests). Returns (y, state fp32)."""
     backend = backend or available_backend()
     if backend is None:
         raise RuntimeError("gated_delta chunk kernel: no Metal or CUDA backend in this MLX")
@@ -1082,7 +1097,7 @@ def gated_delta_chunk_kernel(
     if prep == "kernel":
         if g.ndim == 4:
             raise ValueError("gated_delta chunk kernel: the prep kernel takes scalar gates only")
-        pieces = prep_kernel(backend, q, k, v, g, beta, mask, matrix=matrix)
+        pieces = prep_kernel(backend, q, k, v, g, beta, mask, matrix=matrix, init_value=init_value)
     else:
         pieces = prep_ops(q, k, v, g, beta, mask)
     return state_pass(
@@ -1127,7 +1142,9 @@ def gated_delta_update_chunk_kernel(
             bv=bv,
             init_value=init_value,
         )
-    pieces = prep_kernel(backend, q, k, v, None, None, mask, raw_gates=gates, matrix=matrix)
+    pieces = prep_kernel(
+        backend, q, k, v, None, None, mask, raw_gates=gates, matrix=matrix, init_value=init_value
+    )
     return state_pass(
         backend,
         pieces,
