@@ -200,7 +200,12 @@ def _fold(text: str) -> str:
 
 
 def _dump_tree(src: Path, path: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(src))
+    # the tree's src first; the rest of PYTHONPATH kept (where mlx may come from, as on the
+    # GPU machine)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])),
+    )
     cmd = [sys.executable, os.path.abspath(__file__), "dump", str(path)]
     subprocess.run(cmd, check=True, env=env, cwd=src.parent)
     return json.loads(path.read_text())

@@ -382,9 +382,13 @@ def test_mlx_lm_kv_quantization_on_the_hybrid_cache(dtype):
 
     plain, plain_lp = run()
     quant, quant_lp = run(kv_bits=8, kv_group_size=64, quantized_kv_start=0)
-    # 8-bit keys and values move the logits a little; the greedy choices of this model stay.
+    # 8-bit keys and values move the logits a little; the greedy choices of this model stay
+    # for the first tokens. Logits compare while both runs have fed the same tokens (after a
+    # differing token they are another context's: on the H200, bf16, step 8 differed by 4).
     assert quant[:4] == plain[:4]
-    assert np.abs(quant_lp - plain_lp).max() < (0.5 if dtype == "float32" else 1.0)
+    differ = [i for i, (a, b) in enumerate(zip(quant, plain, strict=True)) if a != b]
+    n = (differ[0] if differ else len(plain)) + 1
+    assert np.abs(quant_lp[:n] - plain_lp[:n]).max() < (0.5 if dtype == "float32" else 1.0)
 
 
 def test_kv_quantization_dequantized_fallback_equals_quantized_attention(monkeypatch):

@@ -56,11 +56,21 @@ def split_at(x, t):
     return part(slice(None, t)), part(slice(t, None))
 
 
+def _settled(*arrays) -> None:
+    """Evaluate the arrays and wait for the GPU before the CPU stream reads them. On the H200
+    the CPU-stream reference, fed arrays made on the GPU just before, once in a few thousand
+    calls computed from wrong inputs (its y 0.3-0.5 off while the kernel's was within 3e-7 of
+    float64: benchmarks/probe_chunk_repeat.py, NOTES session 10)."""
+    mx.eval([a for a in arrays if a is not None])
+    mx.synchronize()
+
+
 def ref(x, g=None, beta=None, state=None):
     """gated_delta_ref on the CPU stream (exact fp32)."""
     g = x["g"] if g is None else g
     beta = x["beta"] if beta is None else beta
     state = x["state"] if state is None else state
+    _settled(x["q"], x["k"], x["v"], g, beta, state, x["mask"])
     with mx.stream(mx.cpu):
         y, s = gated_delta_ref(x["q"], x["k"], x["v"], g, beta, state, x["mask"])
         mx.eval(y, s)
@@ -68,6 +78,7 @@ def ref(x, g=None, beta=None, state=None):
 
 
 def ref_fused(x):
+    _settled(x["a"], x["b"], x["A_log"], x["dt_bias"])
     with mx.stream(mx.cpu):
         g, beta = compute_gates(x["a"], x["b"], x["A_log"], x["dt_bias"])
     return ref(x, g, beta)

@@ -19,7 +19,8 @@ SCRIPT = ROOT / "scripts" / "kernel_sources.py"
 
 def test_dump_records_every_variant(tmp_path):
     out = tmp_path / "kernels.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    path = [str(ROOT / "src"), os.environ.get("PYTHONPATH")]  # keeps where mlx comes from
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     subprocess.run([sys.executable, str(SCRIPT), "dump", str(out)], check=True, env=env)
     d = json.loads(out.read_text())
     kinds = {"gd", "chunk", "attention", "fused_norm", "rows_matmul", "launch"}

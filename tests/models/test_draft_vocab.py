@@ -69,7 +69,11 @@ def test_draft_vocab_logits_are_the_heads_on_the_subset(tied, compiled):
     assert (sub.argmax(-1) == np.array(ids)[full[:, ids].argmax(-1)]).all()
     use_draft_vocab(model, None)  # back to the whole vocabulary (the compiled step retraces)
     assert model.mtp.draft_vocab is None
-    np.testing.assert_array_equal(_head_logits(model, compiled), full)
+    back = _head_logits(model, compiled)
+    if mx.default_device() == mx.cpu:
+        np.testing.assert_array_equal(back, full)
+    else:  # a GPU's matmuls may round the retraced step's products differently (H200)
+        assert rel_err(back, full) < TOL
 
 
 def test_draft_vocab_argmax_maps_positions_to_ids():
