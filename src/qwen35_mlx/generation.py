@@ -21,10 +21,12 @@ tokens it prefilled itself. MTP's loops (stream and batch) are ours: mlx-lm has 
 
 Multi-token prediction (speculative.py) is off by default and turned on with `mtp=True` (for a
 checkpoint with an MTP head). The verify pass and the MTP head run compiled (models/text.py; at
-temperature 0 a round is one compiled call), but on the CPU the shipped tiny model's round still
-costs ~1.85 decode steps for ~1.6 tokens (0.86x plain decoding at k=1, 63% accepted,
-benchmarks/RESULTS.md, 2026-12-02), so it does not pay there; whether it pays on a GPU
-(`benchmarks/bench_mtp.py --device-run`) decides a default. The head drafts `mtp_k` tokens
+temperature 0 a round is one compiled call). It does not pay yet, so it is not the default
+(benchmarks/RESULTS.md, 2026-12-02): on the CPU a k=1 round of the shipped tiny model costs ~1.6
+plain steps for ~1.87 tokens (87% accepted), 1.05x plain decoding without the float32 copies of
+its projections and 0.83-0.89x with them (the CPU default, `text.CPU_FP32_DECODE`); on an H200
+(0.8B shape) a verify pass of 2 tokens costs 1.1-1.3x a one-token step, and generation with MTP
+measured 0.70-0.95x plain decoding. The head drafts `mtp_k` tokens
 (default 1) per step and one call of the model verifies them, with the same tokens as without
 it at temperature 0 and the same distribution when sampling.
 It stays off, silently, for a checkpoint without the head, a custom `sampler` callable or logits
