@@ -436,8 +436,10 @@ def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
-def wy_source(backend: str, fused: bool = False, ring: bool = False, v16: bool = False) -> str:
-    return PROLOGUE[backend] + src.wy_body(fused, ring, v16)
+def wy_source(
+    backend: str, fused: bool = False, ring: bool = False, v16: bool = False, vx: bool = False
+) -> str:
+    return PROLOGUE[backend] + src.wy_body(fused, ring, v16, vx)
 
 
 def h_source(backend: str) -> str:
@@ -448,6 +450,11 @@ def h2_source(backend: str) -> str:
     return PROLOGUE[backend] + src.H2_BODY
 
 
+def h2_vx_source(backend: str) -> str:
+    """H2_BODY with 16-byte H stores (H2_VX; CUDA)."""
+    return PROLOGUE[backend] + src.h2_vx_body()
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -456,6 +463,13 @@ def o2_source(backend: str, p16: bool | None = None, ring: int | None = None) ->
     """O2_BODY; p16 (None: O2_P16): P and Vn staged in the pieces' type for Y += P Vn; ring
     (None: O2_RING): stages of its ring."""
     return PROLOGUE[backend] + src.o2_body(
+        O2_P16 if p16 is None else p16, O2_RING if ring is None else ring
+    )
+
+
+def o2_vx_source(backend: str, p16: bool | None = None, ring: int | None = None) -> str:
+    """O2_BODY with the Y decay in the accumulators and 16-byte y stores (O2_VX; CUDA)."""
+    return PROLOGUE[backend] + src.o2_vx_body(
         O2_P16 if p16 is None else p16, O2_RING if ring is None else ring
     )
 
@@ -486,6 +500,8 @@ _kernels: dict[tuple, object] = {}
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
 MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 2}
 _BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
+# Round 6's variants (WY2_VX, O2_VX; CUDA): bounded as the pass they vary.
+_BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2"}
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -507,8 +523,10 @@ def launch_bounds_header(threads: int, blocks: int) -> str:
 _PLAIN = {
     "h": (src.H_NAME, src.H_INPUTS, src.H_OUTPUTS, h_source),
     "h2": (src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source),
+    "h2x": (src.H2_NAME + "_vx", src.H_INPUTS, src.H_OUTPUTS, h2_vx_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
+    "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
     "state": (src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_source),
     "state_mma": (src.STATE_MMA_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_mma_source),
 }
@@ -537,21 +555,25 @@ def _build(backend: str, which: str):
                 header=_stamped_header(which.split("_")[0]),
             )
         return _kernels[key]
-    lb = MIN_BLOCKS.get(which.removesuffix("_fused").replace("wy2v", "wy2"))
-    lb = lb if backend == "cuda" and which in _BOUNDED else None
+    if which in _BOUNDED_AS:
+        lb = MIN_BLOCKS.get(_BOUNDED_AS[which]) if backend == "cuda" else None
+    else:
+        lb = MIN_BLOCKS.get(which.removesuffix("_fused").replace("wy2v", "wy2"))
+        lb = lb if backend == "cuda" and which in _BOUNDED else None
     t32 = backend == "cuda" and not MMA16
-    p32 = which == "o2" and not O2_P16
-    r2 = which == "o2" and O2_RING != 3
+    p32 = which in ("o2", "o2x") and not O2_P16
+    r2 = which in ("o2", "o2x") and O2_RING != 3
     key = (backend, which, lb, t32, p32, r2)
     if key not in _kernels:
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
             body = source(backend)
-        elif which in ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused"):
-            fused, ring, v16 = which.endswith("_fused"), which.startswith("wy2"), "2v" in which
+        elif which.startswith("wy"):
+            fused, ring = which.endswith("_fused"), which.startswith("wy2")
+            v16, vx = "2v" in which, "2x" in which
             name, ins, outs = src.wy_name(fused, ring), src.wy_inputs(fused), src.WY_OUTPUTS
-            name += "_v16" if v16 else ""
-            body = wy_source(backend, fused, ring, v16)
+            name += "_v16" if v16 else "_vx" if vx else ""
+            body = wy_source(backend, fused, ring, v16, vx)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
@@ -619,6 +641,15 @@ WY2 = True
 # staged type is the pieces'): off by default until the H200 has checked and timed it
 # (benchmarks/chunk_split_gpu.py --stamps, "wy v16").
 WY2_V16 = False
+# Round 6 (helper chunk6; CUDA only, off by default until the H200 has checked and timed them,
+# benchmarks/chunk_split_gpu.py --ab6): each pass's outputs moved 16 bytes a thread, the same
+# arithmetic (outputs bit for bit the default build's). WY2_VX: WY2_V16 plus Kw's stores and
+# the U / W slices' scaling in 16-byte groups (chunk_source.wy2_vx_body; takes precedence over
+# WY2_V16). H2_VX: H[n]'s stores (h2_vx_body). O2_VX: Y's decay in the accumulators (three
+# barriers fewer) and y's stores (o2_vx_body; where Dv is a multiple of 16 / y's item size).
+WY2_VX = False
+H2_VX = False
+O2_VX = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -739,8 +770,9 @@ def wy_pass(
     N = -(-T // C)
     BH = B * Hv
     ring = WY2 and Dv % 8 == 0 and k.dtype == v.dtype  # k, v copied raw into one ring
+    vx = ring and WY2_VX and backend == "cuda" and not stamps
     v16 = ring and WY2_V16 and backend == "cuda" and not stamps
-    base = "wy2v" if v16 else "wy2" if ring else "wy"
+    base = "wy2x" if vx else "wy2v" if v16 else "wy2" if ring else "wy"
     mask, gates, which = _gate_inputs(base, g, beta, mask, raw_gates, B, T)
     extra_shapes, extra_dtypes = [], []
     if stamps:
@@ -803,7 +835,8 @@ def h_pass(
         )
     ds, nb = H_TILES or tiles
     nt = h_threads(bv, C)
-    return _build(backend, "h2" if h2 else "h")(
+    name = ("h2x" if H2_VX and backend == "cuda" else "h2") if h2 else "h"
+    return _build(backend, name)(
         inputs=[W, U, Kw, gates, state],
         template=[
             ("Dk", Dk),
@@ -848,6 +881,8 @@ def o_pass(
         o2_ds, o2_bvo = O2_TILES[(backend, y_dtype.size)]
         if Dk % o2_ds == 0:
             name, bvo, ds = "o2", o2_bvo, o2_ds
+            vx = O2_VX and backend == "cuda" and Dv % (16 // y_dtype.size) == 0
+            name += "x" if vx and not stamps else ""
     nz = -(-Dv // bvo)
     extra_shapes, extra_dtypes = [], []
     if stamps:

@@ -814,11 +814,11 @@ def wy_name(fused: bool, ring: bool = False) -> str:
     return "gated_delta_chunk_wy" + ("2" if ring else "") + ("_fused" if fused else "")
 
 
-def wy_body(fused: bool, ring: bool = False, v16: bool = False) -> str:
-    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body()); GD_FUSED 1 computes the gates from a, b,
-    A_log, dt_bias as PREP_BODY does."""
+def wy_body(fused: bool, ring: bool = False, v16: bool = False, vx: bool = False) -> str:
+    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body(); vx: wy2_vx_body()); GD_FUSED 1 computes
+    the gates from a, b, A_log, dt_bias as PREP_BODY does."""
     defs = f"\n#define GD_FUSED {int(fused)}\n"
-    body = wy2_v16_body() if v16 else WY2_BODY if ring else WY_BODY
+    body = wy2_vx_body() if vx else wy2_v16_body() if v16 else WY2_BODY if ring else WY_BODY
     return defs + _DECAY_R_MACRO + body + "#undef GD_DECAY_R\n#undef GD_FUSED\n"
 
 
@@ -1962,6 +1962,263 @@ def wy2_v16_body() -> str:
     """WY2_BODY with the 16-byte stores of W and U (_WY2_STORES_V16)."""
     assert WY2_BODY.count(_WY2_STORES) == 1 and WY2_BODY.count(_AI) == 1
     return WY2_BODY.replace(_WY2_STORES, _WY2_STORES_V16).replace(_AI, _AI16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 6 (helper chunk6, issue 9): 16-byte pieces everywhere a pass moves its outputs, and O2's
+# Y decay in the accumulators. CUDA only (the 16-byte copies need the staged type to be the
+# pieces'; O2X reads CUDA's accumulator fragment layout, which the lane emulator shares), each
+# off by default behind a switch of chunk_launch (WY2_VX, H2_VX, O2_VX), each the same arithmetic
+# element for element as the default text, so the same outputs bit for bit.
+# A 16-byte group of elements of type T (declared inside a kernel, where T is known).
+def _vec_struct(name: str, t: str) -> str:
+    return f"""  struct alignas(16) {name} {{
+    {t} x[16 / sizeof({t})];
+  }};
+"""
+
+
+def _wy2_slice_vx(x: str) -> str:
+    """_wy2_slice with the loop over the slice's 16-byte groups (VE elements from row i,
+    column d) instead of its elements."""
+    loop = "    for (int e = tid; e < C * DS; e += NT) {\n"
+    text = _wy2_slice(x)
+    assert text.count(loop) == 1
+    return text.replace(loop, "    for (int e = tid * VE; e < C * DS; e += NT * VE) {\n")
+
+
+_WY2_KW = """      const float x = static_cast<float>(ks[i * SQ + d]);
+      Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
+    }
+"""
+# Kw = w k from the staged k slice, a 16-byte group a thread (the default: an element a thread).
+_WY2_KW_VX = """      const bool row = ok[i] != 0.0f;
+      const float wi = wts[i];
+      const gd_vx x = *reinterpret_cast<const GD_TG_PTR gd_vx*>(ks + i * SQ + d);
+      gd_vx o;
+      #pragma unroll
+      for (int r = 0; r < VE; ++r) {
+        o.x[r] = static_cast<PT>(row ? wi * static_cast<float>(x.x[r]) : 0.0f);
+      }
+      GD_ST16(Kw + (rn + i) * Dk + q * DS + d, o);
+    }
+"""
+# One 16-byte store of a gd_vx (16 / PSZ elements of PT) to device memory at p_: on CUDA
+# st.global.v4 of its four words (nvcc leaves an element-wise copy of the struct as 2-byte
+# stores here); elsewhere (the lane emulator) the copy.
+_ST16 = """#ifdef __CUDA_ARCH__
+#define GD_ST16(p_, v_)                                                                     \\
+  {                                                                                         \\
+    unsigned int u_[4];                                                                     \\
+    _Pragma("unroll") for (int j_ = 0; j_ < 4; ++j_) {                                      \\
+      const unsigned short* h_ = reinterpret_cast<const unsigned short*>(&(v_).x[0]);       \\
+      const unsigned int* w_ = reinterpret_cast<const unsigned int*>(&(v_).x[0]);           \\
+      u_[j_] = PSZ == 2 ? unsigned(h_[2 * j_]) | (unsigned(h_[2 * j_ + 1]) << 16) : w_[j_]; \\
+    }                                                                                       \\
+    asm volatile(                                                                           \\
+        "{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v4.b32 [g], {%1, %2, %3, %4}; }" \\
+        ::"l"(p_), "r"(u_[0]), "r"(u_[1]), "r"(u_[2]), "r"(u_[3])                           \\
+        : "memory");                                                                        \\
+  }
+#else
+#define GD_ST16(p_, v_) (*reinterpret_cast<gd_vx*>(p_) = (v_))
+#endif
+"""
+_WY2_SCALE = """      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
+      const float sc = is_v ? bs[i] : bs[i] * gam[i];
+      bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
+    }
+"""
+# The staged U / W slice scaled in place a 16-byte group a thread (one read, one write).
+_WY2_SCALE_VX = """      const bool row = ok[i] != 0.0f;
+      const float sc = is_v ? bs[i] : bs[i] * gam[i];
+      gd_vx x = *reinterpret_cast<const GD_TG_PTR gd_vx*>(bsl + i * SQ + d);
+      #pragma unroll
+      for (int r = 0; r < VE; ++r) {
+        const bool take = row && (!is_v || c0 + d + r < Dv);
+        x.x[r] = static_cast<PS>(take ? sc * static_cast<float>(x.x[r]) : 0.0f);
+      }
+      *reinterpret_cast<GD_TG_PTR gd_vx*>(bsl + i * SQ + d) = x;
+    }
+"""
+_WY2_HEAD = "  const int NQ = 2 * NSK + nvs;              // slices through the ring\n"
+
+
+def wy2_vx_body() -> str:
+    """WY2_V16 (16-byte W / U stores) with Kw's stores and the U / W slices' scaling a 16-byte
+    group a thread as well (WY2_VX): per slice a thread issues one 16-byte shared read, one
+    write or global store where the default issues 8 of each (bf16), with their address
+    arithmetic. Same products and roundings: W, U, Kw, gates bit for bit WY2_BODY's."""
+    body = wy2_v16_body()
+    kk = _wy2_slice("ks") + _WY2_KW
+    sc = _wy2_slice("bsl") + _WY2_SCALE
+    assert body.count(kk) == 1 and body.count(sc) == 1 and body.count(_WY2_HEAD) == 1
+    head = _WY2_HEAD + "  constexpr int VE = 16 / PSZ;  // elements of a 16-byte group\n"
+    head += _vec_struct("gd_vx", "PS") + _ST16
+    body = body.replace(kk, _wy2_slice_vx("ks") + _WY2_KW_VX)
+    body = body.replace(sc, _wy2_slice_vx("bsl") + _WY2_SCALE_VX)
+    return body.replace(_WY2_HEAD, head) + "#undef GD_ST16\n"
+
+
+# O2_BODY's Y decay: Y staged to threadgroup floats, scaled there, loaded back (3 barriers).
+_O2_DECAY = (
+    """  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+"""
+    + _o_stage_vn("VS", "PS")
+    + """  gd_barrier();
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int i = e / BVO;
+    X[i * VP + e % BVO] = ok[i] != 0.0f ? gam[i] * X[i * VP + e % BVO] : 0.0f;
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();  // X free for P
+"""
+)
+# O2_VX: the same decay on the accumulators in place (CUDA's fragments: element (h, c) of a
+# lane 4 g + t is row g + 8 (c / 2) of its tile), no barrier; Vn staged meanwhile (read after
+# the barriers of P's making).
+_O2_DECAY_VX = (
+    """  for (int u = 0; u < YTW; ++u) {
+    const int r0 = 16 * ((w + NW * u) / YC) + (tid & 31) / 4;
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      #pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = r0 + 8 * (c / 2);
+        ya[u].c[h][c] = ok[i] != 0.0f ? gam[i] * ya[u].c[h][c] : 0.0f;
+      }
+    }
+  }
+"""
+    + _o_stage_vn("VS", "PS")
+)
+_O2_Y_STORES = """  for (int e = tid; e < C * BVO; e += NT) {
+    const int i = e / BVO;
+    const int v = e % BVO;
+    const int t = t0 + i;
+    if (t < T && v0 + v < Dv) {
+      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(X[i * VP + v]);
+    }
+  }
+"""
+# O2_VX: y written a 16-byte group a thread (needs Dv % (16 / sizeof(YT)) == 0: a group is whole
+# inside or outside the value rows; chunk_launch takes O2_BODY otherwise).
+_O2_Y_STORES_VX = (
+    """  constexpr int VE = 16 / int(sizeof(YT));  // elements of a 16-byte group
+"""
+    + _vec_struct("gd_vy", "YT")
+    + """  for (int e = tid * VE; e < C * BVO; e += NT * VE) {
+    const int i = e / BVO;
+    const int v = e % BVO;
+    const int t = t0 + i;
+    if (t < T && v0 + v < Dv) {
+      gd_vy o;
+      #pragma unroll
+      for (int r = 0; r < VE; ++r) o.x[r] = static_cast<YT>(X[i * VP + v + r]);
+      *reinterpret_cast<gd_vy*>(y + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v) = o;
+    }
+  }
+"""
+)
+
+
+# O2_BODY's P: q k^T's tiles to threadgroup floats, a barrier, then D o q k^T by columns.
+_O2_P = _decayed_lower_tiles(
+    "qk", "X", "PP", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij", out="Pm", so="PB", ot="PS"
+)
+# O2_VX: P made from the accumulators (element (h, c) of lane 4 g + t of tile (tr, tc) is (16 tr
+# + g + 8 (c / 2), 16 tc + 8 h + 2 t + c % 2)), written straight to Pm: no fp32 round trip, no
+# barrier (the epilogue's first barrier orders Pm before P Vn). Tiles above the diagonal are not
+# written (P Vn reads row tile r's columns below 16 (r + 1) only).
+_O2_P_VX = """  for (int c = 0; c < 2; ++c) {
+    const int tc = 2 * (w % 2) + c;
+    if (tc <= tr) {
+      const int ib = 16 * tr + (tid & 31) / 4;  // rows ib, ib + 8
+      const int jb = 16 * tc + 2 * (tid & 3);   // columns jb + 8 h + {0, 1}
+      float pv[2][4];  // every read first, then the writes (nothing to order between them)
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = ib + 8 * (e / 2);
+          const int j = jb + 8 * h + e % 2;
+          const float gj = gam[j];
+          const float rj = rg[j];
+          GD_DECAY_R(dij, i, j, gj, rj);
+          const bool keep = j <= i && ok[i] != 0.0f && ok[j] != 0.0f;
+          pv[h][e] = keep ? dij * qk[c].c[h][e] : 0.0f;
+        }
+      }
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          Pm[(ib + 8 * (e / 2)) * PB + jb + 8 * h + e % 2] = static_cast<PS>(pv[h][e]);
+        }
+      }
+    }
+  }
+"""
+
+
+def o2_vx_body(p16: bool = True, ring: int = 3) -> str:
+    """o2_body with Y's decay and P made in the accumulators (_O2_DECAY_VX, _O2_P_VX: four
+    barriers and two round trips through threadgroup floats fewer) and y written a 16-byte group
+    a thread (O2_VX; CUDA). Same arithmetic element for element: y bit for bit o2_body's."""
+    body = o2_body(p16, ring)
+    for text in (_O2_DECAY, _O2_P, _O2_Y_STORES):
+        assert body.count(text) == 1
+    body = body.replace(_O2_DECAY, _O2_DECAY_VX).replace(_O2_P, _O2_P_VX)
+    # Y staged in X's fp32 tiles, which (16-bit P) nothing reads any more: no barrier before
+    assert body.count(_O2_Y_STAGED) == 1
+    body = body.replace(_O2_Y_STAGED, _O2_Y_STAGED.replace("  gd_barrier();", _O2_Y_BAR, 1))
+    return body.replace(_O2_Y_STORES, _O2_Y_STORES_VX)
+
+
+_O2_Y_STAGED = """  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], X + 16 * (e / YC) * VP"""
+_O2_Y_BAR = "  if (PSZ == 4) gd_barrier();  // P (in X) read by every warp"
+
+
+_H2_H_STORES = """            #pragma unroll
+            for (int it = 0; it < BV * Dk / NT; ++it) {
+              const int e = tid + it * NT;
+              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
+            }
+"""
+# H2_VX: H[n] of a whole value tile copied from Sb a 16-byte group a thread (Sb is the state in
+# PT already).
+_H2_H_STORES_VX = """            static_assert(sizeof(PS) == sizeof(PT), "H2_VX: PS must be PT");
+            constexpr int VE = 16 / PSZ;  // elements of a 16-byte group
+            struct alignas(16) gd_vh {
+              unsigned int x[4];
+            };
+            #pragma unroll
+            for (int it = 0; it < BV * Dk / (NT * VE); ++it) {
+              const int e = (tid + it * NT) * VE;
+              *reinterpret_cast<gd_vh*>(H + (hb + e / Dk) * Dk + e % Dk) =
+                  *reinterpret_cast<const GD_TG_PTR gd_vh*>(Sb + (e / Dk) * SB + e % Dk);
+            }
+"""
+
+
+def h2_vx_body() -> str:
+    """H2_BODY with H[n]'s stores a 16-byte group a thread where the value tile is whole
+    (H2_VX; CUDA): 2 stores a thread a chunk instead of 16 (bf16, BV 16, Dk 128). The same
+    bytes: H, Vn and the state bit for bit H2_BODY's."""
+    assert H2_BODY.count(_H2_H_STORES) == 1
+    return H2_BODY.replace(_H2_H_STORES, _H2_H_STORES_VX)
 
 
 # ---------------------------------------------------------------------------------------------
