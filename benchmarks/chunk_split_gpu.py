@@ -60,8 +60,10 @@ off by default. Checks first (B 2, row 1 left-padded with a hole, raw gates, Hv 
 (fp32) and 2048 (fp32, bf16) each variant's y and state must EQUAL the default build's bit for
 bit (same arithmetic), and be within the tolerance of the float64 loop (fp32) / the fused kernel
 (bf16); "vx lb4" (the three with round 5's BEST_LB4) and "vx bv32" (the state pass at 32 value
-rows) within the tolerance only. Then timings at T 8192 / 32768 (B 1, Hv 32, bf16) with FLA's
-chunk kernel and the predictions beside. Exit status 1 if a check fails.
+rows) within the tolerance only. Then the state pass H2_BODY stamped (chunk_source.H2_STAMPS:
+the phases of one sampled chunk a threadgroup; its H, Vn and state must equal the plain build's)
+at T 8192 / 32768, and timings there (B 1, Hv 32, bf16) with FLA's chunk kernel and the
+predictions beside. Exit status 1 if a check fails.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
@@ -546,6 +548,44 @@ def ab6_checks(backend: str) -> list[dict]:
     return rows
 
 
+def ab6_state_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab6: the state pass H2_BODY stamped (chunk_source.H2_STAMPS: one sampled chunk a
+    threadgroup, n = N / 2) at each T (B 1, bf16): H, Vn and the state against the plain build's
+    (must be equal), then the phases of the sampled chunk (chunk_stamps.summarize)."""
+    from chunk_stamps import summarize
+    from chunk_stamps import table as stamp_table
+
+    from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+
+    rows = []
+    for T in ts:
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
+        W, U, Kw, gts = cl.wy_pass(
+            backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
+        )
+        plain = cl.h_pass(backend, W, U, Kw, gts, state0)
+        mx.eval(plain)
+        row = {"T": T, "Hv": hv, "same": None}
+        try:
+            for _ in range(3):
+                st = cl.h_pass(backend, W, U, Kw, gts, state0, stamps=True)
+                mx.eval(st)
+            row["same"] = all(
+                mx.array_equal(x, z, equal_nan=True).item()
+                for x, z in zip(plain, st[:3], strict=True)
+            )
+            print(f"  T={T} stamped state pass equal to the plain build: {row['same']}")
+            r = summarize(np.array(st[3]), [x[0] for x in cs.H2_STAMPS])
+            per_chunk = sum(r["phases"][x[0]]["median"] for x in cs.H2_STAMPS[1:-1])
+            print(stamp_table("state", T, r), flush=True)
+            print(f"    one chunk (medians, U rows .. update): {per_chunk:.0f} cycles", flush=True)
+            row["stamps"], row["chunk_cycles"] = r, per_chunk
+        except Exception as e:  # the timings still run
+            print(f"  stamped state pass did not build or run: {str(e)[:500]}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     """--ab6's timings (B 1, bf16): the passes and the split path, default and with the
     variants, FLA's chunk kernel beside."""
@@ -673,16 +713,20 @@ def main(argv=None) -> int:
     if args.ab6:
         print("1. round 6's variants against the default build and the references", flush=True)
         checks = ab6_checks(backend)
-        print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
+        print("2. the state pass's phases (stamped build, one chunk a threadgroup)", flush=True)
+        state_stamps = ab6_state_stamps(backend)
+        print("3. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
         times = ab6_times(backend)
         bad = [r["check"] for r in checks if not r["ok"]]
+        bad += [f"state stamped T={r['T']}" for r in state_stamps if r["same"] is False]
         print(f"ab6 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
         path = out / f"chunk_ab6_{backend}_{stamp}.json"
         info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
-        path.write_text(json.dumps(info | {"checks": checks, "times": times}, indent=1))
+        info |= {"checks": checks, "state_stamps": state_stamps, "times": times}
+        path.write_text(json.dumps(info, indent=1))
         print(f"wrote {path}")
         return 1 if bad else 0
     if args.stamps:

@@ -493,13 +493,14 @@ def test_split_wy2_v16_equals_wy2(program, tmp_path, cfg, fused):
 
 
 # Round 6's variants (chunk_launch.WY2_VX, H2_VX, O2_VX): Dk 128 with Dv 40 (a partial v slice,
-# a partial state tile of 16 value rows, y's value tile partial) and Dv 128 (every tile whole).
-VX_SHAPES = [WY2_SHAPES[3], (1, 200, 1, 2, 128, 128)]
+# a partial state tile of 16 value rows, y's value tile partial), Dv 128 (every tile whole), and
+# Dk 32 (fewer 16-byte groups of a state tile than threads).
+VX_SHAPES = [WY2_SHAPES[3], (1, 200, 1, 2, 128, 128), SHAPES[3]]
 
 
 @pytest.mark.parametrize("cfg", ["cuda", "cuda_bf16", "cuda_bf16_w64"])
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
-@pytest.mark.parametrize("shape", VX_SHAPES, ids=lambda s: f"Dv{s[5]}")
+@pytest.mark.parametrize("shape", VX_SHAPES, ids=lambda s: f"Dk{s[4]}Dv{s[5]}")
 def test_split_vx_equals_default(program, tmp_path, cfg, fused, shape):
     """WY2_VX (16-byte Kw / W / U stores and slice scaling), H2_VX (16-byte H stores) and O2_VX
     (Y's decay in the accumulators, 16-byte y stores) give the default builds' W, U, Kw, gates,
@@ -572,7 +573,8 @@ def test_split_bf16_pieces_within_bf16_tolerance(program, tmp_path, out):
 @pytest.mark.parametrize(
     "cfg,out,wy",
     [(c, o, "wy") for o in ("o", "o2") for c in ("cuda", "metal")]
-    + [(c, "o2", "wy2") for c in ("cuda", "metal", "cuda_bf16")],
+    + [(c, "o2", "wy2") for c in ("cuda", "metal", "cuda_bf16")]
+    + [(c, "o2x", "wy2x") for c in ("cuda", "cuda_bf16")],  # round 6's variants (CUDA)
 )
 def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg, out, wy):
     """g = 0 mid-chunk and at a chunk's first step, decays of 1e-4..0.05 (products far below
@@ -588,7 +590,7 @@ def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg
     pad = ~mask
     nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
     bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
-    h = "h2" if wy == "wy2" else "h"
+    h = {"wy2": "h2", "wy2x": "h2x"}.get(wy, "h")
     _, got = run_split(program, tmp_path, *bad, state, mask, cfg, out=out, wy=wy, h=h)
     _check(got, want, TOL_BF16 if cfg == "cuda_bf16" else TOL)
 

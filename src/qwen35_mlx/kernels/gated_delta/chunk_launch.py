@@ -534,8 +534,9 @@ _PLAIN = {
 
 def _build(backend: str, which: str):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
-    split path's "wy", "wy_fused", "h", "o"; a "_stamped" suffix (CUDA, "wy2", "wy2_fused",
-    "o2"): that kernel with clock stamps and the extra output `stamps` (chunk_source.stamped)."""
+    split path's "wy", "wy_fused", "h", "o" (and their variants); a "_stamped" suffix (CUDA,
+    "wy2", "wy2_fused", "o2", "h2"): that kernel with clock stamps and the extra output `stamps`
+    (chunk_source.stamped)."""
     stamp = which.endswith("_stamped")
     if stamp:
         if backend != "cuda" or which not in _STAMPED:
@@ -611,6 +612,10 @@ _STAMPED = {
     ),
     "o2_stamped": lambda: (
         src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source("cuda"), src.O2_STAMPS,
+    ),
+    # round 6: the state pass, one sampled chunk a threadgroup (chunk_source.H2_STAMPS)
+    "h2_stamped": lambda: (
+        src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source("cuda"), src.H2_STAMPS,
     ),
 }  # fmt: skip
 
@@ -819,9 +824,12 @@ def h_pass(
     bv=None,
     prefetch=None,
     init_value=None,
+    stamps: bool = False,
 ):
     """H_BODY (H2_BODY where H2 is set and its tiles fit): (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C,
-    Dv]) in the pieces' dtype, and the final state [B, Hv, Dv, Dk] fp32."""
+    Dv]) in the pieces' dtype, and the final state [B, Hv, Dv, Dk] fp32. stamps (CUDA, H2_BODY
+    only): the stamped build (chunk_source.H2_STAMPS), its stamps [threadgroups, STAMP_SLOTS]
+    uint32 appended to the outputs."""
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     bv = bv or H_BV
@@ -836,6 +844,12 @@ def h_pass(
     ds, nb = H_TILES or tiles
     nt = h_threads(bv, C)
     name = ("h2x" if H2_VX and backend == "cuda" else "h2") if h2 else "h"
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        if not h2:
+            raise ValueError("gated_delta chunk kernel: stamps need the H2_BODY pass")
+        name = "h2_stamped"
+        extra_shapes, extra_dtypes = [(B * Hv * -(-Dv // bv), src.STAMP_SLOTS)], [mx.uint32]
     return _build(backend, name)(
         inputs=[W, U, Kw, gates, state],
         template=[
@@ -851,8 +865,8 @@ def h_pass(
         ],
         grid=(nt * B * Hv, -(-Dv // bv), 1),
         threadgroup=(nt, 1, 1),
-        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
-        output_dtypes=[pt, pt, mx.float32],
+        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk), *extra_shapes],
+        output_dtypes=[pt, pt, mx.float32, *extra_dtypes],
         init_value=init_value,
     )
 

@@ -2205,8 +2205,7 @@ _H2_H_STORES_VX = """            static_assert(sizeof(PS) == sizeof(PT), "H2_VX:
               unsigned int x[4];
             };
             #pragma unroll
-            for (int it = 0; it < BV * Dk / (NT * VE); ++it) {
-              const int e = (tid + it * NT) * VE;
+            for (int e = tid * VE; e < BV * Dk; e += NT * VE) {  // Dk 32: half the threads
               *reinterpret_cast<gd_vh*>(H + (hb + e / Dk) * Dk + e % Dk) =
                   *reinterpret_cast<const GD_TG_PTR gd_vh*>(Sb + (e / Dk) * SB + e % Dk);
             }
@@ -2283,6 +2282,22 @@ WY2_STAMPS = (
         "q == NSK + 1",
     ),
     ("slices 2..", _WY2_SLICE, "q == NSK + 2"),
+)
+# The state pass H2_BODY (round 6, helper chunk6): one sampled chunk n = N / 2 of every
+# threadgroup, its W slices (s < KSL) and Kw slices (s >= KSL) split at the copy wait, then the
+# chunks after it; the first phase is the state's load, the first copies and chunks 0 .. N/2 - 1.
+_H2_CHUNK = "    // This chunk's U rows (columns clamped) and decay, loaded at its start.\n"
+_H2_SLICE = "      const int q = n * NSL + s;\n"
+_H2_STAGED = "      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;\n"
+H2_STAMPS = (
+    ("chunks before", "  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);\n"),
+    ("U rows", _H2_CHUNK, "n == N / 2"),
+    ("W slice: wait", _H2_SLICE, "n == N / 2 && s == 0"),
+    ("W S^T, H", _H2_STAGED, "n == N / 2 && s == 0"),
+    ("Kw slice: Xw, wait", _H2_SLICE, "n == N / 2 && s == KSL"),
+    ("delta, decay", _H2_STAGED, "n == N / 2 && s == KSL"),
+    ("update", "      // the tiles of this warp in Kw's key slice s - KSL\n", "n == N / 2 && s == KSL"),
+    ("chunks after", _H2_CHUNK, "n == N / 2 + 1"),
 )
 _O2_SLICE = "    gd_copy_wait<NBO - 2>();\n    gd_barrier();  // slice s staged"
 O2_STAMPS = (
