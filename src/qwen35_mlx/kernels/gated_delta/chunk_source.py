@@ -2289,6 +2289,7 @@ WY2_STAMPS = (
 _H2_CHUNK = "    // This chunk's U rows (columns clamped) and decay, loaded at its start.\n"
 _H2_SLICE = "      const int q = n * NSL + s;\n"
 _H2_STAGED = "      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;\n"
+_H2_UPDATE = "      // the tiles of this warp in Kw's key slice s - KSL\n"
 H2_STAMPS = (
     ("chunks before", "  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);\n"),
     ("U rows", _H2_CHUNK, "n == N / 2"),
@@ -2296,7 +2297,7 @@ H2_STAMPS = (
     ("W S^T, H", _H2_STAGED, "n == N / 2 && s == 0"),
     ("Kw slice: Xw, wait", _H2_SLICE, "n == N / 2 && s == KSL"),
     ("delta, decay", _H2_STAGED, "n == N / 2 && s == KSL"),
-    ("update", "      // the tiles of this warp in Kw's key slice s - KSL\n", "n == N / 2 && s == KSL"),
+    ("update", _H2_UPDATE, "n == N / 2 && s == KSL"),
     ("chunks after", _H2_CHUNK, "n == N / 2 + 1"),
 )
 _O2_SLICE = "    gd_copy_wait<NBO - 2>();\n    gd_barrier();  // slice s staged"
