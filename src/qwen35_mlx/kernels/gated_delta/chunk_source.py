@@ -2086,8 +2086,7 @@ _O2_DECAY = (
 # O2_VX: the same decay on the accumulators in place (CUDA's fragments: element (h, c) of a
 # lane 4 g + t is row g + 8 (c / 2) of its tile), no barrier; Vn staged meanwhile (read after
 # the barriers of P's making).
-_O2_DECAY_VX = (
-    """  for (int u = 0; u < YTW; ++u) {
+_O2_DECAY_VX = """  for (int u = 0; u < YTW; ++u) {
     const int r0 = 16 * ((w + NW * u) / YC) + (tid & 31) / 4;
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -2098,9 +2097,7 @@ _O2_DECAY_VX = (
       }
     }
   }
-"""
-    + _o_stage_vn("VS", "PS")
-)
+""" + _o_stage_vn("VS", "PS")
 _O2_Y_STORES = """  for (int e = tid; e < C * BVO; e += NT) {
     const int i = e / BVO;
     const int v = e % BVO;
