@@ -2209,12 +2209,77 @@ _H2_H_STORES_VX = """            static_assert(sizeof(PS) == sizeof(PT), "H2_VX:
 """
 
 
+# H2_BODY's U rows (a thread's C BV / NT of the chunk's, row-major), Xw to D_t at slice KSL,
+# and delta from them after slice KSL's barrier, behind a barrier of its own.
+_H2_XU = _rows_to_registers("xu", "U", "BV")
+_H2_XW = "      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);\n"
+_H2_DELTA = """      if (s == KSL) {
+        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
+        const bool full = v0 + BV <= Dv;
+        #pragma unroll
+        for (int it = 0; it < C * BV / NT; ++it) {
+          const int e = tid + it * NT;
+          const int i = e / BV;
+          const int v = e % BV;
+          const bool in = full || v0 + v < Dv;
+          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
+          Db[i * DBL + v] = static_cast<PS>(dl);
+          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+        }
+        #pragma unroll
+        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
+        gd_barrier();  // delta complete
+      }
+"""
+# H2_VX: each warp's U values in its Xw tile's fragment layout (element (h, e) of lane 4 g + t:
+# row 16 rt + g + 8 (e / 2), value 16 vt + 8 h + 2 t + e % 2), delta = U - Xw made in the
+# registers before slice KSL's wait and written to Db and Vn there, so slice KSL's barrier
+# also completes delta: one barrier a chunk and Xw's round trip through D_t fewer.
+_H2_XU_VX = """    float xu[2][4];  // U where this warp holds Xw (values clamped)
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * rt + (tid & 31) / 4 + 8 * (e / 2);
+        const int v = v0 + 16 * vt + 8 * h + 2 * (tid & 3) + e % 2;
+        xu[h][e] = static_cast<float>(U[(rn + i) * Dv + (v < Dv ? v : Dv - 1)]);
+      }
+    }
+"""
+_H2_XW_VX = """      if (s == KSL) {
+        // delta = U - Xw from the accumulators; value rows past Dv get delta 0 and no Vn
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = 16 * rt + (tid & 31) / 4 + 8 * (e / 2);
+            const int v = 16 * vt + 8 * h + 2 * (tid & 3) + e % 2;
+            const bool in = v0 + v < Dv;
+            const float dl = in ? xu[h][e] - xw.c[h][e] : 0.0f;
+            Db[i * DBL + v] = static_cast<PS>(dl);
+            if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+          }
+        }
+      }
+"""
+_H2_DELTA_VX = """      if (s == KSL) {
+        #pragma unroll
+        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
+      }
+"""
+
+
 def h2_vx_body() -> str:
-    """H2_BODY with H[n]'s stores a 16-byte group a thread where the value tile is whole
-    (H2_VX; CUDA): 2 stores a thread a chunk instead of 16 (bf16, BV 16, Dk 128). The same
-    bytes: H, Vn and the state bit for bit H2_BODY's."""
-    assert H2_BODY.count(_H2_H_STORES) == 1
-    return H2_BODY.replace(_H2_H_STORES, _H2_H_STORES_VX)
+    """H2_BODY with H[n]'s stores a 16-byte group a thread where the value tile is whole (2
+    stores a thread a chunk instead of 16: bf16, BV 16, Dk 128), and delta made in the
+    accumulators before slice KSL's barrier (H2_VX; CUDA): 2 barriers a chunk instead of 3.
+    Same arithmetic: H, Vn and the state bit for bit H2_BODY's."""
+    body = H2_BODY
+    swaps = ((_H2_H_STORES, _H2_H_STORES_VX), (_H2_XU, _H2_XU_VX), (_H2_XW, _H2_XW_VX))
+    for old, new in (*swaps, (_H2_DELTA, _H2_DELTA_VX)):
+        assert body.count(old) == 1, old
+        body = body.replace(old, new)
+    return body
 
 
 # ---------------------------------------------------------------------------------------------
