@@ -2042,22 +2042,32 @@ _WY2_SCALE_VX = """      const bool row = ok[i] != 0.0f;
     }
 """
 _WY2_HEAD = "  const int NQ = 2 * NSK + nvs;              // slices through the ring\n"
+# WY2_BODY's L: k k^T's tiles to Ai, a barrier, then -beta D o k k^T by columns in place.
+_WY2_L_KEEP = "j < i && ok[i] != 0.0f && ok[j] != 0.0f"
+_WY2_L = _decayed_lower_tiles("kk", "Ai", "CP", _WY2_L_KEEP, "-bs[i] * dij")
 
 
 def wy2_vx_body() -> str:
     """WY2_V16 (16-byte W / U stores) with Kw's stores and the U / W slices' scaling a 16-byte
     group a thread as well (WY2_VX): per slice a thread issues one 16-byte shared read, one
     write or global store where the default issues 8 of each (bf16), with their address
-    arithmetic. Same products and roundings: W, U, Kw, gates bit for bit WY2_BODY's."""
+    arithmetic; and L made from k k^T's accumulators (_lower_tiles_vx: a barrier and a round
+    trip through Ai fewer). Same products and roundings: W, U, Kw, gates bit for bit
+    WY2_BODY's."""
     body = wy2_v16_body()
     kk = _wy2_slice("ks") + _WY2_KW
     sc = _wy2_slice("bsl") + _WY2_SCALE
     assert body.count(kk) == 1 and body.count(sc) == 1 and body.count(_WY2_HEAD) == 1
     head = _WY2_HEAD + "  constexpr int VE = 16 / PSZ;  // elements of a 16-byte group\n"
     head += _vec_struct("gd_vx", "PS") + _ST16
+    assert body.count(_WY2_L) == 1
+    body = body.replace(
+        _WY2_L, _lower_tiles_vx("kk", "Ai", "CP", "float", _WY2_L_KEEP, "-bs[i] * dij", zero=True)
+    )
     body = body.replace(kk, _wy2_slice_vx("ks") + _WY2_KW_VX)
     body = body.replace(sc, _wy2_slice_vx("bsl") + _WY2_SCALE_VX)
-    return body.replace(_WY2_HEAD, head) + "#undef GD_ST16\n"
+    body = body.replace(_WY2_HEAD, head)
+    return _DECAY_R1_MACRO + body + "#undef GD_ST16\n#undef GD_DECAY_R1\n"
 
 
 # O2_BODY's Y decay: Y staged to threadgroup floats, scaled there, loaded back (3 barriers).
@@ -2132,39 +2142,66 @@ _O2_Y_STORES_VX = (
 _O2_P = _decayed_lower_tiles(
     "qk", "X", "PP", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij", out="Pm", so="PB", ot="PS"
 )
+
+
 # O2_VX: P made from the accumulators (element (h, c) of lane 4 g + t of tile (tr, tc) is (16 tr
 # + g + 8 (c / 2), 16 tc + 8 h + 2 t + c % 2)), written straight to Pm: no fp32 round trip, no
 # barrier (the epilogue's first barrier orders Pm before P Vn). Tiles above the diagonal are not
 # written (P Vn reads row tile r's columns below 16 (r + 1) only).
-_O2_P_VX = """  for (int c = 0; c < 2; ++c) {
-    const int tc = 2 * (w % 2) + c;
-    if (tc <= tr) {
-      const int ib = 16 * tr + (tid & 31) / 4;  // rows ib, ib + 8
-      const int jb = 16 * tc + 2 * (tid & 3);   // columns jb + 8 h + {0, 1}
-      float pv[2][4];  // every read first, then the writes (nothing to order between them)
+# GD_DECAY_R with its running-product loop kept rolled (round 6's accumulator forms evaluate it at
+# 16 elements a lane, each unrolled copy of the rare loop would cost code, not time).
+_DECAY_R1_LOOP = "      for (int l = (j) + 1; l <= (i); ++l) { \\\n"
+_DECAY_R1_MACRO = _DECAY_R_MACRO.replace("GD_DECAY_R(", "GD_DECAY_R1(").replace(
+    _DECAY_R1_LOOP, '      _Pragma("unroll 1") for (int l = (j) + 1; l <= (i); ++l) { \\\n'
+)
+assert _DECAY_R_MACRO.count(_DECAY_R1_LOOP) == 1
+
+
+def _lower_tiles_vx(acc: str, out: str, so: str, ot: str, keep: str, scale: str, zero=False):
+    """_decayed_lower_tiles made from the accumulators (round 6; CUDA's fragments: element (h, e)
+    of lane 4 g + t of tile (tr, tc) is (16 tr + g + 8 (e / 2), 16 tc + 8 h + 2 t + e % 2)) and
+    written straight to `out` (row stride so, type ot): no round trip through threadgroup floats,
+    no barrier. Tiles above the diagonal are written 0 where `zero`, else not at all."""
+    upper = (
+        f"""    }} else {{
       #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < 2; ++h) {{
         #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < 4; ++e) {{
+          const int i = 16 * tr + (tid & 31) / 4 + 8 * (e / 2);
+          {out}[i * {so} + 16 * tc + 8 * h + 2 * (tid & 3) + e % 2] = 0.0f;
+        }}
+      }}
+"""
+        if zero
+        else ""
+    )
+    return f"""  for (int c = 0; c < 2; ++c) {{
+    const int tc = 2 * (w % 2) + c;
+    if (tc <= tr) {{
+      const int ib = 16 * tr + (tid & 31) / 4;  // rows ib, ib + 8
+      const int jb = 16 * tc + 2 * (tid & 3);   // columns jb + 8 h + {{0, 1}}
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {{
           const int i = ib + 8 * (e / 2);
           const int j = jb + 8 * h + e % 2;
           const float gj = gam[j];
           const float rj = rg[j];
-          GD_DECAY_R(dij, i, j, gj, rj);
-          const bool keep = j <= i && ok[i] != 0.0f && ok[j] != 0.0f;
-          pv[h][e] = keep ? dij * qk[c].c[h][e] : 0.0f;
-        }
-      }
-      #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          Pm[(ib + 8 * (e / 2)) * PB + jb + 8 * h + e % 2] = static_cast<PS>(pv[h][e]);
-        }
-      }
-    }
-  }
+          GD_DECAY_R1(dij, i, j, gj, rj);
+          const bool keep = {keep};
+          {out}[i * {so} + j] = static_cast<{ot}>(keep ? {scale} * {acc}[c].c[h][e] : 0.0f);
+        }}
+      }}
+{upper}    }}
+  }}
 """
+
+
+_O2_P_VX = _lower_tiles_vx(
+    "qk", "Pm", "PB", "PS", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij"
+)
 
 
 def o2_vx_body(p16: bool = True, ring: int = 3) -> str:
@@ -2178,7 +2215,8 @@ def o2_vx_body(p16: bool = True, ring: int = 3) -> str:
     # Y staged in X's fp32 tiles, which (16-bit P) nothing reads any more: no barrier before
     assert body.count(_O2_Y_STAGED) == 1
     body = body.replace(_O2_Y_STAGED, _O2_Y_STAGED.replace("  gd_barrier();", _O2_Y_BAR, 1))
-    return body.replace(_O2_Y_STORES, _O2_Y_STORES_VX)
+    body = body.replace(_O2_Y_STORES, _O2_Y_STORES_VX)
+    return _DECAY_R1_MACRO + body + "#undef GD_DECAY_R1\n"
 
 
 _O2_Y_STAGED = """  gd_barrier();
