@@ -55,8 +55,9 @@ stamped output differs from the plain one or a variant is outside the tolerance.
 
 --ab6 (round 6, helper chunk6; < 3 minutes, CUDA): the 16-byte variants (chunk_launch.WY2_VX:
 WY2_V16 plus Kw's stores and the U / W slices' scaling in 16-byte groups; H2_VX: H's stores;
-O2_VX: Y's decay and P made in the accumulators, four barriers fewer, 16-byte y stores), each
-off by default. Checks first (B 2, row 1 left-padded with a hole, raw gates, Hv 32): at T 200
+O2_VX: Y's decay and P made in the accumulators, four barriers fewer, 16-byte y stores; H2_DYN:
+the state pass's ring in dynamic shared memory, three or four whole W / Kw slices), each off by
+default. Checks first (B 2, row 1 left-padded with a hole, raw gates, Hv 32): at T 200
 (fp32) and 2048 (fp32, bf16) each variant's y and state must EQUAL the default build's bit for
 bit (same arithmetic), and be within the tolerance of the float64 loop (fp32) / the fused kernel
 (bf16); "vx lb4" (the three with round 5's BEST_LB4) and "vx bv32" (the state pass at 32 value
@@ -491,6 +492,9 @@ AB6_VARIANTS = {
     "o vx": ({"O2_VX": True}, True),
     "vx": (VX, True),
     "vx lb4": ({**VX, **BEST_LB4}, False),
+    # last: a launch with more than 48 KB of dynamic shared memory (MLX's cuda_kernel
+    # shared_memory=) is new here
+    "vx dyn3": ({**VX, "H2_DYN": (128, 3)}, True),
 }
 # O2_VX at three threadgroups an SM (ptxas, bf16: 80 registers, 20 bytes spilled; the default
 # O2_BODY spills 144 there, and was 10% faster at 32k all the same: round 4's "out lb3").
@@ -500,10 +504,12 @@ OUT3 = {"MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3}}
 PREDICTED_AB6 = {
     8192: {"wy": 0.465, "wy v16": 0.406, "wy vx": 0.33, "state": 0.42, "state vx": 0.37,
            "out": 0.492, "out vx": 0.37, "split": 1.304, "split v16": 1.257, "split vx": 1.07,
-           "split vx lb4": 1.06, "out vx lb3": 0.34, "split vx o3": 1.04},
+           "split vx lb4": 1.06, "out vx lb3": 0.34, "split vx o3": 1.04,
+           "state vx dyn3": 0.33, "state vx dyn4": 0.33, "split vx dyn3": 1.03},
     32768: {"wy": 1.695, "wy v16": 1.442, "wy vx": 1.20, "state": 1.60, "state vx": 1.42,
             "out": 1.819, "out vx": 1.35, "split": 5.004, "split v16": 4.847, "split vx": 4.0,
-            "split vx lb4": 3.95, "out vx lb3": 1.22, "split vx o3": 3.87},
+            "split vx lb4": 3.95, "out vx lb3": 1.22, "split vx o3": 3.87,
+            "state vx dyn3": 1.25, "state vx dyn4": 1.22, "split vx dyn3": 3.83},
 }  # fmt: skip
 
 
@@ -619,6 +625,10 @@ def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
             "out vx": patched(base["out"], O2_VX=True),
             "out vx lb3": patched(base["out"], O2_VX=True, **OUT3),
             "fla chunk": base.get("fla chunk"),
+            # the state pass's ring in dynamic shared memory: three / four whole W / Kw slices
+            "state vx dyn3": patched(base["state"], H2_VX=True, H2_DYN=(128, 3)),
+            "state vx dyn4": patched(base["state"], H2_VX=True, H2_DYN=(128, 4)),
+            "split vx dyn3": patched(base["split"], **VX, H2_DYN=(128, 3)),
         }
         timers = {name: run for name, run in timers.items() if run is not None}
         n = max(2, min(50, 65536 // T))

@@ -57,6 +57,8 @@ CFGS = {
     "cuda_ring3": ("float", 3, 16, (64, 3), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
     "cuda_bf16_w64": ("bf16", 1, 16, cl.h_tiles("cuda", 128, 16, 2), cl.O_SLICE["cuda"],
                       cl.O_BV["cuda"]),
+    # the state pass's ring of three whole key rows (chunk_launch.H2_DYN's (128, 3))
+    "cuda_bf16_r3": ("bf16", 1, 16, (128, 3), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
 }  # fmt: skip
 # WY2_BODY's (slice, ring) where a configuration departs from the host's WY2_TILES: slices of 64
 # (two output tiles a warp), as chunk_split_gpu.py --ab times them.
@@ -154,6 +156,14 @@ void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const fl
 }}
 }}  // namespace h2x
 
+namespace h2xd {{
+template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
+{h2xd}
+}}
+}}  // namespace h2xd
+
 namespace o {{
 template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT, typename PT>
 void kernel(const float* q, const float* k, const float* gates, const PT* H, const PT* Vn,
@@ -232,7 +242,7 @@ void run(char** argv) {{
       }}
     }});
     write(d + "W", W); write(d + "U", U); write(d + "Kw", Kw); write(d + "gates", gates);
-  }} else if (what == "h" || what == "h2" || what == "h2x") {{
+  }} else if (what == "h" || what == "h2" || what == "h2x" || what == "h2xd") {{
     auto W = read_as<PT>(d + "W"), U = read_as<PT>(d + "U"), Kw = read_as<PT>(d + "Kw");
     auto gates = read(d + "gates"), s0 = read(d + "state_in");
     const int U_shape[3] = {{BH, N * C, Dv}};
@@ -240,7 +250,10 @@ void run(char** argv) {{
     std::vector<float> s(size_t(BH) * Dv * Dk, NAN);
     constexpr int NT = 32 * (C / 16) * (BV / 16);
     run_blocks({{unsigned(BH), unsigned((Dv + BV - 1) / BV), 1}}, NT, [&] {{
-      if (what == "h2x") {{
+      if (what == "h2xd") {{
+        h2xd::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
+            as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      }} else if (what == "h2x") {{
         h2x::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
             as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
       }} else if (what == "h2") {{
@@ -326,6 +339,7 @@ def program(tmp_path_factory) -> Path:
         wy2x=cl.wy_source("cuda", ring=True, vx=True),
         wy2x_fused=cl.wy_source("cuda", fused=True, ring=True, vx=True),
         h2x=cl.h2_vx_source("cuda"),
+        h2xd=cl.h2_dyn_source("cuda", vx=True),
         o2x=cl.o2_vx_source("cuda"),
         h=cl.h_source("cuda"),
         h2=cl.h2_source("cuda"),
@@ -498,15 +512,16 @@ def test_split_wy2_v16_equals_wy2(program, tmp_path, cfg, fused):
 VX_SHAPES = [WY2_SHAPES[3], (1, 200, 1, 2, 128, 128), SHAPES[3]]
 
 
-@pytest.mark.parametrize("cfg", ["cuda", "cuda_bf16", "cuda_bf16_w64"])
+@pytest.mark.parametrize("cfg", ["cuda", "cuda_bf16", "cuda_bf16_w64", "cuda_bv32"])
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
 @pytest.mark.parametrize("shape", VX_SHAPES, ids=lambda s: f"Dk{s[4]}Dv{s[5]}")
 def test_split_vx_equals_default(program, tmp_path, cfg, fused, shape):
-    """WY2_VX (16-byte Kw / W / U stores and slice scaling), H2_VX (16-byte H stores) and O2_VX
-    (Y's decay in the accumulators, 16-byte y stores) give the default builds' W, U, Kw, gates,
-    H, Vn, y and state bit for bit: fp32 and bf16 pieces, WY slices of 32 and 64, masked (left
-    padding: whole masked chunks and rows past T), partial and whole tiles; y and the state
-    within the tolerance of the float64 loop."""
+    """WY2_VX (16-byte Kw / W / U stores and slice scaling, L from the accumulators), H2_VX
+    (16-byte H stores, delta from the accumulators) and O2_VX (Y's decay and P from the
+    accumulators, 16-byte y stores) give the default builds' W, U, Kw, gates, H, Vn, y and state
+    bit for bit: fp32 and bf16 pieces, WY slices of 32 and 64, the state pass at 16 and 32 value
+    rows, masked (left padding: whole masked chunks and rows past T), partial and whole tiles; y
+    and the state within the tolerance of the float64 loop."""
     B, T, Hk, Hv, Dk, Dv = shape
     N = -(-T // C)
     q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
@@ -529,6 +544,31 @@ def test_split_vx_equals_default(program, tmp_path, cfg, fused, shape):
         assert np.isfinite(x).all() and np.array_equal(x, ref), name
     bf16 = cfg.startswith("cuda_bf16")
     _check(got, gated_delta_np(q, k, v, g, beta, state, mask), TOL_BF16 if bf16 else TOL)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+@pytest.mark.parametrize("shape", VX_SHAPES, ids=lambda s: f"Dk{s[4]}Dv{s[5]}")
+def test_split_vx_dynamic_ring_equals_default(program, tmp_path, fused, shape):
+    """H2_DYN's text (chunk_source.h2_dyn_body; here its static array, the ring three whole key
+    rows deep as chunk_launch.H2_DYN = (128, 3) asks) after WY2_VX, before O2_VX: bf16, the
+    default builds' H, Vn, y and state bit for bit."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    N = -(-T // C)
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad")
+    gates = make_gate_inputs(B, T, Hv) if fused else None
+    if fused:
+        with mx.stream(mx.cpu):
+            g, beta = compute_gates(*gates)
+    args = (program, tmp_path, q, k, v, None if fused else g, None if fused else beta, state)
+    extra = {"H": (B * Hv, N, Dv, Dk), "Vn": (B * Hv, N * C, Dv)}
+    _, want = run_split(*args, mask, "cuda_bf16", gates, out="o2", wy="wy2", h="h2")
+    want_extra = {name: _get(tmp_path, name, sh) for name, sh in extra.items()}
+    _, got = run_split(*args, mask, "cuda_bf16_r3", gates, out="o2x", wy="wy2x", h="h2xd")
+    for name, sh in extra.items():
+        assert np.array_equal(_get(tmp_path, name, sh), want_extra[name], equal_nan=True), name
+    for name, x, ref in zip(("y", "state"), got, want, strict=True):
+        assert np.isfinite(x).all() and np.array_equal(x, ref), name
 
 
 TILE_SHAPES = [SHAPES[4], SHAPES[5]]

@@ -100,6 +100,33 @@ def test_switches_build_the_variants(recorder, monkeypatch):  # noqa: F811
     assert recorder.built[-1]["source"] == cl.o2_source("cuda")
 
 
+def test_dynamic_ring_builds(recorder, monkeypatch):  # noqa: F811
+    """H2_DYN = (DS, NB): the state pass with its ring in dynamic shared memory, asked for at
+    launch (the ring's bytes, also in the kernel's name), its tiles as template arguments; with
+    H2_VX the variant's text; Metal and the stamped build keep the static ring."""
+    k, v, g, beta = _inputs()
+    W, U, Kw, gates = cl.wy_pass("cuda", k, v, g, beta, None)
+    state = mx.zeros((1, 4, 128, 128), mx.float32)
+    monkeypatch.setattr(cl, "H2_DYN", (128, 3))
+    cl.h_pass("cuda", W, U, Kw, gates, state)
+    kw = recorder.built[-1]
+    smem = 3 * cl.CHUNK * (128 + 8) * 2  # bf16 rows padded by 16 bytes
+    assert kw["name"] == f"{cs.H2_NAME}_dyn_{smem}" and kw["shared_memory"] == smem
+    assert kw["source"] == cl.h2_dyn_source("cuda")
+    tpl = dict(recorder.calls[-1][1]["template"])
+    assert (tpl["DS"], tpl["NB"]) == (128, 3)
+    monkeypatch.setattr(cl, "H2_VX", True)
+    cl.h_pass("cuda", W, U, Kw, gates, state)
+    kw = recorder.built[-1]
+    assert kw["name"] == f"{cs.H2_NAME}_vx_dyn_{smem}"
+    assert kw["source"] == cl.h2_dyn_source("cuda", True)
+    assert "extern __shared__" in kw["source"]
+    cl.h_pass("metal", W, U, Kw, gates, state)
+    assert "shared_memory" not in recorder.built[-1]
+    cl.h_pass("cuda", W, U, Kw, gates, state, stamps=True)
+    assert "shared_memory" not in recorder.built[-1]
+
+
 def _ptxas(text, tmp_path):
     path = tmp_path / "vx.cu"
     path.write_text(text)
@@ -125,6 +152,9 @@ def _vx_cases(itemsize: int):
     tpl = [("Dk", 128), ("BV", 16), ("C", cl.CHUNK), ("NT", cl.h_threads(16)), ("DS", ds),
            ("NB", nb), ("MP", None), ("PF", 1), ("PT", None)]  # fmt: skip
     out.append((cs.H2_NAME, cs.H_INPUTS, cs.H_OUTPUTS, cl.h2_vx_source("cuda"), tpl, None))
+    # H2_DYN's (128, 3): the ring in dynamic shared memory, the rest static
+    tpl = [(n, 3 if n == "NB" else 128 if n == "DS" else x) for n, x in tpl]
+    out.append((cs.H2_NAME, cs.H_INPUTS, cs.H_OUTPUTS, cl.h2_dyn_source("cuda", True), tpl, None))
     o2ds, o2bvo = cl.O2_TILES[("cuda", itemsize)]
     tpl = [("Dk", 128), ("C", cl.CHUNK), ("NT", cl.O_THREADS), ("DS", o2ds), ("BVO", o2bvo),
            ("MP", None), ("YT", None)]  # fmt: skip

@@ -451,8 +451,13 @@ def h2_source(backend: str) -> str:
 
 
 def h2_vx_source(backend: str) -> str:
-    """H2_BODY with 16-byte H stores (H2_VX; CUDA)."""
+    """H2_BODY with 16-byte H stores and delta in the accumulators (H2_VX; CUDA)."""
     return PROLOGUE[backend] + src.h2_vx_body()
+
+
+def h2_dyn_source(backend: str, vx: bool = False) -> str:
+    """H2_BODY (vx: H2_VX's) with its ring in dynamic shared memory (H2_DYN; CUDA)."""
+    return PROLOGUE[backend] + src.h2_dyn_body(vx)
 
 
 def o_source(backend: str) -> str:
@@ -524,6 +529,13 @@ _PLAIN = {
     "h": (src.H_NAME, src.H_INPUTS, src.H_OUTPUTS, h_source),
     "h2": (src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source),
     "h2x": (src.H2_NAME + "_vx", src.H_INPUTS, src.H_OUTPUTS, h2_vx_source),
+    "h2d": (src.H2_NAME + "_dyn", src.H_INPUTS, src.H_OUTPUTS, h2_dyn_source),
+    "h2xd": (
+        src.H2_NAME + "_vx_dyn",
+        src.H_INPUTS,
+        src.H_OUTPUTS,
+        lambda b: h2_dyn_source(b, True),
+    ),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
@@ -532,11 +544,12 @@ _PLAIN = {
 }
 
 
-def _build(backend: str, which: str):
+def _build(backend: str, which: str, smem: int = 0):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
     split path's "wy", "wy_fused", "h", "o" (and their variants); a "_stamped" suffix (CUDA,
     "wy2", "wy2_fused", "o2", "h2"): that kernel with clock stamps and the extra output `stamps`
-    (chunk_source.stamped)."""
+    (chunk_source.stamped). smem: bytes of dynamic shared memory ("h2d", "h2xd": H2_DYN's ring),
+    in the kernel's name too."""
     stamp = which.endswith("_stamped")
     if stamp:
         if backend != "cuda" or which not in _STAMPED:
@@ -564,7 +577,7 @@ def _build(backend: str, which: str):
     t32 = backend == "cuda" and not MMA16
     p32 = which in ("o2", "o2x") and not O2_P16
     r2 = which in ("o2", "o2x") and O2_RING != 3
-    key = (backend, which, lb, t32, p32, r2)
+    key = (backend, which, lb, t32, p32, r2, smem)
     if key not in _kernels:
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
@@ -592,8 +605,14 @@ def _build(backend: str, which: str):
         if lb:
             # a name of its own: MLX caches compiled kernels by name
             name, head = f"{name}_lb{lb}", head + launch_bounds_header(256, lb)
+        extra = {"shared_memory": smem} if smem else {}
         _kernels[key] = _factory(backend)(
-            name=name, input_names=ins, output_names=outs, source=body, header=head
+            name=name + (f"_{smem}" if smem else ""),
+            input_names=ins,
+            output_names=outs,
+            source=body,
+            header=head,
+            **extra,
         )
     return _kernels[key]
 
@@ -655,6 +674,11 @@ WY2_V16 = False
 WY2_VX = False
 H2_VX = False
 O2_VX = False
+# H2_DYN: (key slice DS, ring NB) of the state pass with its ring of staged slices in dynamic
+# shared memory (chunk_source.h2_dyn_body; CUDA, Dk <= 128): rings past the 48 KB of static
+# shared memory, e.g. (128, 3): three whole W / Kw slices of Dk 128, 52 KB, each copy a whole
+# chunk ahead. None: the static ring of h_tiles.
+H2_DYN: tuple[int, int] | None = None
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -844,13 +868,18 @@ def h_pass(
     ds, nb = H_TILES or tiles
     nt = h_threads(bv, C)
     name = ("h2x" if H2_VX and backend == "cuda" else "h2") if h2 else "h"
+    smem = 0
+    if H2_DYN and h2 and backend == "cuda" and Dk <= 128 and not stamps:
+        ds, nb = min(H2_DYN[0], Dk), H2_DYN[1]
+        smem = nb * C * (ds + 16 // pt.size) * pt.size
+        name += "d"
     extra_shapes, extra_dtypes = [], []
     if stamps:
         if not h2:
             raise ValueError("gated_delta chunk kernel: stamps need the H2_BODY pass")
         name = "h2_stamped"
         extra_shapes, extra_dtypes = [(B * Hv * -(-Dv // bv), src.STAMP_SLOTS)], [mx.uint32]
-    return _build(backend, name)(
+    return (_build(backend, name, smem) if smem else _build(backend, name))(
         inputs=[W, U, Kw, gates, state],
         template=[
             ("Dk", Dk),

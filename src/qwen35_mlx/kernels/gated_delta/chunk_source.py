@@ -2320,6 +2320,27 @@ def h2_vx_body() -> str:
     return body
 
 
+# H2_DYN (round 6, CUDA): the state pass's ring of staged slices in dynamic shared memory, the
+# rest as before, so that the ring can outgrow the 48 KB of static shared memory (a ring of three
+# whole W / Kw slices at Dk 128: each copy a whole chunk ahead instead of half); the host asks
+# for the ring's bytes (chunk_launch.H2_DYN). Elsewhere (the lane emulator) the static array.
+_H2_RING = "  GD_TG16 PS sb[NB * C * SP];\n"
+_H2_RING_DYN = """#ifdef __CUDA_ARCH__
+  extern __shared__ __align__(16) unsigned char gd_dyn_ring[];  // NB C SP PS: the launch's
+  GD_TG_PTR PS* sb = reinterpret_cast<GD_TG_PTR PS*>(gd_dyn_ring);
+#else
+  GD_TG16 PS sb[NB * C * SP];
+#endif
+"""
+
+
+def h2_dyn_body(vx: bool = False) -> str:
+    """H2_BODY (vx: h2_vx_body()) with the ring in dynamic shared memory (H2_DYN; CUDA)."""
+    body = h2_vx_body() if vx else H2_BODY
+    assert body.count(_H2_RING) == 1
+    return body.replace(_H2_RING, _H2_RING_DYN)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stamped builds (issue 9, round 5, helper chunk5): where a threadgroup of a parallel pass spends
 # its time on the device. The pass's text with `GD_STAMP(j);` lines inserted before fixed
