@@ -55,16 +55,17 @@ stamped output differs from the plain one or a variant is outside the tolerance.
 
 --ab6 (round 6, helper chunk6; < 3 minutes, CUDA): the 16-byte variants (chunk_launch.WY2_VX:
 WY2_V16 plus Kw's stores and the U / W slices' scaling in 16-byte groups; H2_VX: H's stores;
-O2_VX: Y's decay and P made in the accumulators, four barriers fewer, 16-byte y stores; H2_DYN:
-the state pass's ring in dynamic shared memory, three or four whole W / Kw slices), each off by
-default. Checks first (B 2, row 1 left-padded with a hole, raw gates, Hv 32): at T 200
+O2_VX: Y's decay and P made in the accumulators, four barriers fewer, 16-byte y stores), each
+off by default. Checks first (B 2, row 1 left-padded with a hole, raw gates, Hv 32): at T 200
 (fp32) and 2048 (fp32, bf16) each variant's y and state must EQUAL the default build's bit for
 bit (same arithmetic), and be within the tolerance of the float64 loop (fp32) / the fused kernel
 (bf16); "vx lb4" (the three with round 5's BEST_LB4) and "vx bv32" (the state pass at 32 value
 rows) within the tolerance only. Then the state pass H2_BODY stamped (chunk_source.H2_STAMPS:
 the phases of one sampled chunk a threadgroup; its H, Vn and state must equal the plain build's)
 at T 8192 / 32768, and timings there (B 1, Hv 32, bf16) with FLA's chunk kernel and the
-predictions beside. Exit status 1 if a check fails.
+predictions beside; last (after the JSON is written), H2_DYN (the state pass's ring in dynamic
+shared memory, three / four whole W / Kw slices, with H2_VX): bit for bit against the default at
+T 2048 (bf16), then timed beside the static ring. Exit status 1 if a check fails.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
@@ -492,9 +493,6 @@ AB6_VARIANTS = {
     "o vx": ({"O2_VX": True}, True),
     "vx": (VX, True),
     "vx lb4": ({**VX, **BEST_LB4}, False),
-    # last: a launch with more than 48 KB of dynamic shared memory (MLX's cuda_kernel
-    # shared_memory=) is new here
-    "vx dyn3": ({**VX, "H2_DYN": (128, 3)}, True),
 }
 # O2_VX at three threadgroups an SM (ptxas, bf16: 80 registers, 20 bytes spilled; the default
 # O2_BODY spills 144 there, and was 10% faster at 32k all the same: round 4's "out lb3").
@@ -504,12 +502,10 @@ OUT3 = {"MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3}}
 PREDICTED_AB6 = {
     8192: {"wy": 0.465, "wy v16": 0.406, "wy vx": 0.33, "state": 0.42, "state vx": 0.37,
            "out": 0.492, "out vx": 0.37, "split": 1.304, "split v16": 1.257, "split vx": 1.07,
-           "split vx lb4": 1.06, "out vx lb3": 0.34, "split vx o3": 1.04,
-           "state vx dyn3": 0.33, "state vx dyn4": 0.33, "split vx dyn3": 1.03},
+           "split vx lb4": 1.06, "out vx lb3": 0.34, "split vx o3": 1.04},
     32768: {"wy": 1.695, "wy v16": 1.442, "wy vx": 1.20, "state": 1.60, "state vx": 1.42,
             "out": 1.819, "out vx": 1.35, "split": 5.004, "split v16": 4.847, "split vx": 4.0,
-            "split vx lb4": 3.95, "out vx lb3": 1.22, "split vx o3": 3.87,
-            "state vx dyn3": 1.25, "state vx dyn4": 1.22, "split vx dyn3": 3.83},
+            "split vx lb4": 3.95, "out vx lb3": 1.22, "split vx o3": 3.87},
 }  # fmt: skip
 
 
@@ -601,6 +597,65 @@ def ab6_state_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]
     return rows
 
 
+# --ab6's last step: the state pass's ring in dynamic shared memory (chunk_launch.H2_DYN), a
+# launch path (MLX's cuda_kernel shared_memory= above 48 KB) new here, so it runs after
+# everything else has been printed and written.
+DYN = {"dyn3": (128, 3), "dyn4": (128, 4)}
+
+
+def ab6_dyn(backend: str, ts=(8192, 32768), hv: int = 32) -> dict:
+    """H2_DYN with H2_VX: y and state against the default build's at T 2048 (bf16, B 2, masked;
+    must be equal bit for bit), then the state pass and the split path timed beside the static
+    ring's."""
+    out = {"same": {}, "times": []}
+    split = cl.gated_delta_update_chunk_kernel
+    q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, 2048, hv, mx.bfloat16)
+    args = (q, k, v, a, b, A_log, dt_bias, state, mask)
+    base = split(*args, backend=backend, split=True)
+    mx.eval(base)
+    for name, tiles in DYN.items():
+        try:
+            y, s = patched(split, **VX, H2_DYN=tiles)(*args, backend=backend, split=True)
+            mx.eval(y, s)
+            same = bool(
+                mx.array_equal(y, base[0], equal_nan=True).item()
+                and mx.array_equal(s, base[1], equal_nan=True).item()
+            )
+        except Exception as e:  # MLX without dynamic shared memory past 48 KB: say so
+            print(f"  vx {name}: did not build or run: {str(e)[:300]}", flush=True)
+            same = None
+        out["same"][name] = same
+        print(f"  vx {name}: y and state equal to the default build's: {same}", flush=True)
+    if not any(out["same"].values()):
+        return out
+    for T in ts:
+        base_t = _timers(backend, Shape(1, T, hv), {})
+        timers = {"state vx": patched(base_t["state"], H2_VX=True)}
+        timers |= {"split vx": patched(base_t["split"], **VX)}
+        for name, tiles in DYN.items():
+            if out["same"][name]:
+                timers[f"state vx {name}"] = patched(base_t["state"], H2_VX=True, H2_DYN=tiles)
+                timers[f"split vx {name}"] = patched(base_t["split"], **VX, H2_DYN=tiles)
+        n = max(2, min(50, 65536 // T))
+        best = {}
+        for r in range(4):
+            for name, run in timers.items():
+                t = run(n) / n * 1e3
+                if r:  # round 0 warms up
+                    best[name] = min(best.get(name, float("inf")), t)
+        out["times"].append({"T": T, "ms": best})
+        print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
+        pred = PREDICTED_DYN.get(T, {})
+        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    return out
+
+
+PREDICTED_DYN = {
+    8192: {"state vx dyn3": 0.33, "state vx dyn4": 0.33, "split vx dyn3": 1.03},
+    32768: {"state vx dyn3": 1.25, "state vx dyn4": 1.22, "split vx dyn3": 3.83},
+}
+
+
 def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     """--ab6's timings (B 1, bf16): the passes and the split path, default and with the
     variants, FLA's chunk kernel beside."""
@@ -625,10 +680,6 @@ def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
             "out vx": patched(base["out"], O2_VX=True),
             "out vx lb3": patched(base["out"], O2_VX=True, **OUT3),
             "fla chunk": base.get("fla chunk"),
-            # the state pass's ring in dynamic shared memory: three / four whole W / Kw slices
-            "state vx dyn3": patched(base["state"], H2_VX=True, H2_DYN=(128, 3)),
-            "state vx dyn4": patched(base["state"], H2_VX=True, H2_DYN=(128, 4)),
-            "split vx dyn3": patched(base["split"], **VX, H2_DYN=(128, 3)),
         }
         timers = {name: run for name, run in timers.items() if run is not None}
         n = max(2, min(50, 65536 // T))
@@ -748,7 +799,16 @@ def main(argv=None) -> int:
         info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
         info |= {"checks": checks, "state_stamps": state_stamps, "times": times}
         path.write_text(json.dumps(info, indent=1))
-        print(f"wrote {path}")
+        print(f"wrote {path}", flush=True)
+        print("4. the state pass's ring in dynamic shared memory (H2_DYN, last)", flush=True)
+        try:
+            info["dyn"] = ab6_dyn(backend)
+            path.write_text(json.dumps(info, indent=1))
+            print(f"wrote {path}")
+            bad += [f"vx {n}" for n, same in info["dyn"]["same"].items() if same is False]
+        except Exception as e:  # everything above is printed and written already
+            print(f"  H2_DYN step failed: {str(e)[:500]}")
+        print(f"ab6: {'FAILED: ' + str(bad) if bad else 'every check passed'}")
         return 1 if bad else 0
     if args.stamps:
         rows = stamps_run(backend)

@@ -236,6 +236,15 @@ def test_ab6_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     assert cs.H2_NAME + "_stamped" in {kw["name"] for kw in recorder.built}
     times = g.ab6_times("cuda", ts=(256,))
     assert set(times[0]["ms"]) >= {"split", "split vx", "wy vx", "state vx", "out vx"}
+    dyn = g.ab6_dyn("cuda", ts=(256,))
+    assert dyn["same"] == {"dyn3": True, "dyn4": True}
+    assert set(dyn["times"][0]["ms"]) == {
+        "state vx", "split vx", "state vx dyn3", "split vx dyn3", "state vx dyn4", "split vx dyn4"
+    }  # fmt: skip
+    assert {kw.get("shared_memory") for kw in recorder.built} >= {
+        3 * 64 * 136 * 2,
+        4 * 64 * 136 * 2,
+    }
 
 
 def test_h2_stamped_text_is_the_pass_plus_stamps():
