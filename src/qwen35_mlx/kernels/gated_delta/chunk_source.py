@@ -1123,6 +1123,22 @@ def _wy2_slice(x: str) -> str:
 """
 
 
+# WY2_BODY's pieces that WY2_VX (wy2_vx_body) swaps: Kw = w k from a staged k slice an
+# element a thread; the U / W slice scaled in place an element a thread; L.
+_WY2_KW = """      const float x = static_cast<float>(ks[i * SQ + d]);
+      Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
+    }
+"""
+_WY2_SCALE = """      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
+      const float sc = is_v ? bs[i] : bs[i] * gam[i];
+      bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
+    }
+"""
+# WY2_BODY's L: k k^T's tiles to Ai, a barrier, then -beta D o k k^T by columns in place.
+_WY2_L_KEEP = "j < i && ok[i] != 0.0f && ok[j] != 0.0f"
+_WY2_L = _decayed_lower_tiles("kk", "Ai", "CP", _WY2_L_KEEP, "-bs[i] * dij")
+
+
 # WY2_BODY: WY_BODY with its k and v slices copied (gd_copy_tile: cp.async on CUDA, the bytes
 # as they are) into a ring of NB staged slices that runs through the whole kernel: the Dk / DS
 # k slices of k k^T, then the v slices of U, then the k slices of W, each copy started NB - 1
@@ -1216,18 +1232,13 @@ WY2_BODY = (
   for (int q = 0; q < NSK; ++q) {
 """
     + _wy2_slice("ks")
-    + """      const float x = static_cast<float>(ks[i * SQ + d]);
-      Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
-    }
-"""
+    + _WY2_KW
     + _lower_tiles_mma("kk", "ks", "ks", "SQ")
     + """  }
 
   // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0
 """
-    + _decayed_lower_tiles(
-        "kk", "Ai", "CP", "j < i && ok[i] != 0.0f && ok[j] != 0.0f", "-bs[i] * dij"
-    )
+    + _WY2_L
     + """  gd_barrier();
 
 """
@@ -1249,11 +1260,8 @@ WY2_BODY = (
     const int c0 = (is_v ? q - NSK : q - NSK - nvs) * DS;
 """
     + _wy2_slice("bsl")
-    + """      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
-      const float sc = is_v ? bs[i] : bs[i] * gam[i];
-      bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
-    }
-    gd_barrier();
+    + _WY2_SCALE
+    + """    gd_barrier();
     gd_acc o[OTW];
     #pragma unroll
     for (int u = 0; u < OTW; ++u) {
@@ -1640,7 +1648,13 @@ def _o_epilogue(P: str, pp="PP", vp="VP", ys="vs") -> str:
     gd_acc_store(ya[u], {ys} + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }}
   gd_barrier();
-  for (int e = tid; e < C * BVO; e += NT) {{
+""" + _y_stores(ys)
+
+
+def _y_stores(ys: str) -> str:
+    """The output passes' y stores: Y staged at `ys` (threadgroup floats, row stride VP) to y in
+    YT, an element a thread, rows t < T and value columns < Dv."""
+    return f"""  for (int e = tid; e < C * BVO; e += NT) {{
     const int i = e / BVO;
     const int v = e % BVO;
     const int t = t0 + i;
@@ -1704,6 +1718,42 @@ def o2_body(p16: bool = True, ring: int = 3) -> str:
     defs = f"\n#define GD_O2_P16 {int(p16)}\n#define GD_O2_NB {int(ring)}\n"
     undef = "#undef GD_DECAY_R\n#undef GD_O2_P16\n#undef GD_O2_NB\n"
     return defs + _DECAY_R_MACRO + O2_BODY + undef
+
+
+# O2_BODY's pieces that O2_VX (o2_vx_body) swaps.
+# O2_BODY's Y decay: Y staged to threadgroup floats, scaled there, loaded back (3 barriers).
+_O2_DECAY = (
+    """  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+"""
+    + _o_stage_vn("VS", "PS")
+    + """  gd_barrier();
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int i = e / BVO;
+    X[i * VP + e % BVO] = ok[i] != 0.0f ? gam[i] * X[i * VP + e % BVO] : 0.0f;
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();  // X free for P
+"""
+)
+# O2_BODY's P: q k^T's tiles to threadgroup floats, a barrier, then D o q k^T by columns.
+_O2_P = _decayed_lower_tiles(
+    "qk", "X", "PP", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij", out="Pm", so="PB", ot="PS"
+)
+
+
+# O2_VX: P made from the accumulators (element (h, c) of lane 4 g + t of tile (tr, tc) is (16 tr
+# + g + 8 (c / 2), 16 tc + 8 h + 2 t + c % 2)), written straight to Pm: no fp32 round trip, no
+# barrier (the epilogue's first barrier orders Pm before P Vn). Tiles above the diagonal are not
+# written (P Vn reads row tile r's columns below 16 (r + 1) only).
 
 
 # O2_BODY: the output pass with its q, k and H slices copied (gd_copy_tile: cp.async on CUDA,
@@ -1799,37 +1849,11 @@ O2_BODY = (
   gd_barrier();  // every warp past the ring
   GD_TG_PTR float* X = sm;
   GD_TG_PTR PS* vs = (GD_TG_PTR PS*)(sm + XP);
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
 """
-    + _o_stage_vn("VS", "PS")
-    + """  gd_barrier();
-  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
-    const int e = tid + it * NT;
-    const int i = e / BVO;
-    X[i * VP + e % BVO] = ok[i] != 0.0f ? gam[i] * X[i * VP + e % BVO] : 0.0f;
-  }
-  gd_barrier();
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
-  gd_barrier();  // X free for P
-  GD_TG_PTR PS* Pm = (GD_TG_PTR PS*)(X + (PSZ == 4 ? 0 : XS));
+    + _O2_DECAY
+    + """  GD_TG_PTR PS* Pm = (GD_TG_PTR PS*)(X + (PSZ == 4 ? 0 : XS));
 """
-    + _decayed_lower_tiles(
-        "qk",
-        "X",
-        "PP",
-        "j <= i && ok[i] != 0.0f && ok[j] != 0.0f",
-        "dij",
-        out="Pm",
-        so="PB",
-        ot="PS",
-    )
+    + _O2_P
     + _o_epilogue("Pm", "PB", "VS", "X")
 )
 
@@ -1987,10 +2011,6 @@ def _wy2_slice_vx(x: str) -> str:
     return text.replace(loop, "    for (int e = tid * VE; e < C * DS; e += NT * VE) {\n")
 
 
-_WY2_KW = """      const float x = static_cast<float>(ks[i * SQ + d]);
-      Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
-    }
-"""
 # Kw = w k from the staged k slice, a 16-byte group a thread (the default: an element a thread).
 _WY2_KW_VX = """      const bool row = ok[i] != 0.0f;
       const float wi = wts[i];
@@ -2024,11 +2044,6 @@ _ST16 = """#ifdef __CUDA_ARCH__
 #define GD_ST16(p_, v_) (*reinterpret_cast<gd_vx*>(p_) = (v_))
 #endif
 """
-_WY2_SCALE = """      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
-      const float sc = is_v ? bs[i] : bs[i] * gam[i];
-      bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
-    }
-"""
 # The staged U / W slice scaled in place a 16-byte group a thread (one read, one write).
 _WY2_SCALE_VX = """      const bool row = ok[i] != 0.0f;
       const float sc = is_v ? bs[i] : bs[i] * gam[i];
@@ -2042,9 +2057,6 @@ _WY2_SCALE_VX = """      const bool row = ok[i] != 0.0f;
     }
 """
 _WY2_HEAD = "  const int NQ = 2 * NSK + nvs;              // slices through the ring\n"
-# WY2_BODY's L: k k^T's tiles to Ai, a barrier, then -beta D o k k^T by columns in place.
-_WY2_L_KEEP = "j < i && ok[i] != 0.0f && ok[j] != 0.0f"
-_WY2_L = _decayed_lower_tiles("kk", "Ai", "CP", _WY2_L_KEEP, "-bs[i] * dij")
 
 
 def wy2_vx_body() -> str:
@@ -2070,29 +2082,6 @@ def wy2_vx_body() -> str:
     return _DECAY_R1_MACRO + body + "#undef GD_ST16\n#undef GD_DECAY_R1\n"
 
 
-# O2_BODY's Y decay: Y staged to threadgroup floats, scaled there, loaded back (3 barriers).
-_O2_DECAY = (
-    """  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
-"""
-    + _o_stage_vn("VS", "PS")
-    + """  gd_barrier();
-  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
-    const int e = tid + it * NT;
-    const int i = e / BVO;
-    X[i * VP + e % BVO] = ok[i] != 0.0f ? gam[i] * X[i * VP + e % BVO] : 0.0f;
-  }
-  gd_barrier();
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
-  gd_barrier();  // X free for P
-"""
-)
 # O2_VX: the same decay on the accumulators in place (CUDA's fragments: element (h, c) of a
 # lane 4 g + t is row g + 8 (c / 2) of its tile), no barrier; Vn staged meanwhile (read after
 # the barriers of P's making).
@@ -2108,15 +2097,7 @@ _O2_DECAY_VX = """  for (int u = 0; u < YTW; ++u) {
     }
   }
 """ + _o_stage_vn("VS", "PS")
-_O2_Y_STORES = """  for (int e = tid; e < C * BVO; e += NT) {
-    const int i = e / BVO;
-    const int v = e % BVO;
-    const int t = t0 + i;
-    if (t < T && v0 + v < Dv) {
-      y[((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v] = static_cast<YT>(X[i * VP + v]);
-    }
-  }
-"""
+_O2_Y_STORES = _y_stores("X")
 # O2_VX: y written a 16-byte group a thread (needs Dv % (16 / sizeof(YT)) == 0: a group is whole
 # inside or outside the value rows; chunk_launch takes O2_BODY otherwise).
 _O2_Y_STORES_VX = (
@@ -2138,16 +2119,6 @@ _O2_Y_STORES_VX = (
 )
 
 
-# O2_BODY's P: q k^T's tiles to threadgroup floats, a barrier, then D o q k^T by columns.
-_O2_P = _decayed_lower_tiles(
-    "qk", "X", "PP", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij", out="Pm", so="PB", ot="PS"
-)
-
-
-# O2_VX: P made from the accumulators (element (h, c) of lane 4 g + t of tile (tr, tc) is (16 tr
-# + g + 8 (c / 2), 16 tc + 8 h + 2 t + c % 2)), written straight to Pm: no fp32 round trip, no
-# barrier (the epilogue's first barrier orders Pm before P Vn). Tiles above the diagonal are not
-# written (P Vn reads row tile r's columns below 16 (r + 1) only).
 # GD_DECAY_R with its running-product loop kept rolled (round 6's accumulator forms evaluate it at
 # 16 elements a lane, each unrolled copy of the rare loop would cost code, not time).
 _DECAY_R1_LOOP = "      for (int l = (j) + 1; l <= (i); ++l) { \\\n"
