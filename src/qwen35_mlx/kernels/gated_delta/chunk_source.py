@@ -1372,12 +1372,7 @@ def _h_store_and_delta(x: str, s: str, store: str) -> str:
     Dv get delta 0 and no Vn."""
     return f"""          const size_t hb = (size_t(head) * N + n) * Dv + v0;
           if (v0 + BV <= Dv) {{
-            #pragma unroll
-            for (int it = 0; it < BV * Dk / NT; ++it) {{
-              const int e = tid + it * NT;
-              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
-            }}
-          }} else {{
+{_h_whole_tile_stores(x, s)}          }} else {{
             for (int e = tid; e < BV * Dk; e += NT) {{
               if (v0 + e / Dk < Dv) {{
                 H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
@@ -1387,7 +1382,24 @@ def _h_store_and_delta(x: str, s: str, store: str) -> str:
         }}
         continue;
       }}
-      if (s == KSL) {{
+{_h_delta(store)}"""
+
+
+def _h_whole_tile_stores(x: str, s: str) -> str:
+    """H[n] of a whole value tile from threadgroup memory x (row stride s), an element a
+    thread (H2_VX swaps in its 16-byte copies)."""
+    return f"""            #pragma unroll
+            for (int it = 0; it < BV * Dk / NT; ++it) {{
+              const int e = tid + it * NT;
+              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
+            }}
+"""
+
+
+def _h_delta(store: str) -> str:
+    """Slice KSL's branch, opened: delta = U - Xw (Xw in D_t, U's rows in xu), stored by `store`
+    (of dl at row i, value v) and to Vn; value rows past Dv get delta 0 and no Vn."""
+    return f"""      if (s == KSL) {{
         // value rows past Dv (a partial last tile only) get delta 0 and no Vn
         const bool full = v0 + BV <= Dv;
         #pragma unroll
@@ -1494,6 +1506,13 @@ H_BODY = (
     + _state_out("S_t", "SD")
 )
 
+# H2_BODY's end of slice KSL's delta branch: the decay of the state tiles, a barrier (delta
+# complete; H2_VX makes delta before slice KSL's barrier and drops this one).
+_H2_DECAY_BARRIER = """        #pragma unroll
+        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
+        gd_barrier();  // delta complete
+      }
+"""
 H2_NAME = "gated_delta_chunk_h2"
 
 # H2_BODY: the state pass with the state in the warps' accumulators (as flash-linear-attention's
@@ -1579,11 +1598,8 @@ H2_BODY = (
           // H[n] = S (Sb is not written before slice KSL's barriers), branch-free when whole
 """
     + _h_store_and_delta("Sb", "SB", "Db[i * DBL + v] = static_cast<PS>(dl)")
-    + """        #pragma unroll
-        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
-        gd_barrier();  // delta complete
-      }
-      // the tiles of this warp in Kw's key slice s - KSL
+    + _H2_DECAY_BARRIER
+    + """      // the tiles of this warp in Kw's key slice s - KSL
       #pragma unroll
       for (int u = 0; u < TW; ++u) {
         const int g = w + NW * u;
@@ -2197,12 +2213,7 @@ _O2_Y_STAGED = """  gd_barrier();
 _O2_Y_BAR = "  if (PSZ == 4) gd_barrier();  // P (in X) read by every warp"
 
 
-_H2_H_STORES = """            #pragma unroll
-            for (int it = 0; it < BV * Dk / NT; ++it) {
-              const int e = tid + it * NT;
-              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>(Sb[(e / Dk) * SB + e % Dk]);
-            }
-"""
+_H2_H_STORES = _h_whole_tile_stores("Sb", "SB")
 # H2_VX: H[n] of a whole value tile copied from Sb a 16-byte group a thread (Sb is the state in
 # PT already).
 _H2_H_STORES_VX = """            static_assert(sizeof(PS) == sizeof(PT), "H2_VX: PS must be PT");
@@ -2222,24 +2233,7 @@ _H2_H_STORES_VX = """            static_assert(sizeof(PS) == sizeof(PT), "H2_VX:
 # and delta from them after slice KSL's barrier, behind a barrier of its own.
 _H2_XU = _rows_to_registers("xu", "U", "BV")
 _H2_XW = "      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);\n"
-_H2_DELTA = """      if (s == KSL) {
-        // value rows past Dv (a partial last tile only) get delta 0 and no Vn
-        const bool full = v0 + BV <= Dv;
-        #pragma unroll
-        for (int it = 0; it < C * BV / NT; ++it) {
-          const int e = tid + it * NT;
-          const int i = e / BV;
-          const int v = e % BV;
-          const bool in = full || v0 + v < Dv;
-          const float dl = in ? xu[it] - D_t[i * DL + v] : 0.0f;
-          Db[i * DBL + v] = static_cast<PS>(dl);
-          if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
-        }
-        #pragma unroll
-        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
-        gd_barrier();  // delta complete
-      }
-"""
+_H2_DELTA = _h_delta("Db[i * DBL + v] = static_cast<PS>(dl)") + _H2_DECAY_BARRIER
 # H2_VX: each warp's U values in its Xw tile's fragment layout (element (h, e) of lane 4 g + t:
 # row 16 rt + g + 8 (e / 2), value 16 vt + 8 h + 2 t + e % 2), delta = U - Xw made in the
 # registers before slice KSL's wait and written to Db and Vn there, so slice KSL's barrier
