@@ -53,6 +53,20 @@ three few-percent alternatives together) and BEST_LB4 ("split lb4"), predictions
 variant's outputs first checked against the plain build's (bf16 tolerance). Exit status 1 if a
 stamped output differs from the plain one or a variant is outside the tolerance.
 
+--ab6 (round 6, helper chunk6; < 3 minutes, CUDA): the 16-byte variants (chunk_launch.WY2_VX:
+WY2_V16 plus Kw's stores and the U / W slices' scaling in 16-byte groups; H2_VX: H's stores;
+O2_VX: Y's decay and P made in the accumulators, four barriers fewer, 16-byte y stores), each
+off by default. Checks first (B 2, row 1 left-padded with a hole, raw gates, Hv 32): at T 200
+(fp32) and 2048 (fp32, bf16) each variant's y and state must EQUAL the default build's bit for
+bit (same arithmetic), and be within the tolerance of the float64 loop (fp32) / the fused kernel
+(bf16); "vx lb4" (the three with round 5's BEST_LB4) and "vx bv32" (the state pass at 32 value
+rows) within the tolerance only. Then the state pass H2_BODY stamped (chunk_source.H2_STAMPS:
+the phases of one sampled chunk a threadgroup; its H, Vn and state must equal the plain build's)
+at T 8192 / 32768, and timings there (B 1, Hv 32, bf16) with FLA's chunk kernel and the
+predictions beside; last (after the JSON is written), H2_DYN (the state pass's ring in dynamic
+shared memory, three / four whole W / Kw slices, with H2_VX): bit for bit against the default at
+T 2048 (bf16), then timed beside the static ring. Exit status 1 if a check fails.
+
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
 _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
@@ -470,6 +484,225 @@ def _stamps_at(backend: str, T: int, hv: int) -> dict:
     return row
 
 
+# --ab6 (round 6, helper chunk6): the 16-byte variants, each alone and together; "exact": the
+# outputs must equal the default build's bit for bit.
+VX = {"WY2_VX": True, "H2_VX": True, "O2_VX": True}
+AB6_VARIANTS = {
+    "wy vx": ({"WY2_VX": True}, True),
+    "h vx": ({"H2_VX": True}, True),
+    "o vx": ({"O2_VX": True}, True),
+    "vx": (VX, True),
+    "vx lb4": ({**VX, **BEST_LB4}, False),
+}
+# O2_VX at three threadgroups an SM (ptxas, bf16: 80 registers, 20 bytes spilled; the default
+# O2_BODY spills 144 there, and was 10% faster at 32k all the same: round 4's "out lb3").
+OUT3 = {"MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 3}}
+# Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 6"), H200, Hv 32, bf16; "wy v16"
+# and the plain rows are the 17:34 UTC --stamps measurements.
+PREDICTED_AB6 = {
+    8192: {"wy": 0.465, "wy v16": 0.406, "wy vx": 0.33, "state": 0.42, "state vx": 0.37,
+           "out": 0.492, "out vx": 0.37, "split": 1.304, "split v16": 1.257, "split vx": 1.07,
+           "split vx lb4": 1.06, "out vx lb3": 0.34, "split vx o3": 1.04},
+    32768: {"wy": 1.695, "wy v16": 1.442, "wy vx": 1.20, "state": 1.60, "state vx": 1.42,
+            "out": 1.819, "out vx": 1.35, "split": 5.004, "split v16": 4.847, "split vx": 4.0,
+            "split vx lb4": 3.95, "out vx lb3": 1.22, "split vx o3": 3.87},
+}  # fmt: skip
+
+
+def ab6_checks(backend: str) -> list[dict]:
+    """--ab6's checks: each AB6_VARIANTS entry (and "vx bv32") against the default build (bit
+    for bit where exact) and the references."""
+    fused = _gpu_backend(backend)
+    rows = []
+    split = cl.gated_delta_update_chunk_kernel
+    for T, dtype in ((200, mx.float32), (2048, mx.float32), (2048, mx.bfloat16)):
+        q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, 32, dtype)
+        args = (q, k, v, a, b, A_log, dt_bias, state, mask)
+        refs = {}
+        if dtype == mx.float32:
+            with mx.stream(mx.cpu):
+                g, beta = compute_gates(a, b, A_log, dt_bias)
+                mx.eval(g, beta)
+            refs["f64"] = float64_loop(q, k, v, g, beta, state, mask)
+        else:
+            want = fused.gated_delta_update_kernel(*args)
+            mx.eval(want)
+            refs["fused"] = (np.array(want[0].astype(mx.float32)), np.array(want[1]))
+        base = split(*args, backend=backend, split=True)
+        mx.eval(base)
+        rows.append(_row("split", T, 32, dtype, *base, refs))
+        # "vx lb4" forces the state pass's ring of four slices of 64: 16-bit pieces only (fp32's
+        # would not fit 48 KB)
+        variants = [
+            (n, patched(split, **sw), ex, {})
+            for n, (sw, ex) in AB6_VARIANTS.items()
+            if n != "vx lb4" or dtype != mx.float32
+        ]
+        variants.append(("vx bv32", patched(split, **VX), False, {"bv": 32}))
+        for name, f, exact, kw in variants:
+            try:
+                y, s = f(*args, backend=backend, split=True, **kw)
+                mx.eval(y, s)
+                row = _row(name, T, 32, dtype, y, s, refs)
+                if exact:
+                    same = bool(
+                        mx.array_equal(y, base[0], equal_nan=True).item()
+                        and mx.array_equal(s, base[1], equal_nan=True).item()
+                    )
+                    row["equal to default"] = same
+                    row["ok"] = row["ok"] and same
+                    print(f"    {name}: y and state equal to the default build's: {same}")
+                rows.append(row)
+            except Exception as e:  # a variant that does not build: say so, go on
+                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
+                rows.append({"check": name, "T": T, "ok": None, "error": str(e)[:300]})
+    return rows
+
+
+def ab6_state_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab6: the state pass H2_BODY stamped (chunk_source.H2_STAMPS: one sampled chunk a
+    threadgroup, n = N / 2) at each T (B 1, bf16): H, Vn and the state against the plain build's
+    (must be equal), then the phases of the sampled chunk (chunk_stamps.summarize)."""
+    from chunk_stamps import summarize
+    from chunk_stamps import table as stamp_table
+
+    from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+
+    rows = []
+    for T in ts:
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
+        W, U, Kw, gts = cl.wy_pass(
+            backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
+        )
+        plain = cl.h_pass(backend, W, U, Kw, gts, state0)
+        mx.eval(plain)
+        row = {"T": T, "Hv": hv, "same": None}
+        try:
+            for _ in range(3):
+                st = cl.h_pass(backend, W, U, Kw, gts, state0, stamps=True)
+                mx.eval(st)
+            row["same"] = all(
+                mx.array_equal(x, z, equal_nan=True).item()
+                for x, z in zip(plain, st[:3], strict=True)
+            )
+            print(f"  T={T} stamped state pass equal to the plain build: {row['same']}")
+            r = summarize(np.array(st[3]), [x[0] for x in cs.H2_STAMPS])
+            per_chunk = sum(r["phases"][x[0]]["median"] for x in cs.H2_STAMPS[1:-1])
+            print(stamp_table("state", T, r), flush=True)
+            print(f"    one chunk (medians, U rows .. update): {per_chunk:.0f} cycles", flush=True)
+            row["stamps"], row["chunk_cycles"] = r, per_chunk
+        except Exception as e:  # the timings still run
+            print(f"  stamped state pass did not build or run: {str(e)[:500]}", flush=True)
+        rows.append(row)
+    return rows
+
+
+# --ab6's last step: the state pass's ring in dynamic shared memory (chunk_launch.H2_DYN), a
+# launch path (MLX's cuda_kernel shared_memory= above 48 KB) new here, so it runs after
+# everything else has been printed and written.
+DYN = {"dyn3": (128, 3), "dyn4": (128, 4)}
+
+
+def ab6_dyn(backend: str, ts=(8192, 32768), hv: int = 32) -> dict:
+    """H2_DYN with H2_VX: y and state against the default build's at T 2048 (bf16, B 2, masked;
+    must be equal bit for bit), then the state pass and the split path timed beside the static
+    ring's."""
+    out = {"same": {}, "times": []}
+    split = cl.gated_delta_update_chunk_kernel
+    q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, 2048, hv, mx.bfloat16)
+    args = (q, k, v, a, b, A_log, dt_bias, state, mask)
+    base = split(*args, backend=backend, split=True)
+    mx.eval(base)
+    for name, tiles in DYN.items():
+        try:
+            y, s = patched(split, **VX, H2_DYN=tiles)(*args, backend=backend, split=True)
+            mx.eval(y, s)
+            same = bool(
+                mx.array_equal(y, base[0], equal_nan=True).item()
+                and mx.array_equal(s, base[1], equal_nan=True).item()
+            )
+        except Exception as e:  # MLX without dynamic shared memory past 48 KB: say so
+            print(f"  vx {name}: did not build or run: {str(e)[:300]}", flush=True)
+            same = None
+        out["same"][name] = same
+        print(f"  vx {name}: y and state equal to the default build's: {same}", flush=True)
+    if not any(out["same"].values()):
+        return out
+    for T in ts:
+        base_t = _timers(backend, Shape(1, T, hv), {})
+        timers = {"state vx": patched(base_t["state"], H2_VX=True)}
+        timers |= {"split vx": patched(base_t["split"], **VX)}
+        for name, tiles in DYN.items():
+            if out["same"][name]:
+                timers[f"state vx {name}"] = patched(base_t["state"], H2_VX=True, H2_DYN=tiles)
+                timers[f"split vx {name}"] = patched(base_t["split"], **VX, H2_DYN=tiles)
+        n = max(2, min(50, 65536 // T))
+        best = {}
+        for r in range(4):
+            for name, run in timers.items():
+                t = run(n) / n * 1e3
+                if r:  # round 0 warms up
+                    best[name] = min(best.get(name, float("inf")), t)
+        out["times"].append({"T": T, "ms": best})
+        print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
+        pred = PREDICTED_DYN.get(T, {})
+        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    return out
+
+
+PREDICTED_DYN = {
+    8192: {"state vx dyn3": 0.33, "state vx dyn4": 0.33, "split vx dyn3": 1.03},
+    32768: {"state vx dyn3": 1.25, "state vx dyn4": 1.22, "split vx dyn3": 3.83},
+}
+
+
+def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab6's timings (B 1, bf16): the passes and the split path, default and with the
+    variants, FLA's chunk kernel beside."""
+    fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
+    rows = []
+    for T in ts:
+        # _timers' run(n) functions; patched(run) builds run's graph with the switches set
+        base = _timers(backend, Shape(1, T, hv), fla)
+        timers = {
+            "split": base["split"],
+            "split v16": patched(base["split"], WY2_V16=True),
+            "split vx": patched(base["split"], **VX),
+            "split vx lb4": patched(base["split"], **VX, **BEST_LB4),
+            "split vx o3": patched(base["split"], **VX, **OUT3),
+            "wy": base["wy"],
+            "wy v16": patched(base["wy"], WY2_V16=True),
+            "wy vx": patched(base["wy"], WY2_VX=True),
+            "state": base["state"],
+            "state vx": patched(base["state"], H2_VX=True),
+            "state bv32": base.get("state bv32"),
+            "out": base["out"],
+            "out vx": patched(base["out"], O2_VX=True),
+            "out vx lb3": patched(base["out"], O2_VX=True, **OUT3),
+            "fla chunk": base.get("fla chunk"),
+        }
+        timers = {name: run for name, run in timers.items() if run is not None}
+        n = max(2, min(50, 65536 // T))
+        for name, run in list(timers.items()):
+            try:
+                run(1)
+            except Exception as e:  # a variant that does not build: drop it
+                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
+                del timers[name]
+        best = {}
+        for _ in range(3):
+            for name, run in timers.items():
+                best[name] = min(best.get(name, float("inf")), run(n) / n * 1e3)
+        rows.append({"T": T, "Hv": hv, "n": n, "ms": best})
+        print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
+        if "fla chunk" in best:
+            ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
+            print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
+        pred = PREDICTED_AB6.get(T, {})
+        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    return rows
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -538,11 +771,45 @@ def main(argv=None) -> int:
         help="< 2 min, CUDA: round 5's stamped WY / output passes at T 8192 / 32768 (where a "
         "threadgroup's cycles go, threadgroups an SM, waves), and the split path with BEST3",
     )
+    p.add_argument(
+        "--ab6",
+        action="store_true",
+        help="< 3 min, CUDA: round 6's 16-byte variants (WY2_VX, H2_VX, O2_VX) checked bit for "
+        "bit against the default build, then timed at T 8192 / 32768 beside FLA's chunk kernel",
+    )
     args = p.parse_args(argv)
     backend = cl.available_backend()
     if backend is None:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
+    if args.ab6:
+        print("1. round 6's variants against the default build and the references", flush=True)
+        checks = ab6_checks(backend)
+        print("2. the state pass's phases (stamped build, one chunk a threadgroup)", flush=True)
+        state_stamps = ab6_state_stamps(backend)
+        print("3. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
+        times = ab6_times(backend)
+        bad = [r["check"] for r in checks if not r["ok"]]
+        bad += [f"state stamped T={r['T']}" for r in state_stamps if r["same"] is False]
+        print(f"ab6 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+        path = out / f"chunk_ab6_{backend}_{stamp}.json"
+        info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
+        info |= {"checks": checks, "state_stamps": state_stamps, "times": times}
+        path.write_text(json.dumps(info, indent=1))
+        print(f"wrote {path}", flush=True)
+        print("4. the state pass's ring in dynamic shared memory (H2_DYN, last)", flush=True)
+        try:
+            info["dyn"] = ab6_dyn(backend)
+            path.write_text(json.dumps(info, indent=1))
+            print(f"wrote {path}")
+            bad += [f"vx {n}" for n, same in info["dyn"]["same"].items() if same is False]
+        except Exception as e:  # everything above is printed and written already
+            print(f"  H2_DYN step failed: {str(e)[:500]}")
+        print(f"ab6: {'FAILED: ' + str(bad) if bad else 'every check passed'}")
+        return 1 if bad else 0
     if args.stamps:
         rows = stamps_run(backend)
         out = Path(args.out)

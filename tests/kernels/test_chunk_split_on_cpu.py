@@ -57,6 +57,8 @@ CFGS = {
     "cuda_ring3": ("float", 3, 16, (64, 3), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
     "cuda_bf16_w64": ("bf16", 1, 16, cl.h_tiles("cuda", 128, 16, 2), cl.O_SLICE["cuda"],
                       cl.O_BV["cuda"]),
+    # the state pass's ring of three whole key rows (chunk_launch.H2_DYN's (128, 3))
+    "cuda_bf16_r3": ("bf16", 1, 16, (128, 3), cl.O_SLICE["cuda"], cl.O_BV["cuda"]),
 }  # fmt: skip
 # WY2_BODY's (slice, ring) where a configuration departs from the host's WY2_TILES: slices of 64
 # (two output tiles a warp), as chunk_split_gpu.py --ab times them.
@@ -64,7 +66,7 @@ WY2_CFG = {"cuda_bf16_w64": (64, 2)}
 
 # WY2_BODY and its 16-byte-store variant (chunk_source.wy2_v16_body), each with raw and fused
 # gates: one kernel signature a gate form, a namespace a build (PROGRAM's {wy2} ... slots).
-WY2_NAMESPACES = ("wy2", "wy2_fused", "wy2v", "wy2v_fused")
+WY2_NAMESPACES = ("wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused")
 _WY2_SIGS = (
     "void kernel(const PT* k, const PT* v, const float* g, const float* beta, const bool* mask,\n"
     "            const int* k_shape, const int* v_shape, PT* W, PT* U, PT* Kw, float* gates)",
@@ -146,6 +148,22 @@ void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const fl
 }}
 }}  // namespace h2
 
+namespace h2x {{
+template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
+{h2x}
+}}
+}}  // namespace h2x
+
+namespace h2xd {{
+template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
+{h2xd}
+}}
+}}  // namespace h2xd
+
 namespace o {{
 template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT, typename PT>
 void kernel(const float* q, const float* k, const float* gates, const PT* H, const PT* Vn,
@@ -162,6 +180,14 @@ void kernel(const YT* q, const YT* k, const float* gates, const YT* H, const YT*
 }}
 }}  // namespace o2
 
+namespace o2x {{
+template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
+void kernel(const YT* q, const YT* k, const float* gates, const YT* H, const YT* Vn,
+            const int* dims, const int* q_shape, const int* Vn_shape, YT* y) {{
+{o2x}
+}}
+}}  // namespace o2x
+
 template <int Dk, typename PT, int MP, int BV, int HDS, int HNB, int ODS, int BVO, int O2DS,
           int O2BVO, int WDS, int WNB>
 void run(char** argv) {{
@@ -173,9 +199,10 @@ void run(char** argv) {{
   const size_t rows = size_t(BH) * N * C;
   const int k_shape[4] = {{B, T, Hk, Dk}}, v_shape[4] = {{B, T, Hv, Dv}};
   if (what.rfind("wy", 0) == 0) {{
-    const bool fused = what == "wy_fused" || what == "wy2_fused" || what == "wy2v_fused";
+    const bool fused = what.size() > 6 && what.substr(what.size() - 6) == "_fused";
     const bool ring = what.rfind("wy2", 0) == 0;
     const bool v16 = what.rfind("wy2v", 0) == 0;
+    const bool vx = what.rfind("wy2x", 0) == 0;
     auto k = read(d + "k"), v = read(d + "v"), mask = read(d + "mask");
     auto g = read(d + (fused ? "a" : "g")), beta = read(d + (fused ? "b" : "beta"));
     auto A_log = fused ? read(d + "A_log") : g, dt_bias = fused ? read(d + "dt_bias") : g;
@@ -195,7 +222,10 @@ void run(char** argv) {{
                 v_shape, W.data(), U.data(), Kw.data(), gates.data());
         }}
       }};
-      if (v16) {{
+      if (vx) {{
+        ring_call(&wy2x::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>,
+                  &wy2x_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>);
+      }} else if (v16) {{
         ring_call(&wy2v::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>,
                   &wy2v_fused::kernel<Dk, C, {wy_threads}, WDS, WNB, MP, PT>);
       }} else if (ring) {{
@@ -212,7 +242,7 @@ void run(char** argv) {{
       }}
     }});
     write(d + "W", W); write(d + "U", U); write(d + "Kw", Kw); write(d + "gates", gates);
-  }} else if (what == "h" || what == "h2") {{
+  }} else if (what == "h" || what == "h2" || what == "h2x" || what == "h2xd") {{
     auto W = read_as<PT>(d + "W"), U = read_as<PT>(d + "U"), Kw = read_as<PT>(d + "Kw");
     auto gates = read(d + "gates"), s0 = read(d + "state_in");
     const int U_shape[3] = {{BH, N * C, Dv}};
@@ -220,7 +250,13 @@ void run(char** argv) {{
     std::vector<float> s(size_t(BH) * Dv * Dk, NAN);
     constexpr int NT = 32 * (C / 16) * (BV / 16);
     run_blocks({{unsigned(BH), unsigned((Dv + BV - 1) / BV), 1}}, NT, [&] {{
-      if (what == "h2") {{
+      if (what == "h2xd") {{
+        h2xd::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
+            as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      }} else if (what == "h2x") {{
+        h2x::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
+            as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
+      }} else if (what == "h2") {{
         h2::kernel<Dk, BV, C, NT, HDS, HNB, MP, 1, PT>(W.data(), U.data(), Kw.data(),
             as<float>(gates), as<float>(s0), U_shape, H.data(), Vn.data(), s.data());
       }} else {{
@@ -229,15 +265,20 @@ void run(char** argv) {{
       }}
     }});
     write(d + "H", H); write(d + "Vn", Vn); write(d + "state_out", s);
-  }} else if (what == "o2") {{
+  }} else if (what == "o2" || what == "o2x") {{
     auto q = read_as<PT>(d + "q"), k = read_as<PT>(d + "k"), gates = read(d + "gates");
     auto H = read_as<PT>(d + "H"), Vn = read_as<PT>(d + "Vn");
     const int dims[2] = {{T, Hv}}, Vn_shape[3] = {{BH, N * C, Dv}};
     std::vector<PT> y(size_t(B) * T * Hv * Dv, PT(NAN));
     const unsigned VB = unsigned((Dv + O2BVO - 1) / O2BVO);
     run_blocks({{unsigned(N), unsigned(BH), VB}}, {o_threads}, [&] {{
-      o2::kernel<Dk, C, {o_threads}, O2DS, O2BVO, MP, PT>(q.data(), k.data(), as<float>(gates),
-          H.data(), Vn.data(), dims, k_shape, Vn_shape, y.data());
+      if (what == "o2x") {{
+        o2x::kernel<Dk, C, {o_threads}, O2DS, O2BVO, MP, PT>(q.data(), k.data(),
+            as<float>(gates), H.data(), Vn.data(), dims, k_shape, Vn_shape, y.data());
+      }} else {{
+        o2::kernel<Dk, C, {o_threads}, O2DS, O2BVO, MP, PT>(q.data(), k.data(),
+            as<float>(gates), H.data(), Vn.data(), dims, k_shape, Vn_shape, y.data());
+      }}
     }});
     write(d + "y", y);
   }} else {{
@@ -295,6 +336,11 @@ def program(tmp_path_factory) -> Path:
         wy2_fused=cl.wy_source("cuda", fused=True, ring=True),
         wy2v=cl.wy_source("cuda", ring=True, v16=True),
         wy2v_fused=cl.wy_source("cuda", fused=True, ring=True, v16=True),
+        wy2x=cl.wy_source("cuda", ring=True, vx=True),
+        wy2x_fused=cl.wy_source("cuda", fused=True, ring=True, vx=True),
+        h2x=cl.h2_vx_source("cuda"),
+        h2xd=cl.h2_dyn_source("cuda", vx=True),
+        o2x=cl.o2_vx_source("cuda"),
         h=cl.h_source("cuda"),
         h2=cl.h2_source("cuda"),
         o=cl.o_source("cuda"),
@@ -460,6 +506,71 @@ def test_split_wy2_v16_equals_wy2(program, tmp_path, cfg, fused):
     _check(got, gated_delta_np(q, k, v, g, beta, state, mask), TOL_BF16 if bf16 else TOL)
 
 
+# Round 6's variants (chunk_launch.WY2_VX, H2_VX, O2_VX): Dk 128 with Dv 40 (a partial v slice,
+# a partial state tile of 16 value rows, y's value tile partial), Dv 128 (every tile whole), and
+# Dk 32 (fewer 16-byte groups of a state tile than threads).
+VX_SHAPES = [WY2_SHAPES[3], (1, 200, 1, 2, 128, 128), SHAPES[3]]
+
+
+@pytest.mark.parametrize("cfg", ["cuda", "cuda_bf16", "cuda_bf16_w64", "cuda_bv32"])
+@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+@pytest.mark.parametrize("shape", VX_SHAPES, ids=lambda s: f"Dk{s[4]}Dv{s[5]}")
+def test_split_vx_equals_default(program, tmp_path, cfg, fused, shape):
+    """WY2_VX (16-byte Kw / W / U stores and slice scaling, L from the accumulators), H2_VX
+    (16-byte H stores, delta from the accumulators) and O2_VX (Y's decay and P from the
+    accumulators, 16-byte y stores) give the default builds' W, U, Kw, gates, H, Vn, y and state
+    bit for bit: fp32 and bf16 pieces, WY slices of 32 and 64, the state pass at 16 and 32 value
+    rows, masked (left padding: whole masked chunks and rows past T), partial and whole tiles; y
+    and the state within the tolerance of the float64 loop."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    N = -(-T // C)
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad")
+    gates = make_gate_inputs(B, T, Hv) if fused else None
+    if fused:
+        with mx.stream(mx.cpu):
+            g, beta = compute_gates(*gates)
+    args = (program, tmp_path, q, k, v, None if fused else g, None if fused else beta, state)
+    extra = {"gates": (B * Hv, N * C, 4), "H": (B * Hv, N, Dv, Dk), "Vn": (B * Hv, N * C, Dv)}
+    want_pieces, want = run_split(*args, mask, cfg, gates, out="o2", wy="wy2", h="h2")
+    want_extra = {name: _get(tmp_path, name, sh) for name, sh in extra.items()}
+    pieces, got = run_split(*args, mask, cfg, gates, out="o2x", wy="wy2x", h="h2x")
+    for name, p, ref in zip(("W", "U", "Kw"), pieces, want_pieces, strict=True):
+        assert np.isfinite(p).all(), name
+        assert np.array_equal(p, ref), name
+    for name, sh in extra.items():
+        assert np.array_equal(_get(tmp_path, name, sh), want_extra[name], equal_nan=True), name
+    for name, x, ref in zip(("y", "state"), got, want, strict=True):
+        assert np.isfinite(x).all() and np.array_equal(x, ref), name
+    bf16 = cfg.startswith("cuda_bf16")
+    _check(got, gated_delta_np(q, k, v, g, beta, state, mask), TOL_BF16 if bf16 else TOL)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+@pytest.mark.parametrize("shape", VX_SHAPES, ids=lambda s: f"Dk{s[4]}Dv{s[5]}")
+def test_split_vx_dynamic_ring_equals_default(program, tmp_path, fused, shape):
+    """H2_DYN's text (chunk_source.h2_dyn_body; here its static array, the ring three whole key
+    rows deep as chunk_launch.H2_DYN = (128, 3) asks) after WY2_VX, before O2_VX: bf16, the
+    default builds' H, Vn, y and state bit for bit."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    N = -(-T // C)
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    mask = _mask(B, T, "pad")
+    gates = make_gate_inputs(B, T, Hv) if fused else None
+    if fused:
+        with mx.stream(mx.cpu):
+            g, beta = compute_gates(*gates)
+    args = (program, tmp_path, q, k, v, None if fused else g, None if fused else beta, state)
+    extra = {"H": (B * Hv, N, Dv, Dk), "Vn": (B * Hv, N * C, Dv)}
+    _, want = run_split(*args, mask, "cuda_bf16", gates, out="o2", wy="wy2", h="h2")
+    want_extra = {name: _get(tmp_path, name, sh) for name, sh in extra.items()}
+    _, got = run_split(*args, mask, "cuda_bf16_r3", gates, out="o2x", wy="wy2x", h="h2xd")
+    for name, sh in extra.items():
+        assert np.array_equal(_get(tmp_path, name, sh), want_extra[name], equal_nan=True), name
+    for name, x, ref in zip(("y", "state"), got, want, strict=True):
+        assert np.isfinite(x).all() and np.array_equal(x, ref), name
+
+
 TILE_SHAPES = [SHAPES[4], SHAPES[5]]
 
 
@@ -502,7 +613,8 @@ def test_split_bf16_pieces_within_bf16_tolerance(program, tmp_path, out):
 @pytest.mark.parametrize(
     "cfg,out,wy",
     [(c, o, "wy") for o in ("o", "o2") for c in ("cuda", "metal")]
-    + [(c, "o2", "wy2") for c in ("cuda", "metal", "cuda_bf16")],
+    + [(c, "o2", "wy2") for c in ("cuda", "metal", "cuda_bf16")]
+    + [(c, "o2x", "wy2x") for c in ("cuda", "cuda_bf16")],  # round 6's variants (CUDA)
 )
 def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg, out, wy):
     """g = 0 mid-chunk and at a chunk's first step, decays of 1e-4..0.05 (products far below
@@ -518,7 +630,7 @@ def test_split_g_zero_strong_decay_and_garbage_in_padding(program, tmp_path, cfg
     pad = ~mask
     nan4 = mx.where(pad[:, :, None, None], mx.nan, 0.0)
     bad = (q + nan4, k + nan4, v + nan4, mx.where(pad[:, :, None], mx.inf, g), beta)
-    h = "h2" if wy == "wy2" else "h"
+    h = {"wy2": "h2", "wy2x": "h2x"}.get(wy, "h")
     _, got = run_split(program, tmp_path, *bad, state, mask, cfg, out=out, wy=wy, h=h)
     _check(got, want, TOL_BF16 if cfg == "cuda_bf16" else TOL)
 

@@ -436,8 +436,10 @@ def state_mma_source(backend: str) -> str:
     return PROLOGUE[backend] + src.STATE_MMA_BODY
 
 
-def wy_source(backend: str, fused: bool = False, ring: bool = False, v16: bool = False) -> str:
-    return PROLOGUE[backend] + src.wy_body(fused, ring, v16)
+def wy_source(
+    backend: str, fused: bool = False, ring: bool = False, v16: bool = False, vx: bool = False
+) -> str:
+    return PROLOGUE[backend] + src.wy_body(fused, ring, v16, vx)
 
 
 def h_source(backend: str) -> str:
@@ -448,6 +450,16 @@ def h2_source(backend: str) -> str:
     return PROLOGUE[backend] + src.H2_BODY
 
 
+def h2_vx_source(backend: str) -> str:
+    """H2_BODY with 16-byte H stores and delta in the accumulators (H2_VX; CUDA)."""
+    return PROLOGUE[backend] + src.h2_vx_body()
+
+
+def h2_dyn_source(backend: str, vx: bool = False) -> str:
+    """H2_BODY (vx: H2_VX's) with its ring in dynamic shared memory (H2_DYN; CUDA)."""
+    return PROLOGUE[backend] + src.h2_dyn_body(vx)
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -456,6 +468,13 @@ def o2_source(backend: str, p16: bool | None = None, ring: int | None = None) ->
     """O2_BODY; p16 (None: O2_P16): P and Vn staged in the pieces' type for Y += P Vn; ring
     (None: O2_RING): stages of its ring."""
     return PROLOGUE[backend] + src.o2_body(
+        O2_P16 if p16 is None else p16, O2_RING if ring is None else ring
+    )
+
+
+def o2_vx_source(backend: str, p16: bool | None = None, ring: int | None = None) -> str:
+    """O2_BODY with the Y decay in the accumulators and 16-byte y stores (O2_VX; CUDA)."""
+    return PROLOGUE[backend] + src.o2_vx_body(
         O2_P16 if p16 is None else p16, O2_RING if ring is None else ring
     )
 
@@ -486,6 +505,8 @@ _kernels: dict[tuple, object] = {}
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
 MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 2}
 _BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
+# Round 6's variants (WY2_VX, O2_VX; CUDA): bounded as the pass they vary.
+_BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2"}
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -507,17 +528,28 @@ def launch_bounds_header(threads: int, blocks: int) -> str:
 _PLAIN = {
     "h": (src.H_NAME, src.H_INPUTS, src.H_OUTPUTS, h_source),
     "h2": (src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source),
+    "h2x": (src.H2_NAME + "_vx", src.H_INPUTS, src.H_OUTPUTS, h2_vx_source),
+    "h2d": (src.H2_NAME + "_dyn", src.H_INPUTS, src.H_OUTPUTS, h2_dyn_source),
+    "h2xd": (
+        src.H2_NAME + "_vx_dyn",
+        src.H_INPUTS,
+        src.H_OUTPUTS,
+        lambda b: h2_dyn_source(b, True),
+    ),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
+    "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
     "state": (src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_source),
     "state_mma": (src.STATE_MMA_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_mma_source),
 }
 
 
-def _build(backend: str, which: str):
+def _build(backend: str, which: str, smem: int = 0):
     """which: "state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma", or the
-    split path's "wy", "wy_fused", "h", "o"; a "_stamped" suffix (CUDA, "wy2", "wy2_fused",
-    "o2"): that kernel with clock stamps and the extra output `stamps` (chunk_source.stamped)."""
+    split path's "wy", "wy_fused", "h", "o" (and their variants); a "_stamped" suffix (CUDA,
+    "wy2", "wy2_fused", "o2", "h2"): that kernel with clock stamps and the extra output `stamps`
+    (chunk_source.stamped). smem: bytes of dynamic shared memory ("h2d", "h2xd": H2_DYN's ring),
+    in the kernel's name too."""
     stamp = which.endswith("_stamped")
     if stamp:
         if backend != "cuda" or which not in _STAMPED:
@@ -537,21 +569,25 @@ def _build(backend: str, which: str):
                 header=_stamped_header(which.split("_")[0]),
             )
         return _kernels[key]
-    lb = MIN_BLOCKS.get(which.removesuffix("_fused").replace("wy2v", "wy2"))
-    lb = lb if backend == "cuda" and which in _BOUNDED else None
+    if which in _BOUNDED_AS:
+        lb = MIN_BLOCKS.get(_BOUNDED_AS[which]) if backend == "cuda" else None
+    else:
+        lb = MIN_BLOCKS.get(which.removesuffix("_fused").replace("wy2v", "wy2"))
+        lb = lb if backend == "cuda" and which in _BOUNDED else None
     t32 = backend == "cuda" and not MMA16
-    p32 = which == "o2" and not O2_P16
-    r2 = which == "o2" and O2_RING != 3
-    key = (backend, which, lb, t32, p32, r2)
+    p32 = which in ("o2", "o2x") and not O2_P16
+    r2 = which in ("o2", "o2x") and O2_RING != 3
+    key = (backend, which, lb, t32, p32, r2, smem)
     if key not in _kernels:
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
             body = source(backend)
-        elif which in ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused"):
-            fused, ring, v16 = which.endswith("_fused"), which.startswith("wy2"), "2v" in which
+        elif which.startswith("wy"):
+            fused, ring = which.endswith("_fused"), which.startswith("wy2")
+            v16, vx = "2v" in which, "2x" in which
             name, ins, outs = src.wy_name(fused, ring), src.wy_inputs(fused), src.WY_OUTPUTS
-            name += "_v16" if v16 else ""
-            body = wy_source(backend, fused, ring, v16)
+            name += "_v16" if v16 else "_vx" if vx else ""
+            body = wy_source(backend, fused, ring, v16, vx)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
@@ -569,8 +605,14 @@ def _build(backend: str, which: str):
         if lb:
             # a name of its own: MLX caches compiled kernels by name
             name, head = f"{name}_lb{lb}", head + launch_bounds_header(256, lb)
+        extra = {"shared_memory": smem} if smem else {}
         _kernels[key] = _factory(backend)(
-            name=name, input_names=ins, output_names=outs, source=body, header=head
+            name=name + (f"_{smem}" if smem else ""),
+            input_names=ins,
+            output_names=outs,
+            source=body,
+            header=head,
+            **extra,
         )
     return _kernels[key]
 
@@ -589,6 +631,10 @@ _STAMPED = {
     ),
     "o2_stamped": lambda: (
         src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source("cuda"), src.O2_STAMPS,
+    ),
+    # round 6: the state pass, one sampled chunk a threadgroup (chunk_source.H2_STAMPS)
+    "h2_stamped": lambda: (
+        src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source("cuda"), src.H2_STAMPS,
     ),
 }  # fmt: skip
 
@@ -619,6 +665,20 @@ WY2 = True
 # staged type is the pieces'): off by default until the H200 has checked and timed it
 # (benchmarks/chunk_split_gpu.py --stamps, "wy v16").
 WY2_V16 = False
+# Round 6 (helper chunk6; CUDA only, off by default until the H200 has checked and timed them,
+# benchmarks/chunk_split_gpu.py --ab6): each pass's outputs moved 16 bytes a thread, the same
+# arithmetic (outputs bit for bit the default build's). WY2_VX: WY2_V16 plus Kw's stores and
+# the U / W slices' scaling in 16-byte groups (chunk_source.wy2_vx_body; takes precedence over
+# WY2_V16). H2_VX: H[n]'s stores (h2_vx_body). O2_VX: Y's decay in the accumulators (three
+# barriers fewer) and y's stores (o2_vx_body; where Dv is a multiple of 16 / y's item size).
+WY2_VX = False
+H2_VX = False
+O2_VX = False
+# H2_DYN: (key slice DS, ring NB) of the state pass with its ring of staged slices in dynamic
+# shared memory (chunk_source.h2_dyn_body; CUDA, Dk <= 128): rings past the 48 KB of static
+# shared memory, e.g. (128, 3): three whole W / Kw slices of Dk 128, 52 KB, each copy a whole
+# chunk ahead. None: the static ring of h_tiles.
+H2_DYN: tuple[int, int] | None = None
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -739,8 +799,9 @@ def wy_pass(
     N = -(-T // C)
     BH = B * Hv
     ring = WY2 and Dv % 8 == 0 and k.dtype == v.dtype  # k, v copied raw into one ring
+    vx = ring and WY2_VX and backend == "cuda" and not stamps
     v16 = ring and WY2_V16 and backend == "cuda" and not stamps
-    base = "wy2v" if v16 else "wy2" if ring else "wy"
+    base = "wy2x" if vx else "wy2v" if v16 else "wy2" if ring else "wy"
     mask, gates, which = _gate_inputs(base, g, beta, mask, raw_gates, B, T)
     extra_shapes, extra_dtypes = [], []
     if stamps:
@@ -787,9 +848,12 @@ def h_pass(
     bv=None,
     prefetch=None,
     init_value=None,
+    stamps: bool = False,
 ):
     """H_BODY (H2_BODY where H2 is set and its tiles fit): (H [B*Hv, N, Dv, Dk], Vn [B*Hv, N*C,
-    Dv]) in the pieces' dtype, and the final state [B, Hv, Dv, Dk] fp32."""
+    Dv]) in the pieces' dtype, and the final state [B, Hv, Dv, Dk] fp32. stamps (CUDA, H2_BODY
+    only): the stamped build (chunk_source.H2_STAMPS), its stamps [threadgroups, STAMP_SLOTS]
+    uint32 appended to the outputs."""
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     bv = bv or H_BV
@@ -803,7 +867,19 @@ def h_pass(
         )
     ds, nb = H_TILES or tiles
     nt = h_threads(bv, C)
-    return _build(backend, "h2" if h2 else "h")(
+    name = ("h2x" if H2_VX and backend == "cuda" else "h2") if h2 else "h"
+    smem = 0
+    if H2_DYN and h2 and backend == "cuda" and Dk <= 128 and not stamps:
+        ds, nb = min(H2_DYN[0], Dk), H2_DYN[1]
+        smem = nb * C * (ds + 16 // pt.size) * pt.size
+        name += "d"
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        if not h2:
+            raise ValueError("gated_delta chunk kernel: stamps need the H2_BODY pass")
+        name = "h2_stamped"
+        extra_shapes, extra_dtypes = [(B * Hv * -(-Dv // bv), src.STAMP_SLOTS)], [mx.uint32]
+    return (_build(backend, name, smem) if smem else _build(backend, name))(
         inputs=[W, U, Kw, gates, state],
         template=[
             ("Dk", Dk),
@@ -818,8 +894,8 @@ def h_pass(
         ],
         grid=(nt * B * Hv, -(-Dv // bv), 1),
         threadgroup=(nt, 1, 1),
-        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
-        output_dtypes=[pt, pt, mx.float32],
+        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk), *extra_shapes],
+        output_dtypes=[pt, pt, mx.float32, *extra_dtypes],
         init_value=init_value,
     )
 
@@ -848,6 +924,8 @@ def o_pass(
         o2_ds, o2_bvo = O2_TILES[(backend, y_dtype.size)]
         if Dk % o2_ds == 0:
             name, bvo, ds = "o2", o2_bvo, o2_ds
+            vx = O2_VX and backend == "cuda" and Dv % (16 // y_dtype.size) == 0
+            name += "x" if vx and not stamps else ""
     nz = -(-Dv // bvo)
     extra_shapes, extra_dtypes = [], []
     if stamps:

@@ -814,11 +814,11 @@ def wy_name(fused: bool, ring: bool = False) -> str:
     return "gated_delta_chunk_wy" + ("2" if ring else "") + ("_fused" if fused else "")
 
 
-def wy_body(fused: bool, ring: bool = False, v16: bool = False) -> str:
-    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body()); GD_FUSED 1 computes the gates from a, b,
-    A_log, dt_bias as PREP_BODY does."""
+def wy_body(fused: bool, ring: bool = False, v16: bool = False, vx: bool = False) -> str:
+    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body(); vx: wy2_vx_body()); GD_FUSED 1 computes
+    the gates from a, b, A_log, dt_bias as PREP_BODY does."""
     defs = f"\n#define GD_FUSED {int(fused)}\n"
-    body = wy2_v16_body() if v16 else WY2_BODY if ring else WY_BODY
+    body = wy2_vx_body() if vx else wy2_v16_body() if v16 else WY2_BODY if ring else WY_BODY
     return defs + _DECAY_R_MACRO + body + "#undef GD_DECAY_R\n#undef GD_FUSED\n"
 
 
@@ -1123,6 +1123,22 @@ def _wy2_slice(x: str) -> str:
 """
 
 
+# WY2_BODY's pieces that WY2_VX (wy2_vx_body) swaps: Kw = w k from a staged k slice an
+# element a thread; the U / W slice scaled in place an element a thread; L.
+_WY2_KW = """      const float x = static_cast<float>(ks[i * SQ + d]);
+      Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
+    }
+"""
+_WY2_SCALE = """      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
+      const float sc = is_v ? bs[i] : bs[i] * gam[i];
+      bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
+    }
+"""
+# WY2_BODY's L: k k^T's tiles to Ai, a barrier, then -beta D o k k^T by columns in place.
+_WY2_L_KEEP = "j < i && ok[i] != 0.0f && ok[j] != 0.0f"
+_WY2_L = _decayed_lower_tiles("kk", "Ai", "CP", _WY2_L_KEEP, "-bs[i] * dij")
+
+
 # WY2_BODY: WY_BODY with its k and v slices copied (gd_copy_tile: cp.async on CUDA, the bytes
 # as they are) into a ring of NB staged slices that runs through the whole kernel: the Dk / DS
 # k slices of k k^T, then the v slices of U, then the k slices of W, each copy started NB - 1
@@ -1216,18 +1232,13 @@ WY2_BODY = (
   for (int q = 0; q < NSK; ++q) {
 """
     + _wy2_slice("ks")
-    + """      const float x = static_cast<float>(ks[i * SQ + d]);
-      Kw[(rn + i) * Dk + q * DS + d] = static_cast<PT>(ok[i] != 0.0f ? wts[i] * x : 0.0f);
-    }
-"""
+    + _WY2_KW
     + _lower_tiles_mma("kk", "ks", "ks", "SQ")
     + """  }
 
   // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0
 """
-    + _decayed_lower_tiles(
-        "kk", "Ai", "CP", "j < i && ok[i] != 0.0f && ok[j] != 0.0f", "-bs[i] * dij"
-    )
+    + _WY2_L
     + """  gd_barrier();
 
 """
@@ -1249,11 +1260,8 @@ WY2_BODY = (
     const int c0 = (is_v ? q - NSK : q - NSK - nvs) * DS;
 """
     + _wy2_slice("bsl")
-    + """      const bool take = ok[i] != 0.0f && (!is_v || c0 + d < Dv);
-      const float sc = is_v ? bs[i] : bs[i] * gam[i];
-      bsl[i * SQ + d] = static_cast<PS>(take ? sc * static_cast<float>(bsl[i * SQ + d]) : 0.0f);
-    }
-    gd_barrier();
+    + _WY2_SCALE
+    + """    gd_barrier();
     gd_acc o[OTW];
     #pragma unroll
     for (int u = 0; u < OTW; ++u) {
@@ -1364,12 +1372,7 @@ def _h_store_and_delta(x: str, s: str, store: str) -> str:
     Dv get delta 0 and no Vn."""
     return f"""          const size_t hb = (size_t(head) * N + n) * Dv + v0;
           if (v0 + BV <= Dv) {{
-            #pragma unroll
-            for (int it = 0; it < BV * Dk / NT; ++it) {{
-              const int e = tid + it * NT;
-              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
-            }}
-          }} else {{
+{_h_whole_tile_stores(x, s)}          }} else {{
             for (int e = tid; e < BV * Dk; e += NT) {{
               if (v0 + e / Dk < Dv) {{
                 H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
@@ -1379,7 +1382,24 @@ def _h_store_and_delta(x: str, s: str, store: str) -> str:
         }}
         continue;
       }}
-      if (s == KSL) {{
+{_h_delta(store)}"""
+
+
+def _h_whole_tile_stores(x: str, s: str) -> str:
+    """H[n] of a whole value tile from threadgroup memory x (row stride s), an element a
+    thread (H2_VX swaps in its 16-byte copies)."""
+    return f"""            #pragma unroll
+            for (int it = 0; it < BV * Dk / NT; ++it) {{
+              const int e = tid + it * NT;
+              H[(hb + e / Dk) * Dk + e % Dk] = static_cast<PT>({x}[(e / Dk) * {s} + e % Dk]);
+            }}
+"""
+
+
+def _h_delta(store: str) -> str:
+    """Slice KSL's branch, opened: delta = U - Xw (Xw in D_t, U's rows in xu), stored by `store`
+    (of dl at row i, value v) and to Vn; value rows past Dv get delta 0 and no Vn."""
+    return f"""      if (s == KSL) {{
         // value rows past Dv (a partial last tile only) get delta 0 and no Vn
         const bool full = v0 + BV <= Dv;
         #pragma unroll
@@ -1486,6 +1506,13 @@ H_BODY = (
     + _state_out("S_t", "SD")
 )
 
+# H2_BODY's end of slice KSL's delta branch: the decay of the state tiles, a barrier (delta
+# complete; H2_VX makes delta before slice KSL's barrier and drops this one).
+_H2_DECAY_BARRIER = """        #pragma unroll
+        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
+        gd_barrier();  // delta complete
+      }
+"""
 H2_NAME = "gated_delta_chunk_h2"
 
 # H2_BODY: the state pass with the state in the warps' accumulators (as flash-linear-attention's
@@ -1571,11 +1598,8 @@ H2_BODY = (
           // H[n] = S (Sb is not written before slice KSL's barriers), branch-free when whole
 """
     + _h_store_and_delta("Sb", "SB", "Db[i * DBL + v] = static_cast<PS>(dl)")
-    + """        #pragma unroll
-        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
-        gd_barrier();  // delta complete
-      }
-      // the tiles of this warp in Kw's key slice s - KSL
+    + _H2_DECAY_BARRIER
+    + """      // the tiles of this warp in Kw's key slice s - KSL
       #pragma unroll
       for (int u = 0; u < TW; ++u) {
         const int g = w + NW * u;
@@ -1640,7 +1664,13 @@ def _o_epilogue(P: str, pp="PP", vp="VP", ys="vs") -> str:
     gd_acc_store(ya[u], {ys} + 16 * (e / YC) * VP + 16 * (e % YC), VP);
   }}
   gd_barrier();
-  for (int e = tid; e < C * BVO; e += NT) {{
+""" + _y_stores(ys)
+
+
+def _y_stores(ys: str) -> str:
+    """The output passes' y stores: Y staged at `ys` (threadgroup floats, row stride VP) to y in
+    YT, an element a thread, rows t < T and value columns < Dv."""
+    return f"""  for (int e = tid; e < C * BVO; e += NT) {{
     const int i = e / BVO;
     const int v = e % BVO;
     const int t = t0 + i;
@@ -1704,6 +1734,42 @@ def o2_body(p16: bool = True, ring: int = 3) -> str:
     defs = f"\n#define GD_O2_P16 {int(p16)}\n#define GD_O2_NB {int(ring)}\n"
     undef = "#undef GD_DECAY_R\n#undef GD_O2_P16\n#undef GD_O2_NB\n"
     return defs + _DECAY_R_MACRO + O2_BODY + undef
+
+
+# O2_BODY's pieces that O2_VX (o2_vx_body) swaps.
+# O2_BODY's Y decay: Y staged to threadgroup floats, scaled there, loaded back (3 barriers).
+_O2_DECAY = (
+    """  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+"""
+    + _o_stage_vn("VS", "PS")
+    + """  gd_barrier();
+  #pragma unroll
+  for (int it = 0; it < C * BVO / NT; ++it) {
+    const int e = tid + it * NT;
+    const int i = e / BVO;
+    X[i * VP + e % BVO] = ok[i] != 0.0f ? gam[i] * X[i * VP + e % BVO] : 0.0f;
+  }
+  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
+  }
+  gd_barrier();  // X free for P
+"""
+)
+# O2_BODY's P: q k^T's tiles to threadgroup floats, a barrier, then D o q k^T by columns.
+_O2_P = _decayed_lower_tiles(
+    "qk", "X", "PP", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij", out="Pm", so="PB", ot="PS"
+)
+
+
+# O2_VX: P made from the accumulators (element (h, c) of lane 4 g + t of tile (tr, tc) is (16 tr
+# + g + 8 (c / 2), 16 tc + 8 h + 2 t + c % 2)), written straight to Pm: no fp32 round trip, no
+# barrier (the epilogue's first barrier orders Pm before P Vn). Tiles above the diagonal are not
+# written (P Vn reads row tile r's columns below 16 (r + 1) only).
 
 
 # O2_BODY: the output pass with its q, k and H slices copied (gd_copy_tile: cp.async on CUDA,
@@ -1799,37 +1865,11 @@ O2_BODY = (
   gd_barrier();  // every warp past the ring
   GD_TG_PTR float* X = sm;
   GD_TG_PTR PS* vs = (GD_TG_PTR PS*)(sm + XP);
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    gd_acc_store(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
 """
-    + _o_stage_vn("VS", "PS")
-    + """  gd_barrier();
-  #pragma unroll
-  for (int it = 0; it < C * BVO / NT; ++it) {
-    const int e = tid + it * NT;
-    const int i = e / BVO;
-    X[i * VP + e % BVO] = ok[i] != 0.0f ? gam[i] * X[i * VP + e % BVO] : 0.0f;
-  }
-  gd_barrier();
-  for (int u = 0; u < YTW; ++u) {
-    const int e = w + NW * u;
-    gd_acc_load(ya[u], X + 16 * (e / YC) * VP + 16 * (e % YC), VP);
-  }
-  gd_barrier();  // X free for P
-  GD_TG_PTR PS* Pm = (GD_TG_PTR PS*)(X + (PSZ == 4 ? 0 : XS));
+    + _O2_DECAY
+    + """  GD_TG_PTR PS* Pm = (GD_TG_PTR PS*)(X + (PSZ == 4 ? 0 : XS));
 """
-    + _decayed_lower_tiles(
-        "qk",
-        "X",
-        "PP",
-        "j <= i && ok[i] != 0.0f && ok[j] != 0.0f",
-        "dij",
-        out="Pm",
-        so="PB",
-        ot="PS",
-    )
+    + _O2_P
     + _o_epilogue("Pm", "PB", "VS", "X")
 )
 
@@ -1965,6 +2005,308 @@ def wy2_v16_body() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Round 6 (helper chunk6, issue 9): 16-byte pieces everywhere a pass moves its outputs, and O2's
+# Y decay in the accumulators. CUDA only (the 16-byte copies need the staged type to be the
+# pieces'; O2X reads CUDA's accumulator fragment layout, which the lane emulator shares), each
+# off by default behind a switch of chunk_launch (WY2_VX, H2_VX, O2_VX), each the same arithmetic
+# element for element as the default text, so the same outputs bit for bit.
+# A 16-byte group of elements of type T (declared inside a kernel, where T is known).
+def _vec_struct(name: str, t: str) -> str:
+    return f"""  struct alignas(16) {name} {{
+    {t} x[16 / sizeof({t})];
+  }};
+"""
+
+
+def _wy2_slice_vx(x: str) -> str:
+    """_wy2_slice with the loop over the slice's 16-byte groups (VE elements from row i,
+    column d) instead of its elements."""
+    loop = "    for (int e = tid; e < C * DS; e += NT) {\n"
+    text = _wy2_slice(x)
+    assert text.count(loop) == 1
+    return text.replace(loop, "    for (int e = tid * VE; e < C * DS; e += NT * VE) {\n")
+
+
+# Kw = w k from the staged k slice, a 16-byte group a thread (the default: an element a thread).
+_WY2_KW_VX = """      const bool row = ok[i] != 0.0f;
+      const float wi = wts[i];
+      const gd_vx x = *reinterpret_cast<const GD_TG_PTR gd_vx*>(ks + i * SQ + d);
+      gd_vx o;
+      #pragma unroll
+      for (int r = 0; r < VE; ++r) {
+        o.x[r] = static_cast<PT>(row ? wi * static_cast<float>(x.x[r]) : 0.0f);
+      }
+      GD_ST16(Kw + (rn + i) * Dk + q * DS + d, o);
+    }
+"""
+# One 16-byte store of a gd_vx (16 / PSZ elements of PT) to device memory at p_: on CUDA
+# st.global.v4 of its four words (nvcc leaves an element-wise copy of the struct as 2-byte
+# stores here); elsewhere (the lane emulator) the copy.
+_ST16 = """#ifdef __CUDA_ARCH__
+#define GD_ST16(p_, v_)                                                                     \\
+  {                                                                                         \\
+    unsigned int u_[4];                                                                     \\
+    _Pragma("unroll") for (int j_ = 0; j_ < 4; ++j_) {                                      \\
+      const unsigned short* h_ = reinterpret_cast<const unsigned short*>(&(v_).x[0]);       \\
+      const unsigned int* w_ = reinterpret_cast<const unsigned int*>(&(v_).x[0]);           \\
+      u_[j_] = PSZ == 2 ? unsigned(h_[2 * j_]) | (unsigned(h_[2 * j_ + 1]) << 16) : w_[j_]; \\
+    }                                                                                       \\
+    asm volatile(                                                                           \\
+        "{ .reg .u64 g; cvta.to.global.u64 g, %0; st.global.v4.b32 [g], {%1, %2, %3, %4}; }" \\
+        ::"l"(p_), "r"(u_[0]), "r"(u_[1]), "r"(u_[2]), "r"(u_[3])                           \\
+        : "memory");                                                                        \\
+  }
+#else
+#define GD_ST16(p_, v_) (*reinterpret_cast<gd_vx*>(p_) = (v_))
+#endif
+"""
+# The staged U / W slice scaled in place a 16-byte group a thread (one read, one write).
+_WY2_SCALE_VX = """      const bool row = ok[i] != 0.0f;
+      const float sc = is_v ? bs[i] : bs[i] * gam[i];
+      gd_vx x = *reinterpret_cast<const GD_TG_PTR gd_vx*>(bsl + i * SQ + d);
+      #pragma unroll
+      for (int r = 0; r < VE; ++r) {
+        const bool take = row && (!is_v || c0 + d + r < Dv);
+        x.x[r] = static_cast<PS>(take ? sc * static_cast<float>(x.x[r]) : 0.0f);
+      }
+      *reinterpret_cast<GD_TG_PTR gd_vx*>(bsl + i * SQ + d) = x;
+    }
+"""
+_WY2_HEAD = "  const int NQ = 2 * NSK + nvs;              // slices through the ring\n"
+
+
+def wy2_vx_body() -> str:
+    """WY2_V16 (16-byte W / U stores) with Kw's stores and the U / W slices' scaling a 16-byte
+    group a thread as well (WY2_VX): per slice a thread issues one 16-byte shared read, one
+    write or global store where the default issues 8 of each (bf16), with their address
+    arithmetic; and L made from k k^T's accumulators (_lower_tiles_vx: a barrier and a round
+    trip through Ai fewer). Same products and roundings: W, U, Kw, gates bit for bit
+    WY2_BODY's."""
+    body = wy2_v16_body()
+    kk = _wy2_slice("ks") + _WY2_KW
+    sc = _wy2_slice("bsl") + _WY2_SCALE
+    assert body.count(kk) == 1 and body.count(sc) == 1 and body.count(_WY2_HEAD) == 1
+    head = _WY2_HEAD + "  constexpr int VE = 16 / PSZ;  // elements of a 16-byte group\n"
+    head += _vec_struct("gd_vx", "PS") + _ST16
+    assert body.count(_WY2_L) == 1
+    body = body.replace(
+        _WY2_L, _lower_tiles_vx("kk", "Ai", "CP", "float", _WY2_L_KEEP, "-bs[i] * dij", zero=True)
+    )
+    body = body.replace(kk, _wy2_slice_vx("ks") + _WY2_KW_VX)
+    body = body.replace(sc, _wy2_slice_vx("bsl") + _WY2_SCALE_VX)
+    body = body.replace(_WY2_HEAD, head)
+    return _DECAY_R1_MACRO + body + "#undef GD_ST16\n#undef GD_DECAY_R1\n"
+
+
+# O2_VX: the same decay on the accumulators in place (CUDA's fragments: element (h, c) of a
+# lane 4 g + t is row g + 8 (c / 2) of its tile), no barrier; Vn staged meanwhile (read after
+# the barriers of P's making).
+_O2_DECAY_VX = """  for (int u = 0; u < YTW; ++u) {
+    const int r0 = 16 * ((w + NW * u) / YC) + (tid & 31) / 4;
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      #pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = r0 + 8 * (c / 2);
+        ya[u].c[h][c] = ok[i] != 0.0f ? gam[i] * ya[u].c[h][c] : 0.0f;
+      }
+    }
+  }
+""" + _o_stage_vn("VS", "PS")
+_O2_Y_STORES = _y_stores("X")
+# O2_VX: y written a 16-byte group a thread (needs Dv % (16 / sizeof(YT)) == 0: a group is whole
+# inside or outside the value rows; chunk_launch takes O2_BODY otherwise).
+_O2_Y_STORES_VX = (
+    """  constexpr int VE = 16 / int(sizeof(YT));  // elements of a 16-byte group
+"""
+    + _vec_struct("gd_vy", "YT")
+    + """  for (int e = tid * VE; e < C * BVO; e += NT * VE) {
+    const int i = e / BVO;
+    const int v = e % BVO;
+    const int t = t0 + i;
+    if (t < T && v0 + v < Dv) {
+      gd_vy o;
+      #pragma unroll
+      for (int r = 0; r < VE; ++r) o.x[r] = static_cast<YT>(X[i * VP + v + r]);
+      *reinterpret_cast<gd_vy*>(y + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + v0 + v) = o;
+    }
+  }
+"""
+)
+
+
+# GD_DECAY_R with its running-product loop kept rolled (round 6's accumulator forms evaluate it at
+# 16 elements a lane, each unrolled copy of the rare loop would cost code, not time).
+_DECAY_R1_LOOP = "      for (int l = (j) + 1; l <= (i); ++l) { \\\n"
+_DECAY_R1_MACRO = _DECAY_R_MACRO.replace("GD_DECAY_R(", "GD_DECAY_R1(").replace(
+    _DECAY_R1_LOOP, '      _Pragma("unroll 1") for (int l = (j) + 1; l <= (i); ++l) { \\\n'
+)
+assert _DECAY_R_MACRO.count(_DECAY_R1_LOOP) == 1
+
+
+def _lower_tiles_vx(acc: str, out: str, so: str, ot: str, keep: str, scale: str, zero=False):
+    """_decayed_lower_tiles made from the accumulators (round 6; CUDA's fragments: element (h, e)
+    of lane 4 g + t of tile (tr, tc) is (16 tr + g + 8 (e / 2), 16 tc + 8 h + 2 t + e % 2)) and
+    written straight to `out` (row stride so, type ot): no round trip through threadgroup floats,
+    no barrier. Tiles above the diagonal are written 0 where `zero`, else not at all."""
+    upper = (
+        f"""    }} else {{
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {{
+          const int i = 16 * tr + (tid & 31) / 4 + 8 * (e / 2);
+          {out}[i * {so} + 16 * tc + 8 * h + 2 * (tid & 3) + e % 2] = 0.0f;
+        }}
+      }}
+"""
+        if zero
+        else ""
+    )
+    return f"""  for (int c = 0; c < 2; ++c) {{
+    const int tc = 2 * (w % 2) + c;
+    if (tc <= tr) {{
+      const int ib = 16 * tr + (tid & 31) / 4;  // rows ib, ib + 8
+      const int jb = 16 * tc + 2 * (tid & 3);   // columns jb + 8 h + {{0, 1}}
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {{
+          const int i = ib + 8 * (e / 2);
+          const int j = jb + 8 * h + e % 2;
+          const float gj = gam[j];
+          const float rj = rg[j];
+          GD_DECAY_R1(dij, i, j, gj, rj);
+          const bool keep = {keep};
+          {out}[i * {so} + j] = static_cast<{ot}>(keep ? {scale} * {acc}[c].c[h][e] : 0.0f);
+        }}
+      }}
+{upper}    }}
+  }}
+"""
+
+
+_O2_P_VX = _lower_tiles_vx(
+    "qk", "Pm", "PB", "PS", "j <= i && ok[i] != 0.0f && ok[j] != 0.0f", "dij"
+)
+
+
+def o2_vx_body(p16: bool = True, ring: int = 3) -> str:
+    """o2_body with Y's decay and P made in the accumulators (_O2_DECAY_VX, _O2_P_VX: four
+    barriers and two round trips through threadgroup floats fewer) and y written a 16-byte group
+    a thread (O2_VX; CUDA). Same arithmetic element for element: y bit for bit o2_body's."""
+    body = o2_body(p16, ring)
+    for text in (_O2_DECAY, _O2_P, _O2_Y_STORES):
+        assert body.count(text) == 1
+    body = body.replace(_O2_DECAY, _O2_DECAY_VX).replace(_O2_P, _O2_P_VX)
+    # Y staged in X's fp32 tiles, which (16-bit P) nothing reads any more: no barrier before
+    assert body.count(_O2_Y_STAGED) == 1
+    body = body.replace(_O2_Y_STAGED, _O2_Y_STAGED.replace("  gd_barrier();", _O2_Y_BAR, 1))
+    body = body.replace(_O2_Y_STORES, _O2_Y_STORES_VX)
+    return _DECAY_R1_MACRO + body + "#undef GD_DECAY_R1\n"
+
+
+_O2_Y_STAGED = """  gd_barrier();
+  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    gd_acc_store(ya[u], X + 16 * (e / YC) * VP"""
+_O2_Y_BAR = "  if (PSZ == 4) gd_barrier();  // P (in X) read by every warp"
+
+
+_H2_H_STORES = _h_whole_tile_stores("Sb", "SB")
+# H2_VX: H[n] of a whole value tile copied from Sb a 16-byte group a thread (Sb is the state in
+# PT already).
+_H2_H_STORES_VX = """            static_assert(sizeof(PS) == sizeof(PT), "H2_VX: PS must be PT");
+            constexpr int VE = 16 / PSZ;  // elements of a 16-byte group
+            struct alignas(16) gd_vh {
+              unsigned int x[4];
+            };
+            #pragma unroll
+            for (int e = tid * VE; e < BV * Dk; e += NT * VE) {  // Dk 32: half the threads
+              *reinterpret_cast<gd_vh*>(H + (hb + e / Dk) * Dk + e % Dk) =
+                  *reinterpret_cast<const GD_TG_PTR gd_vh*>(Sb + (e / Dk) * SB + e % Dk);
+            }
+"""
+
+
+# H2_BODY's U rows (a thread's C BV / NT of the chunk's, row-major), Xw to D_t at slice KSL,
+# and delta from them after slice KSL's barrier, behind a barrier of its own.
+_H2_XU = _rows_to_registers("xu", "U", "BV")
+_H2_XW = "      if (s == KSL) gd_acc_store(xw, D_t + 16 * rt * DL + 16 * vt, DL);\n"
+_H2_DELTA = _h_delta("Db[i * DBL + v] = static_cast<PS>(dl)") + _H2_DECAY_BARRIER
+# H2_VX: each warp's U values in its Xw tile's fragment layout (element (h, e) of lane 4 g + t:
+# row 16 rt + g + 8 (e / 2), value 16 vt + 8 h + 2 t + e % 2), delta = U - Xw made in the
+# registers before slice KSL's wait and written to Db and Vn there, so slice KSL's barrier
+# also completes delta: one barrier a chunk and Xw's round trip through D_t fewer.
+_H2_XU_VX = """    float xu[2][4];  // U where this warp holds Xw (values clamped)
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      #pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * rt + (tid & 31) / 4 + 8 * (e / 2);
+        const int v = v0 + 16 * vt + 8 * h + 2 * (tid & 3) + e % 2;
+        xu[h][e] = static_cast<float>(U[(rn + i) * Dv + (v < Dv ? v : Dv - 1)]);
+      }
+    }
+"""
+_H2_XW_VX = """      if (s == KSL) {
+        // delta = U - Xw from the accumulators; value rows past Dv get delta 0 and no Vn
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = 16 * rt + (tid & 31) / 4 + 8 * (e / 2);
+            const int v = 16 * vt + 8 * h + 2 * (tid & 3) + e % 2;
+            const bool in = v0 + v < Dv;
+            const float dl = in ? xu[h][e] - xw.c[h][e] : 0.0f;
+            Db[i * DBL + v] = static_cast<PS>(dl);
+            if (in) Vn[(rn + i) * Dv + v0 + v] = static_cast<PT>(dl);
+          }
+        }
+      }
+"""
+_H2_DELTA_VX = """      if (s == KSL) {
+        #pragma unroll
+        for (int u = 0; u < TW; ++u) gd_acc_scale(sa[u], dc);
+      }
+"""
+
+
+def h2_vx_body() -> str:
+    """H2_BODY with H[n]'s stores a 16-byte group a thread where the value tile is whole (2
+    stores a thread a chunk instead of 16: bf16, BV 16, Dk 128), and delta made in the
+    accumulators before slice KSL's barrier (H2_VX; CUDA): 2 barriers a chunk instead of 3.
+    Same arithmetic: H, Vn and the state bit for bit H2_BODY's."""
+    body = H2_BODY
+    swaps = ((_H2_H_STORES, _H2_H_STORES_VX), (_H2_XU, _H2_XU_VX), (_H2_XW, _H2_XW_VX))
+    for old, new in (*swaps, (_H2_DELTA, _H2_DELTA_VX)):
+        assert body.count(old) == 1, old
+        body = body.replace(old, new)
+    return body
+
+
+# H2_DYN (round 6, CUDA): the state pass's ring of staged slices in dynamic shared memory, the
+# rest as before, so that the ring can outgrow the 48 KB of static shared memory (a ring of three
+# whole W / Kw slices at Dk 128: each copy a whole chunk ahead instead of half); the host asks
+# for the ring's bytes (chunk_launch.H2_DYN). Elsewhere (the lane emulator) the static array.
+_H2_RING = "  GD_TG16 PS sb[NB * C * SP];\n"
+_H2_RING_DYN = """#ifdef __CUDA_ARCH__
+  extern __shared__ __align__(16) unsigned char gd_dyn_ring[];  // NB C SP PS: the launch's
+  GD_TG_PTR PS* sb = reinterpret_cast<GD_TG_PTR PS*>(gd_dyn_ring);
+#else
+  GD_TG16 PS sb[NB * C * SP];
+#endif
+"""
+
+
+def h2_dyn_body(vx: bool = False) -> str:
+    """H2_BODY (vx: h2_vx_body()) with the ring in dynamic shared memory (H2_DYN; CUDA)."""
+    body = h2_vx_body() if vx else H2_BODY
+    assert body.count(_H2_RING) == 1
+    return body.replace(_H2_RING, _H2_RING_DYN)
+
+
+# ---------------------------------------------------------------------------------------------
 # Stamped builds (issue 9, round 5, helper chunk5): where a threadgroup of a parallel pass spends
 # its time on the device. The pass's text with `GD_STAMP(j);` lines inserted before fixed
 # anchors, nothing else changed (removing those lines and _STAMP_DEFS gives the text back, which
@@ -2026,6 +2368,23 @@ WY2_STAMPS = (
         "q == NSK + 1",
     ),
     ("slices 2..", _WY2_SLICE, "q == NSK + 2"),
+)
+# The state pass H2_BODY (round 6, helper chunk6): one sampled chunk n = N / 2 of every
+# threadgroup, its W slices (s < KSL) and Kw slices (s >= KSL) split at the copy wait, then the
+# chunks after it; the first phase is the state's load, the first copies and chunks 0 .. N/2 - 1.
+_H2_CHUNK = "    // This chunk's U rows (columns clamped) and decay, loaded at its start.\n"
+_H2_SLICE = "      const int q = n * NSL + s;\n"
+_H2_STAGED = "      GD_TG_PTR PS* st = sb + (q % NB) * C * SP;\n"
+_H2_UPDATE = "      // the tiles of this warp in Kw's key slice s - KSL\n"
+H2_STAMPS = (
+    ("chunks before", "  for (int q = 0; q < NB - 1; ++q) GD_H_COPY(q);\n"),
+    ("U rows", _H2_CHUNK, "n == N / 2"),
+    ("W slice: wait", _H2_SLICE, "n == N / 2 && s == 0"),
+    ("W S^T, H", _H2_STAGED, "n == N / 2 && s == 0"),
+    ("Kw slice: Xw, wait", _H2_SLICE, "n == N / 2 && s == KSL"),
+    ("delta, decay", _H2_STAGED, "n == N / 2 && s == KSL"),
+    ("update", _H2_UPDATE, "n == N / 2 && s == KSL"),
+    ("chunks after", _H2_CHUNK, "n == N / 2 + 1"),
 )
 _O2_SLICE = "    gd_copy_wait<NBO - 2>();\n    gd_barrier();  // slice s staged"
 O2_STAMPS = (
