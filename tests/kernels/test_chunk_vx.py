@@ -163,6 +163,7 @@ def _vx_cases(itemsize: int):
     return out
 
 
+@pytest.mark.slow  # ~25 s a case; the variants are off by default
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("act", ["bf16", "fp32"])
 def test_vx_variants_compile_for_sm90_within_bounds_without_spills(tmp_path, monkeypatch, act):
