@@ -682,19 +682,8 @@ def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
             "fla chunk": base.get("fla chunk"),
         }
         timers = {name: run for name, run in timers.items() if run is not None}
-        n = max(2, min(50, 65536 // T))
-        for name, run in list(timers.items()):
-            try:
-                run(1)
-            except Exception as e:  # a variant that does not build: drop it
-                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
-                del timers[name]
-        best = {}
-        for _ in range(3):
-            for name, run in timers.items():
-                best[name] = min(best.get(name, float("inf")), run(n) / n * 1e3)
-        rows.append({"T": T, "Hv": hv, "n": n, "ms": best})
-        print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
+        rows.append(_best_of_three(timers, T, hv))
+        best = rows[-1]["ms"]
         if "fla chunk" in best:
             ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
             print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
@@ -707,21 +696,27 @@ def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
     for T in ts:
-        timers = _timers(backend, Shape(1, T, hv), fla, quick, ab)
-        n = max(2, min(50, 65536 // T))
-        for name, run in list(timers.items()):
-            try:
-                run(1)  # warm-up: compile, caches, autotune
-            except Exception as e:  # an experimental variant that does not build: drop it
-                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
-                del timers[name]
-        best = {}
-        for _ in range(3):
-            for name, run in timers.items():
-                best[name] = min(best.get(name, float("inf")), run(n) / n * 1e3)
-        rows.append({"T": T, "Hv": hv, "n": n, "ms": best})
-        print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
+        rows.append(_best_of_three(_timers(backend, Shape(1, T, hv), fla, quick, ab), T, hv))
     return rows
+
+
+def _best_of_three(timers: dict, T: int, hv: int) -> dict:
+    """Each timer warmed up once (compile, caches, autotune; one that does not build or run is
+    dropped and named), then the best of three rounds of n calls, alternating the contenders:
+    the row {"T", "Hv", "n", "ms": {name: ms a call}}, printed."""
+    n = max(2, min(50, 65536 // T))
+    for name, run in list(timers.items()):
+        try:
+            run(1)
+        except Exception as e:  # an experimental variant that does not build: drop it
+            print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
+            del timers[name]
+    best = {}
+    for _ in range(3):
+        for name, run in timers.items():
+            best[name] = min(best.get(name, float("inf")), run(n) / n * 1e3)
+    print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
+    return {"T": T, "Hv": hv, "n": n, "ms": best}
 
 
 def table(rows, predicted=None) -> str:

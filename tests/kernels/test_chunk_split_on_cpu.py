@@ -76,11 +76,23 @@ _WY2_SIGS = (
 )
 
 
-def _namespace(name: str, signature: str) -> str:
-    """A WY2 build's namespace in PROGRAM's format text (braces doubled, its body's slot)."""
+_WY2_TEMPLATE = "template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>"
+_H_TEMPLATE = (
+    "template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>"
+)
+_H_SIG = (
+    "void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates,\n"
+    "            const float* state_in, const int* U_shape, PT* H, PT* Vn, float* state_out)"
+)
+_O2_TEMPLATE = "template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>"
+_O2_SIG = """void kernel(const YT* q, const YT* k, const float* gates, const YT* H, const YT* Vn,
+            const int* dims, const int* q_shape, const int* Vn_shape, YT* y)"""
+
+
+def _namespace(name: str, signature: str, template: str = _WY2_TEMPLATE) -> str:
+    """A build's namespace in PROGRAM's format text (braces doubled, its body's slot)."""
     return (
-        f"namespace {name} {{{{\n"
-        "template <int Dk, int C, int NT, int DS, int NB, int MP, typename PT>\n"
+        f"namespace {name} {{{{\n{template}\n"
         f"{signature} {{{{\n{{{name}}}\n}}}}\n}}}}  // namespace {name}\n"
     )
 
@@ -131,39 +143,9 @@ void kernel(const float* k, const float* v, const float* a, const float* b, cons
 
 """
     + "\n".join(_namespace(n, _WY2_SIGS[n.endswith("_fused")]) for n in WY2_NAMESPACES)
+    + "\n"
+    + "\n".join(_namespace(n, _H_SIG, _H_TEMPLATE) for n in ("h", "h2", "h2x", "h2xd"))
     + r"""
-namespace h {{
-template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
-void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
-            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
-{h}
-}}
-}}  // namespace h
-
-namespace h2 {{
-template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
-void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
-            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
-{h2}
-}}
-}}  // namespace h2
-
-namespace h2x {{
-template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
-void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
-            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
-{h2x}
-}}
-}}  // namespace h2x
-
-namespace h2xd {{
-template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
-void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
-            const int* U_shape, PT* H, PT* Vn, float* state_out) {{
-{h2xd}
-}}
-}}  // namespace h2xd
-
 namespace o {{
 template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT, typename PT>
 void kernel(const float* q, const float* k, const float* gates, const PT* H, const PT* Vn,
@@ -172,21 +154,9 @@ void kernel(const float* q, const float* k, const float* gates, const PT* H, con
 }}
 }}  // namespace o
 
-namespace o2 {{
-template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
-void kernel(const YT* q, const YT* k, const float* gates, const YT* H, const YT* Vn,
-            const int* dims, const int* q_shape, const int* Vn_shape, YT* y) {{
-{o2}
-}}
-}}  // namespace o2
-
-namespace o2x {{
-template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
-void kernel(const YT* q, const YT* k, const float* gates, const YT* H, const YT* Vn,
-            const int* dims, const int* q_shape, const int* Vn_shape, YT* y) {{
-{o2x}
-}}
-}}  // namespace o2x
+"""
+    + "\n".join(_namespace(n, _O2_SIG, _O2_TEMPLATE) for n in ("o2", "o2x"))
+    + r"""
 
 template <int Dk, typename PT, int MP, int BV, int HDS, int HNB, int ODS, int BVO, int O2DS,
           int O2BVO, int WDS, int WNB>
