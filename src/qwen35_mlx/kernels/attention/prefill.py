@@ -18,7 +18,7 @@ from ..positions import prologue
 from . import prefill_source as src
 
 # (BK keys a block, DS columns staged at a time, W warps) by backend (threadgroup_bytes: CUDA
-# bf16 28 KB of its 48, Metal, everything staged as floats, 17 KB of its 32).
+# bf16 31 KB of its 48, Metal, everything staged as floats, 22 KB of its 32).
 TILES = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
 MP = 1  # bf16 / fp16 operands are exact in tf32 (and CUDA takes them by mma.m16n8k16)
 DTYPES = (mx.bfloat16, mx.float16)
@@ -67,12 +67,12 @@ def source(backend: str, mask: bool, causal: bool) -> str:
 
 
 def threadgroup_bytes(backend: str, staged: int | None = None) -> int:
-    """Threadgroup memory of the kernel with the backend's tiles: (16 W + BK) DS + 16 W BK
-    staged elements (`staged` bytes each: the dtype's on CUDA, floats on Metal) and 16 W
-    (BK + 16 + 1) floats."""
+    """Threadgroup memory of the kernel with the backend's tiles: (16 W + BK) (DS + 8) +
+    16 W (BK + 8) staged elements (`staged` bytes each: the dtype's on CUDA, floats on Metal)
+    and 16 W (BK + 16 + 1) floats."""
     BK, DS, W = TILES[backend]
     staged = 4 if backend == "metal" else staged or 2
-    return ((16 * W + BK) * DS + 16 * W * BK) * staged + 16 * W * (BK + 17) * 4
+    return ((16 * W + BK) * (DS + 8) + 16 * W * (BK + 8)) * staged + 16 * W * (BK + 17) * 4
 
 
 def shape_supported(q, k, v, backend: str = "cuda") -> bool:

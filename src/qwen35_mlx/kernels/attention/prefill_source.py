@@ -40,7 +40,7 @@ Template arguments: D (a multiple of DS), BK (keys a block, a multiple of 16), D
 staged at a time, a multiple of 16), W (warps), MP (the tile layer's operand precision; bf16 /
 fp16 are exact at 1), OT (the input and output dtype). B, the head counts, T and S are read from
 the input shapes. Threadgroup memory (elements of gd_staged<OT>: OT on CUDA, float on Metal):
-(16 W + BK) DS staged + 16 W BK for P, plus 16 W (BK + 16 + 2) floats.
+(16 W + BK) (DS + 8) staged + 16 W (BK + 8) for P, plus 16 W (BK + 17) floats.
 
 Helpers: the chunk tile layer and copies (gd_acc, gd_acc_zero, gd_acc_store, gd_mma_staged,
 gd_copy_tile / commit / wait, gd_barrier, GD_TG, GD_TG16, GD_TG_PTR, gd_staged), the base
@@ -78,6 +78,10 @@ BODY = """
   constexpr int NKT = BK / 16;  // score tiles a warp a block
   constexpr int NDT = D / 16;   // output tiles a warp
   constexpr int HALF = BK / 2;  // columns a lane takes in the softmax
+  // staged row strides, 16 bytes (CUDA) past the tile: a 128-byte stride would put the 8 rows
+  // of an ldmatrix in the same banks
+  constexpr int QL = DS + 8;
+  constexpr int PL = BK + 8;
   const int Hq = q_shape[1];
   const int T = q_shape[2];
   const int Hkv = k_shape[1];
@@ -116,14 +120,14 @@ BODY = """
   const size_t mask0 = size_t(mask_shape[0] == 1 ? 0 : b) * Tm * S;
 #endif
 
-  GD_TG16 ST qs[16 * W * DS];   // each warp's query rows, one slice
-  GD_TG16 ST ks[BK * DS];       // the block's key (then value) rows, one slice
-  GD_TG16 ST ps[16 * W * BK];   // each warp's weights P
+  GD_TG16 ST qs[16 * W * QL];   // each warp's query rows, one slice
+  GD_TG16 ST ks[BK * QL];       // the block's key (then value) rows, one slice
+  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
   GD_TG float sf[16 * W * BK];  // each warp's scores; at the end its output tiles
   GD_TG float dg[16 * W * 16];  // each warp's row factors, on a diagonal
   GD_TG float ls[16 * W];       // each warp's row sums, at the end
-  GD_TG_PTR ST* qw = qs + 16 * w * DS;
-  GD_TG_PTR ST* pw = ps + 16 * w * BK;
+  GD_TG_PTR ST* qw = qs + 16 * w * QL;
+  GD_TG_PTR ST* pw = ps + 16 * w * PL;
   GD_TG_PTR float* sw = sf + 16 * w * BK;
   GD_TG_PTR float* dw = dg + 256 * w;
   for (int e = lane; e < 256; e += 32) {
@@ -160,9 +164,9 @@ BODY = """
     }
     for (int ds = 0; ds < D; ds += DS) {
       gd_barrier();  // the last slice's readers are done
-      gd_copy_tile<32, 16, DS>(qw, DS, q + q0 + size_t(qrow0) * D + ds, size_t(D),
+      gd_copy_tile<32, 16, DS>(qw, QL, q + q0 + size_t(qrow0) * D + ds, size_t(D),
                                T - 1 - qrow0, lane);
-      gd_copy_tile<32 * W, BK, DS>(ks, DS, k + kv0 + size_t(j0) * D + ds, size_t(D),
+      gd_copy_tile<32 * W, BK, DS>(ks, QL, k + kv0 + size_t(j0) * D + ds, size_t(D),
                                    S - 1 - j0, tid);
       gd_copy_commit();
       gd_copy_wait<0>();
@@ -170,7 +174,7 @@ BODY = """
       if (live) {
         #pragma unroll
         for (int c = 0; c < NKT; ++c) {
-          gd_mma_staged<MP, false, true>(s[c], qw, DS, ks + 16 * c * DS, DS, DS);
+          gd_mma_staged<MP, false, true>(s[c], qw, QL, ks + 16 * c * QL, QL, DS);
         }
       }
     }
@@ -203,7 +207,7 @@ BODY = """
       const float x = sw[row * BK + c];
       // AT_NEG marks a key the row does not see (a seen score is far above it)
       const float p = x > 0.5f * AT_NEG ? float(static_cast<OT>(gd_exp(x - m_new))) : 0.0f;
-      pw[row * BK + c] = static_cast<ST>(p);
+      pw[row * PL + c] = static_cast<ST>(p);
       sum += p;
     }
     sum += gd_shuffle(sum, lane ^ 16);
@@ -223,7 +227,7 @@ BODY = """
     #pragma unroll
     for (int ds = 0; ds < D; ds += DS) {
       gd_barrier();
-      gd_copy_tile<32 * W, BK, DS>(ks, DS, v + kv0 + size_t(j0) * D + ds, size_t(D),
+      gd_copy_tile<32 * W, BK, DS>(ks, QL, v + kv0 + size_t(j0) * D + ds, size_t(D),
                                    S - 1 - j0, tid);
       gd_copy_commit();
       gd_copy_wait<0>();
@@ -231,7 +235,7 @@ BODY = """
       if (live) {
         #pragma unroll
         for (int c = 0; c < DS / 16; ++c) {
-          gd_mma_staged<MP, false, false>(o[ds / 16 + c], pw, BK, ks + 16 * c, DS, BK);
+          gd_mma_staged<MP, false, false>(o[ds / 16 + c], pw, PL, ks + 16 * c, QL, BK);
         }
       }
     }
