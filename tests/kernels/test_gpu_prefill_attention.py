@@ -4,7 +4,7 @@ attention (tests/kernels/attention_np.py) and the blocked ops path it would repl
 
 The bound is the CPU test's (test_prefill_attention_on_cpu.py: the weights' and the output's
 rounding, 1.05 u (2 vmax + |o64|) + 1e-5 vmax per element); on the GPU the exponential is
-CUDA's fast one (__expf, a few ulp of fp32: inside the 1e-5 term). The blocked path rounds its
+CUDA's expf (2 ulp of fp32: inside the 1e-5 term). The blocked path rounds its
 scores to the dtype as well, so it is no closer to float64 than the kernel: its largest error
 bounds the kernel's. Shapes: the 0.8B layer (Hq 8, Hkv 2, D 256) at T = S, T < S (a prompt fed
 in steps) and T = 1; GQA 1 at D 128; left padding; fp16.
