@@ -273,3 +273,15 @@ template <int MP, bool TA, bool TB, typename PA, typename PB>
 inline void gd_mma_staged(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
   gd_mma<MP, TA, TB>(x, A, lda, B, ldb, K);
 }
+
+// The prefill attention kernel's row scaling (kernels/attention/prefill.py `at_acc_scale_rows`),
+// as CUDA's: lane 4 g + t scales its rows g and g + 8 by dg[17 g], dg[17 (g + 8)].
+inline void at_acc_scale_rows(gd_acc& x, const float* dg) {
+  const int g = int(threadIdx.x % 32) / 4;
+  for (int h = 0; h < 2; ++h) {
+    x.c[h][0] *= dg[17 * g];
+    x.c[h][1] *= dg[17 * g];
+    x.c[h][2] *= dg[17 * (g + 8)];
+    x.c[h][3] *= dg[17 * (g + 8)];
+  }
+}

@@ -182,3 +182,24 @@ def test_blocked_peak_does_not_depend_on_history(monkeypatch):
 
     short, long = peak(1024), peak(4096)
     assert long <= 1.1 * short, (short, long)
+
+
+def test_prefill_kernel_is_off_and_admits_only_its_masks(monkeypatch):
+    """PREFILL_KERNEL is off by default (the kernel has not run on a GPU yet); with a GPU
+    backend (faked here) prefill_kernel_takes admits bf16 / fp16 at D <= 256 and the masks the
+    kernel reads (None, "causal", bool [1 or B, 1, 1 or T, S]), nothing else."""
+    assert attn_lib.PREFILL_KERNEL is False
+    q = mx.zeros((2, 8, 32, 256), mx.bfloat16)
+    k = v = mx.zeros((2, 2, 100, 256), mx.bfloat16)
+    assert not attn_lib.prefill_kernel_takes(q, k, v, "causal")  # the CPU: no backend
+    monkeypatch.setattr(attn_lib.prefill_kernel, "backend_name", lambda: "cuda")
+    takes = attn_lib.prefill_kernel_takes
+    assert takes(q, k, v, None) and takes(q, k, v, "causal")
+    assert takes(q, k, v, mx.ones((2, 1, 32, 100), mx.bool_))
+    assert takes(q, k, v, mx.ones((1, 1, 1, 100), mx.bool_))
+    assert takes(q, k, v, mx.ones((32, 100), mx.bool_))
+    assert not takes(q, k, v, mx.zeros((2, 1, 32, 100), mx.bfloat16))  # additive
+    assert not takes(q, k, v, mx.ones((2, 8, 32, 100), mx.bool_))  # per head
+    assert not takes(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), None)
+    assert not takes(q[..., :200], k[..., :200], v[..., :200], None)  # D % 64
+    assert not takes(q, k[:, :, :16], v[:, :, :16], None)  # T > S

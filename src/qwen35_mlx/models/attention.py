@@ -34,6 +34,7 @@ import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention as _mlx_lm_sdpa
 
 from ..kernels import attention as attention_kernel
+from ..kernels.attention import prefill as prefill_kernel
 from .cache import BatchKVCache, KVCache, StaticKV, kv_index
 
 # One block of scores (all query heads of one query block against one key block), in the
@@ -50,6 +51,13 @@ QUERY_BLOCK = 2048
 SYNC_BLOCKS = 8
 # Key blocks are a multiple of this many keys (matmul-friendly) and never shorter.
 KEY_ALIGN = 128
+# The prefill attention kernel (kernels/attention/prefill.py: FlashAttention-2 style, one launch,
+# scores never in device memory) where it takes the step (a GPU, bf16 / fp16, head dim <= 256,
+# masks None / "causal" / bool) and MLX has no fused kernel. Off: checked so far on the CPU's
+# lane emulator and by the sm_90 and Metal-stub compiles only; turn on once
+# tests/kernels/test_gpu_prefill_attention.py has passed on the GPU and
+# benchmarks/bench_prefill_attention.py has measured it faster than the blocked path.
+PREFILL_KERNEL = False
 
 
 def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
@@ -127,6 +135,30 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
+def prefill_kernel_takes(q: mx.array, k: mx.array, v: mx.array, mask: Any) -> bool:
+    """Whether the prefill attention kernel runs this step (under PREFILL_KERNEL): a GPU
+    backend, a shape it takes, and a mask it reads (None, "causal", or bool [B or 1, 1, T or 1,
+    S]; additive masks take the ops paths)."""
+    backend = prefill_kernel.backend_name()
+    if backend is None or not prefill_kernel.shape_supported(q, k, v, backend):
+        return False
+    if mask is None or isinstance(mask, str):
+        return mask in (None, "causal")
+    if not isinstance(mask, mx.array) or mask.dtype != mx.bool_ or mask.ndim > 4:
+        return False
+    m = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    return (
+        m[0] in (1, q.shape[0])
+        and m[1] == 1
+        and m[2] in (1, q.shape[2])
+        and m[3]
+        in (
+            1,
+            k.shape[2],
+        )
+    )
+
+
 def dequantize_kv(q: mx.array) -> bool:
     """Whether a quantized KV cache is dequantized before attention: on MLX's CUDA backend
     (0.32), whose quantized matmul lacks kernels for attention's shapes ("[quantized_matmul] No
@@ -148,6 +180,8 @@ def attention(
         cache = None
     if hasattr(cache, "bits") or q.shape[2] == 1 or has_fused_kernel(q, k, v):
         return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)
+    if PREFILL_KERNEL and prefill_kernel_takes(q, k, v, mask):
+        return prefill_kernel.prefill_attention(q, k, v, scale=scale, mask=mask)
     B, Hq, T, _ = q.shape
     if B * Hq * T * k.shape[2] * q.dtype.size <= PLAIN_BYTES:
         return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)

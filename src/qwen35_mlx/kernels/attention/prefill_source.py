@@ -1,0 +1,281 @@
+"""Prefill attention GPU kernel text (FlashAttention-2 style), written once for Metal and CUDA
+over the chunk kernels' tile layer (gated_delta/chunk_launch.py `_TILES`: a warp's 16 x 16 fp32
+accumulator `gd_acc`, `gd_mma_staged` products of staged operands; tensor cores on CUDA,
+simdgroup matrices on Metal). Text only: building and launching is `prefill.py`.
+
+softmax(q k^T * scale + mask) v for the last T positions of S keys (q [B, Hq, T, D], k, v
+[B, Hkv, S, D], the cache's layout; query token t is at position S - T + t), in one launch:
+
+A threadgroup of W warps owns one (row b, kv head) and WG = gcd(G, W) of its G query heads
+times TQ = 16 W / WG query tokens; warp w owns 16 consecutive tokens of one query head (head
+(w % WG), tokens 16 (w / WG) ..). The threadgroup walks the keys in blocks of BK:
+  1. S = q k^T over D in slices of DS: each warp stages its 16 query rows' slice, the
+     threadgroup the block's key slice (`gd_copy_tile`, rows past the end read the last row),
+     then each warp adds its 16 x BK scores (BK / 16 tiles) with `gd_mma_staged`.
+  2. Online softmax, in fp32, by the lanes (lane l: row l % 16, half l / 16 of the block's
+     columns; the halves meet by a shuffle): s *= scale; the row's running maximum m over its
+     visible keys; p = exp(s - m) rounded to the input dtype (as the blocked ops path rounds
+     its weights before they meet v), 0 for a key the row does not see; l = l alpha + sum p
+     (of the rounded p); alpha = exp(m_old - m) rescales the output rows (`at_acc_scale_rows`).
+  3. O += P V over D in slices of DS: the threadgroup stages the block's value slice, each warp
+     adds P (16 x BK, in the input dtype) times it into its output tiles.
+Finally o = O / l (0 where the row saw no key), rounded once to the output dtype.
+A warp that sees no key of a block (causal) skips its products (the result is the same: all its
+p are 0 and alpha 1); the threadgroup stops at the last key its last token sees.
+
+Which keys query token t sees: positions j < S, and
+    AT_CAUSAL 1: j <= S - T + t
+    AT_MASK   1: mask[b or 0, 0, t or 0, j] (bool [Bm, 1, Tm, S], Bm in {1, B}, Tm in {1, T})
+A masked key takes no part (p = 0 exactly); a row that sees no key at all (left padding) gives
+o = 0, where the blocked ops path gives the mean of the values (its masked scores are the
+dtype's lowest, not -inf); such rows are padding, which no real position reads.
+
+Precision: the scores are fp32 sums of exact products (bf16 / fp16 operands; CUDA's
+mma.m16n8k16, Metal's fp32 simdgroup products), scaled in fp32 (the blocked path scales q in its
+dtype first and rounds the scores to it; for a power-of-two scale, 1 / 16 at D = 256, the scaling
+is exact in both); softmax statistics fp32; P rounded to the input dtype; P V in fp32; the output
+rounded once.
+
+Template arguments: D (a multiple of DS), BK (keys a block, a multiple of 16), DS (columns
+staged at a time, a multiple of 16), W (warps), MP (the tile layer's operand precision; bf16 /
+fp16 are exact at 1), OT (the input and output dtype). B, the head counts, T and S are read from
+the input shapes. Threadgroup memory (elements of gd_staged<OT>: OT on CUDA, float on Metal):
+(16 W + BK) (DS + 8) staged + 16 W (BK + 8) for P, plus 16 W (BK + 17) floats.
+
+Helpers: the chunk tile layer and copies (gd_acc, gd_acc_zero, gd_acc_store, gd_mma_staged,
+gd_copy_tile / commit / wait, gd_barrier, GD_TG, GD_TG16, GD_TG_PTR, gd_staged), the base
+header's gd_shuffle and gd_exp, and `prefill.py`'s `at_acc_scale_rows(acc, dg)` (multiply row
+i of the tile by dg[17 i]: dg a 16 x 16 row-major matrix, zero off its diagonal). The prologue
+names at_tid (the thread in the threadgroup, 1-D), at_tg_x, at_tg_y.
+
+References: FlashAttention-2 (Dao 2023): query rows split over warps, keys streamed through
+on-chip memory, online softmax with rescaled accumulators.
+"""
+
+from __future__ import annotations
+
+NAME = "attn_prefill"
+INPUTS = ["q", "k", "v", "scale"]
+OUTPUTS = ["out"]
+
+_DEFINES = """
+#define AT_NEG (-3.0e38f)
+#define AT_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define AT_MIN(a, b) ((a) < (b) ? (a) : (b))
+"""
+_UNDEFS = """
+#undef AT_NEG
+#undef AT_MAX
+#undef AT_MIN
+#undef AT_MASK
+#undef AT_CAUSAL
+"""
+
+BODY = """
+  // q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; scale: [1] fp32; mask: [Bm, 1, Tm, S] bool
+  // out: [B, Hq, T, D]
+  using ST = gd_staged<OT>;
+  constexpr int NKT = BK / 16;  // score tiles a warp a block
+  constexpr int NDT = D / 16;   // output tiles a warp
+  constexpr int HALF = BK / 2;  // columns a lane takes in the softmax
+  // staged row strides, 16 bytes (CUDA) past the tile: a 128-byte stride would put the 8 rows
+  // of an ldmatrix in the same banks
+  constexpr int QL = DS + 8;
+  constexpr int PL = BK + 8;
+  const int Hq = q_shape[1];
+  const int T = q_shape[2];
+  const int Hkv = k_shape[1];
+  const int S = k_shape[2];
+  const int G = Hq / Hkv;
+  int WG = W;  // gcd(G, W): query heads a threadgroup
+  for (int a = G; a != 0;) {
+    const int r = WG % a;
+    WG = a;
+    a = r;
+  }
+  const int TQ = 16 * (W / WG);  // query tokens a threadgroup
+  const int NQB = (T + TQ - 1) / TQ;
+  const int tid = int(at_tid);
+  const int w = tid / 32;
+  const int lane = tid % 32;
+  // the last query blocks (the most keys, if causal) first
+  const int qb = NQB - 1 - int(at_tg_x) % NQB;
+  const int hg = int(at_tg_x) / NQB;
+  const int bh = int(at_tg_y);  // b * Hkv + kv head
+  const int b = bh / Hkv;
+  const int head = (bh % Hkv) * G + hg * WG + w % WG;
+  const int t0 = qb * TQ + 16 * (w / WG);  // the warp's first token (may be >= T)
+  const int qrow0 = AT_MIN(t0, T - 1);
+  const int offset = S - T;  // position of token 0
+  const float sc = scale[0];
+  // keys the threadgroup needs: all, or up to its last token's position
+#if AT_CAUSAL
+  const int n_tg = AT_MIN(S, offset + AT_MIN(qb * TQ + TQ, T));
+  const int last_w = offset + AT_MIN(t0 + 15, T - 1);  // the warp's last key
+#else
+  const int n_tg = S;
+#endif
+#if AT_MASK
+  const int Tm = mask_shape[2];
+  const size_t mask0 = size_t(mask_shape[0] == 1 ? 0 : b) * Tm * S;
+#endif
+
+  GD_TG16 ST qs[16 * W * QL];   // each warp's query rows, one slice
+  GD_TG16 ST ks[BK * QL];       // the block's key (then value) rows, one slice
+  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
+  GD_TG float sf[16 * W * BK];  // each warp's scores; at the end its output tiles
+  GD_TG float dg[16 * W * 16];  // each warp's row factors, on a diagonal
+  GD_TG float ls[16 * W];       // each warp's row sums, at the end
+  GD_TG_PTR ST* qw = qs + 16 * w * QL;
+  GD_TG_PTR ST* pw = ps + 16 * w * PL;
+  GD_TG_PTR float* sw = sf + 16 * w * BK;
+  GD_TG_PTR float* dw = dg + 256 * w;
+  for (int e = lane; e < 256; e += 32) {
+    dw[e] = 0.0f;
+  }
+
+  const size_t q0 = (size_t(b) * Hq + head) * T * D;
+  const size_t kv0 = size_t(bh) * S * D;
+  // the row this lane takes in the softmax, its token (clamped) and its half of the columns
+  const int row = lane % 16;
+  const int c0 = (lane / 16) * HALF;
+  const int tok = AT_MIN(t0 + row, T - 1);
+  (void)tok;
+  (void)offset;
+  float m = AT_NEG;
+  float l = 0.0f;
+  gd_acc o[NDT];
+  #pragma unroll
+  for (int c = 0; c < NDT; ++c) {
+    gd_acc_zero(o[c]);
+  }
+
+  for (int j0 = 0; j0 < n_tg; j0 += BK) {
+#if AT_CAUSAL
+    const bool live = j0 <= last_w && t0 < T;  // uniform in the warp
+#else
+    const bool live = t0 < T;
+#endif
+    // 1. scores
+    gd_acc s[NKT];
+    #pragma unroll
+    for (int c = 0; c < NKT; ++c) {
+      gd_acc_zero(s[c]);
+    }
+    for (int ds = 0; ds < D; ds += DS) {
+      gd_barrier();  // the last slice's readers are done
+      gd_copy_tile<32, 16, DS>(qw, QL, q + q0 + size_t(qrow0) * D + ds, size_t(D),
+                               T - 1 - qrow0, lane);
+      gd_copy_tile<32 * W, BK, DS>(ks, QL, k + kv0 + size_t(j0) * D + ds, size_t(D),
+                                   S - 1 - j0, tid);
+      gd_copy_commit();
+      gd_copy_wait<0>();
+      gd_barrier();
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < NKT; ++c) {
+          gd_mma_staged<MP, false, true>(s[c], qw, QL, ks + 16 * c * QL, QL, DS);
+        }
+      }
+    }
+    // 2. online softmax of the block
+    #pragma unroll
+    for (int c = 0; c < NKT; ++c) {
+      gd_acc_store(s[c], sw + 16 * c, BK);
+    }
+    gd_barrier();
+    float mx = AT_NEG;
+    for (int c = c0; c < c0 + HALF; ++c) {
+      const int j = j0 + c;
+      bool see = j < S;
+#if AT_CAUSAL
+      see = see && j <= offset + tok;
+#endif
+#if AT_MASK
+      see = see && bool(mask[mask0 + size_t(Tm == 1 ? 0 : tok) * S + AT_MIN(j, S - 1)]);
+#endif
+      const float x = sw[row * BK + c] * sc;
+      sw[row * BK + c] = see ? x : AT_NEG;
+      mx = see ? AT_MAX(mx, x) : mx;
+    }
+    const float mx_other = gd_shuffle(mx, lane ^ 16);  // not inside AT_MAX: one call a lane
+    mx = AT_MAX(mx, mx_other);
+    const float m_new = AT_MAX(m, mx);
+    const float alpha = gd_exp(m - m_new);
+    float sum = 0.0f;
+    for (int c = c0; c < c0 + HALF; ++c) {
+      const float x = sw[row * BK + c];
+      // AT_NEG marks a key the row does not see (a seen score is far above it)
+      const float p = x > 0.5f * AT_NEG ? float(static_cast<OT>(gd_exp(x - m_new))) : 0.0f;
+      pw[row * PL + c] = static_cast<ST>(p);
+      sum += p;
+    }
+    sum += gd_shuffle(sum, lane ^ 16);
+    l = l * alpha + sum;
+    m = m_new;
+    if (lane < 16) {
+      dw[row * 17] = alpha;
+    }
+    gd_barrier();
+    // 3. O = diag(alpha) O + P V
+    if (live) {
+      #pragma unroll
+      for (int c = 0; c < NDT; ++c) {
+        at_acc_scale_rows(o[c], dw);
+      }
+    }
+    #pragma unroll
+    for (int ds = 0; ds < D; ds += DS) {
+      gd_barrier();
+      gd_copy_tile<32 * W, BK, DS>(ks, QL, v + kv0 + size_t(j0) * D + ds, size_t(D),
+                                   S - 1 - j0, tid);
+      gd_copy_commit();
+      gd_copy_wait<0>();
+      gd_barrier();
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < DS / 16; ++c) {
+          gd_mma_staged<MP, false, false>(o[ds / 16 + c], pw, PL, ks + 16 * c, QL, BK);
+        }
+      }
+    }
+  }
+
+  // o = O / l, rounded once; rows past T are not written
+  if (lane < 16) {
+    ls[16 * w + row] = l;
+  }
+  #pragma unroll
+  for (int c = 0; c < NDT; ++c) {
+    gd_barrier();
+    gd_acc_store(o[c], sw, BK);
+    gd_barrier();
+    for (int e = lane; e < 256; e += 32) {
+      const int r = e / 16;
+      const float lr = ls[16 * w + r];
+      if (t0 + r < T) {
+        const float x = lr > 0.0f ? sw[r * BK + e % 16] / lr : 0.0f;
+        out[q0 + size_t(t0 + r) * D + 16 * c + e % 16] = static_cast<OT>(x);
+      }
+    }
+  }
+"""
+
+
+def name(mask: bool, causal: bool) -> str:
+    """Kernel `name=`, e.g. `attn_prefill_causal`."""
+    return NAME + ("_mask" if mask else "") + ("_causal" if causal else "")
+
+
+def inputs(mask: bool) -> list[str]:
+    return INPUTS + (["mask"] if mask else [])
+
+
+def variants() -> list[tuple[bool, bool]]:
+    """(mask, causal) of every variant."""
+    return [(False, False), (False, True), (True, False), (True, True)]
+
+
+def body(mask: bool, causal: bool) -> str:
+    switches = f"\n#define AT_MASK {int(mask)}\n#define AT_CAUSAL {int(causal)}\n"
+    return switches + _DEFINES + BODY + _UNDEFS

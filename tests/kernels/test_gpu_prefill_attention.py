@@ -1,0 +1,81 @@
+"""The prefill attention kernel on a GPU (`kernels/attention/prefill.py`) against the float64
+attention (tests/kernels/attention_np.py) and the blocked ops path it would replace
+(models/attention.py `_blocked`).
+
+The bound is the CPU test's (test_prefill_attention_on_cpu.py: the weights' and the output's
+rounding, 1.05 u (2 vmax + |o64|) + 1e-5 vmax per element); on the GPU the exponential is
+CUDA's expf (2 ulp of fp32: inside the 1e-5 term). The blocked path rounds its
+scores to the dtype as well, so it is no closer to float64 than the kernel: its largest error
+bounds the kernel's. Shapes: the 0.8B layer (Hq 8, Hkv 2, D 256) at T = S, T < S (a prompt fed
+in steps) and T = 1; GQA 1 at D 128; left padding; fp16.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen35_mlx.kernels.attention import prefill
+from qwen35_mlx.models import attention as model_attention
+from tests.kernels.attention_np import make_attention_inputs
+from tests.kernels.gpu import GPU_ONLY
+from tests.kernels.test_prefill_attention_on_cpu import check, left_pad_mask, reference
+
+pytestmark = GPU_ONLY
+
+
+@pytest.fixture(autouse=True)
+def on_gpu():
+    with mx.stream(mx.gpu):
+        yield
+
+
+def test_kernel_runs_here():
+    q, k, v, _ = make_attention_inputs(1, 8, 2, 32, 64, 256, dtype=mx.bfloat16)
+    assert prefill.backend_name() is not None
+    assert model_attention.prefill_kernel_takes(q, k, v, "causal")
+
+
+# (B, Hq, Hkv, T, S, D, dtype, mask kind)
+CASES = [
+    (1, 8, 2, 2048, 2048, 256, mx.bfloat16, "causal"),
+    (1, 8, 2, 512, 4096, 256, mx.bfloat16, "causal"),
+    (1, 8, 2, 1, 3000, 256, mx.bfloat16, "causal"),
+    (1, 8, 2, 17, 17, 256, mx.float16, "causal"),
+    (2, 8, 2, 300, 300, 256, mx.bfloat16, "pad"),
+    (2, 4, 4, 130, 700, 128, mx.float16, "pad"),
+    (1, 8, 2, 200, 1000, 256, mx.bfloat16, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}T{c[3]}S{c[4]}D{c[5]}{c[7]}")
+def test_prefill_kernel_matches_float64_and_the_blocked_path(case):
+    B, Hq, Hkv, T, S, D, dtype, kind = case
+    q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=T + S)
+    scale = D**-0.5
+    causal = kind == "causal"
+    if kind == "pad":
+        mask = left_pad_mask(B, T, S, [0, 37][:B], causal_too=False)
+    else:
+        mask = "causal" if causal else None
+    o = prefill.prefill_attention(q, k, v, scale=scale, mask=mask)
+    blocked = model_attention._blocked(q, k, v, scale, mask)
+    mx.eval(o, blocked)
+    want = reference(q, k, v, scale, None if causal else mask, causal)
+    got = np.asarray(o.astype(mx.float32), np.float64)
+    check(got, want, v, dtype, Hq)
+    # rows that see a key: the blocked path (mean of the values elsewhere) is no closer
+    seen = np.abs(want).max(-1) > 0
+    b = np.asarray(blocked.astype(mx.float32), np.float64)
+    err_kernel = np.abs(got - want).max(-1)[seen].max()
+    err_blocked = np.abs(b - want).max(-1)[seen].max()
+    print(f"max error: kernel {err_kernel:.3g}, blocked {err_blocked:.3g}")
+    assert err_kernel <= err_blocked * 1.5 + 1e-6
+
+
+def test_switch_routes_model_attention(monkeypatch):
+    """PREFILL_KERNEL on: models.attention.attention gives the kernel's result exactly."""
+    q, k, v, _ = make_attention_inputs(1, 8, 2, 600, 2000, 256, dtype=mx.bfloat16, seed=4)
+    monkeypatch.setattr(model_attention, "PREFILL_KERNEL", True)
+    got = model_attention.attention(q, k, v, None, 1 / 16, "causal")
+    want = prefill.prefill_attention(q, k, v, scale=1 / 16, mask="causal")
+    assert mx.array_equal(got, want).item()
