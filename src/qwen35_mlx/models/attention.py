@@ -147,16 +147,8 @@ def prefill_kernel_takes(q: mx.array, k: mx.array, v: mx.array, mask: Any) -> bo
     if not isinstance(mask, mx.array) or mask.dtype != mx.bool_ or mask.ndim > 4:
         return False
     m = (1,) * (4 - mask.ndim) + tuple(mask.shape)
-    return (
-        m[0] in (1, q.shape[0])
-        and m[1] == 1
-        and m[2] in (1, q.shape[2])
-        and m[3]
-        in (
-            1,
-            k.shape[2],
-        )
-    )
+    B, T, S = q.shape[0], q.shape[2], k.shape[2]
+    return m[0] in (1, B) and m[1] == 1 and m[2] in (1, T) and m[3] in (1, S)
 
 
 def dequantize_kv(q: mx.array) -> bool:
