@@ -223,3 +223,19 @@ def cpu_device():
     mx.set_default_device(mx.cpu)
     yield
     mx.set_default_device(prev)
+
+
+def to_file(x: mx.array, path: Path) -> str:
+    """`x`'s elements as the emulated kernels read them (bool, int32, bf16 as its 16 bits, fp16;
+    anything else as fp32), written to `path`; returns the path as a string."""
+    if x.dtype == mx.bool_:
+        path.write_bytes(np.asarray(x).astype(bool).tobytes())
+    elif x.dtype == mx.int32:
+        path.write_bytes(np.asarray(x).astype(np.int32).tobytes())
+    elif x.dtype == mx.bfloat16:
+        path.write_bytes(np.asarray(x.view(mx.uint16)).tobytes())
+    elif x.dtype == mx.float16:
+        path.write_bytes(np.asarray(x).astype(np.float16).tobytes())
+    else:
+        path.write_bytes(np.asarray(x.astype(mx.float32)).tobytes())
+    return str(path)

@@ -25,6 +25,7 @@ from tests.kernels.helpers import (
     compile_emulated,
     cpu_device,  # noqa: F401  (fixture)
     runner_program,
+    to_file,
 )
 
 pytestmark = [
@@ -117,18 +118,6 @@ def program(tmp_path_factory) -> Path:
     return compile_emulated(text, tmp_path_factory.mktemp("attention_kernel"), timeout=900)
 
 
-def _to_file(x: mx.array, path: Path) -> str:
-    if x.dtype == mx.bool_:
-        path.write_bytes(np.asarray(x).astype(bool).tobytes())
-    elif x.dtype == mx.int32:
-        path.write_bytes(np.asarray(x).astype(np.int32).tobytes())
-    elif x.dtype == mx.bfloat16:
-        path.write_bytes(np.asarray(x.view(mx.uint16)).tobytes())
-    else:
-        path.write_bytes(np.asarray(x.astype(mx.float32)).tobytes())
-    return str(path)
-
-
 def run_emulated(program, tmp_path, inst, q, k, v, scale, start, mask=None, gate=None):
     """Both kernels on the emulator; returns out [B, T, Hq * D] as fp32."""
     B, Hq, T, D = q.shape
@@ -137,10 +126,10 @@ def run_emulated(program, tmp_path, inst, q, k, v, scale, start, mask=None, gate
     ins = dict(q=q, k=k, v=v, start=mx.array([start], mx.int32), scale=mx.array([scale]))
     if mask is not None:
         ins["mask"] = mask
-    paths = [_to_file(x, tmp_path / f"{n}.bin") for n, x in ins.items()]
+    paths = [to_file(x, tmp_path / f"{n}.bin") for n, x in ins.items()]
     Bm, Cm = (mask.shape[0], mask.shape[3]) if mask is not None else (1, 1)
     out = tmp_path / "out.bin"
-    extra = [_to_file(gate, tmp_path / "gate.bin")] if gate is not None else []
+    extra = [to_file(gate, tmp_path / "gate.bin")] if gate is not None else []
     dims = (B, Hq, T, Hkv, Ck, Bm, Cm)
     subprocess.run([str(program), str(i), *paths, *map(str, dims), str(out), *extra],
                    check=True, timeout=600)  # fmt: skip

@@ -482,6 +482,18 @@ def test_split_wy2_v16_equals_wy2(program, tmp_path, cfg, fused):
 VX_SHAPES = [WY2_SHAPES[3], (1, 200, 1, 2, 128, 128), SHAPES[3]]
 
 
+def _vx_inputs(shape, fused: bool):
+    """The round-6 checks' inputs: q, k, v, g, beta, state (g and beta from the raw gates when
+    `fused`), a left-padding mask and the raw gates (None unless `fused`)."""
+    B, T, Hk, Hv, Dk, Dv = shape
+    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
+    gates = make_gate_inputs(B, T, Hv) if fused else None
+    if fused:
+        with mx.stream(mx.cpu):
+            g, beta = compute_gates(*gates)
+    return q, k, v, g, beta, state, _mask(B, T, "pad"), gates
+
+
 @pytest.mark.parametrize("cfg", ["cuda", "cuda_bf16", "cuda_bf16_w64", "cuda_bv32"])
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
 @pytest.mark.parametrize("shape", VX_SHAPES, ids=lambda s: f"Dk{s[4]}Dv{s[5]}")
@@ -494,12 +506,7 @@ def test_split_vx_equals_default(program, tmp_path, cfg, fused, shape):
     and the state within the tolerance of the float64 loop."""
     B, T, Hk, Hv, Dk, Dv = shape
     N = -(-T // C)
-    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
-    mask = _mask(B, T, "pad")
-    gates = make_gate_inputs(B, T, Hv) if fused else None
-    if fused:
-        with mx.stream(mx.cpu):
-            g, beta = compute_gates(*gates)
+    q, k, v, g, beta, state, mask, gates = _vx_inputs(shape, fused)
     args = (program, tmp_path, q, k, v, None if fused else g, None if fused else beta, state)
     extra = {"gates": (B * Hv, N * C, 4), "H": (B * Hv, N, Dv, Dk), "Vn": (B * Hv, N * C, Dv)}
     want_pieces, want = run_split(*args, mask, cfg, gates, out="o2", wy="wy2", h="h2")
@@ -524,12 +531,7 @@ def test_split_vx_dynamic_ring_equals_default(program, tmp_path, fused, shape):
     default builds' H, Vn, y and state bit for bit."""
     B, T, Hk, Hv, Dk, Dv = shape
     N = -(-T // C)
-    q, k, v, g, beta, state = make_inputs(B, T, Hk, Hv, Dk, Dv)
-    mask = _mask(B, T, "pad")
-    gates = make_gate_inputs(B, T, Hv) if fused else None
-    if fused:
-        with mx.stream(mx.cpu):
-            g, beta = compute_gates(*gates)
+    q, k, v, g, beta, state, mask, gates = _vx_inputs(shape, fused)
     args = (program, tmp_path, q, k, v, None if fused else g, None if fused else beta, state)
     extra = {"H": (B * Hv, N, Dv, Dk), "Vn": (B * Hv, N * C, Dv)}
     _, want = run_split(*args, mask, "cuda_bf16", gates, out="o2", wy="wy2", h="h2")

@@ -34,6 +34,7 @@ from tests.kernels.helpers import (
     compile_emulated,
     cpu_device,  # noqa: F401  (fixture)
     runner_program,
+    to_file,
 )
 
 pytestmark = [
@@ -106,18 +107,6 @@ def program(tmp_path_factory) -> Path:
     return compile_emulated(text, tmp_path_factory.mktemp("prefill_attention"), timeout=1500)
 
 
-def _to_file(x: mx.array, path: Path) -> str:
-    if x.dtype == mx.bool_:
-        path.write_bytes(np.asarray(x).astype(bool).tobytes())
-    elif x.dtype == mx.bfloat16:
-        path.write_bytes(np.asarray(x.view(mx.uint16)).tobytes())
-    elif x.dtype == mx.float16:
-        path.write_bytes(np.asarray(x).astype(np.float16).tobytes())
-    else:
-        path.write_bytes(np.asarray(x.astype(mx.float32)).tobytes())
-    return str(path)
-
-
 def run_emulated(program, tmp_path, inst, q, k, v, scale, mask=None) -> np.ndarray:
     """The kernel on the emulator; out [B, Hq, T, D] as fp32."""
     B, Hq, T, D = q.shape
@@ -126,7 +115,7 @@ def run_emulated(program, tmp_path, inst, q, k, v, scale, mask=None) -> np.ndarr
     ins = dict(q=q, k=k, v=v, scale=mx.array([scale], mx.float32))
     if mask is not None:
         ins["mask"] = mask
-    paths = [_to_file(x, tmp_path / f"{n}.bin") for n, x in ins.items()]
+    paths = [to_file(x, tmp_path / f"{n}.bin") for n, x in ins.items()]
     Bm, Tm = (mask.shape[0], mask.shape[2]) if mask is not None else (1, 1)
     gx = prefill.grid(B, Hq, Hkv, T, inst[3][2])[0]
     out = tmp_path / "out.bin"
@@ -271,9 +260,9 @@ def test_no_race_under_thread_sanitizer(idx, tmp_path):
     B, Hq, Hkv, T, S = 2, 4, 2, 20, 37
     q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, 64, dtype=inst[4], seed=2)
     mask = left_pad_mask(B, T, S, [0, 5], inst[1]) if inst[0] else None
-    paths = [_to_file(x, tmp_path / f"{n}.bin") for n, x in
+    paths = [to_file(x, tmp_path / f"{n}.bin") for n, x in
              dict(q=q, k=k, v=v, scale=mx.array([0.125], mx.float32)).items()]  # fmt: skip
-    paths += [_to_file(mask, tmp_path / "mask.bin")] if mask is not None else []
+    paths += [to_file(mask, tmp_path / "mask.bin")] if mask is not None else []
     Bm, Tm = (mask.shape[0], mask.shape[2]) if mask is not None else (1, 1)
     gx = prefill.grid(B, Hq, Hkv, T, inst[3][2])[0]
     out = tmp_path / "out.bin"
