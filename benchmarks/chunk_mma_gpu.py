@@ -324,15 +324,22 @@ def main(argv=None) -> int:
     print(
         f"suggested _GPU_CHUNKED_MIN_T: {ok[0] if ok else 'None (the fused kernel wins somewhere)'}"
     )
-    out = Path(args.out)
+    write_result(args.out, "mma", backend, {"tiles": tiles, "checks": checks, "times": times})
+    return 1 if failed else 0
+
+
+def write_result(out_dir, kind: str, backend: str, parts: dict) -> tuple[Path, dict]:
+    """`parts` after the device, MLX's version and the date, written as JSON to
+    out_dir/chunk_<kind>_<backend>_<date>.json (the folder made if need be); returns the path
+    and the dict written, for a caller that adds to it and writes it again."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-    path = out / f"chunk_mma_{backend}_{stamp}.json"
-    info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
-    info |= {"tiles": tiles, "checks": checks, "times": times}
+    path = out / f"chunk_{kind}_{backend}_{stamp}.json"
+    info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp} | parts
     path.write_text(json.dumps(info, indent=1))
-    print(f"wrote {path}")
-    return 1 if failed else 0
+    print(f"wrote {path}", flush=True)
+    return path, info
 
 
 if __name__ == "__main__":

@@ -75,14 +75,12 @@ _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). J
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import sys
-from pathlib import Path
 
 # bench_gated_delta first: it imports qwen35_mlx before mlx (OpenBLAS on Linux).
 from bench_gated_delta import Shape, _fla_contenders, _mlx_inputs  # isort: skip
-from chunk_mma_gpu import RTOL, chained, float64_loop, inputs, rel_err  # isort: skip
+from chunk_mma_gpu import RTOL, chained, float64_loop, inputs, rel_err, write_result  # isort: skip
 
 import mlx.core as mx
 import numpy as np
@@ -787,14 +785,8 @@ def main(argv=None) -> int:
         bad = [r["check"] for r in checks if not r["ok"]]
         bad += [f"state stamped T={r['T']}" for r in state_stamps if r["same"] is False]
         print(f"ab6 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-        path = out / f"chunk_ab6_{backend}_{stamp}.json"
-        info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
-        info |= {"checks": checks, "state_stamps": state_stamps, "times": times}
-        path.write_text(json.dumps(info, indent=1))
-        print(f"wrote {path}", flush=True)
+        parts = {"checks": checks, "state_stamps": state_stamps, "times": times}
+        path, info = write_result(args.out, "ab6", backend, parts)
         print("4. the state pass's ring in dynamic shared memory (H2_DYN, last)", flush=True)
         try:
             info["dyn"] = ab6_dyn(backend)
@@ -807,13 +799,7 @@ def main(argv=None) -> int:
         return 1 if bad else 0
     if args.stamps:
         rows = stamps_run(backend)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-        path = out / f"chunk_stamps_{backend}_{stamp}.json"
-        info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
-        path.write_text(json.dumps(info | {"stamps": rows}, indent=1))
-        print(f"wrote {path}")
+        write_result(args.out, "stamps", backend, {"stamps": rows})
         ok = all(all(r["same"].values()) and all(r["variants_ok"].values()) for r in rows)
         print("stamps: all outputs as expected" if ok else "stamps: an output differs (see above)")
         return 0 if ok else 1
@@ -844,14 +830,7 @@ def main(argv=None) -> int:
     }
     ok = [T for T in sorted(wins) if all(wins[u] for u in wins if u >= T)]
     print(f"suggested _GPU_CHUNKED_MIN_T: {ok[0] if ok else 'None (the fused kernel wins)'}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-    path = out / f"chunk_split_{backend}_{stamp}.json"
-    info = {"device": str(mx.default_device()), "mlx": mx.__version__, "date": stamp}
-    info |= {"checks": checks, "times": times}
-    path.write_text(json.dumps(info, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, "split", backend, {"checks": checks, "times": times})
     return 1 if failed else 0
 
 
