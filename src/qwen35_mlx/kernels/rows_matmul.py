@@ -81,6 +81,7 @@ _LOOP = """
     }}
 """
 
+
 # The warp's sums: the C R values (padded to P, a power of two) summed over the 32 lanes with
 # the butterfly's tree (offsets 16, 8, .., 1; each partial sum the same two operands as
 # gd_group_sum's), but halving the values at each step while more than one is left: at offset
@@ -91,6 +92,18 @@ _LOOP = """
 # One step of that sum, at offset o (the j-th): halving while the values left (RM_P >> j) are
 # two or more, else the butterfly's step. Written out for each offset (constant bounds: the
 # values stay in registers).
+def _vector_or_scalar(aligned: str, fragment: str) -> str:
+    """`fragment` twice in one branch: its 16-byte-load build where `aligned` holds, its
+    element-by-element build otherwise."""
+    return (
+        f"    if ({aligned}) {{"
+        + fragment.format(vec="true")
+        + "    } else {"
+        + fragment.format(vec="false")
+        + "    }\n"
+    )
+
+
 _STEP = """
     if (RM_P >= {size}) {{
       const bool hi = (rm_l & {o}) != 0;
@@ -119,12 +132,9 @@ BODY = (
     for (int i = 0; i < RM_P; ++i) {
       rm_acc[i] = 0.0f;
     }
-    if (rm_aligned<NPT>(x) && rm_aligned<NPT>(w)) {"""
-    + _LOOP.format(vec="true")
-    + """    } else {"""
-    + _LOOP.format(vec="false")
-    + """    }
-    const int rm_l = int(rm_lane);
+"""
+    + _vector_or_scalar("rm_aligned<NPT>(x) && rm_aligned<NPT>(w)", _LOOP)
+    + """    const int rm_l = int(rm_lane);
     int rm_q = 0;
 """
     + "".join(_STEP.format(o=16 >> j, j=j, size=2 << j) for j in range(5))
@@ -236,12 +246,9 @@ AHEAD_BODY = (
     constexpr int RM_STEP = 32 * NPT, RM_FULL_K = K / RM_STEP * RM_STEP;
     int k = NPT * int(rm_lane);
     float rm_w[C][U][NPT];
-    if ((RM_XS || rm_aligned<NPT>(x)) && rm_aligned<NPT>(w)) {"""
-    + _AHEAD_GROUP.format(vec="true")
-    + """    } else {"""
-    + _AHEAD_GROUP.format(vec="false")
-    + """    }
-    const int rm_l = int(rm_lane);
+"""
+    + _vector_or_scalar("(RM_XS || rm_aligned<NPT>(x)) && rm_aligned<NPT>(w)", _AHEAD_GROUP)
+    + """    const int rm_l = int(rm_lane);
     int rm_q = 0;
 """
     + BODY.split("    int rm_q = 0;\n")[1]
