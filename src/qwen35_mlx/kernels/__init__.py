@@ -22,3 +22,12 @@ def on_cpu_matmul(hook: Callable[[], None]) -> None:
 def run_cpu_matmul_hooks() -> None:
     for hook in _cpu_matmul_hooks:
         hook()
+
+
+def gpu_backend_name() -> str | None:
+    """ "cuda" or "metal", whichever GPU this MLX build has, else None (imports mlx when called)."""
+    import mlx.core as mx
+
+    if mx.cuda.is_available():
+        return "cuda"
+    return "metal" if mx.metal.is_available() else None

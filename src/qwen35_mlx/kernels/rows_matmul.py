@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import gpu_backend_name
 from .positions import prologue
 
 # At most this many rows (a verify pass's tokens at batch 1, a small decode batch).
@@ -378,20 +379,12 @@ def header(backend: str, ahead: bool = False) -> str:
     return HEADER + METAL_HEADER + (AHEAD_METAL_HEADER if ahead else "")
 
 
-def _backend() -> str | None:
-    if mx.cuda.is_available():
-        return "cuda"
-    if mx.metal.is_available():
-        return "metal"
-    return None
-
-
 # (backend, inputs made row-contiguous) -> kernel object.
 _built: dict[tuple, object] = {}
 
 
 def _build(contiguous: bool, ahead: bool = False):
-    kind = _backend()
+    kind = gpu_backend_name()
     if (kind, contiguous, ahead) not in _built:
         # One name for both layouts: the same binary (the disk cache compiles it once).
         name = "qm_rows_matmul_ahead" if ahead else "qm_rows_matmul"
@@ -413,7 +406,7 @@ def kernel_available(dtype) -> bool:
     return (
         mx.default_device() != mx.cpu
         and dtype in (mx.bfloat16, mx.float16, mx.float32)
-        and _backend() is not None
+        and gpu_backend_name() is not None
     )
 
 

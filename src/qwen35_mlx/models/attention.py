@@ -142,13 +142,7 @@ def prefill_kernel_takes(q: mx.array, k: mx.array, v: mx.array, mask: Any) -> bo
     backend = prefill_kernel.backend_name()
     if backend is None or not prefill_kernel.shape_supported(q, k, v, backend):
         return False
-    if mask is None or isinstance(mask, str):
-        return mask in (None, "causal")
-    if not isinstance(mask, mx.array) or mask.dtype != mx.bool_ or mask.ndim > 4:
-        return False
-    m = (1,) * (4 - mask.ndim) + tuple(mask.shape)
-    B, T, S = q.shape[0], q.shape[2], k.shape[2]
-    return m[0] in (1, B) and m[1] == 1 and m[2] in (1, T) and m[3] in (1, S)
+    return prefill_kernel.mask_supported(mask, q.shape[0], q.shape[2], k.shape[2])
 
 
 def dequantize_kv(q: mx.array) -> bool:

@@ -11,8 +11,11 @@ test, tests/kernels/test_gpu_prefill_attention.py, has passed on the device).
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
+from .. import gpu_backend_name
 from ..gated_delta import chunk_launch
 from ..positions import prologue
 from . import prefill_source as src
@@ -93,9 +96,7 @@ def shape_supported(q, k, v, backend: str = "cuda") -> bool:
 def grid(B: int, Hq: int, Hkv: int, T: int, W: int) -> tuple[int, int]:
     """(threadgroups along x, along y): x = head groups x query blocks, y = B * Hkv."""
     G = Hq // Hkv
-    a, WG = G, W
-    while a:
-        a, WG = WG % a, a
+    WG = math.gcd(G, W)
     TQ = 16 * (W // WG)
     return (G // WG) * (-(-T // TQ)), B * Hkv
 
@@ -118,11 +119,19 @@ def kernel(backend: str, mask: bool, causal: bool):
 
 
 def backend_name() -> str | None:
-    if mx.default_device() == mx.cpu:
-        return None
-    if mx.cuda.is_available():
-        return "cuda"
-    return "metal" if mx.metal.is_available() else None
+    """The GPU backend the kernel runs on, None on the CPU stream."""
+    return None if mx.default_device() == mx.cpu else gpu_backend_name()
+
+
+def mask_supported(mask, B: int, T: int, S: int) -> bool:
+    """Whether the kernel reads `mask`: None, "causal", or bool [Bm, 1, Tm, Sm] (leading axes of
+    size 1 may be dropped) with Bm 1 or B, Tm 1 or T, Sm 1 or S."""
+    if mask is None or isinstance(mask, str):
+        return mask in (None, "causal")
+    if not isinstance(mask, mx.array) or mask.dtype != mx.bool_ or mask.ndim > 4:
+        return False
+    m = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    return m[0] in (1, B) and m[1] == 1 and m[2] in (1, T) and m[3] in (1, S)
 
 
 def prefill_attention(q, k, v, *, scale: float, mask=None) -> mx.array:
@@ -135,22 +144,25 @@ def prefill_attention(q, k, v, *, scale: float, mask=None) -> mx.array:
         raise ValueError("prefill_attention: no GPU backend or an unsupported shape")
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if not mask_supported(mask, B, T, S):
+        what = mask if isinstance(mask, str) else getattr(mask, "shape", type(mask).__name__)
+        raise ValueError(
+            f"prefill_attention: mask {what} not read (None, 'causal' or bool [B or 1, 1, T or 1,"
+            f" S or 1]) for q {q.shape}, {S} keys"
+        )
     causal = isinstance(mask, str)
     arr = mask if isinstance(mask, mx.array) else None
     if arr is not None:
-        if arr.dtype != mx.bool_:
-            raise ValueError(f"prefill_attention: mask must be bool, got {arr.dtype}")
         arr = arr.reshape((1,) * (4 - arr.ndim) + tuple(arr.shape))
-        if arr.shape[0] not in (1, B) or arr.shape[1] != 1 or arr.shape[2] not in (1, T):
-            raise ValueError(f"prefill_attention: mask shape {arr.shape} for q {q.shape}")
         if arr.shape[3] != S:
             arr = mx.broadcast_to(arr, (*arr.shape[:3], S))
     BK, DS, W = TILES[backend]
     inputs = [q, k, v, mx.array([scale], mx.float32)] + ([arr] if arr is not None else [])
+    gx, gy = grid(B, Hq, Hkv, T, W)
     return kernel(backend, arr is not None, causal)(
         inputs=inputs,
         template=[("D", D), ("BK", BK), ("DS", DS), ("W", W), ("MP", MP), ("OT", q.dtype)],
-        grid=(32 * W * grid(B, Hq, Hkv, T, W)[0], grid(B, Hq, Hkv, T, W)[1], 1),
+        grid=(32 * W * gx, gy, 1),
         threadgroup=(32 * W, 1, 1),
         output_shapes=[q.shape],
         output_dtypes=[q.dtype],
