@@ -141,8 +141,10 @@ def prepare_projections(owner: nn.Module, names: tuple[str, ...], fp32: bool = F
         return
     sizes = [m.weight.shape[0] for m in mods]
     if quant is None and fp32:
-        w = mx.concatenate([_view(m, m.weight) for m in mods], axis=1) if len(mods) > 1 else None
-        w = mods[0].weight.T if w is None else w
+        if len(mods) == 1:
+            w = mods[0].weight.T
+        else:
+            w = mx.concatenate([_view(m, m.weight) for m in mods], axis=1)
         owner[key] = mx.contiguous(w.astype(mx.float32))  # [in, sum(out)]
         mx.eval(owner[key])
         made = _Fused([m.weight for m in mods], sizes, None, fused=True, fp32=True)
@@ -498,8 +500,9 @@ def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | N
         if made.fp32:
             # A float32 AddMM does not round as the half-precision one (the product and the
             # add in another order): fold through the layer's own weight, as the plain path.
-            if _fold(y, y, residual):
-                return mx.addmm(residual, y, owner[name].weight.T)
+            weight = owner[name].weight
+            if _fold(y, weight, residual):
+                return mx.addmm(residual, y, weight.T)
         elif _fold(y, w, residual):
             return mx.addmm(residual, y, w)
     out = project(owner, (name,), y)[0]
