@@ -14,6 +14,15 @@ split, split_o2):
            kernel's pieces compared bit for bit with the first round's. The kernels have no
            atomics and a fixed order of summation, so a difference there is a race, a read of
            memory nothing wrote, or the machine.
+The reference is --ref: "f64", the float64 NumPy loop the GPU tests use since session 11, or
+"mlx", MLX's own fp32 reference (`gated_delta_ref`) on the CPU stream after evaluating the inputs
+and synchronising, which the tests used before: in session 10's and 11's runs about half of the
+workers had that reference wrong on their first call of a shape (the kernel within 3e-7 of
+float64). --private-tmp K gives the first K workers a TMPDIR of their own, which is where MLX's
+CPU backend writes and loads the shared libraries of its compiled kernels
+(temp_directory_path()/mlx/<version>/cpu: a library found there is loaded, one not found is
+written there, with no lock between processes): if only the workers sharing /tmp fail, that race
+is the cause.
 A failed check also reports the float64 loop's error of the kernel and of the reference (which
 side is wrong), and the first three failures' inputs and outputs go to --save as .npz.
 
@@ -31,6 +40,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +57,7 @@ def case_id(shape, per_key: bool, masked: str) -> str:
     return f"{dims}-{'perkey' if per_key else 'scalar'}-{masked}"
 
 
-def worker(path: str, reps: int, seconds: float, save: Path | None) -> dict:
+def worker(path: str, reps: int, seconds: float, save: Path | None, ref: str) -> dict:
     """One process's run (the module docstring); its record as a dict."""
     # isort: off
     import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
@@ -61,6 +71,7 @@ def worker(path: str, reps: int, seconds: float, save: Path | None) -> dict:
     from tests.kernels.test_gpu_chunk_kernel import _holes
 
     from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
+    from qwen35_mlx.kernels.gated_delta.ref import gated_delta_ref
 
     cl.MATRIX, cl.SPLIT, cl.O2 = path == "mma", path.startswith("split"), path == "split_o2"
     f32 = mx.float32
@@ -80,7 +91,15 @@ def worker(path: str, reps: int, seconds: float, save: Path | None) -> dict:
     def judge(name, x, got) -> tuple[list[float], dict | None]:
         """([rel_err of y, of state] against the reference, None or what the failed check
         found)."""
-        want = gpu.ref(x)
+        if ref == "mlx":
+            mx.eval([a for a in x.values() if a is not None])
+            mx.synchronize()
+            with mx.stream(mx.cpu):
+                args = (x[n] for n in ("q", "k", "v", "g", "beta", "state", "mask"))
+                want = gated_delta_ref(*args)
+                mx.eval(want)
+        else:
+            want = gpu.ref(x)
         errs = [
             rel_err(np.array(a.astype(f32)), np.array(b.astype(f32)))
             for a, b in zip(got, want, strict=True)
@@ -123,6 +142,7 @@ def worker(path: str, reps: int, seconds: float, save: Path | None) -> dict:
         return [np.array(a) for a in p]
 
     rec: dict = {"path": path, "pid": os.getpid(), "graphs": os.environ.get("MLX_USE_CUDA_GRAPHS")}
+    rec.update(ref=ref, tmpdir=os.environ.get("TMPDIR"))
     t0 = time.perf_counter()
     x0 = inputs(FAILED, False, "nomask", 0)
     first = run(x0)
@@ -187,7 +207,8 @@ def report(i: int, rec: dict) -> int:
     first, rep = rec["first"], rec["repeat"]
     worst = max((c["max_rel_err"][0] for c in rec["cases"].values()), default=0.0)
     print(
-        f"worker {i} ({rec['path']}, graphs {rec['graphs'] or 'on'}): first call "
+        f"worker {i} ({rec['path']}, graphs {rec['graphs'] or 'on'}, ref {rec['ref']}, "
+        f"TMPDIR {rec['tmpdir'] or 'shared'}): first call "
         f"{'FAILED' if first['failed'] else 'ok'} ({first['seconds']:.1f} s, y rel_err "
         f"{first['rel_err'][0]:.2e}); {rec['rounds']} rounds, {rec['n_failures']} failed "
         f"checks of {sum(c['runs'] for c in rec['cases'].values())}, worst y rel_err "
@@ -212,11 +233,13 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=100.0, help="rounds stop after this long")
     p.add_argument("--no-graphs", type=int, default=0, help="workers without CUDA graphs")
     p.add_argument("--save", type=Path, default=None, help="folder for failing cases' .npz")
+    p.add_argument("--ref", choices=("f64", "mlx"), default="f64", help="the reference (above)")
+    p.add_argument("--private-tmp", type=int, default=0, help="workers with a TMPDIR of their own")
     p.add_argument("--out", type=Path, default=None, help="the JSON record")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # a worker's path
     args = p.parse_args(argv)
     if args.worker is not None:
-        rec = worker(args.worker, args.reps, args.seconds, args.save)
+        rec = worker(args.worker, args.reps, args.seconds, args.save, args.ref)
         print(json.dumps(rec))
         return 0
     paths = args.paths.split(",")
@@ -226,6 +249,8 @@ def main(argv=None) -> int:
         env = dict(os.environ)
         if i >= args.workers - args.no_graphs:
             env["MLX_USE_CUDA_GRAPHS"] = "0"
+        if i < args.private_tmp:
+            env["TMPDIR"] = tempfile.mkdtemp(prefix=f"probe_worker{i}_")
         cmd = [
             sys.executable,
             __file__,
@@ -233,6 +258,8 @@ def main(argv=None) -> int:
             paths[i % len(paths)],
             "--reps",
             str(args.reps),
+            "--ref",
+            args.ref,
         ]
         cmd += ["--seconds", str(args.seconds)] + (["--save", str(args.save)] if args.save else [])
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))

@@ -2,7 +2,7 @@
 this machine has, the skip mark, the inputs as one dict, the exact reference, the comparison, the
 shape grid, and one way to call a kernel (either gating) with NaN-poisoned outputs.
 
-The reference runs on the CPU stream in fp32, so it is exact whatever the GPU's matmul precision.
+The reference is the float64 NumPy loop, exact whatever the GPU's matmul precision.
 State layout everywhere: [B, Hv, Dv, Dk] fp32.
 """
 
@@ -10,10 +10,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen35_mlx.kernels.gated_delta import compute_gates, gated_delta, gated_delta_update
-from qwen35_mlx.kernels.gated_delta.ref import gated_delta_ref
+from qwen35_mlx.kernels.gated_delta import gated_delta, gated_delta_update
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import left_pad_mask, make_gate_inputs, make_inputs
+from tests.kernels.helpers import (
+    gated_delta_np,
+    gates_np,
+    left_pad_mask,
+    make_gate_inputs,
+    make_inputs,
+)
 
 if mx.metal.is_available():
     BACKEND = "metal"
@@ -56,32 +61,25 @@ def split_at(x, t):
     return part(slice(None, t)), part(slice(t, None))
 
 
-def _settled(*arrays) -> None:
-    """Evaluate the arrays and wait for the GPU before the CPU stream reads them. On the H200
-    the CPU-stream reference, fed arrays made on the GPU just before, once in a few thousand
-    calls computed from wrong inputs (its y 0.3-0.5 off while the kernel's was within 3e-7 of
-    float64: benchmarks/probe_chunk_repeat.py, NOTES session 10)."""
-    mx.eval([a for a in arrays if a is not None])
-    mx.synchronize()
-
-
 def ref(x, g=None, beta=None, state=None):
-    """gated_delta_ref on the CPU stream (exact fp32)."""
+    """The float64 NumPy loop (helpers.gated_delta_np) as (y in v's dtype, state fp32).
+
+    Not MLX's own reference on the CPU stream: on the H200, in several GPU test processes at
+    once, that reference (fed arrays the GPU had just made, evaluated and synchronised) computed
+    from wrong inputs about once a process, on the first call of a shape, while the kernel was
+    within 3e-7 of float64 (benchmarks/probe_chunk_repeat.py; NOTES sessions 10-11). The
+    product never hands GPU arrays to the CPU stream; the tests no longer do either."""
     g = x["g"] if g is None else g
     beta = x["beta"] if beta is None else beta
     state = x["state"] if state is None else state
-    _settled(x["q"], x["k"], x["v"], g, beta, state, x["mask"])
-    with mx.stream(mx.cpu):
-        y, s = gated_delta_ref(x["q"], x["k"], x["v"], g, beta, state, x["mask"])
-        mx.eval(y, s)
-    return y, s
+    mask = None if x["mask"] is None else np.array(x["mask"])
+    y, s = gated_delta_np(x["q"], x["k"], x["v"], g, beta, state, mask)
+    return mx.array(y, mx.float32).astype(x["v"].dtype), mx.array(s, mx.float32)
 
 
 def ref_fused(x):
-    _settled(x["a"], x["b"], x["A_log"], x["dt_bias"])
-    with mx.stream(mx.cpu):
-        g, beta = compute_gates(x["a"], x["b"], x["A_log"], x["dt_bias"])
-    return ref(x, g, beta)
+    """`ref` with the gates computed in float64 from the raw a, b, A_log, dt_bias."""
+    return ref(x, *gates_np(x["a"], x["b"], x["A_log"], x["dt_bias"]))
 
 
 def run_kernel(kernel, x, *, fused=False, **kw):

@@ -51,27 +51,31 @@ def np64(x) -> np.ndarray:
 
 
 def gated_delta_np(q, k, v, g, beta, state=None, mask=None):
-    """All arguments array-likes (mx arrays are fine); returns (y, state) as float64 arrays."""
+    """All arguments array-likes (mx arrays are fine); returns (y, state) as float64 arrays.
+    One step at a time, every batch row and value head at once."""
     q, k, v, g, beta = (np64(x) for x in (q, k, v, g, beta))
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2:]
-    rep = Hv // Hk
+    q, k = (np.repeat(x, Hv // Hk, axis=2) for x in (q, k))  # key head h // (Hv // Hk)
     S = np.zeros((B, Hv, Dv, Dk)) if state is None else np64(state).copy()
     m = np.ones((B, T), bool) if mask is None else np.asarray(mask, dtype=bool)
     y = np.zeros((B, T, Hv, Dv))
-    for b in range(B):
-        for t in range(T):
-            if not m[b, t]:
-                continue
-            for h in range(Hv):
-                hk = h // rep
-                decay = g[b, t, h][None, :] if g.ndim == 4 else g[b, t, h]
-                s = S[b, h] * decay
-                delta = (v[b, t, h] - s @ k[b, t, hk]) * beta[b, t, h]
-                s = s + np.outer(delta, k[b, t, hk])
-                y[b, t, h] = s @ q[b, t, hk]
-                S[b, h] = s
+    for t in range(T):
+        decay = g[:, t, :, None, :] if g.ndim == 4 else g[:, t, :, None, None]
+        s = S * decay  # [B, Hv, Dv, Dk]
+        delta = (v[:, t] - (s @ k[:, t, :, :, None])[..., 0]) * beta[:, t, :, None]
+        s = s + delta[..., None] * k[:, t, :, None, :]
+        keep = m[:, t, None, None]
+        y[:, t] = np.where(keep, (s @ q[:, t, :, :, None])[..., 0], 0.0)
+        S = np.where(keep[..., None], s, S)
     return y, S
+
+
+def gates_np(a, b, A_log, dt_bias):
+    """float64 gates of gated_delta_update: g = exp(-exp(A_log) softplus(a + dt_bias)),
+    beta = sigmoid(b)."""
+    a, b, A_log, dt_bias = (np64(x) for x in (a, b, A_log, dt_bias))
+    return np.exp(-np.exp(A_log) * np.logaddexp(a + dt_bias, 0.0)), 1.0 / (1.0 + np.exp(-b))
 
 
 def make_gate_inputs(B, T, Hv, *, dtype=mx.float32, seed=0):

@@ -125,6 +125,7 @@ def _step_peaks(model, ids, step):
     cache = model.make_cache()
     peaks, kv = [], []
     for s in range(0, ids.shape[1], step):
+        mx.synchronize()  # a GPU frees the last step's buffers after eval returns: wait for it
         mx.clear_cache()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
