@@ -1,9 +1,9 @@
 """The prefill conv kernel (`kernels/conv_qkv.py`) on the GPU (skipped without CUDA or Metal).
 
 - Against the ops path (`layers._conv_qkv` on [conv_state | qkv], and the state slice): the new
-  conv state bit for bit; v (taps and silu, no sum) at most one ulp off, in at most 2% of the
-  elements (silu's exp: MLX's hexp vs expf), none on CUDA where exp rounds alike; q and k within
-  two ulps (the l2 norm's fp32 sum in another order), in at most 2% of the 16-bit elements.
+  conv state bit for bit; in bf16 / fp16 v (taps and silu, no sum) at most one ulp off, in at
+  most 2% of the elements (silu's exp: MLX's hexp vs expf), q and k within two ulps (the l2
+  norm's fp32 sum in another order), in at most 2% of the elements; fp32 within 8 ulps (below).
 - Against float64 as the CPU test does (tests/kernels/test_conv_qkv_on_cpu.py): the ops' roundings
   applied (within two ulps), and the exact conv + silu + norm (within the argued bound).
 - The model with `layers.CONV_KERNEL` on and off: the same conv state, logits close (fp32: to
@@ -67,6 +67,14 @@ def _ulps(got, want, dtype):
     return float((np.abs(g - r) / ulp).max()), float((g != r).mean())
 
 
+# fp32: CUDA's expf and rsqrtf are within 2 ulps of the exact functions (the programming guide's
+# table), the ops' and the kernel's builds may pick different ones (fast math or not), and such
+# an error passes through up to three more roundings (1.5 ulps) and products by factors <= 1:
+# within ~4-5 ulps of the ops and of the rounded float64 reference; the bound is 8. In bf16 /
+# fp16 those fp32 errors move a rounding only rarely: ULPS_MAX and SHARE_MAX as on the CPU.
+ULPS_FP32 = 8.0
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}Hk{}Hv{}Dk{}Dv{}{}".format(*s))
 def test_conv_qkv_kernel_against_ops_and_float64(shape, dtype):
@@ -78,11 +86,11 @@ def test_conv_qkv_kernel_against_ops_and_float64(shape, dtype):
     for g, o in zip(got, ops, strict=True):
         assert g.dtype == dtype and g.shape == o.shape
     assert mx.array_equal(got[3], ops[3]).item()  # the new conv state: a copy
+    wide = dtype == mx.float32
     for name, g, o in zip("qkv", got[:3], ops[:3], strict=True):
         ulps, share = _ulps(g, o, dtype)
-        limit = 1.0 if name == "v" else ULPS_MAX
-        share_max = 1.0 if dtype == mx.float32 and name != "v" else SHARE_MAX
-        assert ulps <= limit and share <= share_max, (name, ulps, share)
+        limit = ULPS_FP32 if wide else (1.0 if name == "v" else ULPS_MAX)
+        assert ulps <= limit and (wide or share <= SHARE_MAX), (name, ulps, share)
     # float64, as the CPU test checks the emulated body
     case = (*shape, dtype)
     x = [None if a is None else np64(a) for a in (qkv, state, w)]
@@ -90,7 +98,7 @@ def test_conv_qkv_kernel_against_ops_and_float64(shape, dtype):
     for name, g, r, ex in zip("qkv", got[:3], rounded[:3], exact[:3], strict=True):
         ulps, _ = _ulps(g, mx.array(r.astype(np.float32)), dtype)
         rms = np.sqrt((ex * ex).mean())
-        assert ulps <= ULPS_MAX, (name, ulps)
+        assert ulps <= (ULPS_FP32 if wide else ULPS_MAX), (name, ulps)
         assert np.abs(np64(g) - ex).max() / rms <= EXACT_ULPS * ULP[dtype], name
 
 
