@@ -5,7 +5,9 @@
    slice), at the 0.8B (Hk 16, Hv 16) and 9B (Hk 16, Hv 32) heads, Dk = Dv = 128, bf16, T 2048 and
    8192, a conv state given. Each timing queues `--calls` calls, then synchronizes; the two
    alternate, min of `--repeats`; ms a call.
-2. A whole prefill of `--prompt` tokens (0.8B shape, bf16) by `generation.prefill` in steps of
+2. The share of the kernel's elements that differ from the ops' (0.8B heads, T 2048; bf16,
+   fp16, fp32): the new state and v meant 0 on CUDA, q and k a small share (the norm's sum).
+3. A whole prefill of `--prompt` tokens (0.8B shape, bf16) by `generation.prefill` in steps of
    each of `--steps`, `layers.CONV_KERNEL` off and on alternated, min of the repeats, tok/s; and
    the last position's logits of the two compared (max |on - off| over their rms).
 
@@ -74,6 +76,25 @@ def conv_times(T: int, Hk: int, Hv: int, calls: int, repeats: int) -> dict:
     return {name: 1e3 * s for name, s in best.items()}
 
 
+def exactness(T: int, Hk: int, Hv: int) -> dict:
+    """{dtype: {q, k, v, state: share of elements differing from the ops}}: 0.8B heads, T tokens,
+    a conv state given. Meant: state and v 0 (taps and silu as the ops round them), q and k
+    small (the l2 norm's sum order)."""
+    out = {}
+    C = 2 * Hk * D + Hv * D
+    keys = mx.random.split(mx.random.key(1), 3)
+    for dt in (mx.bfloat16, mx.float16, mx.float32):
+        qkv = mx.random.normal((1, T, C), key=keys[0]).astype(dt)
+        state = mx.random.normal((1, K - 1, C), key=keys[1]).astype(dt)
+        w = (0.3 * mx.random.normal((C, K), key=keys[2])).astype(dt)
+        got, ops = _kernel(qkv, state, w, Hk, Hv), _ops(qkv, state, w, Hk, Hv)
+        out[str(dt)] = {
+            n: (g != o).astype(mx.float32).mean().item()
+            for n, g, o in zip(("q", "k", "v", "state"), got, ops, strict=True)
+        }
+    return out
+
+
 def prefill_ab(model, ids: list[int], steps: list[int], repeats: int) -> dict:
     """{step: {"off"/"on": seconds}} of a whole prefill, the switch alternated, min of repeats
     (one warm-up round); plus each step's logits difference on vs off."""
@@ -138,6 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{t['kernel']:.3f} ms ({t['ops'] / t['kernel']:.1f}x)",
                 flush=True,
             )
+    ex = exactness(2048, *HEADS["0.8b"])
+    result["differing_share_vs_ops"] = ex
+    for dt, d in ex.items():
+        print(
+            f"kernel != ops, share of elements, {dt}: "
+            + ", ".join(f"{n} {v:.2e}" for n, v in d.items())
+        )
     if args.prompt:
         shape = SHAPES["0.8b"]
         model = build_models(shape, mx.bfloat16, which=("qwen35_mlx",))["qwen35_mlx"]

@@ -66,7 +66,7 @@ def _runner(i: int, case, body: str) -> str:
     C = 2 * Hk * Dk + Hv * Dv
     return f"""
 namespace v{i} {{
-template <int Hk, int Hv, int Dk, int Dv, int K, int W, int TT, bool HS, typename YT>
+template <int Hk, int Hv, int Dk, int Dv, int K, int W, int TT, bool HS, int EXP, typename YT>
 void kernel(const YT* qkv, const YT* conv_state, const YT* w, const float* consts,
             const int* qkv_shape, YT* q, YT* k, YT* v, YT* state_out) {{
 {body}
@@ -88,7 +88,8 @@ void run_{i}(char** argv) {{
   std::vector<{ct}> so(size_t({B * (K - 1) * C}), {ct}(NAN));
   const unsigned groups = ({T} + {TT * W} - 1) / {TT * W};
   run_grid({{unsigned({2 * Hk + Hv}), groups, unsigned({B})}}, {W}, [&] {{
-    v{i}::kernel<{Hk}, {Hv}, {Dk}, {Dv}, {K}, {W}, {TT}, {"true" if hs else "false"}, {ct}>(
+    v{i}::kernel<{Hk}, {Hv}, {Dk}, {Dv}, {K}, {W}, {TT}, {"true" if hs else "false"},
+                 {conv_qkv.EXP_KIND[dt]}, {ct}>(
         x.data(), cs.data(), w.data(), reinterpret_cast<const float*>(cf.data()), qkv_shape,
         q.data(), k.data(), v.data(), so.data());
   }});
@@ -102,7 +103,8 @@ void run_{i}(char** argv) {{
 
 
 def _program(tmp, replace=None):
-    body = conv_qkv.kernel_source("cuda")
+    # the CUDA text, its exp (PTX's ex2.approx for bf16 / fp16) replaced by gd_exp, as on Metal
+    body = conv_qkv.kernel_source("cuda").replace(conv_qkv.EXP_CUDA, conv_qkv.EXP_PLAIN)
     if replace is not None:
         assert replace[0] in body
         body = body.replace(*replace)
@@ -305,11 +307,11 @@ def test_supported_shapes():
 
 # --- compile checks: Metal against the stub, CUDA with nvcc ---
 
-TEMPLATE = "int Hk, int Hv, int Dk, int Dv, int K, int W, int TT, bool HS, typename YT"
+TEMPLATE = "int Hk, int Hv, int Dk, int Dv, int K, int W, int TT, bool HS, int EXP, typename YT"
 INSTANCES = (
-    "16, 16, 128, 128, 4, 4, 16, true, bfloat16_t",
-    "16, 32, 128, 128, 4, 4, 16, false, float16_t",
-    "1, 2, 64, 48, 4, 2, 4, true, float",
+    "16, 16, 128, 128, 4, 4, 16, true, 1, bfloat16_t",
+    "16, 32, 128, 128, 4, 4, 16, false, 2, float16_t",
+    "1, 2, 64, 48, 4, 2, 4, true, 0, float",
 )
 
 
@@ -358,7 +360,8 @@ def _cuda_unit(broken: bool = False) -> str:
         params += [f"    {t}* {n}" for n in conv_qkv.OUTPUT_NAMES]
         consts = (
             "  constexpr int Hk = 16, Hv = 32, Dk = 128, Dv = 128, K = 4, W = 4, TT = 16;\n"
-            f"  constexpr bool HS = {'true' if i % 2 else 'false'};\n  using YT = {t};\n"
+            f"  constexpr bool HS = {'true' if i % 2 else 'false'};\n"
+            f"  constexpr int EXP = {dict(fp32=0, bf16=1, fp16=2)[act]};\n  using YT = {t};\n"
         )
         body = conv_qkv.kernel_source("cuda")
         if broken:
@@ -388,7 +391,7 @@ def test_precompiled_source_compiles_to_ptx(tmp_path):
 
     for dt in (mx.float32, mx.bfloat16, mx.float16):
         tpl = [("Hk", 16), ("Hv", 32), ("Dk", 128), ("Dv", 128), ("K", 4), ("W", 4)]
-        tpl += [("TT", 16), ("HS", True), ("YT", dt)]
+        tpl += [("TT", 16), ("HS", True), ("EXP", conv_qkv.EXP_KIND[dt]), ("YT", dt)]
         src = precompiled.entry_source(
             "qm_conv_qkv", cuda.HEADER, conv_qkv.kernel_source("cuda"), conv_qkv.INPUT_NAMES,
             [dt, dt, dt, mx.float32], [3, 3, 2, 1], conv_qkv.OUTPUT_NAMES, [dt] * 4, tpl,
@@ -398,3 +401,19 @@ def test_precompiled_source_compiles_to_ptx(tmp_path):
         assert precompiled.entry_name("qm_conv_qkv", tpl) in ptx
         if dt == mx.float32:
             assert "mul.rn.f32" in ptx
+        else:  # MLX's hexp: ex2.approx on the product (ftz in fp16's, as cuda_fp16.hpp)
+            ex2 = "ex2.approx.ftz.f32" if dt == mx.float16 else "ex2.approx.f32"
+            assert ex2 in ptx
+
+
+def test_hexp_corrections_are_the_inputs_cuda_fp16_hpp_names():
+    """EXP_CUDA's fp16 corrections: the positive inputs half 0x1F79 and 0x25CF of hexp's
+    __SPEC_CASE lines, each moved by half 0x9400 (minus 2^-10, one ulp of e in [1, 2))."""
+    half = lambda bits: float(np.array([bits], np.uint16).view(np.float16)[0])  # noqa: E731
+    assert half(0x1F79) == 0.007297515869140625 and half(0x25CF) == 0.0226898193359375
+    assert half(0x9400) == -0.0009765625
+    for x in ("0.007297515869140625f", "0.0226898193359375f", "0.0009765625f"):
+        assert x in conv_qkv.EXP_CUDA
+    # the log2(e) constants: 0x3FB8AA3B is log2(e) rounded to fp32; bf16's rounds it up
+    c = np.array([0x3FB8AA3B, 0x3FB8AA3C], np.uint32).view(np.float32).astype(np.float64)
+    assert c[0] == np.float32(np.log2(np.e)) and c[1] > np.log2(np.e) > c[0]

@@ -19,10 +19,11 @@ Numerics, per channel and token, as the ops do them on CUDA (MLX 0.32: a separat
   wide format has >= 2p + 2 bits: 24 >= 18, 24 >= 24), so YT(float op float) is what `__hmul` /
   `__hadd` give. Bit for bit the ops on CUDA (tests/kernels/test_gpu_conv_qkv.py checks it).
 - silu: MLX's Sigmoid in YT with its int-and-half operators (`1 + e`, `1 / d`, `1 - y` each
-  computed in fp32 and rounded to YT): e = YT(exp|h|), y = YT(1 / YT(1 + e)), s = h < 0 ? y :
-  YT(1 - y); silu = YT(h s). MLX's exp of a bf16 / fp16 is `hexp` (ex2.approx on |h| log2 e),
-  here `gd_exp` (expf): the two can round e to different neighbours, so silu may differ from the
-  ops by one ulp of YT in a small share of elements (the GPU test bounds the share).
+  computed in fp32 and rounded to YT; the compiled silu keeps sigmoid's result in YT): e =
+  YT(exp|h|), y = YT(1 / YT(1 + e)), s = h < 0 ? y : YT(1 - y); silu = YT(h s). The exp is MLX's
+  for YT on CUDA (`EXP_CUDA`: `hexp` for bf16 / fp16, expf for fp32), so silu too is meant bit
+  for bit (the GPU test bounds any difference to an ulp in 2% of the elements and the bench
+  prints the share); Metal and the lane emulator use `gd_exp`.
 - l2 norms (q, k): the fp32 sum of squares of the YT silu values over Dk (a warp's lanes, then
   `gd_group_sum`: not the ops' order), r = rsqrt(sum + eps), YT(s r); q then YT(. * scale) with
   scale = YT(Dk^-0.5) (the value of `x * Dk**-0.5` in YT).
@@ -102,7 +103,8 @@ BODY = """
           const float p = static_cast<float>(static_cast<YT>(gd_mul(xr[n][j], wr[n][j])));
           h = static_cast<float>(static_cast<YT>(h + p));
         }
-        const float e = static_cast<float>(static_cast<YT>(gd_exp(h < 0.0f ? -h : h)));
+        float e;
+        cv_exp_yt(h < 0.0f ? -h : h, e);
         const float y = static_cast<float>(
             static_cast<YT>(1.0f / static_cast<float>(static_cast<YT>(1.0f + e))));
         const float sg = h < 0.0f ? y : static_cast<float>(static_cast<YT>(1.0f - y));
@@ -148,6 +150,39 @@ BODY = """
 #undef cv_ext
 """
 
+# cv_exp_yt(a, e): e = exp(a) for a >= 0 as MLX's op computes it for YT, rounded to YT. CUDA: for
+# bf16 and fp16 MLX's Sigmoid calls `hexp` (cuda_bf16.hpp / cuda_fp16.hpp of CUDA 13): ex2.approx
+# of a times log2(e) in fp32 (bf16: the constant rounded up, 0x3FB8AA3C, and ex2.approx.f32;
+# fp16: 0x3FB8AA3B and ex2.approx.ftz.f32, as those headers' asm), then the rounding, and fp16's
+# two corrections for positive inputs (half 0x1F79 and 0x25CF: minus one ulp); for fp32 expf
+# (gd_exp). EXP says which: 0 fp32, 1 bf16, 2 fp16. Metal: gd_exp for every dtype (MLX's Metal
+# exp of a half type is not reproduced).
+EXP_CUDA = """
+#define cv_exp_yt(a, e)                                                                   \\
+  {                                                                                       \\
+    if (EXP == 0) {                                                                       \\
+      e = gd_exp(a);                                                                      \\
+    } else {                                                                              \\
+      float cv_x = __fmul_rn((a), __uint_as_float(EXP == 1 ? 0x3FB8AA3Cu : 0x3FB8AA3Bu)); \\
+      if (EXP == 1) {                                                                     \\
+        asm("ex2.approx.f32 %0, %0;" : "+f"(cv_x));                                       \\
+      } else {                                                                            \\
+        asm("ex2.approx.ftz.f32 %0, %0;" : "+f"(cv_x));                                   \\
+      }                                                                                   \\
+      e = cv_x;                                                                           \\
+    }                                                                                     \\
+    e = static_cast<float>(static_cast<YT>(e));                                           \\
+    if (EXP == 2 && ((a) == 0.007297515869140625f || (a) == 0.0226898193359375f)) {       \\
+      e -= 0.0009765625f;                                                                 \\
+    }                                                                                     \\
+  }
+"""
+EXP_PLAIN = """
+#define cv_exp_yt(a, e) \\
+  { e = static_cast<float>(static_cast<YT>(gd_exp(a))); }
+"""
+EXP_KIND = {mx.float32: 0, mx.bfloat16: 1, mx.float16: 2}
+
 INPUT_NAMES = ["qkv", "conv_state", "w", "consts"]
 OUTPUT_NAMES = ["q", "k", "v", "state_out"]
 
@@ -162,8 +197,9 @@ POSITIONS = {
 
 
 def kernel_source(backend: str) -> str:
-    """The full `source=` for backend "cuda" or "metal": prologue + body."""
-    return prologue(backend, **POSITIONS) + BODY
+    """The full `source=` for backend "cuda" or "metal": prologue, the exp, body."""
+    exp = EXP_CUDA if backend == "cuda" else EXP_PLAIN
+    return prologue(backend, **POSITIONS) + exp + BODY + "#undef cv_exp_yt\n"
 
 
 _built: dict[str, object] = {}
@@ -254,6 +290,7 @@ def run_conv_qkv(
             ("W", warps),
             ("TT", tokens),
             ("HS", has_state),
+            ("EXP", EXP_KIND[dt]),
             ("YT", dt),
         ],  # fmt: skip
         grid=(32 * (2 * Hk + Hv), warps * groups, B),
