@@ -3,8 +3,9 @@
 1. One layer's conv alone: the kernel vs the ops path of `GatedDeltaNet.__call__` (the concat of
    the conv state and qkv, `layers._conv_qkv`'s taps, silu, split and l2 norms, the new state's
    slice), at the 0.8B (Hk 16, Hv 16) and 9B (Hk 16, Hv 32) heads, Dk = Dv = 128, bf16, T 2048 and
-   8192, a conv state given. Each timing queues `--calls` calls, then synchronizes; the two
-   alternate, min of `--repeats`; ms a call.
+   8192, a conv state given. Each timing queues `--calls` calls, then evaluates them together;
+   the variants alternate, min of `--repeats`; ms a call. With `--sweep 1` (default) also the
+   kernel at the other launch shapes of `TILES` (tokens a warp, warps a threadgroup).
 2. The share of the kernel's elements that differ from the ops' (0.8B heads, T 2048; bf16,
    fp16, fp32): the new state and v meant 0 on CUDA, q and k a small share (the norm's sum).
 3. A whole prefill of `--prompt` tokens (0.8B shape, bf16) by `generation.prefill` in steps of
@@ -54,8 +55,13 @@ def _kernel(qkv, state, w, Hk, Hv):
     return conv_qkv.conv_qkv(qkv, state, w, Hk, D, Hv, D, L._L2_EPS)
 
 
-def conv_times(T: int, Hk: int, Hv: int, calls: int, repeats: int) -> dict:
-    """{"ops": ms, "kernel": ms} a call, alternated, min of repeats (one warm-up round)."""
+# The kernel's launch shapes timed beside the default (tokens a warp, warps a threadgroup).
+TILES = [(8, 8), (32, 4), (16, 8), (4, 8)]
+
+
+def conv_times(T: int, Hk: int, Hv: int, calls: int, repeats: int, tiles=()) -> dict:
+    """{"ops": ms, "kernel": ms, "kernel TT<t> W<w>": ms for tiles} a call: `calls` calls queued
+    and evaluated together, the variants alternated, min of repeats (one warm-up round)."""
     C = 2 * Hk * D + Hv * D
     keys = mx.random.split(mx.random.key(T + Hv), 3)
     qkv = mx.random.normal((1, T, C), key=keys[0]).astype(mx.bfloat16)
@@ -63,13 +69,21 @@ def conv_times(T: int, Hk: int, Hv: int, calls: int, repeats: int) -> dict:
     w = (0.3 * mx.random.normal((C, K), key=keys[2])).astype(mx.bfloat16)
     mx.eval(qkv, state, w)
     fns = {"ops": _ops, "kernel": _kernel}
+    for tt, wp in tiles:
+
+        def fn(qkv, state, w, Hk, Hv, tt=tt, wp=wp):
+            kernel = conv_qkv._build()
+            return conv_qkv.run_conv_qkv(
+                kernel, qkv, state, w, Hk, D, Hv, D, L._L2_EPS, warps=wp, tokens=tt
+            )
+
+        fns[f"kernel TT{tt} W{wp}"] = fn
     best = {name: float("inf") for name in fns}
     for r in range(repeats + 1):
         for name, fn in fns.items():
             mx.synchronize()
             t0 = time.perf_counter()
-            for _ in range(calls):
-                mx.eval(fn(qkv, state, w, Hk, Hv))
+            mx.eval([fn(qkv, state, w, Hk, Hv) for _ in range(calls)])
             mx.synchronize()
             if r:
                 best[name] = min(best[name], (time.perf_counter() - t0) / calls)
@@ -135,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="2048,8192")
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--sweep", type=int, default=1, help="1: also time the launch shapes TILES")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt", type=int, default=8192, help="0: no whole prefill")
     p.add_argument("--steps", default="2048,8192")
@@ -152,11 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{result['device']}, mlx {mx.__version__}, bf16")
     for shape, (Hk, Hv) in HEADS.items():
         for T in (int(x) for x in args.lengths.split(",")):
-            t = conv_times(T, Hk, Hv, args.calls, args.repeats)
+            t = conv_times(T, Hk, Hv, args.calls, args.repeats, TILES if args.sweep else ())
             result["conv"][f"{shape}/T{T}"] = t
+            others = ", ".join(f"{k[7:]} {v:.3f}" for k, v in t.items() if k.startswith("kernel "))
             print(
                 f"conv {shape} (Hk {Hk}, Hv {Hv}) T {T:>5}: ops {t['ops']:.3f} ms, kernel "
-                f"{t['kernel']:.3f} ms ({t['ops'] / t['kernel']:.1f}x)",
+                f"{t['kernel']:.3f} ms ({t['ops'] / t['kernel']:.1f}x)"
+                + (f"; {others}" if others else ""),
                 flush=True,
             )
     ex = exactness(2048, *HEADS["0.8b"])
