@@ -4,9 +4,9 @@ that a refactor of the kernel source left them unchanged (issue #14: one copy of
 Records each kernel factory call (name, input and output names, source, header) of every
 structural variant: the fused gated-delta kernels (source.py through metal.py / cuda.py), the
 chunk kernels (chunk_launch._build, every `which`, O2_BODY's and CUDA's switched variants),
-the decode attention kernels, the fused norm kernels and the few-rows matmul kernel, for Metal
-and CUDA; and the arguments of every chunk pass's kernel call (`chunk_launches`). No GPU is
-needed: the factories and kernels are replaced by recorders.
+the decode attention kernels, the fused norm kernels, the prefill conv kernel and the few-rows
+matmul kernel, for Metal and CUDA; and the arguments of every chunk pass's kernel call
+(`chunk_launches`). No GPU is needed: the factories and kernels are replaced by recorders.
 
     python scripts/kernel_sources.py dump OUT.json            # this tree's package
     python scripts/kernel_sources.py diff --base f4c58fd      # base commit vs working tree
@@ -50,6 +50,11 @@ def _record(store: dict, key: str):
 def dump() -> dict:
     """{kernel key: factory arguments} of every kernel variant of this tree's package."""
     from qwen35_mlx.kernels import fused_norm, rows_matmul
+
+    try:  # a base commit from before the prefill conv kernel has none
+        from qwen35_mlx.kernels import conv_qkv
+    except ImportError:
+        conv_qkv = None
     from qwen35_mlx.kernels.attention import cuda as at_cuda
     from qwen35_mlx.kernels.attention import metal as at_metal
     from qwen35_mlx.kernels.gated_delta import chunk_launch, launch, source
@@ -123,6 +128,10 @@ def dump() -> dict:
         for name in fused_norm.KERNELS:
             text = fused_norm.kernel_source(name, backend)
             out[f"fused_norm/{backend}/{name}"] = {"source": text}
+
+    # The prefill conv kernel.
+    for backend in BACKENDS if conv_qkv is not None else ():
+        out[f"conv_qkv/{backend}"] = {"source": conv_qkv.kernel_source(backend)}
 
     # The few-rows matmul kernel.
     for backend in BACKENDS:

@@ -115,26 +115,28 @@ inline float gd_mul(float a, float b) { return a * b; }
 #define gd_threadgroup static
 inline void gd_threadgroup_barrier() { tl_block->arrive_and_wait(); }
 
-// Every block of a grid of `blocks` blocks of `warps` warps, 32 lanes each; the threads of one
-// block run together.
+// Every block of a grid of `blocks` blocks of `warps` warps, 32 lanes each (blocks.z 0 or 1: a
+// 2-D grid); the threads of one block run together.
 inline void run_grid(dim3 blocks, unsigned warps, const std::function<void()>& lane_fn) {
   blockDim = {32, warps, 1};
-  for (unsigned bx = 0; bx < blocks.x; ++bx)
-    for (unsigned by = 0; by < blocks.y; ++by) {
-      std::unique_ptr<Warp[]> warp(new Warp[warps]);
-      std::barrier<> block(32 * warps);
-      std::vector<std::thread> lanes;
-      for (unsigned wy = 0; wy < warps; ++wy)
-        for (unsigned lane = 0; lane < 32; ++lane)
-          lanes.emplace_back([&, lane, wy] {
-            threadIdx = {lane, wy, 0};
-            blockIdx = {bx, by, 0};
-            tl_warp = &warp[wy];
-            tl_block = &block;
-            lane_fn();
-          });
-      for (auto& t : lanes) t.join();
-    }
+  const unsigned nz = blocks.z > 0 ? blocks.z : 1u;
+  for (unsigned i = 0; i < nz * blocks.x * blocks.y; ++i) {
+    // blocks in x-major order within each z, as before the z axis
+    const unsigned bz = i / (blocks.x * blocks.y), bx = i / blocks.y % blocks.x, by = i % blocks.y;
+    std::unique_ptr<Warp[]> warp(new Warp[warps]);
+    std::barrier<> block(32 * warps);
+    std::vector<std::thread> lanes;
+    for (unsigned wy = 0; wy < warps; ++wy)
+      for (unsigned lane = 0; lane < 32; ++lane)
+        lanes.emplace_back([&, lane, wy] {
+          threadIdx = {lane, wy, 0};
+          blockIdx = {bx, by, bz};
+          tl_warp = &warp[wy];
+          tl_block = &block;
+          lane_fn();
+        });
+    for (auto& t : lanes) t.join();
+  }
 }
 
 // Block mode, for kernels with threadgroup memory and threadgroup barriers (the chunk kernels):

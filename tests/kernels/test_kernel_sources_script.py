@@ -23,7 +23,7 @@ def test_dump_records_every_variant(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     subprocess.run([sys.executable, str(SCRIPT), "dump", str(out)], check=True, env=env)
     d = json.loads(out.read_text())
-    kinds = {"gd", "chunk", "attention", "fused_norm", "rows_matmul", "launch"}
+    kinds = {"gd", "chunk", "attention", "fused_norm", "conv_qkv", "rows_matmul", "launch"}
     assert {k.split("/")[0] for k in d} == kinds
     passes = {k.split("/")[1] for k in d if k.startswith("launch/")}
     assert passes == {"wy", "prep", "h", "o", "state"}

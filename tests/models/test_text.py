@@ -389,3 +389,42 @@ def test_gradients_flow_through_compiled_layers(dense):
     norm = [g for k, g in flat.items() if k.endswith("linear_attn.norm.weight")]
     assert conv and norm and np.isfinite(value.item())
     assert all(float(mx.abs(g).max()) > 0 for g in conv + norm)
+
+
+def test_conv_kernel_switch_routes_long_calls_only(monkeypatch):
+    """Issue 9: with `layers.CONV_KERNEL` on, a call of more than CONV_KERNEL_MIN_T tokens a row
+    takes `kernels.conv_qkv.conv_qkv` (its q, k, v and new conv state), a shorter one the ops.
+    The kernel is stood in for by the ops themselves (no GPU here), so logits and caches must
+    equal the switch-off run bit for bit: the layer passes the right state, weights and heads
+    and stores what the kernel returns (a stand-in returning the state one row early fails
+    this). With the switch off the stand-in is never called."""
+    from qwen35_mlx.kernels import conv_qkv
+
+    model = make_text_model(make_text_config(), seed=5)
+    tokens = mx.array([[(5 * i + 2) % 100 for i in range(27)]])
+    calls = []
+
+    def stand_in(qkv, state, w, Hk, Dk, Hv, Dv, eps):
+        B, T, C = qkv.shape
+        assert eps == layers_lib._L2_EPS and C == 2 * Hk * Dk + Hv * Dv
+        calls.append((T, state is None))
+        state = mx.zeros((B, w.shape[1] - 1, C), qkv.dtype) if state is None else state
+        conv_in = mx.concatenate([state.astype(qkv.dtype), qkv], axis=1)
+        return (*layers_lib._conv_qkv(conv_in, w, T, Hk, Dk, Hv, Dv), conv_in[:, T:])
+
+    monkeypatch.setattr(conv_qkv, "kernel_available", lambda x: True)
+    monkeypatch.setattr(conv_qkv, "conv_qkv", stand_in)
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(layers_lib, "CONV_KERNEL", on)
+        cache = model.make_cache()
+        out = [model(tokens[:, s:e], cache=cache) for s, e in ((0, 12), (12, 21), (21, 27))]
+        mx.eval(out)
+        runs[on] = (mx.concatenate(out, axis=1), [c.state for c in cache])
+    n_linear = sum(layer.is_linear for layer in model.layers)
+    # with the switch on: the 12- and 9-token calls (the first without a state), not the 6
+    assert calls == [(12, True)] * n_linear + [(9, False)] * n_linear
+    assert mx.array_equal(runs[True][0], runs[False][0]).item()
+    flat = zip(tree_flatten(runs[True][1]), tree_flatten(runs[False][1]), strict=True)
+    for (_, a), (_, b) in flat:
+        assert mx.array_equal(a, b).item() if isinstance(a, mx.array) else a == b

@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
+from ..kernels import conv_qkv as conv_kernel
 from ..kernels import fused_norm
 from ..kernels import rows_matmul as rows_kernel
 from ..kernels.attention import MAX_T as DECODE_MAX_T
@@ -629,6 +630,26 @@ def _split_qkv(h: mx.array, Hk: int, Dk: int, Hv: int, Dv: int):
     return q, _l2norm_fused(k.reshape(B, T, Hk, Dk)), v.reshape(B, T, Hv, Dv)
 
 
+# A prefill call's conv (the concat with the conv state, the taps, silu, the split and the q/k l2
+# norms, and the new conv state) as `kernels.conv_qkv`'s one kernel (True) or as the ops (False,
+# the default until the GPU run measures it: issue 9). Taken on a GPU for calls of more than
+# CONV_KERNEL_MIN_T tokens a row (the short verify calls keep the ops) without right-padded
+# `lengths`; the taps round as the ops do, silu and the norms' sums to an ulp (the kernel's
+# docstring). Read at every call.
+CONV_KERNEL = False
+CONV_KERNEL_MIN_T = 8
+
+
+def _conv_kernel_applies(qkv, w, T, lengths, Hk, Dk, Hv, Dv) -> bool:
+    return (
+        CONV_KERNEL
+        and T > CONV_KERNEL_MIN_T
+        and lengths is None
+        and conv_kernel.kernel_available(qkv)
+        and conv_kernel.supported(qkv, w, Hk, Dk, Hv, Dv)
+    )
+
+
 # Compiled for decode only: its slices depend on T, so a compiled version is traced per shape,
 # and prompts of every length would each add one; prefill's launches are few against its work.
 _conv_qkv_decode = mx.compile(_conv_qkv)
@@ -715,10 +736,17 @@ class GatedDeltaNet(nn.Module):
                 norm_eps=self.norm.eps,
             )
             return self._finish(y[:, None], None, state, conv_state, cache, residual)
+        w = self.conv1d.weight[:, :, 0]
+        kernel = _conv_kernel_applies(qkv, w, T, lengths, Hk, Dk, Hv, Dv)
+        if kernel:
+            q, k, v, new_conv = conv_kernel.conv_qkv(qkv, conv_state, w, Hk, Dk, Hv, Dv, _L2_EPS)
+            if cache is not None:
+                cache[0] = new_conv
         if conv_state is None:
             conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
-        conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv], axis=1)  # [B, K-1+T, C]
-        if cache is not None:
+        # [B, K-1+T, C]; after the kernel only a graph node, evaluated if record_inputs keeps it
+        conv_in = mx.concatenate([conv_state.astype(qkv.dtype), qkv], axis=1)
+        if cache is not None and not kernel:
             if lengths is not None:
                 # Right-padded rows (mlx-lm's BatchGenerator): keep the K-1 inputs that end at
                 # each row's last real token.
@@ -727,8 +755,9 @@ class GatedDeltaNet(nn.Module):
                 cache[0] = mx.take_along_axis(conv_in, idx[..., None], axis=1)
             else:
                 cache[0] = mx.contiguous(conv_in[:, conv_in.shape[1] - n_keep :])
-        conv_qkv = _conv_qkv_decode if T == 1 else _conv_qkv
-        q, k, v = conv_qkv(conv_in, self.conv1d.weight[:, :, 0], T, Hk, Dk, Hv, Dv)
+        if not kernel:
+            conv_qkv = _conv_qkv_decode if T == 1 else _conv_qkv
+            q, k, v = conv_qkv(conv_in, w, T, Hk, Dk, Hv, Dv)
         y, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
         if hasattr(cache, "record_inputs"):
             # A LinearCache keeps a short call's inputs to roll back into it (cache.py).
