@@ -47,8 +47,13 @@ CASES = [
 ]
 
 
+# (body version, tiles): the default, version 2 with BK 32 and version 1 (the A/B builds)
+BUILDS = [(2, None), (2, (32, 64, 4)), (1, None)]
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=lambda b: f"v{b[0]}" + (f"bk{b[1][0]}" * bool(b[1])))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}T{c[3]}S{c[4]}D{c[5]}{c[7]}")
-def test_prefill_kernel_matches_float64_and_the_blocked_path(case):
+def test_prefill_kernel_matches_float64_and_the_blocked_path(case, build):
     B, Hq, Hkv, T, S, D, dtype, kind = case
     q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=T + S)
     scale = D**-0.5
@@ -57,7 +62,8 @@ def test_prefill_kernel_matches_float64_and_the_blocked_path(case):
         mask = left_pad_mask(B, T, S, [0, 37][:B], causal_too=False)
     else:
         mask = "causal" if causal else None
-    o = prefill.prefill_attention(q, k, v, scale=scale, mask=mask)
+    o = prefill.prefill_attention(q, k, v, scale=scale, mask=mask, version=build[0],
+                                  tiles_=build[1])  # fmt: skip
     blocked = model_attention._blocked(q, k, v, scale, mask)
     mx.eval(o, blocked)
     want = reference(q, k, v, scale, None if causal else mask, causal)

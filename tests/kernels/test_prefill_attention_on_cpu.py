@@ -45,21 +45,27 @@ pytestmark = [
 CTYPES = {mx.bfloat16: "bf16", mx.float16: "_Float16"}
 U = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}
 CUDA_TILES, METAL_TILES = prefill.TILES["cuda"], prefill.TILES["metal"]
-# (mask, causal, D, (BK, DS, W), dtype)
+V1_TILES = prefill.TILES_V1["cuda"]
+# (mask, causal, D, (BK, DS, W), dtype, body version); version 2 also with BK 32 (its A/B
+# tiles), version 1 (kept for A/B timings) with its own
 INSTANCES = [
-    (False, True, 256, CUDA_TILES, mx.bfloat16),
-    (True, False, 256, CUDA_TILES, mx.bfloat16),
-    (False, False, 64, CUDA_TILES, mx.float16),
-    (False, True, 64, METAL_TILES, mx.float16),
-    (True, False, 64, METAL_TILES, mx.bfloat16),
-    (True, True, 64, CUDA_TILES, mx.bfloat16),
-    (False, True, 256, METAL_TILES, mx.bfloat16),
+    (False, True, 256, CUDA_TILES, mx.bfloat16, 2),
+    (True, False, 256, CUDA_TILES, mx.bfloat16, 2),
+    (False, False, 64, CUDA_TILES, mx.float16, 2),
+    (False, True, 64, METAL_TILES, mx.float16, 2),
+    (True, False, 64, METAL_TILES, mx.bfloat16, 2),
+    (True, True, 64, CUDA_TILES, mx.bfloat16, 2),
+    (False, True, 256, METAL_TILES, mx.bfloat16, 2),
+    (True, True, 256, (32, 64, 4), mx.bfloat16, 2),
+    (False, True, 256, V1_TILES, mx.bfloat16, 1),
+    (True, True, 64, V1_TILES, mx.float16, 1),
 ]
 
 
-def _runner(i, mask, causal, D, tiles, dtype) -> str:
+def _runner(i, mask, causal, D, tiles, dtype, version) -> str:
     BK, DS, W = tiles
     t = CTYPES[dtype]
+    ring = prefill.RING["metal" if tiles == METAL_TILES else "cuda"]  # the ring of the tiles' GPU
     names = ["q", "k", "v", "scale"] + (["mask"] if mask else [])
     ctype = {"q": t, "k": t, "v": t, "scale": "float", "mask": "bool"}
     params = [f"const {ctype[n]}* {n}" for n in names]
@@ -75,7 +81,7 @@ def _runner(i, mask, causal, D, tiles, dtype) -> str:
 namespace k{i} {{
 template <int D, int BK, int DS, int W, int MP, typename OT>
 void kernel({", ".join(params)}) {{
-{prefill.source("cuda", mask, causal)}
+{prefill.source("cuda", mask, causal, version, ring)}
 }}
 }}  // namespace k{i}
 
@@ -195,7 +201,7 @@ PAIRS = _pairs()
     ids=[f"{INSTANCES.index(i)}-B{c[0]}Hq{c[1]}Hkv{c[2]}T{c[3]}S{c[4]}" for i, c in PAIRS],
 )
 def test_prefill_body_matches_numpy(inst, case, program, tmp_path):
-    mask_kind, causal, D, tiles, dtype = inst
+    mask_kind, causal, D, tiles, dtype, _ = inst
     B, Hq, Hkv, T, S = case
     q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=S + T)
     scale = D**-0.5

@@ -21,8 +21,16 @@ from ..positions import prologue
 from . import prefill_source as src
 
 # (BK keys a block, DS columns staged at a time, W warps) by backend (threadgroup_bytes: CUDA
-# bf16 31 KB of its 48, Metal, everything staged as floats, 22 KB of its 32).
-TILES = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
+# bf16 31 KB of its 48 in version 1, 18 KB in version 2; Metal, everything staged as floats,
+# 22 KB of its 32 in version 1, 17 KB in version 2).
+TILES_V1 = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
+# Version 2's: BK 16 on CUDA keeps its 64 registers of Q fragments, 128 of output and the
+# scores within 255 without spills (BK 32 spills 12-20 bytes).
+TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
+# Which body runs (prefill_source.VERSIONS; 1, the first, stays for A/B timings), and version 2's
+# ring of staged key / value slices (Metal's copies are synchronous: 2 is enough there).
+VERSION = 2
+RING = {"cuda": 3, "metal": 2}
 MP = 1  # bf16 / fp16 operands are exact in tf32 (and CUDA takes them by mma.m16n8k16)
 DTYPES = (mx.bfloat16, mx.float16)
 _POSITIONS = {"at_tid": "thread.x", "at_tg_x": "threadgroup.x", "at_tg_y": "threadgroup.y"}
@@ -60,22 +68,96 @@ inline void at_acc_scale_rows(thread gd_acc& x, threadgroup float* dg) {
 }
 
 
+# Version 2's register operands: at_frag holds a 16 x 16 A operand (the input dtype on CUDA, as
+# mma.m16n8k16's A fragment; four 8 x 8 float matrices on Metal), loaded once from staged rows
+# and used for many products:
+#   at_frag_load(f, A, lda)            f(i, k) = A[i lda + k]
+#   at_mma_frag<TB>(acc, f, B, ldb)    acc += f B, B(k, j) = B[k ldb + j] (TB: B[j ldb + k])
+# (K = 16; CUDA: B by one ldmatrix, as gd_mma_staged's, 16-bit staged operands only).
+_FRAGS = {
+    "cuda": """
+struct at_frag {
+  unsigned a[4];
+};
+template <typename P>
+__device__ __forceinline__ void at_frag_load(at_frag& f, P A, int lda) {
+  const int m = (threadIdx.x & 31) >> 3;
+  const int r = threadIdx.x & 7;
+  gd_ldmatrix4<false>(f.a, A + (8 * (m & 1) + r) * lda + 8 * (m >> 1));
+}
+template <bool TB, typename P>
+__device__ __forceinline__ void at_mma_frag(gd_acc& x, const at_frag& f, P B, int ldb) {
+  constexpr int KIND = gd_kind16(P(nullptr));
+  static_assert(KIND != 0, "at_mma_frag: bf16 / fp16 staged operands");
+  const int m = (threadIdx.x & 31) >> 3;
+  const int r = threadIdx.x & 7;
+  unsigned b[4];
+  gd_ldmatrix4<!TB>(b, B + (TB ? (8 * (m >> 1) + r) * ldb + 8 * (m & 1)
+                               : (8 * (m & 1) + r) * ldb + 8 * (m >> 1)));
+  gd_mma_m16n8k16<KIND>(x.c[0], f.a, b);
+  gd_mma_m16n8k16<KIND>(x.c[1], f.a, b + 2);
+}
+""",
+    "metal": """
+struct at_frag {
+  simdgroup_float8x8 m[2][2];  // [row half][k half]
+};
+template <typename P>
+inline void at_frag_load(thread at_frag& f, P A, int lda) {
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_load(f.m[i][j], A + 8 * i * lda + 8 * j, ulong(lda));
+    }
+  }
+}
+template <bool TB, typename P>
+inline void at_mma_frag(thread gd_acc& x, thread const at_frag& f, P B, int ldb) {
+  for (int kk = 0; kk < 2; ++kk) {
+    simdgroup_float8x8 b[2];
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_load(b[j], TB ? B + 8 * j * ldb + 8 * kk : B + 8 * kk * ldb + 8 * j, ulong(ldb),
+                     ulong2(0, 0), TB);
+    }
+    for (int i = 0; i < 2; ++i) {
+      for (int j = 0; j < 2; ++j) {
+        simdgroup_multiply_accumulate(x.m[i][j], f.m[i][kk], b[j], x.m[i][j]);
+      }
+    }
+  }
+}
+""",
+}
+
+
 def header(backend: str) -> str:
-    """The chunk kernels' header (base helpers, copies, tile layer) and at_acc_scale_rows."""
-    return chunk_launch.header(backend) + _ROWS[backend]
+    """The chunk kernels' header (base helpers, copies, tile layer), at_acc_scale_rows and the
+    register operands (at_frag)."""
+    return chunk_launch.header(backend) + _ROWS[backend] + _FRAGS[backend]
 
 
-def source(backend: str, mask: bool, causal: bool) -> str:
-    return prologue(backend, **_POSITIONS) + src.body(mask, causal)
+def source(
+    backend: str, mask: bool, causal: bool, version: int | None = None, ring: int | None = None
+) -> str:
+    """The kernel text (`ring`: version 2's slots, the backend's RING if None)."""
+    v = VERSION if version is None else version
+    return prologue(backend, **_POSITIONS) + src.body(mask, causal, v, ring or RING[backend])
 
 
-def threadgroup_bytes(backend: str, staged: int | None = None) -> int:
-    """Threadgroup memory of the kernel with the backend's tiles: (16 W + BK) (DS + 8) +
-    16 W (BK + 8) staged elements (`staged` bytes each: the dtype's on CUDA, floats on Metal)
-    and 16 W (BK + 16 + 1) floats."""
-    BK, DS, W = TILES[backend]
+def tiles(backend: str, version: int | None = None) -> tuple[int, int, int]:
+    """(BK, DS, W) of a version's body on a backend."""
+    v = VERSION if version is None else version
+    return (TILES_V1 if v == 1 else TILES)[backend]
+
+
+def threadgroup_bytes(backend: str, staged: int | None = None, version: int | None = None) -> int:
+    """Threadgroup memory of the kernel with the backend's tiles: staged elements (`staged`
+    bytes each: the dtype's on CUDA, floats on Metal) (16 W + BK) (DS + 8) in version 1, RING BK
+    (DS + 8) in version 2, plus 16 W (BK + 8) for P, and 16 W (BK + 17) floats."""
+    v = VERSION if version is None else version
+    BK, DS, W = tiles(backend, v)
     staged = 4 if backend == "metal" else staged or 2
-    return ((16 * W + BK) * (DS + 8) + 16 * W * (BK + 8)) * staged + 16 * W * (BK + 17) * 4
+    slices = (16 * W + BK) * (DS + 8) if v == 1 else RING[backend] * BK * (DS + 8)
+    return (slices + 16 * W * (BK + 8)) * staged + 16 * W * (BK + 17) * 4
 
 
 def shape_supported(q, k, v, backend: str = "cuda") -> bool:
@@ -105,14 +187,15 @@ _kernels: dict[tuple, object] = {}
 _FACTORY = {"metal": "metal_kernel", "cuda": "cuda_kernel"}
 
 
-def kernel(backend: str, mask: bool, causal: bool):
-    key = (backend, mask, causal)
+def kernel(backend: str, mask: bool, causal: bool, version: int | None = None):
+    v = VERSION if version is None else version
+    key = (backend, mask, causal, v, RING[backend])
     if key not in _kernels:
         _kernels[key] = getattr(mx.fast, _FACTORY[backend])(
-            name=src.name(mask, causal),
+            name=src.name(mask, causal, v),
             input_names=src.inputs(mask),
             output_names=src.OUTPUTS,
-            source=source(backend, mask, causal),
+            source=source(backend, mask, causal, v),
             header=header(backend),
         )
     return _kernels[key]
@@ -134,11 +217,15 @@ def mask_supported(mask, B: int, T: int, S: int) -> bool:
     return m[0] in (1, B) and m[1] == 1 and m[2] in (1, T) and m[3] in (1, S)
 
 
-def prefill_attention(q, k, v, *, scale: float, mask=None) -> mx.array:
+def prefill_attention(
+    q, k, v, *, scale: float, mask=None, version: int | None = None, tiles_: tuple | None = None
+) -> mx.array:
     """softmax(q k^T * scale + mask) v by the kernel; q [B, Hq, T, D] the last T positions of
     k, v [B, Hkv, S, D]; mask None, "causal" or bool [Bm, 1, Tm, S] (Bm 1 or B, Tm 1 or T;
     True: attend). Returns [B, Hq, T, D] in q's dtype; a row that sees no key gives 0. The
-    caller checks `backend_name()` and `shape_supported` first."""
+    caller checks `backend_name()` and `shape_supported` first. `version`: the body
+    (prefill_source.VERSIONS), VERSION if None; `tiles_`: (BK, DS, W) in place of the version's
+    (timings: BK a multiple of 16, DS the version's)."""
     backend = backend_name()
     if backend is None or not shape_supported(q, k, v, backend):
         raise ValueError("prefill_attention: no GPU backend or an unsupported shape")
@@ -156,10 +243,10 @@ def prefill_attention(q, k, v, *, scale: float, mask=None) -> mx.array:
         arr = arr.reshape((1,) * (4 - arr.ndim) + tuple(arr.shape))
         if arr.shape[3] != S:
             arr = mx.broadcast_to(arr, (*arr.shape[:3], S))
-    BK, DS, W = TILES[backend]
+    BK, DS, W = tiles_ or tiles(backend, version)
     inputs = [q, k, v, mx.array([scale], mx.float32)] + ([arr] if arr is not None else [])
     gx, gy = grid(B, Hq, Hkv, T, W)
-    return kernel(backend, arr is not None, causal)(
+    return kernel(backend, arr is not None, causal, version)(
         inputs=inputs,
         template=[("D", D), ("BK", BK), ("DS", DS), ("W", W), ("MP", MP), ("OT", q.dtype)],
         grid=(32 * W * gx, gy, 1),

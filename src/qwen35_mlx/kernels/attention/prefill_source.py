@@ -63,15 +63,33 @@ _DEFINES = """
 #define AT_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define AT_MIN(a, b) ((a) < (b) ? (a) : (b))
 """
+# BODY2's stream of staged slices: slice n of the threadgroup's walk is key block n / (2 NSL),
+# part n % (2 NSL) (its NSL key slices, then its NSL value slices), into ring slot n % AT_RING.
+# Every thread commits a group per call, a copy or none, so gd_copy_wait counts stay uniform.
+_DEFINES2 = """
+#define AT_ISSUE(n_)                                                                         \\
+  if ((n_) < nsl) {                                                                          \\
+    const int i_ = (n_) % (2 * NSL);                                                         \\
+    const int j_ = ((n_) / (2 * NSL)) * BK;                                                  \\
+    gd_copy_tile<32 * W, BK, DS>(ring + ((n_) % AT_RING) * RS, QL,                            \\
+                                 (i_ < NSL ? k : v) + kv0 + size_t(j_) * D + (i_ % NSL) * DS, \\
+                                 size_t(D), S - 1 - j_, tid);                                 \\
+  }                                                                                          \\
+  gd_copy_commit();
+"""
 _UNDEFS = """
 #undef AT_NEG
 #undef AT_MAX
 #undef AT_MIN
 #undef AT_MASK
 #undef AT_CAUSAL
+#undef AT_ISSUE
+#undef AT_RING
 """
 
-BODY = """
+# The walk's set-up, shared by both bodies: shapes, this threadgroup's heads and tokens, the
+# keys it reads.
+_HEAD = """
   // q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; scale: [1] fp32; mask: [Bm, 1, Tm, S] bool
   // out: [B, Hq, T, D]
   using ST = gd_staged<OT>;
@@ -120,13 +138,12 @@ BODY = """
   const size_t mask0 = size_t(mask_shape[0] == 1 ? 0 : b) * Tm * S;
 #endif
 
-  GD_TG16 ST qs[16 * W * QL];   // each warp's query rows, one slice
-  GD_TG16 ST ks[BK * QL];       // the block's key (then value) rows, one slice
-  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
+"""
+
+_STATE = """  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
   GD_TG float sf[16 * W * BK];  // each warp's scores; at the end its output tiles
   GD_TG float dg[16 * W * 16];  // each warp's row factors, on a diagonal
   GD_TG float ls[16 * W];       // each warp's row sums, at the end
-  GD_TG_PTR ST* qw = qs + 16 * w * QL;
   GD_TG_PTR ST* pw = ps + 16 * w * PL;
   GD_TG_PTR float* sw = sf + 16 * w * BK;
   GD_TG_PTR float* dw = dg + 256 * w;
@@ -150,35 +167,10 @@ BODY = """
     gd_acc_zero(o[c]);
   }
 
-  for (int j0 = 0; j0 < n_tg; j0 += BK) {
-#if AT_CAUSAL
-    const bool live = j0 <= last_w && t0 < T;  // uniform in the warp
-#else
-    const bool live = t0 < T;
-#endif
-    // 1. scores
-    gd_acc s[NKT];
-    #pragma unroll
-    for (int c = 0; c < NKT; ++c) {
-      gd_acc_zero(s[c]);
-    }
-    for (int ds = 0; ds < D; ds += DS) {
-      gd_barrier();  // the last slice's readers are done
-      gd_copy_tile<32, 16, DS>(qw, QL, q + q0 + size_t(qrow0) * D + ds, size_t(D),
-                               T - 1 - qrow0, lane);
-      gd_copy_tile<32 * W, BK, DS>(ks, QL, k + kv0 + size_t(j0) * D + ds, size_t(D),
-                                   S - 1 - j0, tid);
-      gd_copy_commit();
-      gd_copy_wait<0>();
-      gd_barrier();
-      if (live) {
-        #pragma unroll
-        for (int c = 0; c < NKT; ++c) {
-          gd_mma_staged<MP, false, true>(s[c], qw, QL, ks + 16 * c * QL, QL, DS);
-        }
-      }
-    }
-    // 2. online softmax of the block
+"""
+
+# Both bodies' softmax of a block (the scores s in registers on entry).
+_SOFTMAX = """    // 2. online softmax of the block
     #pragma unroll
     for (int c = 0; c < NKT; ++c) {
       gd_acc_store(s[c], sw + 16 * c, BK);
@@ -217,7 +209,46 @@ BODY = """
       dw[row * 17] = alpha;
     }
     gd_barrier();
-    // 3. O = diag(alpha) O + P V
+"""
+
+# Version 1: Q re-staged with each key slice, every slice waited for at once.
+_WALK1 = (
+    """  GD_TG16 ST qs[16 * W * QL];   // each warp's query rows, one slice
+  GD_TG16 ST ks[BK * QL];       // the block's key (then value) rows, one slice
+  GD_TG_PTR ST* qw = qs + 16 * w * QL;
+"""
+    + _STATE
+    + """  for (int j0 = 0; j0 < n_tg; j0 += BK) {
+#if AT_CAUSAL
+    const bool live = j0 <= last_w && t0 < T;  // uniform in the warp
+#else
+    const bool live = t0 < T;
+#endif
+    // 1. scores
+    gd_acc s[NKT];
+    #pragma unroll
+    for (int c = 0; c < NKT; ++c) {
+      gd_acc_zero(s[c]);
+    }
+    for (int ds = 0; ds < D; ds += DS) {
+      gd_barrier();  // the last slice's readers are done
+      gd_copy_tile<32, 16, DS>(qw, QL, q + q0 + size_t(qrow0) * D + ds, size_t(D),
+                               T - 1 - qrow0, lane);
+      gd_copy_tile<32 * W, BK, DS>(ks, QL, k + kv0 + size_t(j0) * D + ds, size_t(D),
+                                   S - 1 - j0, tid);
+      gd_copy_commit();
+      gd_copy_wait<0>();
+      gd_barrier();
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < NKT; ++c) {
+          gd_mma_staged<MP, false, true>(s[c], qw, QL, ks + 16 * c * QL, QL, DS);
+        }
+      }
+    }
+"""
+    + _SOFTMAX
+    + """    // 3. O = diag(alpha) O + P V
     if (live) {
       #pragma unroll
       for (int c = 0; c < NDT; ++c) {
@@ -241,7 +272,109 @@ BODY = """
     }
   }
 
-  // o = O / l, rounded once; rows past T are not written
+"""
+)
+
+# Version 2 (session 11): Q and P as register fragments (at_frag), loaded once; key and value
+# slices through a ring of AT_RING slots, the next ones in flight while one is used.
+_WALK2 = (
+    """  GD_TG16 ST ring[AT_RING * BK * QL];  // AT_RING staged key / value slices
+"""
+    + _STATE
+    + """  // 0. the warp's query rows into registers (an A fragment a 16 columns), once, staged
+  // through the warp's weight rows
+  constexpr int QC = D % BK == 0 ? BK : 16;  // columns staged at a time
+  at_frag qf[NDT];
+  #pragma unroll
+  for (int c = 0; c < D; c += QC) {
+    gd_barrier();
+    gd_copy_tile<32, 16, QC>(pw, PL, q + q0 + size_t(qrow0) * D + c, size_t(D), T - 1 - qrow0,
+                             lane);
+    gd_copy_commit();
+    gd_copy_wait<0>();
+    gd_barrier();
+    #pragma unroll
+    for (int kk = 0; kk < QC / 16; ++kk) {
+      at_frag_load(qf[c / 16 + kk], pw + 16 * kk, PL);
+    }
+  }
+  // the walk's slices (AT_ISSUE), AT_RING - 1 in flight ahead of the one in use: slice n is
+  // waited for, then a barrier makes it visible and frees slot (n - 1) % AT_RING for slice
+  // n + AT_RING - 1
+  constexpr int NSL = D / DS;  // slices of a block's keys (and of its values)
+  constexpr int RS = BK * QL;  // a ring slot
+  const int nsl = ((n_tg + BK - 1) / BK) * 2 * NSL;
+  int n = 0;
+  for (int p = 0; p < AT_RING - 1; ++p) {
+    AT_ISSUE(p)
+  }
+
+  for (int j0 = 0; j0 < n_tg; j0 += BK) {
+#if AT_CAUSAL
+    const bool live = j0 <= last_w && t0 < T;  // uniform in the warp
+#else
+    const bool live = t0 < T;
+#endif
+    // 1. scores: Q (registers) times the block's key slices
+    gd_acc s[NKT];
+    #pragma unroll
+    for (int c = 0; c < NKT; ++c) {
+      gd_acc_zero(s[c]);
+    }
+    #pragma unroll
+    for (int i = 0; i < NSL; ++i, ++n) {
+      gd_copy_wait<AT_RING - 2>();
+      gd_barrier();
+      AT_ISSUE(n + AT_RING - 1)
+      GD_TG_PTR ST* kb = ring + (n % AT_RING) * RS;
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < NKT; ++c) {
+          #pragma unroll
+          for (int kk = 0; kk < DS / 16; ++kk) {
+            at_mma_frag<true>(s[c], qf[i * (DS / 16) + kk], kb + 16 * c * QL + 16 * kk, QL);
+          }
+        }
+      }
+    }
+"""
+    + _SOFTMAX
+    + """    // 3. O = diag(alpha) O + P V, P's fragments loaded once a block
+    at_frag pf[NKT];
+    if (live) {
+      #pragma unroll
+      for (int c = 0; c < NDT; ++c) {
+        at_acc_scale_rows(o[c], dw);
+      }
+      #pragma unroll
+      for (int kk = 0; kk < NKT; ++kk) {
+        at_frag_load(pf[kk], pw + 16 * kk, PL);
+      }
+    }
+    #pragma unroll
+    for (int i = 0; i < NSL; ++i, ++n) {
+      gd_copy_wait<AT_RING - 2>();
+      gd_barrier();
+      AT_ISSUE(n + AT_RING - 1)
+      GD_TG_PTR ST* vb = ring + (n % AT_RING) * RS;
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < DS / 16; ++c) {
+          #pragma unroll
+          for (int kk = 0; kk < NKT; ++kk) {
+            at_mma_frag<false>(o[i * (DS / 16) + c], pf[kk], vb + 16 * kk * QL + 16 * c, QL);
+          }
+        }
+      }
+    }
+  }
+
+"""
+)
+
+
+# Both bodies' end: o = O / l through the warp's score rows.
+_TAIL = """  // o = O / l, rounded once; rows past T are not written
   if (lane < 16) {
     ls[16 * w + row] = l;
   }
@@ -261,10 +394,15 @@ BODY = """
   }
 """
 
+BODY = _HEAD + _WALK1 + _TAIL
+BODY2 = _HEAD + _WALK2 + _TAIL
+VERSIONS = (1, 2)
 
-def name(mask: bool, causal: bool) -> str:
-    """Kernel `name=`, e.g. `attn_prefill_causal`."""
-    return NAME + ("_mask" if mask else "") + ("_causal" if causal else "")
+
+def name(mask: bool, causal: bool, version: int = 2) -> str:
+    """Kernel `name=`, e.g. `attn_prefill_causal` (version 1), `attn_prefill_causal_v2`."""
+    tail = "" if version == 1 else f"_v{version}"
+    return NAME + ("_mask" if mask else "") + ("_causal" if causal else "") + tail
 
 
 def inputs(mask: bool) -> list[str]:
@@ -276,6 +414,11 @@ def variants() -> list[tuple[bool, bool]]:
     return [(False, False), (False, True), (True, False), (True, True)]
 
 
-def body(mask: bool, causal: bool) -> str:
+def body(mask: bool, causal: bool, version: int = 2, ring: int = 3) -> str:
+    """The kernel text of a variant; version 2 stages through `ring` (>= 2) slots."""
+    if version not in VERSIONS or ring < 2:
+        raise ValueError(f"prefill body: version {version}, ring {ring}")
     switches = f"\n#define AT_MASK {int(mask)}\n#define AT_CAUSAL {int(causal)}\n"
-    return switches + _DEFINES + BODY + _UNDEFS
+    if version == 1:
+        return switches + _DEFINES + BODY + _UNDEFS
+    return switches + f"#define AT_RING {ring}\n" + _DEFINES + _DEFINES2 + BODY2 + _UNDEFS
