@@ -63,19 +63,23 @@ _DEFINES = """
 #define AT_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define AT_MIN(a, b) ((a) < (b) ? (a) : (b))
 """
-# BODY2's stream of staged slices: slice n of the threadgroup's walk is key block n / (2 NSL),
-# part n % (2 NSL) (its NSL key slices, then its NSL value slices), into ring slot n % AT_RING.
-# Every thread commits a group per call, a copy or none, so gd_copy_wait counts stay uniform.
+# BODY2's walk of staged slices: key block j0 (a multiple of BK) has 2 NSL slices, its NSL key
+# slices then its NSL value slices; slice p_ counted from block jb's first (p_ a constant
+# after unrolling) is block jb + (p_ / (2 NSL)) BK's part p_ % (2 NSL), into ring slot
+# (base + p_) % AT_RING, base the slot of block jb's first. Every thread commits a group per
+# call, a copy or none (past the last block), so gd_copy_wait's counts stay uniform.
 _DEFINES2 = """
-#define AT_ISSUE(n_)                                                                         \\
-  if ((n_) < nsl) {                                                                          \\
-    const int i_ = (n_) % (2 * NSL);                                                         \\
-    const int j_ = ((n_) / (2 * NSL)) * BK;                                                  \\
-    gd_copy_tile<32 * W, BK, DS>(ring + ((n_) % AT_RING) * RS, QL,                            \\
-                                 (i_ < NSL ? k : v) + kv0 + size_t(j_) * D + (i_ % NSL) * DS, \\
-                                 size_t(D), S - 1 - j_, tid);                                 \\
-  }                                                                                          \\
-  gd_copy_commit();
+#define AT_ISSUE(jb, p_)                                                                      \\
+  {                                                                                           \\
+    const int j_ = (jb) + ((p_) / (2 * NSL)) * BK;                                            \\
+    if (j_ < n_tg) {                                                                          \\
+      gd_copy_tile<32 * W, BK, DS>(ring + ((base + (p_)) % AT_RING) * RS, QL,                  \\
+                                   ((p_) % (2 * NSL) < NSL ? k : v) + kv0 + size_t(j_) * D +  \\
+                                       ((p_) % NSL) * DS,                                     \\
+                                   size_t(D), S - 1 - j_, tid);                               \\
+    }                                                                                         \\
+    gd_copy_commit();                                                                         \\
+  }
 """
 _UNDEFS = """
 #undef AT_NEG
@@ -158,6 +162,9 @@ _STATE = """  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
   const int c0 = (lane / 16) * HALF;
   const int tok = AT_MIN(t0 + row, T - 1);
   (void)tok;
+#if AT_MASK
+  const size_t mrow = mask0 + size_t(Tm == 1 ? 0 : tok) * S;  // the row's mask
+#endif
   (void)offset;
   float m = AT_NEG;
   float l = 0.0f;
@@ -184,7 +191,7 @@ _SOFTMAX = """    // 2. online softmax of the block
       see = see && j <= offset + tok;
 #endif
 #if AT_MASK
-      see = see && bool(mask[mask0 + size_t(Tm == 1 ? 0 : tok) * S + AT_MIN(j, S - 1)]);
+      see = see && bool(mask[mrow + AT_MIN(j, S - 1)]);
 #endif
       const float x = sw[row * BK + c] * sc;
       sw[row * BK + c] = see ? x : AT_NEG;
@@ -303,10 +310,10 @@ _WALK2 = (
   // n + AT_RING - 1
   constexpr int NSL = D / DS;  // slices of a block's keys (and of its values)
   constexpr int RS = BK * QL;  // a ring slot
-  const int nsl = ((n_tg + BK - 1) / BK) * 2 * NSL;
-  int n = 0;
+  int base = 0;                // the ring slot of this block's first slice
+  #pragma unroll
   for (int p = 0; p < AT_RING - 1; ++p) {
-    AT_ISSUE(p)
+    AT_ISSUE(0, p)
   }
 
   for (int j0 = 0; j0 < n_tg; j0 += BK) {
@@ -322,11 +329,11 @@ _WALK2 = (
       gd_acc_zero(s[c]);
     }
     #pragma unroll
-    for (int i = 0; i < NSL; ++i, ++n) {
+    for (int i = 0; i < NSL; ++i) {
       gd_copy_wait<AT_RING - 2>();
       gd_barrier();
-      AT_ISSUE(n + AT_RING - 1)
-      GD_TG_PTR ST* kb = ring + (n % AT_RING) * RS;
+      AT_ISSUE(j0, i + AT_RING - 1)
+      GD_TG_PTR ST* kb = ring + ((base + i) % AT_RING) * RS;
       if (live) {
         #pragma unroll
         for (int c = 0; c < NKT; ++c) {
@@ -352,11 +359,11 @@ _WALK2 = (
       }
     }
     #pragma unroll
-    for (int i = 0; i < NSL; ++i, ++n) {
+    for (int i = 0; i < NSL; ++i) {
       gd_copy_wait<AT_RING - 2>();
       gd_barrier();
-      AT_ISSUE(n + AT_RING - 1)
-      GD_TG_PTR ST* vb = ring + (n % AT_RING) * RS;
+      AT_ISSUE(j0, NSL + i + AT_RING - 1)
+      GD_TG_PTR ST* vb = ring + ((base + NSL + i) % AT_RING) * RS;
       if (live) {
         #pragma unroll
         for (int c = 0; c < DS / 16; ++c) {
@@ -367,6 +374,7 @@ _WALK2 = (
         }
       }
     }
+    base = (base + 2 * NSL) % AT_RING;
   }
 
 """
