@@ -133,13 +133,14 @@ _HEAD = """
   // keys the threadgroup needs: all, or up to its last token's position
 #if AT_CAUSAL
   const int n_tg = AT_MIN(S, offset + AT_MIN(qb * TQ + TQ, T));
-  const int last_w = offset + AT_MIN(t0 + 15, T - 1);  // the warp's last key
+  // the warp's last key (-1: a warp past T sees none)
+  const int last_w = t0 < T ? offset + AT_MIN(t0 + 15, T - 1) : -1;
 #else
   const int n_tg = S;
 #endif
 #if AT_MASK
   const int Tm = mask_shape[2];
-  const size_t mask0 = size_t(mask_shape[0] == 1 ? 0 : b) * Tm * S;
+  const int mask0 = (mask_shape[0] == 1 ? 0 : b) * Tm * S;
 #endif
 
 """
@@ -163,7 +164,8 @@ _STATE = """  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
   const int tok = AT_MIN(t0 + row, T - 1);
   (void)tok;
 #if AT_MASK
-  const size_t mrow = mask0 + size_t(Tm == 1 ? 0 : tok) * S;  // the row's mask
+  // the row's mask from mask's start (under 2^31 elements: prefill.mask_supported)
+  const int mrow = mask0 + (Tm == 1 ? 0 : tok) * S;
 #endif
   (void)offset;
   float m = AT_NEG;
@@ -227,7 +229,7 @@ _WALK1 = (
     + _STATE
     + """  for (int j0 = 0; j0 < n_tg; j0 += BK) {
 #if AT_CAUSAL
-    const bool live = j0 <= last_w && t0 < T;  // uniform in the warp
+    const bool live = j0 <= last_w;  // uniform in the warp
 #else
     const bool live = t0 < T;
 #endif
@@ -318,7 +320,7 @@ _WALK2 = (
 
   for (int j0 = 0; j0 < n_tg; j0 += BK) {
 #if AT_CAUSAL
-    const bool live = j0 <= last_w && t0 < T;  // uniform in the warp
+    const bool live = j0 <= last_w;  // uniform in the warp
 #else
     const bool live = t0 < T;
 #endif
@@ -346,12 +348,21 @@ _WALK2 = (
     }
 """
     + _SOFTMAX
-    + """    // 3. O = diag(alpha) O + P V, P's fragments loaded once a block
+    + """    // 3. O = diag(alpha) O + P V, P's fragments loaded once a block; the rescaling only where
+    // some row's maximum moved (alpha < 1; lanes r and r + 16 hold row r's, the same)
+    float moved = alpha < 1.0f ? 1.0f : 0.0f;
+    #pragma unroll
+    for (int x = 1; x < 16; x *= 2) {
+      const float other = gd_shuffle(moved, lane ^ x);  // not inside AT_MAX: one call a lane
+      moved = AT_MAX(moved, other);
+    }
     at_frag pf[NKT];
     if (live) {
-      #pragma unroll
-      for (int c = 0; c < NDT; ++c) {
-        at_acc_scale_rows(o[c], dw);
+      if (moved > 0.0f) {
+        #pragma unroll
+        for (int c = 0; c < NDT; ++c) {
+          at_acc_scale_rows(o[c], dw);
+        }
       }
       #pragma unroll
       for (int kk = 0; kk < NKT; ++kk) {
@@ -374,7 +385,8 @@ _WALK2 = (
         }
       }
     }
-    base = (base + 2 * NSL) % AT_RING;
+    // (a constant 0 where the ring's size divides a block's slices: slots known at compile time)
+    base = (2 * NSL) % AT_RING == 0 ? 0 : (base + 2 * NSL) % AT_RING;
   }
 
 """
@@ -382,21 +394,23 @@ _WALK2 = (
 
 
 # Both bodies' end: o = O / l through the warp's score rows.
-_TAIL = """  // o = O / l, rounded once; rows past T are not written
+_TAIL = """  // o = O / l (O times 1 / l, 0 where the row saw no key), rounded once; rows past T are not
+  // written
   if (lane < 16) {
-    ls[16 * w + row] = l;
+    ls[16 * w + row] = l > 0.0f ? 1.0f / l : 0.0f;
   }
+  const int oc = lane % 16;  // the lane's column of a tile
   #pragma unroll
   for (int c = 0; c < NDT; ++c) {
     gd_barrier();
     gd_acc_store(o[c], sw, BK);
     gd_barrier();
-    for (int e = lane; e < 256; e += 32) {
-      const int r = e / 16;
-      const float lr = ls[16 * w + r];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = 2 * i + lane / 16;
       if (t0 + r < T) {
-        const float x = lr > 0.0f ? sw[r * BK + e % 16] / lr : 0.0f;
-        out[q0 + size_t(t0 + r) * D + 16 * c + e % 16] = static_cast<OT>(x);
+        const float x = sw[r * BK + oc] * ls[16 * w + r];
+        out[q0 + size_t(t0 + r) * D + 16 * c + oc] = static_cast<OT>(x);
       }
     }
   }
