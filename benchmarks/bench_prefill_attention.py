@@ -1,5 +1,5 @@
 """Prefill attention on a GPU: the prefill kernel's builds (`kernels/attention/prefill.py`:
-version 2 with its tiles and with BK 32, version 1) against what the model runs today
+version 2 with its tiles (BK 32) and with BK 16, version 1) against what the model runs today
 (`models.attention.attention` with PREFILL_KERNEL off: MLX's attention where the scores fit
 PLAIN_BYTES, else the blocked ops path), at the 0.8B layer's shape (Hq 8, Hkv 2, D 256, bf16,
 B 1), causal, the queries the last T of S keys.
@@ -40,14 +40,14 @@ from qwen35_mlx.models import attention as model_attention  # noqa: E402
 HQ, HKV, D = 8, 2, 256
 CASES = "2048x2048,2048x4096,2048x6144,2048x8192,8192x8192"
 # (name, version, tiles): the kernel's builds, timed against "ops"
-BUILDS = [("v2", 2, None), ("v2_bk32", 2, (32, 64, 4)), ("v1", 1, None)]
+BUILDS = [("v2", 2, None), ("v2_bk16", 2, (16, 64, 4)), ("v1", 1, None)]
 # Session 11's prediction for the default build (v2), ms of one call on an H200 (NOTES.md)
 PREDICTED_MS = {
-    (2048, 2048): 0.40,
-    (2048, 4096): 0.65,
-    (2048, 6144): 0.90,
-    (2048, 8192): 1.15,
-    (8192, 8192): 2.4,
+    (2048, 2048): 0.30,
+    (2048, 4096): 0.48,
+    (2048, 6144): 0.71,
+    (2048, 8192): 0.95,
+    (8192, 8192): 1.9,
 }
 
 

@@ -47,8 +47,8 @@ CASES = [
 ]
 
 
-# (body version, tiles): the default, version 2 with BK 32 and version 1 (the A/B builds)
-BUILDS = [(2, None), (2, (32, 64, 4)), (1, None)]
+# (body version, tiles): the default, version 2 with BK 16 and version 1 (the A/B builds)
+BUILDS = [(2, None), (2, (16, 64, 4)), (1, None)]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda b: f"v{b[0]}" + (f"bk{b[1][0]}" * bool(b[1])))

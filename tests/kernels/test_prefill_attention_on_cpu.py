@@ -45,18 +45,20 @@ pytestmark = [
 CTYPES = {mx.bfloat16: "bf16", mx.float16: "_Float16"}
 U = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}
 CUDA_TILES, METAL_TILES = prefill.TILES["cuda"], prefill.TILES["metal"]
-V1_TILES = prefill.TILES_V1["cuda"]
-# (mask, causal, D, (BK, DS, W), dtype, body version); version 2 also with BK 32 (its A/B
-# tiles), version 1 (kept for A/B timings) with its own
+CUDA_MASK_TILES, V1_TILES = prefill.MASK_TILES["cuda"], prefill.TILES_V1["cuda"]
+# (mask, causal, D, (BK, DS, W), dtype, body version): version 2 with CUDA's tiles (BK 32), its
+# bool-mask tiles (BK 16) and Metal's, also a mask at BK 32 and no mask at BK 16 (the bench's
+# tiles_); version 1 (kept for A/B timings) with its own
 INSTANCES = [
     (False, True, 256, CUDA_TILES, mx.bfloat16, 2),
-    (True, False, 256, CUDA_TILES, mx.bfloat16, 2),
+    (True, False, 256, CUDA_MASK_TILES, mx.bfloat16, 2),
     (False, False, 64, CUDA_TILES, mx.float16, 2),
     (False, True, 64, METAL_TILES, mx.float16, 2),
     (True, False, 64, METAL_TILES, mx.bfloat16, 2),
-    (True, True, 64, CUDA_TILES, mx.bfloat16, 2),
+    (True, True, 64, CUDA_MASK_TILES, mx.bfloat16, 2),
     (False, True, 256, METAL_TILES, mx.bfloat16, 2),
-    (True, True, 256, (32, 64, 4), mx.bfloat16, 2),
+    (True, True, 256, CUDA_TILES, mx.bfloat16, 2),
+    (False, True, 256, CUDA_MASK_TILES, mx.bfloat16, 2),
     (False, True, 256, V1_TILES, mx.bfloat16, 1),
     (True, True, 64, V1_TILES, mx.float16, 1),
 ]

@@ -39,7 +39,7 @@ def cuda_kernel(index: int, mask: bool, causal: bool, act: str, D: int = 256) ->
     params += [f"    const __grid_constant__ Shape {n}_shape" for n in ("q", "k", "mask")
                if f"{n}_shape" in body]  # fmt: skip
     params += [f"    {t}* out"]
-    BK, DS, W = prefill.TILES["cuda"]
+    BK, DS, W = prefill.tiles("cuda", mask=mask)
     consts = f"  constexpr int D = {D}, BK = {BK}, DS = {DS}, W = {W}, MP = {prefill.MP};\n"
     consts += f"  using OT = {t};\n"
     name = f"{ps.name(mask, causal)}_{act}"
@@ -92,7 +92,7 @@ def metal_unit(mask: bool, causal: bool) -> str:
     params += ["  device IT* out"]
     params += [f"  {t} {a}" for a, t in METAL_ATTRIBUTES.items() if a in body]
     fn = f"custom_kernel_{ps.name(mask, causal)}"
-    BK, DS, W = prefill.TILES["metal"]
+    BK, DS, W = prefill.tiles("metal", mask=mask)
     inst = "\n".join(
         f"template decltype({fn}<{D}, {BK}, {DS}, {W}, {prefill.MP}, {METAL_TYPES[a]}>) "
         f"{fn}<{D}, {BK}, {DS}, {W}, {prefill.MP}, {METAL_TYPES[a]}>;"
@@ -116,5 +116,7 @@ def test_prefill_metal_source_compiles(variant, tmp_path):
 
 def test_threadgroup_memory_fits():
     """Metal: 32 KB; CUDA: 48 KB of static shared memory (the tiles' formula, prefill_source)."""
-    assert prefill.threadgroup_bytes("metal") <= 32 * 1024
-    assert prefill.threadgroup_bytes("cuda", 2) <= 48 * 1024
+    for version in ps.VERSIONS:
+        for mask in (False, True):
+            assert prefill.threadgroup_bytes("metal", None, version, mask) <= 32 * 1024
+            assert prefill.threadgroup_bytes("cuda", 2, version, mask) <= 48 * 1024

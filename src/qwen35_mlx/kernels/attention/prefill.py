@@ -24,9 +24,12 @@ from . import prefill_source as src
 # bf16 31 KB of its 48 in version 1, 18 KB in version 2; Metal, everything staged as floats,
 # 22 KB of its 32 in version 1, 17 KB in version 2).
 TILES_V1 = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
-# Version 2's: BK 16 on CUDA keeps its 64 registers of Q fragments, 128 of output and the
-# scores within 255 without spills (BK 32 spills 12-20 bytes).
-TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
+# Version 2's: 64 registers of Q fragments and 128 of output a lane leave little room; ptxas
+# (nvcc 13, sm_90) fits the causal / no-mask builds at BK 32 without spills (727 instructions
+# a 16 keys in the causal loop against 912 at BK 16), the bool-mask builds (the mask's row
+# offset live too) only at BK 16 (MASK_TILES).
+TILES = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
+MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
 # Which body runs (prefill_source.VERSIONS; 1, the first, stays for A/B timings), and version 2's
 # ring of staged key / value slices: on CUDA 4 (3 slices in flight; a power of two dividing a
 # block's 2 D / DS slices, so the slots are compile-time constants: 912 instructions a block in
@@ -160,18 +163,20 @@ def source(
     return prologue(backend, **_POSITIONS) + src.body(mask, causal, v, ring or RING[backend])
 
 
-def tiles(backend: str, version: int | None = None) -> tuple[int, int, int]:
-    """(BK, DS, W) of a version's body on a backend."""
+def tiles(backend: str, version: int | None = None, mask: bool = False) -> tuple[int, int, int]:
+    """(BK, DS, W) of a version's body on a backend (version 2: `mask`, a bool-mask build)."""
     v = VERSION if version is None else version
-    return (TILES_V1 if v == 1 else TILES)[backend]
+    return (TILES_V1 if v == 1 else MASK_TILES if mask else TILES)[backend]
 
 
-def threadgroup_bytes(backend: str, staged: int | None = None, version: int | None = None) -> int:
+def threadgroup_bytes(
+    backend: str, staged: int | None = None, version: int | None = None, mask: bool = False
+) -> int:
     """Threadgroup memory of the kernel with the backend's tiles: staged elements (`staged`
     bytes each: the dtype's on CUDA, floats on Metal) (16 W + BK) (DS + 8) in version 1, RING BK
     (DS + 8) in version 2, plus 16 W (BK + 8) for P, and 16 W (BK + 17) floats."""
     v = VERSION if version is None else version
-    BK, DS, W = tiles(backend, v)
+    BK, DS, W = tiles(backend, v, mask)
     staged = 4 if backend == "metal" else staged or 2
     slices = (16 * W + BK) * (DS + 8) if v == 1 else RING[backend] * BK * (DS + 8)
     return (slices + 16 * W * (BK + 8)) * staged + 16 * W * (BK + 17) * 4
@@ -261,7 +266,7 @@ def prefill_attention(
         arr = arr.reshape((1,) * (4 - arr.ndim) + tuple(arr.shape))
         if arr.shape[3] != S:
             arr = mx.broadcast_to(arr, (*arr.shape[:3], S))
-    BK, DS, W = tiles_ or tiles(backend, version)
+    BK, DS, W = tiles_ or tiles(backend, version, arr is not None)
     inputs = [q, k, v, mx.array([scale], mx.float32)] + ([arr] if arr is not None else [])
     gx, gy = grid(B, Hq, Hkv, T, W)
     return kernel(backend, arr is not None, causal, version)(

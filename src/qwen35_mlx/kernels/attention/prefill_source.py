@@ -348,8 +348,8 @@ _WALK2 = (
     }
 """
     + _SOFTMAX
-    + """    // 3. O = diag(alpha) O + P V, P's fragments loaded once a block; the rescaling only where
-    // some row's maximum moved (alpha < 1; lanes r and r + 16 hold row r's, the same)
+    + """    // 3. O = diag(alpha) O + P V, P's fragments loaded once a block; the rescaling only
+    // where some row's maximum moved (alpha < 1; lanes r and r + 16 hold row r's, the same)
     float moved = alpha < 1.0f ? 1.0f : 0.0f;
     #pragma unroll
     for (int x = 1; x < 16; x *= 2) {
@@ -394,8 +394,8 @@ _WALK2 = (
 
 
 # Both bodies' end: o = O / l through the warp's score rows.
-_TAIL = """  // o = O / l (O times 1 / l, 0 where the row saw no key), rounded once; rows past T are not
-  // written
+_TAIL = """  // o = O / l (O times 1 / l, 0 where the row saw no key), rounded once; rows past T are
+  // not written
   if (lane < 16) {
     ls[16 * w + row] = l > 0.0f ? 1.0f / l : 0.0f;
   }
