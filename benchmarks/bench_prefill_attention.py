@@ -1,8 +1,8 @@
 """Prefill attention on a GPU: the prefill kernel's builds (`kernels/attention/prefill.py`:
-version 2 with its tiles (BK 32) and with BK 16, version 1) against what the model runs today
-(`models.attention.attention` with PREFILL_KERNEL off: MLX's attention where the scores fit
-PLAIN_BYTES, else the blocked ops path), at the 0.8B layer's shape (Hq 8, Hkv 2, D 256, bf16,
-B 1), causal, the queries the last T of S keys.
+version 2 with its tiles (BK 32), with BK 16, with BK 16 and 8 warps; version 1) against what
+the model runs today (`models.attention.attention` with PREFILL_KERNEL off: MLX's attention
+where the scores fit PLAIN_BYTES, else the blocked ops path), at the 0.8B layer's shape (Hq 8,
+Hkv 2, D 256, bf16, B 1), causal, the queries the last T of S keys.
 
 For each (T, S): ms of one call + mx.eval and of --layers calls queued and evaluated once (a
 forward's full-attention layers: 6 in the 0.8B model), the builds alternating round by round in
@@ -40,7 +40,12 @@ from qwen35_mlx.models import attention as model_attention  # noqa: E402
 HQ, HKV, D = 8, 2, 256
 CASES = "2048x2048,2048x4096,2048x6144,2048x8192,8192x8192"
 # (name, version, tiles): the kernel's builds, timed against "ops"
-BUILDS = [("v2", 2, None), ("v2_bk16", 2, (16, 64, 4)), ("v1", 1, None)]
+BUILDS = [
+    ("v2", 2, None),
+    ("v2_bk16", 2, (16, 64, 4)),
+    ("v2_w8", 2, (16, 64, 8)),
+    ("v1", 1, None),
+]
 # Session 11's prediction for the default build (v2), ms of one call on an H200 (NOTES.md)
 PREDICTED_MS = {
     (2048, 2048): 0.30,

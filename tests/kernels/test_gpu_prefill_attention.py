@@ -47,8 +47,9 @@ CASES = [
 ]
 
 
-# (body version, tiles): the default, version 2 with BK 16 and version 1 (the A/B builds)
-BUILDS = [(2, None), (2, (16, 64, 4)), (1, None)]
+# (body version, tiles): the default, version 2 with BK 16, with 8 warps (128 query rows a
+# threadgroup: half the key / value traffic) and version 1 (the A/B builds)
+BUILDS = [(2, None), (2, (16, 64, 4)), (2, (16, 64, 8)), (1, None)]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda b: f"v{b[0]}" + (f"bk{b[1][0]}" * bool(b[1])))

@@ -47,8 +47,8 @@ U = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}
 CUDA_TILES, METAL_TILES = prefill.TILES["cuda"], prefill.TILES["metal"]
 CUDA_MASK_TILES, V1_TILES = prefill.MASK_TILES["cuda"], prefill.TILES_V1["cuda"]
 # (mask, causal, D, (BK, DS, W), dtype, body version): version 2 with CUDA's tiles (BK 32), its
-# bool-mask tiles (BK 16) and Metal's, also a mask at BK 32 and no mask at BK 16 (the bench's
-# tiles_); version 1 (kept for A/B timings) with its own
+# bool-mask tiles (BK 16) and Metal's, also a mask at BK 32, no mask at BK 16 and 8 warps (the
+# bench's tiles_); version 1 (kept for A/B timings) with its own
 INSTANCES = [
     (False, True, 256, CUDA_TILES, mx.bfloat16, 2),
     (True, False, 256, CUDA_MASK_TILES, mx.bfloat16, 2),
@@ -59,6 +59,7 @@ INSTANCES = [
     (False, True, 256, METAL_TILES, mx.bfloat16, 2),
     (True, True, 256, CUDA_TILES, mx.bfloat16, 2),
     (False, True, 256, CUDA_MASK_TILES, mx.bfloat16, 2),
+    (True, True, 64, (16, 64, 8), mx.float16, 2),
     (False, True, 256, V1_TILES, mx.bfloat16, 1),
     (True, True, 64, V1_TILES, mx.float16, 1),
 ]
