@@ -1,8 +1,11 @@
 """Host side of the prefill attention kernel (`prefill_source.py`): the shapes it takes, its
-tiles per backend, the one helper it adds to the chunk kernels' tile layer, its builds, and
+tiles per backend, the helpers it adds to the chunk kernels' tile layer, its builds, and
 `prefill_attention`.
 
     prefill_attention(q, k, v, scale=..., mask=None | "causal" | bool array) -> [B, Hq, T, D]
+
+Two bodies (prefill_source.VERSIONS): 2, the default (VERSION), and 1, the first, kept for A/B
+timings (`version=`); the bench times them side by side.
 
 Off by default: `models/attention.py`'s PREFILL_KERNEL switch (the kernel has been checked on
 the CPU's lane emulator and compiled for sm_90 and the Metal stub only; turn it on once the GPU

@@ -20,6 +20,15 @@ times TQ = 16 W / WG query tokens; warp w owns 16 consecutive tokens of one quer
   3. O += P V over D in slices of DS: the threadgroup stages the block's value slice, each warp
      adds P (16 x BK, in the input dtype) times it into its output tiles.
 Finally o = O / l (0 where the row saw no key), rounded once to the output dtype.
+
+That is version 1 (BODY). Version 2 (BODY2, session 11; the default) does the same arithmetic
+with fewer trips through memory: each warp loads its 16 query rows once, as register fragments
+(`at_frag`, 16 x 16 each: D / 16 of them), and P's fragments once a block; the key and value
+slices (BK x DS, a block's D / DS key slices then its value slices) stream through a ring of
+AT_RING slots by cp.async, AT_RING - 1 in flight ahead of the one in use (one barrier a slice);
+the rows' rescaling is skipped where no row's maximum moved (alpha = 1 for all 16). Its
+threadgroup memory: AT_RING BK (DS + 8) staged + 16 W (BK + 8) for P (the query rows pass
+through it once) + 16 W (BK + 17) floats.
 A warp that sees no key of a block (causal) skips its products (the result is the same: all its
 p are 0 and alpha 1); the threadgroup stops at the last key its last token sees.
 
@@ -45,7 +54,8 @@ the input shapes. Threadgroup memory (elements of gd_staged<OT>: OT on CUDA, flo
 Helpers: the chunk tile layer and copies (gd_acc, gd_acc_zero, gd_acc_store, gd_mma_staged,
 gd_copy_tile / commit / wait, gd_barrier, GD_TG, GD_TG16, GD_TG_PTR, gd_staged), the base
 header's gd_shuffle and gd_exp, and `prefill.py`'s `at_acc_scale_rows(acc, dg)` (multiply row
-i of the tile by dg[17 i]: dg a 16 x 16 row-major matrix, zero off its diagonal). The prologue
+i of the tile by dg[17 i]: dg a 16 x 16 row-major matrix, zero off its diagonal) and, version 2,
+its register operands (at_frag, at_frag_load, at_mma_frag). The prologue
 names at_tid (the thread in the threadgroup, 1-D), at_tg_x, at_tg_y.
 
 References: FlashAttention-2 (Dao 2023): query rows split over warps, keys streamed through
