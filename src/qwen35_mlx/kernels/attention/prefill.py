@@ -4,8 +4,8 @@ tiles per backend, the helpers it adds to the chunk kernels' tile layer, its bui
 
     prefill_attention(q, k, v, scale=..., mask=None | "causal" | bool array) -> [B, Hq, T, D]
 
-Two bodies (prefill_source.VERSIONS): 2, the default (VERSION), and 1, the first, kept for A/B
-timings (`version=`); the bench times them side by side.
+Two bodies (prefill_source.VERSIONS): 2 and 1, the first (VERSION picks per backend; `version=`
+for A/B timings, which the bench runs side by side).
 
 Off by default: `models/attention.py`'s PREFILL_KERNEL switch (the kernel has been checked on
 the CPU's lane emulator and compiled for sm_90 and the Metal stub only; turn it on once the GPU
@@ -33,11 +33,13 @@ TILES_V1 = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
 # offset live too) only at BK 16 (MASK_TILES).
 TILES = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
 MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
-# Which body runs (prefill_source.VERSIONS; 1, the first, stays for A/B timings), and version 2's
-# ring of staged key / value slices: on CUDA 4 (3 slices in flight; a power of two dividing a
+# Which body runs by backend (prefill_source.VERSIONS; 1, the first, stays for A/B timings):
+# CUDA 2; Metal 1 until a Mac measures 2 (whose Q fragments and output, simdgroup matrices, are
+# 256 floats a thread at D 256: Apple GPUs are likely to spill them). Version 2's ring of staged
+# key / value slices: on CUDA 4 (3 slices in flight; a power of two dividing a
 # block's 2 D / DS slices, so the slots are compile-time constants: 912 instructions a block in
 # the causal build's loop against 995 with 3); Metal's copies are synchronous: 2 is enough.
-VERSION = 2
+VERSION = {"cuda": 2, "metal": 1}
 RING = {"cuda": 4, "metal": 2}
 MP = 1  # bf16 / fp16 operands are exact in tf32 (and CUDA takes them by mma.m16n8k16)
 DTYPES = (mx.bfloat16, mx.float16)
@@ -162,13 +164,13 @@ def source(
     backend: str, mask: bool, causal: bool, version: int | None = None, ring: int | None = None
 ) -> str:
     """The kernel text (`ring`: version 2's slots, the backend's RING if None)."""
-    v = VERSION if version is None else version
+    v = VERSION[backend] if version is None else version
     return prologue(backend, **_POSITIONS) + src.body(mask, causal, v, ring or RING[backend])
 
 
 def tiles(backend: str, version: int | None = None, mask: bool = False) -> tuple[int, int, int]:
     """(BK, DS, W) of a version's body on a backend (version 2: `mask`, a bool-mask build)."""
-    v = VERSION if version is None else version
+    v = VERSION[backend] if version is None else version
     return (TILES_V1 if v == 1 else MASK_TILES if mask else TILES)[backend]
 
 
@@ -178,7 +180,7 @@ def threadgroup_bytes(
     """Threadgroup memory of the kernel with the backend's tiles: staged elements (`staged`
     bytes each: the dtype's on CUDA, floats on Metal) (16 W + BK) (DS + 8) in version 1, RING BK
     (DS + 8) in version 2, plus 16 W (BK + 8) for P, and 16 W (BK + 17) floats."""
-    v = VERSION if version is None else version
+    v = VERSION[backend] if version is None else version
     BK, DS, W = tiles(backend, v, mask)
     staged = 4 if backend == "metal" else staged or 2
     slices = (16 * W + BK) * (DS + 8) if v == 1 else RING[backend] * BK * (DS + 8)
@@ -213,7 +215,7 @@ _FACTORY = {"metal": "metal_kernel", "cuda": "cuda_kernel"}
 
 
 def kernel(backend: str, mask: bool, causal: bool, version: int | None = None):
-    v = VERSION if version is None else version
+    v = VERSION[backend] if version is None else version
     key = (backend, mask, causal, v, RING[backend])
     if key not in _kernels:
         _kernels[key] = getattr(mx.fast, _FACTORY[backend])(
