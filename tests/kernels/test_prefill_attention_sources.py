@@ -1,9 +1,9 @@
 """The prefill attention kernel's text for both backends, without a GPU: the CUDA build (prologue,
 body, the chunk header with the tile layer, `at_acc_scale_rows`, `at_frag`) compiled by nvcc for
 sm_90 as MLX's `mx.fast.cuda_kernel` wraps a body, both bodies (versions), every variant in
-bf16 and fp16 at D = 256 with the host's tiles, ptxas reporting no spills; the Metal build type-checked against metal_stub.h as
-the chunk kernels' (test_chunk_metal_source.py), with its threadgroup memory within Apple's
-32 KB."""
+bf16 and fp16 at D = 256 with the host's tiles, ptxas reporting no spills; the Metal build
+(both versions) type-checked against metal_stub.h as the chunk kernels'
+(test_chunk_metal_source.py), with its threadgroup memory within Apple's 32 KB."""
 
 import re
 import shutil
