@@ -1,5 +1,5 @@
 """Prefill attention on a GPU: the prefill kernel's builds (`kernels/attention/prefill.py`:
-version 2 with its tiles (BK 32), with BK 16, with BK 16 and 8 warps; version 1) against what
+version 2 with its tiles (BK 32), BK 16, DS 128, 8 warps; version 1) against what
 the model runs today (`models.attention.attention` with PREFILL_KERNEL off: MLX's attention
 where the scores fit PLAIN_BYTES, else the blocked ops path), at the 0.8B layer's shape (Hq 8,
 Hkv 2, D 256, bf16, B 1), causal, the queries the last T of S keys.
@@ -39,12 +39,13 @@ from qwen35_mlx.models import attention as model_attention  # noqa: E402
 
 HQ, HKV, D = 8, 2, 256
 CASES = "2048x2048,2048x4096,2048x6144,2048x8192,8192x8192"
-# (name, version, tiles): the kernel's builds, timed against "ops"
+# (name, version, tiles, ring): the kernel's builds, timed against "ops" (None: the defaults)
 BUILDS = [
-    ("v2", 2, None),
-    ("v2_bk16", 2, (16, 64, 4)),
-    ("v2_w8", 2, (16, 64, 8)),
-    ("v1", 1, None),
+    ("v2", 2, None, None),
+    ("v2_bk16", 2, (16, 64, 4), None),
+    ("v2_ds128", 2, (32, 128, 4), 3),
+    ("v2_w8", 2, (16, 128, 8), 2),
+    ("v1", 1, None, None),
 ]
 # Session 11's prediction for the default build (v2), ms of one call on an H200 (NOTES.md)
 PREDICTED_MS = {
@@ -90,16 +91,17 @@ def main() -> int:
         mx.eval(q, k, v)
         fns = {"ops": lambda q=q, k=k, v=v: model_attention.attention(q, k, v, None, D**-0.5,
                                                                       "causal")}  # fmt: skip
-        for name, version, tiles in BUILDS:
-            fns[name] = lambda q=q, k=k, v=v, version=version, tiles=tiles: (
+        for name, version, tiles, ring in BUILDS:
+            fns[name] = lambda q=q, k=k, v=v, version=version, tiles=tiles, ring=ring: (
                 prefill.prefill_attention(
-                    q, k, v, scale=D**-0.5, mask="causal", version=version, tiles_=tiles
+                    q, k, v, scale=D**-0.5, mask="causal", version=version, tiles_=tiles,
+                    ring_=ring,
                 )
-            )
+            )  # fmt: skip
         ref = fns["ops"]().astype(mx.float32)
         top = max(mx.abs(ref).max().item(), 1e-6)
         rel = {}
-        for name, _, _ in BUILDS:
+        for name, *_ in BUILDS:
             rel[name] = mx.abs(fns[name]().astype(mx.float32) - ref).max().item() / top
             bad |= rel[name] > 5e-2
         one = alternating(fns, args.repeats)
@@ -122,7 +124,10 @@ def main() -> int:
         python=platform.python_version(),
         date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         shape=dict(Hq=HQ, Hkv=HKV, D=D, dtype="bfloat16", B=1, mask="causal"),
-        builds={n: dict(version=v, tiles=t or prefill.tiles("cuda", v)) for n, v, t in BUILDS},
+        builds={
+            n: dict(version=v, tiles=t or prefill.tiles("cuda", v), ring=r or prefill.RING["cuda"])
+            for n, v, t, r in BUILDS
+        },
         ring=prefill.RING,
     )
     (out / "prefill_attention.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -47,12 +47,21 @@ CASES = [
 ]
 
 
-# (body version, tiles): the default, version 2 with BK 16, with 8 warps (128 query rows a
-# threadgroup: half the key / value traffic) and version 1 (the A/B builds)
-BUILDS = [(2, None), (2, (16, 64, 4)), (2, (16, 64, 8)), (1, None)]
+# (body version, tiles, ring): the default, version 2 with BK 16, with slices of 128 columns (a
+# ring of 3), with 8 warps (128 query rows a threadgroup: half the key / value traffic) and
+# version 1 (the A/B builds)
+BUILDS = [
+    (2, None, None),
+    (2, (16, 64, 4), None),
+    (2, (32, 128, 4), 3),
+    (2, (16, 128, 8), 2),
+    (1, None, None),
+]
 
 
-@pytest.mark.parametrize("build", BUILDS, ids=lambda b: f"v{b[0]}" + (f"bk{b[1][0]}" * bool(b[1])))
+@pytest.mark.parametrize(
+    "build", BUILDS, ids=lambda b: f"v{b[0]}" + "-{}-{}-{}".format(*b[1]) * bool(b[1])
+)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}T{c[3]}S{c[4]}D{c[5]}{c[7]}")
 def test_prefill_kernel_matches_float64_and_the_blocked_path(case, build):
     B, Hq, Hkv, T, S, D, dtype, kind = case
@@ -63,8 +72,9 @@ def test_prefill_kernel_matches_float64_and_the_blocked_path(case, build):
         mask = left_pad_mask(B, T, S, [0, 37][:B], causal_too=False)
     else:
         mask = "causal" if causal else None
-    o = prefill.prefill_attention(q, k, v, scale=scale, mask=mask, version=build[0],
-                                  tiles_=build[1])  # fmt: skip
+    version, tiles, ring = build
+    o = prefill.prefill_attention(q, k, v, scale=scale, mask=mask, version=version,
+                                  tiles_=tiles, ring_=ring)  # fmt: skip
     blocked = model_attention._blocked(q, k, v, scale, mask)
     mx.eval(o, blocked)
     want = reference(q, k, v, scale, None if causal else mask, causal)

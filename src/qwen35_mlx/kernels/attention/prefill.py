@@ -214,15 +214,18 @@ _kernels: dict[tuple, object] = {}
 _FACTORY = {"metal": "metal_kernel", "cuda": "cuda_kernel"}
 
 
-def kernel(backend: str, mask: bool, causal: bool, version: int | None = None):
+def kernel(
+    backend: str, mask: bool, causal: bool, version: int | None = None, ring: int | None = None
+):
     v = VERSION[backend] if version is None else version
-    key = (backend, mask, causal, v, RING[backend])
+    r = (ring or RING[backend]) if v == 2 else None
+    key = (backend, mask, causal, v, r)
     if key not in _kernels:
         _kernels[key] = getattr(mx.fast, _FACTORY[backend])(
-            name=src.name(mask, causal, v),
+            name=src.name(mask, causal, v, r),
             input_names=src.inputs(mask),
             output_names=src.OUTPUTS,
-            source=source(backend, mask, causal, v),
+            source=source(backend, mask, causal, v, r),
             header=header(backend),
         )
     return _kernels[key]
@@ -246,14 +249,23 @@ def mask_supported(mask, B: int, T: int, S: int) -> bool:
 
 
 def prefill_attention(
-    q, k, v, *, scale: float, mask=None, version: int | None = None, tiles_: tuple | None = None
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    mask=None,
+    version: int | None = None,
+    tiles_: tuple | None = None,
+    ring_: int | None = None,
 ) -> mx.array:
     """softmax(q k^T * scale + mask) v by the kernel; q [B, Hq, T, D] the last T positions of
     k, v [B, Hkv, S, D]; mask None, "causal" or bool [Bm, 1, Tm, S] (Bm 1 or B, Tm 1 or T;
     True: attend). Returns [B, Hq, T, D] in q's dtype; a row that sees no key gives 0. The
     caller checks `backend_name()` and `shape_supported` first. `version`: the body
     (prefill_source.VERSIONS), VERSION if None; `tiles_`: (BK, DS, W) in place of the version's
-    (timings: BK a multiple of 16, DS the version's)."""
+    and `ring_`: version 2's ring slots in place of RING (timings: BK a multiple of 16, DS one
+    dividing D)."""
     backend = backend_name()
     if backend is None or not shape_supported(q, k, v, backend):
         raise ValueError("prefill_attention: no GPU backend or an unsupported shape")
@@ -272,9 +284,11 @@ def prefill_attention(
         if arr.shape[3] != S:
             arr = mx.broadcast_to(arr, (*arr.shape[:3], S))
     BK, DS, W = tiles_ or tiles(backend, version, arr is not None)
+    if D % DS:
+        raise ValueError(f"prefill_attention: D {D} not a multiple of DS {DS}")
     inputs = [q, k, v, mx.array([scale], mx.float32)] + ([arr] if arr is not None else [])
     gx, gy = grid(B, Hq, Hkv, T, W)
-    return kernel(backend, arr is not None, causal, version)(
+    return kernel(backend, arr is not None, causal, version, ring_)(
         inputs=inputs,
         template=[("D", D), ("BK", BK), ("DS", DS), ("W", W), ("MP", MP), ("OT", q.dtype)],
         grid=(32 * W * gx, gy, 1),

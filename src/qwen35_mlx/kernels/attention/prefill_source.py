@@ -431,9 +431,10 @@ BODY2 = _HEAD + _WALK2 + _TAIL
 VERSIONS = (1, 2)
 
 
-def name(mask: bool, causal: bool, version: int = 2) -> str:
-    """Kernel `name=`, e.g. `attn_prefill_causal` (version 1), `attn_prefill_causal_v2`."""
-    tail = "" if version == 1 else f"_v{version}"
+def name(mask: bool, causal: bool, version: int = 2, ring: int | None = None) -> str:
+    """Kernel `name=`, e.g. `attn_prefill_causal` (version 1), `attn_prefill_causal_v2r4`
+    (version 2, a ring of 4: each text its own name)."""
+    tail = "" if version == 1 else f"_v{version}" + (f"r{ring}" if ring else "")
     return NAME + ("_mask" if mask else "") + ("_causal" if causal else "") + tail
 
 
