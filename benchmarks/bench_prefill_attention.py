@@ -125,7 +125,11 @@ def main() -> int:
         date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         shape=dict(Hq=HQ, Hkv=HKV, D=D, dtype="bfloat16", B=1, mask="causal"),
         builds={
-            n: dict(version=v, tiles=t or prefill.tiles("cuda", v), ring=r or prefill.RING["cuda"])
+            n: dict(
+                version=v,
+                tiles=t or prefill.tiles("cuda", v),
+                ring=(r or prefill.RING["cuda"]) if v == 2 else None,
+            )
             for n, v, t, r in BUILDS
         },
         ring=prefill.RING,
