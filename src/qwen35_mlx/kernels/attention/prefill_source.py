@@ -362,8 +362,8 @@ _WALK2 = (
     // where some row's maximum moved (alpha < 1; lanes r and r + 16 hold row r's, the same)
     float moved = alpha < 1.0f ? 1.0f : 0.0f;
     #pragma unroll
-    for (int x = 1; x < 16; x *= 2) {
-      const float other = gd_shuffle(moved, lane ^ x);  // not inside AT_MAX: one call a lane
+    for (int bit = 1; bit < 16; bit *= 2) {
+      const float other = gd_shuffle(moved, lane ^ bit);  // not inside AT_MAX: one call a lane
       moved = AT_MAX(moved, other);
     }
     at_frag pf[NKT];
