@@ -286,6 +286,11 @@ inline void at_acc_scale_rows(gd_acc& x, const float* dg) {
   }
 }
 
+// Version 2's tile copy (prefill.py `_FRAGS`): gd_copy_tile's.
+template <int NT, int R, int CL, typename D, typename S>
+inline void at_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  gd_copy_tile<NT, R, CL>(dst, dld, src, sld, rmax, tid);
+}
 // Version 2's register operands (prefill.py `_FRAGS`): a lane's copy of the whole 16 x 16 A
 // operand, the products as gd_mma's.
 struct at_frag {

@@ -28,8 +28,8 @@ from . import prefill_source as src
 # 22 KB of its 32 in version 1, 17 KB in version 2).
 TILES_V1 = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
 # Version 2's: 64 registers of Q fragments and 128 of output a lane leave little room; ptxas
-# (nvcc 13, sm_90) fits the causal / no-mask builds at BK 32 without spills (727 instructions
-# a 16 keys in the causal loop against 912 at BK 16), the bool-mask builds (the mask's row
+# (nvcc 13, sm_90) fits the causal / no-mask builds at BK 32 without spills (1,341 instructions
+# a 32 keys in the causal loop against 838 a 16 at BK 16), the bool-mask builds (the mask's row
 # offset live too) only at BK 16 (MASK_TILES).
 TILES = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
 MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
@@ -37,8 +37,8 @@ MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
 # CUDA 2; Metal 1 until a Mac measures 2 (whose Q fragments and output, simdgroup matrices, are
 # 256 floats a thread at D 256: Apple GPUs are likely to spill them). Version 2's ring of staged
 # key / value slices: on CUDA 4 (3 slices in flight; a power of two dividing a
-# block's 2 D / DS slices, so the slots are compile-time constants: 912 instructions a block in
-# the causal build's loop against 995 with 3); Metal's copies are synchronous: 2 is enough.
+# block's 2 D / DS slices, so the slots are compile-time constants: 912 instructions a 16 keys
+# in the causal build's loop against 995 with 3, when BK was 16); Metal's copies are synchronous: 2 is enough.
 VERSION = {"cuda": 2, "metal": 1}
 RING = {"cuda": 4, "metal": 2}
 MP = 1  # bf16 / fp16 operands are exact in tf32 (and CUDA takes them by mma.m16n8k16)
@@ -104,6 +104,26 @@ __device__ __forceinline__ void at_ldmatrix4(unsigned* r, const void* p) {
                  : "r"(a));
   }
 }
+// gd_copy_tile's copy (an R x CL tile, row r from src + min(r, rmax) sld, by cp.async) with its
+// shared address from __cvta_generic_to_shared, which the compiler folds (gd_copy_tile's cvta,
+// inline asm, is redone for every copy)
+template <int NT, int R, int CL, typename D, typename S>
+__device__ __forceinline__ void at_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
+  static_assert(CL % V == 0, "at_copy_tile: whole 16-byte copies a row");
+  constexpr int U = R * CL / V;  // copies of the tile
+  const unsigned d0 = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+#pragma unroll
+  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
+    const int e = tid + it * NT;
+    if (U % NT != 0 && e >= U) break;
+    const int r = e / (CL / V);
+    const int c = (e % (CL / V)) * V;
+    const int rs = r < rmax ? r : rmax;
+    const unsigned d = d0 + unsigned(r * dld + c) * unsigned(sizeof(*dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + rs * sld + c));
+  }
+}
 template <typename P>
 __device__ __forceinline__ void at_frag_load(at_frag& f, P A, int lda) {
   const int m = (threadIdx.x & 31) >> 3;
@@ -127,6 +147,10 @@ __device__ __forceinline__ void at_mma_frag(gd_acc& x, const at_frag& f, P B, in
 struct at_frag {
   simdgroup_float8x8 m[2][2];  // [row half][k half]
 };
+template <int NT, int R, int CL, typename D, typename S>
+inline void at_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  gd_copy_tile<NT, R, CL>(dst, dld, src, sld, rmax, tid);
+}
 template <typename P>
 inline void at_frag_load(thread at_frag& f, P A, int lda) {
   for (int i = 0; i < 2; ++i) {

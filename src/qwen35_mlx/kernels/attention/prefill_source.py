@@ -77,13 +77,21 @@ _DEFINES = """
 # slices then its NSL value slices; slice p_ counted from block jb's first (p_ a constant
 # after unrolling) is block jb + (p_ / (2 NSL)) BK's part p_ % (2 NSL), into ring slot
 # (base + p_) % AT_RING, base the slot of block jb's first. Every thread commits a group per
-# call, a copy or none (past the last block), so gd_copy_wait's counts stay uniform.
+# call, a copy or none (past the last block), so gd_copy_wait's counts stay uniform. The copy:
+# at_copy_tile (its shared address folded: 1,341 instructions a block in the causal BK 32 loop
+# against 1,455), except in the bool-mask builds, where ptxas then spills 4 bytes (outside the
+# loop, but a spill): gd_copy_tile there.
 _DEFINES2 = """
+#if AT_MASK
+#define AT_COPY gd_copy_tile
+#else
+#define AT_COPY at_copy_tile
+#endif
 #define AT_ISSUE(jb, p_)                                                                      \\
   {                                                                                           \\
     const int j_ = (jb) + ((p_) / (2 * NSL)) * BK;                                            \\
     if (j_ < n_tg) {                                                                          \\
-      gd_copy_tile<32 * W, BK, DS>(ring + ((base + (p_)) % AT_RING) * RS, QL,                  \\
+      AT_COPY<32 * W, BK, DS>(ring + ((base + (p_)) % AT_RING) * RS, QL,                  \\
                                    ((p_) % (2 * NSL) < NSL ? k : v) + kv0 + size_t(j_) * D +  \\
                                        ((p_) % NSL) * DS,                                     \\
                                    size_t(D), S - 1 - j_, tid);                               \\
@@ -99,6 +107,7 @@ _UNDEFS = """
 #undef AT_CAUSAL
 #undef AT_ISSUE
 #undef AT_RING
+#undef AT_COPY
 """
 
 # The walk's set-up, shared by both bodies: shapes, this threadgroup's heads and tokens, the
