@@ -38,7 +38,8 @@ MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
 # 256 floats a thread at D 256: Apple GPUs are likely to spill them). Version 2's ring of staged
 # key / value slices: on CUDA 4 (3 slices in flight; a power of two dividing a
 # block's 2 D / DS slices, so the slots are compile-time constants: 912 instructions a 16 keys
-# in the causal build's loop against 995 with 3, when BK was 16); Metal's copies are synchronous: 2 is enough.
+# in the causal build's loop against 995 with 3, when BK was 16); Metal's copies are
+# synchronous: 2 is enough.
 VERSION = {"cuda": 2, "metal": 1}
 RING = {"cuda": 4, "metal": 2}
 MP = 1  # bf16 / fp16 operands are exact in tf32 (and CUDA takes them by mma.m16n8k16)
