@@ -287,3 +287,23 @@ inline void at_acc_scale_rows(gd_acc& x, const float* dg) {
     x.c[h][3] *= dg[17 * (g + 8)];
   }
 }
+
+// Version 2's tile copy (prefill.py `_FRAGS`): gd_copy_tile's.
+template <int NT, int R, int CL, typename D, typename S>
+inline void at_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  gd_copy_tile<NT, R, CL>(dst, dld, src, sld, rmax, tid);
+}
+// Version 2's register operands (prefill.py `_FRAGS`): a lane's copy of the whole 16 x 16 A
+// operand, the products as gd_mma's.
+struct at_frag {
+  float a[16 * 16];
+};
+template <typename P>
+inline void at_frag_load(at_frag& f, P A, int lda) {
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 16; ++k) f.a[16 * i + k] = float(A[i * lda + k]);
+}
+template <bool TB, typename P>
+inline void at_mma_frag(gd_acc& x, const at_frag& f, P B, int ldb) {
+  gd_mma<1, false, TB>(x, static_cast<const float*>(f.a), 16, B, ldb, 16);
+}

@@ -47,8 +47,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}T{c[3]}S{c[4]}D{c[5]}{c[7]}")
-def test_prefill_kernel_matches_float64_and_the_blocked_path(case):
+# (body version, tiles, ring): the default, version 2 with BK 16, with slices of 128 columns (a
+# ring of 3), with 8 warps (128 query rows a threadgroup: half the key / value traffic) and
+# version 1 (the A/B builds)
+BUILDS = [
+    (2, None, None),
+    (2, (16, 64, 4), None),
+    (2, (32, 128, 4), 3),
+    (2, (16, 128, 8), 2),
+    (1, None, None),
+]
+
+
+# every case with the default build; the A/B builds with the first three (0.8B shape, causal)
+PAIRS = [(c, BUILDS[0]) for c in CASES] + [(c, b) for b in BUILDS[1:] for c in CASES[:3]]
+
+
+def _pair_id(pair) -> str:
+    (B, Hq, _, T, S, D, _, kind), (version, tiles, ring) = pair
+    build = f"v{version}" + ("-{}-{}-{}".format(*tiles) + f"-r{ring}" if tiles else "")
+    return f"B{B}Hq{Hq}T{T}S{S}D{D}{kind}-{build}"
+
+
+@pytest.mark.parametrize("case,build", PAIRS, ids=[_pair_id(p) for p in PAIRS])
+def test_prefill_kernel_matches_float64_and_the_blocked_path(case, build):
     B, Hq, Hkv, T, S, D, dtype, kind = case
     q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=T + S)
     scale = D**-0.5
@@ -57,7 +79,9 @@ def test_prefill_kernel_matches_float64_and_the_blocked_path(case):
         mask = left_pad_mask(B, T, S, [0, 37][:B], causal_too=False)
     else:
         mask = "causal" if causal else None
-    o = prefill.prefill_attention(q, k, v, scale=scale, mask=mask)
+    version, tiles, ring = build
+    o = prefill.prefill_attention(q, k, v, scale=scale, mask=mask, version=version,
+                                  tiles_=tiles, ring_=ring)  # fmt: skip
     blocked = model_attention._blocked(q, k, v, scale, mask)
     mx.eval(o, blocked)
     want = reference(q, k, v, scale, None if causal else mask, causal)

@@ -45,21 +45,39 @@ pytestmark = [
 CTYPES = {mx.bfloat16: "bf16", mx.float16: "_Float16"}
 U = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}
 CUDA_TILES, METAL_TILES = prefill.TILES["cuda"], prefill.TILES["metal"]
-# (mask, causal, D, (BK, DS, W), dtype)
+CUDA_MASK_TILES, V1_TILES = prefill.MASK_TILES["cuda"], prefill.TILES_V1["cuda"]
+# (mask, causal, D, (BK, DS, W), dtype, body version): version 2 with CUDA's tiles (BK 32), its
+# bool-mask tiles (BK 16) and Metal's, also a mask at BK 32, no mask at BK 16, 8 warps and DS
+# 128 with a ring of 3 (the bench's tiles_); version 1 (kept for A/B timings) with its own
 INSTANCES = [
-    (False, True, 256, CUDA_TILES, mx.bfloat16),
-    (True, False, 256, CUDA_TILES, mx.bfloat16),
-    (False, False, 64, CUDA_TILES, mx.float16),
-    (False, True, 64, METAL_TILES, mx.float16),
-    (True, False, 64, METAL_TILES, mx.bfloat16),
-    (True, True, 64, CUDA_TILES, mx.bfloat16),
-    (False, True, 256, METAL_TILES, mx.bfloat16),
+    (False, True, 256, CUDA_TILES, mx.bfloat16, 2),
+    (True, False, 256, CUDA_MASK_TILES, mx.bfloat16, 2),
+    (False, False, 64, CUDA_TILES, mx.float16, 2),
+    (False, True, 64, METAL_TILES, mx.float16, 2),
+    (True, False, 64, METAL_TILES, mx.bfloat16, 2),
+    (True, True, 64, CUDA_MASK_TILES, mx.bfloat16, 2),
+    (False, True, 256, METAL_TILES, mx.bfloat16, 2),
+    (True, True, 256, CUDA_TILES, mx.bfloat16, 2),
+    (False, True, 256, CUDA_MASK_TILES, mx.bfloat16, 2),
+    (True, True, 64, (16, 64, 8), mx.float16, 2),
+    (False, True, 256, (32, 128, 4), mx.bfloat16, 2),
+    (False, True, 256, V1_TILES, mx.bfloat16, 1),
+    (True, True, 64, V1_TILES, mx.float16, 1),
 ]
 
 
-def _runner(i, mask, causal, D, tiles, dtype) -> str:
+def _ring(tiles) -> int:
+    """Version 2's ring slots: the tiles' backend's, 3 for the bench's DS 128 build (a ring that
+    does not divide a block's slices: its slots rotate from block to block)."""
+    if tiles == METAL_TILES:
+        return prefill.RING["metal"]
+    return 3 if tiles[1] == 128 else prefill.RING["cuda"]
+
+
+def _runner(i, mask, causal, D, tiles, dtype, version) -> str:
     BK, DS, W = tiles
     t = CTYPES[dtype]
+    ring = _ring(tiles)
     names = ["q", "k", "v", "scale"] + (["mask"] if mask else [])
     ctype = {"q": t, "k": t, "v": t, "scale": "float", "mask": "bool"}
     params = [f"const {ctype[n]}* {n}" for n in names]
@@ -75,7 +93,7 @@ def _runner(i, mask, causal, D, tiles, dtype) -> str:
 namespace k{i} {{
 template <int D, int BK, int DS, int W, int MP, typename OT>
 void kernel({", ".join(params)}) {{
-{prefill.source("cuda", mask, causal)}
+{prefill.source("cuda", mask, causal, version, ring)}
 }}
 }}  // namespace k{i}
 
@@ -195,7 +213,7 @@ PAIRS = _pairs()
     ids=[f"{INSTANCES.index(i)}-B{c[0]}Hq{c[1]}Hkv{c[2]}T{c[3]}S{c[4]}" for i, c in PAIRS],
 )
 def test_prefill_body_matches_numpy(inst, case, program, tmp_path):
-    mask_kind, causal, D, tiles, dtype = inst
+    mask_kind, causal, D, tiles, dtype, _ = inst
     B, Hq, Hkv, T, S = case
     q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=S + T)
     scale = D**-0.5

@@ -1,9 +1,9 @@
 """The prefill attention kernel's text for both backends, without a GPU: the CUDA build (prologue,
-body, the chunk header with the tile layer, `at_acc_scale_rows`) compiled by nvcc for sm_90 as
-MLX's `mx.fast.cuda_kernel` wraps a body, every variant in bf16 and fp16 at D = 256 with the
-host's tiles, ptxas reporting no spills; the Metal build type-checked against metal_stub.h as
-the chunk kernels' (test_chunk_metal_source.py), with its threadgroup memory within Apple's
-32 KB."""
+body, the chunk header with the tile layer, `at_acc_scale_rows`, `at_frag`) compiled by nvcc for
+sm_90 as MLX's `mx.fast.cuda_kernel` wraps a body, both bodies (versions), every variant in
+bf16 and fp16 at D = 256 with the host's tiles, ptxas reporting no spills; the Metal build
+(both versions) type-checked against metal_stub.h as the chunk kernels'
+(test_chunk_metal_source.py), with its threadgroup memory within Apple's 32 KB."""
 
 import re
 import shutil
@@ -26,8 +26,10 @@ DTYPES = ("bf16", "fp16")
 METAL_TYPES = {"bf16": "bfloat16_t", "fp16": "float16_t"}
 
 
-def cuda_kernel(index: int, mask: bool, causal: bool, act: str, D: int = 256) -> str:
-    body = prefill.source("cuda", mask, causal)
+def cuda_kernel(
+    index: int, mask: bool, causal: bool, act: str, D: int = 256, version: int | None = None
+) -> str:
+    body = prefill.source("cuda", mask, causal, version)
     t = CTYPES[act]
     params = [
         f"    const {t}* q",
@@ -39,7 +41,7 @@ def cuda_kernel(index: int, mask: bool, causal: bool, act: str, D: int = 256) ->
     params += [f"    const __grid_constant__ Shape {n}_shape" for n in ("q", "k", "mask")
                if f"{n}_shape" in body]  # fmt: skip
     params += [f"    {t}* out"]
-    BK, DS, W = prefill.TILES["cuda"]
+    BK, DS, W = prefill.tiles("cuda", version, mask)
     consts = f"  constexpr int D = {D}, BK = {BK}, DS = {DS}, W = {W}, MP = {prefill.MP};\n"
     consts += f"  using OT = {t};\n"
     name = f"{ps.name(mask, causal)}_{act}"
@@ -54,9 +56,10 @@ def cuda_kernel(index: int, mask: bool, causal: bool, act: str, D: int = 256) ->
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-def test_prefill_cuda_compiles_for_sm90_without_spills(tmp_path):
+@pytest.mark.parametrize("version", ps.VERSIONS)
+def test_prefill_cuda_compiles_for_sm90_without_spills(version, tmp_path):
     kernels = [
-        cuda_kernel(i, m, c, act)
+        cuda_kernel(i, m, c, act, version=version)
         for i, ((m, c), act) in enumerate((v, a) for v in ps.variants() for a in DTYPES)
     ]
     path = tmp_path / "prefill.cu"
@@ -79,8 +82,8 @@ def test_prefill_cuda_compiles_for_sm90_without_spills(tmp_path):
     print("\n".join(line for line in report.splitlines() if "registers" in line or "spill" in line))
 
 
-def metal_unit(mask: bool, causal: bool) -> str:
-    body = prefill.source("metal", mask, causal)
+def metal_unit(mask: bool, causal: bool, version: int) -> str:
+    body = prefill.source("metal", mask, causal, version)
     for attr in ("thread_position_in_threadgroup", "threadgroup_position_in_grid"):
         assert attr in body
     params = ["  const device IT* q", "  const device IT* k", "  const device IT* v"]
@@ -92,7 +95,7 @@ def metal_unit(mask: bool, causal: bool) -> str:
     params += ["  device IT* out"]
     params += [f"  {t} {a}" for a, t in METAL_ATTRIBUTES.items() if a in body]
     fn = f"custom_kernel_{ps.name(mask, causal)}"
-    BK, DS, W = prefill.TILES["metal"]
+    BK, DS, W = prefill.tiles("metal", version, mask)
     inst = "\n".join(
         f"template decltype({fn}<{D}, {BK}, {DS}, {W}, {prefill.MP}, {METAL_TYPES[a]}>) "
         f"{fn}<{D}, {BK}, {DS}, {W}, {prefill.MP}, {METAL_TYPES[a]}>;"
@@ -108,13 +111,16 @@ def metal_unit(mask: bool, causal: bool) -> str:
 
 
 @pytest.mark.skipif(GXX is None, reason="needs g++")
+@pytest.mark.parametrize("version", ps.VERSIONS)
 @pytest.mark.parametrize("variant", ps.variants(), ids=lambda v: ps.name(*v))
-def test_prefill_metal_source_compiles(variant, tmp_path):
-    err = compile_errors(metal_unit(*variant), tmp_path)
+def test_prefill_metal_source_compiles(variant, version, tmp_path):
+    err = compile_errors(metal_unit(*variant, version), tmp_path)
     assert not err, err
 
 
 def test_threadgroup_memory_fits():
     """Metal: 32 KB; CUDA: 48 KB of static shared memory (the tiles' formula, prefill_source)."""
-    assert prefill.threadgroup_bytes("metal") <= 32 * 1024
-    assert prefill.threadgroup_bytes("cuda", 2) <= 48 * 1024
+    for version in ps.VERSIONS:
+        for mask in (False, True):
+            assert prefill.threadgroup_bytes("metal", None, version, mask) <= 32 * 1024
+            assert prefill.threadgroup_bytes("cuda", 2, version, mask) <= 48 * 1024

@@ -1,8 +1,11 @@
 """Host side of the prefill attention kernel (`prefill_source.py`): the shapes it takes, its
-tiles per backend, the one helper it adds to the chunk kernels' tile layer, its builds, and
+tiles per backend, the helpers it adds to the chunk kernels' tile layer, its builds, and
 `prefill_attention`.
 
     prefill_attention(q, k, v, scale=..., mask=None | "causal" | bool array) -> [B, Hq, T, D]
+
+Two bodies (prefill_source.VERSIONS): 2 and 1, the first (VERSION picks per backend; `version=`
+for A/B timings, which the bench runs side by side).
 
 Off by default: `models/attention.py`'s PREFILL_KERNEL switch (the kernel has been checked on
 the CPU's lane emulator and compiled for sm_90 and the Metal stub only; turn it on once the GPU
@@ -21,8 +24,24 @@ from ..positions import prologue
 from . import prefill_source as src
 
 # (BK keys a block, DS columns staged at a time, W warps) by backend (threadgroup_bytes: CUDA
-# bf16 31 KB of its 48, Metal, everything staged as floats, 22 KB of its 32).
+# bf16 31 KB of its 48 in version 1, 18 KB in version 2; Metal, everything staged as floats,
+# 22 KB of its 32 in version 1, 17 KB in version 2).
+TILES_V1 = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
+# Version 2's: 64 registers of Q fragments and 128 of output a lane leave little room; ptxas
+# (nvcc 13, sm_90) fits the causal / no-mask builds at BK 32 without spills (1,341 instructions
+# a 32 keys in the causal loop against 838 a 16 at BK 16), the bool-mask builds (the mask's row
+# offset live too) only at BK 16 (MASK_TILES).
 TILES = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
+MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
+# Which body runs by backend (prefill_source.VERSIONS; 1, the first, stays for A/B timings):
+# CUDA 2; Metal 1 until a Mac measures 2 (whose Q fragments and output, simdgroup matrices, are
+# 256 floats a thread at D 256: Apple GPUs are likely to spill them). Version 2's ring of staged
+# key / value slices: on CUDA 4 (3 slices in flight; a power of two dividing a
+# block's 2 D / DS slices, so the slots are compile-time constants: 912 instructions a 16 keys
+# in the causal build's loop against 995 with 3, when BK was 16); Metal's copies are
+# synchronous: 2 is enough.
+VERSION = {"cuda": 2, "metal": 1}
+RING = {"cuda": 4, "metal": 2}
 MP = 1  # bf16 / fp16 operands are exact in tf32 (and CUDA takes them by mma.m16n8k16)
 DTYPES = (mx.bfloat16, mx.float16)
 _POSITIONS = {"at_tid": "thread.x", "at_tg_x": "threadgroup.x", "at_tg_y": "threadgroup.y"}
@@ -60,22 +79,137 @@ inline void at_acc_scale_rows(thread gd_acc& x, threadgroup float* dg) {
 }
 
 
+# Version 2's register operands: at_frag holds a 16 x 16 A operand (the input dtype on CUDA, as
+# mma.m16n8k16's A fragment; four 8 x 8 float matrices on Metal), loaded once from staged rows
+# and used for many products:
+#   at_frag_load(f, A, lda)            f(i, k) = A[i lda + k]
+#   at_mma_frag<TB>(acc, f, B, ldb)    acc += f B, B(k, j) = B[k ldb + j] (TB: B[j ldb + k])
+# (K = 16; CUDA: B by one ldmatrix, as gd_mma_staged's, 16-bit staged operands only).
+_FRAGS = {
+    "cuda": """
+struct at_frag {
+  unsigned a[4];
+};
+// ldmatrix .x4 at a shared address the compiler converts (__cvta_generic_to_shared: it can
+// hoist and fold the conversion, where gd_ldmatrix4's own cvta is opaque to it)
+template <bool TR>
+__device__ __forceinline__ void at_ldmatrix4(unsigned* r, const void* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  if (TR) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+}
+// gd_copy_tile's copy (an R x CL tile, row r from src + min(r, rmax) sld, by cp.async) with its
+// shared address from __cvta_generic_to_shared, which the compiler folds (gd_copy_tile's cvta,
+// inline asm, is redone for every copy)
+template <int NT, int R, int CL, typename D, typename S>
+__device__ __forceinline__ void at_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
+  static_assert(CL % V == 0, "at_copy_tile: whole 16-byte copies a row");
+  constexpr int U = R * CL / V;  // copies of the tile
+  const unsigned d0 = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+#pragma unroll
+  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
+    const int e = tid + it * NT;
+    if (U % NT != 0 && e >= U) break;
+    const int r = e / (CL / V);
+    const int c = (e % (CL / V)) * V;
+    const int rs = r < rmax ? r : rmax;
+    const unsigned d = d0 + unsigned(r * dld + c) * unsigned(sizeof(*dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + rs * sld + c));
+  }
+}
+template <typename P>
+__device__ __forceinline__ void at_frag_load(at_frag& f, P A, int lda) {
+  const int m = (threadIdx.x & 31) >> 3;
+  const int r = threadIdx.x & 7;
+  at_ldmatrix4<false>(f.a, A + (8 * (m & 1) + r) * lda + 8 * (m >> 1));
+}
+template <bool TB, typename P>
+__device__ __forceinline__ void at_mma_frag(gd_acc& x, const at_frag& f, P B, int ldb) {
+  constexpr int KIND = gd_kind16(P(nullptr));
+  static_assert(KIND != 0, "at_mma_frag: bf16 / fp16 staged operands");
+  const int m = (threadIdx.x & 31) >> 3;
+  const int r = threadIdx.x & 7;
+  unsigned b[4];
+  at_ldmatrix4<!TB>(b, B + (TB ? (8 * (m >> 1) + r) * ldb + 8 * (m & 1)
+                               : (8 * (m & 1) + r) * ldb + 8 * (m >> 1)));
+  gd_mma_m16n8k16<KIND>(x.c[0], f.a, b);
+  gd_mma_m16n8k16<KIND>(x.c[1], f.a, b + 2);
+}
+""",
+    "metal": """
+struct at_frag {
+  simdgroup_float8x8 m[2][2];  // [row half][k half]
+};
+template <int NT, int R, int CL, typename D, typename S>
+inline void at_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  gd_copy_tile<NT, R, CL>(dst, dld, src, sld, rmax, tid);
+}
+template <typename P>
+inline void at_frag_load(thread at_frag& f, P A, int lda) {
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_load(f.m[i][j], A + 8 * i * lda + 8 * j, ulong(lda));
+    }
+  }
+}
+template <bool TB, typename P>
+inline void at_mma_frag(thread gd_acc& x, thread const at_frag& f, P B, int ldb) {
+  for (int kk = 0; kk < 2; ++kk) {
+    simdgroup_float8x8 b[2];
+    for (int j = 0; j < 2; ++j) {
+      simdgroup_load(b[j], TB ? B + 8 * j * ldb + 8 * kk : B + 8 * kk * ldb + 8 * j, ulong(ldb),
+                     ulong2(0, 0), TB);
+    }
+    for (int i = 0; i < 2; ++i) {
+      for (int j = 0; j < 2; ++j) {
+        simdgroup_multiply_accumulate(x.m[i][j], f.m[i][kk], b[j], x.m[i][j]);
+      }
+    }
+  }
+}
+""",
+}
+
+
 def header(backend: str) -> str:
-    """The chunk kernels' header (base helpers, copies, tile layer) and at_acc_scale_rows."""
-    return chunk_launch.header(backend) + _ROWS[backend]
+    """The chunk kernels' header (base helpers, copies, tile layer), at_acc_scale_rows and the
+    register operands (at_frag)."""
+    return chunk_launch.header(backend) + _ROWS[backend] + _FRAGS[backend]
 
 
-def source(backend: str, mask: bool, causal: bool) -> str:
-    return prologue(backend, **_POSITIONS) + src.body(mask, causal)
+def source(
+    backend: str, mask: bool, causal: bool, version: int | None = None, ring: int | None = None
+) -> str:
+    """The kernel text (`ring`: version 2's slots, the backend's RING if None)."""
+    v = VERSION[backend] if version is None else version
+    return prologue(backend, **_POSITIONS) + src.body(mask, causal, v, ring or RING[backend])
 
 
-def threadgroup_bytes(backend: str, staged: int | None = None) -> int:
-    """Threadgroup memory of the kernel with the backend's tiles: (16 W + BK) (DS + 8) +
-    16 W (BK + 8) staged elements (`staged` bytes each: the dtype's on CUDA, floats on Metal)
-    and 16 W (BK + 16 + 1) floats."""
-    BK, DS, W = TILES[backend]
+def tiles(backend: str, version: int | None = None, mask: bool = False) -> tuple[int, int, int]:
+    """(BK, DS, W) of a version's body on a backend (version 2: `mask`, a bool-mask build)."""
+    v = VERSION[backend] if version is None else version
+    return (TILES_V1 if v == 1 else MASK_TILES if mask else TILES)[backend]
+
+
+def threadgroup_bytes(
+    backend: str, staged: int | None = None, version: int | None = None, mask: bool = False
+) -> int:
+    """Threadgroup memory of the kernel with the backend's tiles: staged elements (`staged`
+    bytes each: the dtype's on CUDA, floats on Metal) (16 W + BK) (DS + 8) in version 1, RING BK
+    (DS + 8) in version 2, plus 16 W (BK + 8) for P, and 16 W (BK + 17) floats."""
+    v = VERSION[backend] if version is None else version
+    BK, DS, W = tiles(backend, v, mask)
     staged = 4 if backend == "metal" else staged or 2
-    return ((16 * W + BK) * (DS + 8) + 16 * W * (BK + 8)) * staged + 16 * W * (BK + 17) * 4
+    slices = (16 * W + BK) * (DS + 8) if v == 1 else RING[backend] * BK * (DS + 8)
+    return (slices + 16 * W * (BK + 8)) * staged + 16 * W * (BK + 17) * 4
 
 
 def shape_supported(q, k, v, backend: str = "cuda") -> bool:
@@ -105,14 +239,18 @@ _kernels: dict[tuple, object] = {}
 _FACTORY = {"metal": "metal_kernel", "cuda": "cuda_kernel"}
 
 
-def kernel(backend: str, mask: bool, causal: bool):
-    key = (backend, mask, causal)
+def kernel(
+    backend: str, mask: bool, causal: bool, version: int | None = None, ring: int | None = None
+):
+    v = VERSION[backend] if version is None else version
+    r = (ring or RING[backend]) if v == 2 else None
+    key = (backend, mask, causal, v, r)
     if key not in _kernels:
         _kernels[key] = getattr(mx.fast, _FACTORY[backend])(
-            name=src.name(mask, causal),
+            name=src.name(mask, causal, v, r),
             input_names=src.inputs(mask),
             output_names=src.OUTPUTS,
-            source=source(backend, mask, causal),
+            source=source(backend, mask, causal, v, r),
             header=header(backend),
         )
     return _kernels[key]
@@ -125,20 +263,34 @@ def backend_name() -> str | None:
 
 def mask_supported(mask, B: int, T: int, S: int) -> bool:
     """Whether the kernel reads `mask`: None, "causal", or bool [Bm, 1, Tm, Sm] (leading axes of
-    size 1 may be dropped) with Bm 1 or B, Tm 1 or T, Sm 1 or S."""
+    size 1 may be dropped) with Bm 1 or B, Tm 1 or T, Sm 1 or S, and Bm Tm S < 2^31."""
     if mask is None or isinstance(mask, str):
         return mask in (None, "causal")
     if not isinstance(mask, mx.array) or mask.dtype != mx.bool_ or mask.ndim > 4:
         return False
     m = (1,) * (4 - mask.ndim) + tuple(mask.shape)
-    return m[0] in (1, B) and m[1] == 1 and m[2] in (1, T) and m[3] in (1, S)
+    fits = m[0] * m[2] * S < 2**31  # the kernel's int offsets into the mask
+    return m[0] in (1, B) and m[1] == 1 and m[2] in (1, T) and m[3] in (1, S) and fits
 
 
-def prefill_attention(q, k, v, *, scale: float, mask=None) -> mx.array:
+def prefill_attention(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    mask=None,
+    version: int | None = None,
+    tiles_: tuple | None = None,
+    ring_: int | None = None,
+) -> mx.array:
     """softmax(q k^T * scale + mask) v by the kernel; q [B, Hq, T, D] the last T positions of
     k, v [B, Hkv, S, D]; mask None, "causal" or bool [Bm, 1, Tm, S] (Bm 1 or B, Tm 1 or T;
     True: attend). Returns [B, Hq, T, D] in q's dtype; a row that sees no key gives 0. The
-    caller checks `backend_name()` and `shape_supported` first."""
+    caller checks `backend_name()` and `shape_supported` first. `version`: the body
+    (prefill_source.VERSIONS), VERSION if None; `tiles_`: (BK, DS, W) in place of the version's
+    and `ring_`: version 2's ring slots in place of RING (timings: BK a multiple of 16, DS one
+    dividing D)."""
     backend = backend_name()
     if backend is None or not shape_supported(q, k, v, backend):
         raise ValueError("prefill_attention: no GPU backend or an unsupported shape")
@@ -156,10 +308,12 @@ def prefill_attention(q, k, v, *, scale: float, mask=None) -> mx.array:
         arr = arr.reshape((1,) * (4 - arr.ndim) + tuple(arr.shape))
         if arr.shape[3] != S:
             arr = mx.broadcast_to(arr, (*arr.shape[:3], S))
-    BK, DS, W = TILES[backend]
+    BK, DS, W = tiles_ or tiles(backend, version, arr is not None)
+    if D % DS:
+        raise ValueError(f"prefill_attention: D {D} not a multiple of DS {DS}")
     inputs = [q, k, v, mx.array([scale], mx.float32)] + ([arr] if arr is not None else [])
     gx, gy = grid(B, Hq, Hkv, T, W)
-    return kernel(backend, arr is not None, causal)(
+    return kernel(backend, arr is not None, causal, version, ring_)(
         inputs=inputs,
         template=[("D", D), ("BK", BK), ("DS", DS), ("W", W), ("MP", MP), ("OT", q.dtype)],
         grid=(32 * W * gx, gy, 1),

@@ -20,6 +20,15 @@ times TQ = 16 W / WG query tokens; warp w owns 16 consecutive tokens of one quer
   3. O += P V over D in slices of DS: the threadgroup stages the block's value slice, each warp
      adds P (16 x BK, in the input dtype) times it into its output tiles.
 Finally o = O / l (0 where the row saw no key), rounded once to the output dtype.
+
+That is version 1 (BODY). Version 2 (BODY2, session 11; the default) does the same arithmetic
+with fewer trips through memory: each warp loads its 16 query rows once, as register fragments
+(`at_frag`, 16 x 16 each: D / 16 of them), and P's fragments once a block; the key and value
+slices (BK x DS, a block's D / DS key slices then its value slices) stream through a ring of
+AT_RING slots by cp.async, AT_RING - 1 in flight ahead of the one in use (one barrier a slice);
+the rows' rescaling is skipped where no row's maximum moved (alpha = 1 for all 16). Its
+threadgroup memory: AT_RING BK (DS + 8) staged + 16 W (BK + 8) for P (the query rows pass
+through it once) + 16 W (BK + 17) floats.
 A warp that sees no key of a block (causal) skips its products (the result is the same: all its
 p are 0 and alpha 1); the threadgroup stops at the last key its last token sees.
 
@@ -45,7 +54,8 @@ the input shapes. Threadgroup memory (elements of gd_staged<OT>: OT on CUDA, flo
 Helpers: the chunk tile layer and copies (gd_acc, gd_acc_zero, gd_acc_store, gd_mma_staged,
 gd_copy_tile / commit / wait, gd_barrier, GD_TG, GD_TG16, GD_TG_PTR, gd_staged), the base
 header's gd_shuffle and gd_exp, and `prefill.py`'s `at_acc_scale_rows(acc, dg)` (multiply row
-i of the tile by dg[17 i]: dg a 16 x 16 row-major matrix, zero off its diagonal). The prologue
+i of the tile by dg[17 i]: dg a 16 x 16 row-major matrix, zero off its diagonal) and, version 2,
+its register operands (at_frag, at_frag_load, at_mma_frag). The prologue
 names at_tid (the thread in the threadgroup, 1-D), at_tg_x, at_tg_y.
 
 References: FlashAttention-2 (Dao 2023): query rows split over warps, keys streamed through
@@ -63,15 +73,46 @@ _DEFINES = """
 #define AT_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define AT_MIN(a, b) ((a) < (b) ? (a) : (b))
 """
+# BODY2's walk of staged slices: key block j0 (a multiple of BK) has 2 NSL slices, its NSL key
+# slices then its NSL value slices; slice p_ counted from block jb's first (p_ a constant
+# after unrolling) is block jb + (p_ / (2 NSL)) BK's part p_ % (2 NSL), into ring slot
+# (base + p_) % AT_RING, base the slot of block jb's first. Every thread commits a group per
+# call, a copy or none (past the last block), so gd_copy_wait's counts stay uniform. The copy:
+# at_copy_tile (its shared address folded: 1,341 instructions a block in the causal BK 32 loop
+# against 1,455), except in the bool-mask builds, where ptxas then spills 4 bytes (outside the
+# loop, but a spill): gd_copy_tile there.
+_DEFINES2 = """
+#if AT_MASK
+#define AT_COPY gd_copy_tile
+#else
+#define AT_COPY at_copy_tile
+#endif
+#define AT_ISSUE(jb, p_)                                                                      \\
+  {                                                                                           \\
+    const int j_ = (jb) + ((p_) / (2 * NSL)) * BK;                                            \\
+    if (j_ < n_tg) {                                                                          \\
+      AT_COPY<32 * W, BK, DS>(ring + ((base + (p_)) % AT_RING) * RS, QL,                  \\
+                                   ((p_) % (2 * NSL) < NSL ? k : v) + kv0 + size_t(j_) * D +  \\
+                                       ((p_) % NSL) * DS,                                     \\
+                                   size_t(D), S - 1 - j_, tid);                               \\
+    }                                                                                         \\
+    gd_copy_commit();                                                                         \\
+  }
+"""
 _UNDEFS = """
 #undef AT_NEG
 #undef AT_MAX
 #undef AT_MIN
 #undef AT_MASK
 #undef AT_CAUSAL
+#undef AT_ISSUE
+#undef AT_RING
+#undef AT_COPY
 """
 
-BODY = """
+# The walk's set-up, shared by both bodies: shapes, this threadgroup's heads and tokens, the
+# keys it reads.
+_HEAD = """
   // q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; scale: [1] fp32; mask: [Bm, 1, Tm, S] bool
   // out: [B, Hq, T, D]
   using ST = gd_staged<OT>;
@@ -111,22 +152,22 @@ BODY = """
   // keys the threadgroup needs: all, or up to its last token's position
 #if AT_CAUSAL
   const int n_tg = AT_MIN(S, offset + AT_MIN(qb * TQ + TQ, T));
-  const int last_w = offset + AT_MIN(t0 + 15, T - 1);  // the warp's last key
+  // the warp's last key (-1: a warp past T sees none)
+  const int last_w = t0 < T ? offset + AT_MIN(t0 + 15, T - 1) : -1;
 #else
   const int n_tg = S;
 #endif
 #if AT_MASK
   const int Tm = mask_shape[2];
-  const size_t mask0 = size_t(mask_shape[0] == 1 ? 0 : b) * Tm * S;
+  const int mask0 = (mask_shape[0] == 1 ? 0 : b) * Tm * S;
 #endif
 
-  GD_TG16 ST qs[16 * W * QL];   // each warp's query rows, one slice
-  GD_TG16 ST ks[BK * QL];       // the block's key (then value) rows, one slice
-  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
+"""
+
+_STATE = """  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
   GD_TG float sf[16 * W * BK];  // each warp's scores; at the end its output tiles
   GD_TG float dg[16 * W * 16];  // each warp's row factors, on a diagonal
   GD_TG float ls[16 * W];       // each warp's row sums, at the end
-  GD_TG_PTR ST* qw = qs + 16 * w * QL;
   GD_TG_PTR ST* pw = ps + 16 * w * PL;
   GD_TG_PTR float* sw = sf + 16 * w * BK;
   GD_TG_PTR float* dw = dg + 256 * w;
@@ -141,6 +182,10 @@ BODY = """
   const int c0 = (lane / 16) * HALF;
   const int tok = AT_MIN(t0 + row, T - 1);
   (void)tok;
+#if AT_MASK
+  // the row's mask from mask's start (under 2^31 elements: prefill.mask_supported)
+  const int mrow = mask0 + (Tm == 1 ? 0 : tok) * S;
+#endif
   (void)offset;
   float m = AT_NEG;
   float l = 0.0f;
@@ -150,9 +195,60 @@ BODY = """
     gd_acc_zero(o[c]);
   }
 
-  for (int j0 = 0; j0 < n_tg; j0 += BK) {
+"""
+
+# Both bodies' softmax of a block (the scores s in registers on entry).
+_SOFTMAX = """    // 2. online softmax of the block
+    #pragma unroll
+    for (int c = 0; c < NKT; ++c) {
+      gd_acc_store(s[c], sw + 16 * c, BK);
+    }
+    gd_barrier();
+    float mx = AT_NEG;
+    for (int c = c0; c < c0 + HALF; ++c) {
+      const int j = j0 + c;
+      bool see = j < S;
 #if AT_CAUSAL
-    const bool live = j0 <= last_w && t0 < T;  // uniform in the warp
+      see = see && j <= offset + tok;
+#endif
+#if AT_MASK
+      see = see && bool(mask[mrow + AT_MIN(j, S - 1)]);
+#endif
+      const float x = sw[row * BK + c] * sc;
+      sw[row * BK + c] = see ? x : AT_NEG;
+      mx = see ? AT_MAX(mx, x) : mx;
+    }
+    const float mx_other = gd_shuffle(mx, lane ^ 16);  // not inside AT_MAX: one call a lane
+    mx = AT_MAX(mx, mx_other);
+    const float m_new = AT_MAX(m, mx);
+    const float alpha = gd_exp(m - m_new);
+    float sum = 0.0f;
+    for (int c = c0; c < c0 + HALF; ++c) {
+      const float x = sw[row * BK + c];
+      // AT_NEG marks a key the row does not see (a seen score is far above it)
+      const float p = x > 0.5f * AT_NEG ? float(static_cast<OT>(gd_exp(x - m_new))) : 0.0f;
+      pw[row * PL + c] = static_cast<ST>(p);
+      sum += p;
+    }
+    sum += gd_shuffle(sum, lane ^ 16);
+    l = l * alpha + sum;
+    m = m_new;
+    if (lane < 16) {
+      dw[row * 17] = alpha;
+    }
+    gd_barrier();
+"""
+
+# Version 1: Q re-staged with each key slice, every slice waited for at once.
+_WALK1 = (
+    """  GD_TG16 ST qs[16 * W * QL];   // each warp's query rows, one slice
+  GD_TG16 ST ks[BK * QL];       // the block's key (then value) rows, one slice
+  GD_TG_PTR ST* qw = qs + 16 * w * QL;
+"""
+    + _STATE
+    + """  for (int j0 = 0; j0 < n_tg; j0 += BK) {
+#if AT_CAUSAL
+    const bool live = j0 <= last_w;  // uniform in the warp
 #else
     const bool live = t0 < T;
 #endif
@@ -178,46 +274,9 @@ BODY = """
         }
       }
     }
-    // 2. online softmax of the block
-    #pragma unroll
-    for (int c = 0; c < NKT; ++c) {
-      gd_acc_store(s[c], sw + 16 * c, BK);
-    }
-    gd_barrier();
-    float mx = AT_NEG;
-    for (int c = c0; c < c0 + HALF; ++c) {
-      const int j = j0 + c;
-      bool see = j < S;
-#if AT_CAUSAL
-      see = see && j <= offset + tok;
-#endif
-#if AT_MASK
-      see = see && bool(mask[mask0 + size_t(Tm == 1 ? 0 : tok) * S + AT_MIN(j, S - 1)]);
-#endif
-      const float x = sw[row * BK + c] * sc;
-      sw[row * BK + c] = see ? x : AT_NEG;
-      mx = see ? AT_MAX(mx, x) : mx;
-    }
-    const float mx_other = gd_shuffle(mx, lane ^ 16);  // not inside AT_MAX: one call a lane
-    mx = AT_MAX(mx, mx_other);
-    const float m_new = AT_MAX(m, mx);
-    const float alpha = gd_exp(m - m_new);
-    float sum = 0.0f;
-    for (int c = c0; c < c0 + HALF; ++c) {
-      const float x = sw[row * BK + c];
-      // AT_NEG marks a key the row does not see (a seen score is far above it)
-      const float p = x > 0.5f * AT_NEG ? float(static_cast<OT>(gd_exp(x - m_new))) : 0.0f;
-      pw[row * PL + c] = static_cast<ST>(p);
-      sum += p;
-    }
-    sum += gd_shuffle(sum, lane ^ 16);
-    l = l * alpha + sum;
-    m = m_new;
-    if (lane < 16) {
-      dw[row * 17] = alpha;
-    }
-    gd_barrier();
-    // 3. O = diag(alpha) O + P V
+"""
+    + _SOFTMAX
+    + """    // 3. O = diag(alpha) O + P V
     if (live) {
       #pragma unroll
       for (int c = 0; c < NDT; ++c) {
@@ -241,30 +300,151 @@ BODY = """
     }
   }
 
-  // o = O / l, rounded once; rows past T are not written
-  if (lane < 16) {
-    ls[16 * w + row] = l;
+"""
+)
+
+# Version 2 (session 11): Q and P as register fragments (at_frag), loaded once; key and value
+# slices through a ring of AT_RING slots, the next ones in flight while one is used.
+_WALK2 = (
+    """  GD_TG16 ST ring[AT_RING * BK * QL];  // AT_RING staged key / value slices
+"""
+    + _STATE
+    + """  // 0. the warp's query rows into registers (an A fragment a 16 columns), once, staged
+  // through the warp's weight rows
+  constexpr int QC = D % BK == 0 ? BK : 16;  // columns staged at a time
+  at_frag qf[NDT];
+  #pragma unroll
+  for (int c = 0; c < D; c += QC) {
+    gd_barrier();
+    gd_copy_tile<32, 16, QC>(pw, PL, q + q0 + size_t(qrow0) * D + c, size_t(D), T - 1 - qrow0,
+                             lane);
+    gd_copy_commit();
+    gd_copy_wait<0>();
+    gd_barrier();
+    #pragma unroll
+    for (int kk = 0; kk < QC / 16; ++kk) {
+      at_frag_load(qf[c / 16 + kk], pw + 16 * kk, PL);
+    }
   }
+  // the walk's slices (AT_ISSUE), AT_RING - 1 in flight ahead of the one in use: slice n is
+  // waited for, then a barrier makes it visible and frees slot (n - 1) % AT_RING for slice
+  // n + AT_RING - 1
+  constexpr int NSL = D / DS;  // slices of a block's keys (and of its values)
+  constexpr int RS = BK * QL;  // a ring slot
+  int base = 0;                // the ring slot of this block's first slice
+  #pragma unroll
+  for (int p = 0; p < AT_RING - 1; ++p) {
+    AT_ISSUE(0, p)
+  }
+
+  for (int j0 = 0; j0 < n_tg; j0 += BK) {
+#if AT_CAUSAL
+    const bool live = j0 <= last_w;  // uniform in the warp
+#else
+    const bool live = t0 < T;
+#endif
+    // 1. scores: Q (registers) times the block's key slices
+    gd_acc s[NKT];
+    #pragma unroll
+    for (int c = 0; c < NKT; ++c) {
+      gd_acc_zero(s[c]);
+    }
+    #pragma unroll
+    for (int i = 0; i < NSL; ++i) {
+      gd_copy_wait<AT_RING - 2>();
+      gd_barrier();
+      AT_ISSUE(j0, i + AT_RING - 1)
+      GD_TG_PTR ST* kb = ring + ((base + i) % AT_RING) * RS;
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < NKT; ++c) {
+          #pragma unroll
+          for (int kk = 0; kk < DS / 16; ++kk) {
+            at_mma_frag<true>(s[c], qf[i * (DS / 16) + kk], kb + 16 * c * QL + 16 * kk, QL);
+          }
+        }
+      }
+    }
+"""
+    + _SOFTMAX
+    + """    // 3. O = diag(alpha) O + P V, P's fragments loaded once a block; the rescaling only
+    // where some row's maximum moved (alpha < 1; lanes r and r + 16 hold row r's, the same)
+    float moved = alpha < 1.0f ? 1.0f : 0.0f;
+    #pragma unroll
+    for (int bit = 1; bit < 16; bit *= 2) {
+      const float other = gd_shuffle(moved, lane ^ bit);  // not inside AT_MAX: one call a lane
+      moved = AT_MAX(moved, other);
+    }
+    at_frag pf[NKT];
+    if (live) {
+      if (moved > 0.0f) {
+        #pragma unroll
+        for (int c = 0; c < NDT; ++c) {
+          at_acc_scale_rows(o[c], dw);
+        }
+      }
+      #pragma unroll
+      for (int kk = 0; kk < NKT; ++kk) {
+        at_frag_load(pf[kk], pw + 16 * kk, PL);
+      }
+    }
+    #pragma unroll
+    for (int i = 0; i < NSL; ++i) {
+      gd_copy_wait<AT_RING - 2>();
+      gd_barrier();
+      AT_ISSUE(j0, NSL + i + AT_RING - 1)
+      GD_TG_PTR ST* vb = ring + ((base + NSL + i) % AT_RING) * RS;
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < DS / 16; ++c) {
+          #pragma unroll
+          for (int kk = 0; kk < NKT; ++kk) {
+            at_mma_frag<false>(o[i * (DS / 16) + c], pf[kk], vb + 16 * kk * QL + 16 * c, QL);
+          }
+        }
+      }
+    }
+    // (a constant 0 where the ring's size divides a block's slices: slots known at compile time)
+    base = (2 * NSL) % AT_RING == 0 ? 0 : (base + 2 * NSL) % AT_RING;
+  }
+
+"""
+)
+
+
+# Both bodies' end: o = O / l through the warp's score rows.
+_TAIL = """  // o = O / l (O times 1 / l, 0 where the row saw no key), rounded once; rows past T are
+  // not written
+  if (lane < 16) {
+    ls[16 * w + row] = l > 0.0f ? 1.0f / l : 0.0f;
+  }
+  const int oc = lane % 16;  // the lane's column of a tile
   #pragma unroll
   for (int c = 0; c < NDT; ++c) {
     gd_barrier();
     gd_acc_store(o[c], sw, BK);
     gd_barrier();
-    for (int e = lane; e < 256; e += 32) {
-      const int r = e / 16;
-      const float lr = ls[16 * w + r];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = 2 * i + lane / 16;
       if (t0 + r < T) {
-        const float x = lr > 0.0f ? sw[r * BK + e % 16] / lr : 0.0f;
-        out[q0 + size_t(t0 + r) * D + 16 * c + e % 16] = static_cast<OT>(x);
+        const float x = sw[r * BK + oc] * ls[16 * w + r];
+        out[q0 + size_t(t0 + r) * D + 16 * c + oc] = static_cast<OT>(x);
       }
     }
   }
 """
 
+BODY = _HEAD + _WALK1 + _TAIL
+BODY2 = _HEAD + _WALK2 + _TAIL
+VERSIONS = (1, 2)
 
-def name(mask: bool, causal: bool) -> str:
-    """Kernel `name=`, e.g. `attn_prefill_causal`."""
-    return NAME + ("_mask" if mask else "") + ("_causal" if causal else "")
+
+def name(mask: bool, causal: bool, version: int = 2, ring: int | None = None) -> str:
+    """Kernel `name=`, e.g. `attn_prefill_causal` (version 1), `attn_prefill_causal_v2r4`
+    (version 2, a ring of 4: each text its own name)."""
+    tail = "" if version == 1 else f"_v{version}" + (f"r{ring}" if ring else "")
+    return NAME + ("_mask" if mask else "") + ("_causal" if causal else "") + tail
 
 
 def inputs(mask: bool) -> list[str]:
@@ -276,6 +456,11 @@ def variants() -> list[tuple[bool, bool]]:
     return [(False, False), (False, True), (True, False), (True, True)]
 
 
-def body(mask: bool, causal: bool) -> str:
+def body(mask: bool, causal: bool, version: int = 2, ring: int = 3) -> str:
+    """The kernel text of a variant; version 2 stages through `ring` (>= 2) slots."""
+    if version not in VERSIONS or ring < 2:
+        raise ValueError(f"prefill body: version {version}, ring {ring}")
     switches = f"\n#define AT_MASK {int(mask)}\n#define AT_CAUSAL {int(causal)}\n"
-    return switches + _DEFINES + BODY + _UNDEFS
+    if version == 1:
+        return switches + _DEFINES + BODY + _UNDEFS
+    return switches + f"#define AT_RING {ring}\n" + _DEFINES + _DEFINES2 + BODY2 + _UNDEFS
