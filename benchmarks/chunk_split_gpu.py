@@ -690,6 +690,102 @@ def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     return rows
 
 
+# --ab7 (round 7, helper chunk7): BEST7, the best measured variant of each pass together (the
+# 21:01 UTC --ab6 run: wy vx, the state pass at 32 value rows, out vx at three threadgroups an SM;
+# the same arithmetic as the defaults, so the same outputs bit for bit), and the state pass as
+# H3_BODY (one warp a chain of 16 value rows; H3 warps a threadgroup, a ring of H3_NB chunks).
+BEST7 = {"WY2_VX": True, "O2_VX": True, "H_BV": 32, **OUT3}
+AB7_VARIANTS = {
+    "best7": BEST7,
+    "h3": {"H3": 4},
+    "h3 w2": {"H3": 2},
+    "h3 nb3": {"H3": 4, "H3_NB": 3},
+    "best7 h3": {**BEST7, "H3": 4},
+}
+# Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 7"), H200, Hv 32, bf16; the plain
+# rows and "state bv32" are the 21:01 UTC --ab6 measurements.
+PREDICTED_AB7 = {
+    8192: {"split": 1.343, "split best7": 1.21, "split best7 h3": 0.98, "split best7 h3w2": 0.95,
+           "state": 0.433, "state bv32": 0.417, "state h3": 0.16, "state h3 w2": 0.15,
+           "state h3 nb3": 0.155, "fla chunk": 0.703},
+    32768: {"split": 5.044, "split best7": 4.55, "split best7 h3": 3.6, "split best7 h3w2": 3.5,
+            "state": 1.665, "state bv32": 1.528, "state h3": 0.54, "state h3 w2": 0.45,
+            "state h3 nb3": 0.52, "fla chunk": 2.288},
+}  # fmt: skip
+
+
+def ab7_checks(backend: str) -> list[dict]:
+    """--ab7's checks: each AB7_VARIANTS entry against the default build and the references, at
+    T 200 (fp32), 2048 (fp32, bf16), B 2 with a left-padded row and a hole, raw gates. "equal to
+    default": y and state bit for bit the default's (expected for every variant: the same
+    arithmetic; H3 computes Xw^T = S W^T, A and B of each product swapped, which the tensor cores
+    may sum in another order, so a difference there is reported, and only the tolerance fails)."""
+    fused = _gpu_backend(backend)
+    rows = []
+    split = cl.gated_delta_update_chunk_kernel
+    for T, dtype in ((200, mx.float32), (2048, mx.float32), (2048, mx.bfloat16)):
+        q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, 32, dtype)
+        args = (q, k, v, a, b, A_log, dt_bias, state, mask)
+        refs = {}
+        if dtype == mx.float32:
+            with mx.stream(mx.cpu):
+                g, beta = compute_gates(a, b, A_log, dt_bias)
+                mx.eval(g, beta)
+            refs["f64"] = float64_loop(q, k, v, g, beta, state, mask)
+        else:
+            want = fused.gated_delta_update_kernel(*args)
+            mx.eval(want)
+            refs["fused"] = (np.array(want[0].astype(mx.float32)), np.array(want[1]))
+        base = split(*args, backend=backend, split=True)
+        mx.eval(base)
+        rows.append(_row("split", T, 32, dtype, *base, refs))
+        for name, sw in AB7_VARIANTS.items():
+            try:
+                y, s = patched(split, **sw)(*args, backend=backend, split=True)
+                mx.eval(y, s)
+                row = _row(name, T, 32, dtype, y, s, refs)
+                row["equal to default"] = bool(
+                    mx.array_equal(y, base[0], equal_nan=True).item()
+                    and mx.array_equal(s, base[1], equal_nan=True).item()
+                )
+                print(f"    {name}: y and state equal to the default's: {row['equal to default']}")
+                rows.append(row)
+            except Exception as e:  # a variant that does not build: say so, go on
+                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
+                rows.append({"check": name, "T": T, "ok": None, "error": str(e)[:300]})
+    return rows
+
+
+def ab7_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab7's timings (B 1, bf16): the split path and the state pass, default, BEST7 and H3,
+    FLA's chunk kernel beside, the predictions printed."""
+    fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
+    rows = []
+    for T in ts:
+        base = _timers(backend, Shape(1, T, hv), fla)
+        timers = {
+            "split": base["split"],
+            "split best7": patched(base["split"], **BEST7),
+            "split best7 h3": patched(base["split"], **BEST7, H3=4),
+            "split best7 h3w2": patched(base["split"], **BEST7, H3=2),
+            "state": base["state"],
+            "state bv32": base.get("state bv32"),
+            "state h3": patched(base["state"], H3=4),
+            "state h3 w2": patched(base["state"], H3=2),
+            "state h3 nb3": patched(base["state"], H3=4, H3_NB=3),
+            "fla chunk": base.get("fla chunk"),
+        }
+        timers = {name: run for name, run in timers.items() if run is not None}
+        rows.append(_best_of_three(timers, T, hv))
+        best = rows[-1]["ms"]
+        if "fla chunk" in best:
+            ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
+            print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
+        pred = PREDICTED_AB7.get(T, {})
+        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    return rows
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -770,11 +866,28 @@ def main(argv=None) -> int:
         help="< 3 min, CUDA: round 6's 16-byte variants (WY2_VX, H2_VX, O2_VX) checked bit for "
         "bit against the default build, then timed at T 8192 / 32768 beside FLA's chunk kernel",
     )
+    p.add_argument(
+        "--ab7",
+        action="store_true",
+        help="< 3 min, CUDA: round 7's BEST7 (each pass's best round-6 variant) and the state "
+        "pass H3_BODY checked against the default build, then timed at T 8192 / 32768",
+    )
     args = p.parse_args(argv)
     backend = cl.available_backend()
     if backend is None:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
+    if args.ab7:
+        print("1. round 7's variants against the default build and the references", flush=True)
+        checks = ab7_checks(backend)
+        print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
+        times = ab7_times(backend)
+        bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]]
+        diff = [f"{r['check']} T={r['T']}" for r in checks if r.get("equal to default") is False]
+        print(f"ab7 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
+        print("ab7: not bit for bit the default's: " + (", ".join(diff) if diff else "none"))
+        write_result(args.out, "ab7", backend, {"checks": checks, "times": times})
+        return 1 if bad else 0
     if args.ab6:
         print("1. round 6's variants against the default build and the references", flush=True)
         checks = ab6_checks(backend)

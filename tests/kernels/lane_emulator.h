@@ -274,6 +274,15 @@ inline void gd_mma_staged(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
   gd_mma<MP, TA, TB>(x, A, lda, B, ldb, K);
 }
 
+// H3_BODY's products (chunk_source.H3_TILES): C_r += A B_r for r < R, B_r = B + r bo, each
+// tile as gd_mma_staged (CUDA loads A's fragment once for the R tiles; the products are the same).
+template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
+inline void gd_mma_rows(gd_acc* x, PA A, int lda, PB B, int ldb, int bo, int K) {
+  for (int r = 0; r < R; ++r) gd_mma<MP, TA, TB>(x[r], A, lda, B + r * bo, ldb, K);
+}
+// __syncwarp(): the 32 lanes of the thread's warp meet (block mode: threads 32 w .. 32 w + 31).
+inline void __syncwarp() { tl_warp->bar.arrive_and_wait(); }
+
 // The prefill attention kernel's row scaling (kernels/attention/prefill.py `at_acc_scale_rows`),
 // as CUDA's: lane 4 g + t scales its rows g and g + 8 by dg[17 g], dg[17 (g + 8)].
 inline void at_acc_scale_rows(gd_acc& x, const float* dg) {

@@ -460,6 +460,11 @@ def h2_dyn_source(backend: str, vx: bool = False) -> str:
     return PROLOGUE[backend] + src.h2_dyn_body(vx)
 
 
+def h3_source(backend: str) -> str:
+    """H3_BODY: the state pass with one warp a chain of 16 value rows (H3; CUDA)."""
+    return PROLOGUE[backend] + src.H3_BODY
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -536,6 +541,7 @@ _PLAIN = {
         src.H_OUTPUTS,
         lambda b: h2_dyn_source(b, True),
     ),
+    "h3": (src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
@@ -594,7 +600,7 @@ def _build(backend: str, which: str, smem: int = 0):
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
-        head = header(backend)
+        head = header(backend) + (src.H3_TILES if which == "h3" else "")
         if p32:
             name += "_p32"
         if r2:
@@ -679,6 +685,14 @@ O2_VX = False
 # shared memory, e.g. (128, 3): three whole W / Kw slices of Dk 128, 52 KB, each copy a whole
 # chunk ahead. None: the static ring of h_tiles.
 H2_DYN: tuple[int, int] | None = None
+# Round 7 (helper chunk7; CUDA, 16-bit pieces, Dk <= 128, off by default until the H200 has
+# checked and timed it: benchmarks/chunk_split_gpu.py --ab7): the state pass as H3_BODY, one warp
+# a chain of 16 value rows with the state in its accumulators, H3 warps a threadgroup sharing a
+# ring of H3_NB whole chunks (W, Kw, U) in dynamic shared memory; same arithmetic as H2_BODY
+# (H, Vn and the state bit for bit). None: H2_BODY / H_BODY. Where Dv is not a multiple of 16 H3,
+# the default pass.
+H3: int | None = None
+H3_NB = 2
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -866,6 +880,9 @@ def h_pass(
             f"{backend} (32 only for Dk <= 128: threadgroup memory), got bv={bv} with Dk={Dk}"
         )
     ds, nb = H_TILES or tiles
+    nw3 = H3 if backend == "cuda" and pt.size == 2 and Dk <= 128 and not stamps else None
+    if nw3 and Dv % (16 * nw3) == 0:
+        return _h3_pass(W, U, Kw, gates, state, nw3, C, init_value)
     nt = h_threads(bv, C)
     name = ("h2x" if H2_VX and backend == "cuda" else "h2") if h2 else "h"
     smem = 0
@@ -896,6 +913,33 @@ def h_pass(
         threadgroup=(nt, 1, 1),
         output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk), *extra_shapes],
         output_dtypes=[pt, pt, mx.float32, *extra_dtypes],
+        init_value=init_value,
+    )
+
+
+def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value):
+    """h_pass by H3_BODY (CUDA): nw warps (16 value rows each) a threadgroup, a ring of H3_NB
+    chunks in dynamic shared memory."""
+    B, Hv, Dv, Dk = state.shape
+    NC = U.shape[1]
+    pt = U.dtype
+    nt, bv = 32 * nw, 16 * nw
+    smem = src.h3_smem(Dk, nw, H3_NB, pt.size, C)
+    return _build("cuda", "h3", smem)(
+        inputs=[W, U, Kw, gates, state],
+        template=[
+            ("Dk", Dk),
+            ("BV", bv),
+            ("C", C),
+            ("NT", nt),
+            ("NB", H3_NB),
+            ("MP", operand_precision(pt)),
+            ("PT", pt),
+        ],
+        grid=(nt * B * Hv, Dv // bv, 1),
+        threadgroup=(nt, 1, 1),
+        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
+        output_dtypes=[pt, pt, mx.float32],
         init_value=init_value,
     )
 

@@ -2429,3 +2429,195 @@ def unstamped(text: str) -> str:
     """stamped's inverse: the text without _STAMP_DEFS and the GD_STAMP lines."""
     text = text.replace(_STAMP_DEFS, "", 1)
     return "".join(line for line in text.splitlines(True) if "GD_STAMP" not in line)
+
+
+# ---------------------------------------------------------------------------------------------
+# H3_BODY (round 7, helper chunk7; CUDA, off by default: chunk_launch.H3): the state pass with
+# one warp a chain. H2_BODY splits each chunk's two products over the threadgroup's warps (W S^T
+# by chunk rows, the update by key tiles), so every chunk crosses the warps twice (Xw to delta
+# through threadgroup memory, S back to Sb), behind two or three barriers: the round-6 stamps
+# show ~5,500 cycles a chunk for a few hundred of products. Here warp w owns value rows vw = v0 +
+# 16 w .. + 16 of the state, all Dk keys, as KT = Dk / 16 fp32 accumulator tiles (as flash-linear-
+# attention's chunk_fwd_h keeps b_h in registers), and does both products of a chunk itself:
+#   Xw^T = S W^T       (C layout: value rows x chunk rows; A = its Sb, the state in PS)
+#   delta = U - Xw      (fp32, from the staged U rows), to its Db (PS) and, from there, Vn
+#   S = decay S + delta^T Kw
+# so the state never leaves the warp: between the products a __syncwarp, not a barrier. The
+# threadgroup's warps share one ring of NB chunks, each stage W, Kw (C x Dk) and U (C x BV)
+# staged by cp.async a whole chunk (NB - 1 chunks) ahead, one barrier a chunk (the stage landed,
+# every warp past the buffer it replaces). gd_mma_rows (H3_TILES) loads A's fragment once for the
+# R tiles of a step and issues their products together. Same arithmetic element for element as
+# H2_BODY (S and delta rounded to PS for the products, Xw and the update accumulated over k in the
+# same order, delta = U - Xw in fp32, H[n] = Sb, the final state from the accumulators): H, Vn and
+# the state bit for bit H2_BODY's. Needs Dv a multiple of BV = 16 NW (the host checks).
+# Threadgroup memory (dynamic on CUDA, the static array in the lane emulator): NB (2 C (Dk + 16 /
+# size) + C (BV + 16 / size)) + NW (16 (Dk + 16 / size) + C (16 + 16 / size)) PS: bf16, Dk 128,
+# NW 4, NB 2: 117760 B.
+H3_NAME = "gated_delta_chunk_h3"
+H3_INPUTS = ["W", "U", "Kw", "gates", "state_in"]
+H3_BODY = """
+  using PS = gd_staged<PT>;
+  constexpr int PSZ = int(sizeof(PS));
+  constexpr int NW = NT / 32;
+  constexpr int PAD = 16 / PSZ;
+  constexpr int SP = Dk + PAD;   // row stride of the staged W / Kw rows and of a warp's Sb
+  constexpr int UP = BV + PAD;   // row stride of the staged U rows
+  constexpr int DBL = 16 + PAD;  // row stride of a warp's delta
+  constexpr int KT = Dk / 16;    // key tiles of the state
+  constexpr int RT = C / 16;     // row tiles of a chunk
+  constexpr int STAGE = 2 * C * SP + C * UP;  // one chunk's W, Kw and U rows
+  constexpr int WARP = 16 * SP + C * DBL;     // a warp's Sb and Db
+  static_assert(BV == 16 * NW && Dk % 16 == 0 && C % 16 == 0 && NB >= 2, "H3_BODY layout");
+  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
+  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32; Dv a multiple of BV
+  const int NC = U_shape[1];
+  const int Dv = U_shape[2];
+  const int N = NC / C;
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const int g = (tid & 31) >> 2;
+  const int t = tid & 3;
+  const unsigned head = gd_tg_x;  // b * Hv + hv
+  const int v0 = int(gd_tg_y) * BV;
+  const int vw = v0 + 16 * w;     // this warp's value rows
+#ifdef __CUDA_ARCH__
+  extern __shared__ __align__(16) unsigned char gd_dyn_h3[];
+  GD_TG_PTR PS* sm = reinterpret_cast<GD_TG_PTR PS*>(gd_dyn_h3);
+#else
+  GD_TG16 PS sm[NB * STAGE + NW * WARP];
+#endif
+  GD_TG_PTR PS* Sb = sm + NB * STAGE + w * WARP;  // this warp's state in PS: 16 x Dk
+  GD_TG_PTR PS* Db = Sb + 16 * SP;                // this warp's delta in PS: C x 16
+  struct alignas(16) gd_vh {
+    unsigned int x[4];
+  };
+
+  // the state: warp w's tile c holds value rows vw.., keys 16 c..
+  gd_acc sa[KT];
+  #pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+    gd_acc_store(sa[c], Sb + 16 * c, SP);
+  }
+  const size_t row0 = size_t(head) * NC;
+#define GD_H3_COPY(n_)                                                                        \\
+  {                                                                                           \\
+    const int nn_ = (n_);                                                                     \\
+    if (nn_ < N) {                                                                            \\
+      GD_TG_PTR PS* b_ = sm + (nn_ % NB) * STAGE;                                             \\
+      const size_t r_ = row0 + size_t(nn_) * C;                                               \\
+      gd_copy_tile<NT, C, Dk>(b_, SP, W + r_ * Dk, size_t(Dk), C, tid);                       \\
+      gd_copy_tile<NT, C, Dk>(b_ + C * SP, SP, Kw + r_ * Dk, size_t(Dk), C, tid);             \\
+      gd_copy_tile<NT, C, BV>(b_ + 2 * C * SP, UP, U + r_ * Dv + v0, size_t(Dv), C, tid);     \\
+    }                                                                                         \\
+    gd_copy_commit();                                                                         \\
+  }
+  for (int q = 0; q < NB - 1; ++q) GD_H3_COPY(q);
+  float dcn = N > 0 ? gates[(row0 + C - 1) * 4] : 1.0f;  // the next chunk's decay
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    const float dc = dcn;
+    if (n + 1 < N) dcn = gates[(rn + 2 * C - 1) * 4];
+    gd_copy_wait<NB - 2>();
+    gd_barrier();  // chunk n staged; every warp past chunk n - 1, so its buffer is free
+    GD_H3_COPY(n + NB - 1);
+    const GD_TG_PTR PS* sw = sm + (n % NB) * STAGE;  // W rows, then Kw rows, then U rows
+    const GD_TG_PTR PS* sk = sw + C * SP;
+    const GD_TG_PTR PS* su = sw + 2 * C * SP;
+    // Xw^T = S W^T: tile r holds the warp's value rows x chunk rows 16 r..
+    gd_acc xt[RT];
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_zero(xt[r]);
+    gd_mma_rows<MP, false, true, RT>(xt, Sb, SP, sw, SP, 16 * SP, Dk);
+    // H[n] = S (Sb is the state in PT), 16 bytes a lane
+    const size_t hb = (size_t(head) * N + n) * Dv + vw;
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < 16 * Dk; e += 32 * PAD) {
+      *reinterpret_cast<gd_vh*>(H + (hb + e / Dk) * Dk + e % Dk) =
+          *reinterpret_cast<const GD_TG_PTR gd_vh*>(Sb + (e / Dk) * SP + e % Dk);
+    }
+    // delta = U - Xw, element (value 16 w + g + 8 (e / 2), chunk row 16 r + 8 h + 2 t + e % 2)
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 16 * r + 8 * h + 2 * t + (e & 1);
+          const int v = g + 8 * (e >> 1);
+          const float dl = static_cast<float>(su[i * UP + 16 * w + v]) - xt[r].c[h][e];
+          Db[i * DBL + v] = static_cast<PS>(dl);
+        }
+      }
+    }
+    __syncwarp();  // Db complete; Sb's reads (the products, H) done
+    // Vn = delta (PS is PT), 16 bytes a lane
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
+      *reinterpret_cast<gd_vh*>(Vn + (rn + e / 16) * Dv + vw + e % 16) =
+          *reinterpret_cast<const GD_TG_PTR gd_vh*>(Db + (e / 16) * DBL + e % 16);
+    }
+    // S = decay S + delta^T Kw
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) gd_acc_scale(sa[c], dc);
+    gd_mma_rows<MP, true, false, KT>(sa, Db, DBL, sk, SP, 16, C);
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) gd_acc_store(sa[c], Sb + 16 * c, SP);
+  }
+#undef GD_H3_COPY
+  gd_copy_wait<0>();
+  #pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+  }
+"""
+# gd_mma_rows (H3_BODY's header, CUDA): C_r += A B_r for r < R, B_r = B + r bo, K a multiple of
+# 16: gd_mma_staged's products tile for tile (the same arithmetic); where those take ldmatrix
+# (GD_MMA16, one 16-bit operand type) A's fragment of each step of 16 is loaded once for the R
+# tiles, and the step's R products (independent accumulators) are issued together.
+H3_TILES = """
+template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_rows_(gd_flag<false>, gd_acc* x, PA A, int lda, PB B,
+                                             int ldb, int bo, int K) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) gd_mma<MP, TA, TB>(x[r], A, lda, B + r * bo, ldb, K);
+}
+template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_rows_(gd_flag<true>, gd_acc* x, PA A, int lda, PB B,
+                                             int ldb, int bo, int K) {
+  const int m = (threadIdx.x & 31) >> 3;
+  const int rr = threadIdx.x & 7;
+  const int ao = TA ? (8 * (m >> 1) + rr) * lda + 8 * (m & 1)
+                    : (8 * (m & 1) + rr) * lda + 8 * (m >> 1);
+  const int bs = TB ? (8 * (m >> 1) + rr) * ldb + 8 * (m & 1)
+                    : (8 * (m & 1) + rr) * ldb + 8 * (m >> 1);
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    unsigned a[4];
+    gd_ldmatrix4<TA>(a, A + ao + (TA ? k0 * lda : k0));
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      unsigned b[4];
+      gd_ldmatrix4<!TB>(b, B + r * bo + bs + (TB ? k0 : k0 * ldb));
+      gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x[r].c[0], a, b);
+      gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x[r].c[1], a, b + 2);
+    }
+  }
+}
+template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_rows(gd_acc* x, PA A, int lda, PB B, int ldb, int bo,
+                                            int K) {
+  constexpr int KA = gd_kind16(PA(nullptr));
+  constexpr bool F = GD_MMA16 && KA != 0 && KA == gd_kind16(PB(nullptr));
+  gd_mma_rows_<MP, TA, TB, R>(gd_flag<F>(), x, A, lda, B, ldb, bo, K);
+}
+"""
+
+
+def h3_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
+    """Bytes of H3_BODY's threadgroup memory: NB stages of W, Kw and U rows, each warp's Sb and
+    Db, rows padded by 16 bytes."""
+    pad = 16 // itemsize
+    stage = 2 * C * (Dk + pad) + C * (16 * nw + pad)
+    warp = 16 * (Dk + pad) + C * (16 + pad)
+    return (nb * stage + nw * warp) * itemsize
