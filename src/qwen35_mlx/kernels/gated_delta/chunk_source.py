@@ -2475,8 +2475,6 @@ H3_BODY = """
   const int N = NC / C;
   const int tid = int(gd_tid);
   const int w = tid / 32;
-  const int g = (tid & 31) >> 2;
-  const int t = tid & 3;
   const unsigned head = gd_tg_x;  // b * Hv + hv
   const int v0 = int(gd_tg_y) * BV;
   const int vw = v0 + 16 * w;     // this warp's value rows
@@ -2497,22 +2495,41 @@ H3_BODY = """
   #pragma unroll
   for (int c = 0; c < KT; ++c) {
     gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
-    gd_acc_store(sa[c], Sb + 16 * c, SP);
+    gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
   }
   const size_t row0 = size_t(head) * NC;
-#define GD_H3_COPY(n_)                                                                        \\
-  {                                                                                           \\
-    const int nn_ = (n_);                                                                     \\
-    if (nn_ < N) {                                                                            \\
-      GD_TG_PTR PS* b_ = sm + (nn_ % NB) * STAGE;                                             \\
-      const size_t r_ = row0 + size_t(nn_) * C;                                               \\
-      gd_copy_tile<NT, C, Dk>(b_, SP, W + r_ * Dk, size_t(Dk), C, tid);                       \\
-      gd_copy_tile<NT, C, Dk>(b_ + C * SP, SP, Kw + r_ * Dk, size_t(Dk), C, tid);             \\
-      gd_copy_tile<NT, C, BV>(b_ + 2 * C * SP, UP, U + r_ * Dv + v0, size_t(Dv), C, tid);     \\
-    }                                                                                         \\
-    gd_copy_commit();                                                                         \\
-  }
-  for (int q = 0; q < NB - 1; ++q) GD_H3_COPY(q);
+  // the copies of chunk nn's stage: thread tid copies 16 bytes of W and Kw rows kr + j KR (from
+  // column kc) and of U rows ur + j UR (from value uc), j = 0, 1, ..
+  constexpr int KR = NT / (Dk / PAD);  // W / Kw rows a round of copies
+  constexpr int UR = NT / (BV / PAD);  // U rows a round
+  static_assert(NT % (Dk / PAD) == 0 && NT % (BV / PAD) == 0 && C % KR == 0 && C % UR == 0,
+                "H3_BODY copies");
+  const int kr = tid / (Dk / PAD);
+  const int kc = (tid % (Dk / PAD)) * PAD;
+  const int ur = tid / (BV / PAD);
+  const int uc = (tid % (BV / PAD)) * PAD;
+  auto copy = [&](int nn) {
+    if (nn < N) {
+      GD_TG_PTR PS* b = sm + (nn % NB) * STAGE;
+      const size_t r0 = row0 + size_t(nn) * C;
+      const PT* wr = W + (r0 + kr) * Dk + kc;
+      const PT* kw = Kw + (r0 + kr) * Dk + kc;
+      #pragma unroll
+      for (int j = 0; j < C / KR; ++j) {
+        const unsigned o = unsigned(((kr + j * KR) * SP + kc) * PSZ);
+        gd_cp16(b, o, wr + size_t(j) * KR * Dk);
+        gd_cp16(b, o + unsigned(C * SP * PSZ), kw + size_t(j) * KR * Dk);
+      }
+      const PT* ug = U + (r0 + ur) * Dv + v0 + uc;
+      #pragma unroll
+      for (int j = 0; j < C / UR; ++j) {
+        gd_cp16(b, unsigned((2 * C * SP + (ur + j * UR) * UP + uc) * PSZ),
+                ug + size_t(j) * UR * Dv);
+      }
+    }
+    gd_copy_commit();
+  };
+  for (int q = 0; q < NB - 1; ++q) copy(q);
   float dcn = N > 0 ? gates[(row0 + C - 1) * 4] : 1.0f;  // the next chunk's decay
   for (int n = 0; n < N; ++n) {
     const size_t rn = row0 + size_t(n) * C;
@@ -2520,7 +2537,7 @@ H3_BODY = """
     if (n + 1 < N) dcn = gates[(rn + 2 * C - 1) * 4];
     gd_copy_wait<NB - 2>();
     gd_barrier();  // chunk n staged; every warp past chunk n - 1, so its buffer is free
-    GD_H3_COPY(n + NB - 1);
+    copy(n + NB - 1);
     const GD_TG_PTR PS* sw = sm + (n % NB) * STAGE;  // W rows, then Kw rows, then U rows
     const GD_TG_PTR PS* sk = sw + C * SP;
     const GD_TG_PTR PS* su = sw + 2 * C * SP;
@@ -2536,19 +2553,17 @@ H3_BODY = """
       *reinterpret_cast<gd_vh*>(H + (hb + e / Dk) * Dk + e % Dk) =
           *reinterpret_cast<const GD_TG_PTR gd_vh*>(Sb + (e / Dk) * SP + e % Dk);
     }
-    // delta = U - Xw, element (value 16 w + g + 8 (e / 2), chunk row 16 r + 8 h + 2 t + e % 2)
+    // delta^T = U^T - Xw^T tile by tile (U's rows read transposed), to Db as delta (transposed)
     #pragma unroll
     for (int r = 0; r < RT; ++r) {
+      gd_acc dl;
+      gd_acc_load16<true>(dl, su + 16 * r * UP + 16 * w, UP);
       #pragma unroll
       for (int h = 0; h < 2; ++h) {
         #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = 16 * r + 8 * h + 2 * t + (e & 1);
-          const int v = g + 8 * (e >> 1);
-          const float dl = static_cast<float>(su[i * UP + 16 * w + v]) - xt[r].c[h][e];
-          Db[i * DBL + v] = static_cast<PS>(dl);
-        }
+        for (int e = 0; e < 4; ++e) dl.c[h][e] -= xt[r].c[h][e];
       }
+      gd_acc_store16<true>(dl, Db + 16 * r * DBL, DBL);
     }
     __syncwarp();  // Db complete; Sb's reads (the products, H) done
     // Vn = delta (PS is PT), 16 bytes a lane
@@ -2562,9 +2577,8 @@ H3_BODY = """
     for (int c = 0; c < KT; ++c) gd_acc_scale(sa[c], dc);
     gd_mma_rows<MP, true, false, KT>(sa, Db, DBL, sk, SP, 16, C);
     #pragma unroll
-    for (int c = 0; c < KT; ++c) gd_acc_store(sa[c], Sb + 16 * c, SP);
+    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
   }
-#undef GD_H3_COPY
   gd_copy_wait<0>();
   #pragma unroll
   for (int c = 0; c < KT; ++c) {
@@ -2582,6 +2596,20 @@ __device__ __forceinline__ void gd_mma_rows_(gd_flag<false>, gd_acc* x, PA A, in
 #pragma unroll
   for (int r = 0; r < R; ++r) gd_mma<MP, TA, TB>(x[r], A, lda, B + r * bo, ldb, K);
 }
+// ldmatrix .x4 from a shared-window address (the operands' bases converted once, the steps'
+// offsets added to them: no generic-to-shared conversion an instruction)
+template <bool TR>
+__device__ __forceinline__ void gd_ldsm4(unsigned* r, unsigned a) {
+  if (TR) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+}
 template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
 __device__ __forceinline__ void gd_mma_rows_(gd_flag<true>, gd_acc* x, PA A, int lda, PB B,
                                              int ldb, int bo, int K) {
@@ -2591,14 +2619,16 @@ __device__ __forceinline__ void gd_mma_rows_(gd_flag<true>, gd_acc* x, PA A, int
                     : (8 * (m & 1) + rr) * lda + 8 * (m >> 1);
   const int bs = TB ? (8 * (m >> 1) + rr) * ldb + 8 * (m & 1)
                     : (8 * (m & 1) + rr) * ldb + 8 * (m >> 1);
+  const unsigned a0 = unsigned(__cvta_generic_to_shared(A + ao));
+  const unsigned b0 = unsigned(__cvta_generic_to_shared(B + bs));
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 16) {
     unsigned a[4];
-    gd_ldmatrix4<TA>(a, A + ao + (TA ? k0 * lda : k0));
+    gd_ldsm4<TA>(a, a0 + 2u * unsigned(TA ? k0 * lda : k0));
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       unsigned b[4];
-      gd_ldmatrix4<!TB>(b, B + r * bo + bs + (TB ? k0 : k0 * ldb));
+      gd_ldsm4<!TB>(b, b0 + 2u * unsigned(r * bo + (TB ? k0 : k0 * ldb)));
       gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x[r].c[0], a, b);
       gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x[r].c[1], a, b + 2);
     }
@@ -2610,6 +2640,95 @@ __device__ __forceinline__ void gd_mma_rows(gd_acc* x, PA A, int lda, PB B, int 
   constexpr int KA = gd_kind16(PA(nullptr));
   constexpr bool F = GD_MMA16 && KA != 0 && KA == gd_kind16(PB(nullptr));
   gd_mma_rows_<MP, TA, TB, R>(gd_flag<F>(), x, A, lda, B, ldb, bo, K);
+}
+// A 16 x 16 tile between the accumulator and threadgroup memory of the pieces' type E, element
+// (row, col) at p[row ld + col] (TR: p[col ld + row]): gd_acc_load16 widens to float,
+// gd_acc_store16 rounds to E (to nearest even, as static_cast). 16-bit E on sm_90: one ldmatrix /
+// stmatrix .x4 (.trans for TR) a tile, lane L giving the address of row L % 8 of 8 x 8 block
+// m = L / 8 = (row half m & 1, column half m >> 1), whose fragment is c[m >> 1][2 (m & 1)..];
+// otherwise an element a lane at a time. Rows 16-byte aligned.
+template <bool TR, typename E>
+__device__ __forceinline__ unsigned gd_tile16_addr(E* p, int ld) {
+  const int m = (threadIdx.x & 31) >> 3;
+  const int l = threadIdx.x & 7;
+  const int r0 = 8 * (m & 1);
+  const int c0 = 8 * (m >> 1);
+  return unsigned(__cvta_generic_to_shared(TR ? p + (c0 + l) * ld + r0 : p + (r0 + l) * ld + c0));
+}
+template <bool TR, typename E>
+__device__ __forceinline__ void gd_acc_load16(gd_acc& x, const E* p, int ld) {
+  constexpr int KIND = gd_kind16((const E*)nullptr);
+#if __CUDA_ARCH__ >= 900
+  if (KIND != 0) {
+    unsigned r[4];
+    gd_ldsm4<TR>(r, gd_tile16_addr<TR>(p, ld));
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const unsigned short h = (unsigned short)(r[m] >> (16 * j));
+        x.c[m >> 1][2 * (m & 1) + j] = static_cast<float>(*reinterpret_cast<const E*>(&h));
+      }
+    }
+    return;
+  }
+#endif
+  const int g = (threadIdx.x & 31) >> 2;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = g + 8 * (e >> 1);
+      const int j = 8 * h + 2 * t + (e & 1);
+      x.c[h][e] = static_cast<float>(TR ? p[j * ld + i] : p[i * ld + j]);
+    }
+  }
+}
+template <bool TR, typename E>
+__device__ __forceinline__ void gd_acc_store16(const gd_acc& x, E* p, int ld) {
+  constexpr int KIND = gd_kind16((const E*)nullptr);
+#if __CUDA_ARCH__ >= 900
+  if (KIND != 0) {
+    unsigned r[4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      unsigned short h[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const E v = static_cast<E>(x.c[m >> 1][2 * (m & 1) + j]);
+        h[j] = *reinterpret_cast<const unsigned short*>(&v);
+      }
+      r[m] = unsigned(h[0]) | (unsigned(h[1]) << 16);
+    }
+    const unsigned a = gd_tile16_addr<TR>(p, ld);
+    if (TR) {
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+                   ::"r"(a), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+    } else {
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
+                   ::"r"(a), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+    }
+    return;
+  }
+#endif
+  const int g = (threadIdx.x & 31) >> 2;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = g + 8 * (e >> 1);
+      const int j = 8 * h + 2 * t + (e & 1);
+      (TR ? p[j * ld + i] : p[i * ld + j]) = static_cast<E>(x.c[h][e]);
+    }
+  }
+}
+// One 16-byte cp.async (H3_BODY's ring) to byte `off` past the threadgroup-memory base s (its
+// conversion to a shared-window address is common to a chunk's copies) from g.
+__device__ __forceinline__ void gd_cp16(const void* s, unsigned off, const void* g) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(s)) + off;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(g));
 }
 """
 
