@@ -250,8 +250,8 @@ def _ptxas(text, tmp_path):
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("nw", [4, 2])
 def test_h3_compiles_for_sm90_without_spills(tmp_path, nw):
-    """H3_BODY (bf16, Dk 128) through ptxas for sm_90 as MLX compiles it (its header, the
-    template as constants): no spill, within 255 registers."""
+    """H3_BODY (bf16, Dk 128) and its stamped build through ptxas for sm_90 as MLX compiles them
+    (its header, the template as constants): no spill, within 255 registers."""
     t = CTYPES["bf16"]
     consts = f"  using PT = {t};\n" + "".join(
         f"  constexpr int {k} = {v};\n"
@@ -263,10 +263,13 @@ def test_h3_compiles_for_sm90_without_spills(tmp_path, nw):
     text = PRELUDE + cl.header("cuda") + cs.H3_TILES
     text += "__global__ void h3(" + ", ".join(params) + ") {\n" + consts
     text += cl.h3_source("cuda") + "\n}\n"
+    # the stamped build too (its extra output)
+    text += "__global__ void h3s(" + ", ".join([*params, "uint32_t* stamps"]) + ") {\n" + consts
+    text += cs.stamped(cl.h3_source("cuda"), cs.H3_STAMPS) + "\n}\n"
     log = _ptxas(text, tmp_path)
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
     spill = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(regs) == 1 and regs[0] <= 255 and spill == [0], log
+    assert len(regs) == 2 and max(regs) <= 255 and spill == [0, 0], log
 
 
 def test_ab7_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  # noqa: F811
@@ -294,3 +297,44 @@ def test_ab7_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     assert cs.wy_name(True, True) + "_vx_lb3" in built and cs.O2_NAME + "_vx_lb3" in built
     times = g.ab7_times("cuda", ts=(256,))
     assert set(times[0]["ms"]) >= {"split", "split best7", "split best7 h3", "state h3"}
+
+
+@pytest.mark.slow  # ~1 min: ThreadSanitizer build
+def test_h3_has_no_race_under_thread_sanitizer(tmp_path):
+    """H3_BODY under ThreadSanitizer (bf16, Dk 128, 4 warps / ring of 2 and 2 warps / ring of 3):
+    no two threads touch one address, one of them writing, without a barrier or __syncwarp
+    between them (checked to report the race with the __syncwarp after delta taken out)."""
+    if GXX is None:
+        pytest.skip("needs g++")
+    text = PROGRAM.format(
+        emulator=EMULATOR, sig=_SIG, h2=cl.h2_source("cuda"), h3=cl.h3_source("cuda"), C=C
+    )
+    exe = compile_emulated(text, tmp_path, timeout=900, sanitize="thread")
+    pieces = _pieces(np.random.default_rng(1), 1, 3, 128, 64, True)
+    for name, x in zip(("W", "U", "Kw", "gates", "state_in"), pieces, strict=True):
+        (tmp_path / name).write_bytes(np.ascontiguousarray(x, np.float32).tobytes())
+    for nw, nb in ((4, 2), (2, 3)):
+        cmd = [str(exe), "h3", str(tmp_path), "128", "1", "3", "64", str(nw), str(nb), "bf16"]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0 and "ThreadSanitizer" not in run.stderr, run.stderr[-3000:]
+
+
+def test_h3_stamped_build(recorder, monkeypatch):  # noqa: F811
+    """h_pass(stamps=True) with H3 on: H3_BODY's text with the stamps of H3_STAMPS (and nothing
+    else: unstamped gives the text back), its header and dynamic shared memory, stamps
+    [threadgroups, STAMP_SLOTS] uint32 appended; the sampled phases each under their condition."""
+    monkeypatch.setattr(cl, "H3", 4)
+    k, v, g, beta = _inputs()
+    W, U, Kw, gates = cl.wy_pass("cuda", k, v, g, beta, None)
+    state = mx.zeros((1, 4, 128, 128), mx.float32)
+    *_, st = cl.h_pass("cuda", W, U, Kw, gates, state, stamps=True)
+    assert st.shape == (4 * 2, cs.STAMP_SLOTS) and st.dtype == mx.uint32
+    kw = recorder.built[-1]
+    smem = cs.h3_smem(128, 4, cl.H3_NB, 2)
+    assert kw["name"] == f"{cs.H3_NAME}_{smem}_stamped" and kw["shared_memory"] == smem
+    assert cs.unstamped(kw["source"]) == cl.h3_source("cuda") and "gd_mma_rows" in kw["header"]
+    got = sorted(int(j) for j in re.findall(r"GD_STAMP\((\d+)\);", kw["source"]))
+    assert got == list(range(3, 4 + len(cs.H3_STAMPS)))
+    for j, (_, _, *cond) in enumerate(cs.H3_STAMPS):
+        if cond:
+            assert kw["source"].count(f"if ({cond[0]}) GD_STAMP({3 + j});\n") == 1

@@ -561,18 +561,22 @@ def _build(backend: str, which: str, smem: int = 0):
         if backend != "cuda" or which not in _STAMPED:
             raise ValueError(f"gated_delta chunk kernel: no stamped build of {which} on {backend}")
         key = (backend, which, MIN_BLOCKS.get(which.split("_")[0]), not MMA16, O2_P16, O2_RING)
+        key += (smem,)
         if key not in _kernels:
             name, ins, outs, body, anchors = _STAMPED[which]()
             if which == "o2_stamped":
                 name += ("" if O2_P16 else "_p32") + ("" if O2_RING == 3 else f"_r{O2_RING}")
             name += "" if MMA16 else "_t32"
             lb = MIN_BLOCKS.get(which.split("_")[0])
+            head = _stamped_header(which.split("_")[0])
+            extra = {"shared_memory": smem} if smem else {}
             _kernels[key] = _factory(backend)(
-                name=name + (f"_lb{lb}" if lb else "") + "_stamped",
+                name=name + (f"_lb{lb}" if lb else "") + (f"_{smem}" if smem else "") + "_stamped",
                 input_names=ins,
                 output_names=[*outs, src.STAMP_OUTPUT],
                 source=src.stamped(body, anchors),
-                header=_stamped_header(which.split("_")[0]),
+                header=head + (src.H3_TILES if which == "h3_stamped" else ""),
+                **extra,
             )
         return _kernels[key]
     if which in _BOUNDED_AS:
@@ -641,6 +645,10 @@ _STAMPED = {
     # round 6: the state pass, one sampled chunk a threadgroup (chunk_source.H2_STAMPS)
     "h2_stamped": lambda: (
         src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source("cuda"), src.H2_STAMPS,
+    ),
+    # round 7: H3_BODY, one sampled chunk a threadgroup (chunk_source.H3_STAMPS)
+    "h3_stamped": lambda: (
+        src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source("cuda"), src.H3_STAMPS,
     ),
 }  # fmt: skip
 
@@ -880,9 +888,9 @@ def h_pass(
             f"{backend} (32 only for Dk <= 128: threadgroup memory), got bv={bv} with Dk={Dk}"
         )
     ds, nb = H_TILES or tiles
-    nw3 = H3 if backend == "cuda" and pt.size == 2 and Dk <= 128 and not stamps else None
+    nw3 = H3 if backend == "cuda" and pt.size == 2 and Dk <= 128 else None
     if nw3 and Dv % (16 * nw3) == 0:
-        return _h3_pass(W, U, Kw, gates, state, nw3, C, init_value)
+        return _h3_pass(W, U, Kw, gates, state, nw3, C, init_value, stamps)
     nt = h_threads(bv, C)
     name = ("h2x" if H2_VX and backend == "cuda" else "h2") if h2 else "h"
     smem = 0
@@ -917,15 +925,19 @@ def h_pass(
     )
 
 
-def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value):
+def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value, stamps: bool = False):
     """h_pass by H3_BODY (CUDA): nw warps (16 value rows each) a threadgroup, a ring of H3_NB
-    chunks in dynamic shared memory."""
+    chunks in dynamic shared memory. stamps: the stamped build (chunk_source.H3_STAMPS), its
+    stamps [threadgroups, STAMP_SLOTS] uint32 appended to the outputs."""
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     pt = U.dtype
     nt, bv = 32 * nw, 16 * nw
     smem = src.h3_smem(Dk, nw, H3_NB, pt.size, C)
-    return _build("cuda", "h3", smem)(
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        extra_shapes, extra_dtypes = [(B * Hv * (Dv // bv), src.STAMP_SLOTS)], [mx.uint32]
+    return _build("cuda", "h3_stamped" if stamps else "h3", smem)(
         inputs=[W, U, Kw, gates, state],
         template=[
             ("Dk", Dk),
@@ -938,8 +950,8 @@ def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value):
         ],
         grid=(nt * B * Hv, Dv // bv, 1),
         threadgroup=(nt, 1, 1),
-        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
-        output_dtypes=[pt, pt, mx.float32],
+        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk), *extra_shapes],
+        output_dtypes=[pt, pt, mx.float32, *extra_dtypes],
         init_value=init_value,
     )
 

@@ -2740,3 +2740,26 @@ def h3_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
     stage = 2 * C * (Dk + pad) + C * (16 * nw + pad)
     warp = 16 * (Dk + pad) + C * (16 + pad)
     return (nb * stage + nw * warp) * itemsize
+
+
+# H3_BODY stamped (round 7): one sampled chunk n = N / 2 of every threadgroup (warp 0's clock),
+# split into the wait for its stage (+ the barrier), the next stage's copies issued, Xw^T, H's
+# stores, delta, Vn's stores, the update and Sb's stores; the first phase is the state's load and
+# chunks 0 .. N/2 - 1, the last the chunks after.
+_H3_SB = (
+    "    #pragma unroll\n"
+    "    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);\n"
+)
+_H3_AT = "n == N / 2"
+H3_STAMPS = (
+    ("chunks before", "  for (int q = 0; q < NB - 1; ++q) copy(q);\n"),
+    ("wait, barrier", "    gd_copy_wait<NB - 2>();\n", _H3_AT),
+    ("copies issued", "    copy(n + NB - 1);\n", _H3_AT),
+    ("Xw^T", "    gd_mma_rows<MP, false, true, RT>", _H3_AT),
+    ("H stores", "    // H[n] = S (Sb is the state in PT), 16 bytes a lane\n", _H3_AT),
+    ("delta", "    // delta^T = U^T - Xw^T", _H3_AT),
+    ("Vn stores", "    // Vn = delta (PS is PT), 16 bytes a lane\n", _H3_AT),
+    ("update", "    // S = decay S + delta^T Kw\n", _H3_AT),
+    ("Sb", _H3_SB, _H3_AT),
+    ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
+)
