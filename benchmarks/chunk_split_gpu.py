@@ -67,6 +67,15 @@ predictions beside; last (after the JSON is written), H2_DYN (the state pass's r
 shared memory, three / four whole W / Kw slices, with H2_VX): bit for bit against the default at
 T 2048 (bf16), then timed beside the static ring. Exit status 1 if a check fails.
 
+--ab7 (round 7, helper chunk7; < 3 minutes, CUDA): BEST7 (WY2_VX, O2_VX at three threadgroups an
+SM, the state pass at 32 value rows: each pass's best --ab6 row, the same arithmetic) and the state
+pass H3_BODY (chunk_launch.H3: one warp a chain of 16 value rows, the state in its accumulators;
+4 or 2 warps a threadgroup, rings of 2 or 3 chunks in dynamic shared memory). Checks as --ab6's
+(T 200 / 2048 fp32 against float64, 2048 bf16 against the fused kernel; "equal to default"
+reported: expected for all, H3's only fails on the tolerance), then timings at T 8192 / 32768
+beside FLA's chunk kernel with the predictions, then H3's stamped phases (its outputs must equal
+the plain build's). Exit status 1 if a check fails.
+
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
 _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
@@ -710,12 +719,12 @@ AB7_VARIANTS = {
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 7"), H200, Hv 32, bf16; the plain
 # rows and "state bv32" are the 21:01 UTC --ab6 measurements.
 PREDICTED_AB7 = {
-    8192: {"split": 1.343, "split best7": 1.21, "split best7 h3": 0.98, "split best7 h3w2": 0.95,
-           "state": 0.433, "state bv32": 0.417, "state h3": 0.16, "state h3 w2": 0.15,
-           "state h3 nb3": 0.155, "state h3 w2 nb3": 0.14, "fla chunk": 0.703},
-    32768: {"split": 5.044, "split best7": 4.55, "split best7 h3": 3.6, "split best7 h3w2": 3.5,
-            "state": 1.665, "state bv32": 1.528, "state h3": 0.54, "state h3 w2": 0.45,
-            "state h3 nb3": 0.52, "state h3 w2 nb3": 0.43, "fla chunk": 2.288},
+    8192: {"split": 1.343, "split best7": 1.24, "split best7 h3": 0.98, "split best7 h3w2": 0.93,
+           "state": 0.433, "state bv32": 0.417, "state h3": 0.16, "state h3 w2": 0.11,
+           "state h3 nb3": 0.155, "state h3 w2 nb3": 0.105, "fla chunk": 0.703},
+    32768: {"split": 5.044, "split best7": 4.58, "split best7 h3": 3.62, "split best7 h3w2": 3.45,
+            "state": 1.665, "state bv32": 1.528, "state h3": 0.57, "state h3 w2": 0.40,
+            "state h3 nb3": 0.55, "state h3 w2 nb3": 0.38, "fla chunk": 2.288},
 }  # fmt: skip
 
 
