@@ -68,9 +68,10 @@ shared memory, three / four whole W / Kw slices, with H2_VX): bit for bit agains
 T 2048 (bf16), then timed beside the static ring. Exit status 1 if a check fails.
 
 --ab7 (round 7, helper chunk7; < 3 minutes, CUDA): BEST7 (WY2_VX, O2_VX at three threadgroups an
-SM, the state pass at 32 value rows: each pass's best --ab6 row, the same arithmetic) and the state
+SM, the state pass at 32 value rows: each pass's best --ab6 row, the same arithmetic), the state
 pass H3_BODY (chunk_launch.H3: one warp a chain of 16 value rows, the state in its accumulators;
-4 or 2 warps a threadgroup, rings of 2 or 3 chunks in dynamic shared memory). Checks as --ab6's
+4 or 2 warps a threadgroup, rings of 2 or 3 chunks in dynamic shared memory) and LDSM32 (the
+tile layer's threadgroup addresses converted once a call; same outputs). Checks as --ab6's
 (T 200 / 2048 fp32 against float64, 2048 bf16 against the fused kernel; "equal to default"
 reported: expected for all, H3's only fails on the tolerance), then timings at T 8192 / 32768
 beside FLA's chunk kernel with the predictions, then H3's stamped phases (its outputs must equal
@@ -715,16 +716,21 @@ AB7_VARIANTS = {
     "h3 w2": {"H3": 2},
     "h3 nb3": {"H3": 4, "H3_NB": 3},
     "best7 h3": {**BEST7, "H3": 4},
+    "best7 l32": {**BEST7, "LDSM32": True},
 }
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 7"), H200, Hv 32, bf16; the plain
 # rows and "state bv32" are the 21:01 UTC --ab6 measurements.
 PREDICTED_AB7 = {
     8192: {"split": 1.343, "split best7": 1.24, "split best7 h3": 0.98, "split best7 h3w2": 0.93,
-           "state": 0.433, "state bv32": 0.417, "state h3": 0.16, "state h3 w2": 0.11,
-           "state h3 nb3": 0.155, "state h3 w2 nb3": 0.105, "fla chunk": 0.703},
+           "split best7 h3w2 l32": 0.88, "wy vx": 0.386, "wy vx l32": 0.365, "out vx lb3": 0.437,
+           "out vx lb3 l32": 0.40, "state": 0.433, "state bv32": 0.417, "state bv32 l32": 0.40,
+           "state h3": 0.16, "state h3 w2": 0.11, "state h3 nb3": 0.155, "state h3 w2 nb3": 0.105,
+           "fla chunk": 0.703},
     32768: {"split": 5.044, "split best7": 4.58, "split best7 h3": 3.62, "split best7 h3w2": 3.45,
-            "state": 1.665, "state bv32": 1.528, "state h3": 0.57, "state h3 w2": 0.40,
-            "state h3 nb3": 0.55, "state h3 w2 nb3": 0.38, "fla chunk": 2.288},
+            "split best7 h3w2 l32": 3.23, "wy vx": 1.357, "wy vx l32": 1.28, "out vx lb3": 1.693,
+            "out vx lb3 l32": 1.55, "state": 1.665, "state bv32": 1.528, "state bv32 l32": 1.47,
+            "state h3": 0.57, "state h3 w2": 0.40, "state h3 nb3": 0.55, "state h3 w2 nb3": 0.38,
+            "fla chunk": 2.288},
 }  # fmt: skip
 
 
@@ -782,8 +788,16 @@ def ab7_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
             "split best7": patched(base["split"], **BEST7),
             "split best7 h3": patched(base["split"], **BEST7, H3=4),
             "split best7 h3w2": patched(base["split"], **BEST7, H3=2),
+            "split best7 h3w2 l32": patched(base["split"], **BEST7, H3=2, LDSM32=True),
+            "wy vx": patched(base["wy"], WY2_VX=True),
+            "wy vx l32": patched(base["wy"], WY2_VX=True, LDSM32=True),
+            "out vx lb3": patched(base["out"], O2_VX=True, **OUT3),
+            "out vx lb3 l32": patched(base["out"], O2_VX=True, **OUT3, LDSM32=True),
             "state": base["state"],
             "state bv32": base.get("state bv32"),
+            "state bv32 l32": patched(base["state bv32"], LDSM32=True)
+            if "state bv32" in base
+            else None,
             "state h3": patched(base["state"], H3=4),
             "state h3 w2": patched(base["state"], H3=2),
             "state h3 nb3": patched(base["state"], H3=4, H3_NB=3),
@@ -897,18 +911,20 @@ def main(argv=None) -> int:
         checks = ab7_checks(backend)
         print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
         times = ab7_times(backend)
+        path, info = write_result(args.out, "ab7", backend, {"checks": checks, "times": times})
         print("3. H3_BODY's phases (stamped build, one chunk a threadgroup)", flush=True)
         try:
             stamps = ab6_state_stamps(backend, h3=4)
         except Exception as e:  # the plain H3 build did not run here: the rest is printed
             print(f"  H3 stamps step failed: {str(e)[:500]}", flush=True)
             stamps = []
+        info["stamps"] = stamps
+        path.write_text(json.dumps(info, indent=1))
         bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]]
         bad += [f"state h3 stamped T={r['T']}" for r in stamps if r["same"] is False]
         diff = [f"{r['check']} T={r['T']}" for r in checks if r.get("equal to default") is False]
         print(f"ab7 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
         print("ab7: not bit for bit the default's: " + (", ".join(diff) if diff else "none"))
-        write_result(args.out, "ab7", backend, {"checks": checks, "times": times, "stamps": stamps})
         return 1 if bad else 0
     if args.ab6:
         print("1. round 6's variants against the default build and the references", flush=True)

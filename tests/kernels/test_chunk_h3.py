@@ -295,8 +295,34 @@ def test_ab7_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     for nw, nb in ((4, 2), (2, 2), (4, 3)):
         assert f"{cs.H3_NAME}_{cs.h3_smem(128, nw, nb, 2)}" in built
     assert cs.wy_name(True, True) + "_vx_lb3" in built and cs.O2_NAME + "_vx_lb3" in built
+    assert cs.wy_name(True, True) + "_vx_l32_lb3" in built and cs.O2_NAME + "_vx_l32_lb3" in built
     times = g.ab7_times("cuda", ts=(256,))
-    assert set(times[0]["ms"]) >= {"split", "split best7", "split best7 h3", "state h3"}
+    assert set(times[0]["ms"]) >= {
+        "split", "split best7", "split best7 h3", "split best7 h3w2 l32", "state h3",
+        "wy vx l32", "out vx lb3 l32", "state bv32 l32",
+    }  # fmt: skip
+
+
+def test_ldsm32_builds_l32_variants(recorder, monkeypatch):  # noqa: F811
+    """LDSM32 (CUDA): the WY2, H2 and O2 builds with L32_TILES after H3_TILES in their header
+    (macros renaming gd_mma_staged / gd_copy_tile), the same kernel text, "_l32" names; off,
+    the default header."""
+    k, v, g, beta = _inputs()
+    W, U, Kw, gates = cl.wy_pass("cuda", k, v, g, beta, None)
+    state = mx.zeros((1, 4, 128, 128), mx.float32)
+    H, Vn, _ = cl.h_pass("cuda", W, U, Kw, gates, state)
+    cl.o_pass("cuda", mx.zeros_like(k), k, gates, H, Vn, 130, 4, mx.bfloat16)
+    plain = recorder.built[-3:]
+    monkeypatch.setattr(cl, "LDSM32", True)
+    W, U, Kw, gates = cl.wy_pass("cuda", k, v, g, beta, None)
+    H, Vn, _ = cl.h_pass("cuda", W, U, Kw, gates, state)
+    cl.o_pass("cuda", mx.zeros_like(k), k, gates, H, Vn, 130, 4, mx.bfloat16)
+    l32 = recorder.built[-3:]
+    want = [cs.wy_name(False, True) + "_l32_lb3", cs.H2_NAME + "_l32", cs.O2_NAME + "_l32_lb2"]
+    assert [kw["name"] for kw in l32] == want
+    for a, b in zip(plain, l32, strict=True):
+        assert a["source"] == b["source"] and "gd_mma_staged_l32" not in a["header"]
+        assert b["header"].count("#define gd_mma_staged gd_mma_staged_l32") == 1
 
 
 @pytest.mark.slow  # ~1 min: ThreadSanitizer build
@@ -338,3 +364,30 @@ def test_h3_stamped_build(recorder, monkeypatch):  # noqa: F811
     for j, (_, _, *cond) in enumerate(cs.H3_STAMPS):
         if cond:
             assert kw["source"].count(f"if ({cond[0]}) GD_STAMP({3 + j});\n") == 1
+
+
+@pytest.mark.slow  # ~1 min; LDSM32 is off by default
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+def test_ldsm32_compiles_for_sm90_with_no_more_spill(tmp_path, monkeypatch):
+    """The round-6 variants' bf16 builds (WY2_VX, H2_VX, O2_VX; tests/kernels/test_chunk_vx.py's
+    cases, under their launch bounds) with L32_TILES in the header: they compile for sm_90, and
+    spill no more than without it (nvcc 13.0: O2_VX at its bound 20 -> 0 bytes, WY2_VX 8 -> 4)."""
+    from tests.kernels.test_chunk_split_sources import cuda_unit
+    from tests.kernels.test_chunk_vx import _vx_cases
+
+    head = PRELUDE + cl.header("cuda")
+    for name, ins, outs, body, tpl, lb in _vx_cases(2):
+        if "extern __shared__" in body:  # H2_DYN: not an LDSM32 build
+            continue
+        case = (name, ins, outs, body, tpl)
+        monkeypatch.setattr(
+            "tests.kernels.test_chunk_split_sources.kernels",
+            lambda backend, Dk, itemsize=None, c=case: [c],
+        )
+        unit = cuda_unit([("bf16", 128)])[len(head) :]
+        bound = cl.launch_bounds_header(256, lb) if lb else ""
+        spills = []
+        for extra in ("", cs.H3_TILES + cs.L32_TILES):
+            log = _ptxas(head + extra + bound + unit, tmp_path)
+            spills.append([int(x) for x in re.findall(r"(\d+) bytes spill stores", log)])
+        assert len(spills[1]) == 1 and spills[1][0] <= spills[0][0], (name, spills)

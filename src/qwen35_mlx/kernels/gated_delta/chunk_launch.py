@@ -587,7 +587,8 @@ def _build(backend: str, which: str, smem: int = 0):
     t32 = backend == "cuda" and not MMA16
     p32 = which in ("o2", "o2x") and not O2_P16
     r2 = which in ("o2", "o2x") and O2_RING != 3
-    key = (backend, which, lb, t32, p32, r2, smem)
+    l32 = LDSM32 and backend == "cuda" and which in _L32
+    key = (backend, which, lb, t32, p32, r2, smem, l32)
     if key not in _kernels:
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
@@ -605,6 +606,8 @@ def _build(backend: str, which: str, smem: int = 0):
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
         head = header(backend) + (src.H3_TILES if which == "h3" else "")
+        if l32:
+            name, head = f"{name}_l32", head + src.H3_TILES + src.L32_TILES
         if p32:
             name += "_p32"
         if r2:
@@ -701,6 +704,11 @@ H2_DYN: tuple[int, int] | None = None
 # the default pass.
 H3: int | None = None
 H3_NB = 2
+# Round 7 (CUDA, off by default): the WY2, H2 and O2 builds (and their variants) with
+# chunk_source.L32_TILES in their header ("_l32" names): gd_mma_staged / gd_copy_tile converting
+# threadgroup addresses once a call instead of once an ldmatrix / a copy. Same outputs.
+LDSM32 = False
+_L32 = ("wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x")
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {

@@ -2763,3 +2763,42 @@ H3_STAMPS = (
     ("Sb", _H3_SB, _H3_AT),
     ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
 )
+
+
+# L32_TILES (round 7, chunk_launch.LDSM32; CUDA, off by default): appended after H3_TILES to the
+# header of the WY2 / state / output passes, it makes their gd_mma_staged and gd_copy_tile (by
+# macro: the kernel text is unchanged) convert each threadgroup-memory operand's address to the
+# shared window once a call and add the offsets in 32 bits, where the tile layer converts a 64-bit
+# generic address per ldmatrix and per 16-byte copy (H3's first build spent ~600 of 1130
+# instructions a chunk on that). The same copies, ldmatrix and mma in the same order: the same
+# outputs bit for bit.
+L32_TILES = """
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_staged_l32(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  constexpr int KA = gd_kind16(PA(nullptr));
+  constexpr bool F = GD_MMA16 && KA != 0 && KA == gd_kind16(PB(nullptr));
+  gd_mma_rows_<MP, TA, TB, 1>(gd_flag<F>(), &x, A, lda, B, ldb, 0, K);
+}
+template <int NT, int R, int CL, typename D, typename S>
+__device__ __forceinline__ void gd_copy_tile_l32(D dst, int dld, S src, size_t sld, int rmax,
+                                                 int tid, int cmax = CL) {
+  constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
+  static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
+  constexpr int U = R * CL / V;  // copies of the tile
+  const unsigned d0 = unsigned(__cvta_generic_to_shared(dst));
+#pragma unroll
+  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
+    const int e = tid + it * NT;
+    if (U % NT != 0 && e >= U) break;
+    const int r = e / (CL / V);
+    const int c = (e % (CL / V)) * V;
+    const int rs = r < rmax ? r : rmax;
+    const int cs = c < cmax ? c : cmax - V;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                     d0 + unsigned((r * dld + c) * int(sizeof(*dst)))),
+                 "l"(src + rs * sld + cs));
+  }
+}
+#define gd_mma_staged gd_mma_staged_l32
+#define gd_copy_tile gd_copy_tile_l32
+"""
