@@ -2590,6 +2590,18 @@ H3_BODY = """
 # (GD_MMA16, one 16-bit operand type) A's fragment of each step of 16 is loaded once for the R
 # tiles, and the step's R products (independent accumulators) are issued together.
 H3_TILES = """
+// The shared-window address of a threadgroup pointer; callers add their offsets in 32 bits.
+// CUDA 11+ (NVRTC too): the compiler's own conversion, which it folds into the addressing (an
+// asm cvta, as gd_ldmatrix4's, cost H3 17 instructions a chunk and 70 registers); else the asm.
+__device__ __forceinline__ unsigned gd_smem32(const void* p) {
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 11
+  return unsigned(__cvta_generic_to_shared(p));
+#else
+  unsigned a;
+  asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(a) : "l"(p));
+  return a;
+#endif
+}
 template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
 __device__ __forceinline__ void gd_mma_rows_(gd_flag<false>, gd_acc* x, PA A, int lda, PB B,
                                              int ldb, int bo, int K) {
@@ -2619,8 +2631,8 @@ __device__ __forceinline__ void gd_mma_rows_(gd_flag<true>, gd_acc* x, PA A, int
                     : (8 * (m & 1) + rr) * lda + 8 * (m >> 1);
   const int bs = TB ? (8 * (m >> 1) + rr) * ldb + 8 * (m & 1)
                     : (8 * (m & 1) + rr) * ldb + 8 * (m >> 1);
-  const unsigned a0 = unsigned(__cvta_generic_to_shared(A + ao));
-  const unsigned b0 = unsigned(__cvta_generic_to_shared(B + bs));
+  const unsigned a0 = gd_smem32(A + ao);
+  const unsigned b0 = gd_smem32(B + bs);
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 16) {
     unsigned a[4];
@@ -2653,7 +2665,7 @@ __device__ __forceinline__ unsigned gd_tile16_addr(E* p, int ld) {
   const int l = threadIdx.x & 7;
   const int r0 = 8 * (m & 1);
   const int c0 = 8 * (m >> 1);
-  return unsigned(__cvta_generic_to_shared(TR ? p + (c0 + l) * ld + r0 : p + (r0 + l) * ld + c0));
+  return gd_smem32(TR ? p + (c0 + l) * ld + r0 : p + (r0 + l) * ld + c0);
 }
 template <bool TR, typename E>
 __device__ __forceinline__ void gd_acc_load16(gd_acc& x, const E* p, int ld) {
@@ -2727,7 +2739,7 @@ __device__ __forceinline__ void gd_acc_store16(const gd_acc& x, E* p, int ld) {
 // One 16-byte cp.async (H3_BODY's ring) to byte `off` past the threadgroup-memory base s (its
 // conversion to a shared-window address is common to a chunk's copies) from g.
 __device__ __forceinline__ void gd_cp16(const void* s, unsigned off, const void* g) {
-  const unsigned a = unsigned(__cvta_generic_to_shared(s)) + off;
+  const unsigned a = gd_smem32(s) + off;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(g));
 }
 """
@@ -2785,7 +2797,7 @@ __device__ __forceinline__ void gd_copy_tile_l32(D dst, int dld, S src, size_t s
   constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
   static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
   constexpr int U = R * CL / V;  // copies of the tile
-  const unsigned d0 = unsigned(__cvta_generic_to_shared(dst));
+  const unsigned d0 = gd_smem32(dst);
 #pragma unroll
   for (int it = 0; it < (U + NT - 1) / NT; ++it) {
     const int e = tid + it * NT;
