@@ -366,17 +366,19 @@ def test_h3_stamped_build(recorder, monkeypatch):  # noqa: F811
             assert kw["source"].count(f"if ({cond[0]}) GD_STAMP({3 + j});\n") == 1
 
 
-@pytest.mark.slow  # ~1 min; LDSM32 is off by default
+@pytest.mark.slow  # ~1 min a case; LDSM32 is off by default
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
-def test_ldsm32_compiles_for_sm90_with_no_more_spill(tmp_path, monkeypatch):
-    """The round-6 variants' bf16 builds (WY2_VX, H2_VX, O2_VX; tests/kernels/test_chunk_vx.py's
-    cases, under their launch bounds) with L32_TILES in the header: they compile for sm_90, and
-    spill no more than without it (nvcc 13.0: O2_VX at its bound 20 -> 0 bytes, WY2_VX 8 -> 4)."""
+@pytest.mark.parametrize("act", ["bf16", "fp32"])
+def test_ldsm32_compiles_for_sm90_with_no_more_spill(tmp_path, monkeypatch, act):
+    """The round-6 variants' builds (WY2_VX, H2_VX, O2_VX; tests/kernels/test_chunk_vx.py's
+    cases, under their launch bounds) with L32_TILES in the header: they compile for sm_90; bf16
+    spills no more than without it (nvcc 13.0, by hand at the timed bounds: O2_VX at three an SM
+    20 -> 0 bytes, WY2_VX 8 -> 4), fp32 as measured (WY2_VX 0 -> 16 bytes, the rest no more)."""
     from tests.kernels.test_chunk_split_sources import cuda_unit
     from tests.kernels.test_chunk_vx import _vx_cases
 
     head = PRELUDE + cl.header("cuda")
-    for name, ins, outs, body, tpl, lb in _vx_cases(2):
+    for name, ins, outs, body, tpl, lb in _vx_cases(2 if act == "bf16" else 4):
         if "extern __shared__" in body:  # H2_DYN: not an LDSM32 build
             continue
         case = (name, ins, outs, body, tpl)
@@ -384,10 +386,14 @@ def test_ldsm32_compiles_for_sm90_with_no_more_spill(tmp_path, monkeypatch):
             "tests.kernels.test_chunk_split_sources.kernels",
             lambda backend, Dk, itemsize=None, c=case: [c],
         )
-        unit = cuda_unit([("bf16", 128)])[len(head) :]
+        unit = cuda_unit([(act, 128)])[len(head) :]
         bound = cl.launch_bounds_header(256, lb) if lb else ""
         spills = []
         for extra in ("", cs.H3_TILES + cs.L32_TILES):
             log = _ptxas(head + extra + bound + unit, tmp_path)
             spills.append([int(x) for x in re.findall(r"(\d+) bytes spill stores", log)])
-        assert len(spills[1]) == 1 and spills[1][0] <= spills[0][0], (name, spills)
+        assert len(spills[1]) == 1, (name, spills)
+        # bf16 (the timed builds): no more spill; fp32: WY2_VX spills 16 bytes with it (0
+        # without), the copies' offsets held across its slices
+        cap = spills[0][0] if act == "bf16" else spills[0][0] + (16 if "wy2" in name else 0)
+        assert spills[1][0] <= cap, (name, spills)
