@@ -67,6 +67,16 @@ predictions beside; last (after the JSON is written), H2_DYN (the state pass's r
 shared memory, three / four whole W / Kw slices, with H2_VX): bit for bit against the default at
 T 2048 (bf16), then timed beside the static ring. Exit status 1 if a check fails.
 
+--ab7 (round 7, helper chunk7; < 3 minutes, CUDA): BEST7 (WY2_VX, O2_VX at three threadgroups an
+SM, the state pass at 32 value rows: each pass's best --ab6 row, the same arithmetic), the state
+pass H3_BODY (chunk_launch.H3: one warp a chain of 16 value rows, the state in its accumulators;
+4 or 2 warps a threadgroup, rings of 2 or 3 chunks in dynamic shared memory) and LDSM32 (the
+tile layer's threadgroup addresses converted once a call; same outputs). Checks as --ab6's
+(T 200 / 2048 fp32 against float64, 2048 bf16 against the fused kernel; "equal to default"
+reported: expected for all, H3's only fails on the tolerance), then timings at T 8192 / 32768
+beside FLA's chunk kernel with the predictions, then H3's stamped phases (its outputs must equal
+the plain build's). Exit status 1 if a check fails.
+
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
 _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
@@ -557,36 +567,41 @@ def ab6_checks(backend: str) -> list[dict]:
     return rows
 
 
-def ab6_state_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+def ab6_state_stamps(
+    backend: str, ts=(8192, 32768), hv: int = 32, h3: int | None = None
+) -> list[dict]:
     """--ab6: the state pass H2_BODY stamped (chunk_source.H2_STAMPS: one sampled chunk a
     threadgroup, n = N / 2) at each T (B 1, bf16): H, Vn and the state against the plain build's
-    (must be equal), then the phases of the sampled chunk (chunk_stamps.summarize)."""
+    (must be equal), then the phases of the sampled chunk (chunk_stamps.summarize). h3 (--ab7):
+    H3_BODY with that many warps a threadgroup instead (chunk_source.H3_STAMPS)."""
     from chunk_stamps import summarize
     from chunk_stamps import table as stamp_table
 
     from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 
+    anchors = cs.H3_STAMPS if h3 else cs.H2_STAMPS
+    h_pass = patched(cl.h_pass, H3=h3)
     rows = []
     for T in ts:
         q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
         W, U, Kw, gts = cl.wy_pass(
             backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
         )
-        plain = cl.h_pass(backend, W, U, Kw, gts, state0)
+        plain = h_pass(backend, W, U, Kw, gts, state0)
         mx.eval(plain)
         row = {"T": T, "Hv": hv, "same": None}
         try:
             for _ in range(3):
-                st = cl.h_pass(backend, W, U, Kw, gts, state0, stamps=True)
+                st = h_pass(backend, W, U, Kw, gts, state0, stamps=True)
                 mx.eval(st)
             row["same"] = all(
                 mx.array_equal(x, z, equal_nan=True).item()
                 for x, z in zip(plain, st[:3], strict=True)
             )
             print(f"  T={T} stamped state pass equal to the plain build: {row['same']}")
-            r = summarize(np.array(st[3]), [x[0] for x in cs.H2_STAMPS])
-            per_chunk = sum(r["phases"][x[0]]["median"] for x in cs.H2_STAMPS[1:-1])
-            print(stamp_table("state", T, r), flush=True)
+            r = summarize(np.array(st[3]), [x[0] for x in anchors])
+            per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
+            print(stamp_table("state h3" if h3 else "state", T, r), flush=True)
             print(f"    one chunk (medians, U rows .. update): {per_chunk:.0f} cycles", flush=True)
             row["stamps"], row["chunk_cycles"] = r, per_chunk
         except Exception as e:  # the timings still run
@@ -690,6 +705,116 @@ def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     return rows
 
 
+# --ab7 (round 7, helper chunk7): BEST7, the best measured variant of each pass together (the
+# 21:01 UTC --ab6 run: wy vx, the state pass at 32 value rows, out vx at three threadgroups an SM;
+# the same arithmetic as the defaults, so the same outputs bit for bit), and the state pass as
+# H3_BODY (one warp a chain of 16 value rows; H3 warps a threadgroup, a ring of H3_NB chunks).
+BEST7 = {"WY2_VX": True, "O2_VX": True, "H_BV": 32, **OUT3}
+AB7_VARIANTS = {
+    "best7": BEST7,
+    "h3": {"H3": 4},
+    "h3 w2": {"H3": 2},
+    "h3 nb3": {"H3": 4, "H3_NB": 3},
+    "best7 h3": {**BEST7, "H3": 4},
+    "best7 l32": {**BEST7, "LDSM32": True},
+}
+# Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 7"), H200, Hv 32, bf16; the plain
+# rows and "state bv32" are the 21:01 UTC --ab6 measurements.
+PREDICTED_AB7 = {
+    8192: {"split": 1.343, "split best7": 1.24, "split best7 h3": 0.98, "split best7 h3w2": 0.93,
+           "split best7 h3w2 l32": 0.88, "wy vx": 0.386, "wy vx l32": 0.365, "out vx lb3": 0.437,
+           "out vx lb3 l32": 0.40, "state": 0.433, "state bv32": 0.417, "state bv32 l32": 0.40,
+           "state h3": 0.16, "state h3 w2": 0.11, "state h3 nb3": 0.155, "state h3 w2 nb3": 0.105,
+           "fla chunk": 0.703},
+    32768: {"split": 5.044, "split best7": 4.58, "split best7 h3": 3.62, "split best7 h3w2": 3.45,
+            "split best7 h3w2 l32": 3.23, "wy vx": 1.357, "wy vx l32": 1.28, "out vx lb3": 1.693,
+            "out vx lb3 l32": 1.55, "state": 1.665, "state bv32": 1.528, "state bv32 l32": 1.47,
+            "state h3": 0.57, "state h3 w2": 0.40, "state h3 nb3": 0.55, "state h3 w2 nb3": 0.38,
+            "fla chunk": 2.288},
+}  # fmt: skip
+
+
+def ab7_checks(backend: str) -> list[dict]:
+    """--ab7's checks: each AB7_VARIANTS entry against the default build and the references, at
+    T 200 (fp32), 2048 (fp32, bf16), B 2 with a left-padded row and a hole, raw gates. "equal to
+    default": y and state bit for bit the default's (expected for every variant: the same
+    arithmetic; H3 computes Xw^T = S W^T, A and B of each product swapped, which the tensor cores
+    may sum in another order, so a difference there is reported, and only the tolerance fails)."""
+    fused = _gpu_backend(backend)
+    rows = []
+    split = cl.gated_delta_update_chunk_kernel
+    for T, dtype in ((200, mx.float32), (2048, mx.float32), (2048, mx.bfloat16)):
+        q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, 32, dtype)
+        args = (q, k, v, a, b, A_log, dt_bias, state, mask)
+        refs = {}
+        if dtype == mx.float32:
+            with mx.stream(mx.cpu):
+                g, beta = compute_gates(a, b, A_log, dt_bias)
+                mx.eval(g, beta)
+            refs["f64"] = float64_loop(q, k, v, g, beta, state, mask)
+        else:
+            want = fused.gated_delta_update_kernel(*args)
+            mx.eval(want)
+            refs["fused"] = (np.array(want[0].astype(mx.float32)), np.array(want[1]))
+        base = split(*args, backend=backend, split=True)
+        mx.eval(base)
+        rows.append(_row("split", T, 32, dtype, *base, refs))
+        for name, sw in AB7_VARIANTS.items():
+            try:
+                y, s = patched(split, **sw)(*args, backend=backend, split=True)
+                mx.eval(y, s)
+                row = _row(name, T, 32, dtype, y, s, refs)
+                row["equal to default"] = bool(
+                    mx.array_equal(y, base[0], equal_nan=True).item()
+                    and mx.array_equal(s, base[1], equal_nan=True).item()
+                )
+                print(f"    {name}: y and state equal to the default's: {row['equal to default']}")
+                rows.append(row)
+            except Exception as e:  # a variant that does not build: say so, go on
+                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
+                rows.append({"check": name, "T": T, "ok": None, "error": str(e)[:300]})
+    return rows
+
+
+def ab7_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab7's timings (B 1, bf16): the split path and the state pass, default, BEST7 and H3,
+    FLA's chunk kernel beside, the predictions printed."""
+    fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
+    rows = []
+    for T in ts:
+        base = _timers(backend, Shape(1, T, hv), fla)
+        timers = {
+            "split": base["split"],
+            "split best7": patched(base["split"], **BEST7),
+            "split best7 h3": patched(base["split"], **BEST7, H3=4),
+            "split best7 h3w2": patched(base["split"], **BEST7, H3=2),
+            "split best7 h3w2 l32": patched(base["split"], **BEST7, H3=2, LDSM32=True),
+            "wy vx": patched(base["wy"], WY2_VX=True),
+            "wy vx l32": patched(base["wy"], WY2_VX=True, LDSM32=True),
+            "out vx lb3": patched(base["out"], O2_VX=True, **OUT3),
+            "out vx lb3 l32": patched(base["out"], O2_VX=True, **OUT3, LDSM32=True),
+            "state": base["state"],
+            "state bv32": base.get("state bv32"),
+            "state bv32 l32": patched(base["state bv32"], LDSM32=True)
+            if "state bv32" in base
+            else None,
+            "state h3": patched(base["state"], H3=4),
+            "state h3 w2": patched(base["state"], H3=2),
+            "state h3 nb3": patched(base["state"], H3=4, H3_NB=3),
+            "state h3 w2 nb3": patched(base["state"], H3=2, H3_NB=3),
+            "fla chunk": base.get("fla chunk"),
+        }
+        timers = {name: run for name, run in timers.items() if run is not None}
+        rows.append(_best_of_three(timers, T, hv))
+        best = rows[-1]["ms"]
+        if "fla chunk" in best:
+            ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
+            print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
+        pred = PREDICTED_AB7.get(T, {})
+        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    return rows
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -770,11 +895,37 @@ def main(argv=None) -> int:
         help="< 3 min, CUDA: round 6's 16-byte variants (WY2_VX, H2_VX, O2_VX) checked bit for "
         "bit against the default build, then timed at T 8192 / 32768 beside FLA's chunk kernel",
     )
+    p.add_argument(
+        "--ab7",
+        action="store_true",
+        help="< 3 min, CUDA: round 7's BEST7 (each pass's best round-6 variant) and the state "
+        "pass H3_BODY checked against the default build, then timed at T 8192 / 32768",
+    )
     args = p.parse_args(argv)
     backend = cl.available_backend()
     if backend is None:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
+    if args.ab7:
+        print("1. round 7's variants against the default build and the references", flush=True)
+        checks = ab7_checks(backend)
+        print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
+        times = ab7_times(backend)
+        path, info = write_result(args.out, "ab7", backend, {"checks": checks, "times": times})
+        print("3. H3_BODY's phases (stamped build, one chunk a threadgroup)", flush=True)
+        try:
+            stamps = ab6_state_stamps(backend, h3=4)
+        except Exception as e:  # the plain H3 build did not run here: the rest is printed
+            print(f"  H3 stamps step failed: {str(e)[:500]}", flush=True)
+            stamps = []
+        info["stamps"] = stamps
+        path.write_text(json.dumps(info, indent=1))
+        bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]]
+        bad += [f"state h3 stamped T={r['T']}" for r in stamps if r["same"] is False]
+        diff = [f"{r['check']} T={r['T']}" for r in checks if r.get("equal to default") is False]
+        print(f"ab7 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
+        print("ab7: not bit for bit the default's: " + (", ".join(diff) if diff else "none"))
+        return 1 if bad else 0
     if args.ab6:
         print("1. round 6's variants against the default build and the references", flush=True)
         checks = ab6_checks(backend)

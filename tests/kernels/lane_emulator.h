@@ -276,6 +276,39 @@ inline void gd_mma_staged(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
   gd_mma<MP, TA, TB>(x, A, lda, B, ldb, K);
 }
 
+// H3_BODY's products (chunk_source.H3_TILES): C_r += A B_r for r < R, B_r = B + r bo, each
+// tile as gd_mma_staged (CUDA loads A's fragment once for the R tiles; the products are the same).
+template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
+inline void gd_mma_rows(gd_acc* x, PA A, int lda, PB B, int ldb, int bo, int K) {
+  for (int r = 0; r < R; ++r) gd_mma<MP, TA, TB>(x[r], A, lda, B + r * bo, ldb, K);
+}
+// H3_BODY's 16-bit tiles (chunk_source.H3_TILES): element (row, col) of the accumulator at
+// p[row ld + col] (TR: p[col ld + row]), widened to float / rounded to E.
+template <bool TR, typename E>
+inline void gd_acc_load16(gd_acc& x, const E* p, int ld) {
+  const int g = int(threadIdx.x % 32) / 4, t = int(threadIdx.x % 4);
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 4; ++e) {
+      const int i = g + 8 * (e >> 1), j = 8 * h + 2 * t + (e & 1);
+      x.c[h][e] = static_cast<float>(TR ? p[j * ld + i] : p[i * ld + j]);
+    }
+}
+template <bool TR, typename E>
+inline void gd_acc_store16(const gd_acc& x, E* p, int ld) {
+  const int g = int(threadIdx.x % 32) / 4, t = int(threadIdx.x % 4);
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 4; ++e) {
+      const int i = g + 8 * (e >> 1), j = 8 * h + 2 * t + (e & 1);
+      (TR ? p[j * ld + i] : p[i * ld + j]) = static_cast<E>(x.c[h][e]);
+    }
+}
+// One 16-byte copy to byte off past s (CUDA: a cp.async; here at once).
+inline void gd_cp16(void* s, unsigned off, const void* g) {
+  std::memcpy(static_cast<char*>(s) + off, g, 16);
+}
+// __syncwarp(): the 32 lanes of the thread's warp meet (block mode: threads 32 w .. 32 w + 31).
+inline void __syncwarp() { tl_warp->bar.arrive_and_wait(); }
+
 // The prefill attention kernel's row scaling (kernels/attention/prefill.py `at_acc_scale_rows`),
 // as CUDA's: lane 4 g + t scales its rows g and g + 8 by dg[17 g], dg[17 (g + 8)].
 inline void at_acc_scale_rows(gd_acc& x, const float* dg) {

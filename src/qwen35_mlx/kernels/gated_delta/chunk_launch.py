@@ -460,6 +460,11 @@ def h2_dyn_source(backend: str, vx: bool = False) -> str:
     return PROLOGUE[backend] + src.h2_dyn_body(vx)
 
 
+def h3_source(backend: str) -> str:
+    """H3_BODY: the state pass with one warp a chain of 16 value rows (H3; CUDA)."""
+    return PROLOGUE[backend] + src.H3_BODY
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -536,6 +541,7 @@ _PLAIN = {
         src.H_OUTPUTS,
         lambda b: h2_dyn_source(b, True),
     ),
+    "h3": (src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
@@ -555,18 +561,22 @@ def _build(backend: str, which: str, smem: int = 0):
         if backend != "cuda" or which not in _STAMPED:
             raise ValueError(f"gated_delta chunk kernel: no stamped build of {which} on {backend}")
         key = (backend, which, MIN_BLOCKS.get(which.split("_")[0]), not MMA16, O2_P16, O2_RING)
+        key += (smem,)
         if key not in _kernels:
             name, ins, outs, body, anchors = _STAMPED[which]()
             if which == "o2_stamped":
                 name += ("" if O2_P16 else "_p32") + ("" if O2_RING == 3 else f"_r{O2_RING}")
             name += "" if MMA16 else "_t32"
             lb = MIN_BLOCKS.get(which.split("_")[0])
+            head = _stamped_header(which.split("_")[0])
+            extra = {"shared_memory": smem} if smem else {}
             _kernels[key] = _factory(backend)(
-                name=name + (f"_lb{lb}" if lb else "") + "_stamped",
+                name=name + (f"_lb{lb}" if lb else "") + (f"_{smem}" if smem else "") + "_stamped",
                 input_names=ins,
                 output_names=[*outs, src.STAMP_OUTPUT],
                 source=src.stamped(body, anchors),
-                header=_stamped_header(which.split("_")[0]),
+                header=head + (src.H3_TILES if which == "h3_stamped" else ""),
+                **extra,
             )
         return _kernels[key]
     if which in _BOUNDED_AS:
@@ -577,7 +587,8 @@ def _build(backend: str, which: str, smem: int = 0):
     t32 = backend == "cuda" and not MMA16
     p32 = which in ("o2", "o2x") and not O2_P16
     r2 = which in ("o2", "o2x") and O2_RING != 3
-    key = (backend, which, lb, t32, p32, r2, smem)
+    l32 = LDSM32 and backend == "cuda" and which in _L32
+    key = (backend, which, lb, t32, p32, r2, smem, l32)
     if key not in _kernels:
         if which in _PLAIN:
             name, ins, outs, source = _PLAIN[which]
@@ -594,7 +605,9 @@ def _build(backend: str, which: str, smem: int = 0):
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
-        head = header(backend)
+        head = header(backend) + (src.H3_TILES if which == "h3" else "")
+        if l32:
+            name, head = f"{name}_l32", head + src.H3_TILES + src.L32_TILES
         if p32:
             name += "_p32"
         if r2:
@@ -635,6 +648,10 @@ _STAMPED = {
     # round 6: the state pass, one sampled chunk a threadgroup (chunk_source.H2_STAMPS)
     "h2_stamped": lambda: (
         src.H2_NAME, src.H_INPUTS, src.H_OUTPUTS, h2_source("cuda"), src.H2_STAMPS,
+    ),
+    # round 7: H3_BODY, one sampled chunk a threadgroup (chunk_source.H3_STAMPS)
+    "h3_stamped": lambda: (
+        src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source("cuda"), src.H3_STAMPS,
     ),
 }  # fmt: skip
 
@@ -679,6 +696,19 @@ O2_VX = False
 # shared memory, e.g. (128, 3): three whole W / Kw slices of Dk 128, 52 KB, each copy a whole
 # chunk ahead. None: the static ring of h_tiles.
 H2_DYN: tuple[int, int] | None = None
+# Round 7 (helper chunk7; CUDA, 16-bit pieces, Dk <= 128, off by default until the H200 has
+# checked and timed it: benchmarks/chunk_split_gpu.py --ab7): the state pass as H3_BODY, one warp
+# a chain of 16 value rows with the state in its accumulators, H3 warps a threadgroup sharing a
+# ring of H3_NB whole chunks (W, Kw, U) in dynamic shared memory; same arithmetic as H2_BODY
+# (H, Vn and the state bit for bit). None: H2_BODY / H_BODY. Where Dv is not a multiple of 16 H3,
+# the default pass.
+H3: int | None = None
+H3_NB = 2
+# Round 7 (CUDA, off by default): the WY2, H2 and O2 builds (and their variants) with
+# chunk_source.L32_TILES in their header ("_l32" names): gd_mma_staged / gd_copy_tile converting
+# threadgroup addresses once a call instead of once an ldmatrix / a copy. Same outputs.
+LDSM32 = False
+_L32 = ("wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x")
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -866,6 +896,9 @@ def h_pass(
             f"{backend} (32 only for Dk <= 128: threadgroup memory), got bv={bv} with Dk={Dk}"
         )
     ds, nb = H_TILES or tiles
+    nw3 = H3 if backend == "cuda" and pt.size == 2 and Dk <= 128 else None
+    if nw3 and Dv % (16 * nw3) == 0:
+        return _h3_pass(W, U, Kw, gates, state, nw3, C, init_value, stamps)
     nt = h_threads(bv, C)
     name = ("h2x" if H2_VX and backend == "cuda" else "h2") if h2 else "h"
     smem = 0
@@ -893,6 +926,37 @@ def h_pass(
             ("PT", pt),
         ],
         grid=(nt * B * Hv, -(-Dv // bv), 1),
+        threadgroup=(nt, 1, 1),
+        output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk), *extra_shapes],
+        output_dtypes=[pt, pt, mx.float32, *extra_dtypes],
+        init_value=init_value,
+    )
+
+
+def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value, stamps: bool = False):
+    """h_pass by H3_BODY (CUDA): nw warps (16 value rows each) a threadgroup, a ring of H3_NB
+    chunks in dynamic shared memory. stamps: the stamped build (chunk_source.H3_STAMPS), its
+    stamps [threadgroups, STAMP_SLOTS] uint32 appended to the outputs."""
+    B, Hv, Dv, Dk = state.shape
+    NC = U.shape[1]
+    pt = U.dtype
+    nt, bv = 32 * nw, 16 * nw
+    smem = src.h3_smem(Dk, nw, H3_NB, pt.size, C)
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        extra_shapes, extra_dtypes = [(B * Hv * (Dv // bv), src.STAMP_SLOTS)], [mx.uint32]
+    return _build("cuda", "h3_stamped" if stamps else "h3", smem)(
+        inputs=[W, U, Kw, gates, state],
+        template=[
+            ("Dk", Dk),
+            ("BV", bv),
+            ("C", C),
+            ("NT", nt),
+            ("NB", H3_NB),
+            ("MP", operand_precision(pt)),
+            ("PT", pt),
+        ],
+        grid=(nt * B * Hv, Dv // bv, 1),
         threadgroup=(nt, 1, 1),
         output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk), *extra_shapes],
         output_dtypes=[pt, pt, mx.float32, *extra_dtypes],

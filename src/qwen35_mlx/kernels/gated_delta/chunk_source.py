@@ -2429,3 +2429,388 @@ def unstamped(text: str) -> str:
     """stamped's inverse: the text without _STAMP_DEFS and the GD_STAMP lines."""
     text = text.replace(_STAMP_DEFS, "", 1)
     return "".join(line for line in text.splitlines(True) if "GD_STAMP" not in line)
+
+
+# ---------------------------------------------------------------------------------------------
+# H3_BODY (round 7, helper chunk7; CUDA, off by default: chunk_launch.H3): the state pass with
+# one warp a chain. H2_BODY splits each chunk's two products over the threadgroup's warps (W S^T
+# by chunk rows, the update by key tiles), so every chunk crosses the warps twice (Xw to delta
+# through threadgroup memory, S back to Sb), behind two or three barriers: the round-6 stamps
+# show ~5,500 cycles a chunk for a few hundred of products. Here warp w owns value rows vw = v0 +
+# 16 w .. + 16 of the state, all Dk keys, as KT = Dk / 16 fp32 accumulator tiles (as flash-linear-
+# attention's chunk_fwd_h keeps b_h in registers), and does both products of a chunk itself:
+#   Xw^T = S W^T       (C layout: value rows x chunk rows; A = its Sb, the state in PS)
+#   delta = U - Xw      (fp32, from the staged U rows), to its Db (PS) and, from there, Vn
+#   S = decay S + delta^T Kw
+# so the state never leaves the warp: between the products a __syncwarp, not a barrier. The
+# threadgroup's warps share one ring of NB chunks, each stage W, Kw (C x Dk) and U (C x BV)
+# staged by cp.async a whole chunk (NB - 1 chunks) ahead, one barrier a chunk (the stage landed,
+# every warp past the buffer it replaces). gd_mma_rows (H3_TILES) loads A's fragment once for the
+# R tiles of a step and issues their products together. Same arithmetic element for element as
+# H2_BODY (S and delta rounded to PS for the products, Xw and the update accumulated over k in the
+# same order, delta = U - Xw in fp32, H[n] = Sb, the final state from the accumulators): H, Vn and
+# the state bit for bit H2_BODY's. Needs Dv a multiple of BV = 16 NW (the host checks).
+# Threadgroup memory (dynamic on CUDA, the static array in the lane emulator): NB (2 C (Dk + 16 /
+# size) + C (BV + 16 / size)) + NW (16 (Dk + 16 / size) + C (16 + 16 / size)) PS: bf16, Dk 128,
+# NW 4, NB 2: 117760 B.
+H3_NAME = "gated_delta_chunk_h3"
+H3_INPUTS = ["W", "U", "Kw", "gates", "state_in"]
+H3_BODY = """
+  using PS = gd_staged<PT>;
+  constexpr int PSZ = int(sizeof(PS));
+  constexpr int NW = NT / 32;
+  constexpr int PAD = 16 / PSZ;
+  constexpr int SP = Dk + PAD;   // row stride of the staged W / Kw rows and of a warp's Sb
+  constexpr int UP = BV + PAD;   // row stride of the staged U rows
+  constexpr int DBL = 16 + PAD;  // row stride of a warp's delta
+  constexpr int KT = Dk / 16;    // key tiles of the state
+  constexpr int RT = C / 16;     // row tiles of a chunk
+  constexpr int STAGE = 2 * C * SP + C * UP;  // one chunk's W, Kw and U rows
+  constexpr int WARP = 16 * SP + C * DBL;     // a warp's Sb and Db
+  static_assert(BV == 16 * NW && Dk % 16 == 0 && C % 16 == 0 && NB >= 2, "H3_BODY layout");
+  // W, Kw: [B * Hv, N * C, Dk]; U, Vn: [B * Hv, N * C, Dv]; gates: [B * Hv, N * C, 4];
+  // H: [B * Hv, N, Dv, Dk]; state_in, state_out: [B, Hv, Dv, Dk] fp32; Dv a multiple of BV
+  const int NC = U_shape[1];
+  const int Dv = U_shape[2];
+  const int N = NC / C;
+  const int tid = int(gd_tid);
+  const int w = tid / 32;
+  const unsigned head = gd_tg_x;  // b * Hv + hv
+  const int v0 = int(gd_tg_y) * BV;
+  const int vw = v0 + 16 * w;     // this warp's value rows
+#ifdef __CUDA_ARCH__
+  extern __shared__ __align__(16) unsigned char gd_dyn_h3[];
+  GD_TG_PTR PS* sm = reinterpret_cast<GD_TG_PTR PS*>(gd_dyn_h3);
+#else
+  GD_TG16 PS sm[NB * STAGE + NW * WARP];
+#endif
+  GD_TG_PTR PS* Sb = sm + NB * STAGE + w * WARP;  // this warp's state in PS: 16 x Dk
+  GD_TG_PTR PS* Db = Sb + 16 * SP;                // this warp's delta in PS: C x 16
+  struct alignas(16) gd_vh {
+    unsigned int x[4];
+  };
+
+  // the state: warp w's tile c holds value rows vw.., keys 16 c..
+  gd_acc sa[KT];
+  #pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+    gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+  }
+  const size_t row0 = size_t(head) * NC;
+  // the copies of chunk nn's stage: thread tid copies 16 bytes of W and Kw rows kr + j KR (from
+  // column kc) and of U rows ur + j UR (from value uc), j = 0, 1, ..
+  constexpr int KR = NT / (Dk / PAD);  // W / Kw rows a round of copies
+  constexpr int UR = NT / (BV / PAD);  // U rows a round
+  static_assert(NT % (Dk / PAD) == 0 && NT % (BV / PAD) == 0 && C % KR == 0 && C % UR == 0,
+                "H3_BODY copies");
+  const int kr = tid / (Dk / PAD);
+  const int kc = (tid % (Dk / PAD)) * PAD;
+  const int ur = tid / (BV / PAD);
+  const int uc = (tid % (BV / PAD)) * PAD;
+  auto copy = [&](int nn) {
+    if (nn < N) {
+      GD_TG_PTR PS* b = sm + (nn % NB) * STAGE;
+      const size_t r0 = row0 + size_t(nn) * C;
+      const PT* wr = W + (r0 + kr) * Dk + kc;
+      const PT* kw = Kw + (r0 + kr) * Dk + kc;
+      #pragma unroll
+      for (int j = 0; j < C / KR; ++j) {
+        const unsigned o = unsigned(((kr + j * KR) * SP + kc) * PSZ);
+        gd_cp16(b, o, wr + size_t(j) * KR * Dk);
+        gd_cp16(b, o + unsigned(C * SP * PSZ), kw + size_t(j) * KR * Dk);
+      }
+      const PT* ug = U + (r0 + ur) * Dv + v0 + uc;
+      #pragma unroll
+      for (int j = 0; j < C / UR; ++j) {
+        gd_cp16(b, unsigned((2 * C * SP + (ur + j * UR) * UP + uc) * PSZ),
+                ug + size_t(j) * UR * Dv);
+      }
+    }
+    gd_copy_commit();
+  };
+  for (int q = 0; q < NB - 1; ++q) copy(q);
+  float dcn = N > 0 ? gates[(row0 + C - 1) * 4] : 1.0f;  // the next chunk's decay
+  for (int n = 0; n < N; ++n) {
+    const size_t rn = row0 + size_t(n) * C;
+    const float dc = dcn;
+    if (n + 1 < N) dcn = gates[(rn + 2 * C - 1) * 4];
+    gd_copy_wait<NB - 2>();
+    gd_barrier();  // chunk n staged; every warp past chunk n - 1, so its buffer is free
+    copy(n + NB - 1);
+    const GD_TG_PTR PS* sw = sm + (n % NB) * STAGE;  // W rows, then Kw rows, then U rows
+    const GD_TG_PTR PS* sk = sw + C * SP;
+    const GD_TG_PTR PS* su = sw + 2 * C * SP;
+    // Xw^T = S W^T: tile r holds the warp's value rows x chunk rows 16 r..
+    gd_acc xt[RT];
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_zero(xt[r]);
+    gd_mma_rows<MP, false, true, RT>(xt, Sb, SP, sw, SP, 16 * SP, Dk);
+    // H[n] = S (Sb is the state in PT), 16 bytes a lane
+    const size_t hb = (size_t(head) * N + n) * Dv + vw;
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < 16 * Dk; e += 32 * PAD) {
+      *reinterpret_cast<gd_vh*>(H + (hb + e / Dk) * Dk + e % Dk) =
+          *reinterpret_cast<const GD_TG_PTR gd_vh*>(Sb + (e / Dk) * SP + e % Dk);
+    }
+    // delta^T = U^T - Xw^T tile by tile (U's rows read transposed), to Db as delta (transposed)
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      gd_acc dl;
+      gd_acc_load16<true>(dl, su + 16 * r * UP + 16 * w, UP);
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) dl.c[h][e] -= xt[r].c[h][e];
+      }
+      gd_acc_store16<true>(dl, Db + 16 * r * DBL, DBL);
+    }
+    __syncwarp();  // Db complete; Sb's reads (the products, H) done
+    // Vn = delta (PS is PT), 16 bytes a lane
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
+      *reinterpret_cast<gd_vh*>(Vn + (rn + e / 16) * Dv + vw + e % 16) =
+          *reinterpret_cast<const GD_TG_PTR gd_vh*>(Db + (e / 16) * DBL + e % 16);
+    }
+    // S = decay S + delta^T Kw
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) gd_acc_scale(sa[c], dc);
+    gd_mma_rows<MP, true, false, KT>(sa, Db, DBL, sk, SP, 16, C);
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+  }
+  gd_copy_wait<0>();
+  #pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+  }
+"""
+# gd_mma_rows (H3_BODY's header, CUDA): C_r += A B_r for r < R, B_r = B + r bo, K a multiple of
+# 16: gd_mma_staged's products tile for tile (the same arithmetic); where those take ldmatrix
+# (GD_MMA16, one 16-bit operand type) A's fragment of each step of 16 is loaded once for the R
+# tiles, and the step's R products (independent accumulators) are issued together.
+H3_TILES = """
+// The shared-window address of a threadgroup pointer; callers add their offsets in 32 bits.
+// CUDA 11+ (NVRTC too): the compiler's own conversion, which it folds into the addressing (an
+// asm cvta, as gd_ldmatrix4's, cost H3 17 instructions a chunk and 70 registers); else the asm.
+__device__ __forceinline__ unsigned gd_smem32(const void* p) {
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 11
+  return unsigned(__cvta_generic_to_shared(p));
+#else
+  unsigned a;
+  asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(a) : "l"(p));
+  return a;
+#endif
+}
+template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_rows_(gd_flag<false>, gd_acc* x, PA A, int lda, PB B,
+                                             int ldb, int bo, int K) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) gd_mma<MP, TA, TB>(x[r], A, lda, B + r * bo, ldb, K);
+}
+// ldmatrix .x4 from a shared-window address (the operands' bases converted once, the steps'
+// offsets added to them: no generic-to-shared conversion an instruction)
+template <bool TR>
+__device__ __forceinline__ void gd_ldsm4(unsigned* r, unsigned a) {
+  if (TR) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+}
+template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_rows_(gd_flag<true>, gd_acc* x, PA A, int lda, PB B,
+                                             int ldb, int bo, int K) {
+  const int m = (threadIdx.x & 31) >> 3;
+  const int rr = threadIdx.x & 7;
+  const int ao = TA ? (8 * (m >> 1) + rr) * lda + 8 * (m & 1)
+                    : (8 * (m & 1) + rr) * lda + 8 * (m >> 1);
+  const int bs = TB ? (8 * (m >> 1) + rr) * ldb + 8 * (m & 1)
+                    : (8 * (m & 1) + rr) * ldb + 8 * (m >> 1);
+  const unsigned a0 = gd_smem32(A + ao);
+  const unsigned b0 = gd_smem32(B + bs);
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    unsigned a[4];
+    gd_ldsm4<TA>(a, a0 + 2u * unsigned(TA ? k0 * lda : k0));
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      unsigned b[4];
+      gd_ldsm4<!TB>(b, b0 + 2u * unsigned(r * bo + (TB ? k0 : k0 * ldb)));
+      gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x[r].c[0], a, b);
+      gd_mma_m16n8k16<gd_kind16(PA(nullptr))>(x[r].c[1], a, b + 2);
+    }
+  }
+}
+template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_rows(gd_acc* x, PA A, int lda, PB B, int ldb, int bo,
+                                            int K) {
+  constexpr int KA = gd_kind16(PA(nullptr));
+  constexpr bool F = GD_MMA16 && KA != 0 && KA == gd_kind16(PB(nullptr));
+  gd_mma_rows_<MP, TA, TB, R>(gd_flag<F>(), x, A, lda, B, ldb, bo, K);
+}
+// A 16 x 16 tile between the accumulator and threadgroup memory of the pieces' type E, element
+// (row, col) at p[row ld + col] (TR: p[col ld + row]): gd_acc_load16 widens to float,
+// gd_acc_store16 rounds to E (to nearest even, as static_cast). 16-bit E on sm_90: one ldmatrix /
+// stmatrix .x4 (.trans for TR) a tile, lane L giving the address of row L % 8 of 8 x 8 block
+// m = L / 8 = (row half m & 1, column half m >> 1), whose fragment is c[m >> 1][2 (m & 1)..];
+// otherwise an element a lane at a time. Rows 16-byte aligned.
+template <bool TR, typename E>
+__device__ __forceinline__ unsigned gd_tile16_addr(E* p, int ld) {
+  const int m = (threadIdx.x & 31) >> 3;
+  const int l = threadIdx.x & 7;
+  const int r0 = 8 * (m & 1);
+  const int c0 = 8 * (m >> 1);
+  return gd_smem32(TR ? p + (c0 + l) * ld + r0 : p + (r0 + l) * ld + c0);
+}
+template <bool TR, typename E>
+__device__ __forceinline__ void gd_acc_load16(gd_acc& x, const E* p, int ld) {
+  constexpr int KIND = gd_kind16((const E*)nullptr);
+#if __CUDA_ARCH__ >= 900
+  if (KIND != 0) {
+    unsigned r[4];
+    gd_ldsm4<TR>(r, gd_tile16_addr<TR>(p, ld));
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const unsigned short h = (unsigned short)(r[m] >> (16 * j));
+        x.c[m >> 1][2 * (m & 1) + j] = static_cast<float>(*reinterpret_cast<const E*>(&h));
+      }
+    }
+    return;
+  }
+#endif
+  const int g = (threadIdx.x & 31) >> 2;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = g + 8 * (e >> 1);
+      const int j = 8 * h + 2 * t + (e & 1);
+      x.c[h][e] = static_cast<float>(TR ? p[j * ld + i] : p[i * ld + j]);
+    }
+  }
+}
+template <bool TR, typename E>
+__device__ __forceinline__ void gd_acc_store16(const gd_acc& x, E* p, int ld) {
+  constexpr int KIND = gd_kind16((const E*)nullptr);
+#if __CUDA_ARCH__ >= 900
+  if (KIND != 0) {
+    unsigned r[4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      unsigned short h[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const E v = static_cast<E>(x.c[m >> 1][2 * (m & 1) + j]);
+        h[j] = *reinterpret_cast<const unsigned short*>(&v);
+      }
+      r[m] = unsigned(h[0]) | (unsigned(h[1]) << 16);
+    }
+    const unsigned a = gd_tile16_addr<TR>(p, ld);
+    if (TR) {
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+                   ::"r"(a), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+    } else {
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
+                   ::"r"(a), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+    }
+    return;
+  }
+#endif
+  const int g = (threadIdx.x & 31) >> 2;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = g + 8 * (e >> 1);
+      const int j = 8 * h + 2 * t + (e & 1);
+      (TR ? p[j * ld + i] : p[i * ld + j]) = static_cast<E>(x.c[h][e]);
+    }
+  }
+}
+// One 16-byte cp.async (H3_BODY's ring) to byte `off` past the threadgroup-memory base s (its
+// conversion to a shared-window address is common to a chunk's copies) from g.
+__device__ __forceinline__ void gd_cp16(const void* s, unsigned off, const void* g) {
+  const unsigned a = gd_smem32(s) + off;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(g));
+}
+"""
+
+
+def h3_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
+    """Bytes of H3_BODY's threadgroup memory: NB stages of W, Kw and U rows, each warp's Sb and
+    Db, rows padded by 16 bytes."""
+    pad = 16 // itemsize
+    stage = 2 * C * (Dk + pad) + C * (16 * nw + pad)
+    warp = 16 * (Dk + pad) + C * (16 + pad)
+    return (nb * stage + nw * warp) * itemsize
+
+
+# H3_BODY stamped (round 7): one sampled chunk n = N / 2 of every threadgroup (warp 0's clock),
+# split into the wait for its stage (+ the barrier), the next stage's copies issued, Xw^T, H's
+# stores, delta, Vn's stores, the update and Sb's stores; the first phase is the state's load and
+# chunks 0 .. N/2 - 1, the last the chunks after.
+_H3_SB = (
+    "    #pragma unroll\n"
+    "    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);\n"
+)
+_H3_AT = "n == N / 2"
+H3_STAMPS = (
+    ("chunks before", "  for (int q = 0; q < NB - 1; ++q) copy(q);\n"),
+    ("wait, barrier", "    gd_copy_wait<NB - 2>();\n", _H3_AT),
+    ("copies issued", "    copy(n + NB - 1);\n", _H3_AT),
+    ("Xw^T", "    gd_mma_rows<MP, false, true, RT>", _H3_AT),
+    ("H stores", "    // H[n] = S (Sb is the state in PT), 16 bytes a lane\n", _H3_AT),
+    ("delta", "    // delta^T = U^T - Xw^T", _H3_AT),
+    ("Vn stores", "    // Vn = delta (PS is PT), 16 bytes a lane\n", _H3_AT),
+    ("update", "    // S = decay S + delta^T Kw\n", _H3_AT),
+    ("Sb", _H3_SB, _H3_AT),
+    ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
+)
+
+
+# L32_TILES (round 7, chunk_launch.LDSM32; CUDA, off by default): appended after H3_TILES to the
+# header of the WY2 / state / output passes, it makes their gd_mma_staged and gd_copy_tile (by
+# macro: the kernel text is unchanged) convert each threadgroup-memory operand's address to the
+# shared window once a call and add the offsets in 32 bits, where the tile layer converts a 64-bit
+# generic address per ldmatrix and per 16-byte copy (H3's first build spent ~600 of 1130
+# instructions a chunk on that). The same copies, ldmatrix and mma in the same order: the same
+# outputs bit for bit.
+L32_TILES = """
+template <int MP, bool TA, bool TB, typename PA, typename PB>
+__device__ __forceinline__ void gd_mma_staged_l32(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
+  constexpr int KA = gd_kind16(PA(nullptr));
+  constexpr bool F = GD_MMA16 && KA != 0 && KA == gd_kind16(PB(nullptr));
+  gd_mma_rows_<MP, TA, TB, 1>(gd_flag<F>(), &x, A, lda, B, ldb, 0, K);
+}
+template <int NT, int R, int CL, typename D, typename S>
+__device__ __forceinline__ void gd_copy_tile_l32(D dst, int dld, S src, size_t sld, int rmax,
+                                                 int tid, int cmax = CL) {
+  constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
+  static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
+  constexpr int U = R * CL / V;  // copies of the tile
+  const unsigned d0 = gd_smem32(dst);
+#pragma unroll
+  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
+    const int e = tid + it * NT;
+    if (U % NT != 0 && e >= U) break;
+    const int r = e / (CL / V);
+    const int c = (e % (CL / V)) * V;
+    const int rs = r < rmax ? r : rmax;
+    const int cs = c < cmax ? c : cmax - V;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                     d0 + unsigned((r * dld + c) * int(sizeof(*dst)))),
+                 "l"(src + rs * sld + cs));
+  }
+}
+#define gd_mma_staged gd_mma_staged_l32
+#define gd_copy_tile gd_copy_tile_l32
+"""
