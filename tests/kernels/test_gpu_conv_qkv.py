@@ -88,9 +88,14 @@ def test_conv_qkv_kernel_against_ops_and_float64(shape, dtype):
         assert g.dtype == dtype and g.shape == o.shape
     assert mx.array_equal(got[3], ops[3]).item()  # the new conv state: a copy
     wide = dtype == mx.float32
+    # q = round(round(n) * s), s = Dk^-0.5: where the fp32 sums (in another order) move n's
+    # rounding by one ulp of n, that ulp times s is up to 2 s / 2^floor(log2 s) ulps of q (2.83
+    # at Dk 128), and q's own rounding adds one (H200, fp16: 2.04 seen).
+    s_ = Dk**-0.5
+    q_limit = max(ULPS_MAX, 1.0 + 2 * s_ / 2.0 ** np.floor(np.log2(s_)))
     for name, g, o in zip("qkv", got[:3], ops[:3], strict=True):
         ulps, share = _ulps(g, o, dtype)
-        limit = ULPS_FP32 if wide else (1.0 if name == "v" else ULPS_MAX)
+        limit = ULPS_FP32 if wide else {"q": q_limit, "k": ULPS_MAX, "v": 1.0}[name]
         assert ulps <= limit and (wide or share <= SHARE_MAX), (name, ulps, share)
     # float64, as the CPU test checks the emulated body
     case = (*shape, dtype)
@@ -98,9 +103,12 @@ def test_conv_qkv_kernel_against_ops_and_float64(shape, dtype):
     rounded, exact = reference(case, *x, True), reference(case, *x, False)
     for name, g, r, ex in zip("qkv", got[:3], rounded[:3], exact[:3], strict=True):
         ulps, _ = _ulps(g, mx.array(r.astype(np.float32)), dtype)
-        rms = np.sqrt((ex * ex).mean())
-        assert ulps <= (ULPS_FP32 if wide else ULPS_MAX), (name, ulps)
-        assert np.abs(np64(g) - ex).max() / rms <= EXACT_ULPS * ULP[dtype], name
+        # Each element against its own size (or the rms, for the small ones): the roundings the
+        # ops prescribe move an element by ulps of itself, so over the 2M elements of the 9B
+        # heads the ops' own largest error was 0.135 rms in bf16 (the kernel's: the same).
+        scale = np.maximum(np.abs(ex), np.sqrt((ex * ex).mean()))
+        assert ulps <= (ULPS_FP32 if wide else q_limit if name == "q" else ULPS_MAX), (name, ulps)
+        assert (np.abs(np64(g) - ex) / scale).max() <= EXACT_ULPS * ULP[dtype], name
 
 
 def test_conv_qkv_comparison_sees_a_wrong_state():

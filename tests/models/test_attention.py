@@ -185,14 +185,14 @@ def test_blocked_peak_does_not_depend_on_history(monkeypatch):
     assert long <= 1.1 * short, (short, long)
 
 
-def test_prefill_kernel_is_off_and_admits_only_its_masks(monkeypatch):
-    """PREFILL_KERNEL is off by default (the kernel has not run on a GPU yet); with a GPU
-    backend (faked here) prefill_kernel_takes admits bf16 / fp16 at D <= 256 and the masks the
-    kernel reads (None, "causal", bool [1 or B, 1, 1 or T, S]), nothing else."""
-    assert attn_lib.PREFILL_KERNEL is False
+def test_prefill_kernel_admits_only_its_masks(monkeypatch):
+    """With a GPU backend (faked here) prefill_kernel_takes admits bf16 / fp16 at D <= 256 and
+    the masks the kernel reads (None, "causal", bool [1 or B, 1, 1 or T, S]), nothing else;
+    without one (the CPU), nothing."""
     q = mx.zeros((2, 8, 32, 256), mx.bfloat16)
     k = v = mx.zeros((2, 2, 100, 256), mx.bfloat16)
-    assert not attn_lib.prefill_kernel_takes(q, k, v, "causal")  # the CPU: no backend
+    monkeypatch.setattr(attn_lib.prefill_kernel, "backend_name", lambda: None)
+    assert not attn_lib.prefill_kernel_takes(q, k, v, "causal")
     monkeypatch.setattr(attn_lib.prefill_kernel, "backend_name", lambda: "cuda")
     takes = attn_lib.prefill_kernel_takes
     assert takes(q, k, v, None) and takes(q, k, v, "causal")

@@ -57,11 +57,12 @@ SYNC_BLOCKS = 8
 KEY_ALIGN = 128
 # The prefill attention kernel (kernels/attention/prefill.py: FlashAttention-2 style, one launch,
 # scores never in device memory) where it takes the step (a GPU, bf16 / fp16, head dim <= 256,
-# masks None / "causal" / bool) and MLX has no fused kernel. Off: checked so far on the CPU's
-# lane emulator and by the sm_90 and Metal-stub compiles only; turn on once
-# tests/kernels/test_gpu_prefill_attention.py has passed on the GPU and
-# benchmarks/bench_prefill_attention.py has measured it faster than the blocked path.
-PREFILL_KERNEL = False
+# masks None / "causal" / bool), MLX has no fused kernel, and the step has at least
+# PREFILL_KERNEL_MIN_T queries. Measured on the H200 (session 11, 0.8B shape, version 2, causal):
+# 2.16x the ops at 8192 queries over 8192 keys, but 0.64-0.83x at 2048 queries over 2048-8192
+# keys (the default prefill step), where the ops' matmuls keep more of the GPU busy.
+PREFILL_KERNEL = True
+PREFILL_KERNEL_MIN_T = 8192
 
 
 def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
@@ -171,7 +172,11 @@ def attention(
         cache = None
     if hasattr(cache, "bits") or q.shape[2] == 1 or has_fused_kernel(q, k, v):
         return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)
-    if PREFILL_KERNEL and prefill_kernel_takes(q, k, v, mask):
+    if (
+        PREFILL_KERNEL
+        and q.shape[2] >= PREFILL_KERNEL_MIN_T
+        and prefill_kernel_takes(q, k, v, mask)
+    ):
         return prefill_kernel.prefill_attention(q, k, v, scale=scale, mask=mask)
     B, Hq, T, _ = q.shape
     if B * Hq * T * k.shape[2] * q.dtype.size <= PLAIN_BYTES:

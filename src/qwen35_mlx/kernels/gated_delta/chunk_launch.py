@@ -508,7 +508,7 @@ _kernels: dict[tuple, object] = {}
 # 1.29 -> 0.87 ms with m = 2 (both checks passed), so 2 is the default; {} builds them unbounded.
 # MLX writes the kernel's declaration itself, so the bound goes in through the header, by
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
-MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 2}
+MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 3}
 _BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
 # Round 6's variants (WY2_VX, O2_VX; CUDA): bounded as the pass they vary.
 _BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2"}
@@ -682,15 +682,18 @@ WY2 = True
 # staged type is the pieces'): off by default until the H200 has checked and timed it
 # (benchmarks/chunk_split_gpu.py --stamps, "wy v16").
 WY2_V16 = False
-# Round 6 (helper chunk6; CUDA only, off by default until the H200 has checked and timed them,
+# Defaults since session 11 (H200, `chunk_split_gpu.py --ab7`, bf16, Hv 32): WY2_VX, O2_VX at
+# three threadgroups an SM (MIN_BLOCKS "o2"), H3 = 2 and LDSM32, all bit for bit the earlier
+# defaults' outputs in its checks: the split path 1.304 -> 0.989 ms at 8k, 5.024 -> 3.770 at 32k.
+# Round 6 (helper chunk6; CUDA only, checked and timed on the H200,
 # benchmarks/chunk_split_gpu.py --ab6): each pass's outputs moved 16 bytes a thread, the same
 # arithmetic (outputs bit for bit the default build's). WY2_VX: WY2_V16 plus Kw's stores and
 # the U / W slices' scaling in 16-byte groups (chunk_source.wy2_vx_body; takes precedence over
 # WY2_V16). H2_VX: H[n]'s stores (h2_vx_body). O2_VX: Y's decay in the accumulators (three
 # barriers fewer) and y's stores (o2_vx_body; where Dv is a multiple of 16 / y's item size).
-WY2_VX = False
+WY2_VX = True
 H2_VX = False
-O2_VX = False
+O2_VX = True
 # H2_DYN: (key slice DS, ring NB) of the state pass with its ring of staged slices in dynamic
 # shared memory (chunk_source.h2_dyn_body; CUDA, Dk <= 128): rings past the 48 KB of static
 # shared memory, e.g. (128, 3): three whole W / Kw slices of Dk 128, 52 KB, each copy a whole
@@ -702,12 +705,12 @@ H2_DYN: tuple[int, int] | None = None
 # ring of H3_NB whole chunks (W, Kw, U) in dynamic shared memory; same arithmetic as H2_BODY
 # (H, Vn and the state bit for bit). None: H2_BODY / H_BODY. Where Dv is not a multiple of 16 H3,
 # the default pass.
-H3: int | None = None
+H3: int | None = 2
 H3_NB = 2
 # Round 7 (CUDA, off by default): the WY2, H2 and O2 builds (and their variants) with
 # chunk_source.L32_TILES in their header ("_l32" names): gd_mma_staged / gd_copy_tile converting
 # threadgroup addresses once a call instead of once an ldmatrix / a copy. Same outputs.
-LDSM32 = False
+LDSM32 = True
 _L32 = ("wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x")
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
