@@ -100,6 +100,7 @@ def test_switch_routes_model_attention(monkeypatch):
     """PREFILL_KERNEL on: models.attention.attention gives the kernel's result exactly."""
     q, k, v, _ = make_attention_inputs(1, 8, 2, 600, 2000, 256, dtype=mx.bfloat16, seed=4)
     monkeypatch.setattr(model_attention, "PREFILL_KERNEL", True)
+    monkeypatch.setattr(model_attention, "PREFILL_KERNEL_MIN_T", 1)
     got = model_attention.attention(q, k, v, None, 1 / 16, "causal")
     want = prefill.prefill_attention(q, k, v, scale=1 / 16, mask="causal")
     assert mx.array_equal(got, want).item()

@@ -149,7 +149,11 @@ def test_prefill_step_memory_does_not_grow_with_history(monkeypatch):
     peaks, kv = _step_peaks(model, ids, T)
     growth = peaks[-1] - peaks[4]
     kv_growth = kv[-1] - kv[4]
-    assert growth <= 1.1 * kv_growth + (1 << 20), ([p >> 20 for p in peaks], kv)
+    # The cache regrows into a fresh buffer, and while the copy runs the old one is alive too;
+    # on a GPU MLX frees it only in the command buffer's completion handler, after the step's
+    # attention peak: so the peak may grow by the cache's growth twice (H200, session 11: 3.03
+    # MB against 1.44 MB of cache growth). The old code grew by 3-4 MB a step: 40 MB here.
+    assert growth <= 2.1 * kv_growth + (1 << 20), ([p >> 20 for p in peaks], kv)
 
 
 def test_model_prefill_in_blocks_matches_one_call(monkeypatch):

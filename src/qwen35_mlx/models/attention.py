@@ -47,11 +47,7 @@ QUERY_BLOCK = 2048
 # On a GPU the host queues a long history's key blocks far ahead of the GPU, and every queued
 # block's scores stay alive until the GPU has run it: the step's peak grew with the history
 # again (issue 9, H200). There the running sums are evaluated every `SYNC_BLOCKS` key blocks
-# (0: never), and the host then waits for the stream's completion handlers too
-# (`mx.synchronize`): MLX frees a group's scores and weights in those handlers, on a worker
-# thread, after `mx.eval` has returned, so without the wait a step held one group or two by
-# timing (H200, session 11: the peak then crept up with the number of groups, i.e. the history).
-# With it, one group's blocks are alive at once, whatever the history.
+# (0: never), so at most about that many blocks' scores are alive at once.
 SYNC_BLOCKS = 8
 # Key blocks are a multiple of this many keys (matmul-friendly) and never shorter.
 KEY_ALIGN = 128
@@ -118,7 +114,6 @@ def _blocked(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> 
         for j, k0 in enumerate(range(0, k_end, kb)):
             if sync and j and j % sync == 0:
                 mx.eval(acc, l, m)
-                mx.synchronize()
             k1 = min(k0 + kb, k_end)
             s = qs @ k[:, :, k0:k1].swapaxes(-1, -2)  # [B, Hkv, rep * n, k1 - k0]
             if causal and k1 - 1 > offset + q0:
