@@ -30,8 +30,10 @@ TILES_V1 = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
 # Version 2's: 64 registers of Q fragments and 128 of output a lane leave little room; ptxas
 # (nvcc 13, sm_90) fits the causal / no-mask builds at BK 32 without spills (1,341 instructions
 # a 32 keys in the causal loop against 838 a 16 at BK 16), the bool-mask builds (the mask's row
-# offset live too) only at BK 16 (MASK_TILES).
-TILES = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
+# offset live too) only at BK 16 (MASK_TILES). BK 16 for all of them since session 11: on the
+# H200 (0.8B shape, causal) it was faster at every length measured (3.23 against 3.86 ms at 8192
+# queries over 8192 keys; 0.67-1.62 against 0.74-1.92 at 2048 queries).
+TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
 MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
 # Which body runs by backend (prefill_source.VERSIONS; 1, the first, stays for A/B timings):
 # CUDA 2; Metal 1 until a Mac measures 2 (whose Q fragments and output, simdgroup matrices, are
