@@ -140,3 +140,17 @@ def pytest_collection_modifyitems(config, items):
     ]
     if lost:
         raise pytest.UsageError(f"tests/kernels/conftest.py keeps ids that do not exist: {lost}")
+
+
+@pytest.fixture
+def plain_split(monkeypatch):
+    """The split chunk path's switches as before session 11 made round 7 the default (H3 and
+    LDSM32 off, WY2_VX / O2_VX off, the output pass at two threadgroups an SM): the build the
+    older variant and launch tests were written against (round 7's own: test_chunk_h3.py)."""
+    from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
+
+    monkeypatch.setattr(cl, "H3", None)
+    monkeypatch.setattr(cl, "LDSM32", False)
+    monkeypatch.setattr(cl, "WY2_VX", False)
+    monkeypatch.setattr(cl, "O2_VX", False)
+    monkeypatch.setattr(cl, "MIN_BLOCKS", {**cl.MIN_BLOCKS, "o2": 2})

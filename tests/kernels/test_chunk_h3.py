@@ -210,22 +210,11 @@ def test_h2_bv32_equals_bv16(program, tmp_path, Dk):
         assert np.isfinite(x).all() and np.array_equal(x, y)
 
 
-def _plain(monkeypatch):
-    """The split path's switches as before session 11 made round 7 the default (H3 off, LDSM32
-    off, WY2_VX / O2_VX off, the output pass at two threadgroups an SM): the build these tests
-    turn one variant on against."""
-    monkeypatch.setattr(cl, "H3", None)
-    monkeypatch.setattr(cl, "LDSM32", False)
-    monkeypatch.setattr(cl, "WY2_VX", False)
-    monkeypatch.setattr(cl, "O2_VX", False)
-    monkeypatch.setattr(cl, "MIN_BLOCKS", {**cl.MIN_BLOCKS, "o2": 2})
-
-
+@pytest.mark.usefixtures("plain_split")
 def test_host_builds_h3_only_where_it_applies(recorder, monkeypatch):  # noqa: F811
     """H3 off: H2_BODY. On: H3_BODY for bf16 pieces with Dv a multiple of 16 H3
     (its header with gd_mma_rows, the ring's bytes of dynamic shared memory, H3 warps a
     threadgroup, Dv / (16 H3) threadgroups a head); fp32 pieces and Metal keep the default."""
-    _plain(monkeypatch)
     k, v, g, beta = _inputs()
     W, U, Kw, gates = cl.wy_pass("cuda", k, v, g, beta, None)
     state = mx.zeros((1, 4, 128, 128), mx.float32)
@@ -283,6 +272,7 @@ def test_h3_compiles_for_sm90_without_spills(tmp_path, nw):
     assert len(regs) == 2 and max(regs) <= 255 and spill == [0, 0], log
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_ab7_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  # noqa: F811
     """chunk_split_gpu.py --ab7's checks and timings end to end on the recording factory (zeros
     for every output): every variant built (H3 with 4 and 2 warps, rings of 2 and 3; BEST7's
@@ -297,7 +287,6 @@ def test_ab7_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     sys.modules.pop("chunk_split_gpu", None)
     import chunk_split_gpu as g
 
-    _plain(monkeypatch)
     monkeypatch.setattr(g, "_gpu_backend", lambda backend: _ZerosFused())
     monkeypatch.setattr(g, "float64_loop", lambda *a: _zeros_like_outputs(*a))
     rows = g.ab7_checks("cuda")
@@ -315,11 +304,11 @@ def test_ab7_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     }  # fmt: skip
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_ldsm32_builds_l32_variants(recorder, monkeypatch):  # noqa: F811
     """LDSM32 (CUDA): the WY2, H2 and O2 builds with L32_TILES after H3_TILES in their header
     (macros renaming gd_mma_staged / gd_copy_tile), the same kernel text, "_l32" names; off,
     the default header."""
-    _plain(monkeypatch)
     k, v, g, beta = _inputs()
     W, U, Kw, gates = cl.wy_pass("cuda", k, v, g, beta, None)
     state = mx.zeros((1, 4, 128, 128), mx.float32)

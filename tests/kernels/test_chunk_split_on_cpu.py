@@ -696,6 +696,7 @@ class EmulatedKernel:
 @pytest.mark.parametrize("Dv", [20, 24])
 @pytest.mark.parametrize("o2", [True, False], ids=["o2", "o"])
 @pytest.mark.parametrize("fused", [False, True], ids=["gates", "fused"])
+@pytest.mark.usefixtures("plain_split")
 def test_split_host_launch_through_emulator(program, tmp_path, monkeypatch, fused, o2, Dv):
     """gated_delta_chunk_kernel / gated_delta_update_chunk_kernel with SPLIT on: input order,
     shapes, grids and template arguments, the kernels run by the emulator; the fused variant's

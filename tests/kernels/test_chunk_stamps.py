@@ -24,6 +24,7 @@ BODIES = {
 
 
 @pytest.mark.parametrize("which", BODIES)
+@pytest.mark.usefixtures("plain_split")
 def test_stamped_text_is_the_pass_plus_stamps(which):
     """Removing the stamp lines and their definitions gives the pass's text back, letter for
     letter; every anchor took one stamp, numbered in order, and the start / end times too."""
@@ -42,6 +43,7 @@ def test_stamped_text_is_the_pass_plus_stamps(which):
     assert text.count("GD_STAMP_SM();") == 1
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_stamped_refuses_a_missing_or_repeated_anchor():
     body = cs.wy_body(False, True)
     with pytest.raises(ValueError, match="occurs 0 times"):
@@ -77,6 +79,7 @@ def _ptxas(text, tmp_path):
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("act", ["bf16", "fp32"])
+@pytest.mark.usefixtures("plain_split")
 def test_stamped_kernels_compile_for_sm90(tmp_path, monkeypatch, act):
     """The stamped WY2 / O2 kernels (with `unsigned* stamps` after the outputs, the globaltimer
     and smid reads as inline PTX) compile through ptxas for sm_90 under the default launch
@@ -136,6 +139,7 @@ def _inputs(T=130, Hk=2, Hv=4, Dk=128, Dv=128, dtype=mx.bfloat16):
     return k, v, g, g
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_host_launches_the_stamped_passes(recorder):
     """stamps=True builds the stamped text under the default kernel's name + "_lb<m>_stamped"
     and returns stamps [threadgroups, STAMP_SLOTS] uint32; the grid is the default one."""
@@ -170,6 +174,7 @@ def test_host_launches_the_stamped_passes(recorder):
     assert isinstance(y2, mx.array) and recorder.built[-1]["source"] == cl.o2_source("cuda")
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_stamped_builds_are_cuda_and_wy2_o2_only(recorder, monkeypatch):
     k, v, g, beta = _inputs()
     with pytest.raises(ValueError, match="no stamped build"):
@@ -190,6 +195,7 @@ def _reading():
     return mod
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_stamps_reading_on_made_up_stamps():
     """benchmarks/chunk_stamps.summarize on stamps whose answers are known: 8 threadgroups on 2
     SMs, two waves of 1000 ns, 2000 cycles each (100 / 200 / 1700 a phase), both counters
@@ -215,6 +221,7 @@ def test_stamps_reading_on_made_up_stamps():
     assert "2.0 waves" in cs_read.table("wy", 8192, r)
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_max_overlap_counts_touching_intervals_once():
     import numpy as np
 
@@ -223,6 +230,7 @@ def test_max_overlap_counts_touching_intervals_once():
     assert cs_read.max_overlap(np.array([0, 5, 6, 20]), np.array([10, 8, 30, 25])) == 3
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_stamps_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):
     """chunk_split_gpu.py --stamps's per-T step end to end with the recording factory (zeros
     for every output): the stamped and plain builds compared, both passes read with their
@@ -259,6 +267,7 @@ def test_stamps_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("act", ["bf16", "fp32"])
+@pytest.mark.usefixtures("plain_split")
 def test_wy2_v16_compiles_for_sm90_within_its_bound(tmp_path, act):
     """WY2_BODY with 16-byte stores (chunk_launch.WY2_V16), gates inside and precomputed, through
     ptxas for sm_90 under the WY pass's launch bound (three threadgroups an SM)."""

@@ -21,6 +21,7 @@ from tests.kernels.test_cuda_source import PRELUDE
 BAR = "gd_barrier();"
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_vx_bodies_change_only_their_parts():
     """Each variant is its default body with the named parts swapped: the rest of the text is
     the default's, letter for letter (the swapped parts put back give the default)."""
@@ -48,6 +49,7 @@ def test_vx_bodies_change_only_their_parts():
         assert back == o
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_defaults_build_the_default_text(recorder):  # noqa: F811
     """With the switches off (the default) the passes build the default names and text."""
     assert not (cl.WY2_VX or cl.H2_VX or cl.O2_VX)
@@ -61,6 +63,7 @@ def test_defaults_build_the_default_text(recorder):  # noqa: F811
     assert recorder.built[-1]["name"] == cs.O2_NAME + "_lb2"
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_switches_build_the_variants(recorder, monkeypatch):  # noqa: F811
     """WY2_VX / H2_VX / O2_VX build the variant text under names of their own, with the
     default passes' launch bounds and the same grids; Metal, and O2 with Dv not a multiple of
@@ -100,6 +103,7 @@ def test_switches_build_the_variants(recorder, monkeypatch):  # noqa: F811
     assert recorder.built[-1]["source"] == cl.o2_source("cuda")
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_dynamic_ring_builds(recorder, monkeypatch):  # noqa: F811
     """H2_DYN = (DS, NB): the state pass with its ring in dynamic shared memory, asked for at
     launch (the ring's bytes, also in the kernel's name), its tiles as template arguments; with
@@ -166,6 +170,7 @@ def _vx_cases(itemsize: int):
 @pytest.mark.slow  # ~25 s a case; the variants are off by default
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 @pytest.mark.parametrize("act", ["bf16", "fp32"])
+@pytest.mark.usefixtures("plain_split")
 def test_vx_variants_compile_for_sm90_within_bounds_without_spills(tmp_path, monkeypatch, act):
     """Each variant (WY2_VX with gates precomputed and inside, H2_VX, O2_VX) through ptxas for
     sm_90, one kernel a unit as MLX compiles them, under its pass's launch bound: within the
@@ -210,6 +215,7 @@ def test_vx_variants_compile_for_sm90_within_bounds_without_spills(tmp_path, mon
             assert spill == [0], log
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_ab6_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  # noqa: F811
     """chunk_split_gpu.py --ab6's checks and timings end to end on the recording factory (zeros
     for every output): every variant built (the three variant kernels by name), compared with
@@ -248,6 +254,7 @@ def test_ab6_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     }
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_h2_stamped_text_is_the_pass_plus_stamps():
     """The stamped state pass: H2_BODY with GD_STAMP lines and nothing else; every sampled stamp
     once, under its chunk / slice condition."""
@@ -260,6 +267,7 @@ def test_h2_stamped_text_is_the_pass_plus_stamps():
             assert text.count(f"if ({cond[0]}) GD_STAMP({3 + j});\n") == 1
 
 
+@pytest.mark.usefixtures("plain_split")
 def test_host_launches_the_stamped_state_pass(recorder, monkeypatch):  # noqa: F811
     """h_pass(stamps=True): the stamped H2 text under its own name, stamps [threadgroups,
     STAMP_SLOTS] uint32 after the three outputs, the plain pass's grid; H_BODY refuses."""
@@ -281,6 +289,7 @@ def test_host_launches_the_stamped_state_pass(recorder, monkeypatch):  # noqa: F
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+@pytest.mark.usefixtures("plain_split")
 def test_h2_stamped_compiles_for_sm90(tmp_path, monkeypatch):
     """The stamped state pass (bf16, Dk 128, the host's tiles) through ptxas for sm_90, without
     spills."""

@@ -31,3 +31,16 @@ def gpu_backend_name() -> str | None:
     if mx.cuda.is_available():
         return "cuda"
     return "metal" if mx.metal.is_available() else None
+
+
+def gpu_build():
+    """The gated-delta kernels' GPU build of this machine (its helpers and kernel factory), or
+    None: what the kernels outside that package (fused_norm, conv_qkv) compile with."""
+    name = gpu_backend_name()
+    if name == "cuda":
+        from .gated_delta.cuda import BACKEND
+    elif name == "metal":
+        from .gated_delta.metal import BACKEND
+    else:
+        return None
+    return BACKEND

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import gpu_build
 from .positions import prologue
 
 # Warps a threadgroup and tokens a warp (a tile): 4 x 16 = 64 tokens of one head a threadgroup.
@@ -205,20 +206,9 @@ def kernel_source(backend: str) -> str:
 _built: dict[str, object] = {}
 
 
-def _gpu_backend():
-    """The gated-delta kernels' GPU build of this machine (its helpers and factory), or None."""
-    if mx.cuda.is_available():
-        from .gated_delta.cuda import BACKEND
-    elif mx.metal.is_available():
-        from .gated_delta.metal import BACKEND
-    else:
-        return None
-    return BACKEND
-
-
 def _build():
     if "conv_qkv" not in _built:
-        backend = _gpu_backend()
+        backend = gpu_build()
         kind = "cuda" if mx.cuda.is_available() else "metal"
         _built["conv_qkv"] = backend.make_kernel(
             "qm_conv_qkv", INPUT_NAMES, OUTPUT_NAMES, kernel_source(kind)
@@ -243,7 +233,7 @@ def supported(qkv: mx.array, w: mx.array, Hk: int, Dk: int, Hv: int, Dv: int) ->
 def kernel_available(x: mx.array) -> bool:
     """Whether `conv_qkv` runs as a kernel for activations like x: a GPU backend and the default
     device a GPU."""
-    return mx.default_device() != mx.cpu and _gpu_backend() is not None
+    return mx.default_device() != mx.cpu and gpu_build() is not None
 
 
 _consts: dict[tuple, mx.array] = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import gpu_build
 from .positions import prologue
 
 # add_rms_norm: warps a threadgroup (a row each). 8 x 32 = 256 threads: at D = 1024 (0.8B) four
@@ -99,20 +100,9 @@ def kernel_source(name: str, backend: str) -> str:
 _built: dict[str, object] = {}
 
 
-def _gpu_backend():
-    """The gated-delta kernels' GPU build of this machine (its helpers and factory), or None."""
-    if mx.cuda.is_available():
-        from .gated_delta.cuda import BACKEND
-    elif mx.metal.is_available():
-        from .gated_delta.metal import BACKEND
-    else:
-        return None
-    return BACKEND
-
-
 def _build(name: str):
     if name not in _built:
-        backend = _gpu_backend()
+        backend = gpu_build()
         kind = "cuda" if mx.cuda.is_available() else "metal"
         inputs, outputs, _ = KERNELS[name]
         _built[name] = backend.make_kernel("qm_" + name, inputs, outputs, kernel_source(name, kind))
@@ -125,7 +115,7 @@ def kernel_available(x: mx.array) -> bool:
     return (
         mx.default_device() != mx.cpu
         and mx.issubdtype(x.dtype, mx.floating)
-        and _gpu_backend() is not None
+        and gpu_build() is not None
     )
 
 
