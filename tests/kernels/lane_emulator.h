@@ -7,6 +7,7 @@
 // reports every pair of accesses to one address, one a write, by two threads with no barrier
 // between them: a missing gd_barrier, whatever order the threads happened to run in. A shuffle
 // exchanges its values but orders no memory there, as on CUDA (__shfl_sync is no fence).
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -77,6 +78,7 @@ struct bf16 {
 struct Warp {
   std::barrier<> bar{32};
   float slots[32];
+  float tile[256];  // at_frag_round's exchange of a 16 x 16 tile
 };
 thread_local Warp* tl_warp = nullptr;
 thread_local std::barrier<>* tl_block = nullptr;
@@ -339,4 +341,35 @@ inline void at_frag_load(at_frag& f, P A, int lda) {
 template <bool TB, typename P>
 inline void at_mma_frag(gd_acc& x, const at_frag& f, P B, int ldb) {
   gd_mma<1, false, TB>(x, static_cast<const float*>(f.a), 16, B, ldb, 16);
+}
+
+// Version 3's layout-aware register ops (prefill.py `_REGS`), CUDA's C-fragment layout: element
+// e of a lane's accumulator, e < 4 in row g, e >= 4 in row g + 8 (lane 4 g + t), column
+// 8 ((e >> 1) & 1) + 2 t + (e & 1); a row's 4 lanes differ in lane bits 0 and 1.
+inline float& at_el(gd_acc& x, int e) { return x.c[(e >> 1) & 1][(e & 1) + 2 * (e >> 2)]; }
+inline int at_row0(int lane) { return lane >> 2; }
+inline int at_col(int e, int lane) { return 8 * ((e >> 1) & 1) + 2 * (lane & 3) + (e & 1); }
+inline float at_row_max(float x, int lane) {
+  const float a = gd_shuffle(x, lane ^ 1);
+  x = std::max(x, a);
+  const float b = gd_shuffle(x, lane ^ 2);
+  return std::max(x, b);
+}
+inline float at_row_sum(float x, int lane) {
+  x += gd_shuffle(x, lane ^ 1);
+  return x + gd_shuffle(x, lane ^ 2);
+}
+inline float at_exp2(float x) { return std::exp2(x); }
+// x's elements rounded to OT in place and, as P's A operand, the whole warp's tile in f (each
+// lane's copy): the lanes meet twice, as at a shuffle.
+template <typename OT>
+inline void at_frag_round(at_frag& f, gd_acc& x) {
+  const int lane = int(threadIdx.x % 32);
+  for (int e = 0; e < 8; ++e) at_el(x, e) = float(OT(at_el(x, e)));
+  const ShuffleUnseen unseen;
+  Warp& w = *tl_warp;
+  for (int e = 0; e < 8; ++e) w.tile[16 * (at_row0(lane) + 8 * (e >> 2)) + at_col(e, lane)] = at_el(x, e);
+  w.bar.arrive_and_wait();
+  for (int i = 0; i < 256; ++i) f.a[i] = w.tile[i];
+  w.bar.arrive_and_wait();
 }

@@ -48,6 +48,8 @@ float simd_shuffle(float data, ushort lane);
 
 namespace metal {
 float exp(float x);
+float exp2(float x);
+float max(float a, float b);
 float log(float x);
 float rsqrt(float x);
 enum class mem_flags { mem_none, mem_device, mem_threadgroup };
@@ -68,6 +70,10 @@ template <typename T, int Cols, int Rows>
 struct simdgroup_matrix {
   simdgroup_matrix() = default;
   explicit simdgroup_matrix(T diagonal);  // dval on the diagonal, 0 elsewhere (MSL 6.7)
+  struct elements {
+    T& operator[](int i);
+  };
+  elements& thread_elements();  // the thread's 2 elements (MSL: thread vec<T, 2>&)
 };
 using simdgroup_float8x8 = simdgroup_matrix<float, 8, 8>;
 template <typename T, int Cols, int Rows>

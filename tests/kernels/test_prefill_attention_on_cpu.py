@@ -46,38 +46,49 @@ CTYPES = {mx.bfloat16: "bf16", mx.float16: "_Float16"}
 U = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}
 CUDA_TILES, METAL_TILES = prefill.TILES["cuda"], prefill.TILES["metal"]
 CUDA_MASK_TILES, V1_TILES = prefill.MASK_TILES["cuda"], prefill.TILES_V1["cuda"]
-# (mask, causal, D, (BK, DS, W), dtype, body version): version 2 with CUDA's tiles (BK 32), its
-# bool-mask tiles (BK 16) and Metal's, also a mask at BK 32, no mask at BK 16, 8 warps and DS
-# 128 with a ring of 3 (the bench's tiles_); version 1 (kept for A/B timings) with its own
+# (mask, causal, D, (BK, DS, W), dtype, body version, ring slots or None: the tiles' backend's)
+# version 2 with CUDA's tiles (BK 32), its bool-mask tiles (BK 16) and Metal's, also a mask at
+# BK 32, no mask at BK 16, 8 warps and DS 128 with a ring of 3 (the bench's tiles_); version 1
+# (kept for A/B timings) with its own; version 3 with CUDA's tiles (whole rows a slice, a ring of
+# 4 whose slots rotate from block to block), Metal's, 8 warps (the query rows staged 16 columns
+# at a time), BK 32 (2 score tiles), and a ring of 3
+V3_256, V3_64 = prefill.tiles("cuda", 3, D=256), prefill.tiles("cuda", 3, D=64)
 INSTANCES = [
-    (False, True, 256, CUDA_TILES, mx.bfloat16, 2),
-    (True, False, 256, CUDA_MASK_TILES, mx.bfloat16, 2),
-    (False, False, 64, CUDA_TILES, mx.float16, 2),
-    (False, True, 64, METAL_TILES, mx.float16, 2),
-    (True, False, 64, METAL_TILES, mx.bfloat16, 2),
-    (True, True, 64, CUDA_MASK_TILES, mx.bfloat16, 2),
-    (False, True, 256, METAL_TILES, mx.bfloat16, 2),
-    (True, True, 256, CUDA_TILES, mx.bfloat16, 2),
-    (False, True, 256, CUDA_MASK_TILES, mx.bfloat16, 2),
-    (True, True, 64, (16, 64, 8), mx.float16, 2),
-    (False, True, 256, (32, 128, 4), mx.bfloat16, 2),
-    (False, True, 256, V1_TILES, mx.bfloat16, 1),
-    (True, True, 64, V1_TILES, mx.float16, 1),
+    (False, True, 256, CUDA_TILES, mx.bfloat16, 2, None),
+    (True, False, 256, CUDA_MASK_TILES, mx.bfloat16, 2, None),
+    (False, False, 64, CUDA_TILES, mx.float16, 2, None),
+    (False, True, 64, METAL_TILES, mx.float16, 2, None),
+    (True, False, 64, METAL_TILES, mx.bfloat16, 2, None),
+    (True, True, 64, CUDA_MASK_TILES, mx.bfloat16, 2, None),
+    (False, True, 256, METAL_TILES, mx.bfloat16, 2, None),
+    (True, True, 256, CUDA_TILES, mx.bfloat16, 2, None),
+    (False, True, 256, CUDA_MASK_TILES, mx.bfloat16, 2, None),
+    (True, True, 64, (16, 64, 8), mx.float16, 2, None),
+    (False, True, 256, (32, 128, 4), mx.bfloat16, 2, 3),
+    (False, True, 256, V1_TILES, mx.bfloat16, 1, None),
+    (True, True, 64, V1_TILES, mx.float16, 1, None),
+    (False, True, 256, V3_256, mx.bfloat16, 3, None),
+    (True, False, 256, V3_256, mx.bfloat16, 3, None),
+    (False, False, 64, V3_64, mx.float16, 3, None),
+    (True, True, 64, V3_64, mx.bfloat16, 3, None),
+    (False, True, 64, METAL_TILES, mx.float16, 3, prefill.RING_V3["metal"]),
+    (True, True, 64, (16, 64, 8), mx.float16, 3, None),
+    (False, True, 256, (32, 64, 4), mx.bfloat16, 3, None),
+    (False, True, 64, (16, 64, 4), mx.bfloat16, 3, 3),
 ]
 
 
-def _ring(tiles) -> int:
-    """Version 2's ring slots: the tiles' backend's, 3 for the bench's DS 128 build (a ring that
-    does not divide a block's slices: its slots rotate from block to block)."""
-    if tiles == METAL_TILES:
-        return prefill.RING["metal"]
-    return 3 if tiles[1] == 128 else prefill.RING["cuda"]
+def _ring(tiles, version, ring) -> int:
+    """The ring slots of an instance: its own, else its tiles' backend's for its version."""
+    if ring is not None:
+        return ring
+    return prefill.rings("metal" if tiles == METAL_TILES else "cuda", version)
 
 
-def _runner(i, mask, causal, D, tiles, dtype, version) -> str:
+def _runner(i, mask, causal, D, tiles, dtype, version, ring) -> str:
     BK, DS, W = tiles
     t = CTYPES[dtype]
-    ring = _ring(tiles)
+    ring = _ring(tiles, version, ring)
     names = ["q", "k", "v", "scale"] + (["mask"] if mask else [])
     ctype = {"q": t, "k": t, "v": t, "scale": "float", "mask": "bool"}
     params = [f"const {ctype[n]}* {n}" for n in names]
@@ -213,7 +224,7 @@ PAIRS = _pairs()
     ids=[f"{INSTANCES.index(i)}-B{c[0]}Hq{c[1]}Hkv{c[2]}T{c[3]}S{c[4]}" for i, c in PAIRS],
 )
 def test_prefill_body_matches_numpy(inst, case, program, tmp_path):
-    mask_kind, causal, D, tiles, dtype, _ = inst
+    mask_kind, causal, D, tiles, dtype, *_ = inst
     B, Hq, Hkv, T, S = case
     q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=S + T)
     scale = D**-0.5
@@ -225,10 +236,11 @@ def test_prefill_body_matches_numpy(inst, case, program, tmp_path):
     check(o, reference(q, k, v, scale, mask, causal), v, dtype, Hq)
 
 
-def test_row_seeing_no_key_is_zero(program, tmp_path):
+@pytest.mark.parametrize("idx", [5, 16], ids=["v2", "v3"])
+def test_row_seeing_no_key_is_zero(idx, program, tmp_path):
     """Left padding past a query's own position: its row sees no key and gives 0 (finite); the
     other rows match the reference."""
-    inst = INSTANCES[5]  # mask and causal, D 64, bf16
+    inst = INSTANCES[idx]  # mask and causal, D 64, bf16
     B, Hq, Hkv, T, S = 2, 4, 2, 20, 20
     q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, 64, dtype=mx.bfloat16, seed=3)
     mask = left_pad_mask(B, T, S, [0, 7], causal_too=True)
@@ -267,7 +279,11 @@ def test_variants_have_names():
     assert len({ps.name(m, c) for m, c in ps.variants()}) == 4
 
 
-@pytest.mark.parametrize("idx", [5, 3], ids=["cuda-tiles-mask-causal", "metal-tiles-causal"])
+@pytest.mark.parametrize(
+    "idx",
+    [5, 3, 16, 17],
+    ids=["cuda-tiles-mask-causal", "metal-tiles-causal", "v3-mask-causal", "v3-metal-tiles-causal"],
+)
 def test_no_race_under_thread_sanitizer(idx, tmp_path):
     """Every threadgroup-memory access is ordered by a barrier: the kernel built with
     ThreadSanitizer (helpers.compile_emulated) runs clean (a report exits nonzero) and still

@@ -44,6 +44,13 @@ MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
 # synchronous: 2 is enough.
 VERSION = {"cuda": 2, "metal": 1}
 RING = {"cuda": 4, "metal": 2}
+# Version 3 (session 12: version 2 with the softmax in registers, prefill_source._WALK3): on CUDA
+# whole 16-key blocks as the ring's slices (DS 0: DS = D, at D 256 2 barriers a block, not 10)
+# in a ring of 4 (3 slices, 1.5 blocks, 24 KB in flight a threadgroup at D 256; 33,792 B
+# shared); its only threadgroup memory is the ring. Metal: the version 2 tiles (not measured:
+# Metal keeps version 1).
+TILES_V3 = {"cuda": (16, 0, 4), "metal": (16, 16, 4)}
+RING_V3 = {"cuda": 4, "metal": 2}
 MP = 1  # bf16 / fp16 operands are exact in tf32 (and CUDA takes them by mma.m16n8k16)
 DTYPES = (mx.bfloat16, mx.float16)
 _POSITIONS = {"at_tid": "thread.x", "at_tg_x": "threadgroup.x", "at_tg_y": "threadgroup.y"}
@@ -181,10 +188,117 @@ inline void at_mma_frag(thread gd_acc& x, thread const at_frag& f, P B, int ldb)
 }
 
 
+# Version 3's layout-aware register ops: a lane's 8 elements of a warp's 16 x 16 accumulator
+#   at_el(x, e)            element e (a reference): e < 4 in row at_row0(lane), e >= 4 in row
+#                          at_row0(lane) + 8; column at_col(e, lane)
+#   at_row_max / at_row_sum(x, lane)   over the 4 lanes holding a row's elements
+#   at_exp2(x)             2^x
+#   at_frag_round<OT>(f, x)  x's elements rounded to OT, in x and as the A fragment f (P V)
+# CUDA: mma's C fragment (lane 4 g + t: rows g, g + 8, columns 2 t, 2 t + 1 of each 8-column
+# half; c[h][0..1] row g, c[h][2..3] row g + 8), which is m16n8k16's A fragment once packed in
+# pairs (a[0] rows g cols 0-7, a[1] g + 8 cols 0-7, a[2] g cols 8-15, a[3] g + 8 cols 8-15);
+# the lanes of a row differ in lane bits 0 and 1. Metal: a simdgroup_float8x8's two
+# thread_elements (lane l: row 4 (l / 16) + (l / 2) % 4, columns 4 ((l / 8) % 2) + 2 (l % 2) +
+# {0, 1}, as MLX's steel attention reads them); the lanes of a row differ in bits 0 and 3.
+_REGS = {
+    "cuda": """
+__device__ __forceinline__ float& at_el(gd_acc& x, int e) {
+  return x.c[(e >> 1) & 1][(e & 1) + 2 * (e >> 2)];
+}
+__device__ __forceinline__ int at_row0(int lane) {
+  return lane >> 2;
+}
+__device__ __forceinline__ int at_col(int e, int lane) {
+  return 8 * ((e >> 1) & 1) + 2 * (lane & 3) + (e & 1);
+}
+__device__ __forceinline__ float at_row_max(float x, int) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float at_row_sum(float x, int) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float at_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ unsigned at_pack2(float a, float b, const __nv_bfloat16*) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+__device__ __forceinline__ unsigned at_pack2(float a, float b, const __half*) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+__device__ __forceinline__ float at_lo(unsigned u, const __nv_bfloat16*) {
+  return __uint_as_float(u << 16);
+}
+__device__ __forceinline__ float at_hi(unsigned u, const __nv_bfloat16*) {
+  return __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ float at_lo(unsigned u, const __half*) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(u & 0xffffu)));
+}
+__device__ __forceinline__ float at_hi(unsigned u, const __half*) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(u >> 16)));
+}
+template <typename OT>
+__device__ __forceinline__ void at_frag_round(at_frag& f, gd_acc& x) {
+  const OT* k = nullptr;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // a[i]: column half i / 2, row half i % 2
+    float& a = x.c[i >> 1][2 * (i & 1)];
+    float& b = x.c[i >> 1][2 * (i & 1) + 1];
+    f.a[i] = at_pack2(a, b, k);
+    a = at_lo(f.a[i], k);
+    b = at_hi(f.a[i], k);
+  }
+}
+""",
+    "metal": """
+inline thread float& at_el(thread gd_acc& x, int e) {
+  return x.m[e >> 2][(e >> 1) & 1].thread_elements()[e & 1];
+}
+inline int at_row0(int lane) {
+  return 4 * (lane / 16) + (lane / 2) % 4;
+}
+inline int at_col(int e, int lane) {
+  return 8 * ((e >> 1) & 1) + 4 * ((lane / 8) % 2) + 2 * (lane % 2) + (e & 1);
+}
+inline float at_row_max(float x, int lane) {
+  x = metal::max(x, simd_shuffle_xor(x, ushort(1)));
+  return metal::max(x, simd_shuffle_xor(x, ushort(8)));
+}
+inline float at_row_sum(float x, int lane) {
+  x += simd_shuffle_xor(x, ushort(1));
+  return x + simd_shuffle_xor(x, ushort(8));
+}
+inline float at_exp2(float x) {
+  return metal::exp2(x);
+}
+template <typename OT>
+inline void at_frag_round(thread at_frag& f, thread gd_acc& x) {
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      for (int e = 0; e < 2; ++e) {
+        const float r = float(static_cast<OT>(x.m[i][j].thread_elements()[e]));
+        x.m[i][j].thread_elements()[e] = r;
+        f.m[i][j].thread_elements()[e] = r;
+      }
+    }
+  }
+}
+""",
+}
+
+
 def header(backend: str) -> str:
-    """The chunk kernels' header (base helpers, copies, tile layer), at_acc_scale_rows and the
-    register operands (at_frag)."""
-    return chunk_launch.header(backend) + _ROWS[backend] + _FRAGS[backend]
+    """The chunk kernels' header (base helpers, copies, tile layer), at_acc_scale_rows, the
+    register operands (at_frag) and version 3's layout-aware register ops (at_el ..)."""
+    return chunk_launch.header(backend) + _ROWS[backend] + _FRAGS[backend] + _REGS[backend]
 
 
 def source(
@@ -192,24 +306,44 @@ def source(
 ) -> str:
     """The kernel text (`ring`: version 2's slots, the backend's RING if None)."""
     v = VERSION[backend] if version is None else version
-    return prologue(backend, **_POSITIONS) + src.body(mask, causal, v, ring or RING[backend])
+    return prologue(backend, **_POSITIONS) + src.body(mask, causal, v, ring or rings(backend, v))
 
 
-def tiles(backend: str, version: int | None = None, mask: bool = False) -> tuple[int, int, int]:
-    """(BK, DS, W) of a version's body on a backend (version 2: `mask`, a bool-mask build)."""
+def rings(backend: str, version: int | None = None) -> int:
+    """The ring slots of a version's body on a backend (version 1 has none: RING's, unused)."""
     v = VERSION[backend] if version is None else version
+    return (RING_V3 if v == 3 else RING)[backend]
+
+
+def tiles(
+    backend: str, version: int | None = None, mask: bool = False, D: int = 256
+) -> tuple[int, int, int]:
+    """(BK, DS, W) of a version's body on a backend (version 2: `mask`, a bool-mask build;
+    version 3: DS 0 in TILES_V3 is D, whole rows)."""
+    v = VERSION[backend] if version is None else version
+    if v == 3:
+        BK, DS, W = TILES_V3[backend]
+        return BK, DS or D, W
     return (TILES_V1 if v == 1 else MASK_TILES if mask else TILES)[backend]
 
 
 def threadgroup_bytes(
-    backend: str, staged: int | None = None, version: int | None = None, mask: bool = False
+    backend: str,
+    staged: int | None = None,
+    version: int | None = None,
+    mask: bool = False,
+    D: int = 256,
 ) -> int:
     """Threadgroup memory of the kernel with the backend's tiles: staged elements (`staged`
     bytes each: the dtype's on CUDA, floats on Metal) (16 W + BK) (DS + 8) in version 1, RING BK
-    (DS + 8) in version 2, plus 16 W (BK + 8) for P, and 16 W (BK + 17) floats."""
+    (DS + 8) in version 2, plus 16 W (BK + 8) for P, and 16 W (BK + 17) floats; version 3 only
+    its ring, RING_V3 BK (DS + 8), or the query rows' 16 W (DS + 8) (16 W 24 past the ring)."""
     v = VERSION[backend] if version is None else version
-    BK, DS, W = tiles(backend, v, mask)
+    BK, DS, W = tiles(backend, v, mask, D)
     staged = 4 if backend == "metal" else staged or 2
+    if v == 3:
+        rows = RING_V3[backend] * BK
+        return max(rows * (DS + 8), 16 * W * (DS + 8 if 16 * W <= rows else 24)) * staged
     slices = (16 * W + BK) * (DS + 8) if v == 1 else RING[backend] * BK * (DS + 8)
     return (slices + 16 * W * (BK + 8)) * staged + 16 * W * (BK + 17) * 4
 
@@ -245,7 +379,7 @@ def kernel(
     backend: str, mask: bool, causal: bool, version: int | None = None, ring: int | None = None
 ):
     v = VERSION[backend] if version is None else version
-    r = (ring or RING[backend]) if v == 2 else None
+    r = (ring or rings(backend, v)) if v != 1 else None
     key = (backend, mask, causal, v, r)
     if key not in _kernels:
         _kernels[key] = getattr(mx.fast, _FACTORY[backend])(
@@ -310,7 +444,7 @@ def prefill_attention(
         arr = arr.reshape((1,) * (4 - arr.ndim) + tuple(arr.shape))
         if arr.shape[3] != S:
             arr = mx.broadcast_to(arr, (*arr.shape[:3], S))
-    BK, DS, W = tiles_ or tiles(backend, version, arr is not None)
+    BK, DS, W = tiles_ or tiles(backend, version, arr is not None, D)
     if D % DS:
         raise ValueError(f"prefill_attention: D {D} not a multiple of DS {DS}")
     inputs = [q, k, v, mx.array([scale], mx.float32)] + ([arr] if arr is not None else [])

@@ -72,6 +72,7 @@ _DEFINES = """
 #define AT_NEG (-3.0e38f)
 #define AT_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define AT_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define AT_LAZY 8.0f
 """
 # BODY2's walk of staged slices: key block j0 (a multiple of BK) has 2 NSL slices, its NSL key
 # slices then its NSL value slices; slice p_ counted from block jb's first (p_ a constant
@@ -103,6 +104,7 @@ _UNDEFS = """
 #undef AT_NEG
 #undef AT_MAX
 #undef AT_MIN
+#undef AT_LAZY
 #undef AT_MASK
 #undef AT_CAUSAL
 #undef AT_ISSUE
@@ -412,6 +414,220 @@ _WALK2 = (
 )
 
 
+# Version 3 (session 12): version 2's walk with the softmax in registers. Each lane keeps the
+# scores of its own accumulator elements (at_el: rows at_row0 and at_row0 + 8 of the warp's 16,
+# the layout the backend's tile has), reduces a row over the 4 lanes holding it (at_row_max),
+# and turns the rounded weights into P's A fragments in place (at_frag_round): no scores or
+# weights in threadgroup memory and no barriers outside the ring's. exp2 with the scale and
+# log2(e) folded into one factor. The rows' reference maxima move lazily: only when a block's
+# maximum exceeds a row's by more than AT_LAZY (log2 units; the weights stay <= 2^AT_LAZY, the
+# same relative rounding), so most blocks rescale nothing. Partial row sums per lane, reduced
+# once at the end; the output written from the accumulators. Threadgroup memory: the ring only,
+# max(AT_RING BK, 16 W) (DS + 8) staged (the query rows pass through it once, before the walk;
+# 16 W (16 + 8) where 16 W > AT_RING BK).
+_WALK3 = (
+    """  // the query rows pass through the ring's memory first, QC columns at a time (warp w's
+  // rows at 16 w (QC + 8)): whole slices where the ring holds them, else 16 columns
+  constexpr int QC = 16 * W <= AT_RING * BK ? DS : 16;
+  constexpr int RN = AT_RING * BK * QL > 16 * W * (QC + 8) ? AT_RING * BK * QL : 16 * W * (QC + 8);
+  GD_TG16 ST ring[RN];  // AT_RING staged key / value slices
+  const size_t q0 = (size_t(b) * Hq + head) * T * D;
+  const size_t kv0 = size_t(bh) * S * D;
+  // the lane's two rows: r0 and r0 + 8 of the warp's 16 (at_el elements 0-3 and 4-7)
+  const int r0 = at_row0(lane);
+  const int tok0 = AT_MIN(t0 + r0, T - 1);
+  const int tok1 = AT_MIN(t0 + r0 + 8, T - 1);
+  (void)tok0;
+  (void)tok1;
+#if AT_MASK
+  const int mrow0 = mask0 + (Tm == 1 ? 0 : tok0) * S;
+  const int mrow1 = mask0 + (Tm == 1 ? 0 : tok1) * S;
+#endif
+  (void)offset;
+  const float sl2 = sc * 1.4426950408889634f;  // scores to log2 units
+  float m0 = AT_NEG, m1 = AT_NEG;              // the rows' reference maxima (log2 units)
+  float l0 = 0.0f, l1 = 0.0f;                  // the lane's part of the rows' sums
+  gd_acc o[NDT];
+  #pragma unroll
+  for (int c = 0; c < NDT; ++c) {
+    gd_acc_zero(o[c]);
+  }
+  // 0. the warp's query rows into registers (an A fragment a 16 columns), once
+  at_frag qf[NDT];
+  GD_TG_PTR ST* qw = ring + 16 * w * (QC + 8);
+  #pragma unroll
+  for (int c = 0; c < D; c += QC) {
+    gd_barrier();
+    gd_copy_tile<32, 16, QC>(qw, QC + 8, q + q0 + size_t(qrow0) * D + c, size_t(D),
+                             T - 1 - qrow0, lane);
+    gd_copy_commit();
+    gd_copy_wait<0>();
+    gd_barrier();
+    #pragma unroll
+    for (int kk = 0; kk < QC / 16; ++kk) {
+      at_frag_load(qf[c / 16 + kk], qw + 16 * kk, QC + 8);
+    }
+  }
+  gd_barrier();  // the query rows are read before the ring's first copies land
+  constexpr int NSL = D / DS;  // slices of a block's keys (and of its values)
+  constexpr int RS = BK * QL;  // a ring slot
+  int base = 0;                // the ring slot of this block's first slice
+  #pragma unroll
+  for (int p = 0; p < AT_RING - 1; ++p) {
+    AT_ISSUE(0, p)
+  }
+
+  for (int j0 = 0; j0 < n_tg; j0 += BK) {
+#if AT_CAUSAL
+    const bool live = j0 <= last_w;  // uniform in the warp
+    // every row of the warp sees every key of the block: no per-key test
+    const bool full = !AT_MASK && j0 + BK <= S && j0 + BK - 1 <= offset + t0;
+#else
+    const bool live = t0 < T;
+    const bool full = !AT_MASK && j0 + BK <= S;
+#endif
+    // 1. scores: Q (registers) times the block's key slices
+    gd_acc s[NKT];
+    #pragma unroll
+    for (int c = 0; c < NKT; ++c) {
+      gd_acc_zero(s[c]);
+    }
+    #pragma unroll
+    for (int i = 0; i < NSL; ++i) {
+      gd_copy_wait<AT_RING - 2>();
+      gd_barrier();
+      AT_ISSUE(j0, i + AT_RING - 1)
+      GD_TG_PTR ST* kb = ring + ((base + i) % AT_RING) * RS;
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < NKT; ++c) {
+          #pragma unroll
+          for (int kk = 0; kk < DS / 16; ++kk) {
+            at_mma_frag<true>(s[c], qf[i * (DS / 16) + kk], kb + 16 * c * QL + 16 * kk, QL);
+          }
+        }
+      }
+    }
+    // 2. online softmax in registers (a warp with no key of the block visible skips it: its
+    // weights would all be 0)
+    at_frag pf[NKT];
+    if (live) {
+      float mx0 = AT_NEG, mx1 = AT_NEG;
+      #pragma unroll
+      for (int c = 0; c < NKT; ++c) {
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float x = at_el(s[c], e) * sl2;
+          if (!full) {
+            const int j = j0 + 16 * c + at_col(e, lane);
+            bool see = j < S;
+#if AT_CAUSAL
+            see = see && j <= offset + (e < 4 ? tok0 : tok1);
+#endif
+#if AT_MASK
+            see = see && bool(mask[(e < 4 ? mrow0 : mrow1) + AT_MIN(j, S - 1)]);
+#endif
+            x = see ? x : AT_NEG;
+          }
+          at_el(s[c], e) = x;
+          if (e < 4) {
+            mx0 = AT_MAX(mx0, x);
+          } else {
+            mx1 = AT_MAX(mx1, x);
+          }
+        }
+      }
+      mx0 = at_row_max(mx0, lane);
+      mx1 = at_row_max(mx1, lane);
+      // a row's reference maximum moves when the block's is above it by more than AT_LAZY
+      // (AT_NEG + AT_LAZY is AT_NEG: a row's first visible key moves it); its output rows and
+      // sum scale by 2^(old - new) then (the 4 lanes of a row decide alike)
+      if (mx0 > m0 + AT_LAZY) {
+        const float alpha = at_exp2(m0 - mx0);
+        m0 = mx0;
+        l0 *= alpha;
+        #pragma unroll
+        for (int c = 0; c < NDT; ++c) {
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            at_el(o[c], e) *= alpha;
+          }
+        }
+      }
+      if (mx1 > m1 + AT_LAZY) {
+        const float alpha = at_exp2(m1 - mx1);
+        m1 = mx1;
+        l1 *= alpha;
+        #pragma unroll
+        for (int c = 0; c < NDT; ++c) {
+          #pragma unroll
+          for (int e = 4; e < 8; ++e) {
+            at_el(o[c], e) *= alpha;
+          }
+        }
+      }
+      #pragma unroll
+      for (int c = 0; c < NKT; ++c) {
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float x = at_el(s[c], e);
+          // AT_NEG marks a key the row does not see (a seen score is far above it)
+          at_el(s[c], e) = x > 0.5f * AT_NEG ? at_exp2(x - (e < 4 ? m0 : m1)) : 0.0f;
+        }
+        // the weights rounded to the input dtype, as P's A fragment and in s (for the sums)
+        at_frag_round<OT>(pf[c], s[c]);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          if (e < 4) {
+            l0 += at_el(s[c], e);
+          } else {
+            l1 += at_el(s[c], e);
+          }
+        }
+      }
+    }
+    // 3. O += P V
+    #pragma unroll
+    for (int i = 0; i < NSL; ++i) {
+      gd_copy_wait<AT_RING - 2>();
+      gd_barrier();
+      AT_ISSUE(j0, NSL + i + AT_RING - 1)
+      GD_TG_PTR ST* vb = ring + ((base + NSL + i) % AT_RING) * RS;
+      if (live) {
+        #pragma unroll
+        for (int c = 0; c < DS / 16; ++c) {
+          #pragma unroll
+          for (int kk = 0; kk < NKT; ++kk) {
+            at_mma_frag<false>(o[i * (DS / 16) + c], pf[kk], vb + 16 * kk * QL + 16 * c, QL);
+          }
+        }
+      }
+    }
+    // (a constant 0 where the ring's size divides a block's slices: slots known at compile time)
+    base = (2 * NSL) % AT_RING == 0 ? 0 : (base + 2 * NSL) % AT_RING;
+  }
+
+  // o = O / l (0 where the row saw no key), rounded once, from the accumulators; rows past T
+  // are not written
+  l0 = at_row_sum(l0, lane);
+  l1 = at_row_sum(l1, lane);
+  const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f;
+  const float i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+  #pragma unroll
+  for (int c = 0; c < NDT; ++c) {
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int t = t0 + r0 + (e < 4 ? 0 : 8);
+      if (t < T) {
+        out[q0 + size_t(t) * D + 16 * c + at_col(e, lane)] =
+            static_cast<OT>(at_el(o[c], e) * (e < 4 ? i0 : i1));
+      }
+    }
+  }
+"""
+)
+
+
 # Both bodies' end: o = O / l through the warp's score rows.
 _TAIL = """  // o = O / l (O times 1 / l, 0 where the row saw no key), rounded once; rows past T are
   // not written
@@ -437,7 +653,8 @@ _TAIL = """  // o = O / l (O times 1 / l, 0 where the row saw no key), rounded o
 
 BODY = _HEAD + _WALK1 + _TAIL
 BODY2 = _HEAD + _WALK2 + _TAIL
-VERSIONS = (1, 2)
+BODY3 = _HEAD + _WALK3
+VERSIONS = (1, 2, 3)
 
 
 def name(mask: bool, causal: bool, version: int = 2, ring: int | None = None) -> str:
@@ -457,10 +674,11 @@ def variants() -> list[tuple[bool, bool]]:
 
 
 def body(mask: bool, causal: bool, version: int = 2, ring: int = 3) -> str:
-    """The kernel text of a variant; version 2 stages through `ring` (>= 2) slots."""
+    """The kernel text of a variant; versions 2 and 3 stage through `ring` (>= 2) slots."""
     if version not in VERSIONS or ring < 2:
         raise ValueError(f"prefill body: version {version}, ring {ring}")
     switches = f"\n#define AT_MASK {int(mask)}\n#define AT_CAUSAL {int(causal)}\n"
     if version == 1:
         return switches + _DEFINES + BODY + _UNDEFS
-    return switches + f"#define AT_RING {ring}\n" + _DEFINES + _DEFINES2 + BODY2 + _UNDEFS
+    body_ = BODY2 if version == 2 else BODY3
+    return switches + f"#define AT_RING {ring}\n" + _DEFINES + _DEFINES2 + body_ + _UNDEFS
