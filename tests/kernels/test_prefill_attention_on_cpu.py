@@ -310,3 +310,33 @@ def test_no_race_under_thread_sanitizer(idx, tmp_path):
         o = np.fromfile(out, np.float16).astype(np.float32)
     o = o.reshape(B, Hq, T, 64)
     check(o, reference(q, k, v, 0.125, mask, inst[1]), v, inst[4], Hq)
+
+
+@pytest.mark.parametrize("idx", [15, 16, 2], ids=["v3", "v3-mask-causal", "v2"])
+def test_rising_scores_rescale_the_output(idx, program, tmp_path):
+    """Scores that rise along the keys (each key's ~0.6 above the last: a 16-key block's maximum
+    ~14 log2 units above the one before): every block moves the rows' maxima past version 3's
+    lazy margin (AT_LAZY, 8), so the output's rescaling runs block after block; the weights
+    of the early keys vanish against the late ones, as in float64."""
+    inst = INSTANCES[idx]
+    mask_kind, causal, D, tiles, dtype, *_ = inst
+    B, Hq, Hkv, T, S = 1, 4, 2, 33, 100
+    q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=5)
+    rng = np.random.default_rng(5)
+    u = rng.standard_normal(D)
+    u /= np.linalg.norm(u)
+    # every query along u (norm 16), key j along u with a weight rising with j, plus noise
+    qn = np.broadcast_to(16.0 * u, (B, Hq, T, D)) + 0.05 * rng.standard_normal((B, Hq, T, D))
+    rise = 0.6 * np.arange(S) * np.sqrt(D) / 16.0
+    kn = rise[None, None, :, None] * u + 0.05 * rng.standard_normal((B, Hkv, S, D))
+    q, k = mx.array(qn).astype(dtype), mx.array(kn).astype(dtype)
+    scale = D**-0.5
+    mask = left_pad_mask(B, T, S, [4], causal) if mask_kind else None
+    o = run_emulated(program, tmp_path, inst, q, k, v, scale, mask)
+    want = reference(q, k, v, scale, mask, causal)
+    check(o, want, v, dtype, Hq)
+    # the rise is as argued: a late query's last 16 keys span > 8 log2 units of score
+    s = np.asarray(q.astype(mx.float32), np.float64)[0, 0, -1] @ np.asarray(
+        k.astype(mx.float32), np.float64
+    )[0, 0, -16:].T
+    assert (s.max() - s.min()) * scale / np.log(2) > 8
