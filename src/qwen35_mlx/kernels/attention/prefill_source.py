@@ -73,6 +73,9 @@ _DEFINES = """
 #define AT_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define AT_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define AT_LAZY 8.0f
+#ifndef AT_CHAINS
+#define AT_CHAINS 2
+#endif
 """
 # BODY2's walk of staged slices: key block j0 (a multiple of BK) has 2 NSL slices, its NSL key
 # slices then its NSL value slices; slice p_ counted from block jb's first (p_ a constant
@@ -105,6 +108,7 @@ _UNDEFS = """
 #undef AT_MAX
 #undef AT_MIN
 #undef AT_LAZY
+#undef AT_CHAINS
 #undef AT_MASK
 #undef AT_CAUSAL
 #undef AT_ISSUE
@@ -486,11 +490,15 @@ _WALK3 = (
     const bool live = t0 < T;
     const bool full = !AT_MASK && j0 + BK <= S;
 #endif
-    // 1. scores: Q (registers) times the block's key slices
+    // 1. scores: Q (registers) times the block's key slices; with one score tile (BK 16) the
+    // D / 16 products of a tile are two chains (even and odd 16-column steps into s and s2,
+    // added at the end), not one chain of dependent products
     gd_acc s[NKT];
+    gd_acc s2[NKT];
     #pragma unroll
     for (int c = 0; c < NKT; ++c) {
       gd_acc_zero(s[c]);
+      gd_acc_zero(s2[c]);
     }
     #pragma unroll
     for (int i = 0; i < NSL; ++i) {
@@ -503,9 +511,19 @@ _WALK3 = (
         for (int c = 0; c < NKT; ++c) {
           #pragma unroll
           for (int kk = 0; kk < DS / 16; ++kk) {
-            at_mma_frag<true>(s[c], qf[i * (DS / 16) + kk], kb + 16 * c * QL + 16 * kk, QL);
+            if (AT_CHAINS == 2 && NKT == 1 && (i * (DS / 16) + kk) % 2 == 1) {
+              at_mma_frag<true>(s2[c], qf[i * (DS / 16) + kk], kb + 16 * c * QL + 16 * kk, QL);
+            } else {
+              at_mma_frag<true>(s[c], qf[i * (DS / 16) + kk], kb + 16 * c * QL + 16 * kk, QL);
+            }
           }
         }
+      }
+    }
+    if (AT_CHAINS == 2 && NKT == 1) {
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        at_el(s[0], e) += at_el(s2[0], e);
       }
     }
     // 2. online softmax in registers (a warp with no key of the block visible skips it: its
