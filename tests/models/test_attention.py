@@ -208,3 +208,43 @@ def test_prefill_kernel_admits_only_its_masks(monkeypatch):
     assert not takes(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), None)
     assert not takes(q[..., :200], k[..., :200], v[..., :200], None)  # D % 64
     assert not takes(q, k[:, :, :16], v[:, :, :16], None)  # T > S
+
+
+def test_prefill_kernel_wants_by_queries_and_keys(monkeypatch):
+    """prefill_kernel_wants: from PREFILL_KERNEL_MIN_T queries at any history; with
+    PREFILL_KERNEL_MIN_S set, also from PREFILL_KERNEL_MIN_T_AT_S queries over at least that
+    many keys; with it 0 (the default), the history alone never routes a step."""
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_T", 8192)
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_T_AT_S", 2048)
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_S", 0)
+    wants = attn_lib.prefill_kernel_wants
+    assert wants(8192, 8192) and wants(9000, 200_000)
+    assert not wants(2048, 131072) and not wants(8191, 8191)
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_S", 16384)
+    assert wants(2048, 16384) and wants(4096, 131072) and wants(8192, 8192)
+    assert not wants(2047, 131072)  # a short last step of a long prompt: the ops
+    assert not wants(2048, 16383)
+
+
+def test_attention_routes_long_histories_by_the_switch(monkeypatch):
+    """attention() sends a step to the prefill kernel exactly when prefill_kernel_wants and
+    prefill_kernel_takes say so (the kernel faked here: the routing only)."""
+    q = mx.zeros((1, 8, 64, 256), mx.bfloat16)
+    k = v = mx.zeros((1, 2, 640, 256), mx.bfloat16)
+    calls = []
+    monkeypatch.setattr(attn_lib, "has_fused_kernel", lambda *a: False)
+    monkeypatch.setattr(attn_lib, "prefill_kernel_takes", lambda *a: True)
+    monkeypatch.setattr(attn_lib.prefill_kernel, "prefill_attention",
+                        lambda q, *a, **kw: calls.append(q.shape) or q)  # fmt: skip
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL", True)
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_T", 8192)
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_T_AT_S", 64)
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_S", 0)
+    attn_lib.attention(q, k, v, None, 1 / 16, "causal")
+    assert calls == []
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_S", 641)
+    attn_lib.attention(q, k, v, None, 1 / 16, "causal")
+    assert calls == []
+    monkeypatch.setattr(attn_lib, "PREFILL_KERNEL_MIN_S", 640)
+    out = attn_lib.attention(q, k, v, None, 1 / 16, "causal")
+    assert calls == [q.shape] and out is q

@@ -59,6 +59,15 @@ KEY_ALIGN = 128
 # keys (the default prefill step), where the ops' matmuls keep more of the GPU busy.
 PREFILL_KERNEL = True
 PREFILL_KERNEL_MIN_T = 8192
+# ... and, when PREFILL_KERNEL_MIN_S > 0, a step of at least PREFILL_KERNEL_MIN_T_AT_S queries
+# over at least PREFILL_KERNEL_MIN_S keys (a long prompt's later steps: the ops path walks and
+# syncs on many key blocks there, the kernel keeps no scores). Off (0) until the H200 has timed
+# the kernel's version 3 against the ops over long histories (benchmarks/bench_prefill_attention.py;
+# session 12, helper fattn3's NOTES). Fewer queries than PREFILL_KERNEL_MIN_T_AT_S would leave
+# most of the GPU idle (16 query tokens a threadgroup: 256 threadgroups at 2048 in the 0.8B
+# shape, about the H200's 264 resident ones).
+PREFILL_KERNEL_MIN_S = 0
+PREFILL_KERNEL_MIN_T_AT_S = 2048
 
 
 def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
@@ -146,6 +155,16 @@ def prefill_kernel_takes(q: mx.array, k: mx.array, v: mx.array, mask: Any) -> bo
     return prefill_kernel.mask_supported(mask, q.shape[0], q.shape[2], k.shape[2])
 
 
+def prefill_kernel_wants(T: int, S: int) -> bool:
+    """Whether a step of T queries over S keys is one for the prefill kernel by its size (where
+    PREFILL_KERNEL is on and prefill_kernel_takes it): T >= PREFILL_KERNEL_MIN_T, or, when
+    PREFILL_KERNEL_MIN_S is set (> 0), S >= PREFILL_KERNEL_MIN_S and T >=
+    PREFILL_KERNEL_MIN_T_AT_S."""
+    if T >= PREFILL_KERNEL_MIN_T:
+        return True
+    return 0 < PREFILL_KERNEL_MIN_S <= S and T >= PREFILL_KERNEL_MIN_T_AT_S
+
+
 def dequantize_kv(q: mx.array) -> bool:
     """Whether a quantized KV cache is dequantized before attention: on MLX's CUDA backend
     (0.32), whose quantized matmul lacks kernels for attention's shapes ("[quantized_matmul] No
@@ -169,7 +188,7 @@ def attention(
         return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)
     if (
         PREFILL_KERNEL
-        and q.shape[2] >= PREFILL_KERNEL_MIN_T
+        and prefill_kernel_wants(q.shape[2], k.shape[2])
         and prefill_kernel_takes(q, k, v, mask)
     ):
         return prefill_kernel.prefill_attention(q, k, v, scale=scale, mask=mask)
