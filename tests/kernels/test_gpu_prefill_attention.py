@@ -18,7 +18,12 @@ from qwen35_mlx.kernels.attention import prefill
 from qwen35_mlx.models import attention as model_attention
 from tests.kernels.attention_np import make_attention_inputs
 from tests.kernels.gpu import GPU_ONLY
-from tests.kernels.test_prefill_attention_on_cpu import check, left_pad_mask, reference
+from tests.kernels.test_prefill_attention_on_cpu import (
+    check,
+    left_pad_mask,
+    reference,
+    rising_inputs,
+)
 
 pytestmark = GPU_ONLY
 
@@ -47,25 +52,32 @@ CASES = [
 ]
 
 
-# (body version, tiles, ring): the default, version 2 with BK 16, with slices of 128 columns (a
-# ring of 3), with 8 warps (128 query rows a threadgroup: half the key / value traffic) and
-# version 1 (the A/B builds)
+# (body version, tiles, ring): the default, version 3 (session 12: the softmax in registers)
+# with its tiles, version 2 with BK 16, with slices of 128 columns (a ring of 3), with 8 warps
+# (128 query rows a threadgroup: half the key / value traffic), version 1, and version 3 with 8
+# warps and with slices of 64 columns (the A/B builds)
 BUILDS = [
-    (2, None, None),
+    (None, None, None),
+    (3, None, None),
     (2, (16, 64, 4), None),
     (2, (32, 128, 4), 3),
     (2, (16, 128, 8), 2),
     (1, None, None),
+    (3, (16, 256, 8), None),
+    (3, (16, 64, 4), None),
 ]
 
 
-# every case with the default build; the A/B builds with the first three (0.8B shape, causal)
-PAIRS = [(c, BUILDS[0]) for c in CASES] + [(c, b) for b in BUILDS[1:] for c in CASES[:3]]
+# every case with the default build and version 3; the A/B builds with the first three (0.8B
+# shape, causal)
+PAIRS = [(c, b) for b in BUILDS[:2] for c in CASES] + [
+    (c, b) for b in BUILDS[2:] for c in CASES[:3]
+]
 
 
 def _pair_id(pair) -> str:
     (B, Hq, _, T, S, D, _, kind), (version, tiles, ring) = pair
-    build = f"v{version}" + ("-{}-{}-{}".format(*tiles) + f"-r{ring}" if tiles else "")
+    build = f"v{version or 'default'}" + ("-{}-{}-{}".format(*tiles) + f"-r{ring}" if tiles else "")
     return f"B{B}Hq{Hq}T{T}S{S}D{D}{kind}-{build}"
 
 
@@ -104,3 +116,15 @@ def test_switch_routes_model_attention(monkeypatch):
     got = model_attention.attention(q, k, v, None, 1 / 16, "causal")
     want = prefill.prefill_attention(q, k, v, scale=1 / 16, mask="causal")
     assert mx.array_equal(got, want).item()
+
+
+@pytest.mark.parametrize("version", [None, 3], ids=["default", "v3"])
+def test_rising_scores_on_the_gpu(version):
+    """Scores rising along the keys (tests/kernels/test_prefill_attention_on_cpu.rising_inputs:
+    by 60 over the 4096 keys, ~87 log2 units): a row's maximum moves past version 3's lazy margin
+    (8 log2 units) about every 24 blocks of 16 keys, so its rescaling runs ~10 times a row;
+    0.8B shape at T 2048 over 4096 keys, causal."""
+    q, k, v = rising_inputs(1, 8, 2, 2048, 4096, 256, mx.bfloat16, seed=7)
+    o = prefill.prefill_attention(q, k, v, scale=1 / 16, mask="causal", version=version)
+    got = np.asarray(o.astype(mx.float32), np.float64)
+    check(got, reference(q, k, v, 1 / 16, None, True), v, mx.bfloat16, 8)

@@ -312,6 +312,21 @@ def test_no_race_under_thread_sanitizer(idx, tmp_path):
     check(o, reference(q, k, v, 0.125, mask, inst[1]), v, inst[4], Hq)
 
 
+def rising_inputs(B, Hq, Hkv, T, S, D, dtype, seed, total=60.0):
+    """q, k, v whose scores (at scale D^-1/2) rise along the keys by `total` over the S keys
+    (about 60 / S a key: 0.6 at S 100, a range that keeps fp32 scores exact to ~1e-5): every
+    query along one unit vector u (norm 16), key j along u with weight (total / S) j sqrt(D) /
+    16, both plus N(0, 0.05^2) noise; v ~ N(0, 1)."""
+    _, _, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(D)
+    u /= np.linalg.norm(u)
+    qn = np.broadcast_to(16.0 * u, (B, Hq, T, D)) + 0.05 * rng.standard_normal((B, Hq, T, D))
+    rise = (total / S) * np.arange(S) * np.sqrt(D) / 16.0
+    kn = rise[None, None, :, None] * u + 0.05 * rng.standard_normal((B, Hkv, S, D))
+    return mx.array(qn).astype(dtype), mx.array(kn).astype(dtype), v
+
+
 @pytest.mark.parametrize("idx", [15, 16, 2], ids=["v3", "v3-mask-causal", "v2"])
 def test_rising_scores_rescale_the_output(idx, program, tmp_path):
     """Scores that rise along the keys (each key's ~0.6 above the last: a 16-key block's maximum
@@ -321,15 +336,7 @@ def test_rising_scores_rescale_the_output(idx, program, tmp_path):
     inst = INSTANCES[idx]
     mask_kind, causal, D, tiles, dtype, *_ = inst
     B, Hq, Hkv, T, S = 1, 4, 2, 33, 100
-    q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=5)
-    rng = np.random.default_rng(5)
-    u = rng.standard_normal(D)
-    u /= np.linalg.norm(u)
-    # every query along u (norm 16), key j along u with a weight rising with j, plus noise
-    qn = np.broadcast_to(16.0 * u, (B, Hq, T, D)) + 0.05 * rng.standard_normal((B, Hq, T, D))
-    rise = 0.6 * np.arange(S) * np.sqrt(D) / 16.0
-    kn = rise[None, None, :, None] * u + 0.05 * rng.standard_normal((B, Hkv, S, D))
-    q, k = mx.array(qn).astype(dtype), mx.array(kn).astype(dtype)
+    q, k, v = rising_inputs(B, Hq, Hkv, T, S, D, dtype, seed=5)
     scale = D**-0.5
     mask = left_pad_mask(B, T, S, [4], causal) if mask_kind else None
     o = run_emulated(program, tmp_path, inst, q, k, v, scale, mask)
