@@ -1,20 +1,22 @@
 """Prefill attention on a GPU: the prefill kernel's builds (`kernels/attention/prefill.py`:
-version 2 with its tiles (BK 32), BK 16, DS 128, 8 warps; version 1) against what
-the model runs today (`models.attention.attention` with PREFILL_KERNEL off: MLX's attention
-where the scores fit PLAIN_BYTES, else the blocked ops path), at the 0.8B layer's shape (Hq 8,
-Hkv 2, D 256, bf16, B 1), causal, the queries the last T of S keys.
+version 2 with BK 16 (the default through session 11), version 3 (session 12: the softmax in
+registers) with its tiles, with 8 warps and with DS 64) against what the model runs today
+(`models.attention.attention`: MLX's attention where the scores fit PLAIN_BYTES, else the
+blocked ops path; at 8192 queries the kernel itself, PREFILL_KERNEL_MIN_T), at the 0.8B layer's
+shape (Hq 8, Hkv 2, D 256, bf16, B 1), causal, the queries the last T of S keys.
 
-For each (T, S): ms of one call + mx.eval and of --layers calls queued and evaluated once (a
-forward's full-attention layers: 6 in the 0.8B model), the builds alternating round by round in
-one process (median of --repeats rounds, after a warm-up), the session's prediction beside the
-default build's; and each build's largest |build - ops| relative to the largest |ops| (a sanity
-check; the tests hold the kernel to float64).
+For each (T, S): ms of one call + mx.eval and (unless --quick) of --layers calls queued and
+evaluated once (a forward's full-attention layers: 6 in the 0.8B model), the builds alternating
+round by round in one process (median of --repeats rounds, after a warm-up), session 12's
+prediction beside version 3's; and each build's largest |build - ops| relative to the largest
+|ops| (a sanity check; the tests hold the kernel to float64).
 
-    PYTHONPATH=src python benchmarks/bench_prefill_attention.py [--cases 2048x8192,8192x8192]
-        [--repeats 7] [--layers 6] [--out DIR]
+    PYTHONPATH=src python benchmarks/bench_prefill_attention.py [--quick]
+        [--cases 2048x8192,8192x8192] [--builds v2,v3] [--repeats 7] [--layers 6] [--out DIR]
 
-Prints a table; writes prefill_attention.json (device, versions, date) into --out (default
-benchmarks/out). Exits 1 when a build is off (relative difference > 5e-2).
+--quick: 3 rounds, no queued layers (about a minute on the H200 with the default cases, JIT
+included). Prints a table; writes prefill_attention.json (device, versions, date) into --out
+(default benchmarks/out). Exits 1 when a build is off (relative difference > 5e-2).
 """
 
 from __future__ import annotations
@@ -38,22 +40,29 @@ from qwen35_mlx.kernels.attention import prefill  # noqa: E402
 from qwen35_mlx.models import attention as model_attention  # noqa: E402
 
 HQ, HKV, D = 8, 2, 256
-CASES = "2048x2048,2048x4096,2048x6144,2048x8192,8192x8192"
+CASES = "2048x2048,2048x8192,2048x32768,2048x131072,8192x8192"
 # (name, version, tiles, ring): the kernel's builds, timed against "ops" (None: the defaults)
 BUILDS = [
-    ("v2", 2, None, None),
-    ("v2_bk16", 2, (16, 64, 4), None),
-    ("v2_ds128", 2, (32, 128, 4), 3),
-    ("v2_w8", 2, (16, 128, 8), 2),
-    ("v1", 1, None, None),
+    ("v2", 2, (16, 64, 4), None),
+    ("v3", 3, None, None),
+    ("v3_w8", 3, (16, 256, 8), None),
+    ("v3_ds64", 3, (16, 64, 4), None),
 ]
-# Session 11's prediction for the default build (v2), ms of one call on an H200 (NOTES.md)
+# Session 12's prediction for version 3 (ms of one call on an H200; NOTES.md, helper fattn3):
+# version 2's measured time (session 11) taken as 0.35 ms fixed + 2.48 us a 16-key block of
+# the longest threadgroup's walk, version 3's block at 0.57 of that (1.41 us)
 PREDICTED_MS = {
-    (2048, 2048): 0.30,
-    (2048, 4096): 0.48,
-    (2048, 6144): 0.71,
-    (2048, 8192): 0.95,
-    (8192, 8192): 1.9,
+    (2048, 2048): 0.53,
+    (2048, 8192): 1.07,
+    (2048, 32768): 3.24,
+    (2048, 131072): 11.9,
+    (8192, 8192): 2.0,
+}
+# Session 11's H200 times (ms of one call) where measured: version 2 with BK 16, the ops
+MEASURED_MS = {
+    (2048, 2048): {"v2": 0.666, "ops": 0.614},
+    (2048, 8192): {"v2": 1.618, "ops": 1.233},
+    (8192, 8192): {"v2": 3.232, "ops": 8.340},
 }
 
 
@@ -73,17 +82,25 @@ def alternating(fns: dict, repeats: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=CASES)
+    ap.add_argument("--builds", default=",".join(b[0] for b in BUILDS))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--quick", action="store_true", help="3 rounds, no queued layers")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.layers = 3, 0
     if prefill.backend_name() is None:
         print("no GPU backend")
         return 1
-    names = ["ops"] + [b[0] for b in BUILDS]
+    builds = [b for b in BUILDS if b[0] in args.builds.split(",")]
+    names = ["ops"] + [b[0] for b in builds]
+    main_ = "v3" if "v3" in names else names[-1]
     rows, bad = [], False
-    head = " ".join(f"{n:>9}" for n in names) + f" {'v2 pred':>8} "
-    head += " ".join(f"{n + ' xL':>10}" for n in names) + f" {'ops/v2':>7} {'v2 TF/s':>8}"
+    head = " ".join(f"{n:>9}" for n in names) + f" {main_ + ' pred':>9} "
+    if args.layers:
+        head += " ".join(f"{n + ' xL':>10}" for n in names) + " "
+    head += f"{'ops/' + main_:>8} {main_ + ' TF/s':>9}"
     print(f"{'T':>6} {'S':>6} " + head)
     for case in args.cases.split(","):
         T, S = map(int, case.split("x"))
@@ -91,7 +108,7 @@ def main() -> int:
         mx.eval(q, k, v)
         fns = {"ops": lambda q=q, k=k, v=v: model_attention.attention(q, k, v, None, D**-0.5,
                                                                       "causal")}  # fmt: skip
-        for name, version, tiles, ring in BUILDS:
+        for name, version, tiles, ring in builds:
             fns[name] = lambda q=q, k=k, v=v, version=version, tiles=tiles, ring=ring: (
                 prefill.prefill_attention(
                     q, k, v, scale=D**-0.5, mask="causal", version=version, tiles_=tiles,
@@ -101,21 +118,28 @@ def main() -> int:
         ref = fns["ops"]().astype(mx.float32)
         top = max(mx.abs(ref).max().item(), 1e-6)
         rel = {}
-        for name, *_ in BUILDS:
+        for name, *_ in builds:
             rel[name] = mx.abs(fns[name]().astype(mx.float32) - ref).max().item() / top
             bad |= rel[name] > 5e-2
+        del ref
         one = alternating(fns, args.repeats)
-        layers = alternating(
-            {n: (lambda fn=fn: [fn() for _ in range(args.layers)]) for n, fn in fns.items()},
-            args.repeats,
-        )
+        layers = {}
+        if args.layers:
+            layers = alternating(
+                {n: (lambda fn=fn: [fn() for _ in range(args.layers)]) for n, fn in fns.items()},
+                args.repeats,
+            )
         flop = 4.0 * HQ * D * T * (S - T + (T + 1) / 2)  # the causal products
         pred = PREDICTED_MS.get((T, S))
         rows.append(dict(T=T, S=S, ms=one, layers=args.layers, layers_ms=layers, rel_diff=rel,
-                         predicted_v2_ms=pred, v2_tflops=flop / one["v2"] / 1e9))  # fmt: skip
-        print(f"{T:>6} {S:>6} " + " ".join(f"{one[n]:>9.3f}" for n in names)
-              + f" {pred or float('nan'):>8.2f} " + " ".join(f"{layers[n]:>10.3f}" for n in names)
-              + f" {one['ops'] / one['v2']:>7.2f} {flop / one['v2'] / 1e9:>8.1f}")  # fmt: skip
+                         predicted_v3_ms=pred, measured_s11_ms=MEASURED_MS.get((T, S)),
+                         tflops={n: flop / one[n] / 1e9 for n in names}))  # fmt: skip
+        line = f"{T:>6} {S:>6} " + " ".join(f"{one[n]:>9.3f}" for n in names)
+        line += f" {pred or float('nan'):>9.2f} "
+        if args.layers:
+            line += " ".join(f"{layers[n]:>10.3f}" for n in names) + " "
+        line += f"{one['ops'] / one[main_]:>8.2f} {flop / one[main_] / 1e9:>9.1f}"
+        print(line, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(
@@ -127,12 +151,13 @@ def main() -> int:
         builds={
             n: dict(
                 version=v,
-                tiles=t or prefill.tiles("cuda", v),
-                ring=(r or prefill.RING["cuda"]) if v == 2 else None,
+                tiles=t or prefill.tiles("cuda", v, D=D),
+                ring=(r or prefill.rings("cuda", v)) if v != 1 else None,
             )
-            for n, v, t, r in BUILDS
+            for n, v, t, r in builds
         },
-        ring=prefill.RING,
+        default_version=prefill.VERSION,
+        quick=args.quick,
     )
     (out / "prefill_attention.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return 1 if bad else 0

@@ -368,7 +368,9 @@ inline void at_frag_round(at_frag& f, gd_acc& x) {
   for (int e = 0; e < 8; ++e) at_el(x, e) = float(OT(at_el(x, e)));
   const ShuffleUnseen unseen;
   Warp& w = *tl_warp;
-  for (int e = 0; e < 8; ++e) w.tile[16 * (at_row0(lane) + 8 * (e >> 2)) + at_col(e, lane)] = at_el(x, e);
+  for (int e = 0; e < 8; ++e) {
+    w.tile[16 * (at_row0(lane) + 8 * (e >> 2)) + at_col(e, lane)] = at_el(x, e);
+  }
   w.bar.arrive_and_wait();
   for (int i = 0; i < 256; ++i) f.a[i] = w.tile[i];
   w.bar.arrive_and_wait();

@@ -343,7 +343,8 @@ def test_rising_scores_rescale_the_output(idx, program, tmp_path):
     want = reference(q, k, v, scale, mask, causal)
     check(o, want, v, dtype, Hq)
     # the rise is as argued: a late query's last 16 keys span > 8 log2 units of score
-    s = np.asarray(q.astype(mx.float32), np.float64)[0, 0, -1] @ np.asarray(
-        k.astype(mx.float32), np.float64
-    )[0, 0, -16:].T
+    s = (
+        np.asarray(q.astype(mx.float32), np.float64)[0, 0, -1]
+        @ np.asarray(k.astype(mx.float32), np.float64)[0, 0, -16:].T
+    )
     assert (s.max() - s.min()) * scale / np.log(2) > 8

@@ -429,11 +429,10 @@ _WALK2 = (
 # once at the end; the output written from the accumulators. Threadgroup memory: the ring only,
 # max(AT_RING BK, 16 W) (DS + 8) staged (the query rows pass through it once, before the walk;
 # 16 W (16 + 8) where 16 W > AT_RING BK).
-_WALK3 = (
-    """  // the query rows pass through the ring's memory first, QC columns at a time (warp w's
+_WALK3 = """  // the query rows pass through the ring's memory first, QC columns at a time (warp w's
   // rows at 16 w (QC + 8)): whole slices where the ring holds them, else 16 columns
   constexpr int QC = 16 * W <= AT_RING * BK ? DS : 16;
-  constexpr int RN = AT_RING * BK * QL > 16 * W * (QC + 8) ? AT_RING * BK * QL : 16 * W * (QC + 8);
+  constexpr int RN = AT_MAX(AT_RING * BK * QL, 16 * W * (QC + 8));
   GD_TG16 ST ring[RN];  // AT_RING staged key / value slices
   const size_t q0 = (size_t(b) * Hq + head) * T * D;
   const size_t kv0 = size_t(bh) * S * D;
@@ -643,7 +642,6 @@ _WALK3 = (
     }
   }
 """
-)
 
 
 # Both bodies' end: o = O / l through the warp's score rows.
