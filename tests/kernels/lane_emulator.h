@@ -328,6 +328,26 @@ template <int NT, int R, int CL, typename D, typename S>
 inline void at_copy_tile(D dst, int dld, S src, size_t sld, int rmax, int tid) {
   gd_copy_tile<NT, R, CL>(dst, dld, src, sld, rmax, tid);
 }
+// Version 3's copy (prefill.py `_FRAGS` at_copy_rows), CUDA's indexing: every row in range
+// (rmax >= R - 1) by each thread's 16-byte copies from its first row and column at constant
+// strides, else gd_copy_tile's clamped copy.
+template <int NT, int R, int CL, typename D, typename S>
+inline void at_copy_rows(D dst, int dld, S src, size_t sld, int rmax, int tid) {
+  constexpr int V = 16 / int(sizeof(*src));
+  constexpr int CV = CL / V;
+  constexpr int U = R * CV;
+  constexpr int RPI = NT / CV;
+  if (NT % CV != 0 || rmax < R - 1) {
+    gd_copy_tile<NT, R, CL>(dst, dld, src, sld, rmax, tid);
+    return;
+  }
+  const int r0 = tid / CV;
+  const int c = (tid % CV) * V;
+  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
+    if (U % NT != 0 && r0 + it * RPI >= R) break;
+    std::memcpy(dst + (r0 + it * RPI) * dld + c, src + (r0 + it * RPI) * sld + c, 16);
+  }
+}
 // Version 2's register operands (prefill.py `_FRAGS`): a lane's copy of the whole 16 x 16 A
 // operand, the products as gd_mma's.
 struct at_frag {

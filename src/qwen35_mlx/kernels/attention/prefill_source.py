@@ -86,7 +86,9 @@ _DEFINES = """
 # against 1,455), except in the bool-mask builds, where ptxas then spills 4 bytes (outside the
 # loop, but a spill): gd_copy_tile there.
 _DEFINES2 = """
-#if AT_MASK
+#if AT_ROWS
+#define AT_COPY at_copy_rows
+#elif AT_MASK
 #define AT_COPY gd_copy_tile
 #else
 #define AT_COPY at_copy_tile
@@ -114,6 +116,7 @@ _UNDEFS = """
 #undef AT_ISSUE
 #undef AT_RING
 #undef AT_COPY
+#undef AT_ROWS
 """
 
 # The walk's set-up, shared by both bodies: shapes, this threadgroup's heads and tokens, the
@@ -697,4 +700,6 @@ def body(mask: bool, causal: bool, version: int = 2, ring: int = 3) -> str:
     if version == 1:
         return switches + _DEFINES + BODY + _UNDEFS
     body_ = BODY2 if version == 2 else BODY3
-    return switches + f"#define AT_RING {ring}\n" + _DEFINES + _DEFINES2 + body_ + _UNDEFS
+    # version 3's ring copies: at_copy_rows (no per-row clamp but in the last block)
+    switches += f"#define AT_RING {ring}\n#define AT_ROWS {int(version == 3)}\n"
+    return switches + _DEFINES + _DEFINES2 + body_ + _UNDEFS
