@@ -48,17 +48,17 @@ BUILDS = [
     ("v3_w8", 3, (16, 256, 8), None),
     ("v3_ds64", 3, (16, 64, 4), None),
 ]
-# Session 12's predictions, ms of one call on an H200 (NOTES.md, helper fattn3). Version 2 as
-# measured in session 11 fits 0.35 ms + 2.48 us a 16-key block of the longest threadgroup's
-# walk (T 2048: S / 16 blocks); version 3's block at 0.57 of that (1.41 us); the ops from S
-# 16384 at T 2048 are the blocked path (the scores past PLAIN_BYTES), at the ~35-40 TFLOP/s of
-# its 8192 / 8192 time (the work it computes: all keys up to each query block's last)
+# Session 12's predictions, ms of one call on an H200 (NOTES.md, helper fattn3). Version 2's
+# session-11 times fit 0.30 ms + 2.51 us a 16-key block of the longest threadgroup's walk (T
+# 2048: S / 16 blocks); version 3's block at 0.57 of that (1.43 us: its common path is 377
+# instructions a block against ~700, 2 barriers against 10); the ops from S 16384 at T 2048 are
+# the blocked path (the scores past PLAIN_BYTES), at the ~35-40 TFLOP/s of its 8192 / 8192 time
 PREDICTED_MS = {
-    (2048, 2048): {"v3": 0.53, "v2": 0.67, "ops": 0.61},
-    (2048, 8192): {"v3": 1.07, "v2": 1.62, "ops": 1.23},
-    (2048, 16384): {"v3": 1.79, "v2": 2.89, "ops": 7.2},
-    (2048, 32768): {"v3": 3.24, "v2": 5.43, "ops": 14.0},
-    (2048, 131072): {"v3": 11.9, "v2": 20.7, "ops": 55.0},
+    (2048, 2048): {"v3": 0.48, "v2": 0.62, "ops": 0.61},
+    (2048, 8192): {"v3": 1.03, "v2": 1.59, "ops": 1.23},
+    (2048, 16384): {"v3": 1.76, "v2": 2.87, "ops": 7.2},
+    (2048, 32768): {"v3": 3.23, "v2": 5.44, "ops": 14.0},
+    (2048, 131072): {"v3": 12.0, "v2": 20.9, "ops": 55.0},
     (8192, 8192): {"v3": 2.0, "v2": 3.23, "ops": 8.3},
 }
 
