@@ -5,7 +5,7 @@ without the kernel (`models.attention.attention` with PREFILL_KERNEL off: MLX's 
 the scores fit PLAIN_BYTES, else the blocked ops path), at the 0.8B layer's
 shape (Hq 8, Hkv 2, D 256, bf16, B 1), causal, the queries the last T of S keys.
 
-For each (T, S): ms of one call + mx.eval and (unless --quick) of --layers calls queued and
+For each (T, S): ms of one call + mx.eval and (unless --layers 0) of --layers calls queued and
 evaluated once (a forward's full-attention layers: 6 in the 0.8B model), the builds alternating
 round by round in one process (median of --repeats rounds, after a warm-up), session 12's
 predictions for version 3 and the ops beside them; and each build's largest |build - ops|
@@ -14,8 +14,8 @@ relative to the largest |ops| (a sanity check; the tests hold the kernel to floa
     PYTHONPATH=src python benchmarks/bench_prefill_attention.py [--quick]
         [--cases 2048x8192,8192x8192] [--builds v2,v3] [--repeats 7] [--layers 6] [--out DIR]
 
---quick: 3 rounds, no queued layers (about a minute on the H200 with the default cases, JIT
-included). Prints a table; writes prefill_attention.json (device, versions, date) into --out
+--quick: 3 rounds (about a minute on the H200 with the default cases, JIT included). Prints a
+table; writes prefill_attention.json (device, versions, date) into --out
 (default benchmarks/out). Exits 1 when a build is off (relative difference > 5e-2).
 """
 
@@ -82,11 +82,11 @@ def main() -> int:
     ap.add_argument("--builds", default=",".join(b[0] for b in BUILDS))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--quick", action="store_true", help="3 rounds, no queued layers")
+    ap.add_argument("--quick", action="store_true", help="3 rounds")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     if args.quick:
-        args.repeats, args.layers = 3, 0
+        args.repeats = 3
     if prefill.backend_name() is None:
         print("no GPU backend")
         return 1
