@@ -72,10 +72,6 @@ _DEFINES = """
 #define AT_NEG (-3.0e38f)
 #define AT_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define AT_MIN(a, b) ((a) < (b) ? (a) : (b))
-#define AT_LAZY 8.0f
-#ifndef AT_CHAINS
-#define AT_CHAINS 2
-#endif
 """
 # BODY2's walk of staged slices: key block j0 (a multiple of BK) has 2 NSL slices, its NSL key
 # slices then its NSL value slices; slice p_ counted from block jb's first (p_ a constant
@@ -86,9 +82,7 @@ _DEFINES = """
 # against 1,455), except in the bool-mask builds, where ptxas then spills 4 bytes (outside the
 # loop, but a spill): gd_copy_tile there.
 _DEFINES2 = """
-#if AT_ROWS
-#define AT_COPY at_copy_rows
-#elif AT_MASK
+#if AT_MASK
 #define AT_COPY gd_copy_tile
 #else
 #define AT_COPY at_copy_tile
@@ -109,14 +103,24 @@ _UNDEFS = """
 #undef AT_NEG
 #undef AT_MAX
 #undef AT_MIN
-#undef AT_LAZY
-#undef AT_CHAINS
 #undef AT_MASK
 #undef AT_CAUSAL
 #undef AT_ISSUE
 #undef AT_RING
 #undef AT_COPY
-#undef AT_ROWS
+"""
+# Version 3's own switches (its text only: versions 1 and 2 keep theirs to the letter): the lazy
+# rescaling's margin (log2 units), the score products' chains at BK 16, the ring's copy
+# (at_copy_rows: no per-row clamp but in a walk's last block).
+_DEFINES3 = """
+#define AT_LAZY 8.0f
+#define AT_CHAINS 2
+#undef AT_COPY
+#define AT_COPY at_copy_rows
+"""
+_UNDEFS3 = """
+#undef AT_LAZY
+#undef AT_CHAINS
 """
 
 # The walk's set-up, shared by both bodies: shapes, this threadgroup's heads and tokens, the
@@ -699,7 +703,7 @@ def body(mask: bool, causal: bool, version: int = 2, ring: int = 3) -> str:
     switches = f"\n#define AT_MASK {int(mask)}\n#define AT_CAUSAL {int(causal)}\n"
     if version == 1:
         return switches + _DEFINES + BODY + _UNDEFS
-    body_ = BODY2 if version == 2 else BODY3
-    # version 3's ring copies: at_copy_rows (no per-row clamp but in the last block)
-    switches += f"#define AT_RING {ring}\n#define AT_ROWS {int(version == 3)}\n"
-    return switches + _DEFINES + _DEFINES2 + body_ + _UNDEFS
+    switches += f"#define AT_RING {ring}\n"
+    if version == 2:
+        return switches + _DEFINES + _DEFINES2 + BODY2 + _UNDEFS
+    return switches + _DEFINES + _DEFINES2 + _DEFINES3 + BODY3 + _UNDEFS3 + _UNDEFS
