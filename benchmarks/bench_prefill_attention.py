@@ -142,10 +142,44 @@ def main() -> int:
         line += f"{one['ops'] / one[main_]:>8.2f} {flop / one[main_] / 1e9:>9.1f}"
         print(line, flush=True)
         write(out, args, builds, rows)  # after every row: a run cut short keeps its rows
+    for line in advice(rows):
+        print(line)
+    write(out, args, builds, rows, advice(rows))
     return 1 if bad else 0
 
 
-def write(out: Path, args, builds: list, rows: list) -> None:
+def advice(rows: list) -> list[str]:
+    """The switches the measured rows argue for (models/attention.py, kernels/attention/
+    prefill.py): version 3 as CUDA's default where it beats version 2 on every row; the
+    smallest S from which the faster version beats the ops on every T 2048 row at or above it
+    (PREFILL_KERNEL_MIN_S), and PREFILL_KERNEL_MIN_T 2048 if that is every T 2048 row."""
+    lines = []
+    have = [r for r in rows if "v2" in r["ms"] and "v3" in r["ms"]]
+    v3_wins = bool(have) and all(r["ms"]["v3"] < r["ms"]["v2"] for r in have)
+    if have:
+        verdict = "beats" if v3_wins else "does not beat"
+        lines.append(f"advice: version 3 {verdict} version 2 on every row -> "
+                     f"prefill.VERSION['cuda'] = {3 if v3_wins else 2}")  # fmt: skip
+    best = "v3" if v3_wins else "v2"
+    t2k = sorted((r for r in rows if r["T"] == 2048 and best in r["ms"]), key=lambda r: r["S"])
+    from_s = None
+    for r in reversed(t2k):
+        if r["ms"][best] >= r["ms"]["ops"]:
+            break
+        from_s = r["S"]
+    if t2k:
+        if from_s is None:
+            lines.append(f"advice: {best} beats the ops at no T 2048 row from the longest down")
+        elif from_s == t2k[0]["S"]:
+            lines.append(f"advice: {best} beats the ops on every T 2048 row -> "
+                         "attention.PREFILL_KERNEL_MIN_T = 2048")  # fmt: skip
+        else:
+            lines.append(f"advice: {best} beats the ops at T 2048 from S {from_s} -> "
+                         f"attention.PREFILL_KERNEL_MIN_S = {from_s}")  # fmt: skip
+    return lines
+
+
+def write(out: Path, args, builds: list, rows: list, advice_: list | None = None) -> None:
     meta = dict(
         device=str(mx.default_device()),
         mlx=mx.__version__,
@@ -163,7 +197,8 @@ def write(out: Path, args, builds: list, rows: list) -> None:
         default_version=prefill.VERSION,
         quick=args.quick,
     )
-    (out / "prefill_attention.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    text = json.dumps(dict(meta=meta, rows=rows, advice=advice_ or []), indent=1)
+    (out / "prefill_attention.json").write_text(text)
 
 
 if __name__ == "__main__":
