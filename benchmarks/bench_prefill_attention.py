@@ -50,7 +50,7 @@ BUILDS = [
 ]
 # Session 12's predictions, ms of one call on an H200 (NOTES.md, helper fattn3). Version 2's
 # session-11 times fit 0.30 ms + 2.51 us a 16-key block of the longest threadgroup's walk (T
-# 2048: S / 16 blocks); version 3's block at 0.57 of that (1.43 us: its common path is 377
+# 2048: S / 16 blocks); version 3's block at 0.57 of that (1.43 us: its common path is ~372
 # instructions a block against ~700, 2 barriers against 10); the ops from S 16384 at T 2048 are
 # the blocked path (the scores past PLAIN_BYTES), at the ~35-40 TFLOP/s of its 8192 / 8192 time
 PREDICTED_MS = {

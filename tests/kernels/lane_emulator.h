@@ -369,6 +369,7 @@ inline void at_mma_frag(gd_acc& x, const at_frag& f, P B, int ldb) {
 inline float& at_el(gd_acc& x, int e) { return x.c[(e >> 1) & 1][(e & 1) + 2 * (e >> 2)]; }
 inline int at_row0(int lane) { return lane >> 2; }
 inline int at_col(int e, int lane) { return 8 * ((e >> 1) & 1) + 2 * (lane & 3) + (e & 1); }
+inline float at_fmax(float a, float b) { return std::fmax(a, b); }
 inline float at_row_max(float x, int lane) {
   const float a = gd_shuffle(x, lane ^ 1);
   x = std::max(x, a);

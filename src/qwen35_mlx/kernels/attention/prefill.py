@@ -220,6 +220,7 @@ inline void at_mma_frag(thread gd_acc& x, thread const at_frag& f, P B, int ldb)
 #   at_el(x, e)            element e (a reference): e < 4 in row at_row0(lane), e >= 4 in row
 #                          at_row0(lane) + 8; column at_col(e, lane)
 #   at_row_max / at_row_sum(x, lane)   over the 4 lanes holding a row's elements
+#   at_fmax(a, b)          the larger (one instruction where the ternary takes two)
 #   at_exp2(x)             2^x
 #   at_frag_round<OT>(f, x)  x's elements rounded to OT, in x and as the A fragment f (P V)
 # CUDA: mma's C fragment (lane 4 g + t: rows g, g + 8, columns 2 t, 2 t + 1 of each 8-column
@@ -238,6 +239,9 @@ __device__ __forceinline__ int at_row0(int lane) {
 }
 __device__ __forceinline__ int at_col(int e, int lane) {
   return 8 * ((e >> 1) & 1) + 2 * (lane & 3) + (e & 1);
+}
+__device__ __forceinline__ float at_fmax(float a, float b) {
+  return fmaxf(a, b);
 }
 __device__ __forceinline__ float at_row_max(float x, int) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -295,6 +299,9 @@ inline int at_row0(int lane) {
 }
 inline int at_col(int e, int lane) {
   return 8 * ((e >> 1) & 1) + 4 * ((lane / 8) % 2) + 2 * (lane % 2) + (e & 1);
+}
+inline float at_fmax(float a, float b) {
+  return metal::max(a, b);
 }
 inline float at_row_max(float x, int lane) {
   x = metal::max(x, simd_shuffle_xor(x, ushort(1)));

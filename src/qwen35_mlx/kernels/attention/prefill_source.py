@@ -555,9 +555,9 @@ _WALK3 = """  // the query rows pass through the ring's memory first, QC columns
           }
           at_el(s[c], e) = x;
           if (e < 4) {
-            mx0 = AT_MAX(mx0, x);
+            mx0 = at_fmax(mx0, x);
           } else {
-            mx1 = AT_MAX(mx1, x);
+            mx1 = at_fmax(mx1, x);
           }
         }
       }
