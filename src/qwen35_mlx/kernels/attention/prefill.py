@@ -4,12 +4,12 @@ tiles per backend, the helpers it adds to the chunk kernels' tile layer, its bui
 
     prefill_attention(q, k, v, scale=..., mask=None | "causal" | bool array) -> [B, Hq, T, D]
 
-Two bodies (prefill_source.VERSIONS): 2 and 1, the first (VERSION picks per backend; `version=`
-for A/B timings, which the bench runs side by side).
+Three bodies (prefill_source.VERSIONS): 1, 2 (CUDA's default) and 3 (session 12: the softmax in
+registers; not yet run on a GPU); VERSION picks per backend, `version=` for A/B timings, which
+the bench runs side by side.
 
-Off by default: `models/attention.py`'s PREFILL_KERNEL switch (the kernel has been checked on
-the CPU's lane emulator and compiled for sm_90 and the Metal stub only; turn it on once the GPU
-test, tests/kernels/test_gpu_prefill_attention.py, has passed on the device).
+Routing: `models/attention.py` (PREFILL_KERNEL, `prefill_kernel_wants`: from 8192 queries by
+default; the long-history switch PREFILL_KERNEL_MIN_S is prepared, off).
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def header(backend: str) -> str:
 def source(
     backend: str, mask: bool, causal: bool, version: int | None = None, ring: int | None = None
 ) -> str:
-    """The kernel text (`ring`: version 2's slots, the backend's RING if None)."""
+    """The kernel text (`ring`: version 2 / 3's slots, the backend's if None: `rings`)."""
     v = VERSION[backend] if version is None else version
     return prologue(backend, **_POSITIONS) + src.body(mask, causal, v, ring or rings(backend, v))
 
@@ -460,8 +460,8 @@ def prefill_attention(
     True: attend). Returns [B, Hq, T, D] in q's dtype; a row that sees no key gives 0. The
     caller checks `backend_name()` and `shape_supported` first. `version`: the body
     (prefill_source.VERSIONS), VERSION if None; `tiles_`: (BK, DS, W) in place of the version's
-    and `ring_`: version 2's ring slots in place of RING (timings: BK a multiple of 16, DS one
-    dividing D)."""
+    and `ring_`: version 2 / 3's ring slots in place of `rings` (timings: BK a multiple of 16,
+    DS one dividing D)."""
     backend = backend_name()
     if backend is None or not shape_supported(q, k, v, backend):
         raise ValueError("prefill_attention: no GPU backend or an unsupported shape")
