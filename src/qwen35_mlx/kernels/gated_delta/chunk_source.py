@@ -2814,3 +2814,172 @@ __device__ __forceinline__ void gd_copy_tile_l32(D dst, int dld, S src, size_t s
 #define gd_mma_staged gd_mma_staged_l32
 #define gd_copy_tile gd_copy_tile_l32
 """
+
+
+# ---------------------------------------------------------------------------------------------
+# FUSE_Y (round 8, helper chunk8; CUDA, off by default: chunk_launch.FUSE_Y): the output pass's
+# Y = q H[n]^T moved into H3_BODY. H3's warp holds the state at chunk n's start in PS as Sb (=
+# H[n], the A operand of Xw^T = S W^T); Y^T = S q^T is the same product with the chunk's q rows
+# as B (staged in the ring beside W, Kw and U), so the state pass computes it (64 mma a warp a
+# chunk, issued behind the update's, off the chain) and writes Y (fp32, [B * Hv, N, Dv, C]: a
+# warp's C fragments as 8-byte stores) instead of H. The output pass (O2Y, from O2_VX's text)
+# starts its Y accumulators from those values instead of 0 and stages only q and k: half its
+# products, a third fewer staged bytes, 36 KB of threadgroup memory instead of 46. Same
+# arithmetic element for element (Y's k order, fp32 accumulation, the decay and P Vn after):
+# y and the state bit for bit the default's. H is not written at all.
+H3Y_NAME = "gated_delta_chunk_h3y"
+H3Y_INPUTS = [*H3_INPUTS, "q"]
+H3Y_OUTPUTS = ["Yi", "Vn", "state_out"]
+O2Y_NAME = O2_NAME + "_y"
+O2Y_INPUTS = ["q", "k", "gates", "Yi", "Vn", "dims"]
+
+_H3Y_SWAPS = (
+    # the stage: W, Kw, U rows, then q's C rows
+    (
+        "  constexpr int STAGE = 2 * C * SP + C * UP;  // one chunk's W, Kw and U rows\n",
+        "  constexpr int STAGE = 3 * C * SP + C * UP;  // one chunk's W, Kw, U and q rows\n",
+    ),
+    # q's head and rows
+    (
+        "  const int vw = v0 + 16 * w;     // this warp's value rows\n",
+        """  const int vw = v0 + 16 * w;     // this warp's value rows
+  // q: [B, T, Hk, Dk]; Yi: [B * Hv, N, Dv, C] fp32
+  const int T = q_shape[1];
+  const int Hk = q_shape[2];
+  const unsigned Hv = unsigned(U_shape[0]) / unsigned(q_shape[0]);
+  const unsigned b_idx = head / Hv;
+  const unsigned hk = (head % Hv) / (Hv / unsigned(Hk));
+""",
+    ),
+    # q's rows copied with the stage (rows past T read row T - 1; their y is never written)
+    (
+        """        gd_cp16(b, unsigned((2 * C * SP + (ur + j * UR) * UP + uc) * PSZ),
+                ug + size_t(j) * UR * Dv);
+      }
+""",
+        """        gd_cp16(b, unsigned((2 * C * SP + (ur + j * UR) * UP + uc) * PSZ),
+                ug + size_t(j) * UR * Dv);
+      }
+      #pragma unroll
+      for (int j = 0; j < C / KR; ++j) {
+        const int t = nn * C + kr + j * KR < T ? nn * C + kr + j * KR : T - 1;
+        gd_cp16(b, unsigned((2 * C * SP + C * UP + (kr + j * KR) * SP + kc) * PSZ),
+                q + ((size_t(b_idx) * T + t) * Hk + hk) * Dk + kc);
+      }
+""",
+    ),
+    ("  for (int q = 0; q < NB - 1; ++q) copy(q);\n", "  for (int s = 0; s < NB - 1; ++s) copy(s);\n"),
+    # no H
+    (
+        """    // H[n] = S (Sb is the state in PT), 16 bytes a lane
+    const size_t hb = (size_t(head) * N + n) * Dv + vw;
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < 16 * Dk; e += 32 * PAD) {
+      *reinterpret_cast<gd_vh*>(H + (hb + e / Dk) * Dk + e % Dk) =
+          *reinterpret_cast<const GD_TG_PTR gd_vh*>(Sb + (e / Dk) * SP + e % Dk);
+    }
+""",
+        "",
+    ),
+    # Y^T = S q^T behind the update; Sb's new state after every lane's reads of the old
+    (
+        "    gd_mma_rows<MP, true, false, KT>(sa, Db, DBL, sk, SP, 16, C);\n",
+        """    gd_mma_rows<MP, true, false, KT>(sa, Db, DBL, sk, SP, 16, C);
+    // Y^T = S q^T (S: Sb, the state at the chunk's start in PS, the output pass's H[n]): tile r
+    // holds the warp's value rows x chunk rows 16 r..
+    const GD_TG_PTR PS* sq = su + C * UP;
+    gd_acc yt[RT];
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_zero(yt[r]);
+    gd_mma_rows<MP, false, true, RT>(yt, Sb, SP, sq, SP, 16 * SP, Dk);
+    __syncwarp();  // Sb's reads done
+""",
+    ),
+    # Y written after the new state's stores: lane 4 g + t4 holds value rows g, g + 8 and chunk
+    # rows 16 r + 8 h + 2 t4 + {0, 1}: 8 bytes a store
+    (
+        "    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);\n  }\n",
+        """    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+    {
+      struct alignas(8) gd_y2 {
+        float x[2];
+      };
+      float* yb = Yi + ((size_t(head) * N + n) * Dv + vw + (tid & 31) / 4) * C + 2 * (tid & 3);
+      #pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            gd_y2 o;
+            o.x[0] = yt[r].c[h][2 * e];
+            o.x[1] = yt[r].c[h][2 * e + 1];
+            *reinterpret_cast<gd_y2*>(yb + 8 * e * C + 16 * r + 8 * h) = o;
+          }
+        }
+      }
+    }
+  }
+""",
+    ),
+)
+
+
+def _swapped(body: str, swaps) -> str:
+    """body with each (old, new) of swaps replaced; each old occurs exactly once."""
+    for old, new in swaps:
+        assert body.count(old) == 1, old
+        body = body.replace(old, new)
+    return body
+
+
+def h3y_body() -> str:
+    """H3_BODY computing the output pass's Y = q H[n]^T (FUSE_Y) and writing it as Yi instead
+    of H."""
+    return _swapped(H3_BODY, _H3Y_SWAPS)
+
+
+def h3y_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
+    """Bytes of H3Y's threadgroup memory: H3's and the ring's q rows."""
+    return h3_smem(Dk, nw, nb, itemsize, C) + nb * C * (Dk + 16 // itemsize) * itemsize
+
+
+_O2Y_SWAPS = (
+    (
+        "  constexpr int STG = (2 * C + BVO) * SQ;                    // staged elements a stage\n",
+        "  constexpr int STG = 2 * C * SQ;  // staged elements a stage: q, k\n",
+    ),
+    ("  const size_t hrow = ((size_t(head) * N + n) * Dv + v0) * Dk;\n", ""),
+    (
+        # the macro's continuation lines (a backslash at each end, joined by Python as in O2_BODY)
+        """      gd_copy_tile<NT, BVO, DS>(st_ + 2 * C * SQ, SQ, H + hrow + d0_, size_t(Dk),           \
+                                Dv - 1 - v0, tid);                                          \
+""",
+        "",
+    ),
+    ("    GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;\n", ""),
+    (_y_tiles_mma("qs", "hs", "SQ"), ""),
+    # Y from the state pass (value rows past Dv read row Dv - 1: never written to y)
+    (
+        "  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);\n",
+        """  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    const float* yb = Yi + (size_t(head) * N + n) * Dv * C + 16 * (e / YC) + (tid & 31) / 4;
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      #pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int v = v0 + 16 * (e % YC) + 8 * h + 2 * (tid & 3) + c % 2;
+        ya[u].c[h][c] = yb[size_t(v < Dv ? v : Dv - 1) * C + 8 * (c / 2)];
+      }
+    }
+  }
+""",
+    ),
+)
+
+
+def o2y_body() -> str:
+    """O2_VX's output pass (16-bit P, a ring of three) with Y = q H[n]^T read from the state pass
+    (FUSE_Y: Yi) instead of computed: q and k staged, not H."""
+    return _swapped(o2_vx_body(True, 3), _O2Y_SWAPS)
