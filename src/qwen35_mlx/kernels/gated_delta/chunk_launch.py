@@ -1052,15 +1052,14 @@ def fuse_y_warps(backend: str, q, k, U, state) -> int | None:
     return nw if q.dtype == k.dtype == U.dtype and Dk % ds == 0 else None
 
 
-def fused_y_passes(W, U, Kw, gates, state, q, k, T: int, nw: int, C: int = CHUNK, init_value=None):
-    """The state and output passes with FUSE_Y (CUDA): (y [B, T, Hv, Dv] in U's dtype, the final
-    state fp32); also Yi (q H[n]^T, fp32 [B * Hv, N, Dv, C]) and Vn for checks: (y, state, Yi,
-    Vn)."""
+def h3y_pass(W, U, Kw, gates, state, q, nw: int, C: int = CHUNK, init_value=None):
+    """The state pass with FUSE_Y (CUDA: chunk_source.h3y_body, nw warps a threadgroup): (Yi = q
+    H[n]^T fp32 [B * Hv, N, Dv, C], Vn [B * Hv, N * C, Dv] in the pieces' dtype, the final state
+    fp32)."""
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
-    N = NC // C
     pt = U.dtype
-    Yi, Vn, state_out = _build("cuda", "h3y", src.h3y_smem(Dk, nw, H3_NB, pt.size, C))(
+    return _build("cuda", "h3y", src.h3y_smem(Dk, nw, H3_NB, pt.size, C))(
         inputs=[W, U, Kw, gates, state, q],
         template=[
             ("Dk", Dk),
@@ -1073,12 +1072,20 @@ def fused_y_passes(W, U, Kw, gates, state, q, k, T: int, nw: int, C: int = CHUNK
         ],
         grid=(32 * nw * B * Hv, Dv // (16 * nw), 1),
         threadgroup=(32 * nw, 1, 1),
-        output_shapes=[(B * Hv, N, Dv, C), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
+        output_shapes=[(B * Hv, NC // C, Dv, C), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[mx.float32, pt, mx.float32],
         init_value=init_value,
     )
+
+
+def o2y_pass(q, k, gates, Yi, Vn, T: int, Hv: int, C: int = CHUNK, init_value=None):
+    """The output pass with FUSE_Y (CUDA: chunk_source.o2y_body): y [B, T, Hv, Dv] in Vn's
+    dtype, from the state pass's Yi."""
+    B, _, _, Dk = q.shape
+    BH, N, Dv, _ = Yi.shape
+    pt = Vn.dtype
     ds, bvo = O2_TILES[("cuda", pt.size)]
-    y = _build("cuda", "o2y")(
+    return _build("cuda", "o2y")(
         inputs=[q, k, gates, Yi, Vn, mx.array([T, Hv], mx.int32)],
         template=[
             ("Dk", Dk),
@@ -1089,13 +1096,12 @@ def fused_y_passes(W, U, Kw, gates, state, q, k, T: int, nw: int, C: int = CHUNK
             ("MP", operand_precision(pt)),
             ("YT", pt),
         ],
-        grid=(O_THREADS * N, B * Hv, -(-Dv // bvo)),
+        grid=(O_THREADS * N, BH, -(-Dv // bvo)),
         threadgroup=(O_THREADS, 1, 1),
         output_shapes=[(B, T, Hv, Dv)],
         output_dtypes=[pt],
         init_value=init_value,
     )[0]
-    return y, state_out, Yi, Vn
 
 
 def split_shape_ok(k: mx.array, v: mx.array) -> bool:
@@ -1129,8 +1135,8 @@ def split_chunk_kernel(
     W, U, Kw, gates = wy_pass(backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv)
     nw = fuse_y_warps(backend, q, k, U, state)
     if nw and U.dtype == v.dtype:
-        y, state_out, _, _ = fused_y_passes(W, U, Kw, gates, state, q, k, T, nw, init_value=iv)
-        return y, state_out
+        Yi, Vn, state_out = h3y_pass(W, U, Kw, gates, state, q, nw, init_value=iv)
+        return o2y_pass(q, k, gates, Yi, Vn, T, Hv, init_value=iv), state_out
     H, Vn, state_out = h_pass(
         backend, W, U, Kw, gates, state, bv=bv, prefetch=prefetch, init_value=iv
     )

@@ -2959,19 +2959,20 @@ _O2Y_SWAPS = (
     ),
     ("    GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;\n", ""),
     (_y_tiles_mma("qs", "hs", "SQ"), ""),
-    # Y from the state pass (value rows past Dv read row Dv - 1: never written to y)
+    # Y from the state pass, loaded before the slices (in flight with them). Dv is a multiple
+    # of 16 here (chunk_launch.fuse_y_warps): a value tile past Dv reads the last one instead,
+    # never written to y (a clamp a tile: one an element spilled 60 bytes at three an SM)
     (
         "  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);\n",
         """  for (int u = 0; u < YTW; ++u) {
     const int e = w + NW * u;
-    const float* yb = Yi + (size_t(head) * N + n) * Dv * C + 16 * (e / YC) + (tid & 31) / 4;
+    const int vt = v0 + 16 * (e % YC) < Dv ? v0 + 16 * (e % YC) : Dv - 16;
+    const float* yb = Yi + ((size_t(head) * N + n) * Dv + vt + 2 * (tid & 3)) * C +
+                      16 * (e / YC) + (tid & 31) / 4;
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
       #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int v = v0 + 16 * (e % YC) + 8 * h + 2 * (tid & 3) + c % 2;
-        ya[u].c[h][c] = yb[size_t(v < Dv ? v : Dv - 1) * C + 8 * (c / 2)];
-      }
+      for (int c = 0; c < 4; ++c) ya[u].c[h][c] = yb[(8 * h + c % 2) * C + 8 * (c / 2)];
     }
   }
 """,
