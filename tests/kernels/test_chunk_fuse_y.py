@@ -188,7 +188,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "Dk{}B{}T{}Hk{}Hv{}Dv{}nw{}nb{}nan{}".format(*c))
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "Dk{}B{}T{}Hk{}Hv{}Dv{}nw{}nb{}nan{}".format(*c)
+)
 def test_fuse_y_equals_default(program, tmp_path, case):
     """H3Y + O2Y: y, Vn and the state equal H3 + O2_VX's bit for bit; Yi is q H[n]^T (H[n] the
     default pass's, float64 products, fp32's tolerance) on every valid row."""
@@ -322,3 +324,61 @@ def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
     assert len(spills) == 3 and all(s == "0" for s in spills), out.stderr
+
+
+@pytest.mark.slow  # ~1-2 min: ThreadSanitizer build
+def test_fuse_y_has_no_race_under_thread_sanitizer(tmp_path):
+    """H3Y and O2Y (and the default pair beside them) under ThreadSanitizer: no two threads
+    touch one address, one of them writing, without a barrier or __syncwarp between them (H3Y
+    reads Sb for Y^T after the update's products and before the new state's stores)."""
+    if GXX is None:
+        pytest.skip("needs g++")
+    text = PROGRAM.format(
+        emulator=EMULATOR,
+        h3=cl.h3_source("cuda"),
+        h3y=cl.h3y_source("cuda"),
+        o2x=cl.o2_vx_source("cuda", True, 3),
+        o2y=cl.o2y_source("cuda"),
+        C=C,
+    )
+    exe = compile_emulated(text, tmp_path, timeout=900, sanitize="thread")
+    io = tmp_path / "io"  # apart from the executable (named k, as an input)
+    io.mkdir()
+    case = (128, 1, 130, 1, 2, 64, 2, 2)
+    pieces, _ = _inputs(np.random.default_rng(3), *case[:6], True)
+    for name, x in pieces.items():
+        (io / name).write_bytes(np.ascontiguousarray(x, np.float32).tobytes())
+    run = subprocess.run(
+        [str(exe), str(io), *map(str, case)], capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0 and "ThreadSanitizer" not in run.stderr, run.stderr[-3000:]
+
+
+def test_ab8_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  # noqa: F811
+    """chunk_split_gpu.py --ab8's checks and timings end to end on the recording factory (zeros
+    for every output): H3Y (2 and 4 warps) and O2Y (bounds 3 and 4) built, every variant compared
+    with the default build, the passes checked alone, and timed."""
+    import sys
+    from pathlib import Path
+
+    from tests.kernels.test_chunk_vx import _ZerosFused
+
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    sys.modules.pop("chunk_split_gpu", None)
+    import chunk_split_gpu as g
+
+    monkeypatch.setattr(g, "_gpu_backend", lambda backend: _ZerosFused())
+    rows = g.ab8_checks("cuda")
+    assert {r["check"] for r in rows} == {"split", "fy passes", *g.AB8_VARIANTS}
+    assert all(r["ok"] for r in rows), rows
+    assert [r["equal to default"] for r in rows if r["check"] in g.AB8_VARIANTS] == [True] * 6
+    built = {kw["name"] for kw in recorder.built}
+    for nw in (2, 4):
+        assert f"{cs.H3Y_NAME}_{cs.h3y_smem(128, nw, cl.H3_NB, 2)}" in built
+    assert cs.O2Y_NAME + "_l32_lb3" in built and cs.O2Y_NAME + "_l32_lb4" in built
+    times = g.ab8_times("cuda", ts=(256,))
+    assert set(times[0]["ms"]) >= {
+        "split", "split fy", "split fy lb4", "split fy h3w4", "state", "state fy", "out",
+        "out fy", "out fy lb4",
+    }  # fmt: skip

@@ -2868,7 +2868,10 @@ _H3Y_SWAPS = (
       }
 """,
     ),
-    ("  for (int q = 0; q < NB - 1; ++q) copy(q);\n", "  for (int s = 0; s < NB - 1; ++s) copy(s);\n"),
+    (
+        "  for (int q = 0; q < NB - 1; ++q) copy(q);\n",
+        "  for (int s = 0; s < NB - 1; ++s) copy(s);\n",
+    ),
     # no H
     (
         """    // H[n] = S (Sb is the state in PT), 16 bytes a lane
@@ -2944,6 +2947,9 @@ def h3y_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
     return h3_smem(Dk, nw, nb, itemsize, C) + nb * C * (Dk + 16 // itemsize) * itemsize
 
 
+# O2_BODY's copy of H's slice in GD_O2_COPY (the macro's lines joined by Python's backslash-newline)
+_i = O2_BODY.index("      gd_copy_tile<NT, BVO, DS>(st_ + 2 * C * SQ, SQ, H + hrow")
+_O2_H_COPY = O2_BODY[_i : O2_BODY.index("tid);", _i) + len("tid);")]
 _O2Y_SWAPS = (
     (
         "  constexpr int STG = (2 * C + BVO) * SQ;                    // staged elements a stage\n",
@@ -2951,10 +2957,7 @@ _O2Y_SWAPS = (
     ),
     ("  const size_t hrow = ((size_t(head) * N + n) * Dv + v0) * Dk;\n", ""),
     (
-        # the macro's continuation lines (a backslash at each end, joined by Python as in O2_BODY)
-        """      gd_copy_tile<NT, BVO, DS>(st_ + 2 * C * SQ, SQ, H + hrow + d0_, size_t(Dk),           \
-                                Dv - 1 - v0, tid);                                          \
-""",
+        _O2_H_COPY,
         "",
     ),
     ("    GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;\n", ""),
