@@ -75,6 +75,21 @@ void kernel(const YT* q, const YT* k, const float* gates, const float* Yi, const
 {o2y}
 }}
 }}  // namespace o2y
+namespace o2p {{
+template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
+void kernel(const YT* q, const YT* k, const float* gates, const int* dims, const int* q_shape,
+            YT* P) {{
+{o2p}
+}}
+}}  // namespace o2p
+namespace h3o {{
+template <int Dk, int BV, int C, int NT, int NB, int MP, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const PT* q, const PT* P, const int* U_shape, const int* q_shape, PT* y,
+            float* state_out) {{
+{h3o}
+}}
+}}  // namespace h3o
 
 // DIR Dk B T Hk Hv Dv NW NB: both pairs (H3 + O2_VX, H3Y + O2Y), bf16 pieces, MP 1
 template <int Dk, int NW, int NB>
@@ -113,6 +128,19 @@ int run(const std::string& d, int B, int T, int Hk, int Hv, int Dv) {{
   }});
   write(d + "H", H); write(d + "Vn", Vn); write(d + "state_out", s); write(d + "y", y);
   write(d + "Yi", Yi); write(d + "Vn2", Vn2); write(d + "state_out2", s2); write(d + "y2", y2);
+  // FUSE_O: P, then the state pass making y
+  std::vector<PT> P(size_t(BH) * N * C * C, PT(NAN)), y3(size_t(B) * T * Hv * Dv, PT(NAN));
+  std::vector<float> s3(size_t(BH) * Dv * Dk, NAN);
+  run_blocks({{unsigned(N), unsigned(BH), 1}}, 256, [&] {{
+    o2p::kernel<Dk, C, 256, DS, BVO, 1, PT>(q.data(), k.data(), gates.data(), dims, q_shape,
+                                            P.data());
+  }});
+  run_blocks({{unsigned(BH), unsigned(Dv / BV), 1}}, NT, [&] {{
+    h3o::kernel<Dk, BV, C, NT, NB, 1, PT>(W.data(), U.data(), Kw.data(), gates.data(),
+                                          s0.data(), q.data(), P.data(), U_shape, q_shape,
+                                          y3.data(), s3.data());
+  }});
+  write(d + "P", P); write(d + "y3", y3); write(d + "state_out3", s3);
   return 0;
 }}
 
@@ -139,6 +167,8 @@ def program(tmp_path_factory):
         h3y=cl.h3y_source("cuda"),
         o2x=cl.o2_vx_source("cuda", True, 3),
         o2y=cl.o2y_source("cuda"),
+        o2p=cl.o2p_source("cuda"),
+        h3o=cl.h3o_source("cuda"),
         C=C,
     )
     return compile_emulated(text, tmp_path_factory.mktemp("chunk_fuse_y"), timeout=900)
@@ -208,7 +238,14 @@ def test_fuse_y_equals_default(program, tmp_path, case):
     y, y2 = get("y", (B, T, Hv, Dv)), get("y2", (B, T, Hv, Dv))
     Vn, Vn2 = get("Vn", (BH, N * C, Dv)), get("Vn2", (BH, N * C, Dv))
     s, s2 = get("state_out", (BH, Dv, Dk)), get("state_out2", (BH, Dv, Dk))
-    for name, got, want in (("y", y2, y), ("Vn", Vn2, Vn), ("state", s2, s)):
+    y3, s3 = get("y3", (B, T, Hv, Dv)), get("state_out3", (BH, Dv, Dk))
+    for name, got, want in (
+        ("y", y2, y),
+        ("Vn", Vn2, Vn),
+        ("state", s2, s),
+        ("FUSE_O y", y3, y),
+        ("FUSE_O state", s3, s),
+    ):
         assert np.isfinite(want).all(), name
         assert np.array_equal(got, want), (name, np.nanmax(np.abs(got - want)))
     # Yi = q H[n]^T on valid rows (rows past T read row T - 1; masked rows' q may be NaN)
@@ -339,6 +376,8 @@ def test_fuse_y_has_no_race_under_thread_sanitizer(tmp_path):
         h3y=cl.h3y_source("cuda"),
         o2x=cl.o2_vx_source("cuda", True, 3),
         o2y=cl.o2y_source("cuda"),
+        o2p=cl.o2p_source("cuda"),
+        h3o=cl.h3o_source("cuda"),
         C=C,
     )
     exe = compile_emulated(text, tmp_path, timeout=900, sanitize="thread")

@@ -476,6 +476,16 @@ def o2y_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o2y_body()
 
 
+def o2p_source(backend: str) -> str:
+    """O2Y's q k^T slices writing P (FUSE_O; CUDA)."""
+    return PROLOGUE[backend] + src.o2p_body()
+
+
+def h3o_source(backend: str) -> str:
+    """H3 making and writing y (FUSE_O; CUDA)."""
+    return PROLOGUE[backend] + src.h3o_body()
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -522,7 +532,7 @@ _kernels: dict[tuple, object] = {}
 MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 3}
 _BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
 # Round 6's variants (WY2_VX, O2_VX; CUDA): bounded as the pass they vary.
-_BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2", "o2y": "o2"}
+_BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2", "o2y": "o2", "o2p": "o2"}
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -554,10 +564,12 @@ _PLAIN = {
     ),
     "h3": (src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source),
     "h3y": (src.H3Y_NAME, src.H3Y_INPUTS, src.H3Y_OUTPUTS, h3y_source),
+    "h3o": (src.H3O_NAME, src.H3O_INPUTS, src.H3O_OUTPUTS, h3o_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
     "o2y": (src.O2Y_NAME, src.O2Y_INPUTS, src.O_OUTPUTS, o2y_source),
+    "o2p": (src.O2P_NAME, src.O2P_INPUTS, src.O2P_OUTPUTS, o2p_source),
     "state": (src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_source),
     "state_mma": (src.STATE_MMA_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_mma_source),
 }
@@ -618,7 +630,7 @@ def _build(backend: str, which: str, smem: int = 0):
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
-        head = header(backend) + (src.H3_TILES if which in ("h3", "h3y") else "")
+        head = header(backend) + (src.H3_TILES if which in ("h3", "h3y", "h3o") else "")
         if l32:
             name, head = f"{name}_l32", head + src.H3_TILES + src.L32_TILES
         if p32:
@@ -731,8 +743,15 @@ LDSM32 = True
 # staging q and k only). Where H3 and O2_VX both apply (16-bit pieces in q's dtype, Dk <= 128,
 # Dv a multiple of 16 H3); else the default passes. Same arithmetic: y and the state bit for bit.
 FUSE_Y = False
+# Round 8 (helper chunk8; CUDA, off; takes precedence over FUSE_Y where both are on): one pass
+# over the chunks for the state and y. O2P (chunk_source.o2p_body) makes P = D o q k^T a chunk
+# and head (in the pieces' type, as O2 rounds it); H3O (h3o_body) is H3Y with P's rows and the
+# gates in its ring, adding Y's decay and y^T += delta^T P^T and writing y (no H, Yi, Vn). Where
+# FUSE_Y would apply; same arithmetic: y and the state bit for bit.
+FUSE_O = False
 _L32 = (
-    "wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x", "o2y"
+    "wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x", "o2y",
+    "o2p",
 )  # fmt: skip
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
@@ -1043,9 +1062,9 @@ def o_pass(
 
 
 def fuse_y_warps(backend: str, q, k, U, state) -> int | None:
-    """H3's warps where FUSE_Y applies to these pieces (U: the WY pass's), else None."""
+    """H3's warps where FUSE_Y / FUSE_O apply to these pieces (U: the WY pass's), else None."""
     B, Hv, Dv, Dk = state.shape
-    nw = H3 if FUSE_Y and backend == "cuda" and O2 and O2_VX else None
+    nw = H3 if (FUSE_Y or FUSE_O) and backend == "cuda" and O2 and O2_VX else None
     if not nw or U.dtype.size != 2 or Dk > 128 or Dv % (16 * nw) != 0:
         return None
     ds, _ = O2_TILES[(backend, 2)]
@@ -1104,6 +1123,56 @@ def o2y_pass(q, k, gates, Yi, Vn, T: int, Hv: int, C: int = CHUNK, init_value=No
     )[0]
 
 
+def o2p_pass(q, k, gates, T: int, Hv: int, pt, C: int = CHUNK, init_value=None):
+    """FUSE_O's P pass (CUDA: chunk_source.o2p_body): P = D o q k^T [B * Hv, N, C, C] in pt
+    (rows i, columns j <= i; the tiles above the diagonal unwritten)."""
+    B, _, _, Dk = q.shape
+    N = -(-T // C)
+    ds, bvo = O2_TILES[("cuda", pt.size)]
+    return _build("cuda", "o2p")(
+        inputs=[q, k, gates, mx.array([T, Hv], mx.int32)],
+        template=[
+            ("Dk", Dk),
+            ("C", C),
+            ("NT", O_THREADS),
+            ("DS", ds),
+            ("BVO", bvo),
+            ("MP", operand_precision(pt)),
+            ("YT", pt),
+        ],
+        grid=(O_THREADS * N, B * Hv, 1),
+        threadgroup=(O_THREADS, 1, 1),
+        output_shapes=[(B * Hv, N, C, C)],
+        output_dtypes=[pt],
+        init_value=init_value,
+    )[0]
+
+
+def h3o_pass(W, U, Kw, gates, state, q, P, nw: int, C: int = CHUNK, init_value=None):
+    """FUSE_O's state pass (CUDA: chunk_source.h3o_body, nw warps a threadgroup): (y [B, T, Hv,
+    Dv] in the pieces' dtype, the final state fp32)."""
+    B, Hv, Dv, Dk = state.shape
+    T = q.shape[1]
+    pt = U.dtype
+    return _build("cuda", "h3o", src.h3o_smem(Dk, nw, H3_NB, pt.size, C))(
+        inputs=[W, U, Kw, gates, state, q, P],
+        template=[
+            ("Dk", Dk),
+            ("BV", 16 * nw),
+            ("C", C),
+            ("NT", 32 * nw),
+            ("NB", H3_NB),
+            ("MP", operand_precision(pt)),
+            ("PT", pt),
+        ],
+        grid=(32 * nw * B * Hv, Dv // (16 * nw), 1),
+        threadgroup=(32 * nw, 1, 1),
+        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
+        output_dtypes=[pt, mx.float32],
+        init_value=init_value,
+    )
+
+
 def split_shape_ok(k: mx.array, v: mx.array) -> bool:
     """Head sizes the split path is taken for: those it was checked at on the H200 (Dk 32, 64,
     128, 192, 256 with Dv 20 to 128). Dk 96 with Dv 1 (test_gpu_chunk_kernel's odd shape) gave
@@ -1134,6 +1203,10 @@ def split_chunk_kernel(
     iv = init_value
     W, U, Kw, gates = wy_pass(backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv)
     nw = fuse_y_warps(backend, q, k, U, state)
+    if nw and U.dtype == v.dtype and FUSE_O:
+        P = o2p_pass(q, k, gates, T, Hv, U.dtype, init_value=iv)
+        y, state_out = h3o_pass(W, U, Kw, gates, state, q, P, nw, init_value=iv)
+        return y, state_out
     if nw and U.dtype == v.dtype:
         Yi, Vn, state_out = h3y_pass(W, U, Kw, gates, state, q, nw, init_value=iv)
         return o2y_pass(q, k, gates, Yi, Vn, T, Hv, init_value=iv), state_out

@@ -2987,3 +2987,166 @@ def o2y_body() -> str:
     """O2_VX's output pass (16-bit P, a ring of three) with Y = q H[n]^T read from the state pass
     (FUSE_Y: Yi) instead of computed: q and k staged, not H."""
     return _swapped(o2_vx_body(True, 3), _O2Y_SWAPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# FUSE_O (round 8, helper chunk8; CUDA, off by default: chunk_launch.FUSE_O): one pass over the
+# chunks for the state and y. The output pass's work that does not depend on the state, P = D o
+# q k^T (masked, rounded to the pieces' type as O2 makes it), moves to a pass of its own, O2P
+# (O2Y's slices of q k^T, one threadgroup a chunk and head instead of one a value tile, P written
+# [B * Hv, N, C, C] in the pieces' type, tiles above the diagonal unwritten); the rest goes into
+# H3Y, as H3O: with P's rows and the gates in the ring, after Y^T = S q^T the warp decays Y's
+# columns (valid_t ? gamma_t Y : 0), adds y^T += delta^T P^T (A: its Db, which the update
+# reads too; K = 16 (r + 1) a row tile, as O2), stages y^T in PS (stmatrix .trans, rounded as
+# O2's static_cast) and writes rows t < T 16 bytes a lane, as Vn was. Neither H, Yi nor Vn is
+# written. The same arithmetic as O2_VX element for element (P's bf16 values, the decay before
+# P Vn, the k order): y and the state bit for bit the defaults'.
+O2P_NAME = O2_NAME + "_p"
+O2P_INPUTS = ["q", "k", "gates", "dims"]
+O2P_OUTPUTS = ["P"]
+H3O_NAME = "gated_delta_chunk_h3o"
+H3O_INPUTS = [*H3_INPUTS, "q", "P"]
+H3O_OUTPUTS = ["y", "state_out"]
+
+
+def o2p_body() -> str:
+    """O2Y's q k^T slices, then P made from the accumulators and written to P (FUSE_O)."""
+    body = o2y_body()
+    cut = body.index("#undef GD_O2_COPY\n") + len("#undef GD_O2_COPY\n")
+    tail = body[body.index("#undef GD_DECAY_R\n#undef GD_O2_P16\n") :]
+    head = _swapped(
+        body[:cut],
+        (
+            ("  const int Dv = Vn_shape[2];\n", ""),
+            (_rows_to_registers("xv", "Vn", "BVO"), ""),
+            (_swaps_text(_O2Y_SWAPS, "  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);\n"), ""),
+            ("  gd_acc ya[YTW];\n", ""),
+            (
+                "  // Vn's rows for this chunk and value tile (columns clamped), in flight with the"
+                " first slices.\n",
+                "",
+            ),
+        ),
+    )
+    keep = "j <= i && ok[i] != 0.0f && ok[j] != 0.0f"
+    make = _lower_tiles_vx("qk", "Pg", "C", "PS", keep, "dij")
+    return (
+        head
+        + "  // P [B * Hv, N, C, C]: row i, column j of chunk n at (head N + n) C C + i C + j\n"
+        + "  YT* Pg = P + (size_t(head) * N + n) * C * C;\n"
+        + make
+        + tail
+    )
+
+
+def _swaps_text(swaps, old: str) -> str:
+    """The new text that swaps put in old's place."""
+    return next(new for o, new in swaps if o == old)
+
+
+_H3O_SWAPS = (
+    # the stage: W, Kw, U, q rows, then P's C rows and the chunk's gates (4 floats a row)
+    (
+        "  constexpr int STAGE = 3 * C * SP + C * UP;  // one chunk's W, Kw, U and q rows\n",
+        """  constexpr int PP = C + PAD;  // row stride of the staged P rows
+  constexpr int GO = 3 * C * SP + C * UP + C * PP;  // the staged gates: a row of 16 bytes
+  constexpr int STAGE = GO + C * (16 / PSZ);  // one chunk's W, Kw, U, q, P rows and gates
+""",
+    ),
+    (
+        "  constexpr int WARP = 16 * SP + C * DBL;     // a warp's Sb and Db\n",
+        "  constexpr int WARP = 16 * SP + 2 * C * DBL;  // a warp's Sb, Db and y^T (Yb)\n",
+    ),
+    (
+        "  GD_TG_PTR PS* Db = Sb + 16 * SP;                // this warp's delta in PS: C x 16\n",
+        """  GD_TG_PTR PS* Db = Sb + 16 * SP;                // this warp's delta in PS: C x 16
+  GD_TG_PTR PS* Yb = Db + C * DBL;                 // this warp's y in PS: C x 16
+  constexpr int PR = NT / (C / PAD);  // P rows a round of copies
+  static_assert(NT % (C / PAD) == 0 && C % PR == 0, "H3O_BODY copies");
+  const int hv = int(head % Hv);
+""",
+    ),
+    # P's rows and the gates copied with the stage
+    (
+        """      const PT* ug = U + (r0 + ur) * Dv + v0 + uc;
+""",
+        """      const PT* pg = P + (r0 + tid / (C / PAD)) * C + (tid % (C / PAD)) * PAD;
+      #pragma unroll
+      for (int j = 0; j < C / PR; ++j) {
+        gd_cp16(b, unsigned((3 * C * SP + C * UP + (tid / (C / PAD) + j * PR) * PP +
+                             (tid % (C / PAD)) * PAD) * PSZ),
+                pg + size_t(j) * PR * C);
+      }
+      for (int i = tid; i < C; i += NT) gd_cp16(b, unsigned((GO + i * (16 / PSZ)) * PSZ),
+                                                 gates + (r0 + i) * 4);
+      const PT* ug = U + (r0 + ur) * Dv + v0 + uc;
+""",
+    ),
+    # no Vn
+    (
+        """    // Vn = delta (PS is PT), 16 bytes a lane
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
+      *reinterpret_cast<gd_vh*>(Vn + (rn + e / 16) * Dv + vw + e % 16) =
+          *reinterpret_cast<const GD_TG_PTR gd_vh*>(Db + (e / 16) * DBL + e % 16);
+    }
+""",
+        "",
+    ),
+    # Y's decay by columns, then y^T += delta^T P^T
+    (
+        "    __syncwarp();  // Sb's reads done\n",
+        """    __syncwarp();  // Sb's reads done
+    // y^T's columns are the chunk's rows t: Y_t := valid_t ? gamma_t Y_t : 0 (O2's decay)
+    const GD_TG_PTR float* sg = reinterpret_cast<const GD_TG_PTR float*>(sw + GO);
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = 16 * r + 8 * h + 2 * (tid & 3) + (e & 1);
+          yt[r].c[h][e] = sg[4 * t + 2] != 0.0f ? sg[4 * t] * yt[r].c[h][e] : 0.0f;
+        }
+      }
+    }
+    // y^T += delta^T P^T: row tile r of P (rows t) over its columns s < 16 (r + 1)
+    const GD_TG_PTR PS* sp = sq + C * SP;
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      gd_mma_rows<MP, true, true, 1>(yt + r, Db, DBL, sp + 16 * r * PP, PP, 0, 16 * (r + 1));
+    }
+""",
+    ),
+    # the new state's stores, then y: staged in PS (y^T transposed back), rows t < T written
+    (
+        "    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);\n  }\n",
+        """    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb + 16 * r * DBL, DBL);
+    __syncwarp();  // Yb complete
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
+      const int t = n * C + e / 16;
+      if (t < T) {
+        *reinterpret_cast<gd_vh*>(y + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + vw + e % 16) =
+            *reinterpret_cast<const GD_TG_PTR gd_vh*>(Yb + (e / 16) * DBL + e % 16);
+      }
+    }
+  }
+""",
+    ),
+)
+
+
+def h3o_body() -> str:
+    """H3Y without Yi, with y made and written (FUSE_O: chunk_source's FUSE_O comment)."""
+    base = _swapped(H3_BODY, _H3Y_SWAPS[:-1])
+    return _swapped(base, _H3O_SWAPS)
+
+
+def h3o_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
+    """Bytes of H3O's threadgroup memory: H3Y's, the ring's P rows and gates, a warp's Yb."""
+    pad = 16 // itemsize
+    stage = C * (C + pad) * itemsize + C * 16
+    return h3y_smem(Dk, nw, nb, itemsize, C) + nb * stage + nw * C * (16 + pad) * itemsize
