@@ -80,8 +80,9 @@ the plain build's). Exit status 1 if a check fails.
 --ab8 (round 8, helper chunk8; < 3 minutes, CUDA): FUSE_Y (chunk_launch.FUSE_Y: the output
 pass's Y = q H[n]^T computed by the state pass H3 from the same Sb as its Xw^T, written fp32 in
 place of H; the output pass starts its Y from it and stages only q and k), with the output pass
-at four threadgroups an SM and H3 at four warps beside. Checks at T 1000 / 2048 (bf16, B 2 masked,
-raw gates): y and state equal to the default build's bit for bit and within bf16's tolerance of
+at four threadgroups an SM and H3 at four warps beside; FUSE_O (chunk_launch.FUSE_O: P = D o q
+k^T by a pass of its own, then the state pass makes and writes y: no output pass). Checks at
+T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to the default build's bit for bit and within bf16's tolerance of
 the fused kernel; at 2048 the passes alone (Vn, state, y equal; Yi = q H^T). Then timings at T
 8192 / 32768 beside FLA's chunk kernel with the predictions; JSON to --out. Exit status 1 if a
 check fails.
@@ -826,21 +827,27 @@ def ab7_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
 
 # --ab8 (round 8, helper chunk8): FUSE_Y, the output pass's Y = q H[n]^T computed by the state
 # pass H3 (h3y: q rows in its ring, Y^T = S q^T from the same Sb as Xw^T, Y written fp32 instead
-# of H) and the output pass starting from it (o2y: q and k staged, half its products). The same
-# arithmetic: y and the state must equal the default's bit for bit.
+# of H) and the output pass starting from it (o2y: q and k staged, half its products); FUSE_O,
+# one pass over the chunks for the state and y (o2p: P = D o q k^T a chunk and head; h3o: H3Y
+# with P and the gates in its ring, y made and written there). The same arithmetic: y and the
+# state must equal the default's bit for bit.
 AB8_VARIANTS = {
     "fy": {"FUSE_Y": True},
     "fy lb4": {"FUSE_Y": True, "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 4}},
     "fy h3w4": {"FUSE_Y": True, "H3": 4},
+    "fo": {"FUSE_O": True},
+    "fo h3w4": {"FUSE_O": True, "H3": 4},
 }
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 8"), H200, Hv 32, bf16; the
 # plain rows are the 2026-12-02 21:59 UTC --ab7 measurements of today's defaults (round 7).
 PREDICTED_AB8 = {
-    8192: {"split": 0.989, "split fy": 0.90, "split fy lb4": 0.91, "split fy h3w4": 0.93,
-           "state": 0.242, "state fy": 0.28, "out": 0.40, "out fy": 0.27, "out fy lb4": 0.28,
+    8192: {"split": 0.989, "split fy": 0.91, "split fy lb4": 0.92, "split fy h3w4": 0.94,
+           "split fo": 0.81, "split fo h3w4": 0.85, "state": 0.242, "state fy": 0.29,
+           "state fo": 0.38, "out": 0.40, "out fy": 0.27, "out fy lb4": 0.28, "p fo": 0.08,
            "fla chunk": 0.761},
-    32768: {"split": 3.770, "split fy": 3.40, "split fy lb4": 3.45, "split fy h3w4": 3.55,
-            "state": 0.853, "state fy": 0.98, "out": 1.55, "out fy": 1.05, "out fy lb4": 1.10,
+    32768: {"split": 3.770, "split fy": 3.45, "split fy lb4": 3.50, "split fy h3w4": 3.55,
+            "split fo": 2.95, "split fo h3w4": 3.1, "state": 0.853, "state fy": 1.03,
+            "state fo": 1.35, "out": 1.55, "out fy": 1.05, "out fy lb4": 1.10, "p fo": 0.30,
             "fla chunk": 2.305},
 }  # fmt: skip
 
@@ -926,7 +933,8 @@ def ab8_checks(backend: str) -> list[dict]:
 
 def _fy_timers(backend: str, shape: Shape) -> dict:
     """FUSE_Y's passes alone at shape (B 1, bf16): "state fy" (h3y), "out fy" (o2y on the
-    state pass's Yi, Vn; also at four threadgroups an SM)."""
+    state pass's Yi, Vn; also at four threadgroups an SM); FUSE_O's: "p fo" (o2p), "state fo"
+    (h3o on o2p's P)."""
     T, hv = shape.T, shape.Hv
     q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
     W, U, Kw, gts = cl.wy_pass(backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias))
@@ -940,11 +948,24 @@ def _fy_timers(backend: str, shape: Shape) -> dict:
     def out_fy(s):
         return cl.o2y_pass(q, k, gts, Yi, Vn, T, hv), s
 
+    def p_fo(s):
+        return cl.o2p_pass(q, k, gts, T, hv, U.dtype), s
+
     fy = {
         "state fy": state_fy,
         "out fy": out_fy,
         "out fy lb4": bounded(out_fy, {**cl.MIN_BLOCKS, "o2": 4}),
     }
+    try:
+        P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
+        mx.eval(P)
+
+        def state_fo(s):
+            return cl.h3o_pass(W, U, Kw, gts, s, q, P, cl.H3)
+
+        fy |= {"p fo": p_fo, "state fo": state_fo}
+    except Exception as e:  # FUSE_O's P pass does not build: FUSE_Y's rows still run
+        print(f"  p fo: did not build or run: {str(e)[:300]}", flush=True)
     return {n: (lambda n_, f=f: chained(f, state0, n_)) for n, f in fy.items()}
 
 
@@ -1070,7 +1091,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--ab8",
         action="store_true",
-        help="< 3 min, CUDA: round 8's FUSE_Y (the output pass's q H^T in the state pass) checked "
+        help="< 3 min, CUDA: round 8's FUSE_Y / FUSE_O (the output pass's work in the state pass) "
+        "checked "
         "bit for bit against the default build, then timed at T 8192 / 32768 beside FLA",
     )
     args = p.parse_args(argv)
@@ -1079,7 +1101,7 @@ def main(argv=None) -> int:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
     if args.ab8:
-        print("1. round 8's FUSE_Y against the default build and the fused kernel", flush=True)
+        print("1. round 8's FUSE_Y / FUSE_O against the default build and the fused kernel")
         checks = ab8_checks(backend)
         print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
         times = ab8_times(backend)

@@ -411,13 +411,53 @@ def test_ab8_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     rows = g.ab8_checks("cuda")
     assert {r["check"] for r in rows} == {"split", "fy passes", *g.AB8_VARIANTS}
     assert all(r["ok"] for r in rows), rows
-    assert [r["equal to default"] for r in rows if r["check"] in g.AB8_VARIANTS] == [True] * 6
+    eq = [r["equal to default"] for r in rows if r["check"] in g.AB8_VARIANTS]
+    assert eq == [True] * 2 * len(g.AB8_VARIANTS)
     built = {kw["name"] for kw in recorder.built}
     for nw in (2, 4):
         assert f"{cs.H3Y_NAME}_{cs.h3y_smem(128, nw, cl.H3_NB, 2)}" in built
     assert cs.O2Y_NAME + "_l32_lb3" in built and cs.O2Y_NAME + "_l32_lb4" in built
+    assert cs.O2P_NAME + "_l32_lb3" in built
+    for nw in (2, 4):
+        assert f"{cs.H3O_NAME}_{cs.h3o_smem(128, nw, cl.H3_NB, 2)}" in built
     times = g.ab8_times("cuda", ts=(256,))
     assert set(times[0]["ms"]) >= {
         "split", "split fy", "split fy lb4", "split fy h3w4", "state", "state fy", "out",
-        "out fy", "out fy lb4",
+        "out fy", "out fy lb4", "split fo", "split fo h3w4", "p fo", "state fo",
     }  # fmt: skip
+
+
+def test_host_builds_fuse_o(recorder, monkeypatch):  # noqa: F811
+    """FUSE_O on (FUSE_Y too: FUSE_O takes precedence): the WY pass, O2P (q, k, gates, dims; P
+    [B Hv, N, C, C] in the pieces' type; a threadgroup a chunk and head; O2's bound) and H3O (P
+    as its seventh input, the ring's bytes with P's rows and the gates, y and the state out); no
+    H3Y / O2Y, no output pass."""
+    B, T, Hk, Hv, Dk, Dv = 2, 200, 2, 4, 128, 128
+    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
+    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
+    g = mx.ones((B, T, Hv))
+    state = mx.zeros((B, Hv, Dv, Dk))
+    monkeypatch.setattr(cl, "FUSE_Y", True)
+    monkeypatch.setattr(cl, "FUSE_O", True)
+    y, s = cl.split_chunk_kernel("cuda", q, q, v, g, g, state, None)
+    assert y.shape == (B, T, Hv, Dv) and y.dtype == mx.bfloat16 and s.shape == state.shape
+    names = [n for n, _ in recorder.calls]
+    assert len(names) == 3 and names[0].startswith(cs.wy_name(False, True))
+    nw, N = cl.H3, -(-T // C)
+    smem = cs.h3o_smem(Dk, nw, cl.H3_NB, 2)
+    assert smem == cs.h3y_smem(Dk, nw, cl.H3_NB, 2) + cl.H3_NB * (C * 72 * 2 + C * 16) + nw * C * 48
+    assert names[1] == cs.O2P_NAME + ("_l32" if cl.LDSM32 else "") + f"_lb{cl.MIN_BLOCKS['o2']}"
+    assert names[2] == f"{cs.H3O_NAME}_{smem}"
+    p_call, h_call = recorder.calls[1][1], recorder.calls[2][1]
+    assert p_call["grid"] == (cl.O_THREADS * N, B * Hv, 1)
+    assert p_call["output_shapes"] == [(B * Hv, N, C, C)]
+    assert p_call["output_dtypes"] == [mx.bfloat16]
+    assert h_call["inputs"][5] is q and h_call["inputs"][6].shape == (B * Hv, N, C, C)
+    assert h_call["grid"] == (32 * nw * B * Hv, Dv // (16 * nw), 1)
+    kw = {k["name"]: k for k in recorder.built}
+    assert kw[names[1]]["input_names"] == cs.O2P_INPUTS
+    assert kw[names[1]]["source"] == cl.o2p_source("cuda")
+    assert kw[names[2]]["input_names"] == cs.H3O_INPUTS and kw[names[2]]["shared_memory"] == smem
+    assert (
+        kw[names[2]]["source"] == cl.h3o_source("cuda") and "gd_mma_rows" in kw[names[2]]["header"]
+    )
