@@ -82,10 +82,10 @@ pass's Y = q H[n]^T computed by the state pass H3 from the same Sb as its Xw^T, 
 place of H; the output pass starts its Y from it and stages only q and k), with the output pass
 at four threadgroups an SM and H3 at four warps beside; FUSE_O (chunk_launch.FUSE_O: P = D o q
 k^T by a pass of its own, then the state pass makes and writes y: no output pass). Checks at
-T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to the default build's bit for bit and within bf16's tolerance of
-the fused kernel; at 2048 the passes alone (Vn, state, y equal; Yi = q H^T). Then timings at T
-8192 / 32768 beside FLA's chunk kernel with the predictions; JSON to --out. Exit status 1 if a
-check fails.
+T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to the default build's bit for
+bit and within bf16's tolerance of the fused kernel; at 2048 FUSE_Y's passes alone (Vn, state, y
+equal; Yi = q H^T). Then timings at T 8192 / 32768 beside FLA's chunk kernel with the
+predictions; JSON to --out. Exit status 1 if a check fails.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
