@@ -331,8 +331,9 @@ def test_fuse_y_text_is_the_default_with_named_swaps():
 @pytest.mark.slow  # ~60 s
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
-    """H3Y (2 and 4 warps) and O2Y (its bound: three threadgroups an SM) through ptxas for
-    sm_90 (bf16, Dk 128, with the default header and L32_TILES as the host builds them)."""
+    """H3Y and H3O (2 and 4 warps), O2Y and O2P (O2's bound: three threadgroups an SM) through
+    ptxas for sm_90 (bf16, Dk 128, with the default header and L32_TILES as the host builds
+    them): no spill."""
     pt, sh = CTYPES["bf16"], "const __grid_constant__ Shape"
     h_params = [f"const {pt}* W", f"const {pt}* U", f"{sh} U_shape", f"const {pt}* Kw",
                 "const float* gates", "const float* state_in", f"const {pt}* q",
@@ -346,11 +347,17 @@ def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
                   f"MP = 1;\n  using PT = {pt};\n")  # fmt: skip
         text += f"__global__ void h3y{nw}(" + ", ".join(h_params) + ") {\n" + consts
         text += cl.h3y_source("cuda") + "\n}\n"
+        ho = [*h_params[:8], f"const {pt}* P", f"{pt}* y", "float* state_out"]
+        text += f"__global__ void h3o{nw}(" + ", ".join(ho) + ") {\n" + consts
+        text += cl.h3o_source("cuda") + "\n}\n"
     text += cs.L32_TILES + cl.launch_bounds_header(256, cl.MIN_BLOCKS["o2"])
     consts = ("  constexpr int Dk = 128, C = 64, NT = 256, DS = 32, BVO = 64, MP = 1;\n"
               f"  using YT = {pt};\n")  # fmt: skip
     text += "__global__ void o2y(" + ", ".join(o_params) + ") {\n" + consts
     text += cl.o2y_source("cuda") + "\n}\n"
+    op = [*o_params[:4], "const int* dims", f"{pt}* P"]
+    text += "__global__ void o2p(" + ", ".join(op) + ") {\n" + consts
+    text += cl.o2p_source("cuda") + "\n}\n"
     path = tmp_path / "fy.cu"
     path.write_text(text)
     out = subprocess.run(
@@ -360,14 +367,15 @@ def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
-    assert len(spills) == 3 and all(s == "0" for s in spills), out.stderr
+    assert len(spills) == 6 and all(s == "0" for s in spills), out.stderr
 
 
 @pytest.mark.slow  # ~1-2 min: ThreadSanitizer build
 def test_fuse_y_has_no_race_under_thread_sanitizer(tmp_path):
-    """H3Y and O2Y (and the default pair beside them) under ThreadSanitizer: no two threads
-    touch one address, one of them writing, without a barrier or __syncwarp between them (H3Y
-    reads Sb for Y^T after the update's products and before the new state's stores)."""
+    """H3Y + O2Y and O2P + H3O (and the default pair beside them) under ThreadSanitizer: no two
+    threads touch one address, one of them writing, without a barrier or __syncwarp between
+    them (H3Y reads Sb for Y^T after the update's products and before the new state's stores;
+    H3O's lanes write y^T to Yb and read it back as rows)."""
     if GXX is None:
         pytest.skip("needs g++")
     text = PROGRAM.format(
