@@ -736,6 +736,10 @@ H3_NB = 2
 # chunk_source.L32_TILES in their header ("_l32" names): gd_mma_staged / gd_copy_tile converting
 # threadgroup addresses once a call instead of once an ldmatrix / a copy. Same outputs.
 LDSM32 = True
+_L32 = (
+    "wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x", "o2y",
+    "o2p",
+)  # fmt: skip
 # Round 8 (helper chunk8; CUDA, off by default until the H200 has checked and timed it:
 # benchmarks/chunk_split_gpu.py --ab8): the output pass's Y = q H[n]^T computed by the state pass
 # (chunk_source.h3y_body: H3_BODY with the chunk's q rows in its ring, Y^T = S q^T from the same
@@ -749,10 +753,6 @@ FUSE_Y = False
 # gates in its ring, adding Y's decay and y^T += delta^T P^T and writing y (no H, Yi, Vn). Where
 # FUSE_Y would apply; same arithmetic: y and the state bit for bit.
 FUSE_O = False
-_L32 = (
-    "wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x", "o2y",
-    "o2p",
-)  # fmt: skip
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -1064,7 +1064,9 @@ def o_pass(
 def fuse_y_warps(backend: str, q, k, U, state) -> int | None:
     """H3's warps where FUSE_Y / FUSE_O apply to these pieces (U: the WY pass's), else None."""
     B, Hv, Dv, Dk = state.shape
+    # O2Y / O2P are O2_VX's text at its defaults (16-bit P, a ring of three)
     nw = H3 if (FUSE_Y or FUSE_O) and backend == "cuda" and O2 and O2_VX else None
+    nw = nw if O2_P16 and O2_RING == 3 else None
     if not nw or U.dtype.size != 2 or Dk > 128 or Dv % (16 * nw) != 0:
         return None
     ds, _ = O2_TILES[(backend, 2)]
