@@ -426,12 +426,13 @@ def test_ab8_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
         assert f"{cs.H3Y_NAME}_{cs.h3y_smem(128, nw, cl.H3_NB, 2)}" in built
     assert cs.O2Y_NAME + "_l32_lb3" in built and cs.O2Y_NAME + "_l32_lb4" in built
     assert cs.O2P_NAME + "_l32_lb3" in built
-    for nw in (2, 4):
-        assert f"{cs.H3O_NAME}_{cs.h3o_smem(128, nw, cl.H3_NB, 2)}" in built
+    for nw, nb in ((2, 2), (4, 2), (2, 3)):
+        assert f"{cs.H3O_NAME}_{cs.h3o_smem(128, nw, nb, 2)}" in built
+    assert cs.h3o_smem(128, 2, 3, 2) <= 227 * 1024  # the H200's most a threadgroup
     times = g.ab8_times("cuda", ts=(256,))
     assert set(times[0]["ms"]) >= {
         "split", "split fy", "split fy lb4", "split fy h3w4", "state", "state fy", "out",
-        "out fy", "out fy lb4", "split fo", "split fo h3w4", "p fo", "state fo",
+        "out fy", "out fy lb4", "split fo", "split fo h3w4", "split fo nb3", "p fo", "state fo",
     }  # fmt: skip
 
 
