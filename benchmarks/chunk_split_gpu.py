@@ -85,7 +85,8 @@ k^T by a pass of its own, then the state pass makes and writes y: no output pass
 T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to the default build's bit for
 bit and within bf16's tolerance of the fused kernel; at 2048 FUSE_Y's passes alone (Vn, state, y
 equal; Yi = q H^T). Then timings at T 8192 / 32768 beside FLA's chunk kernel with the
-predictions; JSON to --out. Exit status 1 if a check fails.
+predictions; last, H3O stamped (one chunk's phases; its outputs must equal the plain build's).
+JSON to --out. Exit status 1 if a check fails.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
@@ -1003,6 +1004,46 @@ def ab8_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     return rows
 
 
+def ab8_h3o_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab8's last step: H3O (FUSE_O's state pass) stamped (chunk_source.H3O_STAMPS: one
+    sampled chunk a threadgroup, n = N / 2) at each T (B 1, bf16): y and the state against the
+    plain build's (must be equal), then the phases of the sampled chunk."""
+    from chunk_stamps import summarize
+    from chunk_stamps import table as stamp_table
+
+    from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+
+    anchors = cs.H3O_STAMPS
+    rows = []
+    for T in ts:
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
+        W, U, Kw, gts = cl.wy_pass(
+            backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
+        )
+        P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
+        plain = cl.h3o_pass(W, U, Kw, gts, state0, q, P, cl.H3)
+        mx.eval(plain)
+        row = {"T": T, "Hv": hv, "same": None}
+        try:
+            for _ in range(3):
+                st = cl.h3o_pass(W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
+                mx.eval(st)
+            row["same"] = all(
+                mx.array_equal(x, z, equal_nan=True).item()
+                for x, z in zip(plain, st[:2], strict=True)
+            )
+            print(f"  T={T} stamped H3O equal to the plain build: {row['same']}")
+            r = summarize(np.array(st[2]), [x[0] for x in anchors])
+            per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
+            print(stamp_table("state fo", T, r), flush=True)
+            print(f"    one chunk (medians, wait .. y stores): {per_chunk:.0f} cycles", flush=True)
+            row["stamps"], row["chunk_cycles"] = r, per_chunk
+        except Exception as e:
+            print(f"  stamped H3O did not build or run: {str(e)[:500]}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -1109,7 +1150,15 @@ def main(argv=None) -> int:
         for T in (8192, 32768):  # the JSON rewritten after each length (a time limit keeps 8k)
             info["times"] += ab8_times(backend, ts=(T,))
             path.write_text(json.dumps(info, indent=1))
-        bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]]
+        print("3. H3O's phases (FUSE_O's state pass stamped, one chunk a threadgroup)", flush=True)
+        try:
+            info["stamps"] = ab8_h3o_stamps(backend)
+            path.write_text(json.dumps(info, indent=1))
+        except Exception as e:  # everything above is printed and written already
+            print(f"  H3O stamps step failed: {str(e)[:500]}", flush=True)
+            info["stamps"] = []
+        bad_st = [f"state fo stamped T={r['T']}" for r in info["stamps"] if r["same"] is False]
+        bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]] + bad_st
         print(f"ab8 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
         return 1 if bad else 0
     if args.ab7:

@@ -333,7 +333,7 @@ def test_fuse_y_text_is_the_default_with_named_swaps():
 def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
     """H3Y and H3O (2 and 4 warps), O2Y and O2P (O2's bound: three threadgroups an SM) through
     ptxas for sm_90 (bf16, Dk 128, with the default header and L32_TILES as the host builds
-    them): no spill."""
+    them), and H3O's stamped build: no spill."""
     pt, sh = CTYPES["bf16"], "const __grid_constant__ Shape"
     h_params = [f"const {pt}* W", f"const {pt}* U", f"{sh} U_shape", f"const {pt}* Kw",
                 "const float* gates", "const float* state_in", f"const {pt}* q",
@@ -350,6 +350,9 @@ def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
         ho = [*h_params[:8], f"const {pt}* P", f"{pt}* y", "float* state_out"]
         text += f"__global__ void h3o{nw}(" + ", ".join(ho) + ") {\n" + consts
         text += cl.h3o_source("cuda") + "\n}\n"
+        if nw == 2:  # the stamped build --ab8 runs
+            text += "__global__ void h3os(" + ", ".join([*ho, "uint32_t* stamps"]) + ") {\n"
+            text += consts + cs.stamped(cl.h3o_source("cuda"), cs.H3O_STAMPS) + "\n}\n"
     text += cs.L32_TILES + cl.launch_bounds_header(256, cl.MIN_BLOCKS["o2"])
     consts = ("  constexpr int Dk = 128, C = 64, NT = 256, DS = 32, BVO = 64, MP = 1;\n"
               f"  using YT = {pt};\n")  # fmt: skip
@@ -367,7 +370,7 @@ def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
-    assert len(spills) == 6 and all(s == "0" for s in spills), out.stderr
+    assert len(spills) == 7 and all(s == "0" for s in spills), out.stderr
 
 
 @pytest.mark.slow  # ~1-2 min: ThreadSanitizer build
@@ -470,3 +473,24 @@ def test_host_builds_fuse_o(recorder, monkeypatch):  # noqa: F811
     assert (
         kw[names[2]]["source"] == cl.h3o_source("cuda") and "gd_mma_rows" in kw[names[2]]["header"]
     )
+
+
+def test_h3o_stamped_build(recorder, monkeypatch):  # noqa: F811
+    """h3o_pass(stamps=True): H3O's text with the stamps of H3O_STAMPS (each anchor once; without
+    them the plain text), its header, dynamic shared memory and the extra output."""
+    B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
+    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
+    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
+    g = mx.ones((B, T, Hv))
+    state = mx.zeros((B, Hv, Dv, Dk))
+    W, U, Kw, gates = cl.wy_pass("cuda", q, v, g, g, None)
+    P = cl.o2p_pass(q, q, gates, T, Hv, mx.bfloat16)
+    *_, st = cl.h3o_pass(W, U, Kw, gates, state, q, P, 2, stamps=True)
+    assert st.shape == (B * Hv * Dv // 32, cs.STAMP_SLOTS) and st.dtype == mx.uint32
+    kw = recorder.built[-1]
+    smem = cs.h3o_smem(Dk, 2, cl.H3_NB, 2)
+    assert kw["name"] == f"{cs.H3O_NAME}_{smem}_stamped" and kw["shared_memory"] == smem
+    assert cs.unstamped(kw["source"]) == cl.h3o_source("cuda") and "gd_mma_rows" in kw["header"]
+    assert kw["output_names"] == [*cs.H3O_OUTPUTS, cs.STAMP_OUTPUT]
+    got = sorted(int(x) for x in re.findall(r"GD_STAMP\((\d+)\)", kw["source"]))
+    assert got == list(range(3, 4 + len(cs.H3O_STAMPS)))

@@ -600,7 +600,7 @@ def _build(backend: str, which: str, smem: int = 0):
                 input_names=ins,
                 output_names=[*outs, src.STAMP_OUTPUT],
                 source=src.stamped(body, anchors),
-                header=head + (src.H3_TILES if which == "h3_stamped" else ""),
+                header=head + (src.H3_TILES if which in ("h3_stamped", "h3o_stamped") else ""),
                 **extra,
             )
         return _kernels[key]
@@ -677,6 +677,10 @@ _STAMPED = {
     # round 7: H3_BODY, one sampled chunk a threadgroup (chunk_source.H3_STAMPS)
     "h3_stamped": lambda: (
         src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source("cuda"), src.H3_STAMPS,
+    ),
+    # round 8: H3O (FUSE_O's state pass), one sampled chunk a threadgroup (H3O_STAMPS)
+    "h3o_stamped": lambda: (
+        src.H3O_NAME, src.H3O_INPUTS, src.H3O_OUTPUTS, h3o_source("cuda"), src.H3O_STAMPS,
     ),
 }  # fmt: skip
 
@@ -1150,13 +1154,20 @@ def o2p_pass(q, k, gates, T: int, Hv: int, pt, C: int = CHUNK, init_value=None):
     )[0]
 
 
-def h3o_pass(W, U, Kw, gates, state, q, P, nw: int, C: int = CHUNK, init_value=None):
+def h3o_pass(
+    W, U, Kw, gates, state, q, P, nw: int, C: int = CHUNK, init_value=None, stamps: bool = False
+):
     """FUSE_O's state pass (CUDA: chunk_source.h3o_body, nw warps a threadgroup): (y [B, T, Hv,
-    Dv] in the pieces' dtype, the final state fp32)."""
+    Dv] in the pieces' dtype, the final state fp32). stamps: the stamped build
+    (chunk_source.H3O_STAMPS), its stamps [threadgroups, STAMP_SLOTS] uint32 appended."""
     B, Hv, Dv, Dk = state.shape
     T = q.shape[1]
     pt = U.dtype
-    return _build("cuda", "h3o", src.h3o_smem(Dk, nw, H3_NB, pt.size, C))(
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        extra_shapes, extra_dtypes = [(B * Hv * (Dv // (16 * nw)), src.STAMP_SLOTS)], [mx.uint32]
+    which = "h3o_stamped" if stamps else "h3o"
+    return _build("cuda", which, src.h3o_smem(Dk, nw, H3_NB, pt.size, C))(
         inputs=[W, U, Kw, gates, state, q, P],
         template=[
             ("Dk", Dk),
@@ -1169,8 +1180,8 @@ def h3o_pass(W, U, Kw, gates, state, q, P, nw: int, C: int = CHUNK, init_value=N
         ],
         grid=(32 * nw * B * Hv, Dv // (16 * nw), 1),
         threadgroup=(32 * nw, 1, 1),
-        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
-        output_dtypes=[pt, mx.float32],
+        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk), *extra_shapes],
+        output_dtypes=[pt, mx.float32, *extra_dtypes],
         init_value=init_value,
     )
 

@@ -3150,3 +3150,25 @@ def h3o_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
     pad = 16 // itemsize
     stage = C * (C + pad) * itemsize + C * 16
     return h3y_smem(Dk, nw, nb, itemsize, C) + nb * stage + nw * C * (16 + pad) * itemsize
+
+
+# H3O stamped (round 8): one sampled chunk n = N / 2 of every threadgroup (warp 0's clock), as
+# H3_STAMPS, with H3O's phases: Y^T = S q^T, Y's decay, y^T += delta^T P^T, y's stores.
+H3O_STAMPS = (
+    ("chunks before", "  for (int s = 0; s < NB - 1; ++s) copy(s);\n"),
+    ("wait, barrier", "    gd_copy_wait<NB - 2>();\n", _H3_AT),
+    ("copies issued", "    copy(n + NB - 1);\n", _H3_AT),
+    ("Xw^T", "    gd_mma_rows<MP, false, true, RT>(xt,", _H3_AT),
+    ("delta", "    // delta^T = U^T - Xw^T", _H3_AT),
+    ("update", "    // S = decay S + delta^T Kw\n", _H3_AT),
+    ("Y^T", "    // Y^T = S q^T", _H3_AT),
+    ("Y decay", "    // y^T's columns are the chunk's rows t", _H3_AT),
+    ("P^T", "    // y^T += delta^T P^T", _H3_AT),
+    ("Sb", _H3_SB, _H3_AT),
+    (
+        "y stores",
+        "    #pragma unroll\n    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb",
+        _H3_AT,
+    ),
+    ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
+)
