@@ -839,16 +839,19 @@ AB8_VARIANTS = {
     "fo": {"FUSE_O": True},
     "fo h3w4": {"FUSE_O": True, "H3": 4},
     "fo nb3": {"FUSE_O": True, "H3_NB": 3},
+    "fo early": {"FUSE_O": True, "H3O_EARLY": True},
 }
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 8"), H200, Hv 32, bf16; the
 # plain rows are the 2026-12-02 21:59 UTC --ab7 measurements of today's defaults (round 7).
 PREDICTED_AB8 = {
     8192: {"split": 0.989, "split fy": 0.91, "split fy lb4": 0.92, "split fy h3w4": 0.94,
-           "split fo": 0.81, "split fo h3w4": 0.85, "split fo nb3": 0.80, "state": 0.242,
+           "split fo": 0.81, "split fo h3w4": 0.85, "split fo nb3": 0.80, "split fo early": 0.78,
+           "state": 0.242, "state fo early": 0.35,
            "state fy": 0.29, "state fo": 0.38, "out": 0.40, "out fy": 0.27, "out fy lb4": 0.28,
            "p fo": 0.08, "fla chunk": 0.761},
     32768: {"split": 3.770, "split fy": 3.45, "split fy lb4": 3.50, "split fy h3w4": 3.55,
-            "split fo": 2.95, "split fo h3w4": 3.1, "split fo nb3": 2.9, "state": 0.853,
+            "split fo": 2.95, "split fo h3w4": 3.1, "split fo nb3": 2.9, "split fo early": 2.85,
+            "state": 0.853, "state fo early": 1.25,
             "state fy": 1.03, "state fo": 1.35, "out": 1.55, "out fy": 1.05, "out fy lb4": 1.10,
             "p fo": 0.30, "fla chunk": 2.305},
 }  # fmt: skip
@@ -965,7 +968,11 @@ def _fy_timers(backend: str, shape: Shape) -> dict:
         def state_fo(s):
             return cl.h3o_pass(W, U, Kw, gts, s, q, P, cl.H3)
 
-        fy |= {"p fo": p_fo, "state fo": state_fo}
+        fy |= {
+            "p fo": p_fo,
+            "state fo": state_fo,
+            "state fo early": patched(state_fo, H3O_EARLY=True),
+        }
     except Exception as e:  # FUSE_O's P pass does not build: FUSE_Y's rows still run
         print(f"  p fo: did not build or run: {str(e)[:300]}", flush=True)
     return {n: (lambda n_, f=f: chained(f, state0, n_)) for n, f in fy.items()}

@@ -90,6 +90,14 @@ void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const fl
 {h3o}
 }}
 }}  // namespace h3o
+namespace h3oe {{
+template <int Dk, int BV, int C, int NT, int NB, int MP, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const PT* q, const PT* P, const int* U_shape, const int* q_shape, PT* y,
+            float* state_out) {{
+{h3oe}
+}}
+}}  // namespace h3oe
 
 // DIR Dk B T Hk Hv Dv NW NB: both pairs (H3 + O2_VX, H3Y + O2Y), bf16 pieces, MP 1
 template <int Dk, int NW, int NB>
@@ -141,6 +149,15 @@ int run(const std::string& d, int B, int T, int Hk, int Hv, int Dv) {{
                                           y3.data(), s3.data());
   }});
   write(d + "P", P); write(d + "y3", y3); write(d + "state_out3", s3);
+  // H3O_EARLY: the same with Y^T issued behind Xw^T
+  std::vector<PT> y4(size_t(B) * T * Hv * Dv, PT(NAN));
+  std::vector<float> s4(size_t(BH) * Dv * Dk, NAN);
+  run_blocks({{unsigned(BH), unsigned(Dv / BV), 1}}, NT, [&] {{
+    h3oe::kernel<Dk, BV, C, NT, NB, 1, PT>(W.data(), U.data(), Kw.data(), gates.data(),
+                                           s0.data(), q.data(), P.data(), U_shape, q_shape,
+                                           y4.data(), s4.data());
+  }});
+  write(d + "y4", y4); write(d + "state_out4", s4);
   return 0;
 }}
 
@@ -169,6 +186,7 @@ def program(tmp_path_factory):
         o2y=cl.o2y_source("cuda"),
         o2p=cl.o2p_source("cuda"),
         h3o=cl.h3o_source("cuda"),
+        h3oe=cl.h3o_source("cuda", True),
         C=C,
     )
     return compile_emulated(text, tmp_path_factory.mktemp("chunk_fuse_y"), timeout=900)
@@ -239,12 +257,15 @@ def test_fuse_y_equals_default(program, tmp_path, case):
     Vn, Vn2 = get("Vn", (BH, N * C, Dv)), get("Vn2", (BH, N * C, Dv))
     s, s2 = get("state_out", (BH, Dv, Dk)), get("state_out2", (BH, Dv, Dk))
     y3, s3 = get("y3", (B, T, Hv, Dv)), get("state_out3", (BH, Dv, Dk))
+    y4, s4 = get("y4", (B, T, Hv, Dv)), get("state_out4", (BH, Dv, Dk))
     for name, got, want in (
         ("y", y2, y),
         ("Vn", Vn2, Vn),
         ("state", s2, s),
         ("FUSE_O y", y3, y),
         ("FUSE_O state", s3, s),
+        ("H3O_EARLY y", y4, y),
+        ("H3O_EARLY state", s4, s),
     ):
         assert np.isfinite(want).all(), name
         assert np.array_equal(got, want), (name, np.nanmax(np.abs(got - want)))
@@ -331,9 +352,9 @@ def test_fuse_y_text_is_the_default_with_named_swaps():
 @pytest.mark.slow  # ~60 s
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
-    """H3Y and H3O (2 and 4 warps), O2Y and O2P (O2's bound: three threadgroups an SM) through
-    ptxas for sm_90 (bf16, Dk 128, with the default header and L32_TILES as the host builds
-    them), and H3O's stamped build: no spill."""
+    """H3Y, H3O and H3O_EARLY's H3O (2 and 4 warps), O2Y and O2P (O2's bound: three
+    threadgroups an SM) and H3O's stamped build through ptxas for sm_90 (bf16, Dk 128, with the
+    default header and L32_TILES as the host builds them): no spill, at most 255 registers."""
     pt, sh = CTYPES["bf16"], "const __grid_constant__ Shape"
     h_params = [f"const {pt}* W", f"const {pt}* U", f"{sh} U_shape", f"const {pt}* Kw",
                 "const float* gates", "const float* state_in", f"const {pt}* q",
@@ -350,6 +371,8 @@ def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
         ho = [*h_params[:8], f"const {pt}* P", f"{pt}* y", "float* state_out"]
         text += f"__global__ void h3o{nw}(" + ", ".join(ho) + ") {\n" + consts
         text += cl.h3o_source("cuda") + "\n}\n"
+        text += f"__global__ void h3oe{nw}(" + ", ".join(ho) + ") {\n" + consts
+        text += cl.h3o_source("cuda", True) + "\n}\n"
         if nw == 2:  # the stamped build --ab8 runs
             text += "__global__ void h3os(" + ", ".join([*ho, "uint32_t* stamps"]) + ") {\n"
             text += consts + cs.stamped(cl.h3o_source("cuda"), cs.H3O_STAMPS) + "\n}\n"
@@ -370,7 +393,9 @@ def test_fuse_y_compiles_for_sm90_without_spills(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
-    assert len(spills) == 7 and all(s == "0" for s in spills), out.stderr
+    assert len(spills) == 9 and all(s == "0" for s in spills), out.stderr
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", out.stderr)]
+    assert len(regs) == 9 and max(regs) <= 255, out.stderr
 
 
 @pytest.mark.slow  # ~1-2 min: ThreadSanitizer build
@@ -389,6 +414,7 @@ def test_fuse_y_has_no_race_under_thread_sanitizer(tmp_path):
         o2y=cl.o2y_source("cuda"),
         o2p=cl.o2p_source("cuda"),
         h3o=cl.h3o_source("cuda"),
+        h3oe=cl.h3o_source("cuda", True),
         C=C,
     )
     exe = compile_emulated(text, tmp_path, timeout=900, sanitize="thread")
@@ -435,7 +461,8 @@ def test_ab8_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     times = g.ab8_times("cuda", ts=(256,))
     assert set(times[0]["ms"]) >= {
         "split", "split fy", "split fy lb4", "split fy h3w4", "state", "state fy", "out",
-        "out fy", "out fy lb4", "split fo", "split fo h3w4", "split fo nb3", "p fo", "state fo",
+        "out fy", "out fy lb4", "split fo", "split fo h3w4", "split fo nb3", "split fo early",
+        "p fo", "state fo", "state fo early",
     }  # fmt: skip
 
 

@@ -481,9 +481,9 @@ def o2p_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o2p_body()
 
 
-def h3o_source(backend: str) -> str:
-    """H3 making and writing y (FUSE_O; CUDA)."""
-    return PROLOGUE[backend] + src.h3o_body()
+def h3o_source(backend: str, early: bool = False) -> str:
+    """H3 making and writing y (FUSE_O; CUDA); early: H3O_EARLY's order."""
+    return PROLOGUE[backend] + src.h3o_body(early)
 
 
 def o_source(backend: str) -> str:
@@ -565,6 +565,12 @@ _PLAIN = {
     "h3": (src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source),
     "h3y": (src.H3Y_NAME, src.H3Y_INPUTS, src.H3Y_OUTPUTS, h3y_source),
     "h3o": (src.H3O_NAME, src.H3O_INPUTS, src.H3O_OUTPUTS, h3o_source),
+    "h3oe": (
+        src.H3O_NAME + "_ey",
+        src.H3O_INPUTS,
+        src.H3O_OUTPUTS,
+        lambda b: h3o_source(b, True),
+    ),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
@@ -630,7 +636,7 @@ def _build(backend: str, which: str, smem: int = 0):
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
-        head = header(backend) + (src.H3_TILES if which in ("h3", "h3y", "h3o") else "")
+        head = header(backend) + (src.H3_TILES if which in ("h3", "h3y", "h3o", "h3oe") else "")
         if l32:
             name, head = f"{name}_l32", head + src.H3_TILES + src.L32_TILES
         if p32:
@@ -757,6 +763,9 @@ FUSE_Y = False
 # gates in its ring, adding Y's decay and y^T += delta^T P^T and writing y (no H, Yi, Vn). Where
 # FUSE_Y would apply; same arithmetic: y and the state bit for bit.
 FUSE_O = False
+# H3O with Y^T = S q^T issued right behind Xw^T instead of behind the update (chunk_source
+# h3o_body(early)); "_ey" names. Same products.
+H3O_EARLY = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -1166,7 +1175,7 @@ def h3o_pass(
     extra_shapes, extra_dtypes = [], []
     if stamps:
         extra_shapes, extra_dtypes = [(B * Hv * (Dv // (16 * nw)), src.STAMP_SLOTS)], [mx.uint32]
-    which = "h3o_stamped" if stamps else "h3o"
+    which = "h3o_stamped" if stamps else "h3oe" if H3O_EARLY else "h3o"
     return _build("cuda", which, src.h3o_smem(Dk, nw, H3_NB, pt.size, C))(
         inputs=[W, U, Kw, gates, state, q, P],
         template=[

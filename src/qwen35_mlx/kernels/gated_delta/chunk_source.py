@@ -3139,10 +3139,30 @@ _H3O_SWAPS = (
 )
 
 
-def h3o_body() -> str:
-    """H3Y without Yi, with y made and written (FUSE_O: chunk_source's FUSE_O comment)."""
-    base = _swapped(H3_BODY, _H3Y_SWAPS[:-1])
-    return _swapped(base, _H3O_SWAPS)
+def h3o_body(early: bool = False) -> str:
+    """H3Y without Yi, with y made and written (FUSE_O: chunk_source's FUSE_O comment). early
+    (chunk_launch.H3O_EARLY): Y^T = S q^T issued right behind Xw^T = S W^T (the same A, ready at
+    the chunk's start) instead of behind the update, so that its products' latency is covered by
+    delta and the update, and Y's decay and P^T find it done; the same products: the same y."""
+    body = _swapped(_swapped(H3_BODY, _H3Y_SWAPS[:-1]), _H3O_SWAPS)
+    if early:
+        at = "    gd_mma_rows<MP, false, true, RT>(xt, Sb, SP, sw, SP, 16 * SP, Dk);\n"
+        body = _swapped(body, ((_H3O_YT, ""), (at, at + _H3O_YT)))
+    return body
+
+
+# H3Y / H3O's Y^T product (the text _H3Y_SWAPS puts behind the update)
+_H3O_YT = (
+    "    // Y^T = S q^T (S: Sb, the state at the chunk's start in PS, the output pass's H[n]):"
+    " tile r\n"
+    """    // holds the warp's value rows x chunk rows 16 r..
+    const GD_TG_PTR PS* sq = su + C * UP;
+    gd_acc yt[RT];
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_zero(yt[r]);
+    gd_mma_rows<MP, false, true, RT>(yt, Sb, SP, sq, SP, 16 * SP, Dk);
+"""
+)
 
 
 def h3o_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
