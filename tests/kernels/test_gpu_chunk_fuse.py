@@ -1,8 +1,9 @@
-"""Round 8's FUSE_Y, FUSE_O and H3O_EARLY on the GPU (CUDA only): the split path with the output pass's
-q H^T in the state pass (H3Y + O2Y) and with one pass over the chunks for the state and y (O2P +
-H3O) against the default build on the same inputs (bf16, B 2 with left padding and a hole, T 1000:
-a partial last chunk; Hk 4, Hv 8; Dv 128 and 96): y and the state bit for bit (the same
-arithmetic; the lane emulator shows it on the CPU, test_chunk_fuse_y.py), and Yi = q H[n]^T."""
+"""Round 8's FUSE_Y, FUSE_O and H3O_EARLY on the GPU (CUDA only): the split path with the output
+pass's q H^T in the state pass (H3Y + O2Y) and with one pass over the chunks for the state and y
+(O2P + H3O, Y^T issued behind the update or behind Xw^T) against the default build on the same
+inputs (bf16, B 2 with left padding and a hole, T 1000: a partial last chunk; Hk 4, Hv 8; Dv 128
+and 96): y and the state bit for bit (the same arithmetic; the lane emulator shows it on the CPU,
+test_chunk_fuse_y.py), and Yi = q H[n]^T."""
 
 import mlx.core as mx
 import numpy as np
@@ -44,8 +45,8 @@ def _inputs(seed: int, Dv: int = 128):
     "mode", [("FUSE_Y",), ("FUSE_O",), ("FUSE_O", "H3O_EARLY")], ids=["fy", "fo", "fo_early"]
 )
 def test_fused_split_equals_default(monkeypatch, mode, nw, Dv):
-    """The split path with `mode`'s switches on (H3 = nw) gives the default build's y and state bit for bit
-    (Dv 96 at 4 warps takes the default passes: not a multiple of 64)."""
+    """The split path with `mode`'s switches on (H3 = nw) gives the default build's y and
+    state bit for bit (Dv 96 at 4 warps takes the default passes: not a multiple of 64)."""
     x = _inputs(nw * 7 + Dv, Dv)
     want = cl.split_chunk_kernel("cuda", *x)
     monkeypatch.setattr(cl, "H3", nw)
