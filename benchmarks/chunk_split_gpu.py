@@ -77,6 +77,17 @@ reported: expected for all, H3's only fails on the tolerance), then timings at T
 beside FLA's chunk kernel with the predictions, then H3's stamped phases (its outputs must equal
 the plain build's). Exit status 1 if a check fails.
 
+--ab8 (round 8, helper chunk8; < 3 minutes, CUDA): FUSE_Y (chunk_launch.FUSE_Y: the output
+pass's Y = q H[n]^T computed by the state pass H3 from the same Sb as its Xw^T, written fp32 in
+place of H; the output pass starts its Y from it and stages only q and k), with the output pass
+at four threadgroups an SM and H3 at four warps beside; FUSE_O (chunk_launch.FUSE_O: P = D o q
+k^T by a pass of its own, then the state pass makes and writes y: no output pass). Checks at
+T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to the default build's bit for
+bit and within bf16's tolerance of the fused kernel; at 2048 FUSE_Y's passes alone (Vn, state, y
+equal; Yi = q H^T). Then timings at T 8192 / 32768 beside FLA's chunk kernel with the
+predictions; last, H3O stamped (one chunk's phases; its outputs must equal the plain build's).
+JSON to --out. Exit status 1 if a check fails.
+
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
 _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
@@ -815,6 +826,231 @@ def ab7_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     return rows
 
 
+# --ab8 (round 8, helper chunk8): FUSE_Y, the output pass's Y = q H[n]^T computed by the state
+# pass H3 (h3y: q rows in its ring, Y^T = S q^T from the same Sb as Xw^T, Y written fp32 instead
+# of H) and the output pass starting from it (o2y: q and k staged, half its products); FUSE_O,
+# one pass over the chunks for the state and y (o2p: P = D o q k^T a chunk and head; h3o: H3Y
+# with P and the gates in its ring, y made and written there). The same arithmetic: y and the
+# state must equal the default's bit for bit.
+AB8_VARIANTS = {
+    "fy": {"FUSE_Y": True},
+    "fy lb4": {"FUSE_Y": True, "MIN_BLOCKS": {**cl.MIN_BLOCKS, "o2": 4}},
+    "fy h3w4": {"FUSE_Y": True, "H3": 4},
+    "fo": {"FUSE_O": True},
+    "fo h3w4": {"FUSE_O": True, "H3": 4},
+    "fo nb3": {"FUSE_O": True, "H3_NB": 3},
+    "fo early": {"FUSE_O": True, "H3O_EARLY": True},
+}
+# Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 8"), H200, Hv 32, bf16; the
+# plain rows are the 2026-12-02 21:59 UTC --ab7 measurements of today's defaults (round 7).
+PREDICTED_AB8 = {
+    8192: {"split": 0.989, "split fy": 0.91, "split fy lb4": 0.92, "split fy h3w4": 0.94,
+           "split fo": 0.81, "split fo h3w4": 0.85, "split fo nb3": 0.80, "split fo early": 0.78,
+           "state": 0.242, "state fo early": 0.35,
+           "state fy": 0.29, "state fo": 0.38, "out": 0.40, "out fy": 0.27, "out fy lb4": 0.28,
+           "p fo": 0.08, "fla chunk": 0.761},
+    32768: {"split": 3.770, "split fy": 3.45, "split fy lb4": 3.50, "split fy h3w4": 3.55,
+            "split fo": 2.95, "split fo h3w4": 3.1, "split fo nb3": 2.9, "split fo early": 2.85,
+            "state": 0.853, "state fo early": 1.25,
+            "state fy": 1.03, "state fo": 1.35, "out": 1.55, "out fy": 1.05, "out fy lb4": 1.10,
+            "p fo": 0.30, "fla chunk": 2.305},
+}  # fmt: skip
+
+
+def _yi_reference(q, H, Hv: int) -> mx.array:
+    """q H[n]^T in fp32 ([B * Hv, N, Dv, C], as FUSE_Y's Yi): q's rows past T are its last row."""
+    B, T, Hk, Dk = q.shape
+    BH, N, Dv, _ = H.shape
+    C = cl.CHUNK
+    qp = mx.concatenate([q, mx.repeat(q[:, -1:], N * C - T, axis=1)], axis=1) if N * C > T else q
+    qp = qp.astype(mx.float32).reshape(B, N, C, Hk, Dk).transpose(0, 3, 1, 2, 4)
+    qp = mx.repeat(qp, Hv // Hk, axis=1).reshape(BH, N, C, Dk)
+    return mx.swapaxes(qp @ mx.swapaxes(H.astype(mx.float32), -1, -2), -1, -2)
+
+
+def ab8_checks(backend: str) -> list[dict]:
+    """--ab8's checks (bf16, B 2 with a left-padded row and a hole, raw gates; T 1000: rows past
+    T in the last chunk): each AB8_VARIANTS entry's y and state equal to the default build's bit
+    for bit ("equal to default") and within bf16's tolerance of the fused kernel; at T 2048 the
+    passes alone: h3y's Vn and state equal to the default state pass's, its Yi = q H[n]^T (fp32
+    matmul of the default pass's H, fp32's tolerance), o2y's y equal to the default's."""
+    fused = _gpu_backend(backend)
+    rows = []
+    split = cl.gated_delta_update_chunk_kernel
+    for T in (1000, 2048):
+        q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, 32, mx.bfloat16)
+        args = (q, k, v, a, b, A_log, dt_bias, state, mask)
+        want = fused.gated_delta_update_kernel(*args)
+        mx.eval(want)
+        refs = {"fused": (np.array(want[0].astype(mx.float32)), np.array(want[1]))}
+        base = split(*args, backend=backend, split=True)
+        mx.eval(base)
+        rows.append(_row("split", T, 32, mx.bfloat16, *base, refs))
+        for name, sw in AB8_VARIANTS.items():
+            try:
+                y, s = patched(split, **sw)(*args, backend=backend, split=True)
+                mx.eval(y, s)
+                row = _row(name, T, 32, mx.bfloat16, y, s, refs)
+                row["equal to default"] = bool(
+                    mx.array_equal(y, base[0], equal_nan=True).item()
+                    and mx.array_equal(s, base[1], equal_nan=True).item()
+                )
+                row["ok"] = row["ok"] and row["equal to default"]
+                print(f"    {name}: y and state equal to the default's: {row['equal to default']}")
+                rows.append(row)
+            except Exception as e:  # a variant that does not build: say so, go on
+                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
+                rows.append({"check": name, "T": T, "ok": None, "error": str(e)[:300]})
+        if T != 2048:
+            continue
+        try:
+            W, U, Kw, gts = cl.wy_pass(
+                backend, k, v, None, None, mask, raw_gates=(a, b, A_log, dt_bias)
+            )
+            H, Vn, s = cl.h_pass(backend, W, U, Kw, gts, state)
+            y = cl.o_pass(backend, q, k, gts, H, Vn, T, 32, v.dtype)
+            Yi, Vn2, s2 = cl.h3y_pass(W, U, Kw, gts, state, q, cl.H3)
+            y2 = cl.o2y_pass(q, k, gts, Yi, Vn2, T, 32)
+            ref = _yi_reference(q, H, 32)
+            mx.eval(H, Vn, s, y, Yi, Vn2, s2, y2, ref)
+            row = {
+                "check": "fy passes",
+                "T": T,
+                "Vn equal": bool(mx.array_equal(Vn, Vn2).item()),
+                "state equal": bool(mx.array_equal(s, s2).item()),
+                "y equal": bool(mx.array_equal(y, y2).item()),
+                "Yi vs q H^T": rel_err(np.array(Yi), np.array(ref)),
+            }
+            row["ok"] = (
+                row["Vn equal"] and row["state equal"] and row["y equal"]
+                and row["Yi vs q H^T"] <= RTOL[mx.float32]
+            )  # fmt: skip
+            print(
+                f"  fy passes T={T}: "
+                + "  ".join(f"{k} {x}" for k, x in row.items() if k not in ("check", "T"))
+            )
+            rows.append(row)
+        except Exception as e:
+            print(f"  fy passes: did not build or run: {str(e)[:300]}", flush=True)
+            rows.append({"check": "fy passes", "T": T, "ok": None, "error": str(e)[:300]})
+    return rows
+
+
+def _fy_timers(backend: str, shape: Shape) -> dict:
+    """FUSE_Y's passes alone at shape (B 1, bf16): "state fy" (h3y), "out fy" (o2y on the
+    state pass's Yi, Vn; also at four threadgroups an SM); FUSE_O's: "p fo" (o2p), "state fo"
+    (h3o on o2p's P)."""
+    T, hv = shape.T, shape.Hv
+    q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
+    W, U, Kw, gts = cl.wy_pass(backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias))
+    Yi, Vn, _ = cl.h3y_pass(W, U, Kw, gts, state0, q, cl.H3)
+    mx.eval(W, U, Kw, gts, Yi, Vn)
+
+    def state_fy(s):
+        Yi_, Vn_, s2 = cl.h3y_pass(W, U, Kw, gts, s, q, cl.H3)
+        return (Yi_, Vn_), s2
+
+    def out_fy(s):
+        return cl.o2y_pass(q, k, gts, Yi, Vn, T, hv), s
+
+    def p_fo(s):
+        return cl.o2p_pass(q, k, gts, T, hv, U.dtype), s
+
+    fy = {
+        "state fy": state_fy,
+        "out fy": out_fy,
+        "out fy lb4": bounded(out_fy, {**cl.MIN_BLOCKS, "o2": 4}),
+    }
+    try:
+        P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
+        mx.eval(P)
+
+        def state_fo(s):
+            return cl.h3o_pass(W, U, Kw, gts, s, q, P, cl.H3)
+
+        fy |= {
+            "p fo": p_fo,
+            "state fo": state_fo,
+            "state fo early": patched(state_fo, H3O_EARLY=True),
+        }
+    except Exception as e:  # FUSE_O's P pass does not build: FUSE_Y's rows still run
+        print(f"  p fo: did not build or run: {str(e)[:300]}", flush=True)
+    return {n: (lambda n_, f=f: chained(f, state0, n_)) for n, f in fy.items()}
+
+
+def ab8_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab8's timings (B 1, bf16): the split path default and with FUSE_Y (its variants), the
+    state and output passes alone (default: H3 / O2_VX; "fy": h3y / o2y), FLA's chunk kernel
+    beside, the predictions printed."""
+    fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
+    rows = []
+    for T in ts:
+        shape = Shape(1, T, hv)
+        base = _timers(backend, shape, fla)
+        try:
+            fy = _fy_timers(backend, shape)
+        except Exception as e:  # the passes do not build: the split rows say the rest
+            print(f"  state fy / out fy: did not build or run: {str(e)[:300]}", flush=True)
+            fy = {}
+        timers = {
+            "split": base["split"],
+            **{f"split {n}": patched(base["split"], **sw) for n, sw in AB8_VARIANTS.items()},
+            "state": base["state"],
+            "out": base["out"],
+            **fy,
+            "fla chunk": base.get("fla chunk"),
+        }
+        timers = {name: run for name, run in timers.items() if run is not None}
+        rows.append(_best_of_three(timers, T, hv))
+        best = rows[-1]["ms"]
+        if "fla chunk" in best:
+            ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
+            print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
+        pred = PREDICTED_AB8.get(T, {})
+        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    return rows
+
+
+def ab8_h3o_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab8's last step: H3O (FUSE_O's state pass) stamped (chunk_source.H3O_STAMPS: one
+    sampled chunk a threadgroup, n = N / 2) at each T (B 1, bf16): y and the state against the
+    plain build's (must be equal), then the phases of the sampled chunk."""
+    from chunk_stamps import summarize
+    from chunk_stamps import table as stamp_table
+
+    from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+
+    anchors = cs.H3O_STAMPS
+    rows = []
+    for T in ts:
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
+        W, U, Kw, gts = cl.wy_pass(
+            backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
+        )
+        P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
+        plain = cl.h3o_pass(W, U, Kw, gts, state0, q, P, cl.H3)
+        mx.eval(plain)
+        row = {"T": T, "Hv": hv, "same": None}
+        try:
+            for _ in range(3):
+                st = cl.h3o_pass(W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
+                mx.eval(st)
+            row["same"] = all(
+                mx.array_equal(x, z, equal_nan=True).item()
+                for x, z in zip(plain, st[:2], strict=True)
+            )
+            print(f"  T={T} stamped H3O equal to the plain build: {row['same']}")
+            r = summarize(np.array(st[2]), [x[0] for x in anchors])
+            per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
+            print(stamp_table("state fo", T, r), flush=True)
+            print(f"    one chunk (medians, wait .. y stores): {per_chunk:.0f} cycles", flush=True)
+            row["stamps"], row["chunk_cycles"] = r, per_chunk
+        except Exception as e:
+            print(f"  stamped H3O did not build or run: {str(e)[:500]}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -901,11 +1137,37 @@ def main(argv=None) -> int:
         help="< 3 min, CUDA: round 7's BEST7 (each pass's best round-6 variant) and the state "
         "pass H3_BODY checked against the default build, then timed at T 8192 / 32768",
     )
+    p.add_argument(
+        "--ab8",
+        action="store_true",
+        help="< 3 min, CUDA: round 8's FUSE_Y / FUSE_O (the output pass's work in the state pass) "
+        "checked "
+        "bit for bit against the default build, then timed at T 8192 / 32768 beside FLA",
+    )
     args = p.parse_args(argv)
     backend = cl.available_backend()
     if backend is None:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
+    if args.ab8:
+        print("1. round 8's FUSE_Y / FUSE_O against the default build and the fused kernel")
+        checks = ab8_checks(backend)
+        path, info = write_result(args.out, "ab8", backend, {"checks": checks, "times": []})
+        print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
+        for T in (8192, 32768):  # the JSON rewritten after each length (a time limit keeps 8k)
+            info["times"] += ab8_times(backend, ts=(T,))
+            path.write_text(json.dumps(info, indent=1))
+        print("3. H3O's phases (FUSE_O's state pass stamped, one chunk a threadgroup)", flush=True)
+        try:
+            info["stamps"] = ab8_h3o_stamps(backend)
+            path.write_text(json.dumps(info, indent=1))
+        except Exception as e:  # everything above is printed and written already
+            print(f"  H3O stamps step failed: {str(e)[:500]}", flush=True)
+            info["stamps"] = []
+        bad_st = [f"state fo stamped T={r['T']}" for r in info["stamps"] if r["same"] is False]
+        bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]] + bad_st
+        print(f"ab8 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
+        return 1 if bad else 0
     if args.ab7:
         print("1. round 7's variants against the default build and the references", flush=True)
         checks = ab7_checks(backend)

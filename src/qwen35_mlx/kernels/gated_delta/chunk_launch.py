@@ -465,6 +465,27 @@ def h3_source(backend: str) -> str:
     return PROLOGUE[backend] + src.H3_BODY
 
 
+def h3y_source(backend: str) -> str:
+    """H3_BODY computing the output pass's Y = q H[n]^T and writing it instead of H (FUSE_Y;
+    CUDA)."""
+    return PROLOGUE[backend] + src.h3y_body()
+
+
+def o2y_source(backend: str) -> str:
+    """O2_VX's output pass starting from the state pass's Y (FUSE_Y; CUDA): q, k staged, not H."""
+    return PROLOGUE[backend] + src.o2y_body()
+
+
+def o2p_source(backend: str) -> str:
+    """O2Y's q k^T slices writing P (FUSE_O; CUDA)."""
+    return PROLOGUE[backend] + src.o2p_body()
+
+
+def h3o_source(backend: str, early: bool = False) -> str:
+    """H3 making and writing y (FUSE_O; CUDA); early: H3O_EARLY's order."""
+    return PROLOGUE[backend] + src.h3o_body(early)
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -511,7 +532,7 @@ _kernels: dict[tuple, object] = {}
 MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 3}
 _BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
 # Round 6's variants (WY2_VX, O2_VX; CUDA): bounded as the pass they vary.
-_BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2"}
+_BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2", "o2y": "o2", "o2p": "o2"}
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -542,9 +563,19 @@ _PLAIN = {
         lambda b: h2_dyn_source(b, True),
     ),
     "h3": (src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source),
+    "h3y": (src.H3Y_NAME, src.H3Y_INPUTS, src.H3Y_OUTPUTS, h3y_source),
+    "h3o": (src.H3O_NAME, src.H3O_INPUTS, src.H3O_OUTPUTS, h3o_source),
+    "h3oe": (
+        src.H3O_NAME + "_ey",
+        src.H3O_INPUTS,
+        src.H3O_OUTPUTS,
+        lambda b: h3o_source(b, True),
+    ),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
+    "o2y": (src.O2Y_NAME, src.O2Y_INPUTS, src.O_OUTPUTS, o2y_source),
+    "o2p": (src.O2P_NAME, src.O2P_INPUTS, src.O2P_OUTPUTS, o2p_source),
     "state": (src.STATE_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_source),
     "state_mma": (src.STATE_MMA_NAME, src.STATE_INPUTS, src.STATE_OUTPUTS, state_mma_source),
 }
@@ -575,7 +606,7 @@ def _build(backend: str, which: str, smem: int = 0):
                 input_names=ins,
                 output_names=[*outs, src.STAMP_OUTPUT],
                 source=src.stamped(body, anchors),
-                header=head + (src.H3_TILES if which == "h3_stamped" else ""),
+                header=head + (src.H3_TILES if which in ("h3_stamped", "h3o_stamped") else ""),
                 **extra,
             )
         return _kernels[key]
@@ -605,7 +636,7 @@ def _build(backend: str, which: str, smem: int = 0):
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
-        head = header(backend) + (src.H3_TILES if which == "h3" else "")
+        head = header(backend) + (src.H3_TILES if which in ("h3", "h3y", "h3o", "h3oe") else "")
         if l32:
             name, head = f"{name}_l32", head + src.H3_TILES + src.L32_TILES
         if p32:
@@ -652,6 +683,10 @@ _STAMPED = {
     # round 7: H3_BODY, one sampled chunk a threadgroup (chunk_source.H3_STAMPS)
     "h3_stamped": lambda: (
         src.H3_NAME, src.H3_INPUTS, src.H_OUTPUTS, h3_source("cuda"), src.H3_STAMPS,
+    ),
+    # round 8: H3O (FUSE_O's state pass), one sampled chunk a threadgroup (H3O_STAMPS)
+    "h3o_stamped": lambda: (
+        src.H3O_NAME, src.H3O_INPUTS, src.H3O_OUTPUTS, h3o_source("cuda"), src.H3O_STAMPS,
     ),
 }  # fmt: skip
 
@@ -711,7 +746,26 @@ H3_NB = 2
 # chunk_source.L32_TILES in their header ("_l32" names): gd_mma_staged / gd_copy_tile converting
 # threadgroup addresses once a call instead of once an ldmatrix / a copy. Same outputs.
 LDSM32 = True
-_L32 = ("wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x")
+_L32 = (
+    "wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x", "o2y",
+    "o2p",
+)  # fmt: skip
+# Round 8 (helper chunk8; CUDA, off by default until the H200 has checked and timed it:
+# benchmarks/chunk_split_gpu.py --ab8): the output pass's Y = q H[n]^T computed by the state pass
+# (chunk_source.h3y_body: H3_BODY with the chunk's q rows in its ring, Y^T = S q^T from the same
+# Sb as Xw^T, Y written fp32 instead of H) and the output pass starting from it (o2y_body: O2_VX
+# staging q and k only). Where H3 and O2_VX both apply (16-bit pieces in q's dtype, Dk <= 128,
+# Dv a multiple of 16 H3); else the default passes. Same arithmetic: y and the state bit for bit.
+FUSE_Y = False
+# Round 8 (helper chunk8; CUDA, off; takes precedence over FUSE_Y where both are on): one pass
+# over the chunks for the state and y. O2P (chunk_source.o2p_body) makes P = D o q k^T a chunk
+# and head (in the pieces' type, as O2 rounds it); H3O (h3o_body) is H3Y with P's rows and the
+# gates in its ring, adding Y's decay and y^T += delta^T P^T and writing y (no H, Yi, Vn). Where
+# FUSE_Y would apply; same arithmetic: y and the state bit for bit.
+FUSE_O = False
+# H3O with Y^T = S q^T issued right behind Xw^T instead of behind the update (chunk_source
+# h3o_body(early)); "_ey" names. Same products.
+H3O_EARLY = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -1020,6 +1074,127 @@ def o_pass(
     return (outs[0], outs[1]) if stamps else outs[0]
 
 
+def fuse_y_warps(backend: str, q, k, U, state) -> int | None:
+    """H3's warps where FUSE_Y / FUSE_O apply to these pieces (U: the WY pass's), else None."""
+    B, Hv, Dv, Dk = state.shape
+    # O2Y / O2P are O2_VX's text at its defaults (16-bit P, a ring of three)
+    nw = H3 if (FUSE_Y or FUSE_O) and backend == "cuda" and O2 and O2_VX else None
+    nw = nw if O2_P16 and O2_RING == 3 else None
+    if not nw or U.dtype.size != 2 or Dk > 128 or Dv % (16 * nw) != 0:
+        return None
+    ds, _ = O2_TILES[(backend, 2)]
+    return nw if q.dtype == k.dtype == U.dtype and Dk % ds == 0 else None
+
+
+def h3y_pass(W, U, Kw, gates, state, q, nw: int, C: int = CHUNK, init_value=None):
+    """The state pass with FUSE_Y (CUDA: chunk_source.h3y_body, nw warps a threadgroup): (Yi = q
+    H[n]^T fp32 [B * Hv, N, Dv, C], Vn [B * Hv, N * C, Dv] in the pieces' dtype, the final state
+    fp32)."""
+    B, Hv, Dv, Dk = state.shape
+    NC = U.shape[1]
+    pt = U.dtype
+    return _build("cuda", "h3y", src.h3y_smem(Dk, nw, H3_NB, pt.size, C))(
+        inputs=[W, U, Kw, gates, state, q],
+        template=[
+            ("Dk", Dk),
+            ("BV", 16 * nw),
+            ("C", C),
+            ("NT", 32 * nw),
+            ("NB", H3_NB),
+            ("MP", operand_precision(pt)),
+            ("PT", pt),
+        ],
+        grid=(32 * nw * B * Hv, Dv // (16 * nw), 1),
+        threadgroup=(32 * nw, 1, 1),
+        output_shapes=[(B * Hv, NC // C, Dv, C), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
+        output_dtypes=[mx.float32, pt, mx.float32],
+        init_value=init_value,
+    )
+
+
+def o2y_pass(q, k, gates, Yi, Vn, T: int, Hv: int, C: int = CHUNK, init_value=None):
+    """The output pass with FUSE_Y (CUDA: chunk_source.o2y_body): y [B, T, Hv, Dv] in Vn's
+    dtype, from the state pass's Yi."""
+    B, _, _, Dk = q.shape
+    BH, N, Dv, _ = Yi.shape
+    pt = Vn.dtype
+    ds, bvo = O2_TILES[("cuda", pt.size)]
+    return _build("cuda", "o2y")(
+        inputs=[q, k, gates, Yi, Vn, mx.array([T, Hv], mx.int32)],
+        template=[
+            ("Dk", Dk),
+            ("C", C),
+            ("NT", O_THREADS),
+            ("DS", ds),
+            ("BVO", bvo),
+            ("MP", operand_precision(pt)),
+            ("YT", pt),
+        ],
+        grid=(O_THREADS * N, BH, -(-Dv // bvo)),
+        threadgroup=(O_THREADS, 1, 1),
+        output_shapes=[(B, T, Hv, Dv)],
+        output_dtypes=[pt],
+        init_value=init_value,
+    )[0]
+
+
+def o2p_pass(q, k, gates, T: int, Hv: int, pt, C: int = CHUNK, init_value=None):
+    """FUSE_O's P pass (CUDA: chunk_source.o2p_body): P = D o q k^T [B * Hv, N, C, C] in pt
+    (rows i, columns j <= i; the tiles above the diagonal unwritten)."""
+    B, _, _, Dk = q.shape
+    N = -(-T // C)
+    ds, bvo = O2_TILES[("cuda", pt.size)]
+    return _build("cuda", "o2p")(
+        inputs=[q, k, gates, mx.array([T, Hv], mx.int32)],
+        template=[
+            ("Dk", Dk),
+            ("C", C),
+            ("NT", O_THREADS),
+            ("DS", ds),
+            ("BVO", bvo),
+            ("MP", operand_precision(pt)),
+            ("YT", pt),
+        ],
+        grid=(O_THREADS * N, B * Hv, 1),
+        threadgroup=(O_THREADS, 1, 1),
+        output_shapes=[(B * Hv, N, C, C)],
+        output_dtypes=[pt],
+        init_value=init_value,
+    )[0]
+
+
+def h3o_pass(
+    W, U, Kw, gates, state, q, P, nw: int, C: int = CHUNK, init_value=None, stamps: bool = False
+):
+    """FUSE_O's state pass (CUDA: chunk_source.h3o_body, nw warps a threadgroup): (y [B, T, Hv,
+    Dv] in the pieces' dtype, the final state fp32). stamps: the stamped build
+    (chunk_source.H3O_STAMPS), its stamps [threadgroups, STAMP_SLOTS] uint32 appended."""
+    B, Hv, Dv, Dk = state.shape
+    T = q.shape[1]
+    pt = U.dtype
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        extra_shapes, extra_dtypes = [(B * Hv * (Dv // (16 * nw)), src.STAMP_SLOTS)], [mx.uint32]
+    which = "h3o_stamped" if stamps else "h3oe" if H3O_EARLY else "h3o"
+    return _build("cuda", which, src.h3o_smem(Dk, nw, H3_NB, pt.size, C))(
+        inputs=[W, U, Kw, gates, state, q, P],
+        template=[
+            ("Dk", Dk),
+            ("BV", 16 * nw),
+            ("C", C),
+            ("NT", 32 * nw),
+            ("NB", H3_NB),
+            ("MP", operand_precision(pt)),
+            ("PT", pt),
+        ],
+        grid=(32 * nw * B * Hv, Dv // (16 * nw), 1),
+        threadgroup=(32 * nw, 1, 1),
+        output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk), *extra_shapes],
+        output_dtypes=[pt, mx.float32, *extra_dtypes],
+        init_value=init_value,
+    )
+
+
 def split_shape_ok(k: mx.array, v: mx.array) -> bool:
     """Head sizes the split path is taken for: those it was checked at on the H200 (Dk 32, 64,
     128, 192, 256 with Dv 20 to 128). Dk 96 with Dv 1 (test_gpu_chunk_kernel's odd shape) gave
@@ -1049,6 +1224,14 @@ def split_chunk_kernel(
     Hv = v.shape[2]
     iv = init_value
     W, U, Kw, gates = wy_pass(backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv)
+    nw = fuse_y_warps(backend, q, k, U, state)
+    if nw and U.dtype == v.dtype and FUSE_O:
+        P = o2p_pass(q, k, gates, T, Hv, U.dtype, init_value=iv)
+        y, state_out = h3o_pass(W, U, Kw, gates, state, q, P, nw, init_value=iv)
+        return y, state_out
+    if nw and U.dtype == v.dtype:
+        Yi, Vn, state_out = h3y_pass(W, U, Kw, gates, state, q, nw, init_value=iv)
+        return o2y_pass(q, k, gates, Yi, Vn, T, Hv, init_value=iv), state_out
     H, Vn, state_out = h_pass(
         backend, W, U, Kw, gates, state, bv=bv, prefetch=prefetch, init_value=iv
     )

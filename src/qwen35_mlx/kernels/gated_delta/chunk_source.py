@@ -2814,3 +2814,381 @@ __device__ __forceinline__ void gd_copy_tile_l32(D dst, int dld, S src, size_t s
 #define gd_mma_staged gd_mma_staged_l32
 #define gd_copy_tile gd_copy_tile_l32
 """
+
+
+# ---------------------------------------------------------------------------------------------
+# FUSE_Y (round 8, helper chunk8; CUDA, off by default: chunk_launch.FUSE_Y): the output pass's
+# Y = q H[n]^T moved into H3_BODY. H3's warp holds the state at chunk n's start in PS as Sb (=
+# H[n], the A operand of Xw^T = S W^T); Y^T = S q^T is the same product with the chunk's q rows
+# as B (staged in the ring beside W, Kw and U), so the state pass computes it (64 mma a warp a
+# chunk, issued behind the update's, off the chain) and writes Y (fp32, [B * Hv, N, Dv, C]: a
+# warp's C fragments as 8-byte stores) instead of H. The output pass (O2Y, from O2_VX's text)
+# starts its Y accumulators from those values instead of 0 and stages only q and k: half its
+# products, a third fewer staged bytes, 36 KB of threadgroup memory instead of 46. Same
+# arithmetic element for element (Y's k order, fp32 accumulation, the decay and P Vn after):
+# y and the state bit for bit the default's. H is not written at all.
+H3Y_NAME = "gated_delta_chunk_h3y"
+H3Y_INPUTS = [*H3_INPUTS, "q"]
+H3Y_OUTPUTS = ["Yi", "Vn", "state_out"]
+O2Y_NAME = O2_NAME + "_y"
+O2Y_INPUTS = ["q", "k", "gates", "Yi", "Vn", "dims"]
+
+_H3Y_SWAPS = (
+    # the stage: W, Kw, U rows, then q's C rows
+    (
+        "  constexpr int STAGE = 2 * C * SP + C * UP;  // one chunk's W, Kw and U rows\n",
+        "  constexpr int STAGE = 3 * C * SP + C * UP;  // one chunk's W, Kw, U and q rows\n",
+    ),
+    # q's head and rows
+    (
+        "  const int vw = v0 + 16 * w;     // this warp's value rows\n",
+        """  const int vw = v0 + 16 * w;     // this warp's value rows
+  // q: [B, T, Hk, Dk]; Yi: [B * Hv, N, Dv, C] fp32
+  const int T = q_shape[1];
+  const int Hk = q_shape[2];
+  const unsigned Hv = unsigned(U_shape[0]) / unsigned(q_shape[0]);
+  const unsigned b_idx = head / Hv;
+  const unsigned hk = (head % Hv) / (Hv / unsigned(Hk));
+""",
+    ),
+    # q's rows copied with the stage (rows past T read row T - 1; their y is never written)
+    (
+        """        gd_cp16(b, unsigned((2 * C * SP + (ur + j * UR) * UP + uc) * PSZ),
+                ug + size_t(j) * UR * Dv);
+      }
+""",
+        """        gd_cp16(b, unsigned((2 * C * SP + (ur + j * UR) * UP + uc) * PSZ),
+                ug + size_t(j) * UR * Dv);
+      }
+      #pragma unroll
+      for (int j = 0; j < C / KR; ++j) {
+        const int t = nn * C + kr + j * KR < T ? nn * C + kr + j * KR : T - 1;
+        gd_cp16(b, unsigned((2 * C * SP + C * UP + (kr + j * KR) * SP + kc) * PSZ),
+                q + ((size_t(b_idx) * T + t) * Hk + hk) * Dk + kc);
+      }
+""",
+    ),
+    (
+        "  for (int q = 0; q < NB - 1; ++q) copy(q);\n",
+        "  for (int s = 0; s < NB - 1; ++s) copy(s);\n",
+    ),
+    # no H
+    (
+        """    // H[n] = S (Sb is the state in PT), 16 bytes a lane
+    const size_t hb = (size_t(head) * N + n) * Dv + vw;
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < 16 * Dk; e += 32 * PAD) {
+      *reinterpret_cast<gd_vh*>(H + (hb + e / Dk) * Dk + e % Dk) =
+          *reinterpret_cast<const GD_TG_PTR gd_vh*>(Sb + (e / Dk) * SP + e % Dk);
+    }
+""",
+        "",
+    ),
+    # Y^T = S q^T behind the update; Sb's new state after every lane's reads of the old
+    (
+        "    gd_mma_rows<MP, true, false, KT>(sa, Db, DBL, sk, SP, 16, C);\n",
+        """    gd_mma_rows<MP, true, false, KT>(sa, Db, DBL, sk, SP, 16, C);
+    // Y^T = S q^T (S: Sb, the state at the chunk's start in PS, the output pass's H[n]): tile r
+    // holds the warp's value rows x chunk rows 16 r..
+    const GD_TG_PTR PS* sq = su + C * UP;
+    gd_acc yt[RT];
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_zero(yt[r]);
+    gd_mma_rows<MP, false, true, RT>(yt, Sb, SP, sq, SP, 16 * SP, Dk);
+    __syncwarp();  // Sb's reads done
+""",
+    ),
+    # Y written after the new state's stores: lane 4 g + t4 holds value rows g, g + 8 and chunk
+    # rows 16 r + 8 h + 2 t4 + {0, 1}: 8 bytes a store
+    (
+        "    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);\n  }\n",
+        """    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+    {
+      struct alignas(8) gd_y2 {
+        float x[2];
+      };
+      float* yb = Yi + ((size_t(head) * N + n) * Dv + vw + (tid & 31) / 4) * C + 2 * (tid & 3);
+      #pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            gd_y2 o;
+            o.x[0] = yt[r].c[h][2 * e];
+            o.x[1] = yt[r].c[h][2 * e + 1];
+            *reinterpret_cast<gd_y2*>(yb + 8 * e * C + 16 * r + 8 * h) = o;
+          }
+        }
+      }
+    }
+  }
+""",
+    ),
+)
+
+
+def _swapped(body: str, swaps) -> str:
+    """body with each (old, new) of swaps replaced; each old occurs exactly once."""
+    for old, new in swaps:
+        assert body.count(old) == 1, old
+        body = body.replace(old, new)
+    return body
+
+
+def h3y_body() -> str:
+    """H3_BODY computing the output pass's Y = q H[n]^T (FUSE_Y) and writing it as Yi instead
+    of H."""
+    return _swapped(H3_BODY, _H3Y_SWAPS)
+
+
+def h3y_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
+    """Bytes of H3Y's threadgroup memory: H3's and the ring's q rows."""
+    return h3_smem(Dk, nw, nb, itemsize, C) + nb * C * (Dk + 16 // itemsize) * itemsize
+
+
+# O2_BODY's copy of H's slice in GD_O2_COPY (the macro's lines joined by Python's backslash-newline)
+_i = O2_BODY.index("      gd_copy_tile<NT, BVO, DS>(st_ + 2 * C * SQ, SQ, H + hrow")
+_O2_H_COPY = O2_BODY[_i : O2_BODY.index("tid);", _i) + len("tid);")]
+_O2Y_SWAPS = (
+    (
+        "  constexpr int STG = (2 * C + BVO) * SQ;                    // staged elements a stage\n",
+        "  constexpr int STG = 2 * C * SQ;  // staged elements a stage: q, k\n",
+    ),
+    ("  const size_t hrow = ((size_t(head) * N + n) * Dv + v0) * Dk;\n", ""),
+    (
+        _O2_H_COPY,
+        "",
+    ),
+    ("    GD_TG_PTR gd_staged<YT>* hs = qs + 2 * C * SQ;\n", ""),
+    (_y_tiles_mma("qs", "hs", "SQ"), ""),
+    # Y from the state pass, loaded before the slices (in flight with them). Dv is a multiple
+    # of 16 here (chunk_launch.fuse_y_warps): a value tile past Dv reads the last one instead,
+    # never written to y (a clamp a tile: one an element spilled 60 bytes at three an SM)
+    (
+        "  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);\n",
+        """  for (int u = 0; u < YTW; ++u) {
+    const int e = w + NW * u;
+    const int vt = v0 + 16 * (e % YC) < Dv ? v0 + 16 * (e % YC) : Dv - 16;
+    const float* yb = Yi + ((size_t(head) * N + n) * Dv + vt + 2 * (tid & 3)) * C +
+                      16 * (e / YC) + (tid & 31) / 4;
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      #pragma unroll
+      for (int c = 0; c < 4; ++c) ya[u].c[h][c] = yb[(8 * h + c % 2) * C + 8 * (c / 2)];
+    }
+  }
+""",
+    ),
+)
+
+
+def o2y_body() -> str:
+    """O2_VX's output pass (16-bit P, a ring of three) with Y = q H[n]^T read from the state pass
+    (FUSE_Y: Yi) instead of computed: q and k staged, not H."""
+    return _swapped(o2_vx_body(True, 3), _O2Y_SWAPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# FUSE_O (round 8, helper chunk8; CUDA, off by default: chunk_launch.FUSE_O): one pass over the
+# chunks for the state and y. The output pass's work that does not depend on the state, P = D o
+# q k^T (masked, rounded to the pieces' type as O2 makes it), moves to a pass of its own, O2P
+# (O2Y's slices of q k^T, one threadgroup a chunk and head instead of one a value tile, P written
+# [B * Hv, N, C, C] in the pieces' type, tiles above the diagonal unwritten); the rest goes into
+# H3Y, as H3O: with P's rows and the gates in the ring, after Y^T = S q^T the warp decays Y's
+# columns (valid_t ? gamma_t Y : 0), adds y^T += delta^T P^T (A: its Db, which the update
+# reads too; K = 16 (r + 1) a row tile, as O2), stages y^T in PS (stmatrix .trans, rounded as
+# O2's static_cast) and writes rows t < T 16 bytes a lane, as Vn was. Neither H, Yi nor Vn is
+# written. The same arithmetic as O2_VX element for element (P's bf16 values, the decay before
+# P Vn, the k order): y and the state bit for bit the defaults'.
+O2P_NAME = O2_NAME + "_p"
+O2P_INPUTS = ["q", "k", "gates", "dims"]
+O2P_OUTPUTS = ["P"]
+H3O_NAME = "gated_delta_chunk_h3o"
+H3O_INPUTS = [*H3_INPUTS, "q", "P"]
+H3O_OUTPUTS = ["y", "state_out"]
+
+
+def o2p_body() -> str:
+    """O2Y's q k^T slices, then P made from the accumulators and written to P (FUSE_O)."""
+    body = o2y_body()
+    cut = body.index("#undef GD_O2_COPY\n") + len("#undef GD_O2_COPY\n")
+    tail = body[body.index("#undef GD_DECAY_R\n#undef GD_O2_P16\n") :]
+    head = _swapped(
+        body[:cut],
+        (
+            ("  const int Dv = Vn_shape[2];\n", ""),
+            (_rows_to_registers("xv", "Vn", "BVO"), ""),
+            (_swaps_text(_O2Y_SWAPS, "  for (int u = 0; u < YTW; ++u) gd_acc_zero(ya[u]);\n"), ""),
+            ("  gd_acc ya[YTW];\n", ""),
+            (
+                "  // Vn's rows for this chunk and value tile (columns clamped), in flight with the"
+                " first slices.\n",
+                "",
+            ),
+        ),
+    )
+    keep = "j <= i && ok[i] != 0.0f && ok[j] != 0.0f"
+    make = _lower_tiles_vx("qk", "Pg", "C", "PS", keep, "dij")
+    return (
+        head
+        + "  // P [B * Hv, N, C, C]: row i, column j of chunk n at (head N + n) C C + i C + j\n"
+        + "  YT* Pg = P + (size_t(head) * N + n) * C * C;\n"
+        + make
+        + tail
+    )
+
+
+def _swaps_text(swaps, old: str) -> str:
+    """The new text that swaps put in old's place."""
+    return next(new for o, new in swaps if o == old)
+
+
+_H3O_SWAPS = (
+    # the stage: W, Kw, U, q rows, then P's C rows and the chunk's gates (4 floats a row)
+    (
+        "  constexpr int STAGE = 3 * C * SP + C * UP;  // one chunk's W, Kw, U and q rows\n",
+        """  constexpr int PP = C + PAD;  // row stride of the staged P rows
+  constexpr int GO = 3 * C * SP + C * UP + C * PP;  // the staged gates: a row of 16 bytes
+  constexpr int STAGE = GO + C * (16 / PSZ);  // one chunk's W, Kw, U, q, P rows and gates
+""",
+    ),
+    (
+        "  constexpr int WARP = 16 * SP + C * DBL;     // a warp's Sb and Db\n",
+        "  constexpr int WARP = 16 * SP + 2 * C * DBL;  // a warp's Sb, Db and y^T (Yb)\n",
+    ),
+    (
+        "  GD_TG_PTR PS* Db = Sb + 16 * SP;                // this warp's delta in PS: C x 16\n",
+        """  GD_TG_PTR PS* Db = Sb + 16 * SP;                // this warp's delta in PS: C x 16
+  GD_TG_PTR PS* Yb = Db + C * DBL;                 // this warp's y in PS: C x 16
+  constexpr int PR = NT / (C / PAD);  // P rows a round of copies
+  static_assert(NT % (C / PAD) == 0 && C % PR == 0, "H3O_BODY copies");
+  const int hv = int(head % Hv);
+""",
+    ),
+    # P's rows and the gates copied with the stage
+    (
+        """      const PT* ug = U + (r0 + ur) * Dv + v0 + uc;
+""",
+        """      const PT* pg = P + (r0 + tid / (C / PAD)) * C + (tid % (C / PAD)) * PAD;
+      #pragma unroll
+      for (int j = 0; j < C / PR; ++j) {
+        gd_cp16(b, unsigned((3 * C * SP + C * UP + (tid / (C / PAD) + j * PR) * PP +
+                             (tid % (C / PAD)) * PAD) * PSZ),
+                pg + size_t(j) * PR * C);
+      }
+      for (int i = tid; i < C; i += NT) gd_cp16(b, unsigned((GO + i * (16 / PSZ)) * PSZ),
+                                                 gates + (r0 + i) * 4);
+      const PT* ug = U + (r0 + ur) * Dv + v0 + uc;
+""",
+    ),
+    # no Vn
+    (
+        """    // Vn = delta (PS is PT), 16 bytes a lane
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
+      *reinterpret_cast<gd_vh*>(Vn + (rn + e / 16) * Dv + vw + e % 16) =
+          *reinterpret_cast<const GD_TG_PTR gd_vh*>(Db + (e / 16) * DBL + e % 16);
+    }
+""",
+        "",
+    ),
+    # Y's decay by columns, then y^T += delta^T P^T
+    (
+        "    __syncwarp();  // Sb's reads done\n",
+        """    __syncwarp();  // Sb's reads done
+    // y^T's columns are the chunk's rows t: Y_t := valid_t ? gamma_t Y_t : 0 (O2's decay)
+    const GD_TG_PTR float* sg = reinterpret_cast<const GD_TG_PTR float*>(sw + GO);
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = 16 * r + 8 * h + 2 * (tid & 3) + (e & 1);
+          yt[r].c[h][e] = sg[4 * t + 2] != 0.0f ? sg[4 * t] * yt[r].c[h][e] : 0.0f;
+        }
+      }
+    }
+    // y^T += delta^T P^T: row tile r of P (rows t) over its columns s < 16 (r + 1)
+    const GD_TG_PTR PS* sp = sq + C * SP;
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      gd_mma_rows<MP, true, true, 1>(yt + r, Db, DBL, sp + 16 * r * PP, PP, 0, 16 * (r + 1));
+    }
+""",
+    ),
+    # the new state's stores, then y: staged in PS (y^T transposed back), rows t < T written
+    (
+        "    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);\n  }\n",
+        """    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb + 16 * r * DBL, DBL);
+    __syncwarp();  // Yb complete
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
+      const int t = n * C + e / 16;
+      if (t < T) {
+        *reinterpret_cast<gd_vh*>(y + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + vw + e % 16) =
+            *reinterpret_cast<const GD_TG_PTR gd_vh*>(Yb + (e / 16) * DBL + e % 16);
+      }
+    }
+  }
+""",
+    ),
+)
+
+
+def h3o_body(early: bool = False) -> str:
+    """H3Y without Yi, with y made and written (FUSE_O: chunk_source's FUSE_O comment). early
+    (chunk_launch.H3O_EARLY): Y^T = S q^T issued right behind Xw^T = S W^T (the same A, ready at
+    the chunk's start) instead of behind the update, so that its products' latency is covered by
+    delta and the update, and Y's decay and P^T find it done; the same products: the same y."""
+    body = _swapped(_swapped(H3_BODY, _H3Y_SWAPS[:-1]), _H3O_SWAPS)
+    if early:
+        at = "    gd_mma_rows<MP, false, true, RT>(xt, Sb, SP, sw, SP, 16 * SP, Dk);\n"
+        body = _swapped(body, ((_H3O_YT, ""), (at, at + _H3O_YT)))
+    return body
+
+
+# H3Y / H3O's Y^T product (the text _H3Y_SWAPS puts behind the update)
+_H3O_YT = (
+    "    // Y^T = S q^T (S: Sb, the state at the chunk's start in PS, the output pass's H[n]):"
+    " tile r\n"
+    """    // holds the warp's value rows x chunk rows 16 r..
+    const GD_TG_PTR PS* sq = su + C * UP;
+    gd_acc yt[RT];
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_zero(yt[r]);
+    gd_mma_rows<MP, false, true, RT>(yt, Sb, SP, sq, SP, 16 * SP, Dk);
+"""
+)
+
+
+def h3o_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
+    """Bytes of H3O's threadgroup memory: H3Y's, the ring's P rows and gates, a warp's Yb."""
+    pad = 16 // itemsize
+    stage = C * (C + pad) * itemsize + C * 16
+    return h3y_smem(Dk, nw, nb, itemsize, C) + nb * stage + nw * C * (16 + pad) * itemsize
+
+
+# H3O stamped (round 8): one sampled chunk n = N / 2 of every threadgroup (warp 0's clock), as
+# H3_STAMPS, with H3O's phases: Y^T = S q^T, Y's decay, y^T += delta^T P^T, y's stores.
+H3O_STAMPS = (
+    ("chunks before", "  for (int s = 0; s < NB - 1; ++s) copy(s);\n"),
+    ("wait, barrier", "    gd_copy_wait<NB - 2>();\n", _H3_AT),
+    ("copies issued", "    copy(n + NB - 1);\n", _H3_AT),
+    ("Xw^T", "    gd_mma_rows<MP, false, true, RT>(xt,", _H3_AT),
+    ("delta", "    // delta^T = U^T - Xw^T", _H3_AT),
+    ("update", "    // S = decay S + delta^T Kw\n", _H3_AT),
+    ("Y^T", "    // Y^T = S q^T", _H3_AT),
+    ("Y decay", "    // y^T's columns are the chunk's rows t", _H3_AT),
+    ("P^T", "    // y^T += delta^T P^T", _H3_AT),
+    ("Sb", _H3_SB, _H3_AT),
+    (
+        "y stores",
+        "    #pragma unroll\n    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb",
+        _H3_AT,
+    ),
+    ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
+)
