@@ -150,6 +150,7 @@ def plain_split(monkeypatch):
     from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 
     monkeypatch.setattr(cl, "H3", None)
+    monkeypatch.setattr(cl, "FUSE_O", False)
     monkeypatch.setattr(cl, "LDSM32", False)
     monkeypatch.setattr(cl, "WY2_VX", False)
     monkeypatch.setattr(cl, "O2_VX", False)

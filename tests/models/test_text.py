@@ -391,6 +391,42 @@ def test_gradients_flow_through_compiled_layers(dense):
     assert all(float(mx.abs(g).max()) > 0 for g in conv + norm)
 
 
+def test_conv_kernel_gradients_are_the_ops(monkeypatch):
+    """MLX custom kernels have no vjp: with `layers.CONV_KERNEL` on, training differentiates
+    through the conv kernel by the ops' vjp. The kernel is stood in for by the ops behind
+    stop_gradient (a kernel without a vjp of its own); the gradients must equal the switch-off
+    run's (without the layer's vjp the conv weights' gradients would be zero)."""
+    import mlx.nn as nn
+
+    from qwen35_mlx.kernels import conv_qkv
+
+    model = make_text_model(make_text_config(), seed=6)
+    ids = mx.array([[(7 * i + 3) % 100 for i in range(21)]])
+
+    def stand_in(qkv, state, w, Hk, Dk, Hv, Dv, eps):
+        B, T, C = qkv.shape
+        state = mx.zeros((B, w.shape[1] - 1, C), qkv.dtype) if state is None else state
+        conv_in = mx.concatenate([state.astype(qkv.dtype), qkv], axis=1)
+        out = (*layers_lib._conv_qkv(conv_in, w, T, Hk, Dk, Hv, Dv), conv_in[:, T:])
+        return tuple(mx.stop_gradient(a) for a in out)
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
+
+    monkeypatch.setattr(conv_qkv, "kernel_available", lambda x: True)
+    monkeypatch.setattr(conv_qkv, "conv_qkv", stand_in)
+    grads = {}
+    for on in (False, True):
+        monkeypatch.setattr(layers_lib, "CONV_KERNEL", on)
+        value, g = nn.value_and_grad(model, loss)(model)
+        grads[on] = (value, dict(tree_flatten(g)))
+    assert np.isclose(grads[True][0].item(), grads[False][0].item(), rtol=1e-6)
+    conv = [k for k in grads[False][1] if k.endswith("linear_attn.conv1d.weight")]
+    assert conv and all(float(mx.abs(grads[False][1][k]).max()) > 0 for k in conv)
+    for k, a in grads[False][1].items():
+        assert np.allclose(np.array(grads[True][1][k]), np.array(a), rtol=1e-5, atol=1e-7), k
+
+
 def test_conv_kernel_switch_routes_long_calls_only(monkeypatch):
     """Issue 9: with `layers.CONV_KERNEL` on, a call of more than CONV_KERNEL_MIN_T tokens a row
     takes `kernels.conv_qkv.conv_qkv` (its q, k, v and new conv state), a shorter one the ops.

@@ -54,11 +54,11 @@ KEY_ALIGN = 128
 # The prefill attention kernel (kernels/attention/prefill.py: FlashAttention-2 style, one launch,
 # scores never in device memory) where it takes the step (a GPU, bf16 / fp16, head dim <= 256,
 # masks None / "causal" / bool), MLX has no fused kernel, and the step has at least
-# PREFILL_KERNEL_MIN_T queries. Measured on the H200 (session 11, 0.8B shape, version 2, causal):
-# 2.16x the ops at 8192 queries over 8192 keys, but 0.64-0.83x at 2048 queries over 2048-8192
-# keys (the default prefill step), where the ops' matmuls keep more of the GPU busy.
+# PREFILL_KERNEL_MIN_T queries. Measured on the H200 (session 12, 0.8B shape, version 3, causal):
+# 1.09x the ops at 2048 queries over 2048 keys, 1.39x over 8192, 4.4-4.9x over 16k-128k keys
+# (where the ops take the key-blocked path) and at 8192 over 8192.
 PREFILL_KERNEL = True
-PREFILL_KERNEL_MIN_T = 8192
+PREFILL_KERNEL_MIN_T = 2048
 # ... and, when PREFILL_KERNEL_MIN_S > 0, a step of at least PREFILL_KERNEL_MIN_T_AT_S queries
 # over at least PREFILL_KERNEL_MIN_S keys (a long prompt's later steps: the ops path walks and
 # syncs on many key blocks there, the kernel keeps no scores). Off (0) until the H200 has timed

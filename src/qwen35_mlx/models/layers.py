@@ -631,15 +631,15 @@ def _split_qkv(h: mx.array, Hk: int, Dk: int, Hv: int, Dv: int):
 
 
 # A prefill call's conv (the concat with the conv state, the taps, silu, the split and the q/k l2
-# norms, and the new conv state) as `kernels.conv_qkv`'s one kernel (True) or as the ops (False,
-# the default). On the H200 (session 11) the kernel ran 3.1-3.5x the ops and an 8k prefill of the
-# 0.8B shape took 71.8 ms against 84.5, and its own GPU tests passed; it stays off because the
-# one GPU run of tests/models/test_text.py + tests/test_fast_decode.py with it on had a failure
-# the run's time limit cut before naming it. Taken on a GPU for calls of more than
+# norms, and the new conv state) as `kernels.conv_qkv`'s one kernel (True, the default since
+# session 12) or as the ops (False). On the H200 (session 11) the kernel ran 3.1-3.5x the ops and
+# an 8k prefill of the 0.8B shape took 71.8 ms against 84.5; session 12's GPU run of the model
+# files with it on found one failure, training (the kernel had no vjp: `_conv_kernel_call` now
+# gives it the ops'). Taken on a GPU for calls of more than
 # CONV_KERNEL_MIN_T tokens a row (the short verify calls keep the ops) without right-padded
 # `lengths`; the taps round as the ops do, silu and the norms' sums to an ulp (the kernel's
 # docstring). Read at every call.
-CONV_KERNEL = False
+CONV_KERNEL = True
 CONV_KERNEL_MIN_T = 8
 
 
@@ -651,6 +651,31 @@ def _conv_kernel_applies(qkv, w, T, lengths, Hk, Dk, Hv, Dv) -> bool:
         and conv_kernel.kernel_available(qkv)
         and conv_kernel.supported(qkv, w, Hk, Dk, Hv, Dv)
     )
+
+
+def _conv_kernel_call(qkv, conv_state, w, Hk, Dk, Hv, Dv, n_keep):
+    """`conv_kernel.conv_qkv` differentiable: the kernel has no vjp of its own (MLX custom
+    kernels), so gradients (training, examples/train_tiny.py) are the ops' (`_conv_qkv`), which
+    compute the same values."""
+    T = qkv.shape[1]
+    first = conv_state is None  # the kernel then reads no state (zeros)
+
+    def ops(qkv, w, *state):
+        prev = mx.zeros((qkv.shape[0], n_keep, qkv.shape[2]), qkv.dtype) if first else state[0]
+        conv_in = mx.concatenate([prev.astype(qkv.dtype), qkv], axis=1)
+        q, k, v = _conv_qkv(conv_in, w, T, Hk, Dk, Hv, Dv)
+        return q, k, v, conv_in[:, conv_in.shape[1] - n_keep :]
+
+    @mx.custom_function
+    def fused(qkv, w, *state):
+        prev = None if first else state[0]
+        return conv_kernel.conv_qkv(qkv, prev, w, Hk, Dk, Hv, Dv, _L2_EPS)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        return mx.vjp(ops, list(primals), list(cotangents))[1]
+
+    return fused(qkv, w) if first else fused(qkv, w, conv_state)
 
 
 # Compiled for decode only: its slices depend on T, so a compiled version is traced per shape,
@@ -742,7 +767,7 @@ class GatedDeltaNet(nn.Module):
         w = self.conv1d.weight[:, :, 0]
         kernel = _conv_kernel_applies(qkv, w, T, lengths, Hk, Dk, Hv, Dv)
         if kernel:
-            q, k, v, new_conv = conv_kernel.conv_qkv(qkv, conv_state, w, Hk, Dk, Hv, Dv, _L2_EPS)
+            q, k, v, new_conv = _conv_kernel_call(qkv, conv_state, w, Hk, Dk, Hv, Dv, n_keep)
             if cache is not None:
                 cache[0] = new_conv
         if conv_state is None:

@@ -35,14 +35,13 @@ TILES_V1 = {"cuda": (32, 64, 4), "metal": (16, 16, 4)}
 # queries over 8192 keys; 0.67-1.62 against 0.74-1.92 at 2048 queries).
 TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
 MASK_TILES = {"cuda": (16, 64, 4), "metal": (16, 16, 4)}
-# Which body runs by backend (prefill_source.VERSIONS; 1, the first, stays for A/B timings):
-# CUDA 2; Metal 1 until a Mac measures 2 (whose Q fragments and output, simdgroup matrices, are
-# 256 floats a thread at D 256: Apple GPUs are likely to spill them). Version 2's ring of staged
-# key / value slices: on CUDA 4 (3 slices in flight; a power of two dividing a
-# block's 2 D / DS slices, so the slots are compile-time constants: 912 instructions a 16 keys
-# in the causal build's loop against 995 with 3, when BK was 16); Metal's copies are
-# synchronous: 2 is enough.
-VERSION = {"cuda": 2, "metal": 1}
+# Which body runs by backend (prefill_source.VERSIONS; 1 and 2 stay for A/B timings): CUDA 3
+# since session 12 (H200: 1.3-2.0x version 2 at every measured length, RESULTS); Metal 1 until a
+# Mac measures 2 or 3 (whose Q fragments and output, simdgroup matrices, are 256 floats a thread
+# at D 256: Apple GPUs are likely to spill them). Version 2's ring of staged key / value slices:
+# on CUDA 4 (3 slices in flight; a power of two dividing a block's 2 D / DS slices, so the slots
+# are compile-time constants); Metal's copies are synchronous: 2 is enough.
+VERSION = {"cuda": 3, "metal": 1}
 RING = {"cuda": 4, "metal": 2}
 # Version 3 (session 12: version 2 with the softmax in registers, prefill_source._WALK3): on CUDA
 # whole 16-key blocks as the ring's slices (DS 0: DS = D, at D 256 2 barriers a block, not 10)

@@ -757,15 +757,17 @@ _L32 = (
 # staging q and k only). Where H3 and O2_VX both apply (16-bit pieces in q's dtype, Dk <= 128,
 # Dv a multiple of 16 H3); else the default passes. Same arithmetic: y and the state bit for bit.
 FUSE_Y = False
-# Round 8 (helper chunk8; CUDA, off; takes precedence over FUSE_Y where both are on): one pass
-# over the chunks for the state and y. O2P (chunk_source.o2p_body) makes P = D o q k^T a chunk
-# and head (in the pieces' type, as O2 rounds it); H3O (h3o_body) is H3Y with P's rows and the
-# gates in its ring, adding Y's decay and y^T += delta^T P^T and writing y (no H, Yi, Vn). Where
-# FUSE_Y would apply; same arithmetic: y and the state bit for bit.
-FUSE_O = False
+# Round 8 (helper chunk8; CUDA, on since session 12; takes precedence over FUSE_Y where both
+# are on): one pass over the chunks for the state and y. O2P (chunk_source.o2p_body) makes
+# P = D o q k^T a chunk and head (in the pieces' type, as O2 rounds it); H3O (h3o_body) is H3Y
+# with P's rows and the gates in its ring, adding Y's decay and y^T += delta^T P^T and writing y
+# (no H, Yi, Vn). Where FUSE_Y would apply; same arithmetic: y and the state bit for bit.
+FUSE_O = True
 # H3O with Y^T = S q^T issued right behind Xw^T instead of behind the update (chunk_source
 # h3o_body(early)); "_ey" names. Same products.
-H3O_EARLY = False
+# Default since session 12 (H200, `--ab8`, bf16 Hv 32: 1.061 -> 0.873 ms at 8192, 3.844 -> 3.120
+# at 32768; 17 checks bit for bit the old default's outputs).
+H3O_EARLY = True
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
