@@ -21,6 +21,15 @@ from tests.kernels.test_chunk_cuda_source import NVCC
 from tests.kernels.test_chunk_stamps import recorder  # noqa: F401  (fixture)
 from tests.kernels.test_cuda_source import CTYPES, PRELUDE
 
+
+@pytest.fixture(autouse=True)
+def _round7_default(monkeypatch):
+    """These tests were written against round 7's default (H3 + O2_VX) and set round 8's
+    switches themselves; since session 12 FUSE_O / H3O_EARLY are on by default."""
+    monkeypatch.setattr(cl, "FUSE_O", False)
+    monkeypatch.setattr(cl, "H3O_EARLY", False)
+
+
 C = cl.CHUNK
 PROGRAM = r"""
 #include "{emulator}"
