@@ -992,20 +992,11 @@ def h_pass(
     )
 
 
-def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value, stamps: bool = False):
-    """h_pass by H3_BODY (CUDA): nw warps (16 value rows each) a threadgroup, a ring of H3_NB
-    chunks in dynamic shared memory. stamps: the stamped build (chunk_source.H3_STAMPS), its
-    stamps [threadgroups, STAMP_SLOTS] uint32 appended to the outputs."""
-    B, Hv, Dv, Dk = state.shape
-    NC = U.shape[1]
-    pt = U.dtype
-    nt, bv = 32 * nw, 16 * nw
-    smem = src.h3_smem(Dk, nw, H3_NB, pt.size, C)
-    extra_shapes, extra_dtypes = [], []
-    if stamps:
-        extra_shapes, extra_dtypes = [(B * Hv * (Dv // bv), src.STAMP_SLOTS)], [mx.uint32]
-    return _build("cuda", "h3_stamped" if stamps else "h3", smem)(
-        inputs=[W, U, Kw, gates, state],
+def _h3_launch(Dk: int, nw: int, C: int, pt, heads: int, Dv: int) -> dict:
+    """The H3 family's (H3, H3Y, H3O) template, grid and threadgroup: nw warps a threadgroup, a
+    warp a chain of 16 value rows, a ring of H3_NB chunks."""
+    bv, nt = 16 * nw, 32 * nw
+    return dict(
         template=[
             ("Dk", Dk),
             ("BV", bv),
@@ -1015,8 +1006,26 @@ def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value, stamps: bool =
             ("MP", operand_precision(pt)),
             ("PT", pt),
         ],
-        grid=(nt * B * Hv, Dv // bv, 1),
+        grid=(nt * heads, Dv // bv, 1),
         threadgroup=(nt, 1, 1),
+    )
+
+
+def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value, stamps: bool = False):
+    """h_pass by H3_BODY (CUDA): nw warps (16 value rows each) a threadgroup, a ring of H3_NB
+    chunks in dynamic shared memory. stamps: the stamped build (chunk_source.H3_STAMPS), its
+    stamps [threadgroups, STAMP_SLOTS] uint32 appended to the outputs."""
+    B, Hv, Dv, Dk = state.shape
+    NC = U.shape[1]
+    pt = U.dtype
+    bv = 16 * nw
+    smem = src.h3_smem(Dk, nw, H3_NB, pt.size, C)
+    extra_shapes, extra_dtypes = [], []
+    if stamps:
+        extra_shapes, extra_dtypes = [(B * Hv * (Dv // bv), src.STAMP_SLOTS)], [mx.uint32]
+    return _build("cuda", "h3_stamped" if stamps else "h3", smem)(
+        inputs=[W, U, Kw, gates, state],
+        **_h3_launch(Dk, nw, C, pt, B * Hv, Dv),
         output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk), *extra_shapes],
         output_dtypes=[pt, pt, mx.float32, *extra_dtypes],
         init_value=init_value,
@@ -1097,17 +1106,7 @@ def h3y_pass(W, U, Kw, gates, state, q, nw: int, C: int = CHUNK, init_value=None
     pt = U.dtype
     return _build("cuda", "h3y", src.h3y_smem(Dk, nw, H3_NB, pt.size, C))(
         inputs=[W, U, Kw, gates, state, q],
-        template=[
-            ("Dk", Dk),
-            ("BV", 16 * nw),
-            ("C", C),
-            ("NT", 32 * nw),
-            ("NB", H3_NB),
-            ("MP", operand_precision(pt)),
-            ("PT", pt),
-        ],
-        grid=(32 * nw * B * Hv, Dv // (16 * nw), 1),
-        threadgroup=(32 * nw, 1, 1),
+        **_h3_launch(Dk, nw, C, pt, B * Hv, Dv),
         output_shapes=[(B * Hv, NC // C, Dv, C), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[mx.float32, pt, mx.float32],
         init_value=init_value,
@@ -1180,17 +1179,7 @@ def h3o_pass(
     which = "h3o_stamped" if stamps else "h3oe" if H3O_EARLY else "h3o"
     return _build("cuda", which, src.h3o_smem(Dk, nw, H3_NB, pt.size, C))(
         inputs=[W, U, Kw, gates, state, q, P],
-        template=[
-            ("Dk", Dk),
-            ("BV", 16 * nw),
-            ("C", C),
-            ("NT", 32 * nw),
-            ("NB", H3_NB),
-            ("MP", operand_precision(pt)),
-            ("PT", pt),
-        ],
-        grid=(32 * nw * B * Hv, Dv // (16 * nw), 1),
-        threadgroup=(32 * nw, 1, 1),
+        **_h3_launch(Dk, nw, C, pt, B * Hv, Dv),
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk), *extra_shapes],
         output_dtypes=[pt, mx.float32, *extra_dtypes],
         init_value=init_value,
