@@ -61,9 +61,9 @@ PREFILL_KERNEL = True
 PREFILL_KERNEL_MIN_T = 2048
 # ... and, when PREFILL_KERNEL_MIN_S > 0, a step of at least PREFILL_KERNEL_MIN_T_AT_S queries
 # over at least PREFILL_KERNEL_MIN_S keys (a long prompt's later steps: the ops path walks and
-# syncs on many key blocks there, the kernel keeps no scores). Off (0) until the H200 has timed
-# the kernel's version 3 against the ops over long histories (benchmarks/bench_prefill_attention.py;
-# session 12, helper fattn3's NOTES). Fewer queries than PREFILL_KERNEL_MIN_T_AT_S would leave
+# syncs on many key blocks there, the kernel keeps no scores). Off (0): with PREFILL_KERNEL_MIN_T
+# at 2048 it adds nothing on CUDA; it is for a backend where the kernel wins only over a long
+# history (a Mac, unmeasured). Fewer queries than PREFILL_KERNEL_MIN_T_AT_S would leave
 # most of the GPU idle (16 query tokens a threadgroup: 256 threadgroups at 2048 in the 0.8B
 # shape, about the H200's 264 resident ones).
 PREFILL_KERNEL_MIN_S = 0
