@@ -1032,6 +1032,20 @@ def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value, stamps: bool =
     )
 
 
+def _o2_template(Dk: int, C: int, ds: int, bvo: int, pieces, y_dtype) -> list:
+    """The output-pass family's (O2, O2Y, O2P) template: O_THREADS threads, key slices of ds,
+    bvo value columns a threadgroup, operands at the pieces' precision, y in y_dtype."""
+    return [
+        ("Dk", Dk),
+        ("C", C),
+        ("NT", O_THREADS),
+        ("DS", ds),
+        ("BVO", bvo),
+        ("MP", operand_precision(pieces)),
+        ("YT", y_dtype),
+    ]
+
+
 def o_pass(
     backend: str,
     q,
@@ -1067,15 +1081,7 @@ def o_pass(
         extra_shapes, extra_dtypes = [(N * BH * nz, src.STAMP_SLOTS)], [mx.uint32]
     outs = _build(backend, name)(
         inputs=[q, k, gates, H, Vn, mx.array([T, Hv], mx.int32)],
-        template=[
-            ("Dk", Dk),
-            ("C", C),
-            ("NT", O_THREADS),
-            ("DS", ds),
-            ("BVO", bvo),
-            ("MP", operand_precision(Vn.dtype)),
-            ("YT", y_dtype),
-        ],
+        template=_o2_template(Dk, C, ds, bvo, Vn.dtype, y_dtype),
         grid=(O_THREADS * N, BH, nz),
         threadgroup=(O_THREADS, 1, 1),
         output_shapes=[(B, T, Hv, Dv), *extra_shapes],
@@ -1122,15 +1128,7 @@ def o2y_pass(q, k, gates, Yi, Vn, T: int, Hv: int, C: int = CHUNK, init_value=No
     ds, bvo = O2_TILES[("cuda", pt.size)]
     return _build("cuda", "o2y")(
         inputs=[q, k, gates, Yi, Vn, mx.array([T, Hv], mx.int32)],
-        template=[
-            ("Dk", Dk),
-            ("C", C),
-            ("NT", O_THREADS),
-            ("DS", ds),
-            ("BVO", bvo),
-            ("MP", operand_precision(pt)),
-            ("YT", pt),
-        ],
+        template=_o2_template(Dk, C, ds, bvo, pt, pt),
         grid=(O_THREADS * N, BH, -(-Dv // bvo)),
         threadgroup=(O_THREADS, 1, 1),
         output_shapes=[(B, T, Hv, Dv)],
@@ -1147,15 +1145,7 @@ def o2p_pass(q, k, gates, T: int, Hv: int, pt, C: int = CHUNK, init_value=None):
     ds, bvo = O2_TILES[("cuda", pt.size)]
     return _build("cuda", "o2p")(
         inputs=[q, k, gates, mx.array([T, Hv], mx.int32)],
-        template=[
-            ("Dk", Dk),
-            ("C", C),
-            ("NT", O_THREADS),
-            ("DS", ds),
-            ("BVO", bvo),
-            ("MP", operand_precision(pt)),
-            ("YT", pt),
-        ],
+        template=_o2_template(Dk, C, ds, bvo, pt, pt),
         grid=(O_THREADS * N, B * Hv, 1),
         threadgroup=(O_THREADS, 1, 1),
         output_shapes=[(B * Hv, N, C, C)],
