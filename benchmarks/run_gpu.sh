@@ -3,6 +3,9 @@
 # the lent NVIDIA machine (MLX CUDA build made importable by ../shared/device:
 # `source .dev/pb/bootstrap.sh` first). One step per call, so that each stays under the
 # machine's 10-minute limit per command:
+#   benchmarks/run_gpu.sh suite     # the whole suite (slow ones aside) on the GPU in seven
+#                                   # parallel groups, one process each (pytest-xdist and
+#                                   # pytest-timeout; 16 cores: about 5 min on the H200)
 #   benchmarks/run_gpu.sh tests     # tests/kernels on the GPU but the chunk kernels' (about 5 min)
 #   benchmarks/run_gpu.sh models    # tests/models on the GPU (about 4 min)
 #   benchmarks/run_gpu.sh rest      # every other test file on the GPU (about 4 min)
@@ -40,10 +43,10 @@
 set -euo pipefail
 step=${1:-}
 case "$step" in
-  tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts | chunk-mma) ;;
+  suite | tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts | chunk-mma) ;;
   diet-tests | diet-kernel | diet-bench | recheck) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck" >&2
+    echo "usage: benchmarks/run_gpu.sh suite|tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck" >&2
     exit 2
     ;;
 esac
@@ -53,6 +56,36 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 pytest=(python3 -m pytest -q -p no:cacheprovider -rfs)
 case "$step" in
+  suite)
+    # Seven groups side by side: the kernel files split by size (xdist inside the large ones),
+    # the models, the decode files, the rest. A group that hangs is cut at 545 s.
+    dec="tests/test_fast_decode.py tests/test_decode_diet.py tests/test_packed_decode.py tests/test_cpu_decode.py"
+    big="test_gpu_kernels.py test_gpu_chunk_kernel.py test_gpu_chunk_h3.py test_gpu_chunk_fuse.py"
+    gpu_other=$(ls tests/kernels/test_gpu_*.py | grep -v $(printf -- '-e %s ' $big))
+    # tests/kernels files that run MLX on the default device; the rest there (the lane
+    # emulator's g++ programs, the sources' compiles) run on the host alike, in CI
+    any_device="chunked decode dispatch export positions ref layering cuda_precompiled"
+    cpu_kernels=$(printf 'tests/kernels/test_%s.py ' $any_device)
+    t0=$(date +%s)
+    run() {
+      local name=$1; shift
+      timeout 545 "${pytest[@]}" --tb=short --timeout 300 "$@" >"$out/suite_$name.log" 2>&1
+      echo "$name rc=$? after $(( $(date +%s) - t0 )) s" >>"$out/suite_times.log"
+    }
+    rm -f "$out/suite_times.log"
+    run kernels -n 3 tests/kernels/test_gpu_kernels.py &
+    run chunk -n 3 tests/kernels/test_gpu_chunk_kernel.py tests/kernels/test_gpu_chunk_h3.py \
+      tests/kernels/test_gpu_chunk_fuse.py &
+    run gpu_other -n 2 $gpu_other &
+    run kernels_any -n 2 $cpu_kernels &
+    run models -n 2 tests/models &
+    run decode -n 2 $dec &
+    run rest -n 2 tests --ignore=tests/kernels --ignore=tests/models $(printf -- '--ignore=%s ' $dec) &
+    wait
+    cat "$out/suite_times.log"
+    grep -h "^FAILED\|^ERROR" "$out"/suite_*.log | cut -c1-250 | head -40 || true
+    for f in "$out"/suite_*.log; do echo "$(basename "$f"): $(tail -1 "$f" | cut -c1-200)"; done
+    ;;
   tests)
     # The chunk kernels' GPU tests run as their own step (chunk-tests), to stay under 10 min.
     "${pytest[@]}" tests/kernels --ignore=tests/kernels/test_gpu_chunk_kernel.py 2>&1 |
