@@ -123,9 +123,9 @@ def dump() -> dict:
     for which in whichs:
         chunk_launch._factory = lambda b, w=which: _record(out, f"chunk/cuda/{w}/t32")
         chunk_launch._build("cuda", which)
-    # LDSM32 off: the round-7 builds without L32_TILES
+    # LDSM32 off: the round-7 builds (_L32) without L32_TILES
     chunk_launch.MMA16, chunk_launch.LDSM32 = True, False
-    for which in whichs:
+    for which in [w for w in whichs if w in getattr(chunk_launch, "_L32", ())]:
         chunk_launch._factory = lambda b, w=which: _record(out, f"chunk/cuda/{w}/no_l32")
         chunk_launch._build("cuda", which)
     chunk_launch.LDSM32 = ldsm32
