@@ -98,6 +98,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
 # bench_gated_delta first: it imports qwen35_mlx before mlx (OpenBLAS on Linux).
 from bench_gated_delta import Shape, _fla_contenders, _mlx_inputs  # isort: skip
@@ -600,9 +601,6 @@ def ab6_state_stamps(
     threadgroup, n = N / 2) at each T (B 1, bf16): H, Vn and the state against the plain build's
     (must be equal), then the phases of the sampled chunk (chunk_stamps.summarize). h3 (--ab7):
     H3_BODY with that many warps a threadgroup instead (chunk_source.H3_STAMPS)."""
-    from chunk_stamps import summarize
-    from chunk_stamps import table as stamp_table
-
     from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 
     anchors = cs.H3_STAMPS if h3 else cs.H2_STAMPS
@@ -614,26 +612,42 @@ def ab6_state_stamps(
             backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
         )
         plain = h_pass(backend, W, U, Kw, gts, state0)
-        mx.eval(plain)
-        row = {"T": T, "Hv": hv, "same": None}
-        try:
-            for _ in range(3):
-                st = h_pass(backend, W, U, Kw, gts, state0, stamps=True)
-                mx.eval(st)
-            row["same"] = all(
-                mx.array_equal(x, z, equal_nan=True).item()
-                for x, z in zip(plain, st[:3], strict=True)
-            )
-            print(f"  T={T} stamped state pass equal to the plain build: {row['same']}")
-            r = summarize(np.array(st[3]), [x[0] for x in anchors])
-            per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
-            print(stamp_table("state h3" if h3 else "state", T, r), flush=True)
-            print(f"    one chunk (medians, U rows .. update): {per_chunk:.0f} cycles", flush=True)
-            row["stamps"], row["chunk_cycles"] = r, per_chunk
-        except Exception as e:  # the timings still run
-            print(f"  stamped state pass did not build or run: {str(e)[:500]}", flush=True)
-        rows.append(row)
+        stamped = partial(h_pass, backend, W, U, Kw, gts, state0, stamps=True)
+        label = "state h3" if h3 else "state"
+        span = "U rows .. update"
+        rows.append(_stamped_row(T, hv, plain, stamped, anchors, "state pass", label, span))
     return rows
+
+
+def _stamped_row(T, hv, plain, stamped, anchors, what: str, label: str, span: str) -> dict:
+    """A stamped pass at T: `stamped()` (its outputs, then the stamps) run three times, its
+    outputs against the plain build's `plain` ("same": must be equal), then the sampled chunk's
+    phases (chunk_stamps.summarize; `anchors` the body's stamps) printed: the table as `label`,
+    one chunk's cycles (the phases but the first and last, named `span`). `what` names the pass;
+    one that does not build or run is printed and the row has no stamps (the timings still
+    run)."""
+    from chunk_stamps import summarize
+    from chunk_stamps import table as stamp_table
+
+    mx.eval(plain)
+    row = {"T": T, "Hv": hv, "same": None}
+    try:
+        for _ in range(3):
+            st = stamped()
+            mx.eval(st)
+        n = len(plain)
+        row["same"] = all(
+            mx.array_equal(x, z, equal_nan=True).item() for x, z in zip(plain, st[:n], strict=True)
+        )
+        print(f"  T={T} stamped {what} equal to the plain build: {row['same']}")
+        r = summarize(np.array(st[n]), [x[0] for x in anchors])
+        per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
+        print(stamp_table(label, T, r), flush=True)
+        print(f"    one chunk (medians, {span}): {per_chunk:.0f} cycles", flush=True)
+        row["stamps"], row["chunk_cycles"] = r, per_chunk
+    except Exception as e:  # the timings still run
+        print(f"  stamped {what} did not build or run: {str(e)[:500]}", flush=True)
+    return row
 
 
 # --ab6's last step: the state pass's ring in dynamic shared memory (chunk_launch.H2_DYN), a
@@ -972,9 +986,6 @@ def ab8_h3o_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     """--ab8's last step: H3O (FUSE_O's state pass) stamped (chunk_source.H3O_STAMPS: one
     sampled chunk a threadgroup, n = N / 2) at each T (B 1, bf16): y and the state against the
     plain build's (must be equal), then the phases of the sampled chunk."""
-    from chunk_stamps import summarize
-    from chunk_stamps import table as stamp_table
-
     from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 
     anchors = cs.H3O_STAMPS
@@ -986,25 +997,9 @@ def ab8_h3o_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
         )
         P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
         plain = cl.h3o_pass(W, U, Kw, gts, state0, q, P, cl.H3)
-        mx.eval(plain)
-        row = {"T": T, "Hv": hv, "same": None}
-        try:
-            for _ in range(3):
-                st = cl.h3o_pass(W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
-                mx.eval(st)
-            row["same"] = all(
-                mx.array_equal(x, z, equal_nan=True).item()
-                for x, z in zip(plain, st[:2], strict=True)
-            )
-            print(f"  T={T} stamped H3O equal to the plain build: {row['same']}")
-            r = summarize(np.array(st[2]), [x[0] for x in anchors])
-            per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
-            print(stamp_table("state fo", T, r), flush=True)
-            print(f"    one chunk (medians, wait .. y stores): {per_chunk:.0f} cycles", flush=True)
-            row["stamps"], row["chunk_cycles"] = r, per_chunk
-        except Exception as e:
-            print(f"  stamped H3O did not build or run: {str(e)[:500]}", flush=True)
-        rows.append(row)
+        stamped = partial(cl.h3o_pass, W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
+        span = "wait .. y stores"
+        rows.append(_stamped_row(T, hv, plain, stamped, anchors, "H3O", "state fo", span))
     return rows
 
 
