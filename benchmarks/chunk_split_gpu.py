@@ -98,6 +98,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
 # bench_gated_delta first: it imports qwen35_mlx before mlx (OpenBLAS on Linux).
 from bench_gated_delta import Shape, _fla_contenders, _mlx_inputs  # isort: skip
@@ -528,27 +529,57 @@ PREDICTED_AB6 = {
 }  # fmt: skip
 
 
+def _check_case(backend: str, T: int, dtype) -> tuple:
+    """A check's case (B 2 with a left-padded row and a hole, 32 heads, raw gates, T, dtype):
+    (the split path's arguments, the references: fp32 the float64 loop, else the fused
+    kernel's, and the default split path's (y, state))."""
+    q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, 32, dtype)
+    args = (q, k, v, a, b, A_log, dt_bias, state, mask)
+    refs = {}
+    if dtype == mx.float32:
+        with mx.stream(mx.cpu):
+            g, beta = compute_gates(a, b, A_log, dt_bias)
+            mx.eval(g, beta)
+        refs["f64"] = float64_loop(q, k, v, g, beta, state, mask)
+    else:
+        want = _gpu_backend(backend).gated_delta_update_kernel(*args)
+        mx.eval(want)
+        refs["fused"] = (np.array(want[0].astype(mx.float32)), np.array(want[1]))
+    base = cl.gated_delta_update_chunk_kernel(*args, backend=backend, split=True)
+    mx.eval(base)
+    return args, refs, base
+
+
+def _variant_row(name, f, backend, args, refs, base, exact=True, strict=False, **kw) -> dict:
+    """A variant f of the split path on a `_check_case`: its `_row` against the references and,
+    where `exact`, "equal to default" (y and state bit for bit the default's; `strict`: "ok"
+    only then); a variant that does not build or run: a row that says so (ok None)."""
+    T, dtype = args[0].shape[1], args[0].dtype
+    try:
+        y, s = f(*args, backend=backend, split=True, **kw)
+        mx.eval(y, s)
+        row = _row(name, T, 32, dtype, y, s, refs)
+        if exact:
+            row["equal to default"] = bool(
+                mx.array_equal(y, base[0], equal_nan=True).item()
+                and mx.array_equal(s, base[1], equal_nan=True).item()
+            )
+            if strict:
+                row["ok"] = row["ok"] and row["equal to default"]
+            print(f"    {name}: y and state equal to the default's: {row['equal to default']}")
+        return row
+    except Exception as e:  # a variant that does not build: say so, go on
+        print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
+        return {"check": name, "T": T, "ok": None, "error": str(e)[:300]}
+
+
 def ab6_checks(backend: str) -> list[dict]:
     """--ab6's checks: each AB6_VARIANTS entry (and "vx bv32") against the default build (bit
     for bit where exact) and the references."""
-    fused = _gpu_backend(backend)
     rows = []
     split = cl.gated_delta_update_chunk_kernel
     for T, dtype in ((200, mx.float32), (2048, mx.float32), (2048, mx.bfloat16)):
-        q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, 32, dtype)
-        args = (q, k, v, a, b, A_log, dt_bias, state, mask)
-        refs = {}
-        if dtype == mx.float32:
-            with mx.stream(mx.cpu):
-                g, beta = compute_gates(a, b, A_log, dt_bias)
-                mx.eval(g, beta)
-            refs["f64"] = float64_loop(q, k, v, g, beta, state, mask)
-        else:
-            want = fused.gated_delta_update_kernel(*args)
-            mx.eval(want)
-            refs["fused"] = (np.array(want[0].astype(mx.float32)), np.array(want[1]))
-        base = split(*args, backend=backend, split=True)
-        mx.eval(base)
+        args, refs, base = _check_case(backend, T, dtype)
         rows.append(_row("split", T, 32, dtype, *base, refs))
         # "vx lb4" forces the state pass's ring of four slices of 64: 16-bit pieces only (fp32's
         # would not fit 48 KB)
@@ -559,22 +590,7 @@ def ab6_checks(backend: str) -> list[dict]:
         ]
         variants.append(("vx bv32", patched(split, **VX), False, {"bv": 32}))
         for name, f, exact, kw in variants:
-            try:
-                y, s = f(*args, backend=backend, split=True, **kw)
-                mx.eval(y, s)
-                row = _row(name, T, 32, dtype, y, s, refs)
-                if exact:
-                    same = bool(
-                        mx.array_equal(y, base[0], equal_nan=True).item()
-                        and mx.array_equal(s, base[1], equal_nan=True).item()
-                    )
-                    row["equal to default"] = same
-                    row["ok"] = row["ok"] and same
-                    print(f"    {name}: y and state equal to the default build's: {same}")
-                rows.append(row)
-            except Exception as e:  # a variant that does not build: say so, go on
-                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
-                rows.append({"check": name, "T": T, "ok": None, "error": str(e)[:300]})
+            rows.append(_variant_row(name, f, backend, args, refs, base, exact, strict=exact, **kw))
     return rows
 
 
@@ -585,9 +601,6 @@ def ab6_state_stamps(
     threadgroup, n = N / 2) at each T (B 1, bf16): H, Vn and the state against the plain build's
     (must be equal), then the phases of the sampled chunk (chunk_stamps.summarize). h3 (--ab7):
     H3_BODY with that many warps a threadgroup instead (chunk_source.H3_STAMPS)."""
-    from chunk_stamps import summarize
-    from chunk_stamps import table as stamp_table
-
     from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 
     anchors = cs.H3_STAMPS if h3 else cs.H2_STAMPS
@@ -599,26 +612,42 @@ def ab6_state_stamps(
             backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
         )
         plain = h_pass(backend, W, U, Kw, gts, state0)
-        mx.eval(plain)
-        row = {"T": T, "Hv": hv, "same": None}
-        try:
-            for _ in range(3):
-                st = h_pass(backend, W, U, Kw, gts, state0, stamps=True)
-                mx.eval(st)
-            row["same"] = all(
-                mx.array_equal(x, z, equal_nan=True).item()
-                for x, z in zip(plain, st[:3], strict=True)
-            )
-            print(f"  T={T} stamped state pass equal to the plain build: {row['same']}")
-            r = summarize(np.array(st[3]), [x[0] for x in anchors])
-            per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
-            print(stamp_table("state h3" if h3 else "state", T, r), flush=True)
-            print(f"    one chunk (medians, U rows .. update): {per_chunk:.0f} cycles", flush=True)
-            row["stamps"], row["chunk_cycles"] = r, per_chunk
-        except Exception as e:  # the timings still run
-            print(f"  stamped state pass did not build or run: {str(e)[:500]}", flush=True)
-        rows.append(row)
+        stamped = partial(h_pass, backend, W, U, Kw, gts, state0, stamps=True)
+        label = "state h3" if h3 else "state"
+        span = "U rows .. update"
+        rows.append(_stamped_row(T, hv, plain, stamped, anchors, "state pass", label, span))
     return rows
+
+
+def _stamped_row(T, hv, plain, stamped, anchors, what: str, label: str, span: str) -> dict:
+    """A stamped pass at T: `stamped()` (its outputs, then the stamps) run three times, its
+    outputs against the plain build's `plain` ("same": must be equal), then the sampled chunk's
+    phases (chunk_stamps.summarize; `anchors` the body's stamps) printed: the table as `label`,
+    one chunk's cycles (the phases but the first and last, named `span`). `what` names the pass;
+    one that does not build or run is printed and the row has no stamps (the timings still
+    run)."""
+    from chunk_stamps import summarize
+    from chunk_stamps import table as stamp_table
+
+    mx.eval(plain)
+    row = {"T": T, "Hv": hv, "same": None}
+    try:
+        for _ in range(3):
+            st = stamped()
+            mx.eval(st)
+        n = len(plain)
+        row["same"] = all(
+            mx.array_equal(x, z, equal_nan=True).item() for x, z in zip(plain, st[:n], strict=True)
+        )
+        print(f"  T={T} stamped {what} equal to the plain build: {row['same']}")
+        r = summarize(np.array(st[n]), [x[0] for x in anchors])
+        per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
+        print(stamp_table(label, T, r), flush=True)
+        print(f"    one chunk (medians, {span}): {per_chunk:.0f} cycles", flush=True)
+        row["stamps"], row["chunk_cycles"] = r, per_chunk
+    except Exception as e:  # the timings still run
+        print(f"  stamped {what} did not build or run: {str(e)[:500]}", flush=True)
+    return row
 
 
 # --ab6's last step: the state pass's ring in dynamic shared memory (chunk_launch.H2_DYN), a
@@ -751,39 +780,13 @@ def ab7_checks(backend: str) -> list[dict]:
     default": y and state bit for bit the default's (expected for every variant: the same
     arithmetic; H3 computes Xw^T = S W^T, A and B of each product swapped, which the tensor cores
     may sum in another order, so a difference there is reported, and only the tolerance fails)."""
-    fused = _gpu_backend(backend)
     rows = []
     split = cl.gated_delta_update_chunk_kernel
     for T, dtype in ((200, mx.float32), (2048, mx.float32), (2048, mx.bfloat16)):
-        q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, 32, dtype)
-        args = (q, k, v, a, b, A_log, dt_bias, state, mask)
-        refs = {}
-        if dtype == mx.float32:
-            with mx.stream(mx.cpu):
-                g, beta = compute_gates(a, b, A_log, dt_bias)
-                mx.eval(g, beta)
-            refs["f64"] = float64_loop(q, k, v, g, beta, state, mask)
-        else:
-            want = fused.gated_delta_update_kernel(*args)
-            mx.eval(want)
-            refs["fused"] = (np.array(want[0].astype(mx.float32)), np.array(want[1]))
-        base = split(*args, backend=backend, split=True)
-        mx.eval(base)
+        args, refs, base = _check_case(backend, T, dtype)
         rows.append(_row("split", T, 32, dtype, *base, refs))
         for name, sw in AB7_VARIANTS.items():
-            try:
-                y, s = patched(split, **sw)(*args, backend=backend, split=True)
-                mx.eval(y, s)
-                row = _row(name, T, 32, dtype, y, s, refs)
-                row["equal to default"] = bool(
-                    mx.array_equal(y, base[0], equal_nan=True).item()
-                    and mx.array_equal(s, base[1], equal_nan=True).item()
-                )
-                print(f"    {name}: y and state equal to the default's: {row['equal to default']}")
-                rows.append(row)
-            except Exception as e:  # a variant that does not build: say so, go on
-                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
-                rows.append({"check": name, "T": T, "ok": None, "error": str(e)[:300]})
+            rows.append(_variant_row(name, patched(split, **sw), backend, args, refs, base))
     return rows
 
 
@@ -815,14 +818,7 @@ def ab7_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
             "state h3 w2 nb3": patched(base["state"], H3=2, H3_NB=3),
             "fla chunk": base.get("fla chunk"),
         }
-        timers = {name: run for name, run in timers.items() if run is not None}
-        rows.append(_best_of_three(timers, T, hv))
-        best = rows[-1]["ms"]
-        if "fla chunk" in best:
-            ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
-            print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
-        pred = PREDICTED_AB7.get(T, {})
-        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+        rows.append(_predicted_row(timers, T, hv, PREDICTED_AB7))
     return rows
 
 
@@ -874,33 +870,15 @@ def ab8_checks(backend: str) -> list[dict]:
     for bit ("equal to default") and within bf16's tolerance of the fused kernel; at T 2048 the
     passes alone: h3y's Vn and state equal to the default state pass's, its Yi = q H[n]^T (fp32
     matmul of the default pass's H, fp32's tolerance), o2y's y equal to the default's."""
-    fused = _gpu_backend(backend)
     rows = []
     split = cl.gated_delta_update_chunk_kernel
     for T in (1000, 2048):
-        q, k, v, a, b, A_log, dt_bias, state, mask = inputs(2, T, 32, mx.bfloat16)
-        args = (q, k, v, a, b, A_log, dt_bias, state, mask)
-        want = fused.gated_delta_update_kernel(*args)
-        mx.eval(want)
-        refs = {"fused": (np.array(want[0].astype(mx.float32)), np.array(want[1]))}
-        base = split(*args, backend=backend, split=True)
-        mx.eval(base)
+        args, refs, base = _check_case(backend, T, mx.bfloat16)
+        q, k, v, a, b, A_log, dt_bias, state, mask = args
         rows.append(_row("split", T, 32, mx.bfloat16, *base, refs))
         for name, sw in AB8_VARIANTS.items():
-            try:
-                y, s = patched(split, **sw)(*args, backend=backend, split=True)
-                mx.eval(y, s)
-                row = _row(name, T, 32, mx.bfloat16, y, s, refs)
-                row["equal to default"] = bool(
-                    mx.array_equal(y, base[0], equal_nan=True).item()
-                    and mx.array_equal(s, base[1], equal_nan=True).item()
-                )
-                row["ok"] = row["ok"] and row["equal to default"]
-                print(f"    {name}: y and state equal to the default's: {row['equal to default']}")
-                rows.append(row)
-            except Exception as e:  # a variant that does not build: say so, go on
-                print(f"  {name}: did not build or run: {str(e)[:300]}", flush=True)
-                rows.append({"check": name, "T": T, "ok": None, "error": str(e)[:300]})
+            f = patched(split, **sw)
+            rows.append(_variant_row(name, f, backend, args, refs, base, strict=True))
         if T != 2048:
             continue
         try:
@@ -1000,14 +978,7 @@ def ab8_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
             **fy,
             "fla chunk": base.get("fla chunk"),
         }
-        timers = {name: run for name, run in timers.items() if run is not None}
-        rows.append(_best_of_three(timers, T, hv))
-        best = rows[-1]["ms"]
-        if "fla chunk" in best:
-            ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
-            print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
-        pred = PREDICTED_AB8.get(T, {})
-        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+        rows.append(_predicted_row(timers, T, hv, PREDICTED_AB8))
     return rows
 
 
@@ -1015,9 +986,6 @@ def ab8_h3o_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     """--ab8's last step: H3O (FUSE_O's state pass) stamped (chunk_source.H3O_STAMPS: one
     sampled chunk a threadgroup, n = N / 2) at each T (B 1, bf16): y and the state against the
     plain build's (must be equal), then the phases of the sampled chunk."""
-    from chunk_stamps import summarize
-    from chunk_stamps import table as stamp_table
-
     from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 
     anchors = cs.H3O_STAMPS
@@ -1029,25 +997,9 @@ def ab8_h3o_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
         )
         P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
         plain = cl.h3o_pass(W, U, Kw, gts, state0, q, P, cl.H3)
-        mx.eval(plain)
-        row = {"T": T, "Hv": hv, "same": None}
-        try:
-            for _ in range(3):
-                st = cl.h3o_pass(W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
-                mx.eval(st)
-            row["same"] = all(
-                mx.array_equal(x, z, equal_nan=True).item()
-                for x, z in zip(plain, st[:2], strict=True)
-            )
-            print(f"  T={T} stamped H3O equal to the plain build: {row['same']}")
-            r = summarize(np.array(st[2]), [x[0] for x in anchors])
-            per_chunk = sum(r["phases"][x[0]]["median"] for x in anchors[1:-1])
-            print(stamp_table("state fo", T, r), flush=True)
-            print(f"    one chunk (medians, wait .. y stores): {per_chunk:.0f} cycles", flush=True)
-            row["stamps"], row["chunk_cycles"] = r, per_chunk
-        except Exception as e:
-            print(f"  stamped H3O did not build or run: {str(e)[:500]}", flush=True)
-        rows.append(row)
+        stamped = partial(cl.h3o_pass, W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
+        span = "wait .. y stores"
+        rows.append(_stamped_row(T, hv, plain, stamped, anchors, "H3O", "state fo", span))
     return rows
 
 
@@ -1076,6 +1028,20 @@ def _best_of_three(timers: dict, T: int, hv: int) -> dict:
             best[name] = min(best.get(name, float("inf")), run(n) / n * 1e3)
     print(f"  T={T:6d} " + "  ".join(f"{k} {x:.3f}" for k, x in best.items()), flush=True)
     return {"T": T, "Hv": hv, "n": n, "ms": best}
+
+
+def _predicted_row(timers: dict, T: int, hv: int, predicted: dict) -> dict:
+    """--ab7 / --ab8's row at T: `_best_of_three` of the timers (None ones left out), the split
+    rows over FLA's chunk kernel where it ran, and the predictions for T printed."""
+    timers = {name: run for name, run in timers.items() if run is not None}
+    row = _best_of_three(timers, T, hv)
+    best = row["ms"]
+    if "fla chunk" in best:
+        ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
+        print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
+    pred = predicted.get(T, {})
+    print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+    return row
 
 
 def table(rows, predicted=None) -> str:

@@ -4,7 +4,8 @@ that a refactor of the kernel source left them unchanged (issue #14: one copy of
 Records each kernel factory call (name, input and output names, source, header) of every
 structural variant: the fused gated-delta kernels (source.py through metal.py / cuda.py), the
 chunk kernels (chunk_launch._build, every `which`, O2_BODY's and CUDA's switched variants),
-the decode attention kernels, the fused norm kernels, the prefill conv kernel and the few-rows
+the decode attention kernels, the prefill attention kernels (every version, variant and ring
+size, with their header), the fused norm kernels, the prefill conv kernel and the few-rows
 matmul kernel, for Metal and CUDA; and the arguments of every chunk pass's kernel call
 (`chunk_launches`). No GPU is needed: the factories and kernels are replaced by recorders.
 
@@ -55,6 +56,10 @@ def dump() -> dict:
         from qwen35_mlx.kernels import conv_qkv
     except ImportError:
         conv_qkv = None
+    try:  # nor one from before the prefill attention kernel
+        from qwen35_mlx.kernels.attention import prefill
+    except ImportError:
+        prefill = None
     from qwen35_mlx.kernels.attention import cuda as at_cuda
     from qwen35_mlx.kernels.attention import metal as at_metal
     from qwen35_mlx.kernels.gated_delta import chunk_launch, launch, source
@@ -92,14 +97,23 @@ def dump() -> dict:
     # Chunk kernels.
     whichs = ["state", "state_mma", "prep", "prep_fused", "prep_mma", "prep_fused_mma"]
     whichs += ["wy", "wy_fused", "wy2", "wy2_fused", "h", "h2", "o", "o2"]
+    # ... the rest of the tree's plain kernels and WY variants (after the first list, whose keys
+    # older trees share)
+    more = [*getattr(chunk_launch, "_PLAIN", ()), "wy2v", "wy2v_fused", "wy2x", "wy2x_fused"]
+    whichs += [w for w in more if w not in whichs]
     for backend in BACKENDS:
         chunk_launch._kernels.clear()
         for which in whichs:
             chunk_launch._factory = lambda b, w=which, be=backend: _record(out, f"chunk/{be}/{w}")
             chunk_launch._build(backend, which)
+    # ... the stamped builds (CUDA)
+    for which in getattr(chunk_launch, "_STAMPED", ()):
+        chunk_launch._factory = lambda b, w=which: _record(out, f"chunk/cuda/{w}")
+        chunk_launch._build("cuda", which)
     chunk_launch._kernels.clear()
     # ... and their switched variants: O2_BODY's fp32 P and ring of two, CUDA's tf32 products.
     saved = chunk_launch.O2_P16, chunk_launch.O2_RING, chunk_launch.MMA16
+    ldsm32 = getattr(chunk_launch, "LDSM32", None)
     for backend, (p16, ring) in itertools.product(BACKENDS, ((False, 3), (True, 2), (False, 2))):
         chunk_launch.O2_P16, chunk_launch.O2_RING = p16, ring
         key = f"chunk/{backend}/o2/p16={p16}/ring={ring}"
@@ -109,6 +123,12 @@ def dump() -> dict:
     for which in whichs:
         chunk_launch._factory = lambda b, w=which: _record(out, f"chunk/cuda/{w}/t32")
         chunk_launch._build("cuda", which)
+    # LDSM32 off: the round-7 builds (_L32) without L32_TILES
+    chunk_launch.MMA16, chunk_launch.LDSM32 = True, False
+    for which in [w for w in whichs if w in getattr(chunk_launch, "_L32", ())]:
+        chunk_launch._factory = lambda b, w=which: _record(out, f"chunk/cuda/{w}/no_l32")
+        chunk_launch._build("cuda", which)
+    chunk_launch.LDSM32 = ldsm32
     chunk_launch.O2_P16, chunk_launch.O2_RING, chunk_launch.MMA16 = saved
     chunk_launch._kernels.clear()
 
@@ -132,6 +152,17 @@ def dump() -> dict:
     # The prefill conv kernel.
     for backend in BACKENDS if conv_qkv is not None else ():
         out[f"conv_qkv/{backend}"] = {"source": conv_qkv.kernel_source(backend)}
+
+    # The prefill attention kernels: every version, variant and ring size, with the header.
+    for backend in BACKENDS if prefill is not None else ():
+        head = prefill.header(backend)
+        for version, (mask, causal) in itertools.product(
+            prefill.src.VERSIONS, prefill.src.variants()
+        ):
+            for ring in (2, 3, 4) if version != 1 else (None,):
+                text = prefill.source(backend, mask, causal, version, ring)
+                key = f"prefill/{backend}/v{version}/mask={mask}/causal={causal}/ring={ring}"
+                out[key] = {"source": text, "header": head}
 
     # The few-rows matmul kernel.
     for backend in BACKENDS:

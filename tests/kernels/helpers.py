@@ -17,6 +17,34 @@ import pytest
 
 GXX = shutil.which("g++")
 EMULATOR = Path(__file__).with_name("lane_emulator.h")  # runs CUDA-style bodies on the CPU
+# The start of an emulator program (test_chunk_h3.py, test_chunk_fuse_y.py): the lane emulator
+# and files of float32 values: readf(path) reads one, read_as<X>(path) converted to X,
+# write(path, x) writes x as float32.
+EMULATED_IO = (
+    f'\n#include "{EMULATOR}"\n'
+    + r"""#include <fstream>
+#include <iterator>
+#include <string>
+
+std::vector<float> readf(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  std::vector<float> x(raw.size() / 4);
+  std::memcpy(x.data(), raw.data(), raw.size());
+  return x;
+}
+template <typename X>
+std::vector<X> read_as(const std::string& path) {
+  auto f = readf(path);
+  return std::vector<X>(f.begin(), f.end());
+}
+template <typename X>
+void write(const std::string& path, const std::vector<X>& x) {
+  std::vector<float> f(x.begin(), x.end());
+  std::ofstream(path, std::ios::binary).write((const char*)f.data(), f.size() * 4);
+}
+"""
+)
 
 
 def make_inputs(

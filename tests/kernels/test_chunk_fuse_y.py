@@ -16,7 +16,7 @@ import pytest
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import EMULATOR, GXX, compile_emulated
+from tests.kernels.helpers import EMULATED_IO, GXX, compile_emulated
 from tests.kernels.test_chunk_cuda_source import NVCC
 from tests.kernels.test_chunk_stamps import recorder  # noqa: F401  (fixture)
 from tests.kernels.test_cuda_source import CTYPES, PRELUDE
@@ -32,29 +32,6 @@ def _round7_default(monkeypatch):
 
 C = cl.CHUNK
 PROGRAM = r"""
-#include "{emulator}"
-#include <fstream>
-#include <iterator>
-#include <string>
-
-std::vector<float> readf(const std::string& path) {{
-  std::ifstream f(path, std::ios::binary);
-  std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  std::vector<float> x(raw.size() / 4);
-  std::memcpy(x.data(), raw.data(), raw.size());
-  return x;
-}}
-template <typename X>
-std::vector<X> read_as(const std::string& path) {{
-  auto f = readf(path);
-  return std::vector<X>(f.begin(), f.end());
-}}
-template <typename X>
-void write(const std::string& path, const std::vector<X>& x) {{
-  std::vector<float> f(x.begin(), x.end());
-  std::ofstream(path, std::ios::binary).write((const char*)f.data(), f.size() * 4);
-}}
-
 namespace h3 {{
 template <int Dk, int BV, int C, int NT, int NB, int MP, typename PT>
 void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
@@ -187,8 +164,7 @@ int main(int argc, char** argv) {{
 def program(tmp_path_factory):
     if GXX is None:
         pytest.skip("needs g++")
-    text = PROGRAM.format(
-        emulator=EMULATOR,
+    text = EMULATED_IO + PROGRAM.format(
         h3=cl.h3_source("cuda"),
         h3y=cl.h3y_source("cuda"),
         o2x=cl.o2_vx_source("cuda", True, 3),
@@ -415,8 +391,7 @@ def test_fuse_y_has_no_race_under_thread_sanitizer(tmp_path):
     H3O's lanes write y^T to Yb and read it back as rows)."""
     if GXX is None:
         pytest.skip("needs g++")
-    text = PROGRAM.format(
-        emulator=EMULATOR,
+    text = EMULATED_IO + PROGRAM.format(
         h3=cl.h3_source("cuda"),
         h3y=cl.h3y_source("cuda"),
         o2x=cl.o2_vx_source("cuda", True, 3),

@@ -16,7 +16,7 @@ import pytest
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from tests.conftest import RTOL, rel_err
-from tests.kernels.helpers import EMULATOR, GXX, compile_emulated
+from tests.kernels.helpers import EMULATED_IO, GXX, compile_emulated
 from tests.kernels.test_chunk_cuda_source import NVCC
 from tests.kernels.test_chunk_stamps import _inputs, recorder  # noqa: F401  (fixture)
 from tests.kernels.test_cuda_source import CTYPES, PRELUDE
@@ -27,29 +27,6 @@ _SIG = (
     "            const float* state_in, const int* U_shape, PT* H, PT* Vn, float* state_out)"
 )
 PROGRAM = r"""
-#include "{emulator}"
-#include <fstream>
-#include <iterator>
-#include <string>
-
-std::vector<float> readf(const std::string& path) {{
-  std::ifstream f(path, std::ios::binary);
-  std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  std::vector<float> x(raw.size() / 4);
-  std::memcpy(x.data(), raw.data(), raw.size());
-  return x;
-}}
-template <typename X>
-std::vector<X> read_as(const std::string& path) {{
-  auto f = readf(path);
-  return std::vector<X>(f.begin(), f.end());
-}}
-template <typename X>
-void write(const std::string& path, const std::vector<X>& x) {{
-  std::vector<float> f(x.begin(), x.end());
-  std::ofstream(path, std::ios::binary).write((const char*)f.data(), f.size() * 4);
-}}
-
 namespace h2 {{
 template <int Dk, int BV, int C, int NT, int DS, int NB, int MP, int PF, typename PT>
 {sig} {{
@@ -113,8 +90,8 @@ int main(int argc, char** argv) {{
 def program(tmp_path_factory):
     if GXX is None:
         pytest.skip("needs g++")
-    text = PROGRAM.format(
-        emulator=EMULATOR, sig=_SIG, h2=cl.h2_source("cuda"), h3=cl.h3_source("cuda"), C=C
+    text = EMULATED_IO + PROGRAM.format(
+        sig=_SIG, h2=cl.h2_source("cuda"), h3=cl.h3_source("cuda"), C=C
     )
     return compile_emulated(text, tmp_path_factory.mktemp("chunk_h3"), timeout=900)
 
@@ -334,8 +311,8 @@ def test_h3_has_no_race_under_thread_sanitizer(tmp_path):
     between them (checked to report the race with the __syncwarp after delta taken out)."""
     if GXX is None:
         pytest.skip("needs g++")
-    text = PROGRAM.format(
-        emulator=EMULATOR, sig=_SIG, h2=cl.h2_source("cuda"), h3=cl.h3_source("cuda"), C=C
+    text = EMULATED_IO + PROGRAM.format(
+        sig=_SIG, h2=cl.h2_source("cuda"), h3=cl.h3_source("cuda"), C=C
     )
     exe = compile_emulated(text, tmp_path, timeout=900, sanitize="thread")
     pieces = _pieces(np.random.default_rng(1), 1, 3, 128, 64, True)

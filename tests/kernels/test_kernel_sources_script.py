@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qwen35_mlx.kernels import rows_matmul
+from qwen35_mlx.kernels.attention import prefill
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import metal, source
 
@@ -23,8 +24,15 @@ def test_dump_records_every_variant(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     subprocess.run([sys.executable, str(SCRIPT), "dump", str(out)], check=True, env=env)
     d = json.loads(out.read_text())
-    kinds = {"gd", "chunk", "attention", "fused_norm", "conv_qkv", "rows_matmul", "launch"}
-    assert {k.split("/")[0] for k in d} == kinds
+    kinds = {"gd", "chunk", "attention", "prefill", "fused_norm", "conv_qkv", "rows_matmul"}
+    assert {k.split("/")[0] for k in d} == kinds | {"launch"}
+    # prefill attention: per backend version 1's 4 variants, versions 2 and 3's at 3 ring sizes
+    assert sum(k.startswith("prefill/") for k in d) == 2 * (4 + 2 * 4 * 3)
+    v3 = d["prefill/cuda/v3/mask=False/causal=True/ring=4"]
+    assert v3["source"] == prefill.source("cuda", False, True, 3, 4)
+    assert v3["header"] == prefill.header("cuda")
+    for which in ("h3", "h3o", "o2y", "o2p", "wy2x_fused", "h3o_stamped", "h2/no_l32"):
+        assert "source" in d[f"chunk/cuda/{which}"], which
     passes = {k.split("/")[1] for k in d if k.startswith("launch/")}
     assert passes == {"wy", "prep", "h", "o", "state"}
     assert all("template" in d[k] or "error" in d[k] for k in d if k.startswith("launch/"))

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from .. import gpu_backend_name
 from ..gated_delta import chunk_launch
+from ..gated_delta.chunk_source import COPY_TILE_LOOP, LDMATRIX4
 from ..positions import prologue
 from . import prefill_source as src
 
@@ -103,16 +104,9 @@ struct at_frag {
 template <bool TR>
 __device__ __forceinline__ void at_ldmatrix4(unsigned* r, const void* p) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  if (TR) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-  }
-}
+"""
+    + LDMATRIX4
+    + """}
 // gd_copy_tile's copy (an R x CL tile, row r from src + min(r, rmax) sld, by cp.async) with its
 // shared address from __cvta_generic_to_shared, which the compiler folds (gd_copy_tile's cvta,
 // inline asm, is redone for every copy)
@@ -122,14 +116,9 @@ __device__ __forceinline__ void at_copy_tile(D dst, int dld, S src, size_t sld, 
   static_assert(CL % V == 0, "at_copy_tile: whole 16-byte copies a row");
   constexpr int U = R * CL / V;  // copies of the tile
   const unsigned d0 = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-#pragma unroll
-  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
-    const int e = tid + it * NT;
-    if (U % NT != 0 && e >= U) break;
-    const int r = e / (CL / V);
-    const int c = (e % (CL / V)) * V;
-    const int rs = r < rmax ? r : rmax;
-    const unsigned d = d0 + unsigned(r * dld + c) * unsigned(sizeof(*dst));
+"""
+    + COPY_TILE_LOOP
+    + """    const unsigned d = d0 + unsigned(r * dld + c) * unsigned(sizeof(*dst));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + rs * sld + c));
   }
 }

@@ -316,6 +316,71 @@ _WALK1 = (
 """
 )
 
+
+# Versions 2 and 3's pieces of the walk (the same text in both):
+# the warp's query rows into its register fragments qf, QC columns at a time, staged through
+# `rows` (row stride `ld`, threadgroup memory of the warp's own)
+def _query_frags(rows: str, ld: str) -> str:
+    return f"""  #pragma unroll
+  for (int c = 0; c < D; c += QC) {{
+    gd_barrier();
+    gd_copy_tile<32, 16, QC>({rows}, {ld}, q + q0 + size_t(qrow0) * D + c, size_t(D), T - 1 - qrow0,
+                             lane);
+    gd_copy_commit();
+    gd_copy_wait<0>();
+    gd_barrier();
+    #pragma unroll
+    for (int kk = 0; kk < QC / 16; ++kk) {{
+      at_frag_load(qf[c / 16 + kk], {rows} + 16 * kk, {ld});
+    }}
+  }}
+"""
+
+
+# the ring's set-up and its first AT_RING - 1 slices in flight
+_RING_START = """  constexpr int NSL = D / DS;  // slices of a block's keys (and of its values)
+  constexpr int RS = BK * QL;  // a ring slot
+  int base = 0;                // the ring slot of this block's first slice
+  #pragma unroll
+  for (int p = 0; p < AT_RING - 1; ++p) {
+    AT_ISSUE(0, p)
+  }
+"""
+
+
+# opens the loop over a block's key slices (first "") or value slices (first "NSL + "): slice i
+# waited for, the one AT_RING - 1 ahead issued, `ptr` its slot; then, if live, the products'
+# loops (closed by the caller)
+def _ring_slices(first: str, ptr: str) -> str:
+    return f"""    #pragma unroll
+    for (int i = 0; i < NSL; ++i) {{
+      gd_copy_wait<AT_RING - 2>();
+      gd_barrier();
+      AT_ISSUE(j0, {first}i + AT_RING - 1)
+      GD_TG_PTR ST* {ptr} = ring + ((base + {first}i) % AT_RING) * RS;
+      if (live) {{
+        #pragma unroll
+"""
+
+
+# step 3's products, O += P V over the block's value slices (P's fragments pf), and the ring's
+# base moved on to the next block's first slice
+_PV = (
+    _ring_slices("NSL + ", "vb")
+    + """        for (int c = 0; c < DS / 16; ++c) {
+          #pragma unroll
+          for (int kk = 0; kk < NKT; ++kk) {
+            at_mma_frag<false>(o[i * (DS / 16) + c], pf[kk], vb + 16 * kk * QL + 16 * c, QL);
+          }
+        }
+      }
+    }
+    // (a constant 0 where the ring's size divides a block's slices: slots known at compile time)
+    base = (2 * NSL) % AT_RING == 0 ? 0 : (base + 2 * NSL) % AT_RING;
+  }
+"""
+)
+
 # Version 2 (session 11): Q and P as register fragments (at_frag), loaded once; key and value
 # slices through a ring of AT_RING slots, the next ones in flight while one is used.
 _WALK2 = (
@@ -326,30 +391,15 @@ _WALK2 = (
   // through the warp's weight rows
   constexpr int QC = D % BK == 0 ? BK : 16;  // columns staged at a time
   at_frag qf[NDT];
-  #pragma unroll
-  for (int c = 0; c < D; c += QC) {
-    gd_barrier();
-    gd_copy_tile<32, 16, QC>(pw, PL, q + q0 + size_t(qrow0) * D + c, size_t(D), T - 1 - qrow0,
-                             lane);
-    gd_copy_commit();
-    gd_copy_wait<0>();
-    gd_barrier();
-    #pragma unroll
-    for (int kk = 0; kk < QC / 16; ++kk) {
-      at_frag_load(qf[c / 16 + kk], pw + 16 * kk, PL);
-    }
-  }
+"""
+    + _query_frags("pw", "PL")
+    + """\
   // the walk's slices (AT_ISSUE), AT_RING - 1 in flight ahead of the one in use: slice n is
   // waited for, then a barrier makes it visible and frees slot (n - 1) % AT_RING for slice
   // n + AT_RING - 1
-  constexpr int NSL = D / DS;  // slices of a block's keys (and of its values)
-  constexpr int RS = BK * QL;  // a ring slot
-  int base = 0;                // the ring slot of this block's first slice
-  #pragma unroll
-  for (int p = 0; p < AT_RING - 1; ++p) {
-    AT_ISSUE(0, p)
-  }
-
+"""
+    + _RING_START
+    + """
   for (int j0 = 0; j0 < n_tg; j0 += BK) {
 #if AT_CAUSAL
     const bool live = j0 <= last_w;  // uniform in the warp
@@ -362,15 +412,9 @@ _WALK2 = (
     for (int c = 0; c < NKT; ++c) {
       gd_acc_zero(s[c]);
     }
-    #pragma unroll
-    for (int i = 0; i < NSL; ++i) {
-      gd_copy_wait<AT_RING - 2>();
-      gd_barrier();
-      AT_ISSUE(j0, i + AT_RING - 1)
-      GD_TG_PTR ST* kb = ring + ((base + i) % AT_RING) * RS;
-      if (live) {
-        #pragma unroll
-        for (int c = 0; c < NKT; ++c) {
+"""
+    + _ring_slices("", "kb")
+    + """        for (int c = 0; c < NKT; ++c) {
           #pragma unroll
           for (int kk = 0; kk < DS / 16; ++kk) {
             at_mma_frag<true>(s[c], qf[i * (DS / 16) + kk], kb + 16 * c * QL + 16 * kk, QL);
@@ -401,28 +445,29 @@ _WALK2 = (
         at_frag_load(pf[kk], pw + 16 * kk, PL);
       }
     }
-    #pragma unroll
-    for (int i = 0; i < NSL; ++i) {
-      gd_copy_wait<AT_RING - 2>();
-      gd_barrier();
-      AT_ISSUE(j0, NSL + i + AT_RING - 1)
-      GD_TG_PTR ST* vb = ring + ((base + NSL + i) % AT_RING) * RS;
-      if (live) {
-        #pragma unroll
-        for (int c = 0; c < DS / 16; ++c) {
-          #pragma unroll
-          for (int kk = 0; kk < NKT; ++kk) {
-            at_mma_frag<false>(o[i * (DS / 16) + c], pf[kk], vb + 16 * kk * QL + 16 * c, QL);
-          }
-        }
-      }
-    }
-    // (a constant 0 where the ring's size divides a block's slices: slots known at compile time)
-    base = (2 * NSL) % AT_RING == 0 ? 0 : (base + 2 * NSL) % AT_RING;
-  }
-
+"""
+    + _PV
+    + """
 """
 )
+
+
+# Version 3's lazy rescaling of the lane's row r (0: row at_row0, its elements 0-3; 1: row
+# at_row0 + 8, elements 4-7) after a block's maximum mx_r
+def _lazy_rescale(r: int) -> str:
+    return f"""      if (mx{r} > m{r} + AT_LAZY) {{
+        const float alpha = at_exp2(m{r} - mx{r});
+        m{r} = mx{r};
+        l{r} *= alpha;
+        #pragma unroll
+        for (int c = 0; c < NDT; ++c) {{
+          #pragma unroll
+          for (int e = {4 * r}; e < {4 * r + 4}; ++e) {{
+            at_el(o[c], e) *= alpha;
+          }}
+        }}
+      }}
+"""
 
 
 # Version 3 (session 12): version 2's walk with the softmax in registers. Each lane keeps the
@@ -436,7 +481,8 @@ _WALK2 = (
 # once at the end; the output written from the accumulators. Threadgroup memory: the ring only,
 # max(AT_RING BK, 16 W) (DS + 8) staged (the query rows pass through it once, before the walk;
 # 16 W (16 + 8) where 16 W > AT_RING BK).
-_WALK3 = """  // the query rows pass through the ring's memory first, QC columns at a time (warp w's
+_WALK3 = (
+    """  // the query rows pass through the ring's memory first, QC columns at a time (warp w's
   // rows at 16 w (QC + 8)): whole slices where the ring holds them, else 16 columns
   constexpr int QC = 16 * W <= AT_RING * BK ? DS : 16;
   constexpr int RN = AT_MAX(AT_RING * BK * QL, 16 * W * (QC + 8));
@@ -465,28 +511,12 @@ _WALK3 = """  // the query rows pass through the ring's memory first, QC columns
   // 0. the warp's query rows into registers (an A fragment a 16 columns), once
   at_frag qf[NDT];
   GD_TG_PTR ST* qw = ring + 16 * w * (QC + 8);
-  #pragma unroll
-  for (int c = 0; c < D; c += QC) {
-    gd_barrier();
-    gd_copy_tile<32, 16, QC>(qw, QC + 8, q + q0 + size_t(qrow0) * D + c, size_t(D),
-                             T - 1 - qrow0, lane);
-    gd_copy_commit();
-    gd_copy_wait<0>();
-    gd_barrier();
-    #pragma unroll
-    for (int kk = 0; kk < QC / 16; ++kk) {
-      at_frag_load(qf[c / 16 + kk], qw + 16 * kk, QC + 8);
-    }
-  }
-  gd_barrier();  // the query rows are read before the ring's first copies land
-  constexpr int NSL = D / DS;  // slices of a block's keys (and of its values)
-  constexpr int RS = BK * QL;  // a ring slot
-  int base = 0;                // the ring slot of this block's first slice
-  #pragma unroll
-  for (int p = 0; p < AT_RING - 1; ++p) {
-    AT_ISSUE(0, p)
-  }
-
+"""
+    + _query_frags("qw", "QC + 8")
+    + """  gd_barrier();  // the query rows are read before the ring's first copies land
+"""
+    + _RING_START
+    + """
   for (int j0 = 0; j0 < n_tg; j0 += BK) {
 #if AT_CAUSAL
     const bool live = j0 <= last_w;  // uniform in the warp
@@ -506,15 +536,9 @@ _WALK3 = """  // the query rows pass through the ring's memory first, QC columns
       gd_acc_zero(s[c]);
       gd_acc_zero(s2[c]);
     }
-    #pragma unroll
-    for (int i = 0; i < NSL; ++i) {
-      gd_copy_wait<AT_RING - 2>();
-      gd_barrier();
-      AT_ISSUE(j0, i + AT_RING - 1)
-      GD_TG_PTR ST* kb = ring + ((base + i) % AT_RING) * RS;
-      if (live) {
-        #pragma unroll
-        for (int c = 0; c < NKT; ++c) {
+"""
+    + _ring_slices("", "kb")
+    + """        for (int c = 0; c < NKT; ++c) {
           #pragma unroll
           for (int kk = 0; kk < DS / 16; ++kk) {
             if (AT_CHAINS == 2 && NKT == 1 && (i * (DS / 16) + kk) % 2 == 1) {
@@ -566,31 +590,10 @@ _WALK3 = """  // the query rows pass through the ring's memory first, QC columns
       // a row's reference maximum moves when the block's is above it by more than AT_LAZY
       // (AT_NEG + AT_LAZY is AT_NEG: a row's first visible key moves it); its output rows and
       // sum scale by 2^(old - new) then (the 4 lanes of a row decide alike)
-      if (mx0 > m0 + AT_LAZY) {
-        const float alpha = at_exp2(m0 - mx0);
-        m0 = mx0;
-        l0 *= alpha;
-        #pragma unroll
-        for (int c = 0; c < NDT; ++c) {
-          #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            at_el(o[c], e) *= alpha;
-          }
-        }
-      }
-      if (mx1 > m1 + AT_LAZY) {
-        const float alpha = at_exp2(m1 - mx1);
-        m1 = mx1;
-        l1 *= alpha;
-        #pragma unroll
-        for (int c = 0; c < NDT; ++c) {
-          #pragma unroll
-          for (int e = 4; e < 8; ++e) {
-            at_el(o[c], e) *= alpha;
-          }
-        }
-      }
-      #pragma unroll
+"""
+    + _lazy_rescale(0)
+    + _lazy_rescale(1)
+    + """      #pragma unroll
       for (int c = 0; c < NKT; ++c) {
         #pragma unroll
         for (int e = 0; e < 8; ++e) {
@@ -611,26 +614,9 @@ _WALK3 = """  // the query rows pass through the ring's memory first, QC columns
       }
     }
     // 3. O += P V
-    #pragma unroll
-    for (int i = 0; i < NSL; ++i) {
-      gd_copy_wait<AT_RING - 2>();
-      gd_barrier();
-      AT_ISSUE(j0, NSL + i + AT_RING - 1)
-      GD_TG_PTR ST* vb = ring + ((base + NSL + i) % AT_RING) * RS;
-      if (live) {
-        #pragma unroll
-        for (int c = 0; c < DS / 16; ++c) {
-          #pragma unroll
-          for (int kk = 0; kk < NKT; ++kk) {
-            at_mma_frag<false>(o[i * (DS / 16) + c], pf[kk], vb + 16 * kk * QL + 16 * c, QL);
-          }
-        }
-      }
-    }
-    // (a constant 0 where the ring's size divides a block's slices: slots known at compile time)
-    base = (2 * NSL) % AT_RING == 0 ? 0 : (base + 2 * NSL) % AT_RING;
-  }
-
+"""
+    + _PV
+    + """
   // o = O / l (0 where the row saw no key), rounded once, from the accumulators; rows past T
   // are not written
   l0 = at_row_sum(l0, lane);
@@ -649,6 +635,7 @@ _WALK3 = """  // the query rows pass through the ring's memory first, QC columns
     }
   }
 """
+)
 
 
 # Both bodies' end: o = O / l through the warp's score rows.

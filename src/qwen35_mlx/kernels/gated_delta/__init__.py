@@ -446,19 +446,10 @@ def gated_delta_decode_packed(
             if B <= _CONV_KERNEL_MAX_B and impl.supports_packed(
                 proj, conv_w, state, norm_weight, tokens
             ):
-                args = (proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight)
-                _validate_packed(*args, dims, B)
+                args = (proj, conv_state, conv_w, A_log, dt_bias, state)
+                _validate_packed(*args, norm_weight, dims, B)
                 return impl.gated_delta_decode_packed_kernel(
-                    proj,
-                    conv_state,
-                    conv_w,
-                    A_log,
-                    dt_bias,
-                    state,
-                    mask,
-                    tokens=tokens,
-                    norm_w=norm_weight,
-                    norm_eps=norm_eps,
+                    *args, mask, tokens=tokens, norm_w=norm_weight, norm_eps=norm_eps
                 )
     # Ops (and anything the kernel does not take): the pieces, then one decode a token.
     from .decode import gated_rms_norm

@@ -110,14 +110,9 @@ __device__ __forceinline__ void gd_copy_tile(D dst, int dld, S src, size_t sld, 
   constexpr int V = 16 / int(sizeof(*src));  // elements of a 16-byte copy
   static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
   constexpr int U = R * CL / V;  // copies of the tile
-#pragma unroll
-  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
-    const int e = tid + it * NT;
-    if (U % NT != 0 && e >= U) break;
-    const int r = e / (CL / V);
-    const int c = (e % (CL / V)) * V;
-    const int rs = r < rmax ? r : rmax;
-    const int cs = c < cmax ? c : cmax - V;
+"""
+    + src.COPY_TILE_LOOP
+    + """    const int cs = c < cmax ? c : cmax - V;
     asm volatile(
         "{ .reg .u64 s; .reg .u32 a; cvta.to.shared.u64 s, %0; cvt.u32.u64 a, s;"
         "  cp.async.cg.shared.global [a], [%1], 16; }" ::"l"(dst + r * dld + c),
@@ -346,16 +341,9 @@ template <bool TR>
 __device__ __forceinline__ void gd_ldmatrix4(unsigned* r, const void* p) {
   unsigned a;
   asm("{ .reg .u64 s; cvta.to.shared.u64 s, %1; cvt.u32.u64 %0, s; }" : "=r"(a) : "l"(p));
-  if (TR) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-  }
-}
+"""
+    + src.LDMATRIX4
+    + """}
 template <int KIND>
 __device__ __forceinline__ void gd_mma_m16n8k16(float* c, const unsigned* a, const unsigned* b) {
   if (KIND == 1) {

@@ -2585,11 +2585,58 @@ H3_BODY = """
     gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
   }
 """
+# ldmatrix .x4 (.trans where TR) of a warp into r[0..3] from the shared-window address a: the
+# body of the tile layers' three helpers (chunk_launch's gd_ldmatrix4, H3_TILES' gd_ldsm4,
+# prefill attention's at_ldmatrix4), which differ only in how they get a.
+LDMATRIX4 = """  if (TR) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+"""
+
+
+# The staged tile copies' loop (chunk_launch's gd_copy_tile, L32_TILES' gd_copy_tile_l32,
+# prefill attention's at_copy_tile): opens a thread's share of the tile's U 16-byte copies of V
+# elements (NT threads), copy e the row r (rs = min(r, rmax) read) and column c; each copy's
+# asm and the loop's closing brace are the caller's.
+COPY_TILE_LOOP = """#pragma unroll
+  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
+    const int e = tid + it * NT;
+    if (U % NT != 0 && e >= U) break;
+    const int r = e / (CL / V);
+    const int c = (e % (CL / V)) * V;
+    const int rs = r < rmax ? r : rmax;
+"""
+
+
+# gd_acc_load16 / gd_acc_store16's element-a-lane path: the lane's elements e of the C fragment's
+# halves h, (row i, column j) of the tile; `stmt` moves one (x.c[h][e] and p)
+def _tile16_lanes(stmt: str) -> str:
+    return f"""  const int g = (threadIdx.x & 31) >> 2;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {{
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {{
+      const int i = g + 8 * (e >> 1);
+      const int j = 8 * h + 2 * t + (e & 1);
+      {stmt}
+    }}
+  }}
+"""
+
+
 # gd_mma_rows (H3_BODY's header, CUDA): C_r += A B_r for r < R, B_r = B + r bo, K a multiple of
 # 16: gd_mma_staged's products tile for tile (the same arithmetic); where those take ldmatrix
 # (GD_MMA16, one 16-bit operand type) A's fragment of each step of 16 is loaded once for the R
 # tiles, and the step's R products (independent accumulators) are issued together.
-H3_TILES = """
+H3_TILES = (
+    """
 // The shared-window address of a threadgroup pointer; callers add their offsets in 32 bits.
 // CUDA 11+ (NVRTC too): the compiler's own conversion, which it folds into the addressing (an
 // asm cvta, as gd_ldmatrix4's, cost H3 17 instructions a chunk and 70 registers); else the asm.
@@ -2612,16 +2659,9 @@ __device__ __forceinline__ void gd_mma_rows_(gd_flag<false>, gd_acc* x, PA A, in
 // offsets added to them: no generic-to-shared conversion an instruction)
 template <bool TR>
 __device__ __forceinline__ void gd_ldsm4(unsigned* r, unsigned a) {
-  if (TR) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-  }
-}
+"""
+    + LDMATRIX4
+    + """}
 template <int MP, bool TA, bool TB, int R, typename PA, typename PB>
 __device__ __forceinline__ void gd_mma_rows_(gd_flag<true>, gd_acc* x, PA A, int lda, PB B,
                                              int ldb, int bo, int K) {
@@ -2685,18 +2725,9 @@ __device__ __forceinline__ void gd_acc_load16(gd_acc& x, const E* p, int ld) {
     return;
   }
 #endif
-  const int g = (threadIdx.x & 31) >> 2;
-  const int t = threadIdx.x & 3;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = g + 8 * (e >> 1);
-      const int j = 8 * h + 2 * t + (e & 1);
-      x.c[h][e] = static_cast<float>(TR ? p[j * ld + i] : p[i * ld + j]);
-    }
-  }
-}
+"""
+    + _tile16_lanes("x.c[h][e] = static_cast<float>(TR ? p[j * ld + i] : p[i * ld + j]);")
+    + """}
 template <bool TR, typename E>
 __device__ __forceinline__ void gd_acc_store16(const gd_acc& x, E* p, int ld) {
   constexpr int KIND = gd_kind16((const E*)nullptr);
@@ -2724,18 +2755,9 @@ __device__ __forceinline__ void gd_acc_store16(const gd_acc& x, E* p, int ld) {
     return;
   }
 #endif
-  const int g = (threadIdx.x & 31) >> 2;
-  const int t = threadIdx.x & 3;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = g + 8 * (e >> 1);
-      const int j = 8 * h + 2 * t + (e & 1);
-      (TR ? p[j * ld + i] : p[i * ld + j]) = static_cast<E>(x.c[h][e]);
-    }
-  }
-}
+"""
+    + _tile16_lanes("(TR ? p[j * ld + i] : p[i * ld + j]) = static_cast<E>(x.c[h][e]);")
+    + """}
 // One 16-byte cp.async (H3_BODY's ring) to byte `off` past the threadgroup-memory base s (its
 // conversion to a shared-window address is common to a chunk's copies) from g.
 __device__ __forceinline__ void gd_cp16(const void* s, unsigned off, const void* g) {
@@ -2743,6 +2765,7 @@ __device__ __forceinline__ void gd_cp16(const void* s, unsigned off, const void*
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(g));
 }
 """
+)
 
 
 def h3_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
@@ -2784,7 +2807,8 @@ H3_STAMPS = (
 # generic address per ldmatrix and per 16-byte copy (H3's first build spent ~600 of 1130
 # instructions a chunk on that). The same copies, ldmatrix and mma in the same order: the same
 # outputs bit for bit.
-L32_TILES = """
+L32_TILES = (
+    """
 template <int MP, bool TA, bool TB, typename PA, typename PB>
 __device__ __forceinline__ void gd_mma_staged_l32(gd_acc& x, PA A, int lda, PB B, int ldb, int K) {
   constexpr int KA = gd_kind16(PA(nullptr));
@@ -2798,14 +2822,9 @@ __device__ __forceinline__ void gd_copy_tile_l32(D dst, int dld, S src, size_t s
   static_assert(CL % V == 0, "gd_copy_tile: whole 16-byte copies a row");
   constexpr int U = R * CL / V;  // copies of the tile
   const unsigned d0 = gd_smem32(dst);
-#pragma unroll
-  for (int it = 0; it < (U + NT - 1) / NT; ++it) {
-    const int e = tid + it * NT;
-    if (U % NT != 0 && e >= U) break;
-    const int r = e / (CL / V);
-    const int c = (e % (CL / V)) * V;
-    const int rs = r < rmax ? r : rmax;
-    const int cs = c < cmax ? c : cmax - V;
+"""
+    + COPY_TILE_LOOP
+    + """    const int cs = c < cmax ? c : cmax - V;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
                      d0 + unsigned((r * dld + c) * int(sizeof(*dst)))),
                  "l"(src + rs * sld + cs));
@@ -2814,6 +2833,7 @@ __device__ __forceinline__ void gd_copy_tile_l32(D dst, int dld, S src, size_t s
 #define gd_mma_staged gd_mma_staged_l32
 #define gd_copy_tile gd_copy_tile_l32
 """
+)
 
 
 # ---------------------------------------------------------------------------------------------
