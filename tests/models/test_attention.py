@@ -181,6 +181,7 @@ def test_blocked_peak_does_not_depend_on_history(monkeypatch):
     # running updates once kept every block's weights alive: the peak grew with the keys.)
     monkeypatch.setattr(attn_lib, "BLOCK_BYTES", 256 << 10)
     monkeypatch.setattr(attn_lib, "KEY_ALIGN", 16)
+
     # Which buffers the running updates keep alive is the graph's doing, so this is measured on
     # the CPU, where a buffer is freed when its last user has run. On a GPU MLX frees them in
     # completion handlers, whose lag behind the next block is timing, not history: with groups
