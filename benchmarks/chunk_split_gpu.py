@@ -734,14 +734,7 @@ def ab6_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
             "out vx lb3": patched(base["out"], O2_VX=True, **OUT3),
             "fla chunk": base.get("fla chunk"),
         }
-        timers = {name: run for name, run in timers.items() if run is not None}
-        rows.append(_best_of_three(timers, T, hv))
-        best = rows[-1]["ms"]
-        if "fla chunk" in best:
-            ratios = {k: x / best["fla chunk"] for k, x in best.items() if k.startswith("split")}
-            print("    / fla chunk: " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
-        pred = PREDICTED_AB6.get(T, {})
-        print("  predicted: " + "  ".join(f"{k} {x:.2f}" for k, x in pred.items()), flush=True)
+        rows.append(_predicted_row(timers, T, hv, PREDICTED_AB6))
     return rows
 
 
@@ -1031,8 +1024,8 @@ def _best_of_three(timers: dict, T: int, hv: int) -> dict:
 
 
 def _predicted_row(timers: dict, T: int, hv: int, predicted: dict) -> dict:
-    """--ab7 / --ab8's row at T: `_best_of_three` of the timers (None ones left out), the split
-    rows over FLA's chunk kernel where it ran, and the predictions for T printed."""
+    """--ab6 / --ab7 / --ab8's row at T: `_best_of_three` of the timers (None ones left out),
+    the split rows over FLA's chunk kernel where it ran, and the predictions for T printed."""
     timers = {name: run for name, run in timers.items() if run is not None}
     row = _best_of_three(timers, T, hv)
     best = row["ms"]
