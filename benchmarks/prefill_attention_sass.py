@@ -43,7 +43,8 @@ MIX += ["FMNMX", "FSEL", "F2FP", "LDS", "STS", "IMAD", "LEA", "IADD3", "ISETP", 
 def compile_build(version, tiles, ring, tmp: Path, cuobjdump: str, D: int = 256):
     BK, DS, W = tiles
     body = prefill.source("cuda", False, True, version, ring)
-    params = [f"const __nv_bfloat16* {n}" for n in ("q", "k", "v")] + ["const float* scale"]
+    params = [f"const __nv_bfloat16* {n}" for n in ("q", "k", "v")]
+    params += ["const float* scale", "const int* kv_len"]
     params += [
         f"const __grid_constant__ Shape {n}_shape" for n in ("q", "k") if f"{n}_shape" in body
     ]

@@ -128,3 +128,42 @@ def test_rising_scores_on_the_gpu(version):
     o = prefill.prefill_attention(q, k, v, scale=1 / 16, mask="causal", version=version)
     got = np.asarray(o.astype(mx.float32), np.float64)
     check(got, reference(q, k, v, 1 / 16, None, True), v, mx.bfloat16, 8)
+
+
+@pytest.mark.parametrize("version", [None, 2, 1], ids=["default", "v2", "v1"])
+@pytest.mark.parametrize("kind", ["causal", "pad"])
+def test_kernel_reads_the_first_kv_len_keys_of_a_buffer(version, kind):
+    """k, v a KV cache's buffers (NaN past the filled keys) with kv_len: bit for bit the kernel
+    over the filled slice alone, and within the bound of float64."""
+    B, Hq, Hkv, T, S, SC, D = 2, 8, 2, 300, 1000, 1280, 256
+    q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=mx.bfloat16, seed=11)
+    nan = mx.full((B, Hkv, SC - S, D), float("nan"), mx.bfloat16)
+    kb, vb = mx.concatenate([k, nan], axis=2), mx.concatenate([v, nan], axis=2)
+    mask = "causal" if kind == "causal" else left_pad_mask(B, T, S, [0, 37], causal_too=True)
+    got = prefill.prefill_attention(q, kb, vb, scale=1 / 16, mask=mask, version=version, kv_len=S)
+    want = prefill.prefill_attention(q, k, v, scale=1 / 16, mask=mask, version=version)
+    assert mx.array_equal(got, want).item()
+    ref = reference(q, k, v, 1 / 16, None if kind == "causal" else mask, kind == "causal")
+    check(np.asarray(got.astype(mx.float32), np.float64), ref, v, mx.bfloat16, Hq)
+
+
+def test_model_attention_reads_the_cache_in_place(monkeypatch):
+    """Through a KVCache with room to spare (a reserved prompt), models.attention.attention
+    hands the kernel the cache's buffers and the filled length: the same output, bit for bit,
+    as with the filled slice (PREFILL_IN_PLACE off)."""
+    from qwen35_mlx.models.cache import KVCache, reserve
+
+    monkeypatch.setattr(model_attention, "PREFILL_KERNEL_MIN_T", 1)
+    q, k, v, _ = make_attention_inputs(1, 8, 2, 600, 1600, 256, dtype=mx.bfloat16, seed=5)
+    cache = KVCache()
+    cache.update_and_fetch(k[:, :, :1000], v[:, :, :1000])
+    reserve(cache, 2000)
+    ks, vs = cache.update_and_fetch(k[:, :, 1000:], v[:, :, 1000:])
+    assert cache.keys.shape[2] > ks.shape[2] == 1600
+    outs = {}
+    for in_place in (True, False):
+        monkeypatch.setattr(model_attention, "PREFILL_IN_PLACE", in_place)
+        outs[in_place] = model_attention.attention(q, ks, vs, cache, 1 / 16, "causal")
+    assert mx.array_equal(outs[True], outs[False]).item()
+    want = prefill.prefill_attention(q, k, v, scale=1 / 16, mask="causal")
+    assert mx.array_equal(outs[True], want).item()

@@ -89,8 +89,8 @@ def _runner(i, mask, causal, D, tiles, dtype, version, ring) -> str:
     BK, DS, W = tiles
     t = CTYPES[dtype]
     ring = _ring(tiles, version, ring)
-    names = ["q", "k", "v", "scale"] + (["mask"] if mask else [])
-    ctype = {"q": t, "k": t, "v": t, "scale": "float", "mask": "bool"}
+    names = ["q", "k", "v", "scale", "kv_len"] + (["mask"] if mask else [])
+    ctype = {"q": t, "k": t, "v": t, "scale": "float", "kv_len": "int", "mask": "bool"}
     params = [f"const {ctype[n]}* {n}" for n in names]
     params += ["const int* q_shape", "const int* k_shape"]
     params += ["const int* mask_shape"] if mask else []
@@ -112,11 +112,12 @@ void run_{i}(char** argv) {{
 {reads}
   const int B = std::stoi(argv[{j}]), Hq = std::stoi(argv[{j + 1}]);
   const int T = std::stoi(argv[{j + 2}]), Hkv = std::stoi(argv[{j + 3}]);
-  const int S = std::stoi(argv[{j + 4}]), Bm = std::stoi(argv[{j + 5}]);
+  const int SC = std::stoi(argv[{j + 4}]), Bm = std::stoi(argv[{j + 5}]);
   const int Tm = std::stoi(argv[{j + 6}]);
   const unsigned gx = std::stoi(argv[{j + 7}]);
   const char* out_path = argv[{j + 8}];
-  const int q_shape[4] = {{B, Hq, T, {D}}}, k_shape[4] = {{B, Hkv, S, {D}}};
+  const int S = *reinterpret_cast<const int*>(kv_len_v.data());
+  const int q_shape[4] = {{B, Hq, T, {D}}}, k_shape[4] = {{B, Hkv, SC, {D}}};
   const int mask_shape[4] = {{Bm, 1, Tm, S}};
   (void)mask_shape;
   std::vector<{t}> out(size_t(B) * Hq * T * {D}, {t}(NAN));
@@ -136,12 +137,14 @@ def program(tmp_path_factory) -> Path:
     return compile_emulated(text, tmp_path_factory.mktemp("prefill_attention"), timeout=1500)
 
 
-def run_emulated(program, tmp_path, inst, q, k, v, scale, mask=None) -> np.ndarray:
-    """The kernel on the emulator; out [B, Hq, T, D] as fp32."""
+def run_emulated(program, tmp_path, inst, q, k, v, scale, mask=None, kv_len=None) -> np.ndarray:
+    """The kernel on the emulator over the first `kv_len` keys of k, v (all if None); out
+    [B, Hq, T, D] as fp32."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     i = INSTANCES.index(inst)
     ins = dict(q=q, k=k, v=v, scale=mx.array([scale], mx.float32))
+    ins["kv_len"] = mx.array([S if kv_len is None else kv_len], mx.int32)
     if mask is not None:
         ins["mask"] = mask
     paths = [to_file(x, tmp_path / f"{n}.bin") for n, x in ins.items()]
@@ -249,6 +252,21 @@ def test_row_seeing_no_key_is_zero(idx, program, tmp_path):
     check(o, reference(q, k, v, 0.125, mask, True), v, mx.bfloat16, Hq)
 
 
+@pytest.mark.parametrize("idx", [12, 5, 3, 16, 17], ids=["v1", "v2", "v2-metal", "v3", "v3-metal"])
+def test_reads_the_first_kv_len_keys_of_a_buffer(idx, program, tmp_path):
+    """A KV cache's buffers read in place: k, v [B, Hkv, SC, D] whose keys past kv_len are NaN
+    give the output of the first kv_len keys alone (the mask, if any, has kv_len columns)."""
+    inst = INSTANCES[idx]
+    mask_kind, causal, D, _, dtype, *_ = inst
+    B, Hq, Hkv, T, S, SC = 2, 4, 2, 20, 37, 64
+    q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, D, dtype=dtype, seed=4)
+    nan = mx.full((B, Hkv, SC - S, D), float("nan"), dtype)
+    kb, vb = mx.concatenate([k, nan], axis=2), mx.concatenate([v, nan], axis=2)
+    mask = left_pad_mask(B, T, S, [0, 5], causal) if mask_kind else None
+    o = run_emulated(program, tmp_path, inst, q, kb, vb, D**-0.5, mask, kv_len=S)
+    check(o, reference(q, k, v, D**-0.5, mask, causal), v, dtype, Hq)
+
+
 def test_tolerance_can_fail(program, tmp_path):
     """The bound is tight enough to see a wrong key set: the kernel's causal output against a
     reference whose last query sees only the second half of the keys fails."""
@@ -295,7 +313,8 @@ def test_no_race_under_thread_sanitizer(idx, tmp_path):
     q, k, v, _ = make_attention_inputs(B, Hq, Hkv, T, S, 64, dtype=inst[4], seed=2)
     mask = left_pad_mask(B, T, S, [0, 5], inst[1]) if inst[0] else None
     paths = [to_file(x, tmp_path / f"{n}.bin") for n, x in
-             dict(q=q, k=k, v=v, scale=mx.array([0.125], mx.float32)).items()]  # fmt: skip
+             dict(q=q, k=k, v=v, scale=mx.array([0.125], mx.float32),
+                  kv_len=mx.array([S], mx.int32)).items()]  # fmt: skip
     paths += [to_file(mask, tmp_path / "mask.bin")] if mask is not None else []
     Bm, Tm = (mask.shape[0], mask.shape[2]) if mask is not None else (1, 1)
     gx = prefill.grid(B, Hq, Hkv, T, inst[3][2])[0]

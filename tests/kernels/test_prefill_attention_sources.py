@@ -36,6 +36,7 @@ def cuda_kernel(
         f"    const {t}* k",
         f"    const {t}* v",
         "    const float* scale",
+        "    const int* kv_len",
     ]
     params += ["    const bool* mask"] if mask else []
     params += [f"    const __grid_constant__ Shape {n}_shape" for n in ("q", "k", "mask")
@@ -87,7 +88,7 @@ def metal_unit(mask: bool, causal: bool, version: int) -> str:
     for attr in ("thread_position_in_threadgroup", "threadgroup_position_in_grid"):
         assert attr in body
     params = ["  const device IT* q", "  const device IT* k", "  const device IT* v"]
-    params += ["  const device float* scale"]
+    params += ["  const device float* scale", "  const device int* kv_len"]
     params += ["  const device bool* mask"] if mask else []
     params += [
         f"  const constant int* {n}_shape" for n in ("q", "k", "mask") if f"{n}_shape" in body

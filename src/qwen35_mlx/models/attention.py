@@ -68,6 +68,11 @@ PREFILL_KERNEL_MIN_T = 2048
 # shape, about the H200's 264 resident ones).
 PREFILL_KERNEL_MIN_S = 0
 PREFILL_KERNEL_MIN_T_AT_S = 2048
+# The prefill kernel reads a KVCache's / BatchKVCache's whole buffers and the filled length, not
+# the filled slice that `update_and_fetch` returns: a slice of a longer buffer is not contiguous,
+# and MLX copied it for the kernel at every step, keys and values, all the history (H200, session
+# 13: 256 MiB a layer at 128k, most of the peak's growth from 32k to 128k).
+PREFILL_IN_PLACE = True
 
 
 def has_fused_kernel(q: mx.array, k: mx.array, v: mx.array) -> bool:
@@ -191,7 +196,14 @@ def attention(
         and prefill_kernel_wants(q.shape[2], k.shape[2])
         and prefill_kernel_takes(q, k, v, mask)
     ):
-        return prefill_kernel.prefill_attention(q, k, v, scale=scale, mask=mask)
+        if PREFILL_IN_PLACE and type(cache) in (KVCache, BatchKVCache) and cache.keys is not None:
+            # k, v are the first k.shape[2] keys of these buffers (update_and_fetch's slice)
+            kv = (cache.keys, cache.values, k.shape[2])
+        else:
+            kv = (k, v, None)
+        return prefill_kernel.prefill_attention(
+            q, kv[0], kv[1], scale=scale, mask=mask, kv_len=kv[2]
+        )
     B, Hq, T, _ = q.shape
     if B * Hq * T * k.shape[2] * q.dtype.size <= PLAIN_BYTES:
         return _mlx_lm_sdpa(q, k, v, cache=cache, scale=scale, mask=mask)

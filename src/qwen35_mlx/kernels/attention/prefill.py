@@ -442,11 +442,14 @@ def prefill_attention(
     version: int | None = None,
     tiles_: tuple | None = None,
     ring_: int | None = None,
+    kv_len: int | None = None,
 ) -> mx.array:
     """softmax(q k^T * scale + mask) v by the kernel; q [B, Hq, T, D] the last T positions of
-    k, v [B, Hkv, S, D]; mask None, "causal" or bool [Bm, 1, Tm, S] (Bm 1 or B, Tm 1 or T;
-    True: attend). Returns [B, Hq, T, D] in q's dtype; a row that sees no key gives 0. The
-    caller checks `backend_name()` and `shape_supported` first. `version`: the body
+    the first S keys of k, v [B, Hkv, SC, D] (S = `kv_len`, SC if None: a KV cache's whole
+    buffers are read in place, where a slice of them would be copied to make it contiguous);
+    mask None, "causal" or bool [Bm, 1, Tm, S] (Bm 1 or B, Tm 1 or T; True: attend). Returns
+    [B, Hq, T, D] in q's dtype; a row that sees no key gives 0. The caller checks
+    `backend_name()` and `shape_supported` first. `version`: the body
     (prefill_source.VERSIONS), VERSION if None; `tiles_`: (BK, DS, W) in place of the version's
     and `ring_`: version 2 / 3's ring slots in place of `rings` (timings: BK a multiple of 16,
     DS one dividing D)."""
@@ -454,7 +457,9 @@ def prefill_attention(
     if backend is None or not shape_supported(q, k, v, backend):
         raise ValueError("prefill_attention: no GPU backend or an unsupported shape")
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv, S = k.shape[1], k.shape[2] if kv_len is None else kv_len
+    if not T <= S <= k.shape[2]:
+        raise ValueError(f"prefill_attention: kv_len {S} not in [T {T}, {k.shape[2]} keys]")
     if not mask_supported(mask, B, T, S):
         what = mask if isinstance(mask, str) else getattr(mask, "shape", type(mask).__name__)
         raise ValueError(
@@ -470,7 +475,8 @@ def prefill_attention(
     BK, DS, W = tiles_ or tiles(backend, version, arr is not None, D)
     if D % DS:
         raise ValueError(f"prefill_attention: D {D} not a multiple of DS {DS}")
-    inputs = [q, k, v, mx.array([scale], mx.float32)] + ([arr] if arr is not None else [])
+    inputs = [q, k, v, mx.array([scale], mx.float32), mx.array([S], mx.int32)]
+    inputs += [arr] if arr is not None else []
     gx, gy = grid(B, Hq, Hkv, T, W)
     return kernel(backend, arr is not None, causal, version, ring_)(
         inputs=inputs,

@@ -4,7 +4,8 @@ accumulator `gd_acc`, `gd_mma_staged` products of staged operands; tensor cores 
 simdgroup matrices on Metal). Text only: building and launching is `prefill.py`.
 
 softmax(q k^T * scale + mask) v for the last T positions of S keys (q [B, Hq, T, D], k, v
-[B, Hkv, S, D], the cache's layout; query token t is at position S - T + t), in one launch:
+[B, Hkv, SC, D], the cache's layout, of which the first S = kv_len[0] <= SC keys are read: a KV
+cache's buffers are read in place; query token t is at position S - T + t), in one launch:
 
 A threadgroup of W warps owns one (row b, kv head) and WG = gcd(G, W) of its G query heads
 times TQ = 16 W / WG query tokens; warp w owns 16 consecutive tokens of one query head (head
@@ -47,9 +48,10 @@ rounded once.
 
 Template arguments: D (a multiple of DS), BK (keys a block, a multiple of 16), DS (columns
 staged at a time, a multiple of 16), W (warps), MP (the tile layer's operand precision; bf16 /
-fp16 are exact at 1), OT (the input and output dtype). B, the head counts, T and S are read from
-the input shapes. Threadgroup memory (elements of gd_staged<OT>: OT on CUDA, float on Metal):
-(16 W + BK) (DS + 8) staged + 16 W (BK + 8) for P, plus 16 W (BK + 17) floats.
+fp16 are exact at 1), OT (the input and output dtype). B, the head counts, T and SC are read
+from the input shapes, S from kv_len. Threadgroup memory (elements of gd_staged<OT>: OT on
+CUDA, float on Metal): (16 W + BK) (DS + 8) staged + 16 W (BK + 8) for P, plus 16 W (BK + 17)
+floats.
 
 Helpers: the chunk tile layer and copies (gd_acc, gd_acc_zero, gd_acc_store, gd_mma_staged,
 gd_copy_tile / commit / wait, gd_barrier, GD_TG, GD_TG16, GD_TG_PTR, gd_staged), the base
@@ -65,7 +67,7 @@ on-chip memory, online softmax with rescaled accumulators.
 from __future__ import annotations
 
 NAME = "attn_prefill"
-INPUTS = ["q", "k", "v", "scale"]
+INPUTS = ["q", "k", "v", "scale", "kv_len"]
 OUTPUTS = ["out"]
 
 _DEFINES = """
@@ -126,7 +128,8 @@ _UNDEFS3 = """
 # The walk's set-up, shared by both bodies: shapes, this threadgroup's heads and tokens, the
 # keys it reads.
 _HEAD = """
-  // q: [B, Hq, T, D]; k, v: [B, Hkv, S, D]; scale: [1] fp32; mask: [Bm, 1, Tm, S] bool
+  // q: [B, Hq, T, D]; k, v: [B, Hkv, SC, D], the first S = kv_len[0] <= SC keys filled (a KV
+  // cache's buffers, read in place); scale: [1] fp32; mask: [Bm, 1, Tm, S] bool
   // out: [B, Hq, T, D]
   using ST = gd_staged<OT>;
   constexpr int NKT = BK / 16;  // score tiles a warp a block
@@ -139,7 +142,8 @@ _HEAD = """
   const int Hq = q_shape[1];
   const int T = q_shape[2];
   const int Hkv = k_shape[1];
-  const int S = k_shape[2];
+  const int S = kv_len[0];
+  const int SC = k_shape[2];  // a head's keys in the buffers: its rows' stride
   const int G = Hq / Hkv;
   int WG = W;  // gcd(G, W): query heads a threadgroup
   for (int a = G; a != 0;) {
@@ -189,7 +193,7 @@ _STATE = """  GD_TG16 ST ps[16 * W * PL];   // each warp's weights P
   }
 
   const size_t q0 = (size_t(b) * Hq + head) * T * D;
-  const size_t kv0 = size_t(bh) * S * D;
+  const size_t kv0 = size_t(bh) * SC * D;
   // the row this lane takes in the softmax, its token (clamped) and its half of the columns
   const int row = lane % 16;
   const int c0 = (lane / 16) * HALF;
@@ -488,7 +492,7 @@ _WALK3 = (
   constexpr int RN = AT_MAX(AT_RING * BK * QL, 16 * W * (QC + 8));
   GD_TG16 ST ring[RN];  // AT_RING staged key / value slices
   const size_t q0 = (size_t(b) * Hq + head) * T * D;
-  const size_t kv0 = size_t(bh) * S * D;
+  const size_t kv0 = size_t(bh) * SC * D;
   // the lane's two rows: r0 and r0 + 8 of the warp's 16 (at_el elements 0-3 and 4-7)
   const int r0 = at_row0(lane);
   const int tok0 = AT_MIN(t0 + r0, T - 1);
