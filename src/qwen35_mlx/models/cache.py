@@ -84,6 +84,12 @@ DEFAULT_HISTORY = 3
 # trimmed into (a verify pass of up to RECORD_LIMIT - 1 drafts); longer ones (prefill) do not.
 RECORD_LIMIT = 64
 
+# A trim into a verify pass (or of the whole of it) by the short path (`LinearCache.trim`), the
+# kept part's per-token states left as they are until a later trim takes one
+# (`_TokenStates.head`). False: the general walk, and every kept token's states taken apart at
+# the trim (views made, then mostly dropped), as before session 14: probe_verify.py's A/B.
+LEAN_TRIM = True
+
 # Attribute names of the VLM's per-conversation M-RoPE state on a cache object (vlm.py):
 # MROPE_SHIFT [B] int32: the next position of a row is (cache offset + shift); MROPE_PROMPT:
 # (cache length at the prompt's start, positions [3, B, T]) of the last multimodal prompt.
@@ -183,7 +189,7 @@ class LinearCache(ArraysCache):
         if n <= 0:
             return 0
         calls = self._calls
-        if calls and self.left_padding is None:
+        if LEAN_TRIM and calls and self.left_padding is None:
             # A speculative round's trim: into the last call (its recorded states), or the
             # whole of it. The general walk below does the same in more Python (a verify
             # pass's host time: 18 caches at 0.8B, after every rejected draft).
@@ -519,6 +525,8 @@ class _TokenStates:
         """The first `keep` tokens; `last`: the states after token keep - 1 (`at`)."""
         if self.final is None:
             return _TokenStates(self.states[:keep])
+        if not LEAN_TRIM:  # as before session 14: each kept token's states taken apart now
+            return _TokenStates([self.at(i) for i in range(keep)])
         return _TokenStates(self.states, last, keep)
 
 
