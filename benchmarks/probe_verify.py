@@ -273,7 +273,9 @@ def main(argv=None) -> dict:
         "kernel-large with the kernel's 'ahead' variant (rows_matmul.AHEAD 8, or the number); "
         "before, after: gemv with session 14's verify-pass switches all off / all on "
         "(layers.TOKEN_STATES_AS_ROWS, layers.VERIFY_HEADS_FIRST, cache.LEAN_TRIM); "
-        "after-stacked, after-heads, after-trim: all on but that one",
+        "after-stacked, after-heads, after-trim: all on but that one; a suffix +all: every "
+        "dense projection row-wise (the lm_head too: ROWS_GEMV True), +large: the few-rows "
+        "kernel where the gemv form is over the byte limit (the lm_head)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument(
@@ -291,27 +293,30 @@ def main(argv=None) -> dict:
 
     result["calls"] = {}
     for variant in args.variants.split(","):
-        if variant.split("-")[0] in ("before", "after"):
+        lean = variant.split("+")[0].split("-")[0] in ("before", "after")
+        if lean:
             # session 14's verify-pass switches (the gemv form): "before" all off, "after" all
             # on, "after-<switch>" all on but that one (stacked, heads, trim).
             layers_lib.ROWS_PREBUILT, layers_lib.ROWS_KERNEL, rows_kernel.AHEAD = True, False, 0
-            on = variant.startswith("after")
-            off = variant.split("-")[1:] if on else []
+            name, _, extra = variant.partition("+")  # +all: ROWS_GEMV True; +large: the kernel
+            on = name.startswith("after")
+            off = name.split("-")[1:] if on else []
             layers_lib.TOKEN_STATES_AS_ROWS = on and "stacked" not in off
             layers_lib.VERIFY_HEADS_FIRST = on and "heads" not in off
             cache_lib.LEAN_TRIM = on and "trim" not in off
-            set_variant(model, "auto")
+            set_variant(model, "all" if extra == "all" else "auto")
+            layers_lib.ROWS_KERNEL = "large" if extra == "large" else False
         else:
             layers_lib.TOKEN_STATES_AS_ROWS = layers_lib.VERIFY_HEADS_FIRST = True
             cache_lib.LEAN_TRIM = True
         base, _, ahead = variant.partition("-ahead")
         rows_kernel.AHEAD = int(ahead or 8) if "-ahead" in variant else 0
-        if variant.split("-")[0] not in ("before", "after"):
+        if not lean:
             layers_lib.ROWS_PREBUILT = variant != "auto-views"
             kernel = {"gemv": False, "auto-views": False, "kernel-large": "large"}.get(base, True)
             layers_lib.ROWS_KERNEL = kernel
         old_names = ("gemv", "auto-views", "kernel", "kernel-large")
-        if variant.split("-")[0] not in ("before", "after"):
+        if not lean:
             set_variant(model, "auto" if base in old_names else variant)
         if _GPU_LAYOUT:  # (set_variant's "auto" is CUDA's rule: off on the CPU)
             layers_lib.ROWS_GEMV = True
