@@ -91,7 +91,9 @@ def _feed(model, cache, tokens, calls):
 
 @pytest.mark.parametrize("rows", [True, False], ids=["rows", "stacked"])
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("calls, n", [([4], 1), ([4], 3), ([1, 3], 2), ([2, 2], 3), ([2], 1)])
+@pytest.mark.parametrize(
+    "calls, n", [([4], 1), ([4], 3), ([1, 3], 2), ([2, 2], 3), ([2], 1), ([2, 2], 2)]
+)
 def test_trim_into_the_stacked_token_states(packed, calls, n, batch, rows, monkeypatch):
     """A trim into a verify pass whose states came in the kernel's form (rows or stacked, one
     or two batch rows) gives the states of feeding only the kept tokens."""

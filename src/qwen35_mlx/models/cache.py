@@ -157,6 +157,34 @@ class LinearCache(ArraysCache):
         super().advance(N)
         self.note_advance(N)
 
+    def take_call(self, conv: mx.array, state: mx.array, T: int, states) -> None:
+        """After a compiled multi-token step of T tokens (text.py): its (conv, recurrent) states,
+        and the states after each token (`record_states`), counted (`note_advance`). The same
+        bookkeeping as those, with the T-token kernel's arrays in one pass of Python: a verify
+        pass adopts a cache a linear layer (18 at 0.8B), host time the one-token step has not."""
+        cache = self.cache
+        cache[0] = conv
+        cache[1] = state
+        if not (
+            1 < T <= RECORD_LIMIT
+            and self.history > 0
+            and self.lengths is None
+            and isinstance(states[0], mx.array)
+        ):
+            self.record_states(T, states)
+            self.note_advance(T)
+            return
+        self._pending = None
+        self._armed = True
+        calls, kept = self._calls, self._states
+        calls.append((T, _TokenStates(states, (conv, state), T)))
+        kept.append((conv, state))
+        if len(calls) > 1:
+            covered = sum(t for t, _ in calls)
+            while len(calls) > 1 and covered - calls[0][0] >= self.history:
+                covered -= calls.pop(0)[0]
+                kept.pop(0)
+
     def note_advance(self, N: int) -> None:
         """The states moved on by N tokens: by `advance`, or by the compiled decode step, which
         updates the left padding itself (text.py)."""
