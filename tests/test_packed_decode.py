@@ -3,8 +3,9 @@ token, fed by the fused in-projection through `gated_delta_decode_packed`) on th
 
 On the CPU the fp32 test models keep separate, transposed projections (`CPU_TRANSPOSED_WEIGHTS`),
 so the tests elsewhere never take this path; here the in-projections are fused as on a GPU, and
-the per-token states come back in the T-token kernel's stacked form ((state_tok, conv_tok)
-[T-1, ...]), so the CPU runs what a GPU's compiled decode and verify steps run, ops in place of
+the per-token states come back in the T-token kernel's form ((state_tok, conv_tok) as
+[(T-1) B, ...] rows, or stacked [T-1, B, ...]), so the CPU runs what a GPU's compiled decode and
+verify steps run, ops in place of
 the kernel: greedy tokens of the compiled step equal the plain path's, speculative decoding's
 equal greedy's, and a trim into a verify pass takes the right per-token state.
 """
@@ -36,7 +37,7 @@ def packed(monkeypatch):
     def kernel_form(*args, **kw):
         y, s, c, per = real(*args, **kw)
         seen.append(kw["tokens"])
-        if per is not None:
+        if isinstance(per, list):  # the ops' pairs (a GPU kernel's arrays pass as they are)
             assert len(per) == kw["tokens"]
             join = mx.stack if kw.get("stacked") else mx.concatenate
             per = (join([p[1] for p in per[:-1]]), join([p[0] for p in per[:-1]]))
