@@ -283,9 +283,10 @@ class GpuStandIns:
             if conv_state is None:
                 conv_state = mx.zeros((B, conv_w.shape[1] - 1, C), proj.dtype)
             outs = [mx.zeros((B * tokens, Hv * Dv), proj.dtype), state, conv_state]
-            if tokens > 1:
-                outs += [mx.zeros((tokens - 1, *state.shape), mx.float32)]
-                outs += [mx.zeros((tokens - 1, *conv_state.shape), proj.dtype)]
+            if tokens > 1:  # per-token states: [(T-1) B, ...] rows, or stacked [T-1, B, ...]
+                lead = (tokens - 1, B) if kw.get("stacked") else ((tokens - 1) * B,)
+                outs += [mx.zeros((*lead, *state.shape[1:]), mx.float32)]
+                outs += [mx.zeros((*lead, *conv_state.shape[1:]), proj.dtype)]
             deps = [proj, conv_w, A_log, dt_bias, norm_weight, kw.get("mask")]
             outs = si("gated_delta_decode (kernel)", outs, deps)
             return outs[0], outs[1], outs[2], (tuple(outs[3:]) if tokens > 1 else None)

@@ -36,6 +36,7 @@ import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's fir
 import mlx.core as mx
 
 from qwen35_mlx.kernels import rows_matmul as rows_kernel
+from qwen35_mlx.models import cache as cache_lib
 from qwen35_mlx.models import layers as layers_lib
 from qwen35_mlx.models.cache import set_history
 from qwen35_mlx.models.config import TextConfig
@@ -110,6 +111,31 @@ def _since(t0):
     return 1e3 * (c - t0[0]), 1e3 * (w - t0[1])
 
 
+_GPU_LAYOUT = False
+
+
+def gpu_layout() -> None:
+    """On the CPU, the verify pass in the GPU's form where the CPU allows it: fused decode
+    projections in their transposed layout, row-wise products (`ROWS_GEMV` True) and the packed
+    decode's per-token states in the kernel's form ([(T-1) B, ...] rows or stacked, as
+    `layers.TOKEN_STATES_AS_ROWS` asks), so that the Python around a verify pass (build, the
+    rollback) is the GPU's. The arithmetic stays the CPU's ops."""
+    global _GPU_LAYOUT
+    _GPU_LAYOUT = True
+    layers_lib.CPU_TRANSPOSED_WEIGHTS = False
+    layers_lib.ROWS_GEMV = True
+    real = layers_lib.gated_delta_decode_packed
+
+    def kernel_form(*args, **kw):
+        y, s, c, per = real(*args, **kw)
+        if per is not None:
+            join = mx.stack if kw.get("stacked") else mx.concatenate
+            per = (join([p[1] for p in per[:-1]]), join([p[0] for p in per[:-1]]))
+        return y, s, c, per
+
+    layers_lib.gated_delta_decode_packed = kernel_form
+
+
 def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: int) -> dict:
     vocab = model.config.vocab_size
     prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0))
@@ -134,6 +160,9 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
             out = model(toks, cache=cache, return_hidden=True)
             b = _since(t0)
             t0 = _clock()
+            if _GPU_LAYOUT:  # the kernel's per-token states are siblings of its y on a GPU
+                recs = [rec for c in cache for _, rec in getattr(c, "_calls", [])]
+                out = [out, [(r.states, r.final) for r in recs if getattr(r, "final", None)]]
             mx.eval(out)
             e = _since(t0)
             t0 = _clock()
@@ -241,12 +270,22 @@ def main(argv=None) -> dict:
         "broadcast weights (ROWS_KERNEL False, the form before session 9); auto-views: gemv "
         "with each row-wise product's views made in the step (layers.ROWS_PREBUILT False: the "
         "form before session 8); kernel-ahead, kernel-large-ahead (or -ahead4 etc.): kernel, "
-        "kernel-large with the kernel's 'ahead' variant (rows_matmul.AHEAD 8, or the number)",
+        "kernel-large with the kernel's 'ahead' variant (rows_matmul.AHEAD 8, or the number); "
+        "before, after: gemv with session 14's verify-pass switches all off / all on "
+        "(layers.TOKEN_STATES_AS_ROWS, layers.VERIFY_HEADS_FIRST, cache.LEAN_TRIM); "
+        "after-stacked, after-heads, after-trim: all on but that one; a suffix +all: every "
+        "dense projection row-wise (the lm_head too: ROWS_GEMV True), +large: the few-rows "
+        "kernel where the gemv form is over the byte limit (the lm_head)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
+    p.add_argument(
+        "--gpu-layout", action="store_true", help="on the CPU: the GPU's verify layout (gpu_layout)"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = p.parse_args(argv)
     Ts = [int(t) for t in args.tokens.split(",")]
+    if args.gpu_layout:
+        gpu_layout()
     model = build(args.model, args.dtype)
     result = {"model": args.model, "device": str(mx.default_device()), "mlx": mx.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
@@ -254,13 +293,33 @@ def main(argv=None) -> dict:
 
     result["calls"] = {}
     for variant in args.variants.split(","):
+        lean = variant.split("+")[0].split("-")[0] in ("before", "after")
+        if lean:
+            # session 14's verify-pass switches (the gemv form): "before" all off, "after" all
+            # on, "after-<switch>" all on but that one (stacked, heads, trim).
+            layers_lib.ROWS_PREBUILT, layers_lib.ROWS_KERNEL, rows_kernel.AHEAD = True, False, 0
+            name, _, extra = variant.partition("+")  # +all: ROWS_GEMV True; +large: the kernel
+            on = name.startswith("after")
+            off = name.split("-")[1:] if on else []
+            layers_lib.TOKEN_STATES_AS_ROWS = on and "stacked" not in off
+            layers_lib.VERIFY_HEADS_FIRST = on and "heads" not in off
+            cache_lib.LEAN_TRIM = on and "trim" not in off
+            set_variant(model, "all" if extra == "all" else "auto")
+            layers_lib.ROWS_KERNEL = "large" if extra == "large" else False
+        else:
+            layers_lib.TOKEN_STATES_AS_ROWS = layers_lib.VERIFY_HEADS_FIRST = True
+            cache_lib.LEAN_TRIM = True
         base, _, ahead = variant.partition("-ahead")
         rows_kernel.AHEAD = int(ahead or 8) if "-ahead" in variant else 0
-        layers_lib.ROWS_PREBUILT = variant != "auto-views"
-        kernel = {"gemv": False, "auto-views": False, "kernel-large": "large"}.get(base, True)
-        layers_lib.ROWS_KERNEL = kernel
+        if not lean:
+            layers_lib.ROWS_PREBUILT = variant != "auto-views"
+            kernel = {"gemv": False, "auto-views": False, "kernel-large": "large"}.get(base, True)
+            layers_lib.ROWS_KERNEL = kernel
         old_names = ("gemv", "auto-views", "kernel", "kernel-large")
-        set_variant(model, "auto" if base in old_names else variant)
+        if not lean:
+            set_variant(model, "auto" if base in old_names else variant)
+        if _GPU_LAYOUT:  # (set_variant's "auto" is CUDA's rule: off on the CPU)
+            layers_lib.ROWS_GEMV = True
         calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip

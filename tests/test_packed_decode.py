@@ -3,8 +3,9 @@ token, fed by the fused in-projection through `gated_delta_decode_packed`) on th
 
 On the CPU the fp32 test models keep separate, transposed projections (`CPU_TRANSPOSED_WEIGHTS`),
 so the tests elsewhere never take this path; here the in-projections are fused as on a GPU, and
-the per-token states come back in the T-token kernel's stacked form ((state_tok, conv_tok)
-[T-1, ...]), so the CPU runs what a GPU's compiled decode and verify steps run, ops in place of
+the per-token states come back in the T-token kernel's form ((state_tok, conv_tok) as
+[(T-1) B, ...] rows, or stacked [T-1, B, ...]), so the CPU runs what a GPU's compiled decode and
+verify steps run, ops in place of
 the kernel: greedy tokens of the compiled step equal the plain path's, speculative decoding's
 equal greedy's, and a trim into a verify pass takes the right per-token state.
 """
@@ -26,21 +27,23 @@ TWO_ATTN = ["full_attention", "linear_attention", "full_attention", "linear_atte
 
 @pytest.fixture
 def packed(monkeypatch):
-    """Fused in-projections on the CPU, and the packed decode's per-token states stacked as the
-    GPU kernel gives them; returns the T of each multi-token call seen."""
+    """Fused in-projections on the CPU, and the packed decode's per-token states in the
+    GPU kernel's form: [(T-1) B, ...] rows (`layers.TOKEN_STATES_AS_ROWS`), or stacked
+    [T-1, B, ...] where the caller asks; returns the T of each multi-token call seen."""
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     real = layers.gated_delta_decode_packed
     seen = []
 
-    def stacked(*args, **kw):
+    def kernel_form(*args, **kw):
         y, s, c, per = real(*args, **kw)
         seen.append(kw["tokens"])
-        if per is not None:
+        if isinstance(per, list):  # the ops' pairs (a GPU kernel's arrays pass as they are)
             assert len(per) == kw["tokens"]
-            per = (mx.stack([p[1] for p in per[:-1]]), mx.stack([p[0] for p in per[:-1]]))
+            join = mx.stack if kw.get("stacked") else mx.concatenate
+            per = (join([p[1] for p in per[:-1]]), join([p[0] for p in per[:-1]]))
         return y, s, c, per
 
-    monkeypatch.setattr(layers, "gated_delta_decode_packed", stacked)
+    monkeypatch.setattr(layers, "gated_delta_decode_packed", kernel_form)
     return seen
 
 
@@ -77,23 +80,32 @@ def test_speculative_same_tokens_as_greedy(packed, tok, kind, k, monkeypatch):  
 
 
 def _feed(model, cache, tokens, calls):
+    """tokens: one row's ids, or a list of rows (a batch)."""
+    rows = tokens if isinstance(tokens[0], list) else [tokens]
     out, i = None, 0
     for n in calls:
-        out = model(mx.array([tokens[i : i + n]]), cache=cache)
+        out = model(mx.array([r[i : i + n] for r in rows]), cache=cache)
         i += n
     mx.eval(out)
     return out
 
 
-@pytest.mark.parametrize("calls, n", [([4], 1), ([4], 3), ([1, 3], 2), ([2, 2], 3)])
-def test_trim_into_the_stacked_token_states(packed, calls, n):
-    """A trim into a verify pass whose states came stacked gives the states of feeding only
-    the kept tokens."""
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "stacked"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize(
+    "calls, n", [([4], 1), ([4], 3), ([1, 3], 2), ([2, 2], 3), ([2], 1), ([2, 2], 2)]
+)
+def test_trim_into_the_stacked_token_states(packed, calls, n, batch, rows, monkeypatch):
+    """A trim into a verify pass whose states came in the kernel's form (rows or stacked, one
+    or two batch rows) gives the states of feeding only the kept tokens."""
     from qwen35_mlx.models.cache import LinearCache
 
+    monkeypatch.setattr(layers, "TOKEN_STATES_AS_ROWS", rows)
     # vocab 384: PROMPT holds ids up to 300 (an id past the embedding reads outside it)
     model = make_text_model(make_text_config(layer_types=TWO_ATTN, vocab_size=384), seed=1)
     toks = PROMPT + [64, 33, 12, 90, 4, 71]
+    # batch 2: the second row the same tokens shifted by one id (rows differ, no padding)
+    toks = [toks, [t + 1 for t in toks]][:batch]
     fed = len(PROMPT) + sum(calls)
     trimmed = model.make_cache()
     _feed(model, trimmed, toks, [len(PROMPT), *calls])
@@ -104,30 +116,81 @@ def test_trim_into_the_stacked_token_states(packed, calls, n):
     for a, b in zip(trimmed, kept, strict=True):
         if isinstance(a, LinearCache):
             for x, y in zip(a.cache, b.cache, strict=True):
+                assert x.shape == y.shape
                 # (as test_cache_trim: the two feeds' matmuls differ in rows, so in the last bits)
                 assert rel_err(np.array(x), np.array(y)) < RTOL[mx.float32]
 
 
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "stacked"])
 @pytest.mark.parametrize("T, n", [(2, 1), (4, 1), (4, 3)])
-def test_trim_into_the_stacked_token_states_takes_views(packed, T, n):
-    """The state a trim picks from the stacked per-token states is a view of them (a Slice
-    and a Reshape), not a Gather: no copy, and only views for the next step's host to walk."""
+def test_trim_into_the_stacked_token_states_takes_views(packed, T, n, rows, monkeypatch):
+    """The state a trim picks from the per-token states is the kernel's output itself (rows,
+    T = 2: no op at all), or views of it (rows: a Slice; stacked: a Slice and a Reshape), never
+    a Gather: no copy, and nothing or only views for the next step's host to walk."""
     import io
     import re
 
     from qwen35_mlx.models.cache import LinearCache
 
+    monkeypatch.setattr(layers, "TOKEN_STATES_AS_ROWS", rows)
     model = make_text_model(make_text_config(layer_types=TWO_ATTN, vocab_size=384), seed=1)
     cache = model.make_cache()
     _feed(model, cache, PROMPT + [64, 33, 12, 90], [len(PROMPT), T])
     assert T in packed
     linear = [c for c in cache if isinstance(c, LinearCache)]
     # The recorded states evaluated, as the kernel's outputs are (here they are stacked ops).
-    mx.eval([getattr(rec, "states", []) for c in linear for _, rec in c._calls])
+    recorded = [getattr(rec, "states", []) for c in linear for _, rec in c._calls]
+    mx.eval(recorded)
     for c in cache:
         c.trim(n)
     states = [x for c in linear for x in c.cache]
+    if rows and T == 2:  # the recorded arrays themselves
+        ids = {id(x) for rec in recorded for x in rec}
+        assert all(id(x) in ids for x in states)
     buf = io.StringIO()
     mx.export_to_dot(buf, *states)
     kinds = set(re.findall(r'\[label ="([^"]+)", shape=rectangle\]', buf.getvalue()))
-    assert kinds == ({"Reshape"} if T == 2 else {"Slice", "Reshape"}), kinds
+    want = {"Slice"} if rows else {"Slice", "Reshape"}
+    assert kinds == (want - {"Slice"} if T == 2 else want), kinds
+
+
+@pytest.mark.parametrize("heads_first", [True, False])
+def test_verify_norms_take_heads_first(packed, heads_first, monkeypatch):
+    """The verify pass's q and k reach their RMSNorms as [B, heads, T, D] (so the norms' outputs
+    are row-contiguous in the layout rope and the attention kernel read: on CUDA the transposed
+    view after the norm cost a copy a layer), and the logits are those of the other order, bit
+    for bit (`layers.VERIFY_HEADS_FIRST`)."""
+    from mlx import nn
+
+    monkeypatch.setattr(layers, "VERIFY_HEADS_FIRST", heads_first)
+    model = make_text_model(make_text_config(layer_types=TWO_ATTN, vocab_size=384), seed=1)
+    attn = model.model.layers[0].self_attn
+    norms = {id(attn.q_norm): "q", id(attn.k_norm): "k"}
+    seen = {}
+    real = nn.RMSNorm.__call__
+
+    def record(self, x):
+        if id(self) in norms:
+            seen.setdefault(norms[id(self)], []).append(tuple(x.shape))
+        return real(self, x)
+
+    monkeypatch.setattr(nn.RMSNorm, "__call__", record)
+    T = 3
+    cache = model.make_cache()
+    _feed(model, cache, PROMPT, [len(PROMPT)])
+    seen.clear()  # the prompt's (plain path) calls; now the verify pass of T tokens, traced
+    out = model(mx.array([[64, 33, 12]]), cache=cache)
+    mx.eval(out)
+    assert T in packed
+    Hq, Hkv = attn.num_heads, attn.num_kv_heads
+    assert Hq != T and Hkv != T
+    want = {"q": (1, Hq, T, attn.head_dim), "k": (1, Hkv, T, attn.head_dim)}
+    if not heads_first:
+        want = {n: (s[0], s[2], s[1], s[3]) for n, s in want.items()}
+    assert {n: set(v) for n, v in seen.items()} == {n: {s} for n, s in want.items()}
+    monkeypatch.setattr(layers, "VERIFY_HEADS_FIRST", not heads_first)
+    other = make_text_model(make_text_config(layer_types=TWO_ATTN, vocab_size=384), seed=1)
+    c2 = other.make_cache()
+    _feed(other, c2, PROMPT, [len(PROMPT)])
+    out2 = other(mx.array([[64, 33, 12]]), cache=c2)
+    assert np.array_equal(np.array(out), np.array(out2))

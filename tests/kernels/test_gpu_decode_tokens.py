@@ -73,15 +73,25 @@ def masks(B, T):
     return mx.array(m)
 
 
-def kernel(x, T, mask, dims):
-    """The packed kernel (NaN-poisoned outputs): (y, [(conv, state) after each token])."""
+def kernel(x, T, mask, dims, stacked=False):
+    """The packed kernel (NaN-poisoned outputs): (y, [(conv, state) after each token]); the
+    per-token states as rows [(T-1) B, ...] (token t's: rows t B .. t B + B - 1), or stacked
+    [T-1, B, ...]."""
     args = [x[n] for n in NAMES[:-1]]
     out = _impl().gated_delta_decode_packed_kernel(
-        *args, mask, tokens=T, norm_w=x["norm_w"], norm_eps=1e-6, init_value=NAN
+        *args, mask, tokens=T, norm_w=x["norm_w"], norm_eps=1e-6, init_value=NAN, stacked=stacked
     )
     mx.eval(out)
     y, s, cs, tok = out
-    per = [] if tok is None else [(tok[1][t], tok[0][t]) for t in range(T - 1)]
+    B = s.shape[0]
+    per = []
+    if tok is not None and stacked:
+        assert tok[0].shape == (T - 1, *s.shape) and tok[1].shape == (T - 1, *cs.shape)
+        per = [(tok[1][t], tok[0][t]) for t in range(T - 1)]
+    elif tok is not None:
+        assert tok[0].shape == ((T - 1) * B, *s.shape[1:])
+        assert tok[1].shape == ((T - 1) * B, *cs.shape[1:])
+        per = [(tok[1][t * B : (t + 1) * B], tok[0][t * B : (t + 1) * B]) for t in range(T - 1)]
     return y, per + [(cs, s)]
 
 
@@ -189,3 +199,17 @@ def kernel_call(x, T, dims):
     return _impl().gated_delta_decode_packed_kernel(
         *args, None, tokens=T, norm_w=x["norm_w"], norm_eps=1e-6
     )
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_packed_token_states_rows_equal_stacked(T):
+    """The per-token states as rows (the default) and stacked: the same bits (one memory, two
+    shapes), at three batch rows."""
+    B, Hk, Hv, Dk, Dv = SHAPES[1]
+    x = inputs(B, T, Hk, Hv, Dk, Dv, mx.bfloat16, seed=7)
+    mask = masks(B, T)
+    _, rows = kernel(x, T, mask, (Hk, Dk, Hv, Dv))
+    _, stacked = kernel(x, T, mask, (Hk, Dk, Hv, Dv), stacked=True)
+    for (c1, s1), (c2, s2) in zip(rows, stacked, strict=True):
+        assert np.array_equal(np.array(s1), np.array(s2))
+        assert np.array_equal(np.array(c1.astype(mx.float32)), np.array(c2.astype(mx.float32)))

@@ -84,6 +84,12 @@ DEFAULT_HISTORY = 3
 # trimmed into (a verify pass of up to RECORD_LIMIT - 1 drafts); longer ones (prefill) do not.
 RECORD_LIMIT = 64
 
+# A trim into a verify pass (or of the whole of it) by the short path (`LinearCache.trim`), the
+# kept part's per-token states left as they are until a later trim takes one
+# (`_TokenStates.head`). False: the general walk, and every kept token's states taken apart at
+# the trim (views made, then mostly dropped), as before session 14: probe_verify.py's A/B.
+LEAN_TRIM = True
+
 # Attribute names of the VLM's per-conversation M-RoPE state on a cache object (vlm.py):
 # MROPE_SHIFT [B] int32: the next position of a row is (cache offset + shift); MROPE_PROMPT:
 # (cache length at the prompt's start, positions [3, B, T]) of the last multimodal prompt.
@@ -143,13 +149,41 @@ class LinearCache(ArraysCache):
         if not 1 < T <= RECORD_LIMIT:
             self._pending = None
         elif isinstance(states[0], mx.array):
-            self._pending = _TokenStates(states, final=tuple(self.cache))
+            self._pending = _TokenStates(states, final=tuple(self.cache), n=T)
         else:
             self._pending = _TokenStates(states)
 
     def advance(self, N: int) -> None:
         super().advance(N)
         self.note_advance(N)
+
+    def take_call(self, conv: mx.array, state: mx.array, T: int, states) -> None:
+        """After a compiled multi-token step of T tokens (text.py): its (conv, recurrent) states,
+        and the states after each token (`record_states`), counted (`note_advance`). The same
+        bookkeeping as those, with the T-token kernel's arrays in one pass of Python: a verify
+        pass adopts a cache a linear layer (18 at 0.8B), host time the one-token step has not."""
+        cache = self.cache
+        cache[0] = conv
+        cache[1] = state
+        if not (
+            1 < T <= RECORD_LIMIT
+            and self.history > 0
+            and self.lengths is None
+            and isinstance(states[0], mx.array)
+        ):
+            self.record_states(T, states)
+            self.note_advance(T)
+            return
+        self._pending = None
+        self._armed = True
+        calls, kept = self._calls, self._states
+        calls.append((T, _TokenStates(states, (conv, state), T)))
+        kept.append((conv, state))
+        if len(calls) > 1:
+            covered = sum(t for t, _ in calls)
+            while len(calls) > 1 and covered - calls[0][0] >= self.history:
+                covered -= calls.pop(0)[0]
+                kept.pop(0)
 
     def note_advance(self, N: int) -> None:
         """The states moved on by N tokens: by `advance`, or by the compiled decode step, which
@@ -182,6 +216,24 @@ class LinearCache(ArraysCache):
         self._armed = False
         if n <= 0:
             return 0
+        calls = self._calls
+        if LEAN_TRIM and calls and self.left_padding is None:
+            # A speculative round's trim: into the last call (its recorded states), or the
+            # whole of it. The general walk below does the same in more Python (a verify
+            # pass's host time: 18 caches at 0.8B, after every rejected draft).
+            t, inputs = calls[-1]
+            if n < t and inputs is not None:
+                keep = t - n
+                state = _rewind(inputs, keep, self._states[-2])
+                calls[-1] = (keep, _head(inputs, keep, state))
+                self._states[-1] = state
+                self.cache = list(state)
+                return n
+            if n == t:
+                calls.pop()
+                self._states.pop()
+                self.cache = list(self._states[-1])
+                return n
         # Check first, then change: an impossible trim leaves the cache as it was.
         remaining, i = n, len(self._calls)
         while remaining > 0 and i > 0:
@@ -210,7 +262,7 @@ class LinearCache(ArraysCache):
             else:
                 keep = t - remaining
                 state = _rewind(inputs, keep, self._states[-2])
-                self._calls[-1] = (keep, _head(inputs, keep))
+                self._calls[-1] = (keep, _head(inputs, keep, state))
                 self._states[-1] = state
                 self.cache = list(state)
                 remaining = 0
@@ -471,39 +523,54 @@ def set_history(cache: list, n: int) -> None:
 
 class _TokenStates:
     """A recorded call as the states after each of its tokens (`LinearCache.record_states`):
-    a list of (conv, recurrent) pairs, or (state_tok, conv_tok) [T-1, ...] arrays and the
-    `final` pair, sliced only when a trim takes one."""
+    a list of (conv, recurrent) pairs, or the T-token kernel's (state_tok, conv_tok) arrays
+    (rows [(T-1) B, ...], token t's at rows t B .. t B + B - 1, or stacked [T-1, B, ...]) with
+    the `final` pair, the states after the last of the `n` tokens it covers; the arrays are
+    taken apart only where a trim takes a state (`at`), and a trim that keeps part of the call
+    only lowers `n` (`head`)."""
 
-    def __init__(self, states, final: tuple | None = None):
+    __slots__ = ("states", "final", "n")
+
+    def __init__(self, states, final: tuple | None = None, n: int = 0):
         self.states, self.final = states, final
+        self.n = len(states) if final is None else n
 
     def at(self, i: int) -> tuple:
         """(conv state, recurrent state) after token i."""
         if self.final is None:
             return tuple(self.states[i])
-        state_tok, conv_tok = self.states
-        if i == state_tok.shape[0]:
+        if i == self.n - 1:
             return self.final
+        state_tok, conv_tok = self.states
+        rows = self.final[1].shape[0]
+        if state_tok.ndim == self.final[1].ndim:  # rows: token i's B rows (T = 2: all of them)
+            if state_tok.shape[0] == rows:
+                return conv_tok, state_tok
+            return conv_tok[i * rows : (i + 1) * rows], state_tok[i * rows : (i + 1) * rows]
         return _entry(conv_tok, i), _entry(state_tok, i)
 
-    def head(self, keep: int) -> _TokenStates:
+    def head(self, keep: int, last: tuple) -> _TokenStates:
+        """The first `keep` tokens; `last`: the states after token keep - 1 (`at`)."""
         if self.final is None:
             return _TokenStates(self.states[:keep])
-        return _TokenStates([self.at(i) for i in range(keep)])
+        if not LEAN_TRIM:  # as before session 14: each kept token's states taken apart now
+            return _TokenStates([self.at(i) for i in range(keep)])
+        return _TokenStates(self.states, last, keep)
 
 
 def _entry(x: mx.array, i: int) -> mx.array:
-    """x[i] as views (a Reshape, and a Slice when x has more than one entry): `x[i]` is a
-    Gather, a kernel copying the state, and each primitive costs the next step host time."""
+    """x[i] of a stacked [T-1, ...] array as views (a Reshape, and a Slice when x has more than
+    one entry): `x[i]` is a Gather, a kernel copying the state, and each primitive costs the
+    next step host time."""
     if x.shape[0] > 1:
         x = x[i : i + 1]
     return x.reshape(x.shape[1:])
 
 
-def _head(inputs: tuple | _TokenStates, keep: int) -> tuple | _TokenStates:
-    """A recorded call's inputs cut to its first `keep` tokens."""
+def _head(inputs: tuple | _TokenStates, keep: int, last: tuple) -> tuple | _TokenStates:
+    """A recorded call's inputs cut to its first `keep` tokens (last: the states after them)."""
     if isinstance(inputs, _TokenStates):
-        return inputs.head(keep)
+        return inputs.head(keep, last)
     conv_in, q, k, v, a, b, A_log, dt_bias, mask = inputs
     n_keep = conv_in.shape[1] - q.shape[1]
     cut = (x[:, :keep] for x in (q, k, v, a, b))

@@ -683,6 +683,16 @@ def _conv_kernel_call(qkv, conv_state, w, Hk, Dk, Hv, Dv, n_keep):
 _conv_qkv_decode = mx.compile(_conv_qkv)
 
 
+# The T-token decode kernel's states after each token but the last (a verify pass's, kept for a
+# rollback: `cache.LinearCache.record_states`) as [(T-1) B, ...] rows, token t's at rows t B ..
+# t B + B - 1: at T = 2 (one draft) they are states as they stand, so a trim into the pass takes
+# them with no op at all (before: a Reshape of the [T-1, B, ...] stack for each of the two, made
+# by the trim and walked by the next call's host), and from T = 3 one Slice each. The same
+# memory either way. True, or False (the stacked form: probe_verify.py's A/B). Read when the
+# verify step is traced.
+TOKEN_STATES_AS_ROWS = True
+
+
 class GatedDeltaNet(nn.Module):
     IN_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
     DECODE_GROUPS = (IN_PROJ, ("out_proj",), ("conv1d",))
@@ -867,6 +877,7 @@ class GatedDeltaNet(nn.Module):
             head_v_dim=self.head_v_dim,
             mask=mask,
             norm_eps=self.norm.eps,
+            stacked=not TOKEN_STATES_AS_ROWS,
         )
         return y, states
 
@@ -1005,6 +1016,16 @@ def apply_rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return mx.concatenate([out, x[..., R:]], axis=-1)
 
 
+# The verify pass's q and k (`Attention.steps`, T > 1 tokens a row) transposed to [B, heads, T,
+# D] before their RMSNorms, not after: the same values, but after the norm the transposed view
+# reached rope (which keeps its input's strides) and the decode attention kernel, which MLX's
+# CUDA custom kernels make row-contiguous first: one hidden copy a layer of the verify pass
+# that the one-token step (T = 1: every layout contiguous) never had. The norm's input is a
+# strided view of the split projection either way, which MLX's RMSNorm copies. True, or False
+# (the order before session 14: probe_verify.py's A/B). Read when the verify step is traced.
+VERIFY_HEADS_FIRST = True
+
+
 class Attention(nn.Module):
     DECODE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 
@@ -1113,8 +1134,16 @@ class Attention(nn.Module):
         q, k, v = qkv if qkv is not None else project(self, self.DECODE_GROUPS[0], x)
         q = q_gate = q.reshape(B, T, self.num_heads, -1)
         q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
-        q = self.q_norm(q).transpose(0, 2, 1, 3)
-        k = self.k_norm(k.reshape(B, T, self.num_kv_heads, D)).transpose(0, 2, 1, 3)
+        k = k.reshape(B, T, self.num_kv_heads, D)
+        if VERIFY_HEADS_FIRST:
+            # Heads first before the norms: their inputs are strided views either way (split
+            # columns: MLX's RMSNorm copies them), so their outputs come out row-contiguous in
+            # [B, heads, T, D], which rope keeps and the attention kernel reads in place.
+            q = self.q_norm(q.transpose(0, 2, 1, 3))
+            k = self.k_norm(k.transpose(0, 2, 1, 3))
+        else:
+            q = self.q_norm(q).transpose(0, 2, 1, 3)
+            k = self.k_norm(k).transpose(0, 2, 1, 3)
         v = v.reshape(B, T, self.num_kv_heads, D).transpose(0, 2, 1, 3)
         q, k = self._rotate(q, k, cache, rope)
         k, v = cache.update_and_fetch(k, v)

@@ -405,9 +405,12 @@ class TextModel(nn.Module):
         for i, (c, (keys, values)) in enumerate(zip(kv_caches, kv, strict=True)):
             cache_lib.advance(c, keys, values, offsets[i] if offsets else None, n=T)
         for i, (c, (conv, state), states) in enumerate(zip(lin_caches, lin, records, strict=True)):
-            c[0], c[1] = conv, state
             if paddings:
                 c.left_padding = paddings[i]
+            if isinstance(c, cache_lib.LinearCache):
+                c.take_call(conv, state, T, states)
+                continue
+            c[0], c[1] = conv, state
             if hasattr(c, "record_states"):
                 c.record_states(T, states)
             if hasattr(c, "note_advance"):

@@ -403,6 +403,7 @@ def gated_delta_decode_packed(
     mask: mx.array | None = None,
     norm_eps: float = 1e-6,
     backend: str = "auto",
+    stacked: bool = False,
 ) -> tuple[mx.array, mx.array, mx.array, tuple | list | None]:
     """`gated_delta_decode` with the gated norm for T = `tokens` (1..8) tokens a row, from the
     layer's fused in-projection.
@@ -417,10 +418,12 @@ def gated_delta_decode_packed(
     arithmetic and roundings), so T tokens in one call give what T calls give. Returns (y
     [B * T, Hv*Dv] in proj's dtype, normed; state and conv state after the last token; the
     states after the earlier tokens, for a rollback: None for T = 1, else either
-    (state_tok [T-1, B, Hv, Dv, Dk], conv_tok [T-1, B, K-1, C]) (the GPU kernel: one launch,
-    proj read in place, no split) or a list of T (conv state, state) pairs (the ops: on the
-    CPU or with backend "ref" all T tokens at once, decode.py `gated_delta_decode_tokens_ref`,
-    bit for bit T `gated_delta_decode` calls; else one call a token)).
+    (state_tok [(T-1) B, Hv, Dv, Dk], conv_tok [(T-1) B, K-1, C]) (the GPU kernel: one launch,
+    proj read in place, no split; token t's states are rows t B .. t B + B - 1, so at T = 2
+    they are states as they stand; `stacked`: [T-1, B, ...], the same memory) or a list of T
+    (conv state, state) pairs (the ops: on the CPU or with backend "ref" all T tokens at once,
+    decode.py `gated_delta_decode_tokens_ref`, bit for bit T `gated_delta_decode` calls; else
+    one call a token)).
     """
     Hk, Dk, Hv, Dv = dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
     C = 2 * Hk * Dk + Hv * Dv
@@ -449,8 +452,9 @@ def gated_delta_decode_packed(
                 args = (proj, conv_state, conv_w, A_log, dt_bias, state)
                 _validate_packed(*args, norm_weight, dims, B)
                 return impl.gated_delta_decode_packed_kernel(
-                    *args, mask, tokens=tokens, norm_w=norm_weight, norm_eps=norm_eps
-                )
+                    *args, mask, tokens=tokens, norm_w=norm_weight, norm_eps=norm_eps,
+                    stacked=stacked,
+                )  # fmt: skip
     # Ops (and anything the kernel does not take): the pieces, then one decode a token.
     from .decode import gated_rms_norm
 

@@ -144,10 +144,24 @@ def _norm_inputs(norm_w, norm_eps) -> list:
 
 
 def _launch_conv(
-    kernel, inputs, y_shape, dtype, conv_w, state, T, norm, lanes, warps, init_value, bound=False
+    kernel,
+    inputs,
+    y_shape,
+    dtype,
+    conv_w,
+    state,
+    T,
+    norm,
+    lanes,
+    warps,
+    init_value,
+    bound=False,
+    stacked=False,
 ):
     """One conv decode launch of T tokens a row: y (y_shape, laid out as [B, T, Hv, Dv]), state,
-    conv state, and for T > 1 the [T-1, ...] states after each token but the last."""
+    conv state, and for T > 1 the states after each token but the last: [T-1, B, ...] (stacked)
+    or the same memory as [(T-1) B, ...] rows (token t's are rows t B .. t B + B - 1; for T = 2
+    the shape of the state itself)."""
     B, Hv, Dv, Dk = state.shape
     C, K = conv_w.shape
     if norm:
@@ -156,7 +170,8 @@ def _launch_conv(
     shapes = [y_shape, (B, Hv, Dv, Dk), (B, K - 1, C)]
     dtypes = [dtype, mx.float32, dtype]
     if T > 1:
-        shapes += [(T - 1, B, Hv, Dv, Dk), (T - 1, B, K - 1, C)]
+        lead = (T - 1, B) if stacked else ((T - 1) * B,)
+        shapes += [(*lead, Hv, Dv, Dk), (*lead, K - 1, C)]
         dtypes += [mx.float32, dtype]
     template = [("Dk", Dk), ("L", L), ("P", 0), ("YT", dtype), ("K", K), ("W", W)]
     if bound:
@@ -198,13 +213,15 @@ def run_packed_decode(
     norm_w,
     norm_eps,
     init_value=None,
+    stacked=False,
 ):
     """The conv decode kernel over T = `tokens` tokens a row, reading the fused in-projection
     proj [B * T, C + Hv Dv + 2 Hv] (row b * T + t, columns [qkv | z | b | a]) in place, with
     the gated norm; mask [B, T] or None (shapes validated by the caller). Returns (y
     [B * T, Hv * Dv] in proj's dtype, state, conv state after the last token, and for T > 1
-    (state_tok [T-1, B, Hv, Dv, Dk], conv_tok [T-1, B, K-1, C]), the states after each earlier
-    token; None for T = 1)."""
+    (state_tok [(T-1) B, Hv, Dv, Dk], conv_tok [(T-1) B, K-1, C]), the states after each
+    earlier token t as rows t B .. t B + B - 1 (stacked: [T-1, B, ...], the same memory); None
+    for T = 1)."""
     inputs = [proj, conv_state, conv_w, A_log, dt_bias, state.astype(mx.float32)]
     inputs += _norm_inputs(norm_w, norm_eps)
     if mask is not None:
@@ -213,7 +230,7 @@ def run_packed_decode(
     B, Hv, Dv, _ = state.shape
     y_shape = (B * tokens, Hv * Dv)
     args = (kernel, inputs, y_shape, proj.dtype, conv_w, state, tokens, True, None, None)
-    out = _launch_conv(*args, init_value, bound=True)
+    out = _launch_conv(*args, init_value, bound=True, stacked=stacked)
     return out[0], out[1], out[2], (tuple(out[3:]) if tokens > 1 else None)
 
 
