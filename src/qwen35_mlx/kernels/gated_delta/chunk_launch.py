@@ -425,9 +425,15 @@ def state_mma_source(backend: str) -> str:
 
 
 def wy_source(
-    backend: str, fused: bool = False, ring: bool = False, v16: bool = False, vx: bool = False
+    backend: str,
+    fused: bool = False,
+    ring: bool = False,
+    v16: bool = False,
+    vx: bool = False,
+    p: bool = False,
 ) -> str:
-    return PROLOGUE[backend] + src.wy_body(fused, ring, v16, vx)
+    """The WY pass's text (chunk_source.wy_body); p: WY2_VX making FUSE_O's P too (WY_P)."""
+    return PROLOGUE[backend] + src.wy_body(fused, ring, v16, vx, p)
 
 
 def h_source(backend: str) -> str:
@@ -521,6 +527,7 @@ MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 3}
 _BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
 # Round 6's variants (WY2_VX, O2_VX; CUDA): bounded as the pass they vary.
 _BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2", "o2y": "o2", "o2p": "o2"}
+_BOUNDED_AS |= {"wy2xp": "wy2", "wy2xp_fused": "wy2"}  # round 9's WY_P
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -614,10 +621,12 @@ def _build(backend: str, which: str, smem: int = 0):
             body = source(backend)
         elif which.startswith("wy"):
             fused, ring = which.endswith("_fused"), which.startswith("wy2")
-            v16, vx = "2v" in which, "2x" in which
+            v16, vx, p = "2v" in which, "2x" in which, "2xp" in which
             name, ins, outs = src.wy_name(fused, ring), src.wy_inputs(fused), src.WY_OUTPUTS
             name += "_v16" if v16 else "_vx" if vx else ""
-            body = wy_source(backend, fused, ring, v16, vx)
+            if p:
+                name, ins, outs = name + "p", ins + src.WY2P_INPUTS_EXTRA, src.WY2P_OUTPUTS
+            body = wy_source(backend, fused, ring, v16, vx, p)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
@@ -736,7 +745,7 @@ H3_NB = 2
 LDSM32 = True
 _L32 = (
     "wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x", "o2y",
-    "o2p",
+    "o2p", "wy2xp", "wy2xp_fused",
 )  # fmt: skip
 # Round 8 (helper chunk8; CUDA, off by default until the H200 has checked and timed it:
 # benchmarks/chunk_split_gpu.py --ab8): the output pass's Y = q H[n]^T computed by the state pass
@@ -756,6 +765,13 @@ FUSE_O = True
 # Default since session 12 (H200, `--ab8`, bf16 Hv 32: 1.061 -> 0.873 ms at 8192, 3.844 -> 3.120
 # at 32768; 17 checks bit for bit the old default's outputs).
 H3O_EARLY = True
+# Round 9 (helper chunk9; CUDA, off by default until the H200 has checked and timed it:
+# benchmarks/chunk_split_gpu.py --ab9): FUSE_O's P = D o q k^T made by the WY pass
+# (chunk_source.wy2p_body: WY2_VX with q's slices staged beside k's, q k^T on the k k^T tiles,
+# P written with L's decays), so the P pass (O2P) and its launch go. Where FUSE_O applies and
+# the WY pass is WY2_VX (16-bit pieces); else FUSE_O's three passes. Same arithmetic: P bit for
+# bit O2P's, y and the state the defaults'.
+WY_P = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -865,12 +881,14 @@ def wy_pass(
     raw_gates=None,
     init_value=None,
     stamps: bool = False,
+    q=None,
 ):
     """WY_BODY (WY2_BODY where WY2 is set, Dv is a multiple of 8 and k, v share a dtype): W, Kw
     [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C, 4] fp32 (gamma, g,
     valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel
     (g, beta unused). stamps (CUDA, WY2_BODY only): the stamped build, its stamps [N * B*Hv,
-    STAMP_SLOTS] uint32 appended to the outputs."""
+    STAMP_SLOTS] uint32 appended to the outputs. q (where wy_p_applies; WY_P): the build that
+    also makes FUSE_O's P [B*Hv, N, C, C] in v's dtype, appended to the outputs."""
     B, T, _, Dk = k.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -879,8 +897,14 @@ def wy_pass(
     vx = ring and WY2_VX and backend == "cuda" and not stamps
     v16 = ring and WY2_V16 and backend == "cuda" and not stamps
     base = "wy2x" if vx else "wy2v" if v16 else "wy2" if ring else "wy"
+    if q is not None:
+        if stamps or not wy_p_applies(backend, q, k, v):
+            raise ValueError("gated_delta chunk kernel: P in the WY pass needs WY2_VX, 16-bit")
+        base = "wy2xp"
     mask, gates, which = _gate_inputs(base, g, beta, mask, raw_gates, B, T)
     extra_shapes, extra_dtypes = [], []
+    if q is not None:
+        extra_shapes, extra_dtypes = [(BH, N, C, C)], [v.dtype]
     if stamps:
         if not ring:
             raise ValueError("gated_delta chunk kernel: stamps need the WY2_BODY pass")
@@ -890,7 +914,7 @@ def wy_pass(
     ds, nb = WY2_TILES[(backend, pt.size)] if ring else (WY_SLICE, None)
     ds = min(ds, Dk)  # Dk 32 with slices of 64
     return _build(backend, which)(
-        inputs=[k, v, *gates, mask.astype(mx.bool_)],
+        inputs=[k, v, *gates, mask.astype(mx.bool_), *([] if q is None else [q])],
         template=[
             ("Dk", Dk),
             ("C", C),
@@ -912,6 +936,13 @@ def wy_pass(
         output_dtypes=[pt, pt, pt, mx.float32, *extra_dtypes],
         init_value=init_value,
     )
+
+
+def wy_p_applies(backend: str, q, k, v) -> bool:
+    """Whether the WY pass can make FUSE_O's P (wy2p_body: WY2_VX's ring, 16-bit pieces, q in
+    k's dtype)."""
+    ring = WY2 and v.shape[-1] % 8 == 0 and k.dtype == v.dtype
+    return ring and WY2_VX and backend == "cuda" and v.dtype.size == 2 and q.dtype == k.dtype
 
 
 def h_pass(
@@ -1192,6 +1223,13 @@ def split_chunk_kernel(
     T = q.shape[1]
     Hv = v.shape[2]
     iv = init_value
+    if WY_P and FUSE_O and wy_p_applies(backend, q, k, v):
+        nw = fuse_y_warps(backend, q, k, v, state)  # U is in v's dtype
+        if nw:
+            W, U, Kw, gates, P = wy_pass(
+                backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv, q=q
+            )
+            return h3o_pass(W, U, Kw, gates, state, q, P, nw, init_value=iv)
     W, U, Kw, gates = wy_pass(backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv)
     nw = fuse_y_warps(backend, q, k, U, state)
     if nw and U.dtype == v.dtype and FUSE_O:

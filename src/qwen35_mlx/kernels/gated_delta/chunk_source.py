@@ -814,11 +814,14 @@ def wy_name(fused: bool, ring: bool = False) -> str:
     return "gated_delta_chunk_wy" + ("2" if ring else "") + ("_fused" if fused else "")
 
 
-def wy_body(fused: bool, ring: bool = False, v16: bool = False, vx: bool = False) -> str:
-    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body(); vx: wy2_vx_body()); GD_FUSED 1 computes
-    the gates from a, b, A_log, dt_bias as PREP_BODY does."""
+def wy_body(
+    fused: bool, ring: bool = False, v16: bool = False, vx: bool = False, p: bool = False
+) -> str:
+    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body(); vx: wy2_vx_body(); p: wy2p_body());
+    GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as PREP_BODY does."""
     defs = f"\n#define GD_FUSED {int(fused)}\n"
     body = wy2_vx_body() if vx else wy2_v16_body() if v16 else WY2_BODY if ring else WY_BODY
+    body = wy2p_body() if p else body
     return defs + _DECAY_R_MACRO + body + "#undef GD_DECAY_R\n#undef GD_FUSED\n"
 
 
@@ -2144,11 +2147,15 @@ _DECAY_R1_MACRO = _DECAY_R_MACRO.replace("GD_DECAY_R(", "GD_DECAY_R1(").replace(
 assert _DECAY_R_MACRO.count(_DECAY_R1_LOOP) == 1
 
 
-def _lower_tiles_vx(acc: str, out: str, so: str, ot: str, keep: str, scale: str, zero=False):
+def _lower_tiles_vx(
+    acc: str, out: str, so: str, ot: str, keep: str, scale: str, zero=False, before="", then=""
+):
     """_decayed_lower_tiles made from the accumulators (round 6; CUDA's fragments: element (h, e)
     of lane 4 g + t of tile (tr, tc) is (16 tr + g + 8 (e / 2), 16 tc + 8 h + 2 t + e % 2)) and
     written straight to `out` (row stride so, type ot): no round trip through threadgroup floats,
-    no barrier. Tiles above the diagonal are written 0 where `zero`, else not at all."""
+    no barrier. Tiles above the diagonal are written 0 where `zero`, else not at all. `before`
+    (text at a lower tile's start) and `then` (after each element's store, dij still in scope):
+    round 9's second output from the same decays (empty: the text as before)."""
     upper = (
         f"""    }} else {{
       #pragma unroll
@@ -2168,7 +2175,7 @@ def _lower_tiles_vx(acc: str, out: str, so: str, ot: str, keep: str, scale: str,
     if (tc <= tr) {{
       const int ib = 16 * tr + (tid & 31) / 4;  // rows ib, ib + 8
       const int jb = 16 * tc + 2 * (tid & 3);   // columns jb + 8 h + {{0, 1}}
-      #pragma unroll
+{before}      #pragma unroll
       for (int h = 0; h < 2; ++h) {{
         #pragma unroll
         for (int e = 0; e < 4; ++e) {{
@@ -2179,7 +2186,7 @@ def _lower_tiles_vx(acc: str, out: str, so: str, ot: str, keep: str, scale: str,
           GD_DECAY_R1(dij, i, j, gj, rj);
           const bool keep = {keep};
           {out}[i * {so} + j] = static_cast<{ot}>(keep ? {scale} * {acc}[c].c[h][e] : 0.0f);
-        }}
+{then}        }}
       }}
 {upper}    }}
   }}
@@ -3212,3 +3219,105 @@ H3O_STAMPS = (
     ),
     ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 9 (helper chunk9, issue 9; CUDA, off by default: chunk_launch.WY_P): FUSE_O's P made by
+# the WY pass (WY2_VX), and the P pass (O2P) and its launch gone. The WY pass already has the
+# chunk's gates and k's slices staged for k k^T; q's slices join them: copied with each of the
+# first Dk / DS k slices (cp.async, the same commit groups) into a ring of NB stages in Ai's
+# space (Ai is not written before L: 15,360 of its 17,408 bytes at DS 32, NB 3, bf16), q k^T
+# made by the same warps' tiles beside k k^T (the call O2P makes, in the same slice and k
+# order: the same accumulators), a barrier before L takes Ai back, and P = D o q k^T written
+# from the accumulators in L's loop with L's decays (the same GD_DECAY_R1(dij) as O2P's; two
+# adjacent columns a 4-byte store). P equal to O2P's bit for bit, so H3O's y and state too.
+WY2P_INPUTS_EXTRA = ["q_in"]  # q [B, T, Hk, Dk] (the loop over ring slices is named q)
+WY2P_OUTPUTS = [*WY_OUTPUTS, "P"]
+# WY2_BODY's copy of a k slice in GD_WY2_COPY (two lines of the macro)
+_i = WY2_BODY.index("        gd_copy_tile<NT, C, DS>(st_, SQ, k + krow")
+_WY2P_K_COPY = WY2_BODY[_i : WY2_BODY.index("\n", WY2_BODY.index("DS);", _i)) + 1]
+_WY2P_SWAPS = (
+    (
+        _AI16,
+        _AI16
+        + """  // q's slices during k k^T: a ring of NB stages in Ai's space (free until L)
+  GD_TG_PTR PS* qring = (GD_TG_PTR PS*)Ai;
+  static_assert(NB * C * SQ * PSZ <= C * CP * 4 && PSZ == 2, "WY2P: q's ring in Ai's space");
+""",
+    ),
+    (
+        _WY2P_K_COPY,
+        _WY2P_K_COPY
+        + """\
+        if ((q_) < NSK) {                                                                    \\
+          gd_copy_tile<NT, C, DS>(qring + ((q_) % NB) * (C * SQ), SQ, q_in + krow + d0_,     \\
+                                  size_t(Hk) * Dk, T - 1 - t0, tid, DS);                     \\
+        }                                                                                    \\
+""",
+    ),
+    (
+        "  gd_acc_zero(kk[1]);\n",
+        "  gd_acc_zero(kk[1]);\n  gd_acc qk[2];  // q k^T\n  gd_acc_zero(qk[0]);\n"
+        "  gd_acc_zero(qk[1]);\n",
+    ),
+    (
+        _lower_tiles_mma("kk", "ks", "ks", "SQ"),
+        _lower_tiles_mma("kk", "ks", "ks", "SQ")
+        + "    GD_TG_PTR PS* qs = qring + (q % NB) * (C * SQ);\n"
+        + _lower_tiles_mma("qk", "qs", "ks", "SQ"),
+    ),
+    (
+        "  // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0\n",
+        """  gd_barrier();  // every warp done with q's slices: Ai is L's
+  // P [B * Hv, N, C, C] (P = D o q k^T, rows i, columns j <= i; tiles above the diagonal
+  // unwritten): made with L's decays
+  PT* Pg = P + (size_t(head) * N + n) * C * C;
+#ifdef __CUDA_ARCH__
+#define GD_ST2(p_, a_, b_)                                                      \\
+  {                                                                             \\
+    const PT a2_ = static_cast<PT>(a_);                                         \\
+    const PT b2_ = static_cast<PT>(b_);                                         \\
+    *reinterpret_cast<unsigned int*>(p_) =                                      \\
+        unsigned(*reinterpret_cast<const unsigned short*>(&a2_)) |              \\
+        (unsigned(*reinterpret_cast<const unsigned short*>(&b2_)) << 16);       \\
+  }
+#else
+#define GD_ST2(p_, a_, b_)                                                      \\
+  {                                                                             \\
+    const PT a2_ = static_cast<PT>(a_);                                         \\
+    const PT b2_ = static_cast<PT>(b_);                                         \\
+    const unsigned int u_ =                                                     \\
+        unsigned(*reinterpret_cast<const unsigned short*>(&a2_)) |              \\
+        (unsigned(*reinterpret_cast<const unsigned short*>(&b2_)) << 16);       \\
+    std::memcpy(p_, &u_, 4);                                                    \\
+  }
+#endif
+  // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0
+""",
+    ),
+)
+_WY2P_L = (
+    _WY2_L_KEEP,
+    "-bs[i] * dij",
+)
+_WY2P_BEFORE = "      float pe = 0.0f;  // P (i, j) of an even e, stored with (i, j + 1)\n"
+_WY2P_THEN = """\
+          const float po = j <= i && ok[i] != 0.0f && ok[j] != 0.0f ? dij * qk[c].c[h][e]
+                                                                    : 0.0f;
+          if (e % 2 == 0) {
+            pe = po;
+          } else {
+            GD_ST2(Pg + i * C + j - 1, pe, po);
+          }
+"""
+
+
+def wy2p_body() -> str:
+    """wy2_vx_body making FUSE_O's P as well (WY_P): q's slices staged beside k's, q k^T by the
+    k k^T tiles, P written with L."""
+    body = _swapped(wy2_vx_body(), _WY2P_SWAPS)
+    plain = _lower_tiles_vx("kk", "Ai", "CP", "float", *_WY2P_L, zero=True)
+    with_p = _lower_tiles_vx(
+        "kk", "Ai", "CP", "float", *_WY2P_L, zero=True, before=_WY2P_BEFORE, then=_WY2P_THEN
+    )
+    return _swapped(body, ((plain, with_p),)) + "#undef GD_ST2\n"
