@@ -355,3 +355,29 @@ def test_wy_p_compiles_for_sm90_without_spills(tmp_path):
         sp, rg, sm = by[f"wy1{fused}"]
         assert sp == 0 and rg <= 65536 // (256 * lb), log
         assert sm == by[f"wy0{fused}"][2], log
+
+
+def test_ab9_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  # noqa: F811
+    """chunk_split_gpu.py --ab9's checks and timings end to end on the recording factory (zeros
+    for every output): WY2P built (gates given and computed), every variant compared with the
+    default build, the WY pass checked alone, and the passes timed."""
+    import sys
+    from pathlib import Path
+
+    from tests.kernels.test_chunk_vx import _ZerosFused
+
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    sys.modules.pop("chunk_split_gpu", None)
+    import chunk_split_gpu as g
+
+    monkeypatch.setattr(g, "_gpu_backend", lambda backend: _ZerosFused())
+    rows = g.ab9_checks("cuda")
+    assert {r["check"] for r in rows} == {"split", "wy p pass", *g.AB9_VARIANTS}
+    assert all(r["ok"] for r in rows), rows
+    eq = [r["equal to default"] for r in rows if r["check"] in g.AB9_VARIANTS]
+    assert eq == [True] * 2 * len(g.AB9_VARIANTS)
+    built = {kw["name"] for kw in recorder.built}
+    assert cs.wy_name(True, True) + "_vxp_l32_lb3" in built
+    times = g.ab9_times("cuda", ts=(256,))
+    assert set(times[0]["ms"]) >= {"split", "split wyp", "wy", "wy p", "p fo", "state fo"}
