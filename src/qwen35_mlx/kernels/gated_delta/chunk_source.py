@@ -3321,3 +3321,86 @@ def wy2p_body() -> str:
         "kk", "Ai", "CP", "float", *_WY2P_L, zero=True, before=_WY2P_BEFORE, then=_WY2P_THEN
     )
     return _swapped(body, ((plain, with_p),)) + "#undef GD_ST2\n"
+
+
+# Round 9 (helper chunk9; CUDA, off by default: chunk_launch.H3O_PRODUCERS): H3O's copies issued
+# by warps of their own. Round 8's stamps (H200, 2026-12-03 04:07) put 1,431 of a chunk's ~4,520
+# cycles in issuing the next chunk's copies (~61 cp.async a thread with their 64-bit address
+# arithmetic), on the same warps as the chain: at two warps a threadgroup and one threadgroup an
+# SM, each warp is alone on its SM sub-partition, so every instruction's latency is the chain's.
+# Here the threadgroup has 2 NT threads: warps w < NW compute as before and issue no copies; the
+# NW producer warps (tid >= NT, copy thread ct = tid - NT: the same NT threads' share of each
+# copy as before) issue the ring's copies (the first NB - 1 chunks, then chunk n + NB - 1 after
+# chunk n's barrier) and go to the next chunk's barrier. The barrier protocol is the same (a
+# stage is refilled only after every compute warp has passed the barrier that ends its use), so
+# the same bytes reach the same products: y and the state bit for bit H3O's.
+_H3OP_SWAPS = (
+    (
+        "  const int kr = tid / (Dk / PAD);\n  const int kc = (tid % (Dk / PAD)) * PAD;\n"
+        "  const int ur = tid / (BV / PAD);\n  const int uc = (tid % (BV / PAD)) * PAD;\n",
+        "  const int ct = tid - NT;  // a producer warp's thread (tid >= NT): the copies' index\n"
+        "  const int kr = ct / (Dk / PAD);\n  const int kc = (ct % (Dk / PAD)) * PAD;\n"
+        "  const int ur = ct / (BV / PAD);\n  const int uc = (ct % (BV / PAD)) * PAD;\n",
+    ),
+    (
+        "      const PT* pg = P + (r0 + tid / (C / PAD)) * C + (tid % (C / PAD)) * PAD;\n",
+        "      const PT* pg = P + (r0 + ct / (C / PAD)) * C + (ct % (C / PAD)) * PAD;\n",
+    ),
+    (
+        "(3 * C * SP + C * UP + (tid / (C / PAD) + j * PR) * PP +\n"
+        "                             (tid % (C / PAD)) * PAD) * PSZ)",
+        "(3 * C * SP + C * UP + (ct / (C / PAD) + j * PR) * PP +\n"
+        "                             (ct % (C / PAD)) * PAD) * PSZ)",
+    ),
+    (
+        "      for (int i = tid; i < C; i += NT) gd_cp16(",
+        "      for (int i = ct; i < C; i += NT) gd_cp16(",
+    ),
+    (
+        """  #pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+    gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+  }
+""",
+        """  if (tid < NT) {
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) {
+      gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+      gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+    }
+  }
+""",
+    ),
+    (
+        "  for (int s = 0; s < NB - 1; ++s) copy(s);\n",
+        "  if (tid >= NT) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n  }\n",
+    ),
+    (
+        "    copy(n + NB - 1);\n",
+        "    if (tid >= NT) {  // a producer: chunk n + NB - 1's copies, then the next barrier\n"
+        "      copy(n + NB - 1);\n      continue;\n    }\n",
+    ),
+    (
+        """  gd_copy_wait<0>();
+  #pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+  }
+""",
+        """  gd_copy_wait<0>();
+  if (tid < NT) {
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) {
+      gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+    }
+  }
+""",
+    ),
+)
+
+
+def h3op_body(early: bool = True) -> str:
+    """h3o_body(early) with its copies issued by NW producer warps of their own (H3O_PRODUCERS:
+    the threadgroup has 2 NT threads)."""
+    return _swapped(h3o_body(early), _H3OP_SWAPS)
