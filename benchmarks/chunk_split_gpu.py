@@ -89,10 +89,11 @@ predictions; last, H3O stamped (one chunk's phases; its outputs must equal the p
 JSON to --out. Exit status 1 if a check fails.
 
 --ab9 (round 9, helper chunk9; < 2 minutes, CUDA): WY_P (chunk_launch.WY_P: FUSE_O's P = D o q
-k^T made by the WY pass, q's slices staged beside k's; the P pass goes). Checks at T 1000 / 2048
-(bf16, B 2 masked, raw gates): y and state equal to the default build's bit for bit and within
-bf16's tolerance of the fused kernel; at 2048 the WY pass alone (W, U, Kw, gates equal to
-WY2_VX's, P to O2P's). Then timings at T 8192 / 32768 beside FLA's chunk kernel with the
+k^T made by the WY pass, q's slices staged beside k's; the P pass goes) and H3O_PRODUCERS (the
+state pass's copies issued by producer warps of their own), apart and together. Checks at
+T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to the default build's bit for
+bit and within bf16's tolerance of the fused kernel; at 2048 the WY pass alone (W, U, Kw, gates
+equal to WY2_VX's, P to O2P's). Then timings at T 8192 / 32768 beside FLA's chunk kernel with the
 predictions. JSON to --out. Exit status 1 if a check fails.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
@@ -1005,18 +1006,23 @@ def ab8_h3o_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
 
 # --ab9 (round 9, helper chunk9): WY_P, FUSE_O's P = D o q k^T made by the WY pass (wy2p: q's
 # slices staged beside k's, q k^T on the k k^T tiles, P written with L's decays), so the P pass
-# goes. The same arithmetic: P, y and the state must equal the default's bit for bit.
+# goes; H3O_PRODUCERS, the state pass's copies issued by producer warps of their own (h3op). The
+# same arithmetic: P, y and the state must equal the default's bit for bit.
 AB9_VARIANTS = {
     "wyp": {"WY_P": True},
+    "prod": {"H3O_PRODUCERS": True},
+    "wyp prod": {"WY_P": True, "H3O_PRODUCERS": True},
 }
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 9"), H200, Hv 32, bf16; the
 # plain rows are the 2026-12-03 04:07 UTC --ab8 measurements of today's defaults ("split fo
 # early", "p fo", "state fo early"; "wy" = split - state - p there).
 PREDICTED_AB9 = {
-    8192: {"split": 0.873, "split wyp": 0.74, "wy": 0.296, "wy p": 0.34, "p fo": 0.18,
-           "state fo": 0.397, "fla chunk": 1.236},
-    32768: {"split": 3.120, "split wyp": 2.58, "wy": 1.044, "wy p": 1.20, "p fo": 0.694,
-            "state fo": 1.382, "fla chunk": 2.455},
+    8192: {"split": 0.873, "split wyp": 0.74, "split prod": 0.77, "split wyp prod": 0.63,
+           "wy": 0.296, "wy p": 0.34, "p fo": 0.18, "state fo": 0.397, "state fo prod": 0.29,
+           "fla chunk": 1.236},
+    32768: {"split": 3.120, "split wyp": 2.58, "split prod": 2.74, "split wyp prod": 2.20,
+            "wy": 1.044, "wy p": 1.20, "p fo": 0.694, "state fo": 1.382, "state fo prod": 1.00,
+            "fla chunk": 2.455},
 }  # fmt: skip
 
 
@@ -1068,8 +1074,8 @@ def ab9_checks(backend: str) -> list[dict]:
 
 def _ab9_timers(backend: str, shape: Shape, fla) -> dict:
     """--ab9's timers at shape (B 1, bf16): the split path default and with each AB9_VARIANTS
-    entry, the passes alone ("wy": WY2_VX, "wy p": WY2P, "p fo": O2P, "state fo": H3O), FLA's
-    chunk kernel."""
+    entry, the passes alone ("wy": WY2_VX, "wy p": WY2P, "p fo": O2P, "state fo": H3O, "state
+    fo prod": its producer-warp build), FLA's chunk kernel."""
     T, hv = shape.T, shape.Hv
     base = _timers(backend, shape, fla)
     q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
@@ -1082,6 +1088,7 @@ def _ab9_timers(backend: str, shape: Shape, fla) -> dict:
         "p fo": lambda s: (cl.o2p_pass(q, k, gts, T, hv, U.dtype), s),
         "state fo": lambda s: cl.h3o_pass(W, U, Kw, gts, s, q, P, cl.H3),
     }
+    passes["state fo prod"] = patched(passes["state fo"], H3O_PRODUCERS=True)
     return {
         "split": base["split"],
         **{f"split {n}": patched(base["split"], **sw) for n, sw in AB9_VARIANTS.items()},
@@ -1208,8 +1215,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--ab9",
         action="store_true",
-        help="< 2 min, CUDA: round 9's WY_P (FUSE_O's P made by the WY pass) checked bit for bit "
-        "against the default build, then timed at T 8192 / 32768 beside FLA",
+        help="< 2 min, CUDA: round 9's WY_P (FUSE_O's P made by the WY pass) and H3O_PRODUCERS "
+        "(the state pass's copies by warps of their own) checked bit for bit against the "
+        "default build, then timed at T 8192 / 32768 beside FLA",
     )
     args = p.parse_args(argv)
     backend = cl.available_backend()
@@ -1217,7 +1225,7 @@ def main(argv=None) -> int:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
     if args.ab9:
-        print("1. round 9's WY_P against the default build and the fused kernel", flush=True)
+        print("1. round 9's WY_P / H3O_PRODUCERS against the default and the fused kernel")
         checks = ab9_checks(backend)
         path, info = write_result(args.out, "ab9", backend, {"checks": checks, "times": []})
         print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
