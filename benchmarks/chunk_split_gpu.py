@@ -90,11 +90,11 @@ JSON to --out. Exit status 1 if a check fails.
 
 --ab9 (round 9, helper chunk9; < 2 minutes, CUDA): WY_P (chunk_launch.WY_P: FUSE_O's P = D o q
 k^T made by the WY pass, q's slices staged beside k's; the P pass goes) and H3O_PRODUCERS (the
-state pass's copies issued by producer warps of their own), apart and together. Checks at
-T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to the default build's bit for
-bit and within bf16's tolerance of the fused kernel; at 2048 the WY pass alone (W, U, Kw, gates
-equal to WY2_VX's, P to O2P's). Then timings at T 8192 / 32768 beside FLA's chunk kernel with the
-predictions. JSON to --out. Exit status 1 if a check fails.
+state pass's copies issued by producer warps of their own; "prody": y written by them too),
+apart and together. Checks at T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to
+the default build's bit for bit and within bf16's tolerance of the fused kernel; at 2048 the WY
+pass alone (W, U, Kw, gates equal to WY2_VX's, P to O2P's). Then timings at T 8192 / 32768
+beside FLA's chunk kernel with the predictions. JSON to --out. Exit status 1 if a check fails.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
@@ -1012,15 +1012,19 @@ AB9_VARIANTS = {
     "wyp": {"WY_P": True},
     "prod": {"H3O_PRODUCERS": True},
     "wyp prod": {"WY_P": True, "H3O_PRODUCERS": True},
+    "wyp prod nb3": {"WY_P": True, "H3O_PRODUCERS": True, "H3_NB": 3},
+    "wyp prody": {"WY_P": True, "H3O_PRODUCERS": 2},
 }
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 9"), H200, Hv 32, bf16; the
 # plain rows are the 2026-12-03 04:07 UTC --ab8 measurements of today's defaults ("split fo
 # early", "p fo", "state fo early"; "wy" = split - state - p there).
 PREDICTED_AB9 = {
     8192: {"split": 0.873, "split wyp": 0.74, "split prod": 0.77, "split wyp prod": 0.63,
+           "split wyp prod nb3": 0.62, "split wyp prody": 0.59, "state fo prody": 0.25,
            "wy": 0.296, "wy p": 0.34, "p fo": 0.18, "state fo": 0.397, "state fo prod": 0.29,
            "fla chunk": 1.236},
     32768: {"split": 3.120, "split wyp": 2.58, "split prod": 2.74, "split wyp prod": 2.20,
+            "split wyp prod nb3": 2.15, "split wyp prody": 2.05, "state fo prody": 0.85,
             "wy": 1.044, "wy p": 1.20, "p fo": 0.694, "state fo": 1.382, "state fo prod": 1.00,
             "fla chunk": 2.455},
 }  # fmt: skip
@@ -1075,7 +1079,8 @@ def ab9_checks(backend: str) -> list[dict]:
 def _ab9_timers(backend: str, shape: Shape, fla) -> dict:
     """--ab9's timers at shape (B 1, bf16): the split path default and with each AB9_VARIANTS
     entry, the passes alone ("wy": WY2_VX, "wy p": WY2P, "p fo": O2P, "state fo": H3O, "state
-    fo prod": its producer-warp build), FLA's chunk kernel."""
+    fo prod" / "prody": its producer-warp builds, the second writing y too), FLA's chunk
+    kernel."""
     T, hv = shape.T, shape.Hv
     base = _timers(backend, shape, fla)
     q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
@@ -1089,6 +1094,7 @@ def _ab9_timers(backend: str, shape: Shape, fla) -> dict:
         "state fo": lambda s: cl.h3o_pass(W, U, Kw, gts, s, q, P, cl.H3),
     }
     passes["state fo prod"] = patched(passes["state fo"], H3O_PRODUCERS=True)
+    passes["state fo prody"] = patched(passes["state fo"], H3O_PRODUCERS=2)
     return {
         "split": base["split"],
         **{f"split {n}": patched(base["split"], **sw) for n, sw in AB9_VARIANTS.items()},

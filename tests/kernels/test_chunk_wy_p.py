@@ -380,8 +380,9 @@ def test_ab9_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     built = {kw["name"] for kw in recorder.built}
     assert cs.wy_name(True, True) + "_vxp_l32_lb3" in built
     assert f"{cs.H3O_NAME}_eyp_{cs.h3o_smem(128, cl.H3, cl.H3_NB, 2)}" in built
+    assert f"{cs.H3O_NAME}_eypy_{cs.h3opy_smem(128, cl.H3, cl.H3_NB, 2)}" in built
     times = g.ab9_times("cuda", ts=(256,))
     assert set(times[0]["ms"]) >= {
         "split", "split wyp", "split prod", "split wyp prod", "wy", "wy p", "p fo", "state fo",
-        "state fo prod",
+        "state fo prod", "split wyp prody", "state fo prody",
     }  # fmt: skip

@@ -1,10 +1,10 @@
 """Round 9's WY_P and H3O_PRODUCERS on the GPU (CUDA only): FUSE_O's P made by the WY pass
-(chunk_source.wy2p_body) and the state pass's copies issued by producer warps (h3op_body), apart
-and together, against the default build on the same inputs (bf16, B 2 with left padding and a
-hole, T 1000: a partial last chunk; Hk 4, Hv 8; Dv 128 and 96; gates given and computed in the
-kernel): y and the state bit for bit; and the WY pass alone: W, U, Kw, the gates bit for bit
-WY2_VX's and P O2P's on the tiles both write (the lane emulator shows the same on the CPU:
-test_chunk_wy_p.py, test_chunk_h3o_producers.py)."""
+(chunk_source.wy2p_body) and the state pass's copies (and y: h3opy_body) issued by producer
+warps (h3op_body), apart and together, against the default build on the same inputs (bf16, B 2
+with left padding and a hole, T 1000: a partial last chunk; Hk 4, Hv 8; Dv 128 and 96; gates
+given and computed in the kernel): y and the state bit for bit; and the WY pass alone: W, U,
+Kw, the gates bit for bit WY2_VX's and P O2P's on the tiles both write (the lane emulator shows
+the same on the CPU: test_chunk_wy_p.py, test_chunk_h3o_producers.py)."""
 
 import mlx.core as mx
 import numpy as np
@@ -21,15 +21,24 @@ pytestmark = [
 C = cl.CHUNK
 
 
+MODES = {
+    "wyp": {"WY_P": True},
+    "prod": {"H3O_PRODUCERS": True},
+    "both": {"WY_P": True, "H3O_PRODUCERS": True},
+    "prody": {"H3O_PRODUCERS": 2},
+    "both_nb3": {"WY_P": True, "H3O_PRODUCERS": 2, "H3_NB": 3},
+}
+
+
 @pytest.mark.parametrize("Dv", [128, 96])
 @pytest.mark.parametrize("nw", [2, 4])
 @pytest.mark.parametrize("raw", [False, True], ids=["gates", "raw_gates"])
-@pytest.mark.parametrize(
-    "mode", [("WY_P",), ("H3O_PRODUCERS",), ("WY_P", "H3O_PRODUCERS")], ids=["wyp", "prod", "both"]
-)
+@pytest.mark.parametrize("mode", list(MODES))
 def test_wy_p_split_equals_default(monkeypatch, mode, nw, Dv, raw):
     """The split path with `mode`'s switches on (H3 = nw) gives the default build's y and state
     bit for bit (Dv 96 at 4 warps: FUSE_O does not apply, both take the default passes)."""
+    if MODES[mode].get("H3_NB") == 3 and nw == 4:
+        pytest.skip("a ring of three chunks at 4 warps needs 257 KB of shared memory")
     q, k, v, g, beta, state, mask = _inputs(nw * 5 + Dv + raw, Dv)
     monkeypatch.setattr(cl, "H3", nw)
     if raw:
@@ -45,8 +54,8 @@ def test_wy_p_split_equals_default(monkeypatch, mode, nw, Dv, raw):
 
     base = run()
     mx.eval(base)
-    for switch in mode:
-        monkeypatch.setattr(cl, switch, True)
+    for switch, value in MODES[mode].items():
+        monkeypatch.setattr(cl, switch, value)
     got = run()
     mx.eval(got)
     for name, a, b in zip(("y", "state"), got, base, strict=True):

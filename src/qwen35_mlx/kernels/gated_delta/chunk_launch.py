@@ -485,6 +485,11 @@ def h3op_source(backend: str) -> str:
     return PROLOGUE[backend] + src.h3op_body(True)
 
 
+def h3opy_source(backend: str) -> str:
+    """h3op_source with y written by the producer warps too (H3O_PRODUCERS = 2; CUDA)."""
+    return PROLOGUE[backend] + src.h3opy_body()
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -572,6 +577,7 @@ _PLAIN = {
         lambda b: h3o_source(b, True),
     ),
     "h3oep": (src.H3O_NAME + "_eyp", src.H3O_INPUTS, src.H3O_OUTPUTS, h3op_source),
+    "h3oepy": (src.H3O_NAME + "_eypy", src.H3O_INPUTS, src.H3O_OUTPUTS, h3opy_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
@@ -639,7 +645,7 @@ def _build(backend: str, which: str, smem: int = 0):
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
-        h3 = which in ("h3", "h3y", "h3o", "h3oe", "h3oep")
+        h3 = which in ("h3", "h3y", "h3o", "h3oe", "h3oep", "h3oepy")
         head = header(backend) + (src.H3_TILES if h3 else "")
         if l32:
             name, head = f"{name}_l32", head + src.H3_TILES + src.L32_TILES
@@ -783,8 +789,9 @@ WY_P = False
 # benchmarks/chunk_split_gpu.py --ab9): H3O (with H3O_EARLY) with its ring's copies issued by
 # H3 producer warps of their own (chunk_source.h3op_body; 2 x 32 H3 threads a threadgroup): the
 # ~1,400 of ~4,500 cycles a chunk that round 8's stamps put in issuing copies leave the chain.
-# Same bytes, same products: y and the state bit for bit.
-H3O_PRODUCERS = False
+# Same bytes, same products: y and the state bit for bit. 2: the producers also write y (y^T
+# staged by the computing warps in a double Yb, stored a chunk later: chunk_source.h3opy_body).
+H3O_PRODUCERS: bool | int = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -1200,11 +1207,14 @@ def h3o_pass(
         extra_shapes, extra_dtypes = [(B * Hv * (Dv // (16 * nw)), src.STAMP_SLOTS)], [mx.uint32]
     which = "h3o_stamped" if stamps else "h3oe" if H3O_EARLY else "h3o"
     launch = _h3_launch(Dk, nw, C, pt, B * Hv, Dv)
+    smem = src.h3o_smem(Dk, nw, H3_NB, pt.size, C)
     if which == "h3oe" and H3O_PRODUCERS:
         # the producer warps: twice the threads, the template's NT the computing ones
         which, nt = "h3oep", 64 * nw
         launch |= {"grid": (nt * B * Hv, *launch["grid"][1:]), "threadgroup": (nt, 1, 1)}
-    return _build("cuda", which, src.h3o_smem(Dk, nw, H3_NB, pt.size, C))(
+        if H3O_PRODUCERS == 2:
+            which, smem = "h3oepy", src.h3opy_smem(Dk, nw, H3_NB, pt.size, C)
+    return _build("cuda", which, smem)(
         inputs=[W, U, Kw, gates, state, q, P],
         **launch,
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk), *extra_shapes],

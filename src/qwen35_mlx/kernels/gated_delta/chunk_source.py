@@ -3404,3 +3404,72 @@ def h3op_body(early: bool = True) -> str:
     """h3o_body(early) with its copies issued by NW producer warps of their own (H3O_PRODUCERS:
     the threadgroup has 2 NT threads)."""
     return _swapped(h3o_body(early), _H3OP_SWAPS)
+
+
+# H3O_PRODUCERS = 2 (round 9; CUDA, off): the producers also write y. Round 8's stamps put ~600
+# cycles of H3O's chunk in "y stores" (y^T staged to Yb, then 16-byte global stores with their
+# 64-bit addresses). Here a computing warp only stages chunk n's y^T, into Yb's half n % 2 (Yb
+# doubled); after chunk n + 1's barrier (which the warp reaches only once Yb is complete)
+# producer warp p writes computing warp p's y of chunk n from it, behind its copies; the last
+# chunk's after a barrier past the loop. Half n % 2 is staged again in chunk n + 2, after the
+# barrier that the producers reach only once they have written it. Same values: y bit for bit.
+_H3OPY_STORES = """    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
+      const int t = n * C + e / 16;
+      if (t < T) {
+        *reinterpret_cast<gd_vh*>(y + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + vw + e % 16) =
+            *reinterpret_cast<const GD_TG_PTR gd_vh*>(Yb + (e / 16) * DBL + e % 16);
+      }
+    }
+"""
+_H3OPY_SWAPS = (
+    (
+        "  constexpr int WARP = 16 * SP + 2 * C * DBL;  // a warp's Sb, Db and y^T (Yb)\n",
+        "  constexpr int WARP = 16 * SP + 3 * C * DBL;  // a warp's Sb, Db and two y^T (Yb)\n",
+    ),
+    (
+        "    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb + 16 * r * DBL, DBL);\n"
+        "    __syncwarp();  // Yb complete\n" + _H3OPY_STORES,
+        """    for (int r = 0; r < RT; ++r) {
+      gd_acc_store16<true>(yt[r], Yb + ((n % 2) * C + 16 * r) * DBL, DBL);  // producers store it
+    }
+""",
+    ),
+    (
+        "  for (int n = 0; n < N; ++n) {\n",
+        """\
+  // a producer (tid >= NT): y of chunk nn from computing warp (tid - NT) / 32's Yb (half nn % 2)
+  auto ystore = [&](int nn) {
+    const int pw = (tid - NT) / 32;
+    const int vw = v0 + 16 * pw;
+    const GD_TG_PTR PS* Yb = sm + NB * STAGE + pw * WARP + 16 * SP + C * DBL + (nn % 2) * C * DBL;
+    const int n = nn;
+"""
+        + _H3OPY_STORES
+        + """  };
+  for (int n = 0; n < N; ++n) {
+""",
+    ),
+    (
+        "      copy(n + NB - 1);\n      continue;\n",
+        "      copy(n + NB - 1);\n      if (n > 0) ystore(n - 1);\n      continue;\n",
+    ),
+    (
+        "  gd_copy_wait<0>();\n  if (tid < NT) {\n",
+        """  gd_copy_wait<0>();
+  gd_barrier();  // the last chunk's Yb complete
+  if (tid >= NT && N > 0) ystore(N - 1);
+  if (tid < NT) {
+""",
+    ),
+)
+
+
+def h3opy_body() -> str:
+    """h3op_body (H3O_EARLY's order) with y written by the producer warps (H3O_PRODUCERS = 2)."""
+    return _swapped(h3op_body(True), _H3OPY_SWAPS)
+
+
+def h3opy_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
+    """Bytes of h3opy_body's threadgroup memory: H3O's and a second Yb a warp."""
+    return h3o_smem(Dk, nw, nb, itemsize, C) + nw * C * (16 + 16 // itemsize) * itemsize
