@@ -94,7 +94,9 @@ state pass's copies issued by producer warps of their own; "prody": y written by
 apart and together. Checks at T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to
 the default build's bit for bit and within bf16's tolerance of the fused kernel; at 2048 the WY
 pass alone (W, U, Kw, gates equal to WY2_VX's, P to O2P's). Then timings at T 8192 / 32768
-beside FLA's chunk kernel with the predictions. JSON to --out. Exit status 1 if a check fails.
+beside FLA's chunk kernel with the predictions; last, the producer builds stamped (one chunk's
+phases on a computing warp's clock; their outputs must equal the plain builds'). JSON to --out.
+Exit status 1 if a check fails.
 
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
@@ -1111,6 +1113,30 @@ def ab9_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
             for T in ts]  # fmt: skip
 
 
+def ab9_producer_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab9's last step: H3O's producer builds stamped (chunk_source.H3OP_STAMPS /
+    H3OPY_STAMPS: one sampled chunk a threadgroup, n = N / 2, a computing warp's clock) at each
+    T (B 1, bf16): y and the state against the plain producer build's (must be equal), then the
+    phases of the sampled chunk."""
+    from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+
+    rows = []
+    for T in ts:
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
+        W, U, Kw, gts = cl.wy_pass(
+            backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
+        )
+        P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
+        for level, anchors, label in ((1, cs.H3OP_STAMPS, "state fo prod"),
+                                      (2, cs.H3OPY_STAMPS, "state fo prody")):  # fmt: skip
+            h3o = patched(cl.h3o_pass, H3O_PRODUCERS=level)
+            plain = h3o(W, U, Kw, gts, state0, q, P, cl.H3)
+            stamped = partial(h3o, W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
+            row = _stamped_row(T, hv, plain, stamped, anchors, label, label, "wait .. y")
+            rows.append(row | {"check": label})
+    return rows
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -1238,7 +1264,15 @@ def main(argv=None) -> int:
         for T in (8192, 32768):  # the JSON rewritten after each length (a time limit keeps 8k)
             info["times"] += ab9_times(backend, ts=(T,))
             path.write_text(json.dumps(info, indent=1))
+        print("3. the producer builds' phases (stamped, one chunk a threadgroup)", flush=True)
+        try:
+            info["stamps"] = ab9_producer_stamps(backend)
+            path.write_text(json.dumps(info, indent=1))
+        except Exception as e:  # everything above is printed and written already
+            print(f"  producer stamps step failed: {str(e)[:500]}", flush=True)
+            info["stamps"] = []
         bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]]
+        bad += [f"{r['check']} stamped T={r['T']}" for r in info["stamps"] if r["same"] is False]
         print(f"ab9 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
         return 1 if bad else 0
     if args.ab8:

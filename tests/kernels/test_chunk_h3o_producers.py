@@ -171,8 +171,9 @@ def test_h3op_text_is_h3o_with_named_swaps():
 
 def test_host_launches_h3o_producers(recorder, monkeypatch):  # noqa: F811
     """H3O_PRODUCERS on: H3O's producer build (its own name, the same dynamic shared memory and
-    template, twice the threads a threadgroup and in the grid); off: H3O_EARLY's build; the
-    stamped build stays the plain one."""
+    template, twice the threads a threadgroup and in the grid); off: H3O_EARLY's build; 2: the
+    build whose producers write y (a second Yb a warp); stamped: the producer builds with
+    H3OP_STAMPS / H3OPY_STAMPS."""
     B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
     q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
     v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
@@ -202,8 +203,19 @@ def test_host_launches_h3o_producers(recorder, monkeypatch):  # noqa: F811
     assert py["threadgroup"] == (128, 1, 1) and py["template"] == plain["template"]
     kw = {b["name"]: b for b in recorder.built}[yname]
     assert kw["source"] == cl.h3opy_source("cuda") and kw["shared_memory"] == smem_y
+    *_, st = cl.h3o_pass(W, U, Kw, gates, state, q, P, 2, stamps=True)
+    sname, sc = recorder.calls[-1]
+    assert sname == f"{cs.H3O_NAME}_eypy_{smem_y}_stamped" and sc["threadgroup"] == (128, 1, 1)
+    assert st.shape == (B * Hv * Dv // 32, cs.STAMP_SLOTS)
+    kw = {b["name"]: b for b in recorder.built}[sname]
+    assert cs.unstamped(kw["source"]) == cl.h3opy_source("cuda") and "gd_mma_rows" in kw["header"]
+    monkeypatch.setattr(cl, "H3O_PRODUCERS", True)
     cl.h3o_pass(W, U, Kw, gates, state, q, P, 2, stamps=True)
-    assert recorder.calls[-1][0].endswith("_stamped")
+    kw = {b["name"]: b for b in recorder.built}[recorder.calls[-1][0]]
+    assert kw["name"] == f"{cs.H3O_NAME}_eyp_{smem}_stamped"
+    assert cs.unstamped(kw["source"]) == cl.h3op_source("cuda")
+    got = sorted(int(x) for x in re.findall(r"GD_STAMP\((\d+)\)", kw["source"]))
+    assert got == list(range(3, 4 + len(cs.H3OP_STAMPS)))
 
 
 @pytest.mark.slow  # ~1-2 min: ThreadSanitizer build
@@ -222,8 +234,9 @@ def test_h3o_producers_have_no_race_under_thread_sanitizer(tmp_path):
 @pytest.mark.slow  # ~20 s
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 def test_h3o_producers_compile_for_sm90_without_spills(tmp_path):
-    """The producer build at 2 and 4 computing warps (bf16, Dk 128, H3's header): no spill, at
-    most 255 registers (at 2 NT threads a threadgroup: 64 K registers hold it)."""
+    """The producer builds (copies; copies and y) at 2 and 4 computing warps and their stamped
+    builds at 2 (bf16, Dk 128, H3's header): no spill, at most 255 registers (at 2 NT threads a
+    threadgroup: 64 K registers hold it)."""
     pt, sh = CTYPES["bf16"], "const __grid_constant__ Shape"
     params = [f"const {pt}* W", f"const {pt}* U", f"{sh} U_shape", f"const {pt}* Kw",
               "const float* gates", "const float* state_in", f"const {pt}* q", f"{sh} q_shape",
@@ -236,6 +249,12 @@ def test_h3o_producers_compile_for_sm90_without_spills(tmp_path):
         text += f"__global__ void h3opy{nw}(" + ", ".join(params) + ") {\n"
         text += f"  constexpr int Dk = 128, BV = {16 * nw}, C = 64, NT = {32 * nw}, NB = 2, "
         text += f"MP = 1;\n  using PT = {pt};\n" + cl.h3opy_source("cuda") + "\n}\n"
+    # the stamped builds --ab9 runs (2 warps)
+    for name, body, anchors in (("h3ops", cl.h3op_source("cuda"), cs.H3OP_STAMPS),
+                                ("h3opys", cl.h3opy_source("cuda"), cs.H3OPY_STAMPS)):  # fmt: skip
+        text += f"__global__ void {name}(" + ", ".join([*params, "uint32_t* stamps"]) + ") {\n"
+        text += "  constexpr int Dk = 128, BV = 32, C = 64, NT = 64, NB = 2, MP = 1;\n"
+        text += f"  using PT = {pt};\n" + cs.stamped(body, anchors) + "\n}\n"
     path = tmp_path / "h3op.cu"
     path.write_text(text)
     out = subprocess.run(
@@ -246,4 +265,4 @@ def test_h3o_producers_compile_for_sm90_without_spills(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", out.stderr)]
-    assert spills == ["0"] * 4 and len(regs) == 4 and max(regs) <= 255, out.stderr
+    assert spills == ["0"] * 6 and len(regs) == 6 and max(regs) <= 255, out.stderr

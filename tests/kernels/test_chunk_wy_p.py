@@ -360,7 +360,7 @@ def test_wy_p_compiles_for_sm90_without_spills(tmp_path):
 def test_ab9_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  # noqa: F811
     """chunk_split_gpu.py --ab9's checks and timings end to end on the recording factory (zeros
     for every output): WY2P built (gates given and computed), every variant compared with the
-    default build, the WY pass checked alone, and the passes timed."""
+    default build, the WY pass checked alone, the passes timed, the producer builds stamped."""
     import sys
     from pathlib import Path
 
@@ -386,3 +386,11 @@ def test_ab9_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
         "split", "split wyp", "split prod", "split wyp prod", "wy", "wy p", "p fo", "state fo",
         "state fo prod", "split wyp prody", "state fo prody",
     }  # fmt: skip
+    stamps = g.ab9_producer_stamps("cuda", ts=(256,))
+    assert [r["check"] for r in stamps] == ["state fo prod", "state fo prody"]
+    assert all(r["same"] for r in stamps), stamps
+    built = {kw["name"] for kw in recorder.built}
+    assert {n for n in built if n.endswith("_stamped")} >= {
+        f"{cs.H3O_NAME}_eyp_{cs.h3o_smem(128, cl.H3, cl.H3_NB, 2)}_stamped",
+        f"{cs.H3O_NAME}_eypy_{cs.h3opy_smem(128, cl.H3, cl.H3_NB, 2)}_stamped",
+    }

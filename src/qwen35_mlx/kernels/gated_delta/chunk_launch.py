@@ -613,7 +613,7 @@ def _build(backend: str, which: str, smem: int = 0):
                 input_names=ins,
                 output_names=[*outs, src.STAMP_OUTPUT],
                 source=src.stamped(body, anchors),
-                header=head + (src.H3_TILES if which in ("h3_stamped", "h3o_stamped") else ""),
+                header=head + (src.H3_TILES if which.startswith("h3") else ""),
                 **extra,
             )
         return _kernels[key]
@@ -697,6 +697,15 @@ _STAMPED = {
     # round 8: H3O (FUSE_O's state pass), one sampled chunk a threadgroup (H3O_STAMPS)
     "h3o_stamped": lambda: (
         src.H3O_NAME, src.H3O_INPUTS, src.H3O_OUTPUTS, h3o_source("cuda"), src.H3O_STAMPS,
+    ),
+    # round 9: H3O_PRODUCERS' builds (H3O_EARLY's order), one sampled chunk (H3OP_STAMPS)
+    "h3oep_stamped": lambda: (
+        src.H3O_NAME + "_eyp", src.H3O_INPUTS, src.H3O_OUTPUTS, h3op_source("cuda"),
+        src.H3OP_STAMPS,
+    ),
+    "h3oepy_stamped": lambda: (
+        src.H3O_NAME + "_eypy", src.H3O_INPUTS, src.H3O_OUTPUTS, h3opy_source("cuda"),
+        src.H3OPY_STAMPS,
     ),
 }  # fmt: skip
 
@@ -1208,12 +1217,14 @@ def h3o_pass(
     which = "h3o_stamped" if stamps else "h3oe" if H3O_EARLY else "h3o"
     launch = _h3_launch(Dk, nw, C, pt, B * Hv, Dv)
     smem = src.h3o_smem(Dk, nw, H3_NB, pt.size, C)
-    if which == "h3oe" and H3O_PRODUCERS:
-        # the producer warps: twice the threads, the template's NT the computing ones
+    if which != "h3o" and H3O_PRODUCERS:
+        # the producer warps (H3O_EARLY's order; stamped too): twice the threads, the
+        # template's NT the computing ones
         which, nt = "h3oep", 64 * nw
         launch |= {"grid": (nt * B * Hv, *launch["grid"][1:]), "threadgroup": (nt, 1, 1)}
         if H3O_PRODUCERS == 2:
             which, smem = "h3oepy", src.h3opy_smem(Dk, nw, H3_NB, pt.size, C)
+        which += "_stamped" if stamps else ""
     return _build("cuda", which, smem)(
         inputs=[W, U, Kw, gates, state, q, P],
         **launch,

@@ -3473,3 +3473,38 @@ def h3opy_body() -> str:
 def h3opy_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
     """Bytes of h3opy_body's threadgroup memory: H3O's and a second Yb a warp."""
     return h3o_smem(Dk, nw, nb, itemsize, C) + nw * C * (16 + 16 // itemsize) * itemsize
+
+
+# The producer builds stamped (round 9): one sampled chunk n = N / 2 of every threadgroup, warp
+# 0's clock (a computing warp), in H3O_EARLY's order (Y^T behind Xw^T); "producers' branch" is
+# the computing warps' test of tid >= NT, where H3O_STAMPS has "copies issued".
+H3OP_STAMPS = (
+    ("chunks before", "  if (tid >= NT) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n"),
+    ("wait, barrier", "    gd_copy_wait<NB - 2>();\n", _H3_AT),
+    ("producers' branch", "    if (tid >= NT) {  // a producer", _H3_AT),
+    ("Xw^T", "    gd_mma_rows<MP, false, true, RT>(xt,", _H3_AT),
+    ("Y^T", "    // Y^T = S q^T", _H3_AT),
+    ("delta", "    // delta^T = U^T - Xw^T", _H3_AT),
+    ("update", "    // S = decay S + delta^T Kw\n", _H3_AT),
+    ("Y decay", "    // y^T's columns are the chunk's rows t", _H3_AT),
+    ("P^T", "    // y^T += delta^T P^T", _H3_AT),
+    ("Sb", _H3_SB, _H3_AT),
+    (
+        "y stores",
+        "    #pragma unroll\n    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb",
+        _H3_AT,
+    ),
+    ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
+)
+# h3opy_body's: "y staged" (y^T to Yb only; the producers store it).
+H3OPY_STAMPS = tuple(
+    (
+        "y staged",
+        "    #pragma unroll\n    for (int r = 0; r < RT; ++r) {\n"
+        "      gd_acc_store16<true>(yt[r], Yb + ((n % 2)",
+        _H3_AT,
+    )
+    if a[0] == "y stores"
+    else a
+    for a in H3OP_STAMPS
+)
