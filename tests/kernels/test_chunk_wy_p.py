@@ -394,3 +394,24 @@ def test_ab9_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
         f"{cs.H3O_NAME}_eyp_{cs.h3o_smem(128, cl.H3, cl.H3_NB, 2)}_stamped",
         f"{cs.H3O_NAME}_eypy_{cs.h3opy_smem(128, cl.H3, cl.H3_NB, 2)}_stamped",
     }
+
+
+@pytest.mark.slow  # ~1 min: ThreadSanitizer build
+def test_wy_p_has_no_race_under_thread_sanitizer(tmp_path):
+    """WY2P (and WY2_VX, O2P beside it) under ThreadSanitizer: q's stages in Ai's space are read
+    by every warp's q k^T before L writes Ai (the barrier between them), and refilled only
+    after the barrier that ends their use."""
+    if GXX is None:
+        pytest.skip("needs g++")
+    exe = compile_emulated(_program_text(), tmp_path, timeout=900, sanitize="thread")
+    io = tmp_path / "io"  # apart from the executable (named k, as an input)
+    io.mkdir()
+    for case in ((128, 1, 130, 1, 2, 64, False, 0.3), (32, 1, 70, 1, 2, 48, True, 0.3)):
+        x = _inputs(np.random.default_rng(5), *case[:6], case[7])
+        for name, a in x.items():
+            (io / name).write_bytes(np.ascontiguousarray(a, np.float32).tobytes())
+        run = subprocess.run(
+            [str(exe), str(io), *map(str, case[:6]), str(int(case[6]))], capture_output=True,
+            text=True, timeout=900,
+        )  # fmt: skip
+        assert run.returncode == 0 and "ThreadSanitizer" not in run.stderr, run.stderr[-3000:]
