@@ -1016,6 +1016,8 @@ AB9_VARIANTS = {
     "wyp prod": {"WY_P": True, "H3O_PRODUCERS": True},
     "wyp prod nb3": {"WY_P": True, "H3O_PRODUCERS": True, "H3_NB": 3},
     "wyp prody": {"WY_P": True, "H3O_PRODUCERS": 2},
+    # the WY pass at four threadgroups an SM (64 registers: WY2P spills 24 bytes there)
+    "wyp prody lb4": {"WY_P": True, "H3O_PRODUCERS": 2, "MIN_BLOCKS": {**cl.MIN_BLOCKS, "wy2": 4}},
 }
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 9"), H200, Hv 32, bf16; the
 # plain rows are the 2026-12-03 04:07 UTC --ab8 measurements of today's defaults ("split fo
@@ -1023,10 +1025,12 @@ AB9_VARIANTS = {
 PREDICTED_AB9 = {
     8192: {"split": 0.873, "split wyp": 0.74, "split prod": 0.77, "split wyp prod": 0.63,
            "split wyp prod nb3": 0.62, "split wyp prody": 0.59, "state fo prody": 0.25,
+           "split wyp prody lb4": 0.58,
            "wy": 0.296, "wy p": 0.34, "p fo": 0.18, "state fo": 0.397, "state fo prod": 0.29,
            "fla chunk": 1.236},
     32768: {"split": 3.120, "split wyp": 2.58, "split prod": 2.74, "split wyp prod": 2.20,
             "split wyp prod nb3": 2.15, "split wyp prody": 2.05, "state fo prody": 0.85,
+            "split wyp prody lb4": 2.0,
             "wy": 1.044, "wy p": 1.20, "p fo": 0.694, "state fo": 1.382, "state fo prod": 1.00,
             "fla chunk": 2.455},
 }  # fmt: skip
