@@ -241,8 +241,9 @@ def test_wy_p_text_is_wy2_vx_with_named_swaps():
     again gives the default text; _lower_tiles_vx without the new hooks is its old text."""
     body = cs.wy2p_body()
     base = cs.wy2_vx_body()
-    assert body.endswith("#undef GD_ST2\n")
-    back = body[: -len("#undef GD_ST2\n")].replace(cs._WY2P_BEFORE, "").replace(cs._WY2P_THEN, "")
+    tail = "#undef GD_ST2\n#undef GD_ST4\n"
+    assert body.endswith(tail)
+    back = body[: -len(tail)].replace(cs._WY2P_BEFORE, "").replace(cs._WY2P_THEN, "")
     for old, new in reversed(cs._WY2P_SWAPS):
         assert back.count(new) == 1
         back = back.replace(new, old)

@@ -3273,15 +3273,10 @@ _WY2P_SWAPS = (
   // unwritten): made with L's decays
   PT* Pg = P + (size_t(head) * N + n) * C * C;
 #ifdef __CUDA_ARCH__
-#define GD_ST2(p_, a_, b_)                                                      \\
-  {                                                                             \\
-    const PT a2_ = static_cast<PT>(a_);                                         \\
-    const PT b2_ = static_cast<PT>(b_);                                         \\
-    *reinterpret_cast<unsigned int*>(p_) =                                      \\
-        unsigned(*reinterpret_cast<const unsigned short*>(&a2_)) |              \\
-        (unsigned(*reinterpret_cast<const unsigned short*>(&b2_)) << 16);       \\
-  }
+#define GD_ST4(p_, u_) (*reinterpret_cast<unsigned int*>(p_) = (u_))
 #else
+#define GD_ST4(p_, u_) std::memcpy((p_), &(u_), 4)
+#endif
 #define GD_ST2(p_, a_, b_)                                                      \\
   {                                                                             \\
     const PT a2_ = static_cast<PT>(a_);                                         \\
@@ -3289,9 +3284,8 @@ _WY2P_SWAPS = (
     const unsigned int u_ =                                                     \\
         unsigned(*reinterpret_cast<const unsigned short*>(&a2_)) |              \\
         (unsigned(*reinterpret_cast<const unsigned short*>(&b2_)) << 16);       \\
-    std::memcpy(p_, &u_, 4);                                                    \\
+    GD_ST4(p_, u_);                                                             \\
   }
-#endif
   // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0
 """,
     ),
@@ -3320,7 +3314,7 @@ def wy2p_body() -> str:
     with_p = _lower_tiles_vx(
         "kk", "Ai", "CP", "float", *_WY2P_L, zero=True, before=_WY2P_BEFORE, then=_WY2P_THEN
     )
-    return _swapped(body, ((plain, with_p),)) + "#undef GD_ST2\n"
+    return _swapped(body, ((plain, with_p),)) + "#undef GD_ST2\n#undef GD_ST4\n"
 
 
 # Round 9 (helper chunk9; CUDA, off by default: chunk_launch.H3O_PRODUCERS): H3O's copies issued
@@ -3413,15 +3407,9 @@ def h3op_body(early: bool = True) -> str:
 # producer warp p writes computing warp p's y of chunk n from it, behind its copies; the last
 # chunk's after a barrier past the loop. Half n % 2 is staged again in chunk n + 2, after the
 # barrier that the producers reach only once they have written it. Same values: y bit for bit.
-_H3OPY_STORES = """    #pragma unroll
-    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
-      const int t = n * C + e / 16;
-      if (t < T) {
-        *reinterpret_cast<gd_vh*>(y + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + vw + e % 16) =
-            *reinterpret_cast<const GD_TG_PTR gd_vh*>(Yb + (e / 16) * DBL + e % 16);
-      }
-    }
-"""
+# H3O's y stores (the end of _H3O_SWAPS' last text: a lane's 16-byte rows of Yb to y)
+_i = _H3O_SWAPS[-1][1].index("    #pragma unroll\n    for (int e = (tid & 31) * PAD;")
+_H3OPY_STORES = _H3O_SWAPS[-1][1][_i : _H3O_SWAPS[-1][1].rindex("    }\n") + len("    }\n")]
 _H3OPY_SWAPS = (
     (
         "  constexpr int WARP = 16 * SP + 2 * C * DBL;  // a warp's Sb, Db and y^T (Yb)\n",
@@ -3478,23 +3466,14 @@ def h3opy_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
 # The producer builds stamped (round 9): one sampled chunk n = N / 2 of every threadgroup, warp
 # 0's clock (a computing warp), in H3O_EARLY's order (Y^T behind Xw^T); "producers' branch" is
 # the computing warps' test of tid >= NT, where H3O_STAMPS has "copies issued".
+_H3O_AT = {a[0]: a for a in H3O_STAMPS}
 H3OP_STAMPS = (
     ("chunks before", "  if (tid >= NT) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n"),
-    ("wait, barrier", "    gd_copy_wait<NB - 2>();\n", _H3_AT),
+    _H3O_AT["wait, barrier"],
     ("producers' branch", "    if (tid >= NT) {  // a producer", _H3_AT),
-    ("Xw^T", "    gd_mma_rows<MP, false, true, RT>(xt,", _H3_AT),
-    ("Y^T", "    // Y^T = S q^T", _H3_AT),
-    ("delta", "    // delta^T = U^T - Xw^T", _H3_AT),
-    ("update", "    // S = decay S + delta^T Kw\n", _H3_AT),
-    ("Y decay", "    // y^T's columns are the chunk's rows t", _H3_AT),
-    ("P^T", "    // y^T += delta^T P^T", _H3_AT),
-    ("Sb", _H3_SB, _H3_AT),
-    (
-        "y stores",
-        "    #pragma unroll\n    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb",
-        _H3_AT,
-    ),
-    ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
+    *(_H3O_AT[x] for x in ("Xw^T", "Y^T", "delta", "update", "Y decay", "P^T", "Sb")),
+    _H3O_AT["y stores"],
+    _H3O_AT["chunks after"],
 )
 # h3opy_body's: "y staged" (y^T to Yb only; the producers store it).
 H3OPY_STAMPS = tuple(
