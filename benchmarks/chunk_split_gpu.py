@@ -88,6 +88,16 @@ equal; Yi = q H^T). Then timings at T 8192 / 32768 beside FLA's chunk kernel wit
 predictions; last, H3O stamped (one chunk's phases; its outputs must equal the plain build's).
 JSON to --out. Exit status 1 if a check fails.
 
+--ab9 (round 9, helper chunk9; < 2 minutes, CUDA): WY_P (chunk_launch.WY_P: FUSE_O's P = D o q
+k^T made by the WY pass, q's slices staged beside k's; the P pass goes) and H3O_PRODUCERS (the
+state pass's copies issued by producer warps of their own; "prody": y written by them too),
+apart and together. Checks at T 1000 / 2048 (bf16, B 2 masked, raw gates): y and state equal to
+the default build's bit for bit and within bf16's tolerance of the fused kernel; at 2048 the WY
+pass alone (W, U, Kw, gates equal to WY2_VX's, P to O2P's). Then timings at T 8192 / 32768
+beside FLA's chunk kernel with the predictions; last, the producer builds stamped (one chunk's
+phases on a computing warp's clock; their outputs must equal the plain builds'). JSON to --out.
+Exit status 1 if a check fails.
+
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
 _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
@@ -996,6 +1006,141 @@ def ab8_h3o_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
     return rows
 
 
+# --ab9 (round 9, helper chunk9): WY_P, FUSE_O's P = D o q k^T made by the WY pass (wy2p: q's
+# slices staged beside k's, q k^T on the k k^T tiles, P written with L's decays), so the P pass
+# goes; H3O_PRODUCERS, the state pass's copies issued by producer warps of their own (h3op). The
+# same arithmetic: P, y and the state must equal the default's bit for bit.
+AB9_VARIANTS = {
+    "wyp": {"WY_P": True},
+    "prod": {"H3O_PRODUCERS": True},
+    "wyp prod": {"WY_P": True, "H3O_PRODUCERS": True},
+    "wyp prod nb3": {"WY_P": True, "H3O_PRODUCERS": True, "H3_NB": 3},
+    "wyp prody": {"WY_P": True, "H3O_PRODUCERS": 2},
+    # the WY pass at four threadgroups an SM (64 registers: WY2P spills 24 bytes there)
+    "wyp prody lb4": {"WY_P": True, "H3O_PRODUCERS": 2, "MIN_BLOCKS": {**cl.MIN_BLOCKS, "wy2": 4}},
+}
+# Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 9"), H200, Hv 32, bf16; the
+# plain rows are the 2026-12-03 04:07 UTC --ab8 measurements of today's defaults ("split fo
+# early", "p fo", "state fo early"; "wy" = split - state - p there).
+PREDICTED_AB9 = {
+    8192: {"split": 0.873, "split wyp": 0.74, "split prod": 0.77, "split wyp prod": 0.63,
+           "split wyp prod nb3": 0.62, "split wyp prody": 0.59, "state fo prody": 0.25,
+           "split wyp prody lb4": 0.58,
+           "wy": 0.296, "wy p": 0.34, "p fo": 0.18, "state fo": 0.397, "state fo prod": 0.29,
+           "fla chunk": 1.236},
+    32768: {"split": 3.120, "split wyp": 2.58, "split prod": 2.74, "split wyp prod": 2.20,
+            "split wyp prod nb3": 2.15, "split wyp prody": 2.05, "state fo prody": 0.85,
+            "split wyp prody lb4": 2.0,
+            "wy": 1.044, "wy p": 1.20, "p fo": 0.694, "state fo": 1.382, "state fo prod": 1.00,
+            "fla chunk": 2.455},
+}  # fmt: skip
+
+
+def _lower_tiles(P: mx.array) -> mx.array:
+    """P's tiles at or below the diagonal ([B * Hv, N, C, C] -> the written elements; the tiles
+    above are never written by O2P or WY2P, nor read)."""
+    C, t = cl.CHUNK, 16
+    lower = np.kron(np.tril(np.ones((C // t, C // t), bool)), np.ones((t, t), bool))
+    return P.reshape(*P.shape[:2], C * C)[..., mx.array(np.flatnonzero(lower))]
+
+
+def ab9_checks(backend: str) -> list[dict]:
+    """--ab9's checks (bf16, B 2 with a left-padded row and a hole, raw gates; T 1000: rows past
+    T in the last chunk): each AB9_VARIANTS entry's y and state equal to the default build's bit
+    for bit and within bf16's tolerance of the fused kernel; at T 2048 the WY pass alone: WY2P's
+    W, U, Kw, gates equal to WY2_VX's and its P to O2P's (the written tiles), bit for bit."""
+    rows = []
+    split = cl.gated_delta_update_chunk_kernel
+    for T in (1000, 2048):
+        args, refs, base = _check_case(backend, T, mx.bfloat16)
+        q, k, v, a, b, A_log, dt_bias, state, mask = args
+        rows.append(_row("split", T, 32, mx.bfloat16, *base, refs))
+        for name, sw in AB9_VARIANTS.items():
+            f = patched(split, **sw)
+            rows.append(_variant_row(name, f, backend, args, refs, base, strict=True))
+        if T != 2048:
+            continue
+        try:
+            raw = (a, b, A_log, dt_bias)
+            want = cl.wy_pass(backend, k, v, None, None, mask, raw_gates=raw)
+            P = cl.o2p_pass(q, k, want[3], T, 32, v.dtype)
+            got = cl.wy_pass(backend, k, v, None, None, mask, raw_gates=raw, q=q)
+            mx.eval(want, P, got)
+            row = {"check": "wy p pass", "T": T}
+            for name, x, z in zip(("W", "U", "Kw", "gates"), got[:4], want, strict=True):
+                row[f"{name} equal"] = bool(mx.array_equal(x, z).item())
+            row["P equal"] = bool(mx.array_equal(_lower_tiles(got[4]), _lower_tiles(P)).item())
+            row["ok"] = all(x for n, x in row.items() if n.endswith("equal"))
+            print(
+                f"  wy p pass T={T}: "
+                + "  ".join(f"{k} {x}" for k, x in row.items() if k not in ("check", "T"))
+            )
+            rows.append(row)
+        except Exception as e:
+            print(f"  wy p pass: did not build or run: {str(e)[:300]}", flush=True)
+            rows.append({"check": "wy p pass", "T": T, "ok": None, "error": str(e)[:300]})
+    return rows
+
+
+def _ab9_timers(backend: str, shape: Shape, fla) -> dict:
+    """--ab9's timers at shape (B 1, bf16): the split path default and with each AB9_VARIANTS
+    entry, the passes alone ("wy": WY2_VX, "wy p": WY2P, "p fo": O2P, "state fo": H3O, "state
+    fo prod" / "prody": its producer-warp builds, the second writing y too), FLA's chunk
+    kernel."""
+    T, hv = shape.T, shape.Hv
+    base = _timers(backend, shape, fla)
+    q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
+    raw = (a, b, A_log, dt_bias)
+    W, U, Kw, gts = cl.wy_pass(backend, k, v, None, None, None, raw_gates=raw)
+    P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
+    mx.eval(W, U, Kw, gts, P)
+    passes = {
+        "wy p": lambda s: (cl.wy_pass(backend, k, v, None, None, None, raw_gates=raw, q=q), s),
+        "p fo": lambda s: (cl.o2p_pass(q, k, gts, T, hv, U.dtype), s),
+        "state fo": lambda s: cl.h3o_pass(W, U, Kw, gts, s, q, P, cl.H3),
+    }
+    passes["state fo prod"] = patched(passes["state fo"], H3O_PRODUCERS=True)
+    passes["state fo prody"] = patched(passes["state fo"], H3O_PRODUCERS=2)
+    return {
+        "split": base["split"],
+        **{f"split {n}": patched(base["split"], **sw) for n, sw in AB9_VARIANTS.items()},
+        "wy": base["wy"],
+        **{n: (lambda n_, f=f: chained(f, state0, n_)) for n, f in passes.items()},
+        "fla chunk": base.get("fla chunk"),
+    }
+
+
+def ab9_times(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab9's timings (B 1, bf16) at each T (_ab9_timers), the predictions printed."""
+    fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
+    return [_predicted_row(_ab9_timers(backend, Shape(1, T, hv), fla), T, hv, PREDICTED_AB9)
+            for T in ts]  # fmt: skip
+
+
+def ab9_producer_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab9's last step: H3O's producer builds stamped (chunk_source.H3OP_STAMPS /
+    H3OPY_STAMPS: one sampled chunk a threadgroup, n = N / 2, a computing warp's clock) at each
+    T (B 1, bf16): y and the state against the plain producer build's (must be equal), then the
+    phases of the sampled chunk."""
+    from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+
+    rows = []
+    for T in ts:
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
+        W, U, Kw, gts = cl.wy_pass(
+            backend, k, v, None, None, None, raw_gates=(a, b, A_log, dt_bias)
+        )
+        P = cl.o2p_pass(q, k, gts, T, hv, U.dtype)
+        for level, anchors, label in ((1, cs.H3OP_STAMPS, "state fo prod"),
+                                      (2, cs.H3OPY_STAMPS, "state fo prody")):  # fmt: skip
+            h3o = patched(cl.h3o_pass, H3O_PRODUCERS=level)
+            plain = h3o(W, U, Kw, gts, state0, q, P, cl.H3)
+            stamped = partial(h3o, W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
+            row = _stamped_row(T, hv, plain, stamped, anchors, label, label, "wait .. y")
+            rows.append(row | {"check": label})
+    return rows
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -1103,11 +1248,37 @@ def main(argv=None) -> int:
         "checked "
         "bit for bit against the default build, then timed at T 8192 / 32768 beside FLA",
     )
+    p.add_argument(
+        "--ab9",
+        action="store_true",
+        help="< 2 min, CUDA: round 9's WY_P (FUSE_O's P made by the WY pass) and H3O_PRODUCERS "
+        "(the state pass's copies by warps of their own) checked bit for bit against the "
+        "default build, then timed at T 8192 / 32768 beside FLA",
+    )
     args = p.parse_args(argv)
     backend = cl.available_backend()
     if backend is None:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
+    if args.ab9:
+        print("1. round 9's WY_P / H3O_PRODUCERS against the default and the fused kernel")
+        checks = ab9_checks(backend)
+        path, info = write_result(args.out, "ab9", backend, {"checks": checks, "times": []})
+        print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
+        for T in (8192, 32768):  # the JSON rewritten after each length (a time limit keeps 8k)
+            info["times"] += ab9_times(backend, ts=(T,))
+            path.write_text(json.dumps(info, indent=1))
+        print("3. the producer builds' phases (stamped, one chunk a threadgroup)", flush=True)
+        try:
+            info["stamps"] = ab9_producer_stamps(backend)
+            path.write_text(json.dumps(info, indent=1))
+        except Exception as e:  # everything above is printed and written already
+            print(f"  producer stamps step failed: {str(e)[:500]}", flush=True)
+            info["stamps"] = []
+        bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]]
+        bad += [f"{r['check']} stamped T={r['T']}" for r in info["stamps"] if r["same"] is False]
+        print(f"ab9 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
+        return 1 if bad else 0
     if args.ab8:
         print("1. round 8's FUSE_Y / FUSE_O against the default build and the fused kernel")
         checks = ab8_checks(backend)

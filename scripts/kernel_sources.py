@@ -100,6 +100,7 @@ def dump() -> dict:
     # ... the rest of the tree's plain kernels and WY variants (after the first list, whose keys
     # older trees share)
     more = [*getattr(chunk_launch, "_PLAIN", ()), "wy2v", "wy2v_fused", "wy2x", "wy2x_fused"]
+    more += ["wy2xp", "wy2xp_fused"] if hasattr(chunk_launch, "WY_P") else []
     whichs += [w for w in more if w not in whichs]
     for backend in BACKENDS:
         chunk_launch._kernels.clear()

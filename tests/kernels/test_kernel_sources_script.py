@@ -31,7 +31,7 @@ def test_dump_records_every_variant(tmp_path):
     v3 = d["prefill/cuda/v3/mask=False/causal=True/ring=4"]
     assert v3["source"] == prefill.source("cuda", False, True, 3, 4)
     assert v3["header"] == prefill.header("cuda")
-    for which in ("h3", "h3o", "o2y", "o2p", "wy2x_fused", "h3o_stamped", "h2/no_l32"):
+    for which in ("h3", "h3o", "o2y", "o2p", "wy2x_fused", "h3o_stamped", "h2/no_l32", "wy2xp"):
         assert "source" in d[f"chunk/cuda/{which}"], which
     passes = {k.split("/")[1] for k in d if k.startswith("launch/")}
     assert passes == {"wy", "prep", "h", "o", "state"}

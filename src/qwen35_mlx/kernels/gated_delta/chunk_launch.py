@@ -425,9 +425,15 @@ def state_mma_source(backend: str) -> str:
 
 
 def wy_source(
-    backend: str, fused: bool = False, ring: bool = False, v16: bool = False, vx: bool = False
+    backend: str,
+    fused: bool = False,
+    ring: bool = False,
+    v16: bool = False,
+    vx: bool = False,
+    p: bool = False,
 ) -> str:
-    return PROLOGUE[backend] + src.wy_body(fused, ring, v16, vx)
+    """The WY pass's text (chunk_source.wy_body); p: WY2_VX making FUSE_O's P too (WY_P)."""
+    return PROLOGUE[backend] + src.wy_body(fused, ring, v16, vx, p)
 
 
 def h_source(backend: str) -> str:
@@ -472,6 +478,16 @@ def o2p_source(backend: str) -> str:
 def h3o_source(backend: str, early: bool = False) -> str:
     """H3 making and writing y (FUSE_O; CUDA); early: H3O_EARLY's order."""
     return PROLOGUE[backend] + src.h3o_body(early)
+
+
+def h3op_source(backend: str) -> str:
+    """H3O_EARLY's H3O with its copies issued by producer warps (H3O_PRODUCERS; CUDA)."""
+    return PROLOGUE[backend] + src.h3op_body(True)
+
+
+def h3opy_source(backend: str) -> str:
+    """h3op_source with y written by the producer warps too (H3O_PRODUCERS = 2; CUDA)."""
+    return PROLOGUE[backend] + src.h3opy_body()
 
 
 def o_source(backend: str) -> str:
@@ -521,6 +537,7 @@ MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 3}
 _BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
 # Round 6's variants (WY2_VX, O2_VX; CUDA): bounded as the pass they vary.
 _BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2", "o2y": "o2", "o2p": "o2"}
+_BOUNDED_AS |= {"wy2xp": "wy2", "wy2xp_fused": "wy2"}  # round 9's WY_P
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -559,6 +576,8 @@ _PLAIN = {
         src.H3O_OUTPUTS,
         lambda b: h3o_source(b, True),
     ),
+    "h3oep": (src.H3O_NAME + "_eyp", src.H3O_INPUTS, src.H3O_OUTPUTS, h3op_source),
+    "h3oepy": (src.H3O_NAME + "_eypy", src.H3O_INPUTS, src.H3O_OUTPUTS, h3opy_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
@@ -594,7 +613,7 @@ def _build(backend: str, which: str, smem: int = 0):
                 input_names=ins,
                 output_names=[*outs, src.STAMP_OUTPUT],
                 source=src.stamped(body, anchors),
-                header=head + (src.H3_TILES if which in ("h3_stamped", "h3o_stamped") else ""),
+                header=head + (src.H3_TILES if which.startswith("h3") else ""),
                 **extra,
             )
         return _kernels[key]
@@ -614,17 +633,20 @@ def _build(backend: str, which: str, smem: int = 0):
             body = source(backend)
         elif which.startswith("wy"):
             fused, ring = which.endswith("_fused"), which.startswith("wy2")
-            v16, vx = "2v" in which, "2x" in which
+            v16, vx, p = "2v" in which, "2x" in which, "2xp" in which
             name, ins, outs = src.wy_name(fused, ring), src.wy_inputs(fused), src.WY_OUTPUTS
             name += "_v16" if v16 else "_vx" if vx else ""
-            body = wy_source(backend, fused, ring, v16, vx)
+            if p:
+                name, ins, outs = name + "p", ins + src.WY2P_INPUTS_EXTRA, src.WY2P_OUTPUTS
+            body = wy_source(backend, fused, ring, v16, vx, p)
         else:
             fused = which.startswith("prep_fused")
             matrix = which.endswith("_mma")
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
-        head = header(backend) + (src.H3_TILES if which in ("h3", "h3y", "h3o", "h3oe") else "")
+        h3 = which in ("h3", "h3y", "h3o", "h3oe", "h3oep", "h3oepy")
+        head = header(backend) + (src.H3_TILES if h3 else "")
         if l32:
             name, head = f"{name}_l32", head + src.H3_TILES + src.L32_TILES
         if p32:
@@ -675,6 +697,15 @@ _STAMPED = {
     # round 8: H3O (FUSE_O's state pass), one sampled chunk a threadgroup (H3O_STAMPS)
     "h3o_stamped": lambda: (
         src.H3O_NAME, src.H3O_INPUTS, src.H3O_OUTPUTS, h3o_source("cuda"), src.H3O_STAMPS,
+    ),
+    # round 9: H3O_PRODUCERS' builds (H3O_EARLY's order), one sampled chunk (H3OP_STAMPS)
+    "h3oep_stamped": lambda: (
+        src.H3O_NAME + "_eyp", src.H3O_INPUTS, src.H3O_OUTPUTS, h3op_source("cuda"),
+        src.H3OP_STAMPS,
+    ),
+    "h3oepy_stamped": lambda: (
+        src.H3O_NAME + "_eypy", src.H3O_INPUTS, src.H3O_OUTPUTS, h3opy_source("cuda"),
+        src.H3OPY_STAMPS,
     ),
 }  # fmt: skip
 
@@ -736,7 +767,7 @@ H3_NB = 2
 LDSM32 = True
 _L32 = (
     "wy2", "wy2_fused", "wy2v", "wy2v_fused", "wy2x", "wy2x_fused", "h2", "h2x", "o2", "o2x", "o2y",
-    "o2p",
+    "o2p", "wy2xp", "wy2xp_fused",
 )  # fmt: skip
 # Round 8 (helper chunk8; CUDA, off by default until the H200 has checked and timed it:
 # benchmarks/chunk_split_gpu.py --ab8): the output pass's Y = q H[n]^T computed by the state pass
@@ -756,6 +787,20 @@ FUSE_O = True
 # Default since session 12 (H200, `--ab8`, bf16 Hv 32: 1.061 -> 0.873 ms at 8192, 3.844 -> 3.120
 # at 32768; 17 checks bit for bit the old default's outputs).
 H3O_EARLY = True
+# Round 9 (helper chunk9; CUDA, off by default until the H200 has checked and timed it:
+# benchmarks/chunk_split_gpu.py --ab9): FUSE_O's P = D o q k^T made by the WY pass
+# (chunk_source.wy2p_body: WY2_VX with q's slices staged beside k's, q k^T on the k k^T tiles,
+# P written with L's decays), so the P pass (O2P) and its launch go. Where FUSE_O applies and
+# the WY pass is WY2_VX (16-bit pieces); else FUSE_O's three passes. Same arithmetic: P bit for
+# bit O2P's, y and the state the defaults'.
+WY_P = False
+# Round 9 (helper chunk9; CUDA, off by default until the H200 has checked and timed it:
+# benchmarks/chunk_split_gpu.py --ab9): H3O (with H3O_EARLY) with its ring's copies issued by
+# H3 producer warps of their own (chunk_source.h3op_body; 2 x 32 H3 threads a threadgroup): the
+# ~1,400 of ~4,500 cycles a chunk that round 8's stamps put in issuing copies leave the chain.
+# Same bytes, same products: y and the state bit for bit. 2: the producers also write y (y^T
+# staged by the computing warps in a double Yb, stored a chunk later: chunk_source.h3opy_body).
+H3O_PRODUCERS: bool | int = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -865,12 +910,14 @@ def wy_pass(
     raw_gates=None,
     init_value=None,
     stamps: bool = False,
+    q=None,
 ):
     """WY_BODY (WY2_BODY where WY2 is set, Dv is a multiple of 8 and k, v share a dtype): W, Kw
     [B*Hv, N*C, Dk] and U [B*Hv, N*C, Dv] in v's dtype, gates [B*Hv, N*C, 4] fp32 (gamma, g,
     valid, w per step). raw_gates = (a, b, A_log, dt_bias): the gates are computed in the kernel
     (g, beta unused). stamps (CUDA, WY2_BODY only): the stamped build, its stamps [N * B*Hv,
-    STAMP_SLOTS] uint32 appended to the outputs."""
+    STAMP_SLOTS] uint32 appended to the outputs. q (where wy_p_applies; WY_P): the build that
+    also makes FUSE_O's P [B*Hv, N, C, C] in v's dtype, appended to the outputs."""
     B, T, _, Dk = k.shape
     Hv, Dv = v.shape[2:]
     N = -(-T // C)
@@ -879,8 +926,14 @@ def wy_pass(
     vx = ring and WY2_VX and backend == "cuda" and not stamps
     v16 = ring and WY2_V16 and backend == "cuda" and not stamps
     base = "wy2x" if vx else "wy2v" if v16 else "wy2" if ring else "wy"
+    if q is not None:
+        if stamps or not wy_p_applies(backend, q, k, v):
+            raise ValueError("gated_delta chunk kernel: P in the WY pass needs WY2_VX, 16-bit")
+        base = "wy2xp"
     mask, gates, which = _gate_inputs(base, g, beta, mask, raw_gates, B, T)
     extra_shapes, extra_dtypes = [], []
+    if q is not None:
+        extra_shapes, extra_dtypes = [(BH, N, C, C)], [v.dtype]
     if stamps:
         if not ring:
             raise ValueError("gated_delta chunk kernel: stamps need the WY2_BODY pass")
@@ -890,7 +943,7 @@ def wy_pass(
     ds, nb = WY2_TILES[(backend, pt.size)] if ring else (WY_SLICE, None)
     ds = min(ds, Dk)  # Dk 32 with slices of 64
     return _build(backend, which)(
-        inputs=[k, v, *gates, mask.astype(mx.bool_)],
+        inputs=[k, v, *gates, mask.astype(mx.bool_), *([] if q is None else [q])],
         template=[
             ("Dk", Dk),
             ("C", C),
@@ -912,6 +965,13 @@ def wy_pass(
         output_dtypes=[pt, pt, pt, mx.float32, *extra_dtypes],
         init_value=init_value,
     )
+
+
+def wy_p_applies(backend: str, q, k, v) -> bool:
+    """Whether the WY pass can make FUSE_O's P (wy2p_body: WY2_VX's ring, 16-bit pieces, q in
+    k's dtype)."""
+    ring = WY2 and v.shape[-1] % 8 == 0 and k.dtype == v.dtype
+    return ring and WY2_VX and backend == "cuda" and v.dtype.size == 2 and q.dtype == k.dtype
 
 
 def h_pass(
@@ -1155,9 +1215,19 @@ def h3o_pass(
     if stamps:
         extra_shapes, extra_dtypes = [(B * Hv * (Dv // (16 * nw)), src.STAMP_SLOTS)], [mx.uint32]
     which = "h3o_stamped" if stamps else "h3oe" if H3O_EARLY else "h3o"
-    return _build("cuda", which, src.h3o_smem(Dk, nw, H3_NB, pt.size, C))(
+    launch = _h3_launch(Dk, nw, C, pt, B * Hv, Dv)
+    smem = src.h3o_smem(Dk, nw, H3_NB, pt.size, C)
+    if which != "h3o" and H3O_PRODUCERS:
+        # the producer warps (H3O_EARLY's order; stamped too): twice the threads, the
+        # template's NT the computing ones
+        which, nt = "h3oep", 64 * nw
+        launch |= {"grid": (nt * B * Hv, *launch["grid"][1:]), "threadgroup": (nt, 1, 1)}
+        if H3O_PRODUCERS == 2:
+            which, smem = "h3oepy", src.h3opy_smem(Dk, nw, H3_NB, pt.size, C)
+        which += "_stamped" if stamps else ""
+    return _build("cuda", which, smem)(
         inputs=[W, U, Kw, gates, state, q, P],
-        **_h3_launch(Dk, nw, C, pt, B * Hv, Dv),
+        **launch,
         output_shapes=[(B, T, Hv, Dv), (B, Hv, Dv, Dk), *extra_shapes],
         output_dtypes=[pt, mx.float32, *extra_dtypes],
         init_value=init_value,
@@ -1192,6 +1262,13 @@ def split_chunk_kernel(
     T = q.shape[1]
     Hv = v.shape[2]
     iv = init_value
+    if WY_P and FUSE_O and wy_p_applies(backend, q, k, v):
+        nw = fuse_y_warps(backend, q, k, v, state)  # U is in v's dtype
+        if nw:
+            W, U, Kw, gates, P = wy_pass(
+                backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv, q=q
+            )
+            return h3o_pass(W, U, Kw, gates, state, q, P, nw, init_value=iv)
     W, U, Kw, gates = wy_pass(backend, k, v, g, beta, mask, raw_gates=raw_gates, init_value=iv)
     nw = fuse_y_warps(backend, q, k, U, state)
     if nw and U.dtype == v.dtype and FUSE_O:

@@ -814,11 +814,14 @@ def wy_name(fused: bool, ring: bool = False) -> str:
     return "gated_delta_chunk_wy" + ("2" if ring else "") + ("_fused" if fused else "")
 
 
-def wy_body(fused: bool, ring: bool = False, v16: bool = False, vx: bool = False) -> str:
-    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body(); vx: wy2_vx_body()); GD_FUSED 1 computes
-    the gates from a, b, A_log, dt_bias as PREP_BODY does."""
+def wy_body(
+    fused: bool, ring: bool = False, v16: bool = False, vx: bool = False, p: bool = False
+) -> str:
+    """WY_BODY (ring: WY2_BODY; v16: wy2_v16_body(); vx: wy2_vx_body(); p: wy2p_body());
+    GD_FUSED 1 computes the gates from a, b, A_log, dt_bias as PREP_BODY does."""
     defs = f"\n#define GD_FUSED {int(fused)}\n"
     body = wy2_vx_body() if vx else wy2_v16_body() if v16 else WY2_BODY if ring else WY_BODY
+    body = wy2p_body() if p else body
     return defs + _DECAY_R_MACRO + body + "#undef GD_DECAY_R\n#undef GD_FUSED\n"
 
 
@@ -2144,11 +2147,15 @@ _DECAY_R1_MACRO = _DECAY_R_MACRO.replace("GD_DECAY_R(", "GD_DECAY_R1(").replace(
 assert _DECAY_R_MACRO.count(_DECAY_R1_LOOP) == 1
 
 
-def _lower_tiles_vx(acc: str, out: str, so: str, ot: str, keep: str, scale: str, zero=False):
+def _lower_tiles_vx(
+    acc: str, out: str, so: str, ot: str, keep: str, scale: str, zero=False, before="", then=""
+):
     """_decayed_lower_tiles made from the accumulators (round 6; CUDA's fragments: element (h, e)
     of lane 4 g + t of tile (tr, tc) is (16 tr + g + 8 (e / 2), 16 tc + 8 h + 2 t + e % 2)) and
     written straight to `out` (row stride so, type ot): no round trip through threadgroup floats,
-    no barrier. Tiles above the diagonal are written 0 where `zero`, else not at all."""
+    no barrier. Tiles above the diagonal are written 0 where `zero`, else not at all. `before`
+    (text at a lower tile's start) and `then` (after each element's store, dij still in scope):
+    round 9's second output from the same decays (empty: the text as before)."""
     upper = (
         f"""    }} else {{
       #pragma unroll
@@ -2168,7 +2175,7 @@ def _lower_tiles_vx(acc: str, out: str, so: str, ot: str, keep: str, scale: str,
     if (tc <= tr) {{
       const int ib = 16 * tr + (tid & 31) / 4;  // rows ib, ib + 8
       const int jb = 16 * tc + 2 * (tid & 3);   // columns jb + 8 h + {{0, 1}}
-      #pragma unroll
+{before}      #pragma unroll
       for (int h = 0; h < 2; ++h) {{
         #pragma unroll
         for (int e = 0; e < 4; ++e) {{
@@ -2179,7 +2186,7 @@ def _lower_tiles_vx(acc: str, out: str, so: str, ot: str, keep: str, scale: str,
           GD_DECAY_R1(dij, i, j, gj, rj);
           const bool keep = {keep};
           {out}[i * {so} + j] = static_cast<{ot}>(keep ? {scale} * {acc}[c].c[h][e] : 0.0f);
-        }}
+{then}        }}
       }}
 {upper}    }}
   }}
@@ -3211,4 +3218,272 @@ H3O_STAMPS = (
         _H3_AT,
     ),
     ("chunks after", "    const size_t rn = row0 + size_t(n) * C;\n", "n == N / 2 + 1"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 9 (helper chunk9, issue 9; CUDA, off by default: chunk_launch.WY_P): FUSE_O's P made by
+# the WY pass (WY2_VX), and the P pass (O2P) and its launch gone. The WY pass already has the
+# chunk's gates and k's slices staged for k k^T; q's slices join them: copied with each of the
+# first Dk / DS k slices (cp.async, the same commit groups) into a ring of NB stages in Ai's
+# space (Ai is not written before L: 15,360 of its 17,408 bytes at DS 32, NB 3, bf16), q k^T
+# made by the same warps' tiles beside k k^T (the call O2P makes, in the same slice and k
+# order: the same accumulators), a barrier before L takes Ai back, and P = D o q k^T written
+# from the accumulators in L's loop with L's decays (the same GD_DECAY_R1(dij) as O2P's; two
+# adjacent columns a 4-byte store). P equal to O2P's bit for bit, so H3O's y and state too.
+WY2P_INPUTS_EXTRA = ["q_in"]  # q [B, T, Hk, Dk] (the loop over ring slices is named q)
+WY2P_OUTPUTS = [*WY_OUTPUTS, "P"]
+# WY2_BODY's copy of a k slice in GD_WY2_COPY (two lines of the macro)
+_i = WY2_BODY.index("        gd_copy_tile<NT, C, DS>(st_, SQ, k + krow")
+_WY2P_K_COPY = WY2_BODY[_i : WY2_BODY.index("\n", WY2_BODY.index("DS);", _i)) + 1]
+_WY2P_SWAPS = (
+    (
+        _AI16,
+        _AI16
+        + """  // q's slices during k k^T: a ring of NB stages in Ai's space (free until L)
+  GD_TG_PTR PS* qring = (GD_TG_PTR PS*)Ai;
+  static_assert(NB * C * SQ * PSZ <= C * CP * 4 && PSZ == 2, "WY2P: q's ring in Ai's space");
+""",
+    ),
+    (
+        _WY2P_K_COPY,
+        _WY2P_K_COPY
+        + """\
+        if ((q_) < NSK) {                                                                    \\
+          gd_copy_tile<NT, C, DS>(qring + ((q_) % NB) * (C * SQ), SQ, q_in + krow + d0_,     \\
+                                  size_t(Hk) * Dk, T - 1 - t0, tid, DS);                     \\
+        }                                                                                    \\
+""",
+    ),
+    (
+        "  gd_acc_zero(kk[1]);\n",
+        "  gd_acc_zero(kk[1]);\n  gd_acc qk[2];  // q k^T\n  gd_acc_zero(qk[0]);\n"
+        "  gd_acc_zero(qk[1]);\n",
+    ),
+    (
+        _lower_tiles_mma("kk", "ks", "ks", "SQ"),
+        _lower_tiles_mma("kk", "ks", "ks", "SQ")
+        + "    GD_TG_PTR PS* qs = qring + (q % NB) * (C * SQ);\n"
+        + _lower_tiles_mma("qk", "qs", "ks", "SQ"),
+    ),
+    (
+        "  // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0\n",
+        """  gd_barrier();  // every warp done with q's slices: Ai is L's
+  // P [B * Hv, N, C, C] (P = D o q k^T, rows i, columns j <= i; tiles above the diagonal
+  // unwritten): made with L's decays
+  PT* Pg = P + (size_t(head) * N + n) * C * C;
+#ifdef __CUDA_ARCH__
+#define GD_ST4(p_, u_) (*reinterpret_cast<unsigned int*>(p_) = (u_))
+#else
+#define GD_ST4(p_, u_) std::memcpy((p_), &(u_), 4)
+#endif
+#define GD_ST2(p_, a_, b_)                                                      \\
+  {                                                                             \\
+    const PT a2_ = static_cast<PT>(a_);                                         \\
+    const PT b2_ = static_cast<PT>(b_);                                         \\
+    const unsigned int u_ =                                                     \\
+        unsigned(*reinterpret_cast<const unsigned short*>(&a2_)) |              \\
+        (unsigned(*reinterpret_cast<const unsigned short*>(&b2_)) << 16);       \\
+    GD_ST4(p_, u_);                                                             \\
+  }
+  // 3. L = -beta D k k^T, strictly lower, rows and columns of masked steps 0
+""",
+    ),
+)
+_WY2P_L = (
+    _WY2_L_KEEP,
+    "-bs[i] * dij",
+)
+_WY2P_BEFORE = "      float pe = 0.0f;  // P (i, j) of an even e, stored with (i, j + 1)\n"
+_WY2P_THEN = """\
+          const float po = j <= i && ok[i] != 0.0f && ok[j] != 0.0f ? dij * qk[c].c[h][e]
+                                                                    : 0.0f;
+          if (e % 2 == 0) {
+            pe = po;
+          } else {
+            GD_ST2(Pg + i * C + j - 1, pe, po);
+          }
+"""
+
+
+def wy2p_body() -> str:
+    """wy2_vx_body making FUSE_O's P as well (WY_P): q's slices staged beside k's, q k^T by the
+    k k^T tiles, P written with L."""
+    body = _swapped(wy2_vx_body(), _WY2P_SWAPS)
+    plain = _lower_tiles_vx("kk", "Ai", "CP", "float", *_WY2P_L, zero=True)
+    with_p = _lower_tiles_vx(
+        "kk", "Ai", "CP", "float", *_WY2P_L, zero=True, before=_WY2P_BEFORE, then=_WY2P_THEN
+    )
+    return _swapped(body, ((plain, with_p),)) + "#undef GD_ST2\n#undef GD_ST4\n"
+
+
+# Round 9 (helper chunk9; CUDA, off by default: chunk_launch.H3O_PRODUCERS): H3O's copies issued
+# by warps of their own. Round 8's stamps (H200, 2026-12-03 04:07) put 1,431 of a chunk's ~4,520
+# cycles in issuing the next chunk's copies (~61 cp.async a thread with their 64-bit address
+# arithmetic), on the same warps as the chain: at two warps a threadgroup and one threadgroup an
+# SM, each warp is alone on its SM sub-partition, so every instruction's latency is the chain's.
+# Here the threadgroup has 2 NT threads: warps w < NW compute as before and issue no copies; the
+# NW producer warps (tid >= NT, copy thread ct = tid - NT: the same NT threads' share of each
+# copy as before) issue the ring's copies (the first NB - 1 chunks, then chunk n + NB - 1 after
+# chunk n's barrier) and go to the next chunk's barrier. The barrier protocol is the same (a
+# stage is refilled only after every compute warp has passed the barrier that ends its use), so
+# the same bytes reach the same products: y and the state bit for bit H3O's.
+_H3OP_SWAPS = (
+    (
+        "  const int kr = tid / (Dk / PAD);\n  const int kc = (tid % (Dk / PAD)) * PAD;\n"
+        "  const int ur = tid / (BV / PAD);\n  const int uc = (tid % (BV / PAD)) * PAD;\n",
+        "  const int ct = tid - NT;  // a producer warp's thread (tid >= NT): the copies' index\n"
+        "  const int kr = ct / (Dk / PAD);\n  const int kc = (ct % (Dk / PAD)) * PAD;\n"
+        "  const int ur = ct / (BV / PAD);\n  const int uc = (ct % (BV / PAD)) * PAD;\n",
+    ),
+    (
+        "      const PT* pg = P + (r0 + tid / (C / PAD)) * C + (tid % (C / PAD)) * PAD;\n",
+        "      const PT* pg = P + (r0 + ct / (C / PAD)) * C + (ct % (C / PAD)) * PAD;\n",
+    ),
+    (
+        "(3 * C * SP + C * UP + (tid / (C / PAD) + j * PR) * PP +\n"
+        "                             (tid % (C / PAD)) * PAD) * PSZ)",
+        "(3 * C * SP + C * UP + (ct / (C / PAD) + j * PR) * PP +\n"
+        "                             (ct % (C / PAD)) * PAD) * PSZ)",
+    ),
+    (
+        "      for (int i = tid; i < C; i += NT) gd_cp16(",
+        "      for (int i = ct; i < C; i += NT) gd_cp16(",
+    ),
+    (
+        """  #pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+    gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+  }
+""",
+        """  if (tid < NT) {
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) {
+      gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+      gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+    }
+  }
+""",
+    ),
+    (
+        "  for (int s = 0; s < NB - 1; ++s) copy(s);\n",
+        "  if (tid >= NT) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n  }\n",
+    ),
+    (
+        "    copy(n + NB - 1);\n",
+        "    if (tid >= NT) {  // a producer: chunk n + NB - 1's copies, then the next barrier\n"
+        "      copy(n + NB - 1);\n      continue;\n    }\n",
+    ),
+    (
+        """  gd_copy_wait<0>();
+  #pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+  }
+""",
+        """  gd_copy_wait<0>();
+  if (tid < NT) {
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) {
+      gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+    }
+  }
+""",
+    ),
+)
+
+
+def h3op_body(early: bool = True) -> str:
+    """h3o_body(early) with its copies issued by NW producer warps of their own (H3O_PRODUCERS:
+    the threadgroup has 2 NT threads)."""
+    return _swapped(h3o_body(early), _H3OP_SWAPS)
+
+
+# H3O_PRODUCERS = 2 (round 9; CUDA, off): the producers also write y. Round 8's stamps put ~600
+# cycles of H3O's chunk in "y stores" (y^T staged to Yb, then 16-byte global stores with their
+# 64-bit addresses). Here a computing warp only stages chunk n's y^T, into Yb's half n % 2 (Yb
+# doubled); after chunk n + 1's barrier (which the warp reaches only once Yb is complete)
+# producer warp p writes computing warp p's y of chunk n from it, behind its copies; the last
+# chunk's after a barrier past the loop. Half n % 2 is staged again in chunk n + 2, after the
+# barrier that the producers reach only once they have written it. Same values: y bit for bit.
+# H3O's y stores (the end of _H3O_SWAPS' last text: a lane's 16-byte rows of Yb to y)
+_i = _H3O_SWAPS[-1][1].index("    #pragma unroll\n    for (int e = (tid & 31) * PAD;")
+_H3OPY_STORES = _H3O_SWAPS[-1][1][_i : _H3O_SWAPS[-1][1].rindex("    }\n") + len("    }\n")]
+_H3OPY_SWAPS = (
+    (
+        "  constexpr int WARP = 16 * SP + 2 * C * DBL;  // a warp's Sb, Db and y^T (Yb)\n",
+        "  constexpr int WARP = 16 * SP + 3 * C * DBL;  // a warp's Sb, Db and two y^T (Yb)\n",
+    ),
+    (
+        "    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb + 16 * r * DBL, DBL);\n"
+        "    __syncwarp();  // Yb complete\n" + _H3OPY_STORES,
+        """    for (int r = 0; r < RT; ++r) {
+      gd_acc_store16<true>(yt[r], Yb + ((n % 2) * C + 16 * r) * DBL, DBL);  // producers store it
+    }
+""",
+    ),
+    (
+        "  for (int n = 0; n < N; ++n) {\n",
+        """\
+  // a producer (tid >= NT): y of chunk nn from computing warp (tid - NT) / 32's Yb (half nn % 2)
+  auto ystore = [&](int nn) {
+    const int pw = (tid - NT) / 32;
+    const int vw = v0 + 16 * pw;
+    const GD_TG_PTR PS* Yb = sm + NB * STAGE + pw * WARP + 16 * SP + C * DBL + (nn % 2) * C * DBL;
+    const int n = nn;
+"""
+        + _H3OPY_STORES
+        + """  };
+  for (int n = 0; n < N; ++n) {
+""",
+    ),
+    (
+        "      copy(n + NB - 1);\n      continue;\n",
+        "      copy(n + NB - 1);\n      if (n > 0) ystore(n - 1);\n      continue;\n",
+    ),
+    (
+        "  gd_copy_wait<0>();\n  if (tid < NT) {\n",
+        """  gd_copy_wait<0>();
+  gd_barrier();  // the last chunk's Yb complete
+  if (tid >= NT && N > 0) ystore(N - 1);
+  if (tid < NT) {
+""",
+    ),
+)
+
+
+def h3opy_body() -> str:
+    """h3op_body (H3O_EARLY's order) with y written by the producer warps (H3O_PRODUCERS = 2)."""
+    return _swapped(h3op_body(True), _H3OPY_SWAPS)
+
+
+def h3opy_smem(Dk: int, nw: int, nb: int, itemsize: int, C: int = 64) -> int:
+    """Bytes of h3opy_body's threadgroup memory: H3O's and a second Yb a warp."""
+    return h3o_smem(Dk, nw, nb, itemsize, C) + nw * C * (16 + 16 // itemsize) * itemsize
+
+
+# The producer builds stamped (round 9): one sampled chunk n = N / 2 of every threadgroup, warp
+# 0's clock (a computing warp), in H3O_EARLY's order (Y^T behind Xw^T); "producers' branch" is
+# the computing warps' test of tid >= NT, where H3O_STAMPS has "copies issued".
+_H3O_AT = {a[0]: a for a in H3O_STAMPS}
+H3OP_STAMPS = (
+    ("chunks before", "  if (tid >= NT) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n"),
+    _H3O_AT["wait, barrier"],
+    ("producers' branch", "    if (tid >= NT) {  // a producer", _H3_AT),
+    *(_H3O_AT[x] for x in ("Xw^T", "Y^T", "delta", "update", "Y decay", "P^T", "Sb")),
+    _H3O_AT["y stores"],
+    _H3O_AT["chunks after"],
+)
+# h3opy_body's: "y staged" (y^T to Yb only; the producers store it).
+H3OPY_STAMPS = tuple(
+    (
+        "y staged",
+        "    #pragma unroll\n    for (int r = 0; r < RT; ++r) {\n"
+        "      gd_acc_store16<true>(yt[r], Yb + ((n % 2)",
+        _H3_AT,
+    )
+    if a[0] == "y stores"
+    else a
+    for a in H3OP_STAMPS
 )
