@@ -22,6 +22,10 @@ Backends (`backend=`, or `auto`, overridable with env QWEN35_MLX_GDN_BACKEND):
     metal    fused kernels through mx.fast.metal_kernel                        -> metal.py
     cuda     the same kernel bodies, compiled once per machine by NVRTC       -> cuda.py
              (disk cache ~/.cache/qwen35_mlx/cuda, precompiled.py; else mx.fast.cuda_kernel)
+    native   the CPU recurrence as one MLX C++ primitive, one pass over the state for all
+             T steps: an optional extension built once per machine; where it is not built
+             (or on a Mac) `native` means `auto` without it                 -> cpu_ext.py
+`native_available()` says whether this process has the native CPU primitive.
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ __all__ = [
     "gated_delta_decode_packed",
     "compute_gates",
     "BACKENDS",
+    "native_available",
 ]
 
-BACKENDS = ("auto", "ref", "chunked", "metal", "cuda")
+BACKENDS = ("auto", "ref", "chunked", "metal", "cuda", "native")
 _ENV = "QWEN35_MLX_GDN_BACKEND"
 
 
@@ -107,7 +112,23 @@ def _resolve_backend(backend: str) -> str:
 _CPU_CHUNKED_MIN_T = 3
 
 
-def _auto_cpu(T: int) -> str:
+# Up to this many steps `auto` on the CPU runs the native primitive where it is built (cpu_ext.py):
+# it reads and writes the state once for all T steps, where the ops read it twice a step.
+_CPU_NATIVE_MAX_T = 2
+
+
+def native_available() -> bool:
+    """True when the native CPU primitive (backend "native", cpu_ext.py) is built and loads."""
+    from . import cpu_ext
+
+    return cpu_ext.available()
+
+
+def _auto_cpu(T: int, native: bool = True) -> str:
+    """native: may pick the native primitive (False where the default device is a GPU: it runs
+    on the CPU stream only)."""
+    if native and T <= _CPU_NATIVE_MAX_T and native_available():
+        return "native"
     return "chunked" if T >= _CPU_CHUNKED_MIN_T else "ref"
 
 
@@ -142,7 +163,7 @@ def _auto_gpu(q: mx.array, v: mx.array, g: mx.array) -> str:
     for name in ("metal", "cuda"):
         if _gpu_backend(name).supports(q, v, g):
             return name
-    return _auto_cpu(q.shape[1])
+    return _auto_cpu(q.shape[1], native=False)
 
 
 def _pick(backend: str, q, v, g) -> str:
@@ -152,6 +173,11 @@ def _pick(backend: str, q, v, g) -> str:
     if mx.default_device() == mx.cpu:
         return _auto_cpu(q.shape[1])
     return _auto_gpu(q, v, g)
+
+
+# Threads the native primitive splits the state's rows over (std::thread, inside the one MLX
+# primitive). 1: on two shared cores a second thread bought no wall time (benchmarks/NOTES.md).
+NATIVE_THREADS = 1
 
 
 def _zeros_state(q: mx.array, v: mx.array) -> mx.array:
@@ -177,6 +203,13 @@ def gated_delta(
     _validate(q, k, v, g, beta, state, mask)
     state = _zeros_state(q, v) if state is None else state.astype(mx.float32)
     name = _pick(backend, q, v, g)
+    if name == "native":
+        from . import cpu_ext
+
+        mod = cpu_ext.load()
+        if mod is not None:
+            return mod.gated_delta(q, k, v, g, beta, state, mask, NATIVE_THREADS)
+        name = "chunked" if q.shape[1] >= _CPU_CHUNKED_MIN_T else "ref"
     if name == "ref":
         return gated_delta_ref(q, k, v, g, beta, state, mask)
     if name == "chunked":
@@ -189,7 +222,8 @@ def gated_delta(
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
     impl = _gpu_backend(name)
     if not impl.supports(q, v, g):
-        return gated_delta(q, k, v, g, beta, state, mask, backend=_auto_cpu(q.shape[1]))
+        T = q.shape[1]
+        return gated_delta(q, k, v, g, beta, state, mask, backend=_auto_cpu(T, native=False))
     return impl.gated_delta_kernel(q, k, v, g, beta, state, mask)
 
 
