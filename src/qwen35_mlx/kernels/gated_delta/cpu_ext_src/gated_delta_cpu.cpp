@@ -79,39 +79,75 @@ struct Dims {
   bool per_key;
 };
 
-// Rows [row0, row1) of the flattened [B, Hv, Dv] row index. Each row: load (scaled by the first
-// kept step's gate), then every step in L1, then one store.
-template <typename Y>
-void rows(const Dims& d, const float* q, const float* k, const float* kq, const float* v,
-          const float* g, const float* beta, const bool* keep, const float* s_in,
-          const int64_t s_str[4], float* s_out, Y* y, int64_t row0, int64_t row1) {
+// One build runs everywhere: on x86 with GCC or Clang the row loop is compiled for AVX-512,
+// for AVX2 + FMA and for the baseline, and the loader picks the best the CPU has (ifunc).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#define ROWS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ROWS_CLONES
+#endif
+
+struct Rows {
+  Dims d;
+  const float *q, *k, *kq, *v, *g, *beta;  // dense f32: [B,T,Hk,Dk] x2, [B,T,Hk], [B,T,Hv,Dv], ..
+  const bool* keep;                          // [B, T] or nullptr
+  const float* s_in;
+  int64_t s_str[4];
+  float* s_out;  // dense [B, Hv, Dv, Dk]; may be s_in itself
+  float* y;      // dense f32 [B, T, Hv, Dv]
+};
+
+// Rows [row0, row1) of the flattened [B, Hv, Dv] row index.
+ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
+  const Dims& d = a.d;
   const int Dk = d.Dk, Dv = d.Dv, T = d.T, Hv = d.Hv, Hk = d.Hk;
   const int rep = Hv / Hk;
-  std::vector<float> buf(Dk);
-  float* r = buf.data();
+  const int64_t cs = a.s_str[3];
   for (int64_t row = row0; row < row1; ++row) {
     const int i = static_cast<int>(row % Dv);
     const int h = static_cast<int>((row / Dv) % Hv);
     const int b = static_cast<int>(row / (int64_t(Dv) * Hv));
     const int kh = h / rep;
-    const float* src = s_in + b * s_str[0] + h * s_str[1] + i * s_str[2];
-    if (s_str[3] == 1) {
-      std::copy(src, src + Dk, r);
-    } else {
-      for (int j = 0; j < Dk; ++j) r[j] = src[j * s_str[3]];
+    const float* src = a.s_in + b * a.s_str[0] + h * a.s_str[1] + i * a.s_str[2];
+    float* dst = a.s_out + row * Dk;
+    if (T == 1 && cs == 1 && !d.per_key) {
+      // Decode: read the row, both dot products of g S; write g S + delta k. No buffer.
+      const int64_t yi = (int64_t(b) * Hv + h) * Dv + i;
+      if (a.keep != nullptr && !a.keep[b]) {
+        a.y[yi] = 0.0f;
+        if (dst != src) std::copy(src, src + Dk, dst);
+        continue;
+      }
+      const float* kt = a.k + (int64_t(b) * Hk + kh) * Dk;
+      const float* qt = a.q + (int64_t(b) * Hk + kh) * Dk;
+      const float gs = a.g[int64_t(b) * Hv + h];
+      float kv = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : kv, sq)
+      for (int j = 0; j < Dk; ++j) {
+        const float x = src[j] * gs;
+        kv += x * kt[j];
+        sq += x * qt[j];
+      }
+      const float delta = (a.v[yi] - kv) * a.beta[int64_t(b) * Hv + h];
+#pragma omp simd
+      for (int j = 0; j < Dk; ++j) dst[j] = src[j] * gs + delta * kt[j];
+      a.y[yi] = sq + delta * a.kq[int64_t(b) * Hk + kh];
+      continue;
     }
+    // Any T: the row is carried through every step in r (L1), then stored once.
+    for (int j = 0; j < Dk; ++j) r[j] = src[j * cs];
     for (int t = 0; t < T; ++t) {
       const int64_t bt = int64_t(b) * T + t;
       const int64_t yi = (bt * Hv + h) * Dv + i;
-      if (keep != nullptr && !keep[bt]) {
-        y[yi] = Y(0.0f);
+      if (a.keep != nullptr && !a.keep[bt]) {
+        a.y[yi] = 0.0f;
         continue;
       }
-      const float* kt = k + (bt * Hk + kh) * Dk;
-      const float* qt = q + (bt * Hk + kh) * Dk;
+      const float* kt = a.k + (bt * Hk + kh) * Dk;
+      const float* qt = a.q + (bt * Hk + kh) * Dk;
       float kv = 0.0f, sq = 0.0f;
       if (d.per_key) {
-        const float* gt = g + (bt * Hv + h) * Dk;
+        const float* gt = a.g + (bt * Hv + h) * Dk;
 #pragma omp simd reduction(+ : kv, sq)
         for (int j = 0; j < Dk; ++j) {
           const float x = r[j] * gt[j];
@@ -120,7 +156,7 @@ void rows(const Dims& d, const float* q, const float* k, const float* kq, const 
           sq += x * qt[j];
         }
       } else {
-        const float gs = g[bt * Hv + h];
+        const float gs = a.g[bt * Hv + h];
 #pragma omp simd reduction(+ : kv, sq)
         for (int j = 0; j < Dk; ++j) {
           const float x = r[j] * gs;
@@ -129,12 +165,12 @@ void rows(const Dims& d, const float* q, const float* k, const float* kq, const 
           sq += x * qt[j];
         }
       }
-      const float delta = (v[(bt * Hv + h) * Dv + i] - kv) * beta[bt * Hv + h];
+      const float delta = (a.v[yi] - kv) * a.beta[bt * Hv + h];
 #pragma omp simd
       for (int j = 0; j < Dk; ++j) r[j] += delta * kt[j];
-      y[yi] = Y(sq + delta * kq[bt * Hk + kh]);
+      a.y[yi] = sq + delta * a.kq[bt * Hk + kh];
     }
-    std::copy(r, r + Dk, s_out + row * Dk);
+    std::copy(r, r + Dk, dst);
   }
 }
 
@@ -191,29 +227,31 @@ void run_rows(const Dims& d, std::vector<mx::array> in, mx::array s_out, mx::arr
       keep_buf[n] = m.flags().row_contiguous ? p[n] : p[elem_offset(n, m)];
     keep = reinterpret_cast<const bool*>(keep_buf.data());
   }
+  std::vector<float> y(y_out.size());
   const mx::array& s = in[5];
-  const int64_t s_str[4] = {s.strides()[0], s.strides()[1], s.strides()[2], s.strides()[3]};
-  const float* s_in = s.data<float>();
-  float* so = s_out.data<float>();
-  Y* y = y_out.data<Y>();
+  Rows a{d, q.data(), k.data(), kq.data(), v.data(), g.data(), beta.data(), keep,
+         s.data<float>(), {s.strides()[0], s.strides()[1], s.strides()[2], s.strides()[3]},
+         s_out.data<float>(), y.data()};
   const int64_t n_rows = int64_t(d.B) * d.Hv * d.Dv;
-  auto work = [&](int64_t r0, int64_t r1) {
-    rows<Y>(d, q.data(), k.data(), kq.data(), v.data(), g.data(), beta.data(), keep, s_in,
-            s_str, so, y, r0, r1);
+  auto work = [&a, Dk = d.Dk](int64_t r0, int64_t r1) {
+    std::vector<float> r(Dk);
+    rows(a, r.data(), r0, r1);
   };
   const int nt = static_cast<int>(std::min<int64_t>(std::max(threads, 1), n_rows));
   if (nt <= 1) {
     work(0, n_rows);
-    return;
+  } else {
+    std::vector<std::thread> pool;
+    const int64_t per = (n_rows + nt - 1) / nt;
+    for (int w = 1; w < nt; ++w) {
+      const int64_t r0 = std::min(n_rows, w * per), r1 = std::min(n_rows, (w + 1) * per);
+      pool.emplace_back(work, r0, r1);
+    }
+    work(0, std::min(n_rows, per));
+    for (auto& th : pool) th.join();
   }
-  std::vector<std::thread> pool;
-  const int64_t per = (n_rows + nt - 1) / nt;
-  for (int w = 1; w < nt; ++w) {
-    const int64_t r0 = std::min(n_rows, w * per), r1 = std::min(n_rows, (w + 1) * per);
-    pool.emplace_back(work, r0, r1);
-  }
-  work(0, std::min(n_rows, per));
-  for (auto& th : pool) th.join();
+  Y* yo = y_out.data<Y>();
+  for (size_t n = 0; n < y.size(); ++n) yo[n] = static_cast<Y>(y[n]);
 }
 
 void GatedDeltaCPU::eval_cpu(const std::vector<mx::array>& inputs,
