@@ -87,6 +87,8 @@ struct Dims {
 #define ROWS_CLONES
 #endif
 
+constexpr int64_t kAhead = 8;  // rows (4 KiB at Dk = 128)
+
 struct Rows {
   Dims d;
   const float *q, *k, *kq, *v, *g, *beta;  // dense f32: [B,T,Hk,Dk] x2, [B,T,Hk], [B,T,Hv,Dv], ..
@@ -121,6 +123,12 @@ ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
       const float* kt = a.k + (int64_t(b) * Hk + kh) * Dk;
       const float* qt = a.q + (int64_t(b) * Hk + kh) * Dk;
       const float gs = a.g[int64_t(b) * Hv + h];
+      // The rows ahead: the hardware prefetchers do not keep a ~1 KiB-a-row stream ahead of
+      // DRAM once the state outgrows the last-level cache.
+      if (row + kAhead < row1) {
+        const float* next = src + kAhead * a.s_str[2];
+        for (int j = 0; j < Dk; j += 16) __builtin_prefetch(next + j, 0, 0);
+      }
       float kv = 0.0f, sq = 0.0f;
 #pragma omp simd reduction(+ : kv, sq)
       for (int j = 0; j < Dk; ++j) {
@@ -263,6 +271,15 @@ void GatedDeltaCPU::eval_cpu(const std::vector<mx::array>& inputs,
   mx::array& s_out = outputs[1];
   Dims d{q.shape(0), q.shape(1), q.shape(2), v.shape(2), q.shape(3), v.shape(3), per_key_};
 
+  // Each output of a multi-output primitive holds its own copy of the input list
+  // (array::make_arrays), so the state would count as referenced twice and never be donated:
+  // a fresh 16-64 MiB buffer every step, which glibc maps anew above 32 MiB (a page fault per
+  // 4 KiB, 9x the step's time at B = 32). The graph is being evaluated (every output gets its
+  // data here and is detached after), so the other outputs drop their copies first; `inputs`
+  // is the list of the output MLX evaluates through and stays as it is.
+  for (auto& o : outputs) {
+    if (&o.inputs() != &inputs) o.inputs().clear();
+  }
   y_out.set_data(mx::allocator::malloc(y_out.nbytes()));
   if (s.is_donatable() && s.flags().row_contiguous) {
     s_out.copy_shared_buffer(s);  // rows are read before they are written: in place is safe
