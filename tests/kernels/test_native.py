@@ -73,6 +73,25 @@ def test_native_half_inputs(dtype, B):
 
 
 @needs_native
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar", "perkey"])
+def test_native_steps_in_one_call_equal_one_call_a_step(per_key):
+    """T steps in one call give bit for bit what T calls of one step give (the verify pass
+    takes T tokens at once and must equal decoding them one by one)."""
+    B, T = 3, 4
+    q, k, v, g, beta, state = make_inputs(B, T, 2, 4, 24, 8, per_key=per_key, seed=11)
+    mask = _mask(B, T)
+    y, s = gated_delta(q, k, v, g, beta, state, mask, backend="native")
+    ys, st = [], state
+    for t in range(T):
+        sl = slice(t, t + 1)
+        y_t, st = gated_delta(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], st,
+                              mask[:, sl], backend="native")  # fmt: skip
+        ys.append(y_t)
+    np.testing.assert_array_equal(np.array(y), np.array(mx.concatenate(ys, axis=1)))
+    np.testing.assert_array_equal(np.array(s), np.array(st))
+
+
+@needs_native
 def test_native_update_from_raw_gates():
     """gated_delta_update (the layer's entry) through the native primitive."""
     B, T, Hk, Hv, Dk, Dv = 8, 1, 2, 4, 32, 16

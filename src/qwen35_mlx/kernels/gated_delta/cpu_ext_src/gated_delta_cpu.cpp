@@ -87,8 +87,6 @@ struct Dims {
 #define ROWS_CLONES
 #endif
 
-constexpr int64_t kAhead = 8;  // rows (4 KiB at Dk = 128)
-
 struct Rows {
   Dims d;
   const float *q, *k, *kq, *v, *g, *beta;  // dense f32: [B,T,Hk,Dk] x2, [B,T,Hk], [B,T,Hv,Dv], ..
@@ -112,73 +110,52 @@ ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
     const int kh = h / rep;
     const float* src = a.s_in + b * a.s_str[0] + h * a.s_str[1] + i * a.s_str[2];
     float* dst = a.s_out + row * Dk;
-    if (T == 1 && cs == 1 && !d.per_key) {
-      // Decode: read the row, both dot products of g S; write g S + delta k. No buffer.
-      const int64_t yi = (int64_t(b) * Hv + h) * Dv + i;
-      if (a.keep != nullptr && !a.keep[b]) {
-        a.y[yi] = 0.0f;
-        if (dst != src) std::copy(src, src + Dk, dst);
-        continue;
-      }
-      const float* kt = a.k + (int64_t(b) * Hk + kh) * Dk;
-      const float* qt = a.q + (int64_t(b) * Hk + kh) * Dk;
-      const float gs = a.g[int64_t(b) * Hv + h];
-      // The rows ahead: the hardware prefetchers do not keep a ~1 KiB-a-row stream ahead of
-      // DRAM once the state outgrows the last-level cache.
-      if (row + kAhead < row1) {
-        const float* next = src + kAhead * a.s_str[2];
-        for (int j = 0; j < Dk; j += 16) __builtin_prefetch(next + j, 0, 0);
-      }
-      float kv = 0.0f, sq = 0.0f;
-#pragma omp simd reduction(+ : kv, sq)
-      for (int j = 0; j < Dk; ++j) {
-        const float x = src[j] * gs;
-        kv += x * kt[j];
-        sq += x * qt[j];
-      }
-      const float delta = (a.v[yi] - kv) * a.beta[int64_t(b) * Hv + h];
-#pragma omp simd
-      for (int j = 0; j < Dk; ++j) dst[j] = src[j] * gs + delta * kt[j];
-      a.y[yi] = sq + delta * a.kq[int64_t(b) * Hk + kh];
-      continue;
+    // Step by step from `cur` (the row as it stands) into dst: the first step reads the state,
+    // the later ones the row they just wrote (in L1). One code path for every T, so a call of
+    // T steps gives bit for bit what T calls of one step give (the verify pass relies on it).
+    const float* cur = src;
+    if (cs != 1) {
+      for (int j = 0; j < Dk; ++j) r[j] = src[j * cs];
+      cur = r;
     }
-    // Any T: the row is carried through every step in r (L1), then stored once.
-    for (int j = 0; j < Dk; ++j) r[j] = src[j * cs];
     for (int t = 0; t < T; ++t) {
       const int64_t bt = int64_t(b) * T + t;
       const int64_t yi = (bt * Hv + h) * Dv + i;
       if (a.keep != nullptr && !a.keep[bt]) {
         a.y[yi] = 0.0f;
+        if (cur != dst) std::copy(cur, cur + Dk, dst);
+        cur = dst;
         continue;
       }
       const float* kt = a.k + (bt * Hk + kh) * Dk;
       const float* qt = a.q + (bt * Hk + kh) * Dk;
-      float kv = 0.0f, sq = 0.0f;
+      float kv = 0.0f, sq = 0.0f, delta;
       if (d.per_key) {
         const float* gt = a.g + (bt * Hv + h) * Dk;
 #pragma omp simd reduction(+ : kv, sq)
         for (int j = 0; j < Dk; ++j) {
-          const float x = r[j] * gt[j];
-          r[j] = x;
+          const float x = cur[j] * gt[j];
           kv += x * kt[j];
           sq += x * qt[j];
         }
+        delta = (a.v[yi] - kv) * a.beta[bt * Hv + h];
+#pragma omp simd
+        for (int j = 0; j < Dk; ++j) dst[j] = cur[j] * gt[j] + delta * kt[j];
       } else {
         const float gs = a.g[bt * Hv + h];
 #pragma omp simd reduction(+ : kv, sq)
         for (int j = 0; j < Dk; ++j) {
-          const float x = r[j] * gs;
-          r[j] = x;
+          const float x = cur[j] * gs;
           kv += x * kt[j];
           sq += x * qt[j];
         }
-      }
-      const float delta = (a.v[yi] - kv) * a.beta[bt * Hv + h];
+        delta = (a.v[yi] - kv) * a.beta[bt * Hv + h];
 #pragma omp simd
-      for (int j = 0; j < Dk; ++j) r[j] += delta * kt[j];
+        for (int j = 0; j < Dk; ++j) dst[j] = cur[j] * gs + delta * kt[j];
+      }
       a.y[yi] = sq + delta * a.kq[bt * Hk + kh];
+      cur = dst;
     }
-    std::copy(r, r + Dk, dst);
   }
 }
 
