@@ -277,7 +277,7 @@ def gated_delta_update(
     return gated_delta(q, k, v, g, beta, state, mask, backend=name)
 
 
-DECODE_BACKENDS = ("auto", "ref", "metal", "cuda")
+DECODE_BACKENDS = ("auto", "ref", "metal", "cuda", "native")
 
 
 def _validate_norm(z, norm_weight, B: int, dims) -> None:
@@ -377,9 +377,11 @@ def gated_delta_decode(
     `gated_rms_norm`); in the same launch on a GPU where the kernel takes it (norm_weight in
     qkv's dtype, Dk, Dv <= 128: `launch.norm_layout`), else as ops after it.
 
-    backend: "ref" (mx ops, decode.py), "metal" / "cuda" (one fused kernel), or "auto" (the
-    GPU kernel where it supports the shape, else ref). The env override QWEN35_MLX_GDN_BACKEND
-    applies as for gated_delta; "chunked" (a prefill backend) means ref here.
+    backend: "ref" (mx ops, decode.py), "metal" / "cuda" (one fused kernel), "native" (the ops
+    with the recurrence in the native CPU primitive where it is built, cpu_ext.py; else ref), or
+    "auto" (the GPU kernel where it supports the shape; on the CPU native where built; else
+    ref). The env override QWEN35_MLX_GDN_BACKEND applies as for gated_delta; "chunked" (a
+    prefill backend) means ref here.
     """
     dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
     if qkv.ndim == 2 and conv_w.ndim == 2:
@@ -417,7 +419,17 @@ def gated_delta_decode(
                 )
             y, state, conv_state = impl.gated_delta_decode_kernel(*args)
             return apply_norm(y, norm), state, conv_state
-    return gated_delta_decode_ref(*args, dims=dims, norm=norm)
+    return gated_delta_decode_ref(*args, dims=dims, norm=norm, native=_decode_native(name))
+
+
+def _decode_native(name: str):
+    """The built cpu_ext module when the decode ops should run their recurrence through it
+    (backend "native", or "auto" on the CPU), else None (the ops' own `ref._step`)."""
+    if name == "native" or (name == "auto" and mx.default_device() == mx.cpu):
+        from . import cpu_ext
+
+        return cpu_ext.load()
+    return None
 
 
 def gated_delta_decode_packed(
@@ -498,7 +510,9 @@ def gated_delta_decode_packed(
             qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=m, z=z, **kw
         )
         return y.reshape(B, Hv * Dv), state, conv_state, None
-    if name in ("auto", "ref", "chunked") and (name != "auto" or mx.default_device() == mx.cpu):
+    if name in ("auto", "ref", "chunked", "native") and (
+        name != "auto" or mx.default_device() == mx.cpu
+    ):
         # Where every token would take the ops: all of them at once (decode.py), the same
         # arithmetic with the per-token primitives only in the recurrence.
         from .decode import gated_delta_decode_tokens_ref
@@ -506,7 +520,7 @@ def gated_delta_decode_packed(
         _validate_packed(proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight, dims, B)
         y, state, conv_state, states = gated_delta_decode_tokens_ref(
             qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims=dims,
-            tokens=tokens, norm=(z, norm_weight, norm_eps),
+            tokens=tokens, norm=(z, norm_weight, norm_eps), native=_decode_native(name),
         )  # fmt: skip
         return y.reshape(B * tokens, Hv * Dv), state, conv_state, states
     del kw["norm_weight"], kw["norm_eps"]
