@@ -18,7 +18,8 @@ from tests.kernels.helpers import (
 )
 
 needs_native = pytest.mark.skipif(
-    not cpu_ext.available(), reason=f"native CPU primitive not built: {NATIVE_BUILD_ERROR}"
+    mx.default_device() != mx.cpu or not cpu_ext.available(),
+    reason=f"native CPU primitive not built or not the default device: {NATIVE_BUILD_ERROR}",
 )
 
 # (B, T, Hk, Hv, Dk, Dv, per_key): GQA 1x/2x/4x/8x, Dk != Dv both ways, odd sizes, B 1 and 8.
@@ -194,6 +195,7 @@ def test_env_override_selects_native(monkeypatch):
     assert spy.calls == 1
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU dispatch")
 @pytest.mark.parametrize("T", [1, 4])
 def test_native_not_built_falls_back(T, monkeypatch):
     """Without the module (not built, a Mac, switched off) "native" and auto run the ops path,
