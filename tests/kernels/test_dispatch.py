@@ -102,17 +102,20 @@ def _spy(monkeypatch):
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU dispatch")
 def test_auto_on_cpu_picks_ref_for_decode_and_chunked_for_prefill(monkeypatch):
-    """Decode takes the native primitive where it is built (test_native.py), else ref."""
+    """Decode takes the native primitive where it is built (test_native.py), else ref; prefill
+    chunked, or the native primitive where it is built and MLX runs its reference BLAS."""
     monkeypatch.delenv(ENV, raising=False)
     calls = _spy(monkeypatch)
     decode = "native" if gd.native_available() else "ref"
+    native_prefill = gd.native_available() and gd._reference_blas()
+    prefill = "native" if native_prefill else "chunked"
     gated_delta(*_inputs(T=1))
     long_T = max(64, gd._CPU_CHUNKED_MIN_T)
     gated_delta(*_inputs(T=long_T))
     q, k, v, g, beta, state = _inputs(T=long_T)
     a, b = mx.zeros(beta.shape), mx.zeros(beta.shape)
     gated_delta_update(q, k, v, a, b, mx.zeros((2,)), mx.zeros((2,)), state)
-    assert calls == [decode, "chunked", "chunked"]
+    assert calls == [decode, prefill, prefill]
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU dispatch")

@@ -157,6 +157,24 @@ def test_native_inside_compile():
     assert rel_err(yc, 2.0 * y_np) < RTOL[mx.float32]
 
 
+@needs_native
+def test_native_gradients_are_refs():
+    """The primitive has no vjp of its own: gradients through backend "native" are ref's."""
+    q, k, v, g, beta, state = make_inputs(2, 3, 1, 2, 16, 8, seed=4)
+    mask = _mask(2, 3)
+
+    def loss(backend):
+        def f(q, k, v, g, beta, state):
+            y, s = gated_delta(q, k, v, g, beta, state, mask, backend=backend)
+            return (y * y).sum() + (s * s).sum()
+
+        return mx.grad(f, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, g, beta, state)
+
+    for got, want in zip(loss("native"), loss("ref"), strict=True):
+        assert float(mx.abs(want).max()) > 0
+        assert rel_err(got, want) < RTOL[mx.float32]
+
+
 class _Spy:
     """Stands in for the built module and counts its calls."""
 
@@ -171,13 +189,14 @@ class _Spy:
 @needs_native
 @pytest.mark.parametrize("T", [1, 2, 3])
 def test_auto_on_cpu_picks_native_for_decode(T, monkeypatch):
+    """T <= 2 always; longer where MLX runs its reference BLAS (else chunked)."""
     monkeypatch.delenv(gd._ENV, raising=False)
     spy = _Spy(cpu_ext.load())
     monkeypatch.setattr(cpu_ext, "_loaded", [spy])
     q, k, v, g, beta, state = make_inputs(2, T, 1, 2, 16, 8)
     with mx.stream(mx.cpu):
         y, s = gated_delta(q, k, v, g, beta, state)
-    want = 1 if T <= gd._CPU_NATIVE_MAX_T else 0
+    want = 1 if T <= gd._CPU_NATIVE_MAX_T or gd._reference_blas() else 0
     assert spy.calls == want
     assert gd._pick("auto", q, v, g) == ("native" if want else "chunked")
     y_np, s_np = gated_delta_np(q, k, v, g, beta, state)
@@ -210,6 +229,18 @@ def test_native_not_built_falls_back(T, monkeypatch):
         y, s = gated_delta(q, k, v, g, beta, state, backend=backend)
         assert rel_err(y, y_np) < RTOL[mx.float32]
         assert rel_err(s, s_np) < RTOL[mx.float32]
+
+
+@needs_native
+@pytest.mark.parametrize("slow", [False, True], ids=["openblas", "reference"])
+def test_auto_prefill_follows_the_blas(slow, monkeypatch):
+    """Prefill (T >= 3): the native recurrence on the reference BLAS, chunked with a fast one."""
+    from qwen35_mlx import kernels
+
+    monkeypatch.delenv(gd._ENV, raising=False)
+    monkeypatch.setattr(kernels, "_slow_blas_query", [lambda: slow])
+    assert gd._auto_cpu(1) == "native"
+    assert gd._auto_cpu(64) == ("native" if slow else "chunked")
 
 
 def test_switched_off_by_env(monkeypatch):

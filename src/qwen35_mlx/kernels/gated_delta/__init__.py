@@ -113,8 +113,21 @@ _CPU_CHUNKED_MIN_T = 3
 
 
 # Up to this many steps `auto` on the CPU runs the native primitive where it is built (cpu_ext.py):
-# it reads and writes the state once for all T steps, where the ops read it twice a step.
+# it reads and writes the state once for all T steps, where the ops read it twice a step. Longer
+# sequences too while MLX runs its bundled reference BLAS: measured on 2 AMD EPYC cores
+# (2026-12-03, B 1, Hk16 Hv32 Dk=Dv=128, bf16, CPU time, benchmarks/NOTES.md) the native
+# recurrence took T = 16 / 128 / 512 / 2048 in 0.8 / 6.9 / 33 / 160 ms against chunked's
+# 5.5 / 47 / 149 / 654 on the reference BLAS (4-7x; B 8 likewise), and against 1.0 / 9.1 / 33 /
+# 195 with OpenBLAS (2 threads: about even in CPU time, chunked ahead in wall time), so with
+# OpenBLAS `chunked` keeps T >= _CPU_CHUNKED_MIN_T.
 _CPU_NATIVE_MAX_T = 2
+_CPU_NATIVE_ANY_T_ON_REFERENCE_BLAS = True
+
+
+def _reference_blas() -> bool:
+    from .. import cpu_blas_is_slow
+
+    return cpu_blas_is_slow()
 
 
 def native_available() -> bool:
@@ -127,8 +140,9 @@ def native_available() -> bool:
 def _auto_cpu(T: int, native: bool = True) -> str:
     """native: may pick the native primitive (False where the default device is a GPU: it runs
     on the CPU stream only)."""
-    if native and T <= _CPU_NATIVE_MAX_T and native_available():
-        return "native"
+    if native and native_available():
+        if T <= _CPU_NATIVE_MAX_T or (_CPU_NATIVE_ANY_T_ON_REFERENCE_BLAS and _reference_blas()):
+            return "native"
     return "chunked" if T >= _CPU_CHUNKED_MIN_T else "ref"
 
 
@@ -180,6 +194,25 @@ def _pick(backend: str, q, v, g) -> str:
 NATIVE_THREADS = 1
 
 
+def native_gated_delta(mod, q, k, v, g, beta, state, mask):
+    """The native primitive's call (mod: the built cpu_ext module), differentiable: the
+    primitive has no vjp of its own, so gradients (training) are `ref`'s, which computes the
+    same values. Returns (y [B, T, Hv, Dv] in v's dtype, state fp32)."""
+
+    def ops(q, k, v, g, beta, state):
+        return gated_delta_ref(q, k, v, g, beta, state.astype(mx.float32), mask)
+
+    @mx.custom_function
+    def fused(q, k, v, g, beta, state):
+        return tuple(mod.gated_delta(q, k, v, g, beta, state, mask, NATIVE_THREADS))
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        return mx.vjp(ops, list(primals), list(cotangents))[1]
+
+    return fused(q, k, v, g, beta, state)
+
+
 def _zeros_state(q: mx.array, v: mx.array) -> mx.array:
     B, _, _, Dk = q.shape
     return mx.zeros((B, v.shape[2], v.shape[3], Dk), dtype=mx.float32)
@@ -208,7 +241,7 @@ def gated_delta(
 
         mod = cpu_ext.load()
         if mod is not None:
-            return mod.gated_delta(q, k, v, g, beta, state, mask, NATIVE_THREADS)
+            return native_gated_delta(mod, q, k, v, g, beta, state, mask)
         name = "chunked" if q.shape[1] >= _CPU_CHUNKED_MIN_T else "ref"
     if name == "ref":
         return gated_delta_ref(q, k, v, g, beta, state, mask)

@@ -98,11 +98,11 @@ def _native_step(native, q, k, v, g, beta, S, m):
     """One step through the native CPU primitive (cpu_ext.py) from `ref._step`'s operands: q, k
     [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv], m [B] or None. Returns (y [B, Hv, Dv] in v's
     dtype, S)."""
-    from . import NATIVE_THREADS
+    from . import native_gated_delta
 
     m = None if m is None else m[:, None]
     one = (q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None])
-    y, S = native.gated_delta(*one, S, m, NATIVE_THREADS)
+    y, S = native_gated_delta(native, *one, S, m)
     return y[:, 0], S
 
 
