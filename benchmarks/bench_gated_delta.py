@@ -3,7 +3,8 @@
 Contenders (whichever run here):
   ours   qwen35_mlx.kernels.gated_delta.gated_delta_update with backend auto / ref / chunked /
          metal / cuda (the GPU ones only where their supports() says yes) / native (the CPU
-         primitive of cpu_ext.py, decode only, where it is built: `auto` on the CPU is it then)
+         primitive of cpu_ext.py, where it is built: `auto` on the CPU takes it for decode, and
+         for prefill too while MLX runs its reference BLAS)
   peers  mlx-lm's mlx_lm.models.gated_delta.gated_delta_update (ops path; its Metal kernel
          where Metal is present), MLX core's mx.fast.gated_delta_update, and on a CUDA machine
          flash-linear-attention's Triton chunk_gated_delta_rule / fused_recurrent_gated_delta_rule.
@@ -274,7 +275,7 @@ def contenders() -> list[Contender]:
         if _our_gpu_backend(name):
             out.append(Contender(f"ours {name}", "ours", _ours(name)))
     if mx.default_device() == mx.cpu and native_available():
-        out.append(Contender("ours native", "ours", _ours("native"), kinds=("decode",)))
+        out.append(Contender("ours native", "ours", _ours("native")))
     out.append(Contender("mlx-lm ops", "peer", _mlx_lm(use_kernel=False)))
     if mx.metal.is_available():
         out.append(Contender("mlx-lm kernel", "peer", _mlx_lm(use_kernel=True)))
