@@ -254,8 +254,9 @@ void GatedDeltaCPU::eval_cpu(const std::vector<mx::array>& inputs,
   // 4 KiB, 9x the step's time at B = 32). The graph is being evaluated (every output gets its
   // data here and is detached after), so the other outputs drop their copies first; `inputs`
   // is the list of the output MLX evaluates through and stays as it is.
+  // (Not for tracers: a graph being transformed keeps its edges.)
   for (auto& o : outputs) {
-    if (&o.inputs() != &inputs) o.inputs().clear();
+    if (&o.inputs() != &inputs && !o.is_tracer()) o.inputs().clear();
   }
   y_out.set_data(mx::allocator::malloc(y_out.nbytes()));
   if (s.is_donatable() && s.flags().row_contiguous) {
