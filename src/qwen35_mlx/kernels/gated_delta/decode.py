@@ -97,12 +97,15 @@ _decode_masked_compiled = mx.compile(_decode)
 def _native_step(native, q, k, v, g, beta, S, m):
     """One step through the native CPU primitive (cpu_ext.py) from `ref._step`'s operands: q, k
     [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv], m [B] or None. Returns (y [B, Hv, Dv] in v's
-    dtype, S)."""
-    from . import native_gated_delta
+    dtype, S). The bare primitive, without `native_gated_delta`'s vjp: these are the inference
+    steps (decode, verify), and in the compiled decode step the `mx.custom_function` wrapper
+    cost the small model ~10% at B = 8 where the bare call gained 1.2-1.4x (NOTES.md);
+    differentiate through backend "ref"."""
+    from . import NATIVE_THREADS
 
     m = None if m is None else m[:, None]
     one = (q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None])
-    y, S = native_gated_delta(native, *one, S, m)
+    y, S = native.gated_delta(*one, S, m, NATIVE_THREADS)
     return y[:, 0], S
 
 
