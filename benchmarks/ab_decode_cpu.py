@@ -1,6 +1,8 @@
 """CPU A/B of one decode step on the small model: ours compiled, ours compiled with the GPU's
 weight layout (`layers.CPU_TRANSPOSED_WEIGHTS = False`: fused transposed views, a second model
-object with the same weights), ours plain path, mlx-lm.
+object with the same weights), ours plain path, mlx-lm; and where the native CPU gated-delta
+primitive is built (`kernels/gated_delta/cpu_ext.py`, which `auto` then runs), ours compiled
+with the MLX-ops recurrence instead (`QWEN35_MLX_GDN_BACKEND=ref`, a third model object).
 
 All are set up once (prefill + 3 steps each), then interleaved in blocks of 8 steps (who goes
 first alternates), 6 blocks each; prints ms a step in wall time and in process CPU time
@@ -13,6 +15,7 @@ once, back to back, so a burst of load from other processes falls on one round).
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -24,6 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from qwen35_mlx._blas import blas_status
+from qwen35_mlx.kernels.gated_delta import native_available
 from qwen35_mlx.models import layers
 
 # isort: on
@@ -40,9 +44,23 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
     gpu_layout.load_weights(tree_flatten(ours.parameters()), strict=True)
     prompts = mx.random.randint(0, SHAPE_SMALL["vocab_size"], (B, P))
     model_of = {"compiled": ours, "gpu layout": gpu_layout, "plain": ours, "mlx-lm": theirs}
+    if native_available():
+        ops = build_models(SHAPE_SMALL, mx.float32, which=("qwen35_mlx",))["qwen35_mlx"]
+        ops.load_weights(tree_flatten(ours.parameters()), strict=True)
+        model_of["compiled ops recurrence"] = ops
     flag = layers.CPU_TRANSPOSED_WEIGHTS
+    env = os.environ.get("QWEN35_MLX_GDN_BACKEND")
+
+    def set_backend(name):
+        if name == "compiled ops recurrence":
+            os.environ["QWEN35_MLX_GDN_BACKEND"] = "ref"
+        elif env is None:
+            os.environ.pop("QWEN35_MLX_GDN_BACKEND", None)
+        else:
+            os.environ["QWEN35_MLX_GDN_BACKEND"] = env
 
     def step(name, cache, y):
+        set_backend(name)
         ours.compiled_decode = name == "compiled"
         layers.CPU_TRANSPOSED_WEIGHTS = flag and name != "gpu layout"
         y = mx.argmax(model_of[name](y[:, None], cache=cache)[:, -1], -1)
@@ -52,6 +70,7 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
     print(f"BLAS: {blas_status()}")
     state = {}
     for name, m in model_of.items():
+        set_backend(name)
         ours.compiled_decode = name == "compiled"
         layers.CPU_TRANSPOSED_WEIGHTS = flag and name != "gpu layout"
         cache = m.make_cache()
@@ -76,6 +95,7 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         rounds.append(block["mlx-lm"] / block["compiled"])
     ours.compiled_decode = True
     layers.CPU_TRANSPOSED_WEIGHTS = flag
+    set_backend("")
     n = blocks * steps
     out = {k: (wall[k] / n * 1e3, cpu[k] / n * 1e3) for k in state}
     print(
@@ -86,6 +106,11 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         f"mlx-lm / ours compiled, CPU time: {cpu['mlx-lm'] / cpu['compiled']:.2f}x overall, "
         f"{statistics.median(rounds):.2f}x median of {blocks} rounds"
     )
+    if "compiled ops recurrence" in cpu:
+        print(
+            "ops recurrence / native (both compiled), CPU time: "
+            f"{cpu['compiled ops recurrence'] / cpu['compiled']:.2f}x"
+        )
     return out
 
 

@@ -2,12 +2,14 @@
 
 Contenders (whichever run here):
   ours   qwen35_mlx.kernels.gated_delta.gated_delta_update with backend auto / ref / chunked /
-         metal / cuda (the GPU ones only where their supports() says yes)
+         metal / cuda (the GPU ones only where their supports() says yes) / native (the CPU
+         primitive of cpu_ext.py, where it is built: `auto` on the CPU takes it for decode, and
+         for prefill too while MLX runs its reference BLAS)
   peers  mlx-lm's mlx_lm.models.gated_delta.gated_delta_update (ops path; its Metal kernel
          where Metal is present), MLX core's mx.fast.gated_delta_update, and on a CUDA machine
          flash-linear-attention's Triton chunk_gated_delta_rule / fused_recurrent_gated_delta_rule.
-  floor  on a GPU, decode's memory floor measured in the same repeats: one elementwise pass
-         over the state (read + write once); ours are also printed as multiples of it.
+  floor  decode's memory floor measured in the same repeats: one elementwise pass over the
+         state (read + write once); ours are also printed as multiples of it.
 
 Shape: Hk=16, Hv=32, Dk=Dv=128, bf16 q/k/v, fp32 state [B, Hv, Dv, Dk]; decode B in
 {1, 8, 32, 128} with T=1; prefill B=1, T in {128, 512, 2048, 8192}. Every contender starts from
@@ -48,7 +50,7 @@ from pathlib import Path
 import qwen35_mlx  # noqa: F401  isort: skip
 import mlx.core as mx  # noqa: E402
 
-from qwen35_mlx.kernels.gated_delta import gated_delta_update  # noqa: E402
+from qwen35_mlx.kernels.gated_delta import gated_delta_update, native_available  # noqa: E402
 
 HK, HV, DK, DV = 16, 32, 128, 128
 DECODE_B = (1, 8, 32, 128)
@@ -272,14 +274,15 @@ def contenders() -> list[Contender]:
     for name in ("metal", "cuda"):
         if _our_gpu_backend(name):
             out.append(Contender(f"ours {name}", "ours", _ours(name)))
+    if mx.default_device() == mx.cpu and native_available():
+        out.append(Contender("ours native", "ours", _ours("native")))
     out.append(Contender("mlx-lm ops", "peer", _mlx_lm(use_kernel=False)))
     if mx.metal.is_available():
         out.append(Contender("mlx-lm kernel", "peer", _mlx_lm(use_kernel=True)))
     if hasattr(mx.fast, "gated_delta_update"):
         out.append(Contender("mx.fast", "peer", _mx_fast()))
     out.extend(_fla_contenders())
-    if mx.default_device() != mx.cpu:
-        out.append(Contender("memory floor", "floor", _memory_floor(), kinds=("decode",)))
+    out.append(Contender("memory floor", "floor", _memory_floor(), kinds=("decode",)))
     return out
 
 

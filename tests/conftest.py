@@ -19,6 +19,23 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from qwen35_mlx.kernels.gated_delta import cpu_ext  # noqa: E402
+
+# The optional native CPU primitive (gated_delta backend "native") is built once per machine
+# here, before any test runs, so that `auto` picks the same backends in every test whatever the
+# order (about 40 s on two cores the first time; then a cached module). Where it cannot be built
+# (no cmake / compiler / nanobind) NATIVE_BUILD_ERROR says why, its tests skip, and `auto` keeps
+# the MLX-ops path. QWEN35_MLX_CPU_EXT=0 skips it; so does a GPU default device (Metal, CUDA).
+NATIVE_BUILD_ERROR = f"switched off ({cpu_ext.OFF_ENV}=0)"
+if mx.default_device() != mx.cpu:  # a GPU machine: `auto` never takes it there
+    NATIVE_BUILD_ERROR = "not built where the default device is a GPU"
+elif os.environ.get(cpu_ext.OFF_ENV, "1") != "0":
+    NATIVE_BUILD_ERROR = None
+    try:
+        cpu_ext.build()
+    except RuntimeError as e:
+        NATIVE_BUILD_ERROR = str(e).splitlines()[0]
+
 # Relative error tolerances by dtype: max|a - b| / max(max|b|, tiny). Loosening one is a design
 # decision, stated in the commit that does it.
 RTOL = {

@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 # Plain Python (imports nothing, mlx included): the kernels' hook for matmul-heavy CPU paths.
-from .kernels import on_cpu_matmul
+from .kernels import on_cpu_matmul, set_slow_blas_query
 
 _ENV = "QWEN35_MLX_BLAS"
 _SEARCH = (
@@ -160,3 +160,4 @@ def warn_if_reference_blas() -> None:
 
 # The chunked gated-delta path runs its CPU hooks first; kernels import nothing above kernels/.
 on_cpu_matmul(warn_if_reference_blas)
+set_slow_blas_query(lambda: _status.get("blas") == "reference")

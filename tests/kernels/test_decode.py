@@ -36,13 +36,27 @@ def _mask(B):
     return mx.array([b % 2 == 1 or B == 1 for b in range(B)])
 
 
+# The ops, and the ops with the native CPU primitive's recurrence (cpu_ext.py) where it is built.
+OPS_BACKENDS = [
+    "ref",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            mx.default_device() != mx.cpu or not gd.native_available(),
+            reason="native CPU primitive not built, or a GPU default device",
+        ),
+    ),
+]
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
-def test_decode_ref_matches_numpy(shape, masked):
+@pytest.mark.parametrize("backend", OPS_BACKENDS)
+def test_decode_ref_matches_numpy(shape, masked, backend):
     B, Hk, Hv, Dk, Dv, K = shape
     x = make_decode_inputs(B, Hk, Hv, Dk, Dv, K, seed=B * K)
     mask = _mask(B) if masked else None
-    y, s, cs = gated_delta_decode(*_args(x), mask=mask, backend="ref", **_kw(Hk, Dk, Hv, Dv))
+    y, s, cs = gated_delta_decode(*_args(x), mask=mask, backend=backend, **_kw(Hk, Dk, Hv, Dv))
     y_np, s_np, cs_np = gated_delta_decode_np(*_args(x), mask, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv)
     assert (
         y.shape == (B, Hv, Dv)
@@ -186,7 +200,9 @@ def test_decode_without_gpu_runs_ref(backend, monkeypatch):
     monkeypatch.setattr(decode_mod, "gated_delta_decode_ref", spy)
     x = make_decode_inputs(2, 1, 2, 32, 16)
     got = gated_delta_decode(*_args(x), backend=backend, **_kw(1, 32, 2, 16))
-    want = real(*_args(x), None, dims=(1, 32, 2, 16))
+    # On the CPU, auto's ops run their recurrence through the native primitive where it is
+    # built (test_native.py); the ops around it are these.
+    want = real(*_args(x), None, dims=(1, 32, 2, 16), native=gd._decode_native(backend))
     assert calls == ["ref"]
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(np.asarray(g), np.asarray(w))
@@ -207,11 +223,11 @@ def _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, dtype, seed):
     return proj, x, norm_w
 
 
-def _packed(proj, x, norm_w, T, mask, dims):
+def _packed(proj, x, norm_w, T, mask, dims, backend="ref"):
     Hk, Dk, Hv, Dv = dims
     return gd.gated_delta_decode_packed(
         proj, x["conv_state"], x["conv_w"], x["A_log"], x["dt_bias"], x["state"], norm_w,
-        tokens=T, mask=mask, backend="ref", **_kw(Hk, Dk, Hv, Dv),
+        tokens=T, mask=mask, backend=backend, **_kw(Hk, Dk, Hv, Dv),
     )  # fmt: skip
 
 
@@ -223,23 +239,24 @@ def _token_masks(B, T):
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("T", [2, 3, 5])
 @pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
-def test_packed_tokens_ops_equal_one_call_a_token(shape, T, masked, dtype):
-    """Bit for bit what T calls of `gated_delta_decode` (ref) and the gated norm give: y, the
-    last states and the states after every token (the rollback's)."""
+@pytest.mark.parametrize("backend", OPS_BACKENDS)
+def test_packed_tokens_ops_equal_one_call_a_token(shape, T, masked, dtype, backend):
+    """Bit for bit what T calls of `gated_delta_decode` (same backend) and the gated norm give:
+    y, the last states and the states after every token (the rollback's)."""
     from qwen35_mlx.kernels.gated_delta.decode import gated_rms_norm
 
     B, Hk, Hv, Dk, Dv, K = shape
     dims = (Hk, Dk, Hv, Dv)
     proj, x, norm_w = _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, dtype, seed=T + B)
     mask = _token_masks(B, T) if masked else None
-    y, s, cs, per = _packed(proj, x, norm_w, T, mask, dims)
+    y, s, cs, per = _packed(proj, x, norm_w, T, mask, dims, backend)
     C = 2 * Hk * Dk + Hv * Dv
     qkv, z, b, a = mx.split(proj, [C, C + Hv * Dv, C + Hv * Dv + Hv], axis=-1)
     conv, state, ys, want = x["conv_state"], x["state"], [], []
     for t in range(T):
         yt, state, conv = gated_delta_decode(
             qkv[t::T], conv, x["conv_w"], a[t::T], b[t::T], x["A_log"], x["dt_bias"], state,
-            mask=None if mask is None else mask[:, t], backend="ref", **_kw(*dims),
+            mask=None if mask is None else mask[:, t], backend=backend, **_kw(*dims),
         )  # fmt: skip
         ys.append(yt)
         want.append((conv, state))
@@ -265,13 +282,14 @@ def _gated_norm_np(y, z, w, eps=1e-6):
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
-def test_packed_tokens_ops_match_numpy(shape, masked):
+@pytest.mark.parametrize("backend", OPS_BACKENDS)
+def test_packed_tokens_ops_match_numpy(shape, masked, backend):
     """fp32 against T float64 NumPy steps and the gated norm."""
     B, Hk, Hv, Dk, Dv, K = shape
     T = 4
     proj, x, norm_w = _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, mx.float32, seed=B * K)
     mask = _token_masks(B, T) if masked else None
-    y, s, cs, per = _packed(proj, x, norm_w, T, mask, (Hk, Dk, Hv, Dv))
+    y, s, cs, per = _packed(proj, x, norm_w, T, mask, (Hk, Dk, Hv, Dv), backend)
     C = 2 * Hk * Dk + Hv * Dv
     p = np64(proj).reshape(B, T, -1)
     conv, state = x["conv_state"], x["state"]

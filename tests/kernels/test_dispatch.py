@@ -7,7 +7,7 @@ import pytest
 
 import qwen35_mlx.kernels.gated_delta as gd
 from qwen35_mlx.kernels.gated_delta import chunked as chunked_mod
-from qwen35_mlx.kernels.gated_delta import gated_delta, gated_delta_update
+from qwen35_mlx.kernels.gated_delta import cpu_ext, gated_delta, gated_delta_update
 from tests.conftest import RTOL, rel_err
 from tests.kernels.helpers import make_inputs
 
@@ -88,20 +88,34 @@ def _spy(monkeypatch):
 
     monkeypatch.setattr(gd, "gated_delta_ref", spy_ref)
     monkeypatch.setattr(chunked_mod, "gated_delta_chunked", spy_chunked)
+    native = cpu_ext.load()
+    if native is not None:
+
+        class SpyNative:
+            def gated_delta(self, *a):
+                calls.append("native")
+                return native.gated_delta(*a)
+
+        monkeypatch.setattr(cpu_ext, "_loaded", [SpyNative()])
     return calls
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU dispatch")
 def test_auto_on_cpu_picks_ref_for_decode_and_chunked_for_prefill(monkeypatch):
+    """Decode takes the native primitive where it is built (test_native.py), else ref; prefill
+    chunked, or the native primitive where it is built and MLX runs its reference BLAS."""
     monkeypatch.delenv(ENV, raising=False)
     calls = _spy(monkeypatch)
+    decode = "native" if gd.native_available() else "ref"
+    native_prefill = gd.native_available() and gd._reference_blas()
+    prefill = "native" if native_prefill else "chunked"
     gated_delta(*_inputs(T=1))
     long_T = max(64, gd._CPU_CHUNKED_MIN_T)
     gated_delta(*_inputs(T=long_T))
     q, k, v, g, beta, state = _inputs(T=long_T)
     a, b = mx.zeros(beta.shape), mx.zeros(beta.shape)
     gated_delta_update(q, k, v, a, b, mx.zeros((2,)), mx.zeros((2,)), state)
-    assert calls == ["ref", "chunked", "chunked"]
+    assert calls == [decode, prefill, prefill]
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU dispatch")

@@ -1,8 +1,10 @@
 """Array math for Qwen3.5: kernels know shapes, never layers; they import only mlx.
 
-The one thing they take from above is injected: `on_cpu_matmul(hook)` registers a callable (no
-arguments) that runs before a matmul-heavy path starts on the CPU. The package registers its
-slow-BLAS warning there (`qwen35_mlx._blas`). This file imports nothing, so it can be loaded
+The things they take from above are injected: `on_cpu_matmul(hook)` registers a callable (no
+arguments) that runs before a matmul-heavy path starts on the CPU; the package registers its
+slow-BLAS warning there (`qwen35_mlx._blas`). `set_slow_blas_query(fn)`: fn() says whether CPU
+matmuls run on MLX's slow reference BLAS (the gated delta dispatch then prefers the native
+recurrence over the matmul-heavy chunked form). This file imports nothing, so it can be loaded
 before mlx is.
 """
 
@@ -22,6 +24,19 @@ def on_cpu_matmul(hook: Callable[[], None]) -> None:
 def run_cpu_matmul_hooks() -> None:
     for hook in _cpu_matmul_hooks:
         hook()
+
+
+_slow_blas_query: list[Callable[[], bool]] = []
+
+
+def set_slow_blas_query(fn: Callable[[], bool]) -> None:
+    """fn() -> True when CPU matmuls run on a slow (reference) BLAS; the last one set counts."""
+    _slow_blas_query[:] = [fn]
+
+
+def cpu_blas_is_slow() -> bool:
+    """What the query set by `set_slow_blas_query` says; False when none was set."""
+    return bool(_slow_blas_query and _slow_blas_query[0]())
 
 
 def gpu_backend_name() -> str | None:

@@ -22,6 +22,10 @@ Backends (`backend=`, or `auto`, overridable with env QWEN35_MLX_GDN_BACKEND):
     metal    fused kernels through mx.fast.metal_kernel                        -> metal.py
     cuda     the same kernel bodies, compiled once per machine by NVRTC       -> cuda.py
              (disk cache ~/.cache/qwen35_mlx/cuda, precompiled.py; else mx.fast.cuda_kernel)
+    native   the CPU recurrence as one MLX C++ primitive, one pass over the state for all
+             T steps: an optional extension built once per machine; where it is not built
+             (or on a Mac) `native` means `auto` without it                 -> cpu_ext.py
+`native_available()` says whether this process has the native CPU primitive.
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ __all__ = [
     "gated_delta_decode_packed",
     "compute_gates",
     "BACKENDS",
+    "native_available",
 ]
 
-BACKENDS = ("auto", "ref", "chunked", "metal", "cuda")
+BACKENDS = ("auto", "ref", "chunked", "metal", "cuda", "native")
 _ENV = "QWEN35_MLX_GDN_BACKEND"
 
 
@@ -107,7 +112,37 @@ def _resolve_backend(backend: str) -> str:
 _CPU_CHUNKED_MIN_T = 3
 
 
-def _auto_cpu(T: int) -> str:
+# Up to this many steps `auto` on the CPU runs the native primitive where it is built (cpu_ext.py):
+# it reads and writes the state once for all T steps, where the ops read it twice a step. Longer
+# sequences too while MLX runs its bundled reference BLAS: measured on 2 AMD EPYC cores
+# (2026-12-03, B 1, Hk16 Hv32 Dk=Dv=128, bf16, CPU time, benchmarks/NOTES.md) the native
+# recurrence took T = 16 / 128 / 512 / 2048 in 0.8 / 6.9 / 33 / 160 ms against chunked's
+# 5.5 / 47 / 149 / 654 on the reference BLAS (4-7x; B 8 likewise), and against 1.0 / 9.1 / 33 /
+# 195 with OpenBLAS (2 threads: about even in CPU time, chunked ahead in wall time), so with
+# OpenBLAS `chunked` keeps T >= _CPU_CHUNKED_MIN_T.
+_CPU_NATIVE_MAX_T = 2
+_CPU_NATIVE_ANY_T_ON_REFERENCE_BLAS = True
+
+
+def _reference_blas() -> bool:
+    from .. import cpu_blas_is_slow
+
+    return cpu_blas_is_slow()
+
+
+def native_available() -> bool:
+    """True when the native CPU primitive (backend "native", cpu_ext.py) is built and loads."""
+    from . import cpu_ext
+
+    return cpu_ext.available()
+
+
+def _auto_cpu(T: int, native: bool = True) -> str:
+    """native: may pick the native primitive (False where the default device is a GPU: it runs
+    on the CPU stream only)."""
+    if native and native_available():
+        if T <= _CPU_NATIVE_MAX_T or (_CPU_NATIVE_ANY_T_ON_REFERENCE_BLAS and _reference_blas()):
+            return "native"
     return "chunked" if T >= _CPU_CHUNKED_MIN_T else "ref"
 
 
@@ -142,7 +177,7 @@ def _auto_gpu(q: mx.array, v: mx.array, g: mx.array) -> str:
     for name in ("metal", "cuda"):
         if _gpu_backend(name).supports(q, v, g):
             return name
-    return _auto_cpu(q.shape[1])
+    return _auto_cpu(q.shape[1], native=False)
 
 
 def _pick(backend: str, q, v, g) -> str:
@@ -152,6 +187,30 @@ def _pick(backend: str, q, v, g) -> str:
     if mx.default_device() == mx.cpu:
         return _auto_cpu(q.shape[1])
     return _auto_gpu(q, v, g)
+
+
+# Threads the native primitive splits the state's rows over (std::thread, inside the one MLX
+# primitive). 1: on two shared cores a second thread bought no wall time (benchmarks/NOTES.md).
+NATIVE_THREADS = 1
+
+
+def native_gated_delta(mod, q, k, v, g, beta, state, mask):
+    """The native primitive's call (mod: the built cpu_ext module), differentiable: the
+    primitive has no vjp of its own, so gradients (training) are `ref`'s, which computes the
+    same values. Returns (y [B, T, Hv, Dv] in v's dtype, state fp32)."""
+
+    def ops(q, k, v, g, beta, state):
+        return gated_delta_ref(q, k, v, g, beta, state.astype(mx.float32), mask)
+
+    @mx.custom_function
+    def fused(q, k, v, g, beta, state):
+        return tuple(mod.gated_delta(q, k, v, g, beta, state, mask, NATIVE_THREADS))
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        return mx.vjp(ops, list(primals), list(cotangents))[1]
+
+    return fused(q, k, v, g, beta, state)
 
 
 def _zeros_state(q: mx.array, v: mx.array) -> mx.array:
@@ -177,6 +236,13 @@ def gated_delta(
     _validate(q, k, v, g, beta, state, mask)
     state = _zeros_state(q, v) if state is None else state.astype(mx.float32)
     name = _pick(backend, q, v, g)
+    if name == "native":
+        from . import cpu_ext
+
+        mod = cpu_ext.load()
+        if mod is not None:
+            return native_gated_delta(mod, q, k, v, g, beta, state, mask)
+        name = "chunked" if q.shape[1] >= _CPU_CHUNKED_MIN_T else "ref"
     if name == "ref":
         return gated_delta_ref(q, k, v, g, beta, state, mask)
     if name == "chunked":
@@ -189,7 +255,8 @@ def gated_delta(
         return gated_delta_chunked(q, k, v, g, beta, state, mask)
     impl = _gpu_backend(name)
     if not impl.supports(q, v, g):
-        return gated_delta(q, k, v, g, beta, state, mask, backend=_auto_cpu(q.shape[1]))
+        T = q.shape[1]
+        return gated_delta(q, k, v, g, beta, state, mask, backend=_auto_cpu(T, native=False))
     return impl.gated_delta_kernel(q, k, v, g, beta, state, mask)
 
 
@@ -243,7 +310,7 @@ def gated_delta_update(
     return gated_delta(q, k, v, g, beta, state, mask, backend=name)
 
 
-DECODE_BACKENDS = ("auto", "ref", "metal", "cuda")
+DECODE_BACKENDS = ("auto", "ref", "metal", "cuda", "native")
 
 
 def _validate_norm(z, norm_weight, B: int, dims) -> None:
@@ -343,9 +410,11 @@ def gated_delta_decode(
     `gated_rms_norm`); in the same launch on a GPU where the kernel takes it (norm_weight in
     qkv's dtype, Dk, Dv <= 128: `launch.norm_layout`), else as ops after it.
 
-    backend: "ref" (mx ops, decode.py), "metal" / "cuda" (one fused kernel), or "auto" (the
-    GPU kernel where it supports the shape, else ref). The env override QWEN35_MLX_GDN_BACKEND
-    applies as for gated_delta; "chunked" (a prefill backend) means ref here.
+    backend: "ref" (mx ops, decode.py), "metal" / "cuda" (one fused kernel), "native" (the ops
+    with the recurrence in the native CPU primitive where it is built, cpu_ext.py; else ref), or
+    "auto" (the GPU kernel where it supports the shape; on the CPU native where built; else
+    ref). The env override QWEN35_MLX_GDN_BACKEND applies as for gated_delta; "chunked" (a
+    prefill backend) means ref here.
     """
     dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
     if qkv.ndim == 2 and conv_w.ndim == 2:
@@ -383,7 +452,17 @@ def gated_delta_decode(
                 )
             y, state, conv_state = impl.gated_delta_decode_kernel(*args)
             return apply_norm(y, norm), state, conv_state
-    return gated_delta_decode_ref(*args, dims=dims, norm=norm)
+    return gated_delta_decode_ref(*args, dims=dims, norm=norm, native=_decode_native(name))
+
+
+def _decode_native(name: str):
+    """The built cpu_ext module when the decode ops should run their recurrence through it
+    (backend "native", or "auto" on the CPU), else None (the ops' own `ref._step`)."""
+    if name == "native" or (name == "auto" and mx.default_device() == mx.cpu):
+        from . import cpu_ext
+
+        return cpu_ext.load()
+    return None
 
 
 def gated_delta_decode_packed(
@@ -468,7 +547,9 @@ def gated_delta_decode_packed(
             qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=m, z=z, **kw
         )
         return y.reshape(B, Hv * Dv), state, conv_state, None
-    if name in ("auto", "ref", "chunked") and (name != "auto" or mx.default_device() == mx.cpu):
+    if name in ("auto", "ref", "chunked", "native") and (
+        name != "auto" or mx.default_device() == mx.cpu
+    ):
         # Where every token would take the ops: all of them at once (decode.py), the same
         # arithmetic with the per-token primitives only in the recurrence.
         from .decode import gated_delta_decode_tokens_ref
@@ -476,7 +557,7 @@ def gated_delta_decode_packed(
         _validate_packed(proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight, dims, B)
         y, state, conv_state, states = gated_delta_decode_tokens_ref(
             qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims=dims,
-            tokens=tokens, norm=(z, norm_weight, norm_eps),
+            tokens=tokens, norm=(z, norm_weight, norm_eps), native=_decode_native(name),
         )  # fmt: skip
         return y.reshape(B * tokens, Hv * Dv), state, conv_state, states
     del kw["norm_weight"], kw["norm_eps"]

@@ -94,11 +94,58 @@ _decode_compiled = mx.compile(
 _decode_masked_compiled = mx.compile(_decode)
 
 
+def _native_step(native, q, k, v, g, beta, S, m):
+    """One step through the native CPU primitive (cpu_ext.py) from `ref._step`'s operands: q, k
+    [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv], m [B] or None. Returns (y [B, Hv, Dv] in v's
+    dtype, S). The bare primitive, without `native_gated_delta`'s vjp: these are the inference
+    steps (decode, verify), and in the compiled decode step the `mx.custom_function` wrapper
+    cost the small model ~10% at B = 8 where the bare call gained 1.2-1.4x (NOTES.md);
+    differentiate through backend "ref"."""
+    from . import NATIVE_THREADS
+
+    m = None if m is None else m[:, None]
+    one = (q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None])
+    y, S = native.gated_delta(*one, S, m, NATIVE_THREADS)
+    return y[:, 0], S
+
+
+def _decode_native(native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims):
+    q, k, v, new_conv = conv_qkv_step(qkv, conv_state, conv_w, *dims)
+    g, beta = compute_gates(a, b, A_log, dt_bias)
+    y, state = _native_step(native, q, k, v, g, beta, state.astype(mx.float32), mask)
+    return y, state, new_conv
+
+
+_native_compiled: dict = {}  # (module id, masked) -> compiled `_decode_native`
+
+
+def _native_fn(native, masked: bool):
+    key = (id(native), masked)
+    if key not in _native_compiled:
+        if masked:
+            fn = partial(_decode_native, native)
+        else:
+
+            def fn(qkv, cs, w, a, b, A_log, dt_bias, state, dims):
+                return _decode_native(native, qkv, cs, w, a, b, A_log, dt_bias, state, None, dims)
+
+        _native_compiled[key] = mx.compile(fn)
+    return _native_compiled[key]
+
+
 def gated_delta_decode_ref(
-    qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, *, dims, norm=None
+    qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, *, dims, norm=None, native=None
 ) -> tuple[mx.array, mx.array, mx.array]:
     """The decode step in mx ops; dims = (Hk, Dk, Hv, Dv); norm (z, weight, eps) or None.
-    Inputs validated by the caller."""
+    Inputs validated by the caller. native: the built cpu_ext module, whose one primitive then
+    runs the recurrence (conv, norms and gates stay these ops), or None."""
+    if native is not None:
+        fn = _native_fn(native, mask is not None)
+        if mask is None:
+            y, s, c = fn(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, dims)
+        else:
+            y, s, c = fn(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims)
+        return apply_norm(y, norm), s, c
     if mask is None:
         y, s, c = _decode_compiled(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, dims)
     else:
@@ -117,7 +164,7 @@ def gated_delta_decode_ref(
 # the same products, sums and roundings as T calls (bit for bit: tests/kernels/test_decode.py).
 
 
-def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T):
+def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T, native=None):
     Hk, Dk, Hv, Dv = dims
     f32 = mx.float32
     BT, C = qkv.shape
@@ -136,6 +183,18 @@ def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T)
     k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
     v = h[..., 2 * key_dim :].reshape(B, T, Hv, Dv)
     g, beta = compute_gates(a, b, A_log, dt_bias)  # [B*T, Hv]
+    if native is not None:
+        # One native step a token (a call of T steps would give the same y and last state, but
+        # not the states in between, which a rollback needs).
+        g, beta = g.reshape(B, T, Hv), beta.reshape(B, T, Hv)
+        S = state.astype(f32)
+        ys, states = [], []
+        for t in range(T):
+            m = None if mask is None else mask[:, t]
+            y, S = _native_step(native, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S, m)
+            ys.append(y)
+            states.append((x[:, t + 1 : t + K], S))
+        return mx.stack(ys, axis=1), states
     # `_step`'s operands for every token, [B, T, Hv, ...]; each token's is a [B, 1, Hv, ...]
     # piece of one split a kind (views; `a[:, t]` would be a gather), and the state is kept
     # [B, 1, Hv, Dv, Dk], so a token's step needs no reshape.
@@ -176,14 +235,34 @@ _tokens_compiled = mx.compile(_tokens)
 
 
 def gated_delta_decode_tokens_ref(
-    qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, *, dims, tokens, norm=None
+    qkv,
+    conv_state,
+    conv_w,
+    a,
+    b,
+    A_log,
+    dt_bias,
+    state,
+    mask,
+    *,
+    dims,
+    tokens,
+    norm=None,
+    native=None,
 ) -> tuple[mx.array, mx.array, mx.array, list]:
     """`gated_delta_decode_ref` for T = `tokens` tokens a row at once (see above), bit for bit
     the T calls. qkv [B*T, C], a, b [B*T, Hv] (row b*T + t); mask [B, T] bool or None; norm
     (z [B*T, Hv*Dv], weight, eps) or None. Returns (y [B, T, Hv, Dv] in qkv's dtype, state
-    and conv state after the last token, the T (conv state, state) pairs after each token)."""
+    and conv state after the last token, the T (conv state, state) pairs after each token).
+    native: the built cpu_ext module (its primitive runs each token's recurrence) or None."""
     args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, tokens)
-    y, states = _tokens_compiled(*args)
+    if native is not None:
+        key = (id(native), "tokens")
+        if key not in _native_compiled:
+            _native_compiled[key] = mx.compile(partial(_tokens, native=native))
+        y, states = _native_compiled[key](*args)
+    else:
+        y, states = _tokens_compiled(*args)
     if norm is not None:
         z, weight, eps = norm
         y = gated_rms_norm(y, z.reshape(y.shape), weight, eps)

@@ -1,0 +1,178 @@
+"""The optional CPU extension: the gated delta recurrence as one MLX C++ primitive (backend
+"native").
+
+MLX has no CPU custom-kernel API, so with MLX ops a decode step passes over the state several
+times (S k and S q, then the update). `cpu_ext_src/gated_delta_cpu.cpp` is a custom
+`mx::Primitive` whose `eval_cpu` reads each row of the state once, carries it through every step
+in L1 and writes it once (float32 arithmetic; q/k/v in f32, bf16 or f16). It is built with MLX's
+documented extension recipe (the installed mlx's CMake package + nanobind in MLX's domain, so
+`mx.array` is the same Python type on both sides) and works inside `mx.compile`.
+
+Building needs cmake, a C++20 compiler and nanobind of MLX's ABI (`pip install "nanobind>=3"` for
+mlx 0.32); nothing else in the package needs them. Build it once per machine (about a minute
+on two cores):
+
+    python -m qwen35_mlx.kernels.gated_delta.cpu_ext        # builds, then checks it
+
+The module goes to `~/.cache/qwen35_mlx/cpu_ext/<key>/` (`QWEN35_MLX_CPU_EXT_DIR` overrides the
+parent), keyed by the source, the mlx version and the Python ABI, so a new mlx means a rebuild.
+`load()` never compiles: without a built module (no compiler, a Mac, another mlx) it returns
+None and `auto` keeps the MLX-ops path, silently. `QWEN35_MLX_CPU_EXT=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+MODULE = "_gated_delta_cpu"
+SRC_DIR = Path(__file__).with_name("cpu_ext_src")
+DIR_ENV = "QWEN35_MLX_CPU_EXT_DIR"
+OFF_ENV = "QWEN35_MLX_CPU_EXT"
+
+_loaded: list = []  # [module or None] once load() has run
+
+
+def cache_key() -> str:
+    h = hashlib.sha256()
+    for p in sorted(SRC_DIR.iterdir()):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    tag = sysconfig.get_config_var("EXT_SUFFIX") or ""
+    h.update(f"{mx.__version__}\0{tag}\0{sys.implementation.cache_tag}".encode())
+    return h.hexdigest()[:20]
+
+
+def build_dir() -> Path:
+    base = os.environ.get(DIR_ENV)
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "qwen35_mlx", "cpu_ext")
+    return Path(base).expanduser() / cache_key()
+
+
+def _module_path(directory: Path) -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = directory / f"{MODULE}{suffix}"
+        if p.exists():
+            return p
+    return None
+
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _works(mod) -> bool:
+    """A call on tiny arrays: the module imports with another nanobind ABI too, but then mx.array
+    is not its type and every call fails with TypeError."""
+    try:
+        z = mx.zeros((1, 1, 1, 2))
+        y, s = mod.gated_delta(
+            z, z, z, mx.ones((1, 1, 1)), mx.ones((1, 1, 1)), mx.zeros((1, 1, 2, 2))
+        )
+        mx.eval(y, s)
+        return y.shape == (1, 1, 1, 2) and s.shape == (1, 1, 2, 2)
+    except Exception:
+        return False
+
+
+def load():
+    """The built module, or None (not built here, switched off, or unusable). Never compiles."""
+    if _loaded:
+        return _loaded[0]
+    mod = None
+    if os.environ.get(OFF_ENV, "1") != "0":
+        path = _module_path(build_dir())
+        if path is not None:
+            try:
+                mod = _import(path)
+            except ImportError:
+                mod = None
+            if mod is not None and not _works(mod):
+                mod = None
+    _loaded.append(mod)
+    return mod
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def build(*, jobs: int | None = None, quiet: bool = True) -> Path:
+    """Configure and compile the module into build_dir(); returns the module's path. Raises
+    RuntimeError (with the tool's output) when a tool is missing or the build fails."""
+    out = build_dir()
+    found = _module_path(out)
+    if found is not None:
+        return found
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise RuntimeError("cpu_ext: cmake not found")
+    try:
+        import nanobind
+    except ImportError as e:
+        raise RuntimeError('cpu_ext: nanobind not installed (pip install "nanobind>=3")') from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        work = Path(tmp)
+        cfg = [
+            cmake, "-S", str(SRC_DIR), "-B", str(work / "build"),
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dnanobind_DIR={nanobind.cmake_dir()}",
+            f"-DMLX_DIR={Path(mx.__file__).parent / 'share' / 'cmake' / 'MLX'}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={work / 'lib'}",
+        ]  # fmt: skip
+        jobs = jobs or os.cpu_count() or 1
+        steps = [cfg, [cmake, "--build", str(work / "build"), "-j", str(jobs)]]
+        for cmd in steps:
+            r = subprocess.run(cmd, capture_output=quiet, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"cpu_ext: {' '.join(cmd[:3])} failed:\n{r.stdout}\n{r.stderr}")
+        built = _module_path(work / "lib")
+        if built is None:
+            raise RuntimeError(f"cpu_ext: the build gave no {MODULE} module in {work / 'lib'}")
+        staged = work / "stage"
+        staged.mkdir()
+        shutil.copy2(built, staged / built.name)
+        try:
+            staged.rename(out)  # atomic: a concurrent build's result is as good as ours
+        except OSError:
+            if _module_path(out) is None:
+                raise
+    _loaded.clear()
+    return _module_path(out)
+
+
+def main() -> int:
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        path = build(quiet=False)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"built {path} in {time.perf_counter() - t0:.1f} s")
+    if not available():
+        print("but it does not work with this mlx (nanobind ABI?)", file=sys.stderr)
+        return 1
+    print("it works: gated_delta backend 'native' is available on the CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

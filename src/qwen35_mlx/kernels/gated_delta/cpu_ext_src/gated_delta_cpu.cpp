@@ -1,0 +1,310 @@
+// The gated delta recurrence on the CPU as one MLX primitive: every row of the state is read
+// once, carried through all T steps in a small buffer, and written once.
+//
+// Per step t, value head h (key head h / (Hv / Hk)), row i of S [Dv, Dk]:
+//   r = g_t * S[i]            (g scalar per head, or per key: [Dk])
+//   kv = r . k_t;  sq = r . q_t
+//   delta = (v_t[i] - kv) * beta_t
+//   S[i] = r + delta * k_t;  y_t[i] = sq + delta * (k_t . q_t)     (= S[i] . q_t)
+// A masked-out step (mask[b, t] false) leaves the row as it was and writes y_t[i] = 0.
+// Rows are independent, so a row stays in L1 for all its steps and the state crosses memory
+// once each way. All arithmetic is float32; q, k, v and y share one dtype (f32, bf16 or f16).
+//
+// Shapes (the Python side has checked them):
+//   q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk] f32;
+//   beta [B, T, Hv] f32; state [B, Hv, Dv, Dk] f32; mask [B, T] bool (optional)
+//   -> y [B, T, Hv, Dv] in v's dtype, state [B, Hv, Dv, Dk] f32.
+// Inputs may have any strides; the state's buffer is reused for the new state when MLX may
+// donate it (contiguous, no other reference).
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/stream.h"
+#include "mlx/utils.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+// Offset (in elements) of the flat row-major index `idx` of `a` under its strides.
+int64_t elem_offset(int64_t idx, const mx::array& a) {
+  int64_t off = 0;
+  for (int d = a.ndim() - 1; d >= 0; --d) {
+    int64_t n = a.shape(d);
+    off += (idx % n) * a.strides()[d];
+    idx /= n;
+  }
+  return off;
+}
+
+// A dense float32 copy of a small input of any float dtype and strides.
+template <typename T>
+void gather_as(const mx::array& a, float* out) {
+  const T* p = a.data<T>();
+  const int64_t n = a.size();
+  if (a.flags().row_contiguous) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[elem_offset(i, a)]);
+  }
+}
+
+std::vector<float> to_f32(const mx::array& a) {
+  std::vector<float> out(a.size());
+  switch (a.dtype()) {
+    case mx::float32: gather_as<float>(a, out.data()); break;
+    case mx::bfloat16: gather_as<mx::bfloat16_t>(a, out.data()); break;
+    case mx::float16: gather_as<mx::float16_t>(a, out.data()); break;
+    default: throw std::invalid_argument("gated_delta_cpu: inputs must be f32, bf16 or f16");
+  }
+  return out;
+}
+
+struct Dims {
+  int B, T, Hk, Hv, Dk, Dv;
+  bool per_key;
+};
+
+// One build runs everywhere: on x86 with GCC or Clang the row loop is compiled for AVX-512,
+// for AVX2 + FMA and for the baseline, and the loader picks the best the CPU has (ifunc).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#define ROWS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ROWS_CLONES
+#endif
+
+struct Rows {
+  Dims d;
+  const float *q, *k, *kq, *v, *g, *beta;  // dense f32: [B,T,Hk,Dk] x2, [B,T,Hk], [B,T,Hv,Dv], ..
+  const bool* keep;                          // [B, T] or nullptr
+  const float* s_in;
+  int64_t s_str[4];
+  float* s_out;  // dense [B, Hv, Dv, Dk]; may be s_in itself
+  float* y;      // dense f32 [B, T, Hv, Dv]
+};
+
+// Rows [row0, row1) of the flattened [B, Hv, Dv] row index.
+ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
+  const Dims& d = a.d;
+  const int Dk = d.Dk, Dv = d.Dv, T = d.T, Hv = d.Hv, Hk = d.Hk;
+  const int rep = Hv / Hk;
+  const int64_t cs = a.s_str[3];
+  for (int64_t row = row0; row < row1; ++row) {
+    const int i = static_cast<int>(row % Dv);
+    const int h = static_cast<int>((row / Dv) % Hv);
+    const int b = static_cast<int>(row / (int64_t(Dv) * Hv));
+    const int kh = h / rep;
+    const float* src = a.s_in + b * a.s_str[0] + h * a.s_str[1] + i * a.s_str[2];
+    float* dst = a.s_out + row * Dk;
+    // Step by step from `cur` (the row as it stands) into dst: the first step reads the state,
+    // the later ones the row they just wrote (in L1). One code path for every T, so a call of
+    // T steps gives bit for bit what T calls of one step give (the verify pass relies on it).
+    const float* cur = src;
+    if (cs != 1) {
+      for (int j = 0; j < Dk; ++j) r[j] = src[j * cs];
+      cur = r;
+    }
+    for (int t = 0; t < T; ++t) {
+      const int64_t bt = int64_t(b) * T + t;
+      const int64_t yi = (bt * Hv + h) * Dv + i;
+      if (a.keep != nullptr && !a.keep[bt]) {
+        a.y[yi] = 0.0f;
+        if (cur != dst) std::copy(cur, cur + Dk, dst);
+        cur = dst;
+        continue;
+      }
+      const float* kt = a.k + (bt * Hk + kh) * Dk;
+      const float* qt = a.q + (bt * Hk + kh) * Dk;
+      float kv = 0.0f, sq = 0.0f, delta;
+      if (d.per_key) {
+        const float* gt = a.g + (bt * Hv + h) * Dk;
+#pragma omp simd reduction(+ : kv, sq)
+        for (int j = 0; j < Dk; ++j) {
+          const float x = cur[j] * gt[j];
+          kv += x * kt[j];
+          sq += x * qt[j];
+        }
+        delta = (a.v[yi] - kv) * a.beta[bt * Hv + h];
+#pragma omp simd
+        for (int j = 0; j < Dk; ++j) dst[j] = cur[j] * gt[j] + delta * kt[j];
+      } else {
+        const float gs = a.g[bt * Hv + h];
+#pragma omp simd reduction(+ : kv, sq)
+        for (int j = 0; j < Dk; ++j) {
+          const float x = cur[j] * gs;
+          kv += x * kt[j];
+          sq += x * qt[j];
+        }
+        delta = (a.v[yi] - kv) * a.beta[bt * Hv + h];
+#pragma omp simd
+        for (int j = 0; j < Dk; ++j) dst[j] = cur[j] * gs + delta * kt[j];
+      }
+      a.y[yi] = sq + delta * a.kq[bt * Hk + kh];
+      cur = dst;
+    }
+  }
+}
+
+class GatedDeltaCPU : public mx::Primitive {
+ public:
+  GatedDeltaCPU(mx::Stream s, bool per_key, bool masked, int threads)
+      : mx::Primitive(s), per_key_(per_key), masked_(masked), threads_(threads) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(
+        "gated_delta_cpu: a CPU-only primitive; run it on a CPU stream (mx.cpu)");
+  }
+
+  const char* name() const override { return "GatedDeltaCPU"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const GatedDeltaCPU&>(other);
+    return per_key_ == o.per_key_ && masked_ == o.masked_ && threads_ == o.threads_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[2].shape(), inputs[5].shape()};
+  }
+
+ private:
+  bool per_key_, masked_;
+  int threads_;
+};
+
+template <typename Y>
+void run_rows(const Dims& d, std::vector<mx::array> in, mx::array s_out, mx::array y_out,
+              int threads) {
+  // Small inputs to dense f32 (a few KiB at decode); the state is read in place.
+  const std::vector<float> q = to_f32(in[0]), k = to_f32(in[1]), v = to_f32(in[2]);
+  const std::vector<float> g = to_f32(in[3]), beta = to_f32(in[4]);
+  std::vector<float> kq(int64_t(d.B) * d.T * d.Hk);
+  for (size_t n = 0; n < kq.size(); ++n) {
+    float acc = 0.0f;
+    const float* kn = k.data() + n * d.Dk;
+    const float* qn = q.data() + n * d.Dk;
+#pragma omp simd reduction(+ : acc)
+    for (int j = 0; j < d.Dk; ++j) acc += kn[j] * qn[j];
+    kq[n] = acc;
+  }
+  std::vector<char> keep_buf;
+  const bool* keep = nullptr;
+  if (in.size() > 6) {
+    const mx::array& m = in[6];
+    keep_buf.resize(m.size());
+    const bool* p = m.data<bool>();
+    for (size_t n = 0; n < keep_buf.size(); ++n)
+      keep_buf[n] = m.flags().row_contiguous ? p[n] : p[elem_offset(n, m)];
+    keep = reinterpret_cast<const bool*>(keep_buf.data());
+  }
+  std::vector<float> y(y_out.size());
+  const mx::array& s = in[5];
+  Rows a{d, q.data(), k.data(), kq.data(), v.data(), g.data(), beta.data(), keep,
+         s.data<float>(), {s.strides()[0], s.strides()[1], s.strides()[2], s.strides()[3]},
+         s_out.data<float>(), y.data()};
+  const int64_t n_rows = int64_t(d.B) * d.Hv * d.Dv;
+  auto work = [&a, Dk = d.Dk](int64_t r0, int64_t r1) {
+    std::vector<float> r(Dk);
+    rows(a, r.data(), r0, r1);
+  };
+  const int nt = static_cast<int>(std::min<int64_t>(std::max(threads, 1), n_rows));
+  if (nt <= 1) {
+    work(0, n_rows);
+  } else {
+    std::vector<std::thread> pool;
+    const int64_t per = (n_rows + nt - 1) / nt;
+    for (int w = 1; w < nt; ++w) {
+      const int64_t r0 = std::min(n_rows, w * per), r1 = std::min(n_rows, (w + 1) * per);
+      pool.emplace_back(work, r0, r1);
+    }
+    work(0, std::min(n_rows, per));
+    for (auto& th : pool) th.join();
+  }
+  Y* yo = y_out.data<Y>();
+  for (size_t n = 0; n < y.size(); ++n) yo[n] = static_cast<Y>(y[n]);
+}
+
+void GatedDeltaCPU::eval_cpu(const std::vector<mx::array>& inputs,
+                             std::vector<mx::array>& outputs) {
+  const mx::array& q = inputs[0];
+  const mx::array& v = inputs[2];
+  const mx::array& s = inputs[5];
+  mx::array& y_out = outputs[0];
+  mx::array& s_out = outputs[1];
+  Dims d{q.shape(0), q.shape(1), q.shape(2), v.shape(2), q.shape(3), v.shape(3), per_key_};
+
+  // Each output of a multi-output primitive holds its own copy of the input list
+  // (array::make_arrays), so the state would count as referenced twice and never be donated:
+  // a fresh 16-64 MiB buffer every step, which glibc maps anew above 32 MiB (a page fault per
+  // 4 KiB, 9x the step's time at B = 32). The graph is being evaluated (every output gets its
+  // data here and is detached after), so the other outputs drop their copies first; `inputs`
+  // is the list of the output MLX evaluates through and stays as it is.
+  // (Not for tracers: a graph being transformed keeps its edges.)
+  for (auto& o : outputs) {
+    if (&o.inputs() != &inputs && !o.is_tracer()) o.inputs().clear();
+  }
+  y_out.set_data(mx::allocator::malloc(y_out.nbytes()));
+  if (s.is_donatable() && s.flags().row_contiguous) {
+    s_out.copy_shared_buffer(s);  // rows are read before they are written: in place is safe
+  } else {
+    s_out.set_data(mx::allocator::malloc(s_out.nbytes()));
+  }
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(y_out);
+  enc.set_output_array(s_out);
+  // The lambda holds references to every array it reads or writes until it has run.
+  const mx::Dtype yt = y_out.dtype();
+  const int threads = threads_;
+  enc.dispatch([d, in = inputs, s_out = s_out, y_out = y_out, yt, threads]() mutable {
+    switch (yt) {
+      case mx::float32: run_rows<float>(d, in, s_out, y_out, threads); break;
+      case mx::bfloat16: run_rows<mx::bfloat16_t>(d, in, s_out, y_out, threads); break;
+      case mx::float16: run_rows<mx::float16_t>(d, in, s_out, y_out, threads); break;
+      default: throw std::invalid_argument("gated_delta_cpu: y must be f32, bf16 or f16");
+    }
+  });
+}
+
+std::pair<mx::array, mx::array> gated_delta_cpu(const mx::array& q, const mx::array& k,
+                                                const mx::array& v, const mx::array& g,
+                                                const mx::array& beta, const mx::array& state,
+                                                std::optional<mx::array> mask, int threads) {
+  if (q.ndim() != 4 || k.shape() != q.shape() || v.ndim() != 4 || state.ndim() != 4)
+    throw std::invalid_argument("gated_delta_cpu: q, k [B,T,Hk,Dk], v [B,T,Hv,Dv], state 4-D");
+  const bool per_key = g.ndim() == 4;
+  auto s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs = {
+      mx::astype(q, v.dtype(), s),      mx::astype(k, v.dtype(), s), v,
+      mx::astype(g, mx::float32, s),    mx::astype(beta, mx::float32, s),
+      mx::astype(state, mx::float32, s)};
+  if (mask) inputs.push_back(mx::astype(*mask, mx::bool_, s));
+  auto prim = std::make_shared<GatedDeltaCPU>(s, per_key, mask.has_value(), threads);
+  auto outs = mx::array::make_arrays({v.shape(), state.shape()}, {v.dtype(), mx::float32}, prim,
+                                     inputs);
+  return {outs[0], outs[1]};
+}
+
+}  // namespace
+
+NB_MODULE(_gated_delta_cpu, m) {
+  m.doc() = "qwen35_mlx: the gated delta recurrence as one CPU primitive (one pass over S)";
+  m.def("gated_delta", &gated_delta_cpu, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("g"),
+        nb::arg("beta"), nb::arg("state"), nb::arg("mask") = nb::none(), nb::arg("threads") = 1,
+        "(y [B,T,Hv,Dv] in v's dtype, state [B,Hv,Dv,Dk] f32) on the CPU stream.");
+}
