@@ -265,6 +265,24 @@ def _fla_contenders() -> list[Contender]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _native_built() -> bool:
+    """The optional native CPU primitive, built here first if it is not yet (as the test suite
+    does; cpu_ext.py): a fresh machine's CPU run then has its row. Where it cannot be built the
+    reason is printed and the row is left out."""
+    if native_available():
+        return True
+    from qwen35_mlx.kernels.gated_delta import cpu_ext
+
+    if os.environ.get(cpu_ext.OFF_ENV, "1") == "0":
+        return False
+    try:
+        cpu_ext.build()
+    except RuntimeError as e:
+        print(f"ours native: not built ({str(e).splitlines()[0]})", flush=True)
+        return False
+    return native_available()
+
+
 def contenders() -> list[Contender]:
     out = [
         Contender("ours auto", "ours", _ours("auto")),
@@ -274,7 +292,7 @@ def contenders() -> list[Contender]:
     for name in ("metal", "cuda"):
         if _our_gpu_backend(name):
             out.append(Contender(f"ours {name}", "ours", _ours(name)))
-    if mx.default_device() == mx.cpu and native_available():
+    if mx.default_device() == mx.cpu and _native_built():
         out.append(Contender("ours native", "ours", _ours("native")))
     out.append(Contender("mlx-lm ops", "peer", _mlx_lm(use_kernel=False)))
     if mx.metal.is_available():
