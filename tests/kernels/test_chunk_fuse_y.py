@@ -418,6 +418,10 @@ def test_ab8_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     """chunk_split_gpu.py --ab8's checks and timings end to end on the recording factory (zeros
     for every output): H3Y (2 and 4 warps) and O2Y (bounds 3 and 4) built, every variant compared
     with the default build, the passes checked alone, and timed."""
+    # Round 9's switches pinned off: this test is about the passes before it.
+    monkeypatch.setattr(cl, "WY_P", False)
+    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
+    monkeypatch.setattr(cl, "H3_NB", 2)
     import sys
     from pathlib import Path
 
@@ -455,6 +459,9 @@ def test_host_builds_fuse_o(recorder, monkeypatch):  # noqa: F811
     [B Hv, N, C, C] in the pieces' type; a threadgroup a chunk and head; O2's bound) and H3O (P
     as its seventh input, the ring's bytes with P's rows and the gates, y and the state out); no
     H3Y / O2Y, no output pass."""
+    # Round 9's switches pinned off: this test is about the passes before it.
+    monkeypatch.setattr(cl, "WY_P", False)
+    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
     B, T, Hk, Hv, Dk, Dv = 2, 200, 2, 4, 128, 128
     q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
     v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
@@ -489,6 +496,9 @@ def test_host_builds_fuse_o(recorder, monkeypatch):  # noqa: F811
 def test_h3o_stamped_build(recorder, monkeypatch):  # noqa: F811
     """h3o_pass(stamps=True): H3O's text with the stamps of H3O_STAMPS (each anchor once; without
     them the plain text), its header, dynamic shared memory and the extra output."""
+    # Round 9's switches pinned off: this test is about the passes before it.
+    monkeypatch.setattr(cl, "WY_P", False)
+    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
     B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
     q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
     v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)

@@ -174,6 +174,9 @@ def test_host_launches_h3o_producers(recorder, monkeypatch):  # noqa: F811
     template, twice the threads a threadgroup and in the grid); off: H3O_EARLY's build; 2: the
     build whose producers write y (a second Yb a warp); stamped: the producer builds with
     H3OP_STAMPS / H3OPY_STAMPS."""
+    # Round 9's switches pinned off: this test is about the passes before it.
+    monkeypatch.setattr(cl, "WY_P", False)
+    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
     B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
     q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
     v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)

@@ -253,10 +253,13 @@ def test_wy_p_text_is_wy2_vx_with_named_swaps():
 
 
 def test_host_builds_wy_p_only_where_it_applies(recorder, monkeypatch):  # noqa: F811
-    """WY_P off (the default): FUSE_O's three passes (WY2_VX, O2P, H3O). On: two, WY2P (q as
+    """WY_P off (producers off): FUSE_O's three passes (WY2_VX, O2P, H3O). On: two, WY2P (q as
     its last input, P [B Hv, N, C, C] in v's dtype appended, WY's bound and LDSM32's header)
     and H3O with that P; raw gates too; fp32 pieces, Metal, FUSE_O off or WY2_VX off keep the
     default passes."""
+    # Round 9's switches pinned off: this test is about the passes before it.
+    monkeypatch.setattr(cl, "WY_P", False)
+    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
     monkeypatch.setattr(cl, "FUSE_O", True)
     monkeypatch.setattr(cl, "H3", 2)
     monkeypatch.setattr(cl, "O2_VX", True)

@@ -760,7 +760,7 @@ H2_DYN: tuple[int, int] | None = None
 # (H, Vn and the state bit for bit). None: H2_BODY / H_BODY. Where Dv is not a multiple of 16 H3,
 # the default pass.
 H3: int | None = 2
-H3_NB = 2
+H3_NB = 3  # 3 since session 15 (round 9's `wyp prod nb3`, H200)
 # Round 7 (CUDA, off by default): the WY2, H2 and O2 builds (and their variants) with
 # chunk_source.L32_TILES in their header ("_l32" names): gd_mma_staged / gd_copy_tile converting
 # threadgroup addresses once a call instead of once an ldmatrix / a copy. Same outputs.
@@ -787,20 +787,21 @@ FUSE_O = True
 # Default since session 12 (H200, `--ab8`, bf16 Hv 32: 1.061 -> 0.873 ms at 8192, 3.844 -> 3.120
 # at 32768; 17 checks bit for bit the old default's outputs).
 H3O_EARLY = True
-# Round 9 (helper chunk9; CUDA, off by default until the H200 has checked and timed it:
-# benchmarks/chunk_split_gpu.py --ab9): FUSE_O's P = D o q k^T made by the WY pass
-# (chunk_source.wy2p_body: WY2_VX with q's slices staged beside k's, q k^T on the k k^T tiles,
-# P written with L's decays), so the P pass (O2P) and its launch go. Where FUSE_O applies and
-# the WY pass is WY2_VX (16-bit pieces); else FUSE_O's three passes. Same arithmetic: P bit for
-# bit O2P's, y and the state the defaults'.
-WY_P = False
-# Round 9 (helper chunk9; CUDA, off by default until the H200 has checked and timed it:
-# benchmarks/chunk_split_gpu.py --ab9): H3O (with H3O_EARLY) with its ring's copies issued by
-# H3 producer warps of their own (chunk_source.h3op_body; 2 x 32 H3 threads a threadgroup): the
-# ~1,400 of ~4,500 cycles a chunk that round 8's stamps put in issuing copies leave the chain.
-# Same bytes, same products: y and the state bit for bit. 2: the producers also write y (y^T
-# staged by the computing warps in a double Yb, stored a chunk later: chunk_source.h3opy_body).
-H3O_PRODUCERS: bool | int = False
+# Round 9 (helper chunk9; CUDA, on since session 15; benchmarks/chunk_split_gpu.py --ab9, H200
+# 2026-12-03, with H3O_PRODUCERS = 1 and H3_NB = 3: 0.880 -> 0.733 ms at 8192, 3.176 -> 2.625 at
+# 32768, bf16 Hv 32; 15 checks bit for bit the old default's outputs): FUSE_O's P = D o q k^T
+# made by the WY pass (chunk_source.wy2p_body: WY2_VX with q's slices staged beside k's, q k^T on
+# the k k^T tiles, P written with L's decays), so the P pass (O2P) and its launch go. Where
+# FUSE_O applies and the WY pass is WY2_VX (16-bit pieces); else FUSE_O's three passes. Same
+# arithmetic: P bit for bit O2P's, y and the state the defaults'.
+WY_P = True
+# Round 9 (helper chunk9; CUDA, 1 since session 15, as WY_P): H3O (with H3O_EARLY) with its
+# ring's copies issued by H3 producer warps of their own (chunk_source.h3op_body; 2 x 32 H3
+# threads a threadgroup): the ~1,400 of ~4,500 cycles a chunk that round 8's stamps put in
+# issuing copies leave the chain. Same bytes, same products: y and the state bit for bit. 2: the
+# producers also write y (y^T staged by the computing warps in a double Yb, stored a chunk later:
+# chunk_source.h3opy_body).
+H3O_PRODUCERS: bool | int = 1
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
