@@ -269,3 +269,30 @@ def test_h3o_producers_compile_for_sm90_without_spills(tmp_path):
     spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", out.stderr)]
     assert spills == ["0"] * 6 and len(regs) == 6 and max(regs) <= 255, out.stderr
+
+
+@pytest.mark.parametrize("nw, nb", [(2, 3), (4, 2)])
+def test_h3_ring_shrinks_to_fit_shared_memory(recorder, monkeypatch, nw, nb):  # noqa: F811
+    """H3_NB = 3 (the default): at 2 warps the ring keeps 3 chunks; at 4 warps 3 chunks of H3O
+    would need 257 KB, above H3_SMEM_MAX, so the build takes 2 (template NB, its name's bytes):
+    a launch asking for more than the device allows fails at run time ("invalid argument")."""
+    monkeypatch.setattr(cl, "H3_NB", 3)
+    monkeypatch.setattr(cl, "H3", nw)
+    monkeypatch.setattr(cl, "FUSE_O", True)
+    B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
+    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
+    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
+    g = mx.ones((B, T, Hv))
+    state = mx.zeros((B, Hv, Dv, Dk))
+    for producers in (False, 1, 2):
+        monkeypatch.setattr(cl, "H3O_PRODUCERS", producers)
+        recorder.calls.clear()
+        cl.split_chunk_kernel("cuda", q, q, v, g, g, state, None)
+        name, call = recorder.calls[-1]
+        smem_of = cs.h3opy_smem if producers == 2 else cs.h3o_smem
+        assert dict(call["template"])["NB"] == nb, (producers, call["template"])
+        built = {b["name"]: b for b in recorder.built}[name]
+        assert built["shared_memory"] == smem_of(Dk, nw, nb, 2) <= cl.H3_SMEM_MAX
+    for fn in (cs.h3_smem, cs.h3y_smem):  # the other H3 builds' rings at these warps
+        want = 3 if fn(Dk, nw, 3, 2) <= cl.H3_SMEM_MAX else 2
+        assert cl._h3_ring(lambda n, fn=fn: fn(Dk, nw, n, 2))[0] == want

@@ -761,6 +761,10 @@ H2_DYN: tuple[int, int] | None = None
 # the default pass.
 H3: int | None = 2
 H3_NB = 3  # 3 since session 15 (round 9's `wyp prod nb3`, H200)
+# The most dynamic shared memory a threadgroup may ask for (CUDA's opt-in limit on sm_90: 227
+# KB). Where a ring of H3_NB chunks does not fit (4 warps of 16-bit pieces at Dk 128 with FUSE_O:
+# 257 KB at 3 chunks), the H3 family takes the largest ring from 2 up that does.
+H3_SMEM_MAX = 227 * 1024
 # Round 7 (CUDA, off by default): the WY2, H2 and O2 builds (and their variants) with
 # chunk_source.L32_TILES in their header ("_l32" names): gd_mma_staged / gd_copy_tile converting
 # threadgroup addresses once a call instead of once an ldmatrix / a copy. Same outputs.
@@ -1041,9 +1045,18 @@ def h_pass(
     )
 
 
-def _h3_launch(Dk: int, nw: int, C: int, pt, heads: int, Dv: int) -> dict:
+def _h3_ring(smem_of) -> tuple[int, int]:
+    """(chunks in the ring, bytes of shared memory) for an H3-family build whose bytes at a ring
+    of n chunks are smem_of(n): H3_NB chunks, fewer (not below 2) where they exceed H3_SMEM_MAX."""
+    nb = H3_NB
+    while nb > 2 and smem_of(nb) > H3_SMEM_MAX:
+        nb -= 1
+    return nb, smem_of(nb)
+
+
+def _h3_launch(Dk: int, nw: int, C: int, pt, heads: int, Dv: int, nb: int) -> dict:
     """The H3 family's (H3, H3Y, H3O) template, grid and threadgroup: nw warps a threadgroup, a
-    warp a chain of 16 value rows, a ring of H3_NB chunks."""
+    warp a chain of 16 value rows, a ring of nb chunks."""
     bv, nt = 16 * nw, 32 * nw
     return dict(
         template=[
@@ -1051,7 +1064,7 @@ def _h3_launch(Dk: int, nw: int, C: int, pt, heads: int, Dv: int) -> dict:
             ("BV", bv),
             ("C", C),
             ("NT", nt),
-            ("NB", H3_NB),
+            ("NB", nb),
             ("MP", operand_precision(pt)),
             ("PT", pt),
         ],
@@ -1068,13 +1081,13 @@ def _h3_pass(W, U, Kw, gates, state, nw: int, C: int, init_value, stamps: bool =
     NC = U.shape[1]
     pt = U.dtype
     bv = 16 * nw
-    smem = src.h3_smem(Dk, nw, H3_NB, pt.size, C)
+    nb, smem = _h3_ring(lambda n: src.h3_smem(Dk, nw, n, pt.size, C))
     extra_shapes, extra_dtypes = [], []
     if stamps:
         extra_shapes, extra_dtypes = [(B * Hv * (Dv // bv), src.STAMP_SLOTS)], [mx.uint32]
     return _build("cuda", "h3_stamped" if stamps else "h3", smem)(
         inputs=[W, U, Kw, gates, state],
-        **_h3_launch(Dk, nw, C, pt, B * Hv, Dv),
+        **_h3_launch(Dk, nw, C, pt, B * Hv, Dv, nb),
         output_shapes=[(B * Hv, NC // C, Dv, Dk), (B * Hv, NC, Dv), (B, Hv, Dv, Dk), *extra_shapes],
         output_dtypes=[pt, pt, mx.float32, *extra_dtypes],
         init_value=init_value,
@@ -1159,9 +1172,10 @@ def h3y_pass(W, U, Kw, gates, state, q, nw: int, C: int = CHUNK, init_value=None
     B, Hv, Dv, Dk = state.shape
     NC = U.shape[1]
     pt = U.dtype
-    return _build("cuda", "h3y", src.h3y_smem(Dk, nw, H3_NB, pt.size, C))(
+    nb, smem = _h3_ring(lambda n: src.h3y_smem(Dk, nw, n, pt.size, C))
+    return _build("cuda", "h3y", smem)(
         inputs=[W, U, Kw, gates, state, q],
-        **_h3_launch(Dk, nw, C, pt, B * Hv, Dv),
+        **_h3_launch(Dk, nw, C, pt, B * Hv, Dv, nb),
         output_shapes=[(B * Hv, NC // C, Dv, C), (B * Hv, NC, Dv), (B, Hv, Dv, Dk)],
         output_dtypes=[mx.float32, pt, mx.float32],
         init_value=init_value,
@@ -1216,15 +1230,17 @@ def h3o_pass(
     if stamps:
         extra_shapes, extra_dtypes = [(B * Hv * (Dv // (16 * nw)), src.STAMP_SLOTS)], [mx.uint32]
     which = "h3o_stamped" if stamps else "h3oe" if H3O_EARLY else "h3o"
-    launch = _h3_launch(Dk, nw, C, pt, B * Hv, Dv)
-    smem = src.h3o_smem(Dk, nw, H3_NB, pt.size, C)
+    smem_of = src.h3o_smem
     if which != "h3o" and H3O_PRODUCERS:
+        which = "h3oep" if H3O_PRODUCERS != 2 else "h3oepy"
+        smem_of = src.h3o_smem if H3O_PRODUCERS != 2 else src.h3opy_smem
+    nb, smem = _h3_ring(lambda n: smem_of(Dk, nw, n, pt.size, C))
+    launch = _h3_launch(Dk, nw, C, pt, B * Hv, Dv, nb)
+    if which.startswith("h3oep"):
         # the producer warps (H3O_EARLY's order; stamped too): twice the threads, the
-        # template's NT the computing ones
-        which, nt = "h3oep", 64 * nw
+        # template's NT the computing ones; "h3oepy": the producers also write y
+        nt = 64 * nw
         launch |= {"grid": (nt * B * Hv, *launch["grid"][1:]), "threadgroup": (nt, 1, 1)}
-        if H3O_PRODUCERS == 2:
-            which, smem = "h3oepy", src.h3opy_smem(Dk, nw, H3_NB, pt.size, C)
         which += "_stamped" if stamps else ""
     return _build("cuda", which, smem)(
         inputs=[W, U, Kw, gates, state, q, P],
