@@ -1017,7 +1017,7 @@ AB9_VARIANTS = {
     "wyp prod nb3": {"WY_P": True, "H3O_PRODUCERS": True, "H3_NB": 3},
     "wyp prody": {"WY_P": True, "H3O_PRODUCERS": 2},
     # the WY pass at four threadgroups an SM (64 registers: WY2P spills 24 bytes there)
-    "wyp prody lb4": {"WY_P": True, "H3O_PRODUCERS": 2, "MIN_BLOCKS": {**cl.MIN_BLOCKS, "wy2": 4}},
+    "wyp prody lb4": {"WY_P": True, "H3O_PRODUCERS": 2, "MIN_BLOCKS": {**cl.MIN_BLOCKS, "wy2p": 4}},
 }
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 9"), H200, Hv 32, bf16; the
 # plain rows are the 2026-12-03 04:07 UTC --ab8 measurements of today's defaults ("split fo

@@ -280,7 +280,8 @@ def test_host_builds_wy_p_only_where_it_applies(recorder, monkeypatch):  # noqa:
     assert y.shape == (B, T, Hv, Dv) and y.dtype == mx.bfloat16 and s.shape == state.shape
     names = [n for n, _ in recorder.calls]
     N = -(-T // C)
-    assert names == [cs.wy_name(False, True) + "_vxp_l32_lb3", default[2]], names
+    lb = cl.MIN_BLOCKS["wy2p"]
+    assert names == [cs.wy_name(False, True) + f"_vxp_l32_lb{lb}", default[2]], names
     wy, h3o = recorder.calls[0][1], recorder.calls[1][1]
     assert wy["inputs"][-1] is q and wy["inputs"][0] is k
     assert wy["grid"] == (cl.WY_THREADS * N, B * Hv, 1)
@@ -291,13 +292,13 @@ def test_host_builds_wy_p_only_where_it_applies(recorder, monkeypatch):  # noqa:
     assert kw["input_names"] == [*cs.wy_inputs(False), "q_in"]
     assert kw["output_names"] == cs.WY2P_OUTPUTS
     assert kw["source"] == cl.wy_source("cuda", False, True, vx=True, p=True)
-    assert cl.launch_bounds_header(256, cl.MIN_BLOCKS["wy2"]) in kw["header"]
+    assert cl.launch_bounds_header(256, cl.MIN_BLOCKS["wy2p"]) in kw["header"]
     assert cs.L32_TILES in kw["header"]
     # raw gates: the fused build
     recorder.calls.clear()
     raw = (g, g, g[0, 0], g[0, 0])
     cl.gated_delta_update_chunk_kernel(q, k, v, *raw[:2], raw[2], raw[3], state, backend="cuda")
-    assert recorder.calls[0][0] == cs.wy_name(True, True) + "_vxp_l32_lb3"
+    assert recorder.calls[0][0] == cs.wy_name(True, True) + f"_vxp_l32_lb{cl.MIN_BLOCKS['wy2p']}"
     assert len(recorder.calls) == 2
     # where it does not apply: the three passes
     for switch in ("FUSE_O", "WY2_VX"):
@@ -382,7 +383,7 @@ def test_ab9_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     eq = [r["equal to default"] for r in rows if r["check"] in g.AB9_VARIANTS]
     assert eq == [True] * 2 * len(g.AB9_VARIANTS)
     built = {kw["name"] for kw in recorder.built}
-    assert cs.wy_name(True, True) + "_vxp_l32_lb3" in built
+    assert cs.wy_name(True, True) + f"_vxp_l32_lb{cl.MIN_BLOCKS['wy2p']}" in built
     assert f"{cs.H3O_NAME}_eyp_{cs.h3o_smem(128, cl.H3, cl.H3_NB, 2)}" in built
     assert f"{cs.H3O_NAME}_eypy_{cs.h3opy_smem(128, cl.H3, cl.H3_NB, 2)}" in built
     times = g.ab9_times("cuda", ts=(256,))

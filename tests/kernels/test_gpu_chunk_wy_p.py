@@ -1,6 +1,6 @@
 """Round 9's WY_P and H3O_PRODUCERS on the GPU (CUDA only): FUSE_O's P made by the WY pass
 (chunk_source.wy2p_body) and the state pass's copies (and y: h3opy_body) issued by producer
-warps (h3op_body), apart and together, against the default build on the same inputs (bf16, B 2
+warps (h3op_body), apart, together and as the defaults, against round 8's build (bf16, B 2
 with left padding and a hole, T 1000: a partial last chunk; Hk 4, Hv 8; Dv 128 and 96; gates
 given and computed in the kernel): y and the state bit for bit; and the WY pass alone: W, U,
 Kw, the gates bit for bit WY2_VX's and P O2P's on the tiles both write (the lane emulator shows
@@ -21,7 +21,17 @@ pytestmark = [
 C = cl.CHUNK
 
 
+# The module's round-9 defaults (session 15), checked as a mode like the others.
+DEFAULTS = {
+    "WY_P": cl.WY_P,
+    "H3O_PRODUCERS": cl.H3O_PRODUCERS,
+    "H3_NB": cl.H3_NB,
+    "MIN_BLOCKS": dict(cl.MIN_BLOCKS),
+}
+# The base every mode is compared with: round 8's passes (FUSE_O, H3O_EARLY), a ring of 2.
+ROUND8 = {"WY_P": False, "H3O_PRODUCERS": False, "H3_NB": 2}
 MODES = {
+    "defaults": DEFAULTS,
     "wyp": {"WY_P": True},
     "prod": {"H3O_PRODUCERS": True},
     "both": {"WY_P": True, "H3O_PRODUCERS": True},
@@ -35,12 +45,13 @@ MODES = {
 @pytest.mark.parametrize("raw", [False, True], ids=["gates", "raw_gates"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_wy_p_split_equals_default(monkeypatch, mode, nw, Dv, raw):
-    """The split path with `mode`'s switches on (H3 = nw) gives the default build's y and state
-    bit for bit (Dv 96 at 4 warps: FUSE_O does not apply, both take the default passes)."""
-    if MODES[mode].get("H3_NB") == 3 and nw == 4:
-        pytest.skip("a ring of three chunks at 4 warps needs 257 KB of shared memory")
+    """The split path with `mode`'s switches on (H3 = nw) gives round 8's build's y and state
+    bit for bit (Dv 96 at 4 warps: FUSE_O does not apply, both take the default passes; a ring
+    of 3 at 4 warps shrinks to 2, as H3_SMEM_MAX asks)."""
     q, k, v, g, beta, state, mask = _inputs(nw * 5 + Dv + raw, Dv)
     monkeypatch.setattr(cl, "H3", nw)
+    for switch, value in ROUND8.items():
+        monkeypatch.setattr(cl, switch, value)
     if raw:
         Hv = v.shape[2]
         gates = (g, beta, mx.linspace(-1.0, 0.5, Hv), mx.linspace(-0.3, 0.3, Hv))

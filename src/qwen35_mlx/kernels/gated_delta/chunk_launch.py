@@ -533,11 +533,14 @@ _kernels: dict[tuple, object] = {}
 # 1.29 -> 0.87 ms with m = 2 (both checks passed), so 2 is the default; {} builds them unbounded.
 # MLX writes the kernel's declaration itself, so the bound goes in through the header, by
 # redefining the __global__ keyword macro (as CUDA's crt/host_defines.h spells it) for that unit.
-MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "o": 2, "o2": 3}
+# "wy2p": round 9's WY_P build (WY2_VX making P), 4 since session 15 (H200, --ab9 11:38 UTC,
+# with H3O_PRODUCERS = 2 and H3_NB = 3: 2.602 -> 2.489 ms at 32768, 0.736 -> 0.714 at 8192; it
+# spills 24 bytes a thread at 64 registers, and is faster still).
+MIN_BLOCKS: dict[str, int] = {"wy": 2, "wy2": 3, "wy2p": 4, "o": 2, "o2": 3}
 _BOUNDED = ("wy", "wy_fused", "wy2", "wy2_fused", "wy2v", "wy2v_fused", "o", "o2")
 # Round 6's variants (WY2_VX, O2_VX; CUDA): bounded as the pass they vary.
 _BOUNDED_AS = {"wy2x": "wy2", "wy2x_fused": "wy2", "o2x": "o2", "o2y": "o2", "o2p": "o2"}
-_BOUNDED_AS |= {"wy2xp": "wy2", "wy2xp_fused": "wy2"}  # round 9's WY_P
+_BOUNDED_AS |= {"wy2xp": "wy2p", "wy2xp_fused": "wy2p"}  # round 9's WY_P
 
 # CUDA only: gd_mma_staged (the tile products over staged operands) takes two 16-bit operands
 # of one type (bf16 / fp16) through ldmatrix and mma.m16n8k16 instead of widening them for
@@ -799,13 +802,14 @@ H3O_EARLY = True
 # FUSE_O applies and the WY pass is WY2_VX (16-bit pieces); else FUSE_O's three passes. Same
 # arithmetic: P bit for bit O2P's, y and the state the defaults'.
 WY_P = True
-# Round 9 (helper chunk9; CUDA, 1 since session 15, as WY_P): H3O (with H3O_EARLY) with its
+# Round 9 (helper chunk9; CUDA, on since session 15, as WY_P): H3O (with H3O_EARLY) with its
 # ring's copies issued by H3 producer warps of their own (chunk_source.h3op_body; 2 x 32 H3
 # threads a threadgroup): the ~1,400 of ~4,500 cycles a chunk that round 8's stamps put in
 # issuing copies leave the chain. Same bytes, same products: y and the state bit for bit. 2: the
 # producers also write y (y^T staged by the computing warps in a double Yb, stored a chunk later:
 # chunk_source.h3opy_body).
-H3O_PRODUCERS: bool | int = 1
+# 2 since session 15 (with MIN_BLOCKS["wy2p"] = 4: the 11:38 UTC --ab9 row above).
+H3O_PRODUCERS: bool | int = 2
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
