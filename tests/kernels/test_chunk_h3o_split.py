@@ -19,7 +19,7 @@ import pytest
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from tests.conftest import RTOL, rel_err
-from tests.kernels.chunk_rounds import h3o_pass_inputs, split_switches
+from tests.kernels.chunk_rounds import bench_on_zeros, h3o_pass_inputs, split_switches
 from tests.kernels.helpers import EMULATED_IO, GXX, compile_emulated
 from tests.kernels.test_chunk_cuda_source import NVCC
 from tests.kernels.test_chunk_fuse_y import _inputs
@@ -277,6 +277,48 @@ def test_split_path_takes_h3o_split(recorder, monkeypatch):  # noqa: F811
     cl.split_chunk_kernel("cuda", q, q, v, g, g, mx.zeros((B, Hv, Dv, Dk)), None)
     names = [n for n, _ in recorder.calls]
     assert len(names) == 2 and "_vxp" in names[0] and "_eyps_" in names[1], names
+
+
+def test_ab10_mode_runs_through_on_a_recording_factory(recorder, monkeypatch, tmp_path):  # noqa: F811
+    """chunk_split_gpu.py --ab10 end to end on the recording factory (zeros for every output):
+    the split build made and compared with the default (bit for bit), the split path and the
+    state pass timed with and without it, the stamped split build, Hv 16 / 64; the JSON written
+    after each step, exit status 0."""
+    g = bench_on_zeros(monkeypatch)
+    rows = g.ab10_checks("cuda")
+    assert {r["check"] for r in rows} == {"split", *g.AB10_VARIANTS}
+    assert all(r["ok"] for r in rows), rows
+    eq = [r["equal to default"] for r in rows if r["check"] in g.AB10_VARIANTS]
+    assert eq == [True] * 2 * len(g.AB10_VARIANTS)
+    built = {kw["name"] for kw in recorder.built}
+    for nb in (cl.H3_NB, 2):
+        assert f"{cs.H3O_NAME}_eyps_{cs.h3o_smem(128, cl.H3, nb, 2)}" in built
+    # the timings, the stamps and the other head counts through main(), at small T
+    monkeypatch.setattr(g, "ab10_times", lambda b, shapes: [
+        _small_times(g, b, T, hv) for T, hv in shapes
+    ])  # fmt: skip
+    stamps = g.ab10_split_stamps
+    monkeypatch.setattr(g, "ab10_split_stamps", lambda b: stamps(b, ts=(256,)))
+    monkeypatch.setattr(cl, "available_backend", lambda: "cuda")
+    assert g.main(["--ab10", "--out", str(tmp_path)]) == 0
+    (out,) = tmp_path.glob("*ab10*.json")
+    import json
+
+    info = json.loads(out.read_text())
+    assert [r["T"] for r in info["times"]] == [256, 256] and len(info["times_hv"]) == 2
+    assert {"split", "split ps", "split ps nb2", "state", "state ps", "state ps nb2"} <= set(
+        info["times"][0]["ms"]
+    )
+    assert [r["check"] for r in info["stamps"]] == ["state fo ps"] and info["stamps"][0]["same"]
+    assert f"{cs.H3O_NAME}_eyps_{cs.h3o_smem(128, cl.H3, cl.H3_NB, 2)}_stamped" in {
+        kw["name"] for kw in recorder.built
+    }
+
+
+def _small_times(g, backend, T, hv):
+    """ab10_times' row at T 256 (the timers at the given Hv's passes flag, no FLA)."""
+    timers = g._ab10_timers(backend, g.Shape(1, 256, hv), {}, passes=hv == 32)
+    return g._predicted_row(timers, 256, hv, {})
 
 
 @pytest.mark.slow  # ~1-2 min: ThreadSanitizer build

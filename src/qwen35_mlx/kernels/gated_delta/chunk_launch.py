@@ -619,7 +619,8 @@ def _build(backend: str, which: str, smem: int = 0):
                 input_names=ins,
                 output_names=[*outs, src.STAMP_OUTPUT],
                 source=src.stamped(body, anchors),
-                header=head + (src.H3_TILES if which.startswith("h3") else "")
+                header=head
+                + (src.H3_TILES if which.startswith("h3") else "")
                 + (src.H3_PAIR_TILES if which.startswith("h3oeps") else ""),
                 **extra,
             )

@@ -3520,16 +3520,16 @@ _H3OS_SWAPS = (
         "  constexpr int KH = KT / 2;     // key tiles of a half's state\n",
     ),
     (
-        '  static_assert(BV == 16 * NW && Dk % 16 == 0 && C % 16 == 0 && NB >= 2, "H3_BODY layout");\n',
-        '  static_assert(BV == 16 * NW && Dk % 16 == 0 && C % 16 == 0 && NB >= 2, "H3_BODY layout");\n'
-        '  static_assert(KT % 2 == 0 && RT == 4, "H3O_SPLIT: two halves of the keys, 2 row tiles each");\n'
+        'NB >= 2, "H3_BODY layout");\n',
+        'NB >= 2, "H3_BODY layout");\n'
+        '  static_assert(KT % 2 == 0 && RT == 4, "H3O_SPLIT: halves of the keys, 2 row tiles");\n'
         "  constexpr int NT2 = 2 * NT;  // computing threads: two warps a 16 value rows\n",
     ),
     (
         "  const int w = tid / 32;\n",
         "  const int w = tid / 32;\n"
         "  const int pw = w / 2;  // the pair: value rows v0 + 16 pw ..\n"
-        "  const int hf = w % 2;  // the half: key tiles KH hf .., chunk row tiles hf, RT - 1 - hf\n",
+        "  const int hf = w % 2;  // the half: key tiles KH hf .., row tiles hf, RT - 1 - hf\n",
     ),
     (
         "  const int vw = v0 + 16 * w;     // this warp's value rows\n",
@@ -3561,7 +3561,7 @@ _H3OS_SWAPS = (
     ),
     (
         "  const int ct = tid - NT;  // a producer warp's thread (tid >= NT): the copies' index\n",
-        "  const int ct = tid - NT2;  // a producer warp's thread (tid >= NT2): the copies' index\n",
+        "  const int ct = tid - NT2;  // a producer's thread (tid >= NT2): the copies' index\n",
     ),
     (
         "  if (tid >= NT) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n",
