@@ -184,12 +184,10 @@ def test_h3o_split_equals_h3o_producers(program, tmp_path, case):
 _BROKEN = {
     # the partner's delta rows read before they are written
     "no pair barrier": ("    gd_pair_barrier(1 + pw, 64);", "    __syncwarp();"),
-    # a half's second row tile the other half's (tile hf twice: P^T / y rows of RT - 1 - hf lost)
+    # half 0's second P^T tile read from the other half's rows of P
     "row tiles": (
-        "    for (int j = 0; j < 2; ++j) {\n      const int r = (j == 0 ? hf : RT - 1 - hf);\n"
-        "      gd_mma_rows<MP, true, true, 1>",
-        "    for (int j = 0; j < 2; ++j) {\n      const int r = hf;\n"
-        "      gd_mma_rows<MP, true, true, 1>",
+        "gd_mma_rows<MP, true, true, 1>(yt + 1, Db, DBL, sp + 16 * (RT - 1) * PP, PP, 0, 16 * RT);",
+        "gd_mma_rows<MP, true, true, 1>(yt + 1, Db, DBL, sp + 16 * (RT - 2) * PP, PP, 0, 16 * RT);",
     ),
     # the update over the other half's Kw columns
     "key half": ("sk + 16 * KH * hf, SP", "sk + 16 * KH * (1 - hf), SP"),

@@ -3676,9 +3676,15 @@ _H3OS_SWAPS = (
       }
     }
 """,
-        f"""    for (int j = 0; j < 2; ++j) {{
-      const int r = {_H3OS_ROW};
-      gd_mma_rows<MP, true, true, 1>(yt + j, Db, DBL, sp + 16 * r * PP, PP, 0, 16 * (r + 1));
+        f"""    // (K = 16 (r + 1) a compile-time constant in each branch: the two tiles' chains
+    // interleave; the branch is the warp's, hf)
+    if (hf == 0) {{
+      gd_mma_rows<MP, true, true, 1>(yt, Db, DBL, sp, PP, 0, 16);
+      gd_mma_rows<MP, true, true, 1>(yt + 1, Db, DBL, sp + 16 * (RT - 1) * PP, PP, 0, 16 * RT);
+    }} else {{
+      gd_mma_rows<MP, true, true, 1>(yt, Db, DBL, sp + 16 * PP, PP, 0, 32);
+      gd_mma_rows<MP, true, true, 1>(yt + 1, Db, DBL, sp + 16 * (RT - 2) * PP, PP, 0,
+                                     16 * (RT - 1));
     }}
     #pragma unroll
     for (int c = 0; c < KH; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * (KH * hf + c), SP);
