@@ -1157,16 +1157,20 @@ def ab9_producer_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[di
 AB10_VARIANTS = {
     "ps": {"H3O_SPLIT": True},
     "ps nb2": {"H3O_SPLIT": True, "H3_NB": 2},
+    # beside it, the WY pass (now ~70% of the path) at four threadgroups an SM (--ab9's "wyp
+    # prody lb4": -0.04 ms at 32k; WY2P spills 24 bytes there)
+    "ps lb4": {"H3O_SPLIT": True, "MIN_BLOCKS": {**cl.MIN_BLOCKS, "wy2": 4}},
 }
+AB10_STATE = ("ps", "ps nb2")  # the variants whose state pass is timed alone
 # Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 10"), H200, bf16. "split" at Hv
 # 32 is the 2026-12-03 10:59 UTC --ab9 measurement of today's defaults ("split wyp prod nb3");
 # "state" there was measured at a ring of two (1.183 / 0.333 ms, "state fo prod"), the ring of
 # three's 0.06 ms off it here.
 PREDICTED_AB10 = {
-    (8192, 32): {"split": 0.733, "split ps": 0.65, "split ps nb2": 0.66, "state": 0.32,
-                 "state ps": 0.24, "state ps nb2": 0.25, "fla chunk": 1.204},
-    (32768, 32): {"split": 2.625, "split ps": 2.30, "split ps nb2": 2.34, "state": 1.12,
-                  "state ps": 0.80, "state ps nb2": 0.83, "fla chunk": 2.420},
+    (8192, 32): {"split": 0.733, "split ps": 0.65, "split ps nb2": 0.66, "split ps lb4": 0.64,
+                 "state": 0.32, "state ps": 0.24, "state ps nb2": 0.25, "fla chunk": 1.204},
+    (32768, 32): {"split": 2.625, "split ps": 2.30, "split ps nb2": 2.34, "split ps lb4": 2.26,
+                  "state": 1.12, "state ps": 0.80, "state ps nb2": 0.83, "fla chunk": 2.420},
     (32768, 16): {"split": 1.8, "split ps": 1.5},
     (32768, 64): {"split": 5.2, "split ps": 4.5},
 }  # fmt: skip
@@ -1189,8 +1193,8 @@ def ab10_checks(backend: str) -> list[dict]:
 
 def _ab10_timers(backend: str, shape: Shape, fla, passes: bool = True) -> dict:
     """--ab10's timers at shape (B 1, bf16): the split path default and with each AB10_VARIANTS
-    entry, the state pass alone (default "state", "state ps", "state ps nb2"; where passes), FLA's
-    chunk kernel."""
+    entry, the state pass alone (default "state" and AB10_STATE's; where passes), FLA's chunk
+    kernel."""
     base = _timers(backend, shape, fla)
     timers = {
         "split": base["split"],
@@ -1206,8 +1210,8 @@ def _ab10_timers(backend: str, shape: Shape, fla, passes: bool = True) -> dict:
             return cl.h3o_pass(W, U, Kw, gts, s, q, P, cl.H3)
 
         timers["state"] = lambda n_: chained(state, state0, n_)
-        for name, sw in AB10_VARIANTS.items():
-            f = patched(state, **sw)
+        for name in AB10_STATE:
+            f = patched(state, **AB10_VARIANTS[name])
             timers[f"state {name}"] = lambda n_, f=f: chained(f, state0, n_)
     return timers | {"fla chunk": base.get("fla chunk")}
 

@@ -291,6 +291,7 @@ def test_ab10_mode_runs_through_on_a_recording_factory(recorder, monkeypatch, tm
     built = {kw["name"] for kw in recorder.built}
     for nb in (cl.H3_NB, 2):
         assert f"{cs.H3O_NAME}_eyps_{cs.h3o_smem(128, cl.H3, nb, 2)}" in built
+    assert cs.wy_name(True, True) + "_vxp_l32_lb4" in built  # "ps lb4"
     # the timings, the stamps and the other head counts through main(), at small T
     monkeypatch.setattr(g, "ab10_times", lambda b, shapes: [
         _small_times(g, b, T, hv) for T, hv in shapes
@@ -304,7 +305,7 @@ def test_ab10_mode_runs_through_on_a_recording_factory(recorder, monkeypatch, tm
 
     info = json.loads(out.read_text())
     assert [r["T"] for r in info["times"]] == [256, 256] and len(info["times_hv"]) == 2
-    assert {"split", "split ps", "split ps nb2", "state", "state ps", "state ps nb2"} <= set(
+    assert {"split", "split ps", "split ps nb2", "split ps lb4", "state", "state ps"} <= set(
         info["times"][0]["ms"]
     )
     assert [r["check"] for r in info["stamps"]] == ["state fo ps"] and info["stamps"][0]["same"]
