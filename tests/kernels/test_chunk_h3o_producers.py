@@ -175,7 +175,7 @@ def test_host_launches_h3o_producers(recorder, monkeypatch):  # noqa: F811
     build whose producers write y (a second Yb a warp); stamped: the producer builds with
     H3OP_STAMPS / H3OPY_STAMPS."""
     # Round 9's switches pinned off: this test is about the passes before it.
-    split_switches(monkeypatch, **BEFORE_ROUND9, H3O_EARLY=True)
+    split_switches(monkeypatch, **BEFORE_ROUND9, H3O_EARLY=True, H3O_SPLIT=False)
     args, (B, Hv, Dk, Dv) = h3o_pass_inputs()
     cl.h3o_pass(*args, 2)
     name, plain = recorder.calls[-1]

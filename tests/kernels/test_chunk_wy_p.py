@@ -364,6 +364,7 @@ def test_ab9_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     """chunk_split_gpu.py --ab9's checks and timings end to end on the recording factory (zeros
     for every output): WY2P built (gates given and computed), every variant compared with the
     default build, the WY pass checked alone, the passes timed, the producer builds stamped."""
+    split_switches(monkeypatch, H3O_SPLIT=False)  # round 9's producer builds, not round 10's
     g = bench_on_zeros(monkeypatch)
     rows = g.ab9_checks("cuda")
     assert {r["check"] for r in rows} == {"split", "wy p pass", *g.AB9_VARIANTS}
