@@ -98,6 +98,15 @@ beside FLA's chunk kernel with the predictions; last, the producer builds stampe
 phases on a computing warp's clock; their outputs must equal the plain builds'). JSON to --out.
 Exit status 1 if a check fails.
 
+--ab10 (round 10, helper chunk10; < 3 minutes, CUDA): H3O_SPLIT (chunk_launch.H3O_SPLIT: the
+state pass's 16 value rows shared by two computing warps, so its products run on all four SM
+sub-partitions), with the ring of two beside. Checks at T 1000 / 2048 (bf16, B 2 masked, raw
+gates): y and state equal to the default build's bit for bit and within bf16's tolerance of the
+fused kernel. Then timings at T 8192 / 32768 (Hv 32) beside FLA's chunk kernel with the
+predictions; the split build stamped (one chunk's phases on half 0 of pair 0's clock; its
+outputs must equal the plain build's); last, T 32768 at Hv 16 and 64. JSON to --out. Exit status
+1 if a check fails.
+
 Ends with what to set: chunk_launch.SPLIT = True if every check passed, and the smallest
 measured T from which "split" beats "fused" (kernels/gated_delta/__init__.py
 _GPU_CHUNKED_MIN_T). Exit status 1 if a check fails (the timings still print). JSON to --out.
@@ -1141,6 +1150,138 @@ def ab9_producer_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[di
     return rows
 
 
+# --ab10 (round 10, helper chunk10): H3O_SPLIT, the state pass (H3O_PRODUCERS = 1's build) with
+# each 16 value rows shared by two computing warps (h3ops: a warp's two chunk row tiles and half
+# of the state's key tiles, one named barrier of the pair a chunk). The same products in the
+# same order: y and the state must equal the default's bit for bit.
+# (Since session 15 the default is H3O_PRODUCERS = 2 with the WY_P build at four threadgroups an
+# SM; H3O_SPLIT varies H3O_PRODUCERS = 1's build, so every variant sets that.)
+AB10_VARIANTS = {
+    "ps": {"H3O_PRODUCERS": 1, "H3O_SPLIT": True},
+    "ps nb2": {"H3O_PRODUCERS": 1, "H3O_SPLIT": True, "H3_NB": 2},
+    # beside it, the WY pass (now ~70% of the path) at three threadgroups an SM (round 9's)
+    "ps lb3": {"H3O_PRODUCERS": 1, "H3O_SPLIT": True, "MIN_BLOCKS": {**cl.MIN_BLOCKS, "wy2p": 3}},
+}
+AB10_STATE = ("ps", "ps nb2")  # the variants whose state pass is timed alone
+# Predicted ms (benchmarks/NOTES.md "Split chunk kernels, round 10"), H200, bf16. "split" at Hv
+# 32 is the 2026-12-03 10:59 UTC --ab9 measurement of round 9's "split wyp prod nb3" (the lead's
+# later default, prody lb4, measured 2.489 at 11:38; "ps lb3" predicted from "ps lb4"'s);
+# "state" there was measured at a ring of two (1.183 / 0.333 ms, "state fo prod"), the ring of
+# three's 0.06 ms off it here.
+PREDICTED_AB10 = {
+    (8192, 32): {"split": 0.733, "split ps": 0.65, "split ps nb2": 0.66, "split ps lb3": 0.66,
+                 "state": 0.32, "state ps": 0.24, "state ps nb2": 0.25, "fla chunk": 1.204},
+    (32768, 32): {"split": 2.625, "split ps": 2.30, "split ps nb2": 2.34, "split ps lb3": 2.34,
+                  "state": 1.12, "state ps": 0.80, "state ps nb2": 0.83, "fla chunk": 2.420},
+    (32768, 16): {"split": 1.8, "split ps": 1.5},
+    (32768, 64): {"split": 5.2, "split ps": 4.5},
+}  # fmt: skip
+
+
+def ab10_checks(backend: str) -> list[dict]:
+    """--ab10's checks (bf16, B 2 with a left-padded row and a hole, raw gates; T 1000: rows
+    past T in the last chunk): each AB10_VARIANTS entry's y and state equal to the default
+    build's bit for bit and within bf16's tolerance of the fused kernel."""
+    rows = []
+    split = cl.gated_delta_update_chunk_kernel
+    for T in (1000, 2048):
+        args, refs, base = _check_case(backend, T, mx.bfloat16)
+        rows.append(_row("split", T, 32, mx.bfloat16, *base, refs))
+        for name, sw in AB10_VARIANTS.items():
+            f = patched(split, **sw)
+            rows.append(_variant_row(name, f, backend, args, refs, base, strict=True))
+    return rows
+
+
+def _ab10_timers(backend: str, shape: Shape, fla, passes: bool = True) -> dict:
+    """--ab10's timers at shape (B 1, bf16): the split path default and with each AB10_VARIANTS
+    entry, the state pass alone (default "state" and AB10_STATE's; where passes), FLA's chunk
+    kernel."""
+    base = _timers(backend, shape, fla)
+    timers = {
+        "split": base["split"],
+        **{f"split {n}": patched(base["split"], **sw) for n, sw in AB10_VARIANTS.items()},
+    }
+    if passes:
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(shape)
+        raw = (a, b, A_log, dt_bias)
+        W, U, Kw, gts, P = cl.wy_pass(backend, k, v, None, None, None, raw_gates=raw, q=q)
+        mx.eval(W, U, Kw, gts, P)
+
+        def state(s):
+            return cl.h3o_pass(W, U, Kw, gts, s, q, P, cl.H3)
+
+        timers["state"] = lambda n_: chained(state, state0, n_)
+        for name in AB10_STATE:
+            f = patched(state, **AB10_VARIANTS[name])
+            timers[f"state {name}"] = lambda n_, f=f: chained(f, state0, n_)
+    return timers | {"fla chunk": base.get("fla chunk")}
+
+
+def ab10_times(backend: str, shapes=((8192, 32), (32768, 32))) -> list[dict]:
+    """--ab10's timings (B 1, bf16) at each (T, Hv) (_ab10_timers; the passes alone at Hv 32),
+    the predictions printed."""
+    fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
+    rows = []
+    for T, hv in shapes:
+        timers = _ab10_timers(backend, Shape(1, T, hv), fla, passes=hv == 32)
+        pred = {T: PREDICTED_AB10.get((T, hv), {})}
+        rows.append(_predicted_row(timers, T, hv, pred))
+    return rows
+
+
+def ab10_split_stamps(backend: str, ts=(8192, 32768), hv: int = 32) -> list[dict]:
+    """--ab10's stamps: H3O_SPLIT's build stamped (chunk_source.H3OPS_STAMPS: one sampled chunk
+    a threadgroup, n = N / 2, half 0 of pair 0's clock) at each T (B 1, bf16): y and the state
+    against the plain split build's (must be equal), then the phases of the sampled chunk."""
+    from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+
+    rows = []
+    h3o = patched(cl.h3o_pass, H3O_PRODUCERS=1, H3O_SPLIT=True)
+    for T in ts:
+        q, k, v, a, b, A_log, dt_bias, state0 = _mlx_inputs(Shape(1, T, hv))
+        raw = (a, b, A_log, dt_bias)
+        W, U, Kw, gts, P = cl.wy_pass(backend, k, v, None, None, None, raw_gates=raw, q=q)
+        plain = h3o(W, U, Kw, gts, state0, q, P, cl.H3)
+        stamped = partial(h3o, W, U, Kw, gts, state0, q, P, cl.H3, stamps=True)
+        label = "state fo ps"
+        row = _stamped_row(T, hv, plain, stamped, cs.H3OPS_STAMPS, label, label, "wait .. y")
+        rows.append(row | {"check": label})
+    return rows
+
+
+def _ab_round(args, backend: str, tag: str, what: str, checks_of, times_of, last: tuple) -> int:
+    """One round's A/B (--ab8, --ab9, --ab10): `checks_of(backend)` (printed, written to the JSON
+    at once), then `times_of(backend, ts=(T,))` at T 8192 and 32768 (the JSON rewritten after
+    each: a time limit keeps what ran), then each (title, step, key) of `last`: step(backend)'s
+    rows under key (a step that fails is printed; what ran before is kept; stamped rows' "same"
+    must not be False). Exit status 1 if a check failed."""
+    print(f"1. {what} against the default build and the fused kernel", flush=True)
+    checks = checks_of(backend)
+    path, info = write_result(args.out, tag, backend, {"checks": checks, "times": []})
+    print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
+    for T in (8192, 32768):
+        info["times"] += times_of(backend, ts=(T,))
+        path.write_text(json.dumps(info, indent=1))
+    for i, (title, step, key) in enumerate(last, 3):
+        print(f"{i}. {title}", flush=True)
+        try:
+            info[key] = step(backend)
+        except Exception as e:  # everything above is printed and written already
+            print(f"  {key} step failed: {str(e)[:500]}", flush=True)
+            info[key] = []
+        path.write_text(json.dumps(info, indent=1))
+    bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]]
+    bad += [
+        f"{r.get('check', 'state fo')} stamped T={r['T']}"
+        for _, _, key in last
+        for r in info[key]
+        if r.get("same") is False
+    ]
+    print(f"{tag} checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
+    return 1 if bad else 0
+
+
 def time_shapes(backend: str, ts, hv: int, quick: bool = False, ab: bool = False) -> list[dict]:
     fla = {c.name: c for c in _fla_contenders() if c.name.startswith("fla chunk")}
     rows = []
@@ -1255,49 +1396,39 @@ def main(argv=None) -> int:
         "(the state pass's copies by warps of their own) checked bit for bit against the "
         "default build, then timed at T 8192 / 32768 beside FLA",
     )
+    p.add_argument(
+        "--ab10",
+        action="store_true",
+        help="< 3 min, CUDA: round 10's H3O_SPLIT (the state pass's 16 value rows shared by two "
+        "computing warps) checked bit for bit against the default build, then timed at T 8192 "
+        "/ 32768 beside FLA (and at Hv 16 / 64)",
+    )
     args = p.parse_args(argv)
     backend = cl.available_backend()
     if backend is None:
         raise SystemExit("chunk_split_gpu: needs MLX with a Metal or CUDA GPU")
     print(f"device {mx.default_device()} backend {backend} mlx {mx.__version__}", flush=True)
+    if args.ab10:
+        return _ab_round(
+            args, backend, "ab10", "round 10's H3O_SPLIT", ab10_checks,
+            lambda b, ts: ab10_times(b, shapes=[(T, 32) for T in ts]),
+            (("the split build's phases (stamped, one chunk a threadgroup)", ab10_split_stamps,
+              "stamps"),
+             ("T 32768 at Hv 16 and 64", lambda b: ab10_times(b, ((32768, 16), (32768, 64))),
+              "times_hv")),
+        )  # fmt: skip
     if args.ab9:
-        print("1. round 9's WY_P / H3O_PRODUCERS against the default and the fused kernel")
-        checks = ab9_checks(backend)
-        path, info = write_result(args.out, "ab9", backend, {"checks": checks, "times": []})
-        print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
-        for T in (8192, 32768):  # the JSON rewritten after each length (a time limit keeps 8k)
-            info["times"] += ab9_times(backend, ts=(T,))
-            path.write_text(json.dumps(info, indent=1))
-        print("3. the producer builds' phases (stamped, one chunk a threadgroup)", flush=True)
-        try:
-            info["stamps"] = ab9_producer_stamps(backend)
-            path.write_text(json.dumps(info, indent=1))
-        except Exception as e:  # everything above is printed and written already
-            print(f"  producer stamps step failed: {str(e)[:500]}", flush=True)
-            info["stamps"] = []
-        bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]]
-        bad += [f"{r['check']} stamped T={r['T']}" for r in info["stamps"] if r["same"] is False]
-        print(f"ab9 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
-        return 1 if bad else 0
+        return _ab_round(
+            args, backend, "ab9", "round 9's WY_P / H3O_PRODUCERS", ab9_checks, ab9_times,
+            (("the producer builds' phases (stamped, one chunk a threadgroup)",
+              ab9_producer_stamps, "stamps"),),
+        )  # fmt: skip
     if args.ab8:
-        print("1. round 8's FUSE_Y / FUSE_O against the default build and the fused kernel")
-        checks = ab8_checks(backend)
-        path, info = write_result(args.out, "ab8", backend, {"checks": checks, "times": []})
-        print("2. timing (bf16, B=1, Hk=16, Hv=32, Dk=Dv=128)", flush=True)
-        for T in (8192, 32768):  # the JSON rewritten after each length (a time limit keeps 8k)
-            info["times"] += ab8_times(backend, ts=(T,))
-            path.write_text(json.dumps(info, indent=1))
-        print("3. H3O's phases (FUSE_O's state pass stamped, one chunk a threadgroup)", flush=True)
-        try:
-            info["stamps"] = ab8_h3o_stamps(backend)
-            path.write_text(json.dumps(info, indent=1))
-        except Exception as e:  # everything above is printed and written already
-            print(f"  H3O stamps step failed: {str(e)[:500]}", flush=True)
-            info["stamps"] = []
-        bad_st = [f"state fo stamped T={r['T']}" for r in info["stamps"] if r["same"] is False]
-        bad = [f"{r['check']} T={r['T']}" for r in checks if not r["ok"]] + bad_st
-        print(f"ab8 checks: {len(checks) - len(bad)} ok" + (f", FAILED: {bad}" if bad else ""))
-        return 1 if bad else 0
+        return _ab_round(
+            args, backend, "ab8", "round 8's FUSE_Y / FUSE_O", ab8_checks, ab8_times,
+            (("H3O's phases (FUSE_O's state pass stamped, one chunk a threadgroup)",
+              ab8_h3o_stamps, "stamps"),),
+        )  # fmt: skip
     if args.ab7:
         print("1. round 7's variants against the default build and the references", flush=True)
         checks = ab7_checks(backend)

@@ -146,8 +146,11 @@ def pytest_collection_modifyitems(config, items):
 def plain_split(monkeypatch):
     """The split chunk path's switches as before session 11 made round 7 the default (H3 and
     LDSM32 off, WY2_VX / O2_VX off, the output pass at two threadgroups an SM): the build the
-    older variant and launch tests were written against (round 7's own: test_chunk_h3.py)."""
+    older variant and launch tests were written against (round 7's own: test_chunk_h3.py), and
+    H3's ring of two chunks (H3_NB 3 since session 15)."""
     from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
+
+    monkeypatch.setattr(cl, "H3_NB", 2)
 
     monkeypatch.setattr(cl, "H3", None)
     monkeypatch.setattr(cl, "FUSE_O", False)

@@ -149,6 +149,9 @@ inline void run_grid(dim3 blocks, unsigned warps, const std::function<void()>& l
 #define GD_TG_PTR
 struct Block {
   std::barrier<> bar;
+  // named barriers (CUDA bar.sync id, n: gd_pair_barrier), made by the first thread to reach one
+  std::mutex named_mutex;
+  std::map<int, std::unique_ptr<std::barrier<>>> named;
   explicit Block(std::ptrdiff_t n) : bar(n) {}
 };
 thread_local Block* tl_blk = nullptr;
@@ -168,6 +171,17 @@ inline void gd_tg_poison(A& x) {
   }
 }
 inline void gd_barrier() { tl_blk->bar.arrive_and_wait(); }
+// CUDA's bar.sync id, n (chunk_source.H3_PAIR_TILES): the n threads that name barrier id meet.
+inline void gd_pair_barrier(int id, int n) {
+  std::barrier<>* b;
+  {
+    const std::lock_guard<std::mutex> lock(tl_blk->named_mutex);
+    auto& slot = tl_blk->named[id];
+    if (!slot) slot = std::make_unique<std::barrier<>>(n);
+    b = slot.get();
+  }
+  b->arrive_and_wait();
+}
 inline float4 gd_f4(float x, float y, float z, float w) { return {x, y, z, w}; }
 // Staged tile copies as CUDA's (the pieces' type kept, cp.async groups): here the copy is done
 // at once, so a missing wait shows only as a missing barrier would (another thread's copy not

@@ -16,6 +16,13 @@ import pytest
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from tests.conftest import RTOL, rel_err
+from tests.kernels.chunk_rounds import (
+    BEFORE_ROUND9,
+    bench_on_zeros,
+    h3o_pass_inputs,
+    split_switches,
+    zero_pieces,
+)
 from tests.kernels.helpers import EMULATED_IO, GXX, compile_emulated
 from tests.kernels.test_chunk_cuda_source import NVCC
 from tests.kernels.test_chunk_stamps import recorder  # noqa: F401  (fixture)
@@ -272,10 +279,7 @@ def test_host_builds_fuse_y_only_where_it_applies(recorder, monkeypatch):  # noq
     ring's bytes (q rows added) of dynamic shared memory, Yi fp32 [B Hv, N, Dv, C]; O2Y with Yi
     in H's place, O2's tiles and bound; fp32 pieces keep the default passes."""
     B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
-    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
-    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
-    g = mx.ones((B, T, Hv))
-    state = mx.zeros((B, Hv, Dv, Dk))
+    q, v, g, state = zero_pieces(B, T, Hk, Hv, Dk, Dv)
     cl.split_chunk_kernel("cuda", q, q, v, g, g, state, None)
     names = [kw["name"] for kw in recorder.built]
     assert not any(n.startswith((cs.H3Y_NAME, cs.O2Y_NAME)) for n in names), names
@@ -419,20 +423,8 @@ def test_ab8_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     for every output): H3Y (2 and 4 warps) and O2Y (bounds 3 and 4) built, every variant compared
     with the default build, the passes checked alone, and timed."""
     # Round 9's switches pinned off: this test is about the passes before it.
-    monkeypatch.setattr(cl, "WY_P", False)
-    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
-    monkeypatch.setattr(cl, "H3_NB", 2)
-    import sys
-    from pathlib import Path
-
-    from tests.kernels.test_chunk_vx import _ZerosFused
-
-    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    monkeypatch.syspath_prepend(bench)
-    sys.modules.pop("chunk_split_gpu", None)
-    import chunk_split_gpu as g
-
-    monkeypatch.setattr(g, "_gpu_backend", lambda backend: _ZerosFused())
+    split_switches(monkeypatch, **BEFORE_ROUND9, H3_NB=2)
+    g = bench_on_zeros(monkeypatch)
     rows = g.ab8_checks("cuda")
     assert {r["check"] for r in rows} == {"split", "fy passes", *g.AB8_VARIANTS}
     assert all(r["ok"] for r in rows), rows
@@ -460,15 +452,9 @@ def test_host_builds_fuse_o(recorder, monkeypatch):  # noqa: F811
     as its seventh input, the ring's bytes with P's rows and the gates, y and the state out); no
     H3Y / O2Y, no output pass."""
     # Round 9's switches pinned off: this test is about the passes before it.
-    monkeypatch.setattr(cl, "WY_P", False)
-    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
+    split_switches(monkeypatch, **BEFORE_ROUND9, FUSE_Y=True, FUSE_O=True)
     B, T, Hk, Hv, Dk, Dv = 2, 200, 2, 4, 128, 128
-    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
-    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
-    g = mx.ones((B, T, Hv))
-    state = mx.zeros((B, Hv, Dv, Dk))
-    monkeypatch.setattr(cl, "FUSE_Y", True)
-    monkeypatch.setattr(cl, "FUSE_O", True)
+    q, v, g, state = zero_pieces(B, T, Hk, Hv, Dk, Dv)
     y, s = cl.split_chunk_kernel("cuda", q, q, v, g, g, state, None)
     assert y.shape == (B, T, Hv, Dv) and y.dtype == mx.bfloat16 and s.shape == state.shape
     names = [n for n, _ in recorder.calls]
@@ -497,16 +483,9 @@ def test_h3o_stamped_build(recorder, monkeypatch):  # noqa: F811
     """h3o_pass(stamps=True): H3O's text with the stamps of H3O_STAMPS (each anchor once; without
     them the plain text), its header, dynamic shared memory and the extra output."""
     # Round 9's switches pinned off: this test is about the passes before it.
-    monkeypatch.setattr(cl, "WY_P", False)
-    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
-    B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
-    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
-    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
-    g = mx.ones((B, T, Hv))
-    state = mx.zeros((B, Hv, Dv, Dk))
-    W, U, Kw, gates = cl.wy_pass("cuda", q, v, g, g, None)
-    P = cl.o2p_pass(q, q, gates, T, Hv, mx.bfloat16)
-    *_, st = cl.h3o_pass(W, U, Kw, gates, state, q, P, 2, stamps=True)
+    split_switches(monkeypatch, **BEFORE_ROUND9)
+    args, (B, Hv, Dk, Dv) = h3o_pass_inputs()
+    *_, st = cl.h3o_pass(*args, 2, stamps=True)
     assert st.shape == (B * Hv * Dv // 32, cs.STAMP_SLOTS) and st.dtype == mx.uint32
     kw = recorder.built[-1]
     smem = cs.h3o_smem(Dk, 2, cl.H3_NB, 2)

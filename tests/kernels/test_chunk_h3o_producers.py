@@ -9,12 +9,12 @@ with the switch (twice the threads, the same template); ptxas for sm_90 without 
 import re
 import subprocess
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+from tests.kernels.chunk_rounds import BEFORE_ROUND9, h3o_pass_inputs, split_switches, zero_pieces
 from tests.kernels.helpers import EMULATED_IO, GXX, compile_emulated
 from tests.kernels.test_chunk_cuda_source import NVCC
 from tests.kernels.test_chunk_fuse_y import _inputs
@@ -175,20 +175,12 @@ def test_host_launches_h3o_producers(recorder, monkeypatch):  # noqa: F811
     build whose producers write y (a second Yb a warp); stamped: the producer builds with
     H3OP_STAMPS / H3OPY_STAMPS."""
     # Round 9's switches pinned off: this test is about the passes before it.
-    monkeypatch.setattr(cl, "WY_P", False)
-    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
-    B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
-    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
-    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
-    g = mx.ones((B, T, Hv))
-    state = mx.zeros((B, Hv, Dv, Dk))
-    monkeypatch.setattr(cl, "H3O_EARLY", True)
-    W, U, Kw, gates = cl.wy_pass("cuda", q, v, g, g, None)
-    P = cl.o2p_pass(q, q, gates, T, Hv, mx.bfloat16)
-    cl.h3o_pass(W, U, Kw, gates, state, q, P, 2)
+    split_switches(monkeypatch, **BEFORE_ROUND9, H3O_EARLY=True, H3O_SPLIT=False)
+    args, (B, Hv, Dk, Dv) = h3o_pass_inputs()
+    cl.h3o_pass(*args, 2)
     name, plain = recorder.calls[-1]
     monkeypatch.setattr(cl, "H3O_PRODUCERS", True)
-    cl.h3o_pass(W, U, Kw, gates, state, q, P, 2)
+    cl.h3o_pass(*args, 2)
     pname, prod = recorder.calls[-1]
     smem = cs.h3o_smem(Dk, 2, cl.H3_NB, 2)
     assert name == f"{cs.H3O_NAME}_ey_{smem}" and pname == f"{cs.H3O_NAME}_eyp_{smem}"
@@ -199,21 +191,21 @@ def test_host_launches_h3o_producers(recorder, monkeypatch):  # noqa: F811
     assert kw["source"] == cl.h3op_source("cuda") and kw["shared_memory"] == smem
     assert "gd_mma_rows" in kw["header"]
     monkeypatch.setattr(cl, "H3O_PRODUCERS", 2)  # the producers write y too
-    cl.h3o_pass(W, U, Kw, gates, state, q, P, 2)
+    cl.h3o_pass(*args, 2)
     yname, py = recorder.calls[-1]
     smem_y = cs.h3opy_smem(Dk, 2, cl.H3_NB, 2)
     assert yname == f"{cs.H3O_NAME}_eypy_{smem_y}" and smem_y == smem + 2 * C * 24 * 2
     assert py["threadgroup"] == (128, 1, 1) and py["template"] == plain["template"]
     kw = {b["name"]: b for b in recorder.built}[yname]
     assert kw["source"] == cl.h3opy_source("cuda") and kw["shared_memory"] == smem_y
-    *_, st = cl.h3o_pass(W, U, Kw, gates, state, q, P, 2, stamps=True)
+    *_, st = cl.h3o_pass(*args, 2, stamps=True)
     sname, sc = recorder.calls[-1]
     assert sname == f"{cs.H3O_NAME}_eypy_{smem_y}_stamped" and sc["threadgroup"] == (128, 1, 1)
     assert st.shape == (B * Hv * Dv // 32, cs.STAMP_SLOTS)
     kw = {b["name"]: b for b in recorder.built}[sname]
     assert cs.unstamped(kw["source"]) == cl.h3opy_source("cuda") and "gd_mma_rows" in kw["header"]
     monkeypatch.setattr(cl, "H3O_PRODUCERS", True)
-    cl.h3o_pass(W, U, Kw, gates, state, q, P, 2, stamps=True)
+    cl.h3o_pass(*args, 2, stamps=True)
     kw = {b["name"]: b for b in recorder.built}[recorder.calls[-1][0]]
     assert kw["name"] == f"{cs.H3O_NAME}_eyp_{smem}_stamped"
     assert cs.unstamped(kw["source"]) == cl.h3op_source("cuda")
@@ -279,11 +271,8 @@ def test_h3_ring_shrinks_to_fit_shared_memory(recorder, monkeypatch, nw, nb):  #
     monkeypatch.setattr(cl, "H3_NB", 3)
     monkeypatch.setattr(cl, "H3", nw)
     monkeypatch.setattr(cl, "FUSE_O", True)
-    B, T, Hk, Hv, Dk, Dv = 1, 200, 2, 4, 128, 128
-    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
-    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
-    g = mx.ones((B, T, Hv))
-    state = mx.zeros((B, Hv, Dv, Dk))
+    Dk = 128
+    q, v, g, state = zero_pieces(Dk=Dk)
     for producers in (False, 1, 2):
         monkeypatch.setattr(cl, "H3O_PRODUCERS", producers)
         recorder.calls.clear()

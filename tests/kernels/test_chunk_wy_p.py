@@ -18,6 +18,12 @@ import pytest
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from tests.conftest import RTOL
+from tests.kernels.chunk_rounds import (
+    BEFORE_ROUND9,
+    bench_on_zeros,
+    split_switches,
+    zero_pieces,
+)
 from tests.kernels.helpers import EMULATED_IO, GXX, compile_emulated
 from tests.kernels.test_chunk_cuda_source import NVCC
 from tests.kernels.test_chunk_stamps import recorder  # noqa: F401  (fixture)
@@ -258,19 +264,12 @@ def test_host_builds_wy_p_only_where_it_applies(recorder, monkeypatch):  # noqa:
     and H3O with that P; raw gates too; fp32 pieces, Metal, FUSE_O off or WY2_VX off keep the
     default passes."""
     # Round 9's switches pinned off: this test is about the passes before it.
-    monkeypatch.setattr(cl, "WY_P", False)
-    monkeypatch.setattr(cl, "H3O_PRODUCERS", False)
-    monkeypatch.setattr(cl, "FUSE_O", True)
-    monkeypatch.setattr(cl, "H3", 2)
-    monkeypatch.setattr(cl, "O2_VX", True)
-    monkeypatch.setattr(cl, "WY2_VX", True)
-    monkeypatch.setattr(cl, "LDSM32", True)
+    split_switches(
+        monkeypatch, **BEFORE_ROUND9, FUSE_O=True, H3=2, O2_VX=True, WY2_VX=True, LDSM32=True
+    )
     B, T, Hk, Hv, Dk, Dv = 2, 200, 2, 4, 128, 128
-    q = mx.zeros((B, T, Hk, Dk), mx.bfloat16)
+    q, v, g, state = zero_pieces(B, T, Hk, Hv, Dk, Dv)
     k = mx.ones((B, T, Hk, Dk), mx.bfloat16)
-    v = mx.zeros((B, T, Hv, Dv), mx.bfloat16)
-    g = mx.ones((B, T, Hv))
-    state = mx.zeros((B, Hv, Dv, Dk))
     cl.split_chunk_kernel("cuda", q, k, v, g, g, state, None)
     default = [n for n, _ in recorder.calls]
     assert len(default) == 3 and default[1].startswith(cs.O2P_NAME), default
@@ -366,17 +365,8 @@ def test_ab9_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     """chunk_split_gpu.py --ab9's checks and timings end to end on the recording factory (zeros
     for every output): WY2P built (gates given and computed), every variant compared with the
     default build, the WY pass checked alone, the passes timed, the producer builds stamped."""
-    import sys
-    from pathlib import Path
-
-    from tests.kernels.test_chunk_vx import _ZerosFused
-
-    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    monkeypatch.syspath_prepend(bench)
-    sys.modules.pop("chunk_split_gpu", None)
-    import chunk_split_gpu as g
-
-    monkeypatch.setattr(g, "_gpu_backend", lambda backend: _ZerosFused())
+    split_switches(monkeypatch, H3O_SPLIT=False)  # round 9's producer builds, not round 10's
+    g = bench_on_zeros(monkeypatch)
     rows = g.ab9_checks("cuda")
     assert {r["check"] for r in rows} == {"split", "wy p pass", *g.AB9_VARIANTS}
     assert all(r["ok"] for r in rows), rows

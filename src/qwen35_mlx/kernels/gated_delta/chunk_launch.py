@@ -490,6 +490,11 @@ def h3opy_source(backend: str) -> str:
     return PROLOGUE[backend] + src.h3opy_body()
 
 
+def h3ops_source(backend: str) -> str:
+    """h3op_source with each 16 value rows shared by two computing warps (H3O_SPLIT; CUDA)."""
+    return PROLOGUE[backend] + src.h3ops_body()
+
+
 def o_source(backend: str) -> str:
     return PROLOGUE[backend] + src.o_body()
 
@@ -581,6 +586,7 @@ _PLAIN = {
     ),
     "h3oep": (src.H3O_NAME + "_eyp", src.H3O_INPUTS, src.H3O_OUTPUTS, h3op_source),
     "h3oepy": (src.H3O_NAME + "_eypy", src.H3O_INPUTS, src.H3O_OUTPUTS, h3opy_source),
+    "h3oeps": (src.H3O_NAME + "_eyps", src.H3O_INPUTS, src.H3O_OUTPUTS, h3ops_source),
     "o": (src.O_NAME, src.O_INPUTS, src.O_OUTPUTS, o_source),
     "o2": (src.O2_NAME, src.O_INPUTS, src.O_OUTPUTS, o2_source),
     "o2x": (src.O2_NAME + "_vx", src.O_INPUTS, src.O_OUTPUTS, o2_vx_source),
@@ -616,7 +622,9 @@ def _build(backend: str, which: str, smem: int = 0):
                 input_names=ins,
                 output_names=[*outs, src.STAMP_OUTPUT],
                 source=src.stamped(body, anchors),
-                header=head + (src.H3_TILES if which.startswith("h3") else ""),
+                header=head
+                + (src.H3_TILES if which.startswith("h3") else "")
+                + (src.H3_PAIR_TILES if which.startswith("h3oeps") else ""),
                 **extra,
             )
         return _kernels[key]
@@ -648,8 +656,9 @@ def _build(backend: str, which: str, smem: int = 0):
             name, ins = src.prep_name(fused, matrix), src.prep_inputs(fused)
             outs = src.PREP_OUTPUTS
             body = prep_source(backend, fused, matrix)
-        h3 = which in ("h3", "h3y", "h3o", "h3oe", "h3oep", "h3oepy")
+        h3 = which in ("h3", "h3y", "h3o", "h3oe", "h3oep", "h3oepy", "h3oeps")
         head = header(backend) + (src.H3_TILES if h3 else "")
+        head += src.H3_PAIR_TILES if which == "h3oeps" else ""
         if l32:
             name, head = f"{name}_l32", head + src.H3_TILES + src.L32_TILES
         if p32:
@@ -709,6 +718,11 @@ _STAMPED = {
     "h3oepy_stamped": lambda: (
         src.H3O_NAME + "_eypy", src.H3O_INPUTS, src.H3O_OUTPUTS, h3opy_source("cuda"),
         src.H3OPY_STAMPS,
+    ),
+    # round 10: H3O_SPLIT's build (two computing warps a 16 value rows; H3OPS_STAMPS)
+    "h3oeps_stamped": lambda: (
+        src.H3O_NAME + "_eyps", src.H3O_INPUTS, src.H3O_OUTPUTS, h3ops_source("cuda"),
+        src.H3OPS_STAMPS,
     ),
 }  # fmt: skip
 
@@ -810,6 +824,14 @@ WY_P = True
 # chunk_source.h3opy_body).
 # 2 since session 15 (with MIN_BLOCKS["wy2p"] = 4: the 11:38 UTC --ab9 row above).
 H3O_PRODUCERS: bool | int = 2
+# Round 10 (helper chunk10; CUDA, off by default until the H200 has checked and timed it:
+# benchmarks/chunk_split_gpu.py --ab10): H3O_PRODUCERS = 1's build with each 16 value rows shared
+# by two computing warps (chunk_source.h3ops_body: a warp's half of the chunk's row tiles and of
+# the state's key tiles, one named barrier of the pair a chunk; 3 x 32 H3 threads a
+# threadgroup), so the products run on all four SM sub-partitions instead of two: 106 mma a
+# warp a chunk instead of 212. Same products in the same order: y and the state bit for bit.
+# Where H3O_PRODUCERS = 1 applies (with H3O_EARLY); else that build.
+H3O_SPLIT = False
 # WY2_BODY's (key / value slice DS, ring of NB) by backend and staged element size: CUDA bf16 /
 # fp16 43520 B, fp32 40448 B; Metal (float staged, synchronous copies) 32256 B of its 32 KB.
 WY2_TILES = {
@@ -1244,6 +1266,10 @@ def h3o_pass(
         # the producer warps (H3O_EARLY's order; stamped too): twice the threads, the
         # template's NT the computing ones; "h3oepy": the producers also write y
         nt = 64 * nw
+        if which == "h3oep" and H3O_SPLIT:
+            # two computing warps a 16 value rows, then the producers: the same threadgroup
+            # memory, three times the threads
+            which, nt = "h3oeps", 96 * nw
         launch |= {"grid": (nt * B * Hv, *launch["grid"][1:]), "threadgroup": (nt, 1, 1)}
         which += "_stamped" if stamps else ""
     return _build("cuda", which, smem)(

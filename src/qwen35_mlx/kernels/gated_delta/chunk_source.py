@@ -3487,3 +3487,261 @@ H3OPY_STAMPS = tuple(
     else a
     for a in H3OP_STAMPS
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Round 10 (helper chunk10; CUDA, off by default: chunk_launch.H3O_SPLIT): the state pass's 16
+# value rows shared by two computing warps. With one warp a chain (H3O_PRODUCERS' build, Hv 32:
+# 128 threadgroups of two computing warps, one an SM) only 256 of the H200's 528 SM
+# sub-partitions do the products: each computing warp issues 212 mma a chunk (Xw^T 64, Y^T 64,
+# update 64, P^T 20) on its sub-partition's tensor core, the others idle. Here computing warp w is
+# half hf = w % 2 of pair pw = w / 2 (value rows v0 + 16 pw): its Xw^T, Y^T, delta, Y's decay,
+# P^T and y are chunk row tiles hf and RT - 1 - hf (P^T's triangle balanced: 1 + 4 and 2 + 3
+# steps of 16), its state the key tiles KH hf .. KH hf + KH - 1 (KH = KT / 2: the update's half
+# of Kw's columns), so each warp issues 106 mma a chunk. Both halves' delta rows meet in the
+# pair's Db (the update and P^T read all of it): one named barrier of the pair's 64 threads a
+# chunk (gd_pair_barrier, CUDA bar.sync 1 + pw); both halves' new state meets in Sb at the
+# chunk's barrier, which every warp passes anyway. Every output element is the same products in
+# the same order as H3O's (only which warp issues them changes): y and the state bit for bit.
+# Threadgroup: 2 NT computing threads (NT = 32 NW, the template's, stays the copies' thread
+# count), then the NW producer warps; the same threadgroup memory as H3O (a pair's Sb, Db, Yb in
+# place of a warp's).
+H3_PAIR_TILES = """
+// The named barrier `id` (1 ..) of n threads (a multiple of 32): H3O_SPLIT's warp pairs.
+__device__ __forceinline__ void gd_pair_barrier(int id, int n) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+"""
+_H3OS_ROW = "(j == 0 ? hf : RT - 1 - hf)"  # chunk row tile j (of 2) of half hf
+_H3OS_SWAPS = (
+    (
+        "  constexpr int KT = Dk / 16;    // key tiles of the state\n",
+        "  constexpr int KT = Dk / 16;    // key tiles of the state\n"
+        "  constexpr int KH = KT / 2;     // key tiles of a half's state\n",
+    ),
+    (
+        'NB >= 2, "H3_BODY layout");\n',
+        'NB >= 2, "H3_BODY layout");\n'
+        '  static_assert(KT % 2 == 0 && RT == 4, "H3O_SPLIT: halves of the keys, 2 row tiles");\n'
+        "  constexpr int NT2 = 2 * NT;  // computing threads: two warps a 16 value rows\n",
+    ),
+    (
+        "  const int w = tid / 32;\n",
+        "  const int w = tid / 32;\n"
+        "  const int pw = w / 2;  // the pair: value rows v0 + 16 pw ..\n"
+        "  const int hf = w % 2;  // the half: key tiles KH hf .., row tiles hf, RT - 1 - hf\n",
+    ),
+    (
+        "  const int vw = v0 + 16 * w;     // this warp's value rows\n",
+        "  const int vw = v0 + 16 * pw;    // this pair's value rows\n",
+    ),
+    (
+        "  GD_TG_PTR PS* Sb = sm + NB * STAGE + w * WARP;  // this warp's state in PS: 16 x Dk\n",
+        "  GD_TG_PTR PS* Sb = sm + NB * STAGE + pw * WARP;  // this pair's state in PS: 16 x Dk\n",
+    ),
+    (
+        """  gd_acc sa[KT];
+  if (tid < NT) {
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) {
+      gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+      gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+    }
+  }
+""",
+        """  gd_acc sa[KH];  // this half's: key tiles KH hf + c
+  if (tid < NT2) {
+    #pragma unroll
+    for (int c = 0; c < KH; ++c) {
+      gd_acc_load(sa[c], state_in + (size_t(head) * Dv + vw) * Dk + 16 * (KH * hf + c), Dk);
+      gd_acc_store16<false>(sa[c], Sb + 16 * (KH * hf + c), SP);
+    }
+  }
+""",
+    ),
+    (
+        "  const int ct = tid - NT;  // a producer warp's thread (tid >= NT): the copies' index\n",
+        "  const int ct = tid - NT2;  // a producer's thread (tid >= NT2): the copies' index\n",
+    ),
+    (
+        "  if (tid >= NT) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n",
+        "  if (tid >= NT2) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n",
+    ),
+    (
+        "    if (tid >= NT) {  // a producer",
+        "    if (tid >= NT2) {  // a producer",
+    ),
+    (
+        """    gd_acc xt[RT];
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_zero(xt[r]);
+    gd_mma_rows<MP, false, true, RT>(xt, Sb, SP, sw, SP, 16 * SP, Dk);
+""",
+        """    // (this half's tiles j: rows 16 r_j.., r_0 = hf, r_1 = RT - 1 - hf)
+    gd_acc xt[2];
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) gd_acc_zero(xt[j]);
+    gd_mma_rows<MP, false, true, 2>(xt, Sb, SP, sw + 16 * hf * SP, SP, 16 * (RT - 1 - 2 * hf) * SP,
+                                    Dk);
+""",
+    ),
+    (
+        """    gd_acc yt[RT];
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_zero(yt[r]);
+    gd_mma_rows<MP, false, true, RT>(yt, Sb, SP, sq, SP, 16 * SP, Dk);
+""",
+        """    gd_acc yt[2];
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) gd_acc_zero(yt[j]);
+    gd_mma_rows<MP, false, true, 2>(yt, Sb, SP, sq + 16 * hf * SP, SP, 16 * (RT - 1 - 2 * hf) * SP,
+                                    Dk);
+""",
+    ),
+    (
+        """    for (int r = 0; r < RT; ++r) {
+      gd_acc dl;
+      gd_acc_load16<true>(dl, su + 16 * r * UP + 16 * w, UP);
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) dl.c[h][e] -= xt[r].c[h][e];
+      }
+      gd_acc_store16<true>(dl, Db + 16 * r * DBL, DBL);
+    }
+    __syncwarp();  // Db complete; Sb's reads (the products, H) done
+""",
+        f"""    for (int j = 0; j < 2; ++j) {{
+      const int r = {_H3OS_ROW};
+      gd_acc dl;
+      gd_acc_load16<true>(dl, su + 16 * r * UP + 16 * pw, UP);
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) dl.c[h][e] -= xt[j].c[h][e];
+      }}
+      gd_acc_store16<true>(dl, Db + 16 * r * DBL, DBL);
+    }}
+    gd_pair_barrier(1 + pw, 64);  // the pair's Db complete; both halves' Sb reads done
+""",
+    ),
+    (
+        """    for (int c = 0; c < KT; ++c) gd_acc_scale(sa[c], dc);
+    gd_mma_rows<MP, true, false, KT>(sa, Db, DBL, sk, SP, 16, C);
+""",
+        """    for (int c = 0; c < KH; ++c) gd_acc_scale(sa[c], dc);
+    gd_mma_rows<MP, true, false, KH>(sa, Db, DBL, sk + 16 * KH * hf, SP, 16, C);
+""",
+    ),
+    (
+        """    for (int r = 0; r < RT; ++r) {
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = 16 * r + 8 * h + 2 * (tid & 3) + (e & 1);
+          yt[r].c[h][e] = sg[4 * t + 2] != 0.0f ? sg[4 * t] * yt[r].c[h][e] : 0.0f;
+        }
+      }
+    }
+""",
+        f"""    for (int j = 0; j < 2; ++j) {{
+      const int r = {_H3OS_ROW};
+      #pragma unroll
+      for (int h = 0; h < 2; ++h) {{
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {{
+          const int t = 16 * r + 8 * h + 2 * (tid & 3) + (e & 1);
+          yt[j].c[h][e] = sg[4 * t + 2] != 0.0f ? sg[4 * t] * yt[j].c[h][e] : 0.0f;
+        }}
+      }}
+    }}
+""",
+    ),
+    (
+        """    for (int r = 0; r < RT; ++r) {
+      gd_mma_rows<MP, true, true, 1>(yt + r, Db, DBL, sp + 16 * r * PP, PP, 0, 16 * (r + 1));
+    }
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * c, SP);
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) gd_acc_store16<true>(yt[r], Yb + 16 * r * DBL, DBL);
+    __syncwarp();  // Yb complete
+    #pragma unroll
+    for (int e = (tid & 31) * PAD; e < C * 16; e += 32 * PAD) {
+      const int t = n * C + e / 16;
+      if (t < T) {
+        *reinterpret_cast<gd_vh*>(y + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + vw + e % 16) =
+            *reinterpret_cast<const GD_TG_PTR gd_vh*>(Yb + (e / 16) * DBL + e % 16);
+      }
+    }
+""",
+        f"""    // (K = 16 (r + 1) a compile-time constant in each branch: the two tiles' chains
+    // interleave; the branch is the warp's, hf)
+    if (hf == 0) {{
+      gd_mma_rows<MP, true, true, 1>(yt, Db, DBL, sp, PP, 0, 16);
+      gd_mma_rows<MP, true, true, 1>(yt + 1, Db, DBL, sp + 16 * (RT - 1) * PP, PP, 0, 16 * RT);
+    }} else {{
+      gd_mma_rows<MP, true, true, 1>(yt, Db, DBL, sp + 16 * PP, PP, 0, 32);
+      gd_mma_rows<MP, true, true, 1>(yt + 1, Db, DBL, sp + 16 * (RT - 2) * PP, PP, 0,
+                                     16 * (RT - 1));
+    }}
+    #pragma unroll
+    for (int c = 0; c < KH; ++c) gd_acc_store16<false>(sa[c], Sb + 16 * (KH * hf + c), SP);
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) gd_acc_store16<true>(yt[j], Yb + 16 * {_H3OS_ROW} * DBL, DBL);
+    __syncwarp();  // this half's rows of Yb complete
+    #pragma unroll
+    for (int j = 0; j < 2; ++j) {{
+      const int r = {_H3OS_ROW};
+      #pragma unroll
+      for (int e = (tid & 31) * PAD; e < 16 * 16; e += 32 * PAD) {{
+        const int t = n * C + 16 * r + e / 16;
+        if (t < T) {{
+          *reinterpret_cast<gd_vh*>(y + ((size_t(b_idx) * T + t) * Hv + hv) * Dv + vw + e % 16) =
+              *reinterpret_cast<const GD_TG_PTR gd_vh*>(Yb + (16 * r + e / 16) * DBL + e % 16);
+        }}
+      }}
+    }}
+""",
+    ),
+    (
+        """  if (tid < NT) {
+    #pragma unroll
+    for (int c = 0; c < KT; ++c) {
+      gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * c, Dk);
+    }
+  }
+""",
+        """  if (tid < NT2) {
+    #pragma unroll
+    for (int c = 0; c < KH; ++c) {
+      gd_acc_store(sa[c], state_out + (size_t(head) * Dv + vw) * Dk + 16 * (KH * hf + c), Dk);
+    }
+  }
+""",
+    ),
+)
+
+
+def h3ops_body() -> str:
+    """h3op_body (H3O_EARLY's order, producer warps) with each 16 value rows shared by two
+    computing warps (H3O_SPLIT: the threadgroup has 3 NT threads)."""
+    return _swapped(h3op_body(True), _H3OS_SWAPS)
+
+
+# h3ops_body stamped: H3OP_STAMPS' phases in its text (thread 0: half 0 of pair 0), with "pair
+# barrier" (the wait for the partner's delta rows) split off the end of "delta"; the producers'
+# branch (~36 cycles) in "wait, barrier" (the slots: 12 phases at most).
+H3OPS_STAMPS = (
+    ("chunks before", "  if (tid >= NT2) {\n    for (int s = 0; s < NB - 1; ++s) copy(s);\n"),
+    _H3O_AT["wait, barrier"],
+    ("Xw^T", "    gd_mma_rows<MP, false, true, 2>(xt,", _H3_AT),
+    _H3O_AT["Y^T"],
+    _H3O_AT["delta"],
+    ("pair barrier", "    gd_pair_barrier(1 + pw, 64);", _H3_AT),
+    *(_H3O_AT[x] for x in ("update", "Y decay", "P^T")),
+    ("Sb", "    for (int c = 0; c < KH; ++c) gd_acc_store16<false>(sa[c], Sb", _H3_AT),
+    ("y stores", "    for (int j = 0; j < 2; ++j) gd_acc_store16<true>(yt[j], Yb", _H3_AT),
+    _H3O_AT["chunks after"],
+)
