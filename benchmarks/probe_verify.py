@@ -271,9 +271,10 @@ def main(argv=None) -> dict:
         "with each row-wise product's views made in the step (layers.ROWS_PREBUILT False: the "
         "form before session 8); kernel-ahead, kernel-large-ahead (or -ahead4 etc.): kernel, "
         "kernel-large with the kernel's 'ahead' variant (rows_matmul.AHEAD 8, or the number); "
-        "before, after: gemv with session 14's verify-pass switches all off / all on "
-        "(layers.TOKEN_STATES_AS_ROWS, layers.VERIFY_HEADS_FIRST, cache.LEAN_TRIM); "
-        "after-stacked, after-heads, after-trim: all on but that one; a suffix +all: every "
+        "before, after: gemv with the verify-pass switches of sessions 14-15 all off / all on "
+        "(layers.TOKEN_STATES_AS_ROWS, layers.VERIFY_HEADS_FIRST, cache.LEAN_TRIM, "
+        "layers.GATE_IN_PLACE); after-stacked, after-heads, after-trim, after-gate: all on but "
+        "that one; a suffix +all: every "
         "dense projection row-wise (the lm_head too: ROWS_GEMV True), +large: the few-rows "
         "kernel where the gemv form is over the byte limit (the lm_head)",
     )
@@ -295,8 +296,8 @@ def main(argv=None) -> dict:
     for variant in args.variants.split(","):
         lean = variant.split("+")[0].split("-")[0] in ("before", "after")
         if lean:
-            # session 14's verify-pass switches (the gemv form): "before" all off, "after" all
-            # on, "after-<switch>" all on but that one (stacked, heads, trim).
+            # sessions 14-15's verify-pass switches (the gemv form): "before" all off, "after"
+            # all on, "after-<switch>" all on but that one (stacked, heads, trim, gate).
             layers_lib.ROWS_PREBUILT, layers_lib.ROWS_KERNEL, rows_kernel.AHEAD = True, False, 0
             name, _, extra = variant.partition("+")  # +all: ROWS_GEMV True; +large: the kernel
             on = name.startswith("after")
@@ -304,11 +305,12 @@ def main(argv=None) -> dict:
             layers_lib.TOKEN_STATES_AS_ROWS = on and "stacked" not in off
             layers_lib.VERIFY_HEADS_FIRST = on and "heads" not in off
             cache_lib.LEAN_TRIM = on and "trim" not in off
+            layers_lib.GATE_IN_PLACE = on and "gate" not in off
             set_variant(model, "all" if extra == "all" else "auto")
             layers_lib.ROWS_KERNEL = "large" if extra == "large" else False
         else:
             layers_lib.TOKEN_STATES_AS_ROWS = layers_lib.VERIFY_HEADS_FIRST = True
-            cache_lib.LEAN_TRIM = True
+            cache_lib.LEAN_TRIM = layers_lib.GATE_IN_PLACE = True
         base, _, ahead = variant.partition("-ahead")
         rows_kernel.AHEAD = int(ahead or 8) if "-ahead" in variant else 0
         if not lean:
