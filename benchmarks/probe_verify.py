@@ -253,6 +253,60 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
     return res
 
 
+def gate_probe(iters: int, rounds: int = 5, T: int = 2) -> dict:
+    """The combine kernel's gate as a verify pass hands it (0.8B's attention layer: Hq 8, Hkv 2,
+    D 256, bf16, 64 keys, T tokens), six kernel pairs a compiled call (a pass's attention
+    layers), each gate made outside the call from an evaluated fused q|k|v output [T, N, 1]:
+    `view` its q|gate columns as [1, T, Hq, 2D] (a view with a row stride, which MLX copies
+    for the kernel: `layers.GATE_IN_PLACE` False), `in place` the whole output read with a head
+    stride (True). Synchronised calls, the forms alternated; median over rounds of us a kernel
+    pair, CPU time / wall. Their difference is the hidden copy's cost."""
+    from qwen35_mlx.kernels.attention import decode_attention
+
+    Hq, Hkv, D, C = 8, 2, 256, 64
+    N, dt = Hq * 2 * D + 2 * Hkv * D, mx.bfloat16
+    ks = mx.random.split(mx.random.key(3), 4)
+    q = mx.random.normal((1, Hq, T, D), key=ks[0]).astype(dt)
+    k = mx.random.normal((1, Hkv, C, D), key=ks[1]).astype(dt)
+    v = mx.random.normal((1, Hkv, C, D), key=ks[2]).astype(dt)
+    ys = [mx.random.normal((T, N, 1), key=kk).astype(dt) for kk in mx.random.split(ks[3], 6)]
+    mx.eval(q, k, v, ys)
+    forms = {
+        "view": ([y[:, : Hq * 2 * D].reshape(1, T, Hq, 2 * D) for y in ys], None),
+        "in place": (ys, 2 * D),
+    }
+    mx.eval([g for g, _ in forms.values()])
+    fns = {}
+    for label, (_, stride) in forms.items():
+
+        def call(*gates, stride=stride):
+            kw = dict(scale=D**-0.5, start=C - T, gate_offset=D, gate_head_stride=stride)
+            return [decode_attention(q, k, v, gate=g, **kw) for g in gates]
+
+        fns[label] = mx.compile(call)
+    outs = {label: fns[label](*forms[label][0]) for label in forms}
+    same = all(mx.array_equal(a, b).item() for a, b in zip(*outs.values(), strict=True))
+    times = {label: [] for label in forms}
+    for r in range(rounds):
+        for label in forms if r % 2 == 0 else reversed(list(forms)):
+            gates = forms[label][0]
+            for _ in range(3):
+                mx.eval(fns[label](*gates))
+            t0 = _clock()
+            for _ in range(iters):
+                mx.eval(fns[label](*gates))
+            c, w = _since(t0)
+            times[label].append((1e3 * c / iters / 6, 1e3 * w / iters / 6))
+    res = {"same_bits": same}
+    for label, v_ in times.items():
+        res[label] = {"cpu_us": round(statistics.median(x[0] for x in v_), 2),
+                      "wall_us": round(statistics.median(x[1] for x in v_), 2)}  # fmt: skip
+    print(f"gate probe (T {T}; us a kernel pair, CPU / wall; same bits: {same}): "
+          + ", ".join(f"{k_} {x['cpu_us']} / {x['wall_us']}" for k_, x in res.items()
+                      if k_ != "same_bits"))  # fmt: skip
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="pattern", choices=["tiny", "pattern", "0.8b", "9b"])
@@ -279,6 +333,9 @@ def main(argv=None) -> dict:
         "kernel where the gemv form is over the byte limit (the lm_head)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
+    p.add_argument(
+        "--gate-probe", action="store_true", help="also the attention gate's forms (gate_probe)"
+    )
     p.add_argument(
         "--gpu-layout", action="store_true", help="on the CPU: the GPU's verify layout (gpu_layout)"
     )
@@ -346,6 +403,8 @@ def main(argv=None) -> dict:
             print(f"matmul K={K} N={N} ({dtype}), us a product (CPU / wall):",
                   ", ".join(f"{k} {v['cpu_us']}/{v['wall_us']} ({v['GB/s']} GB/s)"
                             for k, v in r.items()))  # fmt: skip
+    if args.gate_probe:
+        result["gate_probe"] = gate_probe(args.iters * 5)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"probe_verify_{args.model}.json"
