@@ -330,7 +330,8 @@ def main(argv=None) -> dict:
         "layers.GATE_IN_PLACE); after-stacked, after-heads, after-trim, after-gate: all on but "
         "that one; a suffix +all: every "
         "dense projection row-wise (the lm_head too: ROWS_GEMV True), +large: the few-rows "
-        "kernel where the gemv form is over the byte limit (the lm_head)",
+        "kernel where the gemv form is over the byte limit (the lm_head), +wide: the kernel "
+        "where N >= 2K (the in-projections and the lm_head: ROWS_KERNEL 'wide')",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument(
@@ -356,7 +357,8 @@ def main(argv=None) -> dict:
             # sessions 14-15's verify-pass switches (the gemv form): "before" all off, "after"
             # all on, "after-<switch>" all on but that one (stacked, heads, trim, gate).
             layers_lib.ROWS_PREBUILT, layers_lib.ROWS_KERNEL, rows_kernel.AHEAD = True, False, 0
-            name, _, extra = variant.partition("+")  # +all: ROWS_GEMV True; +large: the kernel
+            # +all: ROWS_GEMV True; +large, +wide: the few-rows kernel (ROWS_KERNEL that rule)
+            name, _, extra = variant.partition("+")
             on = name.startswith("after")
             off = name.split("-")[1:] if on else []
             layers_lib.TOKEN_STATES_AS_ROWS = on and "stacked" not in off
@@ -364,7 +366,7 @@ def main(argv=None) -> dict:
             cache_lib.LEAN_TRIM = on and "trim" not in off
             layers_lib.GATE_IN_PLACE = on and "gate" not in off
             set_variant(model, "all" if extra == "all" else "auto")
-            layers_lib.ROWS_KERNEL = "large" if extra == "large" else False
+            layers_lib.ROWS_KERNEL = extra if extra in ("large", "wide") else False
         else:
             layers_lib.TOKEN_STATES_AS_ROWS = layers_lib.VERIFY_HEADS_FIRST = True
             cache_lib.LEAN_TRIM = layers_lib.GATE_IN_PLACE = True

@@ -377,7 +377,11 @@ ROWS_GEMV_MAX_BYTES = 64 << 20
 # (~5 against ~2 us, benchmarks/NOTES.md), so where the broadcast gemv's extra reads stay cheap
 # (small matrices, in L2) it may not pay at batch 1. ROWS_KERNEL: True (every row-wise
 # product), "large" (only where the broadcast form is over ROWS_GEMV_MAX_BYTES, i.e. in place
-# of a cuBLAS GEMM), False (MLX's batched gemv over W broadcast, as before). Where the kernel
+# of a cuBLAS GEMM), "wide" (only where W has at least twice as many outputs as inputs, N >= 2K:
+# the in-projections and the lm_head; the kernel gives a warp C outputs, so a product of few
+# outputs and a long K (o_proj, out_proj, down_proj) runs on few warps with long loops, where
+# MLX's gemv was faster on the H200: `probe_verify.py --matmul`, 2026-12-02 17:35), False (MLX's
+# batched gemv over W broadcast, as before). Where the kernel
 # does not run (the CPU, another dtype) the broadcast form stays. Read when a step is traced
 # and at every plain call. Off by default: on the H200 (2026-12-02, `probe_verify.py`) the
 # kernel took host time off a 2-token verify pass (0.8B: 1.04x a step in CPU time against the
@@ -392,6 +396,8 @@ def _rows_kernel(rows: int, w: mx.array, dtype) -> bool:
     if not ROWS_KERNEL or w.ndim != 2 or not 1 <= rows <= rows_kernel.MAX_ROWS:
         return False
     if ROWS_KERNEL == "large" and (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES:
+        return False
+    if ROWS_KERNEL == "wide" and w.shape[1] < 2 * w.shape[0]:  # w [K, N]
         return False
     return w.dtype == dtype and rows_kernel.kernel_available(dtype)
 
