@@ -381,7 +381,10 @@ def main(argv=None) -> dict:
             set_variant(model, "auto" if base in old_names else variant)
         if _GPU_LAYOUT:  # (set_variant's "auto" is CUDA's rule: off on the CPU)
             layers_lib.ROWS_GEMV = True
-        calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
+        key = variant  # a variant asked for again: its own entry ("after #2")
+        while key in result["calls"]:
+            key = f"{variant} #{int(key.rpartition('#')[2]) + 1 if '#' in key else 2}"
+        calls = result["calls"][key] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip
         print("| call | build | eval | after | total |")
