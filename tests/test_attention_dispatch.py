@@ -167,3 +167,30 @@ def test_gate_read_in_place(backend, monkeypatch, row_wise):
         assert one_row and not any(one_row)  # one row: the view, as before
     for a, b in zip(out[False], out[True], strict=True):
         assert np.array_equal(a, b)
+
+
+def test_rows_gate_checked_and_read_by_the_ops_path():
+    """`kernels.attention.decode_attention` with the gate as rows (gate_head_stride): the same
+    values as the dense gate through the ops path (`decode_attention_ref`, the CPU's), in each
+    row form; a row too short for the heads, a stride under D or another shape: an error."""
+    from tests.kernels.attention_np import make_attention_inputs
+
+    B, Hq, Hkv, T, C, D = 2, 4, 2, 3, 20, 32
+    q, k, v, g = make_attention_inputs(B, Hq, Hkv, T, C, D, gate=True, seed=2)
+    kv = 50.0 * mx.random.normal((B, T, 2 * Hkv * D), key=mx.random.key(5))
+    rows = mx.concatenate([g.reshape(B, T, Hq * 2 * D), kv], axis=-1)
+    N = rows.shape[-1]
+    kw = dict(scale=D**-0.5, mask="causal", gate_offset=D)
+    dense = attention_kernel.decode_attention(q, k, v, gate=g, **kw)
+    for form in (rows, rows.reshape(B * T, N), rows.reshape(B * T, N, 1)):
+        o = attention_kernel.decode_attention(q, k, v, gate=form, gate_head_stride=2 * D, **kw)
+        assert mx.array_equal(o, dense).item()
+    short = rows[..., : Hq * 2 * D - 1]
+    for gate, stride, err in (
+        (short, 2 * D, "leave no"),
+        (rows, D - 1, "leave no"),
+        (rows.reshape(B, T, N, 1), 2 * D, "rows"),
+        (rows.reshape(T, B, N), 2 * D, "rows"),  # (B != T)
+    ):
+        with pytest.raises(ValueError, match=err):
+            attention_kernel.decode_attention(q, k, v, gate=gate, gate_head_stride=stride, **kw)

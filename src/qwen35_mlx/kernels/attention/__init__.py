@@ -87,15 +87,15 @@ def _check(q, k, v, mask, gate, gate_offset, gate_head_stride=None):
         raise ValueError(f"decode_attention: mask must be None, 'causal' or an array: {mask!r}")
     if gate is not None and gate_head_stride is not None:
         # Rows: head h's gate at gate_offset + h * gate_head_stride of its token's row.
-        if _gate_row(gate, B, T) is None:
+        N = _gate_row(gate, B, T)
+        if N is None:
             want = f"rows [B, T, N], [B*T, N] or [B*T, N, 1], B = {B}, T = {T}"
             raise _shape_error("gate", gate.shape, want)
         last = gate_offset + (Hq - 1) * gate_head_stride + D
-        if gate_offset < 0 or gate_head_stride < D or last > _gate_row(gate, B, T):
+        if gate_offset < 0 or gate_head_stride < D or last > N:
             raise ValueError(
                 f"decode_attention: gate_offset={gate_offset}, gate_head_stride="
-                f"{gate_head_stride} leave no {Hq} heads of {D} gate elements in a gate row of "
-                f"{gate.shape[2]}"
+                f"{gate_head_stride} leave no {Hq} heads of {D} gate elements in a gate row of {N}"
             )
     elif gate is not None:
         # One token: [B, Hq, 1, G] is [B, 1, Hq, G] in memory, taken as it is (no reshape).

@@ -132,8 +132,7 @@ class AttentionBackend:
         """The two launches; shapes validated by the caller. start: int array [] or [1]; mask:
         bool [Bm, 1, T, Cm] or None; gate [B, T, Hq, G] (gate_head_stride None) or rows of N
         (B*T of them, row-contiguous) with head h's gate at gate_offset + h * gate_head_stride,
-        or None. Returns
-        [B, T, Hq * D] in q's dtype."""
+        or None. Returns [B, T, Hq * D] in q's dtype."""
         B, Hq, T, D = q.shape
         Hkv, Ck = k.shape[1], k.shape[2]
         R, NC, S, W, U = layout(B, Hq, Hkv, T)
