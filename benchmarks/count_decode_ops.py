@@ -313,7 +313,8 @@ class GpuStandIns:
             """Our decode attention kernel pair (kernels/attention): a split pass and a combine,
             one primitive each."""
 
-            def run(self, q, k, v, start, scale, mask=None, causal=False, gate=None, gate_offset=0):
+            def run(self, q, k, v, start, scale, mask=None, causal=False, gate=None, **gate_at):
+                # (gate_at: gate_offset, gate_head_stride: where the combine reads the gate)
                 B, Hq, T, D = q.shape
                 part = mx.zeros((B * Hq * T, 1, D), mx.float32)
                 part = si("attention decode split pass (kernel)", [part], [q, k, v, start, mask])

@@ -253,6 +253,60 @@ def matmul_probe(K: int, N: int, Ts: list[int], iters: int, dtype) -> dict:
     return res
 
 
+def gate_probe(iters: int, rounds: int = 5, T: int = 2) -> dict:
+    """The combine kernel's gate as a verify pass hands it (0.8B's attention layer: Hq 8, Hkv 2,
+    D 256, bf16, 64 keys, T tokens), six kernel pairs a compiled call (a pass's attention
+    layers), each gate made outside the call from an evaluated fused q|k|v output [T, N, 1]:
+    `view` its q|gate columns as [1, T, Hq, 2D] (a view with a row stride, which MLX copies
+    for the kernel: `layers.GATE_IN_PLACE` False), `in place` the whole output read with a head
+    stride (True). Synchronised calls, the forms alternated; median over rounds of us a kernel
+    pair, CPU time / wall. Their difference is the hidden copy's cost."""
+    from qwen35_mlx.kernels.attention import decode_attention
+
+    Hq, Hkv, D, C = 8, 2, 256, 64
+    N, dt = Hq * 2 * D + 2 * Hkv * D, mx.bfloat16
+    ks = mx.random.split(mx.random.key(3), 4)
+    q = mx.random.normal((1, Hq, T, D), key=ks[0]).astype(dt)
+    k = mx.random.normal((1, Hkv, C, D), key=ks[1]).astype(dt)
+    v = mx.random.normal((1, Hkv, C, D), key=ks[2]).astype(dt)
+    ys = [mx.random.normal((T, N, 1), key=kk).astype(dt) for kk in mx.random.split(ks[3], 6)]
+    mx.eval(q, k, v, ys)
+    forms = {
+        "view": ([y[:, : Hq * 2 * D].reshape(1, T, Hq, 2 * D) for y in ys], None),
+        "in place": (ys, 2 * D),
+    }
+    mx.eval([g for g, _ in forms.values()])
+    fns = {}
+    for label, (_, stride) in forms.items():
+
+        def call(*gates, stride=stride):
+            kw = dict(scale=D**-0.5, start=C - T, gate_offset=D, gate_head_stride=stride)
+            return [decode_attention(q, k, v, gate=g, **kw) for g in gates]
+
+        fns[label] = mx.compile(call)
+    outs = {label: fns[label](*forms[label][0]) for label in forms}
+    same = all(mx.array_equal(a, b).item() for a, b in zip(*outs.values(), strict=True))
+    times = {label: [] for label in forms}
+    for r in range(rounds):
+        for label in forms if r % 2 == 0 else reversed(list(forms)):
+            gates = forms[label][0]
+            for _ in range(3):
+                mx.eval(fns[label](*gates))
+            t0 = _clock()
+            for _ in range(iters):
+                mx.eval(fns[label](*gates))
+            c, w = _since(t0)
+            times[label].append((1e3 * c / iters / 6, 1e3 * w / iters / 6))
+    res = {"same_bits": same}
+    for label, v_ in times.items():
+        res[label] = {"cpu_us": round(statistics.median(x[0] for x in v_), 2),
+                      "wall_us": round(statistics.median(x[1] for x in v_), 2)}  # fmt: skip
+    print(f"gate probe (T {T}; us a kernel pair, CPU / wall; same bits: {same}): "
+          + ", ".join(f"{k_} {x['cpu_us']} / {x['wall_us']}" for k_, x in res.items()
+                      if k_ != "same_bits"))  # fmt: skip
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="pattern", choices=["tiny", "pattern", "0.8b", "9b"])
@@ -271,13 +325,18 @@ def main(argv=None) -> dict:
         "with each row-wise product's views made in the step (layers.ROWS_PREBUILT False: the "
         "form before session 8); kernel-ahead, kernel-large-ahead (or -ahead4 etc.): kernel, "
         "kernel-large with the kernel's 'ahead' variant (rows_matmul.AHEAD 8, or the number); "
-        "before, after: gemv with session 14's verify-pass switches all off / all on "
-        "(layers.TOKEN_STATES_AS_ROWS, layers.VERIFY_HEADS_FIRST, cache.LEAN_TRIM); "
-        "after-stacked, after-heads, after-trim: all on but that one; a suffix +all: every "
+        "before, after: gemv with the verify-pass switches of sessions 14-15 all off / all on "
+        "(layers.TOKEN_STATES_AS_ROWS, layers.VERIFY_HEADS_FIRST, cache.LEAN_TRIM, "
+        "layers.GATE_IN_PLACE); after-stacked, after-heads, after-trim, after-gate: all on but "
+        "that one; a suffix +all: every "
         "dense projection row-wise (the lm_head too: ROWS_GEMV True), +large: the few-rows "
-        "kernel where the gemv form is over the byte limit (the lm_head)",
+        "kernel where the gemv form is over the byte limit (the lm_head), +wide: the kernel "
+        "where N >= 2K (the in-projections and the lm_head: ROWS_KERNEL 'wide')",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
+    p.add_argument(
+        "--gate-probe", action="store_true", help="also the attention gate's forms (gate_probe)"
+    )
     p.add_argument(
         "--gpu-layout", action="store_true", help="on the CPU: the GPU's verify layout (gpu_layout)"
     )
@@ -291,24 +350,28 @@ def main(argv=None) -> dict:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     from bench_mtp import set_variant
 
+    if args.gate_probe:  # first: seconds, and the variants below may meet a time limit
+        result["gate_probe"] = gate_probe(args.iters * 5)
     result["calls"] = {}
     for variant in args.variants.split(","):
         lean = variant.split("+")[0].split("-")[0] in ("before", "after")
         if lean:
-            # session 14's verify-pass switches (the gemv form): "before" all off, "after" all
-            # on, "after-<switch>" all on but that one (stacked, heads, trim).
+            # sessions 14-15's verify-pass switches (the gemv form): "before" all off, "after"
+            # all on, "after-<switch>" all on but that one (stacked, heads, trim, gate).
             layers_lib.ROWS_PREBUILT, layers_lib.ROWS_KERNEL, rows_kernel.AHEAD = True, False, 0
-            name, _, extra = variant.partition("+")  # +all: ROWS_GEMV True; +large: the kernel
+            # +all: ROWS_GEMV True; +large, +wide: the few-rows kernel (ROWS_KERNEL that rule)
+            name, _, extra = variant.partition("+")
             on = name.startswith("after")
             off = name.split("-")[1:] if on else []
             layers_lib.TOKEN_STATES_AS_ROWS = on and "stacked" not in off
             layers_lib.VERIFY_HEADS_FIRST = on and "heads" not in off
             cache_lib.LEAN_TRIM = on and "trim" not in off
+            layers_lib.GATE_IN_PLACE = on and "gate" not in off
             set_variant(model, "all" if extra == "all" else "auto")
-            layers_lib.ROWS_KERNEL = "large" if extra == "large" else False
+            layers_lib.ROWS_KERNEL = extra if extra in ("large", "wide") else False
         else:
             layers_lib.TOKEN_STATES_AS_ROWS = layers_lib.VERIFY_HEADS_FIRST = True
-            cache_lib.LEAN_TRIM = True
+            cache_lib.LEAN_TRIM = layers_lib.GATE_IN_PLACE = True
         base, _, ahead = variant.partition("-ahead")
         rows_kernel.AHEAD = int(ahead or 8) if "-ahead" in variant else 0
         if not lean:
@@ -320,7 +383,10 @@ def main(argv=None) -> dict:
             set_variant(model, "auto" if base in old_names else variant)
         if _GPU_LAYOUT:  # (set_variant's "auto" is CUDA's rule: off on the CPU)
             layers_lib.ROWS_GEMV = True
-        calls = result["calls"][variant] = probe(model, args.context, Ts, args.iters, args.repeats)
+        key = variant  # a variant asked for again: its own entry ("after #2")
+        while key in result["calls"]:
+            key = f"{variant} #{int(key.rpartition('#')[2]) + 1 if '#' in key else 2}"
+        calls = result["calls"][key] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip
         print("| call | build | eval | after | total |")

@@ -17,6 +17,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 import qwen35_mlx.kernels.attention as attention_kernel
 from qwen35_mlx.kernels.attention import decode_attention_ref, launch
+from qwen35_mlx.models import layers
 
 from .models.factory import make_text_config, make_text_model
 from .test_fast_decode import TOKENS, greedy
@@ -29,15 +30,29 @@ class OpsBackend:
 
     def __init__(self):
         self.calls = []
+        self.gates = []  # (B, T, the gate's shape, its head stride) a call
 
-    def run(self, q, k, v, start, scale, mask=None, causal=False, gate=None, gate_offset=0):
+    def run(
+        self,
+        q,
+        k,
+        v,
+        start,
+        scale,
+        mask=None,
+        causal=False,
+        gate=None,
+        gate_offset=0,
+        gate_head_stride=None,
+    ):
         self.calls.append(q.shape[2])
         assert start.dtype == mx.int32 and start.size == 1
         assert mask is None or mask.dtype == mx.bool_
+        if gate is not None:
+            self.gates.append((q.shape[0], q.shape[2], tuple(gate.shape), gate_head_stride))
         m = "causal" if causal else mask
-        return decode_attention_ref(
-            q, k, v, scale=scale, mask=m, start=start, gate=gate, gate_offset=gate_offset
-        )
+        gates = dict(gate=gate, gate_offset=gate_offset, gate_head_stride=gate_head_stride)
+        return decode_attention_ref(q, k, v, scale=scale, mask=m, start=start, **gates)
 
 
 @pytest.fixture
@@ -112,3 +127,70 @@ def test_verify_step_through_the_kernel_call(model, backend):
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-5, rtol=1e-4)
     if backend is not None:
         assert backend.calls.count(3) >= 2  # the verify step and the plain call
+
+
+@pytest.mark.parametrize("row_wise", [False, True], ids=["matmul", "row-wise"])
+def test_gate_read_in_place(backend, monkeypatch, row_wise):
+    """The compiled steps over more than one row (a 3-token verify step; decode steps of 3 rows)
+    pass the whole fused q|k|v output as the gate (`layers.GATE_IN_PLACE`: rows of N = Hq 2D +
+    2 Hkv D, head stride 2D), from the fused matmul and from the row-wise products' columns:
+    the same logits, bit for bit, as with the gate's split view. One-row steps keep the view."""
+    # Fused projections as on a GPU (the CPU's transposed per-layer weights have no one matrix).
+    monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
+    monkeypatch.setattr(layers, "ROWS_GEMV", row_wise)
+    cfg = make_text_config(head_dim=32, num_attention_heads=8)
+    D, Hq, Hkv = 32, 8, cfg.num_key_value_heads
+    N = Hq * 2 * D + 2 * Hkv * D
+    prompts = [TOKENS[i : i + 6] for i in range(3)]
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(layers, "GATE_IN_PLACE", on)
+        model = make_text_model(cfg, seed=3)
+        if backend is not None:
+            backend.gates.clear()
+        cache = model.make_cache()
+        model(mx.array([TOKENS[:9]]), cache=cache)
+        verify = np.array(model(mx.array([TOKENS[9:12]]), cache=cache))
+        step = np.array(model(mx.array([TOKENS[12:13]]), cache=cache))  # one row
+        toks, logits = greedy(model, prompts, 4, True, [2, 0, 1])
+        out[on] = (verify, step, toks, logits)
+        if backend is None:
+            continue
+        steps = {(b, t): (g, s) for b, t, g, s in backend.gates if (b, t) in ((1, 3), (3, 1))}
+        assert set(steps) == {(1, 3), (3, 1)}  # the verify step, the batched decode steps
+        for (b, t), (shape, stride) in steps.items():
+            if on:  # [B*T, N] from the matmul, [B*T, N, 1] the row-wise columns
+                assert stride == 2 * D and shape in ((b * t, N), (b * t, N, 1)), (b, t, shape)
+            else:
+                assert stride is None and shape[-1] == 2 * D, (b, t, shape)
+        one_row = [s for b, t, _, s in backend.gates if b * t == 1]
+        assert one_row and not any(one_row)  # one row: the view, as before
+    for a, b in zip(out[False], out[True], strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_rows_gate_checked_and_read_by_the_ops_path():
+    """`kernels.attention.decode_attention` with the gate as rows (gate_head_stride): the same
+    values as the dense gate through the ops path (`decode_attention_ref`, the CPU's), in each
+    row form; a row too short for the heads, a stride under D or another shape: an error."""
+    from tests.kernels.attention_np import make_attention_inputs
+
+    B, Hq, Hkv, T, C, D = 2, 4, 2, 3, 20, 32
+    q, k, v, g = make_attention_inputs(B, Hq, Hkv, T, C, D, gate=True, seed=2)
+    kv = 50.0 * mx.random.normal((B, T, 2 * Hkv * D), key=mx.random.key(5))
+    rows = mx.concatenate([g.reshape(B, T, Hq * 2 * D), kv], axis=-1)
+    N = rows.shape[-1]
+    kw = dict(scale=D**-0.5, mask="causal", gate_offset=D)
+    dense = attention_kernel.decode_attention(q, k, v, gate=g, **kw)
+    for form in (rows, rows.reshape(B * T, N), rows.reshape(B * T, N, 1)):
+        o = attention_kernel.decode_attention(q, k, v, gate=form, gate_head_stride=2 * D, **kw)
+        assert mx.array_equal(o, dense).item()
+    short = rows[..., : Hq * 2 * D - 1]
+    for gate, stride, err in (
+        (short, 2 * D, "leave no"),
+        (rows, D - 1, "leave no"),
+        (rows.reshape(B, T, N, 1), 2 * D, "rows"),
+        (rows.reshape(T, B, N), 2 * D, "rows"),  # (B != T)
+    ):
+        with pytest.raises(ValueError, match=err):
+            attention_kernel.decode_attention(q, k, v, gate=gate, gate_head_stride=stride, **kw)

@@ -445,10 +445,12 @@ def test_decode_batch_rows_as_gemv_equals_plain(monkeypatch):
     assert model._rows_cache[3][2]  # ... with matrices passed in
 
 
-def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
+@pytest.mark.parametrize("rule", [True, "wide"], ids=["every", "wide"])
+def test_verify_rows_through_the_kernel_entry(tok, monkeypatch, rule):
     """Where the few-rows kernel runs (`layers.ROWS_KERNEL`: a GPU), the verify pass's row-wise
     products call `rows_matmul.rows_matmul_t` with the decode weights' transposed views [K, N],
-    rows out (no reshape around them), and the compiled steps get no broadcast matrices; greedy
+    rows out (no reshape around them), and the compiled steps get no broadcast matrices ("wide":
+    only the products with N >= 2K, the lm_head among them; the others keep theirs); greedy
     MTP gives plain decoding's tokens. On the CPU no kernel runs: its entry is stood in by
     MLX's product, so this checks the call sites (the kernel itself: tests/kernels)."""
     from qwen35_mlx.kernels import rows_matmul as rk
@@ -456,7 +458,7 @@ def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
 
     monkeypatch.setattr(layers, "CPU_TRANSPOSED_WEIGHTS", False)
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
-    monkeypatch.setattr(layers, "ROWS_KERNEL", True)  # (off by default)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", rule)  # (off by default)
     monkeypatch.setattr(rk, "kernel_available", lambda dtype: True)
     seen = []
 
@@ -474,16 +476,22 @@ def test_verify_rows_through_the_kernel_entry(tok, monkeypatch):
     assert _tokens(model, tok, mtp=True, mtp_k=2) == want
     assert seen
     H, V = model.config.hidden_size, model.config.vocab_size
-    assert any(s == (3, H) and o == (3, w[1]) for s, w, o in seen)  # chains in rows (3 rows)
     assert all(s[-1] != 1 or o is not None for s, _, o in seen)  # columns in: rows out
     assert any(w == (H, V) for _, w, _ in seen)  # the lm_head too
-    assert model._rows_cache and not any(got[2] for got in model._rows_cache.values())
+    broadcast = any(got[2] for got in model._rows_cache.values())
+    if rule == "wide":
+        assert all(w[1] >= 2 * w[0] for _, w, _ in seen)
+        assert model._rows_cache and broadcast  # the others: the broadcast form, as before
+        return
+    assert any(s == (3, H) and o == (3, w[1]) for s, w, o in seen)  # chains in rows (3 rows)
+    assert model._rows_cache and not broadcast
 
 
 def test_rows_kernel_rule(monkeypatch):
     """`layers.ROWS_KERNEL`: True takes the kernel for every row-wise product of 1..8 rows of
     the weight's dtype, "large" only where the broadcast form would be over
-    ROWS_GEMV_MAX_BYTES (a cuBLAS GEMM otherwise), False never; never where no kernel runs."""
+    ROWS_GEMV_MAX_BYTES (a cuBLAS GEMM otherwise), "wide" only where the weight has at least
+    twice as many outputs as inputs, False never; never where no kernel runs."""
     from qwen35_mlx.kernels import rows_matmul as rk
     from qwen35_mlx.models import layers
 
@@ -498,5 +506,10 @@ def test_rows_kernel_rule(monkeypatch):
     monkeypatch.setattr(layers, "ROWS_KERNEL", "large")
     assert not layers._rows_kernel(3, small, mx.float32)
     assert layers._rows_kernel(3, big, mx.float32)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", "wide")  # w [K, N]: N >= 2K
+    assert layers._rows_kernel(3, small, mx.float32) and layers._rows_kernel(8, big, mx.float32)
+    assert not layers._rows_kernel(3, mx.zeros((127, 64)).T, mx.float32)  # N 127 < 2K
+    assert not layers._rows_kernel(3, mx.zeros((32, 64)).T, mx.float32)  # down_proj-like
+    assert not layers._rows_kernel(9, small, mx.float32)
     monkeypatch.setattr(layers, "ROWS_KERNEL", False)
     assert not layers._rows_kernel(3, big, mx.float32)

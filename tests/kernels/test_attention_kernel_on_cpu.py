@@ -58,15 +58,22 @@ def _runner(i, mask, causal, D, R, S, W, U, dtype, gate) -> str:
     p_params += ["const int* mask_shape"] if mask else []
     p_params += ["float* part_acc", "float* part_ml"]
     c_params = ["const float* part_acc", "const float* part_ml", "const int* start"]
-    c_params += [f"const {t}* gate"] if gate else []
+    c_params += [f"const {t}* gate", "const int GR"] if gate else []
     c_params += ["const int* part_ml_shape", f"{t}* out"]
     reads = "\n".join(
         f"  const std::vector<char> {n}_v = read(argv[{j}]);" for j, n in enumerate(names)
     )
     args = ", ".join(f"reinterpret_cast<const {ctype[n]}*>({n}_v.data())" for n in names)
     j = len(names)
-    gate_read = f"  const std::vector<char> gate_v = read(argv[{j + 8}]);" if gate else ""
-    gate_arg = f"reinterpret_cast<const {t}*>(gate_v.data()), " if gate else ""
+    # The gate's row (GR, a template argument in the backends, a parameter here so that one
+    # build takes every case): argv after the gate's file, else Hq * 2D ([B, T, Hq, 2D]).
+    gate_read = (
+        f"  const std::vector<char> gate_v = read(argv[{j + 8}]);\n"
+        f"  const int GR = argv[{j + 9}] ? std::stoi(argv[{j + 9}]) : Hq * {2 * D};"
+        if gate
+        else ""
+    )
+    gate_arg = f"reinterpret_cast<const {t}*>(gate_v.data()), GR, " if gate else ""
     c_template = f"{D}, {S}, {t}" + (f", {2 * D}, {D}" if gate else "")
     c_tparams = "int D, int S, typename OT" + (", int GS, int GO" if gate else "")
     return f"""
@@ -118,8 +125,9 @@ def program(tmp_path_factory) -> Path:
     return compile_emulated(text, tmp_path_factory.mktemp("attention_kernel"), timeout=900)
 
 
-def run_emulated(program, tmp_path, inst, q, k, v, scale, start, mask=None, gate=None):
-    """Both kernels on the emulator; returns out [B, T, Hq * D] as fp32."""
+def run_emulated(program, tmp_path, inst, q, k, v, scale, start, mask=None, gate=None, row=None):
+    """Both kernels on the emulator; returns out [B, T, Hq * D] as fp32. gate [B, T, Hq, 2D],
+    or rows of `row` elements a token (head h's gate at h 2D + D)."""
     B, Hq, T, D = q.shape
     Hkv, Ck = k.shape[1], k.shape[2]
     i = INSTANCES.index(inst)
@@ -130,6 +138,7 @@ def run_emulated(program, tmp_path, inst, q, k, v, scale, start, mask=None, gate
     Bm, Cm = (mask.shape[0], mask.shape[3]) if mask is not None else (1, 1)
     out = tmp_path / "out.bin"
     extra = [to_file(gate, tmp_path / "gate.bin")] if gate is not None else []
+    extra += [str(row)] if row is not None else []
     dims = (B, Hq, T, Hkv, Ck, Bm, Cm)
     subprocess.run([str(program), str(i), *paths, *map(str, dims), str(out), *extra],
                    check=True, timeout=600)  # fmt: skip
@@ -213,6 +222,27 @@ def test_qwen_head_dim_with_left_padding_and_gate(T, program, tmp_path):
     mask = _causal_mask(B, T, C, s, [0, 5, 70])
     o = run_emulated(program, tmp_path, inst, q, k, v, 1 / 16, s, mask, g)
     _check(o, decode_attention_np(q, k, v, 1 / 16, s, mask, False, g, 256), mx.bfloat16)
+
+
+@pytest.mark.parametrize("i,T", [(7, 2), (4, 3)])
+def test_gate_read_in_place_from_the_fused_projection(i, T, program, tmp_path):
+    """The gate as rows of the fused q|k|v output (a row of N = Hq 2D + 2 Hkv D a token, head h's
+    gate at h 2D + D: `layers.GATE_IN_PLACE`): the same bits as the gate [B, T, Hq, 2D] passed
+    dense, and the oracle's. The k|v columns hold large values, so a head read at the dense
+    row's stride (Hq 2D) would show."""
+    inst = INSTANCES[i]  # gated, masked: D 256 bf16 (the 0.8B layer), D 64 fp32
+    D, dtype = inst[2], inst[7]
+    B, Hq, Hkv, C, s = 2, 8, 2, 100, 90
+    q, k, v, g = make_attention_inputs(B, Hq, Hkv, T, C, D, dtype=dtype, gate=True, seed=3)
+    kv = (50.0 * mx.random.normal((B, T, 2 * Hkv * D), key=mx.random.key(4))).astype(dtype)
+    rows = mx.concatenate([g.reshape(B, T, Hq * 2 * D), kv], axis=-1)
+    mask = _causal_mask(B, T, C, s, [0, 5])
+    dense = run_emulated(program, tmp_path, inst, q, k, v, D**-0.5, s, mask, g)
+    in_place = run_emulated(
+        program, tmp_path, inst, q, k, v, D**-0.5, s, mask, rows, rows.shape[-1]
+    )
+    assert np.array_equal(dense, in_place)
+    _check(in_place, decode_attention_np(q, k, v, D**-0.5, s, mask, False, g, D), dtype)
 
 
 def test_fully_masked_row_is_zero_not_nan(program, tmp_path):

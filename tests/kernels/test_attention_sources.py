@@ -53,8 +53,8 @@ def _metal_combine(i, gate, act) -> str:
     params += [f"  device {t}* out"]
     params += [f"  {t_} {a}" for a, t_ in METAL_ATTRIBUTES.items() if a in body]
     fn = f"combine{i}"
-    targs = f"256, 64, {t}" + (", 512, 256" if gate else "")
-    tparams = "int D, int S, typename OT" + (", int GS, int GO" if gate else "")
+    targs = f"256, 64, {t}" + (", 5120, 512, 256" if gate else "")
+    tparams = "int D, int S, typename OT" + (", int GR, int GS, int GO" if gate else "")
     return (
         f"template <{tparams}>\nvoid {fn}(\n"
         + ",\n".join(params)
@@ -107,7 +107,8 @@ def cuda_translation_unit(broken: bool = False) -> str:
             body = cuda.BACKEND.combine_source(gate)
             ins = [("part_acc", "float"), ("part_ml", "float"), ("start", "int")]
             ins += [("gate", t)] if gate else []
-            consts = f"  constexpr int D = 256, S = 64, GS = 512, GO = 256;\n  using OT = {t};\n"
+            consts = "  constexpr int D = 256, S = 64, GR = 5120, GS = 512, GO = 256;\n"
+            consts += f"  using OT = {t};\n"
             kernels.append(_cuda_kernel(len(kernels), ins, body, [("out", t)], consts))
     return PRELUDE + cuda.BACKEND.header + "".join(kernels)
 
@@ -144,7 +145,8 @@ def test_cuda_attention_precompiled_entries_compile(tmp_path):
         names = source.combine_inputs(gate)
         dts = [mx.float32, mx.float32, mx.int32] + ([mx.bfloat16] if gate else [])
         tmpl = [("D", 256), ("S", 64), ("OT", mx.bfloat16)]
-        tmpl += [("GS", 512), ("GO", 256)] if gate else []
+        # GR: the 0.8B layer's fused q|k|v row (the gate read in place: layers.GATE_IN_PLACE)
+        tmpl += [("GR", 5120), ("GS", 512), ("GO", 256)] if gate else []
         texts.append(
             precompiled.entry_source(
                 source.combine_name(gate),

@@ -127,3 +127,24 @@ def test_fully_masked_row_is_zero():
     o = np.asarray(decode_attention(q, k, v, scale=1 / 16, mask=mask).astype(mx.float32))
     assert np.isfinite(o).all() and not o[1, 0].any()
     check(mx.array(o), decode_attention_np(q, k, v, 1 / 16, C - T, mask), mx.bfloat16)
+
+
+@pytest.mark.parametrize("shape", ["rows", "flat", "columns"])
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_gate_read_in_place_equals_dense_gate(T, shape):
+    """The gate as rows of the fused q|k|v output (`layers.GATE_IN_PLACE`: head h's gate at
+    h 2D + D of a row of N = Hq 2D + 2 Hkv D, the k|v columns after), in the forms the steps
+    pass it ([B, T, N]; [B*T, N]; [B*T, N, 1], the row-wise products' columns): the same bits
+    as the gate [B, T, Hq, 2D] passed dense, and the oracle's."""
+    B, Hq, Hkv, C, D = 3, 8, 2, 300, 256
+    q, k, v, g = make_attention_inputs(B, Hq, Hkv, T, C, D, dtype=mx.bfloat16, gate=True, seed=T)
+    kv = (50.0 * mx.random.normal((B, T, 2 * Hkv * D), key=mx.random.key(1))).astype(g.dtype)
+    rows = mx.concatenate([g.reshape(B, T, Hq * 2 * D), kv], axis=-1)
+    N = rows.shape[-1]
+    rows = {"rows": rows, "flat": rows.reshape(B * T, N), "columns": rows.reshape(B * T, N, 1)}
+    mask = static_mask(B, T, C, C - T, [0, 4, 30])
+    kw = dict(scale=D**-0.5, mask=mask, gate_offset=D)
+    dense = decode_attention(q, k, v, gate=g, **kw)
+    in_place = decode_attention(q, k, v, gate=rows[shape], gate_head_stride=2 * D, **kw)
+    assert mx.array_equal(dense, in_place).item()
+    check(in_place, decode_attention_np(q, k, v, D**-0.5, C - T, mask, False, g, D), mx.bfloat16)

@@ -219,10 +219,12 @@ def decode_attention(
     mask: Any,
     gate: mx.array | None = None,
     gate_offset: int = 0,
+    gate_head_stride: int | None = None,
 ) -> mx.array | None:
     """A few query tokens a row (decode, a speculative verify, a short prompt) through the
     decode attention kernel (`kernels.attention`), gated: [B, T, Hq * D] = o * sigmoid(gate), gate
-    [B, T, Hq, G] read at [gate_offset, gate_offset + D). None where the kernel does not run
+    [B, T, Hq, G] read at [gate_offset, gate_offset + D), or with gate_head_stride rows [B, T, N]
+    (the kernel's doc: the fused q|k|v projection passed whole). None where the kernel does not run
     (the CPU, Metal under the default switch, shapes it lacks, caches other than KVCache,
     BatchKVCache and the compiled step's StaticKV, masks other than None / "causal" / bool): the
     caller then takes the ops path.
@@ -254,6 +256,7 @@ def decode_attention(
             mask = mx.broadcast_to(mask, (mask.shape[0], 1, T, mask.shape[3]))
     elif mask not in (None, "causal"):
         return None
+    gates = dict(gate=gate, gate_offset=gate_offset, gate_head_stride=gate_head_stride)
     return attention_kernel.decode_attention(
-        q, keys, values, scale=scale, mask=mask, start=start, gate=gate, gate_offset=gate_offset
+        q, keys, values, scale=scale, mask=mask, start=start, **gates
     )

@@ -306,8 +306,28 @@ def project_split_columns(owner: nn.Module, names: tuple[str, ...], x: mx.array)
     """`project_columns`, split into the layers' outputs [R, n_i, 1] (or [R, n_i]: the
     kernel's rows) (views); None where it does not apply."""
     y = project_columns(owner, names, x)
-    if y is None or len(names) == 1:
-        return y if y is None else [y]
+    return y if y is None else split_outputs(owner, names, y)
+
+
+def project_whole(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> mx.array | None:
+    """The group's one matrix's output, unsplit (the layers' outputs side by side along axis
+    1): `project_columns`' form where it applies, else [R, N] from the fused matmul (dense or
+    quantized); None where the group has no one matrix (then `project`). For the compiled
+    steps (as `project`)."""
+    y = project_columns(owner, names, x)
+    if y is not None:
+        return y
+    made = getattr(owner, _key(names) + "_made", None)
+    if made is None or not made.fused or x.ndim != 2:
+        return None
+    return _fused_matmul(owner, names, made, x)
+
+
+def split_outputs(owner: nn.Module, names: tuple[str, ...], y: mx.array) -> list[mx.array]:
+    """`project_whole`'s (or `project_columns`') output split into the layers' outputs along
+    axis 1 (views), as `project` splits it."""
+    if len(names) == 1:
+        return [y]
     sizes = getattr(owner, _key(names) + "_made").sizes
     return mx.split(y, np.cumsum(sizes[:-1]).tolist(), axis=1)
 
@@ -357,7 +377,11 @@ ROWS_GEMV_MAX_BYTES = 64 << 20
 # (~5 against ~2 us, benchmarks/NOTES.md), so where the broadcast gemv's extra reads stay cheap
 # (small matrices, in L2) it may not pay at batch 1. ROWS_KERNEL: True (every row-wise
 # product), "large" (only where the broadcast form is over ROWS_GEMV_MAX_BYTES, i.e. in place
-# of a cuBLAS GEMM), False (MLX's batched gemv over W broadcast, as before). Where the kernel
+# of a cuBLAS GEMM), "wide" (only where W has at least twice as many outputs as inputs, N >= 2K:
+# the in-projections and the lm_head; the kernel gives a warp C outputs, so a product of few
+# outputs and a long K (o_proj, out_proj, down_proj) runs on few warps with long loops, where
+# MLX's gemv was faster on the H200: `probe_verify.py --matmul`, 2026-12-02 17:35), False (MLX's
+# batched gemv over W broadcast, as before). Where the kernel
 # does not run (the CPU, another dtype) the broadcast form stays. Read when a step is traced
 # and at every plain call. Off by default: on the H200 (2026-12-02, `probe_verify.py`) the
 # kernel took host time off a 2-token verify pass (0.8B: 1.04x a step in CPU time against the
@@ -372,6 +396,8 @@ def _rows_kernel(rows: int, w: mx.array, dtype) -> bool:
     if not ROWS_KERNEL or w.ndim != 2 or not 1 <= rows <= rows_kernel.MAX_ROWS:
         return False
     if ROWS_KERNEL == "large" and (rows - 1) * w.nbytes <= ROWS_GEMV_MAX_BYTES:
+        return False
+    if ROWS_KERNEL == "wide" and w.shape[1] < 2 * w.shape[0]:  # w [K, N]
         return False
     return w.dtype == dtype and rows_kernel.kernel_available(dtype)
 
@@ -1024,6 +1050,13 @@ def apply_rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 # strided view of the split projection either way, which MLX's RMSNorm copies. True, or False
 # (the order before session 14: probe_verify.py's A/B). Read when the verify step is traced.
 VERIFY_HEADS_FIRST = True
+# The output gate read by the attention kernel's combine in place, from the fused q|k|v
+# projection's output passed whole (rows of N = Hq 2D + 2 Hkv D, head h's gate at h 2D + D): at
+# T > 1 (the verify pass) or B > 1 its gate columns alone are a view with a row stride, which
+# MLX's CUDA custom kernels copy row-contiguous first: one hidden copy kernel a gated attention
+# layer that a one-token step at batch 1 never had. The same memory and arithmetic (same bits).
+# True, or False (the gate as the split view: probe_verify.py's A/B). Read when a step is traced.
+GATE_IN_PLACE = True
 
 
 class Attention(nn.Module):
@@ -1100,16 +1133,21 @@ class Attention(nn.Module):
         `cache.StaticKV`, mask [1 or B, 1, 1, capacity] bool. Same arithmetic as `__call__` at
         T = 1: with one token, [B, heads, 1, D] is a reshape of the projection, no transposes."""
         B, D = x.shape[0], self.head_dim
-        q, k, v = project(self, self.DECODE_GROUPS[0], x)
+        names = self.DECODE_GROUPS[0]
+        whole = project_whole(self, names, x) if self._gate_in_place(B) else None
+        q, k, v = project(self, names, x) if whole is None else split_outputs(self, names, whole)
         q = q_gate = q.reshape(B, self.num_heads, 1, -1)
         q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
         k = k.reshape(B, self.num_kv_heads, 1, D)
         v = v.reshape(B, self.num_kv_heads, 1, D)
         q, k = self._rotate(self.q_norm(q), self.k_norm(k), cache, rope)
         k, v = cache.update_and_fetch(k, v)
-        # The gate: offset D of each head of the unsplit [B, Hq, 1, 2D] projection.
+        # The gate: offset D of each head of the unsplit [B, Hq, 1, 2D] projection, or of each
+        # row of the whole q|k|v output (`GATE_IN_PLACE`: a view of it at B > 1 would be copied).
+        q_gate, stride = (q_gate, None) if whole is None else (whole, 2 * D)
         q_gate = q_gate if gate is not None else None
-        o = decode_attention(q, k, v, cache, self.scale, cache.kernel_mask(mask, 1), q_gate, D)
+        kmask = cache.kernel_mask(mask, 1)
+        o = decode_attention(q, k, v, cache, self.scale, kmask, q_gate, D, stride)
         if o is not None:
             return project_add(self, "o_proj", o.reshape(B, self.num_heads * D), residual)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -1130,8 +1168,12 @@ class Attention(nn.Module):
         tokens). `__call__`'s arithmetic through `project`."""
         B, D = x.shape[0] // T, self.head_dim
         # Row-wise (`ROWS_GEMV`): the outputs as columns [B*T, n, 1], reshaped below as rows.
-        qkv = project_split_columns(self, self.DECODE_GROUPS[0], x)
-        q, k, v = qkv if qkv is not None else project(self, self.DECODE_GROUPS[0], x)
+        names = self.DECODE_GROUPS[0]
+        in_place = self._gate_in_place(B * T)
+        whole = (project_whole if in_place else project_columns)(self, names, x)
+        # The gate: read in place from the whole output (`GATE_IN_PLACE`), else q's split view.
+        stride = 2 * D if in_place and whole is not None else None
+        q, k, v = project(self, names, x) if whole is None else split_outputs(self, names, whole)
         q = q_gate = q.reshape(B, T, self.num_heads, -1)
         q, gate = mx.split(q, 2, axis=-1) if self.output_gate else (q, None)
         k = k.reshape(B, T, self.num_kv_heads, D)
@@ -1148,8 +1190,9 @@ class Attention(nn.Module):
         q, k = self._rotate(q, k, cache, rope)
         k, v = cache.update_and_fetch(k, v)
         if T <= DECODE_MAX_T:
-            g = q_gate if self.output_gate else None
-            o = decode_attention(q, k, v, cache, self.scale, cache.kernel_mask(mask, T), g, D)
+            g = (q_gate if stride is None else whole) if self.output_gate else None
+            kmask = cache.kernel_mask(mask, T)
+            o = decode_attention(q, k, v, cache, self.scale, kmask, g, D, stride)
             if o is not None:
                 K = self.num_heads * D
                 y = project_columns(self, ("o_proj",), o.reshape(B * T, K, 1))
@@ -1161,6 +1204,12 @@ class Attention(nn.Module):
         if gate is not None:
             o = _sigmoid_gate(o, gate.reshape(B * T, self.num_heads * D))
         return project(self, ("o_proj",), o)[0]
+
+    def _gate_in_place(self, rows: int) -> bool:
+        """Whether a compiled step over `rows` rows passes the whole q|k|v output as the gate
+        (`GATE_IN_PLACE`): a gated layer, more than one row (one row's gate columns are
+        contiguous already: the form as before)."""
+        return GATE_IN_PLACE and self.output_gate and rows > 1
 
     def _rotate(self, q, k, cache, rope):
         """q, k [B, heads, T, D] rotated: M-RoPE (cos, sin) when given, else plain positions

@@ -59,7 +59,18 @@ def kernel_backend(q: mx.array, k: mx.array, v: mx.array):
     return BACKEND if BACKEND.is_available() else None
 
 
-def _check(q, k, v, mask, gate, gate_offset):
+def _gate_row(gate: mx.array, B: int, T: int) -> int | None:
+    """The elements of a token's row N of a rows gate: [B, T, N], [B*T, N] or [B*T, N, 1] (row
+    b*T + t: the multi-token step's activations, its row-wise products' column form); None for
+    another shape."""
+    if gate.ndim == 3 and gate.shape[:2] == (B, T):
+        return gate.shape[2]
+    if gate.ndim in (2, 3) and gate.shape[0] == B * T and gate.shape[2:] in ((), (1,)):
+        return gate.shape[1]
+    return None
+
+
+def _check(q, k, v, mask, gate, gate_offset, gate_head_stride=None):
     if q.ndim != 4:
         raise _shape_error("q", q.shape, "[B, Hq, T, D]")
     B, Hq, T, D = q.shape
@@ -74,7 +85,19 @@ def _check(q, k, v, mask, gate, gate_offset):
             raise _shape_error("mask", mask.shape, f"[1 or B, 1, T, C] = [1 or {B}, 1, {T}, C]")
     elif mask not in (None, "causal"):
         raise ValueError(f"decode_attention: mask must be None, 'causal' or an array: {mask!r}")
-    if gate is not None:
+    if gate is not None and gate_head_stride is not None:
+        # Rows: head h's gate at gate_offset + h * gate_head_stride of its token's row.
+        N = _gate_row(gate, B, T)
+        if N is None:
+            want = f"rows [B, T, N], [B*T, N] or [B*T, N, 1], B = {B}, T = {T}"
+            raise _shape_error("gate", gate.shape, want)
+        last = gate_offset + (Hq - 1) * gate_head_stride + D
+        if gate_offset < 0 or gate_head_stride < D or last > N:
+            raise ValueError(
+                f"decode_attention: gate_offset={gate_offset}, gate_head_stride="
+                f"{gate_head_stride} leave no {Hq} heads of {D} gate elements in a gate row of {N}"
+            )
+    elif gate is not None:
         # One token: [B, Hq, 1, G] is [B, 1, Hq, G] in memory, taken as it is (no reshape).
         if gate.ndim != 4 or gate.shape[:3] not in ((B, T, Hq), (B, Hq, 1)[: 3 if T == 1 else 0]):
             raise _shape_error("gate", gate.shape, f"[B, T, Hq, G] = [{B}, {T}, {Hq}, G]")
@@ -93,7 +116,17 @@ def _start(start, k: mx.array, T: int) -> mx.array:
     return start
 
 
-def decode_attention_ref(q, k, v, *, scale, mask=None, start=None, gate=None, gate_offset=0):
+def _gate_heads(gate, B, T, Hq, D, gate_offset, gate_head_stride):
+    """The gate as [B, T, Hq, D]: each head's D elements."""
+    if gate_head_stride is None:
+        return gate.reshape(B, T, Hq, -1)[..., gate_offset : gate_offset + D]
+    at = gate_offset + gate_head_stride * mx.arange(Hq)[:, None] + mx.arange(D)[None]
+    return gate.reshape(B, T, -1)[:, :, at]
+
+
+def decode_attention_ref(
+    q, k, v, *, scale, mask=None, start=None, gate=None, gate_offset=0, gate_head_stride=None
+):
     """`decode_attention` as MLX ops: `mx.fast.scaled_dot_product_attention` over the first
     start + T keys (an int start: a slice; an array start: a mask, as it can be traced), then
     o * sigmoid(gate) in the output dtype."""
@@ -114,8 +147,7 @@ def decode_attention_ref(q, k, v, *, scale, mask=None, start=None, gate=None, ga
     o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     o = o.transpose(0, 2, 1, 3)
     if gate is not None:
-        gate = gate.reshape(B, T, Hq, -1)
-        o = o * mx.sigmoid(gate[..., gate_offset : gate_offset + D])
+        o = o * mx.sigmoid(_gate_heads(gate, B, T, Hq, D, gate_offset, gate_head_stride))
     return o.reshape(B, T, Hq * D)
 
 
@@ -129,6 +161,7 @@ def decode_attention(
     start: mx.array | int | None = None,
     gate: mx.array | None = None,
     gate_offset: int = 0,
+    gate_head_stride: int | None = None,
 ) -> mx.array:
     """softmax(q k^T * scale + mask) v (times sigmoid(gate)) for T <= 8 query tokens a row.
 
@@ -139,7 +172,12 @@ def decode_attention(
     sees keys <= start + t) or a bool array [1 or B, 1, T, C'] (True: attend), C' >= start + T.
     gate [B, T, Hq, G] (or [B, Hq, 1, G] when T = 1: the same memory): query head h's gate is
     gate[b, t, h, gate_offset : gate_offset + D] (the unsplit q projection of a gated layer can
-    be passed, gate_offset = D). Returns [B, T, Hq * D]
+    be passed, gate_offset = D). With gate_head_stride, gate is rows [B, T, N] (or [B*T, N],
+    [B*T, N, 1]: row b*T + t) instead, head h's gate at elements gate_offset + h *
+    gate_head_stride .. + D of its token's row: the fused q|k|v projection of a few tokens (a
+    row per token, each head's query and gate side by side) passed whole,
+    gate_offset = D, gate_head_stride = 2 D, which the kernel reads in place (its gate columns
+    alone are a view with a row stride, which MLX copies for a kernel). Returns [B, T, Hq * D]
     (o_proj's layout) in q's dtype.
 
     On a GPU under `DECODE_KERNEL` with a supported shape (`launch.shape_supported`: D a multiple
@@ -147,13 +185,12 @@ def decode_attention(
     once (source.py); a query row with no visible key gives 0 there (MLX's ops give the mean of
     the values). Elsewhere `decode_attention_ref`.
     """
-    _check(q, k, v, mask, gate, gate_offset)
+    _check(q, k, v, mask, gate, gate_offset, gate_head_stride)
     backend = kernel_backend(q, k, v)
+    gates = dict(gate=gate, gate_offset=gate_offset, gate_head_stride=gate_head_stride)
     if backend is None:
-        return decode_attention_ref(
-            q, k, v, scale=scale, mask=mask, start=start, gate=gate, gate_offset=gate_offset
-        )
+        return decode_attention_ref(q, k, v, scale=scale, mask=mask, start=start, **gates)
     T = q.shape[2]
     causal = isinstance(mask, str)
     arr = mask if isinstance(mask, mx.array) else None
-    return backend.run(q, k, v, _start(start, k, T), scale, arr, causal, gate, gate_offset)
+    return backend.run(q, k, v, _start(start, k, T), scale, arr, causal, **gates)

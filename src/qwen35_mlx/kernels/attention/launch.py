@@ -3,7 +3,8 @@ bodies in `source.py` assume, and `AttentionBackend`, one build of them for Meta
 (`metal.py` and `cuda.py` each make one, their `BACKEND`).
 
 Shapes: q [B, Hq, T, D]; k, v [B, Hkv, Ck, D]; start [] or [1] int; mask [Bm, 1, T, Cm] bool;
-gate [B, T, Hq, GS]; out [B, T, Hq * D].
+gate [B, T, Hq, G], or rows [B, T, N] with a head stride (`source.py`: GR, GS, GO); out
+[B, T, Hq * D].
 """
 
 from __future__ import annotations
@@ -115,10 +116,23 @@ class AttentionBackend:
     def supports(self, q, k, v) -> bool:
         return self.is_available() and shape_supported(q, k, v)
 
-    def run(self, q, k, v, start, scale, mask=None, causal=False, gate=None, gate_offset=0):
+    def run(
+        self,
+        q,
+        k,
+        v,
+        start,
+        scale,
+        mask=None,
+        causal=False,
+        gate=None,
+        gate_offset=0,
+        gate_head_stride=None,
+    ):
         """The two launches; shapes validated by the caller. start: int array [] or [1]; mask:
-        bool [Bm, 1, T, Cm] or None; gate [B, T, Hq, GS] or None. Returns [B, T, Hq * D] in q's
-        dtype."""
+        bool [Bm, 1, T, Cm] or None; gate [B, T, Hq, G] (gate_head_stride None) or rows of N
+        (B*T of them, row-contiguous) with head h's gate at gate_offset + h * gate_head_stride,
+        or None. Returns [B, T, Hq * D] in q's dtype."""
         B, Hq, T, D = q.shape
         Hkv, Ck = k.shape[1], k.shape[2]
         R, NC, S, W, U = layout(B, Hq, Hkv, T)
@@ -140,7 +154,11 @@ class AttentionBackend:
         template = [("D", D), ("S", S), ("OT", q.dtype)]
         if gate is not None:
             inputs.append(gate)
-            template += [("GS", gate.shape[-1]), ("GO", gate_offset)]
+            if gate_head_stride is None:  # [B, T, Hq, G]
+                row, stride = Hq * gate.shape[-1], gate.shape[-1]
+            else:  # rows of N: [B, T, N], [B*T, N] or [B*T, N, 1]
+                row, stride = gate.size // (B * T), gate_head_stride
+            template += [("GR", row), ("GS", stride), ("GO", gate_offset)]
         return self.combine(gate is not None)(
             inputs=inputs,
             template=template,

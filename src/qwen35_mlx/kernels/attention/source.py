@@ -37,11 +37,15 @@ rounded (what `o * sigmoid(gate)` as ops on a rounded attention output does).
 
 Shapes: q [B, Hq, T, D]; k, v [B, Hkv, Ck, D]; start [] or [1] int; mask [Bm, 1, T, Cm] bool;
 part_acc [B * Hq * T, NS, D] fp32 and part_ml [B, Hq, T, NS, 2] fp32 (m, l), NS = ceil(Ck / S);
-gate [B, T, Hq, GS] (the gate of head h at elements [GO, GO + D)); out [B, T, Hq * D].
+gate: a row of GR elements a token ([B, T, GR], row-contiguous), head h's gate at elements
+[h GS + GO, h GS + GO + D) of its token's row: a gate [B, T, Hq, GS] is GR = Hq GS; the fused
+q|k|v projection of a few tokens ([B, T, N], each head's query and gate side by side, then k and
+v) is GR = N, GS = 2 D, GO = D, read in place (its q|gate columns alone are a view with a row
+stride, which MLX would copy for the kernel); out [B, T, Hq * D].
 Compile-time template arguments: D (a multiple of 32, <= 256), R (query rows a threadgroup,
 <= 8), S (keys a split, a multiple of W * U), W (warps a threadgroup), U (keys loaded together)
-for PARTIAL; D, S, GS, GO, OT (the output dtype) for COMBINE. B, the head counts, T and Ck are
-read from the input shapes.
+for PARTIAL; D, S, GR, GS, GO, OT (the output dtype) for COMBINE. B, the head counts, T and Ck
+are read from the input shapes.
 
 Helpers (each backend's, shared with the gated-delta kernels: gated_delta/metal.py, cuda.py):
 gd_group_sum<32>(x), gd_exp(x), gd_threadgroup, gd_threadgroup_barrier(); and from this
@@ -246,7 +250,7 @@ PARTIAL = """
 
 COMBINE = """
   // part_acc: [B * Hq * T, NS, D]; part_ml: [B, Hq, T, NS, 2]; start: [] or [1]
-  // gate: [B, T, Hq, GS]; out: [B, T, Hq * D]
+  // gate: [B, T, GR] (head h at [h GS + GO, h GS + GO + D)); out: [B, T, Hq * D]
   const int Hq = part_ml_shape[1];
   const int T = part_ml_shape[2];
   const int NS = part_ml_shape[3];
@@ -271,7 +275,7 @@ COMBINE = """
   const size_t b = row / (size_t(T) * Hq);
   const size_t at = ((b * T + t) * Hq + head);
 #if AT_GATE
-  const float g = static_cast<float>(gate[at * GS + GO + d]);
+  const float g = static_cast<float>(gate[(b * T + t) * GR + size_t(head) * GS + GO + d]);
   const float sig = static_cast<float>(static_cast<OT>(1.0f / (1.0f + gd_exp(-g))));
   o = static_cast<float>(static_cast<OT>(o)) * sig;
 #endif
