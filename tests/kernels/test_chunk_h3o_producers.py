@@ -285,3 +285,23 @@ def test_h3_ring_shrinks_to_fit_shared_memory(recorder, monkeypatch, nw, nb):  #
     for fn in (cs.h3_smem, cs.h3y_smem):  # the other H3 builds' rings at these warps
         want = 3 if fn(Dk, nw, 3, 2) <= cl.H3_SMEM_MAX else 2
         assert cl._h3_ring(lambda n, fn=fn: fn(Dk, nw, n, 2))[0] == want
+
+
+@pytest.mark.parametrize(
+    "Hv, sms, want", [(4, None, 2), (4, 8, 4), (4, 15, 4), (4, 16, 2), (3, 4, 2)]
+)
+def test_h3_warps_by_waves(recorder, monkeypatch, Hv, sms, want):  # noqa: F811
+    """H3_WAVE_SMS: where H3 = 2 would give the state pass more threadgroups than it (B Hv Dv /
+    32: 16 at Hv 4, Dv 128), four warps a threadgroup (half the threadgroups, the grid and
+    threadgroup that go with it); at or under it, or off, two. Dv 96 (Hv 3 case: 96 is not a
+    multiple of 64) keeps two."""
+    split_switches(monkeypatch, H3=2, H3_WAVE_SMS=sms)
+    Dv = 96 if Hv == 3 else 128
+    q, v, g, state = zero_pieces(Hv=Hv, Dv=Dv)
+    assert cl.h3_warps(1, Hv, Dv) == want
+    cl.split_chunk_kernel("cuda", q, q, v, g, g, state, None)
+    name, call = recorder.calls[-1]
+    assert name.startswith(cs.H3O_NAME)
+    threads = {False: 32, 1: 64, 2: 64}[cl.H3O_PRODUCERS] * want
+    assert call["threadgroup"] == (threads, 1, 1)
+    assert call["grid"] == (threads * Hv, Dv // (16 * want), 1)

@@ -777,6 +777,22 @@ H2_DYN: tuple[int, int] | None = None
 # (H, Vn and the state bit for bit). None: H2_BODY / H_BODY. Where Dv is not a multiple of 16 H3,
 # the default pass.
 H3: int | None = 2
+# Where H3 warps a threadgroup give the state pass more threadgroups than this (one an SM: the H3
+# family's ring takes most of an SM's shared memory), twice H3 where Dv allows: one wave of
+# fuller threadgroups instead of a second, partly empty one (Hv 48 at Dv 128: 192 threadgroups
+# of two warps on the H200's 132 SMs, 96 of four). None: H3 always.
+H3_WAVE_SMS: int | None = None
+
+
+def h3_warps(B: int, Hv: int, Dv: int) -> int | None:
+    """The H3 family's warps a threadgroup for a state [B, Hv, Dv, Dk]: H3, or 2 H3 where H3's
+    grid would exceed H3_WAVE_SMS threadgroups and Dv is a multiple of 32 H3."""
+    nw = H3
+    if nw and H3_WAVE_SMS and B * Hv * Dv // (16 * nw) > H3_WAVE_SMS and Dv % (32 * nw) == 0:
+        nw *= 2
+    return nw
+
+
 H3_NB = 3  # 3 since session 15 (round 9's `wyp prod nb3`, H200)
 # The most dynamic shared memory a threadgroup may ask for (CUDA's opt-in limit on sm_90: 227
 # KB). Where a ring of H3_NB chunks does not fit (4 warps of 16-bit pieces at Dk 128 with FUSE_O:
@@ -1034,7 +1050,7 @@ def h_pass(
             f"{backend} (32 only for Dk <= 128: threadgroup memory), got bv={bv} with Dk={Dk}"
         )
     ds, nb = H_TILES or tiles
-    nw3 = H3 if backend == "cuda" and pt.size == 2 and Dk <= 128 else None
+    nw3 = h3_warps(B, Hv, Dv) if backend == "cuda" and pt.size == 2 and Dk <= 128 else None
     if nw3 and Dv % (16 * nw3) == 0:
         return _h3_pass(W, U, Kw, gates, state, nw3, C, init_value, stamps)
     nt = h_threads(bv, C)
@@ -1183,7 +1199,7 @@ def fuse_y_warps(backend: str, q, k, U, state) -> int | None:
     """H3's warps where FUSE_Y / FUSE_O apply to these pieces (U: the WY pass's), else None."""
     B, Hv, Dv, Dk = state.shape
     # O2Y / O2P are O2_VX's text at its defaults (16-bit P, a ring of three)
-    nw = H3 if (FUSE_Y or FUSE_O) and backend == "cuda" and O2 and O2_VX else None
+    nw = h3_warps(B, Hv, Dv) if (FUSE_Y or FUSE_O) and backend == "cuda" and O2 and O2_VX else None
     nw = nw if O2_P16 and O2_RING == 3 else None
     if not nw or U.dtype.size != 2 or Dk > 128 or Dv % (16 * nw) != 0:
         return None
