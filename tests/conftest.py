@@ -19,7 +19,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from qwen35_mlx.kernels.gated_delta import cpu_ext  # noqa: E402
+from qwen35_mlx.kernels import cpu_ext  # noqa: E402
 
 # The optional native CPU primitive (gated_delta backend "native") is built once per machine
 # here, before any test runs, so that `auto` picks the same backends in every test whatever the

@@ -36,7 +36,8 @@ def _mask(B):
     return mx.array([b % 2 == 1 or B == 1 for b in range(B)])
 
 
-# The ops, and the ops with the native CPU primitive's recurrence (cpu_ext.py) where it is built.
+# The ops, and the ops with the native CPU primitive's recurrence (kernels/cpu_ext) where it is
+# built.
 OPS_BACKENDS = [
     "ref",
     pytest.param(

@@ -1,12 +1,13 @@
-"""The native CPU primitive (gated_delta backend "native", cpu_ext.py) against the float64 NumPy
-loop, its dispatch, and the fallback where it is not built."""
+"""The native CPU primitive (gated_delta backend "native", kernels/cpu_ext) against the float64
+NumPy loop, its dispatch, and the fallback where it is not built."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import qwen35_mlx.kernels.gated_delta as gd
-from qwen35_mlx.kernels.gated_delta import cpu_ext, gated_delta, gated_delta_update
+from qwen35_mlx.kernels import cpu_ext
+from qwen35_mlx.kernels.gated_delta import gated_delta, gated_delta_update
 from tests.conftest import NATIVE_BUILD_ERROR, RTOL, rel_err
 from tests.kernels.helpers import (
     gated_delta_np,

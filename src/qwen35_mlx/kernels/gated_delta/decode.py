@@ -95,7 +95,7 @@ _decode_masked_compiled = mx.compile(_decode)
 
 
 def _native_step(native, q, k, v, g, beta, S, m):
-    """One step through the native CPU primitive (cpu_ext.py) from `ref._step`'s operands: q, k
+    """One step through the native CPU primitive (kernels/cpu_ext) from `ref._step`'s operands: q, k
     [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv], m [B] or None. Returns (y [B, Hv, Dv] in v's
     dtype, S). The bare primitive, without `native_gated_delta`'s vjp: these are the inference
     steps (decode, verify), and in the compiled decode step the `mx.custom_function` wrapper

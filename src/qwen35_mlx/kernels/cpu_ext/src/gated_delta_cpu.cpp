@@ -302,8 +302,7 @@ std::pair<mx::array, mx::array> gated_delta_cpu(const mx::array& q, const mx::ar
 
 }  // namespace
 
-NB_MODULE(_gated_delta_cpu, m) {
-  m.doc() = "qwen35_mlx: the gated delta recurrence as one CPU primitive (one pass over S)";
+void register_gated_delta(nb::module_& m) {
   m.def("gated_delta", &gated_delta_cpu, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("g"),
         nb::arg("beta"), nb::arg("state"), nb::arg("mask") = nb::none(), nb::arg("threads") = 1,
         "(y [B,T,Hv,Dv] in v's dtype, state [B,Hv,Dv,Dk] f32) on the CPU stream.");
