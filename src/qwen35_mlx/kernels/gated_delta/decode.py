@@ -305,7 +305,9 @@ def gated_delta_decode_tokens_ref(
     return y, states[-1][1], states[-1][0], states
 
 
-def _fused_tokens(native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T, norm):
+def _fused_tokens(
+    native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T, norm
+):
     """`gated_delta_decode_tokens_ref` through the native decode primitive, one call a token
     (the very call `gated_delta_decode_ref` makes, so bit for bit T such calls)."""
     Hk, Dk, Hv, Dv = dims
