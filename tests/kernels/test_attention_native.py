@@ -45,7 +45,7 @@ def test_native_backend_runs_on_cpu(monkeypatch):
     monkeypatch.setattr(attention_kernel, "CPU_NATIVE", False)
     assert attention_kernel.kernel_backend(q, k, v) is None
     monkeypatch.setattr(attention_kernel, "CPU_NATIVE", True)
-    assert attention_kernel.kernel_backend(q.astype(mx.bfloat16), k, v) is None
+    assert attention_kernel.kernel_backend(q.astype(mx.bfloat16), k, v) is not None
     monkeypatch.setattr(cpu_ext, "_loaded", [None])
     assert attention_kernel.kernel_backend(q, k, v) is None
 
@@ -139,3 +139,16 @@ def test_native_attention_inside_compile():
     got = mx.compile(f)(q, k, v, g, start)
     assert mx.array_equal(got, f(q, k, v, g, start)).item()
     check(got, decode_attention_np(q, k, v, 0.3, C - T - 4, None, True, g, 0))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "f16"])
+def test_native_half_inputs(dtype):
+    """Half-precision q, k, v and gate read as float32; the output in q's dtype, within its
+    rounding of the float64 oracle."""
+    B, Hq, Hkv, T, C, D = 2, 8, 2, 3, 77, 64
+    q, k, v, g = make_attention_inputs(B, Hq, Hkv, T, C, D, dtype=dtype, gate=True, seed=11)
+    o = decode_attention(q, k, v, scale=D**-0.5, mask="causal", start=C - T - 5, gate=g)
+    assert o.dtype == dtype
+    want = decode_attention_np(q, k, v, D**-0.5, C - T - 5, None, True, g, 0)
+    err = np.abs(np.asarray(o.astype(mx.float32)) - want).max() / np.abs(want).max()
+    assert err < 1e-2

@@ -11,8 +11,8 @@ default (`DECODE_KERNEL`).
     decode_attention(q, k, v, scale=..., mask=..., start=..., gate=...) -> [B, T, Hq * D]
 
 The CPU has no custom kernels: `decode_attention_ref` (MLX's ops) is the reference; where the
-optional native CPU extension is built (kernels/cpu_ext), float32 calls take its one primitive
-of the same contract there (`CPU_NATIVE`), else the ops.
+optional native CPU extension is built (kernels/cpu_ext), calls take its one primitive of the
+same contract there (`CPU_NATIVE`), else the ops.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ __all__ = [
 # (the compiled decode step: when it is traced).
 DECODE_KERNEL = "auto"
 _CHOICES = ("auto", "on", "off")
-# On the CPU, float32 calls through the native extension's attention primitive where it is built
-# (one primitive a layer where MLX's fallback graph takes ~15 at decode, each a few us of host
-# time on its CPU stream: benchmarks/NOTES.md, "Session 15, helper cpumv"). float32 softmax and
-# sums in another order than MLX's: float32 rounding apart from the ops. False: the ops. Read at
-# each call, like DECODE_KERNEL (which "off" turns this off too).
+# On the CPU, calls through the native extension's attention primitive where it is built (one
+# primitive a layer where MLX's fallback graph takes ~15 at decode, each a few us of host time
+# on its CPU stream: benchmarks/NOTES.md, "Session 15, helper cpumv"). float32 scores, softmax
+# and sums (half-precision inputs read as float32, the output rounded once), in another order
+# than MLX's: float32 rounding apart from the ops. False: the ops. Read at each call, like
+# DECODE_KERNEL (which "off" turns this off too).
 CPU_NATIVE = True
 
 
@@ -57,8 +58,8 @@ class _NativeCPU:
 def _cpu_backend(q: mx.array, k: mx.array, v: mx.array):
     from .. import cpu_ext
 
-    f32 = q.dtype == k.dtype == v.dtype == mx.float32
-    if not (CPU_NATIVE and f32 and q.shape[2] <= MAX_T):
+    floats = all(a.dtype in (mx.float32, mx.bfloat16, mx.float16) for a in (q, k, v))
+    if not (CPU_NATIVE and floats and q.shape[2] <= MAX_T):
         return None
     mod = cpu_ext.load()
     return _NativeCPU if mod is not None and hasattr(mod, "attention") else None

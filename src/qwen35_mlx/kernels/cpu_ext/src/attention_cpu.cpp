@@ -9,7 +9,8 @@
 //   for T = 1: the same memory) read at [gate_offset, gate_offset + D).
 //   o[b, t, h] = softmax_j(scale q . k_j) . v_j  (times sigmoid(gate))  -> [B, T, Hq * D]
 // float32 scores, softmax and sums; a query with no visible key gives 0 (as the GPU kernel).
-// Any strides.
+// Any strides; q, k, v, gate in float32, bfloat16 or float16 (read as float32), the output in
+// q's dtype.
 
 #include <algorithm>
 #include <cmath>
@@ -77,6 +78,16 @@ ATT_CLONES void attend(const float* q, const float* k, const float* v, int64_t k
   for (int d = 0; d < D; ++d) out[d] *= inv;
 }
 
+// Element i (an offset under its strides) of a float array of any float dtype, as float32.
+float at(const mx::array& a, int64_t i) {
+  switch (a.dtype()) {
+    case mx::float32: return a.data<float>()[i];
+    case mx::bfloat16: return static_cast<float>(a.data<mx::bfloat16_t>()[i]);
+    case mx::float16: return static_cast<float>(a.data<mx::float16_t>()[i]);
+    default: throw std::invalid_argument("attention_cpu: float inputs only");
+  }
+}
+
 // Element offset of [i0, i1, i2, 0] in a 4-D array.
 int64_t off4(const mx::array& a, int64_t i0, int64_t i1, int64_t i2) {
   return i0 * a.strides()[0] + i1 * a.strides()[1] + i2 * a.strides()[2];
@@ -97,19 +108,18 @@ void run(const AttnArgs& aa, std::vector<mx::array> in, mx::array out) {
   // Keys and values with a dense last axis are read in place; else gathered once.
   auto dense_rows = [&](const mx::array& a, std::vector<float>& buf, int64_t& row_stride,
                         int64_t& head_stride, int64_t& batch_stride) -> const float* {
-    if (a.strides()[3] == 1) {
+    if (a.strides()[3] == 1 && a.dtype() == mx::float32) {
       row_stride = a.strides()[2];
       head_stride = a.strides()[1];
       batch_stride = a.strides()[0];
       return a.data<float>();
     }
     buf.resize(size_t(B) * Hkv * n * D);
-    const float* p = a.data<float>();
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < Hkv; ++h)
         for (int64_t j = 0; j < n; ++j)
           for (int d = 0; d < D; ++d)
-            buf[((size_t(b) * Hkv + h) * n + j) * D + d] = p[off4(a, b, h, j) + d * a.strides()[3]];
+            buf[((size_t(b) * Hkv + h) * n + j) * D + d] = at(a, off4(a, b, h, j) + d * a.strides()[3]);
     row_stride = D;
     head_stride = n * D;
     batch_stride = int64_t(Hkv) * n * D;
@@ -121,8 +131,8 @@ void run(const AttnArgs& aa, std::vector<mx::array> in, mx::array out) {
   const float* vp = dense_rows(v, vbuf, vs, vh, vb);
   std::vector<float> qrow(D), scores(std::max<int64_t>(n, 1)), o(D);
   std::vector<char> keep(std::max<int64_t>(n, 1));
-  float* y = out.data<float>();
-  const float* qp = q.data<float>();
+  std::vector<float> ybuf(out.size());
+  float* y = ybuf.data();
   for (int b = 0; b < B; ++b) {
     for (int t = 0; t < T; ++t) {
       // Which keys query t sees: < start + T, causal <= start + t, and the mask.
@@ -143,18 +153,17 @@ void run(const AttnArgs& aa, std::vector<mx::array> in, mx::array out) {
       for (int h = 0; h < Hq; ++h) {
         const int kvh = h / rep;
         for (int d = 0; d < D; ++d)
-          qrow[d] = qp[off4(q, b, h, t) + d * q.strides()[3]];
+          qrow[d] = at(q, off4(q, b, h, t) + d * q.strides()[3]);
         attend(qrow.data(), kp + b * kb + kvh * kh, vp + b * vb + kvh * vh, ks, vs, n, D,
                aa.scale, any_off ? reinterpret_cast<const bool*>(keep.data()) : nullptr,
                scores.data(), o.data());
         float* yo = y + ((size_t(b) * T + t) * Hq + h) * D;
         if (gate != nullptr) {
-          const float* gp = gate->data<float>();
           // [B, T, Hq, G], or [B, Hq, 1, G] for one token (the same memory when dense).
           const bool bthg = gate->shape(1) == T && gate->shape(2) == Hq;
           const int64_t base = bthg ? off4(*gate, b, t, h) : off4(*gate, b, h, t);
           for (int d = 0; d < D; ++d) {
-            const float gv = gp[base + (aa.gate_offset + d) * gate->strides()[3]];
+            const float gv = at(*gate, base + (aa.gate_offset + d) * gate->strides()[3]);
             yo[d] = o[d] * (1.0f / (1.0f + std::exp(-gv)));
           }
         } else {
@@ -162,6 +171,12 @@ void run(const AttnArgs& aa, std::vector<mx::array> in, mx::array out) {
         }
       }
     }
+  }
+  switch (out.dtype()) {
+    case mx::float32: std::copy(ybuf.begin(), ybuf.end(), out.data<float>()); break;
+    case mx::bfloat16: std::copy(ybuf.begin(), ybuf.end(), out.data<mx::bfloat16_t>()); break;
+    case mx::float16: std::copy(ybuf.begin(), ybuf.end(), out.data<mx::float16_t>()); break;
+    default: throw std::invalid_argument("attention_cpu: float output only");
   }
 }
 
@@ -205,8 +220,11 @@ mx::array attention_cpu(const mx::array& q, const mx::array& k, const mx::array&
   if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || k.shape(0) != q.shape(0) ||
       k.shape(3) != q.shape(3) || q.shape(1) % k.shape(1) != 0)
     throw std::invalid_argument("attention_cpu: q [B,Hq,T,D], k = v [B,Hkv,C,D], Hkv | Hq");
-  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
-    throw std::invalid_argument("attention_cpu: float32 q, k, v");
+  auto floating = [](const mx::array& a) {
+    return a.dtype() == mx::float32 || a.dtype() == mx::bfloat16 || a.dtype() == mx::float16;
+  };
+  if (!floating(q) || !floating(k) || !floating(v))
+    throw std::invalid_argument("attention_cpu: q, k, v float32, bfloat16 or float16");
   auto s = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs = {q, k, v, mx::astype(mx::reshape(start, {1}, s), mx::int32, s)};
   if (mask) {
@@ -217,11 +235,12 @@ mx::array attention_cpu(const mx::array& q, const mx::array& k, const mx::array&
   if (gate) {
     if (gate->ndim() != 4 || gate_offset < 0 || gate_offset + q.shape(3) > gate->shape(3))
       throw std::invalid_argument("attention_cpu: gate [B, T, Hq, G], offset + D <= G");
-    inputs.push_back(mx::astype(*gate, mx::float32, s));
+    if (!floating(*gate)) throw std::invalid_argument("attention_cpu: a float gate");
+    inputs.push_back(*gate);
   }
   AttnArgs a{scale, causal, mask.has_value(), gate.has_value(), gate_offset};
   auto prim = std::make_shared<AttentionCPU>(s, a);
-  return mx::array({q.shape(0), q.shape(2), q.shape(1) * q.shape(3)}, mx::float32, prim,
+  return mx::array({q.shape(0), q.shape(2), q.shape(1) * q.shape(3)}, q.dtype(), prim,
                    std::move(inputs));
 }
 
@@ -231,6 +250,7 @@ void register_attention(nb::module_& m) {
   m.def("attention", &attention_cpu, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("start"),
         nb::arg("scale"), nb::arg("mask") = nb::none(), nb::arg("causal") = false,
         nb::arg("gate") = nb::none(), nb::arg("gate_offset") = 0,
-        "Attention of a few query tokens a row over a KV buffer, gate folded in (float32): "
+        "Attention of a few query tokens a row over a KV buffer, gate folded in (float32 "
+        "arithmetic): "
         "[B, T, Hq * D] on the CPU stream (kernels/attention's decode_attention contract).");
 }

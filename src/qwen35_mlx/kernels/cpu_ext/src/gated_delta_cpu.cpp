@@ -306,7 +306,8 @@ std::pair<mx::array, mx::array> gated_delta_cpu(const mx::array& q, const mx::ar
 
 // The whole linear-attention decode step of one token a row, from the in-projection (the
 // decode step of `kernels/gated_delta/decode.py` in one primitive: its ~40 MLX primitives cost
-// more host time than their arithmetic at small widths). Per row b, float32 throughout:
+// more host time than their arithmetic at small widths). Per row b, float32 throughout (inputs
+// of any float dtype; y and the conv state in qkv's dtype, the state float32):
 //   x = [conv_state | qkv] [K, C];  h_c = silu(sum_j x[j, c] w[c, j])  (j in order)
 //   q = l2norm(h[:Hk Dk]) Dk^-1/2,  k = l2norm(h[Hk Dk : 2 Hk Dk]),  v = h[2 Hk Dk:]
 //   g = exp(-exp(A_log) softplus(a + dt_bias)),  beta = sigmoid(b);  one step (`rows`)
@@ -361,7 +362,8 @@ void run_decode(const DecodeArgs& da, std::vector<mx::array> in, mx::array y_out
   const std::vector<float> A_log = to_f32(in[5]), dt_bias = to_f32(in[6]);
   std::vector<float> q(size_t(B) * key), k(size_t(B) * key), v(size_t(B) * Hv * Dv);
   std::vector<float> kq(size_t(B) * Hk), g(size_t(B) * Hv), beta(size_t(B) * Hv), h(C);
-  float* conv = c_out.data<float>();
+  std::vector<float> conv_buf(c_out.size());
+  float* conv = conv_buf.data();
   const float qscale = 1.0f / std::sqrt(static_cast<float>(Dk));
   for (int b = 0; b < B; ++b) {
     // x[j, c]: conv state rows 0..K-2, then the token.
@@ -414,7 +416,8 @@ void run_decode(const DecodeArgs& da, std::vector<mx::array> in, mx::array y_out
     keep = reinterpret_cast<const bool*>(keep_buf.data());
   }
   const mx::array& s = in[7];
-  float* y = y_out.data<float>();
+  std::vector<float> y_buf(y_out.size());
+  float* y = y_buf.data();
   Dims d{B, 1, Hk, Hv, Dk, Dv, false};
   Rows a{d, q.data(), k.data(), kq.data(), v.data(), g.data(), beta.data(), keep,
          s.data<float>(), {s.strides()[0], s.strides()[1], s.strides()[2], s.strides()[3]},
@@ -436,6 +439,16 @@ void run_decode(const DecodeArgs& da, std::vector<mx::array> in, mx::array y_out
       }
     }
   }
+  auto store = [](const std::vector<float>& from, mx::array& to) {
+    switch (to.dtype()) {
+      case mx::float32: std::copy(from.begin(), from.end(), to.data<float>()); break;
+      case mx::bfloat16: std::copy(from.begin(), from.end(), to.data<mx::bfloat16_t>()); break;
+      case mx::float16: std::copy(from.begin(), from.end(), to.data<mx::float16_t>()); break;
+      default: throw std::invalid_argument("gated_delta_decode_cpu: float outputs only");
+    }
+  };
+  store(y_buf, y_out);
+  store(conv_buf, c_out);
 }
 
 void GatedDeltaDecodeCPU::eval_cpu(const std::vector<mx::array>& inputs,
@@ -472,7 +485,10 @@ std::tuple<mx::array, mx::array, mx::array> gated_delta_decode_cpu(
     std::optional<mx::array> z, std::optional<mx::array> norm_w, float eps) {
   const int B = qkv.ndim() == 2 ? qkv.shape(0) : -1;
   const int C = 2 * Hk * Dk + Hv * Dv;
-  if (B < 0 || qkv.shape(1) != C || qkv.dtype() != mx::float32 || conv_w.ndim() != 2 ||
+  const auto dt = qkv.dtype();
+  if (dt != mx::float32 && dt != mx::bfloat16 && dt != mx::float16)
+    throw std::invalid_argument("gated_delta_decode_cpu: qkv float32, bfloat16 or float16");
+  if (B < 0 || qkv.shape(1) != C || conv_w.ndim() != 2 ||
       conv_w.shape(0) != C || conv_state.shape() != mx::Shape{B, conv_w.shape(1) - 1, C} ||
       state.shape() != mx::Shape{B, Hv, Dv, Dk} || a.shape() != mx::Shape{B, Hv} ||
       b.shape() != mx::Shape{B, Hv} || Hv % Hk != 0)
@@ -481,17 +497,17 @@ std::tuple<mx::array, mx::array, mx::array> gated_delta_decode_cpu(
     throw std::invalid_argument("gated_delta_decode_cpu: z and norm_w go together");
   auto s = mx::default_stream(mx::Device::cpu);
   auto f32 = [&s](const mx::array& x) { return mx::astype(x, mx::float32, s); };
-  std::vector<mx::array> inputs = {qkv,    f32(conv_state), f32(conv_w), f32(a),       f32(b),
-                                   f32(A_log), f32(dt_bias), f32(state)};
+  std::vector<mx::array> inputs = {qkv,    mx::astype(conv_state, dt, s), f32(conv_w), f32(a),
+                                   f32(b), f32(A_log), f32(dt_bias), f32(state)};
   if (mask) inputs.push_back(mx::astype(*mask, mx::bool_, s));
   if (z) {
-    inputs.push_back(mx::reshape(f32(*z), {B, Hv * Dv}, s));
+    inputs.push_back(mx::reshape(*z, {B, Hv * Dv}, s));
     inputs.push_back(f32(*norm_w));
   }
   auto prim = std::make_shared<GatedDeltaDecodeCPU>(s, Hk, Dk, Hv, Dv, mask.has_value(),
                                                     z.has_value(), eps);
   auto outs = mx::array::make_arrays({{B, Hv, Dv}, state.shape(), conv_state.shape()},
-                                     {mx::float32, mx::float32, mx::float32}, prim, inputs);
+                                     {dt, mx::float32, dt}, prim, inputs);
   return {outs[0], outs[1], outs[2]};
 }
 
@@ -506,6 +522,6 @@ void register_gated_delta(nb::module_& m) {
         nb::arg("state"), nb::arg("Hk"), nb::arg("Dk"), nb::arg("Hv"), nb::arg("Dv"),
         nb::arg("mask") = nb::none(), nb::arg("z") = nb::none(), nb::arg("norm_w") = nb::none(),
         nb::arg("eps") = 1e-6f,
-        "The decode step of one token a row from the in-projection (float32): (y [B,Hv,Dv], "
+        "The decode step of one token a row from the in-projection: (y [B,Hv,Dv], "
         "state [B,Hv,Dv,Dk], conv state [B,K-1,C]) on the CPU stream.");
 }
