@@ -1,8 +1,11 @@
 """CPU A/B of one decode step on the small model: ours compiled, ours compiled with the GPU's
 weight layout (`layers.CPU_TRANSPOSED_WEIGHTS = False`: fused transposed views, a second model
 object with the same weights), ours plain path, mlx-lm; and where the native CPU gated-delta
-primitive is built (`kernels/gated_delta/cpu_ext.py`, which `auto` then runs), ours compiled
-with the MLX-ops recurrence instead (`QWEN35_MLX_GDN_BACKEND=ref`, a third model object).
+primitive is built (`kernels/cpu_ext`, which `auto` then runs), ours compiled
+with the MLX-ops recurrence instead (`QWEN35_MLX_GDN_BACKEND=ref`, a third model object), and
+ours compiled with MLX's matmul instead of the extension's few-rows matmul
+(`layers.CPU_NATIVE_MATMUL = False`, a fourth), and ours compiled with only the recurrence native
+amid the decode step's ops (`gated_delta.decode.NATIVE_FUSED = False`, a fifth).
 
 All are set up once (prefill + 3 steps each), then interleaved in blocks of 8 steps (who goes
 first alternates), 6 blocks each; prints ms a step in wall time and in process CPU time
@@ -27,6 +30,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from qwen35_mlx._blas import blas_status
+from qwen35_mlx.kernels.gated_delta import decode as gd_decode
 from qwen35_mlx.kernels.gated_delta import native_available
 from qwen35_mlx.models import layers
 
@@ -48,7 +52,15 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         ops = build_models(SHAPE_SMALL, mx.float32, which=("qwen35_mlx",))["qwen35_mlx"]
         ops.load_weights(tree_flatten(ours.parameters()), strict=True)
         model_of["compiled ops recurrence"] = ops
+        blas = build_models(SHAPE_SMALL, mx.float32, which=("qwen35_mlx",))["qwen35_mlx"]
+        blas.load_weights(tree_flatten(ours.parameters()), strict=True)
+        model_of["compiled MLX matmul"] = blas
+        unfused = build_models(SHAPE_SMALL, mx.float32, which=("qwen35_mlx",))["qwen35_mlx"]
+        unfused.load_weights(tree_flatten(ours.parameters()), strict=True)
+        model_of["compiled unfused decode"] = unfused
     flag = layers.CPU_TRANSPOSED_WEIGHTS
+    native_mm = layers.CPU_NATIVE_MATMUL
+    fused = gd_decode.NATIVE_FUSED
     env = os.environ.get("QWEN35_MLX_GDN_BACKEND")
 
     def set_backend(name):
@@ -63,6 +75,8 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         set_backend(name)
         ours.compiled_decode = name == "compiled"
         layers.CPU_TRANSPOSED_WEIGHTS = flag and name != "gpu layout"
+        layers.CPU_NATIVE_MATMUL = native_mm if name != "compiled MLX matmul" else False
+        gd_decode.NATIVE_FUSED = fused and name != "compiled unfused decode"
         y = mx.argmax(model_of[name](y[:, None], cache=cache)[:, -1], -1)
         mx.eval(y)
         return y
@@ -73,6 +87,8 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         set_backend(name)
         ours.compiled_decode = name == "compiled"
         layers.CPU_TRANSPOSED_WEIGHTS = flag and name != "gpu layout"
+        layers.CPU_NATIVE_MATMUL = native_mm if name != "compiled MLX matmul" else False
+        gd_decode.NATIVE_FUSED = fused and name != "compiled unfused decode"
         cache = m.make_cache()
         y = mx.argmax(m(prompts, cache=cache)[:, -1], -1)
         for _ in range(3):
@@ -95,6 +111,8 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         rounds.append(block["mlx-lm"] / block["compiled"])
     ours.compiled_decode = True
     layers.CPU_TRANSPOSED_WEIGHTS = flag
+    layers.CPU_NATIVE_MATMUL = native_mm
+    gd_decode.NATIVE_FUSED = fused
     set_backend("")
     n = blocks * steps
     out = {k: (wall[k] / n * 1e3, cpu[k] / n * 1e3) for k in state}
@@ -110,6 +128,14 @@ def main(B: int, P: int, blocks: int = 6, steps: int = 8) -> dict:
         print(
             "ops recurrence / native (both compiled), CPU time: "
             f"{cpu['compiled ops recurrence'] / cpu['compiled']:.2f}x"
+        )
+        print(
+            "MLX matmul / native matmul (both compiled), CPU time: "
+            f"{cpu['compiled MLX matmul'] / cpu['compiled']:.2f}x"
+        )
+        print(
+            "native recurrence amid ops / whole native decode step (both compiled), CPU time: "
+            f"{cpu['compiled unfused decode'] / cpu['compiled']:.2f}x"
         )
     return out
 

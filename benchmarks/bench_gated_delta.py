@@ -3,7 +3,7 @@
 Contenders (whichever run here):
   ours   qwen35_mlx.kernels.gated_delta.gated_delta_update with backend auto / ref / chunked /
          metal / cuda (the GPU ones only where their supports() says yes) / native (the CPU
-         primitive of cpu_ext.py, where it is built: `auto` on the CPU takes it for decode, and
+         primitive of kernels/cpu_ext, where it is built: `auto` on the CPU takes it for decode, and
          for prefill too while MLX runs its reference BLAS)
   peers  mlx-lm's mlx_lm.models.gated_delta.gated_delta_update (ops path; its Metal kernel
          where Metal is present), MLX core's mx.fast.gated_delta_update, and on a CUDA machine
@@ -267,11 +267,11 @@ def _fla_contenders() -> list[Contender]:
 
 def _native_built() -> bool:
     """The optional native CPU primitive, built here first if it is not yet (as the test suite
-    does; cpu_ext.py): a fresh machine's CPU run then has its row. Where it cannot be built the
+    does; kernels/cpu_ext): a fresh machine's CPU run then has its row. Where it cannot be built the
     reason is printed and the row is left out."""
     if native_available():
         return True
-    from qwen35_mlx.kernels.gated_delta import cpu_ext
+    from qwen35_mlx.kernels import cpu_ext
 
     if os.environ.get(cpu_ext.OFF_ENV, "1") == "0":
         return False

@@ -19,9 +19,10 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from qwen35_mlx.kernels.gated_delta import cpu_ext  # noqa: E402
+from qwen35_mlx.kernels import cpu_ext  # noqa: E402
 
-# The optional native CPU primitive (gated_delta backend "native") is built once per machine
+# The optional native CPU extension (kernels/cpu_ext: gated_delta backend "native", the decode
+# step, decode attention and few-rows matmul the CPU decode takes) is built once per machine
 # here, before any test runs, so that `auto` picks the same backends in every test whatever the
 # order (about 40 s on two cores the first time; then a cached module). Where it cannot be built
 # (no cmake / compiler / nanobind) NATIVE_BUILD_ERROR says why, its tests skip, and `auto` keeps

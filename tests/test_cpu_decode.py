@@ -5,10 +5,13 @@ values (memory, saving), every decode group gets the layout, and the compiled st
 the plain path token for token, with logits equal to the GPU layout's.
 """
 
+from collections import Counter
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from qwen35_mlx.kernels import cpu_blas_is_slow, cpu_ext
 from qwen35_mlx.models import layers
 
 from .conftest import assert_parameters_kept, prepare_decode_measured
@@ -120,3 +123,47 @@ def test_cpu_transposed_tied_output_layer(tmp_path, small_blocks):  # noqa: F811
     np.testing.assert_array_equal(toks, t_ref)
     t_cpu, l_cpu = greedy(model, [TOKENS[:6], TOKENS[5:11]], 8, True)
     np.testing.assert_allclose(l_cpu, l_ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    not cpu_ext.available() or not cpu_blas_is_slow(),
+    reason="the native extension is not built, or MLX runs another BLAS than its reference one",
+)
+@pytest.mark.parametrize("B", [1, 3])
+def test_cpu_native_matmul_same_bits_as_blas(small_blocks, monkeypatch, B):  # noqa: F811
+    """The decode projections through the native few-rows matmul (`layers.CPU_NATIVE_MATMUL`)
+    on MLX's reference BLAS: every group of a step in one call of it (its residual add too), and
+    the step's logits the same bits as the plain path's (MLX's matmul) and as a compiled step
+    that keeps MLX's matmul (a second model object: a step is traced once)."""
+    calls = []
+
+    def spy(x, weights, adds=None):
+        calls.append((len(weights), adds is not None))
+        return matmul_rows(x, weights, adds)
+
+    matmul_rows = cpu_ext.matmul_rows
+    monkeypatch.setattr(cpu_ext, "matmul_rows", spy)
+    cfg = make_text_config()
+    prompts = [TOKENS[i : i + 6] for i in range(B)]
+    model = make_text_model(cfg, seed=31)
+    t_plain, l_plain = greedy(model, prompts, 8, False)
+    t_nat, l_nat = greedy(model, prompts, 8, True)
+    # Each trace (one a block of KV positions): per linear layer in_proj (4 layers) and out_proj
+    # + residual, per attention layer q/k/v (3) and o_proj + residual, per MLP gate/up (2) and
+    # down_proj + residual, the lm_head.
+    n_lin = sum(layer.is_linear for layer in model.model.layers)
+    n_att = cfg.num_hidden_layers - n_lin
+    want = [(4, False), (1, True)] * n_lin + [(3, False), (1, True)] * n_att
+    want += [(2, False), (1, True)] * cfg.num_hidden_layers + [(1, False)]
+    traces = len(calls) // len(want)
+    assert traces >= 1 and Counter(calls) == Counter(
+        {k: v * traces for k, v in Counter(want).items()}
+    )
+    np.testing.assert_array_equal(l_nat, l_plain)
+    np.testing.assert_array_equal(t_nat, t_plain)
+    monkeypatch.setattr(layers, "CPU_NATIVE_MATMUL", False)
+    calls.clear()
+    blas = make_text_model(cfg, seed=31)
+    t_blas, l_blas = greedy(blas, prompts, 8, True)
+    assert not calls
+    np.testing.assert_array_equal(l_nat, l_blas)

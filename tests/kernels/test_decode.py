@@ -36,7 +36,8 @@ def _mask(B):
     return mx.array([b % 2 == 1 or B == 1 for b in range(B)])
 
 
-# The ops, and the ops with the native CPU primitive's recurrence (cpu_ext.py) where it is built.
+# The ops, and the ops with the native CPU primitive's recurrence (kernels/cpu_ext) where it is
+# built.
 OPS_BACKENDS = [
     "ref",
     pytest.param(
@@ -241,10 +242,9 @@ def _token_masks(B, T):
 @pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "B{}Hk{}Hv{}Dk{}Dv{}K{}".format(*s))
 @pytest.mark.parametrize("backend", OPS_BACKENDS)
 def test_packed_tokens_ops_equal_one_call_a_token(shape, T, masked, dtype, backend):
-    """Bit for bit what T calls of `gated_delta_decode` (same backend) and the gated norm give:
-    y, the last states and the states after every token (the rollback's)."""
-    from qwen35_mlx.kernels.gated_delta.decode import gated_rms_norm
-
+    """Bit for bit what T calls of `gated_delta_decode` (same backend) with the gated norm give
+    (z and the norm weight passed, as the layers' decode step passes them): y, the last states
+    and the states after every token (the rollback's)."""
     B, Hk, Hv, Dk, Dv, K = shape
     dims = (Hk, Dk, Hv, Dv)
     proj, x, norm_w = _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, dtype, seed=T + B)
@@ -257,11 +257,11 @@ def test_packed_tokens_ops_equal_one_call_a_token(shape, T, masked, dtype, backe
         yt, state, conv = gated_delta_decode(
             qkv[t::T], conv, x["conv_w"], a[t::T], b[t::T], x["A_log"], x["dt_bias"], state,
             mask=None if mask is None else mask[:, t], backend=backend, **_kw(*dims),
+            z=z[t::T], norm_weight=norm_w, norm_eps=1e-6,
         )  # fmt: skip
         ys.append(yt)
         want.append((conv, state))
-    y_want = mx.stack(ys, axis=1)
-    y_want = gated_rms_norm(y_want, z.reshape(y_want.shape), norm_w, 1e-6).reshape(B * T, -1)
+    y_want = mx.stack(ys, axis=1).reshape(B * T, -1)
 
     def same(u, w):
         return u.dtype == w.dtype and np.array_equal(

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import qwen35_mlx.kernels.gated_delta as gd
+from qwen35_mlx.kernels import cpu_ext
 from qwen35_mlx.kernels.gated_delta import chunked as chunked_mod
-from qwen35_mlx.kernels.gated_delta import cpu_ext, gated_delta, gated_delta_update
+from qwen35_mlx.kernels.gated_delta import gated_delta, gated_delta_update
 from tests.conftest import RTOL, rel_err
 from tests.kernels.helpers import make_inputs
 

@@ -1,12 +1,13 @@
-"""The native CPU primitive (gated_delta backend "native", cpu_ext.py) against the float64 NumPy
-loop, its dispatch, and the fallback where it is not built."""
+"""The native CPU primitive (gated_delta backend "native", kernels/cpu_ext) against the float64
+NumPy loop, its dispatch, and the fallback where it is not built."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import qwen35_mlx.kernels.gated_delta as gd
-from qwen35_mlx.kernels.gated_delta import cpu_ext, gated_delta, gated_delta_update
+from qwen35_mlx.kernels import cpu_ext
+from qwen35_mlx.kernels.gated_delta import gated_delta, gated_delta_update
 from tests.conftest import NATIVE_BUILD_ERROR, RTOL, rel_err
 from tests.kernels.helpers import (
     gated_delta_np,
@@ -247,3 +248,37 @@ def test_switched_off_by_env(monkeypatch):
     monkeypatch.setenv(cpu_ext.OFF_ENV, "0")
     monkeypatch.setattr(cpu_ext, "_loaded", [])
     assert cpu_ext.load() is None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=str)
+def test_native_decode_step_half_inputs(dtype):
+    """The whole decode step's primitive (kernels/cpu_ext `gated_delta_decode`; the decode ops
+    take it for float32) with half-precision inputs: float32 inside, so y and the conv state are
+    the float32 call's rounded once, the state the float32 call's own."""
+    B, Hk, Dk, Hv, Dv, K = 2, 2, 16, 4, 8, 4
+    C = 2 * Hk * Dk + Hv * Dv
+    rng = np.random.default_rng(5)
+
+    def f(*s):
+        return mx.array(rng.standard_normal(s).astype(np.float32)).astype(dtype)
+
+    qkv, cs, w, a, b, z, nw = (
+        f(B, C),
+        f(B, K - 1, C),
+        f(C, K),
+        f(B, Hv),
+        f(B, Hv),
+        f(B, Hv * Dv),
+        f(Dv),
+    )
+    A_log, dt, S = f(Hv).astype(mx.float32), f(Hv).astype(mx.float32), f(B, Hv, Dv, Dk) * 0.1
+    S = S.astype(mx.float32)
+    mod = cpu_ext.load()
+    args = (w, a, b, A_log, dt, S, Hk, Dk, Hv, Dv, None)
+    y, s, c = mod.gated_delta_decode(qkv, cs, *args, z, nw, 1e-6)
+    f32 = [u.astype(mx.float32) for u in (qkv, cs, z, nw)]
+    y32, s32, c32 = mod.gated_delta_decode(f32[0], f32[1], *args, f32[2], f32[3], 1e-6)
+    assert y.dtype == c.dtype == dtype and s.dtype == mx.float32
+    assert mx.array_equal(y, y32.astype(dtype)).item() and mx.array_equal(c, c32.astype(dtype))
+    assert mx.array_equal(s, s32).item()

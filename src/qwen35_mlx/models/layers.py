@@ -28,7 +28,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from ..kernels import conv_qkv as conv_kernel
-from ..kernels import fused_norm
+from ..kernels import cpu_blas_is_slow, cpu_ext, fused_norm
 from ..kernels import rows_matmul as rows_kernel
 from ..kernels.attention import MAX_T as DECODE_MAX_T
 from ..kernels.gated_delta import (
@@ -82,6 +82,34 @@ CPU_TRANSPOSED_WEIGHTS = True
 # takes x to float32 and the product back to x's dtype: the same numbers, for twice the group's
 # bytes of memory (the copy is extra; the layers keep their own weights). The text model asks it
 # on the CPU for the MTP head, or for every projection (text.py `CPU_FP32_DECODE`).
+
+
+# The decode projections through the optional native CPU extension's few-rows matmul
+# (`kernels.cpu_ext.matmul_rows`: x @ W for 1-8 rows with W read once, each group's layers in
+# one primitive, a residual add folded into it). MLX's CPU wheel runs float32 matmuls on its
+# bundled reference BLAS, scalar code: a one-row product of the small model's step ran at ~1
+# multiply-add a ns, 3-4x slower than the native one (benchmarks/NOTES.md, "Session 15, helper
+# cpumv"). The native sum runs in k order with every product and add rounded on its own, as that
+# BLAS sums, so on it the step, the plain path (MLX's matmul) and the verify pass (any row
+# count) give the same bits. CPU_NATIVE_MATMUL: "auto" (where the extension is built and MLX
+# runs its reference BLAS), True (wherever it is built: benchmarks; with OpenBLAS the step would
+# round differently from the plain path), False (MLX's matmul). Read when a step is traced.
+CPU_NATIVE_MATMUL: str | bool = "auto"
+# Rows a call at most (a verify pass has B (k + 1)); the kernel reads W once for each 8.
+CPU_NATIVE_MATMUL_MAX_ROWS = 32
+
+
+def _native_matmul(x: mx.array, ws) -> bool:
+    """Whether x @ w for each w of `ws` (float32 [K, N]) runs as one native call."""
+    if not CPU_NATIVE_MATMUL or mx.default_device() != mx.cpu:
+        return False
+    if x.dtype != mx.float32 or not all(w.ndim == 2 and w.dtype == mx.float32 for w in ws):
+        return False
+    if x.ndim == 0 or x.size > CPU_NATIVE_MATMUL_MAX_ROWS * x.shape[-1]:
+        return False
+    if CPU_NATIVE_MATMUL == "auto" and not cpu_blas_is_slow():
+        return False
+    return cpu_ext.available()
 
 
 class _Fused:
@@ -262,7 +290,10 @@ def project(owner: nn.Module, names: tuple[str, ...], x: mx.array) -> list[mx.ar
         mods = [owner[n] for n in names]
         return [m.as_linear(x) if hasattr(m, "as_linear") else m(x) for m in mods]
     if not made.fused:
-        return [x @ wi for wi in owner[_key(names)]]
+        ws = owner[_key(names)]
+        if _native_matmul(x, ws):
+            return cpu_ext.matmul_rows(x, ws)
+        return [x @ wi for wi in ws]
     y = _fused_matmul(owner, names, made, x)
     if len(names) == 1:
         return [y]
@@ -273,7 +304,9 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
     """x through the one matrix (plain or quantized) `prepare_projections` made for `names`."""
     w = owner[_key(names)]
     if made.fp32:
-        return (x.astype(mx.float32) @ w).astype(x.dtype)
+        x32 = x.astype(mx.float32)
+        y = cpu_ext.matmul_rows(x32, [w])[0] if _native_matmul(x32, [w]) else x32 @ w
+        return y.astype(x.dtype)
     if made.quant is None:
         return rows_matmul(x, w, owner, names) if _rows_gemv(x, w) else x @ w
     return mx.quantized_matmul(x, w[0], scales=w[1], biases=w[2], transpose=True, **made.quant)
@@ -532,6 +565,14 @@ def project_add(owner: nn.Module, name: str, y: mx.array, residual: mx.array | N
                 return mx.addmm(residual, y, weight.T)
         elif _fold(y, w, residual):
             return mx.addmm(residual, y, w)
+        elif (
+            not made.fused
+            and residual.dtype == y.dtype
+            and residual.shape == (*y.shape[:-1], w.shape[1])
+            and _native_matmul(y, [w])
+        ):
+            # The add in the same primitive, rounded after the product as `residual + out` is.
+            return cpu_ext.matmul_rows(y, [w], [residual])[0]
     out = project(owner, (name,), y)[0]
     return out if residual is None else residual + out
 

@@ -10,8 +10,9 @@ default (`DECODE_KERNEL`).
 
     decode_attention(q, k, v, scale=..., mask=..., start=..., gate=...) -> [B, T, Hq * D]
 
-The CPU has no custom kernels: `decode_attention_ref` (MLX's ops) is the reference and what
-runs there.
+The CPU has no custom kernels: `decode_attention_ref` (MLX's ops) is the reference; where the
+optional native CPU extension is built (kernels/cpu_ext), calls take its one primitive of the
+same contract there (`CPU_NATIVE`), else the ops.
 """
 
 from __future__ import annotations
@@ -35,6 +36,33 @@ __all__ = [
 # (the compiled decode step: when it is traced).
 DECODE_KERNEL = "auto"
 _CHOICES = ("auto", "on", "off")
+# On the CPU, calls through the native extension's attention primitive where it is built (one
+# primitive a layer where MLX's fallback graph takes ~15 at decode, each a few us of host time
+# on its CPU stream: benchmarks/NOTES.md, "Session 15, helper cpumv"). float32 scores, softmax
+# and sums (half-precision inputs read as float32, the output rounded once), in another order
+# than MLX's: float32 rounding apart from the ops. False: the ops. Read at each call, like
+# DECODE_KERNEL (which "off" turns this off too).
+CPU_NATIVE = True
+
+
+class _NativeCPU:
+    """The `launch.AttentionBackend` interface over the native CPU primitive."""
+
+    @staticmethod
+    def run(q, k, v, start, scale, mask=None, causal=False, gate=None, gate_offset=0):
+        from .. import cpu_ext
+
+        return cpu_ext.load().attention(q, k, v, start, scale, mask, causal, gate, gate_offset)
+
+
+def _cpu_backend(q: mx.array, k: mx.array, v: mx.array):
+    from .. import cpu_ext
+
+    floats = all(a.dtype in (mx.float32, mx.bfloat16, mx.float16) for a in (q, k, v))
+    if not (CPU_NATIVE and floats and q.shape[2] <= MAX_T):
+        return None
+    mod = cpu_ext.load()
+    return _NativeCPU if mod is not None and hasattr(mod, "attention") else None
 
 
 def _shape_error(name: str, shape, want: str) -> ValueError:
@@ -43,11 +71,14 @@ def _shape_error(name: str, shape, want: str) -> ValueError:
 
 def kernel_backend(q: mx.array, k: mx.array, v: mx.array):
     """The GPU backend (`launch.AttentionBackend`) that runs these inputs under
-    `DECODE_KERNEL`, or None (the CPU, an unsupported shape, or the switch)."""
+    `DECODE_KERNEL` (on the CPU the native primitive: `CPU_NATIVE`), or None (an unsupported
+    shape, the switch, a CPU without the extension)."""
     if DECODE_KERNEL not in _CHOICES:
         raise ValueError(f"DECODE_KERNEL must be one of {_CHOICES}, got {DECODE_KERNEL!r}")
-    if DECODE_KERNEL == "off" or mx.default_device() == mx.cpu:
+    if DECODE_KERNEL == "off":
         return None
+    if mx.default_device() == mx.cpu:
+        return _cpu_backend(q, k, v)
     if not shape_supported(q, k, v):
         return None
     if mx.cuda.is_available():

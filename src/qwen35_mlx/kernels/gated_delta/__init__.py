@@ -24,7 +24,7 @@ Backends (`backend=`, or `auto`, overridable with env QWEN35_MLX_GDN_BACKEND):
              (disk cache ~/.cache/qwen35_mlx/cuda, precompiled.py; else mx.fast.cuda_kernel)
     native   the CPU recurrence as one MLX C++ primitive, one pass over the state for all
              T steps: an optional extension built once per machine; where it is not built
-             (or on a Mac) `native` means `auto` without it                 -> cpu_ext.py
+             (or on a Mac) `native` means `auto` without it                 -> kernels/cpu_ext
 `native_available()` says whether this process has the native CPU primitive.
 """
 
@@ -112,11 +112,11 @@ def _resolve_backend(backend: str) -> str:
 _CPU_CHUNKED_MIN_T = 3
 
 
-# Up to this many steps `auto` on the CPU runs the native primitive where it is built (cpu_ext.py):
-# it reads and writes the state once for all T steps, where the ops read it twice a step. Longer
-# sequences too while MLX runs its bundled reference BLAS: measured on 2 AMD EPYC cores
-# (2026-12-03, B 1, Hk16 Hv32 Dk=Dv=128, bf16, CPU time, benchmarks/NOTES.md) the native
-# recurrence took T = 16 / 128 / 512 / 2048 in 0.8 / 6.9 / 33 / 160 ms against chunked's
+# Up to this many steps `auto` on the CPU runs the native primitive where it is built
+# (kernels/cpu_ext): it reads and writes the state once for all T steps, where the ops read it
+# twice a step. Longer sequences too while MLX runs its bundled reference BLAS: measured on 2
+# AMD EPYC cores (2026-12-03, B 1, Hk16 Hv32 Dk=Dv=128, bf16, CPU time, benchmarks/NOTES.md) the
+# native recurrence took T = 16 / 128 / 512 / 2048 in 0.8 / 6.9 / 33 / 160 ms against chunked's
 # 5.5 / 47 / 149 / 654 on the reference BLAS (4-7x; B 8 likewise), and against 1.0 / 9.1 / 33 /
 # 195 with OpenBLAS (2 threads: about even in CPU time, chunked ahead in wall time), so with
 # OpenBLAS `chunked` keeps T >= _CPU_CHUNKED_MIN_T.
@@ -131,8 +131,8 @@ def _reference_blas() -> bool:
 
 
 def native_available() -> bool:
-    """True when the native CPU primitive (backend "native", cpu_ext.py) is built and loads."""
-    from . import cpu_ext
+    """True when the native CPU primitive (backend "native", kernels/cpu_ext) is built and loads."""
+    from .. import cpu_ext
 
     return cpu_ext.available()
 
@@ -237,7 +237,7 @@ def gated_delta(
     state = _zeros_state(q, v) if state is None else state.astype(mx.float32)
     name = _pick(backend, q, v, g)
     if name == "native":
-        from . import cpu_ext
+        from .. import cpu_ext
 
         mod = cpu_ext.load()
         if mod is not None:
@@ -411,8 +411,8 @@ def gated_delta_decode(
     qkv's dtype, Dk, Dv <= 128: `launch.norm_layout`), else as ops after it.
 
     backend: "ref" (mx ops, decode.py), "metal" / "cuda" (one fused kernel), "native" (the ops
-    with the recurrence in the native CPU primitive where it is built, cpu_ext.py; else ref), or
-    "auto" (the GPU kernel where it supports the shape; on the CPU native where built; else
+    with the recurrence in the native CPU primitive where it is built, kernels/cpu_ext; else ref),
+    or "auto" (the GPU kernel where it supports the shape; on the CPU native where built; else
     ref). The env override QWEN35_MLX_GDN_BACKEND applies as for gated_delta; "chunked" (a
     prefill backend) means ref here.
     """
@@ -459,7 +459,7 @@ def _decode_native(name: str):
     """The built cpu_ext module when the decode ops should run their recurrence through it
     (backend "native", or "auto" on the CPU), else None (the ops' own `ref._step`)."""
     if name == "native" or (name == "auto" and mx.default_device() == mx.cpu):
-        from . import cpu_ext
+        from .. import cpu_ext
 
         return cpu_ext.load()
     return None

@@ -95,7 +95,7 @@ _decode_masked_compiled = mx.compile(_decode)
 
 
 def _native_step(native, q, k, v, g, beta, S, m):
-    """One step through the native CPU primitive (cpu_ext.py) from `ref._step`'s operands: q, k
+    """One step through the native CPU primitive (kernels/cpu_ext) from `ref._step`'s operands: q, k
     [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv], m [B] or None. Returns (y [B, Hv, Dv] in v's
     dtype, S). The bare primitive, without `native_gated_delta`'s vjp: these are the inference
     steps (decode, verify), and in the compiled decode step the `mx.custom_function` wrapper
@@ -133,12 +133,45 @@ def _native_fn(native, masked: bool):
     return _native_compiled[key]
 
 
+# The whole decode step (conv, silu, norms, gates, recurrence, gated norm) as the native
+# extension's one primitive (`gated_delta_decode` of kernels/cpu_ext): on MLX's CPU stream each
+# of the ~40 primitives the ops take a layer costs host time (a few us) whatever its size, which
+# at small widths is most of the step (benchmarks/NOTES.md, "Session 15, helper cpumv"). It
+# computes in float32, not as the ops to the bit (other exp, other sum orders). The decode calls
+# (`gated_delta_decode_ref`) and T tokens a row (`gated_delta_decode_tokens_ref`, one call a
+# token) both take it, so the step, the plain decode and the verify pass stay equal bit for bit;
+# a plain call of 2-8 tokens over a cache (`gated_delta_update`: the ops' conv) is float32
+# rounding apart from the verify pass. Taken for a float32 qkv only: the primitive takes
+# half-precision inputs (float32 inside, y and the conv state rounded once), but a half model's
+# rounding then moves from the ops' by a bfloat16 ulp or so (a test's near-tie flips:
+# tests/test_fast_decode.py's quantized-KV check, NOTES), and a bfloat16 short plain call is
+# bit for bit the verify pass only while both round as the ops (tests/test_add_norm.py).
+# NATIVE_FUSED: False keeps the ops around the native recurrence (as before; A/B).
+NATIVE_FUSED = True
+
+
+def _fused(native, qkv, conv_state) -> bool:
+    return NATIVE_FUSED and hasattr(native, "gated_delta_decode") and qkv.dtype == mx.float32
+
+
+def _fused_step(native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, norm):
+    """One token a row through the native decode primitive: (y [B, Hv, Dv] in qkv's dtype, normed
+    when `norm` = (z, weight, eps) is given; state; conv state)."""
+    z, weight, eps = norm if norm is not None else (None, None, 1e-6)
+    args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, *dims)
+    return native.gated_delta_decode(*args, mask, z, weight, float(eps))
+
+
 def gated_delta_decode_ref(
     qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, *, dims, norm=None, native=None
 ) -> tuple[mx.array, mx.array, mx.array]:
     """The decode step in mx ops; dims = (Hk, Dk, Hv, Dv); norm (z, weight, eps) or None.
     Inputs validated by the caller. native: the built cpu_ext module, whose one primitive then
-    runs the recurrence (conv, norms and gates stay these ops), or None."""
+    runs the recurrence (conv, norms and gates stay these ops; its decode primitive runs the
+    whole step: `NATIVE_FUSED`), or None."""
+    if native is not None and _fused(native, qkv, conv_state):
+        args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask)
+        return _fused_step(native, *args, dims, norm)
     if native is not None:
         fn = _native_fn(native, mask is not None)
         if mask is None:
@@ -255,6 +288,10 @@ def gated_delta_decode_tokens_ref(
     (z [B*T, Hv*Dv], weight, eps) or None. Returns (y [B, T, Hv, Dv] in qkv's dtype, state
     and conv state after the last token, the T (conv state, state) pairs after each token).
     native: the built cpu_ext module (its primitive runs each token's recurrence) or None."""
+    if native is not None and _fused(native, qkv, conv_state):
+        return _fused_tokens(
+            native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, tokens, norm
+        )
     args = (qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, tokens)
     if native is not None:
         key = (id(native), "tokens")
@@ -267,3 +304,27 @@ def gated_delta_decode_tokens_ref(
         z, weight, eps = norm
         y = gated_rms_norm(y, z.reshape(y.shape), weight, eps)
     return y, states[-1][1], states[-1][0], states
+
+
+def _fused_tokens(
+    native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T, norm
+):
+    """`gated_delta_decode_tokens_ref` through the native decode primitive, one call a token
+    (the very call `gated_delta_decode_ref` makes, so bit for bit T such calls)."""
+    Hk, Dk, Hv, Dv = dims
+    B = qkv.shape[0] // T
+    rows = [u.reshape(B, T, *u.shape[1:]) for u in (qkv, a, b)]
+    z = None
+    if norm is not None:
+        z = norm[0].reshape(B, T, Hv * Dv)
+    ys, states = [], []
+    for t in range(T):
+        m = None if mask is None else mask[:, t]
+        nt = None if norm is None else (z[:, t], norm[1], norm[2])
+        qkv_t, a_t, b_t = (u[:, t] for u in rows)
+        y, state, conv_state = _fused_step(
+            native, qkv_t, conv_state, conv_w, a_t, b_t, A_log, dt_bias, state, m, dims, nt
+        )
+        ys.append(y)
+        states.append((conv_state, state))
+    return mx.stack(ys, axis=1), state, conv_state, states

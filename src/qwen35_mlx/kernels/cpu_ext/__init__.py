@@ -1,23 +1,27 @@
-"""The optional CPU extension: the gated delta recurrence as one MLX C++ primitive (backend
-"native").
+"""The optional CPU extension: native MLX CPU primitives for what MLX ops do slowly on a CPU.
 
-MLX has no CPU custom-kernel API, so with MLX ops a decode step passes over the state several
-times (S k and S q, then the update). `cpu_ext_src/gated_delta_cpu.cpp` is a custom
-`mx::Primitive` whose `eval_cpu` reads each row of the state once, carries it through every step
-in L1 and writes it once (float32 arithmetic; q/k/v in f32, bf16 or f16). It is built with MLX's
-documented extension recipe (the installed mlx's CMake package + nanobind in MLX's domain, so
-`mx.array` is the same Python type on both sides) and works inside `mx.compile`.
+MLX has no CPU custom-kernel API, so these are C++ `mx::Primitive`s in one module (`src/`, a
+source file each), built with MLX's documented extension recipe (the installed mlx's CMake
+package + nanobind in MLX's domain, so `mx.array` is the same Python type on both sides); they
+work inside `mx.compile`:
+- `gated_delta(q, k, v, g, beta, state, mask=None)` (`src/gated_delta_cpu.cpp`): the gated delta
+  recurrence, each row of the state read once, carried through every step in L1 and written
+  once (float32 arithmetic; q/k/v in f32, bf16 or f16). The gated delta module's backend
+  "native".
+- `matmul_rows(x, weights, adds=None)` (`src/matmul_rows_cpu.cpp`): `x @ W (+ add)` for a few
+  rows of float32 x and each [K, N] W, W read once for all rows, summed as MLX's reference BLAS
+  sums (the same bits). `matmul_rows` below.
 
 Building needs cmake, a C++20 compiler and nanobind of MLX's ABI (`pip install "nanobind>=3"` for
 mlx 0.32); nothing else in the package needs them. Build it once per machine (about a minute
 on two cores):
 
-    python -m qwen35_mlx.kernels.gated_delta.cpu_ext        # builds, then checks it
+    python -m qwen35_mlx.kernels.cpu_ext        # builds, then checks it
 
 The module goes to `~/.cache/qwen35_mlx/cpu_ext/<key>/` (`QWEN35_MLX_CPU_EXT_DIR` overrides the
-parent), keyed by the source, the mlx version and the Python ABI, so a new mlx means a rebuild.
+parent), keyed by the sources, the mlx version and the Python ABI, so a new mlx means a rebuild.
 `load()` never compiles: without a built module (no compiler, a Mac, another mlx) it returns
-None and `auto` keeps the MLX-ops path, silently. `QWEN35_MLX_CPU_EXT=0` turns it off.
+None and every caller keeps its MLX-ops path, silently. `QWEN35_MLX_CPU_EXT=0` turns it off.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-MODULE = "_gated_delta_cpu"
-SRC_DIR = Path(__file__).with_name("cpu_ext_src")
+MODULE = "_qwen35_mlx_cpu"
+SRC_DIR = Path(__file__).with_name("src")
 DIR_ENV = "QWEN35_MLX_CPU_EXT_DIR"
 OFF_ENV = "QWEN35_MLX_CPU_EXT"
 
@@ -79,12 +83,13 @@ def _works(mod) -> bool:
     """A call on tiny arrays: the module imports with another nanobind ABI too, but then mx.array
     is not its type and every call fails with TypeError."""
     try:
+        (w,) = mod.matmul_rows(mx.ones((1, 2)), [mx.ones((2, 3))])
         z = mx.zeros((1, 1, 1, 2))
         y, s = mod.gated_delta(
             z, z, z, mx.ones((1, 1, 1)), mx.ones((1, 1, 1)), mx.zeros((1, 1, 2, 2))
         )
-        mx.eval(y, s)
-        return y.shape == (1, 1, 1, 2) and s.shape == (1, 1, 2, 2)
+        mx.eval(y, s, w)
+        return y.shape == (1, 1, 1, 2) and s.shape == (1, 1, 2, 2) and w.tolist() == [[2.0] * 3]
     except Exception:
         return False
 
@@ -170,9 +175,17 @@ def main() -> int:
     if not available():
         print("but it does not work with this mlx (nanobind ABI?)", file=sys.stderr)
         return 1
-    print("it works: gated_delta backend 'native' is available on the CPU")
+    print("it works: gated_delta backend 'native' and matmul_rows are available on the CPU")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def matmul_rows(x: mx.array, weights, adds=None) -> list[mx.array]:
+    """[x @ w (+ add) for each w (and add)]: x float32 [..., K] (a few rows), each w float32
+    [K, N], each add float32 of its output's shape [..., N]; one primitive on the CPU stream.
+    Summed in k order, every product and add rounded on its own, as MLX's bundled reference
+    BLAS sums a float32 matmul: the same bits as `x @ w` there, and each row's whatever the
+    number of rows. Needs the built module (`available()`)."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("cpu_ext: not built (python -m qwen35_mlx.kernels.cpu_ext)")
+    return mod.matmul_rows(x, list(weights), None if adds is None else list(adds))

@@ -18,8 +18,10 @@
 // donate it (contiguous, no other reference).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -27,6 +29,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/tuple.h>
 
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -300,11 +303,225 @@ std::pair<mx::array, mx::array> gated_delta_cpu(const mx::array& q, const mx::ar
   return {outs[0], outs[1]};
 }
 
+
+// The whole linear-attention decode step of one token a row, from the in-projection (the
+// decode step of `kernels/gated_delta/decode.py` in one primitive: its ~40 MLX primitives cost
+// more host time than their arithmetic at small widths). Per row b, float32 throughout (inputs
+// of any float dtype; y and the conv state in qkv's dtype, the state float32):
+//   x = [conv_state | qkv] [K, C];  h_c = silu(sum_j x[j, c] w[c, j])  (j in order)
+//   q = l2norm(h[:Hk Dk]) Dk^-1/2,  k = l2norm(h[Hk Dk : 2 Hk Dk]),  v = h[2 Hk Dk:]
+//   g = exp(-exp(A_log) softplus(a + dt_bias)),  beta = sigmoid(b);  one step (`rows`)
+//   with z: y = norm_w * rmsnorm(y) * silu(z) per value head;  new conv state = x[1:]
+// A masked row (mask[b] false) leaves the state, writes y = 0; its conv state still shifts.
+class GatedDeltaDecodeCPU : public mx::Primitive {
+ public:
+  GatedDeltaDecodeCPU(mx::Stream s, int Hk, int Dk, int Hv, int Dv, bool masked, bool normed,
+                      float eps)
+      : mx::Primitive(s), Hk_(Hk), Dk_(Dk), Hv_(Hv), Dv_(Dv), masked_(masked),
+        normed_(normed), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("gated_delta_decode_cpu: a CPU-only primitive (mx.cpu)");
+  }
+
+  const char* name() const override { return "GatedDeltaDecodeCPU"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const GatedDeltaDecodeCPU&>(other);
+    return Hk_ == o.Hk_ && Dk_ == o.Dk_ && Hv_ == o.Hv_ && Dv_ == o.Dv_ &&
+           masked_ == o.masked_ && normed_ == o.normed_ && eps_ == o.eps_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const int B = inputs[0].shape(0);
+    return {{B, Hv_, Dv_}, inputs[7].shape(), inputs[1].shape()};
+  }
+
+ private:
+  int Hk_, Dk_, Hv_, Dv_;
+  bool masked_, normed_;
+  float eps_;
+};
+
+struct DecodeArgs {
+  int Hk, Dk, Hv, Dv;
+  bool masked, normed;
+  float eps;
+};
+
+// inputs: qkv [B, C], conv_state [B, K-1, C], conv_w [C, K], a, b [B, Hv], A_log, dt_bias [Hv],
+// state [B, Hv, Dv, Dk], then mask [B] (masked), then z [B, Hv Dv], norm_w [Dv] (normed).
+void run_decode(const DecodeArgs& da, std::vector<mx::array> in, mx::array y_out,
+                mx::array s_out, mx::array c_out) {
+  const int B = in[0].shape(0), C = in[0].shape(1), K = in[2].shape(1);
+  const int Hk = da.Hk, Dk = da.Dk, Hv = da.Hv, Dv = da.Dv, key = Hk * Dk;
+  const std::vector<float> qkv = to_f32(in[0]), cs = to_f32(in[1]), w = to_f32(in[2]);
+  const std::vector<float> av = to_f32(in[3]), bv = to_f32(in[4]);
+  const std::vector<float> A_log = to_f32(in[5]), dt_bias = to_f32(in[6]);
+  std::vector<float> q(size_t(B) * key), k(size_t(B) * key), v(size_t(B) * Hv * Dv);
+  std::vector<float> kq(size_t(B) * Hk), g(size_t(B) * Hv), beta(size_t(B) * Hv), h(C);
+  std::vector<float> conv_buf(c_out.size());
+  float* conv = conv_buf.data();
+  const float qscale = 1.0f / std::sqrt(static_cast<float>(Dk));
+  for (int b = 0; b < B; ++b) {
+    // x[j, c]: conv state rows 0..K-2, then the token.
+    auto x = [&](int j, int c) -> float {
+      return j < K - 1 ? cs[(size_t(b) * (K - 1) + j) * C + c] : qkv[size_t(b) * C + c];
+    };
+    for (int c = 0; c < C; ++c) {
+      float acc = x(0, c) * w[size_t(c) * K];
+      for (int j = 1; j < K; ++j) acc = acc + x(j, c) * w[size_t(c) * K + j];
+      h[c] = acc / (1.0f + std::exp(-acc));
+    }
+    for (int j = 0; j + 1 < K; ++j)
+      for (int c = 0; c < C; ++c) conv[(size_t(b) * (K - 1) + j) * C + c] = x(j + 1, c);
+    for (int hh = 0; hh < Hk; ++hh) {
+      const float* hq = h.data() + hh * Dk;
+      const float* hk = h.data() + key + hh * Dk;
+      float sq = 0.0f, sk = 0.0f;
+      for (int j = 0; j < Dk; ++j) {
+        sq += hq[j] * hq[j];
+        sk += hk[j] * hk[j];
+      }
+      const float rq = 1.0f / std::sqrt(sq + 1e-6f), rk = 1.0f / std::sqrt(sk + 1e-6f);
+      float* qo = q.data() + (size_t(b) * Hk + hh) * Dk;
+      float* ko = k.data() + (size_t(b) * Hk + hh) * Dk;
+      float dot = 0.0f;
+      for (int j = 0; j < Dk; ++j) {
+        qo[j] = hq[j] * rq * qscale;
+        ko[j] = hk[j] * rk;
+        dot += ko[j] * qo[j];
+      }
+      kq[size_t(b) * Hk + hh] = dot;
+    }
+    std::copy(h.data() + 2 * key, h.data() + 2 * key + Hv * Dv, v.data() + size_t(b) * Hv * Dv);
+    for (int hh = 0; hh < Hv; ++hh) {
+      const size_t i = size_t(b) * Hv + hh;
+      const float xa = av[i] + dt_bias[hh];
+      const float sp = std::max(xa, 0.0f) + std::log1p(std::exp(-std::abs(xa)));
+      g[i] = std::exp(-std::exp(A_log[hh]) * sp);
+      beta[i] = 1.0f / (1.0f + std::exp(-bv[i]));
+    }
+  }
+  std::vector<char> keep_buf;
+  const bool* keep = nullptr;
+  if (da.masked) {
+    const mx::array& m = in[8];
+    keep_buf.resize(m.size());
+    const bool* p = m.data<bool>();
+    for (size_t n = 0; n < keep_buf.size(); ++n)
+      keep_buf[n] = m.flags().row_contiguous ? p[n] : p[elem_offset(n, m)];
+    keep = reinterpret_cast<const bool*>(keep_buf.data());
+  }
+  const mx::array& s = in[7];
+  std::vector<float> y_buf(y_out.size());
+  float* y = y_buf.data();
+  Dims d{B, 1, Hk, Hv, Dk, Dv, false};
+  Rows a{d, q.data(), k.data(), kq.data(), v.data(), g.data(), beta.data(), keep,
+         s.data<float>(), {s.strides()[0], s.strides()[1], s.strides()[2], s.strides()[3]},
+         s_out.data<float>(), y};
+  std::vector<float> r(Dk);
+  rows(a, r.data(), 0, int64_t(B) * Hv * Dv);
+  if (da.normed) {
+    const int zi = da.masked ? 9 : 8;
+    const std::vector<float> z = to_f32(in[zi]), nw = to_f32(in[zi + 1]);
+    for (int64_t row = 0; row < int64_t(B) * Hv; ++row) {
+      float* yr = y + row * Dv;
+      const float* zr = z.data() + row * Dv;
+      float ss = 0.0f;
+      for (int j = 0; j < Dv; ++j) ss += yr[j] * yr[j];
+      const float rn = 1.0f / std::sqrt(ss / static_cast<float>(Dv) + da.eps);
+      for (int j = 0; j < Dv; ++j) {
+        const float gate = zr[j] / (1.0f + std::exp(-zr[j]));
+        yr[j] = (yr[j] * rn * nw[j]) * gate;
+      }
+    }
+  }
+  auto store = [](const std::vector<float>& from, mx::array& to) {
+    switch (to.dtype()) {
+      case mx::float32: std::copy(from.begin(), from.end(), to.data<float>()); break;
+      case mx::bfloat16: std::copy(from.begin(), from.end(), to.data<mx::bfloat16_t>()); break;
+      case mx::float16: std::copy(from.begin(), from.end(), to.data<mx::float16_t>()); break;
+      default: throw std::invalid_argument("gated_delta_decode_cpu: float outputs only");
+    }
+  };
+  store(y_buf, y_out);
+  store(conv_buf, c_out);
+}
+
+void GatedDeltaDecodeCPU::eval_cpu(const std::vector<mx::array>& inputs,
+                                   std::vector<mx::array>& outputs) {
+  const mx::array& s = inputs[7];
+  mx::array& y_out = outputs[0];
+  mx::array& s_out = outputs[1];
+  mx::array& c_out = outputs[2];
+  // As GatedDeltaCPU: the outputs MLX does not evaluate through drop their copies of the
+  // input list, so the state can be donated.
+  for (auto& o : outputs) {
+    if (&o.inputs() != &inputs && !o.is_tracer()) o.inputs().clear();
+  }
+  y_out.set_data(mx::allocator::malloc(y_out.nbytes()));
+  c_out.set_data(mx::allocator::malloc(c_out.nbytes()));
+  if (s.is_donatable() && s.flags().row_contiguous) {
+    s_out.copy_shared_buffer(s);
+  } else {
+    s_out.set_data(mx::allocator::malloc(s_out.nbytes()));
+  }
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) enc.set_input_array(a);
+  for (auto& o : outputs) enc.set_output_array(o);
+  DecodeArgs da{Hk_, Dk_, Hv_, Dv_, masked_, normed_, eps_};
+  enc.dispatch([da, in = inputs, y_out = y_out, s_out = s_out, c_out = c_out]() mutable {
+    run_decode(da, std::move(in), y_out, s_out, c_out);
+  });
+}
+
+std::tuple<mx::array, mx::array, mx::array> gated_delta_decode_cpu(
+    const mx::array& qkv, const mx::array& conv_state, const mx::array& conv_w,
+    const mx::array& a, const mx::array& b, const mx::array& A_log, const mx::array& dt_bias,
+    const mx::array& state, int Hk, int Dk, int Hv, int Dv, std::optional<mx::array> mask,
+    std::optional<mx::array> z, std::optional<mx::array> norm_w, float eps) {
+  const int B = qkv.ndim() == 2 ? qkv.shape(0) : -1;
+  const int C = 2 * Hk * Dk + Hv * Dv;
+  const auto dt = qkv.dtype();
+  if (dt != mx::float32 && dt != mx::bfloat16 && dt != mx::float16)
+    throw std::invalid_argument("gated_delta_decode_cpu: qkv float32, bfloat16 or float16");
+  if (B < 0 || qkv.shape(1) != C || conv_w.ndim() != 2 ||
+      conv_w.shape(0) != C || conv_state.shape() != mx::Shape{B, conv_w.shape(1) - 1, C} ||
+      state.shape() != mx::Shape{B, Hv, Dv, Dk} || a.shape() != mx::Shape{B, Hv} ||
+      b.shape() != mx::Shape{B, Hv} || Hv % Hk != 0)
+    throw std::invalid_argument("gated_delta_decode_cpu: shapes (see the module) or dtype");
+  if (z.has_value() != norm_w.has_value())
+    throw std::invalid_argument("gated_delta_decode_cpu: z and norm_w go together");
+  auto s = mx::default_stream(mx::Device::cpu);
+  auto f32 = [&s](const mx::array& x) { return mx::astype(x, mx::float32, s); };
+  std::vector<mx::array> inputs = {qkv,    mx::astype(conv_state, dt, s), f32(conv_w), f32(a),
+                                   f32(b), f32(A_log), f32(dt_bias), f32(state)};
+  if (mask) inputs.push_back(mx::astype(*mask, mx::bool_, s));
+  if (z) {
+    inputs.push_back(mx::reshape(*z, {B, Hv * Dv}, s));
+    inputs.push_back(f32(*norm_w));
+  }
+  auto prim = std::make_shared<GatedDeltaDecodeCPU>(s, Hk, Dk, Hv, Dv, mask.has_value(),
+                                                    z.has_value(), eps);
+  auto outs = mx::array::make_arrays({{B, Hv, Dv}, state.shape(), conv_state.shape()},
+                                     {dt, mx::float32, dt}, prim, inputs);
+  return {outs[0], outs[1], outs[2]};
+}
+
 }  // namespace
 
-NB_MODULE(_gated_delta_cpu, m) {
-  m.doc() = "qwen35_mlx: the gated delta recurrence as one CPU primitive (one pass over S)";
+void register_gated_delta(nb::module_& m) {
   m.def("gated_delta", &gated_delta_cpu, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("g"),
         nb::arg("beta"), nb::arg("state"), nb::arg("mask") = nb::none(), nb::arg("threads") = 1,
         "(y [B,T,Hv,Dv] in v's dtype, state [B,Hv,Dv,Dk] f32) on the CPU stream.");
+  m.def("gated_delta_decode", &gated_delta_decode_cpu, nb::arg("qkv"), nb::arg("conv_state"),
+        nb::arg("conv_w"), nb::arg("a"), nb::arg("b"), nb::arg("A_log"), nb::arg("dt_bias"),
+        nb::arg("state"), nb::arg("Hk"), nb::arg("Dk"), nb::arg("Hv"), nb::arg("Dv"),
+        nb::arg("mask") = nb::none(), nb::arg("z") = nb::none(), nb::arg("norm_w") = nb::none(),
+        nb::arg("eps") = 1e-6f,
+        "The decode step of one token a row from the in-projection: (y [B,Hv,Dv], "
+        "state [B,Hv,Dv,Dk], conv state [B,K-1,C]) on the CPU stream.");
 }
