@@ -97,6 +97,21 @@ def test_native_gate_layouts_and_strided_q():
     check(o, decode_attention_np(q, k, v, 0.2, None, None, True, g, 0))
 
 
+def test_native_gate_as_rows_of_the_fused_projection():
+    """The gate as rows of a fused q|k|v output (gate_head_stride, as the verify pass passes it
+    with `layers.GATE_IN_PLACE`): the same bits as the dense [B, T, Hq, 2D] gate it holds."""
+    B, Hq, Hkv, T, C, D = 2, 4, 2, 3, 40, 32
+    q, k, v, g = make_attention_inputs(B, Hq, Hkv, T, C, D, gate=True, seed=5)
+    extra = mx.random.normal((B, T, 3 * D), key=mx.random.key(6))  # the k, v columns after it
+    rows = mx.concatenate([g.reshape(B, T, Hq * 2 * D), extra], axis=-1)
+    kw = dict(scale=0.2, mask="causal", start=C - T - 4)
+    dense = decode_attention(q, k, v, gate=g, gate_offset=D, **kw)
+    for form in (rows, rows.reshape(B * T, -1), rows.reshape(B * T, -1, 1)):
+        got = decode_attention(q, k, v, gate=form, gate_offset=D, gate_head_stride=2 * D, **kw)
+        assert mx.array_equal(got, dense).item()
+    check(dense, decode_attention_np(q, k, v, 0.2, C - T - 4, None, True, g, D))
+
+
 def test_native_buffer_capacity_changes_no_bit():
     """The keys of a 300-position prefix, alone and inside a 1024-position buffer whose tail
     holds garbage (inf, NaN): the same bits, for None / causal / mask."""

@@ -49,9 +49,17 @@ class _NativeCPU:
     """The `launch.AttentionBackend` interface over the native CPU primitive."""
 
     @staticmethod
-    def run(q, k, v, start, scale, mask=None, causal=False, gate=None, gate_offset=0):
+    def run(
+        q, k, v, start, scale, mask=None, causal=False, gate=None, gate_offset=0,
+        gate_head_stride=None,
+    ):  # fmt: skip
         from .. import cpu_ext
 
+        if gate is not None and gate_head_stride is not None:
+            # rows of the fused q|k|v output (GATE_IN_PLACE): the primitive reads [B, T, Hq, G]
+            B, Hq, T, D = q.shape
+            gate = _gate_heads(gate, B, T, Hq, D, gate_offset, gate_head_stride)
+            gate_offset = 0
         return cpu_ext.load().attention(q, k, v, start, scale, mask, causal, gate, gate_offset)
 
 
