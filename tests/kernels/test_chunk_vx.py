@@ -229,6 +229,7 @@ def test_ab6_mode_runs_through_on_a_recording_factory(recorder, monkeypatch):  #
     import chunk_split_gpu as g
 
     monkeypatch.setattr(g, "_gpu_backend", lambda backend: _ZerosFused())
+    monkeypatch.setattr(cl, "H3_WAVE_SMS", None)  # names below: H3's warps at B 2, Hv 32
     monkeypatch.setattr(g, "float64_loop", lambda *a: _zeros_like_outputs(*a))
     rows = g.ab6_checks("cuda")
     names = {r["check"] for r in rows}
