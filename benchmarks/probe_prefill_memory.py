@@ -1,0 +1,143 @@
+"""Prefill memory of a long prompt on the GPU, 0.8B shape (random bf16 weights), in steps of 2048
+(issue 9): the whole prompt's peak above the memory before it at two lengths and the growth
+between them against the KV cache's, and each step's own peak above the memory active when it
+began (the peak reset every step), which shows whether a step's transient grows with the
+history. Warm: a first prompt of 12,288 tokens compiles and fills the kernel caches.
+
+    PYTHONPATH=src python benchmarks/probe_prefill_memory.py [--lengths 32768,131072]
+        [--per-step 131072] [--repeats 2] [--shape 0.8b] [--out DIR]
+
+Written for the GPU machine (on a CPU it runs, slowly, with the CPU's paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+# isort: off
+import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's first use)
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_decode  # noqa: E402
+
+from qwen35_mlx import generation  # noqa: E402
+
+# isort: on
+
+GiB = 1 << 30
+STEP = 2048
+
+
+def _kv_bytes(cache) -> int:
+    return sum(c.nbytes for c in cache if getattr(c, "keys", None) is not None)
+
+
+def whole_peak(model, ids: list[int], n: int) -> dict:
+    """The peak above the memory before a prefill of ids[:n] (the cache made inside it)."""
+    gc.collect()
+    mx.clear_cache()
+    cache = model.make_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    generation.prefill(model, cache, ids[:n], prefill_step_size=STEP)
+    mx.synchronize()
+    dt = time.perf_counter() - t0
+    out = dict(
+        tokens=n,
+        tok_s=n / dt,
+        peak_gib=(mx.get_peak_memory() - base) / GiB,
+        kv_gib=_kv_bytes(cache) / GiB,
+    )
+    del cache
+    return out
+
+
+def step_transients(model, ids: list[int], n: int) -> list[dict]:
+    """Each step's peak above the memory active when it began, and the active memory after it."""
+    gc.collect()
+    mx.clear_cache()
+    cache = model.make_cache()
+    base = mx.get_active_memory()
+    rows, start = [], [mx.get_active_memory()]
+    mx.reset_peak_memory()
+
+    def progress(done: int, total: int) -> None:
+        mx.synchronize()
+        peak, active = mx.get_peak_memory(), mx.get_active_memory()
+        rows.append(
+            dict(done=done, transient_gib=(peak - start[0]) / GiB, active_gib=(active - base) / GiB)
+        )
+        start[0] = active
+        mx.reset_peak_memory()
+
+    generation.prefill(model, cache, ids[:n], prefill_step_size=STEP, progress=progress)
+    mx.synchronize()
+    del cache
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="0.8b", choices=sorted(bench_decode.SHAPES))
+    p.add_argument("--lengths", default="32768,131072", help="two prompt lengths")
+    p.add_argument("--per-step", type=int, default=131072, help="prompt length per step (0: no)")
+    p.add_argument("--repeats", type=int, default=2, help="per-step runs")
+    p.add_argument("--out", type=Path, default=None, help="folder for the JSON")
+    args = p.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    if len(lengths) != 2:
+        p.error(f"--lengths takes two lengths, got {args.lengths!r}")
+    shape = dict(bench_decode.SHAPES[args.shape])
+    model = bench_decode.build_models(shape, mx.bfloat16, which=("qwen35_mlx",))["qwen35_mlx"]
+    longest = max([*lengths, args.per_step])
+    ids = mx.random.randint(0, shape["vocab_size"], (longest,)).tolist()
+    warm = ids[: min(12288, longest)]
+    generation.prefill(model, model.make_cache(), warm, prefill_step_size=STEP)
+    a, b = (whole_peak(model, ids, n) for n in lengths)
+    growth, kv_growth = b["peak_gib"] - a["peak_gib"], b["kv_gib"] - a["kv_gib"]
+    print(f"{args.shape} bf16 on {mx.default_device()}, steps of {STEP}")
+    for r in (a, b):
+        print(
+            f"  {r['tokens']:>7} tokens: {r['tok_s']:8.0f} tok/s, peak above the start "
+            f"{r['peak_gib']:.3f} GiB (KV cache {r['kv_gib']:.3f})"
+        )
+    print(
+        f"  growth {growth:.3f} GiB against the KV cache's {kv_growth:.3f} "
+        f"(+10%: {1.1 * kv_growth:.3f}): {'within' if growth <= 1.1 * kv_growth else 'above'}"
+    )
+    per_step = []
+    for rep in range(args.repeats if args.per_step else 0):
+        rows = step_transients(model, ids, args.per_step)
+        per_step.append(rows)
+        later = sorted(r["transient_gib"] for r in rows[1:])
+        print(
+            f"  per step, run {rep + 1}: first {rows[0]['transient_gib']:.3f} GiB (with the cache "
+            f"it makes), later median {later[len(later) // 2]:.3f} / max {later[-1]:.3f}; "
+            f"active after the last {rows[-1]['active_gib']:.3f}"
+        )
+    info = dict(
+        device=str(mx.default_device()),
+        mlx=mx.__version__,
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        shape=args.shape,
+        whole=[a, b],
+        per_step=per_step,
+    )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        path = args.out / f"prefill_memory_{args.shape}_{stamp}.json"
+        path.write_text(json.dumps(info, indent=1))
+        print(f"wrote {path}")
+    return info
+
+
+if __name__ == "__main__":
+    main()
