@@ -782,8 +782,9 @@ H3: int | None = 2
 # fuller threadgroups instead of a second, partly empty one (Hv 48 at Dv 128: 192 threadgroups
 # of two warps on the H200's 132 SMs, 96 of four). None: H3 always. 132 (the H100 / H200 SXM's
 # SMs; MLX does not report the count) since session 15: H200, T 32768, bf16, Hk 16
-# (benchmarks/probe_state_warps.py, 12:31 UTC, median of 4): Hv 48 3.912 -> 3.263 ms, Hv 64 4.872 -> 4.021, Hv 32 unchanged (128
-# threadgroups: two warps; four measured 2.484 against 2.460). Same arithmetic (bit for bit).
+# (benchmarks/probe_state_warps.py, 12:31 UTC, median of 4): Hv 48 3.912 -> 3.263 ms, Hv 64
+# 4.872 -> 4.021, Hv 32 unchanged (128 threadgroups: two warps; four measured 2.484 against
+# 2.460). Same arithmetic (bit for bit).
 H3_WAVE_SMS: int | None = 132
 
 
