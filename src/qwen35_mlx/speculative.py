@@ -92,6 +92,14 @@ def _logprobs(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def _leading_matches(drafts: list[int], target: list[int]) -> int:
+    """How many of the drafts lead with the target's tokens (the greedy acceptance)."""
+    n = 0
+    while n < len(drafts) and drafts[n] == target[n]:
+        n += 1
+    return n
+
+
 @dataclass
 class RoundStats:
     drafted: int = 0
@@ -138,6 +146,8 @@ class MTPSpeculator:
         self._drafts: mx.array | None = None  # [B, K]
         self._q: mx.array | None = None  # [B, K, V] draft distributions (sampling)
         self._ready: tuple | None = None  # (first drafts [B], MTP hidden [B, 1, H]) for _draft
+        self._next: mx.array | None = None  # [B, 2] the next greedy k = 1 round's input
+        self._ready_drafts: mx.array | None = None  # the drafts [B, 1] a k = 1 round made
 
     # MTP positions: for the VLM, those the main model used (M-RoPE); otherwise None, and the
     # MTP cache offset (one entry per position) gives them.
@@ -203,8 +213,14 @@ class MTPSpeculator:
         """MTP over the verified positions (hidden [B, T, H], next tokens [B, T]), then the
         chain of k drafts; the chain's own k - 1 entries leave the MTP cache again (the next
         round's verified positions take their place). After a fused greedy round the head has
-        already run over the verified positions (`_ready`: its first draft and hidden)."""
+        already run over the verified positions (`_ready`: its first draft and hidden; at k = 1
+        the drafts [B, 1] alone)."""
         ready, self._ready = self._ready, None
+        self._ready_drafts = None
+        if ready is not None and ready[0].ndim == 2:  # k = 1: the drafts [B, 1] themselves
+            self._drafts = self._ready_drafts = ready[0]
+            self._q = self._pending_h = None
+            return
         if ready is None:
             logits, o = self._mtp(hidden, tokens)
         else:
@@ -229,11 +245,14 @@ class MTPSpeculator:
         """One verify pass. Returns per row the m + 1 emitted tokens, and their logprobs
         [B, m + 1, V]. The main cache then holds y and the m accepted drafts."""
         B, K = self._drafts.shape
-        inp = mx.concatenate([self._y[:, None], self._drafts], axis=1)  # [B, K+1]
+        if self._next is not None:  # a greedy k = 1 round's tokens, on the host already
+            inp, self._next = self._next, None
+        else:
+            inp = mx.concatenate([self._y[:, None], self._drafts], axis=1)  # [B, K+1]
         if self.sampling.greedy and self.model is self.text:
             fused = self.text.verify_and_draft(inp, self.cache, self.mtp_cache)
             if fused is not None:
-                return self._greedy_round(*fused)
+                return self._greedy_round(*fused, inp.dtype)
         logits, g = self.model(inp, cache=self.cache, return_hidden=True)
         logprobs = _logprobs(logits)  # [B, K+1, V]
         drafts = self._drafts
@@ -275,24 +294,36 @@ class MTPSpeculator:
         self._y = emitted[:, -1]
         return rows, logprobs[:, : m + 1]
 
-    def _greedy_round(self, logits, g, target, o, mtp_drafts):
+    def _greedy_round(self, logits, g, target, o, mtp_drafts, dtype):
         """`round` at temperature 0 from `TextModel.verify_and_draft`'s one compiled call: the
         MTP head already ran over all k + 1 positions with the greedy tokens (those a greedy
         round emits wherever it accepts), so its entries past the accepted ones are trimmed
         like the main cache's, and its draft at the last accepted position starts the chain."""
         B, K = self._drafts.shape
-        ok = self._drafts == target[:, :K]
-        run = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)  # [B]
-        mx.eval(run, target, mtp_drafts)
-        m = int(run.min().item())
+        # The acceptance on the host: the round's tokens are read there anyway, and no graph
+        # ops (compare, cumprod, a second sync for the count) run between the rounds.
+        mx.eval(target, mtp_drafts)
+        t, drafts = target.tolist(), self._drafts.tolist()
+        m = min(_leading_matches(d, r) for d, r in zip(drafts, t, strict=True))
         # A row that accepted more emits its draft at m, which is its greedy token there.
-        rows = [r[: m + 1] for r in target.tolist()]
+        rows = [r[: m + 1] for r in t]
         self.stats.drafted += K * B
         self.stats.accepted += m * B
         n_back = K - m
         if n_back:
             for c in self.cache + self.mtp_cache:
                 c.trim(n_back)
+        if self.k == 1:
+            # The head's draft at m is the whole chain: it and the next round's input [y, d_1]
+            # made on the host (no slices, stack or concatenate in the next round's graph).
+            first = [d[m] for d in mtp_drafts.tolist()]
+            self._ready = (mx.array([[d] for d in first], dtype=mtp_drafts.dtype), None)
+            self._draft(g[:, : m + 1], target[:, : m + 1])
+            self._y = mx.array([r[m] for r in t], dtype=target.dtype)
+            if self._drafts is self._ready_drafts:  # (not replaced by a subclass's _draft)
+                self._next = mx.array([[r[m], d] for r, d in zip(t, first, strict=True)],
+                                      dtype=dtype)  # fmt: skip
+            return rows, _logprobs(logits[:, : m + 1])
         self._ready = (mtp_drafts[:, m], o[:, m : m + 1])
         self._draft(g[:, : m + 1], target[:, : m + 1])
         self._y = target[:, m]
@@ -304,6 +335,7 @@ class MTPSpeculator:
             c.filter(rows)
         self._y = self._y[rows]
         self._drafts = self._drafts[rows]
+        self._next = self._ready_drafts = None
         if self._q is not None:
             self._q = self._q[rows]
 

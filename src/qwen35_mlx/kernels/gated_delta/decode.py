@@ -219,15 +219,21 @@ def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T,
     if native is not None:
         # One native step a token (a call of T steps would give the same y and last state, but
         # not the states in between, which a rollback needs).
+        # Each token's operands are [B, 1, ...] pieces of one split a kind, the shape the
+        # primitive takes (`_native_step`'s after its expand): no slice, squeeze and expand a
+        # token and operand (~25 primitives a layer at T = 2; the same values, so the same bits).
+        from . import NATIVE_THREADS
+
         g, beta = g.reshape(B, T, Hv), beta.reshape(B, T, Hv)
+        ops = [mx.split(u, T, axis=1) for u in (q, k, v, g, beta)]
+        ms = [None] * T if mask is None else mx.split(mask, T, axis=1)
         S = state.astype(f32)
         ys, states = [], []
         for t in range(T):
-            m = None if mask is None else mask[:, t]
-            y, S = _native_step(native, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S, m)
+            y, S = native.gated_delta(*(u[t] for u in ops), S, ms[t], NATIVE_THREADS)
             ys.append(y)
             states.append((x[:, t + 1 : t + K], S))
-        return mx.stack(ys, axis=1), states
+        return mx.concatenate(ys, axis=1), states
     # `_step`'s operands for every token, [B, T, Hv, ...]; each token's is a [B, 1, Hv, ...]
     # piece of one split a kind (views; `a[:, t]` would be a gather), and the state is kept
     # [B, 1, Hv, Dv, Dk], so a token's step needs no reshape.
