@@ -26,7 +26,9 @@ Prints a table; writes JSON (`--out`, default benchmarks/results).
 CPU (`--cpu-tiny`): the shipped tiny model (trained head) generates from a few chat prompts with
 MTP off and with k = 1, 2, 3, alternating, `--repeats` times: tokens/s by wall time and by the
 process's CPU time (the machine is shared), and the acceptance rate. `--fp32-decode` sets
-`text.CPU_FP32_DECODE` (head: the default; all: every decode projection from float32 copies).
+`text.CPU_FP32_DECODE` (all: every decode projection from float32 copies, the package's default
+and so the default here since session 15; head: only the MTP head's, the default before, under
+which plain decoding ran 2.5-3x slower than users get and MTP looked 1.1-1.25x).
 
     python benchmarks/bench_mtp.py --cpu-tiny --out benchmarks/results
 """
@@ -412,7 +414,7 @@ def main(argv=None) -> None:
     p.add_argument("--ks", default="1,2,3", help="--cpu-tiny: drafts per round to run")
     p.add_argument(
         "--fp32-decode",
-        default="head",
+        default="all",
         choices=["head", "all", "off"],
         help="--cpu-tiny: text.CPU_FP32_DECODE (float32 copies of half-precision decode weights)",
     )
