@@ -53,3 +53,80 @@ def bench_on_zeros(monkeypatch):
     # names the tests expect are H3's, not the wave rule's four warps
     monkeypatch.setattr(cl, "H3_WAVE_SMS", None)
     return g
+
+
+_H3O_SIG = """template <int Dk, int BV, int C, int NT, int NB, int MP, typename PT>
+void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
+            const PT* q, const PT* P, const int* U_shape, const int* q_shape, PT* y,
+            float* state_out) {{"""
+
+
+def h3o_builds_program(builds: list[tuple[str, int]], what: str) -> str:
+    """The lane emulator's program text (a format string: each build's body under its name, o2p,
+    C) that makes P by O2P and then runs each H3O build of `builds` ((name, threads a threadgroup
+    as a multiple of NT)) on the same pieces: usage `DIR Dk B T Hk Hv Dv NW NB`; writes P, and
+    build i's y and state as y / state_out, y2 / state_out2, ... (bf16 pieces)."""
+    kernels = "".join(
+        f"namespace {n} {{{{\n{_H3O_SIG}\n{{{n}}}\n}}}}\n}}}}  // namespace {n}\n"
+        for n, _ in builds
+    )
+    runs = ""
+    for i, (n, threads) in enumerate(builds):
+        tag = "" if i == 0 else str(i + 1)
+        nt = "NT" if threads == 1 else f"{threads} * NT"
+        pad = " " * len(n)
+        runs += f"""  std::vector<PT> y{tag}(size_t(B) * T * Hv * Dv, PT(NAN));
+  std::vector<float> s{tag}(size_t(BH) * Dv * Dk, NAN);
+  run_blocks({{{{unsigned(BH), unsigned(Dv / BV), 1}}}}, {nt}, [&] {{{{
+    {n}::kernel<Dk, BV, C, NT, NB, 1, PT>(W.data(), U.data(), Kw.data(), gates.data(),
+    {pad}                                 s0.data(), q.data(), P.data(), U_shape, q_shape,
+    {pad}                                 y{tag}.data(), s{tag}.data());
+  }}}});
+  write(d + "y{tag}", y{tag}); write(d + "state_out{tag}", s{tag});
+"""
+    return (
+        kernels
+        + r"""namespace o2p {{
+template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
+void kernel(const YT* q, const YT* k, const float* gates, const int* dims, const int* q_shape,
+            YT* P) {{
+{o2p}
+}}
+}}  // namespace o2p
+
+// DIR Dk B T Hk Hv Dv NW NB: P (O2P), then """
+        + what
+        + r"""
+template <int Dk, int NW, int NB>
+int run(const std::string& d, int B, int T, int Hk, int Hv, int Dv) {{
+  using PT = bf16;
+  constexpr int C = {C}, BV = 16 * NW, NT = 32 * NW, DS = Dk < 32 ? Dk : 32, BVO = 64;
+  const int N = (T + C - 1) / C, BH = B * Hv;
+  auto W = read_as<PT>(d + "W"), U = read_as<PT>(d + "U"), Kw = read_as<PT>(d + "Kw");
+  auto q = read_as<PT>(d + "q"), k = read_as<PT>(d + "k");
+  auto gates = readf(d + "gates"), s0 = readf(d + "state_in");
+  const int U_shape[3] = {{BH, N * C, Dv}}, q_shape[4] = {{B, T, Hk, Dk}};
+  const int dims[2] = {{T, Hv}};
+  std::vector<PT> P(size_t(BH) * N * C * C, PT(NAN));
+  run_blocks({{unsigned(N), unsigned(BH), 1}}, 256, [&] {{
+    o2p::kernel<Dk, C, 256, DS, BVO, 1, PT>(q.data(), k.data(), gates.data(), dims, q_shape,
+                                            P.data());
+  }});
+  write(d + "P", P);
+"""
+        + runs
+        + r"""  return 0;
+}}
+
+int main(int argc, char** argv) {{
+  const std::string d = std::string(argv[1]) + "/";
+  const int Dk = std::stoi(argv[2]), B = std::stoi(argv[3]), T = std::stoi(argv[4]);
+  const int Hk = std::stoi(argv[5]), Hv = std::stoi(argv[6]), Dv = std::stoi(argv[7]);
+  const int nw = std::stoi(argv[8]), nb = std::stoi(argv[9]);
+#define CASE(DK_, NW_, NB_) \
+  if (Dk == DK_ && nw == NW_ && nb == NB_) return run<DK_, NW_, NB_>(d, B, T, Hk, Hv, Dv);
+  CASE(128, 2, 2) CASE(128, 4, 2) CASE(128, 1, 3) CASE(128, 2, 3) CASE(32, 2, 2)
+  return 1;
+}}
+"""
+    )

@@ -19,7 +19,12 @@ import pytest
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from tests.conftest import RTOL, rel_err
-from tests.kernels.chunk_rounds import bench_on_zeros, h3o_pass_inputs, split_switches
+from tests.kernels.chunk_rounds import (
+    bench_on_zeros,
+    h3o_builds_program,
+    h3o_pass_inputs,
+    split_switches,
+)
 from tests.kernels.helpers import EMULATED_IO, GXX, compile_emulated
 from tests.kernels.test_chunk_cuda_source import NVCC
 from tests.kernels.test_chunk_fuse_y import _inputs
@@ -27,68 +32,7 @@ from tests.kernels.test_chunk_stamps import recorder  # noqa: F401  (fixture)
 from tests.kernels.test_cuda_source import CTYPES, PRELUDE
 
 C = cl.CHUNK
-_SIG = """template <int Dk, int BV, int C, int NT, int NB, int MP, typename PT>
-void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
-            const PT* q, const PT* P, const int* U_shape, const int* q_shape, PT* y,
-            float* state_out) {{"""
-PROGRAM = (
-    "".join(
-        f"namespace {n} {{{{\n" + _SIG + f"\n{{{n}}}\n}}}}\n}}}}  // namespace {n}\n"
-        for n in ("h3oep", "h3oeps")
-    )
-    + r"""namespace o2p {{
-template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
-void kernel(const YT* q, const YT* k, const float* gates, const int* dims, const int* q_shape,
-            YT* P) {{
-{o2p}
-}}
-}}  // namespace o2p
-
-// DIR Dk B T Hk Hv Dv NW NB: P (O2P), then H3O_PRODUCERS' build and H3O_SPLIT's
-template <int Dk, int NW, int NB>
-int run(const std::string& d, int B, int T, int Hk, int Hv, int Dv) {{
-  using PT = bf16;
-  constexpr int C = {C}, BV = 16 * NW, NT = 32 * NW, DS = Dk < 32 ? Dk : 32, BVO = 64;
-  const int N = (T + C - 1) / C, BH = B * Hv;
-  auto W = read_as<PT>(d + "W"), U = read_as<PT>(d + "U"), Kw = read_as<PT>(d + "Kw");
-  auto q = read_as<PT>(d + "q"), k = read_as<PT>(d + "k");
-  auto gates = readf(d + "gates"), s0 = readf(d + "state_in");
-  const int U_shape[3] = {{BH, N * C, Dv}}, q_shape[4] = {{B, T, Hk, Dk}};
-  const int dims[2] = {{T, Hv}};
-  std::vector<PT> P(size_t(BH) * N * C * C, PT(NAN));
-  std::vector<PT> y(size_t(B) * T * Hv * Dv, PT(NAN)), y2(y);
-  std::vector<float> s(size_t(BH) * Dv * Dk, NAN), s2(s);
-  run_blocks({{unsigned(N), unsigned(BH), 1}}, 256, [&] {{
-    o2p::kernel<Dk, C, 256, DS, BVO, 1, PT>(q.data(), k.data(), gates.data(), dims, q_shape,
-                                            P.data());
-  }});
-  run_blocks({{unsigned(BH), unsigned(Dv / BV), 1}}, 2 * NT, [&] {{
-    h3oep::kernel<Dk, BV, C, NT, NB, 1, PT>(W.data(), U.data(), Kw.data(), gates.data(),
-                                            s0.data(), q.data(), P.data(), U_shape, q_shape,
-                                            y.data(), s.data());
-  }});
-  run_blocks({{unsigned(BH), unsigned(Dv / BV), 1}}, 3 * NT, [&] {{
-    h3oeps::kernel<Dk, BV, C, NT, NB, 1, PT>(W.data(), U.data(), Kw.data(), gates.data(),
-                                             s0.data(), q.data(), P.data(), U_shape, q_shape,
-                                             y2.data(), s2.data());
-  }});
-  write(d + "P", P);
-  write(d + "y", y); write(d + "state_out", s); write(d + "y2", y2); write(d + "state_out2", s2);
-  return 0;
-}}
-
-int main(int argc, char** argv) {{
-  const std::string d = std::string(argv[1]) + "/";
-  const int Dk = std::stoi(argv[2]), B = std::stoi(argv[3]), T = std::stoi(argv[4]);
-  const int Hk = std::stoi(argv[5]), Hv = std::stoi(argv[6]), Dv = std::stoi(argv[7]);
-  const int nw = std::stoi(argv[8]), nb = std::stoi(argv[9]);
-#define CASE(DK_, NW_, NB_) \
-  if (Dk == DK_ && nw == NW_ && nb == NB_) return run<DK_, NW_, NB_>(d, B, T, Hk, Hv, Dv);
-  CASE(128, 2, 2) CASE(128, 4, 2) CASE(128, 1, 3) CASE(128, 2, 3) CASE(32, 2, 2)
-  return 1;
-}}
-"""
-)
+PROGRAM = h3o_builds_program([("h3oep", 2), ("h3oeps", 3)], "H3O_PRODUCERS' build and H3O_SPLIT's")
 
 
 def _program_text(split_body: str | None = None) -> str:
