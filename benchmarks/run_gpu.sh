@@ -23,6 +23,11 @@
 #   benchmarks/run_gpu.sh chunk     # prefill T = 512 ... 32768 x Hv = 16 ... 64: ours fused and
 #                                   # chunked kernels, FLA chunk / fused_recurrent, mlx-lm ops
 #                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
+#   benchmarks/run_gpu.sh chunk-table  # the same table (issue 9's targets), one process per Hv
+#                                      # and side (ours and mlx-lm / mx.fast; FLA's two kernels),
+#                                      # the sides alternating, merged into one table and plot:
+#                                      # a CUDA fault or hang in one process costs that cell only
+#                                      # (about 5 min)
 #   benchmarks/run_gpu.sh diet-tests  # the decode kernel's GPU tests (gated norm included), the
 #                                     # compiled step against the plain path (about 4 min)
 #   benchmarks/run_gpu.sh diet-kernel # bench_gated_delta_decode.py --norm: the conv decode kernel
@@ -43,11 +48,43 @@
 set -euo pipefail
 step=${1:-}
 case "$step" in
-  suite | tests | models | rest | decode | prefill | convdecode | chunk | chunk-tests | chunk-parts | chunk-mma) ;;
+  suite | tests | models | rest | decode | prefill | convdecode | chunk | chunk-table) ;;
+  chunk-tests | chunk-parts | chunk-mma) ;;
   diet-tests | diet-kernel | diet-bench | recheck) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh suite|tests|models|rest|decode|prefill|convdecode|chunk|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck" >&2
+    echo "usage: benchmarks/run_gpu.sh suite|tests|models|rest|decode|prefill|convdecode|chunk|chunk-table|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck" >&2
     exit 2
+    ;;
+  chunk-table)
+    # Session 15 saw a process that alternated ours and FLA at Hv 16, T 512 / 2048 stop with
+    # "an illegal memory access" (a sticky CUDA error, reported by whoever launches next), and
+    # FLA's chunk kernel alone at T 512 hang: here each side and Hv runs in its own process.
+    rm -rf "$out/table" && mkdir -p "$out/table"
+    sides=("ours auto,mlx-lm ops,mx.fast" "fla chunk,fla fused_recurrent")
+    for hv in 16 32 48 64; do
+      for i in 0 1; do
+        dir="$out/table/hv${hv}_$i"
+        timeout 150 python3 benchmarks/bench_gated_delta.py --decode-b "" \
+          --prefill-t 512,2048,8192,32768 --hv "$hv" --max-t "mlx-lm ops=2048,mx.fast=8192" \
+          --target-s 0.1 --repeats 5 --budget-s 2 --only "${sides[$i]}" --out "$dir" \
+          >"$dir.log" 2>&1
+        echo "Hv $hv side $i rc=$?"
+      done
+    done
+    python3 benchmarks/bench_gated_delta.py --merge "$out"/table/hv*/*.json --out "$out" 2>&1 |
+      tee "$out/bench_chunk_table.log"
+    # ours / FLA's chunk kernel per shape (issue 9's targets: <= 1.3 at T >= 8192, <= 1 at 2048)
+    python3 - "$(ls -t "$out"/gated_delta_cuda_*.json | head -1)" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+ms = {(r["contender"].split(" (")[0], r["Hv"], r["T"]): r["ms"] for r in rows}
+for hv in sorted({k[1] for k in ms}):
+    cells = []
+    for t in sorted({k[2] for k in ms if k[1] == hv}):
+        a, f = ms.get(("ours auto", hv, t)), ms.get(("fla chunk", hv, t))
+        cells.append(f"T {t}: {a / f:.2f}x" if a and f else f"T {t}: -")
+    print(f"ours auto / fla chunk, Hv {hv}: " + ", ".join(cells))
+PY
     ;;
 esac
 out=${OUT:-benchmarks/out}
