@@ -55,37 +55,6 @@ case "$step" in
     echo "usage: benchmarks/run_gpu.sh suite|tests|models|rest|decode|prefill|convdecode|chunk|chunk-table|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck" >&2
     exit 2
     ;;
-  chunk-table)
-    # Session 15 saw a process that alternated ours and FLA at Hv 16, T 512 / 2048 stop with
-    # "an illegal memory access" (a sticky CUDA error, reported by whoever launches next), and
-    # FLA's chunk kernel alone at T 512 hang: here each side and Hv runs in its own process.
-    rm -rf "$out/table" && mkdir -p "$out/table"
-    sides=("ours auto,mlx-lm ops,mx.fast" "fla chunk,fla fused_recurrent")
-    for hv in 16 32 48 64; do
-      for i in 0 1; do
-        dir="$out/table/hv${hv}_$i"
-        timeout 150 python3 benchmarks/bench_gated_delta.py --decode-b "" \
-          --prefill-t 512,2048,8192,32768 --hv "$hv" --max-t "mlx-lm ops=2048,mx.fast=8192" \
-          --target-s 0.1 --repeats 5 --budget-s 2 --only "${sides[$i]}" --out "$dir" \
-          >"$dir.log" 2>&1
-        echo "Hv $hv side $i rc=$?"
-      done
-    done
-    python3 benchmarks/bench_gated_delta.py --merge "$out"/table/hv*/*.json --out "$out" 2>&1 |
-      tee "$out/bench_chunk_table.log"
-    # ours / FLA's chunk kernel per shape (issue 9's targets: <= 1.3 at T >= 8192, <= 1 at 2048)
-    python3 - "$(ls -t "$out"/gated_delta_cuda_*.json | head -1)" <<'PY'
-import json, sys
-rows = json.load(open(sys.argv[1]))["results"]
-ms = {(r["contender"].split(" (")[0], r["Hv"], r["T"]): r["ms"] for r in rows}
-for hv in sorted({k[1] for k in ms}):
-    cells = []
-    for t in sorted({k[2] for k in ms if k[1] == hv}):
-        a, f = ms.get(("ours auto", hv, t)), ms.get(("fla chunk", hv, t))
-        cells.append(f"T {t}: {a / f:.2f}x" if a and f else f"T {t}: -")
-    print(f"ours auto / fla chunk, Hv {hv}: " + ", ".join(cells))
-PY
-    ;;
 esac
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
@@ -197,5 +166,41 @@ case "$step" in
       --hv 16,32,48,64 --max-t "mlx-lm ops=2048,mx.fast=8192" --target-s 0.1 --repeats 3 \
       --budget-s 2 --only "ours cuda,ours metal,ours chunked,fla chunk,fla fused_recurrent,mlx-lm ops,mx.fast" \
       --out "$out" 2>&1 | tee "$out/bench_chunk.log"
+    ;;
+  chunk-table)
+    # Each side and Hv in its own process. Session 16 (14:09-14:15) found that FLA's chunk kernel
+    # at T 2048, run after T 512 in one process, stops that process with "an illegal memory
+    # access" at every Hv, with no MLX kernel running in it (FLA 0.6.0, Triton 3.6): the crash
+    # session 15 saw in a table that alternated ours and FLA. FLA therefore runs T 512 in a
+    # process of its own. CHUNK_TABLE_SIDES picks sides (0: ours, mlx-lm ops, mx.fast; 1: FLA at
+    # T 512; 2: FLA at 2048-32768); the merge takes every JSON under $out/table.
+    sides=("ours auto,mlx-lm ops,mx.fast" "fla chunk,fla fused_recurrent" "fla chunk,fla fused_recurrent")
+    lens=("512,2048,8192,32768" "512" "2048,8192,32768")
+    for hv in 16 32 48 64; do
+      for i in ${CHUNK_TABLE_SIDES:-0 1 2}; do
+        dir="$out/table/hv${hv}_$i"
+        rm -rf "$dir" && mkdir -p "$dir"
+        rc=0
+        timeout 150 python3 benchmarks/bench_gated_delta.py --decode-b "" \
+          --prefill-t "${lens[$i]}" --hv "$hv" --max-t "mlx-lm ops=2048,mx.fast=8192" \
+          --target-s 0.1 --repeats 5 --budget-s 2 --only "${sides[$i]}" --out "$dir" \
+          >"$dir.log" 2>&1 || rc=$?
+        echo "Hv $hv side $i rc=$rc $(grep -ci "illegal memory\|error" "$dir.log") error lines"
+      done
+    done
+    python3 benchmarks/bench_gated_delta.py --merge "$out"/table/hv*/*.json --out "$out" 2>&1 |
+      tee "$out/bench_chunk_table.log"
+    # ours / FLA's chunk kernel per shape (issue 9's targets: <= 1.3 at T >= 8192, <= 1 at 2048)
+    python3 - "$(ls -t "$out"/gated_delta_cuda_*.json | head -1)" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+ms = {(r["contender"].split(" (")[0], r["Hv"], r["T"]): r["ms"] for r in rows}
+for hv in sorted({k[1] for k in ms}):
+    cells = []
+    for t in sorted({k[2] for k in ms if k[1] == hv}):
+        a, f = ms.get(("ours auto", hv, t)), ms.get(("fla chunk", hv, t))
+        cells.append(f"T {t}: {a / f:.2f}x" if a and f else f"T {t}: -")
+    print(f"ours auto / fla chunk, Hv {hv}: " + ", ".join(cells))
+PY
     ;;
 esac

@@ -192,12 +192,6 @@ def _cache_state(cache: list) -> list:
 # either way (tests/test_generation.py); issue 9, `benchmarks/profile_prefill.py --prompt`
 # measures both on the GPU.
 PREFILL_CLEAR_CACHE = "end"
-# PREFILL_SYNC: wait for the device's queue after each step (`mx.synchronize`), not only for the
-# cache states `mx.eval` asked for. On the GPU a step's temporaries are released by MLX once its
-# work is done, off the Python thread; a next step that starts before that allocates on top of
-# them, and the prompt's peak becomes two steps' transients now and then (issue 9: the 32k ->
-# 128k growth moved by ~0.15 GiB from run to run). `benchmarks/probe_prefill_memory.py --sync-ab`.
-PREFILL_SYNC = False
 
 
 def prefill(
@@ -245,8 +239,6 @@ def prefill(
             # Room for the whole prompt at once: later steps write the KV cache in place.
             reserve_kv(cache, n_total - step_end)
         mx.eval(_cache_state(cache), extra)
-        if PREFILL_SYNC:
-            mx.synchronize()
         kwargs = {}
         done = step_end
         if on_stop is not None and done in marks:
