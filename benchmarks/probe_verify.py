@@ -1,7 +1,8 @@
 """Where a verify pass's time goes, next to a one-token step's (issue 13: the fixed cost a
 verify call paid on the H200 at batch 1, ~3 ms over a step at any T).
 
-Per call, alternating S / V(T) block by block, median over blocks:
+Per call, S and V(T) interleaved call by call (`probe`: one of each a round, the order rotating),
+medians over rounds:
     build   the Python call that builds the graph: for S `model(y, cache)` (the compiled step's
             replay and the cache bookkeeping around it), for V(T) `model(tokens [1, T], cache,
             return_hidden=True)` (the same for the verify step, `_adopt_verify` included)
@@ -10,7 +11,9 @@ Per call, alternating S / V(T) block by block, median over blocks:
     after   the bookkeeping after it: nothing for S; for V(T) the rollback a rejecting round does
             (every cache trimmed into the call by T - 1, then by the one kept token, so that the
             next call starts where this one did)
-Times are the process's CPU time (all threads: MLX's CPU stream runs on its own) and wall time.
+    pass    build + eval: the verify pass (V(T)'s figure against S; the rollback stands beside it)
+and V(T) / S as the median of per-round ratios (pass, and pass + rollback), which cancels a
+drift of the machine between rounds. Times are the process's CPU time (all threads: MLX's CPU stream runs on its own) and wall time.
 Also: how many times each compiled function traced during the timed calls (must be 0: a
 retrace per call would be a fixed cost), and with `--matmul` the matmul microbenchmark behind
 the fix (one [T, K] x [K, N] product as MLX runs it for T = 1 (gemv) and T > 1 (a GEMM:
@@ -137,6 +140,13 @@ def gpu_layout() -> None:
 
 
 def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: int) -> dict:
+    """S and V(T) for each T in `Ts`, interleaved call by call: `iters` x `repeats` rounds, each
+    round one S and one call of each V(T), the order rotating from round to round (S first,
+    then last, ...). Per call the parts (build, eval, after: module docstring), CPU time and
+    wall, medians over the rounds; `pass` = build + eval (the verify pass itself), its median
+    over rounds. `ratio`: per V(T), the median over rounds of V(T)'s pass / that round's S
+    (wall and CPU), and of (pass + rollback) / S, so that a drift of the machine between rounds
+    (S moved 2.64 -> 3.46 ms between variants of one H200 process) cancels."""
     vocab = model.config.vocab_size
     prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0))
     cache = model.make_cache()
@@ -154,6 +164,7 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
 
     def verify(T):
         toks = mx.concatenate([y] * T, axis=1)
+        mx.eval(toks)
 
         def run():
             t0 = _clock()
@@ -175,23 +186,20 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
         return run
 
     fns = {"S": step, **{f"V{T}": verify(T) for T in Ts}}
-    for fn in fns.values():
-        for _ in range(3):
+    for _ in range(3):
+        for fn in fns.values():
             fn()
     counter = TraceCounter(model)
-    runs = {name: {k: [] for k in ("build", "eval", "after")} for name in fns}
-    for rep in range(repeats):
-        order = list(fns) if rep % 2 == 0 else list(reversed(fns))
-        for name in order:
-            acc = [[0.0, 0.0] for _ in range(3)]
-            for _ in range(iters):
-                for i, part in enumerate(fns[name]()):
-                    acc[i][0] += part[0]
-                    acc[i][1] += part[1]
-            for i, k in enumerate(("build", "eval", "after")):
-                runs[name][k].append((acc[i][0] / iters, acc[i][1] / iters))
+    names = list(fns)
+    rounds = []  # per round: {name: (build, eval, after)}, each (cpu ms, wall ms)
+    for r in range(iters * repeats):
+        k = r % len(names)
+        order = names[k:] + names[:k]
+        rounds.append({name: fns[name]() for name in (order if r % 2 == 0 else order[::-1])})
     out = {}
-    for name, parts in runs.items():
+    for name in names:
+        parts = {k: [rd[name][i] for rd in rounds] for i, k in enumerate(("build", "eval", "after"))}
+        parts["pass"] = [(b[0] + e[0], b[1] + e[1]) for b, e in zip(parts["build"], parts["eval"])]
         out[name] = {
             k: {
                 "cpu_ms": round(statistics.median(x[0] for x in v), 3),
@@ -199,6 +207,19 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
             }
             for k, v in parts.items()
         }
+    out["ratio"] = {}
+    for name in names[1:]:
+        per = {"pass_wall": [], "pass_cpu": [], "with_rollback_wall": [], "with_rollback_cpu": []}
+        for rd in rounds:
+            (sb, se, _), (vb, ve, va) = rd["S"], rd[name]
+            for j, unit in ((1, "wall"), (0, "cpu")):
+                s_ms = sb[j] + se[j]
+                per[f"pass_{unit}"].append((vb[j] + ve[j]) / s_ms)
+                per[f"with_rollback_{unit}"].append((vb[j] + ve[j] + va[j]) / s_ms)
+        out["ratio"][name] = {k: round(statistics.median(v), 4) for k, v in per.items()}
+        q = statistics.quantiles(per["pass_wall"], n=4)
+        out["ratio"][name]["pass_wall_quartiles"] = [round(q[0], 4), round(q[2], 4)]
+    out["rounds"] = len(rounds)
     out["retraces_while_timed"] = dict(counter.n)
     return out
 
@@ -389,15 +410,19 @@ def main(argv=None) -> dict:
         calls = result["calls"][key] = probe(model, args.context, Ts, args.iters, args.repeats)
         print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
               "(CPU time / wall)")  # fmt: skip
-        print("| call | build | eval | after | total |")
+        print("| call | build | eval | pass (build + eval) | after (rollback) |")
         print("|---|---|---|---|---|")
         for name, parts in calls.items():
-            if name == "retraces_while_timed":
+            if name in ("retraces_while_timed", "ratio", "rounds"):
                 continue
-            tc = sum(v["cpu_ms"] for v in parts.values())
-            tw = sum(v["wall_ms"] for v in parts.values())
-            cells = [f"{v['cpu_ms']:.3f} / {v['wall_ms']:.3f}" for v in parts.values()]
-            print(f"| {name} | " + " | ".join(cells) + f" | {tc:.3f} / {tw:.3f} |")
+            cells = [f"{parts[k]['cpu_ms']:.3f} / {parts[k]['wall_ms']:.3f}"
+                     for k in ("build", "eval", "pass", "after")]  # fmt: skip
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        for name, r in calls["ratio"].items():
+            print(f"{name} / S over {calls['rounds']} rounds (median of per-round ratios): pass "
+                  f"{r['pass_wall']:.3f}x wall (quartiles {r['pass_wall_quartiles'][0]:.3f}-"
+                  f"{r['pass_wall_quartiles'][1]:.3f}), {r['pass_cpu']:.3f}x CPU; with the "
+                  f"rollback {r['with_rollback_wall']:.3f}x wall, {r['with_rollback_cpu']:.3f}x CPU")
         print("retraces while timed:", calls["retraces_while_timed"])
     if args.matmul:
         dtype = model.model.embed_tokens.weight.dtype
