@@ -68,6 +68,10 @@ SHAPE_PATTERN = dict(
 )
 
 
+def build_config(name: str) -> TextConfig:
+    return TextConfig(**{"pattern": SHAPE_PATTERN, "0.8b": SHAPE_0_8B, "9b": SHAPE_9B}[name])
+
+
 def build(name: str, dtype: str | None) -> TextModel:
     if name == "tiny":
         from qwen35_mlx import load
@@ -137,6 +141,23 @@ def gpu_layout() -> None:
         return y, s, c, per
 
     layers_lib.gated_delta_decode_packed = kernel_form
+
+
+_STAND_INS = None
+
+
+def stand_ins(vocab: int) -> None:
+    """On the CPU, the GPU's graph itself (`gpu_layout`, then `count_decode_ops.GpuStandIns`
+    for CUDA: each primitive the GPU runs as one, one stand-in primitive; the row-wise rule of
+    CUDA's ROWS_GEMV "auto"), so that `build` (the compiled call's replay of the GPU's tape,
+    its inputs and outputs, the Python around it) is the GPU host's work at this host's speed.
+    Eval is then meaningless (stand-ins compute nothing of the model)."""
+    global _STAND_INS
+    from count_decode_ops import GpuStandIns
+
+    gpu_layout()
+    _STAND_INS = GpuStandIns("cuda", vocab=vocab)
+    _STAND_INS.__enter__()
 
 
 def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: int) -> dict:
@@ -361,10 +382,18 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--gpu-layout", action="store_true", help="on the CPU: the GPU's verify layout (gpu_layout)"
     )
+    p.add_argument(
+        "--stand-ins",
+        action="store_true",
+        help="on the CPU: the GPU's graph through count_decode_ops' stand-ins (stand_ins): "
+        "build is the GPU host's, eval meaningless",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = p.parse_args(argv)
     Ts = [int(t) for t in args.tokens.split(",")]
-    if args.gpu_layout:
+    if args.stand_ins:
+        stand_ins(build_config(args.model).vocab_size)
+    elif args.gpu_layout:
         gpu_layout()
     model = build(args.model, args.dtype)
     result = {"model": args.model, "device": str(mx.default_device()), "mlx": mx.__version__,
@@ -402,7 +431,7 @@ def main(argv=None) -> dict:
         old_names = ("gemv", "auto-views", "kernel", "kernel-large")
         if not lean:
             set_variant(model, "auto" if base in old_names else variant)
-        if _GPU_LAYOUT:  # (set_variant's "auto" is CUDA's rule: off on the CPU)
+        if _GPU_LAYOUT and _STAND_INS is None:  # (set_variant's "auto": CUDA's rule, off here)
             layers_lib.ROWS_GEMV = True
         key = variant  # a variant asked for again: its own entry ("after #2")
         while key in result["calls"]:
