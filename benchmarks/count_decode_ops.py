@@ -286,7 +286,8 @@ class GpuStandIns:
                 state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
             if conv_state is None:
                 conv_state = mx.zeros((B, conv_w.shape[1] - 1, C), proj.dtype)
-            outs = [mx.zeros((B * tokens, Hv * Dv), proj.dtype), state, conv_state]
+            # (proj as columns [B*T, N, 1]: y as columns, as the kernel gives it)
+            outs = [mx.zeros((B * tokens, Hv * Dv, *proj.shape[2:]), proj.dtype), state, conv_state]
             if tokens > 1:  # per-token states: [(T-1) B, ...] rows, or stacked [T-1, B, ...]
                 lead = (tokens - 1, B) if kw.get("stacked") else ((tokens - 1) * B,)
                 outs += [mx.zeros((*lead, *state.shape[1:]), mx.float32)]

@@ -13,7 +13,8 @@ medians over rounds:
             next call starts where this one did)
     pass    build + eval: the verify pass (V(T)'s figure against S; the rollback stands beside it)
 and V(T) / S as the median of per-round ratios (pass, and pass + rollback), which cancels a
-drift of the machine between rounds. Times are the process's CPU time (all threads: MLX's CPU stream runs on its own) and wall time.
+drift of the machine between rounds. Times are the process's CPU time (all threads: MLX's CPU
+stream runs on its own) and wall time.
 Also: how many times each compiled function traced during the timed calls (must be 0: a
 retrace per call would be a fixed cost), and with `--matmul` the matmul microbenchmark behind
 the fix (one [T, K] x [K, N] product as MLX runs it for T = 1 (gemv) and T > 1 (a GEMM:
@@ -160,6 +161,9 @@ def stand_ins(vocab: int) -> None:
     _STAND_INS.__enter__()
 
 
+PARTS = ("build", "eval", "after")
+
+
 def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: int) -> dict:
     """S and V(T) for each T in `Ts`, interleaved call by call: `iters` x `repeats` rounds, each
     round one S and one call of each V(T), the order rotating from round to round (S first,
@@ -219,8 +223,9 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
         rounds.append({name: fns[name]() for name in (order if r % 2 == 0 else order[::-1])})
     out = {}
     for name in names:
-        parts = {k: [rd[name][i] for rd in rounds] for i, k in enumerate(("build", "eval", "after"))}
-        parts["pass"] = [(b[0] + e[0], b[1] + e[1]) for b, e in zip(parts["build"], parts["eval"])]
+        parts = {k: [rd[name][i] for rd in rounds] for i, k in enumerate(PARTS)}
+        both = zip(parts["build"], parts["eval"], strict=True)
+        parts["pass"] = [(b[0] + e[0], b[1] + e[1]) for b, e in both]
         out[name] = {
             k: {
                 "cpu_ms": round(statistics.median(x[0] for x in v), 3),
@@ -373,7 +378,9 @@ def main(argv=None) -> dict:
         "that one; a suffix +all: every "
         "dense projection row-wise (the lm_head too: ROWS_GEMV True), +large: the few-rows "
         "kernel where the gemv form is over the byte limit (the lm_head), +wide: the kernel "
-        "where N >= 2K (the in-projections and the lm_head: ROWS_KERNEL 'wide')",
+        "where N >= 2K (the in-projections and the lm_head: ROWS_KERNEL 'wide'); and after any "
+        "of those +cols: the linear layers' projection to the kernel and y back as columns "
+        "(layers.PACKED_COLUMNS True; False otherwise)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument(
@@ -403,7 +410,11 @@ def main(argv=None) -> dict:
     if args.gate_probe:  # first: seconds, and the variants below may meet a time limit
         result["gate_probe"] = gate_probe(args.iters * 5)
     result["calls"] = {}
-    for variant in args.variants.split(","):
+    for asked in args.variants.split(","):
+        # a suffix +cols: the linear layers' projection to the kernel and back as columns
+        # (layers.PACKED_COLUMNS), on top of the variant before it
+        variant = asked.removesuffix("+cols")
+        layers_lib.PACKED_COLUMNS = asked.endswith("+cols")
         lean = variant.split("+")[0].split("-")[0] in ("before", "after")
         if lean:
             # sessions 14-15's verify-pass switches (the gemv form): "before" all off, "after"
@@ -433,11 +444,11 @@ def main(argv=None) -> dict:
             set_variant(model, "auto" if base in old_names else variant)
         if _GPU_LAYOUT and _STAND_INS is None:  # (set_variant's "auto": CUDA's rule, off here)
             layers_lib.ROWS_GEMV = True
-        key = variant  # a variant asked for again: its own entry ("after #2")
+        key = asked  # a variant asked for again: its own entry ("after #2")
         while key in result["calls"]:
-            key = f"{variant} #{int(key.rpartition('#')[2]) + 1 if '#' in key else 2}"
+            key = f"{asked} #{int(key.rpartition('#')[2]) + 1 if '#' in key else 2}"
         calls = result["calls"][key] = probe(model, args.context, Ts, args.iters, args.repeats)
-        print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
+        print(f"{args.model} on {result['device']}, verify projections {asked}: ms per call "
               "(CPU time / wall)")  # fmt: skip
         print("| call | build | eval | pass (build + eval) | after (rollback) |")
         print("|---|---|---|---|---|")
@@ -448,10 +459,13 @@ def main(argv=None) -> dict:
                      for k in ("build", "eval", "pass", "after")]  # fmt: skip
             print(f"| {name} | " + " | ".join(cells) + " |")
         for name, r in calls["ratio"].items():
-            print(f"{name} / S over {calls['rounds']} rounds (median of per-round ratios): pass "
-                  f"{r['pass_wall']:.3f}x wall (quartiles {r['pass_wall_quartiles'][0]:.3f}-"
-                  f"{r['pass_wall_quartiles'][1]:.3f}), {r['pass_cpu']:.3f}x CPU; with the "
-                  f"rollback {r['with_rollback_wall']:.3f}x wall, {r['with_rollback_cpu']:.3f}x CPU")
+            print(
+                f"{name} / S over {calls['rounds']} rounds (median of per-round ratios): pass "
+                f"{r['pass_wall']:.3f}x wall (quartiles {r['pass_wall_quartiles'][0]:.3f}-"
+                f"{r['pass_wall_quartiles'][1]:.3f}), {r['pass_cpu']:.3f}x CPU; with the "
+                f"rollback {r['with_rollback_wall']:.3f}x wall, "
+                f"{r['with_rollback_cpu']:.3f}x CPU"
+            )
         print("retraces while timed:", calls["retraces_while_timed"])
     if args.matmul:
         dtype = model.model.embed_tokens.weight.dtype
