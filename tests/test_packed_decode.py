@@ -234,8 +234,9 @@ def test_verify_packed_columns(packed, batch, monkeypatch):
         assert seen == want * 2  # the two linear layers, traced
         counts[on] = _verify_primitives(model)
     assert np.array_equal(np.array(outs[True]), np.array(outs[False]))
-    assert counts[False]["Reshape"] - counts[True]["Reshape"] == 2
-    assert sum(counts[False].values()) - sum(counts[True].values()) == 2
+    fewer = 2 * (1 if mx.default_device() == mx.cpu else 2)  # two linear layers
+    assert counts[False]["Reshape"] - counts[True]["Reshape"] == fewer
+    assert sum(counts[False].values()) - sum(counts[True].values()) == fewer
 
 
 def test_speculative_with_packed_columns_same_tokens_as_greedy(packed, tok, monkeypatch):  # noqa: F811
