@@ -196,14 +196,15 @@ def test_verify_norms_take_heads_first(packed, heads_first, monkeypatch):
     assert np.array_equal(np.array(out), np.array(out2))
 
 
+@pytest.mark.parametrize("dims", [None, (32, 32)], ids=["tiny", "Dk32"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_verify_packed_columns(packed, batch, monkeypatch):
+def test_verify_packed_columns(packed, batch, dims, monkeypatch):
     """`layers.PACKED_COLUMNS` with the row-wise products (`ROWS_GEMV`, CUDA's form): the
     verify pass's linear layers hand the fused in-projection to the T-token decode as columns
     [B*T, N, 1] and get y back as columns [B*T, Hv*Dv, 1]; the logits are those of the rows form
-    bit for bit (one and two batch rows), with Reshapes fewer: one a linear layer here (the ops,
-    which take this model's shapes on any device, turn the columns back into rows; the GPU
-    kernel reads them as they are, so two where it runs)."""
+    bit for bit (one and two batch rows), with Reshapes fewer: one a linear layer where the ops
+    run (they turn the columns back into rows), two where the GPU kernel reads them as they
+    are (head dims 32: the kernel's shapes)."""
     from tests.test_speculative import _verify_primitives
 
     monkeypatch.setattr(layers, "ROWS_GEMV", True)
@@ -221,7 +222,9 @@ def test_verify_packed_columns(packed, batch, monkeypatch):
     outs, counts = {}, {}
     for on in (True, False):
         monkeypatch.setattr(layers, "PACKED_COLUMNS", on)
-        model = make_text_model(make_text_config(layer_types=TWO_ATTN, vocab_size=384), seed=1)
+        heads = {} if dims is None else dict(linear_key_head_dim=32, linear_value_head_dim=32)
+        cfg = make_text_config(layer_types=TWO_ATTN, vocab_size=384, **heads)
+        model = make_text_model(cfg, seed=1)
         cache = model.make_cache()
         _feed(model, cache, [PROMPT[:9], PROMPT[1:10]][:batch], [9])
         seen.clear()
@@ -234,10 +237,11 @@ def test_verify_packed_columns(packed, batch, monkeypatch):
         assert seen == want * 2  # the two linear layers, traced
         counts[on] = _verify_primitives(model)
     assert np.array_equal(np.array(outs[True]), np.array(outs[False]))
-    # One a layer, two layers: this model's head_k_dim 16 takes the ops on any device (the
-    # kernel's columns: test_gpu_decode_tokens.py::test_packed_columns_equal_rows).
-    assert counts[False]["Reshape"] - counts[True]["Reshape"] == 2
-    assert sum(counts[False].values()) - sum(counts[True].values()) == 2
+    # Two linear layers: one Reshape fewer each where the ops run (the tiny model's head_k_dim
+    # 16 on any device; the CPU), two where the kernel reads the columns (Dk 32 on a GPU).
+    fewer = 2 * (2 if dims is not None and mx.default_device() != mx.cpu else 1)
+    assert counts[False]["Reshape"] - counts[True]["Reshape"] == fewer
+    assert sum(counts[False].values()) - sum(counts[True].values()) == fewer
 
 
 def test_speculative_with_packed_columns_same_tokens_as_greedy(packed, tok, monkeypatch):  # noqa: F811
