@@ -656,6 +656,12 @@ def main(argv=None) -> dict:
         "(layers.ROWS_PREBUILT False: as before session 8)",
     )
     p.add_argument(
+        "--packed-columns",
+        action="store_true",
+        help="the verify pass's linear layers with layers.PACKED_COLUMNS (the in-projection to "
+        "the kernel and y back as columns)",
+    )
+    p.add_argument(
         "--parts",
         action="store_true",
         help="the compiled step and the verify step of --tokens (default 2) by part: linear "
@@ -683,6 +689,10 @@ def main(argv=None) -> dict:
         import qwen35_mlx.models.layers as layers
 
         layers.ROWS_PREBUILT = False
+    if a.packed_columns:
+        import qwen35_mlx.models.layers as layers
+
+        layers.PACKED_COLUMNS = True
     if a.cpu:
         mx.set_default_device(mx.cpu)
     dtype = getattr(mx, a.dtype)
