@@ -8,9 +8,10 @@ medians over rounds:
             return_hidden=True)` (the same for the verify step, `_adopt_verify` included)
     eval    mx.eval of its outputs (on the CPU: the arithmetic; on a GPU: MLX's host work to
             encode and launch, then the wait)
-    after   the bookkeeping after it: nothing for S; for V(T) the rollback a rejecting round does
-            (every cache trimmed into the call by T - 1, then by the one kept token, so that the
-            next call starts where this one did)
+    after   the bookkeeping after it: nothing for S; for V(T) the rollback a round rejecting
+            every draft does (every cache trimmed into the call by T - 1; the kept token stays,
+            so V(T) advances the context by one, as S does. Before session 16 the probe also
+            popped the kept token inside this figure: about twice the rollback)
     pass    build + eval: the verify pass (V(T)'s figure against S; the rollback stands beside it)
 and V(T) / S as the median of per-round ratios (pass, and pass + rollback), which cancels a
 drift of the machine between rounds. Times are the process's CPU time (all threads: MLX's CPU
@@ -202,10 +203,8 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
             mx.eval(out)
             e = _since(t0)
             t0 = _clock()
-            for c in cache:  # a rejecting round: keep the first token, then the step's
+            for c in cache:  # a round rejecting every draft: the first token kept
                 c.trim(T - 1)
-            for c in cache:
-                c.trim(1)
             return b, e, _since(t0)
 
         return run
