@@ -167,12 +167,13 @@ PARTS = ("build", "eval", "after")
 
 def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: int) -> dict:
     """S and V(T) for each T in `Ts`, interleaved call by call: `iters` x `repeats` rounds, each
-    round one S and one call of each V(T), the order rotating from round to round (S first,
-    then last, ...). Per call the parts (build, eval, after: module docstring), CPU time and
-    wall, medians over the rounds; `pass` = build + eval (the verify pass itself), its median
-    over rounds. `ratio`: per V(T), the median over rounds of V(T)'s pass / that round's S
-    (wall and CPU), and of (pass + rollback) / S, so that a drift of the machine between rounds
-    (S moved 2.64 -> 3.46 ms between variants of one H200 process) cancels."""
+    round one S and one call of each V(T), the order rotating from round to round (with one
+    V(T): S first, then V(T) first, ...). Per call the parts (build, eval, after: module
+    docstring), CPU time and wall, medians over the rounds; `pass` = build + eval (the verify
+    pass itself), its median over rounds. `ratio`: per V(T), the median over rounds of V(T)'s
+    pass / that round's S (wall and CPU), and of (pass + rollback) / S, so that a drift of the
+    machine between rounds (S moved 2.64 -> 3.46 ms between variants of one H200 process)
+    cancels."""
     vocab = model.config.vocab_size
     prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0))
     cache = model.make_cache()
@@ -217,9 +218,8 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
     names = list(fns)
     rounds = []  # per round: {name: (build, eval, after)}, each (cpu ms, wall ms)
     for r in range(iters * repeats):
-        k = r % len(names)
-        order = names[k:] + names[:k]
-        rounds.append({name: fns[name]() for name in (order if r % 2 == 0 else order[::-1])})
+        k = r % len(names)  # each call first, second, ... in turn
+        rounds.append({name: fns[name]() for name in names[k:] + names[:k]})
     out = {}
     for name in names:
         parts = {k: [rd[name][i] for rd in rounds] for i, k in enumerate(PARTS)}
