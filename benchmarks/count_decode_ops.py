@@ -172,6 +172,8 @@ def count_step(
     return kinds
 
 
+# A stand-in call counted under this suffix is a Matmul node (GpuStandIns' rows_matmul_t).
+_AS_MATMUL = " [as Matmul]"
 _UNARY = {"RMSNorm": lambda x: mx.cumsum(x, axis=-1), "RoPE": lambda x: mx.sort(x, axis=-1)}
 _UNARY_LABEL = {"RMSNorm": "CumSum", "RoPE": "Sort"}
 
@@ -229,6 +231,8 @@ class GpuStandIns:
         import qwen35_mlx.kernels.attention.launch as attention_launch
         import qwen35_mlx.kernels.gated_delta as gd_kernels
         import qwen35_mlx.models.layers as layers
+        import qwen35_mlx.models.text as text_lib
+        from qwen35_mlx.kernels import rows_matmul as rows_kernel
 
         try:
             from qwen35_mlx.kernels import fused_norm
@@ -282,7 +286,8 @@ class GpuStandIns:
                 state = mx.zeros((B, Hv, Dv, Dk), mx.float32)
             if conv_state is None:
                 conv_state = mx.zeros((B, conv_w.shape[1] - 1, C), proj.dtype)
-            outs = [mx.zeros((B * tokens, Hv * Dv), proj.dtype), state, conv_state]
+            # (proj as columns [B*T, N, 1]: y as columns, as the kernel gives it)
+            outs = [mx.zeros((B * tokens, Hv * Dv, *proj.shape[2:]), proj.dtype), state, conv_state]
             if tokens > 1:  # per-token states: [(T-1) B, ...] rows, or stacked [T-1, B, ...]
                 lead = (tokens - 1, B) if kw.get("stacked") else ((tokens - 1) * B,)
                 outs += [mx.zeros((*lead, *state.shape[1:]), mx.float32)]
@@ -346,6 +351,22 @@ class GpuStandIns:
             self.gemms += rows > 1 and not take
             return take
 
+        def rows_kernel_available(dtype):
+            # The few-rows kernel (`layers.ROWS_KERNEL`) exists on both targets.
+            return dtype in (mx.bfloat16, mx.float16, mx.float32)
+
+        def rows_matmul_t(x, w_t, out_shape=None):
+            # One launch: rows in, rows out. x @ w_t is one primitive of that shape (no
+            # placeholder: a product a projection, so none would add 2 x 96 nodes to a pass).
+            K, N = w_t.shape
+            R = x.size // K
+            if x.ndim == 2 and out_shape in (None, (R, N)):
+                self.calls["rows_matmul (kernel)" + _AS_MATMUL] += 1
+                return x @ w_t
+            shape = out_shape or (*x.shape[:-2], R, N) if x.shape[-1] == 1 else (R, N)
+            out = mx.zeros(shape, x.dtype)
+            return si("rows_matmul (kernel)", [out], [x, w_t])[0]
+
         real = {"sdpa": fast.scaled_dot_product_attention, "gdd": layers.gated_delta_decode}
         real["gdp"] = getattr(layers, "gated_delta_decode_packed", None)
         if not self.stand_in:
@@ -374,6 +395,14 @@ class GpuStandIns:
             # A verify pass's projections as the target runs them (ROWS_GEMV "auto").
             (layers, "_rows_gemv", rows_gemv),
             (layers, "_rows_take", rows_take),
+            # The GPU's weight layout and products: no CPU-only transposed storage, native
+            # row products or float32 copies (`text.CPU_FP32_DECODE`), each of which changes
+            # the step's graph (a verify pass's row-wise products are the GPU's only so).
+            (layers, "CPU_TRANSPOSED_WEIGHTS", False),
+            (layers, "CPU_NATIVE_MATMUL", False),
+            (text_lib, "CPU_FP32_DECODE", None),
+            (rows_kernel, "kernel_available", rows_kernel_available),
+            (rows_kernel, "rows_matmul_t", rows_matmul_t),
             # The fused add + RMSNorm and swiglu kernels run on both targets.
             (fused_norm, "kernel_available", lambda x: True),
             (fused_norm, "add_rms_norm", add_rms_norm),
@@ -396,6 +425,10 @@ def relabel(kinds: collections.Counter, calls: collections.Counter) -> collectio
     for name, label in _UNARY_LABEL.items():
         kinds[name] += kinds.pop(label, 0)
     for name, n in calls.items():
+        if name.endswith(_AS_MATMUL):  # stood in by a Matmul, not a Depends
+            kinds["Matmul"] -= n
+            kinds[name[: -len(_AS_MATMUL)]] += n
+            continue
         kinds["Depends"] -= n
         kinds[name] += n
     return +kinds
@@ -623,6 +656,12 @@ def main(argv=None) -> dict:
         "(layers.ROWS_PREBUILT False: as before session 8)",
     )
     p.add_argument(
+        "--packed-columns",
+        action="store_true",
+        help="the verify pass's linear layers with layers.PACKED_COLUMNS (the in-projection to "
+        "the kernel and y back as columns)",
+    )
+    p.add_argument(
         "--parts",
         action="store_true",
         help="the compiled step and the verify step of --tokens (default 2) by part: linear "
@@ -650,6 +689,10 @@ def main(argv=None) -> dict:
         import qwen35_mlx.models.layers as layers
 
         layers.ROWS_PREBUILT = False
+    if a.packed_columns:
+        import qwen35_mlx.models.layers as layers
+
+        layers.PACKED_COLUMNS = True
     if a.cpu:
         mx.set_default_device(mx.cpu)
     dtype = getattr(mx, a.dtype)

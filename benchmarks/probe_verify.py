@@ -1,16 +1,21 @@
 """Where a verify pass's time goes, next to a one-token step's (issue 13: the fixed cost a
 verify call paid on the H200 at batch 1, ~3 ms over a step at any T).
 
-Per call, alternating S / V(T) block by block, median over blocks:
+Per call, S and V(T) interleaved call by call (`probe`: one of each a round, the order rotating),
+medians over rounds:
     build   the Python call that builds the graph: for S `model(y, cache)` (the compiled step's
             replay and the cache bookkeeping around it), for V(T) `model(tokens [1, T], cache,
             return_hidden=True)` (the same for the verify step, `_adopt_verify` included)
     eval    mx.eval of its outputs (on the CPU: the arithmetic; on a GPU: MLX's host work to
             encode and launch, then the wait)
-    after   the bookkeeping after it: nothing for S; for V(T) the rollback a rejecting round does
-            (every cache trimmed into the call by T - 1, then by the one kept token, so that the
-            next call starts where this one did)
-Times are the process's CPU time (all threads: MLX's CPU stream runs on its own) and wall time.
+    after   the bookkeeping after it: nothing for S; for V(T) the rollback a round rejecting
+            every draft does (every cache trimmed into the call by T - 1; the kept token stays,
+            so V(T) advances the context by one, as S does. Before session 16 the probe also
+            popped the kept token inside this figure: about twice the rollback)
+    pass    build + eval: the verify pass (V(T)'s figure against S; the rollback stands beside it)
+and V(T) / S as the median of per-round ratios (pass, and pass + rollback), which cancels a
+drift of the machine between rounds. Times are the process's CPU time (all threads: MLX's CPU
+stream runs on its own) and wall time.
 Also: how many times each compiled function traced during the timed calls (must be 0: a
 retrace per call would be a fixed cost), and with `--matmul` the matmul microbenchmark behind
 the fix (one [T, K] x [K, N] product as MLX runs it for T = 1 (gemv) and T > 1 (a GEMM:
@@ -63,6 +68,10 @@ SHAPE_PATTERN = dict(
     linear_key_head_dim=32,
     linear_value_head_dim=32,
 )
+
+
+def build_config(name: str) -> TextConfig:
+    return TextConfig(**{"pattern": SHAPE_PATTERN, "0.8b": SHAPE_0_8B, "9b": SHAPE_9B}[name])
 
 
 def build(name: str, dtype: str | None) -> TextModel:
@@ -136,7 +145,35 @@ def gpu_layout() -> None:
     layers_lib.gated_delta_decode_packed = kernel_form
 
 
+_STAND_INS = None
+
+
+def stand_ins(vocab: int) -> None:
+    """On the CPU, the GPU's graph itself (`gpu_layout`, then `count_decode_ops.GpuStandIns`
+    for CUDA: each primitive the GPU runs as one, one stand-in primitive; the row-wise rule of
+    CUDA's ROWS_GEMV "auto"), so that `build` (the compiled call's replay of the GPU's tape,
+    its inputs and outputs, the Python around it) is the GPU host's work at this host's speed.
+    Eval is then meaningless (stand-ins compute nothing of the model)."""
+    global _STAND_INS
+    from count_decode_ops import GpuStandIns
+
+    gpu_layout()
+    _STAND_INS = GpuStandIns("cuda", vocab=vocab)
+    _STAND_INS.__enter__()
+
+
+PARTS = ("build", "eval", "after")
+
+
 def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: int) -> dict:
+    """S and V(T) for each T in `Ts`, interleaved call by call: `iters` x `repeats` rounds, each
+    round one S and one call of each V(T), the order rotating from round to round (with one
+    V(T): S first, then V(T) first, ...). Per call the parts (build, eval, after: module
+    docstring), CPU time and wall, medians over the rounds; `pass` = build + eval (the verify
+    pass itself), its median over rounds. `ratio`: per V(T), the median over rounds of V(T)'s
+    pass / that round's S (wall and CPU), and of (pass + rollback) / S, so that a drift of the
+    machine between rounds (S moved 2.64 -> 3.46 ms between variants of one H200 process)
+    cancels."""
     vocab = model.config.vocab_size
     prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0))
     cache = model.make_cache()
@@ -154,6 +191,7 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
 
     def verify(T):
         toks = mx.concatenate([y] * T, axis=1)
+        mx.eval(toks)
 
         def run():
             t0 = _clock()
@@ -166,32 +204,27 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
             mx.eval(out)
             e = _since(t0)
             t0 = _clock()
-            for c in cache:  # a rejecting round: keep the first token, then the step's
+            for c in cache:  # a round rejecting every draft: the first token kept
                 c.trim(T - 1)
-            for c in cache:
-                c.trim(1)
             return b, e, _since(t0)
 
         return run
 
     fns = {"S": step, **{f"V{T}": verify(T) for T in Ts}}
-    for fn in fns.values():
-        for _ in range(3):
+    for _ in range(3):
+        for fn in fns.values():
             fn()
     counter = TraceCounter(model)
-    runs = {name: {k: [] for k in ("build", "eval", "after")} for name in fns}
-    for rep in range(repeats):
-        order = list(fns) if rep % 2 == 0 else list(reversed(fns))
-        for name in order:
-            acc = [[0.0, 0.0] for _ in range(3)]
-            for _ in range(iters):
-                for i, part in enumerate(fns[name]()):
-                    acc[i][0] += part[0]
-                    acc[i][1] += part[1]
-            for i, k in enumerate(("build", "eval", "after")):
-                runs[name][k].append((acc[i][0] / iters, acc[i][1] / iters))
+    names = list(fns)
+    rounds = []  # per round: {name: (build, eval, after)}, each (cpu ms, wall ms)
+    for r in range(iters * repeats):
+        k = r % len(names)  # each call first, second, ... in turn
+        rounds.append({name: fns[name]() for name in names[k:] + names[:k]})
     out = {}
-    for name, parts in runs.items():
+    for name in names:
+        parts = {k: [rd[name][i] for rd in rounds] for i, k in enumerate(PARTS)}
+        both = zip(parts["build"], parts["eval"], strict=True)
+        parts["pass"] = [(b[0] + e[0], b[1] + e[1]) for b, e in both]
         out[name] = {
             k: {
                 "cpu_ms": round(statistics.median(x[0] for x in v), 3),
@@ -199,6 +232,19 @@ def probe(model: TextModel, context: int, Ts: list[int], iters: int, repeats: in
             }
             for k, v in parts.items()
         }
+    out["ratio"] = {}
+    for name in names[1:]:
+        per = {"pass_wall": [], "pass_cpu": [], "with_rollback_wall": [], "with_rollback_cpu": []}
+        for rd in rounds:
+            (sb, se, _), (vb, ve, va) = rd["S"], rd[name]
+            for j, unit in ((1, "wall"), (0, "cpu")):
+                s_ms = sb[j] + se[j]
+                per[f"pass_{unit}"].append((vb[j] + ve[j]) / s_ms)
+                per[f"with_rollback_{unit}"].append((vb[j] + ve[j] + va[j]) / s_ms)
+        out["ratio"][name] = {k: round(statistics.median(v), 4) for k, v in per.items()}
+        q = statistics.quantiles(per["pass_wall"], n=4)
+        out["ratio"][name]["pass_wall_quartiles"] = [round(q[0], 4), round(q[2], 4)]
+    out["rounds"] = len(rounds)
     out["retraces_while_timed"] = dict(counter.n)
     return out
 
@@ -331,7 +377,9 @@ def main(argv=None) -> dict:
         "that one; a suffix +all: every "
         "dense projection row-wise (the lm_head too: ROWS_GEMV True), +large: the few-rows "
         "kernel where the gemv form is over the byte limit (the lm_head), +wide: the kernel "
-        "where N >= 2K (the in-projections and the lm_head: ROWS_KERNEL 'wide')",
+        "where N >= 2K (the in-projections and the lm_head: ROWS_KERNEL 'wide'); and after any "
+        "of those +cols: the linear layers' projection to the kernel and y back as columns "
+        "(layers.PACKED_COLUMNS True; False otherwise)",
     )
     p.add_argument("--matmul", action="store_true", help="also the matmul microbenchmark")
     p.add_argument(
@@ -340,10 +388,18 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--gpu-layout", action="store_true", help="on the CPU: the GPU's verify layout (gpu_layout)"
     )
+    p.add_argument(
+        "--stand-ins",
+        action="store_true",
+        help="on the CPU: the GPU's graph through count_decode_ops' stand-ins (stand_ins): "
+        "build is the GPU host's, eval meaningless",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = p.parse_args(argv)
     Ts = [int(t) for t in args.tokens.split(",")]
-    if args.gpu_layout:
+    if args.stand_ins:
+        stand_ins(build_config(args.model).vocab_size)
+    elif args.gpu_layout:
         gpu_layout()
     model = build(args.model, args.dtype)
     result = {"model": args.model, "device": str(mx.default_device()), "mlx": mx.__version__,
@@ -353,7 +409,11 @@ def main(argv=None) -> dict:
     if args.gate_probe:  # first: seconds, and the variants below may meet a time limit
         result["gate_probe"] = gate_probe(args.iters * 5)
     result["calls"] = {}
-    for variant in args.variants.split(","):
+    for asked in args.variants.split(","):
+        # a suffix +cols: the linear layers' projection to the kernel and back as columns
+        # (layers.PACKED_COLUMNS), on top of the variant before it
+        variant = asked.removesuffix("+cols")
+        layers_lib.PACKED_COLUMNS = asked.endswith("+cols")
         lean = variant.split("+")[0].split("-")[0] in ("before", "after")
         if lean:
             # sessions 14-15's verify-pass switches (the gemv form): "before" all off, "after"
@@ -381,23 +441,30 @@ def main(argv=None) -> dict:
         old_names = ("gemv", "auto-views", "kernel", "kernel-large")
         if not lean:
             set_variant(model, "auto" if base in old_names else variant)
-        if _GPU_LAYOUT:  # (set_variant's "auto" is CUDA's rule: off on the CPU)
+        if _GPU_LAYOUT and _STAND_INS is None:  # (set_variant's "auto": CUDA's rule, off here)
             layers_lib.ROWS_GEMV = True
-        key = variant  # a variant asked for again: its own entry ("after #2")
+        key = asked  # a variant asked for again: its own entry ("after #2")
         while key in result["calls"]:
-            key = f"{variant} #{int(key.rpartition('#')[2]) + 1 if '#' in key else 2}"
+            key = f"{asked} #{int(key.rpartition('#')[2]) + 1 if '#' in key else 2}"
         calls = result["calls"][key] = probe(model, args.context, Ts, args.iters, args.repeats)
-        print(f"{args.model} on {result['device']}, verify projections {variant}: ms per call "
+        print(f"{args.model} on {result['device']}, verify projections {asked}: ms per call "
               "(CPU time / wall)")  # fmt: skip
-        print("| call | build | eval | after | total |")
+        print("| call | build | eval | pass (build + eval) | after (rollback) |")
         print("|---|---|---|---|---|")
         for name, parts in calls.items():
-            if name == "retraces_while_timed":
+            if name in ("retraces_while_timed", "ratio", "rounds"):
                 continue
-            tc = sum(v["cpu_ms"] for v in parts.values())
-            tw = sum(v["wall_ms"] for v in parts.values())
-            cells = [f"{v['cpu_ms']:.3f} / {v['wall_ms']:.3f}" for v in parts.values()]
-            print(f"| {name} | " + " | ".join(cells) + f" | {tc:.3f} / {tw:.3f} |")
+            cells = [f"{parts[k]['cpu_ms']:.3f} / {parts[k]['wall_ms']:.3f}"
+                     for k in ("build", "eval", "pass", "after")]  # fmt: skip
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        for name, r in calls["ratio"].items():
+            print(
+                f"{name} / S over {calls['rounds']} rounds (median of per-round ratios): pass "
+                f"{r['pass_wall']:.3f}x wall (quartiles {r['pass_wall_quartiles'][0]:.3f}-"
+                f"{r['pass_wall_quartiles'][1]:.3f}), {r['pass_cpu']:.3f}x CPU; with the "
+                f"rollback {r['with_rollback_wall']:.3f}x wall, "
+                f"{r['with_rollback_cpu']:.3f}x CPU"
+            )
         print("retraces while timed:", calls["retraces_while_timed"])
     if args.matmul:
         dtype = model.model.embed_tokens.weight.dtype

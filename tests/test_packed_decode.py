@@ -194,3 +194,67 @@ def test_verify_norms_take_heads_first(packed, heads_first, monkeypatch):
     _feed(other, c2, PROMPT, [len(PROMPT)])
     out2 = other(mx.array([[64, 33, 12]]), cache=c2)
     assert np.array_equal(np.array(out), np.array(out2))
+
+
+@pytest.mark.parametrize("dims", [None, (32, 32)], ids=["tiny", "Dk32"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_verify_packed_columns(packed, batch, dims, monkeypatch):
+    """`layers.PACKED_COLUMNS` with the row-wise products (`ROWS_GEMV`, CUDA's form): the
+    verify pass's linear layers hand the fused in-projection to the T-token decode as columns
+    [B*T, N, 1] and get y back as columns [B*T, Hv*Dv, 1]; the logits are those of the rows form
+    bit for bit (one and two batch rows), with Reshapes fewer: one a linear layer where the ops
+    run (they turn the columns back into rows), two where the GPU kernel reads them as they
+    are (head dims 32: the kernel's shapes)."""
+    from tests.test_speculative import _verify_primitives
+
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)
+    seen = []
+    inner = layers.gated_delta_decode_packed  # the fixture's kernel form
+
+    def record(proj, *args, **kw):
+        out = inner(proj, *args, **kw)
+        seen.append((kw["tokens"], proj.shape, out[0].shape))
+        return out
+
+    monkeypatch.setattr(layers, "gated_delta_decode_packed", record)
+    toks = [[64, 33, 12], [65, 34, 13]][:batch]
+    outs, counts = {}, {}
+    for on in (True, False):
+        monkeypatch.setattr(layers, "PACKED_COLUMNS", on)
+        heads = {} if dims is None else dict(linear_key_head_dim=32, linear_value_head_dim=32)
+        cfg = make_text_config(layer_types=TWO_ATTN, vocab_size=384, **heads)
+        model = make_text_model(cfg, seed=1)
+        cache = model.make_cache()
+        _feed(model, cache, [PROMPT[:9], PROMPT[1:10]][:batch], [9])
+        seen.clear()
+        outs[on] = model(mx.array(toks), cache=cache)
+        mx.eval(outs[on])
+        la = model.model.layers[1].linear_attn
+        N = sum(la[n].weight.shape[0] for n in la.IN_PROJ)
+        R, V = 3 * batch, la.value_dim
+        want = [(3, (R, N, 1), (R, V, 1))] if on else [(3, (R, N), (R, V))]
+        assert seen == want * 2  # the two linear layers, traced
+        counts[on] = _verify_primitives(model)
+    assert np.array_equal(np.array(outs[True]), np.array(outs[False]))
+    # Two linear layers: one Reshape fewer each where the ops run (the tiny model's head_k_dim
+    # 16 on any device; the CPU), two where the kernel reads the columns (Dk 32 on a GPU).
+    fewer = 2 * (2 if dims is not None and mx.default_device() != mx.cpu else 1)
+    assert counts[False]["Reshape"] - counts[True]["Reshape"] == fewer
+    assert sum(counts[False].values()) - sum(counts[True].values()) == fewer
+
+
+def test_speculative_with_packed_columns_same_tokens_as_greedy(packed, tok, monkeypatch):  # noqa: F811
+    """Greedy MTP (k = 1 and 3) with `PACKED_COLUMNS` and the row-wise products gives plain
+    decoding's tokens, rejections included (trims into the kernel's per-token states)."""
+    monkeypatch.setattr(layers, "ROWS_GEMV", True)
+    monkeypatch.setattr(layers, "ROWS_KERNEL", False)
+    monkeypatch.setattr(layers, "PACKED_COLUMNS", True)
+    model = _model("dense")
+    want = _tokens(model, tok, mtp=False)
+    for k in (1, 3):
+        monkeypatch.setattr(generation, "MTPSpeculator", forced_drafts(want, 0.6, 384, 0))
+        got = list(stream_generate(model, tok, PROMPT, max_tokens=N, mtp=True, mtp_k=k))
+        assert [r.token for r in got] == want
+        assert k + 1 in packed
+        assert 0 < got[-1].mtp_acceptance < 1

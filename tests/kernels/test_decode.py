@@ -274,6 +274,29 @@ def test_packed_tokens_ops_equal_one_call_a_token(shape, T, masked, dtype, backe
     assert all(same(c, wc) and same(st, ws) for (c, st), (wc, ws) in zip(per, want, strict=True))
 
 
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("backend", OPS_BACKENDS)
+def test_packed_tokens_take_columns(T, backend):
+    """proj as columns [B*T, N, 1] (the same memory): y comes back as columns [B*T, Hv*Dv, 1],
+    every output the rows form's bit for bit; [B*T, N, 2] is refused."""
+    B, Hk, Hv, Dk, Dv, K = SHAPES[2]
+    dims = (Hk, Dk, Hv, Dv)
+    proj, x, norm_w = _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, mx.float32, seed=5)
+    mask = _token_masks(B, T)
+    rows = _packed(proj, x, norm_w, T, mask, dims, backend)
+    cols = _packed(proj[..., None], x, norm_w, T, mask, dims, backend)
+    assert rows[0].shape == (B * T, Hv * Dv) and cols[0].shape == (B * T, Hv * Dv, 1)
+    assert np.array_equal(np.asarray(rows[0]), np.asarray(cols[0])[..., 0])
+    flat = [rows[1], rows[2], *[a for pair in rows[3] or [] for a in pair]]
+    flat_c = [cols[1], cols[2], *[a for pair in cols[3] or [] for a in pair]]
+    assert len(flat) == len(flat_c) == 2 + (2 * T if T > 1 else 0)
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(flat, flat_c, strict=True)
+    )
+    with pytest.raises(ValueError, match="proj"):
+        _packed(mx.stack([proj, proj], axis=-1), x, norm_w, T, mask, dims, backend)
+
+
 def _gated_norm_np(y, z, w, eps=1e-6):
     y, z = np64(y), np64(z)
     y = y / np.sqrt((y * y).mean(-1, keepdims=True) + eps) * np64(w)

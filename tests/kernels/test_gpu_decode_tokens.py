@@ -213,3 +213,23 @@ def test_packed_token_states_rows_equal_stacked(T):
     for (c1, s1), (c2, s2) in zip(rows, stacked, strict=True):
         assert np.array_equal(np.array(s1), np.array(s2))
         assert np.array_equal(np.array(c1.astype(mx.float32)), np.array(c2.astype(mx.float32)))
+
+
+@pytest.mark.parametrize("T", [2, 3])
+def test_packed_columns_equal_rows(T):
+    """proj as columns [B*T, N, 1] (the verify pass's row-wise in-projection as it comes out,
+    `layers.PACKED_COLUMNS`): y as columns [B*T, Hv*Dv, 1], every output the rows form's bit for
+    bit, through the public entry (the kernel reads proj's first two dims), masked, B 3."""
+    B, Hk, Hv, Dk, Dv = SHAPES[1]
+    x = inputs(B, T, Hk, Hv, Dk, Dv, mx.bfloat16, seed=11)
+    mask = masks(B, T)
+    args = [x[n] for n in NAMES]
+    kw = dict(tokens=T, mask=mask, **_kw(Hk, Dk, Hv, Dv))
+    rows = gated_delta_decode_packed(*args, **kw)
+    cols = gated_delta_decode_packed(x["proj"][..., None], *args[1:], **kw)
+    mx.eval(rows, cols)
+    assert rows[0].shape == (B * T, Hv * Dv) and cols[0].shape == (B * T, Hv * Dv, 1)
+    assert np.array_equal(np.array(rows[0].astype(mx.float32)).reshape(-1),
+                          np.array(cols[0].astype(mx.float32)).reshape(-1))  # fmt: skip
+    for a, b in zip([rows[1], rows[2], *rows[3]], [cols[1], cols[2], *cols[3]], strict=True):
+        assert np.array_equal(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))

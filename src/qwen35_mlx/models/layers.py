@@ -758,6 +758,16 @@ _conv_qkv_decode = mx.compile(_conv_qkv)
 # memory either way. True, or False (the stacked form: probe_verify.py's A/B). Read when the
 # verify step is traced.
 TOKEN_STATES_AS_ROWS = True
+# The verify pass's linear layer in the row-wise products' column form end to end: the fused
+# in-projection's output [B*T, N, 1] (`project_columns`) goes to the T-token decode kernel as it
+# is, whose y comes back as columns [B*T, Hv*Dv, 1] for out_proj's gemvs (no kernel text
+# changed: the kernel reads proj's first two dims). Before: a Reshape of the projection to rows
+# for the kernel and one of y back to columns, two view primitives a layer that the one-token
+# step has not (36 of the 0.8B pass's ~150 extra views; each costs MLX's host ~1.5 us in eval
+# on the H200 and its share of the compiled call's replay). The same memory and arithmetic.
+# True, or False (probe_verify.py's A/B: off until the H200 runs it). Read when the verify step
+# is traced.
+PACKED_COLUMNS = False
 
 
 class GatedDeltaNet(nn.Module):
@@ -925,10 +935,11 @@ class GatedDeltaNet(nn.Module):
         return y
 
     def _decode_packed(self, proj, T: int, mask, cache: list) -> tuple:
-        """T tokens a row from the fused in-projection proj [B*T, qkv | z | b | a] through
-        `gated_delta_decode_packed` (conv, gates, recurrence, gated norm) over cache [conv state,
-        recurrent state], replaced by the states after the last token; returns (y
-        [B*T, value_dim], the states after each token: see `LinearCache.record_states`)."""
+        """T tokens a row from the fused in-projection proj [B*T, qkv | z | b | a] (or as
+        columns [B*T, N, 1]) through `gated_delta_decode_packed` (conv, gates, recurrence, gated
+        norm) over cache [conv state, recurrent state], replaced by the states after the last
+        token; returns (y [B*T, value_dim] (columns: [B*T, value_dim, 1]), the states after
+        each token: see `LinearCache.record_states`)."""
         y, cache[1], cache[0], states = gated_delta_decode_packed(
             proj,
             cache[0],
@@ -961,6 +972,16 @@ class GatedDeltaNet(nn.Module):
         `__call__`."""
         if mask is not None:  # as in __call__
             x = mx.where(mask.reshape(-1, 1), x, mx.zeros((), x.dtype))
+        proj = project_columns(self, self.IN_PROJ, x) if PACKED_COLUMNS else None
+        if proj is not None:
+            # Row-wise: the kernel takes the columns and gives y as columns (`PACKED_COLUMNS`),
+            # out_proj's gemvs take them: one reshape, of out_proj's output to rows.
+            y, states = self._decode_packed(proj, T, mask, cache)
+            out = project_columns(self, ("out_proj",), y)
+            if out is None:
+                out = project(self, ("out_proj",), y.reshape(y.shape[0], -1))[0]
+            # (no -1: MLX makes a Reshape for it even where the shape stays, as the kernel's do)
+            return out.reshape(x.shape[0], out.size // x.shape[0]), states
         proj = project_packed(self, self.IN_PROJ, x)
         if proj is not None:
             # All T tokens in one call (one kernel launch on a GPU), the states after each kept.
@@ -1238,7 +1259,9 @@ class Attention(nn.Module):
                 K = self.num_heads * D
                 y = project_columns(self, ("o_proj",), o.reshape(B * T, K, 1))
                 if y is not None:  # row-wise: one reshape of the kernel's output each way
-                    return y.reshape(B * T, -1)
+                    # (the shape given: MLX makes a Reshape for a -1 even where the shape stays,
+                    # as the few-rows kernel's rows do)
+                    return y.reshape(B * T, y.size // (B * T))
                 return project(self, ("o_proj",), o.reshape(B * T, K))[0]
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B * T, self.num_heads * D)

@@ -489,9 +489,12 @@ def gated_delta_decode_packed(
 
     proj [B * T, C + Hv*Dv + 2*Hv]: row b * T + t is batch row b's token t; columns
     [qkv (C = 2*Hk*Dk + Hv*Dv) | z (Hv*Dv) | b (Hv) | a (Hv)] (in_proj_qkv, in_proj_z,
-    in_proj_b, in_proj_a, in that order); conv_state, conv_w, A_log, dt_bias, state as in
-    `gated_delta_decode`; norm_weight [Dv]; mask [B, T] bool or None (a False token leaves the
-    recurrent state as it was and gives y = 0; the conv state still shifts in its qkv).
+    in_proj_b, in_proj_a, in that order); or the same as columns [B * T, width, 1] (the same
+    memory: a product of one gemv a row gives that shape), and then y comes back as columns
+    too, [B * T, Hv*Dv, 1] (no reshape either way on a GPU); conv_state, conv_w, A_log,
+    dt_bias, state as in `gated_delta_decode`; norm_weight [Dv]; mask [B, T] bool or None (a
+    False token leaves the recurrent state as it was and gives y = 0; the conv state still
+    shifts in its qkv).
 
     The tokens go one after the other, each exactly as `gated_delta_decode` would take it (same
     arithmetic and roundings), so T tokens in one call give what T calls give. Returns (y
@@ -509,11 +512,13 @@ def gated_delta_decode_packed(
     width = C + Hv * Dv + 2 * Hv
     if not 1 <= tokens <= MAX_TOKENS:
         raise ValueError(f"gated_delta_decode_packed: tokens must be 1..{MAX_TOKENS}, got {tokens}")
-    if proj.ndim != 2 or proj.shape[1] != width or proj.shape[0] % tokens:
+    columns = proj.ndim == 3 and proj.shape[2] == 1
+    if (proj.ndim != 2 and not columns) or proj.shape[1] != width or proj.shape[0] % tokens:
         raise _shape_error(
-            "proj", proj.shape, f"[B * T, C + Hv*Dv + 2*Hv] = [B * {tokens}, {width}]"
+            "proj", proj.shape, f"[B * T, C + Hv*Dv + 2*Hv] = [B * {tokens}, {width}] (or [.., 1])"
         )
     B = proj.shape[0] // tokens
+    y_shape = (B * tokens, Hv * Dv, 1) if columns else (B * tokens, Hv * Dv)
     if conv_state is None:
         conv_state = mx.zeros((B, conv_w.shape[1] - 1, C), proj.dtype)
     if state is None:
@@ -537,6 +542,8 @@ def gated_delta_decode_packed(
     # Ops (and anything the kernel does not take): the pieces, then one decode a token.
     from .decode import gated_rms_norm
 
+    proj = proj.reshape(B * tokens, width)  # (columns: rows again)
+
     qkv, z, b, a = mx.split(proj, [C, C + Hv * Dv, C + Hv * Dv + Hv], axis=-1)
     kw = dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv)
     kw.update(norm_weight=norm_weight, norm_eps=norm_eps, backend=backend)
@@ -546,7 +553,7 @@ def gated_delta_decode_packed(
         y, state, conv_state = gated_delta_decode(
             qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask=m, z=z, **kw
         )
-        return y.reshape(B, Hv * Dv), state, conv_state, None
+        return y.reshape(y_shape), state, conv_state, None
     if name in ("auto", "ref", "chunked", "native") and (
         name != "auto" or mx.default_device() == mx.cpu
     ):
@@ -559,7 +566,7 @@ def gated_delta_decode_packed(
             qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims=dims,
             tokens=tokens, norm=(z, norm_weight, norm_eps), native=_decode_native(name),
         )  # fmt: skip
-        return y.reshape(B * tokens, Hv * Dv), state, conv_state, states
+        return y.reshape(y_shape), state, conv_state, states
     del kw["norm_weight"], kw["norm_eps"]
     for t in range(tokens):
         m = None if mask is None else mask[:, t]
@@ -572,7 +579,7 @@ def gated_delta_decode_packed(
     # The gated norm once over all tokens (`decode.gated_rms_norm`, elementwise per token).
     y = mx.stack(ys, axis=1)  # [B, T, Hv, Dv]
     y = gated_rms_norm(y, z.reshape(y.shape), norm_weight, norm_eps)
-    return y.reshape(B * tokens, Hv * Dv), state, conv_state, states
+    return y.reshape(y_shape), state, conv_state, states
 
 
 def _validate_packed(_proj, conv_state, conv_w, A_log, dt_bias, state, norm_weight, dims, B):

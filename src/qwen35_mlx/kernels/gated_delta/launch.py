@@ -216,7 +216,8 @@ def run_packed_decode(
     stacked=False,
 ):
     """The conv decode kernel over T = `tokens` tokens a row, reading the fused in-projection
-    proj [B * T, C + Hv Dv + 2 Hv] (row b * T + t, columns [qkv | z | b | a]) in place, with
+    proj [B * T, C + Hv Dv + 2 Hv] (row b * T + t, columns [qkv | z | b | a]; or [.., 1]:
+    then y has that trailing 1 too) in place, with
     the gated norm; mask [B, T] or None (shapes validated by the caller). Returns (y
     [B * T, Hv * Dv] in proj's dtype, state, conv state after the last token, and for T > 1
     (state_tok [(T-1) B, Hv, Dv, Dk], conv_tok [(T-1) B, K-1, C]), the states after each
@@ -228,7 +229,9 @@ def run_packed_decode(
         inputs.append(mask.astype(mx.bool_))
     kernel = build("fused", mask is not None, True, True, True, tokens, True)
     B, Hv, Dv, _ = state.shape
-    y_shape = (B * tokens, Hv * Dv)
+    # proj as columns [B * T, width, 1] (its shape's first two entries are what the kernel
+    # reads): y as columns too
+    y_shape = (B * tokens, Hv * Dv, *proj.shape[2:])
     args = (kernel, inputs, y_shape, proj.dtype, conv_w, state, tokens, True, None, None)
     out = _launch_conv(*args, init_value, bound=True, stacked=stacked)
     return out[0], out[1], out[2], (tuple(out[3:]) if tokens > 1 else None)
