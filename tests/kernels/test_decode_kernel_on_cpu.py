@@ -24,6 +24,7 @@ from tests.kernels.helpers import (
     cpu_device,  # noqa: F401  (fixture)
     gated_delta_decode_np,
     make_decode_inputs,
+    packed_np,
     runner_program,
 )
 
@@ -336,28 +337,6 @@ def make_packed_inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, K=4):
     proj = mx.concatenate([qkv, z, ab], axis=1).astype(dtype)
     norm_w = (1 + 0.3 * mx.random.normal((Dv,), key=kw)).astype(dtype)
     return dict(x, proj=proj, norm_w=norm_w)
-
-
-def packed_np(x, mask, T, dims, eps):
-    """float64: T calls of `gated_delta_decode_np` on the tokens, each then through the gated
-    norm; returns (y [B, T, Hv, Dv], [state after token t], [conv state after token t])."""
-    Hk, Dk, Hv, Dv = dims
-    C = 2 * Hk * Dk + Hv * Dv
-    B = x["proj"].shape[0] // T
-    p = np.asarray(x["proj"].astype(mx.float32), np.float64).reshape(B, T, -1)
-    ww = np.asarray(x["norm_w"].astype(mx.float32), np.float64)
-    conv, state, ys, states, convs = x["conv_state"], x["state"], [], [], []
-    for t in range(T):
-        qkv, z = p[:, t, :C], p[:, t, C : C + Hv * Dv].reshape(B, Hv, Dv)
-        b, a = p[:, t, C + Hv * Dv : C + Hv * Dv + Hv], p[:, t, C + Hv * Dv + Hv :]
-        m = None if mask is None else np.asarray(mask)[:, t]
-        args = (qkv, conv, x["conv_w"], a, b, x["A_log"], x["dt_bias"], state)
-        y, state, conv = gated_delta_decode_np(*args, m, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv)
-        r = 1 / np.sqrt((y**2).mean(-1, keepdims=True) + eps)
-        ys.append(y * r * ww * z / (1 + np.exp(-z)))
-        states.append(state)
-        convs.append(conv)
-    return np.stack(ys, 1), states, convs
 
 
 def _token_masks(B: int, T: int) -> mx.array:
