@@ -1,6 +1,8 @@
 // Runs a CUDA-style kernel body on the CPU: one std::thread per lane, the 32 lanes of a warp in
 // lockstep at every shuffle (std::barrier), the warps of a block together (a block barrier for
-// gd_threadgroup_barrier, `static` arrays for threadgroup memory), blocks one after another.
+// gd_threadgroup_barrier, `static` arrays for threadgroup memory, NaN at each block's start),
+// blocks one after another (run_grid: in the order GD_BLOCK_ORDER names, so that comparing
+// orders finds a block that depends on another).
 // Enough for the gated-delta bodies, whose shuffles are reached by all 32 lanes of a warp and
 // whose barriers by every thread of a block (uniform control flow).
 // Built with -fsanitize=thread (helpers.compile_emulated(sanitize="thread")), ThreadSanitizer
