@@ -161,6 +161,31 @@ def gated_delta_decode_np(
     return y[:, 0], S, x[:, 1:]
 
 
+def packed_np(x, mask, T, dims, eps):
+    """float64 reference of the packed T-token decode (`gated_delta_decode_packed`): T calls of
+    `gated_delta_decode_np` on the tokens of x["proj"] [B * T, qkv | z | b | a], each then
+    through the gated norm (x: "proj", "conv_state", "conv_w", "A_log", "dt_bias", "state",
+    "norm_w", mx or NumPy arrays; mask [B, T] bool or None; dims (Hk, Dk, Hv, Dv)). Returns
+    (y [B, T, Hv, Dv], [state after token t], [conv state after token t])."""
+    Hk, Dk, Hv, Dv = dims
+    C = 2 * Hk * Dk + Hv * Dv
+    B = x["proj"].shape[0] // T
+    p = np64(x["proj"]).reshape(B, T, -1)
+    ww = np64(x["norm_w"])
+    conv, state, ys, states, convs = x["conv_state"], x["state"], [], [], []
+    for t in range(T):
+        qkv, z = p[:, t, :C], p[:, t, C : C + Hv * Dv].reshape(B, Hv, Dv)
+        b, a = p[:, t, C + Hv * Dv : C + Hv * Dv + Hv], p[:, t, C + Hv * Dv + Hv :]
+        m = None if mask is None else np.asarray(mask)[:, t]
+        args = (qkv, conv, x["conv_w"], a, b, x["A_log"], x["dt_bias"], state)
+        y, state, conv = gated_delta_decode_np(*args, m, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv)
+        r = 1 / np.sqrt((y**2).mean(-1, keepdims=True) + eps)
+        ys.append(y * r * ww * z / (1 + np.exp(-z)))
+        states.append(state)
+        convs.append(conv)
+    return np.stack(ys, 1), states, convs
+
+
 def runner_program(runners: str, n: int) -> str:
     """C++ text of one executable, `program I ARGS...`, that calls `run_I(ARGS)` of `runners`
     (n of them), with the lane emulator and a `read(path)` helper in scope."""
@@ -182,8 +207,11 @@ int main(int argc, char** argv) {{
 """
 
 
-# A threadgroup array's declaration in a kernel body (GD_TG / GD_TG16 TYPE NAME[SIZE];).
-_TG_ARRAY = re.compile(r"^(\s*GD_TG(?:16)? [^;]*?\b(\w+)\[[^;]*\];)", re.MULTILINE)
+# A threadgroup array's declaration in a kernel body (GD_TG / GD_TG16 / gd_threadgroup TYPE
+# NAME[SIZE];).
+_TG_ARRAY = re.compile(
+    r"^(\s*(?:GD_TG(?:16)?|gd_threadgroup) [^;]*?\b(\w+)\[[^;]*\];)", re.MULTILINE
+)
 
 
 def poison_threadgroup_memory(text: str) -> str:

@@ -1,6 +1,8 @@
 // Runs a CUDA-style kernel body on the CPU: one std::thread per lane, the 32 lanes of a warp in
 // lockstep at every shuffle (std::barrier), the warps of a block together (a block barrier for
-// gd_threadgroup_barrier, `static` arrays for threadgroup memory), blocks one after another.
+// gd_threadgroup_barrier, `static` arrays for threadgroup memory, NaN at each block's start),
+// blocks one after another (run_grid: in the order GD_BLOCK_ORDER names, so that comparing
+// orders finds a block that depends on another).
 // Enough for the gated-delta bodies, whose shuffles are reached by all 32 lanes of a warp and
 // whose barriers by every thread of a block (uniform control flow).
 // Built with -fsanitize=thread (helpers.compile_emulated(sanitize="thread")), ThreadSanitizer
@@ -12,11 +14,15 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -117,14 +123,54 @@ inline float gd_mul(float a, float b) { return a * b; }
 #define gd_threadgroup static
 inline void gd_threadgroup_barrier() { tl_block->arrive_and_wait(); }
 
+// Threadgroup memory starts every block as NaN (all bits set): helpers.compile_emulated puts
+// gd_tg_poison(x) after each GD_TG / GD_TG16 / gd_threadgroup array x. The first thread of a
+// block to pass the declaration fills it; a read before any write then gives NaN, as stale data
+// might on a GPU.
+inline std::mutex gd_tg_mutex;
+inline unsigned long gd_tg_block = 0;  // the block running (run_blocks, run_grid count them)
+inline std::map<const void*, unsigned long> gd_tg_filled;
+template <typename A>
+inline void gd_tg_poison(A& x) {
+  const std::lock_guard<std::mutex> lock(gd_tg_mutex);
+  unsigned long& filled = gd_tg_filled[static_cast<const void*>(&x)];
+  if (filled != gd_tg_block) {
+    std::memset(static_cast<void*>(&x), 0xff, sizeof(x));
+    filled = gd_tg_block;
+  }
+}
+// The order run_grid runs its blocks in: GD_BLOCK_ORDER unset or "" (x-major, as before),
+// "reverse", or "shuffle:SEED" (a fixed permutation of SEED). A GPU runs blocks in any order and
+// side by side, so a block that reads what another writes (or two that write one address) gives
+// a result that changes with the order; running one case in several orders and comparing the
+// outputs bit for bit finds such a dependency, which one order alone cannot.
+inline std::vector<unsigned> gd_block_order(unsigned n) {
+  std::vector<unsigned> order(n);
+  for (unsigned i = 0; i < n; ++i) order[i] = i;
+  const char* env = std::getenv("GD_BLOCK_ORDER");
+  const std::string how = env ? env : "";
+  if (how == "reverse") {
+    std::reverse(order.begin(), order.end());
+  } else if (how.rfind("shuffle:", 0) == 0) {
+    std::mt19937 rng(static_cast<unsigned>(std::stoul(how.substr(8))));
+    std::shuffle(order.begin(), order.end(), rng);
+  } else if (!how.empty()) {
+    std::fprintf(stderr, "GD_BLOCK_ORDER: reverse or shuffle:SEED, got %s\n", how.c_str());
+    std::abort();
+  }
+  return order;
+}
+
 // Every block of a grid of `blocks` blocks of `warps` warps, 32 lanes each (blocks.z 0 or 1: a
-// 2-D grid); the threads of one block run together.
+// 2-D grid), in gd_block_order's order; the threads of one block run together, and each block's
+// threadgroup arrays start as NaN (gd_tg_poison).
 inline void run_grid(dim3 blocks, unsigned warps, const std::function<void()>& lane_fn) {
   blockDim = {32, warps, 1};
   const unsigned nz = blocks.z > 0 ? blocks.z : 1u;
-  for (unsigned i = 0; i < nz * blocks.x * blocks.y; ++i) {
-    // blocks in x-major order within each z, as before the z axis
+  for (const unsigned i : gd_block_order(nz * blocks.x * blocks.y)) {
+    // block i in x-major order within each z, as before the z axis
     const unsigned bz = i / (blocks.x * blocks.y), bx = i / blocks.y % blocks.x, by = i % blocks.y;
+    ++gd_tg_block;
     std::unique_ptr<Warp[]> warp(new Warp[warps]);
     std::barrier<> block(32 * warps);
     std::vector<std::thread> lanes;
@@ -155,21 +201,6 @@ struct Block {
   explicit Block(std::ptrdiff_t n) : bar(n) {}
 };
 thread_local Block* tl_blk = nullptr;
-// Threadgroup memory starts every block as NaN (all bits set): helpers.compile_emulated puts
-// gd_tg_poison(x) after each GD_TG / GD_TG16 array x. The first thread of a block to pass the
-// declaration fills it; a read before any write then gives NaN, as stale data might on a GPU.
-inline std::mutex gd_tg_mutex;
-inline unsigned long gd_tg_block = 0;  // the block running (run_blocks counts them)
-inline std::map<const void*, unsigned long> gd_tg_filled;
-template <typename A>
-inline void gd_tg_poison(A& x) {
-  const std::lock_guard<std::mutex> lock(gd_tg_mutex);
-  unsigned long& filled = gd_tg_filled[static_cast<const void*>(&x)];
-  if (filled != gd_tg_block) {
-    std::memset(static_cast<void*>(&x), 0xff, sizeof(x));
-    filled = gd_tg_block;
-  }
-}
 inline void gd_barrier() { tl_blk->bar.arrive_and_wait(); }
 // CUDA's bar.sync id, n (chunk_source.H3_PAIR_TILES): the n threads that name barrier id meet.
 inline void gd_pair_barrier(int id, int n) {

@@ -9,6 +9,7 @@ to write fails the comparison. Checked against the float64 NumPy step and, tight
 and 2, Dk = Dv = 128 and a small shape with a partial warp, B = 1..3, several layouts.
 """
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests.kernels.helpers import (
     cpu_device,  # noqa: F401  (fixture)
     gated_delta_decode_np,
     make_decode_inputs,
+    packed_np,
     runner_program,
 )
 
@@ -338,28 +340,6 @@ def make_packed_inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, K=4):
     return dict(x, proj=proj, norm_w=norm_w)
 
 
-def packed_np(x, mask, T, dims, eps):
-    """float64: T calls of `gated_delta_decode_np` on the tokens, each then through the gated
-    norm; returns (y [B, T, Hv, Dv], [state after token t], [conv state after token t])."""
-    Hk, Dk, Hv, Dv = dims
-    C = 2 * Hk * Dk + Hv * Dv
-    B = x["proj"].shape[0] // T
-    p = np.asarray(x["proj"].astype(mx.float32), np.float64).reshape(B, T, -1)
-    ww = np.asarray(x["norm_w"].astype(mx.float32), np.float64)
-    conv, state, ys, states, convs = x["conv_state"], x["state"], [], [], []
-    for t in range(T):
-        qkv, z = p[:, t, :C], p[:, t, C : C + Hv * Dv].reshape(B, Hv, Dv)
-        b, a = p[:, t, C + Hv * Dv : C + Hv * Dv + Hv], p[:, t, C + Hv * Dv + Hv :]
-        m = None if mask is None else np.asarray(mask)[:, t]
-        args = (qkv, conv, x["conv_w"], a, b, x["A_log"], x["dt_bias"], state)
-        y, state, conv = gated_delta_decode_np(*args, m, Hk=Hk, Dk=Dk, Hv=Hv, Dv=Dv)
-        r = 1 / np.sqrt((y**2).mean(-1, keepdims=True) + eps)
-        ys.append(y * r * ww * z / (1 + np.exp(-z)))
-        states.append(state)
-        convs.append(conv)
-    return np.stack(ys, 1), states, convs
-
-
 def _token_masks(B: int, T: int) -> mx.array:
     """Row 0 all real, row 1 left-padded by min(2, T - 1), row 2 a hole in the middle."""
     m = np.ones((B, T), bool)
@@ -440,3 +420,146 @@ def test_packed_tokens_body_on_cpu_matches_numpy_and_ref(inst, packed_program, t
         before = [np.asarray(x["state"])] + states[:-1]
         for b, t in zip(*np.nonzero(~m), strict=True):
             assert np.array_equal(states[t][b], before[t][b]), (b, t)
+
+
+# --- Session 16's one GPU failure (test_gpu_decode_tokens.py, T = 1, masked, bf16, B1 Hk16 Hv16
+# Dk128 Dv128: y 0.197 off MLX's reference once). The emulator runs blocks one after another,
+# each block's threadgroup arrays NaN at its start: a block that reads what another writes, or
+# two that write one address, would give outputs that change with the order the blocks run in
+# (GD_BLOCK_ORDER), which on a GPU is any; a threadgroup read before its write would give NaN.
+
+# (T, mask, dtype, Dk, W): the failing variant and its unmasked twin.
+FAILED_INSTANCES = [(1, True, mx.bfloat16, 128, 16), (1, False, mx.bfloat16, 128, 16)]
+FAILED_SHAPE = (1, 16, 16, 128, 128)  # (B, Hk, Hv, Dk, Dv)
+BLOCK_ORDERS = ("", "reverse", "shuffle:1", "shuffle:2")
+
+
+def _failed_program(tmp: Path, sanitize: str | None = None) -> Path:
+    runners = DUMP + "".join(_packed_runner(i, *v) for i, v in enumerate(FAILED_INSTANCES))
+    text = runner_program(runners, len(FAILED_INSTANCES))
+    return compile_emulated(text, tmp, timeout=900, sanitize=sanitize)
+
+
+@pytest.fixture(scope="module")
+def failed_program(tmp_path_factory) -> Path:
+    return _failed_program(tmp_path_factory.mktemp("packed_failed_case"))
+
+
+def _run_failed(program: Path, tmp: Path, x, masked: bool, order: str = "") -> list[np.ndarray]:
+    """The emulated packed kernel (T = 1) at FAILED_SHAPE on x, blocks in `order`: [y, state,
+    conv state] as fp32 arrays (y [B, Hv * Dv]); fails with the program's stderr (a sanitizer's
+    report among it) if it exits nonzero or writes to stderr."""
+    B, Hk, Hv, Dk, Dv = FAILED_SHAPE
+    C = 2 * Hk * Dk + Hv * Dv
+    mask = mx.array(np.ones((B, 1), bool)) if masked else None
+    inputs = dict(x, state_in=x["state"], mask=mask, norm_eps=mx.array([1e-6]))
+    names = source.input_names("fused", masked, conv=True, norm=True, packed=True)
+    act = ("proj", "conv_state", "conv_w", "norm_w")
+    paths = [_to_file(inputs[n], tmp / f"{n}.bin", n in act) for n in names]
+    out = [tmp / f"{n}.out" for n in ("y", "s", "cs", "st", "ct")]
+    inst = FAILED_INSTANCES.index((1, masked, mx.bfloat16, Dk, 16))
+    dims = (B, x["proj"].shape[1], Hv, Dv, C, 16)
+    run = subprocess.run(
+        [str(program), str(inst), *paths, *map(str, dims), *map(str, out)],
+        env={**os.environ, "GD_BLOCK_ORDER": order},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0 and not run.stderr.strip(), run.stderr[-4000:]
+    return [
+        _from_file(out[0], (B, Hv * Dv), True),
+        _from_file(out[1], (B, Hv, Dv, Dk), False),
+        _from_file(out[2], (B, 3, C), True),
+    ]
+
+
+def _failed_inputs():
+    """The GPU test's own inputs of the failing case (its `inputs`, seed T + B = 2)."""
+    from tests.kernels.test_gpu_decode_tokens import inputs
+
+    B, Hk, Hv, Dk, Dv = FAILED_SHAPE
+    return inputs(B, 1, Hk, Hv, Dk, Dv, mx.bfloat16, seed=2)
+
+
+def test_packed_failed_case_same_in_any_block_order(failed_program, tmp_path):
+    """The failing case's kernel body gives the same bits whatever order its 16 blocks run in,
+    masked (an all-True mask) and unmasked alike, within bf16's tolerance of float64 and close to
+    `ref` (the same roundings)."""
+    from qwen35_mlx.kernels.gated_delta import gated_delta_decode_packed
+
+    B, Hk, Hv, Dk, Dv = FAILED_SHAPE
+    x = _failed_inputs()
+    runs = {
+        (m, o): _run_failed(failed_program, tmp_path, x, m, o)
+        for m in (True, False)
+        for o in BLOCK_ORDERS
+    }
+    first = runs[(True, "")]
+    for a in first:
+        assert np.isfinite(a).all()
+    for key, outs in runs.items():
+        for a, b in zip(outs, first, strict=True):
+            assert a.tobytes() == b.tobytes(), key
+    dims = (Hk, Dk, Hv, Dv)
+    y_np, s_np, c_np = packed_np(x, None, 1, dims, 1e-6)
+    names = ("proj", "conv_state", "conv_w", "A_log", "dt_bias", "state", "norm_w")
+    kw = dict(_kw(dims), tokens=1, norm_eps=1e-6, backend="ref")
+    y_ref, s_ref, c_ref, _ = gated_delta_decode_packed(*[x[n] for n in names], **kw)
+    y, s, cs = first
+    assert rel_err(y, y_np.reshape(y.shape)) < RTOL[mx.bfloat16]
+    assert rel_err(s, s_np[0]) < RTOL[mx.bfloat16]
+    assert np.array_equal(cs, c_np[0].astype(np.float32))
+    assert rel_err(y, np.asarray(y_ref.astype(mx.float32))) < RTOL[mx.bfloat16] / 4
+    assert rel_err(s, np.asarray(s_ref)) < RTOL[mx.float32] * 10
+    assert np.array_equal(cs, np.asarray(c_ref.astype(mx.float32)))
+
+
+# ThreadSanitizer in CI (a missing barrier inside a block); AddressSanitizer and UBSan (a read or
+# write outside the exact-size inputs and outputs) with -m slow.
+@pytest.mark.parametrize("sanitize", ["thread", pytest.param("address", marks=pytest.mark.slow)])
+def test_packed_failed_case_clean_under_sanitizers(tmp_path, sanitize):
+    (tmp_path / "build").mkdir()
+    program = _failed_program(tmp_path / "build", sanitize)
+    x = _failed_inputs()
+    want = _run_failed(program, tmp_path, x, False)
+    got = _run_failed(program, tmp_path, x, True, "reverse")
+    for a, b in zip(got, want, strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+# Planted faults the checks above must see: y reading the previous head's y (another block's
+# output; NaN until that block has run), and the gated norm reading a partial sum no warp wrote.
+PLANTS = {
+    "block_reads_another": (
+        "        y[vy0 + size_t(t) * vy_step] = static_cast<YT>(out);",
+        "        y[vy0 + size_t(t) * vy_step] = static_cast<YT>(\n"
+        "            out + (hv > 0 ? 1e-3f * static_cast<float>(y[vy0 - Dv]) : 0.0f));",
+    ),
+    "threadgroup_read_unwritten": (
+        "          ssq += norm_tg[w];",
+        "          ssq += norm_tg[w] + (w == 0 ? 0.0f * norm_tg[W] : 0.0f);",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "plant",
+    ["block_reads_another", pytest.param("threadgroup_read_unwritten", marks=pytest.mark.slow)],
+)
+def test_packed_failed_case_checks_can_fail(tmp_path, monkeypatch, plant):
+    """A block reading another's output gives finite, plausible values in the default order and
+    NaN in reverse (so only comparing orders finds it); an unwritten threadgroup slot reads NaN
+    (before session 16 the decode bodies' gd_threadgroup arrays were not poisoned: a zero)."""
+    old, new = PLANTS[plant]
+    assert source.BODY.count(old) == 1
+    monkeypatch.setattr(source, "BODY", source.BODY.replace(old, new))
+    (tmp_path / "build").mkdir()
+    program = _failed_program(tmp_path / "build")
+    x = _failed_inputs()
+    y, _, _ = _run_failed(program, tmp_path, x, True)
+    y_rev, _, _ = _run_failed(program, tmp_path, x, True, "reverse")
+    if plant == "block_reads_another":
+        assert np.isfinite(y).all() and not np.isfinite(y_rev).all()
+    else:
+        assert not np.isfinite(y).any() and not np.isfinite(y_rev).any()

@@ -3,11 +3,14 @@
 Runs only where MLX has a CUDA or Metal GPU. Checks, for T = 1..8 tokens a row, with and without
 masks, at the 0.8B layer shape (Hk = Hv = 16, Dk = Dv = 128) and a GQA one (Hv = 2 Hk), bf16 and
 fp32: y of every token and the (conv, recurrent) state after every token against `ref` (the ops
-of the CPU path, one `gated_delta_decode` a token, on the CPU stream); and that one launch of T
-tokens gives bit for bit what T launches of the one-token packed kernel give (the speculative
-verify step against plain decoding). Outputs start as NaN, so a value the kernel fails to write
-fails. `test_time_packed_tokens` prints a table: one launch of T tokens against T one-token
-launches and against the one-token step (run with -s):
+of the CPU path, one `gated_delta_decode` a token, on the CPU stream, from host copies of the
+inputs; a failure also reports both against the float64 loop); and that one launch of T tokens
+gives bit for bit what T launches of the one-token packed kernel give (the speculative verify
+step against plain decoding). Outputs start as NaN, so a value the kernel fails to write fails.
+(Against float64 alone bf16's tolerance is too close: the ops path itself is up to 0.014 off it
+on these inputs and 0.022 with 1% of them an ulp away; the CPU tests hold the kernel body to
+both: test_decode_kernel_on_cpu.py.) `test_time_packed_tokens` prints a table: one launch of T
+tokens against T one-token launches and against the one-token step (run with -s):
 
     python -m pytest -q -s tests/kernels/test_gpu_decode_tokens.py
 """
@@ -21,6 +24,7 @@ import pytest
 from qwen35_mlx.kernels.gated_delta import gated_delta_decode_packed
 from tests.conftest import RTOL, rel_err
 from tests.kernels.gpu import BACKEND, GPU_ONLY, NAN
+from tests.kernels.helpers import np64, packed_np
 
 pytestmark = GPU_ONLY
 
@@ -59,10 +63,6 @@ def inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed=0, K=4):
     return x
 
 
-def _kw(Hk, Dk, Hv, Dv):
-    return dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv, norm_eps=1e-6)
-
-
 def masks(B, T):
     """Row 0 all real, row 1 left-padded, row 2 a hole in the middle."""
     m = np.ones((B, T), bool)
@@ -95,13 +95,54 @@ def kernel(x, T, mask, dims, stacked=False):
     return y, per + [(cs, s)]
 
 
+def host_copy(a: mx.array) -> mx.array:
+    """`a` rebuilt on the CPU stream from a NumPy copy: the same values in a buffer the GPU never
+    wrote (the copy is read here, on this thread)."""
+    h = np.array(a) if a.dtype == mx.bool_ else np.array(a.astype(mx.float32))
+    with mx.stream(mx.cpu):
+        c = mx.array(h).astype(a.dtype)
+        mx.eval(c)
+    return c
+
+
 def reference(x, T, mask, dims):
+    """MLX's ops (`ref`: one `gated_delta_decode` a token, the kernel's roundings) on the CPU
+    stream: (y [B * T, Hv * Dv], [(conv, state) after each token]).
+
+    From host copies of the inputs: until session 16 this test fed the CPU stream the arrays the
+    GPU had just made, as the chunk kernels' tests did when, in parallel GPU test processes,
+    their MLX reference came out wrong about once a process with the kernel right (NOTES
+    sessions 10-11); MLX 0.32's CUDA allocator moves such a buffer to unified memory on its first
+    CPU use with no lock (allocator.cpp `move_to_unified_memory`), while the CPU stream's encoder
+    (this thread) and its worker thread may both be first. This test's one failure (session 16:
+    T = 1, masked, bf16, y 0.197 off) compared kernel and reference only with each other; a
+    failure now also says which of the two float64 finds off (`_which`; NOTES "packrace")."""
+    Hk, Dk, Hv, Dv = dims
+    xh = {n: host_copy(x[n]) for n in NAMES}
+    mh = None if mask is None else host_copy(mask)
+    kw = dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv, norm_eps=1e-6)
     with mx.stream(mx.cpu):
         y, s, cs, per = gated_delta_decode_packed(
-            *[x[n] for n in NAMES], tokens=T, mask=mask, backend="ref", **_kw(*dims)
+            *[xh[n] for n in NAMES], tokens=T, mask=mh, backend="ref", **kw
         )
         mx.eval(y, s, cs, per)
     return y, (per or [(cs, s)])
+
+
+def _which(x, T, mask, dims, got, want, t=None) -> str:
+    """A failed comparison's message: kernel (got) and reference (want) against the float64
+    loop (`helpers.packed_np`), y or (t given) the state after token t, and where got and want
+    differ most."""
+    m = None if mask is None else np.array(mask)
+    y64, states, _ = packed_np({n: np64(x[n]) for n in NAMES}, m, T, dims, 1e-6)
+    exact = y64.reshape(got.shape) if t is None else states[t]
+    d = np.abs(got - want)
+    i = np.unravel_index(int(np.argmax(d)), d.shape)
+    return (
+        f"against float64: kernel {rel_err(got, exact):.3g}, reference {rel_err(want, exact):.3g}"
+        f"; worst at {i}: kernel {got[i]}, reference {want[i]}, float64 {exact[i]:.6g}; "
+        f"{int((d > 0.01 * np.abs(want).max()).sum())} of {d.size} off by > 1% of the scale"
+    )
 
 
 SHAPES = [(1, 16, 16, 128, 128), (3, 2, 4, 128, 128), (2, 2, 4, 64, 32)]
@@ -128,11 +169,13 @@ def test_packed_tokens_match_ref(shape, T, masked, dtype):
     assert y.shape == (B * T, Hv * Dv) and len(per) == len(per_ref) == T
     y32 = np.array(y.astype(mx.float32))
     assert np.isfinite(y32).all()
-    assert rel_err(y32, np.array(y_ref.astype(mx.float32))) <= RTOL[dtype]
+    yr = np.array(y_ref.astype(mx.float32))
+    assert rel_err(y32, yr) <= RTOL[dtype], _which(x, T, mask, dims, y32, yr)
     for t, ((cs, s), (cs_ref, s_ref)) in enumerate(zip(per, per_ref, strict=True)):
-        assert np.isfinite(np.array(s)).all(), t
+        s, s_ref = np.array(s), np.array(s_ref)
+        assert np.isfinite(s).all(), t
         assert np.array_equal(np.array(cs.astype(mx.float32)), np.array(cs_ref.astype(mx.float32)))
-        assert rel_err(np.array(s), np.array(s_ref)) <= RTOL[dtype], t
+        assert rel_err(s, s_ref) <= RTOL[dtype], (t, _which(x, T, mask, dims, s, s_ref, t))
     if masked:
         off = ~np.array(mask).reshape(-1)
         assert not np.any(y32[off])
