@@ -1337,8 +1337,17 @@ def _swiglu_pair(gate: mx.array, up: mx.array) -> mx.array:
 FUSED_PLAIN_MAX_T = 8
 
 
-@partial(mx.compile, shapeless=True)
 def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up: float16 on the CPU as the native extension's one primitive where it is
+    built (`cpu_ext.silu_mul`: MLX's float16 ops are integer-emulated per element on x86; the
+    same bits, tested against these ops for every float16 gate), else MLX's compiled ops."""
+    if gate.dtype == mx.float16 and cpu_ext.half_ops(gate):
+        return cpu_ext.silu_mul(gate, up)
+    return _swiglu_ops(gate, up)
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu_ops(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
 
 

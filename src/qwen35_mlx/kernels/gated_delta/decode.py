@@ -24,6 +24,7 @@ from functools import partial
 
 import mlx.core as mx
 
+from .. import cpu_ext
 from . import compute_gates
 from .ref import _step
 
@@ -53,23 +54,34 @@ def apply_norm(y: mx.array, norm) -> mx.array:
     return gated_rms_norm(y, z.reshape(y.shape), weight, eps)
 
 
-def conv_qkv_step(qkv, conv_state, conv_w, Hk: int, Dk: int, Hv: int, Dv: int):
+# A float16 conv + silu as the native module's one primitive (`conv_silu`, kernels/cpu_ext) where
+# it is built: the same bits as the ops below (MLX's float16 ops are integer-emulated per element
+# on x86, ~40-110 ns an element a fused chain), the decode step's and the verify pass's alike.
+def _half_conv(native, x: mx.array) -> bool:
+    return native is not None and hasattr(native, "conv_silu") and cpu_ext.half_ops(x)
+
+
+def conv_qkv_step(qkv, conv_state, conv_w, Hk: int, Dk: int, Hv: int, Dv: int, native=None):
     """Conv + silu + split + norms for one token. Returns (q, k [B, Hk, Dk], v [B, Hv, Dv],
-    new conv state [B, K-1, C])."""
+    new conv state [B, K-1, C]). native: the built cpu_ext module (a float16 conv + silu as its
+    one primitive, `_half_conv`) or None."""
     B = qkv.shape[0]
     dtype = qkv.dtype
     x = mx.concatenate([conv_state.astype(dtype), qkv[:, None]], axis=1)  # [B, K, C]
     w = conv_w.astype(dtype)
     K = w.shape[1]
-    # The taps by one split each ([B, 1, C] and [1, C] pieces), not 2K slices and squeezes:
-    # every view is a primitive, i.e. host time, on MLX's CPU stream. Same products and sums.
-    xs = mx.split(x, K, axis=1)
-    ws = mx.split(w.T, K, axis=0)
-    h = xs[0] * ws[0]
-    for j in range(1, K):
-        h = h + xs[j] * ws[j]
-    h = h.reshape(B, -1)
-    h = h * mx.sigmoid(h)  # silu
+    if _half_conv(native, x):
+        h = native.conv_silu(x, w, 1).reshape(B, -1)
+    else:
+        # The taps by one split each ([B, 1, C] and [1, C] pieces), not 2K slices and squeezes:
+        # every view is a primitive, i.e. host time, on MLX's CPU stream. Same products and sums.
+        xs = mx.split(x, K, axis=1)
+        ws = mx.split(w.T, K, axis=0)
+        h = xs[0] * ws[0]
+        for j in range(1, K):
+            h = h + xs[j] * ws[j]
+        h = h.reshape(B, -1)
+        h = h * mx.sigmoid(h)  # silu
     key_dim = Hk * Dk
     q = _l2norm(h[:, :key_dim].reshape(B, Hk, Dk)) * (Dk**-0.5)
     k = _l2norm(h[:, key_dim : 2 * key_dim].reshape(B, Hk, Dk))
@@ -110,7 +122,7 @@ def _native_step(native, q, k, v, g, beta, S, m):
 
 
 def _decode_native(native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims):
-    q, k, v, new_conv = conv_qkv_step(qkv, conv_state, conv_w, *dims)
+    q, k, v, new_conv = conv_qkv_step(qkv, conv_state, conv_w, *dims, native=native)
     g, beta = compute_gates(a, b, A_log, dt_bias)
     y, state = _native_step(native, q, k, v, g, beta, state.astype(mx.float32), mask)
     return y, state, new_conv
@@ -206,11 +218,14 @@ def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T,
     x = mx.concatenate([conv_state.astype(dtype), qkv.reshape(B, T, C)], axis=1)  # [B, K-1+T, C]
     w = conv_w.astype(dtype)
     K = w.shape[1]
-    ws = mx.split(w.T, K, axis=0)  # [1, C] each, as `conv_qkv_step`
-    h = x[:, 0:T] * ws[0]
-    for j in range(1, K):
-        h = h + x[:, j : j + T] * ws[j]
-    h = h * mx.sigmoid(h)  # [B, T, C]
+    if _half_conv(native, x):
+        h = native.conv_silu(x, w, T)  # [B, T, C]
+    else:
+        ws = mx.split(w.T, K, axis=0)  # [1, C] each, as `conv_qkv_step`
+        h = x[:, 0:T] * ws[0]
+        for j in range(1, K):
+            h = h + x[:, j : j + T] * ws[j]
+        h = h * mx.sigmoid(h)  # [B, T, C]
     key_dim = Hk * Dk
     q = _l2norm(h[..., :key_dim].reshape(B, T, Hk, Dk)) * (Dk**-0.5)
     k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
