@@ -34,7 +34,9 @@ from qwen35_mlx.models.cache import LinearCache, set_history
 # isort: on
 
 
-def probe(model, context: int, iters: int, repeats: int) -> dict:
+def probe_calls(model, context: int) -> dict:
+    """The calls S, V2, R1, H1, H2 (module doc) over a random prompt of `context` tokens, each
+    leaving the caches as it found them."""
     vocab = model.config.vocab_size
     prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0))
     cache = model.make_cache()
@@ -73,7 +75,11 @@ def probe(model, context: int, iters: int, repeats: int) -> dict:
 
         return run
 
-    fns = {"S": step, "V2": verify, "R1": round_, "H1": head(1), "H2": head(2)}
+    return {"S": step, "V2": verify, "R1": round_, "H1": head(1), "H2": head(2)}
+
+
+def probe(model, context: int, iters: int, repeats: int) -> dict:
+    fns = probe_calls(model, context)
     for fn in fns.values():
         for _ in range(5):
             fn()
