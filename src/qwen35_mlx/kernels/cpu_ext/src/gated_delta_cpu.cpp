@@ -133,7 +133,8 @@ ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
         a.y[yi] = 0.0f;
         if (cur != dst) std::copy(cur, cur + Dk, dst);
         cur = dst;
-        if (a.s_tok != nullptr && t + 1 < T) std::copy(dst, dst + Dk, a.s_tok + (t * n_rows + row) * Dk);
+        if (a.s_tok != nullptr && t + 1 < T)
+          std::copy(dst, dst + Dk, a.s_tok + (t * n_rows + row) * Dk);
         continue;
       }
       const float* kt = a.k + (bt * Hk + kh) * Dk;
@@ -164,7 +165,8 @@ ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
       }
       a.y[yi] = sq + delta * a.kq[bt * Hk + kh];
       cur = dst;
-      if (a.s_tok != nullptr && t + 1 < T) std::copy(dst, dst + Dk, a.s_tok + (t * n_rows + row) * Dk);
+      if (a.s_tok != nullptr && t + 1 < T)
+        std::copy(dst, dst + Dk, a.s_tok + (t * n_rows + row) * Dk);
     }
   }
 }

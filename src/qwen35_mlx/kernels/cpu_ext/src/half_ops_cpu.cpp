@@ -206,7 +206,8 @@ class ConvSiluCPU : public mx::Primitive {
         sx = C;
       }
       half* o = reinterpret_cast<half*>(out.data<mx::float16_t>());
-      for (int64_t b = 0; b < B; ++b) conv_silu_rows(xp + b * sb, sx, wt.data(), K, T, C, o + b * T * C);
+      for (int64_t b = 0; b < B; ++b)
+        conv_silu_rows(xp + b * sb, sx, wt.data(), K, T, C, o + b * T * C);
     });
   }
 

@@ -9,7 +9,9 @@ void register_attention(nb::module_& m);
 void register_half_ops(nb::module_& m);
 
 NB_MODULE(_qwen35_mlx_cpu, m) {
-  m.doc() = "qwen35_mlx: native CPU primitives (gated delta, few-rows matmul, decode attention, float16 chains)";
+  m.doc() =
+      "qwen35_mlx: native CPU primitives (gated delta, few-rows matmul, decode attention, "
+      "float16 chains)";
   register_gated_delta(m);
   register_matmul_rows(m);
   register_attention(m);
