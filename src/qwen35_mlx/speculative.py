@@ -47,10 +47,8 @@ from .models.cache import MROPE_PROMPT, MROPE_SHIFT, LinearCache, mrope_holder, 
 # stream_generate queues a greedy k = 1 round's successor before it hands out the round's tokens
 # (`MTPSpeculator.prefetch`): the host's work between rounds (the responses, detokenizing, the
 # next call's graph) then overlaps with the model's, as plain decoding's next step does
-# (mlx-lm's loop). Same calls and numbers. "cpu" (the default): where the default device is the
-# CPU (measured there: benchmarks/NOTES.md, "Session 16, helper mtpround"; not yet on a GPU);
-# True: everywhere; False: each round only when asked (A/B).
-PREFETCH: str | bool = "cpu"
+# (mlx-lm's loop). Same calls and numbers; False: each round only when asked (A/B).
+PREFETCH = True
 
 
 def text_model(model: nn.Module) -> nn.Module:
@@ -259,8 +257,6 @@ class MTPSpeculator:
         True when a round was queued."""
         if self._issued is not None:
             return True
-        if PREFETCH == "cpu" and mx.default_device() != mx.cpu:
-            return False
         if not PREFETCH or self._next is None or self.model is not self.text:
             return False
         fused = self.text.verify_and_draft(self._next, self.cache, self.mtp_cache)
