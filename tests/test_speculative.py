@@ -90,32 +90,6 @@ def test_mtp_with_prompt_cache_same_tokens(model, tok, monkeypatch):
     assert got2 == want2
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 8, 13])
-def test_prefetched_round_taken_back_when_generation_stops(model, tok, n):
-    """Greedy k = 1 queues the next round before a round's tokens go out (`PREFETCH`): however
-    generation stops (max_tokens at any point of a round, or the caller closing the stream),
-    the prompt cache ends holding what was handed out, and a second turn over it gives plain
-    decoding's tokens."""
-    want = _tokens(model, tok, mtp=False)
-    pc = PromptCache(model)
-    got = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=n, mtp=True, mtp_k=1,
-                                            prompt_cache=pc)]  # fmt: skip
-    assert got == want[:n]
-    assert pc.tokens == PROMPT + want[: n - 1]
-    turn2 = PROMPT + want[:n] + [11, 12]
-    again = [r.token for r in stream_generate(model, tok, turn2, max_tokens=6, prompt_cache=pc)]
-    assert again == _tokens(model, tok, turn2, mtp=False)[:6]
-    # the caller stops reading: the queued round leaves too
-    pc = PromptCache(model)
-    stream = stream_generate(model, tok, PROMPT, max_tokens=N, mtp=True, mtp_k=1, prompt_cache=pc)
-    got = [next(stream).token for _ in range(n)]
-    stream.close()
-    assert got == want[:n]
-    turn2 = PROMPT + pc.tokens[len(PROMPT) :] + [11, 12]
-    again = [r.token for r in stream_generate(model, tok, turn2, max_tokens=6, prompt_cache=pc)]
-    assert again == _tokens(model, tok, turn2, mtp=False)[:6]
-
-
 def test_mtp_k_checked(model, tok):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="mtp_k"):

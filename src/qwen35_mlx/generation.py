@@ -419,7 +419,6 @@ def _responses(
                 mx.clear_cache()
             y, logprobs, extra = following
     finally:
-        tokens.close()  # its own clean-up first (a queued MTP round, tokens not handed out)
         if managed is not None:
             managed.commit(cache, fed)
 
@@ -544,14 +543,10 @@ def _stream_speculative(
                     fed.append(token)  # the previous round's last token
                     fed.extend(toks[:-1])
                     queue = [(t, lps[0, j], j < len(toks) - 1) for j, t in enumerate(toks)]
-                    # The next round runs while this one's tokens go out (as plain decoding
-                    # queues its next step): taken back below if generation stops first.
-                    spec.prefetch()
                 token, cur_logprobs, from_draft = queue.pop(0)
                 extra = {"from_draft": from_draft, "mtp_acceptance": spec.stats.acceptance}
                 yield token, cur_logprobs, extra
         except GeneratorExit:
-            spec.cancel_prefetch()
             if queue:
                 # stopped inside a round: the cache holds tokens past this one; take them back
                 spec.unfeed(len(queue))

@@ -44,12 +44,6 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .models.cache import MROPE_PROMPT, MROPE_SHIFT, LinearCache, mrope_holder, set_history
 
-# stream_generate queues a greedy k = 1 round's successor before it hands out the round's tokens
-# (`MTPSpeculator.prefetch`): the host's work between rounds (the responses, detokenizing, the
-# next call's graph) then overlaps with the model's, as plain decoding's next step does
-# (mlx-lm's loop). Same calls and numbers; False: each round only when asked (A/B).
-PREFETCH = True
-
 
 def text_model(model: nn.Module) -> nn.Module:
     """The text model of a text or vision-language model."""
@@ -154,7 +148,6 @@ class MTPSpeculator:
         self._ready: tuple | None = None  # (first drafts [B], MTP hidden [B, 1, H]) for _draft
         self._next: mx.array | None = None  # [B, 2] the next greedy k = 1 round's input
         self._ready_drafts: mx.array | None = None  # the drafts [B, 1] a k = 1 round made
-        self._issued: tuple | None = None  # (input, outputs) of a round `prefetch` queued
 
     # MTP positions: for the VLM, those the main model used (M-RoPE); otherwise None, and the
     # MTP cache offset (one entry per position) gives them.
@@ -248,41 +241,10 @@ class MTPSpeculator:
         self._q = None if self.sampling.greedy else mx.stack(qs, axis=1)  # [B, K, V]
         self._pending_h = None
 
-    def prefetch(self) -> bool:
-        """Queue the next round's model work now (a greedy k = 1 round, whose input the last
-        round made on the host: `_next`), evaluated asynchronously, so that it runs while the
-        caller hands out this round's tokens; `round()` then takes it up. The same call and the
-        same numbers as `round()` would make, only earlier; both caches advance now, and
-        `cancel_prefetch` (also called by `unfeed` and `filter`) takes the queued round back out.
-        True when a round was queued."""
-        if self._issued is not None:
-            return True
-        if not PREFETCH or self._next is None or self.model is not self.text:
-            return False
-        fused = self.text.verify_and_draft(self._next, self.cache, self.mtp_cache)
-        if fused is None:
-            return False
-        mx.async_eval(fused[2], fused[4])  # the round's target and drafts (and so the caches)
-        self._issued, self._next = (self._next, fused), None
-        return True
-
-    def cancel_prefetch(self) -> None:
-        """Take a queued round (`prefetch`) back out of both caches; its input is kept."""
-        if self._issued is None:
-            return
-        inp, _ = self._issued
-        self._issued = None
-        for c in self.cache + self.mtp_cache:
-            c.trim(inp.shape[1])
-        self._next = inp
-
     def round(self) -> tuple[list[list[int]], mx.array]:
         """One verify pass. Returns per row the m + 1 emitted tokens, and their logprobs
         [B, m + 1, V]. The main cache then holds y and the m accepted drafts."""
         B, K = self._drafts.shape
-        if self._issued is not None:  # queued by `prefetch`
-            (inp, fused), self._issued = self._issued, None
-            return self._greedy_round(*fused, inp.dtype)
         if self._next is not None:  # a greedy k = 1 round's tokens, on the host already
             inp, self._next = self._next, None
         else:
@@ -369,7 +331,6 @@ class MTPSpeculator:
 
     def filter(self, rows: mx.array) -> None:
         """Keep only `rows` (indices) of the batch, in the main and MTP caches alike."""
-        self.cancel_prefetch()
         for c in self.cache + self.mtp_cache:
             c.filter(rows)
         self._y = self._y[rows]
@@ -379,9 +340,7 @@ class MTPSpeculator:
             self._q = self._q[rows]
 
     def unfeed(self, n: int) -> None:
-        """Take the last `n` tokens back out of the main cache (the caller stopped early); a
-        queued round (`prefetch`) goes first."""
-        self.cancel_prefetch()
+        """Take the last `n` tokens back out of the main cache (the caller stopped early)."""
         if n > 0:
             for c in self.cache:
                 c.trim(n)
