@@ -147,3 +147,28 @@ def test_routing_gives_the_same_bits(half_ops_switch):
         got[on] = [layers._swiglu(gate, up), q, k, v, c]
     for a, b in zip(got[False], got[True], strict=True):
         assert a.dtype == b.dtype and np.array_equal(np.array(a), np.array(b))
+
+
+@pytest.mark.parametrize("R", [1, 2, 5, 9])
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 2e4])
+def test_matmul_rows_half_in_and_out(R, scale):
+    """`matmul_rows(x16, [w], half_out=True)` is `(x16.astype(f32) @ w).astype(f16)` through the
+    float32 native call, bit for bit: float16 x read exactly, each result rounded as astype
+    (subnormal results at scale 1e-4, overflow to inf at 2e4)."""
+    rng = np.random.default_rng(R)
+    K, N = 128, 200
+    x = mx.array((rng.standard_normal((R, K)) * scale).astype(np.float16))
+    w = mx.array((rng.standard_normal((K, N)) * 0.5).astype(np.float32))
+    got = cpu_ext.matmul_rows(x, [w], half_out=True)[0]
+    want = cpu_ext.matmul_rows(x.astype(mx.float32), [w])[0].astype(mx.float16)
+    bits_equal(got, want)
+    bits_equal(got, mx.compile(lambda x, w: (x.astype(mx.float32) @ w).astype(mx.float16))(x, w))
+    if scale == 2e4:
+        assert np.isinf(np.array(got)).any()
+    # strided x (a column slice of a wider matrix) and a [R, 1, K] shape
+    wide = mx.array((rng.standard_normal((R, 2 * K)) * scale).astype(np.float16))
+    xs = wide[:, K:]
+    bits_equal(cpu_ext.matmul_rows(xs, [w], half_out=True)[0],
+               cpu_ext.matmul_rows(xs.astype(mx.float32), [w])[0].astype(mx.float16))  # fmt: skip
+    x3 = x.reshape(R, 1, K)
+    bits_equal(cpu_ext.matmul_rows(x3, [w], half_out=True)[0], want.reshape(R, 1, N))

@@ -99,11 +99,12 @@ CPU_NATIVE_MATMUL: str | bool = "auto"
 CPU_NATIVE_MATMUL_MAX_ROWS = 32
 
 
-def _native_matmul(x: mx.array, ws) -> bool:
-    """Whether x @ w for each w of `ws` (float32 [K, N]) runs as one native call."""
+def _native_matmul(x: mx.array, ws, x_dtype=mx.float32) -> bool:
+    """Whether x @ w for each w of `ws` (float32 [K, N]) runs as one native call (x of
+    `x_dtype`: float32, or float16 for the native call's own casts)."""
     if not CPU_NATIVE_MATMUL or mx.default_device() != mx.cpu:
         return False
-    if x.dtype != mx.float32 or not all(w.ndim == 2 and w.dtype == mx.float32 for w in ws):
+    if x.dtype != x_dtype or not all(w.ndim == 2 and w.dtype == mx.float32 for w in ws):
         return False
     if x.ndim == 0 or x.size > CPU_NATIVE_MATMUL_MAX_ROWS * x.shape[-1]:
         return False
@@ -304,6 +305,9 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
     """x through the one matrix (plain or quantized) `prepare_projections` made for `names`."""
     w = owner[_key(names)]
     if made.fp32:
+        if x.dtype == mx.float16 and cpu_ext.half_ops(x) and _native_matmul(x, [w], x.dtype):
+            # The casts in the native call (`half_out`): two primitives fewer, the same bits.
+            return cpu_ext.matmul_rows(x, [w], half_out=True)[0]
         x32 = x.astype(mx.float32)
         y = cpu_ext.matmul_rows(x32, [w])[0] if _native_matmul(x32, [w]) else x32 @ w
         return y.astype(x.dtype)

@@ -183,16 +183,18 @@ def main() -> int:
     return 0
 
 
-def matmul_rows(x: mx.array, weights, adds=None) -> list[mx.array]:
-    """[x @ w (+ add) for each w (and add)]: x float32 [..., K] (a few rows), each w float32
-    [K, N], each add float32 of its output's shape [..., N]; one primitive on the CPU stream.
-    Summed in k order, every product and add rounded on its own, as MLX's bundled reference
-    BLAS sums a float32 matmul: the same bits as `x @ w` there, and each row's whatever the
-    number of rows. Needs the built module (`available()`)."""
+def matmul_rows(x: mx.array, weights, adds=None, half_out: bool = False) -> list[mx.array]:
+    """[x @ w (+ add) for each w (and add)]: x float32 or float16 (converted to float32
+    exactly) [..., K] (a few rows), each w float32 [K, N], each add float32 of its output's
+    shape [..., N]; one primitive on the CPU stream. Summed in k order, every product and add
+    rounded on its own, as MLX's bundled reference BLAS sums a float32 matmul: the same bits as
+    `x @ w` there, and each row's whatever the number of rows. `half_out`: each result rounded
+    to float16 as `astype` rounds (no adds then): `(x.astype(f32) @ w).astype(f16)` in one
+    primitive. Needs the built module (`available()`)."""
     mod = load()
     if mod is None:
         raise RuntimeError("cpu_ext: not built (python -m qwen35_mlx.kernels.cpu_ext)")
-    return mod.matmul_rows(x, list(weights), None if adds is None else list(adds))
+    return mod.matmul_rows(x, list(weights), None if adds is None else list(adds), half_out)
 
 
 # The float16 chains (`silu_mul`, `conv_silu`) where the module is built, on the CPU (the
