@@ -84,7 +84,7 @@ def probe_calls(model, context: int) -> dict:
 # `--variants`: module settings read while a compiled step is traced, per variant name.
 VARIANTS = {
     "ops": dict(HALF_OPS=False, NATIVE_RECORD=False),  # before session 16
-    "half": dict(HALF_OPS=True, NATIVE_RECORD=False),  # float16 chains native
+    "half": dict(HALF_OPS=True, NATIVE_RECORD=False),  # float16 chains and casts native
     "now": dict(HALF_OPS=True, NATIVE_RECORD=True),  # + the T tokens' one native call
 }
 STEPS = ("decode", "verify", "mtp", "round")
