@@ -31,6 +31,7 @@ import mlx.core as mx
 from qwen35_mlx import load
 from qwen35_mlx.kernels import cpu_ext
 from qwen35_mlx.kernels.gated_delta import decode as decode_mod
+from qwen35_mlx.models import layers as layers_mod
 from qwen35_mlx.models import text as text_mod
 from qwen35_mlx.models.cache import LinearCache, set_history
 
@@ -83,9 +84,10 @@ def probe_calls(model, context: int) -> dict:
 
 # `--variants`: module settings read while a compiled step is traced, per variant name.
 VARIANTS = {
-    "ops": dict(HALF_OPS=False, NATIVE_RECORD=False),  # before session 16
-    "half": dict(HALF_OPS=True, NATIVE_RECORD=False),  # float16 chains and casts native
-    "now": dict(HALF_OPS=True, NATIVE_RECORD=True),  # + the T tokens' one native call
+    "ops": dict(HALF_OPS=False, NATIVE_RECORD=False, ROPE_JOINT=False),  # before session 16
+    "half": dict(HALF_OPS=True, NATIVE_RECORD=False, ROPE_JOINT=False),  # f16 chains, casts
+    "rec": dict(HALF_OPS=True, NATIVE_RECORD=True, ROPE_JOINT=False),  # + T tokens' one call
+    "now": dict(HALF_OPS=True, NATIVE_RECORD=True, ROPE_JOINT=True),  # + q and k's one rope
 }
 STEPS = ("decode", "verify", "mtp", "round")
 
@@ -94,6 +96,7 @@ def set_variant(name: str) -> None:
     flags = VARIANTS[name]
     cpu_ext.HALF_OPS = flags["HALF_OPS"]
     decode_mod.NATIVE_RECORD = flags["NATIVE_RECORD"]
+    layers_mod.ROPE_JOINT = flags["ROPE_JOINT"]
 
 
 def probe(model, context: int, iters: int, repeats: int, variants=("now",)) -> dict:

@@ -1262,7 +1262,17 @@ class Attention(nn.Module):
         if rope is not None:
             return apply_rotate_half(q, *rope), apply_rotate_half(k, *rope)
         offset = cache.offset if cache is not None else 0
+        if ROPE_JOINT and mx.default_device() == mx.cpu and q.dtype == k.dtype:
+            # One rope over q | k (heads side by side): on the CPU mx.fast.rope is MLX's
+            # fallback graph, ~12 primitives a call of which most make its cos and sin; the
+            # rotation is elementwise by position, so the same bits as two calls.
+            qk = self.rope(mx.concatenate([q, k], axis=1), offset)
+            return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
         return self.rope(q, offset), self.rope(k, offset)
+
+
+# q and k through one rope call on the CPU (`Attention._rotate`); False: two calls (A/B).
+ROPE_JOINT = True
 
 
 class MLP(nn.Module):
