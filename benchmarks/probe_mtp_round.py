@@ -14,6 +14,7 @@ minus the generation loop's own costs. `--fp32-decode` sets `text.CPU_FP32_DECOD
 
     python benchmarks/probe_mtp_round.py                  # tiny model, CPU
     python benchmarks/probe_mtp_round.py --fp32-decode all
+    python benchmarks/probe_mtp_round.py --fp32-decode all --variants ops,half,now  # A/B
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ import qwen35_mlx  # noqa: F401  (first: its BLAS preload must precede mlx's fir
 import mlx.core as mx
 
 from qwen35_mlx import load
+from qwen35_mlx.kernels import cpu_ext
+from qwen35_mlx.kernels.gated_delta import decode as decode_mod
+from qwen35_mlx.models import layers as layers_mod
 from qwen35_mlx.models import text as text_mod
 from qwen35_mlx.models.cache import LinearCache, set_history
 
 # isort: on
 
 
-def probe(model, context: int, iters: int, repeats: int) -> dict:
+def probe_calls(model, context: int) -> dict:
+    """The calls S, V2, R1, H1, H2 (module doc) over a random prompt of `context` tokens, each
+    leaving the caches as it found them."""
     vocab = model.config.vocab_size
     prompt = mx.random.randint(0, vocab, (1, context), key=mx.random.key(0))
     cache = model.make_cache()
@@ -73,18 +79,51 @@ def probe(model, context: int, iters: int, repeats: int) -> dict:
 
         return run
 
-    fns = {"S": step, "V2": verify, "R1": round_, "H1": head(1), "H2": head(2)}
-    for fn in fns.values():
-        for _ in range(5):
-            fn()
-    runs = {name: [] for name in fns}
+    return {"S": step, "V2": verify, "R1": round_, "H1": head(1), "H2": head(2)}
+
+
+# `--variants`: module settings read while a compiled step is traced, per variant name.
+VARIANTS = {
+    "ops": dict(HALF_OPS=False, NATIVE_RECORD=False, ROPE_JOINT=False),  # before session 16
+    "half": dict(HALF_OPS=True, NATIVE_RECORD=False, ROPE_JOINT=False),  # f16 chains, casts
+    "rec": dict(HALF_OPS=True, NATIVE_RECORD=True, ROPE_JOINT=False),  # + T tokens' one call
+    "now": dict(HALF_OPS=True, NATIVE_RECORD=True, ROPE_JOINT=True),  # + q and k's one rope
+}
+STEPS = ("decode", "verify", "mtp", "round")
+
+
+def set_variant(name: str) -> None:
+    flags = VARIANTS[name]
+    cpu_ext.HALF_OPS = flags["HALF_OPS"]
+    decode_mod.NATIVE_RECORD = flags["NATIVE_RECORD"]
+    layers_mod.ROPE_JOINT = flags["ROPE_JOINT"]
+
+
+def probe(model, context: int, iters: int, repeats: int, variants=("now",)) -> dict:
+    """CPU ms a call, median over blocks; per variant its own compiled steps (traced under its
+    settings), swapped in block by block."""
+    fns = probe_calls(model, context)
+    steps = {}
+    for v in variants:
+        set_variant(v)
+        for n in STEPS:
+            setattr(model, f"_{n}_step", mx.compile(getattr(model, f"_{n}_impl"), inputs=model))
+        for fn in fns.values():
+            for _ in range(5):
+                fn()
+        steps[v] = {n: getattr(model, f"_{n}_step") for n in STEPS}
+    runs = {(v, name): [] for v in variants for name in fns}
     for rep in range(repeats):
-        for name in list(fns) if rep % 2 == 0 else list(reversed(fns)):
-            c0 = time.process_time()
-            for _ in range(iters):
-                fns[name]()
-            runs[name].append(1e3 * (time.process_time() - c0) / iters)
-    return {name: statistics.median(v) for name, v in runs.items()}
+        for v in variants if rep % 2 == 0 else variants[::-1]:
+            set_variant(v)
+            for n in STEPS:
+                setattr(model, f"_{n}_step", steps[v][n])
+            for name in list(fns) if rep % 2 == 0 else list(reversed(fns)):
+                c0 = time.process_time()
+                for _ in range(iters):
+                    fns[name]()
+                runs[(v, name)].append(1e3 * (time.process_time() - c0) / iters)
+    return {k: statistics.median(t) for k, t in runs.items()}
 
 
 def main(argv=None) -> dict:
@@ -94,13 +133,21 @@ def main(argv=None) -> dict:
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument(
+        "--variants",
+        default="now",
+        help=f"comma-separated, alternated in one process: {', '.join(VARIANTS)} (VARIANTS)",
+    )
     args = p.parse_args(argv)
     text_mod.CPU_FP32_DECODE = False if args.fp32_decode == "off" else args.fp32_decode
     model, _ = load(args.model or Path(qwen35_mlx.__file__).parent / "assets" / "tiny")
-    ms = probe(model, args.context, args.iters, args.repeats)
+    variants = tuple(args.variants.split(","))
+    ms = probe(model, args.context, args.iters, args.repeats, variants)
     print(f"{mx.default_device()}, CPU_FP32_DECODE {args.fp32_decode}: CPU ms per call")
-    for name, v in ms.items():
-        print(f"{name:3s} {v:7.3f} ms  {v / ms['S']:.3f} S")
+    for v in variants:
+        S = ms[(v, "S")]
+        print(f"{v}: " + ", ".join(f"{n} {ms[(v, n)]:.3f} ms ({ms[(v, n)] / S:.3f} S)"
+                                   for vv, n in ms if vv == v))  # fmt: skip
     return ms
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import qwen35_mlx.kernels.gated_delta as gd
 from qwen35_mlx.kernels.gated_delta import gated_delta_decode, gated_delta_update
+from qwen35_mlx.models.cache import _TokenStates
 from qwen35_mlx.models.layers import _conv_qkv_decode
 from tests.conftest import RTOL, rel_err
 from tests.kernels.helpers import gated_delta_decode_np, make_decode_inputs, np64
@@ -225,11 +226,18 @@ def _packed_inputs(B, T, Hk, Hv, Dk, Dv, K, dtype, seed):
 
 
 def _packed(proj, x, norm_w, T, mask, dims, backend="ref"):
+    """The packed call; the states after each token as a list of T (conv, state) pairs, also
+    where the call gives the recorded arrays (the native recurrence's one call, the GPU
+    kernel's): taken apart as the cache's rollback takes them (`cache._TokenStates.at`)."""
     Hk, Dk, Hv, Dv = dims
-    return gd.gated_delta_decode_packed(
+    y, s, cs, per = gd.gated_delta_decode_packed(
         proj, x["conv_state"], x["conv_w"], x["A_log"], x["dt_bias"], x["state"], norm_w,
         tokens=T, mask=mask, backend=backend, **_kw(Hk, Dk, Hv, Dv),
     )  # fmt: skip
+    if per is not None and isinstance(per[0], mx.array):
+        rec = _TokenStates(per, final=(cs, s), n=T)
+        per = [rec.at(t) for t in range(T)]
+    return y, s, cs, per
 
 
 def _token_masks(B, T):

@@ -99,11 +99,12 @@ CPU_NATIVE_MATMUL: str | bool = "auto"
 CPU_NATIVE_MATMUL_MAX_ROWS = 32
 
 
-def _native_matmul(x: mx.array, ws) -> bool:
-    """Whether x @ w for each w of `ws` (float32 [K, N]) runs as one native call."""
+def _native_matmul(x: mx.array, ws, x_dtype=mx.float32) -> bool:
+    """Whether x @ w for each w of `ws` (float32 [K, N]) runs as one native call (x of
+    `x_dtype`: float32, or float16 for the native call's own casts)."""
     if not CPU_NATIVE_MATMUL or mx.default_device() != mx.cpu:
         return False
-    if x.dtype != mx.float32 or not all(w.ndim == 2 and w.dtype == mx.float32 for w in ws):
+    if x.dtype != x_dtype or not all(w.ndim == 2 and w.dtype == mx.float32 for w in ws):
         return False
     if x.ndim == 0 or x.size > CPU_NATIVE_MATMUL_MAX_ROWS * x.shape[-1]:
         return False
@@ -304,6 +305,9 @@ def _fused_matmul(owner: nn.Module, names: tuple[str, ...], made: _Fused, x: mx.
     """x through the one matrix (plain or quantized) `prepare_projections` made for `names`."""
     w = owner[_key(names)]
     if made.fp32:
+        if x.dtype == mx.float16 and cpu_ext.half_ops(x) and _native_matmul(x, [w], x.dtype):
+            # The casts in the native call (`half_out`): two primitives fewer, the same bits.
+            return cpu_ext.matmul_rows(x, [w], half_out=True)[0]
         x32 = x.astype(mx.float32)
         y = cpu_ext.matmul_rows(x32, [w])[0] if _native_matmul(x32, [w]) else x32 @ w
         return y.astype(x.dtype)
@@ -1281,7 +1285,17 @@ class Attention(nn.Module):
         if rope is not None:
             return apply_rotate_half(q, *rope), apply_rotate_half(k, *rope)
         offset = cache.offset if cache is not None else 0
+        if ROPE_JOINT and mx.default_device() == mx.cpu and q.dtype == k.dtype:
+            # One rope over q | k (heads side by side): on the CPU mx.fast.rope is MLX's
+            # fallback graph, ~12 primitives a call of which most make its cos and sin; the
+            # rotation is elementwise by position, so the same bits as two calls.
+            qk = self.rope(mx.concatenate([q, k], axis=1), offset)
+            return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
         return self.rope(q, offset), self.rope(k, offset)
+
+
+# q and k through one rope call on the CPU (`Attention._rotate`); False: two calls (A/B).
+ROPE_JOINT = True
 
 
 class MLP(nn.Module):
@@ -1360,8 +1374,17 @@ def _swiglu_pair(gate: mx.array, up: mx.array) -> mx.array:
 FUSED_PLAIN_MAX_T = 8
 
 
-@partial(mx.compile, shapeless=True)
 def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up: float16 on the CPU as the native extension's one primitive where it is
+    built (`cpu_ext.silu_mul`: MLX's float16 ops are integer-emulated per element on x86; the
+    same bits, tested against these ops for every float16 gate), else MLX's compiled ops."""
+    if gate.dtype == mx.float16 and cpu_ext.half_ops(gate):
+        return cpu_ext.silu_mul(gate, up)
+    return _swiglu_ops(gate, up)
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu_ops(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
 
 

@@ -11,6 +11,10 @@ work inside `mx.compile`:
 - `matmul_rows(x, weights, adds=None)` (`src/matmul_rows_cpu.cpp`): `x @ W (+ add)` for a few
   rows of float32 x and each [K, N] W, W read once for all rows, summed as MLX's reference BLAS
   sums (the same bits). `matmul_rows` below.
+- `silu_mul(a, b)`, `conv_silu(x, w, tokens)` (`src/half_ops_cpu.cpp`): two float16 chains of a
+  decode step (the MLP's swiglu; the linear layers' causal conv + silu) rounded as MLX's float16
+  ops round (the same bits), with hardware conversions: on x86 MLX emulates float16 per element
+  and op. `HALF_OPS` below.
 
 Building needs cmake, a C++20 compiler and nanobind of MLX's ABI (`pip install "nanobind>=3"` for
 mlx 0.32); nothing else in the package needs them. Build it once per machine (about a minute
@@ -179,13 +183,49 @@ def main() -> int:
     return 0
 
 
-def matmul_rows(x: mx.array, weights, adds=None) -> list[mx.array]:
-    """[x @ w (+ add) for each w (and add)]: x float32 [..., K] (a few rows), each w float32
-    [K, N], each add float32 of its output's shape [..., N]; one primitive on the CPU stream.
-    Summed in k order, every product and add rounded on its own, as MLX's bundled reference
-    BLAS sums a float32 matmul: the same bits as `x @ w` there, and each row's whatever the
-    number of rows. Needs the built module (`available()`)."""
+def matmul_rows(x: mx.array, weights, adds=None, half_out: bool = False) -> list[mx.array]:
+    """[x @ w (+ add) for each w (and add)]: x float32 or float16 (converted to float32
+    exactly) [..., K] (a few rows), each w float32 [K, N], each add float32 of its output's
+    shape [..., N]; one primitive on the CPU stream. Summed in k order, every product and add
+    rounded on its own, as MLX's bundled reference BLAS sums a float32 matmul: the same bits as
+    `x @ w` there, and each row's whatever the number of rows. `half_out`: each result rounded
+    to float16 as `astype` rounds (no adds then): `(x.astype(f32) @ w).astype(f16)` in one
+    primitive. Needs the built module (`available()`)."""
     mod = load()
     if mod is None:
         raise RuntimeError("cpu_ext: not built (python -m qwen35_mlx.kernels.cpu_ext)")
-    return mod.matmul_rows(x, list(weights), None if adds is None else list(adds))
+    return mod.matmul_rows(x, list(weights), None if adds is None else list(adds), half_out)
+
+
+# The float16 chains (`silu_mul`, `conv_silu`) where the module is built, on the CPU (the
+# callers: models/layers.py's swiglu, kernels/gated_delta/decode.py's conv). Their bits are MLX's
+# float16 ops' (tests/kernels/test_half_ops.py), so this switch only moves time. False: MLX's ops.
+HALF_OPS = True
+
+
+def half_ops(x: mx.array) -> bool:
+    """Whether float16 `x`'s chains run as the native primitives (`HALF_OPS`)."""
+    return (
+        HALF_OPS
+        and x.dtype == mx.float16
+        and mx.default_device() == mx.cpu
+        and hasattr(load(), "silu_mul")
+    )
+
+
+def silu_mul(a: mx.array, b: mx.array) -> mx.array:
+    """silu(a) * b for float16 a, b of one shape (any strides), as MLX's float16 ops round it:
+    sigmoid as MLX's (its polynomial exp, rounded to float16), then each product rounded to
+    float16. One primitive on the CPU stream. Needs the built module."""
+    if a.shape != b.shape:
+        b = mx.broadcast_to(b, a.shape) if a.ndim >= b.ndim else b
+        a = mx.broadcast_to(a, b.shape)
+    return load().silu_mul(a, b)
+
+
+def conv_silu(x: mx.array, w: mx.array, tokens: int) -> mx.array:
+    """silu(sum_j x[:, t + j] * w[:, j]) for t < tokens: the causal depthwise conv of float16
+    x [B, K-1+T, C] (channels contiguous) and w [C, K] -> [B, T, C], each product and sum
+    rounded to float16 in that order, as MLX's ops (h = x_0 w_0; h = h + x_j w_j; silu). One
+    primitive on the CPU stream. Needs the built module."""
+    return load().conv_silu(x, w, tokens)

@@ -505,7 +505,7 @@ def gated_delta_decode_packed(
     they are states as they stand; `stacked`: [T-1, B, ...], the same memory) or a list of T
     (conv state, state) pairs (the ops: on the CPU or with backend "ref" all T tokens at once,
     decode.py `gated_delta_decode_tokens_ref`, bit for bit T `gated_delta_decode` calls; else
-    one call a token)).
+    one call a token; the native CPU recurrence's one call gives the rows form above)).
     """
     Hk, Dk, Hv, Dv = dims = (num_k_heads, head_k_dim, num_v_heads, head_v_dim)
     C = 2 * Hk * Dk + Hv * Dv

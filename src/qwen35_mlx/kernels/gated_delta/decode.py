@@ -24,6 +24,7 @@ from functools import partial
 
 import mlx.core as mx
 
+from .. import cpu_ext
 from . import compute_gates
 from .ref import _step
 
@@ -53,23 +54,34 @@ def apply_norm(y: mx.array, norm) -> mx.array:
     return gated_rms_norm(y, z.reshape(y.shape), weight, eps)
 
 
-def conv_qkv_step(qkv, conv_state, conv_w, Hk: int, Dk: int, Hv: int, Dv: int):
+# A float16 conv + silu as the native module's one primitive (`conv_silu`, kernels/cpu_ext) where
+# it is built: the same bits as the ops below (MLX's float16 ops are integer-emulated per element
+# on x86, ~40-110 ns an element a fused chain), the decode step's and the verify pass's alike.
+def _half_conv(native, x: mx.array) -> bool:
+    return native is not None and hasattr(native, "conv_silu") and cpu_ext.half_ops(x)
+
+
+def conv_qkv_step(qkv, conv_state, conv_w, Hk: int, Dk: int, Hv: int, Dv: int, native=None):
     """Conv + silu + split + norms for one token. Returns (q, k [B, Hk, Dk], v [B, Hv, Dv],
-    new conv state [B, K-1, C])."""
+    new conv state [B, K-1, C]). native: the built cpu_ext module (a float16 conv + silu as its
+    one primitive, `_half_conv`) or None."""
     B = qkv.shape[0]
     dtype = qkv.dtype
     x = mx.concatenate([conv_state.astype(dtype), qkv[:, None]], axis=1)  # [B, K, C]
     w = conv_w.astype(dtype)
     K = w.shape[1]
-    # The taps by one split each ([B, 1, C] and [1, C] pieces), not 2K slices and squeezes:
-    # every view is a primitive, i.e. host time, on MLX's CPU stream. Same products and sums.
-    xs = mx.split(x, K, axis=1)
-    ws = mx.split(w.T, K, axis=0)
-    h = xs[0] * ws[0]
-    for j in range(1, K):
-        h = h + xs[j] * ws[j]
-    h = h.reshape(B, -1)
-    h = h * mx.sigmoid(h)  # silu
+    if _half_conv(native, x):
+        h = native.conv_silu(x, w, 1).reshape(B, -1)
+    else:
+        # The taps by one split each ([B, 1, C] and [1, C] pieces), not 2K slices and squeezes:
+        # every view is a primitive, i.e. host time, on MLX's CPU stream. Same products and sums.
+        xs = mx.split(x, K, axis=1)
+        ws = mx.split(w.T, K, axis=0)
+        h = xs[0] * ws[0]
+        for j in range(1, K):
+            h = h + xs[j] * ws[j]
+        h = h.reshape(B, -1)
+        h = h * mx.sigmoid(h)  # silu
     key_dim = Hk * Dk
     q = _l2norm(h[:, :key_dim].reshape(B, Hk, Dk)) * (Dk**-0.5)
     k = _l2norm(h[:, key_dim : 2 * key_dim].reshape(B, Hk, Dk))
@@ -110,7 +122,7 @@ def _native_step(native, q, k, v, g, beta, S, m):
 
 
 def _decode_native(native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims):
-    q, k, v, new_conv = conv_qkv_step(qkv, conv_state, conv_w, *dims)
+    q, k, v, new_conv = conv_qkv_step(qkv, conv_state, conv_w, *dims, native=native)
     g, beta = compute_gates(a, b, A_log, dt_bias)
     y, state = _native_step(native, q, k, v, g, beta, state.astype(mx.float32), mask)
     return y, state, new_conv
@@ -148,6 +160,12 @@ def _native_fn(native, masked: bool):
 # bit for bit the verify pass only while both round as the ops (tests/test_add_norm.py).
 # NATIVE_FUSED: False keeps the ops around the native recurrence (as before; A/B).
 NATIVE_FUSED = True
+
+# T tokens a row with the native recurrence (`_tokens`): one call that also records the states
+# after each token (True), or one call a token (False, as before session 16). The one call saves
+# a verify pass ~7 primitives a linear layer at T = 2 (the operands' splits, the calls, the
+# concatenation of y), host time on MLX's CPU stream; the same bits either way.
+NATIVE_RECORD = True
 
 
 def _fused(native, qkv, conv_state) -> bool:
@@ -206,25 +224,36 @@ def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T,
     x = mx.concatenate([conv_state.astype(dtype), qkv.reshape(B, T, C)], axis=1)  # [B, K-1+T, C]
     w = conv_w.astype(dtype)
     K = w.shape[1]
-    ws = mx.split(w.T, K, axis=0)  # [1, C] each, as `conv_qkv_step`
-    h = x[:, 0:T] * ws[0]
-    for j in range(1, K):
-        h = h + x[:, j : j + T] * ws[j]
-    h = h * mx.sigmoid(h)  # [B, T, C]
+    if _half_conv(native, x):
+        h = native.conv_silu(x, w, T)  # [B, T, C]
+    else:
+        ws = mx.split(w.T, K, axis=0)  # [1, C] each, as `conv_qkv_step`
+        h = x[:, 0:T] * ws[0]
+        for j in range(1, K):
+            h = h + x[:, j : j + T] * ws[j]
+        h = h * mx.sigmoid(h)  # [B, T, C]
     key_dim = Hk * Dk
     q = _l2norm(h[..., :key_dim].reshape(B, T, Hk, Dk)) * (Dk**-0.5)
     k = _l2norm(h[..., key_dim : 2 * key_dim].reshape(B, T, Hk, Dk))
     v = h[..., 2 * key_dim :].reshape(B, T, Hv, Dv)
     g, beta = compute_gates(a, b, A_log, dt_bias)  # [B*T, Hv]
     if native is not None:
-        # One native step a token (a call of T steps would give the same y and last state, but
-        # not the states in between, which a rollback needs).
-        # Each token's operands are [B, 1, ...] pieces of one split a kind, the shape the
-        # primitive takes (`_native_step`'s after its expand): no slice, squeeze and expand a
-        # token and operand (~25 primitives a layer at T = 2; the same values, so the same bits).
         from . import NATIVE_THREADS
 
         g, beta = g.reshape(B, T, Hv), beta.reshape(B, T, Hv)
+        if NATIVE_RECORD:
+            # One call of the T steps, which also writes the states after each token but the
+            # last (`record`: [(T-1) B, Hv, Dv, Dk], the T-token GPU kernel's layout, which the
+            # cache's rollback takes as it stands); one code path for every T in the primitive,
+            # so the same bits as T calls (tests/kernels/test_decode.py).
+            S = state.astype(f32)
+            y, S, s_tok = native.gated_delta(q, k, v, g, beta, S, mask, NATIVE_THREADS, True)
+            wins = [x[:, t + 1 : t + K] for t in range(T - 1)]  # [B, K-1, C] each
+            conv_tok = wins[0] if T == 2 else mx.concatenate(wins, axis=0)
+            return y, (x[:, T : T + K - 1], S), (s_tok, conv_tok)
+        # One native step a token. Each token's operands are [B, 1, ...] pieces of one split a
+        # kind, the shape the primitive takes (`_native_step`'s after its expand): no slice,
+        # squeeze and expand a token and operand (the same values, so the same bits).
         ops = [mx.split(u, T, axis=1) for u in (q, k, v, g, beta)]
         ms = [None] * T if mask is None else mx.split(mask, T, axis=1)
         S = state.astype(f32)
@@ -233,7 +262,7 @@ def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T,
             y, S = native.gated_delta(*(u[t] for u in ops), S, ms[t], NATIVE_THREADS)
             ys.append(y)
             states.append((x[:, t + 1 : t + K], S))
-        return mx.concatenate(ys, axis=1), states
+        return mx.concatenate(ys, axis=1), states[-1], states
     # `_step`'s operands for every token, [B, T, Hv, ...]; each token's is a [B, 1, Hv, ...]
     # piece of one split a kind (views; `a[:, t]` would be a gather), and the state is kept
     # [B, 1, Hv, Dv, Dk], so a token's step needs no reshape.
@@ -252,7 +281,7 @@ def _tokens(qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, T,
         ys.append(y)
         states.append((x[:, t + 1 : t + K], S.reshape(B, Hv, Dv, Dk)))
     y = mx.concatenate(ys, axis=1).reshape(B, T, Hv, Dv).astype(dtype)
-    return y, states
+    return y, states[-1], states
 
 
 def _token(S, kqt, k, v, g, beta, kdotq, m):
@@ -288,12 +317,14 @@ def gated_delta_decode_tokens_ref(
     tokens,
     norm=None,
     native=None,
-) -> tuple[mx.array, mx.array, mx.array, list]:
+) -> tuple[mx.array, mx.array, mx.array, list | tuple]:
     """`gated_delta_decode_ref` for T = `tokens` tokens a row at once (see above), bit for bit
     the T calls. qkv [B*T, C], a, b [B*T, Hv] (row b*T + t); mask [B, T] bool or None; norm
     (z [B*T, Hv*Dv], weight, eps) or None. Returns (y [B, T, Hv, Dv] in qkv's dtype, state
-    and conv state after the last token, the T (conv state, state) pairs after each token).
-    native: the built cpu_ext module (its primitive runs each token's recurrence) or None."""
+    and conv state after the last token, the states after each token: the T (conv state,
+    state) pairs, or with the native recurrence's one call (`NATIVE_RECORD`) the T-token GPU
+    kernel's form (state_tok [(T-1) B, Hv, Dv, Dk], conv_tok [(T-1) B, K-1, C])).
+    native: the built cpu_ext module (its primitive runs the recurrence) or None."""
     if native is not None and _fused(native, qkv, conv_state):
         return _fused_tokens(
             native, qkv, conv_state, conv_w, a, b, A_log, dt_bias, state, mask, dims, tokens, norm
@@ -303,13 +334,13 @@ def gated_delta_decode_tokens_ref(
         key = (id(native), "tokens")
         if key not in _native_compiled:
             _native_compiled[key] = mx.compile(partial(_tokens, native=native))
-        y, states = _native_compiled[key](*args)
+        y, last, states = _native_compiled[key](*args)
     else:
-        y, states = _tokens_compiled(*args)
+        y, last, states = _tokens_compiled(*args)
     if norm is not None:
         z, weight, eps = norm
         y = gated_rms_norm(y, z.reshape(y.shape), weight, eps)
-    return y, states[-1][1], states[-1][0], states
+    return y, last[1], last[0], states
 
 
 def _fused_tokens(

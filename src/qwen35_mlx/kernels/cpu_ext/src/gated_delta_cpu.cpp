@@ -13,7 +13,9 @@
 // Shapes (the Python side has checked them):
 //   q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g [B, T, Hv] or [B, T, Hv, Dk] f32;
 //   beta [B, T, Hv] f32; state [B, Hv, Dv, Dk] f32; mask [B, T] bool (optional)
-//   -> y [B, T, Hv, Dv] in v's dtype, state [B, Hv, Dv, Dk] f32.
+//   -> y [B, T, Hv, Dv] in v's dtype, state [B, Hv, Dv, Dk] f32; with `record` (T > 1) also
+//   the states after tokens 0 .. T-2, state_tok [(T-1) B, Hv, Dv, Dk] f32 (token t's rows
+//   t B .. t B + B - 1: the T-token GPU kernel's layout, what a rollback takes).
 // Inputs may have any strides; the state's buffer is reused for the new state when MLX may
 // donate it (contiguous, no other reference).
 
@@ -30,6 +32,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -98,6 +101,7 @@ struct Rows {
   int64_t s_str[4];
   float* s_out;  // dense [B, Hv, Dv, Dk]; may be s_in itself
   float* y;      // dense f32 [B, T, Hv, Dv]
+  float* s_tok;  // dense [(T-1) B, Hv, Dv, Dk] (the states after each token but the last) or null
 };
 
 // Rows [row0, row1) of the flattened [B, Hv, Dv] row index.
@@ -124,10 +128,13 @@ ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
     for (int t = 0; t < T; ++t) {
       const int64_t bt = int64_t(b) * T + t;
       const int64_t yi = (bt * Hv + h) * Dv + i;
+      const int64_t n_rows = int64_t(d.B) * Hv * Dv;
       if (a.keep != nullptr && !a.keep[bt]) {
         a.y[yi] = 0.0f;
         if (cur != dst) std::copy(cur, cur + Dk, dst);
         cur = dst;
+        if (a.s_tok != nullptr && t + 1 < T)
+          std::copy(dst, dst + Dk, a.s_tok + (t * n_rows + row) * Dk);
         continue;
       }
       const float* kt = a.k + (bt * Hk + kh) * Dk;
@@ -158,14 +165,16 @@ ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
       }
       a.y[yi] = sq + delta * a.kq[bt * Hk + kh];
       cur = dst;
+      if (a.s_tok != nullptr && t + 1 < T)
+        std::copy(dst, dst + Dk, a.s_tok + (t * n_rows + row) * Dk);
     }
   }
 }
 
 class GatedDeltaCPU : public mx::Primitive {
  public:
-  GatedDeltaCPU(mx::Stream s, bool per_key, bool masked, int threads)
-      : mx::Primitive(s), per_key_(per_key), masked_(masked), threads_(threads) {}
+  GatedDeltaCPU(mx::Stream s, bool per_key, bool masked, int threads, bool record = false)
+      : mx::Primitive(s), per_key_(per_key), masked_(masked), threads_(threads), record_(record) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
 
@@ -178,21 +187,29 @@ class GatedDeltaCPU : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const GatedDeltaCPU&>(other);
-    return per_key_ == o.per_key_ && masked_ == o.masked_ && threads_ == o.threads_;
+    return per_key_ == o.per_key_ && masked_ == o.masked_ && threads_ == o.threads_ &&
+           record_ == o.record_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[2].shape(), inputs[5].shape()};
+    std::vector<mx::Shape> out = {inputs[2].shape(), inputs[5].shape()};
+    if (record_) out.push_back(record_shape(inputs[2], inputs[5]));
+    return out;
+  }
+
+  static mx::Shape record_shape(const mx::array& v, const mx::array& state) {
+    return {(v.shape(1) - 1) * v.shape(0), state.shape(1), state.shape(2), state.shape(3)};
   }
 
  private:
   bool per_key_, masked_;
   int threads_;
+  bool record_;
 };
 
 template <typename Y>
 void run_rows(const Dims& d, std::vector<mx::array> in, mx::array s_out, mx::array y_out,
-              int threads) {
+              int threads, float* s_tok) {
   // Small inputs to dense f32 (a few KiB at decode); the state is read in place.
   const std::vector<float> q = to_f32(in[0]), k = to_f32(in[1]), v = to_f32(in[2]);
   const std::vector<float> g = to_f32(in[3]), beta = to_f32(in[4]);
@@ -219,7 +236,7 @@ void run_rows(const Dims& d, std::vector<mx::array> in, mx::array s_out, mx::arr
   const mx::array& s = in[5];
   Rows a{d, q.data(), k.data(), kq.data(), v.data(), g.data(), beta.data(), keep,
          s.data<float>(), {s.strides()[0], s.strides()[1], s.strides()[2], s.strides()[3]},
-         s_out.data<float>(), y.data()};
+         s_out.data<float>(), y.data(), s_tok};
   const int64_t n_rows = int64_t(d.B) * d.Hv * d.Dv;
   auto work = [&a, Dk = d.Dk](int64_t r0, int64_t r1) {
     std::vector<float> r(Dk);
@@ -262,6 +279,11 @@ void GatedDeltaCPU::eval_cpu(const std::vector<mx::array>& inputs,
     if (&o.inputs() != &inputs && !o.is_tracer()) o.inputs().clear();
   }
   y_out.set_data(mx::allocator::malloc(y_out.nbytes()));
+  float* s_tok = nullptr;
+  if (outputs.size() > 2) {
+    outputs[2].set_data(mx::allocator::malloc(outputs[2].nbytes()));
+    s_tok = outputs[2].data<float>();
+  }
   if (s.is_donatable() && s.flags().row_contiguous) {
     s_out.copy_shared_buffer(s);  // rows are read before they are written: in place is safe
   } else {
@@ -274,20 +296,22 @@ void GatedDeltaCPU::eval_cpu(const std::vector<mx::array>& inputs,
   // The lambda holds references to every array it reads or writes until it has run.
   const mx::Dtype yt = y_out.dtype();
   const int threads = threads_;
-  enc.dispatch([d, in = inputs, s_out = s_out, y_out = y_out, yt, threads]() mutable {
+  std::vector<mx::array> held = outputs;  // the recorded states' buffer too
+  enc.dispatch([d, in = inputs, s_out = s_out, y_out = y_out, yt, threads, s_tok,
+                held = std::move(held)]() mutable {
     switch (yt) {
-      case mx::float32: run_rows<float>(d, in, s_out, y_out, threads); break;
-      case mx::bfloat16: run_rows<mx::bfloat16_t>(d, in, s_out, y_out, threads); break;
-      case mx::float16: run_rows<mx::float16_t>(d, in, s_out, y_out, threads); break;
+      case mx::float32: run_rows<float>(d, in, s_out, y_out, threads, s_tok); break;
+      case mx::bfloat16: run_rows<mx::bfloat16_t>(d, in, s_out, y_out, threads, s_tok); break;
+      case mx::float16: run_rows<mx::float16_t>(d, in, s_out, y_out, threads, s_tok); break;
       default: throw std::invalid_argument("gated_delta_cpu: y must be f32, bf16 or f16");
     }
   });
 }
 
-std::pair<mx::array, mx::array> gated_delta_cpu(const mx::array& q, const mx::array& k,
-                                                const mx::array& v, const mx::array& g,
-                                                const mx::array& beta, const mx::array& state,
-                                                std::optional<mx::array> mask, int threads) {
+std::vector<mx::array> gated_delta_cpu(const mx::array& q, const mx::array& k,
+                                       const mx::array& v, const mx::array& g,
+                                       const mx::array& beta, const mx::array& state,
+                                       std::optional<mx::array> mask, int threads, bool record) {
   if (q.ndim() != 4 || k.shape() != q.shape() || v.ndim() != 4 || state.ndim() != 4)
     throw std::invalid_argument("gated_delta_cpu: q, k [B,T,Hk,Dk], v [B,T,Hv,Dv], state 4-D");
   const bool per_key = g.ndim() == 4;
@@ -297,10 +321,15 @@ std::pair<mx::array, mx::array> gated_delta_cpu(const mx::array& q, const mx::ar
       mx::astype(g, mx::float32, s),    mx::astype(beta, mx::float32, s),
       mx::astype(state, mx::float32, s)};
   if (mask) inputs.push_back(mx::astype(*mask, mx::bool_, s));
-  auto prim = std::make_shared<GatedDeltaCPU>(s, per_key, mask.has_value(), threads);
-  auto outs = mx::array::make_arrays({v.shape(), state.shape()}, {v.dtype(), mx::float32}, prim,
-                                     inputs);
-  return {outs[0], outs[1]};
+  record = record && v.shape(1) > 1;
+  auto prim = std::make_shared<GatedDeltaCPU>(s, per_key, mask.has_value(), threads, record);
+  std::vector<mx::Shape> shapes = {v.shape(), state.shape()};
+  std::vector<mx::Dtype> dtypes = {v.dtype(), mx::float32};
+  if (record) {
+    shapes.push_back(GatedDeltaCPU::record_shape(v, state));
+    dtypes.push_back(mx::float32);
+  }
+  return mx::array::make_arrays(std::move(shapes), dtypes, prim, inputs);
 }
 
 
@@ -516,7 +545,10 @@ std::tuple<mx::array, mx::array, mx::array> gated_delta_decode_cpu(
 void register_gated_delta(nb::module_& m) {
   m.def("gated_delta", &gated_delta_cpu, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("g"),
         nb::arg("beta"), nb::arg("state"), nb::arg("mask") = nb::none(), nb::arg("threads") = 1,
-        "(y [B,T,Hv,Dv] in v's dtype, state [B,Hv,Dv,Dk] f32) on the CPU stream.");
+        nb::arg("record") = false,
+        "[y [B,T,Hv,Dv] in v's dtype, state [B,Hv,Dv,Dk] f32] on the CPU stream; with record "
+        "(T > 1) also the states after tokens 0..T-2, [(T-1) B, Hv, Dv, Dk] f32 (token t's rows "
+        "t B .. t B + B - 1).");
   m.def("gated_delta_decode", &gated_delta_decode_cpu, nb::arg("qkv"), nb::arg("conv_state"),
         nb::arg("conv_w"), nb::arg("a"), nb::arg("b"), nb::arg("A_log"), nb::arg("dt_bias"),
         nb::arg("state"), nb::arg("Hk"), nb::arg("Dk"), nb::arg("Hv"), nb::arg("Dv"),

@@ -10,6 +10,9 @@
 // (the same bits for any R), and equal to MLX's `x @ W` on that BLAS; an add rounds once after
 // the product, as `add + x @ W` does. Columns in registers: a tile of R rows x 16 C columns is
 // kept in vector accumulators while k runs, so W is read once whatever R is.
+// float16 x is converted to float32 (exactly) first, and `half_out` rounds each result to
+// float16 (nearest even, as MLX's astype): a half model's `astype(f32) -> x @ W -> astype(f16)`
+// in one primitive, the same bits (MLX emulates those conversions per element on x86).
 
 #include <algorithm>
 #include <cstdint>
@@ -121,13 +124,28 @@ int64_t offset_of(int64_t idx, const mx::array& a) {
   return off;
 }
 
-// A dense float32 view of a small input: its own buffer when row-contiguous, else a copy.
+// A dense float32 view of a small input: its own buffer when float32 and row-contiguous, else
+// a copy (float16 converted exactly).
 const float* dense(const mx::array& a, std::vector<float>& buf) {
+  if (a.dtype() == mx::float16) {
+    buf.resize(a.size());
+    const _Float16* p = reinterpret_cast<const _Float16*>(a.data<mx::float16_t>());
+    const bool rc = a.flags().row_contiguous;
+    for (size_t i = 0; i < buf.size(); ++i)
+      buf[i] = static_cast<float>(p[rc ? i : offset_of(i, a)]);
+    return buf.data();
+  }
   if (a.flags().row_contiguous) return a.data<float>();
   buf.resize(a.size());
   const float* p = a.data<float>();
   for (size_t i = 0; i < buf.size(); ++i) buf[i] = p[offset_of(i, a)];
   return buf.data();
+}
+
+// float32 results to a float16 output, rounded to nearest even (as MLX's astype).
+void store_half(const float* y, mx::array& out) {
+  _Float16* o = reinterpret_cast<_Float16*>(out.data<mx::float16_t>());
+  for (size_t i = 0; i < out.size(); ++i) o[i] = static_cast<_Float16>(y[i]);
 }
 
 // inputs: x, W_0 .. W_{n-1}, then (with adds) add_0 .. add_{n-1}.
@@ -144,17 +162,21 @@ void run(std::vector<mx::array> in, std::vector<mx::array> out, bool with_add) {
     std::vector<float> wbuf;
     const float* wp = dense(w, wbuf);
     const float* add = with_add ? dense(in[1 + n + i], abuf) : nullptr;
-    float* y = out[i].data<float>();
+    const bool half = out[i].dtype() == mx::float16;
+    std::vector<float> ybuf(half ? out[i].size() : 0);
+    float* y = half ? ybuf.data() : out[i].data<float>();
     for (int64_t r0 = 0; r0 < R; r0 += 8) {
       const int rr = static_cast<int>(std::min<int64_t>(8, R - r0));
       rows_matmul(x + r0 * K, rr, K, wp, N, y + r0 * N, add ? add + r0 * N : nullptr);
     }
+    if (half) store_half(y, out[i]);
   }
 }
 
 class MatmulRowsCPU : public mx::Primitive {
  public:
-  MatmulRowsCPU(mx::Stream s, bool with_add) : mx::Primitive(s), with_add_(with_add) {}
+  MatmulRowsCPU(mx::Stream s, bool with_add, bool half_out)
+      : mx::Primitive(s), with_add_(with_add), half_out_(half_out) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
@@ -173,7 +195,8 @@ class MatmulRowsCPU : public mx::Primitive {
   const char* name() const override { return "MatmulRowsCPU"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    return with_add_ == static_cast<const MatmulRowsCPU&>(other).with_add_;
+    const auto& o = static_cast<const MatmulRowsCPU&>(other);
+    return with_add_ == o.with_add_ && half_out_ == o.half_out_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -188,14 +211,15 @@ class MatmulRowsCPU : public mx::Primitive {
   }
 
  private:
-  bool with_add_;
+  bool with_add_, half_out_;
 };
 
 std::vector<mx::array> matmul_rows(const mx::array& x, const std::vector<mx::array>& weights,
-                                   std::optional<std::vector<mx::array>> adds) {
+                                   std::optional<std::vector<mx::array>> adds, bool half_out) {
   if (weights.empty()) throw std::invalid_argument("matmul_rows: no weight");
-  if (x.ndim() < 1 || x.dtype() != mx::float32)
-    throw std::invalid_argument("matmul_rows: x must be float32 [..., K]");
+  if (x.ndim() < 1 || (x.dtype() != mx::float32 && x.dtype() != mx::float16))
+    throw std::invalid_argument("matmul_rows: x must be float32 or float16 [..., K]");
+  if (half_out && adds) throw std::invalid_argument("matmul_rows: no adds with a float16 output");
   const int64_t K = x.shape(-1);
   std::vector<mx::array> inputs = {x};
   std::vector<mx::Shape> shapes;
@@ -218,8 +242,8 @@ std::vector<mx::array> matmul_rows(const mx::array& x, const std::vector<mx::arr
     }
   }
   auto s = mx::default_stream(mx::Device::cpu);
-  auto prim = std::make_shared<MatmulRowsCPU>(s, adds.has_value());
-  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  auto prim = std::make_shared<MatmulRowsCPU>(s, adds.has_value(), half_out);
+  std::vector<mx::Dtype> dtypes(shapes.size(), half_out ? mx::float16 : mx::float32);
   return mx::array::make_arrays(std::move(shapes), dtypes, prim, inputs);
 }
 
@@ -227,7 +251,9 @@ std::vector<mx::array> matmul_rows(const mx::array& x, const std::vector<mx::arr
 
 void register_matmul_rows(nb::module_& m) {
   m.def("matmul_rows", &matmul_rows, nb::arg("x"), nb::arg("weights"),
-        nb::arg("adds") = nb::none(),
-        "[x @ w (+ add) for w in weights]: x float32 [..., K] (a few rows: W is read once for "
-        "each 8), each w float32 [K, N]; summed in k order as MLX's reference BLAS sums (the same bits), on the CPU.");
+        nb::arg("adds") = nb::none(), nb::arg("half_out") = false,
+        "[x @ w (+ add) for w in weights]: x float32 or float16 (converted exactly) [..., K] (a "
+        "few rows: W is read once for each 8), each w float32 [K, N]; summed in k order as MLX's "
+        "reference BLAS sums (the same bits); half_out: each result rounded to float16 (as "
+        "astype), on the CPU.");
 }

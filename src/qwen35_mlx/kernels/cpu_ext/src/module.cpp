@@ -6,10 +6,14 @@ namespace nb = nanobind;
 void register_gated_delta(nb::module_& m);
 void register_matmul_rows(nb::module_& m);
 void register_attention(nb::module_& m);
+void register_half_ops(nb::module_& m);
 
 NB_MODULE(_qwen35_mlx_cpu, m) {
-  m.doc() = "qwen35_mlx: native CPU primitives (gated delta, few-rows matmul, decode attention)";
+  m.doc() =
+      "qwen35_mlx: native CPU primitives (gated delta, few-rows matmul, decode attention, "
+      "float16 chains)";
   register_gated_delta(m);
   register_matmul_rows(m);
   register_attention(m);
+  register_half_ops(m);
 }
