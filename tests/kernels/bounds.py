@@ -156,8 +156,9 @@ inline void gd_cp16_cuda(void* s, unsigned off, const void* g) {
   gd_cp16(s, off, g);
 }
 // CUDA's staged tile copy (chunk_launch's gd_copy_tile and L32_TILES' gd_copy_tile_l32, which
-// share chunk_source.COPY_TILE_LOOP): its 16-byte copies at its rows and columns, not the emulator's element
-// copies (the same bytes where cmax is a multiple of 8 elements, as the host keeps it).
+// share chunk_source.COPY_TILE_LOOP): its 16-byte copies at its rows and columns, not the
+// emulator's element copies (the same bytes where cmax is a multiple of 8 elements, as the host
+// keeps it).
 template <int NT, int R, int CL, typename D, typename S>
 inline void gd_copy_tile_cuda(D dst, int dld, S src, size_t sld, int rmax, int tid, int cmax = CL) {
   constexpr int V = 16 / int(sizeof(*src));

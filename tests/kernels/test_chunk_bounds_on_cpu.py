@@ -14,7 +14,7 @@ with and without masks (left padding, a hole, right padding) and initial state; 
 rule's four-warp H3O build with its ring of two; Hv 32 (the issue's main shape) once. The fused
 kernel at Hk = Hv = 16 over 64 steps, and at T 512 with one head. T 300 and more, and the fused
 kernel, are slow (each thread of a threadgroup is an OS thread: ~20 s to ~2 min a case; all
-slow cases ~8 min on two cores).
+slow cases ~10 min on two shared cores).
 """
 
 import subprocess
