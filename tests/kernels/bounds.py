@@ -176,6 +176,11 @@ inline void gd_copy_tile_cuda(D dst, int dld, S src, size_t sld, int rmax, int t
 """
 
 
+def _kind(v) -> str:
+    """A template argument's parameter kind, as MLX declares it."""
+    return "typename" if isinstance(v, mx.Dtype) else "bool" if isinstance(v, bool) else "int"
+
+
 def _value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -210,14 +215,7 @@ class Program:
             assert dyn == (smem > 0), (b["name"], smem)
             tparams, targs = [], []
             for name, v in c["template"]:
-                kind = (
-                    "typename"
-                    if isinstance(v, mx.Dtype)
-                    else "bool"
-                    if isinstance(v, bool)
-                    else "int"
-                )
-                tparams.append(f"{kind} {name}")
+                tparams.append(f"{_kind(v)} {name}")
                 targs.append(_value(v))
             params, args = [], []
             for name, x in zip(b["input_names"], c["inputs"], strict=True):
