@@ -2,12 +2,14 @@
 test_chunk_wy_p.py, test_chunk_h3o_producers.py, test_chunk_h3o_split.py): the switches a host
 test pins, the zero pieces the recording factory is called with, the state pass's inputs, and
 benchmarks/chunk_split_gpu.py imported with every kernel output zeros (its --abN modes end to
-end on the CPU)."""
+end on the CPU); and the GPU round tests' comparison of a switch against a base build
+(test_gpu_chunk_wy_p.py, test_gpu_chunk_h3o_split.py: switches_keep_outputs)."""
 
 import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 
@@ -20,6 +22,40 @@ def split_switches(monkeypatch, **switches) -> None:
     for name, value in switches.items():
         assert hasattr(cl, name), name
         monkeypatch.setattr(cl, name, value)
+
+
+def assert_same_outputs(got, want) -> None:
+    """(y, state) of two builds: finite and equal bit for bit."""
+    for name, a, b in zip(("y", "state"), got, want, strict=True):
+        a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+        assert np.isfinite(a32).all(), name
+        assert np.array_equal(a32, b32), (name, np.abs(a32 - b32).max())
+
+
+def switches_keep_outputs(monkeypatch, inputs, raw: bool, base: dict, switches: dict) -> None:
+    """The split path on `inputs` (q, k, v, g, beta, state, mask) with chunk_launch's `base`
+    switches, then with `switches` set on top: y and the state bit for bit (GPU). raw: through
+    gated_delta_update_chunk_kernel, g and beta standing in for the raw gates a and b (A_log,
+    dt_bias a ramp over the heads: the WY pass computes the gates); else split_chunk_kernel."""
+    q, k, v, g, beta, state, mask = inputs
+    split_switches(monkeypatch, **base)
+    if raw:
+        Hv = v.shape[2]
+        gates = (g, beta, mx.linspace(-1.0, 0.5, Hv), mx.linspace(-0.3, 0.3, Hv))
+
+        def run():
+            return cl.gated_delta_update_chunk_kernel(q, k, v, *gates, state, mask, backend="cuda")
+    else:
+
+        def run():
+            return cl.split_chunk_kernel("cuda", q, k, v, g, beta, state, mask)
+
+    want = run()
+    mx.eval(want)
+    split_switches(monkeypatch, **switches)
+    got = run()
+    mx.eval(got)
+    assert_same_outputs(got, want)
 
 
 def zero_pieces(B=1, T=200, Hk=2, Hv=4, Dk=128, Dv=128, dtype=mx.bfloat16):

@@ -6,11 +6,11 @@ and the state bit for bit; and the state pass alone, stamped or not (the lane em
 the same on the CPU: test_chunk_h3o_split.py)."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 from qwen35_mlx.kernels.gated_delta import chunk_source as cs
+from tests.kernels.chunk_rounds import assert_same_outputs, switches_keep_outputs
 from tests.kernels.gpu import BACKEND, GPU_ONLY
 from tests.kernels.test_gpu_chunk_fuse import _inputs
 
@@ -18,13 +18,6 @@ pytestmark = [
     *GPU_ONLY,
     pytest.mark.skipif(BACKEND != "cuda", reason="H3O_SPLIT is CUDA only"),
 ]
-
-
-def _equal(got, want):
-    for name, a, b in zip(("y", "state"), got, want, strict=True):
-        a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-        assert np.isfinite(a32).all(), name
-        assert np.array_equal(a32, b32), (name, np.abs(a32 - b32).max())
 
 
 @pytest.mark.parametrize("Dv", [128, 96])
@@ -35,27 +28,10 @@ def test_h3o_split_equals_default(monkeypatch, nb, nw, Dv, raw):
     """The split path with H3O_SPLIT (H3 = nw, H3_NB = nb) gives the default build's y and state
     bit for bit (Dv 96 at 4 pairs: the split path's default passes, both; a ring of 3 at 4 pairs
     shrinks to 2, as H3_SMEM_MAX asks)."""
-    q, k, v, g, beta, state, mask = _inputs(nw * 7 + Dv + nb + raw, Dv)
-    monkeypatch.setattr(cl, "H3O_PRODUCERS", 1)  # the build H3O_SPLIT varies
-    monkeypatch.setattr(cl, "H3", nw)
-    monkeypatch.setattr(cl, "H3_NB", nb)
-    if raw:
-        Hv = v.shape[2]
-        gates = (g, beta, mx.linspace(-1.0, 0.5, Hv), mx.linspace(-0.3, 0.3, Hv))
-
-        def run():
-            return cl.gated_delta_update_chunk_kernel(q, k, v, *gates, state, mask, backend="cuda")
-    else:
-
-        def run():
-            return cl.split_chunk_kernel("cuda", q, k, v, g, beta, state, mask)
-
-    base = run()
-    mx.eval(base)
-    monkeypatch.setattr(cl, "H3O_SPLIT", True)
-    got = run()
-    mx.eval(got)
-    _equal(got, base)
+    inputs = _inputs(nw * 7 + Dv + nb + raw, Dv)
+    # H3O_PRODUCERS = 1: the build H3O_SPLIT varies
+    base = {"H3O_PRODUCERS": 1, "H3": nw, "H3_NB": nb}
+    switches_keep_outputs(monkeypatch, inputs, raw, base, {"H3O_SPLIT": True})
 
 
 @pytest.mark.parametrize("nw", [2, 4])
@@ -72,7 +48,7 @@ def test_h3o_split_pass_and_its_stamped_build(monkeypatch, nw):
     got = cl.h3o_pass(W, U, Kw, gates, state, q, P, nw)
     *stamped, st = cl.h3o_pass(W, U, Kw, gates, state, q, P, nw, stamps=True)
     mx.eval(got, stamped, st)
-    _equal(got, want)
-    _equal(stamped, want)
+    assert_same_outputs(got, want)
+    assert_same_outputs(stamped, want)
     B, Hv, Dv, _ = state.shape
     assert st.shape == (B * Hv * Dv // (16 * nw), cs.STAMP_SLOTS)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
+from tests.kernels.chunk_rounds import switches_keep_outputs
 from tests.kernels.gpu import BACKEND, GPU_ONLY
 from tests.kernels.test_gpu_chunk_fuse import _inputs
 
@@ -48,31 +49,8 @@ def test_wy_p_split_equals_default(monkeypatch, mode, nw, Dv, raw):
     """The split path with `mode`'s switches on (H3 = nw) gives round 8's build's y and state
     bit for bit (Dv 96 at 4 warps: FUSE_O does not apply, both take the default passes; a ring
     of 3 at 4 warps shrinks to 2, as H3_SMEM_MAX asks)."""
-    q, k, v, g, beta, state, mask = _inputs(nw * 5 + Dv + raw, Dv)
-    monkeypatch.setattr(cl, "H3", nw)
-    for switch, value in ROUND8.items():
-        monkeypatch.setattr(cl, switch, value)
-    if raw:
-        Hv = v.shape[2]
-        gates = (g, beta, mx.linspace(-1.0, 0.5, Hv), mx.linspace(-0.3, 0.3, Hv))
-
-        def run():
-            return cl.gated_delta_update_chunk_kernel(q, k, v, *gates, state, mask, backend="cuda")
-    else:
-
-        def run():
-            return cl.split_chunk_kernel("cuda", q, k, v, g, beta, state, mask)
-
-    base = run()
-    mx.eval(base)
-    for switch, value in MODES[mode].items():
-        monkeypatch.setattr(cl, switch, value)
-    got = run()
-    mx.eval(got)
-    for name, a, b in zip(("y", "state"), got, base, strict=True):
-        a32, b32 = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-        assert np.isfinite(a32).all(), name
-        assert np.array_equal(a32, b32), (name, np.abs(a32 - b32).max())
+    inputs = _inputs(nw * 5 + Dv + raw, Dv)
+    switches_keep_outputs(monkeypatch, inputs, raw, ROUND8 | {"H3": nw}, MODES[mode])
 
 
 def test_wy_p_pass_equals_wy2_vx_and_o2p():
