@@ -95,6 +95,10 @@ def kernel(x, T, mask, dims, stacked=False):
     return y, per + [(cs, s)]
 
 
+def _kw(Hk, Dk, Hv, Dv):
+    return dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv, norm_eps=1e-6)
+
+
 def host_copy(a: mx.array) -> mx.array:
     """`a` rebuilt on the CPU stream from a NumPy copy: the same values in a buffer the GPU never
     wrote (the copy is read here, on this thread)."""
@@ -120,10 +124,9 @@ def reference(x, T, mask, dims):
     Hk, Dk, Hv, Dv = dims
     xh = {n: host_copy(x[n]) for n in NAMES}
     mh = None if mask is None else host_copy(mask)
-    kw = dict(num_k_heads=Hk, head_k_dim=Dk, num_v_heads=Hv, head_v_dim=Dv, norm_eps=1e-6)
     with mx.stream(mx.cpu):
         y, s, cs, per = gated_delta_decode_packed(
-            *[xh[n] for n in NAMES], tokens=T, mask=mh, backend="ref", **kw
+            *[xh[n] for n in NAMES], tokens=T, mask=mh, backend="ref", **_kw(*dims)
         )
         mx.eval(y, s, cs, per)
     return y, (per or [(cs, s)])
