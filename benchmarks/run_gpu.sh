@@ -24,10 +24,10 @@
 #                                   # chunked kernels, FLA chunk / fused_recurrent, mlx-lm ops
 #                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
 #   benchmarks/run_gpu.sh chunk-table  # the same table (issue 9's targets), one process per Hv
-#                                      # and side (ours and mlx-lm / mx.fast; FLA's two kernels),
-#                                      # the sides alternating, merged into one table and plot:
-#                                      # a CUDA fault or hang in one process costs that cell only
-#                                      # (about 5 min)
+#                                      # and side (ours with mlx-lm / mx.fast; FLA's two kernels,
+#                                      # one process a T), merged into one table and plot: a CUDA
+#                                      # fault or hang in one process costs that cell only
+#                                      # (about 8 min)
 #   benchmarks/run_gpu.sh diet-tests  # the decode kernel's GPU tests (gated norm included), the
 #                                     # compiled step against the plain path (about 4 min)
 #   benchmarks/run_gpu.sh diet-kernel # bench_gated_delta_decode.py --norm: the conv decode kernel
@@ -168,24 +168,33 @@ case "$step" in
       --out "$out" 2>&1 | tee "$out/bench_chunk.log"
     ;;
   chunk-table)
-    # Each side and Hv in its own process. Session 16 (14:09-14:15) found that FLA's chunk kernel
-    # at T 2048, run after T 512 in one process, stops that process with "an illegal memory
-    # access" at every Hv, with no MLX kernel running in it (FLA 0.6.0, Triton 3.6): the crash
-    # session 15 saw in a table that alternated ours and FLA. FLA therefore runs T 512 in a
-    # process of its own. CHUNK_TABLE_SIDES picks sides (0: ours, mlx-lm ops, mx.fast; 1: FLA at
-    # T 512; 2: FLA at 2048-32768); the merge takes every JSON under $out/table.
-    sides=("ours auto,mlx-lm ops,mx.fast" "fla chunk,fla fused_recurrent" "fla chunk,fla fused_recurrent")
-    lens=("512,2048,8192,32768" "512" "2048,8192,32768")
+    # Each side, Hv (and for FLA each T) in a process of its own. Session 16 found FLA's chunk
+    # kernel (0.6.0, Triton 3.6) stopping its process with "an illegal memory access" with no
+    # MLX kernel run in it: at T 2048 after T 512 (14:09-14:15, every Hv), and at T >= 2048 from
+    # a process's first call (15:31-15:34, Hv 16 and 32); it ran at T 8192 / 32768 in processes
+    # that had run ours first (session 15, 12:05). Not ours (no out-of-bounds access in our
+    # kernels at these shapes: tests/kernels/test_chunk_bounds_on_cpu.py), so a fault costs FLA
+    # that one cell here. CHUNK_TABLE_SIDES picks sides (ours: ours, mlx-lm ops and mx.fast at
+    # every T; fla: FLA's two kernels, one process a T); the merge takes every JSON under
+    # $out/table.
     for hv in 16 32 48 64; do
-      for i in ${CHUNK_TABLE_SIDES:-0 1 2}; do
-        dir="$out/table/hv${hv}_$i"
-        rm -rf "$dir" && mkdir -p "$dir"
-        rc=0
-        timeout 150 python3 benchmarks/bench_gated_delta.py --decode-b "" \
-          --prefill-t "${lens[$i]}" --hv "$hv" --max-t "mlx-lm ops=2048,mx.fast=8192" \
-          --target-s 0.1 --repeats 5 --budget-s 2 --only "${sides[$i]}" --out "$dir" \
-          >"$dir.log" 2>&1 || rc=$?
-        echo "Hv $hv side $i rc=$rc $(grep -ci "illegal memory\|error" "$dir.log") error lines"
+      for side in ${CHUNK_TABLE_SIDES:-ours fla}; do
+        if [ "$side" = ours ]; then
+          runs=("ours auto,mlx-lm ops,mx.fast@512,2048,8192,32768")
+        else
+          runs=("fla chunk,fla fused_recurrent@512" "fla chunk,fla fused_recurrent@2048"
+            "fla chunk,fla fused_recurrent@8192" "fla chunk,fla fused_recurrent@32768")
+        fi
+        for r in "${runs[@]}"; do
+          who=${r%@*} lens=${r#*@}
+          dir="$out/table/hv${hv}_${side}_${lens%%,*}"
+          rm -rf "$dir" && mkdir -p "$dir"
+          rc=0
+          timeout 150 python3 benchmarks/bench_gated_delta.py --decode-b "" --prefill-t "$lens" \
+            --hv "$hv" --max-t "mlx-lm ops=2048,mx.fast=8192" --target-s 0.1 --repeats 5 \
+            --budget-s 2 --only "$who" --out "$dir" >"$dir.log" 2>&1 || rc=$?
+          echo "Hv $hv $side T $lens rc=$rc $(grep -ci "illegal memory\|error" "$dir.log") error lines"
+        done
       done
     done
     python3 benchmarks/bench_gated_delta.py --merge "$out"/table/hv*/*.json --out "$out" 2>&1 |
