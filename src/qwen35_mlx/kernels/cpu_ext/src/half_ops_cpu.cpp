@@ -34,6 +34,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/stream.h"
+#include "strided.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
@@ -118,16 +119,7 @@ HO_CLONES void conv_silu_rows(const half* x, int64_t sx, const half* wt, int K, 
   }
 }
 
-// Offset (in elements) of the flat row-major index `idx` of `a` under its strides.
-int64_t offset_of(int64_t idx, const mx::array& a) {
-  int64_t off = 0;
-  for (int d = a.ndim() - 1; d >= 0; --d) {
-    const int64_t n = a.shape(d);
-    off += (idx % n) * a.strides()[d];
-    idx /= n;
-  }
-  return off;
-}
+using qwen35_cpu_ext::offset_of;
 
 // A dense float16 view of an input: its own buffer when row-contiguous, else a copy.
 const half* dense(const mx::array& a, std::vector<half>& buf) {

@@ -30,6 +30,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/stream.h"
+#include "strided.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
@@ -113,16 +114,7 @@ MV_CLONES void rows_matmul(const float* x, int R, int64_t K, const float* w, int
   }
 }
 
-// Offset (in elements) of the flat row-major index `idx` of `a` under its strides.
-int64_t offset_of(int64_t idx, const mx::array& a) {
-  int64_t off = 0;
-  for (int d = a.ndim() - 1; d >= 0; --d) {
-    const int64_t n = a.shape(d);
-    off += (idx % n) * a.strides()[d];
-    idx /= n;
-  }
-  return off;
-}
+using qwen35_cpu_ext::offset_of;
 
 // A dense float32 view of a small input: its own buffer when float32 and row-contiguous, else
 // a copy (float16 converted exactly).
