@@ -38,11 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import worker_pool  # noqa: E402
 
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # as tests/conftest.py: fp32 matmuls in fp32
 
@@ -244,42 +245,14 @@ def main(argv=None) -> int:
         return 0
     paths = args.paths.split(",")
     assert all(x in PATHS for x in paths), paths
-    procs = []
+    cmds = []
     for i in range(args.workers):
-        env = dict(os.environ)
-        if i >= args.workers - args.no_graphs:
-            env["MLX_USE_CUDA_GRAPHS"] = "0"
-        if i < args.private_tmp:
-            env["TMPDIR"] = tempfile.mkdtemp(prefix=f"probe_worker{i}_")
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            paths[i % len(paths)],
-            "--reps",
-            str(args.reps),
-            "--ref",
-            args.ref,
-        ]
-        cmd += ["--seconds", str(args.seconds)] + (["--save", str(args.save)] if args.save else [])
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
-    records, bad = [], 0
-    for i, proc in enumerate(procs):
-        out, _ = proc.communicate()
-        lines = out.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            print(f"worker {i}: exit {proc.returncode}")
-            records.append({"exit": proc.returncode})
-            bad += 1
-            continue
-        rec = json.loads(lines[-1])
-        records.append(rec)
-        bad += report(i, rec)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=1))
-    print("verdict:", "nothing failed, every repeat identical" if not bad else f"{bad} problems")
-    return 1 if bad else 0
+        cmd = [sys.executable, __file__, "--worker", paths[i % len(paths)]]
+        cmd += ["--reps", str(args.reps), "--ref", args.ref, "--seconds", str(args.seconds)]
+        cmds.append(cmd + (["--save", str(args.save)] if args.save else []))
+    procs = worker_pool.start(cmds, no_graphs=args.no_graphs, private_tmp=args.private_tmp)
+    records, bad = worker_pool.collect(procs, report)
+    return worker_pool.finish(records, bad, args.out)
 
 
 if __name__ == "__main__":

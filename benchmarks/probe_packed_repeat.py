@@ -38,11 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import worker_pool  # noqa: E402
 
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # as tests/conftest.py
 
@@ -233,35 +235,25 @@ def main(argv=None) -> int:
     records, bad = [], 0
     for gen in range(args.generations):
         shared = tempfile.mkdtemp(prefix=f"probe_packed_g{gen}_")
-        procs = []
+        cmds = []
         for i in range(args.workers):
-            env = dict(os.environ)
-            private = i < args.private_tmp
-            env["TMPDIR"] = tempfile.mkdtemp(prefix=f"probe_g{gen}w{i}_") if private else shared
-            if i >= args.workers - args.no_graphs:
-                env["MLX_USE_CUDA_GRAPHS"] = "0"
             cmd = [sys.executable, __file__, "--worker", "--rounds", str(args.rounds)]
             cmd += ["--seconds", str(args.seconds), "--repeats", str(args.repeats)]
             cmd += ["--ref", refs[i % len(refs)], "--kernel", args.kernel]
             cmd += ["--save", str(args.save)] if args.save else []
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+            cmds.append(cmd)
+        procs = worker_pool.start(
+            cmds,
+            no_graphs=args.no_graphs,
+            private_tmp=args.private_tmp,
+            shared_tmp=shared,
+            prefix=f"probe_g{gen}w",
+        )
         print(f"generation {gen} (fresh TMPDIR {shared}):")
-        for i, proc in enumerate(procs):
-            out, _ = proc.communicate()
-            lines = out.strip().splitlines()
-            if proc.returncode != 0 or not lines:
-                print(f"worker {i}: exit {proc.returncode}")
-                records.append({"generation": gen, "exit": proc.returncode})
-                bad += 1
-                continue
-            rec = json.loads(lines[-1]) | {"generation": gen}
-            records.append(rec)
-            bad += report(i, rec)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=1))
-    print("verdict:", "nothing failed, every repeat identical" if not bad else f"{bad} problems")
-    return 1 if bad else 0
+        recs, n = worker_pool.collect(procs, report, {"generation": gen})
+        records += recs
+        bad += n
+    return worker_pool.finish(records, bad, args.out)
 
 
 if __name__ == "__main__":
