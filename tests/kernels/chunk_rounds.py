@@ -16,6 +16,16 @@ from qwen35_mlx.kernels.gated_delta import chunk_launch as cl
 # Round 9's switches off: the builds the round-8 host tests were written against.
 BEFORE_ROUND9 = {"WY_P": False, "H3O_PRODUCERS": False}
 
+# The O2P kernel's wrapper in the emulator programs (text for `str.format`, `{o2p}` its body).
+O2P_NAMESPACE = r"""namespace o2p {{
+template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
+void kernel(const YT* q, const YT* k, const float* gates, const int* dims, const int* q_shape,
+            YT* P) {{
+{o2p}
+}}
+}}  // namespace o2p
+"""
+
 
 def split_switches(monkeypatch, **switches) -> None:
     """chunk_launch's switches set for this test (undone after it); each must exist."""
@@ -122,14 +132,8 @@ def h3o_builds_program(builds: list[tuple[str, int]], what: str) -> str:
 """
     return (
         kernels
-        + r"""namespace o2p {{
-template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
-void kernel(const YT* q, const YT* k, const float* gates, const int* dims, const int* q_shape,
-            YT* P) {{
-{o2p}
-}}
-}}  // namespace o2p
-
+        + O2P_NAMESPACE
+        + r"""
 // DIR Dk B T Hk Hv Dv NW NB: P (O2P), then """
         + what
         + r"""

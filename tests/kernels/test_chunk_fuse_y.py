@@ -18,6 +18,7 @@ from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from tests.conftest import RTOL, rel_err
 from tests.kernels.chunk_rounds import (
     BEFORE_ROUND9,
+    O2P_NAMESPACE,
     bench_on_zeros,
     h3o_pass_inputs,
     split_switches,
@@ -38,7 +39,8 @@ def _round7_default(monkeypatch):
 
 
 C = cl.CHUNK
-PROGRAM = r"""
+PROGRAM = (
+    r"""
 namespace h3 {{
 template <int Dk, int BV, int C, int NT, int NB, int MP, typename PT>
 void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
@@ -68,14 +70,9 @@ void kernel(const YT* q, const YT* k, const float* gates, const float* Yi, const
 {o2y}
 }}
 }}  // namespace o2y
-namespace o2p {{
-template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
-void kernel(const YT* q, const YT* k, const float* gates, const int* dims, const int* q_shape,
-            YT* P) {{
-{o2p}
-}}
-}}  // namespace o2p
-namespace h3o {{
+"""
+    + O2P_NAMESPACE
+    + r"""namespace h3o {{
 template <int Dk, int BV, int C, int NT, int NB, int MP, typename PT>
 void kernel(const PT* W, const PT* U, const PT* Kw, const float* gates, const float* state_in,
             const PT* q, const PT* P, const int* U_shape, const int* q_shape, PT* y,
@@ -165,6 +162,7 @@ int main(int argc, char** argv) {{
   return 1;
 }}
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from qwen35_mlx.kernels.gated_delta import chunk_source as cs
 from tests.conftest import RTOL
 from tests.kernels.chunk_rounds import (
     BEFORE_ROUND9,
+    O2P_NAMESPACE,
     bench_on_zeros,
     split_switches,
     zero_pieces,
@@ -55,14 +56,8 @@ PROGRAM = (
         _wy_namespace(n, n.endswith("_fused"), "xp" in n)
         for n in ("wy2x", "wy2x_fused", "wy2xp", "wy2xp_fused")
     )
-    + r"""namespace o2p {{
-template <int Dk, int C, int NT, int DS, int BVO, int MP, typename YT>
-void kernel(const YT* q, const YT* k, const float* gates, const int* dims, const int* q_shape,
-            YT* P) {{
-{o2p}
-}}
-}}  // namespace o2p
-
+    + O2P_NAMESPACE
+    + r"""
 // DIR Dk B T Hk Hv Dv FUSED: WY2_VX + O2P, then WY2P (bf16 pieces, MP 1, the host's tiles)
 template <int Dk, bool FUSED>
 int run(const std::string& d, int B, int T, int Hk, int Hv, int Dv) {{
