@@ -192,74 +192,28 @@ def _our_gpu_backend(name: str) -> bool:
 
 
 def _fla_contenders() -> list[Contender]:
+    """FLA's two kernels on the inputs and timing of bench_fla.py (which runs them without MLX)."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return []
-        import fla  # noqa: F401
-        from fla.ops.gated_delta_rule import (
-            chunk_gated_delta_rule,
-            fused_recurrent_gated_delta_rule,
-        )
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_fla
+
+        bench_fla.kernel("chunk")
     except Exception:
         return []
-    import torch.nn.functional as F
 
-    def make_for(fn):
+    def make_for(name: str):
         def make(shape: Shape):
-            B, T, HV, dev = shape.B, shape.T, shape.Hv, "cuda"
-            torch.manual_seed(0)
-            q = F.normalize(torch.randn(B, T, HK, DK, device=dev), dim=-1) * DK**-0.5
-            k = F.normalize(torch.randn(B, T, HK, DK, device=dev), dim=-1)
-            q, k = q.bfloat16(), k.bfloat16()
-            v = torch.randn(B, T, HV, DV, device=dev, dtype=torch.bfloat16)
-            a = torch.randn(B, T, HV, device=dev, dtype=torch.bfloat16)
-            b = torch.randn(B, T, HV, device=dev, dtype=torch.bfloat16)
-            A_log = torch.log(torch.empty(HV, device=dev).uniform_(1.0, 16.0))
-            dt = torch.empty(HV, device=dev).uniform_(math.log(1e-3), math.log(1e-1)).exp()
-            dt_bias = dt + torch.log(-torch.expm1(-dt))
-            # FLA's state is [B, H, Dk, Dv] (transposed against ours); it stays in its layout.
-            state0 = torch.zeros(B, HV, DK, DV, device=dev, dtype=torch.float32)
-
-            def call(q, k, state):
-                # FLA wants the log-decay; it scales q itself unless told scale=1.
-                g = -A_log.exp() * F.softplus(a.float() + dt_bias)
-                beta = b.float().sigmoid()
-                return fn(q, k, v, g, beta, scale=1.0, initial_state=state, output_final_state=True)
-
-            # Grouped value heads: pass q/k with Hk heads if this FLA takes them, else repeat.
-            qq, kk = q, k
-            try:
-                call(q, k, state0)
-            except Exception:
-                qq = q.repeat_interleave(HV // HK, dim=2)
-                kk = k.repeat_interleave(HV // HK, dim=2)
-                call(qq, kk, state0)
-
-            def run(n: int) -> float:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                state, ys = state0, []
-                for _ in range(n):
-                    y, state = call(qq, kk, state)
-                    ys.append(y)
-                torch.cuda.synchronize()
-                return time.perf_counter() - t0
-
-            return run
+            x = bench_fla.make_inputs(shape.T, shape.Hv, shape.B)
+            return bench_fla.make_run(bench_fla.make_call(bench_fla.kernel(name), x), x["state0"])
 
         return make
 
-    import fla as _fla
-
-    ver = getattr(_fla, "__version__", "?")
-    return [
-        Contender(f"fla chunk ({ver})", "peer", make_for(chunk_gated_delta_rule)),
-        Contender(
-            f"fla fused_recurrent ({ver})", "peer", make_for(fused_recurrent_gated_delta_rule)
-        ),
-    ]
+    ver = bench_fla.fla_version()
+    return [Contender(f"fla {n} ({ver})", "peer", make_for(n)) for n in bench_fla.KERNELS]
 
 
 # ---------------------------------------------------------------------------------------------

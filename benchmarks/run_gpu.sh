@@ -24,10 +24,10 @@
 #                                   # chunked kernels, FLA chunk / fused_recurrent, mlx-lm ops
 #                                   # (T <= 2048), mx.fast (T <= 8192); about 4 min
 #   benchmarks/run_gpu.sh chunk-table  # the same table (issue 9's targets), one process per Hv
-#                                      # and side (ours with mlx-lm / mx.fast; FLA's two kernels,
-#                                      # one process a T), merged into one table and plot: a CUDA
-#                                      # fault or hang in one process costs that cell only
-#                                      # (about 8 min)
+#                                      # and side (ours with mlx-lm / mx.fast; FLA's two kernels
+#                                      # in bench_fla.py, which never loads MLX), merged into one
+#                                      # table and plot with ours / FLA chunk per cell (about 12
+#                                      # min: two calls, CHUNK_TABLE_SIDES=ours then =fla)
 #   benchmarks/run_gpu.sh diet-tests  # the decode kernel's GPU tests (gated norm included), the
 #                                     # compiled step against the plain path (about 4 min)
 #   benchmarks/run_gpu.sh diet-kernel # bench_gated_delta_decode.py --norm: the conv decode kernel
@@ -168,36 +168,38 @@ case "$step" in
       --out "$out" 2>&1 | tee "$out/bench_chunk.log"
     ;;
   chunk-table)
-    # Each side, Hv (and for FLA each T) in a process of its own. Session 16 found FLA's chunk
-    # kernel (0.6.0, Triton 3.6) stopping its process with "an illegal memory access" with no
-    # MLX kernel run in it: at T 2048 after T 512 (14:09-14:15, every Hv), and at T >= 2048 from
-    # a process's first call (15:31-15:34, Hv 16 and 32); it ran at T 8192 / 32768 in processes
-    # that had run ours first (session 15, 12:05). Not ours (no out-of-bounds access in our
-    # kernels at these shapes: tests/kernels/test_chunk_bounds_on_cpu.py), so a fault costs FLA
-    # that one cell here. CHUNK_TABLE_SIDES picks sides (ours: ours, mlx-lm ops and mx.fast at
-    # every T; fla: FLA's two kernels, one process a T); the merge takes every JSON under
-    # $out/table.
+    # Each side and Hv in a process of its own, merged into one table. FLA's kernels run in
+    # bench_fla.py, which never loads MLX, one process a kernel, so that a fault costs that
+    # kernel's cells only. (Sessions 15-17's "illegal memory access" was this bench's own call:
+    # beta passed by position into FLA 0.6.0's fused_recurrent_gated_delta_rule became its
+    # per-key gate; CUDA's sticky error then surfaced in the chunk kernel's next call. Fixed in
+    # session 17; see bench_fla.py.) CHUNK_TABLE_SIDES picks sides (ours: ours auto, mlx-lm's ops
+    # and mx.fast, ~2 min a Hv; fla: ~1 min a Hv), so that the table fits two calls; a side's
+    # folders are replaced, the other side's kept.
+    lens=512,2048,8192,32768
     for hv in 16 32 48 64; do
       for side in ${CHUNK_TABLE_SIDES:-ours fla}; do
+        dir="$out/table/hv${hv}_${side}"
+        rm -rf "$dir" "$dir.log" && mkdir -p "$dir"
         if [ "$side" = ours ]; then
-          runs=("ours auto,mlx-lm ops,mx.fast@512,2048,8192,32768")
-        else
-          runs=("fla chunk,fla fused_recurrent@512" "fla chunk,fla fused_recurrent@2048"
-            "fla chunk,fla fused_recurrent@8192" "fla chunk,fla fused_recurrent@32768")
-        fi
-        for r in "${runs[@]}"; do
-          who=${r%@*} lens=${r#*@}
-          dir="$out/table/hv${hv}_${side}_${lens%%,*}"
-          rm -rf "$dir" && mkdir -p "$dir"
           rc=0
-          timeout 150 python3 benchmarks/bench_gated_delta.py --decode-b "" --prefill-t "$lens" \
+          timeout 200 python3 benchmarks/bench_gated_delta.py --decode-b "" --prefill-t "$lens" \
             --hv "$hv" --max-t "mlx-lm ops=2048,mx.fast=8192" --target-s 0.1 --repeats 5 \
-            --budget-s 2 --only "$who" --out "$dir" >"$dir.log" 2>&1 || rc=$?
-          echo "Hv $hv $side T $lens rc=$rc $(grep -ci "illegal memory\|error" "$dir.log") error lines"
+            --budget-s 2 --only "ours auto,mlx-lm ops,mx.fast" --out "$dir" >"$dir.log" 2>&1 || rc=$?
+          echo "Hv $hv ours rc=$rc"
+          continue
+        fi
+        for kernel in chunk fused_recurrent; do
+          rc=0
+          timeout 150 python3 benchmarks/bench_fla.py --kernels $kernel --hv "$hv" --t "$lens" \
+            --out "$dir" >>"$dir.log" 2>&1 || rc=$?
+          echo "Hv $hv fla $kernel rc=$rc $(grep -c "illegal memory" "$dir.log") fault lines"
         done
       done
     done
-    python3 benchmarks/bench_gated_delta.py --merge "$out"/table/hv*/*.json --out "$out" 2>&1 |
+    # ours first: the merged table keeps the first file's environment (MLX, BLAS)
+    python3 benchmarks/bench_gated_delta.py --merge "$out"/table/hv*_ours/*.json \
+      "$out"/table/hv*_fla/*.json --out "$out" 2>&1 |
       tee "$out/bench_chunk_table.log"
     # ours / FLA's chunk kernel per shape (issue 9's targets: <= 1.3 at T >= 8192, <= 1 at 2048)
     python3 - "$(ls -t "$out"/gated_delta_cuda_*.json | head -1)" <<'PY'
