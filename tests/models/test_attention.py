@@ -4,6 +4,8 @@ The memory checks run on the CPU, where MLX counts every allocation too: the 0.8
 shape (8 query heads, 2 key/value heads of 256) with small hidden sizes, a prompt fed in steps.
 """
 
+import statistics
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -153,12 +155,17 @@ def test_prefill_step_memory_does_not_grow_with_history(monkeypatch):
     T = 256
     ids = mx.arange(16 * T)[None] % 64
     peaks, kv = _step_peaks(model, ids, T)
-    growth = peaks[-1] - peaks[4]
-    kv_growth = kv[-1] - kv[4]
+    # Medians of four steps early and four late: one step's transient can still double when the
+    # GPU is shared (H200, session 17, the suite's seven processes: one step 11 MB among steps
+    # of 5-6 MB; alone it passed), which is timing, not growth. What the bug grows, every late
+    # step has.
+    early, late = slice(4, 8), slice(-4, None)
+    growth = statistics.median(peaks[late]) - statistics.median(peaks[early])
+    kv_growth = statistics.median(kv[late]) - statistics.median(kv[early])
     # The cache regrows into a fresh buffer, and while the copy runs the old one is alive too;
     # on a GPU MLX frees it only in the command buffer's completion handler, after the step's
     # attention peak: so the peak may grow by the cache's growth twice (H200, session 11: 3.03
-    # MB against 1.44 MB of cache growth). The old code grew by 3-4 MB a step: 40 MB here.
+    # MB against 1.44 MB of cache growth). The old code grew by 3-4 MB a step: ~30 MB here.
     assert growth <= 2.1 * kv_growth + (1 << 20), ([p >> 20 for p in peaks], kv)
 
 
