@@ -769,9 +769,10 @@ TOKEN_STATES_AS_ROWS = True
 # for the kernel and one of y back to columns, two view primitives a layer that the one-token
 # step has not (36 of the 0.8B pass's ~150 extra views; each costs MLX's host ~1.5 us in eval
 # on the H200 and its share of the compiled call's replay). The same memory and arithmetic.
-# True, or False (probe_verify.py's A/B: off until the H200 runs it). Read when the verify step
-# is traced.
-PACKED_COLUMNS = False
+# True, or False (probe_verify.py's A/B). H200, session 17, 0.8B, the 2-token pass against a
+# step, two runs of 120 interleaved rounds each: 1.125x / 1.142x on, 1.146x / 1.157x off. Read
+# when the verify step is traced.
+PACKED_COLUMNS = True
 
 
 class GatedDeltaNet(nn.Module):
