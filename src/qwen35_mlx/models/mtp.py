@@ -37,8 +37,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels import cpu_ext
 from .config import TextConfig
-from .layers import DecoderLayer, add_norm, project
+from .layers import MLP, DecoderLayer, add_norm, project
 
 # Checkpoint names of the MTP norms that are Qwen3_5RMSNorm ((1 + w) in Hugging Face's layout),
 # besides the decoder layer's own (input/post-attention layernorm, q_norm, k_norm).
@@ -46,6 +47,15 @@ MTP_NORMS = ("mtp.norm.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_nor
 
 # The draft vocabulary of a checkpoint folder (module doc).
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+# A greedy round's head (`TextModel.verify_and_draft`) on the CPU as one native primitive
+# (`cpu_ext.mtp_head`, kernels/cpu_ext/src/mtp_head_cpu.cpp) where the extension is built, in
+# place of the ~73 MLX primitives of the compiled head (host time per primitive is most of the
+# head's cost on a small model: benchmarks/NOTES.md, "Session 17, helper mtphead"). It computes
+# in float32 throughout where MLX's ops round each result to the model's float16, so its drafts
+# are approximate (the verify pass is exact: the emitted tokens cannot change, only the
+# acceptance could). False: MLX's ops (the exact head). Read by `native_head_weights`.
+NATIVE_HEAD = True
 
 
 def mtp_layer_config(config: TextConfig) -> TextConfig:
@@ -126,6 +136,81 @@ class MTP(nn.Module):
         if "_draft_ids" not in self:
             return lm_head(o).argmax(-1)
         return self["_draft_ids"][(o @ self["_draft_rows_t"]).argmax(-1)]
+
+
+def native_head_weights(text: nn.Module) -> list[mx.array] | None:
+    """The float32 weights `cpu_ext.mtp_head` takes for text model `text`'s head (in its order:
+    the norms, fc [2H, H], the layer's norm, q|k|v [H, n], q_norm, k_norm, o [n, H], norm, gate|up
+    [H, 2I], down [I, H], norm, lm_head [H, V], the rotary inv_freq), or None where the native
+    head does not apply: `NATIVE_HEAD` off, not the CPU, the extension not built, a draft
+    vocabulary, an MoE or quantized layer, biases, a sharded model."""
+    if not NATIVE_HEAD or mx.default_device() != mx.cpu or not hasattr(cpu_ext.load(), "mtp_head"):
+        return None
+    mtp = text.mtp
+    layer = mtp.layers[0]
+    attn = layer.self_attn
+    linears = [mtp.fc, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    if not isinstance(layer.mlp, MLP):
+        return None
+    linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    out = text.model.embed_tokens if text.config.tie_word_embeddings else text.lm_head
+    if "_draft_ids" in mtp or getattr(text, "sharding_group", None) is not None:
+        return None
+    if any(type(m) is not nn.Linear or "bias" in m for m in linears):
+        return None
+    if type(out) not in (nn.Linear, nn.Embedding) or "bias" in out:
+        return None
+
+    def t(m: nn.Module) -> mx.array:  # [in, out]
+        return m.weight.T.astype(mx.float32)
+
+    f32 = [
+        mtp.pre_fc_norm_embedding.weight,
+        mtp.pre_fc_norm_hidden.weight,
+        t(mtp.fc),
+        layer.input_layernorm.weight,
+        mx.concatenate([t(attn.q_proj), t(attn.k_proj), t(attn.v_proj)], axis=1),
+        attn.q_norm.weight,
+        attn.k_norm.weight,
+        t(attn.o_proj),
+        layer.post_attention_layernorm.weight,
+        mx.concatenate([t(layer.mlp.gate_proj), t(layer.mlp.up_proj)], axis=1),
+        t(layer.mlp.down_proj),
+        mtp.norm.weight,
+        t(out),
+        attn.rope._inv_freq,
+    ]
+    f32 = [mx.contiguous(w.astype(mx.float32)) for w in f32]
+    mx.eval(f32)
+    return f32
+
+
+def native_head(text: nn.Module, weights: list, hidden, tokens, keys, values, idx) -> tuple | None:
+    """The head over T positions a row as one native primitive (`NATIVE_HEAD`): hidden [B, T, H]
+    (h_i), tokens [B, T] (x_{i+1}), the layer's KV buffers [B, Hkv, capacity, D] with positions
+    idx .. idx + T - 1 to fill (no left padding; plain positions from idx) -> (o [B, T, H], greedy
+    drafts [B, T] uint32, keys, values). float32 arithmetic: near the exact head, not equal.
+    None for dtypes the primitive does not take (bfloat16: the caller runs MLX's ops)."""
+    B, T, H = hidden.shape
+    attn = text.mtp.layers[0].self_attn
+    emb = text.model.embed_tokens(tokens.reshape(-1))
+    if not all(a.dtype in (mx.float16, mx.float32) for a in (hidden, emb, keys)):
+        return None
+    o, drafts, keys, values = cpu_ext.load().mtp_head(
+        hidden.reshape(B * T, H),
+        emb,
+        keys,
+        values,
+        idx,
+        weights,
+        T,
+        attn.num_heads,
+        attn.num_kv_heads,
+        attn.rope.rotary_dim,
+        text.config.rms_norm_eps,
+        attn.output_gate,
+    )
+    return o.reshape(B, T, H), drafts.reshape(B, T), keys, values
 
 
 def lm_head_rows(text: nn.Module, ids: mx.array) -> mx.array:
