@@ -106,7 +106,9 @@ MH_CLONES void matmul(const float* x, int64_t rows, int64_t K, const float* w, i
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w, n elements.
-inline void rms(const float* x, const float* w, int n, float eps, float* y) {
+#define MH_INLINE inline __attribute__((always_inline))
+
+MH_INLINE void rms(const float* x, const float* w, int n, float eps, float* y) {
   float ss = 0.0f;
   for (int i = 0; i < n; ++i) ss += x[i] * x[i];
   const float s = 1.0f / std::sqrt(ss / n + eps);
@@ -114,7 +116,7 @@ inline void rms(const float* x, const float* w, int n, float eps, float* y) {
 }
 
 // rotate-half rotary of the first R dims of x [D] at position pos.
-inline void rope(float* x, int R, const float* inv_freq, float pos) {
+MH_INLINE void rope(float* x, int R, const float* inv_freq, float pos) {
   const int h = R / 2;
   for (int i = 0; i < h; ++i) {
     const float a = pos * inv_freq[i];
@@ -125,10 +127,10 @@ inline void rope(float* x, int R, const float* inv_freq, float pos) {
   }
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+MH_INLINE float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 // a dense float32 copy of a (float16 / float32, any strides).
-std::vector<float> as_float(const mx::array& a) {
+MH_INLINE std::vector<float> as_float(const mx::array& a) {
   std::vector<float> out(a.size());
   const bool rc = a.flags().row_contiguous;
   if (a.dtype() == mx::float16) {
@@ -146,11 +148,11 @@ std::vector<float> as_float(const mx::array& a) {
 struct Buffer {
   void* p;
   bool half;
-  float get(int64_t i) const {
+  MH_INLINE float get(int64_t i) const {
     return half ? static_cast<float>(static_cast<const _Float16*>(p)[i])
                 : static_cast<const float*>(p)[i];
   }
-  float put(int64_t i, float v) {  // stores, returns the stored (rounded) value
+  MH_INLINE float put(int64_t i, float v) {  // stores, returns the stored (rounded) value
     if (half) {
       _Float16 h = static_cast<_Float16>(v);
       static_cast<_Float16*>(p)[i] = h;
@@ -242,34 +244,43 @@ MH_CLONES void run(const std::vector<mx::array>& in, std::vector<mx::array>& out
     }
   }
 
-  // attention, gated: o [rows, Hq * D]
-  std::vector<float> o(rows * Hq * D), p(idx + T), kf(D);
+  // attention, gated: o [rows, Hq * D]; each kv head's keys and values 0 .. idx + T - 1
+  // converted to float once for its query heads and rows.
+  std::vector<float> o(rows * Hq * D), p(idx + T), kf((idx + T) * D), vf((idx + T) * D);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int rep = Hq / Hkv;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / T, t = r % T, n = idx + t + 1;
-    for (int hq = 0; hq < Hq; ++hq) {
-      const int g = hq / rep;
-      const float* qh = &q[(r * Hq + hq) * D];
+  for (int64_t b = 0; b < B; ++b) {
+    for (int g = 0; g < Hkv; ++g) {
       const int64_t kbase = (b * Hkv + g) * cap * D;
-      float mx_ = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        float s = 0.0f;
-        for (int i = 0; i < D; ++i) s += qh[i] * kb.get(kbase + j * D + i);
-        p[j] = s * scale;
-        mx_ = std::max(mx_, p[j]);
+      for (int64_t i = 0; i < (idx + T) * D; ++i) {
+        kf[i] = kb.get(kbase + i);
+        vf[i] = vb.get(kbase + i);
       }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx_));
-      float* oh = &o[(r * Hq + hq) * D];
-      std::fill(oh, oh + D, 0.0f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float pj = p[j] / sum;
-        for (int i = 0; i < D; ++i) oh[i] += pj * vb.get(kbase + j * D + i);
-      }
-      if (d.gate) {
-        const float* gh = &qkv[r * nqkv + hq * qstride + D];
-        for (int i = 0; i < D; ++i) oh[i] *= sigmoid(gh[i]);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = b * T + t, n = idx + t + 1;
+        for (int hq = g * rep; hq < (g + 1) * rep; ++hq) {
+          const float* qh = &q[(r * Hq + hq) * D];
+          float mx_ = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) {
+            float s = 0.0f;
+            for (int i = 0; i < D; ++i) s += qh[i] * kf[j * D + i];
+            p[j] = s * scale;
+            mx_ = std::max(mx_, p[j]);
+          }
+          float sum = 0.0f;
+          for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx_));
+          float* oh = &o[(r * Hq + hq) * D];
+          std::fill(oh, oh + D, 0.0f);
+          const float inv = 1.0f / sum;
+          for (int64_t j = 0; j < n; ++j) {
+            const float pj = p[j] * inv;
+            for (int i = 0; i < D; ++i) oh[i] += pj * vf[j * D + i];
+          }
+          if (d.gate) {
+            const float* gh = &qkv[r * nqkv + hq * qstride + D];
+            for (int i = 0; i < D; ++i) oh[i] *= sigmoid(gh[i]);
+          }
+        }
       }
     }
   }
