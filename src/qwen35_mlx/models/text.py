@@ -25,7 +25,8 @@ through the one-token kernel, whose per-token states come out of the step so tha
 size and batch shape. The MTP head has its own compiled step over its static KV buffer
 (`mtp_forward(..., last_only=True)`; its layer in the verify pass's row form over fused decode
 projections, `MTP(..., tokens=T)`), and `verify_and_draft` puts a greedy speculative round's
-verify pass and MTP pass into one compiled call.
+verify pass and MTP pass into one compiled call (on the CPU with the extension built, its head
+as one native primitive: `mtp.NATIVE_HEAD`).
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
 [C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once, the MTP head's norms included), stacked MoE
