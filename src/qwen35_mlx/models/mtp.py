@@ -39,7 +39,7 @@ import mlx.nn as nn
 
 from ..kernels import cpu_ext
 from .config import TextConfig
-from .layers import MLP, DecoderLayer, add_norm, project
+from .layers import MLP, DecoderLayer, add_norm, decode_weight, project
 
 # Checkpoint names of the MTP norms that are Qwen3_5RMSNorm ((1 + w) in Hugging Face's layout),
 # besides the decoder layer's own (input/post-attention layernorm, q_norm, k_norm).
@@ -181,6 +181,14 @@ def native_head_weights(text: nn.Module) -> list[mx.array] | None:
         attn.rope._inv_freq,
     ]
     f32 = [mx.contiguous(w.astype(mx.float32)) for w in f32]
+    # The output layer: the main model's decode copy where it is one (float32 [H, V]): the
+    # verify pass reads it just before, and the copy is 4 V H bytes.
+    owner, name = (
+        (text.model, "embed_tokens") if text.config.tie_word_embeddings else (text, "lm_head")
+    )
+    main = decode_weight(owner, name)
+    if isinstance(main, mx.array) and main.dtype == mx.float32 and main.shape == f32[12].shape:
+        f32[12] = main
     mx.eval(f32)
     return f32
 
