@@ -427,3 +427,19 @@ def test_native_head_in_the_fused_round(monkeypatch):
         assert np.array(dn).tolist() == np.array(do).tolist()
     assert c_nat.offset == c_ops.offset == 9
     assert rel_err(np.array(c_nat.keys[:, :, :9]), np.array(c_ops.keys[:, :, :9])) < 10 * TOL
+
+
+def test_native_head_refuses_positions_past_the_buffer():
+    """The primitive never writes past its KV buffers (the caller reserves them): idx + T beyond
+    the capacity raises at evaluation."""
+    from qwen35_mlx.kernels import cpu_ext
+
+    model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=5)
+    weights = _native_weights(model)
+    cfg = model.config
+    h = mx.zeros((2, cfg.hidden_size))
+    keys = mx.zeros((1, cfg.num_key_value_heads, 16, cfg.head_dim))
+    args = (weights, 2, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rotary_dim, 1e-6)
+    mx.eval(cpu_ext.load().mtp_head(h, h, keys, keys, mx.array(14), *args, True))
+    with pytest.raises(RuntimeError, match="past the KV buffer"):
+        mx.eval(cpu_ext.load().mtp_head(h, h, keys, keys, mx.array(15), *args, True))

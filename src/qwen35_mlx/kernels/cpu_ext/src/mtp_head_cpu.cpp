@@ -193,6 +193,8 @@ MH_CLONES void run(const std::vector<mx::array>& in, std::vector<mx::array>& out
   const int T = d.T, Hq = d.Hq, Hkv = d.Hkv, D = d.D;
   const int64_t B = rows / T, cap = kin.shape(2);
   const int64_t idx = in[4].data<int32_t>()[0];
+  // (the caller reserves the buffer: `cache.reserve`; never write past it)
+  if (idx < 0 || idx + T > cap) throw std::out_of_range("mtp_head: idx + T past the KV buffer");
   const float* w[N_WEIGHTS];
   std::vector<float> dense[N_WEIGHTS];  // (weights not row-contiguous: copies)
   for (int i = 0; i < N_WEIGHTS; ++i) {
