@@ -432,14 +432,44 @@ def test_native_head_in_the_fused_round(monkeypatch):
 def test_native_head_refuses_positions_past_the_buffer():
     """The primitive never writes past its KV buffers (the caller reserves them): idx + T beyond
     the capacity raises at evaluation."""
-    from qwen35_mlx.kernels import cpu_ext
+    from qwen35_mlx.models import mtp as mtp_mod
 
     model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=5)
     weights = _native_weights(model)
     cfg = model.config
-    h = mx.zeros((2, cfg.hidden_size))
+    h = mx.zeros((1, 2, cfg.hidden_size))
+    tokens = mx.zeros((1, 2), dtype=mx.int32)
     keys = mx.zeros((1, cfg.num_key_value_heads, 16, cfg.head_dim))
-    args = (weights, 2, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rotary_dim, 1e-6)
-    mx.eval(cpu_ext.load().mtp_head(h, h, keys, keys, mx.array(14), *args, True))
+    mx.eval(mtp_mod.native_head(model, weights, h, tokens, keys, keys, mx.array(14)))
     with pytest.raises(RuntimeError, match="past the KV buffer"):
-        mx.eval(cpu_ext.load().mtp_head(h, h, keys, keys, mx.array(15), *args, True))
+        mx.eval(mtp_mod.native_head(model, weights, h, tokens, keys, keys, mx.array(15)))
+
+
+def test_native_head_follows_new_weights(monkeypatch):
+    """New head weights set after a first round reach the native head: a norm alone (read from
+    the module at each trace), then fc (its float32 copy made again): its round output is MLX's
+    head's with the new weights (a twin model runs MLX's head, so `NATIVE_HEAD` never changes
+    for the native one, which would remake its copies by itself)."""
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    native = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=6)
+    ops = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=6)
+    _native_weights(native)
+    ids = mx.array(TOKENS)[None]
+
+    def round_o(model, on):
+        monkeypatch.setattr(mtp_mod, "NATIVE_HEAD", on)
+        main, mtp = model.make_cache(), model.make_mtp_cache()
+        _, g = model(ids[:, :6], cache=main, return_hidden=True)
+        model.mtp_forward(g[:, :-1], ids[:, 1:6], mtp)
+        return np.array(model.verify_and_draft(ids[:, 6:8], main, mtp)[3])
+
+    before = round_o(native, True)
+    assert rel_err(before, round_o(ops, False)) < 10 * TOL
+    for name in ("norm", "fc"):
+        for model in (native, ops):
+            model.mtp[name].weight = model.mtp[name].weight * 1.5
+        new_native, new_ops = round_o(native, True), round_o(ops, False)
+        assert rel_err(new_native, new_ops) < 10 * TOL, name
+        assert rel_err(before, new_ops) > 0.1, name
+        before = new_ops

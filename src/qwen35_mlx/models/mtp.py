@@ -139,11 +139,13 @@ class MTP(nn.Module):
 
 
 def native_head_weights(text: nn.Module) -> list[mx.array] | None:
-    """The float32 weights `cpu_ext.mtp_head` takes for text model `text`'s head (in its order:
-    the norms, fc [2H, H], the layer's norm, q|k|v [H, n], q_norm, k_norm, o [n, H], norm, gate|up
-    [H, 2I], down [I, H], norm, lm_head [H, V], the rotary inv_freq), or None where the native
-    head does not apply: `NATIVE_HEAD` off, not the CPU, the extension not built, a draft
-    vocabulary, an MoE or quantized layer, biases, a sharded model."""
+    """The float32 matrices [in, out] `cpu_ext.mtp_head` takes for text model `text`'s head: fc
+    [2H, H], q|k|v [H, n], o [n, H], gate|up [H, 2I], down [I, H], lm_head [H, V] (the main
+    model's float32 decode copy where there is one), or None where the native head does not
+    apply: `NATIVE_HEAD` off, not the CPU, the extension not built, a draft vocabulary, an MoE
+    or quantized layer, biases, a sharded model. Copies of the decode groups' weights, so
+    `TextModel._prepare_decode` makes them again when those change; the norms are read from the
+    modules at each trace (`native_head`)."""
     if not NATIVE_HEAD or mx.default_device() != mx.cpu or not hasattr(cpu_ext.load(), "mtp_head"):
         return None
     mtp = text.mtp
@@ -164,45 +166,58 @@ def native_head_weights(text: nn.Module) -> list[mx.array] | None:
     def t(m: nn.Module) -> mx.array:  # [in, out]
         return m.weight.T.astype(mx.float32)
 
-    f32 = [
-        mtp.pre_fc_norm_embedding.weight,
-        mtp.pre_fc_norm_hidden.weight,
+    mats = [
         t(mtp.fc),
-        layer.input_layernorm.weight,
         mx.concatenate([t(attn.q_proj), t(attn.k_proj), t(attn.v_proj)], axis=1),
-        attn.q_norm.weight,
-        attn.k_norm.weight,
         t(attn.o_proj),
-        layer.post_attention_layernorm.weight,
         mx.concatenate([t(layer.mlp.gate_proj), t(layer.mlp.up_proj)], axis=1),
         t(layer.mlp.down_proj),
-        mtp.norm.weight,
         t(out),
-        attn.rope._inv_freq,
     ]
-    f32 = [mx.contiguous(w.astype(mx.float32)) for w in f32]
+    mats = [mx.contiguous(w) for w in mats]
     # The output layer: the main model's decode copy where it is one (float32 [H, V]): the
     # verify pass reads it just before, and the copy is 4 V H bytes.
     owner, name = (
         (text.model, "embed_tokens") if text.config.tie_word_embeddings else (text, "lm_head")
     )
     main = decode_weight(owner, name)
-    if isinstance(main, mx.array) and main.dtype == mx.float32 and main.shape == f32[12].shape:
-        f32[12] = main
-    mx.eval(f32)
-    return f32
+    if isinstance(main, mx.array) and main.dtype == mx.float32 and main.shape == mats[-1].shape:
+        mats[-1] = main
+    mx.eval(mats)
+    return mats
 
 
-def native_head(text: nn.Module, weights: list, hidden, tokens, keys, values, idx) -> tuple | None:
+def native_head(text: nn.Module, mats: list, hidden, tokens, keys, values, idx) -> tuple | None:
     """The head over T positions a row as one native primitive (`NATIVE_HEAD`): hidden [B, T, H]
     (h_i), tokens [B, T] (x_{i+1}), the layer's KV buffers [B, Hkv, capacity, D] with positions
-    idx .. idx + T - 1 to fill (no left padding; plain positions from idx) -> (o [B, T, H], greedy
-    drafts [B, T] uint32, keys, values). float32 arithmetic: near the exact head, not equal.
-    None for dtypes the primitive does not take (bfloat16: the caller runs MLX's ops)."""
+    idx .. idx + T - 1 to fill (no left padding; plain positions from idx), the matrices of
+    `native_head_weights` -> (o [B, T, H], greedy drafts [B, T] uint32, keys, values). float32
+    arithmetic: near the exact head, not equal. None for dtypes the primitive does not take
+    (bfloat16: the caller runs MLX's ops)."""
     B, T, H = hidden.shape
-    attn = text.mtp.layers[0].self_attn
+    mtp = text.mtp
+    layer = mtp.layers[0]
+    attn = layer.self_attn
     emb = text.model.embed_tokens(tokens.reshape(-1))
-    if not all(a.dtype in (mx.float16, mx.float32) for a in (hidden, emb, keys)):
+    fc, qkv, o_proj, gate_up, down, lm_head = mats
+    # In the primitive's order; the vectors (norms, rotary frequencies) as the modules hold them.
+    weights = [
+        mtp.pre_fc_norm_embedding.weight,
+        mtp.pre_fc_norm_hidden.weight,
+        fc,
+        layer.input_layernorm.weight,
+        qkv,
+        attn.q_norm.weight,
+        attn.k_norm.weight,
+        o_proj,
+        layer.post_attention_layernorm.weight,
+        gate_up,
+        down,
+        mtp.norm.weight,
+        lm_head,
+        attn.rope._inv_freq,
+    ]
+    if not all(a.dtype in (mx.float16, mx.float32) for a in (hidden, emb, keys, *weights)):
         return None
     o, drafts, keys, values = cpu_ext.load().mtp_head(
         hidden.reshape(B * T, H),

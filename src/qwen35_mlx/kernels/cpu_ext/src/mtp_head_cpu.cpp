@@ -12,11 +12,12 @@
 //   x   = u + o @ W_o;  x = x + (silu(m @ W_g) * (m @ W_u)) @ W_d with m = rms(x) w_post
 //   out = rms(x) w_norm;  draft = argmax(out @ W_lm) (the first of equal maxima)
 //
-// Arithmetic: float32 throughout (the weights float32 copies [in, out], the float16 inputs
-// converted exactly), where MLX's compiled head rounds each op's result to float16. So `out`
-// and the drafts are close to the exact path's, not equal: drafts only, which the verify pass
-// checks exactly (the emitted tokens cannot change; the acceptance is measured). The KV
-// buffers are outputs: the inputs' own storage where MLX can donate it, else a copy.
+// Arithmetic: float32 throughout (the weight matrices float32 copies [in, out], the float16
+// inputs and norm weights converted exactly), where MLX's compiled head rounds each op's result
+// to float16. So `out` and the drafts are close to the exact path's, not equal: drafts only,
+// which the verify pass checks exactly (the emitted tokens cannot change; the acceptance is
+// measured). The KV buffers are outputs: the inputs' own storage where MLX can donate it, else
+// a copy.
 
 #include <algorithm>
 #include <cmath>
@@ -196,9 +197,9 @@ MH_CLONES void run(const std::vector<mx::array>& in, std::vector<mx::array>& out
   // (the caller reserves the buffer: `cache.reserve`; never write past it)
   if (idx < 0 || idx + T > cap) throw std::out_of_range("mtp_head: idx + T past the KV buffer");
   const float* w[N_WEIGHTS];
-  std::vector<float> dense[N_WEIGHTS];  // (weights not row-contiguous: copies)
+  std::vector<float> dense[N_WEIGHTS];  // (float16 vectors, or not row-contiguous: copies)
   for (int i = 0; i < N_WEIGHTS; ++i) {
-    if (in[5 + i].flags().row_contiguous) {
+    if (in[5 + i].flags().row_contiguous && in[5 + i].dtype() == mx::float32) {
       w[i] = in[5 + i].data<float>();
     } else {
       dense[i] = as_float(in[5 + i]);
@@ -365,7 +366,8 @@ std::vector<mx::array> mtp_head(const mx::array& hidden, const mx::array& emb,
   auto fail = [](const char* m) { throw std::invalid_argument(std::string("mtp_head: ") + m); };
   if (weights.size() != N_WEIGHTS) fail("14 weights (see the source)");
   for (const auto& w : weights)
-    if (w.dtype() != mx::float32) fail("weights must be float32");
+    if (w.dtype() != mx::float32 && (w.ndim() != 1 || w.dtype() != mx::float16))
+      fail("weights float32 (the vectors float32 or float16)");
   if (hidden.ndim() != 2 || emb.shape() != hidden.shape()) fail("hidden, emb [rows, H]");
   for (const auto& a : {hidden, emb})
     if (a.dtype() != mx::float16 && a.dtype() != mx::float32) fail("float16 or float32 inputs");
