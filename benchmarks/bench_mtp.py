@@ -28,7 +28,9 @@ MTP off and with k = 1, 2, 3, alternating, `--repeats` times: tokens/s by wall t
 process's CPU time (the machine is shared), and the acceptance rate. `--fp32-decode` sets
 `text.CPU_FP32_DECODE` (all: every decode projection from float32 copies, the package's default
 and so the default here since session 15; head: only the MTP head's, the default before, under
-which plain decoding ran 2.5-3x slower than users get and MTP looked 1.1-1.25x).
+which plain decoding ran 2.5-3x slower than users get and MTP looked 1.1-1.25x). `--mtp-head`
+sets `mtp.NATIVE_HEAD` (native, the package's default since session 17: a greedy round's head as
+one native CPU primitive; ops: MLX's ops, the exact head).
 
     python benchmarks/bench_mtp.py --cpu-tiny --out benchmarks/results
 """
@@ -328,9 +330,11 @@ def device_run(args) -> dict:
 
 def cpu_tiny(args) -> dict:
     from qwen35_mlx import load, stream_generate
+    from qwen35_mlx.models import mtp as mtp_mod
     from qwen35_mlx.models import text as text_mod
 
     text_mod.CPU_FP32_DECODE = False if args.fp32_decode == "off" else args.fp32_decode
+    mtp_mod.NATIVE_HEAD = args.mtp_head == "native"
     path = args.model or Path(qwen35_mlx.__file__).parent / "assets" / "tiny"
     model, tok = load(path, dtype=args.dtype)
     subset = model.mtp.draft_vocab  # draft_vocab.json's, or None
@@ -380,6 +384,7 @@ def cpu_tiny(args) -> dict:
     result = {"device": _device_name(), "date": _now(), "gen": args.gen, "repeats": args.repeats}
     result["dtype"] = args.dtype or "as shipped"
     result["fp32_decode"] = args.fp32_decode
+    result["mtp_head"] = args.mtp_head
     result["model"] = str(path)
     result["draft_vocab"] = None if subset is None else len(subset)
     for m in modes:
@@ -417,6 +422,13 @@ def main(argv=None) -> None:
         default="all",
         choices=["head", "all", "off"],
         help="--cpu-tiny: text.CPU_FP32_DECODE (float32 copies of half-precision decode weights)",
+    )
+    p.add_argument(
+        "--mtp-head",
+        default="native",
+        choices=["native", "ops"],
+        help="--cpu-tiny: models.mtp.NATIVE_HEAD (a greedy round's head as one native primitive "
+        "where the CPU extension is built; ops: MLX's, the exact head)",
     )
     p.add_argument(
         "--compare-full",

@@ -15,6 +15,7 @@ minus the generation loop's own costs. `--fp32-decode` sets `text.CPU_FP32_DECOD
     python benchmarks/probe_mtp_round.py                  # tiny model, CPU
     python benchmarks/probe_mtp_round.py --fp32-decode all
     python benchmarks/probe_mtp_round.py --fp32-decode all --variants ops,half,now  # A/B
+    python benchmarks/probe_mtp_round.py --fp32-decode all --variants now,native
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from qwen35_mlx import load
 from qwen35_mlx.kernels import cpu_ext
 from qwen35_mlx.kernels.gated_delta import decode as decode_mod
 from qwen35_mlx.models import layers as layers_mod
+from qwen35_mlx.models import mtp as mtp_mod
 from qwen35_mlx.models import text as text_mod
 from qwen35_mlx.models.cache import LinearCache, set_history
 
@@ -88,6 +90,8 @@ VARIANTS = {
     "half": dict(HALF_OPS=True, NATIVE_RECORD=False, ROPE_JOINT=False),  # f16 chains, casts
     "rec": dict(HALF_OPS=True, NATIVE_RECORD=True, ROPE_JOINT=False),  # + T tokens' one call
     "now": dict(HALF_OPS=True, NATIVE_RECORD=True, ROPE_JOINT=True),  # + q and k's one rope
+    # + the round's head as one native primitive (session 17; R1 only: H1, H2 are MLX's head)
+    "native": dict(HALF_OPS=True, NATIVE_RECORD=True, ROPE_JOINT=True, NATIVE_HEAD=True),
 }
 STEPS = ("decode", "verify", "mtp", "round")
 
@@ -97,6 +101,7 @@ def set_variant(name: str) -> None:
     cpu_ext.HALF_OPS = flags["HALF_OPS"]
     decode_mod.NATIVE_RECORD = flags["NATIVE_RECORD"]
     layers_mod.ROPE_JOINT = flags["ROPE_JOINT"]
+    mtp_mod.NATIVE_HEAD = flags.get("NATIVE_HEAD", False)
 
 
 def probe(model, context: int, iters: int, repeats: int, variants=("now",)) -> dict:

@@ -250,8 +250,11 @@ def test_fused_greedy_round_equals_separate_calls(monkeypatch):
     right): the same drafts, round by round, and tokens as with the verify pass and the MTP
     calls run separately."""
     from qwen35_mlx import load
+    from qwen35_mlx.models import mtp as mtp_mod
     from qwen35_mlx.models.text import TextModel
 
+    # The exact head's drafts (the native round head has its own tests, test_native_head_*).
+    monkeypatch.setattr(mtp_mod, "NATIVE_HEAD", False)
     model, tok = load(Path(generation.__file__).parent / "assets" / "tiny")
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is a list?"}], add_generation_prompt=True, tokenize=False
@@ -286,6 +289,72 @@ def test_fused_greedy_round_equals_separate_calls(monkeypatch):
         assert fused == run(k, False)
         assert fused[0] == want
         assert fused[2] > 0.3  # the trained head's drafts are often accepted
+
+
+def _counting_native_head(monkeypatch) -> list:
+    """Record each trace of the native round head (`mtp.native_head`): True where it applied."""
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    calls = []
+    orig = mtp_mod.native_head
+
+    def counting(*args):
+        out = orig(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mtp_mod, "native_head", counting)
+    return calls
+
+
+def _native_head_built() -> bool:
+    from qwen35_mlx.kernels import cpu_ext
+
+    return mx.default_device() == mx.cpu and hasattr(cpu_ext.load(), "mtp_head")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_native_head_same_tokens_as_greedy(tok, k, monkeypatch):
+    """Greedy MTP with the round's native head (`mtp.NATIVE_HEAD`, float32 drafts), random
+    dense weights, batch 1 and a left-padded batch of 2 (which takes MLX's head): plain greedy
+    decoding's tokens."""
+    if not _native_head_built():
+        pytest.skip("the native head needs the CPU extension, built, on the CPU")
+    calls = _counting_native_head(monkeypatch)
+    model = _model("dense", seed=7)
+    want = _tokens(model, tok)
+    assert _tokens(model, tok, mtp=True, mtp_k=k) == want
+    assert calls and all(calls)
+    prompts = [PROMPT, PROMPT[3:]]
+    want = [[r.token for r in stream_generate(model, tok, p, max_tokens=N)] for p in prompts]
+    calls.clear()
+    got = generation.batch_generate(model, tok, prompts, max_tokens=N, mtp=True, mtp_k=k)
+    assert [list(t) for t in got.tokens] == want
+    assert not calls  # (left padding: the native head is not traced)
+
+
+def test_native_head_on_the_tiny_model(monkeypatch):
+    """The shipped tiny model (trained head): with the native round head the tokens are plain
+    greedy decoding's and the drafts are accepted as often as MLX's head's (within 2 points)."""
+    from qwen35_mlx import load
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    if not _native_head_built():
+        pytest.skip("the native head needs the CPU extension, built, on the CPU")
+    model, tok = load(Path(generation.__file__).parent / "assets" / "tiny")
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is a list?"}], add_generation_prompt=True, tokenize=False
+    )
+    want = [r.token for r in stream_generate(model, tok, prompt, max_tokens=64)]
+    calls = _counting_native_head(monkeypatch)
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(mtp_mod, "NATIVE_HEAD", on)
+        rs = list(stream_generate(model, tok, prompt, max_tokens=64, mtp=True, mtp_k=1))
+        assert [r.token for r in rs] == want
+        got[on] = rs[-1].mtp_acceptance
+    assert calls and all(calls)
+    assert got[True] >= got[False] - 0.02 and got[False] > 0.5
 
 
 def test_rows_matmul_is_one_matrix_vector_product_a_row():

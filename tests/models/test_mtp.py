@@ -73,9 +73,10 @@ def _layer_ref(x, W, p, cfg, positions):
     return x + m @ _w(W, p + "mlp.down_proj.weight").T
 
 
-def mtp_reference(weights, cfg, hidden, next_tokens):
+def mtp_reference(weights, cfg, hidden, next_tokens, return_o=False):
     """logits [T, V] of the MTP head from its definition: fc([norm(embed(x_{i+1})) | norm(h_i)]),
-    a full-attention layer at positions 0..T-1, norm, lm_head. Norm weights as applied."""
+    a full-attention layer at positions 0..T-1, norm, lm_head. Norm weights as applied.
+    `return_o`: (logits, the head's output o [T, H])."""
     eps = cfg.rms_norm_eps
     emb = _w(weights, "model.embed_tokens.weight")[next_tokens]
     e = _rms(emb, _w(weights, "mtp.pre_fc_norm_embedding.weight"), eps)
@@ -84,7 +85,7 @@ def mtp_reference(weights, cfg, hidden, next_tokens):
     u = _layer_ref(u, weights, "mtp.layers.0.", cfg, np.arange(len(next_tokens), dtype=np.float64))
     o = _rms(u, _w(weights, "mtp.norm.weight"), eps)
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    return o @ _w(weights, head).T
+    return (o @ _w(weights, head).T, o) if return_o else o @ _w(weights, head).T
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +258,14 @@ def test_compiled_mtp_head_from_float32_copies_same_numbers(dtype, monkeypatch):
     matrices in float32 and rounds, so the logits, hidden states and the fused round's drafts
     are those of the half-precision weights, bit for bit. Over the byte limit no copies."""
     from qwen35_mlx.models import layers
+    from qwen35_mlx.models import mtp as mtp_mod
     from qwen35_mlx.models import text as text_mod
 
     if mx.default_device() != mx.cpu:
         pytest.skip("the float32 copies are made on the CPU only")
+    # The exact head's bits (the native round head, `mtp.NATIVE_HEAD`, is float32 throughout
+    # and has its own test: test_native_head_*).
+    monkeypatch.setattr(mtp_mod, "NATIVE_HEAD", False)
     model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=6)
     model.set_dtype(dtype)
     ids = mx.array(TOKENS)[None]
@@ -293,3 +298,178 @@ def test_compiled_mtp_head_from_float32_copies_same_numbers(dtype, monkeypatch):
     monkeypatch.setattr(text_mod, "CPU_FP32_MAX_BYTES", 0)
     _, f2, l2 = run("head")
     assert (f2, l2) == (False, False)
+
+
+ROWS = [TOKENS, [9, 4, 77, 23, 5, 110, 2, 61, 30, 8, 15]]
+
+
+def _native_inputs(model, B: int, T: int):
+    """B rows of the backbone's hidden states and next tokens over 10 positions, and an MTP
+    cache filled by MLX's head over the first 10 - T (the native head's are the last T)."""
+    from qwen35_mlx.models import cache as cache_lib
+
+    ids = mx.array(ROWS[:B])
+    _, h = model(ids, return_hidden=True)
+    n0 = 10 - T
+    cache = model.make_mtp_cache()
+    model.mtp_forward(h[:, :n0], ids[:, 1 : n0 + 1], cache)
+    c = cache[0]
+    cache_lib.reserve(c, T)
+    idx = mx.array(cache_lib.kv_index(c))
+    return ids, h, n0, c.keys, c.values, idx
+
+
+def _native_weights(model):
+    from qwen35_mlx.kernels import cpu_ext
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    if mx.default_device() != mx.cpu or not hasattr(cpu_ext.load(), "mtp_head"):
+        pytest.skip("the native head needs the CPU extension, built, on the CPU")
+    return mtp_mod.native_head_weights(model)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("B, T", [(1, 1), (1, 2), (2, 2), (1, 3), (2, 5)])
+def test_native_head_matches_float64_reference(tied, B, T):
+    """`cpu_ext.mtp_head` (float32 throughout) over T new positions a row after a cache of
+    10 - T: its output o, drafts and the keys/values it writes. The bar is the one MLX's own
+    float32 head meets against the same float64 reference (10 x the fp32 tolerance,
+    test_mtp_forward_matches_numpy_reference): float32 sums over at most 2H terms."""
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    model = make_text_model(
+        make_text_config(mtp_num_hidden_layers=1, tie_word_embeddings=tied), seed=5
+    )
+    weights = _native_weights(model)
+    ids, h, n0, keys, values, idx = _native_inputs(model, B, T)
+    o, drafts, k2, v2 = mtp_mod.native_head(
+        model, weights, h[:, n0:10], ids[:, n0 + 1 : 11], keys, values, idx
+    )
+    assert o.shape == (B, T, h.shape[-1]) and o.dtype == h.dtype and drafts.dtype == mx.uint32
+    params = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    for b in range(B):
+        logits, o_ref = mtp_reference(
+            params, model.config, np.array(h[b, :10]), np.array(ids[b, 1:11]), return_o=True
+        )
+        assert rel_err(np.array(o[b]), o_ref[n0:]) < 10 * TOL
+        for t, d in enumerate(np.array(drafts[b]).tolist()):
+            row = logits[n0 + t]
+            # the reference's argmax, or a token tied with it within the bar
+            assert row[d] >= row.max() - 10 * TOL * np.abs(row).max()
+    # The buffers: MLX's head over all 10 positions writes the same keys and values (within
+    # float32), and the native call leaves every other position as it was.
+    ref_cache = model.make_mtp_cache()
+    model.mtp_forward(h[:, :10], ids[:, 1:11], ref_cache)
+    for got, before, want in ((k2, keys, ref_cache[0].keys), (v2, values, ref_cache[0].values)):
+        assert rel_err(np.array(got[:, :, n0:10]), np.array(want[:, :, n0:10])) < 10 * TOL
+        assert mx.array_equal(got[:, :, :n0], before[:, :, :n0]).item()
+        assert mx.array_equal(got[:, :, 10:], before[:, :, 10:]).item()
+
+
+def test_native_head_float16_near_mlx_head():
+    """A float16 model: the native head (float32 inside, o rounded to float16 once) against
+    MLX's float16 head over the same cache, within the fp16 tolerance; the drafts agree."""
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=5)
+    model.set_dtype(mx.float16)
+    weights = _native_weights(model)
+    ids, h, n0, keys, values, idx = _native_inputs(model, 2, 2)
+    o, drafts, k2, v2 = mtp_mod.native_head(
+        model, weights, h[:, n0:10], ids[:, n0 + 1 : 11], keys, values, idx
+    )
+    assert o.dtype == mx.float16 and k2.dtype == mx.float16
+    ref_cache = model.make_mtp_cache()
+    logits, o_ref = model.mtp_forward(h[:, :10], ids[:, 1:11], ref_cache)
+    tol = RTOL[mx.float16]
+    assert rel_err(np.array(o), np.array(o_ref[:, n0:])) < tol
+    assert rel_err(np.array(k2[:, :, :10]), np.array(ref_cache[0].keys[:, :, :10])) < tol
+    assert np.array(drafts).tolist() == np.array(logits[:, n0:].argmax(-1)).tolist()
+
+
+def test_native_head_in_the_fused_round(monkeypatch):
+    """`verify_and_draft` takes the native head where `mtp.NATIVE_HEAD` and the extension allow
+    (and no left padding): the verify pass's outputs are unchanged bit for bit, the head's
+    output and drafts near MLX's head's. Off: no float32 copies, MLX's ops."""
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=6)
+    _native_weights(model)
+    calls = []
+    orig = mtp_mod.native_head
+
+    def counting(*args):
+        out = orig(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mtp_mod, "native_head", counting)
+    ids = mx.array(TOKENS)[None]
+
+    def run(on):
+        monkeypatch.setattr(mtp_mod, "NATIVE_HEAD", on)
+        main, mtp = model.make_cache(), model.make_mtp_cache()
+        _, g = model(ids[:, :6], cache=main, return_hidden=True)
+        model.mtp_forward(g[:, :-1], ids[:, 1:6], mtp)
+        outs = []
+        for a in (6, 8):  # two rounds: the second reads the first's native entries
+            outs.append(model.verify_and_draft(ids[:, a : a + 2], main, mtp))
+        return outs, "_native_head" in model.mtp, mtp[0]
+
+    ops, had_ops, c_ops = run(False)
+    assert not had_ops and not calls
+    native, had, c_nat = run(True)
+    assert had and calls == [True]  # traced once, replayed for the second round
+    for (lo, ho, to, oo, do), (ln, hn, tn, on, dn) in zip(ops, native, strict=True):
+        for a, b in ((lo, ln), (ho, hn), (to, tn)):
+            assert mx.array_equal(a, b).item()
+        assert rel_err(np.array(on), np.array(oo)) < 10 * TOL
+        assert np.array(dn).tolist() == np.array(do).tolist()
+    assert c_nat.offset == c_ops.offset == 9
+    assert rel_err(np.array(c_nat.keys[:, :, :9]), np.array(c_ops.keys[:, :, :9])) < 10 * TOL
+
+
+def test_native_head_refuses_positions_past_the_buffer():
+    """The primitive never writes past its KV buffers (the caller reserves them): idx + T beyond
+    the capacity raises at evaluation."""
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=5)
+    weights = _native_weights(model)
+    cfg = model.config
+    h = mx.zeros((1, 2, cfg.hidden_size))
+    tokens = mx.zeros((1, 2), dtype=mx.int32)
+    keys = mx.zeros((1, cfg.num_key_value_heads, 16, cfg.head_dim))
+    mx.eval(mtp_mod.native_head(model, weights, h, tokens, keys, keys, mx.array(14)))
+    with pytest.raises(RuntimeError, match="past the KV buffer"):
+        mx.eval(mtp_mod.native_head(model, weights, h, tokens, keys, keys, mx.array(15)))
+
+
+def test_native_head_follows_new_weights(monkeypatch):
+    """New head weights set after a first round reach the native head: a norm alone (read from
+    the module at each trace), then fc (its float32 copy made again): its round output is MLX's
+    head's with the new weights (a twin model runs MLX's head, so `NATIVE_HEAD` never changes
+    for the native one, which would remake its copies by itself)."""
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    native = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=6)
+    ops = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=6)
+    _native_weights(native)
+    ids = mx.array(TOKENS)[None]
+
+    def round_o(model, on):
+        monkeypatch.setattr(mtp_mod, "NATIVE_HEAD", on)
+        main, mtp = model.make_cache(), model.make_mtp_cache()
+        _, g = model(ids[:, :6], cache=main, return_hidden=True)
+        model.mtp_forward(g[:, :-1], ids[:, 1:6], mtp)
+        return np.array(model.verify_and_draft(ids[:, 6:8], main, mtp)[3])
+
+    before = round_o(native, True)
+    assert rel_err(before, round_o(ops, False)) < 10 * TOL
+    for name in ("norm", "fc"):
+        for model in (native, ops):
+            model.mtp[name].weight = model.mtp[name].weight * 1.5
+        new_native, new_ops = round_o(native, True), round_o(ops, False)
+        assert rel_err(new_native, new_ops) < 10 * TOL, name
+        assert rel_err(before, new_ops) > 0.1, name
+        before = new_ops

@@ -37,8 +37,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels import cpu_ext
 from .config import TextConfig
-from .layers import DecoderLayer, add_norm, project
+from .layers import MLP, DecoderLayer, add_norm, decode_weight, project
 
 # Checkpoint names of the MTP norms that are Qwen3_5RMSNorm ((1 + w) in Hugging Face's layout),
 # besides the decoder layer's own (input/post-attention layernorm, q_norm, k_norm).
@@ -46,6 +47,15 @@ MTP_NORMS = ("mtp.norm.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_nor
 
 # The draft vocabulary of a checkpoint folder (module doc).
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+# A greedy round's head (`TextModel.verify_and_draft`) on the CPU as one native primitive
+# (`cpu_ext.mtp_head`, kernels/cpu_ext/src/mtp_head_cpu.cpp) where the extension is built, in
+# place of the ~73 MLX primitives of the compiled head (host time per primitive is most of the
+# head's cost on a small model: benchmarks/NOTES.md, "Session 17, helper mtphead"). It computes
+# in float32 throughout where MLX's ops round each result to the model's float16, so its drafts
+# are approximate (the verify pass is exact: the emitted tokens cannot change, only the
+# acceptance could). False: MLX's ops (the exact head). Read by `native_head_weights`.
+NATIVE_HEAD = True
 
 
 def mtp_layer_config(config: TextConfig) -> TextConfig:
@@ -126,6 +136,104 @@ class MTP(nn.Module):
         if "_draft_ids" not in self:
             return lm_head(o).argmax(-1)
         return self["_draft_ids"][(o @ self["_draft_rows_t"]).argmax(-1)]
+
+
+def native_head_weights(text: nn.Module) -> list[mx.array] | None:
+    """The float32 matrices [in, out] `cpu_ext.mtp_head` takes for text model `text`'s head: fc
+    [2H, H], q|k|v [H, n], o [n, H], gate|up [H, 2I], down [I, H], lm_head [H, V] (the main
+    model's float32 decode copy where there is one), or None where the native head does not
+    apply: `NATIVE_HEAD` off, not the CPU, the extension not built, a draft vocabulary, an MoE
+    or quantized layer, biases, a sharded model. Copies of the decode groups' weights, so
+    `TextModel._prepare_decode` makes them again when those change; the norms are read from the
+    modules at each trace (`native_head`)."""
+    if not NATIVE_HEAD or mx.default_device() != mx.cpu or not hasattr(cpu_ext.load(), "mtp_head"):
+        return None
+    mtp = text.mtp
+    layer = mtp.layers[0]
+    attn = layer.self_attn
+    linears = [mtp.fc, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    if not isinstance(layer.mlp, MLP):
+        return None
+    linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    out = text.model.embed_tokens if text.config.tie_word_embeddings else text.lm_head
+    if "_draft_ids" in mtp or getattr(text, "sharding_group", None) is not None:
+        return None
+    if any(type(m) is not nn.Linear or "bias" in m for m in linears):
+        return None
+    if type(out) not in (nn.Linear, nn.Embedding) or "bias" in out:
+        return None
+
+    def t(m: nn.Module) -> mx.array:  # [in, out]
+        return m.weight.T.astype(mx.float32)
+
+    mats = [
+        t(mtp.fc),
+        mx.concatenate([t(attn.q_proj), t(attn.k_proj), t(attn.v_proj)], axis=1),
+        t(attn.o_proj),
+        mx.concatenate([t(layer.mlp.gate_proj), t(layer.mlp.up_proj)], axis=1),
+        t(layer.mlp.down_proj),
+        t(out),
+    ]
+    mats = [mx.contiguous(w) for w in mats]
+    # The output layer: the main model's decode copy where it is one (float32 [H, V]): the
+    # verify pass reads it just before, and the copy is 4 V H bytes.
+    owner, name = (
+        (text.model, "embed_tokens") if text.config.tie_word_embeddings else (text, "lm_head")
+    )
+    main = decode_weight(owner, name)
+    if isinstance(main, mx.array) and main.dtype == mx.float32 and main.shape == mats[-1].shape:
+        mats[-1] = main
+    mx.eval(mats)
+    return mats
+
+
+def native_head(text: nn.Module, mats: list, hidden, tokens, keys, values, idx) -> tuple | None:
+    """The head over T positions a row as one native primitive (`NATIVE_HEAD`): hidden [B, T, H]
+    (h_i), tokens [B, T] (x_{i+1}), the layer's KV buffers [B, Hkv, capacity, D] with positions
+    idx .. idx + T - 1 to fill (no left padding; plain positions from idx), the matrices of
+    `native_head_weights` -> (o [B, T, H], greedy drafts [B, T] uint32, keys, values). float32
+    arithmetic: near the exact head, not equal. None for dtypes the primitive does not take
+    (bfloat16: the caller runs MLX's ops)."""
+    B, T, H = hidden.shape
+    mtp = text.mtp
+    layer = mtp.layers[0]
+    attn = layer.self_attn
+    emb = text.model.embed_tokens(tokens.reshape(-1))
+    fc, qkv, o_proj, gate_up, down, lm_head = mats
+    # In the primitive's order; the vectors (norms, rotary frequencies) as the modules hold them.
+    weights = [
+        mtp.pre_fc_norm_embedding.weight,
+        mtp.pre_fc_norm_hidden.weight,
+        fc,
+        layer.input_layernorm.weight,
+        qkv,
+        attn.q_norm.weight,
+        attn.k_norm.weight,
+        o_proj,
+        layer.post_attention_layernorm.weight,
+        gate_up,
+        down,
+        mtp.norm.weight,
+        lm_head,
+        attn.rope._inv_freq,
+    ]
+    if not all(a.dtype in (mx.float16, mx.float32) for a in (hidden, emb, keys, *weights)):
+        return None
+    o, drafts, keys, values = cpu_ext.load().mtp_head(
+        hidden.reshape(B * T, H),
+        emb,
+        keys,
+        values,
+        idx,
+        weights,
+        T,
+        attn.num_heads,
+        attn.num_kv_heads,
+        attn.rope.rotary_dim,
+        text.config.rms_norm_eps,
+        attn.output_gate,
+    )
+    return o.reshape(B, T, H), drafts.reshape(B, T), keys, values
 
 
 def lm_head_rows(text: nn.Module, ids: mx.array) -> mx.array:

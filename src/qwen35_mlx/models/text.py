@@ -25,7 +25,8 @@ through the one-token kernel, whose per-token states come out of the step so tha
 size and batch shape. The MTP head has its own compiled step over its static KV buffer
 (`mtp_forward(..., last_only=True)`; its layer in the verify pass's row form over fused decode
 projections, `MTP(..., tokens=T)`), and `verify_and_draft` puts a greedy speculative round's
-verify pass and MTP pass into one compiled call.
+verify pass and MTP pass into one compiled call (on the CPU with the extension built, its head
+as one native primitive: `mtp.NATIVE_HEAD`).
 
 `sanitize_text_weights` maps Hugging Face names and layouts to this module's: conv1d [C,1,K] ->
 [C,K,1], Qwen3_5RMSNorm weights w -> 1 + w (once, the MTP head's norms included), stacked MoE
@@ -50,6 +51,7 @@ from mlx_lm.models.pipeline import PipelineMixin
 
 from . import cache as cache_lib
 from . import layers as layers_lib
+from . import mtp as mtp_lib
 from .cache import BatchKVCache, KVCache, StaticKV, static_causal_mask, static_mask
 from .config import TextConfig
 from .layers import (
@@ -425,8 +427,16 @@ class TextModel(nn.Module):
                 tokens, kv, lin, idx, offset, left_padding, lin_padding, None
             )
             target = logits.argmax(-1)
-            o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
-            drafts = self.mtp.argmax(o, self._head_logits)
+            # The head as one native primitive (`mtp.NATIVE_HEAD`; no left padding), or as ops.
+            got, native = None, self.mtp.get("_native_head")
+            if native is not None and mtp_kv[4] is None:
+                got = mtp_lib.native_head(self, native, h, target, *mtp_kv[:3])
+            if got is not None:
+                o, drafts, mkeys, mvalues = got
+                moffsets = []
+            else:
+                o, mkeys, mvalues, moffsets = self._mtp_body(h, target, *mtp_kv, None)
+                drafts = self.mtp.argmax(o, self._head_logits)
         return (
             logits,
             h,
@@ -503,7 +513,7 @@ class TextModel(nn.Module):
         after one identity check per layer weight when nothing changed (and the rule of
         `CPU_FP32_DECODE`, which makes float32 copies, the same)."""
         checks = self._decode_checks
-        rule = (CPU_FP32_DECODE, CPU_FP32_MAX_BYTES, mx.default_device())
+        rule = (CPU_FP32_DECODE, CPU_FP32_MAX_BYTES, mx.default_device(), mtp_lib.NATIVE_HEAD)
         if (
             checks
             and self._fp32_rule == rule
@@ -525,6 +535,12 @@ class TextModel(nn.Module):
                     w = layers_lib.decode_weight(owner, name)  # [H, V]
                     self.mtp["_decode_lm_head"] = mx.contiguous(w.astype(mx.float32))
                     mx.eval(self.mtp["_decode_lm_head"])
+            # The greedy round's native head (`mtp.NATIVE_HEAD`): float32 copies of its weights,
+            # under the same memory rule as the projections' copies.
+            self.mtp.pop("_native_head", None)
+            native = mtp_lib.native_head_weights(self) if scope is not None else None
+            if native is not None:
+                self.mtp["_native_head"] = native
         object.__setattr__(self, "_fp32_rule", rule)
         self._retake_decode()
 

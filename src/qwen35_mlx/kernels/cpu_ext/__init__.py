@@ -15,6 +15,10 @@ work inside `mx.compile`:
   decode step (the MLP's swiglu; the linear layers' causal conv + silu) rounded as MLX's float16
   ops round (the same bits), with hardware conversions: on x86 MLX emulates float16 per element
   and op. `HALF_OPS` below.
+- `mtp_head(hidden, emb, keys, values, idx, weights, ...)` (`src/mtp_head_cpu.cpp`): the MTP
+  head's step over a greedy round's positions (fc, the full-attention layer with its KV
+  buffers, MLP, norm, lm_head, argmax) in one primitive, float32 throughout: approximate
+  drafts. `models.mtp.NATIVE_HEAD` and `native_head` there.
 
 Building needs cmake, a C++20 compiler and nanobind of MLX's ABI (`pip install "nanobind>=3"` for
 mlx 0.32); nothing else in the package needs them. Build it once per machine (about a minute
