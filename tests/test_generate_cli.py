@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from qwen35_mlx.generate import build_parser, build_prompt, default_model, main
@@ -158,12 +159,32 @@ def mtp_checkpoint(tmp_path_factory):
     return save_mlx(model, config, tmp_path_factory.mktemp("mtp") / "m", extra_files=files)
 
 
-def test_mtp_off_by_default_same_text_and_acceptance_stats(capsys, mtp_checkpoint):
+@pytest.mark.parametrize("native", [True, False], ids=["native-head", "ops-head"])
+def test_mtp_default_auto_same_text_and_acceptance_stats(
+    capsys, monkeypatch, mtp_checkpoint, native
+):
+    # No flag: MTP where it was measured to pay (speculative.mtp_pays: greedy, on the CPU, the
+    # round's head as the native primitive), off elsewhere; --no-mtp: off. The same text always.
+    from qwen35_mlx import load
+    from qwen35_mlx.kernels import cpu_ext
+    from qwen35_mlx.models import mtp as mtp_lib
+    from qwen35_mlx.speculative import greedy_or_sampling, mtp_pays
+
+    monkeypatch.setattr(mtp_lib, "NATIVE_HEAD", native)
+    model, _ = load(mtp_checkpoint)
+    expect = mtp_pays(model, greedy_or_sampling(None, 0.0, 0.0, 0, 0.0))
+    if native and mx.default_device() == mx.cpu and hasattr(cpu_ext.load(), "mtp_head"):
+        assert expect  # where the extension is built (CI), "auto" is on: the case is exercised
+    if not native:
+        assert not expect
     args = ("--model", mtp_checkpoint, "--prompt", "hello there", "--no-chat-template", "-m", 12)
-    for flags in ((), ("--no-mtp",)):
-        code, plain, err = run(capsys, *args, *flags)
-        assert code == 0, err
-        assert "MTP:" not in plain
+    code, plain, err = run(capsys, *args, "--no-mtp")
+    assert code == 0, err
+    assert "MTP:" not in plain
+    code, auto, err = run(capsys, *args)
+    assert code == 0, err
+    assert ("MTP:" in auto) == expect
+    assert auto.split("=" * 10)[1] == plain.split("=" * 10)[1]  # the same text
     for k in (None, 1, 3):
         code, out, err = run(capsys, *args, *(("--mtp-k", k) if k else ("--mtp",)))
         assert code == 0, err

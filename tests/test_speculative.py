@@ -39,6 +39,8 @@ def model(request):
 
 
 def _tokens(model, tok, prompt=PROMPT, **kw):
+    """Greedy tokens; plain decoding (mtp=False) unless kw says otherwise."""
+    kw.setdefault("mtp", False)
     return [r.token for r in stream_generate(model, tok, prompt, max_tokens=N, **kw)]
 
 
@@ -90,10 +92,38 @@ def test_mtp_with_prompt_cache_same_tokens(model, tok, monkeypatch):
     assert got2 == want2
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-head", "ops-head"])
+def test_mtp_auto_is_on_where_it_pays(monkeypatch, tok, native):
+    # stream_generate's default mtp="auto": on for a greedy text model whose round takes the
+    # native head (speculative.mtp_pays), off with sampling and without the native head; the
+    # tokens are greedy decoding's either way.
+    from qwen35_mlx.kernels import cpu_ext
+    from qwen35_mlx.models import mtp as mtp_lib
+    from qwen35_mlx.speculative import greedy_or_sampling, mtp_pays
+
+    monkeypatch.setattr(mtp_lib, "NATIVE_HEAD", native)
+    model = _model("dense")
+    built = mx.default_device() == mx.cpu and hasattr(cpu_ext.load(), "mtp_head")
+    assert mtp_pays(model, greedy_or_sampling(None, 0.0, 0.0, 0, 0.0)) == (native and built)
+    assert not mtp_pays(model, greedy_or_sampling(None, 0.7, 0.0, 0, 0.0))
+    auto = list(stream_generate(model, tok, PROMPT, max_tokens=12))
+    off = list(stream_generate(model, tok, PROMPT, max_tokens=12, mtp=False))
+    assert [r.token for r in auto] == [r.token for r in off]
+    assert off[-1].mtp_acceptance is None
+    assert (auto[-1].mtp_acceptance is not None) == (native and built)
+    sampled = list(stream_generate(model, tok, PROMPT, max_tokens=4, temp=0.7))
+    assert sampled[-1].mtp_acceptance is None
+
+
 def test_mtp_k_checked(model, tok):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="mtp_k"):
             list(stream_generate(model, tok, PROMPT, max_tokens=2, mtp=True, mtp_k=bad))
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match='mtp must be True, False or "auto"'):
+            list(stream_generate(model, tok, PROMPT, max_tokens=2, mtp=bad))
+        with pytest.raises(ValueError, match='mtp must be True, False or "auto"'):
+            generation.batch_generate(model, tok, [PROMPT], max_tokens=2, mtp=bad)
     plain = make_text_model(make_text_config(vocab_size=384), seed=1)
     # No MTP head: mtp and mtp_k are accepted and ignored.
     out = list(stream_generate(plain, tok, PROMPT, max_tokens=3, mtp=True, mtp_k=2))
@@ -281,7 +311,7 @@ def test_fused_greedy_round_equals_separate_calls(monkeypatch):
             rs = list(stream_generate(model, tok, prompt, max_tokens=40, mtp=True, mtp_k=k))
         return [r.token for r in rs], seen, rs[-1].mtp_acceptance
 
-    want = [r.token for r in stream_generate(model, tok, prompt, max_tokens=40)]
+    want = [r.token for r in stream_generate(model, tok, prompt, max_tokens=40, mtp=False)]
     for k in (1, 2):
         fused = run(k, True)
         assert fused_calls and all(fused_calls)
@@ -326,7 +356,9 @@ def test_native_head_same_tokens_as_greedy(tok, k, monkeypatch):
     assert _tokens(model, tok, mtp=True, mtp_k=k) == want
     assert calls and all(calls)
     prompts = [PROMPT, PROMPT[3:]]
-    want = [[r.token for r in stream_generate(model, tok, p, max_tokens=N)] for p in prompts]
+    want = [
+        [r.token for r in stream_generate(model, tok, p, max_tokens=N, mtp=False)] for p in prompts
+    ]
     calls.clear()
     got = generation.batch_generate(model, tok, prompts, max_tokens=N, mtp=True, mtp_k=k)
     assert [list(t) for t in got.tokens] == want
@@ -345,7 +377,7 @@ def test_native_head_on_the_tiny_model(monkeypatch):
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is a list?"}], add_generation_prompt=True, tokenize=False
     )
-    want = [r.token for r in stream_generate(model, tok, prompt, max_tokens=64)]
+    want = [r.token for r in stream_generate(model, tok, prompt, max_tokens=64, mtp=False)]
     calls = _counting_native_head(monkeypatch)
     got = {}
     for on in (False, True):

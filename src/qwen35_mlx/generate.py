@@ -114,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     mtp.add_argument(
         "--mtp",
         action="store_true",
-        help="speculative decoding with the checkpoint's multi-token-prediction head (off by "
-        "default: it does not pay on the CPU, see README)",
+        help="speculative decoding with the checkpoint's multi-token-prediction head (default: "
+        "on where it was measured to pay, greedy decoding on the CPU with the native extension "
+        "built; see README)",
     )
-    mtp.add_argument("--no-mtp", action="store_true", help="no MTP speculative decoding (default)")
+    mtp.add_argument("--no-mtp", action="store_true", help="no MTP speculative decoding")
     p.add_argument(
         "--mtp-k",
         type=int,
@@ -346,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             min_p=args.min_p,
             prefill_step_size=args.prefill_step_size,
-            mtp=args.mtp or args.mtp_k is not None,
+            mtp=True if args.mtp or args.mtp_k is not None else False if args.no_mtp else "auto",
             mtp_k=args.mtp_k or 1,
         ):
             if last.generation_tokens == 1:

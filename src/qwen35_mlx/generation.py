@@ -19,14 +19,15 @@ layers back: a `PromptCache` here keeps the prompt's snapshot and exactly prompt
 its last token (the next turn re-feeds that one). Its logits processors also see only the
 tokens it prefilled itself. MTP's loops (stream and batch) are ours: mlx-lm has no MTP.
 
-Multi-token prediction (speculative.py) is off by default and turned on with `mtp=True` (for a
-checkpoint with an MTP head). The verify pass and the MTP head run compiled (models/text.py; at
-temperature 0 a round is one compiled call). It does not pay yet, so it is not the default
-(benchmarks/RESULTS.md, 2026-12-02): on the CPU a k=1 round of the shipped tiny model costs ~1.6
-plain steps for ~1.87 tokens (87% accepted), 1.05x plain decoding without the float32 copies of
-its projections and 0.83-0.89x with them (the CPU default, `text.CPU_FP32_DECODE`); on an H200
-(0.8B shape) a verify pass of 2 tokens costs 1.1-1.3x a one-token step, and generation with MTP
-measured 0.70-0.95x plain decoding. The head drafts `mtp_k` tokens
+Multi-token prediction (speculative.py) for a checkpoint with an MTP head: `mtp=True` turns it
+on, `mtp=False` off, and the default `mtp="auto"` turns it on where it was measured to pay
+(`speculative.mtp_pays`): greedy decoding of a text model on the CPU with the native extension
+built, whose round runs the MTP head as one native primitive (`models.mtp.NATIVE_HEAD`): the
+shipped tiny model then decodes 1.39-1.49x faster at k = 1 (87% accepted; benchmarks/RESULTS.md,
+2026-12-03). Elsewhere "auto" leaves it off: on an H200 (0.8B shape) a verify pass of 2 tokens
+costs 1.13-1.14x a one-token step, but generation with MTP has not been measured on the current
+code (0.70-0.95x plain on session 5's). The verify pass and the MTP head run compiled
+(models/text.py; at temperature 0 a round is one compiled call). The head drafts `mtp_k` tokens
 (default 1) per step and one call of the model verifies them, with the same tokens as without
 it at temperature 0 and the same distribution when sampling.
 It stays off, silently, for a checkpoint without the head, a custom `sampler` callable or logits
@@ -55,7 +56,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .models.cache import reserve_kv
 from .sampling import check_sampling
-from .speculative import MTPSpeculator, can_roll_back, greedy_or_sampling, has_mtp
+from .speculative import MTPSpeculator, can_roll_back, greedy_or_sampling, has_mtp, mtp_pays
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -290,7 +291,7 @@ def stream_generate(
     prefill_step_size: int = 2048,
     prompt_cache: Any = None,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
-    mtp: bool = False,
+    mtp: bool | str = "auto",
     mtp_k: int = 1,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate from `prompt` (text or token ids), yielding a `GenerationResponse` per token.
@@ -309,6 +310,7 @@ def stream_generate(
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         check_mtp_k(mtp_k)
+        check_mtp(mtp)
         user_sampler = sampler
         _check_step(prefill_step_size)
         first_kwargs: dict = {}
@@ -348,6 +350,8 @@ def stream_generate(
         spec_sampling = None
         if mtp and not processors and has_mtp(model) and can_roll_back(cache):
             spec_sampling = greedy_or_sampling(user_sampler, temp, top_p, top_k, min_p)
+            if mtp == "auto" and not mtp_pays(model, spec_sampling):
+                spec_sampling = None
         if spec_sampling is not None:
             yield from _stream_speculative(
                 model, text_tok, ids, todo, cache, managed, n_cached, first_kwargs,
@@ -498,6 +502,11 @@ def _run_prompt(
     return y, logprobs, prompt_tps
 
 
+def check_mtp(mtp: Any) -> None:
+    if not (mtp is True or mtp is False or mtp == "auto"):
+        raise ValueError(f'mtp must be True, False or "auto", got {mtp!r}')
+
+
 def check_mtp_k(mtp_k: Any, flag: str = "mtp_k") -> None:
     if not isinstance(mtp_k, int) or isinstance(mtp_k, bool) or mtp_k < 1:
         raise ValueError(f"{flag} (tokens drafted per step) must be an integer >= 1, got {mtp_k!r}")
@@ -582,15 +591,17 @@ def batch_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     prefill_step_size: int = 2048,
-    mtp: bool = False,
+    mtp: bool | str = False,
     mtp_k: int = 1,
 ) -> BatchResponse:
     """Generate for several prompts of different lengths in one left-padded batch.
 
     `max_tokens` is one limit for all rows or one per prompt. Each row stops on its own (end
     token or its limit); finished rows leave the batch. At temperature 0 each row yields exactly
-    the tokens it yields alone. `mtp` / `mtp_k` as in `stream_generate`: every row of a step
-    takes as many drafts as the row that accepted fewest (speculative.py).
+    the tokens it yields alone. `mtp` / `mtp_k` as in `stream_generate` ("auto" by the same
+    rule), but off by default here: MTP over batches was not measured to pay (a left-padded batch
+    runs the head as MLX's ops). Every row of a step takes as many drafts as the row that
+    accepted fewest (speculative.py).
     """
     with wired_limit():
         text_tok = _wrap_tokenizer(tokenizer)
@@ -604,9 +615,12 @@ def batch_generate(
             raise ValueError("max_tokens must be >= 1 for every prompt")
         _check_step(prefill_step_size)
         check_mtp_k(mtp_k)
+        check_mtp(mtp)
         spec_sampling = None
         if mtp and not logits_processors and has_mtp(model):
             spec_sampling = greedy_or_sampling(sampler, temp, top_p, top_k, min_p)
+            if mtp == "auto" and not mtp_pays(model, spec_sampling):
+                spec_sampling = None
         sampler = _make_sampler(sampler, temp, top_p, top_k, min_p)
         processors = list(logits_processors or [])
         eos = set(text_tok.eos_token_ids)

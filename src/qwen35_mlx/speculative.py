@@ -42,6 +42,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from .models import mtp as mtp_lib
 from .models.cache import MROPE_PROMPT, MROPE_SHIFT, LinearCache, mrope_holder, set_history
 
 
@@ -52,6 +53,20 @@ def text_model(model: nn.Module) -> nn.Module:
 
 def has_mtp(model: nn.Module) -> bool:
     return bool(getattr(text_model(model), "has_mtp", False))
+
+
+def mtp_pays(model: nn.Module, sampling: Sampling | None) -> bool:
+    """`mtp="auto"` (the default of `stream_generate` and the CLI): whether MTP is on for this
+    call, i.e. where it was measured to pay. That is a greedy round (temperature 0) of a text
+    model whose round runs its head as the native CPU primitive (`mtp.native_head_takes`): the
+    shipped tiny model decodes 1.39-1.49x faster that way at k = 1 (benchmarks/RESULTS.md,
+    session 17), against 1.13x with MLX's ops for the head. Elsewhere (a GPU, sampling, a
+    vision-language model, no native extension) MTP was not measured to pay and stays off unless
+    asked for (`mtp=True`)."""
+    text = text_model(model)
+    if sampling is None or not sampling.greedy or text is not model:
+        return False
+    return bool(getattr(text, "compiled_decode", False)) and mtp_lib.native_head_takes(text)
 
 
 def can_roll_back(cache: list) -> bool:

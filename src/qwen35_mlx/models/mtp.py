@@ -138,6 +138,32 @@ class MTP(nn.Module):
         return self["_draft_ids"][(o @ self["_draft_rows_t"]).argmax(-1)]
 
 
+def native_head_takes(text: nn.Module) -> bool:
+    """Whether a greedy round of text model `text` runs its head as the native primitive
+    (`NATIVE_HEAD`): on the CPU with the extension built, a dense MTP layer of plain float16 /
+    float32 Linears without biases, no draft vocabulary, not sharded. (A left-padded batch still
+    takes MLX's ops, round by round.)"""
+    if not NATIVE_HEAD or not getattr(text, "has_mtp", False):
+        return False
+    if mx.default_device() != mx.cpu or not hasattr(cpu_ext.load(), "mtp_head"):
+        return False
+    mtp = text.mtp
+    layer = mtp.layers[0]
+    attn = layer.self_attn
+    if not isinstance(layer.mlp, MLP):
+        return False
+    linears = [mtp.fc, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    out = text.model.embed_tokens if text.config.tie_word_embeddings else text.lm_head
+    if "_draft_ids" in mtp or getattr(text, "sharding_group", None) is not None:
+        return False
+    if any(type(m) is not nn.Linear or "bias" in m for m in linears):
+        return False
+    if type(out) not in (nn.Linear, nn.Embedding) or "bias" in out:
+        return False
+    return all(m.weight.dtype in (mx.float16, mx.float32) for m in [out, *linears])
+
+
 def native_head_weights(text: nn.Module) -> list[mx.array] | None:
     """The float32 matrices [in, out] `cpu_ext.mtp_head` takes for text model `text`'s head: fc
     [2H, H], q|k|v [H, n], o [n, H], gate|up [H, 2I], down [I, H], lm_head [H, V] (the main
@@ -146,22 +172,12 @@ def native_head_weights(text: nn.Module) -> list[mx.array] | None:
     or quantized layer, biases, a sharded model. Copies of the decode groups' weights, so
     `TextModel._prepare_decode` makes them again when those change; the norms are read from the
     modules at each trace (`native_head`)."""
-    if not NATIVE_HEAD or mx.default_device() != mx.cpu or not hasattr(cpu_ext.load(), "mtp_head"):
+    if not native_head_takes(text):
         return None
     mtp = text.mtp
     layer = mtp.layers[0]
     attn = layer.self_attn
-    linears = [mtp.fc, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
-    if not isinstance(layer.mlp, MLP):
-        return None
-    linears += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
     out = text.model.embed_tokens if text.config.tie_word_embeddings else text.lm_head
-    if "_draft_ids" in mtp or getattr(text, "sharding_group", None) is not None:
-        return None
-    if any(type(m) is not nn.Linear or "bias" in m for m in linears):
-        return None
-    if type(out) not in (nn.Linear, nn.Embedding) or "bias" in out:
-        return None
 
     def t(m: nn.Module) -> mx.array:  # [in, out]
         return m.weight.T.astype(mx.float32)
