@@ -1,4 +1,5 @@
-"""Speculators with controlled drafts, for the MTP tests and `benchmarks/bench_mtp.py`."""
+"""Speculators with controlled drafts, for the MTP tests and `benchmarks/bench_mtp.py`; and a
+recorder of the native round head's traces, for the MTP tests."""
 
 import random
 
@@ -27,3 +28,19 @@ def forced_drafts(want: list[int], rate: float, vocab: int, seed: int = 0) -> ty
             self._drafts = mx.array([row])
 
     return Forced
+
+
+def counting_native_head(monkeypatch) -> list:
+    """Record each trace of the native round head (`mtp.native_head`): True where it applied."""
+    from qwen35_mlx.models import mtp as mtp_mod
+
+    calls = []
+    orig = mtp_mod.native_head
+
+    def counting(*args):
+        out = orig(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mtp_mod, "native_head", counting)
+    return calls

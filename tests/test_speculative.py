@@ -15,7 +15,7 @@ from qwen35_mlx.generation import stream_generate
 from qwen35_mlx.loader import load_tokenizer, read_config
 from qwen35_mlx.prompt_cache import PromptCache
 from qwen35_mlx.speculative import MTPSpeculator
-from tests.drafts import forced_drafts
+from tests.drafts import counting_native_head, forced_drafts
 from tests.models.factory import make_moe_config, make_text_config, make_text_model
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "generate"
@@ -321,22 +321,6 @@ def test_fused_greedy_round_equals_separate_calls(monkeypatch):
         assert fused[2] > 0.3  # the trained head's drafts are often accepted
 
 
-def _counting_native_head(monkeypatch) -> list:
-    """Record each trace of the native round head (`mtp.native_head`): True where it applied."""
-    from qwen35_mlx.models import mtp as mtp_mod
-
-    calls = []
-    orig = mtp_mod.native_head
-
-    def counting(*args):
-        out = orig(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(mtp_mod, "native_head", counting)
-    return calls
-
-
 def _native_head_built() -> bool:
     from qwen35_mlx.kernels import cpu_ext
 
@@ -350,7 +334,7 @@ def test_native_head_same_tokens_as_greedy(tok, k, monkeypatch):
     decoding's tokens."""
     if not _native_head_built():
         pytest.skip("the native head needs the CPU extension, built, on the CPU")
-    calls = _counting_native_head(monkeypatch)
+    calls = counting_native_head(monkeypatch)
     model = _model("dense", seed=7)
     want = _tokens(model, tok)
     assert _tokens(model, tok, mtp=True, mtp_k=k) == want
@@ -378,7 +362,7 @@ def test_native_head_on_the_tiny_model(monkeypatch):
         [{"role": "user", "content": "What is a list?"}], add_generation_prompt=True, tokenize=False
     )
     want = [r.token for r in stream_generate(model, tok, prompt, max_tokens=64, mtp=False)]
-    calls = _counting_native_head(monkeypatch)
+    calls = counting_native_head(monkeypatch)
     got = {}
     for on in (False, True):
         monkeypatch.setattr(mtp_mod, "NATIVE_HEAD", on)

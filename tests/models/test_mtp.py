@@ -15,6 +15,7 @@ from qwen35_mlx.convert import convert, save_mlx
 from qwen35_mlx.loader import load_model
 from qwen35_mlx.models.text import TextModel
 from tests.conftest import RTOL, rel_err
+from tests.drafts import counting_native_head
 from tests.models.factory import make_moe_config, make_text_config, make_text_model
 
 TOL = RTOL[mx.float32]
@@ -395,15 +396,7 @@ def test_native_head_in_the_fused_round(monkeypatch):
 
     model = make_text_model(make_text_config(mtp_num_hidden_layers=1), seed=6)
     _native_weights(model)
-    calls = []
-    orig = mtp_mod.native_head
-
-    def counting(*args):
-        out = orig(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(mtp_mod, "native_head", counting)
+    calls = counting_native_head(monkeypatch)
     ids = mx.array(TOKENS)[None]
 
     def run(on):
