@@ -287,8 +287,12 @@ def device_run(args) -> dict:
     dtype = mx.float32 if args.tiny else mx.bfloat16
     shapes = ["tiny"] if args.tiny else args.shapes
     variants = args.variants.split(",")
+    if args.rows_kernel is not None:
+        rule = {"off": False, "large": "large", "wide": "wide", "all": True}[args.rows_kernel]
+        layers_lib.ROWS_KERNEL = rule
     result = dict(device=_device_name(), mlx=mx.__version__, date=_now(), batch=1,
-                  context=args.context, dtype=str(dtype), gen=args.gen, shapes={})  # fmt: skip
+                  context=args.context, dtype=str(dtype), gen=args.gen,
+                  rows_kernel=layers_lib.ROWS_KERNEL, shapes={})  # fmt: skip
     for name in shapes:
         model = build(SHAPES[name], dtype)
         result["shapes"][name] = {}
@@ -303,7 +307,8 @@ def device_run(args) -> dict:
                 r["generation"] = time_generation(model, args.context, args.gen, args.repeats)
             result["shapes"][name][variant] = r
             print(f"\n{name} ({dtype}, batch 1, context {args.context}), verify projections "
-                  f"{variant}: one-token step {S:.2f} ms as plain decoding runs it, "
+                  f"{variant}, ROWS_KERNEL {layers_lib.ROWS_KERNEL}: one-token step {S:.2f} ms "
+                  "as plain decoding runs it, "
                   f"{r['ms']['S_sync']:.2f} ms evaluated one by one")  # fmt: skip
             print("| T | verify ms (a round's way) | / step | / step synced |")
             print("|---|---|---|---|")
@@ -444,6 +449,12 @@ def main(argv=None) -> None:
         "--variants",
         default="off,auto",
         help="--device-run: verify projections off,auto,all (layers.ROWS_GEMV; see set_variant)",
+    )
+    p.add_argument(
+        "--rows-kernel",
+        default=None,
+        choices=["off", "large", "wide", "all"],
+        help="--device-run: layers.ROWS_KERNEL (default: the package's); comma lists not taken",
     )
     p.add_argument("--no-generation", action="store_true", help="--device-run: timings only")
     p.add_argument(
