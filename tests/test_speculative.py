@@ -572,26 +572,6 @@ def test_verify_rows_through_the_kernel_entry(tok, monkeypatch, rule):
     assert model._rows_cache and not broadcast
 
 
-@pytest.mark.skipif(not mx.cuda.is_available(), reason="the few-rows kernel runs on CUDA")
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_verify_is_the_steps_bits_whatever_the_weights_size(tok, monkeypatch, dtype):
-    """With the defaults, a verify pass's logits are the one-token steps' bit for bit even where
-    every weight is "large" (over ROWS_GEMV_MAX_BYTES, as the 9B shape's projections and every
-    lm_head are): those products take the few-rows kernel, which sums as the step's gemv does,
-    not a cuBLAS GEMM, whose rounding depends on the row count. Session 18 (H200): with
-    `ROWS_KERNEL` off, greedy MTP on the 9B shape parted from plain decoding at its second
-    token. Greedy MTP gives plain decoding's tokens."""
-    from qwen35_mlx.models import layers
-
-    monkeypatch.setattr(layers, "ROWS_GEMV_MAX_BYTES", 0)  # every weight is "large"
-    model = _model("dense")
-    model.set_dtype(dtype)
-    toks = [7, 42, 99]
-    multi, singles = _verify_and_steps(model, toks)
-    assert np.array_equal(multi, singles), np.abs(multi - singles).max()
-    assert _tokens(model, tok, mtp=True, mtp_k=2) == _tokens(model, tok, mtp=False)
-
-
 def test_rows_kernel_rule(monkeypatch):
     """`layers.ROWS_KERNEL`: True takes the kernel for every row-wise product of 1..8 rows of
     the weight's dtype, "large" only where the broadcast form would be over

@@ -425,7 +425,7 @@ ROWS_GEMV_MAX_BYTES = 64 << 20
 # gemv's 1.11x; 9B "large": 1.11x against 1.41x) but its own GPU time put wall time behind the
 # gemv's (0.8B 1.25x against 1.15x, 9B 1.20x against 1.16x): its bandwidth is the next step.
 # `rows_kernel.AHEAD` (> 0) picks the kernel's "ahead" variant (more of W in flight a warp).
-ROWS_KERNEL: str | bool = "large"
+ROWS_KERNEL: str | bool = False
 
 
 def _rows_kernel(rows: int, w: mx.array, dtype) -> bool:
