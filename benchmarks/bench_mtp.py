@@ -1,7 +1,14 @@
 """Speculative decoding with the MTP head (issue 13): what a verify pass costs, and what it pays.
 
 GPU (`--device-run`): Qwen3.5-0.8B and 9B shapes, random bf16 weights of the real shapes with an
-MTP head (as bench_model.py builds them), batch 1, a 512-token context. Per shape:
+MTP head (as bench_model.py builds them), batch 1, a 512-token context, the lm_head tied to the
+embedding (the 0.8B's own layout; the 9B's lm_head is its own matrix of the same bytes, so the
+costs are the same, `--untied` keeps it). Why tied: with random untied weights the 9B's logits
+are nearly flat (std 1.0, the top two 0.0-0.4 apart; the verify pass and the step differ by up
+to 0.24 in bf16), so greedy decoding is decided by rounding: plain decoding parted from itself
+at its 4th token when only the prompt's split changed, and MTP runs "parted" at their 2nd
+(H200, 2026-12-03). Tied random weights give sharp logits (the 0.8B's: std 33, gaps
+~100) as trained models have. Each run prints where plain decoding parts from itself. Per shape:
   S, V(T)  one compiled one-token decode step as plain decoding runs it (pipelined; S_sync:
            each call evaluated before the next), and one compiled verify pass of T = 2, 3, 4
            tokens as a speculative round runs it (`model(tokens [1, T], cache,
@@ -216,10 +223,18 @@ def time_passes(
     return {name: statistics.median(v) for name, v in runs.items()}
 
 
-def plain_decode(model: TextModel, prompt: mx.array, n: int) -> tuple[list[int], float]:
+def plain_decode(
+    model: TextModel, prompt: mx.array, n: int, split: bool = False
+) -> tuple[list[int], float]:
     """Greedy tokens (the first from the prompt, then n - 1 more) and the seconds the n - 1 took,
-    in mlx-lm's pipelined loop (the next step queued before the current token is read)."""
-    cache, logits = _prefill(model, prompt)
+    in mlx-lm's pipelined loop (the next step queued before the current token is read). split:
+    the prompt's last token as a one-token step after the rest's prefill, as an MTP run starts
+    (the same arithmetic in another order)."""
+    if split:
+        cache, _ = _prefill(model, prompt[:, :-1])
+        logits = model(prompt[:, -1:], cache=cache)
+    else:
+        cache, logits = _prefill(model, prompt)
     y = logits[:, -1].argmax(-1)
     toks = [y.item()]
     t0 = time.perf_counter()
@@ -254,6 +269,12 @@ def mtp_decode(model, prompt, n, k, spec_cls) -> tuple[list[int], float, float]:
 def time_generation(model: TextModel, context: int, n: int, repeats: int) -> dict:
     prompt = mx.random.randint(0, model.config.vocab_size, (1, context), key=mx.random.key(1))
     want, _ = plain_decode(model, prompt, n)  # warm, and the tokens to force
+    # How well greedy decoding is conditioned on these weights: where plain decoding parts from
+    # itself when its prompt is split as an MTP run's is (None: never in n tokens). An early
+    # index means near-tied logits, where any change of summation order (a verify pass's
+    # included) picks another token; "same tokens" below then says nothing about MTP.
+    split, _ = plain_decode(model, prompt, n, split=True)
+    parts = next((i for i, (a, b) in enumerate(zip(want, split, strict=True)) if a != b), None)
     modes = {"plain": None}
     for k in KS:
         for a in RATES:
@@ -273,6 +294,7 @@ def time_generation(model: TextModel, context: int, n: int, repeats: int) -> dic
                 out[m].setdefault("acceptances", []).append(round(acc, 3))
             tps[m].append((len(toks) - 1) / sec)
             out[m]["same_tokens"] = out[m].get("same_tokens", True) and toks == want
+    out["plain"]["parts_from_itself_at"] = parts
     for m in modes:
         out[m]["tokens_per_s"] = round(statistics.median(tps[m]), 2)
         out[m]["all"] = [round(x, 2) for x in tps[m]]
@@ -294,8 +316,9 @@ def device_run(args) -> dict:
                   context=args.context, dtype=str(dtype), gen=args.gen,
                   rows_kernel=layers_lib.ROWS_KERNEL, shapes={})  # fmt: skip
     for name in shapes:
-        model = build(SHAPES[name], dtype)
-        result["shapes"][name] = {}
+        shape = SHAPES[name] if args.untied else dict(SHAPES[name], tie_word_embeddings=True)
+        model = build(shape, dtype)
+        result["shapes"][name] = {"tied": shape["tie_word_embeddings"]}
         for variant in variants:
             set_variant(model, variant)
             r = {"ms": time_passes(model, args.context, args.iters, args.repeats,
@@ -323,6 +346,8 @@ def device_run(args) -> dict:
                               f"{r['ms'][R] / r['ms']['S_sync']:.2f}x |")  # fmt: skip
             if args.no_generation:
                 continue
+            parts = r["generation"]["plain"]["parts_from_itself_at"]
+            print(f"plain decoding, prompt split as MTP's: parts from itself at token {parts}")
             print("| mode | tok/s | speedup | acceptance | same tokens |")
             print("|---|---|---|---|---|")
             for m, g in r["generation"].items():
@@ -455,6 +480,12 @@ def main(argv=None) -> None:
         default=None,
         choices=["off", "large", "wide", "all"],
         help="--device-run: layers.ROWS_KERNEL (default: the package's); comma lists not taken",
+    )
+    p.add_argument(
+        "--untied",
+        action="store_true",
+        help="--device-run: the 9B shape's own untied lm_head (random logits too flat for "
+        "greedy to be decided by anything but rounding: see the module's docstring)",
     )
     p.add_argument("--no-generation", action="store_true", help="--device-run: timings only")
     p.add_argument(
