@@ -10,6 +10,7 @@ history. Warm: a first prompt of 12,288 tokens compiles and fills the kernel cac
                         # and max (the whole peak is the KV cache plus the largest step
                         # transient of the run, which varies from run to run: one round's
                         # growth is a difference of two maxima)
+        [--queue-ahead 1,0]  # then N rounds per text.QUEUE_AHEAD value, alternating
 
 Written for the GPU machine (on a CPU it runs, slowly, with the CPU's paths).
 """
@@ -87,6 +88,34 @@ def step_transients(model, ids: list[int], n: int) -> list[dict]:
     return rows
 
 
+def _queue_ab(model, ids: list[int], lengths: list[int], args, kv_growth: float) -> dict:
+    """`--rounds` rounds of both lengths per `text.QUEUE_AHEAD` value, alternating by round:
+    {value: [round, ...]}, each round's growth and the long prompt's tok/s."""
+    from qwen35_mlx.models import text
+
+    values = [int(x) for x in args.queue_ahead.split(",") if x]
+    saved = text.QUEUE_AHEAD
+    out: dict = {v: [] for v in values}
+    try:
+        for rep in range(max(args.rounds, 1)):
+            for v in values if rep % 2 == 0 else values[::-1]:
+                text.QUEUE_AHEAD = v
+                a, b = (whole_peak(model, ids, n) for n in lengths)
+                out[v].append(dict(short=a, long=b, growth_gib=b["peak_gib"] - a["peak_gib"]))
+    finally:
+        text.QUEUE_AHEAD = saved
+    for v, rounds in out.items():
+        gs = sorted(r["growth_gib"] for r in rounds)
+        tps = sorted(r["long"]["tok_s"] for r in rounds)
+        within = sum(x <= 1.1 * kv_growth for x in gs)
+        print(
+            f"  QUEUE_AHEAD {v}: growth median {gs[len(gs) // 2]:.3f}, max {gs[-1]:.3f} GiB "
+            f"({within} of {len(gs)} within {1.1 * kv_growth:.3f}); {lengths[1]} tokens "
+            f"median {tps[len(tps) // 2]:.0f} tok/s"
+        )
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="0.8b", choices=sorted(bench_decode.SHAPES))
@@ -95,6 +124,12 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2, help="per-step runs")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON")
     p.add_argument("--rounds", type=int, default=0, help="more rounds of whole peaks")
+    p.add_argument(
+        "--queue-ahead",
+        default=None,
+        help="comma list of text.QUEUE_AHEAD values: --rounds rounds of both lengths per value, "
+        "the values alternating round by round (an A/B of the growth and the long tok/s)",
+    )
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     if len(lengths) != 2:
@@ -133,6 +168,7 @@ def main(argv=None) -> dict:
             f"  growth over {len(gs)} rounds: median {gs[len(gs) // 2]:.3f}, max {gs[-1]:.3f} "
             f"GiB; {within} of {len(gs)} within {1.1 * kv_growth:.3f}"
         )
+    queue_ab = _queue_ab(model, ids, lengths, args, kv_growth) if args.queue_ahead else {}
     per_step = []
     for rep in range(args.repeats if args.per_step else 0):
         rows = step_transients(model, ids, args.per_step)
@@ -151,6 +187,7 @@ def main(argv=None) -> dict:
         whole=[a, b],
         rounds=rounds,
         per_step=per_step,
+        queue_ahead=queue_ab,
     )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

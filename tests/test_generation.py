@@ -257,12 +257,13 @@ def test_prefill_in_steps_bounds_peak_memory():
     assert stepped * 3 < one_shot, (stepped, one_shot)
 
 
-@pytest.mark.parametrize("ahead", [1, 2, 4])
+@pytest.mark.parametrize("ahead", [0, 1, 2, 4])
 def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead):
     # Issue 9: on a GPU a long call queues its layers one ahead (text.queue_layers: the host
     # waits for layer i after submitting i + 1) so that not every layer's intermediates are
     # alive at once. Here (CPU) it is forced on: it must submit each layer and change nothing,
-    # at any depth (text.QUEUE_AHEAD: the host waits for layer i - ahead + 1).
+    # at any depth (text.QUEUE_AHEAD: the host waits for layer i - ahead once it submitted
+    # layer i; 0: for each layer before the next).
     from qwen35_mlx.models import text
 
     monkeypatch.setattr(text, "QUEUE_AHEAD", ahead)

@@ -75,9 +75,12 @@ from .shard import shard_text_model
 # waits for the host. The arithmetic is unchanged.
 LOOKAHEAD_MIN_T = 256
 # How many layers the host may be ahead of the one it waits for: 1 (the default, as measured
-# in session 5: at most two layers' intermediates alive), or more (more memory alive, fewer
-# GPU idle gaps where the host takes longer to submit a layer than the GPU to run one: issue 9,
-# `benchmarks/profile_prefill.py --prompt` measures both). Same arithmetic at any depth.
+# in session 5: at most two layers' intermediates alive), 0 (the host waits for each layer
+# before it submits the next: one layer's intermediates, a GPU idle gap a layer; session 18's
+# candidate for the 128k peak's occasional doubled step, `probe_prefill_memory.py
+# --queue-ahead 1,0`), or more (more memory alive, fewer GPU idle gaps where the host takes
+# longer to submit a layer than the GPU to run one: issue 9, `benchmarks/profile_prefill.py
+# --prompt` measures both). Same arithmetic at any depth.
 QUEUE_AHEAD = 1
 
 
@@ -171,9 +174,9 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
                 h, d = layer.chain(h, d, fa_mask, c, rope)
             if bounded:
                 mx.async_eval([a for a in (h, d) if a is not None], c.state)
-                if len(queued) >= QUEUE_AHEAD:
-                    mx.eval(queued.pop(0))
                 queued.append([a for a in (h, d) if a is not None])
+                while len(queued) > QUEUE_AHEAD:
+                    mx.eval(queued.pop(0))
         if size > 1 and d is not None:
             # Ranks pass one array: the stream, added here (the next rank starts with d None).
             h, d = h + d, None
