@@ -28,16 +28,12 @@
 #include "mlx/primitives.h"
 #include "mlx/stream.h"
 
+#include "clones.h"
+
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
 namespace {
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
-#define ATT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ATT_CLONES
-#endif
 
 struct AttnArgs {
   float scale;
@@ -46,7 +42,7 @@ struct AttnArgs {
 };
 
 // One query row: q [D] dense; keys/values rows at k + j * ks (D dense); n keys; keep[j] or null.
-ATT_CLONES void attend(const float* q, const float* k, const float* v, int64_t ks, int64_t vs,
+Q35_CLONES void attend(const float* q, const float* k, const float* v, int64_t ks, int64_t vs,
                        int64_t n, int D, float scale, const bool* keep, float* scores,
                        float* out) {
   float mx_s = -INFINITY;

@@ -41,6 +41,8 @@
 #include "mlx/stream.h"
 #include "mlx/utils.h"
 
+#include "clones.h"
+
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
@@ -85,14 +87,6 @@ struct Dims {
   bool per_key;
 };
 
-// One build runs everywhere: on x86 with GCC or Clang the row loop is compiled for AVX-512,
-// for AVX2 + FMA and for the baseline, and the loader picks the best the CPU has (ifunc).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
-#define ROWS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ROWS_CLONES
-#endif
-
 struct Rows {
   Dims d;
   const float *q, *k, *kq, *v, *g, *beta;  // dense f32: [B,T,Hk,Dk] x2, [B,T,Hk], [B,T,Hv,Dv], ..
@@ -105,7 +99,7 @@ struct Rows {
 };
 
 // Rows [row0, row1) of the flattened [B, Hv, Dv] row index.
-ROWS_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
+Q35_CLONES void rows(const Rows& a, float* r, int64_t row0, int64_t row1) {
   const Dims& d = a.d;
   const int Dk = d.Dk, Dv = d.Dv, T = d.T, Hv = d.Hv, Hk = d.Hk;
   const int rep = Hv / Hk;

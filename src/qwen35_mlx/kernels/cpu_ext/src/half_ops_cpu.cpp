@@ -34,18 +34,13 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/stream.h"
+#include "clones.h"
 #include "strided.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
 namespace {
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
-#define HO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HO_CLONES
-#endif
 
 typedef _Float16 half;
 
@@ -98,13 +93,13 @@ inline half add16(half a, half b) {
 }
 
 // out[i] = silu(a[i]) * b[i] over n dense elements.
-HO_CLONES void silu_mul_dense(const half* a, const half* b, half* out, int64_t n) {
+Q35_CLONES void silu_mul_dense(const half* a, const half* b, half* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = mul16(silu16(a[i]), b[i]);
 }
 
 // One row b of the conv: x [K-1+T, C] rows of stride sx (elements; channels contiguous), w [C,
 // K] dense -> out [T, C] dense. wt: w transposed [K, C] (dense), made once a call.
-HO_CLONES void conv_silu_rows(const half* x, int64_t sx, const half* wt, int K, int T, int64_t C,
+Q35_CLONES void conv_silu_rows(const half* x, int64_t sx, const half* wt, int K, int T, int64_t C,
                               half* out) {
   for (int t = 0; t < T; ++t) {
     half* o = out + t * C;

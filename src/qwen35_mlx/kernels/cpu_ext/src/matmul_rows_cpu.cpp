@@ -30,18 +30,13 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/stream.h"
+#include "clones.h"
 #include "strided.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
 namespace {
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
-#define MV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MV_CLONES
-#endif
 
 typedef float vf16 __attribute__((vector_size(64)));
 
@@ -99,7 +94,7 @@ inline __attribute__((always_inline)) void rows_r(const float* x, int64_t K, con
 }
 
 // y [R, N] = x [R, K] @ w [K, N] (+ add [R, N]); all dense; R 1-8 per call.
-MV_CLONES void rows_matmul(const float* x, int R, int64_t K, const float* w, int64_t N, float* y,
+Q35_CLONES void rows_matmul(const float* x, int R, int64_t K, const float* w, int64_t N, float* y,
                            const float* add) {
   switch (R) {
     case 1: rows_r<1>(x, K, w, N, y, add); break;

@@ -34,18 +34,13 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/stream.h"
+#include "clones.h"
 #include "strided.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
 namespace {
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
-#define MH_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MH_CLONES
-#endif
 
 typedef float vf16 __attribute__((vector_size(64)));
 
@@ -94,7 +89,7 @@ inline __attribute__((always_inline)) void mm_r(const float* x, int64_t K, const
   }
 }
 
-MH_CLONES void matmul(const float* x, int64_t rows, int64_t K, const float* w, int64_t N,
+Q35_CLONES void matmul(const float* x, int64_t rows, int64_t K, const float* w, int64_t N,
                       float* y) {
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     switch (std::min<int64_t>(4, rows - r0)) {
@@ -188,7 +183,7 @@ void fill_buffer(const mx::array& in, mx::array& out) {
 
 // inputs: hidden [rows, H], emb [rows, H], keys, values [B, Hkv, cap, D], idx (int32 scalar),
 // the N_WEIGHTS weights. outputs: out [rows, H], drafts [rows] uint32, keys, values.
-MH_CLONES void run(const std::vector<mx::array>& in, std::vector<mx::array>& out, Dims d) {
+Q35_CLONES void run(const std::vector<mx::array>& in, std::vector<mx::array>& out, Dims d) {
   const mx::array &hid = in[0], &emb = in[1], &kin = in[2], &vin = in[3];
   const int64_t H = hid.shape(-1), rows = hid.size() / H;
   const int T = d.T, Hq = d.Hq, Hkv = d.Hkv, D = d.D;
