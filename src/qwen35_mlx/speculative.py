@@ -60,9 +60,11 @@ def mtp_pays(model: nn.Module, sampling: Sampling | None) -> bool:
     call, i.e. where it was measured to pay. That is a greedy round (temperature 0) of a text
     model whose round runs its head as the native CPU primitive (`mtp.native_head_takes`): the
     shipped tiny model decodes 1.39-1.49x faster that way at k = 1 (benchmarks/RESULTS.md,
-    session 17), against 1.13x with MLX's ops for the head. Elsewhere (a GPU, sampling, a
+    session 17), against 1.13x with MLX's ops for the head. Elsewhere (sampling, a
     vision-language model, no native extension) MTP was not measured to pay and stays off unless
-    asked for (`mtp=True`)."""
+    asked for (`mtp=True`). On a GPU it was (H200, session 18): it pays only above a break-even
+    acceptance (k = 1: about 51% of drafts at the 0.8B shape, 71% at the 9B), and acceptance
+    depends on the text, so "auto" leaves it off there too."""
     text = text_model(model)
     if sampling is None or not sampling.greedy or text is not model:
         return False
