@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
         f"(+10%: {1.1 * kv_growth:.3f}): {'within' if growth <= 1.1 * kv_growth else 'above'}"
     )
     rounds = [dict(short=a, long=b, growth_gib=growth)]
-    for rep in range(args.rounds):
+    for rep in range(0 if args.queue_ahead else args.rounds):  # (--queue-ahead: its own)
         a2, b2 = (whole_peak(model, ids, n) for n in lengths)
         g = b2["peak_gib"] - a2["peak_gib"]
         rounds.append(dict(short=a2, long=b2, growth_gib=g))
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
             f"  round {rep + 2}: peaks {a2['peak_gib']:.3f} / {b2['peak_gib']:.3f} GiB, growth "
             f"{g:.3f}, {b2['tok_s']:.0f} tok/s at the long one"
         )
-    if args.rounds:
+    if args.rounds and not args.queue_ahead:
         gs = sorted(r["growth_gib"] for r in rounds)
         within = sum(x <= 1.1 * kv_growth for x in gs)
         print(

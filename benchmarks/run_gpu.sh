@@ -37,6 +37,10 @@
 #                                     # async_eval / token split), then bench_decode.py at MLX's
 #                                     # default CUDA graph size and with larger graphs, in two
 #                                     # processes (about 8 min)
+#   benchmarks/run_gpu.sh finish    # issues 13 and 9's last measurements (session 18's lead):
+#                                   # bench_mtp.py --device-run at the tiny model's acceptance
+#                                   # rates too, then the 128k memory growth over 8 rounds with
+#                                   # the layers queued 1 and 0 ahead (about 7 min)
 #   benchmarks/run_gpu.sh recheck   # what session 9 could not confirm on the GPU (the quantized
 #                                   # MoE prefill probe and test, the rows kernel, speculative,
 #                                   # the whole chunk file), groups in parallel processes, each
@@ -50,9 +54,9 @@ step=${1:-}
 case "$step" in
   suite | tests | models | rest | decode | prefill | convdecode | chunk | chunk-table) ;;
   chunk-tests | chunk-parts | chunk-mma) ;;
-  diet-tests | diet-kernel | diet-bench | recheck) ;;
+  diet-tests | diet-kernel | diet-bench | recheck | finish) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh suite|tests|models|rest|decode|prefill|convdecode|chunk|chunk-table|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck" >&2
+    echo "usage: benchmarks/run_gpu.sh suite|tests|models|rest|decode|prefill|convdecode|chunk|chunk-table|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck|finish" >&2
     exit 2
     ;;
 esac
@@ -113,6 +117,12 @@ case "$step" in
   convdecode)
     python3 benchmarks/bench_gated_delta_decode.py --layouts 16x4,8x4 --out "$out" 2>&1 |
       tee "$out/bench_conv_decode.log"
+    ;;
+  finish)
+    timeout 280 python3 benchmarks/bench_mtp.py --device-run --variants auto --repeats 3 \
+      --out "$out" 2>&1 | tee "$out/finish_mtp.log" | grep -v "^$" | tail -45
+    timeout 290 python3 benchmarks/probe_prefill_memory.py --per-step 0 --rounds 8 \
+      --queue-ahead 1,0 --out "$out" 2>&1 | tee "$out/finish_memory.log" | tail -16
     ;;
   recheck)
     # What session 9 left unconfirmed on the GPU, groups side by side, one process each (a CUDA
