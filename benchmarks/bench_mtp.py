@@ -251,6 +251,11 @@ def plain_decode(
     return toks, time.perf_counter() - t0
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first index where two token lists differ (None: nowhere)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
 def mtp_decode(model, prompt, n, k, spec_cls) -> tuple[list[int], float, float]:
     """Greedy tokens with MTP (the first from the prompt, then at least n - 1 more), the seconds
     the rounds took, and the acceptance."""
@@ -275,8 +280,7 @@ def time_generation(model: TextModel, context: int, n: int, repeats: int, rates=
     # itself when its prompt is split as an MTP run's is (None: never in n tokens). An early
     # index means near-tied logits, where any change of summation order (a verify pass's
     # included) picks another token; "same tokens" below then says nothing about MTP.
-    split, _ = plain_decode(model, prompt, n, split=True)
-    parts = next((i for i, (a, b) in enumerate(zip(want, split, strict=True)) if a != b), None)
+    parts = first_difference(want, plain_decode(model, prompt, n, split=True)[0])
     modes = {"plain": None}
     for k in KS:
         for a in rates:

@@ -23,7 +23,7 @@ import time
 import bench_mtp  # noqa: F401  (first: it puts the package and the repo root on the path)
 import mlx.core as mx
 import numpy as np
-from bench_mtp import SHAPES, _prefill, build, recompile
+from bench_mtp import SHAPES, _prefill, build, first_difference, plain_decode, recompile
 
 from qwen35_mlx.models import layers
 
@@ -35,20 +35,6 @@ def steps(model, cache, first: int, n: int) -> list[np.ndarray]:
         out.append(np.array(model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)))
         t = int(np.argmax(out[-1]))
     return out
-
-
-def greedy(model, prompt: mx.array, n: int, split: bool) -> list[int]:
-    if split:  # all but the last prompt token prefilled, then a one-token step (MTP's start)
-        cache, _ = _prefill(model, prompt[:, :-1])
-        logits = model(prompt[:, -1:], cache=cache)
-    else:
-        cache, logits = _prefill(model, prompt)
-    t = int(np.argmax(np.array(logits[0, -1].astype(mx.float32))))
-    return [t] + [int(np.argmax(s)) for s in steps(model, cache, t, n - 1)]
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
 def probe(name: str, tied: bool, n: int) -> dict:
@@ -76,12 +62,12 @@ def probe(name: str, tied: bool, n: int) -> dict:
         print(f"  position {i}: max |V - S| {row['max_diff']:.4f}, std(S) {row['std']:.3f}, "
               f"correlation {row['corr']:.6f}, same argmax {row['same_argmax']}, "
               f"top-2 gap {row['top2_gap']:.4f}")  # fmt: skip
-    base = greedy(model, prompt, n, split=False)
-    split = first_difference(base, greedy(model, prompt, n, split=True))
+    base = plain_decode(model, prompt, n)[0]
+    split = first_difference(base, plain_decode(model, prompt, n, split=True)[0])
     saved = layers.PACKED_COLUMNS
     layers.PACKED_COLUMNS = not saved
     recompile(model)
-    packed = first_difference(base, greedy(model, prompt, n, split=False))
+    packed = first_difference(base, plain_decode(model, prompt, n)[0])
     layers.PACKED_COLUMNS = saved
     recompile(model)
     print(f"  plain greedy parts from itself (None: not in {n} tokens): prompt split at {split}, "
