@@ -88,6 +88,16 @@ def step_transients(model, ids: list[int], n: int) -> list[dict]:
     return rows
 
 
+def _growth_summary(rounds: list[dict], kv_growth: float) -> str:
+    """Median and max growth over rounds, and how many stay within the KV growth + 10%."""
+    gs = sorted(r["growth_gib"] for r in rounds)
+    within = sum(x <= 1.1 * kv_growth for x in gs)
+    return (
+        f"growth median {gs[len(gs) // 2]:.3f}, max {gs[-1]:.3f} GiB over {len(gs)} rounds; "
+        f"{within} of {len(gs)} within {1.1 * kv_growth:.3f}"
+    )
+
+
 def _queue_ab(model, ids: list[int], lengths: list[int], args, kv_growth: float) -> dict:
     """`--rounds` rounds of both lengths per `text.QUEUE_AHEAD` value, alternating by round:
     {value: [round, ...]}, each round's growth and the long prompt's tok/s."""
@@ -105,12 +115,9 @@ def _queue_ab(model, ids: list[int], lengths: list[int], args, kv_growth: float)
     finally:
         text.QUEUE_AHEAD = saved
     for v, rounds in out.items():
-        gs = sorted(r["growth_gib"] for r in rounds)
         tps = sorted(r["long"]["tok_s"] for r in rounds)
-        within = sum(x <= 1.1 * kv_growth for x in gs)
         print(
-            f"  QUEUE_AHEAD {v}: growth median {gs[len(gs) // 2]:.3f}, max {gs[-1]:.3f} GiB "
-            f"({within} of {len(gs)} within {1.1 * kv_growth:.3f}); {lengths[1]} tokens "
+            f"  QUEUE_AHEAD {v}: {_growth_summary(rounds, kv_growth)}; {lengths[1]} tokens "
             f"median {tps[len(tps) // 2]:.0f} tok/s"
         )
     return out
@@ -162,12 +169,7 @@ def main(argv=None) -> dict:
             f"{g:.3f}, {b2['tok_s']:.0f} tok/s at the long one"
         )
     if args.rounds and not args.queue_ahead:
-        gs = sorted(r["growth_gib"] for r in rounds)
-        within = sum(x <= 1.1 * kv_growth for x in gs)
-        print(
-            f"  growth over {len(gs)} rounds: median {gs[len(gs) // 2]:.3f}, max {gs[-1]:.3f} "
-            f"GiB; {within} of {len(gs)} within {1.1 * kv_growth:.3f}"
-        )
+        print(f"  {_growth_summary(rounds, kv_growth)}")
     queue_ab = _queue_ab(model, ids, lengths, args, kv_growth) if args.queue_ahead else {}
     per_step = []
     for rep in range(args.repeats if args.per_step else 0):
