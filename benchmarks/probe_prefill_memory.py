@@ -10,7 +10,11 @@ history. Warm: a first prompt of 12,288 tokens compiles and fills the kernel cac
                         # and max (the whole peak is the KV cache plus the largest step
                         # transient of the run, which varies from run to run: one round's
                         # growth is a difference of two maxima)
-        [--queue-ahead 1,0]  # then N rounds per text.QUEUE_AHEAD value, alternating
+        [--variants qa1,qa0,split]  # then N rounds per text.py setting, alternating
+                        # (qa<N>: QUEUE_AHEAD = N; split / whole: SPLIT_LAYERS on / off;
+                        # drain: DRAIN_LAYERS; sync: each wait drains the device too)
+        [--per-layer 32768]  # one step after that many tokens, its layers (and with split,
+                        # their mixer and MLP parts) drained one by one: each part's peak
 
 Written for the GPU machine (on a CPU it runs, slowly, with the CPU's paths).
 """
@@ -98,29 +102,99 @@ def _growth_summary(rounds: list[dict], kv_growth: float) -> str:
     )
 
 
-def _queue_ab(model, ids: list[int], lengths: list[int], args, kv_growth: float) -> dict:
-    """`--rounds` rounds of both lengths per `text.QUEUE_AHEAD` value, alternating by round:
-    {value: [round, ...]}, each round's growth and the long prompt's tok/s."""
+def _settings(name: str) -> dict:
+    """A `--variants` entry as text.py settings: "qa<N>" (QUEUE_AHEAD = N), "split" / "whole"
+    (SPLIT_LAYERS on / off), "drain" (DRAIN_LAYERS on), "sync" (every wait of the layer loop
+    also drains the device and MLX's release of finished work, `mx.synchronize`: not a text.py
+    setting, the probe's own), joined by "+"; the rest at their defaults."""
+    out = {}
+    for part in name.split("+"):
+        if part in ("split", "whole"):
+            out["SPLIT_LAYERS"] = part == "split"
+        elif part == "drain":
+            out["DRAIN_LAYERS"] = True
+        elif part == "sync":
+            out["sync"] = True
+        elif part.startswith("qa") and part[2:].isdigit():
+            out["QUEUE_AHEAD"] = int(part[2:])
+        else:
+            raise SystemExit(f"--variants: unknown setting {part!r} (qa<N>, split, joined by +)")
+    return out
+
+
+def _variant_ab(model, ids: list[int], lengths: list[int], args, kv_growth: float) -> dict:
+    """`--rounds` rounds of both lengths per `--variants` entry, the entries alternating by
+    round: {name: [round, ...]}, each round's growth and the long prompt's tok/s."""
     from qwen35_mlx.models import text
 
-    values = [int(x) for x in args.queue_ahead.split(",") if x]
-    saved = text.QUEUE_AHEAD
-    out: dict = {v: [] for v in values}
+    names = [x for x in args.variants.split(",") if x]
+    settings = {name: _settings(name) for name in names}
+    saved = {k: getattr(text, k) for k in ("QUEUE_AHEAD", "SPLIT_LAYERS", "DRAIN_LAYERS")}
+    real_eval = mx.eval
+
+    def synced_eval(*arrays) -> None:
+        real_eval(*arrays)
+        mx.synchronize()
+
+    out: dict = {name: [] for name in names}
     try:
         for rep in range(max(args.rounds, 1)):
-            for v in values if rep % 2 == 0 else values[::-1]:
-                text.QUEUE_AHEAD = v
+            for name in names if rep % 2 == 0 else names[::-1]:
+                chosen = dict(settings[name])
+                mx.eval = synced_eval if chosen.pop("sync", False) else real_eval
+                for k, v in {**saved, **chosen}.items():
+                    setattr(text, k, v)
                 a, b = (whole_peak(model, ids, n) for n in lengths)
-                out[v].append(dict(short=a, long=b, growth_gib=b["peak_gib"] - a["peak_gib"]))
+                out[name].append(dict(short=a, long=b, growth_gib=b["peak_gib"] - a["peak_gib"]))
     finally:
-        text.QUEUE_AHEAD = saved
-    for v, rounds in out.items():
+        mx.eval = real_eval
+        for k, v in saved.items():
+            setattr(text, k, v)
+    for name, rounds in out.items():
         tps = sorted(r["long"]["tok_s"] for r in rounds)
         print(
-            f"  QUEUE_AHEAD {v}: {_growth_summary(rounds, kv_growth)}; {lengths[1]} tokens "
+            f"  {name}: {_growth_summary(rounds, kv_growth)}; {lengths[1]} tokens "
             f"median {tps[len(tps) // 2]:.0f} tok/s"
         )
     return out
+
+
+def layer_transients(model, ids: list[int], history: int, split: bool) -> list[dict]:
+    """One step of STEP tokens after `history` tokens, its layers run one part at a time with
+    the device drained between parts (mixer, then the rest of the layer, when `split`; else
+    whole layers): each part's peak above the memory active when it began."""
+    from qwen35_mlx.models import text
+
+    cache = model.make_cache()
+    generation.prefill(model, cache, ids[:history], prefill_step_size=STEP)
+    mx.synchronize()
+    rows: list[dict] = []
+    start = [mx.get_active_memory()]
+    real_async_eval = mx.async_eval
+
+    def drained(*arrays) -> None:  # every submit the layer loop makes, run to the end
+        mx.eval(*arrays)
+        mx.synchronize()
+        rows.append(dict(transient_gib=(mx.get_peak_memory() - start[0]) / GiB))
+        start[0] = mx.get_active_memory()
+        mx.reset_peak_memory()
+
+    saved = text.QUEUE_AHEAD, text.SPLIT_LAYERS
+    text.QUEUE_AHEAD, text.SPLIT_LAYERS = 0, split
+    mx.async_eval = drained
+    try:
+        mx.reset_peak_memory()
+        model(mx.array(ids[history : history + STEP])[None], cache=cache)
+    finally:
+        mx.async_eval = real_async_eval
+        text.QUEUE_AHEAD, text.SPLIT_LAYERS = saved
+    types = ["linear" if layer.is_linear else "attention" for layer in model.layers]
+    parts = ("mixer", "mlp") if split else ("layer",)
+    for i, row in enumerate(rows):
+        row.update(layer=i // len(parts), part=parts[i % len(parts)])
+        row["kind"] = types[row["layer"]] if row["layer"] < len(types) else "?"
+    del cache
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -132,10 +206,19 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON")
     p.add_argument("--rounds", type=int, default=0, help="more rounds of whole peaks")
     p.add_argument(
-        "--queue-ahead",
+        "--variants",
         default=None,
-        help="comma list of text.QUEUE_AHEAD values: --rounds rounds of both lengths per value, "
-        "the values alternating round by round (an A/B of the growth and the long tok/s)",
+        help="comma list of text.py settings (qa<N>: QUEUE_AHEAD = N; split / whole: "
+        "SPLIT_LAYERS on / off; drain: DRAIN_LAYERS; sync: each wait drains the device; "
+        "joined by +): --rounds rounds of both lengths per entry, the entries alternating "
+        "round by round (an A/B of the growth and the long tok/s)",
+    )
+    p.add_argument(
+        "--per-layer",
+        type=int,
+        default=0,
+        help="history before one step whose layers (and their parts, split) are drained one "
+        "by one: each part's peak (0: no)",
     )
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -143,7 +226,7 @@ def main(argv=None) -> dict:
         p.error(f"--lengths takes two lengths, got {args.lengths!r}")
     shape = dict(bench_decode.SHAPES[args.shape])
     model = bench_decode.build_models(shape, mx.bfloat16, which=("qwen35_mlx",))["qwen35_mlx"]
-    longest = max([*lengths, args.per_step])
+    longest = max([*lengths, args.per_step, args.per_layer + STEP])
     ids = mx.random.randint(0, shape["vocab_size"], (longest,)).tolist()
     warm = ids[: min(12288, longest)]
     generation.prefill(model, model.make_cache(), warm, prefill_step_size=STEP)
@@ -160,7 +243,7 @@ def main(argv=None) -> dict:
         f"(+10%: {1.1 * kv_growth:.3f}): {'within' if growth <= 1.1 * kv_growth else 'above'}"
     )
     rounds = [dict(short=a, long=b, growth_gib=growth)]
-    for rep in range(0 if args.queue_ahead else args.rounds):  # (--queue-ahead: its own)
+    for rep in range(0 if args.variants else args.rounds):  # (--variants: its own)
         a2, b2 = (whole_peak(model, ids, n) for n in lengths)
         g = b2["peak_gib"] - a2["peak_gib"]
         rounds.append(dict(short=a2, long=b2, growth_gib=g))
@@ -168,9 +251,22 @@ def main(argv=None) -> dict:
             f"  round {rep + 2}: peaks {a2['peak_gib']:.3f} / {b2['peak_gib']:.3f} GiB, growth "
             f"{g:.3f}, {b2['tok_s']:.0f} tok/s at the long one"
         )
-    if args.rounds and not args.queue_ahead:
+    if args.rounds and not args.variants:
         print(f"  {_growth_summary(rounds, kv_growth)}")
-    queue_ab = _queue_ab(model, ids, lengths, args, kv_growth) if args.queue_ahead else {}
+    variants = _variant_ab(model, ids, lengths, args, kv_growth) if args.variants else {}
+    per_layer = {}
+    for split in (False, True) if args.per_layer else ():
+        rows = layer_transients(model, ids, args.per_layer, split)
+        per_layer["split" if split else "whole"] = rows
+        for part in sorted({r["part"] for r in rows}):
+            for kind in sorted({r["kind"] for r in rows}):
+                xs = [r["transient_gib"] for r in rows if (r["part"], r["kind"]) == (part, kind)]
+                xs.sort()
+                if xs:
+                    print(
+                        f"  per layer after {args.per_layer} tokens, {kind} {part}: median "
+                        f"{xs[len(xs) // 2]:.3f}, max {xs[-1]:.3f} GiB over {len(xs)}"
+                    )
     per_step = []
     for rep in range(args.repeats if args.per_step else 0):
         rows = step_transients(model, ids, args.per_step)
@@ -189,7 +285,8 @@ def main(argv=None) -> dict:
         whole=[a, b],
         rounds=rounds,
         per_step=per_step,
-        queue_ahead=queue_ab,
+        variants=variants,
+        per_layer=per_layer,
     )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

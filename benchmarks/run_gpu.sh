@@ -41,6 +41,10 @@
 #                                   # bench_mtp.py --device-run at the tiny model's acceptance
 #                                   # rates too, then the 128k memory growth over 8 rounds with
 #                                   # the layers queued 1 and 0 ahead (about 7 min)
+#   benchmarks/run_gpu.sh memory    # issue 9's growth and prefill tok/s, 0.8B (12 rounds) and
+#                                   # 9B (4): layers queued one ahead or drained before each
+#                                   # submit (text.DRAIN_LAYERS), whole or split at the mixer
+#                                   # (text.SPLIT_LAYERS); VARIANTS=... (about 7 min)
 #   benchmarks/run_gpu.sh recheck   # what session 9 could not confirm on the GPU (the quantized
 #                                   # MoE prefill probe and test, the rows kernel, speculative,
 #                                   # the whole chunk file), groups in parallel processes, each
@@ -54,9 +58,9 @@ step=${1:-}
 case "$step" in
   suite | tests | models | rest | decode | prefill | convdecode | chunk | chunk-table) ;;
   chunk-tests | chunk-parts | chunk-mma) ;;
-  diet-tests | diet-kernel | diet-bench | recheck | finish) ;;
+  diet-tests | diet-kernel | diet-bench | recheck | finish | memory) ;;
   *)
-    echo "usage: benchmarks/run_gpu.sh suite|tests|models|rest|decode|prefill|convdecode|chunk|chunk-table|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck|finish" >&2
+    echo "usage: benchmarks/run_gpu.sh suite|tests|models|rest|decode|prefill|convdecode|chunk|chunk-table|chunk-tests|chunk-parts|chunk-mma|diet-tests|diet-kernel|diet-bench|recheck|finish|memory" >&2
     exit 2
     ;;
 esac
@@ -118,11 +122,21 @@ case "$step" in
     python3 benchmarks/bench_gated_delta_decode.py --layouts 16x4,8x4 --out "$out" 2>&1 |
       tee "$out/bench_conv_decode.log"
     ;;
+  memory)
+    # Issue 9's memory growth (session 19's lead): today's queue against the drained one
+    # (text.DRAIN_LAYERS), layers whole or in two parts (text.SPLIT_LAYERS), 0.8B and 9B
+    p=benchmarks/probe_prefill_memory.py
+    v=${VARIANTS:-qa1+whole,drain+split,drain+whole}
+    timeout 240 python3 $p --rounds 12 --variants "$v" --per-step 0 --out "$out" 2>&1 |
+      tee "$out/memory_08b.log" | tail -12
+    timeout 200 python3 $p --shape 9b --rounds 4 --variants "$v" --per-step 0 --out "$out" 2>&1 |
+      tee "$out/memory_9b.log" | tail -10
+    ;;
   finish)
     timeout 280 python3 benchmarks/bench_mtp.py --device-run --variants auto --repeats 3 \
       --out "$out" 2>&1 | tee "$out/finish_mtp.log" | grep -v "^$" | tail -45
     timeout 290 python3 benchmarks/probe_prefill_memory.py --per-step 0 --rounds 8 \
-      --queue-ahead 1,0 --out "$out" 2>&1 | tee "$out/finish_memory.log" | tail -16
+      --variants qa1,qa0 --out "$out" 2>&1 | tee "$out/finish_memory.log" | tail -16
     ;;
   recheck)
     # What session 9 left unconfirmed on the GPU, groups side by side, one process each (a CUDA

@@ -257,16 +257,24 @@ def test_prefill_in_steps_bounds_peak_memory():
     assert stepped * 3 < one_shot, (stepped, one_shot)
 
 
-@pytest.mark.parametrize("ahead", [0, 1, 2, 4])
-def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead):
+@pytest.mark.parametrize(
+    "ahead, split, drain",
+    [(0, False, 0), (1, False, 0), (2, False, 0), (4, False, 0), (0, True, 0), (1, True, 0)]
+    + [(1, False, 1), (1, True, 1)],
+)
+def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead, split, drain):
     # Issue 9: on a GPU a long call queues its layers one ahead (text.queue_layers: the host
     # waits for layer i after submitting i + 1) so that not every layer's intermediates are
     # alive at once. Here (CPU) it is forced on: it must submit each layer and change nothing,
     # at any depth (text.QUEUE_AHEAD: the host waits for layer i - ahead once it submitted
-    # layer i; 0: for each layer before the next).
+    # layer i; 0: for each layer before the next), whole or in two parts (text.SPLIT_LAYERS:
+    # the mixer submitted before the MLP is built), queued ahead or drained before each
+    # submit (text.DRAIN_LAYERS: no waits for queued layers, a device drain per part instead).
     from qwen35_mlx.models import text
 
     monkeypatch.setattr(text, "QUEUE_AHEAD", ahead)
+    monkeypatch.setattr(text, "SPLIT_LAYERS", split)
+    monkeypatch.setattr(text, "DRAIN_LAYERS", bool(drain))
 
     model, _ = loaded
     ids = mx.array(np.random.default_rng(2).integers(0, 300, (2, 300)))
@@ -281,15 +289,18 @@ def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead)
     submitted = []
     async_eval = mx.async_eval
     monkeypatch.setattr(text, "queue_layers", lambda T: T >= 256)
-    waited = []
-    evaluate = mx.eval
+    waited, drained = [], []
+    evaluate, synchronize = mx.eval, mx.synchronize
     monkeypatch.setattr(mx, "async_eval", lambda *a: submitted.append(1) or async_eval(*a))
     monkeypatch.setattr(mx, "eval", lambda *a: waited.append(1) or evaluate(*a))
+    monkeypatch.setattr(mx, "synchronize", lambda *a: drained.append(1) or synchronize(*a))
     queued, queued_cache = run()
     monkeypatch.setattr(mx, "eval", evaluate)
-    assert len(submitted) == len(model.layers)
-    # One wait per layer once `ahead` are queued, plus run()'s own eval.
-    assert len(waited) == len(model.layers) - ahead + 1
+    assert len(submitted) == len(model.layers) * (2 if split else 1)
+    if drain:  # a drain before every submit, no other wait but run()'s own eval
+        assert (len(drained), len(waited)) == (len(submitted), 1)
+    else:  # one wait per layer once `ahead` are queued, plus run()'s own eval
+        assert (len(drained), len(waited)) == (0, len(model.layers) - ahead + 1)
     assert mx.array_equal(plain, queued).item()
     from mlx.utils import tree_flatten
 

@@ -1542,10 +1542,14 @@ class DecoderLayer(nn.Module):
     # the stream being x + d (d None: x), when `add_norm_on`: each add then runs inside the
     # next norm (`add_norm`). Otherwise d stays None and the adds are folded where that pays.
 
-    def chain(self, x: mx.array, d, mask: Any = None, cache: Any = None, rope=None) -> tuple:
-        """The plain call on the residual stream x + d; returns the next (x, d)."""
+    def chain(
+        self, x: mx.array, d, mask: Any = None, cache: Any = None, rope=None, submit=None
+    ) -> tuple:
+        """The plain call on the residual stream x + d; returns the next (x, d).
+        submit: called with the mixer's outputs (a list of arrays) before the MLP is built,
+        for a caller that queues the work in parts (text.py, long prompts on a GPU)."""
         mixer = self.linear_attn if self.is_linear else self.self_attn
-        return self._block(mixer, x, d, mask, cache, rope, self.mlp)
+        return self._block(mixer, x, d, mask, cache, rope, self.mlp, submit)
 
     def step(self, x: mx.array, d, mask: Any, cache: Any, rope=None) -> tuple:
         """One token a row at decode (the compiled step): x, d [B, H]; the mixers' `step`.
@@ -1575,7 +1579,7 @@ class DecoderLayer(nn.Module):
             x, d = x + d, None
         return add_norm(norm, x, d)
 
-    def _block(self, mix, x, d, mask, cache, rope, mlp):
+    def _block(self, mix, x, d, mask, cache, rope, mlp, submit=None):
         if d is None and not add_norm_on(x):
             # Each residual add folded into the projection before it where that pays
             # (`linear_add`), in the plain path and the compiled step alike.
@@ -1584,10 +1588,14 @@ class DecoderLayer(nn.Module):
                 x = mix(h, mask, cache, residual=x)
             else:
                 x = mix(h, mask, cache, rope, residual=x)
+            if submit is not None:
+                submit([x])
             return mlp(self.post_attention_layernorm(x), residual=x), None
         x, h = self._norm(self.input_layernorm, x, d)
         h = mix(h, mask, cache) if self.is_linear else mix(h, mask, cache, rope)
         x, h = add_norm(self.post_attention_layernorm, x, h)
+        if submit is not None:
+            submit([x, h])
         return x, mlp(h)
 
     def decode_groups(self):

@@ -76,12 +76,37 @@ from .shard import shard_text_model
 LOOKAHEAD_MIN_T = 256
 # How many layers the host may be ahead of the one it waits for: 1 (the default, as measured
 # in session 5: at most two layers' intermediates alive), 0 (the host waits for each layer
-# before it submits the next: one layer's intermediates, a GPU idle gap a layer; session 18's
-# candidate for the 128k peak's occasional doubled step, `probe_prefill_memory.py
-# --queue-ahead 1,0`), or more (more memory alive, fewer GPU idle gaps where the host takes
-# longer to submit a layer than the GPU to run one: issue 9, `benchmarks/profile_prefill.py
-# --prompt` measures both). Same arithmetic at any depth.
+# before it submits the next: one layer's intermediates, a GPU idle gap a layer; no cure for
+# the 128k peak's occasional extra layers, see DRAIN_LAYERS, and 21% slower at 128k tokens:
+# `probe_prefill_memory.py --variants qa1,qa0`, session 19), or more (more memory alive, fewer
+# GPU idle gaps where the host takes longer to submit a layer than the GPU to run one: issue 9,
+# `benchmarks/profile_prefill.py --prompt` measures both). Same arithmetic at any depth.
 QUEUE_AHEAD = 1
+# In those queued calls, also submit each layer's mixer on its own before its MLP is built
+# (`DecoderLayer.chain`'s `submit`). MLX's CUDA backend keeps every buffer a submitted batch of
+# work reads alive until the whole batch has run, so a layer submitted as one batch holds all
+# its intermediates at once; in two parts the mixer's are freed while the MLP runs. Off: alone
+# it changed neither the speed nor the 128k peak's spread (session 19, 24 rounds each); it is
+# meant to go with DRAIN_LAYERS (the MLP's graph built while the mixer runs).
+SPLIT_LAYERS = False
+# Drain instead of queueing ahead: each part's graph is built (lazily: no memory) while the
+# last part runs, then the host waits for the device to finish and for MLX to release what
+# that part read (`mx.synchronize`), then submits. MLX's CUDA backend frees a finished batch's
+# buffers from a thread of its own, so with work queued ahead some are still held, at random,
+# when the next part allocates: the whole prompt's peak is the KV cache plus a step's
+# intermediates plus, now and then, a few layers' more (issue 9: 0.8B, 32k -> 128k, growth
+# 1.09-1.52 GiB against the KV cache's 1.125 over 12 rounds). Drained at each wait (the probe's
+# "qa0+sync", where the graph is built with the GPU idle): 1.125 in every round, 19% slower at
+# 128k tokens. Off until this form, which overlaps the graph's building, is timed on a GPU.
+DRAIN_LAYERS = False
+
+
+def _submit(*arrays) -> None:
+    """Queue a part of a long call (`queue_layers`), after draining the device first when
+    DRAIN_LAYERS."""
+    if DRAIN_LAYERS:
+        mx.synchronize()
+    mx.async_eval(*arrays)
 
 
 def queue_layers(T: int) -> bool:
@@ -167,16 +192,18 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         bounded = size == 1 and cache[0] is not None and queue_layers(h.shape[1])
         queued: list = []  # submitted layers' outputs, oldest first (`QUEUE_AHEAD`)
         d = None  # the residual stream is h + d (`layers.ADD_NORM`)
+        submit = _submit if bounded and SPLIT_LAYERS else None
         for layer, c in zip(layers, cache, strict=True):
             if layer.is_linear:
-                h, d = layer.chain(h, d, ssm_mask, c)
+                h, d = layer.chain(h, d, ssm_mask, c, submit=submit)
             else:
-                h, d = layer.chain(h, d, fa_mask, c, rope)
+                h, d = layer.chain(h, d, fa_mask, c, rope, submit=submit)
             if bounded:
-                mx.async_eval([a for a in (h, d) if a is not None], c.state)
-                queued.append([a for a in (h, d) if a is not None])
-                while len(queued) > QUEUE_AHEAD:
-                    mx.eval(queued.pop(0))
+                _submit([a for a in (h, d) if a is not None], c.state)
+                if not DRAIN_LAYERS:
+                    queued.append([a for a in (h, d) if a is not None])
+                    while len(queued) > QUEUE_AHEAD:
+                        mx.eval(queued.pop(0))
         if size > 1 and d is not None:
             # Ranks pass one array: the stream, added here (the next rank starts with d None).
             h, d = h + d, None
