@@ -95,9 +95,10 @@ SPLIT_LAYERS = False
 # buffers from a thread of its own, so with work queued ahead some are still held, at random,
 # when the next part allocates: the whole prompt's peak is the KV cache plus a step's
 # intermediates plus, now and then, a few layers' more (issue 9: 0.8B, 32k -> 128k, growth
-# 1.09-1.52 GiB against the KV cache's 1.125 over 12 rounds). Drained at each wait (the probe's
-# "qa0+sync", where the graph is built with the GPU idle): 1.125 in every round, 19% slower at
-# 128k tokens. Off until this form, which overlaps the graph's building, is timed on a GPU.
+# 1.05-1.49 GiB against the KV cache's 1.125 over 34 rounds, 25 within its +10%). Drained at
+# each wait (the probe's "qa0+sync", where the graph is built with the GPU idle): 1.125 in
+# every round, 19% slower at 128k tokens. Off until this form, which overlaps the graph's
+# building, is timed on a GPU.
 DRAIN_LAYERS = False
 
 
