@@ -118,7 +118,10 @@ def _settings(name: str) -> dict:
         elif part.startswith("qa") and part[2:].isdigit():
             out["QUEUE_AHEAD"] = int(part[2:])
         else:
-            raise SystemExit(f"--variants: unknown setting {part!r} (qa<N>, split, joined by +)")
+            raise SystemExit(
+                f"--variants: unknown setting {part!r} (qa<N>, split, whole, drain, sync, "
+                "joined by +)"
+            )
     return out
 
 
@@ -179,20 +182,19 @@ def layer_transients(model, ids: list[int], history: int, split: bool) -> list[d
         start[0] = mx.get_active_memory()
         mx.reset_peak_memory()
 
-    saved = text.QUEUE_AHEAD, text.SPLIT_LAYERS
-    text.QUEUE_AHEAD, text.SPLIT_LAYERS = 0, split
+    saved = text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS
+    text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS = 0, split, False
     mx.async_eval = drained
     try:
         mx.reset_peak_memory()
         model(mx.array(ids[history : history + STEP])[None], cache=cache)
     finally:
         mx.async_eval = real_async_eval
-        text.QUEUE_AHEAD, text.SPLIT_LAYERS = saved
+        text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS = saved
     types = ["linear" if layer.is_linear else "attention" for layer in model.layers]
     parts = ("mixer", "mlp") if split else ("layer",)
     for i, row in enumerate(rows):
-        row.update(layer=i // len(parts), part=parts[i % len(parts)])
-        row["kind"] = types[row["layer"]] if row["layer"] < len(types) else "?"
+        row.update(layer=i // len(parts), part=parts[i % len(parts)], kind=types[i // len(parts)])
     del cache
     return rows
 

@@ -45,5 +45,5 @@ def test_probe_variants_and_per_layer_on_a_small_shape(monkeypatch):
 def test_probe_rejects_an_unknown_setting():
     import probe_prefill_memory
 
-    with pytest.raises(SystemExit, match="unknown setting 'qb1'"):
+    with pytest.raises(SystemExit, match=r"unknown setting .qb1. \(qa<N>, split, whole, drain"):
         probe_prefill_memory._settings("qa1+qb1")
