@@ -131,6 +131,8 @@ case "$step" in
       tee "$out/memory_08b.log" | tail -12
     timeout 200 python3 $p --shape 9b --rounds 4 --variants "$v" --per-step 0 --out "$out" 2>&1 |
       tee "$out/memory_9b.log" | tail -10
+    # every queue form (drained ones included) against the plain call, on the GPU
+    timeout 120 "${pytest[@]}" tests/test_generation.py -k queues 2>&1 | tail -4
     ;;
   finish)
     timeout 280 python3 benchmarks/bench_mtp.py --device-run --variants auto --repeats 3 \
