@@ -315,6 +315,7 @@ def device_run(args) -> dict:
     dtype = mx.float32 if args.tiny else mx.bfloat16
     shapes = ["tiny"] if args.tiny else args.shapes
     variants = args.variants.split(",")
+    rates = [float(x) for x in args.rates.split(",") if x]
     if args.rows_kernel is not None:
         rule = {"off": False, "large": "large", "wide": "wide", "all": True}[args.rows_kernel]
         layers_lib.ROWS_KERNEL = rule
@@ -333,7 +334,6 @@ def device_run(args) -> dict:
             r["V_over_S"] = {T: round(r["ms"][f"V{T}"] / S, 3) for T in TS}
             r["V_over_S_sync"] = {T: round(r["ms"][f"V{T}"] / r["ms"]["S_sync"], 3) for T in TS}
             if not args.no_generation:
-                rates = [float(x) for x in args.rates.split(",") if x]
                 r["generation"] = time_generation(
                     model, args.context, args.gen, args.repeats, rates
                 )

@@ -22,6 +22,7 @@ Written for the GPU machine (on a CPU it runs, slowly, with the CPU's paths).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -125,13 +126,13 @@ def _settings(name: str) -> dict:
     return out
 
 
-def _variant_ab(model, ids: list[int], lengths: list[int], args, kv_growth: float) -> dict:
-    """`--rounds` rounds of both lengths per `--variants` entry, the entries alternating by
-    round: {name: [round, ...]}, each round's growth and the long prompt's tok/s."""
+@contextlib.contextmanager
+def _queue_settings(sync: bool = False, **changes):
+    """text.py's layer-queue settings (QUEUE_AHEAD, SPLIT_LAYERS, DRAIN_LAYERS) changed for a
+    block, the rest as they are, then all restored; sync: every `mx.eval` in the block is
+    followed by `mx.synchronize` (the `--variants` entry "sync")."""
     from qwen35_mlx.models import text
 
-    names = [x for x in args.variants.split(",") if x]
-    settings = {name: _settings(name) for name in names}
     saved = {k: getattr(text, k) for k in ("QUEUE_AHEAD", "SPLIT_LAYERS", "DRAIN_LAYERS")}
     real_eval = mx.eval
 
@@ -139,20 +140,29 @@ def _variant_ab(model, ids: list[int], lengths: list[int], args, kv_growth: floa
         real_eval(*arrays)
         mx.synchronize()
 
-    out: dict = {name: [] for name in names}
     try:
-        for rep in range(max(args.rounds, 1)):
-            for name in names if rep % 2 == 0 else names[::-1]:
-                chosen = dict(settings[name])
-                mx.eval = synced_eval if chosen.pop("sync", False) else real_eval
-                for k, v in {**saved, **chosen}.items():
-                    setattr(text, k, v)
-                a, b = (whole_peak(model, ids, n) for n in lengths)
-                out[name].append(dict(short=a, long=b, growth_gib=b["peak_gib"] - a["peak_gib"]))
+        for k, v in changes.items():
+            setattr(text, k, v)
+        if sync:
+            mx.eval = synced_eval
+        yield
     finally:
         mx.eval = real_eval
         for k, v in saved.items():
             setattr(text, k, v)
+
+
+def _variant_ab(model, ids: list[int], lengths: list[int], args, kv_growth: float) -> dict:
+    """`--rounds` rounds of both lengths per `--variants` entry, the entries alternating by
+    round: {name: [round, ...]}, each round's growth and the long prompt's tok/s."""
+    names = [x for x in args.variants.split(",") if x]
+    settings = {name: _settings(name) for name in names}
+    out: dict = {name: [] for name in names}
+    for rep in range(max(args.rounds, 1)):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            with _queue_settings(**settings[name]):
+                a, b = (whole_peak(model, ids, n) for n in lengths)
+            out[name].append(dict(short=a, long=b, growth_gib=b["peak_gib"] - a["peak_gib"]))
     for name, rounds in out.items():
         tps = sorted(r["long"]["tok_s"] for r in rounds)
         print(
@@ -166,8 +176,6 @@ def layer_transients(model, ids: list[int], history: int, split: bool) -> list[d
     """One step of STEP tokens after `history` tokens, its layers run one part at a time with
     the device drained between parts (mixer, then the rest of the layer, when `split`; else
     whole layers): each part's peak above the memory active when it began."""
-    from qwen35_mlx.models import text
-
     cache = model.make_cache()
     generation.prefill(model, cache, ids[:history], prefill_step_size=STEP)
     mx.synchronize()
@@ -182,15 +190,13 @@ def layer_transients(model, ids: list[int], history: int, split: bool) -> list[d
         start[0] = mx.get_active_memory()
         mx.reset_peak_memory()
 
-    saved = text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS
-    text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS = 0, split, False
-    mx.async_eval = drained
-    try:
-        mx.reset_peak_memory()
-        model(mx.array(ids[history : history + STEP])[None], cache=cache)
-    finally:
-        mx.async_eval = real_async_eval
-        text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS = saved
+    with _queue_settings(QUEUE_AHEAD=0, SPLIT_LAYERS=split, DRAIN_LAYERS=False):
+        mx.async_eval = drained
+        try:
+            mx.reset_peak_memory()
+            model(mx.array(ids[history : history + STEP])[None], cache=cache)
+        finally:
+            mx.async_eval = real_async_eval
     types = ["linear" if layer.is_linear else "attention" for layer in model.layers]
     parts = ("mixer", "mlp") if split else ("layer",)
     for i, row in enumerate(rows):

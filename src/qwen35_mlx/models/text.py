@@ -200,9 +200,10 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
             else:
                 h, d = layer.chain(h, d, fa_mask, c, rope, submit=submit)
             if bounded:
-                _submit([a for a in (h, d) if a is not None], c.state)
+                outputs = [a for a in (h, d) if a is not None]
+                _submit(outputs, c.state)
                 if not DRAIN_LAYERS:
-                    queued.append([a for a in (h, d) if a is not None])
+                    queued.append(outputs)
                     while len(queued) > QUEUE_AHEAD:
                         mx.eval(queued.pop(0))
         if size > 1 and d is not None:
