@@ -105,35 +105,40 @@ def _growth_summary(rounds: list[dict], kv_growth: float) -> str:
 
 def _settings(name: str) -> dict:
     """A `--variants` entry as text.py settings: "qa<N>" (QUEUE_AHEAD = N), "split" / "whole"
-    (SPLIT_LAYERS on / off), "drain" (DRAIN_LAYERS on), "sync" (every wait of the layer loop
-    also drains the device and MLX's release of finished work, `mx.synchronize`: not a text.py
+    (SPLIT_LAYERS on / off), "drain" / "nodrain" / "continued" (DRAIN_LAYERS True / False /
+    "continued"), "streams" (QUEUE_STREAMS on), "sync" (every wait of the layer loop also
+    drains the device and MLX's release of finished work, `mx.synchronize`: not a text.py
     setting, the probe's own), joined by "+"; the rest at their defaults."""
     out = {}
+    drains = {"drain": True, "nodrain": False, "continued": "continued"}
     for part in name.split("+"):
         if part in ("split", "whole"):
             out["SPLIT_LAYERS"] = part == "split"
-        elif part == "drain":
-            out["DRAIN_LAYERS"] = True
+        elif part in drains:
+            out["DRAIN_LAYERS"] = drains[part]
+        elif part == "streams":
+            out["QUEUE_STREAMS"] = True
         elif part == "sync":
             out["sync"] = True
         elif part.startswith("qa") and part[2:].isdigit():
             out["QUEUE_AHEAD"] = int(part[2:])
         else:
             raise SystemExit(
-                f"--variants: unknown setting {part!r} (qa<N>, split, whole, drain, sync, "
-                "joined by +)"
+                f"--variants: unknown setting {part!r} (qa<N>, split, whole, drain, nodrain, "
+                "continued, streams, sync, joined by +)"
             )
     return out
 
 
 @contextlib.contextmanager
 def _queue_settings(sync: bool = False, **changes):
-    """text.py's layer-queue settings (QUEUE_AHEAD, SPLIT_LAYERS, DRAIN_LAYERS) changed for a
-    block, the rest as they are, then all restored; sync: every `mx.eval` in the block is
-    followed by `mx.synchronize` (the `--variants` entry "sync")."""
+    """text.py's layer-queue settings (QUEUE_AHEAD, SPLIT_LAYERS, DRAIN_LAYERS, QUEUE_STREAMS)
+    changed for a block, the rest as they are, then all restored; sync: every `mx.eval` in the
+    block is followed by `mx.synchronize` (the `--variants` entry "sync")."""
     from qwen35_mlx.models import text
 
-    saved = {k: getattr(text, k) for k in ("QUEUE_AHEAD", "SPLIT_LAYERS", "DRAIN_LAYERS")}
+    keys = ("QUEUE_AHEAD", "SPLIT_LAYERS", "DRAIN_LAYERS", "QUEUE_STREAMS")
+    saved = {k: getattr(text, k) for k in keys}
     real_eval = mx.eval
 
     def synced_eval(*arrays) -> None:

@@ -258,23 +258,27 @@ def test_prefill_in_steps_bounds_peak_memory():
 
 
 @pytest.mark.parametrize(
-    "ahead, split, drain",
-    [(0, False, 0), (1, False, 0), (2, False, 0), (4, False, 0), (0, True, 0), (1, True, 0)]
-    + [(1, False, 1), (1, True, 1)],
+    "ahead, split, form",
+    [(0, False, "queue"), (1, False, "queue"), (2, False, "queue"), (4, False, "queue")]
+    + [(0, True, "queue"), (1, True, "queue"), (1, False, "drain"), (1, True, "drain")]
+    + [(1, False, "streams"), (2, False, "streams"), (1, True, "streams")],
 )
-def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead, split, drain):
+def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead, split, form):
     # Issue 9: on a GPU a long call queues its layers one ahead (text.queue_layers: the host
     # waits for layer i after submitting i + 1) so that not every layer's intermediates are
     # alive at once. Here (CPU) it is forced on: it must submit each layer and change nothing,
     # at any depth (text.QUEUE_AHEAD: the host waits for layer i - ahead once it submitted
     # layer i; 0: for each layer before the next), whole or in two parts (text.SPLIT_LAYERS:
-    # the mixer submitted before the MLP is built), queued ahead or drained before each
-    # submit (text.DRAIN_LAYERS: no waits for queued layers, a device drain per part instead).
+    # the mixer submitted before the MLP is built), queued ahead, drained before each submit
+    # (text.DRAIN_LAYERS: no waits for queued layers, a device drain per part instead), or
+    # queued over ahead + 1 streams of their own (text.QUEUE_STREAMS: before layer i the host
+    # drains layer i's stream, the one layer i - ahead - 1 ran on, and no other wait).
     from qwen35_mlx.models import text
 
     monkeypatch.setattr(text, "QUEUE_AHEAD", ahead)
     monkeypatch.setattr(text, "SPLIT_LAYERS", split)
-    monkeypatch.setattr(text, "DRAIN_LAYERS", bool(drain))
+    monkeypatch.setattr(text, "DRAIN_LAYERS", form == "drain")
+    monkeypatch.setattr(text, "QUEUE_STREAMS", form == "streams")
 
     model, _ = loaded
     ids = mx.array(np.random.default_rng(2).integers(0, 300, (2, 300)))
@@ -293,20 +297,58 @@ def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead,
     evaluate, synchronize = mx.eval, mx.synchronize
     monkeypatch.setattr(mx, "async_eval", lambda *a: submitted.append(1) or async_eval(*a))
     monkeypatch.setattr(mx, "eval", lambda *a: waited.append(1) or evaluate(*a))
-    monkeypatch.setattr(mx, "synchronize", lambda *a: drained.append(1) or synchronize(*a))
+    monkeypatch.setattr(mx, "synchronize", lambda *a: drained.append(a) or synchronize(*a))
     queued, queued_cache = run()
     monkeypatch.setattr(mx, "eval", evaluate)
-    assert len(submitted) == len(model.layers) * (2 if split else 1)
-    if drain:  # a drain before every submit, no other wait but run()'s own eval
+    n = len(model.layers)
+    assert len(submitted) == n * (2 if split else 1)
+    if form == "drain":  # a drain before every submit, no other wait but run()'s own eval
         assert (len(drained), len(waited)) == (len(submitted), 1)
+        assert all(a == () for a in drained)  # the device's default stream
+    elif form == "streams":  # each layer's stream drained before it, nothing else waited for
+        assert (len(drained), len(waited)) == (n, 1)
+        streams = text._queue_streams(ahead + 1)
+        assert [a for (a,) in drained] == [streams[i % (ahead + 1)] for i in range(n)]
+        own = [*streams, mx.default_stream(mx.default_device())]
+        assert all(a != b for i, a in enumerate(own) for b in own[i + 1 :])
     else:  # one wait per layer once `ahead` are queued, plus run()'s own eval
-        assert (len(drained), len(waited)) == (0, len(model.layers) - ahead + 1)
+        assert (len(drained), len(waited)) == (0, n - ahead + 1)
     assert mx.array_equal(plain, queued).item()
     from mlx.utils import tree_flatten
 
     for a, b in zip(plain_cache, queued_cache, strict=True):
         for (_, x), (_, y) in zip(tree_flatten(a.state), tree_flatten(b.state), strict=True):
             assert (x is None and y is None) or mx.array_equal(x, y).item()
+
+
+def test_prefill_drains_the_steps_that_continue_a_cache(loaded, monkeypatch):
+    # Issue 9: text.DRAIN_LAYERS "continued" (the default) drains only the queued calls whose
+    # cache already holds tokens (a prompt's second and later steps); the first step queues.
+    from qwen35_mlx.models import text
+
+    assert text.DRAIN_LAYERS == "continued"
+    monkeypatch.setattr(text, "QUEUE_STREAMS", False)
+    model, _ = loaded
+    ids = mx.array(np.random.default_rng(4).integers(0, 300, (1, 600)))
+
+    def run(drained):
+        cache = model.make_cache()
+        out = []
+        for a, b in ((0, 300), (300, 600)):
+            drained.clear()
+            out.append(model(ids[:, a:b], cache=cache))
+            mx.eval(out[-1], [c.state for c in cache])
+            out.append(len(drained))
+        return out
+
+    plain = run([])
+    drained: list = []
+    synchronize = mx.synchronize
+    monkeypatch.setattr(mx, "synchronize", lambda *a: drained.append(a) or synchronize(*a))
+    monkeypatch.setattr(text, "queue_layers", lambda T: T >= 256)
+    first, n_first, second, n_second = run(drained)
+    assert (n_first, n_second) == (0, len(model.layers))
+    assert mx.array_equal(plain[0], first).item() and mx.array_equal(plain[2], second).item()
 
 
 @pytest.mark.parametrize("when", ["step", "end"])

@@ -21,12 +21,13 @@ def test_probe_variants_and_per_layer_on_a_small_shape(monkeypatch):
 
     monkeypatch.setattr(text, "queue_layers", lambda T: T >= 256)
     monkeypatch.setattr(probe_prefill_memory, "STEP", 512)  # (2048 on the GPU)
-    variants = "qa1+whole,drain+split,qa0+sync"
+    before = (text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS, text.QUEUE_STREAMS)
+    variants = "qa1+whole+nodrain,drain+split,qa0+sync,streams+continued"
     out = probe_prefill_memory.main(["--shape", "small", "--lengths", "512,1024", "--per-step",
                                      "0", "--rounds", "2", "--variants", variants,
                                      "--per-layer", "256"])  # fmt: skip
-    assert (text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS) == (1, False, False)
-    assert set(out["variants"]) == {"qa1+whole", "drain+split", "qa0+sync"}
+    assert (text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS, text.QUEUE_STREAMS) == before
+    assert set(out["variants"]) == set(variants.split(","))
     for rounds in out["variants"].values():
         assert len(rounds) == 2
         for r in rounds:  # the KV cache doubles with the prompt; the peak is above it

@@ -41,7 +41,9 @@ field. `model(..., return_hidden=True)` also returns the normed hidden states th
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -95,19 +97,81 @@ SPLIT_LAYERS = False
 # buffers from a thread of its own, so with work queued ahead some are still held, at random,
 # when the next part allocates: the whole prompt's peak is the KV cache plus a step's
 # intermediates plus, now and then, a few layers' more (issue 9: 0.8B, 32k -> 128k, growth
-# 1.05-1.49 GiB against the KV cache's 1.125 over 34 rounds, 25 within its +10%). Drained at
-# each wait (the probe's "qa0+sync", where the graph is built with the GPU idle): 1.125 in
-# every round, 19% slower at 128k tokens. Off until this form, which overlaps the graph's
-# building, is timed on a GPU.
-DRAIN_LAYERS = False
+# 1.05-1.60 GiB against the KV cache's 1.125 over 46 rounds, 33 within its +10%). Drained:
+# 1.125 in each of 12 rounds (9B: 3.000 in 4 of 4), 11-13% slower at 128k tokens (0.8B 37.3k
+# against 42.1k tok/s; split at the mixer as well, SPLIT_LAYERS: 25% slower; session 20, H200).
+# "continued" (the default): drain the calls that continue a cache already holding tokens,
+# the second and later steps of a prompt fed in steps, where the peak would otherwise grow with
+# the prompt's length; a prompt's first (or only) step keeps the queue's speed: its peak is
+# one step's intermediates whichever way. True: every queued call; False: none.
+DRAIN_LAYERS: bool | str = "continued"
 
 
-def _submit(*arrays) -> None:
-    """Queue a part of a long call (`queue_layers`), after draining the device first when
-    DRAIN_LAYERS."""
-    if DRAIN_LAYERS:
-        mx.synchronize()
-    mx.async_eval(*arrays)
+# Queue ahead over streams of their own: layer i on GPU stream i % (QUEUE_AHEAD + 1), and before
+# it is built the host waits for its stream (`mx.synchronize(stream)`), i.e. for layer
+# i - QUEUE_AHEAD - 1 to have run and MLX to have released what it read, while the GPU runs the
+# layers queued since on the other streams (each stream has its own queue and releasing
+# thread in MLX's CUDA backend; a layer on one stream waits for the last one on the other on
+# the GPU, through MLX's events). The bound of draining, QUEUE_AHEAD + 1 layers' buffers, with
+# no idle GPU. Streams are made once per thread (MLX's are the thread's own).
+QUEUE_STREAMS = False
+_streams = threading.local()
+
+
+def _queue_streams(n: int) -> list:
+    """This thread's n layer-queue streams on the default device (made on first use)."""
+    have = getattr(_streams, "made", [])
+    if len(have) < n:
+        have = _streams.made = have + [
+            mx.new_stream(mx.default_device()) for _ in range(n - len(have))
+        ]
+    return have[:n]
+
+
+class _LayerQueue:
+    """How the layers of one long call reach the GPU (`queue_layers`; issue 9): queued
+    QUEUE_AHEAD ahead of the one the host waits for, drained before each submit (DRAIN_LAYERS),
+    or queued over streams of their own (QUEUE_STREAMS); each layer whole or, with
+    SPLIT_LAYERS, its mixer submitted before its MLP is built. Same arithmetic in every form."""
+
+    def __init__(self, cache) -> None:
+        self.drain = _drains(cache)
+        self.streams = _queue_streams(QUEUE_AHEAD + 1) if QUEUE_STREAMS and not self.drain else []
+        self.queued: list = []  # submitted layers' outputs, oldest first
+        self.part = self._submit if SPLIT_LAYERS else None
+
+    @contextlib.contextmanager
+    def layer(self, i: int):
+        """Build and submit layer i inside: on its stream, once that stream is free."""
+        if not self.streams:
+            yield
+            return
+        stream = self.streams[i % len(self.streams)]
+        mx.synchronize(stream)
+        with mx.stream(stream):
+            yield
+
+    def _submit(self, *arrays) -> None:
+        if self.drain:
+            mx.synchronize()
+        mx.async_eval(*arrays)
+
+    def submit(self, outputs: list, state) -> None:
+        """Queue a built layer (its outputs and cache state); wait as the form says."""
+        self._submit(outputs, state)
+        if self.drain or self.streams:
+            return
+        self.queued.append(outputs)
+        while len(self.queued) > QUEUE_AHEAD:
+            mx.eval(self.queued.pop(0))
+
+
+def _drains(cache) -> bool:
+    """Whether a queued call over `cache` (its first layer's) drains before each submit."""
+    if DRAIN_LAYERS == "continued":
+        empty = getattr(cache, "empty", None)
+        return empty is not None and not empty()
+    return bool(DRAIN_LAYERS)
 
 
 def queue_layers(T: int) -> bool:
@@ -191,21 +255,17 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         if rank < size - 1:
             h = mx.distributed.recv_like(h, rank + 1, group=group)
         bounded = size == 1 and cache[0] is not None and queue_layers(h.shape[1])
-        queued: list = []  # submitted layers' outputs, oldest first (`QUEUE_AHEAD`)
+        lq = _LayerQueue(cache[0]) if bounded else None
         d = None  # the residual stream is h + d (`layers.ADD_NORM`)
-        submit = _submit if bounded and SPLIT_LAYERS else None
-        for layer, c in zip(layers, cache, strict=True):
-            if layer.is_linear:
-                h, d = layer.chain(h, d, ssm_mask, c, submit=submit)
-            else:
-                h, d = layer.chain(h, d, fa_mask, c, rope, submit=submit)
-            if bounded:
-                outputs = [a for a in (h, d) if a is not None]
-                _submit(outputs, c.state)
-                if not DRAIN_LAYERS:
-                    queued.append(outputs)
-                    while len(queued) > QUEUE_AHEAD:
-                        mx.eval(queued.pop(0))
+        for i, (layer, c) in enumerate(zip(layers, cache, strict=True)):
+            with lq.layer(i) if lq else contextlib.nullcontext():
+                part = lq.part if lq else None
+                if layer.is_linear:
+                    h, d = layer.chain(h, d, ssm_mask, c, submit=part)
+                else:
+                    h, d = layer.chain(h, d, fa_mask, c, rope, submit=part)
+                if lq:
+                    lq.submit([a for a in (h, d) if a is not None], c.state)
         if size > 1 and d is not None:
             # Ranks pass one array: the stream, added here (the next rank starts with d None).
             h, d = h + d, None
