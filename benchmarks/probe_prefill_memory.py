@@ -10,9 +10,10 @@ history. Warm: a first prompt of 12,288 tokens compiles and fills the kernel cac
                         # and max (the whole peak is the KV cache plus the largest step
                         # transient of the run, which varies from run to run: one round's
                         # growth is a difference of two maxima)
-        [--variants qa1,qa0,split]  # then N rounds per text.py setting, alternating
-                        # (qa<N>: QUEUE_AHEAD = N; split / whole: SPLIT_LAYERS on / off;
-                        # drain: DRAIN_LAYERS; sync: each wait drains the device too)
+        [--variants qa1+onestream,streams,drain]  # then N rounds per text.py setting,
+                        # alternating (qa<N>: QUEUE_AHEAD = N; split / whole: SPLIT_LAYERS;
+                        # streams / onestream: QUEUE_STREAMS; drain / nodrain: DRAIN_LAYERS;
+                        # sync: each wait drains the device too)
         [--per-layer 32768]  # one step after that many tokens, its layers (and with split,
                         # their mixer and MLP parts) drained one by one: each part's peak
 
@@ -105,19 +106,18 @@ def _growth_summary(rounds: list[dict], kv_growth: float) -> str:
 
 def _settings(name: str) -> dict:
     """A `--variants` entry as text.py settings: "qa<N>" (QUEUE_AHEAD = N), "split" / "whole"
-    (SPLIT_LAYERS on / off), "drain" / "nodrain" / "continued" (DRAIN_LAYERS True / False /
-    "continued"), "streams" (QUEUE_STREAMS on), "sync" (every wait of the layer loop also
-    drains the device and MLX's release of finished work, `mx.synchronize`: not a text.py
-    setting, the probe's own), joined by "+"; the rest at their defaults."""
+    (SPLIT_LAYERS on / off), "drain" / "nodrain" (DRAIN_LAYERS on / off), "streams" /
+    "onestream" (QUEUE_STREAMS on / off), "sync" (every wait of the layer loop also drains the
+    device and MLX's release of finished work, `mx.synchronize`: not a text.py setting, the
+    probe's own), joined by "+"; the rest at their defaults."""
     out = {}
-    drains = {"drain": True, "nodrain": False, "continued": "continued"}
     for part in name.split("+"):
         if part in ("split", "whole"):
             out["SPLIT_LAYERS"] = part == "split"
-        elif part in drains:
-            out["DRAIN_LAYERS"] = drains[part]
-        elif part == "streams":
-            out["QUEUE_STREAMS"] = True
+        elif part in ("drain", "nodrain"):
+            out["DRAIN_LAYERS"] = part == "drain"
+        elif part in ("streams", "onestream"):
+            out["QUEUE_STREAMS"] = part == "streams"
         elif part == "sync":
             out["sync"] = True
         elif part.startswith("qa") and part[2:].isdigit():
@@ -125,7 +125,7 @@ def _settings(name: str) -> dict:
         else:
             raise SystemExit(
                 f"--variants: unknown setting {part!r} (qa<N>, split, whole, drain, nodrain, "
-                "continued, streams, sync, joined by +)"
+                "streams, onestream, sync, joined by +)"
             )
     return out
 

@@ -42,9 +42,9 @@
 #                                   # rates too, then the 128k memory growth over 8 rounds with
 #                                   # the layers queued 1 and 0 ahead (about 7 min)
 #   benchmarks/run_gpu.sh memory    # issue 9's growth and prefill tok/s, 0.8B (8 rounds) and
-#                                   # 9B (3): layers queued one ahead, drained before each
-#                                   # submit (text.DRAIN_LAYERS) or queued over streams of
-#                                   # their own (text.QUEUE_STREAMS); VARIANTS=..., ROUNDS=8,3
+#                                   # 9B (3): layers queued one ahead on one stream, over
+#                                   # streams of their own (text.QUEUE_STREAMS) or drained
+#                                   # (text.DRAIN_LAYERS); VARIANTS=..., ROUNDS=8,3
 #                                   # (about 6 min)
 #   benchmarks/run_gpu.sh recheck   # what session 9 could not confirm on the GPU (the quantized
 #                                   # MoE prefill probe and test, the rows kernel, speculative,
@@ -124,18 +124,18 @@ case "$step" in
       tee "$out/bench_conv_decode.log"
     ;;
   memory)
-    # Issue 9's memory growth: the layers queued one ahead (session 19's default), drained from
-    # a prompt's second step on (text.DRAIN_LAYERS "continued"), queued over streams of their
-    # own (text.QUEUE_STREAMS), 0.8B and 9B; VARIANTS=..., ROUNDS=<0.8B>,<9B>
+    # Issue 9's memory growth: the layers queued one ahead on one stream (session 19's
+    # default), over streams of their own (text.QUEUE_STREAMS, session 20's), drained
+    # (text.DRAIN_LAYERS), 0.8B and 9B; VARIANTS=..., ROUNDS=<0.8B>,<9B>
     p=benchmarks/probe_prefill_memory.py
-    v=${VARIANTS:-qa1+nodrain,continued,streams+nodrain}
+    v=${VARIANTS:-qa1+onestream,streams,drain}
     r=${ROUNDS:-8,3}
     timeout 240 python3 $p --rounds "${r%,*}" --variants "$v" --per-step 0 --out "$out" 2>&1 |
       tee "$out/memory_08b.log" | tail -12
     timeout 200 python3 $p --shape 9b --rounds "${r#*,}" --variants "$v" --per-step 0 \
       --out "$out" 2>&1 | tee "$out/memory_9b.log" | tail -10
     # every queue form against the plain call, on the GPU
-    timeout 120 "${pytest[@]}" tests/test_generation.py -k "queues or drains" 2>&1 | tail -4
+    timeout 120 "${pytest[@]}" tests/test_generation.py -k queues 2>&1 | tail -4
     ;;
   finish)
     timeout 280 python3 benchmarks/bench_mtp.py --device-run --variants auto --repeats 3 \

@@ -321,36 +321,6 @@ def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead,
             assert (x is None and y is None) or mx.array_equal(x, y).item()
 
 
-def test_prefill_drains_the_steps_that_continue_a_cache(loaded, monkeypatch):
-    # Issue 9: text.DRAIN_LAYERS "continued" (the default) drains only the queued calls whose
-    # cache already holds tokens (a prompt's second and later steps); the first step queues.
-    from qwen35_mlx.models import text
-
-    assert text.DRAIN_LAYERS == "continued"
-    monkeypatch.setattr(text, "QUEUE_STREAMS", False)
-    model, _ = loaded
-    ids = mx.array(np.random.default_rng(4).integers(0, 300, (1, 600)))
-
-    def run(drained):
-        cache = model.make_cache()
-        out = []
-        for a, b in ((0, 300), (300, 600)):
-            drained.clear()
-            out.append(model(ids[:, a:b], cache=cache))
-            mx.eval(out[-1], [c.state for c in cache])
-            out.append(len(drained))
-        return out
-
-    plain = run([])
-    drained: list = []
-    synchronize = mx.synchronize
-    monkeypatch.setattr(mx, "synchronize", lambda *a: drained.append(a) or synchronize(*a))
-    monkeypatch.setattr(text, "queue_layers", lambda T: T >= 256)
-    first, n_first, second, n_second = run(drained)
-    assert (n_first, n_second) == (0, len(model.layers))
-    assert mx.array_equal(plain[0], first).item() and mx.array_equal(plain[2], second).item()
-
-
 @pytest.mark.parametrize("when", ["step", "end"])
 def test_prefill_clears_the_buffer_cache_per_step_or_at_the_end(loaded, monkeypatch, when):
     # Issue 9: generation.PREFILL_CLEAR_CACHE "end" keeps MLX's buffer cache through the prompt

@@ -22,7 +22,7 @@ def test_probe_variants_and_per_layer_on_a_small_shape(monkeypatch):
     monkeypatch.setattr(text, "queue_layers", lambda T: T >= 256)
     monkeypatch.setattr(probe_prefill_memory, "STEP", 512)  # (2048 on the GPU)
     before = (text.QUEUE_AHEAD, text.SPLIT_LAYERS, text.DRAIN_LAYERS, text.QUEUE_STREAMS)
-    variants = "qa1+whole+nodrain,drain+split,qa0+sync,streams+continued"
+    variants = "qa1+whole+onestream,drain+split,qa0+onestream+sync,streams+nodrain"
     out = probe_prefill_memory.main(["--shape", "small", "--lengths", "512,1024", "--per-step",
                                      "0", "--rounds", "2", "--variants", variants,
                                      "--per-layer", "256"])  # fmt: skip

@@ -68,76 +68,65 @@ from .layers import (
 from .mtp import MTP, MTP_NORMS
 from .shard import shard_text_model
 
-# Prefill on a GPU: a buffer is freed only once the work that reads it has run, and the host
-# queues a whole step (every layer) far ahead of the GPU, so all layers' intermediates were
-# alive at once (issue 9: 5.2 GiB above the weights in a 32k prompt, 0.8B shape, against 2.9
-# GiB for mlx-lm's model, whose many small ops keep the host behind the GPU). From this many
-# tokens a call, the layers are queued one ahead: the host submits layer i + 1, then waits for
-# layer i (`mx.async_eval`), so at most two layers' intermediates are alive and the GPU never
-# waits for the host. The arithmetic is unchanged.
+# Prefill on a GPU (issue 9). A buffer is freed only once the work that reads it has run, and
+# the host queued a whole step (every layer) far ahead of the GPU, so all layers'
+# intermediates were alive at once (5.2 GiB above the weights in a 32k prompt, 0.8B shape,
+# against 2.9 GiB for mlx-lm's model, whose many small ops keep the host behind the GPU). From
+# this many tokens a call, the layers are submitted one at a time (`mx.async_eval`), the host
+# never more than QUEUE_AHEAD layers ahead of the GPU (`_LayerQueue`). The arithmetic is
+# unchanged in every form below.
 LOOKAHEAD_MIN_T = 256
-# How many layers the host may be ahead of the one it waits for: 1 (the default, as measured
-# in session 5: at most two layers' intermediates alive), 0 (the host waits for each layer
-# before it submits the next: one layer's intermediates, a GPU idle gap a layer; no cure for
-# the 128k peak's occasional extra layers, see DRAIN_LAYERS, and 21% slower at 128k tokens:
-# `probe_prefill_memory.py --variants qa1,qa0`, session 19), or more (more memory alive, fewer
-# GPU idle gaps where the host takes longer to submit a layer than the GPU to run one: issue 9,
-# `benchmarks/profile_prefill.py --prompt` measures both). Same arithmetic at any depth.
+# How many layers may be queued behind the one the host waits for: 1 (the default: two
+# layers' intermediates alive, the GPU never idle), 0 (one layer's, a GPU idle gap a layer:
+# 21% slower at 128k tokens, `probe_prefill_memory.py --variants qa1,qa0`, session 19), or
+# more (more memory alive, fewer idle gaps where the host takes longer to submit a layer than
+# the GPU to run one: `benchmarks/profile_prefill.py --prompt` measures both).
 QUEUE_AHEAD = 1
-# In those queued calls, also submit each layer's mixer on its own before its MLP is built
-# (`DecoderLayer.chain`'s `submit`). MLX's CUDA backend keeps every buffer a submitted batch of
-# work reads alive until the whole batch has run, so a layer submitted as one batch holds all
-# its intermediates at once; in two parts the mixer's are freed while the MLP runs. Off: alone
-# it changed neither the speed nor the 128k peak's spread (session 19, 24 rounds each); it is
-# meant to go with DRAIN_LAYERS (the MLP's graph built while the mixer runs).
+# Each layer on a GPU stream of its own, layer i on stream i % (QUEUE_AHEAD + 1), and before
+# building layer i the host waits for that stream (`mx.synchronize(stream)`): for layer
+# i - QUEUE_AHEAD - 1 to have run and for MLX to have released what it read, while the GPU
+# runs the layers queued since on the other streams (a layer waits for the last one on the
+# other stream on the GPU, through MLX's events). Why: MLX's CUDA backend releases a finished
+# batch's buffers from a thread of the stream's own, after `mx.eval` of its outputs has
+# returned; on one stream, waiting for layer i's outputs left its buffers, and now and then a
+# few more layers', alive while the next layers allocated, so a long prompt's peak was the KV
+# cache plus a step's intermediates plus, at random, a few layers' more (0.8B, 32k -> 128k
+# tokens: growth 0.94-1.60 GiB against the KV cache's 1.125 over 54 rounds, 40 within its
+# +10%). Over streams: 1.125 in 7 of 8 rounds and 1.129 in the 8th, the 9B's 3.000 in 3 of 3,
+# 1-3% slower at 128k tokens (session 20, H200). False: one stream, as before. Streams are
+# made once per thread and device (MLX's streams are their thread's own).
+QUEUE_STREAMS = True
+# Drain before each submit instead (`mx.synchronize()`: the device idle while MLX encodes the
+# next layer): one layer's intermediates alive, the smallest peak (0.8B at 128k: the KV cache
+# + 0.175 GiB, against + 0.308 over streams), 11-13% slower at 128k tokens and ~25% at 32k
+# (session 20, H200). QUEUE_AHEAD and QUEUE_STREAMS do not apply.
+DRAIN_LAYERS = False
+# In those calls, also submit each layer's mixer on its own before its MLP is built
+# (`DecoderLayer.chain`'s `submit`): the mixer's intermediates freed while the MLP runs. Off:
+# it changed neither the speed nor the 128k peak's spread queued (session 19, 24 rounds) and
+# cost 15% more drained (session 20).
 SPLIT_LAYERS = False
-# Drain instead of queueing ahead: each part's graph is built (lazily: no memory) while the
-# last part runs, then the host waits for the device to finish and for MLX to release what
-# that part read (`mx.synchronize`), then submits. MLX's CUDA backend frees a finished batch's
-# buffers from a thread of its own, so with work queued ahead some are still held, at random,
-# when the next part allocates: the whole prompt's peak is the KV cache plus a step's
-# intermediates plus, now and then, a few layers' more (issue 9: 0.8B, 32k -> 128k, growth
-# 1.05-1.60 GiB against the KV cache's 1.125 over 46 rounds, 33 within its +10%). Drained:
-# 1.125 in each of 12 rounds (9B: 3.000 in 4 of 4), 11-13% slower at 128k tokens (0.8B 37.3k
-# against 42.1k tok/s; split at the mixer as well, SPLIT_LAYERS: 25% slower; session 20, H200).
-# "continued" (the default): drain the calls that continue a cache already holding tokens,
-# the second and later steps of a prompt fed in steps, where the peak would otherwise grow with
-# the prompt's length; a prompt's first (or only) step keeps the queue's speed: its peak is
-# one step's intermediates whichever way. True: every queued call; False: none.
-DRAIN_LAYERS: bool | str = "continued"
-
-
-# Queue ahead over streams of their own: layer i on GPU stream i % (QUEUE_AHEAD + 1), and before
-# it is built the host waits for its stream (`mx.synchronize(stream)`), i.e. for layer
-# i - QUEUE_AHEAD - 1 to have run and MLX to have released what it read, while the GPU runs the
-# layers queued since on the other streams (each stream has its own queue and releasing
-# thread in MLX's CUDA backend; a layer on one stream waits for the last one on the other on
-# the GPU, through MLX's events). The bound of draining, QUEUE_AHEAD + 1 layers' buffers, with
-# no idle GPU. Streams are made once per thread (MLX's are the thread's own).
-QUEUE_STREAMS = False
 _streams = threading.local()
 
 
 def _queue_streams(n: int) -> list:
-    """This thread's n layer-queue streams on the default device (made on first use)."""
-    have = getattr(_streams, "made", [])
-    if len(have) < n:
-        have = _streams.made = have + [
-            mx.new_stream(mx.default_device()) for _ in range(n - len(have))
-        ]
-    return have[:n]
+    """This thread's first n layer-queue streams on the default device (made on first use)."""
+    device = mx.default_device()
+    made = _streams.__dict__.setdefault(str(device), [])
+    made += [mx.new_stream(device) for _ in range(n - len(made))]
+    return made[:n]
 
 
 class _LayerQueue:
-    """How the layers of one long call reach the GPU (`queue_layers`; issue 9): queued
-    QUEUE_AHEAD ahead of the one the host waits for, drained before each submit (DRAIN_LAYERS),
-    or queued over streams of their own (QUEUE_STREAMS); each layer whole or, with
-    SPLIT_LAYERS, its mixer submitted before its MLP is built. Same arithmetic in every form."""
+    """How the layers of one long call reach the GPU (`queue_layers`): over streams of their
+    own (QUEUE_STREAMS), queued on the caller's stream QUEUE_AHEAD ahead of the one the host
+    waits for, or drained before each submit (DRAIN_LAYERS); each layer whole or, with
+    SPLIT_LAYERS, its mixer submitted before its MLP is built."""
 
-    def __init__(self, cache) -> None:
-        self.drain = _drains(cache)
+    def __init__(self) -> None:
+        self.drain = DRAIN_LAYERS
         self.streams = _queue_streams(QUEUE_AHEAD + 1) if QUEUE_STREAMS and not self.drain else []
-        self.queued: list = []  # submitted layers' outputs, oldest first
+        self.queued: list = []  # submitted layers' outputs, oldest first (one stream)
         self.part = self._submit if SPLIT_LAYERS else None
 
     @contextlib.contextmanager
@@ -157,7 +146,8 @@ class _LayerQueue:
         mx.async_eval(*arrays)
 
     def submit(self, outputs: list, state) -> None:
-        """Queue a built layer (its outputs and cache state); wait as the form says."""
+        """Submit a built layer (its outputs and cache state); on one stream, then wait for
+        the layer QUEUE_AHEAD back."""
         self._submit(outputs, state)
         if self.drain or self.streams:
             return
@@ -166,16 +156,8 @@ class _LayerQueue:
             mx.eval(self.queued.pop(0))
 
 
-def _drains(cache) -> bool:
-    """Whether a queued call over `cache` (its first layer's) drains before each submit."""
-    if DRAIN_LAYERS == "continued":
-        empty = getattr(cache, "empty", None)
-        return empty is not None and not empty()
-    return bool(DRAIN_LAYERS)
-
-
 def queue_layers(T: int) -> bool:
-    """Whether a call of T tokens a row queues its layers one ahead (LOOKAHEAD_MIN_T)."""
+    """Whether a call of T tokens a row submits its layers one at a time (LOOKAHEAD_MIN_T)."""
     return T >= LOOKAHEAD_MIN_T and mx.default_device() == mx.gpu
 
 
@@ -255,7 +237,7 @@ class Qwen35TextBackbone(PipelineMixin, nn.Module):
         if rank < size - 1:
             h = mx.distributed.recv_like(h, rank + 1, group=group)
         bounded = size == 1 and cache[0] is not None and queue_layers(h.shape[1])
-        lq = _LayerQueue(cache[0]) if bounded else None
+        lq = _LayerQueue() if bounded else None
         d = None  # the residual stream is h + d (`layers.ADD_NORM`)
         for i, (layer, c) in enumerate(zip(layers, cache, strict=True)):
             with lq.layer(i) if lq else contextlib.nullcontext():
