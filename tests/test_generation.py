@@ -264,8 +264,8 @@ def test_prefill_in_steps_bounds_peak_memory():
     + [(1, False, "streams"), (2, False, "streams"), (1, True, "streams")],
 )
 def test_prefill_queues_layers_one_ahead_same_result(loaded, monkeypatch, ahead, split, form):
-    # Issue 9: on a GPU a long call queues its layers one ahead (text.queue_layers: the host
-    # waits for layer i after submitting i + 1) so that not every layer's intermediates are
+    # Issue 9: on a GPU a long call submits its layers one at a time (text.queue_layers), the
+    # host a bounded number of layers ahead, so that not every layer's intermediates are
     # alive at once. Here (CPU) it is forced on: it must submit each layer and change nothing,
     # at any depth (text.QUEUE_AHEAD: the host waits for layer i - ahead once it submitted
     # layer i; 0: for each layer before the next), whole or in two parts (text.SPLIT_LAYERS:
